@@ -1,0 +1,104 @@
+"""Backend dispatch for the fused weight update.
+
+Every backend implements the same two methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
+
+    update_weight_(W, g, x, step, sign, rounding, seed)       # W -= step · f(gᵀx), no dW tensor
+    apply_update_(P, G, step, sign, rounding, seed, offset)   # P -= step · f(G), G fp32 (biases, chunks)
+
+with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.
+
+Choice: ``BREAD_BACKEND=triton|native|torch`` forces one (an error if it cannot serve the tensor's device);
+otherwise ``triton`` for CUDA tensors, ``native`` for CPU tensors, and ``torch`` when the preferred one is
+unavailable (said once, with the reason).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Protocol
+
+import torch
+
+from ..plan import Rounding
+
+__all__ = ["Backend", "get_backend", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("triton", "native", "torch")
+
+
+class Backend(Protocol):
+    name: str
+
+    def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
+                       sign: bool, rounding: Rounding, seed: int) -> None: ...
+
+    def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
+                      seed: int, offset: int = 0) -> None: ...
+
+
+_instances: dict[str, Backend] = {}
+_warned: set[str] = set()
+
+
+def _instantiate(name: str) -> Backend:
+    if name not in _instances:
+        if name == "torch":
+            from .torch_backend import TorchBackend
+
+            _instances[name] = TorchBackend()
+        elif name == "native":
+            from .native import NativeBackend
+
+            _instances[name] = NativeBackend()
+        else:
+            from .triton_backend import TritonBackend
+
+            _instances[name] = TritonBackend()
+    return _instances[name]
+
+
+def _triton_can_run(device: torch.device) -> str | None:
+    """None if Triton can run kernels on tensors of this device, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    return f"Triton runs on {device.type} tensors only under TRITON_INTERPRET=1 (set it before importing bread_kernels)"
+
+
+def get_backend(device: torch.device | str) -> Backend:
+    device = torch.device(device)
+    forced = os.environ.get("BREAD_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKEND_NAMES:
+            raise ValueError(f"BREAD_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKEND_NAMES)}")
+        if forced == "triton" and (reason := _triton_can_run(device)):
+            raise RuntimeError(f"BREAD_BACKEND=triton: {reason}")
+        if forced == "native" and device.type != "cpu":
+            raise RuntimeError(f"BREAD_BACKEND=native serves CPU tensors only, got a tensor on {device}")
+        return _instantiate(forced)
+
+    preferred = "triton" if device.type == "cuda" else "native" if device.type == "cpu" else "torch"
+    if preferred == "triton" and (reason := _triton_can_run(device)):
+        return _fallback(preferred, reason)
+    try:
+        return _instantiate(preferred)
+    except (RuntimeError, ImportError) as exc:
+        return _fallback(preferred, str(exc))
+
+
+def _fallback(preferred: str, reason: str) -> Backend:
+    if preferred not in _warned:
+        _warned.add(preferred)
+        warnings.warn(
+            f"bread_kernels: the {preferred} backend is unavailable ({reason}); using the torch backend, which is "
+            "correct but slower. Set BREAD_BACKEND=torch to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _instantiate("torch")

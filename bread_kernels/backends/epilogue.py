@@ -1,0 +1,104 @@
+"""The update epilogue in plain torch, and the counter-based random bits every backend shares.
+
+Given an fp32 gradient ``G`` (a whole dW, a row chunk of it, or a bias gradient) and the parameter ``P`` it belongs
+to, the epilogue computes, element by element and in fp32::
+
+    u     = G            (SGD)      or  sign(G)  (SIGN)
+    P_new = fp32(P) - step · u                        # two fp32 roundings: step·u, then the subtraction
+    P     = round(P_new) to P.dtype                    # nearest-even, or stochastic
+
+Stochastic rounding uses 32 random bits per element from ``random_bits(offset + i, seed)``, where ``i`` is the
+element's row-major index in the *logical* parameter (so a chunk, a transposed view or a ZeRO shard draw the same
+bits as the whole tensor would).  bf16: add the low 16 bits to the fp32 bit pattern and truncate (torchao's
+``_fp32_to_bf16_sr``).  fp16: with ``ulp`` the fp16 spacing at ``|P_new|`` (subnormals included),
+``q = P_new/ulp``, ``P = ulp · (floor(q) + [r < q - floor(q)])`` with ``r = bits[31:8] · 2⁻²⁴``.  Both round up with probability equal to the
+distance from the lower neighbour in ulps, so ``E[P] = P_new`` exactly.
+
+The hash is Wellons' ``lowbias32`` applied twice with seed-derived keys; the Triton kernel and the C++ extension
+implement the same function bit for bit (tests compare them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import Rounding
+
+MASK32 = 0xFFFFFFFF
+ROUNDING_CODES = {Rounding.NEAREST: 0, Rounding.STOCHASTIC: 1}
+
+
+def lowbias32(x: int) -> int:
+    """Wellons' 32-bit integer hash on a Python int (host side)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def rng_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys from a 64-bit seed; what the kernels receive instead of the seed."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return lowbias32((seed & MASK32) ^ 0x9E3779B9), lowbias32((seed >> 32) ^ 0x85EBCA6B)
+
+
+def _lowbias32_tensor(x: torch.Tensor) -> torch.Tensor:
+    # int64 holding uint32 values; products wrap in int64 but the low 32 bits are exact.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def random_bits(index: torch.Tensor, key1: int, key2: int) -> torch.Tensor:
+    """32 random bits (as int64 in [0, 2³²)) for each element counter in ``index`` (int64)."""
+    h = _lowbias32_tensor((index & MASK32) ^ key1)
+    return _lowbias32_tensor(h ^ key2)
+
+
+def round_to_dtype(value: torch.Tensor, dtype: torch.dtype, rounding: Rounding, bits: torch.Tensor | None):
+    """Round an fp32 tensor to ``dtype``: nearest-even, or stochastically with the given random bits."""
+    if rounding is Rounding.NEAREST or dtype == torch.float32:
+        return value.to(dtype)
+    if dtype == torch.bfloat16:
+        pattern = value.view(torch.int32).to(torch.int64) + (bits & 0xFFFF)
+        return (pattern & ~0xFFFF).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        exponent = ((value.view(torch.int32) >> 23) & 0xFF) - 127
+        exponent = exponent.clamp(-14, 15)
+        ulp = ((exponent - 10 + 127) << 23).to(torch.int32).view(torch.float32)
+        inv_ulp = ((127 - (exponent - 10)) << 23).to(torch.int32).view(torch.float32)
+        uniform = (bits >> 8).to(torch.float32) * 2.0**-24
+        scaled = value * inv_ulp  # exact: a power of two
+        lower = torch.floor(scaled)
+        return ((lower + (uniform < scaled - lower).to(torch.float32)) * ulp).to(torch.float16)
+    raise TypeError(f"stochastic rounding supports bf16/fp16/fp32 parameters, got {dtype}")
+
+
+def apply_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    step: float,
+    sign: bool,
+    rounding: Rounding,
+    seed: int,
+    offset: int = 0,
+) -> None:
+    """``param -= step · (sign(grad) if sign else grad)`` in fp32, rounded into ``param`` (any strides, 1-D or 2-D).
+
+    ``grad`` is fp32 with ``param``'s shape.  ``offset`` is the logical row-major index of ``param[0, 0]`` in the
+    full parameter, so random bits do not depend on how the parameter is chunked.  Uses a bounded number of
+    temporaries of ``grad``'s size (the caller chunks).
+    """
+    update = torch.sign(grad) if sign else grad
+    new = param.float() - update * step
+    bits = None
+    rounding = rounding if param.dtype != torch.float32 else Rounding.NEAREST
+    if rounding is Rounding.STOCHASTIC:
+        index = torch.arange(param.numel(), dtype=torch.int64, device=param.device).view(param.shape) + offset
+        bits = random_bits(index, *rng_keys(seed))
+    param.copy_(round_to_dtype(new, param.dtype, rounding, bits))

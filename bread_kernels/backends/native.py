@@ -1,0 +1,64 @@
+"""The native CPU backend: the epilogue in C++ (``csrc/epilogue.cpp``, OpenMP through ATen's parallel_for),
+registered with ``torch.library`` as ``torch.ops.bread_kernels.apply_update_``; the GEMM stays in BLAS.
+
+The extension is compiled with ninja through ``torch.utils.cpp_extension.load`` on first use and cached in
+torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only load it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import threading
+
+import torch
+
+from ..plan import Rounding
+from .chunked import ChunkedBackend
+from .epilogue import ROUNDING_CODES, rng_keys
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def load_native() -> None:
+    """Build (first time) and load the extension; raises ``RuntimeError`` saying why it cannot."""
+    with _lock:
+        if "error" in _state:
+            raise _state["error"]
+        if _state.get("loaded"):
+            return
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = importlib.resources.files("bread_kernels._csrc").joinpath("epilogue.cpp")
+            with importlib.resources.as_file(source) as path:
+                load(
+                    name="bread_kernels_native",
+                    sources=[str(path)],
+                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+        except Exception as exc:  # no compiler, no ninja, headers missing, ...
+            _state["error"] = RuntimeError(f"the native CPU backend could not be built: {type(exc).__name__}: {exc}")
+            raise _state["error"] from exc
+        if not hasattr(torch.ops.bread_kernels, "apply_update_"):
+            _state["error"] = RuntimeError("the native extension loaded but registered no bread_kernels::apply_update_")
+            raise _state["error"]
+        _state["loaded"] = True
+
+
+class NativeBackend(ChunkedBackend):
+    name = "native"
+    bytes_per_element = 4  # the fp32 chunk buffer; the epilogue itself allocates nothing
+
+    def __init__(self):
+        load_native()
+
+    def apply_update_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0) -> None:
+        key1, key2 = rng_keys(seed)
+        torch.ops.bread_kernels.apply_update_(
+            param, grad.contiguous(), float(step), bool(sign), ROUNDING_CODES[rounding.resolve(param.dtype)],
+            key1, key2, int(offset),
+        )

@@ -1,0 +1,15 @@
+"""The pure-torch backend: runs anywhere torch does (CPU, CUDA, others); the fallback of the other two."""
+
+from __future__ import annotations
+
+from . import epilogue
+from .chunked import ChunkedBackend
+
+
+class TorchBackend(ChunkedBackend):
+    name = "torch"
+    # fp32 buffer, sign, fp32 copy of the param, the new value, int64 index, int64 hash temporaries
+    bytes_per_element = 48
+
+    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
+        epilogue.apply_update_(param, grad, step, sign, rounding.resolve(param.dtype), seed, offset)

@@ -1,0 +1,139 @@
+"""The dense linear ``y = x Wᵀ + b`` with a backward that obeys the weight's :class:`~bread_kernels.plan.Role`.
+
+Shapes: ``x`` [..., K] (any leading dims, flattened to M = tokens), ``W`` [N, K] (any strides — GPT-2's ``Conv1D``
+passes its [K, N] weight transposed), ``b`` [N] or None; fp32, bf16 or fp16, all three the same dtype.
+
+With ``g = ∂L/∂y`` flattened to [M, N] and ``x`` to [M, K], the backward computes
+
+    dX = g · W                        only if the input needs a gradient; always from W *before* any update
+    ACTIVE:  dW = gᵀ x,  db = Σ_m g   returned to autograd, so they accumulate into ``.grad`` like nn.Linear's
+    SGD:     W -= lr·s · gᵀx,   b -= lr·s · Σ_m g          fused: dW is never materialised
+    SIGN:    W -= lr·s · sign(gᵀx), b -= lr·s · sign(Σ_m g)
+    FROZEN, LORA (base weight):  nothing for W and b
+
+``lr·s`` is read from the plan's :class:`~bread_kernels.plan.OnTheFlyUpdate` when the backward runs.  A weight used
+several times in one forward receives one update for its summed gradient after the last use's backward (the
+update is the fused kernel over the concatenated tokens of every use).  A non-finite ``g`` or ``x`` skips the
+update (weight and bias untouched) and is reported on the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import get_backend
+from ..plan import Role, WeightPlan
+
+__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs"]
+
+# A leaf that requires grad, given to the Function when an on-the-fly role must run its backward although no
+# input requires grad (frozen weight, input from a frozen embedding).  It never receives a gradient.
+_BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> None:
+    """Raise a clear error for anything the fused linear cannot do correctly."""
+    if not isinstance(plan, WeightPlan):
+        raise TypeError(f"fused_linear: plan must be a bread_kernels.WeightPlan, got {type(plan).__name__}")
+    for what, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_linear: {what} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"fused_linear: {what} has dtype {t.dtype}; the fused linear supports float32, bfloat16 and float16 "
+                "(cast integer or float64 data with .to(weight.dtype) first)"
+            )
+    if weight.dim() != 2:
+        raise ValueError(f"fused_linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"fused_linear: input's last dimension is {x.shape[-1] if x.dim() else '(scalar)'} but the weight "
+            f"{tuple(weight.shape)} expects in_features={weight.shape[1]}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"fused_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fused_linear: input is on {x.device} but {what} is on {t.device}; move them together")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"fused_linear: input is {x.dtype} but {what} is {t.dtype}; cast them to one dtype")
+    plan.check()
+    if plan.role is Role.ACTIVE and torch.is_grad_enabled() and not weight.requires_grad:
+        raise ValueError(
+            f"fused_linear: {plan.name or 'the weight'} has role ACTIVE but requires_grad=False, so its dW would be "
+            "dropped; set weight.requires_grad_(True) or give it Role.FROZEN"
+        )
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """See the module docstring for the maths.  Inputs: x, weight, bias (or None), plan, trigger (or None)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: WeightPlan, trigger):
+        ctx.plan = plan
+        ctx.role = plan.role
+        ctx.use = plan.register_use() if plan.role.updates_on_the_fly else None
+        ctx.save_for_backward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias = ctx.saved_tensors
+        n_out, n_in = weight.shape
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output @ weight  # before any update of W (design invariant 1)
+
+        g = grad_output.reshape(-1, n_out)
+        if ctx.role is Role.ACTIVE:
+            if ctx.needs_input_grad[1]:
+                grad_weight = g.t() @ x.reshape(-1, n_in)
+            if bias is not None and ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0)
+        elif ctx.role.updates_on_the_fly:
+            pending = ctx.plan.finish_use(ctx.use, (g, x.reshape(-1, n_in)))
+            if pending is not None:
+                apply_on_the_fly_update(ctx.plan, ctx.role, weight, bias, pending)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def apply_on_the_fly_update(plan: WeightPlan, role: Role, weight, bias, contributions) -> bool:
+    """Apply ``plan``'s SGD/SIGN update for the summed gradient of the (g [M, N], x [M, K]) pairs.
+
+    Returns False (and reports on the plan, leaving weight and bias untouched) if any g or x is non-finite.
+    """
+    if len(contributions) == 1:
+        g, x = contributions[0]
+    else:
+        g = torch.cat([c[0] for c in contributions])
+        x = torch.cat([c[1] for c in contributions])
+    if not bool(torch.isfinite(g).all() & torch.isfinite(x).all()):
+        plan.report_skip("its gradient is not finite")
+        return False
+    update = plan.update
+    step = update.step_size()
+    sign = role is Role.SIGN
+    backend = get_backend(weight.device)
+    backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed())
+    if bias is not None:
+        grad_bias = g.sum(0, dtype=torch.float32)
+        backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed())
+    return True
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
+    """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
+    check_linear_inputs(x, weight, bias, plan)
+    trigger = None
+    if (
+        plan.role.updates_on_the_fly
+        and torch.is_grad_enabled()
+        and not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ):
+        trigger = _BACKWARD_TRIGGER
+    return FusedLinearFunction.apply(x, weight, bias, plan, trigger)

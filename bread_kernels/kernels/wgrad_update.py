@@ -1,0 +1,209 @@
+"""Triton kernels: the weight-gradient GEMM with the on-the-fly update as its epilogue, and the bare epilogue.
+
+``wgrad_update_``: for a weight ``W`` [N, K] (any strides, fp32/bf16/fp16), output gradient ``g`` [M, N] and input
+``x`` [M, K] (M = tokens), each program owns one ``BLOCK_N × BLOCK_K`` tile of W and computes
+
+    dW_tile = Σ_m g[m, tile_n]ᵀ · x[m, tile_k]          (fp32 accumulator, M-loop, no split-K)
+    W_tile  = round(W_tile − step · f(dW_tile))          f = identity (SGD) or sign (SIGN)
+
+so the update is applied after the whole reduction over tokens (sign needs the complete sum) and no dW tensor
+ever exists outside registers.  ``round`` is nearest-even or stochastic with the counter-based bits of
+``backends/epilogue.py`` (same hash, same element indices: results are bit-identical to the CPU backends for the
+same fp32 dW).  ``apply_update_`` is the same epilogue over a given fp32 gradient (biases, tests).
+
+Like Liger-Kernel's ops: kernels first, then launch functions that flatten to 2-D.  Program offsets are int64.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned with
+``restore_value`` so tuning runs never apply the update more than once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.epilogue import ROUNDING_CODES, rng_keys
+from ..plan import Rounding
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def _lowbias32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _epilogue(w, grad, index, step, key1, key2, SIGN: tl.constexpr, STOCHASTIC: tl.constexpr,
+              DTYPE_CODE: tl.constexpr):
+    """w (any float dtype), grad fp32, index int64 logical element index -> new w in fp32, ready to store."""
+    if SIGN:
+        grad = tl.where(grad > 0, 1.0, tl.where(grad < 0, -1.0, 0.0))
+    value = w.to(tl.float32) - grad * step
+    if not STOCHASTIC and DTYPE_CODE == 1:
+        # round-to-nearest-even to bf16 on the bit pattern (the interpreter's cast truncates instead)
+        pattern = value.to(tl.uint32, bitcast=True)
+        value = ((pattern + 0x7FFF + ((pattern >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    if STOCHASTIC and DTYPE_CODE != 0:
+        counter = (index & 0xFFFFFFFF).to(tl.uint32)
+        bits = _lowbias32(_lowbias32(counter ^ key1.to(tl.uint32)) ^ key2.to(tl.uint32))
+        pattern = value.to(tl.uint32, bitcast=True)
+        if DTYPE_CODE == 1:  # bf16: add 16 random bits, truncate
+            value = ((pattern + (bits & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:  # fp16: floor(q) + [r < frac(q)] in units of the fp16 ulp at |value|
+            exponent = ((pattern >> 23) & 0xFF).to(tl.int32) - 127
+            exponent = tl.minimum(tl.maximum(exponent, -14), 15)
+            ulp = ((exponent - 10 + 127) << 23).to(tl.float32, bitcast=True)
+            inv_ulp = ((127 - (exponent - 10)) << 23).to(tl.float32, bitcast=True)
+            uniform = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08
+            scaled = value * inv_ulp
+            lower = tl.floor(scaled)
+            value = (lower + tl.where(uniform < scaled - lower, 1.0, 0.0)) * ulp
+    return value
+
+
+@triton.jit
+def _wgrad_update_kernel(
+    g_ptr, x_ptr, w_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
+    step, key1, key2,
+    SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < M
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16 operands; fp32 products of bf16 values are exact
+            acc = tl.dot(tl.trans(g.to(tl.float32)), x.to(tl.float32), acc)
+        elif IEEE_FP32:
+            acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(g), x, acc)
+
+    mask = mask_n[:, None] & mask_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w = tl.load(w_ptrs, mask=mask, other=0.0)
+    index = offs_n[:, None] * K + offs_k[None, :]
+    value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE)
+    tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_update_kernel(
+    p_ptr, grad_ptr, R, C, stride_pr, stride_pc, offset,
+    step, key1, key2,
+    SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+    index = offs_r[:, None] * C + offs_c[None, :]
+    grad = tl.load(grad_ptr + index, mask=mask, other=0.0)
+    p_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
+    w = tl.load(p_ptrs, mask=mask, other=0.0)
+    value = _epilogue(w, grad, index + offset, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE)
+    tl.store(p_ptrs, value.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+    for bn, bk, bm, w, s in [
+        (128, 128, 32, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+    ]
+]
+# Tuning runs the kernel several times on the same W: restore_value puts W back before the real launch.
+_wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], restore_value=["w_ptr"])(
+    _wgrad_update_kernel
+)
+_INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_M": 16}
+
+
+def _check_dtype(t: torch.Tensor, what: str) -> int:
+    if t.dtype not in _DTYPE_CODE:
+        raise TypeError(f"triton backend: {what} must be float32, bfloat16 or float16, got {t.dtype}")
+    return _DTYPE_CODE[t.dtype]
+
+
+def wgrad_update_(
+    weight: torch.Tensor,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    step: float,
+    sign: bool,
+    rounding: Rounding,
+    seed: int,
+) -> None:
+    """``weight -= step · f(grad_outputᵀ · input)`` in one kernel; weight [N, K], grad_output [M, N], input [M, K]."""
+    code = _check_dtype(weight, "weight")
+    M, N = grad_output.shape
+    K = input.shape[1]
+    key1, key2 = rng_keys(seed)
+    stochastic = ROUNDING_CODES[rounding.resolve(weight.dtype)] == 1
+    ieee = grad_output.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    args = (
+        grad_output, input, weight, M, N, K,
+        grad_output.stride(0), grad_output.stride(1), input.stride(0), input.stride(1),
+        weight.stride(0), weight.stride(1),
+        float(step), key1, key2,
+    )
+    interpret = _INTERPRET or weight.device.type != "cuda"
+    flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)
+    if interpret:
+        blocks = _INTERPRET_BLOCKS
+        grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))
+        _wgrad_update_kernel[grid](*args, **flags, **blocks)
+    else:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
+        _wgrad_update_tuned[grid](*args, **flags)
+
+
+def apply_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    step: float,
+    sign: bool,
+    rounding: Rounding,
+    seed: int,
+    offset: int = 0,
+) -> None:
+    """The bare epilogue: ``param -= step · f(grad)``, param 1-D or 2-D (any strides), grad contiguous fp32."""
+    code = _check_dtype(param, "param")
+    p2 = param.unsqueeze(0) if param.dim() == 1 else param
+    R, C = p2.shape
+    key1, key2 = rng_keys(seed)
+    stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
+    block_r, block_c = 16, 64
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    _apply_update_kernel[grid](
+        p2, grad.contiguous(), R, C, p2.stride(0), p2.stride(1), int(offset),
+        float(step), key1, key2,
+        SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, BLOCK_R=block_r, BLOCK_C=block_c,
+    )

@@ -1,0 +1,180 @@
+"""What the backward does with each weight: its :class:`Role`, and for the on-the-fly roles the update rule.
+
+A :class:`WeightPlan` is the per-weight entry the fused functions read *at backward time*; the block optimizer
+rewrites it at every block switch.  Reading it at backward time (not at forward time) is what lets an LR schedule
+stepped between forward and backward apply, as it would with a hook on ``.grad``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+
+__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan"]
+
+
+class Role(enum.Enum):
+    """What the backward does with one weight (and the bias that belongs to it).
+
+    ============  =============================================  ===================================
+    role          dW                                             where it goes
+    ============  =============================================  ===================================
+    ``ACTIVE``    computed                                       accumulated into ``.grad`` (autograd)
+    ``SGD``       computed in tiles/chunks, never whole          ``W -= lr·s·dW``
+    ``SIGN``      computed in tiles/chunks, never whole          ``W -= lr·s·sign(dW)``
+    ``LORA``      none for the base weight                       adapters A, B get their gradients
+    ``FROZEN``    not computed                                   —
+    ============  =============================================  ===================================
+
+    In every role dX is computed when the layer below needs it, from the weight *before* any update.
+    """
+
+    ACTIVE = "active"
+    SGD = "sgd"
+    SIGN = "sign"
+    LORA = "lora"
+    FROZEN = "frozen"
+
+    @property
+    def updates_on_the_fly(self) -> bool:
+        return self in (Role.SGD, Role.SIGN)
+
+
+class Rounding(enum.Enum):
+    """How an updated low-precision weight is rounded back to its dtype.
+
+    ``NEAREST``: round-to-nearest-even, what ``p.add_(g, alpha=-lr)`` does.  In bf16 it drops every update smaller
+    than half an ulp of the weight (for |w| ≈ 1: 2⁻⁹ ≈ 0.002), so small learning rates silently train nothing.
+    ``STOCHASTIC``: round up with probability equal to the distance to the lower neighbour, so the expected
+    rounded weight equals the exact fp32 result.  Random bits come from a counter-based hash of
+    (seed, element index): reproducible, and the same on every backend and every rank.
+    ``AUTO`` (the default): stochastic for bf16/fp16 weights, nearest for fp32 (where it is exact to fp32).
+    """
+
+    AUTO = "auto"
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+
+    def resolve(self, dtype: torch.dtype) -> "Rounding":
+        if self is not Rounding.AUTO:
+            return self
+        return Rounding.STOCHASTIC if dtype in (torch.bfloat16, torch.float16) else Rounding.NEAREST
+
+
+LrLike = Union[float, Callable[[], float]]
+
+
+@dataclass
+class OnTheFlyUpdate:
+    """The update an ``SGD``/``SIGN`` weight receives inside the backward: ``W -= lr · scale · f(dW)``.
+
+    ``lr`` is a float or a zero-argument callable (e.g. ``lambda: optimizer.param_groups[0]["lr"]``), read when
+    the backward runs.  ``scale`` is BlockOptimizers' ``sgd_lr_scaling``.  ``seed`` seeds stochastic rounding;
+    every application draws a fresh stream from ``(seed, draw)`` so successive steps use different bits while a
+    rerun from the same state reproduces them exactly.
+    """
+
+    lr: LrLike
+    scale: float = 1.0
+    rounding: Rounding = Rounding.AUTO
+    seed: int = 0
+    draws: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.rounding, str):
+            try:
+                self.rounding = Rounding(self.rounding)
+            except ValueError:
+                raise ValueError(
+                    f"OnTheFlyUpdate: unknown rounding {self.rounding!r}; use one of "
+                    f"{[r.value for r in Rounding]}"
+                ) from None
+        if not callable(self.lr) and not isinstance(self.lr, (int, float)):
+            raise TypeError(f"OnTheFlyUpdate: lr must be a number or a zero-argument callable, got {type(self.lr)}")
+
+    def step_size(self) -> float:
+        """lr · scale, read now.  Raises if it is not a finite non-negative number."""
+        lr = self.lr() if callable(self.lr) else self.lr
+        value = float(lr) * float(self.scale)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"OnTheFlyUpdate: lr·scale must be finite and >= 0, got lr={lr}, scale={self.scale}")
+        return value
+
+    def next_seed(self) -> int:
+        """A 64-bit seed for one application of the update; advances the draw counter."""
+        seed = (self.seed * 0x9E3779B97F4A7C15 + self.draws * 0xBF58476D1CE4E5B9 + 1) & 0xFFFFFFFFFFFFFFFF
+        self.draws += 1
+        return seed
+
+
+@dataclass
+class WeightPlan:
+    """The current Role of one weight (and its bias) and, for ``SGD``/``SIGN``, its update rule.
+
+    It also keeps the bookkeeping that makes a weight used several times in one forward correct (design invariant
+    2): the on-the-fly update waits until the backward of every use has run, then applies the update for the
+    summed gradient once.  Uses whose graph was dropped without a backward are forgotten automatically.
+    """
+
+    role: Role = Role.FROZEN
+    update: OnTheFlyUpdate | None = None
+    name: str = ""
+    skipped_updates: int = 0
+    _uses: "weakref.WeakSet[_UseToken]" = field(default_factory=weakref.WeakSet, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.role, str):
+            try:
+                self.role = Role(self.role)
+            except ValueError:
+                raise ValueError(f"WeightPlan: unknown role {self.role!r}; use one of {[r.value for r in Role]}") from None
+        self.check()
+
+    def check(self) -> None:
+        """Raise if the role cannot run as configured (an on-the-fly role with no update rule)."""
+        if self.role.updates_on_the_fly and self.update is None:
+            raise ValueError(
+                f"WeightPlan{' ' + self.name if self.name else ''}: role {self.role.name} updates the weight inside "
+                "the backward and needs an lr: pass update=OnTheFlyUpdate(lr=...)"
+            )
+
+    # -- multi-use bookkeeping (used by the fused functions) ---------------------------------------------------
+    def register_use(self) -> "_UseToken":
+        if not self._uses and self._pending:
+            # An earlier forward used this weight several times but not every use ran its backward.
+            self._pending = []
+            self.report_skip("an earlier forward used it more than once and not every use ran its backward")
+        token = _UseToken()
+        self._uses.add(token)
+        return token
+
+    def finish_use(self, token: "_UseToken", contribution) -> list | None:
+        """Record one use's (grad_output, input) pair; return every pair once the last pending use is done."""
+        self._pending.append(contribution)
+        self._uses.discard(token)
+        if len(self._uses) > 0:
+            return None
+        pending, self._pending = self._pending, []
+        return pending
+
+    def report_skip(self, reason: str) -> None:
+        self.skipped_updates += 1
+        warnings.warn(
+            f"bread_kernels: skipped the on-the-fly {self.role.name} update of {self.name or 'a weight'}: {reason}. "
+            "The weight is unchanged.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class _UseToken:
+    """Lives as long as one forward use's autograd node (it is stored on the ctx)."""
+
+    __slots__ = ("__weakref__",)

@@ -1,0 +1,144 @@
+// The update epilogue of the native CPU backend: one pass over a cache-resident chunk.
+//
+//   bread_kernels::apply_update_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding,
+//                                int key1, int key2, int offset) -> ()
+//
+// param: 1-D or 2-D, fp32 / bf16 / fp16, any strides (a row chunk of a weight, a transposed view, a bias).
+// grad:  fp32, contiguous, same shape as param (the chunk of dW the GEMM just wrote).
+// For every element i (row-major logical index):  u = sign ? sign(g) : g;  new = float(p) - step*u;
+// p = round(new), nearest-even (rounding == 0) or stochastic (rounding == 1) with random bits
+// lowbias32(lowbias32((offset + i) ^ key1) ^ key2).  Same maths, bit for bit, as backends/epilogue.py and the
+// Triton kernel; compiled with -ffp-contract=off so no FMA changes the rounding of step*u.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline T round_stochastic(float value, uint32_t bits);
+
+template <>
+inline float round_stochastic<float>(float value, uint32_t) {
+  return value;
+}
+
+template <>
+inline c10::BFloat16 round_stochastic<c10::BFloat16>(float value, uint32_t bits) {
+  uint32_t pattern = (float_bits(value) + (bits & 0xFFFFu)) & 0xFFFF0000u;
+  return c10::BFloat16(bits_float(pattern));  // exact: the low 16 bits are zero
+}
+
+template <>
+inline c10::Half round_stochastic<c10::Half>(float value, uint32_t bits) {
+  int32_t exponent = static_cast<int32_t>((float_bits(value) >> 23) & 0xFFu) - 127;
+  exponent = exponent < -14 ? -14 : (exponent > 15 ? 15 : exponent);
+  float ulp = bits_float(static_cast<uint32_t>(exponent - 10 + 127) << 23);
+  float inv_ulp = bits_float(static_cast<uint32_t>(127 - (exponent - 10)) << 23);
+  float uniform = static_cast<float>(bits >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  float scaled = value * inv_ulp;  // exact: a power of two
+  float lower = std::floor(scaled);
+  float up = uniform < scaled - lower ? 1.f : 0.f;  // P(up) = fractional part, exactly
+  return c10::Half((lower + up) * ulp);
+}
+
+template <typename T>
+void apply_update_impl(at::Tensor& param, const at::Tensor& grad, float step, bool sign, bool stochastic,
+                       uint32_t key1, uint32_t key2, int64_t offset) {
+  const int64_t rows = param.dim() == 2 ? param.size(0) : 1;
+  const int64_t cols = param.dim() == 2 ? param.size(1) : param.size(0);
+  const int64_t row_stride = param.dim() == 2 ? param.stride(0) : 0;
+  const int64_t col_stride = param.dim() == 2 ? param.stride(1) : param.stride(0);
+  T* p = param.data_ptr<T>();
+  const float* g = grad.data_ptr<float>();
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* prow = p + r * row_stride;
+      const float* grow = g + r * cols;
+      const int64_t base = offset + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        float gv = grow[c];
+        float u = sign ? static_cast<float>((gv > 0.f) - (gv < 0.f)) : gv;
+        float scaled = step * u;
+        float value = static_cast<float>(prow[c * col_stride]) - scaled;
+        if (stochastic) {
+          uint32_t counter = static_cast<uint32_t>(static_cast<uint64_t>(base + c) & 0xFFFFFFFFull);
+          uint32_t bits = lowbias32(lowbias32(counter ^ key1) ^ key2);
+          prow[c * col_stride] = round_stochastic<T>(value, bits);
+        } else {
+          prow[c * col_stride] = static_cast<T>(value);
+        }
+      }
+    }
+  });
+}
+
+void apply_update_(at::Tensor param, const at::Tensor& grad, double step, bool sign, int64_t rounding, int64_t key1,
+                   int64_t key2, int64_t offset) {
+  TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
+  TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "apply_update_: param must be 1-D or 2-D, got ", param.dim(), "-D");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(), "apply_update_: grad must be contiguous fp32");
+  TORCH_CHECK(grad.sizes() == param.sizes(), "apply_update_: grad shape ", grad.sizes(), " != param shape ",
+              param.sizes());
+  TORCH_CHECK(rounding == 0 || rounding == 1, "apply_update_: rounding must be 0 (nearest) or 1 (stochastic)");
+  const bool stochastic = rounding == 1;
+  const auto k1 = static_cast<uint32_t>(key1);
+  const auto k2 = static_cast<uint32_t>(key2);
+  const float s = static_cast<float>(step);
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      apply_update_impl<float>(param, grad, s, sign, false, k1, k2, offset);
+      break;
+    case at::kBFloat16:
+      apply_update_impl<c10::BFloat16>(param, grad, s, sign, stochastic, k1, k2, offset);
+      break;
+    case at::kHalf:
+      apply_update_impl<c10::Half>(param, grad, s, sign, stochastic, k1, k2, offset);
+      break;
+    default:
+      TORCH_CHECK(false, "apply_update_: param dtype must be float32, bfloat16 or float16, got ",
+                  param.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bread_kernels, m) {
+  m.def(
+      "apply_update_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding, int key1, int key2, "
+      "int offset) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(bread_kernels, CPU, m) {
+  m.impl("apply_update_", &apply_update_);
+}

@@ -1,0 +1,31 @@
+"""Test set-up: Triton runs through its interpreter when there is no GPU (set before anything imports triton)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from bread_kernels.backends import BACKEND_NAMES  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def backends_for(device: str):
+    return [b for b in BACKEND_NAMES if not (b == "native" and device != "cpu")]
+
+
+@pytest.fixture(params=backends_for(DEVICE))
+def backend(request, monkeypatch):
+    """Runs the test once per backend, forced through BREAD_BACKEND like a user would."""
+    monkeypatch.setenv("BREAD_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
