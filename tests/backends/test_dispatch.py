@@ -1,0 +1,56 @@
+"""Backend choice: defaults, BREAD_BACKEND, and clear errors when a forced backend cannot serve a tensor."""
+
+import warnings
+
+import pytest
+
+from bread_kernels.backends import get_backend
+
+
+def test_default_on_cpu_is_native(monkeypatch):
+    monkeypatch.delenv("BREAD_BACKEND", raising=False)
+    assert get_backend("cpu").name == "native"
+
+
+@pytest.mark.parametrize("name", ["torch", "native", "triton"])
+def test_forced_backend_is_used(monkeypatch, name):
+    monkeypatch.setenv("BREAD_BACKEND", name)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_backend("cpu").name == name
+
+
+def test_unknown_backend_name_is_refused(monkeypatch):
+    monkeypatch.setenv("BREAD_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="BREAD_BACKEND='cutlass' is not a backend; use one of triton, native, torch"):
+        get_backend("cpu")
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("BREAD_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
+        get_backend("cpu")
+
+
+def test_native_on_a_non_cpu_device_is_refused(monkeypatch):
+    monkeypatch.setenv("BREAD_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        get_backend("meta")
+
+
+def test_unbuildable_native_backend_falls_back_to_torch_and_says_so_once(monkeypatch):
+    import bread_kernels.backends as backends
+    import bread_kernels.backends.native as native
+
+    monkeypatch.delenv("BREAD_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_instances", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(native, "_state", {"error": RuntimeError("the native CPU backend could not be built: no c++")})
+    with pytest.warns(RuntimeWarning, match="native backend is unavailable.*no c\\+\\+.*torch backend"):
+        assert get_backend("cpu").name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_backend("cpu").name == "torch"
+    with pytest.raises(RuntimeError, match="no c\\+\\+"):
+        monkeypatch.setenv("BREAD_BACKEND", "native")
+        get_backend("cpu")

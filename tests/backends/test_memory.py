@@ -1,0 +1,57 @@
+"""The SGD and SIGN roles never allocate a dW-sized buffer; the chunked path's extra memory follows the chunk size.
+
+Measured with the profiler's allocation events (torch allocations; BLAS-internal packing buffers are not torch
+allocations and are bounded by BLAS's block sizes, not by dW).  The input does not require grad, so dX is not
+part of what is measured; ``slack`` is what any backward of this layer allocates for activation-sized temporaries
+(a copy of g, the finiteness check), which scales with tokens, not with the weight.
+"""
+
+import pytest
+import torch
+
+from bread_kernels import OnTheFlyUpdate, Role, Rounding, WeightPlan, fused_linear
+from bread_kernels.bench.memory import trace_allocations
+from tests.conftest import DEVICE
+
+N_OUT, N_IN, TOKENS = 1024, 384, 8
+
+
+def backward_trace(dtype, role, rounding=Rounding.AUTO):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(N_OUT, N_IN, generator=gen).to(dtype).to(DEVICE)
+    x = torch.randn(TOKENS, N_IN, generator=gen).to(dtype).to(DEVICE)
+    g = torch.randn(TOKENS, N_OUT, generator=gen).to(dtype).to(DEVICE)
+    y = fused_linear(x, weight, None, WeightPlan(role, OnTheFlyUpdate(lr=1e-3, rounding=rounding)))
+    trace = trace_allocations(lambda: y.backward(g), DEVICE)
+    dw_bytes = weight.numel() * weight.element_size()
+    slack = 2 * (g.numel() + x.numel()) * g.element_size()
+    return trace, dw_bytes, slack
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=lambda r: r.name)
+def test_no_dw_sized_buffer_and_at_most_an_eighth_of_dw(backend, dtype, role):
+    trace, dw_bytes, slack = backward_trace(dtype, role)
+    assert trace.largest_bytes <= dw_bytes // 8, f"an allocation of {trace.largest_bytes} B (dW is {dw_bytes} B)"
+    assert trace.peak_bytes <= dw_bytes // 8 + slack, f"peak {trace.peak_bytes} B (dW is {dw_bytes} B)"
+
+
+def test_sgd_with_nearest_rounding_allocates_nothing_weight_sized(backend):
+    trace, dw_bytes, slack = backward_trace(torch.float32, Role.SGD)
+    assert trace.peak_bytes <= slack, f"peak {trace.peak_bytes} B; SGD in fp32 should need no chunk at all"
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 10, 64 << 10])
+def test_extra_memory_follows_the_configured_chunk(monkeypatch, chunk_bytes):
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", str(chunk_bytes))
+    for name in ("native", "torch"):
+        monkeypatch.setenv("BREAD_BACKEND", name)
+        trace, _, slack = backward_trace(torch.bfloat16, Role.SIGN)
+        assert trace.peak_bytes <= chunk_bytes + slack, f"{name}: peak {trace.peak_bytes} B for a {chunk_bytes} B chunk"
+
+
+def test_bad_chunk_size_is_refused(monkeypatch):
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", "0")
+    monkeypatch.setenv("BREAD_BACKEND", "native")
+    with pytest.raises(ValueError, match="BREAD_CHUNK_BYTES must be a positive"):
+        backward_trace(torch.float32, Role.SIGN)
