@@ -4,7 +4,7 @@
 //                                int key1, int key2, int offset) -> ()
 //
 // param: 1-D or 2-D, fp32 / bf16 / fp16, any strides (a row chunk of a weight, a transposed view, a bias).
-// grad:  fp32, contiguous, same shape as param (the chunk of dW the GEMM just wrote).
+// grad:  fp32 / bf16 / fp16, contiguous, same shape as param (the chunk of dW the GEMM just wrote).
 // For every element i (row-major logical index):  u = sign ? sign(g) : g;  new = float(p) - step*u;
 // p = round(new), nearest-even (rounding == 0) or stochastic (rounding == 1) with random bits
 // lowbias32(lowbias32((offset + i) ^ key1) ^ key2).  Same maths, bit for bit, as backends/epilogue.py and the
@@ -71,60 +71,79 @@ inline c10::Half round_stochastic<c10::Half>(float value, uint32_t bits) {
   return c10::Half((lower + up) * ulp);
 }
 
-template <typename T>
-void apply_update_impl(at::Tensor& param, const at::Tensor& grad, float step, bool sign, bool stochastic,
-                       uint32_t key1, uint32_t key2, int64_t offset) {
+template <typename T, typename G, bool SIGN, bool STOCHASTIC>
+void apply_update_impl(at::Tensor& param, const at::Tensor& grad, float step, uint32_t key1, uint32_t key2,
+                       int64_t offset) {
   const int64_t rows = param.dim() == 2 ? param.size(0) : 1;
   const int64_t cols = param.dim() == 2 ? param.size(1) : param.size(0);
   const int64_t row_stride = param.dim() == 2 ? param.stride(0) : 0;
   const int64_t col_stride = param.dim() == 2 ? param.stride(1) : param.stride(0);
   T* p = param.data_ptr<T>();
-  const float* g = grad.data_ptr<float>();
+  const G* g = grad.data_ptr<G>();
+
+  // One element; the loops below only differ in how they address the parameter (unit stride vectorises).
+  auto update = [&](T& w, G gradient, int64_t index) {
+    float gv = static_cast<float>(gradient);
+    float u = SIGN ? static_cast<float>((gv > 0.f) - (gv < 0.f)) : gv;
+    float scaled = step * u;
+    float value = static_cast<float>(w) - scaled;
+    if constexpr (STOCHASTIC) {
+      uint32_t counter = static_cast<uint32_t>(static_cast<uint64_t>(index) & 0xFFFFFFFFull);
+      w = round_stochastic<T>(value, lowbias32(lowbias32(counter ^ key1) ^ key2));
+    } else {
+      w = static_cast<T>(value);
+    }
+  };
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* prow = p + r * row_stride;
-      const float* grow = g + r * cols;
+      const G* grow = g + r * cols;
       const int64_t base = offset + r * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        float gv = grow[c];
-        float u = sign ? static_cast<float>((gv > 0.f) - (gv < 0.f)) : gv;
-        float scaled = step * u;
-        float value = static_cast<float>(prow[c * col_stride]) - scaled;
-        if (stochastic) {
-          uint32_t counter = static_cast<uint32_t>(static_cast<uint64_t>(base + c) & 0xFFFFFFFFull);
-          uint32_t bits = lowbias32(lowbias32(counter ^ key1) ^ key2);
-          prow[c * col_stride] = round_stochastic<T>(value, bits);
-        } else {
-          prow[c * col_stride] = static_cast<T>(value);
-        }
+      if (col_stride == 1) {
+        for (int64_t c = 0; c < cols; ++c) update(prow[c], grow[c], base + c);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) update(prow[c * col_stride], grow[c], base + c);
       }
     }
   });
+}
+
+template <typename T, typename G>
+void dispatch_flags(at::Tensor& param, const at::Tensor& grad, float step, bool sign, bool stochastic, uint32_t k1,
+                    uint32_t k2, int64_t offset) {
+  if (sign && stochastic) apply_update_impl<T, G, true, true>(param, grad, step, k1, k2, offset);
+  else if (sign) apply_update_impl<T, G, true, false>(param, grad, step, k1, k2, offset);
+  else if (stochastic) apply_update_impl<T, G, false, true>(param, grad, step, k1, k2, offset);
+  else apply_update_impl<T, G, false, false>(param, grad, step, k1, k2, offset);
+}
+
+template <typename T>
+void dispatch_grad(at::Tensor& param, const at::Tensor& grad, float step, bool sign, bool stochastic, uint32_t k1,
+                   uint32_t k2, int64_t offset) {
+  switch (grad.scalar_type()) {
+    case at::kFloat: return dispatch_flags<T, float>(param, grad, step, sign, stochastic, k1, k2, offset);
+    case at::kBFloat16: return dispatch_flags<T, c10::BFloat16>(param, grad, step, sign, stochastic, k1, k2, offset);
+    case at::kHalf: return dispatch_flags<T, c10::Half>(param, grad, step, sign, stochastic, k1, k2, offset);
+    default: TORCH_CHECK(false, "apply_update_: grad dtype must be float32, bfloat16 or float16, got ", grad.scalar_type());
+  }
 }
 
 void apply_update_(at::Tensor param, const at::Tensor& grad, double step, bool sign, int64_t rounding, int64_t key1,
                    int64_t key2, int64_t offset) {
   TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
   TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "apply_update_: param must be 1-D or 2-D, got ", param.dim(), "-D");
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(), "apply_update_: grad must be contiguous fp32");
+  TORCH_CHECK(grad.is_contiguous(), "apply_update_: grad must be contiguous");
   TORCH_CHECK(grad.sizes() == param.sizes(), "apply_update_: grad shape ", grad.sizes(), " != param shape ",
               param.sizes());
   TORCH_CHECK(rounding == 0 || rounding == 1, "apply_update_: rounding must be 0 (nearest) or 1 (stochastic)");
-  const bool stochastic = rounding == 1;
   const auto k1 = static_cast<uint32_t>(key1);
   const auto k2 = static_cast<uint32_t>(key2);
   const float s = static_cast<float>(step);
   switch (param.scalar_type()) {
-    case at::kFloat:
-      apply_update_impl<float>(param, grad, s, sign, false, k1, k2, offset);
-      break;
-    case at::kBFloat16:
-      apply_update_impl<c10::BFloat16>(param, grad, s, sign, stochastic, k1, k2, offset);
-      break;
-    case at::kHalf:
-      apply_update_impl<c10::Half>(param, grad, s, sign, stochastic, k1, k2, offset);
-      break;
+    case at::kFloat: return dispatch_grad<float>(param, grad, s, sign, false, k1, k2, offset);
+    case at::kBFloat16: return dispatch_grad<c10::BFloat16>(param, grad, s, sign, rounding == 1, k1, k2, offset);
+    case at::kHalf: return dispatch_grad<c10::Half>(param, grad, s, sign, rounding == 1, k1, k2, offset);
     default:
       TORCH_CHECK(false, "apply_update_: param dtype must be float32, bfloat16 or float16, got ",
                   param.scalar_type());

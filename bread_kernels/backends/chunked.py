@@ -4,13 +4,12 @@
 
 * SGD with nearest rounding: one ``W.addmm_(gᵀ, x, beta=1, alpha=-step)`` — BLAS's ``C = αAB + βC`` *is* the fused
   epilogue, and no dW exists at all.
-* SIGN, and any stochastic rounding: for each chunk of ``rows`` output rows, ``buf = g[:, rows]ᵀ x`` (fp32 buffer
-  reused across chunks), then the backend's epilogue ``apply_update_(W[rows], buf)``.  The extra memory is one
-  chunk (plus the backend's temporaries per element), never a whole dW.
+* SIGN, and any stochastic rounding: for each chunk of ``rows`` output rows, ``buf = g[:, rows]ᵀ x`` (one buffer
+  in the weight's dtype, reused across chunks), then the backend's epilogue ``apply_update_(W[rows], buf)``, which
+  works in fp32.  The extra memory is one chunk (plus the backend's temporaries per element), never a whole dW.
 
-bf16/fp16 inputs: CPU torch has no mixed-output GEMM, so a chunk is computed in the weight's dtype (fp32
-accumulation inside BLAS, rounded once to bf16/fp16 — exactly the dW the reference materialises) and then
-widened into the fp32 buffer.
+bf16/fp16: CPU torch has no mixed-output GEMM, so a chunk of dW is computed by BLAS with fp32 accumulation and
+rounded once to the weight's dtype — exactly the dW the reference materialises — before the fp32 epilogue.
 """
 
 from __future__ import annotations
@@ -36,30 +35,25 @@ class ChunkedBackend:
     """Base of the CPU backends; subclasses provide ``apply_update_`` and its memory cost per chunk element."""
 
     name = "chunked"
-    #: bytes of temporaries the epilogue needs per chunk element (fp32 buffer included)
-    bytes_per_element = 4
+    #: bytes of temporaries the epilogue needs per chunk element, beyond the chunk buffer itself
+    bytes_per_element = 0
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
         raise NotImplementedError
 
     def chunk_rows(self, weight: torch.Tensor) -> int:
-        per_row = weight.shape[1] * (self.bytes_per_element + (weight.element_size() if weight.dtype != torch.float32 else 0))
+        per_row = weight.shape[1] * (weight.element_size() + self.bytes_per_element)
         return max(1, min(weight.shape[0], chunk_budget_bytes(weight) // per_row))
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed) -> None:
         rounding = rounding.resolve(weight.dtype)
-        if not sign and (rounding is Rounding.NEAREST or weight.dtype == torch.float32):
+        if not sign and rounding is Rounding.NEAREST:
             weight.addmm_(grad_output.t(), input, beta=1, alpha=-step)
             return
         n_rows, n_cols = weight.shape
         rows = self.chunk_rows(weight)
-        buffer = torch.empty(rows, n_cols, dtype=torch.float32, device=weight.device)
+        buffer = torch.empty(rows, n_cols, dtype=weight.dtype, device=weight.device)
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)
-            chunk = buffer[: stop - start]
-            g_rows = grad_output[:, start:stop].t()
-            if weight.dtype == torch.float32:
-                torch.mm(g_rows, input, out=chunk)
-            else:
-                chunk.copy_(torch.mm(g_rows, input))
+            chunk = torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
             self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=start * n_cols)

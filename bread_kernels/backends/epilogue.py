@@ -90,10 +90,11 @@ def apply_update_(
 ) -> None:
     """``param -= step · (sign(grad) if sign else grad)`` in fp32, rounded into ``param`` (any strides, 1-D or 2-D).
 
-    ``grad`` is fp32 with ``param``'s shape.  ``offset`` is the logical row-major index of ``param[0, 0]`` in the
+    ``grad`` (fp32, or bf16/fp16 widened to fp32 first) has ``param``'s shape.  ``offset`` is the logical row-major index of ``param[0, 0]`` in the
     full parameter, so random bits do not depend on how the parameter is chunked.  Uses a bounded number of
     temporaries of ``grad``'s size (the caller chunks).
     """
+    grad = grad.float()
     update = torch.sign(grad) if sign else grad
     new = param.float() - update * step
     bits = None

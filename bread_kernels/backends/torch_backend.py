@@ -8,7 +8,7 @@ from .chunked import ChunkedBackend
 
 class TorchBackend(ChunkedBackend):
     name = "torch"
-    # fp32 buffer, sign, fp32 copy of the param, the new value, int64 index, int64 hash temporaries
+    # fp32 copy of the chunk, its sign, fp32 copy of the param, the new value, int64 index and hash temporaries
     bytes_per_element = 48
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:

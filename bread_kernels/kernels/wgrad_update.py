@@ -122,7 +122,7 @@ def _apply_update_kernel(
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
     index = offs_r[:, None] * C + offs_c[None, :]
-    grad = tl.load(grad_ptr + index, mask=mask, other=0.0)
+    grad = tl.load(grad_ptr + index, mask=mask, other=0.0).to(tl.float32)
     p_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
     w = tl.load(p_ptrs, mask=mask, other=0.0)
     value = _epilogue(w, grad, index + offset, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE)
@@ -194,7 +194,7 @@ def apply_update_(
     seed: int,
     offset: int = 0,
 ) -> None:
-    """The bare epilogue: ``param -= step · f(grad)``, param 1-D or 2-D (any strides), grad contiguous fp32."""
+    """The bare epilogue: ``param -= step · f(grad)``, param 1-D or 2-D (any strides), grad fp32 (or bf16/fp16, widened)."""
     code = _check_dtype(param, "param")
     p2 = param.unsqueeze(0) if param.dim() == 1 else param
     R, C = p2.shape

@@ -3,7 +3,7 @@
 Measured with the profiler's allocation events (torch allocations; BLAS-internal packing buffers are not torch
 allocations and are bounded by BLAS's block sizes, not by dW).  The input does not require grad, so dX is not
 part of what is measured; ``slack`` is what any backward of this layer allocates for activation-sized temporaries
-(a copy of g, the finiteness check), which scales with tokens, not with the weight.
+(a copy of g, BLAS's packed inputs), which scales with tokens, not with the weight.
 """
 
 import pytest
@@ -24,7 +24,8 @@ def backward_trace(dtype, role, rounding=Rounding.AUTO):
     y = fused_linear(x, weight, None, WeightPlan(role, OnTheFlyUpdate(lr=1e-3, rounding=rounding)))
     trace = trace_allocations(lambda: y.backward(g), DEVICE)
     dw_bytes = weight.numel() * weight.element_size()
-    slack = 2 * (g.numel() + x.numel()) * g.element_size()
+    # activation-sized temporaries, plus BLAS's packed copy of x (oneDNN pads the token dimension to 64)
+    slack = 2 * (g.numel() + x.numel()) * g.element_size() + 64 * N_IN * x.element_size()
     return trace, dw_bytes, slack
 
 
