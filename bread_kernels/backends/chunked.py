@@ -41,8 +41,10 @@ class ChunkedBackend:
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
         raise NotImplementedError
 
-    def chunk_rows(self, weight: torch.Tensor) -> int:
+    def chunk_rows(self, weight: torch.Tensor, tokens: int) -> int:
         per_row = weight.shape[1] * (weight.element_size() + self.bytes_per_element)
+        if weight.dtype == torch.bfloat16:
+            per_row += tokens * weight.element_size()  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
         return max(1, min(weight.shape[0], chunk_budget_bytes(weight) // per_row))
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed) -> None:
@@ -51,7 +53,7 @@ class ChunkedBackend:
             weight.addmm_(grad_output.t(), input, beta=1, alpha=-step)
             return
         n_rows, n_cols = weight.shape
-        rows = self.chunk_rows(weight)
+        rows = self.chunk_rows(weight, grad_output.shape[0])
         buffer = torch.empty(rows, n_cols, dtype=weight.dtype, device=weight.device)
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)

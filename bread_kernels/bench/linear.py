@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..functions.linear import fused_linear
-from ..plan import OnTheFlyUpdate, Role, WeightPlan
+from ..plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
 from .memory import trace_allocations
 
 LR = 1e-5
@@ -36,8 +36,9 @@ class LinearCase:
 
 
 def make_case(kind: str, role: Role, n_out: int, n_in: int, tokens: int, dtype: torch.dtype, device="cpu",
-              needs_dx: bool = True):
-    """kind: "fused" or "reference"; role: Role.SGD or Role.SIGN; ``needs_dx=False`` leaves only the update."""
+              needs_dx: bool = True, rounding: Rounding = Rounding.AUTO):
+    """kind: "fused" or "reference"; role: Role.SGD or Role.SIGN; ``needs_dx=False`` leaves only the update;
+    ``rounding`` applies to the fused case (the reference always rounds to nearest)."""
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(n_out, n_in, generator=gen) * 0.02).to(dtype).to(device)
     x = torch.randn(tokens, n_in, generator=gen).to(dtype).to(device).requires_grad_(needs_dx)
@@ -45,7 +46,7 @@ def make_case(kind: str, role: Role, n_out: int, n_in: int, tokens: int, dtype: 
     state = {}
 
     if kind == "fused":
-        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR))
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR, rounding=rounding))
 
         def prepare():
             x.grad = None
@@ -72,7 +73,8 @@ def make_case(kind: str, role: Role, n_out: int, n_in: int, tokens: int, dtype: 
     def backward():
         state.pop("y").backward(g)
 
-    return LinearCase(f"{kind}-{role.name}", prepare, backward, weight.numel() * weight.element_size())
+    suffix = f"-{rounding.value}" if kind == "fused" and rounding is not Rounding.AUTO else ""
+    return LinearCase(f"{kind}-{role.name}{suffix}", prepare, backward, weight.numel() * weight.element_size())
 
 
 @dataclass
@@ -123,23 +125,26 @@ def device_name(device="cpu") -> str:
 def run(n_out=5632, n_in=2048, tokens=2048, dtype=torch.float32, repeats=5, device="cpu", print_fn=print):
     backend = get_backend(device).name
     print_fn(f"linear backward, W {n_out}x{n_in}, {tokens} tokens, {dtype}, backend {backend}, on {device_name(device)}")
-    print_fn(f"{'case':<18}{'median ms':>11}{'p20':>9}{'p80':>9}{'time ratio':>12}{'bwd peak MiB':>14}"
+    print_fn(f"{'case':<26}{'median ms':>11}{'p20':>9}{'p80':>9}{'time ratio':>12}{'bwd peak MiB':>14}"
              f"{'update peak MiB':>17}{'of dW':>8}{'mem ratio':>11}")
+    # low precision: the fused default rounds stochastically; "nearest" is the like-for-like row (it drops small
+    # updates exactly as the reference does)
+    roundings = [Rounding.AUTO] + ([Rounding.NEAREST] if dtype != torch.float32 else [])
     rows = []
     for role in (Role.SGD, Role.SIGN):
-        ref, fused = (
-            measure(make_case(kind, role, n_out, n_in, tokens, dtype, device),
-                    make_case(kind, role, n_out, n_in, tokens, dtype, device, needs_dx=False), repeats, device=device)
-            for kind in ("reference", "fused")
-        )
-        for m in (ref, fused):
+        def case(kind, needs_dx, rounding=Rounding.AUTO):
+            return make_case(kind, role, n_out, n_in, tokens, dtype, device, needs_dx, rounding)
+
+        ref = measure(case("reference", True), case("reference", False), repeats, device=device)
+        fused = [measure(case("fused", True, r), case("fused", False, r), repeats, device=device) for r in roundings]
+        for m in (ref, *fused):
             print_fn(
-                f"{m.name:<18}{m.median_s * 1e3:>11.1f}{m.p20_s * 1e3:>9.1f}{m.p80_s * 1e3:>9.1f}"
+                f"{m.name:<26}{m.median_s * 1e3:>11.1f}{m.p20_s * 1e3:>9.1f}{m.p80_s * 1e3:>9.1f}"
                 f"{m.median_s / ref.median_s:>12.3f}{m.peak_extra_bytes / 2**20:>14.2f}"
                 f"{m.update_peak_bytes / 2**20:>17.2f}{m.update_peak_bytes / m.dw_bytes:>8.3f}"
                 f"{m.peak_extra_bytes / max(ref.peak_extra_bytes, 1):>11.3f}"
             )
-        rows.append((ref, fused))
+        rows.append((ref, *fused))
     print_fn("time ratio: median backward time / reference's; mem ratio: backward peak / reference's; "
              "'of dW': the update's own peak as a fraction of one dW")
     return rows
