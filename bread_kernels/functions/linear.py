@@ -25,11 +25,16 @@ import torch.nn.functional as F
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
 
-__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs"]
+__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger"]
 
-# A leaf that requires grad, given to the Function when an on-the-fly role must run its backward although no
-# input requires grad (frozen weight, input from a frozen embedding).  It never receives a gradient.
 _BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
+
+
+def backward_trigger() -> torch.Tensor:
+    """A leaf that requires grad, given to a Function whose backward must run although none of its real inputs
+    requires grad (an on-the-fly role on a frozen weight whose input comes from a frozen embedding).  Functions
+    return no gradient for it, so it never gets a ``.grad``."""
+    return _BACKWARD_TRIGGER
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -142,5 +147,5 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and torch.is_grad_enabled()
         and not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
-        trigger = _BACKWARD_TRIGGER
+        trigger = backward_trigger()
     return FusedLinearFunction.apply(x, weight, bias, plan, trigger)

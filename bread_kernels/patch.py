@@ -1,0 +1,197 @@
+"""``patch(model)``: find the block stack, the input embedding and the output head, and install the wrappers.
+
+Discovery is structural: the block stack is the ``nn.ModuleList`` of repeated modules of one class holding the most
+parameters (Llama/Mistral/Qwen2 ``model.layers``, GPT-2 ``transformer.h``, BERT ``encoder.layer``); the embedding
+and head come from ``get_input_embeddings()`` / ``get_output_embeddings()`` when the model has them.
+
+What is installed — all as instance attributes, so :func:`unpatch` restores the original module tree and the
+``state_dict`` never changes:
+
+* every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head: a forward through
+  :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
+  ``_bread_plan`` attribute) it computes exactly what the original forward does, with plain autograd.
+* every block: the streaming forward of :mod:`bread_kernels.stream`.
+
+A weight shared with another module (a tied embedding and head) keeps plain autograd in its Linear, so every use
+contributes to one summed gradient (design invariant 2).
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functions.linear import fused_linear
+from .stream import StreamConfig, streamed_block_forward
+
+__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state"]
+
+try:  # GPT-2 and friends store the weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+_STATE_ATTR = "_bread_patch"
+
+
+class PatchedModel:
+    """What :func:`patch` found and installed; kept on the model as ``model._bread_patch``."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, blocks_name: str, embedding, head, recompute: bool):
+        self.model_ref = weakref.ref(model)
+        self.blocks = blocks
+        self.blocks_name = blocks_name
+        self.embedding = embedding
+        self.head = head
+        self.stream = StreamConfig(recompute=recompute)
+        self.linears: list[tuple[str, nn.Module]] = []  # (qualified name, module) of every patched linear
+        self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
+        self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
+        self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
+
+    def block_prefixes(self) -> list[str]:
+        return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
+
+
+def patched_state(model: nn.Module) -> PatchedModel | None:
+    return getattr(model, _STATE_ATTR, None)
+
+
+def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise ValueError(
+            f"patch: found no block stack in {type(model).__name__}: searched for an nn.ModuleList of two or more "
+            "modules of one class with parameters (like model.layers, transformer.h or encoder.layer). Point patch "
+            "at the stack yourself: patch(model, blocks=model.<path>.layers)"
+        )
+    return best
+
+
+def _linear_forward(self, x):
+    plan = self._bread_plan
+    if plan is None:
+        return F.linear(x, self.weight, self.bias)
+    return fused_linear(x, self.weight, self.bias, plan)
+
+
+def _conv1d_forward(self, x):
+    weight = self.weight.t()  # Conv1D computes x @ W + b with W [in, out]
+    plan = self._bread_plan
+    if plan is None:
+        return F.linear(x, weight, self.bias)
+    return fused_linear(x, weight, self.bias, plan)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or (Conv1D and isinstance(module, Conv1D))
+
+
+def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True) -> nn.Module:
+    """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless.
+
+    Args:
+        blocks: the stack of repeated blocks, if discovery cannot find it (``model.model.layers``).
+        recompute: save only each block's input and recompute it in the backward (like gradient checkpointing);
+            ``False`` keeps activations.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
+    state = patched_state(model)
+    if state is not None:
+        if blocks is not None and blocks is not state.blocks:
+            raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
+        state.stream.recompute = recompute
+        return model
+
+    if blocks is None:
+        blocks_name, blocks = _find_block_stack(model)
+    else:
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise TypeError("patch: blocks= must be a non-empty nn.ModuleList of the model's repeated blocks")
+        names = [n for n, m in model.named_modules() if m is blocks]
+        if not names:
+            raise ValueError("patch: blocks= is not a submodule of this model")
+        blocks_name = names[0]
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    except NotImplementedError:
+        head = None
+
+    state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute)
+    owners: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    state.shared_weights = {pid for pid, n in owners.items() if n > 1}
+
+    targets: list[tuple[str, nn.Module, int | None]] = []
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if _is_linear(module):
+                targets.append((f"{blocks_name}.{index}.{name}", module, index))
+    if head is not None and _is_linear(head):
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        targets.append((head_name, head, None))
+
+    for name, module, index in targets:
+        module._bread_plan = None
+        module._bread_name = name
+        module.forward = types.MethodType(_conv1d_forward if Conv1D and isinstance(module, Conv1D) else _linear_forward,
+                                          module)
+        state.linears.append((name, module))
+        if index is not None:
+            state.block_of_linear[id(module)] = index
+
+    for index, block in enumerate(blocks):
+        if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
+            state.checkpointing_flags[index] = True
+            block.gradient_checkpointing = False
+        original = block.forward
+        block.forward = types.MethodType(
+            lambda self, *a, _orig=original, _i=index, **k: streamed_block_forward(self, _orig, state.stream, _i, *a,
+                                                                                   **k),
+            block,
+        )
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original modules (trained values kept; same ``state_dict`` keys).  Harmless if not patched."""
+    state = patched_state(model)
+    if state is None:
+        return model
+    for _, module in state.linears:
+        for attr in ("forward", "_bread_plan", "_bread_name"):
+            module.__dict__.pop(attr, None)
+    for index, block in enumerate(state.blocks):
+        block.__dict__.pop("forward", None)
+        if state.checkpointing_flags.get(index):
+            block.gradient_checkpointing = True
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def set_cut(model: nn.Module, cut: int) -> None:
+    """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``."""
+    state = patched_state(model)
+    if state is None:
+        raise ValueError("set_cut: the model is not patched")
+    if not 0 <= cut <= len(state.blocks):
+        raise ValueError(f"set_cut: cut must be in [0, {len(state.blocks)}], got {cut}")
+    state.stream.cut = cut
+
