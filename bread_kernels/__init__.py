@@ -1,11 +1,25 @@
 """bread_kernels: fused backward kernels for block-coordinate-descent finetuning (BAdam, BREAD).
 
-Public API so far: the Roles and update rules of the plan, and the fused dense linear.
+``patch(model)`` installs the streaming backward and the fused Linear functions; ``BlockOptimizer`` (the
+BlockOptimizers-compatible driver) writes each step's plan; ``fused_linear`` is the op underneath.
 """
 
 from .functions.linear import FusedLinearFunction, fused_linear
+from .optim import BlockOptimizer
+from .patch import patch, unpatch
 from .plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
 
 __version__ = "0.1.0"
 
-__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FusedLinearFunction", "fused_linear", "__version__"]
+__all__ = [
+    "patch",
+    "unpatch",
+    "BlockOptimizer",
+    "Role",
+    "Rounding",
+    "OnTheFlyUpdate",
+    "WeightPlan",
+    "FusedLinearFunction",
+    "fused_linear",
+    "__version__",
+]

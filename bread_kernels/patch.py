@@ -36,6 +36,12 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 _STATE_ATTR = "_bread_patch"
+_PATCHED_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def patched_models() -> list[nn.Module]:
+    """Every live model that :func:`patch` has patched (and not unpatched)."""
+    return list(_PATCHED_MODELS)
 
 
 class PatchedModel:
@@ -167,6 +173,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             block,
         )
     setattr(model, _STATE_ATTR, state)
+    _PATCHED_MODELS.add(model)
     return model
 
 
@@ -183,6 +190,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if state.checkpointing_flags.get(index):
             block.gradient_checkpointing = True
     delattr(model, _STATE_ATTR)
+    _PATCHED_MODELS.discard(model)
     return model
 
 

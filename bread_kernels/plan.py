@@ -126,6 +126,8 @@ class WeightPlan:
     update: OnTheFlyUpdate | None = None
     name: str = ""
     skipped_updates: int = 0
+    #: called with (name, reason) instead of warning, when set
+    reporter: Callable[[str, str], None] | None = field(default=None, repr=False)
     _uses: "weakref.WeakSet[_UseToken]" = field(default_factory=weakref.WeakSet, repr=False)
     _pending: list = field(default_factory=list, repr=False)
 
@@ -166,6 +168,9 @@ class WeightPlan:
 
     def report_skip(self, reason: str) -> None:
         self.skipped_updates += 1
+        if self.reporter is not None:  # an optimizer collects the step's skips and reports them once
+            self.reporter(self.name, reason)
+            return
         warnings.warn(
             f"bread_kernels: skipped the on-the-fly {self.role.name} update of {self.name or 'a weight'}: {reason}. "
             "The weight is unchanged.",
