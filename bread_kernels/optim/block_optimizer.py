@@ -369,9 +369,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             group["lr"] = lr
         self._activate(self.order.current)
         saved = state_dict["masters"]
-        for low, master, name in self.masters:
-            if name in saved:
-                master.copy_(saved[name])
+        with torch.no_grad():
+            for _, master, name in self.masters:
+                if name in saved:
+                    master.copy_(saved[name])
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
 
     def __repr__(self) -> str:

@@ -1,0 +1,155 @@
+"""BlockOptimizer: bad input refused before any step, exact resume, the slow path, non-finite gradients."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import bread_kernels
+from bread_kernels.patch import patched_state
+from tests.model_zoo import BUILDERS, batch, loss_of
+
+
+def make(model, **kwargs):
+    kwargs.setdefault("verbose", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01),
+                                            list(model.named_parameters()), **kwargs)
+
+
+def train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sgd_mode="some"), ValueError, "unknown sgd_mode 'some'; use one of disabled, all, partial"),
+        (dict(switch_mode="zigzag"), ValueError, "unknown switch_mode 'zigzag'"),
+        (dict(lora_mode="most"), ValueError, "unknown lora_mode 'most'"),
+        (dict(block_prefix_list=[["model.layers.0."], ["decoder.blocks.9."]]), ValueError,
+         "block prefix 'decoder.blocks.9.' matches no parameter name"),
+        (dict(active_modules=["nothing_here"]), ValueError, "active_modules entry 'nothing_here' matches no"),
+        (dict(switch_mode="fixed"), ValueError, "needs start_block|say which with start_block"),
+        (dict(start_block=9), ValueError, "start_block=9 is outside the 4 blocks"),
+        (dict(switch_block_every=0), ValueError, "switch_block_every must be a positive int"),
+        (dict(init_avgsq_scale=1.0), NotImplementedError, "init_avgsq_scale is not implemented"),
+    ],
+    ids=["sgd_mode", "switch_mode", "lora_mode", "prefix", "active_modules", "fixed", "start", "every", "avgsq"],
+)
+def test_bad_arguments_are_refused_before_any_step(kwargs, error, match):
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        make(model, **kwargs)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_parameters_not_from_the_patched_model_are_refused():
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    other = BUILDERS["llama"](seed=1)
+    mixed = list(model.named_parameters())[:-1] + [("lm_head.weight", other.lm_head.weight)]
+    with pytest.raises(ValueError, match="'lm_head.weight' is not a parameter of the patched LlamaForCausalLM"):
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), mixed, verbose=0)
+    renamed = [("x." + n, p) for n, p in model.named_parameters()]
+    with pytest.raises(ValueError, match="named 'x.model.embed_tokens.weight' is 'model.embed_tokens.weight'"):
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), renamed, verbose=0)
+    with pytest.raises(TypeError, match="list of \\(name, parameter\\) pairs"):
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.parameters()), verbose=0)
+
+
+def test_unpatched_model_takes_the_slow_path_and_says_so():
+    import bread_kernels.optim.block_optimizer as bo
+
+    bo._warned_slow_path = False
+    model = BUILDERS["llama"]()
+    with pytest.warns(UserWarning, match="not patched.*slow path"):
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.named_parameters()), verbose=0)
+
+
+@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_resumes_a_run_exactly(sgd_mode, dtype):
+    """Train 3 steps, save, train 4 more; versus: train 3, save, load into a fresh copy, train 4.  The block
+    order (random), the step, the master weights and Adam's state all come back, so the results are identical."""
+    base = BUILDERS["llama"](dtype=dtype)
+    torch.manual_seed(3)
+    model = bread_kernels.patch(copy.deepcopy(base))
+    opt = make(model, switch_block_every=2, switch_mode="random", sgd_mode=sgd_mode)
+    train(model, opt, 3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, 4, start=3)
+
+    torch.manual_seed(99)  # a different RNG state: the saved order must not depend on it
+    resumed = bread_kernels.patch(copy.deepcopy(base))
+    resumed.load_state_dict(saved_model)
+    opt2 = make(resumed, switch_block_every=2, switch_mode="random", sgd_mode=sgd_mode)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 4, start=3)
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+    assert opt2.order.current == opt.order.current and opt2.global_step == opt.global_step == 7
+
+
+def test_non_finite_gradient_skips_the_updates_and_is_reported_once_per_step():
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    opt = make(model, sgd_mode="all", switch_block_every=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = loss_of(model, batch(0)) * math.nan
+    loss.backward()
+    with pytest.warns(RuntimeWarning, match=r"skipped \d+ on-the-fly update\(s\) because their gradient was not finite"
+                      ) as record:
+        opt.step()
+    assert len([w for w in record if "on-the-fly" in str(w.message)]) == 1
+    inactive = [n for n in before if opt.roles[n] is not bread_kernels.Role.ACTIVE]
+    for name in inactive:
+        assert torch.equal(dict(model.named_parameters())[name], before[name]), name
+    assert opt.skipped_updates >= len(inactive) - 1
+
+
+def test_tied_embedding_and_head_under_sign_sgd_take_the_sign_of_the_summed_gradient():
+    """GPT-2 ties wte and lm_head: the one parameter gets -lr·s·sign(dW_head + dW_embedding) (invariant 2)."""
+    model = bread_kernels.patch(BUILDERS["gpt2"]())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    plain = copy.deepcopy(model)
+    bread_kernels.unpatch(plain)
+    opt = make(model, sgd_mode="all", sgd_use_sign=True, sgd_lr_scaling=0.5, switch_mode="fixed", start_block=0)
+    ids = batch(0)
+    loss_of(plain, ids).backward()
+    lr = opt.param_groups[0]["lr"]
+    expected = plain.transformer.wte.weight.detach() - lr * 0.5 * plain.transformer.wte.weight.grad.sign()
+    loss_of(model, ids).backward()
+    torch.testing.assert_close(model.transformer.wte.weight.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_works_as_the_optimizer_of_a_hugging_face_trainer(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Ids(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = batch(i, shape=(13,))
+            return {"input_ids": ids, "labels": ids}
+
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    opt = make(model, switch_block_every=2, sgd_mode="partial")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, report_to=[],
+                             save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=Ids(), optimizers=(opt, scheduler)).train()
+    assert opt.global_step == 4 and opt.order.current == 1  # descending from block 3, switched twice
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n in changed if n.startswith("model.layers.3.")} and {n for n in changed if n.startswith("model.layers.2.")}
+    assert not {n for n in changed if n.startswith("model.layers.0.")}
+    assert patched_state(model).stream.cut == 1

@@ -1,0 +1,142 @@
+"""patch(model) and the streaming backward against the plain model: gradients, RNG replay, the cut, unpatch."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bread_kernels
+from bread_kernels.functions import linear as linear_module
+from bread_kernels.patch import patched_state
+from tests.model_zoo import BUILDERS, batch, loss_of
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
+def test_patched_model_has_the_plain_gradients_with_dropout(arch, recompute):
+    """Training mode with dropout: the recompute replays the forward's RNG, so every gradient is the plain one."""
+    plain = BUILDERS[arch](dropout=0.1).train()
+    patched = bread_kernels.patch(copy.deepcopy(plain), recompute=recompute)
+    ids = batch(0)
+    torch.manual_seed(7)
+    loss_plain = loss_of(plain, ids)
+    loss_plain.backward()
+    torch.manual_seed(7)
+    loss_patched = loss_of(patched, ids)
+    loss_patched.backward()
+    torch.testing.assert_close(loss_patched, loss_plain, rtol=0, atol=0)
+    expected, actual = grads(plain), grads(patched)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    if recompute:
+        assert patched_state(patched).stream.backward_calls == {i: 1 for i in range(len(patched_state(patched).blocks))}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_patch_is_idempotent_and_unpatch_restores_the_module_tree(arch):
+    model = BUILDERS[arch]()
+    keys = list(model.state_dict().keys())
+    forwards = {n: type(m).forward for n, m in model.named_modules()}
+    assert bread_kernels.patch(model) is model
+    state = patched_state(model)
+    assert bread_kernels.patch(model) is model and patched_state(model) is state
+    assert list(model.state_dict().keys()) == keys
+    bread_kernels.unpatch(model)
+    assert patched_state(model) is None
+    assert list(model.state_dict().keys()) == keys
+    for name, module in model.named_modules():
+        assert "forward" not in module.__dict__, name
+        assert not hasattr(module, "_bread_plan"), name
+        assert type(module).forward is forwards[name]
+
+
+def test_discovery_finds_each_architecture_structurally():
+    expected = {"llama": ("model.layers", 4), "gpt2": ("transformer.h", 3), "bert": ("bert.encoder.layer", 3)}
+    for arch, (name, n) in expected.items():
+        state = patched_state(bread_kernels.patch(BUILDERS[arch]()))
+        assert (state.blocks_name, len(state.blocks)) == (name, n)
+        assert state.embedding is not None and state.head is not None
+    gpt2 = patched_state(bread_kernels.patch(BUILDERS["gpt2"]()))
+    assert any(type(m).__name__ == "Conv1D" for _, m in gpt2.linears)  # GPT-2's transposed-weight layers
+
+
+def test_unsupported_model_gets_a_clear_error_and_blocks_argument_works():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    with pytest.raises(ValueError, match=r"found no block stack.*patch\(model, blocks=model"):
+        bread_kernels.patch(Odd())
+    model = nn.Sequential(nn.ModuleList([nn.Linear(4, 4)]))
+    with pytest.raises(ValueError, match="not a submodule"):
+        bread_kernels.patch(model, blocks=nn.ModuleList([nn.Linear(4, 4)]))
+    assert patched_state(bread_kernels.patch(model, blocks=model[0])).blocks is model[0]
+
+
+def _count_linear_backwards(monkeypatch):
+    calls = []
+    original = linear_module.FusedLinearFunction.backward
+
+    def counting(ctx, grad_output):
+        calls.append(ctx.plan.name)
+        return original(ctx, grad_output)
+
+    monkeypatch.setattr(linear_module.FusedLinearFunction, "backward", staticmethod(counting))
+    return calls
+
+
+@pytest.mark.parametrize("active", [0, 1, 3])
+def test_badam_does_backward_work_only_from_the_active_block_up(monkeypatch, active):
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                                           switch_mode="fixed", start_block=active, verbose=0)
+    calls = _count_linear_backwards(monkeypatch)
+    state = patched_state(model)
+    assert state.stream.cut == active
+    loss_of(model, batch(0)).backward()
+    assert set(state.stream.backward_calls) == set(range(active, 4))
+    blocks_run = {int(name.split(".")[2]) for name in calls if name.startswith("model.layers.")}
+    assert blocks_run == set(range(active, 4))
+    assert "lm_head" in calls
+    # dX of the active block is never computed: its input comes from blocks that ran without autograd
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(f"model.layers.{active}."))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith(f"model.layers.{active}."))
+    opt.zero_grad()
+
+
+def test_blocks_below_the_cut_store_no_activations():
+    """With recompute, a streamed block saves only its input; blocks below the cut save nothing at all."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    state = patched_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in [*model.model.layers[3].parameters(), *model.model.embed_tokens.parameters()]:
+        p.requires_grad_(True)  # with the embedding trainable, every block at or above the cut is streamed
+
+    def saved_bytes(cut):
+        state.stream.cut = cut
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_of(model, batch(0))
+        return sum(total)
+
+    hidden_bytes = 2 * 13 * 64 * 4
+    assert saved_bytes(0) - saved_bytes(3) == 3 * hidden_bytes  # exactly the three lower blocks' inputs
