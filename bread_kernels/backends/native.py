@@ -8,6 +8,7 @@ torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only 
 from __future__ import annotations
 
 import importlib.resources
+from pathlib import Path
 import threading
 
 import torch
@@ -30,6 +31,15 @@ def _arch_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mbmi2", "-mf16c"] if {"avx2", "fma", "bmi2", "f16c"} <= set(flags) else []
 
 
+def _epilogue_source():
+    """``csrc/epilogue.cpp``: installed as ``bread_kernels._csrc``, or beside the package in a source checkout
+    (a checkout on ``sys.path`` shadows the editable install's mapping of ``csrc/``)."""
+    try:
+        return importlib.resources.files("bread_kernels._csrc").joinpath("epilogue.cpp")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "csrc" / "epilogue.cpp"
+
+
 def load_native() -> None:
     """Build (first time) and load the extension; raises ``RuntimeError`` saying why it cannot."""
     with _lock:
@@ -40,8 +50,7 @@ def load_native() -> None:
         try:
             from torch.utils.cpp_extension import load
 
-            source = importlib.resources.files("bread_kernels._csrc").joinpath("epilogue.cpp")
-            with importlib.resources.as_file(source) as path:
+            with importlib.resources.as_file(_epilogue_source()) as path:
                 load(
                     name="bread_kernels_native",
                     sources=[str(path)],

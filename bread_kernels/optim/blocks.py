@@ -1,7 +1,8 @@
 """Which parameters form the blocks, and in which order the active block moves.
 
 ``infer_blocks`` partitions a model's parameters into blocks the way BlockOptimizers does — one block per repeated
-layer, the embedding first if ``include_embedding``, everything else last if ``include_lm_head`` — but finds the
+layer, the embedding first if ``include_embedding``, everything else last if ``include_lm_head`` (the embedding too,
+when it has no block of its own, as in the reference) — but finds the
 layers structurally through :func:`bread_kernels.patch` when the model is patched, and falls back to the
 reference's name patterns otherwise.  :class:`BlockOrder` is the switching order (``descending``, ``ascending``,
 ``random``, ``fixed``) with a state that ``state_dict`` can save and restore.
@@ -45,8 +46,6 @@ def infer_blocks(param_names: list[str], layer_prefixes: list[str] | None, embed
     if include_lm_head:
         covered = [p for block in blocks for p in block]
         rest = [n for n in param_names if not any(n.startswith(p) for p in covered)]
-        if embedding_prefix and not include_embedding:
-            rest = [n for n in rest if not n.startswith(embedding_prefix)]
         if rest:
             blocks.append(rest)
     return blocks

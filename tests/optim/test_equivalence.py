@@ -1,0 +1,314 @@
+"""The engine (``bread_kernels.patch`` + ``BlockOptimizer``) against the plain-autograd reference of BCD.
+
+Each test deep-copies one tiny seeded model twice, trains copy A with :class:`~tests.optim.reference_bcd.ReferenceBCD`
+and copy B with the engine on the same batches, and after every step compares every parameter (fp32: rtol 1e-5,
+atol 1e-6), the losses, and which parameters hold a ``.grad`` after the backward.  At the end the engine's model
+is unpatched: its ``state_dict`` must have the original keys and the trained values.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import bread_kernels
+
+from . import models
+from .reference_bcd import ADAM, FROZEN, SGD, SIGN, ReferenceBCD, block_prefixes
+
+RTOL, ATOL = 1e-5, 1e-6
+LR = 1e-2
+SCALING = 0.5
+STEPS = 7  # with switch_block_every=2: switches after steps 2, 4 and 6
+# Adam's eps.  An element whose gradient is ~0 has an ill-conditioned Adam update: d(update)/dg = lr·eps/(|g|+eps)²
+# at a block's first step, so a rounding difference δ in a near-zero gradient moves the update by up to
+# lr·δ/(4·eps).  fp32 gradients computed in a different order (recompute, chunked dW) differ by δ ~ 1e-11 here,
+# which with torch's default eps=1e-8 gives ~2.5e-6 > ATOL on a handful of elements though nothing is wrong.
+# eps=1e-5 bounds that effect by ~1e-8 while gradients of typical size (1e-4 .. 1e-1) are still normalised.
+ADAM_EPS = 1e-8
+
+# sgd variants: (sgd_mode, sgd_use_sign)
+BADAM = ("disabled", False)
+SGD_ALL = ("all", False)
+SGD_PARTIAL = ("partial", False)
+SIGN_ALL = ("all", True)
+SIGN_PARTIAL = ("partial", True)
+VARIANTS = [BADAM, SGD_ALL, SGD_PARTIAL, SIGN_ALL, SIGN_PARTIAL]
+VARIANT_IDS = ["badam", "sgd-all", "sgd-partial", "sign-all", "sign-partial"]
+
+SWITCHES = {  # name: (switch_mode, start_block, steps)
+    "descending": ("descending", None, STEPS),
+    "ascending": ("ascending", None, STEPS),
+    "random": ("random", None, 11),  # 6 blocks drawn from 4: the order is redrawn once
+    "fixed1": ("fixed", 1, STEPS),
+}
+
+
+@dataclass
+class Case:
+    family: str = "llama"
+    steps: int = STEPS
+    lr: float = LR
+    weight_decay: float = 0.0
+    optimizer_cls: type = torch.optim.AdamW
+    optimizer_extra: dict = field(default_factory=lambda: dict(eps=ADAM_EPS))  # more base-optimizer settings
+    lr_lambda: object = None  # LambdaLR multiplier stepping the BlockOptimizer, or None
+    include_embedding: bool = False
+    include_lm_head: bool = False
+    n_layer_per_block: int = 1
+    seed: int = 0  # seeds the global torch RNG before each optimizer is built (random switch order)
+    bcd: dict = field(default_factory=dict)  # the BlockOptimizer arguments shared with the reference
+    dtype: torch.dtype = torch.float32
+    engine: dict = field(default_factory=dict)  # BlockOptimizer-only keyword arguments (rounding=...)
+    rtol: float = RTOL
+    atol: float = ATOL
+    adam_outliers: float = 0.0  # low precision only: see mismatch()
+
+
+def mismatch(case: "Case", ref, eng, before, role) -> torch.Tensor:
+    """The elements of ``eng`` outside the case's tolerance around ``ref`` (a bool mask).
+
+    fp32: ``isclose(rtol, atol)``.  Low precision: the error of one rounding is relative to the *operands* of the
+    update (``before`` and the result), not to a result that cancelled to near zero, so the bound is ``rtol`` times
+    the larger of them; and an Adam element whose gradient is ~0 may see the bf16 rounding of g turn its normalised
+    step, so up to ``adam_outliers`` of an Adam parameter's elements may differ by up to ``0.25·lr`` per step."""
+    ref, eng, before = ref.double(), eng.double(), before.double()
+    diff = (ref - eng).abs()
+    if case.dtype == torch.float32:
+        return diff > case.atol + case.rtol * ref.abs()
+    bad = diff > case.atol + case.rtol * torch.maximum(ref.abs(), before.abs())
+    if role == ADAM and bad.float().mean() <= case.adam_outliers:
+        bad &= diff > 0.25 * case.lr * case.steps
+    return bad
+
+
+def _describe(name, step, role, ref, eng, before, bad) -> str:
+    ref, eng, before = ref.double(), eng.double(), before.double()
+    diff = (ref - eng).abs()
+    idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if bad.any() else ()
+    where = (f"; first at {idx}: reference {ref[idx].item():.8g}, engine {eng[idx].item():.8g}, "
+             f"before the step {before[idx].item():.8g}") if idx else ""
+    return (f"parameter {name!r} differs after step {step} (its role in that step: {role}): max |diff| "
+            f"{diff.max().item():.3g}, {int(bad.sum())}/{bad.numel()} elements outside the tolerance; "
+            f"reference moved it by up to {(ref - before).abs().max().item():.3g}, engine by up to "
+            f"{(eng - before).abs().max().item():.3g}{where}")
+
+
+def run_case(case: Case) -> None:
+    tiny = models.BUILDERS[case.family](dtype=case.dtype)
+    original = tiny.model
+    model_a, model_b = copy.deepcopy(original), copy.deepcopy(original)
+    data = models.batches(case.steps)
+    opt_kwargs = dict(lr=case.lr, weight_decay=case.weight_decay, **case.optimizer_extra)
+
+    # A: the reference
+    names = [n for n, _ in original.named_parameters()]
+    blocks = block_prefixes(names, tiny.layer_prefixes, tiny.embedding_prefix, case.include_embedding,
+                            case.include_lm_head, case.n_layer_per_block)
+    torch.manual_seed(case.seed)
+    ref = ReferenceBCD(model_a, blocks, loss_fn=models.loss_of, optimizer_cls=case.optimizer_cls,
+                       optimizer_kwargs=opt_kwargs, lr_lambda=case.lr_lambda, **case.bcd)
+    ref_rng = torch.get_rng_state()  # the reference draws from its own RNG stream from here on
+    params_a = dict(model_a.named_parameters())
+
+    # B: the engine, used the way the README shows
+    params_b = dict(model_b.named_parameters())  # original names -> the Parameter objects being trained
+    model_b = bread_kernels.patch(model_b)
+    base = case.optimizer_cls(model_b.parameters(), **opt_kwargs)
+    torch.manual_seed(case.seed)
+    opt = bread_kernels.BlockOptimizer(base, list(model_b.named_parameters()), include_embedding=case.include_embedding,
+                                       include_lm_head=case.include_lm_head, n_layer_per_block=case.n_layer_per_block,
+                                       verbose=0, **case.bcd, **case.engine)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, case.lr_lambda) if case.lr_lambda is not None else None
+
+    engine_rng = torch.get_rng_state()  # and the engine from its own, seeded alike
+
+    for step, ids in enumerate(data):
+        # lock-step: the reference takes each step from the engine's current weights (see the module docstring)
+        with torch.no_grad():
+            for name, p in params_a.items():
+                p.copy_(params_b[name])
+        before = {n: p.detach().clone() for n, p in params_a.items()}
+        torch.set_rng_state(ref_rng)
+        loss_a = ref.step(ids)  # random switch order: a redraw consumes the global RNG
+        ref_rng = torch.get_rng_state()
+        torch.set_rng_state(engine_rng)
+        roles = ref.roles  # what the reference did to each parameter in this step
+
+        loss_b = models.loss_of(model_b, ids)
+        loss_b.backward()
+        # .grad bookkeeping after the backward: only the base optimizer's parameters may hold one
+        for name, p in params_b.items():
+            if roles[name] in (SGD, SIGN, FROZEN):
+                assert p.grad is None, (f"step {step}: {name!r} (role {roles[name]}) holds a .grad after the "
+                                        "backward; on-the-fly-updated and frozen parameters must not keep one")
+            else:
+                assert p.grad is not None, f"step {step}: active parameter {name!r} has no .grad after the backward"
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+        engine_rng = torch.get_rng_state()
+
+        assert torch.isclose(torch.tensor(loss_b.item()), torch.tensor(loss_a), rtol=case.rtol, atol=case.atol), (
+            f"step {step}: loss differs (reference {loss_a:.8g}, engine {loss_b.item():.8g}); the parameters "
+            "matched after the previous step, so the forward itself differs")
+        failures = []
+        for name, p in params_b.items():
+            bad = mismatch(case, params_a[name].detach(), p.detach(), before[name], roles[name])
+            if bad.any():
+                failures.append(_describe(name, step, roles[name], params_a[name], p, before[name], bad))
+        assert not failures, (f"{len(failures)} parameter(s) differ after step {step} (active block "
+                              f"{ref.block_history[-1]} of {ref.n_blocks}: {blocks[ref.block_history[-1]]}):\n  "
+                              + "\n  ".join(failures))
+
+    # unpatch: the original module tree and keys, the trained values untouched
+    trained = {k: v.clone() for k, v in model_b.state_dict().items()}
+    model_b = bread_kernels.unpatch(model_b)
+    keys_o, keys_b = list(original.state_dict()), list(model_b.state_dict())
+    assert keys_b == keys_o, f"state_dict keys changed by patch/unpatch: {set(keys_b) ^ set(keys_o)} (or their order)"
+    for key, value in model_b.state_dict().items():
+        assert torch.equal(value, trained[key]), f"unpatch changed state_dict[{key!r}]"
+    for n, p in model_b.named_parameters():
+        assert n in params_b and p is params_b[n], f"after unpatch, named_parameters() has a different {n!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Llama: every switch mode × every variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_llama_switch_modes_and_variants(switch, variant):
+    mode, start, steps = SWITCHES[switch]
+    sgd_mode, sign = variant
+    run_case(Case("llama", steps=steps, bcd=dict(switch_block_every=2, switch_mode=mode, start_block=start,
+                                                 sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+# GPT-2 (Conv1D weights, tied wte/lm_head) and BERT (encoder, tied decoder, MLM head, padding row)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_gpt2_bert_descending(family, variant):
+    sgd_mode, sign = variant
+    run_case(Case(family, bcd=dict(switch_block_every=2, switch_mode="descending", sgd_mode=sgd_mode,
+                                   sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_gpt2_bert_ascending(family, variant):
+    sgd_mode, sign = variant
+    run_case(Case(family, bcd=dict(switch_block_every=2, switch_mode="ascending", sgd_mode=sgd_mode,
+                                   sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hyper-parameters and options (Llama)
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
+def test_weight_decay_groups(variant):
+    """weight_decay=0.01 applies to weights only, not to biases or norm weights; non-default betas/eps."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", weight_decay=0.01, optimizer_extra=dict(betas=(0.8, 0.95), eps=1e-4),
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+def test_weight_decay_groups_gpt2_plain_adam():
+    """Adam (L2 decay in the gradient) with biases and LayerNorm weights in the no-decay group."""
+    run_case(Case("gpt2", weight_decay=0.05, optimizer_cls=torch.optim.Adam,
+                  bcd=dict(switch_block_every=2, sgd_mode="all", sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("warmup", [2, 3])
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
+def test_warmup_after_switch_with_lambda_scheduler(variant, warmup):
+    """LambdaLR(1/(1+s)) steps the BlockOptimizer; the base optimizer's lr is warmed up after each switch once
+    global_step >= W, while the on-the-fly updates use the scheduled lr without the warm-up factor."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", lr_lambda=lambda s: 1 / (1 + s),
+                  bcd=dict(switch_block_every=2, lr_warmup_step_afterswitch=warmup, sgd_mode=sgd_mode,
+                           sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_PARTIAL, SIGN_ALL], ids=["badam", "sgd-partial", "sign-all"])
+def test_include_embedding(variant):
+    """The embedding block is block 0 (trained first in ascending order; with partial, everything above it gets
+    the correction)."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", include_embedding=True, bcd=dict(switch_block_every=2, switch_mode="ascending",
+                                                            sgd_mode=sgd_mode, sgd_use_sign=sign,
+                                                            sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
+def test_include_lm_head(variant):
+    """The last block holds every parameter in no other block: here the embedding, the final norm and lm_head."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", include_lm_head=True, bcd=dict(switch_block_every=2, switch_mode="descending",
+                                                          sgd_mode=sgd_mode, sgd_use_sign=sign,
+                                                          sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_include_embedding_and_lm_head(family):
+    """Both: embedding block first, (final norm, head) block last; GPT-2's head block is wpe + ln_f (wte, tied to
+    lm_head, is the embedding block)."""
+    run_case(Case(family, include_embedding=True, include_lm_head=True,
+                  bcd=dict(switch_block_every=2, switch_mode="descending", sgd_mode="partial",
+                           sgd_lr_scaling=SCALING)))
+
+
+def test_active_modules():
+    """An always-active prefix is trained by the base optimizer in every block (its state reset at switches)."""
+    run_case(Case("llama", bcd=dict(switch_block_every=2, active_modules=["model.norm."], sgd_mode="all",
+                                    sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_PARTIAL], ids=["badam", "sgd-partial"])
+def test_two_layers_per_block(variant):
+    """n_layer_per_block=2 on 4 layers: blocks (0, 1) and (2, 3)."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", n_layer_per_block=2, bcd=dict(switch_block_every=2, switch_mode="ascending",
+                                                         sgd_mode=sgd_mode, sgd_use_sign=sign,
+                                                         sgd_lr_scaling=SCALING)))
+
+
+def test_switch_every_step_descending_sgd_all():
+    """switch_block_every=1: the optimizer state is empty at every step and the cut moves every step."""
+    run_case(Case("llama", steps=6, bcd=dict(switch_block_every=1, sgd_mode="all", sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+def test_every_backend(backend, variant):
+    """The same equivalence through each forced backend (BREAD_BACKEND=triton|native|torch)."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", steps=5, bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign,
+                                             sgd_lr_scaling=SCALING)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16: the reference's own rounding (nearest), fp32 masters for the active block
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL, SIGN_PARTIAL], ids=["badam", "sgd-all", "sign-partial"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bf16_nearest_rounding(family, variant):
+    """bf16 weights, ``rounding="nearest"``: the reference (bf16 autograd, fp32 master copies for the active block,
+    on-the-fly ``p -= step·g`` in fp32 rounded once to bf16) and the engine (dW accumulated in fp32, not rounded to
+    bf16 before the update) differ by the bf16 rounding of g and the summation order.  Stated tolerance: one bf16
+    ulp of the update's operands (rtol 2⁻⁷ of max(|w before|, |w after|), atol 1e-6) per element, checked after
+    every step (lock-step, so SGD/sign start each step equal; the Adam block's fp32 masters run free across its
+    steps), with at most 1% of an Adam parameter's elements allowed up to 0.25·lr per step (gradients ~0 whose
+    normalised Adam step the bf16 rounding of g can turn).  lr 1e-2 makes every sign step ~40 ulps, Adam steps
+    ~80 ulps, so a missing or doubled update fails."""
+    sgd_mode, sign = variant
+    run_case(Case(family, dtype=torch.bfloat16, steps=5, lr=1e-2, engine=dict(rounding="nearest"),
+                  rtol=2 ** -7, atol=1e-6, adam_outliers=0.01,
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
