@@ -10,9 +10,11 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 * every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head: a forward through
   :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
   ``_bread_plan`` attribute) it computes exactly what the original forward does, with plain autograd.
+* the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
+  whose on-the-fly update touches only the rows of this batch's tokens.
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
 
-A weight shared with another module (a tied embedding and head) keeps plain autograd in its Linear, so every use
+A weight shared with another module (a tied embedding and head) keeps plain autograd in both, so every use
 contributes to one summed gradient (design invariant 2).
 """
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.linear import fused_linear
 from .stream import StreamConfig, streamed_block_forward
 
@@ -54,7 +57,8 @@ class PatchedModel:
         self.embedding = embedding
         self.head = head
         self.stream = StreamConfig(recompute=recompute)
-        self.linears: list[tuple[str, nn.Module]] = []  # (qualified name, module) of every patched linear
+        # (qualified name, module) of every module given a fused forward: the linears and the input embedding
+        self.fused_modules: list[tuple[str, nn.Module]] = []
         self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
@@ -99,6 +103,13 @@ def _conv1d_forward(self, x):
     if plan is None:
         return F.linear(x, weight, self.bias)
     return fused_linear(x, weight, self.bias, plan)
+
+
+def _embedding_forward(self, ids):
+    plan = self._bread_plan
+    if plan is None:
+        return F.embedding(ids, self.weight, self.padding_idx)
+    return fused_embedding(ids, self.weight, plan, self.padding_idx)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -158,9 +169,15 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         module._bread_name = name
         module.forward = types.MethodType(_conv1d_forward if Conv1D and isinstance(module, Conv1D) else _linear_forward,
                                           module)
-        state.linears.append((name, module))
+        state.fused_modules.append((name, module))
         if index is not None:
             state.block_of_linear[id(module)] = index
+
+    if embedding is not None and fusable_embedding(embedding) and id(embedding.weight) not in state.shared_weights:
+        embedding._bread_plan = None
+        embedding._bread_name = next(n for n, m in model.named_modules() if m is embedding)
+        embedding.forward = types.MethodType(_embedding_forward, embedding)
+        state.fused_modules.append((embedding._bread_name, embedding))
 
     for index, block in enumerate(blocks):
         if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
@@ -182,7 +199,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = patched_state(model)
     if state is None:
         return model
-    for _, module in state.linears:
+    for _, module in state.fused_modules:
         for attr in ("forward", "_bread_plan", "_bread_name"):
             module.__dict__.pop(attr, None)
     for index, block in enumerate(state.blocks):

@@ -160,8 +160,13 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
                 )
 
     def run(h):
+        # the autograd graph keeps ``run`` (in ctx) until it is freed: holding no hidden state here keeps a block's
+        # recomputed input (and its .grad) from living on after the block's backward
         arguments[hidden_name] = h
-        return original(*bound.args, **bound.kwargs)
+        try:
+            return original(*bound.args, **bound.kwargs)
+        finally:
+            arguments[hidden_name] = None
 
     trigger = None
     if not hidden.requires_grad:

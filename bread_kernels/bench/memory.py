@@ -19,6 +19,7 @@ class AllocationTrace:
     peak_bytes: int  #: the most bytes live at once, counting only what ``fn`` allocated
     largest_bytes: int  #: the largest single allocation (CPU only; on CUDA equal to peak_bytes' upper bound)
     allocations: int  #: number of allocations
+    retained_bytes: int = -1  #: bytes ``fn`` allocated and did not free (CPU only; -1 on CUDA)
 
 
 def trace_allocations(fn: Callable[[], object], device: str | torch.device = "cpu") -> AllocationTrace:
@@ -47,4 +48,4 @@ def trace_allocations(fn: Callable[[], object], device: str | torch.device = "cp
         if nbytes > 0:
             largest = max(largest, nbytes)
             count += 1
-    return AllocationTrace(peak_bytes=peak, largest_bytes=largest, allocations=count)
+    return AllocationTrace(peak_bytes=peak, largest_bytes=largest, allocations=count, retained_bytes=live)

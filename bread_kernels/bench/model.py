@@ -9,7 +9,8 @@ through every layer), plain autograd, and post-accumulate-grad hooks for the on-
 ``BlockOptimizer`` on an unpatched model is exactly that path).  ``--no-recompute`` compares ``patch(recompute=
 False)`` against the reference without checkpointing.
 
-Reported per variant and position: backward time (median of the repeats; the forward is not timed), peak extra
+Reported per variant and position: backward time (median of the repeats, engine and reference alternating; the
+forward is not timed), peak extra
 memory over forward+backward, their ratios to the reference, and the backward time as a multiple of the ideal
 GEMM time: the matmul FLOPs the variant must do in its backward (dX below the top for every block above the
 lowest needed one, dW for the blocks whose weights get one) divided by this machine's measured GEMM throughput.
@@ -82,22 +83,31 @@ def ideal_backward_flops(model, variant, active, tokens, seq) -> float:
     return flops
 
 
-def _measure(model, opt, ids, repeats):
-    times = []
-    for _ in range(repeats + 1):
-        loss = model(input_ids=ids, labels=ids).loss
-        start = time.perf_counter()
-        loss.backward()
-        times.append(time.perf_counter() - start)
-        opt.zero_grad()
-    del loss
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-
-    peak = trace_allocations(step).peak_bytes
+def _backward_time(model, opt, ids) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    start = time.perf_counter()
+    loss.backward()
+    elapsed = time.perf_counter() - start
     opt.zero_grad()
-    return statistics.median(times[1:]), peak
+    return elapsed
+
+
+def _peak(model, opt, ids) -> int:
+    peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
+    opt.zero_grad()
+    return peak
+
+
+def _measure_pair(engine, reference, ids, repeats):
+    """Median backward times of both, measured alternately (so drift of the machine hits both alike), after one
+    warm-up each; then each one's peak memory over forward + backward."""
+    times = ([], [])
+    for i in range(repeats + 1):
+        for side, (model, opt) in enumerate((engine, reference)):
+            elapsed = _backward_time(model, opt, ids)
+            if i:
+                times[side].append(elapsed)
+    return (statistics.median(times[0]), statistics.median(times[1]), _peak(*engine, ids), _peak(*reference, ids))
 
 
 def run(positions=(1, 4, 6), variants=tuple(VARIANTS), batch=4, seq=256, dtype=torch.float32, repeats=3,
@@ -121,8 +131,9 @@ def run(positions=(1, 4, 6), variants=tuple(VARIANTS), batch=4, seq=256, dtype=t
                     reference.activation_checkpointing_enable({"use_reentrant": False})
                 else:
                     reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            t_engine, m_engine = _measure(engine, _optimizer(engine, variant, active), ids, repeats)
-            t_ref, m_ref = _measure(reference, _optimizer(reference, variant, active), ids, repeats)
+            t_engine, t_ref, m_engine, m_ref = _measure_pair((engine, _optimizer(engine, variant, active)),
+                                                             (reference, _optimizer(reference, variant, active)),
+                                                             ids, repeats)
             ideal = ideal_backward_flops(base, variant, active, batch * seq, seq) / throughput
             ratios.append((t_engine / t_ref, m_engine / m_ref, m_engine))
             print_fn(f"{variant:<20}{active:>7}{t_engine * 1e3:>11.0f}{t_ref * 1e3:>9.0f}{t_engine / t_ref:>12.3f}"

@@ -83,7 +83,8 @@ class FusedLinearFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.role = plan.role
         ctx.use = plan.register_use() if plan.role.updates_on_the_fly else None
-        ctx.save_for_backward(x, weight, bias)
+        needs_x = plan.role is Role.ACTIVE or plan.role.updates_on_the_fly  # dX needs only W
+        ctx.save_for_backward(x if needs_x else None, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod

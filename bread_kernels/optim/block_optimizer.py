@@ -12,8 +12,9 @@ parameters are, by ``sgd_mode``:
 
 On a model patched by :func:`bread_kernels.patch` the optimizer drives the engine by writing a plan at every switch:
 each Linear weight's :class:`~bread_kernels.Role` (the on-the-fly updates fused into the backward, no ``.grad``)
-and the cut (blocks below it run without autograd).  Parameters outside the fused Linears (norms, embeddings, a
-tied head) get the update from a post-accumulate-grad hook, as in the reference.  Without ``patch`` everything
+and the cut (blocks below it run without autograd); the input embedding's update touches only the rows of the
+batch's tokens.  Parameters outside the fused modules (norms, a tied embedding and head) get the update from a
+post-accumulate-grad hook, as in the reference.  Without ``patch`` everything
 goes through hooks (the reference's slow path) and a warning says so once.
 
 Deliberate differences from the reference ``block_optim.py`` (see the README):
@@ -209,8 +210,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         role_of = {id(p): roles[n] for n, p in self.named_parameters_list}
         fused: set[int] = set()
         if self.engine is not None:
-            for name, module in self.engine.linears:
-                module._bread_plan = self._linear_plan(name, module, role_of, fused)
+            for name, module in self.engine.fused_modules:
+                module._bread_plan = self._module_plan(name, module, role_of, fused)
         self._hook_roles = {}
         for name, p in self.named_parameters_list:
             role = roles[name]
@@ -243,9 +244,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         if self.log_fn is not None:
             self.log_fn({"block_optimizer/active_block": block_index, "block_optimizer/global_step": self.global_step})
 
-    def _linear_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
-        """The fused plan of one patched Linear, or None when its parameters must take the plain autograd path."""
-        weight, bias = module.weight, module.bias
+    def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
+        """The fused plan of one patched Linear or embedding, or None when its parameters must take the plain
+        autograd path."""
+        weight, bias = module.weight, getattr(module, "bias", None)
         params = [weight] + ([bias] if bias is not None else [])
         if any(id(p) not in role_of or id(p) in self.engine.shared_weights for p in params):
             return None

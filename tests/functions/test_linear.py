@@ -271,3 +271,17 @@ def test_unknown_rounding_and_role_names_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert WeightPlan("sgd", OnTheFlyUpdate(lr=0.1, rounding="nearest")).role is Role.SGD
+
+
+@pytest.mark.parametrize("role", list(Role), ids=lambda r: r.name)
+def test_only_roles_that_need_dw_save_the_input(role):
+    """dX needs only W: a FROZEN (or LORA base) weight's linear must not keep its input alive, like nn.Linear with a
+    frozen weight."""
+    weight, b, x, _ = make_inputs(torch.float32, "cpu", (3, 29), bias=True)
+    x.requires_grad_(True)
+    weight.requires_grad_(role is Role.ACTIVE)
+    update = OnTheFlyUpdate(lr=STEP) if role.updates_on_the_fly else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_linear(x, weight, b, WeightPlan(role, update))
+    assert any(t is x for t in saved) == (role in (Role.ACTIVE, Role.SGD, Role.SIGN))

@@ -64,7 +64,7 @@ def test_discovery_finds_each_architecture_structurally():
         assert (state.blocks_name, len(state.blocks)) == (name, n)
         assert state.embedding is not None and state.head is not None
     gpt2 = patched_state(bread_kernels.patch(BUILDERS["gpt2"]()))
-    assert any(type(m).__name__ == "Conv1D" for _, m in gpt2.linears)  # GPT-2's transposed-weight layers
+    assert any(type(m).__name__ == "Conv1D" for _, m in gpt2.fused_modules)  # GPT-2's transposed-weight layers
 
 
 def test_unsupported_model_gets_a_clear_error_and_blocks_argument_works():
@@ -140,3 +140,24 @@ def test_blocks_below_the_cut_store_no_activations():
 
     hidden_bytes = 2 * 13 * 64 * 4
     assert saved_bytes(0) - saved_bytes(3) == 3 * hidden_bytes  # exactly the three lower blocks' inputs
+
+
+def test_a_finished_block_backward_keeps_nothing_alive_while_the_graph_lives():
+    """After the backward, with the loss (and so the graph) still referenced, the only new live memory is the
+    active parameters' .grad: no recomputed input or its gradient stays reachable from a block's node."""
+    from bread_kernels.bench.memory import trace_allocations
+
+    model = bread_kernels.patch(BUILDERS["llama"](layers=6))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    active = list(model.model.layers[0].parameters())
+    for p in active:
+        p.requires_grad_(True)  # the backward streams through all six blocks
+    loss = loss_of(model, batch(0, shape=(4, 33)))
+    trace = trace_allocations(loss.backward)
+    grad_bytes = sum(p.numel() * p.element_size() for p in active)
+    hidden_bytes = 4 * 33 * 64 * 4
+    assert trace.retained_bytes <= grad_bytes + hidden_bytes // 2, (
+        f"{trace.retained_bytes - grad_bytes} B beyond the .grads stay alive after the backward "
+        f"(one block's hidden state is {hidden_bytes} B)")
+    del loss

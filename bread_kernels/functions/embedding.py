@@ -1,0 +1,97 @@
+"""The input embedding ``y = W[ids]`` with a backward that obeys the weight's :class:`~bread_kernels.plan.Role`.
+
+Shapes: ``ids`` [...] integer token ids, ``W`` [V, H] (fp32, bf16 or fp16), ``y`` [..., H].  With ``g = ∂L/∂y``
+flattened to [M, H] and the distinct ids ``u`` (R ≤ M of them, the padding id left out), the backward computes
+
+    G = Σ_{m: ids_m = u_r} g_m          [R, H] in fp32: the only rows of dW that are not zero
+    ACTIVE:  dW = scatter(G) [V, H]      returned to autograd (dense, like nn.Embedding), accumulating into .grad
+    SGD:     W[u] -= lr·s · G            rounded once to W's dtype (stochastically where the plan says so)
+    SIGN:    W[u] -= lr·s · sign(G)      the sign of the *summed* row gradient
+    FROZEN:  nothing
+
+so the on-the-fly roles use memory proportional to the tokens (G, and a gathered copy of the R rows), never a
+V×H dW.  The padding row gets no gradient, as in ``nn.Embedding``.  A non-finite ``g`` skips the update (W
+untouched) and is reported on the plan.  ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are not supported:
+:func:`fusable_embedding` says so and :func:`bread_kernels.patch` leaves such an embedding on plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backends import get_backend
+from ..plan import Role, WeightPlan
+from .linear import all_finite, backward_trigger
+
+__all__ = ["FusedEmbeddingFunction", "fused_embedding", "fusable_embedding", "row_gradients"]
+
+
+def fusable_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose backward this function reproduces exactly."""
+    return (isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+            and not module.sparse)
+
+
+def row_gradients(ids: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None):
+    """(rows, G): the distinct ids (padding left out) and their summed gradients, G [R, H] in fp32."""
+    hidden = grad_output.shape[-1]
+    rows, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    summed = torch.zeros(rows.numel(), hidden, dtype=torch.float32, device=grad_output.device)
+    summed.index_add_(0, inverse, grad_output.reshape(-1, hidden).float())
+    if padding_idx is not None:
+        keep = rows != padding_idx
+        rows, summed = rows[keep], summed[keep]
+    return rows, summed
+
+
+class FusedEmbeddingFunction(torch.autograd.Function):
+    """See the module docstring.  Inputs: ids, weight, padding_idx (or None), plan, trigger (or None)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, plan: WeightPlan, trigger):
+        ctx.plan, ctx.role, ctx.padding_idx = plan, plan.role, padding_idx
+        ctx.save_for_backward(ids, weight)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ids, weight = ctx.saved_tensors
+        if ctx.role in (Role.FROZEN, Role.LORA):
+            return None, None, None, None, None
+        rows, summed = row_gradients(ids, grad_output, ctx.padding_idx)
+        if ctx.role is Role.ACTIVE:
+            if not ctx.needs_input_grad[1]:
+                return None, None, None, None, None
+            grad_weight = torch.zeros_like(weight)
+            grad_weight.index_copy_(0, rows, summed.to(weight.dtype))
+            return None, grad_weight, None, None, None
+        if not all_finite(summed):
+            ctx.plan.report_skip("its gradient is not finite")
+            return None, None, None, None, None
+        update = ctx.plan.update
+        with torch.no_grad():
+            selected = weight.index_select(0, rows)
+            get_backend(weight.device).apply_update_(selected, summed, update.step_size(), ctx.role is Role.SIGN,
+                                                     update.rounding, update.next_seed())
+            weight.index_copy_(0, rows, selected)
+        return None, None, None, None, None
+
+
+def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, padding_idx: int | None = None):
+    """``W[ids]`` whose backward follows ``plan`` (see the module docstring)."""
+    if not isinstance(plan, WeightPlan):
+        raise TypeError(f"fused_embedding: plan must be a bread_kernels.WeightPlan, got {type(plan).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"fused_embedding: ids must be int32 or int64 token ids, got {ids.dtype}")
+    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"fused_embedding: weight must be a 2-D float32/bfloat16/float16 [vocab, hidden] table, got "
+                        f"{tuple(weight.shape)} {weight.dtype}")
+    if ids.device != weight.device:
+        raise ValueError(f"fused_embedding: ids are on {ids.device} but the weight is on {weight.device}")
+    plan.check()
+    trigger = None
+    if plan.role.updates_on_the_fly and torch.is_grad_enabled() and not weight.requires_grad:
+        trigger = backward_trigger()
+    return FusedEmbeddingFunction.apply(ids, weight, padding_idx, plan, trigger)
