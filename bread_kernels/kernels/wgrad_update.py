@@ -71,7 +71,9 @@ def _epilogue(w, grad, index, step, key1, key2, SIGN: tl.constexpr, STOCHASTIC: 
     return value
 
 
-@triton.jit
+# The per-call seeds and step are data, not shape: specialising on them (Triton specialises integers by value,
+# e.g. divisibility by 16) would recompile — and re-autotune — the kernel for fresh seeds.
+@triton.jit(do_not_specialize=["step", "key1", "key2"])
 def _wgrad_update_kernel(
     g_ptr, x_ptr, w_ptr,
     M, N, K,
@@ -111,7 +113,7 @@ def _wgrad_update_kernel(
     tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset", "step", "key1", "key2"])
 def _apply_update_kernel(
     p_ptr, grad_ptr, R, C, stride_pr, stride_pc, offset,
     step, key1, key2,
