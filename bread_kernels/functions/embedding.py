@@ -58,12 +58,10 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         ids, weight = ctx.saved_tensors
-        if ctx.role in (Role.FROZEN, Role.LORA):
+        if ctx.role in (Role.FROZEN, Role.LORA) or (ctx.role is Role.ACTIVE and not ctx.needs_input_grad[1]):
             return None, None, None, None, None
         rows, summed = row_gradients(ids, grad_output, ctx.padding_idx)
         if ctx.role is Role.ACTIVE:
-            if not ctx.needs_input_grad[1]:
-                return None, None, None, None, None
             grad_weight = torch.zeros_like(weight)
             grad_weight.index_copy_(0, rows, summed.to(weight.dtype))
             return None, grad_weight, None, None, None
