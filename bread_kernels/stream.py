@@ -120,7 +120,8 @@ def block_has_work(block: nn.Module) -> bool:
     return any(p.requires_grad for p in block.parameters())
 
 
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+# the KV cache's names across transformers versions (5.24 renamed ``past_key_values`` to ``cache``)
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def streamed_block_forward(block: nn.Module, original: Callable, config: StreamConfig, index: int,
@@ -144,10 +145,12 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     hidden = arguments[hidden_name]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
-    # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too)
-    for name in _CACHE_ARGUMENTS:
-        if arguments.get(name) is not None:
-            arguments[name] = None
+    # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
+    # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it
+    if not getattr(block, "_can_checkpoint_with_cache", False):
+        for name in _CACHE_ARGUMENTS:
+            if arguments.get(name) is not None:
+                arguments[name] = None
     if arguments.get("use_cache"):
         arguments["use_cache"] = False
     for name, value in arguments.items():

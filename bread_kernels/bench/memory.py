@@ -17,7 +17,7 @@ import torch
 @dataclass
 class AllocationTrace:
     peak_bytes: int  #: the most bytes live at once, counting only what ``fn`` allocated
-    largest_bytes: int  #: the largest single allocation (CPU only; on CUDA equal to peak_bytes' upper bound)
+    largest_bytes: int  #: the largest single allocation (CPU only; -1 on CUDA, where only the peak is known)
     allocations: int  #: number of allocations
     retained_bytes: int = -1  #: bytes ``fn`` allocated and did not free (CPU only; -1 on CUDA)
 
@@ -31,7 +31,7 @@ def trace_allocations(fn: Callable[[], object], device: str | torch.device = "cp
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - start
-        return AllocationTrace(peak_bytes=peak, largest_bytes=peak, allocations=-1)
+        return AllocationTrace(peak_bytes=peak, largest_bytes=-1, allocations=-1)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

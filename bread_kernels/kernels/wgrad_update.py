@@ -12,8 +12,9 @@ ever exists outside registers.  ``round`` is nearest-even or stochastic with the
 same fp32 dW).  ``apply_update_`` is the same epilogue over a given fp32 gradient (biases, tests).
 
 Like Liger-Kernel's ops: kernels first, then launch functions that flatten to 2-D.  Program offsets are int64.
-Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned with
-``restore_value`` so tuning runs never apply the update more than once.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned on the
+first call for each shape with launches that do not store (``store=0``), so tuning never applies the update and
+allocates nothing (no W clone, no L2-flush buffer).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..backends.epilogue import ROUNDING_CODES, rng_keys
 from ..plan import Rounding
@@ -44,11 +46,16 @@ def _lowbias32(x):
 
 @triton.jit
 def _epilogue(w, grad, index, step, key1, key2, SIGN: tl.constexpr, STOCHASTIC: tl.constexpr,
-              DTYPE_CODE: tl.constexpr):
+              DTYPE_CODE: tl.constexpr, EXACT_MUL: tl.constexpr):
     """w (any float dtype), grad fp32, index int64 logical element index -> new w in fp32, ready to store."""
     if SIGN:
         grad = tl.where(grad > 0, 1.0, tl.where(grad < 0, -1.0, 0.0))
-    value = w.to(tl.float32) - grad * step
+    if EXACT_MUL:
+        # GPU: the compiler would contract `w - grad * step` into one FMA (one rounding instead of two), so fp32
+        # results would differ from the CPU backends' in the last bit; mul.rn is never contracted.
+        value = w.to(tl.float32) - libdevice.mul_rn(grad, step)
+    else:  # the interpreter runs numpy: two roundings already
+        value = w.to(tl.float32) - grad * step
     if not STOCHASTIC and DTYPE_CODE == 1:
         # round-to-nearest-even to bf16 on the bit pattern (the interpreter's cast truncates instead)
         pattern = value.to(tl.uint32, bitcast=True)
@@ -73,12 +80,12 @@ def _epilogue(w, grad, index, step, key1, key2, SIGN: tl.constexpr, STOCHASTIC: 
 
 # The per-call seeds and step are data, not shape: specialising on them (Triton specialises integers by value,
 # e.g. divisibility by 16) would recompile — and re-autotune — the kernel for fresh seeds.
-@triton.jit(do_not_specialize=["step", "key1", "key2"])
+@triton.jit(do_not_specialize=["step", "key1", "key2", "store"])
 def _wgrad_update_kernel(
     g_ptr, x_ptr, w_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
-    step, key1, key2,
+    step, key1, key2, store,
     SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -109,15 +116,18 @@ def _wgrad_update_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w = tl.load(w_ptrs, mask=mask, other=0.0)
     index = offs_n[:, None] * K + offs_k[None, :]
-    value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE)
-    tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
+    value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, not UPCAST)
+    if UPCAST:  # the interpreter (never autotuned) always stores
+        tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
+    else:  # store == 0: the autotuner's timing launches, which must leave W untouched (see wgrad_update_)
+        tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask & (store != 0))
 
 
 @triton.jit(do_not_specialize=["offset", "step", "key1", "key2"])
 def _apply_update_kernel(
     p_ptr, grad_ptr, R, C, stride_pr, stride_pc, offset,
     step, key1, key2,
-    SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr,
+    SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, EXACT_MUL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -127,7 +137,7 @@ def _apply_update_kernel(
     grad = tl.load(grad_ptr + index, mask=mask, other=0.0).to(tl.float32)
     p_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
     w = tl.load(p_ptrs, mask=mask, other=0.0)
-    value = _epilogue(w, grad, index + offset, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE)
+    value = _epilogue(w, grad, index + offset, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, EXACT_MUL)
     tl.store(p_ptrs, value.to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -141,10 +151,31 @@ _GPU_CONFIGS = [
         (128, 128, 64, 8, 3),
     ]
 ]
-# Tuning runs the kernel several times on the same W: restore_value puts W back before the real launch.
-_wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], restore_value=["w_ptr"])(
+
+
+def _time_in_place(kernel_call, quantiles):
+    """The autotuner's timer: CUDA events, no cache-flush buffer.  Triton's default ``do_bench`` allocates a
+    256 MiB buffer to flush L2, and ``restore_value`` would clone W: both on the first backward of every new
+    shape, inside a training step's memory budget.  Timing launches pass ``store=0`` instead, so W is read but
+    never written and nothing needs restoring."""
+    kernel_call()  # compiles
+    kernel_call()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        kernel_call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
+_wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], do_bench=_time_in_place)(
     _wgrad_update_kernel
 )
+_tuned: set = set()
 _INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_M": 16}
 
 
@@ -181,10 +212,15 @@ def wgrad_update_(
     if interpret:
         blocks = _INTERPRET_BLOCKS
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))
-        _wgrad_update_kernel[grid](*args, **flags, **blocks)
+        _wgrad_update_kernel[grid](*args, 1, **flags, **blocks)
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
-        _wgrad_update_tuned[grid](*args, **flags)
+        # the autotuner's key: N, K and every tensor argument's dtype
+        key = (N, K, grad_output.dtype, input.dtype, weight.dtype, weight.device.index)
+        if key not in _tuned:  # first launch of this shape: tune (and run the winner) without storing
+            _wgrad_update_tuned[grid](*args, 0, **flags)
+            _tuned.add(key)
+        _wgrad_update_tuned[grid](*args, 1, **flags)
 
 
 def apply_update_(
@@ -207,5 +243,6 @@ def apply_update_(
     _apply_update_kernel[grid](
         p2, grad.contiguous(), R, C, p2.stride(0), p2.stride(1), int(offset),
         float(step), key1, key2,
-        SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, BLOCK_R=block_r, BLOCK_C=block_c,
+        SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code,
+        EXACT_MUL=not (_INTERPRET or param.device.type != "cuda"), BLOCK_R=block_r, BLOCK_C=block_c,
     )

@@ -11,7 +11,7 @@ import torch
 
 from bread_kernels import OnTheFlyUpdate, Role, Rounding, WeightPlan, fused_linear
 from bread_kernels.bench.memory import trace_allocations
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, backends_for
 
 N_OUT, N_IN, TOKENS = 1024, 384, 8
 
@@ -33,7 +33,8 @@ def backward_trace(dtype, role, rounding=Rounding.AUTO):
 @pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=lambda r: r.name)
 def test_no_dw_sized_buffer_and_at_most_an_eighth_of_dw(backend, dtype, role):
     trace, dw_bytes, slack = backward_trace(dtype, role)
-    assert trace.largest_bytes <= dw_bytes // 8, f"an allocation of {trace.largest_bytes} B (dW is {dw_bytes} B)"
+    if trace.largest_bytes >= 0:  # known on CPU only
+        assert trace.largest_bytes <= dw_bytes // 8, f"an allocation of {trace.largest_bytes} B (dW is {dw_bytes} B)"
     assert trace.peak_bytes <= dw_bytes // 8 + slack, f"peak {trace.peak_bytes} B (dW is {dw_bytes} B)"
 
 
@@ -45,7 +46,7 @@ def test_sgd_with_nearest_rounding_allocates_nothing_weight_sized(backend):
 @pytest.mark.parametrize("chunk_bytes", [16 << 10, 64 << 10])
 def test_extra_memory_follows_the_configured_chunk(monkeypatch, chunk_bytes):
     monkeypatch.setenv("BREAD_CHUNK_BYTES", str(chunk_bytes))
-    for name in ("native", "torch"):
+    for name in [b for b in backends_for(DEVICE) if b != "triton"]:  # the chunked (BLAS + epilogue) backends
         monkeypatch.setenv("BREAD_BACKEND", name)
         trace, _, slack = backward_trace(torch.bfloat16, Role.SIGN)
         assert trace.peak_bytes <= chunk_bytes + slack, f"{name}: peak {trace.peak_bytes} B for a {chunk_bytes} B chunk"

@@ -93,14 +93,14 @@ def test_non_finite_gradient_skips_the_update(backend, device):
 
 
 @pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=lambda r: r.name)
-def test_no_vocab_sized_buffer(backend, role):
+def test_no_vocab_sized_buffer(backend, device, role):
     """The update's memory scales with the tokens (distinct rows), not with the vocabulary."""
     vocab, hidden, tokens = 8192, 64, 40
-    weight = torch.randn(vocab, hidden)
-    ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0))
-    g = torch.randn(tokens, hidden)
+    weight = torch.randn(vocab, hidden).to(device)
+    ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0)).to(device)
+    g = torch.randn(tokens, hidden).to(device)
     y = fused_embedding(ids, weight, WeightPlan(role, OnTheFlyUpdate(lr=1e-3)))
-    trace = trace_allocations(lambda: y.backward(g))
+    trace = trace_allocations(lambda: y.backward(g), device)
     table_bytes = vocab * hidden * 4
     assert trace.peak_bytes <= 8 * tokens * hidden * 4 + 16 * tokens * 8, (
         f"peak {trace.peak_bytes} B for {tokens} tokens (the table is {table_bytes} B)")
