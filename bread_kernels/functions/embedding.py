@@ -65,6 +65,11 @@ class FusedEmbeddingFunction(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight)
             grad_weight.index_copy_(0, rows, summed.to(weight.dtype))
             return None, grad_weight, None, None, None
+        if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 partitioned table: update its shard
+            from ..integrations.deepspeed import partitioned_embedding_update
+
+            partitioned_embedding_update(ctx.plan, ctx.role, weight, rows, summed)
+            return None, None, None, None, None
         if not all_finite(summed):
             ctx.plan.report_skip("its gradient is not finite")
             return None, None, None, None, None

@@ -1,0 +1,281 @@
+"""On-the-fly SGD/SIGN updates of a parameter that is sharded flat across the ranks of a process group.
+
+Nothing here knows DeepSpeed: a :class:`ShardLayout` says how the parameter is cut (ZeRO-3's layout, built by
+:mod:`bread_kernels.integrations.deepspeed`), and the functions take this rank's 1-D shard.
+
+Layout.  The full parameter has ``n`` elements, flattened row-major.  With ``w`` ranks in the group and
+``P = ceil(n / w)``, rank ``r`` owns ``flat[r·P : r·P + valid_r]`` with ``valid_r = clamp(n − r·P, 0, P)``; its shard
+tensor has ``P`` elements and the tail past ``valid_r`` is padding with undefined contents (never read, never
+written here).
+
+Dense gradients (a Linear's dW, a bias, a norm weight): :func:`reduce_scatter_update_`.  With ``G_r`` the local
+gradient of rank ``r`` (any 1/GAS factor already inside it) and ``d`` the divisor (``w`` times the loss scale),
+
+    Ḡ = (Σ_r G_r) / d                                             the data-parallel average, unscaled
+    shard[:valid] ← round(shard[:valid] − step · f(Ḡ[own range]))   f = identity (SGD) or sign (SIGN), in fp32
+
+The sum is a ``reduce_scatter`` in fp32, done in chunks aligned with the ranks' ranges: chunk ``j`` reduces the
+elements ``[r·P + j·S, r·P + (j+1)·S)`` of every rank ``r`` at once, so each rank receives exactly its next ``S``
+elements.  Only one chunk of the local gradient exists at a time (``fill`` computes it on demand: for a Linear,
+the rows of dW = gᵀx that cover the chunk).  Peak extra memory for one parameter, in elements:
+``w·(S+1)`` (fp32 send buffer) + ``S+1`` (fp32 receive buffer) + ``S + 2K`` (one GEMM block of dW rows, in the
+weight's dtype; K = columns) + the update epilogue's temporaries on ``S`` elements.  ``S`` comes from the chunk
+budget (:func:`chunk_elements`).
+
+Non-finite gradients.  Each rank appends a flag (1 if its local gradient or input is not finite) to every rank's
+piece of the first chunk; the reduce-scatter sums the flags, so every rank learns in the same collective whether
+any rank saw a non-finite value, and all of them skip the update together (no extra collective, no hang).
+
+Row-sparse gradients (the input embedding): :func:`allgather_rows_update_`.  Each rank has the summed fp32 rows
+``G_r`` [R_r, H] of its distinct token ids.  The ranks all-gather (ids, rows) — memory and traffic proportional to
+the tokens, never to the vocabulary — sum the rows of equal ids, divide by ``d`` and update the part of those
+rows that lies in their own range.  Every rank then holds the same summed rows, so the finiteness check agrees
+without a flag.
+
+Stochastic rounding draws its bits from ``(seed, logical element index)`` exactly as a single-process update of
+the whole tensor would, so the shards of all ranks together equal the single-process result bit for bit (given
+the same averaged gradient).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..backends import get_backend
+from ..plan import Rounding
+
+__all__ = ["ShardLayout", "CommStats", "comm_stats", "chunk_elements", "reduce_scatter_update_",
+           "allgather_rows_update_", "linear_grad_fill", "dense_grad_fill", "all_gather_shards"]
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+CHUNK_ENV = "BREAD_ZERO_CHUNK_BYTES"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one parameter is sharded: ``numel`` elements over ``world`` ranks, ``shard_numel`` (P) each."""
+
+    group: object  # a torch.distributed ProcessGroup (None: the default group)
+    world: int
+    rank: int  # this rank's position in ``group`` (not the global rank)
+    numel: int  # n: elements of the full parameter
+    shard_numel: int  # P: elements of every rank's shard, padding included
+
+    def __post_init__(self):
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"ShardLayout: rank {self.rank} is not in a group of {self.world}")
+        if self.shard_numel * self.world < self.numel:
+            raise ValueError(f"ShardLayout: {self.world} shards of {self.shard_numel} cannot hold {self.numel} elements")
+
+    @property
+    def start(self) -> int:
+        """Flat index of this rank's first element in the full parameter."""
+        return self.rank * self.shard_numel
+
+    @property
+    def valid(self) -> int:
+        """Elements of this rank's shard that are real (the rest is padding)."""
+        return self.valid_of(self.rank)
+
+    def valid_of(self, rank: int) -> int:
+        return max(0, min(self.shard_numel, self.numel - rank * self.shard_numel))
+
+
+@dataclass
+class CommStats:
+    """Collectives issued by this module: calls and bytes handed to the collective (input side), by op name."""
+
+    calls: dict = field(default_factory=dict)
+    bytes: dict = field(default_factory=dict)
+    enabled: bool = True
+
+    def record(self, op: str, nbytes: int) -> None:
+        if self.enabled:
+            self.calls[op] = self.calls.get(op, 0) + 1
+            self.bytes[op] = self.bytes.get(op, 0) + int(nbytes)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+
+comm_stats = CommStats()
+
+
+def chunk_elements(world: int, shard_numel: int, budget_bytes: int | None = None) -> int:
+    """S: elements per rank and per collective, so the fp32 send buffer ``w·(S+1)·4`` stays within the budget
+    (``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB); at least 1, at most P."""
+    if budget_bytes is None:
+        budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
+    if budget_bytes <= 0:
+        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
+    return max(1, min(shard_numel, budget_bytes // (4 * world) - 1))
+
+
+def dense_grad_fill(grad: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+    """``fill(start, stop, out)`` for a gradient that exists whole (a bias, a norm weight)."""
+    flat = grad.reshape(-1)
+
+    def fill(start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(flat[start:stop])
+
+    return fill
+
+
+def linear_grad_fill(g: torch.Tensor, x: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+    """``fill(start, stop, out)`` writing ``flatten(gᵀx)[start:stop]`` for g [M, N], x [M, K]: one GEMM over the
+    rows of dW that cover the range (at most ``stop − start + 2K − 2`` elements), never the whole dW."""
+    n_cols = x.shape[1]
+
+    def fill(start: int, stop: int, out: torch.Tensor) -> None:
+        r0, r1 = start // n_cols, -(-stop // n_cols)
+        if start % n_cols == 0 and stop % n_cols == 0 and g.dtype == out.dtype:
+            torch.mm(g[:, r0:r1].t(), x, out=out.view(r1 - r0, n_cols))
+            return
+        block = torch.mm(g[:, r0:r1].t(), x)
+        out.copy_(block.view(-1)[start - r0 * n_cols: stop - r0 * n_cols])
+
+    return fill
+
+
+# torch 2.13 renamed the tensor collectives (the old names warn); same signatures
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter(out: torch.Tensor, send: torch.Tensor, group) -> None:
+    comm_stats.record("reduce_scatter", send.numel() * send.element_size())
+    _REDUCE_SCATTER(out, send, op=dist.ReduceOp.SUM, group=group)
+
+
+def _all_gather(out: torch.Tensor, send: torch.Tensor, group) -> None:
+    comm_stats.record("all_gather", send.numel() * send.element_size())
+    _ALL_GATHER(out, send, group=group)
+
+
+@torch.no_grad()
+def reduce_scatter_update_(
+    shard: torch.Tensor,
+    layout: ShardLayout,
+    fill: Callable[[int, int, torch.Tensor], None],
+    *,
+    step: float,
+    sign: bool,
+    rounding: Rounding,
+    seed: int,
+    divisor: float,
+    locally_finite: bool,
+    budget_bytes: int | None = None,
+) -> bool:
+    """Average the ranks' dense gradients (produced chunk by chunk by ``fill``) and update this rank's shard.
+
+    Returns False, on every rank, and leaves every shard untouched if any rank's ``locally_finite`` is False.
+    """
+    w, P = layout.world, layout.shard_numel
+    device = shard.device
+    S = chunk_elements(w, P, budget_bytes)
+    send_flat = torch.empty(w * (S + 1), dtype=torch.float32, device=device)
+    recv = torch.empty(S + 1, dtype=torch.float32, device=device)
+    backend = get_backend(device)
+    flag = 0.0 if locally_finite else 1.0
+    for offset in range(0, P, S):
+        width = min(S, P - offset)
+        send = send_flat[: w * (width + 1)].view(w, width + 1)  # row r: rank r's piece, then the flag
+        for r in range(w):
+            start = r * P + offset
+            real = max(0, min(width, layout.numel - start))  # elements of this piece inside the parameter
+            if real:
+                fill(start, start + real, send[r, :real])
+            send[r, real:width].zero_()  # padding at the end of the parameter
+        send[:, width] = flag
+        _reduce_scatter(recv[: width + 1], send.view(-1), layout.group)
+        if offset == 0 and recv[width].item() > 0:
+            return False  # some rank's gradient was not finite: every rank skips, having seen the same flag sum
+        mine = max(0, min(width, layout.valid - offset))
+        if mine:
+            grad = recv[:mine].div_(divisor)
+            backend.apply_update_(shard[offset: offset + mine], grad, step, sign, rounding, seed,
+                                  offset=layout.start + offset)
+    return True
+
+
+@torch.no_grad()
+def allgather_rows_update_(
+    shard: torch.Tensor,
+    layout: ShardLayout,
+    rows: torch.Tensor,
+    summed: torch.Tensor,
+    *,
+    step: float,
+    sign: bool,
+    rounding: Rounding,
+    seed: int,
+    divisor: float,
+) -> bool:
+    """Row-sparse update of a [V, H] table sharded flat: ``rows`` [R] distinct ids, ``summed`` [R, H] fp32.
+
+    Returns False (every rank alike, nothing updated) if the averaged rows are not finite.  Random bits for
+    stochastic rounding are indexed like the single-process fused embedding's: element ``(k, c)`` of the sorted
+    union of ids has index ``k·H + c``.
+    """
+    w, device = layout.world, summed.device
+    hidden = summed.shape[1]
+    count = torch.tensor([rows.numel()], dtype=torch.int64, device=device)
+    counts = torch.empty(w, dtype=torch.int64, device=device)
+    _all_gather(counts, count, layout.group)
+    r_max = int(counts.max())
+    if r_max == 0:
+        return True
+    send = torch.zeros(r_max, hidden + 1, dtype=torch.float32, device=device)
+    ids = torch.full((r_max,), -1, dtype=torch.int32, device=device)
+    ids[: rows.numel()] = rows.to(torch.int32)
+    send[:, 0] = ids.view(torch.float32)  # the id's bits ride along in fp32 (an all-gather only moves bytes)
+    send[: rows.numel(), 1:] = summed
+    recv = torch.empty(w * r_max, hidden + 1, dtype=torch.float32, device=device)
+    _all_gather(recv.view(-1), send.view(-1), layout.group)
+    all_ids = recv[:, 0].contiguous().view(torch.int32).to(torch.int64)
+    keep = all_ids >= 0
+    union, inverse = torch.unique(all_ids[keep], return_inverse=True)
+    total = torch.zeros(union.numel(), hidden, dtype=torch.float32, device=device)
+    total.index_add_(0, inverse, recv[keep, 1:])
+    del recv, send
+    total.div_(divisor)
+    if not bool(torch.isfinite(total).all()):
+        return False
+    lo, hi = layout.start, layout.start + layout.valid
+    row_start = union * hidden
+    k_a = int(torch.searchsorted(row_start + hidden, torch.tensor(lo, device=device), right=True))
+    k_b = int(torch.searchsorted(row_start, torch.tensor(hi, device=device), right=False))
+    if k_a >= k_b:
+        return True
+    e_a = k_a * hidden + max(0, lo - int(row_start[k_a]))
+    e_b = (k_b - 1) * hidden + min(hidden, hi - int(row_start[k_b - 1]))
+    e = torch.arange(e_a, e_b, dtype=torch.int64, device=device)
+    position = union[e // hidden] * hidden + e % hidden - lo  # where element e of the union lives in the shard
+    values = shard.index_select(0, position)
+    get_backend(device).apply_update_(values, total.view(-1)[e_a:e_b], step, sign, rounding, seed, offset=e_a)
+    shard.index_copy_(0, position, values)
+    return True
+
+
+@torch.no_grad()
+def all_gather_shards(shards: list[torch.Tensor], layouts: list[ShardLayout], group) -> list[torch.Tensor]:
+    """The full flat tensors of several parameters sharded over the same group, in one all-gather."""
+    w = layouts[0].world
+    sizes = [lay.shard_numel for lay in layouts]
+    if len({s.dtype for s in shards}) != 1:
+        raise TypeError("all_gather_shards: the shards must share one dtype (gather each dtype separately)")
+    send = torch.cat([s[:p] for s, p in zip(shards, sizes)])
+    recv = torch.empty(w * send.numel(), dtype=send.dtype, device=send.device)
+    _all_gather(recv, send, group)
+    per_rank = recv.view(w, send.numel())
+    out, offset = [], 0
+    for lay, p in zip(layouts, sizes):
+        out.append(per_rank[:, offset: offset + p].reshape(-1)[: lay.numel])
+        offset += p
+    return out

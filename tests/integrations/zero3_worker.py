@@ -1,0 +1,176 @@
+"""One rank of the ZeRO-3 equivalence runs (launched by tests/integrations/test_zero3.py through torchrun).
+
+For each case: every rank builds the same seeded tiny Llama, keeps a deep copy for the single-process reference,
+patches the other, wraps it in ``ZeroBlockOptimizer`` + ``initialize`` (ZeRO-3, CPU accelerator, gloo) and trains
+``steps`` optimizer steps on its own slice of each micro-batch.  The reference (plain autograd, one process,
+``AccumulatingReference``) trains on the combined micro-batches (every rank's slice).  At the end each rank
+compares its own shard ``ds_tensor[:valid]`` of every parameter with the matching flat slice of the reference, the
+gathered copies of persistent parameters, the per-step mean loss, and records ``.grad`` left after each backward.
+Results go to ``<out>.rank<r>.json``.  ``--fault`` makes rank 1 raise inside the backward of step 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import transformers  # noqa: E402
+
+VOCAB, HIDDEN, INTER, LAYERS, SEQ, MICRO = 61, 40, 50, 3, 9, 2
+
+CASES = {
+    # name: (sgd_mode, sgd_use_sign, gradient_accumulation_steps, persistence_threshold, switch_mode, start_block,
+    #        base optimizer)
+    "badam": ("disabled", False, 1, 0, "ascending", 0, "adamw"),
+    "sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
+    "sgd_partial_gas2": ("partial", False, 2, 100, "ascending", 1, "adamw"),
+    "sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
+    "sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
+    "sgd_all_gas2_base_sgd": ("all", False, 2, 0, "ascending", 0, "sgd"),
+}
+OPTIMIZERS = {"adamw": (torch.optim.AdamW, dict(lr=1e-3, eps=1e-5, weight_decay=0.0)),
+              "sgd": (torch.optim.SGD, dict(lr=5e-2, momentum=0.9))}
+STEPS = 4  # switch_block_every=2: one switch after step 2 (the trace completes at the 2nd forward)
+SGD_LR, SCALING = 2e-2, 0.5
+
+
+def build_model(seed: int = 0):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32, tie_word_embeddings=False, bos_token_id=1,
+                                      eos_token_id=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    model.train()
+    return model
+
+
+def micro_batches(step: int, gas: int, world: int) -> list[torch.Tensor]:
+    """The combined [world·MICRO, SEQ] micro-batches of one step; rank r trains on rows r·MICRO:(r+1)·MICRO."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randint(0, VOCAB, (world * MICRO, SEQ), generator=gen) for _ in range(gas)]
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def ds_config(gas: int, persistence: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence,
+                              "reduce_bucket_size": 20000, "stage3_prefetch_bucket_size": 20000,
+                              "contiguous_gradients": True},
+        "steps_per_print": 10 ** 9,
+    }
+
+
+def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+    from bread_kernels.integrations.sharded_update import comm_stats
+    from tests.integrations.reference_accum import AccumulatingReference
+    from tests.optim.reference_bcd import block_prefixes
+
+    sgd_mode, sign, gas, persistence, switch_mode, start, base = CASES[name]
+    if os.environ.get("ZERO3_WORKER_NO_REFRESH"):  # shows that the persistent-parameter check can fail
+        bkds._mark_updated = lambda param: None
+    original = build_model()
+    ref_model = copy.deepcopy(original)
+    optimizer_cls, adam = OPTIMIZERS[base]
+    names = [n for n, _ in original.named_parameters()]
+    blocks = block_prefixes(names, [f"model.layers.{i}." for i in range(LAYERS)], "model.embed_tokens.")
+    bcd = dict(switch_block_every=2, switch_mode=switch_mode, start_block=start, sgd_mode=sgd_mode,
+               sgd_use_sign=sign, sgd_lr_scaling=SCALING)
+    reference = AccumulatingReference(ref_model, blocks, loss_fn=loss_of, optimizer_cls=optimizer_cls,
+                                      optimizer_kwargs=dict(adam), **bcd)
+    # the on-the-fly lr is the scheduled lr (the base lr here) times the scaling, as in the reference
+    ref_losses = [reference.step_accumulated(micro_batches(t, gas, world)) for t in range(STEPS)]
+    ref_params = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+
+    model = patch(original)
+    opt = bkds.ZeroBlockOptimizer(optimizer_cls(model.parameters(), **adam), list(model.named_parameters()),
+                                  verbose=0, **bcd)
+    engine = bkds.initialize(model, opt, config=ds_config(gas, persistence))
+    comm_stats.reset()
+    losses, grads_left, problems = [], [], []
+    history = {n: set() for n in names}
+    for t in range(STEPS):
+        for n, role in opt.roles.items():
+            history[n].add(role.name)
+        step_loss = 0.0
+        for i, ids in enumerate(micro_batches(t, gas, world)):
+            mine = ids[rank * MICRO:(rank + 1) * MICRO]
+            loss = engine(input_ids=mine, labels=mine).loss
+            if fault and rank == 1 and t == 1:
+                def boom(grad):
+                    raise RuntimeError("injected fault: rank 1 fails inside the backward")
+                loss.register_hook(boom)
+            engine.backward(loss)
+            grads_left += [f"step {t}: {n}" for n, p in model.named_parameters() if p.grad is not None]
+            step_loss += loss.item() / gas
+            engine.step()
+        mean = torch.tensor([step_loss])
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+        if t == 1:
+            problems = bkds.internals_problems(engine.engine, model.model.layers[0].self_attn.q_proj)
+
+    result = {"case": name, "losses": losses, "ref_losses": ref_losses, "grads_left": grads_left[:5],
+              "switches": engine.switches, "internals_problems": problems, "comm": dict(comm_stats.calls),
+              "params": {}}
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    initial = dict(build_model().named_parameters())
+    for pname, p in model.named_parameters():
+        layout = bkds.shard_layout(p)
+        ref = ref_params[pname].reshape(-1)[layout.start:layout.start + layout.valid]
+        mine = p.ds_tensor[:layout.valid].detach()
+        entry = {"diff": (mine - ref).abs().max().item() if layout.valid else 0.0,
+                 "scale": ref.abs().max().item() if layout.valid else 0.0,
+                 "moved": (ref_params[pname] - initial[pname]).abs().max().item(),
+                 "valid": layout.valid, "roles": sorted(history[pname])}
+        if p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE:
+            entry["persist_diff"] = (p.data.detach() - ref_params[pname]).abs().max().item()
+        result["params"][pname] = entry
+    engine.destroy()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--fault", action="store_true")
+    args = parser.parse_args()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    try:
+        for name in args.cases.split(","):
+            results.append(run_case(name, rank, world, args.fault))
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        with open(f"{args.out}.rank{rank}.json", "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
