@@ -5,6 +5,8 @@ BlockOptimizers-compatible driver) writes each step's plan; ``fused_linear`` is 
 """
 
 from .functions.linear import FusedLinearFunction, fused_linear
+from .functions.lora import FusedLoRALinearFunction, fused_lora_linear
+from .lora import init_bread_lora_, merge_and_unload
 from .optim import BlockOptimizer
 from .patch import patch, unpatch
 from .plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
@@ -21,5 +23,9 @@ __all__ = [
     "WeightPlan",
     "FusedLinearFunction",
     "fused_linear",
+    "FusedLoRALinearFunction",
+    "fused_lora_linear",
+    "init_bread_lora_",
+    "merge_and_unload",
     "__version__",
 ]

@@ -10,6 +10,10 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 * every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head: a forward through
   :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
   ``_bread_plan`` attribute) it computes exactly what the original forward does, with plain autograd.
+* every peft LoRA layer (``peft.tuners.lora.Linear``, over an ``nn.Linear`` or a ``Conv1D``): a forward through
+  :func:`~bread_kernels.functions.lora.fused_lora_linear` (its base layer and adapters are not patched on their
+  own).  One active adapter per layer; DoRA and the other peft variants, ``lora_bias`` and mixed-adapter batches
+  are refused with an error.  Without gradients (generation, evaluation) peft's own forward runs.
 * the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
   whose on-the-fly update touches only the rows of this batch's tokens.
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
@@ -29,6 +33,7 @@ from torch import nn
 
 from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.linear import fused_linear
+from .functions.lora import fused_lora_linear
 from .stream import StreamConfig, streamed_block_forward
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state"]
@@ -37,6 +42,11 @@ try:  # GPT-2 and friends store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
+
+try:
+    from peft.tuners.lora import Linear as LoraLinear
+except ImportError:  # peft is optional
+    LoraLinear = ()
 
 _STATE_ATTR = "_bread_patch"
 _PATCHED_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -112,8 +122,89 @@ def _embedding_forward(self, ids):
     return fused_embedding(ids, self.weight, plan, self.padding_idx)
 
 
+def _lora_forward(self, x, *args, **kwargs):
+    plan = self._bread_plan
+    if plan is None:
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own
+    adapter = _trained_adapter(self)  # refuses what the backward could not do, before any backward runs
+    if not torch.is_grad_enabled():  # evaluation, and a streamed block's first forward (recomputed in backward)
+        return type(self).forward(self, x, *args, **kwargs)
+    if args or kwargs:
+        raise TypeError(
+            f"bread_kernels: the patched LoRA layer {self._bread_name} was called with extra arguments "
+            f"({', '.join(kwargs) or len(args)}); in training it takes only the input (peft's mixed-adapter batches, "
+            "adapter_names=, are not supported by the fused backward)"
+        )
+    base = self.get_base_layer()
+    weight = base.weight.t() if Conv1D and isinstance(base, Conv1D) else base.weight
+    if adapter is None:  # adapters disabled, merged, or none active: the base layer alone
+        return fused_linear(x, weight, base.bias, plan)
+    lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    dropout = self.lora_dropout[adapter]
+    x_lora = None
+    if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not
+                                                                                         dropout.training))):
+        x_lora = dropout(x.to(lora_a.dtype))  # the mask lives in dropout's own autograd node
+    return fused_lora_linear(x, x_lora, weight, base.bias, lora_a, lora_b, self.scaling[adapter], plan)
+
+
+def _trained_adapter(module) -> str | None:
+    """The one active adapter of a peft LoRA layer, or None when the adapters do not contribute."""
+    if module.disable_adapters or module.merged:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) > 1:
+        raise ValueError(
+            f"bread_kernels: LoRA layer {module._bread_name} has {len(active)} active adapters {active}; the fused "
+            "backward trains one adapter per layer. Activate one with model.set_adapter(name), or merge the others "
+            "into the base weights first"
+        )
+    return active[0] if active else None
+
+
+def _check_lora_layer(name: str, module) -> None:
+    """Refuse, at patch time, the peft LoRA configurations the fused function does not compute."""
+    for adapter in module.lora_A:
+        if adapter in getattr(module, "lora_variant", {}):
+            raise NotImplementedError(
+                f"patch: LoRA layer {name} uses the peft variant {type(module.lora_variant[adapter]).__name__} "
+                f"(adapter {adapter!r}: DoRA, aLoRA, ...); bread_kernels fuses plain LoRA only. Use a LoraConfig "
+                "without use_dora and the other variant options, or train this model without patch()"
+            )
+        if module.lora_B[adapter].bias is not None:
+            raise NotImplementedError(
+                f"patch: LoRA layer {name} has a bias on lora_B (adapter {adapter!r}, LoraConfig(lora_bias=True)), "
+                "which the fused backward does not train; use lora_bias=False"
+            )
+    base = module.get_base_layer()
+    if not (type(base) is nn.Linear or (Conv1D and isinstance(base, Conv1D))):
+        raise NotImplementedError(
+            f"patch: LoRA layer {name} wraps a {type(base).__name__}; the fused backward supports LoRA over nn.Linear "
+            "and Conv1D (quantized base layers are not supported)"
+        )
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return bool(LoraLinear) and isinstance(module, LoraLinear)
+
+
 def _is_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (Conv1D and isinstance(module, Conv1D))
+
+
+def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """The LoRA layers and plain linears under ``root`` (a LoRA layer's base layer and adapters are part of it)."""
+    found, inside_lora = [], []
+    for name, module in root.named_modules(prefix=prefix):
+        if any(name.startswith(f"{lora}.") for lora in inside_lora):
+            continue
+        if _is_lora(module):
+            _check_lora_layer(name, module)
+            inside_lora.append(name)
+            found.append((name, module))
+        elif _is_linear(module):
+            found.append((name, module))
+    return found
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True) -> nn.Module:
@@ -157,18 +248,20 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
 
     targets: list[tuple[str, nn.Module, int | None]] = []
     for index, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if _is_linear(module):
-                targets.append((f"{blocks_name}.{index}.{name}", module, index))
-    if head is not None and _is_linear(head):
+        prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
+        targets += [(name, module, index) for name, module in _fusable_linears(block, prefix)]
+    if head is not None and (_is_linear(head) or _is_lora(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)
-        targets.append((head_name, head, None))
+        targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
 
     for name, module, index in targets:
         module._bread_plan = None
         module._bread_name = name
-        module.forward = types.MethodType(_conv1d_forward if Conv1D and isinstance(module, Conv1D) else _linear_forward,
-                                          module)
+        if _is_lora(module):
+            forward = _lora_forward
+        else:
+            forward = _conv1d_forward if Conv1D and isinstance(module, Conv1D) else _linear_forward
+        module.forward = types.MethodType(forward, module)
         state.fused_modules.append((name, module))
         if index is not None:
             state.block_of_linear[id(module)] = index

@@ -4,6 +4,7 @@ Every backend implements the same two methods (``W`` [N, K], ``g`` [M, N], ``x``
 
     update_weight_(W, g, x, step, sign, rounding, seed)       # W -= step · f(gᵀx), no dW tensor
     apply_update_(P, G, step, sign, rounding, seed, offset)   # P -= step · f(G), G fp32 (biases, chunks)
+    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)  # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.
 
@@ -35,6 +36,9 @@ class Backend(Protocol):
 
     def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
                       seed: int, offset: int = 0) -> None: ...
+
+    def lora_grads(self, grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
+                   scaling: float, need_a: bool, need_b: bool) -> tuple: ...
 
 
 _instances: dict[str, Backend] = {}

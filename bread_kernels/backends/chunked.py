@@ -19,6 +19,7 @@ import os
 import torch
 
 from ..plan import Rounding
+from .lora_gemm import lora_grads_gemm
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 
@@ -40,6 +41,9 @@ class ChunkedBackend:
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
         raise NotImplementedError
+
+    def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
+        return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
     def chunk_rows(self, weight: torch.Tensor, tokens: int) -> int:
         per_row = weight.shape[1] * (weight.element_size() + self.bytes_per_element)

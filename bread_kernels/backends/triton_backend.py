@@ -7,12 +7,20 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self):
-        from ..kernels import wgrad_update  # imports triton: only when this backend is chosen
+        from ..kernels import lora_grads, wgrad_update  # imports triton: only when this backend is chosen
 
         self._kernels = wgrad_update
+        self._lora = lora_grads
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed) -> None:
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed)
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset)
+
+    def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
+        if lora_b.shape[1] > self._lora.MAX_RANK:
+            from .lora_gemm import lora_grads_gemm
+
+            return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
+        return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)

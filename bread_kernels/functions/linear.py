@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
 
-__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger"]
+__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "start_weight_role",
+           "finish_weight_role"]
 
 _BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
 
@@ -80,32 +81,45 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan: WeightPlan, trigger):
-        ctx.plan = plan
-        ctx.role = plan.role
-        ctx.use = plan.register_use() if plan.role.updates_on_the_fly else None
-        needs_x = plan.role is Role.ACTIVE or plan.role.updates_on_the_fly  # dX needs only W
+        needs_x = start_weight_role(ctx, plan)
         ctx.save_for_backward(x if needs_x else None, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias = ctx.saved_tensors
-        n_out, n_in = weight.shape
-        grad_x = grad_weight = grad_bias = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_output @ weight  # before any update of W (design invariant 1)
-
-        g = grad_output.reshape(-1, n_out)
-        if ctx.role is Role.ACTIVE:
-            if ctx.needs_input_grad[1]:
-                grad_weight = g.t() @ x.reshape(-1, n_in)
-            if bias is not None and ctx.needs_input_grad[2]:
-                grad_bias = g.sum(0)
-        elif ctx.role.updates_on_the_fly:
-            pending = ctx.plan.finish_use(ctx.use, (g, x.reshape(-1, n_in)))
-            if pending is not None:
-                apply_on_the_fly_update(ctx.plan, ctx.role, weight, bias, pending)
+        g = grad_output.reshape(-1, weight.shape[0])
+        grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
+                                                    ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias, None, None
+
+
+def start_weight_role(ctx, plan: WeightPlan) -> bool:
+    """Forward half of a weight's Role (shared with the LoRA function): record the plan on ``ctx`` and register
+    this use of an on-the-fly weight.  Returns whether the backward needs the layer's input ``x``."""
+    ctx.plan = plan
+    ctx.role = plan.role
+    ctx.use = plan.register_use() if plan.role.updates_on_the_fly else None
+    return plan.role is Role.ACTIVE or plan.role.updates_on_the_fly  # dX needs only W
+
+
+def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_bias_grad: bool):
+    """Backward half: ``(dW, db)`` for ACTIVE (None where not needed), the fused update for SGD/SIGN (after the
+    last use's backward), nothing for FROZEN/LORA.  ``g`` is [M, N]; ``x`` [..., K] the saved input."""
+    grad_weight = grad_bias = None
+    if ctx.role is Role.ACTIVE:
+        if needs_weight_grad:
+            grad_weight = g.t() @ x.reshape(-1, weight.shape[1])
+        if bias is not None and needs_bias_grad:
+            grad_bias = g.sum(0)
+    elif ctx.role.updates_on_the_fly:
+        pending = ctx.plan.finish_use(ctx.use, (g, x.reshape(-1, weight.shape[1])))
+        if pending is not None:
+            apply_on_the_fly_update(ctx.plan, ctx.role, weight, bias, pending)
+    return grad_weight, grad_bias
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:

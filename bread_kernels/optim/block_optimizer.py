@@ -150,7 +150,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._skipped: list[tuple[str, str]] = []
         self.skipped_updates = 0
         self._no_decay = self._no_decay_names()
+        self._active_names: set[str] = set()
         for name, p in self.named_parameters_list:
+            # a hook needs requires_grad when it is registered (peft freezes the base weights); the roles set the
+            # real flags right below
+            p.requires_grad_(True)
             p.register_post_accumulate_grad_hook(self._make_hook(name))
         self._activate(self.order.current)
 
@@ -182,7 +186,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _roles_for(self, block_index: int) -> dict[str, Role]:
         prefixes = self.block_prefix_list[block_index] + self.active_modules
         active = {n for n in self.names if any(p in n for p in prefixes)}
-        lora = [n for n in self.names if "lora" in n]
+        lora = [n for n in self.names if is_adapter_name(n)]
         if lora:
             if self.lora_mode == "all":
                 active.update(lora)
@@ -201,6 +205,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             eligible = set(self.names[first:])
         else:
             eligible = set()
+        eligible.difference_update(lora)  # adapters follow lora_mode; the on-the-fly update is for base weights
         return {n: Role.ACTIVE if n in active else on_the_fly if n in eligible else Role.FROZEN for n in self.names}
 
     def _activate(self, block_index: int) -> None:
@@ -226,19 +231,29 @@ class BlockOptimizer(torch.optim.Optimizer):
         if self.engine is not None:
             self.engine.stream.cut = self._cut(roles)
 
+        # LoRA adapters that stay active keep their master copy and their base-optimizer state across the switch
+        # (they are trained across the whole run); everything else starts afresh, as in the reference
+        old_masters = {name: master for _, master, name in self.masters}
+        old_state = self.base_optimizer.state
+        state = defaultdict(dict)
         decay, no_decay, self.masters = [], [], []
         for name, p in self.named_parameters_list:
             if roles[name] is not Role.ACTIVE:
                 continue
+            keep = is_adapter_name(name) and name in self._active_names
             target = p
             if p.dtype != torch.float32:
-                target = p.detach().float().clone().requires_grad_(True)
+                target = old_masters[name] if keep and name in old_masters else \
+                    p.detach().float().clone().requires_grad_(True)
                 self.masters.append((p, target, name))
+            if keep and target in old_state:
+                state[target] = old_state[target]
             (no_decay if name in self._no_decay else decay).append(target)
+        self._active_names = {n for n, r in roles.items() if r is Role.ACTIVE}
         groups = [{"params": decay, **self.base_defaults, "weight_decay": self.weight_decay},
                   {"params": no_decay, **self.base_defaults, "weight_decay": 0.0}]
         self.base_optimizer.param_groups = [g for g in groups if g["params"]]
-        self.base_optimizer.state = defaultdict(dict)
+        self.base_optimizer.state = state
         if self.verbose >= 1 and _is_rank_zero():
             print(f"BlockOptimizer: training block {block_index}: {self.active_param_prefixs}")
         if self.log_fn is not None:
@@ -256,6 +271,9 @@ class BlockOptimizer(torch.optim.Optimizer):
             return None
         fused.update(id(p) for p in params)
         update = self.update if role.updates_on_the_fly else None
+        if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE
+                                       for p in _adapter_parameters(module)):
+            role = Role.LORA  # the base weight is frozen, its adapters train
         return WeightPlan(role, update, name=name, reporter=self._collect_skip)
 
     def _cut(self, roles: dict[str, Role]) -> int:
@@ -380,6 +398,17 @@ class BlockOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"BlockOptimizer(block {self.order.current}/{self.block_num}, switch_mode={self.switch_mode!r}, "
                 f"sgd_mode={self.sgd_mode!r}, base={type(self.base_optimizer).__name__})")
+
+
+def is_adapter_name(name: str) -> bool:
+    """A peft LoRA adapter parameter (``...q_proj.lora_A.default.weight``)."""
+    return ".lora_" in name or name.startswith("lora_")
+
+
+def _adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters of a peft LoRA layer (none for a plain linear)."""
+    return [p for attr in ("lora_A", "lora_B") if isinstance(getattr(module, attr, None), nn.ModuleDict)
+            for p in getattr(module, attr).parameters()]
 
 
 def _check_named_parameters(named_parameters_list) -> list[tuple[str, nn.Parameter]]:

@@ -80,3 +80,27 @@ def batches(n_steps: int, seed: int = 1234) -> list[torch.Tensor]:
 def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Causal-LM loss (Llama, GPT-2) or MLM loss on every position (BERT): labels are the ids themselves."""
     return model(input_ids=ids, labels=ids).loss
+
+
+PEFT_PREFIX = "base_model.model."  # what peft's get_peft_model puts in front of every parameter name
+
+
+def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, seed: int = 5, **config) -> torch.nn.Module:
+    """``model`` wrapped by peft's ``get_peft_model`` with LoRA on every linear of the blocks (the head excluded);
+    B is drawn at random instead of peft's zeros, so that the adapters change the forward and A gets a gradient
+    from the first step."""
+    import peft
+
+    targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
+    family = next(k for k in targets if k in type(model).__name__.lower())
+    torch.manual_seed(seed)
+    lora_config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets[family],
+                                  fan_in_fan_out=family == "gpt2", **config)
+    wrapped = peft.get_peft_model(model, lora_config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return wrapped

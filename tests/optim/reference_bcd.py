@@ -33,6 +33,11 @@ algorithm's update rules by hand:
   gradient taken at the pre-update weights".
   ``"partial"``: like ``"all"`` but only for inactive parameters that come *after* the first active parameter in
   ``named_parameters()`` order; earlier ones are frozen.
+  LoRA adapter parameters (peft's ``lora_A``/``lora_B``) never take the on-the-fly update.
+* **LoRA adapters** (BREAD), by ``lora_mode``: ``"all"``: every adapter is trained by the base optimizer every
+  step; ``"partial"``: the adapters from the first active parameter on (the active block's and those above it);
+  ``"adapter_only"``: only the active block's adapters, and the active block's base weights stay frozen.  An
+  adapter that is trained before and after a switch keeps its base-optimizer state (moments, step count).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class ReferenceBCD:
         sgd_lr_scaling: float = 1.0,
         sgd_use_sign: bool = False,
         lr_lambda: Callable[[int], float] | None = None,
+        lora_mode: str = "all",
     ):
         assert switch_mode in ("descending", "ascending", "random", "fixed"), switch_mode
         assert sgd_mode in ("disabled", "all", "partial"), sgd_mode
@@ -123,6 +129,8 @@ class ReferenceBCD:
         self.sgd_lr_scaling = sgd_lr_scaling
         self.sgd_use_sign = sgd_use_sign
         self.lr_lambda = lr_lambda
+        assert lora_mode in ("all", "partial", "adapter_only"), lora_mode
+        self.lora_mode = lora_mode
 
         self.params = dict(model.named_parameters())  # named_parameters order; a tied weight appears once
         self.names = list(self.params)
@@ -145,6 +153,7 @@ class ReferenceBCD:
             raise ValueError("switch_mode='fixed' needs start_block")
         self.block_history: list[int] = []
         self.roles: dict[str, str] = {}
+        self.base_optimizer = None
         self._new_base_optimizer()
 
     # -- block bookkeeping ---------------------------------------------------------------------------------------
@@ -155,7 +164,18 @@ class ReferenceBCD:
 
     def active_names(self) -> list[str]:
         prefixes = tuple(self.blocks[self.active_block]) + tuple(self.active_modules)
-        return [name for name in self.names if name.startswith(prefixes)]
+        in_block = [name for name in self.names if name.startswith(prefixes)]
+        adapters = [name for name in self.names if _is_adapter(name)]
+        if not adapters:
+            return in_block
+        first = min(self.names.index(name) for name in in_block)
+        if self.lora_mode == "all":
+            chosen = set(in_block) | set(adapters)
+        elif self.lora_mode == "partial":
+            chosen = set(in_block) | {name for name in adapters if self.names.index(name) >= first}
+        else:  # adapter_only
+            chosen = {name for name in in_block if _is_adapter(name)}
+        return [name for name in self.names if name in chosen]
 
     def role_of_each(self) -> dict[str, str]:
         active = set(self.active_names())
@@ -165,6 +185,8 @@ class ReferenceBCD:
         for i, name in enumerate(self.names):
             if name in active:
                 roles[name] = ADAM
+            elif _is_adapter(name):
+                roles[name] = FROZEN
             elif self.sgd_mode == "all" or (self.sgd_mode == "partial" and i > first_active):
                 roles[name] = on_the_fly
             else:
@@ -185,7 +207,13 @@ class ReferenceBCD:
                     master = p.detach().float().requires_grad_(True)
                     self.masters[p] = master
                     group["params"][i] = master
+        previous = self.base_optimizer
         self.base_optimizer = self.optimizer_cls(groups, lr=self.base_lr, **self.optimizer_kwargs)
+        if previous is not None:  # adapters trained on both sides of the switch keep their state
+            for name in active:
+                p = self.params[name]
+                if _is_adapter(name) and p in previous.state:
+                    self.base_optimizer.state[p] = previous.state[p]
 
     def _switch(self) -> None:
         if self.switch_mode == "descending":
@@ -246,3 +274,7 @@ class ReferenceBCD:
         if self.global_step % self.switch_block_every == 0:
             self._switch()
         return loss.item()
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_A." in name or "lora_B." in name

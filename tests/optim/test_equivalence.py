@@ -66,6 +66,7 @@ class Case:
     rtol: float = RTOL
     atol: float = ATOL
     adam_outliers: float = 0.0  # low precision only: see mismatch()
+    lora: dict | None = None  # peft LoraConfig arguments: train a peft LoRA model (BREAD) instead of the plain one
 
 
 def mismatch(case: "Case", ref, eng, before, role) -> torch.Tensor:
@@ -100,13 +101,18 @@ def _describe(name, step, role, ref, eng, before, bad) -> str:
 def run_case(case: Case) -> None:
     tiny = models.BUILDERS[case.family](dtype=case.dtype)
     original = tiny.model
+    layer_prefixes, embedding_prefix = tiny.layer_prefixes, tiny.embedding_prefix
+    if case.lora is not None:
+        original = models.with_lora(original, **case.lora)
+        layer_prefixes = [models.PEFT_PREFIX + p for p in layer_prefixes]
+        embedding_prefix = models.PEFT_PREFIX + embedding_prefix
     model_a, model_b = copy.deepcopy(original), copy.deepcopy(original)
     data = models.batches(case.steps)
     opt_kwargs = dict(lr=case.lr, weight_decay=case.weight_decay, **case.optimizer_extra)
 
     # A: the reference
     names = [n for n, _ in original.named_parameters()]
-    blocks = block_prefixes(names, tiny.layer_prefixes, tiny.embedding_prefix, case.include_embedding,
+    blocks = block_prefixes(names, layer_prefixes, embedding_prefix, case.include_embedding,
                             case.include_lm_head, case.n_layer_per_block)
     torch.manual_seed(case.seed)
     ref = ReferenceBCD(model_a, blocks, loss_fn=models.loss_of, optimizer_cls=case.optimizer_cls,

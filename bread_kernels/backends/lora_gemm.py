@@ -1,0 +1,24 @@
+"""The LoRA adapter gradients with plain GEMMs (the CPU backends, and the Triton backend's fallback above its
+kernel's maximum rank).
+
+With ``g`` [M, N], the adapter input ``x`` [M, K], ``u = x Aᵀ`` [M, r] from the forward and ``B`` [N, r]::
+
+    v = g B,   dB = s · gᵀ u,   dA = s · vᵀ x
+
+three GEMMs that share the two rank-r intermediates; nothing of size N×K or M×N is allocated.  Results are in
+``B``'s dtype (the adapters' dtype; ``g`` is cast to it first, as peft's forward casts the adapter input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lora_grads_gemm(grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float, need_a: bool, need_b: bool):
+    """``(v, dA, dB)``; ``dA``/``dB`` are None when not needed."""
+    g = grad_output.to(lora_b.dtype)
+    v = g @ lora_b
+    grad_b = torch.mm(g.t(), u.to(lora_b.dtype)).mul_(scaling) if need_b else None
+    grad_a = torch.mm(v.t(), input.to(lora_b.dtype)).mul_(scaling) if need_a else None
+    return v, grad_a, grad_b

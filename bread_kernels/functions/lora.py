@@ -1,0 +1,124 @@
+"""A peft LoRA linear ``y = x Wᵀ + b + s·(x̃ Aᵀ) Bᵀ`` whose backward computes the adapter gradients in one pass
+and obeys the base weight's :class:`~bread_kernels.plan.Role`.
+
+Shapes: ``x`` [..., K] (flattened to M tokens), base ``W`` [N, K] (GPT-2's ``Conv1D`` passes its [K, N] weight
+transposed), ``b`` [N] or None, ``A`` [r, K], ``B`` [N, r], ``s`` the adapter's scaling (``lora_alpha / r``, or
+``/ √r`` with rsLoRA).  ``x̃`` is the adapter's input: ``dropout(x)`` cast to the adapters' dtype, or ``x`` itself
+when the adapter has no dropout.  The forward computes exactly what peft's ``lora.Linear.forward`` does, in its
+order, and saves ``u = x̃ Aᵀ`` [M, r].  With ``g = ∂L/∂y`` [M, N] (cast to the adapters' dtype for their
+gradients, as peft's graph does):
+
+    v  = g B                          [M, r]   the shared intermediate
+    dB = s · gᵀ u                     [N, r]   into ``B.grad``
+    dA = s · vᵀ x̃                     [r, K]   into ``A.grad``
+    dX = g W  +  s · v A              [M, K]   from W *before* any update; the second term goes to ``x̃``'s own
+                                               autograd (dropout's mask) when x̃ is not x
+    base W by Role: ACTIVE -> dW = gᵀx, db = Σg;  SGD/SIGN -> the fused update;  FROZEN/LORA -> nothing
+
+``v``, ``dA`` and ``dB`` come from the backend's ``lora_grads`` (on a GPU one Triton kernel that reads ``g`` and
+``x̃`` once; on a CPU three GEMMs), so no N×K tensor exists for a frozen base weight.  Dropout is exact: the mask
+belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
+forward's RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import get_backend
+from ..plan import WeightPlan
+from .linear import backward_trigger, check_linear_inputs, finish_weight_role, start_weight_role
+
+__all__ = ["FusedLoRALinearFunction", "fused_lora_linear", "check_lora_inputs"]
+
+
+def check_lora_inputs(x, weight, lora_a, lora_b, scaling) -> None:
+    """Raise a clear error for adapter shapes/dtypes the fused LoRA function cannot serve."""
+    for what, t in (("lora_A", lora_a), ("lora_B", lora_b)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"fused_lora_linear: {what} weight must be a 2-D tensor")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"fused_lora_linear: {what} has dtype {t.dtype}; use float32, bfloat16 or float16")
+        if t.device != x.device:
+            raise ValueError(f"fused_lora_linear: {what} is on {t.device} but the input is on {x.device}")
+    n_out, n_in = weight.shape
+    rank = lora_a.shape[0]
+    if tuple(lora_a.shape) != (rank, n_in) or tuple(lora_b.shape) != (n_out, rank):
+        raise ValueError(
+            f"fused_lora_linear: adapter shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not fit the base "
+            f"weight [out={n_out}, in={n_in}]; expected A [r, {n_in}] and B [{n_out}, r]"
+        )
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"fused_lora_linear: lora_A is {lora_a.dtype} but lora_B is {lora_b.dtype}; use one dtype")
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"fused_lora_linear: scaling must be a finite number, got {scaling!r}")
+
+
+class FusedLoRALinearFunction(torch.autograd.Function):
+    """See the module docstring.  Inputs: x, x_lora (None: x), weight, bias, lora_a, lora_b, scaling, plan,
+    trigger."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, plan: WeightPlan, trigger):
+        needs_x = start_weight_role(ctx, plan)
+        ctx.scaling = scaling
+        ctx.separate_lora_input = x_lora is not None
+        adapter_input = x_lora if x_lora is not None else x.to(lora_a.dtype)
+        result = F.linear(x, weight, bias)
+        u = F.linear(adapter_input, lora_a)
+        output = (result + F.linear(u, lora_b) * scaling).to(result.dtype)  # peft's order of operations
+        keep_x = needs_x or x_lora is None  # x is also the adapter input when there is no dropout
+        ctx.save_for_backward(x if keep_x else None, x_lora, weight, bias, lora_a, lora_b, u)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, x_lora, weight, bias, lora_a, lora_b, u = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        n_out, n_in = weight.shape
+        rank = lora_a.shape[0]
+        g = grad_output.reshape(-1, n_out)
+        adapter_input = (x_lora if x_lora is not None else x).reshape(-1, n_in)
+        need_a, need_b = needs[4], needs[5]
+        need_lora_dx = needs[1] if ctx.separate_lora_input else needs[0]
+
+        grad_a = grad_b = lora_dx = None
+        if need_a or need_b or need_lora_dx:
+            v, grad_a, grad_b = get_backend(g.device).lora_grads(g, adapter_input, u.reshape(-1, rank), lora_b,
+                                                                 ctx.scaling, need_a, need_b)
+            if need_lora_dx:
+                lora_dx = torch.mm(v.to(lora_a.dtype), lora_a).mul_(ctx.scaling)  # s · v A, in the adapters' dtype
+
+        grad_x = grad_x_lora = None
+        if needs[0]:
+            grad_x = grad_output @ weight  # before any update of W (design invariant 1)
+            if lora_dx is not None and not ctx.separate_lora_input:
+                grad_x.view(-1, n_in).add_(lora_dx.to(grad_x.dtype))
+        if ctx.separate_lora_input and lora_dx is not None:
+            grad_x_lora = lora_dx.view(x_lora.shape)
+
+        grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, needs[2], needs[3])
+        if grad_a is not None:
+            grad_a = grad_a.to(lora_a.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(lora_b.dtype)
+        return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None
+
+
+def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: WeightPlan) -> torch.Tensor:
+    """``x Wᵀ + b + scaling·(x̃ Aᵀ) Bᵀ`` (x̃ = ``x_lora``, or ``x`` when None) whose backward follows ``plan``
+    for the base weight and gives A and B their gradients (see the module docstring)."""
+    check_linear_inputs(x, weight, bias, plan)
+    check_lora_inputs(x, weight, lora_a, lora_b, scaling)
+    if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != lora_a.dtype):
+        raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
+                         f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")
+    trigger = None
+    if plan.role.updates_on_the_fly and torch.is_grad_enabled() and not any(
+            t is not None and t.requires_grad for t in (x, x_lora, weight, bias, lora_a, lora_b)):
+        trigger = backward_trigger()
+    return FusedLoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, float(scaling), plan, trigger)

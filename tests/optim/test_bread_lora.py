@@ -1,0 +1,177 @@
+"""BREAD (peft LoRA corrections) through patch + BlockOptimizer against the plain-autograd reference on peft's model.
+
+The reference (:class:`~tests.optim.reference_bcd.ReferenceBCD` with ``lora_mode``) trains an unpatched copy of
+the same peft model with ordinary autograd: peft's own LoRA forward/backward.  Adam runs with ``eps=1e-3`` here:
+the fused adapter gradients sum the same products as peft's in a different order, and Adam turns a rounding
+difference δ in a near-zero gradient into an update difference of up to lr·δ/(4·eps) (see ``ADAM_EPS`` in
+test_equivalence); with eps=1e-3 that stays far below the 1e-5 relative tolerance, while the function-level tests
+(tests/functions/test_lora.py) compare every gradient of A and B with peft's directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+
+import bread_kernels
+from bread_kernels.functions import linear as linear_module
+from bread_kernels.functions import lora as lora_module
+from bread_kernels.patch import patched_state
+
+from . import models
+from .test_equivalence import SCALING, Case, run_case
+
+LORA_EPS = dict(eps=1e-3)
+
+
+def bread_case(family="llama", r=8, dropout=0.0, lora_mode="all", sgd_mode="disabled", sign=False, steps=7, **kw):
+    return Case(family, steps=steps, optimizer_extra=LORA_EPS, lora=dict(r=r, lora_dropout=dropout),
+                bcd=dict(switch_block_every=2, switch_mode="descending", lora_mode=lora_mode, sgd_mode=sgd_mode,
+                         sgd_use_sign=sign, sgd_lr_scaling=SCALING), **kw)
+
+
+@pytest.mark.parametrize("lora_mode", ["all", "partial"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["nodrop", "dropout"])
+def test_bread_and_bread_partial_match_the_reference(lora_mode, dropout):
+    run_case(bread_case(dropout=dropout, lora_mode=lora_mode))
+
+
+@pytest.mark.parametrize("r", [1, 64])
+def test_ranks(r):
+    run_case(bread_case(r=r, steps=5))
+
+
+def test_adapter_only():
+    run_case(bread_case(lora_mode="adapter_only", steps=5))
+
+
+@pytest.mark.parametrize("sgd_mode,sign,lora_mode", [("all", False, "all"), ("partial", True, "partial")],
+                         ids=["sgd-all+bread", "sign-partial+bread-partial"])
+def test_on_the_fly_sgd_together_with_lora(sgd_mode, sign, lora_mode):
+    """Both corrections at once: inactive base weights take the on-the-fly update, adapters train with Adam."""
+    run_case(bread_case(lora_mode=lora_mode, sgd_mode=sgd_mode, sign=sign, steps=5))
+
+
+def test_gpt2_conv1d_lora():
+    run_case(bread_case("gpt2", steps=5, dropout=0.1))
+
+
+def _patched_lora_llama(**lora):
+    model = bread_kernels.patch(models.with_lora(models.llama().model, **lora))
+    return model
+
+
+def _optimizer(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3),
+                                            list(model.named_parameters()), verbose=0, **kw)
+
+
+@pytest.mark.parametrize("active", [1, 3])
+def test_bread_partial_does_no_backward_work_below_the_active_block(monkeypatch, active):
+    model = _patched_lora_llama()
+    _optimizer(model, switch_mode="fixed", start_block=active, lora_mode="partial")
+    calls = []
+    for module in (linear_module.FusedLinearFunction, lora_module.FusedLoRALinearFunction):
+        original = module.backward
+
+        def counting(ctx, *grads, _original=original):
+            calls.append(ctx.plan.name)
+            return _original(ctx, *grads)
+
+        monkeypatch.setattr(module, "backward", staticmethod(counting))
+    state = patched_state(model)
+    assert state.stream.cut == active
+    models.loss_of(model, models.batches(1)[0]).backward()
+    layers = {int(n.split(".")[4]) for n in calls if ".layers." in n}
+    assert layers == set(range(active, 4)), f"backward ran in layers {sorted(layers)}"
+    assert set(state.stream.backward_calls) == set(range(active, 4))
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[4]) if ".layers." in name else None
+        if layer is not None and layer < active:
+            assert p.grad is None, name
+
+
+def test_bread_all_reaches_every_layer(monkeypatch):
+    model = _patched_lora_llama()
+    _optimizer(model, switch_mode="fixed", start_block=3, lora_mode="all")
+    assert patched_state(model).stream.cut == 0
+    models.loss_of(model, models.batches(1)[0]).backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None, name
+        elif ".layers.3." not in name:
+            assert p.grad is None, name
+
+
+def test_adapters_keep_their_adam_state_across_a_switch():
+    model = _patched_lora_llama()
+    opt = _optimizer(model, switch_block_every=1, lora_mode="all")
+    adapter = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"]
+    for ids in models.batches(3):
+        models.loss_of(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.order.current == 0 and int(opt.base_optimizer.state[adapter]["step"]) == 3
+
+
+def test_merge_and_unload_and_save_pretrained_give_the_trained_outputs(tmp_path):
+    import transformers
+
+    model = _patched_lora_llama(lora_dropout=0.1)
+    opt = _optimizer(model, switch_block_every=2, lora_mode="all", sgd_mode="partial")
+    for ids in models.batches(5):
+        models.loss_of(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    probe = models.batches(1, seed=7)[0]
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=probe).logits
+    merged = bread_kernels.merge_and_unload(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe).logits, trained, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_bread_initialisation():
+    model = models.with_lora(models.llama().model)
+    bread_kernels.init_bread_lora_(model)
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            assert torch.count_nonzero(p) == 0, name
+        elif "lora_B" in name:
+            bound = 1 / p.shape[1] ** 0.5  # kaiming_uniform(a=√5) on [out, r]: U(-1/√r, 1/√r)
+            assert 0 < p.abs().max() <= bound and p.std() > bound / 4, name
+    with pytest.raises(ValueError, match="no peft LoRA layer"):
+        bread_kernels.init_bread_lora_(models.llama().model)
+
+
+def test_unsupported_lora_configurations_are_refused_at_patch():
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        bread_kernels.patch(models.with_lora(models.llama().model, use_dora=True))
+    with pytest.raises(NotImplementedError, match="lora_bias=True"):
+        bread_kernels.patch(models.with_lora(models.llama().model, lora_bias=True))
+
+
+def test_two_active_adapters_are_refused_in_training():
+    model = models.with_lora(models.llama().model)
+    model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    model = bread_kernels.patch(model)
+    _optimizer(model, lora_mode="all")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="2 active adapters"):
+        models.loss_of(model, models.batches(1)[0])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model.base_model.set_adapter("default")
+    models.loss_of(model, models.batches(1)[0]).backward()
