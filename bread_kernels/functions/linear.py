@@ -139,7 +139,8 @@ def apply_on_the_fly_update(plan: WeightPlan, role: Role, weight, bias, contribu
     else:
         g = torch.cat([c[0] for c in contributions])
         x = torch.cat([c[1] for c in contributions])
-    if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 partitioned weight: update its shard
+    if getattr(weight, "ds_id", None) is not None or getattr(weight._base, "ds_id", None) is not None:
+        # a DeepSpeed ZeRO-3 partitioned weight (or GPT-2 Conv1D's transposed view of one): update its shard
         from ..integrations.deepspeed import partitioned_linear_update
 
         return partitioned_linear_update(plan, role, weight, bias, g, x)

@@ -228,9 +228,19 @@ def _dense(param, fill, locally_finite: bool, update: OnTheFlyUpdate, sign: bool
 
 def partitioned_linear_update(plan: WeightPlan, role: Role, weight, bias, g: torch.Tensor, x: torch.Tensor) -> bool:
     """The SGD/SIGN update of a partitioned Linear weight (and bias) for g [M, N], x [M, K] (see the module
-    docstring).  Returns False, on every rank alike, if any rank's g or x is not finite."""
+    docstring).  ``weight`` is the parameter [N, K], or a transposed view of a parameter stored [K, N] (GPT-2's
+    ``Conv1D``), whose flat layout is then that of dWᵀ = xᵀg.  Returns False, on every rank alike, if any rank's
+    g or x is not finite."""
     sign = role is Role.SIGN
-    if not _dense(weight, linear_grad_fill(g, x), all_finite(g, x), plan.update, sign, g.device):
+    if is_partitioned(weight):
+        fill = linear_grad_fill(g, x)
+    elif weight._base is not None and is_partitioned(weight._base) and weight.shape == weight._base.shape[::-1] \
+            and weight.stride() == (1, weight.shape[0]):
+        weight, fill = weight._base, linear_grad_fill(x, g)
+    else:
+        raise RuntimeError(f"bread_kernels: {plan.name or 'a weight'} is a view of a ZeRO-3 parameter other than its "
+                           "transpose; its shard layout is unknown")
+    if not _dense(weight, fill, all_finite(g, x), plan.update, sign, g.device):
         plan.report_skip("its gradient is not finite on some rank")
         return False
     if bias is not None:

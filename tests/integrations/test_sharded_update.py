@@ -67,6 +67,16 @@ def _dense_cases(rank):
                                             locally_finite=True, budget_bytes=budget)
                 assert ok
                 _check(shard, expected, layout, f"dense {dtype} sign={sign} budget={budget}")
+    # a weight stored transposed ([K, N], GPT-2's Conv1D): its flat layout is dWᵀ = xᵀg
+    stored = weight.t().contiguous()
+    layout_t = ShardLayout(None, WORLD, rank, stored.numel(), -(-stored.numel() // WORLD))
+    expected = stored.clone()
+    epilogue.apply_update_(expected, average.t(), 0.1, False, Rounding.NEAREST, seed=7)
+    shard = _shard_of(stored, layout_t)
+    assert reduce_scatter_update_(shard, layout_t, linear_grad_fill(xs[rank], gs[rank]), step=0.1, sign=False,
+                                  rounding=Rounding.NEAREST, seed=7, divisor=WORLD * 2.0, locally_finite=True,
+                                  budget_bytes=40)
+    _check(shard, expected, layout_t, "transposed weight")
     # one rank's non-finite gradient: every rank skips, nothing changes
     shard = _shard_of(weight, layout)
     ok = reduce_scatter_update_(shard, layout, dense_grad_fill(average), step=0.1, sign=False,

@@ -164,3 +164,19 @@ def test_initialize_needs_the_zero_block_optimizer():
                              block_prefix_list=[["0."], ["1."]], verbose=0)
     with pytest.raises(TypeError, match="ZeroBlockOptimizer"):
         bkds.initialize(model, opt, config={"zero_optimization": {"stage": 3}})
+
+
+def test_example_runs_under_the_deepspeed_launcher():
+    """``deepspeed --num_gpus 2 python/zero3_example.py`` on this CPU machine (small settings, signSGD, GAS 2)."""
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    command = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "python/zero3_example.py",
+               "--steps", "3", "--layers", "2", "--hidden", "32", "--seq", "16", "--micro-batch", "2", "--gas", "2",
+               "--sign", "--switch-every", "1"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert "step 2: loss" in output and "2 switches" in output, output[-3000:]

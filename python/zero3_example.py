@@ -1,0 +1,101 @@
+"""BREAD-SGD / BAdam under DeepSpeed ZeRO-3, on CPUs or GPUs.
+
+    deepspeed --num_gpus 2 python/zero3_example.py                  # 2 ranks: GPUs, or CPU processes (gloo)
+    deepspeed --num_gpus 2 python/zero3_example.py --sgd-mode disabled   # BAdam
+    torchrun --nproc_per_node 2 python/zero3_example.py --gas 2 --sign
+
+A Llama model is built from a small config (random init, nothing downloaded).  The text is a file's bytes
+(``--text``, vocabulary 256) or random tokens.  Each rank trains on its own slice of the data; the active block
+goes through DeepSpeed's optimizer and switches every ``--switch-every`` steps, the other blocks take the
+on-the-fly update inside the backward (``bread_kernels.integrations.deepspeed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--gas", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--switch-every", type=int, default=2)
+    p.add_argument("--sgd-mode", choices=["disabled", "all", "partial"], default="all")
+    p.add_argument("--sign", action="store_true", help="signSGD for the inactive blocks")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sgd-scaling", type=float, default=0.5)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--text", default=None, help="a text file whose bytes are the training tokens")
+    p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    import deepspeed
+    import torch.distributed as dist
+
+    from bread_kernels import patch
+    from bread_kernels.integrations.deepspeed import ZeroBlockOptimizer, initialize
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    vocab = 256 if args.text else 512
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=args.seq, tie_word_embeddings=False)
+    torch.manual_seed(0)  # every rank builds the same initial model; ZeRO-3 keeps each rank's shard of it
+    model = patch(transformers.LlamaForCausalLM(config))
+    opt = ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), list(model.named_parameters()),
+                             switch_block_every=args.switch_every, switch_mode="descending", sgd_mode=args.sgd_mode,
+                             sgd_use_sign=args.sign, sgd_lr_scaling=args.sgd_scaling, verbose=1 if rank == 0 else 0)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": args.gas,
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 1e6, "stage3_prefetch_bucket_size": 1e6,
+                              "stage3_param_persistence_threshold": 10 * args.hidden},
+        "bf16": {"enabled": args.bf16},
+        "steps_per_print": 10 ** 9,
+    }
+    engine = initialize(model, opt, config=ds_config)
+
+    if args.text:
+        data = torch.frombuffer(bytearray(open(args.text, "rb").read()), dtype=torch.uint8).long()
+    else:
+        data = torch.randint(0, vocab, (1 << 16,), generator=torch.Generator().manual_seed(1))
+    per_step = args.micro_batch * args.seq
+
+    def batch(step: int, micro: int) -> torch.Tensor:
+        index = ((step * args.gas + micro) * world + rank) * per_step % max(1, data.numel() - per_step)
+        return data[index: index + per_step].view(args.micro_batch, args.seq).to(engine.device)
+
+    for step in range(args.steps):
+        start, total = time.perf_counter(), 0.0
+        for micro in range(args.gas):
+            ids = batch(step, micro)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / args.gas
+        if rank == 0:
+            print(f"step {step}: loss {total:.4f}  ({time.perf_counter() - start:.2f} s, active block "
+                  f"{opt.order.current}, {engine.switches} switches)", flush=True)
+    engine.destroy()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
