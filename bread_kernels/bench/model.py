@@ -2,8 +2,9 @@
 way, in one run.
 
 Model: a Llama from a config (default 8 layers, hidden 512, intermediate 1376, 8 heads, vocab 4096; batch 4×256),
-random init.  Variants: BAdam, BREAD-SGD-partial, BREAD-SGD, BREAD-SGD-sign, with the active block at several
-layers.  Engine: ``bread_kernels.patch`` + ``BlockOptimizer``.  Reference way, as its users run it: the unpatched
+random init.  Variants: BAdam, BREAD-SGD-partial, BREAD-SGD, BREAD-SGD-sign (the default set), and BREAD,
+BREAD-partial on the same model wrapped by peft (LoRA of rank ``lora_rank`` on every linear of the blocks; the
+reference way is then peft's own autograd), with the active block at several layers.  Engine: ``bread_kernels.patch`` + ``BlockOptimizer``.  Reference way, as its users run it: the unpatched
 model with Hugging Face gradient checkpointing (which makes the input embeddings require grad, so the backward runs
 through every layer), plain autograd, and post-accumulate-grad hooks for the on-the-fly updates (the same
 ``BlockOptimizer`` on an unpatched model is exactly that path).  ``--no-recompute`` compares ``patch(recompute=
@@ -35,7 +36,13 @@ VARIANTS = {
     "BREAD-SGD-partial": dict(sgd_mode="partial"),
     "BREAD-SGD": dict(sgd_mode="all"),
     "BREAD-SGD-sign": dict(sgd_mode="all", sgd_use_sign=True),
+    # on a peft LoRA model (r = --lora-rank on every linear of the blocks); the reference way is peft's autograd
+    "BREAD": dict(lora_mode="all"),
+    "BREAD-partial": dict(lora_mode="partial"),
 }
+LORA_VARIANTS = ("BREAD", "BREAD-partial")
+DEFAULT_VARIANTS = ("BAdam", "BREAD-SGD-partial", "BREAD-SGD", "BREAD-SGD-sign")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_model(layers=8, hidden=512, intermediate=1376, heads=8, vocab=4096, dtype=torch.float32, seed=0):
@@ -46,6 +53,13 @@ def build_model(layers=8, hidden=512, intermediate=1376, heads=8, vocab=4096, dt
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
                          tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
     return LlamaForCausalLM(config).to(dtype)
+
+
+def with_lora(model, rank: int):
+    """``model`` wrapped by peft with rank-``rank`` LoRA on every linear of the blocks (peft's defaults otherwise)."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
 
 
 def _optimizer(model, variant, active, lr=1e-5):
@@ -64,21 +78,27 @@ def gemm_flops_per_second(dtype, n=1024, repeats=5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def ideal_backward_flops(model, variant, active, tokens, seq) -> float:
-    """Matmul FLOPs the variant's backward cannot avoid (linears and attention; no recompute)."""
+def ideal_backward_flops(model, variant, active, tokens, seq, lora_rank=0) -> float:
+    """Matmul FLOPs the variant's backward cannot avoid (linears, LoRA adapters and attention; no recompute).
+    ``model`` is the plain (not peft-wrapped) model."""
     layers = model.model.layers
     n = len(layers)
-    sgd = VARIANTS[variant]["sgd_mode"]
-    lowest = 0 if sgd == "all" else active
+    sgd = VARIANTS[variant].get("sgd_mode", "disabled")
+    lora_mode = VARIANTS[variant].get("lora_mode") if variant in LORA_VARIANTS else None
+    lowest = 0 if sgd == "all" or lora_mode == "all" else active
     hidden = model.config.hidden_size
-    per_layer = sum(2 * tokens * m.in_features * m.out_features for m in layers[0].modules()
-                    if isinstance(m, torch.nn.Linear))
+    linears = [m for m in layers[0].modules() if type(m) is torch.nn.Linear]
+    per_layer = sum(2 * tokens * m.in_features * m.out_features for m in linears if m.out_features != lora_rank
+                    and m.in_features != lora_rank)
+    # LoRA adapters: v = gB, dB, dA and the s·vA term of dX: four rank-r GEMMs per linear
+    lora = sum(2 * tokens * lora_rank * (2 * m.out_features + 2 * m.in_features) for m in linears
+               if m.out_features != lora_rank and m.in_features != lora_rank) if lora_mode else 0
     attention = 4 * tokens * seq * hidden  # scores and weighted values, forward FLOPs
     head = 2 * tokens * model.lm_head.in_features * model.lm_head.out_features
     flops = head * (2 if sgd != "disabled" else 1)  # head: dX always, dW when it is updated
     for i in range(lowest, n):
         has_dw = i == active or (sgd == "all") or (sgd == "partial" and i > active)
-        flops += per_layer * has_dw + 2 * attention
+        flops += per_layer * has_dw + 2 * attention + lora
         flops += (per_layer if i > lowest else 0)  # dX through the block, except at the lowest needed one
     return flops
 
@@ -110,9 +130,11 @@ def _measure_pair(engine, reference, ids, repeats):
     return (statistics.median(times[0]), statistics.median(times[1]), _peak(*engine, ids), _peak(*reference, ids))
 
 
-def run(positions=(1, 4, 6), variants=tuple(VARIANTS), batch=4, seq=256, dtype=torch.float32, repeats=3,
-        recompute=True, print_fn=print, **model_kwargs):
-    base = build_model(dtype=dtype, **model_kwargs)
+def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=torch.float32, repeats=3,
+        recompute=True, print_fn=print, lora_rank=8, **model_kwargs):
+    plain = build_model(dtype=dtype, **model_kwargs)
+    lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
+    base = plain
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     throughput = gemm_flops_per_second(dtype)
     print_fn(f"BCD backward, Llama {len(base.model.layers)}x{base.config.hidden_size} (inter "
@@ -123,6 +145,7 @@ def run(positions=(1, 4, 6), variants=tuple(VARIANTS), batch=4, seq=256, dtype=t
     summary = {}
     for variant in variants:
         ratios = []
+        base = lora_base if variant in LORA_VARIANTS else plain
         for active in positions:
             engine = patch(copy.deepcopy(base), recompute=recompute).train()
             reference = copy.deepcopy(base).train()
@@ -134,7 +157,8 @@ def run(positions=(1, 4, 6), variants=tuple(VARIANTS), batch=4, seq=256, dtype=t
             t_engine, t_ref, m_engine, m_ref = _measure_pair((engine, _optimizer(engine, variant, active)),
                                                              (reference, _optimizer(reference, variant, active)),
                                                              ids, repeats)
-            ideal = ideal_backward_flops(base, variant, active, batch * seq, seq) / throughput
+            ideal = ideal_backward_flops(plain, variant, active, batch * seq, seq,
+                                         lora_rank if variant in LORA_VARIANTS else 0) / throughput
             ratios.append((t_engine / t_ref, m_engine / m_ref, m_engine))
             print_fn(f"{variant:<20}{active:>7}{t_engine * 1e3:>11.0f}{t_ref * 1e3:>9.0f}{t_engine / t_ref:>12.3f}"
                      f"{m_engine / 2**20:>12.1f}{m_ref / 2**20:>9.1f}{m_engine / m_ref:>11.3f}{t_engine / ideal:>9.2f}")

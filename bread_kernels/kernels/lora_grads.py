@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import time_in_place
+
 __all__ = ["lora_grads", "MAX_RANK"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,7 +83,20 @@ def _lora_grads_kernel(
                           mask=mask_r[:, None] & mask_k[None, :])
 
 
-_GPU_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (16, 128, 128, 4, 3),
+        (32, 128, 128, 4, 3),
+        (32, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 128, 128, 8, 3),
+        (128, 64, 64, 8, 3),
+    ]
+]
+# tuning launches run the kernel several times: the atomically accumulated dA and dB are zeroed before each
+_lora_grads_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K", "R", "NEED_A", "NEED_B"],
+                                    reset_to_zero=["da_ptr", "db_ptr"], do_bench=time_in_place)(_lora_grads_kernel)
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 
 
@@ -101,17 +116,19 @@ def lora_grads(grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, 
     grad_a = torch.zeros(R, K, dtype=torch.float32, device=device) if need_a else v  # v: an unused valid pointer
     grad_b = torch.zeros(N, R, dtype=torch.float32, device=device) if need_b else v
     interpret = _INTERPRET or device.type != "cuda"
-    blocks = _INTERPRET_BLOCKS if interpret else _GPU_BLOCKS
     fp32_in = torch.float32 in (grad_output.dtype, input.dtype, lora_b.dtype)
     ieee = interpret or not (fp32_in and torch.backends.cuda.matmul.allow_tf32)
-    grid = (triton.cdiv(M, blocks["BLOCK_M"]),)
-    _lora_grads_kernel[grid](
+    args = (
         grad_output, input, u, lora_b, v, grad_a, grad_b,
         M, N, K, R,
         grad_output.stride(0), grad_output.stride(1), input.stride(0), input.stride(1),
         u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
         float(scaling),
-        NEED_A=bool(need_a), NEED_B=bool(need_b), IEEE=ieee,
-        BLOCK_R=max(16, triton.next_power_of_2(R)), **blocks,
     )
+    flags = dict(NEED_A=bool(need_a), NEED_B=bool(need_b), IEEE=ieee, BLOCK_R=max(16, triton.next_power_of_2(R)))
+    if interpret:
+        grid = (triton.cdiv(M, _INTERPRET_BLOCKS["BLOCK_M"]),)
+        _lora_grads_kernel[grid](*args, **flags, **_INTERPRET_BLOCKS)
+    else:
+        _lora_grads_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](*args, **flags)
     return v, (grad_a if need_a else None), (grad_b if need_b else None)

@@ -28,6 +28,7 @@ from triton.language.extra import libdevice
 
 from ..backends.epilogue import ROUNDING_CODES, rng_keys
 from ..plan import Rounding
+from .tuning import time_in_place
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -153,26 +154,8 @@ _GPU_CONFIGS = [
 ]
 
 
-def _time_in_place(kernel_call, quantiles):
-    """The autotuner's timer: CUDA events, no cache-flush buffer.  Triton's default ``do_bench`` allocates a
-    256 MiB buffer to flush L2, and ``restore_value`` would clone W: both on the first backward of every new
-    shape, inside a training step's memory budget.  Timing launches pass ``store=0`` instead, so W is read but
-    never written and nothing needs restoring."""
-    kernel_call()  # compiles
-    kernel_call()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        kernel_call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
-
-
-_wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], do_bench=_time_in_place)(
+# Timing launches pass ``store=0``, so W is read but never written and nothing needs restoring (see tuning.py)
+_wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], do_bench=time_in_place)(
     _wgrad_update_kernel
 )
 _tuned: set = set()
