@@ -69,7 +69,11 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         adapter_input = x_lora if x_lora is not None else x.to(lora_a.dtype)
         result = F.linear(x, weight, bias)
         u = F.linear(adapter_input, lora_a)
-        output = (result + F.linear(u, lora_b) * scaling).to(result.dtype)  # peft's order of operations
+        if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
+            output = result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)
+            output = output.view(result.shape)
+        else:  # fp32 adapters on a low-precision layer: peft's promotion to fp32, then one rounding
+            output = (result + F.linear(u, lora_b) * scaling).to(result.dtype)
         keep_x = needs_x or x_lora is None  # x is also the adapter input when there is no dropout
         ctx.save_for_backward(x if keep_x else None, x_lora, weight, bias, lora_a, lora_b, u)
         return output
@@ -85,20 +89,23 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         need_a, need_b = needs[4], needs[5]
         need_lora_dx = needs[1] if ctx.separate_lora_input else needs[0]
 
-        grad_a = grad_b = lora_dx = None
+        grad_a = grad_b = v = None
         if need_a or need_b or need_lora_dx:
             v, grad_a, grad_b = get_backend(g.device).lora_grads(g, adapter_input, u.reshape(-1, rank), lora_b,
                                                                  ctx.scaling, need_a, need_b)
-            if need_lora_dx:
-                lora_dx = torch.mm(v.to(lora_a.dtype), lora_a).mul_(ctx.scaling)  # s · v A, in the adapters' dtype
+            v = v.to(lora_a.dtype)
 
         grad_x = grad_x_lora = None
         if needs[0]:
             grad_x = grad_output @ weight  # before any update of W (design invariant 1)
-            if lora_dx is not None and not ctx.separate_lora_input:
-                grad_x.view(-1, n_in).add_(lora_dx.to(grad_x.dtype))
-        if ctx.separate_lora_input and lora_dx is not None:
-            grad_x_lora = lora_dx.view(x_lora.shape)
+            if need_lora_dx and not ctx.separate_lora_input:  # dX += s · v A
+                flat = grad_x.view(-1, n_in)
+                if flat.dtype == lora_a.dtype:
+                    flat.addmm_(v, lora_a, alpha=ctx.scaling)
+                else:
+                    flat.add_(torch.mm(v, lora_a).mul_(ctx.scaling).to(flat.dtype))
+        if ctx.separate_lora_input and need_lora_dx:
+            grad_x_lora = torch.mm(v, lora_a).mul_(ctx.scaling).view(x_lora.shape)
 
         grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, needs[2], needs[3])
         if grad_a is not None:
