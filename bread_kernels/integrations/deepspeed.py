@@ -23,6 +23,19 @@ DeepSpeed stays the distributed engine; this module plugs the fused backward int
   weight the previous micro-batch left), and SIGN by ``lr·s·Σ_i sign(g_i)`` (A sign steps).  The active block
   gets DeepSpeed's accumulated gradient and one optimizer step.  Block switches count optimizer steps.
 
+* **Memory**: no ``.grad`` of an inactive parameter survives its backward, and no whole dW need exist: a Linear's
+  dW is computed and reduced in chunks of ``S`` elements per rank (``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB of
+  fp32 send buffer: ``S = budget / (4·w) − 1``), so the update of one weight allocates at most
+  ``4·(w·(S+1) + (S+1)) + (S + 2K)·itemsize`` bytes (send, receive, one GEMM block of dW rows; K = in features)
+  beyond the collective backend's own buffers.  The embedding's row-sparse update all-gathers the batch's
+  distinct rows (tokens × hidden × ranks), never a vocabulary-sized gradient.
+* **Collectives** per backward: one reduce-scatter per chunk of each inactive Linear weight, one per bias and per
+  inactive hook-path parameter (norms), in fp32; two all-gathers for an inactive embedding; one all-gather of the
+  updated persistent parameters.  Never an all-reduce.
+* **LoRA** adapters (BREAD) are trained parameters: DeepSpeed's optimizer owns them like the active block.  The
+  stage-3 optimizer is rebuilt at every switch, so adapters that stay active across a switch restart their Adam
+  moments here (on one process ``BlockOptimizer`` keeps them).
+
 Refused with a clear error (they would be silently wrong): ZeRO stages other than 3, hpZ secondary partitions
 (``zero_hpz_partition_size`` > 1), quantized weights (``zero_quantized_weights`` /
 ``zero_quantized_nontrainable_weights``), parameter offload (``offload_param``: the frozen weights' shards would

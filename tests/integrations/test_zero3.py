@@ -12,7 +12,11 @@ chunks whose bounds fall inside rows.  Checked on every rank:
   near-zero gradients); with a plain-SGD base optimizer the tight bound holds for every parameter;
 * persistent parameters' gathered copies equal the reference (consistent across micro-batches and ranks);
 * the mean loss of each step equals the reference's; no parameter holds a ``.grad`` after any backward;
-* the block switched twice; DeepSpeed's internals are as this integration expects (live canary).
+* the block switched twice, and after the two rebuilds a module carries DeepSpeed's hooks exactly once;
+  DeepSpeed's internals are as this integration expects (live canary).
+Biases are left out of the model: DeepSpeed ZeRO-3 alone already differs from the single-process run when the
+trained block has biases (see ``zero3_worker.EXTRA_CASES``); the bias update's sharded maths is tested in
+``test_sharded_update.py`` (the same dense path as the norm weights, which are checked here).
 
 Each launch has a timeout, and the worker calls ``destroy_process_group``.  The fault test makes rank 1 raise in
 the backward and checks that the whole job ends quickly with that error.
@@ -105,6 +109,9 @@ def test_shards_equal_single_process_run(zero3_results, case, rank):
     assert len(result["losses"]) == STEPS
     assert result["grads_left"] == [], f"{case}: .grad left after a backward: {result['grads_left']}"
     assert result["switches"] == 2
+    hooks = result["hook_names"]  # after two stage-3 optimizer rebuilds: DeepSpeed's hooks once each, no leftovers
+    for name in ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook"):
+        assert hooks.count(name) == 1, f"{case}: hook {name} registered {hooks.count(name)} times: {hooks}"
     assert result["internals_problems"] == [], result["internals_problems"]
 
 
