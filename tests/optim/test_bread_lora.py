@@ -175,3 +175,29 @@ def test_two_active_adapters_are_refused_in_training():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     model.base_model.set_adapter("default")
     models.loss_of(model, models.batches(1)[0]).backward()
+
+
+def test_state_dict_resumes_a_bread_run_exactly():
+    """Adapters carry Adam state across switches; a resumed run must carry it too."""
+    def train(model, opt, steps, start):
+        for ids in models.batches(start + steps)[start:]:
+            models.loss_of(model, ids).backward()
+            opt.step()
+            opt.zero_grad()
+
+    base = models.with_lora(models.llama().model, lora_dropout=0.1)
+    model = bread_kernels.patch(copy.deepcopy(base))
+    opt = _optimizer(model, switch_block_every=2, lora_mode="partial", sgd_mode="partial")
+    train(model, opt, 3, 0)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+    train(model, opt, 3, 3)
+
+    resumed = bread_kernels.patch(copy.deepcopy(base))
+    resumed.load_state_dict(saved_model)
+    opt2 = _optimizer(resumed, switch_block_every=2, lora_mode="partial", sgd_mode="partial")
+    opt2.load_state_dict(saved_opt)
+    torch.set_rng_state(rng)  # the dropout masks of steps 3..5
+    train(resumed, opt2, 3, 3)
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
