@@ -167,9 +167,19 @@ def chunk_memory(rank, world):
     from bread_kernels.integrations.sharded_update import (ShardLayout, linear_grad_fill, reduce_scatter_update_)
     from bread_kernels.plan import Rounding
 
+    from bread_kernels.integrations import sharded_update
+
+    def local_reduce_scatter(out, send, op=None, group=None, async_op=False):
+        """Stands in for the collective: this rank's slice of its own send buffer, allocating nothing."""
+        out.copy_(send.view(world, -1)[rank])
+        return _Done()
+
     tokens = MICRO * SEQ
     rows = []
-    for n_out, n_in in ((2048, 2048), (4096, 2048)):
+    real = sharded_update._REDUCE_SCATTER
+    for stub, (n_out, n_in) in [(False, (2048, 2048)), (False, (4096, 2048)), (True, (2048, 2048)),
+                                (True, (4096, 2048))]:
+        sharded_update._REDUCE_SCATTER = local_reduce_scatter if stub else real
         g, x = torch.randn(tokens, n_out), torch.randn(tokens, n_in)
         n = n_out * n_in
         layout = ShardLayout(None, world, rank, n, -(-n // world))
@@ -181,8 +191,14 @@ def chunk_memory(rank, world):
                                        budget_bytes=budget)
             run()
             trace = trace_allocations(run)
-            rows.append(((n_out, n_in), n * 4, budget, trace.peak_bytes, trace.largest_bytes))
+            rows.append(((n_out, n_in), n * 4, budget, trace.peak_bytes, trace.largest_bytes, stub))
+    sharded_update._REDUCE_SCATTER = real
     return rows
+
+
+class _Done:
+    def wait(self):
+        return True
 
 
 def switch_time(rank):
@@ -209,6 +225,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timed", type=int, default=8)
+    parser.add_argument("--only-chunks", action="store_true", help="only the one-weight update memory")
     parser.add_argument("--variants", default="ds-plain-badam,bread-badam,bread-badam-keep,bread-sgd-partial,"
                                               "bread-sgd-all,bread-sgd-all-keep,bread-sign-all")
     args = parser.parse_args()
@@ -219,8 +236,14 @@ def main():
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     counter = DsCounter()
     counter.install()
-    results = [run_variant(v, rank, counter, args.warmup, args.timed) for v in args.variants.split(",")]
     chunk_rows = chunk_memory(rank, world)
+    if args.only_chunks:
+        if rank == 0:
+            for row in chunk_rows:
+                print(row)
+        dist.destroy_process_group()
+        return
+    results = [run_variant(v, rank, counter, args.warmup, args.timed) for v in args.variants.split(",")]
     switches = switch_time(rank)
     if rank == 0:
         n_params = sum(p.numel() for p in build_model().parameters())
@@ -251,9 +274,10 @@ def main():
                       "live extra bytes. Ours: send w(S+1) + receive S+1 fp32 + one GEMM block of <= S+2K "
                       "elements; gloo's reduce_scatter adds about two receive-sized buffers and a copy of the send "
                       "buffer"]
-        for shape, full_dw, budget, peak, largest in chunk_rows:
+        for shape, full_dw, budget, peak, largest, stub in chunk_rows:
             name = "default 32 MiB" if budget is None else f"{budget / 2**20:.0f} MiB"
-            lines.append(f"  {shape[0]}x{shape[1]} (full dW {full_dw / 2**20:.0f} MiB), chunk budget {name:<15} "
+            lines.append(f"  {'collective stubbed (ours only)' if stub else 'gloo reduce_scatter':<31} "
+                         f"{shape[0]}x{shape[1]} (full dW {full_dw / 2**20:.0f} MiB), chunk budget {name:<15} "
                          f"peak extra {peak / 2**20:6.2f} MiB, largest allocation {largest / 2**20:6.2f} MiB")
         lines += ["", f"block switch (stage-3 optimizer rebuild), rank 0: " +
                   ", ".join(f"{t:.3f} s" for t in switches)]

@@ -43,13 +43,15 @@ CASES = {
 #   ZERO3_WORKER_NO_PATCH=1 ZERO3_WORKER_EVERY=100 ZERO3_WORKER_MLP_BIAS=1 ... --cases badam_sgdbase
 # (unpatched Llama with MLP biases, no block switch, DeepSpeed's optimizer = torch SGD on one layer) differs by
 # ~4% of the movement from step 3 on; GPT-2 (gpt2_* cases: Conv1D, biases, wte tied to lm_head; add
-# ZERO3_WORKER_UNTIE=1 to untie) likewise.  Without biases it matches to ~1e-7.  Not investigated further.
-# Debug knobs: ZERO3_WORKER_NONCONTIG=1 (contiguous_gradients off), ZERO3_WORKER_NO_RS=1 (reduce_scatter off):
-# neither changes that.
+# ZERO3_WORKER_UNTIE=1 to untie) likewise.  Without biases it matches to ~1e-7.  ds_bias_repro.py shows the same
+# with DeepSpeed alone on one rank (no bread_kernels code, no block optimizer).  Debug knobs that change nothing
+# there: ZERO3_WORKER_NONCONTIG=1 (contiguous_gradients off), ZERO3_WORKER_NO_RS=1 (reduce_scatter off),
+# ZERO3_WORKER_MEL=0/1 (DeepSpeed's memory_efficient_linear, on by default).
 EXTRA_CASES = {
     "gpt2_sgd_all": ("all", False, 1, 0, "descending", None, "adamw"),
     "gpt2_badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
     "badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
+    "badam_sgdbase_persist": ("disabled", False, 1, 100, "descending", None, "sgd"),
 }
 OPTIMIZERS = {"adamw": (torch.optim.AdamW, dict(lr=1e-3, eps=1e-5, weight_decay=0.0)),
               "sgd": (torch.optim.SGD, dict(lr=5e-2, momentum=0.9))}
@@ -95,7 +97,9 @@ def ds_config(gas: int, persistence: int) -> dict:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence,
                               "reduce_bucket_size": 20000, "stage3_prefetch_bucket_size": 20000,
                               "contiguous_gradients": os.environ.get("ZERO3_WORKER_NONCONTIG") is None,
-                              "reduce_scatter": os.environ.get("ZERO3_WORKER_NO_RS") is None},
+                              "reduce_scatter": os.environ.get("ZERO3_WORKER_NO_RS") is None,
+                              **({"memory_efficient_linear": os.environ["ZERO3_WORKER_MEL"] == "1"}
+                                 if "ZERO3_WORKER_MEL" in os.environ else {})},
         "steps_per_print": 10 ** 9,
     }
 

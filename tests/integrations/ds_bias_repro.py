@@ -1,0 +1,57 @@
+"""Repro (not a test): DeepSpeed 0.19.8 ZeRO-3 alone differs from plain torch when the trained layer has biases.
+
+    BIAS=1 torchrun --nproc_per_node 1 tests/integrations/ds_bias_repro.py     # loss differs from step 1 (~1e-3)
+    BIAS=  torchrun --nproc_per_node 1 tests/integrations/ds_bias_repro.py     # identical at every step
+
+No bread_kernels code is involved: the tiny Llama of ``zero3_worker`` (with or without ``mlp_bias``), layer 2
+trainable, torch SGD(momentum 0.9) given to ``deepspeed.initialize`` (ZeRO-3, 1 CPU rank) against the same SGD on
+a deep copy.  This is why the ZeRO-3 equivalence tests use a Llama without biases.
+"""
+
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+os.environ["ZERO3_WORKER_MLP_BIAS"] = os.environ.get("BIAS", "1")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from tests.integrations import zero3_worker as zw  # noqa: E402
+
+
+def trainable(model):
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers.2."))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def main():
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = zw.build_model()
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(trainable(reference), lr=5e-2, momentum=0.9)
+    config = zw.ds_config(1, 0) | {"zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable(model), lr=5e-2, momentum=0.9),
+                                      config=config)
+    for t in range(4):
+        ids = zw.micro_batches(t, 1, 1)[0]
+        ref_loss = zw.loss_of(reference, ids)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss = zw.loss_of(engine, ids)
+        engine.backward(loss)
+        engine.step()
+        print(f"step {t}: DeepSpeed loss - torch loss = {loss.item() - ref_loss.item():.3g}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
