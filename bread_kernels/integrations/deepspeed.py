@@ -358,6 +358,20 @@ class ZeroBlockOptimizer(BlockOptimizer):
             group["params"] = [swap.get(id(p), p) for p in group["params"]]
         self.masters = []
 
+    def state_dict(self) -> dict:
+        self._refuse_checkpoint("state_dict")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._refuse_checkpoint("load_state_dict")
+        super().load_state_dict(state_dict)
+
+    def _refuse_checkpoint(self, what: str) -> None:
+        if self._ds_engine is not None:
+            raise NotImplementedError(f"ZeroBlockOptimizer.{what}: resuming under ZeRO-3 is not implemented (the "
+                                      "active block's optimizer state lives in DeepSpeed's partitioned optimizer, "
+                                      "rebuilt at every switch); engine.save_checkpoint saves the weights")
+
     def step(self, closure=None):
         if self._ds_engine is not None:
             raise RuntimeError("ZeroBlockOptimizer: under DeepSpeed call step() on the engine that "

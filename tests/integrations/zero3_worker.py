@@ -37,6 +37,9 @@ CASES = {
     "sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
     "sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
     "sgd_all_gas2_base_sgd": ("all", False, 2, 0, "ascending", 0, "sgd"),
+    # bf16 (DeepSpeed's bf16 mode): a smoke run, checked loosely against the fp32 reference; norm weights (~1.0,
+    # bf16 spacing 2^-8) must move although each sign step (5e-4) is below half a spacing: stochastic rounding
+    "bf16_sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
 }
 # Not run by the tests: models whose trained block has biases.  DeepSpeed ZeRO-3 itself does not match the
 # single-process run there, without any bread_kernels code on the model:
@@ -90,8 +93,9 @@ def loss_of(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def ds_config(gas: int, persistence: int) -> dict:
+def ds_config(gas: int, persistence: int, bf16: bool = False) -> dict:
     return {
+        "bf16": {"enabled": bf16},
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": gas,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence,
@@ -135,7 +139,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     model = original if os.environ.get("ZERO3_WORKER_NO_PATCH") else patch(original)
     opt = bkds.ZeroBlockOptimizer(optimizer_cls(model.parameters(), **adam), list(model.named_parameters()),
                                   verbose=0, **bcd)
-    engine = bkds.initialize(model, opt, config=ds_config(gas, persistence))
+    engine = bkds.initialize(model, opt, config=ds_config(gas, persistence, bf16=name.startswith("bf16")))
     comm_stats.reset()
     losses, grads_left, problems = [], [], []
     history = {n: set() for n in names}
@@ -172,13 +176,17 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     for pname, p in model.named_parameters():
         layout = bkds.shard_layout(p)
         ref = ref_params[pname].reshape(-1)[layout.start:layout.start + layout.valid]
-        mine = p.ds_tensor[:layout.valid].detach()
+        mine = p.ds_tensor[:layout.valid].detach().float()
+        start = initial[pname].detach().reshape(-1)[layout.start:layout.start + layout.valid].to(p.ds_tensor.dtype)
         entry = {"diff": (mine - ref).abs().max().item() if layout.valid else 0.0,
+                 "shard_moved": (mine - start.float()).abs().max().item() if layout.valid else 0.0,
                  "scale": ref.abs().max().item() if layout.valid else 0.0,
                  "moved": (ref_params[pname] - initial[pname]).abs().max().item(),
                  "valid": layout.valid, "roles": sorted(history[pname])}
         if p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE:
-            entry["persist_diff"] = (p.data.detach() - ref_params[pname]).abs().max().item()
+            entry["persist_diff"] = (p.data.detach().float() - ref_params[pname]).abs().max().item()
+            full = p.data.detach().reshape(-1)[layout.start:layout.start + layout.valid]
+            entry["persist_vs_shard"] = (full.float() - mine).abs().max().item()
         result["params"][pname] = entry
     engine.destroy()
     return result
