@@ -77,7 +77,8 @@ SUPPORTED_VERSIONS = ("0.19",)
 
 
 class _Context:
-    """What the update functions need from the running engine: the loss scale (fp16)."""
+    """What the update functions need from the running engine: the loss scale (fp16).  One per process: one
+    ZeRO-3 engine trained by this integration at a time."""
 
     def __init__(self):
         self.loss_scale = lambda: 1.0
@@ -149,10 +150,10 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             problems.append(f"parameter {pname}: {exc}")
             break
-        if p.ds_tensor.numel() != layout.shard_numel or layout.world * layout.shard_numel < p.ds_numel or \
-                (layout.world - 1) * layout.shard_numel >= max(p.ds_numel, 1) + layout.shard_numel:
-            problems.append(f"parameter {pname}: shard of {p.ds_tensor.numel()} does not fit the layout "
+        if layout.shard_numel != -(-int(p.ds_numel) // layout.world):  # the flat layout of the module docstring
+            problems.append(f"parameter {pname}: shard of {layout.shard_numel} elements, expected "
                             f"ceil({p.ds_numel}/{layout.world})")
+            break
     if module is not None:
         names = {getattr(h, "__name__", "") for hooks in (module._forward_pre_hooks, module._forward_hooks)
                  for h in hooks.values()}
