@@ -32,9 +32,10 @@ DeepSpeed stays the distributed engine; this module plugs the fused backward int
 * **Collectives** per backward: one reduce-scatter per chunk of each inactive Linear weight, one per bias and per
   inactive hook-path parameter (norms), in fp32; two all-gathers for an inactive embedding; one all-gather of the
   updated persistent parameters.  Never an all-reduce.
-* **LoRA** adapters (BREAD) are trained parameters: DeepSpeed's optimizer owns them like the active block.  The
-  stage-3 optimizer is rebuilt at every switch, so adapters that stay active across a switch restart their Adam
-  moments here (on one process ``BlockOptimizer`` keeps them).
+* **LoRA** (BREAD) is refused for now: a patched peft LoRA layer runs its base layer and adapters in one fused
+  function, so ZeRO-3 must gather them as a leaf module; that runs, but does not yet match a single-process run
+  (``BREAD_ZERO_ALLOW_LORA=1`` runs it for investigation).  Also, the stage-3 optimizer is rebuilt at every
+  switch, so adapters active across a switch would restart their Adam moments (one process keeps them).
 
 Refused with a clear error (they would be silently wrong): ZeRO stages other than 3, hpZ secondary partitions
 (``zero_hpz_partition_size`` > 1), quantized weights (``zero_quantized_weights`` /
@@ -56,6 +57,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import Any
 
@@ -444,6 +446,19 @@ class ZeroBlockEngine:
         self.engine.destroy()
 
 
+def _mark_lora_leaves(model: torch.nn.Module) -> list:
+    """Make every peft LoRA layer a ZeRO-3 leaf module.  A patched LoRA layer computes its base layer and adapters
+    in one fused function, so their own forwards (where ZeRO-3's hooks would gather their parameters) never run;
+    as a leaf, the LoRA layer's forward gathers all of them."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    return set_z3_leaf_modules(model, [LoraLinear], raise_if_not_found=False)
+
+
 def initialize(model: torch.nn.Module, optimizer: ZeroBlockOptimizer, config, **kwargs: Any) -> ZeroBlockEngine:
     """``deepspeed.initialize`` for a patched model trained by a :class:`ZeroBlockOptimizer`.
 
@@ -467,5 +482,11 @@ def initialize(model: torch.nn.Module, optimizer: ZeroBlockOptimizer, config, **
         raise RuntimeError(f"bread_kernels: this DeepSpeed lacks internals the integration needs: {problems}")
     base = optimizer.base_optimizer
     base.param_groups[:] = [g for g in base.param_groups if g["params"]]
+    if _mark_lora_leaves(model) and os.environ.get("BREAD_ZERO_ALLOW_LORA") != "1":
+        raise NotImplementedError(
+            "bread_kernels: peft LoRA layers (BREAD) under ZeRO-3 are not supported yet: with the LoRA layers made "
+            "ZeRO-3 leaf modules the run works but does not match a single-process run (about 2% of a step apart "
+            "after one step), so it is refused rather than silently wrong.  BREAD_ZERO_ALLOW_LORA=1 runs it anyway "
+            "(for investigation); tests/integrations/zero3_worker.py has the case 'lora_sgd_all'")
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=base, config=config, **kwargs)
     return ZeroBlockEngine(ds_engine, optimizer)

@@ -179,6 +179,23 @@ def test_static_internals_present():
     assert bkds.internals_problems() == []
 
 
+def test_lora_layers_are_refused(monkeypatch):
+    """peft LoRA under ZeRO-3 does not match a single-process run yet: refused before DeepSpeed is touched."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+    from tests.integrations.zero3_worker import build_model
+
+    monkeypatch.delenv("BREAD_ZERO_ALLOW_LORA", raising=False)
+    model = patch(peft.get_peft_model(build_model(), peft.LoraConfig(r=2, target_modules=["q_proj"])))
+    opt = bkds.ZeroBlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), list(model.named_parameters()),
+                                  verbose=0)
+    with pytest.raises(NotImplementedError, match="LoRA"):
+        bkds.initialize(model, opt, config={"zero_optimization": {"stage": 3}})
+
+
 def test_initialize_needs_the_zero_block_optimizer():
     import torch
 
