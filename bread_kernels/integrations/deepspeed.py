@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 from ..functions.linear import all_finite
-from ..optim.block_optimizer import BlockOptimizer
+from ..optim.block_optimizer import BlockOptimizer, is_adapter_name
 from ..plan import OnTheFlyUpdate, Role, WeightPlan
 from .sharded_update import (ShardLayout, all_gather_shards, allgather_rows_update_, dense_grad_fill,
                              linear_grad_fill, reduce_scatter_update_)
@@ -110,7 +110,8 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
 #: private engine / optimizer members used at a block switch
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
                   "basic_optimizer", "optimizer", "module")
-OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups")
+OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups", "grad_position",
+                     "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
 CACHED_BACKWARD_FUNCTIONS = ("pre_bwd_fn", "post_bwd_fn")
 MODULE_HOOK_NAMES = ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook")
@@ -352,14 +353,49 @@ class ZeroBlockOptimizer(BlockOptimizer):
         return hook
 
     def _activate(self, block_index: int) -> None:
+        kept = self._kept_adapter_state(block_index) if self._ds_engine is not None else {}
         super()._activate(block_index)
-        if not self.masters:
-            return
-        # DeepSpeed keeps the fp32 masters of the low-precision active block: hand it the parameters themselves
-        swap = {id(master): low for low, master, _ in self.masters}
-        for group in self.base_optimizer.param_groups:
-            group["params"] = [swap.get(id(p), p) for p in group["params"]]
-        self.masters = []
+        if self.masters:
+            # DeepSpeed keeps the fp32 masters of the low-precision active block: hand it the parameters themselves
+            swap = {id(master): low for low, master, _ in self.masters}
+            for group in self.base_optimizer.param_groups:
+                group["params"] = [swap.get(id(p), p) for p in group["params"]]
+            self.masters = []
+        if kept:
+            # DeepSpeed keeps one optimizer state (one ``step``) per flat group: the adapters that keep their state
+            # get groups of their own, one per step count, next to the fresh parameters' groups
+            groups = []
+            for group in self.base_optimizer.param_groups:
+                fresh = [p for p in group["params"] if id(p) not in kept]
+                by_step: dict = {}
+                for p in group["params"]:
+                    if id(p) in kept:
+                        by_step.setdefault(_step_of(kept[id(p)]), []).append(p)
+                groups += [{**group, "params": params} for params in ([fresh] if fresh else []) + list(by_step.values())]
+            self.base_optimizer.param_groups = groups
+        self._kept_state = kept
+
+    def _kept_adapter_state(self, block_index: int) -> dict:
+        """This rank's optimizer state of the adapters that stay active across the switch to ``block_index``, read
+        from DeepSpeed's stage-3 optimizer before it is rebuilt: ``{id(param): {key: value}}``, the element-wise
+        states (Adam's moments) as this rank's slice, scalars (``step``) as they are."""
+        zopt = self._ds_engine.optimizer
+        roles = self._roles_for(block_index)
+        kept = {}
+        for name, p in self.named_parameters_list:
+            if not (is_adapter_name(name) and name in self._active_names and roles[name] is Role.ACTIVE):
+                continue
+            position = zopt.grad_position.get(zopt.get_param_id(p))
+            if position is None:
+                continue
+            index, offset, numel = position
+            flat = zopt.fp32_partitioned_groups_flat[index]
+            state = zopt.optimizer.state.get(flat)
+            if not state:
+                continue  # never stepped
+            kept[id(p)] = {key: value.narrow(0, offset, numel).clone() if _elementwise(value, flat) else
+                           value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+        return kept
 
     def state_dict(self) -> dict:
         self._refuse_checkpoint("state_dict")
@@ -412,16 +448,11 @@ class ZeroBlockEngine:
             self.engine.step()
             return
         opt = self.block_optimizer
-        opt._report_skips()
-        lr = opt.param_groups[0]["lr"] * opt._lr_correction()
+        lr = opt.block_lr()
         for group in opt.base_optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
-        opt.global_step += 1
-        opt.block_step += 1
-        if opt.block_step >= opt.switch_block_every:
-            opt.block_step = 0
-            opt._activate(opt.order.advance())
+        if opt.after_base_step():
             self._rebuild_zero_optimizer()
 
     def _rebuild_zero_optimizer(self) -> None:
@@ -436,6 +467,7 @@ class ZeroBlockEngine:
         base.param_groups[:] = [g for g in base.param_groups if g["params"]]
         engine.basic_optimizer = base
         engine.optimizer = engine._configure_zero_optimizer(base)
+        _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))
         if getattr(engine, "_support_torch_style_backward", False):
             engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
         self.switches += 1
@@ -444,6 +476,38 @@ class ZeroBlockEngine:
         _context.loss_scale = lambda: 1.0
         self.block_optimizer._ds_engine = None
         self.engine.destroy()
+
+
+def _elementwise(value, flat: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() == 1 and value.numel() == flat.numel()
+
+
+def _step_of(state: dict):
+    step = state.get("step")
+    return float(step) if step is not None else None
+
+
+@torch.no_grad()
+def _restore_kept_state(zopt, kept: dict) -> None:
+    """Write the kept adapters' optimizer state (see ``ZeroBlockOptimizer._kept_adapter_state``) into the freshly
+    built stage-3 optimizer, whose flat groups keep them apart from fresh parameters."""
+    if not kept:
+        return
+    for group in zopt.fp16_groups:
+        for p in group:
+            entry = kept.get(id(p))
+            if entry is None:
+                continue
+            index, offset, numel = zopt.grad_position[zopt.get_param_id(p)]
+            flat = zopt.fp32_partitioned_groups_flat[index]
+            state = zopt.optimizer.state[flat]
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() == 1:
+                    if key not in state:
+                        state[key] = torch.zeros_like(flat)
+                    state[key].narrow(0, offset, numel).copy_(value)
+                else:
+                    state[key] = value.clone() if torch.is_tensor(value) else value
 
 
 def _mark_lora_leaves(model: torch.nn.Module) -> list:
@@ -456,7 +520,23 @@ def _mark_lora_leaves(model: torch.nn.Module) -> list:
         return []
     from deepspeed.utils import set_z3_leaf_modules
 
-    return set_z3_leaf_modules(model, [LoraLinear], raise_if_not_found=False)
+    leaves = set_z3_leaf_modules(model, [LoraLinear], raise_if_not_found=False)
+    for module in leaves:
+        if "_bread_input_hook" not in module.__dict__:  # registered before DeepSpeed's own hooks, so it runs first
+            module._bread_input_hook = module.register_forward_pre_hook(_input_requires_grad)
+    return leaves
+
+
+def _input_requires_grad(module: torch.nn.Module, args: tuple):
+    """Forward pre-hook of a LoRA leaf module: an input that does not require grad is replaced by a detached copy
+    that does.  DeepSpeed reduces a leaf module's gradients from a full backward hook, which torch runs once the
+    module's input gradients exist — or, when no input requires grad, from the output side, *before* the module's
+    backward has produced the adapters' gradients (they would be reduced as zeros and left in ``.grad``)."""
+    if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor) or args[0].requires_grad:
+        return None
+    if not any(p.requires_grad for p in module.parameters()):
+        return None
+    return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
 
 
 def initialize(model: torch.nn.Module, optimizer: ZeroBlockOptimizer, config, **kwargs: Any) -> ZeroBlockEngine:

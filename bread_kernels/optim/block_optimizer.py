@@ -324,14 +324,30 @@ class BlockOptimizer(torch.optim.Optimizer):
             return 1.0
         return min(1.0, (self.block_step + 1) / warmup)
 
+    def block_lr(self) -> float:
+        """The base optimizer's lr for this step: the scheduled lr (``param_groups[0]["lr"]``) times the
+        after-switch warm-up factor."""
+        return self.param_groups[0]["lr"] * self._lr_correction()
+
+    def after_base_step(self) -> bool:
+        """The bookkeeping after the base optimizer stepped (shared with the ZeRO-3 engine): report this step's
+        skipped on-the-fly updates, advance the counters, and switch blocks when due.  Returns whether it switched."""
+        self._report_skips()
+        self.global_step += 1
+        self.block_step += 1
+        if self.block_step < self.switch_block_every:
+            return False
+        self.block_step = 0
+        self._activate(self.order.advance())
+        return True
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._report_skips()
-        lr = self.param_groups[0]["lr"] * self._lr_correction()
+        lr = self.block_lr()
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
         for low, master, _ in self.masters:
@@ -342,11 +358,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for low, master, _ in self.masters:
             low.copy_(master)
             master.grad = None
-        self.global_step += 1
-        self.block_step += 1
-        if self.block_step >= self.switch_block_every:
-            self.block_step = 0
-            self._activate(self.order.advance())
+        self.after_base_step()
         return loss
 
     def _report_skips(self) -> None:
@@ -357,7 +369,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         warnings.warn(
             f"BlockOptimizer step {self.global_step}: skipped {len(self._skipped)} on-the-fly update(s) because their "
             f"gradient was not finite ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); those weights "
-            "are unchanged", RuntimeWarning, stacklevel=3,
+            "are unchanged", RuntimeWarning, stacklevel=4,
         )
         self._skipped = []
 
