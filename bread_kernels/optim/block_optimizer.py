@@ -10,6 +10,11 @@ parameters are, by ``sgd_mode``:
 * ``"partial"`` (BREAD-SGD-partial): the same, only for the inactive parameters after the first active one in
   ``named_parameters_list`` order (the layers above the active block, the final norm, the head).
 
+On a peft LoRA model (BREAD) the adapters follow ``lora_mode``: ``"all"`` trains every adapter every step,
+``"partial"`` those of the active block and above, ``"adapter_only"`` only the active block's (its base weights
+then stay frozen).  Adapters are trained by the base optimizer with the active block and keep their state across
+switches while they stay trained; ``sgd_mode`` applies to the inactive base weights, never to adapters.
+
 On a model patched by :func:`bread_kernels.patch` the optimizer drives the engine by writing a plan at every switch:
 each Linear weight's :class:`~bread_kernels.Role` (the on-the-fly updates fused into the backward, no ``.grad``)
 and the cut (blocks below it run without autograd); the input embedding's update touches only the rows of the
