@@ -32,10 +32,20 @@ DeepSpeed stays the distributed engine; this module plugs the fused backward int
 * **Collectives** per backward: one reduce-scatter per chunk of each inactive Linear weight, one per bias and per
   inactive hook-path parameter (norms), in fp32; two all-gathers for an inactive embedding; one all-gather of the
   updated persistent parameters.  Never an all-reduce.
-* **LoRA** (BREAD) is refused for now: a patched peft LoRA layer runs its base layer and adapters in one fused
-  function, so ZeRO-3 must gather them as a leaf module; that runs, but does not yet match a single-process run
-  (``BREAD_ZERO_ALLOW_LORA=1`` runs it for investigation).  Also, the stage-3 optimizer is rebuilt at every
-  switch, so adapters active across a switch would restart their Adam moments (one process keeps them).
+* **LoRA** (BREAD, peft ``lora.Linear`` layers): a patched LoRA layer computes its base layer and adapters in one
+  fused function, so :func:`initialize` makes every LoRA layer a ZeRO-3 leaf module (its forward and backward
+  gather base weight and adapters together; DeepSpeed reduces the adapters' gradients from the leaf's full backward
+  hook).  The base weight's on-the-fly update runs in that backward like a plain Linear's.  Torch runs a full
+  backward hook from the output side — before the module's backward has made the adapters' gradients — when no
+  input of the module requires grad (the lowest layers with BAdam-style frozen norms), so a forward pre-hook gives
+  such an input a detached copy that requires grad.  Adapters that stay active across a block switch keep their
+  optimizer state (Adam's moments and step, as one process does): before the stage-3 optimizer is rebuilt their
+  state slices are read from it, they get flat groups of their own (one per step count, since DeepSpeed keeps one
+  state per flat group) and the slices are written into the new optimizer.  Dropout in the adapters draws its mask
+  per rank, as any data-parallel run does.
+* **Gradient clipping**: DeepSpeed clips the gradients it reduces (the active block's, and the adapters') to
+  ``gradient_clipping``, whose default in 0.19 is **1.0**, not off; the on-the-fly updates are never clipped (as in
+  the reference).  Set ``"gradient_clipping": 0`` to train like an unclipped single-process run.
 
 Refused with a clear error (they would be silently wrong): ZeRO stages other than 3, hpZ secondary partitions
 (``zero_hpz_partition_size`` > 1), quantized weights (``zero_quantized_weights`` /
@@ -57,7 +67,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from typing import Any
 
@@ -371,7 +380,8 @@ class ZeroBlockOptimizer(BlockOptimizer):
                 for p in group["params"]:
                     if id(p) in kept:
                         by_step.setdefault(_step_of(kept[id(p)]), []).append(p)
-                groups += [{**group, "params": params} for params in ([fresh] if fresh else []) + list(by_step.values())]
+                parts = ([fresh] if fresh else []) + list(by_step.values())
+                groups += [{**group, "params": params} for params in parts]
             self.base_optimizer.param_groups = groups
         self._kept_state = kept
 
@@ -388,6 +398,10 @@ class ZeroBlockOptimizer(BlockOptimizer):
             position = zopt.grad_position.get(zopt.get_param_id(p))
             if position is None:
                 continue
+            if getattr(zopt, "swap_optimizer", False):
+                raise NotImplementedError("bread_kernels: LoRA adapters keep their optimizer state across a block "
+                                          "switch, which is not implemented with the optimizer state offloaded to "
+                                          "NVMe (offload_optimizer.device = 'nvme')")
             index, offset, numel = position
             flat = zopt.fp32_partitioned_groups_flat[index]
             state = zopt.optimizer.state.get(flat)
@@ -562,11 +576,6 @@ def initialize(model: torch.nn.Module, optimizer: ZeroBlockOptimizer, config, **
         raise RuntimeError(f"bread_kernels: this DeepSpeed lacks internals the integration needs: {problems}")
     base = optimizer.base_optimizer
     base.param_groups[:] = [g for g in base.param_groups if g["params"]]
-    if _mark_lora_leaves(model) and os.environ.get("BREAD_ZERO_ALLOW_LORA") != "1":
-        raise NotImplementedError(
-            "bread_kernels: peft LoRA layers (BREAD) under ZeRO-3 are not supported yet: with the LoRA layers made "
-            "ZeRO-3 leaf modules the run works but does not match a single-process run (about 2% of a step apart "
-            "after one step), so it is refused rather than silently wrong.  BREAD_ZERO_ALLOW_LORA=1 runs it anyway "
-            "(for investigation); tests/integrations/zero3_worker.py has the case 'lora_sgd_all'")
+    _mark_lora_leaves(model)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=base, config=config, **kwargs)
     return ZeroBlockEngine(ds_engine, optimizer)
