@@ -15,48 +15,8 @@ With A = 1 it is exactly ``ReferenceBCD.step``.
 
 from __future__ import annotations
 
-import torch
-
-from tests.optim.reference_bcd import ADAM, SGD, SIGN, ReferenceBCD
+from tests.optim.reference_bcd import ReferenceBCD
 
 
 class AccumulatingReference(ReferenceBCD):
-    def step_accumulated(self, micro_batches: list) -> float:
-        """One optimizer step over ``micro_batches`` (each the combined batch of every rank); returns the mean
-        loss."""
-        self.roles = self.role_of_each()
-        self.block_history.append(self.active_block)
-        for p in self.params.values():
-            p.grad = None
-        n = len(micro_batches)
-        sgd_step = self.scheduled_lr() * self.sgd_lr_scaling
-        total = 0.0
-        for batch in micro_batches:
-            loss = self.loss_fn(self.model, batch)
-            (loss / n).backward()
-            total += loss.item() / n
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    role = self.roles[name]
-                    if role == ADAM:
-                        continue  # accumulates over the micro-batches
-                    if role in (SGD, SIGN) and p.grad is not None:
-                        direction = torch.sign(p.grad) if role == SIGN else p.grad
-                        p.copy_(p.float() - sgd_step * direction.float())
-                    p.grad = None
-        for group in self.base_optimizer.param_groups:
-            group["lr"] = self.block_lr()
-        for p, master in self.masters.items():
-            master.grad = p.grad.float()
-        self.base_optimizer.step()
-        with torch.no_grad():
-            for p, master in self.masters.items():
-                p.copy_(master)
-                master.grad = None
-        for p in self.params.values():
-            p.grad = None
-        self.global_step += 1
-        self.steps_in_block += 1
-        if self.global_step % self.switch_block_every == 0:
-            self._switch()
-        return total
+    """:meth:`ReferenceBCD.step_accumulated` is the step with accumulation; this name is what the workers use."""

@@ -239,23 +239,34 @@ class ReferenceBCD:
     # -- one training step ---------------------------------------------------------------------------------------
     def step(self, batch: torch.Tensor) -> float:
         """Forward, backward, on-the-fly corrections of the inactive parameters, base-optimizer step, switch."""
+        return self.step_accumulated([batch])
+
+    def step_accumulated(self, micro_batches: list) -> float:
+        """One optimizer step over A micro-batches (gradient accumulation; A = 1 is a plain step).  Each
+        micro-batch's backward uses ``loss_i / A``; after it every SGD/SIGN parameter is updated with that
+        micro-batch's gradient (so the next micro-batch sees the updated weight, as hooks on every backward do);
+        the active block's gradients accumulate and the base optimizer steps once; the schedule counts optimizer
+        steps.  Returns the mean loss."""
         self.roles = self.role_of_each()
         self.block_history.append(self.active_block)
         for p in self.params.values():
             p.grad = None
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()  # every parameter's full gradient, at the pre-update weights (tied weights: summed)
-
+        n = len(micro_batches)
         sgd_step = self.scheduled_lr() * self.sgd_lr_scaling
-        with torch.no_grad():
-            for name, p in self.params.items():
-                role = self.roles[name]
-                if role == ADAM:
-                    continue
-                if role in (SGD, SIGN) and p.grad is not None:
-                    direction = torch.sign(p.grad) if role == SIGN else p.grad
-                    p.copy_(p.float() - sgd_step * direction.float())  # in fp32, rounded once to p.s dtype
-                p.grad = None  # inactive parameters never keep a gradient
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.loss_fn(self.model, batch)
+            (loss / n).backward()  # every gradient at the pre-update weights (tied weights: summed)
+            total += loss.item() / n
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    role = self.roles[name]
+                    if role == ADAM:
+                        continue  # accumulates over the micro-batches
+                    if role in (SGD, SIGN) and p.grad is not None:
+                        direction = torch.sign(p.grad) if role == SIGN else p.grad
+                        p.copy_(p.float() - sgd_step * direction.float())  # in fp32, rounded once to p's dtype
+                    p.grad = None  # inactive parameters never keep a gradient
 
         for group in self.base_optimizer.param_groups:
             group["lr"] = self.block_lr()
@@ -273,7 +284,7 @@ class ReferenceBCD:
         self.steps_in_block += 1
         if self.global_step % self.switch_block_every == 0:
             self._switch()
-        return loss.item()
+        return total
 
 
 def _is_adapter(name: str) -> bool:
