@@ -152,10 +152,10 @@ def test_collectives_are_reduce_scatters_and_sparse_gathers(zero3_results):
 
 
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):
-    proc, seconds = launch(tmp_path / "fault", "--fault", "--cases", "sgd_all", timeout=150)
+    # a hang (rank 0 waiting in a collective for rank 1) raises subprocess.TimeoutExpired here and fails the test
+    proc, _ = launch(tmp_path / "fault", "--fault", "--cases", "sgd_all", timeout=150)
     assert proc.returncode != 0
     assert "injected fault: rank 1 fails inside the backward" in proc.stdout + proc.stderr
-    assert seconds < 150
 
 
 def test_config_refusals_and_version_check():
