@@ -12,18 +12,14 @@ import math
 import torch
 from torch import nn
 
-from .patch import unpatch
+from .patch import is_lora_layer, unpatch
 
 __all__ = ["init_bread_lora_", "merge_and_unload", "lora_layers"]
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every peft LoRA linear layer of ``model`` (qualified name, module)."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return []
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    return [(n, m) for n, m in model.named_modules() if is_lora_layer(m)]
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
 from .stream import StreamConfig, streamed_block_forward
 
-__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state"]
+__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "is_lora_layer"]
 
 try:  # GPT-2 and friends store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -184,7 +184,8 @@ def _check_lora_layer(name: str, module) -> None:
         )
 
 
-def _is_lora(module: nn.Module) -> bool:
+def is_lora_layer(module: nn.Module) -> bool:
+    """A peft LoRA linear layer (``peft.tuners.lora.Linear``); False when peft is not installed."""
     return bool(LoraLinear) and isinstance(module, LoraLinear)
 
 
@@ -198,7 +199,7 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
     for name, module in root.named_modules(prefix=prefix):
         if any(name.startswith(f"{lora}.") for lora in inside_lora):
             continue
-        if _is_lora(module):
+        if is_lora_layer(module):
             _check_lora_layer(name, module)
             inside_lora.append(name)
             found.append((name, module))
@@ -250,14 +251,14 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     for index, block in enumerate(blocks):
         prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
         targets += [(name, module, index) for name, module in _fusable_linears(block, prefix)]
-    if head is not None and (_is_linear(head) or _is_lora(head)):
+    if head is not None and (_is_linear(head) or is_lora_layer(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)
         targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
 
     for name, module, index in targets:
         module._bread_plan = None
         module._bread_name = name
-        if _is_lora(module):
+        if is_lora_layer(module):
             forward = _lora_forward
         else:
             forward = _conv1d_forward if Conv1D and isinstance(module, Conv1D) else _linear_forward

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
-from .linear import all_finite, backward_trigger
+from .linear import all_finite, trigger_for
 
 __all__ = ["FusedEmbeddingFunction", "fused_embedding", "fusable_embedding", "row_gradients"]
 
@@ -94,7 +94,5 @@ def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, p
     if ids.device != weight.device:
         raise ValueError(f"fused_embedding: ids are on {ids.device} but the weight is on {weight.device}")
     plan.check()
-    trigger = None
-    if plan.role.updates_on_the_fly and torch.is_grad_enabled() and not weight.requires_grad:
-        trigger = backward_trigger()
+    trigger = trigger_for(plan, weight)  # the ids never require grad
     return FusedEmbeddingFunction.apply(ids, weight, padding_idx, plan, trigger)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
 
-__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "start_weight_role",
-           "finish_weight_role"]
+__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "trigger_for",
+           "start_weight_role", "finish_weight_role"]
 
 _BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
 
@@ -36,6 +36,15 @@ def backward_trigger() -> torch.Tensor:
     requires grad (an on-the-fly role on a frozen weight whose input comes from a frozen embedding).  Functions
     return no gradient for it, so it never gets a ``.grad``."""
     return _BACKWARD_TRIGGER
+
+
+def trigger_for(plan: WeightPlan, *inputs: torch.Tensor | None) -> torch.Tensor | None:
+    """The backward trigger when ``plan`` updates its weight on the fly but none of ``inputs`` requires grad (so
+    autograd would never run the Function's backward); None otherwise."""
+    if plan.role.updates_on_the_fly and torch.is_grad_enabled() and \
+            not any(t is not None and t.requires_grad for t in inputs):
+        return backward_trigger()
+    return None
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -161,11 +170,4 @@ def apply_on_the_fly_update(plan: WeightPlan, role: Role, weight, bias, contribu
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
     check_linear_inputs(x, weight, bias, plan)
-    trigger = None
-    if (
-        plan.role.updates_on_the_fly
-        and torch.is_grad_enabled()
-        and not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    ):
-        trigger = backward_trigger()
-    return FusedLinearFunction.apply(x, weight, bias, plan, trigger)
+    return FusedLinearFunction.apply(x, weight, bias, plan, trigger_for(plan, x, weight, bias))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import WeightPlan
-from .linear import backward_trigger, check_linear_inputs, finish_weight_role, start_weight_role
+from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
 
 __all__ = ["FusedLoRALinearFunction", "fused_lora_linear", "check_lora_inputs"]
 
@@ -98,14 +98,16 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         grad_x = grad_x_lora = None
         if needs[0]:
             grad_x = grad_output @ weight  # before any update of W (design invariant 1)
-            if need_lora_dx and not ctx.separate_lora_input:  # dX += s · v A
-                flat = grad_x.view(-1, n_in)
-                if flat.dtype == lora_a.dtype:
-                    flat.addmm_(v, lora_a, alpha=ctx.scaling)
+        if need_lora_dx:  # s · v A: into dX directly (a GEMM epilogue when the dtypes agree), or to x̃'s autograd
+            flat = grad_x.view(-1, n_in) if not ctx.separate_lora_input else None
+            if flat is not None and flat.dtype == lora_a.dtype:
+                flat.addmm_(v, lora_a, alpha=ctx.scaling)
+            else:
+                lora_dx = torch.mm(v, lora_a).mul_(ctx.scaling)
+                if flat is not None:
+                    flat.add_(lora_dx.to(flat.dtype))
                 else:
-                    flat.add_(torch.mm(v, lora_a).mul_(ctx.scaling).to(flat.dtype))
-        if ctx.separate_lora_input and need_lora_dx:
-            grad_x_lora = torch.mm(v, lora_a).mul_(ctx.scaling).view(x_lora.shape)
+                    grad_x_lora = lora_dx.view(x_lora.shape)
 
         grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, needs[2], needs[3])
         if grad_a is not None:
@@ -124,8 +126,5 @@ def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torc
     if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != lora_a.dtype):
         raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
                          f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")
-    trigger = None
-    if plan.role.updates_on_the_fly and torch.is_grad_enabled() and not any(
-            t is not None and t.requires_grad for t in (x, x_lora, weight, bias, lora_a, lora_b)):
-        trigger = backward_trigger()
+    trigger = trigger_for(plan, x, x_lora, weight, bias, lora_a, lora_b)
     return FusedLoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, float(scaling), plan, trigger)
