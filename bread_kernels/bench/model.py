@@ -88,11 +88,9 @@ def ideal_backward_flops(model, variant, active, tokens, seq, lora_rank=0) -> fl
     lowest = 0 if sgd == "all" or lora_mode == "all" else active
     hidden = model.config.hidden_size
     linears = [m for m in layers[0].modules() if type(m) is torch.nn.Linear]
-    per_layer = sum(2 * tokens * m.in_features * m.out_features for m in linears if m.out_features != lora_rank
-                    and m.in_features != lora_rank)
+    per_layer = sum(2 * tokens * m.in_features * m.out_features for m in linears)
     # LoRA adapters: v = gB, dB, dA and the s·vA term of dX: four rank-r GEMMs per linear
-    lora = sum(2 * tokens * lora_rank * (2 * m.out_features + 2 * m.in_features) for m in linears
-               if m.out_features != lora_rank and m.in_features != lora_rank) if lora_mode else 0
+    lora = sum(2 * tokens * lora_rank * (2 * m.out_features + 2 * m.in_features) for m in linears) if lora_mode else 0
     attention = 4 * tokens * seq * hidden  # scores and weighted values, forward FLOPs
     head = 2 * tokens * model.lm_head.in_features * model.lm_head.out_features
     flops = head * (2 if sgd != "disabled" else 1)  # head: dX always, dW when it is updated
