@@ -1,17 +1,19 @@
-"""The layer-streaming backward: one ``autograd.Function`` per block of the stack.
+"""The layer-streaming backward: which blocks of the stack run under autograd, and how they are recomputed.
 
 Forward, for block ℓ of L, with the cut c (the lowest block whose backward the step needs):
 
 * ℓ < c: the block runs under ``no_grad`` and stores nothing — no backward will ever reach it.
-* ℓ ≥ c, ``recompute=True``: :class:`BlockFunction` runs the block under ``no_grad`` and saves only its input
-  (and the RNG state); its backward recomputes the block with grad enabled, runs the block's backward — the fused
-  Linear functions inside apply each weight's Role — and returns dX, or nothing for the lowest needed block.
+* ℓ ≥ c, ``recompute=True``: the block runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved):
+  its graph is built but only its input is kept; the backward recomputes the saved tensors — stopping as soon as
+  the last one the backward needs exists, so a pre-norm block's last GEMM is never recomputed (see
+  :mod:`bread_kernels.functions.recompute`) — and the fused Linear functions inside apply each weight's Role.
+  The lowest needed block's input needs no gradient, so autograd computes no dX for it.
 * ℓ ≥ c, ``recompute=False``: the block runs under plain autograd (activations kept); the fused Linear functions
   still apply the Roles.
 
-A block with on-the-fly work but whose input does not require grad (the lowest needed block) is given a backward
-trigger so autograd still visits it.  Tensor arguments other than the hidden states (attention mask, rotary
-cos/sin) are passed through unchanged and must not require grad.
+A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
+backward: its fused functions take a backward trigger.  Tensor arguments other than the hidden states (attention
+mask, rotary cos/sin) are passed through unchanged and must not require grad.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .functions.linear import backward_trigger
+from .functions.recompute import recomputing
 
-__all__ = ["StreamConfig", "BlockFunction", "streamed_block_forward"]
+__all__ = ["StreamConfig", "streamed_block_forward"]
 
 
 @dataclass
@@ -37,78 +40,8 @@ class StreamConfig:
 
     recompute: bool = True
     cut: int = 0
-    #: how many block backwards ran (recompute + backward), by block index; for tests and benchmarks
+    #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
     backward_calls: dict = field(default_factory=dict)
-
-
-def _rng_state(device: torch.device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-@contextlib.contextmanager
-def _restored_rng(state, device: torch.device):
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], device)
-        yield
-
-
-def _split_output(output):
-    """(tensors, rebuild): the floating tensors of a block's output and how to put the output back together."""
-    if isinstance(output, torch.Tensor):
-        return (output,), lambda ts: ts[0]
-    if isinstance(output, (tuple, list)):
-        positions = [i for i, o in enumerate(output) if isinstance(o, torch.Tensor) and o.is_floating_point()]
-        kind = type(output)
-
-        def rebuild(ts):
-            items = list(output)
-            for i, t in zip(positions, ts):
-                items[i] = t
-            return kind(items) if kind in (tuple, list) else kind(*items)
-
-        return tuple(output[i] for i in positions), rebuild
-    raise TypeError(
-        f"bread_kernels: a block returned {type(output).__name__}; the streaming backward supports blocks that return "
-        "a tensor or a tuple of tensors (patch(model, recompute=False) runs any block under plain autograd)"
-    )
-
-
-class BlockFunction(torch.autograd.Function):
-    """Inputs: run (hidden -> output of the block), config, index, meta (receives ``rebuild``), hidden, trigger.
-
-    Returns the floating tensors of the block's output; ``meta["rebuild"]`` puts them back into the block's own
-    output structure (non-tensor items such as ``None`` come from the no-grad forward).
-    """
-
-    @staticmethod
-    def forward(ctx, run: Callable, config: StreamConfig, index: int, meta: dict, hidden: torch.Tensor, trigger):
-        ctx.run, ctx.config, ctx.index = run, config, index
-        ctx.rng = _rng_state(hidden.device)
-        ctx.save_for_backward(hidden)
-        with torch.no_grad():
-            output = run(hidden)
-        tensors, meta["rebuild"] = _split_output(output)
-        meta["count"] = len(tensors)
-        return tensors if len(tensors) > 1 else tensors[0]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        (hidden,) = ctx.saved_tensors
-        needs_dx = ctx.needs_input_grad[4]
-        ctx.config.backward_calls[ctx.index] = ctx.config.backward_calls.get(ctx.index, 0) + 1
-        inp = hidden.detach().requires_grad_(needs_dx)
-        with torch.enable_grad(), _restored_rng(ctx.rng, hidden.device):
-            tensors, _ = _split_output(ctx.run(inp))
-        pairs = [(t, g) for t, g in zip(tensors, grads) if g is not None and t.requires_grad]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        return None, None, None, None, (inp.grad if needs_dx else None), None
 
 
 def block_has_work(block: nn.Module) -> bool:
@@ -162,24 +95,27 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
                     "hidden states' gradient. Use patch(model, recompute=False) for this model."
                 )
 
+    calls = 0
+
     def run(h):
-        # the autograd graph keeps ``run`` (in ctx) until it is freed: holding no hidden state here keeps a block's
+        # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
         # recomputed input (and its .grad) from living on after the block's backward
+        nonlocal calls
+        calls += 1
+        recompute = calls > 1  # checkpoint calls ``run`` once in the forward, again in the backward
+        if recompute:
+            config.backward_calls[index] = config.backward_calls.get(index, 0) + 1
         arguments[hidden_name] = h
         try:
-            return original(*bound.args, **bound.kwargs)
+            with recomputing() if recompute else contextlib.nullcontext():
+                return original(*bound.args, **bound.kwargs)
         finally:
             arguments[hidden_name] = None
 
-    trigger = None
-    if not hidden.requires_grad:
-        if not block_has_work(block):
-            with torch.no_grad():
-                return run(hidden)
-        trigger = backward_trigger()
-    meta: dict = {}
-    out = BlockFunction.apply(run, config, index, meta, hidden, trigger)
-    return meta["rebuild"](out if meta["count"] > 1 else (out,))
+    if not hidden.requires_grad and not block_has_work(block):
+        with torch.no_grad():
+            return run(hidden)
+    return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -50,13 +50,11 @@ def main(argv=None):
         lora.run(args.out_features, args.in_features, args.tokens, args.lora_rank, DTYPES[args.dtype], args.repeats,
                  args.device)
     else:
-        if args.device != "cpu":
-            parser.error("the model suite runs on the CPU for now")
         if any(not 0 <= p < args.layers for p in args.positions):
             parser.error(f"--positions must be block indices in [0, {args.layers})")
         model.run(tuple(args.positions), tuple(args.variants), args.batch, args.seq, DTYPES[args.dtype], args.repeats,
                   not args.no_recompute, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                  heads=args.heads, vocab=args.vocab, lora_rank=args.lora_rank)
+                  heads=args.heads, vocab=args.vocab, lora_rank=args.lora_rank, device=args.device)
 
 
 if __name__ == "__main__":

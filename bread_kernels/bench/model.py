@@ -69,12 +69,22 @@ def _optimizer(model, variant, active, lr=1e-5):
                               switch_mode="fixed", start_block=active, verbose=0, **VARIANTS[variant])
 
 
-def gemm_flops_per_second(dtype, n=1024, repeats=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_flops_per_second(dtype, n=1024, repeats=5, device="cpu") -> float:
+    device = torch.device(device)
+    if device.type == "cuda":
+        n, repeats = 4096, 20
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
@@ -103,15 +113,17 @@ def ideal_backward_flops(model, variant, active, tokens, seq, lora_rank=0) -> fl
 
 def _backward_time(model, opt, ids) -> float:
     loss = model(input_ids=ids, labels=ids).loss
+    _synchronize(ids.device)
     start = time.perf_counter()
     loss.backward()
+    _synchronize(ids.device)
     elapsed = time.perf_counter() - start
     opt.zero_grad()
     return elapsed
 
 
 def _peak(model, opt, ids) -> int:
-    peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
+    peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward(), ids.device).peak_bytes
     opt.zero_grad()
     return peak
 
@@ -129,15 +141,16 @@ def _measure_pair(engine, reference, ids, repeats):
 
 
 def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=torch.float32, repeats=3,
-        recompute=True, print_fn=print, lora_rank=8, **model_kwargs):
-    plain = build_model(dtype=dtype, **model_kwargs)
+        recompute=True, print_fn=print, lora_rank=8, device="cpu", **model_kwargs):
+    plain = build_model(dtype=dtype, **model_kwargs).to(device)
     lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
     base = plain
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    throughput = gemm_flops_per_second(dtype)
+    ids = ids.to(device)
+    throughput = gemm_flops_per_second(dtype, device=device)
     print_fn(f"BCD backward, Llama {len(base.model.layers)}x{base.config.hidden_size} (inter "
              f"{base.config.intermediate_size}, vocab {base.config.vocab_size}), batch {batch}x{seq}, {dtype}, "
-             f"recompute={recompute}, on {device_name()}; GEMM {throughput / 1e9:.0f} GFLOP/s")
+             f"recompute={recompute}, on {device_name(device)}; GEMM {throughput / 1e9:.0f} GFLOP/s")
     print_fn(f"{'variant':<20}{'active':>7}{'engine ms':>11}{'ref ms':>9}{'time ratio':>12}{'engine MiB':>12}"
              f"{'ref MiB':>9}{'mem ratio':>11}{'x ideal':>9}")
     summary = {}

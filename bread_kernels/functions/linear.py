@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
+from .recompute import apply_deferring_output, is_recomputing
 
-__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "trigger_for",
-           "start_weight_role", "finish_weight_role"]
+__all__ = ["FusedLinearFunction", "fused_linear", "linear_output", "check_linear_inputs", "backward_trigger",
+           "trigger_for", "start_weight_role", "finish_weight_role"]
 
 _BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
 
@@ -85,14 +86,40 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         )
 
 
+def linear_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, or the same values written into ``out`` (contiguous, [..., N]) by the same
+    BLAS calls ``F.linear`` makes, so a deferred recompute reproduces the forward bit for bit."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is not None and (x.dim() == 2 or (x.dim() > 2 and x.is_contiguous())):  # F.linear's one addmm
+        torch.addmm(bias, x.view(-1, x.shape[-1]) if x.dim() > 2 else x, weight.t(), out=out.view(-1, weight.shape[0]))
+    else:
+        torch.matmul(x, weight.t(), out=out)
+        if bias is not None:
+            out.add_(bias)
+    return out
+
+
+def deferred_output(deferred: list, x: torch.Tensor, n_out: int, fill) -> torch.Tensor:
+    """An uninitialised [..., n_out] output whose values ``fill(output)`` writes once ``apply`` returns (see
+    :mod:`bread_kernels.functions.recompute`)."""
+    output = x.new_empty(*x.shape[:-1], n_out)
+    deferred.append(lambda: fill(output))
+    return output
+
+
 class FusedLinearFunction(torch.autograd.Function):
-    """See the module docstring for the maths.  Inputs: x, weight, bias (or None), plan, trigger (or None)."""
+    """See the module docstring for the maths.  Inputs: x, weight, bias (or None), plan, trigger (or None),
+    deferred (None, or during a recompute the list that receives the output's GEMM)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: WeightPlan, trigger):
+    def forward(ctx, x, weight, bias, plan: WeightPlan, trigger, deferred):
         needs_x = start_weight_role(ctx, plan)
         ctx.save_for_backward(x if needs_x else None, weight, bias)
-        return F.linear(x, weight, bias)
+        if deferred is None:
+            return linear_output(x, weight, bias)
+        return deferred_output(deferred, x, weight.shape[0], lambda out: linear_output(x, weight, bias, out))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -103,15 +130,16 @@ class FusedLinearFunction(torch.autograd.Function):
         g = grad_output.reshape(-1, weight.shape[0])
         grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
                                                     ctx.needs_input_grad[2])
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def start_weight_role(ctx, plan: WeightPlan) -> bool:
     """Forward half of a weight's Role (shared with the LoRA function): record the plan on ``ctx`` and register
-    this use of an on-the-fly weight.  Returns whether the backward needs the layer's input ``x``."""
+    this use of an on-the-fly weight (not again in a block's recompute, whose graph the backward never runs).
+    Returns whether the backward needs the layer's input ``x``."""
     ctx.plan = plan
     ctx.role = plan.role
-    ctx.use = plan.register_use() if plan.role.updates_on_the_fly else None
+    ctx.use = plan.register_use() if plan.role.updates_on_the_fly and not is_recomputing() else None
     return plan.role is Role.ACTIVE or plan.role.updates_on_the_fly  # dX needs only W
 
 
@@ -170,4 +198,4 @@ def apply_on_the_fly_update(plan: WeightPlan, role: Role, weight, bias, contribu
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
     check_linear_inputs(x, weight, bias, plan)
-    return FusedLinearFunction.apply(x, weight, bias, plan, trigger_for(plan, x, weight, bias))
+    return apply_deferring_output(FusedLinearFunction, x, weight, bias, plan, trigger_for(plan, x, weight, bias))

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import WeightPlan
-from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
+from .linear import (check_linear_inputs, deferred_output, finish_weight_role, linear_output, start_weight_role,
+                     trigger_for)
+from .recompute import apply_deferring_output
 
 __all__ = ["FusedLoRALinearFunction", "fused_lora_linear", "check_lora_inputs"]
 
@@ -59,24 +61,21 @@ def check_lora_inputs(x, weight, lora_a, lora_b, scaling) -> None:
 
 class FusedLoRALinearFunction(torch.autograd.Function):
     """See the module docstring.  Inputs: x, x_lora (None: x), weight, bias, lora_a, lora_b, scaling, plan,
-    trigger."""
+    trigger, deferred (None, or during a recompute the list that receives the output's GEMMs)."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, plan: WeightPlan, trigger):
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, plan: WeightPlan, trigger, deferred):
         needs_x = start_weight_role(ctx, plan)
         ctx.scaling = scaling
         ctx.separate_lora_input = x_lora is not None
         adapter_input = x_lora if x_lora is not None else x.to(lora_a.dtype)
-        result = F.linear(x, weight, bias)
         u = F.linear(adapter_input, lora_a)
-        if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
-            output = result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)
-            output = output.view(result.shape)
-        else:  # fp32 adapters on a low-precision layer: peft's promotion to fp32, then one rounding
-            output = (result + F.linear(u, lora_b) * scaling).to(result.dtype)
         keep_x = needs_x or x_lora is None  # x is also the adapter input when there is no dropout
         ctx.save_for_backward(x if keep_x else None, x_lora, weight, bias, lora_a, lora_b, u)
-        return output
+        if deferred is None:
+            return lora_output(x, weight, bias, u, lora_b, scaling)
+        return deferred_output(deferred, x, weight.shape[0],
+                               lambda out: lora_output(x, weight, bias, u, lora_b, scaling, out))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -114,7 +113,18 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def lora_output(x, weight, bias, u, lora_b, scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b + s·u Bᵀ`` exactly as peft computes it (into ``out`` when given; see :func:`linear_output`)."""
+    result = linear_output(x, weight, bias, out)
+    if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
+        result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)
+        return result
+    # fp32 adapters on a low-precision layer: peft's promotion to fp32, then one rounding
+    mixed = (result + F.linear(u, lora_b) * scaling).to(result.dtype)
+    return mixed if out is None else out.copy_(mixed)
 
 
 def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -127,4 +137,5 @@ def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torc
         raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
                          f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")
     trigger = trigger_for(plan, x, x_lora, weight, bias, lora_a, lora_b)
-    return FusedLoRALinearFunction.apply(x, x_lora, weight, bias, lora_a, lora_b, float(scaling), plan, trigger)
+    return apply_deferring_output(FusedLoRALinearFunction, x, x_lora, weight, bias, lora_a, lora_b, float(scaling), plan,
+                                  trigger)

@@ -161,3 +161,41 @@ def test_a_finished_block_backward_keeps_nothing_alive_while_the_graph_lives():
         f"{trace.retained_bytes - grad_bytes} B beyond the .grads stay alive after the backward "
         f"(one block's hidden state is {hidden_bytes} B)")
     del loss
+
+
+def _backward_flops(model, ids) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = loss_of(model, ids)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def _hf_checkpointed(model):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_recompute_does_exactly_the_matmul_work_of_hf_checkpointing(arch):
+    """Every weight trained: the streamed backward's FLOPs equal those of HF's non-reentrant checkpointing, which
+    stops each recompute after the last saved tensor.  So the fused functions' deferred output GEMM is skipped where
+    the output feeds nothing saved (Llama's down_proj, GPT-2's c_proj: otherwise the counts would be higher) and
+    computed where it does (BERT's post-norm LayerNorm saves its input)."""
+    plain = BUILDERS[arch]().train()
+    patched = bread_kernels.patch(copy.deepcopy(plain))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF's use_cache notice
+        assert _backward_flops(patched, batch(0)) == _backward_flops(_hf_checkpointed(copy.deepcopy(plain)), batch(0))
+
+
+def test_lora_recompute_does_less_matmul_work_than_peft_with_hf_checkpointing():
+    import peft
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    plain = peft.get_peft_model(BUILDERS["llama"](), peft.LoraConfig(r=4, target_modules=targets)).train()
+    patched = bread_kernels.patch(copy.deepcopy(plain))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _backward_flops(patched, batch(0)) < _backward_flops(_hf_checkpointed(copy.deepcopy(plain)), batch(0))
