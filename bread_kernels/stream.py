@@ -12,8 +12,8 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   still apply the Roles.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
-backward: its fused functions take a backward trigger.  Tensor arguments other than the hidden states (attention
-mask, rotary cos/sin) are passed through unchanged and must not require grad.
+backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
+that requires grad) are passed through to every run of the block; the checkpoint carries their gradients too.
 """
 
 from __future__ import annotations
@@ -86,14 +86,11 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
                 arguments[name] = None
     if arguments.get("use_cache"):
         arguments["use_cache"] = False
-    for name, value in arguments.items():
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
-        for t in values:
-            if name != hidden_name and isinstance(t, torch.Tensor) and t.requires_grad:
-                raise RuntimeError(
-                    f"bread_kernels: block argument {name!r} requires grad; the streaming backward only carries the "
-                    "hidden states' gradient. Use patch(model, recompute=False) for this model."
-                )
+    other_tensors_need_grad = any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for name, value in arguments.items() if name != hidden_name
+        for t in (value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,))
+    )
 
     calls = 0
 
@@ -112,7 +109,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         finally:
             arguments[hidden_name] = None
 
-    if not hidden.requires_grad and not block_has_work(block):
+    if not (hidden.requires_grad or other_tensors_need_grad or block_has_work(block)):
         with torch.no_grad():
             return run(hidden)
     return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)

@@ -199,3 +199,46 @@ def test_lora_recompute_does_less_matmul_work_than_peft_with_hf_checkpointing():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _backward_flops(patched, batch(0)) < _backward_flops(_hf_checkpointed(copy.deepcopy(plain)), batch(0))
+
+
+class _GatedBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, hidden, gate):
+        return hidden + torch.tanh(self.proj(hidden)) * gate
+
+
+class _GatedStack(nn.Module):
+    """Blocks that take a second tensor argument computed from a trainable parameter."""
+
+    def __init__(self, width=24, depth=3):
+        super().__init__()
+        self.gate_logits = nn.Parameter(torch.randn(width))
+        self.layers = nn.ModuleList(_GatedBlock(width) for _ in range(depth))
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.gate_logits)
+        for layer in self.layers:
+            x = layer(x, gate=gate)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("input_needs_grad", [True, False])
+@pytest.mark.parametrize("blocks_frozen", [False, True])
+def test_block_arguments_that_require_grad_get_their_gradient(input_needs_grad, blocks_frozen):
+    """Even when nothing else in the blocks needs a gradient, a block argument that requires grad gets one."""
+    torch.manual_seed(0)
+    plain = _GatedStack()
+    for p in plain.layers.parameters():
+        p.requires_grad_(not blocks_frozen)
+    patched = bread_kernels.patch(copy.deepcopy(plain), blocks=None)
+    x = torch.randn(5, 7, 24, requires_grad=input_needs_grad)
+    plain(x).backward()
+    patched(x.detach().requires_grad_(input_needs_grad)).backward()
+    assert patched_state(patched).stream.backward_calls == {0: 1, 1: 1, 2: 1}
+    expected, actual = grads(plain), grads(patched)
+    assert expected.keys() == actual.keys() and "gate_logits" in actual
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
