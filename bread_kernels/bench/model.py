@@ -11,7 +11,8 @@ through every layer), plain autograd, and post-accumulate-grad hooks for the on-
 False)`` against the reference without checkpointing.
 
 Reported per variant and position: backward time (median of the repeats, engine and reference alternating; the
-forward is not timed), peak extra
+forward is not timed), the ratio of the matmul FLOPs the two backwards actually ran (counted by
+``torch.utils.flop_counter``: the time ratio the engine would reach at the reference's GEMM efficiency), peak extra
 memory over forward+backward, their ratios to the reference, and the backward time as a multiple of the ideal
 GEMM time: the matmul FLOPs the variant must do in its backward (dX below the top for every block above the
 lowest needed one, dW for the blocks whose weights get one) divided by this machine's measured GEMM throughput.
@@ -128,6 +129,32 @@ def _peak(model, opt, ids) -> int:
     return peak
 
 
+def _flop_mapping() -> dict:
+    """FlopCounterMode formulas for the ops its registry lacks: the in-place ``addmm_`` (the CPU backends' fused SGD
+    update, the LoRA epilogues) and the CPU flash attention (torch's own formulas for the CUDA kernel)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    return {
+        aten.addmm_: lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1],
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(g, q, k, v),
+    }
+
+
+def backward_flops(model, opt, ids) -> int:
+    """Matmul FLOPs of one backward, counted by ``torch.utils.flop_counter`` (a Triton kernel's are invisible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = model(input_ids=ids, labels=ids).loss
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+        loss.backward()
+    opt.zero_grad()
+    return counter.get_total_flops()
+
+
 def _measure_pair(engine, reference, ids, repeats):
     """Median backward times of both, measured alternately (so drift of the machine hits both alike), after one
     warm-up each; then each one's peak memory over forward + backward."""
@@ -151,8 +178,8 @@ def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=
     print_fn(f"BCD backward, Llama {len(base.model.layers)}x{base.config.hidden_size} (inter "
              f"{base.config.intermediate_size}, vocab {base.config.vocab_size}), batch {batch}x{seq}, {dtype}, "
              f"recompute={recompute}, on {device_name(device)}; GEMM {throughput / 1e9:.0f} GFLOP/s")
-    print_fn(f"{'variant':<20}{'active':>7}{'engine ms':>11}{'ref ms':>9}{'time ratio':>12}{'engine MiB':>12}"
-             f"{'ref MiB':>9}{'mem ratio':>11}{'x ideal':>9}")
+    print_fn(f"{'variant':<20}{'active':>7}{'engine ms':>11}{'ref ms':>9}{'time ratio':>12}{'FLOP ratio':>12}"
+             f"{'engine MiB':>12}{'ref MiB':>9}{'mem ratio':>11}{'x ideal':>9}")
     summary = {}
     for variant in variants:
         ratios = []
@@ -165,14 +192,17 @@ def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=
                     reference.activation_checkpointing_enable({"use_reentrant": False})
                 else:
                     reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            t_engine, t_ref, m_engine, m_ref = _measure_pair((engine, _optimizer(engine, variant, active)),
-                                                             (reference, _optimizer(reference, variant, active)),
-                                                             ids, repeats)
+            engine_side = (engine, _optimizer(engine, variant, active))
+            reference_side = (reference, _optimizer(reference, variant, active))
+            t_engine, t_ref, m_engine, m_ref = _measure_pair(engine_side, reference_side, ids, repeats)
+            hidden_updates = ids.device.type == "cuda" and VARIANTS[variant].get("sgd_mode", "disabled") != "disabled"
+            flop_ratio = (f"{backward_flops(*engine_side, ids) / backward_flops(*reference_side, ids):>12.3f}"
+                          if not hidden_updates else f"{'-':>12}")  # the Triton update kernel's GEMM is uncounted
             ideal = ideal_backward_flops(plain, variant, active, batch * seq, seq,
                                          lora_rank if variant in LORA_VARIANTS else 0) / throughput
             ratios.append((t_engine / t_ref, m_engine / m_ref, m_engine))
             print_fn(f"{variant:<20}{active:>7}{t_engine * 1e3:>11.0f}{t_ref * 1e3:>9.0f}{t_engine / t_ref:>12.3f}"
-                     f"{m_engine / 2**20:>12.1f}{m_ref / 2**20:>9.1f}{m_engine / m_ref:>11.3f}{t_engine / ideal:>9.2f}")
+                     f"{flop_ratio}{m_engine / 2**20:>12.1f}{m_ref / 2**20:>9.1f}{m_engine / m_ref:>11.3f}{t_engine / ideal:>9.2f}")
             del engine, reference
         summary[variant] = (statistics.mean(r[0] for r in ratios), statistics.mean(r[1] for r in ratios),
                             statistics.mean(r[2] for r in ratios))
