@@ -127,7 +127,7 @@ def _lora_forward(self, x, *args, **kwargs):
     if plan is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own
     adapter = _trained_adapter(self)  # refuses what the backward could not do, before any backward runs
-    if not torch.is_grad_enabled():  # evaluation, and a streamed block's first forward (recomputed in backward)
+    if not torch.is_grad_enabled():  # evaluation, and blocks below the cut
         return type(self).forward(self, x, *args, **kwargs)
     if args or kwargs:
         raise TypeError(

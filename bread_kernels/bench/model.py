@@ -129,7 +129,7 @@ def _peak(model, opt, ids) -> int:
     return peak
 
 
-def _flop_mapping() -> dict:
+def extra_flop_formulas() -> dict:
     """FlopCounterMode formulas for the ops its registry lacks: the in-place ``addmm_`` (the CPU backends' fused SGD
     update, the LoRA epilogues) and the CPU flash attention (torch's own formulas for the CUDA kernel)."""
     from torch.utils import flop_counter
@@ -149,7 +149,7 @@ def backward_flops(model, opt, ids) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     loss = model(input_ids=ids, labels=ids).loss
-    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+    with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
         loss.backward()
     opt.zero_grad()
     return counter.get_total_flops()

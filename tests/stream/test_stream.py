@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import bread_kernels
+from bread_kernels import Role
 from bread_kernels.functions import linear as linear_module
 from bread_kernels.patch import patched_state
 from tests.model_zoo import BUILDERS, batch, loss_of
@@ -166,14 +167,26 @@ def test_a_finished_block_backward_keeps_nothing_alive_while_the_graph_lives():
 def _backward_flops(model, ids) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bread_kernels.bench.model import extra_flop_formulas  # counts the in-place addmm_ epilogues too
+
     loss = loss_of(model, ids)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
         loss.backward()
     return counter.get_total_flops()
 
 
 def _hf_checkpointed(model):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _fused_everywhere(model):
+    """Patch and give every fused module a plan, so the fused functions run (an unplanned module runs F.linear):
+    ACTIVE where the weight trains, FROZEN where it does not (peft's base weights)."""
+    bread_kernels.patch(model)
+    for name, module in patched_state(model).fused_modules:
+        weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+        module._bread_plan = bread_kernels.WeightPlan(Role.ACTIVE if weight.requires_grad else Role.FROZEN, name=name)
     return model
 
 
@@ -184,21 +197,33 @@ def test_recompute_does_exactly_the_matmul_work_of_hf_checkpointing(arch):
     the output feeds nothing saved (Llama's down_proj, GPT-2's c_proj: otherwise the counts would be higher) and
     computed where it does (BERT's post-norm LayerNorm saves its input)."""
     plain = BUILDERS[arch]().train()
-    patched = bread_kernels.patch(copy.deepcopy(plain))
+    patched = _fused_everywhere(copy.deepcopy(plain))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HF's use_cache notice
         assert _backward_flops(patched, batch(0)) == _backward_flops(_hf_checkpointed(copy.deepcopy(plain)), batch(0))
+    assert all(p.grad is not None for p in patched.parameters())
 
 
-def test_lora_recompute_does_less_matmul_work_than_peft_with_hf_checkpointing():
+def test_lora_recompute_skips_the_base_gemm_that_peft_recomputes():
+    """The same matmul work as peft under HF checkpointing, except (1) each block's down_proj base GEMM: peft computes
+    it before the adapters save their inputs, so its recompute cannot stop before it; the fused function defers it;
+    (2) the first block's q/k/v dX (base and adapter), which HF's checkpointing computes because it makes the input
+    embeddings require grad, while nothing below those layers trains."""
     import peft
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     plain = peft.get_peft_model(BUILDERS["llama"](), peft.LoraConfig(r=4, target_modules=targets)).train()
-    patched = bread_kernels.patch(copy.deepcopy(plain))
+    patched = _fused_everywhere(copy.deepcopy(plain))
+    ids = batch(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert _backward_flops(patched, batch(0)) < _backward_flops(_hf_checkpointed(copy.deepcopy(plain)), batch(0))
+        saved = _backward_flops(_hf_checkpointed(copy.deepcopy(plain)), ids) - _backward_flops(patched, ids)
+    layers = plain.base_model.model.model.layers
+    down = [layer.mlp.down_proj.get_base_layer() for layer in layers]
+    first_dx = [getattr(layers[0].self_attn, name) for name in ("q_proj", "k_proj", "v_proj")]
+    rank = first_dx[0].r["default"]
+    assert saved == (sum(2 * ids.numel() * m.in_features * m.out_features for m in down)
+                     + sum(2 * ids.numel() * m.in_features * (m.out_features + rank) for m in first_dx))
 
 
 class _GatedBlock(nn.Module):
