@@ -64,7 +64,7 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 f"fused_linear: {what} has dtype {t.dtype}; the fused linear supports float32, bfloat16 and float16 "
                 "(cast integer or float64 data with .to(weight.dtype) first)"
             )
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         raise NotImplementedError(
             "fused_linear: torch.autocast is not supported (the fused backward computes in the weights' dtype); cast "
             "the model instead, e.g. model.to(torch.bfloat16): BlockOptimizer keeps fp32 masters of the active block"
