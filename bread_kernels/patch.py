@@ -34,6 +34,7 @@ from torch import nn
 from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
+from .plan import begin_forward
 from .stream import StreamConfig, streamed_block_forward
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "is_lora_layer"]
@@ -72,6 +73,7 @@ class PatchedModel:
         self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
+        self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
 
     def block_prefixes(self) -> list[str]:
         return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
@@ -283,6 +285,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
                                                                                    **k),
             block,
         )
+    state.forward_hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
@@ -300,6 +303,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         block.__dict__.pop("forward", None)
         if state.checkpointing_flags.get(index):
             block.gradient_checkpointing = True
+    state.forward_hook.remove()
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
     return model

@@ -16,7 +16,18 @@ from typing import Callable, Union
 
 import torch
 
-__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan"]
+__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "begin_forward"]
+
+_forward_epoch = 0
+
+
+def begin_forward() -> None:
+    """Start a new forward: uses of an on-the-fly weight registered from now on belong to it, and an update waits
+    only for the backward of the uses of its own forward.  :func:`bread_kernels.patch` calls it before every forward
+    of the patched model, so a graph kept alive without a backward (a logged loss, a metric forward with grad on)
+    never holds back later updates."""
+    global _forward_epoch
+    _forward_epoch += 1
 
 
 class Role(enum.Enum):
@@ -118,8 +129,9 @@ class WeightPlan:
     """The current Role of one weight (and its bias) and, for ``SGD``/``SIGN``, its update rule.
 
     It also keeps the bookkeeping that makes a weight used several times in one forward correct (design invariant
-    2): the on-the-fly update waits until the backward of every use has run, then applies the update for the
-    summed gradient once.  Uses whose graph was dropped without a backward are forgotten automatically.
+    2): the on-the-fly update waits until the backward of every use *of that forward* (see :func:`begin_forward`)
+    has run, then applies the update for the summed gradient once.  Uses whose graph was dropped without a backward
+    are forgotten automatically.
     """
 
     role: Role = Role.FROZEN
@@ -149,22 +161,30 @@ class WeightPlan:
 
     # -- multi-use bookkeeping (used by the fused functions) ---------------------------------------------------
     def register_use(self) -> "_UseToken":
-        if not self._uses and self._pending:
-            # An earlier forward used this weight several times but not every use ran its backward.
-            self._pending = []
-            self.report_skip("an earlier forward used it more than once and not every use ran its backward")
-        token = _UseToken()
+        self._drop_abandoned()
+        token = _UseToken(_forward_epoch)
         self._uses.add(token)
         return token
 
     def finish_use(self, token: "_UseToken", contribution) -> list | None:
-        """Record one use's (grad_output, input) pair; return every pair once the last pending use is done."""
-        self._pending.append(contribution)
+        """Record one use's (grad_output, input) pair; return every pair of its forward once that forward's last
+        pending use is done."""
         self._uses.discard(token)
-        if len(self._uses) > 0:
+        self._pending.append((token.epoch, contribution))
+        if any(use.epoch == token.epoch for use in self._uses):
             return None
-        pending, self._pending = self._pending, []
-        return pending
+        ready = [c for epoch, c in self._pending if epoch == token.epoch]
+        self._pending = [(epoch, c) for epoch, c in self._pending if epoch != token.epoch]
+        return ready
+
+    def _drop_abandoned(self) -> None:
+        """Forget the contributions of a forward that used this weight several times and whose other uses were
+        dropped without a backward (their tokens died with their graph): the update of an incomplete gradient is
+        skipped and reported."""
+        live = {use.epoch for use in self._uses}
+        if any(epoch not in live for epoch, _ in self._pending):
+            self._pending = [(epoch, c) for epoch, c in self._pending if epoch in live]
+            self.report_skip("an earlier forward used it more than once and not every use ran its backward")
 
     def report_skip(self, reason: str) -> None:
         self.skipped_updates += 1
@@ -182,4 +202,7 @@ class WeightPlan:
 class _UseToken:
     """Lives as long as one forward use's autograd node (it is stored on the ctx)."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("epoch", "__weakref__")
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .functions.recompute import recomputing
+from .functions.recompute import Recomputing
 
 __all__ = ["StreamConfig", "streamed_block_forward"]
 
@@ -41,7 +41,7 @@ class StreamConfig:
     recompute: bool = True
     cut: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
-    backward_calls: dict = field(default_factory=dict)
+    recomputes: dict = field(default_factory=dict)
 
 
 def block_has_work(block: nn.Module) -> bool:
@@ -66,18 +66,27 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         block.gradient_checkpointing = False  # HF's checkpointing was enabled after patch(): ours replaces it
         warnings.warn("bread_kernels: the model's gradient checkpointing is replaced by the streaming backward's own "
                       "recompute; turned the layers' gradient_checkpointing flag off", RuntimeWarning, stacklevel=2)
-    if index < config.cut:
-        with torch.no_grad():
-            return original(*args, **kwargs)
-    if not config.recompute:
-        return original(*args, **kwargs)
-
     bound = _signature(original).bind(*args, **kwargs)
     arguments = bound.arguments
     hidden_name = next(iter(arguments))
     hidden = arguments[hidden_name]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
+    needing_grad = [name for name, value in arguments.items()
+                    if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
+    if index < config.cut:
+        if needing_grad:
+            raise RuntimeError(
+                f"bread_kernels: block {index} is below the cut (block {config.cut}) and runs without autograd, but "
+                f"its argument {needing_grad[0]!r} requires grad, so that tensor's gradient would miss this block. "
+                "Freeze what it is computed from, or train with a plan whose backward reaches block 0 (an "
+                "sgd_mode='all' or lora_mode='all' run, or the first block active)"
+            )
+        with torch.no_grad():
+            return original(*args, **kwargs)
+    if not config.recompute:
+        return original(*args, **kwargs)
+
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
     # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it
     if not getattr(block, "_can_checkpoint_with_cache", False):
@@ -86,33 +95,37 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
                 arguments[name] = None
     if arguments.get("use_cache"):
         arguments["use_cache"] = False
-    other_tensors_need_grad = any(
-        isinstance(t, torch.Tensor) and t.requires_grad
-        for name, value in arguments.items() if name != hidden_name
-        for t in (value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,))
-    )
-
-    calls = 0
 
     def run(h):
         # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
         # recomputed input (and its .grad) from living on after the block's backward
-        nonlocal calls
-        calls += 1
-        recompute = calls > 1  # checkpoint calls ``run`` once in the forward, again in the backward
-        if recompute:
-            config.backward_calls[index] = config.backward_calls.get(index, 0) + 1
         arguments[hidden_name] = h
         try:
-            with recomputing() if recompute else contextlib.nullcontext():
-                return original(*bound.args, **bound.kwargs)
+            return original(*bound.args, **bound.kwargs)
         finally:
             arguments[hidden_name] = None
 
-    if not (hidden.requires_grad or other_tensors_need_grad or block_has_work(block)):
+    if not (hidden.requires_grad or needing_grad or block_has_work(block)):
         with torch.no_grad():
             return run(hidden)
-    return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True)
+
+    def count_recompute():
+        config.recomputes[index] = config.recomputes.get(index, 0) + 1
+
+    return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
+
+
+def _tensors_in(value):
+    """The tensors in a block argument (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -21,6 +21,7 @@ lowest needed one, dW for the blocks whose weights get one) divided by this mach
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 import warnings
@@ -144,6 +145,15 @@ def extra_flop_formulas() -> dict:
     }
 
 
+def _runs_triton_gemms(variant, device) -> bool:
+    """Whether the engine's backward does GEMMs in a Triton kernel, which the FLOP counter cannot see: the on-the-fly
+    update on CUDA, and the LoRA adapter gradients when ``BREAD_LORA_KERNEL=triton``."""
+    if device.type != "cuda":
+        return False
+    return (VARIANTS[variant].get("sgd_mode", "disabled") != "disabled"
+            or (variant in LORA_VARIANTS and os.environ.get("BREAD_LORA_KERNEL", "").lower() == "triton"))
+
+
 def backward_flops(model, opt, ids) -> int:
     """Matmul FLOPs of one backward, counted by ``torch.utils.flop_counter`` (a Triton kernel's are invisible)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -195,9 +205,8 @@ def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=
             engine_side = (engine, _optimizer(engine, variant, active))
             reference_side = (reference, _optimizer(reference, variant, active))
             t_engine, t_ref, m_engine, m_ref = _measure_pair(engine_side, reference_side, ids, repeats)
-            hidden_updates = ids.device.type == "cuda" and VARIANTS[variant].get("sgd_mode", "disabled") != "disabled"
             flop_ratio = (f"{backward_flops(*engine_side, ids) / backward_flops(*reference_side, ids):>12.3f}"
-                          if not hidden_updates else f"{'-':>12}")  # the Triton update kernel's GEMM is uncounted
+                          if not _runs_triton_gemms(variant, ids.device) else f"{'-':>12}")
             ideal = ideal_backward_flops(plain, variant, active, batch * seq, seq,
                                          lora_rank if variant in LORA_VARIANTS else 0) / throughput
             ratios.append((t_engine / t_ref, m_engine / m_ref, m_engine))

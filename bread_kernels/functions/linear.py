@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
-from .recompute import apply_deferring_output, is_recomputing
+from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
-__all__ = ["FusedLinearFunction", "fused_linear", "linear_output", "check_linear_inputs", "backward_trigger",
-           "trigger_for", "start_weight_role", "finish_weight_role"]
+__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "trigger_for",
+           "start_weight_role", "finish_weight_role"]
 
 _BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
 
@@ -91,29 +91,6 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         )
 
 
-def linear_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, or the same values written into ``out`` (contiguous, [..., N]) by the same
-    BLAS calls ``F.linear`` makes, so a deferred recompute reproduces the forward bit for bit."""
-    if out is None:
-        return F.linear(x, weight, bias)
-    if bias is not None and (x.dim() == 2 or (x.dim() > 2 and x.is_contiguous())):  # F.linear's one addmm
-        torch.addmm(bias, x.view(-1, x.shape[-1]) if x.dim() > 2 else x, weight.t(), out=out.view(-1, weight.shape[0]))
-    else:
-        torch.matmul(x, weight.t(), out=out)
-        if bias is not None:
-            out.add_(bias)
-    return out
-
-
-def deferred_output(deferred: list, x: torch.Tensor, n_out: int, fill) -> torch.Tensor:
-    """An uninitialised [..., n_out] output whose values ``fill(output)`` writes once ``apply`` returns (see
-    :mod:`bread_kernels.functions.recompute`)."""
-    output = x.new_empty(*x.shape[:-1], n_out)
-    deferred.append(lambda: fill(output))
-    return output
-
-
 class FusedLinearFunction(torch.autograd.Function):
     """See the module docstring for the maths.  Inputs: x, weight, bias (or None), plan, trigger (or None),
     deferred (None, or during a recompute the list that receives the output's GEMM)."""
@@ -123,8 +100,8 @@ class FusedLinearFunction(torch.autograd.Function):
         needs_x = start_weight_role(ctx, plan)
         ctx.save_for_backward(x if needs_x else None, weight, bias)
         if deferred is None:
-            return linear_output(x, weight, bias)
-        return deferred_output(deferred, x, weight.shape[0], lambda out: linear_output(x, weight, bias, out))
+            return F.linear(x, weight, bias)
+        return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]), lambda: F.linear(x, weight, bias))
 
     @staticmethod
     def backward(ctx, grad_output):

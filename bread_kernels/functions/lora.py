@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import WeightPlan
-from .linear import (check_linear_inputs, deferred_output, finish_weight_role, linear_output, start_weight_role,
-                     trigger_for)
-from .recompute import apply_deferring_output
+from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
+from .recompute import apply_deferring_output, deferred_output
 
 __all__ = ["FusedLoRALinearFunction", "fused_lora_linear", "check_lora_inputs"]
 
@@ -74,8 +73,8 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x if keep_x else None, x_lora, weight, bias, lora_a, lora_b, u)
         if deferred is None:
             return lora_output(x, weight, bias, u, lora_b, scaling)
-        return deferred_output(deferred, x, weight.shape[0],
-                               lambda out: lora_output(x, weight, bias, u, lora_b, scaling, out))
+        return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]),
+                               lambda: lora_output(x, weight, bias, u, lora_b, scaling))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -116,15 +115,14 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
 
 
-def lora_output(x, weight, bias, u, lora_b, scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x Wᵀ + b + s·u Bᵀ`` exactly as peft computes it (into ``out`` when given; see :func:`linear_output`)."""
-    result = linear_output(x, weight, bias, out)
+def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
+    """``x Wᵀ + b + s·u Bᵀ`` exactly as peft computes it."""
+    result = F.linear(x, weight, bias)
     if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
         result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)
         return result
     # fp32 adapters on a low-precision layer: peft's promotion to fp32, then one rounding
-    mixed = (result + F.linear(u, lora_b) * scaling).to(result.dtype)
-    return mixed if out is None else out.copy_(mixed)
+    return (result + F.linear(u, lora_b) * scaling).to(result.dtype)
 
 
 def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -5,45 +5,63 @@ The streaming backward recomputes a block with ``torch.utils.checkpoint`` (non-r
 recompute as soon as the last tensor the backward needs has been saved ("early stop").  An aten op saves its inputs
 *before* it computes, so for a plain model the block's last GEMM (Llama's ``down_proj``, whose output only feeds
 the residual add) never runs in the recompute.  An ``autograd.Function`` saves its tensors *after* its forward
-returns, which would cost the fused functions that GEMM.  So, while recomputing, their forward returns an
-uninitialised output and hands the GEMM to :func:`apply_deferring_output`, which runs it right after ``apply``
-returns; when saving raised the checkpoint's stop, ``apply`` never returns and nothing reads the output.  When the
-output is needed (a post-norm block's LayerNorm saves its input), the GEMM runs before anyone reads it: the result
-is the same either way.
+returns, which would cost the fused functions that GEMM.  So, while recomputing, their forward returns a placeholder
+of the output's shape (one element of storage) and hands the computation to :func:`apply_deferring_output`, which
+runs it right after ``apply`` returns and moves the result into the placeholder (``set_``: the values are the
+forward's own, bit for bit).  When saving raised the checkpoint's stop, ``apply`` never returns and nothing reads
+the placeholder.  When the output is needed (a post-norm block's LayerNorm saves its input), it exists before anyone
+reads it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Callable
 
 import torch
 
-__all__ = ["recomputing", "is_recomputing", "apply_deferring_output"]
+__all__ = ["Recomputing", "is_recomputing", "deferred_output", "apply_deferring_output"]
 
 _state = threading.local()
 
 
-@contextlib.contextmanager
-def recomputing():
-    """Mark the body as a block's recompute (entered by the stream in the backward; the backward of a CUDA model
-    runs on autograd's device thread, which is where the fused functions read it)."""
-    previous = getattr(_state, "active", False)
-    _state.active = True
-    try:
-        yield
-    finally:
-        _state.active = previous
+class Recomputing:
+    """Context manager marking a block's recompute; reusable, as ``torch.utils.checkpoint`` enters the same object
+    at every recompute of a block (``retain_graph=True``).  ``on_enter`` is called each time (the stream counts
+    recomputes with it).  The flag is thread-local: a CUDA backward runs on autograd's device thread, which is where
+    both the recompute and the fused functions run."""
+
+    def __init__(self, on_enter: Callable[[], None] | None = None):
+        self.on_enter = on_enter
+        self._outer: list[bool] = []
+
+    def __enter__(self):
+        self._outer.append(is_recomputing())
+        _state.active = True
+        if self.on_enter is not None:
+            self.on_enter()
+        return self
+
+    def __exit__(self, *exc):
+        _state.active = self._outer.pop()
+        return False
 
 
 def is_recomputing() -> bool:
     return getattr(_state, "active", False)
 
 
+def deferred_output(deferred: list, like: torch.Tensor, shape, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A placeholder of ``shape`` (``like``'s dtype and device, one element of storage) that receives ``compute()``
+    once ``apply`` returns."""
+    placeholder = torch.empty_strided(tuple(shape), (0,) * len(shape), dtype=like.dtype, device=like.device)
+    deferred.append(lambda: placeholder.set_(compute()))
+    return placeholder
+
+
 def apply_deferring_output(function: type[torch.autograd.Function], *args) -> torch.Tensor:
     """``function.apply(*args, deferred)``: outside a recompute ``deferred`` is None and the forward computes its
-    output; inside, it is a list to which the forward appends a closure that fills the output it returned empty."""
+    output; inside, it is a list to which the forward appends the computation of the placeholder it returned."""
     if not is_recomputing():
         return function.apply(*args, None)
     deferred: list[Callable[[], None]] = []

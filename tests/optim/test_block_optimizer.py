@@ -153,3 +153,19 @@ def test_works_as_the_optimizer_of_a_hugging_face_trainer(tmp_path):
     assert {n for n in changed if n.startswith("model.layers.3.")} and {n for n in changed if n.startswith("model.layers.2.")}
     assert not {n for n in changed if n.startswith("model.layers.0.")}
     assert patched_state(model).stream.cut == 1
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
+def test_a_graph_kept_without_backward_does_not_hold_back_later_updates(recompute):
+    """A loss kept alive without a backward (logging, a metric forward with grad on) belongs to its own forward: the
+    next steps' on-the-fly updates still apply, and nothing is reported skipped."""
+    base = BUILDERS["llama"]()
+    models = [bread_kernels.patch(copy.deepcopy(base), recompute=recompute) for _ in range(2)]
+    opts = [make(m, sgd_mode="all", switch_mode="fixed", start_block=1) for m in models]
+    stale = loss_of(models[0], batch(99))
+    train(models[0], opts[0], 2)
+    train(models[1], opts[1], 2)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+    assert opts[0].skipped_updates == 0
+    del stale

@@ -37,7 +37,7 @@ def test_patched_model_has_the_plain_gradients_with_dropout(arch, recompute):
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     if recompute:
-        assert patched_state(patched).stream.backward_calls == {i: 1 for i in range(len(patched_state(patched).blocks))}
+        assert patched_state(patched).stream.recomputes == {i: 1 for i in range(len(patched_state(patched).blocks))}
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -108,7 +108,7 @@ def test_badam_does_backward_work_only_from_the_active_block_up(monkeypatch, act
     state = patched_state(model)
     assert state.stream.cut == active
     loss_of(model, batch(0)).backward()
-    assert set(state.stream.backward_calls) == set(range(active, 4))
+    assert set(state.stream.recomputes) == set(range(active, 4))
     blocks_run = {int(name.split(".")[2]) for name in calls if name.startswith("model.layers.")}
     assert blocks_run == set(range(active, 4))
     assert "lm_head" in calls
@@ -262,8 +262,18 @@ def test_block_arguments_that_require_grad_get_their_gradient(input_needs_grad, 
     x = torch.randn(5, 7, 24, requires_grad=input_needs_grad)
     plain(x).backward()
     patched(x.detach().requires_grad_(input_needs_grad)).backward()
-    assert patched_state(patched).stream.backward_calls == {0: 1, 1: 1, 2: 1}
+    assert patched_state(patched).stream.recomputes == {0: 1, 1: 1, 2: 1}
     expected, actual = grads(plain), grads(patched)
     assert expected.keys() == actual.keys() and "gate_logits" in actual
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_block_argument_that_requires_grad_below_the_cut_is_refused():
+    """Below the cut a block runs without autograd, so such an argument's gradient would silently miss it."""
+    from bread_kernels.patch import set_cut
+
+    patched = bread_kernels.patch(_GatedStack(), blocks=None)
+    set_cut(patched, 1)
+    with pytest.raises(RuntimeError, match=r"block 0 is below the cut \(block 1\).*'gate' requires grad"):
+        patched(torch.randn(5, 7, 24))
