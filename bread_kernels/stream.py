@@ -13,7 +13,8 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
-that requires grad) are passed through to every run of the block; the checkpoint carries their gradients too.
+that requires grad) are passed through to every run of the block; the checkpoint carries their gradients too.  One
+that requires grad is refused below the cut, where the block runs without autograd and its gradient would be lost.
 """
 
 from __future__ import annotations

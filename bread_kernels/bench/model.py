@@ -211,7 +211,8 @@ def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=
                                          lora_rank if variant in LORA_VARIANTS else 0) / throughput
             ratios.append((t_engine / t_ref, m_engine / m_ref, m_engine))
             print_fn(f"{variant:<20}{active:>7}{t_engine * 1e3:>11.0f}{t_ref * 1e3:>9.0f}{t_engine / t_ref:>12.3f}"
-                     f"{flop_ratio}{m_engine / 2**20:>12.1f}{m_ref / 2**20:>9.1f}{m_engine / m_ref:>11.3f}{t_engine / ideal:>9.2f}")
+                     f"{flop_ratio}{m_engine / 2**20:>12.1f}{m_ref / 2**20:>9.1f}{m_engine / m_ref:>11.3f}"
+                     f"{t_engine / ideal:>9.2f}")
             del engine, reference
         summary[variant] = (statistics.mean(r[0] for r in ratios), statistics.mean(r[1] for r in ratios),
                             statistics.mean(r[2] for r in ratios))
