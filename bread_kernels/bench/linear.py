@@ -95,12 +95,10 @@ def measure(case: LinearCase, update_only: LinearCase, repeats: int, warmup: int
     times = []
     for _ in range(repeats):
         case.prepare()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         case.backward()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peaks = []
     for c in (case, update_only):
@@ -108,6 +106,13 @@ def measure(case: LinearCase, update_only: LinearCase, repeats: int, warmup: int
         peaks.append(trace_allocations(c.backward, device).peak_bytes)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return Measurement(case.name, statistics.median(times), q[0], q[-1], *peaks, case.dw_bytes)
+
+
+def synchronize(device="cpu") -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a wall-clock interval covers it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_name(device="cpu") -> str:

@@ -16,7 +16,7 @@ import torch
 from ..backends import get_backend
 from ..functions.lora import fused_lora_linear
 from ..plan import Role, WeightPlan
-from .linear import device_name
+from .linear import device_name, synchronize
 from .memory import trace_allocations
 
 
@@ -34,16 +34,15 @@ def _layer(n_out, n_in, rank, dtype, device):
 
 
 def _timed(prepare, backward, repeats, device):
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     prepare()
     backward()  # warm-up (and Triton compilation)
     times = []
     for _ in range(repeats):
         prepare()
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         backward()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     prepare()
     peak = trace_allocations(backward, device).peak_bytes

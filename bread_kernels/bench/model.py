@@ -30,7 +30,7 @@ import torch
 
 from ..optim import BlockOptimizer
 from ..patch import patch
-from .linear import device_name
+from .linear import device_name, synchronize
 from .memory import trace_allocations
 
 VARIANTS = {
@@ -71,22 +71,17 @@ def _optimizer(model, variant, active, lr=1e-5):
                               switch_mode="fixed", start_block=active, verbose=0, **VARIANTS[variant])
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def gemm_flops_per_second(dtype, n=1024, repeats=5, device="cpu") -> float:
     device = torch.device(device)
     if device.type == "cuda":
         n, repeats = 4096, 20
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _synchronize(device)
+    synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
@@ -115,10 +110,10 @@ def ideal_backward_flops(model, variant, active, tokens, seq, lora_rank=0) -> fl
 
 def _backward_time(model, opt, ids) -> float:
     loss = model(input_ids=ids, labels=ids).loss
-    _synchronize(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     loss.backward()
-    _synchronize(ids.device)
+    synchronize(ids.device)
     elapsed = time.perf_counter() - start
     opt.zero_grad()
     return elapsed
