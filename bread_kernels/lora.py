@@ -12,14 +12,10 @@ import math
 import torch
 from torch import nn
 
-from .patch import is_lora_layer, unpatch
+from .patch import unpatch
+from .peft_lora import lora_layers
 
-__all__ = ["init_bread_lora_", "merge_and_unload", "lora_layers"]
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every peft LoRA linear layer of ``model`` (qualified name, module)."""
-    return [(n, m) for n, m in model.named_modules() if is_lora_layer(m)]
+__all__ = ["init_bread_lora_", "merge_and_unload"]
 
 
 @torch.no_grad()

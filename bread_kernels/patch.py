@@ -9,7 +9,7 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 
 * every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head: a forward through
   :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
-  ``_bread_plan`` attribute) it computes exactly what the original forward does, with plain autograd.
+  ``_bread_weight_plan`` attribute, written through :meth:`PatchedModel.apply_plans`) it computes exactly what the original forward does, with plain autograd.
 * every peft LoRA layer (``peft.tuners.lora.Linear``, over an ``nn.Linear`` or a ``Conv1D``): a forward through
   :func:`~bread_kernels.functions.lora.fused_lora_linear` (its base layer and adapters are not patched on their
   own).  One active adapter per layer; DoRA and the other peft variants, ``lora_bias`` and mixed-adapter batches
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import types
 import weakref
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +35,11 @@ from torch import nn
 from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
-from .plan import begin_forward
+from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, trained_adapter
+from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .stream import StreamConfig, streamed_block_forward
 
-__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "is_lora_layer"]
-
-try:  # GPT-2 and friends store the weight as [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()
-
-try:
-    from peft.tuners.lora import Linear as LoraLinear
-except ImportError:  # peft is optional
-    LoraLinear = ()
+__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models"]
 
 _STATE_ATTR = "_bread_patch"
 _PATCHED_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -74,9 +66,48 @@ class PatchedModel:
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
         self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
+        self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
 
     def block_prefixes(self) -> list[str]:
         return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
+
+    # -- what an optimizer writes ---------------------------------------------------------------------------------
+    def apply_plans(self, plans: Mapping[str, WeightPlan | None]) -> None:
+        """Give each fused module (by qualified name, as in :attr:`fused_modules`) its plan; a module left out or
+        mapped to None computes what its original forward does, with plain autograd."""
+        known = {name for name, _ in self.fused_modules}
+        unknown = sorted(set(plans) - known)
+        if unknown:
+            raise KeyError(f"apply_plans: {unknown[:3]} are not fused modules of this patched model")
+        for name, module in self.fused_modules:
+            plan = plans.get(name)
+            if plan is not None and not isinstance(plan, WeightPlan):
+                raise TypeError(f"apply_plans: the plan of {name} is a {type(plan).__name__}, not a WeightPlan")
+            setattr(module, PLAN_ATTR, plan)
+
+    def clear_plans(self) -> None:
+        """Every fused module back to plain autograd, and the backward reaching every block."""
+        self.apply_plans({})
+        self.set_cut(0)
+
+    def set_cut(self, cut: int) -> None:
+        """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``."""
+        if not isinstance(cut, int) or not 0 <= cut <= len(self.blocks):
+            raise ValueError(f"set_cut: cut must be an int in [0, {len(self.blocks)}], got {cut!r}")
+        self.stream.cut = cut
+
+    @property
+    def cut(self) -> int:
+        return self.stream.cut
+
+    def drive(self, driver) -> None:
+        """Record the optimizer that writes this model's plans (held weakly; :func:`unpatch` closes it)."""
+        self._driver = weakref.ref(driver) if driver is not None else None
+
+    @property
+    def driver(self):
+        """The live optimizer that writes this model's plans, or None."""
+        return self._driver() if self._driver is not None else None
 
 
 def patched_state(model: nn.Module) -> PatchedModel | None:
@@ -103,7 +134,7 @@ def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _linear_forward(self, x):
-    plan = self._bread_plan
+    plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return F.linear(x, self.weight, self.bias)
     return fused_linear(x, self.weight, self.bias, plan)
@@ -111,24 +142,24 @@ def _linear_forward(self, x):
 
 def _conv1d_forward(self, x):
     weight = self.weight.t()  # Conv1D computes x @ W + b with W [in, out]
-    plan = self._bread_plan
+    plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return F.linear(x, weight, self.bias)
     return fused_linear(x, weight, self.bias, plan)
 
 
 def _embedding_forward(self, ids):
-    plan = self._bread_plan
+    plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return F.embedding(ids, self.weight, self.padding_idx)
     return fused_embedding(ids, self.weight, plan, self.padding_idx)
 
 
 def _lora_forward(self, x, *args, **kwargs):
-    plan = self._bread_plan
+    plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own
-    adapter = _trained_adapter(self)  # refuses what the backward could not do, before any backward runs
+    adapter = trained_adapter(self, self._bread_name)  # refuses what the backward could not do, before any backward runs
     if not torch.is_grad_enabled():  # evaluation, and blocks below the cut
         return type(self).forward(self, x, *args, **kwargs)
     if args or kwargs:
@@ -138,7 +169,7 @@ def _lora_forward(self, x, *args, **kwargs):
             "adapter_names=, are not supported by the fused backward)"
         )
     base = self.get_base_layer()
-    weight = base.weight.t() if Conv1D and isinstance(base, Conv1D) else base.weight
+    weight = base.weight.t() if Conv1D is not None and isinstance(base, Conv1D) else base.weight
     if adapter is None:  # adapters disabled, merged, or none active: the base layer alone
         return fused_linear(x, weight, base.bias, plan)
     lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
@@ -150,49 +181,8 @@ def _lora_forward(self, x, *args, **kwargs):
     return fused_lora_linear(x, x_lora, weight, base.bias, lora_a, lora_b, self.scaling[adapter], plan)
 
 
-def _trained_adapter(module) -> str | None:
-    """The one active adapter of a peft LoRA layer, or None when the adapters do not contribute."""
-    if module.disable_adapters or module.merged:
-        return None
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) > 1:
-        raise ValueError(
-            f"bread_kernels: LoRA layer {module._bread_name} has {len(active)} active adapters {active}; the fused "
-            "backward trains one adapter per layer. Activate one with model.set_adapter(name), or merge the others "
-            "into the base weights first"
-        )
-    return active[0] if active else None
-
-
-def _check_lora_layer(name: str, module) -> None:
-    """Refuse, at patch time, the peft LoRA configurations the fused function does not compute."""
-    for adapter in module.lora_A:
-        if adapter in getattr(module, "lora_variant", {}):
-            raise NotImplementedError(
-                f"patch: LoRA layer {name} uses the peft variant {type(module.lora_variant[adapter]).__name__} "
-                f"(adapter {adapter!r}: DoRA, aLoRA, ...); bread_kernels fuses plain LoRA only. Use a LoraConfig "
-                "without use_dora and the other variant options, or train this model without patch()"
-            )
-        if module.lora_B[adapter].bias is not None:
-            raise NotImplementedError(
-                f"patch: LoRA layer {name} has a bias on lora_B (adapter {adapter!r}, LoraConfig(lora_bias=True)), "
-                "which the fused backward does not train; use lora_bias=False"
-            )
-    base = module.get_base_layer()
-    if not (type(base) is nn.Linear or (Conv1D and isinstance(base, Conv1D))):
-        raise NotImplementedError(
-            f"patch: LoRA layer {name} wraps a {type(base).__name__}; the fused backward supports LoRA over nn.Linear "
-            "and Conv1D (quantized base layers are not supported)"
-        )
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    """A peft LoRA linear layer (``peft.tuners.lora.Linear``); False when peft is not installed."""
-    return bool(LoraLinear) and isinstance(module, LoraLinear)
-
-
 def _is_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or (Conv1D and isinstance(module, Conv1D))
+    return type(module) is nn.Linear or (Conv1D is not None and isinstance(module, Conv1D))
 
 
 def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -202,7 +192,7 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
         if any(name.startswith(f"{lora}.") for lora in inside_lora):
             continue
         if is_lora_layer(module):
-            _check_lora_layer(name, module)
+            check_lora_layer(name, module)
             inside_lora.append(name)
             found.append((name, module))
         elif _is_linear(module):
@@ -258,19 +248,19 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
 
     for name, module, index in targets:
-        module._bread_plan = None
+        setattr(module, PLAN_ATTR, None)
         module._bread_name = name
         if is_lora_layer(module):
             forward = _lora_forward
         else:
-            forward = _conv1d_forward if Conv1D and isinstance(module, Conv1D) else _linear_forward
+            forward = _conv1d_forward if Conv1D is not None and isinstance(module, Conv1D) else _linear_forward
         module.forward = types.MethodType(forward, module)
         state.fused_modules.append((name, module))
         if index is not None:
             state.block_of_linear[id(module)] = index
 
     if embedding is not None and fusable_embedding(embedding) and id(embedding.weight) not in state.shared_weights:
-        embedding._bread_plan = None
+        setattr(embedding, PLAN_ATTR, None)
         embedding._bread_name = next(n for n, m in model.named_modules() if m is embedding)
         embedding.forward = types.MethodType(_embedding_forward, embedding)
         state.fused_modules.append((embedding._bread_name, embedding))
@@ -292,12 +282,18 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the original modules (trained values kept; same ``state_dict`` keys).  Harmless if not patched."""
+    """Restore the original modules (trained values kept; same ``state_dict`` keys).  Harmless if not patched.
+
+    The optimizer driving the model (a :class:`~bread_kernels.BlockOptimizer`) is closed first: its plans, cut
+    and hooks belong to the engine removed here."""
     state = patched_state(model)
     if state is None:
         return model
+    driver = state.driver
+    if driver is not None:  # its plans and hooks belong to the wrappers removed here
+        driver.close()
     for _, module in state.fused_modules:
-        for attr in ("forward", "_bread_plan", "_bread_name"):
+        for attr in ("forward", PLAN_ATTR, "_bread_name"):
             module.__dict__.pop(attr, None)
     for index, block in enumerate(state.blocks):
         block.__dict__.pop("forward", None)
@@ -314,7 +310,4 @@ def set_cut(model: nn.Module, cut: int) -> None:
     state = patched_state(model)
     if state is None:
         raise ValueError("set_cut: the model is not patched")
-    if not 0 <= cut <= len(state.blocks):
-        raise ValueError(f"set_cut: cut must be in [0, {len(state.blocks)}], got {cut}")
-    state.stream.cut = cut
-
+    state.set_cut(cut)

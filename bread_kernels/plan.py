@@ -14,9 +14,12 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
-import torch
+from .rounding import Rounding
 
-__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "begin_forward"]
+__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "begin_forward", "PLAN_ATTR"]
+
+#: the attribute of a fused module (a patched Linear, LoRA layer or embedding) that holds its WeightPlan, or None
+PLAN_ATTR = "_bread_weight_plan"
 
 _forward_epoch = 0
 
@@ -55,27 +58,6 @@ class Role(enum.Enum):
     @property
     def updates_on_the_fly(self) -> bool:
         return self in (Role.SGD, Role.SIGN)
-
-
-class Rounding(enum.Enum):
-    """How an updated low-precision weight is rounded back to its dtype.
-
-    ``NEAREST``: round-to-nearest-even, what ``p.add_(g, alpha=-lr)`` does.  In bf16 it drops every update smaller
-    than half an ulp of the weight (for |w| ≈ 1: 2⁻⁹ ≈ 0.002), so small learning rates silently train nothing.
-    ``STOCHASTIC``: round up with probability equal to the distance to the lower neighbour, so the expected
-    rounded weight equals the exact fp32 result.  Random bits come from a counter-based hash of
-    (seed, element index): reproducible, and the same on every backend and every rank.
-    ``AUTO`` (the default): stochastic for bf16/fp16 weights, nearest for fp32 (where it is exact to fp32).
-    """
-
-    AUTO = "auto"
-    NEAREST = "nearest"
-    STOCHASTIC = "stochastic"
-
-    def resolve(self, dtype: torch.dtype) -> "Rounding":
-        if self is not Rounding.AUTO:
-            return self
-        return Rounding.STOCHASTIC if dtype in (torch.bfloat16, torch.float16) else Rounding.NEAREST
 
 
 LrLike = Union[float, Callable[[], float]]
@@ -128,6 +110,9 @@ class OnTheFlyUpdate:
 class WeightPlan:
     """The current Role of one weight (and its bias) and, for ``SGD``/``SIGN``, its update rule.
 
+    ``target`` says where the update's bytes go: None (the weight tensor itself) unless an integration that shards
+    the weights (ZeRO-3) supplies its own :class:`~bread_kernels.update.UpdateTarget`.
+
     It also keeps the bookkeeping that makes a weight used several times in one forward correct (design invariant
     2): the on-the-fly update waits until the backward of every use *of that forward* (see :func:`begin_forward`)
     has run, then applies the update for the summed gradient once.  Uses whose graph was dropped without a backward
@@ -140,6 +125,8 @@ class WeightPlan:
     skipped_updates: int = 0
     #: called with (name, reason) instead of warning, when set
     reporter: Callable[[str, str], None] | None = field(default=None, repr=False)
+    #: where the on-the-fly update writes (a :class:`bread_kernels.update.UpdateTarget`); None: the tensor itself
+    target: object | None = field(default=None, repr=False)
     _uses: "weakref.WeakSet[_UseToken]" = field(default_factory=weakref.WeakSet, repr=False)
     _pending: list = field(default_factory=list, repr=False)
 

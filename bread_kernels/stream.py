@@ -31,13 +31,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .functions.recompute import Recomputing
+from .plan import PLAN_ATTR
 
 __all__ = ["StreamConfig", "streamed_block_forward"]
 
 
 @dataclass
 class StreamConfig:
-    """Shared by every block of one patched model; the block optimizer writes ``cut``."""
+    """Shared by every block of one patched model; ``cut`` is written through ``PatchedModel.set_cut``."""
 
     recompute: bool = True
     cut: int = 0
@@ -48,7 +49,7 @@ class StreamConfig:
 def block_has_work(block: nn.Module) -> bool:
     """Whether the block's backward would do anything: a parameter needs a gradient or a fused on-the-fly update."""
     for module in block.modules():
-        plan = getattr(module, "_bread_plan", None)
+        plan = getattr(module, PLAN_ATTR, None)
         if plan is not None and plan.role.updates_on_the_fly:
             return True
     return any(p.requires_grad for p in block.parameters())
@@ -129,7 +130,16 @@ def _tensors_in(value):
             yield from _tensors_in(item)
 
 
-@functools.lru_cache(maxsize=1024)
 def _signature(forward) -> inspect.Signature:
-    """The signature of a block's bound forward (without ``self``); one entry per patched block."""
-    return inspect.signature(forward)
+    """The signature of a block's bound forward (without ``self``).  Cached by the class's function, never by the
+    bound method: a cache entry holding the method would keep its block, with its weights, alive."""
+    function = getattr(forward, "__func__", None)
+    if function is None:  # a plain callable (a wrapped forward): not cached
+        return inspect.signature(forward)
+    return _unbound_signature(function)
+
+
+@functools.lru_cache(maxsize=256)
+def _unbound_signature(function) -> inspect.Signature:
+    parameters = list(inspect.signature(function).parameters.values())
+    return inspect.Signature(parameters[1:])

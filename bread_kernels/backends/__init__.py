@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from ..plan import Rounding
+from ..rounding import Rounding
 
 __all__ = ["Backend", "get_backend", "BACKEND_NAMES"]
 

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..plan import Rounding
+from ..rounding import Rounding
 from .lora_gemm import lora_grads_gemm
 
 DEFAULT_CHUNK_BYTES = 4 << 20

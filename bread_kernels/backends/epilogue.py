@@ -14,36 +14,15 @@ bits as the whole tensor would).  bf16: add the low 16 bits to the fp32 bit patt
 ``q = P_new/ulp``, ``P = ulp · (floor(q) + [r < q - floor(q)])`` with ``r = bits[31:8] · 2⁻²⁴``.  Both round up with probability equal to the
 distance from the lower neighbour in ulps, so ``E[P] = P_new`` exactly.
 
-The hash is Wellons' ``lowbias32`` applied twice with seed-derived keys; the Triton kernel and the C++ extension
-implement the same function bit for bit (tests compare them).
+The hash and its keys are :mod:`bread_kernels.rounding`'s; the Triton kernel and the C++ extension implement the
+same function bit for bit (tests compare them).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..plan import Rounding
-
-MASK32 = 0xFFFFFFFF
-ROUNDING_CODES = {Rounding.NEAREST: 0, Rounding.STOCHASTIC: 1}
-
-
-def lowbias32(x: int) -> int:
-    """Wellons' 32-bit integer hash on a Python int (host side)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    x ^= x >> 16
-    return x
-
-
-def rng_keys(seed: int) -> tuple[int, int]:
-    """Two 32-bit keys from a 64-bit seed; what the kernels receive instead of the seed."""
-    seed &= 0xFFFFFFFFFFFFFFFF
-    return lowbias32((seed & MASK32) ^ 0x9E3779B9), lowbias32((seed >> 32) ^ 0x85EBCA6B)
-
+from ..rounding import MASK32, Rounding, rng_keys
 
 def _lowbias32_tensor(x: torch.Tensor) -> torch.Tensor:
     # int64 holding uint32 values; products wrap in int64 but the low 32 bits are exact.

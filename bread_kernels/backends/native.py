@@ -13,9 +13,8 @@ import threading
 
 import torch
 
-from ..plan import Rounding
+from ..rounding import ROUNDING_CODES, Rounding, rng_keys
 from .chunked import ChunkedBackend
-from .epilogue import ROUNDING_CODES, rng_keys
 
 _lock = threading.Lock()
 _state: dict = {}

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import get_backend
 from ..plan import Role, WeightPlan
-from .linear import all_finite, trigger_for
+from ..update import update_rows_
+from .linear import trigger_for
 
 __all__ = ["FusedEmbeddingFunction", "fused_embedding", "fusable_embedding", "row_gradients"]
 
@@ -65,20 +65,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight)
             grad_weight.index_copy_(0, rows, summed.to(weight.dtype))
             return None, grad_weight, None, None, None
-        if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 partitioned table: update its shard
-            from ..integrations.deepspeed import partitioned_embedding_update
-
-            partitioned_embedding_update(ctx.plan, ctx.role, weight, rows, summed)
-            return None, None, None, None, None
-        if not all_finite(summed):
-            ctx.plan.report_skip("its gradient is not finite")
-            return None, None, None, None, None
-        update = ctx.plan.update
-        with torch.no_grad():
-            selected = weight.index_select(0, rows)
-            get_backend(weight.device).apply_update_(selected, summed, update.step_size(), ctx.role is Role.SIGN,
-                                                     update.rounding, update.next_seed())
-            weight.index_copy_(0, rows, selected)
+        update_rows_(ctx.plan, ctx.role, weight, rows, summed)
         return None, None, None, None, None
 
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backends import get_backend
 from ..plan import Role, WeightPlan
+from ..update import update_linear_
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
 __all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "trigger_for",
@@ -137,44 +137,8 @@ def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_b
     elif ctx.role.updates_on_the_fly:
         pending = ctx.plan.finish_use(ctx.use, (g, x.reshape(-1, weight.shape[1])))
         if pending is not None:
-            apply_on_the_fly_update(ctx.plan, ctx.role, weight, bias, pending)
+            update_linear_(ctx.plan, ctx.role, weight, bias, pending)
     return grad_weight, grad_bias
-
-
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """True if no element is inf or nan: one min/max reduction per tensor, which propagates nan and allocates
-    nothing tensor-sized (``isfinite`` would build several masks, ``sum(dtype=fp32)`` an fp32 copy)."""
-    extremes = [value for t in tensors for value in torch.aminmax(t)]
-    return bool(torch.isfinite(torch.stack(extremes).float()).all())
-
-
-def apply_on_the_fly_update(plan: WeightPlan, role: Role, weight, bias, contributions) -> bool:
-    """Apply ``plan``'s SGD/SIGN update for the summed gradient of the (g [M, N], x [M, K]) pairs.
-
-    Returns False (and reports on the plan, leaving weight and bias untouched) if any g or x is non-finite.
-    """
-    if len(contributions) == 1:
-        g, x = contributions[0]
-    else:
-        g = torch.cat([c[0] for c in contributions])
-        x = torch.cat([c[1] for c in contributions])
-    if getattr(weight, "ds_id", None) is not None or getattr(weight._base, "ds_id", None) is not None:
-        # a DeepSpeed ZeRO-3 partitioned weight (or GPT-2 Conv1D's transposed view of one): update its shard
-        from ..integrations.deepspeed import partitioned_linear_update
-
-        return partitioned_linear_update(plan, role, weight, bias, g, x)
-    if not all_finite(g, x):
-        plan.report_skip("its gradient is not finite")
-        return False
-    update = plan.update
-    step = update.step_size()
-    sign = role is Role.SIGN
-    backend = get_backend(weight.device)
-    backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed())
-    if bias is not None:
-        grad_bias = g.sum(0, dtype=torch.float32)
-        backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed())
-    return True
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:

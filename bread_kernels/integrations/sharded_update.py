@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import get_backend
-from ..plan import Rounding
+from ..rounding import Rounding
 
 __all__ = ["ShardLayout", "CommStats", "comm_stats", "chunk_elements", "reduce_scatter_update_",
            "allgather_rows_update_", "linear_grad_fill", "dense_grad_fill", "all_gather_shards"]

@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..backends.epilogue import ROUNDING_CODES, rng_keys
-from ..plan import Rounding
+from ..rounding import ROUNDING_CODES, Rounding, rng_keys
 from .tuning import time_in_place
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -34,33 +34,71 @@ Deliberate differences from the reference ``block_optim.py`` (see the README):
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ..backends import get_backend
-from ..functions.linear import all_finite
 from ..patch import patched_models, patched_state
+from ..peft_lora import adapter_parameters, is_adapter_name
 from ..plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
+from ..update import update_dense_
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
+from .masters import Fp32Masters
+from .roles import LORA_MODES, SGD_MODES, lowest_needed_block, no_decay_names, roles_for_block
 
 __all__ = ["BlockOptimizer"]
 
-SGD_MODES = ("disabled", "all", "partial")
-LORA_MODES = ("all", "partial", "adapter_only")
-
 _warned_slow_path = False
+#: parameter -> weakref to the live BlockOptimizer that owns it (one owner at a time: see BlockOptimizer)
+_OWNERS = WeakIdKeyDictionary()
 
 
 class BlockOptimizer(torch.optim.Optimizer):
-    """Wraps ``base_optimizer`` to train one block at a time (constructor of BlockOptimizers' ``BlockOptimizer``).
+    """Wraps ``base_optimizer`` to train one block at a time (the constructor of BlockOptimizers' class).
 
-    Keyword-only extras: ``rounding`` (``"auto"``, ``"nearest"``, ``"stochastic"``) and ``seed`` of the on-the-fly
-    updates of low-precision weights.
+    Args:
+        base_optimizer: the optimizer that trains the active block (Adam, AdamW, SGD, ...), built over the model's
+            parameters; its state is reset at every switch, its first group's ``weight_decay`` and defaults are
+            used for the active block's groups.
+        named_parameters_list: ``list(model.named_parameters())``.
+        block_prefix_list: the blocks, each a list of name prefixes (substrings); None infers one block per
+            layer (structurally on a patched model, by the reference's name patterns otherwise).
+        switch_block_every: optimizer steps per block.
+        start_block: index of the first block; required by ``switch_mode="fixed"``.
+        switch_mode: ``"descending"``, ``"ascending"``, ``"random"`` or ``"fixed"``.
+        active_modules: name prefixes trained with every block (e.g. the final norm).
+        include_embedding: the input embedding is a block of its own (when ``block_prefix_list`` is inferred).
+        include_lm_head: the parameters outside the layers form a last block (when inferred).
+        verbose: 1 prints the active block at each switch (rank 0), 0 is silent.
+        log_fn: called with a dict at each switch (``block_optimizer/active_block``, ``.../global_step``).
+        lora_mode: with peft LoRA adapters: ``"all"``, ``"partial"`` or ``"adapter_only"`` (see the module
+            docstring).
+        n_layer_per_block: layers per inferred block.
+        lr_warmup_step_afterswitch: linear warm-up of the base optimizer's lr over this many steps after each
+            switch (from the first switch on), or None.
+        init_avgsq_scale: not implemented; must be False.
+        sgd_mode: ``"disabled"`` (BAdam), ``"all"`` (BREAD-SGD) or ``"partial"`` (BREAD-SGD-partial).
+        sgd_lr_scaling: ``s`` of the on-the-fly update ``W -= lr·s·dW``; a finite number >= 0.
+        sgd_use_sign: the on-the-fly update is ``W -= lr·s·sign(dW)`` (signSGD).
+        rounding: keyword-only; ``"auto"`` (stochastic for bf16/fp16 weights), ``"nearest"`` or ``"stochastic"``.
+        seed: keyword-only; seeds the stochastic rounding of the on-the-fly updates.
+
+    One optimizer owns a parameter at a time: building a second one over parameters of a live one closes the
+    first (with a warning) and takes them over, so re-running a notebook cell or a sweep's next trial never
+    leaves two sets of hooks on one model.  :meth:`close` (or :func:`bread_kernels.unpatch`) removes every hook
+    and plan; an optimizer that is dropped without ``close`` removes its hooks when it is collected.
     """
+
+    #: where the on-the-fly updates write (None: the tensors themselves); the ZeRO-3 optimizer supplies shards
+    update_target = None
+    #: fp32 masters for low-precision active parameters (DeepSpeed keeps its own under ZeRO-3)
+    makes_fp32_masters = True
 
     def __init__(
         self,
@@ -86,31 +124,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         rounding: str | Rounding = Rounding.AUTO,
         seed: int = 0,
     ):
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"BlockOptimizer: base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}")
-        if switch_mode not in SWITCH_MODES:
-            raise ValueError(f"BlockOptimizer: unknown switch_mode {switch_mode!r}; use one of {', '.join(SWITCH_MODES)}")
-        if sgd_mode not in SGD_MODES:
-            raise ValueError(f"BlockOptimizer: unknown sgd_mode {sgd_mode!r}; use one of {', '.join(SGD_MODES)}")
-        if lora_mode not in LORA_MODES:
-            raise ValueError(f"BlockOptimizer: unknown lora_mode {lora_mode!r}; use one of {', '.join(LORA_MODES)}")
-        if not isinstance(switch_block_every, int) or switch_block_every < 1:
-            raise ValueError(f"BlockOptimizer: switch_block_every must be a positive int, got {switch_block_every!r}")
-        if not isinstance(n_layer_per_block, int) or n_layer_per_block < 1:
-            raise ValueError(f"BlockOptimizer: n_layer_per_block must be a positive int, got {n_layer_per_block!r}")
-        if lr_warmup_step_afterswitch is not None and lr_warmup_step_afterswitch < 1:
-            raise ValueError("BlockOptimizer: lr_warmup_step_afterswitch must be None or a positive int")
-        if init_avgsq_scale:
-            raise NotImplementedError("BlockOptimizer: init_avgsq_scale is not implemented; leave it False")
-        if sgd_lr_scaling < 0:
-            raise ValueError(f"BlockOptimizer: sgd_lr_scaling must be >= 0, got {sgd_lr_scaling}")
-
+        _check_arguments(base_optimizer, switch_block_every, start_block, switch_mode, active_modules,
+                         include_embedding, include_lm_head, verbose, log_fn, lora_mode, n_layer_per_block,
+                         lr_warmup_step_afterswitch, init_avgsq_scale, sgd_mode, sgd_lr_scaling, sgd_use_sign,
+                         rounding, seed)
+        self._closed = True  # until construction succeeds: close() and the hooks do nothing
         self.named_parameters_list = _check_named_parameters(named_parameters_list)
         self.names = [n for n, _ in self.named_parameters_list]
         self.model = _owning_patched_model(self.named_parameters_list)
         self.engine = patched_state(self.model) if self.model is not None else None
-        if self.engine is None:
-            _warn_slow_path()
 
         if block_prefix_list is None:
             layer_prefixes = embedding_prefix = None
@@ -119,7 +141,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 embedding_prefix = self._module_prefix(self.engine.embedding)
             block_prefix_list = infer_blocks(self.names, layer_prefixes, embedding_prefix, include_embedding,
                                              include_lm_head, n_layer_per_block)
-        if not isinstance(block_prefix_list, list) or not block_prefix_list:
+        if not isinstance(block_prefix_list, list) or not block_prefix_list or \
+                not all(isinstance(b, list) and all(isinstance(p, str) for p in b) for b in block_prefix_list):
             raise ValueError("BlockOptimizer: block_prefix_list must be a non-empty list of lists of name prefixes")
         for block in block_prefix_list:
             for prefix in block:
@@ -140,6 +163,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.lr_warmup_step_afterswitch = lr_warmup_step_afterswitch
         self.global_step = 0
         self.block_step = 0
+        for index in range(self.block_num):  # every block must be trainable before anything is touched
+            self.roles_for(index)
 
         self.base_optimizer = base_optimizer
         self.weight_decay = base_optimizer.param_groups[0].get("weight_decay", 0.0)
@@ -147,21 +172,72 @@ class BlockOptimizer(torch.optim.Optimizer):
         # the user's groups (every parameter) stay ours: schedulers write their lr, zero_grad clears everything
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
 
-        self.update = OnTheFlyUpdate(lr=lambda: self.param_groups[0]["lr"], scale=sgd_lr_scaling,
-                                     rounding=rounding, seed=seed)
+        self.update = OnTheFlyUpdate(lr=_ScheduledLr(self), scale=sgd_lr_scaling, rounding=rounding, seed=seed)
         self.roles: dict[str, Role] = {}
-        self.masters: list[tuple[nn.Parameter, torch.Tensor, str]] = []
-        self._hook_roles: dict[int, Role] = {}
+        self.masters = Fp32Masters()
+        self._hook_plans: dict[str, WeightPlan] = {}
         self._skipped: list[tuple[str, str]] = []
         self.skipped_updates = 0
-        self._no_decay = self._no_decay_names()
+        self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
         self._active_names: set[str] = set()
+
+        self._take_over_parameters()
+        if self.engine is None:
+            _warn_slow_path()
+        self._closed = False
+        handles = []
+        self._release = weakref.finalize(self, _release_hooks, handles,
+                                         weakref.ref(self.engine) if self.engine is not None else None)
+        reference = weakref.ref(self)
         for name, p in self.named_parameters_list:
             # a hook needs requires_grad when it is registered (peft freezes the base weights); the roles set the
             # real flags right below
             p.requires_grad_(True)
-            p.register_post_accumulate_grad_hook(self._make_hook(name))
+            handles.append(p.register_post_accumulate_grad_hook(_GradHook(reference, name)))
+            _OWNERS[p] = reference
+        if self.engine is not None:
+            self.engine.drive(self)
         self._activate(self.order.current)
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    def _take_over_parameters(self) -> None:
+        previous = []
+        for _, p in self.named_parameters_list:
+            owner = _OWNERS.get(p)
+            owner = owner() if owner is not None else None
+            if owner is not None and not owner.closed and all(owner is not o for o in previous):
+                previous.append(owner)
+        for owner in previous:
+            warnings.warn(f"BlockOptimizer: these parameters belonged to a live {owner!r}; it was closed (its hooks "
+                          "and plans removed, its step() now raises) and this optimizer takes them over. Call "
+                          "close() on an optimizer you replace to silence this.", RuntimeWarning, stacklevel=4)
+            owner.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Remove this optimizer's hooks and the plans it wrote on the patched model (whose fused modules then run
+        plain autograd and whose backward reaches every block again).  ``step()`` raises afterwards.  Idempotent;
+        :func:`bread_kernels.unpatch` calls it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.engine is not None and self.engine.driver is self:
+            self.engine.clear_plans()
+            self.engine.drive(None)
+        self._release()
+        for _, p in self.named_parameters_list:
+            owner = _OWNERS.get(p)
+            if owner is not None and owner() is self:
+                del _OWNERS[p]
+        self._hook_plans = {}
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"BlockOptimizer.{what}: this optimizer was closed (by close(), unpatch(model), or a "
+                               "newer BlockOptimizer over the same parameters); build a new one to train on")
 
     # -- structure ----------------------------------------------------------------------------------------------
     def _module_prefix(self, module) -> str | None:
@@ -172,57 +248,39 @@ class BlockOptimizer(torch.optim.Optimizer):
                 return f"{name}." if name else ""
         return None
 
-    def _no_decay_names(self) -> set[str]:
-        """Biases and normalisation weights (by module class when the model is known, by name otherwise)."""
-        names = {n for n in self.names if n.endswith("bias")}
-        if self.model is not None:
-            for mname, module in self.model.named_modules():
-                if "norm" in type(module).__name__.lower():
-                    names.update(f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False))
-        else:
-            names.update(n for n in self.names if "norm" in n.lower() or ".ln_" in n)
-        return names
+    def _norm_parameter_names(self) -> set[str] | None:
+        if self.model is None:
+            return None
+        return {f"{mname}.{p}" if mname else p for mname, module in self.model.named_modules()
+                if "norm" in type(module).__name__.lower() for p, _ in module.named_parameters(recurse=False)}
 
     @property
     def active_param_prefixs(self) -> list[str]:  # the reference's attribute name
         return self.block_prefix_list[self.order.current] + self.active_modules
 
     # -- plan ---------------------------------------------------------------------------------------------------
-    def _roles_for(self, block_index: int) -> dict[str, Role]:
-        prefixes = self.block_prefix_list[block_index] + self.active_modules
-        active = {n for n in self.names if any(p in n for p in prefixes)}
-        lora = [n for n in self.names if is_adapter_name(n)]
-        if lora:
-            if self.lora_mode == "all":
-                active.update(lora)
-            elif self.lora_mode == "partial":
-                first = min(self.names.index(n) for n in active)
-                active.update(n for n in self.names[first:] if "lora" in n)
-            else:  # adapter_only
-                active = {n for n in lora if n in active}
-        if not active:
-            raise ValueError(f"BlockOptimizer: block {block_index} has no trainable parameter")
-        on_the_fly = Role.SIGN if self.sgd_use_sign else Role.SGD
-        if self.sgd_mode == "all":
-            eligible = set(self.names)
-        elif self.sgd_mode == "partial":
-            first = min(self.names.index(n) for n in active)
-            eligible = set(self.names[first:])
-        else:
-            eligible = set()
-        eligible.difference_update(lora)  # adapters follow lora_mode; the on-the-fly update is for base weights
-        return {n: Role.ACTIVE if n in active else on_the_fly if n in eligible else Role.FROZEN for n in self.names}
+    def roles_for(self, block_index: int) -> dict[str, Role]:
+        """Each parameter's Role while block ``block_index`` is active."""
+        try:
+            return roles_for_block(self.names, self.block_prefix_list[block_index] + self.active_modules,
+                                   sgd_mode=self.sgd_mode, sign=self.sgd_use_sign, lora_mode=self.lora_mode)
+        except ValueError as exc:
+            raise ValueError(f"BlockOptimizer: block {block_index}: {exc}") from None
+
+    def _plan(self, role: Role, name: str) -> WeightPlan:
+        return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
+                          reporter=_SkipCollector(self), target=self.update_target)
 
     def _activate(self, block_index: int) -> None:
         """Write the plan for ``block_index``: roles, requires_grad, fused plans, the cut, the base optimizer."""
-        roles = self._roles_for(block_index)
+        roles = self.roles_for(block_index)
         self.roles = roles
         role_of = {id(p): roles[n] for n, p in self.named_parameters_list}
         fused: set[int] = set()
         if self.engine is not None:
-            for name, module in self.engine.fused_modules:
-                module._bread_plan = self._module_plan(name, module, role_of, fused)
-        self._hook_roles = {}
+            self.engine.apply_plans({name: self._module_plan(name, module, role_of, fused)
+                                     for name, module in self.engine.fused_modules})
+        self._hook_plans = {}
         for name, p in self.named_parameters_list:
             role = roles[name]
             if id(p) in fused:
@@ -230,27 +288,24 @@ class BlockOptimizer(torch.optim.Optimizer):
             else:
                 p.requires_grad_(role is not Role.FROZEN)
                 if role.updates_on_the_fly:
-                    self._hook_roles[id(p)] = role
+                    self._hook_plans[name] = self._plan(role, name)
             if role is not Role.ACTIVE:
                 p.grad = None
         if self.engine is not None:
-            self.engine.stream.cut = self._cut(roles)
+            self.engine.set_cut(lowest_needed_block(self.names, roles, self.engine.block_prefixes()))
 
         # LoRA adapters that stay active keep their master copy and their base-optimizer state across the switch
         # (they are trained across the whole run); everything else starts afresh, as in the reference
-        old_masters = {name: master for _, master, name in self.masters}
+        trained = [(name, p, is_adapter_name(name) and name in self._active_names)
+                   for name, p in self.named_parameters_list if roles[name] is Role.ACTIVE]
+        if self.makes_fp32_masters:
+            targets = self.masters.rebuild(trained)
+        else:
+            targets = [p for _, p, _ in trained]
         old_state = self.base_optimizer.state
         state = defaultdict(dict)
-        decay, no_decay, self.masters = [], [], []
-        for name, p in self.named_parameters_list:
-            if roles[name] is not Role.ACTIVE:
-                continue
-            keep = is_adapter_name(name) and name in self._active_names
-            target = p
-            if p.dtype != torch.float32:
-                target = old_masters[name] if keep and name in old_masters else \
-                    p.detach().float().clone().requires_grad_(True)
-                self.masters.append((p, target, name))
+        decay, no_decay = [], []
+        for (name, _, keep), target in zip(trained, targets):
             if keep and target in old_state:
                 state[target] = old_state[target]
             (no_decay if name in self._no_decay else decay).append(target)
@@ -275,49 +330,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         if bias is not None and role_of[id(bias)] is not role:
             return None
         fused.update(id(p) for p in params)
-        update = self.update if role.updates_on_the_fly else None
-        if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE
-                                       for p in _adapter_parameters(module)):
+        if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
             role = Role.LORA  # the base weight is frozen, its adapters train
-        return WeightPlan(role, update, name=name, reporter=self._collect_skip)
-
-    def _cut(self, roles: dict[str, Role]) -> int:
-        """The lowest block whose backward is needed: 0 if anything below the blocks has work."""
-        prefixes = self.engine.block_prefixes()
-        lowest = len(prefixes)
-        for name, _ in self.named_parameters_list:
-            if roles[name] is Role.FROZEN:
-                continue
-            index = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
-            if index is None:
-                if self.names.index(name) < self._first_block_param_index(prefixes):
-                    return 0  # an embedding (or anything before the blocks) needs its gradient
-                continue
-            lowest = min(lowest, index)
-        return lowest
-
-    def _first_block_param_index(self, prefixes) -> int:
-        return next((i for i, n in enumerate(self.names) if any(n.startswith(p) for p in prefixes)), len(self.names))
+        return self._plan(role, name)
 
     # -- the hook path ------------------------------------------------------------------------------------------
-    def _make_hook(self, name: str):
-        def hook(p: torch.Tensor) -> None:
-            role = self._hook_roles.get(id(p))
-            if role is None or p.grad is None:
-                return
-            grad, p.grad = p.grad, None
-            if not all_finite(grad):
-                self._collect_skip(name, "its gradient is not finite")
-                return
-            target = p.detach()
-            flat = target.view(-1) if target.dim() > 2 else target
-            with torch.no_grad():
-                get_backend(p.device).apply_update_(
-                    flat, grad.float().reshape(flat.shape), self.update.step_size(), role is Role.SIGN,
-                    self.update.rounding, self.update.next_seed(),
-                )
-
-        return hook
+    def _on_accumulated_grad(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of a parameter outside the fused modules: its on-the-fly update."""
+        plan = self._hook_plans.get(name)
+        if plan is None or p.grad is None:
+            return
+        grad, p.grad = p.grad, None
+        update_dense_(plan, p, grad)
 
     def _collect_skip(self, name: str, reason: str) -> None:
         self._skipped.append((name, reason))
@@ -348,6 +372,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_open("step")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -355,14 +380,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         lr = self.block_lr()
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
-        for low, master, _ in self.masters:
-            if low.grad is not None:
-                master.grad = low.grad.float()
-                low.grad = None
+        self.masters.grads_to_masters()
         self.base_optimizer.step()
-        for low, master, _ in self.masters:
-            low.copy_(master)
-            master.grad = None
+        self.masters.masters_to_params()
         self.after_base_step()
         return loss
 
@@ -380,8 +400,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        for _, master, _ in self.masters:
-            master.grad = None
+        self.masters.zero_grad()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -390,12 +409,13 @@ class BlockOptimizer(torch.optim.Optimizer):
             "order": self.order.state_dict(),
             "global_step": self.global_step,
             "block_step": self.block_step,
-            "masters": {name: master.detach().clone() for _, master, name in self.masters},
+            "masters": self.masters.state_dict(),
             "update_draws": self.update.draws,
             "lr": [g["lr"] for g in self.param_groups],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_open("load_state_dict")
         for key in ("base_optimizer", "order", "global_step", "block_step", "masters"):
             if key not in state_dict:
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")
@@ -405,27 +425,121 @@ class BlockOptimizer(torch.optim.Optimizer):
         for group, lr in zip(self.param_groups, state_dict.get("lr", [])):
             group["lr"] = lr
         self._activate(self.order.current)
-        saved = state_dict["masters"]
-        with torch.no_grad():
-            for _, master, name in self.masters:
-                if name in saved:
-                    master.copy_(saved[name])
+        self.masters.load_state_dict(state_dict["masters"])
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
 
     def __repr__(self) -> str:
         return (f"BlockOptimizer(block {self.order.current}/{self.block_num}, switch_mode={self.switch_mode!r}, "
-                f"sgd_mode={self.sgd_mode!r}, base={type(self.base_optimizer).__name__})")
+                f"sgd_mode={self.sgd_mode!r}, base={type(self.base_optimizer).__name__}"
+                f"{', closed' if self._closed else ''})")
 
 
-def is_adapter_name(name: str) -> bool:
-    """A peft LoRA adapter parameter (``...q_proj.lora_A.default.weight``)."""
-    return ".lora_" in name or name.startswith("lora_")
+# -- what the hooks and plans hold: the optimizer, weakly ----------------------------------------------------------
+class _GradHook:
+    """A parameter's post-accumulate-grad hook; holds its optimizer weakly (the parameter must not keep it alive)."""
+
+    __slots__ = ("optimizer", "name")
+
+    def __init__(self, optimizer: "weakref.ref[BlockOptimizer]", name: str):
+        self.optimizer, self.name = optimizer, name
+
+    def __call__(self, p: torch.Tensor) -> None:
+        optimizer = self.optimizer()
+        if optimizer is not None and not optimizer.closed:
+            optimizer._on_accumulated_grad(self.name, p)
 
 
-def _adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The adapter parameters of a peft LoRA layer (none for a plain linear)."""
-    return [p for attr in ("lora_A", "lora_B") if isinstance(getattr(module, attr, None), nn.ModuleDict)
-            for p in getattr(module, attr).parameters()]
+class _ScheduledLr:
+    """The on-the-fly update's lr: the optimizer's scheduled ``param_groups[0]["lr"]``, read when the backward
+    runs.  Held by the plans on the model, so it holds the optimizer weakly."""
+
+    def __init__(self, optimizer: BlockOptimizer):
+        self.optimizer = weakref.ref(optimizer)
+
+    def __call__(self) -> float:
+        optimizer = self.optimizer()
+        if optimizer is None:
+            raise RuntimeError("bread_kernels: the BlockOptimizer that planned this on-the-fly update no longer "
+                               "exists; build a new one for the model")
+        return optimizer.param_groups[0]["lr"]
+
+
+class _SkipCollector:
+    """A plan's reporter: the skipped updates go to the optimizer's per-step report (held weakly)."""
+
+    def __init__(self, optimizer: BlockOptimizer):
+        self.optimizer = weakref.ref(optimizer)
+
+    def __call__(self, name: str, reason: str) -> None:
+        optimizer = self.optimizer()
+        if optimizer is not None:
+            optimizer._collect_skip(name, reason)
+
+
+def _release_hooks(handles: list, engine_ref) -> None:
+    """Remove an optimizer's hooks (at close(), or when it is collected) and, if no optimizer drives the patched
+    model any more, its plans: a model outliving its optimizer trains with plain autograd."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    engine = engine_ref() if engine_ref is not None else None
+    if engine is not None and engine.driver is None:
+        engine.clear_plans()
+
+
+# -- argument checks -----------------------------------------------------------------------------------------------
+def _check_arguments(base_optimizer, switch_block_every, start_block, switch_mode, active_modules,
+                     include_embedding, include_lm_head, verbose, log_fn, lora_mode, n_layer_per_block,
+                     lr_warmup_step_afterswitch, init_avgsq_scale, sgd_mode, sgd_lr_scaling, sgd_use_sign,
+                     rounding, seed) -> None:
+    """Every argument that can be checked without the model, before anything is touched."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"BlockOptimizer: base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}")
+    if isinstance(base_optimizer, BlockOptimizer):
+        raise TypeError("BlockOptimizer: base_optimizer is itself a BlockOptimizer; pass the optimizer that trains "
+                        "the active block (e.g. torch.optim.AdamW(model.parameters(), lr=...))")
+    if switch_mode not in SWITCH_MODES:
+        raise ValueError(f"BlockOptimizer: unknown switch_mode {switch_mode!r}; use one of {', '.join(SWITCH_MODES)}")
+    if sgd_mode not in SGD_MODES:
+        raise ValueError(f"BlockOptimizer: unknown sgd_mode {sgd_mode!r}; use one of {', '.join(SGD_MODES)}")
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"BlockOptimizer: unknown lora_mode {lora_mode!r}; use one of {', '.join(LORA_MODES)}")
+    if not is_int(switch_block_every) or switch_block_every < 1:
+        raise ValueError(f"BlockOptimizer: switch_block_every must be a positive int, got {switch_block_every!r}")
+    if start_block is not None and (not is_int(start_block) or start_block < 0):
+        raise ValueError(f"BlockOptimizer: start_block must be None or a block index >= 0, got {start_block!r}")
+    if not is_int(n_layer_per_block) or n_layer_per_block < 1:
+        raise ValueError(f"BlockOptimizer: n_layer_per_block must be a positive int, got {n_layer_per_block!r}")
+    if lr_warmup_step_afterswitch is not None and (not is_int(lr_warmup_step_afterswitch)
+                                                   or lr_warmup_step_afterswitch < 1):
+        raise ValueError("BlockOptimizer: lr_warmup_step_afterswitch must be None or a positive int, got "
+                         f"{lr_warmup_step_afterswitch!r}")
+    if init_avgsq_scale:
+        raise NotImplementedError("BlockOptimizer: init_avgsq_scale is not implemented; leave it False")
+    if isinstance(sgd_lr_scaling, bool) or not isinstance(sgd_lr_scaling, (int, float)) or \
+            not math.isfinite(sgd_lr_scaling) or sgd_lr_scaling < 0:
+        raise ValueError(f"BlockOptimizer: sgd_lr_scaling must be a finite number >= 0, got {sgd_lr_scaling!r}")
+    if not isinstance(active_modules, (list, tuple)) or not all(isinstance(m, str) for m in active_modules):
+        raise TypeError(f"BlockOptimizer: active_modules must be a list of name prefixes, got {active_modules!r}")
+    for what, value in (("include_embedding", include_embedding), ("include_lm_head", include_lm_head),
+                        ("sgd_use_sign", sgd_use_sign)):
+        if not isinstance(value, bool):
+            raise TypeError(f"BlockOptimizer: {what} must be True or False, got {value!r}")
+    if not is_int(verbose) and not isinstance(verbose, bool):
+        raise TypeError(f"BlockOptimizer: verbose must be an int (0 silent, 1 prints switches), got {verbose!r}")
+    if log_fn is not None and not callable(log_fn):
+        raise TypeError(f"BlockOptimizer: log_fn must be None or a callable taking a dict, got {log_fn!r}")
+    if not isinstance(rounding, Rounding):
+        try:
+            Rounding(rounding)
+        except ValueError:
+            raise ValueError(f"BlockOptimizer: unknown rounding {rounding!r}; use one of "
+                             f"{[r.value for r in Rounding]}") from None
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"BlockOptimizer: seed must be an int >= 0, got {seed!r}")
 
 
 def _check_named_parameters(named_parameters_list) -> list[tuple[str, nn.Parameter]]:
@@ -437,6 +551,10 @@ def _check_named_parameters(named_parameters_list) -> list[tuple[str, nn.Paramet
                             and isinstance(i[1], torch.Tensor) for i in items):
         raise TypeError("BlockOptimizer: named_parameters_list must be a non-empty list of (name, parameter) pairs, "
                         "as list(model.named_parameters()) gives")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"BlockOptimizer: parameter name {duplicate!r} appears twice in named_parameters_list")
     return items
 
 

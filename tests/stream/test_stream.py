@@ -54,7 +54,7 @@ def test_patch_is_idempotent_and_unpatch_restores_the_module_tree(arch):
     assert list(model.state_dict().keys()) == keys
     for name, module in model.named_modules():
         assert "forward" not in module.__dict__, name
-        assert not hasattr(module, "_bread_plan"), name
+        assert not hasattr(module, "_bread_weight_plan"), name
         assert type(module).forward is forwards[name]
 
 
@@ -186,7 +186,7 @@ def _fused_everywhere(model):
     bread_kernels.patch(model)
     for name, module in patched_state(model).fused_modules:
         weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-        module._bread_plan = bread_kernels.WeightPlan(Role.ACTIVE if weight.requires_grad else Role.FROZEN, name=name)
+        module._bread_weight_plan = bread_kernels.WeightPlan(Role.ACTIVE if weight.requires_grad else Role.FROZEN, name=name)
     return model
 
 

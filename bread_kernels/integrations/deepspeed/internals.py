@@ -1,0 +1,131 @@
+"""The DeepSpeed internals this integration relies on (0.19.x): the version gate, the attributes of a ZeRO-3
+parameter it reads, and :func:`internals_problems`, the canary that lists what moved.  Every ``ds_*`` attribute
+read by the integration goes through a function of this module or is listed in :data:`PARAM_ATTRIBUTES`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ..sharded_update import ShardLayout
+
+__all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZER_MEMBERS",
+           "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
+           "shard_layout", "check_shard_device", "is_persistent"]
+
+#: DeepSpeed minor versions whose internals this module was written against and tested with
+SUPPORTED_VERSIONS = ("0.19",)
+
+
+def check_version(version: str | None = None) -> bool:
+    """True for a supported DeepSpeed version; otherwise warn (the internals below may have moved) and return False."""
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    if any(version == v or version.startswith(v + ".") for v in SUPPORTED_VERSIONS):
+        return True
+    warnings.warn(f"bread_kernels.integrations.deepspeed was written for DeepSpeed {', '.join(SUPPORTED_VERSIONS)}.x "
+                  f"and this is {version}; it relies on ZeRO-3 internals (param.ds_tensor, the stage-3 optimizer's "
+                  "rebuild) that may have changed. Run tests/integrations to check.", RuntimeWarning, stacklevel=2)
+    return False
+
+
+#: attributes of a ZeRO-3 parameter that this module reads
+PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "ds_persist", "ds_process_group",
+                    "ds_secondary_tensor", "ds_active_sub_modules")
+#: private engine / optimizer members used at a block switch
+ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
+                  "basic_optimizer", "optimizer", "module")
+OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups", "grad_position",
+                     "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
+#: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
+CACHED_BACKWARD_FUNCTIONS = ("pre_bwd_fn", "post_bwd_fn")
+MODULE_HOOK_NAMES = ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook")
+
+
+def internals_problems(engine=None, module: torch.nn.Module | None = None) -> list[str]:
+    """Every internal this module relies on that is missing: the static ones, and with a live ``engine`` (after
+    one forward and backward) those of its optimizer, parameters, and of ``module``'s hooks and cached
+    Functions.  An empty list means the internals are as in 0.19."""
+    problems = []
+    try:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: F401
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    except ImportError as exc:
+        return [f"import: {exc}"]
+    for name in ("destroy", "register_grad_acc_post_hook"):
+        if not hasattr(DeepSpeedZeroOptimizer_Stage3, name):
+            problems.append(f"DeepSpeedZeroOptimizer_Stage3.{name} is gone")
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        if not hasattr(dist, name):
+            problems.append(f"torch.distributed.{name} is gone")
+    if not hasattr(torch.autograd.Variable._execution_engine, "queue_callback"):
+        problems.append("torch's autograd engine has no queue_callback")
+    if engine is None:
+        return problems
+    for name in ENGINE_MEMBERS:
+        if not hasattr(engine, name):
+            problems.append(f"engine.{name} is gone")
+    for name in OPTIMIZER_MEMBERS:
+        if not hasattr(engine.optimizer, name):
+            problems.append(f"engine.optimizer.{name} is gone")
+    for pname, p in engine.module.named_parameters():
+        missing = [a for a in PARAM_ATTRIBUTES if not hasattr(p, a)]
+        if missing:
+            problems.append(f"parameter {pname} lacks {missing}")
+            break
+        try:
+            layout = shard_layout(p)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            problems.append(f"parameter {pname}: {exc}")
+            break
+        if layout.shard_numel != -(-int(p.ds_numel) // layout.world):  # the flat layout of the module docstring
+            problems.append(f"parameter {pname}: shard of {layout.shard_numel} elements, expected "
+                            f"ceil({p.ds_numel}/{layout.world})")
+            break
+    if module is not None:
+        names = {getattr(h, "__name__", "") for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                 for h in hooks.values()}
+        for name in MODULE_HOOK_NAMES:
+            if name not in names:
+                problems.append(f"module hook {name} not found on {type(module).__name__} (found {sorted(names)})")
+        for name in CACHED_BACKWARD_FUNCTIONS:
+            if name not in module.__dict__:
+                problems.append(f"{type(module).__name__}.__dict__ has no cached {name}")
+    return problems
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partitioned parameter."""
+    return getattr(param, "ds_id", None) is not None and getattr(param, "ds_tensor", None) is not None
+
+
+def shard_layout(param: torch.Tensor) -> ShardLayout:
+    """The parameter's flat sharding over its own process group (its group rank, not the global rank)."""
+    if getattr(param, "ds_secondary_tensor", None) is not None:
+        raise RuntimeError(f"bread_kernels: parameter {getattr(param, 'ds_id', '?')} has an hpZ secondary partition; "
+                           "zero_hpz_partition_size > 1 is not supported")
+    shard = param.ds_tensor
+    if hasattr(shard, "ds_quant_scale"):
+        raise RuntimeError("bread_kernels: the parameter's shard is stored quantized; quantized ZeRO weights are not "
+                           "supported")
+    group = param.ds_process_group
+    return ShardLayout(group=group, world=dist.get_world_size(group), rank=dist.get_rank(group),
+                       numel=int(param.ds_numel), shard_numel=int(shard.numel()))
+
+
+def check_shard_device(param: torch.Tensor, device: torch.device) -> None:
+    if param.ds_tensor.device != device:
+        raise RuntimeError(f"bread_kernels: parameter {param.ds_id}'s shard is on {param.ds_tensor.device} but its "
+                           f"gradient on {device}; parameter offload is not supported")
+
+
+
+
+def is_persistent(param: torch.Tensor) -> bool:
+    """A ZeRO-3 persistent parameter (small; stays gathered between steps)."""
+    return bool(getattr(param, "ds_persist", False))

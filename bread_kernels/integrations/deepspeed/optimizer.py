@@ -1,0 +1,104 @@
+"""The block optimizer under ZeRO-3: :class:`ZeroBlockOptimizer`, and the adapters' optimizer state that it
+carries across the rebuild of DeepSpeed's stage-3 optimizer at a block switch."""
+
+from __future__ import annotations
+
+import torch
+
+from ...optim.block_optimizer import BlockOptimizer
+from ...peft_lora import is_adapter_name
+from ...plan import Role
+from .shards import ZeroShards
+
+__all__ = ["ZeroBlockOptimizer"]
+
+
+class ZeroBlockOptimizer(BlockOptimizer):
+    """:class:`~bread_kernels.BlockOptimizer` (same arguments) for a model trained by DeepSpeed ZeRO-3.
+
+    Differences: every plan it writes carries a :class:`~.shards.ZeroShards` target, so the on-the-fly updates
+    (fused or through the hook path) write this rank's shard of a partitioned parameter; DeepSpeed keeps the fp32
+    masters, so none are made here; and ``step()`` belongs to the engine returned by :func:`initialize` (the base
+    optimizer is stepped by DeepSpeed).
+    """
+
+    makes_fp32_masters = False  # DeepSpeed keeps the fp32 masters of the low-precision active block
+
+    def __init__(self, *args, **kwargs):
+        self._ds_engine = None
+        self.update_target = ZeroShards()
+        super().__init__(*args, **kwargs)
+
+    def _activate(self, block_index: int) -> None:
+        kept = self._kept_adapter_state(block_index) if self._ds_engine is not None else {}
+        super()._activate(block_index)
+        if kept:
+            # DeepSpeed keeps one optimizer state (one ``step``) per flat group: the adapters that keep their state
+            # get groups of their own, one per step count, next to the fresh parameters' groups
+            groups = []
+            for group in self.base_optimizer.param_groups:
+                fresh = [p for p in group["params"] if id(p) not in kept]
+                by_step: dict = {}
+                for p in group["params"]:
+                    if id(p) in kept:
+                        by_step.setdefault(_step_of(kept[id(p)]), []).append(p)
+                parts = ([fresh] if fresh else []) + list(by_step.values())
+                groups += [{**group, "params": params} for params in parts]
+            self.base_optimizer.param_groups = groups
+        self._kept_state = kept
+
+    def _kept_adapter_state(self, block_index: int) -> dict:
+        """This rank's optimizer state of the adapters that stay active across the switch to ``block_index``, read
+        from DeepSpeed's stage-3 optimizer before it is rebuilt: ``{id(param): {key: value}}``, the element-wise
+        states (Adam's moments) as this rank's slice, scalars (``step``) as they are."""
+        zopt = self._ds_engine.optimizer
+        roles = self.roles_for(block_index)
+        kept = {}
+        for name, p in self.named_parameters_list:
+            if not (is_adapter_name(name) and name in self._active_names and roles[name] is Role.ACTIVE):
+                continue
+            position = zopt.grad_position.get(zopt.get_param_id(p))
+            if position is None:
+                continue
+            if getattr(zopt, "swap_optimizer", False):
+                raise NotImplementedError("bread_kernels: LoRA adapters keep their optimizer state across a block "
+                                          "switch, which is not implemented with the optimizer state offloaded to "
+                                          "NVMe (offload_optimizer.device = 'nvme')")
+            index, offset, numel = position
+            flat = zopt.fp32_partitioned_groups_flat[index]
+            state = zopt.optimizer.state.get(flat)
+            if not state:
+                continue  # never stepped
+            kept[id(p)] = {key: value.narrow(0, offset, numel).clone() if _elementwise(value, flat) else
+                           value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+        return kept
+
+    def state_dict(self) -> dict:
+        self._refuse_checkpoint("state_dict")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._refuse_checkpoint("load_state_dict")
+        super().load_state_dict(state_dict)
+
+    def _refuse_checkpoint(self, what: str) -> None:
+        if self._ds_engine is not None:
+            raise NotImplementedError(f"ZeroBlockOptimizer.{what}: resuming under ZeRO-3 is not implemented (the "
+                                      "active block's optimizer state lives in DeepSpeed's partitioned optimizer, "
+                                      "rebuilt at every switch); engine.save_checkpoint saves the weights")
+
+    def step(self, closure=None):
+        if self._ds_engine is not None:
+            raise RuntimeError("ZeroBlockOptimizer: under DeepSpeed call step() on the engine that "
+                               "bread_kernels.integrations.deepspeed.initialize returned (it steps DeepSpeed and "
+                               "switches blocks); the optimizer is not stepped directly")
+        return super().step(closure)
+
+
+def _elementwise(value, flat: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() == 1 and value.numel() == flat.numel()
+
+
+def _step_of(state: dict):
+    step = state.get("step")
+    return float(step) if step is not None else None

@@ -1,0 +1,117 @@
+"""Where an on-the-fly update writes under ZeRO-3: this rank's shard ``param.ds_tensor``.
+
+:class:`ZeroShards` is the :class:`~bread_kernels.update.UpdateTarget` that :class:`ZeroBlockOptimizer` puts on
+every plan it writes.  For a partitioned parameter it reduce-scatters dW (chunk by chunk, averaged over the
+parameter's process group, the loss scale undone) and updates this rank's shard only; a tensor that is not
+partitioned goes to :data:`~bread_kernels.update.LOCAL`.  The non-finite check rides in the first chunk's
+collective, so every rank skips together.  It also owns the refresh of persistent parameters (``ds_persist``):
+their gathered copy is rewritten from the updated shards at the end of the backward that updated them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...update import LOCAL, UpdateTarget, all_finite
+from ..sharded_update import (all_gather_shards, allgather_rows_update_, dense_grad_fill, linear_grad_fill,
+                              reduce_scatter_update_)
+from .internals import check_shard_device, is_partitioned, is_persistent, shard_layout
+
+__all__ = ["ZeroShards"]
+
+
+class ZeroShards(UpdateTarget):
+    """The ZeRO-3 shards of the parameters; one per :class:`ZeroBlockOptimizer`.
+
+    Args:
+        loss_scale: returns the engine's current loss scale (fp16); 1.0 until :func:`initialize` connects it.
+    """
+
+    skip_reason = "its gradient is not finite on some rank"
+
+    def __init__(self, loss_scale: Callable[[], float] | None = None):
+        self.loss_scale = loss_scale or (lambda: 1.0)
+        self._updated_persistent: dict[int, torch.nn.Parameter] = {}
+        self._refresh_queued = False
+
+    # -- the three update shapes --------------------------------------------------------------------------------
+    def linear_(self, weight, bias, g, x, step, sign, update) -> bool:
+        """``weight`` is the parameter [N, K], or a transposed view of a parameter stored [K, N] (GPT-2's
+        ``Conv1D``), whose flat layout is then that of dWᵀ = xᵀg."""
+        if is_partitioned(weight):
+            fill = linear_grad_fill(g, x)
+        elif weight._base is not None and is_partitioned(weight._base):
+            if not (weight.shape == weight._base.shape[::-1] and weight.stride() == (1, weight.shape[0])):
+                raise RuntimeError("bread_kernels: a weight is a view of a ZeRO-3 parameter other than its transpose; "
+                                   "its shard layout is unknown")
+            weight, fill = weight._base, linear_grad_fill(x, g)
+        else:
+            return LOCAL.linear_(weight, bias, g, x, step, sign, update)
+        if not self._dense(weight, fill, all_finite(g, x), step, sign, update, g.device):
+            return False
+        if bias is not None:
+            self._dense(bias, dense_grad_fill(g.sum(0, dtype=torch.float32)), True, step, sign, update, g.device)
+        return True
+
+    def rows_(self, weight, rows, summed, step, sign, update) -> bool:
+        if not is_partitioned(weight):
+            return LOCAL.rows_(weight, rows, summed, step, sign, update)
+        check_shard_device(weight, summed.device)
+        layout = shard_layout(weight)
+        ok = allgather_rows_update_(weight.ds_tensor, layout, rows, summed, step=step, sign=sign,
+                                    rounding=update.rounding, seed=update.next_seed(),
+                                    divisor=layout.world * float(self.loss_scale()))
+        if ok:
+            self.mark_updated(weight)
+        return ok
+
+    def dense_(self, param, grad, step, sign, update) -> bool:
+        if not is_partitioned(param):
+            return LOCAL.dense_(param, grad, step, sign, update)
+        return self._dense(param, dense_grad_fill(grad), all_finite(grad), step, sign, update, grad.device)
+
+    def _dense(self, param, fill, locally_finite: bool, step: float, sign: bool, update, device) -> bool:
+        check_shard_device(param, device)
+        layout = shard_layout(param)
+        ok = reduce_scatter_update_(param.ds_tensor, layout, fill, step=step, sign=sign, rounding=update.rounding,
+                                    seed=update.next_seed(), divisor=layout.world * float(self.loss_scale()),
+                                    locally_finite=locally_finite)
+        if ok:
+            self.mark_updated(param)
+        return ok
+
+    # -- persistent parameters ----------------------------------------------------------------------------------
+    def mark_updated(self, param) -> None:
+        """Queue a persistent parameter's gathered copy for a refresh at the end of this backward (a parameter
+        that is not persistent is gathered afresh from its shard at its next use)."""
+        if not is_persistent(param):
+            return
+        self._updated_persistent[id(param)] = param
+        if not self._refresh_queued:
+            self._refresh_queued = True
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self.refresh_persistent)
+            except RuntimeError:  # not inside a backward
+                self.refresh_persistent()
+
+    @torch.no_grad()
+    def refresh_persistent(self) -> None:
+        """Copy the updated shards of persistent parameters into their gathered ``data`` (one all-gather per group
+        and dtype).  Runs at the end of the backward that updated them: a refresh earlier in that backward could
+        change a weight a later op of the same backward still needs (dX from the old weight)."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        params = list(self._updated_persistent.values())
+        self._updated_persistent.clear()
+        self._refresh_queued = False
+        groups: dict[tuple, list] = {}
+        for p in params:
+            groups.setdefault((id(p.ds_process_group), p.ds_tensor.dtype), []).append(p)
+        for members in groups.values():
+            layouts = [shard_layout(p) for p in members]
+            fulls = all_gather_shards([p.ds_tensor for p in members], layouts, members[0].ds_process_group)
+            for p, full in zip(members, fulls):
+                if p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel:
+                    p.data.copy_(full.view(p.ds_shape))

@@ -1,0 +1,63 @@
+"""fp32 master copies of the low-precision parameters the base optimizer trains (the active block, adapters).
+
+The base optimizer steps the masters; the low-precision parameters receive the rounded result.  A master that
+stays trained across a block switch (a LoRA adapter with ``lora_mode="all"``) is kept, so is its optimizer state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Fp32Masters"]
+
+
+class Fp32Masters:
+    """The ``(parameter, master, name)`` triples of the current block."""
+
+    def __init__(self):
+        self.entries: list[tuple[nn.Parameter, torch.Tensor, str]] = []
+
+    def rebuild(self, trained: list[tuple[str, nn.Parameter, bool]]) -> list[torch.Tensor]:
+        """The tensors the base optimizer steps for ``trained`` ``(name, parameter, keep)``: the parameter itself
+        when it is fp32, else its master — the previous one when ``keep`` and there is one, else a fresh fp32
+        copy."""
+        old = {name: master for _, master, name in self.entries}
+        self.entries, targets = [], []
+        for name, p, keep in trained:
+            target = p
+            if p.dtype != torch.float32:
+                target = old[name] if keep and name in old else p.detach().float().clone().requires_grad_(True)
+                self.entries.append((p, target, name))
+            targets.append(target)
+        return targets
+
+    def grads_to_masters(self) -> None:
+        """Move each parameter's ``.grad`` to its master, in fp32."""
+        for low, master, _ in self.entries:
+            if low.grad is not None:
+                master.grad = low.grad.float()
+                low.grad = None
+
+    @torch.no_grad()
+    def masters_to_params(self) -> None:
+        """Round the stepped masters into their parameters and drop the masters' gradients."""
+        for low, master, _ in self.entries:
+            low.copy_(master)
+            master.grad = None
+
+    def zero_grad(self) -> None:
+        for _, master, _ in self.entries:
+            master.grad = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: master.detach().clone() for _, master, name in self.entries}
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        for _, master, name in self.entries:
+            if name in saved:
+                master.copy_(saved[name])
+
+    def __len__(self) -> int:
+        return len(self.entries)

@@ -1,0 +1,86 @@
+"""What bread_kernels knows about peft's LoRA: the one module that imports peft.
+
+Used by :mod:`~bread_kernels.patch` (which layers get the fused LoRA function, what is refused),
+:mod:`~bread_kernels.optim` (which parameters are adapters), :mod:`~bread_kernels.lora` (BREAD's init and merge)
+and the DeepSpeed integration (LoRA layers as ZeRO-3 leaf modules).  peft is optional: without it no module is a
+LoRA layer.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+try:
+    from peft.tuners.lora import Linear as LoraLinear
+except ImportError:  # peft is optional
+    LoraLinear = None
+
+try:  # GPT-2 and friends store the weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+__all__ = ["LoraLinear", "lora_layer_classes", "is_lora_layer", "lora_layers", "is_adapter_name",
+           "adapter_parameters", "trained_adapter", "check_lora_layer"]
+
+
+def lora_layer_classes() -> list[type]:
+    """The peft layer classes the fused LoRA function serves (empty without peft)."""
+    return [LoraLinear] if LoraLinear is not None else []
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """A peft LoRA linear layer (``peft.tuners.lora.Linear``); False when peft is not installed."""
+    return LoraLinear is not None and isinstance(module, LoraLinear)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every peft LoRA linear layer of ``model`` (qualified name, module)."""
+    return [(n, m) for n, m in model.named_modules() if is_lora_layer(m)]
+
+
+def is_adapter_name(name: str) -> bool:
+    """A peft LoRA adapter parameter (``...q_proj.lora_A.default.weight``)."""
+    return ".lora_" in name or name.startswith("lora_")
+
+
+def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters of a peft LoRA layer (none for a plain linear)."""
+    return [p for attr in ("lora_A", "lora_B") if isinstance(getattr(module, attr, None), nn.ModuleDict)
+            for p in getattr(module, attr).parameters()]
+
+
+def trained_adapter(module: nn.Module, name: str) -> str | None:
+    """The one active adapter of the peft LoRA layer ``name``, or None when the adapters do not contribute."""
+    if module.disable_adapters or module.merged:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) > 1:
+        raise ValueError(
+            f"bread_kernels: LoRA layer {name} has {len(active)} active adapters {active}; the fused "
+            "backward trains one adapter per layer. Activate one with model.set_adapter(name), or merge the others "
+            "into the base weights first"
+        )
+    return active[0] if active else None
+
+
+def check_lora_layer(name: str, module: nn.Module) -> None:
+    """Refuse, at patch time, the peft LoRA configurations the fused function does not compute."""
+    for adapter in module.lora_A:
+        if adapter in getattr(module, "lora_variant", {}):
+            raise NotImplementedError(
+                f"patch: LoRA layer {name} uses the peft variant {type(module.lora_variant[adapter]).__name__} "
+                f"(adapter {adapter!r}: DoRA, aLoRA, ...); bread_kernels fuses plain LoRA only. Use a LoraConfig "
+                "without use_dora and the other variant options, or train this model without patch()"
+            )
+        if module.lora_B[adapter].bias is not None:
+            raise NotImplementedError(
+                f"patch: LoRA layer {name} has a bias on lora_B (adapter {adapter!r}, LoraConfig(lora_bias=True)), "
+                "which the fused backward does not train; use lora_bias=False"
+            )
+    base = module.get_base_layer()
+    if not (type(base) is nn.Linear or (Conv1D is not None and isinstance(base, Conv1D))):
+        raise NotImplementedError(
+            f"patch: LoRA layer {name} wraps a {type(base).__name__}; the fused backward supports LoRA over nn.Linear "
+            "and Conv1D (quantized base layers are not supported)"
+        )
