@@ -1,41 +1,108 @@
-"""Tiny Hugging Face models built from configs (random init, no downloads), shared by the engine tests."""
+"""Tiny seeded transformer models (random init, no downloads) and their data: the one model zoo of the tests.
+
+Each builder returns the model in fp32 (or ``dtype``), train mode, eager attention so the maths is deterministic.
+:func:`layout` writes down by hand what the *reference* needs to know about a model's structure (one name prefix
+per layer, the input embedding's prefix), so the reference and the engine (which discovers the structure itself)
+stay independent.  Sizes are small and deliberately odd (vocab 97, intermediate 88/72, sequence 13).
+"""
+
+from __future__ import annotations
 
 import torch
-from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+import transformers
 
 VOCAB = 97
+BATCH, SEQ = 2, 13
+PEFT_PREFIX = "base_model.model."  # what peft's get_peft_model puts in front of every parameter name
 
 
-def llama(seed=0, dropout=0.0, layers=4, dtype=torch.float32):
+def _finish(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return model.to(dtype).train()
+
+
+def llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, dropout: float = 0.0):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, attention_dropout=dropout,
+        bos_token_id=1, eos_token_id=2,
+    )
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attention_dropout=dropout, tie_word_embeddings=False, attn_implementation="eager")
-    return LlamaForCausalLM(config).to(dtype)
+    return _finish(transformers.LlamaForCausalLM(config), dtype)
 
 
-def gpt2(seed=0, dropout=0.0):
+def gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, dropout: float = 0.0):
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, resid_pdrop=dropout, embd_pdrop=dropout,
+        attn_pdrop=dropout, bos_token_id=1, eos_token_id=2,  # the defaults (50256) lie outside the tiny vocabulary
+    )
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, resid_pdrop=dropout,
-                        embd_pdrop=dropout, attn_pdrop=dropout, attn_implementation="eager")
-    return GPT2LMHeadModel(config)
+    return _finish(transformers.GPT2LMHeadModel(config), dtype)  # lm_head.weight is tied to transformer.wte.weight
 
 
-def bert(seed=0, dropout=0.0):
+def bert(seed: int = 0, dtype: torch.dtype = torch.float32, dropout: float = 0.0):
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=72,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=72, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                        attn_implementation="eager")
-    return BertForMaskedLM(config)
+    # cls.predictions.decoder.weight is tied to bert.embeddings.word_embeddings.weight; pad_token_id=0 makes
+    # embedding row 0 a padding row (its gradient is always zero).
+    return _finish(transformers.BertForMaskedLM(config), dtype)
 
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert}
 
 
-def batch(step: int, shape=(2, 13)):
+def layout(model: torch.nn.Module) -> tuple[list[str], str]:
+    """(one name prefix per repeated layer, bottom to top; the input embedding's prefix) of a zoo model."""
+    name = type(model).__name__
+    if name == "LlamaForCausalLM":
+        return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
+    if name == "GPT2LMHeadModel":
+        return [f"transformer.h.{i}." for i in range(model.config.n_layer)], "transformer.wte."
+    if name == "BertForMaskedLM":
+        return ([f"bert.encoder.layer.{i}." for i in range(model.config.num_hidden_layers)],
+                "bert.embeddings.word_embeddings.")
+    raise ValueError(f"layout: {name} is not a zoo model")
+
+
+def batch(step: int, shape=(BATCH, SEQ)) -> torch.Tensor:
+    """The token ids of one step, from a private generator seeded by the step."""
     gen = torch.Generator().manual_seed(1000 + step)
     return torch.randint(0, VOCAB, shape, generator=gen)
 
 
-def loss_of(model, ids):
+def batches(n_steps: int, seed: int = 1234) -> list[torch.Tensor]:
+    """One fixed [BATCH, SEQ] batch of token ids per step, different per step, from a private generator
+    (so drawing data never touches the global torch RNG that the random switch order uses)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(n_steps)]
+
+
+def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss (Llama, GPT-2) or MLM loss on every position (BERT): labels are the ids themselves."""
     return model(input_ids=ids, labels=ids).loss
+
+
+def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, seed: int = 5, **config) -> torch.nn.Module:
+    """``model`` wrapped by peft's ``get_peft_model`` with LoRA on every linear of the blocks (the head excluded);
+    B is drawn at random instead of peft's zeros, so that the adapters change the forward and A gets a gradient
+    from the first step."""
+    import peft
+
+    targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
+    family = next(k for k in targets if k in type(model).__name__.lower())
+    torch.manual_seed(seed)
+    lora_config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets[family],
+                                  fan_in_fan_out=family == "gpt2", **config)
+    wrapped = peft.get_peft_model(model, lora_config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return wrapped

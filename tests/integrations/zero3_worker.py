@@ -53,7 +53,7 @@ CASES = {
 LORA_MODES = {"lora_partial_gas2": "partial"}
 # Not run by the tests: models whose trained block has biases (GPT-2: Conv1D, biases, wte tied to lm_head; add
 # ZERO3_WORKER_UNTIE=1 to untie; a Llama with ZERO3_WORKER_MLP_BIAS=1).  They once seemed to differ from the
-# reference by a few % of the movement with DeepSpeed alone (ds_bias_repro.py): that was DeepSpeed's default
+# reference by a few % of the movement with DeepSpeed alone (python/ds_bias_repro.py): that was DeepSpeed's default
 # gradient clipping (1.0), which the larger gradients of biases exceed; with "gradient_clipping": 0 (ds_config) they
 # match to ~1e-7 (ZERO3_WORKER_CLIP=1.0 brings the difference back).  Debug knobs: ZERO3_WORKER_NONCONTIG=1
 # (contiguous_gradients off), ZERO3_WORKER_NO_RS=1 (reduce_scatter off), ZERO3_WORKER_MEL=0/1 (DeepSpeed's
@@ -74,7 +74,7 @@ SGD_LR, SCALING = 2e-2, 0.5
 
 def build_model(family: str = "llama", seed: int = 0):
     if family == "lora":
-        from tests.optim.models import with_lora
+        from tests.model_zoo import with_lora
 
         return with_lora(build_model("llama", seed), r=4)
     if family == "gpt2":

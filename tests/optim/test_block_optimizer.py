@@ -40,16 +40,32 @@ def train(model, opt, steps, start=0):
         (dict(start_block=9), ValueError, "start_block=9 is outside the 4 blocks"),
         (dict(switch_block_every=0), ValueError, "switch_block_every must be a positive int"),
         (dict(init_avgsq_scale=1.0), NotImplementedError, "init_avgsq_scale is not implemented"),
+        (dict(sgd_mode="all", sgd_lr_scaling=float("nan")), ValueError, "sgd_lr_scaling must be a finite number >= 0"),
+        (dict(sgd_mode="all", sgd_lr_scaling=float("inf")), ValueError, "sgd_lr_scaling must be a finite number"),
+        (dict(sgd_mode="all", sgd_lr_scaling=-0.5), ValueError, "sgd_lr_scaling must be a finite number >= 0"),
+        (dict(sgd_lr_scaling="1"), ValueError, "sgd_lr_scaling must be a finite number"),
+        (dict(rounding="up"), ValueError, "unknown rounding 'up'"),
+        (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+        (dict(sgd_use_sign="yes"), TypeError, "sgd_use_sign must be True or False"),
+        (dict(log_fn=3), TypeError, "log_fn must be None or a callable"),
+        (dict(lr_warmup_step_afterswitch=2.5), ValueError, "lr_warmup_step_afterswitch must be None or a positive"),
+        (dict(active_modules="model.norm"), TypeError, "active_modules must be a list of name prefixes"),
     ],
-    ids=["sgd_mode", "switch_mode", "lora_mode", "prefix", "active_modules", "fixed", "start", "every", "avgsq"],
+    ids=["sgd_mode", "switch_mode", "lora_mode", "prefix", "active_modules", "fixed", "start", "every", "avgsq",
+         "scale_nan", "scale_inf", "scale_negative", "scale_str", "rounding", "seed", "sign", "log_fn", "warmup",
+         "active_modules_str"],
 )
 def test_bad_arguments_are_refused_before_any_step(kwargs, error, match):
     model = bread_kernels.patch(BUILDERS["llama"]())
     before = copy.deepcopy(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(error, match=match):
         make(model, **kwargs)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert patched_state(model).driver is None
 
 
 def test_parameters_not_from_the_patched_model_are_refused():
@@ -169,3 +185,88 @@ def test_a_graph_kept_without_backward_does_not_hold_back_later_updates(recomput
         assert torch.equal(p, q), name
     assert opts[0].skipped_updates == 0
     del stale
+
+
+# -- lifetime: hooks keep their handles, hold the optimizer weakly, and are removed ------------------------------
+VARIANTS = {"badam": {}, "sgd_all": dict(sgd_mode="all"), "sgd_partial": dict(sgd_mode="partial"),
+            "sign": dict(sgd_mode="all", sgd_use_sign=True), "bread": dict(lora_mode="all", sgd_mode="partial")}
+
+
+def _hook_count(model) -> int:
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+def _variant_model(variant, patched=True):
+    from tests.model_zoo import with_lora
+
+    model = BUILDERS["llama"]()
+    if variant == "bread":
+        model = with_lora(model, r=4)
+    return bread_kernels.patch(model) if patched else model
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "slow_path"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_model_optimizer_and_blocks_are_collected_after_del(variant, patched):
+    import gc
+    import weakref
+
+    model = _variant_model(variant, patched)
+    opt = make(model, switch_block_every=1, **VARIANTS[variant])
+    train(model, opt, 2)
+    blocks = patched_state(model).blocks if patched else None
+    refs = [weakref.ref(model), weakref.ref(opt)] + ([weakref.ref(b) for b in blocks] if patched else [])
+    del model, opt, blocks
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_close_removes_every_hook_and_plan_and_step_then_raises(variant):
+    model = _variant_model(variant)
+    hooks = _hook_count(model)
+    opt = make(model, **VARIANTS[variant])
+    assert _hook_count(model) == hooks + len(list(model.parameters()))
+    train(model, opt, 1)
+    opt.close()
+    opt.close()  # idempotent
+    state = patched_state(model)
+    assert _hook_count(model) == hooks
+    assert state.driver is None and state.cut == 0
+    assert all(getattr(m, "_bread_weight_plan") is None for _, m in state.fused_modules)
+    with pytest.raises(RuntimeError, match="this optimizer was closed"):
+        opt.step()
+    loss_of(model, batch(5)).backward()  # the model trains with plain autograd again
+
+
+def test_a_dropped_optimizer_removes_its_hooks_and_plans():
+    import gc
+
+    model = _variant_model("sgd_all")
+    hooks = _hook_count(model)
+    make(model, sgd_mode="all")  # not kept
+    gc.collect()
+    assert _hook_count(model) == hooks
+    assert all(getattr(m, "_bread_weight_plan") is None for _, m in patched_state(model).fused_modules)
+
+
+def test_a_second_optimizer_over_the_same_parameters_takes_them_over():
+    model = _variant_model("sgd_all")
+    hooks = _hook_count(model)
+    first = make(model, sgd_mode="all")
+    with pytest.warns(RuntimeWarning, match="belonged to a live BlockOptimizer.*it was closed"):
+        second = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                              list(model.named_parameters()), verbose=0)
+    assert first.closed and not second.closed
+    assert _hook_count(model) == hooks + len(list(model.parameters()))  # one set of hooks: the second's
+    assert patched_state(model).driver is second
+    with pytest.raises(RuntimeError, match="closed"):
+        first.step()
+    # the second trains as if it were the only one: the same result as a fresh optimizer on a copy
+    twin = _variant_model("sgd_all")
+    twin.load_state_dict(model.state_dict())
+    only = make(twin)
+    train(model, second, 2)
+    train(twin, only, 2)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name

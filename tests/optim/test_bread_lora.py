@@ -22,7 +22,7 @@ from bread_kernels.functions import linear as linear_module
 from bread_kernels.functions import lora as lora_module
 from bread_kernels.patch import patched_state
 
-from . import models
+from tests import model_zoo as models
 from .test_equivalence import SCALING, Case, run_case
 
 LORA_EPS = dict(eps=1e-3)
@@ -61,7 +61,7 @@ def test_gpt2_conv1d_lora():
 
 
 def _patched_lora_llama(**lora):
-    model = bread_kernels.patch(models.with_lora(models.llama().model, **lora))
+    model = bread_kernels.patch(models.with_lora(models.llama(), **lora))
     return model
 
 
@@ -144,7 +144,7 @@ def test_merge_and_unload_and_save_pretrained_give_the_trained_outputs(tmp_path)
 
 
 def test_bread_initialisation():
-    model = models.with_lora(models.llama().model)
+    model = models.with_lora(models.llama())
     bread_kernels.init_bread_lora_(model)
     for name, p in model.named_parameters():
         if "lora_A" in name:
@@ -153,18 +153,18 @@ def test_bread_initialisation():
             bound = 1 / p.shape[1] ** 0.5  # kaiming_uniform(a=√5) on [out, r]: U(-1/√r, 1/√r)
             assert 0 < p.abs().max() <= bound and p.std() > bound / 4, name
     with pytest.raises(ValueError, match="no peft LoRA layer"):
-        bread_kernels.init_bread_lora_(models.llama().model)
+        bread_kernels.init_bread_lora_(models.llama())
 
 
 def test_unsupported_lora_configurations_are_refused_at_patch():
     with pytest.raises(NotImplementedError, match="DoRA"):
-        bread_kernels.patch(models.with_lora(models.llama().model, use_dora=True))
+        bread_kernels.patch(models.with_lora(models.llama(), use_dora=True))
     with pytest.raises(NotImplementedError, match="lora_bias=True"):
-        bread_kernels.patch(models.with_lora(models.llama().model, lora_bias=True))
+        bread_kernels.patch(models.with_lora(models.llama(), lora_bias=True))
 
 
 def test_two_active_adapters_are_refused_in_training():
-    model = models.with_lora(models.llama().model)
+    model = models.with_lora(models.llama())
     model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj"]))
     model.base_model.set_adapter(["default", "second"])
     model = bread_kernels.patch(model)
@@ -185,7 +185,7 @@ def test_state_dict_resumes_a_bread_run_exactly():
             opt.step()
             opt.zero_grad()
 
-    base = models.with_lora(models.llama().model, lora_dropout=0.1)
+    base = models.with_lora(models.llama(), lora_dropout=0.1)
     model = bread_kernels.patch(copy.deepcopy(base))
     opt = _optimizer(model, switch_block_every=2, lora_mode="partial", sgd_mode="partial")
     train(model, opt, 3, 0)

@@ -16,7 +16,7 @@ import torch
 
 import bread_kernels
 
-from . import models
+from tests import model_zoo as models
 from .reference_bcd import ADAM, FROZEN, SGD, SIGN, ReferenceBCD, block_prefixes
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -99,9 +99,8 @@ def _describe(name, step, role, ref, eng, before, bad) -> str:
 
 
 def run_case(case: Case) -> None:
-    tiny = models.BUILDERS[case.family](dtype=case.dtype)
-    original = tiny.model
-    layer_prefixes, embedding_prefix = tiny.layer_prefixes, tiny.embedding_prefix
+    original = models.BUILDERS[case.family](dtype=case.dtype)
+    layer_prefixes, embedding_prefix = models.layout(original)
     if case.lora is not None:
         original = models.with_lora(original, **case.lora)
         layer_prefixes = [models.PEFT_PREFIX + p for p in layer_prefixes]

@@ -1,4 +1,4 @@
-"""patch(model) and the streaming backward against the plain model: gradients, RNG replay, the cut, unpatch."""
+"""The streaming backward of a patched model against the plain model: gradients, RNG replay, the cut, recompute."""
 
 import copy
 import warnings
@@ -38,51 +38,6 @@ def test_patched_model_has_the_plain_gradients_with_dropout(arch, recompute):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     if recompute:
         assert patched_state(patched).stream.recomputes == {i: 1 for i in range(len(patched_state(patched).blocks))}
-
-
-@pytest.mark.parametrize("arch", sorted(BUILDERS))
-def test_patch_is_idempotent_and_unpatch_restores_the_module_tree(arch):
-    model = BUILDERS[arch]()
-    keys = list(model.state_dict().keys())
-    forwards = {n: type(m).forward for n, m in model.named_modules()}
-    assert bread_kernels.patch(model) is model
-    state = patched_state(model)
-    assert bread_kernels.patch(model) is model and patched_state(model) is state
-    assert list(model.state_dict().keys()) == keys
-    bread_kernels.unpatch(model)
-    assert patched_state(model) is None
-    assert list(model.state_dict().keys()) == keys
-    for name, module in model.named_modules():
-        assert "forward" not in module.__dict__, name
-        assert not hasattr(module, "_bread_weight_plan"), name
-        assert type(module).forward is forwards[name]
-
-
-def test_discovery_finds_each_architecture_structurally():
-    expected = {"llama": ("model.layers", 4), "gpt2": ("transformer.h", 3), "bert": ("bert.encoder.layer", 3)}
-    for arch, (name, n) in expected.items():
-        state = patched_state(bread_kernels.patch(BUILDERS[arch]()))
-        assert (state.blocks_name, len(state.blocks)) == (name, n)
-        assert state.embedding is not None and state.head is not None
-    gpt2 = patched_state(bread_kernels.patch(BUILDERS["gpt2"]()))
-    assert any(type(m).__name__ == "Conv1D" for _, m in gpt2.fused_modules)  # GPT-2's transposed-weight layers
-
-
-def test_unsupported_model_gets_a_clear_error_and_blocks_argument_works():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.second(self.first(x))
-
-    with pytest.raises(ValueError, match=r"found no block stack.*patch\(model, blocks=model"):
-        bread_kernels.patch(Odd())
-    model = nn.Sequential(nn.ModuleList([nn.Linear(4, 4)]))
-    with pytest.raises(ValueError, match="not a submodule"):
-        bread_kernels.patch(model, blocks=nn.ModuleList([nn.Linear(4, 4)]))
-    assert patched_state(bread_kernels.patch(model, blocks=model[0])).blocks is model[0]
 
 
 def _count_linear_backwards(monkeypatch):

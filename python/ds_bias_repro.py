@@ -2,10 +2,10 @@
 biases.  The cause is DeepSpeed's default ``gradient_clipping`` of 1.0 (``GRADIENT_CLIPPING_DEFAULT``), which
 the larger gradient norm with biases exceeds; ``zero3_worker.ds_config`` now sets it to 0 (``ZERO3_WORKER_CLIP``).
 
-    BIAS=1 ZERO3_WORKER_CLIP=1.0 torchrun --nproc_per_node 1 tests/integrations/ds_bias_repro.py   # differs from step 1
-    BIAS=1 torchrun --nproc_per_node 1 tests/integrations/ds_bias_repro.py     # clipping off: identical at every step
+    BIAS=1 ZERO3_WORKER_CLIP=1.0 torchrun --nproc_per_node 1 python/ds_bias_repro.py   # differs from step 1
+    BIAS=1 torchrun --nproc_per_node 1 python/ds_bias_repro.py     # clipping off: identical at every step
 
-No bread_kernels code is involved: the tiny Llama of ``zero3_worker`` (with or without ``mlp_bias``), layer 2
+No bread_kernels code is involved: the tiny Llama of ``tests/integrations/zero3_worker.py`` (with or without ``mlp_bias``), layer 2
 trainable, torch SGD(momentum 0.9) given to ``deepspeed.initialize`` (ZeRO-3, 1 CPU rank) against the same SGD on
 a deep copy.  The same clipping made the LoRA (BREAD) runs differ by ~2.7% of a step, the adapters' and active
 block's gradient norm being just above 1.
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 os.environ["ZERO3_WORKER_MLP_BIAS"] = os.environ.get("BIAS", "1")
 
 import deepspeed  # noqa: E402

@@ -1,0 +1,72 @@
+"""The plan: Roles, the on-the-fly update rule (step size, seeds), rounding, and the multi-use bookkeeping."""
+
+import warnings
+
+import pytest
+import torch
+
+from bread_kernels import OnTheFlyUpdate, Role, Rounding, WeightPlan
+from bread_kernels.plan import begin_forward
+
+
+def test_unknown_rounding_and_role_names_are_refused():
+    with pytest.raises(ValueError, match="unknown rounding 'up'"):
+        OnTheFlyUpdate(lr=0.1, rounding="up")
+    with pytest.raises(ValueError, match="unknown role 'adam'"):
+        WeightPlan("adam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert WeightPlan("sgd", OnTheFlyUpdate(lr=0.1, rounding="nearest")).role is Role.SGD
+
+
+def test_step_size_is_read_when_asked_and_must_be_finite_and_non_negative():
+    lr = [0.5]
+    update = OnTheFlyUpdate(lr=lambda: lr[0], scale=0.2)
+    assert update.step_size() == pytest.approx(0.1)
+    lr[0] = 1.0
+    assert update.step_size() == pytest.approx(0.2)
+    for bad in (float("nan"), float("inf"), -1.0):
+        lr[0] = bad
+        with pytest.raises(ValueError, match="lr·scale must be finite and >= 0"):
+            update.step_size()
+    with pytest.raises(TypeError, match="lr must be a number or a zero-argument callable"):
+        OnTheFlyUpdate(lr="1e-5")
+
+
+def test_each_draw_is_a_fresh_seed_and_a_rerun_reproduces_them():
+    a, b = OnTheFlyUpdate(lr=0.1, seed=3), OnTheFlyUpdate(lr=0.1, seed=3)
+    seeds = [a.next_seed() for _ in range(4)]
+    assert len(set(seeds)) == 4 and a.draws == 4
+    assert [b.next_seed() for _ in range(4)] == seeds
+    assert OnTheFlyUpdate(lr=0.1, seed=4).next_seed() != seeds[0]
+    assert all(0 <= s < 2**64 for s in seeds)
+
+
+def test_auto_rounding_is_stochastic_for_low_precision_only():
+    assert Rounding.AUTO.resolve(torch.bfloat16) is Rounding.STOCHASTIC
+    assert Rounding.AUTO.resolve(torch.float16) is Rounding.STOCHASTIC
+    assert Rounding.AUTO.resolve(torch.float32) is Rounding.NEAREST
+    assert Rounding.NEAREST.resolve(torch.bfloat16) is Rounding.NEAREST
+
+
+def test_uses_of_one_forward_are_released_together_after_the_last_backward():
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.1))
+    begin_forward()
+    first, second = plan.register_use(), plan.register_use()
+    assert plan.finish_use(second, "b") is None  # the first use's backward has not run
+    assert plan.finish_use(first, "a") == ["b", "a"]
+    begin_forward()
+    only = plan.register_use()
+    assert plan.finish_use(only, "c") == ["c"]
+
+
+def test_a_use_dropped_without_backward_skips_its_forward_and_reports():
+    reports = []
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.1), name="w", reporter=lambda n, r: reports.append((n, r)))
+    begin_forward()
+    kept, dropped = plan.register_use(), plan.register_use()
+    assert plan.finish_use(kept, "a") is None
+    del dropped  # its graph was freed without a backward
+    begin_forward()
+    plan.register_use()
+    assert plan.skipped_updates == 1 and reports and reports[0][0] == "w"
