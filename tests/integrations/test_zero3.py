@@ -120,6 +120,7 @@ def test_shards_equal_single_process_run(zero3_results, case, rank):
     assert len(result["losses"]) == STEPS
     assert result["grads_left"] == [], f"{case}: .grad left after a backward: {result['grads_left']}"
     assert result["switches"] == 2
+    assert result["alive_after_del"] == [], f"{case}: still alive after destroy and del: {result['alive_after_del']}"
     hooks = result["hook_names"]  # after two stage-3 optimizer rebuilds: DeepSpeed's hooks once each, no leftovers
     for name in ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook"):
         assert hooks.count(name) == 1, f"{case}: hook {name} registered {hooks.count(name)} times: {hooks}"

@@ -12,6 +12,8 @@ Results go to ``<out>.rank<r>.json``.  ``--fault`` makes rank 1 raise inside the
 from __future__ import annotations
 
 import argparse
+import gc
+import weakref
 import copy
 import datetime
 import json
@@ -211,7 +213,13 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
             full = p.data.detach().reshape(-1)[layout.start:layout.start + layout.valid]
             entry["persist_vs_shard"] = (full.float() - mine).abs().max().item()
         result["params"][pname] = entry
+    # the ZeRO-3 path's objects are freed once the user drops them (hooks and plans hold them weakly)
+    refs = {"ZeroBlockOptimizer": weakref.ref(opt), "ZeroShards": weakref.ref(opt.update_target),
+            "ZeroBlockEngine": weakref.ref(engine)}
     engine.destroy()
+    del engine, opt
+    gc.collect()
+    result["alive_after_del"] = sorted(k for k, ref in refs.items() if ref() is not None)
     return result
 
 

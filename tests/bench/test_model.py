@@ -1,0 +1,33 @@
+"""The model benchmark's positions run one after another in one process: each position's models and optimizers
+are gone when the next one starts, so the process does not grow by a model per position."""
+
+import gc
+import weakref
+
+import pytest
+
+from bread_kernels.bench import model as model_bench
+
+
+@pytest.mark.parametrize("variants", [("BAdam", "BREAD-SGD"), ("BREAD",)], ids=["dense", "lora"])
+def test_positions_do_not_accumulate_models(monkeypatch, variants):
+    engines, alive_at_start = [], []
+    original_patch = model_bench.patch
+
+    def recording_patch(model, **kwargs):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in engines))
+        patched = original_patch(model, **kwargs)
+        engines.append(weakref.ref(patched))
+        return patched
+
+    monkeypatch.setattr(model_bench, "patch", recording_patch)
+    monkeypatch.setattr(model_bench, "gemm_flops_per_second", lambda *a, **k: 1e9)
+    lines = []
+    model_bench.run(positions=(0, 1, 2), variants=variants, batch=1, seq=8, repeats=1, print_fn=lines.append,
+                    lora_rank=2, layers=3, hidden=32, intermediate=40, heads=2, vocab=61)
+    assert len(engines) == 3 * len(variants) and any(line.startswith("mean over positions") for line in lines)
+    # at each new position at most the previous position's model is still bound (to the loop's variables)
+    assert max(alive_at_start) <= 1, alive_at_start
+    gc.collect()
+    assert [ref() for ref in engines] == [None] * len(engines)

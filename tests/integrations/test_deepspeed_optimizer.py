@@ -1,0 +1,56 @@
+"""ZeroBlockOptimizer in one process, before DeepSpeed partitions anything: its ZeroShards target hands tensors
+that are not partitioned to the local write, so it trains exactly like BlockOptimizer; and it is freed after del."""
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import bread_kernels
+from bread_kernels.integrations.deepspeed import ZeroBlockOptimizer, ZeroShards
+from tests.model_zoo import batch, llama, loss_of
+
+
+def _build(cls, model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(torch.optim.AdamW(model.parameters(), lr=1e-2), list(model.named_parameters()), verbose=0,
+                   sgd_mode="all", switch_mode="fixed", start_block=2)
+
+
+def test_unpartitioned_tensors_take_the_local_update():
+    a, b = bread_kernels.patch(llama()), bread_kernels.patch(llama())
+    zero, plain = _build(ZeroBlockOptimizer, a), _build(bread_kernels.BlockOptimizer, b)
+    assert isinstance(zero.update_target, ZeroShards)
+    for step in range(2):
+        for model, opt in ((a, zero), (b, plain)):
+            loss_of(model, batch(step)).backward()
+            if opt is plain:
+                opt.step()
+            else:  # without DeepSpeed: the base optimizer and the bookkeeping, as ZeroBlockEngine.step does
+                opt.base_optimizer.step()
+                opt.after_base_step()
+            opt.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_zero_block_optimizer_and_its_target_are_collected_after_del():
+    model = bread_kernels.patch(llama())
+    opt = _build(ZeroBlockOptimizer, model)
+    loss_of(model, batch(0)).backward()
+    refs = [weakref.ref(opt), weakref.ref(opt.update_target), weakref.ref(model)]
+    del opt, model
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_step_outside_the_engine_is_refused_once_connected():
+    model = bread_kernels.patch(llama())
+    opt = _build(ZeroBlockOptimizer, model)
+    opt._ds_engine = object()  # what initialize() connects
+    with pytest.raises(RuntimeError, match="call step\\(\\) on the engine"):
+        opt.step()
+    opt._ds_engine = None

@@ -1,0 +1,49 @@
+"""Block partition and switching order on plain name lists."""
+
+import pytest
+import torch
+
+from bread_kernels.optim.blocks import BlockOrder, infer_blocks
+
+NAMES = ["model.embed_tokens.weight"] + [f"model.layers.{i}.w" for i in range(5)] + ["model.norm.weight",
+                                                                                     "lm_head.weight"]
+
+
+def test_the_reference_patterns_find_layers_embedding_and_the_rest():
+    assert infer_blocks(NAMES, None, None, False, False, 1) == [[f"model.layers.{i}."] for i in range(5)]
+    blocks = infer_blocks(NAMES, None, None, True, True, 2)
+    assert blocks[0] == ["model.embed_tokens."]
+    assert blocks[1:4] == [["model.layers.0.", "model.layers.1."], ["model.layers.2.", "model.layers.3."],
+                           ["model.layers.4."]]
+    assert blocks[4] == ["model.norm.weight", "lm_head.weight"]
+    with pytest.raises(ValueError, match="could not infer the blocks"):
+        infer_blocks(["a.weight", "b.weight"], None, None, False, False, 1)
+
+
+@pytest.mark.parametrize("mode, expected", [("descending", [3, 2, 1, 0, 3]), ("ascending", [0, 1, 2, 3, 0])])
+def test_deterministic_orders_cycle(mode, expected):
+    order = BlockOrder(4, mode, None)
+    assert [order.current] + [order.advance() for _ in range(4)] == expected
+
+
+def test_random_order_visits_every_block_per_epoch_and_resumes_from_its_state():
+    torch.manual_seed(0)
+    order = BlockOrder(5, "random", None)
+    epoch = [order.current] + [order.advance() for _ in range(4)]
+    assert sorted(epoch) == list(range(5))
+    saved = order.state_dict()
+    rng = torch.get_rng_state()
+    ahead = [order.advance() for _ in range(7)]
+    resumed = BlockOrder(5, "random", None)
+    resumed.load_state_dict(saved)
+    torch.set_rng_state(rng)
+    assert [resumed.advance() for _ in range(7)] == ahead
+
+
+def test_fixed_stays_and_bad_starts_are_refused():
+    order = BlockOrder(3, "fixed", 1)
+    assert [order.advance() for _ in range(3)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="start_block=3 is outside the 3 blocks"):
+        BlockOrder(3, "ascending", 3)
+    with pytest.raises(ValueError, match="saved switch_mode 'fixed'"):
+        BlockOrder(3, "ascending", None).load_state_dict(order.state_dict())
