@@ -9,7 +9,8 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 
 * every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head: a forward through
   :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
-  ``_bread_weight_plan`` attribute, written through :meth:`PatchedModel.apply_plans`) it computes exactly what the original forward does, with plain autograd.
+  ``_bread_weight_plan`` attribute, written through :meth:`PatchedModel.apply_plans`) it computes exactly what the
+  original forward does, with plain autograd.
 * every peft LoRA layer (``peft.tuners.lora.Linear``, over an ``nn.Linear`` or a ``Conv1D``): a forward through
   :func:`~bread_kernels.functions.lora.fused_lora_linear` (its base layer and adapters are not patched on their
   own).  One active adapter per layer; DoRA and the other peft variants, ``lora_bias`` and mixed-adapter batches
@@ -159,7 +160,7 @@ def _lora_forward(self, x, *args, **kwargs):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own
-    adapter = trained_adapter(self, self._bread_name)  # refuses what the backward could not do, before any backward runs
+    adapter = trained_adapter(self, self._bread_name)  # refuses what the backward cannot do, before it runs
     if not torch.is_grad_enabled():  # evaluation, and blocks below the cut
         return type(self).forward(self, x, *args, **kwargs)
     if args or kwargs:

@@ -1,6 +1,6 @@
 """Backend dispatch for the fused weight update.
 
-Every backend implements the same two methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
+Every backend implements the same three methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
     update_weight_(W, g, x, step, sign, rounding, seed)       # W -= step · f(gᵀx), no dW tensor
     apply_update_(P, G, step, sign, rounding, seed, offset)   # P -= step · f(G), G fp32 (biases, chunks)

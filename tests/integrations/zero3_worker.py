@@ -217,7 +217,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     refs = {"ZeroBlockOptimizer": weakref.ref(opt), "ZeroShards": weakref.ref(opt.update_target),
             "ZeroBlockEngine": weakref.ref(engine)}
     engine.destroy()
-    del engine, opt
+    del engine, opt, loss  # the last loss's graph keeps its Functions' plans (and their target) until dropped
     gc.collect()
     result["alive_after_del"] = sorted(k for k, ref in refs.items() if ref() is not None)
     return result

@@ -75,7 +75,7 @@ def _optimizer(model, **kw):
 @pytest.mark.parametrize("active", [1, 3])
 def test_bread_partial_does_no_backward_work_below_the_active_block(monkeypatch, active):
     model = _patched_lora_llama()
-    opt = _optimizer(model, switch_mode="fixed", start_block=active, lora_mode="partial")
+    _opt = _optimizer(model, switch_mode="fixed", start_block=active, lora_mode="partial")
     calls = []
     for module in (linear_module.FusedLinearFunction, lora_module.FusedLoRALinearFunction):
         original = module.backward
@@ -99,7 +99,7 @@ def test_bread_partial_does_no_backward_work_below_the_active_block(monkeypatch,
 
 def test_bread_all_reaches_every_layer(monkeypatch):
     model = _patched_lora_llama()
-    opt = _optimizer(model, switch_mode="fixed", start_block=3, lora_mode="all")
+    _opt = _optimizer(model, switch_mode="fixed", start_block=3, lora_mode="all")
     assert patched_state(model).stream.cut == 0
     models.loss_of(model, models.batches(1)[0]).backward()
     for name, p in model.named_parameters():
@@ -168,7 +168,7 @@ def test_two_active_adapters_are_refused_in_training():
     model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj"]))
     model.base_model.set_adapter(["default", "second"])
     model = bread_kernels.patch(model)
-    opt = _optimizer(model, lora_mode="all")
+    _opt = _optimizer(model, lora_mode="all")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="2 active adapters"):
         models.loss_of(model, models.batches(1)[0])
