@@ -1,60 +1,85 @@
-"""``python -m bread_kernels.bench [linear|model] [options]``: run a benchmark and print its table.
+"""``python -m bread_kernels.bench [model|linear|lora] [options]`` (also ``bread-bench``): run a benchmark.
 
-The default (no arguments) is the fused-linear benchmark on a TinyLlama-sized MLP weight (5632×2048, 2048 tokens,
-fp32) on the CPU: backward time and peak memory of the fused SGD / SIGN update against autograd plus a
-post-accumulate-grad hook.  ``model`` runs the BCD variants (BAdam, BREAD-SGD, -partial, -sign; BREAD and
-BREAD-partial on a peft LoRA model with ``--variants BREAD BREAD-partial``) on a Llama against the same variants done
-the reference way (plain autograd + hooks + HF gradient checkpointing).
+The default is the model suite (:mod:`bread_kernels.bench.model`): every BCD variant through the engine against the
+reference run as its users run it and configured as well as it can be, each verified to compute the same step
+before it is timed; a table on stdout, a JSON and a PNG in ``--out``.  ``linear`` times one fused linear backward
+(SGD / SIGN update against autograd plus a hook), ``lora`` one LoRA layer's backward against peft.
 """
 
 import argparse
+import sys
 
 import torch
-
-from . import linear, lora, model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _fail(message: str):
+    print(f"bread-bench: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
+    from . import linear, lora, model
+
     parser = argparse.ArgumentParser(prog="python -m bread_kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", nargs="?", default="linear", choices=["linear", "lora", "model"],
-                        help="linear: one fused linear backward; lora: one LoRA layer's backward against peft "
-                             "(--lora-rank); model: BCD variants on a Llama (see --help text)")
-    parser.add_argument("--out-features", type=int, default=5632)
-    parser.add_argument("--in-features", type=int, default=2048)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("suite", nargs="?", default="model", help="model (default), linear or lora")
+    parser.add_argument("--dtype", help="fp32, bf16 or fp16 (model suite default: fp32 on a CPU, bf16 on a GPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (model: 3, linear/lora: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group = parser.add_argument_group("model suite")
-    group.add_argument("--layers", type=int, default=8)
-    group.add_argument("--hidden", type=int, default=512)
-    group.add_argument("--intermediate", type=int, default=1376)
-    group.add_argument("--heads", type=int, default=8)
-    group.add_argument("--vocab", type=int, default=4096)
-    group.add_argument("--batch", type=int, default=4)
-    group.add_argument("--seq", type=int, default=256)
-    group.add_argument("--positions", type=int, nargs="+", default=[1, 4, 6], help="active block indices")
-    group.add_argument("--variants", nargs="+", default=list(model.DEFAULT_VARIANTS), choices=list(model.VARIANTS),
-                       help="BREAD and BREAD-partial run on a peft LoRA model (--lora-rank)")
+    group.add_argument("--model", help="a local Hugging Face checkpoint directory or config JSON (no downloads); "
+                                       "default: a Llama built from a config sized for the device")
+    group.add_argument("--variants", nargs="+", default=list(model.ALL_VARIANTS), metavar="VARIANT",
+                       help=f"any of {', '.join(model.VARIANTS)}")
+    group.add_argument("--positions", type=int, nargs="+", help="active block indices (default: 2nd, middle, "
+                                                                "2nd-to-last)")
+    group.add_argument("--batch", type=int)
+    group.add_argument("--seq", type=int)
+    group.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                       help="engine recompute and reference gradient checkpointing (default on)")
     group.add_argument("--lora-rank", type=int, default=8)
-    group.add_argument("--no-recompute", action="store_true", help="keep activations; reference without checkpointing")
+    group.add_argument("--out", default=".", help="directory for the JSON and PNG (default: the current one)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
+        group.add_argument(f"--{name}", type=int, help="size of the embedded default model")
+    group = parser.add_argument_group("linear and lora suites")
+    group.add_argument("--out-features", type=int, default=5632)
+    group.add_argument("--in-features", type=int, default=2048)
+    group.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+
+    if args.suite not in ("model", "linear", "lora"):
+        _fail(f"unknown suite {args.suite!r}; choose from model, linear, lora")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        _fail(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    if args.repeats is not None and args.repeats < 1:
+        _fail(f"--repeats must be at least 1, got {args.repeats}")
+    dtype = DTYPES[args.dtype] if args.dtype else None
     if args.suite == "linear":
-        linear.run(args.out_features, args.in_features, args.tokens, DTYPES[args.dtype], args.repeats, args.device)
-    elif args.suite == "lora":
-        lora.run(args.out_features, args.in_features, args.tokens, args.lora_rank, DTYPES[args.dtype], args.repeats,
-                 args.device)
-    else:
-        if any(not 0 <= p < args.layers for p in args.positions):
-            parser.error(f"--positions must be block indices in [0, {args.layers})")
-        model.run(tuple(args.positions), tuple(args.variants), args.batch, args.seq, DTYPES[args.dtype], args.repeats,
-                  not args.no_recompute, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                  heads=args.heads, vocab=args.vocab, lora_rank=args.lora_rank, device=args.device)
+        linear.run(args.out_features, args.in_features, args.tokens, dtype or torch.float32, args.repeats or 5,
+                   args.device)
+        return
+    if args.suite == "lora":
+        lora.run(args.out_features, args.in_features, args.tokens, args.lora_rank, dtype or torch.float32,
+                 args.repeats or 5, args.device)
+        return
+    unknown = [v for v in args.variants if v not in model.VARIANTS]
+    if unknown:
+        _fail(f"unknown variant {unknown[0]!r}; choose from {', '.join(model.VARIANTS)}")
+    shape = {k: v for k, v in (("layers", args.layers), ("hidden", args.hidden), ("intermediate", args.intermediate),
+                               ("heads", args.heads), ("kv_heads", args.kv_heads), ("vocab", args.vocab))
+             if v is not None}
+    if shape and args.model:
+        _fail("--layers/--hidden/... size the embedded default model; they cannot be combined with --model")
+    try:
+        model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats or 3,
+                  args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, **shape)
+    except model.VerificationError as exc:
+        _fail(f"verification failed, nothing was timed for it: {exc}")
+    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 if __name__ == "__main__":

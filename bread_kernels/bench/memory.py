@@ -8,6 +8,10 @@ here and fails loudly if torch changes it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +26,21 @@ class AllocationTrace:
     retained_bytes: int = -1  #: bytes ``fn`` allocated and did not free (CPU only; -1 on CUDA)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints start/stop lines (``USDT: ... profiler_start``) on file descriptor 2: they
+    are not the benchmark's output, so fd 2 points at /dev/null while it runs (Python's own stderr is flushed)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def trace_allocations(fn: Callable[[], object], device: str | torch.device = "cpu") -> AllocationTrace:
     device = torch.device(device)
     if device.type == "cuda":
@@ -33,7 +52,8 @@ def trace_allocations(fn: Callable[[], object], device: str | torch.device = "cp
         peak = torch.cuda.max_memory_allocated(device) - start
         return AllocationTrace(peak_bytes=peak, largest_bytes=-1, allocations=-1)
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
         fn()
     try:
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

@@ -1,21 +1,31 @@
-"""Benchmark of whole-model BCD steps: each variant through the engine against the same variant done the reference
-way, in one run.
+"""The main benchmark: whole-model BCD backward, each variant through the engine against the reference done two
+ways, in one run, after checking that all of them compute the same step.
 
-Model: a Llama from a config (default 8 layers, hidden 512, intermediate 1376, 8 heads, vocab 4096; batch 4×256),
-random init.  Variants: BAdam, BREAD-SGD-partial, BREAD-SGD, BREAD-SGD-sign (the default set), and BREAD,
-BREAD-partial on the same model wrapped by peft (LoRA of rank ``lora_rank`` on every linear of the blocks; the
-reference way is then peft's own autograd), with the active block at several layers.  Engine: ``bread_kernels.patch`` + ``BlockOptimizer``.  Reference way, as its users run it: the unpatched
-model with Hugging Face gradient checkpointing (which makes the input embeddings require grad, so the backward runs
-through every layer), plain autograd, and post-accumulate-grad hooks for the on-the-fly updates (the same
-``BlockOptimizer`` on an unpatched model is exactly that path).  ``--no-recompute`` compares ``patch(recompute=
-False)`` against the reference without checkpointing.
+Model: a Llama from a config sized for the device — on a CPU 8 layers, hidden 512, intermediate 1376, 8 heads, vocab
+4096, batch 4×256, fp32; on a GPU Llama-3-8B's layer dimensions (hidden 4096, intermediate 14336, 32 heads, 8 KV
+heads, vocab 128256) with 4 layers, batch 1×2048, bf16 — or ``--model`` (a local Hugging Face checkpoint directory
+or config JSON; no downloads).  Variants: BAdam, BREAD-SGD-partial, BREAD-SGD and their sign forms on the model, and
+BREAD, BREAD-partial on the model wrapped by peft (LoRA of rank ``lora_rank`` on every linear of the blocks).
 
-Reported per variant and position: backward time (median of the repeats, engine and reference alternating; the
-forward is not timed), the ratio of the matmul FLOPs the two backwards actually ran (counted by
-``torch.utils.flop_counter``: the time ratio the engine would reach at the reference's GEMM efficiency), peak extra
-memory over forward+backward, their ratios to the reference, and the backward time as a multiple of the ideal
-GEMM time: the matmul FLOPs the variant must do in its backward (dX below the top for every block above the
-lowest needed one, dW for the blocks whose weights get one) divided by this machine's measured GEMM throughput.
+Engine: ``bread_kernels.patch`` + ``BlockOptimizer``.  The reference, two ways (both plain autograd with
+post-accumulate-grad hooks for the on-the-fly updates — the same ``BlockOptimizer`` on an unpatched model is exactly
+that path — and peft's autograd for the LoRA variants):
+
+* **as its users run it**: Hugging Face gradient checkpointing, which in transformers 5 makes the input embeddings
+  require grad, so the backward runs through every layer;
+* **configured as well as it can be**: the same, with ``model.disable_input_require_grads()`` after enabling
+  checkpointing (what LLaMA-Factory does for BAdam), so autograd stops at the lowest trainable block by itself.
+
+The headline ratio is against the faster of the two.  ``recompute=False`` compares ``patch(recompute=False)``
+against the reference without checkpointing (then both ways are the same).
+
+Before timing, one step of the engine and of each reference from the same state must give the same parameters
+(:mod:`.verify`); a difference stops the run.  Reported per variant and position: backward time (median and 20/80 %
+quantiles of the repeats, the three sides alternating; the forward is not timed), the ratios to both references,
+the ratio of the matmul FLOPs the engine's and the best reference's backwards ran (``torch.utils.flop_counter``: the
+time ratio the engine would reach at the reference's GEMM efficiency), peak extra memory over forward+backward, and
+``ideal_fraction``: the ideal GEMM time (the matmul FLOPs the variant's backward cannot avoid at this device's
+measured GEMM rate) over the engine's time — the distance to the physical limit.
 """
 
 from __future__ import annotations
@@ -23,38 +33,75 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from ..optim import BlockOptimizer
-from ..patch import patch
+from ..patch import patch, patched_state
 from .linear import device_name, synchronize
 from .memory import trace_allocations
+from .verify import VerificationError, compare_parameters
+
+__all__ = ["VARIANTS", "LORA_VARIANTS", "ALL_VARIANTS", "Row", "run", "load_model", "build_model", "default_setup",
+           "VerificationError"]
 
 VARIANTS = {
     "BAdam": dict(sgd_mode="disabled"),
     "BREAD-SGD-partial": dict(sgd_mode="partial"),
     "BREAD-SGD": dict(sgd_mode="all"),
+    "BREAD-SGD-partial-sign": dict(sgd_mode="partial", sgd_use_sign=True),
     "BREAD-SGD-sign": dict(sgd_mode="all", sgd_use_sign=True),
-    # on a peft LoRA model (r = --lora-rank on every linear of the blocks); the reference way is peft's autograd
+    # on a peft LoRA model (r = lora_rank on every linear of the blocks); the reference way is peft's autograd
     "BREAD": dict(lora_mode="all"),
     "BREAD-partial": dict(lora_mode="partial"),
 }
 LORA_VARIANTS = ("BREAD", "BREAD-partial")
-DEFAULT_VARIANTS = ("BAdam", "BREAD-SGD-partial", "BREAD-SGD", "BREAD-SGD-sign")
+ALL_VARIANTS = tuple(VARIANTS)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 1e-5
+
+#: the embedded defaults by device type: model shape, batch, sequence length, dtype
+CPU_SETUP = dict(shape=dict(layers=8, hidden=512, intermediate=1376, heads=8, kv_heads=None, vocab=4096), batch=4,
+                 seq=256, dtype=torch.float32)
+GPU_SETUP = dict(shape=dict(layers=4, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256), batch=1,
+                 seq=2048, dtype=torch.bfloat16)
 
 
-def build_model(layers=8, hidden=512, intermediate=1376, heads=8, vocab=4096, dtype=torch.float32, seed=0):
+def default_setup(device) -> dict:
+    return copy.deepcopy(GPU_SETUP if torch.device(device).type == "cuda" else CPU_SETUP)
+
+
+def build_model(layers=8, hidden=512, intermediate=1376, heads=8, kv_heads=None, vocab=4096, dtype=torch.float32,
+                seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
                          tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
     return LlamaForCausalLM(config).to(dtype)
+
+
+def load_model(spec: str, dtype: torch.dtype, seed: int = 0):
+    """A causal LM from ``spec``: a local checkpoint directory (weights loaded), a directory with only a
+    ``config.json``, or a config JSON file (random init from the config).  Never downloads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec!r}: no such file or directory (a local Hugging Face checkpoint "
+                                "directory or a config JSON; nothing is downloaded)")
+    if path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)  # a directory's config.json, or the file
+    config.use_cache = False
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 def with_lora(model, rank: int):
@@ -64,11 +111,31 @@ def with_lora(model, rank: int):
     return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
 
 
-def _optimizer(model, variant, active, lr=1e-5):
+def _optimizer(model, variant, active, lr=LR, **extra):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=lr), list(model.named_parameters()),
-                              switch_mode="fixed", start_block=active, verbose=0, **VARIANTS[variant])
+                              switch_mode="fixed", start_block=active, verbose=0, **VARIANTS[variant], **extra)
+
+
+def _enable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def reference_ways(base, recompute: bool) -> dict:
+    """The reference model(s): ``{"reference": as users run it, "best": configured as well as it can be}``
+    (one model for both when there is no checkpointing, where the two ways are the same)."""
+    naive = copy.deepcopy(base).train()
+    if not recompute:
+        return {"reference": naive, "best": naive}
+    _enable_checkpointing(naive)
+    best = copy.deepcopy(base).train()
+    _enable_checkpointing(best)
+    best.disable_input_require_grads()
+    return {"reference": naive, "best": best}
 
 
 def gemm_flops_per_second(dtype, n=1024, repeats=5, device="cpu") -> float:
@@ -85,22 +152,25 @@ def gemm_flops_per_second(dtype, n=1024, repeats=5, device="cpu") -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def ideal_backward_flops(model, variant, active, tokens, seq, lora_rank=0) -> float:
-    """Matmul FLOPs the variant's backward cannot avoid (linears, LoRA adapters and attention; no recompute).
-    ``model`` is the plain (not peft-wrapped) model."""
-    layers = model.model.layers
-    n = len(layers)
+def ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank=0) -> float:
+    """Matmul FLOPs the variant's backward cannot avoid (linears, LoRA adapters and attention; no recompute), from
+    the patched ``engine``'s blocks and head."""
+    state = patched_state(engine)
+    blocks, head = state.blocks, state.head
+    n = len(blocks)
     sgd = VARIANTS[variant].get("sgd_mode", "disabled")
     lora_mode = VARIANTS[variant].get("lora_mode") if variant in LORA_VARIANTS else None
     lowest = 0 if sgd == "all" or lora_mode == "all" else active
-    hidden = model.config.hidden_size
-    linears = [m for m in layers[0].modules() if type(m) is torch.nn.Linear]
-    per_layer = sum(2 * tokens * m.in_features * m.out_features for m in linears)
+    dense = [(m.in_features, m.out_features) for name, m in blocks[0].named_modules()
+             if type(m) is torch.nn.Linear and "lora_" not in name]  # a LoRA layer's base layer, not its adapters
+    per_layer = sum(2 * tokens * k * nn for k, nn in dense)
     # LoRA adapters: v = gB, dB, dA and the s·vA term of dX: four rank-r GEMMs per linear
-    lora = sum(2 * tokens * lora_rank * (2 * m.out_features + 2 * m.in_features) for m in linears) if lora_mode else 0
+    lora = sum(2 * tokens * lora_rank * (2 * nn + 2 * k) for k, nn in dense) if lora_mode else 0
+    hidden = engine.config.hidden_size if hasattr(engine, "config") else dense[0][0]
     attention = 4 * tokens * seq * hidden  # scores and weighted values, forward FLOPs
-    head = 2 * tokens * model.lm_head.in_features * model.lm_head.out_features
-    flops = head * (2 if sgd != "disabled" else 1)  # head: dX always, dW when it is updated
+    head_weight = head.weight if head is not None else None
+    head_flops = 2 * tokens * head_weight.shape[0] * head_weight.shape[1] if head_weight is not None else 0
+    flops = head_flops * (2 if sgd != "disabled" else 1)  # head: dX always, dW when it is updated
     for i in range(lowest, n):
         has_dw = i == active or (sgd == "all") or (sgd == "partial" and i > active)
         flops += per_layer * has_dw + 2 * attention + lora
@@ -160,61 +230,178 @@ def backward_flops(model, opt, ids) -> int:
     return counter.get_total_flops()
 
 
-def _measure_pair(engine, reference, ids, repeats):
-    """Median backward times of both, measured alternately (so drift of the machine hits both alike), after one
-    warm-up each; then each one's peak memory over forward + backward."""
-    times = ([], [])
+@dataclass
+class Row:
+    """One variant at one active-block position; times in ms, memory in MiB.  ``reference_*``: the reference as
+    its users run it; ``best_reference_*``: configured as well as it can be; ``best_time_ratio`` is against the
+    faster of the two (the headline)."""
+
+    variant: str
+    position: int
+    engine_ms: float
+    engine_q20_ms: float
+    engine_q80_ms: float
+    reference_ms: float
+    best_reference_ms: float
+    time_ratio: float
+    best_time_ratio: float
+    flop_ratio: float | None
+    engine_peak_mib: float
+    reference_peak_mib: float
+    best_reference_peak_mib: float
+    memory_ratio: float
+    best_memory_ratio: float
+    ideal_fraction: float
+    verified: bool
+
+
+def verify_step(base, variant, active, ids, recompute, lr) -> None:
+    """One step of the engine and of both reference ways from ``base``'s state, rounding to nearest: the same
+    parameters, or :class:`VerificationError` naming the worst tensor.  Works on copies, freed afterwards."""
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    sides = {"engine": patch(copy.deepcopy(base)).train(), **reference_ways(base, recompute)}
+    results, roles = {}, None
+    for name, model in sides.items():
+        if name in results or any(model is sides[k] for k in results):
+            continue
+        opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        roles = roles or dict(opt.roles)
+        results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.close()
+    for name in ("reference", "best"):
+        if name in results:
+            compare_parameters(results["engine"], results[name], before, roles, lr,
+                               f"{variant} at block {active} vs the reference ({name})")
+
+
+def _timed(sides, ids, repeats):
+    """Backward times of each (model, optimizer) side, measured alternately after one warm-up each, so drift of the
+    machine hits every side alike."""
+    times = [[] for _ in sides]
     for i in range(repeats + 1):
-        for side, (model, opt) in enumerate((engine, reference)):
+        for k, (model, opt) in enumerate(sides):
             elapsed = _backward_time(model, opt, ids)
             if i:
-                times[side].append(elapsed)
-    return (statistics.median(times[0]), statistics.median(times[1]), _peak(*engine, ids), _peak(*reference, ids))
+                times[k].append(elapsed)
+    return times
 
 
-def run(positions=(1, 4, 6), variants=DEFAULT_VARIANTS, batch=4, seq=256, dtype=torch.float32, repeats=3,
-        recompute=True, print_fn=print, lora_rank=8, device="cpu", **model_kwargs):
-    plain = build_model(dtype=dtype, **model_kwargs).to(device)
-    lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
-    base = plain
-    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    throughput = gemm_flops_per_second(dtype, device=device)
-    print_fn(f"BCD backward, Llama {len(base.model.layers)}x{base.config.hidden_size} (inter "
-             f"{base.config.intermediate_size}, vocab {base.config.vocab_size}), batch {batch}x{seq}, {dtype}, "
-             f"recompute={recompute}, on {device_name(device)}; GEMM {throughput / 1e9:.0f} GFLOP/s")
-    print_fn(f"{'variant':<20}{'active':>7}{'engine ms':>11}{'ref ms':>9}{'time ratio':>12}{'FLOP ratio':>12}"
-             f"{'engine MiB':>12}{'ref MiB':>9}{'mem ratio':>11}{'x ideal':>9}")
+def _quantiles(values):
+    q = statistics.quantiles(values, n=5) if len(values) >= 2 else [values[0]] * 4
+    return q[0], q[-1]
+
+
+def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None, dtype=None, repeats=3,
+        recompute=True, lora_rank=8, device=None, out_dir=".", progress=True, print_fn=print, **shape):
+    """Run the model suite and write ``bench_model_<device>_<dtype>.json`` and ``.png`` into ``out_dir``.
+
+    Args:
+        model: None (the embedded default for the device, with ``shape`` overriding its fields: ``layers``,
+            ``hidden``, ``intermediate``, ``heads``, ``kv_heads``, ``vocab``), or a local checkpoint / config path.
+        variants: names from :data:`VARIANTS`.
+        positions: active-block indices; None: the second, the middle and the second-to-last block.
+        batch, seq, dtype: None takes the device's default.
+        repeats: timed backward passes per side (after one warm-up).
+        recompute: the engine recomputes blocks and the reference uses gradient checkpointing.
+        lora_rank: rank of the LoRA variants' adapters.
+        device: ``"cpu"``, ``"cuda"``; None: CUDA when available.
+        out_dir: where the JSON and PNG go.
+        progress: a tqdm bar on stderr.
+        print_fn: receives the table's lines.
+
+    Returns the result dict that is written as JSON.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    setup = default_setup(device)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    bad_shape = sorted(set(shape) - set(setup["shape"]))
+    if bad_shape:
+        raise TypeError(f"unknown model size argument {bad_shape[0]!r}; use {', '.join(setup['shape'])}")
+    dtype = dtype or setup["dtype"]
+    batch, seq = batch or setup["batch"], seq or setup["seq"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' and peft's deprecation notes are not the benchmark's output
+        plain = (load_model(model, dtype) if model is not None else
+                 build_model(**{**setup["shape"], **shape}, dtype=dtype)).to(device)
+        probe = patch(copy.deepcopy(plain))  # refuses a model without a block stack, with the reason
+        n_blocks = len(patched_state(probe).blocks)
+        del probe
+        positions = tuple(positions) if positions is not None else tuple(sorted({min(1, n_blocks - 1), n_blocks // 2,
+                                                                                 max(0, n_blocks - 2)}))
+        bad = [p for p in positions if not 0 <= p < n_blocks]
+        if bad:
+            raise ValueError(f"position {bad[0]} is not a block index of this model's {n_blocks} blocks")
+        lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
+        vocab = plain.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+        throughput = gemm_flops_per_second(dtype, device=device)
+        verify_lr = 1e-2 if dtype == torch.float32 else 1e-1
+        result = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+                  "model": model or {**setup["shape"], **shape}, "batch": batch, "seq": seq, "recompute": recompute,
+                  "lora_rank": lora_rank, "repeats": repeats, "gemm_gflops": throughput / 1e9, "torch": torch.__version__,
+                  "rows": []}
+        bar = _progress(len(variants) * len(positions), progress)
+        for variant in variants:
+            base = lora_base if variant in LORA_VARIANTS else plain
+            for active in positions:
+                bar.set_description(f"{variant} @ block {active}")
+                verify_step(base, variant, active, ids, recompute, verify_lr)
+                result["rows"].append(asdict(_measure(base, variant, active, ids, recompute, repeats, throughput,
+                                                      lora_rank if variant in LORA_VARIANTS else 0)))
+                bar.update()
+        bar.close()
+    result["summary"] = summarize(result["rows"])
+    from .report import print_table, write_outputs
+
+    print_table(result, print_fn)
+    result["files"] = write_outputs(result, out_dir)
+    return result
+
+
+def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank) -> Row:
+    engine = patch(copy.deepcopy(base), recompute=recompute).train()
+    refs = reference_ways(base, recompute)
+    sides = [(engine, _optimizer(engine, variant, active)), (refs["reference"], _optimizer(refs["reference"],
+                                                                                           variant, active))]
+    if refs["best"] is not refs["reference"]:
+        sides.append((refs["best"], _optimizer(refs["best"], variant, active)))
+    times = _timed(sides, ids, repeats)
+    peaks = [_peak(m, o, ids) for m, o in sides]
+    t = [statistics.median(x) for x in times]
+    if len(sides) == 2:
+        t.append(t[1])
+        peaks.append(peaks[1])
+    flop_ratio = None if _runs_triton_gemms(variant, ids.device) else \
+        backward_flops(*sides[0], ids) / backward_flops(*sides[-1], ids)
+    tokens, seq = ids.numel(), ids.shape[1]
+    ideal = ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
+    q20, q80 = _quantiles(times[0])
+    mib = 2.0 ** 20
+    return Row(variant=variant, position=active, engine_ms=t[0] * 1e3, engine_q20_ms=q20 * 1e3, engine_q80_ms=q80 * 1e3,
+               reference_ms=t[1] * 1e3, best_reference_ms=t[2] * 1e3, time_ratio=t[0] / t[1],
+               best_time_ratio=t[0] / min(t[1], t[2]), flop_ratio=flop_ratio, engine_peak_mib=peaks[0] / mib,
+               reference_peak_mib=peaks[1] / mib, best_reference_peak_mib=peaks[2] / mib,
+               memory_ratio=peaks[0] / peaks[1], best_memory_ratio=peaks[0] / (peaks[1] if t[1] <= t[2] else peaks[2]),
+               ideal_fraction=ideal / t[0], verified=True)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per variant, the mean over positions of the ratios and the times."""
     summary = {}
-    for variant in variants:
-        ratios = []
-        base = lora_base if variant in LORA_VARIANTS else plain
-        for active in positions:
-            engine = patch(copy.deepcopy(base), recompute=recompute).train()
-            reference = copy.deepcopy(base).train()
-            if recompute:
-                if hasattr(reference, "activation_checkpointing_enable"):  # the name since transformers 5.x
-                    reference.activation_checkpointing_enable({"use_reentrant": False})
-                else:
-                    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            engine_side = (engine, _optimizer(engine, variant, active))
-            reference_side = (reference, _optimizer(reference, variant, active))
-            t_engine, t_ref, m_engine, m_ref = _measure_pair(engine_side, reference_side, ids, repeats)
-            flop_ratio = (f"{backward_flops(*engine_side, ids) / backward_flops(*reference_side, ids):>12.3f}"
-                          if not _runs_triton_gemms(variant, ids.device) else f"{'-':>12}")
-            ideal = ideal_backward_flops(plain, variant, active, batch * seq, seq,
-                                         lora_rank if variant in LORA_VARIANTS else 0) / throughput
-            ratios.append((t_engine / t_ref, m_engine / m_ref, m_engine))
-            print_fn(f"{variant:<20}{active:>7}{t_engine * 1e3:>11.0f}{t_ref * 1e3:>9.0f}{t_engine / t_ref:>12.3f}"
-                     f"{flop_ratio}{m_engine / 2**20:>12.1f}{m_ref / 2**20:>9.1f}{m_engine / m_ref:>11.3f}"
-                     f"{t_engine / ideal:>9.2f}")
-            del engine, reference
-        summary[variant] = (statistics.mean(r[0] for r in ratios), statistics.mean(r[1] for r in ratios),
-                            statistics.mean(r[2] for r in ratios))
-    print_fn("mean over positions: " + "; ".join(f"{v}: time {t:.3f}x, memory {m:.3f}x" for v, (t, m, _) in
-                                                 summary.items()))
-    if "BAdam" in summary:
-        badam_mem = summary["BAdam"][2]
-        print_fn("peak memory vs BAdam's (engine): " + ", ".join(
-            f"{v} {s[2] / badam_mem:.3f}" for v, s in summary.items() if v != "BAdam"))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        summary[variant] = {key: statistics.mean(r[key] for r in mine) for key in (
+            "engine_ms", "reference_ms", "best_reference_ms", "time_ratio", "best_time_ratio", "engine_peak_mib",
+            "reference_peak_mib", "best_reference_peak_mib", "memory_ratio", "best_memory_ratio", "ideal_fraction")}
+        summary[variant]["verified"] = all(r["verified"] for r in mine)
     return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, disable=not enabled, leave=False, unit="case")

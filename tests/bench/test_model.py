@@ -10,7 +10,7 @@ from bread_kernels.bench import model as model_bench
 
 
 @pytest.mark.parametrize("variants", [("BAdam", "BREAD-SGD"), ("BREAD",)], ids=["dense", "lora"])
-def test_positions_do_not_accumulate_models(monkeypatch, variants):
+def test_positions_do_not_accumulate_models(monkeypatch, tmp_path, variants):
     engines, alive_at_start = [], []
     original_patch = model_bench.patch
 
@@ -24,10 +24,10 @@ def test_positions_do_not_accumulate_models(monkeypatch, variants):
     monkeypatch.setattr(model_bench, "patch", recording_patch)
     monkeypatch.setattr(model_bench, "gemm_flops_per_second", lambda *a, **k: 1e9)
     lines = []
-    model_bench.run(positions=(0, 1, 2), variants=variants, batch=1, seq=8, repeats=1, print_fn=lines.append,
+    model_bench.run(positions=(0, 1, 2), variants=variants, progress=False, out_dir=tmp_path, batch=1, seq=8, repeats=1, print_fn=lines.append,
                     lora_rank=2, layers=3, hidden=32, intermediate=40, heads=2, vocab=61)
-    assert len(engines) == 3 * len(variants) and any(line.startswith("mean over positions") for line in lines)
-    # at each new position at most the previous position's model is still bound (to the loop's variables)
+    assert len(engines) == 1 + 2 * 3 * len(variants) and any(line.startswith("mean over positions") for line in lines)
+    # the probe, then a verified and a timed copy per position: at each new one at most one other is alive
     assert max(alive_at_start) <= 1, alive_at_start
     gc.collect()
     assert [ref() for ref in engines] == [None] * len(engines)

@@ -1,0 +1,100 @@
+"""The model benchmark's outputs: the table on stdout, the JSON and the PNG a user keeps, and the README's table
+made from a saved JSON (``python -m bread_kernels.bench.report FILE.json``), never typed by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["print_table", "write_outputs", "markdown_table", "output_stem"]
+
+
+def _header(result: dict) -> str:
+    model = result["model"]
+    shape = (f"Llama {model['layers']}x{model['hidden']} (inter {model['intermediate']}, vocab {model['vocab']})"
+             if isinstance(model, dict) else str(model))
+    return (f"BCD backward on {result['device']}: {shape}, batch {result['batch']}x{result['seq']}, {result['dtype']}, "
+            f"recompute={result['recompute']}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
+
+
+def print_table(result: dict, print_fn=print) -> None:
+    """Per variant and position: times (median [20%-80%]), ratios to both references, FLOP ratio, peaks, distance
+    to the ideal; then the per-variant means against the faster reference (the headline)."""
+    print_fn(_header(result))
+    print_fn("ref: the reference as its users run it (HF checkpointing, input embeddings require grad); best: "
+             "configured as well as it can be (autograd stops at the lowest trainable block)")
+    print_fn(f"{'variant':<24}{'block':>6}{'engine ms':>20}{'ref ms':>9}{'best ms':>9}{'vs ref':>8}{'vs best':>9}"
+             f"{'FLOPs':>7}{'eng MiB':>9}{'ref MiB':>9}{'best MiB':>9}{'mem':>7}{'ideal':>7}{'ok':>4}")
+    for r in result["rows"]:
+        spread = f"{r['engine_ms']:.0f} [{r['engine_q20_ms']:.0f}-{r['engine_q80_ms']:.0f}]"
+        flops = f"{r['flop_ratio']:.2f}" if r["flop_ratio"] is not None else "-"
+        print_fn(f"{r['variant']:<24}{r['position']:>6}{spread:>20}{r['reference_ms']:>9.0f}{r['best_reference_ms']:>9.0f}"
+                 f"{r['time_ratio']:>8.2f}{r['best_time_ratio']:>9.2f}{flops:>7}{r['engine_peak_mib']:>9.1f}"
+                 f"{r['reference_peak_mib']:>9.1f}{r['best_reference_peak_mib']:>9.1f}{r['best_memory_ratio']:>7.2f}"
+                 f"{r['ideal_fraction']:>7.0%}{'yes' if r['verified'] else 'NO':>4}")
+    print_fn("mean over positions, against the faster reference: " + "; ".join(
+        f"{v} {s['best_time_ratio']:.2f}x time, {s['best_memory_ratio']:.2f}x memory"
+        for v, s in result["summary"].items()))
+
+
+def output_stem(result: dict) -> str:
+    return f"bench_model_{result['device_type']}_{result['dtype']}"
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    """``<out_dir>/bench_model_<device>_<dtype>.json`` and ``.png`` (time and memory per variant, engine beside
+    both references); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / output_stem(result)
+    files = {"json": str(stem.with_suffix(".json")), "png": str(stem.with_suffix(".png"))}
+    Path(files["json"]).write_text(json.dumps({**result, "files": files}, indent=2))
+    plot(result, files["png"])
+    return files
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(result["summary"])
+    sides = [("engine", "engine_ms", "engine_peak_mib"), ("reference (as run)", "reference_ms", "reference_peak_mib"),
+             ("reference (best)", "best_reference_ms", "best_reference_peak_mib")]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(variants) + 4), 4.5))
+    width = 0.8 / len(sides)
+    for axis, (title, index) in zip(axes, (("backward time (ms)", 1), ("peak extra memory (MiB)", 2))):
+        for k, side in enumerate(sides):
+            values = [result["summary"][v][side[index]] for v in variants]
+            axis.bar([i + (k - 1) * width for i in range(len(variants))], values, width, label=side[0])
+        axis.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        axis.set_title(title + ", mean over positions")
+    axes[0].legend()
+    fig.suptitle(_header(result), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table: per variant, the means over positions."""
+    lines = [f"{_header(result)}.", "",
+             "| variant | engine ms | vs reference as run | vs best-configured reference | peak memory vs best | "
+             "fraction of ideal GEMM time | verified |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, s in result["summary"].items():
+        lines.append(f"| {variant} | {s['engine_ms']:.0f} | {s['time_ratio']:.2f}x | {s['best_time_ratio']:.2f}x | "
+                     f"{s['best_memory_ratio']:.2f}x | {s['ideal_fraction']:.0%} | {'yes' if s['verified'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m bread_kernels.bench.report RESULT.json   (prints the README's markdown table)")
+    print(markdown_table(json.loads(Path(argv[0]).read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Before the model benchmark times anything, it checks that the engine and the reference compute the same step.
+
+One optimizer step (forward, backward, ``step()``) of the engine and of each reference way, from the same state and
+on the same batch, with the on-the-fly updates rounded to nearest (the reference's rounding), must leave the same
+parameters.  Tolerances, per element, with ``before`` and ``after`` the parameter around the step:
+
+* parameters that are frozen or updated on the fly (SGD / sign): fp32 ``|Δ| ≤ 1e-6 + 1e-5·|ref|``; bf16/fp16
+  ``|Δ| ≤ 1e-6 + 2⁻⁷·max(|before|, |ref|)`` (one ulp of the update's operands: the engine's dW is summed in a
+  different order, and on a GPU kept in fp32 rather than rounded to the weight's dtype first);
+* parameters the base optimizer (Adam) trains: the same bound, except that up to 1% of a tensor's elements may
+  differ by up to ``2·lr``: Adam normalises each gradient, so an element whose gradient is ~0 can turn its step by
+  a rounding difference of that gradient (the tests' ``adam_outliers`` rule).
+
+A failure raises :class:`VerificationError` naming the worst tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import Role
+
+__all__ = ["VerificationError", "compare_parameters", "ADAM_OUTLIER_FRACTION"]
+
+ADAM_OUTLIER_FRACTION = 0.01
+
+
+class VerificationError(RuntimeError):
+    """The engine's step differs from the reference's beyond the stated tolerance."""
+
+
+def _bound(ref: torch.Tensor, before: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float32:
+        return 1e-6 + 1e-5 * ref.abs()
+    return 1e-6 + 2.0 ** -7 * torch.maximum(before.abs(), ref.abs())
+
+
+def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                       before: dict[str, torch.Tensor], roles: dict[str, Role], lr: float, what: str) -> None:
+    """Raise :class:`VerificationError` if any parameter of ``engine`` is outside the tolerance around
+    ``reference`` (all three dicts by name, the same names); ``roles`` says which the base optimizer trained."""
+    worst = None
+    for name, ref in reference.items():
+        eng = engine[name].detach().double()
+        ref = ref.detach().double()
+        start = before[name].double()
+        diff = (eng - ref).abs()
+        bad = diff > _bound(ref, start, engine[name].dtype)
+        if roles.get(name) is Role.ACTIVE and bad.any():
+            outliers = bad & (diff <= 2 * lr)
+            if int(outliers.sum()) <= ADAM_OUTLIER_FRACTION * bad.numel():
+                bad = bad & ~outliers
+        if bad.any():
+            excess = float(diff.max())
+            if worst is None or excess > worst[1]:
+                worst = (name, excess, int(bad.sum()), bad.numel(), roles.get(name))
+    if worst is not None:
+        name, excess, count, total, role = worst
+        raise VerificationError(
+            f"{what}: the engine's step differs from the reference's; worst tensor {name} (role "
+            f"{role.name if role else '?'}): max |diff| {excess:.3g}, {count}/{total} elements outside the tolerance")

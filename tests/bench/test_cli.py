@@ -1,0 +1,77 @@
+"""``python -m bread_kernels.bench`` on a tiny config: the JSON a user keeps, verified rows, the PNG, one-line
+errors for bad input, and a verification that catches a wrong engine."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bread_kernels.bench import __main__ as cli
+from bread_kernels.bench import model as model_bench
+
+RUN = ["--batch", "1", "--seq", "8", "--repeats", "1", "--no-progress", "--device", "cpu"]
+TINY = ["--layers", "3", "--hidden", "32", "--intermediate", "40", "--heads", "2", "--vocab", "61", *RUN]
+ROW_FIELDS = {"variant", "engine_ms", "reference_ms", "time_ratio", "engine_peak_mib", "reference_peak_mib",
+              "memory_ratio", "best_reference_ms", "best_time_ratio", "ideal_fraction", "verified"}
+
+
+def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bread_kernels.bench", *TINY, "--positions", "0", "2",
+                           "--variants", "BAdam", "BREAD-SGD-sign", "BREAD-partial", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench_model_cpu_float32.json").read_text())
+    assert {"device", "dtype", "rows"} <= set(result) and result["dtype"] == "float32"
+    assert len(result["rows"]) == 6 and all(ROW_FIELDS <= set(row) for row in result["rows"])
+    assert all(row["verified"] for row in result["rows"])
+    assert [(r["variant"], r["position"]) for r in result["rows"]][:2] == [("BAdam", 0), ("BAdam", 2)]
+    png = (tmp_path / "bench_model_cpu_float32.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "BREAD-SGD-sign" in done.stdout and "USDT" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "BAdam", "LOMO"], "unknown variant 'LOMO'; choose from BAdam, BREAD-SGD-partial"),
+    (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such file or directory"),
+    (["--positions", "7"], "position 7 is not a block index of this model's 3 blocks"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'; choose from fp32, bf16, fp16"),
+    (["mystery"], "unknown suite 'mystery'; choose from model, linear, lora"),
+])
+def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
+    base = RUN if "--model" in argv else TINY
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*base, "--out", str(tmp_path), *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_model_without_a_block_stack_gets_a_one_line_error(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
+                                                      "vocab_size": 31, "n_positions": 16}))
+    with pytest.raises(SystemExit):
+        cli.main(["--model", str(tmp_path / "config.json"), "--batch", "1", "--seq", "4", "--repeats", "1",
+                  "--no-progress", "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "found no block stack" in err[0], err
+
+
+def test_a_wrong_engine_fails_the_verification(monkeypatch, tmp_path):
+    """The fused update (used by the engine only: the reference's hooks take the dense path) with a doubled step."""
+    from bread_kernels.backends.chunked import ChunkedBackend
+
+    original = ChunkedBackend.update_weight_
+
+    def doubled(self, weight, grad_output, input, step, *args):
+        return original(self, weight, grad_output, input, 2 * step, *args)
+
+    monkeypatch.setattr(ChunkedBackend, "update_weight_", doubled)
+    expected = r"BREAD-SGD at block 1 vs the reference .*worst tensor lm_head.weight \(role SGD\)"
+    with pytest.raises(model_bench.VerificationError, match=expected):
+        model_bench.run(variants=("BREAD-SGD",), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
+                        out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
+                        intermediate=40, heads=2, vocab=61)
+    assert not list(tmp_path.iterdir())  # nothing timed, nothing written
+    assert torch.get_default_dtype() == torch.float32
