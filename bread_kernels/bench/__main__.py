@@ -26,7 +26,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", nargs="?", default="model", help="model (default), linear or lora")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (model suite default: fp32 on a CPU, bf16 on a GPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (model: 3, linear/lora: 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (model: 2 on a CPU, 5 on a GPU; linear/lora: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group = parser.add_argument_group("model suite")
     group.add_argument("--model", help="a local Hugging Face checkpoint directory or config JSON (no downloads); "
@@ -74,7 +74,7 @@ def main(argv=None):
     if shape and args.model:
         _fail("--layers/--hidden/... size the embedded default model; they cannot be combined with --model")
     try:
-        model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats or 3,
+        model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats,
                   args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, **shape)
     except model.VerificationError as exc:
         _fail(f"verification failed, nothing was timed for it: {exc}")

@@ -19,7 +19,7 @@ that path — and peft's autograd for the LoRA variants):
 The headline ratio is against the faster of the two.  ``recompute=False`` compares ``patch(recompute=False)``
 against the reference without checkpointing (then both ways are the same).
 
-Before timing, one step of the engine and of each reference from the same state must give the same parameters
+Before timing, one step of the engine and of the reference from the same state must give the same parameters
 (:mod:`.verify`); a difference stops the run.  Reported per variant and position: backward time (median and 20/80 %
 quantiles of the repeats, the three sides alternating; the forward is not timed), the ratios to both references,
 the ratio of the matmul FLOPs the engine's and the best reference's backwards ran (``torch.utils.flop_counter``: the
@@ -30,6 +30,7 @@ measured GEMM rate) over the engine's time — the distance to the physical limi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -67,9 +68,9 @@ LR = 1e-5
 
 #: the embedded defaults by device type: model shape, batch, sequence length, dtype
 CPU_SETUP = dict(shape=dict(layers=8, hidden=512, intermediate=1376, heads=8, kv_heads=None, vocab=4096), batch=4,
-                 seq=256, dtype=torch.float32)
+                 seq=256, dtype=torch.float32, repeats=2)
 GPU_SETUP = dict(shape=dict(layers=4, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256), batch=1,
-                 seq=2048, dtype=torch.bfloat16)
+                 seq=2048, dtype=torch.bfloat16, repeats=5)
 
 
 def default_setup(device) -> dict:
@@ -189,10 +190,21 @@ def _backward_time(model, opt, ids) -> float:
     return elapsed
 
 
-def _peak(model, opt, ids) -> int:
-    peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward(), ids.device).peak_bytes
+def _peak_and_flops(model, opt, ids, count_flops: bool) -> tuple[int, int | None]:
+    """Peak extra memory of forward + backward, and (when asked) the backward's matmul FLOPs counted by
+    ``torch.utils.flop_counter`` in the same pass (neither is timed; a Triton kernel's FLOPs are invisible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) if count_flops else None
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        with counter if counter is not None else contextlib.nullcontext():
+            loss.backward()
+
+    peak = trace_allocations(step, ids.device).peak_bytes
     opt.zero_grad()
-    return peak
+    return peak, counter.get_total_flops() if counter is not None else None
 
 
 def extra_flop_formulas() -> dict:
@@ -217,17 +229,6 @@ def _runs_triton_gemms(variant, device) -> bool:
         return False
     return (VARIANTS[variant].get("sgd_mode", "disabled") != "disabled"
             or (variant in LORA_VARIANTS and os.environ.get("BREAD_LORA_KERNEL", "").lower() == "triton"))
-
-
-def backward_flops(model, opt, ids) -> int:
-    """Matmul FLOPs of one backward, counted by ``torch.utils.flop_counter`` (a Triton kernel's are invisible)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    loss = model(input_ids=ids, labels=ids).loss
-    with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
-        loss.backward()
-    opt.zero_grad()
-    return counter.get_total_flops()
 
 
 @dataclass
@@ -256,24 +257,22 @@ class Row:
 
 
 def verify_step(base, variant, active, ids, recompute, lr) -> None:
-    """One step of the engine and of both reference ways from ``base``'s state, rounding to nearest: the same
+    """One step of the engine and of the reference (configured as well as it can be; the way users run it differs
+    only in which tensors require grad, not in the step) from ``base``'s state, rounding to nearest: the same
     parameters, or :class:`VerificationError` naming the worst tensor.  Works on copies, freed afterwards."""
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    sides = {"engine": patch(copy.deepcopy(base)).train(), **reference_ways(base, recompute)}
     results, roles = {}, None
-    for name, model in sides.items():
-        if name in results or any(model is sides[k] for k in results):
-            continue
-        opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
+    for name in ("engine", "reference"):
+        model = patch(copy.deepcopy(base)) if name == "engine" else reference_ways(base, recompute)["best"]
+        opt = _optimizer(model.train(), variant, active, lr=lr, rounding="nearest")
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         roles = roles or dict(opt.roles)
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.close()
-    for name in ("reference", "best"):
-        if name in results:
-            compare_parameters(results["engine"], results[name], before, roles, lr,
-                               f"{variant} at block {active} vs the reference ({name})")
+        del model, opt
+    compare_parameters(results["engine"], results["reference"], before, roles, lr,
+                       f"{variant} at block {active} vs the reference")
 
 
 def _timed(sides, ids, repeats):
@@ -293,7 +292,7 @@ def _quantiles(values):
     return q[0], q[-1]
 
 
-def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None, dtype=None, repeats=3,
+def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None, dtype=None, repeats=None,
         recompute=True, lora_rank=8, device=None, out_dir=".", progress=True, print_fn=print, **shape):
     """Run the model suite and write ``bench_model_<device>_<dtype>.json`` and ``.png`` into ``out_dir``.
 
@@ -303,7 +302,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         variants: names from :data:`VARIANTS`.
         positions: active-block indices; None: the second, the middle and the second-to-last block.
         batch, seq, dtype: None takes the device's default.
-        repeats: timed backward passes per side (after one warm-up).
+        repeats: timed backward passes per side (after one warm-up); None: 2 on a CPU (the default run then ends
+            within 10 minutes on 2 cores), 5 on a GPU.
         recompute: the engine recomputes blocks and the reference uses gradient checkpointing.
         lora_rank: rank of the LoRA variants' adapters.
         device: ``"cpu"``, ``"cuda"``; None: CUDA when available.
@@ -322,6 +322,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     if bad_shape:
         raise TypeError(f"unknown model size argument {bad_shape[0]!r}; use {', '.join(setup['shape'])}")
     dtype = dtype or setup["dtype"]
+    repeats = repeats or setup["repeats"]
     batch, seq = batch or setup["batch"], seq or setup["seq"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' and peft's deprecation notes are not the benchmark's output
@@ -370,13 +371,14 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     if refs["best"] is not refs["reference"]:
         sides.append((refs["best"], _optimizer(refs["best"], variant, active)))
     times = _timed(sides, ids, repeats)
-    peaks = [_peak(m, o, ids) for m, o in sides]
+    count = not _runs_triton_gemms(variant, ids.device)
+    measured = [_peak_and_flops(m, o, ids, count and k in (0, len(sides) - 1)) for k, (m, o) in enumerate(sides)]
+    peaks, flops = [m[0] for m in measured], [m[1] for m in measured]
     t = [statistics.median(x) for x in times]
     if len(sides) == 2:
         t.append(t[1])
         peaks.append(peaks[1])
-    flop_ratio = None if _runs_triton_gemms(variant, ids.device) else \
-        backward_flops(*sides[0], ids) / backward_flops(*sides[-1], ids)
+    flop_ratio = flops[0] / flops[-1] if count else None  # against the best-configured reference
     tokens, seq = ids.numel(), ids.shape[1]
     ideal = ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
     q20, q80 = _quantiles(times[0])
