@@ -33,8 +33,8 @@ def main(argv=None):
                                        "default: a Llama built from a config sized for the device")
     group.add_argument("--variants", nargs="+", default=list(model.ALL_VARIANTS), metavar="VARIANT",
                        help=f"any of {', '.join(model.VARIANTS)}")
-    group.add_argument("--positions", type=int, nargs="+", help="active block indices (default: 2nd, middle, "
-                                                                "2nd-to-last)")
+    group.add_argument("--positions", type=int, nargs="+", help="active block indices (default: the 2nd and "
+                                                                "2nd-to-last; the middle too on a GPU)")
     group.add_argument("--batch", type=int)
     group.add_argument("--seq", type=int)
     group.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,

@@ -190,21 +190,21 @@ def _backward_time(model, opt, ids) -> float:
     return elapsed
 
 
-def _peak_and_flops(model, opt, ids, count_flops: bool) -> tuple[int, int | None]:
-    """Peak extra memory of forward + backward, and (when asked) the backward's matmul FLOPs counted by
-    ``torch.utils.flop_counter`` in the same pass (neither is timed; a Triton kernel's FLOPs are invisible)."""
+def _peak(model, opt, ids) -> int:
+    """Peak extra memory of forward + backward."""
+    peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward(), ids.device).peak_bytes
+    opt.zero_grad()
+    return peak
+
+
+def _counting_flops(enabled: bool):
+    """``torch.utils.flop_counter``'s mode with the formulas it lacks, or nothing.  Never around a measured pass:
+    the mode keeps tensors alive, so a peak taken under it is not the run's peak."""
+    if not enabled:
+        return contextlib.nullcontext()
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) if count_flops else None
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        with counter if counter is not None else contextlib.nullcontext():
-            loss.backward()
-
-    peak = trace_allocations(step, ids.device).peak_bytes
-    opt.zero_grad()
-    return peak, counter.get_total_flops() if counter is not None else None
+    return FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
 
 
 def extra_flop_formulas() -> dict:
@@ -256,35 +256,41 @@ class Row:
     verified: bool
 
 
-def verify_step(base, variant, active, ids, recompute, lr) -> None:
-    """One step of the engine and of the reference (configured as well as it can be; the way users run it differs
-    only in which tensors require grad, not in the step) from ``base``'s state, rounding to nearest: the same
-    parameters, or :class:`VerificationError` naming the worst tensor.  Works on copies, freed afterwards."""
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    results, roles = {}, None
-    for name in ("engine", "reference"):
-        model = patch(copy.deepcopy(base)) if name == "engine" else reference_ways(base, recompute)["best"]
-        opt = _optimizer(model.train(), variant, active, lr=lr, rounding="nearest")
-        model(input_ids=ids, labels=ids).loss.backward()
+def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) -> tuple[int, int] | None:
+    """One step of the patched ``engine`` and of ``reference`` (an unpatched copy of the same state, configured as
+    well as it can be: the way users run it differs only in which tensors require grad, not in the step), rounding
+    to nearest: the same parameters, or :class:`VerificationError` naming the worst tensor.  The models are left
+    one step on (the timing that follows does not depend on the values).  With ``count_flops``, returns the matmul
+    FLOPs of the two backwards (a Triton kernel's are invisible to the counter)."""
+    before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    results, roles, flops = {}, None, []
+    for name, model in (("engine", engine), ("reference", reference)):
+        opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
+        loss = model(input_ids=ids, labels=ids).loss
+        with _counting_flops(count_flops) as counter:
+            loss.backward()
+        flops.append(counter.get_total_flops() if count_flops else 0)
         opt.step()
+        opt.zero_grad()
         roles = roles or dict(opt.roles)
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.close()
-        del model, opt
     compare_parameters(results["engine"], results["reference"], before, roles, lr,
                        f"{variant} at block {active} vs the reference")
+    return tuple(flops) if count_flops else None
 
 
 def _timed(sides, ids, repeats):
-    """Backward times of each (model, optimizer) side, measured alternately after one warm-up each, so drift of the
-    machine hits every side alike."""
-    times = [[] for _ in sides]
+    """Backward times of each (model, optimizer) side, measured alternately (so drift of the machine hits every side
+    alike) after one untimed warm-up each, which measures the peak memory.  Returns (times per side, peaks)."""
+    times, peaks = [[] for _ in sides], []
     for i in range(repeats + 1):
         for k, (model, opt) in enumerate(sides):
-            elapsed = _backward_time(model, opt, ids)
-            if i:
-                times[k].append(elapsed)
-    return times
+            if i == 0:
+                peaks.append(_peak(model, opt, ids))
+            else:
+                times[k].append(_backward_time(model, opt, ids))
+    return times, peaks
 
 
 def _quantiles(values):
@@ -300,10 +306,10 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         model: None (the embedded default for the device, with ``shape`` overriding its fields: ``layers``,
             ``hidden``, ``intermediate``, ``heads``, ``kv_heads``, ``vocab``), or a local checkpoint / config path.
         variants: names from :data:`VARIANTS`.
-        positions: active-block indices; None: the second, the middle and the second-to-last block.
+        positions: active-block indices; None: the second and the second-to-last block, and on a GPU the middle
+            one too (on a 2-core CPU the default run then ends within 10 minutes).
         batch, seq, dtype: None takes the device's default.
-        repeats: timed backward passes per side (after one warm-up); None: 2 on a CPU (the default run then ends
-            within 10 minutes on 2 cores), 5 on a GPU.
+        repeats: timed backward passes per side (after one warm-up); None: 2 on a CPU, 5 on a GPU.
         recompute: the engine recomputes blocks and the reference uses gradient checkpointing.
         lora_rank: rank of the LoRA variants' adapters.
         device: ``"cpu"``, ``"cuda"``; None: CUDA when available.
@@ -331,8 +337,10 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         probe = patch(copy.deepcopy(plain))  # refuses a model without a block stack, with the reason
         n_blocks = len(patched_state(probe).blocks)
         del probe
-        positions = tuple(positions) if positions is not None else tuple(sorted({min(1, n_blocks - 1), n_blocks // 2,
-                                                                                 max(0, n_blocks - 2)}))
+        if positions is None:  # the second and the second-to-last block (and the middle one on a GPU)
+            ends = {min(1, n_blocks - 1), max(0, n_blocks - 2)}
+            positions = tuple(sorted(ends | ({n_blocks // 2} if device.type == "cuda" else set())))
+        positions = tuple(positions)
         bad = [p for p in positions if not 0 <= p < n_blocks]
         if bad:
             raise ValueError(f"position {bad[0]} is not a block index of this model's {n_blocks} blocks")
@@ -350,9 +358,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             base = lora_base if variant in LORA_VARIANTS else plain
             for active in positions:
                 bar.set_description(f"{variant} @ block {active}")
-                verify_step(base, variant, active, ids, recompute, verify_lr)
                 result["rows"].append(asdict(_measure(base, variant, active, ids, recompute, repeats, throughput,
-                                                      lora_rank if variant in LORA_VARIANTS else 0)))
+                                                      lora_rank if variant in LORA_VARIANTS else 0, verify_lr)))
                 bar.update()
         bar.close()
     result["summary"] = summarize(result["rows"])
@@ -363,22 +370,23 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     return result
 
 
-def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank) -> Row:
+def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank, verify_lr) -> Row:
     engine = patch(copy.deepcopy(base), recompute=recompute).train()
     refs = reference_ways(base, recompute)
+    count = not _runs_triton_gemms(variant, ids.device)
+    flops = verify_step(engine, refs["best"], variant, active, ids, verify_lr, count)
+    if refs["reference"] is not refs["best"]:
+        refs["reference"].load_state_dict(refs["best"].state_dict())  # the same state on every side
     sides = [(engine, _optimizer(engine, variant, active)), (refs["reference"], _optimizer(refs["reference"],
                                                                                            variant, active))]
     if refs["best"] is not refs["reference"]:
         sides.append((refs["best"], _optimizer(refs["best"], variant, active)))
-    times = _timed(sides, ids, repeats)
-    count = not _runs_triton_gemms(variant, ids.device)
-    measured = [_peak_and_flops(m, o, ids, count and k in (0, len(sides) - 1)) for k, (m, o) in enumerate(sides)]
-    peaks, flops = [m[0] for m in measured], [m[1] for m in measured]
+    times, peaks = _timed(sides, ids, repeats)
     t = [statistics.median(x) for x in times]
     if len(sides) == 2:
         t.append(t[1])
         peaks.append(peaks[1])
-    flop_ratio = flops[0] / flops[-1] if count else None  # against the best-configured reference
+    flop_ratio = flops[0] / flops[1] if flops else None  # against the best-configured reference
     tokens, seq = ids.numel(), ids.shape[1]
     ideal = ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
     q20, q80 = _quantiles(times[0])

@@ -89,11 +89,31 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+
+
+def write_into_readme(table: str, readme: Path) -> None:
+    """Replace what stands between the README's bench-table markers with ``table``."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"report: {readme} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m bread_kernels.bench.report RESULT.json   (prints the README's markdown table)")
-    print(markdown_table(json.loads(Path(argv[0]).read_text())))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bread_kernels.bench.report",
+                                     description="the README's markdown table from saved model-suite JSONs")
+    parser.add_argument("results", nargs="+", help="bench_model_*.json files")
+    parser.add_argument("--readme", help="write the tables between this file's bench-table markers")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    tables = "\n\n".join(markdown_table(json.loads(Path(f).read_text())) +
+                          f"\n\n(`{Path(f).as_posix()}`)" for f in args.results)
+    if args.readme:
+        write_into_readme(tables, Path(args.readme))
+    print(tables)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
     png = (tmp_path / "bench_model_cpu_float32.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "BREAD-SGD-sign" in done.stdout and "USDT" not in done.stdout + done.stderr
+    # the README's table is made from the JSON, between its markers
+    from bread_kernels.bench import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
+    report.main([str(tmp_path / "bench_model_cpu_float32.json"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "| BREAD-SGD-sign |" in text and result["device"] in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -68,7 +77,7 @@ def test_a_wrong_engine_fails_the_verification(monkeypatch, tmp_path):
         return original(self, weight, grad_output, input, 2 * step, *args)
 
     monkeypatch.setattr(ChunkedBackend, "update_weight_", doubled)
-    expected = r"BREAD-SGD at block 1 vs the reference .*worst tensor lm_head.weight \(role SGD\)"
+    expected = r"BREAD-SGD at block 1 vs the reference: .*worst tensor lm_head.weight \(role SGD\)"
     with pytest.raises(model_bench.VerificationError, match=expected):
         model_bench.run(variants=("BREAD-SGD",), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
                         out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,

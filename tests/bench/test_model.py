@@ -26,8 +26,8 @@ def test_positions_do_not_accumulate_models(monkeypatch, tmp_path, variants):
     lines = []
     model_bench.run(positions=(0, 1, 2), variants=variants, progress=False, out_dir=tmp_path, batch=1, seq=8, repeats=1, print_fn=lines.append,
                     lora_rank=2, layers=3, hidden=32, intermediate=40, heads=2, vocab=61)
-    assert len(engines) == 1 + 2 * 3 * len(variants) and any(line.startswith("mean over positions") for line in lines)
-    # the probe, then a verified and a timed copy per position: at each new one at most one other is alive
+    assert len(engines) == 1 + 3 * len(variants) and any(line.startswith("mean over positions") for line in lines)
+    # the probe, then one engine per position: when a new one is patched at most the previous one is alive
     assert max(alive_at_start) <= 1, alive_at_start
     gc.collect()
     assert [ref() for ref in engines] == [None] * len(engines)
