@@ -76,18 +76,19 @@ def toy(steps_per_block=100, rounds=10, width=32, n=512, lr=1e-2, seed=0) -> dic
     def loss_of(layers, corrections=None):
         return torch.mean((_forward(layers, x, corrections) - y) ** 2)
 
-    curves = {}
-    # Adam on everything
+    def adam_curve(params, loss_fn, steps):
+        opt = torch.optim.Adam(params, lr=lr)
+        curve = []
+        for _ in range(steps):
+            loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        return curve
+
     layers = fresh()
-    opt = torch.optim.Adam([p for layer in layers for p in layer], lr=lr)
-    curve = []
-    for _ in range(total):
-        loss = loss_of(layers)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        curve.append(loss.item())
-    curves["Adam (all layers)"] = curve
+    curves = {"Adam (all layers)": adam_curve([p for layer in layers for p in layer], lambda: loss_of(layers), total)}
 
     for corrected in (False, True):
         layers, curve = fresh(), []
@@ -98,13 +99,7 @@ def toy(steps_per_block=100, rounds=10, width=32, n=512, lr=1e-2, seed=0) -> dic
                 corrections = [None if i == active or not corrected else rank1(layers[i], cgen)
                                for i in range(len(layers))]
                 params = layers[active] + [p for c in corrections if c is not None for p in c]
-                opt = torch.optim.Adam(params, lr=lr)
-                for _ in range(steps_per_block):
-                    loss = loss_of(layers, corrections)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    curve.append(loss.item())
+                curve += adam_curve(params, lambda: loss_of(layers, corrections), steps_per_block)
                 with torch.no_grad():  # the landscape correction is merged into its layer at the switch
                     for i, c in enumerate(corrections):
                         if c is not None:
@@ -117,15 +112,8 @@ def toy(steps_per_block=100, rounds=10, width=32, n=512, lr=1e-2, seed=0) -> dic
         layer[1].requires_grad_(False)
     cgen = torch.Generator().manual_seed(seed + 1)
     corrections = [rank1(layer, cgen) for layer in layers]
-    opt = torch.optim.Adam([p for c in corrections for p in c], lr=lr)
-    curve = []
-    for _ in range(total):
-        loss = loss_of(layers, corrections)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        curve.append(loss.item())
-    curves["rank-1 corrections alone"] = curve
+    curves["rank-1 corrections alone"] = adam_curve([p for c in corrections for p in c],
+                                                    lambda: loss_of(layers, corrections), total)
     return curves
 
 

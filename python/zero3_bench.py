@@ -279,7 +279,7 @@ def main():
             lines.append(f"  {'collective stubbed (ours only)' if stub else 'gloo reduce_scatter':<31} "
                          f"{shape[0]}x{shape[1]} (full dW {full_dw / 2**20:.0f} MiB), chunk budget {name:<15} "
                          f"peak extra {peak / 2**20:6.2f} MiB, largest allocation {largest / 2**20:6.2f} MiB")
-        lines += ["", f"block switch (stage-3 optimizer rebuild), rank 0: " +
+        lines += ["", "block switch (stage-3 optimizer rebuild), rank 0: " +
                   ", ".join(f"{t:.3f} s" for t in switches)]
         text = "\n".join(lines)
         print(text)
