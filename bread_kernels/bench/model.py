@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ..optim import BlockOptimizer
-from ..patch import patch, patched_state
+from ..patch import patch, patched_state, unpatch
 from .linear import device_name, synchronize
 from .memory import trace_allocations
 from .verify import VerificationError, compare_parameters
@@ -334,9 +334,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         warnings.simplefilter("ignore")  # transformers' and peft's deprecation notes are not the benchmark's output
         plain = (load_model(model, dtype) if model is not None else
                  build_model(**{**setup["shape"], **shape}, dtype=dtype)).to(device)
-        probe = patch(copy.deepcopy(plain))  # refuses a model without a block stack, with the reason
-        n_blocks = len(patched_state(probe).blocks)
-        del probe
+        n_blocks = len(patched_state(patch(plain)).blocks)  # refuses a model without a block stack, with the reason
+        unpatch(plain)  # the copies below are patched (or not) on their own
         if positions is None:  # the second and the second-to-last block (and the middle one on a GPU)
             ends = {min(1, n_blocks - 1), max(0, n_blocks - 2)}
             positions = tuple(sorted(ends | ({n_blocks // 2} if device.type == "cuda" else set())))

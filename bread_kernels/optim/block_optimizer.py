@@ -177,6 +177,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.masters = Fp32Masters()
         self._hook_plans: dict[str, WeightPlan] = {}
         self._skipped: list[tuple[str, str]] = []
+        self._skip_collector = _SkipCollector(self)  # every plan's reporter
         self.skipped_updates = 0
         self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
         self._active_names: set[str] = set()
@@ -225,8 +226,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             return
         self._closed = True
         if self.engine is not None and self.engine.driver is self:
-            self.engine.clear_plans()
-            self.engine.drive(None)
+            self.engine.drive(None)  # then the release clears the plans and the cut
         self._release()
         for _, p in self.named_parameters_list:
             owner = _OWNERS.get(p)
@@ -269,7 +269,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _plan(self, role: Role, name: str) -> WeightPlan:
         return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
-                          reporter=_SkipCollector(self), target=self.update_target)
+                          reporter=self._skip_collector, target=self.update_target)
 
     def _activate(self, block_index: int) -> None:
         """Write the plan for ``block_index``: roles, requires_grad, fused plans, the cut, the base optimizer."""
