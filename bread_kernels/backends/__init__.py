@@ -2,11 +2,13 @@
 
 Every backend implements the same three methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
-    update_weight_(W, g, x, step, sign, rounding, seed)       # W -= step · f(gᵀx), no dW tensor
-    apply_update_(P, G, step, sign, rounding, seed, offset)   # P -= step · f(G), G fp32 (biases, chunks)
-    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)  # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
+    finite_flag(*tensors) -> ok                                   # 0-dim bool on the device: no inf/nan anywhere
+    update_weight_(W, g, x, step, sign, rounding, seed, ok)       # W -= step · f(gᵀx), no dW tensor
+    apply_update_(P, G, step, sign, rounding, seed, offset, ok)   # P -= step · f(G), G fp32 (biases, chunks)
+    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)      # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
 
-with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.
+with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``ok`` gates the
+write on the device (nothing is written where it is False): the backward never reads a flag on the host.
 
 Choice: ``BREAD_BACKEND=triton|native|torch`` forces one (an error if it cannot serve the tensor's device);
 otherwise ``triton`` for CUDA tensors, ``native`` for CPU tensors, and ``torch`` when the preferred one is
@@ -31,11 +33,13 @@ BACKEND_NAMES = ("triton", "native", "torch")
 class Backend(Protocol):
     name: str
 
+    def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor: ...
+
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
-                       sign: bool, rounding: Rounding, seed: int) -> None: ...
+                       sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None) -> None: ...
 
     def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
-                      seed: int, offset: int = 0) -> None: ...
+                      seed: int, offset: int = 0, ok: torch.Tensor | None = None) -> None: ...
 
     def lora_grads(self, grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, need_a: bool, need_b: bool) -> tuple: ...

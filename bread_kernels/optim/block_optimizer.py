@@ -46,7 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..patch import patched_models, patched_state
 from ..peft_lora import adapter_parameters, is_adapter_name
-from ..plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
+from ..plan import FiniteChecks, OnTheFlyUpdate, Role, Rounding, WeightPlan
 from ..update import update_dense_
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
 from .masters import Fp32Masters
@@ -178,6 +178,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._hook_plans: dict[str, WeightPlan] = {}
         self._skipped: list[tuple[str, str]] = []
         self._skip_collector = _SkipCollector(self)  # every plan's reporter
+        self._checks = FiniteChecks()  # every plan's finiteness flags, read once per step
         self.skipped_updates = 0
         self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
         self._active_names: set[str] = set()
@@ -224,6 +225,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         :func:`bread_kernels.unpatch` calls it."""
         if self._closed:
             return
+        self._report_skips()  # updates of a backward since the last step: their skips are still said
         self._closed = True
         if self.engine is not None and self.engine.driver is self:
             self.engine.drive(None)  # then the release clears the plans and the cut
@@ -269,7 +271,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _plan(self, role: Role, name: str) -> WeightPlan:
         return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
-                          reporter=self._skip_collector, target=self.update_target)
+                          reporter=self._skip_collector, target=self.update_target, checks=self._checks)
 
     def _activate(self, block_index: int) -> None:
         """Write the plan for ``block_index``: roles, requires_grad, fused plans, the cut, the base optimizer."""
@@ -387,6 +389,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return loss
 
     def _report_skips(self) -> None:
+        self._checks.resolve()  # the step's one host sync for the on-the-fly updates' finiteness
         if not self._skipped:
             return
         self.skipped_updates += len(self._skipped)
