@@ -57,9 +57,12 @@ class Role(enum.Enum):
     LORA = "lora"
     FROZEN = "frozen"
 
-    @property
-    def updates_on_the_fly(self) -> bool:
-        return self in (Role.SGD, Role.SIGN)
+    #: SGD or SIGN (set on each member below the class: every fused forward and backward asks)
+    updates_on_the_fly: bool
+
+
+for _role in Role:
+    _role.updates_on_the_fly = _role in (Role.SGD, Role.SIGN)
 
 
 LrLike = Union[float, Callable[[], float]]

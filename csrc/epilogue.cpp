@@ -22,6 +22,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -101,7 +102,10 @@ void apply_update_impl(at::Tensor& param, const at::Tensor& grad, float step, ui
     }
   };
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  // Threads only for work that repays waking them (~32K elements a task): a small weight or bias runs inline,
+  // where a parallel region would cost more than the update, and far more on a busy machine.
+  const int64_t grain_rows = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols));
+  at::parallel_for(0, rows, grain_rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* prow = p + r * row_stride;
       const G* grow = g + r * cols;

@@ -79,9 +79,21 @@ def _triton_can_run(device: torch.device) -> str | None:
     return f"Triton runs on {device.type} tensors only under TRITON_INTERPRET=1 (set it before importing bread_kernels)"
 
 
+_chosen: dict = {}
+
+
 def get_backend(device: torch.device | str) -> Backend:
-    device = torch.device(device)
-    forced = os.environ.get("BREAD_BACKEND", "").strip().lower()
+    """The backend for tensors on ``device``: decided once per (device, ``BREAD_BACKEND``, ``TRITON_INTERPRET``)
+    and then looked up, since every fused backward asks."""
+    forced = os.environ.get("BREAD_BACKEND", "")
+    key = (device, forced, os.environ.get("TRITON_INTERPRET"))
+    backend = _chosen.get(key)
+    if backend is None:
+        backend = _chosen[key] = _choose(torch.device(device), forced.strip().lower())
+    return backend
+
+
+def _choose(device: torch.device, forced: str) -> Backend:
     if forced:
         if forced not in BACKEND_NAMES:
             raise ValueError(f"BREAD_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKEND_NAMES)}")

@@ -135,5 +135,5 @@ def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torc
         raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
                          f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")
     trigger = trigger_for(plan, x, x_lora, weight, bias, lora_a, lora_b)
-    return apply_deferring_output(FusedLoRALinearFunction, x, x_lora, weight, bias, lora_a, lora_b, float(scaling),
-                                  plan, trigger)
+    return apply_deferring_output(FusedLoRALinearFunction, plan, x, x_lora, weight, bias, lora_a, lora_b,
+                                  float(scaling), plan, trigger)
