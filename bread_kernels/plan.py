@@ -26,6 +26,7 @@ PLAN_ATTR = "_bread_weight_plan"
 _forward_epoch = 0
 
 
+@torch.compiler.disable  # a host-side counter: never traced into a graph
 def begin_forward() -> None:
     """Start a new forward: uses of an on-the-fly weight registered from now on belong to it, and an update waits
     only for the backward of the uses of its own forward.  :func:`bread_kernels.patch` calls it before every forward

@@ -59,6 +59,9 @@ def block_has_work(block: nn.Module) -> bool:
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
+# torch.compile: each block runs eagerly (a graph break): the checkpoint with a context_fn and the fused Functions
+# inside are not traceable by dynamo; what lies between the blocks (embedding, norms, loss) is compiled
+@torch.compiler.disable
 def streamed_block_forward(block: nn.Module, original: Callable, config: StreamConfig, index: int,
                            *args: Any, **kwargs: Any):
     """The forward installed on each block by :func:`bread_kernels.patch`."""

@@ -146,6 +146,7 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, width)
 
 
+@torch.compiler.disable  # under torch.compile: a graph break, the Function runs eagerly (its plan is read at backward)
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
     check_linear_inputs(x, weight, bias, plan)

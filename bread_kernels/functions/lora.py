@@ -125,6 +125,7 @@ def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
     return (result + F.linear(u, lora_b) * scaling).to(result.dtype)
 
 
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: WeightPlan) -> torch.Tensor:
     """``x Wᵀ + b + scaling·(x̃ Aᵀ) Bᵀ`` (x̃ = ``x_lora``, or ``x`` when None) whose backward follows ``plan``
