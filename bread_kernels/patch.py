@@ -201,13 +201,18 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
     return found
 
 
-def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
+          keep_top: int = 0) -> nn.Module:
     """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless.
 
     Args:
         blocks: the stack of repeated blocks, if discovery cannot find it (``model.model.layers``).
         recompute: save only each block's input and recompute it in the backward (like gradient checkpointing);
             ``False`` keeps activations.
+        keep_top: with ``recompute``, the number of top blocks that keep their activations instead of being
+            recomputed.  The top block's backward runs first, right after the loss's: keeping it saves one block's
+            forward per step, for one block's activations alive while the head and the loss run (see the README's
+            "Memory for time" for the measured trade).  0 (the default) recomputes every block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
@@ -216,6 +221,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
         state.stream.recompute = recompute
+        state.stream.keep_top = _check_keep_top(keep_top, len(state.blocks))
         return model
 
     if blocks is None:
@@ -233,7 +239,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     except NotImplementedError:
         head = None
 
+    keep_top = _check_keep_top(keep_top, len(blocks))
     state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute)
+    state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
     owners: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
@@ -280,6 +288,13 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
+
+
+def _check_keep_top(keep_top, n_blocks: int) -> int:
+    if isinstance(keep_top, bool) or not isinstance(keep_top, int) or not 0 <= keep_top <= n_blocks:
+        raise ValueError(f"patch: keep_top must be an int in [0, {n_blocks}] (the number of top blocks that keep their "
+                         f"activations), got {keep_top!r}")
+    return keep_top
 
 
 def unpatch(model: nn.Module) -> nn.Module:

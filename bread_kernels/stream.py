@@ -8,8 +8,10 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   the last one the backward needs exists, so a pre-norm block's last GEMM is never recomputed (see
   :mod:`bread_kernels.functions.recompute`) — and the fused Linear functions inside apply each weight's Role.
   The lowest needed block's input needs no gradient, so autograd computes no dX for it.
-* ℓ ≥ c, ``recompute=False``: the block runs under plain autograd (activations kept); the fused Linear functions
-  still apply the Roles.
+* ℓ ≥ c, ``recompute=False``, or one of the top ``keep_top`` blocks: the block runs under plain autograd
+  (activations kept); the fused Linear functions still apply the Roles.  The top block's backward comes first, so
+  keeping its activations saves its whole recompute for the memory of one block's activations alive during the
+  head and the loss.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
@@ -42,6 +44,10 @@ class StreamConfig:
 
     recompute: bool = True
     cut: int = 0
+    #: with ``recompute``: the top ``keep_top`` blocks keep their activations instead (their backward starts from
+    #: what the forward saved; set through ``patch(keep_top=...)``)
+    keep_top: int = 0
+    n_blocks: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
     recomputes: dict = field(default_factory=dict)
 
@@ -89,7 +95,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             )
         with torch.no_grad():
             return original(*args, **kwargs)
-    if not config.recompute:
+    if not config.recompute or index >= config.n_blocks - config.keep_top:
         return original(*args, **kwargs)
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
