@@ -52,7 +52,9 @@ class ChunkedBackend:
             per_row += tokens * weight.element_size()  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
         return max(1, min(weight.shape[0], chunk_budget_bytes(weight) // per_row))
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed) -> None:
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, offset=0) -> None:
+        """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
+        expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits."""
         rounding = rounding.resolve(weight.dtype)
         if not sign and rounding is Rounding.NEAREST:
             weight.addmm_(grad_output.t(), input, beta=1, alpha=-step)
@@ -63,4 +65,4 @@ class ChunkedBackend:
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)
             chunk = torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
-            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=start * n_cols)
+            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols)
