@@ -144,8 +144,10 @@ def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, see
     import peft
 
     targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
-    family = next(k for k in targets if k in type(model).__name__.lower())
+               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"],
+               "moe": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # the attention: the experts are 3-D parameters
+    name = type(model).__name__.lower()
+    family = "moe" if "moe" in name or "mixtral" in name else next(k for k in targets if k in name)
     torch.manual_seed(seed)
     lora_config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets[family],
                                   fan_in_fan_out=family == "gpt2", **config)

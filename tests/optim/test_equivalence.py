@@ -365,3 +365,16 @@ def test_moe_other_experts_implementations(implementation, variant):
     run_case(Case("mixtral", steps=5, short_steps=(1,), build=dict(experts_implementation=implementation),
                   optimizer_cls=torch.optim.SGD, optimizer_extra={},
                   bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+def test_moe_bread_lora_on_the_attention(variant):
+    """BREAD on an MoE model: peft LoRA on the attention (trained every step), the expert weights as base weights
+    taking the on-the-fly update (LoRA on the expert parameters themselves is refused by patch).  Qwen2-MoE: with
+    the top-k weights renormalised (Qwen3-MoE, Mixtral) the router's gradient towards the unselected experts is
+    zero analytically and rounding noise numerically, so its sign follows the noise, and the fused LoRA forward
+    (equal to peft's to rounding, not bit for bit) changes that noise."""
+    sgd_mode, sign = variant
+    run_case(Case("qwen2_moe", steps=5, short_steps=(1,), build=EAGER, lora=dict(r=4), optimizer_extra=dict(eps=1e-5),
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING,
+                           lora_mode="all")))
