@@ -6,7 +6,7 @@ Every SGD/SIGN update in the library goes through one of four entry points, by t
 entry point                gradient                                                callers
 =========================  ======================================================  ==================================
 :func:`update_linear_`     ``dW = gᵀx`` from (g [M, N], x [M, K]) pairs, summed      the fused linear and LoRA functions
-:func:`update_experts_`    per expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``   the fused experts function
+:func:`update_experts_`    expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``     the fused experts function
 :func:`update_rows_`       the summed rows ``G`` [R, H] of the distinct ids [R]     the fused embedding
 :func:`update_dense_`      a materialised gradient of the parameter's shape          the optimizer's hook path (norms)
 =========================  ======================================================  ==================================
@@ -158,8 +158,8 @@ def update_linear_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: tor
 def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
                     contributions: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> bool:
     """``plan``'s update of a 3-D expert weight ``weight`` [E, N, K] (``gate_up_proj``, ``down_proj``): expert ``e``
-    takes the update for ``dW_e = Σ gᵀx`` over its (g [M_e, N], x [M_e, K]) pairs — the tokens routed to it, one pair
-    per use of the weight in the forward.  Experts absent from ``contributions`` received no token: their gradient
+    takes the update for ``dW_e = Σ gᵀx`` over its (g [M_e, N], x [M_e, K]) pairs — the tokens routed to it, one
+    pair per use of the weight in the forward.  Experts absent from ``contributions`` received no token: their gradient
     is zero and they are not written (SGD: ``-lr·0``; SIGN: ``sign(0) = 0``).  No [E, N, K] gradient exists.
     Returns False (reported, nothing written) if it was skipped."""
     per_expert = {}

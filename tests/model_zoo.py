@@ -133,7 +133,7 @@ def batches_with_short(n_steps: int, short_steps=(), seed: int = 1234) -> list[t
 
 
 def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Causal-LM loss (Llama, GPT-2, the MoE families) or MLM loss on every position (BERT): labels are the ids themselves."""
+    """Causal-LM loss (Llama, GPT-2, MoE) or MLM loss on every position (BERT): labels are the ids themselves."""
     return model(input_ids=ids, labels=ids).loss
 
 

@@ -19,7 +19,7 @@ any update (design invariant 1: the updates are applied after the loop)::
     ∂r[t, p] = Σ_h gᵧ · oₑ                   the routing weights' gradient (it reaches the router)
     gₒ = gᵧ · r[t, p]                        [n_e, H]
     gₐ = gₒ W₂[e]                            [n_e, I]
-    gᵤ = gate'(uₑ) ⊙ gₐ                       [n_e, 2I]   (autograd of the gate on the saved uₑ: exact for any act)
+    gᵤ = gate'(uₑ) ⊙ gₐ                       [n_e, 2I]   (autograd of the gate on the saved uₑ, any act)
     ∂x[t] += gᵤ W₁[e]                        [n_e, H]
     dW₂[e] = gₒᵀ aₑ    [H, I]                 dW₁[e] = gᵤᵀ xₑ    [2I, H]
 

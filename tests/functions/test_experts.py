@@ -16,7 +16,7 @@ from bread_kernels.update import update_dense_
 E, H, I, TOKENS, K = 6, 19, 11, 23, 2  # odd sizes; the routing below never picks expert E - 1
 EMPTY = E - 1
 STEP = 0.05
-LOW = {torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+LOW = {torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}  # bf16 against float64: a few bf16 ulps of the chain rule
 
 
 def experts_module(dtype, device, seed=0, act="silu"):
@@ -99,7 +99,7 @@ def test_forward_and_gradients_match_autograd(device, dtype, roles):
     x, grad = inputs(dtype, device)
     y, dx, dr, *_ = run_fused(module, x, index, weights, grad, roles)
     ref = autograd_reference(module, x, index, weights, grad, dtype=None if dtype == torch.float32 else torch.float64)
-    tol = {} if dtype == torch.float32 else LOW[dtype]
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else LOW[dtype]
     for what, actual, expected in (("y", y, ref[0]), ("dx", dx, ref[1]), ("d routing", dr, ref[2])):
         torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
     for weight, role, expected in zip((module.gate_up_proj, module.down_proj), roles, ref[3:]):

@@ -40,10 +40,11 @@ class ZeroBlockOptimizer(BlockOptimizer):
                 raise NotImplementedError(
                     f"ZeroBlockOptimizer: block {block_index} gives the MoE expert weights {on_the_fly[:2]}"
                     f"{' ...' if len(on_the_fly) > 2 else ''} an on-the-fly {roles[on_the_fly[0]].name} update, "
-                    "which is not implemented under ZeRO-3: the per-expert update writes one expert's slice "
-                    "W[e] of a 3-D parameter, and a ZeRO-3 shard is a flat range of the whole [E, N, K] tensor that "
-                    "ZeroShards' reduce-scatter of 2-D weights does not cover. Use sgd_mode='disabled' (BAdam: "
-                    "expert weights trained by the active block or frozen) or train the MoE model without ZeRO-3"
+                    "which is not implemented under ZeRO-3: the fused experts update one expert's slice W[e] of a "
+                    "3-D parameter at a time, while ZeroShards reduce-scatters and writes whole parameters (a ZeRO-3 "
+                    "shard is a flat range of the [E, N, K] tensor that cuts across experts). Use "
+                    "sgd_mode='disabled' (BAdam: expert weights trained by the active block or frozen) or train the "
+                    "MoE model without ZeRO-3"
                 )
         return roles
 
