@@ -2,18 +2,22 @@
 
 transformers stores the E experts of a layer as two 3-D parameters, ``gate_up_proj`` W₁ [E, 2I, H] and
 ``down_proj`` W₂ [E, H, I], and calls the experts module with the hidden states ``x`` [T, H], the router's top-k
-expert ids ``idx`` [T, k] and routing weights ``r`` [T, k].  The forward is transformers' eager ``Experts.forward``,
-op for op (bit for bit in fp32): for each expert e that received a token, in ascending order, with
-``t`` [n_e] its tokens and ``p`` [n_e] their top-k positions (``torch.where`` order: by position, then token)::
+expert ids ``idx`` [T, k] and routing weights ``r`` [T, k].  The forward computes transformers' eager
+``Experts.forward`` with the same operations on the same values (bit for bit in fp32): for each expert e that
+received a token, in ascending order, with ``t`` [n_e] its tokens and ``p`` [n_e] their top-k positions
+(``torch.where`` order: by position, then token)::
 
     xₑ = x[t]                          [n_e, H]
     uₑ = xₑ W₁[e]ᵀ                      [n_e, 2I]
     aₑ = gate(uₑ) = act(u_gate) · u_up  [n_e, I]      (the module's ``_apply_gate`` when it has one)
     oₑ = aₑ W₂[e]ᵀ                      [n_e, H]
-    y[t] += oₑ · r[t, p]               index_add_ into zeros [T, H], in the output's dtype
+    y[t] += oₑ · r[t, p]               index_add_ into zeros [T, H], in the output's dtype, in expert order
 
-With ``G = ∂L/∂y`` [T, H], the backward runs, expert by expert, every chain-rule step from the weights *before*
-any update (design invariant 1: the updates are applied after the loop)::
+The GEMMs run expert by expert; the gate (row-wise) and the routing-weight product run once over all (token,
+expert) slots, and the scatter back to the tokens is one ``index_add_`` in expert order.
+
+With ``G = ∂L/∂y`` [T, H], the backward runs every chain-rule step from the weights *before* any update (design
+invariant 1: the updates are applied after every dX and gₐ is computed)::
 
     gᵧ = G[t]                               [n_e, H]
     ∂r[t, p] = Σ_h gᵧ · oₑ                   the routing weights' gradient (it reaches the router)
@@ -175,7 +179,8 @@ def _spans(counts):
 class FusedExpertsFunction(torch.autograd.Function):
     """See the module docstring for the maths.  Inputs: hidden_states [T, H], top_k_index [T, k], top_k_weights
     [T, k], gate_up_proj [E, 2I, H], down_proj [E, H, I], gate (callable), plans (one WeightPlan or None per
-    weight), trigger (or None)."""
+    weight), trigger (or None).  Tensors are kept per (token, expert) slot, in expert order (S slots): expert e's
+    GEMMs work on its row range of the slot buffers."""
 
     @staticmethod
     def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate, plans, trigger):
@@ -185,16 +190,16 @@ class FusedExpertsFunction(torch.autograd.Function):
                          and not is_recomputing() else None for plan in plans)
         token, position, counts = _routing(top_k_index, gate_up_proj.shape[0])
         ctx.counts = counts
-        slots = token.numel()
-        gate_up_out = hidden_states.new_empty(slots, gate_up_proj.shape[1])  # uₑ of every expert, slot order
-        down_out = hidden_states.new_empty(slots, down_proj.shape[1])  # oₑ
-        final = torch.zeros_like(hidden_states)
+        x = hidden_states[token]  # [S, H]
+        gate_up_out = hidden_states.new_empty(token.numel(), gate_up_proj.shape[1])  # uₑ, slot order
         for e, start, stop in _spans(counts):
-            t, p = token[start:stop], position[start:stop]
-            u = F.linear(hidden_states[t], gate_up_proj[e])
-            o = F.linear(gate(u), down_proj[e])
-            gate_up_out[start:stop], down_out[start:stop] = u, o
-            final.index_add_(0, t, (o * top_k_weights[t, p, None]).to(final.dtype))
+            gate_up_out[start:stop] = F.linear(x[start:stop], gate_up_proj[e])
+        activated = gate(gate_up_out)  # aₑ
+        down_out = hidden_states.new_empty(token.numel(), down_proj.shape[1])  # oₑ
+        for e, start, stop in _spans(counts):
+            down_out[start:stop] = F.linear(activated[start:stop], down_proj[e])
+        final = torch.zeros_like(hidden_states)
+        final.index_add_(0, token, (down_out * top_k_weights[token, position, None]).to(final.dtype))
         ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, token, position, gate_up_out,
                               down_out)
         return final
@@ -211,37 +216,44 @@ class FusedExpertsFunction(torch.autograd.Function):
                       for i, role in enumerate(ctx.roles))
         need_gu = need_x or modes[0] is not None  # gᵤ: for ∂x and W₁
         need_go = need_gu or modes[1] is not None  # gₒ: for gₐ and W₂
-        grad_x = torch.zeros_like(hidden_states) if need_x else None
-        grad_r = torch.zeros_like(top_k_weights) if need_r else None
+        grad_x = grad_r = None
         grads = [torch.zeros_like(w) if mode == "grad" else None for w, mode in zip(weights, modes)]
         pairs: tuple[dict, dict] = ({}, {})  # expert -> (g, x) of each on-the-fly weight
+        spans = list(_spans(ctx.counts))
 
-        for e, start, stop in _spans(ctx.counts) if (need_go or need_r) else ():
-            t, p = token[start:stop], position[start:stop]
-            g_y = grad_output[t]
-            with torch.enable_grad():  # the elementwise tail, through autograd: its exact dtype promotions
-                o = down_out[start:stop].detach().requires_grad_(need_go)
-                r = top_k_weights[t, p].detach().requires_grad_(need_r)
+        if need_go or need_r:  # the routing weights' product, through autograd: its exact dtype promotions
+            with torch.enable_grad():
+                o = down_out.detach().requires_grad_(need_go)
+                r = top_k_weights[token, position].detach().requires_grad_(need_r)
                 y = (o * r[:, None]).to(grad_output.dtype)
             wanted = [v for v, needed in ((o, need_go), (r, need_r)) if needed]
-            tail = list(torch.autograd.grad(y, wanted, g_y))
-            g_o = tail.pop(0) if need_go else None
+            tail = list(torch.autograd.grad(y, wanted, grad_output[token]))
+            g_o = tail.pop(0) if need_go else None  # [S, H]
             if need_r:
-                grad_r[t, p] = tail.pop(0)
-            if not need_go:
-                continue
+                grad_r = torch.zeros_like(top_k_weights)
+                grad_r[token, position] = tail.pop(0)
+        if need_go:
             with torch.enable_grad():
-                u = gate_up_out[start:stop].detach().requires_grad_(need_gu)
-                a = ctx.gate(u)
-            _weight_gradient(modes[1], grads[1], pairs[1], e, g_o, a.detach())
-            if not need_gu:
-                continue
-            g_a = g_o @ down_proj[e]  # from W₂ before its update
-            (g_u,) = torch.autograd.grad(a, u, g_a)
+                u = gate_up_out.detach().requires_grad_(need_gu)
+                a = ctx.gate(u)  # [S, I]
+            g_a = g_o.new_empty(a.shape) if need_gu else None
+            for e, start, stop in spans:
+                rows = slice(start, stop)
+                if need_gu:
+                    g_a[rows] = g_o[rows] @ down_proj[e]  # from W₂ before its update
+                _weight_gradient(modes[1], grads[1], pairs[1], e, g_o[rows], a.detach()[rows])
+        if need_gu:
+            (g_u,) = torch.autograd.grad(a, u, g_a)  # [S, 2I]
+            x = hidden_states[token] if modes[0] is not None else None
+            dx = g_u.new_empty(token.numel(), hidden_states.shape[1]) if need_x else None
+            for e, start, stop in spans:
+                rows = slice(start, stop)
+                if need_x:
+                    dx[rows] = g_u[rows] @ gate_up_proj[e]  # from W₁ before its update
+                if modes[0] is not None:
+                    _weight_gradient(modes[0], grads[0], pairs[0], e, g_u[rows], x[rows])
             if need_x:
-                grad_x.index_add_(0, t, g_u @ gate_up_proj[e])  # from W₁ before its update
-            if modes[0] is not None:
-                _weight_gradient(modes[0], grads[0], pairs[0], e, g_u, hidden_states[t])
+                grad_x = torch.zeros_like(hidden_states).index_add_(0, token, dx)
 
         for plan, role, use, weight, mode, mine in zip(ctx.plans, ctx.roles, ctx.uses, weights, modes, pairs):
             if mode != "update":
