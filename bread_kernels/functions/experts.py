@@ -30,8 +30,10 @@ invariant 1: the updates are applied after every dX and gₐ is computed)::
 and each weight follows its plan: ``ACTIVE`` (or no plan: plain autograd) returns the dense [E, ·, ·] gradient,
 zero for the experts without a token, exactly what autograd accumulates into ``.grad``; ``SGD``/``SIGN`` hand
 the per-expert pairs (gₒ, aₑ) and (gᵤ, xₑ) to :func:`~bread_kernels.update.update_experts_`, which applies
-``W[e] -= lr·s·f(dW_e)`` expert by expert through the backend's fused GEMM epilogue — no [E, ·, ·] gradient and
-no [·, ·] dW exists, and an expert without a token is not touched (its reference gradient is zero: SGD moves it
+``W[e] -= lr·s·f(dW_e)`` expert by expert through the backend's fused GEMM epilogue — no [E, ·, ·] gradient
+exists, and of one expert's dW only the backend's bounded chunks (none with SGD and nearest rounding: one
+``addmm_``; on a GPU one Triton launch per expert, a grouped kernel being future work); an expert without a token
+is not touched (its reference gradient is zero: SGD moves it
 by ``lr·0``, sign gives ``sign(0) = 0``); ``FROZEN``: nothing.  A weight used several times in one forward gets
 one update for its summed per-expert gradient after its last use's backward (the plan's multi-use bookkeeping).
 
