@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .functions.experts import EXPERT_PLANS_ATTR
 from .functions.recompute import Recomputing
 from .plan import PLAN_ATTR
 
@@ -55,8 +56,8 @@ class StreamConfig:
 def block_has_work(block: nn.Module) -> bool:
     """Whether the block's backward would do anything: a parameter needs a gradient or a fused on-the-fly update."""
     for module in block.modules():
-        plan = getattr(module, PLAN_ATTR, None)
-        if plan is not None and plan.role.updates_on_the_fly:
+        plans = [getattr(module, PLAN_ATTR, None), *getattr(module, EXPERT_PLANS_ATTR, {}).values()]
+        if any(plan is not None and plan.role.updates_on_the_fly for plan in plans):
             return True
     return any(p.requires_grad for p in block.parameters())
 

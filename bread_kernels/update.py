@@ -1,11 +1,12 @@
 """The on-the-fly update of one weight: the one place that checks, reports, reads the step, draws the seed and writes.
 
-Every SGD/SIGN update in the library goes through one of three entry points, by the shape of its gradient:
+Every SGD/SIGN update in the library goes through one of four entry points, by the shape of its gradient:
 
 =========================  ======================================================  ==================================
 entry point                gradient                                                callers
 =========================  ======================================================  ==================================
 :func:`update_linear_`     ``dW = gᵀx`` from (g [M, N], x [M, K]) pairs, summed      the fused linear and LoRA functions
+:func:`update_experts_`    expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``     the fused experts function
 :func:`update_rows_`       the summed rows ``G`` [R, H] of the distinct ids [R]     the fused embedding
 :func:`update_dense_`      a materialised gradient of the parameter's shape          the optimizer's hook path (norms)
 =========================  ======================================================  ==================================
@@ -33,8 +34,8 @@ import torch
 from .backends import get_backend
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
-__all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "update_linear_", "update_rows_",
-           "update_dense_"]
+__all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "update_linear_", "update_experts_",
+           "update_rows_", "update_dense_"]
 
 #: a target's answer: a 0-dim bool tensor on the device (decided without the host), or a bool it already read
 Finite = Union[torch.Tensor, bool]
@@ -64,6 +65,15 @@ class UpdateTarget:
         """``weight`` [N, K] with ``dW = gᵀx`` (g [M, N], x [M, K]); ``bias`` [N] with ``db = Σ_m g``."""
         raise NotImplementedError
 
+    def experts_(self, weight: torch.Tensor, per_expert: dict[int, tuple[torch.Tensor, torch.Tensor]], step: float,
+                 sign: bool, update: OnTheFlyUpdate) -> Finite:
+        """A 3-D expert weight [E, N, K]: each expert ``e`` in ``per_expert`` with ``dW_e = gᵀx`` (g [M_e, N],
+        x [M_e, K]); the other experts are left untouched (their gradient is zero)."""
+        raise NotImplementedError(
+            f"bread_kernels: the update target {type(self).__name__} cannot write 3-D expert weights (mixture-of-"
+            "experts); train the experts with Role.ACTIVE or FROZEN there"
+        )
+
     def rows_(self, weight: torch.Tensor, rows: torch.Tensor, summed: torch.Tensor, step: float, sign: bool,
               update: OnTheFlyUpdate) -> Finite:
         """Rows ``rows`` [R] of ``weight`` [V, H] with their summed fp32 gradients ``summed`` [R, H]."""
@@ -86,6 +96,20 @@ class LocalTarget(UpdateTarget):
         if bias is not None:
             backend.apply_update_(bias, g.sum(0, dtype=torch.float32), step, sign, update.rounding,
                                   update.next_seed(), ok=ok)
+        return ok
+
+    def experts_(self, weight, per_expert, step, sign, update) -> torch.Tensor:
+        """One seed for the whole parameter, and expert ``e``'s slice ``weight[e]`` (a 2-D view) written through the
+        backend with ``offset = e·N·K``: every element draws the random bits of its logical index in [E, N, K], as
+        :meth:`dense_` of the whole tensor would.  One flag over every expert's operands gates every write: a
+        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient."""
+        backend = get_backend(weight.device)
+        ok = backend.finite_flag(*(t for pair in per_expert.values() for t in pair))
+        seed = update.next_seed()
+        per_slice = weight.shape[1] * weight.shape[2]
+        for e in sorted(per_expert):
+            g, x = per_expert[e]
+            backend.update_weight_(weight[e], g, x, step, sign, update.rounding, seed, ok, offset=e * per_slice)
         return ok
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
@@ -136,6 +160,21 @@ def update_linear_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: tor
         x = torch.cat([c[1] for c in contributions])
     return _apply(plan, role, lambda target, step, sign, update: target.linear_(weight, bias, g, x, step, sign,
                                                                                 update))
+
+
+def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
+                    contributions: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> Finite:
+    """``plan``'s update of a 3-D expert weight ``weight`` [E, N, K] (``gate_up_proj``, ``down_proj``): expert ``e``
+    takes the update for ``dW_e = Σ gᵀx`` over its (g [M_e, N], x [M_e, K]) pairs — the tokens routed to it, one
+    pair per use of the weight in the forward.  Experts absent from ``contributions`` received no token: their gradient
+    is zero and they are not written (SGD: ``-lr·0``; SIGN: ``sign(0) = 0``).  No [E, N, K] gradient exists.
+    Returns the finiteness answer (where False: skipped, nothing written, reported through the plan)."""
+    per_expert = {}
+    for e, pairs in contributions.items():
+        per_expert[e] = pairs[0] if len(pairs) == 1 else (torch.cat([g for g, _ in pairs]),
+                                                          torch.cat([x for _, x in pairs]))
+    return _apply(plan, role, lambda target, step, sign, update: target.experts_(weight, per_expert, step, sign,
+                                                                                 update))
 
 
 def update_rows_(plan: WeightPlan, role: Role, weight: torch.Tensor, rows: torch.Tensor,

@@ -2,13 +2,15 @@
 
 Every backend implements the same three methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
-    finite_flag(*tensors) -> ok                                   # 0-dim bool on the device: no inf/nan anywhere
-    update_weight_(W, g, x, step, sign, rounding, seed, ok)       # W -= step · f(gᵀx), no dW tensor
-    apply_update_(P, G, step, sign, rounding, seed, offset, ok)   # P -= step · f(G), G fp32 (biases, chunks)
-    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)      # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
+    finite_flag(*tensors) -> ok                                      # 0-dim bool on the device: no inf/nan
+    update_weight_(W, g, x, step, sign, rounding, seed, ok, offset)  # W -= step · f(gᵀx), no dW tensor
+    apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
+    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``ok`` gates the
 write on the device (nothing is written where it is False): the backward never reads a flag on the host.
+``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
+rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 
 Choice: ``BREAD_BACKEND=triton|native|torch`` forces one (an error if it cannot serve the tensor's device);
 otherwise ``triton`` for CUDA tensors, ``native`` for CPU tensors, and ``torch`` when the preferred one is
@@ -36,7 +38,8 @@ class Backend(Protocol):
     def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor: ...
 
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
-                       sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None) -> None: ...
+                       sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
+                       offset: int = 0) -> None: ...
 
     def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
                       seed: int, offset: int = 0, ok: torch.Tensor | None = None) -> None: ...

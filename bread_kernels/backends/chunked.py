@@ -66,7 +66,10 @@ class ChunkedBackend:
             per_row += tokens * weight.element_size()  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
         return max(1, min(weight.shape[0], chunk_budget_bytes() // per_row))
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok) -> None:
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
+                       offset=0) -> None:
+        """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
+        expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits."""
         rounding = rounding.resolve(weight.dtype)
         if not sign and rounding is Rounding.NEAREST:
             self.addmm_if_(weight, grad_output.t(), input, -step, ok)
@@ -74,10 +77,12 @@ class ChunkedBackend:
         n_rows, n_cols = weight.shape
         rows = self.chunk_rows(weight, grad_output.shape[0])
         if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
-            self.apply_update_(weight, torch.mm(grad_output.t(), input), step, sign, rounding, seed, ok=ok)
+            self.apply_update_(weight, torch.mm(grad_output.t(), input), step, sign, rounding, seed, offset=offset,
+                               ok=ok)
             return
         buffer = torch.empty(rows, n_cols, dtype=weight.dtype, device=weight.device)
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)
             chunk = torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
-            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=start * n_cols, ok=ok)
+            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
+                               ok=ok)

@@ -17,8 +17,8 @@ class TritonBackend:
         self._kernels = wgrad_update
         self._lora = lora_grads
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None) -> None:
-        self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok)
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0) -> None:
+        self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)

@@ -89,12 +89,12 @@ def _gated(mask, ok_ptr):
 
 # The per-call seeds and step are data, not shape: specialising on them (Triton specialises integers by value,
 # e.g. divisibility by 16) would recompile — and re-autotune — the kernel for fresh seeds.
-@triton.jit(do_not_specialize=["step", "key1", "key2", "store"])
+@triton.jit(do_not_specialize=["offset", "step", "key1", "key2", "store"])
 def _wgrad_update_kernel(
     g_ptr, x_ptr, w_ptr, ok_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
-    step, key1, key2, store,
+    offset, step, key1, key2, store,
     SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -124,7 +124,7 @@ def _wgrad_update_kernel(
     mask = _gated(mask_n[:, None] & mask_k[None, :], ok_ptr)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w = tl.load(w_ptrs, mask=mask, other=0.0)
-    index = offs_n[:, None] * K + offs_k[None, :]
+    index = offs_n[:, None] * K + offs_k[None, :] + offset
     value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, not UPCAST)
     if UPCAST:  # the interpreter (never autotuned) always stores
         tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
@@ -200,9 +200,11 @@ def wgrad_update_(
     rounding: Rounding,
     seed: int,
     ok: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> None:
     """``weight -= step · f(grad_outputᵀ · input)`` in one kernel; weight [N, K], grad_output [M, N], input [M, K];
-    nothing is written where ``ok`` (0-dim bool) is False."""
+    nothing is written where ``ok`` (0-dim bool) is False.  ``offset``: the logical index of ``weight[0, 0]`` in the
+    whole parameter (the random bits' counter)."""
     code = _check_dtype(weight, "weight")
     M, N = grad_output.shape
     K = input.shape[1]
@@ -213,7 +215,7 @@ def wgrad_update_(
         grad_output, input, weight, _flag(ok, weight.device), M, N, K,
         grad_output.stride(0), grad_output.stride(1), input.stride(0), input.stride(1),
         weight.stride(0), weight.stride(1),
-        float(step), key1, key2,
+        int(offset), float(step), key1, key2,
     )
     interpret = _INTERPRET or weight.device.type != "cuda"
     flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)

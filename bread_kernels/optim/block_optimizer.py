@@ -16,8 +16,8 @@ then stay frozen).  Adapters are trained by the base optimizer with the active b
 switches while they stay trained; ``sgd_mode`` applies to the inactive base weights, never to adapters.
 
 On a model patched by :func:`bread_kernels.patch` the optimizer drives the engine by writing a plan at every switch:
-each Linear weight's :class:`~bread_kernels.Role` (the on-the-fly updates fused into the backward, no ``.grad``)
-and the cut (blocks below it run without autograd); the input embedding's update touches only the rows of the
+each Linear weight's and MoE expert weight's :class:`~bread_kernels.Role` (the on-the-fly updates fused into the
+backward, no ``.grad``) and the cut (blocks below it run without autograd); the input embedding's update touches only the rows of the
 batch's tokens.  Parameters outside the fused modules (norms, a tied embedding and head) get the update from a
 post-accumulate-grad hook, as in the reference.  Without ``patch`` everything
 goes through hooks (the reference's slow path) and a warning says so once.
@@ -280,8 +280,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         role_of = {id(p): roles[n] for n, p in self.named_parameters_list}
         fused: set[int] = set()
         if self.engine is not None:
-            self.engine.apply_plans({name: self._module_plan(name, module, role_of, fused)
-                                     for name, module in self.engine.fused_modules})
+            plans = {name: self._module_plan(name, module, role_of, fused)
+                     for name, module in self.engine.fused_modules}
+            plans.update({name: self._weight_plan(name, weight, role_of, fused)
+                          for name, weight in self.engine.expert_weights()})
+            self.engine.apply_plans(plans)
         self._hook_plans = {}
         for name, p in self.named_parameters_list:
             role = roles[name]
@@ -335,6 +338,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
             role = Role.LORA  # the base weight is frozen, its adapters train
         return self._plan(role, name)
+
+    def _weight_plan(self, name, weight, role_of, fused: set[int]) -> WeightPlan | None:
+        """The fused plan of one weight with a plan of its own (an expert weight of a patched experts module), or
+        None when it must take the plain autograd path."""
+        if id(weight) not in role_of or id(weight) in self.engine.shared_weights:
+            return None
+        fused.add(id(weight))
+        return self._plan(role_of[id(weight)], name)
 
     # -- the hook path ------------------------------------------------------------------------------------------
     def _on_accumulated_grad(self, name: str, p: torch.Tensor) -> None:
