@@ -131,10 +131,11 @@ def _fused_loss_forward(self, *args, **kwargs):
     from transformers.modeling_utils import slice_logits_to_keep
 
     if self.loss_function is not ForCausalLMLoss:
+        name = getattr(self.loss_function, "__name__", type(self.loss_function).__name__)
         raise ValueError(
-            f"bread_kernels: {type(self).__name__} computes its loss with {getattr(self.loss_function, '__name__', 'a custom loss_function')} "
-            "(a custom loss_function or config.loss_type), not transformers' ForCausalLMLoss, so the fused loss "
-            "cannot match it; patch(model, fused_loss=False)")
+            f"bread_kernels: {type(self).__name__} computes its loss with {name} (a custom loss_function or "
+            "config.loss_type), not transformers' ForCausalLMLoss, so the fused loss cannot match it; "
+            "patch(model, fused_loss=False)")
     extra = dict(bound.arguments.pop(var_keyword, {}))
     return_dict = extra.pop("return_dict", None)
     named = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}

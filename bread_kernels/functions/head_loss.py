@@ -5,7 +5,7 @@ targets ``y`` [T] (int64; ``ignore_index`` marks a token without a loss), all fl
 fp16).  The loss is the one of transformers' ``ForCausalLMLoss`` for logits ``z = h Wᵀ + b``:
 
     z_t   = h_t Wᵀ + b                                 in W's dtype, then upcast to fp32 (as HF does)
-    z_t  ← c · tanh(z_t / c)                           with soft-capping ``c`` (Gemma2), in W's dtype before the upcast
+    z_t  ← c · tanh(z_t / c)                           soft-capping ``c`` (Gemma2), in W's dtype before the upcast
     L     = Σ_{t: y_t ≠ ignore} (logsumexp(z_t) − z_t[y_t]) / n
     n     = the number of non-ignored tokens ("mean"), or ``num_items_in_batch`` (Trainer's gradient accumulation)
 
@@ -177,8 +177,8 @@ def _softmax_(z: torch.Tensor) -> torch.Tensor:
 def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
             scale: torch.Tensor, first_col: int = 0) -> torch.Tensor:
     """Turn the probabilities ``p`` [rows, cols] (vocabulary columns ``first_col`` …) into the gradient of the loss
-    w.r.t. the raw logits, in place: ``(p − onehot(y)) · scale`` on valid rows, 0 on ignored ones, times ``1 − t²``
-    when soft-capped.  ``scale`` is a 0-d fp32 tensor (1/n, times γ in the backward)."""
+    w.r.t. the raw logits, in place: ``(p − onehot(y)) · scale`` on valid rows, 0 on ignored ones, times
+    ``1 − t²`` when soft-capped.  ``scale`` is a 0-d fp32 tensor (1/n, times γ in the backward)."""
     local = targets - first_col
     rows = torch.nonzero(valid & (local >= 0) & (local < p.shape[1])).squeeze(1)
     if rows.numel():

@@ -149,7 +149,7 @@ def test_bf16_active_within_stated_tolerance():
 
 
 def test_chunk_budget_from_the_environment(monkeypatch):
-    hidden, weight, b, targets = make(False)
+    hidden, weight, _, targets = make(False)
     monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(3 * VOCAB * 4))
     close(fused_head_loss(hidden, weight, None, targets), reference(hidden, weight, None, targets)[0], "loss")
     monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", "lots")
