@@ -36,7 +36,11 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
 * ``FROZEN``: nothing for W.
 
 Memory: the chunk ``C`` (and the tile ``R``) is chosen so that the fp32 block of logits and its temporaries stay
-within ``chunk_bytes`` (argument) or ``BREAD_LOSS_CHUNK_BYTES`` (environment, default 64 MiB); at least one row.
+within ``chunk_bytes`` (argument) or ``BREAD_LOSS_CHUNK_BYTES`` (environment, default 256 MiB); at least one row.
+The default is a measured compromise (``bench/results/head_loss_cpu_float32*.txt``): at vocab 128,256 and 2,048
+tokens, 64 MiB blocks (130 tokens) made the CPU's head GEMMs ~1.7x slower than 256 MiB blocks (523 tokens), while
+256 MiB is still ~1/12 of the reference's logits-sized peak there; on a GPU, Liger-Kernel's blocks are smaller (about
+the size of the hidden states), so set the variable lower where memory matters more than the last percent of speed.
 Beyond that the Function holds ``dh`` [T, H] from the forward to the backward (the size of ``h``), the per-token
 logsumexp [T] for an on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would build
 anyway).
@@ -59,13 +63,13 @@ from .linear import trigger_for
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "chunk_budget_bytes",
            "DEFAULT_LOSS_CHUNK_BYTES"]
 
-DEFAULT_LOSS_CHUNK_BYTES = 64 << 20
+DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
     """The bytes one block of logits (and its temporaries) may take: ``chunk_bytes``, else the environment's
-    ``BREAD_LOSS_CHUNK_BYTES``, else 64 MiB."""
+    ``BREAD_LOSS_CHUNK_BYTES``, else 256 MiB."""
     if chunk_bytes is None:
         raw = os.environ.get("BREAD_LOSS_CHUNK_BYTES", DEFAULT_LOSS_CHUNK_BYTES)
         try:
@@ -192,15 +196,17 @@ def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, vali
 class FusedHeadLossFunction(torch.autograd.Function):
     """See the module docstring for the maths.  Inputs: hidden [T, H], weight [V, H], bias [V] or None, targets [T]
     (a negative target is an ignored token), inverse count (0-d fp32: 1/n), plan (or None), role, softcap (or
-    None), token chunk C, vocabulary tile R, trigger (or None).  Output: the loss, a 0-d fp32 tensor."""
+    None), token chunk C, vocabulary tile R, whether grad is enabled (no gradient work without it), trigger (or
+    None).  Output: the loss, a 0-d fp32 tensor."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_count, plan, role: Role, softcap, chunk, tile, trigger):
+    def forward(ctx, hidden, weight, bias, targets, inv_count, plan, role: Role, softcap, chunk, tile, grad_enabled,
+                trigger):
         tokens, vocab = hidden.shape[0], weight.shape[0]
         valid = targets >= 0
         safe = targets.clamp(min=0)
-        needs_dh, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        on_the_fly = role.updates_on_the_fly
+        needs_dh, needs_dw, needs_db = (needs and grad_enabled for needs in ctx.needs_input_grad[:3])
+        on_the_fly = role.updates_on_the_fly and grad_enabled
         grad_hidden = torch.empty_like(hidden) if needs_dh else None
         active = role is Role.ACTIVE
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -252,10 +258,10 @@ class FusedHeadLossFunction(torch.autograd.Function):
             grad_weight = grad_weight.mul_(gamma).to(ctx.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(gamma).to(ctx.dtype)
-        if ctx.role.updates_on_the_fly:
+        if ctx.use is not None:
             hidden, weight, bias, targets, inv_count = ctx.saved_tensors
             _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
@@ -299,7 +305,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         num_items_in_batch: divide the summed loss by this (a number or a one-element tensor) instead of the count
             of non-ignored tokens, as transformers does for Trainer's gradient accumulation.
         softcap: Gemma2's ``final_logit_softcapping``: the logits are ``c · tanh(z / c)``.
-        chunk_bytes: the bytes one block of logits may take (default ``BREAD_LOSS_CHUNK_BYTES`` or 64 MiB).
+        chunk_bytes: the bytes one block of logits may take (default ``BREAD_LOSS_CHUNK_BYTES`` or 256 MiB).
 
     Returns a 0-d fp32 tensor.  With no non-ignored token and no ``num_items_in_batch`` the loss is nan, as
     ``torch.nn.functional.cross_entropy``'s mean is.
@@ -325,4 +331,4 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     tile = _rows_per_block(budget, max(1, hidden.shape[0]), weight.dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None
     return FusedHeadLossFunction.apply(hidden, weight, bias, targets, inv_count, plan, role, float_softcap, chunk,
-                                       tile, trigger)
+                                       tile, torch.is_grad_enabled(), trigger)

@@ -366,3 +366,15 @@ def test_no_tokens_by_vocab_tensor_is_allocated(monkeypatch, role):
             assert shapes.largest[0] < tokens_by_vocab, f"a [tokens, vocab]-sized tensor: {shapes.largest[1]}"
         else:  # the check sees the reference's logits
             assert shapes.largest[0] >= tokens_by_vocab, shapes.largest
+
+
+def test_without_grad_nothing_is_updated_or_kept():
+    """Under no_grad (an evaluation of a model whose head has an on-the-fly plan) the loss is computed and the head
+    is left alone: no gradient work, no pending use of the plan."""
+    hidden, weight, _, targets = make(False)
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head")
+    w = weight.clone()
+    with torch.no_grad():
+        loss = fused_head_loss(hidden, w, None, targets, plan, chunk_bytes=ODD_CHUNKS)
+    close(loss, reference(hidden, weight, None, targets)[0], "loss under no_grad")
+    assert not loss.requires_grad and torch.equal(w, weight) and not list(plan._uses)
