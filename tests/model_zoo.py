@@ -53,13 +53,15 @@ def bert(seed: int = 0, dtype: torch.dtype = torch.float32, dropout: float = 0.0
     return _finish(transformers.BertForMaskedLM(config), dtype)
 
 
-def gemma2(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, softcap: float | None = 0.2):
+def gemma2(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, dropout: float = 0.0,
+           softcap: float | None = 0.2):
     """Gemma2: final-logit soft-capping ``c·tanh(z/c)`` (c = 0.2: this tiny model's logits are ~0.2, so the tanh
     bends them), attention soft-capping, sandwich norms, scaled embedding; embedding and head untied (as in llama)."""
     config = transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
         final_logit_softcapping=softcap, attn_logit_softcapping=50.0, sliding_window=8, query_pre_attn_scalar=16,
+        attention_dropout=dropout,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     config._attn_implementation = "eager"
