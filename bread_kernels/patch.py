@@ -15,6 +15,14 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
   :func:`~bread_kernels.functions.lora.fused_lora_linear` (its base layer and adapters are not patched on their
   own).  One active adapter per layer; DoRA and the other peft variants, ``lora_bias`` and mixed-adapter batches
   are refused with an error.  Without gradients (generation, evaluation) peft's own forward runs.
+* every transformers mixture-of-experts experts module inside the blocks (recognised structurally: direct 3-D
+  parameters ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], called with the hidden states, the top-k
+  expert ids and the routing weights — Qwen2/Qwen3-MoE, Mixtral, whatever ``experts_implementation`` the config
+  selects): a forward through :func:`~bread_kernels.functions.experts.fused_experts`, with one plan per weight
+  (``_bread_expert_plans``, keyed in :meth:`PatchedModel.apply_plans` by the parameter's qualified name).  Until
+  a plan is assigned, and without gradients, transformers' own forward runs.  An experts module of another layout
+  keeps plain autograd and ``patch`` warns, naming it.  peft LoRA on expert parameters (``target_parameters``) is
+  refused with an error.
 * the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
   whose on-the-fly update touches only the rows of this batch's tokens.
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
@@ -28,6 +36,7 @@ contributes to one summed gradient (design invariant 2).
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from typing import Mapping
 
@@ -37,13 +46,14 @@ from torch import nn
 
 from . import causal_lm
 from .functions.embedding import fusable_embedding, fused_embedding
+from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, experts_layout_problem, fused_experts
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
-from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, trained_adapter
+from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .stream import StreamConfig, streamed_block_forward
 
-__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models"]
+__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction"]
 
 _STATE_ATTR = "_bread_patch"
 _PATCHED_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -68,6 +78,8 @@ class PatchedModel:
         self.fused_loss = fused_loss  # the causal LM's loss comes from the fused head+loss (bread_kernels.causal_lm)
         # (qualified name, module) of every module given a fused forward: the linears and the input embedding
         self.fused_modules: list[tuple[str, nn.Module]] = []
+        # (qualified name, module) of every experts module given the fused experts forward (one plan per weight)
+        self.fused_experts: list[tuple[str, nn.Module]] = []
         self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
@@ -77,19 +89,28 @@ class PatchedModel:
     def block_prefixes(self) -> list[str]:
         return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
 
+    def expert_weights(self) -> list[tuple[str, nn.Parameter]]:
+        """(qualified parameter name, parameter) of every weight of the fused experts modules: each has a plan of
+        its own."""
+        return [(f"{name}.{attr}", getattr(module, attr)) for name, module in self.fused_experts
+                for attr in EXPERT_WEIGHTS]
+
     # -- what an optimizer writes ---------------------------------------------------------------------------------
     def apply_plans(self, plans: Mapping[str, WeightPlan | None]) -> None:
-        """Give each fused module (by qualified name, as in :attr:`fused_modules`) its plan; a module left out or
-        mapped to None computes what its original forward does, with plain autograd."""
-        known = {name for name, _ in self.fused_modules}
+        """Give each fused module (by qualified name, as in :attr:`fused_modules`) and each expert weight (by
+        qualified parameter name, as in :meth:`expert_weights`) its plan; one left out or mapped to None computes
+        what the original forward does, with plain autograd."""
+        known = {name for name, _ in self.fused_modules} | {name for name, _ in self.expert_weights()}
         unknown = sorted(set(plans) - known)
         if unknown:
-            raise KeyError(f"apply_plans: {unknown[:3]} are not fused modules of this patched model")
-        for name, module in self.fused_modules:
-            plan = plans.get(name)
+            raise KeyError(f"apply_plans: {unknown[:3]} are not fused modules or expert weights of this patched model")
+        for name, plan in plans.items():
             if plan is not None and not isinstance(plan, WeightPlan):
                 raise TypeError(f"apply_plans: the plan of {name} is a {type(plan).__name__}, not a WeightPlan")
-            setattr(module, PLAN_ATTR, plan)
+        for name, module in self.fused_modules:
+            setattr(module, PLAN_ATTR, plans.get(name))
+        for name, module in self.fused_experts:
+            setattr(module, EXPERT_PLANS_ATTR, {attr: plans.get(f"{name}.{attr}") for attr in EXPERT_WEIGHTS})
 
     def clear_plans(self) -> None:
         """Every fused module back to plain autograd, and the backward reaching every block."""
@@ -187,6 +208,45 @@ def _lora_forward(self, x, *args, **kwargs):
     return fused_lora_linear(x, x_lora, weight, base.bias, lora_a, lora_b, self.scaling[adapter], plan)
 
 
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    plans = getattr(self, EXPERT_PLANS_ATTR)
+    if all(plan is None for plan in plans.values()) or not torch.is_grad_enabled():
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)  # transformers'
+    if args or kwargs:
+        raise TypeError(f"bread_kernels: the patched experts module {self._bread_name} was called with extra "
+                        f"arguments ({', '.join(kwargs) or len(args)}); the fused experts take (hidden_states, "
+                        "top_k_index, top_k_weights)")
+    if getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError(f"bread_kernels: the experts module {self._bread_name} is expert-parallel; the "
+                                  "fused experts hold every expert on one process (train without expert parallelism)")
+    return fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                         tuple(plans[attr] for attr in EXPERT_WEIGHTS), experts_gate(self))
+
+
+def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """The experts modules under ``root`` that the fused experts compute; warns about the ones holding 3-D
+    weights that they do not (those keep plain autograd), and refuses peft LoRA on parameters."""
+    found = []
+    for name, module in root.named_modules(prefix=prefix):
+        if is_param_wrapper(module):
+            raise NotImplementedError(
+                f"patch: {name} is a peft LoRA on parameters ({type(module).__name__}, LoraConfig(target_parameters="
+                "...)), which the fused backward does not support: target the linear layers with target_modules "
+                "(the expert weights then take BlockOptimizer's Roles), or train this model without patch()"
+            )
+        if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            continue
+        problem = experts_layout_problem(module)
+        if problem is None:
+            found.append((name, module))
+        else:
+            warnings.warn(f"patch: {name} ({type(module).__name__}) holds 3-D weights but is not an experts module "
+                          f"the fused experts compute: {problem}. It keeps plain autograd (its on-the-fly updates go "
+                          "through the hook path, which materialises its whole gradient)", RuntimeWarning,
+                          stacklevel=3)
+    return found
+
+
 def _is_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (Conv1D is not None and isinstance(module, Conv1D))
 
@@ -207,9 +267,9 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
-          fused_loss: bool = False) -> nn.Module:
+          fused_loss: bool = False, keep_top: int = 0) -> nn.Module:
     """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless (and
-    changes ``recompute`` and ``fused_loss`` to the values given).
+    changes ``recompute``, ``fused_loss`` and ``keep_top`` to the values given).
 
     Args:
         blocks: the stack of repeated blocks, if discovery cannot find it (``model.model.layers``).
@@ -219,6 +279,10 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             enabled computes the loss with the fused head+loss (:mod:`bread_kernels.functions.head_loss`): no
             [tokens, vocab] logits, and the head's Role done inside it; it then returns ``logits=None``.  Other
             models are refused with an error.
+        keep_top: with ``recompute``, the number of top blocks that keep their activations instead of being
+            recomputed.  The top block's backward runs first, right after the loss's: keeping it saves one block's
+            forward per step, for one block's activations alive while the head and the loss run (see the README's
+            "Speed" section for the measured trade).  0 (the default) recomputes every block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
@@ -228,12 +292,14 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     if state is not None:
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
+        keep_top = _check_keep_top(keep_top, len(state.blocks))
         if fused_loss and not state.fused_loss:
             causal_lm.install(model)
         elif state.fused_loss and not fused_loss:
             causal_lm.uninstall(model)
         state.stream.recompute = recompute
         state.fused_loss = fused_loss
+        state.stream.keep_top = keep_top
         return model
     if fused_loss:
         causal_lm.prepare(model)  # refuse before anything on the model is touched
@@ -253,7 +319,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     except NotImplementedError:
         head = None
 
+    keep_top = _check_keep_top(keep_top, len(blocks))
     state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute, fused_loss)
+    state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
     owners: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
@@ -261,9 +329,11 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     state.shared_weights = {pid for pid, n in owners.items() if n > 1}
 
     targets: list[tuple[str, nn.Module, int | None]] = []
-    for index, block in enumerate(blocks):
+    experts: list[tuple[str, nn.Module]] = []
+    for index, block in enumerate(blocks):  # everything is found (and refused) before anything is installed
         prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
         targets += [(name, module, index) for name, module in _fusable_linears(block, prefix)]
+        experts += _experts_modules(block, prefix)
     if head is not None and (_is_linear(head) or is_lora_layer(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)
         targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
@@ -279,6 +349,12 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         state.fused_modules.append((name, module))
         if index is not None:
             state.block_of_linear[id(module)] = index
+
+    for name, module in experts:
+        setattr(module, EXPERT_PLANS_ATTR, dict.fromkeys(EXPERT_WEIGHTS))
+        module._bread_name = name
+        module.forward = types.MethodType(_experts_forward, module)
+        state.fused_experts.append((name, module))
 
     if embedding is not None and fusable_embedding(embedding) and id(embedding.weight) not in state.shared_weights:
         setattr(embedding, PLAN_ATTR, None)
@@ -304,6 +380,13 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     return model
 
 
+def _check_keep_top(keep_top, n_blocks: int) -> int:
+    if isinstance(keep_top, bool) or not isinstance(keep_top, int) or not 0 <= keep_top <= n_blocks:
+        raise ValueError(f"patch: keep_top must be an int in [0, {n_blocks}] (the number of top blocks that keep their "
+                         f"activations), got {keep_top!r}")
+    return keep_top
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original modules (trained values kept; same ``state_dict`` keys).  Harmless if not patched.
 
@@ -316,8 +399,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if driver is not None:  # its plans and hooks belong to the wrappers removed here
         driver.close()
     causal_lm.uninstall(model)
-    for _, module in state.fused_modules:
-        for attr in ("forward", PLAN_ATTR, "_bread_name"):
+    for _, module in state.fused_modules + state.fused_experts:
+        for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name"):
             module.__dict__.pop(attr, None)
     for index, block in enumerate(state.blocks):
         block.__dict__.pop("forward", None)
@@ -335,3 +418,47 @@ def set_cut(model: nn.Module, cut: int) -> None:
     if state is None:
         raise ValueError("set_cut: the model is not patched")
     state.set_cut(cut)
+
+
+def fused_fraction(model: nn.Module) -> dict:
+    """How much of a patched model's block stack the fused functions serve (for reports and tests).
+
+    Returns a dict: ``block_parameters`` (elements of every parameter in the blocks), ``fused`` (elements of those
+    owned by a fused linear / LoRA layer or a fused experts module, and not shared with another module — what an
+    optimizer's plans can route through a fused backward), ``fraction`` (their ratio), ``linear_and_expert`` and
+    ``fused_linear_and_expert`` (the same restricted to the weights and biases of ``nn.Linear``/``Conv1D`` layers
+    and the 3-D expert weights), ``fraction_of_linear_and_expert``, and ``unfused``: the (name, elements) of every
+    block parameter outside the fused functions (norms, MoE routers' weights, ...), which take the hook path."""
+    state = patched_state(model)
+    if state is None:
+        raise ValueError("fused_fraction: the model is not patched; call bread_kernels.patch(model) first")
+    fused_ids = {id(p) for _, module in state.fused_modules + state.fused_experts for p in module.parameters()
+                 if id(p) not in state.shared_weights}
+    linear_ids = {id(p) for block in state.blocks for module in block.modules() if _is_linear(module)
+                  for p in module.parameters(recurse=False)}
+    linear_ids |= {id(p) for block in state.blocks for module in block.modules()
+                   if _experts_like(module) for p in module.parameters(recurse=False) if p.dim() == 3}
+    seen: set[int] = set()
+    total = fused = linear = fused_linear = 0
+    unfused = []
+    for index, block in enumerate(state.blocks):
+        prefix = f"{state.blocks_name}.{index}." if state.blocks_name else f"{index}."
+        for name, p in block.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            is_fused, is_linear = id(p) in fused_ids, id(p) in linear_ids
+            fused += p.numel() * is_fused
+            linear += p.numel() * is_linear
+            fused_linear += p.numel() * (is_fused and is_linear)
+            if not is_fused:
+                unfused.append((prefix + name, p.numel()))
+    return {"block_parameters": total, "fused": fused, "fraction": fused / total if total else 1.0,
+            "linear_and_expert": linear, "fused_linear_and_expert": fused_linear,
+            "fraction_of_linear_and_expert": fused_linear / linear if linear else 1.0, "unfused": unfused}
+
+
+def _experts_like(module: nn.Module) -> bool:
+    """A module holding 3-D weights (fused or not): counted with the expert weights by :func:`fused_fraction`."""
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))

@@ -15,12 +15,17 @@ try:
 except ImportError:  # peft is optional
     LoraLinear = None
 
+try:  # peft's LoRA on parameters (LoraConfig(target_parameters=...)): MoE expert weights
+    from peft.tuners.lora import ParamWrapper
+except ImportError:  # peft missing, or older than target_parameters
+    ParamWrapper = None
+
 try:  # GPT-2 and friends store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
-__all__ = ["LoraLinear", "lora_layer_classes", "is_lora_layer", "lora_layers", "is_adapter_name",
+__all__ = ["LoraLinear", "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
            "adapter_parameters", "trained_adapter", "check_lora_layer"]
 
 
@@ -32,6 +37,11 @@ def lora_layer_classes() -> list[type]:
 def is_lora_layer(module: nn.Module) -> bool:
     """A peft LoRA linear layer (``peft.tuners.lora.Linear``); False when peft is not installed."""
     return LoraLinear is not None and isinstance(module, LoraLinear)
+
+
+def is_param_wrapper(module: nn.Module) -> bool:
+    """A peft LoRA on a module's parameters (``peft.tuners.lora.ParamWrapper``, from ``target_parameters``)."""
+    return ParamWrapper is not None and isinstance(module, ParamWrapper)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

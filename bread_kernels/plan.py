@@ -14,9 +14,11 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+import torch
+
 from .rounding import Rounding
 
-__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "begin_forward", "PLAN_ATTR"]
+__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "begin_forward", "PLAN_ATTR"]
 
 #: the attribute of a fused module (a patched Linear, LoRA layer or embedding) that holds its WeightPlan, or None
 PLAN_ATTR = "_bread_weight_plan"
@@ -24,6 +26,7 @@ PLAN_ATTR = "_bread_weight_plan"
 _forward_epoch = 0
 
 
+@torch.compiler.disable  # a host-side counter: never traced into a graph
 def begin_forward() -> None:
     """Start a new forward: uses of an on-the-fly weight registered from now on belong to it, and an update waits
     only for the backward of the uses of its own forward.  :func:`bread_kernels.patch` calls it before every forward
@@ -55,9 +58,12 @@ class Role(enum.Enum):
     LORA = "lora"
     FROZEN = "frozen"
 
-    @property
-    def updates_on_the_fly(self) -> bool:
-        return self in (Role.SGD, Role.SIGN)
+    #: SGD or SIGN (set on each member below the class: every fused forward and backward asks)
+    updates_on_the_fly: bool
+
+
+for _role in Role:
+    _role.updates_on_the_fly = _role in (Role.SGD, Role.SIGN)
 
 
 LrLike = Union[float, Callable[[], float]]
@@ -113,6 +119,11 @@ class WeightPlan:
     ``target`` says where the update's bytes go: None (the weight tensor itself) unless an integration that shards
     the weights (ZeRO-3) supplies its own :class:`~bread_kernels.update.UpdateTarget`.
 
+    ``checks`` says when a skip is found: an update's finiteness is a flag on the device (the write was gated on
+    it there).  With ``checks`` None the plan reads it at once (a host sync per update: for plans used on their
+    own); an optimizer gives its plans one :class:`FiniteChecks`, which keeps the flags and reads them all once per
+    step, so the backward itself never waits for the device.
+
     It also keeps the bookkeeping that makes a weight used several times in one forward correct (design invariant
     2): the on-the-fly update waits until the backward of every use *of that forward* (see :func:`begin_forward`)
     has run, then applies the update for the summed gradient once.  Uses whose graph was dropped without a backward
@@ -127,6 +138,8 @@ class WeightPlan:
     reporter: Callable[[str, str], None] | None = field(default=None, repr=False)
     #: where the on-the-fly update writes (a :class:`bread_kernels.update.UpdateTarget`); None: the tensor itself
     target: object | None = field(default=None, repr=False)
+    #: where the finiteness flags of this plan's updates wait to be read (None: read at once)
+    checks: "FiniteChecks | None" = field(default=None, repr=False)
     _uses: "weakref.WeakSet[_UseToken]" = field(default_factory=weakref.WeakSet, repr=False)
     _pending: list = field(default_factory=list, repr=False)
 
@@ -173,6 +186,17 @@ class WeightPlan:
             self._pending = [(epoch, c) for epoch, c in self._pending if epoch in live]
             self.report_skip("an earlier forward used it more than once and not every use ran its backward")
 
+    def record_finite(self, finite, reason: str) -> None:
+        """The answer of one update's target: a bool already read, or a 0-dim bool device tensor (kept in
+        ``checks`` when set, read now otherwise).  A False answer is reported as a skip with ``reason``."""
+        if isinstance(finite, torch.Tensor):
+            if self.checks is not None:
+                self.checks.add(self, finite, reason)
+                return
+            finite = bool(finite)
+        if not finite:
+            self.report_skip(reason)
+
     def report_skip(self, reason: str) -> None:
         self.skipped_updates += 1
         if self.reporter is not None:  # an optimizer collects the step's skips and reports them once
@@ -184,6 +208,39 @@ class WeightPlan:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+class FiniteChecks:
+    """The finiteness flags of on-the-fly updates, kept on their devices until :meth:`resolve` reads them all with
+    one host sync per device (as ``GradScaler`` reads ``found_inf`` once per step); each False flag is reported as
+    a skip on its plan then.  An optimizer owns one and resolves it when it steps."""
+
+    def __init__(self):
+        self._entries: list[tuple[WeightPlan, torch.Tensor, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, plan: WeightPlan, finite: torch.Tensor, reason: str) -> None:
+        self._entries.append((plan, finite, reason))
+
+    def resolve(self) -> int:
+        """Read every pending flag, report the skips on their plans, and return how many were skipped."""
+        entries, self._entries = self._entries, []
+        by_device: dict[torch.device, list] = {}
+        for entry in entries:
+            by_device.setdefault(entry[1].device, []).append(entry)
+        skipped = 0
+        for group in by_device.values():
+            flags = torch.stack([finite.reshape(()) for _, finite, _ in group]).tolist()
+            for (plan, _, reason), finite in zip(group, flags):
+                if not finite:
+                    plan.report_skip(reason)
+                    skipped += 1
+        return skipped
+
+    def clear(self) -> None:
+        self._entries = []
 
 
 class _UseToken:

@@ -8,8 +8,10 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   the last one the backward needs exists, so a pre-norm block's last GEMM is never recomputed (see
   :mod:`bread_kernels.functions.recompute`) — and the fused Linear functions inside apply each weight's Role.
   The lowest needed block's input needs no gradient, so autograd computes no dX for it.
-* ℓ ≥ c, ``recompute=False``: the block runs under plain autograd (activations kept); the fused Linear functions
-  still apply the Roles.
+* ℓ ≥ c, ``recompute=False``, or one of the top ``keep_top`` blocks: the block runs under plain autograd
+  (activations kept); the fused Linear functions still apply the Roles.  The top block's backward comes first, so
+  keeping its activations saves its whole recompute for the memory of one block's activations alive during the
+  head and the loss.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .functions.experts import EXPERT_PLANS_ATTR
 from .functions.recompute import Recomputing
 from .plan import PLAN_ATTR
 
@@ -42,6 +45,10 @@ class StreamConfig:
 
     recompute: bool = True
     cut: int = 0
+    #: with ``recompute``: the top ``keep_top`` blocks keep their activations instead (their backward starts from
+    #: what the forward saved; set through ``patch(keep_top=...)``)
+    keep_top: int = 0
+    n_blocks: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
     recomputes: dict = field(default_factory=dict)
 
@@ -49,8 +56,8 @@ class StreamConfig:
 def block_has_work(block: nn.Module) -> bool:
     """Whether the block's backward would do anything: a parameter needs a gradient or a fused on-the-fly update."""
     for module in block.modules():
-        plan = getattr(module, PLAN_ATTR, None)
-        if plan is not None and plan.role.updates_on_the_fly:
+        plans = [getattr(module, PLAN_ATTR, None), *getattr(module, EXPERT_PLANS_ATTR, {}).values()]
+        if any(plan is not None and plan.role.updates_on_the_fly for plan in plans):
             return True
     return any(p.requires_grad for p in block.parameters())
 
@@ -59,6 +66,9 @@ def block_has_work(block: nn.Module) -> bool:
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
+# torch.compile: each block runs eagerly (a graph break): the checkpoint with a context_fn and the fused Functions
+# inside are not traceable by dynamo; what lies between the blocks (embedding, norms, loss) is compiled
+@torch.compiler.disable
 def streamed_block_forward(block: nn.Module, original: Callable, config: StreamConfig, index: int,
                            *args: Any, **kwargs: Any):
     """The forward installed on each block by :func:`bread_kernels.patch`."""
@@ -86,7 +96,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             )
         with torch.no_grad():
             return original(*args, **kwargs)
-    if not config.recompute:
+    if not config.recompute or index >= config.n_blocks - config.keep_top:
         return original(*args, **kwargs)
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers

@@ -1,7 +1,12 @@
 // The update epilogue of the native CPU backend: one pass over a cache-resident chunk.
 //
 //   bread_kernels::apply_update_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding,
-//                                int key1, int key2, int offset) -> ()
+//                                int key1, int key2, int offset, Tensor? ok) -> ()
+//   bread_kernels::all_finite(Tensor[] tensors) -> Tensor                 0-dim bool: no element is inf or nan
+//   bread_kernels::addmm_if_(Tensor(a!) self, Tensor mat1, Tensor mat2, float alpha, Tensor ok) -> ()
+//
+// ``ok`` is a 0-dim bool tensor (the finiteness flag of the update's gradient): where it is false nothing is
+// written.  Reading it here is a memory read, not an aten op: the Python side never converts a tensor to a number.
 //
 // param: 1-D or 2-D, fp32 / bf16 / fp16, any strides (a row chunk of a weight, a transposed view, a bias).
 // grad:  fp32 / bf16 / fp16, contiguous, same shape as param (the chunk of dW the GEMM just wrote).
@@ -17,6 +22,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -95,7 +102,10 @@ void apply_update_impl(at::Tensor& param, const at::Tensor& grad, float step, ui
     }
   };
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  // Threads only for work that repays waking them (~32K elements a task): a small weight or bias runs inline,
+  // where a parallel region would cost more than the update, and far more on a busy machine.
+  const int64_t grain_rows = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols));
+  at::parallel_for(0, rows, grain_rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* prow = p + r * row_stride;
       const G* grow = g + r * cols;
@@ -129,8 +139,16 @@ void dispatch_grad(at::Tensor& param, const at::Tensor& grad, float step, bool s
   }
 }
 
+bool flag_is_set(const c10::optional<at::Tensor>& ok) {
+  if (!ok.has_value()) return true;
+  TORCH_CHECK(ok->numel() == 1 && ok->scalar_type() == at::kBool && ok->device().is_cpu(),
+              "bread_kernels native backend: ok must be a one-element bool CPU tensor");
+  return *ok->data_ptr<bool>();
+}
+
 void apply_update_(at::Tensor param, const at::Tensor& grad, double step, bool sign, int64_t rounding, int64_t key1,
-                   int64_t key2, int64_t offset) {
+                   int64_t key2, int64_t offset, const c10::optional<at::Tensor>& ok) {
+  if (!flag_is_set(ok)) return;
   TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
   TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "apply_update_: param must be 1-D or 2-D, got ", param.dim(), "-D");
   TORCH_CHECK(grad.is_contiguous(), "apply_update_: grad must be contiguous");
@@ -150,14 +168,67 @@ void apply_update_(at::Tensor param, const at::Tensor& grad, double step, bool s
   }
 }
 
+// A non-finite float has every exponent bit set: test the bit pattern (vectorises, no float compares).
+template <typename U>
+bool finite_bits(const U* bits, int64_t n, U exponent) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= (bits[i] & exponent) == exponent;
+  return !bad;
+}
+
+bool tensor_is_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (!t.is_contiguous()) return tensor_is_finite(t.contiguous());
+  const int64_t n = t.numel();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    if (!finite.load(std::memory_order_relaxed)) return;
+    bool ok;
+    switch (t.scalar_type()) {
+      case at::kFloat:
+        ok = finite_bits(reinterpret_cast<const uint32_t*>(t.data_ptr<float>()) + begin, end - begin, 0x7F800000u);
+        break;
+      case at::kBFloat16:
+        ok = finite_bits(reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()) + begin, end - begin,
+                         static_cast<uint16_t>(0x7F80u));
+        break;
+      case at::kHalf:
+        ok = finite_bits(reinterpret_cast<const uint16_t*>(t.data_ptr<c10::Half>()) + begin, end - begin,
+                         static_cast<uint16_t>(0x7C00u));
+        break;
+      default:
+        TORCH_CHECK(false, "all_finite: tensors must be float32, bfloat16 or float16, got ", t.scalar_type());
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+at::Tensor all_finite(at::TensorList tensors) {
+  bool finite = true;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
+    if (!(finite = tensor_is_finite(t))) break;
+  }
+  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
+}
+
+void addmm_if_(at::Tensor self, const at::Tensor& mat1, const at::Tensor& mat2, double alpha, const at::Tensor& ok) {
+  if (flag_is_set(ok)) self.addmm_(mat1, mat2, 1, alpha);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bread_kernels, m) {
   m.def(
       "apply_update_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding, int key1, int key2, "
-      "int offset) -> ()");
+      "int offset, Tensor? ok=None) -> ()");
+  m.def("all_finite(Tensor[] tensors) -> Tensor");
+  m.def("addmm_if_(Tensor(a!) self, Tensor mat1, Tensor mat2, float alpha, Tensor ok) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bread_kernels, CPU, m) {
   m.impl("apply_update_", &apply_update_);
+  m.impl("all_finite", &all_finite);
+  m.impl("addmm_if_", &addmm_if_);
 }

@@ -80,13 +80,56 @@ def causal_lm(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32
     return _finish(transformers.AutoModelForCausalLM.from_config(config), dtype)
 
 
+
+#: the mixture-of-experts families: E experts, top-k, every layer an MoE layer
+EXPERTS, TOP_K = 8, 2
+#: a batch shape with fewer (token, expert) slots than experts (1·3·TOP_K = 6 < 8): in every MoE layer at least two
+#: experts receive no token
+SHORT = (1, 3)
+
+
+def _moe(config_cls, model_cls, seed, dtype, layers, experts_implementation, **extra):
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=64, tie_word_embeddings=False, num_experts_per_tok=TOP_K,
+        bos_token_id=1, eos_token_id=2, **extra,
+    )
+    config._attn_implementation = "eager"
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    torch.manual_seed(seed)
+    return _finish(model_cls(config), dtype)
+
+
+def qwen3_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts_implementation=None):
+    """Qwen3-MoE: experts [8, 2·20, 32] / [8, 32, 20], top-2 renormalised (norm_topk_prob)."""
+    return _moe(transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, seed, dtype, layers,
+                experts_implementation, num_experts=EXPERTS, moe_intermediate_size=20, intermediate_size=44,
+                norm_topk_prob=True)
+
+
+def mixtral(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts_implementation=None):
+    """Mixtral: experts [8, 2·20, 32] / [8, 32, 20]; its routing weights stay fp32 in a bf16 model."""
+    return _moe(transformers.MixtralConfig, transformers.MixtralForCausalLM, seed, dtype, layers,
+                experts_implementation, num_local_experts=EXPERTS, intermediate_size=20)
+
+
+def qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts_implementation=None):
+    """Qwen2-MoE: routed experts [8, 2·20, 32] / [8, 32, 20] plus a shared expert (an MLP of nn.Linears, 24
+    wide) behind a sigmoid gate (``shared_expert_gate``, an nn.Linear [1, 32]); qkv biases."""
+    return _moe(transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, seed, dtype, layers,
+                experts_implementation, num_experts=EXPERTS, moe_intermediate_size=20,
+                shared_expert_intermediate_size=24, intermediate_size=44)
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
+MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 
 
 def layout(model: torch.nn.Module) -> tuple[list[str], str]:
     """(one name prefix per repeated layer, bottom to top; the input embedding's prefix) of a zoo model."""
     name = type(model).__name__
-    if name == "LlamaForCausalLM":
+    if name in ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"):
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
@@ -111,8 +154,16 @@ def batches(n_steps: int, seed: int = 1234) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(n_steps)]
 
 
+def batches_with_short(n_steps: int, short_steps=(), seed: int = 1234) -> list[torch.Tensor]:
+    """:func:`batches`, except that the steps in ``short_steps`` get a :data:`SHORT` batch (some expert of every
+    MoE layer receives no token)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, SHORT if step in short_steps else (BATCH, SEQ), generator=gen)
+            for step in range(n_steps)]
+
+
 def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Causal-LM loss (Llama, GPT-2) or MLM loss on every position (BERT): labels are the ids themselves."""
+    """Causal-LM loss (Llama, GPT-2, MoE) or MLM loss on every position (BERT): labels are the ids themselves."""
     return model(input_ids=ids, labels=ids).loss
 
 
@@ -133,8 +184,10 @@ def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, see
     import peft
 
     targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
-    family = next(k for k in targets if k in type(model).__name__.lower())
+               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"],
+               "moe": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # the attention: the experts are 3-D parameters
+    name = type(model).__name__.lower()
+    family = "moe" if "moe" in name or "mixtral" in name else next(k for k in targets if k in name)
     torch.manual_seed(seed)
     lora_config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets[family],
                                   fan_in_fan_out=family == "gpt2", **config)

@@ -1,5 +1,6 @@
 """patch(model): discovery, the installed wrappers, plans written through PatchedModel, unpatch."""
 
+import copy
 import gc
 import warnings
 import weakref
@@ -10,8 +11,8 @@ from torch import nn
 
 import bread_kernels
 from bread_kernels import Role, WeightPlan
-from bread_kernels.patch import patched_state
-from tests.model_zoo import BUILDERS, batch, loss_of
+from bread_kernels.patch import fused_fraction, patched_state
+from tests.model_zoo import BUILDERS, MOE_BUILDERS, batch, loss_of
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -101,3 +102,76 @@ def test_unpatch_closes_the_optimizer_that_drives_the_model():
     assert sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()) == hooks_before
     with pytest.raises(RuntimeError, match="closed"):
         opt.step()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixture of experts
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("family", sorted(MOE_BUILDERS))
+def test_experts_modules_are_found_and_compute_transformers_maths(family, implementation):
+    """Every experts module gets the fused forward whatever implementation the config selects; unplanned it is
+    transformers' own forward (bit for bit), planned it is the eager maths (bit for bit against eager in fp32, to
+    rounding against the grouped/batched GEMMs); unpatch restores the module tree."""
+    model = MOE_BUILDERS[family](layers=2, experts_implementation=implementation)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    ids = batch(0)
+    state = patched_state(bread_kernels.patch(model))
+    assert [name for name, _ in state.fused_experts] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert [name for name, _ in state.expert_weights()] == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2)
+                                                              for w in ("gate_up_proj", "down_proj")]
+    with torch.no_grad():
+        expected = loss_of(reference, ids)
+    assert torch.equal(loss_of(model, ids).detach(), expected)  # no plans: transformers' forward
+    state.apply_plans({name: WeightPlan(Role.FROZEN, name=name) for name, _ in state.expert_weights()})
+    planned = loss_of(model, ids).detach()
+    if implementation == "eager":
+        assert torch.equal(planned, expected)
+    else:
+        torch.testing.assert_close(planned, expected, rtol=1e-6, atol=1e-6)
+    bread_kernels.unpatch(model)
+    assert list(model.state_dict()) == keys
+    for name, module in model.named_modules():
+        assert "forward" not in module.__dict__ and not hasattr(module, "_bread_expert_plans"), name
+
+
+@pytest.mark.parametrize("family", sorted(MOE_BUILDERS))
+def test_every_linear_and_expert_weight_of_the_moe_families_is_fused(family):
+    """fused_fraction: 100% of the linear and expert weights of the blocks are under a fused function, and the
+    optimizer plans every expert weight (none takes the hook path); what is left is the norms and the routers'
+    [E, H] weights (not nn.Linears: they take the hook path, a gradient of E·H elements)."""
+    model = bread_kernels.patch(MOE_BUILDERS[family]())
+    report = fused_fraction(model)
+    assert report["fraction_of_linear_and_expert"] == 1.0
+    assert all(name.endswith(("norm.weight", "mlp.gate.weight")) for name, _ in report["unfused"]), report["unfused"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), sgd_mode="all", verbose=0)
+    state = patched_state(model)
+    for _, module in state.fused_experts:
+        plans = module._bread_expert_plans
+        assert all(isinstance(plans[w], WeightPlan) for w in ("gate_up_proj", "down_proj"))
+    assert not any("experts" in name for name in opt._hook_plans)
+    opt.close()
+
+
+def test_peft_lora_on_expert_parameters_is_refused_before_anything_is_installed():
+    import peft
+
+    model = peft.get_peft_model(MOE_BUILDERS["qwen3_moe"](layers=2), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
+    with pytest.raises(NotImplementedError, match=r"peft LoRA on parameters .*target_parameters"):
+        bread_kernels.patch(model)
+    assert patched_state(model) is None
+    assert not any("forward" in module.__dict__ for _, module in model.named_modules())
+
+
+def test_an_experts_module_of_another_layout_keeps_plain_autograd_and_is_named():
+    model = MOE_BUILDERS["mixtral"](layers=2)
+    model.model.layers[1].mlp.experts.is_transposed = True  # as a gpt-oss-style layout would say
+    with pytest.warns(RuntimeWarning, match=r"model\.layers\.1\.mlp\.experts .*is_transposed=True.*plain autograd"):
+        state = patched_state(bread_kernels.patch(model))
+    assert [name for name, _ in state.fused_experts] == ["model.layers.0.mlp.experts"]

@@ -40,6 +40,40 @@ def test_patched_model_has_the_plain_gradients_with_dropout(arch, recompute):
         assert patched_state(patched).stream.recomputes == {i: 1 for i in range(len(patched_state(patched).blocks))}
 
 
+@pytest.mark.parametrize("keep_top", [1, 2])
+def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
+    """With dropout (the RNG replay matters to the recomputed blocks only); BREAD-SGD, so every block's weights
+    are updated inside the backward and a wrong activation anywhere would show in the parameters."""
+    def run(keep):
+        model = bread_kernels.patch(BUILDERS["llama"](dropout=0.1), keep_top=keep)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), switch_block_every=2,
+                                               switch_mode="descending", sgd_mode="all", verbose=0)
+        torch.manual_seed(3)
+        for step in range(3):
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    recomputed, kept = run(0), run(keep_top)
+    n_blocks = len(patched_state(kept).blocks)
+    assert set(patched_state(kept).stream.recomputes) == set(range(n_blocks - keep_top))
+    assert set(patched_state(recomputed).stream.recomputes) == set(range(n_blocks))
+    for (name, a), (_, b) in zip(recomputed.named_parameters(), kept.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 1.5, True, "1"])
+def test_a_bad_keep_top_is_refused_before_the_model_is_touched(bad):
+    model = BUILDERS["llama"]()
+    with pytest.raises(ValueError, match=r"keep_top must be an int in \[0, 4\]"):
+        bread_kernels.patch(model, keep_top=bad)
+    assert patched_state(model) is None
+
+
 def _count_linear_backwards(monkeypatch):
     calls = []
     original = linear_module.FusedLinearFunction.backward

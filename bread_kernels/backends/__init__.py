@@ -2,11 +2,15 @@
 
 Every backend implements the same three methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
-    update_weight_(W, g, x, step, sign, rounding, seed)       # W -= step · f(gᵀx), no dW tensor
-    apply_update_(P, G, step, sign, rounding, seed, offset)   # P -= step · f(G), G fp32 (biases, chunks)
-    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)  # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
+    finite_flag(*tensors) -> ok                                      # 0-dim bool on the device: no inf/nan
+    update_weight_(W, g, x, step, sign, rounding, seed, ok, offset)  # W -= step · f(gᵀx), no dW tensor
+    apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
+    lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
 
-with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.
+with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``ok`` gates the
+write on the device (nothing is written where it is False): the backward never reads a flag on the host.
+``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
+rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 
 Choice: ``BREAD_BACKEND=triton|native|torch`` forces one (an error if it cannot serve the tensor's device);
 otherwise ``triton`` for CUDA tensors, ``native`` for CPU tensors, and ``torch`` when the preferred one is
@@ -31,11 +35,14 @@ BACKEND_NAMES = ("triton", "native", "torch")
 class Backend(Protocol):
     name: str
 
+    def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor: ...
+
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
-                       sign: bool, rounding: Rounding, seed: int) -> None: ...
+                       sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
+                       offset: int = 0) -> None: ...
 
     def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
-                      seed: int, offset: int = 0) -> None: ...
+                      seed: int, offset: int = 0, ok: torch.Tensor | None = None) -> None: ...
 
     def lora_grads(self, grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, need_a: bool, need_b: bool) -> tuple: ...
@@ -75,9 +82,21 @@ def _triton_can_run(device: torch.device) -> str | None:
     return f"Triton runs on {device.type} tensors only under TRITON_INTERPRET=1 (set it before importing bread_kernels)"
 
 
+_chosen: dict = {}
+
+
 def get_backend(device: torch.device | str) -> Backend:
-    device = torch.device(device)
-    forced = os.environ.get("BREAD_BACKEND", "").strip().lower()
+    """The backend for tensors on ``device``: decided once per (device, ``BREAD_BACKEND``, ``TRITON_INTERPRET``)
+    and then looked up, since every fused backward asks."""
+    forced = os.environ.get("BREAD_BACKEND", "")
+    key = (device, forced, os.environ.get("TRITON_INTERPRET"))
+    backend = _chosen.get(key)
+    if backend is None:
+        backend = _chosen[key] = _choose(torch.device(device), forced.strip().lower())
+    return backend
+
+
+def _choose(device: torch.device, forced: str) -> Backend:
     if forced:
         if forced not in BACKEND_NAMES:
             raise ValueError(f"BREAD_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKEND_NAMES)}")

@@ -2,11 +2,15 @@
 
 ``update_weight_(W, g, x)`` computes ``W -= step · f(gᵀx)`` for W [N, K], g [M, N], x [M, K]:
 
-* SGD with nearest rounding: one ``W.addmm_(gᵀ, x, beta=1, alpha=-step)`` — BLAS's ``C = αAB + βC`` *is* the fused
-  epilogue, and no dW exists at all.
-* SIGN, and any stochastic rounding: for each chunk of ``rows`` output rows, ``buf = g[:, rows]ᵀ x`` (one buffer
-  in the weight's dtype, reused across chunks), then the backend's epilogue ``apply_update_(W[rows], buf)``, which
-  works in fp32.  The extra memory is one chunk (plus the backend's temporaries per element), never a whole dW.
+* SGD with nearest rounding: one ``W.addmm_(gᵀ, x, beta=1, alpha=-step)`` gated on the flag
+  (:meth:`ChunkedBackend.addmm_if_`) — BLAS's ``C = αAB + βC`` *is* the fused epilogue, and no dW exists at all.
+* SIGN, and any stochastic rounding: for each chunk of ``rows`` output rows,
+  ``buf = g[:, rows]ᵀ x`` (one buffer in the weight's dtype, reused across chunks), then the backend's epilogue
+  ``apply_update_(W[rows], buf)``, which works in fp32.  The extra memory is one chunk (plus the backend's
+  temporaries per element).  A dW that fits the budget is one chunk: one GEMM, as autograd's; only larger ones are
+  split, so the memory stays bounded without splitting GEMMs that BLAS runs best whole.
+
+``ok`` (a 0-dim bool tensor, the finiteness flag of g and x) gates every write on the device: no host sync.
 
 bf16/fp16: CPU torch has no mixed-output GEMM, so a chunk of dW is computed by BLAS with fp32 accumulation and
 rounded once to the weight's dtype — exactly the dW the reference materialises — before the fp32 epilogue.
@@ -21,16 +25,17 @@ import torch
 from ..rounding import Rounding
 from .lora_gemm import lora_grads_gemm
 
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20
 
 
-def chunk_budget_bytes(weight: torch.Tensor) -> int:
-    """Extra bytes the update may use: ``BREAD_CHUNK_BYTES`` (default 4 MiB), at most 1/4 of a dW — never a whole
-    dW, and few enough chunks that BLAS stays efficient on small weights."""
+def chunk_budget_bytes() -> int:
+    """Extra bytes the update may use: ``BREAD_CHUNK_BYTES`` (default 16 MiB; see ``bench/results/chunk_bytes_cpu.txt``
+    for the measurement behind it: below ~16 MiB per chunk BLAS loses speed on wide weights, above it nothing is
+    gained).  The reference materialises every inactive weight's whole dW; this is the bound on ours."""
     configured = int(os.environ.get("BREAD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
     if configured <= 0:
         raise ValueError(f"BREAD_CHUNK_BYTES must be a positive number of bytes, got {configured}")
-    return min(configured, weight.numel() * weight.element_size() // 4)
+    return configured
 
 
 class ChunkedBackend:
@@ -40,8 +45,17 @@ class ChunkedBackend:
     #: bytes of temporaries the epilogue needs per chunk element, beyond the chunk buffer itself
     bytes_per_element = 0
 
-    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
+    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
         raise NotImplementedError
+
+    def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def addmm_if_(self, weight, mat1, mat2, alpha, ok) -> None:
+        """``W += alpha·mat1·mat2`` unless ``ok`` is False, without reading ``ok`` on the host.  Here by zeroing
+        both operands where it is False (one activation-sized temporary each: 0·inf would still be nan); the
+        native backend reads the flag inside its op instead."""
+        weight.addmm_(torch.where(ok, mat1, 0), torch.where(ok, mat2, 0), beta=1, alpha=alpha)
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
@@ -50,17 +64,25 @@ class ChunkedBackend:
         per_row = weight.shape[1] * (weight.element_size() + self.bytes_per_element)
         if weight.dtype == torch.bfloat16:
             per_row += tokens * weight.element_size()  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
-        return max(1, min(weight.shape[0], chunk_budget_bytes(weight) // per_row))
+        return max(1, min(weight.shape[0], chunk_budget_bytes() // per_row))
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed) -> None:
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
+                       offset=0) -> None:
+        """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
+        expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits."""
         rounding = rounding.resolve(weight.dtype)
         if not sign and rounding is Rounding.NEAREST:
-            weight.addmm_(grad_output.t(), input, beta=1, alpha=-step)
+            self.addmm_if_(weight, grad_output.t(), input, -step, ok)
             return
         n_rows, n_cols = weight.shape
         rows = self.chunk_rows(weight, grad_output.shape[0])
+        if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
+            self.apply_update_(weight, torch.mm(grad_output.t(), input), step, sign, rounding, seed, offset=offset,
+                               ok=ok)
+            return
         buffer = torch.empty(rows, n_cols, dtype=weight.dtype, device=weight.device)
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)
             chunk = torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
-            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=start * n_cols)
+            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
+                               ok=ok)

@@ -58,6 +58,15 @@ def round_to_dtype(value: torch.Tensor, dtype: torch.dtype, rounding: Rounding, 
     raise TypeError(f"stochastic rounding supports bf16/fp16/fp32 parameters, got {dtype}")
 
 
+def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: no element of any of them is inf or nan.  One min/max reduction
+    per tensor (nan propagates through it; ``isfinite`` would build masks of the tensor's size).  No host sync."""
+    extremes = [value.float() for t in tensors if t.numel() for value in torch.aminmax(t)]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)
+    return torch.isfinite(torch.stack(extremes)).all()
+
+
 def apply_update_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -66,12 +75,14 @@ def apply_update_(
     rounding: Rounding,
     seed: int,
     offset: int = 0,
+    ok: torch.Tensor | None = None,
 ) -> None:
     """``param -= step · (sign(grad) if sign else grad)`` in fp32, rounded into ``param`` (any strides, 1-D or 2-D).
 
     ``grad`` (fp32, or bf16/fp16 widened to fp32 first) has ``param``'s shape.  ``offset`` is the logical row-major index of ``param[0, 0]`` in the
-    full parameter, so random bits do not depend on how the parameter is chunked.  Uses a bounded number of
-    temporaries of ``grad``'s size (the caller chunks).
+    full parameter, so random bits do not depend on how the parameter is chunked.  ``ok`` (a 0-dim bool tensor)
+    False leaves ``param`` as it was, decided on the device.  Uses a bounded number of temporaries of ``grad``'s
+    size (the caller chunks).
     """
     grad = grad.float()
     update = torch.sign(grad) if sign else grad
@@ -81,4 +92,5 @@ def apply_update_(
     if rounding is Rounding.STOCHASTIC:
         index = torch.arange(param.numel(), dtype=torch.int64, device=param.device).view(param.shape) + offset
         bits = random_bits(index, *rng_keys(seed))
-    param.copy_(round_to_dtype(new, param.dtype, rounding, bits))
+    rounded = round_to_dtype(new, param.dtype, rounding, bits)
+    param.copy_(rounded if ok is None else torch.where(ok, rounded, param))

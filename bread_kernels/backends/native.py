@@ -7,6 +7,7 @@ torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 from pathlib import Path
 import threading
@@ -50,8 +51,11 @@ def load_native() -> None:
             from torch.utils.cpp_extension import load
 
             with importlib.resources.as_file(_epilogue_source()) as path:
+                # named by the source's hash: checkouts of different versions on one machine never rebuild over
+                # each other's cached build
+                digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
                 load(
-                    name="bread_kernels_native",
+                    name=f"bread_kernels_native_{digest}",
                     sources=[str(path)],
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *_arch_flags()],
                     extra_ldflags=["-fopenmp"],
@@ -61,8 +65,9 @@ def load_native() -> None:
         except Exception as exc:  # no compiler, no ninja, headers missing, ...
             _state["error"] = RuntimeError(f"the native CPU backend could not be built: {type(exc).__name__}: {exc}")
             raise _state["error"] from exc
-        if not hasattr(torch.ops.bread_kernels, "apply_update_"):
-            _state["error"] = RuntimeError("the native extension loaded but registered no bread_kernels::apply_update_")
+        missing = [op for op in ("apply_update_", "all_finite", "addmm_if_") if not hasattr(torch.ops.bread_kernels, op)]
+        if missing:
+            _state["error"] = RuntimeError(f"the native extension loaded but registered no bread_kernels::{missing[0]}")
             raise _state["error"]
         _state["loaded"] = True
 
@@ -74,9 +79,15 @@ class NativeBackend(ChunkedBackend):
     def __init__(self):
         load_native()
 
-    def apply_update_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0) -> None:
+    def apply_update_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, ok=None) -> None:
         key1, key2 = rng_keys(seed)
         torch.ops.bread_kernels.apply_update_(
             param, grad.contiguous(), float(step), bool(sign), ROUNDING_CODES[rounding.resolve(param.dtype)],
-            key1, key2, int(offset),
+            key1, key2, int(offset), ok,
         )
+
+    def finite_flag(self, *tensors):
+        return torch.ops.bread_kernels.all_finite(list(tensors))
+
+    def addmm_if_(self, weight, mat1, mat2, alpha, ok) -> None:
+        torch.ops.bread_kernels.addmm_if_(weight, mat1, mat2, float(alpha), ok)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from . import epilogue
 from .lora_gemm import lora_grads_gemm
 
 
@@ -16,11 +17,14 @@ class TritonBackend:
         self._kernels = wgrad_update
         self._lora = lora_grads
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed) -> None:
-        self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed)
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0) -> None:
+        self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
 
-    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0) -> None:
-        self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset)
+    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
+        self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
+
+    def finite_flag(self, *tensors):
+        return epilogue.finite_flag(*tensors)  # a few reductions on the device; the flag stays there
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         """cuBLAS GEMMs by default: measured on an H200 (bench/results/lora_layer_h200.txt) they beat the fused

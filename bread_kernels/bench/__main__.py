@@ -1,9 +1,10 @@
-"""``python -m bread_kernels.bench [model|linear|lora] [options]`` (also ``bread-bench``): run a benchmark.
+"""``python -m bread_kernels.bench [model|linear|lora|host] [options]`` (also ``bread-bench``): run a benchmark.
 
 The default is the model suite (:mod:`bread_kernels.bench.model`): every BCD variant through the engine against the
 reference run as its users run it and configured as well as it can be, each verified to compute the same step
 before it is timed; a table on stdout, a JSON and a PNG in ``--out``.  ``linear`` times one fused linear backward
-(SGD / SIGN update against autograd plus a hook), ``lora`` one LoRA layer's backward against peft.
+(SGD / SIGN update against autograd plus a hook), ``lora`` one LoRA layer's backward against peft, ``host`` the
+host time of one fused linear backward on tiny shapes (µs per call, against ``nn.Linear`` plus a hook).
 """
 
 import argparse
@@ -20,11 +21,11 @@ def _fail(message: str):
 
 
 def main(argv=None):
-    from . import linear, lora, model
+    from . import host, linear, lora, model
 
     parser = argparse.ArgumentParser(prog="python -m bread_kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", nargs="?", default="model", help="model (default), linear or lora")
+    parser.add_argument("suite", nargs="?", default="model", help="model (default), linear, lora or host")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (model suite default: fp32 on a CPU, bf16 on a GPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (model: 2 on a CPU, 5 on a GPU; linear/lora: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,6 +43,8 @@ def main(argv=None):
     group.add_argument("--lora-rank", type=int, default=8)
     group.add_argument("--out", default=".", help="directory for the JSON and PNG (default: the current one)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    group.add_argument("--profile", action="store_true",
+                       help="also profile one backward per side: GEMM calls and the time outside the GEMMs")
     for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
         group.add_argument(f"--{name}", type=int, help="size of the embedded default model")
     group = parser.add_argument_group("linear and lora suites")
@@ -50,8 +53,8 @@ def main(argv=None):
     group.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args(argv)
 
-    if args.suite not in ("model", "linear", "lora"):
-        _fail(f"unknown suite {args.suite!r}; choose from model, linear, lora")
+    if args.suite not in ("model", "linear", "lora", "host"):
+        _fail(f"unknown suite {args.suite!r}; choose from model, linear, lora, host")
     if args.dtype is not None and args.dtype not in DTYPES:
         _fail(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     if args.repeats is not None and args.repeats < 1:
@@ -60,6 +63,9 @@ def main(argv=None):
     if args.suite == "linear":
         linear.run(args.out_features, args.in_features, args.tokens, dtype or torch.float32, args.repeats or 5,
                    args.device)
+        return
+    if args.suite == "host":
+        host.run(dtype or torch.float32, args.device)
         return
     if args.suite == "lora":
         lora.run(args.out_features, args.in_features, args.tokens, args.lora_rank, dtype or torch.float32,
@@ -75,7 +81,8 @@ def main(argv=None):
         _fail("--layers/--hidden/... size the embedded default model; they cannot be combined with --model")
     try:
         model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats,
-                  args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, **shape)
+                  args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, profile=args.profile,
+                  **shape)
     except model.VerificationError as exc:
         _fail(f"verification failed, nothing was timed for it: {exc}")
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:

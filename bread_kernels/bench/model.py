@@ -46,6 +46,7 @@ from ..optim import BlockOptimizer
 from ..patch import patch, patched_state, unpatch
 from .linear import device_name, synchronize
 from .memory import trace_allocations
+from .profile import profile_backward
 from .verify import VerificationError, compare_parameters
 
 __all__ = ["VARIANTS", "LORA_VARIANTS", "ALL_VARIANTS", "Row", "run", "load_model", "build_model", "default_setup",
@@ -254,6 +255,9 @@ class Row:
     best_memory_ratio: float
     ideal_fraction: float
     verified: bool
+    #: with ``profile``: per side ("engine", "reference", "best_reference") the profiled backward's GEMM calls and
+    #: self time outside the GEMMs (see :mod:`bread_kernels.bench.profile`)
+    profile: dict | None = None
 
 
 def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) -> tuple[int, int] | None:
@@ -299,7 +303,8 @@ def _quantiles(values):
 
 
 def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None, dtype=None, repeats=None,
-        recompute=True, lora_rank=8, device=None, out_dir=".", progress=True, print_fn=print, **shape):
+        recompute=True, lora_rank=8, device=None, out_dir=".", progress=True, print_fn=print, profile=False,
+        **shape):
     """Run the model suite and write ``bench_model_<device>_<dtype>.json`` and ``.png`` into ``out_dir``.
 
     Args:
@@ -316,6 +321,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         out_dir: where the JSON and PNG go.
         progress: a tqdm bar on stderr.
         print_fn: receives the table's lines.
+        profile: after timing, profile one backward per side: GEMM calls and the self time outside the GEMMs
+            (what compares on a CPU whose bf16 GEMMs are emulated).
 
     Returns the result dict that is written as JSON.
     """
@@ -358,7 +365,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             for active in positions:
                 bar.set_description(f"{variant} @ block {active}")
                 result["rows"].append(asdict(_measure(base, variant, active, ids, recompute, repeats, throughput,
-                                                      lora_rank if variant in LORA_VARIANTS else 0, verify_lr)))
+                                                      lora_rank if variant in LORA_VARIANTS else 0, verify_lr,
+                                                      profile)))
                 bar.update()
         bar.close()
     result["summary"] = summarize(result["rows"])
@@ -369,7 +377,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     return result
 
 
-def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank, verify_lr) -> Row:
+def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank, verify_lr, profile=False) -> Row:
     engine = patch(copy.deepcopy(base), recompute=recompute).train()
     refs = reference_ways(base, recompute)
     count = not _runs_triton_gemms(variant, ids.device)
@@ -381,6 +389,12 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     if refs["best"] is not refs["reference"]:
         sides.append((refs["best"], _optimizer(refs["best"], variant, active)))
     times, peaks = _timed(sides, ids, repeats)
+    profiles = None
+    if profile:
+        names = ("engine", "reference", "best_reference")
+        profiles = {name: asdict(profile_backward(m, o, ids)) for name, (m, o) in zip(names, sides)}
+        if len(sides) == 2:
+            profiles["best_reference"] = profiles["reference"]
     t = [statistics.median(x) for x in times]
     if len(sides) == 2:
         t.append(t[1])
@@ -395,7 +409,7 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
                best_time_ratio=t[0] / min(t[1], t[2]), flop_ratio=flop_ratio, engine_peak_mib=peaks[0] / mib,
                reference_peak_mib=peaks[1] / mib, best_reference_peak_mib=peaks[2] / mib,
                memory_ratio=peaks[0] / peaks[1], best_memory_ratio=peaks[0] / (peaks[1] if t[1] <= t[2] else peaks[2]),
-               ideal_fraction=ideal / t[0], verified=True)
+               ideal_fraction=ideal / t[0], verified=True, profile=profiles)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -33,6 +33,18 @@ def print_table(result: dict, print_fn=print) -> None:
                  f"{r['time_ratio']:>8.2f}{r['best_time_ratio']:>9.2f}{flops:>7}{r['engine_peak_mib']:>9.1f}"
                  f"{r['reference_peak_mib']:>9.1f}{r['best_reference_peak_mib']:>9.1f}{r['best_memory_ratio']:>7.2f}"
                  f"{r['ideal_fraction']:>7.0%}{'yes' if r['verified'] else 'NO':>4}")
+    profiled = [r for r in result["rows"] if r.get("profile")]
+    if profiled:
+        print_fn("profiled backward (profiler self time; 'other' = everything outside GEMMs and attention kernels, "
+                 "inflated alike on every side by the profiler's per-op cost)")
+        print_fn(f"{'variant':<24}{'block':>6}{'GEMMs eng/ref/best':>22}{'other ms eng/ref/best':>26}"
+                 f"{'ops eng/ref/best':>22}")
+        for r in profiled:
+            sides = [r["profile"][k] for k in ("engine", "reference", "best_reference")]
+            gemms = "/".join(str(p["gemm_calls"]) for p in sides)
+            other = "/".join(f"{p['other_ms']:.0f}" for p in sides)
+            ops = "/".join(str(p["ops"]) for p in sides)
+            print_fn(f"{r['variant']:<24}{r['position']:>6}{gemms:>22}{other:>26}{ops:>22}")
     print_fn("mean over positions, against the faster reference: " + "; ".join(
         f"{v} {s['best_time_ratio']:.2f}x time, {s['best_memory_ratio']:.2f}x memory"
         for v, s in result["summary"].items()))

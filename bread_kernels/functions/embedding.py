@@ -72,6 +72,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
         return None, None, None, None, None
 
 
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, padding_idx: int | None = None):
     """``W[ids]`` whose backward follows ``plan`` (see the module docstring)."""
     if not isinstance(plan, WeightPlan):

@@ -106,10 +106,10 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias = ctx.saved_tensors
+        g = grad_output.reshape(-1, weight.shape[0])  # flattened once: each op below is one 2-D GEMM, no views
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_output @ weight  # before any update of W (design invariant 1)
-        g = grad_output.reshape(-1, weight.shape[0])
+            grad_x = (g @ weight).view(*grad_output.shape[:-1], weight.shape[1])  # before any update of W (inv. 1)
         grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
                                                     ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias, None, None, None
@@ -131,17 +131,23 @@ def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_b
     grad_weight = grad_bias = None
     if ctx.role is Role.ACTIVE:
         if needs_weight_grad:
-            grad_weight = g.t() @ x.reshape(-1, weight.shape[1])
+            grad_weight = g.t() @ _rows(x, weight.shape[1])
         if bias is not None and needs_bias_grad:
             grad_bias = g.sum(0)
     elif ctx.role.updates_on_the_fly:
-        pending = ctx.plan.finish_use(ctx.use, (g, x.reshape(-1, weight.shape[1])))
+        pending = ctx.plan.finish_use(ctx.use, (g, _rows(x, weight.shape[1])))
         if pending is not None:
             update_linear_(ctx.plan, ctx.role, weight, bias, pending)
     return grad_weight, grad_bias
 
 
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` as [tokens, width] (no op when it already is)."""
+    return x if x.dim() == 2 else x.reshape(-1, width)
+
+
+@torch.compiler.disable  # under torch.compile: a graph break, the Function runs eagerly (its plan is read at backward)
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
     check_linear_inputs(x, weight, bias, plan)
-    return apply_deferring_output(FusedLinearFunction, x, weight, bias, plan, trigger_for(plan, x, weight, bias))
+    return apply_deferring_output(FusedLinearFunction, plan, x, weight, bias, plan, trigger_for(plan, x, weight, bias))

@@ -125,6 +125,7 @@ def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
     return (result + F.linear(u, lora_b) * scaling).to(result.dtype)
 
 
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: WeightPlan) -> torch.Tensor:
     """``x Wᵀ + b + scaling·(x̃ Aᵀ) Bᵀ`` (x̃ = ``x_lora``, or ``x`` when None) whose backward follows ``plan``
@@ -135,5 +136,5 @@ def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torc
         raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
                          f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")
     trigger = trigger_for(plan, x, x_lora, weight, bias, lora_a, lora_b)
-    return apply_deferring_output(FusedLoRALinearFunction, x, x_lora, weight, bias, lora_a, lora_b, float(scaling),
-                                  plan, trigger)
+    return apply_deferring_output(FusedLoRALinearFunction, plan, x, x_lora, weight, bias, lora_a, lora_b,
+                                  float(scaling), plan, trigger)

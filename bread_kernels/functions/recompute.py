@@ -11,6 +11,12 @@ runs it right after ``apply`` returns and moves the result into the placeholder 
 forward's own, bit for bit).  When saving raised the checkpoint's stop, ``apply`` never returns and nothing reads
 the placeholder.  When the output is needed (a post-norm block's LayerNorm saves its input), it exists before anyone
 reads it.
+
+The placeholder costs two ops (``empty_strided``, ``set_``) and only pays where the stop comes at this very call.
+So each call site (its ``site``: the weight's plan, rewritten at every block switch) remembers whether ``apply``
+returned in an earlier recompute; if it did, the output was computed then as well, and later recomputes compute it
+at once without a placeholder.  Only the sites where the recompute stops (a pre-norm block's last GEMM) keep it.
+The GEMMs run are the same either way; a site whose pattern changes costs at most one GEMM, never a wrong value.
 """
 
 from __future__ import annotations
@@ -59,13 +65,18 @@ def deferred_output(deferred: list, like: torch.Tensor, shape, compute: Callable
     return placeholder
 
 
-def apply_deferring_output(function: type[torch.autograd.Function], *args) -> torch.Tensor:
-    """``function.apply(*args, deferred)``: outside a recompute ``deferred`` is None and the forward computes its
-    output; inside, it is a list to which the forward appends the computation of the placeholder it returned."""
-    if not is_recomputing():
+_RETURNED_ATTR = "_bread_recompute_returned"
+
+
+def apply_deferring_output(function: type[torch.autograd.Function], site: object, *args) -> torch.Tensor:
+    """``function.apply(*args, deferred)``: outside a recompute, or inside one at a ``site`` whose ``apply``
+    returned before, ``deferred`` is None and the forward computes its output; otherwise it is a list to which the
+    forward appends the computation of the placeholder it returned."""
+    if not is_recomputing() or getattr(site, _RETURNED_ATTR, False):
         return function.apply(*args, None)
     deferred: list[Callable[[], None]] = []
     output = function.apply(*args, deferred)
+    setattr(site, _RETURNED_ATTR, True)
     with torch.no_grad():
         for fill in deferred:
             fill()

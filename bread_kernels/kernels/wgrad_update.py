@@ -7,7 +7,8 @@
     W_tile  = round(W_tile − step · f(dW_tile))          f = identity (SGD) or sign (SIGN)
 
 so the update is applied after the whole reduction over tokens (sign needs the complete sum) and no dW tensor
-ever exists outside registers.  ``round`` is nearest-even or stochastic with the counter-based bits of
+ever exists outside registers.  ``ok`` (a one-element flag, the finiteness of g and x computed on the device)
+masks the store: a non-finite gradient leaves W untouched without the host ever reading the flag.  ``round`` is nearest-even or stochastic with the counter-based bits of
 ``backends/epilogue.py`` (same hash, same element indices: results are bit-identical to the CPU backends for the
 same fp32 dW).  ``apply_update_`` is the same epilogue over a given fp32 gradient (biases, tests).
 
@@ -78,14 +79,22 @@ def _epilogue(w, grad, index, step, key1, key2, SIGN: tl.constexpr, STOCHASTIC: 
     return value
 
 
+@triton.jit
+def _gated(mask, ok_ptr):
+    """``mask`` where the one-byte flag at ``ok_ptr`` is set, nothing where it is not (broadcast to the block: the
+    interpreter refuses a scalar in a mask)."""
+    ok = tl.load(ok_ptr).to(tl.int32) + tl.zeros(mask.shape, tl.int32)
+    return mask & (ok != 0)
+
+
 # The per-call seeds and step are data, not shape: specialising on them (Triton specialises integers by value,
 # e.g. divisibility by 16) would recompile — and re-autotune — the kernel for fresh seeds.
-@triton.jit(do_not_specialize=["step", "key1", "key2", "store"])
+@triton.jit(do_not_specialize=["offset", "step", "key1", "key2", "store"])
 def _wgrad_update_kernel(
-    g_ptr, x_ptr, w_ptr,
+    g_ptr, x_ptr, w_ptr, ok_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
-    step, key1, key2, store,
+    offset, step, key1, key2, store,
     SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -112,10 +121,10 @@ def _wgrad_update_kernel(
         else:
             acc = tl.dot(tl.trans(g), x, acc)
 
-    mask = mask_n[:, None] & mask_k[None, :]
+    mask = _gated(mask_n[:, None] & mask_k[None, :], ok_ptr)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w = tl.load(w_ptrs, mask=mask, other=0.0)
-    index = offs_n[:, None] * K + offs_k[None, :]
+    index = offs_n[:, None] * K + offs_k[None, :] + offset
     value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, not UPCAST)
     if UPCAST:  # the interpreter (never autotuned) always stores
         tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
@@ -125,7 +134,7 @@ def _wgrad_update_kernel(
 
 @triton.jit(do_not_specialize=["offset", "step", "key1", "key2"])
 def _apply_update_kernel(
-    p_ptr, grad_ptr, R, C, stride_pr, stride_pc, offset,
+    p_ptr, grad_ptr, ok_ptr, R, C, stride_pr, stride_pc, offset,
     step, key1, key2,
     SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, EXACT_MUL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -138,7 +147,7 @@ def _apply_update_kernel(
     p_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
     w = tl.load(p_ptrs, mask=mask, other=0.0)
     value = _epilogue(w, grad, index + offset, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, EXACT_MUL)
-    tl.store(p_ptrs, value.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptrs, value.to(p_ptr.dtype.element_ty), mask=_gated(mask, ok_ptr))
 
 
 _GPU_CONFIGS = [
@@ -161,6 +170,21 @@ _tuned: set = set()
 _INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_M": 16}
 
 
+_ALWAYS: dict = {}
+
+
+def _flag(ok: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``ok`` as the one-byte tensor the kernels load (a bool tensor viewed as uint8); a cached True when None."""
+    if ok is None:
+        if device not in _ALWAYS:
+            _ALWAYS[device] = torch.ones((), dtype=torch.uint8, device=device)
+        return _ALWAYS[device]
+    if ok.dtype != torch.bool or ok.numel() != 1 or ok.device != device:
+        raise ValueError(f"triton backend: ok must be a one-element bool tensor on {device}, got {ok.dtype} "
+                         f"{tuple(ok.shape)} on {ok.device}")
+    return ok.reshape(()).view(torch.uint8)
+
+
 def _check_dtype(t: torch.Tensor, what: str) -> int:
     if t.dtype not in _DTYPE_CODE:
         raise TypeError(f"triton backend: {what} must be float32, bfloat16 or float16, got {t.dtype}")
@@ -175,8 +199,12 @@ def wgrad_update_(
     sign: bool,
     rounding: Rounding,
     seed: int,
+    ok: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> None:
-    """``weight -= step · f(grad_outputᵀ · input)`` in one kernel; weight [N, K], grad_output [M, N], input [M, K]."""
+    """``weight -= step · f(grad_outputᵀ · input)`` in one kernel; weight [N, K], grad_output [M, N], input [M, K];
+    nothing is written where ``ok`` (0-dim bool) is False.  ``offset``: the logical index of ``weight[0, 0]`` in the
+    whole parameter (the random bits' counter)."""
     code = _check_dtype(weight, "weight")
     M, N = grad_output.shape
     K = input.shape[1]
@@ -184,10 +212,10 @@ def wgrad_update_(
     stochastic = ROUNDING_CODES[rounding.resolve(weight.dtype)] == 1
     ieee = grad_output.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     args = (
-        grad_output, input, weight, M, N, K,
+        grad_output, input, weight, _flag(ok, weight.device), M, N, K,
         grad_output.stride(0), grad_output.stride(1), input.stride(0), input.stride(1),
         weight.stride(0), weight.stride(1),
-        float(step), key1, key2,
+        int(offset), float(step), key1, key2,
     )
     interpret = _INTERPRET or weight.device.type != "cuda"
     flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)
@@ -213,8 +241,10 @@ def apply_update_(
     rounding: Rounding,
     seed: int,
     offset: int = 0,
+    ok: torch.Tensor | None = None,
 ) -> None:
-    """The bare epilogue: ``param -= step · f(grad)``, param 1-D or 2-D (any strides), grad fp32 (or bf16/fp16, widened)."""
+    """The bare epilogue: ``param -= step · f(grad)``, param 1-D or 2-D (any strides), grad fp32 (or bf16/fp16,
+    widened); nothing is written where ``ok`` (0-dim bool) is False."""
     code = _check_dtype(param, "param")
     p2 = param.unsqueeze(0) if param.dim() == 1 else param
     R, C = p2.shape
@@ -223,7 +253,7 @@ def apply_update_(
     block_r, block_c = 16, 64
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _apply_update_kernel[grid](
-        p2, grad.contiguous(), R, C, p2.stride(0), p2.stride(1), int(offset),
+        p2, grad.contiguous(), _flag(ok, param.device), R, C, p2.stride(0), p2.stride(1), int(offset),
         float(step), key1, key2,
         SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code,
         EXACT_MUL=not (_INTERPRET or param.device.type != "cuda"), BLOCK_R=block_r, BLOCK_C=block_c,

@@ -16,8 +16,8 @@ then stay frozen).  Adapters are trained by the base optimizer with the active b
 switches while they stay trained; ``sgd_mode`` applies to the inactive base weights, never to adapters.
 
 On a model patched by :func:`bread_kernels.patch` the optimizer drives the engine by writing a plan at every switch:
-each Linear weight's :class:`~bread_kernels.Role` (the on-the-fly updates fused into the backward, no ``.grad``)
-and the cut (blocks below it run without autograd); the input embedding's update touches only the rows of the
+each Linear weight's and MoE expert weight's :class:`~bread_kernels.Role` (the on-the-fly updates fused into the
+backward, no ``.grad``) and the cut (blocks below it run without autograd); the input embedding's update touches only the rows of the
 batch's tokens.  Parameters outside the fused modules (norms, a tied embedding and head) get the update from a
 post-accumulate-grad hook, as in the reference.  Without ``patch`` everything
 goes through hooks (the reference's slow path) and a warning says so once.
@@ -46,7 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..patch import patched_models, patched_state
 from ..peft_lora import adapter_parameters, is_adapter_name
-from ..plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
+from ..plan import FiniteChecks, OnTheFlyUpdate, Role, Rounding, WeightPlan
 from ..update import update_dense_
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
 from .masters import Fp32Masters
@@ -178,6 +178,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._hook_plans: dict[str, WeightPlan] = {}
         self._skipped: list[tuple[str, str]] = []
         self._skip_collector = _SkipCollector(self)  # every plan's reporter
+        self._checks = FiniteChecks()  # every plan's finiteness flags, read once per step
         self.skipped_updates = 0
         self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
         self._active_names: set[str] = set()
@@ -224,6 +225,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         :func:`bread_kernels.unpatch` calls it."""
         if self._closed:
             return
+        self._report_skips()  # updates of a backward since the last step: their skips are still said
         self._closed = True
         if self.engine is not None and self.engine.driver is self:
             self.engine.drive(None)  # then the release clears the plans and the cut
@@ -269,7 +271,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _plan(self, role: Role, name: str) -> WeightPlan:
         return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
-                          reporter=self._skip_collector, target=self.update_target)
+                          reporter=self._skip_collector, target=self.update_target, checks=self._checks)
 
     def _activate(self, block_index: int) -> None:
         """Write the plan for ``block_index``: roles, requires_grad, fused plans, the cut, the base optimizer."""
@@ -278,8 +280,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         role_of = {id(p): roles[n] for n, p in self.named_parameters_list}
         fused: set[int] = set()
         if self.engine is not None:
-            self.engine.apply_plans({name: self._module_plan(name, module, role_of, fused)
-                                     for name, module in self.engine.fused_modules})
+            plans = {name: self._module_plan(name, module, role_of, fused)
+                     for name, module in self.engine.fused_modules}
+            plans.update({name: self._weight_plan(name, weight, role_of, fused)
+                          for name, weight in self.engine.expert_weights()})
+            self.engine.apply_plans(plans)
         self._hook_plans = {}
         for name, p in self.named_parameters_list:
             role = roles[name]
@@ -334,6 +339,14 @@ class BlockOptimizer(torch.optim.Optimizer):
             role = Role.LORA  # the base weight is frozen, its adapters train
         return self._plan(role, name)
 
+    def _weight_plan(self, name, weight, role_of, fused: set[int]) -> WeightPlan | None:
+        """The fused plan of one weight with a plan of its own (an expert weight of a patched experts module), or
+        None when it must take the plain autograd path."""
+        if id(weight) not in role_of or id(weight) in self.engine.shared_weights:
+            return None
+        fused.add(id(weight))
+        return self._plan(role_of[id(weight)], name)
+
     # -- the hook path ------------------------------------------------------------------------------------------
     def _on_accumulated_grad(self, name: str, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook of a parameter outside the fused modules: its on-the-fly update."""
@@ -387,6 +400,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return loss
 
     def _report_skips(self) -> None:
+        self._checks.resolve()  # the step's one host sync for the on-the-fly updates' finiteness
         if not self._skipped:
             return
         self.skipped_updates += len(self._skipped)

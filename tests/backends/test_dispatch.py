@@ -45,6 +45,7 @@ def test_unbuildable_native_backend_falls_back_to_torch_and_says_so_once(monkeyp
     monkeypatch.delenv("BREAD_BACKEND", raising=False)
     monkeypatch.setattr(backends, "_instances", {})
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_chosen", {})  # the choice is cached per (device, BREAD_BACKEND)
     monkeypatch.setattr(native, "_state", {"error": RuntimeError("the native CPU backend could not be built: no c++")})
     with pytest.warns(RuntimeWarning, match="native backend is unavailable.*no c\\+\\+.*torch backend"):
         assert get_backend("cpu").name == "torch"

@@ -1,4 +1,5 @@
-"""The SGD and SIGN roles never allocate a dW-sized buffer; the chunked path's extra memory follows the chunk size.
+"""The SGD and SIGN roles' extra memory is bounded by the chunk budget: a dW larger than the budget is never
+allocated whole, one within it is one GEMM; SGD with nearest rounding needs no buffer at all.
 
 Measured with the profiler's allocation events (torch allocations; BLAS-internal packing buffers are not torch
 allocations and are bounded by BLAS's block sizes, not by dW).  The input does not require grad, so dX is not
@@ -31,7 +32,9 @@ def backward_trace(dtype, role, rounding=Rounding.AUTO):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=lambda r: r.name)
-def test_no_dw_sized_buffer_and_at_most_a_quarter_of_dw(backend, dtype, role):
+def test_a_dw_larger_than_the_budget_is_never_allocated_whole(backend, dtype, role, monkeypatch):
+    dw_bytes = N_OUT * N_IN * dtype.itemsize
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", str(dw_bytes // 4))
     trace, dw_bytes, slack = backward_trace(dtype, role)
     if trace.largest_bytes >= 0:  # known on CPU only
         assert trace.largest_bytes <= dw_bytes // 4, f"an allocation of {trace.largest_bytes} B (dW is {dw_bytes} B)"
@@ -41,6 +44,20 @@ def test_no_dw_sized_buffer_and_at_most_a_quarter_of_dw(backend, dtype, role):
 def test_sgd_with_nearest_rounding_allocates_nothing_weight_sized(backend):
     trace, dw_bytes, slack = backward_trace(torch.float32, Role.SGD)
     assert trace.peak_bytes <= slack, f"peak {trace.peak_bytes} B; SGD in fp32 should need no chunk at all"
+
+
+def test_a_dw_within_the_budget_is_one_gemm(monkeypatch):
+    """The default budget holds this layer's dW: one GEMM into one buffer, as autograd's, and one epilogue."""
+    monkeypatch.setenv("BREAD_BACKEND", "native" if DEVICE == "cpu" else "triton")
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(N_OUT, N_IN, generator=gen)
+    x, g = torch.randn(TOKENS, N_IN, generator=gen), torch.randn(TOKENS, N_OUT, generator=gen)
+    y = fused_linear(x, weight, None, WeightPlan(Role.SIGN, OnTheFlyUpdate(lr=1e-3)))
+    with torch.profiler.profile() as prof:
+        y.backward(g)
+    names = [e.name for e in prof.events()]
+    if DEVICE == "cpu":
+        assert names.count("aten::mm") == 1 and names.count("bread_kernels::apply_update_") == 1, names
 
 
 @pytest.mark.parametrize("chunk_bytes", [16 << 10, 64 << 10])

@@ -31,3 +31,26 @@ def test_positions_do_not_accumulate_models(monkeypatch, tmp_path, variants):
     assert max(alive_at_start) <= 1, alive_at_start
     gc.collect()
     assert [ref() for ref in engines] == [None] * len(engines)
+
+
+def test_the_profile_counts_each_sides_gemms_and_the_engine_skips_the_frozen_ones(monkeypatch, tmp_path):
+    """BAdam at the top block: the engine and the best-configured reference stop at the active block, the reference
+    as users run it goes through every block, so it runs more GEMMs than either."""
+    monkeypatch.setattr(model_bench, "gemm_flops_per_second", lambda *a, **k: 1e9)
+    lines = []
+    result = model_bench.run(positions=(2,), variants=("BAdam",), progress=False, out_dir=tmp_path, batch=1, seq=8,
+                             repeats=1, print_fn=lines.append, profile=True, layers=3, hidden=32, intermediate=40,
+                             heads=2, vocab=61)
+    profile = result["rows"][0]["profile"]
+    gemms = {side: profile[side]["gemm_calls"] for side in ("engine", "reference", "best_reference")}
+    assert 0 < gemms["engine"] <= gemms["best_reference"] < gemms["reference"], gemms
+    assert all(profile[side]["other_ms"] > 0 for side in profile)
+    assert any(line.startswith("profiled backward") for line in lines)
+
+
+def test_the_host_suite_times_every_role(capsys):
+    from bread_kernels.bench import host
+
+    rows = host.run(calls=3)
+    assert set(rows) == {"ACTIVE", "SGD", "SIGN", "FROZEN"}
+    assert all(r["engine_us"] > 0 and r["reference_us"] > 0 for r in rows.values())

@@ -10,7 +10,7 @@ import torch
 
 import bread_kernels
 from bread_kernels.integrations.deepspeed import ZeroBlockOptimizer, ZeroShards
-from tests.model_zoo import batch, llama, loss_of
+from tests.model_zoo import batch, llama, loss_of, qwen3_moe
 
 
 def _build(cls, model):
@@ -54,3 +54,16 @@ def test_step_outside_the_engine_is_refused_once_connected():
     with pytest.raises(RuntimeError, match="call step\\(\\) on the engine"):
         opt.step()
     opt._ds_engine = None
+
+
+def test_on_the_fly_updates_of_moe_expert_weights_are_refused_before_the_model_is_touched():
+    model = bread_kernels.patch(qwen3_moe(layers=3))
+    with pytest.raises(NotImplementedError, match=r"MoE expert weights .*not implemented under ZeRO-3"):
+        _build(ZeroBlockOptimizer, model)
+    assert all(p._post_accumulate_grad_hooks is None for p in model.parameters())  # nothing was installed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        badam = ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), list(model.named_parameters()),
+                                   verbose=0, sgd_mode="disabled")
+    assert badam.roles["model.layers.2.mlp.experts.gate_up_proj"].name == "ACTIVE"
+    badam.close()

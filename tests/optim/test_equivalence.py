@@ -69,6 +69,8 @@ class Case:
     lora: dict | None = None  # peft LoraConfig arguments: train a peft LoRA model (BREAD) instead of the plain one
     patch: dict = field(default_factory=dict)  # bread_kernels.patch keyword arguments (fused_loss=True)
     loss_fn: object = models.loss_of  # (model, ids) -> loss, for the reference and the engine alike
+    short_steps: tuple = ()  # steps whose batch is model_zoo.SHORT (MoE: some expert of every layer gets no token)
+    build: dict = field(default_factory=dict)  # more arguments of the zoo builder (experts_implementation=...)
 
 
 def mismatch(case: "Case", ref, eng, before, role) -> torch.Tensor:
@@ -101,14 +103,14 @@ def _describe(name, step, role, ref, eng, before, bad) -> str:
 
 
 def run_case(case: Case) -> None:
-    original = models.BUILDERS[case.family](dtype=case.dtype)
+    original = {**models.BUILDERS, **models.MOE_BUILDERS}[case.family](dtype=case.dtype, **case.build)
     layer_prefixes, embedding_prefix = models.layout(original)
     if case.lora is not None:
         original = models.with_lora(original, **case.lora)
         layer_prefixes = [models.PEFT_PREFIX + p for p in layer_prefixes]
         embedding_prefix = models.PEFT_PREFIX + embedding_prefix
     model_a, model_b = copy.deepcopy(original), copy.deepcopy(original)
-    data = models.batches(case.steps)
+    data = models.batches_with_short(case.steps, case.short_steps)
     opt_kwargs = dict(lr=case.lr, weight_decay=case.weight_decay, **case.optimizer_extra)
 
     # A: the reference
@@ -366,3 +368,62 @@ def test_bf16_nearest_rounding(family, variant):
     run_case(Case(family, dtype=torch.bfloat16, steps=5, lr=1e-2, engine=dict(rounding="nearest"),
                   rtol=2 ** -7, atol=1e-6, adam_outliers=0.01,
                   bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixture of experts (Qwen3-MoE, Mixtral, Qwen2-MoE with a shared expert): the 3-D expert weights through the fused
+# experts function.  Steps 1 and 4 have a SHORT batch (6 token-expert slots for 8 experts), so in every layer some
+# expert receives no token: under SGD/SIGN it must stay untouched, under Adam it gets autograd's zero gradient.
+
+
+MOE_SHORT_STEPS = (1, 4)
+#: the reference runs transformers' eager experts (the definition, which the fused experts compute op for op); its
+#: grouped_mm / batched_mm implementations are checked separately below
+EAGER = dict(experts_implementation="eager")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_descending(family, variant):
+    sgd_mode, sign = variant
+    run_case(Case(family, short_steps=MOE_SHORT_STEPS, build=EAGER,
+                  bcd=dict(switch_block_every=2, switch_mode="descending", sgd_mode=sgd_mode, sgd_use_sign=sign,
+                           sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL, SIGN_PARTIAL], ids=["badam", "sgd-all", "sign-partial"])
+def test_moe_shared_expert_qwen2(variant):
+    """Qwen2-MoE: routed experts fused, the shared expert and its gate through the fused linear.  The sigmoid gate
+    of the shared expert makes some of its gradients ~1e-8 ~ Adam's default eps, where rounding-level differences
+    (the engine recomputes and fuses, the reference does not) turn into ~1e-6 of the normalised step: eps=1e-5 (see
+    ADAM_EPS)."""
+    sgd_mode, sign = variant
+    run_case(Case("qwen2_moe", short_steps=MOE_SHORT_STEPS, build=EAGER, optimizer_extra=dict(eps=1e-5),
+                  bcd=dict(switch_block_every=2, switch_mode="ascending", sgd_mode=sgd_mode, sgd_use_sign=sign,
+                           sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_moe_other_experts_implementations(implementation, variant):
+    """A reference running transformers' grouped_mm or batched_mm experts (blocked differently: its gradients differ
+    from the eager ones by ~1e-6 relative, in plain autograd alone).  The base optimizer is plain SGD, linear in the
+    gradient: Adam's normalised step and sign would turn rounding-level differences of near-zero gradients into
+    O(lr) ones, which says nothing about the engine."""
+    sgd_mode, sign = variant
+    run_case(Case("mixtral", steps=5, short_steps=(1,), build=dict(experts_implementation=implementation),
+                  optimizer_cls=torch.optim.SGD, optimizer_extra={},
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+def test_moe_bread_lora_on_the_attention(variant):
+    """BREAD on an MoE model: peft LoRA on the attention (trained every step), the expert weights as base weights
+    taking the on-the-fly update (LoRA on the expert parameters themselves is refused by patch).  Qwen2-MoE: with
+    the top-k weights renormalised (Qwen3-MoE, Mixtral) the router's gradient towards the unselected experts is
+    zero analytically and rounding noise numerically, so its sign follows the noise, and the fused LoRA forward
+    (equal to peft's to rounding, not bit for bit) changes that noise."""
+    sgd_mode, sign = variant
+    run_case(Case("qwen2_moe", steps=5, short_steps=(1,), build=EAGER, lora=dict(r=4), optimizer_extra=dict(eps=1e-5),
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING,
+                           lora_mode="all")))

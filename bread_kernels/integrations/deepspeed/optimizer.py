@@ -29,6 +29,25 @@ class ZeroBlockOptimizer(BlockOptimizer):
         self.update_target = ZeroShards()
         super().__init__(*args, **kwargs)
 
+    def roles_for(self, block_index: int) -> dict[str, Role]:
+        """BlockOptimizer's roles, refusing (before the model is touched: the constructor checks every block) an
+        on-the-fly update of a fused MoE expert weight, which the sharded update does not implement."""
+        roles = super().roles_for(block_index)
+        if self.engine is not None:
+            on_the_fly = [name for name, _ in self.engine.expert_weights()
+                          if name in roles and roles[name].updates_on_the_fly]
+            if on_the_fly:
+                raise NotImplementedError(
+                    f"ZeroBlockOptimizer: block {block_index} gives the MoE expert weights {on_the_fly[:2]}"
+                    f"{' ...' if len(on_the_fly) > 2 else ''} an on-the-fly {roles[on_the_fly[0]].name} update, "
+                    "which is not implemented under ZeRO-3: the fused experts update one expert's slice W[e] of a "
+                    "3-D parameter at a time, while ZeroShards reduce-scatters and writes whole parameters (a ZeRO-3 "
+                    "shard is a flat range of the [E, N, K] tensor that cuts across experts). Use "
+                    "sgd_mode='disabled' (BAdam: expert weights trained by the active block or frozen) or train the "
+                    "MoE model without ZeRO-3"
+                )
+        return roles
+
     def _activate(self, block_index: int) -> None:
         kept = self._kept_adapter_state(block_index) if self._ds_engine is not None else {}
         super()._activate(block_index)

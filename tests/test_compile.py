@@ -1,0 +1,70 @@
+"""``torch.compile`` on a patched model trains to the eager engine's parameters.
+
+Each block and each fused Function is a graph break (``torch.compiler.disable``): the blocks run eagerly under the
+streaming backward, and dynamo compiles what lies between them (the embedding lookup's surroundings, the final
+norm, the loss).  ``aot_eager`` runs the same aten ops as eager, so it must match bit for bit; inductor fuses the
+loss and the norms into its own kernels, which round differently in the last bits.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import bread_kernels
+from tests import model_zoo as models
+
+STEPS = 3
+
+
+def train(model, compile_backend, arguments):
+    bread_kernels.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_block_every=2,
+                                           switch_mode="descending", verbose=0, **arguments)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+    losses = []
+    for step in range(STEPS):
+        ids = models.batch(step)
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    opt.close()
+    return dict(model.named_parameters()), losses
+
+
+VARIANTS = {
+    "badam": (dict(sgd_mode="disabled"), False),
+    "bread-sgd": (dict(sgd_mode="all"), False),
+    "bread": (dict(lora_mode="all"), True),
+}
+
+
+def build(lora: bool):
+    model = models.llama()
+    return models.with_lora(model) if lora else model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_compiled_patched_model_trains_like_the_eager_engine(variant):
+    torch._dynamo.reset()
+    arguments, lora = VARIANTS[variant]
+    eager, eager_losses = train(build(lora), None, arguments)
+    compiled, compiled_losses = train(build(lora), "aot_eager", arguments)
+    assert compiled_losses == eager_losses
+    for name, p in eager.items():
+        assert torch.equal(compiled[name], p), name
+
+
+def test_inductor_trains_like_the_eager_engine_within_rounding():
+    torch._dynamo.reset()
+    arguments, _ = VARIANTS["bread-sgd"]
+    eager, eager_losses = train(build(False), None, arguments)
+    compiled, compiled_losses = train(build(False), "inductor", arguments)
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for name, p in eager.items():
+        torch.testing.assert_close(compiled[name], p, rtol=1e-4, atol=1e-5, msg=name)
