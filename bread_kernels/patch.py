@@ -26,6 +26,8 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 * the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
   whose on-the-fly update touches only the rows of this batch's tokens.
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
+* with ``fused_loss=True``, on a causal LM: a forward whose loss (given ``labels``, with grad) is the fused
+  head+loss of :mod:`bread_kernels.causal_lm` — no [tokens, vocab] logits, ``logits=None`` in the output.
 
 A weight shared with another module (a tied embedding and head) keeps plain autograd in both, so every use
 contributes to one summed gradient (design invariant 2).
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import causal_lm
 from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, experts_layout_problem, fused_experts
 from .functions.linear import fused_linear
@@ -64,13 +67,15 @@ def patched_models() -> list[nn.Module]:
 class PatchedModel:
     """What :func:`patch` found and installed; kept on the model as ``model._bread_patch``."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, blocks_name: str, embedding, head, recompute: bool):
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, blocks_name: str, embedding, head, recompute: bool,
+                 fused_loss: bool = False):
         self.model_ref = weakref.ref(model)
         self.blocks = blocks
         self.blocks_name = blocks_name
         self.embedding = embedding
         self.head = head
         self.stream = StreamConfig(recompute=recompute)
+        self.fused_loss = fused_loss  # the causal LM's loss comes from the fused head+loss (bread_kernels.causal_lm)
         # (qualified name, module) of every module given a fused forward: the linears and the input embedding
         self.fused_modules: list[tuple[str, nn.Module]] = []
         # (qualified name, module) of every experts module given the fused experts forward (one plan per weight)
@@ -262,27 +267,42 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
-          keep_top: int = 0) -> nn.Module:
-    """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless.
+          fused_loss: bool = False, keep_top: int = 0) -> nn.Module:
+    """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless (and
+    changes ``recompute``, ``fused_loss`` and ``keep_top`` to the values given).
 
     Args:
         blocks: the stack of repeated blocks, if discovery cannot find it (``model.model.layers``).
         recompute: save only each block's input and recompute it in the backward (like gradient checkpointing);
             ``False`` keeps activations.
+        fused_loss: on a causal LM (:data:`bread_kernels.causal_lm.FAMILIES`), a forward given ``labels`` with grad
+            enabled computes the loss with the fused head+loss (:mod:`bread_kernels.functions.head_loss`): no
+            [tokens, vocab] logits, and the head's Role done inside it; it then returns ``logits=None``.  Other
+            models are refused with an error.
         keep_top: with ``recompute``, the number of top blocks that keep their activations instead of being
             recomputed.  The top block's backward runs first, right after the loss's: keeping it saves one block's
             forward per step, for one block's activations alive while the head and the loss run (see the README's
-            "Memory for time" for the measured trade).  0 (the default) recomputes every block.
+            "Speed" section for the measured trade).  0 (the default) recomputes every block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fused_loss, bool):
+        raise TypeError(f"patch: fused_loss must be True or False, got {fused_loss!r}")
     state = patched_state(model)
     if state is not None:
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
+        keep_top = _check_keep_top(keep_top, len(state.blocks))
+        if fused_loss and not state.fused_loss:
+            causal_lm.install(model)
+        elif state.fused_loss and not fused_loss:
+            causal_lm.uninstall(model)
         state.stream.recompute = recompute
-        state.stream.keep_top = _check_keep_top(keep_top, len(state.blocks))
+        state.fused_loss = fused_loss
+        state.stream.keep_top = keep_top
         return model
+    if fused_loss:
+        causal_lm.prepare(model)  # refuse before anything on the model is touched
 
     if blocks is None:
         blocks_name, blocks = _find_block_stack(model)
@@ -300,7 +320,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         head = None
 
     keep_top = _check_keep_top(keep_top, len(blocks))
-    state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute)
+    state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute, fused_loss)
     state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
     owners: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
@@ -352,6 +372,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
                                                                                    **k),
             block,
         )
+    if fused_loss:
+        causal_lm.install(model)
     state.forward_hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
@@ -376,6 +398,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     driver = state.driver
     if driver is not None:  # its plans and hooks belong to the wrappers removed here
         driver.close()
+    causal_lm.uninstall(model)
     for _, module in state.fused_modules + state.fused_experts:
         for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name"):
             module.__dict__.pop(attr, None)

@@ -53,6 +53,34 @@ def bert(seed: int = 0, dtype: torch.dtype = torch.float32, dropout: float = 0.0
     return _finish(transformers.BertForMaskedLM(config), dtype)
 
 
+def gemma2(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, dropout: float = 0.0,
+           softcap: float | None = 0.2):
+    """Gemma2: final-logit soft-capping ``c·tanh(z/c)`` (c = 0.2: this tiny model's logits are ~0.2, so the tanh
+    bends them), attention soft-capping, sandwich norms, scaled embedding; embedding and head untied (as in llama)."""
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+        final_logit_softcapping=softcap, attn_logit_softcapping=50.0, sliding_window=8, query_pre_attn_scalar=16,
+        attention_dropout=dropout,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.Gemma2ForCausalLM(config), dtype)
+
+
+def causal_lm(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
+    """A tiny Llama-shaped causal LM of another family (``"mistral"``, ``"qwen2"``, ...) from its config class."""
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.AutoModelForCausalLM.from_config(config), dtype)
+
+
+
 #: the mixture-of-experts families: E experts, top-k, every layer an MoE layer
 EXPERTS, TOP_K = 8, 2
 #: a batch shape with fewer (token, expert) slots than experts (1·3·TOP_K = 6 < 8): in every MoE layer at least two
@@ -94,7 +122,7 @@ def qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4
                 shared_expert_intermediate_size=24, intermediate_size=44)
 
 
-BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert}
+BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 
 
@@ -102,6 +130,8 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
     """(one name prefix per repeated layer, bottom to top; the input embedding's prefix) of a zoo model."""
     name = type(model).__name__
     if name in ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"):
+        return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
+    if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "GPT2LMHeadModel":
         return [f"transformer.h.{i}." for i in range(model.config.n_layer)], "transformer.wte."
@@ -135,6 +165,16 @@ def batches_with_short(n_steps: int, short_steps=(), seed: int = 1234) -> list[t
 def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Causal-LM loss (Llama, GPT-2, MoE) or MLM loss on every position (BERT): labels are the ids themselves."""
     return model(input_ids=ids, labels=ids).loss
+
+
+def masked_loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss with some labels ignored (-100: the first two positions of every sequence and every id
+    divisible by 7) and Trainer's gradient-accumulation normalisation (``num_items_in_batch``: the count of scored
+    tokens of this batch plus 3, as if the accumulated micro-batches held more)."""
+    labels = ids.masked_fill(ids % 7 == 0, -100)
+    labels[:, :2] = -100
+    scored = int((labels[:, 1:] != -100).sum())
+    return model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(scored + 3)).loss
 
 
 def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, seed: int = 5, **config) -> torch.nn.Module:

@@ -9,8 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bread_kernels"
 #: the engine's modules: none may import the optimizer, the integrations or the benchmark
-ENGINE = ["rounding.py", "plan.py", "update.py", "stream.py", "patch.py", "peft_lora.py", "kernels", "backends",
-          "functions"]
+ENGINE = ["rounding.py", "plan.py", "update.py", "stream.py", "patch.py", "causal_lm.py", "peft_lora.py", "kernels",
+          "backends", "functions"]
 #: what each lower layer must not import (package-relative module prefixes)
 FORBIDDEN = {
     "rounding.py": ["plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim", "integrations"],
@@ -21,6 +21,7 @@ FORBIDDEN = {
     "functions": ["stream", "patch", "optim", "integrations"],
     "stream.py": ["patch", "optim", "integrations"],
     "patch.py": ["optim", "integrations"],
+    "causal_lm.py": ["stream", "patch", "optim", "integrations"],
     "peft_lora.py": ["functions", "stream", "patch", "optim", "integrations"],
     "optim": ["integrations", "bench"],
 }

@@ -11,8 +11,9 @@ flattened to [M, H] and the distinct ids ``u`` (R ≤ M of them, the padding id 
 
 so the on-the-fly roles use memory proportional to the tokens (G, and a gathered copy of the R rows), never a
 V×H dW.  The padding row gets no gradient, as in ``nn.Embedding``.  A non-finite ``g`` skips the update (W
-untouched) and is reported on the plan.  ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are not supported:
-:func:`fusable_embedding` says so and :func:`bread_kernels.patch` leaves such an embedding on plain autograd.
+untouched) and is reported on the plan.  ``max_norm``, ``scale_grad_by_freq``, ``sparse`` and subclasses with their
+own forward are not supported: :func:`fusable_embedding` says so and :func:`bread_kernels.patch` leaves such an
+embedding on plain autograd.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ __all__ = ["FusedEmbeddingFunction", "fused_embedding", "fusable_embedding", "ro
 
 
 def fusable_embedding(module: nn.Module) -> bool:
-    """An ``nn.Embedding`` whose backward this function reproduces exactly."""
-    return (isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
-            and not module.sparse)
+    """An ``nn.Embedding`` whose backward this function reproduces exactly: not a subclass with its own forward
+    (Gemma's scaled embeddings multiply the rows by ``embed_scale`` there), no ``max_norm``, no frequency scaling,
+    not sparse."""
+    return (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse)
 
 
 def row_gradients(ids: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None):

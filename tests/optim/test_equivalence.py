@@ -67,6 +67,8 @@ class Case:
     atol: float = ATOL
     adam_outliers: float = 0.0  # low precision only: see mismatch()
     lora: dict | None = None  # peft LoraConfig arguments: train a peft LoRA model (BREAD) instead of the plain one
+    patch: dict = field(default_factory=dict)  # bread_kernels.patch keyword arguments (fused_loss=True)
+    loss_fn: object = models.loss_of  # (model, ids) -> loss, for the reference and the engine alike
     short_steps: tuple = ()  # steps whose batch is model_zoo.SHORT (MoE: some expert of every layer gets no token)
     build: dict = field(default_factory=dict)  # more arguments of the zoo builder (experts_implementation=...)
 
@@ -116,14 +118,14 @@ def run_case(case: Case) -> None:
     blocks = block_prefixes(names, layer_prefixes, embedding_prefix, case.include_embedding,
                             case.include_lm_head, case.n_layer_per_block)
     torch.manual_seed(case.seed)
-    ref = ReferenceBCD(model_a, blocks, loss_fn=models.loss_of, optimizer_cls=case.optimizer_cls,
+    ref = ReferenceBCD(model_a, blocks, loss_fn=case.loss_fn, optimizer_cls=case.optimizer_cls,
                        optimizer_kwargs=opt_kwargs, lr_lambda=case.lr_lambda, **case.bcd)
     ref_rng = torch.get_rng_state()  # the reference draws from its own RNG stream from here on
     params_a = dict(model_a.named_parameters())
 
     # B: the engine, used the way the README shows
     params_b = dict(model_b.named_parameters())  # original names -> the Parameter objects being trained
-    model_b = bread_kernels.patch(model_b)
+    model_b = bread_kernels.patch(model_b, **case.patch)
     base = case.optimizer_cls(model_b.parameters(), **opt_kwargs)
     torch.manual_seed(case.seed)
     opt = bread_kernels.BlockOptimizer(base, list(model_b.named_parameters()), include_embedding=case.include_embedding,
@@ -145,7 +147,7 @@ def run_case(case: Case) -> None:
         torch.set_rng_state(engine_rng)
         roles = ref.roles  # what the reference did to each parameter in this step
 
-        loss_b = models.loss_of(model_b, ids)
+        loss_b = case.loss_fn(model_b, ids)
         loss_b.backward()
         # .grad bookkeeping after the backward: only the base optimizer's parameters may hold one
         for name, p in params_b.items():
@@ -298,6 +300,53 @@ def test_every_backend(backend, variant):
     sgd_mode, sign = variant
     run_case(Case("llama", steps=5, bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign,
                                              sgd_lr_scaling=SCALING)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fused head+loss (patch(model, fused_loss=True)): the head's Role inside the loss, the logits in chunks
+# Adam eps 1e-3, as for the LoRA cases (see ADAM_EPS): the fused loss sums the softmax and dh = g·W in another
+# order than autograd, so every gradient below the head differs by fp32 rounding relative to its largest terms
+# (~5e-7 of the largest element, i.e. δ ~ 1e-9 here instead of ~1e-11), and Adam's first step multiplies δ by up to
+# lr/eps: 1e3 at eps=1e-5 (2e-6 > ATOL on an element whose gradient is ~1e-6), 10 at eps=1e-3.
+FUSED_EPS = dict(eps=1e-3)
+
+
+FUSED_CASES = [("llama", BADAM), ("llama", SGD_ALL), ("llama", SIGN_ALL), ("gpt2", SGD_ALL), ("gemma2", SIGN_ALL)]
+
+
+# GPT-2 with sign is left out: its attention's key bias has a gradient that is exactly zero in exact arithmetic
+# (softmax ignores a shift shared by all keys), so its SIGN update is the sign of rounding noise, which the fused
+# loss's other summation order flips.
+@pytest.mark.parametrize("family, variant", FUSED_CASES, ids=[f"{f}-{VARIANT_IDS[VARIANTS.index(v)]}"
+                                                              for f, v in FUSED_CASES])
+def test_fused_loss(family, variant, monkeypatch):
+    """The loss from the fused head+loss, with ignored labels and num_items_in_batch, in blocks of 5 tokens and
+    tiles of 3 vocabulary rows (97), 3 steps (a switch after 2): the head frozen (BAdam), updated on the fly inside
+    the loss's backward (BREAD-SGD; GPT-2's tied head through the shared weight's hook, as in the reference),
+    soft-capped (Gemma2)."""
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(5 * models.VOCAB * 4))
+    sgd_mode, sign = variant
+    run_case(Case(family, steps=3, patch=dict(fused_loss=True), loss_fn=models.masked_loss_of,
+                  optimizer_extra=FUSED_EPS,
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_PARTIAL], ids=["badam", "sgd-partial"])
+def test_fused_loss_active_head(variant, monkeypatch):
+    """include_lm_head: the head block is trained by Adam with the dW the fused loss returns to autograd."""
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(5 * models.VOCAB * 4))
+    sgd_mode, sign = variant
+    run_case(Case("llama", steps=3, include_lm_head=True, patch=dict(fused_loss=True), loss_fn=models.masked_loss_of,
+                  optimizer_extra=FUSED_EPS, bcd=dict(switch_block_every=2, switch_mode="descending",
+                                                      sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+def test_fused_loss_bread_lora(monkeypatch):
+    """BREAD (peft LoRA, lora_mode="all") with BREAD-SGD on the inactive base weights and the head."""
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(5 * models.VOCAB * 4))
+    run_case(Case("llama", steps=3, lora=dict(r=4), patch=dict(fused_loss=True), loss_fn=models.masked_loss_of,
+                  optimizer_extra=FUSED_EPS, bcd=dict(switch_block_every=2, lora_mode="all", sgd_mode="all",
+                                                      sgd_lr_scaling=SCALING)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

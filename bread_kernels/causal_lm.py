@@ -1,0 +1,175 @@
+"""The causal-LM forward whose loss is the fused head+loss (``patch(model, fused_loss=True)``).
+
+transformers' causal LMs compute, in their ``forward``::
+
+    hidden = self.<base>(...).last_hidden_state                 # [B, S, H]
+    hidden = slice_logits_to_keep(hidden, logits_to_keep)
+    logits = self.lm_head(hidden)                                # [B, S, V]: the step's largest tensors
+    logits = c · tanh(logits / c)                                # Gemma2 only (final_logit_softcapping = c)
+    loss = ForCausalLMLoss(logits, labels, vocab_size, **kwargs)  # shift, ignore_index=-100, mean or / num_items
+
+:func:`install` replaces that forward (an instance attribute; :func:`uninstall` removes it) with one that, when
+``labels`` are given and grad is enabled, calls the base model with the same arguments, shifts the labels exactly as
+``ForCausalLMLoss`` does (pad with ``ignore_index`` and shift by one, or takes ``shift_labels``), and computes the
+loss with :func:`~bread_kernels.functions.head_loss.fused_head_loss` from the hidden states and the head's weight and
+:class:`~bread_kernels.WeightPlan` (the head module's ``_bread_weight_plan``, which the optimizer writes), so no
+[tokens, vocab] tensor exists.  The output is the model's own output class with ``logits=None`` (as Liger-Kernel
+does); ``cache``, ``hidden_states`` and ``attentions`` are the base model's.  Without labels, or without grad
+(evaluation, generation), the model's own forward runs unchanged and returns the logits.
+
+Only the families whose forward is exactly the sketch above are accepted (:data:`FAMILIES`, each checked against the
+unpatched model by the tests); anything else — another family, a custom ``loss_function`` or ``loss_type``, a head
+that is not a plain ``nn.Linear`` — is refused with an error naming the remedy, ``fused_loss=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .functions.head_loss import fused_head_loss
+from .plan import PLAN_ATTR
+
+__all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the fused forward must know about one causal-LM class."""
+
+    base: str  #: the attribute holding the base model whose ``last_hidden_state`` feeds the head
+    softcap: str | None = None  #: the config attribute of the final-logit soft-capping, if the family has one
+
+
+#: causal-LM classes (by name) whose forward is the sketch in the module docstring
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("model"),
+    "MistralForCausalLM": Family("model"),
+    "Qwen2ForCausalLM": Family("model"),
+    "Qwen3ForCausalLM": Family("model"),
+    "GemmaForCausalLM": Family("model"),
+    "Gemma2ForCausalLM": Family("model", softcap="final_logit_softcapping"),
+    "GPT2LMHeadModel": Family("transformer"),
+}
+
+_INSTALLED_ATTR = "_bread_fused_loss"
+
+
+def find_causal_lm(model: nn.Module) -> nn.Module:
+    """The causal LM inside ``model`` (the model itself, or the one a peft wrapper holds) whose forward the fused
+    loss replaces; raises naming the supported families and the remedy."""
+    for module in model.modules():
+        if type(module).__name__ in FAMILIES:
+            return module
+    raise ValueError(
+        f"patch: fused_loss=True needs a causal LM of a supported family ({', '.join(sorted(FAMILIES))}), and "
+        f"{type(model).__name__} has none; its loss cannot be matched. Use patch(model, fused_loss=False) (the "
+        "model's own head and loss, with the fused head backward)")
+
+
+def _check_head(lm: nn.Module) -> nn.Linear:
+    head = lm.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"patch: fused_loss=True needs the head of {type(lm).__name__} to be a plain nn.Linear, got "
+            f"{type(head).__name__} (a peft LoRA head, a quantized head, ...); use patch(model, fused_loss=False)")
+    return head
+
+
+def prepare(model: nn.Module) -> tuple[nn.Module, tuple]:
+    """Check that the fused-loss forward can take the place of the causal LM's in ``model`` (raising with the
+    remedy if not) and return (that causal LM, what :func:`install` records on it); touches nothing."""
+    lm = find_causal_lm(model)
+    _check_head(lm)
+    original = type(lm).forward
+    signature = inspect.signature(original)  # follows the decorators' __wrapped__ to the real parameters
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    if "labels" not in signature.parameters or var_keyword is None:
+        raise ValueError(f"patch: the forward of {type(lm).__name__} has no labels= or **kwargs; fused_loss=True "
+                         "cannot take its place. Use patch(model, fused_loss=False)")
+    return lm, (signature, var_keyword, _output_class(original))
+
+
+def install(model: nn.Module) -> nn.Module:
+    """Give the causal LM inside ``model`` the fused-loss forward (see :func:`prepare`); returns that causal LM."""
+    lm, info = prepare(model)
+    if _INSTALLED_ATTR not in lm.__dict__:
+        setattr(lm, _INSTALLED_ATTR, info)
+        lm.forward = types.MethodType(_fused_loss_forward, lm)
+    return lm
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove the fused-loss forward (harmless if none is installed)."""
+    for module in model.modules():
+        if _INSTALLED_ATTR in module.__dict__:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop(_INSTALLED_ATTR)
+
+
+def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``ForCausalLMLoss``'s targets: ``labels`` [..., S] padded with ``ignore_index`` and shifted left by one
+    (position s predicts token s + 1; the last position predicts nothing)."""
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _fused_loss_forward(self, *args, **kwargs):
+    """The forward installed by :func:`install` (see the module docstring)."""
+    signature, var_keyword, output_cls = getattr(self, _INSTALLED_ATTR)
+    original = type(self).forward.__get__(self)
+    bound = signature.bind(self, *args, **kwargs)
+    labels = bound.arguments.get("labels")
+    if labels is None or not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.modeling_utils import slice_logits_to_keep
+
+    if self.loss_function is not ForCausalLMLoss:
+        name = getattr(self.loss_function, "__name__", type(self.loss_function).__name__)
+        raise ValueError(
+            f"bread_kernels: {type(self).__name__} computes its loss with {name} (a custom loss_function or "
+            "config.loss_type), not transformers' ForCausalLMLoss, so the fused loss cannot match it; "
+            "patch(model, fused_loss=False)")
+    extra = dict(bound.arguments.pop(var_keyword, {}))
+    return_dict = extra.pop("return_dict", None)
+    named = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
+    logits_to_keep = bound.arguments.get("logits_to_keep", 0)
+    outputs = getattr(self, FAMILIES[type(self).__name__].base)(**named, **extra)  # the loss kwargs too, as HF
+    hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+
+    ignore_index = extra.get("ignore_index", -100)
+    shift = extra.get("shift_labels")
+    targets = (shifted_labels(labels, ignore_index) if shift is None else shift).reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"bread_kernels: the fused loss scores {hidden.shape[0]} positions (after logits_to_keep="
+            f"{logits_to_keep if not isinstance(logits_to_keep, torch.Tensor) else 'a tensor'}) but the labels give "
+            f"{targets.shape[0]} targets; pass labels (or shift_labels) of one per kept position")
+    head = _check_head(self)
+    family = FAMILIES[type(self).__name__]
+    softcap = getattr(self.config, family.softcap, None) if family.softcap else None
+    loss = fused_head_loss(hidden, head.weight, head.bias, targets, getattr(head, PLAN_ATTR, None),
+                           ignore_index=ignore_index, num_items_in_batch=extra.get("num_items_in_batch"),
+                           softcap=softcap)
+
+    fields = {f.name for f in dataclasses.fields(output_cls)} - {"loss", "logits"}
+    output = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k) for k in fields if hasattr(outputs, k)})
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return output if return_dict else output.to_tuple()
+
+
+def _output_class(forward) -> type:
+    """The ``ModelOutput`` class the original forward returns (from its annotation)."""
+    annotation = inspect.signature(forward, eval_str=True).return_annotation
+    if not (isinstance(annotation, type) and dataclasses.is_dataclass(annotation)):
+        raise ValueError(f"patch: cannot tell the output class of {forward.__qualname__} (annotation "
+                         f"{annotation!r}), so fused_loss=True cannot build its output; patch(model, fused_loss=False)")
+    return annotation

@@ -1,0 +1,334 @@
+"""The output head and the cross-entropy loss in one Function, over chunks of tokens: the logits never exist whole.
+
+Shapes: hidden states ``h`` [T, H] (T tokens), head weight ``W`` [V, H] (any strides), bias ``b`` [V] or None,
+targets ``y`` [T] (int64; ``ignore_index`` marks a token without a loss), all floats in one dtype (fp32, bf16,
+fp16).  The loss is the one of transformers' ``ForCausalLMLoss`` for logits ``z = h Wᵀ + b``:
+
+    z_t   = h_t Wᵀ + b                                 in W's dtype, then upcast to fp32 (as HF does)
+    z_t  ← c · tanh(z_t / c)                           soft-capping ``c`` (Gemma2), in W's dtype before the upcast
+    L     = Σ_{t: y_t ≠ ignore} (logsumexp(z_t) − z_t[y_t]) / n
+    n     = the number of non-ignored tokens ("mean"), or ``num_items_in_batch`` (Trainer's gradient accumulation)
+
+and with the scalar ``γ = ∂ℓ/∂L`` that the backward receives (``grad_output``), the chain rule gives
+
+    δ_t   = (softmax(z_t) − onehot(y_t)) / n           [V] for a non-ignored token, 0 for an ignored one (fp32)
+    δ_t  ← δ_t ⊙ (1 − tanh²(z_raw_t / c))              with soft-capping
+    g_t   = γ · δ_t                                    cast to W's dtype: the gradient of the logits
+    dh    = g W                                        [T, H]   always from W *before* any update (invariant 1)
+    dW    = gᵀ h,   db = Σ_t g_t                       [V, H], [V]
+
+The forward walks the tokens in chunks of ``C`` rows (so only one [C, V] fp32 block of logits exists at a time) and
+computes, chunk by chunk at once, the loss, ``δ``'s contribution to ``dh`` (with γ = 1) and, for an ``ACTIVE`` head,
+to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The head's Role:
+
+* ``ACTIVE`` (and ``plan=None`` with ``W.requires_grad``: plain autograd): ``dW``/``db`` returned to autograd.
+* ``SGD`` / ``SIGN``: ``W -= lr·s·f(dW)`` in the backward (lr is read then, and γ is known only then), never with a
+  whole dW: the backward walks the *vocabulary* in tiles of ``R`` rows of W; for each tile it recomputes the logits
+  ``z[:, tile]`` of every token from the saved ``h`` and the saved per-token ``logsumexp`` (so softmax needs no other
+  tile), forms ``g[:, tile]`` [T, R] and hands the pair ``(g[:, tile], h)`` to the one update path,
+  :func:`~bread_kernels.update.update_linear_`, for the rows ``W[tile]`` (and ``b[tile]``).  A tile's rows of W
+  enter only that tile's logits, so updating them before the next tile changes nothing that is still to be
+  computed, and ``dh`` was computed in the forward from the old W.  This costs one more head GEMM than the
+  reference (the recomputed logits) in exchange for never holding a [T, V] or [V, H] gradient; SGD's split into
+  tiles is exact (each element of W is in one tile) and SIGN takes the sign of each element's whole sum.  The
+  finiteness check of invariant 3 is done once for the whole weight before the first tile writes (finite ``h``,
+  logsumexp and γ make every tile's ``g`` finite), so a skip leaves all of W untouched.
+* ``FROZEN``: nothing for W.
+
+Memory: the chunk ``C`` (and the tile ``R``) is chosen so that the fp32 block of logits and its temporaries stay
+within ``chunk_bytes`` (argument) or ``BREAD_LOSS_CHUNK_BYTES`` (environment, default 256 MiB); at least one row.
+The default is a measured compromise (``bench/results/head_loss_cpu_float32*.txt``): at vocab 128,256 and 2,048
+tokens, 64 MiB blocks (130 tokens) made the CPU's head GEMMs ~1.7x slower than 256 MiB blocks (523 tokens), while
+256 MiB is still ~1/12 of the reference's logits-sized peak there; on a GPU, Liger-Kernel's blocks are smaller (about
+the size of the hidden states), so set the variable lower where memory matters more than the last percent of speed.
+Beyond that the Function holds ``dh`` [T, H] from the forward to the backward (the size of ``h``), the per-token
+logsumexp [T] for an on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would build
+anyway).
+
+The head weight must be used once in the forward that contains this Function (the causal-LM forward calls it once;
+a tied head never gets an on-the-fly plan: :func:`bread_kernels.patch` leaves shared weights on plain autograd).
+The backward can run once (``retain_graph`` and a second backward raise): its saved gradients are handed over.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..plan import Role, WeightPlan
+from ..update import all_finite, update_linear_
+from .linear import trigger_for
+
+__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "chunk_budget_bytes",
+           "DEFAULT_LOSS_CHUNK_BYTES"]
+
+DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
+    """The bytes one block of logits (and its temporaries) may take: ``chunk_bytes``, else the environment's
+    ``BREAD_LOSS_CHUNK_BYTES``, else 256 MiB."""
+    if chunk_bytes is None:
+        raw = os.environ.get("BREAD_LOSS_CHUNK_BYTES", DEFAULT_LOSS_CHUNK_BYTES)
+        try:
+            chunk_bytes = int(raw)
+        except ValueError:
+            raise ValueError(f"BREAD_LOSS_CHUNK_BYTES must be a positive number of bytes, got {raw!r}") from None
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"fused_head_loss: chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
+    return chunk_bytes
+
+
+def _rows_per_block(budget: int, row_elements: int, weight_dtype: torch.dtype, softcap: float | None) -> int:
+    """How many rows of a [rows, row_elements] block of logits fit ``budget`` bytes, counting what one block
+    allocates per element: the fp32 logits (4 bytes; softmax and the gradient are done in place), the fp32 tanh when
+    soft-capping (4), and for a bf16/fp16 head the GEMM's output and the cast of the gradient (2 + 2)."""
+    per_element = 4 + (4 if softcap is not None else 0) + (4 if weight_dtype != torch.float32 else 0)
+    return max(1, budget // (row_elements * per_element))
+
+
+def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap) -> None:
+    """Raise a clear error for anything the fused head+loss cannot do correctly."""
+    if plan is not None and not isinstance(plan, WeightPlan):
+        raise TypeError(f"fused_head_loss: plan must be a bread_kernels.WeightPlan or None, got {type(plan).__name__}")
+    for what, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_head_loss: {what} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"fused_head_loss: {what} has dtype {t.dtype}; float32, bfloat16 and float16 are "
+                            "supported (cast with .to(weight.dtype))")
+        if t.dtype != weight.dtype:
+            raise TypeError(f"fused_head_loss: {what} is {t.dtype} but the weight is {weight.dtype}; cast them to one "
+                            "dtype")
+        if t.device != weight.device:
+            raise ValueError(f"fused_head_loss: {what} is on {t.device} but the weight is on {weight.device}")
+    if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
+        raise NotImplementedError("fused_head_loss: torch.autocast is not supported (the head computes in the "
+                                  "weight's dtype); cast the model instead, e.g. model.to(torch.bfloat16)")
+    if weight.dim() != 2:
+        raise ValueError(f"fused_head_loss: weight must be 2-D [vocab, hidden], got shape {tuple(weight.shape)}")
+    if hidden.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_head_loss: hidden must be [tokens, {weight.shape[1]}] for a weight "
+                         f"{tuple(weight.shape)}, got {tuple(hidden.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"fused_head_loss: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError("fused_head_loss: targets must be an int64 tensor of token ids (ignore_index for none), got "
+                        f"{targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"fused_head_loss: targets must be [tokens] = [{hidden.shape[0]}] (one per row of hidden), "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != weight.device:
+        raise ValueError(f"fused_head_loss: targets are on {targets.device} but the weight is on {weight.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"fused_head_loss: ignore_index must be an int, got {ignore_index!r}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError("fused_head_loss: num_items_in_batch must be a number or a one-element tensor, got "
+                                 f"shape {tuple(num_items_in_batch.shape)}")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+            raise TypeError(f"fused_head_loss: num_items_in_batch must be a number or a tensor, got "
+                            f"{type(num_items_in_batch).__name__}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or
+                                not softcap > 0):
+        raise ValueError(f"fused_head_loss: softcap must be a positive number or None, got {softcap!r}")
+    valid = targets != ignore_index
+    vocab = weight.shape[0]
+    if targets.numel() and bool(((targets < 0) | (targets >= vocab))[valid].any()):
+        bad = targets[valid & ((targets < 0) | (targets >= vocab))][0].item()
+        raise ValueError(f"fused_head_loss: target {bad} is outside the vocabulary [0, {vocab}) and is not "
+                         f"ignore_index={ignore_index}; fix the labels (use {ignore_index} for tokens without a loss)")
+    if plan is not None:
+        plan.check()
+        if plan.role is Role.LORA:
+            raise NotImplementedError(f"fused_head_loss: {plan.name or 'the head'} has role LORA; a LoRA head is not "
+                                      "supported by the fused loss: patch(model, fused_loss=False)")
+        if plan.role is Role.ACTIVE and torch.is_grad_enabled() and not weight.requires_grad:
+            raise ValueError(f"fused_head_loss: {plan.name or 'the head'} has role ACTIVE but requires_grad=False, so "
+                             "its dW would be dropped; set weight.requires_grad_(True) or give it Role.FROZEN")
+        if plan.role.updates_on_the_fly and plan.target is not None:
+            raise NotImplementedError(
+                f"fused_head_loss: {plan.name or 'the head'} writes its on-the-fly update through a custom target "
+                f"({type(plan.target).__name__}, e.g. ZeRO-3 shards), which updates whole weights only, while the "
+                "fused loss updates the head by vocabulary tiles; patch(model, fused_loss=False) for this model")
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+    """(z fp32 [rows, cols], t = tanh(z_raw / c) fp32 or None): the logits of the rows ``h`` for the rows of
+    ``weight``, computed in W's dtype, soft-capped in W's dtype, then upcast — HF's order of operations."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    if softcap is None:
+        return z.float(), None
+    z = z.div_(softcap).tanh_()
+    capped = (z * softcap).float()
+    return capped, z.float()
+
+
+def _softmax_(z: torch.Tensor) -> torch.Tensor:
+    """Row-wise softmax of the fp32 block ``z`` in place; returns the rows' logsumexp [rows] (no other block)."""
+    top = z.amax(dim=1)
+    z.sub_(top[:, None]).exp_()
+    total = z.sum(dim=1)
+    z.div_(total[:, None])
+    return top + total.log()
+
+
+def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
+            scale: torch.Tensor, first_col: int = 0) -> torch.Tensor:
+    """Turn the probabilities ``p`` [rows, cols] (vocabulary columns ``first_col`` …) into the gradient of the loss
+    w.r.t. the raw logits, in place: ``(p − onehot(y)) · scale`` on valid rows, 0 on ignored ones, times
+    ``1 − t²`` when soft-capped.  ``scale`` is a 0-d fp32 tensor (1/n, times γ in the backward)."""
+    local = targets - first_col
+    rows = torch.nonzero(valid & (local >= 0) & (local < p.shape[1])).squeeze(1)
+    if rows.numel():
+        p[rows, local[rows]] -= 1.0
+    p.mul_((valid.to(p.dtype) * scale)[:, None])
+    if t is not None:
+        p.mul_(t.mul_(t).neg_().add_(1.0))
+    return p
+
+
+class FusedHeadLossFunction(torch.autograd.Function):
+    """See the module docstring for the maths.  Inputs: hidden [T, H], weight [V, H], bias [V] or None, targets [T]
+    (a negative target is an ignored token), inverse count (0-d fp32: 1/n), plan (or None), role, softcap (or
+    None), token chunk C, vocabulary tile R, whether grad is enabled (no gradient work without it), trigger (or
+    None).  Output: the loss, a 0-d fp32 tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_count, plan, role: Role, softcap, chunk, tile, grad_enabled,
+                trigger):
+        tokens, vocab = hidden.shape[0], weight.shape[0]
+        valid = targets >= 0
+        safe = targets.clamp(min=0)
+        needs_dh, needs_dw, needs_db = (needs and grad_enabled for needs in ctx.needs_input_grad[:3])
+        on_the_fly = role.updates_on_the_fly and grad_enabled
+        grad_hidden = torch.empty_like(hidden) if needs_dh else None
+        active = role is Role.ACTIVE
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if active and needs_dw else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
+            if active and bias is not None and needs_db else None
+        lse_all = torch.empty(tokens, dtype=torch.float32, device=hidden.device) if on_the_fly else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, tokens, chunk):
+            stop = min(tokens, start + chunk)
+            h = hidden[start:stop]
+            z, t = _logits(h, weight, bias, softcap)
+            picked = z.gather(1, safe[start:stop, None]).squeeze(1)
+            lse = _softmax_(z)  # z now holds the probabilities
+            total += torch.where(valid[start:stop], lse - picked, 0.0).sum()
+            if lse_all is not None:
+                lse_all[start:stop] = lse
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(weight.dtype)
+            if grad_hidden is not None:
+                torch.mm(g, weight, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
+            if grad_weight is not None:
+                if g.dtype == torch.float32:
+                    grad_weight.addmm_(g.t(), h)
+                else:  # fp32 accumulation over the chunks; each chunk's GEMM in W's dtype, as autograd's
+                    grad_weight += g.t() @ h
+            if grad_bias is not None:
+                grad_bias += g.sum(0, dtype=torch.float32)
+        ctx.role, ctx.plan, ctx.softcap, ctx.tile, ctx.dtype = role, plan, softcap, tile, weight.dtype
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]
+        ctx.lse = lse_all
+        ctx.use = plan.register_use() if on_the_fly else None
+        if on_the_fly:
+            ctx.save_for_backward(hidden, weight, bias, targets, inv_count)
+        return total * inv_count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("fused_head_loss: the backward ran twice; its saved gradients were handed to the first "
+                               "backward (retain_graph and a second backward are not supported by the fused loss)")
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None  # handed over: autograd may keep them as .grad without a copy
+        gamma = grad_output.float()
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(gamma.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(gamma).to(ctx.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(gamma).to(ctx.dtype)
+        if ctx.use is not None:
+            hidden, weight, bias, targets, inv_count = ctx.saved_tensors
+            _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
+    """The on-the-fly update of the head, vocabulary tile by tile (see the module docstring)."""
+    plan, role, lse = ctx.plan, ctx.role, ctx.lse
+    ctx.lse = None
+    pending = plan.finish_use(ctx.use, None)
+    if pending != [None]:
+        raise RuntimeError(
+            f"fused_head_loss: the head weight {plan.name or ''} was also used by another fused function in the same "
+            "forward; the fused loss cannot share its on-the-fly update with another use: patch(model, "
+            "fused_loss=False) for this model")
+    if not all_finite(hidden, lse, scale):
+        update = plan.update
+        if update is not None:
+            update.step_size()  # a bad lr still raises, as on the update path
+        plan.report_skip("its gradient is not finite")
+        return
+    valid = targets >= 0
+    vocab = weight.shape[0]
+    for start in range(0, vocab, ctx.tile):
+        stop = min(vocab, start + ctx.tile)
+        rows = weight[start:stop]
+        z, t = _logits(hidden, rows, bias[start:stop] if bias is not None else None, ctx.softcap)
+        p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
+        g = _delta_(p, t, targets, valid, scale, first_col=start).to(weight.dtype)
+        update_linear_(plan, role, rows, bias[start:stop] if bias is not None else None, [(g, hidden)])
+
+
+def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                    plan: WeightPlan | None = None, *, ignore_index: int = -100, num_items_in_batch=None,
+                    softcap: float | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
+    """The mean (or ``/ num_items_in_batch``) cross-entropy of the logits ``hidden Wᵀ + b`` against ``targets``,
+    without a [tokens, vocab] tensor; the head's backward follows ``plan`` (see the module docstring).
+
+    Args:
+        hidden: [T, H] the hidden states whose logits are scored (already flattened; any rows may be ignored).
+        weight, bias: the head, [V, H] and [V] or None.
+        targets: [T] the token each row must predict, or ``ignore_index``.
+        plan: the head's :class:`~bread_kernels.WeightPlan`; None: plain autograd (dW if ``weight.requires_grad``).
+        num_items_in_batch: divide the summed loss by this (a number or a one-element tensor) instead of the count
+            of non-ignored tokens, as transformers does for Trainer's gradient accumulation.
+        softcap: Gemma2's ``final_logit_softcapping``: the logits are ``c · tanh(z / c)``.
+        chunk_bytes: the bytes one block of logits may take (default ``BREAD_LOSS_CHUNK_BYTES`` or 256 MiB).
+
+    Returns a 0-d fp32 tensor.  With no non-ignored token and no ``num_items_in_batch`` the loss is nan, as
+    ``torch.nn.functional.cross_entropy``'s mean is.
+    """
+    check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap)
+    budget = chunk_budget_bytes(chunk_bytes)
+    targets = targets.long()
+    valid = targets != ignore_index
+    targets = torch.where(valid, targets, -1)  # inside the Function, a negative target is an ignored token
+    if num_items_in_batch is None:
+        count = valid.sum().float()
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        count = num_items_in_batch.detach().to(device=hidden.device, dtype=torch.float32).reshape(())
+    else:
+        count = torch.tensor(float(num_items_in_batch), dtype=torch.float32, device=hidden.device)
+    inv_count = 1.0 / count
+    if plan is not None:
+        role = plan.role
+    else:
+        role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
+    float_softcap = float(softcap) if softcap is not None else None
+    chunk = _rows_per_block(budget, weight.shape[0], weight.dtype, float_softcap)
+    tile = _rows_per_block(budget, max(1, hidden.shape[0]), weight.dtype, float_softcap)
+    trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None
+    return FusedHeadLossFunction.apply(hidden, weight, bias, targets, inv_count, plan, role, float_softcap, chunk,
+                                       tile, torch.is_grad_enabled(), trigger)

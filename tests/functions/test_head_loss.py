@@ -1,0 +1,380 @@
+"""The fused head+loss against plain autograd: the function on its own (every Role, soft-capping, ignored tokens,
+num_items_in_batch, chunks that do not divide the tokens or the vocabulary), and ``patch(model, fused_loss=True)``
+against the unpatched Hugging Face model (Llama, GPT-2 with its tied head, Gemma2 with soft-capping, and the other
+families the forward accepts); no [tokens, vocab] tensor is ever allocated; bad inputs are refused.
+
+The reference is always transformers / torch themselves: ``F.cross_entropy`` of ``F.linear`` (soft-capped the way
+Gemma2's forward does it), or the unpatched model's ``loss`` and ``.grad``; updates are checked against
+``W − lr·s·f(γ·dW)`` with the reference's ``dW``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bread_kernels
+from bread_kernels import OnTheFlyUpdate, Role, WeightPlan
+from bread_kernels.functions.head_loss import fused_head_loss
+from tests import model_zoo as models
+
+RTOL, ATOL = 1e-5, 1e-6
+TOKENS, HIDDEN, VOCAB = 26, 16, 97
+LR, SCALE, GAMMA = 0.1, 0.5, 3.0  # GAMMA: the loss is scaled before the backward (grad_output != 1)
+#: bytes for fp32 blocks of 5 token rows (5 does not divide 26) and, in the backward, of 3 vocabulary rows (97)
+ODD_CHUNKS = 5 * VOCAB * 4
+
+
+def close(actual, expected, what, rtol=RTOL, atol=ATOL):
+    diff = (actual.double() - expected.double()).abs()
+    bad = diff > atol + rtol * expected.double().abs()
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} elements differ, max |diff| {diff.max():.3g} "
+                           f"(max |reference| {expected.abs().max():.3g})")
+
+
+def make(bias: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(TOKENS, HIDDEN, generator=gen)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5
+    b = torch.randn(VOCAB, generator=gen) if bias else None
+    targets = torch.randint(0, VOCAB, (TOKENS,), generator=gen)
+    targets[::4] = -100
+    return hidden, weight, b, targets
+
+
+def reference(hidden, weight, bias, targets, softcap=None, num_items=None):
+    """loss, dh, dW, db of plain autograd (HF's ForCausalLMLoss arithmetic), for the loss scaled by GAMMA."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if bias is not None else None
+    z = F.linear(h, w, b)
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    loss = F.cross_entropy(z.float(), targets, ignore_index=-100, reduction="sum" if num_items else "mean")
+    if num_items:
+        loss = loss / num_items
+    (GAMMA * loss).backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+CASES = [  # (softcap, bias, num_items_in_batch, chunk_bytes)
+    (None, False, None, None),
+    (None, True, None, ODD_CHUNKS),
+    (3.0, False, None, ODD_CHUNKS),
+    (3.0, True, 40, 1),  # one token / one vocabulary row per block
+    (None, False, torch.tensor(31), ODD_CHUNKS),
+]
+CASE_IDS = ["plain", "bias-odd-chunks", "softcap", "softcap-bias-num-items-rows-of-one", "num-items-tensor"]
+
+
+@pytest.mark.parametrize("softcap, bias, num_items, chunk_bytes", CASES, ids=CASE_IDS)
+def test_active_and_frozen_match_autograd(softcap, bias, num_items, chunk_bytes):
+    hidden, weight, b, targets = make(bias)
+    loss_ref, dh_ref, dw_ref, db_ref = reference(hidden, weight, b, targets, softcap, num_items)
+    for plan in (None, WeightPlan(Role.ACTIVE, name="head")):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        bb = b.clone().requires_grad_() if b is not None else None
+        loss = fused_head_loss(h, w, bb, targets, plan, num_items_in_batch=num_items, softcap=softcap,
+                               chunk_bytes=chunk_bytes)
+        close(loss, loss_ref, "loss")
+        (GAMMA * loss).backward()
+        close(h.grad, dh_ref, "dh")
+        close(w.grad, dw_ref, "dW")
+        if b is not None:
+            close(bb.grad, db_ref, "db")
+    h = hidden.clone().requires_grad_()
+    loss = fused_head_loss(h, weight, b, targets, WeightPlan(Role.FROZEN), num_items_in_batch=num_items,
+                           softcap=softcap, chunk_bytes=chunk_bytes)
+    (GAMMA * loss).backward()
+    close(h.grad, dh_ref, "dh (frozen head)")
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
+@pytest.mark.parametrize("softcap, bias, num_items, chunk_bytes", CASES, ids=CASE_IDS)
+def test_on_the_fly_update_matches_autograd(role, softcap, bias, num_items, chunk_bytes):
+    hidden, weight, b, targets = make(bias)
+    loss_ref, dh_ref, dw_ref, db_ref = reference(hidden, weight, b, targets, softcap, num_items)
+    lr = [1.0]
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=lambda: lr[0], scale=SCALE), name="lm_head")
+    h, w = hidden.clone().requires_grad_(), weight.clone()
+    bb = b.clone() if b is not None else None
+    loss = fused_head_loss(h, w, bb, targets, plan, num_items_in_batch=num_items, softcap=softcap,
+                           chunk_bytes=chunk_bytes)
+    assert torch.equal(w, weight), "the head was updated in the forward; the update belongs in the backward"
+    lr[0] = LR  # the lr is read when the backward runs
+    (GAMMA * loss).backward()
+    f = torch.sign if role is Role.SIGN else (lambda t: t)
+    close(loss, loss_ref, "loss")
+    close(h.grad, dh_ref, "dh (from W before its update)")
+    expected_w = weight - LR * SCALE * f(dw_ref)
+    keep = dw_ref.abs() > 1e-6 * dw_ref.abs().max() if role is Role.SIGN else torch.ones_like(w, dtype=torch.bool)
+    close(w[keep], expected_w[keep], "W after the on-the-fly update")
+    if b is not None:
+        close(bb, b - LR * SCALE * f(db_ref), "b after the on-the-fly update")
+    assert w.grad is None and plan.skipped_updates == 0
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
+def test_on_the_fly_update_through_every_backend(backend, role):
+    hidden, weight, b, targets = make(True, seed=1)
+    _, _, dw_ref, db_ref = reference(hidden, weight, b, targets, 3.0)
+    w, bb = weight.clone(), b.clone()
+    loss = fused_head_loss(hidden, w, bb, targets, WeightPlan(role, OnTheFlyUpdate(lr=LR, scale=SCALE)),
+                           softcap=3.0, chunk_bytes=ODD_CHUNKS)
+    (GAMMA * loss).backward()  # hidden needs no grad: the backward still runs for the update
+    f = torch.sign if role is Role.SIGN else (lambda t: t)
+    keep = dw_ref.abs() > 1e-6 * dw_ref.abs().max() if role is Role.SIGN else torch.ones_like(w, dtype=torch.bool)
+    close(w[keep], (weight - LR * SCALE * f(dw_ref))[keep], f"W ({backend})")
+    close(bb, b - LR * SCALE * f(db_ref), f"b ({backend})")
+
+
+def test_bf16_active_within_stated_tolerance():
+    """bf16 head: the logits GEMM and the soft-capping in bf16, the loss in fp32 (HF's order); dW accumulated in fp32
+    over the chunks, so it differs from autograd's single bf16 GEMM by the rounding of g and of each chunk's dW: a
+    few bf16 ulps (rtol 2e-2 of the largest element)."""
+    hidden, weight, _, targets = make(False)
+    hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    loss_ref, dh_ref, dw_ref, _ = reference(hidden, weight, None, targets, 3.0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_head_loss(h, w, None, targets, softcap=3.0, chunk_bytes=ODD_CHUNKS)
+    (GAMMA * loss).backward()
+    assert w.grad.dtype == torch.bfloat16 and h.grad.dtype == torch.bfloat16
+    close(loss, loss_ref, "loss", rtol=1e-3)
+    close(h.grad, dh_ref, "dh", rtol=0, atol=2e-2 * dh_ref.abs().max().item())
+    close(w.grad, dw_ref, "dW", rtol=0, atol=2e-2 * dw_ref.abs().max().item())
+
+
+def test_chunk_budget_from_the_environment(monkeypatch):
+    hidden, weight, _, targets = make(False)
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(3 * VOCAB * 4))
+    close(fused_head_loss(hidden, weight, None, targets), reference(hidden, weight, None, targets)[0], "loss")
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", "lots")
+    with pytest.raises(ValueError, match="BREAD_LOSS_CHUNK_BYTES must be a positive number"):
+        fused_head_loss(hidden, weight, None, targets)
+
+
+def test_non_finite_gradient_skips_the_whole_update():
+    hidden, weight, _, targets = make(False)
+    hidden[3, 2] = float("inf")
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head")
+    w = weight.clone()
+    with pytest.warns(RuntimeWarning, match="skipped the on-the-fly SGD update of lm_head"):
+        fused_head_loss(hidden.requires_grad_(), w, None, targets, plan, chunk_bytes=ODD_CHUNKS).backward()
+    assert torch.equal(w, weight) and plan.skipped_updates == 1
+
+
+def test_all_tokens_ignored_gives_nan_like_cross_entropy():
+    hidden, weight, _, targets = make(False)
+    targets = torch.full_like(targets, -100)
+    assert torch.isnan(fused_head_loss(hidden, weight, None, targets)).item()
+    assert torch.isnan(F.cross_entropy(F.linear(hidden, weight), targets)).item()
+
+
+def test_second_backward_is_refused():
+    hidden, weight, _, targets = make(False)
+    loss = fused_head_loss(hidden.requires_grad_(), weight, None, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="the backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(targets=torch.full((TOKENS,), VOCAB)), ValueError, "target 97 is outside the vocabulary"),
+    (dict(targets=torch.zeros(TOKENS + 1, dtype=torch.long)), ValueError, r"targets must be \[tokens\]"),
+    (dict(targets=torch.zeros(TOKENS)), TypeError, "targets must be an int64 tensor"),
+    (dict(hidden=torch.randn(TOKENS, HIDDEN + 1)), ValueError, r"hidden must be \[tokens, 16\]"),
+    (dict(hidden=torch.randn(TOKENS, HIDDEN, dtype=torch.float64)), TypeError, "hidden has dtype torch.float64"),
+    (dict(hidden=torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16)), TypeError, "hidden is torch.bfloat16 but"),
+    (dict(bias=torch.zeros(VOCAB - 1)), ValueError, "bias has shape"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive number"),
+    (dict(chunk_bytes=0), ValueError, "chunk_bytes must be a positive number"),
+    (dict(num_items_in_batch=torch.tensor([1, 2])), ValueError, "num_items_in_batch must be a number or a one"),
+    (dict(plan="sgd"), TypeError, "plan must be a bread_kernels.WeightPlan"),
+    (dict(plan=WeightPlan(Role.LORA)), NotImplementedError, "a LoRA head is not supported"),
+    (dict(plan=WeightPlan(Role.ACTIVE, name="lm_head")), ValueError, "has role ACTIVE but requires_grad=False"),
+])
+def test_bad_inputs_are_refused(change, error, match):
+    hidden, weight, _, targets = make(False)
+    args = dict(hidden=hidden, weight=weight, bias=None, targets=targets, plan=None)
+    args.update(change)
+    kwargs = {k: args.pop(k) for k in ("softcap", "chunk_bytes", "num_items_in_batch") if k in args}
+    with pytest.raises(error, match=match):
+        fused_head_loss(args["hidden"], args["weight"], args["bias"], args["targets"], args["plan"], **kwargs)
+
+
+def test_sharded_update_target_is_refused():
+    hidden, weight, _, targets = make(False)
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head", target=object())
+    with pytest.raises(NotImplementedError, match="updates whole weights only"):
+        fused_head_loss(hidden, weight, None, targets, plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patch(model, fused_loss=True) against the unpatched model (no optimizer: the head takes plain autograd's path)
+
+FAMILIES = {
+    "llama": lambda: models.llama(layers=2),
+    "gpt2": models.gpt2,  # tied wte / lm_head: one summed gradient
+    "gemma2": lambda: models.gemma2(layers=2),  # final-logit soft-capping
+    **{name: (lambda name=name: models.causal_lm(name)) for name in ("mistral", "qwen2", "qwen3", "gemma")},
+}
+
+
+def grads_match(reference_model, model, what):
+    params = dict(model.named_parameters())
+    for name, p in reference_model.named_parameters():
+        assert (p.grad is None) == (params[name].grad is None), f"{what}: {name} has a .grad in one model only"
+        if p.grad is not None:
+            close(params[name].grad, p.grad, f"{what}: {name}.grad")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_model_matches_unpatched(family):
+    original = FAMILIES[family]()
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    ids = models.batch(0)
+    for loss_of in (models.loss_of, models.masked_loss_of):
+        original.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        expected = loss_of(original, ids)
+        (GAMMA * expected).backward()
+        out = model(input_ids=ids, labels=ids) if loss_of is models.loss_of else None
+        if out is not None:
+            assert out.logits is None, "with labels the fused loss returns no logits"
+            model.zero_grad(set_to_none=True)
+        loss = loss_of(model, ids)
+        close(loss, expected, f"{family} {loss_of.__name__}: loss")
+        (GAMMA * loss).backward()
+        grads_match(original, model, f"{family} {loss_of.__name__}")
+
+
+def test_softcapping_is_applied():
+    """Gemma2's cap bends this tiny model's logits: without it the loss would differ (so the test above sees it)."""
+    ids = models.batch(0)
+    capped = bread_kernels.patch(models.gemma2(layers=2), fused_loss=True)
+    uncapped = models.gemma2(layers=2, softcap=None)
+    assert abs(models.loss_of(capped, ids).item() - models.loss_of(uncapped, ids).item()) > 1e-3
+
+
+def test_without_labels_or_without_grad_the_forward_is_unchanged():
+    original = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    ids = models.batch(0)
+    close(model(input_ids=ids).logits, original(input_ids=ids).logits, "logits without labels")
+    with torch.no_grad():
+        out, ref = model(input_ids=ids, labels=ids), original(input_ids=ids, labels=ids)
+    close(out.logits, ref.logits, "logits under no_grad")
+    close(out.loss, ref.loss, "loss under no_grad")
+
+
+def test_shift_labels_logits_to_keep_and_tuples():
+    original = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    ids = models.batch(0)
+    shift = ids.roll(-3, dims=1)
+    shift[:, :4] = -100
+    close(model(input_ids=ids, labels=ids, shift_labels=shift).loss,
+          original(input_ids=ids, labels=ids, shift_labels=shift).loss, "loss with shift_labels")
+    keep = 5  # the last 5 positions, labels of their length
+    close(model(input_ids=ids, labels=ids[:, -keep:], logits_to_keep=keep).loss,
+          original(input_ids=ids, labels=ids[:, -keep:], logits_to_keep=keep).loss, "loss with logits_to_keep")
+    with pytest.raises(ValueError, match="the labels give 26 targets"):
+        model(input_ids=ids, labels=ids, logits_to_keep=keep)
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    close(as_tuple[0], original(input_ids=ids, labels=ids).loss, "loss (return_dict=False)")
+
+
+def test_unpatch_and_repatch_restore_the_forward():
+    model = models.llama(layers=2)
+    bread_kernels.patch(model, fused_loss=True)
+    assert "forward" in model.__dict__
+    bread_kernels.patch(model, fused_loss=False)
+    assert "forward" not in model.__dict__ and model(input_ids=models.batch(0), labels=models.batch(0)).logits \
+        is not None
+    bread_kernels.patch(model, fused_loss=True)
+    bread_kernels.unpatch(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "_bread_fused_loss")
+
+
+def test_peft_model_gets_the_fused_loss_inside():
+    original = models.with_lora(models.llama(layers=2))
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    ids = models.batch(0)
+    expected = models.masked_loss_of(original, ids)
+    expected.backward()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    loss = models.masked_loss_of(model, ids)
+    close(loss, expected, "peft llama: loss")
+    loss.backward()
+    grads_match(original, model, "peft llama")
+
+
+def test_unsupported_models_are_refused():
+    bert = models.bert()
+    with pytest.raises(ValueError, match=r"fused_loss=True needs a causal LM .* patch\(model, fused_loss=False\)"):
+        bread_kernels.patch(bert, fused_loss=True)
+    assert not hasattr(bert, "_bread_patch"), "a refused patch must leave the model untouched"
+    model = bread_kernels.patch(models.llama(layers=2), fused_loss=True)
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
+    with pytest.raises(ValueError, match="custom loss_function"):
+        model(input_ids=models.batch(0), labels=models.batch(0))
+    with pytest.raises(TypeError, match="fused_loss must be True or False"):
+        bread_kernels.patch(models.llama(layers=2), fused_loss="yes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory: no [tokens, vocab] tensor
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the element count of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, "")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
+                self.largest = (t.numel(), f"{func} -> {tuple(t.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("role", [None, Role.SGD, Role.SIGN], ids=["autograd", "sgd", "sign"])
+def test_no_tokens_by_vocab_tensor_is_allocated(monkeypatch, role):
+    """Batch 16 × 8 (128 tokens), vocabulary 97: every other tensor of the step (attention 16·4·8·8, the MLP's
+    128·88, dW 97·64) is smaller than the 128·97 logits, so the largest tensor of a forward + backward tells."""
+    ids = models.batch(0, shape=(16, 8))
+    tokens_by_vocab = ids.numel() * models.VOCAB
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(tokens_by_vocab * 4 // 4))  # 4 chunks and 4 tiles
+    original = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    if role is not None:
+        model._bread_patch.apply_plans({"lm_head": WeightPlan(role, OnTheFlyUpdate(lr=LR), name="lm_head")})
+        model.lm_head.weight.requires_grad_(False)
+    for net, fused in ((original, False), (model, True)):
+        with _Shapes() as shapes:
+            models.masked_loss_of(net, ids).backward()
+        if fused:
+            assert shapes.largest[0] < tokens_by_vocab, f"a [tokens, vocab]-sized tensor: {shapes.largest[1]}"
+        else:  # the check sees the reference's logits
+            assert shapes.largest[0] >= tokens_by_vocab, shapes.largest
+
+
+def test_without_grad_nothing_is_updated_or_kept():
+    """Under no_grad (an evaluation of a model whose head has an on-the-fly plan) the loss is computed and the head
+    is left alone: no gradient work, no pending use of the plan."""
+    hidden, weight, _, targets = make(False)
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head")
+    w = weight.clone()
+    with torch.no_grad():
+        loss = fused_head_loss(hidden, w, None, targets, plan, chunk_bytes=ODD_CHUNKS)
+    close(loss, reference(hidden, weight, None, targets)[0], "loss under no_grad")
+    assert not loss.requires_grad and torch.equal(w, weight) and not list(plan._uses)
