@@ -291,6 +291,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
         update_linear_(plan, role, rows, bias[start:stop] if bias is not None else None, [(g, hidden)])
 
 
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     plan: WeightPlan | None = None, *, ignore_index: int = -100, num_items_in_batch=None,
                     softcap: float | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
