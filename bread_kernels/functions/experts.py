@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
 from ..update import update_experts_
-from .linear import backward_trigger
+from .linear import backward_trigger, check_plan_for_weight
 from .recompute import is_recomputing
 
 __all__ = ["FusedExpertsFunction", "fused_experts", "check_experts_inputs", "experts_layout_problem",
@@ -149,13 +149,10 @@ def check_experts_inputs(hidden_states, top_k_index, top_k_weights, gate_up_proj
     for what, weight, plan in zip(EXPERT_WEIGHTS, (gate_up_proj, down_proj), plans):
         if plan is None:
             continue
-        plan.check()
         if plan.role is Role.LORA:
             raise ValueError(f"fused_experts: {plan.name or what} has role LORA; LoRA on expert weights is not "
                              "supported (give it ACTIVE, SGD, SIGN or FROZEN)")
-        if plan.role is Role.ACTIVE and torch.is_grad_enabled() and not weight.requires_grad:
-            raise ValueError(f"fused_experts: {plan.name or what} has role ACTIVE but requires_grad=False, so its "
-                             "gradient would be dropped; set requires_grad_(True) or give it Role.FROZEN")
+        check_plan_for_weight("fused_experts", plan, weight, what)
 
 
 def _routing(top_k_index: torch.Tensor, num_experts: int):

@@ -58,7 +58,7 @@ import torch
 
 from ..plan import Role, WeightPlan
 from ..update import all_finite, update_linear_
-from .linear import trigger_for
+from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "chunk_budget_bytes",
            "DEFAULT_LOSS_CHUNK_BYTES"]
@@ -144,13 +144,10 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
         raise ValueError(f"fused_head_loss: target {bad} is outside the vocabulary [0, {vocab}) and is not "
                          f"ignore_index={ignore_index}; fix the labels (use {ignore_index} for tokens without a loss)")
     if plan is not None:
-        plan.check()
         if plan.role is Role.LORA:
             raise NotImplementedError(f"fused_head_loss: {plan.name or 'the head'} has role LORA; a LoRA head is not "
                                       "supported by the fused loss: patch(model, fused_loss=False)")
-        if plan.role is Role.ACTIVE and torch.is_grad_enabled() and not weight.requires_grad:
-            raise ValueError(f"fused_head_loss: {plan.name or 'the head'} has role ACTIVE but requires_grad=False, so "
-                             "its dW would be dropped; set weight.requires_grad_(True) or give it Role.FROZEN")
+        check_plan_for_weight("fused_head_loss", plan, weight, "the head")
         if plan.role.updates_on_the_fly and plan.target is not None:
             raise NotImplementedError(
                 f"fused_head_loss: {plan.name or 'the head'} writes its on-the-fly update through a custom target "

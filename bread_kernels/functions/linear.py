@@ -26,7 +26,7 @@ from ..plan import Role, WeightPlan
 from ..update import update_linear_
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
-__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "backward_trigger", "trigger_for",
+__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
            "start_weight_role", "finish_weight_role"]
 
 _BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
@@ -83,10 +83,16 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             raise ValueError(f"fused_linear: input is on {x.device} but {what} is on {t.device}; move them together")
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"fused_linear: input is {x.dtype} but {what} is {t.dtype}; cast them to one dtype")
+    check_plan_for_weight("fused_linear", plan, weight, "the weight")
+
+
+def check_plan_for_weight(function: str, plan: WeightPlan, weight: torch.Tensor, what: str) -> None:
+    """The checks every fused function makes of a weight's plan (shared with the LoRA, experts and head+loss
+    functions): the role can run as configured, and an ACTIVE weight's dW has somewhere to go."""
     plan.check()
     if plan.role is Role.ACTIVE and torch.is_grad_enabled() and not weight.requires_grad:
         raise ValueError(
-            f"fused_linear: {plan.name or 'the weight'} has role ACTIVE but requires_grad=False, so its dW would be "
+            f"{function}: {plan.name or what} has role ACTIVE but requires_grad=False, so its dW would be "
             "dropped; set weight.requires_grad_(True) or give it Role.FROZEN"
         )
 
