@@ -154,7 +154,7 @@ def test_every_linear_and_expert_weight_of_the_moe_families_is_fused(family):
     for _, module in state.fused_experts:
         plans = module._bread_expert_plans
         assert all(isinstance(plans[w], WeightPlan) for w in ("gate_up_proj", "down_proj"))
-    assert not any("experts" in name for name in opt._hook_plans)
+    assert not any("experts" in name for name in opt.driver.hook_plans)
     opt.close()
 
 

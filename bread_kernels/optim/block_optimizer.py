@@ -41,22 +41,18 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
-from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..patch import patched_models, patched_state
-from ..peft_lora import adapter_parameters, is_adapter_name
-from ..plan import FiniteChecks, OnTheFlyUpdate, Role, Rounding, WeightPlan
-from ..update import update_dense_
+from ..patch import patched_state
+from ..peft_lora import is_adapter_name
+from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
+from .driver import EngineDriver, check_named_parameters, owning_patched_model
 from .masters import Fp32Masters
-from .roles import LORA_MODES, SGD_MODES, lowest_needed_block, no_decay_names, roles_for_block
+from .roles import LORA_MODES, SGD_MODES, no_decay_names, roles_for_block
 
 __all__ = ["BlockOptimizer"]
 
 _warned_slow_path = False
-#: parameter -> weakref to the live BlockOptimizer that owns it (one owner at a time: see BlockOptimizer)
-_OWNERS = WeakIdKeyDictionary()
 
 
 class BlockOptimizer(torch.optim.Optimizer):
@@ -128,10 +124,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                          include_embedding, include_lm_head, verbose, log_fn, lora_mode, n_layer_per_block,
                          lr_warmup_step_afterswitch, init_avgsq_scale, sgd_mode, sgd_lr_scaling, sgd_use_sign,
                          rounding, seed)
-        self._closed = True  # until construction succeeds: close() and the hooks do nothing
-        self.named_parameters_list = _check_named_parameters(named_parameters_list)
+        self._closed = True  # until construction succeeds: close() does nothing
+        self.named_parameters_list = check_named_parameters(named_parameters_list, "BlockOptimizer")
         self.names = [n for n, _ in self.named_parameters_list]
-        self.model = _owning_patched_model(self.named_parameters_list)
+        self.model = owning_patched_model(self.named_parameters_list, "BlockOptimizer")
         self.engine = patched_state(self.model) if self.model is not None else None
 
         if block_prefix_list is None:
@@ -175,46 +171,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.update = OnTheFlyUpdate(lr=_ScheduledLr(self), scale=sgd_lr_scaling, rounding=rounding, seed=seed)
         self.roles: dict[str, Role] = {}
         self.masters = Fp32Masters()
-        self._hook_plans: dict[str, WeightPlan] = {}
-        self._skipped: list[tuple[str, str]] = []
-        self._skip_collector = _SkipCollector(self)  # every plan's reporter
-        self._checks = FiniteChecks()  # every plan's finiteness flags, read once per step
-        self.skipped_updates = 0
         self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
         self._active_names: set[str] = set()
 
-        self._take_over_parameters()
+        # the plans, requires_grad flags, hooks and cut: the protocol every BCD library drives the engine with
+        self.driver = EngineDriver(self.named_parameters_list, update=self.update, owner=self,
+                                   update_target=self.update_target, what="BlockOptimizer")
         if self.engine is None:
             _warn_slow_path()
         self._closed = False
-        handles = []
-        self._release = weakref.finalize(self, _release_hooks, handles,
-                                         weakref.ref(self.engine) if self.engine is not None else None)
-        reference = weakref.ref(self)
-        for name, p in self.named_parameters_list:
-            # a hook needs requires_grad when it is registered (peft freezes the base weights); the roles set the
-            # real flags right below
-            p.requires_grad_(True)
-            handles.append(p.register_post_accumulate_grad_hook(_GradHook(reference, name)))
-            _OWNERS[p] = reference
-        if self.engine is not None:
-            self.engine.drive(self)
         self._activate(self.order.current)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
-    def _take_over_parameters(self) -> None:
-        previous = []
-        for _, p in self.named_parameters_list:
-            owner = _OWNERS.get(p)
-            owner = owner() if owner is not None else None
-            if owner is not None and not owner.closed and all(owner is not o for o in previous):
-                previous.append(owner)
-        for owner in previous:
-            warnings.warn(f"BlockOptimizer: these parameters belonged to a live {owner!r}; it was closed (its hooks "
-                          "and plans removed, its step() now raises) and this optimizer takes them over. Call "
-                          "close() on an optimizer you replace to silence this.", RuntimeWarning, stacklevel=4)
-            owner.close()
-
     @property
     def closed(self) -> bool:
         return self._closed
@@ -225,16 +193,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         :func:`bread_kernels.unpatch` calls it."""
         if self._closed:
             return
-        self._report_skips()  # updates of a backward since the last step: their skips are still said
         self._closed = True
-        if self.engine is not None and self.engine.driver is self:
-            self.engine.drive(None)  # then the release clears the plans and the cut
-        self._release()
-        for _, p in self.named_parameters_list:
-            owner = _OWNERS.get(p)
-            if owner is not None and owner() is self:
-                del _OWNERS[p]
-        self._hook_plans = {}
+        self.driver.close()  # the skips of a backward since the last step are still said
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -269,40 +229,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         except ValueError as exc:
             raise ValueError(f"BlockOptimizer: block {block_index}: {exc}") from None
 
-    def _plan(self, role: Role, name: str) -> WeightPlan:
-        return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
-                          reporter=self._skip_collector, target=self.update_target, checks=self._checks)
-
     def _activate(self, block_index: int) -> None:
         """Write the plan for ``block_index``: roles, requires_grad, fused plans, the cut, the base optimizer."""
         roles = self.roles_for(block_index)
         self.roles = roles
-        role_of = {id(p): roles[n] for n, p in self.named_parameters_list}
-        fused: set[int] = set()
-        if self.engine is not None:
-            plans = {name: self._module_plan(name, module, role_of, fused)
-                     for name, module in self.engine.fused_modules}
-            plans.update({name: self._weight_plan(name, weight, role_of, fused)
-                          for name, weight in self.engine.expert_weights()})
-            self.engine.apply_plans(plans)
-        self._hook_plans = {}
-        for name, p in self.named_parameters_list:
-            role = roles[name]
-            if id(p) in fused:
-                p.requires_grad_(role is Role.ACTIVE)
-            else:
-                p.requires_grad_(role is not Role.FROZEN)
-                if role.updates_on_the_fly:
-                    self._hook_plans[name] = self._plan(role, name)
-            if role is not Role.ACTIVE:
-                p.grad = None
-        if self.engine is not None:
-            self.engine.set_cut(lowest_needed_block(self.names, roles, self.engine.block_prefixes()))
+        active = self.driver.set_roles(roles)
 
         # LoRA adapters that stay active keep their master copy and their base-optimizer state across the switch
         # (they are trained across the whole run); everything else starts afresh, as in the reference
-        trained = [(name, p, is_adapter_name(name) and name in self._active_names)
-                   for name, p in self.named_parameters_list if roles[name] is Role.ACTIVE]
+        trained = [(name, p, is_adapter_name(name) and name in self._active_names) for name, p in active]
         if self.makes_fp32_masters:
             targets = self.masters.rebuild(trained)
         else:
@@ -323,41 +258,6 @@ class BlockOptimizer(torch.optim.Optimizer):
             print(f"BlockOptimizer: training block {block_index}: {self.active_param_prefixs}")
         if self.log_fn is not None:
             self.log_fn({"block_optimizer/active_block": block_index, "block_optimizer/global_step": self.global_step})
-
-    def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
-        """The fused plan of one patched Linear or embedding, or None when its parameters must take the plain
-        autograd path."""
-        weight, bias = module.weight, getattr(module, "bias", None)
-        params = [weight] + ([bias] if bias is not None else [])
-        if any(id(p) not in role_of or id(p) in self.engine.shared_weights for p in params):
-            return None
-        role = role_of[id(weight)]
-        if bias is not None and role_of[id(bias)] is not role:
-            return None
-        fused.update(id(p) for p in params)
-        if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
-            role = Role.LORA  # the base weight is frozen, its adapters train
-        return self._plan(role, name)
-
-    def _weight_plan(self, name, weight, role_of, fused: set[int]) -> WeightPlan | None:
-        """The fused plan of one weight with a plan of its own (an expert weight of a patched experts module), or
-        None when it must take the plain autograd path."""
-        if id(weight) not in role_of or id(weight) in self.engine.shared_weights:
-            return None
-        fused.add(id(weight))
-        return self._plan(role_of[id(weight)], name)
-
-    # -- the hook path ------------------------------------------------------------------------------------------
-    def _on_accumulated_grad(self, name: str, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook of a parameter outside the fused modules: its on-the-fly update."""
-        plan = self._hook_plans.get(name)
-        if plan is None or p.grad is None:
-            return
-        grad, p.grad = p.grad, None
-        update_dense_(plan, p, grad)
-
-    def _collect_skip(self, name: str, reason: str) -> None:
-        self._skipped.append((name, reason))
 
     # -- stepping -----------------------------------------------------------------------------------------------
     def _lr_correction(self) -> float:
@@ -400,17 +300,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         return loss
 
     def _report_skips(self) -> None:
-        self._checks.resolve()  # the step's one host sync for the on-the-fly updates' finiteness
-        if not self._skipped:
-            return
-        self.skipped_updates += len(self._skipped)
-        names = sorted({n for n, _ in self._skipped})
-        warnings.warn(
-            f"BlockOptimizer step {self.global_step}: skipped {len(self._skipped)} on-the-fly update(s) because their "
-            f"gradient was not finite ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); those weights "
-            "are unchanged", RuntimeWarning, stacklevel=4,
-        )
-        self._skipped = []
+        # the step's one host sync for the on-the-fly updates' finiteness
+        self.driver.end_step(f"BlockOptimizer step {self.global_step}")
+
+    @property
+    def skipped_updates(self) -> int:
+        """On-the-fly updates skipped so far (a non-finite gradient), reported at the steps."""
+        return self.driver.skipped_updates
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -448,21 +344,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 f"{', closed' if self._closed else ''})")
 
 
-# -- what the hooks and plans hold: the optimizer, weakly ----------------------------------------------------------
-class _GradHook:
-    """A parameter's post-accumulate-grad hook; holds its optimizer weakly (the parameter must not keep it alive)."""
-
-    __slots__ = ("optimizer", "name")
-
-    def __init__(self, optimizer: "weakref.ref[BlockOptimizer]", name: str):
-        self.optimizer, self.name = optimizer, name
-
-    def __call__(self, p: torch.Tensor) -> None:
-        optimizer = self.optimizer()
-        if optimizer is not None and not optimizer.closed:
-            optimizer._on_accumulated_grad(self.name, p)
-
-
+# -- what the plans hold: the optimizer, weakly ----------------------------------------------------------------
 class _ScheduledLr:
     """The on-the-fly update's lr: the optimizer's scheduled ``param_groups[0]["lr"]``, read when the backward
     runs.  Held by the plans on the model, so it holds the optimizer weakly."""
@@ -476,29 +358,6 @@ class _ScheduledLr:
             raise RuntimeError("bread_kernels: the BlockOptimizer that planned this on-the-fly update no longer "
                                "exists; build a new one for the model")
         return optimizer.param_groups[0]["lr"]
-
-
-class _SkipCollector:
-    """A plan's reporter: the skipped updates go to the optimizer's per-step report (held weakly)."""
-
-    def __init__(self, optimizer: BlockOptimizer):
-        self.optimizer = weakref.ref(optimizer)
-
-    def __call__(self, name: str, reason: str) -> None:
-        optimizer = self.optimizer()
-        if optimizer is not None:
-            optimizer._collect_skip(name, reason)
-
-
-def _release_hooks(handles: list, engine_ref) -> None:
-    """Remove an optimizer's hooks (at close(), or when it is collected) and, if no optimizer drives the patched
-    model any more, its plans: a model outliving its optimizer trains with plain autograd."""
-    for handle in handles:
-        handle.remove()
-    handles.clear()
-    engine = engine_ref() if engine_ref is not None else None
-    if engine is not None and engine.driver is None:
-        engine.clear_plans()
 
 
 # -- argument checks -----------------------------------------------------------------------------------------------
@@ -554,41 +413,6 @@ def _check_arguments(base_optimizer, switch_block_every, start_block, switch_mod
                              f"{[r.value for r in Rounding]}") from None
     if not is_int(seed) or seed < 0:
         raise ValueError(f"BlockOptimizer: seed must be an int >= 0, got {seed!r}")
-
-
-def _check_named_parameters(named_parameters_list) -> list[tuple[str, nn.Parameter]]:
-    try:
-        items = list(named_parameters_list)
-    except TypeError:
-        raise TypeError("BlockOptimizer: named_parameters_list must be list(model.named_parameters())") from None
-    if not items or not all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str)
-                            and isinstance(i[1], torch.Tensor) for i in items):
-        raise TypeError("BlockOptimizer: named_parameters_list must be a non-empty list of (name, parameter) pairs, "
-                        "as list(model.named_parameters()) gives")
-    names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        duplicate = next(n for n in names if names.count(n) > 1)
-        raise ValueError(f"BlockOptimizer: parameter name {duplicate!r} appears twice in named_parameters_list")
-    return items
-
-
-def _owning_patched_model(named) -> nn.Module | None:
-    """The patched model these parameters come from (names checked), or None if none of them is patched."""
-    ids = {id(p) for _, p in named}
-    for model in patched_models():
-        own = dict((id(p), n) for n, p in model.named_parameters())
-        inside = ids & own.keys()
-        if not inside:
-            continue
-        for name, p in named:
-            if id(p) not in own:
-                raise ValueError(f"BlockOptimizer: parameter {name!r} is not a parameter of the patched "
-                                 f"{type(model).__name__}; pass list(model.named_parameters()) of that model")
-            if own[id(p)] != name:
-                raise ValueError(f"BlockOptimizer: parameter named {name!r} is {own[id(p)]!r} in the patched model; "
-                                 "pass list(model.named_parameters()) of that model")
-        return model
-    return None
 
 
 def _warn_slow_path() -> None:

@@ -1,0 +1,356 @@
+"""The protocol by which a block-coordinate-descent library drives the engine: :class:`EngineDriver`.
+
+A library says, whenever its active set changes, each parameter's :class:`~bread_kernels.Role` — ``ACTIVE``
+(trained by the library's own optimizer: the gradient lands in ``.grad``), ``SGD``/``SIGN`` (the on-the-fly update
+``W -= lr·s·dW`` or ``lr·s·sign(dW)`` inside the backward, with the rule of one
+:class:`~bread_kernels.OnTheFlyUpdate`), ``LORA`` is implied for a frozen base weight whose adapters are ACTIVE,
+or ``FROZEN`` — and, once per optimizer step, calls :meth:`EngineDriver.end_step` (which reads the step's
+finiteness flags with one host sync and reports skipped updates).  The driver turns the roles into what the engine
+reads: the fused modules' plans, each parameter's ``requires_grad``, the post-accumulate-grad hooks that update the
+parameters outside the fused modules (norms, a tied embedding), and the cut (blocks below it run without autograd).
+
+:class:`~bread_kernels.BlockOptimizer`, :func:`bread_kernels.accelerate` and the Trainer callbacks are users of this
+protocol; a library not supported by ``accelerate`` can use it directly::
+
+    driver = EngineDriver(list(model.named_parameters()),
+                          update=OnTheFlyUpdate(lr=lambda: opt.param_groups[0]["lr"], scale=1.0))
+    driver.set_roles({n: Role.ACTIVE if n.startswith("model.layers.3.") else Role.SGD for n in names})
+    ...  # forward, backward, the library's own optimizer step
+    driver.end_step()
+    driver.close()  # plain autograd again
+
+Lifetime: the hooks keep their handles and hold the driver weakly, the engine holds its owner weakly, so dropping
+the owner (or the driver) removes every hook; ``close()`` does it at once, and :func:`bread_kernels.unpatch` closes
+the owner.  One driver owns a parameter at a time: a new driver over parameters of a live one closes that one's
+owner (with a warning) and takes them over.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..patch import patched_models, patched_state
+from ..peft_lora import adapter_parameters
+from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
+from ..update import update_dense_
+from .roles import lowest_needed_block
+
+__all__ = ["EngineDriver", "owning_patched_model"]
+
+#: parameter -> weakref to the live EngineDriver that owns it (one owner at a time)
+_OWNERS = WeakIdKeyDictionary()
+
+
+class EngineDriver:
+    """Writes the engine's plans, ``requires_grad`` flags, hook updates and cut from each parameter's Role.
+
+    Args:
+        named_parameters: ``list(model.named_parameters())`` of the model to drive (patched or not: without
+            :func:`~bread_kernels.patch` every on-the-fly update goes through the hooks, the reference's slow path).
+        update: the rule of the ``SGD``/``SIGN`` roles (its ``lr`` is best a callable read at backward time, e.g.
+            ``lambda: optimizer.param_groups[0]["lr"]``, so an lr schedule applies); None if no role will update
+            on the fly.
+        owner: what :func:`~bread_kernels.unpatch` and a newer driver close (``owner.close()``; held weakly), e.g.
+            the optimizer that holds this driver; None: the driver itself.
+        library_hooks: the library applies the on-the-fly updates of the parameters outside the fused modules with
+            hooks of its own (BlockOptimizers' ``sgd_hook``): the driver leaves those parameters' ``requires_grad``
+            on and registers no hook.  The fused weights' updates are the engine's either way: their
+            ``requires_grad`` is off, so a library hook on them never fires.
+        update_target: where the on-the-fly updates write (None: the tensors; the ZeRO-3 integration passes shards).
+        what: the owner's name in messages.
+
+    Raises ``ValueError``/``TypeError`` for named parameters that are not ``(name, tensor)`` pairs of one model.
+    """
+
+    def __init__(self, named_parameters, *, update: OnTheFlyUpdate | None = None, owner=None,
+                 library_hooks: bool = False, update_target=None, what: str = "EngineDriver"):
+        self.what = what
+        self._closed = True  # until construction succeeds: close() and the hooks do nothing
+        self.named_parameters = check_named_parameters(named_parameters, what)
+        if update is not None and not isinstance(update, OnTheFlyUpdate):
+            raise TypeError(f"{what}: update must be a bread_kernels.OnTheFlyUpdate or None, got {type(update)}")
+        if not isinstance(library_hooks, bool):
+            raise TypeError(f"{what}: library_hooks must be True or False, got {library_hooks!r}")
+        self.names = [n for n, _ in self.named_parameters]
+        self.model = owning_patched_model(self.named_parameters, what)
+        self.engine = patched_state(self.model) if self.model is not None else None
+        self.update = update
+        self.update_target = update_target
+        self.library_hooks = library_hooks
+        self._owner = weakref.ref(owner) if owner is not None else None
+        self.roles: dict[str, Role] = {}
+        self.hook_plans: dict[str, WeightPlan] = {}
+        self.skipped_updates = 0
+        self._skipped: list[tuple[str, str]] = []
+        self._skip_collector = _SkipCollector(self)
+        self._checks = FiniteChecks()
+
+        self._take_over_parameters()
+        self._closed = False
+        handles: list = []
+        self._release = weakref.finalize(self, _release_hooks, handles,
+                                         weakref.ref(self.engine) if self.engine is not None else None)
+        if not library_hooks:
+            reference = weakref.ref(self)
+            for name, p in self.named_parameters:
+                # a hook needs requires_grad when it is registered (peft freezes the base weights); set_roles sets
+                # the real flags
+                wanted = p.requires_grad
+                p.requires_grad_(True)
+                handles.append(p.register_post_accumulate_grad_hook(_GradHook(reference, name)))
+                p.requires_grad_(wanted)
+        for _, p in self.named_parameters:
+            _OWNERS[p] = weakref.ref(self)
+        if self.engine is not None:
+            self.engine.drive(self.owner)
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    @property
+    def owner(self):
+        """The object closed by unpatch and by a newer driver (this driver when it has no owner)."""
+        return self._owner() if self._owner is not None else self
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _take_over_parameters(self) -> None:
+        previous = []
+        for _, p in self.named_parameters:
+            driver = _OWNERS.get(p)
+            driver = driver() if driver is not None else None
+            if driver is not None and not driver.closed and all(driver is not d for d in previous):
+                previous.append(driver)
+        for driver in previous:
+            owner = driver.owner
+            warnings.warn(f"{self.what}: these parameters belonged to a live {owner!r}; it was closed (its hooks "
+                          "and plans removed, its step() now raises) and this one takes them over. Call close() on "
+                          "what you replace to silence this.", RuntimeWarning, stacklevel=5)
+            (owner if owner is not None else driver).close()
+            driver.close()
+
+    def close(self) -> None:
+        """Remove the hooks and the plans (the fused modules then run plain autograd and the backward reaches every
+        block again), after reporting the skips of a backward since the last :meth:`end_step`.  Idempotent.  The
+        ``requires_grad`` flags stay as the last roles left them."""
+        if self._closed:
+            return
+        self.end_step()
+        self._closed = True
+        if self.engine is not None and self.engine.driver is self.owner:
+            self.engine.drive(None)  # then the release clears the plans and the cut
+        self._release()
+        for _, p in self.named_parameters:
+            driver = _OWNERS.get(p)
+            if driver is not None and driver() is self:
+                del _OWNERS[p]
+        self.hook_plans = {}
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.what}.{what}: this driver was closed (by close(), unpatch(model), or a newer "
+                               "driver over the same parameters); build a new one")
+
+    # -- the protocol -------------------------------------------------------------------------------------------
+    def set_roles(self, roles: Mapping[str, Role | str]) -> list[tuple[str, nn.Parameter]]:
+        """Make ``roles`` (every parameter name -> its Role) what the next backward does, and return the ACTIVE
+        ``(name, parameter)`` pairs (what the library's optimizer trains), in ``named_parameters`` order.
+
+        Writes: each fused module's plan; ``requires_grad`` (on for ACTIVE, for the on-the-fly parameters outside
+        the fused modules, and for the adapters of a LORA base; off otherwise); the hook plans; the cut (the
+        lowest block with a non-frozen parameter).  A parameter that is not ACTIVE loses its ``.grad``.
+
+        Raises ``KeyError`` for a missing or unknown name and ``ValueError`` for an on-the-fly role without an
+        ``update`` rule, before anything is written."""
+        self._check_open("set_roles")
+        roles = self._checked_roles(roles)
+        self.roles = roles
+        role_of = {id(p): roles[n] for n, p in self.named_parameters}
+        fused: set[int] = set()
+        if self.engine is not None:
+            plans = {name: self._module_plan(name, module, role_of, fused)
+                     for name, module in self.engine.fused_modules}
+            plans.update({name: self._weight_plan(name, weight, role_of, fused)
+                          for name, weight in self.engine.expert_weights()})
+            self.engine.apply_plans(plans)
+        self.hook_plans = {}
+        for name, p in self.named_parameters:
+            role = roles[name]
+            if id(p) in fused:
+                p.requires_grad_(role is Role.ACTIVE)
+            else:
+                p.requires_grad_(role is not Role.FROZEN)
+                if role.updates_on_the_fly and not self.library_hooks:
+                    self.hook_plans[name] = self.plan(role, name)
+            if role is not Role.ACTIVE:
+                p.grad = None
+        if self.engine is not None:
+            self.engine.set_cut(lowest_needed_block(self.names, roles, self.engine.block_prefixes()))
+        return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
+
+    def end_step(self, label: str | None = None) -> int:
+        """Read this step's finiteness flags (one host sync per device, as ``GradScaler`` reads ``found_inf``),
+        warn once for the skipped on-the-fly updates, and return how many were skipped.  ``label`` names the step
+        in the warning."""
+        self._checks.resolve()
+        if not self._skipped:
+            return 0
+        skipped, self._skipped = self._skipped, []
+        self.skipped_updates += len(skipped)
+        names = sorted({n for n, _ in skipped})
+        warnings.warn(
+            f"{label or self.what}: skipped {len(skipped)} on-the-fly update(s) because their gradient was not finite "
+            f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); those weights are unchanged",
+            RuntimeWarning, stacklevel=3,
+        )
+        return len(skipped)
+
+    def plan(self, role: Role, name: str) -> WeightPlan:
+        """A plan of this driver: its update rule, skip reporting, finiteness checks and update target."""
+        return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
+                          reporter=self._skip_collector, target=self.update_target, checks=self._checks)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def _checked_roles(self, roles: Mapping[str, Role | str]) -> dict[str, Role]:
+        if not isinstance(roles, Mapping):
+            raise TypeError(f"{self.what}.set_roles: roles must map every parameter name to a Role, got "
+                            f"{type(roles).__name__}")
+        missing = [n for n in self.names if n not in roles]
+        unknown = [n for n in roles if n not in set(self.names)]
+        if missing or unknown:
+            raise KeyError(f"{self.what}.set_roles: roles must name every parameter of named_parameters exactly; "
+                           f"missing {missing[:3]}, unknown {unknown[:3]}")
+        checked = {}
+        for name in self.names:
+            role = roles[name]
+            try:
+                checked[name] = role if isinstance(role, Role) else Role(role)
+            except ValueError:
+                raise ValueError(f"{self.what}.set_roles: {name}: unknown role {role!r}; use one of "
+                                 f"{[r.value for r in Role]}") from None
+            if checked[name] is Role.LORA:
+                raise ValueError(f"{self.what}.set_roles: {name}: give a LoRA base weight FROZEN and its adapters "
+                                 "ACTIVE; the LORA role is the engine's name for that pair")
+        if self.update is None and any(r.updates_on_the_fly for r in checked.values()):
+            first = next(n for n, r in checked.items() if r.updates_on_the_fly)
+            raise ValueError(f"{self.what}.set_roles: {first} has role {checked[first].name}, an on-the-fly update, "
+                             "but the driver has no update rule: pass update=OnTheFlyUpdate(lr=...)")
+        return checked
+
+    def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
+        """The fused plan of one patched Linear or embedding, or None when its parameters must take the plain
+        autograd path."""
+        weight, bias = module.weight, getattr(module, "bias", None)
+        params = [weight] + ([bias] if bias is not None else [])
+        if any(id(p) not in role_of or id(p) in self.engine.shared_weights for p in params):
+            return None
+        role = role_of[id(weight)]
+        if bias is not None and role_of[id(bias)] is not role:
+            return None
+        fused.update(id(p) for p in params)
+        if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
+            role = Role.LORA  # the base weight is frozen, its adapters train
+        return self.plan(role, name)
+
+    def _weight_plan(self, name, weight, role_of, fused: set[int]) -> WeightPlan | None:
+        """The fused plan of one weight with a plan of its own (an expert weight of a patched experts module), or
+        None when it must take the plain autograd path."""
+        if id(weight) not in role_of or id(weight) in self.engine.shared_weights:
+            return None
+        fused.add(id(weight))
+        return self.plan(role_of[id(weight)], name)
+
+    # -- the hook path ------------------------------------------------------------------------------------------
+    def _on_accumulated_grad(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of a parameter outside the fused modules: its on-the-fly update."""
+        plan = self.hook_plans.get(name)
+        if plan is None or p.grad is None:
+            return
+        grad, p.grad = p.grad, None
+        update_dense_(plan, p, grad)
+
+    def _collect_skip(self, name: str, reason: str) -> None:
+        self._skipped.append((name, reason))
+
+    def __repr__(self) -> str:
+        return f"{self.what}({len(self.names)} parameters{', closed' if self._closed else ''})"
+
+
+# -- what the hooks and plans hold: the driver, weakly -------------------------------------------------------------
+class _GradHook:
+    """A parameter's post-accumulate-grad hook; holds its driver weakly (the parameter must not keep it alive)."""
+
+    __slots__ = ("driver", "name")
+
+    def __init__(self, driver: "weakref.ref[EngineDriver]", name: str):
+        self.driver, self.name = driver, name
+
+    def __call__(self, p: torch.Tensor) -> None:
+        driver = self.driver()
+        if driver is not None and not driver.closed:
+            driver._on_accumulated_grad(self.name, p)
+
+
+class _SkipCollector:
+    """A plan's reporter: the skipped updates go to the driver's per-step report (held weakly)."""
+
+    def __init__(self, driver: EngineDriver):
+        self.driver = weakref.ref(driver)
+
+    def __call__(self, name: str, reason: str) -> None:
+        driver = self.driver()
+        if driver is not None:
+            driver._collect_skip(name, reason)
+
+
+def _release_hooks(handles: list, engine_ref) -> None:
+    """Remove a driver's hooks (at close(), or when it is collected) and, if nothing drives the patched model any
+    more, its plans: a model outliving its driver trains with plain autograd."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    engine = engine_ref() if engine_ref is not None else None
+    if engine is not None and engine.driver is None:
+        engine.clear_plans()
+
+
+# -- argument checks -----------------------------------------------------------------------------------------------
+def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Parameter]]:
+    try:
+        items = list(named_parameters)
+    except TypeError:
+        raise TypeError(f"{what}: named_parameters_list must be list(model.named_parameters())") from None
+    if not items or not all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str)
+                            and isinstance(i[1], torch.Tensor) for i in items):
+        raise TypeError(f"{what}: named_parameters_list must be a non-empty list of (name, parameter) pairs, as "
+                        "list(model.named_parameters()) gives")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{what}: parameter name {duplicate!r} appears twice in named_parameters_list")
+    return items
+
+
+def owning_patched_model(named, what: str) -> nn.Module | None:
+    """The patched model these parameters come from (names checked), or None if none of them is patched."""
+    ids = {id(p) for _, p in named}
+    for model in patched_models():
+        own = dict((id(p), n) for n, p in model.named_parameters())
+        inside = ids & own.keys()
+        if not inside:
+            continue
+        for name, p in named:
+            if id(p) not in own:
+                raise ValueError(f"{what}: parameter {name!r} is not a parameter of the patched "
+                                 f"{type(model).__name__}; pass list(model.named_parameters()) of that model")
+            if own[id(p)] != name:
+                raise ValueError(f"{what}: parameter named {name!r} is {own[id(p)]!r} in the patched model; "
+                                 "pass list(model.named_parameters()) of that model")
+        return model
+    return None
