@@ -9,7 +9,9 @@ from .functions.head_loss import FusedHeadLossFunction, fused_head_loss
 from .functions.linear import FusedLinearFunction, fused_linear
 from .functions.lora import FusedLoRALinearFunction, fused_lora_linear
 from .lora import init_bread_lora_, merge_and_unload
+from .integrations.bcd import accelerate, unaccelerate
 from .optim import BlockOptimizer
+from .optim.driver import EngineDriver
 from .patch import patch, unpatch
 from .plan import OnTheFlyUpdate, Role, Rounding, WeightPlan
 
@@ -19,6 +21,9 @@ __all__ = [
     "patch",
     "unpatch",
     "BlockOptimizer",
+    "accelerate",
+    "unaccelerate",
+    "EngineDriver",
     "Role",
     "Rounding",
     "OnTheFlyUpdate",

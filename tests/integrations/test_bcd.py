@@ -1,0 +1,213 @@
+"""bread_kernels.accelerate under other BCD libraries: the real ``badam`` package (BlockOptimizer, BlockOptimizerRatio)
+and a BlockOptimizers-style optimizer written from that library's published semantics.  Each test trains two copies
+of one model with the library's own optimizer, one with ``accelerate`` and one without (the reference: the library
+alone, plain autograd), and compares every parameter after the steps; the work is counted with
+``torch.utils.flop_counter``."""
+
+import copy
+import gc
+import warnings
+import weakref
+
+import badam
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bread_kernels
+from bread_kernels.integrations import bcd
+from bread_kernels.patch import patched_state
+
+from .. import model_zoo as models
+from .blockoptimizers_style import BlockOptimizersStyle
+
+RTOL, ATOL = 1e-5, 1e-6
+LR = 1e-2
+# Adam's eps: an element whose gradient is ~eps has an ill-conditioned Adam step (d step/d g = lr·eps/(|g|+eps)²,
+# up to lr/(4·eps)), so fp32 gradients summed in another order (the engine's GEMM layouts) move a few elements by
+# 1e-6 after three Adam steps with eps=1e-8 or 1e-5 (measured: 1e-6 and 4e-6 on this model) though nothing is
+# wrong; with 1e-3 the runs agree to 1.2e-7, fp32 rounding.  The tests check who updates what, with which lr.
+EPS = 1e-3
+LAYERS = [f"model.layers.{i}." for i in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        # badam warns that fp32 weights cost memory; the unaccelerated runs warn that the model is not patched
+        warnings.filterwarnings("ignore", message=".*expect model to be loaded in fp16/bf16.*")
+        warnings.filterwarnings("ignore", message=".*ds_zero3_enabled.*")
+        yield
+
+
+def _badam(model, seed=0, **kwargs):
+    torch.manual_seed(seed)  # the random switch order draws from the global RNG
+    base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    return badam.BlockOptimizer(base, list(model.named_parameters()), verbose=0, **kwargs)
+
+
+def _ratio(model, seed=0, **kwargs):
+    torch.manual_seed(seed)  # each parameter's mask seed is drawn from the global RNG
+    return badam.BlockOptimizerRatio(model.parameters(), list(model.named_parameters()), lr=LR, eps=EPS,
+                                     verbose=0, **kwargs)
+
+
+def _style(model, **kwargs):
+    base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    return BlockOptimizersStyle(base, list(model.named_parameters()), [[p] for p in LAYERS], **kwargs)
+
+
+def _train(model, optimizer, steps, start=0):
+    for step in range(start, start + steps):
+        models.loss_of(model, models.batch(step)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _assert_same(reference, engine):
+    for (name, a), (_, b) in zip(reference.named_parameters(), engine.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+def _compare(make_optimizer, steps, settings=None, model=models.llama):
+    original = model()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    ref_opt = make_optimizer(ref_model)
+    eng_opt = make_optimizer(eng_model)
+    assert bread_kernels.accelerate(eng_opt, eng_model, **(settings or {})) is eng_opt
+    _train(ref_model, ref_opt, steps)
+    _train(eng_model, eng_opt, steps)
+    moved = [n for (n, a), (_, b) in zip(original.named_parameters(), ref_model.named_parameters())
+             if not torch.equal(a, b)]
+    assert moved, "the reference did not train anything: the comparison would prove nothing"
+    _assert_same(ref_model, eng_model)
+    return ref_model, eng_model, eng_opt
+
+
+@pytest.mark.parametrize("switch_mode", ["descending", "random"])
+@pytest.mark.parametrize("include_embedding", [False, True])
+def test_badam_block_optimizer_trains_the_same(switch_mode, include_embedding):
+    """7 steps, a switch every 2: every block switch of badam is learnt (the cut moves with it)."""
+    _, model, opt = _compare(lambda m: _badam(m, switch_block_every=2, switch_mode=switch_mode,
+                                             include_embedding=include_embedding), steps=7)
+    # the block trained in the last step (badam's current_block_idx already points at the next one)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    lowest = 0 if any("embed" in n for n in trained) else min(i for i, p in enumerate(LAYERS)
+                                                               if any(n.startswith(p) for n in trained))
+    assert patched_state(model).cut == lowest
+
+
+def test_badam_block_optimizer_ratio_masks_keep_working():
+    """Every parameter stays trainable; the sparse-mask hooks see the engine's dense dW as they see autograd's."""
+    _compare(lambda m: _ratio(m, update_ratio=0.3, switch_every=2), steps=4)
+
+
+@pytest.mark.parametrize("sgd_mode,sign", [("disabled", False), ("all", False), ("partial", False),
+                                           ("all", True), ("partial", True)],
+                         ids=["badam", "sgd-all", "sgd-partial", "sign-all", "sign-partial"])
+def test_blockoptimizers_style_trains_the_same(sgd_mode, sign):
+    """BlockOptimizers' SGD hooks run on the parameters outside the fused modules, the engine fuses the rest; each
+    parameter gets its update exactly once."""
+    settings = dict(sgd_lr_scaling=0.5, sgd_use_sign=sign) if sgd_mode != "disabled" else {}
+    _compare(lambda m: _style(m, switch_block_every=3, sgd_mode=sgd_mode, sgd_lr_scaling=0.5, sgd_use_sign=sign),
+             steps=5, settings=settings)
+
+
+def test_own_block_optimizer_is_returned_unchanged():
+    model = bread_kernels.patch(models.llama())
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
+                                       verbose=0)
+    assert bread_kernels.accelerate(opt, model) is opt and not opt.closed
+    with pytest.raises(ValueError, match="leave them out"):
+        bread_kernels.accelerate(opt, model, sgd_lr_scaling=1.0)
+
+
+def _backward_flops(model, optimizer, step=0):
+    loss = models.loss_of(model, models.batch(step))
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_the_accelerated_backward_does_less_work_under_gradient_checkpointing():
+    """As badam's users run it (Hugging Face gradient checkpointing, which makes the embeddings' output require
+    grad), the backward recomputes and differentiates every layer; accelerated, it stops at the active block."""
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    for model in (ref_model, eng_model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    ref_opt, eng_opt = _badam(ref_model, switch_block_every=1), _badam(eng_model, switch_block_every=1)
+    bread_kernels.accelerate(eng_opt, eng_model)
+    # the first block trained is the top one (descending): the engine's backward reaches one layer of four
+    reference, engine = _backward_flops(ref_model, ref_opt), _backward_flops(eng_model, eng_opt)
+    assert engine < 0.6 * reference, (engine, reference)
+
+
+def test_unaccelerate_restores_the_library():
+    """accelerate, 3 steps, unaccelerate, 3 more steps: the same as the library alone for 6, the model unpatched
+    and the library's own requires_grad flags back (BlockOptimizers' SGD targets included)."""
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    make = lambda m: _style(m, switch_block_every=2, sgd_mode="all", sgd_lr_scaling=0.5)  # noqa: E731
+    ref_opt, eng_opt = make(ref_model), make(eng_model)
+    bread_kernels.accelerate(eng_opt, eng_model, sgd_lr_scaling=0.5, sgd_use_sign=False)
+    assert bcd.accelerated(eng_opt) is not None
+    _train(ref_model, ref_opt, 3)
+    _train(eng_model, eng_opt, 3)
+    assert not all(p.requires_grad for p in eng_model.parameters()), "the engine fuses the weights' updates"
+    bread_kernels.unaccelerate(eng_opt)
+    assert bcd.accelerated(eng_opt) is None and "switch_trainable_params" not in eng_opt.__dict__
+    assert patched_state(eng_model) is None
+    assert all(p.requires_grad for p in eng_model.parameters()), "sgd_mode='all': the library keeps every flag on"
+    _train(ref_model, ref_opt, 3, start=3)
+    _train(eng_model, eng_opt, 3, start=3)
+    _assert_same(ref_model, eng_model)
+
+
+def test_dropping_the_optimizer_frees_the_acceleration():
+    model = models.llama()
+    opt = _badam(model)
+    bread_kernels.accelerate(opt, model)
+    acceleration = weakref.ref(bcd.accelerated(opt))
+    driver = weakref.ref(acceleration().driver)
+    state = patched_state(model)
+    assert state.cut == 3
+    del opt
+    gc.collect()
+    assert acceleration() is None and driver() is None
+    assert state.cut == 0, "the plans and cut of a dropped optimizer are removed"
+
+
+def test_bad_input_is_refused_before_anything_is_touched():
+    model = models.llama()
+    with pytest.raises(TypeError, match="not a supported BCD optimizer.*badam.BlockOptimizer.*EngineDriver"):
+        bread_kernels.accelerate(torch.optim.AdamW(model.parameters(), lr=LR), model)
+    other = models.llama(seed=1)
+    opt = _badam(model)
+    with pytest.raises(ValueError, match="is not a parameter of the given LlamaForCausalLM"):
+        bread_kernels.accelerate(opt, other)
+    with pytest.raises(ValueError, match="pass the model"):
+        bread_kernels.accelerate(opt)
+    with pytest.raises(TypeError, match="unknown setting"):
+        bread_kernels.accelerate(opt, model, lr=1.0)
+    with pytest.raises(ValueError, match="no on-the-fly update"):
+        bread_kernels.accelerate(opt, model, sgd_lr_scaling=1.0)
+    style = _style(other, sgd_mode="all", sgd_lr_scaling=0.5)
+    with pytest.raises(ValueError, match="sgd_lr_scaling and sgd_use_sign live only in its hooks"):
+        bread_kernels.accelerate(style, other)
+    for m in (model, other):
+        assert patched_state(m) is None, "a refused accelerate patched the model"
+    assert "switch_trainable_params" not in opt.__dict__ and "switch_trainable_params" not in style.__dict__
+
+
+def test_the_badam_internals_read_are_there():
+    """Fails loudly when a badam release changes what the integration reads."""
+    import importlib.metadata
+    assert importlib.metadata.version("badam") == bcd.TESTED_BADAM, \
+        "a new badam: check bread_kernels/integrations/bcd.py against it and update TESTED_BADAM"
+    model = models.llama()
+    assert bcd.internals_problems(_badam(model)) == []
+    assert bcd.internals_problems(_ratio(models.llama())) == []
+    assert bcd.internals_problems(_style(models.llama())) == []
