@@ -397,7 +397,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         return model
     driver = state.driver
     if driver is not None:  # its plans and hooks belong to the wrappers removed here
+        state.drive(None)  # first: a driver whose close() unpatches the model (accelerate's) finds it undriven
         driver.close()
+        if patched_state(model) is None:
+            return model
     causal_lm.uninstall(model)
     for _, module in state.fused_modules + state.fused_experts:
         for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name"):

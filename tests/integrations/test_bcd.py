@@ -211,3 +211,13 @@ def test_the_badam_internals_read_are_there():
     assert bcd.internals_problems(_badam(model)) == []
     assert bcd.internals_problems(_ratio(models.llama())) == []
     assert bcd.internals_problems(_style(models.llama())) == []
+
+
+def test_unpatch_of_an_accelerated_model_closes_the_acceleration():
+    model = models.llama()
+    opt = _badam(model)
+    bread_kernels.accelerate(opt, model)
+    bread_kernels.unpatch(model)
+    assert patched_state(model) is None and bcd.accelerated(opt) is None
+    assert "switch_trainable_params" not in opt.__dict__
+    _train(model, opt, 2)  # the library alone again

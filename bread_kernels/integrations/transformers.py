@@ -1,0 +1,197 @@
+"""Hugging Face ``Trainer`` callbacks: :class:`BreadCallback` (the engine under the Trainer's BCD optimizer) and
+:class:`LisaCallback` (LISA on the engine).
+
+Both patch the model at ``on_train_begin`` (unless it is patched already) and are thin users of the engine's
+protocol (:class:`~bread_kernels.optim.driver.EngineDriver`).  With ``TrainingArguments(gradient_checkpointing=True)``
+the Trainer turns Hugging Face's checkpointing on before ``on_train_begin`` (and, in transformers 5, makes the
+embeddings' output require grad, which doubles a BCD backward: BAdam issue #2); patching turns it off on the blocks
+— the engine recomputes each block itself — and blocks below the cut run without autograd, so the backward stops
+at the lowest trained block whatever requires grad below it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from ..optim.block_optimizer import BlockOptimizer
+from ..optim.driver import EngineDriver
+from ..patch import patch, patched_state, unpatch
+from ..plan import Role
+from .bcd import accelerate, accelerated, unaccelerate
+
+__all__ = ["BreadCallback", "LisaCallback", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer inside the Trainer's wrappers (accelerate's ``AcceleratedOptimizer`` keeps it as
+    ``.optimizer``)."""
+    seen = 0
+    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
+def _patch_once(model, options: dict) -> bool:
+    """Patch ``model`` unless it is; return whether this call patched it."""
+    if patched_state(model) is not None:
+        if options:
+            raise ValueError(f"the model is already patched; patch options {sorted(options)} cannot apply. Leave "
+                             "them out or pass an unpatched model")
+        return False
+    patch(model, **options)
+    return True
+
+
+class BreadCallback(TrainerCallback):
+    """Patches the model at ``on_train_begin`` and puts the engine under the Trainer's BCD optimizer
+    (:func:`bread_kernels.accelerate`: ``badam.BlockOptimizer``, ``BlockOptimizerRatio``, BlockOptimizers' class;
+    a :class:`bread_kernels.BlockOptimizer` built after ``patch`` needs nothing).  At ``on_train_end`` the library's
+    own behaviour is restored and the model unpatched if this callback patched it.
+
+    Args:
+        patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
+        **settings: :func:`bread_kernels.accelerate` settings (``sgd_lr_scaling``, ``sgd_use_sign`` for a
+            BlockOptimizers optimizer with ``sgd_mode``; ``rounding``, ``seed``).
+    """
+
+    def __init__(self, patch_options: dict | None = None, **settings):
+        self.patch_options = dict(patch_options or {})
+        self.settings = settings
+        self._optimizer = None
+        self._model = None
+        self._patched_here = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            raise RuntimeError("BreadCallback: the Trainer passed no model or optimizer to on_train_begin")
+        optimizer = unwrap_optimizer(optimizer)
+        if isinstance(optimizer, BlockOptimizer):
+            if optimizer.engine is None:
+                raise ValueError("BreadCallback: the Trainer's bread_kernels.BlockOptimizer was built over an "
+                                 "unpatched model (it runs the reference's hook path); call "
+                                 "bread_kernels.patch(model) before building it, then the callback is not needed")
+            return
+        self._patched_here = _patch_once(model, self.patch_options)
+        accelerate(optimizer, model, **self.settings)
+        self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is not None:
+            unaccelerate(optimizer)
+        model = self._model() if self._model is not None else None
+        if self._patched_here and model is not None:
+            unpatch(model)
+        self._optimizer = self._model = None
+
+
+class LisaCallback(TrainerCallback):
+    """LISA (Pan et al., 2024: *Layerwise Importance Sampling*), as LMFlow's ``DynamicLayerActivationCallback`` does
+    it, on the engine: every ``interval_steps`` steps (from step 0, at ``on_step_begin``) ``n_layers`` of the block
+    stack are drawn uniformly without replacement (``choice(range(layers), n_layers, replace=False)``) and trained;
+    the other layers are frozen; everything outside the stack (embeddings, final norm, head) trains as it was set
+    when training began.  The engine's plans and cut follow each draw (blocks below the lowest trained one run
+    without autograd when nothing below them trains; LISA trains the embeddings, so the backward reaches every
+    block, but the frozen layers compute no weight gradient and store nothing for one).
+
+    Args:
+        n_layers: layers trained at a time (1 <= n_layers <= the number of layers).
+        interval_steps: optimizer steps between draws (>= 1).
+        seed: seeds a private ``numpy.random.RandomState`` for the draws; None draws from numpy's global RNG, as
+            LMFlow does.
+        drop_state: at each switch the base optimizer's state of the layers that stop training is dropped, so it
+            only ever holds the active layers' state (LMFlow keeps it, which grows with every layer ever drawn and
+            resumes stale moments when a layer is drawn again); False keeps LMFlow's behaviour.
+        patch_options: keywords of :func:`bread_kernels.patch`.
+    """
+
+    def __init__(self, n_layers: int, interval_steps: int, seed: int | None = None, *, drop_state: bool = True,
+                 patch_options: dict | None = None):
+        for what, value in (("n_layers", n_layers), ("interval_steps", interval_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LisaCallback: {what} must be a positive int, got {value!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"LisaCallback: seed must be None or an int >= 0, got {seed!r}")
+        if not isinstance(drop_state, bool):
+            raise TypeError(f"LisaCallback: drop_state must be True or False, got {drop_state!r}")
+        self.n_layers, self.interval_steps, self.drop_state = n_layers, interval_steps, drop_state
+        self.rng = np.random.RandomState(seed) if seed is not None else np.random
+        self.patch_options = dict(patch_options or {})
+        self.active_layers_indices: list[int] = []
+        self.driver: EngineDriver | None = None
+        self._optimizer = None
+        self._model = None
+        self._patched_here = False
+        self._outside: dict[str, bool] = {}
+        self._layer_of: dict[str, int] = {}
+
+    @property
+    def closed(self) -> bool:
+        return self.driver is None or self.driver.closed
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise RuntimeError("LisaCallback: the Trainer passed no model to on_train_begin")
+        if optimizer is not None and (isinstance(unwrap_optimizer(optimizer), BlockOptimizer)
+                                      or accelerated(unwrap_optimizer(optimizer)) is not None):
+            raise ValueError("LisaCallback: the Trainer's optimizer is a block optimizer that chooses the trained "
+                             "parameters itself; LISA needs a plain optimizer (the Trainer's default AdamW)")
+        self._patched_here = _patch_once(model, self.patch_options)
+        engine = patched_state(model)
+        layers = len(engine.blocks)
+        if self.n_layers > layers:
+            raise ValueError(f"LisaCallback: n_layers={self.n_layers} but the model has {layers} layers")
+        prefixes = engine.block_prefixes()
+        named = list(model.named_parameters())
+        self._layer_of = {n: i for n, _ in named for i, prefix in enumerate(prefixes) if n.startswith(prefix)}
+        self._outside = {n: p.requires_grad for n, p in named if n not in self._layer_of}
+        self.total_layers = layers
+        self.driver = EngineDriver(named, owner=self, library_hooks=True, what="LisaCallback")
+        self._optimizer = weakref.ref(unwrap_optimizer(optimizer)) if optimizer is not None else None
+        self._model = weakref.ref(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.closed:
+            raise RuntimeError("LisaCallback: on_step_begin before on_train_begin (or after the callback closed)")
+        if state.global_step % self.interval_steps == 0:
+            self.switch_active_layers()
+
+    def switch_active_layers(self) -> None:
+        """Draw the next active layers and write the engine's plans and cut (and drop the state of the layers that
+        stop training)."""
+        self.active_layers_indices = [int(i) for i in self.rng.choice(range(self.total_layers), self.n_layers,
+                                                                      replace=False)]
+        active = set(self.active_layers_indices)
+        roles = {}
+        for name, _ in self.driver.named_parameters:
+            if name in self._layer_of:
+                roles[name] = Role.ACTIVE if self._layer_of[name] in active else Role.FROZEN
+            else:
+                roles[name] = Role.ACTIVE if self._outside[name] else Role.FROZEN
+        self.driver.set_roles(roles)
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if self.drop_state and optimizer is not None:
+            for name, p in self.driver.named_parameters:
+                if roles[name] is not Role.ACTIVE:
+                    optimizer.state.pop(p, None)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Remove the engine's plans and cut (plain autograd), and unpatch the model if this callback patched it.
+        The ``requires_grad`` flags stay as the last draw left them.  Idempotent."""
+        patched_here, self._patched_here = self._patched_here, False
+        if self.driver is not None:
+            self.driver.close()
+        model = self._model() if self._model is not None else None
+        if patched_here and model is not None and patched_state(model) is not None:
+            unpatch(model)
+
+    def __repr__(self) -> str:
+        return (f"LisaCallback(n_layers={self.n_layers}, interval_steps={self.interval_steps}, "
+                f"active={self.active_layers_indices})")
