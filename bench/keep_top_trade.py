@@ -15,7 +15,7 @@ import torch
 
 from bread_kernels import patch
 from bread_kernels.bench.linear import device_name
-from bread_kernels.bench.model import CPU_SETUP, _backward_time, _optimizer, _peak, build_model
+from bread_kernels.bench.model import CPU_SETUP, backward_time, _optimizer, step_peak_bytes, build_model
 
 
 def main():
@@ -36,11 +36,11 @@ def main():
         for keep in args.keep:
             model = patch(copy.deepcopy(base), keep_top=keep).train()
             sides.append((keep, model, _optimizer(model, variant, active)))
-        peaks = {keep: _peak(model, opt, ids) for keep, model, opt in sides}
+        peaks = {keep: step_peak_bytes(model, opt, ids) for keep, model, opt in sides}
         times = {keep: [] for keep, _, _ in sides}
         for _ in range(args.repeats):
             for keep, model, opt in sides:
-                times[keep].append(_backward_time(model, opt, ids))
+                times[keep].append(backward_time(model, opt, ids))
         t0, p0 = statistics.median(times[args.keep[0]]), peaks[args.keep[0]]
         for keep, _, _ in sides:
             t = statistics.median(times[keep])

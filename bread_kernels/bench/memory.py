@@ -27,7 +27,7 @@ class AllocationTrace:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """The profiler's C++ side prints start/stop lines (``USDT: ... profiler_start``) on file descriptor 2: they
     are not the benchmark's output, so fd 2 points at /dev/null while it runs (Python's own stderr is flushed)."""
     sys.stderr.flush()
@@ -52,7 +52,7 @@ def trace_allocations(fn: Callable[[], object], device: str | torch.device = "cp
         peak = torch.cuda.max_memory_allocated(device) - start
         return AllocationTrace(peak_bytes=peak, largest_bytes=-1, allocations=-1)
 
-    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                  profile_memory=True) as prof:
         fn()
     try:

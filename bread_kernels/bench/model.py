@@ -180,7 +180,8 @@ def ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank=0) -> f
     return flops
 
 
-def _backward_time(model, opt, ids) -> float:
+def backward_time(model, opt, ids) -> float:
+    """Seconds of one backward (the forward before it untimed); the gradients are cleared after."""
     loss = model(input_ids=ids, labels=ids).loss
     synchronize(ids.device)
     start = time.perf_counter()
@@ -191,7 +192,7 @@ def _backward_time(model, opt, ids) -> float:
     return elapsed
 
 
-def _peak(model, opt, ids) -> int:
+def step_peak_bytes(model, opt, ids) -> int:
     """Peak extra memory of forward + backward."""
     peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward(), ids.device).peak_bytes
     opt.zero_grad()
@@ -284,16 +285,16 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     return tuple(flops) if count_flops else None
 
 
-def _timed(sides, ids, repeats):
+def timed_alternately(sides, ids, repeats):
     """Backward times of each (model, optimizer) side, measured alternately (so drift of the machine hits every side
     alike) after one untimed warm-up each, which measures the peak memory.  Returns (times per side, peaks)."""
     times, peaks = [[] for _ in sides], []
     for i in range(repeats + 1):
         for k, (model, opt) in enumerate(sides):
             if i == 0:
-                peaks.append(_peak(model, opt, ids))
+                peaks.append(step_peak_bytes(model, opt, ids))
             else:
-                times[k].append(_backward_time(model, opt, ids))
+                times[k].append(backward_time(model, opt, ids))
     return times, peaks
 
 
@@ -388,7 +389,7 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
                                                                                            variant, active))]
     if refs["best"] is not refs["reference"]:
         sides.append((refs["best"], _optimizer(refs["best"], variant, active)))
-    times, peaks = _timed(sides, ids, repeats)
+    times, peaks = timed_alternately(sides, ids, repeats)
     profiles = None
     if profile:
         names = ("engine", "reference", "best_reference")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import _quiet_stderr
+from .memory import quiet_stderr
 
 __all__ = ["GEMM_OPS", "BackwardProfile", "profile_backward"]
 
@@ -34,7 +34,7 @@ def profile_backward(model, opt, ids) -> BackwardProfile:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if ids.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with _quiet_stderr(), torch.profiler.profile(activities=activities) as prof:  # its USDT lines are noise
+    with quiet_stderr(), torch.profiler.profile(activities=activities) as prof:  # its USDT lines are noise
         loss.backward()
     opt.zero_grad()
     gemm_calls, gemm_us, attention_us, total_us, ops = 0, 0.0, 0.0, 0.0, 0
