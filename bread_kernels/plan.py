@@ -74,7 +74,9 @@ class OnTheFlyUpdate:
     """The update an ``SGD``/``SIGN`` weight receives inside the backward: ``W -= lr · scale · f(dW)``.
 
     ``lr`` is a float or a zero-argument callable (e.g. ``lambda: optimizer.param_groups[0]["lr"]``), read when
-    the backward runs.  ``scale`` is BlockOptimizers' ``sgd_lr_scaling``.  ``seed`` seeds stochastic rounding;
+    the backward runs.  ``scale`` is BlockOptimizers' ``sgd_lr_scaling``.  ``loss_scale`` undoes a loss scaler's
+    factor (``torch.amp.GradScaler``): the SGD step is ``lr·scale / loss_scale`` (SIGN needs none); an overflowed gradient is not finite
+    and skips its weight's update, as every non-finite gradient does.  ``seed`` seeds stochastic rounding;
     every application draws a fresh stream from ``(seed, draw)`` so successive steps use different bits while a
     rerun from the same state reproduces them exactly.
     """
@@ -84,6 +86,9 @@ class OnTheFlyUpdate:
     rounding: Rounding = Rounding.AUTO
     seed: int = 0
     draws: int = 0
+    #: the factor the loss was multiplied by before ``backward()`` (fp16 loss scaling; a float or a zero-argument
+    #: callable, read when the backward runs): the step is divided by it, so the update is of the true gradient
+    loss_scale: LrLike = 1.0
 
     def __post_init__(self):
         if isinstance(self.rounding, str):
@@ -97,13 +102,19 @@ class OnTheFlyUpdate:
         if not callable(self.lr) and not isinstance(self.lr, (int, float)):
             raise TypeError(f"OnTheFlyUpdate: lr must be a number or a zero-argument callable, got {type(self.lr)}")
 
-    def step_size(self) -> float:
-        """lr · scale, read now.  Raises if it is not a finite non-negative number."""
+    def step_size(self, sign: bool = False) -> float:
+        """lr · scale / loss_scale (a SIGN step: lr · scale, sign(S·g) being sign(g)), read now.  Raises if it is
+        not a finite non-negative number."""
         lr = self.lr() if callable(self.lr) else self.lr
         value = float(lr) * float(self.scale)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"OnTheFlyUpdate: lr·scale must be finite and >= 0, got lr={lr}, scale={self.scale}")
-        return value
+        if sign:
+            return value
+        loss_scale = float(self.loss_scale() if callable(self.loss_scale) else self.loss_scale)
+        if not math.isfinite(loss_scale) or loss_scale <= 0:
+            raise ValueError(f"OnTheFlyUpdate: the loss scale must be finite and > 0, got {loss_scale}")
+        return value / loss_scale if loss_scale != 1.0 else value
 
     def next_seed(self) -> int:
         """A 64-bit seed for one application of the update; advances the draw counter."""

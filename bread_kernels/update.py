@@ -143,7 +143,7 @@ def _apply(plan: WeightPlan, role: Role,
         raise ValueError(f"bread_kernels: {plan.name or 'a weight'} has role {role.name}, which takes no on-the-fly "
                          "update")
     target = plan.target if plan.target is not None else LOCAL
-    finite = write(target, update.step_size(), role is Role.SIGN, update)
+    finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
     plan.record_finite(finite, target.skip_reason)
     return finite
 

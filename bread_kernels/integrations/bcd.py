@@ -48,7 +48,7 @@ __all__ = ["accelerate", "unaccelerate", "accelerated", "Acceleration", "interna
 #: the badam release whose internals this module was written against (others warn once)
 TESTED_BADAM = "1.4"
 _ATTR = "_bread_acceleration"
-_SETTINGS = ("sgd_lr_scaling", "sgd_use_sign", "rounding", "seed", "patch_options")
+_SETTINGS = ("sgd_lr_scaling", "sgd_use_sign", "rounding", "seed", "loss_scaler", "patch_options")
 _warned_version = False
 
 
@@ -75,6 +75,8 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
         rounding: the on-the-fly updates' rounding of bf16/fp16 weights (``"auto"``: stochastic;
             ``"nearest"``: what the library's hook does).
         seed: seeds the stochastic rounding.
+        loss_scaler: the ``torch.amp.GradScaler`` scaling the loss (fp16): the on-the-fly updates divide its scale
+            out (the libraries' own hooks do not) and skip a weight whose scaled gradient overflowed.
         patch_options: keywords for :func:`bread_kernels.patch` when ``accelerate`` patches the model.
 
     Raises ``TypeError`` for an optimizer it does not support and ``ValueError`` for a model that is not the
@@ -143,6 +145,8 @@ class Acceleration:
             self.driver = EngineDriver(named, update=update, owner=self, library_hooks=True,
                                        what=f"accelerate({type(optimizer).__name__})")
             self._library_flags: dict[str, bool] = {}
+            if settings.get("loss_scaler") is not None:
+                self.driver.set_loss_scaler(settings["loss_scaler"])
             self.closed = False
             self.learn()
         except Exception:

@@ -49,7 +49,9 @@ def _patch_once(model, options: dict) -> bool:
 class BreadCallback(TrainerCallback):
     """Patches the model at ``on_train_begin`` and puts the engine under the Trainer's BCD optimizer
     (:func:`bread_kernels.accelerate`: ``badam.BlockOptimizer``, ``BlockOptimizerRatio``, BlockOptimizers' class;
-    a :class:`bread_kernels.BlockOptimizer` built after ``patch`` needs nothing).  At ``on_train_end`` the library's
+    a :class:`bread_kernels.BlockOptimizer` built after ``patch`` needs nothing but the loss scaler).  With
+    ``fp16=True`` the Trainer's ``GradScaler`` is handed to the engine, whose on-the-fly updates divide its scale
+    out.  At ``on_train_end`` the library's
     own behaviour is restored and the model unpatched if this callback patched it.
 
     Args:
@@ -68,15 +70,21 @@ class BreadCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("BreadCallback: the Trainer passed no model or optimizer to on_train_begin")
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
         optimizer = unwrap_optimizer(optimizer)
         if isinstance(optimizer, BlockOptimizer):
             if optimizer.engine is None:
                 raise ValueError("BreadCallback: the Trainer's bread_kernels.BlockOptimizer was built over an "
                                  "unpatched model (it runs the reference's hook path); call "
-                                 "bread_kernels.patch(model) before building it, then the callback is not needed")
+                                 "bread_kernels.patch(model) before building it")
+            if scaler is not None:
+                optimizer.driver.set_loss_scaler(scaler)
             return
         self._patched_here = _patch_once(model, self.patch_options)
-        accelerate(optimizer, model, **self.settings)
+        settings = dict(self.settings)
+        if scaler is not None and "loss_scaler" not in settings:
+            settings["loss_scaler"] = scaler
+        accelerate(optimizer, model, **settings)
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -84,6 +84,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         sgd_use_sign: the on-the-fly update is ``W -= lr·s·sign(dW)`` (signSGD).
         rounding: keyword-only; ``"auto"`` (stochastic for bf16/fp16 weights), ``"nearest"`` or ``"stochastic"``.
         seed: keyword-only; seeds the stochastic rounding of the on-the-fly updates.
+        loss_scaler: keyword-only; the ``torch.amp.GradScaler`` that scales the loss (fp16): the on-the-fly updates
+            divide its scale out and skip a weight whose scaled gradient overflowed (see
+            :meth:`~bread_kernels.EngineDriver.set_loss_scaler`).  Hugging Face's Trainer: ``BreadCallback`` passes
+            the Trainer's own.
 
     One optimizer owns a parameter at a time: building a second one over parameters of a live one closes the
     first (with a warning) and takes them over, so re-running a notebook cell or a sweep's next trial never
@@ -119,6 +123,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         *,
         rounding: str | Rounding = Rounding.AUTO,
         seed: int = 0,
+        loss_scaler=None,
     ):
         _check_arguments(base_optimizer, switch_block_every, start_block, switch_mode, active_modules,
                          include_embedding, include_lm_head, verbose, log_fn, lora_mode, n_layer_per_block,
@@ -177,6 +182,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         # the plans, requires_grad flags, hooks and cut: the protocol every BCD library drives the engine with
         self.driver = EngineDriver(self.named_parameters_list, update=self.update, owner=self,
                                    update_target=self.update_target, what="BlockOptimizer")
+        if loss_scaler is not None:
+            self.driver.set_loss_scaler(loss_scaler)
         if self.engine is None:
             _warn_slow_path()
         self._closed = False

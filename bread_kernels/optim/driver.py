@@ -94,6 +94,8 @@ class EngineDriver:
         self._take_over_parameters()
         self._closed = False
         handles: list = []
+        self._handles = handles
+        self._scale_hook = None
         self._release = weakref.finalize(self, _release_hooks, handles,
                                          weakref.ref(self.engine) if self.engine is not None else None)
         if not library_hooks:
@@ -211,6 +213,32 @@ class EngineDriver:
         )
         return len(skipped)
 
+    def set_loss_scaler(self, scaler) -> None:
+        """Undo ``scaler``'s factor (a ``torch.amp.GradScaler``, or None for none) in the on-the-fly updates.
+
+        On a patched model the scale is read once per forward, from a forward pre-hook — one host read before the
+        forward starts, none in the backward; after ``scaler.update()`` the next forward sees the new scale.  On the
+        unpatched hook path it is read at each update.  An update whose scaled gradient overflowed is skipped (its
+        gradient is not finite) and reported; the others of that backward are applied, unscaled."""
+        self._check_open("set_loss_scaler")
+        if self._scale_hook is not None:
+            self._scale_hook.remove()
+            self._scale_hook = None
+        if scaler is None:
+            if self.update is not None:
+                self.update.loss_scale = 1.0
+            return
+        if not (callable(getattr(scaler, "get_scale", None)) and callable(getattr(scaler, "is_enabled", None))):
+            raise TypeError(f"{self.what}: loss_scaler must be a torch.amp.GradScaler (get_scale, is_enabled), got "
+                            f"{type(scaler).__name__}")
+        if self.update is None:
+            return  # nothing updates on the fly: nothing to unscale
+        scale = _ScalerScale(scaler, refresh_each_call=self.model is None)
+        self.update.loss_scale = scale
+        if self.model is not None:
+            self._scale_hook = self.model.register_forward_pre_hook(_RefreshScale(scale))
+            self._handles.append(self._scale_hook)
+
     def plan(self, role: Role, name: str) -> WeightPlan:
         """A plan of this driver: its update rule, skip reporting, finiteness checks and update target."""
         return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
@@ -295,6 +323,41 @@ class _GradHook:
         driver = self.driver()
         if driver is not None and not driver.closed:
             driver._on_accumulated_grad(self.name, p)
+
+
+class _ScalerScale:
+    """A loss scaler's scale as the on-the-fly update reads it: the value read at the last refresh (or at every
+    call on the hook path).  Holds the scaler weakly: the plans on the model must not keep it alive."""
+
+    def __init__(self, scaler, refresh_each_call: bool):
+        self.scaler = weakref.ref(scaler)
+        self.refresh_each_call = refresh_each_call
+        self.value = 1.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        scaler = self.scaler()
+        if scaler is None:
+            raise RuntimeError("bread_kernels: the loss scaler given to set_loss_scaler no longer exists; give the "
+                               "driver the live one (or None)")
+        self.value = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+
+    def __call__(self) -> float:
+        if self.refresh_each_call:
+            self.refresh()
+        return self.value
+
+
+class _RefreshScale:
+    """The model's forward pre-hook that reads the loss scale before the forward (holds it weakly)."""
+
+    def __init__(self, scale: _ScalerScale):
+        self.scale = weakref.ref(scale)
+
+    def __call__(self, module, args) -> None:
+        scale = self.scale()
+        if scale is not None:
+            scale.refresh()
 
 
 class _SkipCollector:

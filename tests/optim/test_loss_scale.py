@@ -1,0 +1,77 @@
+"""A loss scaler's factor (``torch.amp.GradScaler``) is divided out of the on-the-fly updates: training with the loss
+scaled by a power of two gives the parameters of training without it (the scaling and its undoing are exact in
+binary floating point, so fp32 agrees to rounding), on the fused path and on the hook path."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import bread_kernels
+
+from .. import model_zoo as models
+
+LR = 1e-2
+
+
+def _train(model, steps, scaler=None, patched=True, **bcd):
+    if patched:
+        bread_kernels.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unpatched model's slow-path warning
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.0),
+                                           list(model.named_parameters()), switch_block_every=2, verbose=0,
+                                           loss_scaler=scaler, **bcd)
+    for step in range(steps):
+        loss = models.loss_of(model, models.batch(step))
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+    opt.close()
+    return bread_kernels.unpatch(model)
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["fused", "hook-path"])
+@pytest.mark.parametrize("sign", [False, True], ids=["sgd", "sign"])
+def test_a_scaled_loss_trains_as_the_unscaled_one(patched, sign):
+    original = models.llama()
+    plain = _train(copy.deepcopy(original), 4, patched=patched, sgd_mode="all", sgd_lr_scaling=0.5,
+                   sgd_use_sign=sign)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)  # the scale grows mid-run
+    scaled = _train(copy.deepcopy(original), 4, scaler=scaler, patched=patched, sgd_mode="all",
+                    sgd_lr_scaling=0.5, sgd_use_sign=sign)
+    assert scaler.get_scale() > 2.0 ** 12, "the scale never changed: the test would not see a stale read"
+    for (name, a), (_, b) in zip(plain.named_parameters(), scaled.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_without_undoing_the_scale_the_run_differs():
+    """The check above can fail: the same scaled run with the scaler not given to the optimizer moves the
+    on-the-fly weights 4096x too far."""
+    original = models.llama()
+    plain = _train(copy.deepcopy(original), 2, sgd_mode="all", sgd_lr_scaling=0.5)
+    model = bread_kernels.patch(copy.deepcopy(original))
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.0),
+                                       list(model.named_parameters()), switch_block_every=2, verbose=0,
+                                       sgd_mode="all", sgd_lr_scaling=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for step in range(2):
+        scaler.scale(models.loss_of(model, models.batch(step))).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), model.parameters()))
+    assert diff > 1e-2
+
+
+def test_a_scaler_that_is_not_one_is_refused():
+    model = bread_kernels.patch(models.llama())
+    with pytest.raises(TypeError, match="loss_scaler must be a torch.amp.GradScaler"):
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
+                                     verbose=0, sgd_mode="all", loss_scaler=2.0 ** 12)
