@@ -9,6 +9,7 @@ alpha=-lr·s)``), written here from its published semantics, with and without HF
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 
 import pytest
@@ -49,7 +50,13 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def engine_backward(variant: str, dtype: torch.dtype, recompute: bool = True) -> OpCounter:
+def forward_context(autocast: torch.dtype | None):
+    """The forward's context: ``torch.autocast`` in ``autocast`` (HF Trainer's bf16=True), or none."""
+    return torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+
+
+def engine_backward(variant: str, dtype: torch.dtype, recompute: bool = True,
+                    autocast: torch.dtype | None = None) -> OpCounter:
     arguments, lora = VARIANTS[variant]
     model = models.llama(dtype=dtype)
     if lora:
@@ -60,10 +67,13 @@ def engine_backward(variant: str, dtype: torch.dtype, recompute: bool = True) ->
         opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
                                            switch_block_every=100, switch_mode="fixed", start_block=ACTIVE_BLOCK,
                                            sgd_lr_scaling=SCALE, verbose=0, **arguments)
-    models.loss_of(model, models.batch(0)).backward()
+    with forward_context(autocast):
+        first = models.loss_of(model, models.batch(0))
+    first.backward()
     opt.step()
     opt.zero_grad()
-    loss = models.loss_of(model, models.batch(1))
+    with forward_context(autocast):
+        loss = models.loss_of(model, models.batch(1))
     with OpCounter() as counter:
         loss.backward()
     opt.step()
@@ -71,7 +81,8 @@ def engine_backward(variant: str, dtype: torch.dtype, recompute: bool = True) ->
     return counter
 
 
-def reference_backward(variant: str, dtype: torch.dtype, checkpointing: bool) -> OpCounter:
+def reference_backward(variant: str, dtype: torch.dtype, checkpointing: bool,
+                       autocast: torch.dtype | None = None) -> OpCounter:
     """Plain autograd and BlockOptimizers' hooks: the active block trains (its .grad kept), every other parameter
     gets ``p -= lr·s·f(grad)`` from its hook (sgd_mode='all')."""
     arguments, _ = VARIANTS[variant]
@@ -94,8 +105,11 @@ def reference_backward(variant: str, dtype: torch.dtype, checkpointing: bool) ->
         p.requires_grad_(on_the_fly)
         if on_the_fly:
             handles.append(p.register_post_accumulate_grad_hook(hook))
-    models.loss_of(model, models.batch(0)).backward()
-    loss = models.loss_of(model, models.batch(1))
+    with forward_context(autocast):
+        first = models.loss_of(model, models.batch(0))
+    first.backward()
+    with forward_context(autocast):
+        loss = models.loss_of(model, models.batch(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with OpCounter() as counter:
@@ -126,6 +140,27 @@ def test_the_on_the_fly_backward_runs_no_more_ops_than_autograd_with_hooks(varia
     engine = engine_backward(variant, dtype, recompute=False)
     reference = reference_backward(variant, dtype, checkpointing=False)
     assert engine.total <= reference.total, (engine.total, reference.total)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend_name", ["native", "torch"])
+def test_a_patched_backward_under_autocast_never_waits_for_the_device(monkeypatch, backend_name, variant):
+    """fp32 weights, the forward under bf16 autocast (HF Trainer's bf16=True): the on-the-fly updates take the
+    chunked bf16 dW and the fp32 epilogue, still gated on the device flag."""
+    monkeypatch.setenv("BREAD_BACKEND", backend_name)
+    counter = engine_backward(variant, torch.float32, autocast=torch.bfloat16)
+    assert counter.syncs == 0, {name: counter.counts[name] for name in SYNC_OPS}
+    assert counter.counts["aten.mm"] + counter.counts["aten.addmm"] > 0
+
+
+@pytest.mark.parametrize("variant", ["sgd", "sign"])
+def test_the_on_the_fly_backward_under_autocast_runs_no_more_ops_than_autograd_with_hooks(variant):
+    """As above, both sides' forward under bf16 autocast: the engine casts each weight to bf16 once more (for dX:
+    it keeps no bf16 copy of W from the forward) but saves the hooks' cast of dW, their ``add_`` and ``t``."""
+    for recompute in (True, False):
+        engine = engine_backward(variant, torch.float32, recompute=recompute, autocast=torch.bfloat16)
+        reference = reference_backward(variant, torch.float32, checkpointing=recompute, autocast=torch.bfloat16)
+        assert engine.total <= reference.total, (recompute, engine.total, reference.total)
 
 
 def test_a_steps_finiteness_flags_are_read_at_once_and_each_skip_reported():

@@ -7,8 +7,11 @@ Every backend implements the same three methods (``W`` [N, K], ``g`` [M, N], ``x
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
 
-with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``ok`` gates the
-write on the device (nothing is written where it is False): the backward never reads a flag on the host.
+with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``g`` and ``x``
+share one dtype, the GEMM's compute dtype; under ``torch.autocast`` it is autocast's and may differ from W's (an
+fp32 W with bf16 ``g``, ``x``): dW is computed in the compute dtype and the update written in W's own dtype.
+``ok`` gates the write on the device (nothing is written where it is False): the backward never reads a flag on
+the host.
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
 rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 

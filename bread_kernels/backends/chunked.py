@@ -14,6 +14,12 @@
 
 bf16/fp16: CPU torch has no mixed-output GEMM, so a chunk of dW is computed by BLAS with fp32 accumulation and
 rounded once to the weight's dtype — exactly the dW the reference materialises — before the fp32 epilogue.
+
+The GEMM runs in the operands' dtype (g and x share one, the *compute* dtype), which under ``torch.autocast`` is
+autocast's and not W's (an fp32 W with bf16 g and x): the chunk buffer is then in the compute dtype, so each chunk
+is the low-precision dW that autograd materialises under autocast, and the epilogue widens it to fp32 and writes
+W in W's own dtype.  ``addmm_`` cannot mix dtypes, so that case (SGD with nearest rounding included) takes the
+chunked path.
 """
 
 from __future__ import annotations
@@ -60,27 +66,35 @@ class ChunkedBackend:
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
-    def chunk_rows(self, weight: torch.Tensor, tokens: int) -> int:
-        per_row = weight.shape[1] * (weight.element_size() + self.bytes_per_element)
-        if weight.dtype == torch.bfloat16:
-            per_row += tokens * weight.element_size()  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
+    def chunk_rows(self, weight: torch.Tensor, tokens: int, dtype: torch.dtype | None = None) -> int:
+        """Rows of ``weight`` per chunk of dW computed in ``dtype`` (default: W's) within the budget."""
+        dtype = weight.dtype if dtype is None else dtype
+        size = dtype.itemsize
+        per_row = weight.shape[1] * (size + self.bytes_per_element)
+        if dtype == torch.bfloat16:
+            per_row += tokens * size  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
         return max(1, min(weight.shape[0], chunk_budget_bytes() // per_row))
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
                        offset=0) -> None:
         """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
-        expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits."""
+        expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits.  ``grad_output``
+        and ``input`` share the compute dtype, which may differ from W's (autocast: see the module docstring)."""
+        compute = grad_output.dtype
+        if input.dtype != compute:
+            raise TypeError(f"update_weight_: grad_output is {compute} but input is {input.dtype}; the dW GEMM "
+                            "takes both in one dtype")
         rounding = rounding.resolve(weight.dtype)
-        if not sign and rounding is Rounding.NEAREST:
+        if not sign and rounding is Rounding.NEAREST and compute == weight.dtype:
             self.addmm_if_(weight, grad_output.t(), input, -step, ok)
             return
         n_rows, n_cols = weight.shape
-        rows = self.chunk_rows(weight, grad_output.shape[0])
+        rows = self.chunk_rows(weight, grad_output.shape[0], compute)
         if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
             self.apply_update_(weight, torch.mm(grad_output.t(), input), step, sign, rounding, seed, offset=offset,
                                ok=ok)
             return
-        buffer = torch.empty(rows, n_cols, dtype=weight.dtype, device=weight.device)
+        buffer = torch.empty(rows, n_cols, dtype=compute, device=weight.device)
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)
             chunk = torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])

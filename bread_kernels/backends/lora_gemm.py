@@ -6,7 +6,8 @@ With ``g`` [M, N], the adapter input ``x`` [M, K], ``u = x Aᵀ`` [M, r] from th
     v = g B,   dB = s · gᵀ u,   dA = s · vᵀ x
 
 three GEMMs that share the two rank-r intermediates; nothing of size N×K or M×N is allocated.  Results are in
-``B``'s dtype (the adapters' dtype; ``g`` is cast to it first, as peft's forward casts the adapter input).
+``B``'s dtype (the adapters' compute dtype — their own, or autocast's, for which the caller passes B cast to it; ``g``
+is cast to it first, as peft's forward casts the adapter input).
 """
 
 from __future__ import annotations

@@ -41,10 +41,20 @@ transformers' ``grouped_mm`` and ``batched_mm`` implementations compute the same
 or batched and the top-k outputs summed per token: equal to fp32 rounding (with k = 2 the per-token sum is the
 same two-term sum, so only the GEMMs' blocking differs).  The patched module runs this function whatever the
 config selects; an unplanned module (no optimizer yet) keeps transformers' own forward.
+
+Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) the eager forward's two ``F.linear`` per expert
+run in ``d`` (operands cast to ``d``) and everything between them follows its inputs' dtype; so here ``xₑ``,
+``W₁[e]``, ``aₑ`` and ``W₂[e]`` are cast to ``d``, ``uₑ``, ``aₑ`` (the gate of a ``d`` tensor, under the same
+autocast) and ``oₑ`` are in ``d``, and ``oₑ · r`` and the scatter keep the eager promotions (the output in x's
+dtype).  The backward's GEMMs run in ``d`` with the weights' casts taken before any update: ``gₐ``, ``gᵤ`` and
+each expert's ``∂x`` in ``d`` (``∂x`` summed over the top-k in x's dtype, as autograd's index backward does);
+``dW₁[e] = gᵤᵀ xₑ`` and ``dW₂[e] = gₒᵀ aₑ`` in ``d``, copied into the dense gradient in the weight's dtype (ACTIVE)
+or handed to the update, which writes them in the weight's own dtype (SGD/SIGN).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -53,6 +63,7 @@ import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
 from ..update import update_experts_
+from .autocast import autocast_dtype, outside_autocast
 from .linear import backward_trigger, check_plan_for_weight
 from .recompute import is_recomputing
 
@@ -117,12 +128,6 @@ def check_experts_inputs(hidden_states, top_k_index, top_k_weights, gate_up_proj
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"fused_experts: {what} must be a float32/bfloat16/float16 tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
-    if torch.amp.is_autocast_available(hidden_states.device.type) and \
-            torch.is_autocast_enabled(hidden_states.device.type):
-        raise NotImplementedError(
-            "fused_experts: torch.autocast is not supported (the fused backward computes in the weights' dtype); "
-            "cast the model instead, e.g. model.to(torch.bfloat16)"
-        )
     if hidden_states.dim() != 2:
         raise ValueError(f"fused_experts: hidden_states must be [tokens, hidden], got {tuple(hidden_states.shape)}")
     tokens, hidden = hidden_states.shape
@@ -142,8 +147,9 @@ def check_experts_inputs(hidden_states, top_k_index, top_k_weights, gate_up_proj
         if t.device != hidden_states.device:
             raise ValueError(f"fused_experts: hidden_states are on {hidden_states.device} but {what} is on "
                              f"{t.device}; move them together")
+    mixed_ok = autocast_dtype(hidden_states.device) is not None  # autocast casts the GEMMs' operands
     for what, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        if t.dtype != hidden_states.dtype:
+        if t.dtype != hidden_states.dtype and not mixed_ok:
             raise TypeError(f"fused_experts: hidden_states are {hidden_states.dtype} but {what} is {t.dtype}; cast "
                             "them to one dtype")
     for what, weight, plan in zip(EXPERT_WEIGHTS, (gate_up_proj, down_proj), plans):
@@ -189,14 +195,16 @@ class FusedExpertsFunction(torch.autograd.Function):
                          and not is_recomputing() else None for plan in plans)
         token, position, counts = _routing(top_k_index, gate_up_proj.shape[0])
         ctx.counts = counts
-        x = hidden_states[token]  # [S, H]
-        gate_up_out = hidden_states.new_empty(token.numel(), gate_up_proj.shape[1])  # uₑ, slot order
+        autocast = ctx.autocast = autocast_dtype(hidden_states.device)
+        dtype = ctx.compute_dtype = autocast or hidden_states.dtype
+        x = hidden_states[token].to(dtype)  # [S, H]
+        gate_up_out = x.new_empty(token.numel(), gate_up_proj.shape[1])  # uₑ, slot order
         for e, start, stop in _spans(counts):
-            gate_up_out[start:stop] = F.linear(x[start:stop], gate_up_proj[e])
-        activated = gate(gate_up_out)  # aₑ
-        down_out = hidden_states.new_empty(token.numel(), down_proj.shape[1])  # oₑ
+            gate_up_out[start:stop] = F.linear(x[start:stop], gate_up_proj[e].to(dtype))
+        activated = gate(gate_up_out).to(dtype)  # aₑ (under autocast: cast for the GEMM, as F.linear's)
+        down_out = x.new_empty(token.numel(), down_proj.shape[1])  # oₑ
         for e, start, stop in _spans(counts):
-            down_out[start:stop] = F.linear(activated[start:stop], down_proj[e])
+            down_out[start:stop] = F.linear(activated[start:stop], down_proj[e].to(dtype))
         final = torch.zeros_like(hidden_states)
         final.index_add_(0, token, (down_out * top_k_weights[token, position, None]).to(final.dtype))
         ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, token, position, gate_up_out,
@@ -205,71 +213,86 @@ class FusedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_states, top_k_weights, gate_up_proj, down_proj, token, position, gate_up_out, down_out = \
-            ctx.saved_tensors
-        weights = (gate_up_proj, down_proj)
-        need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        # per weight: "grad" (returned to autograd), "update" (on the fly) or None
-        modes = tuple("update" if role is not None and role.updates_on_the_fly else
-                      "grad" if (role is None or role is Role.ACTIVE) and ctx.needs_input_grad[3 + i] else None
-                      for i, role in enumerate(ctx.roles))
-        need_gu = need_x or modes[0] is not None  # gᵤ: for ∂x and W₁
-        need_go = need_gu or modes[1] is not None  # gₒ: for gₐ and W₂
-        grad_x = grad_r = None
-        grads = [torch.zeros_like(w) if mode == "grad" else None for w, mode in zip(weights, modes)]
-        pairs: tuple[dict, dict] = ({}, {})  # expert -> (g, x) of each on-the-fly weight
-        spans = list(_spans(ctx.counts))
+        with outside_autocast(grad_output.device):
+            return _experts_backward(ctx, grad_output)
 
-        if need_go or need_r:  # the routing weights' product, through autograd: its exact dtype promotions
-            with torch.enable_grad():
-                o = down_out.detach().requires_grad_(need_go)
-                r = top_k_weights[token, position].detach().requires_grad_(need_r)
-                y = (o * r[:, None]).to(grad_output.dtype)
-            wanted = [v for v, needed in ((o, need_go), (r, need_r)) if needed]
-            tail = list(torch.autograd.grad(y, wanted, grad_output[token]))
-            g_o = tail.pop(0) if need_go else None  # [S, H]
-            if need_r:
-                grad_r = torch.zeros_like(top_k_weights)
-                grad_r[token, position] = tail.pop(0)
-        if need_go:
-            with torch.enable_grad():
-                u = gate_up_out.detach().requires_grad_(need_gu)
-                a = ctx.gate(u)  # [S, I]
-            g_a = g_o.new_empty(a.shape) if need_gu else None
-            for e, start, stop in spans:
-                rows = slice(start, stop)
-                if need_gu:
-                    g_a[rows] = g_o[rows] @ down_proj[e]  # from W₂ before its update
-                _weight_gradient(modes[1], grads[1], pairs[1], e, g_o[rows], a.detach()[rows])
-        if need_gu:
-            (g_u,) = torch.autograd.grad(a, u, g_a)  # [S, 2I]
-            x = hidden_states[token] if modes[0] is not None else None
-            dx = g_u.new_empty(token.numel(), hidden_states.shape[1]) if need_x else None
-            for e, start, stop in spans:
-                rows = slice(start, stop)
-                if need_x:
-                    dx[rows] = g_u[rows] @ gate_up_proj[e]  # from W₁ before its update
-                if modes[0] is not None:
-                    _weight_gradient(modes[0], grads[0], pairs[0], e, g_u[rows], x[rows])
+
+def _experts_backward(ctx, grad_output):
+    hidden_states, top_k_weights, gate_up_proj, down_proj, token, position, gate_up_out, down_out = \
+        ctx.saved_tensors
+    dtype = ctx.compute_dtype
+    weights = (gate_up_proj, down_proj)
+    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    # per weight: "grad" (returned to autograd), "update" (on the fly) or None
+    modes = tuple("update" if role is not None and role.updates_on_the_fly else
+                  "grad" if (role is None or role is Role.ACTIVE) and ctx.needs_input_grad[3 + i] else None
+                  for i, role in enumerate(ctx.roles))
+    need_gu = need_x or modes[0] is not None  # gᵤ: for ∂x and W₁
+    need_go = need_gu or modes[1] is not None  # gₒ: for gₐ and W₂
+    grad_x = grad_r = None
+    grads = [torch.zeros_like(w) if mode == "grad" else None for w, mode in zip(weights, modes)]
+    pairs: tuple[dict, dict] = ({}, {})  # expert -> (g, x) of each on-the-fly weight
+    spans = list(_spans(ctx.counts))
+
+    if need_go or need_r:  # the routing weights' product, through autograd: its exact dtype promotions
+        with torch.enable_grad():
+            o = down_out.detach().requires_grad_(need_go)
+            r = top_k_weights[token, position].detach().requires_grad_(need_r)
+            y = (o * r[:, None]).to(grad_output.dtype)
+        wanted = [v for v, needed in ((o, need_go), (r, need_r)) if needed]
+        tail = list(torch.autograd.grad(y, wanted, grad_output[token]))
+        g_o = tail.pop(0) if need_go else None  # [S, H]
+        if need_r:
+            grad_r = torch.zeros_like(top_k_weights)
+            grad_r[token, position] = tail.pop(0)
+    if need_go:
+        with torch.enable_grad(), _autocast_of(ctx, grad_output.device):  # the gate as the forward ran it
+            u = gate_up_out.detach().requires_grad_(need_gu)
+            a = ctx.gate(u)  # [S, I]
+        a_c = a.detach().to(dtype)  # the GEMM operand
+        g_a = g_o.new_empty(a.shape) if need_gu else None
+        for e, start, stop in spans:
+            rows = slice(start, stop)
+            if need_gu:
+                g_a[rows] = g_o[rows] @ down_proj[e].to(dtype)  # from W₂ before its update
+            _weight_gradient(modes[1], grads[1], pairs[1], e, g_o[rows], a_c[rows])
+    if need_gu:
+        (g_u,) = torch.autograd.grad(a, u, g_a.to(a.dtype))  # [S, 2I]
+        x = hidden_states[token].to(dtype) if modes[0] is not None else None
+        dx = g_u.new_empty(token.numel(), hidden_states.shape[1]) if need_x else None
+        for e, start, stop in spans:
+            rows = slice(start, stop)
             if need_x:
-                grad_x = torch.zeros_like(hidden_states).index_add_(0, token, dx)
+                dx[rows] = g_u[rows] @ gate_up_proj[e].to(dtype)  # from W₁ before its update
+            if modes[0] is not None:
+                _weight_gradient(modes[0], grads[0], pairs[0], e, g_u[rows], x[rows])
+        if need_x:
+            grad_x = torch.zeros_like(hidden_states).index_add_(0, token, dx.to(hidden_states.dtype))
 
-        for plan, role, use, weight, mode, mine in zip(ctx.plans, ctx.roles, ctx.uses, weights, modes, pairs):
-            if mode != "update":
-                continue
-            pending = plan.finish_use(use, mine)
-            if pending is not None:
-                merged: dict[int, list] = {}
-                for contribution in pending:
-                    for e, pair in contribution.items():
-                        merged.setdefault(e, []).append(pair)
-                if merged:
-                    update_experts_(plan, role, weight, merged)
-        return grad_x, None, grad_r, grads[0], grads[1], None, None, None
+    for plan, role, use, weight, mode, mine in zip(ctx.plans, ctx.roles, ctx.uses, weights, modes, pairs):
+        if mode != "update":
+            continue
+        pending = plan.finish_use(use, mine)
+        if pending is not None:
+            merged: dict[int, list] = {}
+            for contribution in pending:
+                for e, pair in contribution.items():
+                    merged.setdefault(e, []).append(pair)
+            if merged:
+                update_experts_(plan, role, weight, merged)
+    return grad_x, None, grad_r, grads[0], grads[1], None, None, None
+
+
+def _autocast_of(ctx, device: torch.device):
+    """The forward's autocast (the gate's recompute in the backward sees what the forward's gate saw)."""
+    if ctx.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=ctx.autocast)
 
 
 def _weight_gradient(mode, grad, pairs, e, g, x) -> None:
-    """Expert ``e``'s share of one weight's gradient ``gᵀx``: into the dense gradient, or kept for the update."""
+    """Expert ``e``'s share of one weight's gradient ``gᵀx``: into the dense gradient (a copy into its dtype), or
+    kept for the update."""
     if mode == "grad":
         grad[e] = g.t() @ x
     elif mode == "update":

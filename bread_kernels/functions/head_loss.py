@@ -2,7 +2,8 @@
 
 Shapes: hidden states ``h`` [T, H] (T tokens), head weight ``W`` [V, H] (any strides), bias ``b`` [V] or None,
 targets ``y`` [T] (int64; ``ignore_index`` marks a token without a loss), all floats in one dtype (fp32, bf16,
-fp16).  The loss is the one of transformers' ``ForCausalLMLoss`` for logits ``z = h Wᵀ + b``:
+fp16) — except under ``torch.autocast``, below.  The loss is the one of transformers' ``ForCausalLMLoss`` for logits
+``z = h Wᵀ + b``:
 
     z_t   = h_t Wᵀ + b                                 in W's dtype, then upcast to fp32 (as HF does)
     z_t  ← c · tanh(z_t / c)                           soft-capping ``c`` (Gemma2), in W's dtype before the upcast
@@ -45,6 +46,13 @@ Beyond that the Function holds ``dh`` [T, H] from the forward to the backward (t
 logsumexp [T] for an on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would build
 anyway).
 
+Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) the unpatched model's head is an ``F.linear`` under
+autocast — logits in ``d`` from ``h``, ``W``, ``b`` cast to ``d`` — and its loss upcasts them to fp32.  So here
+"W's dtype" above reads ``d``: ``h``, ``W`` (each vocabulary tile's rows, in the on-the-fly backward) and ``b`` are
+cast to ``d``, the logits are computed and soft-capped in ``d``, then upcast; ``g`` is cast to ``d``; ``dh = g W_d``
+and ``dW = gᵀ h_d`` are ``d`` GEMMs (``dW`` accumulated over the chunks in fp32), returned in h's, W's and b's own
+dtypes; an on-the-fly head takes ``(g[:, tile], h_d)`` to the update path, which writes W in its own dtype.
+
 The head weight must be used once in the forward that contains this Function (the causal-LM forward calls it once;
 a tied head never gets an on-the-fly plan: :func:`bread_kernels.patch` leaves shared weights on plain autograd).
 The backward can run once (``retain_graph`` and a second backward raise): its saved gradients are handed over.
@@ -58,6 +66,7 @@ import torch
 
 from ..plan import Role, WeightPlan
 from ..update import all_finite, update_linear_
+from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "chunk_budget_bytes",
@@ -81,11 +90,12 @@ def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
     return chunk_bytes
 
 
-def _rows_per_block(budget: int, row_elements: int, weight_dtype: torch.dtype, softcap: float | None) -> int:
+def _rows_per_block(budget: int, row_elements: int, compute_dtype: torch.dtype, softcap: float | None) -> int:
     """How many rows of a [rows, row_elements] block of logits fit ``budget`` bytes, counting what one block
     allocates per element: the fp32 logits (4 bytes; softmax and the gradient are done in place), the fp32 tanh when
-    soft-capping (4), and for a bf16/fp16 head the GEMM's output and the cast of the gradient (2 + 2)."""
-    per_element = 4 + (4 if softcap is not None else 0) + (4 if weight_dtype != torch.float32 else 0)
+    soft-capping (4), and for a bf16/fp16 head GEMM (W's dtype, or autocast's) its output and the cast of the
+    gradient (2 + 2)."""
+    per_element = 4 + (4 if softcap is not None else 0) + (4 if compute_dtype != torch.float32 else 0)
     return max(1, budget // (row_elements * per_element))
 
 
@@ -101,14 +111,11 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"fused_head_loss: {what} has dtype {t.dtype}; float32, bfloat16 and float16 are "
                             "supported (cast with .to(weight.dtype))")
-        if t.dtype != weight.dtype:
+        if t.dtype != weight.dtype and autocast_dtype(weight.device) is None:  # autocast casts all to its dtype
             raise TypeError(f"fused_head_loss: {what} is {t.dtype} but the weight is {weight.dtype}; cast them to one "
                             "dtype")
         if t.device != weight.device:
             raise ValueError(f"fused_head_loss: {what} is on {t.device} but the weight is on {weight.device}")
-    if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
-        raise NotImplementedError("fused_head_loss: torch.autocast is not supported (the head computes in the "
-                                  "weight's dtype); cast the model instead, e.g. model.to(torch.bfloat16)")
     if weight.dim() != 2:
         raise ValueError(f"fused_head_loss: weight must be 2-D [vocab, hidden], got shape {tuple(weight.shape)}")
     if hidden.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -157,7 +164,7 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
     """(z fp32 [rows, cols], t = tanh(z_raw / c) fp32 or None): the logits of the rows ``h`` for the rows of
-    ``weight``, computed in W's dtype, soft-capped in W's dtype, then upcast — HF's order of operations."""
+    ``weight``, computed in their (compute) dtype, soft-capped in it, then upcast — HF's order of operations."""
     z = torch.nn.functional.linear(h, weight, bias)
     if softcap is None:
         return z.float(), None
@@ -193,13 +200,16 @@ def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, vali
 class FusedHeadLossFunction(torch.autograd.Function):
     """See the module docstring for the maths.  Inputs: hidden [T, H], weight [V, H], bias [V] or None, targets [T]
     (a negative target is an ignored token), inverse count (0-d fp32: 1/n), plan (or None), role, softcap (or
-    None), token chunk C, vocabulary tile R, whether grad is enabled (no gradient work without it), trigger (or
-    None).  Output: the loss, a 0-d fp32 tensor."""
+    None), token chunk C, vocabulary tile R, whether grad is enabled (no gradient work without it), the compute
+    dtype (W's, or autocast's), trigger (or None).  Output: the loss, a 0-d fp32 tensor."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_count, plan, role: Role, softcap, chunk, tile, grad_enabled,
-                trigger):
+                dtype, trigger):
         tokens, vocab = hidden.shape[0], weight.shape[0]
+        ctx.hidden_dtype, ctx.bias_dtype, ctx.compute_dtype = hidden.dtype, getattr(bias, "dtype", None), dtype
+        hidden = hidden.to(dtype)  # no-ops without autocast
+        weight_c, bias_c = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
         valid = targets >= 0
         safe = targets.clamp(min=0)
         needs_dh, needs_dw, needs_db = (needs and grad_enabled for needs in ctx.needs_input_grad[:3])
@@ -215,7 +225,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
         for start in range(0, tokens, chunk):
             stop = min(tokens, start + chunk)
             h = hidden[start:stop]
-            z, t = _logits(h, weight, bias, softcap)
+            z, t = _logits(h, weight_c, bias_c, softcap)
             picked = z.gather(1, safe[start:stop, None]).squeeze(1)
             lse = _softmax_(z)  # z now holds the probabilities
             total += torch.where(valid[start:stop], lse - picked, 0.0).sum()
@@ -223,13 +233,13 @@ class FusedHeadLossFunction(torch.autograd.Function):
                 lse_all[start:stop] = lse
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
-            g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(weight.dtype)
+            g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(dtype)
             if grad_hidden is not None:
-                torch.mm(g, weight, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
+                torch.mm(g, weight_c, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
             if grad_weight is not None:
                 if g.dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)
-                else:  # fp32 accumulation over the chunks; each chunk's GEMM in W's dtype, as autograd's
+                else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
                     grad_weight += g.t() @ h
             if grad_bias is not None:
                 grad_bias += g.sum(0, dtype=torch.float32)
@@ -243,22 +253,27 @@ class FusedHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.grads is None:
-            raise RuntimeError("fused_head_loss: the backward ran twice; its saved gradients were handed to the first "
-                               "backward (retain_graph and a second backward are not supported by the fused loss)")
-        grad_hidden, grad_weight, grad_bias = ctx.grads
-        ctx.grads = None  # handed over: autograd may keep them as .grad without a copy
-        gamma = grad_output.float()
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(gamma.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(gamma).to(ctx.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.mul_(gamma).to(ctx.dtype)
-        if ctx.use is not None:
-            hidden, weight, bias, targets, inv_count = ctx.saved_tensors
-            _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        with outside_autocast(grad_output.device):
+            return _head_loss_backward(ctx, grad_output)
+
+
+def _head_loss_backward(ctx, grad_output):
+    if ctx.grads is None:
+        raise RuntimeError("fused_head_loss: the backward ran twice; its saved gradients were handed to the first "
+                           "backward (retain_graph and a second backward are not supported by the fused loss)")
+    grad_hidden, grad_weight, grad_bias = ctx.grads
+    ctx.grads = None  # handed over: autograd may keep them as .grad without a copy
+    gamma = grad_output.float()
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.mul_(gamma.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.mul_(gamma).to(ctx.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.mul_(gamma).to(ctx.bias_dtype)
+    if ctx.use is not None:
+        hidden, weight, bias, targets, inv_count = ctx.saved_tensors
+        _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
 
 
 def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
@@ -279,12 +294,14 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
         return
     valid = targets >= 0
     vocab = weight.shape[0]
+    dtype = ctx.compute_dtype  # hidden is already in it
     for start in range(0, vocab, ctx.tile):
         stop = min(vocab, start + ctx.tile)
         rows = weight[start:stop]
-        z, t = _logits(hidden, rows, bias[start:stop] if bias is not None else None, ctx.softcap)
+        tile_bias = bias[start:stop].to(dtype) if bias is not None else None
+        z, t = _logits(hidden, rows.to(dtype), tile_bias, ctx.softcap)
         p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
-        g = _delta_(p, t, targets, valid, scale, first_col=start).to(weight.dtype)
+        g = _delta_(p, t, targets, valid, scale, first_col=start).to(dtype)
         update_linear_(plan, role, rows, bias[start:stop] if bias is not None else None, [(g, hidden)])
 
 
@@ -325,8 +342,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     else:
         role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
     float_softcap = float(softcap) if softcap is not None else None
-    chunk = _rows_per_block(budget, weight.shape[0], weight.dtype, float_softcap)
-    tile = _rows_per_block(budget, max(1, hidden.shape[0]), weight.dtype, float_softcap)
+    dtype = autocast_dtype(weight.device) or weight.dtype
+    chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
+    tile = _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None
     return FusedHeadLossFunction.apply(hidden, weight, bias, targets, inv_count, plan, role, float_softcap, chunk,
-                                       tile, torch.is_grad_enabled(), trigger)
+                                       tile, torch.is_grad_enabled(), dtype, trigger)

@@ -1,7 +1,8 @@
 """The dense linear ``y = x Wᵀ + b`` with a backward that obeys the weight's :class:`~bread_kernels.plan.Role`.
 
 Shapes: ``x`` [..., K] (any leading dims, flattened to M = tokens), ``W`` [N, K] (any strides — GPT-2's ``Conv1D``
-passes its [K, N] weight transposed), ``b`` [N] or None; fp32, bf16 or fp16, all three the same dtype.
+passes its [K, N] weight transposed), ``b`` [N] or None; fp32, bf16 or fp16, all three the same dtype — except
+under ``torch.autocast``, below.
 
 With ``g = ∂L/∂y`` flattened to [M, N] and ``x`` to [M, K], the backward computes
 
@@ -15,6 +16,15 @@ With ``g = ∂L/∂y`` flattened to [M, N] and ``x`` to [M, K], the backward com
 several times in one forward receives one update for its summed gradient after the last use's backward (the
 update is the fused kernel over the concatenated tokens of every use).  A non-finite ``g`` or ``x`` skips the
 update (weight and bias untouched) and is reported on the plan.
+
+Under ``torch.autocast`` for x's device type with autocast dtype ``d`` (see :mod:`.autocast`), x, W and b may have
+any of the three dtypes and everything is computed as ``F.linear`` computes it there: ``y = x_d W_dᵀ + b_d`` in
+``d`` (x, W, b cast to ``d``; the GEMM accumulates in fp32), output in ``d``; ``g`` [M, N] is then in ``d`` and
+
+    dX = (g · W_d) cast to x's dtype      W_d cast from W before any update; only ``x_d`` is saved, as autograd does
+    ACTIVE:  dW = (gᵀ x_d) in d, cast to W's dtype;  db = (Σ_m g) in d, cast to b's dtype
+    SGD/SIGN: dW = gᵀ x_d in d (the backend's chunks: never whole beyond the chunk budget), applied to W in W's
+             own dtype: an fp32 W gets ``W -= lr·s · fp32(dW_d)`` (or its sign), a bf16/fp16 W the usual rounding
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
 from ..update import update_linear_
+from .autocast import autocast_dtype, outside_autocast
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
 __all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
@@ -64,11 +75,6 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 f"fused_linear: {what} has dtype {t.dtype}; the fused linear supports float32, bfloat16 and float16 "
                 "(cast integer or float64 data with .to(weight.dtype) first)"
             )
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        raise NotImplementedError(
-            "fused_linear: torch.autocast is not supported (the fused backward computes in the weights' dtype); cast "
-            "the model instead, e.g. model.to(torch.bfloat16): BlockOptimizer keeps fp32 masters of the active block"
-        )
     if weight.dim() != 2:
         raise ValueError(f"fused_linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -78,10 +84,11 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"fused_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    mixed_ok = autocast_dtype(x.device) is not None  # autocast casts all three to its dtype
     for what, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"fused_linear: input is on {x.device} but {what} is on {t.device}; move them together")
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and t.dtype != x.dtype and not mixed_ok:
             raise TypeError(f"fused_linear: input is {x.dtype} but {what} is {t.dtype}; cast them to one dtype")
     check_plan_for_weight("fused_linear", plan, weight, "the weight")
 
@@ -104,20 +111,26 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan: WeightPlan, trigger, deferred):
         needs_x = start_weight_role(ctx, plan)
+        dtype = ctx.compute_dtype = autocast_dtype(x.device) or weight.dtype
+        ctx.x_dtype = x.dtype
+        x = x.to(dtype)  # no-ops without autocast (one dtype)
+        weight_c, bias_c = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(x if needs_x else None, weight, bias)
         if deferred is None:
-            return F.linear(x, weight, bias)
-        return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]), lambda: F.linear(x, weight, bias))
+            return F.linear(x, weight_c, bias_c)
+        return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]), lambda: F.linear(x, weight_c, bias_c))
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias = ctx.saved_tensors
-        g = grad_output.reshape(-1, weight.shape[0])  # flattened once: each op below is one 2-D GEMM, no views
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).view(*grad_output.shape[:-1], weight.shape[1])  # before any update of W (inv. 1)
-        grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
-                                                    ctx.needs_input_grad[2])
+        with outside_autocast(grad_output.device):
+            g = grad_output.reshape(-1, weight.shape[0])  # flattened once: each op below is one 2-D GEMM, no views
+            grad_x = None
+            if ctx.needs_input_grad[0]:  # from W before any update of W (invariant 1)
+                grad_x = (g @ weight.to(ctx.compute_dtype)).view(*grad_output.shape[:-1], weight.shape[1])
+                grad_x = grad_x.to(ctx.x_dtype)
+            grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
+                                                        ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
@@ -133,13 +146,14 @@ def start_weight_role(ctx, plan: WeightPlan) -> bool:
 
 def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_bias_grad: bool):
     """Backward half: ``(dW, db)`` for ACTIVE (None where not needed), the fused update for SGD/SIGN (after the
-    last use's backward), nothing for FROZEN/LORA.  ``g`` is [M, N]; ``x`` [..., K] the saved input."""
+    last use's backward), nothing for FROZEN/LORA.  ``g`` is [M, N]; ``x`` [..., K] the saved input, both in the
+    compute dtype (W's, or autocast's); ACTIVE's dW and db are returned in W's and b's own dtypes."""
     grad_weight = grad_bias = None
     if ctx.role is Role.ACTIVE:
         if needs_weight_grad:
-            grad_weight = g.t() @ _rows(x, weight.shape[1])
+            grad_weight = (g.t() @ _rows(x, weight.shape[1])).to(weight.dtype)
         if bias is not None and needs_bias_grad:
-            grad_bias = g.sum(0)
+            grad_bias = g.sum(0).to(bias.dtype)
     elif ctx.role.updates_on_the_fly:
         pending = ctx.plan.finish_use(ctx.use, (g, _rows(x, weight.shape[1])))
         if pending is not None:

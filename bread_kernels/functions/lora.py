@@ -19,6 +19,14 @@ gradients, as peft's graph does):
 ``x̃`` once; on a CPU three GEMMs), so no N×K tensor exists for a frozen base weight.  Dropout is exact: the mask
 belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
 forward's RNG state.
+
+Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) peft's forward runs its base layer and both
+adapter linears under autocast, so every GEMM above is in ``d``: ``y = x_d W_dᵀ + b_d + s·(x̃_d A_dᵀ) B_dᵀ`` with
+the output in ``d`` (peft's ``result.to(result dtype)``: the base layer's ``d``), where ``x̃_d`` is peft's cast of x
+to the adapters' dtype (dropout after it) cast on to ``d``.  The backward then computes ``v``, ``dB``, ``dA`` and
+``dX`` in ``d`` from ``g`` [M, N] in ``d`` and ``A_d``, ``B_d``, ``W_d`` (W's cast taken before any update), and
+returns each gradient in its tensor's own dtype (``dA``, ``dB`` in the adapters' dtype, ``dX`` in x's, the dropout
+branch's in x̃'s), as autograd does through autocast's casts; the base weight's Role works as in the dense linear.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import WeightPlan
+from .autocast import autocast_dtype, outside_autocast
 from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
 from .recompute import apply_deferring_output, deferred_output
 
@@ -65,58 +74,84 @@ class FusedLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, plan: WeightPlan, trigger, deferred):
         needs_x = start_weight_role(ctx, plan)
+        autocast = autocast_dtype(x.device)
+        base_dtype = ctx.compute_dtype = autocast or weight.dtype  # the base GEMM's
+        lora_dtype = ctx.lora_dtype = autocast or lora_a.dtype  # the adapters' GEMMs'
         ctx.scaling = scaling
         ctx.separate_lora_input = x_lora is not None
-        adapter_input = x_lora if x_lora is not None else x.to(lora_a.dtype)
-        u = F.linear(adapter_input, lora_a)
-        keep_x = needs_x or x_lora is None  # x is also the adapter input when there is no dropout
-        ctx.save_for_backward(x if keep_x else None, x_lora, weight, bias, lora_a, lora_b, u)
+        ctx.x_dtype = x.dtype
+        ctx.x_lora_dtype = x_lora.dtype if x_lora is not None else None
+        # x̃: peft's cast of x to the adapters' dtype (and dropout), then autocast's to its own.  None saved: the
+        # backward takes x̃ from the saved x (the backend casts it to the adapters' dtype)
+        x_c = x.to(base_dtype)  # no-op without autocast
+        if x_lora is not None:
+            adapter_input = saved_adapter_input = x_lora.to(lora_dtype)
+        elif autocast is None:
+            adapter_input, saved_adapter_input = x.to(lora_a.dtype), None
+        elif lora_a.dtype in (torch.float32, x.dtype):  # the cast through the adapters' dtype is exact: x̃ = x_d
+            adapter_input, saved_adapter_input = x_c, None
+        else:
+            adapter_input = saved_adapter_input = x.to(lora_a.dtype).to(lora_dtype)
+        x = x_c
+        lora_a_c, lora_b_c = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+        u = F.linear(adapter_input, lora_a_c)
+        keep_x = needs_x or saved_adapter_input is None  # x is also the adapter input
+        ctx.save_for_backward(x if keep_x else None, saved_adapter_input, weight, bias, lora_a, lora_b, u)
+        weight_c, bias_c = weight.to(base_dtype), (bias.to(base_dtype) if bias is not None else None)
         if deferred is None:
-            return lora_output(x, weight, bias, u, lora_b, scaling)
+            return lora_output(x, weight_c, bias_c, u, lora_b_c, scaling)
         return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]),
-                               lambda: lora_output(x, weight, bias, u, lora_b, scaling))
+                               lambda: lora_output(x, weight_c, bias_c, u, lora_b_c, scaling))
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, x_lora, weight, bias, lora_a, lora_b, u = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        n_out, n_in = weight.shape
-        rank = lora_a.shape[0]
-        g = grad_output.reshape(-1, n_out)
-        adapter_input = (x_lora if x_lora is not None else x).reshape(-1, n_in)
-        need_a, need_b = needs[4], needs[5]
-        need_lora_dx = needs[1] if ctx.separate_lora_input else needs[0]
+        with outside_autocast(grad_output.device):
+            return _lora_backward(ctx, grad_output)
 
-        grad_a = grad_b = v = None
-        if need_a or need_b or need_lora_dx:
-            v, grad_a, grad_b = get_backend(g.device).lora_grads(g, adapter_input, u.reshape(-1, rank), lora_b,
-                                                                 ctx.scaling, need_a, need_b)
-            v = v.to(lora_a.dtype)
 
-        grad_x = grad_x_lora = None
-        if needs[0]:
-            grad_x = grad_output @ weight  # before any update of W (design invariant 1)
-        if need_lora_dx:  # s · v A: into dX directly (a GEMM epilogue when the dtypes agree), or to x̃'s autograd
-            flat = grad_x.view(-1, n_in) if not ctx.separate_lora_input else None
-            if flat is not None and flat.dtype == lora_a.dtype:
-                flat.addmm_(v, lora_a, alpha=ctx.scaling)
+def _lora_backward(ctx, grad_output):
+    x, adapter_input, weight, bias, lora_a, lora_b, u = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    n_out, n_in = weight.shape
+    rank = lora_a.shape[0]
+    g = grad_output.reshape(-1, n_out)
+    adapter_input = (adapter_input if adapter_input is not None else x).reshape(-1, n_in)
+    need_a, need_b = needs[4], needs[5]
+    need_lora_dx = needs[1] if ctx.separate_lora_input else needs[0]
+    lora_a_c = lora_a.to(ctx.lora_dtype)
+
+    grad_a = grad_b = v = None
+    if need_a or need_b or need_lora_dx:
+        v, grad_a, grad_b = get_backend(g.device).lora_grads(g, adapter_input, u.reshape(-1, rank),
+                                                             lora_b.to(ctx.lora_dtype), ctx.scaling, need_a, need_b)
+        v = v.to(ctx.lora_dtype)
+
+    grad_x = grad_x_lora = None
+    if needs[0]:
+        grad_x = grad_output @ weight.to(ctx.compute_dtype)  # before any update of W (design invariant 1)
+    if need_lora_dx:  # s · v A: into dX directly (a GEMM epilogue when the dtypes agree), or to x̃'s autograd
+        flat = grad_x.view(-1, n_in) if not ctx.separate_lora_input else None
+        if flat is not None and flat.dtype == lora_a_c.dtype:
+            flat.addmm_(v, lora_a_c, alpha=ctx.scaling)
+        else:
+            lora_dx = torch.mm(v, lora_a_c).mul_(ctx.scaling)
+            if flat is not None:
+                flat.add_(lora_dx.to(flat.dtype))
             else:
-                lora_dx = torch.mm(v, lora_a).mul_(ctx.scaling)
-                if flat is not None:
-                    flat.add_(lora_dx.to(flat.dtype))
-                else:
-                    grad_x_lora = lora_dx.view(x_lora.shape)
+                grad_x_lora = lora_dx.view(grad_output.shape[:-1] + (n_in,)).to(ctx.x_lora_dtype)
+    if grad_x is not None:
+        grad_x = grad_x.to(ctx.x_dtype)
 
-        grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, needs[2], needs[3])
-        if grad_a is not None:
-            grad_a = grad_a.to(lora_a.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
+    grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, needs[2], needs[3])
+    if grad_a is not None:
+        grad_a = grad_a.to(lora_a.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(lora_b.dtype)
+    return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
-    """``x Wᵀ + b + s·u Bᵀ`` exactly as peft computes it."""
+    """``x Wᵀ + b + s·u Bᵀ`` exactly as peft computes it (the operands already in their compute dtypes)."""
     result = F.linear(x, weight, bias)
     if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
         result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)

@@ -10,7 +10,10 @@ so the update is applied after the whole reduction over tokens (sign needs the c
 ever exists outside registers.  ``ok`` (a one-element flag, the finiteness of g and x computed on the device)
 masks the store: a non-finite gradient leaves W untouched without the host ever reading the flag.  ``round`` is nearest-even or stochastic with the counter-based bits of
 ``backends/epilogue.py`` (same hash, same element indices: results are bit-identical to the CPU backends for the
-same fp32 dW).  ``apply_update_`` is the same epilogue over a given fp32 gradient (biases, tests).
+same fp32 dW).  ``apply_update_`` is the same epilogue over a given fp32 gradient (biases, tests).  ``g`` and ``x``
+share one dtype, which under ``torch.autocast`` is autocast's and may differ from W's (bf16 operands, an fp32 W):
+the reduction stays in fp32 and is not rounded to that dtype before the epilogue (the CPU backends round it once,
+as the GEMM autograd runs does), and the store is in W's dtype.
 
 Like Liger-Kernel's ops: kernels first, then launch functions that flatten to 2-D.  Program offsets are int64.
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned on the

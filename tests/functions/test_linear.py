@@ -308,8 +308,3 @@ def test_recompute_defers_the_output_and_fills_it_when_apply_returns(device, sha
     torch.testing.assert_close(w.detach().double(), expected, rtol=1e-5, atol=1e-5)
     del y
 
-
-def test_autocast_is_refused_with_a_clear_error(device):
-    weight, b, x, _ = make_inputs(torch.float32, device, (3, 29), True)
-    with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="autocast"):
-        fused_linear(x, weight.requires_grad_(), b, WeightPlan(Role.ACTIVE))

@@ -1,0 +1,34 @@
+"""``torch.autocast`` and the fused functions (Hugging Face Trainer's ``bf16=True`` / ``fp16=True``).
+
+Under an enabled autocast for the tensors' device type, with autocast dtype ``d``, torch computes ``F.linear`` and
+``matmul`` with every floating operand cast to ``d`` (a GEMM in ``d``, fp32 accumulation inside, output in ``d``),
+and autograd takes the gradients of the cast copies back through the casts: ``dW`` is the ``d`` GEMM's result cast
+to W's own dtype, ``dX`` likewise to x's.  The fused functions do the same with explicit casts: the forward reads
+``d`` here, computes in it and records it on ``ctx``; the backward computes in the recorded dtypes under
+:func:`outside_autocast`, so an autocast that is (or is not) enabled where ``backward()`` is called changes nothing
+(what ``torch.amp.custom_bwd`` gives a custom Function).  No low-precision copy of a weight outlives its use: the
+forward and the backward each cast what they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["autocast_dtype", "outside_autocast"]
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype an enabled ``torch.autocast`` for ``device``'s type computes GEMMs in, or None when it is off."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def outside_autocast(device: torch.device):
+    """A context in which no autocast for ``device``'s type is enabled (a no-op when none is)."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
