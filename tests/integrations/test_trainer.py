@@ -176,3 +176,44 @@ def test_bread_callback_refuses_a_block_optimizer_on_the_slow_path(tmp_path):
                                            list(model.named_parameters()), verbose=0)
     with pytest.raises(ValueError, match="call bread_kernels.patch\\(model\\) before building it"):
         _run(model, _args(tmp_path), callbacks=[BreadCallback()], optimizers=(opt, None))
+
+
+# -- mixed precision: TrainingArguments(bf16=True) runs the forward under torch.autocast(bfloat16) ----------------
+# fp32 weights: the engine's GEMMs run in bf16 as the unpatched model's do under autocast, in other layouts (chunked
+# dW, recompute), so a gradient may differ in its last bf16 bit (2^-8 relative); after 5 steps that stays below 1e-3
+# of a parameter's norm.  bf16 weights: the parameters themselves are bf16 and badam's fp32 copies round back to
+# bf16 after each step, so one-ulp flips of single elements (2^-8 relative) are expected: 1e-2 of the norm.
+def _assert_close_by_norm(reference, engine, tol):
+    for (name, a), (_, b) in zip(reference.named_parameters(), engine.named_parameters()):
+        error = (a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-12)
+        assert error <= tol, f"{name}: relative error {error:.2e} > {tol}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_bread_callback_under_trainer_bf16(tmp_path, dtype, tol):
+    original = models.llama(dtype=dtype)
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    args = _args(tmp_path, bf16=True, gradient_checkpointing=True)
+    seen = []
+    # inside the model's forward (which accelerate wraps in autocast); a hook on the model itself runs before it
+    eng_model.model.norm.register_forward_pre_hook(lambda m, inputs: seen.append(torch.is_autocast_enabled("cpu")))
+    _run(ref_model, args, optimizers=(_badam(ref_model), None))
+    _run(eng_model, args, callbacks=[BreadCallback()], optimizers=(_badam(eng_model), None))
+    assert seen and all(seen), "the Trainer did not run the forward under autocast: the test would prove nothing"
+    assert _moved(original, ref_model)
+    _assert_close_by_norm(ref_model, eng_model, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_lisa_callback_under_trainer_bf16(tmp_path, dtype, tol):
+    original = models.llama(dtype=dtype)
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    args = _args(tmp_path, bf16=True)
+    ref_trainer = Trainer(model=ref_model, args=args, train_dataset=_Data())
+    ref_trainer.add_callback(_LMFlowLisa(ref_model, 2, 2, seed=3, drop_state=True,
+                                         optimizer_of=lambda: ref_trainer.optimizer.optimizer))
+    ref_trainer.train()
+    Trainer(model=eng_model, args=args, train_dataset=_Data(),
+            callbacks=[LisaCallback(n_layers=2, interval_steps=2, seed=3)]).train()
+    assert _moved(original, ref_model)
+    _assert_close_by_norm(ref_model, eng_model, tol)

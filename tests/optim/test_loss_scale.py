@@ -75,3 +75,33 @@ def test_a_scaler_that_is_not_one_is_refused():
     with pytest.raises(TypeError, match="loss_scaler must be a torch.amp.GradScaler"):
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
                                      verbose=0, sgd_mode="all", loss_scaler=2.0 ** 12)
+
+
+def test_fp16_autocast_overflow_skips_every_update_of_the_step():
+    """fp16 autocast with a scale that overflows fp16: GradScaler skips the base step, and every on-the-fly update
+    of that backward is skipped (its scaled gradient is not finite) and reported, so no weight moves; once the
+    scaler has backed off, the updates run."""
+    model = bread_kernels.patch(models.llama())
+    before = copy.deepcopy(model)
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
+                                       verbose=0, sgd_mode="all", loss_scaler=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -30)
+    opt.driver.set_loss_scaler(scaler)
+
+    def step(i):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = models.loss_of(model, models.batch(i))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    with pytest.warns(RuntimeWarning, match="skipped .* on-the-fly update"):
+        step(0)
+        opt.driver.end_step()
+    for (name, a), (_, b) in zip(before.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), f"{name} moved in an overflowed step"
+    assert scaler.get_scale() == 2.0 ** 10
+    step(1)
+    moved = [n for (n, a), (_, b) in zip(before.named_parameters(), model.named_parameters()) if not torch.equal(a, b)]
+    assert len(moved) > len(list(model.parameters())) // 2
