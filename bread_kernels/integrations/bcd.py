@@ -130,6 +130,10 @@ class Acceleration:
         rounding = settings.get("rounding", Rounding.AUTO)
         seed = settings.get("seed", 0)
         update = None
+        unused = [k for k in ("rounding", "seed") if k in settings and sgd_mode == "disabled"]
+        if unused:
+            raise ValueError(f"accelerate: {', '.join(unused)} given, but this {kind} optimizer makes no on-the-fly "
+                             "update (they set its rounding); leave them out")
         if sgd_mode != "disabled":
             update = OnTheFlyUpdate(lr=_LibraryLr(optimizer), scale=float(settings["sgd_lr_scaling"]),
                                     rounding=rounding, seed=seed)

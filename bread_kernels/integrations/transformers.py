@@ -14,7 +14,6 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-import torch
 from transformers import TrainerCallback
 
 from ..optim.block_optimizer import BlockOptimizer
