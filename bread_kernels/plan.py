@@ -101,6 +101,11 @@ class OnTheFlyUpdate:
                 ) from None
         if not callable(self.lr) and not isinstance(self.lr, (int, float)):
             raise TypeError(f"OnTheFlyUpdate: lr must be a number or a zero-argument callable, got {type(self.lr)}")
+        if not callable(self.loss_scale) and not isinstance(self.loss_scale, (int, float)):
+            raise TypeError("OnTheFlyUpdate: loss_scale must be a number or a zero-argument callable, got "
+                            f"{type(self.loss_scale)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"OnTheFlyUpdate: seed must be an int >= 0, got {self.seed!r}")
 
     def step_size(self, sign: bool = False) -> float:
         """lr · scale / loss_scale (a SIGN step: lr · scale, sign(S·g) being sign(g)), read now.  Raises if it is

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ..optim.block_optimizer import BlockOptimizer
-from ..optim.driver import EngineDriver
+from ..optim.driver import (EngineDriver, check_loss_scaler, check_parameters_of, owning_patched_model,
+                            take_over_parameters)
 from ..patch import patch, patched_state, unpatch
 from ..plan import OnTheFlyUpdate, Role, Rounding
 
@@ -97,6 +98,16 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
     kind = _kind(optimizer)
     named = list(optimizer.named_parameters_list)
     model = _check_model(model, named, type(optimizer).__name__)
+    check_loss_scaler(settings.get("loss_scaler"), "accelerate")
+    seed = settings.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"accelerate: seed must be an int >= 0, got {seed!r}")
+    if not isinstance(settings.get("rounding", Rounding.AUTO), Rounding):
+        try:
+            Rounding(settings["rounding"])
+        except ValueError:
+            raise ValueError(f"accelerate: unknown rounding {settings['rounding']!r}; use one of "
+                             f"{[r.value for r in Rounding]}") from None
     acceleration = Acceleration(optimizer, model, kind, settings)
     optimizer.__dict__[_ATTR] = acceleration  # the optimizer keeps it alive; it holds the optimizer weakly
     return optimizer
@@ -137,6 +148,9 @@ class Acceleration:
         if sgd_mode != "disabled":
             update = OnTheFlyUpdate(lr=_LibraryLr(optimizer), scale=float(settings["sgd_lr_scaling"]),
                                     rounding=rounding, seed=seed)
+        named = list(optimizer.named_parameters_list)
+        # first: a previous owner of these parameters (a notebook cell re-run) is closed, which may unpatch
+        take_over_parameters(named, "accelerate")
         self.patched_here = patched_state(model) is None
         if self.patched_here:
             patch(model, **settings.get("patch_options", {}))
@@ -144,28 +158,47 @@ class Acceleration:
             raise ValueError("accelerate: patch_options were given but the model is already patched; unpatch it or "
                              "leave them out")
         self.model_ref = weakref.ref(model)
-        named = list(optimizer.named_parameters_list)
+        self._library_flags = {name: p.requires_grad for name, p in named}
+        self._step_hook = self._switch = None
         try:
             self.driver = EngineDriver(named, update=update, owner=self, library_hooks=True,
                                        what=f"accelerate({type(optimizer).__name__})")
-            self._library_flags: dict[str, bool] = {}
             if settings.get("loss_scaler") is not None:
                 self.driver.set_loss_scaler(settings["loss_scaler"])
             self.closed = False
             self.learn()
-        except Exception:
+            self._warn_scaled_library_hooks(settings.get("loss_scaler"))
+            # the step's finiteness flags are read before the library's step (torch's public step pre-hook); the
+            # switch has no public hook, so it is wrapped on the instance
+            self._step_hook = optimizer.register_step_pre_hook(_StepPreHook(self))
+            if kind != "ratio":
+                self._switch = _SwitchWrapper(optimizer, self)
+                optimizer.__dict__["switch_trainable_params"] = self._switch
+        except BaseException:
+            self.closed = True
+            if self._step_hook is not None:
+                self._step_hook.remove()
             if getattr(self, "driver", None) is not None:
                 self.driver.close()
-            if self.patched_here:
+            for name, p in named:
+                p.requires_grad_(self._library_flags[name])
+            if self.patched_here and patched_state(model) is not None:
                 unpatch(model)
             raise
-        # the step's finiteness flags are read before the library's step (torch's public step pre-hook); the switch
-        # has no public hook, so it is wrapped on the instance
-        self._step_hook = optimizer.register_step_pre_hook(_StepPreHook(self))
-        self._switch = None
-        if kind != "ratio":
-            self._switch = _SwitchWrapper(optimizer, self)
-            optimizer.__dict__["switch_trainable_params"] = self._switch
+
+    def _warn_scaled_library_hooks(self, scaler) -> None:
+        """The library's own hooks step the parameters outside the fused modules with the scaled gradient."""
+        if scaler is None or self.driver.update is None:
+            return
+        fused = {id(p) for name, module in self.driver.engine.fused_modules
+                 for p in module.parameters(recurse=False)} if self.driver.engine is not None else set()
+        outside = [n for n, p in self.optimizer_ref().named_parameters_list
+                   if self.driver.roles.get(n, Role.FROZEN) is Role.SGD and id(p) not in fused]
+        if outside:
+            warnings.warn(f"accelerate: the engine divides the loss scale out of the fused SGD steps, but the "
+                          f"library's own hooks step {outside[:3]}{' ...' if len(outside) > 3 else ''} (outside the "
+                          "fused modules) with the scaled gradient, as they do without the engine", RuntimeWarning,
+                          stacklevel=4)
 
     # -- learning the active set ------------------------------------------------------------------------------
     def roles(self) -> dict[str, Role]:
@@ -204,7 +237,8 @@ class Acceleration:
         self.closed = True
         self.driver.close()
         optimizer = self.optimizer_ref()
-        self._step_hook.remove()
+        if self._step_hook is not None:
+            self._step_hook.remove()
         if optimizer is not None:
             if self._switch is not None and optimizer.__dict__.get("switch_trainable_params") is self._switch:
                 if self._switch.previous is None:
@@ -301,15 +335,21 @@ def _check_badam_version() -> None:
                       "internals_problems(optimizer) lists what no longer matches", RuntimeWarning, stacklevel=4)
 
 
-def _kind(optimizer) -> str:
+def _classify(optimizer) -> str | None:
+    """``"ratio"``, ``"badam"``, ``"blockoptimizers"`` (BlockOptimizers' attributes), or None."""
     classes = _badam_classes()
     if classes and isinstance(optimizer, classes[1]):
-        kind = "ratio"
-    elif classes and isinstance(optimizer, classes[0]):
-        kind = "badam"
-    elif all(hasattr(optimizer, a) for a in _BLOCKOPTIMIZERS_ATTRIBUTES):
-        kind = "blockoptimizers"
-    else:
+        return "ratio"
+    if classes and isinstance(optimizer, classes[0]):
+        return "badam"
+    if all(hasattr(optimizer, a) for a in _BLOCKOPTIMIZERS_ATTRIBUTES):
+        return "blockoptimizers"
+    return None
+
+
+def _kind(optimizer) -> str:
+    kind = _classify(optimizer)
+    if kind is None:
         raise TypeError(
             f"accelerate: {type(optimizer).__module__}.{type(optimizer).__name__} is not a supported BCD optimizer. "
             "Supported: badam.BlockOptimizer, badam.BlockOptimizerRatio, an optimizer with Microsoft BlockOptimizers' "
@@ -327,10 +367,7 @@ def _kind(optimizer) -> str:
 def internals_problems(optimizer, kind: str | None = None) -> list[str]:
     """What the integration reads from a library optimizer and does not find (empty when everything is there): a
     test runs it on the real classes so that a library release that changes them fails loudly."""
-    if kind is None:
-        classes = _badam_classes()
-        kind = ("ratio" if classes and isinstance(optimizer, classes[1]) else
-                "badam" if classes and isinstance(optimizer, classes[0]) else "blockoptimizers")
+    kind = kind or _classify(optimizer) or "blockoptimizers"
     wanted = {"ratio": _RATIO_ATTRIBUTES, "badam": _BADAM_ATTRIBUTES,
               "blockoptimizers": _BLOCKOPTIMIZERS_ATTRIBUTES}[kind]
     problems = [f"no attribute {a!r}" for a in wanted if not hasattr(optimizer, a)]
@@ -372,21 +409,13 @@ def _sgd_settings(kind: str, sgd_mode: str, settings: dict) -> bool:
 def _check_model(model, named, what: str) -> nn.Module:
     """The model the optimizer's parameters belong to (given, or the patched one they come from)."""
     if model is None:
-        from ..optim.driver import owning_patched_model
         model = owning_patched_model(named, f"accelerate({what})")
         if model is None:
             raise ValueError(f"accelerate: pass the model the {what} was built over: accelerate(optimizer, model)")
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be an nn.Module, got {type(model).__name__}")
-    own = {id(p): n for n, p in model.named_parameters()}
-    for name, p in named:
-        if id(p) not in own:
-            raise ValueError(f"accelerate: the {what}'s parameter {name!r} is not a parameter of the given "
-                             f"{type(model).__name__}; pass the model the optimizer was built over")
-        if own[id(p)] != name:
-            raise ValueError(f"accelerate: the {what}'s parameter {name!r} is {own[id(p)]!r} in the given model; "
-                             "build the optimizer over list(model.named_parameters())")
+    check_parameters_of(model, named, f"accelerate({what})")
     if any(hasattr(p, "ds_id") for _, p in named):
         raise NotImplementedError("accelerate: the model is partitioned by DeepSpeed ZeRO-3; use "
                                   "bread_kernels.integrations.deepspeed (ZeroBlockOptimizer and initialize) instead")

@@ -34,17 +34,6 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
-def _patch_once(model, options: dict) -> bool:
-    """Patch ``model`` unless it is; return whether this call patched it."""
-    if patched_state(model) is not None:
-        if options:
-            raise ValueError(f"the model is already patched; patch options {sorted(options)} cannot apply. Leave "
-                             "them out or pass an unpatched model")
-        return False
-    patch(model, **options)
-    return True
-
-
 class BreadCallback(TrainerCallback):
     """Patches the model at ``on_train_begin`` and puts the engine under the Trainer's BCD optimizer
     (:func:`bread_kernels.accelerate`: ``badam.BlockOptimizer``, ``BlockOptimizerRatio``, BlockOptimizers' class;
@@ -64,36 +53,43 @@ class BreadCallback(TrainerCallback):
         self.settings = settings
         self._optimizer = None
         self._model = None
-        self._patched_here = False
+        self._scaler_given = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("BreadCallback: the Trainer passed no model or optimizer to on_train_begin")
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
         optimizer = unwrap_optimizer(optimizer)
+        self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
         if isinstance(optimizer, BlockOptimizer):
             if optimizer.engine is None:
                 raise ValueError("BreadCallback: the Trainer's bread_kernels.BlockOptimizer was built over an "
                                  "unpatched model (it runs the reference's hook path); call "
                                  "bread_kernels.patch(model) before building it")
+            if self.patch_options or self.settings:
+                raise ValueError("BreadCallback: the Trainer's optimizer is a bread_kernels.BlockOptimizer, which "
+                                 "takes its settings in its constructor and drives a model patched before it; give "
+                                 "BreadCallback no patch_options or settings")
             if scaler is not None:
                 optimizer.driver.set_loss_scaler(scaler)
+                self._scaler_given = True
             return
-        self._patched_here = _patch_once(model, self.patch_options)
         settings = dict(self.settings)
         if scaler is not None and "loss_scaler" not in settings:
             settings["loss_scaler"] = scaler
-        accelerate(optimizer, model, **settings)
-        self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
+        if self.patch_options:
+            settings["patch_options"] = self.patch_options
+        accelerate(optimizer, model, **settings)  # patches (and unpatches again when it refuses)
 
     def on_train_end(self, args, state, control, **kwargs):
         optimizer = self._optimizer() if self._optimizer is not None else None
-        if optimizer is not None:
-            unaccelerate(optimizer)
-        model = self._model() if self._model is not None else None
-        if self._patched_here and model is not None:
-            unpatch(model)
+        if isinstance(optimizer, BlockOptimizer):
+            if self._scaler_given and not optimizer.closed:
+                optimizer.driver.set_loss_scaler(None)  # the scaler is the Trainer's: no forward reads it after
+        elif optimizer is not None:
+            unaccelerate(optimizer)  # the model unpatched if accelerate patched it
         self._optimizer = self._model = None
+        self._scaler_given = False
 
 
 class LisaCallback(TrainerCallback):
@@ -147,17 +143,28 @@ class LisaCallback(TrainerCallback):
                                       or accelerated(unwrap_optimizer(optimizer)) is not None):
             raise ValueError("LisaCallback: the Trainer's optimizer is a block optimizer that chooses the trained "
                              "parameters itself; LISA needs a plain optimizer (the Trainer's default AdamW)")
-        self._patched_here = _patch_once(model, self.patch_options)
-        engine = patched_state(model)
-        layers = len(engine.blocks)
-        if self.n_layers > layers:
-            raise ValueError(f"LisaCallback: n_layers={self.n_layers} but the model has {layers} layers")
-        prefixes = engine.block_prefixes()
-        named = list(model.named_parameters())
-        self._layer_of = {n: i for n, _ in named for i, prefix in enumerate(prefixes) if n.startswith(prefix)}
-        self._outside = {n: p.requires_grad for n, p in named if n not in self._layer_of}
-        self.total_layers = layers
-        self.driver = EngineDriver(named, owner=self, library_hooks=True, what="LisaCallback")
+        if patched_state(model) is not None and self.patch_options:
+            raise ValueError(f"LisaCallback: the model is already patched; patch options {sorted(self.patch_options)} "
+                             "cannot apply. Leave them out or pass an unpatched model")
+        self._patched_here = patched_state(model) is None
+        if self._patched_here:
+            patch(model, **self.patch_options)
+        try:
+            engine = patched_state(model)
+            layers = len(engine.blocks)
+            if self.n_layers > layers:
+                raise ValueError(f"LisaCallback: n_layers={self.n_layers} but the model has {layers} layers")
+            prefixes = engine.block_prefixes()
+            named = list(model.named_parameters())
+            self._layer_of = {n: i for n, _ in named for i, prefix in enumerate(prefixes) if n.startswith(prefix)}
+            self._outside = {n: p.requires_grad for n, p in named if n not in self._layer_of}
+            self.total_layers = layers
+            self.driver = EngineDriver(named, owner=self, library_hooks=True, what="LisaCallback")
+        except BaseException:
+            if self._patched_here:
+                self._patched_here = False
+                unpatch(model)
+            raise
         self._optimizer = weakref.ref(unwrap_optimizer(optimizer)) if optimizer is not None else None
         self._model = weakref.ref(model)
 

@@ -46,7 +46,7 @@ from ..patch import patched_state
 from ..peft_lora import is_adapter_name
 from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
-from .driver import EngineDriver, check_named_parameters, owning_patched_model
+from .driver import EngineDriver, check_loss_scaler, check_named_parameters, owning_patched_model, take_over_parameters
 from .masters import Fp32Masters
 from .roles import LORA_MODES, SGD_MODES, no_decay_names, roles_for_block
 
@@ -129,9 +129,12 @@ class BlockOptimizer(torch.optim.Optimizer):
                          include_embedding, include_lm_head, verbose, log_fn, lora_mode, n_layer_per_block,
                          lr_warmup_step_afterswitch, init_avgsq_scale, sgd_mode, sgd_lr_scaling, sgd_use_sign,
                          rounding, seed)
+        check_loss_scaler(loss_scaler, "BlockOptimizer")
         self._closed = True  # until construction succeeds: close() does nothing
         self.named_parameters_list = check_named_parameters(named_parameters_list, "BlockOptimizer")
         self.names = [n for n, _ in self.named_parameters_list]
+        # first: closing a previous owner may unpatch the model (an accelerate() that patched it)
+        take_over_parameters(self.named_parameters_list, "BlockOptimizer")
         self.model = owning_patched_model(self.named_parameters_list, "BlockOptimizer")
         self.engine = patched_state(self.model) if self.model is not None else None
 
@@ -201,7 +204,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         self._closed = True
-        self.driver.close()  # the skips of a backward since the last step are still said
+        self.driver.close()  # the skips of a backward since the last step are still said (closed even if it warns)
 
     def _check_open(self, what: str) -> None:
         if self._closed:

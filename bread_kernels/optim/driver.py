@@ -41,7 +41,8 @@ from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from ..update import update_dense_
 from .roles import lowest_needed_block
 
-__all__ = ["EngineDriver", "owning_patched_model"]
+__all__ = ["EngineDriver", "owning_patched_model", "take_over_parameters", "check_loss_scaler",
+           "check_parameters_of", "check_named_parameters"]
 
 #: parameter -> weakref to the live EngineDriver that owns it (one owner at a time)
 _OWNERS = WeakIdKeyDictionary()
@@ -78,8 +79,18 @@ class EngineDriver:
         if not isinstance(library_hooks, bool):
             raise TypeError(f"{what}: library_hooks must be True or False, got {library_hooks!r}")
         self.names = [n for n, _ in self.named_parameters]
+        self._name_set = set(self.names)
+        # first: closing a previous owner may unpatch the model (an accelerate() that patched it)
+        take_over_parameters(self.named_parameters, what)
         self.model = owning_patched_model(self.named_parameters, what)
         self.engine = patched_state(self.model) if self.model is not None else None
+        if self.engine is not None and self.engine.driver is not None and \
+                not getattr(self.engine.driver, "closed", False):
+            raise ValueError(f"{what}: the model is driven by a live {self.engine.driver!r} over other parameters; "
+                             "close it first (one driver writes a model's plans)")
+        #: the names in the model's own order (the cut needs to know what comes before the blocks)
+        self._model_order = self.names if self.model is None else \
+            [n for n, _ in self.model.named_parameters() if n in self._name_set]
         self.update = update
         self.update_target = update_target
         self.library_hooks = library_hooks
@@ -91,7 +102,6 @@ class EngineDriver:
         self._skip_collector = _SkipCollector(self)
         self._checks = FiniteChecks()
 
-        self._take_over_parameters()
         self._closed = False
         handles: list = []
         self._handles = handles
@@ -122,37 +132,24 @@ class EngineDriver:
     def closed(self) -> bool:
         return self._closed
 
-    def _take_over_parameters(self) -> None:
-        previous = []
-        for _, p in self.named_parameters:
-            driver = _OWNERS.get(p)
-            driver = driver() if driver is not None else None
-            if driver is not None and not driver.closed and all(driver is not d for d in previous):
-                previous.append(driver)
-        for driver in previous:
-            owner = driver.owner
-            warnings.warn(f"{self.what}: these parameters belonged to a live {owner!r}; it was closed (its hooks "
-                          "and plans removed, its step() now raises) and this one takes them over. Call close() on "
-                          "what you replace to silence this.", RuntimeWarning, stacklevel=5)
-            (owner if owner is not None else driver).close()
-            driver.close()
-
     def close(self) -> None:
         """Remove the hooks and the plans (the fused modules then run plain autograd and the backward reaches every
         block again), after reporting the skips of a backward since the last :meth:`end_step`.  Idempotent.  The
         ``requires_grad`` flags stay as the last roles left them."""
         if self._closed:
             return
-        self.end_step()
-        self._closed = True
-        if self.engine is not None and self.engine.driver is self.owner:
-            self.engine.drive(None)  # then the release clears the plans and the cut
-        self._release()
-        for _, p in self.named_parameters:
-            driver = _OWNERS.get(p)
-            if driver is not None and driver() is self:
-                del _OWNERS[p]
-        self.hook_plans = {}
+        try:
+            self.end_step()  # may warn (an error under -W error): the rest is done whatever happens
+        finally:
+            self._closed = True
+            if self.engine is not None and self.engine.driver is self.owner:
+                self.engine.drive(None)  # then the release clears the plans and the cut
+            self._release()
+            for _, p in self.named_parameters:
+                driver = _OWNERS.get(p)
+                if driver is not None and driver() is self:
+                    del _OWNERS[p]
+            self.hook_plans = {}
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -193,7 +190,7 @@ class EngineDriver:
             if role is not Role.ACTIVE:
                 p.grad = None
         if self.engine is not None:
-            self.engine.set_cut(lowest_needed_block(self.names, roles, self.engine.block_prefixes()))
+            self.engine.set_cut(lowest_needed_block(self._model_order, roles, self.engine.block_prefixes()))
         return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
 
     def end_step(self, label: str | None = None) -> int:
@@ -228,9 +225,7 @@ class EngineDriver:
             if self.update is not None:
                 self.update.loss_scale = 1.0
             return
-        if not (callable(getattr(scaler, "get_scale", None)) and callable(getattr(scaler, "is_enabled", None))):
-            raise TypeError(f"{self.what}: loss_scaler must be a torch.amp.GradScaler (get_scale, is_enabled), got "
-                            f"{type(scaler).__name__}")
+        check_loss_scaler(scaler, self.what)
         if self.update is None:
             return  # nothing updates on the fly: nothing to unscale
         scale = _ScalerScale(scaler, refresh_each_call=self.model is None)
@@ -250,7 +245,7 @@ class EngineDriver:
             raise TypeError(f"{self.what}.set_roles: roles must map every parameter name to a Role, got "
                             f"{type(roles).__name__}")
         missing = [n for n in self.names if n not in roles]
-        unknown = [n for n in roles if n not in set(self.names)]
+        unknown = [n for n in roles if n not in self._name_set]
         if missing or unknown:
             raise KeyError(f"{self.what}.set_roles: roles must name every parameter of named_parameters exactly; "
                            f"missing {missing[:3]}, unknown {unknown[:3]}")
@@ -337,14 +332,14 @@ class _ScalerScale:
 
     def refresh(self) -> None:
         scaler = self.scaler()
-        if scaler is None:
-            raise RuntimeError("bread_kernels: the loss scaler given to set_loss_scaler no longer exists; give the "
-                               "driver the live one (or None)")
-        self.value = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        self.value = None if scaler is None else float(scaler.get_scale()) if scaler.is_enabled() else 1.0
 
     def __call__(self) -> float:
         if self.refresh_each_call:
             self.refresh()
+        if self.value is None:  # raised only when an update needs it: a forward alone (generation) never does
+            raise RuntimeError("bread_kernels: the loss scaler given to set_loss_scaler no longer exists; give the "
+                               "driver the live one (or None)")
         return self.value
 
 
@@ -383,7 +378,45 @@ def _release_hooks(handles: list, engine_ref) -> None:
         engine.clear_plans()
 
 
+def take_over_parameters(named, what: str) -> None:
+    """Close the live drivers (and their owners) that own any of ``named``, with a warning: one driver per
+    parameter, so re-running a notebook cell never leaves two sets of hooks on one model."""
+    previous = []
+    for _, p in named:
+        driver = _OWNERS.get(p)
+        driver = driver() if driver is not None else None
+        if driver is not None and not driver.closed and all(driver is not d for d in previous):
+            previous.append(driver)
+    for driver in previous:
+        owner = driver.owner
+        warnings.warn(f"{what}: these parameters belonged to a live {owner!r}; it was closed (its hooks and plans "
+                      "removed, its step() now raises) and this one takes them over. Call close() on what you "
+                      "replace to silence this.", RuntimeWarning, stacklevel=4)
+        (owner if owner is not None else driver).close()
+        driver.close()
+
+
 # -- argument checks -----------------------------------------------------------------------------------------------
+def check_loss_scaler(scaler, what: str) -> None:
+    """Raise unless ``scaler`` is None or looks like a ``torch.amp.GradScaler``."""
+    if scaler is not None and not (callable(getattr(scaler, "get_scale", None))
+                                   and callable(getattr(scaler, "is_enabled", None))):
+        raise TypeError(f"{what}: loss_scaler must be a torch.amp.GradScaler (get_scale, is_enabled), got "
+                        f"{type(scaler).__name__}")
+
+
+def check_parameters_of(model: nn.Module, named, what: str) -> None:
+    """Raise unless every ``(name, parameter)`` of ``named`` is that parameter of ``model`` under that name."""
+    own = {id(p): n for n, p in model.named_parameters()}
+    for name, p in named:
+        if id(p) not in own:
+            raise ValueError(f"{what}: parameter {name!r} is not a parameter of the {type(model).__name__}; pass "
+                             "list(model.named_parameters()) of the model the optimizer was built over")
+        if own[id(p)] != name:
+            raise ValueError(f"{what}: parameter named {name!r} is {own[id(p)]!r} in the {type(model).__name__}; "
+                             "pass list(model.named_parameters()) of that model")
+
+
 def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Parameter]]:
     try:
         items = list(named_parameters)
@@ -404,16 +437,7 @@ def owning_patched_model(named, what: str) -> nn.Module | None:
     """The patched model these parameters come from (names checked), or None if none of them is patched."""
     ids = {id(p) for _, p in named}
     for model in patched_models():
-        own = dict((id(p), n) for n, p in model.named_parameters())
-        inside = ids & own.keys()
-        if not inside:
-            continue
-        for name, p in named:
-            if id(p) not in own:
-                raise ValueError(f"{what}: parameter {name!r} is not a parameter of the patched "
-                                 f"{type(model).__name__}; pass list(model.named_parameters()) of that model")
-            if own[id(p)] != name:
-                raise ValueError(f"{what}: parameter named {name!r} is {own[id(p)]!r} in the patched model; "
-                                 "pass list(model.named_parameters()) of that model")
-        return model
+        if ids & {id(p) for p in model.parameters()}:
+            check_parameters_of(model, named, what)
+            return model
     return None

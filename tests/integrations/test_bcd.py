@@ -186,7 +186,7 @@ def test_bad_input_is_refused_before_anything_is_touched():
         bread_kernels.accelerate(torch.optim.AdamW(model.parameters(), lr=LR), model)
     other = models.llama(seed=1)
     opt = _badam(model)
-    with pytest.raises(ValueError, match="is not a parameter of the given LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="is not a parameter of the LlamaForCausalLM"):
         bread_kernels.accelerate(opt, other)
     with pytest.raises(ValueError, match="pass the model"):
         bread_kernels.accelerate(opt)
@@ -221,3 +221,35 @@ def test_unpatch_of_an_accelerated_model_closes_the_acceleration():
     assert patched_state(model) is None and bcd.accelerated(opt) is None
     assert "switch_trainable_params" not in opt.__dict__
     _train(model, opt, 2)  # the library alone again
+
+
+def test_badam_lora_mode_trains_the_same():
+    """badam on a peft LoRA model trains only the active block's adapters: the base weights there get the LORA
+    plan (no dW), the adapters' gradients land in .grad."""
+    _compare(lambda m: _badam(m, switch_block_every=2), steps=5,
+             model=lambda: models.with_lora(models.llama(), r=4))
+
+
+def test_accelerate_under_a_loss_scaler_undoes_the_scale_on_the_fused_weights():
+    """BlockOptimizers-style sgd_mode='partial' with a GradScaler: accelerated, the fused SGD steps divide the scale
+    out — the run equals the unscaled library run on the fused weights; the library's own hooks (the norms) still
+    step with the scaled gradient, as it does alone, and accelerate warns about them."""
+    original = models.llama()
+    plain_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    make = lambda m: _style(m, switch_block_every=3, sgd_mode="partial", sgd_lr_scaling=0.5)  # noqa: E731
+    plain_opt, eng_opt = make(plain_model), make(eng_model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    with pytest.warns(RuntimeWarning, match="with the scaled gradient"):
+        bread_kernels.accelerate(eng_opt, eng_model, sgd_lr_scaling=0.5, sgd_use_sign=False, loss_scaler=scaler)
+    before = copy.deepcopy(original)
+    models.loss_of(plain_model, models.batch(0)).backward()
+    plain_opt.step()
+    scaler.scale(models.loss_of(eng_model, models.batch(0))).backward()
+    scaler.step(eng_opt)
+    scaler.update()
+    # the top block is active (descending), so the partial SGD reaches the final norm (library hook) and the head
+    # (fused); one step, so both runs start every update from the same weights
+    torch.testing.assert_close(eng_model.lm_head.weight, plain_model.lm_head.weight, rtol=RTOL, atol=ATOL)
+    norm = lambda m: m.model.norm.weight - before.model.norm.weight  # noqa: E731
+    # the plain delta (~1e-6 on weights ~1) carries the fp32 rounding of W + δ: 2^-23 each, times the scale
+    torch.testing.assert_close(norm(eng_model), 2.0 ** 8 * norm(plain_model), rtol=1e-3, atol=2.0 ** 8 * 2.0 ** -22)

@@ -72,7 +72,7 @@ def test_parameters_not_from_the_patched_model_are_refused():
     model = bread_kernels.patch(BUILDERS["llama"]())
     other = BUILDERS["llama"](seed=1)
     mixed = list(model.named_parameters())[:-1] + [("lm_head.weight", other.lm_head.weight)]
-    with pytest.raises(ValueError, match="'lm_head.weight' is not a parameter of the patched LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="'lm_head.weight' is not a parameter of the LlamaForCausalLM"):
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), mixed, verbose=0)
     renamed = [("x." + n, p) for n, p in model.named_parameters()]
     with pytest.raises(ValueError, match="named 'x.model.embed_tokens.weight' is 'model.embed_tokens.weight'"):

@@ -25,6 +25,9 @@ class ZeroBlockOptimizer(BlockOptimizer):
     makes_fp32_masters = False  # DeepSpeed keeps the fp32 masters of the low-precision active block
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("loss_scaler") is not None:
+            raise ValueError("ZeroBlockOptimizer: leave loss_scaler out; under ZeRO-3 the on-the-fly updates undo "
+                             "DeepSpeed's own loss scale (the shards divide it out)")
         self._ds_engine = None
         self.update_target = ZeroShards()
         super().__init__(*args, **kwargs)

@@ -1,0 +1,123 @@
+"""EngineDriver, the protocol any BCD library drives the engine with: its example, its errors, its lifetime."""
+
+import copy
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import bread_kernels
+from bread_kernels import EngineDriver, OnTheFlyUpdate, Role
+from bread_kernels.patch import patched_state
+
+from .. import model_zoo as models
+
+LR = 1e-2
+
+
+def _roles(model, active="model.layers.3.", other=Role.SGD):
+    return {n: Role.ACTIVE if n.startswith(active) else other for n, _ in model.named_parameters()}
+
+
+def test_the_docstring_example_matches_plain_autograd_with_hand_written_updates():
+    """Layer 3 trained by the library's Adam from .grad, everything else W -= lr·s·g in the backward."""
+    original = models.llama()
+    reference, model = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original))
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR, scale=0.5))
+    active = driver.set_roles(_roles(model))
+    assert [n for n, _ in active] == [n for n, _ in model.named_parameters() if n.startswith("model.layers.3.")]
+    opt = torch.optim.SGD([p for _, p in active], lr=LR)
+    ref_opt = torch.optim.SGD([p for n, p in reference.named_parameters() if n.startswith("model.layers.3.")], lr=LR)
+    ids = models.batch(0)
+    models.loss_of(model, ids).backward()
+    opt.step()
+    assert driver.end_step() == 0
+    models.loss_of(reference, ids).backward()
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if not n.startswith("model.layers.3."):
+                p -= LR * 0.5 * p.grad
+    ref_opt.step()
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    driver.close()
+    assert patched_state(model).cut == 0 and driver.closed
+
+
+def test_string_roles_and_the_cut():
+    model = bread_kernels.patch(models.llama())
+    driver = EngineDriver(list(model.named_parameters()))
+    driver.set_roles({n: "active" if n.startswith("model.layers.2.") else "frozen" for n, _ in model.named_parameters()})
+    assert patched_state(model).cut == 2
+    assert all(p.requires_grad == n.startswith("model.layers.2.") for n, p in model.named_parameters())
+
+
+def test_bad_roles_are_refused_before_anything_is_written():
+    model = bread_kernels.patch(models.llama())
+    driver = EngineDriver(list(model.named_parameters()))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    roles = _roles(model, other=Role.FROZEN)
+    with pytest.raises(KeyError, match="missing"):
+        driver.set_roles({n: r for n, r in list(roles.items())[1:]})
+    with pytest.raises(KeyError, match="unknown"):
+        driver.set_roles({**roles, "nope": Role.FROZEN})
+    with pytest.raises(ValueError, match="unknown role"):
+        driver.set_roles({**roles, "lm_head.weight": "adam"})
+    with pytest.raises(ValueError, match="LoRA base weight FROZEN"):
+        driver.set_roles({**roles, "lm_head.weight": Role.LORA})
+    with pytest.raises(ValueError, match="no update rule"):
+        driver.set_roles({**roles, "lm_head.weight": Role.SGD})
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert patched_state(model).cut == 0
+
+
+def test_unpatch_closes_a_driver_without_owner_and_a_dropped_driver_frees_its_hooks():
+    model = bread_kernels.patch(models.llama())
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR))
+    driver.set_roles(_roles(model))
+    bread_kernels.unpatch(model)
+    assert driver.closed
+    bread_kernels.patch(model)
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR))
+    driver.set_roles(_roles(model))
+    ref = weakref.ref(driver)
+    del driver
+    gc.collect()
+    assert ref() is None and patched_state(model).cut == 0
+
+
+def test_a_new_driver_takes_the_parameters_over_and_a_disjoint_one_is_refused():
+    model = bread_kernels.patch(models.llama())
+    first = EngineDriver(list(model.named_parameters()))
+    with pytest.warns(RuntimeWarning, match="belonged to a live"):
+        second = EngineDriver(list(model.named_parameters()))
+    assert first.closed and not second.closed
+    second.close()
+    named = list(model.named_parameters())
+    keeper = EngineDriver(named[1:])
+    with pytest.raises(ValueError, match="driven by a live"):
+        EngineDriver(named[:1])  # other parameters of a model another driver writes the plans of
+    keeper.close()
+
+
+def test_an_accelerated_model_taken_over_by_a_block_optimizer_runs_on_the_engine():
+    """accelerate() patched the model; a BlockOptimizer built over the same parameters closes that acceleration
+    (which unpatches) — the new optimizer then finds the model unpatched and says so, never half-driven."""
+    import badam
+    model = models.llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = badam.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
+                                   verbose=0)
+    bread_kernels.accelerate(opt, model)
+    with pytest.warns(RuntimeWarning, match="belonged to a live"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not patched.*")
+        mine = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR),
+                                            list(model.named_parameters()), verbose=0, sgd_mode="all")
+    assert patched_state(model) is None and mine.engine is None, "the new optimizer runs the hook path, whole"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    models.loss_of(model, models.batch(0)).backward()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) > len(before) // 2, "the SGD updates of the hook path ran"
