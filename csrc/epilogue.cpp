@@ -61,8 +61,9 @@ inline float round_stochastic<float>(float value, uint32_t) {
 
 template <>
 inline c10::BFloat16 round_stochastic<c10::BFloat16>(float value, uint32_t bits) {
-  uint32_t pattern = (float_bits(value) + (bits & 0xFFFFu)) & 0xFFFF0000u;
-  return c10::BFloat16(bits_float(pattern));  // exact: the low 16 bits are zero
+  uint32_t pattern = float_bits(value) + (bits & 0xFFFFu);
+  // the top half is the result (the low 16 bits are dropped, not rounded): built from its bits, which vectorises
+  return c10::BFloat16(static_cast<uint16_t>(pattern >> 16), c10::BFloat16::from_bits());
 }
 
 template <>
@@ -168,12 +169,17 @@ void apply_update_(at::Tensor param, const at::Tensor& grad, double step, bool s
   }
 }
 
-// A non-finite float has every exponent bit set: test the bit pattern (vectorises, no float compares).
+// A non-finite float has every exponent bit set: test the bit pattern, no float compares.  The scan is a min
+// reduction of (bits & exponent) ^ exponent, which is 0 exactly for a non-finite element: unsigned min vectorises
+// to one instruction per vector (a bool OR of compares did not, and ran at a quarter of the bandwidth in bf16).
 template <typename U>
 bool finite_bits(const U* bits, int64_t n, U exponent) {
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) bad |= (bits[i] & exponent) == exponent;
-  return !bad;
+  U smallest = exponent;
+  for (int64_t i = 0; i < n; ++i) {
+    U v = static_cast<U>((bits[i] & exponent) ^ exponent);
+    smallest = v < smallest ? v : smallest;
+  }
+  return smallest != 0;
 }
 
 bool tensor_is_finite(const at::Tensor& t) {
