@@ -217,3 +217,23 @@ def test_lisa_callback_under_trainer_bf16(tmp_path, dtype, tol):
             callbacks=[LisaCallback(n_layers=2, interval_steps=2, seed=3)]).train()
     assert _moved(original, ref_model)
     _assert_close_by_norm(ref_model, eng_model, tol)
+
+
+def test_bread_callback_with_gradient_accumulation(tmp_path):
+    """Two micro-batches per step under a BlockOptimizers-style BREAD-SGD optimizer: the on-the-fly updates run in
+    every micro-batch's backward, as the library's hooks do, and the active block's gradients accumulate."""
+    from .blockoptimizers_style import BlockOptimizersStyle
+
+    def make(model):
+        base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+        return BlockOptimizersStyle(base, list(model.named_parameters()), [[f"model.layers.{i}."] for i in range(4)],
+                                    switch_block_every=2, sgd_mode="partial", sgd_lr_scaling=0.5)
+
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    args = _args(tmp_path, gradient_accumulation_steps=2)
+    _run(ref_model, args, optimizers=(make(ref_model), None))
+    _run(eng_model, args, callbacks=[BreadCallback(sgd_lr_scaling=0.5, sgd_use_sign=False)],
+         optimizers=(make(eng_model), None))
+    assert _moved(original, ref_model)
+    _assert_same(ref_model, eng_model)
