@@ -151,12 +151,7 @@ class Acceleration:
         named = list(optimizer.named_parameters_list)
         # first: a previous owner of these parameters (a notebook cell re-run) is closed, which may unpatch
         take_over_parameters(named, "accelerate")
-        self.patched_here = patched_state(model) is None
-        if self.patched_here:
-            patch(model, **settings.get("patch_options", {}))
-        elif settings.get("patch_options"):
-            raise ValueError("accelerate: patch_options were given but the model is already patched; unpatch it or "
-                             "leave them out")
+        self.patched_here = patch_if_needed(model, settings.get("patch_options", {}), "accelerate")
         self.model_ref = weakref.ref(model)
         self._library_flags = {name: p.requires_grad for name, p in named}
         self._step_hook = self._switch = None
@@ -188,12 +183,9 @@ class Acceleration:
 
     def _warn_scaled_library_hooks(self, scaler) -> None:
         """The library's own hooks step the parameters outside the fused modules with the scaled gradient."""
-        if scaler is None or self.driver.update is None:
+        if scaler is None:
             return
-        fused = {id(p) for name, module in self.driver.engine.fused_modules
-                 for p in module.parameters(recurse=False)} if self.driver.engine is not None else set()
-        outside = [n for n, p in self.optimizer_ref().named_parameters_list
-                   if self.driver.roles.get(n, Role.FROZEN) is Role.SGD and id(p) not in fused]
+        outside = [n for n in self.driver.unfused_on_the_fly if self.driver.roles[n] is Role.SGD]  # SIGN: unscaled
         if outside:
             warnings.warn(f"accelerate: the engine divides the loss scale out of the fused SGD steps, but the "
                           f"library's own hooks step {outside[:3]}{' ...' if len(outside) > 3 else ''} (outside the "
@@ -230,8 +222,9 @@ class Acceleration:
 
     def close(self) -> None:
         """Back to the library's own behaviour: the engine's plans and cut removed, the ``requires_grad`` flags the
-        library set restored (its hooks then fire as before), the wrapped methods restored (where nothing wrapped
-        them since; otherwise they stay as pass-throughs), and the model unpatched if ``accelerate`` patched it."""
+        library set restored (its hooks then fire as before), the step pre-hook removed, ``switch_trainable_params``
+        restored (where nothing wrapped it since; otherwise the wrapper stays, as a pass-through), and the model
+        unpatched if ``accelerate`` patched it."""
         if self.closed:
             return
         self.closed = True
@@ -256,6 +249,18 @@ class Acceleration:
 
     def __repr__(self) -> str:
         return f"Acceleration({self.kind}{', closed' if self.closed else ''})"
+
+
+def patch_if_needed(model: nn.Module, options: dict, what: str) -> bool:
+    """Patch ``model`` with ``options`` unless it is patched already (then ``options`` must be empty: they could not
+    apply); return whether this call patched it."""
+    if patched_state(model) is not None:
+        if options:
+            raise ValueError(f"{what}: patch options {sorted(options)} were given but the model is already patched; "
+                             "unpatch it or leave them out")
+        return False
+    patch(model, **options)
+    return True
 
 
 class _SwitchWrapper:

@@ -18,9 +18,9 @@ from transformers import TrainerCallback
 
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import EngineDriver
-from ..patch import patch, patched_state, unpatch
+from ..patch import patched_state, unpatch
 from ..plan import Role
-from .bcd import accelerate, accelerated, unaccelerate
+from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
 
 __all__ = ["BreadCallback", "LisaCallback", "unwrap_optimizer"]
 
@@ -39,8 +39,8 @@ class BreadCallback(TrainerCallback):
     (:func:`bread_kernels.accelerate`: ``badam.BlockOptimizer``, ``BlockOptimizerRatio``, BlockOptimizers' class;
     a :class:`bread_kernels.BlockOptimizer` built after ``patch`` needs nothing but the loss scaler).  With
     ``fp16=True`` the Trainer's ``GradScaler`` is handed to the engine, whose on-the-fly updates divide its scale
-    out.  At ``on_train_end`` the library's
-    own behaviour is restored and the model unpatched if this callback patched it.
+    out.  At ``on_train_end`` the library's own behaviour is restored and the model unpatched if this callback
+    patched it.
 
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
@@ -143,12 +143,7 @@ class LisaCallback(TrainerCallback):
                                       or accelerated(unwrap_optimizer(optimizer)) is not None):
             raise ValueError("LisaCallback: the Trainer's optimizer is a block optimizer that chooses the trained "
                              "parameters itself; LISA needs a plain optimizer (the Trainer's default AdamW)")
-        if patched_state(model) is not None and self.patch_options:
-            raise ValueError(f"LisaCallback: the model is already patched; patch options {sorted(self.patch_options)} "
-                             "cannot apply. Leave them out or pass an unpatched model")
-        self._patched_here = patched_state(model) is None
-        if self._patched_here:
-            patch(model, **self.patch_options)
+        self._patched_here = patch_if_needed(model, self.patch_options, "LisaCallback")
         try:
             engine = patched_state(model)
             layers = len(engine.blocks)

@@ -96,6 +96,9 @@ class EngineDriver:
         self.library_hooks = library_hooks
         self._owner = weakref.ref(owner) if owner is not None else None
         self.roles: dict[str, Role] = {}
+        #: the on-the-fly parameters outside the fused modules: updated by this driver's hooks (``hook_plans``), or
+        #: by the library's own with ``library_hooks``
+        self.unfused_on_the_fly: list[str] = []
         self.hook_plans: dict[str, WeightPlan] = {}
         self.skipped_updates = 0
         self._skipped: list[tuple[str, str]] = []
@@ -178,17 +181,19 @@ class EngineDriver:
             plans.update({name: self._weight_plan(name, weight, role_of, fused)
                           for name, weight in self.engine.expert_weights()})
             self.engine.apply_plans(plans)
-        self.hook_plans = {}
+        self.unfused_on_the_fly = []
         for name, p in self.named_parameters:
             role = roles[name]
             if id(p) in fused:
                 p.requires_grad_(role is Role.ACTIVE)
             else:
                 p.requires_grad_(role is not Role.FROZEN)
-                if role.updates_on_the_fly and not self.library_hooks:
-                    self.hook_plans[name] = self.plan(role, name)
+                if role.updates_on_the_fly:
+                    self.unfused_on_the_fly.append(name)
             if role is not Role.ACTIVE:
                 p.grad = None
+        self.hook_plans = {} if self.library_hooks else \
+            {name: self.plan(roles[name], name) for name in self.unfused_on_the_fly}
         if self.engine is not None:
             self.engine.set_cut(lowest_needed_block(self._model_order, roles, self.engine.block_prefixes()))
         return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
