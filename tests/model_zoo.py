@@ -198,3 +198,23 @@ def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, see
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return wrapped
+
+
+def assert_same_parameters(reference: torch.nn.Module, trained: torch.nn.Module, rtol: float = 1e-5,
+                           atol: float = 1e-6) -> None:
+    """Every parameter of ``trained`` within ``rtol``/``atol`` of ``reference``'s (the same names, in order)."""
+    for (name, a), (_, b) in zip(reference.named_parameters(), trained.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_close_by_norm(reference: torch.nn.Module, trained: torch.nn.Module, tol: float) -> None:
+    """Every parameter of ``trained`` within ``tol`` of ``reference``'s, relative to the reference's norm."""
+    for (name, a), (_, b) in zip(reference.named_parameters(), trained.named_parameters()):
+        error = (a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-12)
+        assert error <= tol, f"{name}: relative error {error:.2e} > {tol}"
+
+
+def moved_parameters(original: torch.nn.Module, trained: torch.nn.Module) -> list[str]:
+    """The names of the parameters that training changed."""
+    return [n for (n, a), (_, b) in zip(original.named_parameters(), trained.named_parameters())
+            if not torch.equal(a, b)]

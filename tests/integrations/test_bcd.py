@@ -64,11 +64,6 @@ def _train(model, optimizer, steps, start=0):
         optimizer.zero_grad(set_to_none=True)
 
 
-def _assert_same(reference, engine):
-    for (name, a), (_, b) in zip(reference.named_parameters(), engine.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
-
-
 def _compare(make_optimizer, steps, settings=None, model=models.llama):
     original = model()
     ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
@@ -77,10 +72,9 @@ def _compare(make_optimizer, steps, settings=None, model=models.llama):
     assert bread_kernels.accelerate(eng_opt, eng_model, **(settings or {})) is eng_opt
     _train(ref_model, ref_opt, steps)
     _train(eng_model, eng_opt, steps)
-    moved = [n for (n, a), (_, b) in zip(original.named_parameters(), ref_model.named_parameters())
-             if not torch.equal(a, b)]
-    assert moved, "the reference did not train anything: the comparison would prove nothing"
-    _assert_same(ref_model, eng_model)
+    assert models.moved_parameters(original, ref_model), \
+        "the reference did not train anything: the comparison would prove nothing"
+    models.assert_same_parameters(ref_model, eng_model, RTOL, ATOL)
     return ref_model, eng_model, eng_opt
 
 
@@ -163,7 +157,7 @@ def test_unaccelerate_restores_the_library():
     assert all(p.requires_grad for p in eng_model.parameters()), "sgd_mode='all': the library keeps every flag on"
     _train(ref_model, ref_opt, 3, start=3)
     _train(eng_model, eng_opt, 3, start=3)
-    _assert_same(ref_model, eng_model)
+    models.assert_same_parameters(ref_model, eng_model, RTOL, ATOL)
 
 
 def test_dropping_the_optimizer_frees_the_acceleration():

@@ -73,16 +73,6 @@ def _run(model, args, callbacks=(), optimizers=(None, None)) -> _CountingTrainer
     return trainer
 
 
-def _assert_same(reference, engine, rtol=1e-5, atol=1e-6):
-    for (name, a), (_, b) in zip(reference.named_parameters(), engine.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-def _moved(original, trained):
-    return [n for (n, a), (_, b) in zip(original.named_parameters(), trained.named_parameters())
-            if not torch.equal(a, b)]
-
-
 def _badam(model):
     torch.manual_seed(0)
     base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
@@ -96,8 +86,8 @@ def test_bread_callback_under_badam(tmp_path, checkpointing):
     args = _args(tmp_path, gradient_checkpointing=checkpointing)
     reference = _run(ref_model, args, optimizers=(_badam(ref_model), None))
     engine = _run(eng_model, args, callbacks=[BreadCallback()], optimizers=(_badam(eng_model), None))
-    assert _moved(original, ref_model)
-    _assert_same(ref_model, eng_model)
+    assert models.moved_parameters(original, ref_model)
+    models.assert_same_parameters(ref_model, eng_model)
     # descending from the top block, a switch every 2 steps (badam's first block gets one step less)
     assert engine.cuts == [3, 2, 2, 1, 1]
     if checkpointing:  # HF's checkpointing makes the backward reach every layer; the engine's stops at the cut
@@ -152,8 +142,8 @@ def test_lisa_callback_trains_as_lmflow(tmp_path, checkpointing, drop_state):
         assert sum(eng_trainer.flops) <= sum(ref_trainer.flops)
     else:  # the engine recomputes every block (one more forward, for the memory): measured 1.31x
         assert sum(eng_trainer.flops) <= 1.35 * sum(ref_trainer.flops)
-    assert _moved(original, ref_model)
-    _assert_same(ref_model, eng_model)
+    assert models.moved_parameters(original, ref_model)
+    models.assert_same_parameters(ref_model, eng_model)
     if drop_state:
         held = {id(p) for p in eng_trainer.optimizer.optimizer.state}
         active = {id(p) for i in lisa.active_layers_indices for p in eng_model.model.layers[i].parameters()}
@@ -183,12 +173,6 @@ def test_bread_callback_refuses_a_block_optimizer_on_the_slow_path(tmp_path):
 # dW, recompute), so a gradient may differ in its last bf16 bit (2^-8 relative); after 5 steps that stays below 1e-3
 # of a parameter's norm.  bf16 weights: the parameters themselves are bf16 and badam's fp32 copies round back to
 # bf16 after each step, so one-ulp flips of single elements (2^-8 relative) are expected: 1e-2 of the norm.
-def _assert_close_by_norm(reference, engine, tol):
-    for (name, a), (_, b) in zip(reference.named_parameters(), engine.named_parameters()):
-        error = (a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-12)
-        assert error <= tol, f"{name}: relative error {error:.2e} > {tol}"
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
 def test_bread_callback_under_trainer_bf16(tmp_path, dtype, tol):
     original = models.llama(dtype=dtype)
@@ -200,8 +184,8 @@ def test_bread_callback_under_trainer_bf16(tmp_path, dtype, tol):
     _run(ref_model, args, optimizers=(_badam(ref_model), None))
     _run(eng_model, args, callbacks=[BreadCallback()], optimizers=(_badam(eng_model), None))
     assert seen and all(seen), "the Trainer did not run the forward under autocast: the test would prove nothing"
-    assert _moved(original, ref_model)
-    _assert_close_by_norm(ref_model, eng_model, tol)
+    assert models.moved_parameters(original, ref_model)
+    models.assert_close_by_norm(ref_model, eng_model, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
@@ -215,8 +199,8 @@ def test_lisa_callback_under_trainer_bf16(tmp_path, dtype, tol):
     ref_trainer.train()
     Trainer(model=eng_model, args=args, train_dataset=_Data(),
             callbacks=[LisaCallback(n_layers=2, interval_steps=2, seed=3)]).train()
-    assert _moved(original, ref_model)
-    _assert_close_by_norm(ref_model, eng_model, tol)
+    assert models.moved_parameters(original, ref_model)
+    models.assert_close_by_norm(ref_model, eng_model, tol)
 
 
 def test_bread_callback_with_gradient_accumulation(tmp_path):
@@ -235,5 +219,5 @@ def test_bread_callback_with_gradient_accumulation(tmp_path):
     _run(ref_model, args, optimizers=(make(ref_model), None))
     _run(eng_model, args, callbacks=[BreadCallback(sgd_lr_scaling=0.5, sgd_use_sign=False)],
          optimizers=(make(eng_model), None))
-    assert _moved(original, ref_model)
-    _assert_same(ref_model, eng_model)
+    assert models.moved_parameters(original, ref_model)
+    models.assert_same_parameters(ref_model, eng_model)

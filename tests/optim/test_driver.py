@@ -40,8 +40,7 @@ def test_the_docstring_example_matches_plain_autograd_with_hand_written_updates(
             if not n.startswith("model.layers.3."):
                 p -= LR * 0.5 * p.grad
     ref_opt.step()
-    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    models.assert_same_parameters(reference, model, rtol=1e-5, atol=1e-6)
     driver.close()
     assert patched_state(model).cut == 0 and driver.closed
 

@@ -47,8 +47,7 @@ def test_a_scaled_loss_trains_as_the_unscaled_one(patched, sign):
     scaled = _train(copy.deepcopy(original), 4, scaler=scaler, patched=patched, sgd_mode="all",
                     sgd_lr_scaling=0.5, sgd_use_sign=sign)
     assert scaler.get_scale() > 2.0 ** 12, "the scale never changed: the test would not see a stale read"
-    for (name, a), (_, b) in zip(plain.named_parameters(), scaled.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    models.assert_same_parameters(plain, scaled, rtol=1e-5, atol=1e-6)
 
 
 def test_without_undoing_the_scale_the_run_differs():
@@ -103,5 +102,5 @@ def test_fp16_autocast_overflow_skips_every_update_of_the_step():
         assert torch.equal(a, b), f"{name} moved in an overflowed step"
     assert scaler.get_scale() == 2.0 ** 10
     step(1)
-    moved = [n for (n, a), (_, b) in zip(before.named_parameters(), model.named_parameters()) if not torch.equal(a, b)]
+    moved = models.moved_parameters(before, model)
     assert len(moved) > len(list(model.parameters())) // 2
