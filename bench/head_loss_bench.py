@@ -7,7 +7,8 @@ reference, on a Llama whose head dominates the step: peak memory and time of for
 Sides, for each variant (the active block is the 2nd-to-last layer; BREAD-SGD updates the head on the fly):
 
 * ``fused``: ``bread_kernels.patch(model, fused_loss=True)`` + ``BlockOptimizer``;
-* ``engine``: ``bread_kernels.patch(model)`` (the fused linear head, the logits and HF's loss) + ``BlockOptimizer``;
+* ``engine``: ``bread_kernels.patch(model, fused_loss=False)`` (the fused linear head, the logits and HF's loss) +
+  ``BlockOptimizer``;
 * ``reference``: plain autograd + the optimizer's hooks, HF gradient checkpointing as its users run it (the input
   embeddings require grad, so the backward runs through every layer);
 * ``reference-cut``: the same with ``disable_input_require_grads()`` (autograd stops at the lowest trainable block).
@@ -77,7 +78,7 @@ def measure(vocab, variant, args, device):
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     refs = reference_ways(base, recompute=True)
     models = {"fused": bread_kernels.patch(copy.deepcopy(base), fused_loss=True).train(),
-              "engine": bread_kernels.patch(copy.deepcopy(base)).train(),
+              "engine": bread_kernels.patch(copy.deepcopy(base), fused_loss=False).train(),
               "reference": refs["reference"], "reference-cut": refs["best"]}
     active = args.layers - 2 if args.layers >= 2 else 0
     opts = {side: optimizer(models[side], variant, active) for side in SIDES}

@@ -1,7 +1,8 @@
-"""The memory-for-time trade of ``patch(keep_top=k)``: backward time and peak memory of the engine with the top
-k blocks keeping their activations, against k=0 (every block recomputed), on the bench's default CPU model.
+"""The memory-for-time trade of ``patch(keep_top=k)``, with and without the fused head+loss: forward + backward time
+and peak memory of the engine against the best-configured reference (HF checkpointing with the cut), on the bench's
+default CPU model.
 
-    python bench/keep_top_trade.py [--repeats 3] [--vocab 4096]
+    python bench/keep_top_trade.py [--dtype bf16] [--repeats 3] [--keep 0 1] [--variants BAdam BREAD-SGD]
 
 Times are medians of alternating runs (drift hits every side alike); peaks from the profiler's allocation events
 over forward + backward (``bread_kernels.bench.memory``).
@@ -15,37 +16,47 @@ import torch
 
 from bread_kernels import patch
 from bread_kernels.bench.linear import device_name
-from bread_kernels.bench.model import CPU_SETUP, backward_time, _optimizer, step_peak_bytes, build_model
+from bread_kernels.bench.model import (CPU_SETUP, VARIANTS, _optimizer, build_model, reference_ways, step_peak_bytes,
+                                       step_time)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=CPU_SETUP["shape"]["vocab"])
-    parser.add_argument("--keep", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--keep", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=["BAdam", "BREAD-SGD"], choices=list(VARIANTS))
     args = parser.parse_args()
     shape = {**CPU_SETUP["shape"], "vocab": args.vocab}
-    base = build_model(**shape, dtype=torch.float32)
+    base = build_model(**shape, dtype=DTYPES[args.dtype])
     ids = torch.randint(0, shape["vocab"], (CPU_SETUP["batch"], CPU_SETUP["seq"]),
                         generator=torch.Generator().manual_seed(0))
     print(f"keep_top trade on {device_name(torch.device('cpu'))}: Llama {shape['layers']}x{shape['hidden']}, vocab "
-          f"{shape['vocab']}, batch {CPU_SETUP['batch']}x{CPU_SETUP['seq']}, fp32; median of {args.repeats}")
-    print(f"{'variant':<20}{'block':>6}{'keep':>6}{'backward ms':>13}{'peak MiB':>10}{'time':>7}{'memory':>8}")
-    for variant, active in (("BAdam", shape["layers"] - 2), ("BAdam", 1), ("BREAD-SGD", 1)):
-        sides = []
-        for keep in args.keep:
-            model = patch(copy.deepcopy(base), keep_top=keep).train()
-            sides.append((keep, model, _optimizer(model, variant, active)))
-        peaks = {keep: step_peak_bytes(model, opt, ids) for keep, model, opt in sides}
-        times = {keep: [] for keep, _, _ in sides}
-        for _ in range(args.repeats):
-            for keep, model, opt in sides:
-                times[keep].append(backward_time(model, opt, ids))
-        t0, p0 = statistics.median(times[args.keep[0]]), peaks[args.keep[0]]
-        for keep, _, _ in sides:
-            t = statistics.median(times[keep])
-            print(f"{variant:<20}{active:>6}{keep:>6}{t * 1e3:>13.0f}{peaks[keep] / 2**20:>10.1f}{t / t0:>7.2f}"
-                  f"{peaks[keep] / p0:>8.2f}")
+          f"{shape['vocab']}, batch {CPU_SETUP['batch']}x{CPU_SETUP['seq']}, {args.dtype}; forward + backward, median "
+          f"of {args.repeats}; ratios against the best-configured reference")
+    print(f"{'variant':<20}{'block':>6}  {'side':<22}{'step ms':>9}{'peak MiB':>10}{'time':>7}{'memory':>8}")
+    for variant in args.variants:
+        for active in (1, shape["layers"] - 2):
+            best = reference_ways(base, True)["best"]
+            sides = [("reference (best)", best, _optimizer(best, variant, active))]
+            for keep in args.keep:
+                for fused_loss in (False, True):
+                    model = patch(copy.deepcopy(base), keep_top=keep, fused_loss=fused_loss).train()
+                    sides.append((f"keep_top={keep} fused_loss={'on' if fused_loss else 'off'}", model,
+                                  _optimizer(model, variant, active)))
+            peaks = {name: step_peak_bytes(model, opt, ids) for name, model, opt in sides}
+            times = {name: [] for name, _, _ in sides}
+            for _ in range(args.repeats):
+                for name, model, opt in sides:
+                    times[name].append(step_time(model, opt, ids))
+            t0, p0 = statistics.median(times[sides[0][0]]), peaks[sides[0][0]]
+            for name, _, _ in sides:
+                t = statistics.median(times[name])
+                print(f"{variant:<20}{active:>6}  {name:<22}{t * 1e3:>9.0f}{peaks[name] / 2**20:>10.1f}{t / t0:>7.2f}"
+                      f"{peaks[name] / p0:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,21 @@ does); ``cache``, ``hidden_states`` and ``attentions`` are the base model's.  Wi
 (evaluation, generation), the model's own forward runs unchanged and returns the logits.
 
 Only the families whose forward is exactly the sketch above are accepted (:data:`FAMILIES`, each checked against the
-unpatched model by the tests); anything else — another family, a custom ``loss_function`` or ``loss_type``, a head
-that is not a plain ``nn.Linear`` — is refused with an error naming the remedy, ``fused_loss=False``.
+unpatched model by the tests).  What happens elsewhere depends on how the fused loss was asked for:
+
+* ``patch(model, fused_loss=True)`` (*required*): anything else — another family, a custom ``loss_function`` or
+  ``loss_type``, a head that is not a plain ``nn.Linear``, a head weight that is not materialised at the forward
+  (ZeRO-3 partitions it until its module's own forward gathers it), a head plan the fused loss cannot carry out
+  (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`) — is refused with an error naming the remedy,
+  ``fused_loss=False``.
+* ``patch(model)`` (the default, ``fused_loss=None``): installed where :func:`prepare` accepts the model; at each
+  forward, where one of the conditions above holds, the model's own forward runs (its head, its logits, its loss).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -32,10 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functions.head_loss import fused_head_loss
+from .functions.head_loss import fused_head_loss, head_plan_refusal
 from .plan import PLAN_ATTR
 
-__all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
+__all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "installed", "uninstall", "shifted_labels"]
 
 
 @dataclass(frozen=True)
@@ -95,13 +103,22 @@ def prepare(model: nn.Module) -> tuple[nn.Module, tuple]:
     return lm, (signature, var_keyword, _output_class(original))
 
 
-def install(model: nn.Module) -> nn.Module:
-    """Give the causal LM inside ``model`` the fused-loss forward (see :func:`prepare`); returns that causal LM."""
+def install(model: nn.Module, required: bool = True) -> nn.Module:
+    """Give the causal LM inside ``model`` the fused-loss forward (see :func:`prepare`); returns that causal LM.
+    ``required=False``: a forward the fused loss cannot match runs the model's own forward instead of raising."""
     lm, info = prepare(model)
-    if _INSTALLED_ATTR not in lm.__dict__:
-        setattr(lm, _INSTALLED_ATTR, info)
-        lm.forward = types.MethodType(_fused_loss_forward, lm)
+    setattr(lm, _INSTALLED_ATTR, (*info, required))
+    if "forward" not in lm.__dict__:
+        # the original's signature (functools.wraps): Trainer keeps only the batch columns the forward names
+        forward = functools.wraps(type(lm).forward)(lambda self, *args, **kwargs: _fused_loss_forward(self, *args,
+                                                                                                       **kwargs))
+        lm.forward = types.MethodType(forward, lm)
     return lm
+
+
+def installed(model: nn.Module) -> bool:
+    """Whether a causal LM inside ``model`` has the fused-loss forward."""
+    return any(_INSTALLED_ATTR in module.__dict__ for module in model.modules())
 
 
 def uninstall(model: nn.Module) -> None:
@@ -120,22 +137,21 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 def _fused_loss_forward(self, *args, **kwargs):
     """The forward installed by :func:`install` (see the module docstring)."""
-    signature, var_keyword, output_cls = getattr(self, _INSTALLED_ATTR)
+    signature, var_keyword, output_cls, required = getattr(self, _INSTALLED_ATTR)
     original = type(self).forward.__get__(self)
     bound = signature.bind(self, *args, **kwargs)
     labels = bound.arguments.get("labels")
     if labels is None or not torch.is_grad_enabled():
         return original(*args, **kwargs)
+    refusal = _refusal(self)
+    if refusal is not None:
+        if required:
+            raise ValueError(f"bread_kernels: {refusal}, so the fused loss cannot take its place; patch(model, "
+                             "fused_loss=False) (or patch(model), which uses it only where it can)")
+        return original(*args, **kwargs)
 
-    from transformers.loss.loss_utils import ForCausalLMLoss
     from transformers.modeling_utils import slice_logits_to_keep
 
-    if self.loss_function is not ForCausalLMLoss:
-        name = getattr(self.loss_function, "__name__", type(self.loss_function).__name__)
-        raise ValueError(
-            f"bread_kernels: {type(self).__name__} computes its loss with {name} (a custom loss_function or "
-            "config.loss_type), not transformers' ForCausalLMLoss, so the fused loss cannot match it; "
-            "patch(model, fused_loss=False)")
     extra = dict(bound.arguments.pop(var_keyword, {}))
     return_dict = extra.pop("return_dict", None)
     named = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
@@ -152,7 +168,7 @@ def _fused_loss_forward(self, *args, **kwargs):
             f"bread_kernels: the fused loss scores {hidden.shape[0]} positions (after logits_to_keep="
             f"{logits_to_keep if not isinstance(logits_to_keep, torch.Tensor) else 'a tensor'}) but the labels give "
             f"{targets.shape[0]} targets; pass labels (or shift_labels) of one per kept position")
-    head = _check_head(self)
+    head = self.get_output_embeddings()
     family = FAMILIES[type(self).__name__]
     softcap = getattr(self.config, family.softcap, None) if family.softcap else None
     loss = fused_head_loss(hidden, head.weight, head.bias, targets, getattr(head, PLAN_ATTR, None),
@@ -164,6 +180,23 @@ def _fused_loss_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return output if return_dict else output.to_tuple()
+
+
+def _refusal(lm: nn.Module) -> str | None:
+    """Why this forward of the causal LM ``lm`` cannot be the fused loss's (None: it can)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if lm.loss_function is not ForCausalLMLoss:
+        name = getattr(lm.loss_function, "__name__", type(lm.loss_function).__name__)
+        return (f"{type(lm).__name__} computes its loss with {name} (a custom loss_function or config.loss_type), "
+                "not transformers' ForCausalLMLoss")
+    head = lm.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"the head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear"
+    if tuple(head.weight.shape) != (head.out_features, head.in_features):
+        return (f"the head's weight has shape {tuple(head.weight.shape)} at the forward, not ({head.out_features}, "
+                f"{head.in_features}): it is gathered only by its module's own forward (ZeRO-3 partitioning)")
+    return head_plan_refusal(getattr(head, PLAN_ATTR, None))
 
 
 def _output_class(forward) -> type:

@@ -26,8 +26,9 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 * the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
   whose on-the-fly update touches only the rows of this batch's tokens.
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
-* with ``fused_loss=True``, on a causal LM: a forward whose loss (given ``labels``, with grad) is the fused
-  head+loss of :mod:`bread_kernels.causal_lm` — no [tokens, vocab] logits, ``logits=None`` in the output.
+* on a causal LM of a supported family (by default; ``fused_loss=True`` requires it, ``False`` never): a forward
+  whose loss (given ``labels``, with grad) is the fused head+loss of :mod:`bread_kernels.causal_lm` — no
+  [tokens, vocab] logits, ``logits=None`` in the output (as Liger-Kernel's fused linear cross-entropy does).
 
 A weight shared with another module (a tied embedding and head) keeps plain autograd in both, so every use
 contributes to one summed gradient (design invariant 2).
@@ -68,14 +69,14 @@ class PatchedModel:
     """What :func:`patch` found and installed; kept on the model as ``model._bread_patch``."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, blocks_name: str, embedding, head, recompute: bool,
-                 fused_loss: bool = False):
+                 fused_loss: bool | None = None):
         self.model_ref = weakref.ref(model)
         self.blocks = blocks
         self.blocks_name = blocks_name
         self.embedding = embedding
         self.head = head
         self.stream = StreamConfig(recompute=recompute)
-        self.fused_loss = fused_loss  # the causal LM's loss comes from the fused head+loss (bread_kernels.causal_lm)
+        self.fused_loss = fused_loss  # as asked of patch(): None (where it can), True (required) or False
         # (qualified name, module) of every module given a fused forward: the linears and the input embedding
         self.fused_modules: list[tuple[str, nn.Module]] = []
         # (qualified name, module) of every experts module given the fused experts forward (one plan per weight)
@@ -267,7 +268,7 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
-          fused_loss: bool = False, keep_top: int = 0) -> nn.Module:
+          fused_loss: bool | None = None, keep_top: int = 0) -> nn.Module:
     """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless (and
     changes ``recompute``, ``fused_loss`` and ``keep_top`` to the values given).
 
@@ -277,8 +278,12 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             ``False`` keeps activations.
         fused_loss: on a causal LM (:data:`bread_kernels.causal_lm.FAMILIES`), a forward given ``labels`` with grad
             enabled computes the loss with the fused head+loss (:mod:`bread_kernels.functions.head_loss`): no
-            [tokens, vocab] logits, and the head's Role done inside it; it then returns ``logits=None``.  Other
-            models are refused with an error.
+            [tokens, vocab] logits, and the head's Role done inside it; it then returns ``logits=None`` (a forward
+            without labels, or without grad, returns the logits as ever).  ``None`` (the default): wherever the
+            model and the step allow it, the model's own head and loss elsewhere (another family, a custom loss, a
+            ZeRO-3-partitioned head: see :mod:`bread_kernels.causal_lm`); ``True``: required, refused with an error
+            where it cannot match; ``False``: never (the model's own head, with the fused linear backward, and its
+            logits).
         keep_top: with ``recompute``, the number of top blocks that keep their activations instead of being
             recomputed.  The top block's backward runs first, right after the loss's: keeping it saves one block's
             forward per step, for one block's activations alive while the head and the loss run (see the README's
@@ -286,17 +291,16 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(fused_loss, bool):
-        raise TypeError(f"patch: fused_loss must be True or False, got {fused_loss!r}")
+    if fused_loss is not None and not isinstance(fused_loss, bool):
+        raise TypeError(f"patch: fused_loss must be None (where it can), True or False, got {fused_loss!r}")
     state = patched_state(model)
     if state is not None:
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
         keep_top = _check_keep_top(keep_top, len(state.blocks))
-        if fused_loss and not state.fused_loss:
-            causal_lm.install(model)
-        elif state.fused_loss and not fused_loss:
-            causal_lm.uninstall(model)
+        if fused_loss:
+            causal_lm.prepare(model)  # refuse before anything changes
+        _set_fused_loss(model, fused_loss)
         state.stream.recompute = recompute
         state.fused_loss = fused_loss
         state.stream.keep_top = keep_top
@@ -372,12 +376,24 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
                                                                                    **k),
             block,
         )
-    if fused_loss:
-        causal_lm.install(model)
+    _set_fused_loss(model, fused_loss)
     state.forward_hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
+
+
+def _set_fused_loss(model: nn.Module, fused_loss: bool | None) -> None:
+    """Install (required or where it can) or remove the fused-loss forward, as ``fused_loss`` asks."""
+    causal_lm.uninstall(model)
+    if fused_loss is False:
+        return
+    try:
+        causal_lm.install(model, required=bool(fused_loss))
+    except ValueError:
+        if fused_loss:
+            raise
+        # fused_loss=None on a model the fused loss cannot match: the model's own head and loss, as asked
 
 
 def _check_keep_top(keep_top, n_blocks: int) -> int:

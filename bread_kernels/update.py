@@ -1,15 +1,16 @@
 """The on-the-fly update of one weight: the one place that checks, reports, reads the step, draws the seed and writes.
 
-Every SGD/SIGN update in the library goes through one of four entry points, by the shape of its gradient:
+Every SGD/SIGN update in the library goes through one of five entry points, by the shape of its gradient:
 
-=========================  ======================================================  ==================================
-entry point                gradient                                                callers
-=========================  ======================================================  ==================================
-:func:`update_linear_`     ``dW = gᵀx`` from (g [M, N], x [M, K]) pairs, summed      the fused linear and LoRA functions
-:func:`update_experts_`    expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``     the fused experts function
-:func:`update_rows_`       the summed rows ``G`` [R, H] of the distinct ids [R]     the fused embedding
-:func:`update_dense_`      a materialised gradient of the parameter's shape          the optimizer's hook path (norms)
-=========================  ======================================================  ==================================
+===========================  ====================================================  ===================================
+entry point                  gradient                                              callers
+===========================  ====================================================  ===================================
+:func:`update_linear_`       ``dW = gᵀx`` from (g [M, N], x [M, K]) pairs, summed  the fused linear and LoRA functions
+:func:`update_linear_grad_`  a linear's whole summed dW [N, K] (and db [N])        the fused head+loss where dW fits
+:func:`update_experts_`      expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``  the fused experts function
+:func:`update_rows_`         the summed rows ``G`` [R, H] of the distinct ids [R]  the fused embedding
+:func:`update_dense_`        a materialised gradient of the parameter's shape      the optimizer's hook path (norms)
+===========================  ====================================================  ===================================
 
 Each does, in this order: read ``lr·s`` (:meth:`OnTheFlyUpdate.step_size`), hand the write to the plan's
 :class:`UpdateTarget` with the update's seed stream, and give the target's finiteness answer to the plan, which
@@ -35,7 +36,7 @@ from .backends import get_backend
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "update_linear_", "update_experts_",
-           "update_rows_", "update_dense_"]
+           "update_linear_grad_", "update_rows_", "update_dense_"]
 
 #: a target's answer: a 0-dim bool tensor on the device (decided without the host), or a bool it already read
 Finite = Union[torch.Tensor, bool]
@@ -79,6 +80,11 @@ class UpdateTarget:
         """Rows ``rows`` [R] of ``weight`` [V, H] with their summed fp32 gradients ``summed`` [R, H]."""
         raise NotImplementedError
 
+    def linear_grad_(self, weight: torch.Tensor, bias: torch.Tensor | None, grad_weight: torch.Tensor,
+                     grad_bias: torch.Tensor | None, step: float, sign: bool, update: OnTheFlyUpdate) -> Finite:
+        raise NotImplementedError(f"{type(self).__name__} cannot write a linear weight from its whole gradient; "
+                                  "its callers (the fused head+loss) refuse custom targets")
+
     def dense_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool,
                update: OnTheFlyUpdate) -> Finite:
         """``param`` (any shape) with ``grad`` of its shape."""
@@ -96,6 +102,16 @@ class LocalTarget(UpdateTarget):
         if bias is not None:
             backend.apply_update_(bias, g.sum(0, dtype=torch.float32), step, sign, update.rounding,
                                   update.next_seed(), ok=ok)
+        return ok
+
+    def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:
+        """As :meth:`linear_` (one flag over weight and bias gates both; weight's seed first), from dW and db."""
+        backend = get_backend(weight.device)
+        ok = backend.finite_flag(grad_weight, *(() if grad_bias is None else (grad_bias,)))
+        with torch.no_grad():
+            backend.apply_update_(weight, grad_weight, step, sign, update.rounding, update.next_seed(), ok=ok)
+            if bias is not None:
+                backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed(), ok=ok)
         return ok
 
     def experts_(self, weight, per_expert, step, sign, update) -> torch.Tensor:
@@ -175,6 +191,17 @@ def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
                                                           torch.cat([x for _, x in pairs]))
     return _apply(plan, role, lambda target, step, sign, update: target.experts_(weight, per_expert, step, sign,
                                                                                  update))
+
+
+def update_linear_grad_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: torch.Tensor | None,
+                        grad_weight: torch.Tensor, grad_bias: torch.Tensor | None) -> Finite:
+    """``plan``'s update of a linear weight (and bias) whose whole summed gradient ``grad_weight`` [N, K]
+    (``grad_bias`` [N]) already exists — where a caller had to build it anyway, as the fused head+loss does when dW
+    fits its memory budget.  Returns the finiteness answer, as :func:`update_linear_`."""
+    if (bias is None) != (grad_bias is None):
+        raise ValueError("update_linear_grad_: give grad_bias exactly when there is a bias")
+    return _apply(plan, role, lambda target, step, sign, update: target.linear_grad_(weight, bias, grad_weight,
+                                                                                     grad_bias, step, sign, update))
 
 
 def update_rows_(plan: WeightPlan, role: Role, weight: torch.Tensor, rows: torch.Tensor,

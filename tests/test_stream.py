@@ -23,7 +23,7 @@ def grads(model):
 def test_patched_model_has_the_plain_gradients_with_dropout(arch, recompute):
     """Training mode with dropout: the recompute replays the forward's RNG, so every gradient is the plain one."""
     plain = BUILDERS[arch](dropout=0.1).train()
-    patched = bread_kernels.patch(copy.deepcopy(plain), recompute=recompute)
+    patched = bread_kernels.patch(copy.deepcopy(plain), recompute=recompute, fused_loss=False)  # the stream alone
     ids = batch(0)
     torch.manual_seed(7)
     loss_plain = loss_of(plain, ids)
@@ -88,7 +88,7 @@ def _count_linear_backwards(monkeypatch):
 
 @pytest.mark.parametrize("active", [0, 1, 3])
 def test_badam_does_backward_work_only_from_the_active_block_up(monkeypatch, active):
-    model = bread_kernels.patch(BUILDERS["llama"]())
+    model = bread_kernels.patch(BUILDERS["llama"](), fused_loss=False)  # the head's backward a fused linear's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
@@ -171,8 +171,9 @@ def _hf_checkpointed(model):
 
 def _fused_everywhere(model):
     """Patch and give every fused module a plan, so the fused functions run (an unplanned module runs F.linear):
-    ACTIVE where the weight trains, FROZEN where it does not (peft's base weights)."""
-    bread_kernels.patch(model)
+    ACTIVE where the weight trains, FROZEN where it does not (peft's base weights).  The model's own head and loss:
+    the fused loss does the head's backward in the forward, which a backward's FLOP count would not see."""
+    bread_kernels.patch(model, fused_loss=False)
     for name, module in patched_state(model).fused_modules:
         weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
         module._bread_weight_plan = bread_kernels.WeightPlan(Role.ACTIVE if weight.requires_grad else Role.FROZEN, name=name)

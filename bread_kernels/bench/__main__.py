@@ -44,7 +44,7 @@ def main(argv=None):
     group.add_argument("--out", default=".", help="directory for the JSON and PNG (default: the current one)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     group.add_argument("--profile", action="store_true",
-                       help="also profile one backward per side: GEMM calls and the time outside the GEMMs")
+                       help="also profile one forward + backward per side: GEMM calls and the time outside the GEMMs")
     for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
         group.add_argument(f"--{name}", type=int, help="size of the embedded default model")
     group = parser.add_argument_group("linear and lora suites")

@@ -1,5 +1,5 @@
-"""The main benchmark: whole-model BCD backward, each variant through the engine against the reference done two
-ways, in one run, after checking that all of them compute the same step.
+"""The main benchmark: a whole-model BCD training step (forward + backward), each variant through the engine against
+the reference done two ways, in one run, after checking that all of them compute the same step.
 
 Model: a Llama from a config sized for the device — on a CPU 8 layers, hidden 512, intermediate 1376, 8 heads, vocab
 4096, batch 4×256, fp32; on a GPU Llama-3-8B's layer dimensions (hidden 4096, intermediate 14336, 32 heads, 8 KV
@@ -7,9 +7,10 @@ heads, vocab 128256) with 4 layers, batch 1×2048, bf16 — or ``--model`` (a lo
 or config JSON; no downloads).  Variants: BAdam, BREAD-SGD-partial, BREAD-SGD and their sign forms on the model, and
 BREAD, BREAD-partial on the model wrapped by peft (LoRA of rank ``lora_rank`` on every linear of the blocks).
 
-Engine: ``bread_kernels.patch`` + ``BlockOptimizer``.  The reference, two ways (both plain autograd with
-post-accumulate-grad hooks for the on-the-fly updates — the same ``BlockOptimizer`` on an unpatched model is exactly
-that path — and peft's autograd for the LoRA variants):
+Engine: ``bread_kernels.patch`` (its defaults: the fused head+loss on a causal LM) + ``BlockOptimizer``.  The
+reference, two ways (both plain autograd with post-accumulate-grad hooks for the on-the-fly updates — the same
+``BlockOptimizer`` on an unpatched model is exactly that path — and peft's autograd for the LoRA variants), each
+with the model's own head and loss (Liger-Kernel's fused loss, which a GPU user might add, runs only on a GPU):
 
 * **as its users run it**: Hugging Face gradient checkpointing, which in transformers 5 makes the input embeddings
   require grad, so the backward runs through every layer;
@@ -20,12 +21,15 @@ The headline ratio is against the faster of the two.  ``recompute=False`` compar
 against the reference without checkpointing (then both ways are the same).
 
 Before timing, one step of the engine and of the reference from the same state must give the same parameters
-(:mod:`.verify`); a difference stops the run.  Reported per variant and position: backward time (median and 20/80 %
-quantiles of the repeats, the three sides alternating; the forward is not timed), the ratios to both references,
-the ratio of the matmul FLOPs the engine's and the best reference's backwards ran (``torch.utils.flop_counter``: the
-time ratio the engine would reach at the reference's GEMM efficiency), peak extra memory over forward+backward, and
-``ideal_fraction``: the ideal GEMM time (the matmul FLOPs the variant's backward cannot avoid at this device's
-measured GEMM rate) over the engine's time — the distance to the physical limit.
+(:mod:`.verify`); a difference stops the run.  Reported per variant and position: the time of forward + backward
+(median and 20/80 % quantiles of the repeats, the three sides alternating; the optimizer step is not timed: it is the
+same Adam on the same block everywhere), the ratios to both references, the ratio of the matmul FLOPs the engine's
+and the best reference's forward + backward ran (``torch.utils.flop_counter``: the time ratio the engine would reach
+at the reference's GEMM efficiency), peak extra memory over forward + backward, and ``ideal_fraction``: the ideal
+GEMM time (the forward's matmul FLOPs and those the variant's backward cannot avoid, at this device's measured GEMM
+rate) over the engine's time — the distance to the physical limit.  The forward is in the timing because the fused
+head+loss does the head's backward work (dh, and an Adam-trained head's dW) chunk by chunk inside the forward: its
+backward alone would flatter the engine.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from ..optim import BlockOptimizer
 from ..patch import patch, patched_state, unpatch
 from .linear import device_name, synchronize
 from .memory import trace_allocations
-from .profile import profile_backward
+from .profile import profile_step
 from .verify import VerificationError, compare_parameters
 
 __all__ = ["VARIANTS", "LORA_VARIANTS", "ALL_VARIANTS", "Row", "run", "load_model", "build_model", "default_setup",
@@ -154,9 +158,10 @@ def gemm_flops_per_second(dtype, n=1024, repeats=5, device="cpu") -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank=0) -> float:
-    """Matmul FLOPs the variant's backward cannot avoid (linears, LoRA adapters and attention; no recompute), from
-    the patched ``engine``'s blocks and head."""
+def ideal_step_flops(engine, variant, active, tokens, seq, lora_rank=0) -> float:
+    """Matmul FLOPs of a step's forward (every block, the adapters, attention, the head) and of what the variant's
+    backward cannot avoid (linears, LoRA adapters and attention; no recompute), from the patched ``engine``'s
+    blocks and head."""
     state = patched_state(engine)
     blocks, head = state.blocks, state.head
     n = len(blocks)
@@ -172,12 +177,25 @@ def ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank=0) -> f
     attention = 4 * tokens * seq * hidden  # scores and weighted values, forward FLOPs
     head_weight = head.weight if head is not None else None
     head_flops = 2 * tokens * head_weight.shape[0] * head_weight.shape[1] if head_weight is not None else 0
-    flops = head_flops * (2 if sgd != "disabled" else 1)  # head: dX always, dW when it is updated
+    lora_forward = lora // 2  # the adapters' forward: two of the four rank-r GEMMs
+    flops = head_flops + n * (per_layer // 2 + attention + lora_forward)  # the forward
+    flops += head_flops * (2 if sgd != "disabled" else 1)  # head: dX always, dW when it is updated
     for i in range(lowest, n):
         has_dw = i == active or (sgd == "all") or (sgd == "partial" and i > active)
         flops += per_layer * has_dw + 2 * attention + lora
         flops += (per_layer if i > lowest else 0)  # dX through the block, except at the lowest needed one
     return flops
+
+
+def step_time(model, opt, ids) -> float:
+    """Seconds of one forward + backward; the gradients are cleared after (untimed)."""
+    synchronize(ids.device)
+    start = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    synchronize(ids.device)
+    elapsed = time.perf_counter() - start
+    opt.zero_grad()
+    return elapsed
 
 
 def backward_time(model, opt, ids) -> float:
@@ -266,14 +284,13 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     well as it can be: the way users run it differs only in which tensors require grad, not in the step), rounding
     to nearest: the same parameters, or :class:`VerificationError` naming the worst tensor.  The models are left
     one step on (the timing that follows does not depend on the values).  With ``count_flops``, returns the matmul
-    FLOPs of the two backwards (a Triton kernel's are invisible to the counter)."""
+    FLOPs of the two forward + backward passes (a Triton kernel's are invisible to the counter)."""
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     results, roles, flops = {}, None, []
     for name, model in (("engine", engine), ("reference", reference)):
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
-        loss = model(input_ids=ids, labels=ids).loss
         with _counting_flops(count_flops) as counter:
-            loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
         flops.append(counter.get_total_flops() if count_flops else 0)
         opt.step()
         opt.zero_grad()
@@ -285,16 +302,17 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     return tuple(flops) if count_flops else None
 
 
-def timed_alternately(sides, ids, repeats):
-    """Backward times of each (model, optimizer) side, measured alternately (so drift of the machine hits every side
-    alike) after one untimed warm-up each, which measures the peak memory.  Returns (times per side, peaks)."""
+def timed_alternately(sides, ids, repeats, timer=step_time):
+    """``timer`` (forward + backward by default; :func:`backward_time` for the backward alone) of each (model,
+    optimizer) side, measured alternately (so drift of the machine hits every side alike) after one untimed warm-up
+    each, which measures the peak memory.  Returns (times per side, peaks)."""
     times, peaks = [[] for _ in sides], []
     for i in range(repeats + 1):
         for k, (model, opt) in enumerate(sides):
             if i == 0:
                 peaks.append(step_peak_bytes(model, opt, ids))
             else:
-                times[k].append(backward_time(model, opt, ids))
+                times[k].append(timer(model, opt, ids))
     return times, peaks
 
 
@@ -315,14 +333,14 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         positions: active-block indices; None: the second and the second-to-last block, and on a GPU the middle
             one too (on a 2-core CPU the default run then ends within 10 minutes).
         batch, seq, dtype: None takes the device's default.
-        repeats: timed backward passes per side (after one warm-up); None: 2 on a CPU, 5 on a GPU.
+        repeats: timed forward + backward passes per side (after one warm-up); None: 2 on a CPU, 5 on a GPU.
         recompute: the engine recomputes blocks and the reference uses gradient checkpointing.
         lora_rank: rank of the LoRA variants' adapters.
         device: ``"cpu"``, ``"cuda"``; None: CUDA when available.
         out_dir: where the JSON and PNG go.
         progress: a tqdm bar on stderr.
         print_fn: receives the table's lines.
-        profile: after timing, profile one backward per side: GEMM calls and the self time outside the GEMMs
+        profile: after timing, profile one forward + backward per side: GEMM calls and the self time outside the GEMMs
             (what compares on a CPU whose bf16 GEMMs are emulated).
 
     Returns the result dict that is written as JSON.
@@ -393,7 +411,7 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     profiles = None
     if profile:
         names = ("engine", "reference", "best_reference")
-        profiles = {name: asdict(profile_backward(m, o, ids)) for name, (m, o) in zip(names, sides)}
+        profiles = {name: asdict(profile_step(m, o, ids)) for name, (m, o) in zip(names, sides)}
         if len(sides) == 2:
             profiles["best_reference"] = profiles["reference"]
     t = [statistics.median(x) for x in times]
@@ -402,7 +420,7 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
         peaks.append(peaks[1])
     flop_ratio = flops[0] / flops[1] if flops else None  # against the best-configured reference
     tokens, seq = ids.numel(), ids.shape[1]
-    ideal = ideal_backward_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
+    ideal = ideal_step_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
     q20, q80 = _quantiles(times[0])
     mib = 2.0 ** 20
     return Row(variant=variant, position=active, engine_ms=t[0] * 1e3, engine_q20_ms=q20 * 1e3, engine_q80_ms=q80 * 1e3,

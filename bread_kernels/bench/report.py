@@ -14,8 +14,8 @@ def _header(result: dict) -> str:
     model = result["model"]
     shape = (f"Llama {model['layers']}x{model['hidden']} (inter {model['intermediate']}, vocab {model['vocab']})"
              if isinstance(model, dict) else str(model))
-    return (f"BCD backward on {result['device']}: {shape}, batch {result['batch']}x{result['seq']}, {result['dtype']}, "
-            f"recompute={result['recompute']}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
+    return (f"BCD step (forward + backward) on {result['device']}: {shape}, batch {result['batch']}x{result['seq']}, "
+            f"{result['dtype']}, recompute={result['recompute']}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
 
 
 def print_table(result: dict, print_fn=print) -> None:
@@ -35,8 +35,8 @@ def print_table(result: dict, print_fn=print) -> None:
                  f"{r['ideal_fraction']:>7.0%}{'yes' if r['verified'] else 'NO':>4}")
     profiled = [r for r in result["rows"] if r.get("profile")]
     if profiled:
-        print_fn("profiled backward (profiler self time; 'other' = everything outside GEMMs and attention kernels, "
-                 "inflated alike on every side by the profiler's per-op cost)")
+        print_fn("profiled forward + backward (profiler self time; 'other' = everything outside GEMMs and attention "
+                 "kernels, inflated alike on every side by the profiler's per-op cost)")
         print_fn(f"{'variant':<24}{'block':>6}{'GEMMs eng/ref/best':>22}{'other ms eng/ref/best':>26}"
                  f"{'ops eng/ref/best':>22}")
         for r in profiled:
@@ -77,7 +77,7 @@ def plot(result: dict, path: str) -> None:
              ("reference (best)", "best_reference_ms", "best_reference_peak_mib")]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(variants) + 4), 4.5))
     width = 0.8 / len(sides)
-    for axis, (title, index) in zip(axes, (("backward time (ms)", 1), ("peak extra memory (MiB)", 2))):
+    for axis, (title, index) in zip(axes, (("forward + backward time (ms)", 1), ("peak extra memory (MiB)", 2))):
         for k, side in enumerate(sides):
             values = [result["summary"][v][side[index]] for v in variants]
             axis.bar([i + (k - 1) * width for i in range(len(variants))], values, width, label=side[0])

@@ -23,17 +23,24 @@ computes, chunk by chunk at once, the loss, ``δ``'s contribution to ``dh`` (wit
 to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The head's Role:
 
 * ``ACTIVE`` (and ``plan=None`` with ``W.requires_grad``: plain autograd): ``dW``/``db`` returned to autograd.
-* ``SGD`` / ``SIGN``: ``W -= lr·s·f(dW)`` in the backward (lr is read then, and γ is known only then), never with a
-  whole dW: the backward walks the *vocabulary* in tiles of ``R`` rows of W; for each tile it recomputes the logits
-  ``z[:, tile]`` of every token from the saved ``h`` and the saved per-token ``logsumexp`` (so softmax needs no other
-  tile), forms ``g[:, tile]`` [T, R] and hands the pair ``(g[:, tile], h)`` to the one update path,
-  :func:`~bread_kernels.update.update_linear_`, for the rows ``W[tile]`` (and ``b[tile]``).  A tile's rows of W
-  enter only that tile's logits, so updating them before the next tile changes nothing that is still to be
-  computed, and ``dh`` was computed in the forward from the old W.  This costs one more head GEMM than the
-  reference (the recomputed logits) in exchange for never holding a [T, V] or [V, H] gradient; SGD's split into
-  tiles is exact (each element of W is in one tile) and SIGN takes the sign of each element's whole sum.  The
-  finiteness check of invariant 3 is done once for the whole weight before the first tile writes (finite ``h``,
-  logsumexp and γ make every tile's ``g`` finite), so a skip leaves all of W untouched.
+* ``SGD`` / ``SIGN``: ``W -= lr·s·f(dW)`` in the backward (lr is read then, and γ is known only then), in one of
+  two ways, chosen by memory:
+
+  - *dW fits the budget* (``V·H`` fp32 elements, plus db, within ``chunk_bytes`` below): the forward accumulates
+    ``dW`` (γ = 1) over the chunks as for an ``ACTIVE`` head, and the backward hands ``γ·dW`` (``γ·db``) to the one
+    update path, :func:`~bread_kernels.update.update_linear_grad_`.  The head's GEMMs are then the reference's three
+    (logits, dh, dW), and the accumulator lives from the head's forward to its backward, no longer than the
+    reference's logits do, and never exceeds the bound one block of logits has.
+  - *otherwise*, never with a whole dW: the backward walks the *vocabulary* in tiles of ``R`` rows of W; for each
+    tile it recomputes the logits ``z[:, tile]`` of every token from the saved ``h`` and the saved per-token
+    ``logsumexp`` (so softmax needs no other tile), forms ``g[:, tile]`` [T, R] and hands the pair ``(g[:, tile],
+    h)`` to :func:`~bread_kernels.update.update_linear_` for the rows ``W[tile]`` (and ``b[tile]``).  A tile's rows
+    of W enter only that tile's logits, so updating them before the next tile changes nothing that is still to be
+    computed, and ``dh`` was computed in the forward from the old W.  This costs one more head GEMM than the
+    reference (the recomputed logits) in exchange for never holding a [T, V] or [V, H] gradient; SGD's split into
+    tiles is exact (each element of W is in one tile) and SIGN takes the sign of each element's whole sum.  The
+    finiteness check of invariant 3 is done once for the whole weight before the first tile writes (finite ``h``,
+    logsumexp and γ make every tile's ``g`` finite), so a skip leaves all of W untouched.
 * ``FROZEN``: nothing for W.
 
 Memory: the chunk ``C`` (and the tile ``R``) is chosen so that the fp32 block of logits and its temporaries stay
@@ -43,8 +50,9 @@ tokens, 64 MiB blocks (130 tokens) made the CPU's head GEMMs ~1.7x slower than 2
 256 MiB is still ~1/12 of the reference's logits-sized peak there; on a GPU, Liger-Kernel's blocks are smaller (about
 the size of the hidden states), so set the variable lower where memory matters more than the last percent of speed.
 Beyond that the Function holds ``dh`` [T, H] from the forward to the backward (the size of ``h``), the per-token
-logsumexp [T] for an on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would build
-anyway).
+logsumexp [T] for a tiled on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would
+build anyway) or an on-the-fly head whose dW fits the budget: in the compute dtype when the tokens are one chunk (the
+one GEMM autograd runs), else accumulated over the chunks in fp32.
 
 Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) the unpatched model's head is an ``F.linear`` under
 autocast — logits in ``d`` from ``h``, ``W``, ``b`` cast to ``d`` — and its loss upcasts them to fp32.  So here
@@ -65,12 +73,12 @@ import os
 import torch
 
 from ..plan import Role, WeightPlan
-from ..update import all_finite, update_linear_
+from ..update import all_finite, update_linear_, update_linear_grad_
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
-__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "chunk_budget_bytes",
-           "DEFAULT_LOSS_CHUNK_BYTES"]
+__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
+           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -151,15 +159,22 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
         raise ValueError(f"fused_head_loss: target {bad} is outside the vocabulary [0, {vocab}) and is not "
                          f"ignore_index={ignore_index}; fix the labels (use {ignore_index} for tokens without a loss)")
     if plan is not None:
-        if plan.role is Role.LORA:
-            raise NotImplementedError(f"fused_head_loss: {plan.name or 'the head'} has role LORA; a LoRA head is not "
-                                      "supported by the fused loss: patch(model, fused_loss=False)")
+        refusal = head_plan_refusal(plan)
+        if refusal is not None:
+            raise NotImplementedError(f"fused_head_loss: {refusal}; patch(model, fused_loss=False) for this model")
         check_plan_for_weight("fused_head_loss", plan, weight, "the head")
-        if plan.role.updates_on_the_fly and plan.target is not None:
-            raise NotImplementedError(
-                f"fused_head_loss: {plan.name or 'the head'} writes its on-the-fly update through a custom target "
-                f"({type(plan.target).__name__}, e.g. ZeRO-3 shards), which updates whole weights only, while the "
-                "fused loss updates the head by vocabulary tiles; patch(model, fused_loss=False) for this model")
+
+
+def head_plan_refusal(plan: WeightPlan | None) -> str | None:
+    """Why the fused head+loss cannot carry out the head's ``plan`` (None: it can)."""
+    if plan is None:
+        return None
+    if plan.role is Role.LORA:
+        return f"{plan.name or 'the head'} has role LORA; a LoRA head is not supported by the fused loss"
+    if plan.role.updates_on_the_fly and plan.target is not None:
+        return (f"{plan.name or 'the head'} writes its on-the-fly update through a custom target "
+                f"({type(plan.target).__name__}, e.g. ZeRO-3 shards), which the fused loss does not drive")
+    return None
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
@@ -200,8 +215,9 @@ def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, vali
 class FusedHeadLossFunction(torch.autograd.Function):
     """See the module docstring for the maths.  Inputs: hidden [T, H], weight [V, H], bias [V] or None, targets [T]
     (a negative target is an ignored token), inverse count (0-d fp32: 1/n), plan (or None), role, softcap (or
-    None), token chunk C, vocabulary tile R, whether grad is enabled (no gradient work without it), the compute
-    dtype (W's, or autocast's), trigger (or None).  Output: the loss, a 0-d fp32 tensor."""
+    None), token chunk C, vocabulary tile R (None: an on-the-fly head's dW is accumulated in the forward), whether
+    grad is enabled (no gradient work without it), the compute dtype (W's, or autocast's), trigger (or None).
+    Output: the loss, a 0-d fp32 tensor."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_count, plan, role: Role, softcap, chunk, tile, grad_enabled,
@@ -215,12 +231,15 @@ class FusedHeadLossFunction(torch.autograd.Function):
         needs_dh, needs_dw, needs_db = (needs and grad_enabled for needs in ctx.needs_input_grad[:3])
         on_the_fly = role.updates_on_the_fly and grad_enabled
         grad_hidden = torch.empty_like(hidden) if needs_dh else None
-        active = role is Role.ACTIVE
+        tiled = on_the_fly and tile is not None
+        accumulate = (role is Role.ACTIVE and grad_enabled) or (on_the_fly and not tiled)
+        want_dw = accumulate and (needs_dw or on_the_fly)
+        single = tokens <= chunk  # one chunk: dW is that chunk's GEMM, in the compute dtype as autograd's
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if active and needs_dw else None
+            if want_dw and not single else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
-            if active and bias is not None and needs_db else None
-        lse_all = torch.empty(tokens, dtype=torch.float32, device=hidden.device) if on_the_fly else None
+            if accumulate and bias is not None and (needs_db or on_the_fly) else None
+        lse_all = torch.empty(tokens, dtype=torch.float32, device=hidden.device) if tiled else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, tokens, chunk):
             stop = min(tokens, start + chunk)
@@ -231,24 +250,30 @@ class FusedHeadLossFunction(torch.autograd.Function):
             total += torch.where(valid[start:stop], lse - picked, 0.0).sum()
             if lse_all is not None:
                 lse_all[start:stop] = lse
-            if grad_hidden is None and grad_weight is None and grad_bias is None:
+            if grad_hidden is None and not want_dw and grad_bias is None:
                 continue
             g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(dtype)
             if grad_hidden is not None:
                 torch.mm(g, weight_c, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
-            if grad_weight is not None:
+            if single and want_dw:
+                grad_weight = g.t() @ h
+            elif want_dw:
                 if g.dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)
                 else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
                     grad_weight += g.t() @ h
             if grad_bias is not None:
                 grad_bias += g.sum(0, dtype=torch.float32)
+        if want_dw and grad_weight is None:  # no tokens
+            grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         ctx.role, ctx.plan, ctx.softcap, ctx.tile, ctx.dtype = role, plan, softcap, tile, weight.dtype
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.lse = lse_all
         ctx.use = plan.register_use() if on_the_fly else None
-        if on_the_fly:
+        if tiled:
             ctx.save_for_backward(hidden, weight, bias, targets, inv_count)
+        elif on_the_fly:
+            ctx.save_for_backward(weight, bias)
         return total * inv_count
 
     @staticmethod
@@ -266,26 +291,38 @@ def _head_loss_backward(ctx, grad_output):
     gamma = grad_output.float()
     if grad_hidden is not None:
         grad_hidden = grad_hidden.mul_(gamma.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
+    on_the_fly = ctx.use is not None  # its update takes the fp32 sums; autograd's gradients come in the dtypes
     if grad_weight is not None:
-        grad_weight = grad_weight.mul_(gamma).to(ctx.dtype)
+        grad_weight = grad_weight.mul_(gamma)
+        grad_weight = grad_weight if on_the_fly else grad_weight.to(ctx.dtype)
     if grad_bias is not None:
-        grad_bias = grad_bias.mul_(gamma).to(ctx.bias_dtype)
+        grad_bias = grad_bias.mul_(gamma)
+        grad_bias = grad_bias if on_the_fly else grad_bias.to(ctx.bias_dtype)
     if ctx.use is not None:
-        hidden, weight, bias, targets, inv_count = ctx.saved_tensors
-        _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
+        _check_single_use(ctx)
+        if ctx.lse is None:  # dW was accumulated in the forward
+            weight, bias = ctx.saved_tensors
+            update_linear_grad_(ctx.plan, ctx.role, weight, bias, grad_weight, grad_bias)
+            grad_weight = grad_bias = None
+        else:
+            hidden, weight, bias, targets, inv_count = ctx.saved_tensors
+            _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
     return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
+
+
+def _check_single_use(ctx) -> None:
+    pending = ctx.plan.finish_use(ctx.use, None)
+    if pending != [None]:
+        raise RuntimeError(
+            f"fused_head_loss: the head weight {ctx.plan.name or ''} was also used by another fused function in the "
+            "same forward; the fused loss cannot share its on-the-fly update with another use: patch(model, "
+            "fused_loss=False) for this model")
 
 
 def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
     """The on-the-fly update of the head, vocabulary tile by tile (see the module docstring)."""
     plan, role, lse = ctx.plan, ctx.role, ctx.lse
     ctx.lse = None
-    pending = plan.finish_use(ctx.use, None)
-    if pending != [None]:
-        raise RuntimeError(
-            f"fused_head_loss: the head weight {plan.name or ''} was also used by another fused function in the same "
-            "forward; the fused loss cannot share its on-the-fly update with another use: patch(model, "
-            "fused_loss=False) for this model")
     if not all_finite(hidden, lse, scale):
         update = plan.update
         if update is not None:
@@ -345,6 +382,8 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     dtype = autocast_dtype(weight.device) or weight.dtype
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
     tile = _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
+    if 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget:
+        tile = None  # an on-the-fly head's fp32 dW fits: accumulated in the forward, no recomputed logits
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None
     return FusedHeadLossFunction.apply(hidden, weight, bias, targets, inv_count, plan, role, float_softcap, chunk,
                                        tile, torch.is_grad_enabled(), dtype, trigger)

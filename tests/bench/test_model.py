@@ -45,7 +45,7 @@ def test_the_profile_counts_each_sides_gemms_and_the_engine_skips_the_frozen_one
     gemms = {side: profile[side]["gemm_calls"] for side in ("engine", "reference", "best_reference")}
     assert 0 < gemms["engine"] <= gemms["best_reference"] < gemms["reference"], gemms
     assert all(profile[side]["ops"] > profile[side]["gemm_calls"] for side in profile)  # counts, not times
-    assert any(line.startswith("profiled backward") for line in lines)
+    assert any(line.startswith("profiled forward + backward") for line in lines)
 
 
 def test_the_host_suite_times_every_role(capsys):

@@ -25,8 +25,12 @@ from tests import model_zoo as models
 RTOL, ATOL = 1e-5, 1e-6
 TOKENS, HIDDEN, VOCAB = 26, 16, 97
 LR, SCALE, GAMMA = 0.1, 0.5, 3.0  # GAMMA: the loss is scaled before the backward (grad_output != 1)
-#: bytes for fp32 blocks of 5 token rows (5 does not divide 26) and, in the backward, of 3 vocabulary rows (97)
+#: bytes for fp32 blocks of 5 token rows (5 does not divide 26) and, in the backward, of 3 vocabulary rows (97);
+#: less than dW's, so an on-the-fly head takes the vocabulary tiles
 ODD_CHUNKS = 5 * VOCAB * 4
+#: bytes for blocks of 16 token rows (two chunks) that hold an fp32 dW and db (97·16 + 97 elements): an on-the-fly
+#: head accumulates dW in the forward
+DW_FITS = 16 * VOCAB * 4
 
 
 def close(actual, expected, what, rtol=RTOL, atol=ATOL):
@@ -67,8 +71,10 @@ CASES = [  # (softcap, bias, num_items_in_batch, chunk_bytes)
     (3.0, False, None, ODD_CHUNKS),
     (3.0, True, 40, 1),  # one token / one vocabulary row per block
     (None, False, torch.tensor(31), ODD_CHUNKS),
+    (3.0, True, 40, DW_FITS),
 ]
-CASE_IDS = ["plain", "bias-odd-chunks", "softcap", "softcap-bias-num-items-rows-of-one", "num-items-tensor"]
+CASE_IDS = ["plain", "bias-odd-chunks", "softcap", "softcap-bias-num-items-rows-of-one", "num-items-tensor",
+            "softcap-bias-num-items-dw-fits"]
 
 
 @pytest.mark.parametrize("softcap, bias, num_items, chunk_bytes", CASES, ids=CASE_IDS)
@@ -157,14 +163,46 @@ def test_chunk_budget_from_the_environment(monkeypatch):
         fused_head_loss(hidden, weight, None, targets)
 
 
-def test_non_finite_gradient_skips_the_whole_update():
-    hidden, weight, _, targets = make(False)
+@pytest.mark.parametrize("chunk_bytes", [ODD_CHUNKS, DW_FITS], ids=["tiles", "dw-fits"])
+def test_non_finite_gradient_skips_the_whole_update(chunk_bytes):
+    hidden, weight, b, targets = make(True)
     hidden[3, 2] = float("inf")
     plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head")
-    w = weight.clone()
+    w, bb = weight.clone(), b.clone()
     with pytest.warns(RuntimeWarning, match="skipped the on-the-fly SGD update of lm_head"):
-        fused_head_loss(hidden.requires_grad_(), w, None, targets, plan, chunk_bytes=ODD_CHUNKS).backward()
-    assert torch.equal(w, weight) and plan.skipped_updates == 1
+        fused_head_loss(hidden.requires_grad_(), w, bb, targets, plan, chunk_bytes=chunk_bytes).backward()
+    assert torch.equal(w, weight) and torch.equal(bb, b) and plan.skipped_updates == 1
+
+
+class _GemmCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
+def test_on_the_fly_head_gemms_follow_the_memory_budget(role):
+    """Where dW fits the budget, an on-the-fly head runs the reference's three GEMMs per chunk of tokens (logits, dh,
+    dW) and its backward recomputes nothing; where it does not, the backward recomputes each vocabulary tile's
+    logits (one more GEMM per tile) and builds that tile's dW."""
+    hidden, weight, _, targets = make(False)
+    counts = {}
+    for name, budget in (("fits", DW_FITS), ("tiles", ODD_CHUNKS)):
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR), name="lm_head")
+        with _GemmCount() as forward:
+            loss = fused_head_loss(hidden.requires_grad_(), weight.clone(), None, targets, plan, chunk_bytes=budget)
+        with _GemmCount() as backward:
+            loss.backward()
+        counts[name] = forward.calls, backward.calls
+    assert counts["fits"] == (2 * 2 + 2, 0), counts  # 2 chunks of 16 and 10 tokens: logits + dh each, dW each
+    chunks, tiles = -(-TOKENS // 5), -(-VOCAB // (ODD_CHUNKS // (TOKENS * 4)))
+    # the tiles' dW GEMMs may run inside the backend's fused update op, which the dispatch mode sees as one op
+    assert counts["tiles"][0] == 2 * chunks and counts["tiles"][1] >= tiles, counts
 
 
 def test_all_tokens_ignored_gives_nan_like_cross_entropy():
@@ -209,7 +247,7 @@ def test_bad_inputs_are_refused(change, error, match):
 def test_sharded_update_target_is_refused():
     hidden, weight, _, targets = make(False)
     plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head", target=object())
-    with pytest.raises(NotImplementedError, match="updates whole weights only"):
+    with pytest.raises(NotImplementedError, match="which the fused loss does not drive"):
         fused_head_loss(hidden, weight, None, targets, plan)
 
 
@@ -324,8 +362,45 @@ def test_unsupported_models_are_refused():
     model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
     with pytest.raises(ValueError, match="custom loss_function"):
         model(input_ids=models.batch(0), labels=models.batch(0))
-    with pytest.raises(TypeError, match="fused_loss must be True or False"):
+    with pytest.raises(TypeError, match="fused_loss must be None \\(where it can\\), True or False"):
         bread_kernels.patch(models.llama(layers=2), fused_loss="yes")
+
+
+def test_by_default_the_fused_loss_is_used_where_it_can_be():
+    """``patch(model)``: a supported causal LM gets the fused loss (logits None, the loss and gradients the
+    unpatched model's); a model it cannot match keeps its own head and loss, without an error — at patch time (not a
+    causal LM of a supported family) and at each forward (a custom loss_function, a head plan it cannot carry out)."""
+    original = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(original))
+    ids = models.batch(0)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    close(out.loss, original(input_ids=ids, labels=ids).loss, "loss (default patch)")
+    bert = bread_kernels.patch(models.bert())  # not a causal LM: nothing installed, nothing raised
+    assert not any("_bread_fused_loss" in m.__dict__ for m in bert.modules())
+
+    own = lambda logits, labels, vocab_size, **kw: logits.float().square().mean()  # noqa: E731
+    custom, reference = bread_kernels.patch(copy.deepcopy(original)), copy.deepcopy(original)
+    custom.loss_function = reference.loss_function = own
+    out = custom(input_ids=ids, labels=ids)
+    assert out.logits is not None, "a custom loss_function: the model's own forward"
+    close(out.loss, reference(input_ids=ids, labels=ids).loss, "custom loss (default patch)")
+
+    plan = WeightPlan(Role.LORA, name="lm_head")  # a role the fused loss refuses
+    model.lm_head._bread_weight_plan = plan
+    assert model(input_ids=ids, labels=ids).logits is not None, "a head plan it cannot carry out: the own forward"
+    bread_kernels.patch(model, fused_loss=True)
+    with pytest.raises(ValueError, match="role LORA.*patch\\(model, fused_loss=False\\)"):
+        model(input_ids=ids, labels=ids)
+
+
+def test_the_fused_forward_keeps_the_models_signature():
+    """Trainer keeps only the batch columns the forward's signature names: it must be the model's own."""
+    import inspect
+
+    model = bread_kernels.patch(models.llama(layers=2))
+    assert "forward" in model.__dict__
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
 
 
 # ----------------------------------------------------------------------------------------------------------------

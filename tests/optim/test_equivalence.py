@@ -68,7 +68,9 @@ class Case:
     atol: float = ATOL
     adam_outliers: float = 0.0  # low precision only: see mismatch()
     lora: dict | None = None  # peft LoraConfig arguments: train a peft LoRA model (BREAD) instead of the plain one
-    patch: dict = field(default_factory=dict)  # bread_kernels.patch keyword arguments (fused_loss=True)
+    # bread_kernels.patch keyword arguments: the model's own head and loss unless a case asks for the fused loss (the
+    # cases compare the blocks' engine with the reference; the fused loss's other summation order has its own cases)
+    patch: dict = field(default_factory=lambda: dict(fused_loss=False))
     loss_fn: object = models.loss_of  # (model, ids) -> loss, for the reference and the engine alike
     short_steps: tuple = ()  # steps whose batch is model_zoo.SHORT (MoE: some expert of every layer gets no token)
     build: dict = field(default_factory=dict)  # more arguments of the zoo builder (experts_implementation=...)
