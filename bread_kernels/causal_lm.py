@@ -43,7 +43,7 @@ from torch import nn
 from .functions.head_loss import fused_head_loss, head_plan_refusal
 from .plan import PLAN_ATTR
 
-__all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "installed", "uninstall", "shifted_labels"]
+__all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,6 @@ def install(model: nn.Module, required: bool = True) -> nn.Module:
                                                                                                        **kwargs))
         lm.forward = types.MethodType(forward, lm)
     return lm
-
-
-def installed(model: nn.Module) -> bool:
-    """Whether a causal LM inside ``model`` has the fused-loss forward."""
-    return any(_INSTALLED_ATTR in module.__dict__ for module in model.modules())
 
 
 def uninstall(model: nn.Module) -> None:

@@ -154,7 +154,9 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
         raise ValueError(f"fused_head_loss: softcap must be a positive number or None, got {softcap!r}")
     valid = targets != ignore_index
     vocab = weight.shape[0]
-    if targets.numel() and bool(((targets < 0) | (targets >= vocab))[valid].any()):
+    # read on the host only where that is free; on a GPU an out-of-range target fails the logits' gather on the
+    # device instead (fused_head_loss maps every one, negative ones included, past the vocabulary)
+    if targets.device.type == "cpu" and targets.numel() and bool(((targets < 0) | (targets >= vocab))[valid].any()):
         bad = targets[valid & ((targets < 0) | (targets >= vocab))][0].item()
         raise ValueError(f"fused_head_loss: target {bad} is outside the vocabulary [0, {vocab}) and is not "
                          f"ignore_index={ignore_index}; fix the labels (use {ignore_index} for tokens without a loss)")
@@ -203,9 +205,8 @@ def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, vali
     w.r.t. the raw logits, in place: ``(p − onehot(y)) · scale`` on valid rows, 0 on ignored ones, times
     ``1 − t²`` when soft-capped.  ``scale`` is a 0-d fp32 tensor (1/n, times γ in the backward)."""
     local = targets - first_col
-    rows = torch.nonzero(valid & (local >= 0) & (local < p.shape[1])).squeeze(1)
-    if rows.numel():
-        p[rows, local[rows]] -= 1.0
+    hit = valid & (local >= 0) & (local < p.shape[1])  # a scatter, not an index by nonzero: no host sync
+    p.scatter_add_(1, local.clamp(0, p.shape[1] - 1)[:, None], hit.to(p.dtype).neg_()[:, None])
     p.mul_((valid.to(p.dtype) * scale)[:, None])
     if t is not None:
         p.mul_(t.mul_(t).neg_().add_(1.0))
@@ -366,7 +367,8 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     budget = chunk_budget_bytes(chunk_bytes)
     targets = targets.long()
     valid = targets != ignore_index
-    targets = torch.where(valid, targets, -1)  # inside the Function, a negative target is an ignored token
+    # inside the Function a negative target is an ignored token; a bad one goes past the vocabulary (see the check)
+    targets = torch.where(valid, torch.where(targets < 0, weight.shape[0], targets), -1)
     if num_items_in_batch is None:
         count = valid.sum().float()
     elif isinstance(num_items_in_batch, torch.Tensor):
