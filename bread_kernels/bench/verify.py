@@ -17,10 +17,12 @@ parameters.  Tolerances, per element, with ``before`` and ``after`` the paramete
   (measured: 1.0% of an active k_proj's elements on the bench's bf16 model);
 * parameters updated by SGD in bf16/fp16: the same bound, except that up to 0.1% of a tensor's elements may be off by
   up to four times it: an element whose summed gradient nearly cancels has a rounding error large against itself;
-* parameters updated by SIGN: the same bound, except that up to 0.1% of a tensor's elements may differ by one sign
+* parameters updated by SIGN: the same bound, except that up to 0.1% (bf16/fp16: 1%, measured 0.6% of a norm
+  weight's) of a tensor's elements may differ by one sign
   flip, up to ``2·lr``: an element whose summed gradient is ~0 takes its sign from the summation order.
 
-A failure raises :class:`VerificationError` naming the worst tensor.
+Each fraction allows at least one element (a norm weight of 512 elements can turn one sign).  A failure raises
+:class:`VerificationError` naming the worst tensor.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
         bound = _bound(ref, start, eng, engine[name].dtype)
         bad = diff > bound
         adam = ADAM_OUTLIER_FRACTION * (2 if low else 1)
-        fraction = {Role.ACTIVE: adam, Role.SIGN: SIGN_FLIP_FRACTION,
+        fraction = {Role.ACTIVE: adam, Role.SIGN: SIGN_FLIP_FRACTION * (10 if low else 1),
                     Role.SGD: SIGN_FLIP_FRACTION if low else None}.get(roles.get(name))
         if fraction is not None and bad.any():
             reach = 4 * bound if roles.get(name) is Role.SGD else 2 * lr + bound
