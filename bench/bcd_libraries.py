@@ -4,8 +4,8 @@ layer draws) with and without the engine's ``LisaCallback``.
 Model and batch: the engine benchmark's CPU setup (``bread_kernels.bench.model.CPU_SETUP``: Llama 8 × 512,
 intermediate 1376, vocab 4096, batch 4 × 256), fp32.  Sides, all on copies of one model:
 
-* badam (``badam.BlockOptimizer``, ``switch_mode="fixed"`` at block 1, 4 and 6 — its own step is not run, only the
-  backward is timed): the library alone as its users run it (Hugging Face gradient checkpointing, which makes the
+* badam (``badam.BlockOptimizer``, ``switch_mode="fixed"`` at block 1, 4 and 6 — its own step is not run, only
+  forward + backward are timed): the library alone as its users run it (Hugging Face gradient checkpointing, which makes the
   embeddings' output require grad), the library alone best configured (checkpointing plus
   ``disable_input_require_grads()``, as LLaMA-Factory does), the library alone without checkpointing (plain
   autograd, every activation stored), and the library with ``accelerate`` (the engine's recompute);
@@ -13,8 +13,8 @@ intermediate 1376, vocab 4096, batch 4 × 256), fp32.  Sides, all on copies of o
   ``requires_grad`` switching on the unpatched model with and without checkpointing, and ``LisaCallback`` on the
   engine.
 
-Per side: the median backward time over the repeats (forward untimed, sides measured alternately), and the peak
-memory of forward + backward from the profiler's allocation events in an untimed warm-up.  Not a test.
+Per side: the median forward + backward time over the repeats (sides measured alternately; the forward counts
+because the engine's fused head+loss does the head's backward work in it), and the peak memory of forward + backward from the profiler's allocation events in an untimed warm-up.  Not a test.
 
     python bench/bcd_libraries.py [--repeats 3] [--out bench/results]
 """
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         bread_kernels.accelerate(optimizers["badam + accelerate"], engine)
         names = list(sides)
         times, peaks = timed_alternately([(sides[n], optimizers[n]) for n in names], ids, args.repeats)
-        lines += [f"## badam, active block {block}", "", "| side | backward s | peak MiB | engine time ratio | "
+        lines += [f"## badam, active block {block}", "", "| side | step s | peak MiB | engine time ratio | "
                   "engine peak ratio |", "| --- | --- | --- | --- | --- |"]
         t_engine, m_engine = statistics.median(times[-1]), peaks[-1]
         for k, name in enumerate(names):
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     names = list(sides)
     times, peaks = timed_alternately([(sides[n], optimizers[n]) for n in names], ids, args.repeats)
     lines += [f"## LISA, layers {sorted(drawn)} of 8 (embeddings and head trained)", "",
-              "| side | backward s | peak MiB | engine time ratio | engine peak ratio |", "| --- | --- | --- | --- | --- |"]
+              "| side | step s | peak MiB | engine time ratio | engine peak ratio |", "| --- | --- | --- | --- | --- |"]
     t_engine, m_engine = statistics.median(times[-1]), peaks[-1]
     for k, name in enumerate(names):
         t = statistics.median(times[k])

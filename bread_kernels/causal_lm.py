@@ -80,13 +80,20 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
         "model's own head and loss, with the fused head backward)")
 
 
-def _check_head(lm: nn.Module) -> nn.Linear:
+def _head_problem(lm: nn.Module) -> str | None:
+    """Why the head of ``lm`` cannot be the fused loss's (None: it is a plain ``nn.Linear``)."""
     head = lm.get_output_embeddings()
     if type(head) is not nn.Linear:
-        raise ValueError(
-            f"patch: fused_loss=True needs the head of {type(lm).__name__} to be a plain nn.Linear, got "
-            f"{type(head).__name__} (a peft LoRA head, a quantized head, ...); use patch(model, fused_loss=False)")
-    return head
+        return (f"the head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear (a peft LoRA "
+                "head, a quantized head, ...)")
+    return None
+
+
+def _check_head(lm: nn.Module) -> None:
+    problem = _head_problem(lm)
+    if problem is not None:
+        raise ValueError(f"patch: fused_loss=True needs a plain nn.Linear head, and {problem}; use patch(model, "
+                         "fused_loss=False)")
 
 
 def prepare(model: nn.Module) -> tuple[nn.Module, tuple]:
@@ -185,9 +192,10 @@ def _refusal(lm: nn.Module) -> str | None:
         name = getattr(lm.loss_function, "__name__", type(lm.loss_function).__name__)
         return (f"{type(lm).__name__} computes its loss with {name} (a custom loss_function or config.loss_type), "
                 "not transformers' ForCausalLMLoss")
+    problem = _head_problem(lm)
+    if problem is not None:
+        return problem
     head = lm.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return f"the head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear"
     if tuple(head.weight.shape) != (head.out_features, head.in_features):
         return (f"the head's weight has shape {tuple(head.weight.shape)} at the forward, not ({head.out_features}, "
                 f"{head.in_features}): it is gathered only by its module's own forward (ZeRO-3 partitioning)")

@@ -298,9 +298,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
         keep_top = _check_keep_top(keep_top, len(state.blocks))
-        if fused_loss:
-            causal_lm.prepare(model)  # refuse before anything changes
-        _set_fused_loss(model, fused_loss)
+        _set_fused_loss(model, fused_loss)  # first: a refusal leaves everything as it was
         state.stream.recompute = recompute
         state.fused_loss = fused_loss
         state.stream.keep_top = keep_top
@@ -384,16 +382,17 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
 
 
 def _set_fused_loss(model: nn.Module, fused_loss: bool | None) -> None:
-    """Install (required or where it can) or remove the fused-loss forward, as ``fused_loss`` asks."""
-    causal_lm.uninstall(model)
+    """Install (required or where it can) or remove the fused-loss forward, as ``fused_loss`` asks.  ``install``
+    checks before it changes anything, so a refusal of ``fused_loss=True`` leaves a model as it was."""
     if fused_loss is False:
+        causal_lm.uninstall(model)
         return
     try:
         causal_lm.install(model, required=bool(fused_loss))
     except ValueError:
         if fused_loss:
             raise
-        # fused_loss=None on a model the fused loss cannot match: the model's own head and loss, as asked
+        causal_lm.uninstall(model)  # None on a model the fused loss cannot match: its own head and loss
 
 
 def _check_keep_top(keep_top, n_blocks: int) -> int:

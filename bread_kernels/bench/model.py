@@ -198,18 +198,6 @@ def step_time(model, opt, ids) -> float:
     return elapsed
 
 
-def backward_time(model, opt, ids) -> float:
-    """Seconds of one backward (the forward before it untimed); the gradients are cleared after."""
-    loss = model(input_ids=ids, labels=ids).loss
-    synchronize(ids.device)
-    start = time.perf_counter()
-    loss.backward()
-    synchronize(ids.device)
-    elapsed = time.perf_counter() - start
-    opt.zero_grad()
-    return elapsed
-
-
 def step_peak_bytes(model, opt, ids) -> int:
     """Peak extra memory of forward + backward."""
     peak = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward(), ids.device).peak_bytes
@@ -302,17 +290,17 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     return tuple(flops) if count_flops else None
 
 
-def timed_alternately(sides, ids, repeats, timer=step_time):
-    """``timer`` (forward + backward by default; :func:`backward_time` for the backward alone) of each (model,
-    optimizer) side, measured alternately (so drift of the machine hits every side alike) after one untimed warm-up
-    each, which measures the peak memory.  Returns (times per side, peaks)."""
+def timed_alternately(sides, ids, repeats):
+    """Forward + backward times (:func:`step_time`) of each (model, optimizer) side, measured alternately (so drift
+    of the machine hits every side alike) after one untimed warm-up each, which measures the peak memory.  Returns
+    (times per side, peaks)."""
     times, peaks = [[] for _ in sides], []
     for i in range(repeats + 1):
         for k, (model, opt) in enumerate(sides):
             if i == 0:
                 peaks.append(step_peak_bytes(model, opt, ids))
             else:
-                times[k].append(timer(model, opt, ids))
+                times[k].append(step_time(model, opt, ids))
     return times, peaks
 
 

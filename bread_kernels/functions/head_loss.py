@@ -292,16 +292,16 @@ def _head_loss_backward(ctx, grad_output):
     gamma = grad_output.float()
     if grad_hidden is not None:
         grad_hidden = grad_hidden.mul_(gamma.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
-    on_the_fly = ctx.use is not None  # its update takes the fp32 sums; autograd's gradients come in the dtypes
+    on_the_fly = ctx.use is not None  # its update takes the sums as they are; autograd's come in the dtypes
     if grad_weight is not None:
         grad_weight = grad_weight.mul_(gamma)
         grad_weight = grad_weight if on_the_fly else grad_weight.to(ctx.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.mul_(gamma)
         grad_bias = grad_bias if on_the_fly else grad_bias.to(ctx.bias_dtype)
-    if ctx.use is not None:
+    if on_the_fly:
         _check_single_use(ctx)
-        if ctx.lse is None:  # dW was accumulated in the forward
+        if ctx.tile is None:  # dW was accumulated in the forward
             weight, bias = ctx.saved_tensors
             update_linear_grad_(ctx.plan, ctx.role, weight, bias, grad_weight, grad_bias)
             grad_weight = grad_bias = None
@@ -383,9 +383,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     float_softcap = float(softcap) if softcap is not None else None
     dtype = autocast_dtype(weight.device) or weight.dtype
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
-    tile = _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
-    if 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget:
-        tile = None  # an on-the-fly head's fp32 dW fits: accumulated in the forward, no recomputed logits
+    dw_fits = 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
+    # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
+    tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None
     return FusedHeadLossFunction.apply(hidden, weight, bias, targets, inv_count, plan, role, float_softcap, chunk,
                                        tile, torch.is_grad_enabled(), dtype, trigger)
