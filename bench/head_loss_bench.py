@@ -11,7 +11,10 @@ Sides, for each variant (the active block is the 2nd-to-last layer; BREAD-SGD up
   ``BlockOptimizer``;
 * ``reference``: plain autograd + the optimizer's hooks, HF gradient checkpointing as its users run it (the input
   embeddings require grad, so the backward runs through every layer);
-* ``reference-cut``: the same with ``disable_input_require_grads()`` (autograd stops at the lowest trainable block).
+* ``reference-cut``: the same with ``disable_input_require_grads()`` (autograd stops at the lowest trainable block);
+* ``liger``: ``reference-cut`` with Liger-Kernel's fused linear cross-entropy forward (``lce_forward``, what
+  ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` installs, bound to this one model) — on a GPU
+  with ``liger-kernel`` installed, or with ``--liger`` (under ``TRITON_INTERPRET=1`` on a CPU: a check, not a time).
 
 The fused loss does the head's backward work (dh, and the head's dW for an Adam-trained head) in the forward, chunk by
 chunk, so its *backward* alone is not comparable: the headline is forward + backward (``step``), and the backward
@@ -30,6 +33,7 @@ import json
 import platform
 import statistics
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -43,6 +47,23 @@ from bread_kernels.functions.head_loss import chunk_budget_bytes
 
 VARIANTS = {"BAdam": dict(sgd_mode="disabled"), "BREAD-SGD": dict(sgd_mode="all")}
 SIDES = ("fused", "engine", "reference", "reference-cut")
+
+
+def liger_model(base):
+    """The reference-cut model with Liger-Kernel's fused linear cross-entropy as its forward."""
+    from liger_kernel.transformers.model.llama import lce_forward
+
+    model = reference_ways(base, recompute=True)["best"]
+    model.forward = types.MethodType(lce_forward, model)
+    return model
+
+
+def liger_by_default(device) -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda"
 
 
 def optimizer(model, variant, active):
@@ -80,20 +101,24 @@ def measure(vocab, variant, args, device):
     models = {"fused": bread_kernels.patch(copy.deepcopy(base), fused_loss=True).train(),
               "engine": bread_kernels.patch(copy.deepcopy(base), fused_loss=False).train(),
               "reference": refs["reference"], "reference-cut": refs["best"]}
+    sides = SIDES + (("liger",) if args.liger else ())
+    if args.liger:
+        models["liger"] = liger_model(base)
     active = args.layers - 2 if args.layers >= 2 else 0
-    opts = {side: optimizer(models[side], variant, active) for side in SIDES}
-    with torch.no_grad():  # the fused loss runs only with grad: compare it to the reference's loss (same weights)
+    opts = {side: optimizer(models[side], variant, active) for side in sides}
+    with torch.no_grad():  # the fused losses run only with grad: compare them to the reference's (same weights)
         expected = models["reference-cut"](input_ids=ids, labels=ids).loss.item()
-    got = models["fused"](input_ids=ids, labels=ids).loss.item()
-    opts["fused"].zero_grad()
-    if abs(got - expected) > 1e-4 * abs(expected):
-        raise SystemExit(f"head_loss_bench: the fused loss {got} differs from the reference's {expected}")
+    for side in ("fused", "liger") if args.liger else ("fused",):
+        got = models[side](input_ids=ids, labels=ids).loss.item()
+        opts[side].zero_grad()
+        if abs(got - expected) > 1e-4 * abs(expected):
+            raise SystemExit(f"head_loss_bench: the {side} side's loss {got} differs from the reference's {expected}")
     rows = {side: dict(vocab=vocab, variant=variant, side=side, active=active, forward_s=[], backward_s=[])
-            for side in SIDES}
-    for side in SIDES:  # the warm-up measures the peak
+            for side in sides}
+    for side in sides:  # the warm-up measures the peak
         rows[side]["peak_mib"] = peak_bytes(models[side], opts[side], ids) / 2**20
     for _ in range(args.repeats):  # the sides alternate, so drift of this shared machine hits them alike
-        for side in SIDES:
+        for side in sides:
             forward, backward = step_times(models[side], opts[side], ids)
             rows[side]["forward_s"].append(forward)
             rows[side]["backward_s"].append(backward)
@@ -101,8 +126,8 @@ def measure(vocab, variant, args, device):
         row["forward_ms"] = statistics.median(row["forward_s"]) * 1e3
         row["backward_ms"] = statistics.median(row["backward_s"]) * 1e3
         row["step_ms"] = statistics.median([f + b for f, b in zip(row["forward_s"], row["backward_s"])]) * 1e3
-    for side in SIDES:
-        for other in ("engine", "reference", "reference-cut"):
+    for side in sides:
+        for other in ("engine", "reference", "reference-cut") + (("liger",) if args.liger else ()):
             rows[side][f"peak_vs_{other}"] = rows[side]["peak_mib"] / rows[other]["peak_mib"]
             rows[side][f"step_vs_{other}"] = rows[side]["step_ms"] / rows[other]["step_ms"]
     return list(rows.values())
@@ -121,13 +146,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
+                        help="add Liger-Kernel's FLCE as a side (default: on a GPU with liger-kernel installed)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.liger is None:
+        args.liger = liger_by_default(device)
     name = device_name(device)
     print(f"fused head+loss, Llama {args.layers}x{args.hidden} (inter {args.intermediate}), batch {args.batch}x"
           f"{args.seq}, float32, on {name}; torch {torch.__version__}, python {platform.python_version()}")
     print(f"{'vocab':>7} {'variant':<10} {'side':<14} {'fwd ms':>8} {'bwd ms':>8} {'step ms':>8} {'peak MiB':>9} "
-          f"{'step/ref-cut':>12} {'peak/ref-cut':>12} {'step/engine':>11} {'peak/engine':>11}")
+          f"{'step/ref-cut':>12} {'peak/ref-cut':>12} {'step/engine':>11} {'peak/engine':>11}"
+          + (f" {'step/liger':>10} {'peak/liger':>10}" if args.liger else ""))
     rows = []
     for vocab in args.vocab:
         for variant in args.variants:
@@ -136,7 +166,9 @@ def main(argv=None):
                 print(f"{vocab:>7} {variant:<10} {row['side']:<14} {row['forward_ms']:>8.0f} {row['backward_ms']:>8.0f} "
                       f"{row['step_ms']:>8.0f} {row['peak_mib']:>9.0f} {row['step_vs_reference-cut']:>12.2f} "
                       f"{row['peak_vs_reference-cut']:>12.2f} {row['step_vs_engine']:>11.2f} "
-                      f"{row['peak_vs_engine']:>11.2f}", flush=True)
+                      f"{row['peak_vs_engine']:>11.2f}"
+                      + (f" {row['step_vs_liger']:>10.2f} {row['peak_vs_liger']:>10.2f}" if args.liger else ""),
+                      flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower()

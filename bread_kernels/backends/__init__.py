@@ -1,17 +1,21 @@
-"""Backend dispatch for the fused weight update.
+"""Backend dispatch for the fused weight update (and the fused loss's chunk loop).
 
-Every backend implements the same three methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
+Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
     finite_flag(*tensors) -> ok                                      # 0-dim bool on the device: no inf/nan
     update_weight_(W, g, x, step, sign, rounding, seed, ok, offset)  # W -= step · f(gᵀx), no dW tensor
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
+    linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``g`` and ``x``
 share one dtype, the GEMM's compute dtype; under ``torch.autocast`` it is autocast's and may differ from W's (an
 fp32 W with bf16 ``g``, ``x``): dW is computed in the compute dtype and the update written in W's own dtype.
 ``ok`` gates the write on the device (nothing is written where it is False): the backward never reads a flag on
 the host.
+``linear_cross_entropy`` is the fused head+loss's chunk loop for a head without a tiled update: the summed
+cross-entropy ``S`` of the logits ``c·tanh((hWᵀ + b)/c)`` and its gradients (:mod:`.liger`), or None where the
+backend has no kernels of its own for it and the caller's torch loop runs (the CPU backends).
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
 rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 
@@ -49,6 +53,10 @@ class Backend(Protocol):
 
     def lora_grads(self, grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, need_a: bool, need_b: bool) -> tuple: ...
+
+    def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor, softcap: float | None, max_rows: int, need_grads: bool,
+                             need_dw: bool) -> tuple | None: ...
 
 
 _instances: dict[str, Backend] = {}

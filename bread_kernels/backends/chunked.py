@@ -66,6 +66,10 @@ class ChunkedBackend:
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
+    def linear_cross_entropy(self, hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw):
+        """None: on the CPU the fused loss's own torch loop serves (BLAS GEMMs and in-place softmax)."""
+        return None
+
     def chunk_rows(self, weight: torch.Tensor, tokens: int, dtype: torch.dtype | None = None) -> int:
         """Rows of ``weight`` per chunk of dW computed in ``dtype`` (default: W's) within the budget."""
         dtype = weight.dtype if dtype is None else dtype

@@ -35,3 +35,12 @@ class TritonBackend:
         if not use_kernel or lora_b.shape[1] > self._lora.MAX_RANK:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
+
+    def linear_cross_entropy(self, hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw):
+        """Liger-Kernel's fused linear cross-entropy (:mod:`.liger`), or None where it cannot serve (the fused
+        loss's own torch loop then runs; said once)."""
+        from . import liger
+
+        if liger.unavailable_reason() is not None:
+            return None
+        return liger.linear_cross_entropy(hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw)

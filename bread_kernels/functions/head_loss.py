@@ -49,6 +49,12 @@ The default is a measured compromise (``bench/results/head_loss_cpu_float32*.txt
 tokens, 64 MiB blocks (130 tokens) made the CPU's head GEMMs ~1.7x slower than 256 MiB blocks (523 tokens), while
 256 MiB is still ~1/12 of the reference's logits-sized peak there; on a GPU, Liger-Kernel's blocks are smaller (about
 the size of the hidden states), so set the variable lower where memory matters more than the last percent of speed.
+On a GPU with ``liger-kernel`` installed (``pip install bread_kernels[liger]``) the untiled forward — a frozen, an
+active, or an on-the-fly head whose dW fits the budget — runs Liger-Kernel's fused linear cross-entropy kernels
+instead of the loop here (through the backend's ``linear_cross_entropy``, :mod:`bread_kernels.backends.liger`): they
+compute the same loss, ``dh`` and ``dW`` for the *sum* over tokens, so the backward's γ is multiplied by ``1/n``.
+Liger picks its own chunk (about the size of ``h``, at most this budget).  The vocabulary tiles, the CPU and every
+other backend run the loop here.  Liger's forward reads the token count to the host once (an ``.item()``).
 Beyond that the Function holds ``dh`` [T, H] from the forward to the backward (the size of ``h``), the per-token
 logsumexp [T] for a tiled on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would
 build anyway) or an on-the-fly head whose dW fits the budget: in the compute dtype when the tokens are one chunk (the
@@ -72,6 +78,7 @@ import os
 
 import torch
 
+from ..backends import get_backend
 from ..plan import Role, WeightPlan
 from ..update import all_finite, update_linear_, update_linear_grad_
 from .autocast import autocast_dtype, outside_autocast
@@ -227,46 +234,26 @@ class FusedHeadLossFunction(torch.autograd.Function):
         ctx.hidden_dtype, ctx.bias_dtype, ctx.compute_dtype = hidden.dtype, getattr(bias, "dtype", None), dtype
         hidden = hidden.to(dtype)  # no-ops without autocast
         weight_c, bias_c = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
-        valid = targets >= 0
-        safe = targets.clamp(min=0)
         needs_dh, needs_dw, needs_db = (needs and grad_enabled for needs in ctx.needs_input_grad[:3])
         on_the_fly = role.updates_on_the_fly and grad_enabled
-        grad_hidden = torch.empty_like(hidden) if needs_dh else None
         tiled = on_the_fly and tile is not None
         accumulate = (role is Role.ACTIVE and grad_enabled) or (on_the_fly and not tiled)
         want_dw = accumulate and (needs_dw or on_the_fly)
-        single = tokens <= chunk  # one chunk: dW is that chunk's GEMM, in the compute dtype as autograd's
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if want_dw and not single else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
-            if accumulate and bias is not None and (needs_db or on_the_fly) else None
-        lse_all = torch.empty(tokens, dtype=torch.float32, device=hidden.device) if tiled else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, tokens, chunk):
-            stop = min(tokens, start + chunk)
-            h = hidden[start:stop]
-            z, t = _logits(h, weight_c, bias_c, softcap)
-            picked = z.gather(1, safe[start:stop, None]).squeeze(1)
-            lse = _softmax_(z)  # z now holds the probabilities
-            total += torch.where(valid[start:stop], lse - picked, 0.0).sum()
-            if lse_all is not None:
-                lse_all[start:stop] = lse
-            if grad_hidden is None and not want_dw and grad_bias is None:
-                continue
-            g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(dtype)
-            if grad_hidden is not None:
-                torch.mm(g, weight_c, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
-            if single and want_dw:
-                grad_weight = g.t() @ h
-            elif want_dw:
-                if g.dtype == torch.float32:
-                    grad_weight.addmm_(g.t(), h)
-                else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
-                    grad_weight += g.t() @ h
-            if grad_bias is not None:
-                grad_bias += g.sum(0, dtype=torch.float32)
-        if want_dw and grad_weight is None:  # no tokens
-            grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        want_db = accumulate and bias is not None and (needs_db or on_the_fly)
+        served = None
+        if not tiled and tokens:  # a backend with kernels of its own for the whole loop (Liger's, on a GPU)
+            served = get_backend(weight.device).linear_cross_entropy(
+                hidden, weight_c, bias_c, targets, softcap, chunk, needs_dh or want_dw or want_db, want_dw)
+        if served is not None:  # the sums' gradients: scaled by 1/n with γ in the backward
+            total, grad_hidden, grad_weight, grad_bias = served
+            grad_hidden = grad_hidden if needs_dh else None
+            grad_weight = grad_weight if want_dw else None
+            grad_bias = grad_bias if want_db else None
+            ctx.grad_scale, lse_all = inv_count, None
+        else:
+            total, grad_hidden, grad_weight, grad_bias, lse_all = _chunk_loop(
+                hidden, weight_c, bias_c, targets, inv_count, softcap, chunk, needs_dh, want_dw, want_db, tiled)
+            ctx.grad_scale = None
         ctx.role, ctx.plan, ctx.softcap, ctx.tile, ctx.dtype = role, plan, softcap, tile, weight.dtype
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.lse = lse_all
@@ -283,6 +270,48 @@ class FusedHeadLossFunction(torch.autograd.Function):
             return _head_loss_backward(ctx, grad_output)
 
 
+def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_dh, want_dw, want_db, keep_lse):
+    """This library's own loop over chunks of ``chunk`` tokens (all in the compute dtype): ``(Σ loss, dh, dW, db,
+    the per-token logsumexp or None)``, the gradients of the loss divided by n (``inv_count``) with γ = 1."""
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    dtype = hidden.dtype
+    valid = targets >= 0
+    safe = targets.clamp(min=0)
+    grad_hidden = torch.empty_like(hidden) if needs_dh else None
+    single = tokens <= chunk  # one chunk: dW is that chunk's GEMM, in the compute dtype as autograd's
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        if want_dw and not single else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_db else None
+    lse_all = torch.empty(tokens, dtype=torch.float32, device=hidden.device) if keep_lse else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, tokens, chunk):
+        stop = min(tokens, start + chunk)
+        h = hidden[start:stop]
+        z, t = _logits(h, weight, bias, softcap)
+        picked = z.gather(1, safe[start:stop, None]).squeeze(1)
+        lse = _softmax_(z)  # z now holds the probabilities
+        total += torch.where(valid[start:stop], lse - picked, 0.0).sum()
+        if lse_all is not None:
+            lse_all[start:stop] = lse
+        if grad_hidden is None and not want_dw and grad_bias is None:
+            continue
+        g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(dtype)
+        if grad_hidden is not None:
+            torch.mm(g, weight, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
+        if single and want_dw:
+            grad_weight = g.t() @ h
+        elif want_dw:
+            if g.dtype == torch.float32:
+                grad_weight.addmm_(g.t(), h)
+            else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
+                grad_weight += g.t() @ h
+        if grad_bias is not None:
+            grad_bias += g.sum(0, dtype=torch.float32)
+    if want_dw and grad_weight is None:  # no tokens
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    return total, grad_hidden, grad_weight, grad_bias, lse_all
+
+
 def _head_loss_backward(ctx, grad_output):
     if ctx.grads is None:
         raise RuntimeError("fused_head_loss: the backward ran twice; its saved gradients were handed to the first "
@@ -290,6 +319,8 @@ def _head_loss_backward(ctx, grad_output):
     grad_hidden, grad_weight, grad_bias = ctx.grads
     ctx.grads = None  # handed over: autograd may keep them as .grad without a copy
     gamma = grad_output.float()
+    if ctx.grad_scale is not None:  # a backend's loop handed the summed loss's gradients
+        gamma = gamma * ctx.grad_scale
     if grad_hidden is not None:
         grad_hidden = grad_hidden.mul_(gamma.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
     on_the_fly = ctx.use is not None  # its update takes the sums as they are; autograd's come in the dtypes
