@@ -48,6 +48,7 @@ import torch
 
 from ..optim import BlockOptimizer
 from ..patch import patch, patched_state, unpatch
+from ..plan import Role
 from .linear import device_name, synchronize
 from .memory import trace_allocations
 from .profile import profile_step
@@ -274,19 +275,22 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     one step on (the timing that follows does not depend on the values).  With ``count_flops``, returns the matmul
     FLOPs of the two forward + backward passes (a Triton kernel's are invisible to the counter)."""
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    results, roles, flops = {}, None, []
+    results, grads, roles, flops = {}, {}, None, []
     for name, model in (("engine", engine), ("reference", reference)):
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
         with _counting_flops(count_flops) as counter:
             model(input_ids=ids, labels=ids).loss.backward()
         flops.append(counter.get_total_flops() if count_flops else 0)
+        roles = roles or dict(opt.roles)
+        grads[name] = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
+                       if roles.get(n) is Role.ACTIVE}
         opt.step()
         opt.zero_grad()
-        roles = roles or dict(opt.roles)
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.close()
     compare_parameters(results["engine"], results["reference"], before, roles, lr,
-                       f"{variant} at block {active} vs the reference")
+                       f"{variant} at block {active} vs the reference", gradients=(grads["engine"], grads["reference"]),
+                       low_precision=reference.get_input_embeddings().weight.dtype != torch.float32)
     return tuple(flops) if count_flops else None
 
 
