@@ -2,7 +2,7 @@
 and peak memory of the engine against the best-configured reference (HF checkpointing with the cut), on the bench's
 default CPU model.
 
-    python bench/keep_top_trade.py [--dtype bf16] [--repeats 3] [--keep 0 1] [--variants BAdam BREAD-SGD]
+    python bench/keep_top_trade.py [--dtype bf16] [--repeats 3] [--keep 0 auto 1] [--variants BAdam BREAD-SGD]
 
 Times are medians of alternating runs (drift hits every side alike); peaks from the profiler's allocation events
 over forward + backward (``bread_kernels.bench.memory``).
@@ -27,7 +27,8 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=CPU_SETUP["shape"]["vocab"])
-    parser.add_argument("--keep", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--keep", type=lambda v: v if v == "auto" else int(v), nargs="+", default=[0, "auto", 1],
+                        help="keep_top values: ints or auto")
     parser.add_argument("--variants", nargs="+", default=["BAdam", "BREAD-SGD"], choices=list(VARIANTS))
     args = parser.parse_args()
     shape = {**CPU_SETUP["shape"], "vocab": args.vocab}

@@ -31,6 +31,7 @@ unpatched model by the tests).  What happens elsewhere depends on how the fused 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -110,11 +111,14 @@ def prepare(model: nn.Module) -> tuple[nn.Module, tuple]:
     return lm, (signature, var_keyword, _output_class(original))
 
 
-def install(model: nn.Module, required: bool = True) -> nn.Module:
+def install(model: nn.Module, required: bool = True, stream=None) -> nn.Module:
     """Give the causal LM inside ``model`` the fused-loss forward (see :func:`prepare`); returns that causal LM.
-    ``required=False``: a forward the fused loss cannot match runs the model's own forward instead of raising."""
+    ``required=False``: a forward the fused loss cannot match runs the model's own forward instead of raising.
+    ``stream``: the patched blocks' :class:`~bread_kernels.stream.StreamConfig` (not imported: the stream sits
+    beside this module), told that a fused loss follows their forward; the top block may then keep its activations,
+    and the loss holds no more than the hidden states' size while one does."""
     lm, info = prepare(model)
-    setattr(lm, _INSTALLED_ATTR, (*info, required))
+    setattr(lm, _INSTALLED_ATTR, (*info, required, stream))
     if "forward" not in lm.__dict__:
         # the original's signature (functools.wraps): Trainer keeps only the batch columns the forward names
         forward = functools.wraps(type(lm).forward)(lambda self, *args, **kwargs: _fused_loss_forward(self, *args,
@@ -139,7 +143,7 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 def _fused_loss_forward(self, *args, **kwargs):
     """The forward installed by :func:`install` (see the module docstring)."""
-    signature, var_keyword, output_cls, required = getattr(self, _INSTALLED_ATTR)
+    signature, var_keyword, output_cls, required, stream = getattr(self, _INSTALLED_ATTR)
     original = type(self).forward.__get__(self)
     bound = signature.bind(self, *args, **kwargs)
     labels = bound.arguments.get("labels")
@@ -158,7 +162,9 @@ def _fused_loss_forward(self, *args, **kwargs):
     return_dict = extra.pop("return_dict", None)
     named = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
     logits_to_keep = bound.arguments.get("logits_to_keep", 0)
-    outputs = getattr(self, FAMILIES[type(self).__name__].base)(**named, **extra)  # the loss kwargs too, as HF
+    base = getattr(self, FAMILIES[type(self).__name__].base)
+    with stream.fused_loss_follows() if stream is not None else contextlib.nullcontext():
+        outputs = base(**named, **extra)  # the loss kwargs too, as HF
     hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
 
     ignore_index = extra.get("ignore_index", -100)
@@ -175,7 +181,7 @@ def _fused_loss_forward(self, *args, **kwargs):
     softcap = getattr(self.config, family.softcap, None) if family.softcap else None
     loss = fused_head_loss(hidden, head.weight, head.bias, targets, getattr(head, PLAN_ATTR, None),
                            ignore_index=ignore_index, num_items_in_batch=extra.get("num_items_in_batch"),
-                           softcap=softcap)
+                           softcap=softcap, hidden_sized=stream is not None and stream.kept > 0)
 
     fields = {f.name for f in dataclasses.fields(output_cls)} - {"loss", "logits"}
     output = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k) for k in fields if hasattr(outputs, k)})

@@ -268,7 +268,7 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
-          fused_loss: bool | None = None, keep_top: int = 0) -> nn.Module:
+          fused_loss: bool | None = None, keep_top: int | str = "auto") -> nn.Module:
     """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless (and
     changes ``recompute``, ``fused_loss`` and ``keep_top`` to the values given).
 
@@ -286,8 +286,11 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             logits).
         keep_top: with ``recompute``, the number of top blocks that keep their activations instead of being
             recomputed.  The top block's backward runs first, right after the loss's: keeping it saves one block's
-            forward per step, for one block's activations alive while the head and the loss run (see the README's
-            "Speed" section for the measured trade).  0 (the default) recomputes every block.
+            forward per step, for one block's activations alive while the head and the loss run.  ``"auto"`` (the
+            default): the top block, in a forward whose loss is the fused head+loss, which then holds no more than
+            the hidden states' size — so the step's peak stays that of a recomputed block's backward (measured
+            in the README's "Speed" section); elsewhere none.  0 recomputes every block; ``k`` keeps the top ``k``
+            (each beyond the first adds one block's activations to the peak).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
@@ -298,7 +301,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
         keep_top = _check_keep_top(keep_top, len(state.blocks))
-        _set_fused_loss(model, fused_loss)  # first: a refusal leaves everything as it was
+        _set_fused_loss(model, fused_loss, state)  # first: a refusal leaves everything as it was
         state.stream.recompute = recompute
         state.fused_loss = fused_loss
         state.stream.keep_top = keep_top
@@ -374,31 +377,33 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
                                                                                    **k),
             block,
         )
-    _set_fused_loss(model, fused_loss)
+    _set_fused_loss(model, fused_loss, state)
     state.forward_hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
 
 
-def _set_fused_loss(model: nn.Module, fused_loss: bool | None) -> None:
+def _set_fused_loss(model: nn.Module, fused_loss: bool | None, state: PatchedModel) -> None:
     """Install (required or where it can) or remove the fused-loss forward, as ``fused_loss`` asks.  ``install``
     checks before it changes anything, so a refusal of ``fused_loss=True`` leaves a model as it was."""
     if fused_loss is False:
         causal_lm.uninstall(model)
         return
     try:
-        causal_lm.install(model, required=bool(fused_loss))
+        causal_lm.install(model, required=bool(fused_loss), stream=state.stream)
     except ValueError:
         if fused_loss:
             raise
         causal_lm.uninstall(model)  # None on a model the fused loss cannot match: its own head and loss
 
 
-def _check_keep_top(keep_top, n_blocks: int) -> int:
+def _check_keep_top(keep_top, n_blocks: int) -> int | str:
+    if isinstance(keep_top, str) and keep_top == "auto":
+        return keep_top
     if isinstance(keep_top, bool) or not isinstance(keep_top, int) or not 0 <= keep_top <= n_blocks:
-        raise ValueError(f"patch: keep_top must be an int in [0, {n_blocks}] (the number of top blocks that keep their "
-                         f"activations), got {keep_top!r}")
+        raise ValueError(f"patch: keep_top must be 'auto' or an int in [0, {n_blocks}] (the number of top blocks that "
+                         f"keep their activations), got {keep_top!r}")
     return keep_top
 
 

@@ -8,10 +8,12 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   the last one the backward needs exists, so a pre-norm block's last GEMM is never recomputed (see
   :mod:`bread_kernels.functions.recompute`) — and the fused Linear functions inside apply each weight's Role.
   The lowest needed block's input needs no gradient, so autograd computes no dX for it.
-* ℓ ≥ c, ``recompute=False``, or one of the top ``keep_top`` blocks: the block runs under plain autograd
-  (activations kept); the fused Linear functions still apply the Roles.  The top block's backward comes first, so
-  keeping its activations saves its whole recompute for the memory of one block's activations alive during the
-  head and the loss.
+* ℓ ≥ c, ``recompute=False``, or one of the top blocks kept (:meth:`StreamConfig.kept_blocks`): the block runs
+  under plain autograd (activations kept); the fused Linear functions still apply the Roles.  The top block's
+  backward comes first, so keeping its activations saves its whole recompute for the memory of one block's
+  activations alive during the head and the loss.  With ``keep_top="auto"`` the top block is kept when a fused
+  head+loss follows the blocks (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the hidden
+  states' size: the step's peak stays that of a block's recompute, which the kept block's backward replaces.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
@@ -45,12 +47,34 @@ class StreamConfig:
 
     recompute: bool = True
     cut: int = 0
-    #: with ``recompute``: the top ``keep_top`` blocks keep their activations instead (their backward starts from
-    #: what the forward saved; set through ``patch(keep_top=...)``)
-    keep_top: int = 0
+    #: with ``recompute``: the number of top blocks that keep their activations instead (their backward starts from
+    #: what the forward saved), or ``"auto"``: the top block when a fused head+loss follows; through ``patch``
+    keep_top: int | str = 0
     n_blocks: int = 0
+    #: during a forward whose blocks a fused head+loss follows (see :meth:`fused_loss_follows`)
+    loss_follows: bool = False
+    #: how many blocks the current forward kept (reset by :meth:`fused_loss_follows`)
+    kept: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
     recomputes: dict = field(default_factory=dict)
+
+    def kept_blocks(self) -> int:
+        """How many top blocks keep their activations in the forward that runs now."""
+        if self.keep_top == "auto":
+            return 1 if self.loss_follows else 0
+        return self.keep_top
+
+    @contextlib.contextmanager
+    def fused_loss_follows(self):
+        """Mark the blocks' forward run inside as one a fused head+loss follows (the causal-LM forward of
+        :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
+        kept their activations."""
+        outer = self.loss_follows
+        self.loss_follows, self.kept = True, 0
+        try:
+            yield self
+        finally:
+            self.loss_follows = outer
 
 
 def block_has_work(block: nn.Module) -> bool:
@@ -96,7 +120,10 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             )
         with torch.no_grad():
             return original(*args, **kwargs)
-    if not config.recompute or index >= config.n_blocks - config.keep_top:
+    if not config.recompute:
+        return original(*args, **kwargs)
+    if index >= config.n_blocks - config.kept_blocks():
+        config.kept += 1
         return original(*args, **kwargs)
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers

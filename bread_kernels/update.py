@@ -1,12 +1,13 @@
 """The on-the-fly update of one weight: the one place that checks, reports, reads the step, draws the seed and writes.
 
-Every SGD/SIGN update in the library goes through one of five entry points, by the shape of its gradient:
+Every SGD/SIGN update in the library goes through one of six entry points, by the shape of its gradient:
 
 ===========================  ====================================================  ===================================
 entry point                  gradient                                              callers
 ===========================  ====================================================  ===================================
 :func:`update_linear_`       ``dW = gᵀx`` from (g [M, N], x [M, K]) pairs, summed  the fused linear and LoRA functions
 :func:`update_linear_grad_`  a linear's whole summed dW [N, K] (and db [N])        the fused head+loss where dW fits
+:func:`update_linear_tiles_` row tiles of dW, ``dW[a:b] = gᵀx`` per tile             the fused head+loss's vocabulary tiles
 :func:`update_experts_`      expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``  the fused experts function
 :func:`update_rows_`         the summed rows ``G`` [R, H] of the distinct ids [R]  the fused embedding
 :func:`update_dense_`        a materialised gradient of the parameter's shape      the optimizer's hook path (norms)
@@ -28,7 +29,7 @@ A target checks finiteness itself because a sharded one must agree across ranks 
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
 import torch
 
@@ -36,7 +37,7 @@ from .backends import get_backend
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "update_linear_", "update_experts_",
-           "update_linear_grad_", "update_rows_", "update_dense_"]
+           "update_linear_grad_", "update_linear_tiles_", "update_rows_", "update_dense_"]
 
 #: a target's answer: a 0-dim bool tensor on the device (decided without the host), or a bool it already read
 Finite = Union[torch.Tensor, bool]
@@ -191,6 +192,24 @@ def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
                                                           torch.cat([x for _, x in pairs]))
     return _apply(plan, role, lambda target, step, sign, update: target.experts_(weight, per_expert, step, sign,
                                                                                  update))
+
+
+def update_linear_tiles_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: torch.Tensor | None,
+                         tiles: Iterable[tuple[int, int, torch.Tensor, torch.Tensor]]) -> Finite:
+    """``plan``'s update of a linear weight (and bias) whose summed gradient only exists row tile by row tile:
+    ``tiles`` yields ``(start, stop, g [M, stop − start], x [M, K])`` with ``dW[start:stop] = gᵀx`` (the fused
+    head+loss's vocabulary tiles, whose g is computed one tile at a time).  One step size, and one finiteness
+    answer for the whole weight (every tile's flag, combined on the device), reported once.  A tile's write is
+    gated on its own flag only: a caller whose tiles could turn non-finite one by one must make every tile's g
+    non-finite together (the head+loss gates them all on its logsumexp and loss scale)."""
+    def write(target, step, sign, update):
+        flags = [target.linear_(weight[start:stop], None if bias is None else bias[start:stop], g, x, step, sign,
+                                update) for start, stop, g, x in tiles]
+        if all(isinstance(flag, bool) for flag in flags):
+            return all(flags)
+        return torch.stack([torch.as_tensor(flag, device=weight.device) for flag in flags]).all()
+
+    return _apply(plan, role, write)
 
 
 def update_linear_grad_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -11,7 +11,7 @@ import bread_kernels
 from bread_kernels import Role
 from bread_kernels.functions import linear as linear_module
 from bread_kernels.patch import patched_state
-from tests.model_zoo import BUILDERS, batch, loss_of
+from tests.model_zoo import BUILDERS, assert_close_by_norm, batch, loss_of
 
 
 def grads(model):
@@ -45,7 +45,7 @@ def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
     """With dropout (the RNG replay matters to the recomputed blocks only); BREAD-SGD, so every block's weights
     are updated inside the backward and a wrong activation anywhere would show in the parameters."""
     def run(keep):
-        model = bread_kernels.patch(BUILDERS["llama"](dropout=0.1), keep_top=keep)
+        model = bread_kernels.patch(BUILDERS["llama"](dropout=0.1), keep_top=keep, fused_loss=False)  # the stream
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -66,10 +66,84 @@ def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("bad", [-1, 5, 1.5, True, "1"])
+def _train_bread_sgd(model, steps=3):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_block_every=2,
+                                           switch_mode="descending", sgd_mode="all", verbose=0)
+    for step in range(steps):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return model
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same(fused_loss):
+    """``keep_top="auto"`` (the default): the top block is not recomputed when the fused head+loss follows the blocks
+    (then in blocks of the hidden states' size: another summation order, so fp32-close, not bitwise), and is
+    recomputed under the model's own loss or without labels."""
+    auto = _train_bread_sgd(bread_kernels.patch(BUILDERS["llama"](), fused_loss=fused_loss))
+    recomputed = _train_bread_sgd(bread_kernels.patch(BUILDERS["llama"](), keep_top=0, fused_loss=fused_loss))
+    n_blocks = len(patched_state(auto).blocks)
+    kept = 1 if fused_loss else 0
+    assert set(patched_state(auto).stream.recomputes) == set(range(n_blocks - kept))
+    assert_close_by_norm(recomputed, auto, 1e-5)  # Adam may turn a ~0 gradient's element: not element-wise
+
+    state = patched_state(auto).stream
+    state.recomputes.clear()
+    auto(input_ids=batch(0)).logits.sum().backward()  # no labels: the model's own head, no fused loss follows
+    assert set(state.recomputes) == set(range(n_blocks))
+
+
+def _llama_with_a_large_vocabulary(dtype):
+    """A tiny Llama whose logits are as large as a block's activations (vocab 1001): where the loss's memory and the
+    kept block's meet."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=88, num_hidden_layers=3,
+                         num_attention_heads=4, tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(config).to(dtype).train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_keeping_the_top_block_adds_nothing_to_the_peak(dtype, monkeypatch):
+    """Allocator statistics of one BREAD-SGD step (every block needed, the head updated on the fly): keeping the top
+    block, with the loss in blocks of the hidden states' size, peaks no higher than recomputing it; keeping it with
+    the loss's default blocks peaks higher (so the bound is what keeps the peak)."""
+    from bread_kernels import causal_lm
+    from bread_kernels.bench.memory import trace_allocations
+
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+
+    def peak(keep_top):
+        model = bread_kernels.patch(_llama_with_a_large_vocabulary(dtype), keep_top=keep_top)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), sgd_mode="all", verbose=0)
+        model(input_ids=ids, labels=ids).loss.backward()  # warm-up: lazily built state is not the step's
+        opt.zero_grad()
+        result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
+        opt.close()
+        return result
+
+    recomputed, kept = peak(0), peak("auto")
+    assert kept <= recomputed * 1.02, (kept, recomputed)
+
+    unbounded = causal_lm.fused_head_loss
+    monkeypatch.setattr(causal_lm, "fused_head_loss",
+                        lambda *args, hidden_sized, **kwargs: unbounded(*args, hidden_sized=False, **kwargs))
+    assert peak("auto") > recomputed * 1.1
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 1.5, True, "1", "Auto"])
 def test_a_bad_keep_top_is_refused_before_the_model_is_touched(bad):
     model = BUILDERS["llama"]()
-    with pytest.raises(ValueError, match=r"keep_top must be an int in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"keep_top must be 'auto' or an int in \[0, 4\]"):
         bread_kernels.patch(model, keep_top=bad)
     assert patched_state(model) is None
 
@@ -109,7 +183,7 @@ def test_badam_does_backward_work_only_from_the_active_block_up(monkeypatch, act
 
 def test_blocks_below_the_cut_store_no_activations():
     """With recompute, a streamed block saves only its input; blocks below the cut save nothing at all."""
-    model = bread_kernels.patch(BUILDERS["llama"]())
+    model = bread_kernels.patch(BUILDERS["llama"](), keep_top=0)  # every block at or above the cut recomputed
     state = patched_state(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -34,13 +34,14 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
   - *otherwise*, never with a whole dW: the backward walks the *vocabulary* in tiles of ``R`` rows of W; for each
     tile it recomputes the logits ``z[:, tile]`` of every token from the saved ``h`` and the saved per-token
     ``logsumexp`` (so softmax needs no other tile), forms ``g[:, tile]`` [T, R] and hands the pair ``(g[:, tile],
-    h)`` to :func:`~bread_kernels.update.update_linear_` for the rows ``W[tile]`` (and ``b[tile]``).  A tile's rows
+    h)`` to :func:`~bread_kernels.update.update_linear_tiles_` for the rows ``W[tile]`` (and ``b[tile]``).  A tile's rows
     of W enter only that tile's logits, so updating them before the next tile changes nothing that is still to be
     computed, and ``dh`` was computed in the forward from the old W.  This costs one more head GEMM than the
     reference (the recomputed logits) in exchange for never holding a [T, V] or [V, H] gradient; SGD's split into
     tiles is exact (each element of W is in one tile) and SIGN takes the sign of each element's whole sum.  The
-    finiteness check of invariant 3 is done once for the whole weight before the first tile writes (finite ``h``,
-    logsumexp and γ make every tile's ``g`` finite), so a skip leaves all of W untouched.
+    finiteness check of invariant 3 is one device flag for the whole weight, taken before the first tile writes
+    (finite ``h``, logsumexp and γ make every tile's ``g`` finite; where they are not, γ becomes nan, so every
+    tile's ``g`` is non-finite and every write is skipped): a skip leaves all of W untouched, with no host sync.
 * ``FROZEN``: nothing for W.
 
 Memory: the chunk ``C`` (and the tile ``R``) is chosen so that the fp32 block of logits and its temporaries stay
@@ -80,7 +81,7 @@ import torch
 
 from ..backends import get_backend
 from ..plan import Role, WeightPlan
-from ..update import all_finite, update_linear_, update_linear_grad_
+from ..update import update_linear_grad_, update_linear_tiles_
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
@@ -105,13 +106,16 @@ def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
     return chunk_bytes
 
 
+def _bytes_per_logit(compute_dtype: torch.dtype, softcap: float | None) -> int:
+    """What one block of logits allocates per element: the fp32 logits (4 bytes; softmax and the gradient are done
+    in place), the fp32 tanh when soft-capping (4), and for a bf16/fp16 head GEMM (W's dtype, or autocast's) its
+    output and the cast of the gradient (2 + 2)."""
+    return 4 + (4 if softcap is not None else 0) + (4 if compute_dtype != torch.float32 else 0)
+
+
 def _rows_per_block(budget: int, row_elements: int, compute_dtype: torch.dtype, softcap: float | None) -> int:
-    """How many rows of a [rows, row_elements] block of logits fit ``budget`` bytes, counting what one block
-    allocates per element: the fp32 logits (4 bytes; softmax and the gradient are done in place), the fp32 tanh when
-    soft-capping (4), and for a bf16/fp16 head GEMM (W's dtype, or autocast's) its output and the cast of the
-    gradient (2 + 2)."""
-    per_element = 4 + (4 if softcap is not None else 0) + (4 if compute_dtype != torch.float32 else 0)
-    return max(1, budget // (row_elements * per_element))
+    """How many rows of a [rows, row_elements] block of logits fit ``budget`` bytes."""
+    return max(1, budget // (row_elements * _bytes_per_logit(compute_dtype, softcap)))
 
 
 def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap) -> None:
@@ -352,32 +356,33 @@ def _check_single_use(ctx) -> None:
 
 
 def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
-    """The on-the-fly update of the head, vocabulary tile by tile (see the module docstring)."""
+    """The on-the-fly update of the head, vocabulary tile by tile (see the module docstring).  No host sync: where
+    the hidden states, the logsumexp or the loss scale are not finite, the scale becomes nan, so every tile's
+    gradient is non-finite and every write is skipped on the device (one skip reported)."""
     plan, role, lse = ctx.plan, ctx.role, ctx.lse
     ctx.lse = None
-    if not all_finite(hidden, lse, scale):
-        update = plan.update
-        if update is not None:
-            update.step_size()  # a bad lr still raises, as on the update path
-        plan.report_skip("its gradient is not finite")
-        return
+    ok = get_backend(hidden.device).finite_flag(hidden, lse, scale)
+    scale = torch.where(ok, scale, torch.full_like(scale, float("nan")))
     valid = targets >= 0
     vocab = weight.shape[0]
     dtype = ctx.compute_dtype  # hidden is already in it
-    for start in range(0, vocab, ctx.tile):
-        stop = min(vocab, start + ctx.tile)
-        rows = weight[start:stop]
-        tile_bias = bias[start:stop].to(dtype) if bias is not None else None
-        z, t = _logits(hidden, rows.to(dtype), tile_bias, ctx.softcap)
-        p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
-        g = _delta_(p, t, targets, valid, scale, first_col=start).to(dtype)
-        update_linear_(plan, role, rows, bias[start:stop] if bias is not None else None, [(g, hidden)])
+
+    def tiles():
+        for start in range(0, vocab, ctx.tile):
+            stop = min(vocab, start + ctx.tile)
+            tile_bias = bias[start:stop].to(dtype) if bias is not None else None
+            z, t = _logits(hidden, weight[start:stop].to(dtype), tile_bias, ctx.softcap)
+            p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
+            yield start, stop, _delta_(p, t, targets, valid, scale, first_col=start).to(dtype), hidden
+
+    update_linear_tiles_(plan, role, weight, bias, tiles())
 
 
 @torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     plan: WeightPlan | None = None, *, ignore_index: int = -100, num_items_in_batch=None,
-                    softcap: float | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
+                    softcap: float | None = None, chunk_bytes: int | None = None,
+                    hidden_sized: bool = False) -> torch.Tensor:
     """The mean (or ``/ num_items_in_batch``) cross-entropy of the logits ``hidden Wᵀ + b`` against ``targets``,
     without a [tokens, vocab] tensor; the head's backward follows ``plan`` (see the module docstring).
 
@@ -390,6 +395,10 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             of non-ignored tokens, as transformers does for Trainer's gradient accumulation.
         softcap: Gemma2's ``final_logit_softcapping``: the logits are ``c · tanh(z / c)``.
         chunk_bytes: the bytes one block of logits may take (default ``BREAD_LOSS_CHUNK_BYTES`` or 256 MiB).
+        hidden_sized: bound everything the loss holds besides its inputs — a block of logits, and an on-the-fly
+            head's fp32 dW accumulated in the forward — by the bytes of ``hidden``'s elements as logits: blocks of
+            about ``T·H/V`` rows (Liger-Kernel's chunk).  For a step whose peak must not grow while something else
+            is alive during the loss (the stream's kept top block, ``patch(keep_top=...)``).
 
     Returns a 0-d fp32 tensor.  With no non-ignored token and no ``num_items_in_batch`` the loss is nan, as
     ``torch.nn.functional.cross_entropy``'s mean is.
@@ -413,6 +422,8 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
     float_softcap = float(softcap) if softcap is not None else None
     dtype = autocast_dtype(weight.device) or weight.dtype
+    if hidden_sized:
+        budget = min(budget, hidden.numel() * _bytes_per_logit(dtype, float_softcap))
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
     dw_fits = 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles

@@ -77,7 +77,7 @@ def test_a_wrong_engine_fails_the_verification(monkeypatch, tmp_path):
         return original(self, weight, grad_output, input, 2 * step, *args)
 
     monkeypatch.setattr(ChunkedBackend, "update_weight_", doubled)
-    expected = r"BREAD-SGD at block 1 vs the reference: .*worst tensor model\.layers\.\S+ \(role SGD\)"
+    expected = r"BREAD-SGD at block 1 vs the reference: .*worst tensor \S+ \(role SGD\)"
     with pytest.raises(model_bench.VerificationError, match=expected):
         model_bench.run(variants=("BREAD-SGD",), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
                         out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
