@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functions.head_loss import fused_head_loss, head_plan_refusal
+from .functions.head_loss import fused_head_loss, head_plan_refusal, hidden_sized_costs_a_gemm
 from .plan import PLAN_ATTR
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
@@ -163,7 +163,15 @@ def _fused_loss_forward(self, *args, **kwargs):
     named = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
     logits_to_keep = bound.arguments.get("logits_to_keep", 0)
     base = getattr(self, FAMILIES[type(self).__name__].base)
-    with stream.fused_loss_follows() if stream is not None else contextlib.nullcontext():
+    head = self.get_output_embeddings()
+    family = FAMILIES[type(self).__name__]
+    softcap = getattr(self.config, family.softcap, None) if family.softcap else None
+    if stream is None:
+        follows = contextlib.nullcontext()
+    else:  # the kept top block is free unless bounding the loss costs an on-the-fly head its whole-dW path
+        follows = stream.fused_loss_follows(not hidden_sized_costs_a_gemm(
+            labels.numel(), head.weight, head.bias, getattr(head, PLAN_ATTR, None), softcap))
+    with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
     hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
 
@@ -176,9 +184,6 @@ def _fused_loss_forward(self, *args, **kwargs):
             f"bread_kernels: the fused loss scores {hidden.shape[0]} positions (after logits_to_keep="
             f"{logits_to_keep if not isinstance(logits_to_keep, torch.Tensor) else 'a tensor'}) but the labels give "
             f"{targets.shape[0]} targets; pass labels (or shift_labels) of one per kept position")
-    head = self.get_output_embeddings()
-    family = FAMILIES[type(self).__name__]
-    softcap = getattr(self.config, family.softcap, None) if family.softcap else None
     loss = fused_head_loss(hidden, head.weight, head.bias, targets, getattr(head, PLAN_ATTR, None),
                            ignore_index=ignore_index, num_items_in_batch=extra.get("num_items_in_batch"),
                            softcap=softcap, hidden_sized=stream is not None and stream.kept > 0)

@@ -65,12 +65,14 @@ class StreamConfig:
         return self.keep_top
 
     @contextlib.contextmanager
-    def fused_loss_follows(self):
+    def fused_loss_follows(self, bounded_for_free: bool = True):
         """Mark the blocks' forward run inside as one a fused head+loss follows (the causal-LM forward of
         :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
-        kept their activations."""
+        kept their activations.  ``bounded_for_free=False``: bounding the loss to the hidden states' size would
+        cost it a GEMM (:func:`~bread_kernels.functions.head_loss.hidden_sized_costs_a_gemm`), so ``"auto"``
+        keeps nothing."""
         outer = self.loss_follows
-        self.loss_follows, self.kept = True, 0
+        self.loss_follows, self.kept = bounded_for_free, 0
         try:
             yield self
         finally:

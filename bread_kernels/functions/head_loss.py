@@ -86,7 +86,7 @@ from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
-           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES"]
+           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "hidden_sized_costs_a_gemm"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -116,6 +116,19 @@ def _bytes_per_logit(compute_dtype: torch.dtype, softcap: float | None) -> int:
 def _rows_per_block(budget: int, row_elements: int, compute_dtype: torch.dtype, softcap: float | None) -> int:
     """How many rows of a [rows, row_elements] block of logits fit ``budget`` bytes."""
     return max(1, budget // (row_elements * _bytes_per_logit(compute_dtype, softcap)))
+
+
+def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
+                              plan: WeightPlan | None, softcap: float | None = None) -> bool:
+    """Whether ``hidden_sized=True`` would cost the head a GEMM: an on-the-fly head (SGD/SIGN) whose fp32 dW fits
+    the default budget (accumulated in the forward: the reference's three head GEMMs) but not the hidden states'
+    size of ``tokens`` rows (the vocabulary tiles: one GEMM more)."""
+    if plan is None or not plan.role.updates_on_the_fly:
+        return False
+    budget = chunk_budget_bytes()
+    dtype = autocast_dtype(weight.device) or weight.dtype
+    dw_bytes = 4 * (weight.numel() + (bias.numel() if bias is not None else 0))
+    return min(budget, tokens * weight.shape[1] * _bytes_per_logit(dtype, softcap)) < dw_bytes <= budget
 
 
 def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap) -> None:
