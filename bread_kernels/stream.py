@@ -51,8 +51,9 @@ class StreamConfig:
     #: what the forward saved), or ``"auto"``: the top block when a fused head+loss follows; through ``patch``
     keep_top: int | str = 0
     n_blocks: int = 0
-    #: during a forward whose blocks a fused head+loss follows (see :meth:`fused_loss_follows`)
-    loss_follows: bool = False
+    #: during a forward whose blocks a fused head+loss follows that can bound itself for free (see
+    #: :meth:`fused_loss_follows`): ``"auto"`` keeps the top block
+    auto_keeps_top: bool = False
     #: how many blocks the current forward kept (reset by :meth:`fused_loss_follows`)
     kept: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
@@ -61,7 +62,7 @@ class StreamConfig:
     def kept_blocks(self) -> int:
         """How many top blocks keep their activations in the forward that runs now."""
         if self.keep_top == "auto":
-            return 1 if self.loss_follows else 0
+            return 1 if self.auto_keeps_top else 0
         return self.keep_top
 
     @contextlib.contextmanager
@@ -71,12 +72,12 @@ class StreamConfig:
         kept their activations.  ``bounded_for_free=False``: bounding the loss to the hidden states' size would
         cost it a GEMM (:func:`~bread_kernels.functions.head_loss.hidden_sized_costs_a_gemm`), so ``"auto"``
         keeps nothing."""
-        outer = self.loss_follows
-        self.loss_follows, self.kept = bounded_for_free, 0
+        outer = self.auto_keeps_top
+        self.auto_keeps_top, self.kept = bounded_for_free, 0
         try:
             yield self
         finally:
-            self.loss_follows = outer
+            self.auto_keeps_top = outer
 
 
 def block_has_work(block: nn.Module) -> bool:

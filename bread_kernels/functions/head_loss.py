@@ -118,6 +118,21 @@ def _rows_per_block(budget: int, row_elements: int, compute_dtype: torch.dtype, 
     return max(1, budget // (row_elements * _bytes_per_logit(compute_dtype, softcap)))
 
 
+def _loss_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compute_dtype: torch.dtype,
+                 softcap: float | None, hidden_sized: bool) -> int:
+    """The bytes the loss may hold besides its inputs: ``chunk_budget_bytes(chunk_bytes)``, and with
+    ``hidden_sized`` no more than the ``tokens × H`` hidden states' elements as logits."""
+    budget = chunk_budget_bytes(chunk_bytes)
+    if hidden_sized:
+        budget = min(budget, tokens * weight.shape[1] * _bytes_per_logit(compute_dtype, softcap))
+    return budget
+
+
+def _dw_fits(weight: torch.Tensor, bias: torch.Tensor | None, budget: int) -> bool:
+    """Whether the head's fp32 dW (and db) fit ``budget``: an on-the-fly head then accumulates it in the forward."""
+    return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
+
+
 def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
                               plan: WeightPlan | None, softcap: float | None = None) -> bool:
     """Whether ``hidden_sized=True`` would cost the head a GEMM: an on-the-fly head (SGD/SIGN) whose fp32 dW fits
@@ -125,10 +140,9 @@ def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Ten
     size of ``tokens`` rows (the vocabulary tiles: one GEMM more)."""
     if plan is None or not plan.role.updates_on_the_fly:
         return False
-    budget = chunk_budget_bytes()
     dtype = autocast_dtype(weight.device) or weight.dtype
-    dw_bytes = 4 * (weight.numel() + (bias.numel() if bias is not None else 0))
-    return min(budget, tokens * weight.shape[1] * _bytes_per_logit(dtype, softcap)) < dw_bytes <= budget
+    return (_dw_fits(weight, bias, _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=False))
+            and not _dw_fits(weight, bias, _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)))
 
 
 def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap) -> None:
@@ -374,8 +388,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
     gradient is non-finite and every write is skipped on the device (one skip reported)."""
     plan, role, lse = ctx.plan, ctx.role, ctx.lse
     ctx.lse = None
-    ok = get_backend(hidden.device).finite_flag(hidden, lse, scale)
-    scale = torch.where(ok, scale, torch.full_like(scale, float("nan")))
+    scale = scale.masked_fill(~get_backend(hidden.device).finite_flag(hidden, lse, scale), float("nan"))
     valid = targets >= 0
     vocab = weight.shape[0]
     dtype = ctx.compute_dtype  # hidden is already in it
@@ -417,7 +430,6 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``torch.nn.functional.cross_entropy``'s mean is.
     """
     check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap)
-    budget = chunk_budget_bytes(chunk_bytes)
     targets = targets.long()
     valid = targets != ignore_index
     # inside the Function a negative target is an ignored token; a bad one goes past the vocabulary (see the check)
@@ -435,10 +447,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
     float_softcap = float(softcap) if softcap is not None else None
     dtype = autocast_dtype(weight.device) or weight.dtype
-    if hidden_sized:
-        budget = min(budget, hidden.numel() * _bytes_per_logit(dtype, float_softcap))
+    budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
-    dw_fits = 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
+    dw_fits = _dw_fits(weight, bias, budget)
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None

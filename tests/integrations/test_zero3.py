@@ -37,7 +37,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def _free_port() -> int:
 
 
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
-    """torchrun 2 CPU ranks of the worker; returns (completed process, seconds)."""
+    """torchrun 2 CPU ranks of the worker; returns the completed process."""
     torchrun = shutil.which("torchrun")
     command = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
@@ -69,9 +68,7 @@ def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = 
     env = dict(os.environ, OMP_NUM_THREADS="1", BREAD_ZERO_CHUNK_BYTES="1024", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     env.pop("TRITON_INTERPRET", None)  # the CPU backends serve CPU tensors; Triton is not needed
-    start = time.monotonic()
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - start
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _read(out: Path) -> dict:
@@ -87,7 +84,7 @@ def _read(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def zero3_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3") / "run"
-    proc, _ = launch(out)
+    proc = launch(out)
     assert proc.returncode == 0, f"the 2-rank run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
     return _read(out)
@@ -154,7 +151,7 @@ def test_collectives_are_reduce_scatters_and_sparse_gathers(zero3_results):
 
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):
     # a hang (rank 0 waiting in a collective for rank 1) raises subprocess.TimeoutExpired here and fails the test
-    proc, _ = launch(tmp_path / "fault", "--fault", "--cases", "sgd_all", timeout=150)
+    proc = launch(tmp_path / "fault", "--fault", "--cases", "sgd_all", timeout=150)
     assert proc.returncode != 0
     assert "injected fault: rank 1 fails inside the backward" in proc.stdout + proc.stderr
 
