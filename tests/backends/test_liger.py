@@ -81,7 +81,8 @@ def close(actual, expected, what, rtol=1e-5, atol=1e-6):
 #: Liger's soft-capping calls libdevice's tanh, which Triton 3.9's interpreter cannot run: on a GPU only
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason=(
     "Liger's soft-capping (libdevice tanh) does not run under TRITON_INTERPRET; the fused loss's own soft-capping "
-    "is tested in tests/functions/test_head_loss.py"))
+    "is tested in tests/functions/test_head_loss.py, and the backend's soft-capping glue with Liger's loop in plain "
+    "autograd in test_soft_capping_reaches_liger_and_its_results_serve_every_role"))
 PLAIN = pytest.param(None, False, None, id="plain")
 SOFTCAP_BIAS = pytest.param(3.0, True, None, id="softcap-bias", marks=GPU_ONLY)
 BIAS_NUM_ITEMS = pytest.param(None, True, 40, id="bias-num-items")
@@ -89,8 +90,7 @@ SOFTCAP_NUM_ITEMS = pytest.param(3.0, False, torch.tensor(23), id="softcap-num-i
 BIAS_NUM_ITEMS_TENSOR = pytest.param(None, True, torch.tensor(23), id="bias-num-items-tensor")
 
 
-@pytest.mark.parametrize("softcap, bias, num_items", [PLAIN, SOFTCAP_BIAS, BIAS_NUM_ITEMS, SOFTCAP_NUM_ITEMS])
-def test_frozen_and_active_head_through_liger(triton_backend, liger_calls, softcap, bias, num_items):
+def _check_frozen_and_active(calls, softcap, bias, num_items):
     hidden, weight, b, targets = make(bias)
     loss_ref, dh_ref, dw_ref, db_ref = reference(hidden, weight, b, targets, softcap, num_items)
     for plan in (None, WeightPlan(Role.ACTIVE, name="head")):
@@ -108,13 +108,11 @@ def test_frozen_and_active_head_through_liger(triton_backend, liger_calls, softc
                            softcap=softcap)
     (GAMMA * loss).backward()
     close(h.grad, dh_ref, "dh (frozen head)")
-    assert len(liger_calls) == 3
-    assert [c["weight_requires_grad"] for c in liger_calls] == [True, True, False]  # a frozen head builds no dW
+    assert len(calls) == 3
+    assert [c["weight_requires_grad"] for c in calls] == [True, True, False]  # a frozen head builds no dW
 
 
-@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
-@pytest.mark.parametrize("softcap, bias, num_items", [SOFTCAP_BIAS, BIAS_NUM_ITEMS, BIAS_NUM_ITEMS_TENSOR])
-def test_on_the_fly_head_takes_liger_dw(triton_backend, liger_calls, role, softcap, bias, num_items):
+def _check_on_the_fly(calls, role, softcap, bias, num_items):
     """A head whose dW fits the budget: Liger builds dW in the forward, the backward hands γ/n·dW to the update."""
     hidden, weight, b, targets = make(bias, seed=1)
     _, dh_ref, dw_ref, db_ref = reference(hidden, weight, b, targets, softcap, num_items)
@@ -126,13 +124,71 @@ def test_on_the_fly_head_takes_liger_dw(triton_backend, liger_calls, role, softc
     assert torch.equal(w, weight)
     lr[0] = LR
     (GAMMA * loss).backward()
-    assert len(liger_calls) == 1
+    assert len(calls) == 1
     f = torch.sign if role is Role.SIGN else (lambda t: t)
     keep = dw_ref.abs() > 1e-6 * dw_ref.abs().max() if role is Role.SIGN else torch.ones_like(w, dtype=torch.bool)
     close(h.grad, dh_ref, "dh (from W before its update)")
     close(w[keep], (weight - LR * SCALE * f(dw_ref))[keep], "W after the update")
     if b is not None:
         close(bb, b - LR * SCALE * f(db_ref), "b after the update")
+
+
+@pytest.mark.parametrize("softcap, bias, num_items", [PLAIN, SOFTCAP_BIAS, BIAS_NUM_ITEMS, SOFTCAP_NUM_ITEMS])
+def test_frozen_and_active_head_through_liger(triton_backend, liger_calls, softcap, bias, num_items):
+    _check_frozen_and_active(liger_calls, softcap, bias, num_items)
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
+@pytest.mark.parametrize("softcap, bias, num_items", [SOFTCAP_BIAS, BIAS_NUM_ITEMS, BIAS_NUM_ITEMS_TENSOR])
+def test_on_the_fly_head_takes_liger_dw(triton_backend, liger_calls, role, softcap, bias, num_items):
+    _check_on_the_fly(liger_calls, role, softcap, bias, num_items)
+
+
+def _liger_loop_in_torch(hidden, weight, targets, *, ce_weight, bias, ignore_index, reduction, softcap, accum_dtype,
+                         compute_gradients, weight_requires_grad, chunk_mem_const):
+    """Liger's chunk loop's contract (the summed loss and its gradients, 7 values) in plain autograd: stands in for
+    the kernel where Triton's interpreter cannot run it (soft-capping's libdevice tanh)."""
+    assert ce_weight is None and reduction == "sum" and accum_dtype == torch.float32 and chunk_mem_const >= 1
+    with torch.enable_grad():  # called inside the fused loss's autograd.Function
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        b = bias.detach().requires_grad_() if bias is not None else None
+        z = F.linear(h, w, b)
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+        loss = F.cross_entropy(z.float(), targets, ignore_index=ignore_index, reduction="sum")
+        if not compute_gradients:
+            return loss.detach(), None, None, None, None, None, None
+        dh, dw, *db = torch.autograd.grad(loss, [h, w, *([b] if b is not None else [])])
+    return (loss.detach(), None, None, None, dh, dw if weight_requires_grad else None,
+            db[0] if b is not None else None)
+
+
+@pytest.fixture
+def liger_loop_in_torch(monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return _liger_loop_in_torch(*args, **kwargs)
+
+    monkeypatch.setattr(liger, "_forward", lambda: (counted, None))
+    return calls
+
+
+@pytest.mark.parametrize("softcap, bias, num_items", [(3.0, True, None), (3.0, False, torch.tensor(23))],
+                         ids=["softcap-bias", "softcap-num-items-tensor"])
+def test_soft_capping_reaches_liger_and_its_results_serve_every_role(triton_backend, liger_loop_in_torch, softcap,
+                                                                     bias, num_items):
+    """The soft-capping cases the interpreter cannot run through Liger's kernel (GPU_ONLY above), on the CPU: with
+    Liger's loop in plain autograd, the backend's glue — the soft-capping and the bias handed to Liger, its summed
+    results scaled by γ/n, dW taken for the active and the on-the-fly heads — gives autograd's loss, gradients and
+    updates."""
+    _check_frozen_and_active(liger_loop_in_torch, softcap, bias, num_items)
+    assert all(c["softcap"] == softcap and (c["bias"] is not None) == bias for c in liger_loop_in_torch)
+    for role in (Role.SGD, Role.SIGN):
+        liger_loop_in_torch.clear()
+        _check_on_the_fly(liger_loop_in_torch, role, softcap, bias, num_items)
+        assert liger_loop_in_torch[0]["softcap"] == softcap
 
 
 def test_tiled_on_the_fly_head_runs_its_own_loop(triton_backend, liger_calls):
