@@ -84,14 +84,17 @@ def default_setup(device) -> dict:
 
 
 def build_model(layers=8, hidden=512, intermediate=1376, heads=8, kv_heads=None, vocab=4096, dtype=torch.float32,
-                seed=0):
+                seed=0, device="cpu"):
+    """A randomly initialised Llama of this size, built on ``device`` (a GPU initialises a billion parameters in
+    seconds where a CPU takes a minute); the same values for a seed on every device only on the CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
                          tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
-    return LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)
 
 
 def load_model(spec: str, dtype: torch.dtype, seed: int = 0):
@@ -351,7 +354,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' and peft's deprecation notes are not the benchmark's output
         plain = (load_model(model, dtype) if model is not None else
-                 build_model(**{**setup["shape"], **shape}, dtype=dtype)).to(device)
+                 build_model(**{**setup["shape"], **shape}, dtype=dtype, device=device)).to(device)
         n_blocks = len(patched_state(patch(plain)).blocks)  # refuses a model without a block stack, with the reason
         unpatch(plain)  # the copies below are patched (or not) on their own
         if positions is None:  # the second and the second-to-last block (and the middle one on a GPU)

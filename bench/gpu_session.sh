@@ -1,0 +1,48 @@
+#!/bin/bash
+# One lent-GPU call (device tool, 15 minutes of device time in all): the fused head+loss against Liger-Kernel's own
+# fused linear cross-entropy (issue 18), the model suite on the GPU's default model and the host time of one fused
+# backward (issue 12), then the GPU tests of the kernels and the Liger backend.  Each step has its own time limit so a
+# slow one cannot eat the next; everything lands in $OUT (at most 8 files come back).
+#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)   with liger-kernel's wheel in .whl/
+set -u
+O=${OUT:-/tmp/gpu_out}
+mkdir -p "$O"
+T=/tmp/gpu_session
+rm -rf $T && mkdir -p $T
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+log() { echo "=== $* ($(date +%T))" | tee -a "$O/log.txt"; }
+step() { local limit=$1; shift; log "$*"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(|^\s*$" | tee -a "$O/log.txt"; }
+
+log env
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
+  git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100; } 2>&1 | tee -a "$O/log.txt"
+
+HL="--vocab 32000 128256 --layers 2 --hidden 4096 --intermediate 14336 --heads 32 --batch 4 --seq 1024 --dtype bf16 --repeats 5"
+step 120 python3 -m bench.head_loss_bench $HL --out $T/hl_liger
+cp $T/hl_liger/*.json "$O/head_loss_h200_bf16_liger_backend.json" 2>/dev/null
+# the same with this library's own chunk loop for the fused side (BREAD_BACKEND=torch: no Liger behind it)
+BREAD_BACKEND=torch step 90 python3 -m bench.head_loss_bench $HL --out $T/hl_own
+cp $T/hl_own/*.json "$O/head_loss_h200_bf16_own_loop.json" 2>/dev/null
+
+step 100 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/ma \
+  --variants BAdam BREAD-SGD-partial BREAD-SGD BREAD-SGD-sign
+cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
+step 80 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
+  --variants BREAD BREAD-partial
+cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
+
+step 25 python3 -m bread_kernels.bench host --dtype fp32
+step 25 python3 -m bread_kernels.bench host --dtype bf16
+
+log tests
+timeout 110 python3 -m pytest tests/backends tests/kernels tests/functions/test_head_loss.py tests/test_backward_ops.py \
+  tests/functions/test_linear.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
+echo "pytest rc $?" >> "$O/tests.txt"
+tail -40 "$O/tests.txt"
+log done
