@@ -24,25 +24,23 @@ log env
   git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100; } 2>&1 | tee -a "$O/log.txt"
 
 HL="--vocab 32000 128256 --layers 2 --hidden 4096 --intermediate 14336 --heads 32 --batch 4 --seq 1024 --dtype bf16 --repeats 5"
-step 120 python3 -m bench.head_loss_bench $HL --out $T/hl_liger
+step 110 python3 -m bench.head_loss_bench $HL --out $T/hl_liger
 cp $T/hl_liger/*.json "$O/head_loss_h200_bf16_liger_backend.json" 2>/dev/null
-# the same with this library's own chunk loop for the fused side (BREAD_BACKEND=torch: no Liger behind it)
-BREAD_BACKEND=torch step 90 python3 -m bench.head_loss_bench $HL --out $T/hl_own
-cp $T/hl_own/*.json "$O/head_loss_h200_bf16_own_loop.json" 2>/dev/null
-
-step 100 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/ma \
+step 120 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/ma \
   --variants BAdam BREAD-SGD-partial BREAD-SGD BREAD-SGD-sign
 cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
-step 80 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
+step 45 python3 -m bread_kernels.bench host --dtype fp32
+step 45 python3 -m bread_kernels.bench host --dtype bf16
+step 70 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
   --variants BREAD BREAD-partial
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
-
-step 25 python3 -m bread_kernels.bench host --dtype fp32
-step 25 python3 -m bread_kernels.bench host --dtype bf16
+# the same with this library's own chunk loop for the fused side (BREAD_BACKEND=torch: no Liger behind it)
+BREAD_BACKEND=torch step 80 python3 -m bench.head_loss_bench $HL --out $T/hl_own
+cp $T/hl_own/*.json "$O/head_loss_h200_bf16_own_loop.json" 2>/dev/null
 
 log tests
-timeout 110 python3 -m pytest tests/backends tests/kernels tests/functions/test_head_loss.py tests/test_backward_ops.py \
-  tests/functions/test_linear.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
+timeout 60 python3 -m pytest tests/backends/test_liger.py tests/functions/test_head_loss.py tests/test_backward_ops.py \
+  -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
 echo "pytest rc $?" >> "$O/tests.txt"
 tail -40 "$O/tests.txt"
 log done

@@ -141,6 +141,19 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
+def positions_to_score(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The hidden states [B, T', H] of the positions the model's own forward would score: transformers'
+    ``slice_logits_to_keep`` where it has one (its 2-D and boolean forms included), else the slice every family's
+    forward made before that helper existed (transformers 4.45 to 5.17): the last ``logits_to_keep`` positions for an
+    int (0: all of them), those indices for a 1-D tensor."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden[:, keep, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
+
+
 def _fused_loss_forward(self, *args, **kwargs):
     """The forward installed by :func:`install` (see the module docstring)."""
     signature, var_keyword, output_cls, required, stream = getattr(self, _INSTALLED_ATTR)
@@ -155,8 +168,6 @@ def _fused_loss_forward(self, *args, **kwargs):
             raise ValueError(f"bread_kernels: {refusal}, so the fused loss cannot take its place; patch(model, "
                              "fused_loss=False) (or patch(model), which uses it only where it can)")
         return original(*args, **kwargs)
-
-    from transformers.modeling_utils import slice_logits_to_keep
 
     extra = dict(bound.arguments.pop(var_keyword, {}))
     return_dict = extra.pop("return_dict", None)
@@ -173,7 +184,7 @@ def _fused_loss_forward(self, *args, **kwargs):
             labels.numel(), head.weight, head.bias, getattr(head, PLAN_ATTR, None), softcap))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
-    hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+    hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)
 
     ignore_index = extra.get("ignore_index", -100)
     shift = extra.get("shift_labels")

@@ -309,7 +309,12 @@ def test_without_labels_or_without_grad_the_forward_is_unchanged():
     close(out.loss, ref.loss, "loss under no_grad")
 
 
-def test_shift_labels_logits_to_keep_and_tuples():
+@pytest.mark.parametrize("helper", ["transformers", "before_slice_logits_to_keep"])
+def test_shift_labels_logits_to_keep_and_tuples(helper, monkeypatch):
+    if helper != "transformers":  # transformers <= 5.17 slices in each family's forward (the GPU image's 5.17 did)
+        import transformers.modeling_utils
+
+        monkeypatch.delattr(transformers.modeling_utils, "slice_logits_to_keep", raising=False)
     original = models.llama(layers=2)
     model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
     ids = models.batch(0)
@@ -320,6 +325,9 @@ def test_shift_labels_logits_to_keep_and_tuples():
     keep = 5  # the last 5 positions, labels of their length
     close(model(input_ids=ids, labels=ids[:, -keep:], logits_to_keep=keep).loss,
           original(input_ids=ids, labels=ids[:, -keep:], logits_to_keep=keep).loss, "loss with logits_to_keep")
+    positions = torch.tensor([0, 3, 7])  # a 1-D tensor: these positions of every sample
+    close(model(input_ids=ids, labels=ids[:, positions], logits_to_keep=positions).loss,
+          original(input_ids=ids, labels=ids[:, positions], logits_to_keep=positions).loss, "loss, logits_to_keep tensor")
     with pytest.raises(ValueError, match="the labels give 26 targets"):
         model(input_ids=ids, labels=ids, logits_to_keep=keep)
     as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
