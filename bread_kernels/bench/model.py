@@ -220,18 +220,30 @@ def _counting_flops(enabled: bool):
 
 
 def extra_flop_formulas() -> dict:
-    """FlopCounterMode formulas for the ops its registry lacks: the in-place ``addmm_`` (the CPU backends' fused SGD
-    update, the LoRA epilogues) and the CPU flash attention (torch's own formulas for the CUDA kernel)."""
+    """FlopCounterMode formulas for the ops its registry lacks or miscounts: the in-place ``addmm_`` (the CPU backends'
+    fused SGD update, the LoRA epilogues), the CPU flash attention, and grouped-query attention in every attention
+    kernel (torch < 2.13 asserts on key/value with fewer heads than the query; each key/value head serves
+    ``h_q / h_kv`` query heads, so the count is that of the heads broadcast)."""
     from torch.utils import flop_counter
 
     aten = torch.ops.aten
-    return {
-        aten.addmm_: lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1],
-        aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(g, q, k, v),
-    }
+
+    def broadcast(query, *others):
+        return [(*o[:-3], query[-3], *o[-2:]) for o in others]
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(q, *broadcast(q, k, v))
+
+    def backward(g, q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(g, q, *broadcast(q, k, v))
+
+    formulas = {aten.addmm_: lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
+    for kernel in ("flash_attention", "efficient_attention", "cudnn_attention", "flash_attention_for_cpu"):
+        if hasattr(aten, f"_scaled_dot_product_{kernel}"):
+            formulas[getattr(aten, f"_scaled_dot_product_{kernel}")] = forward
+        if hasattr(aten, f"_scaled_dot_product_{kernel}_backward"):
+            formulas[getattr(aten, f"_scaled_dot_product_{kernel}_backward")] = backward
+    return formulas
 
 
 def _runs_triton_gemms(variant, device) -> bool:
