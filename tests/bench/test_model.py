@@ -54,3 +54,21 @@ def test_the_host_suite_times_every_role(capsys):
     rows = host.run(calls=3)
     assert set(rows) == {"ACTIVE", "SGD", "SIGN", "FROZEN"}
     assert all(set(r) == {"engine_us", "reference_us"} for r in rows.values())  # what it reports, not how fast
+
+
+def test_grouped_query_attention_counts_as_its_heads_broadcast():
+    """torch < 2.13's FLOP counter asserts on key/value with fewer heads than the query (the GPU default model):
+    the bench's formulas count each key/value head once per query head it serves."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(q, k, v, **kwargs):
+        with FlopCounterMode(display=False, custom_mapping=model_bench.extra_flop_formulas()) as counter:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs).sum().backward()
+        return counter.get_total_flops()
+
+    q = torch.randn(2, 6, 9, 4, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 4, requires_grad=True) for _ in range(2))
+    broadcast = [t.detach().repeat_interleave(3, dim=1).requires_grad_() for t in (k, v)]
+    b, h, s, d = q.shape  # QKᵀ and PV forward, four products of that size backward: 12·b·h_q·s²·d
+    assert count(q, k, v, enable_gqa=True) == count(q, *broadcast) == 12 * b * h * s * s * d
