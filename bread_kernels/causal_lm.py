@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functions.head_loss import fused_head_loss, head_plan_refusal, hidden_sized_costs_a_gemm
+from .functions.head_loss import (fused_head_loss, head_plan_refusal, hidden_sized_costs_a_gemm,
+                                  unfused_loss_bytes)
 from .plan import PLAN_ATTR
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
@@ -179,9 +180,12 @@ def _fused_loss_forward(self, *args, **kwargs):
     softcap = getattr(self.config, family.softcap, None) if family.softcap else None
     if stream is None:
         follows = contextlib.nullcontext()
-    else:  # the kept top block is free unless bounding the loss costs an on-the-fly head its whole-dW path
-        follows = stream.fused_loss_follows(not hidden_sized_costs_a_gemm(
-            labels.numel(), head.weight, head.bias, getattr(head, PLAN_ATTR, None), softcap))
+    else:  # the kept top block is free unless bounding the loss costs an on-the-fly head its whole-dW path; more
+        # kept blocks take at most the logits' memory that the fused loss does not hold
+        follows = stream.fused_loss_follows(
+            not hidden_sized_costs_a_gemm(labels.numel(), head.weight, head.bias, getattr(head, PLAN_ATTR, None),
+                                          softcap),
+            budget_bytes=unfused_loss_bytes(labels.numel(), head.weight))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)

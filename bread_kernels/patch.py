@@ -287,10 +287,13 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         keep_top: with ``recompute``, the number of top blocks that keep their activations instead of being
             recomputed.  The top block's backward runs first, right after the loss's: keeping it saves one block's
             forward per step, for one block's activations alive while the head and the loss run.  ``"auto"`` (the
-            default): the top block, in a forward whose loss is the fused head+loss, which then holds no more than
-            the hidden states' size — so the step's peak stays that of a recomputed block's backward (measured
-            in the README's "Speed" section); elsewhere none.  0 recomputes every block; ``k`` keeps the top ``k``
-            (each beyond the first adds one block's activations to the peak).
+            default), in a forward whose loss is the fused head+loss (which then holds no more than the hidden
+            states' size): the top block — the step's peak stays that of a recomputed block's backward — and as
+            many more top blocks as the logits' memory that the fused loss does not hold pays for (the logits, their
+            fp32 copy and the fp32 log-softmax that the model's own loss would hold: ``T·V·(b+4+4)`` bytes in
+            bf16), a block's activations measured the first time one is kept; elsewhere none (measured in the
+            README's "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
+            adds one block's activations to the peak).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")

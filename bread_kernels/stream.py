@@ -11,9 +11,13 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
 * ℓ ≥ c, ``recompute=False``, or one of the top blocks kept (:meth:`StreamConfig.kept_blocks`): the block runs
   under plain autograd (activations kept); the fused Linear functions still apply the Roles.  The top block's
   backward comes first, so keeping its activations saves its whole recompute for the memory of one block's
-  activations alive during the head and the loss.  With ``keep_top="auto"`` the top block is kept when a fused
+  activations alive during the head and the loss.  With ``keep_top="auto"`` top blocks are kept when a fused
   head+loss follows the blocks (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the hidden
-  states' size: the step's peak stays that of a block's recompute, which the kept block's backward replaces.
+  states' size.  The top block always: the step's peak stays that of a block's recompute, which the kept block's
+  backward replaces.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
+  hold the logits and their fp32 copies (``budget_bytes``), so ``k`` blocks whose saved activations take no more
+  than that keep the peak under the unfused model's.  A block's activations are measured (bytes per token, saved
+  tensors beyond its arguments and weights) the first time one is kept, so the first step keeps one block.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
@@ -48,36 +52,50 @@ class StreamConfig:
     recompute: bool = True
     cut: int = 0
     #: with ``recompute``: the number of top blocks that keep their activations instead (their backward starts from
-    #: what the forward saved), or ``"auto"``: the top block when a fused head+loss follows; through ``patch``
+    #: what the forward saved), or ``"auto"``: as many as a fused head+loss that follows pays for; through ``patch``
     keep_top: int | str = 0
     n_blocks: int = 0
     #: during a forward whose blocks a fused head+loss follows that can bound itself for free (see
-    #: :meth:`fused_loss_follows`): ``"auto"`` keeps the top block
+    #: :meth:`fused_loss_follows`): ``"auto"`` keeps the top block, and more within :attr:`auto_budget_bytes`
     auto_keeps_top: bool = False
+    #: during such a forward: the bytes of saved activations ``"auto"`` may keep beyond the top block's
+    auto_budget_bytes: int = 0
+    #: one block's saved activations per token, measured when ``"auto"`` first kept a block (None: not yet)
+    block_bytes_per_token: float | None = None
     #: how many blocks the current forward kept (reset by :meth:`fused_loss_follows`)
     kept: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
     recomputes: dict = field(default_factory=dict)
+    #: ``"auto"``'s count for the forward that runs now, decided at its first block (so every block agrees)
+    _auto_count: int | None = field(default=None, repr=False)
 
-    def kept_blocks(self) -> int:
-        """How many top blocks keep their activations in the forward that runs now."""
-        if self.keep_top == "auto":
-            return 1 if self.auto_keeps_top else 0
-        return self.keep_top
+    def kept_blocks(self, tokens: int = 0) -> int:
+        """How many top blocks keep their activations in the forward that runs now (``tokens``: the hidden states'
+        rows, which ``"auto"`` sizes a block's activations by)."""
+        if self.keep_top != "auto":
+            return self.keep_top
+        if not self.auto_keeps_top:
+            return 0
+        if self._auto_count is None:
+            per_block = (self.block_bytes_per_token or 0) * tokens
+            self._auto_count = max(1, int(self.auto_budget_bytes // per_block)) if per_block > 0 else 1
+        return self._auto_count
 
     @contextlib.contextmanager
-    def fused_loss_follows(self, bounded_for_free: bool = True):
+    def fused_loss_follows(self, bounded_for_free: bool = True, budget_bytes: int = 0):
         """Mark the blocks' forward run inside as one a fused head+loss follows (the causal-LM forward of
         :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
         kept their activations.  ``bounded_for_free=False``: bounding the loss to the hidden states' size would
         cost it a GEMM (:func:`~bread_kernels.functions.head_loss.hidden_sized_costs_a_gemm`), so ``"auto"``
-        keeps nothing."""
-        outer = self.auto_keeps_top
-        self.auto_keeps_top, self.kept = bounded_for_free, 0
+        keeps nothing.  ``budget_bytes``: what the model's own head and loss would hold that the fused loss does
+        not (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`); ``"auto"`` keeps the top block and as
+        many more as fit in it."""
+        outer = self.auto_keeps_top, self.auto_budget_bytes, self._auto_count
+        self.auto_keeps_top, self.auto_budget_bytes, self._auto_count, self.kept = bounded_for_free, budget_bytes, None, 0
         try:
             yield self
         finally:
-            self.auto_keeps_top = outer
+            self.auto_keeps_top, self.auto_budget_bytes, self._auto_count = outer
 
 
 def block_has_work(block: nn.Module) -> bool:
@@ -125,8 +143,10 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             return original(*args, **kwargs)
     if not config.recompute:
         return original(*args, **kwargs)
-    if index >= config.n_blocks - config.kept_blocks():
+    if index >= config.n_blocks - config.kept_blocks(hidden.numel() // hidden.shape[-1]):
         config.kept += 1
+        if config.keep_top == "auto" and config.block_bytes_per_token is None:
+            return _measuring_saved_bytes(block, original, config, args, kwargs, hidden)
         return original(*args, **kwargs)
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
@@ -156,6 +176,25 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
+
+
+def _measuring_saved_bytes(block, original, config: StreamConfig, args, kwargs, hidden):
+    """Run a kept block's forward and record in ``config`` the bytes per token of what autograd saved for its
+    backward: distinct storages, less the block's arguments and parameters (alive whether it is kept or not)."""
+    alive = {t.untyped_storage().data_ptr() for t in (*_tensors_in(list(args)), *_tensors_in(kwargs))}
+    alive.update(t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers()))
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in alive and storage.device.type != "meta":
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = original(*args, **kwargs)
+    config.block_bytes_per_token = sum(saved.values()) / max(1, hidden.numel() // hidden.shape[-1])
+    return output
 
 
 def _tensors_in(value):

@@ -4,7 +4,9 @@ On shapes where the GEMMs cost nothing, a backward's time is what the host spend
 and the dispatcher.  On a GPU that is what decides whether kernels queue faster than they run.  Each role's fused
 backward is timed against what the reference runs for it: ``nn.Linear``'s autograd backward, plus for SGD/SIGN
 BlockOptimizers' post-accumulate-grad hook (``p.add_(grad or sign(grad), alpha=-lr·s)``).  Median over ``calls``
-backward calls after a warm-up; µs per call.
+backward calls after a warm-up; µs per call.  The engine's plan keeps its finiteness flags as
+:class:`~bread_kernels.BlockOptimizer`'s plans do (read once per step, outside the timing): a plan without an
+optimizer reads its flag at once, a host sync per update.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from ..functions.linear import fused_linear
-from ..plan import OnTheFlyUpdate, Role, WeightPlan
+from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from .linear import device_name, synchronize
 
 __all__ = ["host_time_us", "run"]
@@ -48,7 +50,8 @@ def host_time_us(role: Role, engine: bool, tokens=8, n_in=16, n_out=16, dtype=to
     if engine:
         weight = torch.randn(n_out, n_in, generator=gen).to(dtype=dtype, device=device)
         weight.requires_grad_(role is Role.ACTIVE)
-        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR) if role.updates_on_the_fly else None)
+        # as BlockOptimizer's plans: the finiteness flags are kept and read once per step, outside the timing
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR) if role.updates_on_the_fly else None, checks=FiniteChecks())
         forward = lambda: fused_linear(x, weight, None, plan)  # noqa: E731
     else:
         layer = _reference_layer(role, n_in, n_out, dtype, device)
@@ -63,6 +66,8 @@ def host_time_us(role: Role, engine: bool, tokens=8, n_in=16, n_out=16, dtype=to
         if i >= 50:
             times.append(time.perf_counter() - start)
         x.grad = None
+        if engine:
+            plan.checks.resolve()
     return statistics.median(times) * 1e6
 
 

@@ -86,7 +86,7 @@ from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
-           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "hidden_sized_costs_a_gemm"]
+           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "hidden_sized_costs_a_gemm", "unfused_loss_bytes"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -143,6 +143,16 @@ def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Ten
     dtype = autocast_dtype(weight.device) or weight.dtype
     return (_dw_fits(weight, bias, _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=False))
             and not _dw_fits(weight, bias, _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)))
+
+
+def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
+    """A lower bound of what the model's own head and loss hold at once for ``tokens`` rows and the head ``weight``
+    [V, H]: the logits in the compute dtype, transformers' fp32 upcast of them (none when they are fp32), and the
+    fp32 log-softmax the cross-entropy saves for its backward — ``tokens · V · (b + 4·[b ≠ 4] + 4)`` bytes.  The
+    fused loss holds none of it, so this is the memory it frees for kept activations
+    (:meth:`~bread_kernels.stream.StreamConfig.fused_loss_follows`)."""
+    size = (autocast_dtype(weight.device) or weight.dtype).itemsize
+    return tokens * weight.shape[0] * (size + (4 if size != 4 else 0) + 4)
 
 
 def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap) -> None:
