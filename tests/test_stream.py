@@ -168,6 +168,25 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     assert peak(patched(), first_step=True) > recomputed * 1.1
 
 
+def test_auto_under_the_users_saved_tensor_hooks_keeps_the_top_block_only():
+    """Measuring a block's activations takes a saved-tensor hook, which would replace the user's own (offloading
+    with ``save_on_cpu``) for that block: under such hooks ``"auto"`` measures nothing and keeps the top block, and
+    the user's hook still receives every saved tensor.  Without them, the same model keeps more (previous test)."""
+    model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+    stream = patched_state(model).stream
+    packed = []
+    for _ in range(2):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert stream.kept == 1 and stream.block_bytes_per_token is None
+    assert packed
+    model(input_ids=ids, labels=ids).loss.backward()  # no hooks: measured now, and more kept next time
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert stream.block_bytes_per_token is not None and stream.kept > 1
+
+
 @pytest.mark.parametrize("bad", [-1, 5, 1.5, True, "1", "Auto"])
 def test_a_bad_keep_top_is_refused_before_the_model_is_touched(bad):
     model = BUILDERS["llama"]()
