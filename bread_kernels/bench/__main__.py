@@ -84,7 +84,7 @@ def main(argv=None):
                   args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, profile=args.profile,
                   **shape)
     except model.VerificationError as exc:
-        _fail(f"verification failed, nothing was timed for it: {exc}")
+        _fail(f"verification failed, nothing was timed for the case: {exc}")
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 

@@ -350,7 +350,9 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         profile: after timing, profile one forward + backward per side: GEMM calls and the self time outside the GEMMs
             (what compares on a CPU whose bf16 GEMMs are emulated).
 
-    Returns the result dict that is written as JSON.
+    Returns the result dict that is written as JSON.  A case whose step differs from the reference's is not timed;
+    the others are, their table and files written, and then :class:`VerificationError` names every failed case
+    (the JSON lists them under ``failures``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     setup = default_setup(device)
@@ -386,20 +388,30 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
                   "lora_rank": lora_rank, "repeats": repeats, "gemm_gflops": throughput / 1e9, "torch": torch.__version__,
                   "rows": []}
         bar = _progress(len(variants) * len(positions), progress)
+        failures = result["failures"] = []
         for variant in variants:
             base = lora_base if variant in LORA_VARIANTS else plain
             for active in positions:
                 bar.set_description(f"{variant} @ block {active}")
-                result["rows"].append(asdict(_measure(base, variant, active, ids, recompute, repeats, throughput,
-                                                      lora_rank if variant in LORA_VARIANTS else 0, verify_lr,
-                                                      profile)))
+                try:
+                    row = _measure(base, variant, active, ids, recompute, repeats, throughput,
+                                   lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile)
+                except VerificationError as exc:  # nothing timed for this case; the others still are
+                    failures.append({"variant": variant, "position": active, "error": str(exc)})
+                else:
+                    result["rows"].append(asdict(row))
                 bar.update()
         bar.close()
     result["summary"] = summarize(result["rows"])
     from .report import print_table, write_outputs
 
-    print_table(result, print_fn)
-    result["files"] = write_outputs(result, out_dir)
+    if result["rows"]:
+        print_table(result, print_fn)
+        result["files"] = write_outputs(result, out_dir)
+    if failures:
+        raise VerificationError("; ".join(f["error"] for f in failures) + (
+            f" ({len(result['rows'])} other cases verified and timed: {result['files']['json']})"
+            if result["rows"] else ""))
     return result
 
 

@@ -84,3 +84,21 @@ def test_a_wrong_engine_fails_the_verification(monkeypatch, tmp_path):
                         intermediate=40, heads=2, vocab=61)
     assert not list(tmp_path.iterdir())  # nothing timed, nothing written
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_failed_case_is_not_timed_and_the_others_still_are(monkeypatch, tmp_path):
+    """One case failing its verification (a lent GPU's minutes must not all be lost to it): the cases that verify
+    are timed and written, the failed one is listed in the JSON and not timed, and the run still raises."""
+    from bread_kernels.backends.chunked import ChunkedBackend
+
+    original = ChunkedBackend.update_weight_
+    monkeypatch.setattr(ChunkedBackend, "update_weight_",
+                        lambda self, weight, g, x, step, *args: original(self, weight, g, x, 2 * step, *args))
+    with pytest.raises(model_bench.VerificationError, match=r"BREAD-SGD at block 1 .*1 other cases verified"):
+        model_bench.run(variants=("BREAD-SGD", "BAdam"), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
+                        out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
+                        intermediate=40, heads=2, vocab=61)
+    written = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [(r["variant"], r["verified"]) for r in written["rows"]] == [("BAdam", True)]
+    assert [(f["variant"], f["position"]) for f in written["failures"]] == [("BREAD-SGD", 1)]
+    assert list(written["summary"]) == ["BAdam"]
