@@ -26,11 +26,13 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
 * ``SGD`` / ``SIGN``: ``W -= lr·s·f(dW)`` in the backward (lr is read then, and γ is known only then), in one of
   two ways, chosen by memory:
 
-  - *dW fits the budget* (``V·H`` fp32 elements, plus db, within ``chunk_bytes`` below): the forward accumulates
-    ``dW`` (γ = 1) over the chunks as for an ``ACTIVE`` head, and the backward hands ``γ·dW`` (``γ·db``) to the one
-    update path, :func:`~bread_kernels.update.update_linear_grad_`.  The head's GEMMs are then the reference's three
-    (logits, dh, dW), and the accumulator lives from the head's forward to its backward, no longer than the
-    reference's logits do, and never exceeds the bound one block of logits has.
+  - *dW fits the budget* (``V·H`` fp32 elements, plus db, within ``chunk_bytes`` below; with the default budget,
+    also within what the model's own head and loss would hold beyond one block, ``T·V·(b+4+4)`` bytes for b-byte
+    logits: :func:`_dw_budget`): the forward accumulates ``dW`` (γ = 1) over the chunks as for an ``ACTIVE`` head,
+    and the backward hands ``γ·dW`` (``γ·db``) to the one update path,
+    :func:`~bread_kernels.update.update_linear_grad_`.  The head's GEMMs are then the reference's three (logits, dh,
+    dW), and the accumulator lives from the head's forward to its backward, no longer than the reference's logits
+    do, and never exceeds what they would take.
   - *otherwise*, never with a whole dW: the backward walks the *vocabulary* in tiles of ``R`` rows of W; for each
     tile it recomputes the logits ``z[:, tile]`` of every token from the saved ``h`` and the saved per-token
     ``logsumexp`` (so softmax needs no other tile), forms ``g[:, tile]`` [T, R] and hands the pair ``(g[:, tile],
@@ -128,6 +130,20 @@ def _loss_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, com
     return budget
 
 
+def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compute_dtype: torch.dtype,
+               softcap: float | None, hidden_sized: bool) -> int:
+    """The bytes an on-the-fly head's fp32 dW may take, accumulated in the forward beside one block of logits: the
+    loss's budget; with the default budget (neither ``chunk_bytes`` nor ``BREAD_LOSS_CHUNK_BYTES`` given) and no
+    hidden-size bound, also whatever the model's own head and loss would hold beyond that block
+    (:func:`unfused_loss_bytes`): the loss then holds no more than the unfused model's would, and the head runs the
+    reference's three GEMMs instead of the vocabulary tiles' four (at hidden 4096 and vocab 128,256 the fp32 dW is
+    2 GiB; 4,096 bf16 tokens' logits and their fp32 copies are 5 GiB).  A budget given bounds the dW too."""
+    budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized)
+    if hidden_sized or chunk_bytes is not None or os.environ.get("BREAD_LOSS_CHUNK_BYTES") is not None:
+        return budget
+    return max(budget, unfused_loss_bytes(tokens, weight) - budget)
+
+
 def _dw_fits(weight: torch.Tensor, bias: torch.Tensor | None, budget: int) -> bool:
     """Whether the head's fp32 dW (and db) fit ``budget``: an on-the-fly head then accumulates it in the forward."""
     return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
@@ -136,13 +152,13 @@ def _dw_fits(weight: torch.Tensor, bias: torch.Tensor | None, budget: int) -> bo
 def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
                               plan: WeightPlan | None, softcap: float | None = None) -> bool:
     """Whether ``hidden_sized=True`` would cost the head a GEMM: an on-the-fly head (SGD/SIGN) whose fp32 dW fits
-    the default budget (accumulated in the forward: the reference's three head GEMMs) but not the hidden states'
-    size of ``tokens`` rows (the vocabulary tiles: one GEMM more)."""
+    the default budget (:func:`_dw_budget`; accumulated in the forward: the reference's three head GEMMs) but not
+    the hidden states' size of ``tokens`` rows (the vocabulary tiles: one GEMM more)."""
     if plan is None or not plan.role.updates_on_the_fly:
         return False
     dtype = autocast_dtype(weight.device) or weight.dtype
-    return (_dw_fits(weight, bias, _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=False))
-            and not _dw_fits(weight, bias, _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)))
+    return (_dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False))
+            and not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)))
 
 
 def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
@@ -459,7 +475,8 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     dtype = autocast_dtype(weight.device) or weight.dtype
     budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
-    dw_fits = _dw_fits(weight, bias, budget)
+    dw_fits = _dw_fits(weight, bias, _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap,
+                                                hidden_sized))
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None

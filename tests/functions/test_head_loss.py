@@ -461,3 +461,45 @@ def test_without_grad_nothing_is_updated_or_kept():
         loss = fused_head_loss(hidden, w, None, targets, plan, chunk_bytes=ODD_CHUNKS)
     close(loss, reference(hidden, weight, None, targets)[0], "loss under no_grad")
     assert not loss.requires_grad and torch.equal(w, weight) and not list(plan._uses)
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
+def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(role, monkeypatch):
+    """With the default budget (here made one odd block of logits, smaller than dW), an on-the-fly head's fp32 dW is
+    accumulated in the forward as long as it fits in what the model's own head and loss would hold beyond a block
+    (the logits and the fp32 log-softmax, T·V·8 bytes in fp32): the reference's three GEMMs per chunk, nothing
+    recomputed in the backward, the same update, and a peak no higher than the unfused loss's.  The same budget
+    given explicitly bounds dW too (the vocabulary tiles)."""
+    from bread_kernels.bench.memory import trace_allocations
+    from bread_kernels.functions import head_loss
+
+    monkeypatch.setattr(head_loss, "DEFAULT_LOSS_CHUNK_BYTES", ODD_CHUNKS)
+    monkeypatch.delenv("BREAD_LOSS_CHUNK_BYTES", raising=False)
+    hidden, weight, _, targets = make(False)
+    assert ODD_CHUNKS < 4 * weight.numel() <= head_loss.unfused_loss_bytes(TOKENS, weight) - ODD_CHUNKS
+
+    def step(**kwargs):
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR), name="lm_head")
+        w, h = weight.clone(), hidden.clone().requires_grad_()
+        with _GemmCount() as forward:
+            loss = fused_head_loss(h, w, None, targets, plan, **kwargs)
+        with _GemmCount() as backward:
+            loss.backward()
+        return w, (forward.calls, backward.calls)
+
+    default, counts = step()
+    chunks = -(-TOKENS // 5)
+    assert counts == (3 * chunks, 0), counts
+    tiled, tile_counts = step(chunk_bytes=ODD_CHUNKS)
+    assert tile_counts[1] > 0, tile_counts
+    close(default, tiled, "the head's update, accumulated dW against the tiles")
+
+    def fused():
+        fused_head_loss(hidden.clone().requires_grad_(), weight.clone(), None, targets,
+                        WeightPlan(role, OnTheFlyUpdate(lr=LR), name="lm_head")).backward()
+
+    def unfused():  # the model's own head and loss, with autograd's dW the reference's hook would take
+        w = weight.clone().requires_grad_()
+        F.cross_entropy(F.linear(hidden.clone().requires_grad_(), w).float(), targets).backward()
+
+    assert trace_allocations(fused).peak_bytes <= trace_allocations(unfused).peak_bytes
