@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import get_backend
 from ..optim import BlockOptimizer
 from ..patch import patch, patched_state, unpatch
 from ..plan import Role
@@ -220,8 +221,8 @@ def _counting_flops(enabled: bool):
 
 
 def extra_flop_formulas() -> dict:
-    """FlopCounterMode formulas for the ops its registry lacks or miscounts: the in-place ``addmm_`` (the CPU backends'
-    fused SGD update, the LoRA epilogues), the CPU flash attention, and grouped-query attention in every attention
+    """FlopCounterMode formulas for the ops its registry lacks or miscounts: the in-place ``addmm_`` and the native
+    backend's gated ``addmm_if_`` (the CPU backends' fused SGD update, the LoRA epilogues), the CPU flash attention, and grouped-query attention in every attention
     kernel (torch < 2.13 asserts on key/value with fewer heads than the query; each key/value head serves
     ``h_q / h_kv`` query heads, so the count is that of the heads broadcast)."""
     from torch.utils import flop_counter
@@ -237,7 +238,10 @@ def extra_flop_formulas() -> dict:
     def backward(g, q, k, v, *args, out_shape=None, **kwargs):
         return flop_counter.sdpa_backward_flop_count(g, q, *broadcast(q, k, v))
 
-    formulas = {aten.addmm_: lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
+    addmm = lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]  # noqa: E731
+    formulas = {aten.addmm_: addmm}
+    if hasattr(torch.ops.bread_kernels, "addmm_if_"):  # its gated SGD update W += α·gᵀx (nearest rounding)
+        formulas[torch.ops.bread_kernels.addmm_if_] = addmm
     for kernel in ("flash_attention", "efficient_attention", "cudnn_attention", "flash_attention_for_cpu"):
         if hasattr(aten, f"_scaled_dot_product_{kernel}"):
             formulas[getattr(aten, f"_scaled_dot_product_{kernel}")] = forward
@@ -291,6 +295,7 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     FLOPs of the two forward + backward passes (a Triton kernel's are invisible to the counter)."""
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     results, grads, roles, flops = {}, {}, None, []
+    get_backend(ids.device)  # the engine's backend, loaded before the FLOP formulas look for its ops
     for name, model in (("engine", engine), ("reference", reference)):
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
         with _counting_flops(count_flops) as counter:

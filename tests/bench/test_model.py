@@ -72,3 +72,19 @@ def test_grouped_query_attention_counts_as_its_heads_broadcast():
     broadcast = [t.detach().repeat_interleave(3, dim=1).requires_grad_() for t in (k, v)]
     b, h, s, d = q.shape  # QKᵀ, PV forward; QKᵀ again, dV, dP, dQ, dK backward: 7 products of 2·b·h_q·s²·d
     assert count(q, k, v, enable_gqa=True) == count(q, *broadcast) == 14 * b * h * s * s * d
+
+
+def test_the_native_backends_gated_update_counts_as_its_gemm():
+    """The bench's FLOP ratio: the native CPU backend's SGD update (nearest rounding, as the verification step runs
+    it) is one ``bread_kernels::addmm_if_`` op, which torch's counter does not know; counted, it is W's GEMM."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bread_kernels.backends import get_backend
+
+    if type(get_backend(torch.device("cpu"))).__name__ != "NativeBackend":
+        pytest.skip("the native CPU backend is not built here")
+    w, a, b = torch.zeros(6, 5), torch.randn(6, 7), torch.randn(7, 5)
+    with FlopCounterMode(display=False, custom_mapping=model_bench.extra_flop_formulas()) as counter:
+        torch.ops.bread_kernels.addmm_if_(w, a, b, 1.0, torch.tensor(True))
+    assert counter.get_total_flops() == 2 * 6 * 7 * 5
