@@ -6,6 +6,11 @@ import pytest
 
 from bread_kernels.backends import get_backend
 
+# Triton decides whether a kernel is interpreted when it is defined: the kernels are imported here, in this process's
+# own mode, before a test below sets TRITON_INTERPRET=1 to build the triton backend for CPU tensors.  Imported first
+# under that variable on a GPU host, every later test of the process would run its CUDA kernels interpreted.
+from bread_kernels.kernels import lora_grads, wgrad_update  # noqa: F401
+
 
 def test_default_on_cpu_is_native(monkeypatch):
     monkeypatch.delenv("BREAD_BACKEND", raising=False)
