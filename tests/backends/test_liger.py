@@ -1,4 +1,5 @@
-"""Liger-Kernel's fused linear cross-entropy behind the Triton backend (under ``TRITON_INTERPRET=1`` here): the
+"""Liger-Kernel's fused linear cross-entropy behind the Triton backend (CUDA tensors on a GPU host, CPU tensors
+under ``TRITON_INTERPRET=1`` elsewhere): the
 installed liger-kernel is one this library drives (its internal chunk loop's version and keywords: this fails
 loudly when they change), the fused head+loss it serves matches plain autograd for a frozen, an active and a
 dW-in-forward on-the-fly head, its blocks of logits keep to the budget, and where it cannot serve the fused loss
@@ -15,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bread_kernels import OnTheFlyUpdate, Role, WeightPlan
 from bread_kernels.backends import liger
 from bread_kernels.functions.head_loss import fused_head_loss
+from tests.conftest import DEVICE
 
 TOKENS, HIDDEN, VOCAB = 29, 16, 97
 GAMMA, LR, SCALE = 3.0, 0.1, 0.5
@@ -44,20 +46,20 @@ def test_installed_liger_is_the_tested_one():
     """The test extra pins liger-kernel; if its internal loop changes (keywords, return values) this fails."""
     assert liger.unavailable_reason() is None
     forward, _ = liger._forward()
-    h, w = torch.randn(5, 8), torch.randn(11, 8)
-    out = forward(h, w, torch.tensor([1, -1, 3, 10, 0]), ignore_index=-1, reduction="sum", accum_dtype=torch.float32,
+    h, w = torch.randn(5, 8, device=DEVICE), torch.randn(11, 8, device=DEVICE)
+    out = forward(h, w, torch.tensor([1, -1, 3, 10, 0], device=DEVICE), ignore_index=-1, reduction="sum", accum_dtype=torch.float32,
                   compute_gradients=True, weight_requires_grad=True, chunk_mem_const=1)
     assert isinstance(out, tuple) and len(out) == liger._RETURNS
 
 
 def make(bias: bool, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(TOKENS, HIDDEN, generator=gen).to(dtype)
-    weight = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5).to(dtype)
-    b = torch.randn(VOCAB, generator=gen).to(dtype) if bias else None
+    hidden = torch.randn(TOKENS, HIDDEN, generator=gen).to(dtype=dtype, device=DEVICE)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(VOCAB, generator=gen).to(dtype=dtype, device=DEVICE) if bias else None
     targets = torch.randint(0, VOCAB, (TOKENS,), generator=gen)
     targets[::4] = -100
-    return hidden, weight, b, targets
+    return hidden, weight, b, targets.to(DEVICE)
 
 
 def reference(hidden, weight, bias, targets, softcap=None, num_items=None):
@@ -271,7 +273,8 @@ def test_untested_liger_version_falls_back_to_the_own_loop(triton_backend, monke
         liger._forward.cache_clear()
     with pytest.raises(RuntimeError, match="cannot serve"):
         monkeypatch.setattr(liger, "_forward", lambda: (None, "not installed"))
-        liger.linear_cross_entropy(hidden, weight, None, torch.zeros(TOKENS, dtype=torch.long), None, 4, True, True)
+        liger.linear_cross_entropy(hidden, weight, None, torch.zeros(TOKENS, dtype=torch.long, device=DEVICE), None, 4,
+                                   True, True)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -283,9 +286,9 @@ def test_patched_model_through_liger_matches_unpatched(triton_backend, liger_cal
     import bread_kernels
     from tests import model_zoo as models
 
-    original = models.llama(layers=2) if family == "llama" else models.gpt2()
+    original = (models.llama(layers=2) if family == "llama" else models.gpt2()).to(DEVICE)
     model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
-    ids = models.batch(0)
+    ids = models.batch(0).to(DEVICE)
     for loss_of in (models.loss_of, models.masked_loss_of):
         original.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)

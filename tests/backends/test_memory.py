@@ -22,7 +22,9 @@ def backward_trace(dtype, role, rounding=Rounding.AUTO):
     weight = torch.randn(N_OUT, N_IN, generator=gen).to(dtype).to(DEVICE)
     x = torch.randn(TOKENS, N_IN, generator=gen).to(dtype).to(DEVICE)
     g = torch.randn(TOKENS, N_OUT, generator=gen).to(dtype).to(DEVICE)
-    y = fused_linear(x, weight, None, WeightPlan(role, OnTheFlyUpdate(lr=1e-3, rounding=rounding)))
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=1e-3, rounding=rounding))
+    fused_linear(x, weight, None, plan).backward(g)  # warm-up: cuBLAS's workspace and the autotuner are not dW's
+    y = fused_linear(x, weight, None, plan)
     trace = trace_allocations(lambda: y.backward(g), DEVICE)
     dw_bytes = weight.numel() * weight.element_size()
     # activation-sized temporaries, plus BLAS's packed copy of x (oneDNN pads the token dimension to 64)
@@ -46,9 +48,10 @@ def test_sgd_with_nearest_rounding_allocates_nothing_weight_sized(backend):
     assert trace.peak_bytes <= slack, f"peak {trace.peak_bytes} B; SGD in fp32 should need no chunk at all"
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the native CPU backend's ops (the Triton kernel is one launch)")
 def test_a_dw_within_the_budget_is_one_gemm(monkeypatch):
     """The default budget holds this layer's dW: one GEMM into one buffer, as autograd's, and one epilogue."""
-    monkeypatch.setenv("BREAD_BACKEND", "native" if DEVICE == "cpu" else "triton")
+    monkeypatch.setenv("BREAD_BACKEND", "native")
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(N_OUT, N_IN, generator=gen)
     x, g = torch.randn(TOKENS, N_IN, generator=gen), torch.randn(TOKENS, N_OUT, generator=gen)
@@ -56,8 +59,7 @@ def test_a_dw_within_the_budget_is_one_gemm(monkeypatch):
     with torch.profiler.profile() as prof:
         y.backward(g)
     names = [e.name for e in prof.events()]
-    if DEVICE == "cpu":
-        assert names.count("aten::mm") == 1 and names.count("bread_kernels::apply_update_") == 1, names
+    assert names.count("aten::mm") == 1 and names.count("bread_kernels::apply_update_") == 1, names
 
 
 @pytest.mark.parametrize("chunk_bytes", [16 << 10, 64 << 10])

@@ -125,8 +125,8 @@ def test_on_the_fly_update_matches_autograd(role, softcap, bias, num_items, chun
 
 
 @pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=["sgd", "sign"])
-def test_on_the_fly_update_through_every_backend(backend, role):
-    hidden, weight, b, targets = make(True, seed=1)
+def test_on_the_fly_update_through_every_backend(backend, device, role):
+    hidden, weight, b, targets = (t.to(device) for t in make(True, seed=1))
     _, _, dw_ref, db_ref = reference(hidden, weight, b, targets, 3.0)
     w, bb = weight.clone(), b.clone()
     loss = fused_head_loss(hidden, w, bb, targets, WeightPlan(role, OnTheFlyUpdate(lr=LR, scale=SCALE)),
