@@ -58,7 +58,8 @@ class StreamConfig:
     #: during a forward whose blocks a fused head+loss follows that can bound itself for free (see
     #: :meth:`fused_loss_follows`): ``"auto"`` keeps the top block, and more within :attr:`auto_budget_bytes`
     auto_keeps_top: bool = False
-    #: during such a forward: the bytes of saved activations ``"auto"`` may keep beyond the top block's
+    #: during such a forward: the bytes of saved activations the blocks ``"auto"`` keeps may take (the top block is
+    #: kept even where it alone takes more)
     auto_budget_bytes: int = 0
     #: one block's saved activations per token, measured when ``"auto"`` first kept a block (None: not yet)
     block_bytes_per_token: float | None = None
@@ -91,7 +92,8 @@ class StreamConfig:
         not (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`); ``"auto"`` keeps the top block and as
         many more as fit in it."""
         outer = self.auto_keeps_top, self.auto_budget_bytes, self._auto_count
-        self.auto_keeps_top, self.auto_budget_bytes, self._auto_count, self.kept = bounded_for_free, budget_bytes, None, 0
+        self.auto_keeps_top, self.auto_budget_bytes = bounded_for_free, budget_bytes
+        self._auto_count, self.kept = None, 0
         try:
             yield self
         finally:
@@ -198,7 +200,7 @@ def _measuring_saved_bytes(block, original, config: StreamConfig, args, kwargs, 
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in alive and storage.device.type != "meta":
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        return tensor.detach()  # the same storage, without a grad_fn that would point back at the node saving it
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = original(*args, **kwargs)
