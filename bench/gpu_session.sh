@@ -25,7 +25,7 @@ log env
 
 HL="--vocab 32000 128256 --layers 2 --hidden 4096 --intermediate 14336 --heads 32 --batch 4 --seq 1024 --dtype bf16 --repeats 5"
 step 110 python3 -m bench.head_loss_bench $HL --out $T/hl_liger
-cp $T/hl_liger/*.json "$O/head_loss_h200_bf16_liger_backend.json" 2>/dev/null
+cp $T/hl_liger/*.json "$O/head_loss_h200_bfloat16_liger_backend.json" 2>/dev/null
 step 120 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/ma \
   --variants BAdam BREAD-SGD-partial BREAD-SGD BREAD-SGD-sign
 cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
@@ -36,7 +36,7 @@ step 70 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progr
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
 # the same with this library's own chunk loop for the fused side (BREAD_BACKEND=torch: no Liger behind it)
 BREAD_BACKEND=torch step 80 python3 -m bench.head_loss_bench $HL --out $T/hl_own
-cp $T/hl_own/*.json "$O/head_loss_h200_bf16_own_loop.json" 2>/dev/null
+cp $T/hl_own/*.json "$O/head_loss_h200_bfloat16_torch_backend.json" 2>/dev/null
 
 log tests
 timeout 60 python3 -m pytest tests/backends/test_liger.py tests/functions/test_head_loss.py tests/test_backward_ops.py \

@@ -143,10 +143,10 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 def positions_to_score(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """The hidden states [B, T', H] of the positions the model's own forward would score: transformers'
-    ``slice_logits_to_keep`` where it has one (its 2-D and boolean forms included), else the slice every family's
-    forward made before that helper existed (transformers 4.45 to 5.17): the last ``logits_to_keep`` positions for an
-    int (0: all of them), those indices for a 1-D tensor."""
+    """The hidden states [B, T', H] of the positions the model's own forward would score ([N, H] for a boolean
+    mask): transformers' ``slice_logits_to_keep`` where it has one (its 2-D and boolean forms included), else the
+    slice every family's forward made before that helper existed (transformers 4.45 to 5.17): the last
+    ``logits_to_keep`` positions for an int (0: all of them), those indices for a 1-D tensor."""
     try:
         from transformers.modeling_utils import slice_logits_to_keep
     except ImportError:

@@ -123,6 +123,7 @@ class PatchedModel:
         if not isinstance(cut, int) or not 0 <= cut <= len(self.blocks):
             raise ValueError(f"set_cut: cut must be an int in [0, {len(self.blocks)}], got {cut!r}")
         self.stream.cut = cut
+        self.stream.plans_changed()  # the optimizer sets the cut whenever it writes new plans
 
     @property
     def cut(self) -> int:
@@ -291,8 +292,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             states' size): the top block — the step's peak stays that of a recomputed block's backward — and as
             many more top blocks as the logits' memory that the fused loss does not hold pays for (the logits, their
             fp32 copy and the fp32 log-softmax that the model's own loss would hold: ``T·V·(b+4+4)`` bytes in
-            bf16), a block's activations measured the first time one is kept; elsewhere none (measured in the
-            README's "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
+            bf16), each kept block's activations measured, the count growing by at most one block per step and
+            starting again from the top block when the plans change; elsewhere none (measured in the README's
+            "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
             adds one block's activations to the peak).
     """
     if not isinstance(model, nn.Module):

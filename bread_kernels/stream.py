@@ -16,8 +16,9 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   states' size.  The top block always: the step's peak stays that of a block's recompute, which the kept block's
   backward replaces.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
   hold the logits and their fp32 copies (``budget_bytes``), so ``k`` blocks whose saved activations take no more
-  than that keep the peak under the unfused model's.  A block's activations are measured (bytes per token, saved
-  tensors beyond its arguments and weights) the first time one is kept, so the first step keeps one block.
+  than that keep the peak under the unfused model's.  Each kept block's activations are measured (bytes per token,
+  saved tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward;
+  new plans (a block switch: roles decide what a block saves) start again from the top block alone.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
@@ -61,8 +62,9 @@ class StreamConfig:
     #: during such a forward: the bytes of saved activations the blocks ``"auto"`` keeps may take (the top block is
     #: kept even where it alone takes more)
     auto_budget_bytes: int = 0
-    #: one block's saved activations per token, measured when ``"auto"`` first kept a block (None: not yet)
-    block_bytes_per_token: float | None = None
+    #: the saved activations per token of each block ``"auto"`` kept since the plans last changed, by block index
+    #: (a block's role decides what it saves: an active block also saves its linears' inputs for dW)
+    block_bytes: dict = field(default_factory=dict)
     #: how many blocks the current forward kept (reset by :meth:`fused_loss_follows`)
     kept: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
@@ -72,15 +74,31 @@ class StreamConfig:
 
     def kept_blocks(self, tokens: int = 0) -> int:
         """How many top blocks keep their activations in the forward that runs now (``tokens``: the hidden states'
-        rows, which ``"auto"`` sizes a block's activations by)."""
+        rows, which ``"auto"`` sizes a block's activations by).  ``"auto"``: from the top down, the blocks whose
+        measured activations fit the budget together, and at most one not yet measured (taken at the largest
+        measured size, and measured in this forward); always the top block."""
         if self.keep_top != "auto":
             return self.keep_top
         if not self.auto_keeps_top:
             return 0
         if self._auto_count is None:
-            per_block = (self.block_bytes_per_token or 0) * tokens
-            self._auto_count = max(1, int(self.auto_budget_bytes // per_block)) if per_block > 0 else 1
+            count, total = 1, (self.block_bytes.get(self.n_blocks - 1) or 0) * tokens
+            largest = max(self.block_bytes.values(), default=0) * tokens
+            for index in range(self.n_blocks - 2, -1, -1) if largest > 0 else ():
+                measured = index in self.block_bytes
+                total += self.block_bytes[index] * tokens if measured else largest
+                if total > self.auto_budget_bytes:
+                    break
+                count += 1
+                if not measured:
+                    break
+            self._auto_count = count
         return self._auto_count
+
+    def plans_changed(self) -> None:
+        """The roles of the blocks may have changed (the optimizer wrote new plans): ``"auto"`` measures again,
+        from the top block alone."""
+        self.block_bytes.clear()
 
     @contextlib.contextmanager
     def fused_loss_follows(self, bounded_for_free: bool = True, budget_bytes: int = 0):
@@ -147,8 +165,8 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         return original(*args, **kwargs)
     if index >= config.n_blocks - config.kept_blocks(hidden.numel() // hidden.shape[-1]):
         config.kept += 1
-        if config.keep_top == "auto" and config.block_bytes_per_token is None and not _saved_tensor_hooks_active():
-            return _measuring_saved_bytes(block, original, config, args, kwargs, hidden)
+        if config.keep_top == "auto" and not _saved_tensor_hooks_active():
+            return _measuring_saved_bytes(block, original, config, index, args, kwargs, hidden)
         return original(*args, **kwargs)
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
@@ -189,22 +207,35 @@ def _saved_tensor_hooks_active() -> bool:
     return top is None or top(False) is not None
 
 
-def _measuring_saved_bytes(block, original, config: StreamConfig, args, kwargs, hidden):
-    """Run a kept block's forward and record in ``config`` the bytes per token of what autograd saved for its
-    backward: distinct storages, less the block's arguments and parameters (alive whether it is kept or not)."""
-    alive = {t.untyped_storage().data_ptr() for t in (*_tensors_in(list(args)), *_tensors_in(kwargs))}
-    alive.update(t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers()))
-    saved = {}
+def _measuring_saved_bytes(block, original, config: StreamConfig, index: int, args, kwargs, hidden):
+    """Run kept block ``index``'s forward and record in ``config.block_bytes`` the bytes per token of what autograd
+    saved for its backward: distinct storages, less the block's arguments and parameters (alive whether it is kept
+    or not).  A tensor whose storage cannot be read (a wrapper subclass: DTensor, a quantised weight) stops the
+    measurement; the block then counts as the largest measured one (none measured: only the top block is kept)."""
+    inputs = [*_tensors_in(list(args)), *_tensors_in(kwargs)]
+    saved, readable = {}, [True]
+
+    def pointer(tensor):
+        try:
+            return tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):
+            readable[0] = False
+            return None
+
+    params = [*block.parameters(), *block.buffers()]
+    alive = {found[0] for found in map(pointer, [*inputs, *params]) if found is not None}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in alive and storage.device.type != "meta":
-            saved[storage.data_ptr()] = storage.nbytes()
+        if readable[0] and tensor.device.type != "meta":
+            found = pointer(tensor)
+            if found is not None and found[0] not in alive:
+                saved[found[0]] = found[1]
         return tensor.detach()  # the same storage, without a grad_fn that would point back at the node saving it
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = original(*args, **kwargs)
-    config.block_bytes_per_token = sum(saved.values()) / max(1, hidden.numel() // hidden.shape[-1])
+    if readable[0]:
+        config.block_bytes[index] = sum(saved.values()) / max(1, hidden.numel() // hidden.shape[-1])
     return output
 
 

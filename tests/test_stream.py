@@ -117,10 +117,11 @@ def _llama_with_a_large_vocabulary(dtype):
 def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeypatch):
     """Allocator statistics of one BAdam step with the lowest block active (every block needed).  The first step
     keeps the top block only, with the loss in blocks of the hidden states' size, and peaks no higher than
-    recomputing it (keeping it with the loss's default blocks peaks higher: the bound is what keeps the peak).  Once
-    a kept block's activations are measured, "auto" keeps ``k = ⌊unfused_loss_bytes / block bytes⌋`` top blocks
-    (here at least 2), recomputes only the others, and peaks no higher than the unpatched model with HF
-    checkpointing and the cut (the best-configured reference), whose own head and loss hold the logits."""
+    recomputing it (keeping it with the loss's default blocks peaks higher: the bound is what keeps the peak).  As
+    the kept blocks' activations are measured, "auto" keeps the top blocks whose measured bytes fit
+    ``unfused_loss_bytes`` together (one more per step; here at least 2), recomputes only the others, and peaks no
+    higher than the unpatched model with HF checkpointing and the cut (the best-configured reference), whose own
+    head and loss hold the logits."""
     from bread_kernels import causal_lm
     from bread_kernels.bench.memory import trace_allocations
     from bread_kernels.bench.model import reference_ways
@@ -134,16 +135,21 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
             opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
                                                list(model.named_parameters()), switch_mode="fixed",
                                                start_block=0, verbose=0)
-        model(input_ids=ids, labels=ids).loss.backward()  # warm-up: lazily built state is not the step's
-        opt.zero_grad()
+        for _ in range(3):  # warm-up: lazily built state, and "auto" settled (it grows by a block per step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.zero_grad()
         if is_patched:
             stream = patched_state(model).stream
             stream.recomputes.clear()
             if first_step:
-                stream.block_bytes_per_token = None  # measured again: one block kept
+                stream.plans_changed()  # measured again: the top block alone
         result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
-        opt.close()
+        if is_patched:
+            measured[id(model)] = dict(patched_state(model).stream.block_bytes)
+        opt.close()  # clears the plans (and with them the measurements)
         return result
+
+    measured = {}
 
     def patched(keep_top="auto"):
         return bread_kernels.patch(_llama_with_a_large_vocabulary(dtype), keep_top=keep_top)
@@ -155,9 +161,13 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     several = patched()
     kept_peak = peak(several)
     stream = patched_state(several).stream
-    block_bytes = stream.block_bytes_per_token * ids.numel()
-    expected = max(1, int(unfused_loss_bytes(ids.numel(), several.lm_head.weight) // block_bytes))
-    assert stream.kept == min(stream.n_blocks, expected) >= 2
+    budget, block_bytes = unfused_loss_bytes(ids.numel(), several.lm_head.weight), measured[id(several)]
+    top = range(stream.n_blocks - 1, stream.n_blocks - 1 - stream.kept, -1)
+    assert stream.kept >= 2 and set(top) <= set(block_bytes)
+    assert sum(block_bytes[i] for i in top) * ids.numel() <= budget
+    if stream.kept < stream.n_blocks:  # one more would not have fit
+        assert sum(block_bytes.get(i, max(block_bytes.values()))
+                   for i in range(stream.n_blocks - 1, stream.n_blocks - 2 - stream.kept, -1)) * ids.numel() > budget
     assert set(stream.recomputes) == set(range(stream.n_blocks - stream.kept))
     best = reference_ways(_llama_with_a_large_vocabulary(dtype), recompute=True)["best"]
     assert kept_peak <= peak(best, is_patched=False) * 1.05
@@ -168,23 +178,62 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     assert peak(patched(), first_step=True) > recomputed * 1.1
 
 
-def test_auto_under_the_users_saved_tensor_hooks_keeps_the_top_block_only():
-    """Measuring a block's activations takes a saved-tensor hook, which would replace the user's own (offloading
-    with ``save_on_cpu``) for that block: under such hooks ``"auto"`` measures nothing and keeps the top block, and
-    the user's hook still receives every saved tensor.  Without them, the same model keeps more (previous test)."""
+def test_auto_measures_again_when_the_plans_change():
+    """What a block saves depends on its role (an active block's linears also save their inputs for dW), so new
+    plans (the optimizer's block switch sets the cut) start "auto" again from the top block alone, and each kept
+    block is measured under its own role."""
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
     ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
     stream = patched_state(model).stream
-    packed = []
-    for _ in range(2):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        assert stream.kept == 1 and stream.block_bytes_per_token is None
-    assert packed
+    n = stream.n_blocks
+
+    def train(start_block, steps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), switch_mode="fixed",
+                                               start_block=start_block, verbose=0)
+        kept = []
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            kept.append(stream.kept)
+        measured = dict(stream.block_bytes)
+        opt.close()  # clears the plans: measured again next time
+        return kept, measured
+
+    kept, frozen_top = train(0, 3)
+    assert kept[0] == 1 and kept[-1] > 1
+    kept, active_top = train(n - 1, 2)  # new plans: the top block is active now
+    assert kept[0] == 1
+    assert active_top[n - 1] > frozen_top[n - 1]  # it saves its linears' inputs for dW
+
+
+def test_auto_under_the_users_saved_tensor_hooks_keeps_the_top_block_only():
+    """Measuring a block's activations takes a saved-tensor hook, which would replace the user's own (offloading
+    with ``save_on_cpu``) for that block: under such hooks ``"auto"`` measures nothing and keeps the top block, and
+    the user's hook receives what it receives with ``keep_top=1``.  Without them, the same model keeps more."""
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+
+    def packed_per_step(keep_top):
+        model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32), keep_top=keep_top)
+        counts = []
+        for _ in range(2):
+            packed = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            counts.append(len(packed))
+        return model, counts
+
+    model, auto = packed_per_step("auto")
+    stream = patched_state(model).stream
+    assert stream.kept == 1 and not stream.block_bytes
+    assert auto == packed_per_step(1)[1] and auto[0] > 0
     model(input_ids=ids, labels=ids).loss.backward()  # no hooks: measured now, and more kept next time
     model(input_ids=ids, labels=ids).loss.backward()
-    assert stream.block_bytes_per_token is not None and stream.kept > 1
+    assert stream.block_bytes and stream.kept > 1
 
 
 @pytest.mark.parametrize("bad", [-1, 5, 1.5, True, "1", "Auto"])

@@ -356,8 +356,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             (what compares on a CPU whose bf16 GEMMs are emulated).
 
     Returns the result dict that is written as JSON.  A case whose step differs from the reference's is not timed;
-    the others are, their table and files written, and then :class:`VerificationError` names every failed case
-    (the JSON lists them under ``failures``).
+    the others are, their table and files written (the JSON lists the failed cases under ``failures``), and then
+    :class:`VerificationError` names every failed case; where every case failed, nothing is written.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     setup = default_setup(device)

@@ -32,7 +32,7 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
     and the backward hands ``γ·dW`` (``γ·db``) to the one update path,
     :func:`~bread_kernels.update.update_linear_grad_`.  The head's GEMMs are then the reference's three (logits, dh,
     dW), and the accumulator lives from the head's forward to its backward, no longer than the reference's logits
-    do, and never exceeds what they would take.
+    do, and takes no more than the larger of one block's budget and what they would take beyond one block.
   - *otherwise*, never with a whole dW: the backward walks the *vocabulary* in tiles of ``R`` rows of W; for each
     tile it recomputes the logits ``z[:, tile]`` of every token from the saved ``h`` and the saved per-token
     ``logsumexp`` (so softmax needs no other tile), forms ``g[:, tile]`` [T, R] and hands the pair ``(g[:, tile],
@@ -94,6 +94,11 @@ DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _budget_given(chunk_bytes: int | None) -> bool:
+    """Whether the caller or the environment set the loss's budget (else the default applies)."""
+    return chunk_bytes is not None or os.environ.get("BREAD_LOSS_CHUNK_BYTES") is not None
+
+
 def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
     """The bytes one block of logits (and its temporaries) may take: ``chunk_bytes``, else the environment's
     ``BREAD_LOSS_CHUNK_BYTES``, else 256 MiB."""
@@ -139,7 +144,7 @@ def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compu
     reference's three GEMMs instead of the vocabulary tiles' four (at hidden 4096 and vocab 128,256 the fp32 dW is
     2 GiB; 4,096 bf16 tokens' logits and their fp32 copies are 5 GiB).  A budget given bounds the dW too."""
     budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized)
-    if hidden_sized or chunk_bytes is not None or os.environ.get("BREAD_LOSS_CHUNK_BYTES") is not None:
+    if hidden_sized or _budget_given(chunk_bytes):
         return budget
     return max(budget, unfused_loss_bytes(tokens, weight) - budget)
 

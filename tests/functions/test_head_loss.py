@@ -490,6 +490,12 @@ def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(ro
     default, counts = step()
     chunks = -(-TOKENS // 5)
     assert counts == (3 * chunks, 0), counts
+    few = 10  # fewer tokens: dW is more than their logits would hold beyond a block, so the tiles serve
+    assert 4 * weight.numel() > head_loss.unfused_loss_bytes(few, weight) - ODD_CHUNKS
+    with _GemmCount() as backward:
+        fused_head_loss(hidden[:few].clone().requires_grad_(), weight.clone(), None, targets[:few],
+                        WeightPlan(role, OnTheFlyUpdate(lr=LR), name="lm_head")).backward()
+    assert backward.calls > 0
     tiled, tile_counts = step(chunk_bytes=ODD_CHUNKS)
     assert tile_counts[1] > 0, tile_counts
     close(default, tiled, "the head's update, accumulated dW against the tiles")
