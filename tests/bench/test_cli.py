@@ -67,16 +67,20 @@ def test_a_model_without_a_block_stack_gets_a_one_line_error(capsys, tmp_path):
     assert len(err) == 1 and "found no block stack" in err[0], err
 
 
-def test_a_wrong_engine_fails_the_verification(monkeypatch, tmp_path):
+@pytest.fixture
+def doubled_fused_step(monkeypatch):
     """The fused update (used by the engine only: the reference's hooks take the dense path) with a doubled step."""
     from bread_kernels.backends.chunked import ChunkedBackend
 
     original = ChunkedBackend.update_weight_
 
-    def doubled(self, weight, grad_output, input, step, *args):
-        return original(self, weight, grad_output, input, 2 * step, *args)
+    def doubled(self, weight, grad_output, input, step, *args, **kwargs):
+        return original(self, weight, grad_output, input, 2 * step, *args, **kwargs)
 
     monkeypatch.setattr(ChunkedBackend, "update_weight_", doubled)
+
+
+def test_a_wrong_engine_fails_the_verification(doubled_fused_step, tmp_path):
     expected = r"BREAD-SGD at block 1 vs the reference: .*worst tensor \S+ \(role SGD\)"
     with pytest.raises(model_bench.VerificationError, match=expected):
         model_bench.run(variants=("BREAD-SGD",), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
@@ -86,14 +90,9 @@ def test_a_wrong_engine_fails_the_verification(monkeypatch, tmp_path):
     assert torch.get_default_dtype() == torch.float32
 
 
-def test_a_failed_case_is_not_timed_and_the_others_still_are(monkeypatch, tmp_path):
+def test_a_failed_case_is_not_timed_and_the_others_still_are(doubled_fused_step, tmp_path):
     """One case failing its verification (a lent GPU's minutes must not all be lost to it): the cases that verify
     are timed and written, the failed one is listed in the JSON and not timed, and the run still raises."""
-    from bread_kernels.backends.chunked import ChunkedBackend
-
-    original = ChunkedBackend.update_weight_
-    monkeypatch.setattr(ChunkedBackend, "update_weight_",
-                        lambda self, weight, g, x, step, *args: original(self, weight, g, x, 2 * step, *args))
     with pytest.raises(model_bench.VerificationError, match=r"BREAD-SGD at block 1 .*1 other cases verified"):
         model_bench.run(variants=("BREAD-SGD", "BAdam"), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
                         out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
