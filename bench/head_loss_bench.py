@@ -44,7 +44,7 @@ import bread_kernels
 from bread_kernels.bench.__main__ import DTYPES
 from bread_kernels.bench.linear import device_name, synchronize
 from bread_kernels.bench.memory import trace_allocations
-from bread_kernels.bench.model import build_model, reference_ways
+from bread_kernels.bench.model import build_model, reference_ways, settle
 from bread_kernels.functions.head_loss import chunk_budget_bytes
 
 VARIANTS = {"BAdam": dict(sgd_mode="disabled"), "BREAD-SGD": dict(sgd_mode="all")}
@@ -117,7 +117,8 @@ def measure(vocab, variant, args, device):
             raise SystemExit(f"head_loss_bench: the {side} side's loss {got} differs from the reference's {expected}")
     rows = {side: dict(vocab=vocab, variant=variant, side=side, active=active, forward_s=[], backward_s=[])
             for side in sides}
-    for side in sides:  # the warm-up measures the peak
+    for side in sides:  # settled ("auto" keeps a block more per step), then the warm-up measures the peak
+        settle(models[side], opts[side], ids)
         rows[side]["peak_mib"] = peak_bytes(models[side], opts[side], ids) / 2**20
     for _ in range(args.repeats):  # the sides alternate, so drift of this shared machine hits them alike
         for side in sides:

@@ -16,8 +16,8 @@ import torch
 
 from bread_kernels import patch
 from bread_kernels.bench.linear import device_name
-from bread_kernels.bench.model import (CPU_SETUP, VARIANTS, _optimizer, build_model, reference_ways, step_peak_bytes,
-                                       step_time)
+from bread_kernels.bench.model import (CPU_SETUP, VARIANTS, _optimizer, build_model, reference_ways, settle,
+                                       step_peak_bytes, step_time)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,6 +48,8 @@ def main():
                     model = patch(copy.deepcopy(base), keep_top=keep, fused_loss=fused_loss).train()
                     sides.append((f"keep_top={keep} fused_loss={'on' if fused_loss else 'off'}", model,
                                   _optimizer(model, variant, active)))
+            for _, model, opt in sides:
+                settle(model, opt, ids)  # "auto" grows by a block per step
             peaks = {name: step_peak_bytes(model, opt, ids) for name, model, opt in sides}
             times = {name: [] for name, _, _ in sides}
             for _ in range(args.repeats):

@@ -314,11 +314,28 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     return tuple(flops) if count_flops else None
 
 
+def settle(model, opt, ids) -> None:
+    """Untimed forward + backward passes until the step is the one every later step repeats: one for an unpatched
+    model; for a patched one, until ``keep_top="auto"`` keeps as many blocks as in the pass before (it grows by a
+    block per step after new plans)."""
+    step_time(model, opt, ids)
+    state = patched_state(model)
+    if state is None:
+        return
+    for _ in range(len(state.blocks)):
+        kept = state.stream.kept
+        step_time(model, opt, ids)
+        if state.stream.kept == kept:
+            return
+
+
 def timed_alternately(sides, ids, repeats):
     """Forward + backward times (:func:`step_time`) of each (model, optimizer) side, measured alternately (so drift
-    of the machine hits every side alike) after one untimed warm-up each, which measures the peak memory.  Returns
-    (times per side, peaks)."""
+    of the machine hits every side alike) after each side has settled (:func:`settle`) and one more untimed pass
+    has measured its peak memory.  Returns (times per side, peaks)."""
     times, peaks = [[] for _ in sides], []
+    for model, opt in sides:
+        settle(model, opt, ids)
     for i in range(repeats + 1):
         for k, (model, opt) in enumerate(sides):
             if i == 0:

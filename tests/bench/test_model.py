@@ -88,3 +88,28 @@ def test_the_native_backends_gated_update_counts_as_its_gemm():
     with FlopCounterMode(display=False, custom_mapping=model_bench.extra_flop_formulas()) as counter:
         torch.ops.bread_kernels.addmm_if_(w, a, b, 1.0, torch.tensor(True))
     assert counter.get_total_flops() == 2 * 6 * 7 * 5
+
+
+def test_settle_runs_until_auto_keeps_as_many_blocks_as_every_later_step():
+    """The bench measures peaks and times after :func:`settle`: ``keep_top="auto"`` grows by a block per step after
+    new plans, so a peak taken at the first step would be the top block's alone."""
+    import warnings
+
+    import torch
+
+    import bread_kernels
+    from bread_kernels.patch import patched_state
+    from tests.test_stream import _llama_with_a_large_vocabulary
+
+    model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_mode="fixed", start_block=0,
+                                           verbose=0)
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+    stream = patched_state(model).stream
+    model_bench.settle(model, opt, ids)
+    settled = stream.kept
+    model_bench.step_time(model, opt, ids)
+    assert stream.kept == settled > 1
