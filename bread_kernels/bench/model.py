@@ -222,9 +222,9 @@ def _counting_flops(enabled: bool):
 
 def extra_flop_formulas() -> dict:
     """FlopCounterMode formulas for the ops its registry lacks or miscounts: the in-place ``addmm_`` and the native
-    backend's gated ``addmm_if_`` (the CPU backends' fused SGD update, the LoRA epilogues), the CPU flash attention, and grouped-query attention in every attention
-    kernel (torch < 2.13 asserts on key/value with fewer heads than the query; each key/value head serves
-    ``h_q / h_kv`` query heads, so the count is that of the heads broadcast)."""
+    backend's gated ``addmm_if_`` (the CPU backends' fused SGD update, the LoRA epilogues), the CPU flash attention,
+    and grouped-query attention in every attention kernel (torch < 2.13 asserts on key/value with fewer heads than
+    the query; each key/value head serves ``h_q / h_kv`` query heads, so the count is that of the heads broadcast)."""
     from torch.utils import flop_counter
 
     aten = torch.ops.aten

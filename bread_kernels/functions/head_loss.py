@@ -113,6 +113,11 @@ def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
     return chunk_bytes
 
 
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the head's GEMMs: autocast's where it is on, else W's."""
+    return autocast_dtype(weight.device) or weight.dtype
+
+
 def _bytes_per_logit(compute_dtype: torch.dtype, softcap: float | None) -> int:
     """What one block of logits allocates per element: the fp32 logits (4 bytes; softmax and the gradient are done
     in place), the fp32 tanh when soft-capping (4), and for a bf16/fp16 head GEMM (W's dtype, or autocast's) its
@@ -161,7 +166,7 @@ def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Ten
     the hidden states' size of ``tokens`` rows (the vocabulary tiles: one GEMM more)."""
     if plan is None or not plan.role.updates_on_the_fly:
         return False
-    dtype = autocast_dtype(weight.device) or weight.dtype
+    dtype = _compute_dtype(weight)
     return (_dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False))
             and not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)))
 
@@ -172,7 +177,7 @@ def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
     fp32 log-softmax the cross-entropy saves for its backward — ``tokens · V · (b + 4·[b ≠ 4] + 4)`` bytes.  The
     fused loss holds none of it, so this is the memory it frees for kept activations
     (:meth:`~bread_kernels.stream.StreamConfig.fused_loss_follows`)."""
-    size = (autocast_dtype(weight.device) or weight.dtype).itemsize
+    size = _compute_dtype(weight).itemsize
     return tokens * weight.shape[0] * (size + (4 if size != 4 else 0) + 4)
 
 
@@ -477,7 +482,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     else:
         role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
     float_softcap = float(softcap) if softcap is not None else None
-    dtype = autocast_dtype(weight.device) or weight.dtype
+    dtype = _compute_dtype(weight)
     budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
     dw_fits = _dw_fits(weight, bias, _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap,

@@ -27,11 +27,8 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("BREAD_BACKEND", "triton")
 
 
-@pytest.fixture
-def liger_calls(monkeypatch):
-    """Counts the calls into Liger's chunk loop (so a test knows Liger, not the torch loop, served)."""
-    forward, reason = liger._forward()
-    assert reason is None, reason
+def _serve_counted(monkeypatch, forward) -> list:
+    """``forward`` in place of Liger's chunk loop, each call's keywords recorded in the returned list."""
     calls = []
 
     def counted(*args, **kwargs):
@@ -40,6 +37,14 @@ def liger_calls(monkeypatch):
 
     monkeypatch.setattr(liger, "_forward", lambda: (counted, None))
     return calls
+
+
+@pytest.fixture
+def liger_calls(monkeypatch):
+    """Counts the calls into Liger's chunk loop (so a test knows Liger, not the torch loop, served)."""
+    forward, reason = liger._forward()
+    assert reason is None, reason
+    return _serve_counted(monkeypatch, forward)
 
 
 def test_installed_liger_is_the_tested_one():
@@ -167,14 +172,7 @@ def _liger_loop_in_torch(hidden, weight, targets, *, ce_weight, bias, ignore_ind
 
 @pytest.fixture
 def liger_loop_in_torch(monkeypatch):
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return _liger_loop_in_torch(*args, **kwargs)
-
-    monkeypatch.setattr(liger, "_forward", lambda: (counted, None))
-    return calls
+    return _serve_counted(monkeypatch, _liger_loop_in_torch)
 
 
 @pytest.mark.parametrize("softcap, bias, num_items", [(3.0, True, None), (3.0, False, torch.tensor(23))],
