@@ -1,0 +1,125 @@
+"""The RMSNorm of Llama-style models, ``y = w · (x · rsqrt(mean(x²) + ε))``, as one ``autograd.Function`` that saves
+only its input and the per-row ``rstd`` (Hugging Face's module, under plain autograd, saves an fp32 copy of ``x``
+and runs some fifteen ops in its backward), with the same values bit for bit.
+
+Shapes: ``x`` [..., K] of dtype ``d_x``, ``w`` [K] of dtype ``d_w``; the output has dtype ``d_y = promote(d_w,
+d_x)``.  The forward is Hugging Face's ``LlamaRMSNorm`` op for op, so its values are the module's bit for bit::
+
+    x_f = fp32(x)                         [..., K]
+    r   = rsqrt(mean_K(x_f²) + ε)         [..., 1]  fp32 (saved)
+    x̂   = x_f · r                         [..., K]  fp32 (recomputed in the backward from x and r)
+    n   = d_x(x̂)
+    y   = w · n                           [..., K]  d_y
+
+Backward, with ``g = ∂L/∂y`` [..., K] in ``d_y``, each cast where autograd casts a gradient to its input's dtype::
+
+    ∂L/∂w = d_w(Σ_rows g · n)                                       [K]
+    ∂L/∂x̂ = fp32(d_x(g · w))                                        [..., K]
+    ∂L/∂r = Σ_K ∂L/∂x̂ · x_f                                         [..., 1]
+    c     = 2 · (−½ · ∂L/∂r · r³) / K                                [..., 1]   (through rsqrt, the mean, x_f²)
+    ∂L/∂x = d_x(∂L/∂x̂ · r + x_f · c)                                [..., K]
+
+These are autograd's own formulas for the module's ops (``mul``, ``to``, ``rsqrt``, ``mean``, ``pow``), in its
+order of rounding, so the gradients are autograd's bit for bit; what changes is that the per-row factors are
+formed on [..., 1] before they meet a row (autograd expands them to [..., K] first; scaling by 2 is exact, so the
+values are the same), that ``x_f`` is recomputed from ``x`` instead of saved in fp32, and that the whole chain is
+one node with six full-size passes (seven with ``∂L/∂w``) instead of some fifteen ops.  In fp32 the two paths'
+gradients reach ``x`` separately, as autograd's do (see :class:`RMSNormFunction`), so the sums they join round
+alike too.
+
+:func:`fusable_rms_norm` decides which modules this computes: one whose own forward gives exactly these values on
+probe inputs (so Gemma's ``(1 + w)``, a norm that multiplies before the cast, or another ε are left alone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["RMSNormFunction", "rms_norm", "fusable_rms_norm", "rms_norm_epsilon"]
+
+#: the attribute names transformers' RMSNorm classes give ε
+_EPSILON_ATTRS = ("variance_epsilon", "eps")
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """See the module docstring for the maths.  Inputs: x, ``x_again`` (x itself when x is fp32, else None), weight,
+    eps (a float).
+
+    fp32 ``x`` is its own ``x_f``: autograd then hands x the two paths' gradients (through ``x_f · r`` and through
+    ``x_f²``) one after the other, so the residual stream adds them to its own in that order.  Passing x twice
+    returns them the same way (``∂L/∂x̂ · r`` for x, ``x_f · c`` for ``x_again``), and the fp32 sums round as
+    autograd's do.  Another dtype has one ``ToCopy`` node that sums them first: one gradient."""
+
+    @staticmethod
+    def forward(ctx, x, x_again, weight, eps: float):
+        x_f = x.to(torch.float32)
+        rstd = torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.split = x_again is not None
+        return weight * (x_f * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, rstd = ctx.saved_tensors
+        x_f = x.to(torch.float32)
+        grad_weight = grad_x = grad_x_again = None
+        if ctx.needs_input_grad[2]:
+            products = grad_output * (x_f * rstd).to(x.dtype)
+            grad_weight = products.sum(dim=tuple(range(products.dim() - 1))).to(weight.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_hat = (grad_output * weight).to(x.dtype).to(torch.float32)
+            grad_rstd = (grad_hat * x_f).sum(-1, keepdim=True)
+            row = (grad_rstd * -0.5 * rstd.pow(3)).div_(x.shape[-1]).mul_(2)
+            through_square = x_f * row  # x_f may be x itself (fp32): never written
+            if ctx.split:
+                grad_x, grad_x_again = grad_hat.mul_(rstd), through_square
+            else:
+                grad_x = grad_hat.mul_(rstd).add_(through_square).to(x.dtype)
+        return grad_x, grad_x_again, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``w · d_x(x_f · rsqrt(mean(x_f²) + ε))`` (see the module docstring); plain ops where nothing needs a
+    gradient."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        x_f = x.to(torch.float32)
+        return weight * (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
+    return RMSNormFunction.apply(x, x if x.dtype == torch.float32 else None, weight, eps)
+
+
+def rms_norm_epsilon(module: nn.Module) -> float | None:
+    """The module's ε, under the names transformers uses; None where it has none."""
+    for name in _EPSILON_ATTRS:
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def fusable_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is an RMSNorm that :func:`rms_norm` computes exactly: a class named ``...RMSNorm`` with
+    one floating-point parameter ``weight`` [K], an ε attribute, and a forward that gives :func:`rms_norm`'s values
+    bit for bit on probe rows (unit-scale and ε-scale, in the weight's dtype and in bf16/fp16).  A weight that
+    cannot be read (on the meta device, partitioned by ZeRO-3: no elements) fails the probe."""
+    if not type(module).__name__.endswith("RMSNorm"):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    eps = rms_norm_epsilon(module)
+    if len(params) != 1 or weight is None or weight.dim() != 1 or weight.numel() == 0 or eps is None \
+            or not weight.is_floating_point() or weight.device.type == "meta" or list(module.children()):
+        return False
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(4, weight.numel(), generator=generator)
+    probe[2:] *= eps ** 0.5  # rows where ε weighs as much as the mean square
+    try:
+        with torch.no_grad():
+            for dtype in dict.fromkeys((weight.dtype, torch.bfloat16, torch.float16)):
+                x = probe.to(device=weight.device, dtype=dtype)
+                expected = type(module).forward(module, x)  # the class's own: no hooks, no patched forward
+                if not isinstance(expected, torch.Tensor) or not torch.equal(expected, rms_norm(x, weight, eps)):
+                    return False
+    except Exception:  # a forward that refuses the probe (another signature, a dtype it does not take)
+        return False
+    return True

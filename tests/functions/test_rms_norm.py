@@ -1,0 +1,167 @@
+"""The fused RMSNorm against Hugging Face's modules under plain autograd (bit for bit: forward, dx, dw, and the
+residual stream's fp32 sum) and against float64; which modules ``fusable_rms_norm`` accepts; what a block saves."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+import bread_kernels
+from bread_kernels.patch import patched_state
+from bread_kernels.functions.rms_norm import fusable_rms_norm, rms_norm
+
+K = 77  # odd: no vectorised tail hides a wrong reduction
+MIXES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+         (torch.bfloat16, torch.float32)]  # (x, weight): the last one is an fp32 weight under a bf16 stream
+
+
+def _norm(cls=LlamaRMSNorm, dtype=torch.float32, eps=1e-6, seed=0):
+    norm = cls(K, eps=eps).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(K, generator=torch.Generator().manual_seed(seed)) * 0.3 + 1)
+    return norm
+
+
+def _inputs(x_dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 11, K, generator=gen) * 2
+    x[1] *= 1e-3  # rows where ε weighs
+    return x.to(x_dtype), torch.randn(3, 11, K, generator=gen)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", MIXES, ids=lambda d: str(d)[6:])
+def test_forward_and_gradients_are_autograds_bit_for_bit(x_dtype, w_dtype):
+    norm = _norm(dtype=w_dtype)
+    x, g = _inputs(x_dtype)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = norm(x_ref)
+    y_fused = rms_norm(x_fused, norm.weight, norm.variance_epsilon)
+    assert y_fused.dtype == y_ref.dtype
+    assert torch.equal(y_fused, y_ref)
+    g = g.to(y_ref.dtype)
+    dw_ref, = torch.autograd.grad(y_ref, norm.weight, g, retain_graph=True)
+    dw_fused, = torch.autograd.grad(y_fused, norm.weight, g, retain_graph=True)
+    y_ref.backward(g)
+    y_fused.backward(g)
+    assert torch.equal(dw_fused, dw_ref)
+    assert torch.equal(x_fused.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_residual_stream_sums_the_gradients_as_autograd_does(x_dtype):
+    """``h = x + norm(x)·v`` (a pre-norm block's residual): x's gradient is the sum of three (fp32: the residual's
+    and the norm's two paths, in autograd's order) — bit for bit."""
+    norm = _norm(dtype=x_dtype)
+    x, g = _inputs(x_dtype)
+    v = torch.randn(K, dtype=x_dtype)
+    grads = []
+    for forward in (norm, lambda t: rms_norm(t, norm.weight, norm.variance_epsilon)):
+        leaf = x.clone().requires_grad_()
+        (leaf + forward(leaf) * v).backward(g.to(x_dtype))
+        grads.append(leaf.grad)
+    assert torch.equal(grads[1], grads[0])
+
+
+def test_gradients_match_float64():
+    norm = _norm(dtype=torch.float32)
+    x, g = _inputs(torch.float32)
+    x = x.requires_grad_()
+    rms_norm(x, norm.weight, norm.variance_epsilon).backward(g)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    y64.backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)  # fp32, one cancelling sum
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_without_gradients_it_builds_no_graph():
+    norm = _norm()
+    x, _ = _inputs(torch.float32)
+    assert rms_norm(x, norm.weight.detach(), 1e-6).grad_fn is None
+    with torch.no_grad():
+        assert rms_norm(x, norm.weight, 1e-6).grad_fn is None
+
+
+class _MultipliesBeforeTheCast(LlamaRMSNorm):  # OLMo/Cohere-style: (w · x̂) cast, not w · cast(x̂)
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(dtype)
+
+
+class _OtherEpsilon(LlamaRMSNorm):  # reads ε from elsewhere than the attribute the probe trusts
+    def forward(self, hidden_states):
+        h = hidden_states.to(torch.float32)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-3)).to(hidden_states.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_probe_accepts_llama_style_norms_only(dtype):
+    assert fusable_rms_norm(_norm(LlamaRMSNorm, dtype))
+    assert fusable_rms_norm(_norm(Qwen2RMSNorm, dtype))
+    assert not fusable_rms_norm(_norm(GemmaRMSNorm, dtype))  # (1 + w)
+    assert not fusable_rms_norm(_norm(_MultipliesBeforeTheCast, dtype))
+    assert not fusable_rms_norm(_norm(_OtherEpsilon, dtype))
+    assert not fusable_rms_norm(nn.LayerNorm(K).to(dtype))
+    with torch.device("meta"):
+        assert not fusable_rms_norm(LlamaRMSNorm(K))
+    partitioned = _norm()  # what a ZeRO-3-partitioned weight looks like outside its gather
+    partitioned.weight.data = torch.empty(0)
+    assert not fusable_rms_norm(partitioned)
+
+
+def _llama(dtype=torch.bfloat16):
+    from tests.model_zoo import BUILDERS
+
+    return BUILDERS["llama"](dtype=dtype)
+
+
+def test_patch_installs_the_fused_norm_and_unpatch_and_the_option_remove_it():
+    model = _llama()
+    norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
+    bread_kernels.patch(model)
+    assert sorted(n for n, _ in patched_state(model).fused_norms) == \
+        sorted(n for n, m in model.named_modules() if isinstance(m, LlamaRMSNorm))
+    assert all("forward" in m.__dict__ for m in norms)
+    bread_kernels.patch(model, fused_norms=False)
+    assert not any("forward" in m.__dict__ for m in norms)
+    bread_kernels.patch(model, fused_norms=True)
+    assert all("forward" in m.__dict__ for m in norms)
+    bread_kernels.unpatch(model)
+    assert not any("forward" in m.__dict__ for m in norms)
+    with pytest.raises(TypeError, match="fused_norms must be True or False"):
+        bread_kernels.patch(model, fused_norms="yes")
+
+
+def _saved_bytes(layer, x, position_embeddings) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of ``layer``, less its input and parameters."""
+    alive = {t.untyped_storage().data_ptr() for t in [x, *position_embeddings, *layer.parameters()]}
+    saved = {}
+
+    def pack(t):
+        pointer = t.untyped_storage().data_ptr()
+        if pointer not in alive:
+            saved[pointer] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LlamaDecoderLayer.forward(layer, x, position_embeddings=position_embeddings)  # not the streamed forward
+    return sum(saved.values())
+
+
+def test_a_frozen_bf16_llama_block_saves_no_fp32_copy_of_its_inputs():
+    """HF's norm saves x in fp32 for its backward (two per block); the fused one saves the bf16 input, which for
+    the first norm is the block's own input: (4 + 4 − 2)·K bytes less per token."""
+    model = _llama()
+    layer = model.model.layers[0].requires_grad_(False)
+    tokens, hidden = 2 * 9, model.config.hidden_size
+    x = torch.randn(2, 9, hidden, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(9).unsqueeze(0)
+    position_embeddings = model.model.rotary_emb(x, positions)
+    plain = _saved_bytes(layer, x, position_embeddings)
+    bread_kernels.patch(model)
+    fused = _saved_bytes(layer, x, position_embeddings)
+    assert plain - fused == (4 + 4 - 2) * hidden * tokens
