@@ -1,15 +1,13 @@
 """The fused RMSNorm against Hugging Face's modules under plain autograd (bit for bit: forward, dx, dw, and the
-residual stream's fp32 sum) and against float64; which modules ``fusable_rms_norm`` accepts; what a block saves."""
+residual stream's fp32 sum) and against float64; which modules ``fusable_rms_norm`` accepts."""
 
 import pytest
 import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-import bread_kernels
-from bread_kernels.patch import patched_state
 from bread_kernels.functions.rms_norm import fusable_rms_norm, rms_norm
 
 K = 77  # odd: no vectorised tail hides a wrong reduction
@@ -111,57 +109,3 @@ def test_the_probe_accepts_llama_style_norms_only(dtype):
     partitioned = _norm()  # what a ZeRO-3-partitioned weight looks like outside its gather
     partitioned.weight.data = torch.empty(0)
     assert not fusable_rms_norm(partitioned)
-
-
-def _llama(dtype=torch.bfloat16):
-    from tests.model_zoo import BUILDERS
-
-    return BUILDERS["llama"](dtype=dtype)
-
-
-def test_patch_installs_the_fused_norm_and_unpatch_and_the_option_remove_it():
-    model = _llama()
-    norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
-    bread_kernels.patch(model)
-    assert sorted(n for n, _ in patched_state(model).fused_norms) == \
-        sorted(n for n, m in model.named_modules() if isinstance(m, LlamaRMSNorm))
-    assert all("forward" in m.__dict__ for m in norms)
-    bread_kernels.patch(model, fused_norms=False)
-    assert not any("forward" in m.__dict__ for m in norms)
-    bread_kernels.patch(model, fused_norms=True)
-    assert all("forward" in m.__dict__ for m in norms)
-    bread_kernels.unpatch(model)
-    assert not any("forward" in m.__dict__ for m in norms)
-    with pytest.raises(TypeError, match="fused_norms must be True or False"):
-        bread_kernels.patch(model, fused_norms="yes")
-
-
-def _saved_bytes(layer, x, position_embeddings) -> int:
-    """Bytes of the distinct storages autograd saves in one forward of ``layer``, less its input and parameters."""
-    alive = {t.untyped_storage().data_ptr() for t in [x, *position_embeddings, *layer.parameters()]}
-    saved = {}
-
-    def pack(t):
-        pointer = t.untyped_storage().data_ptr()
-        if pointer not in alive:
-            saved[pointer] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        LlamaDecoderLayer.forward(layer, x, position_embeddings=position_embeddings)  # not the streamed forward
-    return sum(saved.values())
-
-
-def test_a_frozen_bf16_llama_block_saves_no_fp32_copy_of_its_inputs():
-    """HF's norm saves x in fp32 for its backward (two per block); the fused one saves the bf16 input, which for
-    the first norm is the block's own input: (4 + 4 − 2)·K bytes less per token."""
-    model = _llama()
-    layer = model.model.layers[0].requires_grad_(False)
-    tokens, hidden = 2 * 9, model.config.hidden_size
-    x = torch.randn(2, 9, hidden, dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.arange(9).unsqueeze(0)
-    position_embeddings = model.model.rotary_emb(x, positions)
-    plain = _saved_bytes(layer, x, position_embeddings)
-    bread_kernels.patch(model)
-    fused = _saved_bytes(layer, x, position_embeddings)
-    assert plain - fused == (4 + 4 - 2) * hidden * tokens

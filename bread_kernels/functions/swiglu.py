@@ -1,0 +1,82 @@
+"""The SwiGLU product of Llama-style MLPs, ``h = silu(a) · u``, as one ``autograd.Function`` that saves its two
+inputs and recomputes ``silu(a)`` in the backward (autograd saves ``silu(a)`` as well: a third [T, I] tensor).
+
+Shapes: ``a = x W_gateᵀ`` and ``u = x W_upᵀ`` [..., I]; ``h`` [..., I] in ``promote(d_a, d_u)``.  With ``g = ∂L/∂h``::
+
+    ∂L/∂u = d_u(g · silu(a))
+    ∂L/∂a = silu_backward(d_a(g · u), a)        silu'(a) = σ(a)·(1 + a·(1 − σ(a)))
+
+— autograd's own formulas for ``mul`` and ``silu``, in its order, so the gradients are autograd's bit for bit;
+``silu(a)`` is recomputed by the same op that computed it in the forward.
+
+:func:`fusable_swiglu_mlp` decides which MLP modules compute ``down(silu_mul(gate(x), up(x)))`` instead of their own
+forward: one whose own forward gives exactly that on probe rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SiLUMulFunction", "silu_mul", "fusable_swiglu_mlp", "swiglu_mlp"]
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class SiLUMulFunction(torch.autograd.Function):
+    """See the module docstring for the maths.  Inputs: a (the gate projection), u (the up projection)."""
+
+    @staticmethod
+    def forward(ctx, a, u):
+        ctx.save_for_backward(a, u)
+        return F.silu(a) * u
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        a, u = ctx.saved_tensors
+        grad_a = grad_u = None
+        if ctx.needs_input_grad[1]:
+            grad_u = (grad_output * F.silu(a)).to(u.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.ops.aten.silu_backward((grad_output * u).to(a.dtype), a)
+        return grad_a, grad_u
+
+
+def silu_mul(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(a) · u`` (see the module docstring); plain ops where nothing needs a gradient."""
+    if not torch.is_grad_enabled() or not (a.requires_grad or u.requires_grad):
+        return F.silu(a) * u
+    return SiLUMulFunction.apply(a, u)
+
+
+def swiglu_mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down_proj(silu(gate_proj(x)) · up_proj(x))``: the gate projection first, as the MLPs call them."""
+    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+
+def fusable_swiglu_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is a SwiGLU MLP that :func:`swiglu_mlp` computes exactly: a class named ``...MLP`` with
+    ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``, no parameters of its own, and a forward that
+    gives :func:`swiglu_mlp`'s values bit for bit on probe rows.  Weights that cannot be read (on the meta device,
+    partitioned by ZeRO-3) fail the probe."""
+    if not type(module).__name__.endswith("MLP") or list(module.parameters(recurse=False)):
+        return False
+    if not all(isinstance(getattr(module, name, None), nn.Module) for name in _PROJECTIONS):
+        return False
+    if "silu" not in type(getattr(module, "act_fn", None)).__name__.lower():
+        return False
+    weight = next(module.gate_proj.parameters(), None)
+    if weight is None or weight.numel() == 0 or weight.device.type == "meta" or not weight.is_floating_point():
+        return False
+    hidden = weight.shape[-1] if weight.dim() == 2 else None
+    if hidden is None:
+        return False
+    probe = torch.randn(3, hidden, generator=torch.Generator(device="cpu").manual_seed(0))
+    try:
+        with torch.no_grad():
+            x = probe.to(device=weight.device, dtype=weight.dtype)
+            expected = type(module).forward(module, x)  # the class's own: no hooks, no patched forward
+            return isinstance(expected, torch.Tensor) and torch.equal(expected, swiglu_mlp(module, x))
+    except Exception:  # a forward that refuses the probe (another signature, a dtype it does not take)
+        return False

@@ -1,0 +1,79 @@
+"""The fused SwiGLU product against autograd's ``silu(a) · u`` (bit for bit) and float64; which MLPs
+``fusable_swiglu_mlp`` accepts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+from bread_kernels.functions.swiglu import fusable_swiglu_mlp, silu_mul, swiglu_mlp
+
+MIXES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+         (torch.bfloat16, torch.float32)]
+
+
+def _inputs(a_dtype, u_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(3, 7, 45, generator=gen) * 3).to(a_dtype)  # odd width; past silu's bend on both sides
+    u = torch.randn(3, 7, 45, generator=gen).to(u_dtype)
+    return a, u, torch.randn(3, 7, 45, generator=gen)
+
+
+@pytest.mark.parametrize("a_dtype,u_dtype", MIXES, ids=lambda d: str(d)[6:])
+def test_product_and_gradients_are_autograds_bit_for_bit(a_dtype, u_dtype):
+    a, u, g = _inputs(a_dtype, u_dtype)
+    results = []
+    for forward in (lambda a, u: F.silu(a) * u, silu_mul):
+        a_, u_ = a.clone().requires_grad_(), u.clone().requires_grad_()
+        h = forward(a_, u_)
+        h.backward(g.to(h.dtype))
+        results.append((h, a_.grad, u_.grad))
+    for fused, plain in zip(results[1], results[0]):
+        assert fused.dtype == plain.dtype
+        assert torch.equal(fused, plain)
+
+
+def test_gradients_match_float64():
+    a, u, g = _inputs(torch.float32, torch.float32)
+    a, u = a.requires_grad_(), u.requires_grad_()
+    silu_mul(a, u).backward(g)
+    a64, u64 = a.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    (a64 * torch.sigmoid(a64) * u64).backward(g.double())
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u.grad.double(), u64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_inputs_are_saved():
+    a, u, _ = _inputs(torch.bfloat16, torch.bfloat16)
+    a, u = a.requires_grad_(), u.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        silu_mul(a, u)
+    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {a.data_ptr(), u.data_ptr()}
+    with torch.no_grad():
+        assert silu_mul(a, u).grad_fn is None
+
+
+def _config(act="silu"):
+    return LlamaConfig(hidden_size=24, intermediate_size=37, num_attention_heads=4, num_key_value_heads=4, hidden_act=act)
+
+
+class _GateOnTheUpProjection(LlamaMLP):  # silu on the other projection: not what swiglu_mlp computes
+    def forward(self, x):
+        return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_probe_accepts_swiglu_mlps_only(dtype):
+    torch.manual_seed(0)
+    assert fusable_swiglu_mlp(LlamaMLP(_config()).to(dtype))
+    assert fusable_swiglu_mlp(Qwen2MLP(_config()).to(dtype))
+    assert not fusable_swiglu_mlp(LlamaMLP(_config("gelu")).to(dtype))
+    assert not fusable_swiglu_mlp(_GateOnTheUpProjection(_config()).to(dtype))
+    with torch.device("meta"):
+        assert not fusable_swiglu_mlp(LlamaMLP(_config()))
+    mlp = LlamaMLP(_config()).to(dtype)
+    x = torch.randn(5, 24, dtype=dtype)
+    assert torch.equal(swiglu_mlp(mlp, x), mlp(x))

@@ -1,0 +1,63 @@
+"""patch's fused elementwise work (RMSNorm, SwiGLU) on a whole model: what it installs and removes, and what a
+block then saves for its backward."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
+
+import bread_kernels
+from bread_kernels.patch import patched_state
+from tests.model_zoo import BUILDERS
+
+
+def _llama(dtype=torch.bfloat16):
+    return BUILDERS["llama"](dtype=dtype)
+
+
+def test_patch_installs_the_fused_forwards_and_unpatch_and_the_option_remove_them():
+    model = _llama()
+    norms = [m for m in model.modules() if isinstance(m, (LlamaRMSNorm, LlamaMLP))]
+    bread_kernels.patch(model)
+    assert sorted(n for n, _ in patched_state(model).fused_elementwise) == \
+        sorted(n for n, m in model.named_modules() if isinstance(m, (LlamaRMSNorm, LlamaMLP)))
+    assert all("forward" in m.__dict__ for m in norms)
+    bread_kernels.patch(model, fused_elementwise=False)
+    assert not any("forward" in m.__dict__ for m in norms)
+    bread_kernels.patch(model, fused_elementwise=True)
+    assert all("forward" in m.__dict__ for m in norms)
+    bread_kernels.unpatch(model)
+    assert not any("forward" in m.__dict__ for m in norms)
+    with pytest.raises(TypeError, match="fused_elementwise must be True or False"):
+        bread_kernels.patch(model, fused_elementwise="yes")
+
+
+def _saved_bytes(layer, x, position_embeddings) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of ``layer``, less its input and parameters."""
+    alive = {t.untyped_storage().data_ptr() for t in [x, *position_embeddings, *layer.parameters()]}
+    saved = {}
+
+    def pack(t):
+        pointer = t.untyped_storage().data_ptr()
+        if pointer not in alive:
+            saved[pointer] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LlamaDecoderLayer.forward(layer, x, position_embeddings=position_embeddings)  # not the streamed forward
+    return sum(saved.values())
+
+
+def test_a_frozen_bf16_llama_block_saves_no_fp32_copy_of_its_inputs_and_no_silu():
+    """HF's norm saves x in fp32 for its backward (two per block); the fused one saves the bf16 input, which for
+    the first norm is the block's own input: (4 + 4 − 2)·H bytes less per token.  The SwiGLU product saves its two
+    inputs and not silu(a): 2·I bytes less."""
+    model = _llama()
+    layer = model.model.layers[0].requires_grad_(False)
+    tokens, hidden, inter = 2 * 9, model.config.hidden_size, model.config.intermediate_size
+    x = torch.randn(2, 9, hidden, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(9).unsqueeze(0)
+    position_embeddings = model.model.rotary_emb(x, positions)
+    plain = _saved_bytes(layer, x, position_embeddings)
+    bread_kernels.patch(model)
+    fused = _saved_bytes(layer, x, position_embeddings)
+    assert plain - fused == ((4 + 4 - 2) * hidden + 2 * inter) * tokens
