@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functions.head_loss import (fused_head_loss, head_plan_refusal, hidden_sized_costs_a_gemm,
+from .functions.head_loss import (forward_dw_bytes, fused_head_loss, head_plan_refusal,
                                   unfused_loss_bytes)
 from .plan import PLAN_ATTR
 
@@ -178,14 +178,13 @@ def _fused_loss_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     family = FAMILIES[type(self).__name__]
     softcap = getattr(self.config, family.softcap, None) if family.softcap else None
+    plan = getattr(head, PLAN_ATTR, None)
+    dw_bytes = forward_dw_bytes(labels.numel(), head.weight, head.bias, plan, softcap)
     if stream is None:
         follows = contextlib.nullcontext()
-    else:  # the kept top block is free unless bounding the loss costs an on-the-fly head its whole-dW path; more
-        # kept blocks take at most the logits' memory that the fused loss does not hold
-        follows = stream.fused_loss_follows(
-            not hidden_sized_costs_a_gemm(labels.numel(), head.weight, head.bias, getattr(head, PLAN_ATTR, None),
-                                          softcap),
-            budget_bytes=unfused_loss_bytes(labels.numel(), head.weight))
+    else:  # kept blocks take at most the logits' memory that the fused loss does not hold, less an on-the-fly
+        # head's dW accumulated in the forward (kept there: bounding the logits then costs no GEMM)
+        follows = stream.fused_loss_follows(budget_bytes=unfused_loss_bytes(labels.numel(), head.weight) - dw_bytes)
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)
@@ -199,9 +198,10 @@ def _fused_loss_forward(self, *args, **kwargs):
             f"bread_kernels: the fused loss scores {hidden.shape[0]} positions (after logits_to_keep="
             f"{logits_to_keep if not isinstance(logits_to_keep, torch.Tensor) else 'a tensor'}) but the labels give "
             f"{targets.shape[0]} targets; pass labels (or shift_labels) of one per kept position")
-    loss = fused_head_loss(hidden, head.weight, head.bias, targets, getattr(head, PLAN_ATTR, None),
-                           ignore_index=ignore_index, num_items_in_batch=extra.get("num_items_in_batch"),
-                           softcap=softcap, hidden_sized=stream is not None and stream.kept > 0)
+    hidden_sized = stream is not None and stream.kept > 0
+    loss = fused_head_loss(hidden, head.weight, head.bias, targets, plan, ignore_index=ignore_index,
+                           num_items_in_batch=extra.get("num_items_in_batch"), softcap=softcap,
+                           hidden_sized=hidden_sized, dw_bytes=dw_bytes if hidden_sized else None)
 
     fields = {f.name for f in dataclasses.fields(output_cls)} - {"loss", "logits"}
     output = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k) for k in fields if hasattr(outputs, k)})

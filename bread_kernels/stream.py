@@ -15,8 +15,9 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   head+loss follows the blocks (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the hidden
   states' size.  The top block always: the step's peak stays that of a block's recompute, which the kept block's
   backward replaces.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
-  hold the logits and their fp32 copies (``budget_bytes``), so ``k`` blocks whose saved activations take no more
-  than that keep the peak under the unfused model's.  Each kept block's activations are measured (bytes per token,
+  hold the logits and their fp32 copies (``budget_bytes``; less an on-the-fly head's fp32 dW, which the fused loss
+  accumulates in the forward), so ``k`` blocks whose saved activations take no more than that keep the peak under
+  the unfused model's.  Each kept block's activations are measured (bytes per token,
   saved tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward;
   new plans (a block switch: roles decide what a block saves) start again from the top block alone.
 
@@ -56,8 +57,8 @@ class StreamConfig:
     #: what the forward saved), or ``"auto"``: as many as a fused head+loss that follows pays for; through ``patch``
     keep_top: int | str = 0
     n_blocks: int = 0
-    #: during a forward whose blocks a fused head+loss follows that can bound itself for free (see
-    #: :meth:`fused_loss_follows`): ``"auto"`` keeps the top block, and more within :attr:`auto_budget_bytes`
+    #: during a forward whose blocks a fused head+loss follows (see :meth:`fused_loss_follows`): ``"auto"`` keeps the
+    #: top block, and more within :attr:`auto_budget_bytes`
     auto_keeps_top: bool = False
     #: during such a forward: the bytes of saved activations the blocks ``"auto"`` keeps may take (the top block is
     #: kept even where it alone takes more)
@@ -101,16 +102,14 @@ class StreamConfig:
         self.block_bytes.clear()
 
     @contextlib.contextmanager
-    def fused_loss_follows(self, bounded_for_free: bool = True, budget_bytes: int = 0):
+    def fused_loss_follows(self, budget_bytes: int = 0):
         """Mark the blocks' forward run inside as one a fused head+loss follows (the causal-LM forward of
         :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
-        kept their activations.  ``bounded_for_free=False``: bounding the loss to the hidden states' size would
-        cost it a GEMM (:func:`~bread_kernels.functions.head_loss.hidden_sized_costs_a_gemm`), so ``"auto"``
-        keeps nothing.  ``budget_bytes``: what the model's own head and loss would hold that the fused loss does
-        not (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`); ``"auto"`` keeps the top block and as
-        many more as fit in it."""
+        kept their activations.  ``budget_bytes``: what the model's own head and loss would hold that the fused loss
+        does not (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`, less an on-the-fly head's dW that
+        the loss accumulates in the forward); ``"auto"`` keeps the top block and as many more as fit in it."""
         outer = self.auto_keeps_top, self.auto_budget_bytes, self._auto_count
-        self.auto_keeps_top, self.auto_budget_bytes = bounded_for_free, budget_bytes
+        self.auto_keeps_top, self.auto_budget_bytes = True, budget_bytes
         self._auto_count, self.kept = None, 0
         try:
             yield self

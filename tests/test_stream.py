@@ -85,12 +85,12 @@ def _train(model, sgd_mode, steps=3):
 def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same(fused_loss, sgd_mode):
     """``keep_top="auto"`` (the default): the top block is not recomputed when the fused head+loss follows the blocks
     (then in blocks of the hidden states' size: another summation order, so fp32-close, not bitwise), and is
-    recomputed under the model's own loss, without labels, and where bounding the loss would cost a GEMM (BREAD-SGD
-    here: the on-the-fly head's fp32 dW fits the loss's budget but not the hidden states' size)."""
+    recomputed under the model's own loss and without labels.  An on-the-fly head (BREAD-SGD) keeps its fp32 dW
+    accumulated in the forward beside the bounded logits."""
     auto = _train(bread_kernels.patch(BUILDERS["llama"](), fused_loss=fused_loss), sgd_mode)
     recomputed = _train(bread_kernels.patch(BUILDERS["llama"](), keep_top=0, fused_loss=fused_loss), sgd_mode)
     n_blocks = len(patched_state(auto).blocks)
-    kept = 1 if fused_loss and sgd_mode == "disabled" else 0
+    kept = 1 if fused_loss else 0
     every = set(patched_state(recomputed).stream.recomputes)
     assert n_blocks - 1 in every
     assert set(patched_state(auto).stream.recomputes) == (every - {n_blocks - 1} if kept else every)
@@ -176,6 +176,51 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     monkeypatch.setattr(causal_lm, "fused_head_loss",
                         lambda *args, hidden_sized, **kwargs: unbounded(*args, hidden_sized=False, **kwargs))
     assert peak(patched(), first_step=True) > recomputed * 1.1
+
+
+@pytest.mark.parametrize("sign", [False, True], ids=["sgd", "sign"])
+def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypatch):
+    """BREAD-SGD (every block needed, the head updated on the fly): the head's fp32 dW, accumulated in the forward
+    as without kept blocks (no vocabulary tiles), is taken off the budget; the kept blocks fit what is left, and the
+    step peaks no higher than the best-configured reference's."""
+    from bread_kernels.bench.memory import trace_allocations
+    from bread_kernels.bench.model import reference_ways
+    from bread_kernels.functions import head_loss
+
+    tiles = []
+    original_tiles = head_loss.update_linear_tiles_
+    monkeypatch.setattr(head_loss, "update_linear_tiles_", lambda *a, **k: tiles.append(1) or original_tiles(*a, **k))
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+
+    def peak(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), switch_mode="fixed", start_block=1,
+                                               sgd_mode="all", sgd_use_sign=sign, verbose=0)
+        for _ in range(4):  # "auto" grows by a block per step
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.zero_grad()
+        result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
+        state = patched_state(model)
+        kept = (state.stream.kept, dict(state.stream.block_bytes)) if state is not None else None
+        opt.close()  # clears the plans, and with them the measurements
+        return result, kept
+
+    model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.bfloat16))
+    n_blocks = patched_state(model).stream.n_blocks
+    engine_peak, (kept, block_bytes) = peak(model)
+    head = model.lm_head.weight
+    held = (4 + 2) * head.numel()  # the fp32 dW, and each chunk's bf16 product before it is added
+    plan = bread_kernels.WeightPlan(Role.SIGN if sign else Role.SGD, bread_kernels.OnTheFlyUpdate(lr=1e-3))
+    assert head_loss.forward_dw_bytes(ids.numel(), head, None, plan) == held
+    budget = head_loss.unfused_loss_bytes(ids.numel(), head) - held
+    assert held < budget  # the dW is accumulated in the forward, and blocks still fit
+    assert not tiles
+    assert kept >= 2
+    assert sum(block_bytes[n_blocks - 1 - i] for i in range(kept)) * ids.numel() <= budget
+    best = reference_ways(_llama_with_a_large_vocabulary(torch.bfloat16), recompute=True)["best"]
+    assert engine_peak <= peak(best)[0] * 1.05
 
 
 def test_auto_measures_again_when_the_plans_change():

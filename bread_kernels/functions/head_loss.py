@@ -88,7 +88,7 @@ from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
-           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "hidden_sized_costs_a_gemm", "unfused_loss_bytes"]
+           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes", "unfused_loss_bytes"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,16 +159,20 @@ def _dw_fits(weight: torch.Tensor, bias: torch.Tensor | None, budget: int) -> bo
     return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
 
 
-def hidden_sized_costs_a_gemm(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
-                              plan: WeightPlan | None, softcap: float | None = None) -> bool:
-    """Whether ``hidden_sized=True`` would cost the head a GEMM: an on-the-fly head (SGD/SIGN) whose fp32 dW fits
-    the default budget (:func:`_dw_budget`; accumulated in the forward: the reference's three head GEMMs) but not
-    the hidden states' size of ``tokens`` rows (the vocabulary tiles: one GEMM more)."""
+def forward_dw_bytes(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan | None,
+                     softcap: float | None = None) -> int:
+    """What an on-the-fly head (SGD/SIGN) holds in the forward for its dW under the default budget
+    (:func:`_dw_budget`: the reference's three head GEMMs, no vocabulary tiles): the fp32 dW (and db), and with a
+    bf16/fp16 head GEMM each chunk's [V, H] product before it is added in fp32 (:func:`_add_in_slices_`); 0 for
+    another role, or where dW does not fit.  A caller that bounds the logits to the hidden states' size passes it as
+    ``fused_head_loss(dw_bytes=...)`` to keep that path, and counts it against what else it holds."""
     if plan is None or not plan.role.updates_on_the_fly:
-        return False
+        return 0
     dtype = _compute_dtype(weight)
-    return (_dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False))
-            and not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)))
+    if not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False)):
+        return 0
+    chunk_product = weight.numel() * dtype.itemsize if dtype != torch.float32 else 0
+    return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) + chunk_product
 
 
 def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
@@ -371,12 +375,23 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
             if g.dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h)
             else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
-                grad_weight += g.t() @ h
+                _add_in_slices_(grad_weight, g.t() @ h)
         if grad_bias is not None:
             grad_bias += g.sum(0, dtype=torch.float32)
     if want_dw and grad_weight is None:  # no tokens
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     return total, grad_hidden, grad_weight, grad_bias, lse_all
+
+
+def _add_in_slices_(total: torch.Tensor, part: torch.Tensor, slices: int = 16) -> None:
+    """``total += part`` for an fp32 ``total`` and a bf16/fp16 ``part``.  On a CPU the in-place add first casts the
+    whole ``part`` to fp32 (measured: a [V, H] fp32 copy per chunk); row slices bound that copy to 1/``slices`` of
+    it.  A GPU casts inside the kernel: one add."""
+    if total.device.type != "cpu":
+        total += part
+        return
+    for total_rows, part_rows in zip(total.tensor_split(slices), part.tensor_split(slices)):
+        total_rows += part_rows
 
 
 def _head_loss_backward(ctx, grad_output):
@@ -393,6 +408,9 @@ def _head_loss_backward(ctx, grad_output):
     on_the_fly = ctx.use is not None  # its update takes the sums as they are; autograd's come in the dtypes
     if grad_weight is not None:
         grad_weight = grad_weight.mul_(gamma)
+        # summed in fp32 over the chunks: rounded once to the compute dtype, as autograd's one GEMM rounds it (and
+        # as it overflows: an fp16 dW beyond 65504 under a loss scale is inf, so its update is skipped)
+        grad_weight = grad_weight.to(ctx.compute_dtype)
         grad_weight = grad_weight if on_the_fly else grad_weight.to(ctx.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.mul_(gamma)
@@ -444,7 +462,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
 def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     plan: WeightPlan | None = None, *, ignore_index: int = -100, num_items_in_batch=None,
                     softcap: float | None = None, chunk_bytes: int | None = None,
-                    hidden_sized: bool = False) -> torch.Tensor:
+                    hidden_sized: bool = False, dw_bytes: int | None = None) -> torch.Tensor:
     """The mean (or ``/ num_items_in_batch``) cross-entropy of the logits ``hidden Wᵀ + b`` against ``targets``,
     without a [tokens, vocab] tensor; the head's backward follows ``plan`` (see the module docstring).
 
@@ -461,6 +479,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             head's fp32 dW accumulated in the forward — by the bytes of ``hidden``'s elements as logits: blocks of
             about ``T·H/V`` rows (Liger-Kernel's chunk).  For a step whose peak must not grow while something else
             is alive during the loss (the stream's kept top block, ``patch(keep_top=...)``).
+        dw_bytes: the bytes an on-the-fly head's fp32 dW accumulated in the forward may take instead (the caller
+            counts them against what else it holds: :func:`forward_dw_bytes`); where dW does not fit, the
+            vocabulary tiles compute it in the backward.  None: the budget's own rule (above).
 
     Returns a 0-d fp32 tensor.  With no non-ignored token and no ``num_items_in_batch`` the loss is nan, as
     ``torch.nn.functional.cross_entropy``'s mean is.
@@ -485,8 +506,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     dtype = _compute_dtype(weight)
     budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
-    dw_fits = _dw_fits(weight, bias, _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap,
-                                                hidden_sized))
+    if dw_bytes is None:
+        dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
+    dw_fits = _dw_fits(weight, bias, dw_bytes)
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None

@@ -509,3 +509,25 @@ def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(ro
         F.cross_entropy(F.linear(hidden.clone().requires_grad_(), w).float(), targets).backward()
 
     assert trace_allocations(fused).peak_bytes <= trace_allocations(unfused).peak_bytes
+
+
+def test_a_bf16_on_the_fly_head_accumulates_dw_without_an_fp32_copy_of_each_chunks_product(monkeypatch):
+    """The forward accumulates a bf16 head's dW in fp32 chunk by chunk; on a CPU ``fp32 += bf16`` first casts the
+    whole [V, H] product to fp32, which the accumulation in row slices avoids: the forward's peak stays under the
+    fp32 dW, one bf16 product and a fraction of its fp32 cast (the logits blocks here are a few rows)."""
+    from bread_kernels.bench.memory import trace_allocations
+    from bread_kernels.functions import head_loss
+
+    monkeypatch.delenv("BREAD_LOSS_CHUNK_BYTES", raising=False)
+    vocab, hidden_size, tokens = 4001, 64, 96
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(vocab, hidden_size, generator=gen).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head")
+    dw_bytes = head_loss.forward_dw_bytes(tokens, weight, None, plan)
+    assert dw_bytes == (4 + 2) * weight.numel()
+    hidden.requires_grad_()
+    peak = trace_allocations(lambda: fused_head_loss(hidden, weight, None, targets, plan, hidden_sized=True,
+                                                     dw_bytes=dw_bytes)).peak_bytes
+    assert peak < dw_bytes + 4 * weight.numel() // 2
