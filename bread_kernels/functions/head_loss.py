@@ -375,7 +375,7 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
             if g.dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h)
             else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
-                _add_in_slices_(grad_weight, g.t() @ h)
+                _add_in_slices_(grad_weight, g.t() @ h, chunk)
         if grad_bias is not None:
             grad_bias += g.sum(0, dtype=torch.float32)
     if want_dw and grad_weight is None:  # no tokens
@@ -383,11 +383,13 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
     return total, grad_hidden, grad_weight, grad_bias, lse_all
 
 
-def _add_in_slices_(total: torch.Tensor, part: torch.Tensor, slices: int = 16) -> None:
-    """``total += part`` for an fp32 ``total`` and a bf16/fp16 ``part``.  On a CPU the in-place add first casts the
-    whole ``part`` to fp32 (measured: a [V, H] fp32 copy per chunk); row slices bound that copy to 1/``slices`` of
-    it.  A GPU casts inside the kernel: one add."""
-    if total.device.type != "cpu":
+def _add_in_slices_(total: torch.Tensor, part: torch.Tensor, rows: int) -> None:
+    """``total += part`` for an fp32 ``total`` [V, H] and a bf16/fp16 ``part``.  On a CPU the in-place add first casts
+    the whole ``part`` to fp32 (measured: a [V, H] fp32 copy per chunk); slices of ``⌈H / rows⌉`` parts bound that
+    copy to the fp32 logits of one block of ``rows`` tokens, which the loss holds anyway.  A GPU casts inside the
+    kernel: one add."""
+    slices = -(-total.shape[-1] // max(1, rows))
+    if total.device.type != "cpu" or slices <= 1:
         total += part
         return
     for total_rows, part_rows in zip(total.tensor_split(slices), part.tensor_split(slices)):
