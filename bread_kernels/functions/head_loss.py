@@ -61,7 +61,9 @@ other backend run the loop here.  Liger's forward reads the token count to the h
 Beyond that the Function holds ``dh`` [T, H] from the forward to the backward (the size of ``h``), the per-token
 logsumexp [T] for a tiled on-the-fly head, and ``dW`` [V, H] for an ``ACTIVE`` head (the gradient autograd would
 build anyway) or an on-the-fly head whose dW fits the budget: in the compute dtype when the tokens are one chunk (the
-one GEMM autograd runs), else accumulated over the chunks in fp32.
+one GEMM autograd runs), else accumulated over the chunks in fp32 and, scaled by γ in the backward, rounded once to
+the compute dtype as that GEMM's output is (so it overflows where autograd's would: an fp16 head's dW under a loss
+scale).
 
 Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) the unpatched model's head is an ``F.linear`` under
 autocast — logits in ``d`` from ``h``, ``W``, ``b`` cast to ``d`` — and its loss upcasts them to fp32.  So here
