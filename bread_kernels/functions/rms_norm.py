@@ -23,7 +23,8 @@ These are autograd's own formulas for the module's ops (``mul``, ``to``, ``rsqrt
 order of rounding, so the gradients are autograd's bit for bit; what changes is that the per-row factors are
 formed on [..., 1] before they meet a row (autograd expands them to [..., K] first; scaling by 2 is exact, so the
 values are the same), that ``x_f`` is recomputed from ``x`` instead of saved in fp32, and that the whole chain is
-one node with six full-size passes (seven with ``∂L/∂w``) instead of some fifteen ops.  In fp32 the two paths'
+one node of about eight full-size ops (three more with ``∂L/∂w``, casts counted) instead of autograd's chain of
+some fifteen.  In fp32 the two paths'
 gradients reach ``x`` separately, as autograd's do (see :class:`RMSNormFunction`), so the sums they join round
 alike too.
 
