@@ -441,6 +441,8 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
     if not enabled:
         return
     for name, module in model.named_modules():
+        if "forward" in module.__dict__:  # another library's instance forward (accelerate's hooks): left as it is
+            continue
         forward = _rms_norm_forward if fusable_rms_norm(module) else \
             _swiglu_mlp_forward if fusable_swiglu_mlp(module) else None
         if forward is not None:

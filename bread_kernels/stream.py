@@ -102,14 +102,16 @@ class StreamConfig:
         self.block_bytes.clear()
 
     @contextlib.contextmanager
-    def fused_loss_follows(self, budget_bytes: int = 0):
+    def fused_loss_follows(self, keep: bool = True, budget_bytes: int = 0):
         """Mark the blocks' forward run inside as one a fused head+loss follows (the causal-LM forward of
         :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
         kept their activations.  ``budget_bytes``: what the model's own head and loss would hold that the fused loss
         does not (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`, less an on-the-fly head's dW that
-        the loss accumulates in the forward); ``"auto"`` keeps the top block and as many more as fit in it."""
+        the loss accumulates in the forward); ``"auto"`` keeps the top block and as many more as fit in it.
+        ``keep=False``: bounding the loss to the hidden states' size would cost it more than a kept block saves (an
+        on-the-fly head's dW path over many blocks of logits), so ``"auto"`` keeps nothing."""
         outer = self.auto_keeps_top, self.auto_budget_bytes, self._auto_count
-        self.auto_keeps_top, self.auto_budget_bytes = True, budget_bytes
+        self.auto_keeps_top, self.auto_budget_bytes = keep, budget_bytes
         self._auto_count, self.kept = None, 0
         try:
             yield self

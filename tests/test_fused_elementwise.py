@@ -61,3 +61,22 @@ def test_a_frozen_bf16_llama_block_saves_no_fp32_copy_of_its_inputs_and_no_silu(
     bread_kernels.patch(model)
     fused = _saved_bytes(layer, x, position_embeddings)
     assert plain - fused == ((4 + 4 - 2) * hidden + 2 * inter) * tokens
+
+
+def test_a_module_with_another_librarys_instance_forward_keeps_it():
+    """accelerate's hooks (``dispatch_model``) replace a module's instance ``forward``: patch leaves such a module
+    alone, and unpatch does not remove what it did not install."""
+    model = _llama()
+    norm = model.model.norm
+    calls = []
+    own = norm.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    norm.forward = hooked
+    bread_kernels.patch(model)
+    assert norm.forward is hooked and all(m is not norm for _, m in patched_state(model).fused_elementwise)
+    bread_kernels.unpatch(model)
+    assert norm.forward is hooked

@@ -1,7 +1,7 @@
 """Whether a module's own forward computes what one of this library's Functions computes: both run on probe inputs
-and must agree bit for bit.  How ``patch`` recognises the modules it may give a fused forward (RMSNorm, SwiGLU MLPs)
-without a list of model classes: a variant that computes anything else (another ε, another cast, another
-activation) gives other values and keeps its own forward."""
+and must agree bit for bit, in dtype and values.  How ``patch`` recognises the modules it may give a fused forward
+(RMSNorm, SwiGLU MLPs) without a list of model classes: a variant that computes anything else (another ε, another
+cast, a clamp, a dropout, another activation) gives other values and keeps its own forward."""
 
 from __future__ import annotations
 
@@ -15,15 +15,29 @@ __all__ = ["computes_the_same"]
 
 def computes_the_same(module: nn.Module, replacement: Callable[[torch.Tensor], torch.Tensor],
                       probes: Iterable[torch.Tensor]) -> bool:
-    """Whether the class's own forward of ``module`` (no hooks, no patched instance forward) and
-    ``replacement`` give equal tensors on every probe, without gradients.  A forward that refuses a probe (another
-    signature, a dtype it does not take, a weight it cannot read) counts as different."""
+    """Whether the class's own forward of ``module`` (no hooks, no patched instance forward) and ``replacement``
+    give equal tensors of one dtype on every probe, without gradients, in evaluation and in training mode (each
+    pair of calls from the same random state, under a forked RNG: the caller's stream is untouched; the module's
+    modes are restored).  A forward that refuses a probe (another signature, a dtype it does not take, a weight it
+    cannot read) counts as different."""
+    modes = {sub: sub.training for sub in module.modules()}
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with torch.no_grad():
-            for x in probes:
-                expected = type(module).forward(module, x)
-                if not isinstance(expected, torch.Tensor) or not torch.equal(expected, replacement(x)):
-                    return False
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            probes = list(probes)
+            for training in (False, True):
+                module.train(training)
+                for x in probes:
+                    torch.manual_seed(0)
+                    expected = type(module).forward(module, x)
+                    torch.manual_seed(0)
+                    got = replacement(x)
+                    if not (isinstance(expected, torch.Tensor) and expected.dtype == got.dtype
+                            and torch.equal(expected, got)):
+                        return False
     except Exception:
         return False
+    finally:
+        for sub, training in modes.items():
+            sub.training = training
     return True

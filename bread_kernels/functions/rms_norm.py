@@ -34,6 +34,8 @@ probe inputs (so Gemma's ``(1 + w)``, a norm that multiplies before the cast, or
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -69,7 +71,8 @@ class RMSNormFunction(torch.autograd.Function):
         grad_weight = grad_x = grad_x_again = None
         if ctx.needs_input_grad[2]:
             products = grad_output * (x_f * rstd).to(x.dtype)
-            grad_weight = products.sum(dim=tuple(range(products.dim() - 1))).to(weight.dtype)
+            rows = tuple(range(products.dim() - 1))  # none for a 1-D x
+            grad_weight = (products.sum(dim=rows) if rows else products).to(weight.dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_hat = (grad_output * weight).to(x.dtype).to(torch.float32)
             grad_rstd = (grad_hat * x_f).sum(-1, keepdim=True)
@@ -88,7 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         x_f = x.to(torch.float32)
         return weight * (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
-    return RMSNormFunction.apply(x, x if x.dtype == torch.float32 else None, weight, eps)
+    split = x.dtype == torch.float32 and not torch.compiler.is_compiling()  # dynamo refuses a tensor given twice
+    return RMSNormFunction.apply(x, x if split else None, weight, eps)
 
 
 def rms_norm_epsilon(module: nn.Module) -> float | None:
@@ -113,8 +117,13 @@ def fusable_rms_norm(module: nn.Module) -> bool:
     if len(params) != 1 or weight is None or weight.dim() != 1 or weight.numel() == 0 or eps is None \
             or not weight.is_floating_point() or weight.device.type == "meta" or list(module.children()):
         return False
-    probe = torch.randn(4, weight.numel(), generator=torch.Generator(device="cpu").manual_seed(0))
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(4, weight.numel(), generator=generator)
     probe[2:] *= eps ** 0.5  # rows where ε weighs as much as the mean square
-    probes = (probe.to(device=weight.device, dtype=dtype)
-              for dtype in dict.fromkeys((weight.dtype, torch.bfloat16, torch.float16)))
-    return computes_the_same(module, lambda x: rms_norm(x, weight, eps), probes)
+    probes = [probe.to(device=weight.device, dtype=dtype)
+              for dtype in dict.fromkeys((weight.dtype, torch.bfloat16, torch.float16))]
+    # a fresh weight is all ones, where w·d_x(x̂) and d_x(w·x̂) agree: probe a copy with a random weight
+    probed = copy.copy(module)  # shallow: its own parameter dict, nothing else copied
+    probed._parameters = {"weight": nn.Parameter((torch.randn(weight.shape, generator=generator) * 0.5 + 1).to(
+        device=weight.device, dtype=weight.dtype), requires_grad=False)}
+    return computes_the_same(probed, lambda x: rms_norm(x, probed.weight, eps), probes)

@@ -74,6 +74,7 @@ def fusable_swiglu_mlp(module: nn.Module) -> bool:
     hidden = weight.shape[-1] if weight.dim() == 2 else None
     if hidden is None:
         return False
-    probe = torch.randn(3, hidden, generator=torch.Generator(device="cpu").manual_seed(0))
+    probe = torch.randn(4, hidden, generator=torch.Generator(device="cpu").manual_seed(0))
+    probe[2:] *= 1e3  # rows large enough to meet a clamp (swiglu_limit)
     return computes_the_same(module, lambda x: swiglu_mlp(module, x), [probe.to(device=weight.device,
                                                                                  dtype=weight.dtype)])

@@ -109,3 +109,26 @@ def test_the_probe_accepts_llama_style_norms_only(dtype):
     partitioned = _norm()  # what a ZeRO-3-partitioned weight looks like outside its gather
     partitioned.weight.data = torch.empty(0)
     assert not fusable_rms_norm(partitioned)
+
+
+def test_the_probe_is_not_fooled_by_a_fresh_weight_of_ones_nor_by_the_output_dtype():
+    """A fresh norm's weight is all ones, where ``d(w·x̂)`` and ``w·d(x̂)`` agree; the probe uses a random weight.
+    ``torch.equal`` ignores dtypes; the probe compares them."""
+    fresh = _MultipliesBeforeTheCast(K).to(torch.bfloat16)
+    assert torch.equal(fresh.weight, torch.ones_like(fresh.weight))
+    assert not fusable_rms_norm(fresh)
+    assert not fusable_rms_norm(_MultipliesBeforeTheCast(K))  # fp32 weight: a bf16 probe's dtypes differ
+    state = torch.random.get_rng_state()
+    assert fusable_rms_norm(LlamaRMSNorm(K))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe draws from its own generator
+
+
+def test_a_1d_input_gets_autograds_gradients():
+    norm = _norm()
+    x = torch.randn(K, requires_grad=True)
+    rms_norm(x, norm.weight, 1e-6).backward(torch.ones(K))
+    x_ref = x.detach().clone().requires_grad_()
+    dw = norm.weight.grad.clone()
+    norm.weight.grad = None
+    norm(x_ref).backward(torch.ones(K))
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(dw, norm.weight.grad)

@@ -77,3 +77,25 @@ def test_the_probe_accepts_swiglu_mlps_only(dtype):
     mlp = LlamaMLP(_config()).to(dtype)
     x = torch.randn(5, 24, dtype=dtype)
     assert torch.equal(swiglu_mlp(mlp, x), mlp(x))
+
+
+class _Clamped(LlamaMLP):  # a swiglu_limit: equal to the plain product only where activations are small
+    def forward(self, x):
+        return self.down_proj((self.act_fn(self.gate_proj(x)).clamp(max=10.0)) * self.up_proj(x).clamp(-10, 10))
+
+
+class _DropoutAfter(LlamaMLP):  # a residual dropout: equal in evaluation mode only
+    def __init__(self, config):
+        super().__init__(config)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def test_the_probe_meets_clamps_and_training_mode_dropout():
+    torch.manual_seed(0)
+    assert not fusable_swiglu_mlp(_Clamped(_config()))
+    evaluating = _DropoutAfter(_config()).eval()
+    assert not fusable_swiglu_mlp(evaluating)
+    assert not evaluating.training and not evaluating.dropout.training  # its modes are restored
