@@ -47,6 +47,11 @@ __all__ = ["RMSNormFunction", "rms_norm", "fusable_rms_norm", "rms_norm_epsilon"
 _EPSILON_ATTRS = ("variance_epsilon", "eps")
 
 
+def _rstd(x_f: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean_K(x_f²) + ε)`` [..., 1], Hugging Face's ops in its order."""
+    return torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))
+
+
 class RMSNormFunction(torch.autograd.Function):
     """See the module docstring for the maths.  Inputs: x, ``x_again`` (x itself when x is fp32, else None), weight,
     eps (a float).
@@ -59,7 +64,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_again, weight, eps: float):
         x_f = x.to(torch.float32)
-        rstd = torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))
+        rstd = _rstd(x_f, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.split = x_again is not None
         return weight * (x_f * rstd).to(x.dtype)
@@ -90,7 +95,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     gradient."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         x_f = x.to(torch.float32)
-        return weight * (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
+        return weight * (x_f * _rstd(x_f, eps)).to(x.dtype)
     split = x.dtype == torch.float32 and not torch.compiler.is_compiling()  # dynamo refuses a tensor given twice
     return RMSNormFunction.apply(x, x if split else None, weight, eps)
 
