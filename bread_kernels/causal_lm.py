@@ -41,14 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functions.head_loss import (forward_dw_bytes, fused_head_loss, head_plan_refusal,
+from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss, head_plan_refusal,
                                   unfused_loss_bytes)
 from .plan import PLAN_ATTR
-
-#: an on-the-fly head keeps its dW-in-forward path beside kept blocks up to this many blocks of hidden-sized logits
-#: (each adds a [V, H] product into the fp32 dW; measured on a CPU: 8 blocks cost 1.1x the default chunks' loss,
-#: 62 blocks 5x); beyond it, or where its dW already takes the unfused loss's memory, ``"auto"`` keeps nothing
-MAX_DW_BLOCKS_BESIDE_KEPT = 8
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
 
@@ -184,17 +179,13 @@ def _fused_loss_forward(self, *args, **kwargs):
     family = FAMILIES[type(self).__name__]
     softcap = getattr(self.config, family.softcap, None) if family.softcap else None
     plan = getattr(head, PLAN_ATTR, None)
-    dw_bytes = forward_dw_bytes(labels.numel(), head.weight, head.bias, plan, softcap)
-    budget = unfused_loss_bytes(labels.numel(), head.weight) - dw_bytes
-    # an on-the-fly head's dW-in-forward path beside hidden-sized logits adds a [V, H] product into the fp32 dW per
-    # block of about T·H/V rows (~V/H of them): beside kept blocks only where those are few and the budget is left
-    dw_beside_kept = dw_bytes > 0 and budget >= 0 and \
-        -(-head.weight.shape[0] // head.weight.shape[1]) <= MAX_DW_BLOCKS_BESIDE_KEPT
+    held = dw_bytes_beside_hidden_sized(labels.numel(), head.weight, head.bias, plan, softcap)
     if stream is None:
         follows = contextlib.nullcontext()
     else:  # kept blocks take at most the logits' memory that the fused loss does not hold, less what an on-the-fly
         # head's dW holds in the forward
-        follows = stream.fused_loss_follows(dw_bytes == 0 or dw_beside_kept, budget_bytes=budget)
+        follows = stream.fused_loss_follows(held is not None,
+                                            budget_bytes=unfused_loss_bytes(labels.numel(), head.weight) - (held or 0))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)
@@ -211,7 +202,7 @@ def _fused_loss_forward(self, *args, **kwargs):
     hidden_sized = stream is not None and stream.kept > 0
     loss = fused_head_loss(hidden, head.weight, head.bias, targets, plan, ignore_index=ignore_index,
                            num_items_in_batch=extra.get("num_items_in_batch"), softcap=softcap,
-                           hidden_sized=hidden_sized, dw_bytes=dw_bytes if hidden_sized and dw_beside_kept else None)
+                           hidden_sized=hidden_sized, dw_bytes=held if hidden_sized and held else None)
 
     fields = {f.name for f in dataclasses.fields(output_cls)} - {"loss", "logits"}
     output = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k) for k in fields if hasattr(outputs, k)})

@@ -83,21 +83,20 @@ def _train(model, sgd_mode, steps=3):
 @pytest.mark.parametrize("fused_loss", [True, False])
 @pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
 def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same(fused_loss, sgd_mode):
-    from bread_kernels import causal_lm
-
     """``keep_top="auto"`` (the default): the top block is not recomputed when the fused head+loss follows the blocks
     (then in blocks of the hidden states' size: another summation order, so fp32-close, not bitwise), and is
     recomputed under the model's own loss and without labels.  An on-the-fly head (BREAD-SGD) keeps its fp32 dW
     accumulated in the forward beside the bounded logits where those are few blocks (V/H of them), else nothing is
     kept."""
+    from bread_kernels.functions import head_loss
+
     auto = _train(bread_kernels.patch(BUILDERS["llama"](), fused_loss=fused_loss), sgd_mode)
     recomputed = _train(bread_kernels.patch(BUILDERS["llama"](), keep_top=0, fused_loss=fused_loss), sgd_mode)
     n_blocks = len(patched_state(auto).blocks)
     head, tokens = auto.lm_head.weight, batch(0).numel()
-    few_blocks = -(-head.shape[0] // head.shape[1]) <= causal_lm.MAX_DW_BLOCKS_BESIDE_KEPT
     sgd_head = bread_kernels.WeightPlan(Role.SGD, bread_kernels.OnTheFlyUpdate(lr=1e-3))
-    budget_left = causal_lm.unfused_loss_bytes(tokens, head) >= causal_lm.forward_dw_bytes(tokens, head, None, sgd_head)
-    kept = 1 if fused_loss and (sgd_mode == "disabled" or (few_blocks and budget_left)) else 0
+    dw_beside = head_loss.dw_bytes_beside_hidden_sized(tokens, head, None, sgd_head) is not None
+    kept = 1 if fused_loss and (sgd_mode == "disabled" or dw_beside) else 0
     every = set(patched_state(recomputed).stream.recomputes)
     assert n_blocks - 1 in every
     assert set(patched_state(auto).stream.recomputes) == (every - {n_blocks - 1} if kept else every)
@@ -190,8 +189,7 @@ def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypat
     """BREAD-SGD (every block needed, the head updated on the fly): the head's fp32 dW, accumulated in the forward
     as without kept blocks (no vocabulary tiles), is taken off the budget; the kept blocks fit what is left, and the
     step peaks no higher than the best-configured reference's.  Only where the hidden-sized logits are few blocks
-    (here V/H = 16 blocks, allowed for the test): with more, nothing is kept."""
-    from bread_kernels import causal_lm
+    (here 17 blocks of logits, allowed for the test): with more, nothing is kept."""
     from bread_kernels.bench.memory import trace_allocations
     from bread_kernels.bench.model import reference_ways
     from bread_kernels.functions import head_loss
@@ -217,8 +215,9 @@ def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypat
         return result, kept
 
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.bfloat16))
-    assert peak(model)[1][0] == 0  # 1001 / 64: 16 blocks of logits, more than the default allows
-    monkeypatch.setattr(causal_lm, "MAX_DW_BLOCKS_BESIDE_KEPT", 16)
+    assert head_loss.hidden_sized_blocks(ids.numel(), model.lm_head.weight) == 17
+    assert peak(model)[1][0] == 0  # 17 blocks of hidden-sized logits, more than the default allows
+    monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.bfloat16))
     n_blocks = patched_state(model).stream.n_blocks
     engine_peak, (kept, block_bytes) = peak(model)

@@ -531,3 +531,45 @@ def test_a_bf16_on_the_fly_head_accumulates_dw_without_an_fp32_copy_of_each_chun
     peak = trace_allocations(lambda: fused_head_loss(hidden, weight, None, targets, plan, hidden_sized=True,
                                                      dw_bytes=dw_bytes)).peak_bytes
     assert peak < dw_bytes + 4 * weight.numel() // 2
+
+
+@pytest.mark.parametrize("tokens, hidden_size, vocab, dtype, softcap", [
+    (26, 16, 97, torch.float32, None), (61, 64, 1001, torch.bfloat16, None), (244, 64, 1001, torch.float32, 3.0),
+    (7, 32, 97, torch.float32, None)])
+def test_hidden_sized_blocks_counts_the_blocks_the_bounded_loss_runs(monkeypatch, tokens, hidden_size, vocab, dtype,
+                                                                     softcap):
+    """The count a caller weighs an on-the-fly head's dW path by is the number of logits blocks the loss really
+    computes with ``hidden_sized=True`` (counted at ``_logits``), not an estimate such as ⌈V/H⌉ (17 against 16 at
+    vocabulary 1001, hidden 64)."""
+    from bread_kernels.functions import head_loss
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.1).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    calls = []
+    original = head_loss._logits
+    monkeypatch.setattr(head_loss, "_logits", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fused_head_loss(hidden, weight, None, targets, softcap=softcap, hidden_sized=True)
+    assert len(calls) == head_loss.hidden_sized_blocks(tokens, weight, softcap)
+
+
+def test_an_on_the_fly_heads_dw_path_stays_beside_hidden_sized_logits_only_over_few_blocks(monkeypatch):
+    """``dw_bytes_beside_hidden_sized``: 0 for a head that is not updated on the fly; the fp32 dW and each chunk's
+    bf16 product where the bounded loss runs at most ``MAX_DW_BLOCKS_HIDDEN_SIZED`` blocks; None (keep nothing
+    beside the loss) beyond that, and where the dW alone holds more than the unfused loss would."""
+    from bread_kernels.functions import head_loss
+
+    sgd = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR))
+    few = torch.zeros(8 * 64, 64, dtype=torch.bfloat16)  # V/H = 8
+    assert head_loss.hidden_sized_blocks(1024, few) <= head_loss.MAX_DW_BLOCKS_HIDDEN_SIZED
+    assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, sgd) == (4 + 2) * few.numel()
+    assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, WeightPlan(Role.FROZEN)) == 0
+    assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, None) == 0
+    many = torch.zeros(1001, 64, dtype=torch.bfloat16)
+    assert head_loss.hidden_sized_blocks(244, many) == 17
+    assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) is None
+    monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)
+    assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) == (4 + 2) * many.numel()
+    assert head_loss.dw_bytes_beside_hidden_sized(4, many, None, sgd) is None  # dW > 4 tokens' unfused loss
