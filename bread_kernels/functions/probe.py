@@ -12,6 +12,14 @@ from torch import nn
 
 __all__ = ["computes_the_same"]
 
+#: what a forward raises when it does not take a probe: it then computes something else than the fused one
+REFUSALS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError, NotImplementedError, AssertionError)
+
+
+def _add_remedy(error: BaseException, module: nn.Module) -> None:
+    error.add_note(f"bread_kernels: raised by {type(module).__name__}.forward on a probe input, run to learn whether "
+                   "it computes what the fused one does; patch(model, fused_elementwise=False) skips the probes")
+
 
 def computes_the_same(module: nn.Module, replacement: Callable[[torch.Tensor], torch.Tensor],
                       probes: Iterable[torch.Tensor]) -> bool:
@@ -19,7 +27,9 @@ def computes_the_same(module: nn.Module, replacement: Callable[[torch.Tensor], t
     give equal tensors of one dtype on every probe, without gradients, in evaluation and in training mode (each
     pair of calls from the same random state, under a forked RNG: the caller's stream is untouched; the module's
     modes are restored).  A forward that refuses a probe (another signature, a dtype it does not take, a weight it
-    cannot read) counts as different."""
+    cannot read: a ``TypeError``, ``ValueError``, ``RuntimeError``, ``AttributeError``, ``IndexError``,
+    ``NotImplementedError`` or ``AssertionError``) counts as different; anything else (out of memory, an error of
+    another kind) propagates with a note naming the module and the remedy."""
     modes = {sub: sub.training for sub in module.modules()}
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
@@ -35,8 +45,14 @@ def computes_the_same(module: nn.Module, replacement: Callable[[torch.Tensor], t
                     if not (isinstance(expected, torch.Tensor) and expected.dtype == got.dtype
                             and torch.equal(expected, got)):
                         return False
-    except Exception:
+    except torch.OutOfMemoryError as error:
+        _add_remedy(error, module)
+        raise
+    except REFUSALS:
         return False
+    except Exception as error:
+        _add_remedy(error, module)
+        raise
     finally:
         for sub, training in modes.items():
             sub.training = training
