@@ -99,7 +99,8 @@ class LocalTarget(UpdateTarget):
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
         backend = get_backend(weight.device)
         ok = backend.finite_flag(g, x)
-        backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed(), ok)
+        # the flag grows the dW's own finiteness where the backend rounds it (an fp16 dW overflows from finite g, x)
+        ok = backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed(), ok)
         if bias is not None:
             backend.apply_update_(bias, g.sum(0, dtype=torch.float32), step, sign, update.rounding,
                                   update.next_seed(), ok=ok)
@@ -119,15 +120,19 @@ class LocalTarget(UpdateTarget):
         """One seed for the whole parameter, and expert ``e``'s slice ``weight[e]`` (a 2-D view) written through the
         backend with ``offset = e·N·K``: every element draws the random bits of its logical index in [E, N, K], as
         :meth:`dense_` of the whole tensor would.  One flag over every expert's operands gates every write: a
-        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient."""
+        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient; so does an
+        expert's dW that is not finite from finite operands (an fp16 overflow: checked before any write)."""
         backend = get_backend(weight.device)
         ok = backend.finite_flag(*(t for pair in per_expert.values() for t in pair))
+        if len(per_expert) > 1:
+            for e, (g, x) in per_expert.items():
+                flag = backend.dw_finite_flag(weight[e], g, x, sign, update.rounding)
+                ok = ok if flag is None else ok & flag
         seed = update.next_seed()
         per_slice = weight.shape[1] * weight.shape[2]
-        for e in sorted(per_expert):
-            g, x = per_expert[e]
-            backend.update_weight_(weight[e], g, x, step, sign, update.rounding, seed, ok, offset=e * per_slice)
-        return ok
+        written = [backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
+                                          offset=e * per_slice) for e in sorted(per_expert)]
+        return written[0] if len(written) == 1 else ok
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
         backend = get_backend(weight.device)

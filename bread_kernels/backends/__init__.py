@@ -3,7 +3,8 @@
 Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
     finite_flag(*tensors) -> ok                                      # 0-dim bool on the device: no inf/nan
-    update_weight_(W, g, x, step, sign, rounding, seed, ok, offset)  # W -= step · f(gᵀx), no dW tensor
+    update_weight_(W, g, x, step, sign, rounding, seed, ok, offset) -> ok'   # W -= step · f(gᵀx), no dW tensor
+    dw_finite_flag(W, g, x, sign, rounding) -> ok' | None           # that dW's finiteness, before any write
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
     linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
@@ -12,7 +13,8 @@ with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.pl
 share one dtype, the GEMM's compute dtype; under ``torch.autocast`` it is autocast's and may differ from W's (an
 fp32 W with bf16 ``g``, ``x``): dW is computed in the compute dtype and the update written in W's own dtype.
 ``ok`` gates the write on the device (nothing is written where it is False): the backward never reads a flag on
-the host.
+the host.  ``update_weight_`` returns the flag it gated on: ``ok``, and where the backend rounds dW to a dtype that
+can overflow (fp16 on the CPU backends) the finiteness of that dW too.
 ``linear_cross_entropy`` is the fused head+loss's chunk loop for a head without a tiled update: the summed
 cross-entropy ``S`` of the logits ``c·tanh((hWᵀ + b)/c)`` and its gradients (:mod:`.liger`), or None where the
 backend has no kernels of its own for it and the caller's torch loop runs (the CPU backends).
@@ -46,7 +48,10 @@ class Backend(Protocol):
 
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
                        sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
-                       offset: int = 0) -> None: ...
+                       offset: int = 0) -> torch.Tensor | None: ...
+
+    def dw_finite_flag(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
+                       rounding: Rounding) -> torch.Tensor | None: ...
 
     def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
                       seed: int, offset: int = 0, ok: torch.Tensor | None = None) -> None: ...

@@ -10,7 +10,21 @@
   temporaries per element).  A dW that fits the budget is one chunk: one GEMM, as autograd's; only larger ones are
   split, so the memory stays bounded without splitting GEMMs that BLAS runs best whole.
 
-``ok`` (a 0-dim bool tensor, the finiteness flag of g and x) gates every write on the device: no host sync.
+``ok`` (a 0-dim bool tensor, the finiteness flag of g and x) gates every write on the device: no host sync.  Finite
+g and x can still give a dW that is not: a bf16/fp16 dW is rounded from BLAS's fp32 sum, and an fp16 one overflows
+at 65,504 (a loss-scaled backward under fp16 autocast).  The reference's dW is then inf and so is the update, so
+``update_weight_`` also checks the dW it uses and returns the flag it gated the writes on (``ok`` and that):
+
+* one chunk: the dW it computes anyway (one pass over N·K elements);
+* several chunks, decided before the first write (a weight is written whole or not at all): fp16, every chunk's
+  GEMM once without writing, then again to write (twice the GEMMs, only for an fp16 dW larger than the budget);
+  bf16/fp32, the bound ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸: only gradients already
+  absurd fail it) — no extra GEMM;
+* the ``addmm_`` path (fp32, or SGD with nearest rounding in W's dtype): nothing more; its fp32 sum overflows only
+  past 3.4·10³⁸.
+
+:meth:`ChunkedBackend.dw_finite_flag` is the before-any-write check, for a caller that writes several slices of one
+parameter (the experts of a 3-D weight) and must skip them all together.
 
 bf16/fp16: CPU torch has no mixed-output GEMM, so a chunk of dW is computed by BLAS with fp32 accumulation and
 rounded once to the weight's dtype — exactly the dW the reference materialises — before the fp32 epilogue.
@@ -79,28 +93,68 @@ class ChunkedBackend:
             per_row += tokens * size  # oneDNN's bf16 GEMM packs g's rows through the torch allocator
         return max(1, min(weight.shape[0], chunk_budget_bytes() // per_row))
 
+    def _fused_addmm(self, weight, compute, sign, rounding: Rounding) -> bool:
+        """Whether the update is ``W.addmm_`` (no dW exists): SGD, nearest rounding, dW in W's dtype."""
+        return not sign and rounding.resolve(weight.dtype) is Rounding.NEAREST and compute == weight.dtype
+
+    def _chunks(self, weight, grad_output, input, rows):
+        """``(start, stop, dW[start:stop])`` for each chunk of ``rows`` rows, in one reused buffer."""
+        n_rows, n_cols = weight.shape
+        buffer = torch.empty(rows, n_cols, dtype=grad_output.dtype, device=weight.device)
+        for start in range(0, n_rows, rows):
+            stop = min(n_rows, start + rows)
+            yield start, stop, torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
+
+    def _dw_finite_before_writing(self, weight, grad_output, input, rows) -> torch.Tensor:
+        """Whether dW is finite, decided before any write (see the module docstring): fp16, its chunks' GEMMs run
+        once without writing; bf16/fp32, the bound ``M · max|g| · max|x| <`` the dtype's largest value."""
+        if grad_output.dtype == torch.float16:
+            return torch.stack([self.finite_flag(chunk) for _, _, chunk in
+                                self._chunks(weight, grad_output, input, rows)]).all()
+        largest = [torch.aminmax(t) for t in (grad_output, input) if t.numel()]
+        if len(largest) < 2:
+            return torch.ones((), dtype=torch.bool, device=weight.device)
+        (g_min, g_max), (x_min, x_max) = largest
+        bound = torch.maximum(-g_min, g_max).double() * torch.maximum(-x_min, x_max).double() * grad_output.shape[0]
+        return bound < torch.finfo(grad_output.dtype).max
+
+    def dw_finite_flag(self, weight, grad_output, input, sign, rounding: Rounding) -> torch.Tensor | None:
+        """Whether the dW [N, K] that :meth:`update_weight_` would compute for ``weight`` is finite, decided before
+        any write (an fp16 dW: its GEMMs once more), or None where it checks nothing beyond g and x."""
+        if self._fused_addmm(weight, grad_output.dtype, sign, rounding):
+            return None
+        rows = self.chunk_rows(weight, grad_output.shape[0], grad_output.dtype)
+        return self._dw_finite_before_writing(weight, grad_output, input, rows)
+
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
-                       offset=0) -> None:
+                       offset=0) -> torch.Tensor | None:
         """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
         expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits.  ``grad_output``
-        and ``input`` share the compute dtype, which may differ from W's (autocast: see the module docstring)."""
+        and ``input`` share the compute dtype, which may differ from W's (autocast: see the module docstring).
+        Returns the flag the writes were gated on: ``ok`` and the dW's own finiteness (None: ``ok`` was None and
+        nothing more was checked)."""
         compute = grad_output.dtype
         if input.dtype != compute:
             raise TypeError(f"update_weight_: grad_output is {compute} but input is {input.dtype}; the dW GEMM "
                             "takes both in one dtype")
-        rounding = rounding.resolve(weight.dtype)
-        if not sign and rounding is Rounding.NEAREST and compute == weight.dtype:
+        if self._fused_addmm(weight, compute, sign, rounding):
             self.addmm_if_(weight, grad_output.t(), input, -step, ok)
-            return
+            return ok
+        rounding = rounding.resolve(weight.dtype)
         n_rows, n_cols = weight.shape
         rows = self.chunk_rows(weight, grad_output.shape[0], compute)
         if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
-            self.apply_update_(weight, torch.mm(grad_output.t(), input), step, sign, rounding, seed, offset=offset,
-                               ok=ok)
-            return
-        buffer = torch.empty(rows, n_cols, dtype=compute, device=weight.device)
-        for start in range(0, n_rows, rows):
-            stop = min(n_rows, start + rows)
-            chunk = torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
+            grad = torch.mm(grad_output.t(), input)
+            ok = _both(ok, self.finite_flag(grad))
+            self.apply_update_(weight, grad, step, sign, rounding, seed, offset=offset, ok=ok)
+            return ok
+        ok = _both(ok, self._dw_finite_before_writing(weight, grad_output, input, rows))
+        for start, stop, chunk in self._chunks(weight, grad_output, input, rows):
             self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
                                ok=ok)
+        return ok
+
+
+def _both(ok: torch.Tensor | None, flag: torch.Tensor) -> torch.Tensor:
+    """``ok & flag`` on the device (``flag`` where ``ok`` is None)."""
+    return flag if ok is None else ok & flag

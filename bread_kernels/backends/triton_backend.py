@@ -17,8 +17,15 @@ class TritonBackend:
         self._kernels = wgrad_update
         self._lora = lora_grads
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0) -> None:
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0):
+        """One kernel; dW stays an fp32 sum in registers (never rounded to an fp16 that could overflow), so the
+        flag is ``ok`` as given."""
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
+        return ok
+
+    def dw_finite_flag(self, weight, grad_output, input, sign, rounding):
+        """None: the kernel's fp32 sum of finite g and x overflows only past 3.4·10³⁸ (see the CPU backends)."""
+        return None
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)

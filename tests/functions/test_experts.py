@@ -293,3 +293,26 @@ def test_inputs_are_checked_with_clear_errors():
     module.down_proj.requires_grad_(False)
     with pytest.raises(ValueError, match="role ACTIVE but requires_grad=False"):
         fused_experts(x, index, weights, *args, (None, WeightPlan(Role.ACTIVE, name="down")), gate)
+
+
+@pytest.mark.parametrize("chunks", ["one-chunk", "chunks"])
+def test_an_fp16_expert_dw_that_overflows_skips_every_expert(chunks, monkeypatch):
+    """Finite operands whose fp16 dW overflows for the last expert written (expert 2 of 0 and 2): the CPU backends
+    decide before writing any expert, so expert 0 is not written either (one skip for the whole parameter)."""
+    from bread_kernels.update import update_experts_
+
+    if chunks == "chunks":
+        monkeypatch.setenv("BREAD_CHUNK_BYTES", str(3 * 8 * 2))  # 3 of the 5 rows per chunk
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 5, 8, generator=gen).to(torch.float16)
+    before = weight.clone()
+    g0, x0 = torch.randn(11, 5, generator=gen).half(), torch.randn(11, 8, generator=gen).half()
+    g2, x2 = torch.full((40, 5), 60.0).half(), torch.full((40, 8), 60.0).half()  # 40 · 3600 > 65,504
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=STEP), name="experts.down_proj")
+    with pytest.warns(RuntimeWarning, match="experts.down_proj.*not finite"):
+        update_experts_(plan, Role.SGD, weight, {0: [(g0, x0)], 2: [(g2, x2)]})
+    assert torch.equal(weight, before)
+    assert plan.skipped_updates == 1
+    weight_ok = before.clone()
+    update_experts_(plan, Role.SGD, weight_ok, {0: [(g0, x0)]})  # expert 0 alone is applied
+    assert not torch.equal(weight_ok[0], before[0]) and torch.equal(weight_ok[1:], before[1:])

@@ -195,6 +195,59 @@ def test_non_finite_gradient_skips_the_update_and_reports(backend, device, role,
     assert plan.skipped_updates == 1
 
 
+def _overflowing_inputs(device, dtype, row, scale):
+    """Finite g and x whose dW overflows ``dtype`` at [row, 7] alone (87 tokens · scale²)."""
+    weight, b, x, grad_out = make_inputs(dtype, device, (87,), False)
+    x[:, 7], grad_out[:, row] = scale, scale
+    return weight, x, grad_out
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN], ids=lambda r: r.name)
+@pytest.mark.parametrize("chunks", ["one-chunk", "chunks"])
+def test_an_fp16_dw_that_overflows_from_finite_operands_never_reaches_the_weight(backend, device, role, chunks,
+                                                                                monkeypatch):
+    """g and x finite, dW = gᵀx past fp16's 65,504 in one element (a loss-scaled fp16 backward).  The CPU backends
+    round dW to fp16, as autograd's .grad is: it is inf there, so the update is skipped and reported as a
+    non-finite gradient — the whole weight, also where the overflowing row is in the last of several chunks (the
+    earlier ones are not written first).  Before, the weight became -inf.  The Triton kernel keeps dW as an fp32
+    sum and applies it."""
+    if chunks == "chunks":
+        monkeypatch.setenv("BREAD_CHUNK_BYTES", str(9 * N_IN * 2))  # 9 of the 37 rows per chunk
+    weight, x, grad_out = _overflowing_inputs(device, torch.float16, row=33, scale=60.0)
+    before = weight.clone()
+    expected, _, dw, _ = float64_update(weight, None, x, grad_out, role, STEP)
+    assert dw.abs().max() > 65504 and torch.isinf(dw.to(torch.float16)).sum() == 1
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=STEP), name="layers.0.mlp")
+    if backend == "triton":
+        fused_linear(x.requires_grad_(True), weight, None, plan).backward(grad_out)
+        assert plan.skipped_updates == 0
+        assert_update_close(weight, expected, dw, role, torch.float16)
+        return
+    with pytest.warns(RuntimeWarning, match="layers.0.mlp.*not finite"):
+        fused_linear(x.requires_grad_(True), weight, None, plan).backward(grad_out)
+    assert torch.equal(weight, before)
+    assert plan.skipped_updates == 1
+
+
+@pytest.mark.parametrize("chunks", ["one-chunk", "chunks"])
+def test_an_fp32_dw_past_its_range_skips_the_sign_update(backend, device, chunks, monkeypatch):
+    """The same in fp32 (finite operands of 10²⁰): one chunk checks its dW, several chunks the bound
+    M·max|g|·max|x| before the first write.  The Triton kernel's fp32 sum is inf there too; sign(±inf) is a
+    finite step, so the weight stays finite."""
+    if chunks == "chunks":
+        monkeypatch.setenv("BREAD_CHUNK_BYTES", str(9 * N_IN * 4))
+    weight, x, grad_out = _overflowing_inputs(device, torch.float32, row=33, scale=1e20)
+    before = weight.clone()
+    plan = WeightPlan(Role.SIGN, OnTheFlyUpdate(lr=STEP), name="layers.0.mlp")
+    if backend == "triton":
+        fused_linear(x.requires_grad_(True), weight, None, plan).backward(grad_out)
+        assert torch.isfinite(weight).all()
+        return
+    with pytest.warns(RuntimeWarning, match="layers.0.mlp.*not finite"):
+        fused_linear(x.requires_grad_(True), weight, None, plan).backward(grad_out)
+    assert torch.equal(weight, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_same_seed_same_bits_and_steps_draw_fresh_bits(backend, device, dtype):
     weight, b, x, grad_out = make_inputs(dtype, device, (87,), True)
