@@ -43,6 +43,7 @@ import os
 import torch
 
 from ..rounding import Rounding
+from . import epilogue
 from .lora_gemm import lora_grads_gemm
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -105,26 +106,13 @@ class ChunkedBackend:
             stop = min(n_rows, start + rows)
             yield start, stop, torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
 
-    def _dw_finite_before_writing(self, weight, grad_output, input, rows) -> torch.Tensor:
-        """Whether dW is finite, decided before any write (see the module docstring): fp16, its chunks' GEMMs run
-        once without writing; bf16/fp32, the bound ``M · max|g| · max|x| <`` the dtype's largest value."""
-        if grad_output.dtype == torch.float16:
-            return torch.stack([self.finite_flag(chunk) for _, _, chunk in
-                                self._chunks(weight, grad_output, input, rows)]).all()
-        largest = [torch.aminmax(t) for t in (grad_output, input) if t.numel()]
-        if len(largest) < 2:
-            return torch.ones((), dtype=torch.bool, device=weight.device)
-        (g_min, g_max), (x_min, x_max) = largest
-        bound = torch.maximum(-g_min, g_max).double() * torch.maximum(-x_min, x_max).double() * grad_output.shape[0]
-        return bound < torch.finfo(grad_output.dtype).max
-
     def dw_finite_flag(self, weight, grad_output, input, sign, rounding: Rounding) -> torch.Tensor | None:
         """Whether the dW [N, K] that :meth:`update_weight_` would compute for ``weight`` is finite, decided before
         any write (an fp16 dW: its GEMMs once more), or None where it checks nothing beyond g and x."""
         if self._fused_addmm(weight, grad_output.dtype, sign, rounding):
             return None
         rows = self.chunk_rows(weight, grad_output.shape[0], grad_output.dtype)
-        return self._dw_finite_before_writing(weight, grad_output, input, rows)
+        return epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag)
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
                        offset=0) -> torch.Tensor | None:
@@ -148,7 +136,7 @@ class ChunkedBackend:
             ok = _both(ok, self.finite_flag(grad))
             self.apply_update_(weight, grad, step, sign, rounding, seed, offset=offset, ok=ok)
             return ok
-        ok = _both(ok, self._dw_finite_before_writing(weight, grad_output, input, rows))
+        ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
         for start, stop, chunk in self._chunks(weight, grad_output, input, rows):
             self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
                                ok=ok)

@@ -67,6 +67,27 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack(extremes)).all()
 
 
+def dw_finite_flag(grad_output: torch.Tensor, input: torch.Tensor, rows: int, finite=finite_flag) -> torch.Tensor:
+    """Whether ``dW = gᵀx`` (g [M, N], x [M, K], finite, in one dtype) is finite in that dtype, as autograd's
+    ``.grad`` would be; decided without writing anything, on the device.  fp16 (a dW past 65,504 from finite
+    operands: a loss-scaled backward): the GEMMs, ``rows`` output rows at a time in one reused buffer.  bf16/fp32:
+    the bound ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸; only absurd gradients fail it), no
+    GEMM.  ``finite``: the backend's flag of a tensor."""
+    if grad_output.dtype == torch.float16:
+        n_rows = grad_output.shape[1]
+        rows = max(1, min(rows, n_rows))
+        buffer = torch.empty(rows, input.shape[1], dtype=grad_output.dtype, device=grad_output.device)
+        flags = [finite(torch.mm(grad_output[:, start:start + rows].t(), input,
+                                 out=buffer[: min(rows, n_rows - start)]))
+                 for start in range(0, n_rows, rows)]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=grad_output.device)
+    if not grad_output.numel() or not input.numel():
+        return torch.ones((), dtype=torch.bool, device=grad_output.device)
+    (g_min, g_max), (x_min, x_max) = torch.aminmax(grad_output), torch.aminmax(input)
+    bound = torch.maximum(-g_min, g_max).double() * torch.maximum(-x_min, x_max).double() * grad_output.shape[0]
+    return bound < torch.finfo(grad_output.dtype).max
+
+
 def apply_update_(
     param: torch.Tensor,
     grad: torch.Tensor,

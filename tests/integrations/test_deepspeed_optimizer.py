@@ -69,3 +69,27 @@ def test_on_the_fly_updates_of_moe_expert_weights_are_refused_before_the_model_i
                                    verbose=0, sgd_mode="disabled")
     assert badam.roles["model.layers.2.mlp.experts.gate_up_proj"].name == "ACTIVE"
     badam.close()
+
+
+@pytest.mark.parametrize("scale, finite", [(1.0, True), (60.0, False)], ids=["fits", "overflows"])
+def test_the_zero3_target_counts_an_fp16_dw_overflow_as_a_non_finite_gradient(scale, finite, monkeypatch):
+    """Under ZeRO-3 the target builds dW in g's dtype chunk by chunk for the reduce-scatter: an fp16 dW past 65,504
+    from finite g and x (40 tokens of 60·60) would be summed as inf into every rank's shard.  The target's local
+    flag, which rides in the first chunk's collective so that every rank skips together, counts it as not finite.
+    (The sharding itself is replaced by one rank's whole tensor; the collective's maths are tested in
+    tests/integrations/test_sharded_update.py and on two DeepSpeed ranks in test_zero3.py.)"""
+    from bread_kernels.integrations.deepspeed import shards
+    from bread_kernels.integrations.sharded_update import ShardLayout
+
+    flags = []
+    monkeypatch.setattr(shards, "is_partitioned", lambda t: True)
+    monkeypatch.setattr(shards, "check_shard_device", lambda *args: None)
+    monkeypatch.setattr(shards, "shard_layout", lambda p: ShardLayout(None, 1, 0, p.numel(), p.numel()))
+    monkeypatch.setattr(shards, "reduce_scatter_update_",
+                        lambda shard, layout, fill, **kw: flags.append(kw["locally_finite"]) or kw["locally_finite"])
+    weight = torch.zeros(5, 8, dtype=torch.float16)
+    weight.ds_tensor = weight.detach().reshape(-1).clone()
+    g, x = torch.full((40, 5), scale, dtype=torch.float16), torch.full((40, 8), scale, dtype=torch.float16)
+    plan = bread_kernels.WeightPlan(bread_kernels.Role.SGD, bread_kernels.OnTheFlyUpdate(lr=0.1))
+    assert ZeroShards().linear_(weight, None, g, x, 0.1, False, plan.update) is finite
+    assert flags == [finite]

@@ -4,7 +4,9 @@
 every plan it writes.  For a partitioned parameter it reduce-scatters dW (chunk by chunk, averaged over the
 parameter's process group, the loss scale undone) and updates this rank's shard only; a tensor that is not
 partitioned goes to :data:`~bread_kernels.update.LOCAL`.  The non-finite check rides in the first chunk's
-collective, so every rank skips together.  It also owns the refresh of persistent parameters (``ds_persist``):
+collective, so every rank skips together; it covers g and x and the dW the chunks build in g's dtype
+(:func:`~bread_kernels.update.dw_all_finite`: an fp16 dW overflows from finite operands, so in fp16 its GEMMs run
+once more to decide before the first chunk; bf16/fp32 take a bound, no GEMM).  It also owns the refresh of persistent parameters (``ds_persist``):
 their gathered copy is rewritten from the updated shards at the end of the backward that updated them.
 """
 
@@ -14,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ...update import LOCAL, UpdateTarget, all_finite
+from ...update import LOCAL, UpdateTarget, all_finite, dw_all_finite
 from ..sharded_update import (all_gather_shards, allgather_rows_update_, dense_grad_fill, linear_grad_fill,
                               reduce_scatter_update_)
 from .internals import check_shard_device, is_partitioned, is_persistent, shard_layout
@@ -49,7 +51,9 @@ class ZeroShards(UpdateTarget):
             weight, fill = weight._base, linear_grad_fill(x, g)
         else:
             return LOCAL.linear_(weight, bias, g, x, step, sign, update)
-        if not self._dense(weight, fill, all_finite(g, x), step, sign, update, g.device):
+        # the fill builds dW in g's dtype: an fp16 one can overflow from finite g and x (a loss-scaled backward)
+        finite = all_finite(g, x) and dw_all_finite(g, x)
+        if not self._dense(weight, fill, finite, step, sign, update, g.device):
             return False
         if bias is not None:
             self._dense(bias, dense_grad_fill(g.sum(0, dtype=torch.float32)), True, step, sign, update, g.device)
