@@ -16,7 +16,8 @@ entry point                  gradient                                           
 Each does, in this order: read ``lr·s`` (:meth:`OnTheFlyUpdate.step_size`), hand the write to the plan's
 :class:`UpdateTarget` with the update's seed stream, and give the target's finiteness answer to the plan, which
 reports a skip (design invariant 3).  The local target answers with a device flag: the backend computes it from
-the gradient's operands and gates its own write on it, so a non-finite gradient leaves the weight untouched and the
+what it uses (the dW it builds, which is autograd's ``.grad``, or where none exists the gradient's operands) and
+gates its own write on it, so a non-finite gradient leaves the weight untouched and the
 backward never reads a tensor on the host; a plan with ``checks`` (the optimizer's) keeps the flag until its owner
 reads all of a step's flags at once, as ``GradScaler``'s ``found_inf``.  A skipped update consumes its seed like an
 applied one (the host cannot know, at that point, that it was skipped).
@@ -108,12 +109,13 @@ class LocalTarget(UpdateTarget):
 
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
         backend = get_backend(weight.device)
-        ok = backend.finite_flag(g, x)
-        # the flag grows the dW's own finiteness where the backend rounds it (an fp16 dW overflows from finite g, x)
-        ok = backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed(), ok)
+        grad_bias = g.sum(0, dtype=torch.float32) if bias is not None else None
+        # the backend checks what it uses (the dW it builds: an fp16 one overflows from finite g and x); db's check
+        # goes in first, so one flag gates both
+        ok = backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed(),
+                                    None if bias is None else backend.finite_flag(grad_bias))
         if bias is not None:
-            backend.apply_update_(bias, g.sum(0, dtype=torch.float32), step, sign, update.rounding,
-                                  update.next_seed(), ok=ok)
+            backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed(), ok=ok)
         return ok
 
     def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:

@@ -13,8 +13,9 @@ with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.pl
 share one dtype, the GEMM's compute dtype; under ``torch.autocast`` it is autocast's and may differ from W's (an
 fp32 W with bf16 ``g``, ``x``): dW is computed in the compute dtype and the update written in W's own dtype.
 ``ok`` gates the write on the device (nothing is written where it is False): the backward never reads a flag on
-the host.  ``update_weight_`` returns the flag it gated on: ``ok``, and where the backend rounds dW to a dtype that
-can overflow (fp16 on the CPU backends) the finiteness of that dW too.
+the host.  ``update_weight_`` checks finiteness itself, from what it uses (the CPU backends: the dW they build, as
+autograd's ``.grad`` — an fp16 one overflows from finite g and x; the Triton kernel: g and x), and returns the flag
+it gated its writes on, and'ed with a caller's ``ok``.
 ``linear_cross_entropy`` is the fused head+loss's chunk loop for a head without a tiled update: the summed
 cross-entropy ``S`` of the logits ``c·tanh((hWᵀ + b)/c)`` and its gradients (:mod:`.liger`), or None where the
 backend has no kernels of its own for it and the caller's torch loop runs (the CPU backends).
@@ -48,7 +49,7 @@ class Backend(Protocol):
 
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
                        sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
-                       offset: int = 0) -> torch.Tensor | None: ...
+                       offset: int = 0) -> torch.Tensor: ...
 
     def dw_finite_flag(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
                        rounding: Rounding) -> torch.Tensor | None: ...

@@ -10,18 +10,18 @@
   temporaries per element).  A dW that fits the budget is one chunk: one GEMM, as autograd's; only larger ones are
   split, so the memory stays bounded without splitting GEMMs that BLAS runs best whole.
 
-``ok`` (a 0-dim bool tensor, the finiteness flag of g and x) gates every write on the device: no host sync.  Finite
-g and x can still give a dW that is not: a bf16/fp16 dW is rounded from BLAS's fp32 sum, and an fp16 one overflows
-at 65,504 (a loss-scaled backward under fp16 autocast).  The reference's dW is then inf and so is the update, so
-``update_weight_`` also checks the dW it uses and returns the flag it gated the writes on (``ok`` and that):
+Every write is gated on the device by a finiteness flag (a 0-dim bool tensor; no host sync), which
+``update_weight_`` computes from what it uses and returns (and'ed with a caller's ``ok``, if given):
 
-* one chunk: the dW it computes anyway (one pass over N·K elements);
-* several chunks, decided before the first write (a weight is written whole or not at all): fp16, every chunk's
-  GEMM once without writing, then again to write (twice the GEMMs, only for an fp16 dW larger than the budget);
-  bf16/fp32, the bound ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸: only gradients already
-  absurd fail it) — no extra GEMM;
-* the ``addmm_`` path (fp32, or SGD with nearest rounding in W's dtype): nothing more; its fp32 sum overflows only
-  past 3.4·10³⁸.
+* one chunk: the dW it computes anyway — the very ``.grad`` autograd would hand the reference's hook (the same
+  GEMM), so the update is skipped exactly where the reference's gradient is not finite.  Finite g and x can give a
+  dW that is not: an fp16 dW overflows at 65,504 (a loss-scaled backward under fp16 autocast); a non-finite g or x
+  makes dW non-finite (inf·0 is nan);
+* several chunks, decided before the first write (a weight is written whole or not at all):
+  :func:`~bread_kernels.backends.epilogue.dw_finite_flag` — fp16, every chunk's GEMM once without writing, then
+  again to write (twice the GEMMs, only for an fp16 dW larger than the budget); bf16/fp32, the bound
+  ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸), no extra GEMM;
+* the ``addmm_`` path (no dW exists): g and x; BLAS's fp32 sum, scaled inside, overflows only past 3.4·10³⁸.
 
 :meth:`ChunkedBackend.dw_finite_flag` is the before-any-write check, for a caller that writes several slices of one
 parameter (the experts of a 3-D weight) and must skip them all together.
@@ -115,17 +115,17 @@ class ChunkedBackend:
         return epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag)
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
-                       offset=0) -> torch.Tensor | None:
+                       offset=0) -> torch.Tensor:
         """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
         expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits.  ``grad_output``
         and ``input`` share the compute dtype, which may differ from W's (autocast: see the module docstring).
-        Returns the flag the writes were gated on: ``ok`` and the dW's own finiteness (None: ``ok`` was None and
-        nothing more was checked)."""
+        Returns the finiteness flag the writes were gated on (see the module docstring), and'ed with ``ok``."""
         compute = grad_output.dtype
         if input.dtype != compute:
             raise TypeError(f"update_weight_: grad_output is {compute} but input is {input.dtype}; the dW GEMM "
                             "takes both in one dtype")
         if self._fused_addmm(weight, compute, sign, rounding):
+            ok = _both(ok, self.finite_flag(grad_output, input))
             self.addmm_if_(weight, grad_output.t(), input, -step, ok)
             return ok
         rounding = rounding.resolve(weight.dtype)

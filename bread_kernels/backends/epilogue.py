@@ -68,11 +68,11 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def dw_finite_flag(grad_output: torch.Tensor, input: torch.Tensor, rows: int, finite=finite_flag) -> torch.Tensor:
-    """Whether ``dW = gᵀx`` (g [M, N], x [M, K], finite, in one dtype) is finite in that dtype, as autograd's
-    ``.grad`` would be; decided without writing anything, on the device.  fp16 (a dW past 65,504 from finite
-    operands: a loss-scaled backward): the GEMMs, ``rows`` output rows at a time in one reused buffer.  bf16/fp32:
-    the bound ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸; only absurd gradients fail it), no
-    GEMM.  ``finite``: the backend's flag of a tensor."""
+    """Whether ``dW = gᵀx`` (g [M, N], x [M, K] in one dtype) is finite in that dtype, as autograd's ``.grad``
+    would be; decided without writing anything, on the device.  fp16 (a dW past 65,504 from finite operands: a
+    loss-scaled backward): the GEMMs, ``rows`` output rows at a time in one reused buffer.  bf16/fp32: the bound
+    ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸; only absurd gradients fail it, and a non-finite
+    g or x makes it nan or inf), no GEMM.  ``finite``: the backend's flag of a tensor."""
     if grad_output.dtype == torch.float16:
         n_rows = grad_output.shape[1]
         rows = max(1, min(rows, n_rows))

@@ -18,8 +18,10 @@ class TritonBackend:
         self._lora = lora_grads
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0):
-        """One kernel; dW stays an fp32 sum in registers (never rounded to an fp16 that could overflow), so the
-        flag is ``ok`` as given."""
+        """One kernel, gated on the finiteness of g and x (and ``ok``); dW stays an fp32 sum in registers, never
+        rounded to an fp16 that could overflow."""
+        flag = self.finite_flag(grad_output, input)
+        ok = flag if ok is None else ok & flag
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
         return ok
 
