@@ -110,10 +110,10 @@ class LocalTarget(UpdateTarget):
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
         backend = get_backend(weight.device)
         grad_bias = g.sum(0, dtype=torch.float32) if bias is not None else None
-        # the backend checks what it uses (the dW it builds: an fp16 one overflows from finite g and x); db's check
-        # goes in first, so one flag gates both
+        # the backend checks what it uses (the dW it builds: an fp16 one overflows from finite g and x) and db in
+        # the same check, so one flag gates both
         ok = backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed(),
-                                    None if bias is None else backend.finite_flag(grad_bias))
+                                    also=() if bias is None else (grad_bias,))
         if bias is not None:
             backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed(), ok=ok)
         return ok
@@ -132,19 +132,24 @@ class LocalTarget(UpdateTarget):
         """One seed for the whole parameter, and expert ``e``'s slice ``weight[e]`` (a 2-D view) written through the
         backend with ``offset = e·N·K``: every element draws the random bits of its logical index in [E, N, K], as
         :meth:`dense_` of the whole tensor would.  One flag over every expert's operands gates every write: a
-        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient; so does an
-        expert's dW that is not finite from finite operands (an fp16 overflow: checked before any write)."""
+        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient; so does an fp16
+        expert's dW that overflows from finite operands (each expert's GEMM run once more, before any write).  A
+        bf16/fp32 dW past 3.4·10³⁸ from finite operands is not checked here (as on the ``addmm_`` path)."""
         backend = get_backend(weight.device)
-        ok = backend.finite_flag(*(t for pair in per_expert.values() for t in pair))
-        if len(per_expert) > 1:
-            for e, (g, x) in per_expert.items():
-                flag = backend.dw_finite_flag(weight[e], g, x, sign, update.rounding)
-                ok = ok if flag is None else ok & flag
         seed = update.next_seed()
         per_slice = weight.shape[1] * weight.shape[2]
-        written = [backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
-                                          offset=e * per_slice) for e in sorted(per_expert)]
-        return written[0] if len(written) == 1 else ok
+        if len(per_expert) == 1:  # the backend checks the dW it builds, as for a linear
+            (e, (g, x)), = per_expert.items()
+            return backend.update_weight_(weight[e], g, x, step, sign, update.rounding, seed, offset=e * per_slice)
+        ok = backend.finite_flag(*(t for pair in per_expert.values() for t in pair))
+        if any(g.dtype == torch.float16 for g, _ in per_expert.values()):
+            for e, (g, x) in per_expert.items():  # an fp16 dW overflows from finite operands: decided up front
+                flag = backend.dw_finite_flag(weight[e], g, x, sign, update.rounding)
+                ok = ok if flag is None else ok & flag
+        for e in sorted(per_expert):
+            backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
+                                   offset=e * per_slice, check=False)
+        return ok
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
         backend = get_backend(weight.device)

@@ -3,7 +3,7 @@
 Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M, K], any strides)::
 
     finite_flag(*tensors) -> ok                                      # 0-dim bool on the device: no inf/nan
-    update_weight_(W, g, x, step, sign, rounding, seed, ok, offset) -> ok'   # W -= step · f(gᵀx), no dW tensor
+    update_weight_(W, g, x, step, sign, rounding, seed, ok, offset, check, also) -> ok'   # W -= step·f(gᵀx)
     dw_finite_flag(W, g, x, sign, rounding) -> ok' | None           # that dW's finiteness, before any write
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
@@ -14,8 +14,9 @@ share one dtype, the GEMM's compute dtype; under ``torch.autocast`` it is autoca
 fp32 W with bf16 ``g``, ``x``): dW is computed in the compute dtype and the update written in W's own dtype.
 ``ok`` gates the write on the device (nothing is written where it is False): the backward never reads a flag on
 the host.  ``update_weight_`` checks finiteness itself, from what it uses (the CPU backends: the dW they build, as
-autograd's ``.grad`` — an fp16 one overflows from finite g and x; the Triton kernel: g and x), and returns the flag
-it gated its writes on, and'ed with a caller's ``ok``.
+autograd's ``.grad`` — an fp16 one overflows from finite g and x; the Triton kernel: g and x) and the tensors
+``also`` (a bias's gradient) in one check, and returns the flag it gated its writes on, and'ed with a caller's
+``ok``; ``check=False`` gates on ``ok`` alone (a caller that decided before writing several slices).
 ``linear_cross_entropy`` is the fused head+loss's chunk loop for a head without a tiled update: the summed
 cross-entropy ``S`` of the logits ``c·tanh((hWᵀ + b)/c)`` and its gradients (:mod:`.liger`), or None where the
 backend has no kernels of its own for it and the caller's torch loop runs (the CPU backends).
@@ -49,7 +50,7 @@ class Backend(Protocol):
 
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
                        sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
-                       offset: int = 0) -> torch.Tensor: ...
+                       offset: int = 0, check: bool = True, also: tuple = ()) -> torch.Tensor | None: ...
 
     def dw_finite_flag(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
                        rounding: Rounding) -> torch.Tensor | None: ...

@@ -19,9 +19,11 @@ Every write is gated on the device by a finiteness flag (a 0-dim bool tensor; no
   makes dW non-finite (inf·0 is nan);
 * several chunks, decided before the first write (a weight is written whole or not at all):
   :func:`~bread_kernels.backends.epilogue.dw_finite_flag` — fp16, every chunk's GEMM once without writing, then
-  again to write (twice the GEMMs, only for an fp16 dW larger than the budget); bf16/fp32, the bound
+  again to write (twice the dW GEMMs: here for an fp16 dW larger than the budget; also for the experts of an fp16
+  3-D weight and under ZeRO-3 in fp16, which decide before writing any slice); bf16/fp32, the bound
   ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸), no extra GEMM;
-* the ``addmm_`` path (no dW exists): g and x; BLAS's fp32 sum, scaled inside, overflows only past 3.4·10³⁸.
+* the ``addmm_`` path (fp32/bf16 SGD with nearest rounding: no dW exists): g and x; BLAS's fp32 sum, scaled
+  inside, overflows only past 3.4·10³⁸ (fp16 takes the path above).
 
 :meth:`ChunkedBackend.dw_finite_flag` is the before-any-write check, for a caller that writes several slices of one
 parameter (the experts of a 3-D weight) and must skip them all together.
@@ -95,8 +97,10 @@ class ChunkedBackend:
         return max(1, min(weight.shape[0], chunk_budget_bytes() // per_row))
 
     def _fused_addmm(self, weight, compute, sign, rounding: Rounding) -> bool:
-        """Whether the update is ``W.addmm_`` (no dW exists): SGD, nearest rounding, dW in W's dtype."""
-        return not sign and rounding.resolve(weight.dtype) is Rounding.NEAREST and compute == weight.dtype
+        """Whether the update is ``W.addmm_`` (no dW exists): SGD, nearest rounding, dW in W's dtype, not fp16
+        (whose dW, autograd's ``.grad``, overflows from finite g and x: it is built and checked)."""
+        return not sign and rounding.resolve(weight.dtype) is Rounding.NEAREST and compute == weight.dtype \
+            and compute != torch.float16
 
     def _chunks(self, weight, grad_output, input, rows):
         """``(start, stop, dW[start:stop])`` for each chunk of ``rows`` rows, in one reused buffer."""
@@ -115,17 +119,20 @@ class ChunkedBackend:
         return epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag)
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
-                       offset=0) -> torch.Tensor:
+                       offset=0, check=True, also=()) -> torch.Tensor | None:
         """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
         expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits.  ``grad_output``
         and ``input`` share the compute dtype, which may differ from W's (autocast: see the module docstring).
-        Returns the finiteness flag the writes were gated on (see the module docstring), and'ed with ``ok``."""
+        Returns the finiteness flag the writes were gated on (see the module docstring) — of what it uses and of
+        the tensors ``also`` (a bias's gradient), in one check — and'ed with ``ok``; ``check=False``: ``ok`` alone
+        (a caller that decided before writing several slices)."""
         compute = grad_output.dtype
         if input.dtype != compute:
             raise TypeError(f"update_weight_: grad_output is {compute} but input is {input.dtype}; the dW GEMM "
                             "takes both in one dtype")
         if self._fused_addmm(weight, compute, sign, rounding):
-            ok = _both(ok, self.finite_flag(grad_output, input))
+            if check:
+                ok = _both(ok, self.finite_flag(grad_output, input, *also))
             self.addmm_if_(weight, grad_output.t(), input, -step, ok)
             return ok
         rounding = rounding.resolve(weight.dtype)
@@ -133,10 +140,14 @@ class ChunkedBackend:
         rows = self.chunk_rows(weight, grad_output.shape[0], compute)
         if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
             grad = torch.mm(grad_output.t(), input)
-            ok = _both(ok, self.finite_flag(grad))
+            if check:
+                ok = _both(ok, self.finite_flag(grad, *also))
             self.apply_update_(weight, grad, step, sign, rounding, seed, offset=offset, ok=ok)
             return ok
-        ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
+        if check:
+            ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
+            if also:
+                ok = ok & self.finite_flag(*also)
         for start, stop, chunk in self._chunks(weight, grad_output, input, rows):
             self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
                                ok=ok)

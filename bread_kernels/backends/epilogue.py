@@ -80,11 +80,14 @@ def dw_finite_flag(grad_output: torch.Tensor, input: torch.Tensor, rows: int, fi
         flags = [finite(torch.mm(grad_output[:, start:start + rows].t(), input,
                                  out=buffer[: min(rows, n_rows - start)]))
                  for start in range(0, n_rows, rows)]
+        if len(flags) == 1:
+            return flags[0]
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=grad_output.device)
     if not grad_output.numel() or not input.numel():
         return torch.ones((), dtype=torch.bool, device=grad_output.device)
     (g_min, g_max), (x_min, x_max) = torch.aminmax(grad_output), torch.aminmax(input)
-    bound = torch.maximum(-g_min, g_max).double() * torch.maximum(-x_min, x_max).double() * grad_output.shape[0]
+    # in fp32 (every device has it): the product overflows to inf only where the bound is past fp32's range anyway
+    bound = torch.maximum(-g_min, g_max).float() * torch.maximum(-x_min, x_max).float() * float(grad_output.shape[0])
     return bound < torch.finfo(grad_output.dtype).max
 
 

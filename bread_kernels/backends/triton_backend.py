@@ -17,11 +17,13 @@ class TritonBackend:
         self._kernels = wgrad_update
         self._lora = lora_grads
 
-    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0):
-        """One kernel, gated on the finiteness of g and x (and ``ok``); dW stays an fp32 sum in registers, never
-        rounded to an fp16 that could overflow."""
-        flag = self.finite_flag(grad_output, input)
-        ok = flag if ok is None else ok & flag
+    def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0, check=True,
+                       also=()):
+        """One kernel, gated on the finiteness of g, x and ``also`` (and ``ok``; ``check=False``: ``ok`` alone); dW
+        stays an fp32 sum in registers, never rounded to an fp16 that could overflow."""
+        if check:
+            flag = self.finite_flag(grad_output, input, *also)
+            ok = flag if ok is None else ok & flag
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
         return ok
 

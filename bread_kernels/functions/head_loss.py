@@ -44,6 +44,8 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
     finiteness check of invariant 3 is one device flag for the whole weight, taken before the first tile writes
     (finite ``h``, logsumexp and γ make every tile's ``g`` finite; where they are not, γ becomes nan, so every
     tile's ``g`` is non-finite and every write is skipped): a skip leaves all of W untouched, with no host sync.
+    An fp16 tile's dW can still overflow from finite ``g`` and ``h``: in fp16 every tile's logits and dW GEMM run
+    once more before the first write, and a tile that overflows turns γ nan for all of them.
 * ``FROZEN``: nothing for W.
 
 Memory: the chunk ``C`` (and the tile ``R``) is chosen so that the fp32 block of logits and its temporaries stay
@@ -84,6 +86,7 @@ import os
 import torch
 
 from ..backends import get_backend
+from ..backends.epilogue import dw_finite_flag
 from ..plan import Role, WeightPlan
 from ..update import update_linear_grad_, update_linear_tiles_
 from .autocast import autocast_dtype, outside_autocast
@@ -488,6 +491,13 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
             p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
             yield start, stop, _delta_(p, t, targets, valid, scale, first_col=start).to(dtype), hidden
 
+    if dtype == torch.float16:
+        # an fp16 tile's dW overflows from finite g and h (a loss-scaled backward) on its own: every tile is
+        # checked before the first writes (its logits and GEMM once more), and a bad one makes γ nan for all
+        backend = get_backend(hidden.device)
+        flags = [dw_finite_flag(g, h, stop - start, backend.finite_flag) for start, stop, g, h in tiles()]
+        if flags:
+            scale = scale.masked_fill(~torch.stack(flags).all(), float("nan"))
     update_linear_tiles_(plan, role, weight, bias, tiles())
 
 

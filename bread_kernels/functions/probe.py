@@ -16,7 +16,16 @@ __all__ = ["computes_the_same"]
 REFUSALS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError, NotImplementedError, AssertionError)
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """CUDA raises ``torch.OutOfMemoryError``; the CPU allocator a plain ``RuntimeError`` that says so."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text or \
+        "not enough memory" in text
+
+
 def _add_remedy(error: BaseException, module: nn.Module) -> None:
+    if not hasattr(error, "add_note"):  # Python < 3.11
+        return
     error.add_note(f"bread_kernels: raised by {type(module).__name__}.forward on a probe input, run to learn whether "
                    "it computes what the fused one does; patch(model, fused_elementwise=False) skips the probes")
 
@@ -45,10 +54,10 @@ def computes_the_same(module: nn.Module, replacement: Callable[[torch.Tensor], t
                     if not (isinstance(expected, torch.Tensor) and expected.dtype == got.dtype
                             and torch.equal(expected, got)):
                         return False
-    except torch.OutOfMemoryError as error:
-        _add_remedy(error, module)
-        raise
-    except REFUSALS:
+    except REFUSALS as error:
+        if isinstance(error, RuntimeError) and _out_of_memory(error):
+            _add_remedy(error, module)
+            raise
         return False
     except Exception as error:
         _add_remedy(error, module)

@@ -573,3 +573,23 @@ def test_an_on_the_fly_heads_dw_path_stays_beside_hidden_sized_logits_only_over_
     monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)
     assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) == (4 + 2) * many.numel()
     assert head_loss.dw_bytes_beside_hidden_sized(4, many, None, sgd) is None  # dW > 4 tokens' unfused loss
+
+
+@pytest.mark.parametrize("backend_name", ["native", "torch"])
+def test_an_fp16_head_tile_whose_dw_overflows_skips_every_tile(backend_name, monkeypatch):
+    """The vocabulary tiles (dW does not fit the budget) of an fp16 SGD head under a loss scale: finite h, logsumexp
+    and γ, but one tile's dW (rows of target 50, h[:, 0] = 100) past 65,504.  Every tile is checked before the first
+    writes, so no row of W moves and one skip is reported; before, the tiles before it were written (52 of 64 rows
+    changed, reported as skipped) or, earlier still, W became -inf."""
+    monkeypatch.setenv("BREAD_BACKEND", backend_name)
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 16, generator=gen) * 0.02).half()
+    before = weight.clone()
+    hidden = torch.randn(32, 16, generator=gen).half()
+    hidden[:, 0] = 100.0
+    targets = torch.full((32,), 50)
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=1e-3, loss_scale=4096.0), name="lm_head")
+    loss = fused_head_loss(hidden.requires_grad_(True), weight, None, targets, plan, chunk_bytes=2048, dw_bytes=0)
+    with pytest.warns(RuntimeWarning, match="lm_head.*not finite"):
+        (loss * 4096).backward()
+    assert torch.equal(weight, before) and plan.skipped_updates == 1

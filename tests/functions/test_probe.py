@@ -46,3 +46,15 @@ def test_an_error_that_is_not_a_refusal_propagates_naming_the_remedy(error):
         computes_the_same(module, lambda x: x, PROBES)
     assert any("fused_elementwise=False" in note and "Raises" in note for note in raised.value.__notes__)
     assert module.training  # modes restored
+
+
+class AllocatesTooMuch(nn.Module):
+    def forward(self, x):
+        return x + torch.empty(2**50, dtype=torch.uint8).sum()  # the CPU allocator refuses: a RuntimeError
+
+
+def test_the_cpu_allocators_out_of_memory_propagates_too():
+    """The CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError: still not a refusal."""
+    with pytest.raises(RuntimeError, match="allocate") as raised:
+        computes_the_same(AllocatesTooMuch(), lambda x: x, PROBES)
+    assert any("fused_elementwise=False" in note for note in raised.value.__notes__)
