@@ -113,8 +113,7 @@ class FusedLinearFunction(torch.autograd.Function):
         needs_x = start_weight_role(ctx, plan)
         dtype = ctx.compute_dtype = autocast_dtype(x.device) or weight.dtype
         ctx.x_dtype = x.dtype
-        x = x.to(dtype)  # no-ops without autocast (one dtype)
-        weight_c, bias_c = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+        x, weight_c, bias_c = _in_dtype(x, dtype), _in_dtype(weight, dtype), _in_dtype(bias, dtype)
         ctx.save_for_backward(x if needs_x else None, weight, bias)
         if deferred is None:
             return F.linear(x, weight_c, bias_c)
@@ -127,8 +126,8 @@ class FusedLinearFunction(torch.autograd.Function):
             g = grad_output.reshape(-1, weight.shape[0])  # flattened once: each op below is one 2-D GEMM, no views
             grad_x = None
             if ctx.needs_input_grad[0]:  # from W before any update of W (invariant 1)
-                grad_x = (g @ weight.to(ctx.compute_dtype)).view(*grad_output.shape[:-1], weight.shape[1])
-                grad_x = grad_x.to(ctx.x_dtype)
+                grad_x = (g @ _in_dtype(weight, ctx.compute_dtype)).view(*grad_output.shape[:-1], weight.shape[1])
+                grad_x = _in_dtype(grad_x, ctx.x_dtype)
             grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
                                                         ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias, None, None, None
@@ -151,14 +150,19 @@ def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_b
     grad_weight = grad_bias = None
     if ctx.role is Role.ACTIVE:
         if needs_weight_grad:
-            grad_weight = (g.t() @ _rows(x, weight.shape[1])).to(weight.dtype)
+            grad_weight = _in_dtype(g.t() @ _rows(x, weight.shape[1]), weight.dtype)
         if bias is not None and needs_bias_grad:
-            grad_bias = g.sum(0).to(bias.dtype)
+            grad_bias = _in_dtype(g.sum(0), bias.dtype)
     elif ctx.role.updates_on_the_fly:
         pending = ctx.plan.finish_use(ctx.use, (g, _rows(x, weight.shape[1])))
         if pending is not None:
             update_linear_(ctx.plan, ctx.role, weight, bias, pending)
     return grad_weight, grad_bias
+
+
+def _in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)`` where that casts (under autocast); ``t`` itself otherwise, without the call's host cost."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
