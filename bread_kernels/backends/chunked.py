@@ -102,14 +102,6 @@ class ChunkedBackend:
         return not sign and rounding.resolve(weight.dtype) is Rounding.NEAREST and compute == weight.dtype \
             and compute != torch.float16
 
-    def _chunks(self, weight, grad_output, input, rows):
-        """``(start, stop, dW[start:stop])`` for each chunk of ``rows`` rows, in one reused buffer."""
-        n_rows, n_cols = weight.shape
-        buffer = torch.empty(rows, n_cols, dtype=grad_output.dtype, device=weight.device)
-        for start in range(0, n_rows, rows):
-            stop = min(n_rows, start + rows)
-            yield start, stop, torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
-
     def dw_finite_flag(self, weight, grad_output, input, sign, rounding: Rounding) -> torch.Tensor | None:
         """Whether the dW [N, K] that :meth:`update_weight_` would compute for ``weight`` is finite, decided before
         any write (an fp16 dW: its GEMMs once more), or None where it checks nothing beyond g and x."""
@@ -148,7 +140,7 @@ class ChunkedBackend:
             ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
             if also:
                 ok = ok & self.finite_flag(*also)
-        for start, stop, chunk in self._chunks(weight, grad_output, input, rows):
+        for start, stop, chunk in epilogue.dw_row_chunks(grad_output, input, rows):
             self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
                                ok=ok)
         return ok

@@ -67,6 +67,17 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack(extremes)).all()
 
 
+def dw_row_chunks(grad_output: torch.Tensor, input: torch.Tensor, rows: int):
+    """``(start, stop, dW[start:stop])`` of ``dW = gᵀx`` (g [M, N], x [M, K]) in g's dtype, ``rows`` output rows at a
+    time in one reused buffer: each chunk is overwritten by the next."""
+    n_rows = grad_output.shape[1]
+    rows = max(1, min(rows, n_rows))
+    buffer = torch.empty(rows, input.shape[1], dtype=grad_output.dtype, device=grad_output.device)
+    for start in range(0, n_rows, rows):
+        stop = min(n_rows, start + rows)
+        yield start, stop, torch.mm(grad_output[:, start:stop].t(), input, out=buffer[: stop - start])
+
+
 def dw_finite_flag(grad_output: torch.Tensor, input: torch.Tensor, rows: int, finite=finite_flag) -> torch.Tensor:
     """Whether ``dW = gᵀx`` (g [M, N], x [M, K] in one dtype) is finite in that dtype, as autograd's ``.grad``
     would be; decided without writing anything, on the device.  fp16 (a dW past 65,504 from finite operands: a
@@ -74,15 +85,10 @@ def dw_finite_flag(grad_output: torch.Tensor, input: torch.Tensor, rows: int, fi
     ``M · max|g| · max|x| <`` the dtype's largest value (3.4·10³⁸; only absurd gradients fail it, and a non-finite
     g or x makes it nan or inf), no GEMM.  ``finite``: the backend's flag of a tensor."""
     if grad_output.dtype == torch.float16:
-        n_rows = grad_output.shape[1]
-        rows = max(1, min(rows, n_rows))
-        buffer = torch.empty(rows, input.shape[1], dtype=grad_output.dtype, device=grad_output.device)
-        flags = [finite(torch.mm(grad_output[:, start:start + rows].t(), input,
-                                 out=buffer[: min(rows, n_rows - start)]))
-                 for start in range(0, n_rows, rows)]
-        if len(flags) == 1:
-            return flags[0]
-        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=grad_output.device)
+        flags = [finite(chunk) for _, _, chunk in dw_row_chunks(grad_output, input, rows)]
+        if not flags:
+            return torch.ones((), dtype=torch.bool, device=grad_output.device)
+        return flags[0] if len(flags) == 1 else torch.stack(flags).all()
     if not grad_output.numel() or not input.numel():
         return torch.ones((), dtype=torch.bool, device=grad_output.device)
     (g_min, g_max), (x_min, x_max) = torch.aminmax(grad_output), torch.aminmax(input)
