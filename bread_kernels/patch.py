@@ -310,8 +310,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             default), in a forward whose loss is the fused head+loss (which then holds no more than the hidden
             states' size): the top block — the step's peak stays that of a recomputed block's backward — and as
             many more top blocks as the logits' memory that the fused loss does not hold pays for (the logits, their
-            fp32 copy and the fp32 log-softmax that the model's own loss would hold: ``T·V·(b+4+4)`` bytes in
-            bf16), each kept block's activations measured, the count growing by at most one block per step and
+            fp32 log-softmax, its gradient and the log-softmax's backward result that the model's own loss holds at
+            its peak: ``T·V·12`` bytes), each kept block's activations measured, the count growing by at most one block per step and
             starting again from the top block when the plans change; elsewhere none (measured in the README's
             "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
             adds one block's activations to the peak).

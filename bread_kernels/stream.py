@@ -15,7 +15,7 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   head+loss follows the blocks (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the hidden
   states' size.  The top block always: the step's peak stays that of a block's recompute, which the kept block's
   backward replaces.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
-  hold the logits and their fp32 copies (``budget_bytes``; less an on-the-fly head's fp32 dW, which the fused loss
+  hold ``T·V·12`` bytes at the peak of their backward (``budget_bytes``; less an on-the-fly head's fp32 dW, which the fused loss
   accumulates in the forward), so ``k`` blocks whose saved activations take no more than that keep the peak under
   the unfused model's.  Each kept block's activations are measured (bytes per token,
   saved tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward;

@@ -467,7 +467,7 @@ def test_without_grad_nothing_is_updated_or_kept():
 def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(role, monkeypatch):
     """With the default budget (here made one odd block of logits, smaller than dW), an on-the-fly head's fp32 dW is
     accumulated in the forward as long as it fits in what the model's own head and loss would hold beyond a block
-    (the logits and the fp32 log-softmax, T·V·8 bytes in fp32): the reference's three GEMMs per chunk, nothing
+    (T·V·12 bytes at its backward's peak): the reference's three GEMMs per chunk, nothing
     recomputed in the backward, the same update, and a peak no higher than the unfused loss's.  The same budget
     given explicitly bounds dW too (the vocabulary tiles)."""
     from bread_kernels.bench.memory import trace_allocations
@@ -490,7 +490,7 @@ def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(ro
     default, counts = step()
     chunks = -(-TOKENS // 5)
     assert counts == (3 * chunks, 0), counts
-    few = 10  # fewer tokens: dW is more than their logits would hold beyond a block, so the tiles serve
+    few = 6  # fewer tokens: dW is more than their loss would hold beyond a block, so the tiles serve
     assert 4 * weight.numel() > head_loss.unfused_loss_bytes(few, weight) - ODD_CHUNKS
     with _GemmCount() as backward:
         fused_head_loss(hidden[:few].clone().requires_grad_(), weight.clone(), None, targets[:few],
@@ -509,6 +509,31 @@ def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(ro
         F.cross_entropy(F.linear(hidden.clone().requires_grad_(), w).float(), targets).backward()
 
     assert trace_allocations(fused).peak_bytes <= trace_allocations(unfused).peak_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unfused_loss_bytes_is_the_peak_of_transformers_own_loss(dtype):
+    """``unfused_loss_bytes`` (what the fused loss frees for kept activations) against the allocator: the peak of a
+    head and transformers' ``ForCausalLMLoss`` over forward and backward, beyond their inputs, is at least the bound
+    and within the head's own small tensors of it (an overestimate would let kept blocks push the step's peak above
+    the reference's)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from bread_kernels.bench.memory import trace_allocations
+    from bread_kernels.functions import head_loss
+
+    tokens, hidden_size, vocab = 97, 24, 301
+    weight = torch.randn(vocab, hidden_size, dtype=dtype)
+    hidden = torch.randn(1, tokens, hidden_size, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        ForCausalLMLoss(F.linear(hidden, weight), labels, vocab).backward()
+
+    step()
+    peak = trace_allocations(step).peak_bytes
+    bound = head_loss.unfused_loss_bytes(tokens, weight)
+    assert bound <= peak <= bound + 4 * tokens * (hidden_size + 16), (peak, bound)
 
 
 def test_a_bf16_on_the_fly_head_accumulates_dw_without_an_fp32_copy_of_each_chunks_product(monkeypatch):
