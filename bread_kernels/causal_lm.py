@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss, head_plan_refusal,
-                                  unfused_loss_bytes)
+                                  hidden_sized_block_bytes, unfused_loss_bytes)
 from .plan import PLAN_ATTR
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
@@ -182,10 +182,10 @@ def _fused_loss_forward(self, *args, **kwargs):
     held = dw_bytes_beside_hidden_sized(labels.numel(), head.weight, head.bias, plan, softcap)
     if stream is None:
         follows = contextlib.nullcontext()
-    else:  # kept blocks take at most the logits' memory that the fused loss does not hold, less what an on-the-fly
-        # head's dW holds in the forward
-        follows = stream.fused_loss_follows(held is not None,
-                                            budget_bytes=unfused_loss_bytes(labels.numel(), head.weight) - (held or 0))
+    else:  # kept blocks share the unfused loss's peak with what the fused loss holds beside them (StreamConfig)
+        follows = stream.fused_loss_follows(
+            held is not None, budget_bytes=unfused_loss_bytes(labels.numel(), head.weight),
+            loss_bytes=(held or 0) + hidden_sized_block_bytes(labels.numel(), head.weight, softcap))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)

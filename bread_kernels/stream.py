@@ -15,9 +15,11 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   head+loss follows the blocks (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the hidden
   states' size.  The top block always: the step's peak stays that of a block's recompute, which the kept block's
   backward replaces.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
-  hold ``T·V·12`` bytes at the peak of their backward (``budget_bytes``; less an on-the-fly head's fp32 dW, which the fused loss
-  accumulates in the forward), so ``k`` blocks whose saved activations take no more than that keep the peak under
-  the unfused model's.  Each kept block's activations are measured (bytes per token,
+  hold ``T·V·12`` bytes at the peak of their backward (``budget_bytes``), so ``k`` top blocks whose saved
+  activations, plus the larger of what the fused loss holds beside them in the forward (a block of logits, an
+  on-the-fly head's fp32 dW: ``loss_bytes``) and what the top block's backward allocates (its activations'
+  gradients, about its activations' size), take no more than that keep the peak under the unfused model's.  Each
+  kept block's activations are measured (bytes per token,
   saved tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward;
   new plans (a block switch: roles decide what a block saves) start again from the top block alone.
 
@@ -60,9 +62,13 @@ class StreamConfig:
     #: during a forward whose blocks a fused head+loss follows (see :meth:`fused_loss_follows`): ``"auto"`` keeps the
     #: top block, and more within :attr:`auto_budget_bytes`
     auto_keeps_top: bool = False
-    #: during such a forward: the bytes of saved activations the blocks ``"auto"`` keeps may take (the top block is
-    #: kept even where it alone takes more)
+    #: during such a forward: what the model's own head and loss would hold at their peak, which the blocks
+    #: ``"auto"`` keeps share with :attr:`auto_loss_bytes` or the top block's backward (the top block is kept even
+    #: where it alone takes more)
     auto_budget_bytes: int = 0
+    #: during such a forward: what the fused loss holds beside the kept blocks in the forward (a block of logits,
+    #: an on-the-fly head's dW)
+    auto_loss_bytes: int = 0
     #: the saved activations per token of each block ``"auto"`` kept since the plans last changed, by block index
     #: (a block's role decides what it saves: an active block also saves its linears' inputs for dW)
     block_bytes: dict = field(default_factory=dict)
@@ -76,14 +82,17 @@ class StreamConfig:
     def kept_blocks(self, tokens: int = 0) -> int:
         """How many top blocks keep their activations in the forward that runs now (``tokens``: the hidden states'
         rows, which ``"auto"`` sizes a block's activations by).  ``"auto"``: from the top down, the blocks whose
-        measured activations fit the budget together, and at most one not yet measured (taken at the largest
-        measured size, and measured in this forward); always the top block."""
+        measured activations, together with the larger of what the loss holds beside them in the forward
+        (:attr:`auto_loss_bytes`) and what the top block's backward allocates (its activations' gradients, taken at
+        its activations' size), fit :attr:`auto_budget_bytes`, and at most one block not yet measured (taken at
+        the largest measured size, and measured in this forward); always the top block."""
         if self.keep_top != "auto":
             return self.keep_top
         if not self.auto_keeps_top:
             return 0
         if self._auto_count is None:
-            count, total = 1, (self.block_bytes.get(self.n_blocks - 1) or 0) * tokens
+            top = (self.block_bytes.get(self.n_blocks - 1) or 0) * tokens
+            count, total = 1, top + max(self.auto_loss_bytes, top)
             largest = max(self.block_bytes.values(), default=0) * tokens
             for index in range(self.n_blocks - 2, -1, -1) if largest > 0 else ():
                 measured = index in self.block_bytes
@@ -102,21 +111,22 @@ class StreamConfig:
         self.block_bytes.clear()
 
     @contextlib.contextmanager
-    def fused_loss_follows(self, keep: bool = True, budget_bytes: int = 0):
+    def fused_loss_follows(self, keep: bool = True, budget_bytes: int = 0, loss_bytes: int = 0):
         """Mark the blocks' forward run inside as one a fused head+loss follows (the causal-LM forward of
         :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
-        kept their activations.  ``budget_bytes``: what the model's own head and loss would hold that the fused loss
-        does not (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`, less an on-the-fly head's dW that
-        the loss accumulates in the forward); ``"auto"`` keeps the top block and as many more as fit in it.
+        kept their activations.  ``budget_bytes``: what the model's own head and loss would hold at their peak
+        (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`); ``loss_bytes``: what the fused loss holds
+        in the forward beside the kept blocks (its block of logits, an on-the-fly head's dW accumulated there);
+        ``"auto"`` keeps the top block and as many more as fit (:meth:`kept_blocks`).
         ``keep=False``: bounding the loss to the hidden states' size would cost it more than a kept block saves (an
         on-the-fly head's dW path over many blocks of logits), so ``"auto"`` keeps nothing."""
-        outer = self.auto_keeps_top, self.auto_budget_bytes, self._auto_count
-        self.auto_keeps_top, self.auto_budget_bytes = keep, budget_bytes
+        outer = self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes, self._auto_count
+        self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes = keep, budget_bytes, loss_bytes
         self._auto_count, self.kept = None, 0
         try:
             yield self
         finally:
-            self.auto_keeps_top, self.auto_budget_bytes, self._auto_count = outer
+            self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes, self._auto_count = outer
 
 
 def block_has_work(block: nn.Module) -> bool:

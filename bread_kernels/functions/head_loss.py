@@ -94,7 +94,7 @@ from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
            "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes", "unfused_loss_bytes",
-           "hidden_sized_blocks", "dw_bytes_beside_hidden_sized", "MAX_DW_BLOCKS_HIDDEN_SIZED"]
+           "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized", "MAX_DW_BLOCKS_HIDDEN_SIZED"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 #: an on-the-fly head keeps its dW-in-forward path beside hidden-sized logits up to this many blocks of them (each
@@ -202,6 +202,12 @@ def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None
     dtype = _compute_dtype(weight)
     budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)
     return -(-tokens // _rows_per_block(budget, weight.shape[0], dtype, softcap))
+
+
+def hidden_sized_block_bytes(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
+    """What one block of logits of ``fused_head_loss(hidden_sized=True)`` and its temporaries may take: no more than
+    the ``tokens × H`` hidden states' elements as logits (and the chunk budget)."""
+    return _loss_budget(None, tokens, weight, _compute_dtype(weight), softcap, hidden_sized=True)
 
 
 def dw_bytes_beside_hidden_sized(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
