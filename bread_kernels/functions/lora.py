@@ -156,8 +156,12 @@ def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
     if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
         result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)
         return result
-    # fp32 adapters on a low-precision layer: peft's promotion to fp32, then one rounding
-    return (result + F.linear(u, lora_b) * scaling).to(result.dtype)
+    # adapters of another dtype: peft's promotion, then one rounding to the layer's dtype
+    update = F.linear(u, lora_b)
+    if update.dtype == torch.promote_types(update.dtype, result.dtype):  # fp32 adapters on a low-precision layer:
+        # in place, one [M, N] temporary fewer; fp32(result) + s·(u Bᵀ) is the same sum either way round
+        return update.mul_(scaling).add_(result).to(result.dtype)
+    return (result + update * scaling).to(result.dtype)
 
 
 @torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
