@@ -309,11 +309,12 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             forward per step, for one block's activations alive while the head and the loss run.  ``"auto"`` (the
             default), in a forward whose loss is the fused head+loss (which then holds no more than the hidden
             states' size): the top block — the step's peak stays that of a recomputed block's backward — and as
-            many more top blocks as the logits' memory that the fused loss does not hold pays for (the logits, their
-            fp32 log-softmax, its gradient and the log-softmax's backward result that the model's own loss holds at
-            its peak: ``T·V·12`` bytes), each kept block's activations measured, the count growing by at most one block per step and
-            starting again from the top block when the plans change; elsewhere none (measured in the README's
-            "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
+            many more top blocks as the memory the fused loss does not hold pays for (the fp32 log-softmax, its
+            gradient and the log-softmax's backward result that the model's own loss holds at its peak: ``T·V·12``
+            bytes), shared with the larger of what the fused loss holds beside the kept blocks and what the top
+            block's backward allocates (see :class:`~bread_kernels.stream.StreamConfig`); each kept block's
+            activations measured, the count growing by at most one block per step and starting again from the top
+            block when the plans change; elsewhere none (measured in the README's "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
             adds one block's activations to the peak).
         fused_elementwise: compute every Llama-style RMSNorm (the blocks' and the final one) and SwiGLU MLP of the
             model with this library's Functions: the same values and gradients as autograd's, bit for bit, from
