@@ -1,6 +1,8 @@
 """Benchmark (not a test): the CPU backends' LoRA adapter gradients (``backends/lora_gemm.py``) with the rank-r
-operand on the left (``vᵀ = Bᵀ gᵀ``, ``dBᵀ = s · uᵀ g``) against the same products as ``g B`` and ``gᵀ u``, plus the
-``dX += s · v A`` that follows; median time per call and the largest difference relative to the largest value.
+operand on the left (``vᵀ = Bᵀ gᵀ``, ``dBᵀ = s · uᵀ g``) against the same products as ``g B`` and ``gᵀ u``, with what
+the fused LoRA backward does around them (the casts of the saved layer-dtype input and of ``g`` to the adapters'
+dtype, ``dX += s · v A`` into the layer-dtype dX, ``dB`` accumulated into a contiguous ``B.grad``); median time per
+call and the largest difference relative to the largest value.
 
     python -m bench.lora_gemm_layout [--tokens 1024] [--rank 8] [--repeats 40]
 
@@ -53,14 +55,18 @@ def main(argv=None):
     for layer_dtype, adapter_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                        (torch.float32, torch.float32)):
         for n, k in ((1376, 512), (512, 1376), (512, 512)):
-            x = torch.randn(m, k, dtype=adapter_dtype)
+            x = torch.randn(m, k, dtype=layer_dtype)  # the layer's input, saved; cast for the adapters
             lora_a, lora_b = torch.randn(r, k, dtype=adapter_dtype), torch.randn(n, r, dtype=adapter_dtype)
-            g, u = torch.randn(m, n, dtype=layer_dtype), x @ lora_a.t()
-            grad_x = torch.zeros(m, k, dtype=adapter_dtype)
+            g, u = torch.randn(m, n, dtype=layer_dtype), x.to(adapter_dtype) @ lora_a.t()
+            grad_x, grad_lora_b = torch.zeros(m, k, dtype=layer_dtype), torch.zeros(n, r, dtype=adapter_dtype)
 
             def step(fn):
-                v, _, _ = fn(g, x, u, lora_b, 2.0, True, True)
-                grad_x.addmm_(v, lora_a, alpha=2.0)
+                v, _, grad_b = fn(g, x, u, lora_b, 2.0, True, True)
+                grad_lora_b.add_(grad_b)
+                if grad_x.dtype == lora_a.dtype:
+                    grad_x.addmm_(v, lora_a, alpha=2.0)
+                else:
+                    grad_x.add_(torch.mm(v, lora_a).mul_(2.0).to(grad_x.dtype))
 
             before = _median_ms(lambda: step(as_written), args.repeats)
             after = _median_ms(lambda: step(lora_grads_gemm), args.repeats)

@@ -85,15 +85,18 @@ class StreamConfig:
         measured activations, together with the larger of what the loss holds beside them in the forward
         (:attr:`auto_loss_bytes`) and what the top block's backward allocates (its activations' gradients, taken at
         its activations' size), fit :attr:`auto_budget_bytes`, and at most one block not yet measured (taken at
-        the largest measured size, and measured in this forward); always the top block."""
+        the largest measured size, and measured in this forward); always the top block, unless it and the loss
+        beside it would take more than both the budget and a recomputed block's backward (twice its activations)."""
         if self.keep_top != "auto":
             return self.keep_top
         if not self.auto_keeps_top:
             return 0
         if self._auto_count is None:
             top = (self.block_bytes.get(self.n_blocks - 1) or 0) * tokens
-            count, total = 1, top + max(self.auto_loss_bytes, top)
+            count, total = 1, top + self._beside_kept(top)
             largest = max(self.block_bytes.values(), default=0) * tokens
+            if total > max(self.auto_budget_bytes, 2 * top):  # the top block and the loss would peak above both
+                count, largest = 0, 0  # the unfused loss and a recomputed block's backward: keep nothing
             for index in range(self.n_blocks - 2, -1, -1) if largest > 0 else ():
                 measured = index in self.block_bytes
                 total += self.block_bytes[index] * tokens if measured else largest
@@ -104,6 +107,11 @@ class StreamConfig:
                     break
             self._auto_count = count
         return self._auto_count
+
+    def _beside_kept(self, top: int) -> int:
+        """What sits beside the kept blocks' activations at the step's peak: the larger of what the fused loss holds
+        in the forward and what the top block's backward allocates (its activations' gradients, about ``top``)."""
+        return max(self.auto_loss_bytes, top)
 
     def plans_changed(self) -> None:
         """The roles of the blocks may have changed (the optimizer wrote new plans): ``"auto"`` measures again,

@@ -11,6 +11,7 @@ import bread_kernels
 from bread_kernels import Role
 from bread_kernels.functions import linear as linear_module
 from bread_kernels.patch import patched_state
+from bread_kernels.stream import StreamConfig
 from tests.model_zoo import BUILDERS, assert_close_by_norm, batch, loss_of
 
 
@@ -86,8 +87,8 @@ def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same
     """``keep_top="auto"`` (the default): the top block is not recomputed when the fused head+loss follows the blocks
     (then in blocks of the hidden states' size: another summation order, so fp32-close, not bitwise), and is
     recomputed under the model's own loss and without labels.  An on-the-fly head (BREAD-SGD) keeps its fp32 dW
-    accumulated in the forward beside the bounded logits where those are few blocks (V/H of them), else nothing is
-    kept."""
+    accumulated in the forward beside the bounded logits where those are few blocks (V/H of them) and the two fit
+    the unfused loss's peak (not here: the dW of this vocabulary of 97 alone is 82% of it), else nothing is kept."""
     from bread_kernels.functions import head_loss
 
     auto = _train(bread_kernels.patch(BUILDERS["llama"](), fused_loss=fused_loss), sgd_mode)
@@ -95,7 +96,9 @@ def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same
     n_blocks = len(patched_state(auto).blocks)
     head, tokens = auto.lm_head.weight, batch(0).numel()
     sgd_head = bread_kernels.WeightPlan(Role.SGD, bread_kernels.OnTheFlyUpdate(lr=1e-3))
-    dw_beside = head_loss.dw_bytes_beside_hidden_sized(tokens, head, None, sgd_head) is not None
+    held = head_loss.dw_bytes_beside_hidden_sized(tokens, head, None, sgd_head)
+    beside = (held or 0) + head_loss.hidden_sized_block_bytes(tokens, head)
+    dw_beside = held is not None and beside <= head_loss.unfused_loss_bytes(tokens, head)
     kept = 1 if fused_loss and (sgd_mode == "disabled" or dw_beside) else 0
     every = set(patched_state(recomputed).stream.recomputes)
     assert n_blocks - 1 in every
@@ -124,8 +127,9 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     """Allocator statistics of one BAdam step with the lowest block active (every block needed).  The first step
     keeps the top block only, with the loss in blocks of the hidden states' size, and peaks no higher than
     recomputing it (keeping it with the loss's default blocks peaks higher: the bound is what keeps the peak).  As
-    the kept blocks' activations are measured, "auto" keeps the top blocks whose measured bytes fit
-    ``unfused_loss_bytes`` together (one more per step; here at least 2), recomputes only the others, and peaks no
+    the kept blocks' activations are measured, "auto" keeps the top blocks whose measured bytes, with what sits
+    beside them (the loss's block of logits or the top block's backward), fit ``unfused_loss_bytes`` together (one
+    more per step; here at least 2), recomputes only the others, and peaks no
     higher than the unpatched model with HF checkpointing and the cut (the best-configured reference), whose own
     head and loss hold the logits."""
     from bread_kernels import causal_lm
@@ -191,8 +195,9 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
 @pytest.mark.parametrize("sign", [False, True], ids=["sgd", "sign"])
 def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypatch):
     """BREAD-SGD (every block needed, the head updated on the fly): the head's fp32 dW, accumulated in the forward
-    as without kept blocks (no vocabulary tiles), is taken off the budget; the kept blocks fit what is left, and the
-    step peaks no higher than the best-configured reference's.  Only where the hidden-sized logits are few blocks
+    as without kept blocks (no vocabulary tiles), is counted beside the kept blocks (with the loss's block of
+    logits, or the top block's backward if larger); together they fit the unfused loss's peak, and the step peaks
+    no higher than the best-configured reference's.  Only where the hidden-sized logits are few blocks
     (here 17 blocks of logits, allowed for the test): with more, nothing is kept."""
     from bread_kernels.bench.memory import trace_allocations
     from bread_kernels.bench.model import reference_ways
@@ -240,7 +245,7 @@ def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypat
 
 
 @pytest.mark.parametrize("sgd_mode", ["disabled", "all"], ids=["badam", "bread_sgd"])
-def test_auto_leaves_room_for_the_top_blocks_backward(sgd_mode):
+def test_auto_leaves_room_for_the_top_blocks_backward(sgd_mode, monkeypatch):
     """The kept blocks' activations are alive while the top block's backward allocates its activations' gradients
     (and, in the forward, beside the loss's own blocks): on a bf16 stack of six small blocks whose unfused loss
     frees room for several, "auto" keeps at least two and the step peaks no higher than the best-configured
@@ -275,8 +280,30 @@ def test_auto_leaves_room_for_the_top_blocks_backward(sgd_mode):
         return result, kept
 
     engine_peak, kept = peak(bread_kernels.patch(stack()))
+    best_peak = peak(reference_ways(stack(), recompute=True)["best"])[0]
     assert kept >= 2
-    assert engine_peak <= peak(reference_ways(stack(), recompute=True)["best"])[0] * 1.05
+    assert engine_peak <= best_peak * 1.05
+    # the control: with nothing counted beside the kept blocks, one more is kept and the peak passes the reference's
+    monkeypatch.setattr(StreamConfig, "_beside_kept", lambda self, top: 0)
+    unbounded_peak, unbounded_kept = peak(bread_kernels.patch(stack()))
+    assert unbounded_kept > kept and unbounded_peak > best_peak * 1.05
+
+
+def test_auto_keeps_nothing_where_the_top_block_and_the_loss_beside_it_peak_above_both_alternatives():
+    """``kept_blocks``: the top block is kept even where it alone takes more than the budget (its backward replaces
+    a recomputed block's, about twice its activations), but not where it and what the loss holds beside it take
+    more than both the unfused loss's peak and that recompute."""
+    config = StreamConfig(recompute=True, keep_top="auto", n_blocks=4)
+    config.block_bytes = {index: 100.0 for index in range(4)}
+
+    def kept(budget, loss_bytes):
+        with config.fused_loss_follows(budget_bytes=budget, loss_bytes=loss_bytes):
+            return config.kept_blocks(tokens=10)
+
+    assert kept(budget=500, loss_bytes=400) == 1  # within the unfused loss's peak
+    assert kept(budget=100, loss_bytes=900) == 1  # the top block alone exceeds the budget: 1000 <= 2 · 1000
+    assert kept(budget=1500, loss_bytes=1600) == 0  # 2600 > max(1500, 2000)
+    assert kept(budget=4000, loss_bytes=400) == 3  # 1000 + max(400, 1000) + 2 · 1000
 
 
 def test_auto_measures_again_when_the_plans_change():
@@ -319,6 +346,9 @@ def test_auto_under_the_users_saved_tensor_hooks_keeps_the_top_block_only():
 
     def packed_per_step(keep_top):
         model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32), keep_top=keep_top)
+        # a frozen head: a trained one would accumulate its dW over 17 blocks of hidden-sized logits, where "auto"
+        # keeps nothing (head_loss.MAX_DW_BLOCKS_HIDDEN_SIZED)
+        model.lm_head.weight.requires_grad_(False)
         counts = []
         for _ in range(2):
             packed = []

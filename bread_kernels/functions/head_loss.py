@@ -155,34 +155,46 @@ def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compu
     """The bytes an on-the-fly head's fp32 dW may take, accumulated in the forward beside one block of logits: the
     loss's budget; with the default budget (neither ``chunk_bytes`` nor ``BREAD_LOSS_CHUNK_BYTES`` given) and no
     hidden-size bound, also whatever the model's own head and loss would hold beyond that block
-    (:func:`unfused_loss_bytes`): the loss then holds no more than the unfused model's would, and the head runs the
-    reference's three GEMMs instead of the vocabulary tiles' four (at hidden 4096 and vocab 128,256 the fp32 dW is
-    2 GiB; 4,096 bf16 tokens' logits and their fp32 copies are 5 GiB).  A budget given bounds the dW too."""
+    (:func:`unfused_loss_bytes`): the loss then holds no more than the unfused model's would (the dW counted with
+    each chunk's bf16/fp16 product, :func:`_dw_fits`), and the head runs the reference's three GEMMs instead of the
+    vocabulary tiles' four (at hidden 4096 and vocab 128,256 the fp32 dW is 2 GiB, 3 GiB with a bf16 chunk's
+    product; 4,096 tokens' unfused loss peaks at 6 GiB).  A budget given bounds the dW too."""
     budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized)
     if hidden_sized or _budget_given(chunk_bytes):
         return budget
     return max(budget, unfused_loss_bytes(tokens, weight) - budget)
 
 
-def _dw_fits(weight: torch.Tensor, bias: torch.Tensor | None, budget: int) -> bool:
-    """Whether the head's fp32 dW (and db) fit ``budget``: an on-the-fly head then accumulates it in the forward."""
-    return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) <= budget
+def _accumulated_dw_bytes(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> int:
+    """What a head's dW accumulated in the forward over the chunks holds: the fp32 dW (and db) and, with a
+    bf16/fp16 head GEMM, each chunk's [V, H] product before it is added in fp32 (:func:`_add_in_slices_`)."""
+    product = weight.numel() * compute_dtype.itemsize if compute_dtype != torch.float32 else 0
+    return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) + product
+
+
+def _dw_fits(weight: torch.Tensor, bias: torch.Tensor | None, budget: int, compute_dtype: torch.dtype) -> bool:
+    """Whether the head's dW accumulated in the forward (:func:`_accumulated_dw_bytes`) fits ``budget``: an
+    on-the-fly head then accumulates it there."""
+    return _accumulated_dw_bytes(weight, bias, compute_dtype) <= budget
 
 
 def forward_dw_bytes(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan | None,
                      softcap: float | None = None) -> int:
-    """What an on-the-fly head (SGD/SIGN) holds in the forward for its dW under the default budget
-    (:func:`_dw_budget`: the reference's three head GEMMs, no vocabulary tiles): the fp32 dW (and db), and with a
-    bf16/fp16 head GEMM each chunk's [V, H] product before it is added in fp32 (:func:`_add_in_slices_`); 0 for
-    another role, or where dW does not fit.  A caller that bounds the logits to the hidden states' size passes it as
-    ``fused_head_loss(dw_bytes=...)`` to keep that path, and counts it against what else it holds."""
+    """What the head holds in the forward for its dW (:func:`_accumulated_dw_bytes`): an Adam-trained head (ACTIVE,
+    or no plan and a weight that requires grad) always; an on-the-fly head (SGD/SIGN) where its dW fits the default
+    budget (:func:`_dw_budget`: the reference's three head GEMMs, no vocabulary tiles); 0 otherwise.  A caller that
+    bounds the logits to the hidden states' size passes it as ``fused_head_loss(dw_bytes=...)`` to keep that path,
+    and counts it against what else it holds."""
+    dtype = _compute_dtype(weight)
+    trained = plan.role is Role.ACTIVE if plan is not None else \
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    if trained:
+        return _accumulated_dw_bytes(weight, bias, dtype)
     if plan is None or not plan.role.updates_on_the_fly:
         return 0
-    dtype = _compute_dtype(weight)
-    if not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False)):
+    if not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False), dtype):
         return 0
-    chunk_product = weight.numel() * dtype.itemsize if dtype != torch.float32 else 0
-    return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) + chunk_product
+    return _accumulated_dw_bytes(weight, bias, dtype)
 
 
 def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
@@ -190,8 +202,9 @@ def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
     ``weight`` [V, H]: ``tokens · V · 12`` bytes, reached in the loss's backward, where the log-softmax's backward
     holds its saved fp32 output, the fp32 gradient nll_loss hands it and its own fp32 result (the forward holds
     less: the logits in the compute dtype, transformers' fp32 upcast of them, none when they are fp32, and the fp32
-    log-softmax — ``tokens · V · (b + 4·[b ≠ 4] + 4)`` bytes for b-byte logits).  Measured with the allocator
-    (``tests/functions/test_head_loss.py``): 48 MiB for 1024 tokens of a 4096 vocabulary in fp32 and in bf16.
+    log-softmax — ``tokens · V · (b + 4·[b ≠ 4] + 4)`` bytes for b-byte logits).  Measured with the allocator:
+    48.0 MiB at the bench model's 1,024 tokens and vocabulary of 4,096, in fp32 and in bf16;
+    ``tests/functions/test_head_loss.py`` checks the bound at 97 tokens and 301 in both.
     The fused loss holds none of it, so this is the memory it frees for kept activations
     (:meth:`~bread_kernels.stream.StreamConfig.fused_loss_follows`)."""
     return tokens * weight.shape[0] * 12
@@ -214,10 +227,11 @@ def dw_bytes_beside_hidden_sized(tokens: int, weight: torch.Tensor, bias: torch.
                                  plan: WeightPlan | None, softcap: float | None = None) -> int | None:
     """What the loss holds in the forward besides a block of logits when a caller bounds it to the hidden states'
     size to keep something else alive through it (``fused_head_loss(hidden_sized=True, dw_bytes=...)``): 0 for a
-    head that is not on-the-fly or whose dW does not fit; an on-the-fly head's :func:`forward_dw_bytes` where its
-    dW-in-forward path stays over at most :data:`MAX_DW_BLOCKS_HIDDEN_SIZED` blocks and holds less than the unfused
-    loss would; None where bounding the loss costs more than it frees (the dW path over many blocks, or the dW
-    alone as large as the unfused loss): keep nothing beside it then."""
+    head with no dW in the forward (frozen, or on-the-fly with a dW that does not fit); the head's
+    :func:`forward_dw_bytes` (Adam-trained or on-the-fly) where its dW-in-forward path stays over at most
+    :data:`MAX_DW_BLOCKS_HIDDEN_SIZED` blocks and holds less than the unfused loss would; None where bounding the
+    loss costs more than it frees (the dW path over many blocks, or the dW alone as large as the unfused loss):
+    keep nothing beside it then."""
     held = forward_dw_bytes(tokens, weight, bias, plan, softcap)
     if held == 0:
         return 0
@@ -486,7 +500,8 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
     gradient is non-finite and every write is skipped on the device (one skip reported)."""
     plan, role, lse = ctx.plan, ctx.role, ctx.lse
     ctx.lse = None
-    scale = scale.masked_fill(~get_backend(hidden.device).finite_flag(hidden, lse, scale), float("nan"))
+    backend = get_backend(hidden.device)
+    scale = scale.masked_fill(~backend.finite_flag(hidden, lse, scale), float("nan"))
     valid = targets >= 0
     vocab = weight.shape[0]
     dtype = ctx.compute_dtype  # hidden is already in it
@@ -502,7 +517,6 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
     if dtype == torch.float16:
         # an fp16 tile's dW overflows from finite g and h (a loss-scaled backward) on its own: every tile is
         # checked before the first writes (its logits and GEMM once more), and a bad one makes γ nan for all
-        backend = get_backend(hidden.device)
         flags = [dw_finite_flag(g, h, stop - start, backend.finite_flag) for start, stop, g, h in tiles()]
         if flags:
             scale = scale.masked_fill(~torch.stack(flags).all(), float("nan"))
@@ -559,7 +573,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
     if dw_bytes is None:
         dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
-    dw_fits = _dw_fits(weight, bias, dw_bytes)
+    dw_fits = _dw_fits(weight, bias, dw_bytes, dtype)
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None

@@ -511,6 +511,36 @@ def test_with_the_default_budget_dw_may_take_what_the_unfused_loss_would_hold(ro
     assert trace_allocations(fused).peak_bytes <= trace_allocations(unfused).peak_bytes
 
 
+@pytest.mark.parametrize("tokens", [90, 110, 140, 200])
+def test_a_bf16_heads_forward_dw_path_holds_no_more_than_the_unfused_loss(tokens, monkeypatch):
+    """With the default budget (here a 64 KiB block of logits) a bf16 on-the-fly head accumulates its dW in the
+    forward only where the fp32 dW *and* each chunk's bf16 [V, H] product fit in what the unfused loss would hold
+    beyond a block: the fused loss then peaks no higher than the model's own head and loss with autograd's dW (the
+    reference's hook takes), give or take the hidden states' size.  Counting the fp32 dW alone, 90 tokens peaked 1.36x the unfused loss."""
+    from bread_kernels.bench.memory import trace_allocations
+    from bread_kernels.functions import head_loss
+
+    monkeypatch.setattr(head_loss, "DEFAULT_LOSS_CHUNK_BYTES", 64 << 10)
+    monkeypatch.delenv("BREAD_LOSS_CHUNK_BYTES", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(2048, 256, generator=gen) * 0.02).bfloat16()
+    hidden = torch.randn(tokens, 256, generator=gen).bfloat16()
+    targets = torch.randint(0, 2048, (tokens,), generator=gen)
+
+    def fused():
+        fused_head_loss(hidden.clone().requires_grad_(), weight.clone(), None, targets,
+                        WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR), name="lm_head")).backward()
+
+    def unfused():
+        w = weight.clone().requires_grad_()
+        F.cross_entropy(F.linear(hidden.clone().requires_grad_(), w).float(), targets).backward()
+
+    fused()
+    unfused()
+    hidden_bytes = hidden.numel() * hidden.element_size()  # dh and the per-token values: the hidden states' size
+    assert trace_allocations(fused).peak_bytes <= trace_allocations(unfused).peak_bytes + hidden_bytes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_unfused_loss_bytes_is_the_peak_of_transformers_own_loss(dtype):
     """``unfused_loss_bytes`` (what the fused loss frees for kept activations) against the allocator: the peak of a
@@ -580,10 +610,12 @@ def test_hidden_sized_blocks_counts_the_blocks_the_bounded_loss_runs(monkeypatch
     assert len(calls) == head_loss.hidden_sized_blocks(tokens, weight, softcap)
 
 
-def test_an_on_the_fly_heads_dw_path_stays_beside_hidden_sized_logits_only_over_few_blocks(monkeypatch):
-    """``dw_bytes_beside_hidden_sized``: 0 for a head that is not updated on the fly; the fp32 dW and each chunk's
-    bf16 product where the bounded loss runs at most ``MAX_DW_BLOCKS_HIDDEN_SIZED`` blocks; None (keep nothing
-    beside the loss) beyond that, and where the dW alone holds more than the unfused loss would."""
+def test_a_heads_dw_path_stays_beside_hidden_sized_logits_only_over_few_blocks(monkeypatch):
+    """``dw_bytes_beside_hidden_sized``: 0 for a head with no dW in the forward (frozen); for an on-the-fly head and
+    an Adam-trained one (ACTIVE, or no plan and a weight that requires grad: its dW is always accumulated in the
+    forward, beside whatever is kept), the fp32 dW and each chunk's bf16 product where the bounded loss runs at most
+    ``MAX_DW_BLOCKS_HIDDEN_SIZED`` blocks; None (keep nothing beside the loss) beyond that, and where the dW alone
+    holds more than the unfused loss would."""
     from bread_kernels.functions import head_loss
 
     sgd = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR))
@@ -592,9 +624,13 @@ def test_an_on_the_fly_heads_dw_path_stays_beside_hidden_sized_logits_only_over_
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, sgd) == (4 + 2) * few.numel()
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, WeightPlan(Role.FROZEN)) == 0
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, None) == 0
+    active = WeightPlan(Role.ACTIVE)
+    assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, active) == (4 + 2) * few.numel()
+    assert head_loss.dw_bytes_beside_hidden_sized(1024, few.requires_grad_(), None, None) == (4 + 2) * few.numel()
     many = torch.zeros(1001, 64, dtype=torch.bfloat16)
     assert head_loss.hidden_sized_blocks(244, many) == 17
     assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) is None
+    assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, active) is None
     monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)
     assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) == (4 + 2) * many.numel()
     assert head_loss.dw_bytes_beside_hidden_sized(4, many, None, sgd) is None  # dW > 4 tokens' unfused loss
