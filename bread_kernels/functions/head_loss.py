@@ -218,9 +218,12 @@ def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None
 
 
 def hidden_sized_block_bytes(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
-    """What one block of logits of ``fused_head_loss(hidden_sized=True)`` and its temporaries may take: no more than
-    the ``tokens × H`` hidden states' elements as logits (and the chunk budget)."""
-    return _loss_budget(None, tokens, weight, _compute_dtype(weight), softcap, hidden_sized=True)
+    """What one block of logits of ``fused_head_loss(hidden_sized=True)`` and its temporaries take: the rows that fit
+    the ``tokens × H`` hidden states' elements as logits (and the chunk budget), at least one and at most ``tokens``."""
+    dtype = _compute_dtype(weight)
+    budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)
+    rows = min(max(1, tokens), _rows_per_block(budget, weight.shape[0], dtype, softcap))
+    return rows * weight.shape[0] * _bytes_per_logit(dtype, softcap)
 
 
 def dw_bytes_beside_hidden_sized(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -595,7 +595,8 @@ def test_hidden_sized_blocks_counts_the_blocks_the_bounded_loss_runs(monkeypatch
                                                                      softcap):
     """The count a caller weighs an on-the-fly head's dW path by is the number of logits blocks the loss really
     computes with ``hidden_sized=True`` (counted at ``_logits``), not an estimate such as ⌈V/H⌉ (17 against 16 at
-    vocabulary 1001, hidden 64)."""
+    vocabulary 1001, hidden 64); ``hidden_sized_block_bytes`` is the largest block's rows × V × the bytes per logit
+    (at least one row: 7 tokens × 32 hidden hold fewer elements than one row of 97)."""
     from bread_kernels.functions import head_loss
 
     gen = torch.Generator().manual_seed(0)
@@ -604,10 +605,12 @@ def test_hidden_sized_blocks_counts_the_blocks_the_bounded_loss_runs(monkeypatch
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
     calls = []
     original = head_loss._logits
-    monkeypatch.setattr(head_loss, "_logits", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(head_loss, "_logits", lambda h, *a: calls.append(h.shape[0]) or original(h, *a))
     with torch.no_grad():
         fused_head_loss(hidden, weight, None, targets, softcap=softcap, hidden_sized=True)
     assert len(calls) == head_loss.hidden_sized_blocks(tokens, weight, softcap)
+    per_logit = 4 + (4 if softcap is not None else 0) + (4 if dtype != torch.float32 else 0)
+    assert head_loss.hidden_sized_block_bytes(tokens, weight, softcap) == max(calls) * vocab * per_logit
 
 
 def test_a_heads_dw_path_stays_beside_hidden_sized_logits_only_over_few_blocks(monkeypatch):
