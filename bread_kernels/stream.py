@@ -94,9 +94,10 @@ class StreamConfig:
         if self._auto_count is None:
             top = (self.block_bytes.get(self.n_blocks - 1) or 0) * tokens
             count, total = 1, top + self._beside_kept(top)
-            largest = max(self.block_bytes.values(), default=0) * tokens
             if total > max(self.auto_budget_bytes, 2 * top):  # the top block and the loss would peak above both
-                count, largest = 0, 0  # the unfused loss and a recomputed block's backward: keep nothing
+                self._auto_count = 0  # the unfused loss and a recomputed block's backward: keep nothing
+                return 0
+            largest = max(self.block_bytes.values(), default=0) * tokens
             for index in range(self.n_blocks - 2, -1, -1) if largest > 0 else ():
                 measured = index in self.block_bytes
                 total += self.block_bytes[index] * tokens if measured else largest

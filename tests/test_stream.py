@@ -192,6 +192,28 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     assert peak(patched(), first_step=True) > recomputed * 1.1
 
 
+def _settled_step_peak(model, ids, steps, **optimizer):
+    """The peak bytes of one step of ``model`` under a ``BlockOptimizer`` (``optimizer``: its arguments) after
+    ``steps`` warm-up steps ("auto" grows by a block per step), with the stream's kept count and measured bytes per
+    block then (None for an unpatched model).  The optimizer is closed after: that clears the plans and with them
+    the measurements."""
+    from bread_kernels.bench.memory import trace_allocations
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_mode="fixed", verbose=0,
+                                           **optimizer)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.zero_grad()
+    result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
+    state = patched_state(model)
+    kept, block_bytes = (state.stream.kept, dict(state.stream.block_bytes)) if state is not None else (None, None)
+    opt.close()
+    return result, kept, block_bytes
+
+
 @pytest.mark.parametrize("sign", [False, True], ids=["sgd", "sign"])
 def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypatch):
     """BREAD-SGD (every block needed, the head updated on the fly): the head's fp32 dW, accumulated in the forward
@@ -199,7 +221,6 @@ def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypat
     logits, or the top block's backward if larger); together they fit the unfused loss's peak, and the step peaks
     no higher than the best-configured reference's.  Only where the hidden-sized logits are few blocks
     (here 17 blocks of logits, allowed for the test): with more, nothing is kept."""
-    from bread_kernels.bench.memory import trace_allocations
     from bread_kernels.bench.model import reference_ways
     from bread_kernels.functions import head_loss
 
@@ -209,27 +230,15 @@ def test_auto_keeps_blocks_beside_an_on_the_fly_heads_forward_dw(sign, monkeypat
     ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
 
     def peak(model):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_mode="fixed", start_block=1,
-                                               sgd_mode="all", sgd_use_sign=sign, verbose=0)
-        for _ in range(4):  # "auto" grows by a block per step
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.zero_grad()
-        result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
-        state = patched_state(model)
-        kept = (state.stream.kept, dict(state.stream.block_bytes)) if state is not None else None
-        opt.close()  # clears the plans, and with them the measurements
-        return result, kept
+        return _settled_step_peak(model, ids, 4, start_block=1, sgd_mode="all", sgd_use_sign=sign)
 
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.bfloat16))
     assert head_loss.hidden_sized_blocks(ids.numel(), model.lm_head.weight) == 17
-    assert peak(model)[1][0] == 0  # 17 blocks of hidden-sized logits, more than the default allows
+    assert peak(model)[1] == 0  # 17 blocks of hidden-sized logits, more than the default allows
     monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.bfloat16))
     n_blocks = patched_state(model).stream.n_blocks
-    engine_peak, (kept, block_bytes) = peak(model)
+    engine_peak, kept, block_bytes = peak(model)
     head = model.lm_head.weight
     held = (4 + 2) * head.numel()  # the fp32 dW, and each chunk's bf16 product before it is added
     plan = bread_kernels.WeightPlan(Role.SIGN if sign else Role.SGD, bread_kernels.OnTheFlyUpdate(lr=1e-3))
@@ -253,7 +262,6 @@ def test_auto_leaves_room_for_the_top_blocks_backward(sgd_mode, monkeypatch):
     BREAD-SGD, peaked 1.06x and 1.18x its)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bread_kernels.bench.memory import trace_allocations
     from bread_kernels.bench.model import reference_ways
 
     def stack():
@@ -265,19 +273,7 @@ def test_auto_leaves_room_for_the_top_blocks_backward(sgd_mode, monkeypatch):
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
 
     def peak(model):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_mode="fixed", start_block=0,
-                                               sgd_mode=sgd_mode, verbose=0)
-        for _ in range(8):  # "auto" grows by a block per step
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.zero_grad()
-        result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
-        state = patched_state(model)
-        kept = state.stream.kept if state is not None else None
-        opt.close()
-        return result, kept
+        return _settled_step_peak(model, ids, 8, start_block=0, sgd_mode=sgd_mode)[:2]
 
     engine_peak, kept = peak(bread_kernels.patch(stack()))
     best_peak = peak(reference_ways(stack(), recompute=True)["best"])[0]

@@ -210,20 +210,23 @@ def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
     return tokens * weight.shape[0] * 12
 
 
-def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
-    """How many blocks of logits ``fused_head_loss(hidden_sized=True)`` runs over ``tokens`` rows (about V/H)."""
+def _hidden_sized_rows(tokens: int, weight: torch.Tensor, softcap: float | None) -> int:
+    """The token rows of one block of logits of ``fused_head_loss(hidden_sized=True)`` (at least one)."""
     dtype = _compute_dtype(weight)
     budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)
-    return -(-tokens // _rows_per_block(budget, weight.shape[0], dtype, softcap))
+    return _rows_per_block(budget, weight.shape[0], dtype, softcap)
+
+
+def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
+    """How many blocks of logits ``fused_head_loss(hidden_sized=True)`` runs over ``tokens`` rows (about V/H)."""
+    return -(-tokens // _hidden_sized_rows(tokens, weight, softcap))
 
 
 def hidden_sized_block_bytes(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
     """What one block of logits of ``fused_head_loss(hidden_sized=True)`` and its temporaries take: the rows that fit
     the ``tokens × H`` hidden states' elements as logits (and the chunk budget), at least one and at most ``tokens``."""
-    dtype = _compute_dtype(weight)
-    budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)
-    rows = min(max(1, tokens), _rows_per_block(budget, weight.shape[0], dtype, softcap))
-    return rows * weight.shape[0] * _bytes_per_logit(dtype, softcap)
+    rows = min(max(1, tokens), _hidden_sized_rows(tokens, weight, softcap))
+    return rows * weight.shape[0] * _bytes_per_logit(_compute_dtype(weight), softcap)
 
 
 def dw_bytes_beside_hidden_sized(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
