@@ -241,7 +241,7 @@ def main():
         if rank == 0:
             for row in chunk_rows:
                 print(row)
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()  # drops DeepSpeed's references to the groups too
         return
     results = [run_variant(v, rank, counter, args.warmup, args.timed) for v in args.variants.split(",")]
     switches = switch_time(rank)
@@ -288,7 +288,7 @@ def main():
             with open(args.out, "w") as f:
                 f.write(text + "\n")
     dist.barrier()
-    dist.destroy_process_group()
+    deepspeed.comm.destroy_process_group()
 
 
 if __name__ == "__main__":

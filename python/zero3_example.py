@@ -13,6 +13,7 @@ on-the-fly update inside the backward (``bread_kernels.integrations.deepspeed``)
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -94,7 +95,12 @@ def main():
             print(f"step {step}: loss {total:.4f}  ({time.perf_counter() - start:.2f} s, active block "
                   f"{opt.order.current}, {engine.switches} switches)", flush=True)
     engine.destroy()
-    dist.destroy_process_group()
+    # the process groups must go while Python is alive: a gloo worker thread that drops a collective's tensors during
+    # interpreter shutdown aborts the process ("terminate called without an active exception").  So the model (its
+    # parameters hold their group) is freed here, and DeepSpeed's destroy also drops its own references to the groups
+    del engine, opt, model, loss
+    gc.collect()
+    deepspeed.comm.destroy_process_group()
 
 
 if __name__ == "__main__":

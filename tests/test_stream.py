@@ -564,3 +564,49 @@ def test_a_block_argument_that_requires_grad_below_the_cut_is_refused():
     set_cut(patched, 1)
     with pytest.raises(RuntimeError, match=r"block 0 is below the cut \(block 1\).*'gate' requires grad"):
         patched(torch.randn(5, 7, 24))
+
+
+def test_a_registered_recompute_scope_is_exited_past_the_early_stop():
+    """The checkpoint's early stop unwinds a recomputed block from inside its last Linear, past the post-forward
+    hooks of that Linear and of the MLP around it; a stack kept by forward hooks (as DeepSpeed ZeRO-3 keeps one) then
+    grows by those entries at every recompute.  A scope registered with ``register_recompute_scope`` is entered
+    around each recompute and exited however it ends, so it can repair that; removed, it is no longer entered."""
+    from bread_kernels.functions.recompute import register_recompute_scope
+
+    model = bread_kernels.patch(BUILDERS["llama"](), keep_top=0, fused_loss=False)
+    n_blocks = len(patched_state(model).blocks)
+    stack, events = [], []
+
+    def push(module, args):
+        stack.append(module)
+
+    def pop(module, args, output):
+        stack.pop()
+
+    for module in model.modules():
+        module.register_forward_pre_hook(push)
+        module.register_forward_hook(pop)
+
+    class RestoresTheStack:
+        def __enter__(self):
+            self.depth = len(stack)
+            events.append("enter")
+
+        def __exit__(self, kind, error, trace):
+            events.append("stopped" if kind is not None else "exit")
+            del stack[self.depth:]
+
+    def step():
+        stack.clear()
+        loss_of(model, batch(0)).backward()
+        return len(stack)
+
+    assert step() > 0  # without the scope the early stop leaves entries behind: the situation is real
+    handle = register_recompute_scope(RestoresTheStack)
+    events.clear()
+    assert step() == 0
+    assert events.count("enter") == n_blocks and events.count("exit") + events.count("stopped") == n_blocks
+    assert "stopped" in events  # exited through the early stop itself
+    handle.remove()
+    events.clear()
+    assert step() > 0 and events == []

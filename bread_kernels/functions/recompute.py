@@ -21,14 +21,29 @@ The GEMMs run are the same either way; a site whose pattern changes costs at mos
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, ContextManager
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Recomputing", "is_recomputing", "deferred_output", "apply_deferring_output"]
+__all__ = ["Recomputing", "is_recomputing", "register_recompute_scope", "deferred_output", "apply_deferring_output"]
 
 _state = threading.local()
+_scopes: OrderedDict[int, Callable[[], ContextManager]] = OrderedDict()
+
+
+def register_recompute_scope(scope: Callable[[], ContextManager]) -> RemovableHandle:
+    """Enter ``scope()`` around every recompute of a streamed block, and exit it however the recompute ends,
+    including the checkpoint's early stop, which unwinds the block's forward from inside its last GEMM past every
+    module's forward hooks.  An integration whose hooks keep per-forward state (DeepSpeed ZeRO-3's stack of the
+    modules in their forward) registers its repair here, so this module never imports it.  Returns the handle that
+    removes it."""
+    handle = RemovableHandle(_scopes)
+    _scopes[handle.id] = scope
+    return handle
 
 
 class Recomputing:
@@ -39,17 +54,22 @@ class Recomputing:
 
     def __init__(self, on_enter: Callable[[], None] | None = None):
         self.on_enter = on_enter
-        self._outer: list[bool] = []
+        self._outer: list[tuple[bool, contextlib.ExitStack]] = []
 
     def __enter__(self):
-        self._outer.append(is_recomputing())
+        scopes = contextlib.ExitStack()
+        for scope in list(_scopes.values()):
+            scopes.enter_context(scope())
+        self._outer.append((is_recomputing(), scopes))
         _state.active = True
         if self.on_enter is not None:
             self.on_enter()
         return self
 
     def __exit__(self, *exc):
-        _state.active = self._outer.pop()
+        outer, scopes = self._outer.pop()
+        _state.active = outer
+        scopes.__exit__(*exc)
         return False
 
 

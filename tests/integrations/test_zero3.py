@@ -24,8 +24,10 @@ are left out of the model to keep the run short (GPT-2 and a Llama with MLP bias
 dense path as the norm weights, which are checked here).
 
 A bf16 case (DeepSpeed's bf16 mode) is a smoke run, checked loosely against the fp32 reference, and checks that
-stochastic rounding moves the norm weights.  Each launch has a timeout, and the worker calls
-``destroy_process_group``.  The fault test makes rank 1 raise in the backward and checks that the whole job ends
+stochastic rounding moves the norm weights.  Each launch has a timeout.  After each case the worker
+checks that ``destroy()`` leaves the model to be freed (DeepSpeed's globals held it, and with it the process groups,
+until interpreter shutdown, where a gloo worker thread could abort the process) and that DeepSpeed's module stack
+stayed at the root; at the end it calls ``deepspeed.comm.destroy_process_group``.  The fault test makes rank 1 raise in the backward and checks that the whole job ends
 quickly with that error.
 """
 
@@ -118,6 +120,10 @@ def test_shards_equal_single_process_run(zero3_results, case, rank):
     assert result["grads_left"] == [], f"{case}: .grad left after a backward: {result['grads_left']}"
     assert result["switches"] == 2
     assert result["alive_after_del"] == [], f"{case}: still alive after destroy and del: {result['alive_after_del']}"
+    # the recompute's early stop skips DeepSpeed's post-forward hooks, and each rebuilt stage-3 optimizer pushes the
+    # root again: the global module stack must stay at the root after every micro-batch
+    assert result["module_stack_depths"] and set(result["module_stack_depths"]) == {1}, \
+        f"{case}: DeepSpeed's FWD_MODULE_STACK depth after each micro-batch: {result['module_stack_depths']}"
     hooks = result["hook_names"]  # after two stage-3 optimizer rebuilds: DeepSpeed's hooks once each, no leftovers
     for name in ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook"):
         assert hooks.count(name) == 1, f"{case}: hook {name} registered {hooks.count(name)} times: {hooks}"

@@ -130,6 +130,7 @@ def ds_config(gas: int, persistence: int, bf16: bool = False) -> dict:
 def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     from bread_kernels import patch
     from bread_kernels.integrations import deepspeed as bkds
+    from bread_kernels.integrations.deepspeed.internals import forward_module_stack
     from bread_kernels.integrations.sharded_update import comm_stats
     from tests.integrations.reference_accum import AccumulatingReference
     from tests.optim.reference_bcd import block_prefixes
@@ -164,7 +165,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
                                   verbose=0, **bcd)
     engine = bkds.initialize(model, opt, config=ds_config(gas, persistence, bf16=name.startswith("bf16")))
     comm_stats.reset()
-    losses, grads_left, problems = [], [], []
+    losses, grads_left, problems, stack_depths = [], [], [], []
     history = {n: set() for n in names}
     for t in range(STEPS):
         for n, role in opt.roles.items():
@@ -181,6 +182,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
             grads_left += [f"step {t}: {n}" for n, p in model.named_parameters() if p.grad is not None]
             step_loss += loss.item() / gas
             engine.step()
+            stack_depths.append(len(forward_module_stack()))
         mean = torch.tensor([step_loss])
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
@@ -194,7 +196,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     hook_names = [getattr(h, "__name__", "") for hooks in (probe._forward_pre_hooks, probe._forward_hooks)
                   for h in hooks.values()]
     result = {"case": name, "hook_names": sorted(hook_names), "losses": losses, "ref_losses": ref_losses, "grads_left": grads_left[:5],
-              "switches": engine.switches, "internals_problems": problems, "comm": dict(comm_stats.calls),
+              "switches": engine.switches, "internals_problems": problems, "module_stack_depths": stack_depths, "comm": dict(comm_stats.calls),
               "params": {}}
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     initial = dict(build_model(family).named_parameters())
@@ -213,11 +215,14 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
             full = p.data.detach().reshape(-1)[layout.start:layout.start + layout.valid]
             entry["persist_vs_shard"] = (full.float() - mine).abs().max().item()
         result["params"][pname] = entry
-    # the ZeRO-3 path's objects are freed once the user drops them (hooks and plans hold them weakly)
+    # the ZeRO-3 path's objects are freed once the user drops them (hooks and plans hold them weakly), and so is the
+    # model once destroy() has taken it out of DeepSpeed's globals (else its parameters keep the process groups alive
+    # into interpreter shutdown, where a gloo worker thread can abort the process)
     refs = {"ZeroBlockOptimizer": weakref.ref(opt), "ZeroShards": weakref.ref(opt.update_target),
-            "ZeroBlockEngine": weakref.ref(engine)}
+            "ZeroBlockEngine": weakref.ref(engine), "model": weakref.ref(model)}
     engine.destroy()
-    del engine, opt, loss  # the last loss's graph keeps its Functions' plans (and their target) until dropped
+    # the last loss's graph keeps its Functions' plans until dropped; a parameter or module of the model keeps it
+    del engine, opt, loss, model, original, p, probe, first
     gc.collect()
     result["alive_after_del"] = sorted(k for k, ref in refs.items() if ref() is not None)
     return result
@@ -244,7 +249,7 @@ def main() -> None:
         with open(f"{args.out}.rank{rank}.json", "w") as f:
             json.dump(results, f)
     dist.barrier()
-    dist.destroy_process_group()
+    deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's own references to the groups
 
 
 if __name__ == "__main__":

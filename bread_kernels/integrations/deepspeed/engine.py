@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from ...functions.recompute import register_recompute_scope
 from .config import check_config
-from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, internals_problems
+from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, clear_release_cache, forget_modules, \
+    internals_problems, module_stack_restored
 from .lora_leaves import mark_lora_leaves, unmark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
@@ -28,6 +30,8 @@ class ZeroBlockEngine:
         self.switches = 0
         optimizer._ds_engine = ds_engine
         optimizer.update_target.loss_scale = _LossScale(ds_engine)
+        self._recompute_scope = register_recompute_scope(module_stack_restored)
+        weakref.finalize(self, self._recompute_scope.remove)
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.engine(*args, **kwargs)
@@ -55,26 +59,42 @@ class ZeroBlockEngine:
     def _rebuild_zero_optimizer(self) -> None:
         """A fresh stage-3 optimizer for the block the block optimizer just activated (its base optimizer's
         groups): the old one's hooks removed, DeepSpeed's cached backward Functions dropped so the new coordinator
-        makes its own, and the engine's post-backward hook registered again as ``deepspeed.initialize`` does."""
+        makes its own, the root module it pushes on DeepSpeed's module stack once more and the old coordinators in
+        DeepSpeed's release cache dropped (both would pile up over the run), and the engine's post-backward hook
+        registered again as ``deepspeed.initialize`` does."""
         engine, base = self.engine, self.block_optimizer.base_optimizer
         engine.optimizer.destroy()
-        for module in engine.module.modules():
-            for name in CACHED_BACKWARD_FUNCTIONS:
-                module.__dict__.pop(name, None)
+        _drop_cached_backward_functions(engine.module)
         base.param_groups[:] = [g for g in base.param_groups if g["params"]]
         engine.basic_optimizer = base
         engine.optimizer = engine._configure_zero_optimizer(base)
+        forget_modules(engine.module, keep=1)
+        clear_release_cache()
         _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))
         if getattr(engine, "_support_torch_style_backward", False):
             engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
         self.switches += 1
 
     def destroy(self) -> None:
-        """DeepSpeed's ``destroy``, after disconnecting the block optimizer and removing the LoRA leaves' hooks."""
+        """DeepSpeed's ``destroy``, after disconnecting the block optimizer and removing the LoRA leaves' hooks; then
+        the model is taken out of what DeepSpeed keeps after its own ``destroy`` (the modules' cached backward
+        Functions, the global module stack, the release cache), so it is freed once the user drops it — and with it
+        the process groups its parameters hold, which must go before interpreter shutdown (call
+        ``deepspeed.comm.destroy_process_group()`` then, which drops DeepSpeed's own references to them too)."""
         self.block_optimizer.update_target.loss_scale = lambda: 1.0
         self.block_optimizer._ds_engine = None
         unmark_lora_leaves(self.engine.module)
+        self._recompute_scope.remove()
         self.engine.destroy()
+        _drop_cached_backward_functions(self.engine.module)  # they close over the coordinator, which holds the model
+        forget_modules(self.engine.module)  # else DeepSpeed's globals keep the model (and its process groups) alive
+        clear_release_cache()
+
+
+def _drop_cached_backward_functions(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        for name in CACHED_BACKWARD_FUNCTIONS:
+            module.__dict__.pop(name, None)
 
 
 class _LossScale:

@@ -5,6 +5,8 @@ read by the integration goes through a function of this module or is listed in :
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
 
 import torch
@@ -14,7 +16,8 @@ from ..sharded_update import ShardLayout
 
 __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZER_MEMBERS",
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
-           "shard_layout", "check_shard_device", "is_persistent"]
+           "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
+           "forget_modules", "clear_release_cache"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -63,6 +66,10 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
     for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         if not hasattr(dist, name):
             problems.append(f"torch.distributed.{name} is gone")
+    if not isinstance(getattr(_parameter_offload(), "FWD_MODULE_STACK", None), list):
+        problems.append("deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK is gone or not a list")
+    if _release_cache() is None:
+        problems.append("PartitionedParameterCoordinator.__params_to_release is no longer an lru_cache")
     if not hasattr(torch.autograd.Variable._execution_engine, "queue_callback"):
         problems.append("torch's autograd engine has no queue_callback")
     if engine is None:
@@ -129,3 +136,63 @@ def check_shard_device(param: torch.Tensor, device: torch.device) -> None:
 def is_persistent(param: torch.Tensor) -> bool:
     """A ZeRO-3 persistent parameter (small; stays gathered between steps)."""
     return bool(getattr(param, "ds_persist", False))
+
+
+def _parameter_offload():
+    from deepspeed.runtime.zero import parameter_offload
+
+    return parameter_offload
+
+
+def forward_module_stack() -> list:
+    """ZeRO-3's global stack of the modules in their forward (``parameter_offload.FWD_MODULE_STACK``): each module's
+    pre-forward hook pushes it and its post-forward hook pops it; building a stage-3 optimizer pushes the root module
+    and nothing pops it."""
+    return _parameter_offload().FWD_MODULE_STACK
+
+
+@contextlib.contextmanager
+def module_stack_restored():
+    """The module stack as deep on leaving as on entering: around a recompute, whose early stop unwinds the block's
+    forward from inside its last Linear past the post-forward hooks of that Linear and of the module around it (two
+    entries per recomputed block that would stay for good, each keeping its module and so the whole model alive)."""
+    stack = forward_module_stack()
+    depth = len(stack)
+    try:
+        yield
+    finally:
+        del stack[depth:]
+
+
+def forget_modules(root: torch.nn.Module, keep: int = 0) -> None:
+    """Drop the stack's entries of ``root``'s modules beyond the first ``keep``: the root that each rebuilt stage-3
+    optimizer pushes once more (``keep=1``), or all of them when the engine is destroyed (``keep=0``)."""
+    ours = {id(m) for m in root.modules()}
+    stack = forward_module_stack()
+    kept, remaining = 0, []
+    for module in stack:
+        if id(module) in ours:
+            if kept >= keep:
+                continue
+            kept += 1
+        remaining.append(module)
+    stack[:] = remaining
+
+
+def _release_cache():
+    """The process-wide ``functools.lru_cache`` behind ``PartitionedParameterCoordinator.__params_to_release``
+    (under DeepSpeed's NVTX wrapper), keyed by (coordinator, module, step); None where that moved."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    method = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    if method is not None and not hasattr(method, "cache_clear"):
+        method = inspect.getclosurevars(method).nonlocals.get("func")
+    return method if hasattr(method, "cache_clear") else None
+
+
+def clear_release_cache() -> None:
+    """Empty that cache, which nothing in DeepSpeed clears: it keeps every coordinator it has seen, with the modules
+    of its model.  A rebuilt stage-3 optimizer (every block switch) brings a new coordinator, so without this the
+    old ones pile up for the whole run and a destroyed engine's model is never freed.  Other engines in the process
+    only recompute their entries."""
+    _release_cache().cache_clear()
