@@ -12,9 +12,12 @@ With ``g = ∂L/∂y`` flattened to [M, N] and ``x`` to [M, K], the backward com
     SIGN:    W -= lr·s · sign(gᵀx), b -= lr·s · sign(Σ_m g)
     FROZEN, LORA (base weight):  nothing for W and b
 
-``lr·s`` is read from the plan's :class:`~bread_kernels.plan.OnTheFlyUpdate` when the backward runs.  A weight used
-several times in one forward receives one update for its summed gradient after the last use's backward (the
-update is the fused kernel over the concatenated tokens of every use).  A non-finite ``g`` or ``x`` skips the
+ACTIVE, and FROZEN/LORA where neither W nor b requires grad, are autograd's own ``F.linear`` (its backward is the
+maths above, in C++) unless autocast casts W; :class:`FusedLinearFunction` serves the on-the-fly roles, a FROZEN
+weight that requires grad (whose dW it keeps from autograd) and a W autocast casts (it saves W, not the cast).  ``lr·s`` is read from the plan's
+:class:`~bread_kernels.plan.OnTheFlyUpdate` when the backward runs.  A weight used several times in one forward
+receives one update for its summed gradient after the last use's backward (the update is the fused kernel over the
+concatenated tokens of every use).  A non-finite ``g`` or ``x`` skips the
 update (weight and bias untouched) and is reported on the plan.
 
 Under ``torch.autocast`` for x's device type with autocast dtype ``d`` (see :mod:`.autocast`), x, W and b may have
@@ -160,6 +163,20 @@ def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_b
     return grad_weight, grad_bias
 
 
+def _autograd_computes(x: torch.Tensor, plan: WeightPlan, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd's own ``F.linear`` is exactly the role's, at no more memory: ACTIVE, and FROZEN/LORA where
+    neither W nor b requires grad (as the block optimizer leaves them) — unless autocast casts W, whose cast autograd
+    would save where the Function saves W itself.  It then runs in C++, with no Python per call (the Function's
+    costs about 15-30 µs of host time a call: ``python -m bread_kernels.bench host``), and its recompute never
+    computes the block's last GEMM, as the deferred output of the Function arranges."""
+    if autocast_dtype(x.device) not in (None, weight.dtype):
+        return False
+    if plan.role is Role.ACTIVE:
+        return True
+    return not plan.role.updates_on_the_fly and not weight.requires_grad and not (bias is not None and
+                                                                                  bias.requires_grad)
+
+
 def _in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t.to(dtype)`` where that casts (under autocast); ``t`` itself otherwise, without the call's host cost."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
@@ -174,4 +191,6 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
     check_linear_inputs(x, weight, bias, plan)
+    if _autograd_computes(x, plan, weight, bias):
+        return F.linear(x, weight, bias)
     return apply_deferring_output(FusedLinearFunction, plan, x, weight, bias, plan, trigger_for(plan, x, weight, bias))

@@ -328,7 +328,8 @@ def test_only_roles_that_need_dw_save_the_input(role):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fused_linear(x, weight, b, WeightPlan(role, update))
-    assert any(t is x for t in saved) == (role in (Role.ACTIVE, Role.SGD, Role.SIGN))
+    keeps_x = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)  # x or a view
+    assert keeps_x == (role in (Role.ACTIVE, Role.SGD, Role.SIGN))
 
 
 @pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
