@@ -14,11 +14,12 @@ With ``g = ∂L/∂y`` flattened to [M, N] and ``x`` to [M, K], the backward com
 
 ACTIVE, and FROZEN/LORA where neither W nor b requires grad, are autograd's own ``F.linear`` (its backward is the
 maths above, in C++) unless autocast casts W; :class:`FusedLinearFunction` serves the on-the-fly roles, a FROZEN
-weight that requires grad (whose dW it keeps from autograd) and a W autocast casts (it saves W, not the cast).  ``lr·s`` is read from the plan's
-:class:`~bread_kernels.plan.OnTheFlyUpdate` when the backward runs.  A weight used several times in one forward
-receives one update for its summed gradient after the last use's backward (the update is the fused kernel over the
-concatenated tokens of every use).  A non-finite ``g`` or ``x`` skips the
-update (weight and bias untouched) and is reported on the plan.
+weight that requires grad (whose dW it keeps from autograd) and a W autocast casts (it saves W, not the cast).
+
+``lr·s`` is read from the plan's :class:`~bread_kernels.plan.OnTheFlyUpdate` when the backward runs.  A weight used
+several times in one forward receives one update for its summed gradient after the last use's backward (the update
+is the fused kernel over the concatenated tokens of every use).  A non-finite ``g`` or ``x`` skips the update
+(weight and bias untouched) and is reported on the plan.
 
 Under ``torch.autocast`` for x's device type with autocast dtype ``d`` (see :mod:`.autocast`), x, W and b may have
 any of the three dtypes and everything is computed as ``F.linear`` computes it there: ``y = x_d W_dᵀ + b_d`` in

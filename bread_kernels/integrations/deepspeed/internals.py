@@ -155,7 +155,7 @@ def forward_module_stack() -> list:
 def module_stack_restored():
     """The module stack as deep on leaving as on entering: around a recompute, whose early stop unwinds the block's
     forward from inside its last Linear past the post-forward hooks of that Linear and of the module around it (two
-    entries per recomputed block that would stay for good, each keeping its module and so the whole model alive)."""
+    entries per recomputed block that would stay for good, keeping their modules alive after ``destroy``)."""
     stack = forward_module_stack()
     depth = len(stack)
     try:
