@@ -314,8 +314,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             bytes), shared with the larger of what the fused loss holds beside the kept blocks and what the top
             block's backward allocates (see :class:`~bread_kernels.stream.StreamConfig`); each kept block's
             activations measured, the count growing by at most one block per step and starting again from the top
-            block when the plans change; elsewhere none (measured in the README's "Speed" section).  0 recomputes every block; ``k`` keeps the top ``k`` (each beyond the first
-            adds one block's activations to the peak).
+            block when the plans change; elsewhere none (measured in the README's "Speed" section).  0 recomputes
+            every block; ``k`` keeps the top ``k`` (each beyond the first adds one block's activations to the
+            peak).
         fused_elementwise: compute every Llama-style RMSNorm (the blocks' and the final one) and SwiGLU MLP of the
             model with this library's Functions: the same values and gradients as autograd's, bit for bit, from
             less saved memory (no fp32 copy of a norm's input, no ``silu(a)``: a bf16 Llama block saves about a

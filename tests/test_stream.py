@@ -9,7 +9,6 @@ from torch import nn
 
 import bread_kernels
 from bread_kernels import Role
-from bread_kernels.functions import linear as linear_module
 from bread_kernels.patch import patched_state
 from bread_kernels.stream import StreamConfig
 from tests.model_zoo import BUILDERS, assert_close_by_norm, batch, loss_of
@@ -376,19 +375,21 @@ def _count_linear_backwards(model):
     each output of the forward, so the fused Function and autograd's own linear count alike)."""
     calls = []
 
-    def on_output(module, args, output, name):
-        if output.requires_grad:
-            output.register_hook(lambda grad: calls.append(name))
+    def counting(name):
+        def on_output(module, args, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: calls.append(name))
+        return on_output
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            module.register_forward_hook(lambda m, a, out, name=name: on_output(m, a, out, name))
+            module.register_forward_hook(counting(name))
     return calls
 
 
 @pytest.mark.parametrize("active", [0, 1, 3])
 def test_badam_does_backward_work_only_from_the_active_block_up(active):
-    model = bread_kernels.patch(BUILDERS["llama"](), fused_loss=False)  # the head's backward a fused linear's
+    model = bread_kernels.patch(BUILDERS["llama"](), fused_loss=False)  # the head a Linear of its own
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),

@@ -3,7 +3,8 @@
 A peft ``lora.Linear`` (rank r, frozen base weight ``W`` [N, K], trainable A and B, no dropout) in the middle of a
 network (the input needs dX).  peft: plain autograd through ``base(x) + B(A(x))·s``.  Fused:
 :func:`bread_kernels.fused_lora_linear` with the base weight's role LORA (``v = gB``, ``dA``, ``dB`` from the
-backend's ``lora_grads``: three GEMMs, or on a GPU with ``BREAD_LORA_KERNEL=triton`` one Triton kernel).  Only the backward is timed.
+backend's ``lora_grads``: three GEMMs, or on a GPU with ``BREAD_LORA_KERNEL=triton`` one Triton kernel).  Only the
+backward is timed.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ gradients, as peft's graph does):
     base W by Role: ACTIVE -> dW = gᵀx, db = Σg;  SGD/SIGN -> the fused update;  FROZEN/LORA -> nothing
 
 ``v``, ``dA`` and ``dB`` come from the backend's ``lora_grads`` (on a GPU three cuBLAS GEMMs, or with
-``BREAD_LORA_KERNEL=triton`` one Triton kernel that reads ``g`` and ``x̃`` once; on a CPU three GEMMs), so no N×K tensor exists for a frozen base weight.  Dropout is exact: the mask
-belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
+``BREAD_LORA_KERNEL=triton`` one Triton kernel that reads ``g`` and ``x̃`` once; on a CPU three GEMMs), so no N×K
+tensor exists for a frozen base weight.  Dropout is exact: the mask belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
 forward's RNG state.
 
 Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) peft's forward runs its base layer and both

@@ -516,7 +516,8 @@ def test_a_bf16_heads_forward_dw_path_holds_no_more_than_the_unfused_loss(tokens
     """With the default budget (here a 64 KiB block of logits) a bf16 on-the-fly head accumulates its dW in the
     forward only where the fp32 dW *and* each chunk's bf16 [V, H] product fit in what the unfused loss would hold
     beyond a block: the fused loss then peaks no higher than the model's own head and loss with autograd's dW (the
-    reference's hook takes), give or take the hidden states' size.  Counting the fp32 dW alone, 90 tokens peaked 1.36x the unfused loss."""
+    reference's hook takes), give or take the hidden states' size.  Counting the fp32 dW alone, 90 tokens peaked
+    1.36x the unfused loss."""
     from bread_kernels.bench.memory import trace_allocations
     from bread_kernels.functions import head_loss
 

@@ -27,8 +27,8 @@ A bf16 case (DeepSpeed's bf16 mode) is a smoke run, checked loosely against the 
 stochastic rounding moves the norm weights.  Each launch has a timeout.  After each case the worker
 checks that ``destroy()`` leaves the model to be freed (DeepSpeed's globals held it, and with it the process groups,
 until interpreter shutdown, where a gloo worker thread could abort the process) and that DeepSpeed's module stack
-stayed at the root; at the end it calls ``deepspeed.comm.destroy_process_group``.  The fault test makes rank 1 raise in the backward and checks that the whole job ends
-quickly with that error.
+stayed at the root; at the end it calls ``deepspeed.comm.destroy_process_group``.  The fault test makes rank 1 raise
+in the backward and checks that the whole job ends quickly with that error.
 """
 
 from __future__ import annotations

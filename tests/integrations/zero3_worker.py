@@ -196,8 +196,8 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     hook_names = [getattr(h, "__name__", "") for hooks in (probe._forward_pre_hooks, probe._forward_hooks)
                   for h in hooks.values()]
     result = {"case": name, "hook_names": sorted(hook_names), "losses": losses, "ref_losses": ref_losses, "grads_left": grads_left[:5],
-              "switches": engine.switches, "internals_problems": problems, "module_stack_depths": stack_depths, "comm": dict(comm_stats.calls),
-              "params": {}}
+              "switches": engine.switches, "internals_problems": problems, "module_stack_depths": stack_depths,
+              "comm": dict(comm_stats.calls), "params": {}}
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     initial = dict(build_model(family).named_parameters())
     for pname, p in model.named_parameters():
