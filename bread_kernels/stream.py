@@ -21,7 +21,10 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   gradients, about its activations' size), take no more than that keep the peak under the unfused model's.  Each
   kept block's activations are measured (bytes per token,
   saved tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward;
-  new plans (a block switch: roles decide what a block saves) start again from the top block alone.
+  new plans (a block switch: roles decide what a block saves) start again from the top block alone.  In a kept
+  block the linears that save their inputs (on-the-fly, LoRA, ACTIVE) save instead what rebuilds them in their
+  backward: the norms' outputs and the SwiGLU product come back from the norms' and the product's own saved tensors
+  (:mod:`bread_kernels.functions.rebuild`), ``2K + I`` values per token fewer, so more blocks fit the budget.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
@@ -43,6 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .functions.experts import EXPERT_PLANS_ATTR
+from .functions.rebuild import rebuilding_outputs
 from .functions.recompute import Recomputing
 from .plan import PLAN_ATTR
 
@@ -185,9 +189,10 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         return original(*args, **kwargs)
     if index >= config.n_blocks - config.kept_blocks(hidden.numel() // hidden.shape[-1]):
         config.kept += 1
-        if config.keep_top == "auto" and not _saved_tensor_hooks_active():
-            return _measuring_saved_bytes(block, original, config, index, args, kwargs, hidden)
-        return original(*args, **kwargs)
+        with rebuilding_outputs():  # its linears' inputs are rebuilt from the norms' and products' saved tensors
+            if config.keep_top == "auto" and not _saved_tensor_hooks_active():
+                return _measuring_saved_bytes(block, original, config, index, args, kwargs, hidden)
+            return original(*args, **kwargs)
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
     # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it

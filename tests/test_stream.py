@@ -1,5 +1,6 @@
 """The streaming backward of a patched model against the plain model: gradients, RNG replay, the cut, recompute."""
 
+import contextlib
 import copy
 import warnings
 
@@ -189,6 +190,53 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     monkeypatch.setattr(causal_lm, "fused_head_loss",
                         lambda *args, hidden_sized, **kwargs: unbounded(*args, hidden_sized=False, **kwargs))
     assert peak(patched(), first_step=True) > recomputed * 1.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["bread_sgd", "bread"])
+def test_kept_blocks_rebuild_their_linears_inputs_and_train_the_same(variant, dtype, monkeypatch):
+    """In a block "auto" keeps, the on-the-fly (BREAD-SGD) or LoRA (BREAD) linears save what rebuilds their inputs
+    (:mod:`bread_kernels.functions.rebuild`): the block saves ``2K + I`` values per token fewer (the two norms'
+    outputs and the SwiGLU product, for the copies of the norms' [K] weights), and three steps train every
+    parameter as when it saves them, bit for bit."""
+    from bread_kernels import stream as stream_module
+    from bread_kernels.functions import head_loss
+    from tests.model_zoo import with_lora
+
+    monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)  # the SGD head's dW beside kept blocks (above)
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model = _llama_with_a_large_vocabulary(dtype)
+        if variant == "bread":
+            model = with_lora(model)
+        model = bread_kernels.patch(model)
+        mode = dict(sgd_mode="all") if variant == "bread_sgd" else dict(lora_mode="all")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), switch_mode="fixed",
+                                               start_block=0, verbose=0, **mode)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        stream = patched_state(model).stream
+        return model, stream.kept, dict(stream.block_bytes)
+
+    rebuilt, kept, rebuilt_bytes = run()
+    monkeypatch.setattr(stream_module, "rebuilding_outputs", contextlib.nullcontext)
+    saved, _, saved_bytes = run()
+    config = rebuilt.config
+    top = config.num_hidden_layers - 1
+    assert kept >= 1 and top in rebuilt_bytes
+    item, tokens = torch.finfo(dtype).bits // 8, ids.numel()
+    saved_less = round((saved_bytes[top] - rebuilt_bytes[top]) * tokens)
+    # less the two norms' weights, copied for their rebuild ([K] each)
+    assert saved_less == (2 * config.hidden_size + config.intermediate_size) * item * tokens \
+        - 2 * config.hidden_size * item
+    for (name, a), (_, b) in zip(saved.named_parameters(), rebuilt.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def _settled_step_peak(model, ids, steps, **optimizer):

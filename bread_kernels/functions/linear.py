@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..plan import Role, WeightPlan
 from ..update import update_linear_
 from .autocast import autocast_dtype, outside_autocast
+from .rebuild import rebuildable, saved_input
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
 __all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
@@ -118,14 +119,16 @@ class FusedLinearFunction(torch.autograd.Function):
         dtype = ctx.compute_dtype = autocast_dtype(x.device) or weight.dtype
         ctx.x_dtype = x.dtype
         x, weight_c, bias_c = _in_dtype(x, dtype), _in_dtype(weight, dtype), _in_dtype(bias, dtype)
-        ctx.save_for_backward(x if needs_x else None, weight, bias)
+        x_saved, ctx.x_source = saved_input(x if needs_x else None)  # x, or what rebuilds it (.rebuild)
+        ctx.save_for_backward(weight, bias, *x_saved)
         if deferred is None:
             return F.linear(x, weight_c, bias_c)
         return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]), lambda: F.linear(x, weight_c, bias_c))
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, bias = ctx.saved_tensors
+        weight, bias, *x_saved = ctx.saved_tensors
+        x = ctx.x_source.restore(x_saved)
         with outside_autocast(grad_output.device):
             g = grad_output.reshape(-1, weight.shape[0])  # flattened once: each op below is one 2-D GEMM, no views
             grad_x = None
@@ -167,13 +170,14 @@ def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_b
 def _autograd_computes(x: torch.Tensor, plan: WeightPlan, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether autograd's own ``F.linear`` is exactly the role's, at no more memory: ACTIVE, and FROZEN/LORA where
     neither W nor b requires grad (as the block optimizer leaves them) — unless autocast casts W, whose cast autograd
-    would save where the Function saves W itself.  It then runs in C++, with no Python per call (the Function's
+    would save where the Function saves W itself, or an ACTIVE weight's input is rebuildable (:mod:`.rebuild`:
+    autograd would save it where the Function saves what rebuilds it).  It then runs in C++, with no Python per call (the Function's
     costs about 15-30 µs of host time a call: ``python -m bread_kernels.bench host``), and its recompute never
     computes the block's last GEMM, as the deferred output of the Function arranges."""
     if autocast_dtype(x.device) not in (None, weight.dtype):
         return False
     if plan.role is Role.ACTIVE:
-        return True
+        return not rebuildable(x)
     return not plan.role.updates_on_the_fly and not weight.requires_grad and not (bias is not None and
                                                                                   bias.requires_grad)
 

@@ -40,6 +40,7 @@ from ..backends import get_backend
 from ..plan import WeightPlan
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
+from .rebuild import saved_input
 from .recompute import apply_deferring_output, deferred_output
 
 __all__ = ["FusedLoRALinearFunction", "fused_lora_linear", "check_lora_inputs"]
@@ -96,7 +97,8 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         lora_a_c, lora_b_c = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
         u = F.linear(adapter_input, lora_a_c)
         keep_x = needs_x or saved_adapter_input is None  # x is also the adapter input
-        ctx.save_for_backward(x if keep_x else None, saved_adapter_input, weight, bias, lora_a, lora_b, u)
+        x_saved, ctx.x_source = saved_input(x if keep_x else None)  # x, or what rebuilds it (.rebuild)
+        ctx.save_for_backward(saved_adapter_input, weight, bias, lora_a, lora_b, u, *x_saved)
         weight_c, bias_c = weight.to(base_dtype), (bias.to(base_dtype) if bias is not None else None)
         if deferred is None:
             return lora_output(x, weight_c, bias_c, u, lora_b_c, scaling)
@@ -110,7 +112,8 @@ class FusedLoRALinearFunction(torch.autograd.Function):
 
 
 def _lora_backward(ctx, grad_output):
-    x, adapter_input, weight, bias, lora_a, lora_b, u = ctx.saved_tensors
+    adapter_input, weight, bias, lora_a, lora_b, u, *x_saved = ctx.saved_tensors
+    x = ctx.x_source.restore(x_saved)
     needs = ctx.needs_input_grad
     n_out, n_in = weight.shape
     rank = lora_a.shape[0]

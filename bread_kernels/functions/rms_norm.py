@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .probe import computes_the_same
+from .rebuild import mark_rebuildable
 
 __all__ = ["RMSNormFunction", "rms_norm", "fusable_rms_norm", "rms_norm_epsilon"]
 
@@ -50,6 +51,12 @@ _EPSILON_ATTRS = ("variance_epsilon", "eps")
 def _rstd(x_f: torch.Tensor, eps: float) -> torch.Tensor:
     """``rsqrt(mean_K(x_f²) + ε)`` [..., 1], Hugging Face's ops in its order."""
     return torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True).add_(eps))
+
+
+def _normalized(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, x_f: torch.Tensor | None = None):
+    """``y = w · d_x(x_f · r)`` from ``r``: the forward's output (``x_f``: ``fp32(x)`` where the forward has it),
+    and its rebuild in a consumer's backward (:mod:`.rebuild`)."""
+    return weight * ((x.to(torch.float32) if x_f is None else x_f) * rstd).to(x.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -67,7 +74,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = _rstd(x_f, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.split = x_again is not None
-        return weight * (x_f * rstd).to(x.dtype)
+        return mark_rebuildable(_normalized(x, weight, rstd, x_f), _normalized, x, weight, rstd)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -95,7 +102,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     gradient."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         x_f = x.to(torch.float32)
-        return weight * (x_f * _rstd(x_f, eps)).to(x.dtype)
+        rstd = _rstd(x_f, eps)
+        return mark_rebuildable(_normalized(x, weight, rstd, x_f), _normalized, x, weight, rstd)
     split = x.dtype == torch.float32 and not torch.compiler.is_compiling()  # dynamo refuses a tensor given twice
     return RMSNormFunction.apply(x, x if split else None, weight, eps)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .probe import computes_the_same
+from .rebuild import mark_rebuildable
 
 __all__ = ["SiLUMulFunction", "silu_mul", "fusable_swiglu_mlp", "swiglu_mlp"]
 
@@ -32,7 +33,7 @@ class SiLUMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, u):
         ctx.save_for_backward(a, u)
-        return F.silu(a) * u
+        return mark_rebuildable(_product(a, u), _product, a, u)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -48,8 +49,13 @@ class SiLUMulFunction(torch.autograd.Function):
 def silu_mul(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(a) · u`` (see the module docstring); plain ops where nothing needs a gradient."""
     if not torch.is_grad_enabled() or not (a.requires_grad or u.requires_grad):
-        return F.silu(a) * u
+        return mark_rebuildable(_product(a, u), _product, a, u)
     return SiLUMulFunction.apply(a, u)
+
+
+def _product(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(a) · u``: the forward's output, and its rebuild in a consumer's backward (:mod:`.rebuild`)."""
+    return F.silu(a) * u
 
 
 def swiglu_mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

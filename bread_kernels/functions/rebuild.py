@@ -1,0 +1,121 @@
+"""Inputs a fused function rebuilds in its backward instead of saving them: the output of a cheap elementwise
+function whose own inputs are saved anyway (selective activation checkpointing, by hand).
+
+In a block that keeps its activations (a top block the stream keeps, see :mod:`bread_kernels.stream`), a linear
+with an on-the-fly or LoRA role saves its input ``x`` for dW.  In a Llama block those inputs are
+
+    n₁ = RMSNorm(h)          [T, K]   for q, k, v     (the norm saves h and rstd [T, 1] itself)
+    n₂ = RMSNorm(h₁)         [T, K]   for gate, up    (the norm saves h₁ and rstd)
+    m  = silu(a) · u         [T, I]   for down        (the product saves a and u)
+
+so a block keeps ``2K + I`` values per token (of about ``9K + 3I`` in all) that one elementwise pass over what is
+saved anyway gives back bit for bit.  Inside :func:`rebuilding_outputs` the producers attach to their output how
+to rebuild it (:func:`mark_rebuildable`: a function and the tensors it reads); a consumer saves those tensors in
+place of its input (:func:`saved_input`), which then costs no storage of its own, and its backward calls
+:meth:`SavedInput.restore`.  Consumers of one output (q, k and v read the same n₁) share one rebuild: the first
+backward computes it, the last one frees it.  Less memory per kept block lets the stream keep more blocks in the
+same budget, and a kept block saves its whole recompute (a block's GEMMs and attention) for these few passes.
+
+The rebuild runs the producer's own ops on the same tensors, so its values are the forward's bit for bit; a
+tensor the rebuild reads that is a parameter is read from a copy taken in the forward (its size is a weight's
+row: an RMSNorm's [K]), so an update of that parameter before the backward, or its partitioning by ZeRO-3, cannot
+change the rebuilt values.  Outside :func:`rebuilding_outputs` (blocks the stream recomputes, whose saved tensors
+live only during their own backward) nothing is marked and every input is saved as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import torch
+
+__all__ = ["rebuilding_outputs", "is_rebuilding_outputs", "mark_rebuildable", "rebuildable", "saved_input",
+           "SavedInput"]
+
+_state = threading.local()
+_RECIPE_ATTR = "_bread_kernels_rebuild"
+
+
+@contextlib.contextmanager
+def rebuilding_outputs():
+    """Within this context (thread-local), the producers mark their outputs rebuildable (:func:`mark_rebuildable`)
+    and the consumers save the rebuild's tensors in place of such an output."""
+    outer = is_rebuilding_outputs()
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = outer
+
+
+def is_rebuilding_outputs() -> bool:
+    return getattr(_state, "active", False)
+
+
+class _Shared:
+    """The rebuilt tensor while some consumer's backward still needs it, and how many have yet to run."""
+
+    __slots__ = ("value", "uses")
+
+    def __init__(self):
+        self.value, self.uses = None, 0
+
+
+class _Recipe:
+    __slots__ = ("rebuild", "tensors", "shared")
+
+    def __init__(self, rebuild, tensors):
+        self.rebuild, self.tensors, self.shared = rebuild, tensors, _Shared()
+
+
+def mark_rebuildable(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """Within :func:`rebuilding_outputs`: attach to ``output`` that ``rebuild(*tensors)`` gives its values bit for
+    bit (parameters among ``tensors`` are copied: see the module docstring).  Returns ``output``."""
+    if not torch.compiler.is_compiling() and is_rebuilding_outputs():
+        kept = tuple(t.detach().clone() if isinstance(t, torch.nn.Parameter) else t for t in tensors)
+        setattr(output, _RECIPE_ATTR, _Recipe(rebuild, kept))
+    return output
+
+
+def rebuildable(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an output marked rebuildable (a consumer that saves it can save less)."""
+    return hasattr(x, _RECIPE_ATTR)
+
+
+class SavedInput:
+    """How a consumer's backward gets its input back from what it saved: that tensor itself, or a rebuild shared
+    with the output's other consumers.  It holds no tensor (they go through ``ctx.save_for_backward``, so
+    saved-tensor hooks and checkpointing see them)."""
+
+    __slots__ = ("_rebuild", "_shared")
+
+    def __init__(self, rebuild=None, shared=None):
+        self._rebuild, self._shared = rebuild, shared
+
+    def restore(self, saved: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The input, from ``saved``: the entries of ``ctx.saved_tensors`` that :func:`saved_input` gave."""
+        if self._rebuild is None:
+            return saved[0] if saved else None
+        shared = self._shared
+        value = shared.value if shared.value is not None else self._rebuild(*saved)
+        shared.uses -= 1
+        shared.value = value if shared.uses > 0 else None  # the last consumer's backward frees it
+        return value
+
+
+_AS_IS = SavedInput()
+
+
+def saved_input(x: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], SavedInput]:
+    """What a consumer saves for its input ``x`` (None: nothing) and how its backward gets ``x`` back: the tensors
+    ``x``'s rebuild reads where ``x`` is an output marked in :func:`rebuilding_outputs`, else ``x`` itself.  The
+    backward calls :meth:`SavedInput.restore` once (a shared rebuild counts its consumers)."""
+    if x is None:
+        return (), _AS_IS
+    recipe = getattr(x, _RECIPE_ATTR, None)
+    if recipe is None:
+        return (x,), _AS_IS
+    recipe.shared.uses += 1
+    return recipe.tensors, SavedInput(recipe.rebuild, recipe.shared)

@@ -1,0 +1,131 @@
+"""Inputs rebuilt in the backward instead of saved (:mod:`bread_kernels.functions.rebuild`): the consumers of an
+RMSNorm output or a SwiGLU product compute exactly what they compute from the saved tensor, save none of its
+storage, share one rebuild, and are immune to a change of the norm's weight between forward and backward."""
+
+import contextlib
+import gc
+import weakref
+
+import pytest
+import torch
+
+from bread_kernels import OnTheFlyUpdate, Role, WeightPlan, fused_linear
+from bread_kernels.functions.lora import fused_lora_linear
+from bread_kernels.functions.rebuild import mark_rebuildable, rebuildable, rebuilding_outputs
+from bread_kernels.functions.rms_norm import rms_norm
+from bread_kernels.functions.swiglu import silu_mul
+
+N_OUT, N_IN = 37, 53
+TOKENS = (3, 29)
+ROLES = [Role.SGD, Role.SIGN, Role.ACTIVE, "lora"]
+
+
+def _weights(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "h": torch.randn(*TOKENS, N_IN, generator=gen).to(dtype),
+        "norm": (torch.randn(N_IN, generator=gen) * 0.5 + 1).to(dtype),
+        "linears": [torch.randn(N_OUT, N_IN, generator=gen).to(dtype) for _ in range(3)],
+        "lora_a": [(torch.randn(8, N_IN, generator=gen) * 0.1).to(dtype) for _ in range(3)],
+        "lora_b": [(torch.randn(N_OUT, 8, generator=gen) * 0.1).to(dtype) for _ in range(3)],
+        "grad": torch.randn(*TOKENS, N_OUT, generator=gen).to(dtype),
+    }
+
+
+def _qkv_step(values, role, rebuild: bool, between=None):
+    """Three linears of ``role`` read one RMSNorm output (as q, k and v do); one forward + backward, inside
+    ``rebuilding_outputs`` or not.  Returns the tensors after the step and the storages autograd saved."""
+    h = values["h"].clone().requires_grad_()
+    norm = torch.nn.Parameter(values["norm"].clone())
+    weights = [torch.nn.Parameter(w.clone(), requires_grad=role is Role.ACTIVE) for w in values["linears"]]
+    adapters = [(torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()))
+                for a, b in zip(values["lora_a"], values["lora_b"])]
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with rebuilding_outputs() if rebuild else contextlib.nullcontext():
+            n = rms_norm(h, norm, 1e-6)
+            outputs = []
+            for i, w in enumerate(weights):
+                if role == "lora":
+                    a, b = adapters[i]
+                    outputs.append(fused_lora_linear(n, None, w, None, a, b, 2.0, WeightPlan(Role.LORA)))
+                else:
+                    plan = WeightPlan(role, OnTheFlyUpdate(lr=0.05) if role.updates_on_the_fly else None)
+                    outputs.append(fused_linear(n, w, None, plan))
+    n_storage = n.untyped_storage().data_ptr()
+    if between is not None:
+        between(norm)
+    (sum(outputs) * values["grad"]).sum().backward()
+    result = {"h.grad": h.grad, "norm.grad": norm.grad, **{f"w{i}": w.detach() for i, w in enumerate(weights)}}
+    for i, w in enumerate(weights):
+        if w.grad is not None:
+            result[f"w{i}.grad"] = w.grad
+    for i, (a, b) in enumerate(adapters if role == "lora" else ()):
+        result[f"a{i}.grad"], result[f"b{i}.grad"] = a.grad, b.grad
+    return result, n_storage in saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("role", ROLES, ids=str)
+def test_linears_reading_a_rebuilt_norm_output_compute_what_they_compute_from_it_saved(role, dtype):
+    values = _weights(dtype)
+    saved_way, saved_n = _qkv_step(values, role, rebuild=False)
+    rebuilt_way, rebuilt_saved_n = _qkv_step(values, role, rebuild=True)
+    assert saved_n and not rebuilt_saved_n  # the norm's output is saved by the consumers only without the rebuild
+    assert saved_way.keys() == rebuilt_way.keys()
+    for name in saved_way:
+        assert torch.equal(rebuilt_way[name], saved_way[name]), name
+
+
+def test_an_output_is_marked_only_inside_rebuilding_outputs():
+    x, w = torch.randn(5, 8, requires_grad=True), torch.nn.Parameter(torch.ones(8))
+    a, u = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
+    assert not rebuildable(rms_norm(x, w, 1e-6)) and not rebuildable(silu_mul(a, u))
+    with rebuilding_outputs():
+        assert rebuildable(rms_norm(x, w, 1e-6)) and rebuildable(silu_mul(a, u))
+        with torch.no_grad():  # the plain path (a block below nothing that needs its gradients) marks too
+            assert rebuildable(rms_norm(x, w, 1e-6)) and rebuildable(silu_mul(a, u))
+    assert not rebuildable(rms_norm(x, w, 1e-6))
+
+
+def test_consumers_of_one_output_share_one_rebuild_freed_after_the_last():
+    """Three SGD linears read one SwiGLU product: the rebuild runs once in the backward, and nothing keeps the
+    rebuilt tensor after the last consumer's backward."""
+    gen = torch.Generator().manual_seed(1)
+    a, u = torch.randn(*TOKENS, N_IN, generator=gen, requires_grad=True), torch.randn(*TOKENS, N_IN, generator=gen)
+    weights = [torch.randn(N_OUT, N_IN, generator=gen) for _ in range(3)]
+    rebuilt = []
+
+    def product(a, u):
+        value = torch.nn.functional.silu(a) * u
+        rebuilt.append(weakref.ref(value))
+        return value
+
+    with rebuilding_outputs():
+        m = mark_rebuildable(product(a, u), product, a, u)
+        rebuilt.clear()
+        y = sum(fused_linear(m, w, None, WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.05))) for w in weights)
+    y.sum().backward()
+    assert len(rebuilt) == 1
+    gc.collect()
+    assert rebuilt[0]() is None
+
+
+def test_a_changed_norm_weight_between_forward_and_backward_does_not_change_the_rebuilt_input():
+    """ZeRO-3 partitions a module's parameters after its forward (``param.data`` replaced) and an optimizer may
+    step a parameter in place: the rebuild reads the norm weight as the forward saw it, so the linears' updates are
+    those computed from the saved output."""
+    values = _weights(torch.float32)
+
+    def replace(norm):
+        norm.data = norm.data * 3  # a new tensor under the parameter, as ZeRO-3's partitioning puts one there
+
+    saved_way, _ = _qkv_step(values, Role.SGD, rebuild=False, between=replace)
+    rebuilt_way, _ = _qkv_step(values, Role.SGD, rebuild=True, between=replace)
+    for i in range(3):
+        assert torch.equal(rebuilt_way[f"w{i}"], saved_way[f"w{i}"])
