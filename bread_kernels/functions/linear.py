@@ -171,9 +171,9 @@ def _autograd_computes(x: torch.Tensor, plan: WeightPlan, weight: torch.Tensor, 
     """Whether autograd's own ``F.linear`` is exactly the role's, at no more memory: ACTIVE, and FROZEN/LORA where
     neither W nor b requires grad (as the block optimizer leaves them) — unless autocast casts W, whose cast autograd
     would save where the Function saves W itself, or an ACTIVE weight's input is rebuildable (:mod:`.rebuild`:
-    autograd would save it where the Function saves what rebuilds it).  It then runs in C++, with no Python per call (the Function's
-    costs about 15-30 µs of host time a call: ``python -m bread_kernels.bench host``), and its recompute never
-    computes the block's last GEMM, as the deferred output of the Function arranges."""
+    autograd would save it where the Function saves what rebuilds it).  It then runs in C++, with no Python per
+    call (the Function's costs about 15-30 µs of host time a call: ``python -m bread_kernels.bench host``), and its
+    recompute never computes the block's last GEMM, as the deferred output of the Function arranges."""
     if autocast_dtype(x.device) not in (None, weight.dtype):
         return False
     if plan.role is Role.ACTIVE:

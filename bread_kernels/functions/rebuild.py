@@ -2,7 +2,8 @@
 function whose own inputs are saved anyway (selective activation checkpointing, by hand).
 
 In a block that keeps its activations (a top block the stream keeps, see :mod:`bread_kernels.stream`), a linear
-with an on-the-fly or LoRA role saves its input ``x`` for dW.  In a Llama block those inputs are
+with an on-the-fly, LoRA or ACTIVE role saves its input ``x`` (for dW, or the adapters' dA).  In a Llama block
+those inputs are
 
     n₁ = RMSNorm(h)          [T, K]   for q, k, v     (the norm saves h and rstd [T, 1] itself)
     n₂ = RMSNorm(h₁)         [T, K]   for gate, up    (the norm saves h₁ and rstd)
