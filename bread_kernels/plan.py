@@ -177,7 +177,8 @@ class WeightPlan:
 
     # -- multi-use bookkeeping (used by the fused functions) ---------------------------------------------------
     def register_use(self) -> "_UseToken":
-        self._drop_abandoned()
+        if self._pending:
+            self._drop_abandoned()
         token = _UseToken(_forward_epoch)
         self._uses.add(token)
         return token
@@ -186,6 +187,8 @@ class WeightPlan:
         """Record one use's (grad_output, input) pair; return every pair of its forward once that forward's last
         pending use is done."""
         self._uses.discard(token)
+        if not self._pending and not self._uses:  # the common case: a weight used once per forward
+            return [contribution]
         self._pending.append((token.epoch, contribution))
         if any(use.epoch == token.epoch for use in self._uses):
             return None
