@@ -97,7 +97,8 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         lora_a_c, lora_b_c = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
         u = F.linear(adapter_input, lora_a_c)
         keep_x = needs_x or saved_adapter_input is None  # x is also the adapter input
-        x_saved, ctx.x_source = saved_input(x if keep_x else None)  # x, or what rebuilds it (.rebuild)
+        # x, or what rebuilds it; shared with x's other adapters, which need its cast to their dtype (.rebuild)
+        x_saved, ctx.x_source = saved_input(x if keep_x else None, share=saved_adapter_input is None)
         ctx.save_for_backward(saved_adapter_input, weight, bias, lora_a, lora_b, u, *x_saved)
         weight_c, bias_c = weight.to(base_dtype), (bias.to(base_dtype) if bias is not None else None)
         if deferred is None:
@@ -113,12 +114,15 @@ class FusedLoRALinearFunction(torch.autograd.Function):
 
 def _lora_backward(ctx, grad_output):
     adapter_input, weight, bias, lora_a, lora_b, u, *x_saved = ctx.saved_tensors
-    x = ctx.x_source.restore(x_saved)
+    if adapter_input is None:  # x is the adapter input: its cast to the adapters' dtype, shared with x's others
+        x, adapter_input = ctx.x_source.restore(x_saved, cast_to=ctx.lora_dtype)
+    else:
+        x = ctx.x_source.restore(x_saved)
     needs = ctx.needs_input_grad
     n_out, n_in = weight.shape
     rank = lora_a.shape[0]
     g = grad_output.reshape(-1, n_out)
-    adapter_input = (adapter_input if adapter_input is not None else x).reshape(-1, n_in)
+    adapter_input = adapter_input.reshape(-1, n_in)
     need_a, need_b = needs[4], needs[5]
     need_lora_dx = needs[1] if ctx.separate_lora_input else needs[0]
     lora_a_c = lora_a.to(ctx.lora_dtype)

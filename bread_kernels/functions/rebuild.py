@@ -22,6 +22,13 @@ tensor the rebuild reads that is a parameter is read from a copy taken in the fo
 row: an RMSNorm's [K]), so an update of that parameter before the backward, or its partitioning by ZeRO-3, cannot
 change the rebuilt values.  Outside :func:`rebuilding_outputs` (blocks the stream recomputes, whose saved tensors
 live only during their own backward) nothing is marked and every input is saved as it is.
+
+The same sharing serves the LoRA adapters in every block: peft keeps a bf16 model's adapters in fp32, and each
+adapter's dA = s·vᵀx̃ reads x̃ = fp32(x) [T, K].  A LoRA function saves x (not x̃) and casts it in its backward;
+``saved_input(x, share=True)`` lets the consumers of one x (q, k, v; gate, up) make that cast once, kept only
+until the last of them has run.  A cast is reused only for the tensor it was made from, unchanged since (its
+storage, version, shape and strides): a forward dropped without its backward leaves its consumers counted, so a
+cast can outlive a backward, never its input's values.
 """
 
 from __future__ import annotations
@@ -56,12 +63,13 @@ def is_rebuilding_outputs() -> bool:
 
 
 class _Shared:
-    """The rebuilt tensor while some consumer's backward still needs it, and how many have yet to run."""
+    """What the consumers of one input share in their backward while some have yet to run (``uses``): the rebuilt
+    input, and its casts (a LoRA adapter's fp32 copy of a bf16 input), each made by the first that needs it."""
 
-    __slots__ = ("value", "uses")
+    __slots__ = ("value", "casts", "uses")
 
     def __init__(self):
-        self.value, self.uses = None, 0
+        self.value, self.casts, self.uses = None, {}, 0
 
 
 class _Recipe:
@@ -87,7 +95,7 @@ def rebuildable(x: torch.Tensor) -> bool:
 
 class SavedInput:
     """How a consumer's backward gets its input back from what it saved: that tensor itself, or a rebuild shared
-    with the output's other consumers.  It holds no tensor (they go through ``ctx.save_for_backward``, so
+    with the input's other consumers.  It holds no tensor (they go through ``ctx.save_for_backward``, so
     saved-tensor hooks and checkpointing see them)."""
 
     __slots__ = ("_rebuild", "_shared")
@@ -95,28 +103,60 @@ class SavedInput:
     def __init__(self, rebuild=None, shared=None):
         self._rebuild, self._shared = rebuild, shared
 
-    def restore(self, saved: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """The input, from ``saved``: the entries of ``ctx.saved_tensors`` that :func:`saved_input` gave."""
-        if self._rebuild is None:
-            return saved[0] if saved else None
+    def restore(self, saved: tuple[torch.Tensor, ...], cast_to: torch.dtype | None = None):
+        """The input, from ``saved``: the entries of ``ctx.saved_tensors`` that :func:`saved_input` gave.  With
+        ``cast_to``: ``(input, input in that dtype)``, the cast made once for all the consumers that share it."""
         shared = self._shared
-        value = shared.value if shared.value is not None else self._rebuild(*saved)
+        if shared is None:
+            x = saved[0] if saved else None
+            return x if cast_to is None else (x, _cast(x, cast_to))
+        x = shared.value
+        if x is None:
+            x = self._rebuild(*saved) if self._rebuild is not None else saved[0]
+        cast = None
+        if cast_to is not None:
+            cached = shared.casts.get(cast_to)
+            # the same tensor as when cast (a graph dropped without its backward leaves a count too high)
+            cast = cached[1] if cached is not None and cached[0] == _identity(x) else _cast(x, cast_to)
         shared.uses -= 1
-        shared.value = value if shared.uses > 0 else None  # the last consumer's backward frees it
-        return value
+        if shared.uses > 0:
+            shared.value = x if self._rebuild is not None else None
+            if cast is not None and cast is not x:
+                shared.casts[cast_to] = (_identity(x), cast)
+        else:  # the last consumer's backward frees what they shared
+            shared.value, shared.casts = None, {}
+        return x if cast_to is None else (x, cast)
+
+
+def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return x if x is None or x.dtype == dtype else x.to(dtype)
+
+
+def _identity(x: torch.Tensor) -> tuple:
+    return x.data_ptr(), x._version, x.shape, x.stride()
 
 
 _AS_IS = SavedInput()
+_SHARED_ATTR = "_bread_kernels_shared_input"
 
 
-def saved_input(x: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], SavedInput]:
+def saved_input(x: torch.Tensor | None, share: bool = False) -> tuple[tuple[torch.Tensor, ...], SavedInput]:
     """What a consumer saves for its input ``x`` (None: nothing) and how its backward gets ``x`` back: the tensors
     ``x``'s rebuild reads where ``x`` is an output marked in :func:`rebuilding_outputs`, else ``x`` itself.  The
-    backward calls :meth:`SavedInput.restore` once (a shared rebuild counts its consumers)."""
+    backward calls :meth:`SavedInput.restore` once (a shared input counts its consumers).  ``share``: ``x`` as it
+    is is shared too, so the consumers' backward casts it once (a LoRA layer's adapters, whose fp32 copy of a bf16
+    input q, k and v would each make)."""
     if x is None:
         return (), _AS_IS
     recipe = getattr(x, _RECIPE_ATTR, None)
-    if recipe is None:
+    if recipe is not None:
+        recipe.shared.uses += 1
+        return recipe.tensors, SavedInput(recipe.rebuild, recipe.shared)
+    if not share or torch.compiler.is_compiling():
         return (x,), _AS_IS
-    recipe.shared.uses += 1
-    return recipe.tensors, SavedInput(recipe.rebuild, recipe.shared)
+    shared = getattr(x, _SHARED_ATTR, None)
+    if shared is None:
+        shared = _Shared()
+        setattr(x, _SHARED_ATTR, shared)
+    shared.uses += 1
+    return (x,), SavedInput(None, shared)

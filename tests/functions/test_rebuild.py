@@ -129,3 +129,80 @@ def test_a_changed_norm_weight_between_forward_and_backward_does_not_change_the_
     rebuilt_way, _ = _qkv_step(values, Role.SGD, rebuild=True, between=replace)
     for i in range(3):
         assert torch.equal(rebuilt_way[f"w{i}"], saved_way[f"w{i}"])
+
+
+class _CastsOf(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the casts to fp32 of bf16 tensors holding ``values``."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.count = values, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 \
+                and out.dtype == torch.float32 and args[0].shape == self.values.shape \
+                and torch.equal(args[0], self.values):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("rebuild", [False, True], ids=["saved", "rebuilt"])
+def test_lora_adapters_reading_one_input_cast_it_once_in_their_backward(rebuild):
+    """q, k and v's fp32 adapters (peft's default on a bf16 model) read one bf16 input: their backward casts it to
+    fp32 once (three times where each reads its own copy), and every gradient and update is the one each computes
+    from its own copy, bit for bit."""
+    values = _weights(torch.bfloat16)
+    values["lora_a"] = [a.float() for a in values["lora_a"]]
+    values["lora_b"] = [b.float() for b in values["lora_b"]]
+
+    def step(shared: bool):
+        h = values["h"].clone().requires_grad_()
+        norm = torch.nn.Parameter(values["norm"].clone())
+        weights = [torch.nn.Parameter(w.clone(), requires_grad=False) for w in values["linears"]]
+        adapters = [(torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()))
+                    for a, b in zip(values["lora_a"], values["lora_b"])]
+        with rebuilding_outputs() if rebuild else contextlib.nullcontext():
+            n = rms_norm(h, norm, 1e-6)
+            inputs = [n] * 3 if shared else [n * 1 for _ in range(3)]  # n·1: a copy of the same values
+            y = sum(fused_lora_linear(x, None, w, None, a, b, 2.0,
+                                      WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.05)))
+                    for x, w, (a, b) in zip(inputs, weights, adapters))
+        with _CastsOf(n.detach().clone()) as casts:
+            (y * values["grad"]).sum().backward()
+        grads = [h.grad, norm.grad, *weights, *(t.grad for pair in adapters for t in pair)]
+        return casts.count, grads
+
+    shared_casts, shared = step(True)
+    own_casts, own = step(False)
+    assert (shared_casts, own_casts) == (1, 3)
+    for a, b in zip(shared, own):
+        assert torch.equal(a, b)
+
+
+def test_a_shared_cast_is_not_reused_for_an_input_changed_since():
+    """A forward whose graph is dropped without its backward leaves its consumers counted, so a shared cast can
+    outlive a backward; an input written in place since is cast again: each step's gradients are those of a
+    fresh input holding the same values."""
+    values = _weights(torch.bfloat16)
+    adapters = [(torch.nn.Parameter(a.float()), torch.nn.Parameter(b.float()))
+                for a, b in zip(values["lora_a"], values["lora_b"])]
+
+    def layers(x):
+        return sum(fused_lora_linear(x, None, w, None, a, b, 2.0, WeightPlan(Role.LORA))
+                   for w, (a, b) in zip(values["linears"], adapters))
+
+    def adapter_grads(x):
+        for a, b in adapters:
+            a.grad = b.grad = None
+        (layers(x) * values["grad"]).sum().backward()
+        return [t.grad.clone() for pair in adapters for t in pair]
+
+    x = values["h"].clone().requires_grad_()  # one tensor object through every step
+    layers(x)  # dropped without a backward
+    for step in range(2):
+        with torch.no_grad():
+            x.mul_(1.5)
+        expected = adapter_grads(x.detach().clone().requires_grad_())
+        for got, want in zip(adapter_grads(x), expected):
+            assert torch.equal(got, want), step
