@@ -132,6 +132,7 @@ def _lora_backward(ctx, grad_output):
         v, grad_a, grad_b = get_backend(g.device).lora_grads(g, adapter_input, u.reshape(-1, rank),
                                                              lora_b.to(ctx.lora_dtype), ctx.scaling, need_a, need_b)
         v = v.to(ctx.lora_dtype)
+    adapter_input = None  # its cast (an fp32 [M, K]) is not held through dX below, unless other adapters share it
 
     grad_x = grad_x_lora = None
     if needs[0]:

@@ -79,7 +79,8 @@ class _Recipe:
         self.rebuild, self.tensors, self.shared = rebuild, tensors, _Shared()
 
 
-def mark_rebuildable(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+def mark_rebuildable(output: torch.Tensor, rebuild: Callable[..., torch.Tensor],
+                     *tensors: torch.Tensor) -> torch.Tensor:
     """Within :func:`rebuilding_outputs`: attach to ``output`` that ``rebuild(*tensors)`` gives its values bit for
     bit (parameters among ``tensors`` are copied: see the module docstring).  Returns ``output``."""
     if not torch.compiler.is_compiling() and is_rebuilding_outputs():
