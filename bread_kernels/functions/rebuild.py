@@ -26,9 +26,10 @@ live only during their own backward) nothing is marked and every input is saved 
 The same sharing serves the LoRA adapters in every block: peft keeps a bf16 model's adapters in fp32, and each
 adapter's dA = s·vᵀx̃ reads x̃ = fp32(x) [T, K].  A LoRA function saves x (not x̃) and casts it in its backward;
 ``saved_input(x, share=True)`` lets the consumers of one x (q, k, v; gate, up) make that cast once, kept only
-until the last of them has run.  A cast is reused only for the tensor it was made from, unchanged since (its
-storage, version, shape and strides): a forward dropped without its backward leaves its consumers counted, so a
-cast can outlive a backward, never its input's values.
+until the last of them has run.  A cast is shared only by consumers that read x at one version: a write between
+two consumers' forwards, or a count a forward dropped without its backward left too high, gets a cast of its own.
+A write to a marked output, or to a tensor its rebuild reads, before a consumer saves it makes that consumer save
+the output as it is.  A double backward through a rebuilt input is refused (the rebuild has no graph).
 """
 
 from __future__ import annotations
@@ -73,10 +74,13 @@ class _Shared:
 
 
 class _Recipe:
-    __slots__ = ("rebuild", "tensors", "shared")
+    """``rebuild(*tensors)`` gives the output's values while the output and the tensors are as when marked
+    (``versions``: theirs then; a write since makes a consumer save the output as it is)."""
 
-    def __init__(self, rebuild, tensors):
-        self.rebuild, self.tensors, self.shared = rebuild, tensors, _Shared()
+    __slots__ = ("rebuild", "tensors", "shared", "versions")
+
+    def __init__(self, rebuild, tensors, versions):
+        self.rebuild, self.tensors, self.shared, self.versions = rebuild, tensors, _Shared(), versions
 
 
 def mark_rebuildable(output: torch.Tensor, rebuild: Callable[..., torch.Tensor],
@@ -85,7 +89,7 @@ def mark_rebuildable(output: torch.Tensor, rebuild: Callable[..., torch.Tensor],
     bit (parameters among ``tensors`` are copied: see the module docstring).  Returns ``output``."""
     if not torch.compiler.is_compiling() and is_rebuilding_outputs():
         kept = tuple(t.detach().clone() if isinstance(t, torch.nn.Parameter) else t for t in tensors)
-        setattr(output, _RECIPE_ATTR, _Recipe(rebuild, kept))
+        setattr(output, _RECIPE_ATTR, _Recipe(rebuild, kept, _versions(output, kept)))
     return output
 
 
@@ -99,10 +103,10 @@ class SavedInput:
     with the input's other consumers.  It holds no tensor (they go through ``ctx.save_for_backward``, so
     saved-tensor hooks and checkpointing see them)."""
 
-    __slots__ = ("_rebuild", "_shared")
+    __slots__ = ("_rebuild", "_shared", "_version")
 
-    def __init__(self, rebuild=None, shared=None):
-        self._rebuild, self._shared = rebuild, shared
+    def __init__(self, rebuild=None, shared=None, version=0):
+        self._rebuild, self._shared, self._version = rebuild, shared, version
 
     def restore(self, saved: tuple[torch.Tensor, ...], cast_to: torch.dtype | None = None):
         """The input, from ``saved``: the entries of ``ctx.saved_tensors`` that :func:`saved_input` gave.  With
@@ -111,19 +115,24 @@ class SavedInput:
         if shared is None:
             x = saved[0] if saved else None
             return x if cast_to is None else (x, _cast(x, cast_to))
+        if self._rebuild is not None and torch.is_grad_enabled():
+            raise RuntimeError(
+                "bread_kernels: a double backward (create_graph=True) reached a linear of a kept block, whose input "
+                "is rebuilt without its graph; patch the model with keep_top=0 to differentiate the backward")
         x = shared.value
         if x is None:
             x = self._rebuild(*saved) if self._rebuild is not None else saved[0]
         cast = None
-        if cast_to is not None:
-            cached = shared.casts.get(cast_to)
-            # the same tensor as when cast (a graph dropped without its backward leaves a count too high)
-            cast = cached[1] if cached is not None and cached[0] == _identity(x) else _cast(x, cast_to)
+        if cast_to is not None:  # keyed by x's version in the forward: a write between two consumers' forwards,
+            key = (cast_to, self._version)  # or a count left high by a graph dropped unrun, gets its own cast
+            cast = shared.casts.get(key)
+            if cast is None:
+                cast = _cast(x, cast_to)
         shared.uses -= 1
         if shared.uses > 0:
             shared.value = x if self._rebuild is not None else None
             if cast is not None and cast is not x:
-                shared.casts[cast_to] = (_identity(x), cast)
+                shared.casts[key] = cast
         else:  # the last consumer's backward frees what they shared
             shared.value, shared.casts = None, {}
         return x if cast_to is None else (x, cast)
@@ -133,8 +142,8 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return x if x is None or x.dtype == dtype else x.to(dtype)
 
 
-def _identity(x: torch.Tensor) -> tuple:
-    return x.data_ptr(), x._version, x.shape, x.stride()
+def _versions(output: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    return (output._version, *(t._version for t in tensors))
 
 
 _AS_IS = SavedInput()
@@ -150,9 +159,9 @@ def saved_input(x: torch.Tensor | None, share: bool = False) -> tuple[tuple[torc
     if x is None:
         return (), _AS_IS
     recipe = getattr(x, _RECIPE_ATTR, None)
-    if recipe is not None:
+    if recipe is not None and recipe.versions == _versions(x, recipe.tensors):
         recipe.shared.uses += 1
-        return recipe.tensors, SavedInput(recipe.rebuild, recipe.shared)
+        return recipe.tensors, SavedInput(recipe.rebuild, recipe.shared, x._version)
     if not share or torch.compiler.is_compiling():
         return (x,), _AS_IS
     shared = getattr(x, _SHARED_ATTR, None)
@@ -160,4 +169,4 @@ def saved_input(x: torch.Tensor | None, share: bool = False) -> tuple[tuple[torc
         shared = _Shared()
         setattr(x, _SHARED_ATTR, shared)
     shared.uses += 1
-    return (x,), SavedInput(None, shared)
+    return (x,), SavedInput(None, shared, x._version)

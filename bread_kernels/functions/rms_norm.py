@@ -101,9 +101,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``w · d_x(x_f · rsqrt(mean(x_f²) + ε))`` (see the module docstring); plain ops where nothing needs a
     gradient."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        x_f = x.to(torch.float32)
-        rstd = _rstd(x_f, eps)
-        return mark_rebuildable(_normalized(x, weight, rstd, x_f), _normalized, x, weight, rstd)
+        x_f = x.to(torch.float32)  # not marked rebuildable: nothing is saved here to rebuild from
+        return _normalized(x, weight, _rstd(x_f, eps), x_f)
     split = x.dtype == torch.float32 and not torch.compiler.is_compiling()  # dynamo refuses a tensor given twice
     return RMSNormFunction.apply(x, x if split else None, weight, eps)
 

@@ -49,7 +49,7 @@ class SiLUMulFunction(torch.autograd.Function):
 def silu_mul(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(a) · u`` (see the module docstring); plain ops where nothing needs a gradient."""
     if not torch.is_grad_enabled() or not (a.requires_grad or u.requires_grad):
-        return mark_rebuildable(_product(a, u), _product, a, u)
+        return _product(a, u)  # not marked rebuildable: nothing is saved here to rebuild from
     return SiLUMulFunction.apply(a, u)
 
 

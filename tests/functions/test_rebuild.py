@@ -88,9 +88,46 @@ def test_an_output_is_marked_only_inside_rebuilding_outputs():
     assert not rebuildable(rms_norm(x, w, 1e-6)) and not rebuildable(silu_mul(a, u))
     with rebuilding_outputs():
         assert rebuildable(rms_norm(x, w, 1e-6)) and rebuildable(silu_mul(a, u))
-        with torch.no_grad():  # the plain path (a block below nothing that needs its gradients) marks too
-            assert rebuildable(rms_norm(x, w, 1e-6)) and rebuildable(silu_mul(a, u))
+        with torch.no_grad():  # the plain path saves nothing to rebuild from: marking would keep x, a and u alive
+            assert not rebuildable(rms_norm(x, w, 1e-6)) and not rebuildable(silu_mul(a, u))
     assert not rebuildable(rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("written", ["output", "norm_input"])
+def test_a_write_after_marking_makes_the_consumer_save_its_input(written):
+    """A marked output written in place (or a tensor its rebuild reads) before a consumer saves it: the consumer
+    saves its input as it is, so dW is the one computed from the values it read."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(N_OUT, N_IN, generator=gen)
+    grad = torch.randn(*TOKENS, N_OUT, generator=gen)
+
+    def dw(rebuild):
+        h = torch.randn(*TOKENS, N_IN, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        weight = torch.nn.Parameter(w.clone())
+        norm = torch.nn.Parameter(torch.ones(N_IN))
+        with rebuilding_outputs() if rebuild else contextlib.nullcontext():
+            base = h * 1
+            n = rms_norm(base, norm, 1e-6)
+            if written == "output":
+                n = n.mul_(2)
+            else:
+                with torch.no_grad():
+                    base.add_(1)
+            y = fused_linear(n, weight, None, WeightPlan(Role.ACTIVE))
+        return torch.autograd.grad((y * grad).sum(), weight)[0]  # the linear's backward alone: the norm's
+        # own would be refused after the write to its input
+
+    assert torch.equal(dw(True), dw(False))
+
+
+def test_a_double_backward_through_a_rebuilt_input_is_refused():
+    h = torch.randn(*TOKENS, N_IN, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(N_OUT, N_IN))
+    with rebuilding_outputs():
+        y = fused_linear(rms_norm(h, torch.nn.Parameter(torch.ones(N_IN)), 1e-6), weight, None,
+                         WeightPlan(Role.ACTIVE))
+    with pytest.raises(RuntimeError, match="keep_top=0"):
+        torch.autograd.grad(y.sum(), weight, create_graph=True)
 
 
 def test_consumers_of_one_output_share_one_rebuild_freed_after_the_last():
@@ -206,3 +243,28 @@ def test_a_shared_cast_is_not_reused_for_an_input_changed_since():
         expected = adapter_grads(x.detach().clone().requires_grad_())
         for got, want in zip(adapter_grads(x), expected):
             assert torch.equal(got, want), step
+
+
+def test_consumers_reading_an_input_at_different_versions_get_casts_of_their_own():
+    """Under saved-tensor hooks that copy what they save (as offloading does), autograd does not check versions:
+    x written between two LoRA layers' forwards gives each layer the cast of the x it read."""
+    values = _weights(torch.bfloat16)
+    adapters = [(torch.nn.Parameter(a.float()), torch.nn.Parameter(b.float()))
+                for a, b in zip(values["lora_a"], values["lora_b"])][:2]
+
+    def adapter_grads(shared):
+        x = values["h"].clone().requires_grad_()
+        for a, b in adapters:
+            a.grad = b.grad = None
+        outputs = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            for i, (w, (a, b)) in enumerate(zip(values["linears"], adapters)):
+                source = x if shared else x.detach().clone()
+                outputs.append(fused_lora_linear(source, None, w, None, a, b, 2.0, WeightPlan(Role.LORA)))
+                with torch.no_grad():
+                    x.mul_(3)
+        (sum(outputs) * values["grad"]).sum().backward()
+        return [t.grad.clone() for pair in adapters for t in pair]
+
+    for got, want in zip(adapter_grads(True), adapter_grads(False)):
+        assert torch.equal(got, want)
