@@ -94,8 +94,14 @@ def mark_rebuildable(output: torch.Tensor, rebuild: Callable[..., torch.Tensor],
 
 
 def rebuildable(x: torch.Tensor) -> bool:
-    """Whether ``x`` is an output marked rebuildable (a consumer that saves it can save less)."""
-    return hasattr(x, _RECIPE_ATTR)
+    """Whether ``x`` is an output marked rebuildable and unchanged since (a consumer that saves it saves less)."""
+    return _live_recipe(x) is not None
+
+
+def _live_recipe(x: torch.Tensor) -> _Recipe | None:
+    """``x``'s recipe, where neither ``x`` nor a tensor the rebuild reads was written since marking."""
+    recipe = getattr(x, _RECIPE_ATTR, None)
+    return recipe if recipe is not None and recipe.versions == _versions(x, recipe.tensors) else None
 
 
 class SavedInput:
@@ -158,8 +164,8 @@ def saved_input(x: torch.Tensor | None, share: bool = False) -> tuple[tuple[torc
     input q, k and v would each make)."""
     if x is None:
         return (), _AS_IS
-    recipe = getattr(x, _RECIPE_ATTR, None)
-    if recipe is not None and recipe.versions == _versions(x, recipe.tensors):
+    recipe = _live_recipe(x)
+    if recipe is not None:
         recipe.shared.uses += 1
         return recipe.tensors, SavedInput(recipe.rebuild, recipe.shared, x._version)
     if not share or torch.compiler.is_compiling():
