@@ -4,6 +4,8 @@
 //                                int key1, int key2, int offset, Tensor? ok) -> ()
 //   bread_kernels::all_finite(Tensor[] tensors) -> Tensor                 0-dim bool: no element is inf or nan
 //   bread_kernels::addmm_if_(Tensor(a!) self, Tensor mat1, Tensor mat2, float alpha, Tensor ok) -> ()
+//   bread_kernels::add_scaled_(Tensor(a!) self, Tensor other, float alpha, bool round_term) -> ()
+//                                         self += alpha*other across dtypes, rounded once; one pass, no temporaries
 //
 // ``ok`` is a 0-dim bool tensor (the finiteness flag of the update's gradient): where it is false nothing is
 // written.  Reading it here is a memory read, not an aten op: the Python side never converts a tensor to a number.
@@ -223,6 +225,53 @@ void addmm_if_(at::Tensor self, const at::Tensor& mat1, const at::Tensor& mat2, 
   if (flag_is_set(ok)) self.addmm_(mat1, mat2, 1, alpha);
 }
 
+// self = round(float(self) + term), term = alpha*other in other's dtype (rounded on to self's dtype first with
+// round_term), nearest-even: what torch computes for self.add_(other * alpha), in one pass that reads each operand
+// once and writes self once (bread_kernels/backends/add_scaled.py: the maths and the torch form, which on a CPU
+// copies the low-precision operand to fp32 and rounds the fp32 sum in passes of their own).
+template <typename S, typename O, bool ROUND_TERM>
+void add_scaled_impl(at::Tensor& self, const at::Tensor& other, float alpha) {
+  S* out = self.data_ptr<S>();
+  const O* in = other.data_ptr<O>();
+  at::parallel_for(0, self.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float term = static_cast<float>(static_cast<O>(alpha * static_cast<float>(in[i])));  // exact for alpha 1
+      if constexpr (ROUND_TERM) term = static_cast<float>(static_cast<S>(term));
+      out[i] = static_cast<S>(static_cast<float>(out[i]) + term);
+    }
+  });
+}
+
+template <typename S, bool ROUND_TERM>
+void add_scaled_other(at::Tensor& self, const at::Tensor& other, float alpha) {
+  switch (other.scalar_type()) {
+    case at::kFloat: return add_scaled_impl<S, float, ROUND_TERM>(self, other, alpha);
+    case at::kBFloat16: return add_scaled_impl<S, c10::BFloat16, ROUND_TERM>(self, other, alpha);
+    case at::kHalf: return add_scaled_impl<S, c10::Half, ROUND_TERM>(self, other, alpha);
+    default: TORCH_CHECK(false, "add_scaled_: other must be float32, bfloat16 or float16, got ", other.scalar_type());
+  }
+}
+
+template <typename S>
+void add_scaled_rounding(at::Tensor& self, const at::Tensor& other, float alpha, bool round_term) {
+  if (round_term) add_scaled_other<S, true>(self, other, alpha);
+  else add_scaled_other<S, false>(self, other, alpha);
+}
+
+void add_scaled_(at::Tensor self, const at::Tensor& other, double alpha, bool round_term) {
+  TORCH_CHECK(self.device().is_cpu() && other.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
+  TORCH_CHECK(self.is_contiguous() && other.is_contiguous(), "add_scaled_: self and other must be contiguous");
+  TORCH_CHECK(self.sizes() == other.sizes(), "add_scaled_: self shape ", self.sizes(), " != other shape ",
+              other.sizes());
+  const float a = static_cast<float>(alpha);
+  switch (self.scalar_type()) {
+    case at::kFloat: return add_scaled_rounding<float>(self, other, a, round_term);
+    case at::kBFloat16: return add_scaled_rounding<c10::BFloat16>(self, other, a, round_term);
+    case at::kHalf: return add_scaled_rounding<c10::Half>(self, other, a, round_term);
+    default: TORCH_CHECK(false, "add_scaled_: self must be float32, bfloat16 or float16, got ", self.scalar_type());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bread_kernels, m) {
@@ -231,10 +280,12 @@ TORCH_LIBRARY(bread_kernels, m) {
       "int offset, Tensor? ok=None) -> ()");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("addmm_if_(Tensor(a!) self, Tensor mat1, Tensor mat2, float alpha, Tensor ok) -> ()");
+  m.def("add_scaled_(Tensor(a!) self, Tensor other, float alpha, bool round_term=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bread_kernels, CPU, m) {
   m.impl("apply_update_", &apply_update_);
   m.impl("all_finite", &all_finite);
   m.impl("addmm_if_", &addmm_if_);
+  m.impl("add_scaled_", &add_scaled_);
 }

@@ -7,6 +7,7 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     dw_finite_flag(W, g, x, sign, rounding) -> ok' | None           # that dW's finiteness, before any write
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
+    add_scaled_(T, O, alpha, round_term)                             # T += alpha·O across dtypes, rounded once
     linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``g`` and ``x``
@@ -20,6 +21,8 @@ autograd's ``.grad`` — an fp16 one overflows from finite g and x; the Triton k
 ``linear_cross_entropy`` is the fused head+loss's chunk loop for a head without a tiled update: the summed
 cross-entropy ``S`` of the logits ``c·tanh((hWᵀ + b)/c)`` and its gradients (:mod:`.liger`), or None where the
 backend has no kernels of its own for it and the caller's torch loop runs (the CPU backends).
+``add_scaled_`` is :func:`.add_scaled.add_scaled_` (a low-precision tensor plus an fp32 one, as torch sums them): one
+C++ pass on the native backend, torch's add elsewhere.
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
 rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 
@@ -60,6 +63,9 @@ class Backend(Protocol):
 
     def lora_grads(self, grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, need_a: bool, need_b: bool) -> tuple: ...
+
+    def add_scaled_(self, target: torch.Tensor, other: torch.Tensor, alpha: float = 1.0,
+                    round_term: bool = False) -> None: ...
 
     def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, softcap: float | None, max_rows: int, need_grads: bool,

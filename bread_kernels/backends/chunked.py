@@ -46,6 +46,7 @@ import torch
 
 from ..rounding import Rounding
 from . import epilogue
+from .add_scaled import add_scaled_
 from .lora_gemm import lora_grads_gemm
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -82,6 +83,9 @@ class ChunkedBackend:
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
+
+    def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
+        add_scaled_(target, other, alpha, round_term)
 
     def linear_cross_entropy(self, hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw):
         """None: on the CPU the fused loss's own torch loop serves (BLAS GEMMs and in-place softmax)."""

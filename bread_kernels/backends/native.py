@@ -1,5 +1,6 @@
 """The native CPU backend: the epilogue in C++ (``csrc/epilogue.cpp``, OpenMP through ATen's parallel_for),
-registered with ``torch.library`` as ``torch.ops.bread_kernels.apply_update_``; the GEMM stays in BLAS.
+registered with ``torch.library`` as ``torch.ops.bread_kernels.apply_update_`` (and ``add_scaled_``, the
+mixed-dtype sums of :mod:`.add_scaled`, in one pass); the GEMM stays in BLAS.
 
 The extension is compiled with ninja through ``torch.utils.cpp_extension.load`` on first use and cached in
 torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only load it.
@@ -17,6 +18,7 @@ import torch
 from ..rounding import ROUNDING_CODES, Rounding, rng_keys
 from .chunked import ChunkedBackend
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -65,7 +67,7 @@ def load_native() -> None:
         except Exception as exc:  # no compiler, no ninja, headers missing, ...
             _state["error"] = RuntimeError(f"the native CPU backend could not be built: {type(exc).__name__}: {exc}")
             raise _state["error"] from exc
-        missing = [op for op in ("apply_update_", "all_finite", "addmm_if_") if not hasattr(torch.ops.bread_kernels, op)]
+        missing = [op for op in ("apply_update_", "all_finite", "addmm_if_", "add_scaled_") if not hasattr(torch.ops.bread_kernels, op)]
         if missing:
             _state["error"] = RuntimeError(f"the native extension loaded but registered no bread_kernels::{missing[0]}")
             raise _state["error"]
@@ -91,3 +93,11 @@ class NativeBackend(ChunkedBackend):
 
     def addmm_if_(self, weight, mat1, mat2, alpha, ok) -> None:
         torch.ops.bread_kernels.addmm_if_(weight, mat1, mat2, float(alpha), ok)
+
+    def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
+        """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""
+        if target.shape == other.shape and target.dtype in _FLOATS and other.dtype in _FLOATS \
+                and target.is_contiguous() and other.is_contiguous():
+            torch.ops.bread_kernels.add_scaled_(target, other, float(alpha), bool(round_term))
+        else:
+            super().add_scaled_(target, other, alpha, round_term)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from . import epilogue
+from .add_scaled import add_scaled_
 from .lora_gemm import lora_grads_gemm
 
 
@@ -46,6 +47,10 @@ class TritonBackend:
         if not use_kernel or lora_b.shape[1] > self._lora.MAX_RANK:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
+
+    def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
+        """torch's add: on a GPU one kernel reads both dtypes and rounds once."""
+        add_scaled_(target, other, alpha, round_term)
 
     def linear_cross_entropy(self, hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw):
         """Liger-Kernel's fused linear cross-entropy (:mod:`.liger`), or None where it cannot serve (the fused

@@ -167,7 +167,7 @@ def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compu
 
 def _accumulated_dw_bytes(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> int:
     """What a head's dW accumulated in the forward over the chunks holds: the fp32 dW (and db) and, with a
-    bf16/fp16 head GEMM, each chunk's [V, H] product before it is added in fp32 (:func:`_add_in_slices_`)."""
+    bf16/fp16 head GEMM, each chunk's [V, H] product before it is added in fp32 (the backend's ``add_scaled_``)."""
     product = weight.numel() * compute_dtype.itemsize if compute_dtype != torch.float32 else 0
     return 4 * (weight.numel() + (bias.numel() if bias is not None else 0)) + product
 
@@ -437,25 +437,12 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
             if g.dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h)
             else:  # fp32 accumulation over the chunks; each chunk's GEMM in the compute dtype, as autograd's
-                _add_in_slices_(grad_weight, g.t() @ h, chunk)
+                get_backend(grad_weight.device).add_scaled_(grad_weight, g.t() @ h)
         if grad_bias is not None:
             grad_bias += g.sum(0, dtype=torch.float32)
     if want_dw and grad_weight is None:  # no tokens
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     return total, grad_hidden, grad_weight, grad_bias, lse_all
-
-
-def _add_in_slices_(total: torch.Tensor, part: torch.Tensor, rows: int) -> None:
-    """``total += part`` for an fp32 ``total`` [V, H] and a bf16/fp16 ``part``.  On a CPU the in-place add first casts
-    the whole ``part`` to fp32 (measured: a [V, H] fp32 copy per chunk); slices of ``⌈H / rows⌉`` parts bound that
-    copy to the fp32 logits of one block of ``rows`` tokens, which the loss holds anyway.  A GPU casts inside the
-    kernel: one add."""
-    slices = -(-total.shape[-1] // max(1, rows))
-    if total.device.type != "cpu" or slices <= 1:
-        total += part
-        return
-    for total_rows, part_rows in zip(total.tensor_split(slices), part.tensor_split(slices)):
-        total_rows += part_rows
 
 
 def _head_loss_backward(ctx, grad_output):

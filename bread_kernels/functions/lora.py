@@ -141,12 +141,11 @@ def _lora_backward(ctx, grad_output):
         flat = grad_x.view(-1, n_in) if not ctx.separate_lora_input else None
         if flat is not None and flat.dtype == lora_a_c.dtype:
             flat.addmm_(v, lora_a_c, alpha=ctx.scaling)
+        elif flat is not None:  # autograd's sum: the branch's gradient rounded to x's dtype, then added
+            get_backend(flat.device).add_scaled_(flat, torch.mm(v, lora_a_c), ctx.scaling, round_term=True)
         else:
             lora_dx = torch.mm(v, lora_a_c).mul_(ctx.scaling)
-            if flat is not None:
-                flat.add_(lora_dx.to(flat.dtype))
-            else:
-                grad_x_lora = lora_dx.view(grad_output.shape[:-1] + (n_in,)).to(ctx.x_lora_dtype)
+            grad_x_lora = lora_dx.view(grad_output.shape[:-1] + (n_in,)).to(ctx.x_lora_dtype)
     if grad_x is not None:
         grad_x = grad_x.to(ctx.x_dtype)
 
@@ -167,8 +166,9 @@ def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
     # adapters of another dtype: peft's promotion, then one rounding to the layer's dtype
     update = F.linear(u, lora_b)
     if update.dtype == torch.promote_types(update.dtype, result.dtype):  # fp32 adapters on a low-precision layer:
-        # in place, one [M, N] temporary fewer; fp32(result) + s·(u Bᵀ) is the same sum either way round
-        return update.mul_(scaling).add_(result).to(result.dtype)
+        # round(fp32(result) + s·(u Bᵀ)) into result, one pass where the backend has one (native: no fp32 copies)
+        get_backend(result.device).add_scaled_(result, update, scaling)
+        return result
     return (result + update * scaling).to(result.dtype)
 
 

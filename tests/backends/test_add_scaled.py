@@ -1,0 +1,100 @@
+"""``add_scaled_`` (target += alpha·other across dtypes, rounded once) through every backend, bit for bit against
+torch's own mixed-dtype add, on odd shapes; and the native backend's one pass makes none of torch's fp32 copies."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bread_kernels.backends import add_scaled as add_scaled_module
+from bread_kernels.backends import get_backend
+from bread_kernels.functions.lora import lora_output
+
+from ..conftest import DTYPES
+
+SHAPE = (37, 53)
+
+
+def torch_reference(target, other, alpha, round_term):
+    """What autograd and peft compute: ``other * alpha`` in other's dtype, optionally cast to target's, then
+    torch's add (summed in fp32, rounded once to target's dtype)."""
+    term = other * alpha if alpha != 1.0 else other
+    if round_term:
+        term = term.to(target.dtype)
+    return (target.float() + term.float()).to(target.dtype)
+
+
+def bits(t):
+    """The bit patterns (so infs, signed zeros and NaNs compare exactly too)."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def operands(target_dtype, other_dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    target = (torch.randn(SHAPE, generator=gen) * 3).to(target_dtype)
+    other = (torch.randn(SHAPE, generator=gen) * 1e-2).to(other_dtype)
+    other[0, :5] = torch.tensor([1e-3, -7.0, 65000.0, 3.0e38, -0.0]).to(other_dtype)  # ties, overflow, signed zero
+    target[0, 2] = 60000.0  # an fp16 sum past 65504 is inf, as torch's
+    return target.to(device), other.to(device)
+
+
+@pytest.mark.parametrize("target_dtype", DTYPES)
+@pytest.mark.parametrize("other_dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1.0, 0.37])
+@pytest.mark.parametrize("round_term", [False, True])
+def test_every_backend_sums_as_torch_does(backend, device, target_dtype, other_dtype, alpha, round_term):
+    target, other = operands(target_dtype, other_dtype, device)
+    expected = torch_reference(target, other, alpha, round_term)
+    other_before = other.clone()
+    get_backend(target.device).add_scaled_(target, other, alpha, round_term)
+    assert target.dtype == target_dtype
+    assert torch.equal(bits(target), bits(expected))
+    assert torch.equal(other, other_before)
+
+
+def test_the_torch_form_slices_a_cpu_sum_to_bound_its_fp32_copy(monkeypatch):
+    target, other = operands(torch.bfloat16, torch.float32, "cpu")
+    whole = target.clone()
+    add_scaled_module.add_scaled_(whole, other, 0.37)
+    monkeypatch.setattr(add_scaled_module, "SLICE_ELEMENTS", 3 * SHAPE[1] + 1)  # 4 slices of 3 rows, one of 1
+    sliced = target.clone()
+    summed = []  # the elements of each mixed-dtype add, which torch casts to fp32 whole
+
+    class Adds(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.add_.Tensor:
+                summed.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    with Adds():
+        add_scaled_module.add_scaled_(sliced, other, 0.37)
+    assert torch.equal(bits(sliced), bits(whole))
+    assert summed == [3 * SHAPE[1]] * 12 + [SHAPE[1]]
+
+
+def test_bad_shapes_are_refused(backend, device):
+    with pytest.raises(ValueError, match="shape"):
+        get_backend(device).add_scaled_(torch.zeros(3, 4, device=device), torch.zeros(4, 3, device=device))
+
+
+def test_native_lora_output_makes_no_fp32_copy_of_the_output(monkeypatch):
+    """peft's fp32 adapters on a bf16 layer: the native backend sums the adapter output into the layer's in one pass
+    (torch's add would cast the [M, N] output to fp32 and round the sum back), and y is peft's bit for bit."""
+    monkeypatch.setenv("BREAD_BACKEND", "native")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 11, 29, generator=gen).bfloat16()
+    weight = torch.randn(41, 29, generator=gen).bfloat16()
+    lora_a, lora_b = torch.randn(4, 29, generator=gen), torch.randn(41, 4, generator=gen)
+    u = torch.nn.functional.linear(x.float(), lora_a)
+    peft = (torch.nn.functional.linear(x, weight) + torch.nn.functional.linear(u, lora_b) * 2.5).to(torch.bfloat16)
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        y = lora_output(x, weight, None, u, lora_b, 2.5)
+    assert torch.equal(y, peft)
+    assert "add_scaled_.default" in ops
+    assert not [op for op in ops if "copy" in op or op.startswith(("add.", "add_.", "mul"))], ops
