@@ -7,6 +7,7 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     dw_finite_flag(W, g, x, sign, rounding) -> ok' | None           # that dW's finiteness, before any write
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
+    lora_input_dtype(x dtype, adapters' dtype, r) -> dtype           # the dtype lora_grads wants x in
     add_scaled_(T, O, alpha, round_term)                             # T += alpha·O across dtypes, rounded once
     linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
 
@@ -21,6 +22,8 @@ autograd's ``.grad`` — an fp16 one overflows from finite g and x; the Triton k
 ``linear_cross_entropy`` is the fused head+loss's chunk loop for a head without a tiled update: the summed
 cross-entropy ``S`` of the logits ``c·tanh((hWᵀ + b)/c)`` and its gradients (:mod:`.liger`), or None where the
 backend has no kernels of its own for it and the caller's torch loop runs (the CPU backends).
+``lora_input_dtype`` is the dtype ``lora_grads`` wants the adapter input ``x`` in: the adapters' (one cast, shared by
+the adapters that read one x), or x's own where the backend reads it as it is (native: fp32 adapters, bf16/fp16 x).
 ``add_scaled_`` is :func:`.add_scaled.add_scaled_` (a low-precision tensor plus an fp32 one, as torch sums them): one
 C++ pass on the native backend, torch's add elsewhere.
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
@@ -63,6 +66,8 @@ class Backend(Protocol):
 
     def lora_grads(self, grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, need_a: bool, need_b: bool) -> tuple: ...
+
+    def lora_input_dtype(self, input_dtype: torch.dtype, lora_dtype: torch.dtype, rank: int) -> torch.dtype: ...
 
     def add_scaled_(self, target: torch.Tensor, other: torch.Tensor, alpha: float = 1.0,
                     round_term: bool = False) -> None: ...

@@ -84,6 +84,10 @@ class ChunkedBackend:
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
+    def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:
+        """The adapters' dtype: BLAS multiplies operands of one dtype."""
+        return lora_dtype
+
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         add_scaled_(target, other, alpha, round_term)
 

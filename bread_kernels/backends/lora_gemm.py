@@ -1,5 +1,6 @@
-"""The LoRA adapter gradients with plain GEMMs (the CPU backends; on a GPU cuBLAS, the Triton backend's default,
-or its fallback above its kernel's maximum rank with ``BREAD_LORA_KERNEL=triton``).
+"""The LoRA adapter gradients with plain GEMMs (the CPU backends — the native one where it does not read a bf16/fp16
+g as it is, :meth:`~.native.NativeBackend.lora_grads`; on a GPU cuBLAS, the Triton backend's default, or its
+fallback above its kernel's maximum rank with ``BREAD_LORA_KERNEL=triton``).
 
 With ``g`` [M, N], the adapter input ``x`` [M, K], ``u = x Aᵀ`` [M, r] from the forward and ``B`` [N, r]::
 

@@ -8,6 +8,7 @@ torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 from pathlib import Path
@@ -33,13 +34,17 @@ def _arch_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mbmi2", "-mf16c"] if {"avx2", "fma", "bmi2", "f16c"} <= set(flags) else []
 
 
-def _epilogue_source():
-    """``csrc/epilogue.cpp``: installed as ``bread_kernels._csrc``, or beside the package in a source checkout
+_SOURCES = ("epilogue.cpp", "lora_grads.cpp")
+_OPS = ("apply_update_", "all_finite", "addmm_if_", "add_scaled_", "rank_products")
+
+
+def _source(name: str):
+    """``csrc/<name>``: installed as ``bread_kernels._csrc``, or beside the package in a source checkout
     (a checkout on ``sys.path`` shadows the editable install's mapping of ``csrc/``)."""
     try:
-        return importlib.resources.files("bread_kernels._csrc").joinpath("epilogue.cpp")
+        return importlib.resources.files("bread_kernels._csrc").joinpath(name)
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "csrc" / "epilogue.cpp"
+        return Path(__file__).resolve().parents[2] / "csrc" / name
 
 
 def load_native() -> None:
@@ -52,13 +57,14 @@ def load_native() -> None:
         try:
             from torch.utils.cpp_extension import load
 
-            with importlib.resources.as_file(_epilogue_source()) as path:
-                # named by the source's hash: checkouts of different versions on one machine never rebuild over
+            with contextlib.ExitStack() as files:
+                paths = [files.enter_context(importlib.resources.as_file(_source(name))) for name in _SOURCES]
+                # named by the sources' hash: checkouts of different versions on one machine never rebuild over
                 # each other's cached build
-                digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+                digest = hashlib.sha256(b"".join(Path(path).read_bytes() for path in paths)).hexdigest()[:12]
                 load(
                     name=f"bread_kernels_native_{digest}",
-                    sources=[str(path)],
+                    sources=[str(path) for path in paths],
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *_arch_flags()],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
@@ -67,7 +73,7 @@ def load_native() -> None:
         except Exception as exc:  # no compiler, no ninja, headers missing, ...
             _state["error"] = RuntimeError(f"the native CPU backend could not be built: {type(exc).__name__}: {exc}")
             raise _state["error"] from exc
-        missing = [op for op in ("apply_update_", "all_finite", "addmm_if_", "add_scaled_") if not hasattr(torch.ops.bread_kernels, op)]
+        missing = [op for op in _OPS if not hasattr(torch.ops.bread_kernels, op)]
         if missing:
             _state["error"] = RuntimeError(f"the native extension loaded but registered no bread_kernels::{missing[0]}")
             raise _state["error"]
@@ -77,6 +83,9 @@ def load_native() -> None:
 class NativeBackend(ChunkedBackend):
     name = "native"
     bytes_per_element = 0  # the chunk buffer only (counted by the base); the epilogue allocates nothing
+    #: the largest LoRA rank whose adapter gradients :meth:`lora_grads` computes with ``rank_products`` (its r dot
+    #: products and r row sums per element are not blocked as a GEMM's: above this BLAS on fp32 copies is faster)
+    max_rank_products = 16
 
     def __init__(self):
         load_native()
@@ -93,6 +102,26 @@ class NativeBackend(ChunkedBackend):
 
     def addmm_if_(self, weight, mat1, mat2, alpha, ok) -> None:
         torch.ops.bread_kernels.addmm_if_(weight, mat1, mat2, float(alpha), ok)
+
+    def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:
+        """A bf16/fp16 adapter input as it is where :meth:`lora_grads` reads it so (no fp32 copy of x̃)."""
+        return input_dtype if self._rank_products_serve(input_dtype, lora_dtype, rank) else lora_dtype
+
+    def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
+        """fp32 adapters with a bf16/fp16 ``g`` (peft's default on a bf16 model), up to :attr:`max_rank_products`:
+        ``v``, ``dBᵀ`` in one pass over g and ``dA`` in one over x̃, reading them as they are
+        (``bread_kernels::rank_products``, ``csrc/lora_grads.cpp``); BLAS's GEMMs on fp32 copies otherwise."""
+        if not self._rank_products_serve(grad_output.dtype, lora_b.dtype, lora_b.shape[1]):
+            return super().lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
+        products = torch.ops.bread_kernels.rank_products
+        v, grad_bt = products(grad_output.contiguous(), lora_b.t().contiguous(),
+                              u.to(torch.float32).contiguous() if need_b else None)
+        grad_a = products(input.contiguous(), None, v)[1].mul_(scaling) if need_a else None
+        return v, grad_a, grad_bt.mul_(scaling).t() if need_b else None
+
+    def _rank_products_serve(self, low_dtype, lora_dtype, rank) -> bool:
+        return lora_dtype == torch.float32 and low_dtype in (torch.bfloat16, torch.float16) \
+            and rank <= self.max_rank_products
 
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""

@@ -48,6 +48,10 @@ class TritonBackend:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
+    def lora_input_dtype(self, input_dtype, lora_dtype, rank):
+        """The adapters' dtype, which cuBLAS and the kernel read."""
+        return lora_dtype
+
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """torch's add: on a GPU one kernel reads both dtypes and rounds once."""
         add_scaled_(target, other, alpha, round_term)

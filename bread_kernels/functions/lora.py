@@ -16,8 +16,9 @@ gradients, as peft's graph does):
     base W by Role: ACTIVE -> dW = gᵀx, db = Σg;  SGD/SIGN -> the fused update;  FROZEN/LORA -> nothing
 
 ``v``, ``dA`` and ``dB`` come from the backend's ``lora_grads`` (on a GPU three cuBLAS GEMMs, or with
-``BREAD_LORA_KERNEL=triton`` one Triton kernel that reads ``g`` and ``x̃`` once; on a CPU three GEMMs), so no N×K
-tensor exists for a frozen base weight.  Dropout is exact: the mask belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
+``BREAD_LORA_KERNEL=triton`` one Triton kernel that reads ``g`` and ``x̃`` once; on a CPU three GEMMs, or, for
+peft's fp32 adapters on a bf16/fp16 layer, the native backend's rank-r products that read the bf16 ``g`` and ``x̃``
+as they are, without their fp32 copies), so no N×K tensor exists for a frozen base weight.  Dropout is exact: the mask belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
 forward's RNG state.
 
 Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) peft's forward runs its base layer and both
@@ -114,13 +115,16 @@ class FusedLoRALinearFunction(torch.autograd.Function):
 
 def _lora_backward(ctx, grad_output):
     adapter_input, weight, bias, lora_a, lora_b, u, *x_saved = ctx.saved_tensors
-    if adapter_input is None:  # x is the adapter input: its cast to the adapters' dtype, shared with x's others
-        x, adapter_input = ctx.x_source.restore(x_saved, cast_to=ctx.lora_dtype)
-    else:
-        x = ctx.x_source.restore(x_saved)
     needs = ctx.needs_input_grad
     n_out, n_in = weight.shape
     rank = lora_a.shape[0]
+    backend = get_backend(grad_output.device)
+    if adapter_input is None:  # x is the adapter input: in the dtype the backend reads it in (a cast to the
+        # adapters' dtype is made once for x's adapters that share it)
+        x, adapter_input = ctx.x_source.restore(
+            x_saved, cast_to=backend.lora_input_dtype(ctx.compute_dtype, ctx.lora_dtype, rank))
+    else:
+        x = ctx.x_source.restore(x_saved)
     g = grad_output.reshape(-1, n_out)
     adapter_input = adapter_input.reshape(-1, n_in)
     need_a, need_b = needs[4], needs[5]
@@ -129,8 +133,8 @@ def _lora_backward(ctx, grad_output):
 
     grad_a = grad_b = v = None
     if need_a or need_b or need_lora_dx:
-        v, grad_a, grad_b = get_backend(g.device).lora_grads(g, adapter_input, u.reshape(-1, rank),
-                                                             lora_b.to(ctx.lora_dtype), ctx.scaling, need_a, need_b)
+        v, grad_a, grad_b = backend.lora_grads(g, adapter_input, u.reshape(-1, rank), lora_b.to(ctx.lora_dtype),
+                                               ctx.scaling, need_a, need_b)
         v = v.to(ctx.lora_dtype)
     adapter_input = None  # its cast (an fp32 [M, K]) is not held through dX below, unless other adapters share it
 
@@ -142,7 +146,7 @@ def _lora_backward(ctx, grad_output):
         if flat is not None and flat.dtype == lora_a_c.dtype:
             flat.addmm_(v, lora_a_c, alpha=ctx.scaling)
         elif flat is not None:  # autograd's sum: the branch's gradient rounded to x's dtype, then added
-            get_backend(flat.device).add_scaled_(flat, torch.mm(v, lora_a_c), ctx.scaling, round_term=True)
+            backend.add_scaled_(flat, torch.mm(v, lora_a_c), ctx.scaling, round_term=True)
         else:
             lora_dx = torch.mm(v, lora_a_c).mul_(ctx.scaling)
             grad_x_lora = lora_dx.view(grad_output.shape[:-1] + (n_in,)).to(ctx.x_lora_dtype)

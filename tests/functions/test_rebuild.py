@@ -185,10 +185,12 @@ class _CastsOf(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("rebuild", [False, True], ids=["saved", "rebuilt"])
-def test_lora_adapters_reading_one_input_cast_it_once_in_their_backward(rebuild):
+@pytest.mark.parametrize("backend_name, casts", [("torch", (1, 3)), ("native", (0, 0))])
+def test_lora_adapters_reading_one_input_cast_it_once_in_their_backward(rebuild, backend_name, casts, monkeypatch):
     """q, k and v's fp32 adapters (peft's default on a bf16 model) read one bf16 input: their backward casts it to
     fp32 once (three times where each reads its own copy), and every gradient and update is the one each computes
-    from its own copy, bit for bit."""
+    from its own copy, bit for bit.  The native backend reads the bf16 input as it is: no cast at all."""
+    monkeypatch.setenv("BREAD_BACKEND", backend_name)
     values = _weights(torch.bfloat16)
     values["lora_a"] = [a.float() for a in values["lora_a"]]
     values["lora_b"] = [b.float() for b in values["lora_b"]]
@@ -212,15 +214,17 @@ def test_lora_adapters_reading_one_input_cast_it_once_in_their_backward(rebuild)
 
     shared_casts, shared = step(True)
     own_casts, own = step(False)
-    assert (shared_casts, own_casts) == (1, 3)
+    assert (shared_casts, own_casts) == casts
     for a, b in zip(shared, own):
         assert torch.equal(a, b)
 
 
-def test_a_shared_cast_is_not_reused_for_an_input_changed_since():
+@pytest.mark.parametrize("backend_name", ["torch", "native"])  # the torch backend casts x; native reads it
+def test_a_shared_cast_is_not_reused_for_an_input_changed_since(backend_name, monkeypatch):
     """A forward whose graph is dropped without its backward leaves its consumers counted, so a shared cast can
     outlive a backward; an input written in place since is cast again: each step's gradients are those of a
     fresh input holding the same values."""
+    monkeypatch.setenv("BREAD_BACKEND", backend_name)
     values = _weights(torch.bfloat16)
     adapters = [(torch.nn.Parameter(a.float()), torch.nn.Parameter(b.float()))
                 for a, b in zip(values["lora_a"], values["lora_b"])]
@@ -245,9 +249,11 @@ def test_a_shared_cast_is_not_reused_for_an_input_changed_since():
             assert torch.equal(got, want), step
 
 
-def test_consumers_reading_an_input_at_different_versions_get_casts_of_their_own():
+@pytest.mark.parametrize("backend_name", ["torch", "native"])  # the torch backend casts x; native reads it
+def test_consumers_reading_an_input_at_different_versions_get_casts_of_their_own(backend_name, monkeypatch):
     """Under saved-tensor hooks that copy what they save (as offloading does), autograd does not check versions:
     x written between two LoRA layers' forwards gives each layer the cast of the x it read."""
+    monkeypatch.setenv("BREAD_BACKEND", backend_name)
     values = _weights(torch.bfloat16)
     adapters = [(torch.nn.Parameter(a.float()), torch.nn.Parameter(b.float()))
                 for a, b in zip(values["lora_a"], values["lora_b"])][:2]

@@ -1,0 +1,112 @@
+// The LoRA adapter gradients' rank-r products of the native CPU backend, reading a bf16/fp16 operand as it is.
+//
+//   bread_kernels::rank_products(Tensor a, Tensor? bt, Tensor? w) -> (Tensor, Tensor)
+//
+// a [M, N] fp32 / bf16 / fp16, bt [r, N] fp32, w [M, r] fp32 (all contiguous); returns, in fp32,
+//   p = a btᵀ   [M, r]   (an empty tensor without bt)
+//   q = wᵀ a    [r, N]   (an empty tensor without w)
+// in one pass over a, each element converted to fp32 in registers.  With a = g: v = g B and dBᵀ = uᵀ g; with a = x̃:
+// dA = vᵀ x̃ (w = v).  BLAS needs a and the rank-r operand in one dtype: peft's fp32 adapters on a bf16 layer
+// then cost a [M, N] fp32 copy of g (and of x̃) and two fp32 reads of it, where this reads the bf16 once.
+//
+// Sums are fp32 of exact products, as the fp32 GEMM's, in another order: p's over N in 16 partial sums, q's over the
+// rows of fixed chunks added in chunk order, so a result depends on the thread count only (as a BLAS GEMM's does),
+// not on the scheduling.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// a·b over n in kLanes independent partial sums: vectorises without reassociating a single sum
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += a[i + l] * b[i + l];
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += part[l];
+  return sum + tail;
+}
+
+template <typename A>
+void rank_products_impl(const A* a, const float* bt, const float* w, float* p, float* q, int64_t m, int64_t n,
+                        int64_t r) {
+  // chunks of rows fixed here (not by the scheduler): q's partial sums are added in chunk order
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / min_rows));
+  std::vector<float> partial(q != nullptr && chunks > 1 ? (chunks - 1) * r * n : 0, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> row(n);
+    for (int64_t c = first; c < last; ++c) {
+      float* out = q == nullptr ? nullptr : (c == 0 ? q : partial.data() + (c - 1) * r * n);
+      for (int64_t t = c * m / chunks; t < (c + 1) * m / chunks; ++t) {
+        const A* source = a + t * n;
+        for (int64_t k = 0; k < n; ++k) row[k] = static_cast<float>(source[k]);
+        for (int64_t j = 0; j < r; ++j) {
+          if (p != nullptr) p[t * r + j] = dot(row.data(), bt + j * n, n);
+          if (out != nullptr) {
+            const float coefficient = w[t * r + j];
+            float* sums = out + j * n;
+            for (int64_t k = 0; k < n; ++k) sums[k] += coefficient * row[k];
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 1; q != nullptr && c < chunks; ++c) {
+    const float* part = partial.data() + (c - 1) * r * n;
+    for (int64_t i = 0; i < r * n; ++i) q[i] += part[i];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rank_products(const at::Tensor& a, const c10::optional<at::Tensor>& bt,
+                                                  const c10::optional<at::Tensor>& w) {
+  TORCH_CHECK(a.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous(), "rank_products: a must be a contiguous 2-D tensor");
+  TORCH_CHECK(bt.has_value() || w.has_value(), "rank_products: give bt, w or both");
+  const int64_t m = a.size(0), n = a.size(1);
+  const int64_t r = bt.has_value() ? bt->size(0) : w->size(1);
+  if (bt.has_value())
+    TORCH_CHECK(bt->scalar_type() == at::kFloat && bt->is_contiguous() && bt->dim() == 2 && bt->size(1) == n,
+                "rank_products: bt must be a contiguous fp32 [r, ", n, "] tensor, got ", bt->sizes());
+  if (w.has_value())
+    TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->dim() == 2 && w->size(0) == m &&
+                    w->size(1) == r,
+                "rank_products: w must be a contiguous fp32 [", m, ", ", r, "] tensor, got ", w->sizes());
+  const auto options = a.options().dtype(at::kFloat);
+  at::Tensor p = at::empty({bt.has_value() ? m : 0, r}, options);
+  at::Tensor q = at::zeros({r, w.has_value() ? n : 0}, options);
+  const float* btp = bt.has_value() ? bt->data_ptr<float>() : nullptr;
+  const float* wp = w.has_value() ? w->data_ptr<float>() : nullptr;
+  float* pp = bt.has_value() ? p.data_ptr<float>() : nullptr;
+  float* qp = w.has_value() ? q.data_ptr<float>() : nullptr;
+  switch (a.scalar_type()) {
+    case at::kFloat: rank_products_impl(a.data_ptr<float>(), btp, wp, pp, qp, m, n, r); break;
+    case at::kBFloat16: rank_products_impl(a.data_ptr<c10::BFloat16>(), btp, wp, pp, qp, m, n, r); break;
+    case at::kHalf: rank_products_impl(a.data_ptr<c10::Half>(), btp, wp, pp, qp, m, n, r); break;
+    default: TORCH_CHECK(false, "rank_products: a must be float32, bfloat16 or float16, got ", a.scalar_type());
+  }
+  return {p, q};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bread_kernels, m) {
+  m.def("rank_products(Tensor a, Tensor? bt, Tensor? w) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bread_kernels, CPU, m) {
+  m.impl("rank_products", &rank_products);
+}
