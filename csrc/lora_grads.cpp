@@ -1,6 +1,7 @@
 // The LoRA adapter gradients' rank-r products of the native CPU backend, reading a bf16/fp16 operand as it is.
 //
 //   bread_kernels::rank_products(Tensor a, Tensor? bt, Tensor? w) -> (Tensor, Tensor)
+//   bread_kernels::add_rank_product_(Tensor(a!) target, Tensor v, Tensor a, float alpha, bool round_term) -> ()
 //
 // a [M, N] fp32 / bf16 / fp16, bt [r, N] fp32, w [M, r] fp32 (all contiguous); returns, in fp32,
 //   p = a btᵀ   [M, r]   (an empty tensor without bt)
@@ -101,12 +102,70 @@ std::tuple<at::Tensor, at::Tensor> rank_products(const at::Tensor& a, const c10:
   return {p, q};
 }
 
+// target [M, K] bf16 / fp16 / fp32 += alpha·(v a), v [M, r] and a [r, K] fp32: the LoRA dX's adapter branch
+// s·v A added into g W without its fp32 [M, K] product.  Per element, as bread_kernels::add_scaled_ with other = v a:
+// term = fp32(alpha · Σ_j v[t, j]·a[j, k]) (the sum in j order), rounded to target's dtype with round_term, then
+// target = round(fp32(target) + term).  BLAS's product would be the same sum in its own order.
+template <typename T, bool ROUND_TERM>
+void add_rank_product_impl(T* target, const float* v, const float* a, float alpha, int64_t m, int64_t k,
+                           int64_t r) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, k));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(k);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (int64_t j = 0; j < r; ++j) {
+        const float coefficient = v[t * r + j];
+        const float* row = a + j * k;
+        for (int64_t c = 0; c < k; ++c) sums[c] += coefficient * row[c];
+      }
+      T* out = target + t * k;
+      for (int64_t c = 0; c < k; ++c) {
+        float term = alpha * sums[c];
+        if constexpr (ROUND_TERM) term = static_cast<float>(static_cast<T>(term));
+        out[c] = static_cast<T>(static_cast<float>(out[c]) + term);
+      }
+    }
+  });
+}
+
+template <typename T>
+void add_rank_product_rounding(at::Tensor& target, const at::Tensor& v, const at::Tensor& a, float alpha,
+                               bool round_term) {
+  const int64_t m = target.size(0), k = target.size(1), r = v.size(1);
+  if (round_term)
+    add_rank_product_impl<T, true>(target.data_ptr<T>(), v.data_ptr<float>(), a.data_ptr<float>(), alpha, m, k, r);
+  else
+    add_rank_product_impl<T, false>(target.data_ptr<T>(), v.data_ptr<float>(), a.data_ptr<float>(), alpha, m, k, r);
+}
+
+void add_rank_product_(at::Tensor target, const at::Tensor& v, const at::Tensor& a, double alpha, bool round_term) {
+  TORCH_CHECK(target.device().is_cpu() && v.device().is_cpu() && a.device().is_cpu(),
+              "bread_kernels native backend: CPU tensors only");
+  TORCH_CHECK(target.dim() == 2 && target.is_contiguous(), "add_rank_product_: target must be a contiguous 2-D tensor");
+  TORCH_CHECK(v.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && v.is_contiguous() &&
+                  a.is_contiguous() && v.dim() == 2 && a.dim() == 2,
+              "add_rank_product_: v and a must be contiguous 2-D fp32 tensors");
+  TORCH_CHECK(v.size(0) == target.size(0) && a.size(1) == target.size(1) && v.size(1) == a.size(0),
+              "add_rank_product_: v ", v.sizes(), " times a ", a.sizes(), " is not target's shape ", target.sizes());
+  const float s = static_cast<float>(alpha);
+  switch (target.scalar_type()) {
+    case at::kFloat: return add_rank_product_rounding<float>(target, v, a, s, round_term);
+    case at::kBFloat16: return add_rank_product_rounding<c10::BFloat16>(target, v, a, s, round_term);
+    case at::kHalf: return add_rank_product_rounding<c10::Half>(target, v, a, s, round_term);
+    default:
+      TORCH_CHECK(false, "add_rank_product_: target must be float32, bfloat16 or float16, got ", target.scalar_type());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bread_kernels, m) {
   m.def("rank_products(Tensor a, Tensor? bt, Tensor? w) -> (Tensor, Tensor)");
+  m.def("add_rank_product_(Tensor(a!) target, Tensor v, Tensor a, float alpha, bool round_term=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bread_kernels, CPU, m) {
   m.impl("rank_products", &rank_products);
+  m.impl("add_rank_product_", &add_rank_product_);
 }

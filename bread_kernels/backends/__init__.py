@@ -9,6 +9,7 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
     lora_input_dtype(x dtype, adapters' dtype, r) -> dtype           # the dtype lora_grads wants x in
     add_scaled_(T, O, alpha, round_term)                             # T += alpha·O across dtypes, rounded once
+    add_product_(T, v, a, alpha, round_term)                         # add_scaled_ with O = v a (rank r)
     linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``g`` and ``x``
@@ -25,7 +26,9 @@ backend has no kernels of its own for it and the caller's torch loop runs (the C
 ``lora_input_dtype`` is the dtype ``lora_grads`` wants the adapter input ``x`` in: the adapters' (one cast, shared by
 the adapters that read one x), or x's own where the backend reads it as it is (native: fp32 adapters, bf16/fp16 x).
 ``add_scaled_`` is :func:`.add_scaled.add_scaled_` (a low-precision tensor plus an fp32 one, as torch sums them): one
-C++ pass on the native backend, torch's add elsewhere.
+C++ pass on the native backend, torch's add elsewhere; ``add_product_`` the same with ``O = v a`` for a rank-r
+``v`` [M, r] and ``a`` [r, K] (the LoRA dX's ``s · v A``), which the native backend sums per element without the
+[M, K] product.
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
 rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 
@@ -68,6 +71,9 @@ class Backend(Protocol):
                    scaling: float, need_a: bool, need_b: bool) -> tuple: ...
 
     def lora_input_dtype(self, input_dtype: torch.dtype, lora_dtype: torch.dtype, rank: int) -> torch.dtype: ...
+
+    def add_product_(self, target: torch.Tensor, v: torch.Tensor, a: torch.Tensor, alpha: float = 1.0,
+                     round_term: bool = False) -> None: ...
 
     def add_scaled_(self, target: torch.Tensor, other: torch.Tensor, alpha: float = 1.0,
                     round_term: bool = False) -> None: ...

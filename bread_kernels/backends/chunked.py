@@ -88,6 +88,10 @@ class ChunkedBackend:
         """The adapters' dtype: BLAS multiplies operands of one dtype."""
         return lora_dtype
 
+    def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
+        """``add_scaled_(target, v @ a, ...)``: the product by BLAS."""
+        add_scaled_(target, v @ a, alpha, round_term)
+
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         add_scaled_(target, other, alpha, round_term)
 

@@ -35,7 +35,7 @@ def _arch_flags() -> list[str]:
 
 
 _SOURCES = ("epilogue.cpp", "lora_grads.cpp")
-_OPS = ("apply_update_", "all_finite", "addmm_if_", "add_scaled_", "rank_products")
+_OPS = ("apply_update_", "all_finite", "addmm_if_", "add_scaled_", "rank_products", "add_rank_product_")
 
 
 def _source(name: str):
@@ -122,6 +122,16 @@ class NativeBackend(ChunkedBackend):
     def _rank_products_serve(self, low_dtype, lora_dtype, rank) -> bool:
         return lora_dtype == torch.float32 and low_dtype in (torch.bfloat16, torch.float16) \
             and rank <= self.max_rank_products
+
+    def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
+        """One pass in C++ for a contiguous 2-D fp32/bf16/fp16 ``target`` and fp32 ``v``, ``a`` up to
+        :attr:`max_rank_products` (``bread_kernels::add_rank_product_``): no fp32 [M, K] product."""
+        if v.dtype == a.dtype == torch.float32 and target.dtype in _FLOATS and target.dim() == 2 \
+                and target.is_contiguous() and v.shape[1] <= self.max_rank_products:
+            torch.ops.bread_kernels.add_rank_product_(target, v.contiguous(), a.contiguous(), float(alpha),
+                                                      bool(round_term))
+        else:
+            super().add_product_(target, v, a, alpha, round_term)
 
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""

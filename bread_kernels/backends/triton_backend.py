@@ -52,6 +52,10 @@ class TritonBackend:
         """The adapters' dtype, which cuBLAS and the kernel read."""
         return lora_dtype
 
+    def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
+        """``add_scaled_(target, v @ a, ...)``: the product by BLAS."""
+        add_scaled_(target, v @ a, alpha, round_term)
+
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """torch's add: on a GPU one kernel reads both dtypes and rounds once."""
         add_scaled_(target, other, alpha, round_term)

@@ -146,7 +146,7 @@ def _lora_backward(ctx, grad_output):
         if flat is not None and flat.dtype == lora_a_c.dtype:
             flat.addmm_(v, lora_a_c, alpha=ctx.scaling)
         elif flat is not None:  # autograd's sum: the branch's gradient rounded to x's dtype, then added
-            backend.add_scaled_(flat, torch.mm(v, lora_a_c), ctx.scaling, round_term=True)
+            backend.add_product_(flat, v, lora_a_c, ctx.scaling, round_term=True)
         else:
             lora_dx = torch.mm(v, lora_a_c).mul_(ctx.scaling)
             grad_x_lora = lora_dx.view(grad_output.shape[:-1] + (n_in,)).to(ctx.x_lora_dtype)

@@ -98,3 +98,29 @@ def test_native_lora_output_makes_no_fp32_copy_of_the_output(monkeypatch):
     assert torch.equal(y, peft)
     assert "add_scaled_.default" in ops
     assert not [op for op in ops if "copy" in op or op.startswith(("add.", "add_.", "mul"))], ops
+
+
+@pytest.mark.parametrize("target_dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1.0, 0.37])
+@pytest.mark.parametrize("round_term", [False, True])
+@pytest.mark.parametrize("rank", [1, 7, 16])
+def test_every_backend_adds_a_rank_r_product_as_torch_sums_it(backend, device, target_dtype, alpha, round_term, rank):
+    """``add_product_(T, v, a)`` is ``add_scaled_(T, v a)``; the native backend sums ``v a`` per element in its
+    own order (no [M, K] product), so the result is torch's to one rounding of the target's dtype."""
+    gen = torch.Generator().manual_seed(rank)
+    target = (torch.randn(SHAPE, generator=gen) * 3).to(target_dtype).to(device)
+    v = torch.randn(SHAPE[0], rank, generator=gen).to(device)
+    a = (torch.randn(rank, SHAPE[1], generator=gen) * 0.5).to(device)
+    product = (v.double() @ a.double()).float()
+    expected = torch_reference(target, product, alpha, round_term)
+    got = target.clone()
+    get_backend(got.device).add_product_(got, v, a, alpha, round_term)
+    assert got.dtype == target_dtype
+    # one rounding of the target's dtype, plus the fp32 sums' own order (relative to what was summed)
+    summed = target.float().abs() + alpha * (v.abs() @ a.abs())
+    bound = torch.finfo(target_dtype).eps * expected.float().abs() + 4 * torch.finfo(torch.float32).eps * summed
+    assert ((got.float() - expected.float()).abs() <= bound).all()
+    if rank == 1:  # one product per element: no order to differ, so bit for bit torch's
+        assert torch.equal(bits(got), bits(torch_reference(target, v @ a, alpha, round_term)))
+    elif target_dtype != torch.float32:  # the sums' order shows in an fp32 target's last bit, rarely in a bf16's
+        assert (got == expected).float().mean() > 0.9
