@@ -6,13 +6,12 @@
 // a [M, N] fp32 / bf16 / fp16, bt [r, N] fp32, w [M, r] fp32 (all contiguous); returns, in fp32,
 //   p = a btᵀ   [M, r]   (an empty tensor without bt)
 //   q = wᵀ a    [r, N]   (an empty tensor without w)
-// in one pass over a, each element converted to fp32 in registers.  With a = g: v = g B and dBᵀ = uᵀ g; with a = x̃:
-// dA = vᵀ x̃ (w = v).  BLAS needs a and the rank-r operand in one dtype: peft's fp32 adapters on a bf16 layer
-// then cost a [M, N] fp32 copy of g (and of x̃) and two fp32 reads of it, where this reads the bf16 once.
+// each element of a converted to fp32 in registers, where BLAS would need a and the rank-r operand in one dtype:
+// peft's fp32 adapters on a bf16 layer then cost a [M, N] fp32 copy of g (and of x̃) and two fp32 reads of it.  With
+// a = g: v = g B and dBᵀ = uᵀ g; with a = x̃: dA = vᵀ x̃ (w = v).
 //
-// Sums are fp32 of exact products, as the fp32 GEMM's, in another order: p's over N in 16 partial sums, q's over the
-// rows of fixed chunks added in chunk order, so a result depends on the thread count only (as a BLAS GEMM's does),
-// not on the scheduling.
+// fp32 sums of the products (each rounded to fp32), in an order that does not depend on the thread count: p's over N
+// in 16 partial sums, q's over the rows in order (threads split q's columns).  BLAS sums in another order.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -44,31 +43,34 @@ inline float dot(const float* a, const float* b, int64_t n) {
 template <typename A>
 void rank_products_impl(const A* a, const float* bt, const float* w, float* p, float* q, int64_t m, int64_t n,
                         int64_t r) {
-  // chunks of rows fixed here (not by the scheduler): q's partial sums are added in chunk order
-  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n));
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / min_rows));
-  std::vector<float> partial(q != nullptr && chunks > 1 ? (chunks - 1) * r * n : 0, 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> row(n);
-    for (int64_t c = first; c < last; ++c) {
-      float* out = q == nullptr ? nullptr : (c == 0 ? q : partial.data() + (c - 1) * r * n);
-      for (int64_t t = c * m / chunks; t < (c + 1) * m / chunks; ++t) {
+  if (p != nullptr) {  // p: rows in parallel, each row converted once and dotted with bt's r rows
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n * r));
+    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(n);
+      for (int64_t t = begin; t < end; ++t) {
         const A* source = a + t * n;
         for (int64_t k = 0; k < n; ++k) row[k] = static_cast<float>(source[k]);
-        for (int64_t j = 0; j < r; ++j) {
-          if (p != nullptr) p[t * r + j] = dot(row.data(), bt + j * n, n);
-          if (out != nullptr) {
+        for (int64_t j = 0; j < r; ++j) p[t * r + j] = dot(row.data(), bt + j * n, n);
+      }
+    });
+  }
+  if (q != nullptr) {  // q: blocks of columns in parallel, each summed over the rows in order
+    constexpr int64_t block = 64;
+    at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t first, int64_t last) {
+      float segment[block];
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t c0 = b * block, width = std::min(block, n - c0);
+        for (int64_t t = 0; t < m; ++t) {
+          const A* source = a + t * n + c0;
+          for (int64_t c = 0; c < width; ++c) segment[c] = static_cast<float>(source[c]);
+          for (int64_t j = 0; j < r; ++j) {
             const float coefficient = w[t * r + j];
-            float* sums = out + j * n;
-            for (int64_t k = 0; k < n; ++k) sums[k] += coefficient * row[k];
+            float* sums = q + j * n + c0;
+            for (int64_t c = 0; c < width; ++c) sums[c] += coefficient * segment[c];
           }
         }
       }
-    }
-  });
-  for (int64_t c = 1; q != nullptr && c < chunks; ++c) {
-    const float* part = partial.data() + (c - 1) * r * n;
-    for (int64_t i = 0; i < r * n; ++i) q[i] += part[i];
+    });
   }
 }
 

@@ -80,6 +80,12 @@ def load_native() -> None:
         _state["loaded"] = True
 
 
+def _differentiating(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors (a double backward, ``create_graph=True``, runs the backward
+    under grad mode on tensors that require grad): the C++ ops here have no derivative, so torch's serve it."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class NativeBackend(ChunkedBackend):
     name = "native"
     bytes_per_element = 0  # the chunk buffer only (counted by the base); the epilogue allocates nothing
@@ -104,14 +110,17 @@ class NativeBackend(ChunkedBackend):
         torch.ops.bread_kernels.addmm_if_(weight, mat1, mat2, float(alpha), ok)
 
     def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:
-        """A bf16/fp16 adapter input as it is where :meth:`lora_grads` reads it so (no fp32 copy of x̃)."""
-        return input_dtype if self._rank_products_serve(input_dtype, lora_dtype, rank) else lora_dtype
+        """A bf16/fp16 adapter input as it is where :meth:`lora_grads` reads it so (no fp32 copy of x̃); the
+        adapters' dtype in a backward that builds a graph (``create_graph=True``), which BLAS on the cast serves."""
+        served = self._reads_low_precision(input_dtype, lora_dtype, rank) and not torch.is_grad_enabled()
+        return input_dtype if served else lora_dtype
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         """fp32 adapters with a bf16/fp16 ``g`` (peft's default on a bf16 model), up to :attr:`max_rank_products`:
-        ``v``, ``dBᵀ`` in one pass over g and ``dA`` in one over x̃, reading them as they are
-        (``bread_kernels::rank_products``, ``csrc/lora_grads.cpp``); BLAS's GEMMs on fp32 copies otherwise."""
-        if not self._rank_products_serve(grad_output.dtype, lora_b.dtype, lora_b.shape[1]):
+        ``v`` and ``dBᵀ`` from g, ``dA`` from x̃, reading them as they are (``bread_kernels::rank_products``,
+        ``csrc/lora_grads.cpp``); BLAS's GEMMs on fp32 copies otherwise, and where autograd records the ops."""
+        if not self._reads_low_precision(grad_output.dtype, lora_b.dtype, lora_b.shape[1]) or \
+                _differentiating(grad_output, input, u, lora_b):
             return super().lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
         products = torch.ops.bread_kernels.rank_products
         v, grad_bt = products(grad_output.contiguous(), lora_b.t().contiguous(),
@@ -119,15 +128,17 @@ class NativeBackend(ChunkedBackend):
         grad_a = products(input.contiguous(), None, v)[1].mul_(scaling) if need_a else None
         return v, grad_a, grad_bt.mul_(scaling).t() if need_b else None
 
-    def _rank_products_serve(self, low_dtype, lora_dtype, rank) -> bool:
+    def _reads_low_precision(self, low_dtype, lora_dtype, rank) -> bool:
+        """fp32 adapters with a bf16/fp16 g and x̃, up to :attr:`max_rank_products`."""
         return lora_dtype == torch.float32 and low_dtype in (torch.bfloat16, torch.float16) \
             and rank <= self.max_rank_products
 
     def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for a contiguous 2-D fp32/bf16/fp16 ``target`` and fp32 ``v``, ``a`` up to
         :attr:`max_rank_products` (``bread_kernels::add_rank_product_``): no fp32 [M, K] product."""
-        if v.dtype == a.dtype == torch.float32 and target.dtype in _FLOATS and target.dim() == 2 \
-                and target.is_contiguous() and v.shape[1] <= self.max_rank_products:
+        if v.dim() == 2 and v.dtype == a.dtype == torch.float32 and target.dtype in _FLOATS and target.dim() == 2 \
+                and target.is_contiguous() and v.shape[1] <= self.max_rank_products \
+                and not _differentiating(target, v, a):
             torch.ops.bread_kernels.add_rank_product_(target, v.contiguous(), a.contiguous(), float(alpha),
                                                       bool(round_term))
         else:
@@ -136,7 +147,7 @@ class NativeBackend(ChunkedBackend):
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""
         if target.shape == other.shape and target.dtype in _FLOATS and other.dtype in _FLOATS \
-                and target.is_contiguous() and other.is_contiguous():
+                and target.is_contiguous() and other.is_contiguous() and not _differentiating(target, other):
             torch.ops.bread_kernels.add_scaled_(target, other, float(alpha), bool(round_term))
         else:
             super().add_scaled_(target, other, alpha, round_term)

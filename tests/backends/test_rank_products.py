@@ -59,6 +59,23 @@ def test_results_are_deterministic_and_each_part_is_optional(monkeypatch):
     assert torch.equal(grad_a, first[1]) and grad_b is None
 
 
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    """BLAS's fp32 GEMM gives the same sums at 1 and 2 threads on a CPU; so do the rank-r products (threads split
+    q's columns, not its sums over the rows)."""
+    backend = native(monkeypatch)
+    g, x, u, lora_b = operands(1301, 203, 29, 8, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = backend.lora_grads(g, x, u, lora_b, 2.0, True, True)
+        torch.set_num_threads(2)
+        two = backend.lora_grads(g, x, u, lora_b, 2.0, True, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
 class _Casts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -77,8 +94,10 @@ def test_bf16_g_and_x_are_read_without_fp32_copies_up_to_the_rank_limit(monkeypa
     limit = backend.max_rank_products
     for rank, copies in ((limit, []), (limit + 1, [(37, 53), (37, 29)])):
         g, x, u, lora_b = operands(37, 53, 29, rank, torch.bfloat16)
-        assert backend.lora_input_dtype(torch.bfloat16, torch.float32, rank) == \
-            (torch.bfloat16 if rank <= limit else torch.float32)
+        with torch.no_grad():  # as in a backward (one that builds a graph casts x̃: BLAS differentiates)
+            assert backend.lora_input_dtype(torch.bfloat16, torch.float32, rank) == \
+                (torch.bfloat16 if rank <= limit else torch.float32)
+        assert backend.lora_input_dtype(torch.bfloat16, torch.float32, rank) == torch.float32
         with _Casts() as casts:
             got = backend.lora_grads(g, x, u, lora_b, 0.5, True, True)
         assert [s for s in casts.shapes if len(s) == 2 and s[0] == 37] == copies, rank
@@ -87,6 +106,7 @@ def test_bf16_g_and_x_are_read_without_fp32_copies_up_to_the_rank_limit(monkeypa
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
 def test_fp32_adapters_on_fp32_inputs_keep_blas(monkeypatch):
     backend = native(monkeypatch)
     assert backend.lora_input_dtype(torch.float32, torch.float32, 8) == torch.float32

@@ -154,9 +154,11 @@ def test_frozen_adapters_still_give_dx(backend, device):
     assert all(p.grad is None for p in layer.parameters())
 
 
-def test_bf16_base_with_fp32_adapters(backend, device):
-    """peft's default on a bf16 model (autocast_adapter_dtype): the adapter path runs in fp32."""
-    layer = make_layer(8, 0.25, dtype=torch.bfloat16, adapter_dtype=torch.float32, device=device)
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["nodrop", "dropout"])
+def test_bf16_base_with_fp32_adapters(backend, device, dropout):
+    """peft's default on a bf16 model (autocast_adapter_dtype): the adapter path runs in fp32 (without dropout the
+    native backend reads the bf16 x̃ and g as they are)."""
+    layer = make_layer(8, dropout, dtype=torch.bfloat16, adapter_dtype=torch.float32, device=device)
     x, g = inputs(torch.bfloat16, device)
     y_ref, dx_ref, grads_ref = run_peft(copy.deepcopy(layer), x, g, seed=2)
     y, dx = run_fused(layer, x, g, seed=2, role=Role.LORA, conv1d=False)
@@ -168,6 +170,27 @@ def test_bf16_base_with_fp32_adapters(backend, device):
         assert p.grad.dtype == torch.float32
         # g is bf16, so the fp32 adapter gradients agree to bf16-input GEMM accuracy
         torch.testing.assert_close(p.grad, grads_ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_a_double_backward_differentiates_every_path(backend, device):
+    """create_graph=True through a bf16 layer with fp32 adapters: dX and dA as functions of g are peft's (the native
+    backend's C++ sums have no derivative, so a backward that builds a graph runs torch's ops)."""
+    layer = make_layer(4, 0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32, device=device)
+    x, g = inputs(torch.bfloat16, device)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def second_order(y, x):
+        grad = g.detach().clone().requires_grad_(True)
+        dx, da = torch.autograd.grad(y, (x, a), grad, create_graph=True)
+        return torch.autograd.grad(dx.float().square().sum() + da.square().sum(), grad)[0]
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = second_order(layer(x_ref), x_ref)
+    x_fused = x.detach().clone().requires_grad_(True)
+    plan = WeightPlan(Role.LORA, name="proj")
+    y = fused_lora_linear(x_fused, None, layer.base_layer.weight, layer.base_layer.bias, a, b,
+                          layer.scaling["default"], plan)
+    assert_close(second_order(y, x_fused), expected, "d(|dX|² + |dA|²)/dg", torch.bfloat16)
 
 
 def test_bad_adapter_shapes_are_refused():
