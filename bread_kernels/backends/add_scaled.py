@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_scaled_", "SLICE_ELEMENTS"]
+__all__ = ["add_scaled_", "TorchSums", "SLICE_ELEMENTS"]
 
 #: on a CPU, the most elements one mixed-dtype add casts at once (4 MiB of fp32)
 SLICE_ELEMENTS = 1 << 20
@@ -52,3 +52,14 @@ def _add_term_(target: torch.Tensor, other: torch.Tensor, alpha: float, round_te
     if round_term:
         term = term.to(target.dtype)
     target.add_(term)
+
+
+class TorchSums:
+    """The backends' ``add_scaled_`` and ``add_product_`` in torch ops (the native backend overrides both)."""
+
+    def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
+        add_scaled_(target, other, alpha, round_term)
+
+    def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
+        """``add_scaled_(target, v @ a, ...)``: the rank-r product by BLAS (on a GPU the add is one kernel)."""
+        add_scaled_(target, v @ a, alpha, round_term)

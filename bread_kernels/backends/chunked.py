@@ -46,7 +46,7 @@ import torch
 
 from ..rounding import Rounding
 from . import epilogue
-from .add_scaled import add_scaled_
+from .add_scaled import TorchSums
 from .lora_gemm import lora_grads_gemm
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -62,7 +62,7 @@ def chunk_budget_bytes() -> int:
     return configured
 
 
-class ChunkedBackend:
+class ChunkedBackend(TorchSums):
     """Base of the CPU backends; subclasses provide ``apply_update_`` and its memory cost per chunk element."""
 
     name = "chunked"
@@ -87,13 +87,6 @@ class ChunkedBackend:
     def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:
         """The adapters' dtype: BLAS multiplies operands of one dtype."""
         return lora_dtype
-
-    def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
-        """``add_scaled_(target, v @ a, ...)``: the product by BLAS."""
-        add_scaled_(target, v @ a, alpha, round_term)
-
-    def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
-        add_scaled_(target, other, alpha, round_term)
 
     def linear_cross_entropy(self, hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw):
         """None: on the CPU the fused loss's own torch loop serves (BLAS GEMMs and in-place softmax)."""

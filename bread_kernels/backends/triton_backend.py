@@ -7,11 +7,11 @@ import os
 import torch
 
 from . import epilogue
-from .add_scaled import add_scaled_
+from .add_scaled import TorchSums
 from .lora_gemm import lora_grads_gemm
 
 
-class TritonBackend:
+class TritonBackend(TorchSums):
     name = "triton"
 
     def __init__(self):
@@ -55,14 +55,6 @@ class TritonBackend:
     def lora_input_dtype(self, input_dtype, lora_dtype, rank):
         """The adapters' dtype, which cuBLAS and the kernel read."""
         return lora_dtype
-
-    def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
-        """``add_scaled_(target, v @ a, ...)``: the product by BLAS."""
-        add_scaled_(target, v @ a, alpha, round_term)
-
-    def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
-        """torch's add: on a GPU one kernel reads both dtypes and rounds once."""
-        add_scaled_(target, other, alpha, round_term)
 
     def linear_cross_entropy(self, hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw):
         """Liger-Kernel's fused linear cross-entropy (:mod:`.liger`), or None where it cannot serve (the fused
