@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "mixed_sum.h"
+
 namespace {
 
 inline uint32_t lowbias32(uint32_t x) {
@@ -235,9 +237,8 @@ void add_scaled_impl(at::Tensor& self, const at::Tensor& other, float alpha) {
   const O* in = other.data_ptr<O>();
   at::parallel_for(0, self.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float term = static_cast<float>(static_cast<O>(alpha * static_cast<float>(in[i])));  // exact for alpha 1
-      if constexpr (ROUND_TERM) term = static_cast<float>(static_cast<S>(term));
-      out[i] = static_cast<S>(static_cast<float>(out[i]) + term);
+      const float term = static_cast<float>(static_cast<O>(alpha * static_cast<float>(in[i])));  // exact for alpha 1
+      out[i] = add_rounded<S, ROUND_TERM>(out[i], term);
     }
   });
 }

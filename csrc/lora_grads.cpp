@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "mixed_sum.h"
+
 namespace {
 
 constexpr int kLanes = 16;
@@ -123,9 +125,7 @@ void add_rank_product_impl(T* target, const float* v, const float* a, float alph
       }
       T* out = target + t * k;
       for (int64_t c = 0; c < k; ++c) {
-        float term = alpha * sums[c];
-        if constexpr (ROUND_TERM) term = static_cast<float>(static_cast<T>(term));
-        out[c] = static_cast<T>(static_cast<float>(out[c]) + term);
+        out[c] = add_rounded<T, ROUND_TERM>(out[c], alpha * sums[c]);
       }
     }
   });

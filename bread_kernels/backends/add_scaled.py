@@ -35,14 +35,13 @@ def add_scaled_(target: torch.Tensor, other: torch.Tensor, alpha: float = 1.0, r
     """``target = round(fp32(target) + alpha · other)`` in place (see the module docstring); ``other`` unchanged."""
     if target.shape != other.shape:
         raise ValueError(f"add_scaled_: target shape {tuple(target.shape)} != other shape {tuple(other.shape)}")
-    mixed = target.dtype != other.dtype or (round_term and alpha != 1.0)
-    rows = target.shape[0] if target.dim() > 0 else 1
-    per_row = max(1, target.numel() // max(1, rows))
-    slices = -(-target.numel() // SLICE_ELEMENTS) if mixed and target.device.type == "cpu" and target.dim() > 0 else 1
-    if slices <= 1:
+    # only an add of two dtypes copies an operand to fp32 (whole, on a CPU): slice that one
+    if target.dtype == other.dtype or target.device.type != "cpu" or target.dim() == 0 \
+            or target.numel() <= SLICE_ELEMENTS:
         _add_term_(target, other, alpha, round_term)
         return
-    step = max(1, SLICE_ELEMENTS // per_row)
+    rows = target.shape[0]
+    step = max(1, SLICE_ELEMENTS // max(1, target.numel() // rows))
     for start in range(0, rows, step):
         _add_term_(target[start:start + step], other[start:start + step], alpha, round_term)
 

@@ -35,6 +35,7 @@ def _arch_flags() -> list[str]:
 
 
 _SOURCES = ("epilogue.cpp", "lora_grads.cpp")
+_HEADERS = ("mixed_sum.h",)  # not compiled on their own; hashed with the sources
 _OPS = ("apply_update_", "all_finite", "addmm_if_", "add_scaled_", "rank_products", "add_rank_product_")
 
 
@@ -58,13 +59,16 @@ def load_native() -> None:
             from torch.utils.cpp_extension import load
 
             with contextlib.ExitStack() as files:
-                paths = [files.enter_context(importlib.resources.as_file(_source(name))) for name in _SOURCES]
+                paths = [files.enter_context(importlib.resources.as_file(_source(name)))
+                         for name in (*_SOURCES, *_HEADERS)]
                 # named by the sources' hash: checkouts of different versions on one machine never rebuild over
                 # each other's cached build
                 digest = hashlib.sha256(b"".join(Path(path).read_bytes() for path in paths)).hexdigest()[:12]
+                headers, paths = paths[len(_SOURCES):], paths[:len(_SOURCES)]
                 load(
                     name=f"bread_kernels_native_{digest}",
                     sources=[str(path) for path in paths],
+                    extra_include_paths=sorted({str(Path(path).parent) for path in headers}),
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *_arch_flags()],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
