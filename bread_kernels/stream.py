@@ -118,6 +118,15 @@ class StreamConfig:
         in the forward and what the top block's backward allocates (its activations' gradients, about ``top``)."""
         return max(self.auto_loss_bytes, top)
 
+    def room_beside_kept(self, tokens: int) -> int:
+        """Inside :meth:`fused_loss_follows`, after the blocks' forward: the bytes what follows the kept blocks in
+        the forward (the fused loss) may hold without raising the step's peak above the one :meth:`kept_blocks`
+        counted — the larger of what the loss was counted at and what the top block's backward allocates later
+        (its measured activations' size at ``tokens`` rows; 0 where not measured).  0 where no block was kept."""
+        if not self.kept:
+            return 0
+        return int(self._beside_kept((self.block_bytes.get(self.n_blocks - 1) or 0) * tokens))
+
     def plans_changed(self) -> None:
         """The roles of the blocks may have changed (the optimizer wrote new plans): ``"auto"`` measures again,
         from the top block alone."""

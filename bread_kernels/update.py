@@ -225,8 +225,11 @@ def update_linear_tiles_(plan: WeightPlan, role: Role, weight: torch.Tensor, bia
     gated on its own flag only: a caller whose tiles could turn non-finite one by one must make every tile's g
     non-finite together (the head+loss gates them all on its logsumexp and loss scale)."""
     def write(target, step, sign, update):
-        flags = [target.linear_(weight[start:stop], None if bias is None else bias[start:stop], g, x, step, sign,
-                                update) for start, stop, g, x in tiles]
+        flags = []
+        for start, stop, g, x in tiles:
+            flags.append(target.linear_(weight[start:stop], None if bias is None else bias[start:stop], g, x, step,
+                                        sign, update))
+            del g  # before the next tile is computed: a caller's tiles are one at a time
         if all(isinstance(flag, bool) for flag in flags):
             return all(flags)
         return torch.stack([torch.as_tensor(flag, device=weight.device) for flag in flags]).all()

@@ -193,6 +193,48 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_loss_beside_kept_blocks_takes_the_room_the_top_blocks_backward_takes(dtype, monkeypatch):
+    """With blocks kept, the fused loss is bounded to what sits beside them at the step's peak anyway — the top
+    block's backward, about its measured activations (``StreamConfig.room_beside_kept``) — rather than to the
+    hidden states' size alone: fewer, larger blocks of logits (the head's GEMMs on more rows at once), the same loss
+    to fp32 rounding.  Control: without the room, the hidden states' size (``hidden_sized_blocks``)."""
+    from bread_kernels.functions import head_loss
+
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+    calls, logits = [], head_loss._logits
+    monkeypatch.setattr(head_loss, "_logits", lambda h, *args: calls.append(h.shape[0]) or logits(h, *args))
+
+    def blocks_and_loss():
+        model = bread_kernels.patch(_llama_with_a_large_vocabulary(dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), switch_mode="fixed", start_block=0,
+                                               verbose=0)
+        for _ in range(3):  # "auto" settled, every kept block measured
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.zero_grad()
+        calls.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        stream = patched_state(model).stream
+        assert stream.kept >= 1
+        room = stream.block_bytes[stream.n_blocks - 1] * ids.numel()
+        opt.close()
+        return list(calls), loss.detach(), room, model.lm_head.weight
+
+    roomy, loss, room, weight = blocks_and_loss()
+    hidden_sized = head_loss.hidden_sized_blocks(ids.numel(), weight)
+    per_logit = head_loss._bytes_per_logit(dtype, None)
+    assert len(roomy) < hidden_sized
+    assert max(roomy) * weight.shape[0] * per_logit <= room  # no block beyond the top block's activations
+    assert max(roomy) - min(roomy) < len(roomy)  # balanced: no block of a few rows
+    monkeypatch.setattr(StreamConfig, "room_beside_kept", lambda self, tokens: 0)
+    bounded, bounded_loss, _, _ = blocks_and_loss()
+    assert len(bounded) == hidden_sized
+    torch.testing.assert_close(loss, bounded_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["bread_sgd", "bread"])
 def test_kept_blocks_rebuild_their_linears_inputs_and_train_the_same(variant, dtype, monkeypatch):
     """In a block "auto" keeps, the on-the-fly (BREAD-SGD) or LoRA (BREAD) linears save what rebuilds their inputs
@@ -204,6 +246,9 @@ def test_kept_blocks_rebuild_their_linears_inputs_and_train_the_same(variant, dt
     from tests.model_zoo import with_lora
 
     monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)  # the SGD head's dW beside kept blocks (above)
+    # the loss's blocks of logits as large as the hidden states in both runs (the room beside the kept blocks would
+    # size them by the top block's activations, which differ: other blocks sum the head's dW in another order)
+    monkeypatch.setattr(StreamConfig, "room_beside_kept", lambda self, tokens: 0)
     ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
 
     def run():

@@ -140,18 +140,29 @@ def _rows_per_block(budget: int, row_elements: int, compute_dtype: torch.dtype, 
     return max(1, budget // (row_elements * _bytes_per_logit(compute_dtype, softcap)))
 
 
+def _balanced_rows(rows: int, tokens: int) -> int:
+    """The rows of each block when ``tokens`` rows are split into blocks of at most ``rows``: as many blocks, of
+    equal size but the last (fewer rows than there are blocks short), so that no block runs a GEMM on a sliver of
+    rows."""
+    if tokens <= 0 or rows >= tokens:
+        return max(1, rows)
+    blocks = -(-tokens // rows)
+    return -(-tokens // blocks)
+
+
 def _loss_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compute_dtype: torch.dtype,
-                 softcap: float | None, hidden_sized: bool) -> int:
+                 softcap: float | None, hidden_sized: bool, room_bytes: int = 0) -> int:
     """The bytes the loss may hold besides its inputs: ``chunk_budget_bytes(chunk_bytes)``, and with
-    ``hidden_sized`` no more than the ``tokens × H`` hidden states' elements as logits."""
+    ``hidden_sized`` no more than the larger of the ``tokens × H`` hidden states' elements as logits and
+    ``room_bytes``."""
     budget = chunk_budget_bytes(chunk_bytes)
     if hidden_sized:
-        budget = min(budget, tokens * weight.shape[1] * _bytes_per_logit(compute_dtype, softcap))
+        budget = min(budget, max(tokens * weight.shape[1] * _bytes_per_logit(compute_dtype, softcap), room_bytes))
     return budget
 
 
 def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compute_dtype: torch.dtype,
-               softcap: float | None, hidden_sized: bool) -> int:
+               softcap: float | None, hidden_sized: bool, room_bytes: int = 0) -> int:
     """The bytes an on-the-fly head's fp32 dW may take, accumulated in the forward beside one block of logits: the
     loss's budget; with the default budget (neither ``chunk_bytes`` nor ``BREAD_LOSS_CHUNK_BYTES`` given) and no
     hidden-size bound, also whatever the model's own head and loss would hold beyond that block
@@ -159,7 +170,7 @@ def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compu
     each chunk's bf16/fp16 product, :func:`_dw_fits`), and the head runs the reference's three GEMMs instead of the
     vocabulary tiles' four (at hidden 4096 and vocab 128,256 the fp32 dW is 2 GiB, 3 GiB with a bf16 chunk's
     product; 4,096 tokens' unfused loss peaks at 6 GiB).  A budget given bounds the dW too."""
-    budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized)
+    budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized, room_bytes)
     if hidden_sized or _budget_given(chunk_bytes):
         return budget
     return max(budget, unfused_loss_bytes(tokens, weight) - budget)
@@ -214,7 +225,7 @@ def _hidden_sized_rows(tokens: int, weight: torch.Tensor, softcap: float | None)
     """The token rows of one block of logits of ``fused_head_loss(hidden_sized=True)`` (at least one)."""
     dtype = _compute_dtype(weight)
     budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)
-    return _rows_per_block(budget, weight.shape[0], dtype, softcap)
+    return _balanced_rows(_rows_per_block(budget, weight.shape[0], dtype, softcap), tokens)
 
 
 def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
@@ -427,6 +438,7 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
         if lse_all is not None:
             lse_all[start:stop] = lse
         if grad_hidden is None and not want_dw and grad_bias is None:
+            del z, t  # before the next block of logits is allocated, not after: one block at a time
             continue
         g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(dtype)
         if grad_hidden is not None:
@@ -440,6 +452,7 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
                 get_backend(grad_weight.device).add_scaled_(grad_weight, g.t() @ h)
         if grad_bias is not None:
             grad_bias += g.sum(0, dtype=torch.float32)
+        del z, t, g  # before the next block of logits is allocated, not after: one block at a time
     if want_dw and grad_weight is None:  # no tokens
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     return total, grad_hidden, grad_weight, grad_bias, lse_all
@@ -505,12 +518,18 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
             tile_bias = bias[start:stop].to(dtype) if bias is not None else None
             z, t = _logits(hidden, weight[start:stop].to(dtype), tile_bias, ctx.softcap)
             p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
-            yield start, stop, _delta_(p, t, targets, valid, scale, first_col=start).to(dtype), hidden
+            g = _delta_(p, t, targets, valid, scale, first_col=start).to(dtype)
+            del z, t, p
+            yield start, stop, g, hidden
+            del g  # before the next tile is allocated (its consumer drops its own reference: one tile at a time)
 
     if dtype == torch.float16:
         # an fp16 tile's dW overflows from finite g and h (a loss-scaled backward) on its own: every tile is
         # checked before the first writes (its logits and GEMM once more), and a bad one makes γ nan for all
-        flags = [dw_finite_flag(g, h, stop - start, backend.finite_flag) for start, stop, g, h in tiles()]
+        flags = []
+        for start, stop, g, h in tiles():
+            flags.append(dw_finite_flag(g, h, stop - start, backend.finite_flag))
+            del g
         if flags:
             scale = scale.masked_fill(~torch.stack(flags).all(), float("nan"))
     update_linear_tiles_(plan, role, weight, bias, tiles())
@@ -520,7 +539,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
 def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     plan: WeightPlan | None = None, *, ignore_index: int = -100, num_items_in_batch=None,
                     softcap: float | None = None, chunk_bytes: int | None = None,
-                    hidden_sized: bool = False, dw_bytes: int | None = None) -> torch.Tensor:
+                    hidden_sized: bool = False, room_bytes: int = 0, dw_bytes: int | None = None) -> torch.Tensor:
     """The mean (or ``/ num_items_in_batch``) cross-entropy of the logits ``hidden Wᵀ + b`` against ``targets``,
     without a [tokens, vocab] tensor; the head's backward follows ``plan`` (see the module docstring).
 
@@ -537,6 +556,11 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             head's fp32 dW accumulated in the forward — by the bytes of ``hidden``'s elements as logits: blocks of
             about ``T·H/V`` rows (Liger-Kernel's chunk).  For a step whose peak must not grow while something else
             is alive during the loss (the stream's kept top block, ``patch(keep_top=...)``).
+        room_bytes: with ``hidden_sized``, the bytes the loss may hold where that is more than ``hidden``'s
+            size: what the caller's peak holds beside the loss anyway (the kept top block's backward, which
+            allocates about its activations' size, :meth:`~bread_kernels.stream.StreamConfig.room_beside_kept`).
+            Larger blocks of logits run the head's GEMMs on more rows at once (on a CPU, at 1,024 tokens, vocab
+            4,096 and hidden 512 in fp32, 128-row blocks took 1.2x the time of 512-row ones).
         dw_bytes: the bytes an on-the-fly head's fp32 dW accumulated in the forward may take instead (the caller
             counts them against what else it holds: :func:`forward_dw_bytes`); where dW does not fit, the
             vocabulary tiles compute it in the backward.  None: the budget's own rule (above).
@@ -562,10 +586,10 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
     float_softcap = float(softcap) if softcap is not None else None
     dtype = _compute_dtype(weight)
-    budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
-    chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)
+    budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized, room_bytes)
+    chunk = _balanced_rows(_rows_per_block(budget, weight.shape[0], dtype, float_softcap), hidden.shape[0])
     if dw_bytes is None:
-        dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
+        dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized, room_bytes)
     dw_fits = _dw_fits(weight, bias, dw_bytes, dtype)
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)

@@ -658,3 +658,38 @@ def test_an_fp16_head_tile_whose_dw_overflows_skips_every_tile(backend_name, mon
     with pytest.warns(RuntimeWarning, match="lm_head.*not finite"):
         (loss * 4096).backward()
     assert torch.equal(weight, before) and plan.skipped_updates == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("role", [Role.FROZEN, Role.ACTIVE, Role.SGD], ids=lambda r: r.name)
+def test_the_loss_holds_one_block_of_logits_at_a_time(monkeypatch, role, dtype):
+    """Over several blocks of logits (and, for an on-the-fly head whose dW is not held, several vocabulary tiles in
+    the backward) the loss's peak is one block's bytes and what it holds besides — never two blocks, which a block
+    still referenced while the next is allocated would take.  Allocator statistics of forward + backward against
+    ``rows × V × bytes per logit``."""
+    from bread_kernels.bench.memory import trace_allocations
+    from bread_kernels.functions import head_loss
+
+    monkeypatch.delenv("BREAD_LOSS_CHUNK_BYTES", raising=False)
+    tokens, hidden_size, vocab = 244, 32, 1001
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, hidden_size, generator=gen).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    per_logit = head_loss._bytes_per_logit(dtype, None)
+    rows = 61  # four blocks of logits; an on-the-fly head's vocabulary tiles of 61 rows of W (61 × 244 logits)
+    block = rows * max(vocab, tokens) * per_logit
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=LR) if role is Role.SGD else None, name="lm_head")
+    if role is Role.ACTIVE:
+        weight.requires_grad_()
+    held = 4 * weight.numel() + weight.numel() * dtype.itemsize if role is Role.ACTIVE else 0  # dW, fp32 and cast
+
+    def step():
+        fused_head_loss(hidden, weight, None, targets, plan, chunk_bytes=rows * vocab * per_logit,
+                        dw_bytes=0).backward()
+        hidden.grad = weight.grad = None
+
+    step()
+    peak = trace_allocations(step).peak_bytes
+    besides = 3 * tokens * hidden_size * 4 + 16 * tokens  # dh (and its cast), the row statistics
+    assert peak <= block + held + besides, (peak, block)
