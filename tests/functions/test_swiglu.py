@@ -56,6 +56,48 @@ def test_only_the_inputs_are_saved():
         assert silu_mul(a, u).grad_fn is None
 
 
+@pytest.mark.parametrize("a_dtype,u_dtype", MIXES, ids=lambda d: str(d)[6:])
+def test_the_backward_allocates_one_buffer_per_gradient(a_dtype, u_dtype):
+    """Each gradient is written into the [.., I] buffer its first op allocates (``silu(a)`` for du, ``g·u`` for
+    da): two allocations of that size where a dtype-matched backward's ops would make four (their results counted
+    with a dispatch mode: outputs that share no input's storage)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    a, u, g = _inputs(a_dtype, u_dtype)
+    a, u = a.requires_grad_(), u.requires_grad_()
+    h = silu_mul(a, u)
+    g = g.to(h.dtype)
+    fresh = []
+
+    class Fresh(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in [*args, *(kwargs or {}).values()]
+                      if isinstance(t, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.shape == a.shape and \
+                    out.untyped_storage().data_ptr() not in inputs:
+                fresh.append(func)
+            return out
+
+    with Fresh():
+        h.backward(g)
+    # mixed: silu(a) in a's dtype cannot take the product in h's (one more), and da is cast to a's dtype
+    assert len(fresh) == (2 if a_dtype == u_dtype else 4), fresh
+
+
+def test_a_double_backward_through_the_product_is_autograds():
+    """With ``create_graph=True`` the backward's ops are recorded (out-of-place, and silu's derivative in the ops
+    autograd differentiates, as autograd's own): second derivatives equal plain autograd's."""
+    a, u, g = _inputs(torch.float32, torch.float32)
+    results = []
+    for forward in (lambda a, u: F.silu(a) * u, silu_mul):
+        a_, u_ = a.clone().requires_grad_(), u.clone().requires_grad_()
+        grad_a, grad_u = torch.autograd.grad(forward(a_, u_), (a_, u_), g, create_graph=True)
+        results.append(torch.autograd.grad((grad_a * grad_u).sum(), (a_, u_)))
+    for fused, plain in zip(*results):
+        assert torch.equal(fused, plain)
+
+
 def _config(act="silu"):
     return LlamaConfig(hidden_size=24, intermediate_size=37, num_attention_heads=4, num_key_value_heads=4, hidden_act=act)
 
