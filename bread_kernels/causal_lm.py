@@ -117,8 +117,8 @@ def install(model: nn.Module, required: bool = True, stream=None) -> nn.Module:
     ``required=False``: a forward the fused loss cannot match runs the model's own forward instead of raising.
     ``stream``: the patched blocks' :class:`~bread_kernels.stream.StreamConfig` (not imported: the stream sits
     beside this module), told that a fused loss follows their forward; the top block may then keep its activations,
-    and the loss holds no more than the top block's backward allocates after it while one does
-    (:meth:`~bread_kernels.stream.StreamConfig.room_beside_kept`, at least the hidden states' size)."""
+    and the loss holds no more than the hidden states' size, or what the stream counted beside its kept blocks,
+    while one does (:meth:`~bread_kernels.stream.StreamConfig.room_beside_kept`)."""
     lm, info = prepare(model)
     setattr(lm, _INSTALLED_ATTR, (*info, required, stream))
     if "forward" not in lm.__dict__:
@@ -189,7 +189,7 @@ def _fused_loss_forward(self, *args, **kwargs):
             loss_bytes=(held or 0) + hidden_sized_block_bytes(labels.numel(), head.weight, softcap))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
-        room = stream.room_beside_kept(labels.numel()) if stream is not None else 0
+        room = stream.room_beside_kept() if stream is not None else 0
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)
 
     ignore_index = extra.get("ignore_index", -100)

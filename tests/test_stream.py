@@ -111,13 +111,13 @@ def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same
     assert n_blocks - 1 in state.recomputes
 
 
-def _llama_with_a_large_vocabulary(dtype):
+def _llama_with_a_large_vocabulary(dtype, vocab=1001):
     """A tiny Llama whose logits are as large as a block's activations (vocab 1001): where the loss's memory and the
     kept block's meet."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=88, num_hidden_layers=3,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=88, num_hidden_layers=3,
                          num_attention_heads=4, tie_word_embeddings=False, use_cache=False)
     return LlamaForCausalLM(config).to(dtype).train()
 
@@ -228,10 +228,31 @@ def test_the_loss_beside_kept_blocks_takes_the_room_the_top_blocks_backward_take
     assert len(roomy) < hidden_sized
     assert max(roomy) * weight.shape[0] * per_logit <= room  # no block beyond the top block's activations
     assert max(roomy) - min(roomy) < len(roomy)  # balanced: no block of a few rows
-    monkeypatch.setattr(StreamConfig, "room_beside_kept", lambda self, tokens: 0)
+    monkeypatch.setattr(StreamConfig, "room_beside_kept", lambda self: 0)
     bounded, bounded_loss, _, _ = blocks_and_loss()
     assert len(bounded) == hidden_sized
     torch.testing.assert_close(loss, bounded_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("vocab, sgd_mode", [(600, "disabled"), (500, "all"), (8000, "disabled")])
+def test_the_room_beside_kept_blocks_keeps_the_peak_within_the_counted_budget(vocab, sgd_mode):
+    """Where the loss's logits are smaller than a block's activations (the room then sizes its blocks) or far
+    larger: the first step after new plans (the top block not yet measured: no room) peaks no higher than a step that
+    recomputes every block, and the settled step (blocks of logits up to the top block's measured activations, an
+    SGD head's dW held beside them) no higher than the best-configured reference."""
+    from bread_kernels.bench.model import reference_ways
+
+    ids = torch.randint(0, vocab, (4, 61), generator=torch.Generator().manual_seed(0))
+
+    def peak(model, first_step=False):
+        return _settled_step_peak(model, ids, 3, start_block=0, sgd_mode=sgd_mode, first_step=first_step)[0]
+
+    recomputed = peak(bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32, vocab), keep_top=0))
+    assert peak(bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32, vocab)), first_step=True) \
+        <= recomputed * 1.02
+    settled = peak(bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32, vocab)))
+    best = peak(reference_ways(_llama_with_a_large_vocabulary(torch.float32, vocab), recompute=True)["best"])
+    assert settled <= best * 1.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -248,7 +269,7 @@ def test_kept_blocks_rebuild_their_linears_inputs_and_train_the_same(variant, dt
     monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)  # the SGD head's dW beside kept blocks (above)
     # the loss's blocks of logits as large as the hidden states in both runs (the room beside the kept blocks would
     # size them by the top block's activations, which differ: other blocks sum the head's dW in another order)
-    monkeypatch.setattr(StreamConfig, "room_beside_kept", lambda self, tokens: 0)
+    monkeypatch.setattr(StreamConfig, "room_beside_kept", lambda self: 0)
     ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
 
     def run():
@@ -284,11 +305,11 @@ def test_kept_blocks_rebuild_their_linears_inputs_and_train_the_same(variant, dt
         assert torch.equal(a, b), name
 
 
-def _settled_step_peak(model, ids, steps, **optimizer):
+def _settled_step_peak(model, ids, steps, first_step=False, **optimizer):
     """The peak bytes of one step of ``model`` under a ``BlockOptimizer`` (``optimizer``: its arguments) after
     ``steps`` warm-up steps ("auto" grows by a block per step), with the stream's kept count and measured bytes per
-    block then (None for an unpatched model).  The optimizer is closed after: that clears the plans and with them
-    the measurements."""
+    block then (None for an unpatched model); ``first_step``: the measurements cleared before it, as new plans
+    clear them.  The optimizer is closed after: that clears the plans and with them the measurements."""
     from bread_kernels.bench.memory import trace_allocations
 
     with warnings.catch_warnings():
@@ -299,6 +320,8 @@ def _settled_step_peak(model, ids, steps, **optimizer):
     for _ in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.zero_grad()
+    if first_step:
+        patched_state(model).stream.plans_changed()
     result = trace_allocations(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
     state = patched_state(model)
     kept, block_bytes = (state.stream.kept, dict(state.stream.block_bytes)) if state is not None else (None, None)

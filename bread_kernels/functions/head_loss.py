@@ -162,15 +162,16 @@ def _loss_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, com
 
 
 def _dw_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compute_dtype: torch.dtype,
-               softcap: float | None, hidden_sized: bool, room_bytes: int = 0) -> int:
+               softcap: float | None, hidden_sized: bool) -> int:
     """The bytes an on-the-fly head's fp32 dW may take, accumulated in the forward beside one block of logits: the
     loss's budget; with the default budget (neither ``chunk_bytes`` nor ``BREAD_LOSS_CHUNK_BYTES`` given) and no
     hidden-size bound, also whatever the model's own head and loss would hold beyond that block
     (:func:`unfused_loss_bytes`): the loss then holds no more than the unfused model's would (the dW counted with
     each chunk's bf16/fp16 product, :func:`_dw_fits`), and the head runs the reference's three GEMMs instead of the
     vocabulary tiles' four (at hidden 4096 and vocab 128,256 the fp32 dW is 2 GiB, 3 GiB with a bf16 chunk's
-    product; 4,096 tokens' unfused loss peaks at 6 GiB).  A budget given bounds the dW too."""
-    budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized, room_bytes)
+    product; 4,096 tokens' unfused loss peaks at 6 GiB).  A budget given bounds the dW too; the room a
+    ``hidden_sized`` caller gives its blocks of logits does not (a dW held beside it is the caller's ``dw_bytes``)."""
+    budget = _loss_budget(chunk_bytes, tokens, weight, compute_dtype, softcap, hidden_sized)
     if hidden_sized or _budget_given(chunk_bytes):
         return budget
     return max(budget, unfused_loss_bytes(tokens, weight) - budget)
@@ -418,6 +419,7 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
     """This library's own loop over chunks of ``chunk`` tokens (all in the compute dtype): ``(Σ loss, dh, dW, db,
     the per-token logsumexp or None)``, the gradients of the loss divided by n (``inv_count``) with γ = 1."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk = _balanced_rows(chunk, tokens)
     dtype = hidden.dtype
     valid = targets >= 0
     safe = targets.clamp(min=0)
@@ -556,9 +558,10 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             head's fp32 dW accumulated in the forward — by the bytes of ``hidden``'s elements as logits: blocks of
             about ``T·H/V`` rows (Liger-Kernel's chunk).  For a step whose peak must not grow while something else
             is alive during the loss (the stream's kept top block, ``patch(keep_top=...)``).
-        room_bytes: with ``hidden_sized``, the bytes the loss may hold where that is more than ``hidden``'s
-            size: what the caller's peak holds beside the loss anyway (the kept top block's backward, which
-            allocates about its activations' size, :meth:`~bread_kernels.stream.StreamConfig.room_beside_kept`).
+        room_bytes: with ``hidden_sized``, the bytes a block of logits may take where that is more than
+            ``hidden``'s size: what the caller counted beside the loss anyway (the kept top block's backward,
+            counted at its activations' size, :meth:`~bread_kernels.stream.StreamConfig.room_beside_kept`).  It does
+            not raise the dW budget: a dW held beside the block is ``dw_bytes``, counted by the caller.
             Larger blocks of logits run the head's GEMMs on more rows at once (on a CPU, at 1,024 tokens, vocab
             4,096 and hidden 512 in fp32, 128-row blocks took 1.2x the time of 512-row ones).
         dw_bytes: the bytes an on-the-fly head's fp32 dW accumulated in the forward may take instead (the caller
@@ -587,9 +590,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     float_softcap = float(softcap) if softcap is not None else None
     dtype = _compute_dtype(weight)
     budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized, room_bytes)
-    chunk = _balanced_rows(_rows_per_block(budget, weight.shape[0], dtype, float_softcap), hidden.shape[0])
+    chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)  # the torch loop balances its blocks
     if dw_bytes is None:
-        dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized, room_bytes)
+        dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
     dw_fits = _dw_fits(weight, bias, dw_bytes, dtype)
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)

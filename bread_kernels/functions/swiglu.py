@@ -46,7 +46,7 @@ class SiLUMulFunction(torch.autograd.Function):
         in_place = not torch.is_grad_enabled()
         if ctx.needs_input_grad[1]:
             silu = F.silu(a)
-            if in_place and silu.dtype == grad_output.dtype:
+            if in_place and silu.dtype == grad_output.dtype and silu.shape == grad_output.shape:  # not broadcast
                 grad_u = silu.mul_(grad_output).to(u.dtype)  # g·silu(a): the same product, one rounding
             else:
                 grad_u = (grad_output * silu).to(u.dtype)

@@ -660,7 +660,7 @@ def test_an_fp16_head_tile_whose_dw_overflows_skips_every_tile(backend_name, mon
     assert torch.equal(weight, before) and plan.skipped_updates == 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("role", [Role.FROZEN, Role.ACTIVE, Role.SGD], ids=lambda r: r.name)
 def test_the_loss_holds_one_block_of_logits_at_a_time(monkeypatch, role, dtype):
     """Over several blocks of logits (and, for an on-the-fly head whose dW is not held, several vocabulary tiles in
@@ -677,7 +677,7 @@ def test_the_loss_holds_one_block_of_logits_at_a_time(monkeypatch, role, dtype):
     weight = torch.randn(vocab, hidden_size, generator=gen).to(dtype)
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
     per_logit = head_loss._bytes_per_logit(dtype, None)
-    rows = 61  # four blocks of logits; an on-the-fly head's vocabulary tiles of 61 rows of W (61 × 244 logits)
+    rows = 61  # four blocks of logits; an on-the-fly head's vocabulary tiles of 250 rows of W (as many bytes)
     block = rows * max(vocab, tokens) * per_logit
     plan = WeightPlan(role, OnTheFlyUpdate(lr=LR) if role is Role.SGD else None, name="lm_head")
     if role is Role.ACTIVE:

@@ -85,6 +85,22 @@ def test_the_backward_allocates_one_buffer_per_gradient(a_dtype, u_dtype):
     assert len(fresh) == (2 if a_dtype == u_dtype else 4), fresh
 
 
+def test_broadcast_operands_get_autograds_gradients():
+    """``a`` broadcast against ``u`` (its gradient summed back to its shape by autograd): the product's gradient is
+    the larger shape, so du is not written into ``silu(a)``'s buffer; du is autograd's bit for bit, da to fp32
+    rounding (autograd sums over the broadcast rows before silu's derivative, the fused backward after it)."""
+    a, u, g = _inputs(torch.float32, torch.float32)
+    a = a[:, :1]
+    results = []
+    for forward in (lambda a, u: F.silu(a) * u, silu_mul):
+        a_, u_ = a.clone().requires_grad_(), u.clone().requires_grad_()
+        forward(a_, u_).backward(g)
+        results.append((a_.grad, u_.grad))
+    (fused_a, fused_u), (plain_a, plain_u) = results[1], results[0]
+    assert torch.equal(fused_u, plain_u)
+    torch.testing.assert_close(fused_a, plain_a, rtol=1e-5, atol=1e-6)
+
+
 def test_a_double_backward_through_the_product_is_autograds():
     """With ``create_graph=True`` the backward's ops are recorded (out-of-place, and silu's derivative in the ops
     autograd differentiates, as autograd's own): second derivatives equal plain autograd's."""
