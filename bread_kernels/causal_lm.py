@@ -189,7 +189,7 @@ def _fused_loss_forward(self, *args, **kwargs):
             loss_bytes=(held or 0) + hidden_sized_block_bytes(labels.numel(), head.weight, softcap))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
-        room = stream.room_beside_kept() if stream is not None else 0
+        room = stream.room_beside_kept(labels.numel()) if stream is not None else 0
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)
 
     ignore_index = extra.get("ignore_index", -100)

@@ -13,9 +13,9 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   backward comes first, so keeping its activations saves its whole recompute for the memory of one block's
   activations alive during the head and the loss.  With ``keep_top="auto"`` top blocks are kept when a fused
   head+loss follows the blocks (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the hidden
-  states' size, or once the top block is measured what the count set beside the kept blocks
-  (:meth:`StreamConfig.room_beside_kept`).  The top block always: in the first forward the step's peak stays that of
-  a block's recompute, which the kept block's backward replaces.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
+  states' size, or what the count sets beside the kept blocks for the top block's backward
+  (:meth:`StreamConfig.room_beside_kept`).  The top block always: it saves its recompute, and the kept block's
+  backward replaces a recomputed block's.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would
   hold ``T·V·12`` bytes at the peak of their backward (``budget_bytes``), so ``k`` top blocks whose saved
   activations, plus the larger of what the fused loss holds beside them in the forward (a block of logits, an
   on-the-fly head's fp32 dW: ``loss_bytes``) and what the top block's backward allocates (its activations'
@@ -83,8 +83,6 @@ class StreamConfig:
     recomputes: dict = field(default_factory=dict)
     #: ``"auto"``'s count for the forward that runs now, decided at its first block (so every block agrees)
     _auto_count: int | None = field(default=None, repr=False)
-    #: what ``"auto"``'s count set beside the kept blocks for that forward (:meth:`room_beside_kept`)
-    _auto_beside: int = field(default=0, repr=False)
 
     def kept_blocks(self, tokens: int = 0) -> int:
         """How many top blocks keep their activations in the forward that runs now (``tokens``: the hidden states'
@@ -100,8 +98,7 @@ class StreamConfig:
             return 0
         if self._auto_count is None:
             top = (self.block_bytes.get(self.n_blocks - 1) or 0) * tokens
-            self._auto_beside = self._beside_kept(top)
-            count, total = 1, top + self._auto_beside
+            count, total = 1, top + self._beside_kept(top)
             if total > max(self.auto_budget_bytes, 2 * top):  # the top block and the loss would peak above both
                 self._auto_count = 0  # the unfused loss and a recomputed block's backward: keep nothing
                 return 0
@@ -122,18 +119,20 @@ class StreamConfig:
         in the forward and what the top block's backward allocates (its activations' gradients, about ``top``)."""
         return max(self.auto_loss_bytes, top)
 
-    def room_beside_kept(self) -> int:
+    def room_beside_kept(self, tokens: int) -> int:
         """Inside :meth:`fused_loss_follows`, after the blocks' forward: the bytes what follows the kept blocks in
-        the forward (the fused loss) may hold within what ``"auto"``'s count set beside them — the larger of what
-        the loss was counted at and what the top block's backward allocates later (counted at its activations'
-        size, as measured when the count was decided: none in the first forward after new plans).  The loss's
-        blocks of logits then follow the measured activations (so does the order its sums round in).  The step's
-        peak stays within the unfused loss's (the count's budget); it may pass a step that recomputes every block
-        where the top block's backward allocates less than its activations.  0 where no block was kept; the
-        loss's own count with ``keep_top`` given as a number (nothing is measured then)."""
+        the forward (the fused loss) may hold within what ``"auto"`` counts beside them — the larger of what the loss
+        was counted at and what the top block's backward allocates later (counted at its activations' size, as this
+        forward measured them at ``tokens`` rows).  A function of this forward alone, so a resumed run chunks its
+        loss, and rounds its sums, as the run it resumes; the loss's blocks of logits follow the measured
+        activations.  The step's peak stays within the unfused loss's (the count's budget); it may pass a step that
+        recomputes every block where the top block's backward allocates less than its activations.  0 where no
+        block was kept; the loss's own count with ``keep_top`` given as a number (nothing is measured then)."""
         if not self.kept:
             return 0
-        return int(self._auto_beside) if self.keep_top == "auto" else self.auto_loss_bytes
+        if self.keep_top != "auto":
+            return self.auto_loss_bytes
+        return int(self._beside_kept((self.block_bytes.get(self.n_blocks - 1) or 0) * tokens))
 
     def plans_changed(self) -> None:
         """The roles of the blocks may have changed (the optimizer wrote new plans): ``"auto"`` measures again,
@@ -152,7 +151,7 @@ class StreamConfig:
         on-the-fly head's dW path over many blocks of logits), so ``"auto"`` keeps nothing."""
         outer = self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes, self._auto_count
         self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes = keep, budget_bytes, loss_bytes
-        self._auto_count, self._auto_beside, self.kept = None, 0, 0
+        self._auto_count, self.kept = None, 0
         try:
             yield self
         finally:
