@@ -234,6 +234,33 @@ def test_the_loss_beside_kept_blocks_takes_the_room_the_top_blocks_backward_take
     torch.testing.assert_close(loss, bounded_loss, rtol=1e-5, atol=0)
 
 
+def test_a_given_keep_top_bounds_the_loss_to_the_hidden_states_size(monkeypatch):
+    """``keep_top`` given as a number measures nothing, so the room beside its kept blocks is the loss's own count
+    (blocks of the hidden states' size), even where an earlier ``"auto"`` run left measurements behind."""
+    from bread_kernels.functions import head_loss
+
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+    calls, logits = [], head_loss._logits
+    monkeypatch.setattr(head_loss, "_logits", lambda h, *args: calls.append(h.shape[0]) or logits(h, *args))
+    model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_mode="fixed", start_block=0,
+                                           verbose=0)
+    for keep_top in ("auto", 1):
+        bread_kernels.patch(model, keep_top=keep_top)
+        for _ in range(2):
+            calls.clear()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.zero_grad()
+        stream = patched_state(model).stream
+        assert stream.kept >= 1 and stream.block_bytes  # "auto"'s measurements are still there for keep_top=1
+        hidden_sized = head_loss.hidden_sized_blocks(ids.numel(), model.lm_head.weight)
+        assert (len(calls) < hidden_sized) if keep_top == "auto" else (len(calls) == hidden_sized)
+    opt.close()
+
+
 @pytest.mark.parametrize("vocab, sgd_mode", [(600, "disabled"), (500, "all"), (8000, "disabled")])
 def test_the_room_beside_kept_blocks_keeps_the_peak_within_the_best_references(vocab, sgd_mode):
     """Where the loss's logits are smaller than a block's activations (the room then sizes its blocks; an SGD
