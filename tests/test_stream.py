@@ -47,11 +47,7 @@ def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
     are updated inside the backward and a wrong activation anywhere would show in the parameters."""
     def run(keep):
         model = bread_kernels.patch(BUILDERS["llama"](dropout=0.1), keep_top=keep, fused_loss=False)  # the stream
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_block_every=2,
-                                               switch_mode="descending", sgd_mode="all", verbose=0)
+        opt = _block_optimizer(model, switch_block_every=2, switch_mode="descending", sgd_mode="all")
         torch.manual_seed(3)
         for step in range(3):
             loss_of(model, batch(step)).backward()
@@ -68,11 +64,7 @@ def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
 
 
 def _train(model, sgd_mode, steps=3):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_block_every=2,
-                                           switch_mode="descending", sgd_mode=sgd_mode, verbose=0)
+    opt = _block_optimizer(model, switch_block_every=2, switch_mode="descending", sgd_mode=sgd_mode)
     for step in range(steps):
         loss_of(model, batch(step)).backward()
         opt.step()
@@ -111,6 +103,15 @@ def test_auto_keeps_the_top_block_where_a_fused_loss_follows_and_trains_the_same
     assert n_blocks - 1 in state.recomputes
 
 
+def _block_optimizer(model, **arguments):
+    """A ``BlockOptimizer`` over AdamW (lr 1e-3) and every parameter of ``model``, quiet (``arguments``: its own),
+    with the warnings its construction gives silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                            list(model.named_parameters()), verbose=0, **arguments)
+
+
 def _llama_with_a_large_vocabulary(dtype, vocab=1001):
     """A tiny Llama whose logits are as large as a block's activations (vocab 1001): where the loss's memory and the
     kept block's meet."""
@@ -140,11 +141,7 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
 
     def peak(model, first_step=False, is_patched=True):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_mode="fixed",
-                                               start_block=0, verbose=0)
+        opt = _block_optimizer(model, switch_mode="fixed", start_block=0)
         for _ in range(3):  # warm-up: lazily built state, and "auto" settled (it grows by a block per step)
             model(input_ids=ids, labels=ids).loss.backward()
             opt.zero_grad()
@@ -206,11 +203,7 @@ def test_the_loss_beside_kept_blocks_takes_the_room_the_top_blocks_backward_take
 
     def blocks_and_loss():
         model = bread_kernels.patch(_llama_with_a_large_vocabulary(dtype))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_mode="fixed", start_block=0,
-                                               verbose=0)
+        opt = _block_optimizer(model, switch_mode="fixed", start_block=0)
         for _ in range(3):  # "auto" settled, every kept block measured
             model(input_ids=ids, labels=ids).loss.backward()
             opt.zero_grad()
@@ -243,11 +236,7 @@ def test_a_given_keep_top_bounds_the_loss_to_the_hidden_states_size(monkeypatch)
     calls, logits = [], head_loss._logits
     monkeypatch.setattr(head_loss, "_logits", lambda h, *args: calls.append(h.shape[0]) or logits(h, *args))
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_mode="fixed", start_block=0,
-                                           verbose=0)
+    opt = _block_optimizer(model, switch_mode="fixed", start_block=0)
     for keep_top in ("auto", 1):
         bread_kernels.patch(model, keep_top=keep_top)
         for _ in range(2):
@@ -303,11 +292,7 @@ def test_kept_blocks_rebuild_their_linears_inputs_and_train_the_same(variant, dt
             model = with_lora(model)
         model = bread_kernels.patch(model)
         mode = dict(sgd_mode="all") if variant == "bread_sgd" else dict(lora_mode="all")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_mode="fixed",
-                                               start_block=0, verbose=0, **mode)
+        opt = _block_optimizer(model, switch_mode="fixed", start_block=0, **mode)
         for _ in range(3):
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
@@ -337,11 +322,7 @@ def _settled_step_peak(model, ids, steps, first_step=False, **optimizer):
     clear them.  The optimizer is closed after: that clears the plans and with them the measurements."""
     from bread_kernels.bench.memory import trace_allocations
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_mode="fixed", verbose=0,
-                                           **optimizer)
+    opt = _block_optimizer(model, switch_mode="fixed", **optimizer)
     for _ in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.zero_grad()
@@ -453,11 +434,7 @@ def test_auto_measures_again_when_the_plans_change():
     n = stream.n_blocks
 
     def train(start_block, steps):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_mode="fixed",
-                                               start_block=start_block, verbose=0)
+        opt = _block_optimizer(model, switch_mode="fixed", start_block=start_block)
         kept = []
         for _ in range(steps):
             model(input_ids=ids, labels=ids).loss.backward()
@@ -532,10 +509,7 @@ def _count_linear_backwards(model):
 @pytest.mark.parametrize("active", [0, 1, 3])
 def test_badam_does_backward_work_only_from_the_active_block_up(active):
     model = bread_kernels.patch(BUILDERS["llama"](), fused_loss=False)  # the head a Linear of its own
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
-                                           switch_mode="fixed", start_block=active, verbose=0)
+    opt = _block_optimizer(model, switch_mode="fixed", start_block=active)
     calls = _count_linear_backwards(model)
     state = patched_state(model)
     assert state.stream.cut == active

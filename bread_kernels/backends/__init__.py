@@ -47,9 +47,16 @@ import torch
 
 from ..rounding import Rounding
 
-__all__ = ["Backend", "get_backend", "BACKEND_NAMES"]
+__all__ = ["Backend", "get_backend", "records_ops", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("triton", "native", "torch")
+
+
+def records_ops(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors (a double backward, ``create_graph=True``, runs the backward
+    under grad mode on tensors that require grad): a backend's own kernels have no derivative, so its torch ops serve
+    there."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class Backend(Protocol):

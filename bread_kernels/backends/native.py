@@ -17,6 +17,7 @@ import threading
 import torch
 
 from ..rounding import ROUNDING_CODES, Rounding, rng_keys
+from . import records_ops
 from .chunked import ChunkedBackend
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,12 +85,6 @@ def load_native() -> None:
         _state["loaded"] = True
 
 
-def _differentiating(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records ops on these tensors (a double backward, ``create_graph=True``, runs the backward
-    under grad mode on tensors that require grad): the C++ ops here have no derivative, so torch's serve it."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 class NativeBackend(ChunkedBackend):
     name = "native"
     bytes_per_element = 0  # the chunk buffer only (counted by the base); the epilogue allocates nothing
@@ -124,7 +119,7 @@ class NativeBackend(ChunkedBackend):
         ``v`` and ``dBᵀ`` from g, ``dA`` from x̃, reading them as they are (``bread_kernels::rank_products``,
         ``csrc/lora_grads.cpp``); BLAS's GEMMs on fp32 copies otherwise, and where autograd records the ops."""
         if not self._reads_low_precision(grad_output.dtype, lora_b.dtype, lora_b.shape[1]) or \
-                _differentiating(grad_output, input, u, lora_b):
+                records_ops(grad_output, input, u, lora_b):
             return super().lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
         products = torch.ops.bread_kernels.rank_products
         v, grad_bt = products(grad_output.contiguous(), lora_b.t().contiguous(),
@@ -142,7 +137,7 @@ class NativeBackend(ChunkedBackend):
         :attr:`max_rank_products` (``bread_kernels::add_rank_product_``): no fp32 [M, K] product."""
         if v.dim() == 2 and v.dtype == a.dtype == torch.float32 and target.dtype in _FLOATS and target.dim() == 2 \
                 and target.is_contiguous() and v.shape[1] <= self.max_rank_products \
-                and not _differentiating(target, v, a):
+                and not records_ops(target, v, a):
             torch.ops.bread_kernels.add_rank_product_(target, v.contiguous(), a.contiguous(), float(alpha),
                                                       bool(round_term))
         else:
@@ -151,7 +146,7 @@ class NativeBackend(ChunkedBackend):
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""
         if target.shape == other.shape and target.dtype in _FLOATS and other.dtype in _FLOATS \
-                and target.is_contiguous() and other.is_contiguous() and not _differentiating(target, other):
+                and target.is_contiguous() and other.is_contiguous() and not records_ops(target, other):
             torch.ops.bread_kernels.add_scaled_(target, other, float(alpha), bool(round_term))
         else:
             super().add_scaled_(target, other, alpha, round_term)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from . import epilogue
+from . import epilogue, records_ops
 from .add_scaled import TorchSums
 from .lora_gemm import lora_grads_gemm
 
@@ -46,9 +44,7 @@ class TritonBackend(TorchSums):
         ``BREAD_LORA_KERNEL=triton`` selects the kernel (always, under the interpreter, where it is tested)."""
         use_kernel = os.environ.get("BREAD_LORA_KERNEL", "").strip().lower() == "triton" or \
             grad_output.device.type != "cuda"
-        # a backward that builds a graph (create_graph=True) keeps the GEMMs: the kernel has no derivative
-        recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (grad_output, input, u, lora_b))
-        if not use_kernel or recorded or lora_b.shape[1] > self._lora.MAX_RANK:
+        if not use_kernel or records_ops(grad_output, input, u, lora_b) or lora_b.shape[1] > self._lora.MAX_RANK:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
 

@@ -93,20 +93,14 @@ def test_the_native_backends_gated_update_counts_as_its_gemm():
 def test_settle_runs_until_auto_keeps_as_many_blocks_as_every_later_step():
     """The bench measures peaks and times after :func:`settle`: ``keep_top="auto"`` grows by a block per step after
     new plans, so a peak taken at the first step would be the top block's alone."""
-    import warnings
-
     import torch
 
     import bread_kernels
     from bread_kernels.patch import patched_state
-    from tests.test_stream import _llama_with_a_large_vocabulary
+    from tests.test_stream import _block_optimizer, _llama_with_a_large_vocabulary
 
     model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_mode="fixed", start_block=0,
-                                           verbose=0)
+    opt = _block_optimizer(model, switch_mode="fixed", start_block=0)
     ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
     stream = patched_state(model).stream
     model_bench.settle(model, opt, ids)
