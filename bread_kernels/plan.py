@@ -158,6 +158,9 @@ class WeightPlan:
     checks: "FiniteChecks | None" = field(default=None, repr=False)
     _uses: "weakref.WeakSet[_UseToken]" = field(default_factory=weakref.WeakSet, repr=False)
     _pending: list = field(default_factory=list, repr=False)
+    #: with ``target`` None, the writer of the weight's own tensor that :mod:`bread_kernels.update` made at this
+    #: plan's first update (it keeps the backend it chose: one choice per weight, not one per update)
+    local_target: object | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.role, str):

@@ -22,9 +22,9 @@ backward never reads a tensor on the host; a plan with ``checks`` (the optimizer
 reads all of a step's flags at once, as ``GradScaler``'s ``found_inf``.  A skipped update consumes its seed like an
 applied one (the host cannot know, at that point, that it was skipped).
 
-*Where the bytes go* is the target's job: :data:`LOCAL` (the default, ``plan.target is None``) writes the tensor
-itself through the backend of its device; the DeepSpeed integration supplies a target that reduce-scatters dW and
-writes this rank's ZeRO-3 shard.  Nothing here knows which; that is what keeps ``functions/`` free of DeepSpeed.
+*Where the bytes go* is the target's job: a :class:`LocalTarget` (the default, ``plan.target is None``: the plan's
+own, which chooses the backend of its weight's device once) writes the tensor itself through that backend; the
+DeepSpeed integration supplies a target that reduce-scatters dW and writes this rank's ZeRO-3 shard.  Nothing here knows which; that is what keeps ``functions/`` free of DeepSpeed.
 A target checks finiteness itself because a sharded one must agree across ranks (a flag rides in its collective).
 """
 
@@ -105,10 +105,31 @@ class UpdateTarget:
 
 class LocalTarget(UpdateTarget):
     """The tensor itself, through the backend of its device (no dW tensor for a linear weight).  Every write is
-    gated on the device by the gradient's finiteness flag, which is what it returns."""
+    gated on the device by the gradient's finiteness flag, which is what it returns.
+
+    Args:
+        keep_backend: keep the backend chosen for a device (:func:`~bread_kernels.backends.get_backend`) for later
+            writes there, rather than asking again at each write (two environment reads and a lookup: ~10 µs of a
+            fused backward's host time).  A plan's own target keeps it (the backend is chosen once per weight: a
+            ``BREAD_BACKEND`` set later applies to plans written after, as an optimizer does at each switch);
+            :data:`LOCAL`, shared by every caller, asks each time.
+    """
+
+    def __init__(self, keep_backend: bool = False):
+        self.keep_backend = keep_backend
+        self._kept = None  # (device, backend)
+
+    def backend(self, device: torch.device):
+        """The backend that writes tensors on ``device``."""
+        if not self.keep_backend:
+            return get_backend(device)
+        kept = self._kept
+        if kept is None or kept[0] != device:
+            kept = self._kept = (device, get_backend(device))
+        return kept[1]
 
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
-        backend = get_backend(weight.device)
+        backend = self.backend(weight.device)
         grad_bias = g.sum(0, dtype=torch.float32) if bias is not None else None
         # the backend checks what it uses (the dW it builds: an fp16 one overflows from finite g and x) and db in
         # the same check, so one flag gates both
@@ -120,7 +141,7 @@ class LocalTarget(UpdateTarget):
 
     def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:
         """As :meth:`linear_` (one flag over weight and bias gates both; weight's seed first), from dW and db."""
-        backend = get_backend(weight.device)
+        backend = self.backend(weight.device)
         ok = backend.finite_flag(grad_weight, *(() if grad_bias is None else (grad_bias,)))
         with torch.no_grad():
             backend.apply_update_(weight, grad_weight, step, sign, update.rounding, update.next_seed(), ok=ok)
@@ -135,7 +156,7 @@ class LocalTarget(UpdateTarget):
         non-finite one skips the whole parameter, as the reference's hook skips its whole gradient; so does an fp16
         expert's dW that overflows from finite operands (each expert's GEMM run once more, before any write).  A
         bf16/fp32 dW past 3.4·10³⁸ from finite operands is not checked here (as on the ``addmm_`` path)."""
-        backend = get_backend(weight.device)
+        backend = self.backend(weight.device)
         seed = update.next_seed()
         per_slice = weight.shape[1] * weight.shape[2]
         if len(per_expert) == 1:  # the backend checks the dW it builds, as for a linear
@@ -152,7 +173,7 @@ class LocalTarget(UpdateTarget):
         return ok
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
-        backend = get_backend(weight.device)
+        backend = self.backend(weight.device)
         ok = backend.finite_flag(summed)
         with torch.no_grad():
             selected = weight.index_select(0, rows)
@@ -161,7 +182,7 @@ class LocalTarget(UpdateTarget):
         return ok
 
     def dense_(self, param, grad, step, sign, update) -> torch.Tensor:
-        backend = get_backend(param.device)
+        backend = self.backend(param.device)
         ok = backend.finite_flag(grad)
         target = param.detach()
         flat = target.view(-1) if target.dim() > 2 else target
@@ -181,7 +202,11 @@ def _apply(plan: WeightPlan, role: Role,
     if update is None or not role.updates_on_the_fly:
         raise ValueError(f"bread_kernels: {plan.name or 'a weight'} has role {role.name}, which takes no on-the-fly "
                          "update")
-    target = plan.target if plan.target is not None else LOCAL
+    target = plan.target
+    if target is None:
+        target = plan.local_target
+        if target is None:
+            target = plan.local_target = LocalTarget(keep_backend=True)
     finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
     plan.record_finite(finite, target.skip_reason)
     return finite

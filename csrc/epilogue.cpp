@@ -2,8 +2,17 @@
 //
 //   bread_kernels::apply_update_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding,
 //                                int key1, int key2, int offset, Tensor? ok) -> ()
+//   bread_kernels::apply_update_if_finite_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding,
+//                                         int key1, int key2, int offset, Tensor[] checked, Tensor? ok=None)
+//                                         -> Tensor
+//                                         apply_update_ unless ok is false or an element of `checked` is inf/nan;
+//                                         returns that flag (the check and the write of a whole dW in one op)
 //   bread_kernels::all_finite(Tensor[] tensors) -> Tensor                 0-dim bool: no element is inf or nan
-//   bread_kernels::addmm_if_(Tensor(a!) self, Tensor mat1, Tensor mat2, float alpha, Tensor ok) -> ()
+//   bread_kernels::addmm_if_finite_(Tensor(a!) self, Tensor grad_output, Tensor input, float alpha,
+//                                   Tensor[] checked, Tensor? ok=None) -> Tensor
+//                                         self += alpha*grad_outputᵀ*input unless ok is false or an element of
+//                                         `checked` is inf/nan; returns that flag (0-dim bool).  The SGD update's
+//                                         check and write in one op: one dispatch on a path that runs per weight
 //   bread_kernels::add_scaled_(Tensor(a!) self, Tensor other, float alpha, bool round_term) -> ()
 //                                         self += alpha*other across dtypes, rounded once; one pass, no temporaries
 //
@@ -223,8 +232,34 @@ at::Tensor all_finite(at::TensorList tensors) {
   return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
 }
 
-void addmm_if_(at::Tensor self, const at::Tensor& mat1, const at::Tensor& mat2, double alpha, const at::Tensor& ok) {
-  if (flag_is_set(ok)) self.addmm_(mat1, mat2, 1, alpha);
+// ok and'ed with the finiteness of every tensor in `checked` (read here: a memory read, not an aten op)
+bool gate(at::TensorList checked, const c10::optional<at::Tensor>& ok) {
+  bool finite = flag_is_set(ok);
+  for (const auto& t : checked) {
+    if (!finite) break;
+    TORCH_CHECK(t.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
+    finite = tensor_is_finite(t);
+  }
+  return finite;
+}
+
+at::Tensor apply_update_if_finite_(at::Tensor param, const at::Tensor& grad, double step, bool sign, int64_t rounding,
+                                   int64_t key1, int64_t key2, int64_t offset, at::TensorList checked,
+                                   const c10::optional<at::Tensor>& ok) {
+  TORCH_CHECK(ok.has_value() || !checked.empty(),
+              "apply_update_if_finite_: give ok or tensors to check; an ungated write is apply_update_");
+  const bool finite = gate(checked, ok);
+  if (finite) apply_update_(param, grad, step, sign, rounding, key1, key2, offset, c10::nullopt);
+  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
+}
+
+at::Tensor addmm_if_finite_(at::Tensor self, const at::Tensor& grad_output, const at::Tensor& input, double alpha,
+                            at::TensorList checked, const c10::optional<at::Tensor>& ok) {
+  TORCH_CHECK(ok.has_value() || !checked.empty(),
+              "addmm_if_finite_: give ok or tensors to check; an ungated write has its own addmm_");
+  const bool finite = gate(checked, ok);
+  if (finite) self.addmm_(grad_output.t(), input, 1, alpha);
+  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
 }
 
 // self = round(float(self) + term), term = alpha*other in other's dtype (rounded on to self's dtype first with
@@ -279,14 +314,20 @@ TORCH_LIBRARY(bread_kernels, m) {
   m.def(
       "apply_update_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding, int key1, int key2, "
       "int offset, Tensor? ok=None) -> ()");
+  m.def(
+      "apply_update_if_finite_(Tensor(a!) param, Tensor grad, float step, bool sign, int rounding, int key1, "
+      "int key2, int offset, Tensor[] checked, Tensor? ok=None) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
-  m.def("addmm_if_(Tensor(a!) self, Tensor mat1, Tensor mat2, float alpha, Tensor ok) -> ()");
+  m.def(
+      "addmm_if_finite_(Tensor(a!) self, Tensor grad_output, Tensor input, float alpha, Tensor[] checked, "
+      "Tensor? ok=None) -> Tensor");
   m.def("add_scaled_(Tensor(a!) self, Tensor other, float alpha, bool round_term=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bread_kernels, CPU, m) {
   m.impl("apply_update_", &apply_update_);
+  m.impl("apply_update_if_finite_", &apply_update_if_finite_);
   m.impl("all_finite", &all_finite);
-  m.impl("addmm_if_", &addmm_if_);
+  m.impl("addmm_if_finite_", &addmm_if_finite_);
   m.impl("add_scaled_", &add_scaled_);
 }

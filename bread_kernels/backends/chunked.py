@@ -3,7 +3,8 @@
 ``update_weight_(W, g, x)`` computes ``W -= step · f(gᵀx)`` for W [N, K], g [M, N], x [M, K]:
 
 * SGD with nearest rounding: one ``W.addmm_(gᵀ, x, beta=1, alpha=-step)`` gated on the flag
-  (:meth:`ChunkedBackend.addmm_if_`) — BLAS's ``C = αAB + βC`` *is* the fused epilogue, and no dW exists at all.
+  (:meth:`ChunkedBackend.addmm_if_finite_`: the check and the write, one op on the native backend) — BLAS's
+  ``C = αAB + βC`` *is* the fused epilogue, and no dW exists at all.
 * SIGN, and any stochastic rounding: for each chunk of ``rows`` output rows,
   ``buf = g[:, rows]ᵀ x`` (one buffer in the weight's dtype, reused across chunks), then the backend's epilogue
   ``apply_update_(W[rows], buf)``, which works in fp32.  The extra memory is one chunk (plus the backend's
@@ -75,11 +76,28 @@ class ChunkedBackend(TorchSums):
     def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def addmm_if_(self, weight, mat1, mat2, alpha, ok) -> None:
-        """``W += alpha·mat1·mat2`` unless ``ok`` is False, without reading ``ok`` on the host.  Here by zeroing
-        both operands where it is False (one activation-sized temporary each: 0·inf would still be nan); the
-        native backend reads the flag inside its op instead."""
-        weight.addmm_(torch.where(ok, mat1, 0), torch.where(ok, mat2, 0), beta=1, alpha=alpha)
+    def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
+                                ok=None) -> torch.Tensor:
+        """:meth:`apply_update_` unless ``ok`` is False or an element of the tensors ``checked`` is not finite;
+        returns the flag it gated on (``ok`` and'ed with the check).  One op on the native backend."""
+        if checked:
+            ok = _both(ok, self.finite_flag(*checked))
+        if ok is None:
+            raise ValueError("apply_update_if_finite_: give ok or tensors to check; an ungated write is apply_update_")
+        self.apply_update_(param, grad, step, sign, rounding, seed, offset=offset, ok=ok)
+        return ok
+
+    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor:
+        """``W += alpha·gᵀx`` (g [M, N], x [M, K]) unless ``ok`` is False or an element of the tensors ``checked``
+        is not finite, without reading a flag on the host; returns the flag it gated on (``ok`` and'ed with the
+        check).  Here by zeroing both operands where it is False (one activation-sized temporary each: 0·inf would
+        still be nan); the native backend checks and reads the flag inside one op instead."""
+        if checked:
+            ok = _both(ok, self.finite_flag(*checked))
+        if ok is None:
+            raise ValueError("addmm_if_finite_: give ok or tensors to check; an ungated write has its own addmm_")
+        weight.addmm_(torch.where(ok, grad_output.t(), 0), torch.where(ok, input, 0), beta=1, alpha=alpha)
+        return ok
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
@@ -128,19 +146,15 @@ class ChunkedBackend(TorchSums):
             raise TypeError(f"update_weight_: grad_output is {compute} but input is {input.dtype}; the dW GEMM "
                             "takes both in one dtype")
         if self._fused_addmm(weight, compute, sign, rounding):
-            if check:
-                ok = _both(ok, self.finite_flag(grad_output, input, *also))
-            self.addmm_if_(weight, grad_output.t(), input, -step, ok)
-            return ok
+            return self.addmm_if_finite_(weight, grad_output, input, -step, (grad_output, input, *also) if check
+                                         else (), ok)
         rounding = rounding.resolve(weight.dtype)
         n_rows, n_cols = weight.shape
         rows = self.chunk_rows(weight, grad_output.shape[0], compute)
         if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
             grad = torch.mm(grad_output.t(), input)
-            if check:
-                ok = _both(ok, self.finite_flag(grad, *also))
-            self.apply_update_(weight, grad, step, sign, rounding, seed, offset=offset, ok=ok)
-            return ok
+            return self.apply_update_if_finite_(weight, grad, step, sign, rounding, seed, offset,
+                                                (grad, *also) if check else (), ok)
         if check:
             ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
             if also:

@@ -1,6 +1,8 @@
 """The native CPU backend: the epilogue in C++ (``csrc/epilogue.cpp``, OpenMP through ATen's parallel_for),
 registered with ``torch.library`` as ``torch.ops.bread_kernels.apply_update_`` (and ``add_scaled_``, the
-mixed-dtype sums of :mod:`.add_scaled`, in one pass); the GEMM stays in BLAS.
+mixed-dtype sums of :mod:`.add_scaled`, in one pass); the GEMM stays in BLAS.  A whole weight's update checks its
+gradient's finiteness and writes in one op (``apply_update_if_finite_``, and ``addmm_if_finite_`` for SGD's
+``W.addmm_``): one dispatch per weight where a check, a flag and a write were three.
 
 The extension is compiled with ninja through ``torch.utils.cpp_extension.load`` on first use and cached in
 torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only load it.
@@ -37,7 +39,7 @@ def _arch_flags() -> list[str]:
 
 _SOURCES = ("epilogue.cpp", "lora_grads.cpp")
 _HEADERS = ("mixed_sum.h",)  # not compiled on their own; hashed with the sources
-_OPS = ("apply_update_", "all_finite", "addmm_if_", "add_scaled_", "rank_products", "add_rank_product_")
+_OPS = ("apply_update_", "apply_update_if_finite_", "all_finite", "addmm_if_finite_", "add_scaled_", "rank_products", "add_rank_product_")
 
 
 def _source(name: str):
@@ -102,11 +104,19 @@ class NativeBackend(ChunkedBackend):
             key1, key2, int(offset), ok,
         )
 
+    def apply_update_if_finite_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, checked=(),
+                                ok=None) -> torch.Tensor:
+        key1, key2 = rng_keys(seed)
+        return torch.ops.bread_kernels.apply_update_if_finite_(
+            param, grad.contiguous(), float(step), bool(sign), ROUNDING_CODES[rounding.resolve(param.dtype)],
+            key1, key2, int(offset), list(checked), ok,
+        )
+
     def finite_flag(self, *tensors):
         return torch.ops.bread_kernels.all_finite(list(tensors))
 
-    def addmm_if_(self, weight, mat1, mat2, alpha, ok) -> None:
-        torch.ops.bread_kernels.addmm_if_(weight, mat1, mat2, float(alpha), ok)
+    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor:
+        return torch.ops.bread_kernels.addmm_if_finite_(weight, grad_output, input, float(alpha), list(checked), ok)
 
     def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:
         """A bf16/fp16 adapter input as it is where :meth:`lora_grads` reads it so (no fp32 copy of x̃); the

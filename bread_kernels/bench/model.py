@@ -222,7 +222,7 @@ def _counting_flops(enabled: bool):
 
 def extra_flop_formulas() -> dict:
     """FlopCounterMode formulas for the ops its registry lacks or miscounts: the in-place ``addmm_`` and the native
-    backend's gated ``addmm_if_`` (the CPU backends' fused SGD update, the LoRA epilogues), the CPU flash attention,
+    backend's gated ``addmm_if_finite_`` (the CPU backends' fused SGD update), the CPU flash attention,
     and grouped-query attention in every attention kernel (torch < 2.13 asserts on key/value with fewer heads than
     the query; each key/value head serves ``h_q / h_kv`` query heads, so the count is that of the heads broadcast)."""
     from torch.utils import flop_counter
@@ -240,8 +240,9 @@ def extra_flop_formulas() -> dict:
 
     addmm = lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]  # noqa: E731
     formulas = {aten.addmm_: addmm}
-    if hasattr(torch.ops.bread_kernels, "addmm_if_"):  # its gated SGD update W += α·gᵀx (nearest rounding)
-        formulas[torch.ops.bread_kernels.addmm_if_] = addmm
+    if hasattr(torch.ops.bread_kernels, "addmm_if_finite_"):  # its gated SGD update W += α·gᵀx (g [M, N], x [M, K])
+        formulas[torch.ops.bread_kernels.addmm_if_finite_] = \
+            lambda self, g, x, *args, out_shape=None, **kwargs: 2 * g[0] * g[1] * x[1]
     for kernel in ("flash_attention", "efficient_attention", "cudnn_attention", "flash_attention_for_cpu"):
         if hasattr(aten, f"_scaled_dot_product_{kernel}"):
             formulas[getattr(aten, f"_scaled_dot_product_{kernel}")] = forward

@@ -16,7 +16,7 @@ from .memory import quiet_stderr
 
 __all__ = ["GEMM_OPS", "StepProfile", "profile_step"]
 
-#: leaf matmul ops (a composite like ``aten::matmul`` or ``bread_kernels::addmm_if_`` calls one of these)
+#: leaf matmul ops (a composite like ``aten::matmul`` or ``bread_kernels::addmm_if_finite_`` calls one of these)
 GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm"})
 
 

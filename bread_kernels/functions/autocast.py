@@ -19,10 +19,17 @@ import torch
 __all__ = ["autocast_dtype", "outside_autocast"]
 
 
+_available: dict[str, bool] = {}  # per device type: asked once (every fused forward and backward asks)
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype an enabled ``torch.autocast`` for ``device``'s type computes GEMMs in, or None when it is off."""
     kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+    available = _available.get(kind)
+    if available is None:
+        available = _available[kind] = torch.amp.is_autocast_available(kind)
+    if available and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return None
 
@@ -30,5 +37,5 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def outside_autocast(device: torch.device):
     """A context in which no autocast for ``device``'s type is enabled (a no-op when none is)."""
     if autocast_dtype(device) is None:
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
     return torch.autocast(device.type, enabled=False)

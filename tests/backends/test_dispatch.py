@@ -60,3 +60,28 @@ def test_unbuildable_native_backend_falls_back_to_torch_and_says_so_once(monkeyp
     with pytest.raises(RuntimeError, match="no c\\+\\+"):
         monkeypatch.setenv("BREAD_BACKEND", "native")
         get_backend("cpu")
+
+
+def test_a_plan_chooses_its_weights_backend_once(monkeypatch):
+    """A plan's own update target asks for the backend at its first update and keeps it (no environment reads per
+    update); a plan written after a change of ``BREAD_BACKEND`` gets the new choice, and :data:`LOCAL` asks each
+    time."""
+    import torch
+
+    from bread_kernels.plan import OnTheFlyUpdate, Role, WeightPlan
+    from bread_kernels.update import LOCAL, update_linear_
+
+    def plan_after_an_update():
+        plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=1e-3))
+        update_linear_(plan, Role.SGD, torch.zeros(3, 2), None, [(torch.ones(4, 3), torch.ones(4, 2))])
+        return plan
+
+    monkeypatch.setenv("BREAD_BACKEND", "torch")
+    plan = plan_after_an_update()
+    assert plan.local_target.backend(torch.device("cpu")).name == "torch"
+    monkeypatch.setenv("BREAD_BACKEND", "native")
+    assert plan.local_target.backend(torch.device("cpu")).name == "torch"
+    assert plan_after_an_update().local_target.backend(torch.device("cpu")).name == "native"
+    assert LOCAL.backend(torch.device("cpu")).name == "native"
+    monkeypatch.setenv("BREAD_BACKEND", "torch")
+    assert LOCAL.backend(torch.device("cpu")).name == "torch"

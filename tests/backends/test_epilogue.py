@@ -134,3 +134,51 @@ def test_fp32_ignores_stochastic_rounding(backend):
     engine.apply_update_(b, grad, 0.1, False, Rounding.NEAREST, seed=2)
     assert torch.equal(a, b)
     assert torch.equal(a, param - grad * 0.1)
+
+
+def _chunked_backends():
+    return [name for name in backends_for(DEVICE) if name != "triton"]  # the CPU backends (BLAS + epilogue)
+
+
+@pytest.mark.parametrize("dtype", list(INT_VIEW), ids=str)
+@pytest.mark.parametrize("bad", ["none", "g", "x", "also", "ok"])
+def test_the_gated_writes_check_what_they_are_given_and_return_the_flag(monkeypatch, dtype, bad):
+    """``addmm_if_finite_`` (SGD's ``W += α·gᵀx``) and ``apply_update_if_finite_`` (the epilogue of a whole dW) check
+    and write in one op on the native backend: the same bits as a plain ``addmm_`` / ``apply_update_`` where every
+    checked tensor is finite and ``ok`` holds, the weight untouched otherwise, and the flag they gated on returned,
+    on every chunked backend."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(13, 7, generator=gen).to(dtype)
+    g, x = torch.randn(9, 13, generator=gen).to(dtype), torch.randn(9, 7, generator=gen).to(dtype)
+    also = torch.randn(13, generator=gen)
+    grad = (g.float().t() @ x.float()).to(dtype)
+    ok = torch.tensor(bad != "ok")
+    if bad in ("g", "x", "also"):
+        {"g": g, "x": x, "also": also}[bad][3].fill_(float("nan"))
+    expected_flag = bad == "none"
+    for name in _chunked_backends():
+        backend = backend_named(name, monkeypatch)
+        if dtype != torch.float16:  # the addmm_ path serves fp32/bf16 (an fp16 dW is built and checked)
+            w = weight.clone()
+            flag = backend.addmm_if_finite_(w, g, x, -0.25, (g, x, also), ok)
+            assert bool(flag) is expected_flag, name
+            reference = weight.clone().addmm_(g.t(), x, alpha=-0.25) if expected_flag else weight
+            assert torch.equal(bits_of(w), bits_of(reference)), name
+        p = weight.clone()
+        flag = backend.apply_update_if_finite_(p, grad, 0.25, True, Rounding.NEAREST, seed=7, offset=3,
+                                               checked=(g, x, also), ok=ok)
+        assert bool(flag) is expected_flag, name
+        reference = weight.clone()
+        if expected_flag:
+            backend.apply_update_(reference, grad, 0.25, True, Rounding.NEAREST, seed=7, offset=3)
+        assert torch.equal(bits_of(p), bits_of(reference)), name
+
+
+def test_a_gated_write_needs_a_flag_or_something_to_check(monkeypatch):
+    w, g = torch.zeros(3, 2), torch.ones(4, 3)
+    for name in _chunked_backends():
+        backend = backend_named(name, monkeypatch)
+        with pytest.raises((ValueError, RuntimeError), match="give ok or tensors to check"):
+            backend.addmm_if_finite_(w, g, torch.ones(4, 2), 1.0, (), None)
+        with pytest.raises((ValueError, RuntimeError), match="give ok or tensors to check"):
+            backend.apply_update_if_finite_(w, torch.ones(3, 2), 1.0, False, Rounding.NEAREST, seed=0)

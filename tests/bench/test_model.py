@@ -76,7 +76,8 @@ def test_grouped_query_attention_counts_as_its_heads_broadcast():
 
 def test_the_native_backends_gated_update_counts_as_its_gemm():
     """The bench's FLOP ratio: the native CPU backend's SGD update (nearest rounding, as the verification step runs
-    it) is one ``bread_kernels::addmm_if_`` op, which torch's counter does not know; counted, it is W's GEMM."""
+    it) is one ``bread_kernels::addmm_if_finite_`` op, which torch's counter does not know; counted, it is W's
+    GEMM."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -84,9 +85,9 @@ def test_the_native_backends_gated_update_counts_as_its_gemm():
 
     if type(get_backend(torch.device("cpu"))).__name__ != "NativeBackend":
         pytest.skip("the native CPU backend is not built here")
-    w, a, b = torch.zeros(6, 5), torch.randn(6, 7), torch.randn(7, 5)
+    w, g, x = torch.zeros(6, 5), torch.randn(7, 6), torch.randn(7, 5)  # W [N, K] += gᵀx, g [M, N], x [M, K]
     with FlopCounterMode(display=False, custom_mapping=model_bench.extra_flop_formulas()) as counter:
-        torch.ops.bread_kernels.addmm_if_(w, a, b, 1.0, torch.tensor(True))
+        torch.ops.bread_kernels.addmm_if_finite_(w, g, x, 1.0, [g, x])
     assert counter.get_total_flops() == 2 * 6 * 7 * 5
 
 
