@@ -34,7 +34,8 @@ rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert we
 
 Choice: ``BREAD_BACKEND=triton|native|torch`` forces one (an error if it cannot serve the tensor's device);
 otherwise ``triton`` for CUDA tensors, ``native`` for CPU tensors, and ``torch`` when the preferred one is
-unavailable (said once, with the reason).
+unavailable (said once, with the reason).  A weight's plan asks once, at its first update, and keeps the answer
+(:class:`~bread_kernels.update.LocalTarget`).
 """
 
 from __future__ import annotations
