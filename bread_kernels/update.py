@@ -24,8 +24,9 @@ applied one (the host cannot know, at that point, that it was skipped).
 
 *Where the bytes go* is the target's job: a :class:`LocalTarget` (the default, ``plan.target is None``: the plan's
 own, which chooses the backend of its weight's device once) writes the tensor itself through that backend; the
-DeepSpeed integration supplies a target that reduce-scatters dW and writes this rank's ZeRO-3 shard.  Nothing here knows which; that is what keeps ``functions/`` free of DeepSpeed.
-A target checks finiteness itself because a sharded one must agree across ranks (a flag rides in its collective).
+DeepSpeed integration supplies a target that reduce-scatters dW and writes this rank's ZeRO-3 shard.  Nothing here
+knows which; that is what keeps ``functions/`` free of DeepSpeed.  A target checks finiteness itself because a
+sharded one must agree across ranks (a flag rides in its collective).
 """
 
 from __future__ import annotations

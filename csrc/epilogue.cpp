@@ -247,7 +247,7 @@ at::Tensor apply_update_if_finite_(at::Tensor param, const at::Tensor& grad, dou
                                    int64_t key1, int64_t key2, int64_t offset, at::TensorList checked,
                                    const c10::optional<at::Tensor>& ok) {
   TORCH_CHECK(ok.has_value() || !checked.empty(),
-              "apply_update_if_finite_: give ok or tensors to check; an ungated write is apply_update_");
+              "apply_update_if_finite_: give ok or tensors to check; an ungated write needs no gate");
   const bool finite = gate(checked, ok);
   if (finite) apply_update_(param, grad, step, sign, rounding, key1, key2, offset, c10::nullopt);
   return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
@@ -256,7 +256,7 @@ at::Tensor apply_update_if_finite_(at::Tensor param, const at::Tensor& grad, dou
 at::Tensor addmm_if_finite_(at::Tensor self, const at::Tensor& grad_output, const at::Tensor& input, double alpha,
                             at::TensorList checked, const c10::optional<at::Tensor>& ok) {
   TORCH_CHECK(ok.has_value() || !checked.empty(),
-              "addmm_if_finite_: give ok or tensors to check; an ungated write has its own addmm_");
+              "addmm_if_finite_: give ok or tensors to check; an ungated write needs no gate");
   const bool finite = gate(checked, ok);
   if (finite) self.addmm_(grad_output.t(), input, 1, alpha);
   return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));

@@ -80,10 +80,7 @@ class ChunkedBackend(TorchSums):
                                 ok=None) -> torch.Tensor:
         """:meth:`apply_update_` unless ``ok`` is False or an element of the tensors ``checked`` is not finite;
         returns the flag it gated on (``ok`` and'ed with the check).  One op on the native backend."""
-        if checked:
-            ok = _both(ok, self.finite_flag(*checked))
-        if ok is None:
-            raise ValueError("apply_update_if_finite_: give ok or tensors to check; an ungated write is apply_update_")
+        ok = self._gate("apply_update_if_finite_", checked, ok)
         self.apply_update_(param, grad, step, sign, rounding, seed, offset=offset, ok=ok)
         return ok
 
@@ -92,12 +89,15 @@ class ChunkedBackend(TorchSums):
         is not finite, without reading a flag on the host; returns the flag it gated on (``ok`` and'ed with the
         check).  Here by zeroing both operands where it is False (one activation-sized temporary each: 0·inf would
         still be nan); the native backend checks and reads the flag inside one op instead."""
-        if checked:
-            ok = _both(ok, self.finite_flag(*checked))
-        if ok is None:
-            raise ValueError("addmm_if_finite_: give ok or tensors to check; an ungated write has its own addmm_")
+        ok = self._gate("addmm_if_finite_", checked, ok)
         weight.addmm_(torch.where(ok, grad_output.t(), 0), torch.where(ok, input, 0), beta=1, alpha=alpha)
         return ok
+
+    def _gate(self, what: str, checked, ok):
+        """``ok`` and'ed with the finiteness flag of ``checked`` (a gated write needs one or the other)."""
+        if not checked and ok is None:
+            raise ValueError(f"{what}: give ok or tensors to check; an ungated write needs no gate")
+        return _both(ok, self.finite_flag(*checked)) if checked else ok
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)

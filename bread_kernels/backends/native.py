@@ -39,7 +39,8 @@ def _arch_flags() -> list[str]:
 
 _SOURCES = ("epilogue.cpp", "lora_grads.cpp")
 _HEADERS = ("mixed_sum.h",)  # not compiled on their own; hashed with the sources
-_OPS = ("apply_update_", "apply_update_if_finite_", "all_finite", "addmm_if_finite_", "add_scaled_", "rank_products", "add_rank_product_")
+_OPS = ("apply_update_", "apply_update_if_finite_", "all_finite", "addmm_if_finite_", "add_scaled_", "rank_products",
+        "add_rank_product_")
 
 
 def _source(name: str):
