@@ -13,18 +13,19 @@ class TritonBackend(TorchSums):
     name = "triton"
 
     def __init__(self):
-        from ..kernels import lora_grads, wgrad_update  # imports triton: only when this backend is chosen
+        from ..kernels import finite, lora_grads, wgrad_update  # imports triton: only when this backend is chosen
 
         self._kernels = wgrad_update
+        self._finite = finite
         self._lora = lora_grads
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0, check=True,
                        also=()):
-        """One kernel, gated on the finiteness of g, x and ``also`` (and ``ok``; ``check=False``: ``ok`` alone); dW
-        stays an fp32 sum in registers, never rounded to an fp16 that could overflow."""
+        """One kernel, gated on the finiteness of g, x and ``also`` (and ``ok``; ``check=False``: ``ok`` alone),
+        which the flag's kernel decides first (:mod:`bread_kernels.kernels.finite`: two launches, three with
+        ``also``); dW stays an fp32 sum in registers, never rounded to an fp16 that could overflow."""
         if check:
-            flag = self.finite_flag(grad_output, input, *also)
-            ok = flag if ok is None else ok & flag
+            ok = self._finite.finite_flag(grad_output, input, *also, ok=ok)
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
         return ok
 
@@ -36,7 +37,8 @@ class TritonBackend(TorchSums):
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
 
     def finite_flag(self, *tensors):
-        return epilogue.finite_flag(*tensors)  # a few reductions on the device; the flag stays there
+        """The flag's kernel (:mod:`bread_kernels.kernels.finite`); the flag stays on the device."""
+        return self._finite.finite_flag(*tensors) if tensors else epilogue.finite_flag()
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         """cuBLAS GEMMs by default: measured on an H200 (bench/results/lora_layer_h200.txt) they beat the fused
