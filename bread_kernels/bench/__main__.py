@@ -4,7 +4,7 @@ The default is the model suite (:mod:`bread_kernels.bench.model`): every BCD var
 reference run as its users run it and configured as well as it can be, each verified to compute the same step
 before it is timed; a table on stdout, a JSON and a PNG in ``--out``.  ``linear`` times one fused linear backward
 (SGD / SIGN update against autograd plus a hook), ``lora`` one LoRA layer's backward against peft, ``host`` the
-host time of one fused linear backward on tiny shapes (µs per call, against ``nn.Linear`` plus a hook).
+host time of one fused linear backward and forward on tiny shapes (µs per call, against ``nn.Linear`` plus a hook).
 """
 
 import argparse

@@ -1,10 +1,12 @@
-"""``python -m bread_kernels.bench host``: the host time of one fused linear backward on tiny shapes.
+"""``python -m bread_kernels.bench host``: the host time of one fused linear backward (and its forward) on tiny
+shapes.
 
 On shapes where the GEMMs cost nothing, a backward's time is what the host spends around them: Python, autograd
 and the dispatcher.  On a GPU that is what decides whether kernels queue faster than they run.  Each role's fused
 backward is timed against what the reference runs for it: ``nn.Linear``'s autograd backward, plus for SGD/SIGN
-BlockOptimizers' post-accumulate-grad hook (``p.add_(grad or sign(grad), alpha=-lr·s)``).  Median over ``calls``
-backward calls after a warm-up; µs per call.  The engine's plan keeps its finiteness flags as
+BlockOptimizers' post-accumulate-grad hook (``p.add_(grad or sign(grad), alpha=-lr·s)``); the forward that
+precedes it (``fused_linear`` against ``nn.Linear``), which a recomputed block runs twice, is timed beside it.
+Median over ``calls`` calls after a warm-up; µs per call.  The engine's plan keeps its finiteness flags as
 :class:`~bread_kernels.BlockOptimizer`'s plans do (read once per step, outside the timing): a plan without an
 optimizer reads its flag at once, a host sync per update.
 """
@@ -21,7 +23,7 @@ from ..functions.linear import fused_linear
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from .linear import device_name, synchronize
 
-__all__ = ["host_time_us", "run"]
+__all__ = ["host_times_us", "run"]
 
 LR = 1e-4
 
@@ -41,9 +43,10 @@ def _reference_layer(role: Role, n_in: int, n_out: int, dtype, device) -> nn.Lin
     return layer
 
 
-def host_time_us(role: Role, engine: bool, tokens=8, n_in=16, n_out=16, dtype=torch.float32, device="cpu",
-                 calls=1000) -> float:
-    """Median µs of one backward call (forward outside the timing)."""
+def host_times_us(role: Role, engine: bool, tokens=8, n_in=16, n_out=16, dtype=torch.float32, device="cpu",
+                  calls=1000) -> dict[str, float]:
+    """Median µs of one forward and of one backward call, each timed on its own: ``{"forward": µs, "backward":
+    µs}``."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, n_in, generator=gen).to(dtype=dtype, device=device).requires_grad_()
     g = torch.randn(tokens, n_out, generator=gen).to(dtype=dtype, device=device)
@@ -56,29 +59,37 @@ def host_time_us(role: Role, engine: bool, tokens=8, n_in=16, n_out=16, dtype=to
     else:
         layer = _reference_layer(role, n_in, n_out, dtype, device)
         forward = lambda: layer(x)  # noqa: E731
-    times = []
+    times = {"forward": [], "backward": []}
     for i in range(calls + 50):
-        y = forward()
         synchronize(torch.device(device))
         start = time.perf_counter()
+        y = forward()
+        synchronize(torch.device(device))
+        between = time.perf_counter()
         y.backward(g)
         synchronize(torch.device(device))
         if i >= 50:
-            times.append(time.perf_counter() - start)
+            times["forward"].append(between - start)
+            times["backward"].append(time.perf_counter() - between)
         x.grad = None
         if engine:
             plan.checks.resolve()
-    return statistics.median(times) * 1e6
+    return {phase: statistics.median(t) * 1e6 for phase, t in times.items()}
 
 
 def run(dtype=torch.float32, device="cpu", calls=1000, print_fn=print) -> dict:
-    print_fn(f"host time of one linear backward on {device_name(torch.device(device))}, 8 tokens, 16x16, "
-             f"{str(dtype).removeprefix('torch.')}; median of {calls} calls")
-    print_fn(f"{'role':<8}{'engine us':>11}{'reference us':>14}{'ratio':>8}")
+    """The table: per role, the backward's µs (engine, reference, ratio) and then the forward's."""
+    print_fn(f"host time of one linear backward (and forward) on {device_name(torch.device(device))}, 8 tokens, "
+             f"16x16, {str(dtype).removeprefix('torch.')}; median of {calls} calls")
+    print_fn(f"{'role':<8}{'engine us':>11}{'reference us':>14}{'ratio':>8}   "
+             f"{'fwd engine us':>14}{'fwd ref us':>12}{'ratio':>8}")
     rows = {}
     for role in (Role.ACTIVE, Role.SGD, Role.SIGN, Role.FROZEN):
-        engine = host_time_us(role, True, dtype=dtype, device=device, calls=calls)
-        reference = host_time_us(role, False, dtype=dtype, device=device, calls=calls)
-        rows[role.name] = {"engine_us": engine, "reference_us": reference}
-        print_fn(f"{role.name:<8}{engine:>11.1f}{reference:>14.1f}{engine / reference:>8.2f}")
+        engine = host_times_us(role, True, dtype=dtype, device=device, calls=calls)
+        reference = host_times_us(role, False, dtype=dtype, device=device, calls=calls)
+        rows[role.name] = {"engine_us": engine["backward"], "reference_us": reference["backward"],
+                           "engine_forward_us": engine["forward"], "reference_forward_us": reference["forward"]}
+        print_fn(f"{role.name:<8}{engine['backward']:>11.1f}{reference['backward']:>14.1f}"
+                 f"{engine['backward'] / reference['backward']:>8.2f}   {engine['forward']:>14.1f}"
+                 f"{reference['forward']:>12.1f}{engine['forward'] / reference['forward']:>8.2f}")
     return rows
