@@ -58,10 +58,12 @@ def backward_trigger() -> torch.Tensor:
 def trigger_for(plan: WeightPlan, *inputs: torch.Tensor | None) -> torch.Tensor | None:
     """The backward trigger when ``plan`` updates its weight on the fly but none of ``inputs`` requires grad (so
     autograd would never run the Function's backward); None otherwise."""
-    if plan.role.updates_on_the_fly and torch.is_grad_enabled() and \
-            not any(t is not None and t.requires_grad for t in inputs):
-        return backward_trigger()
-    return None
+    if not plan.role.updates_on_the_fly or not torch.is_grad_enabled():
+        return None
+    for t in inputs:  # a loop, not any(generator): this runs on every fused forward
+        if t is not None and t.requires_grad:
+            return None
+    return backward_trigger()
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,12 +91,14 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"fused_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    mixed_ok = autocast_dtype(x.device) is not None  # autocast casts all three to its dtype
+    device, dtype = x.device, x.dtype
     for what, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fused_linear: input is on {x.device} but {what} is on {t.device}; move them together")
-        if t is not None and t.dtype != x.dtype and not mixed_ok:
-            raise TypeError(f"fused_linear: input is {x.dtype} but {what} is {t.dtype}; cast them to one dtype")
+        if t is None:
+            continue
+        if t.device != device:
+            raise ValueError(f"fused_linear: input is on {device} but {what} is on {t.device}; move them together")
+        if t.dtype != dtype and autocast_dtype(device) is None:  # autocast casts all three to its dtype
+            raise TypeError(f"fused_linear: input is {dtype} but {what} is {t.dtype}; cast them to one dtype")
     check_plan_for_weight("fused_linear", plan, weight, "the weight")
 
 
