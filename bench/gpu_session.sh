@@ -1,9 +1,11 @@
 #!/bin/bash
-# One lent-GPU call (device tool, 15 minutes of device time in all): the fused head+loss against Liger-Kernel's own
-# fused linear cross-entropy (issue 18), the model suite on the GPU's default model and the host time of one fused
-# backward (issue 12), then the GPU tests of the kernels and the Liger backend.  Each step has its own time limit so a
-# slow one cannot eat the next; everything lands in $OUT (at most 8 files come back).
+# One lent-GPU call (device tool, 15 minutes of device time in all), for issue 12: the host time of one fused linear
+# backward and forward (fp32, bf16), the model suite on the GPU's default model against both references, then the
+# GPU tests of the Triton kernels (the update's finiteness flag, kernels/finite.py, has only run under the
+# interpreter before), the Liger backend and the op counts.  Each step has its own time limit so a slow one cannot
+# eat the next; everything lands in $OUT (at most 8 files come back).
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)   with liger-kernel's wheel in .whl/
+# (issue 18's head+loss comparison against Liger: python3 -m bench.head_loss_bench, results in bench/results/)
 set -u
 O=${OUT:-/tmp/gpu_out}
 mkdir -p "$O"
@@ -23,24 +25,18 @@ log env
   python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
   git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100; } 2>&1 | tee -a "$O/log.txt"
 
-HL="--vocab 32000 128256 --layers 2 --hidden 4096 --intermediate 14336 --heads 32 --batch 4 --seq 1024 --dtype bf16 --repeats 5"
-step 110 python3 -m bench.head_loss_bench $HL --out $T/hl_liger
-cp $T/hl_liger/*.json "$O/head_loss_h200_bfloat16_liger_backend.json" 2>/dev/null
-step 120 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/ma \
-  --variants BAdam BREAD-SGD-partial BREAD-SGD BREAD-SGD-sign
-cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
 step 45 python3 -m bread_kernels.bench host --dtype fp32
 step 45 python3 -m bread_kernels.bench host --dtype bf16
-step 70 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
+step 150 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/ma \
+  --variants BAdam BREAD-SGD-partial BREAD-SGD BREAD-SGD-sign
+cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
+step 90 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
   --variants BREAD BREAD-partial
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
-# the same with this library's own chunk loop for the fused side (BREAD_BACKEND=torch: no Liger behind it)
-BREAD_BACKEND=torch step 80 python3 -m bench.head_loss_bench $HL --out $T/hl_own
-cp $T/hl_own/*.json "$O/head_loss_h200_bfloat16_torch_backend.json" 2>/dev/null
 
 log tests
-timeout 60 python3 -m pytest tests/backends/test_liger.py tests/functions/test_head_loss.py tests/test_backward_ops.py \
-  -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
+timeout 120 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \
+  tests/functions/test_head_loss.py tests/test_backward_ops.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
 echo "pytest rc $?" >> "$O/tests.txt"
 tail -40 "$O/tests.txt"
 log done
