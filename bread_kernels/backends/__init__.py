@@ -34,8 +34,9 @@ rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert we
 
 Choice: ``BREAD_BACKEND=triton|native|torch`` forces one (an error if it cannot serve the tensor's device);
 otherwise ``triton`` for CUDA tensors, ``native`` for CPU tensors, and ``torch`` when the preferred one is
-unavailable (said once, with the reason).  A weight's plan asks once, at its first update, and keeps the answer
-(:class:`~bread_kernels.update.LocalTarget`).
+unavailable (said once, with the reason).  A plan's own update target (:class:`~bread_kernels.update.LocalTarget`:
+a plan whose ``target`` is None) asks once, at the plan's first update, and keeps the answer for its writes; every
+other caller (a ZeRO-3 target, the fused loss, the LoRA gradients) asks at each call.
 """
 
 from __future__ import annotations

@@ -79,24 +79,27 @@ class ChunkedBackend(TorchSums):
     def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
                                 ok=None) -> torch.Tensor:
         """:meth:`apply_update_` unless ``ok`` is False or an element of the tensors ``checked`` is not finite;
-        returns the flag it gated on (``ok`` and'ed with the check).  One op on the native backend."""
-        ok = self._gate("apply_update_if_finite_", checked, ok)
+        returns the flag it gated on (``ok`` and'ed with the check; None, and an ungated write, with neither).  One op
+        on the native backend."""
+        ok = self._gate(checked, ok)
         self.apply_update_(param, grad, step, sign, rounding, seed, offset=offset, ok=ok)
         return ok
 
     def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor:
         """``W += alpha·gᵀx`` (g [M, N], x [M, K]) unless ``ok`` is False or an element of the tensors ``checked``
         is not finite, without reading a flag on the host; returns the flag it gated on (``ok`` and'ed with the
-        check).  Here by zeroing both operands where it is False (one activation-sized temporary each: 0·inf would
+        check; None, and an ungated write, with neither).  Here by zeroing both operands where it is False (one activation-sized temporary each: 0·inf would
         still be nan); the native backend checks and reads the flag inside one op instead."""
-        ok = self._gate("addmm_if_finite_", checked, ok)
-        weight.addmm_(torch.where(ok, grad_output.t(), 0), torch.where(ok, input, 0), beta=1, alpha=alpha)
+        ok = self._gate(checked, ok)
+        if ok is None:
+            weight.addmm_(grad_output.t(), input, beta=1, alpha=alpha)
+        else:
+            weight.addmm_(torch.where(ok, grad_output.t(), 0), torch.where(ok, input, 0), beta=1, alpha=alpha)
         return ok
 
-    def _gate(self, what: str, checked, ok):
-        """``ok`` and'ed with the finiteness flag of ``checked`` (a gated write needs one or the other)."""
-        if not checked and ok is None:
-            raise ValueError(f"{what}: give ok or tensors to check; an ungated write needs no gate")
+    def _gate(self, checked, ok):
+        """``ok`` and'ed with the finiteness flag of ``checked``; None where there is neither (an ungated write, as
+        :meth:`update_weight_` with ``check=False`` and no ``ok`` has always made on every path)."""
         return _both(ok, self.finite_flag(*checked)) if checked else ok
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):

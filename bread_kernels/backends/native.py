@@ -107,6 +107,9 @@ class NativeBackend(ChunkedBackend):
 
     def apply_update_if_finite_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, checked=(),
                                 ok=None) -> torch.Tensor:
+        if not checked and ok is None:  # an ungated write (the op itself refuses one)
+            self.apply_update_(param, grad, step, sign, rounding, seed, offset)
+            return None
         key1, key2 = rng_keys(seed)
         return torch.ops.bread_kernels.apply_update_if_finite_(
             param, grad.contiguous(), float(step), bool(sign), ROUNDING_CODES[rounding.resolve(param.dtype)],
@@ -116,7 +119,10 @@ class NativeBackend(ChunkedBackend):
     def finite_flag(self, *tensors):
         return torch.ops.bread_kernels.all_finite(list(tensors))
 
-    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor:
+    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor | None:
+        if not checked and ok is None:  # an ungated write (the op itself refuses one)
+            weight.addmm_(grad_output.t(), input, beta=1, alpha=alpha)
+            return None
         return torch.ops.bread_kernels.addmm_if_finite_(weight, grad_output, input, float(alpha), list(checked), ok)
 
     def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import epilogue, records_ops
 from .add_scaled import TorchSums
 from .lora_gemm import lora_grads_gemm
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonBackend(TorchSums):
@@ -37,8 +42,11 @@ class TritonBackend(TorchSums):
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
 
     def finite_flag(self, *tensors):
-        """The flag's kernel (:mod:`bread_kernels.kernels.finite`); the flag stays on the device."""
-        return self._finite.finite_flag(*tensors) if tensors else epilogue.finite_flag()
+        """The flag's kernel (:mod:`bread_kernels.kernels.finite`) for fp32/bf16/fp16 tensors, the torch form for
+        any other (an fp64 gradient); the flag stays on the device."""
+        if tensors and all(t.dtype in _KERNEL_DTYPES for t in tensors):
+            return self._finite.finite_flag(*tensors)
+        return epilogue.finite_flag(*tensors)
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         """cuBLAS GEMMs by default: measured on an H200 (bench/results/lora_layer_h200.txt) they beat the fused

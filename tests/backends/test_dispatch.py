@@ -9,7 +9,7 @@ from bread_kernels.backends import get_backend
 # Triton decides whether a kernel is interpreted when it is defined: the kernels are imported here, in this process's
 # own mode, before a test below sets TRITON_INTERPRET=1 to build the triton backend for CPU tensors.  Imported first
 # under that variable on a GPU host, every later test of the process would run its CUDA kernels interpreted.
-from bread_kernels.kernels import lora_grads, wgrad_update  # noqa: F401
+from bread_kernels.kernels import finite, lora_grads, wgrad_update  # noqa: F401
 
 
 def test_default_on_cpu_is_native(monkeypatch):
@@ -68,6 +68,10 @@ def test_a_plan_chooses_its_weights_backend_once(monkeypatch):
     time."""
     import torch
 
+    import copy
+
+    import bread_kernels.backends as backends
+    import bread_kernels.update as update
     from bread_kernels.plan import OnTheFlyUpdate, Role, WeightPlan
     from bread_kernels.update import LOCAL, update_linear_
 
@@ -78,10 +82,17 @@ def test_a_plan_chooses_its_weights_backend_once(monkeypatch):
 
     monkeypatch.setenv("BREAD_BACKEND", "torch")
     plan = plan_after_an_update()
+    monkeypatch.setenv("BREAD_BACKEND", "native")  # before the plan's target is asked: it answers what it kept
     assert plan.local_target.backend(torch.device("cpu")).name == "torch"
-    monkeypatch.setenv("BREAD_BACKEND", "native")
-    assert plan.local_target.backend(torch.device("cpu")).name == "torch"
+    asked = []
+    monkeypatch.setattr(update, "get_backend", lambda device: asked.append(device) or backends.get_backend(device))
+    update_linear_(plan, Role.SGD, torch.zeros(3, 2), None, [(torch.ones(4, 3), torch.ones(4, 2))])
+    assert asked == []  # a later update of the plan asks nobody
     assert plan_after_an_update().local_target.backend(torch.device("cpu")).name == "native"
+    monkeypatch.setattr(update, "get_backend", backends.get_backend)
     assert LOCAL.backend(torch.device("cpu")).name == "native"
     monkeypatch.setenv("BREAD_BACKEND", "torch")
     assert LOCAL.backend(torch.device("cpu")).name == "torch"
+    copied = copy.deepcopy(plan)  # a deep copy of a patched model copies its plans: the copy chooses again
+    assert copied.local_target._kept is None and copied.local_target.keep_backend
+    assert copied.local_target.backend(torch.device("cpu")).name == "torch"

@@ -140,45 +140,64 @@ def _chunked_backends():
     return [name for name in backends_for(DEVICE) if name != "triton"]  # the CPU backends (BLAS + epilogue)
 
 
+# how update_weight_ calls them: a linear's check (no ok: g, x and a bias's gradient), a caller's flag alone (the
+# experts of a 3-D weight, decided before any slice), both
+GATES = {"checked": (True, False), "ok": (False, True), "both": (True, True)}
+
+
 @pytest.mark.parametrize("dtype", list(INT_VIEW), ids=str)
-@pytest.mark.parametrize("bad", ["none", "g", "x", "also", "ok"])
-def test_the_gated_writes_check_what_they_are_given_and_return_the_flag(monkeypatch, dtype, bad):
+@pytest.mark.parametrize("gate, bad", [(gate, bad) for gate, (use_checked, use_ok) in GATES.items()
+                                       for bad in ("none", *(("g", "x", "also") if use_checked else ()),
+                                                   *(("ok",) if use_ok else ()))])
+def test_the_gated_writes_check_what_they_are_given_and_return_the_flag(monkeypatch, dtype, gate, bad):
     """``addmm_if_finite_`` (SGD's ``W += α·gᵀx``) and ``apply_update_if_finite_`` (the epilogue of a whole dW) check
     and write in one op on the native backend: the same bits as a plain ``addmm_`` / ``apply_update_`` where every
     checked tensor is finite and ``ok`` holds, the weight untouched otherwise, and the flag they gated on returned,
     on every chunked backend."""
+    use_checked, use_ok = GATES[gate]
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(13, 7, generator=gen).to(dtype)
     g, x = torch.randn(9, 13, generator=gen).to(dtype), torch.randn(9, 7, generator=gen).to(dtype)
     also = torch.randn(13, generator=gen)
     grad = (g.float().t() @ x.float()).to(dtype)
-    ok = torch.tensor(bad != "ok")
     if bad in ("g", "x", "also"):
         {"g": g, "x": x, "also": also}[bad][3].fill_(float("nan"))
+    checked = (g, x, also) if use_checked else ()
+    ok = torch.tensor(bad != "ok") if use_ok else None
     expected_flag = bad == "none"
     for name in _chunked_backends():
         backend = backend_named(name, monkeypatch)
-        if dtype != torch.float16:  # the addmm_ path serves fp32/bf16 (an fp16 dW is built and checked)
+        if dtype != torch.float16 and bad not in ("g", "x"):  # the addmm_ path (fp32/bf16); its operands finite
             w = weight.clone()
-            flag = backend.addmm_if_finite_(w, g, x, -0.25, (g, x, also), ok)
-            assert bool(flag) is expected_flag, name
+            flag = backend.addmm_if_finite_(w, g, x, -0.25, checked, ok)
+            assert flag.shape == () and bool(flag) is expected_flag, name
             reference = weight.clone().addmm_(g.t(), x, alpha=-0.25) if expected_flag else weight
             assert torch.equal(bits_of(w), bits_of(reference)), name
         p = weight.clone()
         flag = backend.apply_update_if_finite_(p, grad, 0.25, True, Rounding.NEAREST, seed=7, offset=3,
-                                               checked=(g, x, also), ok=ok)
-        assert bool(flag) is expected_flag, name
+                                               checked=checked, ok=ok)
+        assert flag.shape == () and bool(flag) is expected_flag, name
         reference = weight.clone()
         if expected_flag:
             backend.apply_update_(reference, grad, 0.25, True, Rounding.NEAREST, seed=7, offset=3)
         assert torch.equal(bits_of(p), bits_of(reference)), name
 
 
-def test_a_gated_write_needs_a_flag_or_something_to_check(monkeypatch):
-    w, g = torch.zeros(3, 2), torch.ones(4, 3)
+def test_with_nothing_to_gate_on_the_write_is_ungated_as_update_weight_has_always_made_it(monkeypatch):
+    """``update_weight_(check=False)`` without ``ok``: every path writes, ungated, and returns no flag."""
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(13, 7, generator=gen)
+    g, x = torch.randn(9, 13, generator=gen), torch.randn(9, 7, generator=gen)
     for name in _chunked_backends():
         backend = backend_named(name, monkeypatch)
-        with pytest.raises((ValueError, RuntimeError), match="give ok or tensors to check"):
-            backend.addmm_if_finite_(w, g, torch.ones(4, 2), 1.0, (), None)
-        with pytest.raises((ValueError, RuntimeError), match="give ok or tensors to check"):
-            backend.apply_update_if_finite_(w, torch.ones(3, 2), 1.0, False, Rounding.NEAREST, seed=0)
+        w = weight.clone()
+        assert backend.addmm_if_finite_(w, g, x, -0.25) is None
+        assert torch.equal(w, weight.clone().addmm_(g.t(), x, alpha=-0.25)), name
+        for sign in (False, True):  # SIGN: the one-chunk path of update_weight_
+            w, reference = weight.clone(), weight.clone()
+            assert backend.update_weight_(w, g, x, 0.25, sign, Rounding.NEAREST, seed=7, check=False) is None
+            if sign:
+                backend.apply_update_(reference, g.t() @ x, 0.25, True, Rounding.NEAREST, seed=7)
+            else:
+                reference.addmm_(g.t(), x, alpha=-0.25)
+            assert torch.equal(w, reference), (name, sign)
