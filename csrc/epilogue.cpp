@@ -216,7 +216,8 @@ bool tensor_is_finite(const at::Tensor& t) {
                          static_cast<uint16_t>(0x7C00u));
         break;
       default:
-        TORCH_CHECK(false, "all_finite: tensors must be float32, bfloat16 or float16, got ", t.scalar_type());
+        TORCH_CHECK(false, "bread_kernels native backend: the tensors whose finiteness gates an update must be ",
+                    "float32, bfloat16 or float16 (cast them first), got ", t.scalar_type());
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });

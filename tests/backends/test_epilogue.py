@@ -201,3 +201,13 @@ def test_with_nothing_to_gate_on_the_write_is_ungated_as_update_weight_has_alway
             else:
                 reference.addmm_(g.t(), x, alpha=-0.25)
             assert torch.equal(w, reference), (name, sign)
+
+
+def test_the_native_check_refuses_other_dtypes_with_the_remedy(monkeypatch):
+    if "native" not in _chunked_backends():
+        pytest.skip("the native backend serves CPU tensors only")
+    backend = backend_named("native", monkeypatch)
+    g = torch.ones(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16 \\(cast them first\\), got Double"):
+        backend.addmm_if_finite_(torch.zeros(3, 2, dtype=torch.float64), g, torch.ones(4, 2, dtype=torch.float64),
+                                 1.0, (g,))
