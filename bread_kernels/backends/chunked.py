@@ -77,7 +77,7 @@ class ChunkedBackend(TorchSums):
         raise NotImplementedError
 
     def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
-                                ok=None) -> torch.Tensor:
+                                ok=None) -> torch.Tensor | None:
         """:meth:`apply_update_` unless ``ok`` is False or an element of the tensors ``checked`` is not finite;
         returns the flag it gated on (``ok`` and'ed with the check; None, and an ungated write, with neither).  One op
         on the native backend."""
@@ -85,11 +85,12 @@ class ChunkedBackend(TorchSums):
         self.apply_update_(param, grad, step, sign, rounding, seed, offset=offset, ok=ok)
         return ok
 
-    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor:
+    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor | None:
         """``W += alpha·gᵀx`` (g [M, N], x [M, K]) unless ``ok`` is False or an element of the tensors ``checked``
         is not finite, without reading a flag on the host; returns the flag it gated on (``ok`` and'ed with the
-        check; None, and an ungated write, with neither).  Here by zeroing both operands where it is False (one activation-sized temporary each: 0·inf would
-        still be nan); the native backend checks and reads the flag inside one op instead."""
+        check; None, and an ungated write, with neither).  Here by zeroing both operands where it is False (one
+        activation-sized temporary each: 0·inf would still be nan); the native backend checks and reads the flag
+        inside one op instead."""
         ok = self._gate(checked, ok)
         if ok is None:
             weight.addmm_(grad_output.t(), input, beta=1, alpha=alpha)

@@ -2,7 +2,7 @@
 registered with ``torch.library`` as ``torch.ops.bread_kernels.apply_update_`` (and ``add_scaled_``, the
 mixed-dtype sums of :mod:`.add_scaled`, in one pass); the GEMM stays in BLAS.  A whole weight's update checks its
 gradient's finiteness and writes in one op (``apply_update_if_finite_``, and ``addmm_if_finite_`` for SGD's
-``W.addmm_``): one dispatch per weight where a check, a flag and a write were three.
+``W.addmm_``): one dispatch per weight where a check, a flag and a write were two or three.
 
 The extension is compiled with ninja through ``torch.utils.cpp_extension.load`` on first use and cached in
 torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later processes only load it.
@@ -106,7 +106,7 @@ class NativeBackend(ChunkedBackend):
         )
 
     def apply_update_if_finite_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, checked=(),
-                                ok=None) -> torch.Tensor:
+                                ok=None) -> torch.Tensor | None:
         if not checked and ok is None:  # an ungated write (the op itself refuses one)
             self.apply_update_(param, grad, step, sign, rounding, seed, offset)
             return None
