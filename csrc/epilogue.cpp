@@ -224,15 +224,6 @@ bool tensor_is_finite(const at::Tensor& t) {
   return finite.load();
 }
 
-at::Tensor all_finite(at::TensorList tensors) {
-  bool finite = true;
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "bread_kernels native backend: CPU tensors only");
-    if (!(finite = tensor_is_finite(t))) break;
-  }
-  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
-}
-
 // ok and'ed with the finiteness of every tensor in `checked` (read here: a memory read, not an aten op)
 bool gate(at::TensorList checked, const c10::optional<at::Tensor>& ok) {
   bool finite = flag_is_set(ok);
@@ -242,6 +233,10 @@ bool gate(at::TensorList checked, const c10::optional<at::Tensor>& ok) {
     finite = tensor_is_finite(t);
   }
   return finite;
+}
+
+at::Tensor all_finite(at::TensorList tensors) {
+  return at::scalar_tensor(gate(tensors, c10::nullopt), at::TensorOptions().dtype(at::kBool));
 }
 
 at::Tensor apply_update_if_finite_(at::Tensor param, const at::Tensor& grad, double step, bool sign, int64_t rounding,

@@ -108,8 +108,7 @@ class NativeBackend(ChunkedBackend):
     def apply_update_if_finite_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, checked=(),
                                 ok=None) -> torch.Tensor | None:
         if not checked and ok is None:  # an ungated write (the op itself refuses one)
-            self.apply_update_(param, grad, step, sign, rounding, seed, offset)
-            return None
+            return super().apply_update_if_finite_(param, grad, step, sign, rounding, seed, offset)
         key1, key2 = rng_keys(seed)
         return torch.ops.bread_kernels.apply_update_if_finite_(
             param, grad.contiguous(), float(step), bool(sign), ROUNDING_CODES[rounding.resolve(param.dtype)],
@@ -121,8 +120,7 @@ class NativeBackend(ChunkedBackend):
 
     def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor | None:
         if not checked and ok is None:  # an ungated write (the op itself refuses one)
-            weight.addmm_(grad_output.t(), input, beta=1, alpha=alpha)
-            return None
+            return super().addmm_if_finite_(weight, grad_output, input, alpha)
         return torch.ops.bread_kernels.addmm_if_finite_(weight, grad_output, input, float(alpha), list(checked), ok)
 
     def lora_input_dtype(self, input_dtype, lora_dtype, rank) -> torch.dtype:

@@ -54,7 +54,7 @@ def test_the_host_suite_times_every_role(capsys):
     rows = host.run(calls=3)
     assert set(rows) == {"ACTIVE", "SGD", "SIGN", "FROZEN"}
     keys = {"engine_us", "reference_us", "engine_forward_us", "reference_forward_us"}
-    assert all(set(r) == keys and all(v > 0 for v in r.values()) for r in rows.values())  # what, not how fast
+    assert all(set(r) == keys and all(isinstance(v, float) for v in r.values()) for r in rows.values())  # not speed
 
 
 def test_grouped_query_attention_counts_as_its_heads_broadcast():
