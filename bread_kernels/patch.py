@@ -30,8 +30,10 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
   through :func:`~bread_kernels.functions.rms_norm.rms_norm`, which saves its input and one fp32 value per row
   instead of an fp32 copy of the input; every SwiGLU MLP (:func:`~bread_kernels.functions.swiglu.fusable_swiglu_mlp`)
   through :func:`~bread_kernels.functions.swiglu.swiglu_mlp`, whose product ``silu(a)·u`` saves ``a`` and ``u``
-  but not ``silu(a)``.  Both give autograd's values bit for bit; a norm's weight keeps plain autograd (a gradient
-  into ``.grad``).
+  but not ``silu(a)``; every attention module that calls its modeling module's ``apply_rotary_pos_emb``
+  (:func:`~bread_kernels.functions.rotary.install_fused_rotary`) through
+  :func:`~bread_kernels.functions.rotary.rotary_embedding`, one pass per tensor each way.  All give autograd's
+  values bit for bit; a norm's weight keeps plain autograd (a gradient into ``.grad``).
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
 * on a causal LM of a supported family (by default; ``fused_loss=True`` requires it, ``False`` never): a forward
   whose loss (given ``labels``, with grad) is the fused head+loss of :mod:`bread_kernels.causal_lm` — no
@@ -58,6 +60,7 @@ from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, 
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
+from .functions.rotary import install_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
@@ -317,10 +320,10 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             block when the plans change; elsewhere none (measured in the README's "Speed" section).  0 recomputes
             every block; ``k`` keeps the top ``k`` (each beyond the first adds one block's activations to the
             peak).
-        fused_elementwise: compute every Llama-style RMSNorm (the blocks' and the final one) and SwiGLU MLP of the
-            model with this library's Functions: the same values and gradients as autograd's, bit for bit, from
-            less saved memory (no fp32 copy of a norm's input, no ``silu(a)``: a bf16 Llama block saves about a
-            third less) and fewer ops.  ``False`` leaves them as they are.
+        fused_elementwise: compute every Llama-style RMSNorm (the blocks' and the final one), SwiGLU MLP and
+            rotary embedding of the model with this library's Functions: the same values and gradients as
+            autograd's, bit for bit, from less saved memory (no fp32 copy of a norm's input, no ``silu(a)``: a bf16
+            Llama block saves about a third less) and fewer ops.  ``False`` leaves them as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
@@ -433,12 +436,15 @@ def _set_fused_loss(model: nn.Module, fused_loss: bool | None, state: PatchedMod
 
 
 def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel) -> None:
-    """Install the fused forward on every RMSNorm and SwiGLU MLP it computes exactly (``enabled``), or remove it.
-    Installed already: nothing is probed again."""
+    """Install the fused forward on every RMSNorm, SwiGLU MLP and rotary embedding it computes exactly
+    (``enabled``), or remove it.  Installed already: nothing is probed again."""
     if enabled and state.fused_elementwise:
         return
     for _, module in state.fused_elementwise:
-        module.__dict__.pop("forward", None)
+        if uses_rotary_embedding(module):
+            uninstall_fused_rotary(module)
+        else:
+            module.__dict__.pop("forward", None)
     state.fused_elementwise = []
     if not enabled:
         return
@@ -449,6 +455,8 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
             _swiglu_mlp_forward if fusable_swiglu_mlp(module) else None
         if forward is not None:
             module.forward = types.MethodType(forward, module)
+            state.fused_elementwise.append((name, module))
+        elif uses_rotary_embedding(module) and install_fused_rotary(module):
             state.fused_elementwise.append((name, module))
 
 

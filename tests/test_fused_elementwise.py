@@ -1,11 +1,13 @@
-"""patch's fused elementwise work (RMSNorm, SwiGLU) on a whole model: what it installs and removes, and what a
+"""patch's fused elementwise work (RMSNorm, SwiGLU, the rotary embedding) on a whole model: what it installs and removes, and what a
 block then saves for its backward."""
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
+from transformers.models.llama import modeling_llama
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
 
 import bread_kernels
+from bread_kernels.functions.rotary import RotaryDispatch
 from bread_kernels.patch import patched_state
 from tests.model_zoo import BUILDERS
 
@@ -15,18 +17,23 @@ def _llama(dtype=torch.bfloat16):
 
 
 def test_patch_installs_the_fused_forwards_and_unpatch_and_the_option_remove_them():
+    fused_kinds = (LlamaRMSNorm, LlamaMLP, LlamaAttention)
     model = _llama()
-    norms = [m for m in model.modules() if isinstance(m, (LlamaRMSNorm, LlamaMLP))]
+    modules = [m for m in model.modules() if isinstance(m, fused_kinds)]
+    original_rotary = modeling_llama.apply_rotary_pos_emb
     bread_kernels.patch(model)
     assert sorted(n for n, _ in patched_state(model).fused_elementwise) == \
-        sorted(n for n, m in model.named_modules() if isinstance(m, (LlamaRMSNorm, LlamaMLP)))
-    assert all("forward" in m.__dict__ for m in norms)
+        sorted(n for n, m in model.named_modules() if isinstance(m, fused_kinds))
+    assert all("forward" in m.__dict__ for m in modules)
+    assert isinstance(modeling_llama.apply_rotary_pos_emb, RotaryDispatch)
     bread_kernels.patch(model, fused_elementwise=False)
-    assert not any("forward" in m.__dict__ for m in norms)
+    assert not any("forward" in m.__dict__ for m in modules)
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
     bread_kernels.patch(model, fused_elementwise=True)
-    assert all("forward" in m.__dict__ for m in norms)
+    assert all("forward" in m.__dict__ for m in modules)
     bread_kernels.unpatch(model)
-    assert not any("forward" in m.__dict__ for m in norms)
+    assert not any("forward" in m.__dict__ for m in modules)
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
     with pytest.raises(TypeError, match="fused_elementwise must be True or False"):
         bread_kernels.patch(model, fused_elementwise="yes")
 

@@ -10,6 +10,7 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     lora_input_dtype(x dtype, adapters' dtype, r) -> dtype           # the dtype lora_grads wants x in
     add_scaled_(T, O, alpha, round_term)                             # T += alpha·O across dtypes, rounded once
     add_product_(T, v, a, alpha, round_term)                         # add_scaled_ with O = v a (rank r)
+    rotary_(out, x, cos, sin, backward)                              # out = x·cos + rotate_half(x)·sin (or its ᵀ)
     linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``g`` and ``x``
@@ -29,6 +30,8 @@ the adapters that read one x), or x's own where the backend reads it as it is (n
 C++ pass on the native backend, torch's add elsewhere; ``add_product_`` the same with ``O = v a`` for a rank-r
 ``v`` [M, r] and ``a`` [r, K] (the LoRA dX's ``s · v A``), which the native backend sums per element without the
 [M, K] product.
+``rotary_`` is the rotary embedding's element work (:mod:`.rotary`: autograd's values bit for bit), one C++ pass per
+tensor on the native backend, torch's ops elsewhere.
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
 rounding draws the same bits for a slice (a chunk, one expert of a 3-D expert weight) as for the whole tensor.
 
@@ -86,6 +89,9 @@ class Backend(Protocol):
 
     def add_scaled_(self, target: torch.Tensor, other: torch.Tensor, alpha: float = 1.0,
                     round_term: bool = False) -> None: ...
+
+    def rotary_(self, out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                backward: bool) -> None: ...
 
     def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, softcap: float | None, max_rows: int, need_grads: bool,

@@ -48,6 +48,7 @@ import torch
 from ..rounding import Rounding
 from . import epilogue
 from .add_scaled import TorchSums
+from .rotary import TorchRotary
 from .lora_gemm import lora_grads_gemm
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -63,7 +64,7 @@ def chunk_budget_bytes() -> int:
     return configured
 
 
-class ChunkedBackend(TorchSums):
+class ChunkedBackend(TorchSums, TorchRotary):
     """Base of the CPU backends; subclasses provide ``apply_update_`` and its memory cost per chunk element."""
 
     name = "chunked"

@@ -37,10 +37,10 @@ def _arch_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mbmi2", "-mf16c"] if {"avx2", "fma", "bmi2", "f16c"} <= set(flags) else []
 
 
-_SOURCES = ("epilogue.cpp", "lora_grads.cpp")
+_SOURCES = ("epilogue.cpp", "lora_grads.cpp", "rotary.cpp")
 _HEADERS = ("mixed_sum.h",)  # not compiled on their own; hashed with the sources
 _OPS = ("apply_update_", "apply_update_if_finite_", "all_finite", "addmm_if_finite_", "add_scaled_", "rank_products",
-        "add_rank_product_")
+        "add_rank_product_", "rotary_")
 
 
 def _source(name: str):
@@ -157,6 +157,16 @@ class NativeBackend(ChunkedBackend):
                                                       bool(round_term))
         else:
             super().add_product_(target, v, a, alpha, round_term)
+
+    def rotary_(self, out, x, cos, sin, backward) -> None:
+        """One pass in C++ (``bread_kernels::rotary_``) where x and out have a unit last stride, cos and sin are
+        contiguous and all four share one dtype; torch's ops otherwise, and where autograd records them."""
+        if x.dtype in _FLOATS and x.dtype == out.dtype == cos.dtype == sin.dtype and x.stride(-1) == 1 \
+                and out.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
+                and not records_ops(x, cos, sin):
+            torch.ops.bread_kernels.rotary_(out, x, cos, sin, bool(backward))
+        else:
+            super().rotary_(out, x, cos, sin, backward)
 
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""

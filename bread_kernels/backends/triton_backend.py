@@ -8,21 +8,23 @@ import torch
 
 from . import epilogue, records_ops
 from .add_scaled import TorchSums
+from .rotary import TorchRotary
 from .lora_gemm import lora_grads_gemm
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class TritonBackend(TorchSums):
+class TritonBackend(TorchSums, TorchRotary):
     name = "triton"
 
     def __init__(self):
-        from ..kernels import finite, lora_grads, wgrad_update  # imports triton: only when this backend is chosen
+        from ..kernels import finite, lora_grads, rotary, wgrad_update  # imports triton: only when chosen
 
         self._kernels = wgrad_update
         self._finite = finite
         self._lora = lora_grads
+        self._rotary = rotary
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0, check=True,
                        also=()):
@@ -57,6 +59,17 @@ class TritonBackend(TorchSums):
         if not use_kernel or records_ops(grad_output, input, u, lora_b) or lora_b.shape[1] > self._lora.MAX_RANK:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
+
+    def rotary_(self, out, x, cos, sin, backward) -> None:
+        """One kernel per tensor (:mod:`bread_kernels.kernels.rotary`) where x and out have a unit last stride, cos
+        and sin are contiguous and all four share one dtype; torch's ops otherwise, and where autograd records
+        them."""
+        if x.dtype in _KERNEL_DTYPES and x.dtype == out.dtype == cos.dtype == sin.dtype and x.stride(-1) == 1 \
+                and out.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
+                and not records_ops(x, cos, sin):
+            self._rotary.rotary_(out, x, cos, sin, backward)
+        else:
+            super().rotary_(out, x, cos, sin, backward)
 
     def lora_input_dtype(self, input_dtype, lora_dtype, rank):
         """The adapters' dtype, which cuBLAS and the kernel read."""
