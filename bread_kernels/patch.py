@@ -448,6 +448,7 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
     state.fused_elementwise = []
     if not enabled:
         return
+    kernelized = bool(getattr(model, "use_kernels", False))  # the `kernels` library's hub rotary: the user's choice
     for name, module in model.named_modules():
         if "forward" in module.__dict__:  # another library's instance forward (accelerate's hooks): left as it is
             continue
@@ -456,7 +457,7 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
         if forward is not None:
             module.forward = types.MethodType(forward, module)
             state.fused_elementwise.append((name, module))
-        elif uses_rotary_embedding(module) and install_fused_rotary(module):
+        elif not kernelized and uses_rotary_embedding(module) and install_fused_rotary(module):
             state.fused_elementwise.append((name, module))
 
 

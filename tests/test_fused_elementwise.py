@@ -1,5 +1,5 @@
-"""patch's fused elementwise work (RMSNorm, SwiGLU, the rotary embedding) on a whole model: what it installs and removes, and what a
-block then saves for its backward."""
+"""patch's fused elementwise work (RMSNorm, SwiGLU, the rotary embedding) on a whole model: what it installs and
+removes, and what a block then saves for its backward."""
 
 import pytest
 import torch
@@ -87,3 +87,16 @@ def test_a_module_with_another_librarys_instance_forward_keeps_it():
     assert norm.forward is hooked and all(m is not norm for _, m in patched_state(model).fused_elementwise)
     bread_kernels.unpatch(model)
     assert norm.forward is hooked
+
+
+def test_a_model_kernelized_by_the_kernels_library_keeps_its_rotary_embedding():
+    """``use_kernels=True`` (the `kernels` library's hub layers, a rotary kernel among them) is the user's choice of
+    kernel: patch fuses the norms and MLPs but leaves the attention's rotary embedding alone."""
+    model = _llama()
+    model._use_kernels = True  # what set_use_kernels records after kernelize (which needs the hub)
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    bread_kernels.patch(model)
+    fused = [m for _, m in patched_state(model).fused_elementwise]
+    assert not any(isinstance(m, LlamaAttention) for m in fused) and any(isinstance(m, LlamaMLP) for m in fused)
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+    bread_kernels.unpatch(model)

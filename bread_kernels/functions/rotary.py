@@ -12,17 +12,16 @@ v[..., :h])``.  With ``g_q = ∂L/∂q_embed`` (and ``g_k``)::
 
 cos and sin are constants (transformers computes them without grad); the element work is the backend's ``rotary_``
 (:mod:`bread_kernels.backends.rotary`, which shows that the rounding is autograd's).  Each result has the memory
-layout of the tensor it replaces — q's for ``q_embed`` (the transposed view of the projection's output), and
-``q_embed``'s for ``∂L/∂q`` — so the gradient reaches the projection contiguous, without the copy autograd's
-contiguous gradient costs there.
+layout autograd's has — q's for ``q_embed`` (the transposed view of the projection's output), contiguous for
+``∂L/∂q`` — so every reduction downstream (a Qwen3 ``q_norm`` weight's gradient) sums in autograd's order.
 
 The model calls ``apply_rotary_pos_emb`` by name from its modeling module.  :func:`install_fused_rotary` gives an
 attention module whose forward calls it an instance forward that marks the call, and puts a
 :class:`RotaryDispatch` in that name's place (where the module's own function gives these values bit for bit on
-probe inputs, forward and gradients): inside a marked call it computes :func:`rotary_embedding`, everywhere else
-(another model, an unpatched one, a call it does not cover, a trace by ``torch.compile``) the function it
-replaced.  The last fused module's :func:`uninstall_fused_rotary` (or its garbage collection) puts the function
-back.
+probe inputs, forward and gradients, on each device type it serves): inside a marked call it computes
+:func:`rotary_embedding`, everywhere else (another model, an unpatched one, a call it does not cover — other
+arguments, partial rotary, mixed dtypes —, a trace by ``torch.compile``) the function it replaced.  The last fused
+module's :func:`uninstall_fused_rotary` (or its garbage collection) puts the function back.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ class RotaryFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         q_embed, k_embed = _embedded(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
-        ctx.layouts = ((q_embed.shape, q_embed.stride()), (k_embed.shape, k_embed.stride()))
         ctx.set_materialize_grads(False)
         return q_embed, k_embed
 
@@ -62,13 +60,14 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
         grads = []
-        for grad, (shape, stride) in zip((grad_q, grad_k), ctx.layouts):
+        for grad in (grad_q, grad_k):
             if grad is None:
                 grads.append(None)
             elif torch.is_grad_enabled():  # create_graph: ops autograd records (the backward is linear in g)
                 grads.append(rotated(grad, cos, sin, True))
             else:
-                out = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
+                # contiguous, as autograd's sum of its three gradients is: the reductions below sum in its order
+                out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
                 get_backend(grad.device).rotary_(out, grad, cos, sin, True)
                 grads.append(out)
         return grads[0], grads[1], None, None
@@ -93,15 +92,18 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return _embedded(q, k, cos, sin)
 
 
-def _covers(q, k, cos, sin, args, kwargs) -> bool:
-    """Whether a call ``apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs)`` is one :func:`rotary_embedding`
-    computes: 4-D q and k over the full head dimension, cos and sin [1 or B, S, D] without grad, one float dtype
-    and device, heads on dimension 1 (``unsqueeze_dim=1``)."""
+def _covers(args: tuple, kwargs: dict) -> bool:
+    """Whether a call ``apply_rotary_pos_emb(*args, **kwargs)`` is one :func:`rotary_embedding` computes:
+    ``(q, k, cos, sin)`` and at most ``unsqueeze_dim=1``, with 4-D q and k over the full head dimension, cos and sin
+    [1 or B, S, D] without grad, one float dtype and device (heads on dimension 1)."""
+    if len(args) < 4:
+        return False
+    q, k, cos, sin, *rest = args
     if kwargs:
-        if args or set(kwargs) != {"unsqueeze_dim"}:
+        if rest or set(kwargs) != {"unsqueeze_dim"}:
             return False
-        args = (kwargs["unsqueeze_dim"],)
-    if args not in ((), (1,)):
+        rest = [kwargs["unsqueeze_dim"]]
+    if len(rest) > 1 or (rest and not (type(rest[0]) is int and rest[0] == 1)):
         return False
     if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)):
         return False
@@ -128,12 +130,13 @@ class RotaryDispatch:
     def __init__(self, original):
         self.original = original
         self.users = 0
+        #: the device types on which ``original`` was probed to compute what the fused path computes there
+        self.probed: set[str] = set()
 
-    def __call__(self, q, k, cos, sin, *args, **kwargs):
-        if not torch.compiler.is_compiling() and getattr(_marked, "depth", 0) and _covers(q, k, cos, sin, args,
-                                                                                          kwargs):
-            return rotary_embedding(q, k, cos, sin)
-        return self.original(q, k, cos, sin, *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        if not torch.compiler.is_compiling() and getattr(_marked, "depth", 0) and _covers(args, kwargs):
+            return rotary_embedding(*args[:4])
+        return self.original(*args, **kwargs)
 
 
 def _marked_forward(self, *args, **kwargs):
@@ -204,10 +207,15 @@ def install_fused_rotary(module: nn.Module) -> bool:
     if device.type == "meta":
         return False
     dispatch = namespace[FUNCTION_NAME]
-    if not isinstance(dispatch, RotaryDispatch):
-        if not _computes_the_same(dispatch, device):
+    original = dispatch.original if isinstance(dispatch, RotaryDispatch) else dispatch
+    probed = dispatch.probed if isinstance(dispatch, RotaryDispatch) else set()
+    if device.type not in probed:  # each device type's backend computes the fused path: probed there
+        if not _computes_the_same(original, device):
             return False
-        dispatch = namespace[FUNCTION_NAME] = RotaryDispatch(dispatch)
+        probed.add(device.type)
+    if not isinstance(dispatch, RotaryDispatch):
+        dispatch = namespace[FUNCTION_NAME] = RotaryDispatch(original)
+        dispatch.probed = probed
     dispatch.users += 1
     _releases[module] = weakref.finalize(module, _release, namespace, dispatch)
     module.forward = types.MethodType(_marked_forward, module)

@@ -23,10 +23,11 @@ __all__ = ["rotary_"]
 @triton.jit
 def _rounded(value, dtype: tl.constexpr):
     """fp32 ``value`` rounded to ``dtype`` nearest-even, back in fp32 (bf16 on the bit pattern: the interpreter's
-    cast truncates)."""
+    cast truncates; nan stays nan)."""
     if dtype == tl.bfloat16:
         pattern = value.to(tl.uint32, bitcast=True)
-        return ((pattern + 0x7FFF + ((pattern >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rounded = ((pattern + 0x7FFF + ((pattern >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(value != value, value, rounded)  # a nan's carry would reach the sign bit or give ±0
     return value.to(dtype).to(tl.float32)
 
 

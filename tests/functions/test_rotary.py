@@ -1,8 +1,8 @@
 """The fused rotary embedding against transformers' ``apply_rotary_pos_emb`` under autograd (bit for bit, on every
 backend), float64 and gradcheck; which calls and which functions it takes over; the dispatcher's lifetime."""
 
+import copy
 import gc
-import types
 
 import pytest
 import torch
@@ -67,13 +67,36 @@ def test_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(lambda q, k: RotaryFunction.apply(q, k, cos, sin), (q, k))
 
 
-def test_each_result_keeps_the_layout_of_what_it_replaces():
-    """q_embed has q's layout (the transposed projection output); ∂L/∂q has q_embed's, so its transpose back to
-    [B, S, H·D] is contiguous and reaches the projection without a copy."""
+def test_each_result_has_autograds_layout():
+    """q_embed has q's layout (the transposed projection output) and ∂L/∂q autograd's (contiguous, whatever g's),
+    so the reductions downstream (a Qwen3 q_norm weight's gradient) sum in autograd's order."""
     q, k, cos, sin, grads = _inputs(torch.float32)
-    q_embed, k_embed, grad_q, grad_k = _run(rotary_embedding, q, k, cos, sin, grads)
-    assert q_embed.stride() == q.stride() and k_embed.stride() == k.stride()
-    assert grad_q.transpose(1, 2).is_contiguous() and grad_k.transpose(1, 2).is_contiguous()
+    grads = tuple(g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads)  # g in the projection's layout
+    expected = _run(apply_rotary_pos_emb, q, k, cos, sin, grads)
+    for fused, plain in zip(_run(rotary_embedding, q, k, cos, sin, grads), expected):
+        assert fused.stride() == plain.stride()
+
+
+def test_a_patched_model_trains_as_with_the_rotary_embedding_unfused(monkeypatch):
+    """Whole model, every parameter's gradient bit for bit against the same engine with the dispatcher covering
+    nothing (transformers' function under autograd) — with a norm on q and k before the embedding (Qwen3), whose
+    weight gradients sum over the rotary gradient's layout."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = Qwen3ForCausalLM(config).float()
+    ids = torch.randint(0, config.vocab_size, (2, 11))
+    results = []
+    for covers in (rotary._covers, lambda args, kwargs: False):
+        monkeypatch.setattr(rotary, "_covers", covers)
+        model = bread_kernels.patch(copy.deepcopy(base))
+        model(input_ids=ids, labels=ids).loss.backward()
+        results.append({name: p.grad for name, p in model.named_parameters()})
+        bread_kernels.unpatch(model)
+    for name, grad in results[0].items():
+        assert torch.equal(grad, results[1][name]), name
 
 
 class _Ops(TorchDispatchMode):
@@ -89,13 +112,15 @@ class _Ops(TorchDispatchMode):
 def test_native_backend_is_one_op_per_tensor_each_way(monkeypatch):
     monkeypatch.setenv("BREAD_BACKEND", "native")
     q, k, cos, sin, grads = _inputs(torch.bfloat16, device="cpu")
+    q, k = q.contiguous(), k.contiguous()  # leaves of the gradient's layout: their .grad is then not copied
     with _Ops() as ops:
         _run(rotary_embedding, q, k, cos, sin, grads)
-    work = [n for n in ops.names if n not in ("empty_like", "empty_strided", "detach", "alias", "ones_like")]
+    work = [n for n in ops.names if n not in ("empty", "empty_like", "detach", "alias")]
     assert work == ["rotary_"] * 4
 
 
-@pytest.mark.parametrize("call", ["unsqueeze_dim=2", "partial", "mixed dtypes", "cos requires grad", "3-D q"])
+@pytest.mark.parametrize("call", ["unsqueeze_dim=2", "partial", "mixed dtypes", "cos requires grad", "3-D q",
+                                  "q alone, cos and sin by keyword", "position_ids"])
 def test_calls_it_does_not_cover_run_the_original(call):
     """Inside a marked forward the dispatcher computes only the calls it covers; the rest reach the function it
     replaced, with that function's values."""
@@ -109,8 +134,12 @@ def test_calls_it_does_not_cover_run_the_original(call):
         args = (q.bfloat16(), k.bfloat16(), cos, sin)
     elif call == "cos requires grad":
         args = (q, k, cos.clone().requires_grad_(), sin)
-    else:
+    elif call == "3-D q":
         args = (q[0], k[0], cos, sin)
+    elif call == "q alone, cos and sin by keyword":  # Qwen4-exp's indexer
+        args, kwargs = (q.transpose(1, 2),), {"cos": cos, "sin": sin, "unsqueeze_dim": 2}
+    else:  # transformers 4.4x's signature, (q, k, cos, sin, position_ids=None, unsqueeze_dim=1)
+        args = (q, k, cos, sin, torch.arange(7)[None])
     calls = []
 
     def original(*a, **kw):
@@ -122,7 +151,9 @@ def test_calls_it_does_not_cover_run_the_original(call):
     try:
         assert dispatch(*args, **kwargs) == "original" and calls
         calls.clear()
-        assert isinstance(dispatch(q, k, cos, sin)[0], torch.Tensor) and not calls  # a covered call is fused
+        for covered in ((q, k, cos, sin), (q, k, cos, sin, 1)):  # fused, unsqueeze_dim=1 given or not
+            assert isinstance(dispatch(*covered)[0], torch.Tensor) and not calls
+        assert isinstance(dispatch(q, k, cos, sin, unsqueeze_dim=1)[0], torch.Tensor) and not calls
     finally:
         rotary._marked.depth = 0
 

@@ -27,6 +27,19 @@ def test_kernel_is_torchs_form_bit_for_bit(dtype, shape, backward):
     assert torch.equal(out, rotated(x, cos, sin, backward))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_non_finite_values_stay_non_finite(dtype):
+    """inf·0, inf−inf and a nan input give nan (and inf inf) where torch's ops do: a non-finite gradient must reach
+    the finiteness checks of the updates below it."""
+    x = torch.tensor([[[[float("inf"), 1.0, float("nan"), -2.0, 0.0, float("inf")]]]], device=DEVICE).to(dtype)
+    cos = torch.tensor([[[0.0, 1.0, 1.0, 0.5, 2.0, 1.0]]], device=DEVICE).to(dtype)
+    for backward in (False, True):
+        out = torch.empty_like(x)
+        rotary_(out, x, cos, cos.flip(-1), backward)
+        torch.testing.assert_close(out, rotated(x, cos, cos.flip(-1), backward), rtol=0, atol=0, equal_nan=True)
+        assert out.isnan().any()
+
+
 def test_errors_name_what_is_wrong():
     x = torch.randn(2, 3, 4, 6, device=DEVICE)
     cos = torch.randn(1, 4, 6, device=DEVICE)
