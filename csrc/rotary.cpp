@@ -3,17 +3,20 @@
 //
 //   bread_kernels::rotary_(Tensor(a!) out, Tensor x, Tensor cos, Tensor sin, bool backward) -> ()
 //
-// x, out: [B, H, S, D] (any strides with a unit last stride), cos, sin: [Bc, S, D] contiguous with Bc 1 or B; one
-// dtype, fp32 / bf16 / fp16; D even, h = D/2.  Element d of a row (b, h, s), with c = cos[b or 0, s] and z = sin[...]:
+// x, out: [B, H, S, D] (any strides with a unit last stride), cos, sin: [Bc, S, D] contiguous with Bc 1 or B; each
+// of x, out and the table fp32 / bf16 / fp16 (cos and sin one dtype); D even, h = D/2.  Element d of a row
+// (b, h, s), with c = cos[b or 0, s] and z = sin[...], every operand widened to fp32 exactly:
 //
 //   forward   out[d] = x[d]·c[d] − x[d+h]·z[d]            d <  h      (x·cos + rotate_half(x)·sin)
 //             out[d] = x[d]·c[d] + x[d−h]·z[d]            d >= h
 //   backward  out[d] = x[d]·c[d] + x[d+h]·z[d+h]          d <  h      (x = ∂L/∂out: g·cos + rotate_halfᵀ(g·sin))
 //             out[d] = x[d]·c[d] − x[d−h]·z[d−h]          d >= h
 //
-// each product rounded to the dtype, then the sum (nearest-even): the rounding of autograd's ops, whose negation is
-// exact and whose zero-filled slice gradients add nothing, so the values are theirs bit for bit.  Compiled with
-// -ffp-contract=off: no FMA fuses a product into the sum.
+// each product rounded to out's dtype, then the sum (nearest-even): the rounding of autograd's ops — whose negation
+// is exact, whose zero-filled slice gradients add nothing, and which, where the dtypes differ (a bf16 q under
+// autocast with an fp32 model's fp32 cos), compute the forward in the promoted dtype and round each gradient term
+// to q's dtype before summing — so the values are theirs bit for bit.  Compiled with -ffp-contract=off: no FMA
+// fuses a product into the sum.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -36,48 +39,68 @@ inline float rounded<float>(float value) {
   return value;
 }
 
-template <typename T, bool BACKWARD>
-void rotary_row(T* out, const T* x, const T* c, const T* z, int64_t half) {
+template <typename O, bool BACKWARD, typename X, typename C>
+void rotary_row(O* out, const X* x, const C* c, const C* z, int64_t half) {
   for (int64_t d = 0; d < half; ++d) {
-    const float direct = rounded<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
+    const float direct = rounded<O>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
     const int64_t other = BACKWARD ? d + half : d;
-    const float rotated = rounded<T>(static_cast<float>(x[d + half]) * static_cast<float>(z[other]));
-    out[d] = static_cast<T>(BACKWARD ? direct + rotated : direct - rotated);
+    const float rotated = rounded<O>(static_cast<float>(x[d + half]) * static_cast<float>(z[other]));
+    out[d] = static_cast<O>(BACKWARD ? direct + rotated : direct - rotated);
   }
   for (int64_t d = half; d < 2 * half; ++d) {
-    const float direct = rounded<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
+    const float direct = rounded<O>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
     const int64_t other = BACKWARD ? d - half : d;
-    const float rotated = rounded<T>(static_cast<float>(x[d - half]) * static_cast<float>(z[other]));
-    out[d] = static_cast<T>(BACKWARD ? direct - rotated : direct + rotated);
+    const float rotated = rounded<O>(static_cast<float>(x[d - half]) * static_cast<float>(z[other]));
+    out[d] = static_cast<O>(BACKWARD ? direct - rotated : direct + rotated);
   }
 }
 
-template <typename T, bool BACKWARD>
+template <typename O, typename X, typename C, bool BACKWARD>
 void rotary_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const int64_t heads = x.size(1), seq = x.size(2), dim = x.size(3);
   const int64_t rows = x.size(0) * heads * seq;
   const bool per_batch = cos.size(0) != 1;
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
+  const X* xp = x.data_ptr<X>();
+  O* op = out.data_ptr<O>();
+  const C* cp = cos.data_ptr<C>();
+  const C* sp = sin.data_ptr<C>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, dim));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t s = row % seq, h = (row / seq) % heads, b = row / (seq * heads);
       const int64_t table = ((per_batch ? b : 0) * seq + s) * dim;
-      rotary_row<T, BACKWARD>(op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2),
+      rotary_row<O, BACKWARD>(op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2),
                               xp + b * x.stride(0) + h * x.stride(1) + s * x.stride(2), cp + table, sp + table,
                               dim / 2);
     }
   });
 }
 
-template <typename T>
-void rotary_direction(at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                      bool backward) {
-  if (backward) rotary_impl<T, true>(out, x, cos, sin);
-  else rotary_impl<T, false>(out, x, cos, sin);
+// one dtype switch per operand: out's, then x's, then the table's
+template <typename O, typename X>
+void rotary_table(at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  switch (cos.scalar_type()) {
+    case at::kFloat:
+      return backward ? rotary_impl<O, X, float, true>(out, x, cos, sin)
+                      : rotary_impl<O, X, float, false>(out, x, cos, sin);
+    case at::kBFloat16:
+      return backward ? rotary_impl<O, X, c10::BFloat16, true>(out, x, cos, sin)
+                      : rotary_impl<O, X, c10::BFloat16, false>(out, x, cos, sin);
+    case at::kHalf:
+      return backward ? rotary_impl<O, X, c10::Half, true>(out, x, cos, sin)
+                      : rotary_impl<O, X, c10::Half, false>(out, x, cos, sin);
+    default: TORCH_CHECK(false, "rotary_: cos must be float32, bfloat16 or float16, got ", cos.scalar_type());
+  }
+}
+
+template <typename O>
+void rotary_input(at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return rotary_table<O, float>(out, x, cos, sin, backward);
+    case at::kBFloat16: return rotary_table<O, c10::BFloat16>(out, x, cos, sin, backward);
+    case at::kHalf: return rotary_table<O, c10::Half>(out, x, cos, sin, backward);
+    default: TORCH_CHECK(false, "rotary_: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
 }
 
 void rotary_(at::Tensor out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
@@ -92,14 +115,12 @@ void rotary_(at::Tensor out, const at::Tensor& x, const at::Tensor& cos, const a
                   cos.size(2) == x.size(3),
               "rotary_: cos and sin must be contiguous [1 or B, S, D] for x ", x.sizes(), ", got ", cos.sizes(),
               " and ", sin.sizes());
-  TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.scalar_type() == cos.scalar_type() &&
-                  x.scalar_type() == sin.scalar_type(),
-              "rotary_: x, out, cos and sin must share one dtype");
-  switch (x.scalar_type()) {
-    case at::kFloat: return rotary_direction<float>(out, x, cos, sin, backward);
-    case at::kBFloat16: return rotary_direction<c10::BFloat16>(out, x, cos, sin, backward);
-    case at::kHalf: return rotary_direction<c10::Half>(out, x, cos, sin, backward);
-    default: TORCH_CHECK(false, "rotary_: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "rotary_: cos and sin must share one dtype");
+  switch (out.scalar_type()) {
+    case at::kFloat: return rotary_input<float>(out, x, cos, sin, backward);
+    case at::kBFloat16: return rotary_input<c10::BFloat16>(out, x, cos, sin, backward);
+    case at::kHalf: return rotary_input<c10::Half>(out, x, cos, sin, backward);
+    default: TORCH_CHECK(false, "rotary_: out must be float32, bfloat16 or float16, got ", out.scalar_type());
   }
 }
 

@@ -61,12 +61,12 @@ class TritonBackend(TorchSums, TorchRotary):
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
     def rotary_(self, out, x, cos, sin, backward) -> None:
-        """One kernel per tensor (:mod:`bread_kernels.kernels.rotary`) where x and out have a unit last stride, cos
-        and sin are contiguous and all four share one dtype; torch's ops otherwise, and where autograd records
-        them."""
-        if x.dtype in _KERNEL_DTYPES and x.dtype == out.dtype == cos.dtype == sin.dtype and x.stride(-1) == 1 \
-                and out.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
-                and not records_ops(x, cos, sin):
+        """One kernel per tensor (:mod:`bread_kernels.kernels.rotary`) where x and out have a unit last stride and
+        cos and sin are contiguous (fp32/bf16/fp16, cos and sin one dtype); torch's ops otherwise, and where autograd
+        records them."""
+        if x.dtype in _KERNEL_DTYPES and out.dtype in _KERNEL_DTYPES and cos.dtype == sin.dtype \
+                and cos.dtype in _KERNEL_DTYPES and x.stride(-1) == 1 and out.stride(-1) == 1 and cos.is_contiguous() \
+                and sin.is_contiguous() and not records_ops(x, cos, sin):
             self._rotary.rotary_(out, x, cos, sin, backward)
         else:
             super().rotary_(out, x, cos, sin, backward)

@@ -4,8 +4,9 @@ six ops forward and about ten backward, with [B, H, S, D] temporaries and zero-f
 same values bit for bit.
 
 Shapes: ``q`` [B, H, S, D], ``k`` [B, H_kv, S, D] (D even, ``h = D/2``), ``cos``, ``sin`` [1 or B, S, D] (broadcast
-over the heads: transformers' ``unsqueeze_dim=1``), one dtype for all four; ``rotate_half(v) = cat(−v[..., h:],
-v[..., :h])``.  With ``g_q = ∂L/∂q_embed`` (and ``g_k``)::
+over the heads: transformers' ``unsqueeze_dim=1``); q and k of one dtype, cos and sin of one (a bf16 q with an fp32
+cos under autocast on an fp32 model: ``q_embed`` is then fp32, as ``q·cos`` promotes, and ``∂L/∂q`` bf16);
+``rotate_half(v) = cat(−v[..., h:], v[..., :h])``.  With ``g_q = ∂L/∂q_embed`` (and ``g_k``)::
 
     q_embed = q·cos + rotate_half(q)·sin                [B, H, S, D]   (k alike)
     ∂L/∂q   = g_q·cos + rotate_halfᵀ(g_q·sin)           rotate_halfᵀ(v) = cat(v[..., h:], −v[..., :h])
@@ -20,7 +21,7 @@ attention module whose forward calls it an instance forward that marks the call,
 :class:`RotaryDispatch` in that name's place (where the module's own function gives these values bit for bit on
 probe inputs, forward and gradients, on each device type it serves): inside a marked call it computes
 :func:`rotary_embedding`, everywhere else (another model, an unpatched one, a call it does not cover — other
-arguments, partial rotary, mixed dtypes —, a trace by ``torch.compile``) the function it replaced.  The last fused
+arguments, partial rotary, q and k of two dtypes —, a trace by ``torch.compile``) the function it replaced.  The last fused
 module's :func:`uninstall_fused_rotary` (or its garbage collection) puts the function back.
 """
 
@@ -53,6 +54,7 @@ class RotaryFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         q_embed, k_embed = _embedded(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
+        ctx.dtypes = (q.dtype, k.dtype)
         ctx.set_materialize_grads(False)
         return q_embed, k_embed
 
@@ -60,14 +62,14 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
         grads = []
-        for grad in (grad_q, grad_k):
+        for grad, dtype in zip((grad_q, grad_k), ctx.dtypes):
             if grad is None:
                 grads.append(None)
             elif torch.is_grad_enabled():  # create_graph: ops autograd records (the backward is linear in g)
-                grads.append(rotated(grad, cos, sin, True))
+                grads.append(rotated(grad, cos, sin, True, dtype=dtype))
             else:
                 # contiguous, as autograd's sum of its three gradients is: the reductions below sum in its order
-                out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+                out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
                 get_backend(grad.device).rotary_(out, grad, cos, sin, True)
                 grads.append(out)
         return grads[0], grads[1], None, None
@@ -76,7 +78,9 @@ class RotaryFunction(torch.autograd.Function):
 def _embedded(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's two passes, each into a tensor of its input's layout (where that input is dense)."""
     backend = get_backend(q.device)
-    q_embed, k_embed = torch.empty_like(q), torch.empty_like(k)
+    # an fp32 cos under autocast: q·cos is fp32, as autograd's (promote_types is an op: asked only for a mix)
+    dtype = q.dtype if q.dtype == cos.dtype else torch.promote_types(q.dtype, cos.dtype)
+    q_embed, k_embed = torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
     backend.rotary_(q_embed, q, cos, sin, False)
     backend.rotary_(k_embed, k, cos, sin, False)
     return q_embed, k_embed
@@ -95,7 +99,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def _covers(args: tuple, kwargs: dict) -> bool:
     """Whether a call ``apply_rotary_pos_emb(*args, **kwargs)`` is one :func:`rotary_embedding` computes:
     ``(q, k, cos, sin)`` and at most ``unsqueeze_dim=1``, with 4-D q and k over the full head dimension, cos and sin
-    [1 or B, S, D] without grad, one float dtype and device (heads on dimension 1)."""
+    [1 or B, S, D] without grad, q and k of one float dtype, cos and sin of one, all on one device (heads on
+    dimension 1)."""
     if len(args) < 4:
         return False
     q, k, cos, sin, *rest = args
@@ -113,7 +118,7 @@ def _covers(args: tuple, kwargs: dict) -> bool:
     if dim % 2 or k.shape[0] != batch or k.shape[2:] != (seq, dim) or cos.shape[1:] != (seq, dim) \
             or cos.shape[0] not in (1, batch):
         return False
-    if q.dtype not in _FLOATS or not (q.dtype == k.dtype == cos.dtype == sin.dtype):
+    if q.dtype not in _FLOATS or cos.dtype not in _FLOATS or q.dtype != k.dtype or cos.dtype != sin.dtype:
         return False
     if not (q.device == k.device == cos.device == sin.device):
         return False
@@ -162,20 +167,28 @@ def uses_rotary_embedding(module: nn.Module) -> bool:
     return _namespace(module) is not None
 
 
+#: (q's dtype, cos's dtype) the probes run: each float dtype, and autocast's mixes with an fp32 model's fp32 cos
+_PROBED_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                  (torch.bfloat16, torch.float32), (torch.float16, torch.float32))
+
+
 def _computes_the_same(function, device: torch.device) -> bool:
     """Whether ``function(q, k, cos, sin)`` gives :func:`rotary_embedding`'s values and autograd through it the
-    gradients of :class:`RotaryFunction`, bit for bit, on probe inputs in fp32, bf16 and fp16 (q with 3 heads, k
-    with 1, head dimension 8, one cos/sin for the batch and one per sequence)."""
+    gradients of :class:`RotaryFunction`, bit for bit, on probe inputs of :data:`_PROBED_DTYPES` (q with 3 heads,
+    k with 1, head dimension 8, one cos/sin for the batch and one per sequence)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def probe(dtype, *shape):
+        return (torch.randn(shape, generator=generator) * 4).to(device=device, dtype=dtype)
+
     try:
         with torch.enable_grad():
-            for dtype in _FLOATS:
+            for dtype, table_dtype in _PROBED_DTYPES:
                 for table_batch in (1, 2):
-                    def probe(*shape):
-                        return (torch.randn(shape, generator=generator) * 4).to(device=device, dtype=dtype)
-                    q, k = probe(2, 5, 3, 8).transpose(1, 2), probe(2, 5, 1, 8).transpose(1, 2)
-                    cos, sin = probe(table_batch, 5, 8), probe(table_batch, 5, 8)
-                    grads = probe(2, 3, 5, 8), probe(2, 1, 5, 8)
+                    q, k = probe(dtype, 2, 5, 3, 8).transpose(1, 2), probe(dtype, 2, 5, 1, 8).transpose(1, 2)
+                    cos, sin = probe(table_dtype, table_batch, 5, 8), probe(table_dtype, table_batch, 5, 8)
+                    output_dtype = torch.promote_types(dtype, table_dtype)
+                    grads = probe(output_dtype, 2, 3, 5, 8), probe(output_dtype, 2, 1, 5, 8)
                     results = []
                     for rotate in (function, rotary_embedding):
                         q_, k_ = q.detach().requires_grad_(), k.detach().requires_grad_()

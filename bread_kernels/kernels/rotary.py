@@ -7,7 +7,7 @@ Each program takes ``ROWS`` rows (b, h, s) of ``x`` [B, H, S, D] and both halves
     forward   out1 = x1·c1 − x2·z1        out2 = x2·c2 + x1·z2
     backward  out1 = x1·c1 + x2·z2        out2 = x2·c2 − x1·z1
 
-each product rounded to the dtype before the sum (the rounding of autograd's ops, so its values bit for bit); the
+each product rounded to out's dtype before the sum (the rounding of autograd's ops, so its values bit for bit); the
 launch turns off FMA contraction, which would fuse an fp32 product into the sum.  Offsets are int64.
 """
 
@@ -63,7 +63,8 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, heads, seq, half, x_s
 
 def rotary_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
     """``out = x·cos + rotate_half(x)·sin`` (``backward``: ``x·cos + rotate_halfᵀ(x·sin)``) for ``x``, ``out``
-    [B, H, S, D] with a unit last stride and contiguous ``cos``, ``sin`` [1 or B, S, D], one dtype, D even."""
+    [B, H, S, D] with a unit last stride and contiguous ``cos``, ``sin`` [1 or B, S, D], D even; each product and
+    the sum rounded to out's dtype."""
     batch, heads, seq, dim = x.shape
     if out.shape != x.shape or dim % 2 or x.stride(3) != 1 or out.stride(3) != 1:
         raise ValueError(f"rotary_: x and out must be [B, H, S, D] of one shape with an even D and unit last "
@@ -72,8 +73,10 @@ def rotary_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
             or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError(f"rotary_: cos and sin must be contiguous [1 or B, S, D] for x {tuple(x.shape)}, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    if not (x.dtype == out.dtype == cos.dtype == sin.dtype):
-        raise TypeError("rotary_: x, out, cos and sin must share one dtype (cast cos and sin to x's)")
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if not (x.dtype in floats and out.dtype in floats and cos.dtype == sin.dtype and cos.dtype in floats):
+        raise TypeError(f"rotary_: x, out, cos and sin must be float32, bfloat16 or float16 (cos and sin of one "
+                        f"dtype), got {x.dtype}, {out.dtype}, {cos.dtype} and {sin.dtype}")
     rows = batch * heads * seq
     if rows == 0:
         return

@@ -18,17 +18,21 @@ from tests.model_zoo import BUILDERS
 from ..conftest import DEVICE, DTYPES
 
 
-def _inputs(dtype, table_batch=1, seed=0, device=DEVICE):
+def _inputs(dtype, table_batch=1, seed=0, device=DEVICE, table_dtype=None):
     """q [3, 5, 7, 10] and k [3, 2, 7, 10] as the projections' transposed views (GQA: fewer k heads), cos and sin
-    [1 or 3, 7, 10] (random: every element matters), the outputs' gradients."""
+    [1 or 3, 7, 10] (random: every element matters; in ``table_dtype``, by default q's), the outputs' gradients (in
+    the dtype q·cos promotes to)."""
     gen = torch.Generator().manual_seed(seed)
+    table_dtype = table_dtype or dtype
 
-    def rand(*shape, scale=3.0):
+    def rand(*shape, scale=3.0, dtype=dtype):
         return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
     q, k = rand(3, 7, 5, 10).transpose(1, 2), rand(3, 7, 2, 10).transpose(1, 2)
-    return q, k, rand(table_batch, 7, 10, scale=1.0), rand(table_batch, 7, 10, scale=1.0), (rand(3, 5, 7, 10),
-                                                                                            rand(3, 2, 7, 10))
+    cos, sin = rand(table_batch, 7, 10, scale=1.0, dtype=table_dtype), rand(table_batch, 7, 10, scale=1.0,
+                                                                            dtype=table_dtype)
+    out_dtype = torch.promote_types(dtype, table_dtype)
+    return q, k, cos, sin, (rand(3, 5, 7, 10, dtype=out_dtype), rand(3, 2, 7, 10, dtype=out_dtype))
 
 
 def _run(rotate, q, k, cos, sin, grads):
@@ -38,10 +42,15 @@ def _run(rotate, q, k, cos, sin, grads):
     return q_embed, k_embed, q.grad, k.grad
 
 
+#: (q's dtype, cos's): one dtype, and the mixes of autocast on an fp32 model (a bf16/fp16 q, an fp32 cos) and back
+MIXES = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                    (torch.float32, torch.bfloat16)]
+
+
 @pytest.mark.parametrize("table_batch", [1, 3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_values_and_gradients_are_autograds_bit_for_bit(backend, dtype, table_batch):
-    q, k, cos, sin, grads = _inputs(dtype, table_batch)
+@pytest.mark.parametrize("dtypes", MIXES, ids=lambda m: "-".join(str(d)[6:] for d in m))
+def test_values_and_gradients_are_autograds_bit_for_bit(backend, dtypes, table_batch):
+    q, k, cos, sin, grads = _inputs(dtypes[0], table_batch, table_dtype=dtypes[1])
     expected = _run(apply_rotary_pos_emb.forward if isinstance(apply_rotary_pos_emb, torch.nn.Module)
                     else apply_rotary_pos_emb, q, k, cos, sin, grads)
     got = _run(rotary_embedding, q, k, cos, sin, grads)
@@ -77,22 +86,29 @@ def test_each_result_has_autograds_layout():
         assert fused.stride() == plain.stride()
 
 
-def test_a_patched_model_trains_as_with_the_rotary_embedding_unfused(monkeypatch):
+@pytest.mark.parametrize("case", ["qwen3 fp32", "llama fp32 under bf16 autocast"])
+def test_a_patched_model_trains_as_with_the_rotary_embedding_unfused(monkeypatch, case):
     """Whole model, every parameter's gradient bit for bit against the same engine with the dispatcher covering
-    nothing (transformers' function under autograd) — with a norm on q and k before the embedding (Qwen3), whose
-    weight gradients sum over the rotary gradient's layout."""
+    nothing (transformers' function under autograd): with a norm on q and k before the embedding (Qwen3), whose
+    weight gradients sum over the rotary gradient's layout; and under Trainer's ``bf16=True`` (autocast on an fp32
+    model: a bf16 q meets an fp32 cos)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False)
     torch.manual_seed(0)
-    base = Qwen3ForCausalLM(config).float()
-    ids = torch.randint(0, config.vocab_size, (2, 11))
+    if case.startswith("qwen3"):
+        config = Qwen3Config(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False)
+        base = Qwen3ForCausalLM(config).float()
+    else:
+        base = BUILDERS["llama"](dtype=torch.float32)
+    ids = torch.randint(0, base.config.vocab_size, (2, 11))
     results = []
     for covers in (rotary._covers, lambda args, kwargs: False):
         monkeypatch.setattr(rotary, "_covers", covers)
         model = bread_kernels.patch(copy.deepcopy(base))
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in case):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         results.append({name: p.grad for name, p in model.named_parameters()})
         bread_kernels.unpatch(model)
     for name, grad in results[0].items():
@@ -119,7 +135,7 @@ def test_native_backend_is_one_op_per_tensor_each_way(monkeypatch):
     assert work == ["rotary_"] * 4
 
 
-@pytest.mark.parametrize("call", ["unsqueeze_dim=2", "partial", "mixed dtypes", "cos requires grad", "3-D q",
+@pytest.mark.parametrize("call", ["unsqueeze_dim=2", "partial", "q and k of two dtypes", "cos requires grad", "3-D q",
                                   "q alone, cos and sin by keyword", "position_ids"])
 def test_calls_it_does_not_cover_run_the_original(call):
     """Inside a marked forward the dispatcher computes only the calls it covers; the rest reach the function it
@@ -130,8 +146,8 @@ def test_calls_it_does_not_cover_run_the_original(call):
         args, kwargs = (q.transpose(1, 2), k.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}
     elif call == "partial":
         args = (q, k, cos[..., :4].contiguous(), sin[..., :4].contiguous())
-    elif call == "mixed dtypes":
-        args = (q.bfloat16(), k.bfloat16(), cos, sin)
+    elif call == "q and k of two dtypes":
+        args = (q.bfloat16(), k, cos, sin)
     elif call == "cos requires grad":
         args = (q, k, cos.clone().requires_grad_(), sin)
     elif call == "3-D q":

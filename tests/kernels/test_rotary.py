@@ -13,18 +13,28 @@ from ..conftest import DEVICE, DTYPES
 SHAPES = [(3, 5, 7, 10, 1), (2, 1, 9, 6, 2), (1, 3, 33, 64, 1), (2, 2, 5, 2, 2)]
 
 
+#: (x's, the table's, out's dtype): one dtype; autocast's forward (bf16/fp16 q, fp32 cos, fp32 out) and backward
+#: (fp32 g and cos, q's dtype out); an fp32 q with a bf16 cos
+MIXES = [(d, d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32, torch.float32),
+                                      (torch.float16, torch.float32, torch.float32),
+                                      (torch.float32, torch.float32, torch.bfloat16),
+                                      (torch.float32, torch.float32, torch.float16),
+                                      (torch.float32, torch.bfloat16, torch.float32)]
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_kernel_is_torchs_form_bit_for_bit(dtype, shape, backward):
+@pytest.mark.parametrize("dtypes", MIXES, ids=lambda m: "-".join(str(d)[6:] for d in m))
+def test_kernel_is_torchs_form_bit_for_bit(dtypes, shape, backward):
+    dtype, table_dtype, out_dtype = dtypes
     batch, heads, seq, dim, table_batch = shape
     gen = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(batch, seq, heads, dim, generator=gen) * 5).to(device=DEVICE, dtype=dtype).transpose(1, 2)
-    cos = torch.randn(table_batch, seq, dim, generator=gen).to(device=DEVICE, dtype=dtype)
-    sin = torch.randn(table_batch, seq, dim, generator=gen).to(device=DEVICE, dtype=dtype)
-    out = torch.full((batch, heads, seq, dim), float("nan"), device=DEVICE, dtype=dtype)  # contiguous: x's is not
+    cos = torch.randn(table_batch, seq, dim, generator=gen).to(device=DEVICE, dtype=table_dtype)
+    sin = torch.randn(table_batch, seq, dim, generator=gen).to(device=DEVICE, dtype=table_dtype)
+    out = torch.full((batch, heads, seq, dim), float("nan"), device=DEVICE, dtype=out_dtype)  # contiguous: x's is not
     rotary_(out, x, cos, sin, backward)
-    assert torch.equal(out, rotated(x, cos, sin, backward))
+    assert torch.equal(out, rotated(x, cos, sin, backward, dtype=out_dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -48,5 +58,5 @@ def test_errors_name_what_is_wrong():
                 cos[..., :5], False)
     with pytest.raises(ValueError, match=r"\[1 or B, S, D\]"):
         rotary_(torch.empty_like(x), x, cos[:, :3], cos[:, :3], False)
-    with pytest.raises(TypeError, match="share one dtype"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         rotary_(torch.empty_like(x), x, cos.double(), cos.double(), False)
