@@ -6,7 +6,6 @@ import gc
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
@@ -15,6 +14,7 @@ from bread_kernels.functions import rotary
 from bread_kernels.functions.rotary import RotaryDispatch, RotaryFunction, rotary_embedding
 from tests.model_zoo import BUILDERS
 
+from ..aten_ops import AtenOps
 from ..conftest import DEVICE, DTYPES
 
 
@@ -115,21 +115,11 @@ def test_a_patched_model_trains_as_with_the_rotary_embedding_unfused(monkeypatch
         assert torch.equal(grad, results[1][name]), name
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_native_backend_is_one_op_per_tensor_each_way(monkeypatch):
     monkeypatch.setenv("BREAD_BACKEND", "native")
     q, k, cos, sin, grads = _inputs(torch.bfloat16, device="cpu")
     q, k = q.contiguous(), k.contiguous()  # leaves of the gradient's layout: their .grad is then not copied
-    with _Ops() as ops:
+    with AtenOps() as ops:
         _run(rotary_embedding, q, k, cos, sin, grads)
     work = [n for n in ops.names if n not in ("empty", "empty_like", "detach", "alias")]
     assert work == ["rotary_"] * 4

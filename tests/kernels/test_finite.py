@@ -3,9 +3,9 @@ update launches around its kernel."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bread_kernels.plan import Rounding
+from tests.aten_ops import AtenOps
 from tests.conftest import DEVICE
 
 finite = pytest.importorskip("bread_kernels.kernels.finite")
@@ -56,16 +56,6 @@ def test_bad_input_is_refused_with_the_remedy():
         finite.finite_flag(torch.ones(3, device=DEVICE), ok=torch.ones(2, dtype=torch.bool, device=DEVICE))
 
 
-class _AtenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_triton_update_decides_its_flag_without_torch_reductions(monkeypatch, bias):
     """The Triton backend's update gates on the flag's kernel: no ``aminmax``/``isfinite``/``all``/``stack`` (the
@@ -80,7 +70,7 @@ def test_the_triton_update_decides_its_flag_without_torch_reductions(monkeypatch
     g, x = torch.randn(9, 13, generator=gen).to(DEVICE), torch.randn(9, 7, generator=gen).to(DEVICE)
     also = (g.sum(0),) if bias else ()
     w = weight.clone()
-    with _AtenOps() as ops:
+    with AtenOps() as ops:
         ok = backend.update_weight_(w, g, x, 0.5, False, Rounding.NEAREST, seed=3, also=also)
     assert bool(ok) and not {"aminmax", "isfinite", "all", "stack"} & set(ops.names), ops.names
     torch.testing.assert_close(w, weight - 0.5 * (g.t() @ x), rtol=1e-5, atol=1e-5)
