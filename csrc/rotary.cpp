@@ -39,19 +39,26 @@ inline float rounded<float>(float value) {
   return value;
 }
 
+// one row, its two halves in one loop (x1 = x[:h], x2 = x[h:]; restrict: out never aliases an input, which lets the
+// compiler vectorise the loop)
 template <typename O, bool BACKWARD, typename X, typename C>
-void rotary_row(O* out, const X* x, const C* c, const C* z, int64_t half) {
+void rotary_row(O* __restrict__ out, const X* __restrict__ x, const C* __restrict__ c, const C* __restrict__ z,
+                int64_t half) {
+  const X* __restrict__ x2 = x + half;
+  const C* __restrict__ c2 = c + half;
+  const C* __restrict__ z2 = z + half;
+  O* __restrict__ out2 = out + half;
   for (int64_t d = 0; d < half; ++d) {
-    const float direct = rounded<O>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
-    const int64_t other = BACKWARD ? d + half : d;
-    const float rotated = rounded<O>(static_cast<float>(x[d + half]) * static_cast<float>(z[other]));
-    out[d] = static_cast<O>(BACKWARD ? direct + rotated : direct - rotated);
-  }
-  for (int64_t d = half; d < 2 * half; ++d) {
-    const float direct = rounded<O>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
-    const int64_t other = BACKWARD ? d - half : d;
-    const float rotated = rounded<O>(static_cast<float>(x[d - half]) * static_cast<float>(z[other]));
-    out[d] = static_cast<O>(BACKWARD ? direct - rotated : direct + rotated);
+    const float a = static_cast<float>(x[d]), b = static_cast<float>(x2[d]);
+    const float direct1 = rounded<O>(a * static_cast<float>(c[d]));
+    const float direct2 = rounded<O>(b * static_cast<float>(c2[d]));
+    if (BACKWARD) {  // out1 = x1·c1 + x2·z2,  out2 = x2·c2 − x1·z1
+      out[d] = static_cast<O>(direct1 + rounded<O>(b * static_cast<float>(z2[d])));
+      out2[d] = static_cast<O>(direct2 - rounded<O>(a * static_cast<float>(z[d])));
+    } else {  // out1 = x1·c1 − x2·z1,  out2 = x2·c2 + x1·z2
+      out[d] = static_cast<O>(direct1 - rounded<O>(b * static_cast<float>(z[d])));
+      out2[d] = static_cast<O>(direct2 + rounded<O>(a * static_cast<float>(z2[d])));
+    }
   }
 }
 
@@ -65,13 +72,27 @@ void rotary_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, co
   const C* cp = cos.data_ptr<C>();
   const C* sp = sin.data_ptr<C>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, dim));
+  const int64_t xb = x.stride(0), xh = x.stride(1), xs = x.stride(2);
+  const int64_t ob = out.stride(0), oh = out.stride(1), os = out.stride(2);
+  // rows in x's memory order: heads innermost where x is the transposed view of a [B, S, H·D] projection
+  const bool heads_inner = xh < xs;
+  const int64_t inner_size = heads_inner ? heads : seq, outer_size = heads_inner ? seq : heads;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    // (b, outer, inner) of the first row, then counted up: no division per row
+    int64_t inner = begin % inner_size, outer = (begin / inner_size) % outer_size;
+    int64_t b = begin / (inner_size * outer_size);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t s = row % seq, h = (row / seq) % heads, b = row / (seq * heads);
+      const int64_t h = heads_inner ? inner : outer, s = heads_inner ? outer : inner;
       const int64_t table = ((per_batch ? b : 0) * seq + s) * dim;
-      rotary_row<O, BACKWARD>(op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2),
-                              xp + b * x.stride(0) + h * x.stride(1) + s * x.stride(2), cp + table, sp + table,
+      rotary_row<O, BACKWARD>(op + b * ob + h * oh + s * os, xp + b * xb + h * xh + s * xs, cp + table, sp + table,
                               dim / 2);
+      if (++inner == inner_size) {
+        inner = 0;
+        if (++outer == outer_size) {
+          outer = 0;
+          ++b;
+        }
+      }
     }
   });
 }

@@ -115,6 +115,26 @@ def test_a_patched_model_trains_as_with_the_rotary_embedding_unfused(monkeypatch
         assert torch.equal(grad, results[1][name]), name
 
 
+@pytest.mark.parametrize("transposed", [True, False], ids=["projection-layout", "contiguous"])
+@pytest.mark.parametrize("table_batch", [1, 3])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_native_pass_splits_rows_across_threads_in_either_order(transposed, table_batch, backward):
+    """Rows enough for several of the op's parallel chunks (256 rows of D=64 each), each chunk starting mid-head and
+    mid-sequence, walked heads-innermost (x the transposed view of a projection) or sequence-innermost: the torch
+    form's values bit for bit."""
+    from bread_kernels.backends.native import NativeBackend, load_native
+    from bread_kernels.backends.rotary import rotated
+
+    load_native()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 101, 7, 64, generator=gen)
+    x = x.transpose(1, 2) if transposed else x.transpose(1, 2).contiguous()
+    cos, sin = torch.randn(table_batch, 101, 64, generator=gen), torch.randn(table_batch, 101, 64, generator=gen)
+    out = torch.empty(x.shape)
+    NativeBackend().rotary_(out, x, cos, sin, backward)
+    assert torch.equal(out, rotated(x, cos, sin, backward))
+
+
 def test_native_backend_is_one_op_per_tensor_each_way(monkeypatch):
     monkeypatch.setenv("BREAD_BACKEND", "native")
     q, k, cos, sin, grads = _inputs(torch.bfloat16, device="cpu")
