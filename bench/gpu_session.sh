@@ -35,7 +35,7 @@ step 90 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progr
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
 
 log tests
-timeout 120 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \
+timeout 150 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \
   tests/functions/test_head_loss.py tests/functions/test_rotary.py tests/test_backward_ops.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
 echo "pytest rc $?" >> "$O/tests.txt"
 tail -40 "$O/tests.txt"
