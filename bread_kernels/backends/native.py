@@ -21,6 +21,7 @@ import torch
 from ..rounding import ROUNDING_CODES, Rounding, rng_keys
 from . import records_ops
 from .chunked import ChunkedBackend
+from .rotary import one_pass_serves
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
@@ -159,11 +160,9 @@ class NativeBackend(ChunkedBackend):
             super().add_product_(target, v, a, alpha, round_term)
 
     def rotary_(self, out, x, cos, sin, backward) -> None:
-        """One pass in C++ (``bread_kernels::rotary_``) where x and out have a unit last stride and cos and sin are
-        contiguous (fp32/bf16/fp16, cos and sin one dtype); torch's ops otherwise, and where autograd records them."""
-        if x.dtype in _FLOATS and out.dtype in _FLOATS and cos.dtype == sin.dtype and cos.dtype in _FLOATS \
-                and x.stride(-1) == 1 and out.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
-                and not records_ops(x, cos, sin):
+        """One pass in C++ (``bread_kernels::rotary_``) where :func:`.rotary.one_pass_serves`; torch's ops
+        otherwise."""
+        if one_pass_serves(out, x, cos, sin):
             torch.ops.bread_kernels.rotary_(out, x, cos, sin, bool(backward))
         else:
             super().rotary_(out, x, cos, sin, backward)

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rotated", "TorchRotary"]
+from . import records_ops
+
+__all__ = ["rotated", "one_pass_serves", "TorchRotary"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
@@ -35,6 +39,15 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         return torch.add((x * cos).to(dtype), torch.cat((scaled[..., half:], -scaled[..., :half]), dim=-1), out=out)
     return torch.add((x * cos).to(dtype), (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).to(dtype),
                      out=out)
+
+
+def one_pass_serves(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether a backend's one-pass op (native C++, Triton) takes these tensors: x and out fp32/bf16/fp16 with a unit
+    last stride, cos and sin contiguous in one of those dtypes, and no autograd recording the ops (a double
+    backward: its torch form is what autograd differentiates)."""
+    return x.dtype in _FLOATS and out.dtype in _FLOATS and cos.dtype == sin.dtype and cos.dtype in _FLOATS \
+        and x.stride(-1) == 1 and out.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
+        and not records_ops(x, cos, sin)
 
 
 class TorchRotary:
