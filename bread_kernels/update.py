@@ -149,9 +149,9 @@ class LocalTarget(UpdateTarget):
     def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:
         """As :meth:`linear_` (one flag over weight and bias gates both; weight's seed first), from dW and db."""
         backend = self.backend(weight.device)
-        ok = backend.finite_flag(grad_weight, *(() if grad_bias is None else (grad_bias,)))
         with torch.no_grad():
-            backend.apply_update_(weight, grad_weight, step, sign, update.rounding, update.next_seed(), ok=ok)
+            ok = backend.apply_update_if_finite_(weight, grad_weight, step, sign, update.rounding, update.next_seed(),
+                                                 checked=(grad_weight, *(() if grad_bias is None else (grad_bias,))))
             if bias is not None:
                 backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed(), ok=ok)
         return ok
@@ -181,23 +181,21 @@ class LocalTarget(UpdateTarget):
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
         backend = self.backend(weight.device)
-        ok = backend.finite_flag(summed)
         with torch.no_grad():
             selected = weight.index_select(0, rows)
-            backend.apply_update_(selected, summed, step, sign, update.rounding, update.next_seed(), ok=ok)
+            ok = backend.apply_update_if_finite_(selected, summed, step, sign, update.rounding, update.next_seed(),
+                                                 checked=(summed,))
             weight.index_copy_(0, rows, selected)
         return ok
 
     def dense_(self, param, grad, step, sign, update) -> torch.Tensor:
         backend = self.backend(param.device)
-        ok = backend.finite_flag(grad)
         target = param.detach()
         flat = target.view(-1) if target.dim() > 2 else target
         with torch.no_grad():
             # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself
-            backend.apply_update_(flat, grad.reshape(flat.shape), step, sign, update.rounding, update.next_seed(),
-                                  ok=ok)
-        return ok
+            return backend.apply_update_if_finite_(flat, grad.reshape(flat.shape), step, sign, update.rounding,
+                                                   update.next_seed(), checked=(grad,))
 
 
 LOCAL = LocalTarget()

@@ -6,6 +6,7 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     update_weight_(W, g, x, step, sign, rounding, seed, ok, offset, check, also) -> ok'   # W -= step·f(gᵀx)
     dw_finite_flag(W, g, x, sign, rounding) -> ok' | None           # that dW's finiteness, before any write
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
+    apply_update_if_finite_(P, G, ..., checked, ok) -> ok'           # the same, gated on `checked` being finite too
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
     lora_input_dtype(x dtype, adapters' dtype, r) -> dtype           # the dtype lora_grads wants x in
     add_scaled_(T, O, alpha, round_term)                             # T += alpha·O across dtypes, rounded once
@@ -72,6 +73,10 @@ class Backend(Protocol):
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
                        sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
                        offset: int = 0, check: bool = True, also: tuple = ()) -> torch.Tensor | None: ...
+
+    def apply_update_if_finite_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool,
+                                rounding: Rounding, seed: int, offset: int = 0, checked: tuple = (),
+                                ok: torch.Tensor | None = None) -> torch.Tensor | None: ...
 
     def dw_finite_flag(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
                        rounding: Rounding) -> torch.Tensor | None: ...

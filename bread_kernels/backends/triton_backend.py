@@ -8,7 +8,7 @@ import torch
 
 from . import epilogue, records_ops
 from .add_scaled import TorchSums
-from .rotary import TorchRotary
+from .rotary import TorchRotary, one_pass_serves
 from .lora_gemm import lora_grads_gemm
 
 
@@ -32,7 +32,7 @@ class TritonBackend(TorchSums, TorchRotary):
         which the flag's kernel decides first (:mod:`bread_kernels.kernels.finite`: two launches, three with
         ``also``); dW stays an fp32 sum in registers, never rounded to an fp16 that could overflow."""
         if check:
-            ok = self._finite.finite_flag(grad_output, input, *also, ok=ok)
+            ok = self.finite_flag(grad_output, input, *also, ok=ok)
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
         return ok
 
@@ -43,12 +43,23 @@ class TritonBackend(TorchSums, TorchRotary):
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
 
-    def finite_flag(self, *tensors):
-        """The flag's kernel (:mod:`bread_kernels.kernels.finite`) for fp32/bf16/fp16 tensors, the torch form for
-        any other (an fp64 gradient); the flag stays on the device."""
+    def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
+                                ok=None) -> torch.Tensor | None:
+        """:meth:`apply_update_` unless ``ok`` is False or an element of ``checked`` is not finite; returns the flag
+        it gated on (None, and an ungated write, with neither)."""
+        if checked:
+            ok = self.finite_flag(*checked, ok=ok)
+        self.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
+        return ok
+
+    def finite_flag(self, *tensors, ok=None):
+        """``ok`` (None: True) and'ed with the tensors' finiteness: the flag's kernel
+        (:mod:`bread_kernels.kernels.finite`, which starts from ``ok``) for fp32/bf16/fp16 tensors, the torch form
+        for any other (an fp64 gradient); the flag stays on the device."""
         if tensors and all(t.dtype in _KERNEL_DTYPES for t in tensors):
-            return self._finite.finite_flag(*tensors)
-        return epilogue.finite_flag(*tensors)
+            return self._finite.finite_flag(*tensors, ok=ok)
+        flag = epilogue.finite_flag(*tensors)
+        return flag if ok is None else ok & flag
 
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         """cuBLAS GEMMs by default: measured on an H200 (bench/results/lora_layer_h200.txt) they beat the fused
@@ -61,12 +72,9 @@ class TritonBackend(TorchSums, TorchRotary):
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
 
     def rotary_(self, out, x, cos, sin, backward) -> None:
-        """One kernel per tensor (:mod:`bread_kernels.kernels.rotary`) where x and out have a unit last stride and
-        cos and sin are contiguous (fp32/bf16/fp16, cos and sin one dtype); torch's ops otherwise, and where autograd
-        records them."""
-        if x.dtype in _KERNEL_DTYPES and out.dtype in _KERNEL_DTYPES and cos.dtype == sin.dtype \
-                and cos.dtype in _KERNEL_DTYPES and x.stride(-1) == 1 and out.stride(-1) == 1 and cos.is_contiguous() \
-                and sin.is_contiguous() and not records_ops(x, cos, sin):
+        """One kernel per tensor (:mod:`bread_kernels.kernels.rotary`) where :func:`.rotary.one_pass_serves`;
+        torch's ops otherwise."""
+        if one_pass_serves(out, x, cos, sin):
             self._rotary.rotary_(out, x, cos, sin, backward)
         else:
             super().rotary_(out, x, cos, sin, backward)

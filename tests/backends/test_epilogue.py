@@ -153,7 +153,8 @@ def test_the_gated_writes_check_what_they_are_given_and_return_the_flag(monkeypa
     """``addmm_if_finite_`` (SGD's ``W += α·gᵀx``) and ``apply_update_if_finite_`` (the epilogue of a whole dW) check
     and write in one op on the native backend: the same bits as a plain ``addmm_`` / ``apply_update_`` where every
     checked tensor is finite and ``ok`` holds, the weight untouched otherwise, and the flag they gated on returned,
-    on every chunked backend."""
+    on every chunked backend; ``apply_update_if_finite_`` on the Triton backend too (its interpreter: these are CPU
+    tensors), whose flag kernel starts from ``ok``."""
     use_checked, use_ok = GATES[gate]
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(13, 7, generator=gen).to(dtype)
@@ -165,9 +166,9 @@ def test_the_gated_writes_check_what_they_are_given_and_return_the_flag(monkeypa
     checked = (g, x, also) if use_checked else ()
     ok = torch.tensor(bad != "ok") if use_ok else None
     expected_flag = bad == "none"
-    for name in _chunked_backends():
+    for name in _chunked_backends() + (["triton"] if DEVICE == "cpu" else []):
         backend = backend_named(name, monkeypatch)
-        if dtype != torch.float16 and bad not in ("g", "x"):  # the addmm_ path (fp32/bf16); its operands finite
+        if name != "triton" and dtype != torch.float16 and bad not in ("g", "x"):  # the CPU addmm_ path (fp32/bf16)
             w = weight.clone()
             flag = backend.addmm_if_finite_(w, g, x, -0.25, checked, ok)
             assert flag.shape == () and bool(flag) is expected_flag, name
