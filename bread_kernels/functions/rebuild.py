@@ -43,7 +43,11 @@ import torch
 __all__ = ["rebuilding_outputs", "is_rebuilding_outputs", "mark_rebuildable", "rebuildable", "saved_input",
            "SavedInput"]
 
-_state = threading.local()
+class _Flags(threading.local):
+    active = False  # a class default: reading it where a thread never set it raises nothing (every fused call asks)
+
+
+_state = _Flags()
 _RECIPE_ATTR = "_bread_kernels_rebuild"
 
 
@@ -60,7 +64,7 @@ def rebuilding_outputs():
 
 
 def is_rebuilding_outputs() -> bool:
-    return getattr(_state, "active", False)
+    return _state.active
 
 
 class _Shared:

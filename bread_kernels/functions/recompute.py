@@ -31,7 +31,11 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["Recomputing", "is_recomputing", "register_recompute_scope", "deferred_output", "apply_deferring_output"]
 
-_state = threading.local()
+class _Flags(threading.local):
+    active = False  # a class default: reading it where a thread never set it raises nothing (every fused call asks)
+
+
+_state = _Flags()
 _scopes: OrderedDict[int, Callable[[], ContextManager]] = OrderedDict()
 
 
@@ -74,7 +78,7 @@ class Recomputing:
 
 
 def is_recomputing() -> bool:
-    return getattr(_state, "active", False)
+    return _state.active
 
 
 def deferred_output(deferred: list, like: torch.Tensor, shape, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -125,7 +125,11 @@ def _covers(args: tuple, kwargs: dict) -> bool:
     return not (cos.requires_grad or sin.requires_grad)
 
 
-_marked = threading.local()  # per thread: a CUDA backward recomputes blocks on autograd's device thread
+class _Depth(threading.local):
+    depth = 0  # a class default: no exception where a thread never set it
+
+
+_marked = _Depth()  # per thread: a CUDA backward recomputes blocks on autograd's device thread
 
 
 class RotaryDispatch:
@@ -139,13 +143,13 @@ class RotaryDispatch:
         self.probed: set[str] = set()
 
     def __call__(self, *args, **kwargs):
-        if not torch.compiler.is_compiling() and getattr(_marked, "depth", 0) and _covers(args, kwargs):
+        if not torch.compiler.is_compiling() and _marked.depth and _covers(args, kwargs):
             return rotary_embedding(*args[:4])
         return self.original(*args, **kwargs)
 
 
 def _marked_forward(self, *args, **kwargs):
-    _marked.depth = getattr(_marked, "depth", 0) + 1
+    _marked.depth += 1
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:

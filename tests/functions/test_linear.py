@@ -308,6 +308,38 @@ def test_active_weight_without_requires_grad_is_refused():
         fused_linear(torch.randn(3, N_IN), _weight(), None, WeightPlan(Role.ACTIVE))
 
 
+@pytest.mark.parametrize("role", [Role.FROZEN, Role.ACTIVE], ids=lambda r: r.name)
+def test_roles_autograd_computes_run_its_linear_with_little_python(role):
+    """Where autograd's own linear is the role's (a frozen weight, an active one), ``fused_linear`` hands the call to
+    it after a handful of Python calls — no input checks, no ``torch.compiler.disable`` wrapper: on a GPU a small
+    model's step is host-bound and a recomputed block runs every linear twice.  The values and the gradients are
+    autograd's; a bad input still fails, with autograd's own error (as the unpatched layer's)."""
+    import sys
+
+    weight, b, x, grad_out = make_inputs(torch.float32, "cpu", (3, 29), bias=True)
+    x.requires_grad_(True)
+    weight.requires_grad_(role is Role.ACTIVE)
+    plan = WeightPlan(role)
+    calls = []
+
+    def count(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(count)
+    try:
+        y = fused_linear(x, weight, b, plan)
+    finally:
+        sys.setprofile(None)
+    assert len(calls) <= 7 and "check_linear_inputs" not in calls, calls
+    expected = F.linear(x, weight, b)
+    assert type(y.grad_fn) is type(expected.grad_fn) and torch.equal(y, expected)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad_out), torch.autograd.grad(expected, x, grad_out),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        fused_linear(torch.randn(3, N_IN + 1), weight, None, plan)
+
+
 def test_bad_lr_is_refused_at_backward_and_weight_is_untouched():
     w = _weight()
     before = w.clone()
