@@ -199,18 +199,24 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
-    # autograd's own linear, eagerly: its node checks shapes, dtypes and devices as an unpatched layer's does, and a
-    # call costs no more host time than one (without the checks below: about 10 µs a call)
+    autograd = None
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(plan, WeightPlan) \
-            and not torch.compiler.is_compiling() and _autograd_computes(x, plan, weight, bias) \
-            and (plan.role is not Role.ACTIVE or weight.requires_grad):
-        return F.linear(x, weight, bias)
-    return _checked_fused_linear(x, weight, bias, plan)
+            and not torch.compiler.is_compiling():
+        autograd = _autograd_computes(x, plan, weight, bias)
+        if autograd and (plan.role is not Role.ACTIVE or weight.requires_grad):
+            # autograd's own linear: its node checks shapes, dtypes and devices as an unpatched layer's does, and a
+            # call costs no more host time than one (the checks below cost about 5 µs a call)
+            return F.linear(x, weight, bias)
+    return _checked_fused_linear(x, weight, bias, plan, autograd)
 
 
 @graph_break_under_compile  # the Function runs eagerly (its plan is read at backward)
-def _checked_fused_linear(x, weight, bias, plan) -> torch.Tensor:
+def _checked_fused_linear(x, weight, bias, plan, autograd: bool | None) -> torch.Tensor:
+    """:func:`fused_linear` after its inputs are checked; ``autograd``: :func:`_autograd_computes`'s answer where the
+    caller has it."""
     check_linear_inputs(x, weight, bias, plan)
-    if _autograd_computes(x, plan, weight, bias):
+    if autograd is None:
+        autograd = _autograd_computes(x, plan, weight, bias)
+    if autograd:
         return F.linear(x, weight, bias)
     return apply_deferring_output(FusedLinearFunction, plan, x, weight, bias, plan, trigger_for(plan, x, weight, bias))
