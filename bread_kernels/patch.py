@@ -48,7 +48,7 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -407,18 +407,23 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
             state.checkpointing_flags[index] = True
             block.gradient_checkpointing = False
-        original = block.forward
-        block.forward = types.MethodType(
-            lambda self, *a, _orig=original, _i=index, **k: streamed_block_forward(self, _orig, state.stream, _i, *a,
-                                                                                   **k),
-            block,
-        )
+        block.forward = types.MethodType(_streamed_forward(block.forward, state.stream, index), block)
     _set_fused_loss(model, fused_loss, state)
     _set_fused_elementwise(model, fused_elementwise, state)
     state.forward_hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
+
+
+def _streamed_forward(original: Callable, config: StreamConfig, index: int) -> Callable:
+    """Block ``index``'s forward under the stream.  ``original`` and the rest are a closure's, not keyword defaults:
+    dynamo caches each traced function's defaults in a ``WeakKeyDictionary`` keyed by the function, where a default
+    that reaches the block (its bound forward) would keep the function's key, and the model, alive for good."""
+    def forward(self, *args, **kwargs):
+        return streamed_block_forward(self, original, config, index, *args, **kwargs)
+
+    return forward
 
 
 def _set_fused_loss(model: nn.Module, fused_loss: bool | None, state: PatchedModel) -> None:

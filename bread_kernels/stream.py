@@ -45,7 +45,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .functions.autocast import autocast_dtype
 from .functions.experts import EXPERT_PLANS_ATTR
 from .functions.rebuild import rebuilding_outputs
 from .functions.recompute import Recomputing
@@ -77,10 +76,6 @@ class StreamConfig:
     #: the saved activations per token of each block ``"auto"`` kept since the plans last changed, by block index
     #: (a block's role decides what it saves: an active block also saves its linears' inputs for dW)
     block_bytes: dict = field(default_factory=dict)
-    #: what each entry of :attr:`block_bytes` was measured at (:func:`_measured_at`): a kept block is measured again
-    #: only for hidden states of another shape or dtype, or under another autocast (eager attention saves
-    #: [B, H, S, S]: its bytes per token grow with S)
-    measured_at: dict = field(default_factory=dict)
     #: how many blocks the current forward kept (reset by :meth:`fused_loss_follows`)
     kept: int = 0
     #: how many times each block was recomputed in a backward, by block index; for tests and benchmarks
@@ -142,7 +137,6 @@ class StreamConfig:
         """The roles of the blocks may have changed (the optimizer wrote new plans): ``"auto"`` measures again,
         from the top block alone."""
         self.block_bytes.clear()
-        self.measured_at.clear()
 
     @contextlib.contextmanager
     def fused_loss_follows(self, keep: bool = True, budget_bytes: int = 0, loss_bytes: int = 0):
@@ -211,8 +205,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     if index >= config.n_blocks - config.kept_blocks(hidden.numel() // hidden.shape[-1]):
         config.kept += 1
         with rebuilding_outputs():  # its linears' inputs are rebuilt from the norms' and products' saved tensors
-            if config.keep_top == "auto" and config.measured_at.get(index) != _measured_at(hidden) \
-                    and not _saved_tensor_hooks_active():
+            if config.keep_top == "auto" and not _saved_tensor_hooks_active():
                 return _measuring_saved_bytes(block, original, config, index, args, kwargs, hidden)
             return original(*args, **kwargs)
 
@@ -283,14 +276,7 @@ def _measuring_saved_bytes(block, original, config: StreamConfig, index: int, ar
         output = original(*args, **kwargs)
     if readable[0]:
         config.block_bytes[index] = sum(saved.values()) / max(1, hidden.numel() // hidden.shape[-1])
-        config.measured_at[index] = _measured_at(hidden)
     return output
-
-
-def _measured_at(hidden: torch.Tensor) -> tuple:
-    """What a kept block's saved bytes per token depend on besides its roles: the hidden states' leading shape and
-    dtype, and the autocast dtype."""
-    return hidden.shape[:-1], hidden.dtype, autocast_dtype(hidden.device)
 
 
 def _tensors_in(value):

@@ -68,3 +68,28 @@ def test_inductor_trains_like_the_eager_engine_within_rounding():
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
     for name, p in eager.items():
         torch.testing.assert_close(compiled[name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_compiled_patched_model_is_freed_when_dropped():
+    """No cache of dynamo's keeps a compiled patched model alive: its modules are collected once it is dropped (the
+    streamed blocks' forwards hold their originals in a closure: dynamo keeps a traced function's keyword defaults
+    in a cache keyed weakly by the function, which a default reaching the block would keep alive), and with them
+    goes the rotary dispatcher in transformers' module."""
+    import gc
+    import weakref
+
+    from transformers.models.llama import modeling_llama
+
+    from bread_kernels.functions.rotary import RotaryDispatch
+
+    torch._dynamo.reset()
+    gc.collect()  # models the tests before dropped in reference cycles
+    before = modeling_llama.apply_rotary_pos_emb  # transformers' function, unless a live model elsewhere uses ours
+    model = build(False)
+    modules = [weakref.ref(m) for m in model.modules()]
+    train(model, "aot_eager", VARIANTS["bread-sgd"][0])
+    assert isinstance(modeling_llama.apply_rotary_pos_emb, RotaryDispatch)  # the model used the fused embedding
+    del model
+    gc.collect()
+    assert not [r() for r in modules if r() is not None]
+    assert modeling_llama.apply_rotary_pos_emb is before

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
 from ..update import update_rows_
-from .eager import graph_break_under_compile
 from .linear import trigger_for
 
 __all__ = ["FusedEmbeddingFunction", "fused_embedding", "fusable_embedding", "row_gradients"]
@@ -73,7 +72,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
         return None, None, None, None, None
 
 
-@graph_break_under_compile  # under torch.compile: a graph break (see fused_linear)
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, padding_idx: int | None = None):
     """``W[ids]`` whose backward follows ``plan`` (see the module docstring)."""
     if not isinstance(plan, WeightPlan):

@@ -64,7 +64,6 @@ import torch.nn.functional as F
 from ..plan import Role, WeightPlan
 from ..update import update_experts_
 from .autocast import autocast_dtype, outside_autocast
-from .eager import graph_break_under_compile
 from .linear import backward_trigger, check_plan_for_weight
 from .recompute import is_recomputing
 
@@ -300,7 +299,7 @@ def _weight_gradient(mode, grad, pairs, e, g, x) -> None:
         pairs[e] = (g, x)
 
 
-@graph_break_under_compile  # under torch.compile: a graph break (see fused_linear)
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   plans: tuple[WeightPlan | None, WeightPlan | None],

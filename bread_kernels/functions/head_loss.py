@@ -90,7 +90,6 @@ from ..backends.epilogue import dw_finite_flag
 from ..plan import Role, WeightPlan
 from ..update import update_linear_grad_, update_linear_tiles_
 from .autocast import autocast_dtype, outside_autocast
-from .eager import graph_break_under_compile
 from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
@@ -538,7 +537,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
     update_linear_tiles_(plan, role, weight, bias, tiles())
 
 
-@graph_break_under_compile  # under torch.compile: a graph break (see fused_linear)
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     plan: WeightPlan | None = None, *, ignore_index: int = -100, num_items_in_batch=None,
                     softcap: float | None = None, chunk_bytes: int | None = None,

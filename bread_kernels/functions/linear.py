@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from ..plan import Role, WeightPlan
 from ..update import update_linear_
 from .autocast import autocast_dtype, outside_autocast
-from .eager import graph_break_under_compile
 from .rebuild import rebuildable, saved_input
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
@@ -198,25 +197,25 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> torch.Tensor:
-    """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring)."""
-    autograd = None
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(plan, WeightPlan) \
-            and not torch.compiler.is_compiling():
-        autograd = _autograd_computes(x, plan, weight, bias)
-        if autograd and (plan.role is not Role.ACTIVE or weight.requires_grad):
-            # autograd's own linear: its node checks shapes, dtypes and devices as an unpatched layer's does, and a
-            # call costs no more host time than one (the checks below cost about 5 µs a call)
-            return F.linear(x, weight, bias)
-    return _checked_fused_linear(x, weight, bias, plan, autograd)
+    """``y = x Wᵀ + b`` whose backward follows ``plan`` (see the module docstring).  Where autograd's own linear is the
+    role's (:func:`_autograd_computes`), it is that linear, reached before any of the checks below: a bad input then
+    fails with autograd's own error, as the unpatched layer's would."""
+    autograd_computes = None
+    if not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) \
+            and weight.dim() == 2 and (bias is None or isinstance(bias, torch.Tensor)) and isinstance(plan, WeightPlan):
+        autograd_computes = _autograd_computes(x, plan, weight, bias)
+        if autograd_computes and (plan.role is not Role.ACTIVE or weight.requires_grad):
+            return F.linear(x, weight, bias)  # no more host time than the unpatched layer's (the checks cost ~5 µs)
+    return _checked_fused_linear(x, weight, bias, plan, autograd_computes)
 
 
-@graph_break_under_compile  # the Function runs eagerly (its plan is read at backward)
-def _checked_fused_linear(x, weight, bias, plan, autograd: bool | None) -> torch.Tensor:
-    """:func:`fused_linear` after its inputs are checked; ``autograd``: :func:`_autograd_computes`'s answer where the
-    caller has it."""
+@torch.compiler.disable  # under torch.compile: a graph break, the Function runs eagerly (its plan is read at backward)
+def _checked_fused_linear(x, weight, bias, plan, autograd_computes: bool | None) -> torch.Tensor:
+    """:func:`fused_linear` after its inputs are checked; ``autograd_computes``: :func:`_autograd_computes`'s answer
+    where the caller has it."""
     check_linear_inputs(x, weight, bias, plan)
-    if autograd is None:
-        autograd = _autograd_computes(x, plan, weight, bias)
-    if autograd:
+    if autograd_computes is None:
+        autograd_computes = _autograd_computes(x, plan, weight, bias)
+    if autograd_computes:
         return F.linear(x, weight, bias)
     return apply_deferring_output(FusedLinearFunction, plan, x, weight, bias, plan, trigger_for(plan, x, weight, bias))

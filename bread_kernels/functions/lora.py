@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from ..backends import get_backend
 from ..plan import WeightPlan
 from .autocast import autocast_dtype, outside_autocast
-from .eager import graph_break_under_compile
 from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
 from .rebuild import saved_input
 from .recompute import apply_deferring_output, deferred_output
@@ -177,7 +176,7 @@ def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
     return (result + update * scaling).to(result.dtype)
 
 
-@graph_break_under_compile  # under torch.compile: a graph break (see fused_linear)
+@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: WeightPlan) -> torch.Tensor:
     """``x Wᵀ + b + scaling·(x̃ Aᵀ) Bᵀ`` (x̃ = ``x_lora``, or ``x`` when None) whose backward follows ``plan``

@@ -35,19 +35,16 @@ the output as it is.  A double backward through a rebuilt input is refused (the 
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable
 
 import torch
 
+from .recompute import ThreadFlag
+
 __all__ = ["rebuilding_outputs", "is_rebuilding_outputs", "mark_rebuildable", "rebuildable", "saved_input",
            "SavedInput"]
 
-class _Flags(threading.local):
-    active = False  # a class default: reading it where a thread never set it raises nothing (every fused call asks)
-
-
-_state = _Flags()
+_state = ThreadFlag()
 _RECIPE_ATTR = "_bread_kernels_rebuild"
 
 

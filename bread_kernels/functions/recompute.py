@@ -29,13 +29,18 @@ from typing import Callable, ContextManager
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Recomputing", "is_recomputing", "register_recompute_scope", "deferred_output", "apply_deferring_output"]
-
-class _Flags(threading.local):
-    active = False  # a class default: reading it where a thread never set it raises nothing (every fused call asks)
+__all__ = ["Recomputing", "is_recomputing", "register_recompute_scope", "deferred_output", "apply_deferring_output",
+           "ThreadFlag"]
 
 
-_state = _Flags()
+class ThreadFlag(threading.local):
+    """A per-thread ``active`` flag, False in a thread that never set it: a class default, so reading it raises and
+    catches nothing (``getattr(local, name, default)`` does, on a path every fused call takes)."""
+
+    active = False
+
+
+_state = ThreadFlag()
 _scopes: OrderedDict[int, Callable[[], ContextManager]] = OrderedDict()
 
 

@@ -338,6 +338,11 @@ def test_roles_autograd_computes_run_its_linear_with_little_python(role):
                                rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         fused_linear(torch.randn(3, N_IN + 1), weight, None, plan)
+    # what autograd's linear would take with another meaning, or fail on obscurely, still gets the fused path's errors
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        fused_linear(x, weight[0], None, plan)
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        fused_linear(x, weight, 1.0, plan)
 
 
 def test_bad_lr_is_refused_at_backward_and_weight_is_untouched():

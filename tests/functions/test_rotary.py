@@ -241,6 +241,7 @@ def test_the_last_user_puts_the_function_back_also_when_dropped_without_unpatch(
 def test_a_patched_llama_uses_it_and_an_unpatched_one_beside_it_does_not():
     """While a patched model is alive, another Llama trains through transformers' own function (counted), and the
     patched one through the fused path (one rotary_ op per tensor each way on the native backend)."""
+    gc.collect()  # models earlier tests dropped in reference cycles: until collected they still use the dispatcher
     patched, plain = BUILDERS["llama"](dtype=torch.float32), BUILDERS["llama"](dtype=torch.float32)
     bread_kernels.patch(patched)
     dispatch = modeling_llama.apply_rotary_pos_emb
