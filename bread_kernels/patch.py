@@ -126,6 +126,7 @@ class PatchedModel:
             setattr(module, PLAN_ATTR, plans.get(name))
         for name, module in self.fused_experts:
             setattr(module, EXPERT_PLANS_ATTR, {attr: plans.get(f"{name}.{attr}") for attr in EXPERT_WEIGHTS})
+        self.stream.plans_changed()  # a block's roles decide what it saves: "auto" measures the kept blocks again
 
     def clear_plans(self) -> None:
         """Every fused module back to plain autograd, and the backward reaching every block."""

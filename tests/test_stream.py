@@ -189,6 +189,26 @@ def test_auto_keeps_blocks_within_the_memory_the_fused_loss_frees(dtype, monkeyp
     assert peak(patched(), first_step=True) > recomputed * 1.1
 
 
+def test_new_plans_through_apply_plans_forget_the_kept_blocks_measurements():
+    """A block's roles decide what it saves (an active block also saves its linears' inputs), so plans written
+    through ``apply_plans`` alone, without a new cut, make ``"auto"`` count from the top block again, as
+    ``set_cut`` does: no count rests on what a block saved under other roles."""
+    ids = torch.randint(0, 1001, (4, 61), generator=torch.Generator().manual_seed(0))
+    model = bread_kernels.patch(_llama_with_a_large_vocabulary(torch.float32))
+    opt = _block_optimizer(model, switch_mode="fixed", start_block=0)
+    state = patched_state(model)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.zero_grad()
+    assert state.stream.block_bytes
+    plans = {name: getattr(module, bread_kernels.plan.PLAN_ATTR) for name, module in state.fused_modules}
+    state.apply_plans(plans)
+    assert not state.stream.block_bytes
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert state.stream.kept == 1 and set(state.stream.block_bytes) == {state.stream.n_blocks - 1}
+    opt.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_loss_beside_kept_blocks_takes_the_room_the_top_blocks_backward_takes(dtype, monkeypatch):
     """With blocks kept, the fused loss is bounded to what sits beside them at the step's peak anyway — the top
