@@ -1,8 +1,9 @@
 #!/bin/bash
 # One lent-GPU call (device tool, 15 minutes of device time in all), for issue 12: the host time of one fused linear
 # backward and forward (fp32, bf16), the model suite on the GPU's default model against both references, then the
-# GPU tests of the Triton kernels (the update's finiteness flag, kernels/finite.py, and the rotary embedding,
-# kernels/rotary.py, have only run under the interpreter before), the Liger backend and the op counts.  Each step has its own time limit so a slow one cannot
+# GPU tests of the Triton kernels (the update's finiteness flag, kernels/finite.py, the rotary embedding,
+# kernels/rotary.py, and the RMSNorm and SwiGLU kernels, kernels/rms_norm.py and swiglu.py, have only run under the
+# interpreter before), the Liger backend and the op counts.  Each step has its own time limit so a slow one cannot
 # eat the next; everything lands in $OUT (at most 8 files come back).
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)   with liger-kernel's wheel in .whl/
 # (issue 18's head+loss comparison against Liger: python3 -m bench.head_loss_bench, results in bench/results/)
@@ -36,7 +37,8 @@ cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
 
 log tests
 timeout 150 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \
-  tests/functions/test_head_loss.py tests/functions/test_rotary.py tests/test_backward_ops.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
+  tests/functions/test_head_loss.py tests/functions/test_rotary.py tests/test_backward_ops.py \
+  tests/kernels/test_rms_norm.py tests/kernels/test_swiglu.py tests/functions/test_elementwise_backend.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
 echo "pytest rc $?" >> "$O/tests.txt"
 tail -40 "$O/tests.txt"
 log done

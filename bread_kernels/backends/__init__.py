@@ -13,6 +13,8 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     add_product_(T, v, a, alpha, round_term)                         # add_scaled_ with O = v a (rank r)
     rotary_(out, x, cos, sin, backward)                              # out = x·cos + rotate_half(x)·sin (or its ᵀ)
     linear_cross_entropy(h, W, b, y, c, rows, grads, dw) -> (S, dh, dW, db) | None   # the head+loss (see liger)
+    rms_norm(x, w, eps) -> (y, r) | None; rms_norm_backward(g, x, w, r, ...)       # the fused norm's element work
+    silu_mul(a, u) -> h | None; silu_mul_backward(g, a, u, need_a, need_u)          # and the SwiGLU product's
 
 with ``f`` the identity or ``sign`` and ``rounding`` a :class:`~bread_kernels.plan.Rounding`.  ``g`` and ``x``
 share one dtype, the GEMM's compute dtype; under ``torch.autocast`` it is autocast's and may differ from W's (an
@@ -31,6 +33,8 @@ the adapters that read one x), or x's own where the backend reads it as it is (n
 C++ pass on the native backend, torch's add elsewhere; ``add_product_`` the same with ``O = v a`` for a rank-r
 ``v`` [M, r] and ``a`` [r, K] (the LoRA dX's ``s · v A``), which the native backend sums per element without the
 [M, K] product.
+``rms_norm``/``silu_mul`` and their backwards (:mod:`.elementwise`) are the fused RMSNorm's and SwiGLU's element
+work: one Triton kernel each way, or None where torch's ops in the Functions serve (the CPU backends, always).
 ``rotary_`` is the rotary embedding's element work (:mod:`.rotary`: autograd's values bit for bit), one C++ pass per
 tensor on the native backend, torch's ops elsewhere.
 ``offset`` (default 0) is the logical row-major index of the first element in the whole parameter, so stochastic
@@ -97,6 +101,16 @@ class Backend(Protocol):
 
     def rotary_(self, out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backward: bool) -> None: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple | None: ...
+
+    def rms_norm_backward(self, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor, need_x: bool, split: bool, need_w: bool) -> tuple | None: ...
+
+    def silu_mul(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None: ...
+
+    def silu_mul_backward(self, grad_output: torch.Tensor, a: torch.Tensor, u: torch.Tensor, need_a: bool,
+                          need_u: bool) -> tuple | None: ...
 
     def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, softcap: float | None, max_rows: int, need_grads: bool,

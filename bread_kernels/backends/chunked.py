@@ -48,6 +48,7 @@ import torch
 from ..rounding import Rounding
 from . import epilogue
 from .add_scaled import TorchSums
+from .elementwise import TorchElementwise
 from .rotary import TorchRotary
 from .lora_gemm import lora_grads_gemm
 
@@ -64,7 +65,7 @@ def chunk_budget_bytes() -> int:
     return configured
 
 
-class ChunkedBackend(TorchSums, TorchRotary):
+class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
     """Base of the CPU backends; subclasses provide ``apply_update_`` and its memory cost per chunk element."""
 
     name = "chunked"

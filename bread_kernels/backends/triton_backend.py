@@ -19,12 +19,14 @@ class TritonBackend(TorchSums, TorchRotary):
     name = "triton"
 
     def __init__(self):
-        from ..kernels import finite, lora_grads, rotary, wgrad_update  # imports triton: only when chosen
+        from ..kernels import finite, lora_grads, rms_norm, rotary, swiglu, wgrad_update  # imports triton: when chosen
 
         self._kernels = wgrad_update
         self._finite = finite
         self._lora = lora_grads
         self._rotary = rotary
+        self._rms_norm = rms_norm
+        self._swiglu = swiglu
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0, check=True,
                        also=()):
@@ -79,6 +81,43 @@ class TritonBackend(TorchSums, TorchRotary):
         else:
             super().rotary_(out, x, cos, sin, backward)
 
+    def rms_norm(self, x, weight, eps):
+        """One kernel (:mod:`bread_kernels.kernels.rms_norm`) for a contiguous ``x`` [..., K] and weight [K] in the
+        kernel's dtypes, K up to its widest row; None (torch's ops) otherwise.  ``(y, r)`` with ``r`` [..., 1]."""
+        if not _norm_serves(x, weight, self._rms_norm.MAX_COLUMNS) or not x.is_contiguous():
+            return None
+        y, rstd = self._rms_norm.rms_norm_forward(x.view(-1, x.shape[-1]), weight, eps)
+        return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
+
+    def rms_norm_backward(self, grad_output, x, weight, rstd, need_x, split, need_w):
+        """One kernel (and a sum of its programs' partial ∂L/∂w) where :meth:`rms_norm` served the forward; None
+        where autograd records the backward's ops (a double backward) or the tensors do not suit it."""
+        if not _norm_serves(x, weight, self._rms_norm.MAX_COLUMNS) or not x.is_contiguous() or \
+                grad_output.shape != x.shape or rstd.dtype != torch.float32 or \
+                records_ops(grad_output, x, weight, rstd):
+            return None
+        width = x.shape[-1]
+        grad_x, grad_x_again, grad_w = self._rms_norm.rms_norm_backward(
+            grad_output.reshape(-1, width).contiguous(), x.view(-1, width), weight, rstd.reshape(-1).contiguous(),
+            need_x, split, need_w)
+        return (None if grad_x is None else grad_x.view(x.shape),
+                None if grad_x_again is None else grad_x_again.view(x.shape), grad_w)
+
+    def silu_mul(self, a, u):
+        """One kernel (:mod:`bread_kernels.kernels.swiglu`) for contiguous ``a``, ``u`` of one shape and dtype;
+        None (torch's ops) otherwise."""
+        if not _product_serves(a, u):
+            return None
+        return self._swiglu.silu_mul_forward(a, u)
+
+    def silu_mul_backward(self, grad_output, a, u, need_a, need_u):
+        """One kernel for both gradients where :meth:`silu_mul` serves ``a``, ``u`` and g has their shape and dtype;
+        None where autograd records the backward's ops (a double backward)."""
+        if not _product_serves(a, u) or grad_output.shape != a.shape or grad_output.dtype != a.dtype or \
+                records_ops(grad_output, a, u):
+            return None
+        return self._swiglu.silu_mul_backward(grad_output.contiguous(), a, u, need_a, need_u)
+
     def lora_input_dtype(self, input_dtype, lora_dtype, rank):
         """The adapters' dtype, which cuBLAS and the kernel read."""
         return lora_dtype
@@ -91,3 +130,14 @@ class TritonBackend(TorchSums, TorchRotary):
         if liger.unavailable_reason() is not None:
             return None
         return liger.linear_cross_entropy(hidden, weight, bias, targets, softcap, max_rows, need_grads, need_dw)
+
+
+def _norm_serves(x: torch.Tensor, weight: torch.Tensor, max_columns: int) -> bool:
+    return x.dim() >= 1 and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES and weight.dim() == 1 \
+        and weight.is_contiguous() and x.shape[-1] == weight.shape[0] and 0 < x.shape[-1] <= max_columns \
+        and x.device == weight.device
+
+
+def _product_serves(a: torch.Tensor, u: torch.Tensor) -> bool:
+    return a.shape == u.shape and a.dtype == u.dtype and a.dtype in _KERNEL_DTYPES and a.is_contiguous() \
+        and u.is_contiguous() and a.device == u.device

@@ -28,6 +28,13 @@ some fifteen.  In fp32 the two paths'
 gradients reach ``x`` separately, as autograd's do (see :class:`RMSNormFunction`), so the sums they join round
 alike too.
 
+On the Triton backend (a GPU) the forward and the backward are one kernel each
+(:mod:`bread_kernels.kernels.rms_norm`, through :mod:`bread_kernels.backends.elementwise`): the same formulas and
+roundings, but its row sums (``mean(x²)``, ``∂L/∂r``, ``∂L/∂w`` over rows) in another order, so ``r`` and the
+gradients are autograd's to fp32 rounding; ``y`` is :func:`_normalized`'s from the kernel's ``r`` bit for bit, which is
+what a kept block's rebuild computes.  A backward that builds a graph (``create_graph``) runs the ops above out of
+place and takes ``r`` from x again, so that second derivatives reach x through ``r``.
+
 :func:`fusable_rms_norm` decides which modules this computes: one whose own forward gives exactly these values on
 probe inputs (so Gemma's ``(1 + w)``, a norm that multiplies before the cast, or another ε are left alone).
 """
@@ -39,6 +46,7 @@ import copy
 import torch
 from torch import nn
 
+from ..backends.elementwise import elementwise_backend
 from .probe import computes_the_same
 from .rebuild import mark_rebuildable
 
@@ -70,16 +78,31 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_again, weight, eps: float):
-        x_f = x.to(torch.float32)
-        rstd = _rstd(x_f, eps)
+        ctx.split, ctx.eps = x_again is not None, eps
+        backend = ctx.backend = elementwise_backend(x.device)
+        computed = None if backend is None else backend.rms_norm(x, weight, eps)
+        if computed is None:
+            ctx.backend = None
+            x_f = x.to(torch.float32)
+            rstd = _rstd(x_f, eps)
+            output = _normalized(x, weight, rstd, x_f)
+        else:
+            output, rstd = computed  # the kernel's y is _normalized's from its r, bit for bit
         ctx.save_for_backward(x, weight, rstd)
-        ctx.split = x_again is not None
-        return mark_rebuildable(_normalized(x, weight, rstd, x_f), _normalized, x, weight, rstd)
+        return mark_rebuildable(output, _normalized, x, weight, rstd)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.backend is not None:  # the kernel's forward: its backward, one pass (None: torch's ops below)
+            need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            grads = ctx.backend.rms_norm_backward(grad_output, x, weight, rstd, need_x, ctx.split,
+                                                  ctx.needs_input_grad[2])
+            if grads is not None:
+                return *grads, None
         x_f = x.to(torch.float32)
+        if torch.is_grad_enabled():  # a backward that builds a graph: r from x again, so that r's graph reaches x
+            rstd = _rstd(x_f, ctx.eps)
         grad_weight = grad_x = grad_x_again = None
         if ctx.needs_input_grad[2]:
             products = grad_output * (x_f * rstd).to(x.dtype)
@@ -90,10 +113,13 @@ class RMSNormFunction(torch.autograd.Function):
             grad_rstd = (grad_hat * x_f).sum(-1, keepdim=True)
             row = (grad_rstd * -0.5 * rstd.pow(3)).div_(x.shape[-1]).mul_(2)
             through_square = x_f * row  # x_f may be x itself (fp32): never written
+            # in place where nothing records the ops; a backward that builds a graph (create_graph) saved grad_hat
+            # for grad_rstd's product, so it must not be written (the same values either way)
+            first = grad_hat * rstd if torch.is_grad_enabled() else grad_hat.mul_(rstd)
             if ctx.split:
-                grad_x, grad_x_again = grad_hat.mul_(rstd), through_square
+                grad_x, grad_x_again = first, through_square
             else:
-                grad_x = grad_hat.mul_(rstd).add_(through_square).to(x.dtype)
+                grad_x = (first + through_square if torch.is_grad_enabled() else first.add_(through_square)).to(x.dtype)
         return grad_x, grad_x_again, grad_weight, None
 
 

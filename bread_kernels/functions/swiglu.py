@@ -11,6 +11,11 @@ Shapes: ``a = x W_gateᵀ`` and ``u = x W_upᵀ`` [..., I]; ``h`` [..., I] in ``
 freed), and ``∂L/∂u`` is written over it: two [T, I] buffers alive at once where the other order with each op's own
 output holds three at the peak of an MLP's backward.
 
+On the Triton backend (a GPU) the product and both gradients are one kernel each way
+(:mod:`bread_kernels.kernels.swiglu`, through :mod:`bread_kernels.backends.elementwise`: one ``exp`` and one read of
+g, a and u for both gradients), rounding where the ops above round; a kept block rebuilds the product by the same
+kernel.
+
 :func:`fusable_swiglu_mlp` decides which MLP modules compute ``down(silu_mul(gate(x), up(x)))`` instead of their own
 forward: one whose own forward gives exactly that on probe rows.
 """
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.elementwise import elementwise_backend
 from .probe import computes_the_same
 from .rebuild import mark_rebuildable
 
@@ -35,11 +41,20 @@ class SiLUMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, u):
         ctx.save_for_backward(a, u)
-        return mark_rebuildable(_product(a, u), _product, a, u)
+        backend = ctx.backend = elementwise_backend(a.device)
+        output = None if backend is None else backend.silu_mul(a, u)
+        if output is None:
+            ctx.backend = None
+            return mark_rebuildable(_product(a, u), _product, a, u)
+        return mark_rebuildable(output, backend.silu_mul, a, u)  # rebuilt by the same kernel: the same values
 
     @staticmethod
     def backward(ctx, grad_output):
         a, u = ctx.saved_tensors
+        if ctx.backend is not None:  # the kernel's forward: its backward, one pass (None: torch's ops below)
+            grads = ctx.backend.silu_mul_backward(grad_output, a, u, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            if grads is not None:
+                return grads
         grad_a = grad_u = None
         # da first, so that g·u is freed before silu(a) is made: two [T, I] buffers alive at once, not three
         if ctx.needs_input_grad[0]:

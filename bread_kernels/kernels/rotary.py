@@ -17,18 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .dtype_round import on_device, round_to
+
 __all__ = ["rotary_"]
-
-
-@triton.jit
-def _rounded(value, dtype: tl.constexpr):
-    """fp32 ``value`` rounded to ``dtype`` nearest-even, back in fp32 (bf16 on the bit pattern: the interpreter's
-    cast truncates; nan stays nan)."""
-    if dtype == tl.bfloat16:
-        pattern = value.to(tl.uint32, bitcast=True)
-        rounded = ((pattern + 0x7FFF + ((pattern >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(value != value, value, rounded)  # a nan's carry would reach the sign bit or give ±0
-    return value.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -52,13 +43,13 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, heads, seq, half, x_s
     z1 = tl.load(sin_ptr + table + column, mask=mask, other=0.0).to(tl.float32)
     z2 = tl.load(sin_ptr + table + half + column, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
-        out1 = _rounded(x1 * c1, dtype) + _rounded(x2 * z2, dtype)
-        out2 = _rounded(x2 * c2, dtype) - _rounded(x1 * z1, dtype)
+        out1 = round_to(x1 * c1, dtype) + round_to(x2 * z2, dtype)
+        out2 = round_to(x2 * c2, dtype) - round_to(x1 * z1, dtype)
     else:
-        out1 = _rounded(x1 * c1, dtype) - _rounded(x2 * z1, dtype)
-        out2 = _rounded(x2 * c2, dtype) + _rounded(x1 * z2, dtype)
-    tl.store(out_row + column, _rounded(out1, dtype).to(dtype), mask=mask)  # exact once rounded
-    tl.store(out_row + half + column, _rounded(out2, dtype).to(dtype), mask=mask)
+        out1 = round_to(x1 * c1, dtype) - round_to(x2 * z1, dtype)
+        out2 = round_to(x2 * c2, dtype) + round_to(x1 * z2, dtype)
+    tl.store(out_row + column, round_to(out1, dtype).to(dtype), mask=mask)  # exact once rounded
+    tl.store(out_row + half + column, round_to(out2, dtype).to(dtype), mask=mask)
 
 
 def rotary_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
@@ -83,7 +74,8 @@ def rotary_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     half = dim // 2
     half_block = triton.next_power_of_2(half)
     rows_per_program = max(1, min(16, 2048 // half_block))
-    _rotary_kernel[(triton.cdiv(rows, rows_per_program),)](
-        x, out, cos, sin, rows, heads, seq, half, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
-        out.stride(1), out.stride(2), 0 if cos.shape[0] == 1 else seq * dim, BACKWARD=bool(backward),
-        ROWS=rows_per_program, HALF=half_block, enable_fp_fusion=False)
+    with on_device(x):
+        _rotary_kernel[(triton.cdiv(rows, rows_per_program),)](
+            x, out, cos, sin, rows, heads, seq, half, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
+            out.stride(1), out.stride(2), 0 if cos.shape[0] == 1 else seq * dim, BACKWARD=bool(backward),
+            ROWS=rows_per_program, HALF=half_block, enable_fp_fusion=False)

@@ -132,3 +132,27 @@ def test_a_1d_input_gets_autograds_gradients():
     norm.weight.grad = None
     norm(x_ref).backward(torch.ones(K))
     assert torch.equal(x.grad, x_ref.grad) and torch.equal(dw, norm.weight.grad)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", MIXES, ids=lambda d: str(d)[6:])
+def test_a_double_backward_through_the_norm_is_autograds(x_dtype, w_dtype):
+    """With ``create_graph=True`` the backward records out-of-place ops and takes ``r`` from x again (the saved
+    ``r`` has no graph), so second derivatives (a gradient penalty through a patched model) are the module's under
+    plain autograd, to rounding.  Before, fp32 raised (an in-place write of a tensor the graph saved) and a graph
+    through the saved ``r`` would have missed its dependence on x."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 5, 29, generator=gen) * 2).to(x_dtype)
+    w = (torch.randn(29, generator=gen) * 0.5 + 1).to(w_dtype)
+    g = torch.randn(3, 5, 29, generator=gen).to(torch.promote_types(x_dtype, w_dtype))
+    def plain(x, w):  # LlamaRMSNorm's forward, under plain autograd
+        x_f = x.to(torch.float32)
+        return w * (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    results = []
+    for norm in (plain, lambda x, w: rms_norm(x, w, 1e-6)):
+        x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
+        grad_x, grad_w = torch.autograd.grad(norm(x_, w_), (x_, w_), g, create_graph=True)
+        results.append(torch.autograd.grad((grad_x.float().square().sum() + grad_w.float().square().sum()), (x_, w_)))
+    rtol = 1e-5 if x_dtype == w_dtype == torch.float32 else 2e-2
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused.float(), plain.float(), rtol=rtol, atol=rtol)

@@ -1,0 +1,64 @@
+"""The element-wise Triton kernels compile for a GPU (sm_90, an H100) with Triton's own compiler and its bundled
+``ptxas``, on a machine without one: the interpreter runs a kernel as Python and accepts constructs the compiler
+refuses (an import inside a kernel, ``.to`` on an integer argument that Triton specialises into a constant).  Their
+values are tested under the interpreter (the other files here) and on a GPU by ``bench/gpu_session.sh``.
+
+The test session runs Triton's interpreter (``tests/conftest.py``), under which ``triton.jit`` gives no compilable
+kernel, so the compiles run in a subprocess without it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+_COMPILE = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bread_kernels.kernels import rms_norm, rotary, swiglu
+
+def compile(kernel, signature, constexprs):
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    print("compiled", kernel.__name__, sorted(constexprs.items()))
+
+ints = lambda *names: dict.fromkeys(names, "i32")
+for dtype in ("fp32", "bf16", "fp16"):
+    p = "*" + dtype
+    compile(swiglu._silu_mul_forward_kernel, {"a_ptr": p, "u_ptr": p, "h_ptr": p, "n": "i32"},
+            {"PRECISE": True, "BLOCK": 1024})
+    for need_a, need_u in ((True, True), (True, False), (False, True)):
+        compile(swiglu._silu_mul_backward_kernel,
+                {"g_ptr": p, "a_ptr": p, "u_ptr": p, "da_ptr": p, "du_ptr": p, "n": "i32"},
+                {"NEED_A": need_a, "NEED_U": need_u, "PRECISE": True, "BLOCK": 1024})
+    compile(rms_norm._rms_norm_forward_kernel,
+            {"x_ptr": p, "w_ptr": "*fp32", "y_ptr": "*fp32", "rstd_ptr": "*fp32", **ints("rows", "cols"),
+             "cols_f": "fp32", **ints("x_stride", "y_stride"), "eps": "fp32"},
+            {"PRECISE": True, "ROWS": 2, "BLOCK": 2048})
+    for need_x, split, need_w in ((True, dtype == "fp32", True), (False, False, True), (True, False, False)):
+        compile(rms_norm._rms_norm_backward_kernel,
+                {"g_ptr": p, "x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": "*fp32" if split else p,
+                 "dx_again_ptr": "*fp32", "dw_ptr": "*fp32", **ints("rows", "cols"), "cols_f": "fp32",
+                 **ints("rows_per_program", "g_stride", "x_stride", "dx_stride")},
+                {"NEED_X": need_x, "SPLIT": split, "NEED_W": need_w, "BLOCK": 2048})
+compile(rotary._rotary_kernel,
+        {"x_ptr": "*bf16", "out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+         **ints("rows", "heads", "seq", "half", "x_stride_b", "x_stride_h", "x_stride_s", "out_stride_b",
+                "out_stride_h", "out_stride_s", "table_stride_b")},
+        {"BACKWARD": True, "ROWS": 16, "HALF": 64})
+'''
+
+
+def test_the_element_wise_kernels_compile_for_an_h100():
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"triton {triton.__version__} has no ahead-of-time CUDA compile here ({exc})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("compiled") == 3 * 8 + 1  # per dtype: 4 SwiGLU and 4 RMSNorm compiles; the rotary one
