@@ -34,6 +34,10 @@ cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
 step 90 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
   --variants BREAD BREAD-partial
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
+# A/B of the RMSNorm and SwiGLU kernels: the same rows as the first run's BAdam and BREAD-SGD, with torch's ops
+BREAD_ELEMENTWISE=torch step 75 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress \
+  --out $T/mc --variants BAdam BREAD-SGD
+cp $T/mc/*.json "$O/bench_model_h200_bf16_torch_elementwise.json" 2>/dev/null
 
 log tests
 timeout 150 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \

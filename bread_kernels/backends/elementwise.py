@@ -21,7 +21,7 @@ import os
 
 import torch
 
-__all__ = ["TorchElementwise", "elementwise_backend"]
+__all__ = ["TorchElementwise", "elementwise_backend", "ELEMENTWISE_ENV"]
 
 # Triton reads it once, when its kernels are defined: CPU tensors reach a Triton kernel only under its interpreter
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,14 +43,25 @@ class TorchElementwise:
         return None
 
 
+#: the environment variable that turns the kernels off (``torch``: torch's ops on every backend, for an A/B
+#: measurement or a GPU where a kernel misbehaves); ``kernels`` or unset: the backend's kernels where it has them
+ELEMENTWISE_ENV = "BREAD_ELEMENTWISE"
+
+
 def elementwise_backend(device: torch.device):
     """The backend that computes the fused Functions' element work on ``device``, or None where torch's ops do (a
     CPU tensor without Triton's interpreter: no environment read or lookup on the CPU's path; a trace by
-    ``torch.compile``, which fuses torch's ops itself)."""
+    ``torch.compile``, which fuses torch's ops itself; ``BREAD_ELEMENTWISE=torch``)."""
     if device.type == "cpu" and not _INTERPRETED:
         return None
     if torch.compiler.is_compiling():
         return None
+    choice = os.environ.get(ELEMENTWISE_ENV, "").strip().lower()
+    if choice == "torch":
+        return None
+    if choice not in ("", "kernels"):
+        raise ValueError(f"{ELEMENTWISE_ENV}={choice!r} is not a choice; use 'kernels' (the default: the backend's "
+                         "kernels where it has them) or 'torch' (torch's ops everywhere)")
     from . import get_backend
 
     backend = get_backend(device)

@@ -146,3 +146,19 @@ def test_the_norm_kernels_serve_wide_rows_a_1d_input_and_no_rows(triton_backend,
     for ours, theirs in zip((y, grad_x, grad_w), (plain[0], *plain[1])):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bread_elementwise_torch_turns_the_kernels_off_and_a_wrong_value_is_refused(triton_backend, monkeypatch):
+    """``BREAD_ELEMENTWISE=torch`` (an A/B measurement, a GPU where a kernel misbehaves): torch's ops, autograd's
+    values bit for bit, on the Triton backend too; a value that is not a choice names the choices."""
+    a, u, g = _product_case(torch.bfloat16)
+    monkeypatch.setenv("BREAD_ELEMENTWISE", "torch")
+    h, grads, forward_ops, _ = _run(silu_mul, (a, u), g)
+    assert "silu" in forward_ops
+    plain = _run(lambda a, u: F.silu(a) * u, (a, u), g)
+    assert torch.equal(h, plain[0]) and all(torch.equal(p, q) for p, q in zip(grads, plain[1]))
+    monkeypatch.setenv("BREAD_ELEMENTWISE", "kernels")
+    assert elementwise_backend(torch.device(DEVICE)) is not None
+    monkeypatch.setenv("BREAD_ELEMENTWISE", "fast")
+    with pytest.raises(ValueError, match="'kernels'.*'torch'"):
+        silu_mul(a.requires_grad_(), u)
