@@ -50,7 +50,7 @@ from ..backends.elementwise import elementwise_backend
 from .probe import computes_the_same
 from .rebuild import mark_rebuildable
 
-__all__ = ["RMSNormFunction", "rms_norm", "fusable_rms_norm", "rms_norm_epsilon"]
+__all__ = ["RMSNormFunction", "rms_norm", "torch_rms_norm", "fusable_rms_norm", "rms_norm_epsilon"]
 
 #: the attribute names transformers' RMSNorm classes give ε
 _EPSILON_ATTRS = ("variance_epsilon", "eps")
@@ -124,13 +124,23 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``w · d_x(x_f · rsqrt(mean(x_f²) + ε))`` (see the module docstring); plain ops where nothing needs a
-    gradient."""
+    """``w · d_x(x_f · rsqrt(mean(x_f²) + ε))`` (see the module docstring); where nothing needs a gradient (a block
+    below the cut, an evaluation) the backend's forward kernel where it has one, as under autograd, else torch's
+    ops, and no graph."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        x_f = x.to(torch.float32)  # not marked rebuildable: nothing is saved here to rebuild from
-        return _normalized(x, weight, _rstd(x_f, eps), x_f)
+        backend = elementwise_backend(x.device)
+        computed = None if backend is None else backend.rms_norm(x, weight, eps)
+        # not marked rebuildable: nothing is saved here to rebuild from
+        return torch_rms_norm(x, weight, eps) if computed is None else computed[0]
     split = x.dtype == torch.float32 and not torch.compiler.is_compiling()  # dynamo refuses a tensor given twice
     return RMSNormFunction.apply(x, x if split else None, weight, eps)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`rms_norm`'s values by torch's ops (Hugging Face's, in its order), with no graph of its own: what the
+    probe compares a module with, whichever backend computes the norm in training."""
+    x_f = x.to(torch.float32)
+    return _normalized(x, weight, _rstd(x_f, eps), x_f)
 
 
 def rms_norm_epsilon(module: nn.Module) -> float | None:
@@ -164,4 +174,4 @@ def fusable_rms_norm(module: nn.Module) -> bool:
     probed = copy.copy(module)  # shallow: its own parameter dict, nothing else copied
     probed._parameters = {"weight": nn.Parameter((torch.randn(weight.shape, generator=generator) * 0.5 + 1).to(
         device=weight.device, dtype=weight.dtype), requires_grad=False)}
-    return computes_the_same(probed, lambda x: rms_norm(x, probed.weight, eps), probes)
+    return computes_the_same(probed, lambda x: torch_rms_norm(x, probed.weight, eps), probes)

@@ -83,9 +83,12 @@ def _differentiable_silu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.
 
 
 def silu_mul(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(a) · u`` (see the module docstring); plain ops where nothing needs a gradient."""
+    """``silu(a) · u`` (see the module docstring); where nothing needs a gradient (a block below the cut, an
+    evaluation) the backend's forward kernel where it has one, as under autograd, else torch's ops, and no graph."""
     if not torch.is_grad_enabled() or not (a.requires_grad or u.requires_grad):
-        return _product(a, u)  # not marked rebuildable: nothing is saved here to rebuild from
+        backend = elementwise_backend(a.device)
+        output = None if backend is None else backend.silu_mul(a, u)
+        return _product(a, u) if output is None else output  # not marked rebuildable: nothing saved to rebuild from
     return SiLUMulFunction.apply(a, u)
 
 
@@ -94,9 +97,10 @@ def _product(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * u
 
 
-def swiglu_mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``down_proj(silu(gate_proj(x)) · up_proj(x))``: the gate projection first, as the MLPs call them."""
-    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+def swiglu_mlp(module: nn.Module, x: torch.Tensor, product=silu_mul) -> torch.Tensor:
+    """``down_proj(silu(gate_proj(x)) · up_proj(x))``: the gate projection first, as the MLPs call them
+    (``product``: torch's ops for the probe, whichever backend computes the product in training)."""
+    return module.down_proj(product(module.gate_proj(x), module.up_proj(x)))
 
 
 def fusable_swiglu_mlp(module: nn.Module) -> bool:
@@ -118,5 +122,5 @@ def fusable_swiglu_mlp(module: nn.Module) -> bool:
         return False
     probe = torch.randn(4, hidden, generator=torch.Generator(device="cpu").manual_seed(0))
     probe[2:] *= 1e3  # rows large enough to meet a clamp (swiglu_limit)
-    return computes_the_same(module, lambda x: swiglu_mlp(module, x), [probe.to(device=weight.device,
+    return computes_the_same(module, lambda x: swiglu_mlp(module, x, _product), [probe.to(device=weight.device,
                                                                                  dtype=weight.dtype)])

@@ -162,3 +162,28 @@ def test_bread_elementwise_torch_turns_the_kernels_off_and_a_wrong_value_is_refu
     monkeypatch.setenv("BREAD_ELEMENTWISE", "fast")
     with pytest.raises(ValueError, match="'kernels'.*'torch'"):
         silu_mul(a.requires_grad_(), u)
+
+
+def test_without_gradients_the_kernels_serve_too_and_the_probes_still_compare_torchs_ops(triton_backend):
+    """A block below the cut (no autograd) runs the forward kernels, the values the Functions give under autograd,
+    with no graph; the probes that decide which modules the Functions replace compare torch's ops with the module, so
+    Llama's norm and MLP are still recognised where the kernels would round the norm's sum otherwise."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from bread_kernels.functions.rms_norm import fusable_rms_norm
+    from bread_kernels.functions.swiglu import fusable_swiglu_mlp
+
+    x, w, _ = _norm_case(torch.bfloat16)
+    a, u, _ = _product_case(torch.bfloat16)
+    with torch.no_grad(), AtenOps() as ops:
+        y, h = rms_norm(x, w, 1e-6), silu_mul(a, u)
+    assert not set(ops.names) & (NORM_OPS | PRODUCT_OPS), ops.names
+    assert y.grad_fn is None and h.grad_fn is None
+    assert torch.equal(y, rms_norm(x.clone().requires_grad_(), w, 1e-6))
+    assert torch.equal(h, silu_mul(a.clone().requires_grad_(), u))
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-6)  # a width whose probe rows the kernel's sum order rounds otherwise
+    config = LlamaConfig(hidden_size=24, intermediate_size=37, num_attention_heads=4, num_key_value_heads=4)
+    assert fusable_rms_norm(norm.to(DEVICE)) and fusable_swiglu_mlp(LlamaMLP(config).to(DEVICE))
