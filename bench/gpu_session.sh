@@ -22,8 +22,8 @@ step() { local limit=$1; shift; log "$*"; timeout "$limit" "$@" 2>&1 | grep -v -
 
 log env
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
+  timeout 20 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  timeout 20 python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
   git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100; } 2>&1 | tee -a "$O/log.txt"
 
 step 45 python3 -m bread_kernels.bench host --dtype fp32
@@ -34,9 +34,9 @@ cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
 step 90 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
   --variants BREAD BREAD-partial
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
-# A/B of the RMSNorm and SwiGLU kernels: the same rows as the first run's BAdam and BREAD-SGD, with torch's ops
-BREAD_ELEMENTWISE=torch step 75 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress \
-  --out $T/mc --variants BAdam BREAD-SGD
+# A/B of the RMSNorm and SwiGLU kernels: the first run's BAdam and BREAD-SGD rows at block 1, with torch's ops
+step 75 env BREAD_ELEMENTWISE=torch python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress \
+  --out $T/mc --variants BAdam BREAD-SGD --positions 1
 cp $T/mc/*.json "$O/bench_model_h200_bf16_torch_elementwise.json" 2>/dev/null
 
 log tests

@@ -33,7 +33,8 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
   but not ``silu(a)``; every attention module that calls its modeling module's ``apply_rotary_pos_emb``
   (:func:`~bread_kernels.functions.rotary.install_fused_rotary`) through
   :func:`~bread_kernels.functions.rotary.rotary_embedding`, one pass per tensor each way.  All give autograd's
-  values bit for bit; a norm's weight keeps plain autograd (a gradient into ``.grad``).
+  values bit for bit (on a GPU's Triton kernels the norm's row sums round in another order: to fp32 rounding); a
+  norm's weight keeps plain autograd (a gradient into ``.grad``).
 * every block: the streaming forward of :mod:`bread_kernels.stream`.
 * on a causal LM of a supported family (by default; ``fused_loss=True`` requires it, ``False`` never): a forward
   whose loss (given ``labels``, with grad) is the fused head+loss of :mod:`bread_kernels.causal_lm` — no
@@ -323,7 +324,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             peak).
         fused_elementwise: compute every Llama-style RMSNorm (the blocks' and the final one), SwiGLU MLP and
             rotary embedding of the model with this library's Functions: the same values and gradients as
-            autograd's, bit for bit, from less saved memory (no fp32 copy of a norm's input, no ``silu(a)``: a bf16
+            autograd's, bit for bit (on a GPU, whose Triton kernels sum a norm's rows in another order: to fp32
+            rounding; ``BREAD_ELEMENTWISE=torch`` keeps torch's ops there), from less saved memory (no fp32 copy of a norm's input, no ``silu(a)``: a bf16
             Llama block saves about a third less) and fewer ops.  ``False`` leaves them as they are.
     """
     if not isinstance(model, nn.Module):

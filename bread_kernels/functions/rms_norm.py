@@ -153,9 +153,10 @@ def rms_norm_epsilon(module: nn.Module) -> float | None:
 
 
 def fusable_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is an RMSNorm that :func:`rms_norm` computes exactly: a class named ``...RMSNorm`` with
-    one floating-point parameter ``weight`` [K], an ε attribute, and a forward that gives :func:`rms_norm`'s values
-    bit for bit on probe rows (unit-scale and ε-scale, in the weight's dtype and in bf16/fp16).  A weight that
+    """Whether ``module`` is an RMSNorm that :func:`rms_norm` computes: a class named ``...RMSNorm`` with one
+    floating-point parameter ``weight`` [K], an ε attribute, and a forward that gives :func:`torch_rms_norm`'s values
+    (torch's ops: :func:`rms_norm`'s bit for bit on the CPU backends, to fp32 rounding of the row sums on the Triton
+    backend's kernels) bit for bit on probe rows (unit-scale and ε-scale, in the weight's dtype and in bf16/fp16).  A weight that
     cannot be read (on the meta device, partitioned by ZeRO-3: no elements) fails the probe."""
     if not type(module).__name__.endswith("RMSNorm"):
         return False

@@ -104,9 +104,10 @@ def swiglu_mlp(module: nn.Module, x: torch.Tensor, product=silu_mul) -> torch.Te
 
 
 def fusable_swiglu_mlp(module: nn.Module) -> bool:
-    """Whether ``module`` is a SwiGLU MLP that :func:`swiglu_mlp` computes exactly: a class named ``...MLP`` with
+    """Whether ``module`` is a SwiGLU MLP that :func:`swiglu_mlp` computes: a class named ``...MLP`` with
     ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``, no parameters of its own, and a forward that
-    gives :func:`swiglu_mlp`'s values bit for bit on probe rows.  Weights that cannot be read (on the meta device,
+    gives :func:`swiglu_mlp`'s values with torch's product (the CPU backends'; the Triton kernel rounds as its ops
+    do) bit for bit on probe rows.  Weights that cannot be read (on the meta device,
     partitioned by ZeRO-3) fail the probe."""
     if not type(module).__name__.endswith("MLP") or list(module.parameters(recurse=False)):
         return False
