@@ -1,4 +1,4 @@
-"""The element-wise Triton kernels compile for a GPU (sm_90, an H100) with Triton's own compiler and its bundled
+"""The element-wise Triton kernels compile for a GPU (sm_90 and sm_80: an H100, an A100) with Triton's own compiler and its bundled
 ``ptxas``, on a machine without one: the interpreter runs a kernel as Python and accepts constructs the compiler
 refuses (an import inside a kernel, ``.to`` on an integer argument that Triton specialises into a constant).  Their
 values are tested under the interpreter (the other files here) and on a GPU by ``bench/gpu_session.sh``.
@@ -19,8 +19,9 @@ from triton.compiler import ASTSource
 from bread_kernels.kernels import rms_norm, rotary, swiglu
 
 def compile(kernel, signature, constexprs):
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                   target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    for arch in (90, 80):  # an H100, an A100
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
     print("compiled", kernel.__name__, sorted(constexprs.items()))
 
 ints = lambda *names: dict.fromkeys(names, "i32")
@@ -50,7 +51,7 @@ compile(rotary._rotary_kernel,
 '''
 
 
-def test_the_element_wise_kernels_compile_for_an_h100():
+def test_the_element_wise_kernels_compile_for_an_h100_and_an_a100():
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
