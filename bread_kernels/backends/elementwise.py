@@ -1,7 +1,7 @@
 """The element work of the fused RMSNorm and SwiGLU Functions (:mod:`bread_kernels.functions.rms_norm`,
 :mod:`bread_kernels.functions.swiglu`): a backend's own kernels where it has them, torch's ops otherwise.
 
-Each backend answers four calls (``x`` [R, K], ``w`` [K], ``r`` [R] fp32; ``a``, ``u``, ``g`` [..., I])::
+Each backend answers four calls (``x``, ``g`` [..., K], ``w`` [K], ``r`` [..., 1] fp32; ``a``, ``u``, ``g`` [..., I])::
 
     rms_norm(x, w, eps) -> (y, r) | None                               # the forward, with its saved r
     rms_norm_backward(g, x, w, r, need_x, split, need_w) -> (dx, dx₂, dw) | None
