@@ -13,9 +13,12 @@ import enum
 
 import torch
 
-__all__ = ["Rounding", "ROUNDING_CODES", "MASK32", "lowbias32", "rng_keys"]
+__all__ = ["Rounding", "ROUNDING_CODES", "MASK32", "lowbias32", "rng_keys", "FLOAT_DTYPES"]
 
 MASK32 = 0xFFFFFFFF
+
+#: the floating dtypes the engine's weights, activations and gradients take (and its kernels read and write)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Rounding(enum.Enum):

@@ -18,12 +18,11 @@ import threading
 
 import torch
 
-from ..rounding import ROUNDING_CODES, Rounding, rng_keys
+from ..rounding import FLOAT_DTYPES, ROUNDING_CODES, Rounding, rng_keys
 from . import records_ops
 from .chunked import ChunkedBackend
 from .rotary import one_pass_serves
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -151,7 +150,7 @@ class NativeBackend(ChunkedBackend):
     def add_product_(self, target, v, a, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for a contiguous 2-D fp32/bf16/fp16 ``target`` and fp32 ``v``, ``a`` up to
         :attr:`max_rank_products` (``bread_kernels::add_rank_product_``): no fp32 [M, K] product."""
-        if v.dim() == 2 and v.dtype == a.dtype == torch.float32 and target.dtype in _FLOATS and target.dim() == 2 \
+        if v.dim() == 2 and v.dtype == a.dtype == torch.float32 and target.dtype in FLOAT_DTYPES and target.dim() == 2 \
                 and target.is_contiguous() and v.shape[1] <= self.max_rank_products \
                 and not records_ops(target, v, a):
             torch.ops.bread_kernels.add_rank_product_(target, v.contiguous(), a.contiguous(), float(alpha),
@@ -169,7 +168,7 @@ class NativeBackend(ChunkedBackend):
 
     def add_scaled_(self, target, other, alpha=1.0, round_term=False) -> None:
         """One pass in C++ for contiguous fp32/bf16/fp16 tensors of one shape; torch's add otherwise."""
-        if target.shape == other.shape and target.dtype in _FLOATS and other.dtype in _FLOATS \
+        if target.shape == other.shape and target.dtype in FLOAT_DTYPES and other.dtype in FLOAT_DTYPES \
                 and target.is_contiguous() and other.is_contiguous() and not records_ops(target, other):
             torch.ops.bread_kernels.add_scaled_(target, other, float(alpha), bool(round_term))
         else:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from ..rounding import FLOAT_DTYPES
 from . import records_ops
 
 __all__ = ["rotated", "one_pass_serves", "TorchRotary"]
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
@@ -45,7 +45,8 @@ def one_pass_serves(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: 
     """Whether a backend's one-pass op (native C++, Triton) takes these tensors: x and out fp32/bf16/fp16 with a unit
     last stride, cos and sin contiguous in one of those dtypes, and no autograd recording the ops (a double
     backward: its torch form is what autograd differentiates)."""
-    return x.dtype in _FLOATS and out.dtype in _FLOATS and cos.dtype == sin.dtype and cos.dtype in _FLOATS \
+    return x.dtype in FLOAT_DTYPES and out.dtype in FLOAT_DTYPES and cos.dtype == sin.dtype \
+        and cos.dtype in FLOAT_DTYPES \
         and x.stride(-1) == 1 and out.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
         and not records_ops(x, cos, sin)
 

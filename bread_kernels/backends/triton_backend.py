@@ -6,13 +6,13 @@ import os
 
 import torch
 
+from ..rounding import FLOAT_DTYPES
 from . import epilogue, records_ops
 from .add_scaled import TorchSums
 from .rotary import TorchRotary, one_pass_serves
 from .lora_gemm import lora_grads_gemm
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonBackend(TorchSums, TorchRotary):
@@ -58,7 +58,7 @@ class TritonBackend(TorchSums, TorchRotary):
         """``ok`` (None: True) and'ed with the tensors' finiteness: the flag's kernel
         (:mod:`bread_kernels.kernels.finite`, which starts from ``ok``) for fp32/bf16/fp16 tensors, the torch form
         for any other (an fp64 gradient); the flag stays on the device."""
-        if tensors and all(t.dtype in _KERNEL_DTYPES for t in tensors):
+        if tensors and all(t.dtype in FLOAT_DTYPES for t in tensors):
             return self._finite.finite_flag(*tensors, ok=ok)
         flag = epilogue.finite_flag(*tensors)
         return flag if ok is None else ok & flag
@@ -133,11 +133,11 @@ class TritonBackend(TorchSums, TorchRotary):
 
 
 def _norm_serves(x: torch.Tensor, weight: torch.Tensor, max_columns: int) -> bool:
-    return x.dim() >= 1 and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES and weight.dim() == 1 \
+    return x.dim() >= 1 and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and weight.dim() == 1 \
         and weight.is_contiguous() and x.shape[-1] == weight.shape[0] and 0 < x.shape[-1] <= max_columns \
         and x.device == weight.device
 
 
 def _product_serves(a: torch.Tensor, u: torch.Tensor) -> bool:
-    return a.shape == u.shape and a.dtype == u.dtype and a.dtype in _KERNEL_DTYPES and a.is_contiguous() \
+    return a.shape == u.shape and a.dtype == u.dtype and a.dtype in FLOAT_DTYPES and a.is_contiguous() \
         and u.is_contiguous() and a.device == u.device

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
+from ..rounding import FLOAT_DTYPES
 from ..update import update_rows_
 from .linear import trigger_for
 
@@ -79,7 +80,7 @@ def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, p
         raise TypeError(f"fused_embedding: plan must be a bread_kernels.WeightPlan, got {type(plan).__name__}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"fused_embedding: ids must be int32 or int64 token ids, got {ids.dtype}")
-    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fused_embedding: weight must be a 2-D float32/bfloat16/float16 [vocab, hidden] table, got "
                         f"{tuple(weight.shape)} {weight.dtype}")
     if ids.device != weight.device:

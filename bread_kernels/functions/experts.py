@@ -62,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
+from ..rounding import FLOAT_DTYPES
 from ..update import update_experts_
 from .autocast import autocast_dtype, outside_autocast
 from .linear import backward_trigger, check_plan_for_weight
@@ -74,7 +75,6 @@ __all__ = ["FusedExpertsFunction", "fused_experts", "check_experts_inputs", "exp
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 #: the attribute of a patched experts module holding ``{weight name: WeightPlan or None}`` (one plan per weight)
 EXPERT_PLANS_ATTR = "_bread_expert_plans"
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: what transformers' ``use_experts_implementation`` records about the layout, and the values computed here
 _LAYOUT_FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
                  "has_post_expert_norm": False}
@@ -125,7 +125,7 @@ def check_experts_inputs(hidden_states, top_k_index, top_k_weights, gate_up_proj
             raise TypeError(f"fused_experts: plans must be bread_kernels.WeightPlan or None, got {type(plan).__name__}")
     for what, t in (("hidden_states", hidden_states), ("top_k_weights", top_k_weights),
                     ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fused_experts: {what} must be a float32/bfloat16/float16 tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
     if hidden_states.dim() != 2:

@@ -88,6 +88,7 @@ import torch
 from ..backends import get_backend
 from ..backends.epilogue import dw_finite_flag
 from ..plan import Role, WeightPlan
+from ..rounding import FLOAT_DTYPES
 from ..update import update_linear_grad_, update_linear_tiles_
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
@@ -101,7 +102,6 @@ DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 #: adds a [V, H] product into the fp32 dW; measured on a CPU: 8 blocks cost 1.1x the default chunks' loss, 62 blocks
 #: 5x): :func:`dw_bytes_beside_hidden_sized`
 MAX_DW_BLOCKS_HIDDEN_SIZED = 8
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _budget_given(chunk_bytes: int | None) -> bool:
@@ -268,7 +268,7 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_head_loss: {what} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fused_head_loss: {what} has dtype {t.dtype}; float32, bfloat16 and float16 are "
                             "supported (cast with .to(weight.dtype))")
         if t.dtype != weight.dtype and autocast_dtype(weight.device) is None:  # autocast casts all to its dtype

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
+from ..rounding import FLOAT_DTYPES
 from ..update import update_linear_
 from .autocast import autocast_dtype, outside_autocast
 from .rebuild import rebuildable, saved_input
@@ -65,13 +66,12 @@ def trigger_for(plan: WeightPlan, *inputs: torch.Tensor | None) -> torch.Tensor 
             return None
     return backward_trigger()
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> None:
     """Raise a clear error for anything the fused linear cannot do correctly."""
     if bias is None and isinstance(plan, WeightPlan) and isinstance(x, torch.Tensor) and \
-            isinstance(weight, torch.Tensor) and x.dtype in _FLOAT_DTYPES and weight.dtype == x.dtype and \
+            isinstance(weight, torch.Tensor) and x.dtype in FLOAT_DTYPES and weight.dtype == x.dtype and \
             weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.device == weight.device:
         # what every call of a patched bias-free layer passes, in one expression (each check below holds; the loops
         # cost an on-the-fly weight's forward ~3 µs of its ~60: `python -m bread_kernels.bench host`)
@@ -84,7 +84,7 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_linear: {what} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"fused_linear: {what} has dtype {t.dtype}; the fused linear supports float32, bfloat16 and float16 "
                 "(cast integer or float64 data with .to(weight.dtype) first)"

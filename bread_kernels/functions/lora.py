@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..plan import WeightPlan
+from ..rounding import FLOAT_DTYPES
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
 from .rebuild import saved_input
@@ -52,7 +53,7 @@ def check_lora_inputs(x, weight, lora_a, lora_b, scaling) -> None:
     for what, t in (("lora_A", lora_a), ("lora_B", lora_b)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"fused_lora_linear: {what} weight must be a 2-D tensor")
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fused_lora_linear: {what} has dtype {t.dtype}; use float32, bfloat16 or float16")
         if t.device != x.device:
             raise ValueError(f"fused_lora_linear: {what} is on {t.device} but the input is on {x.device}")

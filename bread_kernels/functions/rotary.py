@@ -37,6 +37,7 @@ from torch import nn
 
 from ..backends import get_backend
 from ..backends.rotary import rotated
+from ..rounding import FLOAT_DTYPES
 from .probe import REFUSALS
 
 __all__ = ["RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "uninstall_fused_rotary",
@@ -44,7 +45,6 @@ __all__ = ["RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fuse
 
 #: the name transformers' attention forwards call the rotary embedding by
 FUNCTION_NAME = "apply_rotary_pos_emb"
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -118,7 +118,7 @@ def _covers(args: tuple, kwargs: dict) -> bool:
     if dim % 2 or k.shape[0] != batch or k.shape[2:] != (seq, dim) or cos.shape[1:] != (seq, dim) \
             or cos.shape[0] not in (1, batch):
         return False
-    if q.dtype not in _FLOATS or cos.dtype not in _FLOATS or q.dtype != k.dtype or cos.dtype != sin.dtype:
+    if q.dtype not in FLOAT_DTYPES or cos.dtype not in FLOAT_DTYPES or q.dtype != k.dtype or cos.dtype != sin.dtype:
         return False
     if not (q.device == k.device == cos.device == sin.device):
         return False

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import FLOAT_DTYPES
+
 __all__ = ["finite_flag"]
 
 _BLOCK = 1024
@@ -54,7 +56,7 @@ def finite_flag(*tensors: torch.Tensor, ok: torch.Tensor | None = None) -> torch
     for t in tensors:
         if t.device != device:
             raise ValueError(f"finite_flag: tensors on {device} and {t.device}; give tensors of one device")
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"finite_flag: tensors must be float32, bfloat16 or float16, got {t.dtype}")
     if ok is None:
         flag = torch.ones((), dtype=torch.bool, device=device)

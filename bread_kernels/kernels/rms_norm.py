@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import FLOAT_DTYPES
 from .dtype_round import on_device, round_to, rsqrt
 
 __all__ = ["rms_norm_forward", "rms_norm_backward", "MAX_COLUMNS"]
@@ -87,9 +88,8 @@ def _warps(block: int) -> int:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    floats = (torch.float32, torch.bfloat16, torch.float16)
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],) or not weight.is_contiguous() or \
-            x.dtype not in floats or weight.dtype not in floats or x.shape[1] > MAX_COLUMNS:
+            x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES or x.shape[1] > MAX_COLUMNS:
         raise ValueError(f"rms_norm kernels: x must be [R, K] with a unit last stride and K <= {MAX_COLUMNS}, "
                          f"weight contiguous [K], both float32, bfloat16 or float16; got x {tuple(x.shape)} "
                          f"{x.stride()} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")

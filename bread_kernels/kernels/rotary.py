@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import FLOAT_DTYPES
 from .dtype_round import on_device, round_to
 
 __all__ = ["rotary_"]
@@ -64,8 +65,8 @@ def rotary_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
             or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError(f"rotary_: cos and sin must be contiguous [1 or B, S, D] for x {tuple(x.shape)}, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    floats = (torch.float32, torch.bfloat16, torch.float16)
-    if not (x.dtype in floats and out.dtype in floats and cos.dtype == sin.dtype and cos.dtype in floats):
+    if not (x.dtype in FLOAT_DTYPES and out.dtype in FLOAT_DTYPES and cos.dtype == sin.dtype
+            and cos.dtype in FLOAT_DTYPES):
         raise TypeError(f"rotary_: x, out, cos and sin must be float32, bfloat16 or float16 (cos and sin of one "
                         f"dtype), got {x.dtype}, {out.dtype}, {cos.dtype} and {sin.dtype}")
     rows = batch * heads * seq

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import FLOAT_DTYPES
 from .dtype_round import exp, on_device, round_to
 
 __all__ = ["silu_mul_forward", "silu_mul_backward"]
@@ -62,7 +63,7 @@ def _silu_mul_backward_kernel(g_ptr, a_ptr, u_ptr, da_ptr, du_ptr, n, NEED_A: tl
 def _check(what: str, *tensors: torch.Tensor) -> None:
     first = tensors[0]
     if any(t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous() for t in tensors) or \
-            first.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            first.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{what}: the tensors must be contiguous, of one shape and one dtype (float32, bfloat16 or "
                          f"float16), got {[(tuple(t.shape), t.dtype, t.is_contiguous()) for t in tensors]}")
 
