@@ -40,6 +40,9 @@ def main(argv=None):
     group.add_argument("--seq", type=int)
     group.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                        help="engine recompute and reference gradient checkpointing (default on)")
+    group.add_argument("--keep-top", default="auto", metavar="auto|N",
+                       help="the engine's patch(keep_top=...): 'auto' (default) or how many top blocks keep their "
+                            "activations (0: recompute every block); the memory-for-time trade")
     group.add_argument("--lora-rank", type=int, default=8)
     group.add_argument("--out", default=".", help="directory for the JSON and PNG (default: the current one)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -60,6 +63,11 @@ def main(argv=None):
     if args.repeats is not None and args.repeats < 1:
         _fail(f"--repeats must be at least 1, got {args.repeats}")
     dtype = DTYPES[args.dtype] if args.dtype else None
+    keep_top = args.keep_top.strip().lower()
+    if keep_top != "auto":
+        if not keep_top.isdigit():
+            _fail(f"--keep-top must be 'auto' or a number of top blocks, got {args.keep_top!r}")
+        keep_top = int(keep_top)
     if args.suite == "linear":
         linear.run(args.out_features, args.in_features, args.tokens, dtype or torch.float32, args.repeats or 5,
                    args.device)
@@ -82,7 +90,7 @@ def main(argv=None):
     try:
         model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats,
                   args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, profile=args.profile,
-                  **shape)
+                  keep_top=keep_top, **shape)
     except model.VerificationError as exc:
         _fail(f"verification failed, nothing was timed for the case: {exc}")
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:

@@ -353,7 +353,7 @@ def _quantiles(values):
 
 def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None, dtype=None, repeats=None,
         recompute=True, lora_rank=8, device=None, out_dir=".", progress=True, print_fn=print, profile=False,
-        **shape):
+        keep_top="auto", **shape):
     """Run the model suite and write ``bench_model_<device>_<dtype>.json`` and ``.png`` into ``out_dir``.
 
     Args:
@@ -365,6 +365,9 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         batch, seq, dtype: None takes the device's default.
         repeats: timed forward + backward passes per side (after one warm-up); None: 2 on a CPU, 5 on a GPU.
         recompute: the engine recomputes blocks and the reference uses gradient checkpointing.
+        keep_top: the engine's ``patch(keep_top=...)``: ``"auto"`` (the default), or how many top blocks keep
+            their activations (0 recomputes every block): the memory-for-time trade, measured against the same
+            references.
         lora_rank: rank of the LoRA variants' adapters.
         device: ``"cpu"``, ``"cuda"``; None: CUDA when available.
         out_dir: where the JSON and PNG go.
@@ -401,6 +404,9 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         bad = [p for p in positions if not 0 <= p < n_blocks]
         if bad:
             raise ValueError(f"position {bad[0]} is not a block index of this model's {n_blocks} blocks")
+        if keep_top != "auto" and (isinstance(keep_top, bool) or not isinstance(keep_top, int)
+                                   or not 0 <= keep_top <= n_blocks):
+            raise ValueError(f"keep_top {keep_top!r} is not 'auto' or a number of top blocks in [0, {n_blocks}]")
         lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
         vocab = plain.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
@@ -408,6 +414,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         verify_lr = 1e-2 if dtype == torch.float32 else 1e-1
         result = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
                   "model": model or {**setup["shape"], **shape}, "batch": batch, "seq": seq, "recompute": recompute,
+                  "keep_top": keep_top,
                   "lora_rank": lora_rank, "repeats": repeats, "gemm_gflops": throughput / 1e9, "torch": torch.__version__,
                   "rows": []}
         bar = _progress(len(variants) * len(positions), progress)
@@ -418,7 +425,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
                 bar.set_description(f"{variant} @ block {active}")
                 try:
                     row = _measure(base, variant, active, ids, recompute, repeats, throughput,
-                                   lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile)
+                                   lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile, keep_top)
                 except VerificationError as exc:  # nothing timed for this case; the others still are
                     failures.append({"variant": variant, "position": active, "error": str(exc)})
                 else:
@@ -438,8 +445,9 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     return result
 
 
-def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank, verify_lr, profile=False) -> Row:
-    engine = patch(copy.deepcopy(base), recompute=recompute).train()
+def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank, verify_lr, profile=False,
+             keep_top="auto") -> Row:
+    engine = patch(copy.deepcopy(base), recompute=recompute, keep_top=keep_top).train()
     refs = reference_ways(base, recompute)
     count = not _runs_triton_gemms(variant, ids.device)
     flops = verify_step(engine, refs["best"], variant, active, ids, verify_lr, count)

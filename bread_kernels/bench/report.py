@@ -14,8 +14,10 @@ def _header(result: dict) -> str:
     model = result["model"]
     shape = (f"Llama {model['layers']}x{model['hidden']} (inter {model['intermediate']}, vocab {model['vocab']})"
              if isinstance(model, dict) else str(model))
+    keep_top = result.get("keep_top", "auto")  # absent from results saved before the option
+    kept = "" if keep_top == "auto" else f", keep_top={keep_top}"
     return (f"BCD step (forward + backward) on {result['device']}: {shape}, batch {result['batch']}x{result['seq']}, "
-            f"{result['dtype']}, recompute={result['recompute']}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
+            f"{result['dtype']}, recompute={result['recompute']}{kept}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
 
 
 def print_table(result: dict, print_fn=print) -> None:

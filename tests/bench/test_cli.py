@@ -47,6 +47,8 @@ def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
     (["--positions", "7"], "position 7 is not a block index of this model's 3 blocks"),
     (["--dtype", "fp8"], "unknown dtype 'fp8'; choose from fp32, bf16, fp16"),
     (["mystery"], "unknown suite 'mystery'; choose from model, linear, lora"),
+    (["--keep-top", "some"], "--keep-top must be 'auto' or a number of top blocks, got 'some'"),
+    (["--keep-top", "4"], "keep_top 4 is not 'auto' or a number of top blocks in [0, 3]"),
 ])
 def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
     base = RUN if "--model" in argv else TINY
@@ -101,3 +103,23 @@ def test_a_failed_case_is_not_timed_and_the_others_still_are(doubled_fused_step,
     assert [(r["variant"], r["verified"]) for r in written["rows"]] == [("BAdam", True)]
     assert [(f["variant"], f["position"]) for f in written["failures"]] == [("BREAD-SGD", 1)]
     assert list(written["summary"]) == ["BAdam"]
+
+
+def test_keep_top_reaches_the_engine_and_the_json(tmp_path, monkeypatch):
+    """``--keep-top 0`` patches the engine with it (every block recomputed: the memory-for-time trade against the
+    same references) and says so in the JSON and the table's header."""
+    seen = []
+    patch = model_bench.patch
+
+    def recording_patch(module, **kwargs):
+        seen.append(kwargs.get("keep_top"))
+        return patch(module, **kwargs)
+
+    monkeypatch.setattr(model_bench, "patch", recording_patch)
+    lines = []
+    result = model_bench.run(None, ("BAdam",), [1], 1, 8, torch.float32, 1, device="cpu", out_dir=tmp_path,
+                             progress=False, print_fn=lines.append, keep_top=0, layers=3, hidden=32,
+                             intermediate=40, heads=2, vocab=61)
+    assert 0 in seen and result["keep_top"] == 0 and result["rows"][0]["verified"]
+    assert json.loads((tmp_path / "bench_model_cpu_float32.json").read_text())["keep_top"] == 0
+    assert "keep_top=0" in lines[0]
