@@ -24,7 +24,6 @@ from . import records_ops
 __all__ = ["rotated", "one_pass_serves", "TorchRotary"]
 
 
-
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
             out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x·cos + rotate_half(x)·sin`` (``backward``: ``x·cos + rotate_halfᵀ(x·sin)``) in torch ops, each product

@@ -13,8 +13,6 @@ from .rotary import TorchRotary, one_pass_serves
 from .lora_gemm import lora_grads_gemm
 
 
-
-
 class TritonBackend(TorchSums, TorchRotary):
     name = "triton"
 
@@ -84,7 +82,7 @@ class TritonBackend(TorchSums, TorchRotary):
     def rms_norm(self, x, weight, eps):
         """One kernel (:mod:`bread_kernels.kernels.rms_norm`) for a contiguous ``x`` [..., K] and weight [K] in the
         kernel's dtypes, K up to its widest row; None (torch's ops) otherwise.  ``(y, r)`` with ``r`` [..., 1]."""
-        if not _norm_serves(x, weight, self._rms_norm.MAX_COLUMNS) or not x.is_contiguous():
+        if not _norm_serves(x, weight, self._rms_norm.MAX_COLUMNS):
             return None
         y, rstd = self._rms_norm.rms_norm_forward(x.view(-1, x.shape[-1]), weight, eps)
         return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
@@ -92,9 +90,8 @@ class TritonBackend(TorchSums, TorchRotary):
     def rms_norm_backward(self, grad_output, x, weight, rstd, need_x, split, need_w):
         """One kernel (and a sum of its programs' partial ∂L/∂w) where :meth:`rms_norm` served the forward; None
         where autograd records the backward's ops (a double backward) or the tensors do not suit it."""
-        if not _norm_serves(x, weight, self._rms_norm.MAX_COLUMNS) or not x.is_contiguous() or \
-                grad_output.shape != x.shape or rstd.dtype != torch.float32 or \
-                records_ops(grad_output, x, weight, rstd):
+        if not _norm_serves(x, weight, self._rms_norm.MAX_COLUMNS) or grad_output.shape != x.shape or \
+                rstd.dtype != torch.float32 or records_ops(grad_output, x, weight, rstd):
             return None
         width = x.shape[-1]
         grad_x, grad_x_again, grad_w = self._rms_norm.rms_norm_backward(
@@ -134,8 +131,8 @@ class TritonBackend(TorchSums, TorchRotary):
 
 def _norm_serves(x: torch.Tensor, weight: torch.Tensor, max_columns: int) -> bool:
     return x.dim() >= 1 and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and weight.dim() == 1 \
-        and weight.is_contiguous() and x.shape[-1] == weight.shape[0] and 0 < x.shape[-1] <= max_columns \
-        and x.device == weight.device
+        and x.is_contiguous() and weight.is_contiguous() and x.shape[-1] == weight.shape[0] \
+        and 0 < x.shape[-1] <= max_columns and x.device == weight.device
 
 
 def _product_serves(a: torch.Tensor, u: torch.Tensor) -> bool:

@@ -395,7 +395,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         warnings.simplefilter("ignore")  # transformers' and peft's deprecation notes are not the benchmark's output
         plain = (load_model(model, dtype) if model is not None else
                  build_model(**{**setup["shape"], **shape}, dtype=dtype, device=device)).to(device)
-        n_blocks = len(patched_state(patch(plain)).blocks)  # refuses a model without a block stack, with the reason
+        # refuses a model without a block stack, or a keep_top it cannot take, with the reason, before any timing
+        n_blocks = len(patched_state(patch(plain, keep_top=keep_top)).blocks)
         unpatch(plain)  # the copies below are patched (or not) on their own
         if positions is None:  # the second and the second-to-last block (and the middle one on a GPU)
             ends = {min(1, n_blocks - 1), max(0, n_blocks - 2)}
@@ -404,9 +405,6 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         bad = [p for p in positions if not 0 <= p < n_blocks]
         if bad:
             raise ValueError(f"position {bad[0]} is not a block index of this model's {n_blocks} blocks")
-        if keep_top != "auto" and (isinstance(keep_top, bool) or not isinstance(keep_top, int)
-                                   or not 0 <= keep_top <= n_blocks):
-            raise ValueError(f"keep_top {keep_top!r} is not 'auto' or a number of top blocks in [0, {n_blocks}]")
         lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
         vocab = plain.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)

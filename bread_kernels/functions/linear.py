@@ -67,7 +67,6 @@ def trigger_for(plan: WeightPlan, *inputs: torch.Tensor | None) -> torch.Tensor 
     return backward_trigger()
 
 
-
 def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> None:
     """Raise a clear error for anything the fused linear cannot do correctly."""
     if bias is None and isinstance(plan, WeightPlan) and isinstance(x, torch.Tensor) and \

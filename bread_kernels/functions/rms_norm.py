@@ -79,17 +79,9 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_again, weight, eps: float):
         ctx.split, ctx.eps = x_again is not None, eps
-        backend = ctx.backend = elementwise_backend(x.device)
-        computed = None if backend is None else backend.rms_norm(x, weight, eps)
-        if computed is None:
-            ctx.backend = None
-            x_f = x.to(torch.float32)
-            rstd = _rstd(x_f, eps)
-            output = _normalized(x, weight, rstd, x_f)
-        else:
-            output, rstd = computed  # the kernel's y is _normalized's from its r, bit for bit
+        output, rstd, ctx.backend = _forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return mark_rebuildable(output, _normalized, x, weight, rstd)
+        return mark_rebuildable(output, _normalized, x, weight, rstd)  # a kernel's y is _normalized's from its r
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -119,7 +111,8 @@ class RMSNormFunction(torch.autograd.Function):
             if ctx.split:
                 grad_x, grad_x_again = first, through_square
             else:
-                grad_x = (first + through_square if torch.is_grad_enabled() else first.add_(through_square)).to(x.dtype)
+                summed = first + through_square if torch.is_grad_enabled() else first.add_(through_square)
+                grad_x = summed.to(x.dtype)
         return grad_x, grad_x_again, grad_weight, None
 
 
@@ -128,19 +121,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     below the cut, an evaluation) the backend's forward kernel where it has one, as under autograd, else torch's
     ops, and no graph."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        backend = elementwise_backend(x.device)
-        computed = None if backend is None else backend.rms_norm(x, weight, eps)
-        # not marked rebuildable: nothing is saved here to rebuild from
-        return torch_rms_norm(x, weight, eps) if computed is None else computed[0]
+        return _forward(x, weight, eps)[0]  # not marked rebuildable: nothing is saved here to rebuild from
     split = x.dtype == torch.float32 and not torch.compiler.is_compiling()  # dynamo refuses a tensor given twice
     return RMSNormFunction.apply(x, x if split else None, weight, eps)
 
 
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`rms_norm`'s values by torch's ops (Hugging Face's, in its order), with no graph of its own: what the
-    probe compares a module with, whichever backend computes the norm in training."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(y, r, backend)``: the backend's kernel where it serves these tensors (the backend that served), torch's ops
+    otherwise (None)."""
+    backend = elementwise_backend(x.device)
+    computed = None if backend is None else backend.rms_norm(x, weight, eps)
+    if computed is None:
+        return (*_torch_forward(x, weight, eps), None)
+    return (*computed, backend)
+
+
+def _torch_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(y, r)`` by torch's ops (Hugging Face's, in its order)."""
     x_f = x.to(torch.float32)
-    return _normalized(x, weight, _rstd(x_f, eps), x_f)
+    rstd = _rstd(x_f, eps)
+    return _normalized(x, weight, rstd, x_f), rstd
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`rms_norm`'s values by torch's ops, with no graph of its own: what the probe compares a module with,
+    whichever backend computes the norm in training."""
+    return _torch_forward(x, weight, eps)[0]
 
 
 def rms_norm_epsilon(module: nn.Module) -> float | None:
@@ -156,8 +162,8 @@ def fusable_rms_norm(module: nn.Module) -> bool:
     """Whether ``module`` is an RMSNorm that :func:`rms_norm` computes: a class named ``...RMSNorm`` with one
     floating-point parameter ``weight`` [K], an ε attribute, and a forward that gives :func:`torch_rms_norm`'s values
     (torch's ops: :func:`rms_norm`'s bit for bit on the CPU backends, to fp32 rounding of the row sums on the Triton
-    backend's kernels) bit for bit on probe rows (unit-scale and ε-scale, in the weight's dtype and in bf16/fp16).  A weight that
-    cannot be read (on the meta device, partitioned by ZeRO-3: no elements) fails the probe."""
+    backend's kernels) bit for bit on probe rows (unit-scale and ε-scale, in the weight's dtype and in bf16/fp16).
+    A weight that cannot be read (on the meta device, partitioned by ZeRO-3: no elements) fails the probe."""
     if not type(module).__name__.endswith("RMSNorm"):
         return False
     params = dict(module.named_parameters(recurse=False))

@@ -41,12 +41,9 @@ class SiLUMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, u):
         ctx.save_for_backward(a, u)
-        backend = ctx.backend = elementwise_backend(a.device)
-        output = None if backend is None else backend.silu_mul(a, u)
-        if output is None:
-            ctx.backend = None
-            return mark_rebuildable(_product(a, u), _product, a, u)
-        return mark_rebuildable(output, backend.silu_mul, a, u)  # rebuilt by the same kernel: the same values
+        output, ctx.backend = _forward(a, u)
+        # rebuilt as it was computed (by the same kernel, or torch's ops): the same values
+        return mark_rebuildable(output, _product if ctx.backend is None else ctx.backend.silu_mul, a, u)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -86,10 +83,16 @@ def silu_mul(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(a) · u`` (see the module docstring); where nothing needs a gradient (a block below the cut, an
     evaluation) the backend's forward kernel where it has one, as under autograd, else torch's ops, and no graph."""
     if not torch.is_grad_enabled() or not (a.requires_grad or u.requires_grad):
-        backend = elementwise_backend(a.device)
-        output = None if backend is None else backend.silu_mul(a, u)
-        return _product(a, u) if output is None else output  # not marked rebuildable: nothing saved to rebuild from
+        return _forward(a, u)[0]  # not marked rebuildable: nothing is saved here to rebuild from
     return SiLUMulFunction.apply(a, u)
+
+
+def _forward(a: torch.Tensor, u: torch.Tensor):
+    """``(h, backend)``: the backend's kernel where it serves these tensors (the backend that served), torch's ops
+    otherwise (None)."""
+    backend = elementwise_backend(a.device)
+    output = None if backend is None else backend.silu_mul(a, u)
+    return (_product(a, u), None) if output is None else (output, backend)
 
 
 def _product(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

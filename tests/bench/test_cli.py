@@ -48,7 +48,7 @@ def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
     (["--dtype", "fp8"], "unknown dtype 'fp8'; choose from fp32, bf16, fp16"),
     (["mystery"], "unknown suite 'mystery'; choose from model, linear, lora"),
     (["--keep-top", "some"], "--keep-top must be 'auto' or a number of top blocks, got 'some'"),
-    (["--keep-top", "4"], "keep_top 4 is not 'auto' or a number of top blocks in [0, 3]"),
+    (["--keep-top", "4"], "keep_top must be 'auto' or an int in [0, 3] (the number of top blocks that keep"),
 ])
 def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
     base = RUN if "--model" in argv else TINY
