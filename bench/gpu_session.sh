@@ -1,7 +1,7 @@
 #!/bin/bash
 # One lent-GPU call (device tool, 15 minutes of device time in all), for issue 12: the host time of one fused linear
 # backward and forward (fp32, bf16), the model suite on the GPU's default model against both references, then the
-# GPU tests of the Triton kernels (the update's finiteness flag, kernels/finite.py, the rotary embedding,
+# A/B of the hook path for small weights, the GPU tests of the Triton kernels (the update's finiteness flag, kernels/finite.py, the rotary embedding,
 # kernels/rotary.py, and the RMSNorm and SwiGLU kernels, kernels/rms_norm.py and swiglu.py, have only run under the
 # interpreter before), the Liger backend and the op counts.  Each step has its own time limit so a slow one cannot
 # eat the next; everything lands in $OUT (at most 8 files come back).
@@ -38,6 +38,14 @@ cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
 step 75 env BREAD_ELEMENTWISE=torch python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress \
   --out $T/mc --variants BAdam BREAD-SGD --positions 1
 cp $T/mc/*.json "$O/bench_model_h200_bf16_torch_elementwise.json" 2>/dev/null
+# A/B of patch's hook_update_numel on the host-bound 8x512 model (the CPU default; weights of 2^18-2^19.4
+# elements): every update fused (0) against every block linear hooked (2^20); the GPU default model's weights are
+# far above any such threshold
+for n in 0 1048576; do
+  step 40 env BREAD_HOOK_UPDATE_NUMEL=$n python3 -m bread_kernels.bench model --dtype bf16 --repeats 3 --no-progress \
+    --out $T/mh$n --variants BREAD-SGD --positions 1 --layers 8 --hidden 512 --intermediate 1376 --vocab 4096 \
+    --batch 4 --seq 256
+done
 
 log tests
 timeout 150 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \

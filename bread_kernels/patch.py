@@ -42,10 +42,17 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 
 A weight shared with another module (a tied embedding and head) keeps plain autograd in both, so every use
 contributes to one summed gradient (design invariant 2).
+
+A block's small plain linear (at most ``hook_update_numel`` weight elements) with an on-the-fly role is not fused
+either, when the engine's own driver writes the plans (:class:`~bread_kernels.optim.driver.EngineDriver`): autograd
+computes its dW and a post-accumulate-grad hook applies the update, as the reference does.  On such a weight the
+fused function's Python (a custom Function's forward, twice with the recompute, and its backward: ~110 µs a step on
+a CPU) costs more than the dW it avoids (see :func:`patch`).
 """
 
 from __future__ import annotations
 
+import os
 import types
 import warnings
 import weakref
@@ -67,9 +74,17 @@ from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .stream import StreamConfig, streamed_block_forward
 
-__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction"]
+__all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default"]
 
 _STATE_ATTR = "_bread_patch"
+
+#: ``patch(hook_update_numel=None)``'s value where ``BREAD_HOOK_UPDATE_NUMEL`` is unset: 2¹⁷ elements (512 KiB of
+#: fp32 dW).  Measured on a 2-thread AVX2 CPU (``bench/results/hook_update_numel_cpu_amd_avx2_stop38.txt``): with
+#: weights of 2¹²-2¹⁷ elements the hook path's step was 1-12% faster (SGD and SIGN); at 2¹⁸-2¹⁹ SGD's was up to 9%
+#: slower (its fused update is one ``addmm_`` into W, with no dW to write and read again).
+DEFAULT_HOOK_UPDATE_NUMEL = 1 << 17
+_HOOK_UPDATE_NUMEL_ENV = "BREAD_HOOK_UPDATE_NUMEL"
 _PATCHED_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -99,8 +114,16 @@ class PatchedModel:
         self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
+        self.hook_update_numel = DEFAULT_HOOK_UPDATE_NUMEL  # patch()'s option: see updates_in_hook
         self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
+
+    def updates_in_hook(self, module: nn.Module) -> bool:
+        """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
+        hook (autograd's dW, then the update, as the reference does) than fused: a plain linear inside a block (not
+        the head, the embedding or a LoRA layer) whose weight has at most :attr:`hook_update_numel` elements."""
+        numel = module.weight.numel()  # 0 for a ZeRO-3 partition, which stays fused
+        return id(module) in self.block_of_linear and not is_lora_layer(module) and 0 < numel <= self.hook_update_numel
 
     def block_prefixes(self) -> list[str]:
         return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
@@ -293,9 +316,11 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
-          fused_loss: bool | None = None, keep_top: int | str = "auto", fused_elementwise: bool = True) -> nn.Module:
+          fused_loss: bool | None = None, keep_top: int | str = "auto", fused_elementwise: bool = True,
+          hook_update_numel: int | None = None) -> nn.Module:
     """Install the fused backward on ``model`` (in place) and return it.  Calling it again is harmless (and
-    changes ``recompute``, ``fused_loss``, ``keep_top`` and ``fused_elementwise`` to the values given).
+    changes ``recompute``, ``fused_loss``, ``keep_top``, ``fused_elementwise`` and ``hook_update_numel`` to the
+    values given).
 
     Args:
         blocks: the stack of repeated blocks, if discovery cannot find it (``model.model.layers``).
@@ -327,6 +352,16 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             autograd's, bit for bit (on a GPU, whose Triton kernels sum a norm's rows in another order: to fp32
             rounding; ``BREAD_ELEMENTWISE=torch`` keeps torch's ops there), from less saved memory (no fp32 copy of a norm's input, no ``silu(a)``: a bf16
             Llama block saves about a third less) and fewer ops.  ``False`` leaves them as they are.
+        hook_update_numel: a block's plain linear whose weight has at most this many elements takes an on-the-fly
+            role (SGD/SIGN) the way the reference does: autograd materialises its dW (at most this many elements,
+            one weight at a time) and a post-accumulate-grad hook of the driver applies the update, with the same
+            rule, finiteness flag and skip report.  On such a small weight the fused function's Python costs more
+            host time than the dW it avoids costs memory traffic: ~110 µs a weight and step on a CPU, where a tiny
+            (host-bound) model's BREAD-SGD and sign steps ran 8-13% faster.  In bf16/fp16 the update then uses autograd's dW
+            rounded to the weight's dtype, as the reference's hook does.  ``None`` (the default):
+            ``BREAD_HOOK_UPDATE_NUMEL`` if set, else :data:`DEFAULT_HOOK_UPDATE_NUMEL` (2¹⁷); 0 fuses every update.
+            Read when an optimizer writes its plans (at each block switch).  Under DeepSpeed ZeRO-3 and under
+            :func:`~bread_kernels.accelerate` (whose library applies the hook updates) every update stays fused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
@@ -334,6 +369,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         raise TypeError(f"patch: fused_loss must be None (where it can), True or False, got {fused_loss!r}")
     if not isinstance(fused_elementwise, bool):
         raise TypeError(f"patch: fused_elementwise must be True or False, got {fused_elementwise!r}")
+    hook_update_numel = _check_hook_update_numel(hook_update_numel)
     state = patched_state(model)
     if state is not None:
         if blocks is not None and blocks is not state.blocks:
@@ -343,6 +379,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         state.stream.recompute = recompute
         state.fused_loss = fused_loss
         state.stream.keep_top = keep_top
+        state.hook_update_numel = hook_update_numel
         _set_fused_elementwise(model, fused_elementwise, state)
         return model
     if fused_loss:
@@ -366,6 +403,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     keep_top = _check_keep_top(keep_top, len(blocks))
     state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute, fused_loss)
     state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
+    state.hook_update_numel = hook_update_numel
     owners: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
@@ -478,6 +516,31 @@ def _check_keep_top(keep_top, n_blocks: int) -> int | str:
     return keep_top
 
 
+def hook_update_numel_default() -> int:
+    """``patch(hook_update_numel=None)``'s value: ``BREAD_HOOK_UPDATE_NUMEL`` if set, else
+    :data:`DEFAULT_HOOK_UPDATE_NUMEL`."""
+    configured = os.environ.get(_HOOK_UPDATE_NUMEL_ENV)
+    if configured is None:
+        return DEFAULT_HOOK_UPDATE_NUMEL
+    try:
+        value = int(configured)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{_HOOK_UPDATE_NUMEL_ENV} must be a number of elements >= 0 (0 fuses every on-the-fly "
+                         f"update), got {configured!r}")
+    return value
+
+
+def _check_hook_update_numel(hook_update_numel) -> int:
+    if hook_update_numel is None:
+        return hook_update_numel_default()
+    if isinstance(hook_update_numel, bool) or not isinstance(hook_update_numel, int) or hook_update_numel < 0:
+        raise ValueError(f"patch: hook_update_numel must be None (the default) or a number of weight elements >= 0 "
+                         f"(0 fuses every on-the-fly update), got {hook_update_numel!r}")
+    return hook_update_numel
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original modules (trained values kept; same ``state_dict`` keys).  Harmless if not patched.
 
@@ -523,7 +586,9 @@ def fused_fraction(model: nn.Module) -> dict:
     optimizer's plans can route through a fused backward), ``fraction`` (their ratio), ``linear_and_expert`` and
     ``fused_linear_and_expert`` (the same restricted to the weights and biases of ``nn.Linear``/``Conv1D`` layers
     and the 3-D expert weights), ``fraction_of_linear_and_expert``, and ``unfused``: the (name, elements) of every
-    block parameter outside the fused functions (norms, MoE routers' weights, ...), which take the hook path."""
+    block parameter outside the fused functions (norms, MoE routers' weights, ...), which take the hook path.  (A
+    fused linear's on-the-fly role takes the hook path too where its weight has at most
+    :attr:`PatchedModel.hook_update_numel` elements: a choice made when the plans are written, not counted here.)"""
     state = patched_state(model)
     if state is None:
         raise ValueError("fused_fraction: the model is not patched; call bread_kernels.patch(model) first")

@@ -10,7 +10,7 @@ entry point                  gradient                                           
 :func:`update_linear_tiles_` row tiles of dW, ``dW[a:b] = gᵀx`` per tile             the fused head+loss's vocabulary tiles
 :func:`update_experts_`      expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``  the fused experts function
 :func:`update_rows_`         the summed rows ``G`` [R, H] of the distinct ids [R]  the fused embedding
-:func:`update_dense_`        a materialised gradient of the parameter's shape      the optimizer's hook path (norms)
+:func:`update_dense_`        a materialised gradient of the parameter's shape      the hook path (norms, small linears)
 ===========================  ====================================================  ===================================
 
 Each does, in this order: read ``lr·s`` (:meth:`OnTheFlyUpdate.step_size`), hand the write to the plan's

@@ -56,12 +56,12 @@ def forward_context(autocast: torch.dtype | None):
 
 
 def engine_backward(variant: str, dtype: torch.dtype, recompute: bool = True,
-                    autocast: torch.dtype | None = None) -> OpCounter:
+                    autocast: torch.dtype | None = None, hook_update_numel: int = 0) -> OpCounter:
     arguments, lora = VARIANTS[variant]
     model = models.llama(dtype=dtype)
     if lora:
         model = models.with_lora(model)
-    bread_kernels.patch(model, recompute=recompute)
+    bread_kernels.patch(model, recompute=recompute, hook_update_numel=hook_update_numel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
@@ -122,22 +122,28 @@ def reference_backward(variant: str, dtype: torch.dtype, checkpointing: bool,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backend_name", ["native", "torch"])
-def test_a_patched_backward_never_waits_for_the_device(monkeypatch, backend_name, variant, dtype):
+@pytest.mark.parametrize("hook_update_numel", [0, 1 << 20], ids=["fused", "hooked"])
+def test_a_patched_backward_never_waits_for_the_device(monkeypatch, backend_name, variant, dtype, hook_update_numel):
+    """Every block linear fused, or (hooked: patch's hook_update_numel) every on-the-fly one updated by the driver's
+    hook on autograd's dW: its finiteness flag stays on the device as well."""
     monkeypatch.setenv("BREAD_BACKEND", backend_name)
-    counter = engine_backward(variant, dtype)
+    counter = engine_backward(variant, dtype, hook_update_numel=hook_update_numel)
     assert counter.syncs == 0, {name: counter.counts[name] for name in SYNC_OPS}
     assert counter.counts["aten.mm"] + counter.counts["aten.addmm"] > 0  # the count saw the backward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["sgd", "sign"])
-def test_the_on_the_fly_backward_runs_no_more_ops_than_autograd_with_hooks(variant, dtype):
+@pytest.mark.parametrize("hook_update_numel", [0, 1 << 20], ids=["fused", "hooked"])
+def test_the_on_the_fly_backward_runs_no_more_ops_than_autograd_with_hooks(variant, dtype, hook_update_numel):
     """On the default CPU backend; with the recompute against HF checkpointing, and without it against plain
-    autograd (the torch backend's epilogue is a dozen element-wise torch ops per weight: the fallback)."""
-    engine = engine_backward(variant, dtype)
+    autograd (the torch backend's epilogue is a dozen element-wise torch ops per weight: the fallback).  Hooked:
+    every block linear's update in the driver's hook, whose flag-gated write is a few ops more than the reference
+    hook's ``add_`` (and the rest of the engine fewer)."""
+    engine = engine_backward(variant, dtype, hook_update_numel=hook_update_numel)
     reference = reference_backward(variant, dtype, checkpointing=True)
     assert engine.total <= reference.total, (engine.total, reference.total)
-    engine = engine_backward(variant, dtype, recompute=False)
+    engine = engine_backward(variant, dtype, recompute=False, hook_update_numel=hook_update_numel)
     reference = reference_backward(variant, dtype, checkpointing=False)
     assert engine.total <= reference.total, (engine.total, reference.total)
 

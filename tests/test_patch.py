@@ -11,7 +11,8 @@ from torch import nn
 
 import bread_kernels
 from bread_kernels import Role, WeightPlan
-from bread_kernels.patch import fused_fraction, patched_state
+from bread_kernels.patch import DEFAULT_HOOK_UPDATE_NUMEL, fused_fraction, patched_state
+from tests import model_zoo as models
 from tests.model_zoo import BUILDERS, MOE_BUILDERS, batch, loss_of
 
 
@@ -175,3 +176,37 @@ def test_an_experts_module_of_another_layout_keeps_plain_autograd_and_is_named()
     with pytest.warns(RuntimeWarning, match=r"model\.layers\.1\.mlp\.experts .*is_transposed=True.*plain autograd"):
         state = patched_state(bread_kernels.patch(model))
     assert [name for name, _ in state.fused_experts] == ["model.layers.0.mlp.experts"]
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "4096", True])
+def test_a_bad_hook_update_numel_is_refused_before_anything_is_installed(value):
+    model = models.llama()
+    with pytest.raises(ValueError, match=r"hook_update_numel must be None \(the default\) or a number of weight "
+                                         r"elements >= 0 \(0 fuses every on-the-fly update\), got"):
+        bread_kernels.patch(model, hook_update_numel=value)
+    assert patched_state(model) is None
+
+
+def test_hook_update_numel_default_comes_from_the_environment_or_the_measured_constant(monkeypatch):
+    monkeypatch.delenv("BREAD_HOOK_UPDATE_NUMEL", raising=False)
+    model = bread_kernels.patch(models.llama())
+    assert patched_state(model).hook_update_numel == DEFAULT_HOOK_UPDATE_NUMEL == 1 << 17
+    monkeypatch.setenv("BREAD_HOOK_UPDATE_NUMEL", "300")
+    assert patched_state(bread_kernels.patch(model)).hook_update_numel == 300  # patch() again: the values given
+    assert patched_state(bread_kernels.patch(model, hook_update_numel=7)).hook_update_numel == 7
+    monkeypatch.setenv("BREAD_HOOK_UPDATE_NUMEL", "lots")
+    with pytest.raises(ValueError, match=r"BREAD_HOOK_UPDATE_NUMEL must be a number of elements >= 0 .*'lots'"):
+        bread_kernels.patch(model)
+    assert patched_state(model).hook_update_numel == 7  # a refusal changes nothing
+
+
+def test_updates_in_hook_takes_only_a_blocks_small_plain_linears():
+    """The head and the embedding (one fused call per step each) and peft LoRA layers stay fused at any size."""
+    import peft
+    lora = peft.get_peft_model(models.llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model = bread_kernels.patch(lora, hook_update_numel=1 << 30)
+    state = patched_state(model)
+    hooked = {name for name, module in state.fused_modules if state.updates_in_hook(module)}
+    assert hooked and all(".layers." in n and "q_proj" not in n for n in hooked)
+    assert any("q_proj" in n for n, _ in state.fused_modules)
+    assert len(hooked) == len([n for n in state.fused_modules if ".layers." in n[0]]) - 4

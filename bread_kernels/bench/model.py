@@ -396,7 +396,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         plain = (load_model(model, dtype) if model is not None else
                  build_model(**{**setup["shape"], **shape}, dtype=dtype, device=device)).to(device)
         # refuses a model without a block stack, or a keep_top it cannot take, with the reason, before any timing
-        n_blocks = len(patched_state(patch(plain, keep_top=keep_top)).blocks)
+        state = patched_state(patch(plain, keep_top=keep_top))
+        n_blocks, hook_update_numel = len(state.blocks), state.hook_update_numel  # the latter: BREAD_HOOK_UPDATE_NUMEL
         unpatch(plain)  # the copies below are patched (or not) on their own
         if positions is None:  # the second and the second-to-last block (and the middle one on a GPU)
             ends = {min(1, n_blocks - 1), max(0, n_blocks - 2)}
@@ -412,7 +413,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         verify_lr = 1e-2 if dtype == torch.float32 else 1e-1
         result = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
                   "model": model or {**setup["shape"], **shape}, "batch": batch, "seq": seq, "recompute": recompute,
-                  "keep_top": keep_top,
+                  "keep_top": keep_top, "hook_update_numel": hook_update_numel,
                   "lora_rank": lora_rank, "repeats": repeats, "gemm_gflops": throughput / 1e9, "torch": torch.__version__,
                   "rows": []}
         bar = _progress(len(variants) * len(positions), progress)

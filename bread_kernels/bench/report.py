@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..patch import DEFAULT_HOOK_UPDATE_NUMEL
+
 __all__ = ["print_table", "write_outputs", "markdown_table", "output_stem"]
 
 
@@ -16,6 +18,9 @@ def _header(result: dict) -> str:
              if isinstance(model, dict) else str(model))
     keep_top = result.get("keep_top", "auto")  # absent from results saved before the option
     kept = "" if keep_top == "auto" else f", keep_top={keep_top}"
+    hooked = result.get("hook_update_numel", 0)  # absent from results saved before the option: every update fused
+    if hooked != DEFAULT_HOOK_UPDATE_NUMEL:
+        kept += f", hook_update_numel={hooked}"
     return (f"BCD step (forward + backward) on {result['device']}: {shape}, batch {result['batch']}x{result['seq']}, "
             f"{result['dtype']}, recompute={result['recompute']}{kept}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
 

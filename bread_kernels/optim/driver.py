@@ -7,7 +7,8 @@ A library says, whenever its active set changes, each parameter's :class:`~bread
 or ``FROZEN`` — and, once per optimizer step, calls :meth:`EngineDriver.end_step` (which reads the step's
 finiteness flags with one host sync and reports skipped updates).  The driver turns the roles into what the engine
 reads: the fused modules' plans, each parameter's ``requires_grad``, the post-accumulate-grad hooks that update the
-parameters outside the fused modules (norms, a tied embedding), and the cut (blocks below it run without autograd).
+parameters outside the fused modules (norms, a tied embedding, a block's small linears: ``patch``'s
+``hook_update_numel``), and the cut (blocks below it run without autograd).
 
 :class:`~bread_kernels.BlockOptimizer`, :func:`bread_kernels.accelerate` and the Trainer callbacks are users of this
 protocol; a library not supported by ``accelerate`` can use it directly::
@@ -273,7 +274,9 @@ class EngineDriver:
 
     def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
         """The fused plan of one patched Linear or embedding, or None when its parameters must take the plain
-        autograd path."""
+        autograd path: a parameter outside this driver or shared with another module, a bias whose role is not its
+        weight's, or a small block linear whose on-the-fly update this driver's hook applies
+        (:meth:`~bread_kernels.patch.PatchedModel.updates_in_hook`)."""
         weight, bias = module.weight, getattr(module, "bias", None)
         params = [weight] + ([bias] if bias is not None else [])
         if any(id(p) not in role_of or id(p) in self.engine.shared_weights for p in params):
@@ -281,6 +284,9 @@ class EngineDriver:
         role = role_of[id(weight)]
         if bias is not None and role_of[id(bias)] is not role:
             return None
+        if role.updates_on_the_fly and self.update_target is None and not self.library_hooks and \
+                self.engine.updates_in_hook(module):
+            return None  # a small weight: autograd's dW and this driver's hook cost less host time (patch())
         fused.update(id(p) for p in params)
         if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
             role = Role.LORA  # the base weight is frozen, its adapters train

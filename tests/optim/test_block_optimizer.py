@@ -114,8 +114,10 @@ def test_state_dict_resumes_a_run_exactly(sgd_mode, dtype):
     assert opt2.order.current == opt.order.current and opt2.global_step == opt.global_step == 7
 
 
-def test_non_finite_gradient_skips_the_updates_and_is_reported_once_per_step():
-    model = bread_kernels.patch(BUILDERS["llama"]())
+@pytest.mark.parametrize("hook_update_numel", [0, 1 << 20], ids=["fused", "hooked"])
+def test_non_finite_gradient_skips_the_updates_and_is_reported_once_per_step(hook_update_numel):
+    """Fused updates, or every block linear's update in the driver's hook (patch's hook_update_numel)."""
+    model = bread_kernels.patch(BUILDERS["llama"](), hook_update_numel=hook_update_numel)
     opt = make(model, sgd_mode="all", switch_block_every=10)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = loss_of(model, batch(0)) * math.nan

@@ -120,3 +120,51 @@ def test_an_accelerated_model_taken_over_by_a_block_optimizer_runs_on_the_engine
     models.loss_of(model, models.batch(0)).backward()
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) > len(before) // 2, "the SGD updates of the hook path ran"
+
+
+def _plans(model) -> dict:
+    return {name: getattr(module, "_bread_weight_plan") for name, module in patched_state(model).fused_modules}
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN])
+def test_small_block_linears_are_updated_by_the_drivers_hooks(role):
+    """patch(hook_update_numel=4096): the tiny Llama's attention weights (≤ 64×64) lose their plan and take the
+    driver's hook, with requires_grad on; its MLP weights (88×64), the embedding and the head keep a fused plan.
+    The hooked weights move by the rule's step on autograd's dW, and hold no .grad after the backward."""
+    original = models.llama()
+    reference, model = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original), hook_update_numel=4096)
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR, scale=0.5))
+    driver.set_roles(_roles(model, other=role))
+    hooked = {n for n, plan in _plans(model).items() if plan is None}
+    assert hooked == {f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "k_proj", "v_proj",
+                                                                                       "o_proj")}
+    params = dict(model.named_parameters())
+    assert all(params[f"{n}.weight"].requires_grad and f"{n}.weight" in driver.hook_plans for n in hooked)
+    assert not params["model.layers.0.mlp.gate_proj.weight"].requires_grad  # fused: autograd computes no dW
+    ids = models.batch(0)
+    models.loss_of(model, ids).backward()
+    assert driver.end_step() == 0
+    assert all(params[f"{n}.weight"].grad is None for n in hooked)
+    models.loss_of(reference, ids).backward()
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if not n.startswith("model.layers.3."):
+                p -= LR * 0.5 * (p.grad.sign() if role is Role.SIGN else p.grad)
+    models.assert_same_parameters(reference, model, rtol=1e-5, atol=1e-6)  # layer 3 (ACTIVE): unstepped in both
+
+    bread_kernels.patch(model, hook_update_numel=0)  # read when the plans are written next
+    assert {n for n, plan in _plans(model).items() if plan is None} == hooked  # until the plans are written again
+    driver.set_roles(_roles(model, other=role))
+    assert not any(plan is None for plan in _plans(model).values())
+    assert not params["model.layers.0.self_attn.q_proj.weight"].requires_grad
+    driver.close()
+
+
+def test_hook_path_stays_off_where_the_library_applies_the_hook_updates():
+    """library_hooks=True (accelerate's drivers): the library's own hooks would step a hooked weight with its own
+    rule, so every on-the-fly update stays fused."""
+    model = bread_kernels.patch(models.llama(), hook_update_numel=1 << 20)
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR), library_hooks=True)
+    driver.set_roles(_roles(model))
+    assert not any(plan is None for plan in _plans(model).values())
+    driver.close()

@@ -443,3 +443,31 @@ def test_moe_bread_lora_on_the_attention(variant):
     run_case(Case("qwen2_moe", steps=5, short_steps=(1,), build=EAGER, lora=dict(r=4), optimizer_extra=dict(eps=1e-5),
                   bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING,
                            lora_mode="all")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A block's small linears under an on-the-fly role: autograd's dW and the driver's hook (patch's hook_update_numel)
+
+
+#: the tiny Llama's attention weights (q/o 64×64, k/v 32×64) take the hook path, its MLP weights (88×64) stay fused
+HOOK_ATTENTION = dict(fused_loss=False, hook_update_numel=64 * 64)
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SGD_PARTIAL, SIGN_ALL], ids=["sgd-all", "sgd-partial", "sign-all"])
+def test_small_linears_updated_by_hooks(variant):
+    """Hooked and fused weights side by side in each block, every block switch, the same tolerance as the fused
+    cases: the update's rule, step size and skip flag are the fused path's, on autograd's dW."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", patch=HOOK_ATTENTION, bcd=dict(switch_block_every=2, switch_mode="descending",
+                                                         sgd_mode=sgd_mode, sgd_use_sign=sign,
+                                                         sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+def test_bf16_small_linears_updated_by_hooks(variant):
+    """bf16, every block linear on the hook path: the update takes autograd's bf16 dW, as the reference's hook does
+    (the tolerance of :func:`test_bf16_nearest_rounding`)."""
+    sgd_mode, sign = variant
+    run_case(Case("llama", dtype=torch.bfloat16, steps=5, lr=1e-2, engine=dict(rounding="nearest"),
+                  rtol=2 ** -7, atol=1e-6, adam_outliers=0.01, patch=dict(fused_loss=False, hook_update_numel=1 << 20),
+                  bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
