@@ -158,12 +158,16 @@ class StreamConfig:
 
 
 def block_has_work(block: nn.Module) -> bool:
-    """Whether the block's backward would do anything: a parameter needs a gradient or a fused on-the-fly update."""
+    """Whether the block's backward would do anything: a parameter needs a gradient or a fused on-the-fly update.
+    (The parameters first: an active block answers at its first one, where the walk over every module's plans cost
+    ~70 µs of a host-bound block's forward.)"""
+    if any(p.requires_grad for p in block.parameters()):
+        return True
     for module in block.modules():
         plans = [getattr(module, PLAN_ATTR, None), *getattr(module, EXPERT_PLANS_ATTR, {}).values()]
         if any(plan is not None and plan.role.updates_on_the_fly for plan in plans):
             return True
-    return any(p.requires_grad for p in block.parameters())
+    return False
 
 
 # the KV cache's names across transformers versions (5.24 renamed ``past_key_values`` to ``cache``)
