@@ -39,8 +39,9 @@ step 75 env BREAD_ELEMENTWISE=torch python3 -m bread_kernels.bench model --dtype
   --out $T/mc --variants BAdam BREAD-SGD --positions 1
 cp $T/mc/*.json "$O/bench_model_h200_bf16_torch_elementwise.json" 2>/dev/null
 # A/B of patch's hook_update_numel on the host-bound 8x512 model (the CPU default; weights of 2^18-2^19.4
-# elements): every update fused (0) against every block linear hooked (2^20); the GPU default model's weights are
-# far above any such threshold
+# elements, above the default 2^17, so the default run is the fused one): every update fused (0) against every
+# block linear hooked (2^20) — whether a GPU, host-bound at this size, wants a larger default; the GPU default
+# model's weights are far above any such threshold
 for n in 0 1048576; do
   step 40 env BREAD_HOOK_UPDATE_NUMEL=$n python3 -m bread_kernels.bench model --dtype bf16 --repeats 3 --no-progress \
     --out $T/mh$n --variants BREAD-SGD --positions 1 --layers 8 --hidden 512 --intermediate 1376 --vocab 4096 \

@@ -44,14 +44,16 @@ A weight shared with another module (a tied embedding and head) keeps plain auto
 contributes to one summed gradient (design invariant 2).
 
 A block's small plain linear (at most ``hook_update_numel`` weight elements) with an on-the-fly role is not fused
-either, when the engine's own driver writes the plans (:class:`~bread_kernels.optim.driver.EngineDriver`): autograd
-computes its dW and a post-accumulate-grad hook applies the update, as the reference does.  On such a weight the
+either where the driver's own hooks apply the updates (:class:`~bread_kernels.optim.driver.EngineDriver`; not under
+``accelerate`` or ZeRO-3): autograd computes its dW and a post-accumulate-grad hook applies the update, as the
+reference does.  On such a weight the
 fused function's Python (a custom Function's forward, twice with the recompute, and its backward: ~110 µs a step on
 a CPU) costs more than the dW it avoids (see :func:`patch`).
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 import types
 import warnings
@@ -63,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import causal_lm
+from .functions.autocast import autocast_dtype
 from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, experts_layout_problem, fused_experts
 from .functions.linear import fused_linear
@@ -122,8 +125,8 @@ class PatchedModel:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
         hook (autograd's dW, then the update, as the reference does) than fused: a plain linear inside a block (not
         the head, the embedding or a LoRA layer) whose weight has at most :attr:`hook_update_numel` elements."""
-        numel = module.weight.numel()  # 0 for a ZeRO-3 partition, which stays fused
-        return id(module) in self.block_of_linear and not is_lora_layer(module) and 0 < numel <= self.hook_update_numel
+        return id(module) in self.block_of_linear and not is_lora_layer(module) and \
+            module.weight.numel() <= self.hook_update_numel
 
     def block_prefixes(self) -> list[str]:
         return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
@@ -204,7 +207,7 @@ def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def _linear_forward(self, x):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
-        return F.linear(x, self.weight, self.bias)
+        return _plain_linear(x, self.weight, self.bias)
     return fused_linear(x, self.weight, self.bias, plan)
 
 
@@ -212,8 +215,21 @@ def _conv1d_forward(self, x):
     weight = self.weight.t()  # Conv1D computes x @ W + b with W [in, out]
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
-        return F.linear(x, weight, self.bias)
+        return _plain_linear(x, weight, self.bias)
     return fused_linear(x, weight, self.bias, plan)
+
+
+def _plain_linear(x, weight, bias):
+    """``F.linear`` of a layer without a plan.  Under ``torch.autocast`` a weight that requires grad is cast here,
+    not by autocast, which caches its casts of such leaves until the outermost region exits, with no version check:
+    a weight that the driver's hook updates in the backward (``hook_update_numel``) would be read as it was by a
+    later forward in the same region (a backward, or several, inside one ``autocast`` block)."""
+    if weight.requires_grad:
+        dtype = autocast_dtype(x.device)
+        if dtype is not None:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+    return F.linear(x, weight, bias)
 
 
 def _embedding_forward(self, ids):
@@ -355,10 +371,13 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         hook_update_numel: a block's plain linear whose weight has at most this many elements takes an on-the-fly
             role (SGD/SIGN) the way the reference does: autograd materialises its dW (at most this many elements,
             one weight at a time) and a post-accumulate-grad hook of the driver applies the update, with the same
-            rule, finiteness flag and skip report.  On such a small weight the fused function's Python costs more
-            host time than the dW it avoids costs memory traffic: ~110 µs a weight and step on a CPU, where a tiny
-            (host-bound) model's BREAD-SGD and sign steps ran 8-13% faster.  In bf16/fp16 the update then uses autograd's dW
-            rounded to the weight's dtype, as the reference's hook does.  ``None`` (the default):
+            rule and finiteness flag; a non-finite gradient is skipped and reported per parameter, as the reference's
+            hooks do (a bias on its own, where the fused update skips weight and bias together).  On such a small
+            weight the fused function's Python costs more host time than the dW it avoids costs memory traffic:
+            ~110 µs a weight and step on a CPU, where a tiny (host-bound) model's BREAD-SGD and sign steps ran 8-13%
+            faster (the partial variants' 3-4%).  In bf16/fp16 the update then uses autograd's dW rounded to the
+            weight's dtype, as the reference's hook does.  A kept block (``keep_top``) saves a hooked layer's input
+            itself, not what rebuilds it.  ``None`` (the default):
             ``BREAD_HOOK_UPDATE_NUMEL`` if set, else :data:`DEFAULT_HOOK_UPDATE_NUMEL` (2¹⁷); 0 fuses every update.
             Read when an optimizer writes its plans (at each block switch).  Under DeepSpeed ZeRO-3 and under
             :func:`~bread_kernels.accelerate` (whose library applies the hook updates) every update stays fused.
@@ -535,10 +554,11 @@ def hook_update_numel_default() -> int:
 def _check_hook_update_numel(hook_update_numel) -> int:
     if hook_update_numel is None:
         return hook_update_numel_default()
-    if isinstance(hook_update_numel, bool) or not isinstance(hook_update_numel, int) or hook_update_numel < 0:
+    if isinstance(hook_update_numel, bool) or not isinstance(hook_update_numel, numbers.Integral) or \
+            hook_update_numel < 0:
         raise ValueError(f"patch: hook_update_numel must be None (the default) or a number of weight elements >= 0 "
                          f"(0 fuses every on-the-fly update), got {hook_update_numel!r}")
-    return hook_update_numel
+    return int(hook_update_numel)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -284,9 +284,11 @@ class EngineDriver:
         role = role_of[id(weight)]
         if bias is not None and role_of[id(bias)] is not role:
             return None
+        # a small weight: autograd's dW and this driver's hook cost less host time (patch()); not where the updates
+        # write shards (ZeRO-3, whose small persistent weights are whole) or the library's own hooks apply them
         if role.updates_on_the_fly and self.update_target is None and not self.library_hooks and \
                 self.engine.updates_in_hook(module):
-            return None  # a small weight: autograd's dW and this driver's hook cost less host time (patch())
+            return None
         fused.update(id(p) for p in params)
         if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
             role = Role.LORA  # the base weight is frozen, its adapters train

@@ -168,3 +168,39 @@ def test_hook_path_stays_off_where_the_library_applies_the_hook_updates():
     driver.set_roles(_roles(model))
     assert not any(plan is None for plan in _plans(model).values())
     driver.close()
+
+
+def test_hook_path_stays_off_where_the_updates_write_elsewhere():
+    """An update target (ZeRO-3's shards; here a local one standing in): the hook would write the whole tensor, so
+    every on-the-fly update stays fused however small (ZeRO-3 keeps small weights whole, persistent)."""
+    from bread_kernels.update import LocalTarget
+    model = bread_kernels.patch(models.llama(), hook_update_numel=1 << 20)
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR), update_target=LocalTarget())
+    driver.set_roles(_roles(model))
+    assert not any(plan is None for plan in _plans(model).values())
+    driver.close()
+
+
+def test_hooked_weights_are_read_fresh_by_the_next_forward_in_one_autocast_region():
+    """Two steps and a forward inside one bf16 autocast region: autocast caches its cast of a weight that requires
+    grad until the region ends, so a hooked weight (updated in the backward) must be cast by the layer itself; the
+    losses are the fused path's, whose Function casts W at each use."""
+    losses = {}
+    for hook_update_numel in (0, 1 << 20):
+        model = bread_kernels.patch(models.llama(), hook_update_numel=hook_update_numel, fused_loss=False)
+        driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=0.5))
+        driver.set_roles(_roles(model))
+        assert any(plan is None for plan in _plans(model).values()) == bool(hook_update_numel)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            seen = []
+            for _ in range(2):
+                loss = models.loss_of(model, models.batch(0))
+                seen.append(loss.item())
+                loss.backward()
+                driver.end_step()
+                model.zero_grad(set_to_none=True)
+            seen.append(models.loss_of(model, models.batch(0)).item())
+        losses[hook_update_numel] = seen
+        driver.close()
+    assert losses[0][0] > losses[0][1] > losses[0][2]  # lr 0.5 moves the loss at every step
+    torch.testing.assert_close(losses[1 << 20], losses[0], rtol=2e-2, atol=0)

@@ -463,6 +463,16 @@ def test_small_linears_updated_by_hooks(variant):
                                                          sgd_lr_scaling=SCALING)))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_small_linears_updated_by_hooks_in_kept_blocks(family):
+    """The fused loss (``keep_top="auto"`` then keeps the top blocks' activations, whose hooked layers save their
+    inputs themselves), and GPT-2's ``Conv1D`` layers with biases beside its tied head and embedding; every block
+    linear hooked."""
+    run_case(Case(family, steps=3, patch=dict(fused_loss=True, hook_update_numel=1 << 20),
+                  loss_fn=models.masked_loss_of, optimizer_extra=FUSED_EPS,
+                  bcd=dict(switch_block_every=2, sgd_mode="all", sgd_lr_scaling=SCALING)))
+
+
 @pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
 def test_bf16_small_linears_updated_by_hooks(variant):
     """bf16, every block linear on the hook path: the update takes autograd's bf16 dW, as the reference's hook does
