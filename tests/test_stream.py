@@ -665,24 +665,32 @@ class _GatedBlock(nn.Module):
 class _GatedStack(nn.Module):
     """Blocks that take a second tensor argument computed from a trainable parameter."""
 
-    def __init__(self, width=24, depth=3):
+    def __init__(self, width=24, depth=3, call="keyword_gate"):
         super().__init__()
         self.gate_logits = nn.Parameter(torch.randn(width))
         self.layers = nn.ModuleList(_GatedBlock(width) for _ in range(depth))
+        self.call = call
 
     def forward(self, x):
         gate = torch.sigmoid(self.gate_logits)
         for layer in self.layers:
-            x = layer(x, gate=gate)
+            if self.call == "keyword_gate":  # Hugging Face's convention
+                x = layer(x, gate=gate)
+            elif self.call == "keywords":
+                x = layer(gate=gate, hidden=x)
+            else:
+                x = layer(x, gate)
         return x.square().mean()
 
 
 @pytest.mark.parametrize("input_needs_grad", [True, False])
 @pytest.mark.parametrize("blocks_frozen", [False, True])
-def test_block_arguments_that_require_grad_get_their_gradient(input_needs_grad, blocks_frozen):
-    """Even when nothing else in the blocks needs a gradient, a block argument that requires grad gets one."""
+@pytest.mark.parametrize("call", ["keyword_gate", "keywords", "positional"])
+def test_block_arguments_that_require_grad_get_their_gradient(input_needs_grad, blocks_frozen, call):
+    """Even when nothing else in the blocks needs a gradient, a block argument that requires grad gets one; the
+    blocks called as Hugging Face calls them, with every argument by keyword, or with every one by position."""
     torch.manual_seed(0)
-    plain = _GatedStack()
+    plain = _GatedStack(call=call)
     for p in plain.layers.parameters():
         p.requires_grad_(not blocks_frozen)
     patched = bread_kernels.patch(copy.deepcopy(plain), blocks=None)
