@@ -31,6 +31,8 @@ sharded one must agree across ranks (a flag rides in its collective).
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Iterable, Union
 
 import torch
@@ -192,13 +194,17 @@ class LocalTarget(UpdateTarget):
         backend = self.backend(param.device)
         target = param.detach()
         flat = target.view(-1) if target.dim() > 2 else target
-        with torch.no_grad():
-            # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself
-            return backend.apply_update_if_finite_(flat, grad.reshape(flat.shape), step, sign, update.rounding,
-                                                   update.next_seed(), checked=(grad,))
+        if flat.shape != grad.shape:
+            grad = grad.reshape(flat.shape)
+        # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself; a hook runs with grad mode off,
+        # unless the backward builds a graph
+        with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:
+            return backend.apply_update_if_finite_(flat, grad, step, sign, update.rounding, update.next_seed(),
+                                                   checked=(grad,))
 
 
 LOCAL = LocalTarget()
+_NO_CONTEXT = contextlib.nullcontext()  # reusable
 
 
 def _apply(plan: WeightPlan, role: Role,
