@@ -46,9 +46,8 @@ contributes to one summed gradient (design invariant 2).
 A block's small plain linear (at most ``hook_update_numel`` weight elements) with an on-the-fly role is not fused
 either where the driver's own hooks apply the updates (:class:`~bread_kernels.optim.driver.EngineDriver`; not under
 ``accelerate`` or ZeRO-3): autograd computes its dW and a post-accumulate-grad hook applies the update, as the
-reference does.  On such a weight the
-fused function's Python (a custom Function's forward, twice with the recompute, and its backward: ~110 µs a step on
-a CPU) costs more than the dW it avoids (see :func:`patch`).
+reference does.  On such a weight the fused function's Python (a custom Function's forward, twice with the
+recompute, and its backward: ~110 µs a step on a CPU) costs more than the dW it avoids (see :func:`patch`).
 """
 
 from __future__ import annotations
@@ -377,9 +376,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             ~110 µs a weight and step on a CPU, where a tiny (host-bound) model's BREAD-SGD and sign steps ran 8-13%
             faster (the partial variants' 3-4%).  In bf16/fp16 the update then uses autograd's dW rounded to the
             weight's dtype, as the reference's hook does.  A kept block (``keep_top``) saves a hooked layer's input
-            itself, not what rebuilds it.  ``None`` (the default):
-            ``BREAD_HOOK_UPDATE_NUMEL`` if set, else :data:`DEFAULT_HOOK_UPDATE_NUMEL` (2¹⁷); 0 fuses every update.
-            Read when an optimizer writes its plans (at each block switch).  Under DeepSpeed ZeRO-3 and under
+            itself, not what rebuilds it.  ``None`` (the default): ``BREAD_HOOK_UPDATE_NUMEL`` if set, else
+            :data:`DEFAULT_HOOK_UPDATE_NUMEL` (2¹⁷); 0 fuses every update.  Read when an optimizer writes its plans
+            (at each block switch).  Under DeepSpeed ZeRO-3 and under
             :func:`~bread_kernels.accelerate` (whose library applies the hook updates) every update stays fused.
     """
     if not isinstance(model, nn.Module):

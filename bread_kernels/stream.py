@@ -297,7 +297,7 @@ def _block_call(original: Callable, args: tuple, kwargs: dict) -> tuple[str, dic
     """A block's call as ``(hidden_name, arguments, call)``: ``arguments`` maps the forward's arguments by name, the
     hidden states' first, and ``call()`` runs the forward on what ``arguments`` holds then.  Where the block is
     called as Hugging Face calls it (the hidden states first, positionally or by name, everything else by keyword)
-    the keywords are the names, without ``inspect``'s binding (its ``BoundArguments`` cost ~25 µs a block's
+    the keywords are the names, without ``inspect``'s binding (its ``BoundArguments`` cost ~20 µs a block's
     forward); otherwise the binding's names, where a ``**kwargs`` catch-all is one entry."""
     signature = _signature(original)
     first = next(iter(signature.parameters.values()), None)

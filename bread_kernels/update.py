@@ -32,7 +32,6 @@ sharded one must agree across ranks (a flag rides in its collective).
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable, Iterable, Union
 
 import torch
