@@ -186,7 +186,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         block.gradient_checkpointing = False  # HF's checkpointing was enabled after patch(): ours replaces it
         warnings.warn("bread_kernels: the model's gradient checkpointing is replaced by the streaming backward's own "
                       "recompute; turned the layers' gradient_checkpointing flag off", RuntimeWarning, stacklevel=2)
-    hidden_name, arguments, call = _block_call(original, args, kwargs)
+    hidden_name, arguments, keywords, call = _block_call(original, args, kwargs)
     hidden = arguments[hidden_name]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
@@ -213,12 +213,13 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
     # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it
-    if not getattr(block, "_can_checkpoint_with_cache", False):
-        for name in _CACHE_ARGUMENTS:
-            if arguments.get(name) is not None:
-                arguments[name] = None
-    if arguments.get("use_cache"):
-        arguments["use_cache"] = False
+    for named in keywords:  # the arguments by name, and a **kwargs catch-all's
+        if not getattr(block, "_can_checkpoint_with_cache", False):
+            for name in _CACHE_ARGUMENTS:
+                if named.get(name) is not None:
+                    named[name] = None
+        if named.get("use_cache"):
+            named["use_cache"] = False
 
     def run(h):
         # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
@@ -293,21 +294,33 @@ def _tensors_in(value):
             yield from _tensors_in(item)
 
 
-def _block_call(original: Callable, args: tuple, kwargs: dict) -> tuple[str, dict, Callable[[], Any]]:
-    """A block's call as ``(hidden_name, arguments, call)``: ``arguments`` maps the forward's arguments by name, the
-    hidden states' first, and ``call()`` runs the forward on what ``arguments`` holds then.  Where the block is
-    called as Hugging Face calls it (the hidden states first, positionally or by name, everything else by keyword)
-    the keywords are the names, without ``inspect``'s binding (its ``BoundArguments`` cost ~20 µs a block's
-    forward); otherwise the binding's names, where a ``**kwargs`` catch-all is one entry."""
+def _block_call(original: Callable, args: tuple, kwargs: dict) -> tuple[str, dict, list[dict], Callable[[], Any]]:
+    """A block's call as ``(hidden_name, arguments, keywords, call)``: ``arguments`` maps the forward's arguments by
+    name, the hidden states' first; ``keywords`` the dicts that hold arguments by name (``arguments``, and a
+    ``**kwargs`` catch-all's where the binding nests one there); ``call()`` runs the forward on what they hold then,
+    the hidden states passed as the caller passed them.  Where the block is called as Hugging Face calls it (the
+    hidden states first, positionally or by name, everything else by keyword) the names are the caller's, without
+    ``inspect``'s binding (its ``BoundArguments`` cost ~20 µs a block's forward)."""
     signature = _signature(original)
     first = next(iter(signature.parameters.values()), None)
     if first is not None and first.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and len(args) <= 1 and \
             (len(args) == 1) != (first.name in kwargs):
-        arguments = {first.name: args[0] if args else kwargs[first.name]}
+        name = first.name
+        arguments = {name: args[0] if args else kwargs[name]}
         arguments.update(kwargs)
-        return first.name, arguments, lambda: original(**arguments)
+        if not args:
+            return name, arguments, [arguments], lambda: original(**arguments)
+
+        def positional():  # a wrapper whose signature names its first parameter otherwise still gets it
+            rest = dict(arguments)
+            return original(rest.pop(name), **rest)
+
+        return name, arguments, [arguments], positional
     bound = signature.bind(*args, **kwargs)
-    return next(iter(bound.arguments)), bound.arguments, lambda: original(*bound.args, **bound.kwargs)
+    catch_all = [bound.arguments[p.name] for p in signature.parameters.values()
+                 if p.kind is inspect.Parameter.VAR_KEYWORD and p.name in bound.arguments]
+    return next(iter(bound.arguments)), bound.arguments, [bound.arguments, *catch_all], \
+        lambda: original(*bound.args, **bound.kwargs)
 
 
 def _signature(forward) -> inspect.Signature:

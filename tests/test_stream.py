@@ -758,3 +758,79 @@ def test_a_registered_recompute_scope_is_exited_past_the_early_stop():
     handle.remove()
     events.clear()
     assert step() > 0 and events == []
+
+
+class _CountingCache:
+    def __init__(self):
+        self.writes = 0
+
+
+class _CachingBlock(nn.Module):
+    """A block that takes its KV cache through a ``**kwargs`` catch-all and writes it when given one."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, hidden, attention_mask=None, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is not None and kwargs.get("use_cache"):
+            cache.writes += 1
+        return hidden + torch.tanh(self.proj(hidden))
+
+
+class _CachingStack(nn.Module):
+    def __init__(self, positional, width=16, depth=3):
+        super().__init__()
+        self.layers = nn.ModuleList(_CachingBlock(width) for _ in range(depth))
+        self.positional = positional
+
+    def forward(self, x, cache):
+        for layer in self.layers:
+            if self.positional:  # bound by inspect: the cache sits in the catch-all's dict
+                x = layer(x, None, past_key_values=cache, use_cache=True)
+            else:
+                x = layer(x, past_key_values=cache, use_cache=True)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("positional", [False, True], ids=["keywords", "positional"])
+def test_a_kv_cache_in_a_catch_all_is_not_written_by_the_streamed_blocks(positional):
+    """As for a named cache argument (and HF's own checkpointing): a recomputed block must not write the cache a
+    second time, so the stream passes none, whichever way the block binds it; the gradients stay plain autograd's."""
+    torch.manual_seed(0)
+    plain = _CachingStack(positional)
+    patched = bread_kernels.patch(copy.deepcopy(plain), blocks=None)
+    x = torch.randn(3, 5, 16)
+    cache = _CountingCache()
+    patched(x, cache).backward()
+    assert cache.writes == 0 and patched_state(patched).stream.recomputes == {0: 1, 1: 1, 2: 1}
+    plain(x, _CountingCache()).backward()
+    for name, expected in grads(plain).items():
+        torch.testing.assert_close(grads(patched)[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_wrapped_forward_whose_signature_renames_the_hidden_states_gets_them_positionally():
+    """A ``functools.wraps`` wrapper reports the wrapped forward's signature; called positionally, the hidden
+    states must reach the wrapper positionally, not by the wrapped forward's name."""
+    import functools
+
+    class Block(_GatedBlock):
+        pass
+
+    inner = Block.forward
+
+    @functools.wraps(inner)
+    def wrapper(self, x, *args, **kwargs):
+        return inner(self, x, *args, **kwargs)
+
+    Block.forward = wrapper
+    torch.manual_seed(0)
+    plain = _GatedStack()
+    plain.layers = nn.ModuleList(Block(24) for _ in range(3))
+    patched = bread_kernels.patch(copy.deepcopy(plain), blocks=None)
+    x = torch.randn(5, 7, 24, requires_grad=True)
+    plain(x).backward()
+    patched(x.detach().requires_grad_()).backward()
+    for name, expected in grads(plain).items():
+        torch.testing.assert_close(grads(patched)[name], expected, rtol=1e-5, atol=1e-7, msg=name)
