@@ -4,7 +4,7 @@
 # A/B of the hook path for small weights, the GPU tests of the Triton kernels (the update's finiteness flag, kernels/finite.py, the rotary embedding,
 # kernels/rotary.py, and the RMSNorm and SwiGLU kernels, kernels/rms_norm.py and swiglu.py, have only run under the
 # interpreter before), the Liger backend and the op counts.  Each step has its own time limit so a slow one cannot
-# eat the next; everything lands in $OUT (at most 8 files come back).
+# eat the next (the A/B runs last: the tests matter more); everything lands in $OUT (at most 8 files come back).
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)   with liger-kernel's wheel in .whl/
 # (issue 18's head+loss comparison against Liger: python3 -m bench.head_loss_bench, results in bench/results/)
 set -u
@@ -34,6 +34,12 @@ cp $T/ma/*.json "$O/bench_model_h200_bf16_a.json" 2>/dev/null
 step 90 python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress --out $T/mb \
   --variants BREAD BREAD-partial
 cp $T/mb/*.json "$O/bench_model_h200_bf16_b.json" 2>/dev/null
+log tests
+timeout 150 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \
+  tests/functions/test_head_loss.py tests/functions/test_rotary.py tests/test_backward_ops.py \
+  tests/kernels/test_rms_norm.py tests/kernels/test_swiglu.py tests/functions/test_elementwise_backend.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
+echo "pytest rc $?" >> "$O/tests.txt"
+tail -40 "$O/tests.txt"
 # A/B of the RMSNorm and SwiGLU kernels: the first run's BAdam and BREAD-SGD rows at block 1, with torch's ops
 step 75 env BREAD_ELEMENTWISE=torch python3 -m bread_kernels.bench model --dtype bf16 --repeats 5 --no-progress \
   --out $T/mc --variants BAdam BREAD-SGD --positions 1
@@ -48,10 +54,4 @@ for n in 0 1048576; do
     --batch 4 --seq 256
 done
 
-log tests
-timeout 150 python3 -m pytest tests/kernels tests/backends/test_liger.py tests/backends/test_epilogue.py \
-  tests/functions/test_head_loss.py tests/functions/test_rotary.py tests/test_backward_ops.py \
-  tests/kernels/test_rms_norm.py tests/kernels/test_swiglu.py tests/functions/test_elementwise_backend.py -q -n 8 -p no:cacheprovider -rfE > "$O/tests.txt" 2>&1
-echo "pytest rc $?" >> "$O/tests.txt"
-tail -40 "$O/tests.txt"
 log done
