@@ -213,8 +213,9 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
     # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it
+    keeps_cache = getattr(block, "_can_checkpoint_with_cache", False)
     for named in keywords:  # the arguments by name, and a **kwargs catch-all's
-        if not getattr(block, "_can_checkpoint_with_cache", False):
+        if not keeps_cache:
             for name in _CACHE_ARGUMENTS:
                 if named.get(name) is not None:
                     named[name] = None

@@ -99,8 +99,7 @@ class NativeBackend(ChunkedBackend):
         load_native()
 
     def apply_update_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, ok=None) -> None:
-        code = ROUNDING_CODES[rounding.resolve(param.dtype)]
-        key1, key2 = _keys(code, seed)
+        code, key1, key2 = _rounding_args(rounding, param.dtype, seed)
         torch.ops.bread_kernels.apply_update_(
             param, grad.contiguous(), float(step), bool(sign), code, key1, key2, int(offset), ok,
         )
@@ -109,8 +108,7 @@ class NativeBackend(ChunkedBackend):
                                 ok=None) -> torch.Tensor | None:
         if not checked and ok is None:  # an ungated write (the op itself refuses one)
             return super().apply_update_if_finite_(param, grad, step, sign, rounding, seed, offset)
-        code = ROUNDING_CODES[rounding.resolve(param.dtype)]
-        key1, key2 = _keys(code, seed)
+        code, key1, key2 = _rounding_args(rounding, param.dtype, seed)
         return torch.ops.bread_kernels.apply_update_if_finite_(
             param, grad.contiguous(), float(step), bool(sign), code, key1, key2, int(offset), list(checked), ok,
         )
@@ -175,10 +173,11 @@ class NativeBackend(ChunkedBackend):
             super().add_scaled_(target, other, alpha, round_term)
 
 
-_NEAREST_CODE = ROUNDING_CODES[Rounding.NEAREST]
-
-
-def _keys(code: int, seed: int) -> tuple[int, int]:
-    """The random-bit keys of ``seed`` where the rounding ``code`` draws bits (stochastic); nearest rounding reads
-    none, so it is spared the two host-side hashes (a few µs of every hooked update's host time)."""
-    return (0, 0) if code == _NEAREST_CODE else rng_keys(seed)
+def _rounding_args(rounding: Rounding, dtype: torch.dtype, seed: int) -> tuple[int, int, int]:
+    """What the native update ops take for ``rounding`` of a ``dtype`` weight: its code and the random-bit keys of
+    ``seed``.  Nearest rounding reads no bits, so it is spared the two host-side hashes (a few µs of every hooked
+    update's host time)."""
+    resolved = rounding.resolve(dtype)
+    if resolved is Rounding.NEAREST:
+        return ROUNDING_CODES[resolved], 0, 0
+    return (ROUNDING_CODES[resolved], *rng_keys(seed))
