@@ -186,7 +186,7 @@ def _fused_loss_forward(self, *args, **kwargs):
     else:  # kept blocks share the unfused loss's peak with what the fused loss holds beside them (StreamConfig)
         follows = stream.fused_loss_follows(
             held is not None, budget_bytes=unfused_loss_bytes(labels.numel(), head.weight),
-            loss_bytes=(held or 0) + hidden_sized_block_bytes(labels.numel(), head.weight, softcap))
+            loss_bytes=(held or 0) + hidden_sized_block_bytes(labels.numel(), head.weight, softcap, bool(held)))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
         room = stream.room_beside_kept(labels.numel()) if stream is not None else 0

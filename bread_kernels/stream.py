@@ -146,8 +146,8 @@ class StreamConfig:
         (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`); ``loss_bytes``: what the fused loss holds
         in the forward beside the kept blocks (its block of logits, an on-the-fly head's dW accumulated there);
         ``"auto"`` keeps the top block and as many more as fit (:meth:`kept_blocks`).
-        ``keep=False``: bounding the loss to the hidden states' size would cost it more than a kept block saves (an
-        on-the-fly head's dW path over many blocks of logits), so ``"auto"`` keeps nothing."""
+        ``keep=False``: the loss cannot be bounded beside kept blocks (a head's dW accumulated in the forward holds
+        more than the unfused loss would), so ``"auto"`` keeps nothing."""
         outer = self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes, self._auto_count
         self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes = keep, budget_bytes, loss_bytes
         self._auto_count, self.kept = None, 0

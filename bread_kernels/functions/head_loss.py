@@ -95,13 +95,16 @@ from .linear import check_plan_for_weight, trigger_for
 
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
            "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes", "unfused_loss_bytes",
-           "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized", "MAX_DW_BLOCKS_HIDDEN_SIZED"]
+           "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized",
+           "MAX_DW_BLOCKS_BESIDE_KEPT"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
-#: an on-the-fly head keeps its dW-in-forward path beside hidden-sized logits up to this many blocks of them (each
-#: adds a [V, H] product into the fp32 dW; measured on a CPU: 8 blocks cost 1.1x the default chunks' loss, 62 blocks
-#: 5x): :func:`dw_bytes_beside_hidden_sized`
-MAX_DW_BLOCKS_HIDDEN_SIZED = 8
+#: a head whose dW the loss accumulates in the forward (an Adam-trained head, or an on-the-fly one whose dW fits) runs
+#: at most this many blocks of logits when the loss is bounded beside kept blocks: larger blocks than the hidden
+#: states' size where those would be more (about V/H of them), up to the loss's chunk budget, which the unbounded
+#: loss runs anyway.  Each block adds a [V, H] product into the fp32 dW; measured on a CPU: 8 blocks cost 1.1x the
+#: default chunks' loss, 62 blocks 5x (:func:`hidden_sized_blocks`)
+MAX_DW_BLOCKS_BESIDE_KEPT = 8
 
 
 def _budget_given(chunk_bytes: int | None) -> bool:
@@ -151,13 +154,18 @@ def _balanced_rows(rows: int, tokens: int) -> int:
 
 
 def _loss_budget(chunk_bytes: int | None, tokens: int, weight: torch.Tensor, compute_dtype: torch.dtype,
-                 softcap: float | None, hidden_sized: bool, room_bytes: int = 0) -> int:
+                 softcap: float | None, hidden_sized: bool, room_bytes: int = 0, dw_in_forward: bool = False) -> int:
     """The bytes the loss may hold besides its inputs: ``chunk_budget_bytes(chunk_bytes)``, and with
-    ``hidden_sized`` no more than the larger of the ``tokens × H`` hidden states' elements as logits and
-    ``room_bytes``."""
+    ``hidden_sized`` no more than the largest of the ``tokens × H`` hidden states' elements as logits,
+    ``room_bytes`` and, for a head whose dW is accumulated in the forward (``dw_in_forward``), a block of
+    ``⌈tokens / MAX_DW_BLOCKS_BESIDE_KEPT⌉`` rows."""
     budget = chunk_budget_bytes(chunk_bytes)
     if hidden_sized:
-        budget = min(budget, max(tokens * weight.shape[1] * _bytes_per_logit(compute_dtype, softcap), room_bytes))
+        per_logit = _bytes_per_logit(compute_dtype, softcap)
+        bound = max(tokens * weight.shape[1] * per_logit, room_bytes)
+        if dw_in_forward:
+            bound = max(bound, -(-tokens // MAX_DW_BLOCKS_BESIDE_KEPT) * weight.shape[0] * per_logit)
+        budget = min(budget, bound)
     return budget
 
 
@@ -222,39 +230,40 @@ def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
     return tokens * weight.shape[0] * 12
 
 
-def _hidden_sized_rows(tokens: int, weight: torch.Tensor, softcap: float | None) -> int:
+def _hidden_sized_rows(tokens: int, weight: torch.Tensor, softcap: float | None, dw_in_forward: bool) -> int:
     """The token rows of one block of logits of ``fused_head_loss(hidden_sized=True)`` (at least one)."""
     dtype = _compute_dtype(weight)
-    budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True)
+    budget = _loss_budget(None, tokens, weight, dtype, softcap, hidden_sized=True, dw_in_forward=dw_in_forward)
     return _balanced_rows(_rows_per_block(budget, weight.shape[0], dtype, softcap), tokens)
 
 
-def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
-    """How many blocks of logits ``fused_head_loss(hidden_sized=True)`` runs over ``tokens`` rows (about V/H)."""
-    return -(-tokens // _hidden_sized_rows(tokens, weight, softcap))
+def hidden_sized_blocks(tokens: int, weight: torch.Tensor, softcap: float | None = None,
+                        dw_in_forward: bool = False) -> int:
+    """How many blocks of logits ``fused_head_loss(hidden_sized=True)`` runs over ``tokens`` rows: about V/H, and
+    for a head whose dW it accumulates in the forward (``dw_in_forward``) at most
+    :data:`MAX_DW_BLOCKS_BESIDE_KEPT`, unless the chunk budget takes more (as the unbounded loss then does)."""
+    return -(-tokens // _hidden_sized_rows(tokens, weight, softcap, dw_in_forward))
 
 
-def hidden_sized_block_bytes(tokens: int, weight: torch.Tensor, softcap: float | None = None) -> int:
+def hidden_sized_block_bytes(tokens: int, weight: torch.Tensor, softcap: float | None = None,
+                             dw_in_forward: bool = False) -> int:
     """What one block of logits of ``fused_head_loss(hidden_sized=True)`` and its temporaries take: the rows that fit
-    the ``tokens × H`` hidden states' elements as logits (and the chunk budget), at least one and at most ``tokens``."""
-    rows = min(max(1, tokens), _hidden_sized_rows(tokens, weight, softcap))
+    the ``tokens × H`` hidden states' elements as logits (for a head whose dW the loss accumulates in the forward,
+    enough rows for at most :data:`MAX_DW_BLOCKS_BESIDE_KEPT` blocks) within the chunk budget, at least one and at
+    most ``tokens``."""
+    rows = min(max(1, tokens), _hidden_sized_rows(tokens, weight, softcap, dw_in_forward))
     return rows * weight.shape[0] * _bytes_per_logit(_compute_dtype(weight), softcap)
 
 
 def dw_bytes_beside_hidden_sized(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None,
                                  plan: WeightPlan | None, softcap: float | None = None) -> int | None:
-    """What the loss holds in the forward besides a block of logits when a caller bounds it to the hidden states'
-    size to keep something else alive through it (``fused_head_loss(hidden_sized=True, dw_bytes=...)``): 0 for a
-    head with no dW in the forward (frozen, or on-the-fly with a dW that does not fit); the head's
-    :func:`forward_dw_bytes` (Adam-trained or on-the-fly) where its dW-in-forward path stays over at most
-    :data:`MAX_DW_BLOCKS_HIDDEN_SIZED` blocks and holds less than the unfused loss would; None where bounding the
-    loss costs more than it frees (the dW path over many blocks, or the dW alone as large as the unfused loss):
-    keep nothing beside it then."""
+    """What the loss holds in the forward besides a block of logits when a caller bounds it to keep something else
+    alive through it (``fused_head_loss(hidden_sized=True, dw_bytes=...)``): 0 for a head with no dW in the forward
+    (frozen, or on-the-fly with a dW that does not fit); the head's :func:`forward_dw_bytes` (Adam-trained or
+    on-the-fly), whose blocks of logits are then those of ``hidden_sized_block_bytes(dw_in_forward=True)``; None
+    where the dW alone holds more than the unfused loss would: keep nothing beside it then."""
     held = forward_dw_bytes(tokens, weight, bias, plan, softcap)
-    if held == 0:
-        return 0
-    if held > unfused_loss_bytes(tokens, weight) or \
-            hidden_sized_blocks(tokens, weight, softcap) > MAX_DW_BLOCKS_HIDDEN_SIZED:
+    if held > unfused_loss_bytes(tokens, weight):
         return None
     return held
 
@@ -556,8 +565,11 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         chunk_bytes: the bytes one block of logits may take (default ``BREAD_LOSS_CHUNK_BYTES`` or 256 MiB).
         hidden_sized: bound everything the loss holds besides its inputs — a block of logits, and an on-the-fly
             head's fp32 dW accumulated in the forward — by the bytes of ``hidden``'s elements as logits: blocks of
-            about ``T·H/V`` rows (Liger-Kernel's chunk).  For a step whose peak must not grow while something else
-            is alive during the loss (the stream's kept top block, ``patch(keep_top=...)``).
+            about ``T·H/V`` rows (Liger-Kernel's chunk), or, for a head whose dW is accumulated in the forward
+            (an Adam-trained head, or an on-the-fly one given ``dw_bytes`` it fits), at most
+            :data:`MAX_DW_BLOCKS_BESIDE_KEPT` blocks within the chunk budget (:func:`hidden_sized_blocks`).  For a
+            step whose peak must not grow while something else is alive during the loss (the stream's kept top
+            block, ``patch(keep_top=...)``).
         room_bytes: with ``hidden_sized``, the bytes a block of logits may take where that is more than
             ``hidden``'s size: what the caller counted beside the loss anyway (the kept top block's backward,
             counted at its activations' size, :meth:`~bread_kernels.stream.StreamConfig.room_beside_kept`).  It does
@@ -589,11 +601,15 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         role = Role.ACTIVE if weight.requires_grad or (bias is not None and bias.requires_grad) else Role.FROZEN
     float_softcap = float(softcap) if softcap is not None else None
     dtype = _compute_dtype(weight)
-    budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized, room_bytes)
-    chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)  # the torch loop balances its blocks
     if dw_bytes is None:
         dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
     dw_fits = _dw_fits(weight, bias, dw_bytes, dtype)
+    dw_in_forward = torch.is_grad_enabled() and (
+        (role is Role.ACTIVE and (weight.requires_grad or (bias is not None and bias.requires_grad))) or
+        (role.updates_on_the_fly and dw_fits))
+    budget = _loss_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized, room_bytes,
+                          dw_in_forward)
+    chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)  # the torch loop balances its blocks
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
     trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None

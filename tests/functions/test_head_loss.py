@@ -614,17 +614,19 @@ def test_hidden_sized_blocks_counts_the_blocks_the_bounded_loss_runs(monkeypatch
     assert head_loss.hidden_sized_block_bytes(tokens, weight, softcap) == max(calls) * vocab * per_logit
 
 
-def test_a_heads_dw_path_stays_beside_hidden_sized_logits_only_over_few_blocks(monkeypatch):
+def test_a_heads_dw_path_beside_kept_blocks_runs_few_blocks_of_logits(monkeypatch):
     """``dw_bytes_beside_hidden_sized``: 0 for a head with no dW in the forward (frozen); for an on-the-fly head and
     an Adam-trained one (ACTIVE, or no plan and a weight that requires grad: its dW is always accumulated in the
-    forward, beside whatever is kept), the fp32 dW and each chunk's bf16 product where the bounded loss runs at most
-    ``MAX_DW_BLOCKS_HIDDEN_SIZED`` blocks; None (keep nothing beside the loss) beyond that, and where the dW alone
-    holds more than the unfused loss would."""
+    forward, beside whatever is kept), the fp32 dW and each chunk's bf16 product; None (keep nothing beside the
+    loss) only where the dW alone holds more than the unfused loss would.  With such a dW the bounded loss runs at
+    most ``MAX_DW_BLOCKS_BESIDE_KEPT`` blocks of logits — larger than the hidden states' size where those are more
+    (vocabulary 1001, hidden 64: 17) — counted as the loss runs them (at ``_logits``), with the same loss as the
+    hidden-sized blocks; unless the chunk budget takes more blocks than that, as the unbounded loss then runs."""
     from bread_kernels.functions import head_loss
 
     sgd = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=LR))
     few = torch.zeros(8 * 64, 64, dtype=torch.bfloat16)  # V/H = 8
-    assert head_loss.hidden_sized_blocks(1024, few) <= head_loss.MAX_DW_BLOCKS_HIDDEN_SIZED
+    assert head_loss.hidden_sized_blocks(1024, few) <= head_loss.MAX_DW_BLOCKS_BESIDE_KEPT
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, sgd) == (4 + 2) * few.numel()
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, WeightPlan(Role.FROZEN)) == 0
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few, None, None) == 0
@@ -633,11 +635,39 @@ def test_a_heads_dw_path_stays_beside_hidden_sized_logits_only_over_few_blocks(m
     assert head_loss.dw_bytes_beside_hidden_sized(1024, few.requires_grad_(), None, None) == (4 + 2) * few.numel()
     many = torch.zeros(1001, 64, dtype=torch.bfloat16)
     assert head_loss.hidden_sized_blocks(244, many) == 17
-    assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) is None
-    assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, active) is None
-    monkeypatch.setattr(head_loss, "MAX_DW_BLOCKS_HIDDEN_SIZED", 17)
     assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, sgd) == (4 + 2) * many.numel()
+    assert head_loss.dw_bytes_beside_hidden_sized(244, many, None, active) == (4 + 2) * many.numel()
     assert head_loss.dw_bytes_beside_hidden_sized(4, many, None, sgd) is None  # dW > 4 tokens' unfused loss
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = 244
+    hidden = torch.randn(tokens, 64, generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(1001, 64, generator=gen) * 0.1).to(torch.bfloat16)
+    targets = torch.randint(0, 1001, (tokens,), generator=gen)
+    calls = []
+    original = head_loss._logits
+    monkeypatch.setattr(head_loss, "_logits", lambda h, *a: calls.append(h.shape[0]) or original(h, *a))
+
+    def loss_and_blocks(plan, dw_bytes):
+        calls.clear()
+        w = weight.clone().requires_grad_(plan.role is Role.ACTIVE)
+        loss = fused_head_loss(hidden, w, None, targets, plan, hidden_sized=True, dw_bytes=dw_bytes)
+        return loss, list(calls)
+
+    held = head_loss.dw_bytes_beside_hidden_sized(tokens, weight, None, sgd)
+    per_logit = 4 + 4  # fp32 logits, the bf16 GEMM's output and the gradient's cast
+    for plan in (sgd, active):
+        loss, blocks = loss_and_blocks(plan, held)
+        assert len(blocks) == head_loss.hidden_sized_blocks(tokens, weight, dw_in_forward=True) \
+            == head_loss.MAX_DW_BLOCKS_BESIDE_KEPT
+        assert head_loss.hidden_sized_block_bytes(tokens, weight, dw_in_forward=True) == max(blocks) * 1001 * per_logit
+        frozen_loss, frozen_blocks = loss_and_blocks(WeightPlan(Role.FROZEN), None)
+        assert len(frozen_blocks) == 17  # no dW in the forward: the hidden states' size
+        close(loss, frozen_loss, "loss over 8 blocks against 17", rtol=1e-6)
+    # a chunk budget smaller than 8 blocks: its blocks, as many as the unbounded loss runs
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(20 * 1001 * per_logit))
+    assert head_loss.hidden_sized_blocks(tokens, weight, dw_in_forward=True) == -(-tokens // 20) == 13
+    assert len(loss_and_blocks(sgd, held)[1]) == 13
 
 
 @pytest.mark.parametrize("backend_name", ["native", "torch"])
