@@ -288,20 +288,16 @@ class Row:
     profile: dict | None = None
 
 
-def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) -> tuple[int, int] | None:
+def verify_step(engine, reference, variant, active, ids, lr) -> None:
     """One step of the patched ``engine`` and of ``reference`` (an unpatched copy of the same state, configured as
     well as it can be: the way users run it differs only in which tensors require grad, not in the step), rounding
     to nearest: the same parameters, or :class:`VerificationError` naming the worst tensor.  The models are left
-    one step on (the timing that follows does not depend on the values).  With ``count_flops``, returns the matmul
-    FLOPs of the two forward + backward passes (a Triton kernel's are invisible to the counter)."""
+    one step on (the timing that follows does not depend on the values)."""
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    results, grads, roles, flops = {}, {}, None, []
-    get_backend(ids.device)  # the engine's backend, loaded before the FLOP formulas look for its ops
+    results, grads, roles = {}, {}, None
     for name, model in (("engine", engine), ("reference", reference)):
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
-        with _counting_flops(count_flops) as counter:
-            model(input_ids=ids, labels=ids).loss.backward()
-        flops.append(counter.get_total_flops() if count_flops else 0)
+        model(input_ids=ids, labels=ids).loss.backward()
         roles = roles or dict(opt.roles)
         grads[name] = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
                        if roles.get(n) is Role.ACTIVE}
@@ -312,7 +308,18 @@ def verify_step(engine, reference, variant, active, ids, lr, count_flops: bool) 
     compare_parameters(results["engine"], results["reference"], before, roles, lr,
                        f"{variant} at block {active} vs the reference", gradients=(grads["engine"], grads["reference"]),
                        low_precision=reference.get_input_embeddings().weight.dtype != torch.float32)
-    return tuple(flops) if count_flops else None
+
+
+def step_flops(model, opt, ids) -> int:
+    """The matmul FLOPs of one forward + backward (``torch.utils.flop_counter`` with :func:`extra_flop_formulas`; a
+    Triton kernel's are invisible to it), the gradients cleared after.  Taken after the timed passes: a settled
+    step, with as many blocks kept as the timed ones (``keep_top="auto"`` keeps one block in the first step after
+    new plans and grows by one a step)."""
+    get_backend(ids.device)  # the engine's backend, loaded before the FLOP formulas look for its ops
+    with _counting_flops(True) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.zero_grad()
+    return counter.get_total_flops()
 
 
 def settle(model, opt, ids) -> None:
@@ -449,7 +456,7 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     engine = patch(copy.deepcopy(base), recompute=recompute, keep_top=keep_top).train()
     refs = reference_ways(base, recompute)
     count = not _runs_triton_gemms(variant, ids.device)
-    flops = verify_step(engine, refs["best"], variant, active, ids, verify_lr, count)
+    verify_step(engine, refs["best"], variant, active, ids, verify_lr)
     if refs["reference"] is not refs["best"]:
         refs["reference"].load_state_dict(refs["best"].state_dict())  # the same state on every side
     sides = [(engine, _optimizer(engine, variant, active)), (refs["reference"], _optimizer(refs["reference"],
@@ -467,7 +474,8 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     if len(sides) == 2:
         t.append(t[1])
         peaks.append(peaks[1])
-    flop_ratio = flops[0] / flops[1] if flops else None  # against the best-configured reference
+    # against the best-configured reference, each on a settled step like the timed ones
+    flop_ratio = step_flops(*sides[0], ids) / step_flops(*sides[-1], ids) if count else None
     tokens, seq = ids.numel(), ids.shape[1]
     ideal = ideal_step_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
     q20, q80 = _quantiles(times[0])

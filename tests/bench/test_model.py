@@ -48,6 +48,20 @@ def test_the_profile_counts_each_sides_gemms_and_the_engine_skips_the_frozen_one
     assert any(line.startswith("profiled forward + backward") for line in lines)
 
 
+def test_the_flop_ratio_is_a_settled_steps(monkeypatch, tmp_path):
+    """The FLOPs column counts a step like the timed ones: with ``keep_top="auto"``, which keeps one block in the
+    first step after new plans and one more each step (here all three: vocabulary 1001 against 8 tokens), the
+    ratio is the one of keeping all three from the start (``keep_top=3``), below the first step's."""
+    monkeypatch.setattr(model_bench, "gemm_flops_per_second", lambda *a, **k: 1e9)
+    shape = dict(positions=(0,), variants=("BAdam",), progress=False, out_dir=tmp_path, batch=1, seq=8, repeats=1,
+                 print_fn=lambda line: None, layers=3, hidden=32, intermediate=40, heads=2, vocab=1001)
+    auto = model_bench.run(**shape)["rows"][0]["flop_ratio"]
+    all_kept = model_bench.run(keep_top=3, **shape)["rows"][0]["flop_ratio"]
+    one_kept = model_bench.run(keep_top=1, **shape)["rows"][0]["flop_ratio"]
+    assert auto == pytest.approx(all_kept, rel=1e-9)
+    assert all_kept < one_kept
+
+
 def test_the_host_suite_times_every_role(capsys):
     from bread_kernels.bench import host
 
