@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss, head_plan_refusal,
-                                  hidden_sized_block_bytes, unfused_loss_bytes)
+                                  loss_bytes_beside_kept, unfused_loss_bytes)
 from .plan import PLAN_ATTR
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
@@ -186,7 +186,7 @@ def _fused_loss_forward(self, *args, **kwargs):
     else:  # kept blocks share the unfused loss's peak with what the fused loss holds beside them (StreamConfig)
         follows = stream.fused_loss_follows(
             held is not None, budget_bytes=unfused_loss_bytes(labels.numel(), head.weight),
-            loss_bytes=(held or 0) + hidden_sized_block_bytes(labels.numel(), head.weight, softcap, bool(held)))
+            loss_bytes=loss_bytes_beside_kept(labels.numel(), head.weight, head.bias, plan, held, softcap))
     with follows:
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
         room = stream.room_beside_kept(labels.numel()) if stream is not None else 0

@@ -144,7 +144,8 @@ class StreamConfig:
         :mod:`bread_kernels.causal_lm` wraps its base model's call in it); :attr:`kept` then says how many blocks
         kept their activations.  ``budget_bytes``: what the model's own head and loss would hold at their peak
         (:func:`~bread_kernels.functions.head_loss.unfused_loss_bytes`); ``loss_bytes``: what the fused loss holds
-        in the forward beside the kept blocks (its block of logits, an on-the-fly head's dW accumulated there);
+        beside the kept blocks (its block of logits, a head's dW accumulated in the forward and the temporaries of
+        its update in the backward: :func:`~bread_kernels.functions.head_loss.loss_bytes_beside_kept`);
         ``"auto"`` keeps the top block and as many more as fit (:meth:`kept_blocks`).
         ``keep=False``: the loss cannot be bounded beside kept blocks (a head's dW accumulated in the forward holds
         more than the unfused loss would), so ``"auto"`` keeps nothing."""

@@ -78,6 +78,11 @@ class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
     def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def update_temporary_bytes(self, param: torch.Tensor) -> int:
+        """The bytes :meth:`apply_update_` allocates at once to write a whole gradient of ``param``: its epilogue's
+        temporaries (``bytes_per_element`` each), over slices within the chunk budget."""
+        return min(chunk_budget_bytes(), param.numel() * self.bytes_per_element)
+
     def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
                                 ok=None) -> torch.Tensor | None:
         """:meth:`apply_update_` unless ``ok`` is False or an element of the tensors ``checked`` is not finite;

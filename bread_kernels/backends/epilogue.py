@@ -112,7 +112,7 @@ def apply_update_(
     ``grad`` (fp32, or bf16/fp16 widened to fp32 first) has ``param``'s shape.  ``offset`` is the logical row-major index of ``param[0, 0]`` in the
     full parameter, so random bits do not depend on how the parameter is chunked.  ``ok`` (a 0-dim bool tensor)
     False leaves ``param`` as it was, decided on the device.  Uses a bounded number of temporaries of ``grad``'s
-    size (the caller chunks).
+    size (the caller chunks: :meth:`~bread_kernels.backends.torch_backend.TorchBackend.apply_update_`).
     """
     grad = grad.float()
     update = torch.sign(grad) if sign else grad

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import epilogue
-from .chunked import ChunkedBackend
+from .chunked import ChunkedBackend, chunk_budget_bytes
 
 
 class TorchBackend(ChunkedBackend):
@@ -12,7 +12,20 @@ class TorchBackend(ChunkedBackend):
     bytes_per_element = 48
 
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
-        epilogue.apply_update_(param, grad, step, sign, rounding.resolve(param.dtype), seed, offset, ok)
+        """The epilogue's update over slices of ``param``'s rows (a 1-D ``param``'s elements) whose temporaries
+        (``bytes_per_element`` each) fit the chunk budget: a whole gradient — the fused head's dW, a hooked
+        parameter's — takes no more than a chunk of a fused dW does.  Each element draws the random bits of its
+        index in the whole ``param``, so the slices change no value."""
+        rounding = rounding.resolve(param.dtype)
+        width = param.shape[1] if param.dim() == 2 else 1
+        rows = max(1, chunk_budget_bytes() // (width * self.bytes_per_element))
+        if rows >= param.shape[0]:
+            epilogue.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
+            return
+        for start in range(0, param.shape[0], rows):
+            stop = min(param.shape[0], start + rows)
+            epilogue.apply_update_(param[start:stop], grad[start:stop], step, sign, rounding, seed,
+                                   offset + start * width, ok)
 
     def finite_flag(self, *tensors):
         return epilogue.finite_flag(*tensors)

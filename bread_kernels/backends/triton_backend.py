@@ -43,6 +43,10 @@ class TritonBackend(TorchSums, TorchRotary):
     def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
 
+    def update_temporary_bytes(self, param) -> int:
+        """0: the update kernel writes ``param`` in place."""
+        return 0
+
     def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
                                 ok=None) -> torch.Tensor | None:
         """:meth:`apply_update_` unless ``ok`` is False or an element of ``checked`` is not finite; returns the flag

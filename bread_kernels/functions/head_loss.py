@@ -96,7 +96,7 @@ from .linear import check_plan_for_weight, trigger_for
 __all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
            "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes", "unfused_loss_bytes",
            "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized",
-           "MAX_DW_BLOCKS_BESIDE_KEPT"]
+           "loss_bytes_beside_kept", "MAX_DW_BLOCKS_BESIDE_KEPT"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 #: a head whose dW the loss accumulates in the forward (an Adam-trained head, or an on-the-fly one whose dW fits) runs
@@ -266,6 +266,21 @@ def dw_bytes_beside_hidden_sized(tokens: int, weight: torch.Tensor, bias: torch.
     if held > unfused_loss_bytes(tokens, weight):
         return None
     return held
+
+
+def loss_bytes_beside_kept(tokens: int, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan | None,
+                           held: int | None, softcap: float | None = None) -> int:
+    """What the bounded loss (``fused_head_loss(hidden_sized=True)``) holds beside kept blocks at its peak: the dW
+    it accumulates in the forward (``held``: :func:`dw_bytes_beside_hidden_sized`), and the larger of its largest
+    block of logits (in the forward: :func:`hidden_sized_block_bytes`) and, for an on-the-fly head, the temporaries
+    its backend's update of that whole dW allocates (in the backward; the torch backend's fp32 epilogue, none for
+    the native and Triton kernels, which write in place)."""
+    held = held or 0
+    block = hidden_sized_block_bytes(tokens, weight, softcap, dw_in_forward=held > 0)
+    update = 0
+    if held and plan is not None and plan.role.updates_on_the_fly:
+        update = get_backend(weight.device).update_temporary_bytes(weight)
+    return held + max(block, update)
 
 
 def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap) -> None:
@@ -563,12 +578,12 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             of non-ignored tokens, as transformers does for Trainer's gradient accumulation.
         softcap: Gemma2's ``final_logit_softcapping``: the logits are ``c · tanh(z / c)``.
         chunk_bytes: the bytes one block of logits may take (default ``BREAD_LOSS_CHUNK_BYTES`` or 256 MiB).
-        hidden_sized: bound everything the loss holds besides its inputs — a block of logits, and an on-the-fly
-            head's fp32 dW accumulated in the forward — by the bytes of ``hidden``'s elements as logits: blocks of
-            about ``T·H/V`` rows (Liger-Kernel's chunk), or, for a head whose dW is accumulated in the forward
-            (an Adam-trained head, or an on-the-fly one given ``dw_bytes`` it fits), at most
-            :data:`MAX_DW_BLOCKS_BESIDE_KEPT` blocks within the chunk budget (:func:`hidden_sized_blocks`).  For a
-            step whose peak must not grow while something else is alive during the loss (the stream's kept top
+        hidden_sized: bound the blocks of logits (and an on-the-fly head's fp32 dW accumulated in the forward,
+            unless ``dw_bytes`` is given) by the bytes of ``hidden``'s elements as logits: blocks of about
+            ``T·H/V`` rows (Liger-Kernel's chunk) — for a head whose dW is accumulated in the forward (an
+            Adam-trained head, or an on-the-fly one whose ``dw_bytes`` it fits) larger ones where those would be
+            more than :data:`MAX_DW_BLOCKS_BESIDE_KEPT`, within the chunk budget (:func:`hidden_sized_blocks`).  For
+            a step whose peak must not grow while something else is alive during the loss (the stream's kept top
             block, ``patch(keep_top=...)``).
         room_bytes: with ``hidden_sized``, the bytes a block of logits may take where that is more than
             ``hidden``'s size: what the caller counted beside the loss anyway (the kept top block's backward,

@@ -78,3 +78,35 @@ def test_bad_chunk_size_is_refused(monkeypatch):
     monkeypatch.setenv("BREAD_BACKEND", "torch")  # a chunked backend that serves every device
     with pytest.raises(ValueError, match="BREAD_CHUNK_BYTES must be a positive"):
         backward_trace(torch.float32, Role.SIGN)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the torch backend's epilogue in torch ops (the GPU kernels are in place)")
+@pytest.mark.parametrize("shape", [(1024, 384), (1024 * 384,)], ids=["2d", "1d"])
+def test_a_whole_gradients_update_on_the_torch_backend_takes_a_chunks_temporaries(shape, monkeypatch):
+    """A gradient that exists whole (the fused head's dW accumulated in its forward, a hooked parameter's ``.grad``)
+    is written by the torch backend's fp32 epilogue, ~48 bytes of temporaries per element: over row slices (a 1-D
+    parameter's element ranges) within the chunk budget, not the whole tensor at once, and to the same values as in
+    one slice, stochastic rounding's random bits included.  Control: with a budget that holds it, one slice peaks at
+    the whole tensor's temporaries."""
+    from bread_kernels.backends import get_backend
+
+    monkeypatch.setenv("BREAD_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(shape, generator=gen)
+
+    def update(budget):
+        monkeypatch.setenv("BREAD_CHUNK_BYTES", str(budget))
+        param = start.clone()
+        backend = get_backend(param.device)
+        trace = trace_allocations(lambda: backend.apply_update_if_finite_(
+            param, grad, 1e-2, False, Rounding.STOCHASTIC, seed=7, checked=(grad,)))
+        return param, trace.peak_bytes
+
+    whole_temporaries = start.numel() * 48
+    chunked, chunked_peak = update(whole_temporaries // 8)
+    whole, whole_peak = update(2 * whole_temporaries)
+    assert torch.equal(chunked, whole)
+    assert not torch.equal(whole, start)
+    assert chunked_peak <= whole_temporaries // 8 + 1024, f"peak {chunked_peak} B"
+    assert whole_peak > whole_temporaries // 2, f"peak {whole_peak} B"
