@@ -375,15 +375,26 @@ def _softmax_(z: torch.Tensor) -> torch.Tensor:
     return top + total.log()
 
 
-def _delta_(p: torch.Tensor, t: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
-            scale: torch.Tensor, first_col: int = 0) -> torch.Tensor:
-    """Turn the probabilities ``p`` [rows, cols] (vocabulary columns ``first_col`` …) into the gradient of the loss
-    w.r.t. the raw logits, in place: ``(p − onehot(y)) · scale`` on valid rows, 0 on ignored ones, times
-    ``1 − t²`` when soft-capped.  ``scale`` is a 0-d fp32 tensor (1/n, times γ in the backward)."""
+def _delta_terms(targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, cols: int,
+                 first_col: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`_delta_` applies to each token's row of probabilities for the vocabulary columns ``first_col`` …
+    ``first_col + cols − 1``, [T, 1] each: the column of its target (clamped into the block), −1 where the target is
+    one of them and the token is scored (else 0; a scatter, not an index by nonzero: no host sync), and
+    ``valid · scale`` (``scale`` a 0-d fp32 tensor: 1/n, times γ in the backward).  Computed once for every block of
+    a loop over tokens, whose rows are slices of it."""
     local = targets - first_col
-    hit = valid & (local >= 0) & (local < p.shape[1])  # a scatter, not an index by nonzero: no host sync
-    p.scatter_add_(1, local.clamp(0, p.shape[1] - 1)[:, None], hit.to(p.dtype).neg_()[:, None])
-    p.mul_((valid.to(p.dtype) * scale)[:, None])
+    hit = valid & (local >= 0) & (local < cols)
+    return (local.clamp(0, cols - 1)[:, None], hit.to(torch.float32).neg_()[:, None],
+            (valid.to(torch.float32) * scale)[:, None])
+
+
+def _delta_(p: torch.Tensor, t: torch.Tensor | None, terms: tuple) -> torch.Tensor:
+    """Turn the fp32 probabilities ``p`` [rows, cols] into the gradient of the loss w.r.t. the raw logits, in place:
+    ``(p − onehot(y)) · scale`` on valid rows, 0 on ignored ones, times ``1 − t²`` when soft-capped; ``terms``:
+    :func:`_delta_terms` of these rows and columns."""
+    column, minus_hit, row_scale = terms
+    p.scatter_add_(1, column, minus_hit)
+    p.mul_(row_scale)
     if t is not None:
         p.mul_(t.mul_(t).neg_().add_(1.0))
     return p
@@ -446,27 +457,28 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
     chunk = _balanced_rows(chunk, tokens)
     dtype = hidden.dtype
     valid = targets >= 0
-    safe = targets.clamp(min=0)
+    safe = targets.clamp(min=0)[:, None]
     grad_hidden = torch.empty_like(hidden) if needs_dh else None
     single = tokens <= chunk  # one chunk: dW is that chunk's GEMM, in the compute dtype as autograd's
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
         if want_dw and not single else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_db else None
     lse_all = torch.empty(tokens, dtype=torch.float32, device=hidden.device) if keep_lse else None
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    row_loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)  # summed once, after the blocks
+    terms = _delta_terms(targets, valid, inv_count, vocab) if needs_dh or want_dw or want_db else None
     for start in range(0, tokens, chunk):
         stop = min(tokens, start + chunk)
         h = hidden[start:stop]
         z, t = _logits(h, weight, bias, softcap)
-        picked = z.gather(1, safe[start:stop, None]).squeeze(1)
+        picked = z.gather(1, safe[start:stop]).squeeze(1)
         lse = _softmax_(z)  # z now holds the probabilities
-        total += torch.where(valid[start:stop], lse - picked, 0.0).sum()
+        torch.sub(lse, picked, out=row_loss[start:stop])
         if lse_all is not None:
             lse_all[start:stop] = lse
         if grad_hidden is None and not want_dw and grad_bias is None:
             del z, t  # before the next block of logits is allocated, not after: one block at a time
             continue
-        g = _delta_(z, t, targets[start:stop], valid[start:stop], inv_count).to(dtype)
+        g = _delta_(z, t, tuple(term[start:stop] for term in terms)).to(dtype)
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[start:stop])  # from W before any update (invariant 1)
         if single and want_dw:
@@ -481,6 +493,7 @@ def _chunk_loop(hidden, weight, bias, targets, inv_count, softcap, chunk, needs_
         del z, t, g  # before the next block of logits is allocated, not after: one block at a time
     if want_dw and grad_weight is None:  # no tokens
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    total = torch.where(valid, row_loss, 0.0).sum()
     return total, grad_hidden, grad_weight, grad_bias, lse_all
 
 
@@ -544,7 +557,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
             tile_bias = bias[start:stop].to(dtype) if bias is not None else None
             z, t = _logits(hidden, weight[start:stop].to(dtype), tile_bias, ctx.softcap)
             p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
-            g = _delta_(p, t, targets, valid, scale, first_col=start).to(dtype)
+            g = _delta_(p, t, _delta_terms(targets, valid, scale, stop - start, first_col=start)).to(dtype)
             del z, t, p
             yield start, stop, g, hidden
             del g  # before the next tile is allocated (its consumer drops its own reference: one tile at a time)

@@ -723,3 +723,27 @@ def test_the_loss_holds_one_block_of_logits_at_a_time(monkeypatch, role, dtype):
     peak = trace_allocations(step).peak_bytes
     besides = 3 * tokens * hidden_size * 4 + 16 * tokens  # dh (and its cast), the row statistics
     assert peak <= block + held + besides, (peak, block)
+
+
+@pytest.mark.parametrize("role", [Role.FROZEN, Role.SGD], ids=lambda r: r.name)
+def test_a_block_of_logits_costs_few_ops_beyond_its_gemms(role):
+    """The loop's work per target token (the one-hot column, its scale, the scored rows' loss) is made once for all
+    tokens, so each further block of logits adds only its own passes: ≤ 30 aten ops (26 for an SGD head's dW path,
+    43 when each block made its own), counted over the forward of 8 blocks against 1.  Beside kept blocks a head
+    whose dW is built in the forward runs 8 blocks (``MAX_DW_BLOCKS_BESIDE_KEPT``)."""
+    from tests.aten_ops import AtenOps
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = 64
+    hidden = torch.randn(tokens, HIDDEN, generator=gen, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen) * 0.1
+    targets = torch.randint(0, VOCAB, (tokens,), generator=gen)
+    counts = []
+    for rows in (tokens, tokens // 8):
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=LR) if role.updates_on_the_fly else None)
+        with AtenOps() as ops:
+            loss = fused_head_loss(hidden, weight.clone(), None, targets, plan, chunk_bytes=rows * VOCAB * 4,
+                                   dw_bytes=1 << 30)
+        counts.append(len(ops.names))
+        close(loss, F.cross_entropy(F.linear(hidden, weight).double(), targets).float(), "loss")
+    assert (counts[1] - counts[0]) / 7 <= 30, counts
