@@ -93,3 +93,60 @@ def test_a_compiled_patched_model_is_freed_when_dropped():
     gc.collect()
     assert not [r() for r in modules if r() is not None]
     assert modeling_llama.apply_rotary_pos_emb is before
+
+
+def _sgd_plan():
+    from bread_kernels.plan import OnTheFlyUpdate, Role, WeightPlan
+
+    return WeightPlan(Role.SGD, OnTheFlyUpdate(lr=1e-2))
+
+
+def _linear_call(x, weight, lora):
+    """One SGD-updated linear call: the plain fused linear, or the LoRA one on frozen-base adapters ``lora``."""
+    from bread_kernels.functions.linear import fused_linear
+    from bread_kernels.functions.lora import fused_lora_linear
+
+    plan = _sgd_plan()
+    if lora is None:
+        return lambda h: fused_linear(h, weight, None, plan).square().sum()
+    a, b = lora
+    return lambda h: fused_lora_linear(h, None, weight, None, a, b, 2.0, plan).square().sum()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["linear", "lora"])
+def test_a_fused_linear_called_under_compile_breaks_the_graph_and_updates_as_in_eager(lora):
+    """The fused linears are a graph break under ``torch.compile`` (dynamo runs the Function eagerly, outside its
+    graph): the same output and the same SGD update of the weight as in eager; in eager they do not pass through
+    ``torch.compiler.disable``'s wrapper (a few µs of host time a call)."""
+    import sys
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=gen)
+    weight = torch.randn(3, 7, generator=gen)
+    adapters = (torch.randn(2, 7, generator=gen).requires_grad_(), torch.randn(3, 2, generator=gen).requires_grad_()) \
+        if lora else None
+    results = []
+    for compiled in (False, True):
+        w = weight.clone()
+        pair = tuple(t.detach().clone().requires_grad_() for t in adapters) if lora else None
+        fn = _linear_call(x, w, pair)
+        if compiled:
+            fn = torch.compile(fn, backend="eager")
+        h = x.clone().requires_grad_()
+        frames = []
+        sys.setprofile(lambda frame, event, arg: frames.append(frame.f_code.co_filename) if event == "call" else None)
+        try:
+            loss = fn(h)
+        finally:
+            sys.setprofile(None)
+        if not compiled:
+            assert not [f for f in frames if "_dynamo" in f], "an eager fused call went through dynamo's wrapper"
+        loss.backward()
+        results.append((loss.detach(), w, h.grad, *(t.grad for t in pair or ())))
+    # dynamo skips the fused call (it runs eagerly, before the graph) and traces what follows it
+    graphs = torch._dynamo.explain(_linear_call(x, weight.clone(), adapters))(x.clone().requires_grad_()).graphs
+    assert graphs and all("square" in g.code and "linear" not in g.code for g in graphs), [g.code for g in graphs]
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert not torch.equal(results[0][1], weight)  # the update happened

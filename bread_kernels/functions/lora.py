@@ -177,11 +177,16 @@ def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
     return (result + update * scaling).to(result.dtype)
 
 
-@torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
 def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: WeightPlan) -> torch.Tensor:
     """``x Wᵀ + b + scaling·(x̃ Aᵀ) Bᵀ`` (x̃ = ``x_lora``, or ``x`` when None) whose backward follows ``plan``
     for the base weight and gives A and B their gradients (see the module docstring)."""
+    if torch.compiler.is_compiling():  # a graph break (see fused_linear)
+        return _graph_break_fused_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling, plan)
+    return _checked_fused_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling, plan)
+
+
+def _checked_fused_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling, plan) -> torch.Tensor:
     check_linear_inputs(x, weight, bias, plan)
     check_lora_inputs(x, weight, lora_a, lora_b, scaling)
     if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != lora_a.dtype):
@@ -190,3 +195,6 @@ def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torc
     trigger = trigger_for(plan, x, x_lora, weight, bias, lora_a, lora_b)
     return apply_deferring_output(FusedLoRALinearFunction, plan, x, x_lora, weight, bias, lora_a, lora_b,
                                   float(scaling), plan, trigger)
+
+
+_graph_break_fused_lora_linear = torch.compiler.disable(_checked_fused_lora_linear)
