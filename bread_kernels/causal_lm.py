@@ -1,4 +1,5 @@
-"""The causal-LM forward whose loss is the fused head+loss (``patch(model, fused_loss=True)``).
+"""The causal-LM forward whose loss is the fused head+loss (the default of ``patch(model)``; ``fused_loss=True``
+requires it).
 
 transformers' causal LMs compute, in their ``forward``::
 

@@ -14,7 +14,9 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   the head and the loss.  With ``keep_top="auto"`` top blocks are kept when a fused head+loss follows the blocks
   (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the larger of the hidden states' size and
   what the count sets beside the kept blocks for the top block's backward (:meth:`StreamConfig.room_beside_kept`).
-  The top block always: it saves its recompute, and the kept block's backward replaces a recomputed block's.  More, as
+  The top block, unless it and what the loss holds beside it would take more than both the budget below and a
+  recomputed block's backward (twice its activations): it saves its recompute, and the kept block's backward
+  replaces a recomputed block's.  More, as
   many as the memory the fused loss saves pays for: the model's own head and loss would hold ``T·V·12`` bytes at the
   peak of their backward (``budget_bytes``), so ``k`` top blocks whose saved activations, plus the larger of what the
   fused loss holds beside them in the forward (a block of logits, an on-the-fly head's fp32 dW: ``loss_bytes``) and

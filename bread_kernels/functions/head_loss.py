@@ -26,7 +26,8 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
 * ``SGD`` / ``SIGN``: ``W -= lr·s·f(dW)`` in the backward (lr is read then, and γ is known only then), in one of
   two ways, chosen by memory:
 
-  - *dW fits the budget* (``V·H`` fp32 elements, plus db, within ``chunk_bytes`` below; with the default budget,
+  - *dW fits the budget* (the fp32 dW and db, plus for a bf16/fp16 head one chunk's [V, H] product:
+    :func:`_accumulated_dw_bytes`, within ``chunk_bytes`` below; with the default budget,
     also within what the model's own head and loss would hold beyond one block, ``T·V·12`` bytes at its backward's
     peak: :func:`_dw_budget`): the forward accumulates ``dW`` (γ = 1) over the chunks as for an ``ACTIVE`` head,
     and the backward hands ``γ·dW`` (``γ·db``) to the one update path,
@@ -54,7 +55,7 @@ The default is a measured compromise (``bench/results/head_loss_cpu_float32*.txt
 tokens, 64 MiB blocks (130 tokens) made the CPU's head GEMMs ~1.7x slower than 256 MiB blocks (523 tokens), while
 256 MiB is still ~1/12 of the reference's logits-sized peak there; on a GPU, Liger-Kernel's blocks are smaller (about
 the size of the hidden states), so set the variable lower where memory matters more than the last percent of speed.
-On a GPU with ``liger-kernel`` installed (``pip install bread_kernels[liger]``) the untiled forward — a frozen, an
+On a GPU with ``liger-kernel`` installed (``pip install -e ".[liger]"``) the untiled forward — a frozen, an
 active, or an on-the-fly head whose dW fits the budget — runs Liger-Kernel's fused linear cross-entropy kernels
 instead of the loop here (through the backend's ``linear_cross_entropy``, :mod:`bread_kernels.backends.liger`): they
 compute the same loss, ``dh`` and ``dW`` for the *sum* over tokens, so the backward's γ is multiplied by ``1/n``.
@@ -224,7 +225,7 @@ def unfused_loss_bytes(tokens: int, weight: torch.Tensor) -> int:
     less: the logits in the compute dtype, transformers' fp32 upcast of them, none when they are fp32, and the fp32
     log-softmax — ``tokens · V · (b + 4·[b ≠ 4] + 4)`` bytes for b-byte logits).  Measured with the allocator:
     48.0 MiB at the bench model's 1,024 tokens and vocabulary of 4,096, in fp32 and in bf16;
-    ``tests/functions/test_head_loss.py`` checks the bound at 97 tokens and 301 in both.
+    ``tests/functions/test_head_loss.py`` checks the bound at 97 tokens and a vocabulary of 301, in fp32 and bf16.
     The fused loss holds none of it, so this is the memory it frees for kept activations
     (:meth:`~bread_kernels.stream.StreamConfig.fused_loss_follows`)."""
     return tokens * weight.shape[0] * 12
