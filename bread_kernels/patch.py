@@ -52,12 +52,13 @@ recompute, and its backward: ~110 µs a step on a CPU) costs more than the dW it
 
 from __future__ import annotations
 
+import copy
 import numbers
 import os
 import types
 import warnings
 import weakref
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, 
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
-from .functions.rotary import install_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
+from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
@@ -80,6 +81,7 @@ __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patc
            "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default"]
 
 _STATE_ATTR = "_bread_patch"
+_BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
 
 #: ``patch(hook_update_numel=None)``'s value where ``BREAD_HOOK_UPDATE_NUMEL`` is unset: 2¹⁷ elements (512 KiB of
 #: fp32 dW).  Measured on a 2-thread AVX2 CPU (``bench/results/hook_update_numel_cpu_amd_avx2_stop38.txt``): with
@@ -119,6 +121,39 @@ class PatchedModel:
         self.hook_update_numel = DEFAULT_HOOK_UPDATE_NUMEL  # patch()'s option: see updates_in_hook
         self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
+
+    def __deepcopy__(self, memo: dict) -> "PatchedModel":
+        """The state of a deep copy of the patched model (an EMA or reference model — TRL's
+        ``create_reference_model`` —, a snapshot): the copy's own modules and stream (its blocks' forwards find them
+        through their own attributes), the ids it keys by mapped to the copy's modules and parameters, registered
+        as a patched model of its own and driven by no optimizer: every fused module without a plan and the cut at
+        0, as after :func:`patch` (the original's plans belong to the original's optimizer, whose updates would
+        otherwise run in the copy's backward)."""
+        duplicate = PatchedModel.__new__(PatchedModel)
+        memo[id(self)] = duplicate
+        for key, value in self.__dict__.items():
+            if key not in ("model_ref", "_driver"):
+                duplicate.__dict__[key] = copy.deepcopy(value, memo)
+        duplicate.block_of_linear = {id(memo[key]): index for key, index in self.block_of_linear.items()
+                                     if key in memo}
+        duplicate.shared_weights = {id(memo[key]) for key in self.shared_weights if key in memo}
+        duplicate._driver = None
+        model = self.model_ref()
+        copied = memo.get(id(model)) if model is not None else None
+        if copied is None:
+            raise RuntimeError("bread_kernels: the state of a patched model was deep-copied without its model; "
+                               "copy the model itself (copy.deepcopy(model))")
+        duplicate.model_ref = weakref.ref(copied)
+        for (_, module), (_, original) in zip(duplicate.fused_elementwise, self.fused_elementwise):
+            share_fused_rotary(original, module)
+        duplicate.clear_plans()
+        _PATCHED_MODELS.add(copied)
+        return duplicate
+
+    def __getstate__(self):
+        raise TypeError("bread_kernels: a patched model does not pickle whole (its engine state holds its model and "
+                        "optimizer weakly); save model.state_dict() or save_pretrained(), or bread_kernels.unpatch(model) "
+                        "first")
 
     def updates_in_hook(self, module: nn.Module) -> bool:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
@@ -466,23 +501,29 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
             state.checkpointing_flags[index] = True
             block.gradient_checkpointing = False
-        block.forward = types.MethodType(_streamed_forward(block.forward, state.stream, index), block)
+        setattr(block, _BLOCK_ATTR, (block.forward, state.stream, index))
+        block.forward = types.MethodType(_streamed_forward, block)
     _set_fused_loss(model, fused_loss, state)
     _set_fused_elementwise(model, fused_elementwise, state)
-    state.forward_hook = model.register_forward_pre_hook(lambda module, args: begin_forward())
+    state.forward_hook = model.register_forward_pre_hook(_begin_forward_hook)
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
 
 
-def _streamed_forward(original: Callable, config: StreamConfig, index: int) -> Callable:
-    """Block ``index``'s forward under the stream.  ``original`` and the rest are a closure's, not keyword defaults:
-    dynamo caches each traced function's defaults in a ``WeakKeyDictionary`` keyed by the function, where a default
-    that reaches the block (its bound forward) would keep the function's key, and the model, alive for good."""
-    def forward(self, *args, **kwargs):
-        return streamed_block_forward(self, original, config, index, *args, **kwargs)
+def _streamed_forward(self, *args, **kwargs):
+    """A block's forward under the stream.  What it needs (the block's own forward, the stream, its index) is an
+    attribute of the block, not a closure's or a keyword default's: ``copy.deepcopy`` maps an attribute to the copy's
+    (its own bound forward and stream) where a closure would keep the original's; and dynamo caches each traced
+    function's defaults in a ``WeakKeyDictionary`` keyed by the function, where a default that reaches the block
+    would keep the model alive for good."""
+    original, config, index = self.__dict__[_BLOCK_ATTR]
+    return streamed_block_forward(self, original, config, index, *args, **kwargs)
 
-    return forward
+
+def _begin_forward_hook(module, args) -> None:
+    """The patched model's forward pre-hook (a module-level function: a patched model pickles)."""
+    begin_forward()
 
 
 def _set_fused_loss(model: nn.Module, fused_loss: bool | None, state: PatchedModel) -> None:
@@ -581,6 +622,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             module.__dict__.pop(attr, None)
     for index, block in enumerate(state.blocks):
         block.__dict__.pop("forward", None)
+        block.__dict__.pop(_BLOCK_ATTR, None)
         if state.checkpointing_flags.get(index):
             block.gradient_checkpointing = True
     state.forward_hook.remove()

@@ -11,7 +11,8 @@ from torch import nn
 
 import bread_kernels
 from bread_kernels import Role, WeightPlan
-from bread_kernels.patch import DEFAULT_HOOK_UPDATE_NUMEL, fused_fraction, patched_state
+from bread_kernels.plan import PLAN_ATTR
+from bread_kernels.patch import DEFAULT_HOOK_UPDATE_NUMEL, fused_fraction, patched_models, patched_state
 from tests import model_zoo as models
 from tests.model_zoo import BUILDERS, MOE_BUILDERS, batch, loss_of
 
@@ -103,6 +104,79 @@ def test_unpatch_closes_the_optimizer_that_drives_the_model():
     assert sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()) == hooks_before
     with pytest.raises(RuntimeError, match="closed"):
         opt.step()
+
+
+def _block_optimizer(model, **modes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                                            list(model.named_parameters()), switch_block_every=1, verbose=0, **modes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_deep_copy_of_a_patched_model_is_a_patched_model_of_its_own(arch):
+    """``copy.deepcopy`` (an EMA or reference model, TRL's ``create_reference_model``, a snapshot) gives a model whose
+    blocks run its own weights: its output does not follow the original's, its backward writes its own ``.grad``
+    and no on-the-fly update (the original's plans belong to the original's optimizer); it is patched and undriven,
+    trains with an optimizer of its own exactly as the original trains with its own, never touches the original,
+    and is freed when dropped (with the rotary dispatcher once both are gone)."""
+    from transformers.models.llama import modeling_llama
+
+    before = modeling_llama.apply_rotary_pos_emb
+    original = bread_kernels.patch(BUILDERS[arch]())
+    optimizer = _block_optimizer(original, sgd_mode="all")
+    loss_of(original, batch(0)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    duplicate = copy.deepcopy(original)
+    state = patched_state(duplicate)
+    assert state is not patched_state(original) and state.driver is None and state.cut == 0
+    assert duplicate in patched_models()
+    assert all(getattr(m, PLAN_ATTR) is None for _, m in state.fused_modules)
+    assert any(getattr(m, PLAN_ATTR) is not None for _, m in patched_state(original).fused_modules)
+    assert {id(m) for _, m in state.fused_modules} == {id(m) for m in duplicate.modules()} & \
+        {id(m) for _, m in state.fused_modules}  # the copy's own modules
+    assert sorted(state.block_of_linear.values()) == sorted(patched_state(original).block_of_linear.values())
+    assert set(state.block_of_linear) <= {id(m) for m in duplicate.modules()}
+
+    saved = {n: p.detach().clone() for n, p in duplicate.named_parameters()}
+    with torch.no_grad():
+        expected = loss_of(duplicate, batch(1))
+        for p in original.parameters():
+            p.mul_(0.5)  # the original alone changes
+        assert torch.equal(loss_of(duplicate, batch(1)), expected)
+    for p in duplicate.parameters():
+        p.requires_grad_(True)
+    loss_of(duplicate, batch(1)).backward()
+    assert all(p.grad is None for p in original.parameters())
+    assert all(p.grad is not None for p in duplicate.parameters() if p.requires_grad)
+    assert all(torch.equal(p, saved[n]) for n, p in duplicate.named_parameters())  # no update of the original's plans
+    duplicate.zero_grad()
+
+    # trained by an optimizer of its own as a fresh copy is, without touching the original
+    untouched = {n: p.detach().clone() for n, p in original.named_parameters()}
+    twin = copy.deepcopy(duplicate)
+    for model in (duplicate, twin):
+        opt = _block_optimizer(model, sgd_mode="partial")
+        for step in range(3):
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.close()
+    models.assert_same_parameters(duplicate, twin, rtol=0, atol=0)
+    assert not [n for n, p in original.named_parameters() if not torch.equal(p, untouched[n])]
+    assert [n for n, p in duplicate.named_parameters() if not torch.equal(p, saved[n])]
+
+    with pytest.raises(TypeError, match="does not pickle whole"):
+        import pickle
+
+        pickle.dumps(duplicate)
+    refs = [weakref.ref(m) for m in duplicate.modules()]
+    optimizer.close()
+    del duplicate, twin, state, original, optimizer, opt, model
+    gc.collect()
+    assert [r() for r in refs if r() is not None] == []
+    assert modeling_llama.apply_rotary_pos_emb is before
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ..backends.rotary import rotated
 from ..rounding import FLOAT_DTYPES
 from .probe import REFUSALS
 
-__all__ = ["RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "uninstall_fused_rotary",
+__all__ = ["RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "share_fused_rotary", "uninstall_fused_rotary",
            "uses_rotary_embedding"]
 
 #: the name transformers' attention forwards call the rotary embedding by
@@ -237,6 +237,17 @@ def install_fused_rotary(module: nn.Module) -> bool:
     _releases[module] = weakref.finalize(module, _release, namespace, dispatch)
     module.forward = types.MethodType(_marked_forward, module)
     return True
+
+
+def share_fused_rotary(module: nn.Module, duplicate: nn.Module) -> None:
+    """``duplicate``, a deep copy of ``module``, holds the fused rotary embedding's dispatcher as ``module`` does (the
+    modeling module's function comes back after the last of them is gone); nothing where ``module`` has none."""
+    release = _releases.get(module)
+    if release is None or not release.alive or duplicate in _releases:
+        return
+    namespace, dispatch = release.peek()[2]
+    dispatch.users += 1
+    _releases[duplicate] = weakref.finalize(duplicate, _release, namespace, dispatch)
 
 
 def uninstall_fused_rotary(module: nn.Module) -> None:
