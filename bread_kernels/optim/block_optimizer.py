@@ -306,6 +306,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.masters.grads_to_masters()
         self.base_optimizer.step()
         self.masters.masters_to_params()
+        # the active block's gradients are spent, as the reference's step drops them: none carries into the next
+        # step, whatever zero_grad() reaches (a base optimizer built over a subset, a loop without zero_grad)
+        for group in self.base_optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
         self.after_base_step()
         return loss
 

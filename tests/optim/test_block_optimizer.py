@@ -90,6 +90,38 @@ def test_unpatched_model_takes_the_slow_path_and_says_so():
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.named_parameters()), verbose=0)
 
 
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
+def test_a_step_spends_the_active_blocks_gradients_whatever_zero_grad_reaches(patched):
+    """A base optimizer built over some parameters only (peft's ``AdamW(p for p in model.parameters() if
+    p.requires_grad)``), with no ``zero_grad()`` between steps at all: each step drops the active block's gradients,
+    as the reference's does, so the next step's are its own batch's, not a running sum.  Reference: plain SGD by
+    autograd on the active block (the last, descending, for all three steps)."""
+    model = BUILDERS["llama"]()
+    reference = copy.deepcopy(model)
+    if patched:
+        model = bread_kernels.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.lm_head.parameters(), lr=0.1),
+                                           list(model.named_parameters()), switch_block_every=10, verbose=0)
+    prefix = "model.layers.3."
+    active = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+    for step in range(3):
+        loss_of(model, batch(step)).backward()
+        opt.step()  # no zero_grad: the step itself leaves no gradient behind
+        assert all(p.grad is None for p in active)
+        reference.zero_grad()
+        loss_of(reference, batch(step)).backward()
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                if n.startswith(prefix):
+                    p -= 0.1 * p.grad
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if n.startswith(prefix):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    opt.close()
+
+
 @pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_state_dict_resumes_a_run_exactly(sgd_mode, dtype):
