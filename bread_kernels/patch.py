@@ -422,6 +422,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         raise TypeError(f"patch: fused_loss must be None (where it can), True or False, got {fused_loss!r}")
     if not isinstance(fused_elementwise, bool):
         raise TypeError(f"patch: fused_elementwise must be True or False, got {fused_elementwise!r}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"patch: recompute must be True or False, got {recompute!r}")
     hook_update_numel = _check_hook_update_numel(hook_update_numel)
     state = patched_state(model)
     if state is not None:

@@ -179,25 +179,41 @@ class WeightPlan:
             )
 
     # -- multi-use bookkeeping (used by the fused functions) ---------------------------------------------------
-    def register_use(self) -> "_UseToken":
+    def register_use(self, node=None) -> "_UseToken":
+        """A use of the weight in the forward that runs now; ``node``: the autograd node of that use (the fused
+        Function's ``ctx``), which tells whether a backward that runs later reaches it."""
         if self._pending:
             self._drop_abandoned()
-        token = _UseToken(_forward_epoch)
+        token = _UseToken(_forward_epoch, node)
         self._uses.add(token)
         return token
 
     def finish_use(self, token: "_UseToken", contribution) -> list | None:
-        """Record one use's (grad_output, input) pair; return every pair of its forward once that forward's last
-        pending use is done."""
+        """Record one use's contribution (a fused function's (grad_output, input) pair, or what it hands the update);
+        return every contribution that ends with it once the last of them is done: the uses of its forward, and
+        the uses of other forwards that the same backward reaches (two forwards' losses summed into one backward).
+        So a weight takes one update for the gradient summed over them, after every use's dX, as autograd's
+        accumulation gives the reference's post-accumulate-grad hook one call.  None: wait."""
         self._uses.discard(token)
         if not self._pending and not self._uses:  # the common case: a weight used once per forward
             return [contribution]
         self._pending.append((token.epoch, contribution))
-        if any(use.epoch == token.epoch for use in self._uses):
+        if any(use.epoch == token.epoch or use.runs_in_this_backward() for use in self._uses):
             return None
-        ready = [c for epoch, c in self._pending if epoch == token.epoch]
-        self._pending = [(epoch, c) for epoch, c in self._pending if epoch != token.epoch]
+        live = {use.epoch for use in self._uses}
+        ready = [c for epoch, c in self._pending if epoch not in live]
+        self._pending = [(epoch, c) for epoch, c in self._pending if epoch in live]
         return ready
+
+    def shares_its_forward(self, token: "_UseToken") -> bool:
+        """Whether another use of the weight in ``token``'s forward is not finished yet."""
+        return any(use is not token and use.epoch == token.epoch for use in self._uses)
+
+    def has_other_use_in_this_backward(self, token: "_UseToken") -> bool:
+        """Whether a use of the weight other than ``token``'s, not yet finished (another forward's summed into this
+        backward, or this forward's), is reached by the backward that runs now: a caller that cannot merge
+        contributions refuses before anything is written."""
+        return any(use is not token and use.runs_in_this_backward() for use in self._uses)
 
     def _drop_abandoned(self) -> None:
         """Forget the contributions of a forward that used this weight several times and whose other uses were
@@ -266,9 +282,26 @@ class FiniteChecks:
 
 
 class _UseToken:
-    """Lives as long as one forward use's autograd node (it is stored on the ctx)."""
+    """Lives as long as one forward use's autograd node (it is stored on the ctx, which it holds weakly)."""
 
-    __slots__ = ("epoch", "__weakref__")
+    __slots__ = ("epoch", "node", "__weakref__")
 
-    def __init__(self, epoch: int):
+    def __init__(self, epoch: int, node=None):
         self.epoch = epoch
+        self.node = weakref.ref(node) if node is not None else None
+
+    def runs_in_this_backward(self) -> bool:
+        """Whether the backward that runs now will execute this use's node (False outside a backward)."""
+        node = self.node() if self.node is not None else None
+        if node is None or _WILL_ENGINE_EXECUTE_NODE is None:
+            return False
+        try:
+            return bool(_WILL_ENGINE_EXECUTE_NODE(node))
+        except RuntimeError:  # asked outside a backward
+            return False
+
+
+#: autograd's answer to "does the running backward execute this node" — private (``register_multi_grad_hook`` uses
+#: it; there is no public query).  Where a torch lacks it, two forwards summed into one backward update once per
+#: forward again; ``tests/test_plan.py`` fails on its absence.
+_WILL_ENGINE_EXECUTE_NODE = getattr(torch._C, "_will_engine_execute_node", None)

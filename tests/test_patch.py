@@ -64,6 +64,14 @@ def test_unsupported_model_gets_a_clear_error_and_blocks_argument_works():
 
 
 
+@pytest.mark.parametrize("recompute", ["yes", 1, None])
+def test_a_recompute_that_is_not_a_bool_is_refused_before_anything_is_installed(recompute):
+    model = BUILDERS["llama"]()
+    with pytest.raises(TypeError, match="recompute must be True or False"):
+        bread_kernels.patch(model, recompute=recompute)
+    assert patched_state(model) is None and not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_apply_plans_refuses_unknown_modules_and_non_plans():
     model = bread_kernels.patch(BUILDERS["llama"]())
     state = patched_state(model)

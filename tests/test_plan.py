@@ -70,3 +70,41 @@ def test_a_use_dropped_without_backward_skips_its_forward_and_reports():
     begin_forward()
     plan.register_use()
     assert plan.skipped_updates == 1 and reports and reports[0][0] == "w"
+
+
+def test_uses_of_two_forwards_that_one_backward_reaches_are_released_together():
+    """Two forwards' losses summed into one backward: a use waits for the other forward's use the same backward
+    reaches (autograd's private ``_will_engine_execute_node``, whose absence fails here), and both are released
+    together; backwards of their own release each forward's use at once."""
+    from bread_kernels import plan as plan_module
+
+    assert plan_module._WILL_ENGINE_EXECUTE_NODE is not None, "torch lost _will_engine_execute_node"
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.1))
+    released = []
+
+    class Use(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, tag):
+            ctx.use, ctx.tag = plan.register_use(ctx), tag
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            released.append(plan.finish_use(ctx.use, ctx.tag))
+            return grad, None
+
+    x = torch.ones(2, requires_grad=True)
+    begin_forward()
+    a = Use.apply(x, "a")
+    begin_forward()
+    b = Use.apply(x, "b")
+    (a.sum() + b.sum()).backward()
+    assert released == [None, ["b", "a"]]
+    released.clear()
+    begin_forward()
+    a = Use.apply(x, "a")
+    begin_forward()
+    b = Use.apply(x, "b")
+    b.sum().backward()
+    a.sum().backward()
+    assert released == [["b"], ["a"]]

@@ -56,6 +56,8 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight, padding_idx, plan: WeightPlan, trigger):
         ctx.plan, ctx.role, ctx.padding_idx = plan, plan.role, padding_idx
+        # the uses of one update: this forward's, and other forwards' whose losses one backward sums
+        ctx.use = plan.register_use(ctx) if plan.role.updates_on_the_fly else None
         ctx.save_for_backward(ids, weight)
         return F.embedding(ids, weight, padding_idx)
 
@@ -69,8 +71,20 @@ class FusedEmbeddingFunction(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight)
             grad_weight.index_copy_(0, rows, summed.to(weight.dtype))
             return None, grad_weight, None, None, None
-        update_rows_(ctx.plan, ctx.role, weight, rows, summed)
+        pending = ctx.plan.finish_use(ctx.use, (rows, summed))
+        if pending is not None:
+            update_rows_(ctx.plan, ctx.role, weight, *_merged_rows(pending))
         return None, None, None, None, None
+
+
+def _merged_rows(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, G) of several uses' (rows, G) pairs: the distinct rows and their gradients summed in fp32."""
+    if len(pending) == 1:
+        return pending[0]
+    rows, inverse = torch.unique(torch.cat([r for r, _ in pending]), return_inverse=True)
+    summed = torch.zeros(rows.numel(), pending[0][1].shape[1], dtype=torch.float32, device=rows.device)
+    summed.index_add_(0, inverse, torch.cat([g for _, g in pending]))
+    return rows, summed
 
 
 @torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)

@@ -191,7 +191,7 @@ class FusedExpertsFunction(torch.autograd.Function):
     def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate, plans, trigger):
         ctx.gate, ctx.plans = gate, plans
         ctx.roles = tuple(plan.role if plan is not None else None for plan in plans)
-        ctx.uses = tuple(plan.register_use() if plan is not None and plan.role.updates_on_the_fly
+        ctx.uses = tuple(plan.register_use(ctx) if plan is not None and plan.role.updates_on_the_fly
                          and not is_recomputing() else None for plan in plans)
         token, position, counts = _routing(top_k_index, gate_up_proj.shape[0])
         ctx.counts = counts

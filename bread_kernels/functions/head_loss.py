@@ -83,6 +83,7 @@ The backward can run once (``retain_graph`` and a second backward raise): its sa
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -438,7 +439,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
         ctx.role, ctx.plan, ctx.softcap, ctx.tile, ctx.dtype = role, plan, softcap, tile, weight.dtype
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.lse = lse_all
-        ctx.use = plan.register_use() if on_the_fly else None
+        ctx.use = plan.register_use(ctx) if on_the_fly else None
         if tiled:
             ctx.save_for_backward(hidden, weight, bias, targets, inv_count)
         elif on_the_fly:
@@ -520,24 +521,58 @@ def _head_loss_backward(ctx, grad_output):
         grad_bias = grad_bias.mul_(gamma)
         grad_bias = grad_bias if on_the_fly else grad_bias.to(ctx.bias_dtype)
     if on_the_fly:
-        _check_single_use(ctx)
-        if ctx.tile is None:  # dW was accumulated in the forward
-            weight, bias = ctx.saved_tensors
-            update_linear_grad_(ctx.plan, ctx.role, weight, bias, grad_weight, grad_bias)
+        if ctx.tile is None:  # dW was accumulated in the forward: one update for the dW summed over the uses
+            pending = _finish_head_use(ctx, _HeadGrads(grad_weight, grad_bias))
+            if pending is not None:
+                weight, bias = ctx.saved_tensors
+                update_linear_grad_(ctx.plan, ctx.role, weight, bias, *_summed(pending))
             grad_weight = grad_bias = None
         else:
+            _finish_head_use(ctx, None, single=True)
             hidden, weight, bias, targets, inv_count = ctx.saved_tensors
             _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
     return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
 
 
-def _check_single_use(ctx) -> None:
-    pending = ctx.plan.finish_use(ctx.use, None)
-    if pending != [None]:
+class _HeadGrads(NamedTuple):
+    """One use's contribution to an on-the-fly head's update: the dW (and db) it accumulated in the forward."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _finish_head_use(ctx, grads: _HeadGrads | None, single: bool = False) -> list[_HeadGrads] | None:
+    """The head's use bookkeeping: the contributions of every use of the head that ends with this one (another
+    forward's loss summed into this backward: ``_HeadGrads`` each), or None while one is still to come.  The head's
+    backward runs first in a backward, so a refusal here comes before anything is written: a use of the head weight
+    by another fused function of the same forward is refused, and ``single`` (the vocabulary tiles, which rebuild
+    the logits of one use) refuses a second use reached by this backward."""
+    if ctx.plan.shares_its_forward(ctx.use):
         raise RuntimeError(
             f"fused_head_loss: the head weight {ctx.plan.name or ''} was also used by another fused function in the "
             "same forward; the fused loss cannot share its on-the-fly update with another use: patch(model, "
             "fused_loss=False) for this model")
+    if single and ctx.plan.has_other_use_in_this_backward(ctx.use):
+        raise RuntimeError(
+            f"fused_head_loss: the on-the-fly head {ctx.plan.name or ''} is updated by vocabulary tiles (its dW does "
+            "not fit the loss's budget) and takes one update per forward: a backward of several forwards' summed "
+            "losses needs one forward (concatenate the batches), or patch(model, fused_loss=False)")
+    pending = ctx.plan.finish_use(ctx.use, grads)
+    if pending is not None and not all(isinstance(c, _HeadGrads) or (single and c is None) for c in pending):
+        raise RuntimeError(
+            f"fused_head_loss: the head weight {ctx.plan.name or ''} was also used by another fused function in "
+            "another forward summed into this backward; its update cannot be shared: patch(model, fused_loss=False) "
+            "for this model")
+    return pending
+
+
+def _summed(pending: list[_HeadGrads]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dW and db summed over the uses' contributions (the first's buffers, in place)."""
+    weight, bias = pending[0]
+    for other in pending[1:]:
+        weight = weight.add_(other.weight)
+        bias = bias.add_(other.bias) if bias is not None else None
+    return weight, bias
 
 
 def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:

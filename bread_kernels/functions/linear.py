@@ -156,7 +156,7 @@ def start_weight_role(ctx, plan: WeightPlan) -> bool:
     Returns whether the backward needs the layer's input ``x``."""
     ctx.plan = plan
     ctx.role = plan.role
-    ctx.use = plan.register_use() if plan.role.updates_on_the_fly and not is_recomputing() else None
+    ctx.use = plan.register_use(ctx) if plan.role.updates_on_the_fly and not is_recomputing() else None
     return plan.role is Role.ACTIVE or plan.role.updates_on_the_fly  # dX needs only W
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import bread_kernels
+from bread_kernels import Role
 from bread_kernels.patch import patched_state
+from tests import model_zoo as models
 from tests.model_zoo import BUILDERS, batch, loss_of
 
 
@@ -77,6 +79,10 @@ def test_parameters_not_from_the_patched_model_are_refused():
     renamed = [("x." + n, p) for n, p in model.named_parameters()]
     with pytest.raises(ValueError, match="named 'x.model.embed_tokens.weight' is 'model.embed_tokens.weight'"):
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), renamed, verbose=0)
+    wrapped = models.with_lora(model)  # patched before peft wrapped it: the message says the order that works
+    with pytest.raises(ValueError, match="unpatch it, wrap it, then patch the wrapper"):
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(wrapped.parameters()), list(wrapped.named_parameters()),
+                                     verbose=0)
     with pytest.raises(TypeError, match="list of \\(name, parameter\\) pairs"):
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.parameters()), verbose=0)
 
@@ -88,6 +94,75 @@ def test_unpatched_model_takes_the_slow_path_and_says_so():
     model = BUILDERS["llama"]()
     with pytest.warns(UserWarning, match="not patched.*slow path"):
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.named_parameters()), verbose=0)
+
+
+def _two_forwards_one_backward(model, step):
+    a, b = batch(2 * step), batch(2 * step + 1)
+    (loss_of(model, a) + 0.5 * loss_of(model, b)).backward()
+
+
+@pytest.mark.parametrize("sgd_mode, sign", [("partial", False), ("partial", True), ("all", False), ("all", True)],
+                         ids=["sgd-partial", "sign-partial", "sgd-all", "sign-all"])
+def test_two_forwards_summed_into_one_backward_take_one_update_on_the_summed_gradient(sgd_mode, sign):
+    """Two forwards, one backward of their summed losses (an auxiliary loss, two batches, chosen and rejected run
+    apart): each on-the-fly weight (every linear fused: ``hook_update_numel=0``; the head in the fused loss; the
+    embedding) takes one update for the summed gradient after every dX, as the reference's hook does after
+    autograd sums it — not one per forward (a sign step each, dX from an updated weight, or autograd's error on
+    the embedding's weight).  Reference: autograd's gradients of the summed loss, then each parameter's role's
+    rule."""
+    model = BUILDERS["llama"]()
+    reference = copy.deepcopy(model)
+    model = bread_kernels.patch(model, hook_update_numel=0)
+    lr, scaling = 0.05, 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=lr), list(model.named_parameters()),
+                                           switch_mode="ascending", switch_block_every=1, sgd_mode=sgd_mode,
+                                           sgd_use_sign=sign, sgd_lr_scaling=scaling, verbose=0)
+    for step in range(2):  # a block switch between
+        roles = dict(opt.roles)
+        assert any(r in (Role.SGD, Role.SIGN) for r in roles.values())
+        _two_forwards_one_backward(model, step)
+        opt.step()
+        opt.zero_grad()
+        reference.zero_grad()
+        _two_forwards_one_backward(reference, step)
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                if roles[n] is Role.ACTIVE:
+                    p -= lr * p.grad
+                elif roles[n] in (Role.SGD, Role.SIGN):
+                    p -= lr * scaling * (p.grad.sign() if roles[n] is Role.SIGN else p.grad)
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    opt.close()
+
+
+def test_an_on_the_fly_head_by_vocabulary_tiles_refuses_two_forwards_in_one_backward(monkeypatch):
+    """The head whose dW does not fit the loss's budget is updated by vocabulary tiles, from one forward's logits:
+    two forwards summed into one backward are refused, by the head's backward, which runs first — nothing is
+    written; a backward per forward still trains."""
+    from bread_kernels.functions import head_loss
+
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(5 * 97 * 4))
+    tiled = []
+    by_tiles = head_loss._update_by_tiles
+    monkeypatch.setattr(head_loss, "_update_by_tiles", lambda *args: tiled.append(1) or by_tiles(*args))
+    model = bread_kernels.patch(BUILDERS["llama"](), keep_top=0)  # no kept block: the loss's budget alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                           list(model.named_parameters()), sgd_mode="all", verbose=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="vocabulary tiles.*one forward"):
+        _two_forwards_one_backward(model, 0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not tiled
+    opt.zero_grad()
+    loss_of(model, batch(0)).backward()
+    opt.step()
+    assert tiled and not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+    opt.close()
 
 
 @pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
