@@ -170,6 +170,17 @@ class WeightPlan:
                 raise ValueError(f"WeightPlan: unknown role {self.role!r}; use one of {[r.value for r in Role]}") from None
         self.check()
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """None: a plan is its optimizer's instruction for one weight, so a deep copy of a model it sits on (the
+        whole model, a submodule, a block) is driven by no optimizer and its fused modules run plain autograd — not
+        the original optimizer's updates in the copy's backward, with finiteness flags nobody reads."""
+        return None
+
+    def __getstate__(self):
+        raise TypeError(f"bread_kernels: the plan of {self.name or 'a weight'} belongs to the optimizer driving its "
+                        "model and does not pickle; save model.state_dict() or save_pretrained() (and the optimizer's "
+                        "state_dict()), or bread_kernels.unpatch(model) first")
+
     def check(self) -> None:
         """Raise if the role cannot run as configured (an on-the-fly role with no update rule)."""
         if self.role.updates_on_the_fly and self.update is None:
@@ -222,7 +233,8 @@ class WeightPlan:
         live = {use.epoch for use in self._uses}
         if any(epoch not in live for epoch, _ in self._pending):
             self._pending = [(epoch, c) for epoch, c in self._pending if epoch in live]
-            self.report_skip("an earlier forward used it more than once and not every use ran its backward")
+            self.report_skip("not every use of an earlier forward ran its backward (a graph dropped, or a backward "
+                             "that failed partway)")
 
     def record_finite(self, finite, reason: str) -> None:
         """The answer of one update's target: a bool already read, or a 0-dim bool device tensor (kept in

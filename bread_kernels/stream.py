@@ -85,6 +85,13 @@ class StreamConfig:
     #: ``"auto"``'s count for the forward that runs now, decided at its first block (so every block agrees)
     _auto_count: int | None = field(default=None, repr=False)
 
+    def __deepcopy__(self, memo: dict) -> "StreamConfig":
+        """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
+        drives the copy: every block runs under autograd) and nothing measured or counted yet."""
+        duplicate = StreamConfig(recompute=self.recompute, keep_top=self.keep_top, n_blocks=self.n_blocks)
+        memo[id(self)] = duplicate
+        return duplicate
+
     def kept_blocks(self, tokens: int = 0) -> int:
         """How many top blocks keep their activations in the forward that runs now (``tokens``: the hidden states'
         rows, which ``"auto"`` sizes a block's activations by).  ``"auto"``: from the top down, the blocks whose

@@ -175,10 +175,25 @@ def test_a_deep_copy_of_a_patched_model_is_a_patched_model_of_its_own(arch):
     assert not [n for n, p in original.named_parameters() if not torch.equal(p, untouched[n])]
     assert [n for n, p in duplicate.named_parameters() if not torch.equal(p, saved[n])]
 
-    with pytest.raises(TypeError, match="does not pickle whole"):
-        import pickle
+    import pickle
 
+    with pytest.raises(TypeError, match="does not pickle whole"):
         pickle.dumps(duplicate)
+    with pytest.raises(TypeError, match="does not pickle"):  # a driven model: its plans say it first
+        pickle.dumps(original)
+
+    # a copy of a part (the base model under the head): no plan of the optimizer's, the backward reaching every block
+    base = original.model if arch == "llama" else original.transformer
+    part = copy.deepcopy(base)
+    assert not [m for m in part.modules() if getattr(m, PLAN_ATTR, None) is not None]
+    assert all(m._bread_block[1].cut == 0 for m in part.modules() if "_bread_block" in m.__dict__)
+    kept = {n: p.detach().clone() for n, p in part.named_parameters()}
+    for p in part.parameters():
+        p.requires_grad_(True)
+    part(input_ids=batch(2)).last_hidden_state.square().mean().backward()
+    assert all(p.grad is not None for p in part.parameters())
+    assert all(torch.equal(p, kept[n]) for n, p in part.named_parameters())
+    del part, base
     refs = [weakref.ref(m) for m in duplicate.modules()]
     optimizer.close()
     del duplicate, twin, state, original, optimizer, opt, model

@@ -208,12 +208,13 @@ class EngineDriver:
             return 0
         skipped, self._skipped = self._skipped, []
         self.skipped_updates += len(skipped)
-        names = sorted({n for n, _ in skipped})
-        warnings.warn(
-            f"{label or self.what}: skipped {len(skipped)} on-the-fly update(s) because their gradient was not finite "
-            f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); those weights are unchanged",
-            RuntimeWarning, stacklevel=3,
-        )
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in skipped:
+            by_reason.setdefault(reason, []).append(name)
+        causes = "; ".join(f"{len(names)} because {reason} ({', '.join(sorted(set(names))[:5])}"
+                           f"{', ...' if len(set(names)) > 5 else ''})" for reason, names in by_reason.items())
+        warnings.warn(f"{label or self.what}: skipped {len(skipped)} on-the-fly update(s): {causes}; those weights "
+                      "are unchanged", RuntimeWarning, stacklevel=3)
         return len(skipped)
 
     def set_loss_scaler(self, scaler) -> None:

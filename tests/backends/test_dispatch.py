@@ -93,6 +93,7 @@ def test_a_plan_chooses_its_weights_backend_once(monkeypatch):
     assert LOCAL.backend(torch.device("cpu")).name == "native"
     monkeypatch.setenv("BREAD_BACKEND", "torch")
     assert LOCAL.backend(torch.device("cpu")).name == "torch"
-    copied = copy.deepcopy(plan)  # a deep copy of a patched model copies its plans: the copy chooses again
-    assert copied.local_target._kept is None and copied.local_target.keep_backend
-    assert copied.local_target.backend(torch.device("cpu")).name == "torch"
+    copied = copy.deepcopy(plan.local_target)  # a copied target chooses again
+    assert copied._kept is None and copied.keep_backend
+    assert copied.backend(torch.device("cpu")).name == "torch"
+    assert copy.deepcopy(plan) is None  # a plan is not copied with a model: the copy is driven by no optimizer

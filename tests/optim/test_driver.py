@@ -204,3 +204,20 @@ def test_hooked_weights_are_read_fresh_by_the_next_forward_in_one_autocast_regio
         driver.close()
     assert losses[0][0] > losses[0][1] > losses[0][2]  # lr 0.5 moves the loss at every step
     torch.testing.assert_close(losses[1 << 20], losses[0], rtol=2e-2, atol=0)
+
+
+def test_end_step_names_each_reason_of_the_skipped_updates():
+    """One warning a step, each reason with its count and weights: a non-finite gradient is not the only one (an
+    earlier forward whose uses did not all run their backward is another)."""
+    model = bread_kernels.patch(models.llama(), hook_update_numel=0)
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR))
+    driver.set_roles(_roles(model))
+    plans = _plans(model)
+    plans["model.layers.0.mlp.up_proj"].report_skip("its gradient is not finite")
+    plans["model.layers.1.mlp.up_proj"].report_skip("its gradient is not finite")
+    plans["lm_head"].report_skip("not every use of an earlier forward ran its backward")
+    with pytest.warns(RuntimeWarning, match=r"skipped 3 on-the-fly update\(s\): 2 because its gradient is not finite "
+                                            r"\(.*layers.0.*layers.1.*\); 1 because not every use of an earlier "
+                                            r"forward ran its backward \(.*lm_head.*\)"):
+        assert driver.end_step() == 3
+    driver.close()
