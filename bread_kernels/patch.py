@@ -152,8 +152,8 @@ class PatchedModel:
 
     def __getstate__(self):
         raise TypeError("bread_kernels: a patched model does not pickle whole (its engine state holds its model and "
-                        "optimizer weakly); save model.state_dict() or save_pretrained(), or bread_kernels.unpatch(model) "
-                        "first")
+                        "optimizer weakly); save model.state_dict() or save_pretrained(), or "
+                        "bread_kernels.unpatch(model) first")
 
     def updates_in_hook(self, module: nn.Module) -> bool:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad

@@ -130,6 +130,7 @@ def test_a_deep_copy_of_a_patched_model_is_a_patched_model_of_its_own(arch):
     and is freed when dropped (with the rotary dispatcher once both are gone)."""
     from transformers.models.llama import modeling_llama
 
+    gc.collect()  # models of the tests before, dropped in reference cycles, hold the rotary dispatcher until then
     before = modeling_llama.apply_rotary_pos_emb
     original = bread_kernels.patch(BUILDERS[arch]())
     optimizer = _block_optimizer(original, sgd_mode="all")

@@ -229,8 +229,8 @@ def test_non_finite_gradient_skips_the_updates_and_is_reported_once_per_step(hoo
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = loss_of(model, batch(0)) * math.nan
     loss.backward()
-    with pytest.warns(RuntimeWarning, match=r"skipped \d+ on-the-fly update\(s\): \d+ because its gradient is not finite"
-                      ) as record:
+    with pytest.warns(RuntimeWarning,
+                      match=r"skipped \d+ on-the-fly update\(s\): \d+ because its gradient is not finite") as record:
         opt.step()
     assert len([w for w in record if "on-the-fly" in str(w.message)]) == 1
     inactive = [n for n in before if opt.roles[n] is not bread_kernels.Role.ACTIVE]
