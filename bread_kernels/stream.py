@@ -16,9 +16,9 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   what the count sets beside the kept blocks for the top block's backward (:meth:`StreamConfig.room_beside_kept`).
   The top block, unless it and what the loss holds beside it would take more than both the budget below and a
   recomputed block's backward (twice its activations): it saves its recompute, and the kept block's backward
-  replaces a recomputed block's.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would hold ``T·V·12`` bytes at the
-  peak of their backward (``budget_bytes``), so ``k`` top blocks whose saved activations, plus the larger of what the
-  fused loss holds beside them in the forward (a block of logits, an on-the-fly head's fp32 dW: ``loss_bytes``) and
+  replaces a recomputed block's.  More, as many as the memory the fused loss saves pays for: the model's own head
+  and loss would hold ``T·V·12`` bytes at the peak of their backward (``budget_bytes``), so ``k`` top blocks whose
+  saved activations, plus the larger of what the fused loss holds beside them in the forward (a block of logits, an on-the-fly head's fp32 dW: ``loss_bytes``) and
   what the top block's backward allocates (its activations' gradients, about its activations' size), take no more than
   that keep the peak under the unfused model's.  Each kept block's activations are measured (bytes per token, saved
   tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward; new plans
