@@ -10,21 +10,21 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
   The lowest needed block's input needs no gradient, so autograd computes no dX for it.
 * ℓ ≥ c, ``recompute=False``, or one of the top blocks kept (:meth:`StreamConfig.kept_blocks`): the block runs under
   plain autograd (activations kept); the fused Linear functions still apply the Roles.  The top block's backward comes
-  first, so keeping its activations saves its whole recompute for the memory of one block's activations alive during
-  the head and the loss.  With ``keep_top="auto"`` top blocks are kept when a fused head+loss follows the blocks
+  first, so keeping its activations saves its whole recompute for the memory of one block's activations alive during the
+  head and the loss.  With ``keep_top="auto"`` top blocks are kept when a fused head+loss follows the blocks
   (:meth:`StreamConfig.fused_loss_follows`), which then holds no more than the larger of the hidden states' size and
-  what the count sets beside the kept blocks for the top block's backward (:meth:`StreamConfig.room_beside_kept`).
-  The top block, unless it and what the loss holds beside it would take more than both the budget below and a
-  recomputed block's backward (twice its activations): it saves its recompute, and the kept block's backward
-  replaces a recomputed block's.  More, as many as the memory the fused loss saves pays for: the model's own head
-  and loss would hold ``T·V·12`` bytes at the peak of their backward (``budget_bytes``), so ``k`` top blocks whose
-  saved activations, plus the larger of what the fused loss holds beside them in the forward (a block of logits, an on-the-fly head's fp32 dW: ``loss_bytes``) and
-  what the top block's backward allocates (its activations' gradients, about its activations' size), take no more than
-  that keep the peak under the unfused model's.  Each kept block's activations are measured (bytes per token, saved
-  tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per forward; new plans
-  (a block switch: roles decide what a block saves) start again from the top block alone.  In a kept block the linears
-  that save their inputs (on-the-fly, LoRA, ACTIVE) save instead what rebuilds them in their backward: the norms'
-  outputs and the SwiGLU product come back from the norms' and the product's own saved tensors
+  what the count sets beside the kept blocks for the top block's backward (:meth:`StreamConfig.room_beside_kept`).  The
+  top block, unless it and what the loss holds beside it would take more than both the budget below and a recomputed
+  block's backward (twice its activations): it saves its recompute, and the kept block's backward replaces a recomputed
+  block's.  More, as many as the memory the fused loss saves pays for: the model's own head and loss would hold
+  ``T·V·12`` bytes at the peak of their backward (``budget_bytes``), so ``k`` top blocks whose saved activations, plus
+  the larger of what the fused loss holds beside them in the forward (a block of logits, an on-the-fly head's fp32 dW:
+  ``loss_bytes``) and what the top block's backward allocates (its activations' gradients, about its activations' size),
+  take no more than that keep the peak under the unfused model's.  Each kept block's activations are measured (bytes per
+  token, saved tensors beyond its arguments and weights) and the count grows by at most one unmeasured block per
+  forward; new plans (a block switch: roles decide what a block saves) start again from the top block alone.  In a kept
+  block the linears that save their inputs (on-the-fly, LoRA, ACTIVE) save instead what rebuilds them in their backward:
+  the norms' outputs and the SwiGLU product come back from the norms' and the product's own saved tensors
   (:mod:`bread_kernels.functions.rebuild`), ``2K + I`` values per token fewer, so more blocks fit the budget.
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
