@@ -283,7 +283,10 @@ def _measuring_saved_bytes(block, original, config: StreamConfig, index: int, ar
             found = pointer(tensor)
             if found is not None and found[0] not in alive:
                 saved[found[0]] = found[1]
-        return tensor.detach()  # the same storage, without a grad_fn that would point back at the node saving it
+        # a computed tensor detached: the same storage, without a grad_fn that would point back at the node saving
+        # it; a leaf (a parameter) as it is — an update in the backward writes the parameter itself (under ZeRO-3 its
+        # shards, found through its own attributes, which a detached alias lacks)
+        return tensor if tensor.grad_fn is None else tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = original(*args, **kwargs)

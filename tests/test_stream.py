@@ -884,3 +884,28 @@ def test_a_wrapped_forward_whose_signature_renames_the_hidden_states_gets_them_p
     patched(x.detach().requires_grad_()).backward()
     for name, expected in grads(plain).items():
         torch.testing.assert_close(grads(patched)[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_kept_blocks_on_the_fly_updates_write_the_parameters_themselves(monkeypatch):
+    """"auto" measures a kept block's saved tensors through a saved-tensor hook: a parameter comes back as itself, so
+    the update in the backward is handed the parameter (under ZeRO-3 its shards are found through its own
+    attributes, which a detached alias lacks: the top block's updates were lost with a tied head)."""
+    from bread_kernels.functions import linear
+
+    model = bread_kernels.patch(BUILDERS["llama"](), hook_update_numel=0)
+    parameters = {id(p) for p in model.parameters()}
+    handed = []
+    update = linear.update_linear_
+    monkeypatch.setattr(linear, "update_linear_", lambda plan, role, weight, *rest: handed.append(
+        id(weight) in parameters) or update(plan, role, weight, *rest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                                           list(model.named_parameters()), sgd_mode="all", switch_mode="ascending",
+                                           verbose=0)  # the kept top block updated on the fly
+    for step in range(3):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert patched_state(model).stream.kept >= 1 and handed and all(handed)
+    opt.close()

@@ -1,8 +1,9 @@
 """ZeRO-3 (DeepSpeed 0.19, CPU accelerator, gloo, 2 ranks) against a single-process plain-autograd run.
 
 One ``torchrun`` launch runs every case of ``zero3_worker.CASES`` (BAdam, BREAD-SGD, BREAD-SGD-partial with SGD
-and sign, gradient accumulation 2, persistent parameters, a plain-SGD base optimizer, and BREAD with peft LoRA
-adapters: lora_mode "all" with the on-the-fly SGD, "partial" with accumulation, "all" with BAdam), 4 steps each
+and sign, gradient accumulation 2, persistent parameters, a plain-SGD base optimizer, a Llama with its head tied to
+its embedding under sign (the fused loss runs, and "auto" keeps the top block), and BREAD with peft LoRA adapters:
+lora_mode "all" with the on-the-fly SGD, "partial" with accumulation, "all" with BAdam), 4 steps each
 with block switches after steps 2 and 4, each rank on its own data.  DeepSpeed's gradient clipping is off
 (``gradient_clipping: 0``; its default, 1.0, would clip what the unclipped reference does not).
 ``BREAD_ZERO_CHUNK_BYTES=1024`` makes every dW go through several chunks whose bounds fall inside rows.  Checked on

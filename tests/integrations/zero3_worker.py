@@ -47,6 +47,9 @@ CASES = {
     "lora_all_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
     "lora_partial_gas2": ("partial", False, 2, 0, "descending", None, "adamw"),
     "lora_all_badam": ("disabled", False, 1, 0, "ascending", 0, "adamw"),
+    # a Llama whose head is tied to its embedding (Llama-3.2, Qwen2.5's small models): the head's weight is gathered
+    # by the embedding, so the fused loss runs and "auto" keeps the top block (measured through its saved tensors)
+    "tied_sign_all": ("all", True, 1, 0, "descending", None, "adamw"),
     # bf16 (DeepSpeed's bf16 mode): a smoke run, checked loosely against the fp32 reference; norm weights (~1.0,
     # bf16 spacing 2^-8) must move although each sign step (5e-4) is below half a spacing: stochastic rounding
     "bf16_sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
@@ -75,6 +78,7 @@ SGD_LR, SCALING = 2e-2, 0.5
 
 
 def build_model(family: str = "llama", seed: int = 0):
+    """The case's model: a Llama (``tied``: its head tied to its embedding), peft LoRA on one, or GPT-2."""
     if family == "lora":
         from tests.model_zoo import with_lora
 
@@ -90,7 +94,7 @@ def build_model(family: str = "llama", seed: int = 0):
         return model
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32, tie_word_embeddings=False, bos_token_id=1,
+                                      max_position_embeddings=32, tie_word_embeddings=family == "tied", bos_token_id=1,
                                       eos_token_id=2, mlp_bias=bool(os.environ.get("ZERO3_WORKER_MLP_BIAS")))
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -138,7 +142,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     sgd_mode, sign, gas, persistence, switch_mode, start, base = {**CASES, **EXTRA_CASES}[name]
     if os.environ.get("ZERO3_WORKER_NO_REFRESH"):  # shows that the persistent-parameter check can fail
         bkds.ZeroShards.mark_updated = lambda self, param: None
-    family = "gpt2" if name.startswith("gpt2") else "lora" if name.startswith("lora") else "llama"
+    family = next((f for f in ("gpt2", "lora", "tied") if name.startswith(f)), "llama")
     prefix = "base_model.model." if family == "lora" else ""
     original = build_model(family)
     ref_model = copy.deepcopy(original)
