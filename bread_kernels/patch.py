@@ -183,11 +183,37 @@ class PatchedModel:
         for name, plan in plans.items():
             if plan is not None and not isinstance(plan, WeightPlan):
                 raise TypeError(f"apply_plans: the plan of {name} is a {type(plan).__name__}, not a WeightPlan")
+        if any(plan is not None for plan in plans.values()):
+            self._check_unchanged_since_patch()
         for name, module in self.fused_modules:
             setattr(module, PLAN_ATTR, plans.get(name))
         for name, module in self.fused_experts:
             setattr(module, EXPERT_PLANS_ATTR, {attr: plans.get(f"{name}.{attr}") for attr in EXPERT_WEIGHTS})
         self.stream.plans_changed()  # a block's roles decide what it saves: "auto" measures the kept blocks again
+
+    def _check_unchanged_since_patch(self) -> None:
+        """Refuse plans for a model whose head or input embedding was replaced, or whose weights were tied or
+        untied, after :func:`patch` (``resize_token_embeddings``, ``set_output_embeddings``, ``tie_weights``): what
+        patch found then — which modules it fused, which weight takes the hook path because two modules share it —
+        no longer holds, and a plan would train a replaced module or update a shared weight once per owner."""
+        model = self.model_ref()
+        if model is None:
+            return
+        for what, getter, patched in (("input embedding", "get_input_embeddings", self.embedding),
+                                      ("head", "get_output_embeddings", self.head)):
+            try:
+                current = getattr(model, getter)() if hasattr(model, getter) else patched
+            except NotImplementedError:
+                current = None
+            if current is not patched:
+                setter = "set_output_embeddings" if what == "head" else "set_input_embeddings"
+                raise ValueError(f"bread_kernels: the model's {what} was replaced after patch() "
+                                 f"(resize_token_embeddings, {setter}); call bread_kernels.unpatch(model) and "
+                                 "patch(model) again before building the optimizer")
+        if _shared_weight_ids(model) != self.shared_weights:
+            raise ValueError("bread_kernels: the model's weights were tied or untied after patch() (tie_weights(), "
+                             "tie_word_embeddings); call bread_kernels.unpatch(model) and patch(model) again before "
+                             "building the optimizer")
 
     def clear_plans(self) -> None:
         """Every fused module back to plain autograd, and the backward reaching every block."""
@@ -459,11 +485,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute, fused_loss)
     state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
     state.hook_update_numel = hook_update_numel
-    owners: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    state.shared_weights = {pid for pid, n in owners.items() if n > 1}
+    state.shared_weights = _shared_weight_ids(model)
 
     targets: list[tuple[str, nn.Module, int | None]] = []
     experts: list[tuple[str, nn.Module]] = []
@@ -511,6 +533,15 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     return model
+
+
+def _shared_weight_ids(model: nn.Module) -> set[int]:
+    """The ids of the parameters that more than one module owns (a head tied to the embedding)."""
+    owners: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
 
 
 def _streamed_forward(self, *args, **kwargs):

@@ -72,6 +72,32 @@ def test_a_recompute_that_is_not_a_bool_is_refused_before_anything_is_installed(
     assert patched_state(model) is None and not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("change", ["resize", "tie"])
+def test_plans_for_a_model_changed_after_patch_are_refused_until_it_is_patched_again(change):
+    """A head replaced (``resize_token_embeddings``) or weights tied after ``patch``: what patch found no longer
+    holds (the old head stayed fused and alive, the new one went untrained by a driver built before; a tied weight
+    took one sign step per owner), so an optimizer's plans are refused, naming the remedy; patched again, a sign
+    step moves the tied head by one step."""
+    model = bread_kernels.patch(BUILDERS["llama"](), hook_update_numel=0)
+    if change == "resize":
+        model.resize_token_embeddings(models.VOCAB + 7, mean_resizing=False)
+    else:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    with pytest.raises(ValueError, match="after patch\\(\\).*unpatch\\(model\\) and patch\\(model\\) again"):
+        _block_optimizer(model, sgd_mode="all", sgd_use_sign=True)
+    bread_kernels.unpatch(model)
+    bread_kernels.patch(model, hook_update_numel=0)
+    optimizer = _block_optimizer(model, sgd_mode="all", sgd_use_sign=True)
+    before = model.lm_head.weight.detach().clone()
+    ids = batch(0) % model.config.vocab_size
+    loss_of(model, ids).backward()
+    optimizer.step()
+    moved = (model.lm_head.weight - before).abs().max().item()
+    assert 0 < moved <= 1e-2 * (1 + 1e-5)  # one sign step of lr 1e-2 (scaling 1)
+    optimizer.close()
+
+
 def test_apply_plans_refuses_unknown_modules_and_non_plans():
     model = bread_kernels.patch(BUILDERS["llama"]())
     state = patched_state(model)

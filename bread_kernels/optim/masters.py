@@ -2,6 +2,10 @@
 
 The base optimizer steps the masters; the low-precision parameters receive the rounded result.  A master that
 stays trained across a block switch (a LoRA adapter with ``lora_mode="all"``) is kept, so is its optimizer state.
+A parameter written by someone else since its master was last rounded into it (``model.load_state_dict`` after the
+optimizer was built, an EMA copy-back, a re-initialisation) gives its master its values at the next step, so the
+step starts from what the parameter holds, as an fp32 parameter's does; a write of the master's own rounding (a
+resume that loads the model after the optimizer) keeps the master's fp32 bits.
 """
 
 from __future__ import annotations
@@ -17,33 +21,48 @@ class Fp32Masters:
 
     def __init__(self):
         self.entries: list[tuple[nn.Parameter, torch.Tensor, str]] = []
+        self._written: dict[int, int] = {}  # id(parameter) -> its version when its master last wrote it
 
     def rebuild(self, trained: list[tuple[str, nn.Parameter, bool]]) -> list[torch.Tensor]:
         """The tensors the base optimizer steps for ``trained`` ``(name, parameter, keep)``: the parameter itself
         when it is fp32, else its master — the previous one when ``keep`` and there is one, else a fresh fp32
         copy."""
         old = {name: master for _, master, name in self.entries}
-        self.entries, targets = [], []
+        written = self._written
+        self.entries, targets, self._written = [], [], {}
         for name, p, keep in trained:
             target = p
             if p.dtype != torch.float32:
-                target = old[name] if keep and name in old else p.detach().float().clone().requires_grad_(True)
+                kept = keep and name in old
+                target = old[name] if kept else p.detach().float().clone().requires_grad_(True)
                 self.entries.append((p, target, name))
+                self._written[id(p)] = written.get(id(p), p._version) if kept else p._version
             targets.append(target)
         return targets
 
     def grads_to_masters(self) -> None:
-        """Move each parameter's ``.grad`` to its master, in fp32."""
+        """Move each parameter's ``.grad`` to its master, in fp32 (after taking a write from outside, see the
+        module docstring)."""
         for low, master, _ in self.entries:
+            self._take_outside_write(low, master)
             if low.grad is not None:
                 master.grad = low.grad.float()
                 low.grad = None
+
+    @torch.no_grad()
+    def _take_outside_write(self, low: torch.Tensor, master: torch.Tensor) -> None:
+        if low._version == self._written.get(id(low)):
+            return  # nobody wrote it: no comparison (and no host sync)
+        if not torch.equal(low, master.to(low.dtype)):
+            master.copy_(low)
+        self._written[id(low)] = low._version
 
     @torch.no_grad()
     def masters_to_params(self) -> None:
         """Round the stepped masters into their parameters and drop the masters' gradients."""
         for low, master, _ in self.entries:
             low.copy_(master)
+            self._written[id(low)] = low._version
             master.grad = None
 
     def zero_grad(self) -> None:

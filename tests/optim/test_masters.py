@@ -28,3 +28,27 @@ def test_masters_for_low_precision_only_kept_when_asked_and_rounded_back():
         master.zero_()
     masters.load_state_dict(saved)
     assert torch.equal(master, saved["low"])
+
+
+def test_a_parameter_written_from_outside_gives_its_master_its_values_and_its_own_rounding_keeps_the_master():
+    """``model.load_state_dict`` after the optimizer was built (or an EMA copy-back) writes the bf16 parameter: the
+    next step starts from it, not from the stale master, which would round back over it; a write of the master's
+    own rounding (a resume loading the model after the optimizer) keeps the master's fp32 bits."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16))
+    masters = Fp32Masters()
+    (master,) = masters.rebuild([("w", p, False)])
+    master.data += torch.tensor([1e-3, 0.0, 0.0])  # fp32 bits the bf16 parameter cannot hold
+    masters.masters_to_params()
+    kept = master.detach().clone()
+    with torch.no_grad():
+        p.copy_(master.to(torch.bfloat16))  # its own rounding, written again: the master keeps its bits
+    p.grad = torch.zeros_like(p)
+    masters.grads_to_masters()
+    assert torch.equal(master, kept) and not torch.equal(kept, kept.to(torch.bfloat16).float())
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, 6.0, 7.0]))  # new weights loaded
+    masters.grads_to_masters()
+    assert torch.equal(master, torch.tensor([5.0, 6.0, 7.0]))
+    masters.masters_to_params()
+    masters.grads_to_masters()  # nothing written since: the master stays
+    assert torch.equal(master, torch.tensor([5.0, 6.0, 7.0]))
