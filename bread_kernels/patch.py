@@ -75,7 +75,7 @@ from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstal
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
-from .stream import StreamConfig, streamed_block_forward
+from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
            "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default"]
@@ -656,7 +656,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for index, block in enumerate(state.blocks):
         block.__dict__.pop("forward", None)
         block.__dict__.pop(_BLOCK_ATTR, None)
-        if state.checkpointing_flags.get(index):
+        if block.__dict__.pop(CHECKPOINTING_TURNED_OFF, False) or state.checkpointing_flags.get(index):
             block.gradient_checkpointing = True
     state.forward_hook.remove()
     delattr(model, _STATE_ATTR)

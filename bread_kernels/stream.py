@@ -51,7 +51,11 @@ from .functions.rebuild import rebuilding_outputs
 from .functions.recompute import Recomputing
 from .plan import PLAN_ATTR
 
-__all__ = ["StreamConfig", "streamed_block_forward"]
+__all__ = ["StreamConfig", "streamed_block_forward", "CHECKPOINTING_TURNED_OFF"]
+
+#: on a block whose HF ``gradient_checkpointing`` the stream turned off (enabled after ``patch``): ``unpatch`` turns it
+#: back on, as for the blocks patch itself found with it on
+CHECKPOINTING_TURNED_OFF = "_bread_checkpointing_turned_off"
 
 
 @dataclass
@@ -193,6 +197,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         return original(*args, **kwargs)
     if getattr(block, "gradient_checkpointing", False):
         block.gradient_checkpointing = False  # HF's checkpointing was enabled after patch(): ours replaces it
+        block.__dict__[CHECKPOINTING_TURNED_OFF] = True  # unpatch turns it back on
         warnings.warn("bread_kernels: the model's gradient checkpointing is replaced by the streaming backward's own "
                       "recompute; turned the layers' gradient_checkpointing flag off", RuntimeWarning, stacklevel=2)
     hidden_name, arguments, keywords, call = _block_call(original, args, kwargs)

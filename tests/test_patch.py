@@ -334,3 +334,18 @@ def test_updates_in_hook_takes_only_a_blocks_small_plain_linears():
     assert hooked and all(".layers." in n and "q_proj" not in n for n in hooked)
     assert any("q_proj" in n for n, _ in state.fused_modules)
     assert len(hooked) == len([n for n in state.fused_modules if ".layers." in n[0]]) - 4
+
+
+def test_checkpointing_enabled_after_patch_is_replaced_and_unpatch_turns_it_back_on():
+    """``gradient_checkpointing_enable()`` after ``patch``: the first forward turns the layers' flag off, with a
+    warning (the stream's recompute replaces HF's), and ``unpatch`` turns it back on, as for a model patched with
+    it on: the unpatched model checkpoints as its owner asked."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.warns(RuntimeWarning, match="gradient checkpointing is replaced"):
+        loss_of(model, batch(0)).backward()
+    blocks = patched_state(model).blocks
+    assert not any(block.gradient_checkpointing for block in blocks)
+    bread_kernels.unpatch(model)
+    assert all(block.gradient_checkpointing for block in blocks)
+    assert not any("_bread_checkpointing_turned_off" in block.__dict__ for block in blocks)
