@@ -117,7 +117,6 @@ class PatchedModel:
         self.fused_elementwise: list[tuple[str, nn.Module]] = []
         self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
-        self.checkpointing_flags: dict[int, bool] = {}  # blocks whose HF gradient_checkpointing we turned off
         self.hook_update_numel = DEFAULT_HOOK_UPDATE_NUMEL  # patch()'s option: see updates_in_hook
         self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
@@ -127,8 +126,9 @@ class PatchedModel:
         ``create_reference_model`` —, a snapshot): the copy's own modules and stream (its blocks' forwards find them
         through their own attributes), the ids it keys by mapped to the copy's modules and parameters, registered
         as a patched model of its own and driven by no optimizer: every fused module without a plan and the cut at
-        0, as after :func:`patch` (the original's plans belong to the original's optimizer, whose updates would
-        otherwise run in the copy's backward)."""
+        0, as after :func:`patch` — by the copies themselves: a plan is not copied (``WeightPlan.__deepcopy__``: it
+        belongs to the original's optimizer, whose updates would otherwise run in the copy's backward) and the
+        stream starts afresh (``StreamConfig.__deepcopy__``)."""
         duplicate = PatchedModel.__new__(PatchedModel)
         memo[id(self)] = duplicate
         for key, value in self.__dict__.items():
@@ -146,7 +146,6 @@ class PatchedModel:
         duplicate.model_ref = weakref.ref(copied)
         for (_, module), (_, original) in zip(duplicate.fused_elementwise, self.fused_elementwise):
             share_fused_rotary(original, module)
-        duplicate.clear_plans()
         _PATCHED_MODELS.add(copied)
         return duplicate
 
@@ -523,8 +522,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
 
     for index, block in enumerate(blocks):
         if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
-            state.checkpointing_flags[index] = True
             block.gradient_checkpointing = False
+            block.__dict__[CHECKPOINTING_TURNED_OFF] = True
         setattr(block, _BLOCK_ATTR, (block.forward, state.stream, index))
         block.forward = types.MethodType(_streamed_forward, block)
     _set_fused_loss(model, fused_loss, state)
@@ -653,10 +652,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     for _, module in state.fused_modules + state.fused_experts:
         for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name"):
             module.__dict__.pop(attr, None)
-    for index, block in enumerate(state.blocks):
+    for block in state.blocks:
         block.__dict__.pop("forward", None)
         block.__dict__.pop(_BLOCK_ATTR, None)
-        if block.__dict__.pop(CHECKPOINTING_TURNED_OFF, False) or state.checkpointing_flags.get(index):
+        if block.__dict__.pop(CHECKPOINTING_TURNED_OFF, False):
             block.gradient_checkpointing = True
     state.forward_hook.remove()
     delattr(model, _STATE_ATTR)

@@ -53,8 +53,8 @@ from .plan import PLAN_ATTR
 
 __all__ = ["StreamConfig", "streamed_block_forward", "CHECKPOINTING_TURNED_OFF"]
 
-#: on a block whose HF ``gradient_checkpointing`` the stream turned off (enabled after ``patch``): ``unpatch`` turns it
-#: back on, as for the blocks patch itself found with it on
+#: on a block whose HF ``gradient_checkpointing`` was turned off — by ``patch``, or by the stream where it was enabled
+#: after ``patch`` — so that ``unpatch`` turns it back on
 CHECKPOINTING_TURNED_OFF = "_bread_checkpointing_turned_off"
 
 

@@ -122,9 +122,8 @@ class LocalTarget(UpdateTarget):
         self._kept = None  # (device, backend)
 
     def __getstate__(self):
-        """Copied or pickled without the backend it kept: a
-        backend is a process's shared object (the Triton one holds modules, which cannot be copied); the copy
-        chooses again at its first write."""
+        """Copied or pickled without the backend it kept: a backend is a process's shared object (the Triton one
+        holds modules, which cannot be copied); the copy chooses again at its first write."""
         return {"keep_backend": self.keep_backend, "_kept": None}
 
     def backend(self, device: torch.device):

@@ -336,15 +336,22 @@ def test_updates_in_hook_takes_only_a_blocks_small_plain_linears():
     assert len(hooked) == len([n for n in state.fused_modules if ".layers." in n[0]]) - 4
 
 
-def test_checkpointing_enabled_after_patch_is_replaced_and_unpatch_turns_it_back_on():
-    """``gradient_checkpointing_enable()`` after ``patch``: the first forward turns the layers' flag off, with a
-    warning (the stream's recompute replaces HF's), and ``unpatch`` turns it back on, as for a model patched with
-    it on: the unpatched model checkpoints as its owner asked."""
-    model = bread_kernels.patch(BUILDERS["llama"]())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with pytest.warns(RuntimeWarning, match="gradient checkpointing is replaced"):
-        loss_of(model, batch(0)).backward()
+@pytest.mark.parametrize("enabled", ["before", "after"])
+def test_checkpointing_turned_off_by_the_engine_is_turned_back_on_by_unpatch(enabled):
+    """HF's ``gradient_checkpointing_enable()``: before ``patch``, patch turns the layers' flag off; after it, the
+    first forward does, with a warning (the stream's recompute replaces HF's).  Either way ``unpatch`` turns it back
+    on: the unpatched model checkpoints as its owner asked."""
+    model = BUILDERS["llama"]()
+    if enabled == "before":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bread_kernels.patch(model)
     blocks = patched_state(model).blocks
+    if enabled == "after":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with pytest.warns(RuntimeWarning, match="gradient checkpointing is replaced"):
+            loss_of(model, batch(0)).backward()
+    else:
+        loss_of(model, batch(0)).backward()
     assert not any(block.gradient_checkpointing for block in blocks)
     bread_kernels.unpatch(model)
     assert all(block.gradient_checkpointing for block in blocks)
