@@ -458,3 +458,23 @@ def test_embedding_is_untouched_by_autocast(role):
     else:
         hand_update_(reference.weight, role)
         torch.testing.assert_close(weight, reference.weight.detach())
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_autocast_dtype_follows_torch_through_its_any_autocast_query(device_type):
+    """``autocast_dtype`` answers None at once where torch's private ``_is_any_autocast_enabled`` says no autocast is
+    on: this fails if torch drops or changes that query (an autocast for one device type, or a nested disabled one,
+    must still be seen)."""
+    from bread_kernels.functions import autocast as module
+
+    assert module._any_autocast_enabled is torch._C._is_any_autocast_enabled
+    device = torch.device(device_type)
+    assert not torch._C._is_any_autocast_enabled() and module.autocast_dtype(device) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch._C._is_any_autocast_enabled()
+        expected = torch.bfloat16 if device_type == "cpu" else None
+        assert module.autocast_dtype(device) is expected
+        with torch.autocast("cpu", enabled=False):
+            assert module.autocast_dtype(device) is None
+            assert module.outside_autocast(device) is module._NO_CONTEXT
+    assert module.autocast_dtype(device) is None
