@@ -382,12 +382,13 @@ def _delta_terms(targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor
     """What :func:`_delta_` applies to each token's row of probabilities for the vocabulary columns ``first_col`` …
     ``first_col + cols − 1``, [T, 1] each: the column of its target (clamped into the block), −1 where the target is
     one of them and the token is scored (else 0; a scatter, not an index by nonzero: no host sync), and
-    ``valid · scale`` (``scale`` a 0-d fp32 tensor: 1/n, times γ in the backward).  Computed once for every block of
-    a loop over tokens, whose rows are slices of it."""
+    ``scale`` on valid rows, exactly 0 on ignored ones (``scale`` a 0-d fp32 tensor: 1/n, times γ in the backward;
+    inf where no token counts, n = 0, whose ignored rows must still give 0, as ``F.cross_entropy``'s gradient is,
+    not 0·inf).  Computed once for every block of a loop over tokens, whose rows are slices of it."""
     local = targets - first_col
     hit = valid & (local >= 0) & (local < cols)
     return (local.clamp(0, cols - 1)[:, None], hit.to(torch.float32).neg_()[:, None],
-            (valid.to(torch.float32) * scale)[:, None])
+            torch.where(valid, scale, 0.0)[:, None])
 
 
 def _delta_(p: torch.Tensor, t: torch.Tensor | None, terms: tuple) -> torch.Tensor:

@@ -205,11 +205,29 @@ def test_on_the_fly_head_gemms_follow_the_memory_budget(role):
     assert counts["tiles"][0] == 2 * chunks and counts["tiles"][1] >= tiles, counts
 
 
-def test_all_tokens_ignored_gives_nan_like_cross_entropy():
-    hidden, weight, _, targets = make(False)
+@pytest.mark.parametrize("num_items", [None, 0], ids=["mean", "num-items-0"])
+@pytest.mark.parametrize("chunk_bytes", [None, ODD_CHUNKS, DW_FITS], ids=["default", "tiles", "dw-fits"])
+@pytest.mark.parametrize("role", [Role.ACTIVE, Role.SGD, Role.SIGN], ids=["active", "sgd", "sign"])
+def test_all_tokens_ignored_gives_nan_loss_and_zero_gradients_like_cross_entropy(role, chunk_bytes, num_items):
+    """A batch with no scored token (a response cut away by max_length, a micro-batch of prompts): the loss is nan,
+    as ``F.cross_entropy``'s mean (or a sum over 0 items) is, but every gradient is autograd's exact 0 — not
+    0·(1/0) = nan, which an optimizer would write into the weights — and an on-the-fly head takes its (null) step."""
+    hidden, weight, b, targets = make(True)
     targets = torch.full_like(targets, -100)
-    assert torch.isnan(fused_head_loss(hidden, weight, None, targets)).item()
-    assert torch.isnan(F.cross_entropy(F.linear(hidden, weight), targets)).item()
+    loss_ref, dh_ref, dw_ref, db_ref = reference(hidden, weight, b, targets, num_items=num_items)
+    assert torch.isnan(loss_ref) and not dh_ref.any() and not dw_ref.any() and not db_ref.any()
+    update = OnTheFlyUpdate(lr=LR, scale=SCALE) if role.updates_on_the_fly else None
+    plan = WeightPlan(role, update, name="lm_head")
+    h = hidden.clone().requires_grad_()
+    w, bb = weight.clone().requires_grad_(role is Role.ACTIVE), b.clone().requires_grad_(role is Role.ACTIVE)
+    loss = fused_head_loss(h, w, bb, targets, plan, num_items_in_batch=num_items, chunk_bytes=chunk_bytes)
+    assert torch.isnan(loss)
+    (GAMMA * loss).backward()
+    assert torch.equal(h.grad, dh_ref)
+    if role is Role.ACTIVE:
+        assert torch.equal(w.grad, dw_ref) and torch.equal(bb.grad, db_ref)
+    else:
+        assert torch.equal(w, weight) and torch.equal(bb, b) and plan.skipped_updates == 0
 
 
 def test_second_backward_is_refused():
