@@ -75,6 +75,7 @@ from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstal
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
+from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
@@ -238,6 +239,16 @@ class PatchedModel:
     def driver(self):
         """The live optimizer that writes this model's plans, or None."""
         return self._driver() if self._driver is not None else None
+
+
+def _check_parameter_dtypes(model: nn.Module) -> None:
+    """Refuse a model with a floating parameter the fused functions do not compute in (float64): every training
+    forward would fail, at its first fused module."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"patch: parameter {name} is {p.dtype}; the fused backward computes in float32, bfloat16 "
+                            "or float16. Cast the model first (model.float(), or model.to(torch.bfloat16)), or train "
+                            "it unpatched")
 
 
 def patched_state(model: nn.Module) -> PatchedModel | None:
@@ -450,6 +461,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     if not isinstance(recompute, bool):
         raise TypeError(f"patch: recompute must be True or False, got {recompute!r}")
     hook_update_numel = _check_hook_update_numel(hook_update_numel)
+    _check_parameter_dtypes(model)
     state = patched_state(model)
     if state is not None:
         if blocks is not None and blocks is not state.blocks:

@@ -72,6 +72,16 @@ def test_a_recompute_that_is_not_a_bool_is_refused_before_anything_is_installed(
     assert patched_state(model) is None and not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_a_float64_model_is_refused_before_anything_is_installed_naming_the_cast():
+    """Every training forward of a patched float64 model would fail at its first fused module."""
+    model = BUILDERS["llama"]().double()
+    with pytest.raises(TypeError, match=r"float64; .*model\.float\(\)"):
+        bread_kernels.patch(model)
+    assert patched_state(model) is None and not any("forward" in m.__dict__ for m in model.modules())
+    patched = bread_kernels.patch(model.float())
+    assert patched_state(patched) is not None
+
+
 @pytest.mark.parametrize("change", ["resize", "tie"])
 def test_plans_for_a_model_changed_after_patch_are_refused_until_it_is_patched_again(change):
     """A head replaced (``resize_token_embeddings``) or weights tied after ``patch``: what patch found no longer

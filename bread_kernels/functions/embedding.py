@@ -39,9 +39,11 @@ def fusable_embedding(module: nn.Module) -> bool:
 
 
 def row_gradients(ids: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None):
-    """(rows, G): the distinct ids (padding left out) and their summed gradients, G [R, H] in fp32."""
+    """(rows, G): the distinct ids (padding left out; int64, whatever the ids' integer dtype: ``index_copy_`` takes
+    no other) and their summed gradients, G [R, H] in fp32."""
     hidden = grad_output.shape[-1]
     rows, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    rows = rows.long()  # int32 ids, as nn.Embedding takes them
     summed = torch.zeros(rows.numel(), hidden, dtype=torch.float32, device=grad_output.device)
     summed.index_add_(0, inverse, grad_output.reshape(-1, hidden).float())
     if padding_idx is not None:
@@ -96,7 +98,8 @@ def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, p
         raise TypeError(f"fused_embedding: ids must be int32 or int64 token ids, got {ids.dtype}")
     if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fused_embedding: weight must be a 2-D float32/bfloat16/float16 [vocab, hidden] table, got "
-                        f"{tuple(weight.shape)} {weight.dtype}")
+                        f"{tuple(weight.shape)} {weight.dtype}; cast the model to one of those dtypes (model.float()) "
+                        "or unpatch it (bread_kernels.unpatch)")
     if ids.device != weight.device:
         raise ValueError(f"fused_embedding: ids are on {ids.device} but the weight is on {weight.device}")
     plan.check()

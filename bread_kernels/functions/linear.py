@@ -86,7 +86,8 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"fused_linear: {what} has dtype {t.dtype}; the fused linear supports float32, bfloat16 and float16 "
-                "(cast integer or float64 data with .to(weight.dtype) first)"
+                + ("(cast the model to one of them, model.float(), or unpatch it: bread_kernels.unpatch)"
+                   if what != "input" else "(cast integer or float64 data with .to(weight.dtype) first)")
             )
     if weight.dim() != 2:
         raise ValueError(f"fused_linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")

@@ -75,6 +75,22 @@ def test_active_role_gives_nn_embedding_gradient(backend, device, dtype):
         assert ((weight.grad.double() - expected).abs() <= 1.5 * eps * expected.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("role", [Role.ACTIVE, Role.SGD, Role.SIGN], ids=lambda r: r.name)
+def test_int32_ids_train_as_int64_ids_do(device, role):
+    """int32 token ids, which nn.Embedding takes: the same gradient or update as int64 ids (the backward's rows
+    reach ``index_copy_``, which takes int64 indices only)."""
+    weights = []
+    for dtype in (torch.int64, torch.int32):
+        weight, ids, grad_out = make_inputs(torch.float32, device, padding_idx=2)
+        weight.requires_grad_(role is Role.ACTIVE)
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=STEP) if role.updates_on_the_fly else None)
+        fused_embedding(ids.to(dtype), weight, plan, 2).backward(grad_out)
+        weights.append(weight.grad if role is Role.ACTIVE else weight.detach())
+    assert torch.equal(weights[1], weights[0])
+    if role.updates_on_the_fly:
+        assert not torch.equal(weights[1], make_inputs(torch.float32, device, padding_idx=2)[0])
+
+
 def test_frozen_role_leaves_the_weight_alone(backend, device):
     weight, ids, grad_out = make_inputs(torch.float32, device, None)
     before = weight.clone()
