@@ -2,7 +2,8 @@
 
 Forward, for block ℓ of L, with the cut c (the lowest block whose backward the step needs):
 
-* ℓ < c: the block runs under ``no_grad`` and stores nothing — no backward will ever reach it.
+* ℓ < c: the block runs under ``no_grad`` and stores nothing — no backward will ever reach it (unless a gradient
+  must pass through it to something the optimizer does not drive: below).
 * ℓ ≥ c, ``recompute=True``: the block runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved):
   its graph is built but only its input is kept; the backward recomputes the saved tensors — stopping as soon as
   the last one the backward needs exists, so a pre-norm block's last GEMM is never recomputed (see
@@ -29,8 +30,13 @@ Forward, for block ℓ of L, with the cut c (the lowest block whose backward the
 
 A block with on-the-fly work whose input does not require grad (the lowest needed block) is still visited by the
 backward: its fused functions take a backward trigger.  Other arguments (attention mask, rotary cos/sin, any tensor
-that requires grad) are passed through to every run of the block; the checkpoint carries their gradients too.  One
-that requires grad is refused below the cut, where the block runs without autograd and its gradient would be lost.
+that requires grad) are passed through to every run of the block; the checkpoint carries their gradients too.
+
+Below the cut a block runs under autograd after all, as one above it (its weights frozen: dX only), where a gradient
+must pass through it to something the optimizer does not drive: hidden states computed by autograd (``inputs_embeds``
+from a trainable projector or prompt, an embedding trained by its own optimizer, a trainable scale a forward hook
+applies to a lower block's output) or another argument that requires grad.  The hidden states of a frozen embedding
+made to require grad (``enable_input_require_grads``: a leaf, no ``grad_fn``) lead to nothing and are not followed.
 """
 
 from __future__ import annotations
@@ -206,14 +212,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
-    if index < config.cut:
-        if needing_grad:
-            raise RuntimeError(
-                f"bread_kernels: block {index} is below the cut (block {config.cut}) and runs without autograd, but "
-                f"its argument {needing_grad[0]!r} requires grad, so that tensor's gradient would miss this block. "
-                "Freeze what it is computed from, or train with a plan whose backward reaches block 0 (an "
-                "sgd_mode='all' or lora_mode='all' run, or the first block active)"
-            )
+    if index < config.cut and not (needing_grad or hidden.grad_fn is not None):
         with torch.no_grad():
             return original(*args, **kwargs)
     if not config.recompute:

@@ -600,8 +600,10 @@ def test_blocks_below_the_cut_store_no_activations():
     state = patched_state(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in [*model.model.layers[3].parameters(), *model.model.embed_tokens.parameters()]:
-        p.requires_grad_(True)  # with the embedding trainable, every block at or above the cut is streamed
+    model.model.layers[3].requires_grad_(True)
+    # the embeddings' output requires grad (a leaf: nothing below the cut to reach), so every block at or above the
+    # cut is streamed
+    model.enable_input_require_grads()
 
     def saved_bytes(cut):
         state.stream.cut = cut
@@ -754,14 +756,70 @@ def test_block_arguments_that_require_grad_get_their_gradient(input_needs_grad, 
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_a_block_argument_that_requires_grad_below_the_cut_is_refused():
-    """Below the cut a block runs without autograd, so such an argument's gradient would silently miss it."""
+def test_a_block_argument_that_requires_grad_below_the_cut_gets_its_gradient():
+    """Below the cut a block runs without autograd unless a gradient must pass through it: an argument that requires
+    grad gets the gradient of the plain model (the blocks frozen, as below the cut)."""
     from bread_kernels.patch import set_cut
 
-    patched = bread_kernels.patch(_GatedStack(), blocks=None)
-    set_cut(patched, 1)
-    with pytest.raises(RuntimeError, match=r"block 0 is below the cut \(block 1\).*'gate' requires grad"):
-        patched(torch.randn(5, 7, 24))
+    torch.manual_seed(0)
+    plain = _GatedStack()
+    plain.layers.requires_grad_(False)
+    patched = bread_kernels.patch(copy.deepcopy(plain), blocks=None)
+    set_cut(patched, 2)
+    x = torch.randn(5, 7, 24)
+    plain(x).backward()
+    patched(x).backward()
+    torch.testing.assert_close(patched.gate_logits.grad, plain.gate_logits.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["projector", "embedding-outside-the-optimizer", "hook-scale",
+                                  "frozen-embedding-made-to-require-grad"])
+def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
+    """BAdam with the top block active (cut at block 3): hidden states that carry a gradient to something the
+    optimizer does not drive — ``inputs_embeds`` from a trainable projector (LLaVA, soft prompts), an embedding
+    trained by its own optimizer, a trainable scale a forward hook applies to block 1's output — get the unpatched
+    model's gradient, where they got none; the embeddings' output of a frozen embedding made to require grad
+    (``enable_input_require_grads``, a leaf) still stops the backward at the cut."""
+    torch.manual_seed(0)
+    projector, features = nn.Linear(16, 64), torch.randn(2, 4, 16)
+    scale = nn.Parameter(torch.linspace(0.5, 1.5, 64))
+    ids = batch(0)
+    results = []
+    for patch in (False, True):
+        model, extra = BUILDERS["llama"](), copy.deepcopy(projector)
+        hook_scale = copy.deepcopy(scale)
+        if case == "hook-scale":
+            model.model.layers[1].register_forward_hook(lambda module, args, output: output * hook_scale)
+        if case == "frozen-embedding-made-to-require-grad":
+            model.enable_input_require_grads()
+        if patch:
+            model = bread_kernels.patch(model)
+        named = [(n, p) for n, p in model.named_parameters()
+                 if case != "embedding-outside-the-optimizer" or not n.startswith("model.embed_tokens.")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = bread_kernels.BlockOptimizer(torch.optim.AdamW([p for _, p in named], lr=1e-3), named,
+                                                     verbose=0, switch_mode="descending")
+        if case == "projector":
+            embeds = torch.cat([extra(features), model.get_input_embeddings()(ids)], dim=1)
+            model(inputs_embeds=embeds, labels=torch.cat([torch.full((2, 4), -100), ids], dim=1)).loss.backward()
+        else:
+            loss_of(model, ids).backward()
+        trained = {"projector": extra.weight, "hook-scale": hook_scale}.get(case, model.get_input_embeddings().weight)
+        results.append((trained.grad, model.model.layers[3].mlp.down_proj.weight.grad))
+        if patch:
+            assert patched_state(model).stream.cut == 3
+            recomputed = patched_state(model).stream.recomputes
+            # the blocks the gradient passes (block 3, the top one, is kept): from the projector's or the embedding's
+            # output all three; from block 1's output the block above it; from a leaf none
+            assert set(recomputed) == {"hook-scale": {2}, "frozen-embedding-made-to-require-grad": set()}.get(
+                case, {0, 1, 2}), recomputed
+    (expected, expected_active), (actual, actual_active) = results
+    torch.testing.assert_close(actual_active, expected_active, rtol=1e-5, atol=1e-7)
+    if case == "frozen-embedding-made-to-require-grad":
+        assert expected is None and actual is None
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_a_registered_recompute_scope_is_exited_past_the_early_stop():
