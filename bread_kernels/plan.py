@@ -18,7 +18,8 @@ import torch
 
 from .rounding import Rounding
 
-__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "begin_forward", "PLAN_ATTR"]
+__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "begin_forward", "PLAN_ATTR",
+           "BACKWARD_TRIGGER", "backward_accumulates"]
 
 #: the attribute of a fused module (a patched Linear, LoRA layer or embedding) that holds its WeightPlan, or None
 PLAN_ATTR = "_bread_weight_plan"
@@ -204,8 +205,11 @@ class WeightPlan:
         return every contribution that ends with it once the last of them is done: the uses of its forward, and
         the uses of other forwards that the same backward reaches (two forwards' losses summed into one backward).
         So a weight takes one update for the gradient summed over them, after every use's dX, as autograd's
-        accumulation gives the reference's post-accumulate-grad hook one call.  None: wait."""
+        accumulation gives the reference's post-accumulate-grad hook one call.  None: wait, or no update at all in
+        a backward that accumulates no gradient (``torch.autograd.grad``: :func:`backward_accumulates`)."""
         self._uses.discard(token)
+        if not backward_accumulates():
+            return None
         if not self._pending and not self._uses:  # the common case: a weight used once per forward
             return [contribution]
         self._pending.append((token.epoch, contribution))
@@ -315,5 +319,30 @@ class _UseToken:
 
 #: autograd's answer to "does the running backward execute this node" — private (``register_multi_grad_hook`` uses
 #: it; there is no public query).  Where a torch lacks it, two forwards summed into one backward update once per
-#: forward again; ``tests/test_plan.py`` fails on its absence.
+#: forward again, and ``torch.autograd.grad`` makes the on-the-fly updates; ``tests/test_plan.py`` fails on its
+#: absence.
 _WILL_ENGINE_EXECUTE_NODE = getattr(torch._C, "_will_engine_execute_node", None)
+
+#: a leaf that requires grad, which every fused function with an on-the-fly role takes as an input and returns no
+#: gradient for (so it never gets a ``.grad``): the function's backward then runs even where none of its real inputs
+#: requires grad (a frozen weight whose input comes from a frozen embedding), and :func:`backward_accumulates` asks
+#: whether the running backward executes the leaf's gradient accumulator
+BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
+#: its accumulator node, held so that every graph's edge to the trigger leads to this one node
+_TRIGGER_NODE = torch.autograd.graph.get_gradient_edge(BACKWARD_TRIGGER).node
+
+
+def backward_accumulates() -> bool:
+    """Inside a fused function's backward: whether the running backward is a full one (``loss.backward()``,
+    ``torch.autograd.backward`` without ``inputs``), which executes every node it reaches, the trigger's accumulator
+    included — not ``torch.autograd.grad`` or a backward given ``inputs=``, which execute only the paths to the
+    tensors they name.  The on-the-fly updates run in a full backward only: the reference's post-accumulate-grad
+    hooks fire only where a ``.grad`` accumulates, which ``torch.autograd.grad`` never does (a gradient probe, a
+    penalty) and a backward with ``inputs=`` does only for the tensors it names, among which a fused weight, which
+    requires no grad, is not.  True outside a backward (a caller that hands contributions over itself)."""
+    if _WILL_ENGINE_EXECUTE_NODE is None:
+        return True
+    try:
+        return _WILL_ENGINE_EXECUTE_NODE(_TRIGGER_NODE)
+    except RuntimeError:  # asked outside a backward
+        return True

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bread_kernels import OnTheFlyUpdate, Role, Rounding, WeightPlan
-from bread_kernels.plan import begin_forward
+from bread_kernels.plan import BACKWARD_TRIGGER, backward_accumulates, begin_forward
 
 
 def test_unknown_rounding_and_role_names_are_refused():
@@ -82,29 +82,63 @@ def test_uses_of_two_forwards_that_one_backward_reaches_are_released_together():
     plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.1))
     released = []
 
-    class Use(torch.autograd.Function):
+    class Use(torch.autograd.Function):  # as a fused function with an on-the-fly role: it takes the trigger
         @staticmethod
-        def forward(ctx, x, tag):
+        def forward(ctx, x, tag, trigger):
             ctx.use, ctx.tag = plan.register_use(ctx), tag
             return x.clone()
 
         @staticmethod
         def backward(ctx, grad):
             released.append(plan.finish_use(ctx.use, ctx.tag))
-            return grad, None
+            return grad, None, None
 
     x = torch.ones(2, requires_grad=True)
     begin_forward()
-    a = Use.apply(x, "a")
+    a = Use.apply(x, "a", BACKWARD_TRIGGER)
     begin_forward()
-    b = Use.apply(x, "b")
+    b = Use.apply(x, "b", BACKWARD_TRIGGER)
     (a.sum() + b.sum()).backward()
     assert released == [None, ["b", "a"]]
     released.clear()
     begin_forward()
-    a = Use.apply(x, "a")
+    a = Use.apply(x, "a", BACKWARD_TRIGGER)
     begin_forward()
-    b = Use.apply(x, "b")
+    b = Use.apply(x, "b", BACKWARD_TRIGGER)
     b.sum().backward()
     a.sum().backward()
     assert released == [["b"], ["a"]]
+
+
+def test_only_a_backward_that_accumulates_releases_a_use():
+    """``torch.autograd.grad`` (a gradient probe or penalty) and a backward given ``inputs=`` execute only the
+    paths to what they name, not the trigger's accumulator: no on-the-fly update, as no post-accumulate-grad hook of
+    the reference fires for a weight they do not name; a later full backward of the same graph releases the use.
+    Fails if torch's ``_will_engine_execute_node`` changes what it answers for a leaf's accumulator."""
+    from bread_kernels import plan as plan_module
+
+    assert torch.autograd.graph.get_gradient_edge(BACKWARD_TRIGGER).node is plan_module._TRIGGER_NODE
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.1))
+    answers, released = [], []
+
+    class Use(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, trigger):
+            ctx.use = plan.register_use(ctx)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            answers.append(backward_accumulates())
+            released.append(plan.finish_use(ctx.use, "g"))
+            return grad * 2, None
+
+    x, other = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    begin_forward()
+    loss = (Use.apply(x, BACKWARD_TRIGGER) * other).sum()
+    torch.autograd.grad(loss, [x], retain_graph=True)
+    loss.backward(inputs=[x], retain_graph=True)
+    assert answers == [False, False] and released == [None, None] and other.grad is None
+    loss.backward()
+    assert answers[2] is True and released[2] == ["g"]
+    assert backward_accumulates()  # outside a backward: a caller handing contributions over itself

@@ -103,5 +103,5 @@ def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, plan: WeightPlan, p
     if ids.device != weight.device:
         raise ValueError(f"fused_embedding: ids are on {ids.device} but the weight is on {weight.device}")
     plan.check()
-    trigger = trigger_for(plan, weight)  # the ids never require grad
+    trigger = trigger_for(plan)
     return FusedEmbeddingFunction.apply(ids, weight, padding_idx, plan, trigger)

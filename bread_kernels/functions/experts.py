@@ -311,8 +311,7 @@ def fused_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_
         raise ValueError(f"fused_experts: plans must be (gate_up_proj's, down_proj's), got {len(plans)} entries")
     check_experts_inputs(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, plans)
     trigger = None
-    if torch.is_grad_enabled() and any(plan is not None and plan.role.updates_on_the_fly for plan in plans) and \
-            not any(t.requires_grad for t in (hidden_states, top_k_weights, gate_up_proj, down_proj)):
-        trigger = backward_trigger()  # an on-the-fly update must run although nothing else needs a gradient
+    if torch.is_grad_enabled() and any(plan is not None and plan.role.updates_on_the_fly for plan in plans):
+        trigger = backward_trigger()  # the backward runs, and knows whether it accumulates (see trigger_for)
     return FusedExpertsFunction.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate,
                                       plans, trigger)

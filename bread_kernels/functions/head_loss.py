@@ -529,9 +529,9 @@ def _head_loss_backward(ctx, grad_output):
                 update_linear_grad_(ctx.plan, ctx.role, weight, bias, *_summed(pending))
             grad_weight = grad_bias = None
         else:
-            _finish_head_use(ctx, None, single=True)
-            hidden, weight, bias, targets, inv_count = ctx.saved_tensors
-            _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
+            if _finish_head_use(ctx, None, single=True) is not None:
+                hidden, weight, bias, targets, inv_count = ctx.saved_tensors
+                _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
     return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
 
 
@@ -677,6 +677,6 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     chunk = _rows_per_block(budget, weight.shape[0], dtype, float_softcap)  # the torch loop balances its blocks
     # where an on-the-fly head's fp32 dW fits, it is accumulated in the forward: no vocabulary tiles
     tile = None if dw_fits else _rows_per_block(budget, max(1, hidden.shape[0]), dtype, float_softcap)
-    trigger = trigger_for(plan, hidden, weight, bias) if plan is not None else None
+    trigger = trigger_for(plan) if plan is not None else None
     return FusedHeadLossFunction.apply(hidden, weight, bias, targets, inv_count, plan, role, float_softcap, chunk,
                                        tile, torch.is_grad_enabled(), dtype, trigger)

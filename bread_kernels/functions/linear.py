@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plan import Role, WeightPlan
+from ..plan import BACKWARD_TRIGGER, Role, WeightPlan
 from ..rounding import FLOAT_DTYPES
 from ..update import update_linear_
 from .autocast import autocast_dtype, outside_autocast
@@ -46,25 +46,18 @@ from .recompute import apply_deferring_output, deferred_output, is_recomputing
 __all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
            "start_weight_role", "finish_weight_role"]
 
-_BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
-
-
 def backward_trigger() -> torch.Tensor:
-    """A leaf that requires grad, given to a Function whose backward must run although none of its real inputs
-    requires grad (an on-the-fly role on a frozen weight whose input comes from a frozen embedding).  Functions
-    return no gradient for it, so it never gets a ``.grad``."""
-    return _BACKWARD_TRIGGER
+    """:data:`~bread_kernels.plan.BACKWARD_TRIGGER`: the leaf every fused function with an on-the-fly role takes."""
+    return BACKWARD_TRIGGER
 
 
-def trigger_for(plan: WeightPlan, *inputs: torch.Tensor | None) -> torch.Tensor | None:
-    """The backward trigger when ``plan`` updates its weight on the fly but none of ``inputs`` requires grad (so
-    autograd would never run the Function's backward); None otherwise."""
+def trigger_for(plan: WeightPlan) -> torch.Tensor | None:
+    """The backward trigger where ``plan`` updates its weight on the fly and grad is enabled (so its backward runs
+    although none of the real inputs may require grad, and knows whether the backward accumulates: see
+    :func:`~bread_kernels.plan.backward_accumulates`); None otherwise."""
     if not plan.role.updates_on_the_fly or not torch.is_grad_enabled():
         return None
-    for t in inputs:  # a loop, not any(generator): this runs on every fused forward
-        if t is not None and t.requires_grad:
-            return None
-    return backward_trigger()
+    return BACKWARD_TRIGGER
 
 
 def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: WeightPlan) -> None:
@@ -226,7 +219,7 @@ def _checked_fused_linear(x, weight, bias, plan, autograd_computes: bool | None)
         autograd_computes = _autograd_computes(x, plan, weight, bias)
     if autograd_computes:
         return F.linear(x, weight, bias)
-    return apply_deferring_output(FusedLinearFunction, plan, x, weight, bias, plan, trigger_for(plan, x, weight, bias))
+    return apply_deferring_output(FusedLinearFunction, plan, x, weight, bias, plan, trigger_for(plan))
 
 
 # torch.compiler.disable's wrapper only where dynamo traces: an eager call through it costs ~3 µs of host time

@@ -192,7 +192,7 @@ def _checked_fused_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling,
     if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != lora_a.dtype):
         raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
                          f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")
-    trigger = trigger_for(plan, x, x_lora, weight, bias, lora_a, lora_b)
+    trigger = trigger_for(plan)
     return apply_deferring_output(FusedLoRALinearFunction, plan, x, x_lora, weight, bias, lora_a, lora_b,
                                   float(scaling), plan, trigger)
 

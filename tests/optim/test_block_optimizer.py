@@ -379,3 +379,32 @@ def test_a_second_optimizer_over_the_same_parameters_takes_them_over():
     train(twin, only, 2)
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("sign", [False, True], ids=["sgd", "sign"])
+@pytest.mark.parametrize("patch", [False, True], ids=["unpatched", "patched"])
+def test_a_gradient_probe_with_autograd_grad_moves_no_weight(patch, sign):
+    """``torch.autograd.grad`` between steps (a gradient-norm probe, a penalty's gradient) fills no ``.grad``, so
+    the reference's hooks fire for no weight: no inactive weight moves — fused (every update fused here) or hooked —
+    and the run then trains exactly as one without the probe."""
+    def run(probe):
+        model = models.llama()
+        if patch:
+            model = bread_kernels.patch(model)
+        opt = make(model, sgd_mode="all", sgd_use_sign=sign, switch_block_every=2)
+        for step in range(3):
+            if probe:
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                active = [p for p in model.parameters() if p.requires_grad]
+                grads = torch.autograd.grad(loss_of(model, batch(step)), active)
+                assert all(g is not None for g in grads)
+                moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+                assert not moved, moved
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            opt.zero_grad()
+        return model.state_dict()
+
+    probed, plain = run(True), run(False)
+    for name in plain:
+        assert torch.equal(probed[name], plain[name]), name
