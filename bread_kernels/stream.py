@@ -213,6 +213,11 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
     if index < config.cut and not (needing_grad or hidden.grad_fn is not None):
+        if config.recompute and not getattr(block, "_can_checkpoint_with_cache", False):
+            for named in keywords:  # refused before a block below the cut writes it: the first recomputed one would
+                for name in _CACHE_ARGUMENTS:
+                    if named.get(name) is not None:
+                        _refuse_a_filled_cache(named[name], name, index)
         with torch.no_grad():
             return original(*args, **kwargs)
     if not config.recompute:
@@ -231,6 +236,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         if not keeps_cache:
             for name in _CACHE_ARGUMENTS:
                 if named.get(name) is not None:
+                    _refuse_a_filled_cache(named[name], name, index)
                     named[name] = None
         if named.get("use_cache"):
             named["use_cache"] = False
@@ -253,6 +259,19 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
+
+
+def _refuse_a_filled_cache(cache: Any, name: str, index: int) -> None:
+    """A recomputed block runs without the KV cache (the recompute would write it a second time), which is right for
+    the empty cache a model makes for itself with ``use_cache``; one that holds a prefix's keys and values must be
+    read, so it is refused with the remedy (its attention would fail on the prefix's length, or miss the prefix)."""
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length) and length() > 0:
+        raise ValueError(
+            f"bread_kernels: a KV cache holding {length()} tokens reached block {index} as {name!r} in a training "
+            "forward, but a recomputed block runs without the cache (its recompute would write it again), as Hugging "
+            "Face's gradient checkpointing drops it. Patch with recompute=False to train on a prefix's cache, or "
+            "pass the prefix with the input instead")
 
 
 def _saved_tensor_hooks_active() -> bool:

@@ -967,3 +967,35 @@ def test_a_kept_blocks_on_the_fly_updates_write_the_parameters_themselves(monkey
         opt.zero_grad()
     assert patched_state(model).stream.kept >= 1 and handed and all(handed)
     opt.close()
+
+
+@pytest.mark.parametrize("cut", [0, 2])
+def test_a_prefix_kv_cache_in_a_training_forward_is_refused_before_it_is_written_and_trains_without_recompute(cut):
+    """A recomputed block runs without the KV cache (its recompute would write it twice), right for the empty cache
+    a model makes with ``use_cache``; a cache holding a prefix must be read, so it is refused naming
+    ``recompute=False`` — at the first block, below the cut too, before any block writes it — and with
+    ``recompute=False`` the step has the unpatched model's loss and gradients."""
+    from bread_kernels.patch import set_cut
+
+    plain = BUILDERS["llama"]()
+    prompt, ids = batch(100, shape=(2, 5)), batch(0)
+    patched = bread_kernels.patch(copy.deepcopy(plain))
+    set_cut(patched, cut)
+    with torch.no_grad():
+        cache = patched(input_ids=prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="KV cache holding 5 tokens.*recompute=False"):
+        patched(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 5
+    patched(input_ids=ids, labels=ids, use_cache=True).loss.backward()  # its own empty cache: no refusal
+    results = []
+    for model in (plain, bread_kernels.patch(copy.deepcopy(plain), recompute=False)):
+        with torch.no_grad():
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+        loss = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True).loss
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    (loss_plain, expected), (loss_patched, actual) = results
+    torch.testing.assert_close(loss_patched, loss_plain, rtol=1e-6, atol=1e-6)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
