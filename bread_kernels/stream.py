@@ -266,9 +266,10 @@ def _refuse_a_filled_cache(cache: Any, name: str, index: int) -> None:
     the empty cache a model makes for itself with ``use_cache``; one that holds a prefix's keys and values must be
     read, so it is refused with the remedy (its attention would fail on the prefix's length, or miss the prefix)."""
     length = getattr(cache, "get_seq_length", None)
-    if callable(length) and length() > 0:
+    held = length(index) if callable(length) else 0  # this layer's: lower blocks may have written theirs already
+    if held > 0:
         raise ValueError(
-            f"bread_kernels: a KV cache holding {length()} tokens reached block {index} as {name!r} in a training "
+            f"bread_kernels: a KV cache holding {held} tokens reached block {index} as {name!r} in a training "
             "forward, but a recomputed block runs without the cache (its recompute would write it again), as Hugging "
             "Face's gradient checkpointing drops it. Patch with recompute=False to train on a prefix's cache, or "
             "pass the prefix with the input instead")
