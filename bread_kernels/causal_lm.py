@@ -24,7 +24,9 @@ unpatched model by the tests).  What happens elsewhere depends on how the fused 
 * ``patch(model, fused_loss=True)`` (*required*): anything else — another family, a custom ``loss_function`` or
   ``loss_type``, a head that is not a plain ``nn.Linear``, a head weight that is not materialised at the forward
   (ZeRO-3 partitions it until its module's own forward gathers it), a head plan the fused loss cannot carry out
-  (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`) — is refused with an error naming the remedy,
+  (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`), a head computed in float16 (an fp16 head or fp16
+  autocast, whose loss scaler's factor would reach the fused loss's gradients too late:
+  :func:`~bread_kernels.functions.head_loss.head_dtype_refusal`) — is refused with an error naming the remedy,
   ``fused_loss=False``.
 * ``patch(model)`` (the default, ``fused_loss=None``): installed where :func:`prepare` accepts the model; at each
   forward, where one of the conditions above holds, the model's own forward runs (its head, its logits, its loss).
@@ -42,8 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss, head_plan_refusal,
-                                  loss_bytes_beside_kept, unfused_loss_bytes)
+from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss, head_dtype_refusal,
+                                  head_plan_refusal, loss_bytes_beside_kept, unfused_loss_bytes)
 from .plan import PLAN_ATTR
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
@@ -230,7 +232,7 @@ def _refusal(lm: nn.Module) -> str | None:
     if tuple(head.weight.shape) != (head.out_features, head.in_features):
         return (f"the head's weight has shape {tuple(head.weight.shape)} at the forward, not ({head.out_features}, "
                 f"{head.in_features}): it is gathered only by its module's own forward (ZeRO-3 partitioning)")
-    return head_plan_refusal(getattr(head, PLAN_ATTR, None))
+    return head_dtype_refusal(head.weight) or head_plan_refusal(getattr(head, PLAN_ATTR, None))
 
 
 def _output_class(forward) -> type:

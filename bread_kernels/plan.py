@@ -207,9 +207,9 @@ class WeightPlan:
         So a weight takes one update for the gradient summed over them, after every use's dX, as autograd's
         accumulation gives the reference's post-accumulate-grad hook one call.  None: wait, or no update at all in
         a backward that accumulates no gradient (``torch.autograd.grad``: :func:`backward_accumulates`)."""
-        self._uses.discard(token)
-        if not backward_accumulates():
+        if not backward_accumulates():  # the use stays unfinished: a full backward of the same graph may follow
             return None
+        self._uses.discard(token)
         if not self._pending and not self._uses:  # the common case: a weight used once per forward
             return [contribution]
         self._pending.append((token.epoch, contribution))
@@ -339,7 +339,15 @@ def backward_accumulates() -> bool:
     tensors they name.  The on-the-fly updates run in a full backward only: the reference's post-accumulate-grad
     hooks fire only where a ``.grad`` accumulates, which ``torch.autograd.grad`` never does (a gradient probe, a
     penalty) and a backward with ``inputs=`` does only for the tensors it names, among which a fused weight, which
-    requires no grad, is not.  True outside a backward (a caller that hands contributions over itself)."""
+    requires no grad, is not.  True outside a backward (a caller that hands contributions over itself).
+
+    Where dynamo traces the backward (compiled autograd) it raises instead: dynamo then stops tracing the fused
+    function's backward and runs it eagerly (a graph break), where the answer is the running backward's — a traced
+    answer would be fixed into the graph, whose replay then wrote no update."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "bread_kernels: a fused function's backward cannot be traced into a graph (compiled autograd); it must "
+            "run eagerly, where its on-the-fly update is made")
     if _WILL_ENGINE_EXECUTE_NODE is None:
         return True
     try:

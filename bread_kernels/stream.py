@@ -33,10 +33,12 @@ backward: its fused functions take a backward trigger.  Other arguments (attenti
 that requires grad) are passed through to every run of the block; the checkpoint carries their gradients too.
 
 Below the cut a block runs under autograd after all, as one above it (its weights frozen: dX only), where a gradient
-must pass through it to something the optimizer does not drive: hidden states computed by autograd (``inputs_embeds``
-from a trainable projector or prompt, an embedding trained by its own optimizer, a trainable scale a forward hook
-applies to a lower block's output) or another argument that requires grad.  The hidden states of a frozen embedding
-made to require grad (``enable_input_require_grads``: a leaf, no ``grad_fn``) lead to nothing and are not followed.
+must pass through it to something the optimizer does not drive: hidden states whose graph reaches a parameter
+(``inputs_embeds`` from a trainable projector or prompt, an embedding trained by its own optimizer, a trainable scale a
+forward hook applies to a lower block's output) or another argument that requires grad.  The embeddings' output of a
+frozen embedding made to require grad (``enable_input_require_grads``, which Hugging Face's gradient checkpointing
+calls: a leaf that is no parameter, whatever GPT-2's position embeddings or DeepSpeed's hooks add to it) leads to
+nothing and is not followed.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class StreamConfig:
     recomputes: dict = field(default_factory=dict)
     #: ``"auto"``'s count for the forward that runs now, decided at its first block (so every block agrees)
     _auto_count: int | None = field(default=None, repr=False)
+    #: in the forward that runs now: the ids of the hidden states' nodes below the cut found to lead to a parameter
+    #: (their blocks run under autograd), where the next block's walk stops
+    followed_below_cut: set = field(default_factory=set, repr=False)
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
@@ -212,7 +217,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
-    if index < config.cut and not (needing_grad or hidden.grad_fn is not None):
+    if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden.grad_fn, config, index)):
         if config.recompute and not getattr(block, "_can_checkpoint_with_cache", False):
             for named in keywords:  # refused before a block below the cut writes it: the first recomputed one would
                 for name in _CACHE_ARGUMENTS:
@@ -259,6 +264,38 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
+
+
+def _leads_to_a_parameter(grad_fn, config: StreamConfig, index: int, limit: int = 10_000) -> bool:
+    """Whether the graph below a block's hidden states (``grad_fn``) reaches a leaf that is an ``nn.Parameter`` (a
+    trained projector, soft prompt, embedding or scale): only then must a block below the cut pass a gradient down.
+    A leaf that is not one (the embeddings' output made to require grad by ``enable_input_require_grads``, reached
+    through GPT-2's position embeddings, BERT's embedding norm or DeepSpeed's identity Functions) leads to nothing.
+    The walk stops at the hidden states of a lower block that was followed in this forward (from block 0 on: their
+    nodes are alive, so their ids are theirs), so each block walks its own graph once.  Past ``limit`` nodes: assume
+    it does (following costs time, never a wrong gradient)."""
+    if index == 0:
+        config.followed_below_cut.clear()
+    if grad_fn is None:
+        return False
+    seen, stack = set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if id(node) in config.followed_below_cut or len(seen) >= limit:
+            break
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            if isinstance(variable, nn.Parameter):
+                break
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    else:
+        return False
+    config.followed_below_cut.add(id(grad_fn))
+    return True
 
 
 def _refuse_a_filled_cache(cache: Any, name: str, index: int) -> None:

@@ -6,6 +6,7 @@ norm, the loss).  ``aot_eager`` runs the same aten ops as eager, so it must matc
 loss and the norms into its own kernels, which round differently in the last bits.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -150,3 +151,35 @@ def test_a_fused_linear_called_under_compile_breaks_the_graph_and_updates_as_in_
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert not torch.equal(results[0][1], weight)  # the update happened
+
+
+def test_under_compiled_autograd_a_fused_backward_runs_eagerly_and_updates_as_in_eager():
+    """Compiled autograd traces the backward with dynamo; a fused function's backward stops the trace where it asks
+    whether the backward accumulates (``plan.backward_accumulates`` raises under tracing) and runs eagerly, so every
+    step makes the eager engine's update (traced, the answer was fixed into the graph and no update was written)."""
+    from torch._dynamo import compiled_autograd
+
+    from bread_kernels import OnTheFlyUpdate, Role, WeightPlan
+    from bread_kernels.functions.linear import fused_linear
+    from bread_kernels.plan import begin_forward
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    weight0 = torch.randn(4, 4, generator=gen)
+    inputs = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        weight, plan = weight0.clone(), WeightPlan(Role.SGD, OnTheFlyUpdate(lr=0.1))
+        steps = []
+        for x in inputs:
+            before = weight.clone()
+            begin_forward()
+            loss = fused_linear(x.clone().requires_grad_(), weight, None, plan).square().sum()
+            with compiled_autograd._enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext():
+                loss.backward()
+            steps.append(weight - before)
+        results.append(steps)
+        assert not plan._pending and not plan._uses
+    for eager, compiled in zip(*results):
+        assert eager.abs().max() > 0
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

@@ -142,3 +142,25 @@ def test_only_a_backward_that_accumulates_releases_a_use():
     loss.backward()
     assert answers[2] is True and released[2] == ["g"]
     assert backward_accumulates()  # outside a backward: a caller handing contributions over itself
+
+
+def test_a_probe_before_the_full_backward_of_a_weight_used_twice_keeps_one_update_of_the_summed_gradient():
+    """``torch.autograd.grad(..., retain_graph=True)`` before ``backward()`` of the same graph: the probe finishes no
+    use, so the full backward still takes one SIGN step of the gradient summed over both uses (two steps of the
+    partial gradients, each written before the other use's dX, otherwise)."""
+    from bread_kernels.functions.linear import fused_linear
+
+    torch.manual_seed(0)
+    weight0, x, a = torch.randn(4, 4), torch.randn(3, 4), torch.randn(4, requires_grad=True)
+    reference = weight0.clone().requires_grad_()
+    ((torch.tanh((x * a.detach()) @ reference.t()) @ reference.t()) ** 2).sum().backward()
+    for probe in (False, True):
+        weight = weight0.clone()
+        plan = WeightPlan(Role.SIGN, OnTheFlyUpdate(lr=0.1))
+        begin_forward()
+        loss = (fused_linear(torch.tanh(fused_linear(x * a, weight, None, plan)), weight, None, plan) ** 2).sum()
+        if probe:
+            torch.autograd.grad(loss, [a], retain_graph=True)
+            assert torch.equal(weight, weight0)
+        loss.backward()
+        torch.testing.assert_close(weight, weight0 - 0.1 * reference.grad.sign(), rtol=0, atol=1e-7)

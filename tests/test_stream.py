@@ -999,3 +999,23 @@ def test_a_prefix_kv_cache_in_a_training_forward_is_refused_before_it_is_written
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_hf_gradient_checkpointing_under_badam_recomputes_no_block_below_the_cut(arch):
+    """``gradient_checkpointing_enable()`` (which ``Trainer(gradient_checkpointing=True)`` calls) makes the embeddings'
+    output a leaf that requires grad; GPT-2's position embeddings and BERT's embedding norm give the hidden states a
+    graph on top of it, which reaches no parameter: BAdam's backward still stops at the cut."""
+    model = BUILDERS[arch]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable()
+    model = bread_kernels.patch(model)
+    optimizer = _block_optimizer(model, switch_mode="descending")
+    stream = patched_state(model).stream
+    assert stream.cut == stream.n_blocks - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss_of(model, batch(0)).backward()
+    assert all(index >= stream.cut for index in stream.recomputes), stream.recomputes
+    optimizer.close()

@@ -21,17 +21,20 @@ __all__ = ["autocast_dtype", "outside_autocast"]
 
 _available: dict[str, bool] = {}  # per device type: asked once (every fused forward and backward asks)
 _NO_CONTEXT = contextlib.nullcontext()
-#: whether an autocast is enabled for any device type: one C call (torch's private query, which ``torch.nn.RNN``'s
-#: forward makes too; ``tests/functions/test_autocast.py`` fails if torch drops it), where the per-type query below
-#: costs every fused forward and backward ~3 µs of host time a call (``python -m bread_kernels.bench host``)
+#: whether an autocast is enabled for any of the device types it covers: one C call (torch's private query, which
+#: ``torch.nn.RNN``'s forward makes too), where the per-type query below costs every fused forward and backward ~3 µs
+#: of host time a call (``python -m bread_kernels.bench host``); ``tests/functions/test_autocast.py`` fails if torch
+#: drops it or changes which types it covers
 _any_autocast_enabled = torch._C._is_any_autocast_enabled
+#: the autocast device types the query does not cover (torch 2.13), asked by type
+_NOT_COVERED = frozenset({"mps", "maia"})
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype an enabled ``torch.autocast`` for ``device``'s type computes GEMMs in, or None when it is off."""
-    if not _any_autocast_enabled():
-        return None
     kind = device.type
+    if kind not in _NOT_COVERED and not _any_autocast_enabled():
+        return None
     available = _available.get(kind)
     if available is None:
         available = _available[kind] = torch.amp.is_autocast_available(kind)

@@ -95,7 +95,7 @@ from ..update import update_linear_grad_, update_linear_tiles_
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
-__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
+__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal", "head_dtype_refusal",
            "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes", "unfused_loss_bytes",
            "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized",
            "loss_bytes_beside_kept", "MAX_DW_BLOCKS_BESIDE_KEPT"]
@@ -345,6 +345,19 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
         check_plan_for_weight("fused_head_loss", plan, weight, "the head")
 
 
+def head_dtype_refusal(weight: torch.Tensor) -> str | None:
+    """Why the fused head+loss cannot compute a head in its compute dtype as the model's own loss does (None: it
+    can).  float16 (an fp16 head, or fp16 autocast): the fused loss computes the gradients of the loss in the forward,
+    and a loss scaler's factor reaches them only in the backward; the model's own loss casts the already scaled
+    gradient to fp16, so its small entries survive, where the fused loss's underflow (and a factor of 65,520 or more
+    overflows fp16 at once).  bf16 has fp32's range."""
+    if _compute_dtype(weight) is torch.float16:
+        return ("the head computes in float16 (an fp16 head, or fp16 autocast), where the fused loss's gradients, "
+                "computed before a loss scaler's factor is applied, underflow fp16 (or overflow it at a scale of "
+                "65,520 or more)")
+    return None
+
+
 def head_plan_refusal(plan: WeightPlan | None) -> str | None:
     """Why the fused head+loss cannot carry out the head's ``plan`` (None: it can)."""
     if plan is None:
@@ -432,7 +445,8 @@ class FusedHeadLossFunction(torch.autograd.Function):
             grad_hidden = grad_hidden if needs_dh else None
             grad_weight = grad_weight if want_dw else None
             grad_bias = grad_bias if want_db else None
-            ctx.grad_scale, lse_all = inv_count, None
+            # 1/n, or 0 where no token counts (n = 0): the sums' gradients are exactly 0 then, as F.cross_entropy's
+            ctx.grad_scale, lse_all = torch.where(inv_count.isinf(), 0.0, inv_count), None
         else:
             total, grad_hidden, grad_weight, grad_bias, lse_all = _chunk_loop(
                 hidden, weight_c, bias_c, targets, inv_count, softcap, chunk, needs_dh, want_dw, want_db, tiled)

@@ -191,6 +191,22 @@ def test_soft_capping_reaches_liger_and_its_results_serve_every_role(triton_back
         assert liger_loop_in_torch[0]["softcap"] == softcap
 
 
+@pytest.mark.parametrize("role", [Role.ACTIVE, Role.SGD], ids=["active", "sgd"])
+def test_an_all_ignored_batch_through_liger_gives_zero_gradients(triton_backend, liger_calls, role):
+    """No scored token: Liger's sums and their gradients are 0, and so are the fused loss's (not 0·(1/0) = nan, which
+    an optimizer would write into the weights); the loss is nan, as F.cross_entropy's mean is."""
+    hidden, weight, _, targets = make(False)
+    targets = torch.full_like(targets, -100)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(role is Role.ACTIVE)
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=LR) if role.updates_on_the_fly else None)
+    loss = fused_head_loss(h, w, None, targets, plan)
+    (GAMMA * loss).backward()
+    assert liger_calls and torch.isnan(loss)
+    assert torch.equal(h.grad, torch.zeros_like(h))
+    assert torch.equal(w.grad, torch.zeros_like(w)) if role is Role.ACTIVE else torch.equal(w, weight)
+
+
 def test_tiled_on_the_fly_head_runs_its_own_loop(triton_backend, liger_calls):
     """Where dW does not fit, the vocabulary tiles need the per-token logsumexp: this library's loop serves."""
     hidden, weight, _, targets = make(False)

@@ -460,6 +460,25 @@ def test_embedding_is_untouched_by_autocast(role):
         torch.testing.assert_close(weight, reference.weight.detach())
 
 
+_AUTOCAST_TYPES = ["cpu", "cuda", "xpu", "hpu", "xla", "ipu", "mtia", "maia", "mps", "privateuseone"]
+
+
+@pytest.mark.parametrize("device_type", [t for t in _AUTOCAST_TYPES if torch.amp.is_autocast_available(t)])
+def test_torch_any_autocast_query_covers_every_type_but_the_ones_asked_by_type(device_type):
+    """``autocast_dtype`` trusts torch's one-call query for every autocast device type but :data:`_NOT_COVERED`:
+    this fails if torch changes which types the query covers."""
+    from bread_kernels.functions import autocast as module
+
+    enabled = torch.is_autocast_enabled(device_type)
+    torch.set_autocast_enabled(device_type, True)
+    try:
+        assert torch._C._is_any_autocast_enabled() is (device_type not in module._NOT_COVERED), device_type
+        assert module.autocast_dtype(torch.device(device_type)) is torch.get_autocast_dtype(device_type)
+    finally:
+        torch.set_autocast_enabled(device_type, enabled)
+    assert module.autocast_dtype(torch.device(device_type)) is None
+
+
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_autocast_dtype_follows_torch_through_its_any_autocast_query(device_type):
     """``autocast_dtype`` answers None at once where torch's private ``_is_any_autocast_enabled`` says no autocast is

@@ -10,6 +10,7 @@ Gemma2's forward does it), or the unpatched model's ``loss`` and ``.grad``; upda
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -417,6 +418,31 @@ def test_by_default_the_fused_loss_is_used_where_it_can_be():
     assert model(input_ids=ids, labels=ids).logits is not None, "a head plan it cannot carry out: the own forward"
     bread_kernels.patch(model, fused_loss=True)
     with pytest.raises(ValueError, match="role LORA.*patch\\(model, fused_loss=False\\)"):
+        model(input_ids=ids, labels=ids)
+
+
+@pytest.mark.parametrize("how", ["fp16-autocast", "fp16-model"])
+def test_a_head_computed_in_float16_keeps_the_models_own_loss(how):
+    """fp16 (``Trainer(fp16=True)``'s autocast, or an fp16 head): a loss scaler's factor would reach the fused loss's
+    gradients only after they were computed in fp16, which loses small ones (and overflows at a scale of 65,520 or
+    more), so by default the model's own head and loss run — the scaled gradient is the unpatched model's — and
+    ``fused_loss=True`` refuses naming the remedy."""
+    original = models.llama(layers=2)
+    if how == "fp16-model":
+        original = original.half()
+    context = (lambda: torch.autocast("cpu", dtype=torch.float16)) if how == "fp16-autocast" else contextlib.nullcontext
+    ids = models.batch(0)
+    results = []
+    for model in (copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original))):
+        with context():
+            out = model(input_ids=ids, labels=ids)
+        (out.loss * 2.0 ** 16).backward()
+        assert out.logits is not None
+        results.append(model.model.embed_tokens.weight.grad)
+    assert results[0].isfinite().all() and results[1].isfinite().all()
+    close(results[1].float(), results[0].float(), "the embedding's scaled gradient", rtol=1e-2, atol=1e-2)
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    with context(), pytest.raises(ValueError, match="float16.*fused_loss=False"):
         model(input_ids=ids, labels=ids)
 
 
