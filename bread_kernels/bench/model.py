@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -425,10 +426,13 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
                   "rows": []}
         bar = _progress(len(variants) * len(positions), progress)
         failures = result["failures"] = []
+        from .report import print_table, write_outputs, write_partial
+
         for variant in variants:
             base = lora_base if variant in LORA_VARIANTS else plain
             for active in positions:
                 bar.set_description(f"{variant} @ block {active}")
+                _free_the_last_case(device)
                 try:
                     row = _measure(base, variant, active, ids, recompute, repeats, throughput,
                                    lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile, keep_top)
@@ -436,10 +440,11 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
                     failures.append({"variant": variant, "position": active, "error": str(exc)})
                 else:
                     result["rows"].append(asdict(row))
+                if result["rows"]:
+                    write_partial({**result, "summary": summarize(result["rows"])}, out_dir)
                 bar.update()
         bar.close()
     result["summary"] = summarize(result["rows"])
-    from .report import print_table, write_outputs
 
     if result["rows"]:
         print_table(result, print_fn)
@@ -449,6 +454,15 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             f" ({len(result['rows'])} other cases verified and timed: {result['files']['json']})"
             if result["rows"] else ""))
     return result
+
+
+def _free_the_last_case(device: torch.device) -> None:
+    """Collect the last case's models and optimizers now (their hooks and plans refer to each other, so a cycle
+    collection frees them, which Python would run at a time of its own), so that each case is measured, and fits,
+    without its predecessors' weights and optimizer state (a GPU model's are several GiB a case)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_rank, verify_lr, profile=False,

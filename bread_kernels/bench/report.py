@@ -61,6 +61,16 @@ def output_stem(result: dict) -> str:
     return f"bench_model_{result['device_type']}_{result['dtype']}"
 
 
+def write_partial(result: dict, out_dir) -> str:
+    """The JSON of the cases measured so far (``"partial": true``), written after each case: a run stopped by a
+    time limit (a lent GPU's) still leaves them.  :func:`write_outputs` writes over it at the end."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = (out / output_stem(result)).with_suffix(".json")
+    path.write_text(json.dumps({**result, "partial": True}, indent=2))
+    return str(path)
+
+
 def write_outputs(result: dict, out_dir) -> dict:
     """``<out_dir>/bench_model_<device>_<dtype>.json`` and ``.png`` (time and memory per variant, engine beside
     both references); returns their paths."""

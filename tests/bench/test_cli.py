@@ -123,3 +123,26 @@ def test_keep_top_reaches_the_engine_and_the_json(tmp_path, monkeypatch):
     assert 0 in seen and result["keep_top"] == 0 and result["rows"][0]["verified"]
     assert json.loads((tmp_path / "bench_model_cpu_float32.json").read_text())["keep_top"] == 0
     assert "keep_top=0" in lines[0]
+
+
+def test_a_run_stopped_after_a_case_leaves_that_case_in_its_json(tmp_path, monkeypatch):
+    """A lent GPU's time limit may stop the run: each case measured is in the JSON (marked partial) as soon as it is
+    timed, and the models of the last case are collected before the next one is built."""
+    measure, cases = model_bench._measure, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        if cases:
+            raise KeyboardInterrupt  # what a timeout's SIGINT raises
+        cases.append(args[1])
+        return measure(*args, **kwargs)
+
+    collected = []
+    monkeypatch.setattr(model_bench, "_measure", stopped_at_the_second)
+    monkeypatch.setattr(model_bench.gc, "collect", lambda: collected.append(len(cases)))
+    with pytest.raises(KeyboardInterrupt):
+        model_bench.run(variants=("BAdam", "BREAD-SGD"), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
+                        out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
+                        intermediate=40, heads=2, vocab=61)
+    written = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert written["partial"] is True and [r["variant"] for r in written["rows"]] == ["BAdam"]
+    assert list(written["summary"]) == ["BAdam"] and collected == [0, 1]
