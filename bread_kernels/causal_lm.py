@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import types
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +45,7 @@ from torch import nn
 
 from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss, head_dtype_refusal,
                                   head_plan_refusal, loss_bytes_beside_kept, unfused_loss_bytes)
+from .installed_forward import install_forward
 from .plan import PLAN_ATTR
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
@@ -128,7 +128,7 @@ def install(model: nn.Module, required: bool = True, stream=None) -> nn.Module:
         # the original's signature (functools.wraps): Trainer keeps only the batch columns the forward names
         forward = functools.wraps(type(lm).forward)(lambda self, *args, **kwargs: _fused_loss_forward(self, *args,
                                                                                                        **kwargs))
-        lm.forward = types.MethodType(forward, lm)
+        install_forward(lm, forward)
     return lm
 
 

@@ -58,7 +58,7 @@ import os
 import types
 import warnings
 import weakref
-from typing import Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,7 @@ from .functions.lora import fused_lora_linear
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
+from .installed_forward import NOT_PICKLED, install_forward
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
@@ -151,9 +152,7 @@ class PatchedModel:
         return duplicate
 
     def __getstate__(self):
-        raise TypeError("bread_kernels: a patched model does not pickle whole (its engine state holds its model and "
-                        "optimizer weakly); save model.state_dict() or save_pretrained(), or "
-                        "bread_kernels.unpatch(model) first")
+        raise TypeError(NOT_PICKLED)
 
     def updates_in_hook(self, module: nn.Module) -> bool:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
@@ -515,7 +514,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
             forward = _lora_forward
         else:
             forward = _conv1d_forward if Conv1D is not None and isinstance(module, Conv1D) else _linear_forward
-        module.forward = types.MethodType(forward, module)
+        install_forward(module, forward)
         state.fused_modules.append((name, module))
         if index is not None:
             state.block_of_linear[id(module)] = index
@@ -523,21 +522,24 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     for name, module in experts:
         setattr(module, EXPERT_PLANS_ATTR, dict.fromkeys(EXPERT_WEIGHTS))
         module._bread_name = name
-        module.forward = types.MethodType(_experts_forward, module)
+        install_forward(module, _experts_forward)
         state.fused_experts.append((name, module))
 
     if embedding is not None and fusable_embedding(embedding) and id(embedding.weight) not in state.shared_weights:
         setattr(embedding, PLAN_ATTR, None)
         embedding._bread_name = next(n for n, m in model.named_modules() if m is embedding)
-        embedding.forward = types.MethodType(_embedding_forward, embedding)
+        install_forward(embedding, _embedding_forward)
         state.fused_modules.append((embedding._bread_name, embedding))
 
     for index, block in enumerate(blocks):
         if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
             block.gradient_checkpointing = False
             block.__dict__[CHECKPOINTING_TURNED_OFF] = True
-        setattr(block, _BLOCK_ATTR, (block.forward, state.stream, index))
-        block.forward = types.MethodType(_streamed_forward, block)
+        own = block.forward
+        if getattr(own, "__self__", None) is block:  # the class's forward: kept unbound (a bound one is a cycle)
+            own = _Unbound(own.__func__)
+        setattr(block, _BLOCK_ATTR, (own, state.stream, index))
+        install_forward(block, _streamed_forward)
     _set_fused_loss(model, fused_loss, state)
     _set_fused_elementwise(model, fused_elementwise, state)
     state.forward_hook = model.register_forward_pre_hook(_begin_forward_hook)
@@ -562,7 +564,16 @@ def _streamed_forward(self, *args, **kwargs):
     function's defaults in a ``WeakKeyDictionary`` keyed by the function, where a default that reaches the block
     would keep the model alive for good."""
     original, config, index = self.__dict__[_BLOCK_ATTR]
+    if type(original) is _Unbound:
+        original = types.MethodType(original.function, self)
     return streamed_block_forward(self, original, config, index, *args, **kwargs)
+
+
+class _Unbound(NamedTuple):
+    """A block's own forward before patch, kept as its function: bound to the block, from the block's own
+    ``__dict__``, it would make a reference cycle (the model then freed only by the cycle collector)."""
+
+    function: Callable
 
 
 def _begin_forward_hook(module, args) -> None:
@@ -604,7 +615,7 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
         forward = _rms_norm_forward if fusable_rms_norm(module) else \
             _swiglu_mlp_forward if fusable_swiglu_mlp(module) else None
         if forward is not None:
-            module.forward = types.MethodType(forward, module)
+            install_forward(module, forward)
             state.fused_elementwise.append((name, module))
         elif not kernelized and uses_rotary_embedding(module) and install_fused_rotary(module):
             state.fused_elementwise.append((name, module))

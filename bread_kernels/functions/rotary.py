@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import types
 import weakref
 
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 
 from ..backends import get_backend
 from ..backends.rotary import rotated
+from ..installed_forward import install_forward
 from ..rounding import FLOAT_DTYPES
 from .probe import REFUSALS
 
@@ -235,7 +235,7 @@ def install_fused_rotary(module: nn.Module) -> bool:
         dispatch.probed = probed
     dispatch.users += 1
     _releases[module] = weakref.finalize(module, _release, namespace, dispatch)
-    module.forward = types.MethodType(_marked_forward, module)
+    install_forward(module, _marked_forward)
     return True
 
 

@@ -1,0 +1,59 @@
+"""The forwards ``patch`` installs on a model's modules, bound to their module weakly.
+
+An instance attribute ``module.forward = types.MethodType(fn, module)`` holds its module strongly from the module's
+own ``__dict__``: a reference cycle per patched module, so a dropped patched model was freed only when Python's cycle
+collector ran — at a time of its choosing, so ``del model; torch.cuda.empty_cache()`` kept a GPU model's weights.
+:func:`install_forward` installs an :class:`InstalledForward` instead: called, it calls ``fn(module, ...)``; it reads
+as a bound method where libraries look (``__func__``, ``__self__``: accelerate rebinds ``forward.__func__`` under
+its autocast; ``inspect.signature``: the Trainer keeps the batch columns the forward names), and a deep copy of the
+module gets one bound to the copy, as a bound method's deep copy is.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+import weakref
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["InstalledForward", "install_forward", "NOT_PICKLED"]
+
+#: why a patched model (its engine state, its modules' installed forwards) refuses pickling
+NOT_PICKLED = ("bread_kernels: a patched model does not pickle whole (its engine state holds its model and optimizer "
+               "weakly); save model.state_dict() or save_pretrained(), or bread_kernels.unpatch(model) first")
+
+
+class InstalledForward:
+    """``fn`` bound to ``module`` weakly (see the module docstring)."""
+
+    __slots__ = ("__func__", "_module", "__signature__", "__weakref__")
+
+    def __init__(self, fn: Callable, module: nn.Module):
+        self.__func__ = fn
+        self._module = weakref.ref(module)
+        self.__signature__ = inspect.signature(types.MethodType(fn, module))
+
+    @property
+    def __self__(self) -> nn.Module:
+        return self._module()
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self._module(), *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "InstalledForward":
+        return InstalledForward(self.__func__, copy.deepcopy(self._module(), memo))
+
+    def __reduce__(self):
+        raise TypeError(NOT_PICKLED)
+
+    def __repr__(self) -> str:
+        module = self._module()
+        return f"<installed forward {getattr(self.__func__, '__qualname__', self.__func__)} of {type(module).__name__}>"
+
+
+def install_forward(module: nn.Module, fn: Callable) -> None:
+    """``module.forward`` becomes ``fn(module, ...)``, bound weakly (removed by ``module.__dict__.pop("forward")``)."""
+    module.forward = InstalledForward(fn, module)
