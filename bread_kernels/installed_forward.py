@@ -41,7 +41,13 @@ class InstalledForward:
         return self._module()
 
     def __call__(self, *args, **kwargs):
-        return self.__func__(self._module(), *args, **kwargs)
+        module = self._module()
+        if module is None:
+            raise RuntimeError(
+                "bread_kernels: this forward's module was freed: a patched module's forward holds its module weakly "
+                "(so a dropped model is freed at once); keep a reference to the model (or the module) while calling "
+                "its forward")
+        return self.__func__(module, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> "InstalledForward":
         return InstalledForward(self.__func__, copy.deepcopy(self._module(), memo))

@@ -394,3 +394,18 @@ def test_a_dropped_patched_model_and_its_optimizer_are_freed_without_the_cycle_c
         assert not [r() for r in alive if r() is not None][:3]
     finally:
         gc.enable()
+
+
+def test_a_patched_modules_forward_held_alone_says_its_module_was_freed_and_a_module_held_alone_still_runs():
+    """An installed forward holds its module weakly: called after its model was dropped it raises naming the remedy
+    (not a NoneType error); a block or a linear held by the caller runs its patched forward as before."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    linear = model.model.layers[0].mlp.down_proj
+    forward = model.model.layers[1].mlp.down_proj.forward
+    x = torch.randn(3, linear.in_features)
+    expected = torch.nn.functional.linear(x, linear.weight)
+    del model
+    gc.collect()
+    torch.testing.assert_close(linear(x), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="module was freed.*keep a reference"):
+        forward(x)
