@@ -49,6 +49,13 @@ class InstalledForward:
                 "its forward")
         return self.__func__(module, *args, **kwargs)
 
+    def __getattr__(self, name: str):
+        """What a bound method reads through to its function: ``__code__`` (``torch.export`` reads the forward's),
+        ``__name__``, ``__qualname__``, ``__wrapped__``, ``__defaults__``."""
+        if name == "__func__":  # not set yet (an object under construction): no recursion
+            raise AttributeError(name)
+        return getattr(self.__func__, name)
+
     def __deepcopy__(self, memo: dict) -> "InstalledForward":
         return InstalledForward(self.__func__, copy.deepcopy(self._module(), memo))
 

@@ -557,6 +557,7 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     return {pid for pid, n in owners.items() if n > 1}
 
 
+@torch.compiler.disable  # a graph break under torch.compile, where the stream's own (disabled) forward is one anyway
 def _streamed_forward(self, *args, **kwargs):
     """A block's forward under the stream.  What it needs (the block's own forward, the stream, its index) is an
     attribute of the block, not a closure's or a keyword default's: ``copy.deepcopy`` maps an attribute to the copy's

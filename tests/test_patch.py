@@ -409,3 +409,16 @@ def test_a_patched_modules_forward_held_alone_says_its_module_was_freed_and_a_mo
     torch.testing.assert_close(linear(x), expected, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="module was freed.*keep a reference"):
         forward(x)
+
+
+def test_torch_export_reads_a_patched_modules_forward_as_a_bound_methods():
+    """``torch.export`` (non-strict) reads ``module.forward.__code__``; an installed forward reads through to its
+    function as a bound method does, so a patched module exports as it did."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    linear = model.model.layers[0].mlp.down_proj
+    forward = linear.forward
+    assert forward.__code__ is forward.__func__.__code__ and forward.__name__ == forward.__func__.__name__
+    x = torch.randn(3, linear.in_features)
+    with torch.no_grad():
+        exported = torch.export.export(linear, (x,), strict=False)
+    torch.testing.assert_close(exported.module()(x), torch.nn.functional.linear(x, linear.weight), rtol=0, atol=0)
