@@ -77,7 +77,7 @@ from .installed_forward import NOT_PICKLED, install_forward
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
-from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward
+from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
            "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default"]
@@ -532,9 +532,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         state.fused_modules.append((embedding._bread_name, embedding))
 
     for index, block in enumerate(blocks):
-        if getattr(block, "gradient_checkpointing", False):  # HF's own checkpointing: ours replaces it
-            block.gradient_checkpointing = False
-            block.__dict__[CHECKPOINTING_TURNED_OFF] = True
+        turn_off_hf_checkpointing(block)  # HF's own checkpointing: ours replaces it
         own = block.forward
         if getattr(own, "__self__", None) is block:  # the class's forward: kept unbound (a bound one is a cycle)
             own = _Unbound(own.__func__)
@@ -578,7 +576,8 @@ class _Unbound(NamedTuple):
 
 
 def _begin_forward_hook(module, args) -> None:
-    """The patched model's forward pre-hook (a module-level function: a patched model pickles)."""
+    """The patched model's forward pre-hook (a module-level function: no closure holds the model or copies along
+    with it)."""
     begin_forward()
 
 

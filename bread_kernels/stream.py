@@ -59,7 +59,7 @@ from .functions.rebuild import rebuilding_outputs
 from .functions.recompute import Recomputing
 from .plan import PLAN_ATTR
 
-__all__ = ["StreamConfig", "streamed_block_forward", "CHECKPOINTING_TURNED_OFF"]
+__all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF"]
 
 #: on a block whose HF ``gradient_checkpointing`` was turned off — by ``patch``, or by the stream where it was enabled
 #: after ``patch`` — so that ``unpatch`` turns it back on
@@ -206,9 +206,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     """The forward installed on each block by :func:`bread_kernels.patch`."""
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
-    if getattr(block, "gradient_checkpointing", False):
-        block.gradient_checkpointing = False  # HF's checkpointing was enabled after patch(): ours replaces it
-        block.__dict__[CHECKPOINTING_TURNED_OFF] = True  # unpatch turns it back on
+    if turn_off_hf_checkpointing(block):  # enabled after patch(): ours replaces it
         warnings.warn("bread_kernels: the model's gradient checkpointing is replaced by the streaming backward's own "
                       "recompute; turned the layers' gradient_checkpointing flag off", RuntimeWarning, stacklevel=2)
     hidden_name, arguments, keywords, call = _block_call(original, args, kwargs)
@@ -219,10 +217,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
     if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden.grad_fn, config, index)):
         if config.recompute and not getattr(block, "_can_checkpoint_with_cache", False):
-            for named in keywords:  # refused before a block below the cut writes it: the first recomputed one would
-                for name in _CACHE_ARGUMENTS:
-                    if named.get(name) is not None:
-                        _refuse_a_filled_cache(named[name], name, index)
+            _refuse_filled_caches(keywords, index)  # before a block below the cut writes it: a recomputed one would
         with torch.no_grad():
             return original(*args, **kwargs)
     if not config.recompute:
@@ -237,11 +232,12 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     # a recomputed block must not write a KV cache a second time (what HF's own checkpointing does too); layers
     # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it
     keeps_cache = getattr(block, "_can_checkpoint_with_cache", False)
+    if not keeps_cache:
+        _refuse_filled_caches(keywords, index)
     for named in keywords:  # the arguments by name, and a **kwargs catch-all's
         if not keeps_cache:
             for name in _CACHE_ARGUMENTS:
                 if named.get(name) is not None:
-                    _refuse_a_filled_cache(named[name], name, index)
                     named[name] = None
         if named.get("use_cache"):
             named["use_cache"] = False
@@ -298,18 +294,32 @@ def _leads_to_a_parameter(grad_fn, config: StreamConfig, index: int, limit: int 
     return True
 
 
-def _refuse_a_filled_cache(cache: Any, name: str, index: int) -> None:
+def turn_off_hf_checkpointing(block: nn.Module) -> bool:
+    """Turn off a block's Hugging Face ``gradient_checkpointing`` (the stream's recompute replaces it), marking the
+    block so that ``unpatch`` turns it back on; whether it was on."""
+    if not getattr(block, "gradient_checkpointing", False):
+        return False
+    block.gradient_checkpointing = False
+    block.__dict__[CHECKPOINTING_TURNED_OFF] = True
+    return True
+
+
+def _refuse_filled_caches(keywords: list[dict], index: int) -> None:
     """A recomputed block runs without the KV cache (the recompute would write it a second time), which is right for
     the empty cache a model makes for itself with ``use_cache``; one that holds a prefix's keys and values must be
-    read, so it is refused with the remedy (its attention would fail on the prefix's length, or miss the prefix)."""
-    length = getattr(cache, "get_seq_length", None)
-    held = length(index) if callable(length) else 0  # this layer's: lower blocks may have written theirs already
-    if held > 0:
-        raise ValueError(
-            f"bread_kernels: a KV cache holding {held} tokens reached block {index} as {name!r} in a training "
-            "forward, but a recomputed block runs without the cache (its recompute would write it again), as Hugging "
-            "Face's gradient checkpointing drops it. Patch with recompute=False to train on a prefix's cache, or "
-            "pass the prefix with the input instead")
+    read, so it is refused with the remedy (its attention would fail on the prefix's length, or miss the prefix).
+    ``keywords``: the block's arguments by name (and a ``**kwargs`` catch-all's)."""
+    for named in keywords:
+        for name in _CACHE_ARGUMENTS:
+            cache = named.get(name)
+            length = getattr(cache, "get_seq_length", None)
+            held = length(index) if callable(length) else 0  # this layer's: lower blocks may have written theirs
+            if held > 0:
+                raise ValueError(
+                    f"bread_kernels: a KV cache holding {held} tokens reached block {index} as {name!r} in a "
+                    "training forward, but a recomputed block runs without the cache (its recompute would write it "
+                    "again), as Hugging Face's gradient checkpointing drops it. Patch with recompute=False to train "
+                    "on a prefix's cache, or pass the prefix with the input instead")
 
 
 def _saved_tensor_hooks_active() -> bool:

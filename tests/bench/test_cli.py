@@ -136,9 +136,14 @@ def test_a_run_stopped_after_a_case_leaves_that_case_in_its_json(tmp_path, monke
         cases.append(args[1])
         return measure(*args, **kwargs)
 
-    collected = []
+    collected, free = [], model_bench._free_the_last_case
+
+    def recorded_free(device):
+        collected.append(len(cases))
+        free(device)
+
     monkeypatch.setattr(model_bench, "_measure", stopped_at_the_second)
-    monkeypatch.setattr(model_bench.gc, "collect", lambda: collected.append(len(cases)))
+    monkeypatch.setattr(model_bench, "_free_the_last_case", recorded_free)
     with pytest.raises(KeyboardInterrupt):
         model_bench.run(variants=("BAdam", "BREAD-SGD"), positions=(1,), batch=1, seq=8, repeats=1, device="cpu",
                         out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
