@@ -53,6 +53,7 @@ recompute, and its backward: ~110 µs a step on a CPU) costs more than the dW it
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import os
 import types
@@ -70,6 +71,7 @@ from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, experts_layout_problem, fused_experts
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
+from .functions.recompute import is_recomputing, replayed
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
@@ -301,6 +303,17 @@ def _plain_linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+def _adapter_choice(module) -> tuple[str | None, tuple[bool, bool] | None]:
+    """A LoRA layer's trained adapter (:func:`~bread_kernels.peft_lora.trained_adapter`) and whether its A and B
+    require grad, as its forward found them (a recompute replays them)."""
+    adapter = trained_adapter(module, module._bread_name)
+    return adapter, (_adapter_trains(module, adapter) if adapter is not None else None)
+
+
+def _adapter_trains(module, adapter: str) -> tuple[bool, bool]:
+    return module.lora_A[adapter].weight.requires_grad, module.lora_B[adapter].weight.requires_grad
+
+
 def _embedding_forward(self, ids):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
@@ -312,9 +325,18 @@ def _lora_forward(self, x, *args, **kwargs):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own
-    adapter = trained_adapter(self, self._bread_name)  # refuses what the backward cannot do, before it runs
-    if not torch.is_grad_enabled():  # evaluation, and blocks below the cut
+    if not torch.is_grad_enabled():  # evaluation, and blocks below the cut: peft's own, whatever it serves
         return type(self).forward(self, x, *args, **kwargs)
+    if self.disable_adapters and self.merged:
+        self.unmerge()  # as peft's forward does: the base layer alone, without the merged adapters
+    # refuses what the backward cannot do, before it runs; a recompute takes the forward's choice
+    adapter, trains = replayed(functools.partial(_adapter_choice, self))
+    if adapter is not None and is_recomputing() and trains != _adapter_trains(self, adapter):
+        raise RuntimeError(
+            f"bread_kernels: LoRA layer {self._bread_name}'s adapter {adapter!r} was switched between this block's "
+            "forward and its backward (set_adapter() before the backward changes which adapters require grad), "
+            "so the block's recompute cannot rebuild what its forward saved. Call backward() before switching "
+            "adapters, or patch(model, recompute=False) to keep every block's activations instead")
     if args or kwargs:
         raise TypeError(
             f"bread_kernels: the patched LoRA layer {self._bread_name} was called with extra arguments "

@@ -61,7 +61,9 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def trained_adapter(module: nn.Module, name: str) -> str | None:
-    """The one active adapter of the peft LoRA layer ``name``, or None when the adapters do not contribute."""
+    """The one active adapter of the peft LoRA layer ``name``, or None when the adapters do not contribute.  An
+    adapter the fused function does not compute (:func:`_refuse_variant`; one added after ``patch`` with
+    ``add_adapter``/``load_adapter``) is refused here, at every training forward."""
     if module.disable_adapters or module.merged:
         return None
     active = [a for a in module.active_adapters if a in module.lora_A]
@@ -71,26 +73,35 @@ def trained_adapter(module: nn.Module, name: str) -> str | None:
             "backward trains one adapter per layer. Activate one with model.set_adapter(name), or merge the others "
             "into the base weights first"
         )
-    return active[0] if active else None
+    if not active:
+        return None
+    _refuse_variant("bread_kernels", name, module, active[0])
+    return active[0]
 
 
 def check_lora_layer(name: str, module: nn.Module) -> None:
     """Refuse, at patch time, the peft LoRA configurations the fused function does not compute."""
     for adapter in module.lora_A:
-        if adapter in getattr(module, "lora_variant", {}):
-            raise NotImplementedError(
-                f"patch: LoRA layer {name} uses the peft variant {type(module.lora_variant[adapter]).__name__} "
-                f"(adapter {adapter!r}: DoRA, aLoRA, ...); bread_kernels fuses plain LoRA only. Use a LoraConfig "
-                "without use_dora and the other variant options, or train this model without patch()"
-            )
-        if module.lora_B[adapter].bias is not None:
-            raise NotImplementedError(
-                f"patch: LoRA layer {name} has a bias on lora_B (adapter {adapter!r}, LoraConfig(lora_bias=True)), "
-                "which the fused backward does not train; use lora_bias=False"
-            )
+        _refuse_variant("patch", name, module, adapter)
     base = module.get_base_layer()
     if not (type(base) is nn.Linear or (Conv1D is not None and isinstance(base, Conv1D))):
         raise NotImplementedError(
             f"patch: LoRA layer {name} wraps a {type(base).__name__}; the fused backward supports LoRA over nn.Linear "
             "and Conv1D (quantized base layers are not supported)"
+        )
+
+
+def _refuse_variant(who: str, name: str, module: nn.Module, adapter: str) -> None:
+    """Refuse an adapter the fused LoRA function does not compute: a peft variant (DoRA's magnitude, aLoRA, ...) or
+    a bias on ``lora_B``, which it would silently leave out."""
+    if adapter in getattr(module, "lora_variant", {}):
+        raise NotImplementedError(
+            f"{who}: LoRA layer {name} uses the peft variant {type(module.lora_variant[adapter]).__name__} "
+            f"(adapter {adapter!r}: DoRA, aLoRA, ...); bread_kernels fuses plain LoRA only. Use a LoraConfig "
+            "without use_dora and the other variant options, or train this model without patch()"
+        )
+    if module.lora_B[adapter].bias is not None:
+        raise NotImplementedError(
+            f"{who}: LoRA layer {name} has a bias on lora_B (adapter {adapter!r}, LoraConfig(lora_bias=True)), "
+            "which the fused backward does not train; use lora_bias=False"
         )

@@ -56,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .functions.experts import EXPERT_PLANS_ATTR
 from .functions.rebuild import rebuilding_outputs
-from .functions.recompute import Recomputing
+from .functions.recompute import ForwardRecord, Recomputing
 from .plan import PLAN_ATTR
 
 __all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF"]
@@ -242,12 +242,15 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         if named.get("use_cache"):
             named["use_cache"] = False
 
+    record = ForwardRecord()
+
     def run(h):
         # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
         # recomputed input (and its .grad) from living on after the block's backward
         arguments[hidden_name] = h
         try:
-            return call()
+            with record.scope():  # the recompute replays the forward's adapter choices
+                return call()
         finally:
             arguments[hidden_name] = None
 

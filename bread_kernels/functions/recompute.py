@@ -30,7 +30,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["Recomputing", "is_recomputing", "register_recompute_scope", "deferred_output", "apply_deferring_output",
-           "ThreadFlag"]
+           "ThreadFlag", "ForwardRecord", "replayed"]
 
 
 class ThreadFlag(threading.local):
@@ -84,6 +84,54 @@ class Recomputing:
 
 def is_recomputing() -> bool:
     return _state.active
+
+
+class _CurrentRecord(threading.local):
+    record = None  # the ForwardRecord of the streamed block whose forward (or recompute) runs in this thread
+
+
+_current = _CurrentRecord()
+
+
+class ForwardRecord:
+    """What a streamed block's forward decided from state that may change before its recompute runs — peft's
+    active adapter of each LoRA layer, which ``set_adapter`` or ``disable_adapter()`` between a forward and its
+    backward changes — in call order: recorded in the forward, replayed by every recompute (as the checkpoint
+    replays the RNG state), so the recompute computes what the forward did.  One per block forward; the stream
+    runs the block inside :meth:`scope`."""
+
+    __slots__ = ("values", "position")
+
+    def __init__(self):
+        self.values: list = []
+        self.position: int | None = None  # None while recording
+
+    @contextlib.contextmanager
+    def scope(self):
+        outer, _current.record = _current.record, self
+        self.position = 0 if is_recomputing() else None
+        try:
+            yield self
+        finally:
+            _current.record = outer
+
+
+def replayed(decide: Callable[[], object]) -> object:
+    """``decide()`` in a block's forward (recorded), the value it gave then in the block's recompute, and plain
+    ``decide()`` outside a streamed block."""
+    record = _current.record
+    if record is None:
+        return decide()
+    if record.position is None:
+        value = decide()
+        record.values.append(value)
+        return value
+    if record.position >= len(record.values):
+        raise RuntimeError("bread_kernels: a block's recompute made more adapter choices than its forward did; the "
+                           "model's structure changed between the forward and the backward")
+    value = record.values[record.position]
+    record.position += 1
+    return value
 
 
 def deferred_output(deferred: list, like: torch.Tensor, shape, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

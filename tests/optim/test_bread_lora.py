@@ -178,6 +178,102 @@ def test_two_active_adapters_are_refused_in_training():
     models.loss_of(model, models.batches(1)[0]).backward()
 
 
+def test_an_adapter_added_after_patch_that_the_fused_function_does_not_compute_is_refused_in_training():
+    """A DoRA or lora_bias adapter added to a patched model (add_adapter, load_adapter) was computed as plain LoRA."""
+    for variant, match in ((dict(use_dora=True), "DoRA"), (dict(lora_bias=True), "lora_bias=True")):
+        model = _patched_lora_llama()
+        model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj"], **variant))
+        model.base_model.set_adapter("second")
+        _opt = _optimizer(model, lora_mode="all")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(NotImplementedError, match=match):
+            models.loss_of(model, models.batches(1)[0])
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        with torch.no_grad():  # evaluation is peft's own forward
+            reference = models.loss_of(bread_kernels.unpatch(copy.deepcopy(model)), models.batches(1)[0])
+            assert torch.equal(models.loss_of(model, models.batches(1)[0]), reference)
+
+
+def _two_losses_one_backward(model, opt, second, steps=3):
+    """Per step: a loss with the default adapter, a second loss with ``second`` ("b" through set_adapter, or None
+    for the base model through disable_adapter()), one backward of their sum; the adapters' gradients."""
+    grads = []
+    for step, ids in enumerate(models.batches(2 * steps)[::2]):
+        other = models.batches(2 * steps)[2 * step + 1]
+        model.base_model.set_adapter("default")
+        loss = models.loss_of(model, ids)
+        if second is None:
+            with model.disable_adapter():
+                loss = loss + models.loss_of(model, other)
+        else:
+            model.base_model.set_adapter(second)
+            loss = loss + models.loss_of(model, other)
+            model.base_model.set_adapter("default")
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    return grads
+
+
+def _two_adapter_model():
+    model = models.with_lora(models.llama(layers=3), r=4)
+    model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".b." in name and "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.train()
+
+
+def test_a_recompute_replays_the_adapter_choice_of_its_forward():
+    """A loss computed inside disable_adapter() and backpropagated after it: the recompute ran the blocks with the
+    adapters back on (a CheckpointError); set_adapter() between two forwards of one backward recomputed with the
+    adapter of the backward's time (wrong gradients, silently) and is refused now, naming recompute=False, which
+    trains it as peft's autograd does."""
+    base = _two_adapter_model()
+    for second, patch_options in ((None, {}), (None, {"keep_top": 0}), ("b", {"recompute": False})):
+        reference = copy.deepcopy(base)
+        expected = _two_losses_one_backward(reference, _optimizer(reference, lora_mode="all", switch_block_every=1),
+                                            second)
+        model = bread_kernels.patch(copy.deepcopy(base), **patch_options)
+        got = _two_losses_one_backward(model, _optimizer(model, lora_mode="all", switch_block_every=1), second)
+        for want, have in zip(expected, got):
+            assert want.keys() == have.keys()
+            for name in want:
+                torch.testing.assert_close(have[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    model = bread_kernels.patch(copy.deepcopy(base))
+    with pytest.raises(RuntimeError, match="switched between this block's forward and its backward.*recompute=False"):
+        _two_losses_one_backward(model, _optimizer(model, lora_mode="all", switch_block_every=1), "b", steps=1)
+
+
+def test_a_merged_adapter_disabled_in_training_gives_the_base_model():
+    """peft unmerges a merged adapter when the adapters are disabled; the patched forward used the merged W."""
+    model = _patched_lora_llama()
+    _opt = _optimizer(model, lora_mode="all")
+    ids = models.batches(1)[0]
+    reference = bread_kernels.unpatch(copy.deepcopy(model))
+    with reference.disable_adapter():
+        expected = models.loss_of(reference, ids)
+    model.base_model.merge_adapter()
+    with model.disable_adapter():
+        loss = models.loss_of(model, ids)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_two_active_adapters_evaluate_as_peft_does():
+    model = models.with_lora(models.llama())
+    model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    with torch.no_grad():
+        expected = models.loss_of(model, models.batches(1)[0])
+    model = bread_kernels.patch(model)
+    _opt = _optimizer(model, lora_mode="all")
+    with torch.no_grad():
+        torch.testing.assert_close(models.loss_of(model, models.batches(1)[0]), expected)
+
+
 def test_state_dict_resumes_a_bread_run_exactly():
     """Adapters carry Adam state across switches; a resumed run must carry it too."""
     def train(model, opt, steps, start):
