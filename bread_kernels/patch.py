@@ -485,6 +485,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     _check_parameter_dtypes(model)
     state = patched_state(model)
     if state is not None:
+        if state.model_ref() is not model:  # a wrapper's attributes read through to the model it wraps
+            _refuse_unfused_layers_of_wrapper(model, state)
         if blocks is not None and blocks is not state.blocks:
             raise ValueError("patch: this model is already patched with another block stack; unpatch it first")
         keep_top = _check_keep_top(keep_top, len(state.blocks))
@@ -686,6 +688,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = patched_state(model)
     if state is None:
         return model
+    model = state.model_ref() or model  # a wrapper of the patched model (peft's) unpatches the model it wraps
     driver = state.driver
     if driver is not None:  # its plans and hooks belong to the wrappers removed here
         state.drive(None)  # first: a driver whose close() unpatches the model (accelerate's) finds it undriven
@@ -706,6 +709,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
     return model
+
+
+def _refuse_unfused_layers_of_wrapper(wrapper: nn.Module, state: PatchedModel) -> None:
+    """``patch`` of a wrapper (peft's ``get_peft_model``) around a model patched before it was wrapped: the LoRA
+    layers the wrapper put in are not fused, and patching again would leave them so."""
+    fused = {id(module) for _, module in state.fused_modules}
+    unfused = [name for name, module in wrapper.named_modules() if is_lora_layer(module) and id(module) not in fused]
+    if unfused:
+        raise ValueError(f"patch: this model wraps a model patched before it was wrapped (peft.get_peft_model after "
+                         f"patch), and its {len(unfused)} LoRA layers ({unfused[0]}, ...) are not fused; call "
+                         "bread_kernels.unpatch(model), then patch(model)")
 
 
 def set_cut(model: nn.Module, cut: int) -> None:

@@ -422,3 +422,24 @@ def test_torch_export_reads_a_patched_modules_forward_as_a_bound_methods():
     with torch.no_grad():
         exported = torch.export.export(linear, (x,), strict=False)
     torch.testing.assert_close(exported.module()(x), torch.nn.functional.linear(x, linear.weight), rtol=0, atol=0)
+
+
+def test_a_model_patched_before_peft_wrapped_it_is_unpatched_through_the_wrapper_and_patched_again():
+    """patch(base), get_peft_model(base): the wrapper reads the inner model's patch state through (peft's
+    __getattr__); unpatch(wrapper) failed half-way (the forwards gone, the state and registration left), and
+    patch(wrapper) returned at once with the LoRA layers unfused."""
+    base = bread_kernels.patch(models.llama())
+    wrapper = models.with_lora(base, r=4)
+    with pytest.raises(ValueError, match="patched before it was wrapped.*unpatch"):
+        bread_kernels.patch(wrapper)
+    assert bread_kernels.unpatch(wrapper) is base
+    assert patched_state(base) is None and base not in patched_models()
+    assert all("forward" not in module.__dict__ for module in base.modules())
+    reference = copy.deepcopy(wrapper)
+    bread_kernels.patch(wrapper)
+    ids = batch(0)
+    torch.testing.assert_close(loss_of(wrapper, ids), loss_of(reference, ids))
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), list(wrapper.named_parameters()),
+                                       lora_mode="all", verbose=0)
+    loss_of(wrapper, ids).backward()
+    opt.step()

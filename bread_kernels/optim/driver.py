@@ -429,7 +429,7 @@ def check_parameters_of(model: nn.Module, named, what: str) -> None:
         if own[id(p)] != name:
             raise ValueError(f"{what}: parameter named {name!r} is {own[id(p)]!r} in the {type(model).__name__}; "
                              "pass list(model.named_parameters()) of that model (a model patched before a wrapper "
-                             "such as peft.get_peft_model: unpatch it, wrap it, then patch the wrapper)")
+                             "such as peft.get_peft_model: bread_kernels.unpatch(wrapper), then patch(wrapper))")
 
 
 def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Parameter]]:
