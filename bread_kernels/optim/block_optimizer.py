@@ -337,6 +337,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             "masters": self.masters.state_dict(),
             "update_draws": self.update.draws,
             "lr": [g["lr"] for g in self.param_groups],
+            # what keep_top="auto" measured for these plans: a resumed run keeps (and chunks its loss) as this one
+            "kept_block_bytes": dict(self.engine.stream.block_bytes) if self.engine is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -350,6 +352,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         for group, lr in zip(self.param_groups, state_dict.get("lr", [])):
             group["lr"] = lr
         self._activate(self.order.current)
+        if self.engine is not None:  # after the new plans, which start it afresh
+            self.engine.stream.block_bytes.update(state_dict.get("kept_block_bytes", {}))
         self.masters.load_state_dict(state_dict["masters"])
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
 

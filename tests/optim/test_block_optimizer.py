@@ -408,3 +408,45 @@ def test_a_gradient_probe_with_autograd_grad_moves_no_weight(patch, sign):
     probed, plain = run(True), run(False)
     for name in plain:
         assert torch.equal(probed[name], plain[name]), name
+
+
+def test_a_resumed_run_keeps_the_blocks_the_run_it_resumes_kept():
+    """keep_top="auto" keeps an unmeasured top block in the first forward after new plans, and none once measured
+    where the loss's budget is small; the fused loss chunks (and rounds the bf16 head's dW) by what is kept.  A
+    resumed run started unmeasured: 11-26 tensors differed from the uninterrupted run (bf16 BREAD-SGD)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
+
+    def build():
+        model = bread_kernels.patch(copy.deepcopy(base))
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                                           list(model.named_parameters()), switch_block_every=4, sgd_mode="all",
+                                           verbose=0)
+        return model, opt
+
+    def steps(model, opt, start, stop):
+        kept = []
+        for step in range(start, stop):
+            ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            kept.append(patched_state(model).stream.kept)
+            opt.step()
+            opt.zero_grad()
+        return kept
+
+    model, opt = build()
+    assert steps(model, opt, 0, 3) == [1, 0, 0]  # the case: the first step after new plans keeps another count
+    interrupted, opt2 = build()
+    steps(interrupted, opt2, 0, 1)
+    saved = copy.deepcopy({"model": interrupted.state_dict(), "opt": opt2.state_dict()})
+    resumed, opt3 = build()
+    resumed.load_state_dict(saved["model"])
+    opt3.load_state_dict(saved["opt"])
+    assert steps(resumed, opt3, 1, 3) == [0, 0]
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
