@@ -342,10 +342,28 @@ class BlockOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict`.  A state that does not fit this optimizer (saved with other blocks:
+        ``include_embedding``, ``include_lm_head``, ``n_layer_per_block``; another base optimizer) is refused with
+        nothing changed."""
         self._check_open("load_state_dict")
         for key in ("base_optimizer", "order", "global_step", "block_step", "masters"):
             if key not in state_dict:
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")
+        order = state_dict["order"]
+        saved_blocks = [order.get("current", -1), *order.get("pending", [])]
+        if not all(isinstance(i, int) and 0 <= i < self.block_num for i in saved_blocks):
+            raise ValueError(f"BlockOptimizer.load_state_dict: the saved run's block order {saved_blocks} does not fit "
+                             f"this optimizer's {self.block_num} blocks; build it with the saved run's "
+                             "include_embedding, include_lm_head and n_layer_per_block")
+        previous = self.state_dict()
+        try:
+            self._load(state_dict)
+        except Exception as exc:
+            self._load(previous)  # as it was: no half-loaded optimizer
+            raise ValueError(f"BlockOptimizer.load_state_dict: the saved state does not fit this optimizer ({exc}); "
+                             "nothing was changed. Build it as the saved run's was (blocks, base optimizer)") from exc
+
+    def _load(self, state_dict: dict) -> None:
         self.order.load_state_dict(state_dict["order"])
         self.global_step, self.block_step = state_dict["global_step"], state_dict["block_step"]
         self.update.draws = state_dict.get("update_draws", 0)

@@ -450,3 +450,30 @@ def test_a_resumed_run_keeps_the_blocks_the_run_it_resumes_kept():
     assert steps(resumed, opt3, 1, 3) == [0, 0]
     for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_state_saved_with_other_blocks_is_refused_with_nothing_changed():
+    """An IndexError from deep inside, and an optimizer left half-loaded (its order outside its blocks, the saved
+    counters, no base state), when the resumed run forgot include_embedding / n_layer_per_block."""
+    def run(**kwargs):
+        model = bread_kernels.patch(BUILDERS["llama"]())
+        return model, make(model, switch_block_every=2, **kwargs)
+
+    model, opt = run(include_embedding=True, include_lm_head=True)
+    train(model, opt, 3)
+    saved_with_more_blocks = opt.state_dict()
+    model, opt = run(n_layer_per_block=2)
+    train(model, opt, 3)
+    saved_with_pairs = opt.state_dict()
+    for saved, kwargs, match in ((saved_with_more_blocks, {}, "block order .* does not fit"),
+                                 (saved_with_pairs, {"include_embedding": True}, "does not fit this optimizer")):
+        model, opt = run(**kwargs)
+        train(model, opt, 1)
+        before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(saved)
+        after = opt.state_dict()
+        assert after["order"] == before["order"] and after["global_step"] == before["global_step"] == 1
+        assert after["block_step"] == before["block_step"]
+        assert str(after["base_optimizer"]) == str(before["base_optimizer"])
+        train(model, opt, 1, start=1)  # and it trains on
