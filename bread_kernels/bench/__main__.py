@@ -9,6 +9,8 @@ host time of one fused linear backward and forward on tiny shapes (µs per call,
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -63,6 +65,15 @@ def main(argv=None):
     if args.repeats is not None and args.repeats < 1:
         _fail(f"--repeats must be at least 1, got {args.repeats}")
     dtype = DTYPES[args.dtype] if args.dtype else None
+    _check_sizes(args)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        _fail(f"--device {args.device!r}: {str(exc).splitlines()[0]}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if args.suite == "model":
+        _check_out(args.out)
     keep_top = args.keep_top.strip().lower()
     if keep_top != "auto":
         if not keep_top.isdigit():
@@ -91,10 +102,43 @@ def main(argv=None):
         model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats,
                   args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, profile=args.profile,
                   keep_top=keep_top, **shape)
+    except KeyboardInterrupt:
+        print(f"bread-bench: interrupted; the cases measured so far are in the JSON under {args.out!r} "
+              '(marked "partial": true)', file=sys.stderr)
+        sys.exit(130)
     except model.VerificationError as exc:
         _fail(f"verification failed, nothing was timed for the case: {exc}")
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _check_sizes(args) -> None:
+    """Sizes a run cannot take, refused before anything is built (0 was read as "the default")."""
+    for name in ("batch", "seq", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "lora_rank",
+                 "out_features", "in_features", "tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.layers is not None and args.layers < 2:
+        _fail(f"--layers must be at least 2 (the engine streams a stack of blocks), got {args.layers}")
+    heads = args.heads
+    if heads is not None and args.hidden is not None and args.hidden % heads:
+        _fail(f"--hidden {args.hidden} is not a multiple of --heads {heads}")
+    if args.kv_heads is not None and heads is not None and heads % args.kv_heads:
+        _fail(f"--heads {heads} is not a multiple of --kv-heads {args.kv_heads}")
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a directory this run can write, checked before minutes of measuring."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        _fail(f"--out {out!r} is a file; give a directory for the JSON and PNG")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        _fail(f"--out {out!r} cannot be written: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

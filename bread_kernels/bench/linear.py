@@ -104,7 +104,7 @@ def measure(case: LinearCase, update_only: LinearCase, repeats: int, warmup: int
     for c in (case, update_only):
         c.prepare()
         peaks.append(trace_allocations(c.backward, device).peak_bytes)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
     return Measurement(case.name, statistics.median(times), q[0], q[-1], *peaks, case.dw_bytes)
 
 

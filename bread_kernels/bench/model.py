@@ -298,7 +298,9 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
     results, grads, roles = {}, {}, None
     for name, model in (("engine", engine), ("reference", reference)):
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+            torch.manual_seed(0)  # the same dropout masks on both sides (GPT-2's config has dropout 0.1)
+            model(input_ids=ids, labels=ids).loss.backward()
         roles = roles or dict(opt.roles)
         grads[name] = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
                        if roles.get(n) is Role.ACTIVE}
@@ -355,7 +357,7 @@ def timed_alternately(sides, ids, repeats):
 
 
 def _quantiles(values):
-    q = statistics.quantiles(values, n=5) if len(values) >= 2 else [values[0]] * 4
+    q = statistics.quantiles(values, n=5, method="inclusive") if len(values) >= 2 else [values[0]] * 4
     return q[0], q[-1]
 
 
@@ -441,10 +443,10 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
                 else:
                     result["rows"].append(asdict(row))
                 if result["rows"]:
-                    write_partial({**result, "summary": summarize(result["rows"])}, out_dir)
+                    write_partial({**result, "summary": summarize(result["rows"], failures)}, out_dir)
                 bar.update()
         bar.close()
-    result["summary"] = summarize(result["rows"])
+    result["summary"] = summarize(result["rows"], failures)
 
     if result["rows"]:
         print_table(result, print_fn)
@@ -502,15 +504,17 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
                ideal_fraction=ideal / t[0], verified=True, profile=profiles)
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Per variant, the mean over positions of the ratios and the times."""
+def summarize(rows: list[dict], failures: list[dict] = ()) -> dict:
+    """Per variant, the mean over positions of the ratios and the times; ``verified`` only where no case of the
+    variant failed its verification (``failures``: those cases, which have no row)."""
+    failed = {f["variant"] for f in failures}
     summary = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         summary[variant] = {key: statistics.mean(r[key] for r in mine) for key in (
             "engine_ms", "reference_ms", "best_reference_ms", "time_ratio", "best_time_ratio", "engine_peak_mib",
             "reference_peak_mib", "best_reference_peak_mib", "memory_ratio", "best_memory_ratio", "ideal_fraction")}
-        summary[variant]["verified"] = all(r["verified"] for r in mine)
+        summary[variant]["verified"] = all(r["verified"] for r in mine) and variant not in failed
     return summary
 
 

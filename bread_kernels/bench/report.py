@@ -29,9 +29,13 @@ def print_table(result: dict, print_fn=print) -> None:
     """Per variant and position: times (median [20%-80%]), ratios to both references, FLOP ratio, peaks, distance
     to the ideal; then the per-variant means against the faster reference (the headline)."""
     print_fn(_header(result))
-    print_fn("ref: the reference as its users run it (HF checkpointing, input embeddings require grad); best: "
-             "configured as well as it can be (autograd stops at the lowest trainable block)")
-    print_fn(f"{'variant':<24}{'block':>6}{'engine ms':>20}{'ref ms':>9}{'best ms':>9}{'vs ref':>8}{'vs best':>9}"
+    if result.get("recompute", True):
+        print_fn("ref: the reference as its users run it (HF checkpointing, input embeddings require grad); best: "
+                 "configured as well as it can be (autograd stops at the lowest trainable block); 'vs fast' and 'mem': "
+                 "against the faster of the two")
+    else:
+        print_fn("ref = best: the reference without checkpointing (plain autograd and hooks)")
+    print_fn(f"{'variant':<24}{'block':>6}{'engine ms':>20}{'ref ms':>9}{'best ms':>9}{'vs ref':>8}{'vs fast':>9}"
              f"{'FLOPs':>7}{'eng MiB':>9}{'ref MiB':>9}{'best MiB':>9}{'mem':>7}{'ideal':>7}{'ok':>4}")
     for r in result["rows"]:
         spread = f"{r['engine_ms']:.0f} [{r['engine_q20_ms']:.0f}-{r['engine_q80_ms']:.0f}]"
@@ -55,6 +59,17 @@ def print_table(result: dict, print_fn=print) -> None:
     print_fn("mean over positions, against the faster reference: " + "; ".join(
         f"{v} {s['best_time_ratio']:.2f}x time, {s['best_memory_ratio']:.2f}x memory"
         for v, s in result["summary"].items()))
+    for line in _caveats(result):
+        print_fn(line)
+
+
+def _caveats(result: dict) -> list[str]:
+    """What a reader of the table must know about cases it lacks: verification failures (no row), a stopped run."""
+    lines = [f"FAILED verification, not timed: {f['variant']} at block {f['position']}: {f['error']}"
+             for f in result.get("failures", [])]
+    if result.get("partial"):
+        lines.append("PARTIAL: the run stopped before every case was measured")
+    return lines
 
 
 def output_stem(result: dict) -> str:
@@ -110,12 +125,15 @@ def plot(result: dict, path: str) -> None:
 def markdown_table(result: dict) -> str:
     """The README's table: per variant, the means over positions."""
     lines = [f"{_header(result)}.", "",
-             "| variant | engine ms | vs reference as run | vs best-configured reference | peak memory vs best | "
+             "| variant | engine ms | vs reference as run | vs the faster reference | peak memory vs the faster | "
              "fraction of ideal GEMM time | verified |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    failed = {f["variant"] for f in result.get("failures", [])}
     for variant, s in result["summary"].items():
+        verified = "yes" if s["verified"] and variant not in failed else "no"
         lines.append(f"| {variant} | {s['engine_ms']:.0f} | {s['time_ratio']:.2f}x | {s['best_time_ratio']:.2f}x | "
-                     f"{s['best_memory_ratio']:.2f}x | {s['ideal_fraction']:.0%} | {'yes' if s['verified'] else 'no'} |")
-    return "\n".join(lines)
+                     f"{s['best_memory_ratio']:.2f}x | {s['ideal_fraction']:.0%} | {verified} |")
+    caveats = _caveats(result)
+    return "\n".join(lines + ([""] + caveats if caveats else []))
 
 
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"

@@ -49,6 +49,12 @@ def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
     (["mystery"], "unknown suite 'mystery'; choose from model, linear, lora"),
     (["--keep-top", "some"], "--keep-top must be 'auto' or a number of top blocks, got 'some'"),
     (["--keep-top", "4"], "keep_top must be 'auto' or an int in [0, 3] (the number of top blocks that keep"),
+    (["--batch", "0"], "--batch must be at least 1, got 0"),  # was read as "the default"
+    (["--seq", "-4"], "--seq must be at least 1, got -4"),
+    (["--layers", "1"], "--layers must be at least 2"),
+    (["--hidden", "33"], "--hidden 33 is not a multiple of --heads 2"),
+    (["--kv-heads", "3", "--heads", "4", "--hidden", "32"], "--heads 4 is not a multiple of --kv-heads 3"),
+    (["--device", "foo"], "--device 'foo': "),
 ])
 def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
     base = RUN if "--model" in argv else TINY
@@ -103,6 +109,27 @@ def test_a_failed_case_is_not_timed_and_the_others_still_are(doubled_fused_step,
     assert [(r["variant"], r["verified"]) for r in written["rows"]] == [("BAdam", True)]
     assert [(f["variant"], f["position"]) for f in written["failures"]] == [("BREAD-SGD", 1)]
     assert list(written["summary"]) == ["BAdam"]
+    from bread_kernels.bench import report
+
+    lines = []
+    report.print_table(written, lines.append)
+    assert any(line.startswith("FAILED verification, not timed: BREAD-SGD at block 1") for line in lines)
+    assert "FAILED verification, not timed: BREAD-SGD at block 1" in report.markdown_table(written)
+
+
+def test_an_out_that_cannot_take_the_results_is_refused_before_anything_runs(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*TINY, "--out", str(afile)])
+    assert stop.value.code == 2 and "is a file; give a directory" in capsys.readouterr().err
+
+
+def test_the_spread_lies_within_the_measured_times():
+    """The 20-80 % spread of two repeats extrapolated past them (19 and 52 ms printed as [6-65])."""
+    assert model_bench._quantiles([19.0, 52.0]) == pytest.approx((25.6, 45.4))
+    low, high = model_bench._quantiles([5.0, 100.0])
+    assert 5.0 <= low <= high <= 100.0
 
 
 def test_keep_top_reaches_the_engine_and_the_json(tmp_path, monkeypatch):
@@ -151,3 +178,6 @@ def test_a_run_stopped_after_a_case_leaves_that_case_in_its_json(tmp_path, monke
     written = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert written["partial"] is True and [r["variant"] for r in written["rows"]] == ["BAdam"]
     assert list(written["summary"]) == ["BAdam"] and collected == [0, 1]
+    from bread_kernels.bench import report
+
+    assert "PARTIAL: the run stopped before every case was measured" in report.markdown_table(written)

@@ -59,3 +59,42 @@ def test_low_precision_adam_fails_when_the_gradients_differ_beyond_rounding():
     case, gradients = _adam_case(turn_index=0, gradient_error=0.2)
     with pytest.raises(VerificationError, match="worst tensor w"):
         compare_parameters(*case, lr=LR, what="adam", gradients=gradients)
+
+
+def _fp32_bias_case(turned: int, gradient_error: float = 1e-7):
+    """An fp32 Adam step of a 128-element bias whose gradient is ~Adam's eps in ``turned`` elements (a Qwen2
+    k_proj bias: ~3e-8), where a rounding difference of the gradient moves the step by up to lr."""
+    gen = torch.Generator().manual_seed(2)
+    g_ref = torch.randn(128, generator=gen, dtype=torch.float64)
+    g_ref[:turned] = 3e-8
+    g_eng = g_ref * (1 + gradient_error * torch.randn(128, generator=gen, dtype=torch.float64))
+    g_eng[:turned] = 1e-8
+    before = torch.randn(128, generator=gen, dtype=torch.float64)
+    step = lambda g: LR * g / (g.abs() + 1e-8)  # noqa: E731 - Adam's first step
+    ref, eng = (before - step(g_ref)).float(), (before - step(g_eng)).float()
+    return ({"b": eng}, {"b": ref}, {"b": before.float()}, {"b": Role.ACTIVE}), ({"b": g_eng.float()},
+                                                                                   {"b": g_ref.float()})
+
+
+def test_fp32_adam_may_move_elements_whose_gradient_is_near_eps_by_what_their_gradients_make_of_it():
+    """1% of a 128-element tensor is one element: the bench refused Qwen2 and GPT-2 whose gradients matched."""
+    case, gradients = _fp32_bias_case(turned=3)
+    compare_parameters(*case, lr=LR, what="bias", gradients=gradients)
+    with pytest.raises(VerificationError, match="worst tensor b"):  # without the gradients: the 1% rule
+        compare_parameters(*case, lr=LR, what="bias")
+    case, gradients = _fp32_bias_case(turned=3, gradient_error=1e-2)  # gradients that differ: refused
+    with pytest.raises(VerificationError, match="worst tensor b"):
+        compare_parameters(*case, lr=LR, what="bias", gradients=gradients)
+
+
+def test_the_bench_verifies_a_model_with_dropout():
+    """GPT-2's config has dropout 0.1: each side drew its own masks, and the verification failed."""
+    from bread_kernels import patch
+    from bread_kernels.bench.model import verify_step
+    from tests import model_zoo as models
+
+    base = models.gpt2(dropout=0.1).train()
+    ids = models.batch(0)
+    import copy
+
+    verify_step(patch(copy.deepcopy(base)).train(), copy.deepcopy(base).train(), "BAdam", 0, ids, lr=1e-3)
