@@ -49,6 +49,7 @@ import torch
 
 from ..backends import get_backend
 from ..optim import BlockOptimizer
+from ..peft_lora import Conv1D
 from ..patch import patch, patched_state, unpatch
 from ..plan import Role
 from .linear import device_name, synchronize
@@ -116,11 +117,22 @@ def load_model(spec: str, dtype: torch.dtype, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
-def with_lora(model, rank: int):
-    """``model`` wrapped by peft with rank-``rank`` LoRA on every linear of the blocks (peft's defaults otherwise)."""
+def lora_targets(model) -> list[str]:
+    """The names (last component) of the linears (``nn.Linear``, GPT-2's ``Conv1D``) that ``patch`` fuses in the
+    model's block stack: Llama's ``q_proj`` ... ``down_proj``, GPT-2's ``c_attn``, ``c_proj``, ``c_fc``; not a
+    router, whose weight the fused functions do not serve."""
+    state = patched_state(model)
+    blocks = {id(m) for block in state.blocks for m in block.modules()}
+    return sorted({name.rsplit(".", 1)[-1] for name, module in state.fused_modules
+                   if id(module) in blocks and module.weight.dim() == 2})
+
+
+def with_lora(model, rank: int, targets=LORA_TARGETS):
+    """``model`` wrapped by peft with rank-``rank`` LoRA on the linears named ``targets`` (peft's defaults
+    otherwise)."""
     import peft
 
-    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
 
 
 def _optimizer(model, variant, active, lr=LR, **extra):
@@ -176,7 +188,12 @@ def ideal_step_flops(engine, variant, active, tokens, seq, lora_rank=0) -> float
     lowest = 0 if sgd == "all" or lora_mode == "all" else active
     dense = [(m.in_features, m.out_features) for name, m in blocks[0].named_modules()
              if type(m) is torch.nn.Linear and "lora_" not in name]  # a LoRA layer's base layer, not its adapters
+    dense += [tuple(m.weight.shape) for m in blocks[0].modules() if Conv1D is not None and isinstance(m, Conv1D)]
     per_layer = sum(2 * tokens * k * nn for k, nn in dense)
+    # experts: each token through top_k of them, each a [k, n] product per 3-D weight [E, n, k]
+    top_k = getattr(getattr(engine, "config", None), "num_experts_per_tok", 1) or 1
+    per_layer += sum(2 * tokens * top_k * p.shape[1] * p.shape[2] for name, p in blocks[0].named_parameters()
+                     if p.dim() == 3 and "lora_" not in name)
     # LoRA adapters: v = gB, dB, dA and the s·vA term of dX: four rank-r GEMMs per linear
     lora = sum(2 * tokens * lora_rank * (2 * nn + 2 * k) for k, nn in dense) if lora_mode else 0
     hidden = engine.config.hidden_size if hasattr(engine, "config") else dense[0][0]
@@ -241,6 +258,8 @@ def extra_flop_formulas() -> dict:
 
     addmm = lambda self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]  # noqa: E731
     formulas = {aten.addmm_: addmm}
+    if hasattr(aten, "_grouped_mm"):  # transformers' MoE experts (its FLOPs uncounted: 3x the engine's per-expert mm)
+        formulas[aten._grouped_mm] = _grouped_mm_flops
     if hasattr(torch.ops.bread_kernels, "addmm_if_finite_"):  # its gated SGD update W += α·gᵀx (g [M, N], x [M, K])
         formulas[torch.ops.bread_kernels.addmm_if_finite_] = \
             lambda self, g, x, *args, out_shape=None, **kwargs: 2 * g[0] * g[1] * x[1]
@@ -250,6 +269,13 @@ def extra_flop_formulas() -> dict:
         if hasattr(aten, f"_scaled_dot_product_{kernel}_backward"):
             formulas[getattr(aten, f"_scaled_dot_product_{kernel}_backward")] = backward
     return formulas
+
+
+def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    """``aten._grouped_mm(a, b, offs)``: [M, K] rows split over the groups of [G, K, N] (the experts' forward and dX),
+    [K, M] × [M, N] split along M into [G, K, N] (their dW): 2·M·K·N; [G, M, K] × [G, K, N]: 2·G·M·K·N."""
+    rows = a[0] * a[1] if len(a) == 2 else a[0] * a[1] * a[2]
+    return 2 * rows * b[-1]
 
 
 def _runs_triton_gemms(variant, device) -> bool:
@@ -408,6 +434,7 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         # refuses a model without a block stack, or a keep_top it cannot take, with the reason, before any timing
         state = patched_state(patch(plain, keep_top=keep_top))
         n_blocks, hook_update_numel = len(state.blocks), state.hook_update_numel  # the latter: BREAD_HOOK_UPDATE_NUMEL
+        targets = lora_targets(plain)
         unpatch(plain)  # the copies below are patched (or not) on their own
         if positions is None:  # the second and the second-to-last block (and the middle one on a GPU)
             ends = {min(1, n_blocks - 1), max(0, n_blocks - 2)}
@@ -416,7 +443,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         bad = [p for p in positions if not 0 <= p < n_blocks]
         if bad:
             raise ValueError(f"position {bad[0]} is not a block index of this model's {n_blocks} blocks")
-        lora_base = with_lora(copy.deepcopy(plain), lora_rank) if set(variants) & set(LORA_VARIANTS) else None
+        lora_base = (with_lora(copy.deepcopy(plain), lora_rank, targets) if set(variants) & set(LORA_VARIANTS)
+                     else None)
         vocab = plain.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
         throughput = gemm_flops_per_second(dtype, device=device)

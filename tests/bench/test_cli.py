@@ -181,3 +181,16 @@ def test_a_run_stopped_after_a_case_leaves_that_case_in_its_json(tmp_path, monke
     from bread_kernels.bench import report
 
     assert "PARTIAL: the run stopped before every case was measured" in report.markdown_table(written)
+
+
+def test_the_lora_variants_run_on_a_model_that_is_not_a_llama(tmp_path):
+    """The LoRA targets were Llama's names: peft found none in GPT-2 ("Target modules ... not found")."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=2, n_positions=16, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    path = tmp_path / "gpt2.json"
+    path.write_text(config.to_json_string())
+    result = model_bench.run(str(path), ("BREAD-partial",), [1], 1, 8, torch.float32, 1, device="cpu",
+                             out_dir=tmp_path, progress=False, print_fn=lambda line: None)
+    assert [(r["variant"], r["verified"]) for r in result["rows"]] == [("BREAD-partial", True)]
