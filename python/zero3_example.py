@@ -85,6 +85,7 @@ def main():
 
     for step in range(args.steps):
         start, total = time.perf_counter(), 0.0
+        trained = opt.order.current  # the block this step trains (the step may switch to the next)
         for micro in range(args.gas):
             ids = batch(step, micro)
             loss = engine(input_ids=ids, labels=ids).loss
@@ -93,7 +94,7 @@ def main():
             total += loss.item() / args.gas
         if rank == 0:
             print(f"step {step}: loss {total:.4f}  ({time.perf_counter() - start:.2f} s, active block "
-                  f"{opt.order.current}, {engine.switches} switches)", flush=True)
+                  f"{trained}, {engine.switches} switches)", flush=True)
     engine.destroy()
     # the process groups must go while Python is alive: a gloo worker thread that drops a collective's tensors during
     # interpreter shutdown aborts the process ("terminate called without an active exception").  So the model (its

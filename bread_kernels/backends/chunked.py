@@ -59,7 +59,12 @@ def chunk_budget_bytes() -> int:
     """Extra bytes the update may use: ``BREAD_CHUNK_BYTES`` (default 16 MiB; see ``bench/results/chunk_bytes_cpu.txt``
     for the measurement behind it: below ~16 MiB per chunk BLAS loses speed on wide weights, above it nothing is
     gained).  The reference materialises every inactive weight's whole dW; this is the bound on ours."""
-    configured = int(os.environ.get("BREAD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    raw = os.environ.get("BREAD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+    try:
+        configured = int(raw)
+    except ValueError:
+        raise ValueError(f"BREAD_CHUNK_BYTES must be a positive whole number of bytes (e.g. 16777216), "
+                         f"got {raw!r}") from None
     if configured <= 0:
         raise ValueError(f"BREAD_CHUNK_BYTES must be a positive number of bytes, got {configured}")
     return configured

@@ -3,7 +3,8 @@
 The base optimizer steps the masters; the low-precision parameters receive the rounded result.  A master that
 stays trained across a block switch (a LoRA adapter with ``lora_mode="all"``) is kept, so is its optimizer state.
 A parameter written by someone else since its master was last rounded into it (``model.load_state_dict`` after the
-optimizer was built, an EMA copy-back, a re-initialisation) gives its master its values at the next step, so the
+optimizer was built, an EMA copy-back, a re-initialisation, ``vector_to_parameters``; not an in-place write into
+``p.data``, which torch does not count) gives its master its values at the next step, so the
 step starts from what the parameter holds, as an fp32 parameter's does; a write of the master's own rounding (a
 resume that loads the model after the optimizer) keeps the master's fp32 bits.
 """
@@ -21,7 +22,8 @@ class Fp32Masters:
 
     def __init__(self):
         self.entries: list[tuple[nn.Parameter, torch.Tensor, str]] = []
-        self._written: dict[int, int] = {}  # id(parameter) -> its version when its master last wrote it
+        # id(parameter) -> its version and storage when its master last wrote it
+        self._written: dict[int, tuple[int, int]] = {}
 
     def rebuild(self, trained: list[tuple[str, nn.Parameter, bool]]) -> list[torch.Tensor]:
         """The tensors the base optimizer steps for ``trained`` ``(name, parameter, keep)``: the parameter itself
@@ -36,7 +38,7 @@ class Fp32Masters:
                 kept = keep and name in old
                 target = old[name] if kept else p.detach().float().clone().requires_grad_(True)
                 self.entries.append((p, target, name))
-                self._written[id(p)] = written.get(id(p), p._version) if kept else p._version
+                self._written[id(p)] = written.get(id(p), _mark(p)) if kept else _mark(p)
             targets.append(target)
         return targets
 
@@ -51,18 +53,18 @@ class Fp32Masters:
 
     @torch.no_grad()
     def _take_outside_write(self, low: torch.Tensor, master: torch.Tensor) -> None:
-        if low._version == self._written.get(id(low)):
+        if _mark(low) == self._written.get(id(low)):
             return  # nobody wrote it: no comparison (and no host sync)
         if not torch.equal(low, master.to(low.dtype)):
             master.copy_(low)
-        self._written[id(low)] = low._version
+        self._written[id(low)] = _mark(low)
 
     @torch.no_grad()
     def masters_to_params(self) -> None:
         """Round the stepped masters into their parameters and drop the masters' gradients."""
         for low, master, _ in self.entries:
             low.copy_(master)
-            self._written[id(low)] = low._version
+            self._written[id(low)] = _mark(low)
             master.grad = None
 
     def zero_grad(self) -> None:
@@ -80,3 +82,10 @@ class Fp32Masters:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _mark(p: torch.Tensor) -> tuple[int, int]:
+    """What changes when a parameter is written: its version (an in-place write: ``p.copy_`` under ``no_grad``,
+    ``load_state_dict``) and its storage (``p.data = ...``: ``vector_to_parameters``).  A write into ``p.data`` in
+    place changes neither, and is not seen."""
+    return p._version, p.data_ptr()

@@ -73,10 +73,11 @@ def test_extra_memory_follows_the_configured_chunk(monkeypatch, chunk_bytes):
         assert trace.peak_bytes <= chunk_bytes + slack, f"{name}: peak {trace.peak_bytes} B for a {chunk_bytes} B chunk"
 
 
-def test_bad_chunk_size_is_refused(monkeypatch):
-    monkeypatch.setenv("BREAD_CHUNK_BYTES", "0")
+@pytest.mark.parametrize("value", ["0", "1e8"])
+def test_bad_chunk_size_is_refused(monkeypatch, value):
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", value)
     monkeypatch.setenv("BREAD_BACKEND", "torch")  # a chunked backend that serves every device
-    with pytest.raises(ValueError, match="BREAD_CHUNK_BYTES must be a positive"):
+    with pytest.raises(ValueError, match="BREAD_CHUNK_BYTES must be a positive"):  # 1e8: was int()'s bare message
         backward_trace(torch.float32, Role.SIGN)
 
 

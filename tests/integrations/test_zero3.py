@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -220,3 +221,5 @@ def test_example_runs_under_the_deepspeed_launcher():
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert "step 2: loss" in output and "2 switches" in output, output[-3000:]
+    # descending from the top block, switching after every step: the block each step trained (it printed the next)
+    assert [int(m) for m in re.findall(r"step \d+: loss .*active block (\d+)", output)] == [1, 0, 1], output[-3000:]

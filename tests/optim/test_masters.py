@@ -52,3 +52,15 @@ def test_a_parameter_written_from_outside_gives_its_master_its_values_and_its_ow
     masters.masters_to_params()
     masters.grads_to_masters()  # nothing written since: the master stays
     assert torch.equal(master, torch.tensor([5.0, 6.0, 7.0]))
+
+
+def test_a_parameter_whose_storage_is_replaced_gives_its_master_its_values():
+    """``p.data = ...`` (torch.nn.utils.vector_to_parameters) bumps no version: the stale master rounded back over
+    the write at the next step."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16))
+    masters = Fp32Masters()
+    (master,) = masters.rebuild([("w", p, False)])
+    masters.masters_to_params()
+    torch.nn.utils.vector_to_parameters(torch.tensor([5.0, 6.0, 7.0], dtype=torch.bfloat16), [p])
+    masters.grads_to_masters()
+    assert torch.equal(master, torch.tensor([5.0, 6.0, 7.0]))
