@@ -197,7 +197,7 @@ def parse(argv):
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=int, default=10, help="linear lr warm-up steps")
     parser.add_argument("--switch-every", type=int, default=20, help="BlockOptimizer's switch_block_every")
-    parser.add_argument("--switch-mode", default="descending")
+    parser.add_argument("--switch-mode", default="descending", choices=["descending", "ascending", "random"])
     parser.add_argument("--sgd-lr-scaling", type=float, default=1.0)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (bread, bread-partial, lora)")
     parser.add_argument("--seed", type=int, default=0)

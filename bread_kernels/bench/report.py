@@ -156,8 +156,14 @@ def main(argv=None) -> None:
     parser.add_argument("results", nargs="+", help="bench_model_*.json files")
     parser.add_argument("--readme", help="write the tables between this file's bench-table markers")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    tables = "\n\n".join(markdown_table(json.loads(Path(f).read_text())) +
-                          f"\n\n(`{Path(f).as_posix()}`)" for f in args.results)
+    results = []
+    for f in args.results:
+        try:
+            results.append(json.loads(Path(f).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"report: {f}: {exc}; give a bench_model_*.json the model suite wrote") from None
+    tables = "\n\n".join(markdown_table(result) + f"\n\n(`{Path(f).as_posix()}`)"
+                          for f, result in zip(args.results, results))
     if args.readme:
         write_into_readme(tables, Path(args.readme))
     print(tables)

@@ -194,3 +194,10 @@ def test_the_lora_variants_run_on_a_model_that_is_not_a_llama(tmp_path):
     result = model_bench.run(str(path), ("BREAD-partial",), [1], 1, 8, torch.float32, 1, device="cpu",
                              out_dir=tmp_path, progress=False, print_fn=lambda line: None)
     assert [(r["variant"], r["verified"]) for r in result["rows"]] == [("BREAD-partial", True)]
+
+
+def test_the_report_of_a_missing_json_is_a_one_line_error(tmp_path):
+    from bread_kernels.bench import report
+
+    with pytest.raises(SystemExit, match="missing.json: .*give a bench_model_\\*.json the model suite wrote"):
+        report.main([str(tmp_path / "missing.json")])
