@@ -375,8 +375,9 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **k
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError(f"bread_kernels: the experts module {self._bread_name} is expert-parallel; the "
                                   "fused experts hold every expert on one process (train without expert parallelism)")
+    grouped = getattr(getattr(self, "config", None), "_experts_implementation", None) == "grouped_mm"
     return fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
-                         tuple(plans[attr] for attr in EXPERT_WEIGHTS), experts_gate(self))
+                         tuple(plans[attr] for attr in EXPERT_WEIGHTS), experts_gate(self), autocast_casts=not grouped)
 
 
 def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:

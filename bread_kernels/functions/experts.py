@@ -39,7 +39,8 @@ one update for its summed per-expert gradient after its last use's backward (the
 
 transformers' ``grouped_mm`` and ``batched_mm`` implementations compute the same maths with the GEMMs grouped
 or batched and the top-k outputs summed per token: equal to fp32 rounding (with k = 2 the per-token sum is the
-same two-term sum, so only the GEMMs' blocking differs).  The patched module runs this function whatever the
+same two-term sum, so only the GEMMs' blocking differs) — outside autocast; under it ``grouped_mm`` computes in the
+weights' dtype (below: ``autocast_casts=False``).  The patched module runs this function whatever the
 config selects; an unplanned module (no optimizer yet) keeps transformers' own forward.
 
 Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) the eager forward's two ``F.linear`` per expert
@@ -188,7 +189,8 @@ class FusedExpertsFunction(torch.autograd.Function):
     GEMMs work on its row range of the slot buffers."""
 
     @staticmethod
-    def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate, plans, trigger):
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate, plans, trigger,
+                autocast_casts=True):
         ctx.gate, ctx.plans = gate, plans
         ctx.roles = tuple(plan.role if plan is not None else None for plan in plans)
         ctx.uses = tuple(plan.register_use(ctx) if plan is not None and plan.role.updates_on_the_fly
@@ -196,15 +198,17 @@ class FusedExpertsFunction(torch.autograd.Function):
         token, position, counts = _routing(top_k_index, gate_up_proj.shape[0])
         ctx.counts = counts
         autocast = ctx.autocast = autocast_dtype(hidden_states.device)
-        dtype = ctx.compute_dtype = autocast or hidden_states.dtype
+        dtype = ctx.compute_dtype = (autocast if autocast_casts else gate_up_proj.dtype) or hidden_states.dtype
         x = hidden_states[token].to(dtype)  # [S, H]
         gate_up_out = x.new_empty(token.numel(), gate_up_proj.shape[1])  # uₑ, slot order
-        for e, start, stop in _spans(counts):
-            gate_up_out[start:stop] = F.linear(x[start:stop], gate_up_proj[e].to(dtype))
+        with outside_autocast(hidden_states.device):  # the GEMMs in ``dtype``: their operands are cast already
+            for e, start, stop in _spans(counts):
+                gate_up_out[start:stop] = F.linear(x[start:stop], gate_up_proj[e].to(dtype))
         activated = gate(gate_up_out).to(dtype)  # aₑ (under autocast: cast for the GEMM, as F.linear's)
         down_out = x.new_empty(token.numel(), down_proj.shape[1])  # oₑ
-        for e, start, stop in _spans(counts):
-            down_out[start:stop] = F.linear(activated[start:stop], down_proj[e].to(dtype))
+        with outside_autocast(hidden_states.device):
+            for e, start, stop in _spans(counts):
+                down_out[start:stop] = F.linear(activated[start:stop], down_proj[e].to(dtype))
         final = torch.zeros_like(hidden_states)
         final.index_add_(0, token, (down_out * top_k_weights[token, position, None]).to(final.dtype))
         ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, token, position, gate_up_out,
@@ -280,7 +284,7 @@ def _experts_backward(ctx, grad_output):
                     merged.setdefault(e, []).append(pair)
             if merged:
                 update_experts_(plan, role, weight, merged)
-    return grad_x, None, grad_r, grads[0], grads[1], None, None, None
+    return grad_x, None, grad_r, grads[0], grads[1], None, None, None, None
 
 
 def _autocast_of(ctx, device: torch.device):
@@ -303,9 +307,12 @@ def _weight_gradient(mode, grad, pairs, e, g, x) -> None:
 def fused_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   plans: tuple[WeightPlan | None, WeightPlan | None],
-                  gate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                  gate: Callable[[torch.Tensor], torch.Tensor], autocast_casts: bool = True) -> torch.Tensor:
     """The experts' output [T, H] whose backward follows ``plans`` (one per weight: gate_up_proj, down_proj; None
-    is plain autograd for that weight).  ``gate`` maps [n, 2I] to [n, I] (:func:`experts_gate`)."""
+    is plain autograd for that weight).  ``gate`` maps [n, 2I] to [n, I] (:func:`experts_gate`).
+    ``autocast_casts``: whether ``torch.autocast`` casts the GEMMs (the eager and ``batched_mm`` implementations);
+    False computes them in the weights' dtype under autocast too, as transformers' ``grouped_mm`` does (``torch``'s
+    grouped GEMM is not autocast-enabled, so it casts the input to the weights' dtype)."""
     plans = tuple(plans)
     if len(plans) != 2:
         raise ValueError(f"fused_experts: plans must be (gate_up_proj's, down_proj's), got {len(plans)} entries")
@@ -314,4 +321,4 @@ def fused_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_
     if torch.is_grad_enabled() and any(plan is not None and plan.role.updates_on_the_fly for plan in plans):
         trigger = backward_trigger()  # the backward runs, and knows whether it accumulates (see trigger_for)
     return FusedExpertsFunction.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate,
-                                      plans, trigger)
+                                      plans, trigger, autocast_casts)

@@ -375,6 +375,43 @@ def test_experts_match_transformers_under_autocast(weight_dtype, roles):
     assert torch.equal(module.gate_up_proj[E - 1], reference.gate_up_proj[E - 1].detach())  # no token: untouched
 
 
+@pytest.mark.parametrize("active", [0, 1])
+def test_grouped_mm_experts_compute_in_the_weights_dtype_under_autocast_as_transformers_does(active):
+    """transformers' default experts implementation (grouped_mm) is not autocast-enabled: it casts the input to the
+    weights' dtype, so an fp32 model's experts run in fp32 under autocast.  The fused experts ran them in bf16 (the
+    eager rule): the experts' dW off by 5e-3, the loss by 4e-5, by which block was active."""
+    import transformers
+
+    import bread_kernels
+
+    def model():
+        config = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=44, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+                                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(config).train()
+
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for patched in (False, True):
+        m = model()
+        assert m.config._experts_implementation == "grouped_mm"
+        if patched:
+            bread_kernels.patch(m)
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), list(m.named_parameters()),
+                                           switch_mode="fixed", start_block=active, verbose=0)
+        with torch.autocast("cpu", dtype=BF16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), m.model.layers[active].mlp.experts.down_proj.grad.clone()))
+        opt.close()
+    (loss_ref, grad_ref), (loss, grad) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
+
+
 # -- fused head + loss ------------------------------------------------------------------------------------------
 
 V, HID, T_LOSS = 97, 16, 26
