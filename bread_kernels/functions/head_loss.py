@@ -296,7 +296,8 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
             raise TypeError(f"fused_head_loss: {what} must be a tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fused_head_loss: {what} has dtype {t.dtype}; float32, bfloat16 and float16 are "
-                            "supported (cast with .to(weight.dtype))")
+                            "supported (a patched model cast to it after patch: cast it back with model.float(), or "
+                            "train it unpatched)")
         if t.dtype != weight.dtype and autocast_dtype(weight.device) is None:  # autocast casts all to its dtype
             raise TypeError(f"fused_head_loss: {what} is {t.dtype} but the weight is {weight.dtype}; cast them to one "
                             "dtype")
