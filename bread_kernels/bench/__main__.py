@@ -74,6 +74,21 @@ def main(argv=None):
         _fail(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); use --device cpu")
     if args.suite == "model":
         _check_out(args.out)
+    else:  # what only the model suite reads: refused, not ignored
+        given = [flag for flag, value in (("--model", args.model), ("--positions", args.positions),
+                                          ("--out", args.out != "." or None), ("--profile", args.profile or None),
+                                          ("--keep-top", args.keep_top != "auto" or None),
+                                          ("--variants", args.variants != list(model.ALL_VARIANTS) or None),
+                                          ("--repeats", args.suite == "host" and args.repeats))
+                 if value is not None and value is not False]
+        if given == ["--repeats"]:
+            _fail("the host suite takes no --repeats: it reports the median of 1000 calls")
+        if given:
+            takes = {"host": "--dtype, --device", "linear": "--dtype, --device, --repeats, --out-features, "
+                     "--in-features, --tokens"}
+            takes["lora"] = takes["linear"] + ", --lora-rank"
+            _fail(f"{given[0]} is an option of the model suite; the {args.suite} suite prints its table and takes "
+                  f"{takes[args.suite]}")
     keep_top = args.keep_top.strip().lower()
     if keep_top != "auto":
         if not keep_top.isdigit():

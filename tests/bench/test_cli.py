@@ -65,6 +65,18 @@ def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["linear", "--variants", "BAdam"], "--variants is an option of the model suite; the linear suite prints"),
+    (["lora", "--out", "somewhere"], "--out is an option of the model suite; the lora suite prints"),
+    (["host", "--repeats", "3"], "the host suite takes no --repeats"),
+])
+def test_the_other_suites_refuse_the_model_suites_options(capsys, argv, message):
+    """They printed their table and ignored --out, --model, --variants (and host --repeats)."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_model_without_a_block_stack_gets_a_one_line_error(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
                                                       "vocab_size": 31, "n_positions": 16}))
