@@ -248,6 +248,8 @@ def main(argv=None) -> list[dict]:
     random.seed(args.seed)
     if args.resume:
         step, position, seconds = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        if step >= args.steps:
+            raise SystemExit(f"finetune: {out} is at step {step} already; --resume with --steps above it to train on")
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint are redone
     else:

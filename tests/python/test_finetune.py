@@ -42,6 +42,8 @@ def test_an_interrupted_and_resumed_run_has_the_uninterrupted_losses(finetune, t
     finetune.main([*common, "--steps", "7", "--save-every", "3", "--out", str(tmp_path / "whole")])
     finetune.main([*common, "--steps", "4", "--save-every", "3", "--out", str(tmp_path / "cut")])  # ends at step 4
     # the step after the last checkpoint (3) is redone: resume from 4 would be the same; go past an earlier save too
+    with pytest.raises(SystemExit, match="at step 4 already; --resume with --steps above it"):  # did nothing, exit 0
+        finetune.main(["--steps", "3", "--resume", "--no-progress", "--out", str(tmp_path / "cut")])
     finetune.main(["--steps", "7", "--resume", "--no-progress", "--out", str(tmp_path / "cut")])
     whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
     assert len(whole) == len(resumed) == 7
@@ -68,6 +70,9 @@ def test_bad_input_gets_a_clear_error(finetune, tmp_path):
         finetune.main(["--data", str(tmp_path / "missing.json"), *TINY, "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit):
         finetune.main(["--method", "sgd-magic", *TINY, "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit):  # refused by argparse, before its config.json is written
+        finetune.main(["--switch-mode", "sideways", *TINY, "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
     with pytest.raises(SystemExit, match="--resume, but .* does not exist"):
         finetune.main(["--resume", "--out", str(tmp_path / "c")])
     bad = tmp_path / "bad.json"
