@@ -53,7 +53,6 @@ recompute, and its backward: ~110 µs a step on a CPU) costs more than the dW it
 from __future__ import annotations
 
 import copy
-import functools
 import numbers
 import os
 import types
@@ -71,7 +70,7 @@ from .functions.embedding import fusable_embedding, fused_embedding
 from .functions.experts import EXPERT_PLANS_ATTR, EXPERT_WEIGHTS, experts_gate, experts_layout_problem, fused_experts
 from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
-from .functions.recompute import is_recomputing, replayed
+from .functions.recompute import replayed
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
@@ -303,15 +302,23 @@ def _plain_linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
-def _adapter_choice(module) -> tuple[str | None, tuple[bool, bool] | None]:
-    """A LoRA layer's trained adapter (:func:`~bread_kernels.peft_lora.trained_adapter`) and whether its A and B
-    require grad, as its forward found them (a recompute replays them)."""
-    adapter = trained_adapter(module, module._bread_name)
-    return adapter, (_adapter_trains(module, adapter) if adapter is not None else None)
+def _requiring_grad(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[bool, bool]:
+    """Whether a LoRA layer's A and B require grad, as its forward found them (a recompute replays them)."""
+    return lora_a.requires_grad, lora_b.requires_grad
 
 
-def _adapter_trains(module, adapter: str) -> tuple[bool, bool]:
-    return module.lora_A[adapter].weight.requires_grad, module.lora_B[adapter].weight.requires_grad
+def _as_in_the_forward(module, adapter: str, trains: tuple[bool, bool], lora_a, lora_b):
+    """A and B for a recompute as the forward saw them: detached where they required no grad then (peft's
+    ``disable_adapter()`` turns requires_grad on for every active adapter when it exits, the frozen ones too); an
+    adapter weight that required grad in the forward and no longer does (``set_adapter()`` to another adapter
+    before the backward) cannot be rebuilt: refused, naming the remedy."""
+    if any(was and not now for was, now in zip(trains, (lora_a.requires_grad, lora_b.requires_grad))):
+        raise RuntimeError(
+            f"bread_kernels: LoRA layer {module._bread_name}'s adapter {adapter!r} stopped requiring grad between "
+            "this block's forward and its backward (set_adapter() to another adapter before the backward), so the "
+            "block's recompute cannot rebuild what its forward saved. Call backward() before switching adapters, "
+            "or patch(model, recompute=False) to keep every block's activations instead")
+    return (lora_a if trains[0] else lora_a.detach()), (lora_b if trains[1] else lora_b.detach())
 
 
 def _embedding_forward(self, ids):
@@ -330,13 +337,7 @@ def _lora_forward(self, x, *args, **kwargs):
     if self.disable_adapters and self.merged:
         self.unmerge()  # as peft's forward does: the base layer alone, without the merged adapters
     # refuses what the backward cannot do, before it runs; a recompute takes the forward's choice
-    adapter, trains = replayed(functools.partial(_adapter_choice, self))
-    if adapter is not None and is_recomputing() and trains != _adapter_trains(self, adapter):
-        raise RuntimeError(
-            f"bread_kernels: LoRA layer {self._bread_name}'s adapter {adapter!r} was switched between this block's "
-            "forward and its backward (set_adapter() before the backward changes which adapters require grad), "
-            "so the block's recompute cannot rebuild what its forward saved. Call backward() before switching "
-            "adapters, or patch(model, recompute=False) to keep every block's activations instead")
+    adapter = replayed(trained_adapter, self, self._bread_name)
     if args or kwargs:
         raise TypeError(
             f"bread_kernels: the patched LoRA layer {self._bread_name} was called with extra arguments "
@@ -348,6 +349,9 @@ def _lora_forward(self, x, *args, **kwargs):
     if adapter is None:  # adapters disabled, merged, or none active: the base layer alone
         return fused_linear(x, weight, base.bias, plan)
     lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    trains = replayed(_requiring_grad, lora_a, lora_b)
+    if trains != (lora_a.requires_grad, lora_b.requires_grad):  # a recompute after peft changed them
+        lora_a, lora_b = _as_in_the_forward(self, adapter, trains, lora_a, lora_b)
     dropout = self.lora_dropout[adapter]
     x_lora = None
     if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not

@@ -75,8 +75,11 @@ def trained_adapter(module: nn.Module, name: str) -> str | None:
         )
     if not active:
         return None
-    _refuse_variant("bread_kernels", name, module, active[0])
-    return active[0]
+    adapter = active[0]
+    variants, biases = module.__dict__.get("lora_variant"), module.__dict__.get("lora_bias")  # peft's plain dicts
+    if biases is None or (variants and adapter in variants) or biases.get(adapter):  # (cheap: every forward)
+        _refuse_variant("bread_kernels", name, module, adapter)
+    return adapter
 
 
 def check_lora_layer(name: str, module: nn.Module) -> None:

@@ -116,14 +116,14 @@ class ForwardRecord:
             _current.record = outer
 
 
-def replayed(decide: Callable[[], object]) -> object:
-    """``decide()`` in a block's forward (recorded), the value it gave then in the block's recompute, and plain
-    ``decide()`` outside a streamed block."""
+def replayed(decide: Callable[..., object], *args) -> object:
+    """``decide(*args)`` in a block's forward (recorded), the value it gave then in the block's recompute, and plain
+    ``decide(*args)`` outside a streamed block."""
     record = _current.record
     if record is None:
-        return decide()
+        return decide(*args)
     if record.position is None:
-        value = decide()
+        value = decide(*args)
         record.values.append(value)
         return value
     if record.position >= len(record.values):

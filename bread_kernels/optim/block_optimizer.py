@@ -339,6 +339,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             "lr": [g["lr"] for g in self.param_groups],
             # what keep_top="auto" measured for these plans: a resumed run keeps (and chunks its loss) as this one
             "kept_block_bytes": dict(self.engine.stream.block_bytes) if self.engine is not None else {},
+            "blocks": [list(prefixes) for prefixes in self.block_prefix_list],  # what each block index trains
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -351,6 +352,12 @@ class BlockOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")
         order = state_dict["order"]
         saved_blocks = [order.get("current", -1), *order.get("pending", [])]
+        blocks = [list(prefixes) for prefixes in self.block_prefix_list]
+        if "blocks" in state_dict and state_dict["blocks"] != blocks:  # an index means another block there
+            raise ValueError(f"BlockOptimizer.load_state_dict: the saved run's blocks ({len(state_dict['blocks'])}, "
+                             f"the first {state_dict['blocks'][0]}) are not this optimizer's ({len(blocks)}, the "
+                             f"first {blocks[0]}); build it with the saved run's include_embedding, include_lm_head, "
+                             "n_layer_per_block and block_prefix_list")
         if not all(isinstance(i, int) and 0 <= i < self.block_num for i in saved_blocks):
             raise ValueError(f"BlockOptimizer.load_state_dict: the saved run's block order {saved_blocks} does not fit "
                              f"this optimizer's {self.block_num} blocks; build it with the saved run's "

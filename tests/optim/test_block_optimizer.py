@@ -465,8 +465,17 @@ def test_a_state_saved_with_other_blocks_is_refused_with_nothing_changed():
     model, opt = run(n_layer_per_block=2)
     train(model, opt, 3)
     saved_with_pairs = opt.state_dict()
-    for saved, kwargs, match in ((saved_with_more_blocks, {}, "block order .* does not fit"),
-                                 (saved_with_pairs, {"include_embedding": True}, "does not fit this optimizer")):
+    model, opt = run()
+    train(model, opt, 3)
+    saved_plain = opt.state_dict()  # its indices fit an optimizer with the embedding first: each a block lower
+    without_blocks = {k: v for k, v in saved_with_more_blocks.items() if k != "blocks"}  # a state saved before them
+    broken = copy.deepcopy(saved_plain)  # another base optimizer's groups: fails in the middle of the load
+    broken["base_optimizer"]["param_groups"].append(copy.deepcopy(broken["base_optimizer"]["param_groups"][0]))
+    other = "are not this optimizer's"
+    for saved, kwargs, match in ((saved_with_more_blocks, {}, other), (saved_with_pairs, {"include_embedding": True},
+                                                                      other),
+                                 (saved_plain, {"include_embedding": True}, other),
+                                 (without_blocks, {}, "block order .* does not fit"), (broken, {}, "does not fit")):
         model, opt = run(**kwargs)
         train(model, opt, 1)
         before = copy.deepcopy(opt.state_dict())
