@@ -693,13 +693,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = patched_state(model)
     if state is None:
         return model
-    model = state.model_ref() or model  # a wrapper of the patched model (peft's) unpatches the model it wraps
+    # a wrapper of the patched model (peft's, around a model patched before it) unpatches the model it wraps, and
+    # is what is returned (``model = unpatch(model)`` keeps the wrapper)
+    given, model = model, state.model_ref() or model
     driver = state.driver
     if driver is not None:  # its plans and hooks belong to the wrappers removed here
         state.drive(None)  # first: a driver whose close() unpatches the model (accelerate's) finds it undriven
         driver.close()
         if patched_state(model) is None:
-            return model
+            return given
     causal_lm.uninstall(model)
     _set_fused_elementwise(model, False, state)
     for _, module in state.fused_modules + state.fused_experts:
@@ -713,7 +715,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state.forward_hook.remove()
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
-    return model
+    return given
 
 
 def _refuse_unfused_layers_of_wrapper(wrapper: nn.Module, state: PatchedModel) -> None:

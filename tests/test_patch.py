@@ -432,7 +432,7 @@ def test_a_model_patched_before_peft_wrapped_it_is_unpatched_through_the_wrapper
     wrapper = models.with_lora(base, r=4)
     with pytest.raises(ValueError, match="patched before it was wrapped.*unpatch"):
         bread_kernels.patch(wrapper)
-    assert bread_kernels.unpatch(wrapper) is base
+    assert bread_kernels.unpatch(wrapper) is wrapper  # `model = unpatch(model)` keeps the wrapper
     assert patched_state(base) is None and base not in patched_models()
     assert all("forward" not in module.__dict__ for module in base.modules())
     reference = copy.deepcopy(wrapper)
