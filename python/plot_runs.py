@@ -19,9 +19,18 @@ def read_run(directory: Path) -> tuple[str, list[dict]]:
     if not log.is_file():
         raise SystemExit(f"plot_runs: {directory} has no log.jsonl (is it a finetune.py --out directory?)")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not records:
+        raise SystemExit(f"plot_runs: {log} is empty (the run has not finished a step yet)")
     config = directory / "config.json"
     label = json.loads(config.read_text()).get("method", directory.name) if config.is_file() else directory.name
     return label, records
+
+
+def distinct_labels(runs: list[tuple[str, list[dict]]], directories: list[str]) -> list[tuple[str, list[dict]]]:
+    """Runs of one method (two learning rates, two seeds) told apart in the legend by their directory's name."""
+    labels = [label for label, _ in runs]
+    return [(f"{label} ({Path(d).name})" if labels.count(label) > 1 else label, records)
+            for (label, records), d in zip(runs, directories)]
 
 
 def smoothed(values: list[float], weight: float) -> list[float]:
@@ -63,7 +72,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
-    plot([read_run(Path(d)) for d in args.runs], args.out, args.smooth, args.title)
+    plot(distinct_labels([read_run(Path(d)) for d in args.runs], args.runs), args.out, args.smooth, args.title)
     print(args.out)
 
 
