@@ -149,8 +149,9 @@ class Acceleration:
             update = OnTheFlyUpdate(lr=_LibraryLr(optimizer), scale=float(settings["sgd_lr_scaling"]),
                                     rounding=rounding, seed=seed)
         named = list(optimizer.named_parameters_list)
-        # first: a previous owner of these parameters (a notebook cell re-run) is closed, which may unpatch
-        take_over_parameters(named, "accelerate")
+        # first: a previous owner of these parameters (a notebook cell re-run) is closed, which may unpatch; its
+        # close gives back its library's flags, which are the old optimizer's: this one's are kept
+        take_over_parameters(named, "accelerate", keep_requires_grad=True)
         self.patched_here = patch_if_needed(model, settings.get("patch_options", {}), "accelerate")
         self.model_ref = weakref.ref(model)
         self._library_flags = {name: p.requires_grad for name, p in named}

@@ -17,7 +17,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from ..optim.block_optimizer import BlockOptimizer
-from ..optim.driver import EngineDriver
+from ..optim.driver import EngineDriver, take_over_parameters
 from ..patch import patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
@@ -143,6 +143,8 @@ class LisaCallback(TrainerCallback):
                                       or accelerated(unwrap_optimizer(optimizer)) is not None):
             raise ValueError("LisaCallback: the Trainer's optimizer is a block optimizer that chooses the trained "
                              "parameters itself; LISA needs a plain optimizer (the Trainer's default AdamW)")
+        # first: a previous owner (an interrupted Trainer's callback) is closed, which may unpatch the model
+        take_over_parameters(list(model.named_parameters()), "LisaCallback", keep_requires_grad=True)
         self._patched_here = patch_if_needed(model, self.patch_options, "LisaCallback")
         try:
             engine = patched_state(model)

@@ -392,9 +392,12 @@ def _release_hooks(handles: list, engine_ref) -> None:
         engine.clear_plans()
 
 
-def take_over_parameters(named, what: str) -> None:
+def take_over_parameters(named, what: str, keep_requires_grad: bool = False) -> None:
     """Close the live drivers (and their owners) that own any of ``named``, with a warning: one driver per
-    parameter, so re-running a notebook cell never leaves two sets of hooks on one model."""
+    parameter, so re-running a notebook cell never leaves two sets of hooks on one model.  ``keep_requires_grad``:
+    the parameters keep the flags they have now (a library's new optimizer set them; the old owner's close gives
+    back its own library's)."""
+    flags = [(p, p.requires_grad) for _, p in named] if keep_requires_grad else []
     previous = []
     for _, p in named:
         driver = _OWNERS.get(p)
@@ -408,6 +411,8 @@ def take_over_parameters(named, what: str) -> None:
                       "replace to silence this.", RuntimeWarning, stacklevel=4)
         (owner if owner is not None else driver).close()
         driver.close()
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 # -- argument checks -----------------------------------------------------------------------------------------------

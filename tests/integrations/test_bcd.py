@@ -252,3 +252,22 @@ def test_accelerate_under_a_loss_scaler_undoes_the_scale_on_the_fused_weights():
     norm = lambda m: m.model.norm.weight - before.model.norm.weight  # noqa: E731
     # the plain delta (~1e-6 on weights ~1) carries the fp32 rounding of W + δ: 2^-23 each, times the scale
     torch.testing.assert_close(norm(eng_model), 2.0 ** 8 * norm(plain_model), rtol=1e-3, atol=2.0 ** 8 * 2.0 ** -22)
+
+
+def test_a_re_run_cell_accelerates_the_new_optimizer_on_its_own_block():
+    """A second badam optimizer accelerated on a model still accelerated (a notebook cell run again, a Trainer run
+    again after Ctrl-C): closing the first gave back its own flags over the new optimizer's, so the engine planned
+    the old block and badam's first step failed (its active weights had no gradient)."""
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    for model, accelerated in ((ref_model, False), (eng_model, True)):
+        first = _badam(model, switch_block_every=2)
+        if accelerated:
+            bread_kernels.accelerate(first, model, **OWN_LOSS)
+        _train(model, first, 3)  # past a switch: the first optimizer's block is not the new one's
+        second = _badam(model, switch_block_every=2)
+        if accelerated:
+            with pytest.warns(RuntimeWarning, match="takes them over"):
+                bread_kernels.accelerate(second, model, **OWN_LOSS)
+        _train(model, second, 4, start=10)
+    models.assert_same_parameters(ref_model, eng_model, RTOL, ATOL)

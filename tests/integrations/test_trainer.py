@@ -221,3 +221,24 @@ def test_bread_callback_with_gradient_accumulation(tmp_path):
          optimizers=(make(eng_model), None))
     assert models.moved_parameters(original, ref_model)
     models.assert_same_parameters(ref_model, eng_model)
+
+
+def test_a_lisa_run_again_after_an_interrupted_one_trains_through_the_engine(tmp_path):
+    """A Trainer interrupted with LisaCallback (no on_train_end), then a new run with a new LisaCallback on the same
+    model: the new callback found the model patched, then closing the old one unpatched it, and every step ran
+    plain autograd (silently: the results matched, nothing of the engine was used)."""
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    args = _args(tmp_path)
+    interrupted = LisaCallback(n_layers=2, interval_steps=2, seed=1)
+    interrupted.on_train_begin(args, None, None, model=eng_model)  # a Trainer stopped before its first step ends
+    ref_trainer = _CountingTrainer(model=ref_model, args=args, train_dataset=_Data())
+    ref_trainer.flops, ref_trainer.cuts = [], []
+    ref_trainer.add_callback(_LMFlowLisa(ref_model, 2, 2, seed=3, drop_state=False,
+                                         optimizer_of=lambda: ref_trainer.optimizer.optimizer))
+    ref_trainer.train()
+    with pytest.warns(RuntimeWarning, match="takes them over"):
+        lisa = LisaCallback(n_layers=2, interval_steps=2, seed=3, drop_state=False)
+        trainer = _run(eng_model, args, callbacks=[lisa])
+    assert trainer.cuts == [0] * STEPS  # patched at every step (None: plain autograd)
+    models.assert_same_parameters(ref_model, eng_model)
