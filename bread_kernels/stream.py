@@ -249,7 +249,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         # recomputed input (and its .grad) from living on after the block's backward
         arguments[hidden_name] = h
         try:
-            with record.scope():  # the recompute replays the forward's adapter choices
+            with record:  # the recompute replays the forward's adapter choices
                 return call()
         finally:
             arguments[hidden_name] = None
