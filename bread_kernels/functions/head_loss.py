@@ -95,9 +95,9 @@ from ..update import update_linear_grad_, update_linear_tiles_
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
-__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal", "head_dtype_refusal",
-           "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes", "unfused_loss_bytes",
-           "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized",
+__all__ = ["FusedHeadLossFunction", "fused_head_loss", "check_head_loss_inputs", "head_plan_refusal",
+           "head_dtype_refusal", "chunk_budget_bytes", "DEFAULT_LOSS_CHUNK_BYTES", "forward_dw_bytes",
+           "unfused_loss_bytes", "hidden_sized_blocks", "hidden_sized_block_bytes", "dw_bytes_beside_hidden_sized",
            "loss_bytes_beside_kept", "MAX_DW_BLOCKS_BESIDE_KEPT"]
 
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
