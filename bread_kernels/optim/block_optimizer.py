@@ -28,7 +28,9 @@ Deliberate differences from the reference ``block_optim.py`` (see the README):
   ``switch_block_every - 1`` steps for the first block);
 * normalisation weights go to the no-weight-decay group with biases (the reference's ``isinstance`` check on a
   parameter never matches, so it decays them);
-* ``init_avgsq_scale`` is not implemented and refused; ``switch_mode="fixed"`` needs ``start_block``;
+* ``init_avgsq_scale`` is not implemented and refused; it and ``log_fn`` are keyword-only (the positional
+  arguments are the reference's, in its order); ``switch_mode="fixed"`` needs ``start_block``;
+* ``n_layer_per_block`` groups consecutive layers; the embedding stays a block of its own;
 * bf16/fp16 on-the-fly updates round stochastically by default (``rounding="nearest"`` gives the reference's).
 """
 
@@ -72,16 +74,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         include_embedding: the input embedding is a block of its own (when ``block_prefix_list`` is inferred).
         include_lm_head: the parameters outside the layers form a last block (when inferred).
         verbose: 1 prints the active block at each switch (rank 0), 0 is silent.
-        log_fn: called with a dict at each switch (``block_optimizer/active_block``, ``.../global_step``).
         lora_mode: with peft LoRA adapters: ``"all"``, ``"partial"`` or ``"adapter_only"`` (see the module
             docstring).
-        n_layer_per_block: layers per inferred block.
+        n_layer_per_block: consecutive layers per inferred block.
         lr_warmup_step_afterswitch: linear warm-up of the base optimizer's lr over this many steps after each
             switch (from the first switch on), or None.
-        init_avgsq_scale: not implemented; must be False.
         sgd_mode: ``"disabled"`` (BAdam), ``"all"`` (BREAD-SGD) or ``"partial"`` (BREAD-SGD-partial).
         sgd_lr_scaling: ``s`` of the on-the-fly update ``W -= lr·s·dW``; a finite number >= 0.
         sgd_use_sign: the on-the-fly update is ``W -= lr·s·sign(dW)`` (signSGD).
+        log_fn: keyword-only (the arguments before it are the reference's, in its order; BAdam's class takes
+            ``log_fn`` after ``verbose``); called with a dict at each switch (``block_optimizer/active_block``,
+            ``.../global_step``).
+        init_avgsq_scale: keyword-only (the reference's first release had it); not implemented, must be False.
         rounding: keyword-only; ``"auto"`` (stochastic for bf16/fp16 weights), ``"nearest"`` or ``"stochastic"``.
         seed: keyword-only; seeds the stochastic rounding of the on-the-fly updates.
         loss_scaler: keyword-only; the ``torch.amp.GradScaler`` that scales the loss (fp16): the on-the-fly updates
@@ -112,15 +116,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         include_embedding: bool = False,
         include_lm_head: bool = False,
         verbose: int = 1,
-        log_fn: Callable | None = None,
         lora_mode: str = "all",
         n_layer_per_block: int = 1,
         lr_warmup_step_afterswitch: int | None = None,
-        init_avgsq_scale: bool | float = False,
         sgd_mode: str = "disabled",
         sgd_lr_scaling: float = 1.0,
         sgd_use_sign: bool = False,
         *,
+        log_fn: Callable | None = None,
+        init_avgsq_scale: bool | float = False,
         rounding: str | Rounding = Rounding.AUTO,
         seed: int = 0,
         loss_scaler=None,
@@ -347,6 +351,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         ``include_embedding``, ``include_lm_head``, ``n_layer_per_block``; another base optimizer) is refused with
         nothing changed."""
         self._check_open("load_state_dict")
+        if isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("BlockOptimizer.load_state_dict: this is a torch optimizer's state_dict (what Microsoft "
+                             "BlockOptimizers' and badam's BlockOptimizer save: the base optimizer's alone, without "
+                             "the block order, step or fp32 masters); resume from a bread_kernels "
+                             "BlockOptimizer.state_dict(), or start the run afresh (build it with start_block= to "
+                             "continue at a block)")
         for key in ("base_optimizer", "order", "global_step", "block_step", "masters"):
             if key not in state_dict:
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")

@@ -28,7 +28,8 @@ def infer_blocks(param_names: list[str], layer_prefixes: list[str] | None, embed
                 seen.add(match.group(1))
                 layer_prefixes.append(match.group(1))
         if embedding_prefix is None:
-            embedding_prefix = next((m.group(1) for n in param_names if (m := re.match(r"(.*embed[^.]*\.)", n))), None)
+            embedding_prefix = next((m.group(1) for n in param_names
+                                     if (m := re.match(r"(.*(?:embed[^.]*|\bwte)\.)", n))), None)  # GPT-2: wte
     if not layer_prefixes:
         raise ValueError(
             "BlockOptimizer: could not infer the blocks: no repeated layers found in the parameter names. Patch the "

@@ -486,3 +486,59 @@ def test_a_state_saved_with_other_blocks_is_refused_with_nothing_changed():
         assert after["block_step"] == before["block_step"]
         assert str(after["base_optimizer"]) == str(before["base_optimizer"])
         train(model, opt, 1, start=1)  # and it trains on
+
+
+#: Microsoft BlockOptimizers' ``BlockOptimizer.__init__`` arguments after ``named_parameters_list``, in its order
+REFERENCE_POSITIONAL = ("block_prefix_list", "switch_block_every", "start_block", "switch_mode", "active_modules",
+                        "include_embedding", "include_lm_head", "verbose", "lora_mode", "n_layer_per_block",
+                        "lr_warmup_step_afterswitch", "sgd_mode", "sgd_lr_scaling", "sgd_use_sign")
+
+
+def test_a_positional_call_written_for_the_reference_means_what_it_means_there():
+    """The first release's log_fn and init_avgsq_scale stood between these: a full positional call for the
+    reference got sgd_mode=True refused, and a shorter one took its lora_mode for log_fn."""
+    values = dict(block_prefix_list=None, switch_block_every=3, start_block=1, switch_mode="ascending",
+                  active_modules=["model.norm"], include_embedding=False, include_lm_head=False, verbose=0,
+                  lora_mode="partial", n_layer_per_block=2, lr_warmup_step_afterswitch=4, sgd_mode="partial",
+                  sgd_lr_scaling=2.5, sgd_use_sign=True)
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    positional = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                              list(model.named_parameters()),
+                                              *(values[name] for name in REFERENCE_POSITIONAL))
+    for name in ("switch_block_every", "switch_mode", "verbose", "lora_mode", "lr_warmup_step_afterswitch",
+                 "sgd_mode", "sgd_use_sign"):
+        assert getattr(positional, name) == values[name], name
+    assert positional.update.scale == values["sgd_lr_scaling"]
+    assert positional.block_prefix_list == [["model.layers.0.", "model.layers.1."], ["model.layers.2.",
+                                                                                     "model.layers.3."]]
+    assert positional.order.current == 1
+    positional.close()
+    with pytest.raises(TypeError, match="positional argument"):  # no init_avgsq_scale or log_fn among them
+        bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.named_parameters()),
+                                     *(values[name] for name in REFERENCE_POSITIONAL), False)
+
+
+def test_unpatched_gpt2_finds_its_embedding_block_as_the_patched_one_does():
+    blocks = []
+    for patched in (False, True):
+        model = BUILDERS["gpt2"]()
+        if patched:
+            model = bread_kernels.patch(model)
+        opt = make(model, include_embedding=True)
+        blocks.append(opt.block_prefix_list)
+        opt.close()
+    assert blocks[0] == blocks[1]
+    assert blocks[0][0] == ["transformer.wte."]
+
+
+def test_a_base_optimizers_state_dict_is_refused_with_the_reason_and_nothing_changed():
+    """What the reference's and badam's state_dict() return: the base optimizer's alone."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    opt = make(model, switch_block_every=2)
+    train(model, opt, 3)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="this is a torch optimizer's state_dict .* resume from a bread_kernels"):
+        opt.load_state_dict(opt.base_optimizer.state_dict())
+    after = opt.state_dict()
+    assert (after["order"], after["global_step"], after["block_step"]) == (before["order"], 3, before["block_step"])
+    assert str(after["base_optimizer"]) == str(before["base_optimizer"])
