@@ -44,9 +44,9 @@ nothing and is not followed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -411,15 +411,21 @@ def _block_call(original: Callable, args: tuple, kwargs: dict) -> tuple[str, dic
 
 
 def _signature(forward) -> inspect.Signature:
-    """The signature of a block's bound forward (without ``self``).  Cached by the class's function, never by the
-    bound method: a cache entry holding the method would keep its block, with its weights, alive."""
+    """The signature of a block's bound forward (without ``self``).  Cached by the method's function, held weakly:
+    an entry holding the method, or a function whose closure holds it (a forward wrapped per instance with
+    ``types.MethodType``), would keep its block, with its weights, alive."""
     function = getattr(forward, "__func__", None)
     if function is None:  # a plain callable (a wrapped forward): not cached
         return inspect.signature(forward)
-    return _unbound_signature(function)
+    signature = _unbound_signatures.get(function)
+    if signature is None:
+        parameters = list(inspect.signature(function).parameters.values())
+        signature = inspect.Signature(parameters[1:])
+        try:
+            _unbound_signatures[function] = signature
+        except TypeError:  # a callable that takes no weak reference: not cached
+            pass
+    return signature
 
 
-@functools.lru_cache(maxsize=256)
-def _unbound_signature(function) -> inspect.Signature:
-    parameters = list(inspect.signature(function).parameters.values())
-    return inspect.Signature(parameters[1:])
+_unbound_signatures: "weakref.WeakKeyDictionary[Callable, inspect.Signature]" = weakref.WeakKeyDictionary()

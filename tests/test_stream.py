@@ -1019,3 +1019,26 @@ def test_hf_gradient_checkpointing_under_badam_recomputes_no_block_below_the_cut
         loss_of(model, batch(0)).backward()
     assert all(index >= stream.cut for index in stream.recomputes), stream.recomputes
     optimizer.close()
+
+
+def test_a_block_forward_wrapped_per_instance_is_not_kept_alive_by_the_signature_cache():
+    """``types.MethodType(wrapper, block)`` whose closure holds the original bound forward (a logging or steering
+    wrapper): the cache of block signatures held the wrapper, so the blocks' weights outlived the model."""
+    import gc
+    import types
+    import weakref
+
+    from tests.model_zoo import batch, loss_of, llama
+
+    model = llama()
+    for block in model.model.layers:
+        def wrapped(self, hidden_states, _original=block.forward, **kwargs):
+            return _original(hidden_states, **kwargs)
+        block.forward = types.MethodType(wrapped, block)
+    model = bread_kernels.patch(model)
+    loss_of(model, batch(0)).backward()
+    bread_kernels.unpatch(model)
+    blocks = [weakref.ref(block) for block in model.model.layers]
+    del model, block, wrapped  # the last wrapper holds its block through its default
+    gc.collect()
+    assert [ref() for ref in blocks] == [None] * len(blocks)

@@ -48,7 +48,8 @@ from ..patch import patched_state
 from ..peft_lora import is_adapter_name
 from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
-from .driver import EngineDriver, check_loss_scaler, check_named_parameters, owning_patched_model, take_over_parameters
+from .driver import (EngineDriver, WeaklyHeld, check_loss_scaler, check_named_parameters, owning_patched_model,
+                     take_over_parameters)
 from .masters import Fp32Masters
 from .roles import LORA_MODES, SGD_MODES, no_decay_names, roles_for_block
 
@@ -99,6 +100,8 @@ class BlockOptimizer(torch.optim.Optimizer):
     and plan; an optimizer that is dropped without ``close`` removes its hooks when it is collected.
     """
 
+    model = WeaklyHeld()
+    engine = WeaklyHeld()
     #: where the on-the-fly updates write (None: the tensors themselves); the ZeRO-3 optimizer supplies shards
     update_target = None
     #: fp32 masters for low-precision active parameters (DeepSpeed keeps its own under ZeRO-3)

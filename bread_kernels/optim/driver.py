@@ -49,6 +49,25 @@ __all__ = ["EngineDriver", "owning_patched_model", "take_over_parameters", "chec
 _OWNERS = WeakIdKeyDictionary()
 
 
+class WeaklyHeld:
+    """An attribute held through a weak reference (None once its object is gone): the model and its patched state,
+    as a driver or an optimizer keeps them, so that one still held (a callback the user keeps, a library's
+    optimizer its own hooks leak) never keeps a dropped model, its weights and its patch alive — a torch optimizer
+    keeps only the parameters."""
+
+    def __set_name__(self, owner, name):
+        self.slot = f"_weakly_held_{name}"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        reference = obj.__dict__.get(self.slot)
+        return reference() if reference is not None else None
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = weakref.ref(value) if value is not None else None
+
+
 class EngineDriver:
     """Writes the engine's plans, ``requires_grad`` flags, hook updates and cut from each parameter's Role.
 
@@ -69,6 +88,9 @@ class EngineDriver:
 
     Raises ``ValueError``/``TypeError`` for named parameters that are not ``(name, tensor)`` pairs of one model.
     """
+
+    model = WeaklyHeld()
+    engine = WeaklyHeld()
 
     def __init__(self, named_parameters, *, update: OnTheFlyUpdate | None = None, owner=None,
                  library_hooks: bool = False, update_target=None, what: str = "EngineDriver"):

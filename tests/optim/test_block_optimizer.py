@@ -330,6 +330,33 @@ def test_model_optimizer_and_blocks_are_collected_after_del(variant, patched):
     assert [r() is None for r in refs] == [True] * len(refs)
 
 
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
+def test_an_optimizer_or_driver_still_held_does_not_keep_the_dropped_model(closed):
+    """A LisaCallback the user keeps holds its driver, a library optimizer that its own hooks leak holds its
+    acceleration's: either kept the whole model, its weights and its patch alive (a torch optimizer keeps only the
+    parameters), closed or not."""
+    import gc
+    import weakref
+
+    from bread_kernels.optim.driver import EngineDriver
+    from bread_kernels.patch import patched_models
+
+    for build in (lambda m: make(m, switch_block_every=1, sgd_mode="all"),
+                  lambda m: EngineDriver(list(m.named_parameters()))):
+        model = bread_kernels.patch(BUILDERS["llama"]())
+        held = build(model)
+        if isinstance(held, bread_kernels.BlockOptimizer):
+            train(model, held, 2)
+        if closed:
+            held.close()
+        ref = weakref.ref(model)
+        del model
+        gc.collect()
+        assert ref() is None, type(held).__name__
+        assert patched_models() == []  # and its patch (the rotary dispatcher with it) went with it
+        held.close()
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_close_removes_every_hook_and_plan_and_step_then_raises(variant):
     model = _variant_model(variant)
