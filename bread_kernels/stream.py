@@ -417,14 +417,13 @@ def _signature(forward) -> inspect.Signature:
     function = getattr(forward, "__func__", None)
     if function is None:  # a plain callable (a wrapped forward): not cached
         return inspect.signature(forward)
-    signature = _unbound_signatures.get(function)
+    try:
+        signature = _unbound_signatures.get(function)
+    except TypeError:  # a callable that takes no weak reference: not cached
+        return inspect.Signature(list(inspect.signature(function).parameters.values())[1:])
     if signature is None:
-        parameters = list(inspect.signature(function).parameters.values())
-        signature = inspect.Signature(parameters[1:])
-        try:
-            _unbound_signatures[function] = signature
-        except TypeError:  # a callable that takes no weak reference: not cached
-            pass
+        signature = _unbound_signatures[function] = \
+            inspect.Signature(list(inspect.signature(function).parameters.values())[1:])
     return signature
 
 
