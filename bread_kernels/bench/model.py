@@ -308,7 +308,8 @@ class Row:
     best_reference_peak_mib: float
     memory_ratio: float
     best_memory_ratio: float
-    ideal_fraction: float
+    ideal_fraction: float  # the ideal step's GEMM time (``ideal_gflop`` at the run's GEMM rate) over engine_ms
+    ideal_gflop: float
     verified: bool
     #: with ``profile``: per side ("engine", "reference", "best_reference") the profiled backward's GEMM calls and
     #: self time outside the GEMMs (see :mod:`bread_kernels.bench.profile`)
@@ -447,6 +448,8 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
                      else None)
         vocab = plain.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+        # the machine's GEMM rate: the best of a measurement before each case (one taken in a slow spell of a shared
+        # machine would put every row's ideal fraction past 100%)
         throughput = gemm_flops_per_second(dtype, device=device)
         verify_lr = 1e-2 if dtype == torch.float32 else 1e-1
         result = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
@@ -463,6 +466,10 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             for active in positions:
                 bar.set_description(f"{variant} @ block {active}")
                 _free_the_last_case(device)
+                throughput = max(throughput, gemm_flops_per_second(dtype, device=device))
+                result["gemm_gflops"] = throughput / 1e9
+                for row in result["rows"]:
+                    row["ideal_fraction"] = row["ideal_gflop"] * 1e9 / throughput / (row["engine_ms"] / 1e3)
                 try:
                     row = _measure(base, variant, active, ids, recompute, repeats, throughput,
                                    lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile, keep_top)
@@ -521,7 +528,8 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     # against the best-configured reference, each on a settled step like the timed ones
     flop_ratio = step_flops(*sides[0], ids) / step_flops(*sides[-1], ids) if count else None
     tokens, seq = ids.numel(), ids.shape[1]
-    ideal = ideal_step_flops(engine, variant, active, tokens, seq, lora_rank) / throughput
+    ideal_flops = ideal_step_flops(engine, variant, active, tokens, seq, lora_rank)
+    ideal = ideal_flops / throughput
     q20, q80 = _quantiles(times[0])
     mib = 2.0 ** 20
     return Row(variant=variant, position=active, engine_ms=t[0] * 1e3, engine_q20_ms=q20 * 1e3, engine_q80_ms=q80 * 1e3,
@@ -529,7 +537,7 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
                best_time_ratio=t[0] / min(t[1], t[2]), flop_ratio=flop_ratio, engine_peak_mib=peaks[0] / mib,
                reference_peak_mib=peaks[1] / mib, best_reference_peak_mib=peaks[2] / mib,
                memory_ratio=peaks[0] / peaks[1], best_memory_ratio=peaks[0] / (peaks[1] if t[1] <= t[2] else peaks[2]),
-               ideal_fraction=ideal / t[0], verified=True, profile=profiles)
+               ideal_fraction=ideal / t[0], ideal_gflop=ideal_flops / 1e9, verified=True, profile=profiles)
 
 
 def summarize(rows: list[dict], failures: list[dict] = ()) -> dict:

@@ -63,6 +63,20 @@ def test_the_flop_ratio_is_a_settled_steps(monkeypatch, tmp_path):
     assert all_kept < one_kept
 
 
+def test_the_gemm_rate_is_the_best_measured_and_every_rows_ideal_fraction_uses_it(monkeypatch, tmp_path):
+    """Measured once at the start, a slow spell of a shared machine put every row's ideal fraction past 100%."""
+    rates = iter([2e9, 9e9, 3e9, 4e9])  # the start, then before each of the three cases
+    monkeypatch.setattr(model_bench, "gemm_flops_per_second", lambda *a, **k: next(rates))
+    result = model_bench.run(positions=(0, 1, 2), variants=("BAdam",), progress=False, out_dir=tmp_path, batch=1,
+                             seq=8, repeats=1, print_fn=lambda line: None, layers=3, hidden=32, intermediate=40,
+                             heads=2, vocab=61)
+    assert result["gemm_gflops"] == 9.0
+    for row in result["rows"]:
+        ideal_seconds = row["ideal_gflop"] / 9.0
+        assert row["ideal_fraction"] == pytest.approx(ideal_seconds / (row["engine_ms"] / 1e3), rel=1e-12)
+    assert len({row["ideal_gflop"] for row in result["rows"]}) == 3  # the cases' own FLOPs
+
+
 def test_the_host_suite_times_every_role(capsys):
     from bread_kernels.bench import host
 
