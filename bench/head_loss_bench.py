@@ -2,7 +2,7 @@
 reference, on a Llama whose head dominates the step: peak memory and time of forward + backward.
 
     python -m bench.head_loss_bench [--vocab 32000 128256] [--layers 2] [--hidden 512] [--batch 4] [--seq 512]
-                                   [--variants BAdam BREAD-SGD] [--dtype fp32] [--repeats 2] [--out bench/results]
+                                   [--variants BAdam BREAD-SGD] [--dtype fp32] [--repeats 2] [--out DIR]
 
 Sides, for each variant (the active block is the 2nd-to-last layer; BREAD-SGD updates the head on the fly):
 
@@ -149,7 +149,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the model's dtype (default fp32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=".",
+                        help="directory for the results (default: the current one; the committed ones are in "
+                             "bench/results)")
     parser.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                         help="add Liger-Kernel's FLCE as a side (default: on a GPU with liger-kernel installed)")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ Per case: the median backward time over the repeats (forward untimed), the bytes
 weights), from the profiler's allocation events (``bread_kernels.bench.memory``) in the warm-up step, which is not
 timed.  Not a test.
 
-    python bench/moe_bench.py [--out bench/results] [--layers 4 --hidden 384 --experts 8 --top-k 2 ...]
+    python bench/moe_bench.py [--out DIR] [--layers 4 --hidden 384 --experts 8 --top-k 2 ...]
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device-name", default=None, help="how to name this CPU in the results")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=".",
+                        help="directory for the results (default: the current one; the committed ones are in "
+                             "bench/results)")
     args = parser.parse_args()
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
