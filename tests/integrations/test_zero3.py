@@ -175,10 +175,19 @@ def test_config_refusals_and_version_check():
         "quantized weights": ({"stage": 3, "zero_quantized_weights": True}, "zero_quantized_weights"),
         "quantized frozen": ({"stage": 3, "zero_quantized_nontrainable_weights": True}, "nontrainable"),
         "param offload": ({"stage": 3, "offload_param": {"device": "cpu"}}, "offload_param"),
+        # DeepSpeed's deprecated spelling of the same, and ZenFlow with its defaults: both got through
+        "deprecated param offload": ({"stage": 3, "cpu_offload_param": True}, "parameter offload to 'cpu'"),
+        "zenflow defaults": ({"stage": 3, "zenflow": {}}, "ZenFlow"),
     }
     for what, (zero, message) in bad.items():
         with pytest.raises(ValueError, match=message):
             bkds.check_config({"zero_optimization": zero})
+    # a config scheduler never acted: the block optimizer sets the lr at every step
+    with pytest.raises(ValueError, match="'scheduler' in the config would never act"):
+        bkds.check_config({"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR", "params": {}}})
+    for fine in ({"stage": 3, "offload_param": {"device": "none"}}, {"stage": 3, "zenflow": None},
+                 {"stage": 3, "offload_optimizer": {"device": "cpu"}}):
+        assert bkds.check_config({"zero_optimization": fine})["zero_optimization"] == fine
     assert bkds.check_version("0.19.8") is True
     with pytest.warns(RuntimeWarning, match="written for DeepSpeed 0.19"):
         assert bkds.check_version("0.20.0") is False
@@ -205,6 +214,48 @@ def test_initialize_needs_the_zero_block_optimizer():
                              block_prefix_list=[["0."], ["1."]], verbose=0)
     with pytest.raises(TypeError, match="ZeroBlockOptimizer"):
         bkds.initialize(model, opt, config={"zero_optimization": {"stage": 3}})
+
+
+class _RecordingDeepSpeedEngine:
+    """What ZeroBlockEngine forwards a checkpoint to: records saves; a load of another block's checkpoint fails
+    as DeepSpeed 0.19's does, on the first parameter trained then and frozen now."""
+
+    def __init__(self):
+        self.saved = []
+
+    def save_checkpoint(self, save_dir, *args, **kwargs):
+        self.saved.append(save_dir)
+
+    def load_checkpoint(self, load_dir, *args, **kwargs):
+        raise KeyError("model.layers.0.self_attn.q_proj.weight")
+
+
+@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
+def test_a_checkpoint_that_would_lose_the_hook_updated_weights_is_refused(tmp_path, sgd_mode):
+    """DeepSpeed saves its optimizer's and the frozen parameters; the norms a hook updates on the fly (they require
+    grad outside its optimizer) came back at their initial values from a checkpoint saved with sgd_mode="all"."""
+    import torch
+
+    import bread_kernels
+    from bread_kernels.integrations import deepspeed as bkds
+    from tests.model_zoo import llama
+
+    model = bread_kernels.patch(llama())
+    opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                                  sgd_mode=sgd_mode, verbose=0)
+    ds = _RecordingDeepSpeedEngine()
+    engine = bkds.ZeroBlockEngine(ds, opt)
+    if sgd_mode == "all":
+        with pytest.raises(ValueError, match=r"leave out the \d+ parameters updated on the fly .*layernorm"):
+            engine.save_checkpoint(tmp_path)
+        assert ds.saved == []
+    else:  # BAdam: every parameter is DeepSpeed's trained or frozen one
+        engine.save_checkpoint(tmp_path)
+        assert ds.saved == [tmp_path]
+    with pytest.raises(ValueError, match="saved with another block active. Build the ZeroBlockOptimizer with "
+                                         "start_block="):
+        engine.load_checkpoint(tmp_path)
+    opt.close()
 
 
 def test_example_runs_under_the_deepspeed_launcher():

@@ -32,10 +32,24 @@ def check_config(config) -> dict:
         if zero.get(key):
             raise ValueError(f"bread_kernels ZeRO integration: {key} is not supported: frozen weights are stored or "
                              "gathered quantized, so an exact in-place SGD update of their shards is not possible")
-    offload = zero.get("offload_param") or {}
-    if isinstance(offload, dict) and str(offload.get("device", "none")).lower() not in ("none", ""):
-        raise ValueError(f"bread_kernels ZeRO integration: offload_param to {offload.get('device')!r} is not supported: "
-                         "the frozen weights' shards would live on the host/NVMe, where the update does not run")
-    if zero.get("zenflow"):
+    effective = _as_deepspeed_reads_it(zero)  # its deprecated spellings (cpu_offload_param) and defaults included
+    offload = effective.offload_param
+    device = None if offload is None else str(getattr(offload.device, "value", offload.device)).lower()
+    if device not in (None, "none"):
+        raise ValueError(f"bread_kernels ZeRO integration: parameter offload to {device!r} (offload_param, or the "
+                         "deprecated cpu_offload_param) is not supported: the frozen weights' shards would live on the "
+                         "host/NVMe, where the update does not run")
+    if effective.zenflow is not None:  # "zenflow": {} turns it on with its defaults
         raise ValueError("bread_kernels ZeRO integration: ZenFlow is not supported (it transposes param.data)")
+    if config.get("scheduler") is not None:
+        raise ValueError("bread_kernels ZeRO integration: a DeepSpeed 'scheduler' in the config would never act (the "
+                         "block optimizer sets the active block's lr at every step); take it out and schedule the lr "
+                         "with a torch scheduler on the ZeroBlockOptimizer")
     return config
+
+
+def _as_deepspeed_reads_it(zero: dict):
+    """The ``zero_optimization`` section as DeepSpeed parses it (``DeepSpeedZeroConfig``)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return DeepSpeedZeroConfig(**zero)

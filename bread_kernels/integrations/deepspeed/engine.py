@@ -42,6 +42,30 @@ class ZeroBlockEngine:
     def backward(self, loss: torch.Tensor, **kwargs: Any):
         return self.engine.backward(loss, **kwargs)
 
+    def save_checkpoint(self, save_dir, *args: Any, **kwargs: Any):
+        """DeepSpeed's ``save_checkpoint``, refused where it would lose weights: it holds its optimizer's parameters
+        (the active block's, the adapters) and the frozen ones, not the parameters a hook updates on the fly (the
+        norms under ``sgd_mode`` "all"/"partial"), which require grad without being in its optimizer."""
+        lost = self.block_optimizer.driver.unfused_on_the_fly
+        if lost:
+            raise ValueError(f"ZeroBlockEngine.save_checkpoint: DeepSpeed's checkpoint would leave out the {len(lost)} "
+                             f"parameters updated on the fly by hooks ({', '.join(lost[:3])}, ...): loaded, they would "
+                             "come back at their initial values. Save the weights gathered instead "
+                             "(engine.save_16bit_model(dir), or model.state_dict() inside "
+                             "deepspeed.zero.GatheredParameters), and start the next run from them")
+        return self.engine.save_checkpoint(save_dir, *args, **kwargs)
+
+    def load_checkpoint(self, load_dir, *args: Any, **kwargs: Any):
+        """DeepSpeed's ``load_checkpoint``; a checkpoint saved with another block active is refused with the
+        remedy (DeepSpeed fails on the first parameter it trained then and does not now)."""
+        try:
+            return self.engine.load_checkpoint(load_dir, *args, **kwargs)
+        except KeyError as exc:
+            raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run expects "
+                             "it: it was saved with another block active. Build the ZeroBlockOptimizer with "
+                             "start_block= the block that was active then (the block order and the step count start "
+                             "afresh: an exact resume is not implemented under ZeRO-3)") from exc
+
     def step(self) -> None:
         """``engine.step()``; at a gradient-accumulation boundary also the block optimizer's bookkeeping (lr with
         its after-switch warm-up, skipped-update report, step counters) and, when due, the block switch."""
