@@ -107,8 +107,8 @@ class ZeroBlockOptimizer(BlockOptimizer):
         if self._ds_engine is not None:
             raise NotImplementedError(f"ZeroBlockOptimizer.{what}: resuming under ZeRO-3 is not implemented (the "
                                       "active block's optimizer state lives in DeepSpeed's partitioned optimizer, "
-                                      "rebuilt at every switch); engine.save_16bit_model(dir) saves the weights, "
-                                      "gathered")
+                                      "rebuilt at every switch); engine.save_16bit_model(dir) saves the weights "
+                                      "gathered (with zero_optimization.stage3_gather_16bit_weights_on_model_save)")
 
     def step(self, closure=None):
         if self._ds_engine is not None:
