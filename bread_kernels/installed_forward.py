@@ -41,13 +41,7 @@ class InstalledForward:
         return self._module()
 
     def __call__(self, *args, **kwargs):
-        module = self._module()
-        if module is None:
-            raise RuntimeError(
-                "bread_kernels: this forward's module was freed: a patched module's forward holds its module weakly "
-                "(so a dropped model is freed at once); keep a reference to the model (or the module) while calling "
-                "its forward")
-        return self.__func__(module, *args, **kwargs)
+        return _call(self, *args, **kwargs)
 
     def __getattr__(self, name: str):
         """What a bound method reads through to its function: ``__code__`` (``torch.export`` reads the forward's),
@@ -57,7 +51,7 @@ class InstalledForward:
         return getattr(self.__func__, name)
 
     def __deepcopy__(self, memo: dict) -> "InstalledForward":
-        return InstalledForward(self.__func__, copy.deepcopy(self._module(), memo))
+        return type(self)(self.__func__, copy.deepcopy(self._module(), memo))
 
     def __reduce__(self):
         raise TypeError(NOT_PICKLED)
@@ -67,6 +61,37 @@ class InstalledForward:
         return f"<installed forward {getattr(self.__func__, '__qualname__', self.__func__)} of {type(module).__name__}>"
 
 
+def _call(self: InstalledForward, *args, **kwargs):
+    module = self._module()
+    if module is None:
+        raise RuntimeError(
+            "bread_kernels: this forward's module was freed: a patched module's forward holds its module weakly "
+            "(so a dropped model is freed at once); keep a reference to the model (or the module) while calling "
+            "its forward")
+    return self.__func__(module, *args, **kwargs)
+
+
+#: (fn, module class) -> the InstalledForward subclass whose ``__call__`` has a code object of its own
+_classes: dict[tuple[Callable, type], type] = {}
+
+
+def _installed_forward_class(fn: Callable, module_class: type) -> type:
+    """An :class:`InstalledForward` subclass for ``fn`` on ``module_class``, whose ``__call__`` is :func:`_call`
+    with a code object of its own.  ``torch.compile`` caches the graphs of a frame by its code object, at most
+    ``recompile_limit`` (8) of them: one shared ``__call__`` for every installed forward of every model (norms,
+    blocks, embeddings, the causal LM: a module class and argument dtypes each) reached that limit in one training
+    loop with an evaluation or in a process that compiles a second model family, and from there ran eagerly; an
+    unpatched model's forwards are one code object per module class."""
+    key = (fn, module_class)
+    cls = _classes.get(key)
+    if cls is None:
+        name = f"{module_class.__name__}_{getattr(fn, '__name__', 'forward')}"
+        code = _call.__code__.replace(co_name=name, co_qualname=f"InstalledForward.{name}")
+        call = types.FunctionType(code, _call.__globals__, name)
+        cls = _classes[key] = type(f"InstalledForward_{name}", (InstalledForward,), {"__slots__": (), "__call__": call})
+    return cls
+
+
 def install_forward(module: nn.Module, fn: Callable) -> None:
     """``module.forward`` becomes ``fn(module, ...)``, bound weakly (removed by ``module.__dict__.pop("forward")``)."""
-    module.forward = InstalledForward(fn, module)
+    module.forward = _installed_forward_class(fn, type(module))(fn, module)

@@ -183,3 +183,30 @@ def test_under_compiled_autograd_a_fused_backward_runs_eagerly_and_updates_as_in
     for eager, compiled in zip(*results):
         assert eager.abs().max() > 0
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_a_training_loop_with_evaluations_stays_within_dynamos_recompile_limit():
+    """dynamo caches a frame's graphs by its code object, at most ``recompile_limit`` (8) of them.  Every forward
+    ``patch`` installs (norms, blocks, embedding, the causal LM) shared one ``__call__``: this loop (sequence lengths
+    that vary, an evaluation under no_grad every other step) hit the limit there, and from then on ran eagerly."""
+    torch._dynamo.reset()
+    model = bread_kernels.patch(models.with_lora(models.llama()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_block_every=1, verbose=0)
+    forward = torch.compile(model, backend="aot_eager")
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a hit raises instead of running eagerly
+        for step, seq in enumerate((13, 9, 17, 11)):
+            model.train()
+            ids = models.batch(step, (2, seq))
+            forward(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if step % 2:
+                model.eval()
+                with torch.no_grad():
+                    forward(input_ids=ids, labels=ids)
+    opt.close()
+    codes = {type(m): m.forward.__call__.__code__ for m in model.modules() if "forward" in m.__dict__}
+    assert len(set(codes.values())) == len(codes) >= 3  # one per module class, as an unpatched model's forwards
