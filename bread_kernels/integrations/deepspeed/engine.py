@@ -51,9 +51,9 @@ class ZeroBlockEngine:
             raise ValueError(f"ZeroBlockEngine.save_checkpoint: DeepSpeed's checkpoint would leave out the {len(lost)} "
                              f"parameters updated on the fly by hooks ({', '.join(lost[:3])}, ...): loaded, they would "
                              "come back at their initial values. Save the weights gathered instead "
-                             "(engine.save_16bit_model(dir), with zero_optimization.stage3_gather_16bit_weights_on_model_save "
-                             "set to true, or model.state_dict() inside deepspeed.zero.GatheredParameters), and start "
-                             "the next run from them")
+                             "(engine.save_16bit_model(dir), with zero_optimization."
+                             "stage3_gather_16bit_weights_on_model_save set to true, or model.state_dict() inside "
+                             "deepspeed.zero.GatheredParameters), and start the next run from them")
         return self.engine.save_checkpoint(save_dir, *args, **kwargs)
 
     def load_checkpoint(self, load_dir, *args: Any, **kwargs: Any):

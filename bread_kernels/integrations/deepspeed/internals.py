@@ -63,6 +63,15 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
     for name in ("destroy", "register_grad_acc_post_hook"):
         if not hasattr(DeepSpeedZeroOptimizer_Stage3, name):
             problems.append(f"DeepSpeedZeroOptimizer_Stage3.{name} is gone")
+    try:  # config.check_config reads the ZeRO section as DeepSpeed does
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        fields = getattr(DeepSpeedZeroConfig, "model_fields", {})
+        for name in ("offload_param", "cpu_offload_param", "zenflow"):  # the deprecated spelling maps to the first
+            if name not in fields:
+                problems.append(f"DeepSpeedZeroConfig has no {name} field")
+    except ImportError as exc:
+        problems.append(f"DeepSpeedZeroConfig: {exc}")
     for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         if not hasattr(dist, name):
             problems.append(f"torch.distributed.{name} is gone")
