@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 import types
 import weakref
 from typing import Callable
@@ -71,8 +72,10 @@ def _call(self: InstalledForward, *args, **kwargs):
     return self.__func__(module, *args, **kwargs)
 
 
-#: (fn, module class) -> the InstalledForward subclass whose ``__call__`` has a code object of its own
-_classes: dict[tuple[Callable, type], type] = {}
+#: module class -> {fn's code -> the InstalledForward subclass whose ``__call__`` has a code object of its own}:
+#: by the code, so that the function a patch builds afresh for each model (a closure) reuses its subclass; weakly by
+#: the class, which a model class defined at run time (``trust_remote_code``) must not outlive
+_classes: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
 
 
 def _installed_forward_class(fn: Callable, module_class: type) -> type:
@@ -82,13 +85,17 @@ def _installed_forward_class(fn: Callable, module_class: type) -> type:
     blocks, embeddings, the causal LM: a module class and argument dtypes each) reached that limit in one training
     loop with an evaluation or in a process that compiles a second model family, and from there ran eagerly; an
     unpatched model's forwards are one code object per module class."""
-    key = (fn, module_class)
-    cls = _classes.get(key)
+    per_class = _classes.setdefault(module_class, {})
+    key = getattr(fn, "__code__", fn)
+    cls = per_class.get(key)
     if cls is None:
         name = f"{module_class.__name__}_{getattr(fn, '__name__', 'forward')}"
-        code = _call.__code__.replace(co_name=name, co_qualname=f"InstalledForward.{name}")
-        call = types.FunctionType(code, _call.__globals__, name)
-        cls = _classes[key] = type(f"InstalledForward_{name}", (InstalledForward,), {"__slots__": (), "__call__": call})
+        names = {"co_name": name}
+        if sys.version_info >= (3, 11):  # co_qualname is 3.11's
+            names["co_qualname"] = f"InstalledForward.{name}"
+        call = types.FunctionType(_call.__code__.replace(**names), _call.__globals__, name)
+        cls = per_class[key] = type(f"InstalledForward_{name}", (InstalledForward,),
+                                    {"__slots__": (), "__call__": call})
     return cls
 
 

@@ -420,11 +420,19 @@ def _signature(forward) -> inspect.Signature:
     try:
         signature = _unbound_signatures.get(function)
     except TypeError:  # a callable that takes no weak reference: not cached
-        return inspect.Signature(list(inspect.signature(function).parameters.values())[1:])
+        return _unbound_signature(function)
     if signature is None:
-        signature = _unbound_signatures[function] = \
-            inspect.Signature(list(inspect.signature(function).parameters.values())[1:])
+        signature = _unbound_signatures[function] = _unbound_signature(function)
     return signature
 
 
 _unbound_signatures: "weakref.WeakKeyDictionary[Callable, inspect.Signature]" = weakref.WeakKeyDictionary()
+_HAS_A_DEFAULT = object()  # what a parameter's default becomes: binding needs to know there is one, not its value
+
+
+def _unbound_signature(function) -> inspect.Signature:
+    """``function``'s signature without its first parameter, and without its defaults' values or annotations: a
+    cached entry holding them would keep what they hold alive (a wrapper's ``_original=block.forward``: its key)."""
+    return inspect.Signature([p.replace(annotation=inspect.Parameter.empty,
+                                        default=p.default if p.default is inspect.Parameter.empty else _HAS_A_DEFAULT)
+                              for p in list(inspect.signature(function).parameters.values())[1:]])

@@ -107,6 +107,7 @@ class EngineDriver:
         take_over_parameters(self.named_parameters, what)
         self.model = owning_patched_model(self.named_parameters, what)
         self.engine = patched_state(self.model) if self.model is not None else None
+        self._drives_a_patched_model = self.engine is not None
         if self.engine is not None and self.engine.driver is not None and \
                 not getattr(self.engine.driver, "closed", False):
             raise ValueError(f"{what}: the model is driven by a live {self.engine.driver!r} over other parameters; "
@@ -194,6 +195,10 @@ class EngineDriver:
         Raises ``KeyError`` for a missing or unknown name and ``ValueError`` for an on-the-fly role without an
         ``update`` rule, before anything is written."""
         self._check_open("set_roles")
+        if self._drives_a_patched_model and self.engine is None:
+            raise RuntimeError(f"{self.what}: the patched model it drives was freed (it holds the model weakly), so "
+                               "its blocks' plans can no longer be written; keep a reference to the whole patched "
+                               "model, not only its parts, while training it")
         roles = self._checked_roles(roles)
         self.roles = roles
         role_of = {id(p): roles[n] for n, p in self.named_parameters}

@@ -357,6 +357,35 @@ def test_an_optimizer_or_driver_still_held_does_not_keep_the_dropped_model(close
         held.close()
 
 
+def test_a_driver_whose_patched_model_was_freed_says_so_instead_of_writing_no_plans():
+    """Held weakly, a model dropped while its parts are kept (``lm.model`` trained on) left the driver writing
+    neither plans nor the cut: stale roles, and a backward that never reached the new active block."""
+    import gc
+
+    from bread_kernels.optim.driver import EngineDriver
+
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    driver = EngineDriver(list(model.named_parameters()))
+    body = model.model  # noqa: F841 - the parts a user kept
+    names = list(driver.names)
+    del model
+    gc.collect()
+    with pytest.raises(RuntimeError, match="the patched model it drives was freed .* keep a reference to the whole"):
+        driver.set_roles({name: Role.FROZEN for name in names})
+    driver.close()
+
+
+def test_each_patched_model_of_a_class_reuses_its_installed_forwards_class():
+    """One class (one code object, for torch.compile's cache) per function and module class: the causal LM's
+    forward, built afresh at each patch, took a new class every time, kept for the process."""
+    classes = set()
+    for _ in range(3):
+        model = bread_kernels.patch(BUILDERS["llama"]())
+        classes.add((type(model.forward), type(model.model.norm.forward)))
+        bread_kernels.unpatch(model)
+    assert len(classes) == 1
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_close_removes_every_hook_and_plan_and_step_then_raises(variant):
     model = _variant_model(variant)
