@@ -27,8 +27,19 @@ NOT_PICKLED = ("bread_kernels: a patched model does not pickle whole (its engine
                "weakly); save model.state_dict() or save_pretrained(), or bread_kernels.unpatch(model) first")
 
 
+def _call(self: "InstalledForward", *args, **kwargs):
+    module = self._module()
+    if module is None:
+        raise RuntimeError(
+            "bread_kernels: this forward's module was freed: a patched module's forward holds its module weakly "
+            "(so a dropped model is freed at once); keep a reference to the model (or the module) while calling "
+            "its forward")
+    return self.__func__(module, *args, **kwargs)
+
+
 class InstalledForward:
-    """``fn`` bound to ``module`` weakly (see the module docstring)."""
+    """``fn`` bound to ``module`` weakly (see the module docstring); :func:`install_forward` makes each one of a
+    subclass whose ``__call__`` is :func:`_call` under a code object of its own."""
 
     __slots__ = ("__func__", "_module", "__signature__", "__weakref__")
 
@@ -41,8 +52,7 @@ class InstalledForward:
     def __self__(self) -> nn.Module:
         return self._module()
 
-    def __call__(self, *args, **kwargs):
-        return _call(self, *args, **kwargs)
+    __call__ = _call
 
     def __getattr__(self, name: str):
         """What a bound method reads through to its function: ``__code__`` (``torch.export`` reads the forward's),
@@ -60,16 +70,6 @@ class InstalledForward:
     def __repr__(self) -> str:
         module = self._module()
         return f"<installed forward {getattr(self.__func__, '__qualname__', self.__func__)} of {type(module).__name__}>"
-
-
-def _call(self: InstalledForward, *args, **kwargs):
-    module = self._module()
-    if module is None:
-        raise RuntimeError(
-            "bread_kernels: this forward's module was freed: a patched module's forward holds its module weakly "
-            "(so a dropped model is freed at once); keep a reference to the model (or the module) while calling "
-            "its forward")
-    return self.__func__(module, *args, **kwargs)
 
 
 #: module class -> {fn's code -> the InstalledForward subclass whose ``__call__`` has a code object of its own}:
