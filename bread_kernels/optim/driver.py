@@ -20,6 +20,9 @@ protocol; a library not supported by ``accelerate`` can use it directly::
     driver.end_step()
     driver.close()  # plain autograd again
 
+Under DistributedDataParallel the driver of a patched model averages the active parameters' gradients at the end of
+each synchronised backward and refuses the on-the-fly roles (:mod:`bread_kernels.optim.data_parallel`).
+
 Lifetime: the hooks keep their handles and hold the driver weakly, the engine holds its owner weakly, so dropping
 the owner (or the driver) removes every hook; ``close()`` does it at once, and :func:`bread_kernels.unpatch` closes
 the owner.  One driver owns a parameter at a time: a new driver over parameters of a live one closes that one's
@@ -40,6 +43,7 @@ from ..patch import patched_models, patched_state
 from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from ..update import update_dense_
+from .data_parallel import DataParallelForward, average_gradients_, data_parallel_forward, queue_after_backward
 from .roles import lowest_needed_block
 
 __all__ = ["EngineDriver", "owning_patched_model", "take_over_parameters", "check_loss_scaler",
@@ -146,6 +150,10 @@ class EngineDriver:
                 p.requires_grad_(wanted)
         for _, p in self.named_parameters:
             _OWNERS[p] = weakref.ref(self)
+        if self.model is not None:
+            data_parallel = _DataParallelHooks(weakref.ref(self))
+            handles.append(self.model.register_forward_pre_hook(data_parallel.before))
+            handles.append(self.model.register_forward_hook(data_parallel.after))
         if self.engine is not None:
             self.engine.drive(self.owner)
 
@@ -265,7 +273,7 @@ class EngineDriver:
         scale = _ScalerScale(scaler, refresh_each_call=self.model is None)
         self.update.loss_scale = scale
         if self.model is not None:
-            self._scale_hook = self.model.register_forward_pre_hook(_RefreshScale(scale))
+            self._scale_hook = self.model.register_forward_pre_hook(_RefreshScale(weakref.ref(scale)))
             self._handles.append(self._scale_hook)
 
     def plan(self, role: Role, name: str) -> WeightPlan:
@@ -342,6 +350,33 @@ class EngineDriver:
     def _collect_skip(self, name: str, reason: str) -> None:
         self._skipped.append((name, reason))
 
+    # -- DistributedDataParallel (optim/data_parallel.py) -------------------------------------------------------
+    def _check_data_parallel(self) -> DataParallelForward | None:
+        """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Refuses
+        an on-the-fly role there, before the forward runs: its update would use this rank's gradient alone."""
+        if not torch.is_grad_enabled():
+            return None
+        dp = data_parallel_forward()
+        if dp is None:
+            return None
+        on_the_fly = sorted({role.value for role in self.roles.values() if role.updates_on_the_fly})
+        if on_the_fly:
+            raise RuntimeError(
+                f"{self.what}: this forward runs under DistributedDataParallel over {dp.world} ranks, and the "
+                f"{'/'.join(r.upper() for r in on_the_fly)} role updates weights inside the backward (BREAD-SGD: "
+                "sgd_mode 'partial' or 'all'), where each rank has only its own gradient: the replicas would drift "
+                "apart. Train these data-parallel with DeepSpeed ZeRO-3 (bread_kernels.integrations.deepspeed "
+                "averages the on-the-fly updates over the ranks), or use sgd_mode='disabled' (BAdam) under DDP")
+        return dp
+
+    def _average_active_gradients(self, dp: DataParallelForward) -> None:
+        """At the end of a DDP backward that synchronises: average the ACTIVE parameters' gradients over its group
+        (DDP averages only the parameters that required grad when it was built)."""
+        if self._closed:
+            return
+        average_gradients_((p for n, p in self.named_parameters if self.roles.get(n) is Role.ACTIVE), dp.group,
+                           dp.world)
+
     def __repr__(self) -> str:
         return f"{self.what}({len(self.names)} parameters{', closed' if self._closed else ''})"
 
@@ -384,16 +419,69 @@ class _ScalerScale:
         return self.value
 
 
+def _nothing():
+    """What the model's hooks hold in a copy of the model (``copy.deepcopy``, pickle) instead of a weak reference
+    to the driver or its loss scale: the copy is not driven, and its hooks do nothing."""
+    return None
+
+
 class _RefreshScale:
     """The model's forward pre-hook that reads the loss scale before the forward (holds it weakly)."""
 
-    def __init__(self, scale: _ScalerScale):
-        self.scale = weakref.ref(scale)
+    def __init__(self, scale: "weakref.ref[_ScalerScale]"):
+        self.scale = scale
+
+    def __reduce__(self):
+        return _RefreshScale, (_nothing,)
 
     def __call__(self, module, args) -> None:
         scale = self.scale()
         if scale is not None:
             scale.refresh()
+
+
+class _DataParallelHooks:
+    """The model's forward pre-hook (:meth:`before`: notes the DDP the forward runs under, refusing an on-the-fly
+    role there) and forward hook (:meth:`after`: under a DDP forward that synchronises, a hook on the outputs that
+    require grad queues the average of the active gradients for the end of the backward).  Holds the driver
+    weakly."""
+
+    def __init__(self, driver: "weakref.ref[EngineDriver]"):
+        self.driver = driver
+        self.forward: DataParallelForward | None = None
+
+    def __reduce__(self):
+        return _DataParallelHooks, (_nothing,)
+
+    def before(self, module, args) -> None:
+        driver = self.driver()
+        self.forward = driver._check_data_parallel() if driver is not None and not driver.closed else None
+
+    def after(self, module, args, output) -> None:
+        dp, self.forward = self.forward, None
+        if dp is None or not dp.syncs:
+            return
+        queue = _QueueAverage(self.driver, dp)
+        values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) \
+            else (output,)
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                value.register_hook(queue)
+
+
+class _QueueAverage:
+    """A hook on a DDP forward's output: queues the driver's average of the active gradients for the end of the
+    backward, the first time the backward reaches one of the outputs."""
+
+    def __init__(self, driver: "weakref.ref[EngineDriver]", dp: DataParallelForward):
+        self.driver, self.dp, self.queued = driver, dp, False
+
+    def __call__(self, grad):
+        if not self.queued:
+            self.queued = True
+            driver = self.driver()
+            if driver is not None:
+                queue_after_backward(lambda: driver._average_active_gradients(self.dp))
 
 
 class _SkipCollector:

@@ -34,11 +34,9 @@ in the backward and checks that the whole job ends quickly with that error.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -54,35 +52,14 @@ TIMEOUT = 240
 ON_THE_FLY_ATOL, RTOL, ADAM_ATOL = 1e-6, 1e-5, 2e-5
 
 sys.path.insert(0, str(ROOT))
+from tests.integrations.ranks import free_port, read_ranks, torchrun  # noqa: E402
 from tests.integrations.zero3_worker import CASES, STEPS  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
-    """torchrun 2 CPU ranks of the worker; returns the completed process."""
-    torchrun = shutil.which("torchrun")
-    command = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(WORKER), "--out", str(out), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", BREAD_ZERO_CHUNK_BYTES="1024", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
-    env.pop("TRITON_INTERPRET", None)  # the CPU backends serve CPU tensors; Triton is not needed
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _read(out: Path) -> dict:
-    results = {}
-    for rank in (0, 1):
-        path = Path(f"{out}.rank{rank}.json")
-        assert path.exists(), f"rank {rank} wrote no results"
-        for case in json.loads(path.read_text()):
-            results[(case["case"], rank)] = case
-    return results
+    """torchrun 2 CPU ranks of the worker (every dW through several chunks); returns the completed process."""
+    return torchrun(WORKER, out, *args, extra_env={"BREAD_ZERO_CHUNK_BYTES": "1024", **(extra_env or {})},
+                    timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +68,7 @@ def zero3_results(tmp_path_factory):
     proc = launch(out)
     assert proc.returncode == 0, f"the 2-rank run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
-    return _read(out)
+    return read_ranks(out)
 
 
 FP32_CASES = [c for c in CASES if not c.startswith("bf16")]
@@ -265,7 +242,7 @@ def test_example_runs_under_the_deepspeed_launcher():
         pytest.skip("the deepspeed launcher is not on PATH")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
-    command = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "python/zero3_example.py",
+    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "python/zero3_example.py",
                "--steps", "3", "--layers", "2", "--hidden", "32", "--seq", "16", "--micro-batch", "2", "--gas", "2",
                "--sign", "--switch-every", "1"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)

@@ -87,6 +87,28 @@ def test_unpatch_closes_a_driver_without_owner_and_a_dropped_driver_frees_its_ho
     assert ref() is None and patched_state(model).cut == 0
 
 
+def test_a_copy_of_a_driven_model_carries_hooks_that_do_nothing():
+    """The driver's forward hooks on the model (the loss scale's refresh, the DDP check) copy along with it
+    (``copy.deepcopy``) holding no reference to the original's driver or scale, and they are all removed on
+    close."""
+    model = bread_kernels.patch(models.llama())
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR))
+    driver.set_roles(_roles(model))
+    driver.set_loss_scaler(torch.amp.GradScaler("cpu", init_scale=4.0))
+
+    def held(m):
+        hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+        return [h.__self__.driver() if hasattr(h, "__self__") else h.scale() for h in hooks
+                if hasattr(getattr(h, "__self__", None), "driver") or hasattr(h, "scale")]
+
+    assert len(held(model)) == 3 and all(x is not None for x in held(model))
+    duplicate = copy.deepcopy(model)
+    assert len(held(duplicate)) == 3 and all(x is None for x in held(duplicate))
+    models.loss_of(duplicate, models.batch(0)).backward()  # the copy's hooks run, and do nothing
+    driver.close()
+    assert held(model) == []
+
+
 def test_a_new_driver_takes_the_parameters_over_and_a_disjoint_one_is_refused():
     model = bread_kernels.patch(models.llama())
     first = EngineDriver(list(model.named_parameters()))

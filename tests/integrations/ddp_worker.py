@@ -1,0 +1,180 @@
+"""One rank of the DistributedDataParallel run of ``test_ddp.py`` (launched by torchrun, 2 CPU ranks, gloo).
+
+Each case trains a patched tiny Llama with :class:`bread_kernels.BlockOptimizer` under DDP, each rank on its own
+data, and a reference in the same process on the ranks' mean loss — what DDP computes: plain autograd with
+torch.optim.SGD over the active block's parameters (the schedule's block at each step) for BAdam; for BREAD (peft
+LoRA, ``lora_mode="all"``, whose adapters the single-process tests check against peft's autograd) the same optimizer
+in one process.  The Trainer case runs ``transformers.Trainer`` (which wraps the model in DDP after the optimizer is
+built) and checks that the ranks end with the same parameters.  Writes ``<out>.rank<r>.json``: per case, the largest |parameter - reference|, how far the reference moved,
+whether every rank holds the same parameters, and the error a refused case raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import bread_kernels  # noqa: E402
+from tests import model_zoo  # noqa: E402
+
+STEPS, LR = 4, 0.5
+LAYERS = 4
+#: case -> (the optimizer's sgd_mode, gradient accumulation micro-batches, DDP built before the optimizer)
+CASES = {
+    "badam": ("disabled", 1, False),             # a Trainer's order: the optimizer first, DDP after
+    "badam_ddp_first": ("disabled", 1, True),
+    "badam_no_sync_accumulation": ("disabled", 2, False),
+    "bread_sgd_refused": ("all", 1, False),
+    "bread_lora": ("disabled", 1, False),
+}
+
+
+def batch(step: int, micro: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    return torch.randint(0, model_zoo.VOCAB, (model_zoo.BATCH, model_zoo.SEQ), generator=g)
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def reference_params(base, world: int, gas: int) -> dict:
+    """Plain autograd: block ``step`` (ascending, one block per step) trained by SGD on the ranks' mean loss."""
+    model = copy.deepcopy(base)
+    for step in range(STEPS):
+        prefix = f"model.layers.{step % LAYERS}."
+        active = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in active:
+            p.requires_grad_(True)
+        for micro in range(gas):
+            loss = sum(loss_of(model, batch(step, micro, r)) for r in range(world)) / (world * gas)
+            loss.backward()
+        torch.optim.SGD(active, lr=LR).step()
+        for p in active:
+            p.grad = None
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def block_optimizer(model, sgd_mode: str, lora: bool):
+    return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
+                                        switch_block_every=1, switch_mode="ascending", sgd_mode=sgd_mode, verbose=0,
+                                        **({"lora_mode": "all"} if lora else {}))
+
+
+def one_process_params(base, world: int, gas: int, lora: bool) -> dict:
+    """The same optimizer on a patched copy in this process, on the ranks' mean loss."""
+    model = bread_kernels.patch(copy.deepcopy(base))
+    opt = block_optimizer(model, "disabled", lora)
+    for step in range(STEPS):
+        for micro in range(gas):
+            loss = sum(loss_of(model, batch(step, micro, r)) for r in range(world)) / (world * gas)
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def run_case(name: str, rank: int, world: int) -> dict:
+    sgd_mode, gas, ddp_first = CASES[name]
+    lora = name == "bread_lora"
+    base = model_zoo.llama(seed=0, layers=LAYERS)
+    if lora:
+        base = model_zoo.with_lora(base, r=4)
+    model = bread_kernels.patch(copy.deepcopy(base))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def wrap():
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    ddp = wrap() if ddp_first else None
+    opt = block_optimizer(model, sgd_mode, lora)
+    ddp = ddp or wrap()
+    result = {"case": name, "error": None}
+    try:
+        for step in range(STEPS):
+            for micro in range(gas):
+                sync = contextlib.nullcontext() if micro == gas - 1 else ddp.no_sync()
+                with sync:
+                    (loss_of(ddp, batch(step, micro, rank)) / gas).backward()
+            opt.step()
+            opt.zero_grad()
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+        result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        return result
+    ref = one_process_params(base, world, gas, lora) if lora else reference_params(base, world, gas)
+    result["diff"] = max((p.detach() - ref[n]).abs().max().item() for n, p in model.named_parameters())
+    result["moved"] = max((ref[n] - before[n]).abs().max().item() for n in ref)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    result["replicas_equal"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
+    opt.close()
+    return result
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, model_zoo.VOCAB, (model_zoo.SEQ,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def trainer_case(rank: int, world: int, out: str) -> dict:
+    """A Trainer under torchrun: it wraps the model in DDP after the optimizer was built, and clips."""
+    import transformers
+
+    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                       list(model.named_parameters()), switch_block_every=1,
+                                       switch_mode="ascending", verbose=0)
+    args = transformers.TrainingArguments(output_dir=f"{out}.trainer", per_device_train_batch_size=2,
+                                          max_steps=STEPS, use_cpu=True, ddp_backend="gloo",
+                                          ddp_find_unused_parameters=True, report_to=[], save_strategy="no",
+                                          max_grad_norm=1.0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Batches(), optimizers=(opt, None))
+    trainer.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    moved = max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
+    result = {"case": "trainer", "wrapped": type(trainer.model_wrapped).__name__, "moved": moved,
+              "replicas_equal": all(torch.equal(gathered[0], g) for g in gathered[1:]), "switches": opt.global_step}
+    opt.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer"])
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = [run_case(name, rank, world) for name in args.cases if name in CASES]
+    if "trainer" in args.cases:
+        results.append(trainer_case(rank, world, args.out))
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""DistributedDataParallel (2 CPU ranks, gloo) against a single-process plain-autograd run.
+
+A block optimizer changes which parameters require grad at every switch, and DDP averages only those that did
+when it was built (a Trainer builds it after the optimizer), so without the driver's own average the second
+block's gradients stayed each rank's own and the replicas drifted apart silently.  One ``torchrun`` launch runs
+every case of ``ddp_worker.CASES`` (4 steps, a block switch after each, each rank on its own data):
+
+* BAdam with DDP built after the optimizer (a Trainer's order) and before it, and with gradient accumulation under
+  ``no_sync()``: every parameter equals the reference (plain autograd, SGD on the ranks' mean loss) within fp32
+  rounding, and both ranks hold the same parameters; BREAD (peft LoRA, ``lora_mode="all"``) equals the same
+  optimizer run in one process on the ranks' mean loss;
+* a ``transformers.Trainer`` under torchrun (DDP, gradient clipping) ends with the same parameters on both ranks;
+* BREAD-SGD (an on-the-fly update inside the backward, which would use one rank's gradient) is refused at the first
+  forward, naming ZeRO-3 as the remedy, before any weight changed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.integrations.ddp_worker import CASES  # noqa: E402
+from tests.integrations.ranks import read_ranks, torchrun  # noqa: E402
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    proc = torchrun(WORKER, out)
+    assert proc.returncode == 0, f"the 2-rank run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
+                                 f"{proc.stderr[-8000:]}"
+    return read_ranks(out)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] == "disabled"])
+def test_badam_under_ddp_equals_the_single_process_run(ddp_results, case, rank):
+    result = ddp_results[(case, rank)]
+    assert result["error"] is None, result["error"]
+    assert result["moved"] > 1e-2, "the reference barely moved: the comparison would be vacuous"
+    assert result["diff"] <= ATOL, f"{case}, rank {rank}: |parameter - reference| = {result['diff']:.3g}"
+    assert result["replicas_equal"], f"{case}: the ranks hold different parameters"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_on_the_fly_update_under_ddp_is_refused_before_anything_changes(ddp_results, rank):
+    result = ddp_results[("bread_sgd_refused", rank)]
+    assert result["error"] is not None and "DistributedDataParallel over 2 ranks" in result["error"]
+    assert "ZeRO-3" in result["error"] and "sgd_mode='disabled'" in result["error"]
+    assert result["unchanged"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_trainer_under_torchrun_keeps_the_replicas_equal(ddp_results, rank):
+    result = ddp_results[("trainer", rank)]
+    assert result["wrapped"] == "DistributedDataParallel" and result["switches"] == 4
+    assert result["moved"] > 1e-3, "nothing moved: the comparison would be vacuous"
+    assert result["replicas_equal"], "the ranks hold different parameters after the Trainer's run"
+
+
+def test_the_ddp_internals_read_are_there():
+    from bread_kernels.optim.data_parallel import check_internals
+
+    check_internals()
