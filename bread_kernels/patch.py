@@ -53,6 +53,7 @@ recompute, and its backward: ~110 µs a step on a CPU) costs more than the dW it
 from __future__ import annotations
 
 import copy
+import itertools
 import numbers
 import os
 import types
@@ -249,6 +250,30 @@ def _check_parameter_dtypes(model: nn.Module) -> None:
             raise TypeError(f"patch: parameter {name} is {p.dtype}; the fused backward computes in float32, bfloat16 "
                             "or float16. Cast the model first (model.float(), or model.to(torch.bfloat16)), or train "
                             "it unpatched")
+
+
+def sharded_parameter(named_parameters) -> str | None:
+    """The name of the first parameter that is a ``DTensor`` (sharded by FSDP2's ``fully_shard`` or by tensor
+    parallelism), or None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return next((name for name, p in named_parameters if isinstance(p, DTensor)), None)
+
+
+def sharded_refusal(what: str, name: str) -> str:
+    return (f"{what}: parameter {name} is a DTensor (sharded by FSDP2's fully_shard, accelerate's or the Trainer's "
+            "FSDP, or tensor parallelism); bread_kernels reads and updates whole weights (the fused backward, the "
+            "on-the-fly updates) and does not support them. Train sharded with DeepSpeed ZeRO-3 (bread_kernels.integrations.deepspeed: "
+            "ZeroBlockOptimizer and initialize), or replicated with DistributedDataParallel (BAdam); unpatched "
+            "(bread_kernels.unpatch), BAdam (sgd_mode='disabled') runs under FSDP2 on the reference's slow path")
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    name = sharded_parameter(model.named_parameters())
+    if name is not None:
+        raise TypeError(sharded_refusal(what, name))
 
 
 def patched_state(model: nn.Module) -> PatchedModel | None:
@@ -488,6 +513,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         raise TypeError(f"patch: recompute must be True or False, got {recompute!r}")
     hook_update_numel = _check_hook_update_numel(hook_update_numel)
     _check_parameter_dtypes(model)
+    _refuse_sharded(model, "patch")
     state = patched_state(model)
     if state is not None:
         if state.model_ref() is not model:  # a wrapper's attributes read through to the model it wraps
@@ -606,7 +632,15 @@ class _Unbound(NamedTuple):
 
 def _begin_forward_hook(module, args) -> None:
     """The patched model's forward pre-hook (a module-level function: no closure holds the model or copies along
-    with it)."""
+    with it).  Refuses a model sharded after patch (FSDP2's hooks, registered later, run after this one: its
+    parameters are still the sharded DTensors here)."""
+    state = patched_state(module)
+    sample = [("", module)]  # FSDP2 shards the modules it wraps: the root, each block
+    if state is not None:
+        sample += [(f"{state.blocks_name}.{i}." if state.blocks_name else f"{i}.", b) for i, b in enumerate(state.blocks)]
+    name = sharded_parameter((prefix + n, p) for prefix, m in sample for n, p in itertools.islice(m.named_parameters(), 1))
+    if name is not None:
+        raise TypeError(sharded_refusal("bread_kernels", name))
     begin_forward()
 
 

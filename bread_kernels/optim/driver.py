@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..patch import patched_models, patched_state
+from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from ..update import update_dense_
@@ -306,6 +306,10 @@ class EngineDriver:
             first = next(n for n, r in checked.items() if r.updates_on_the_fly)
             raise ValueError(f"{self.what}.set_roles: {first} has role {checked[first].name}, an on-the-fly update, "
                              "but the driver has no update rule: pass update=OnTheFlyUpdate(lr=...)")
+        if self.update_target is None:
+            sharded = sharded_parameter((n, p) for n, p in self.named_parameters if checked[n].updates_on_the_fly)
+            if sharded is not None:
+                raise TypeError(sharded_refusal(f"{self.what}.set_roles (an on-the-fly role)", sharded))
         return checked
 
     def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:

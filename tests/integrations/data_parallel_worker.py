@@ -1,11 +1,12 @@
-"""One rank of the DistributedDataParallel run of ``test_ddp.py`` (launched by torchrun, 2 CPU ranks, gloo).
+"""One rank of the DistributedDataParallel and FSDP2 run of ``test_data_parallel.py`` (launched by torchrun, 2 CPU ranks, gloo).
 
 Each case trains a patched tiny Llama with :class:`bread_kernels.BlockOptimizer` under DDP, each rank on its own
 data, and a reference in the same process on the ranks' mean loss — what DDP computes: plain autograd with
 torch.optim.SGD over the active block's parameters (the schedule's block at each step) for BAdam; for BREAD (peft
 LoRA, ``lora_mode="all"``, whose adapters the single-process tests check against peft's autograd) the same optimizer
 in one process.  The Trainer case runs ``transformers.Trainer`` (which wraps the model in DDP after the optimizer is
-built) and checks that the ranks end with the same parameters.  Writes ``<out>.rank<r>.json``: per case, the largest |parameter - reference|, how far the reference moved,
+built) and checks that the ranks end with the same parameters.  The FSDP2 cases (``fully_shard``) record the
+error each refusal raises and whether any weight changed.  Writes ``<out>.rank<r>.json``: per case, the largest |parameter - reference|, how far the reference moved,
 whether every rank holds the same parameters, and the error a refused case raised.
 """
 
@@ -159,10 +160,50 @@ def trainer_case(rank: int, world: int, out: str) -> dict:
     return result
 
 
+def fsdp_cases(rank: int) -> list[dict]:
+    """FSDP2 shards the parameters into DTensors: ``patch`` of a sharded model, a patched model sharded after
+    ``patch``, and an unpatched model's on-the-fly updates are refused; unpatched BAdam runs (the slow path)."""
+    from torch.distributed.fsdp import fully_shard
+
+    def shard(model):
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def full(p):
+        return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+    def attempt(name, build, sgd_mode):
+        result = {"case": name, "error": None, "unchanged": None}
+        model = None
+        try:
+            model = build()
+            before = {n: full(p).clone() for n, p in model.named_parameters()}
+            opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                               list(model.named_parameters()), switch_mode="fixed", start_block=1,
+                                               sgd_mode=sgd_mode, verbose=0)
+            loss_of(model, batch(0, 0, rank)).backward()
+            opt.step()
+        except TypeError as exc:
+            result["error"] = str(exc)
+        if model is not None:
+            result["unchanged"] = all(torch.equal(full(p), before[n]) for n, p in model.named_parameters())
+        return result
+
+    llama = lambda: model_zoo.llama(seed=0, layers=LAYERS)  # noqa: E731
+    return [
+        attempt("fsdp_patch_refused", lambda: bread_kernels.patch(shard(llama())), "disabled"),
+        attempt("fsdp_sharded_after_patch_refused", lambda: shard(bread_kernels.patch(llama())), "disabled"),
+        attempt("fsdp_unpatched_on_the_fly_refused", lambda: shard(llama()), "all"),
+        attempt("fsdp_unpatched_badam_runs", lambda: shard(llama()), "disabled"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer"])
+    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer", "fsdp"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -171,6 +212,8 @@ def main() -> None:
     results = [run_case(name, rank, world) for name in args.cases if name in CASES]
     if "trainer" in args.cases:
         results.append(trainer_case(rank, world, args.out))
+    if "fsdp" in args.cases:
+        results += fsdp_cases(rank)
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -1,9 +1,10 @@
-"""DistributedDataParallel (2 CPU ranks, gloo) against a single-process plain-autograd run.
+"""DistributedDataParallel and FSDP2 (2 CPU ranks, gloo): DDP against a single-process plain-autograd run, FSDP2's
+refusals.
 
 A block optimizer changes which parameters require grad at every switch, and DDP averages only those that did
 when it was built (a Trainer builds it after the optimizer), so without the driver's own average the second
 block's gradients stayed each rank's own and the replicas drifted apart silently.  One ``torchrun`` launch runs
-every case of ``ddp_worker.CASES`` (4 steps, a block switch after each, each rank on its own data):
+every case of ``data_parallel_worker.CASES`` (4 steps, a block switch after each, each rank on its own data):
 
 * BAdam with DDP built after the optimizer (a Trainer's order) and before it, and with gradient accumulation under
   ``no_sync()``: every parameter equals the reference (plain autograd, SGD on the ranks' mean loss) within fp32
@@ -11,7 +12,11 @@ every case of ``ddp_worker.CASES`` (4 steps, a block switch after each, each ran
   optimizer run in one process on the ranks' mean loss;
 * a ``transformers.Trainer`` under torchrun (DDP, gradient clipping) ends with the same parameters on both ranks;
 * BREAD-SGD (an on-the-fly update inside the backward, which would use one rank's gradient) is refused at the first
-  forward, naming ZeRO-3 as the remedy, before any weight changed.
+  forward, naming ZeRO-3 as the remedy, before any weight changed;
+* FSDP2 (``fully_shard``: DTensor parameters, which the engine neither reads nor updates whole) is refused with the
+  remedies — by ``patch`` on a sharded model, at the forward of a model sharded after ``patch``, and by the optimizer
+  for an unpatched model's on-the-fly updates (before, a raw ``KeyError`` or an error inside the update op) — while
+  unpatched BAdam still trains there.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.integrations.ddp_worker import CASES  # noqa: E402
+from tests.integrations.data_parallel_worker import CASES  # noqa: E402
 from tests.integrations.ranks import read_ranks, torchrun  # noqa: E402
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).with_name("data_parallel_worker.py")
 ATOL = 1e-6
 
 
@@ -69,3 +74,20 @@ def test_the_ddp_internals_read_are_there():
     from bread_kernels.optim.data_parallel import check_internals
 
     check_internals()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case, where", [("fsdp_patch_refused", "patch: "),
+                                         ("fsdp_sharded_after_patch_refused", "bread_kernels: "),
+                                         ("fsdp_unpatched_on_the_fly_refused", "BlockOptimizer.set_roles (an on-the-fly")])
+def test_fsdp2_sharded_parameters_are_refused_with_the_remedies(ddp_results, case, where, rank):
+    result = ddp_results[(case, rank)]
+    assert result["error"] is not None and result["error"].startswith(where), result["error"]
+    assert "is a DTensor" in result["error"] and "ZeRO-3" in result["error"]
+    assert result["unchanged"] in (None, True)  # None: refused before a model existed to change
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_unpatched_badam_still_trains_under_fsdp2(ddp_results, rank):
+    result = ddp_results[("fsdp_unpatched_badam_runs", rank)]
+    assert result["error"] is None and result["unchanged"] is False
