@@ -265,9 +265,10 @@ def sharded_parameter(named_parameters) -> str | None:
 def sharded_refusal(what: str, name: str) -> str:
     return (f"{what}: parameter {name} is a DTensor (sharded by FSDP2's fully_shard, accelerate's or the Trainer's "
             "FSDP, or tensor parallelism); bread_kernels reads and updates whole weights (the fused backward, the "
-            "on-the-fly updates) and does not support them. Train sharded with DeepSpeed ZeRO-3 (bread_kernels.integrations.deepspeed: "
-            "ZeroBlockOptimizer and initialize), or replicated with DistributedDataParallel (BAdam); unpatched "
-            "(bread_kernels.unpatch), BAdam (sgd_mode='disabled') runs under FSDP2 on the reference's slow path")
+            "on-the-fly updates) and does not support them. Train sharded with DeepSpeed ZeRO-3 "
+            "(bread_kernels.integrations.deepspeed: ZeroBlockOptimizer and initialize), or replicated with "
+            "DistributedDataParallel (BAdam); unpatched (bread_kernels.unpatch), BAdam (sgd_mode='disabled') runs "
+            "under FSDP2 on the reference's slow path")
 
 
 def _refuse_sharded(model: nn.Module, what: str) -> None:
@@ -637,8 +638,9 @@ def _begin_forward_hook(module, args) -> None:
     state = patched_state(module)
     sample = [("", module)]  # FSDP2 shards the modules it wraps: the root, each block
     if state is not None:
-        sample += [(f"{state.blocks_name}.{i}." if state.blocks_name else f"{i}.", b) for i, b in enumerate(state.blocks)]
-    name = sharded_parameter((prefix + n, p) for prefix, m in sample for n, p in itertools.islice(m.named_parameters(), 1))
+        sample += zip(state.block_prefixes(), state.blocks)
+    name = sharded_parameter((prefix + n, p) for prefix, m in sample
+                             for n, p in itertools.islice(m.named_parameters(), 1))
     if name is not None:
         raise TypeError(sharded_refusal("bread_kernels", name))
     begin_forward()

@@ -1,13 +1,14 @@
-"""One rank of the DistributedDataParallel and FSDP2 run of ``test_data_parallel.py`` (launched by torchrun, 2 CPU ranks, gloo).
+"""One rank of the DistributedDataParallel and FSDP2 run of ``test_data_parallel.py`` (torchrun, 2 CPU ranks, gloo).
 
-Each case trains a patched tiny Llama with :class:`bread_kernels.BlockOptimizer` under DDP, each rank on its own
+Each DDP case trains a patched tiny Llama with :class:`bread_kernels.BlockOptimizer` under DDP, each rank on its own
 data, and a reference in the same process on the ranks' mean loss — what DDP computes: plain autograd with
 torch.optim.SGD over the active block's parameters (the schedule's block at each step) for BAdam; for BREAD (peft
 LoRA, ``lora_mode="all"``, whose adapters the single-process tests check against peft's autograd) the same optimizer
 in one process.  The Trainer case runs ``transformers.Trainer`` (which wraps the model in DDP after the optimizer is
-built) and checks that the ranks end with the same parameters.  The FSDP2 cases (``fully_shard``) record the
-error each refusal raises and whether any weight changed.  Writes ``<out>.rank<r>.json``: per case, the largest |parameter - reference|, how far the reference moved,
-whether every rank holds the same parameters, and the error a refused case raised.
+built) and checks that the ranks end with the same parameters.  The FSDP2 cases (``fully_shard``) record the error
+each refusal raises and whether any weight changed.  Writes ``<out>.rank<r>.json``: per case, the largest
+|parameter - reference|, how far the reference moved, whether every rank holds the same parameters, and the error a
+refused case raised.
 """
 
 from __future__ import annotations

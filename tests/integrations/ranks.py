@@ -21,7 +21,9 @@ def free_port() -> int:
 
 def torchrun(worker: Path, out: Path, *args: str, extra_env: dict | None = None, timeout: int = 240):
     """torchrun 2 CPU ranks of ``worker --out out *args``; returns the completed process."""
-    command = ([shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]) + [
+    torchrun_path = shutil.which("torchrun")
+    launcher = [torchrun_path] if torchrun_path else [sys.executable, "-m", "torch.distributed.run"]
+    command = launcher + [
         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(worker), "--out", str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",

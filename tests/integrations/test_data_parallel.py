@@ -36,8 +36,8 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "run"
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data_parallel") / "run"
     proc = torchrun(WORKER, out)
     assert proc.returncode == 0, f"the 2-rank run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
@@ -46,8 +46,8 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] == "disabled"])
-def test_badam_under_ddp_equals_the_single_process_run(ddp_results, case, rank):
-    result = ddp_results[(case, rank)]
+def test_badam_under_ddp_equals_the_single_process_run(results, case, rank):
+    result = results[(case, rank)]
     assert result["error"] is None, result["error"]
     assert result["moved"] > 1e-2, "the reference barely moved: the comparison would be vacuous"
     assert result["diff"] <= ATOL, f"{case}, rank {rank}: |parameter - reference| = {result['diff']:.3g}"
@@ -55,16 +55,16 @@ def test_badam_under_ddp_equals_the_single_process_run(ddp_results, case, rank):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_an_on_the_fly_update_under_ddp_is_refused_before_anything_changes(ddp_results, rank):
-    result = ddp_results[("bread_sgd_refused", rank)]
+def test_an_on_the_fly_update_under_ddp_is_refused_before_anything_changes(results, rank):
+    result = results[("bread_sgd_refused", rank)]
     assert result["error"] is not None and "DistributedDataParallel over 2 ranks" in result["error"]
     assert "ZeRO-3" in result["error"] and "sgd_mode='disabled'" in result["error"]
     assert result["unchanged"]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_trainer_under_torchrun_keeps_the_replicas_equal(ddp_results, rank):
-    result = ddp_results[("trainer", rank)]
+def test_a_trainer_under_torchrun_keeps_the_replicas_equal(results, rank):
+    result = results[("trainer", rank)]
     assert result["wrapped"] == "DistributedDataParallel" and result["switches"] == 4
     assert result["moved"] > 1e-3, "nothing moved: the comparison would be vacuous"
     assert result["replicas_equal"], "the ranks hold different parameters after the Trainer's run"
@@ -77,17 +77,19 @@ def test_the_ddp_internals_read_are_there():
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-@pytest.mark.parametrize("case, where", [("fsdp_patch_refused", "patch: "),
-                                         ("fsdp_sharded_after_patch_refused", "bread_kernels: "),
-                                         ("fsdp_unpatched_on_the_fly_refused", "BlockOptimizer.set_roles (an on-the-fly")])
-def test_fsdp2_sharded_parameters_are_refused_with_the_remedies(ddp_results, case, where, rank):
-    result = ddp_results[(case, rank)]
+@pytest.mark.parametrize("case, where", [
+    ("fsdp_patch_refused", "patch: "),
+    ("fsdp_sharded_after_patch_refused", "bread_kernels: "),
+    ("fsdp_unpatched_on_the_fly_refused", "BlockOptimizer.set_roles (an on-the-fly"),
+])
+def test_fsdp2_sharded_parameters_are_refused_with_the_remedies(results, case, where, rank):
+    result = results[(case, rank)]
     assert result["error"] is not None and result["error"].startswith(where), result["error"]
     assert "is a DTensor" in result["error"] and "ZeRO-3" in result["error"]
     assert result["unchanged"] in (None, True)  # None: refused before a model existed to change
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_unpatched_badam_still_trains_under_fsdp2(ddp_results, rank):
-    result = ddp_results[("fsdp_unpatched_badam_runs", rank)]
+def test_unpatched_badam_still_trains_under_fsdp2(results, rank):
+    result = results[("fsdp_unpatched_badam_runs", rank)]
     assert result["error"] is None and result["unchanged"] is False
