@@ -53,7 +53,7 @@ recompute, and its backward: ~110 µs a step on a CPU) costs more than the dW it
 from __future__ import annotations
 
 import copy
-import itertools
+import functools
 import numbers
 import os
 import types
@@ -123,6 +123,9 @@ class PatchedModel:
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.hook_update_numel = DEFAULT_HOOK_UPDATE_NUMEL  # patch()'s option: see updates_in_hook
         self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
+        # (qualified name, owning module, attribute) of the first parameter of the model and of each block: FSDP2
+        # shards what it wraps (the root, each block), so a model sharded after patch shows there (see shard_probe)
+        self.shard_probes: list[tuple[str, nn.Module, str]] = []
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
 
     def __deepcopy__(self, memo: dict) -> "PatchedModel":
@@ -155,6 +158,13 @@ class PatchedModel:
 
     def __getstate__(self):
         raise TypeError(NOT_PICKLED)
+
+    def shard_probe(self) -> str | None:
+        """The name of a parameter sharded since patch (a DTensor where the first parameter of the model or of a
+        block lies), or None: a few dictionary reads, before every forward."""
+        dtensor = _dtensor_class()
+        return next((name for name, owner, attr in self.shard_probes
+                     if isinstance(owner._parameters.get(attr), dtensor)), None)
 
     def updates_in_hook(self, module: nn.Module) -> bool:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
@@ -252,14 +262,30 @@ def _check_parameter_dtypes(model: nn.Module) -> None:
                             "it unpatched")
 
 
+@functools.cache
+def _dtensor_class() -> type:
+    """``torch.distributed.tensor.DTensor``, or a class no tensor is an instance of (a torch without distributed)."""
+    if not torch.distributed.is_available():
+        return type("NoDTensor", (), {})
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
 def sharded_parameter(named_parameters) -> str | None:
     """The name of the first parameter that is a ``DTensor`` (sharded by FSDP2's ``fully_shard`` or by tensor
     parallelism), or None."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+    dtensor = _dtensor_class()
+    return next((name for name, p in named_parameters if isinstance(p, dtensor)), None)
 
-    return next((name for name, p in named_parameters if isinstance(p, DTensor)), None)
+
+def _first_parameter(prefix: str, module: nn.Module) -> tuple[str, nn.Module, str] | None:
+    """Where ``module``'s first parameter lies: (qualified name, owning module, attribute)."""
+    for name, owner in module.named_modules():
+        for attr, p in owner._parameters.items():
+            if p is not None:
+                return prefix + (f"{name}." if name else "") + attr, owner, attr
+    return None
 
 
 def sharded_refusal(what: str, name: str) -> str:
@@ -552,6 +578,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
     state.hook_update_numel = hook_update_numel
     state.shared_weights = _shared_weight_ids(model)
+    state.shard_probes = [probe for probe in (_first_parameter(prefix, m) for prefix, m in
+                                              [("", model), *zip(state.block_prefixes(), blocks)]) if probe is not None]
 
     targets: list[tuple[str, nn.Module, int | None]] = []
     experts: list[tuple[str, nn.Module]] = []
@@ -636,11 +664,7 @@ def _begin_forward_hook(module, args) -> None:
     with it).  Refuses a model sharded after patch (FSDP2's hooks, registered later, run after this one: its
     parameters are still the sharded DTensors here)."""
     state = patched_state(module)
-    sample = [("", module)]  # FSDP2 shards the modules it wraps: the root, each block
-    if state is not None:
-        sample += zip(state.block_prefixes(), state.blocks)
-    name = sharded_parameter((prefix + n, p) for prefix, m in sample
-                             for n, p in itertools.islice(m.named_parameters(), 1))
+    name = state.shard_probe() if state is not None else None
     if name is not None:
         raise TypeError(sharded_refusal("bread_kernels", name))
     begin_forward()
