@@ -475,7 +475,7 @@ class _DataParallelHooks:
 
 class _QueueAverage:
     """A hook on a DDP forward's output: queues the driver's average of the active gradients for the end of the
-    backward, the first time the backward reaches one of the outputs."""
+    backward, the first time that backward reaches one of the outputs (again in a second backward of the graph)."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]", dp: DataParallelForward):
         self.driver, self.dp, self.queued = driver, dp, False
@@ -483,9 +483,13 @@ class _QueueAverage:
     def __call__(self, grad):
         if not self.queued:
             self.queued = True
-            driver = self.driver()
-            if driver is not None:
-                queue_after_backward(lambda: driver._average_active_gradients(self.dp))
+            queue_after_backward(self._average)
+
+    def _average(self) -> None:
+        self.queued = False
+        driver = self.driver()
+        if driver is not None:
+            driver._average_active_gradients(self.dp)
 
 
 class _SkipCollector:
