@@ -1,4 +1,5 @@
-"""DistributedDataParallel as a block optimizer sees it from inside the forward of the model it drives.
+"""Data-parallel training as a block optimizer sees it from inside the forward of the model it drives:
+DistributedDataParallel, a DeepSpeed engine, or several ranks with neither.
 
 A block optimizer changes, at each block switch, which parameters require grad; DDP registers the ones that require
 grad when it is built (a Trainer builds it after the optimizer: the first block's), so it never averages a later
@@ -6,17 +7,23 @@ block's gradients, and the replicas drift apart without an error.  The driver th
 parameters' gradients itself, at the end of every backward DDP synchronises (not under ``no_sync()``), before
 clipping or the optimizer reads them: over DDP's process group, in place.  A gradient DDP averaged
 as well is averaged again (the same value on every rank; an extra all-reduce of that block).  An on-the-fly update
-(``SGD``/``SIGN``) inside a DDP backward is refused: it would use this rank's gradient alone.
+(``SGD``/``SIGN``) inside a DDP backward is refused: it would use this rank's gradient alone — and so it is in any
+process group of several ranks, unless the updates go to ZeRO-3's shards (whose target averages them) or
+``BREAD_INDEPENDENT_RANKS=1`` says each rank trains a model of its own.  A DeepSpeed engine around a model whose
+optimizer is not the ZeRO-3 integration's is refused (ZeRO-1/2 replace the optimizer's parameters with flat
+partitions, ZeRO-3 partitions the weights, the Trainer's ``deepspeed=`` replaces the optimizer it was given).
 
 torch has no public API for "the DDP whose forward is running" or "run this when the backward ends".  This module
 reads ``DistributedDataParallel._get_active_ddp_module()`` (the class method TorchDynamo's DDP optimizer reads) and
-its ``process_group`` and ``require_backward_grad_sync``, and queues with
-``torch.autograd.Variable._execution_engine.queue_callback`` (what DDP's reducer uses).  They are isolated here;
+its ``process_group`` and ``require_backward_grad_sync``, queues with
+``torch.autograd.Variable._execution_engine.queue_callback`` (what DDP's reducer uses), and knows a DeepSpeed engine
+by the forward pre-hook it registers on its module (``DeepSpeedEngine._create_module_forward_pre_hook``).  They are isolated here;
 :func:`check_internals` raises when torch changes them, and a test calls it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -24,7 +31,13 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DataParallelForward", "data_parallel_forward", "queue_after_backward", "average_gradients_",
-           "check_internals"]
+           "check_internals", "several_ranks", "INDEPENDENT_RANKS_ENV", "DEEPSPEED_HOOK", "runs_under_deepspeed"]
+
+#: set to 1 when each rank of a process group trains a model of its own (not data-parallel): on-the-fly updates are
+#: then allowed with this rank's gradient
+INDEPENDENT_RANKS_ENV = "BREAD_INDEPENDENT_RANKS"
+#: the qualified name of the forward pre-hook a DeepSpeed engine registers on its module (deepspeed 0.19)
+DEEPSPEED_HOOK = "DeepSpeedEngine._create_module_forward_pre_hook.<locals>._module_forward_pre_hook"
 
 
 @dataclass(frozen=True)
@@ -80,3 +93,17 @@ def average_gradients_(params: Iterable[torch.Tensor], group, world: int) -> Non
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
             p.grad.div_(world)
+
+
+def several_ranks() -> int:
+    """The default process group's size where it has more than one rank and ``BREAD_INDEPENDENT_RANKS`` is not 1;
+    0 otherwise."""
+    if not (dist.is_available() and dist.is_initialized()) or os.environ.get(INDEPENDENT_RANKS_ENV) == "1":
+        return 0
+    world = dist.get_world_size()
+    return world if world > 1 else 0
+
+
+def runs_under_deepspeed(module: torch.nn.Module) -> bool:
+    """Whether a DeepSpeed engine wraps ``module`` (its forward pre-hook is on the module)."""
+    return any(getattr(hook, "__qualname__", "") == DEEPSPEED_HOOK for hook in module._forward_pre_hooks.values())

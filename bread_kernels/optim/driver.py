@@ -42,8 +42,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
+from ..rounding import FLOAT_DTYPES
 from ..update import update_dense_
-from .data_parallel import DataParallelForward, average_gradients_, data_parallel_forward, queue_after_backward
+from .data_parallel import (INDEPENDENT_RANKS_ENV, DataParallelForward, average_gradients_, data_parallel_forward,
+                            queue_after_backward, runs_under_deepspeed, several_ranks)
 from .roles import lowest_needed_block
 
 __all__ = ["EngineDriver", "owning_patched_model", "take_over_parameters", "check_loss_scaler",
@@ -306,10 +308,17 @@ class EngineDriver:
             first = next(n for n, r in checked.items() if r.updates_on_the_fly)
             raise ValueError(f"{self.what}.set_roles: {first} has role {checked[first].name}, an on-the-fly update, "
                              "but the driver has no update rule: pass update=OnTheFlyUpdate(lr=...)")
-        if self.update_target is None:
+        if self.update_target is None and any(r.updates_on_the_fly for r in checked.values()):
             sharded = sharded_parameter((n, p) for n, p in self.named_parameters if checked[n].updates_on_the_fly)
             if sharded is not None:
                 raise TypeError(sharded_refusal(f"{self.what}.set_roles (an on-the-fly role)", sharded))
+            wide = next(((n, p.dtype) for n, p in self.named_parameters
+                         if checked[n].updates_on_the_fly and p.dtype not in FLOAT_DTYPES), None)
+            if wide is not None:
+                raise TypeError(f"{self.what}.set_roles: {wide[0]} is {wide[1]} and has an on-the-fly role; the "
+                                "on-the-fly update computes in float32, bfloat16 or float16. Cast the model first "
+                                "(model.float()), or use sgd_mode='disabled' (BAdam), which trains float64 weights")
+            self._check_ranks()
         return checked
 
     def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
@@ -348,6 +357,8 @@ class EngineDriver:
         plan = self.hook_plans.get(name)
         if plan is None or p.grad is None:
             return
+        if self.model is None:  # no forward hook checks the ranks: a process group initialised after set_roles
+            self._check_ranks()
         grad, p.grad = p.grad, None
         update_dense_(plan, p, grad)
 
@@ -355,23 +366,43 @@ class EngineDriver:
         self._skipped.append((name, reason))
 
     # -- DistributedDataParallel (optim/data_parallel.py) -------------------------------------------------------
-    def _check_data_parallel(self) -> DataParallelForward | None:
-        """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Refuses
-        an on-the-fly role there, before the forward runs: its update would use this rank's gradient alone."""
+    def _check_data_parallel(self, module: nn.Module) -> DataParallelForward | None:
+        """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Refuses,
+        before the forward runs, a DeepSpeed engine around the model unless this driver writes ZeRO-3's shards, and
+        an on-the-fly role in a group of several ranks (under DDP or not) whose updates stay this rank's own."""
         if not torch.is_grad_enabled():
             return None
+        if self.update_target is None and runs_under_deepspeed(module):
+            raise RuntimeError(
+                f"{self.what}: a DeepSpeed engine drives this model (deepspeed.initialize, or the Trainer's "
+                "deepspeed=, which replaces the optimizer it is given with its own): ZeRO-1/2 replace this "
+                "optimizer's parameters with flat partitions and ZeRO-3 partitions the weights, so block switches "
+                "and on-the-fly updates would not reach them. Use bread_kernels.integrations.deepspeed "
+                "(ZeroBlockOptimizer and initialize, ZeRO-3), or DistributedDataParallel without DeepSpeed (BAdam)")
         dp = data_parallel_forward()
-        if dp is None:
-            return None
         on_the_fly = sorted({role.value for role in self.roles.values() if role.updates_on_the_fly})
-        if on_the_fly:
+        if on_the_fly and dp is not None:
             raise RuntimeError(
                 f"{self.what}: this forward runs under DistributedDataParallel over {dp.world} ranks, and the "
                 f"{'/'.join(r.upper() for r in on_the_fly)} role updates weights inside the backward (BREAD-SGD: "
                 "sgd_mode 'partial' or 'all'), where each rank has only its own gradient: the replicas would drift "
                 "apart. Train these data-parallel with DeepSpeed ZeRO-3 (bread_kernels.integrations.deepspeed "
                 "averages the on-the-fly updates over the ranks), or use sgd_mode='disabled' (BAdam) under DDP")
+        if on_the_fly:
+            self._check_ranks()
         return dp
+
+    def _check_ranks(self) -> None:
+        """Refuse on-the-fly roles whose updates stay this rank's own in a process group of several ranks."""
+        world = several_ranks() if self.update_target is None else 0
+        if world:
+            raise RuntimeError(
+                f"{self.what}: this process group has {world} ranks, and the on-the-fly updates (BREAD-SGD: sgd_mode "
+                "'partial' or 'all') would use each rank's own gradient — outside DeepSpeed ZeRO-3 nothing averages "
+                "them (DDP averages only .grad; deepspeed.initialize's stages 0-2 neither) — so the replicas would "
+                "drift apart. Train these data-parallel with bread_kernels.integrations.deepspeed (ZeroBlockOptimizer "
+                f"and initialize, ZeRO-3), or use sgd_mode='disabled' (BAdam); if each rank trains a model of its own, "
+                f"set {INDEPENDENT_RANKS_ENV}=1")
 
     def _average_active_gradients(self, dp: DataParallelForward) -> None:
         """At the end of a DDP backward that synchronises: average the ACTIVE parameters' gradients over its group
@@ -459,7 +490,7 @@ class _DataParallelHooks:
 
     def before(self, module, args) -> None:
         driver = self.driver()
-        self.forward = driver._check_data_parallel() if driver is not None and not driver.closed else None
+        self.forward = driver._check_data_parallel(module) if driver is not None and not driver.closed else None
 
     def after(self, module, args, output) -> None:
         dp, self.forward = self.forward, None

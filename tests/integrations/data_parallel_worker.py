@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import bread_kernels  # noqa: E402
+from bread_kernels.optim.data_parallel import INDEPENDENT_RANKS_ENV  # noqa: E402
 from tests import model_zoo  # noqa: E402
 
 STEPS, LR = 4, 0.5
@@ -100,11 +101,11 @@ def run_case(name: str, rank: int, world: int) -> dict:
     def wrap():
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
-    ddp = wrap() if ddp_first else None
-    opt = block_optimizer(model, sgd_mode, lora)
-    ddp = ddp or wrap()
     result = {"case": name, "error": None}
     try:
+        ddp = wrap() if ddp_first else None
+        opt = block_optimizer(model, sgd_mode, lora)
+        ddp = ddp or wrap()
         for step in range(STEPS):
             for micro in range(gas):
                 sync = contextlib.nullcontext() if micro == gas - 1 else ddp.no_sync()
@@ -201,10 +202,67 @@ def fsdp_cases(rank: int) -> list[dict]:
     ]
 
 
+def deepspeed_cases(rank: int) -> list[dict]:
+    """A DeepSpeed engine (ZeRO 0 and 2) around a patched model whose optimizer is a plain BlockOptimizer: refused
+    at the first forward, before DeepSpeed's own backward hooks fail or the ranks drift apart."""
+    import deepspeed
+
+    results = []
+    for stage in (0, 2):
+        result = {"case": f"deepspeed_zero{stage}_refused", "error": None}
+        model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = block_optimizer(model, "disabled", lora=False)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": model_zoo.BATCH, "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9})
+        try:
+            engine.backward(loss_of(engine, batch(0, 0, rank)))
+            engine.step()
+        except RuntimeError as exc:
+            result["error"] = str(exc)
+        result["unchanged"] = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+        opt.close()
+        engine.destroy()
+        results.append(result)
+    return results
+
+
+def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
+    """``BREAD_INDEPENDENT_RANKS=1``: each rank trains a model of its own with BREAD-SGD (no DDP); and an optimizer
+    built under it whose model then runs under DDP is refused at that forward."""
+    results = []
+    os.environ[INDEPENDENT_RANKS_ENV] = "1"
+    try:
+        base = model_zoo.llama(seed=0, layers=LAYERS)
+        own = bread_kernels.patch(copy.deepcopy(base))
+        opt = block_optimizer(own, "all", lora=False)
+        for step in range(2):
+            loss_of(own, batch(step, 0, rank)).backward()
+            opt.step()
+            opt.zero_grad()
+        moved = max((a.detach() - b).abs().max().item() for a, b in zip(own.parameters(), base.parameters()))
+        results.append({"case": "independent_ranks_train", "error": None, "moved": moved})
+        model = bread_kernels.patch(copy.deepcopy(base))
+        opt = block_optimizer(model, "all", lora=False)
+    finally:
+        del os.environ[INDEPENDENT_RANKS_ENV]
+    result = {"case": "bread_sgd_ddp_forward_refused", "error": None}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        loss_of(ddp, batch(0, 0, rank)).backward()
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    results.append(result)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer", "fsdp"])
+    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer", "fsdp", "opt_out", "deepspeed"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -215,6 +273,10 @@ def main() -> None:
         results.append(trainer_case(rank, world, args.out))
     if "fsdp" in args.cases:
         results += fsdp_cases(rank)
+    if "opt_out" in args.cases:
+        results += on_the_fly_opt_out_cases(rank)
+    if "deepspeed" in args.cases:
+        results += deepspeed_cases(rank)
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

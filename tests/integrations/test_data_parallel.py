@@ -11,8 +11,10 @@ every case of ``data_parallel_worker.CASES`` (4 steps, a block switch after each
   rounding, and both ranks hold the same parameters; BREAD (peft LoRA, ``lora_mode="all"``) equals the same
   optimizer run in one process on the ranks' mean loss;
 * a ``transformers.Trainer`` under torchrun (DDP, gradient clipping) ends with the same parameters on both ranks;
-* BREAD-SGD (an on-the-fly update inside the backward, which would use one rank's gradient) is refused at the first
-  forward, naming ZeRO-3 as the remedy, before any weight changed;
+* BREAD-SGD (an on-the-fly update inside the backward, which would use one rank's gradient) is refused in a process
+  group of several ranks — when the optimizer is built, or at the DDP forward — naming ZeRO-3 as the remedy, before
+  any weight changed; ``BREAD_INDEPENDENT_RANKS=1`` lets each rank train a model of its own;
+* a DeepSpeed engine (ZeRO 0 and 2) around a plain BlockOptimizer is refused at the first forward;
 * FSDP2 (``fully_shard``: DTensor parameters, which the engine neither reads nor updates whole) is refused with the
   remedies — by ``patch`` on a sharded model, at the forward of a model sharded after ``patch``, and by the optimizer
   for an unpatched model's on-the-fly updates (before, a raw ``KeyError`` or an error inside the update op) — while
@@ -55,11 +57,30 @@ def test_badam_under_ddp_equals_the_single_process_run(results, case, rank):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_an_on_the_fly_update_under_ddp_is_refused_before_anything_changes(results, rank):
-    result = results[("bread_sgd_refused", rank)]
-    assert result["error"] is not None and "DistributedDataParallel over 2 ranks" in result["error"]
+@pytest.mark.parametrize("case, where", [("bread_sgd_refused", "BlockOptimizer: this process group has 2 ranks"),
+                                         ("bread_sgd_ddp_forward_refused", "DistributedDataParallel over 2 ranks")])
+def test_an_on_the_fly_update_in_a_group_of_ranks_is_refused_before_anything_changes(results, case, where, rank):
+    """When the optimizer is built (the process group exists), or at the DDP forward (built under the opt-out)."""
+    result = results[(case, rank)]
+    assert result["error"] is not None and where in result["error"], result["error"]
     assert "ZeRO-3" in result["error"] and "sgd_mode='disabled'" in result["error"]
     assert result["unchanged"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_trains_its_own_model_with_the_opt_out(results, rank):
+    result = results[("independent_ranks_train", rank)]
+    assert result["error"] is None and result["moved"] > 1e-2
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_deepspeed_engine_around_a_plain_block_optimizer_is_refused(results, stage, rank):
+    """deepspeed.initialize (or the Trainer's deepspeed=) with ZeRO 0-2: before, ZeRO-1/2 failed inside DeepSpeed's
+    hooks and BREAD-SGD at ZeRO-0 trained each rank on its own gradient without an error."""
+    result = results[(f"deepspeed_zero{stage}_refused", rank)]
+    assert result["error"] is not None and "a DeepSpeed engine drives this model" in result["error"]
+    assert "ZeroBlockOptimizer" in result["error"] and result["unchanged"]
 
 
 @pytest.mark.parametrize("rank", [0, 1])

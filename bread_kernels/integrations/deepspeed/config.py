@@ -22,8 +22,10 @@ def check_config(config) -> dict:
     zero = config.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
     if stage != 3:
-        raise ValueError(f"bread_kernels ZeRO integration: zero_optimization.stage is {stage}; it serves stage 3 "
-                         "(with stages 0-2 every rank holds the full weights: use BlockOptimizer directly)")
+        raise ValueError(f"bread_kernels ZeRO integration: zero_optimization.stage is {stage}; it serves stage 3. "
+                         "Stages 1-2 replace the optimizer's parameters with flat partitions a block optimizer cannot "
+                         "switch, and none of stages 0-2 averages on-the-fly updates: without sharding, train with "
+                         "BlockOptimizer under DistributedDataParallel (BAdam; README, DistributedDataParallel)")
     if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
         raise ValueError("bread_kernels ZeRO integration: zero_hpz_partition_size > 1 (ZeRO++ hpZ) is not supported: "
                          "gathers read a secondary partition that an on-the-fly update of the primary shard never "
