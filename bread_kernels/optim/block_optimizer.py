@@ -481,9 +481,8 @@ def _warn_slow_path() -> None:
             "gradients materialised and read back by hooks). Call bread_kernels.patch(model) before building the "
             "optimizer for the fused backward." + (
                 " Under DistributedDataParallel the slow path also leaves every block's gradients to DDP, which "
-                "averages only the parameters that required grad when it was built, and updates on the fly with "
-                "each rank's own gradient: the replicas drift apart. A patched model's optimizer averages the "
-                "active block itself and refuses the on-the-fly updates there."
+                "averages only the parameters that required grad when it was built: the replicas drift apart. A "
+                "patched model's optimizer averages the active block and the on-the-fly updates over the ranks."
                 if torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1 else ""), UserWarning, stacklevel=3,
         )

@@ -5,20 +5,22 @@ A block optimizer changes, at each block switch, which parameters require grad; 
 grad when it is built (a Trainer builds it after the optimizer: the first block's), so it never averages a later
 block's gradients, and the replicas drift apart without an error.  The driver therefore averages the active
 parameters' gradients itself, at the end of every backward DDP synchronises (not under ``no_sync()``), before
-clipping or the optimizer reads them: over DDP's process group, in place.  A gradient DDP averaged
-as well is averaged again (the same value on every rank; an extra all-reduce of that block).  An on-the-fly update
-(``SGD``/``SIGN``) inside a DDP backward is refused: it would use this rank's gradient alone — and so it is in any
-process group of several ranks, unless the updates go to ZeRO-3's shards (whose target averages them) or
-``BREAD_INDEPENDENT_RANKS=1`` says each rank trains a model of its own.  A DeepSpeed engine around a model whose
-optimizer is not the ZeRO-3 integration's is refused (ZeRO-1/2 replace the optimizer's parameters with flat
-partitions, ZeRO-3 partitions the weights, the Trainer's ``deepspeed=`` replaces the optimizer it was given).
+clipping or the optimizer reads them: over DDP's process group, in place.  A gradient DDP averaged as well is
+averaged again (the same value on every rank; an extra all-reduce of that block).  An on-the-fly update
+(``SGD``/``SIGN``) cannot run inside a DDP backward, where each rank has only its own gradient: under DDP those
+weights are written ACTIVE (their gradients land in ``.grad``) and their updates are applied at the end of every
+backward (under ``no_sync()`` too) from the ranks' average.  In a process group of several ranks without DDP they
+are refused, unless the updates go to ZeRO-3's shards (whose target averages them) or ``BREAD_INDEPENDENT_RANKS=1``
+says each rank trains a model of its own.  A DeepSpeed engine around a model whose optimizer is not the ZeRO-3
+integration's is refused (ZeRO-1/2 replace the optimizer's parameters with flat partitions, ZeRO-3 partitions the
+weights, the Trainer's ``deepspeed=`` replaces the optimizer it was given).
 
 torch has no public API for "the DDP whose forward is running" or "run this when the backward ends".  This module
 reads ``DistributedDataParallel._get_active_ddp_module()`` (the class method TorchDynamo's DDP optimizer reads) and
 its ``process_group`` and ``require_backward_grad_sync``, queues with
 ``torch.autograd.Variable._execution_engine.queue_callback`` (what DDP's reducer uses), and knows a DeepSpeed engine
-by the forward pre-hook it registers on its module (``DeepSpeedEngine._create_module_forward_pre_hook``).  They are isolated here;
-:func:`check_internals` raises when torch changes them, and a test calls it.
+by the forward pre-hook it registers on its module (``DeepSpeedEngine._create_module_forward_pre_hook``).  They are
+isolated here; :func:`check_internals` raises when torch changes them, and tests call it and run a DeepSpeed engine.
 """
 
 from __future__ import annotations
@@ -86,13 +88,23 @@ def queue_after_backward(callback: Callable[[], None]) -> None:
 
 
 def average_gradients_(params: Iterable[torch.Tensor], group, world: int) -> None:
-    """``p.grad ← (Σ over the group's ranks of p.grad) / world`` for every ``p`` with a gradient, in place (one
-    all-reduce each: no flat copy of a block's gradients).  Every rank must pass the same parameters in the same
-    order (the same block is active on every rank)."""
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(world)
+    """``p.grad ← (Σ over the group's ranks of p.grad) / world``, in place (one all-reduce each: no flat copy of a
+    block's gradients), for every ``p`` with a gradient on some rank: a rank where ``p`` got none (a module its data
+    did not reach) takes part with zeros, so every rank issues the same all-reduces (one small all-reduce of which
+    parameters have gradients comes first).  Every rank must pass the same parameters in the same order (the same
+    block is active on every rank)."""
+    params = list(params)
+    if not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
+    for p, anywhere in zip(params, present.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
 
 
 def several_ranks() -> int:

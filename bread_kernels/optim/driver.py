@@ -21,7 +21,8 @@ protocol; a library not supported by ``accelerate`` can use it directly::
     driver.close()  # plain autograd again
 
 Under DistributedDataParallel the driver of a patched model averages the active parameters' gradients at the end of
-each synchronised backward and refuses the on-the-fly roles (:mod:`bread_kernels.optim.data_parallel`).
+each synchronised backward and applies the on-the-fly roles' updates there from the ranks' averaged gradients
+(:mod:`bread_kernels.optim.data_parallel`).
 
 Lifetime: the hooks keep their handles and hold the driver weakly, the engine holds its owner weakly, so dropping
 the owner (or the driver) removes every hook; ``close()`` does it at once, and :func:`bread_kernels.unpatch` closes
@@ -126,6 +127,9 @@ class EngineDriver:
         self.library_hooks = library_hooks
         self._owner = weakref.ref(owner) if owner is not None else None
         self.roles: dict[str, Role] = {}
+        #: under DDP: the on-the-fly parameters written as ACTIVE, by name, with the plan of their deferred update
+        self._deferred: dict[str, WeightPlan] = {}
+        self._any_on_the_fly = False
         #: the on-the-fly parameters outside the fused modules: updated by this driver's hooks (``hook_plans``), or
         #: by the library's own with ``library_hooks``
         self.unfused_on_the_fly: list[str] = []
@@ -211,6 +215,13 @@ class EngineDriver:
                                "model, not only its parts, while training it")
         roles = self._checked_roles(roles)
         self.roles = roles
+        self._any_on_the_fly = any(role.updates_on_the_fly for role in roles.values())
+        self._deferred = {}
+        self._write(roles)
+        return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
+
+    def _write(self, roles: dict[str, Role]) -> None:
+        """Write ``roles`` into the engine: the fused plans, ``requires_grad``, the hook plans, the cut."""
         role_of = {id(p): roles[n] for n, p in self.named_parameters}
         fused: set[int] = set()
         if self.engine is not None:
@@ -234,7 +245,6 @@ class EngineDriver:
             {name: self.plan(roles[name], name) for name in self.unfused_on_the_fly}
         if self.engine is not None:
             self.engine.set_cut(lowest_needed_block(self._model_order, roles, self.engine.block_prefixes()))
-        return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
 
     def end_step(self, label: str | None = None) -> int:
         """Read this step's finiteness flags (one host sync per device, as ``GradScaler`` reads ``found_inf``),
@@ -318,7 +328,8 @@ class EngineDriver:
                 raise TypeError(f"{self.what}.set_roles: {wide[0]} is {wide[1]} and has an on-the-fly role; the "
                                 "on-the-fly update computes in float32, bfloat16 or float16. Cast the model first "
                                 "(model.float()), or use sgd_mode='disabled' (BAdam), which trains float64 weights")
-            self._check_ranks()
+            if self.model is None:  # a patched model's forward checks (and runs them under DDP)
+                self._check_ranks()
         return checked
 
     def _module_plan(self, name, module, role_of, fused: set[int]) -> WeightPlan | None:
@@ -367,9 +378,10 @@ class EngineDriver:
 
     # -- DistributedDataParallel (optim/data_parallel.py) -------------------------------------------------------
     def _check_data_parallel(self, module: nn.Module) -> DataParallelForward | None:
-        """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Refuses,
-        before the forward runs, a DeepSpeed engine around the model unless this driver writes ZeRO-3's shards, and
-        an on-the-fly role in a group of several ranks (under DDP or not) whose updates stay this rank's own."""
+        """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Under DDP
+        the on-the-fly roles are deferred to the end of the backward (:meth:`_defer_on_the_fly`); elsewhere in a
+        group of several ranks they are refused; a DeepSpeed engine around the model is refused unless this driver
+        writes ZeRO-3's shards.  Refusals come before the forward runs."""
         if not torch.is_grad_enabled():
             return None
         if self.update_target is None and runs_under_deepspeed(module):
@@ -378,19 +390,32 @@ class EngineDriver:
                 "deepspeed=, which replaces the optimizer it is given with its own): ZeRO-1/2 replace this "
                 "optimizer's parameters with flat partitions and ZeRO-3 partitions the weights, so block switches "
                 "and on-the-fly updates would not reach them. Use bread_kernels.integrations.deepspeed "
-                "(ZeroBlockOptimizer and initialize, ZeRO-3), or DistributedDataParallel without DeepSpeed (BAdam)")
+                "(ZeroBlockOptimizer and initialize, ZeRO-3), or DistributedDataParallel without DeepSpeed")
         dp = data_parallel_forward()
-        on_the_fly = sorted({role.value for role in self.roles.values() if role.updates_on_the_fly})
-        if on_the_fly and dp is not None:
+        on_the_fly = self._any_on_the_fly
+        if on_the_fly and dp is not None and self.library_hooks:
             raise RuntimeError(
                 f"{self.what}: this forward runs under DistributedDataParallel over {dp.world} ranks, and the "
-                f"{'/'.join(r.upper() for r in on_the_fly)} role updates weights inside the backward (BREAD-SGD: "
-                "sgd_mode 'partial' or 'all'), where each rank has only its own gradient: the replicas would drift "
-                "apart. Train these data-parallel with DeepSpeed ZeRO-3 (bread_kernels.integrations.deepspeed "
-                "averages the on-the-fly updates over the ranks), or use sgd_mode='disabled' (BAdam) under DDP")
-        if on_the_fly:
+                "library's own hooks update parameters on the fly with each rank's gradient: the replicas would "
+                "drift apart. Use bread_kernels.BlockOptimizer, which averages them over the ranks, or DeepSpeed "
+                "ZeRO-3 (bread_kernels.integrations.deepspeed)")
+        if on_the_fly and dp is None:
             self._check_ranks()
+        self._defer_on_the_fly(on_the_fly and dp is not None)
         return dp
+
+    def _defer_on_the_fly(self, defer: bool) -> None:
+        """Under DDP the on-the-fly roles are written as ACTIVE (their gradients land in ``.grad``) and
+        :meth:`_finish_data_parallel_backward` applies their updates from the ranks' average; outside DDP they are
+        written back as the fused in-backward updates."""
+        if defer == bool(self._deferred):
+            return
+        if defer:
+            self._deferred = {n: self.plan(r, n) for n, r in self.roles.items() if r.updates_on_the_fly}
+            self._write({n: Role.ACTIVE if r.updates_on_the_fly else r for n, r in self.roles.items()})
+        else:
+            self._deferred = {}
+            self._write(self.roles)
 
     def _check_ranks(self) -> None:
         """Refuse on-the-fly roles whose updates stay this rank's own in a process group of several ranks."""
@@ -398,19 +423,29 @@ class EngineDriver:
         if world:
             raise RuntimeError(
                 f"{self.what}: this process group has {world} ranks, and the on-the-fly updates (BREAD-SGD: sgd_mode "
-                "'partial' or 'all') would use each rank's own gradient — outside DeepSpeed ZeRO-3 nothing averages "
-                "them (DDP averages only .grad; deepspeed.initialize's stages 0-2 neither) — so the replicas would "
-                "drift apart. Train these data-parallel with bread_kernels.integrations.deepspeed (ZeroBlockOptimizer "
-                f"and initialize, ZeRO-3), or use sgd_mode='disabled' (BAdam); if each rank trains a model of its own, "
-                f"set {INDEPENDENT_RANKS_ENV}=1")
+                "'partial' or 'all') would use each rank's own gradient outside DistributedDataParallel, so the "
+                "replicas would drift apart. Run the patched model under DistributedDataParallel (the optimizer "
+                "then averages those updates over the ranks), or shard it with bread_kernels.integrations.deepspeed "
+                "(ZeroBlockOptimizer and initialize, ZeRO-3), or use sgd_mode='disabled' (BAdam); if each rank trains "
+                f"a model of its own, set {INDEPENDENT_RANKS_ENV}=1")
 
-    def _average_active_gradients(self, dp: DataParallelForward) -> None:
-        """At the end of a DDP backward that synchronises: average the ACTIVE parameters' gradients over its group
-        (DDP averages only the parameters that required grad when it was built)."""
+    def _finish_data_parallel_backward(self, dp: DataParallelForward) -> None:
+        """At the end of a backward under DDP: average the ACTIVE parameters' gradients over its group where DDP
+        synchronises (DDP averages only the parameters that required grad when it was built), and apply the
+        deferred on-the-fly updates from their gradients' average at every backward (under ``no_sync()`` too, as
+        each micro-batch's backward does in one process), before clipping or the step reads ``.grad``."""
         if self._closed:
             return
-        average_gradients_((p for n, p in self.named_parameters if self.roles.get(n) is Role.ACTIVE), dp.group,
-                           dp.world)
+        if dp.syncs:
+            average_gradients_((p for n, p in self.named_parameters if self.roles.get(n) is Role.ACTIVE), dp.group,
+                               dp.world)
+        deferred = [(n, p) for n, p in self.named_parameters if n in self._deferred]
+        average_gradients_((p for _, p in deferred), dp.group, dp.world)
+        with torch.no_grad():
+            for name, p in deferred:
+                if p.grad is not None:
+                    grad, p.grad = p.grad, None
+                    update_dense_(self._deferred[name], p, grad)
 
     def __repr__(self) -> str:
         return f"{self.what}({len(self.names)} parameters{', closed' if self._closed else ''})"
@@ -494,7 +529,8 @@ class _DataParallelHooks:
 
     def after(self, module, args, output) -> None:
         dp, self.forward = self.forward, None
-        if dp is None or not dp.syncs:
+        driver = self.driver()
+        if dp is None or driver is None or not (dp.syncs or driver._deferred):
             return
         queue = _QueueAverage(self.driver, dp)
         values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) \
@@ -520,7 +556,7 @@ class _QueueAverage:
         self.queued = False
         driver = self.driver()
         if driver is not None:
-            driver._average_active_gradients(self.dp)
+            driver._finish_data_parallel_backward(self.dp)
 
 
 class _SkipCollector:

@@ -31,13 +31,16 @@ from tests import model_zoo  # noqa: E402
 
 STEPS, LR = 4, 0.5
 LAYERS = 4
-#: case -> (the optimizer's sgd_mode, gradient accumulation micro-batches, DDP built before the optimizer)
+#: case -> (the optimizer's sgd_mode, gradient accumulation micro-batches, DDP built before the optimizer); BAdam
+#: cases are checked against plain autograd, the others against the same optimizer in one process
 CASES = {
     "badam": ("disabled", 1, False),             # a Trainer's order: the optimizer first, DDP after
     "badam_ddp_first": ("disabled", 1, True),
     "badam_no_sync_accumulation": ("disabled", 2, False),
-    "bread_sgd_refused": ("all", 1, False),
     "bread_lora": ("disabled", 1, False),
+    "bread_sgd": ("all", 1, False),
+    "bread_sgd_partial_sign_no_sync_accumulation": ("partial-sign", 2, False),
+    "bread_lora_sgd": ("all", 1, False),
 }
 
 
@@ -70,28 +73,36 @@ def reference_params(base, world: int, gas: int) -> dict:
 
 
 def block_optimizer(model, sgd_mode: str, lora: bool):
+    """``sgd_mode`` "-sign": signSGD; the on-the-fly step is scaled down so sign's steps stay small."""
+    mode, _, sign = sgd_mode.partition("-")
     return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
-                                        switch_block_every=1, switch_mode="ascending", sgd_mode=sgd_mode, verbose=0,
+                                        switch_block_every=1, switch_mode="ascending", sgd_mode=mode, verbose=0,
+                                        sgd_use_sign=bool(sign), sgd_lr_scaling=0.01 if sign else 1.0,
                                         **({"lora_mode": "all"} if lora else {}))
 
 
-def one_process_params(base, world: int, gas: int, lora: bool) -> dict:
-    """The same optimizer on a patched copy in this process, on the ranks' mean loss."""
-    model = bread_kernels.patch(copy.deepcopy(base))
-    opt = block_optimizer(model, "disabled", lora)
-    for step in range(STEPS):
-        for micro in range(gas):
-            loss = sum(loss_of(model, batch(step, micro, r)) for r in range(world)) / (world * gas)
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
-    opt.close()
+def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str) -> dict:
+    """The same optimizer on a patched copy in this process, on the ranks' mean loss (each micro-batch's backward
+    updating the on-the-fly weights, as the engine does in one process): a model of this rank's own."""
+    os.environ[INDEPENDENT_RANKS_ENV] = "1"
+    try:
+        model = bread_kernels.patch(copy.deepcopy(base))
+        opt = block_optimizer(model, sgd_mode, lora)
+        for step in range(STEPS):
+            for micro in range(gas):
+                loss = sum(loss_of(model, batch(step, micro, r)) for r in range(world)) / (world * gas)
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        opt.close()
+    finally:
+        del os.environ[INDEPENDENT_RANKS_ENV]
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def run_case(name: str, rank: int, world: int) -> dict:
     sgd_mode, gas, ddp_first = CASES[name]
-    lora = name == "bread_lora"
+    lora = name.startswith("bread_lora")
     base = model_zoo.llama(seed=0, layers=LAYERS)
     if lora:
         base = model_zoo.with_lora(base, r=4)
@@ -117,7 +128,8 @@ def run_case(name: str, rank: int, world: int) -> dict:
         result["error"] = str(exc)
         result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
         return result
-    ref = one_process_params(base, world, gas, lora) if lora else reference_params(base, world, gas)
+    ref = reference_params(base, world, gas) if name.startswith("badam") else \
+        one_process_params(base, world, gas, lora, sgd_mode)
     result["diff"] = max((p.detach() - ref[n]).abs().max().item() for n, p in model.named_parameters())
     result["moved"] = max((ref[n] - before[n]).abs().max().item() for n in ref)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -229,8 +241,8 @@ def deepspeed_cases(rank: int) -> list[dict]:
 
 
 def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
-    """``BREAD_INDEPENDENT_RANKS=1``: each rank trains a model of its own with BREAD-SGD (no DDP); and an optimizer
-    built under it whose model then runs under DDP is refused at that forward."""
+    """``BREAD_INDEPENDENT_RANKS=1``: each rank trains a model of its own with BREAD-SGD (no DDP); without it, a
+    patched model's forward outside DDP is refused, and an unpatched model's optimizer when it is built."""
     results = []
     os.environ[INDEPENDENT_RANKS_ENV] = "1"
     try:
@@ -247,14 +259,34 @@ def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
         opt = block_optimizer(model, "all", lora=False)
     finally:
         del os.environ[INDEPENDENT_RANKS_ENV]
-    result = {"case": "bread_sgd_ddp_forward_refused", "error": None}
+    result = {"case": "bread_sgd_without_ddp_refused", "error": None}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        loss_of(ddp, batch(0, 0, rank)).backward()
+        loss_of(model, batch(0, 0, rank)).backward()
     except RuntimeError as exc:
         result["error"] = str(exc)
     result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    results.append(result)
+    result = {"case": "library_hooks_sgd_under_ddp_refused", "error": None}
+    from tests.integrations.blockoptimizers_style import BlockOptimizersStyle
+
+    styled = copy.deepcopy(base)
+    before = {n: p.detach().clone() for n, p in styled.named_parameters()}
+    library = BlockOptimizersStyle(torch.optim.SGD(styled.parameters(), lr=LR), list(styled.named_parameters()),
+                                   [[f"model.layers.{i}."] for i in range(LAYERS)], sgd_mode="all")
+    bread_kernels.accelerate(library, styled, sgd_lr_scaling=1.0, sgd_use_sign=False)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(styled, find_unused_parameters=True)
+        loss_of(ddp, batch(0, 0, rank)).backward()
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    result["unchanged"] = all(torch.equal(p, before[n]) for n, p in styled.named_parameters())
+    results.append(result)
+    result = {"case": "bread_sgd_unpatched_refused", "error": None, "unchanged": True}
+    try:
+        block_optimizer(model_zoo.llama(seed=0, layers=LAYERS), "all", lora=False)
+    except RuntimeError as exc:
+        result["error"] = str(exc)
     results.append(result)
     return results
 
