@@ -26,6 +26,7 @@ isolated here; :func:`check_internals` raises when torch changes them, and tests
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -33,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DataParallelForward", "data_parallel_forward", "queue_after_backward", "average_gradients_",
-           "check_internals", "several_ranks", "INDEPENDENT_RANKS_ENV", "DEEPSPEED_HOOK", "runs_under_deepspeed"]
+           "check_internals", "check_same_parameters", "several_ranks", "INDEPENDENT_RANKS_ENV", "DEEPSPEED_HOOK",
+           "runs_under_deepspeed"]
 
 #: set to 1 when each rank of a process group trains a model of its own (not data-parallel): on-the-fly updates are
 #: then allowed with this rank's gradient
@@ -105,6 +107,20 @@ def average_gradients_(params: Iterable[torch.Tensor], group, world: int) -> Non
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=group)
         p.grad.div_(world)
+
+
+def check_same_parameters(names: list[str], group, what: str, device: torch.device) -> None:
+    """Raise unless every rank of ``group`` averages the same parameters (a fingerprint of ``names``, compared with
+    one all-reduce on ``device``): ranks training different blocks would average one layer's gradient with
+    another's."""
+    fingerprint = zlib.crc32("\n".join(names).encode())
+    both = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if both[0].item() != -both[1].item():
+        raise RuntimeError(f"{what}: the ranks train different parameters (another active block on some rank), so "
+                           "their gradients cannot be averaged. Every rank must switch blocks alike: seed every rank "
+                           "the same before building the optimizer (transformers.set_seed, torch.manual_seed) when "
+                           "the order is random, or use an ordered switch_mode")
 
 
 def several_ranks() -> int:

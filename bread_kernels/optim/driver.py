@@ -45,8 +45,9 @@ from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from ..rounding import FLOAT_DTYPES
 from ..update import update_dense_
-from .data_parallel import (INDEPENDENT_RANKS_ENV, DataParallelForward, average_gradients_, data_parallel_forward,
-                            queue_after_backward, runs_under_deepspeed, several_ranks)
+from .data_parallel import (INDEPENDENT_RANKS_ENV, DataParallelForward, average_gradients_,
+                            check_same_parameters, data_parallel_forward, queue_after_backward,
+                            runs_under_deepspeed, several_ranks)
 from .roles import lowest_needed_block
 
 __all__ = ["EngineDriver", "owning_patched_model", "take_over_parameters", "check_loss_scaler",
@@ -436,6 +437,8 @@ class EngineDriver:
         each micro-batch's backward does in one process), before clipping or the step reads ``.grad``."""
         if self._closed:
             return
+        check_same_parameters(sorted(n for n, r in self.roles.items() if r is Role.ACTIVE or n in self._deferred),
+                              dp.group, self.what, self.named_parameters[0][1].device)
         if dp.syncs:
             average_gradients_((p for n, p in self.named_parameters if self.roles.get(n) is Role.ACTIVE), dp.group,
                                dp.world)
@@ -550,7 +553,13 @@ class _QueueAverage:
     def __call__(self, grad):
         if not self.queued:
             self.queued = True
-            queue_after_backward(self._average)
+            queue_after_backward(self._after_ddp)
+
+    def _after_ddp(self) -> None:
+        # queued from a callback, it runs after every callback queued before: DDP's own end of the backward, which
+        # writes its bucket averages into .grad (it queues itself only once its last bucket is ready, after this
+        # hook), so nothing it writes lands on a gradient already applied
+        queue_after_backward(self._average)
 
     def _average(self) -> None:
         self.queued = False

@@ -41,6 +41,7 @@ CASES = {
     "bread_sgd": ("all", 1, False),
     "bread_sgd_partial_sign_no_sync_accumulation": ("partial-sign", 2, False),
     "bread_lora_sgd": ("all", 1, False),
+    "bread_sgd_synced_accumulation": ("all", 2, False),  # DDP syncs every micro-batch: no no_sync()
 }
 
 
@@ -119,7 +120,8 @@ def run_case(name: str, rank: int, world: int) -> dict:
         ddp = ddp or wrap()
         for step in range(STEPS):
             for micro in range(gas):
-                sync = contextlib.nullcontext() if micro == gas - 1 else ddp.no_sync()
+                synced = micro == gas - 1 or "synced" in name
+                sync = contextlib.nullcontext() if synced else ddp.no_sync()
                 with sync:
                     (loss_of(ddp, batch(step, micro, rank)) / gas).backward()
             opt.step()
@@ -240,6 +242,25 @@ def deepspeed_cases(rank: int) -> list[dict]:
     return results
 
 
+def random_order_case(rank: int) -> dict:
+    """switch_mode="random" draws the block order from the global RNG: ranks seeded apart train different blocks,
+    whose gradients the average must not mix."""
+    result = {"case": "different_blocks_refused", "error": None}
+    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    torch.manual_seed(100 + rank)
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
+                                       switch_block_every=1, switch_mode="random", verbose=0)
+    try:
+        for step in range(STEPS):
+            loss_of(ddp, batch(step, 0, rank)).backward()
+            opt.step()
+            opt.zero_grad()
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    return result
+
+
 def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
     """``BREAD_INDEPENDENT_RANKS=1``: each rank trains a model of its own with BREAD-SGD (no DDP); without it, a
     patched model's forward outside DDP is refused, and an unpatched model's optimizer when it is built."""
@@ -294,7 +315,7 @@ def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer", "fsdp", "opt_out", "deepspeed"])
+    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer", "fsdp", "random_order", "opt_out", "deepspeed"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -305,6 +326,8 @@ def main() -> None:
         results.append(trainer_case(rank, world, args.out))
     if "fsdp" in args.cases:
         results += fsdp_cases(rank)
+    if "random_order" in args.cases:
+        results.append(random_order_case(rank))
     if "opt_out" in args.cases:
         results += on_the_fly_opt_out_cases(rank)
     if "deepspeed" in args.cases:
