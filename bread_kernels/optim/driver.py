@@ -315,16 +315,17 @@ class EngineDriver:
             if checked[name] is Role.LORA:
                 raise ValueError(f"{self.what}.set_roles: {name}: give a LoRA base weight FROZEN and its adapters "
                                  "ACTIVE; the LORA role is the engine's name for that pair")
-        if self.update is None and any(r.updates_on_the_fly for r in checked.values()):
-            first = next(n for n, r in checked.items() if r.updates_on_the_fly)
+        on_the_fly = [n for n, r in checked.items() if r.updates_on_the_fly]
+        if self.update is None and on_the_fly:
+            first = on_the_fly[0]
             raise ValueError(f"{self.what}.set_roles: {first} has role {checked[first].name}, an on-the-fly update, "
                              "but the driver has no update rule: pass update=OnTheFlyUpdate(lr=...)")
-        if self.update_target is None and any(r.updates_on_the_fly for r in checked.values()):
-            sharded = sharded_parameter((n, p) for n, p in self.named_parameters if checked[n].updates_on_the_fly)
+        if self.update_target is None and on_the_fly:
+            named = dict(self.named_parameters)
+            sharded = sharded_parameter((n, named[n]) for n in on_the_fly)
             if sharded is not None:
                 raise TypeError(sharded_refusal(f"{self.what}.set_roles (an on-the-fly role)", sharded))
-            wide = next(((n, p.dtype) for n, p in self.named_parameters
-                         if checked[n].updates_on_the_fly and p.dtype not in FLOAT_DTYPES), None)
+            wide = next(((n, named[n].dtype) for n in on_the_fly if named[n].dtype not in FLOAT_DTYPES), None)
             if wide is not None:
                 raise TypeError(f"{self.what}.set_roles: {wide[0]} is {wide[1]} and has an on-the-fly role; the "
                                 "on-the-fly update computes in float32, bfloat16 or float16. Cast the model first "
