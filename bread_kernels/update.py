@@ -41,19 +41,26 @@ from .backends.chunked import chunk_budget_bytes
 from .backends.epilogue import dw_finite_flag
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
-__all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_all_finite", "update_linear_",
-           "update_experts_", "update_linear_grad_", "update_linear_tiles_", "update_rows_", "update_dense_"]
+__all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_finite", "dw_all_finite",
+           "update_linear_", "update_experts_", "update_linear_grad_", "update_linear_tiles_", "update_rows_",
+           "update_dense_"]
 
 #: a target's answer: a 0-dim bool tensor on the device (decided without the host), or a bool it already read
 Finite = Union[torch.Tensor, bool]
 
 
-def dw_all_finite(g: torch.Tensor, x: torch.Tensor) -> bool:
-    """True if ``dW = gᵀx`` computed in g's dtype is finite, g and x being finite (read on the host, for a caller that
-    builds dW itself and decides there: an fp16 dW overflows at 65,504 from finite operands;
-    :func:`~bread_kernels.backends.epilogue.dw_finite_flag`, with the CPU backends' chunk budget of dW rows)."""
+def dw_finite(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Whether ``dW = gᵀx`` computed in g's dtype is finite (a 0-dim bool on the device), for a caller that builds dW
+    itself: non-finite where g or x is, and where an fp16 dW overflows at 65,504 from finite operands
+    (:func:`~bread_kernels.backends.epilogue.dw_finite_flag`, with the CPU backends' chunk budget of dW rows)."""
     rows = max(1, chunk_budget_bytes() // max(1, x.shape[1] * x.element_size()))
-    return bool(dw_finite_flag(g, x, rows, get_backend(g.device).finite_flag))
+    return dw_finite_flag(g, x, rows, get_backend(g.device).finite_flag)
+
+
+def dw_all_finite(g: torch.Tensor, x: torch.Tensor) -> bool:
+    """:func:`dw_finite` read on the host, for a caller that decides there (a sharded target whose ranks agree
+    through a collective)."""
+    return bool(dw_finite(g, x))
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:

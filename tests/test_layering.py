@@ -1,5 +1,5 @@
-"""The layers depend one way: rounding/plan ← kernels ← backends ← update ← functions ← stream/patch ← optim ←
-integrations.  Checked on the source (imports and attribute names), so a change that loops fails here."""
+"""The layers depend one way: rounding/plan ← kernels ← backends ← update/collectives ← functions ← stream/patch ←
+optim ← integrations.  Checked on the source (imports and attribute names), so a change that loops fails here."""
 
 import ast
 import sys
@@ -9,8 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bread_kernels"
 #: the engine's modules: none may import the optimizer, the integrations or the benchmark
-ENGINE = ["rounding.py", "plan.py", "installed_forward.py", "update.py", "stream.py", "patch.py", "causal_lm.py", "peft_lora.py", "kernels",
-          "backends", "functions"]
+ENGINE = ["rounding.py", "plan.py", "installed_forward.py", "update.py", "collectives.py", "stream.py", "patch.py",
+          "causal_lm.py", "peft_lora.py", "kernels", "backends", "functions"]
 #: what each lower layer must not import (package-relative module prefixes)
 FORBIDDEN = {
     "rounding.py": ["plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim", "integrations"],
@@ -20,6 +20,7 @@ FORBIDDEN = {
     "kernels": ["backends", "update", "functions", "stream", "patch", "optim", "integrations"],
     "backends": ["update", "functions", "stream", "patch", "optim", "integrations"],
     "update.py": ["functions", "stream", "patch", "optim", "integrations"],
+    "collectives.py": ["update", "functions", "stream", "patch", "optim", "integrations"],
     "functions": ["stream", "patch", "optim", "integrations"],
     "stream.py": ["patch", "optim", "integrations"],
     "patch.py": ["optim", "integrations"],

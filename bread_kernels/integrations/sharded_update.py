@@ -39,21 +39,18 @@ the same averaged gradient).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from ..backends import get_backend
+from ..collectives import (CommStats, all_gather_, chunk_elements, comm_stats, dense_grad_fill, gather_row_sums,
+                           linear_grad_fill, reduce_scatter_)
 from ..rounding import Rounding
 
 __all__ = ["ShardLayout", "CommStats", "comm_stats", "chunk_elements", "reduce_scatter_update_",
            "allgather_rows_update_", "linear_grad_fill", "dense_grad_fill", "all_gather_shards"]
-
-DEFAULT_CHUNK_BYTES = 32 << 20
-CHUNK_ENV = "BREAD_ZERO_CHUNK_BYTES"
 
 
 @dataclass(frozen=True)
@@ -84,83 +81,6 @@ class ShardLayout:
 
     def valid_of(self, rank: int) -> int:
         return max(0, min(self.shard_numel, self.numel - rank * self.shard_numel))
-
-
-@dataclass
-class CommStats:
-    """Collectives issued by this module: calls and bytes handed to the collective (input side), by op name."""
-
-    calls: dict = field(default_factory=dict)
-    bytes: dict = field(default_factory=dict)
-    enabled: bool = True
-
-    def record(self, op: str, nbytes: int) -> None:
-        if self.enabled:
-            self.calls[op] = self.calls.get(op, 0) + 1
-            self.bytes[op] = self.bytes.get(op, 0) + int(nbytes)
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.bytes.clear()
-
-
-comm_stats = CommStats()
-
-
-def chunk_elements(world: int, shard_numel: int, budget_bytes: int | None = None) -> int:
-    """S: elements per rank and per collective, so the fp32 send buffer ``w·(S+1)·4`` stays within the budget
-    (``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB); at least 1, at most P."""
-    if budget_bytes is None:
-        budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
-    if budget_bytes <= 0:
-        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
-    return max(1, min(shard_numel, budget_bytes // (4 * world) - 1))
-
-
-def dense_grad_fill(grad: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
-    """``fill(start, stop, out)`` for a gradient that exists whole (a bias, a norm weight)."""
-    flat = grad.reshape(-1)
-
-    def fill(start: int, stop: int, out: torch.Tensor) -> None:
-        out.copy_(flat[start:stop])
-
-    return fill
-
-
-def linear_grad_fill(g: torch.Tensor, x: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
-    """``fill(start, stop, out)`` writing ``flatten(gᵀx)[start:stop]`` for g [M, N], x [M, K]: one GEMM over the
-    rows of dW that cover the range (at most ``stop − start + 2K − 2`` elements), never the whole dW."""
-    n_cols = x.shape[1]
-
-    def fill(start: int, stop: int, out: torch.Tensor) -> None:
-        r0, r1 = start // n_cols, -(-stop // n_cols)
-        if start % n_cols == 0 and stop % n_cols == 0 and g.dtype == out.dtype:
-            torch.mm(g[:, r0:r1].t(), x, out=out.view(r1 - r0, n_cols))
-            return
-        block = torch.mm(g[:, r0:r1].t(), x)
-        out.copy_(block.view(-1)[start - r0 * n_cols: stop - r0 * n_cols])
-
-    return fill
-
-
-# torch 2.13 renamed the tensor collectives (the old names warn); same signatures
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-# Issued async and waited on at once, dropping the Work: torch's gloo backend otherwise keeps each synchronous
-# call's temporaries alive for a while, so a weight's chunks pile up (11 MiB retained after 33 chunks of 1 MiB,
-# 2 MiB this way; measured on torch 2.13 CPU).
-def _reduce_scatter(out: torch.Tensor, send: torch.Tensor, group) -> None:
-    comm_stats.record("reduce_scatter", send.numel() * send.element_size())
-    work = _REDUCE_SCATTER(out, send, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    work.wait()
-
-
-def _all_gather(out: torch.Tensor, send: torch.Tensor, group) -> None:
-    comm_stats.record("all_gather", send.numel() * send.element_size())
-    work = _ALL_GATHER(out, send, group=group, async_op=True)
-    work.wait()
 
 
 @torch.no_grad()
@@ -198,7 +118,7 @@ def reduce_scatter_update_(
                 fill(start, start + real, send[r, :real])
             send[r, real:width].zero_()  # padding at the end of the parameter
         send[:, width] = flag
-        _reduce_scatter(recv[: width + 1], send.view(-1), layout.group)
+        reduce_scatter_(recv[: width + 1], send.view(-1), layout.group)
         if offset == 0 and recv[width].item() > 0:
             return False  # some rank's gradient was not finite: every rank skips, having seen the same flag sum
         mine = max(0, min(width, layout.valid - offset))
@@ -228,27 +148,11 @@ def allgather_rows_update_(
     stochastic rounding are indexed like the single-process fused embedding's: element ``(k, c)`` of the sorted
     union of ids has index ``k·H + c``.
     """
-    w, device = layout.world, summed.device
-    hidden = summed.shape[1]
-    count = torch.tensor([rows.numel()], dtype=torch.int64, device=device)
-    counts = torch.empty(w, dtype=torch.int64, device=device)
-    _all_gather(counts, count, layout.group)
-    r_max = int(counts.max())
-    if r_max == 0:
+    gathered = gather_row_sums(rows, summed, layout.group, layout.world)
+    if gathered is None:
         return True
-    send = torch.zeros(r_max, hidden + 1, dtype=torch.float32, device=device)
-    ids = torch.full((r_max,), -1, dtype=torch.int32, device=device)
-    ids[: rows.numel()] = rows.to(torch.int32)
-    send[:, 0] = ids.view(torch.float32)  # the id's bits ride along in fp32 (an all-gather only moves bytes)
-    send[: rows.numel(), 1:] = summed
-    recv = torch.empty(w * r_max, hidden + 1, dtype=torch.float32, device=device)
-    _all_gather(recv.view(-1), send.view(-1), layout.group)
-    all_ids = recv[:, 0].contiguous().view(torch.int32).to(torch.int64)
-    keep = all_ids >= 0
-    union, inverse = torch.unique(all_ids[keep], return_inverse=True)
-    total = torch.zeros(union.numel(), hidden, dtype=torch.float32, device=device)
-    total.index_add_(0, inverse, recv[keep, 1:])
-    del recv, send
+    union, total = gathered
+    device, hidden = summed.device, summed.shape[1]
     total.div_(divisor)
     if not bool(torch.isfinite(total).all()):
         return False
@@ -277,7 +181,7 @@ def all_gather_shards(shards: list[torch.Tensor], layouts: list[ShardLayout], gr
         raise TypeError("all_gather_shards: the shards must share one dtype (gather each dtype separately)")
     send = torch.cat([s[:p] for s, p in zip(shards, sizes)])
     recv = torch.empty(w * send.numel(), dtype=send.dtype, device=send.device)
-    _all_gather(recv, send, group)
+    all_gather_(recv, send, group)
     per_rank = recv.view(w, send.numel())
     out, offset = [], 0
     for lay, p in zip(layouts, sizes):

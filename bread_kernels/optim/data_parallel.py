@@ -6,14 +6,26 @@ grad when it is built (a Trainer builds it after the optimizer: the first block'
 block's gradients, and the replicas drift apart without an error.  The driver therefore averages the active
 parameters' gradients itself, at the end of every backward DDP synchronises (not under ``no_sync()``), before
 clipping or the optimizer reads them: over DDP's process group, in place.  A gradient DDP averaged as well is
-averaged again (the same value on every rank; an extra all-reduce of that block).  An on-the-fly update
-(``SGD``/``SIGN``) cannot run inside a DDP backward, where each rank has only its own gradient: under DDP those
-weights are written ACTIVE (their gradients land in ``.grad``) and their updates are applied at the end of every
-backward (under ``no_sync()`` too) from the ranks' average.  In a process group of several ranks without DDP they
-are refused, unless the updates go to ZeRO-3's shards (whose target averages them) or ``BREAD_INDEPENDENT_RANKS=1``
-says each rank trains a model of its own.  A DeepSpeed engine around a model whose optimizer is not the ZeRO-3
-integration's is refused (ZeRO-1/2 replace the optimizer's parameters with flat partitions, ZeRO-3 partitions the
-weights, the Trainer's ``deepspeed=`` replaces the optimizer it was given).
+averaged again (the same value on every rank; an extra all-reduce of that block).  Every rank must train the same
+parameters the same way: one all-reduce of a fingerprint of the roles checks it at the first DDP forward after they
+change, before any update.
+
+An on-the-fly update (``SGD``/``SIGN``) under DDP takes the ranks' averaged gradient, at every backward (under
+``no_sync()`` too, as each micro-batch's backward updates them in one process):
+
+* a fused Linear's and the input embedding's inside the backward, through :class:`AveragedTarget` on their plans:
+  dW is made and all-reduced chunk by chunk and the embedding's rows all-gathered, so no gradient of theirs exists
+  whole, as in one process;
+* the others' at the end of the backward (:func:`average_gradients_`, then the update): the head's (the fused
+  head+loss makes its dW tile by tile, how many tiles depending on the tokens), the experts' (which experts run
+  depends on each rank's tokens) and the hook path's small weights (DDP may write its own average into their
+  ``.grad`` after the hook).  Collectives whose number depends on a rank's tokens would hang.
+
+In a process group of several ranks without DDP they are refused, unless the updates go to ZeRO-3's shards (whose
+target averages them) or ``BREAD_INDEPENDENT_RANKS=1`` says each rank trains a model of its own.  A DeepSpeed engine
+around a model whose optimizer is not the ZeRO-3 integration's is refused (ZeRO-1/2 replace the optimizer's
+parameters with flat partitions, ZeRO-3 partitions the weights, the Trainer's ``deepspeed=`` replaces the optimizer
+it was given).
 
 torch has no public API for "the DDP whose forward is running" or "run this when the backward ends".  This module
 reads ``DistributedDataParallel._get_active_ddp_module()`` (the class method TorchDynamo's DDP optimizer reads) and
@@ -33,9 +45,14 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from ..backends import get_backend
+from ..backends.chunked import chunk_budget_bytes
+from ..collectives import all_reduce_, all_reduce_update_, gather_row_sums, linear_grad_fill
+from ..update import LOCAL, UpdateTarget, dw_finite
+
 __all__ = ["DataParallelForward", "data_parallel_forward", "queue_after_backward", "average_gradients_",
-           "check_internals", "check_same_parameters", "several_ranks", "INDEPENDENT_RANKS_ENV", "DEEPSPEED_HOOK",
-           "runs_under_deepspeed"]
+           "AveragedTarget", "check_internals", "check_same_parameters", "several_ranks", "INDEPENDENT_RANKS_ENV",
+           "DEEPSPEED_HOOK", "runs_under_deepspeed"]
 
 #: set to 1 when each rank of a process group trains a model of its own (not data-parallel): on-the-fly updates are
 #: then allowed with this rank's gradient
@@ -109,11 +126,75 @@ def average_gradients_(params: Iterable[torch.Tensor], group, world: int) -> Non
         p.grad.div_(world)
 
 
-def check_same_parameters(names: list[str], group, what: str, device: torch.device) -> None:
-    """Raise unless every rank of ``group`` averages the same parameters (a fingerprint of ``names``, compared with
-    one all-reduce on ``device``): ranks training different blocks would average one layer's gradient with
-    another's."""
-    fingerprint = zlib.crc32("\n".join(names).encode())
+class AveragedTarget(UpdateTarget):
+    """Where an on-the-fly update writes under DDP: the replicated tensor itself, on every rank, from the ranks'
+    average gradient — inside the backward, as in one process, with no whole gradient of the weight on any rank.
+
+    A linear's dW = gᵀx is made and all-reduced in fp32 chunks of whole rows (``BREAD_CHUNK_BYTES`` of buffer, the
+    single-process update's budget), each chunk applied once averaged
+    (:func:`~bread_kernels.collectives.all_reduce_update_`); a bias's db in one all-reduce; an embedding's rows are
+    all-gathered and summed (:func:`~bread_kernels.collectives.gather_row_sums`), never a vocabulary-sized gradient.
+    The finiteness flag rides in the first all-reduce, so every rank skips together, gated on the device.
+
+    Every rank must call it for the same weights in the same order, with gradients of the same shapes: the driver
+    gives it only the fused Linears and the input embedding, whose backward runs on every rank alike; the weights
+    whose calls depend on the tokens (the experts: a rank's tokens decide which run; the fused head+loss: its tiles)
+    and the hook path's small weights go to the end of the backward instead (:func:`average_gradients_`).
+
+    Args:
+        group: the process group of the DDP whose forward built the graph.
+        world: its number of ranks (the divisor of the average).
+    """
+
+    skip_reason = "its gradient is not finite on some rank"
+
+    def __init__(self, group, world: int):
+        self.group, self.world = group, world
+
+    def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
+        """``weight`` [N, K] with dW = gᵀx, or the transposed view of a parameter stored [K, N] (GPT-2's ``Conv1D``),
+        whose flat layout is then that of dWᵀ = xᵀg."""
+        if weight.is_contiguous():
+            param, fill, row = weight, linear_grad_fill(g, x), x.shape[1]
+        elif weight._base is not None and weight.shape == weight._base.shape[::-1] and \
+                weight.stride() == (1, weight.shape[0]):
+            param, fill, row = weight._base, linear_grad_fill(x, g), g.shape[1]
+        else:
+            raise RuntimeError("bread_kernels: an on-the-fly weight under DDP is a view other than a transpose; its "
+                               "layout is unknown")
+        chunk = max(1, chunk_budget_bytes() // 4 - 1)
+        chunk = chunk - chunk % row if chunk >= row else chunk  # whole rows: one GEMM per chunk
+        ok = all_reduce_update_(param, fill, step=step, sign=sign, rounding=update.rounding, seed=update.next_seed(),
+                                divisor=self.world, locally_finite=dw_finite(g, x), group=self.group, chunk=chunk)
+        if bias is not None:
+            grad_bias = g.sum(0, dtype=torch.float32)
+            all_reduce_(grad_bias, self.group)
+            get_backend(bias.device).apply_update_(bias, grad_bias.div_(self.world), step, sign, update.rounding,
+                                                   update.next_seed(), ok=ok)
+        return ok
+
+    def rows_(self, weight, rows, summed, step, sign, update):
+        gathered = gather_row_sums(rows, summed, self.group, self.world)
+        if gathered is None:
+            return True
+        union, total = gathered
+        return LOCAL.rows_(weight, union, total.div_(self.world), step, sign, update)
+
+    def experts_(self, weight, per_expert, step, sign, update):
+        raise RuntimeError("bread_kernels: an expert weight's on-the-fly update under DDP is applied at the end of "
+                           "the backward (which experts run depends on each rank's tokens), not through "
+                           "AveragedTarget")
+
+    def dense_(self, param, grad, step, sign, update):
+        raise RuntimeError("bread_kernels: a hook-path weight's on-the-fly update under DDP is applied at the end of "
+                           "the backward (DDP may write its gradient after the hook), not through AveragedTarget")
+
+
+def check_same_parameters(roles: list[str], group, what: str, device: torch.device) -> None:
+    """Raise unless every rank of ``group`` trains the same parameters the same way (a fingerprint of ``roles``,
+    each a parameter's name and role, compared with one all-reduce on ``device``): ranks training different blocks
+    would average one layer's gradient with another's."""
+    fingerprint = zlib.crc32("\n".join(roles).encode())
     both = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if both[0].item() != -both[1].item():

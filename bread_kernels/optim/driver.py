@@ -21,8 +21,9 @@ protocol; a library not supported by ``accelerate`` can use it directly::
     driver.close()  # plain autograd again
 
 Under DistributedDataParallel the driver of a patched model averages the active parameters' gradients at the end of
-each synchronised backward and applies the on-the-fly roles' updates there from the ranks' averaged gradients
-(:mod:`bread_kernels.optim.data_parallel`).
+each synchronised backward, and the on-the-fly updates take the ranks' averaged gradients: a fused Linear's and the
+input embedding's inside the backward (:class:`~bread_kernels.optim.data_parallel.AveragedTarget`), the others' at
+the end of it (:mod:`bread_kernels.optim.data_parallel`).
 
 Lifetime: the hooks keep their handles and hold the driver weakly, the engine holds its owner weakly, so dropping
 the owner (or the driver) removes every hook; ``close()`` does it at once, and :func:`bread_kernels.unpatch` closes
@@ -45,7 +46,7 @@ from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
 from ..rounding import FLOAT_DTYPES
 from ..update import update_dense_
-from .data_parallel import (INDEPENDENT_RANKS_ENV, DataParallelForward, average_gradients_,
+from .data_parallel import (INDEPENDENT_RANKS_ENV, AveragedTarget, DataParallelForward, average_gradients_,
                             check_same_parameters, data_parallel_forward, queue_after_backward,
                             runs_under_deepspeed, several_ranks)
 from .roles import lowest_needed_block
@@ -128,8 +129,13 @@ class EngineDriver:
         self.library_hooks = library_hooks
         self._owner = weakref.ref(owner) if owner is not None else None
         self.roles: dict[str, Role] = {}
-        #: under DDP: the on-the-fly parameters written as ACTIVE, by name, with the plan of their deferred update
+        #: under DDP: where the fused on-the-fly updates write (the ranks' average), None elsewhere
+        self._averaged: AveragedTarget | None = None
+        #: under DDP: the on-the-fly parameters whose gradients land in ``.grad``, by name, with the plan of the
+        #: update applied at the end of the backward from their average
         self._deferred: dict[str, WeightPlan] = {}
+        #: whether every rank of the DDP group was found to train the same parameters since the roles last changed
+        self._ranks_agree = False
         self._any_on_the_fly = False
         #: the on-the-fly parameters outside the fused modules: updated by this driver's hooks (``hook_plans``), or
         #: by the library's own with ``library_hooks``
@@ -217,13 +223,22 @@ class EngineDriver:
         roles = self._checked_roles(roles)
         self.roles = roles
         self._any_on_the_fly = any(role.updates_on_the_fly for role in roles.values())
-        self._deferred = {}
+        self._averaged, self._ranks_agree = None, False
         self._write(roles)
         return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
 
     def _write(self, roles: dict[str, Role]) -> None:
-        """Write ``roles`` into the engine: the fused plans, ``requires_grad``, the hook plans, the cut."""
-        role_of = {id(p): roles[n] for n, p in self.named_parameters}
+        """Write ``roles`` into the engine: the fused plans, ``requires_grad``, the hook plans, the cut.  Under DDP
+        (:attr:`_averaged` set) the fused plans write through it, and the on-the-fly roles it cannot serve — the
+        head's and the experts' (their updates' collectives would depend on each rank's tokens) and those outside the
+        fused modules — are written ACTIVE-like (their gradients land in ``.grad``) and listed in :attr:`_deferred`."""
+        written = roles
+        if self._averaged is not None and self.engine is not None:
+            head = self.engine.head.parameters() if self.engine.head is not None else ()
+            late = {id(p) for p in head} | {id(p) for _, p in self.engine.expert_weights()}
+            written = {n: Role.ACTIVE if roles[n].updates_on_the_fly and id(p) in late else roles[n]
+                       for n, p in self.named_parameters}
+        role_of = {id(p): written[n] for n, p in self.named_parameters}
         fused: set[int] = set()
         if self.engine is not None:
             plans = {name: self._module_plan(name, module, role_of, fused)
@@ -233,7 +248,7 @@ class EngineDriver:
             self.engine.apply_plans(plans)
         self.unfused_on_the_fly = []
         for name, p in self.named_parameters:
-            role = roles[name]
+            role = written[name]
             if id(p) in fused:
                 p.requires_grad_(role is Role.ACTIVE)
             else:
@@ -242,7 +257,12 @@ class EngineDriver:
                     self.unfused_on_the_fly.append(name)
             if role is not Role.ACTIVE:
                 p.grad = None
-        self.hook_plans = {} if self.library_hooks else \
+        self._deferred = {}
+        if self._averaged is not None:
+            unfused = set(self.unfused_on_the_fly)
+            self._deferred = {n: self.plan(roles[n], n, local=True) for n, r in written.items()
+                              if roles[n].updates_on_the_fly and (r is Role.ACTIVE or n in unfused)}
+        self.hook_plans = {} if self.library_hooks or self._averaged is not None else \
             {name: self.plan(roles[name], name) for name in self.unfused_on_the_fly}
         if self.engine is not None:
             self.engine.set_cut(lowest_needed_block(self._model_order, roles, self.engine.block_prefixes()))
@@ -289,10 +309,12 @@ class EngineDriver:
             self._scale_hook = self.model.register_forward_pre_hook(_RefreshScale(weakref.ref(scale)))
             self._handles.append(self._scale_hook)
 
-    def plan(self, role: Role, name: str) -> WeightPlan:
-        """A plan of this driver: its update rule, skip reporting, finiteness checks and update target."""
+    def plan(self, role: Role, name: str, local: bool = False) -> WeightPlan:
+        """A plan of this driver: its update rule, skip reporting, finiteness checks and update target (the
+        tensor itself where ``local``: an update applied from an averaged gradient)."""
+        target = None if local else self._averaged or self.update_target
         return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
-                          reporter=self._skip_collector, target=self.update_target, checks=self._checks)
+                          reporter=self._skip_collector, target=target, checks=self._checks)
 
     # -- writing ------------------------------------------------------------------------------------------------
     def _checked_roles(self, roles: Mapping[str, Role | str]) -> dict[str, Role]:
@@ -381,9 +403,10 @@ class EngineDriver:
     # -- DistributedDataParallel (optim/data_parallel.py) -------------------------------------------------------
     def _check_data_parallel(self, module: nn.Module) -> DataParallelForward | None:
         """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Under DDP
-        the on-the-fly roles are deferred to the end of the backward (:meth:`_defer_on_the_fly`); elsewhere in a
-        group of several ranks they are refused; a DeepSpeed engine around the model is refused unless this driver
-        writes ZeRO-3's shards.  Refusals come before the forward runs."""
+        every rank must train the same parameters (checked once per roles, before any update), and the on-the-fly
+        updates take the ranks' average (:meth:`_average_on_the_fly`); elsewhere in a group of several ranks they
+        are refused; a DeepSpeed engine around the model is refused unless this driver writes ZeRO-3's shards.
+        Refusals come before the forward runs."""
         if not torch.is_grad_enabled():
             return None
         if self.update_target is None and runs_under_deepspeed(module):
@@ -403,21 +426,24 @@ class EngineDriver:
                 "ZeRO-3 (bread_kernels.integrations.deepspeed)")
         if on_the_fly and dp is None:
             self._check_ranks()
-        self._defer_on_the_fly(on_the_fly and dp is not None)
+        if dp is not None and not self._ranks_agree:
+            check_same_parameters(sorted(f"{n} {r.value}" for n, r in self.roles.items() if r is not Role.FROZEN),
+                                  dp.group, self.what, self.named_parameters[0][1].device)
+            self._ranks_agree = True
+        self._average_on_the_fly(dp if on_the_fly else None)
         return dp
 
-    def _defer_on_the_fly(self, defer: bool) -> None:
-        """Under DDP the on-the-fly roles are written as ACTIVE (their gradients land in ``.grad``) and
-        :meth:`_finish_data_parallel_backward` applies their updates from the ranks' average; outside DDP they are
-        written back as the fused in-backward updates."""
-        if defer == bool(self._deferred):
+    def _average_on_the_fly(self, dp: DataParallelForward | None) -> None:
+        """Under DDP the on-the-fly updates take the ranks' averaged gradient: the fused plans write through an
+        :class:`AveragedTarget` over DDP's group, inside the backward; the rest (:meth:`_write`) at the end of it
+        (:meth:`_finish_data_parallel_backward`).  Outside DDP the plans write the tensors with this rank's own
+        gradient again."""
+        current = self._averaged
+        if (dp is None and current is None) or (dp is not None and current is not None and
+                                                current.group is dp.group and current.world == dp.world):
             return
-        if defer:
-            self._deferred = {n: self.plan(r, n) for n, r in self.roles.items() if r.updates_on_the_fly}
-            self._write({n: Role.ACTIVE if r.updates_on_the_fly else r for n, r in self.roles.items()})
-        else:
-            self._deferred = {}
-            self._write(self.roles)
+        self._averaged = None if dp is None else AveragedTarget(dp.group, dp.world)
+        self._write(self.roles)
 
     def _check_ranks(self) -> None:
         """Refuse on-the-fly roles whose updates stay this rank's own in a process group of several ranks."""
@@ -438,8 +464,6 @@ class EngineDriver:
         each micro-batch's backward does in one process), before clipping or the step reads ``.grad``."""
         if self._closed:
             return
-        check_same_parameters(sorted(n for n, r in self.roles.items() if r is Role.ACTIVE or n in self._deferred),
-                              dp.group, self.what, self.named_parameters[0][1].device)
         if dp.syncs:
             average_gradients_((p for n, p in self.named_parameters if self.roles.get(n) is Role.ACTIVE), dp.group,
                                dp.world)

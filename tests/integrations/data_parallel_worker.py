@@ -20,29 +20,53 @@ import json
 import os
 import sys
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import bread_kernels  # noqa: E402
+from bread_kernels.collectives import comm_stats  # noqa: E402
 from bread_kernels.optim.data_parallel import INDEPENDENT_RANKS_ENV  # noqa: E402
 from tests import model_zoo  # noqa: E402
 
 STEPS, LR = 4, 0.5
 LAYERS = 4
-#: case -> (the optimizer's sgd_mode, gradient accumulation micro-batches, DDP built before the optimizer); BAdam
-#: cases are checked against plain autograd, the others against the same optimizer in one process
+class Case(NamedTuple):
+    """One DDP case: BAdam cases are checked against plain autograd, the others against the same optimizer in one
+    process."""
+
+    sgd_mode: str  # the optimizer's; "-sign": signSGD
+    gas: int  # gradient accumulation micro-batches
+    ddp_first: bool = False  # DDP built before the optimizer (a Trainer builds it after)
+    #: patch's: 0 fuses every block linear of the tiny models (their updates average inside the backward); 2¹⁷
+    #: (patch's default) leaves them small enough for the hook path (averaged at the end of the backward)
+    hook_update_numel: int = 0
+    model: str = "llama"  # "gpt2": Conv1D weights stored transposed, biases, a tied head; "qwen3_moe": experts
+    dtype: str = "float32"
+    chunk_bytes: int | None = None  # BREAD_CHUNK_BYTES: small, so a dW goes through several chunks
+    rounding: str = "auto"  # of the low-precision on-the-fly updates
+
+
 CASES = {
-    "badam": ("disabled", 1, False),             # a Trainer's order: the optimizer first, DDP after
-    "badam_ddp_first": ("disabled", 1, True),
-    "badam_no_sync_accumulation": ("disabled", 2, False),
-    "bread_lora": ("disabled", 1, False),
-    "bread_sgd": ("all", 1, False),
-    "bread_sgd_partial_sign_no_sync_accumulation": ("partial-sign", 2, False),
-    "bread_lora_sgd": ("all", 1, False),
-    "bread_sgd_synced_accumulation": ("all", 2, False),  # DDP syncs every micro-batch: no no_sync()
+    "badam": Case("disabled", 1),             # a Trainer's order: the optimizer first, DDP after
+    "badam_ddp_first": Case("disabled", 1, ddp_first=True),
+    "badam_no_sync_accumulation": Case("disabled", 2),
+    "bread_lora": Case("disabled", 1),
+    "bread_sgd": Case("all", 1),
+    "bread_sgd_hook_path": Case("all", 1, hook_update_numel=1 << 17),
+    "bread_sgd_partial_sign_no_sync_accumulation": Case("partial-sign", 2),
+    "bread_lora_sgd": Case("all", 1),
+    "bread_sgd_synced_accumulation": Case("all", 2),  # DDP syncs every micro-batch: no no_sync()
+    "bread_sgd_gpt2_chunks": Case("all", 1, model="gpt2", chunk_bytes=600),  # 149 elements: rows cut across
+    "bread_sgd_moe": Case("all", 1, model="qwen3_moe"),
+    "bread_sgd_bf16": Case("all", 1, dtype="bfloat16"),
+    "bread_sgd_bf16_nearest": Case("all", 1, dtype="bfloat16", rounding="nearest"),
 }
+#: a block linear above the first active block, per model: on the fly from the first step where sgd_mode is not
+#: "disabled"
+PROBES = {"llama": "layers.2.mlp.down_proj", "gpt2": "h.2.mlp.c_proj", "qwen3_moe": "layers.2.self_attn.o_proj"}
 
 
 def batch(step: int, micro: int, rank: int) -> torch.Tensor:
@@ -73,22 +97,23 @@ def reference_params(base, world: int, gas: int) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def block_optimizer(model, sgd_mode: str, lora: bool):
+def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto"):
     """``sgd_mode`` "-sign": signSGD; the on-the-fly step is scaled down so sign's steps stay small."""
     mode, _, sign = sgd_mode.partition("-")
     return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
                                         switch_block_every=1, switch_mode="ascending", sgd_mode=mode, verbose=0,
                                         sgd_use_sign=bool(sign), sgd_lr_scaling=0.01 if sign else 1.0,
-                                        **({"lora_mode": "all"} if lora else {}))
+                                        rounding=rounding, **({"lora_mode": "all"} if lora else {}))
 
 
-def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str) -> dict:
+def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str, hook_update_numel: int,
+                       rounding: str) -> dict:
     """The same optimizer on a patched copy in this process, on the ranks' mean loss (each micro-batch's backward
     updating the on-the-fly weights, as the engine does in one process): a model of this rank's own."""
     os.environ[INDEPENDENT_RANKS_ENV] = "1"
     try:
-        model = bread_kernels.patch(copy.deepcopy(base))
-        opt = block_optimizer(model, sgd_mode, lora)
+        model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=hook_update_numel)
+        opt = block_optimizer(model, sgd_mode, lora, rounding)
         for step in range(STEPS):
             for micro in range(gas):
                 loss = sum(loss_of(model, batch(step, micro, r)) for r in range(world)) / (world * gas)
@@ -102,37 +127,66 @@ def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str) ->
 
 
 def run_case(name: str, rank: int, world: int) -> dict:
-    sgd_mode, gas, ddp_first = CASES[name]
+    chunk_bytes = CASES[name].chunk_bytes
+    if chunk_bytes is None:
+        return _run_case(name, rank, world)
+    os.environ["BREAD_CHUNK_BYTES"] = str(chunk_bytes)
+    try:
+        return _run_case(name, rank, world)
+    finally:
+        del os.environ["BREAD_CHUNK_BYTES"]
+
+
+def _run_case(name: str, rank: int, world: int) -> dict:
+    case = CASES[name]
+    sgd_mode, gas, hook_update_numel = case.sgd_mode, case.gas, case.hook_update_numel
     lora = name.startswith("bread_lora")
-    base = model_zoo.llama(seed=0, layers=LAYERS)
+    base = getattr(model_zoo, case.model)(seed=0, dtype=getattr(torch, case.dtype))
     if lora:
         base = model_zoo.with_lora(base, r=4)
-    model = bread_kernels.patch(copy.deepcopy(base))
+    model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=hook_update_numel)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = next(m for n, m in model.named_modules() if n.endswith(PROBES[case.model]))
+    probe = getattr(probe, "base_layer", probe)
 
     def wrap():
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     result = {"case": name, "error": None}
     try:
-        ddp = wrap() if ddp_first else None
-        opt = block_optimizer(model, sgd_mode, lora)
+        ddp = wrap() if case.ddp_first else None
+        opt = block_optimizer(model, sgd_mode, lora, case.rounding)
         ddp = ddp or wrap()
+        comm_stats.reset()
         for step in range(STEPS):
             for micro in range(gas):
                 synced = micro == gas - 1 or "synced" in name
                 sync = contextlib.nullcontext() if synced else ddp.no_sync()
                 with sync:
-                    (loss_of(ddp, batch(step, micro, rank)) / gas).backward()
+                    loss = loss_of(ddp, batch(step, micro, rank)) / gas
+                    if step == 0 and micro == 0:
+                        # whether autograd will make the probe's gradient (False where its update is fused)
+                        result["probe_requires_grad"] = probe.weight.requires_grad
+                        probe_before = probe.weight.detach().clone()
+                    loss.backward()
+                    if step == 0 and micro == 0:  # updated inside that backward, before any step
+                        result["probe_moved_in_backward"] = not torch.equal(probe.weight, probe_before)
+                        result["probe_grad"] = probe.weight.grad is not None
             opt.step()
             opt.zero_grad()
+        result["all_reduces"] = comm_stats.calls.get("all_reduce", 0)
+        result["all_gathers"] = comm_stats.calls.get("all_gather", 0)
     except RuntimeError as exc:
         result["error"] = str(exc)
         result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
         return result
     ref = reference_params(base, world, gas) if name.startswith("badam") else \
-        one_process_params(base, world, gas, lora, sgd_mode)
+        one_process_params(base, world, gas, lora, sgd_mode, hook_update_numel, case.rounding)
     result["diff"] = max((p.detach() - ref[n]).abs().max().item() for n, p in model.named_parameters())
+    # per tensor, in units of its dtype's rounding step at the tensor's largest magnitude
+    result["diff_steps"] = max((p.detach().float() - ref[n].float()).abs().max().item()
+                               / (torch.finfo(p.dtype).eps * ref[n].float().abs().max().item())
+                               for n, p in model.named_parameters())
     result["moved"] = max((ref[n] - before[n]).abs().max().item() for n in ref)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
@@ -244,20 +298,46 @@ def deepspeed_cases(rank: int) -> list[dict]:
 
 def random_order_case(rank: int) -> dict:
     """switch_mode="random" draws the block order from the global RNG: ranks seeded apart train different blocks,
-    whose gradients the average must not mix."""
+    whose gradients the average must not mix.  BREAD-SGD with every block linear fused: the refusal must come before
+    the backward's averaged updates of that step (the ranks would average one weight's chunks with another's)."""
     result = {"case": "different_blocks_refused", "error": None}
-    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS))
+    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS), hook_update_numel=0)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     torch.manual_seed(100 + rank)
     opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
-                                       switch_block_every=1, switch_mode="random", verbose=0)
+                                       switch_block_every=1, switch_mode="random", sgd_mode="all", verbose=0)
     try:
         for step in range(STEPS):
+            last = {n: p.detach().clone() for n, p in model.named_parameters()}
             loss_of(ddp, batch(step, 0, rank)).backward()
             opt.step()
             opt.zero_grad()
     except RuntimeError as exc:
         result["error"] = str(exc)
+        result["unchanged"] = all(torch.equal(p, last[n]) for n, p in model.named_parameters())
+    return result
+
+
+def non_finite_case(rank: int) -> dict:
+    """Rank 1's loss is not finite (a loss scaled by inf), rank 0's is: every on-the-fly update of that backward
+    must be skipped on both ranks alike (the averaged gradient is not finite; a rank that applied its own would
+    drift), and each rank reports the same skips."""
+    result = {"case": "non_finite_on_one_rank", "error": None}
+    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS), hook_update_numel=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = block_optimizer(model, "all", lora=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    loss = loss_of(ddp, batch(0, 0, rank))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (loss * (float("inf") if rank == 1 else 1.0)).backward()
+        opt.step()
+    skips = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    result["skip_warnings"] = skips
+    on_the_fly = [n for n in before if not n.startswith("model.layers.0.")]  # block 0 is the active one
+    result["on_the_fly_unchanged"] = all(torch.equal(model.get_parameter(n), before[n]) for n in on_the_fly)
+    result["skipped"] = opt.driver.skipped_updates
+    opt.close()
     return result
 
 
@@ -315,7 +395,8 @@ def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", nargs="*", default=[*CASES, "trainer", "fsdp", "random_order", "opt_out", "deepspeed"])
+    parser.add_argument("--cases", nargs="*",
+                        default=[*CASES, "trainer", "fsdp", "random_order", "opt_out", "deepspeed", "non_finite"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -332,6 +413,8 @@ def main() -> None:
         results += on_the_fly_opt_out_cases(rank)
     if "deepspeed" in args.cases:
         results += deepspeed_cases(rank)
+    if "non_finite" in args.cases:
+        results.append(non_finite_case(rank))
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
