@@ -131,16 +131,18 @@ def all_reduce_update_(
     locally_finite: torch.Tensor,
     group,
     chunk: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Average the ranks' gradients of a replicated ``param`` (produced chunk by chunk by ``fill``) and update it,
     the same on every rank.
 
     With ``G_r`` the local gradient of rank ``r`` and ``d`` the divisor (the number of ranks)::
 
-        Ḡ = (Σ_r G_r) / d                                          in fp32, ``chunk`` elements per all-reduce
-        param ← round(param − step · f(Ḡ))                         f = identity (SGD) or sign (SIGN)
+        Ḡ = (Σ_r G_r) / d                                          summed in ``dtype``, ``chunk`` elements a time
+        param ← round(param − step · f(Ḡ))                         f = identity (SGD) or sign (SIGN), in fp32
 
-    ``param`` is contiguous; its flat elements go ``chunk`` at a time (one fp32 buffer of ``chunk + 1``).  Each rank
+    ``param`` is contiguous; its flat elements go ``chunk`` at a time (one buffer of ``chunk + 1`` in ``dtype``:
+    fp32, or bf16 for a bf16 gradient, which DDP too sums in its own dtype and whose range cannot overflow).  Each rank
     adds a flag (1 where its ``locally_finite``, a 0-dim bool on the device, is False) after the first chunk, so the
     first all-reduce tells every rank whether any rank's gradient was not finite; every write is gated on that
     answer on the device (no host read) and it is returned: where it is False no rank writes anything.  Stochastic
@@ -149,19 +151,20 @@ def all_reduce_update_(
     flat = param.view(-1)
     numel = flat.numel()
     chunk = max(1, min(chunk, numel))
-    buffer = torch.empty(chunk + 1, dtype=torch.float32, device=param.device)
+    buffer = torch.empty(chunk + 1, dtype=dtype, device=param.device)
     backend = get_backend(param.device)
     ok = None
     for offset in range(0, numel, chunk):
         width = min(chunk, numel - offset)
         fill(offset, offset + width, buffer[:width])
         if ok is None:
-            torch.logical_not(locally_finite, out=buffer[width])
+            torch.logical_not(locally_finite, out=buffer[width])  # a sum of 0/1 flags: exact in bf16 to 256 ranks
             all_reduce_(buffer[: width + 1], group)
             ok = buffer[width] == 0
         else:
             all_reduce_(buffer[:width], group)
-        backend.apply_update_(flat[offset: offset + width], buffer[:width].div_(divisor), step, sign, rounding, seed,
+        grad = buffer[:width].float() if dtype != torch.float32 else buffer[:width]
+        backend.apply_update_(flat[offset: offset + width], grad.div_(divisor), step, sign, rounding, seed,
                               offset=offset, ok=ok)
     return ok if ok is not None else torch.ones((), dtype=torch.bool, device=param.device)
 

@@ -130,8 +130,8 @@ class AveragedTarget(UpdateTarget):
     """Where an on-the-fly update writes under DDP: the replicated tensor itself, on every rank, from the ranks'
     average gradient — inside the backward, as in one process, with no whole gradient of the weight on any rank.
 
-    A linear's dW = gᵀx is made and all-reduced in fp32 chunks of whole rows (``BREAD_CHUNK_BYTES`` of buffer, the
-    single-process update's budget), each chunk applied once averaged
+    A linear's dW = gᵀx is made and all-reduced in chunks of whole rows (fp32, bf16 for a bf16 dW;
+    ``BREAD_CHUNK_BYTES`` of buffer, the single-process update's budget), each chunk applied once averaged
     (:func:`~bread_kernels.collectives.all_reduce_update_`); a bias's db in one all-reduce; an embedding's rows are
     all-gathered and summed (:func:`~bread_kernels.collectives.gather_row_sums`), never a vocabulary-sized gradient.
     The finiteness flag rides in the first all-reduce, so every rank skips together, gated on the device.
@@ -162,10 +162,14 @@ class AveragedTarget(UpdateTarget):
         else:
             raise RuntimeError("bread_kernels: an on-the-fly weight under DDP is a view other than a transpose; its "
                                "layout is unknown")
-        chunk = max(1, chunk_budget_bytes() // 4 - 1)
+        # summed in bf16 for a bf16 dW (half the bytes; DDP sums bf16 gradients so), else in fp32 (an fp16 sum of
+        # finite values can overflow)
+        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32
+        chunk = max(1, chunk_budget_bytes() // 4 - 1)  # the fp32 buffer, or the bf16 buffer and its fp32 copy
         chunk = chunk - chunk % row if chunk >= row else chunk  # whole rows: one GEMM per chunk
         ok = all_reduce_update_(param, fill, step=step, sign=sign, rounding=update.rounding, seed=update.next_seed(),
-                                divisor=self.world, locally_finite=dw_finite(g, x), group=self.group, chunk=chunk)
+                                divisor=self.world, locally_finite=dw_finite(g, x), group=self.group, chunk=chunk,
+                                dtype=dtype)
         if bias is not None:
             grad_bias = g.sum(0, dtype=torch.float32)
             all_reduce_(grad_bias, self.group)
