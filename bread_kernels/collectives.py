@@ -11,12 +11,12 @@ parameters are held:
   the tensor itself, the same on every rank; :func:`gather_row_sums` averages an embedding's row-sparse gradient.
 
 Every rank must issue the same collectives in the same order: the number of chunks depends on the parameter's shape
-only, never on the tokens a rank holds.  :data:`comm_stats` counts what was issued (tests and benchmarks read it).
+only, never on the tokens a rank holds.  :data:`comm_stats` counts what these updates issue (tests and benchmarks read
+it); the averages at the end of a backward (:mod:`bread_kernels.optim.data_parallel`) are not counted.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,16 +26,13 @@ import torch.distributed as dist
 from .backends import get_backend
 from .rounding import Rounding
 
-__all__ = ["CommStats", "comm_stats", "chunk_elements", "dense_grad_fill", "linear_grad_fill", "reduce_scatter_",
-           "all_gather_", "all_reduce_", "all_reduce_update_", "gather_row_sums", "DEFAULT_CHUNK_BYTES", "CHUNK_ENV"]
-
-DEFAULT_CHUNK_BYTES = 32 << 20
-CHUNK_ENV = "BREAD_ZERO_CHUNK_BYTES"
+__all__ = ["CommStats", "comm_stats", "dense_grad_fill", "linear_grad_fill", "reduce_scatter_", "all_gather_",
+           "all_reduce_", "all_reduce_update_", "gather_row_sums"]
 
 
 @dataclass
 class CommStats:
-    """Collectives issued by the on-the-fly updates (this module's wrappers): calls and bytes handed to the collective (input side), by op name."""
+    """Collectives issued through this module's wrappers (the in-backward updates'): calls and bytes handed to the collective (input side), by op name."""
 
     calls: dict = field(default_factory=dict)
     bytes: dict = field(default_factory=dict)
@@ -52,16 +49,6 @@ class CommStats:
 
 
 comm_stats = CommStats()
-
-
-def chunk_elements(world: int, shard_numel: int, budget_bytes: int | None = None) -> int:
-    """S: elements per rank and per collective, so the fp32 send buffer ``w·(S+1)·4`` stays within the budget
-    (``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB); at least 1, at most P."""
-    if budget_bytes is None:
-        budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
-    if budget_bytes <= 0:
-        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
-    return max(1, min(shard_numel, budget_bytes // (4 * world) - 1))
 
 
 def dense_grad_fill(grad: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
@@ -120,7 +107,7 @@ def all_reduce_(tensor: torch.Tensor, group) -> None:
 
 @torch.no_grad()
 def all_reduce_update_(
-    param: torch.Tensor,
+    weight: torch.Tensor,
     fill: Callable[[int, int, torch.Tensor], None],
     *,
     step: float,
@@ -130,33 +117,33 @@ def all_reduce_update_(
     divisor: float,
     locally_finite: torch.Tensor,
     group,
-    chunk: int,
+    rows_per_chunk: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Average the ranks' gradients of a replicated ``param`` (produced chunk by chunk by ``fill``) and update it,
-    the same on every rank.
+    """Average the ranks' gradients of a replicated 2-D ``weight`` [N, K] (any strides; produced chunk by chunk by
+    ``fill``, flat row-major indices of dW) and update it, the same on every rank.
 
     With ``G_r`` the local gradient of rank ``r`` and ``d`` the divisor (the number of ranks)::
 
-        Ḡ = (Σ_r G_r) / d                                          summed in ``dtype``, ``chunk`` elements a time
-        param ← round(param − step · f(Ḡ))                         f = identity (SGD) or sign (SIGN), in fp32
+        Ḡ = (Σ_r G_r) / d                                          summed in ``dtype``, ``rows_per_chunk`` rows a time
+        weight ← round(weight − step · f(Ḡ))                       f = identity (SGD) or sign (SIGN), in fp32
 
-    ``param`` is contiguous; its flat elements go ``chunk`` at a time (one buffer of ``chunk + 1`` in ``dtype``:
-    fp32, or bf16 for a bf16 gradient, which DDP too sums in its own dtype and whose range cannot overflow).  Each rank
-    adds a flag (1 where its ``locally_finite``, a 0-dim bool on the device, is False) after the first chunk, so the
-    first all-reduce tells every rank whether any rank's gradient was not finite; every write is gated on that
-    answer on the device (no host read) and it is returned: where it is False no rank writes anything.  Stochastic
-    rounding draws element ``i``'s bits from ``(seed, i)``, as an update of the whole tensor in one process would.
+    One buffer of ``rows_per_chunk · K + 1`` elements in ``dtype`` (fp32, or bf16 for a bf16 weight's bf16 gradient,
+    which DDP too sums in bf16 and whose range cannot overflow; at least one row).  Each rank adds a flag (1 where its
+    ``locally_finite``, a 0-dim bool on the device, is False) after the first chunk, so the first all-reduce tells
+    every rank whether any rank's gradient was not finite; every write is gated on that answer on the device (no host
+    read) and it is returned: where it is False no rank writes anything.  Stochastic rounding draws element
+    ``(i, j)``'s bits from ``(seed, i·K + j)``, as an update of the whole weight in one process does.
     """
-    flat = param.view(-1)
-    numel = flat.numel()
-    chunk = max(1, min(chunk, numel))
-    buffer = torch.empty(chunk + 1, dtype=dtype, device=param.device)
-    backend = get_backend(param.device)
+    n_rows, n_cols = weight.shape
+    rows_per_chunk = max(1, min(rows_per_chunk, n_rows))
+    buffer = torch.empty(rows_per_chunk * n_cols + 1, dtype=dtype, device=weight.device)
+    backend = get_backend(weight.device)
     ok = None
-    for offset in range(0, numel, chunk):
-        width = min(chunk, numel - offset)
-        fill(offset, offset + width, buffer[:width])
+    for r0 in range(0, n_rows, rows_per_chunk):
+        r1 = min(n_rows, r0 + rows_per_chunk)
+        width = (r1 - r0) * n_cols
+        fill(r0 * n_cols, r1 * n_cols, buffer[:width])
         if ok is None:
             torch.logical_not(locally_finite, out=buffer[width])  # a sum of 0/1 flags: exact in bf16 to 256 ranks
             all_reduce_(buffer[: width + 1], group)
@@ -164,9 +151,9 @@ def all_reduce_update_(
         else:
             all_reduce_(buffer[:width], group)
         grad = buffer[:width].float() if dtype != torch.float32 else buffer[:width]
-        backend.apply_update_(flat[offset: offset + width], grad.div_(divisor), step, sign, rounding, seed,
-                              offset=offset, ok=ok)
-    return ok if ok is not None else torch.ones((), dtype=torch.bool, device=param.device)
+        backend.apply_update_(weight[r0:r1], grad.div_(divisor).view(r1 - r0, n_cols), step, sign, rounding, seed,
+                              offset=r0 * n_cols, ok=ok)
+    return ok if ok is not None else torch.ones((), dtype=torch.bool, device=weight.device)
 
 
 @torch.no_grad()

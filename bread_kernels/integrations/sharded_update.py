@@ -39,18 +39,22 @@ the same averaged gradient).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..backends import get_backend
-from ..collectives import (CommStats, all_gather_, chunk_elements, comm_stats, dense_grad_fill, gather_row_sums,
-                           linear_grad_fill, reduce_scatter_)
+from ..collectives import (CommStats, all_gather_, comm_stats, dense_grad_fill, gather_row_sums, linear_grad_fill,
+                           reduce_scatter_)
 from ..rounding import Rounding
 
 __all__ = ["ShardLayout", "CommStats", "comm_stats", "chunk_elements", "reduce_scatter_update_",
            "allgather_rows_update_", "linear_grad_fill", "dense_grad_fill", "all_gather_shards"]
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+CHUNK_ENV = "BREAD_ZERO_CHUNK_BYTES"
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,16 @@ class ShardLayout:
 
     def valid_of(self, rank: int) -> int:
         return max(0, min(self.shard_numel, self.numel - rank * self.shard_numel))
+
+
+def chunk_elements(world: int, shard_numel: int, budget_bytes: int | None = None) -> int:
+    """S: elements per rank and per collective, so the fp32 send buffer ``w·(S+1)·4`` stays within the budget
+    (``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB); at least 1, at most P."""
+    if budget_bytes is None:
+        budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
+    if budget_bytes <= 0:
+        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
+    return max(1, min(shard_numel, budget_bytes // (4 * world) - 1))
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ isolated here; :func:`check_internals` raises when torch changes them, and tests
 from __future__ import annotations
 
 import os
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -130,11 +131,13 @@ class AveragedTarget(UpdateTarget):
     """Where an on-the-fly update writes under DDP: the replicated tensor itself, on every rank, from the ranks'
     average gradient — inside the backward, as in one process, with no whole gradient of the weight on any rank.
 
-    A linear's dW = gᵀx is made and all-reduced in chunks of whole rows (fp32, bf16 for a bf16 dW;
-    ``BREAD_CHUNK_BYTES`` of buffer, the single-process update's budget), each chunk applied once averaged
-    (:func:`~bread_kernels.collectives.all_reduce_update_`); a bias's db in one all-reduce; an embedding's rows are
-    all-gathered and summed (:func:`~bread_kernels.collectives.gather_row_sums`), never a vocabulary-sized gradient.
-    The finiteness flag rides in the first all-reduce, so every rank skips together, gated on the device.
+    A linear's dW = gᵀx is made and all-reduced in chunks of whole rows of the weight as its layer uses it (any
+    strides: GPT-2's ``Conv1D`` weights are transposed views), summed in fp32 (in bf16 for a bf16 weight whose dW is
+    bf16, as DDP sums it), each chunk applied once averaged
+    (:func:`~bread_kernels.collectives.all_reduce_update_`; ``BREAD_CHUNK_BYTES``, the single-process update's
+    budget, bounds the buffers); a bias's db in one all-reduce; an embedding's rows are all-gathered and summed
+    (:func:`~bread_kernels.collectives.gather_row_sums`), never a vocabulary-sized gradient.  The finiteness flag
+    rides in the first all-reduce, so every rank skips together, gated on the device.
 
     Every rank must call it for the same weights in the same order, with gradients of the same shapes: the driver
     gives it only the fused Linears and the input embedding, whose backward runs on every rank alike; the weights
@@ -142,34 +145,34 @@ class AveragedTarget(UpdateTarget):
     and the hook path's small weights go to the end of the backward instead (:func:`average_gradients_`).
 
     Args:
-        group: the process group of the DDP whose forward built the graph.
+        group: the process group of the DDP whose forward built the graph (held weakly: a target kept in a plan
+            does not keep a destroyed group alive).
         world: its number of ranks (the divisor of the average).
     """
 
     skip_reason = "its gradient is not finite on some rank"
 
     def __init__(self, group, world: int):
-        self.group, self.world = group, world
+        self._group, self.world = weakref.ref(group), world
+
+    @property
+    def group(self):
+        group = self._group()
+        if group is None:
+            raise RuntimeError("bread_kernels: the process group of the DistributedDataParallel this model's plans "
+                               "average over was destroyed; run the forward again (under the new DDP, or without)")
+        return group
 
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
-        """``weight`` [N, K] with dW = gᵀx, or the transposed view of a parameter stored [K, N] (GPT-2's ``Conv1D``),
-        whose flat layout is then that of dWᵀ = xᵀg."""
-        if weight.is_contiguous():
-            param, fill, row = weight, linear_grad_fill(g, x), x.shape[1]
-        elif weight._base is not None and weight.shape == weight._base.shape[::-1] and \
-                weight.stride() == (1, weight.shape[0]):
-            param, fill, row = weight._base, linear_grad_fill(x, g), g.shape[1]
-        else:
-            raise RuntimeError("bread_kernels: an on-the-fly weight under DDP is a view other than a transpose; its "
-                               "layout is unknown")
-        # summed in bf16 for a bf16 dW (half the bytes; DDP sums bf16 gradients so), else in fp32 (an fp16 sum of
-        # finite values can overflow)
-        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32
-        chunk = max(1, chunk_budget_bytes() // 4 - 1)  # the fp32 buffer, or the bf16 buffer and its fp32 copy
-        chunk = chunk - chunk % row if chunk >= row else chunk  # whole rows: one GEMM per chunk
-        ok = all_reduce_update_(param, fill, step=step, sign=sign, rounding=update.rounding, seed=update.next_seed(),
-                                divisor=self.world, locally_finite=dw_finite(g, x), group=self.group, chunk=chunk,
-                                dtype=dtype)
+        """``weight`` [N, K] (any strides) with dW = gᵀx."""
+        low = weight.dtype == torch.bfloat16 and g.dtype == torch.bfloat16
+        # bytes per chunk element: the fp32 buffer the GEMM writes, or a bf16/fp16 block and the buffer (or its copy)
+        per_element = 4 if g.dtype == torch.float32 else 6
+        rows = chunk_budget_bytes() // (per_element * weight.shape[1])
+        ok = all_reduce_update_(weight, linear_grad_fill(g, x), step=step, sign=sign, rounding=update.rounding,
+                                seed=update.next_seed(), divisor=self.world, locally_finite=dw_finite(g, x),
+                                group=self.group, rows_per_chunk=rows,
+                                dtype=torch.bfloat16 if low else torch.float32)
         if bias is not None:
             grad_bias = g.sum(0, dtype=torch.float32)
             all_reduce_(grad_bias, self.group)
@@ -194,18 +197,21 @@ class AveragedTarget(UpdateTarget):
                            "the backward (DDP may write its gradient after the hook), not through AveragedTarget")
 
 
-def check_same_parameters(roles: list[str], group, what: str, device: torch.device) -> None:
-    """Raise unless every rank of ``group`` trains the same parameters the same way (a fingerprint of ``roles``,
-    each a parameter's name and role, compared with one all-reduce on ``device``): ranks training different blocks
-    would average one layer's gradient with another's."""
-    fingerprint = zlib.crc32("\n".join(roles).encode())
+def check_same_parameters(entries: list[str], group, what: str, device: torch.device) -> None:
+    """Raise unless every rank of ``group`` trains the same parameters the same way (a fingerprint of ``entries``,
+    each rank's description of its training, compared with one all-reduce on ``device``): ranks training different
+    blocks would average one layer's gradient with another's, and ranks whose updates go different ways would issue
+    different collectives."""
+    fingerprint = zlib.crc32("\n".join(entries).encode())
     both = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if both[0].item() != -both[1].item():
-        raise RuntimeError(f"{what}: the ranks train different parameters (another active block on some rank), so "
+        raise RuntimeError(f"{what}: the ranks train different parameters, or update them differently (another "
+                           "active block on some rank, or patch() or optimizer options that differ between ranks), so "
                            "their gradients cannot be averaged. Every rank must switch blocks alike: seed every rank "
                            "the same before building the optimizer (transformers.set_seed, torch.manual_seed) when "
-                           "the order is random, or use an ordered switch_mode")
+                           "the order is random, or use an ordered switch_mode; and patch and build the optimizer "
+                           "with the same options on every rank (BREAD_HOOK_UPDATE_NUMEL and BREAD_CHUNK_BYTES alike)")
 
 
 def several_ranks() -> int:

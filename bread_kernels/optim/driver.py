@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..backends.chunked import chunk_budget_bytes
 from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
@@ -134,8 +135,8 @@ class EngineDriver:
         #: under DDP: the on-the-fly parameters whose gradients land in ``.grad``, by name, with the plan of the
         #: update applied at the end of the backward from their average
         self._deferred: dict[str, WeightPlan] = {}
-        #: whether every rank of the DDP group was found to train the same parameters since the roles last changed
-        self._ranks_agree = False
+        #: the DDP group (weakly) whose ranks were found to train alike since the roles or their writing last changed
+        self._ranks_agree = None
         self._any_on_the_fly = False
         #: the on-the-fly parameters outside the fused modules: updated by this driver's hooks (``hook_plans``), or
         #: by the library's own with ``library_hooks``
@@ -223,15 +224,16 @@ class EngineDriver:
         roles = self._checked_roles(roles)
         self.roles = roles
         self._any_on_the_fly = any(role.updates_on_the_fly for role in roles.values())
-        self._averaged, self._ranks_agree = None, False
+        self._averaged, self._ranks_agree = None, None
         self._write(roles)
         return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
 
     def _write(self, roles: dict[str, Role]) -> None:
         """Write ``roles`` into the engine: the fused plans, ``requires_grad``, the hook plans, the cut.  Under DDP
-        (:attr:`_averaged` set) the fused plans write through it, and the on-the-fly roles it cannot serve — the
-        head's and the experts' (their updates' collectives would depend on each rank's tokens) and those outside the
-        fused modules — are written ACTIVE-like (their gradients land in ``.grad``) and listed in :attr:`_deferred`."""
+        (:attr:`_averaged` set) the fused plans write through it, and the on-the-fly roles it cannot serve are listed
+        in :attr:`_deferred`, their gradients landing in ``.grad``: the head's and the experts' (their updates'
+        collectives would depend on each rank's tokens), written ACTIVE, and those outside the fused modules, which
+        keep their role and ``requires_grad`` but get no hook plan."""
         written = roles
         if self._averaged is not None and self.engine is not None:
             head = self.engine.head.parameters() if self.engine.head is not None else ()
@@ -426,12 +428,25 @@ class EngineDriver:
                 "ZeRO-3 (bread_kernels.integrations.deepspeed)")
         if on_the_fly and dp is None:
             self._check_ranks()
-        if dp is not None and not self._ranks_agree:
-            check_same_parameters(sorted(f"{n} {r.value}" for n, r in self.roles.items() if r is not Role.FROZEN),
-                                  dp.group, self.what, self.named_parameters[0][1].device)
-            self._ranks_agree = True
         self._average_on_the_fly(dp if on_the_fly else None)
+        if dp is not None and (self._ranks_agree is None or self._ranks_agree() is not dp.group):
+            check_same_parameters(self._training_fingerprint(), dp.group, self.what,
+                                  self.named_parameters[0][1].device)
+            self._ranks_agree = weakref.ref(dp.group)
         return dp
+
+    def _training_fingerprint(self) -> list[str]:
+        """What every rank of a DDP group must share: each trained parameter's role and where its update is taken
+        (in the backward, through :attr:`_averaged`; at its end; by the optimizer), and the on-the-fly rule's
+        settings — ranks patched or configured apart would issue different collectives or drift."""
+        entries = [f"{n} {r.value} {'end' if n in self._deferred else 'backward' if r.updates_on_the_fly else ''}"
+                   for n, r in self.roles.items() if r is not Role.FROZEN]
+        if self.update is not None:
+            update = self.update
+            scale = update.scale if isinstance(update.scale, (int, float)) else type(update.scale).__name__
+            entries.append(f"update {scale} {update.rounding.value} {update.seed} {update.draws} "
+                           f"{chunk_budget_bytes()}")  # the budget decides how many all-reduces a weight takes
+        return entries
 
     def _average_on_the_fly(self, dp: DataParallelForward | None) -> None:
         """Under DDP the on-the-fly updates take the ranks' averaged gradient: the fused plans write through an
@@ -440,9 +455,11 @@ class EngineDriver:
         gradient again."""
         current = self._averaged
         if (dp is None and current is None) or (dp is not None and current is not None and
-                                                current.group is dp.group and current.world == dp.world):
+                                                current._group() is dp.group and current.world == dp.world):
             return
+        # set_roles wrote the plans for one process; the first DDP forward after it writes them again, once
         self._averaged = None if dp is None else AveragedTarget(dp.group, dp.world)
+        self._ranks_agree = None
         self._write(self.roles)
 
     def _check_ranks(self) -> None:

@@ -43,7 +43,9 @@ class Case(NamedTuple):
     #: patch's: 0 fuses every block linear of the tiny models (their updates average inside the backward); 2¹⁷
     #: (patch's default) leaves them small enough for the hook path (averaged at the end of the backward)
     hook_update_numel: int = 0
-    model: str = "llama"  # "gpt2": Conv1D weights stored transposed, biases, a tied head; "qwen3_moe": experts
+    #: "gpt2": Conv1D weights stored transposed, biases, a tied head; "qwen3_moe": experts; "llama_strided": a weight
+    #: stored column-major
+    model: str = "llama"
     dtype: str = "float32"
     chunk_bytes: int | None = None  # BREAD_CHUNK_BYTES: small, so a dW goes through several chunks
     rounding: str = "auto"  # of the low-precision on-the-fly updates
@@ -61,12 +63,27 @@ CASES = {
     "bread_sgd_synced_accumulation": Case("all", 2),  # DDP syncs every micro-batch: no no_sync()
     "bread_sgd_gpt2_chunks": Case("all", 1, model="gpt2", chunk_bytes=600),  # 149 elements: rows cut across
     "bread_sgd_moe": Case("all", 1, model="qwen3_moe"),
+    "bread_sgd_strided_weight": Case("all", 1, model="llama_strided"),
     "bread_sgd_bf16": Case("all", 1, dtype="bfloat16"),
     "bread_sgd_bf16_nearest": Case("all", 1, dtype="bfloat16", rounding="nearest"),
 }
 #: a block linear above the first active block, per model: on the fly from the first step where sgd_mode is not
 #: "disabled"
-PROBES = {"llama": "layers.2.mlp.down_proj", "gpt2": "h.2.mlp.c_proj", "qwen3_moe": "layers.2.self_attn.o_proj"}
+PROBES = {"llama": "layers.2.mlp.down_proj", "gpt2": "h.2.mlp.c_proj", "qwen3_moe": "layers.2.self_attn.o_proj",
+          "llama_strided": "layers.2.mlp.down_proj"}
+
+
+def llama_strided(seed: int, dtype: torch.dtype):
+    """The tiny Llama with block 2's down_proj weight stored column-major (strides (1, N)), as a checkpoint saved
+    from a transposed tensor loads."""
+    model = model_zoo.llama(seed=seed, dtype=dtype)
+    mlp = model.model.layers[2].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.detach().t().contiguous().t())
+    return model
+
+
+MODELS = {"llama": model_zoo.llama, "gpt2": model_zoo.gpt2, "qwen3_moe": model_zoo.qwen3_moe,
+          "llama_strided": llama_strided}
 
 
 def batch(step: int, micro: int, rank: int) -> torch.Tensor:
@@ -141,7 +158,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     case = CASES[name]
     sgd_mode, gas, hook_update_numel = case.sgd_mode, case.gas, case.hook_update_numel
     lora = name.startswith("bread_lora")
-    base = getattr(model_zoo, case.model)(seed=0, dtype=getattr(torch, case.dtype))
+    base = MODELS[case.model](seed=0, dtype=getattr(torch, case.dtype))
     if lora:
         base = model_zoo.with_lora(base, r=4)
     model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=hook_update_numel)
@@ -318,6 +335,24 @@ def random_order_case(rank: int) -> dict:
     return result
 
 
+def different_patch_case(rank: int) -> dict:
+    """The ranks patched apart (hook_update_numel): the same roles, but rank 0 fuses the block linears (their
+    updates all-reduce inside the backward) while rank 1 leaves them to the hook path (averaged at the end): refused
+    at the first forward, before any update (before, gloo failed on mismatched collectives; NCCL would hang)."""
+    result = {"case": "different_patch_refused", "error": None}
+    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS), hook_update_numel=0 if rank == 0 else 1 << 17)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = block_optimizer(model, "all", lora=False)
+    try:
+        loss_of(ddp, batch(0, 0, rank)).backward()
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.close()
+    return result
+
+
 def non_finite_case(rank: int) -> dict:
     """Rank 1's loss is not finite (a loss scaled by inf), rank 0's is: every on-the-fly update of that backward
     must be skipped on both ranks alike (the averaged gradient is not finite; a rank that applied its own would
@@ -396,7 +431,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="*",
-                        default=[*CASES, "trainer", "fsdp", "random_order", "opt_out", "deepspeed", "non_finite"])
+                        default=[*CASES, "trainer", "fsdp", "random_order", "opt_out", "deepspeed", "non_finite",
+                                 "different_patch"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -415,6 +451,8 @@ def main() -> None:
         results += deepspeed_cases(rank)
     if "non_finite" in args.cases:
         results.append(non_finite_case(rank))
+    if "different_patch" in args.cases:
+        results.append(different_patch_case(rank))
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

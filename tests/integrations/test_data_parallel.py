@@ -101,6 +101,15 @@ def test_ranks_training_different_blocks_are_refused(results, rank):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_patched_apart_are_refused_before_any_update(results, rank):
+    """The same roles, but one rank fuses the block linears and the other leaves them to the hook path: their
+    collectives would differ (gloo failed on the sizes, NCCL would hang)."""
+    result = results[("different_patch_refused", rank)]
+    assert result["error"] is not None and "update them differently" in result["error"], result["error"]
+    assert "patch() or optimizer options that differ" in result["error"] and result["unchanged"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("case", [name for name, case in CASES.items() if case.sgd_mode != "disabled"])
 def test_on_the_fly_updates_under_ddp_average_inside_the_backward(results, case, rank):
     """A fused Linear's on-the-fly update under DDP runs inside the backward from the ranks' average, chunk by chunk
