@@ -49,6 +49,8 @@ class Case(NamedTuple):
     dtype: str = "float32"
     chunk_bytes: int | None = None  # BREAD_CHUNK_BYTES: small, so a dW goes through several chunks
     rounding: str = "auto"  # of the low-precision on-the-fly updates
+    #: a torch.amp.GradScaler whose scale grows mid-run (the reference runs unscaled: powers of two scale exactly)
+    scaled: bool = False
 
 
 CASES = {
@@ -64,6 +66,7 @@ CASES = {
     "bread_sgd_gpt2_chunks": Case("all", 1, model="gpt2", chunk_bytes=600),  # 149 elements: rows cut across
     "bread_sgd_moe": Case("all", 1, model="qwen3_moe"),
     "bread_sgd_strided_weight": Case("all", 1, model="llama_strided"),
+    "bread_sgd_loss_scaler": Case("all", 1, scaled=True),
     "bread_sgd_bf16": Case("all", 1, dtype="bfloat16"),
     "bread_sgd_bf16_nearest": Case("all", 1, dtype="bfloat16", rounding="nearest"),
 }
@@ -114,13 +117,14 @@ def reference_params(base, world: int, gas: int) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto"):
+def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto", loss_scaler=None):
     """``sgd_mode`` "-sign": signSGD; the on-the-fly step is scaled down so sign's steps stay small."""
     mode, _, sign = sgd_mode.partition("-")
     return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
                                         switch_block_every=1, switch_mode="ascending", sgd_mode=mode, verbose=0,
                                         sgd_use_sign=bool(sign), sgd_lr_scaling=0.01 if sign else 1.0,
-                                        rounding=rounding, **({"lora_mode": "all"} if lora else {}))
+                                        rounding=rounding, loss_scaler=loss_scaler,
+                                        **({"lora_mode": "all"} if lora else {}))
 
 
 def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str, hook_update_numel: int,
@@ -172,7 +176,8 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     result = {"case": name, "error": None}
     try:
         ddp = wrap() if case.ddp_first else None
-        opt = block_optimizer(model, sgd_mode, lora, case.rounding)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2) if case.scaled else None
+        opt = block_optimizer(model, sgd_mode, lora, case.rounding, scaler)
         ddp = ddp or wrap()
         comm_stats.reset()
         for step in range(STEPS):
@@ -185,12 +190,18 @@ def _run_case(name: str, rank: int, world: int) -> dict:
                         # whether autograd will make the probe's gradient (False where its update is fused)
                         result["probe_requires_grad"] = probe.weight.requires_grad
                         probe_before = probe.weight.detach().clone()
-                    loss.backward()
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                     if step == 0 and micro == 0:  # updated inside that backward, before any step
                         result["probe_moved_in_backward"] = not torch.equal(probe.weight, probe_before)
                         result["probe_grad"] = probe.weight.grad is not None
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad()
+        if scaler is not None:
+            result["scale_grew"] = scaler.get_scale() > 2.0 ** 12  # else a stale read of the scale would not show
         result["all_reduces"] = comm_stats.calls.get("all_reduce", 0)
         result["all_gathers"] = comm_stats.calls.get("all_gather", 0)
     except RuntimeError as exc:

@@ -62,6 +62,7 @@ def test_training_under_ddp_equals_the_single_process_run(results, case, rank):
     assert result["error"] is None, result["error"]
     assert result["moved"] > 1e-2, "the reference barely moved: the comparison would be vacuous"
     assert result["replicas_equal"], f"{case}: the ranks hold different parameters"
+    assert result.get("scale_grew", True), "the loss scale never changed"
     if CASES[case].dtype == "bfloat16":
         steps = BF16_STEPS[CASES[case].rounding]
         assert result["diff_steps"] <= steps, f"{case}, rank {rank}: {result['diff_steps']:.3g} rounding steps apart"
