@@ -8,7 +8,8 @@ parameters are held:
 * sharded flat over the ranks (ZeRO-3): :mod:`bread_kernels.integrations.sharded_update` reduce-scatters the chunks
   and updates this rank's shard;
 * replicated on every rank (DistributedDataParallel): :func:`all_reduce_update_` all-reduces each chunk and updates
-  the tensor itself, the same on every rank; :func:`gather_row_sums` averages an embedding's row-sparse gradient.
+  the tensor itself, the same on every rank — asynchronously through :class:`InFlight`, so the backward goes on
+  while a chunk's sum travels; :func:`gather_row_sums` averages an embedding's row-sparse gradient.
 
 Every rank must issue the same collectives in the same order: the number of chunks depends on the parameter's shape
 only, never on the tokens a rank holds.  :data:`comm_stats` counts what these updates issue (tests and benchmarks read
@@ -17,6 +18,7 @@ it); the averages at the end of a backward (:mod:`bread_kernels.optim.data_paral
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,7 +29,7 @@ from .backends import get_backend
 from .rounding import Rounding
 
 __all__ = ["CommStats", "comm_stats", "dense_grad_fill", "linear_grad_fill", "reduce_scatter_", "all_gather_",
-           "all_reduce_", "all_reduce_update_", "gather_row_sums"]
+           "InFlight", "all_reduce_update_", "gather_row_sums"]
 
 
 @dataclass
@@ -98,11 +100,38 @@ def all_gather_(out: torch.Tensor, send: torch.Tensor, group) -> None:
     work.wait()
 
 
-def all_reduce_(tensor: torch.Tensor, group) -> None:
-    """``tensor ← Σ over the group's ranks of tensor``, in place."""
-    comm_stats.record("all_reduce", tensor.numel() * tensor.element_size())
-    work = _ALL_REDUCE(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    work.wait()
+class InFlight:
+    """All-reduces issued asynchronously, each with what needs its result (applying a chunk's update), completed in
+    the order they were issued once more than ``depth`` are pending, and all of them by :meth:`finish`.  With
+    ``depth`` 1 the next weight's GEMMs run while a chunk's sum travels; 0 waits for each at once.
+
+    Args:
+        depth: how many all-reduces may stay pending after one is issued.
+    """
+
+    def __init__(self, depth: int = 1):
+        self.depth = depth
+        self._pending: deque = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def all_reduce(self, tensor: torch.Tensor, group, then: Callable[[], None]) -> None:
+        """Issue ``tensor ← Σ over the group's ranks of tensor`` (in place); ``then()`` runs once it is complete."""
+        comm_stats.record("all_reduce", tensor.numel() * tensor.element_size())
+        self._pending.append((_ALL_REDUCE(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True), then))
+        while len(self._pending) > self.depth:
+            self._complete_one()
+
+    def finish(self) -> None:
+        """Complete every pending all-reduce and what waits on it."""
+        while self._pending:
+            self._complete_one()
+
+    def _complete_one(self) -> None:
+        work, then = self._pending.popleft()
+        work.wait()
+        then()
 
 
 @torch.no_grad()
@@ -119,6 +148,7 @@ def all_reduce_update_(
     group,
     rows_per_chunk: int,
     dtype: torch.dtype = torch.float32,
+    in_flight: InFlight | None = None,
 ) -> torch.Tensor:
     """Average the ranks' gradients of a replicated 2-D ``weight`` [N, K] (any strides; produced chunk by chunk by
     ``fill``, flat row-major indices of dW) and update it, the same on every rank.
@@ -128,32 +158,37 @@ def all_reduce_update_(
         Ḡ = (Σ_r G_r) / d                                          summed in ``dtype``, ``rows_per_chunk`` rows a time
         weight ← round(weight − step · f(Ḡ))                       f = identity (SGD) or sign (SIGN), in fp32
 
-    One buffer of ``rows_per_chunk · K + 1`` elements in ``dtype`` (fp32, or bf16 for a bf16 weight's bf16 gradient,
-    which DDP too sums in bf16 and whose range cannot overflow; at least one row).  Each rank adds a flag (1 where its
-    ``locally_finite``, a 0-dim bool on the device, is False) after the first chunk, so the first all-reduce tells
-    every rank whether any rank's gradient was not finite; every write is gated on that answer on the device (no host
-    read) and it is returned: where it is False no rank writes anything.  Stochastic rounding draws element
-    ``(i, j)``'s bits from ``(seed, i·K + j)``, as an update of the whole weight in one process does.
+    One buffer of ``rows_per_chunk · K (+ 1)`` elements in ``dtype`` per chunk (fp32, or bf16 for a bf16 weight's
+    bf16 gradient, which DDP too sums in bf16 and whose range cannot overflow; at least one row).  Each rank adds a
+    flag (1 where its ``locally_finite``, a 0-dim bool on the device, is False) after the first chunk, so the first
+    all-reduce tells every rank whether any rank's gradient was not finite; every write is gated on that answer on
+    the device (no host read).  It is returned, a 0-dim bool filled when the first chunk's sum is complete: where it
+    is False no rank writes anything.  With ``in_flight`` the chunks' sums and updates complete there (the caller
+    finishes them, before the weight is read again); without, before this returns.  Stochastic rounding draws
+    element ``(i, j)``'s bits from ``(seed, i·K + j)``, as an update of the whole weight in one process does.
     """
     n_rows, n_cols = weight.shape
     rows_per_chunk = max(1, min(rows_per_chunk, n_rows))
-    buffer = torch.empty(rows_per_chunk * n_cols + 1, dtype=dtype, device=weight.device)
+    flight = in_flight if in_flight is not None else InFlight(depth=0)
     backend = get_backend(weight.device)
-    ok = None
+    ok = torch.ones((), dtype=torch.bool, device=weight.device)
     for r0 in range(0, n_rows, rows_per_chunk):
         r1 = min(n_rows, r0 + rows_per_chunk)
-        width = (r1 - r0) * n_cols
+        width, first = (r1 - r0) * n_cols, r0 == 0
+        buffer = torch.empty(width + first, dtype=dtype, device=weight.device)  # its own: one may be in flight
         fill(r0 * n_cols, r1 * n_cols, buffer[:width])
-        if ok is None:
+        if first:
             torch.logical_not(locally_finite, out=buffer[width])  # a sum of 0/1 flags: exact in bf16 to 256 ranks
-            all_reduce_(buffer[: width + 1], group)
-            ok = buffer[width] == 0
-        else:
-            all_reduce_(buffer[:width], group)
-        grad = buffer[:width].float() if dtype != torch.float32 else buffer[:width]
-        backend.apply_update_(weight[r0:r1], grad.div_(divisor).view(r1 - r0, n_cols), step, sign, rounding, seed,
-                              offset=r0 * n_cols, ok=ok)
-    return ok if ok is not None else torch.ones((), dtype=torch.bool, device=weight.device)
+
+        def then(buffer=buffer, r0=r0, r1=r1, width=width, first=first):
+            if first:
+                torch.eq(buffer[width], 0, out=ok)
+            grad = buffer[:width].float() if dtype != torch.float32 else buffer[:width]
+            backend.apply_update_(weight[r0:r1], grad.div_(divisor).view(r1 - r0, n_cols), step, sign, rounding,
+                                  seed, offset=r0 * n_cols, ok=ok)
+
+        flight.all_reduce(buffer, group, then)
+    return ok
 
 
 @torch.no_grad()

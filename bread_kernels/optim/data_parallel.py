@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from ..backends import get_backend
 from ..backends.chunked import chunk_budget_bytes
-from ..collectives import all_reduce_, all_reduce_update_, gather_row_sums, linear_grad_fill
+from ..collectives import InFlight, all_reduce_update_, gather_row_sums, linear_grad_fill
 from ..update import LOCAL, UpdateTarget, dw_finite
 
 __all__ = ["DataParallelForward", "data_parallel_forward", "queue_after_backward", "average_gradients_",
@@ -154,6 +154,24 @@ class AveragedTarget(UpdateTarget):
 
     def __init__(self, group, world: int):
         self._group, self.world = weakref.ref(group), world
+        #: the last chunk's sum may travel while the backward goes on; finished at the end of the backward
+        self.in_flight = InFlight(depth=1)
+        self._finish_queued = False
+
+    def finish(self) -> None:
+        """Complete the updates still in flight (the end of the backward; or the next forward, after a backward that
+        raised)."""
+        self._finish_queued = False
+        self.in_flight.finish()
+
+    def _queue_finish(self) -> None:
+        if self._finish_queued or not len(self.in_flight):
+            return
+        try:
+            queue_after_backward(self.finish)
+            self._finish_queued = True
+        except RuntimeError:  # not inside a backward
+            self.finish()
 
     @property
     def group(self):
@@ -166,21 +184,29 @@ class AveragedTarget(UpdateTarget):
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
         """``weight`` [N, K] (any strides) with dW = gᵀx."""
         low = weight.dtype == torch.bfloat16 and g.dtype == torch.bfloat16
-        # bytes per chunk element: the fp32 buffer the GEMM writes, or a bf16/fp16 block and the buffer (or its copy)
+        # bytes per chunk element: the fp32 buffer the GEMM writes, or a bf16/fp16 block and the buffer (or its
+        # copy); two chunks' buffers may be alive (one in flight)
         per_element = 4 if g.dtype == torch.float32 else 6
-        rows = chunk_budget_bytes() // (per_element * weight.shape[1])
+        rows = chunk_budget_bytes() // (2 * per_element * weight.shape[1])
+        group = self.group
         ok = all_reduce_update_(weight, linear_grad_fill(g, x), step=step, sign=sign, rounding=update.rounding,
                                 seed=update.next_seed(), divisor=self.world, locally_finite=dw_finite(g, x),
-                                group=self.group, rows_per_chunk=rows,
-                                dtype=torch.bfloat16 if low else torch.float32)
+                                group=group, rows_per_chunk=rows, dtype=torch.bfloat16 if low else torch.float32,
+                                in_flight=self.in_flight)
         if bias is not None:
             grad_bias = g.sum(0, dtype=torch.float32)
-            all_reduce_(grad_bias, self.group)
-            get_backend(bias.device).apply_update_(bias, grad_bias.div_(self.world), step, sign, update.rounding,
-                                                   update.next_seed(), ok=ok)
+            seed = update.next_seed()
+
+            def then():
+                get_backend(bias.device).apply_update_(bias, grad_bias.div_(self.world), step, sign, update.rounding,
+                                                       seed, ok=ok)
+
+            self.in_flight.all_reduce(grad_bias, group, then)
+        self._queue_finish()
         return ok
 
     def rows_(self, weight, rows, summed, step, sign, update):
+        self.finish()  # the all-gathers wait anyway
         gathered = gather_row_sums(rows, summed, self.group, self.world)
         if gathered is None:
             return True

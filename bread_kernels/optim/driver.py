@@ -411,6 +411,8 @@ class EngineDriver:
         Refusals come before the forward runs."""
         if not torch.is_grad_enabled():
             return None
+        if self._averaged is not None:
+            self._averaged.finish()  # normally done at the end of the backward; not where that backward raised
         if self.update_target is None and runs_under_deepspeed(module):
             raise RuntimeError(
                 f"{self.what}: a DeepSpeed engine drives this model (deepspeed.initialize, or the Trainer's "
