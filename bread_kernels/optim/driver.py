@@ -224,6 +224,8 @@ class EngineDriver:
         roles = self._checked_roles(roles)
         self.roles = roles
         self._any_on_the_fly = any(role.updates_on_the_fly for role in roles.values())
+        if self._averaged is not None:
+            self._averaged.finish()  # anything a backward that raised left in flight
         self._averaged, self._ranks_agree = None, None
         self._write(roles)
         return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
@@ -460,6 +462,8 @@ class EngineDriver:
                                                 current._group() is dp.group and current.world == dp.world):
             return
         # set_roles wrote the plans for one process; the first DDP forward after it writes them again, once
+        if current is not None:
+            current.finish()
         self._averaged = None if dp is None else AveragedTarget(dp.group, dp.world)
         self._ranks_agree = None
         self._write(self.roles)
