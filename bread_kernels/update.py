@@ -82,6 +82,11 @@ class UpdateTarget:
 
     skip_reason = "its gradient is not finite"
 
+    def settle(self) -> None:
+        """Complete the writes this target still has in progress, after which every flag it returned holds its
+        answer (a target that lets its collectives travel while the backward goes on fills them later; the
+        others have nothing to do)."""
+
     def linear_(self, weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor, x: torch.Tensor,
                 step: float, sign: bool, update: OnTheFlyUpdate) -> Finite:
         """``weight`` [N, K] with ``dW = gᵀx`` (g [M, N], x [M, K]); ``bias`` [N] with ``db = Σ_m g``."""
@@ -224,6 +229,8 @@ def _apply(plan: WeightPlan, role: Role,
         if target is None:
             target = plan.local_target = LocalTarget(keep_backend=True)
     finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
+    if plan.checks is None and isinstance(finite, torch.Tensor):
+        target.settle()  # the flag is read now
     plan.record_finite(finite, target.skip_reason)
     return finite
 

@@ -159,10 +159,12 @@ class AveragedTarget(UpdateTarget):
         self._finish_queued = False
 
     def finish(self) -> None:
-        """Complete the updates still in flight (the end of the backward; or the next forward, after a backward that
-        raised)."""
+        """Complete the updates still in flight: at the end of the backward (queued); after a backward that raised,
+        at the next forward of the model, block switch or ``close()``."""
         self._finish_queued = False
         self.in_flight.finish()
+
+    settle = finish
 
     def _queue_finish(self) -> None:
         if self._finish_queued or not len(self.in_flight):
@@ -195,11 +197,10 @@ class AveragedTarget(UpdateTarget):
                                 in_flight=self.in_flight)
         if bias is not None:
             grad_bias = g.sum(0, dtype=torch.float32)
-            seed = update.next_seed()
+            seed, world, rounding = update.next_seed(), self.world, update.rounding
 
-            def then():
-                get_backend(bias.device).apply_update_(bias, grad_bias.div_(self.world), step, sign, update.rounding,
-                                                       seed, ok=ok)
+            def then():  # holds neither the target nor the update (no cycle through the pending queue)
+                get_backend(bias.device).apply_update_(bias, grad_bias.div_(world), step, sign, rounding, seed, ok=ok)
 
             self.in_flight.all_reduce(grad_bias, group, then)
         self._queue_finish()

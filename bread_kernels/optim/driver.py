@@ -188,6 +188,8 @@ class EngineDriver:
         if self._closed:
             return
         try:
+            if self._averaged is not None:
+                self._averaged.finish()  # what a backward that raised left in flight (every rank issued it)
             self.end_step()  # may warn (an error under -W error): the rest is done whatever happens
         finally:
             self._closed = True
@@ -411,10 +413,10 @@ class EngineDriver:
         updates take the ranks' average (:meth:`_average_on_the_fly`); elsewhere in a group of several ranks they
         are refused; a DeepSpeed engine around the model is refused unless this driver writes ZeRO-3's shards.
         Refusals come before the forward runs."""
-        if not torch.is_grad_enabled():
-            return None
         if self._averaged is not None:
             self._averaged.finish()  # normally done at the end of the backward; not where that backward raised
+        if not torch.is_grad_enabled():
+            return None
         if self.update_target is None and runs_under_deepspeed(module):
             raise RuntimeError(
                 f"{self.what}: a DeepSpeed engine drives this model (deepspeed.initialize, or the Trainer's "
