@@ -94,6 +94,15 @@ def batch(step: int, micro: int, rank: int) -> torch.Tensor:
     return torch.randint(0, model_zoo.VOCAB, (model_zoo.BATCH, model_zoo.SEQ), generator=g)
 
 
+def snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def unchanged(model, before: dict) -> bool:
+    """Whether every parameter of ``model`` still equals its value in ``before`` (a :func:`snapshot`)."""
+    return all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
 def loss_of(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
@@ -114,7 +123,7 @@ def reference_params(base, world: int, gas: int) -> dict:
         torch.optim.SGD(active, lr=LR).step()
         for p in active:
             p.grad = None
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return snapshot(model)
 
 
 def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto", loss_scaler=None):
@@ -144,7 +153,7 @@ def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str, ho
         opt.close()
     finally:
         del os.environ[INDEPENDENT_RANKS_ENV]
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return snapshot(model)
 
 
 def run_case(name: str, rank: int, world: int) -> dict:
@@ -166,7 +175,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     if lora:
         base = model_zoo.with_lora(base, r=4)
     model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=hook_update_numel)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     probe = next(m for n, m in model.named_modules() if n.endswith(PROBES[case.model]))
     probe = getattr(probe, "base_layer", probe)
 
@@ -206,7 +215,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         result["all_gathers"] = comm_stats.calls.get("all_gather", 0)
     except RuntimeError as exc:
         result["error"] = str(exc)
-        result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        result["unchanged"] = unchanged(model, before)
         return result
     ref = reference_params(base, world, gas) if name.startswith("badam") else \
         one_process_params(base, world, gas, lora, sgd_mode, hook_update_numel, case.rounding)
@@ -307,7 +316,7 @@ def deepspeed_cases(rank: int) -> list[dict]:
     for stage in (0, 2):
         result = {"case": f"deepspeed_zero{stage}_refused", "error": None}
         model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS))
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        before = snapshot(model)
         opt = block_optimizer(model, "disabled", lora=False)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
             "train_micro_batch_size_per_gpu": model_zoo.BATCH, "gradient_clipping": 0.0,
@@ -317,7 +326,7 @@ def deepspeed_cases(rank: int) -> list[dict]:
             engine.step()
         except RuntimeError as exc:
             result["error"] = str(exc)
-        result["unchanged"] = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+        result["unchanged"] = unchanged(model, before)
         opt.close()
         engine.destroy()
         results.append(result)
@@ -336,13 +345,13 @@ def random_order_case(rank: int) -> dict:
                                        switch_block_every=1, switch_mode="random", sgd_mode="all", verbose=0)
     try:
         for step in range(STEPS):
-            last = {n: p.detach().clone() for n, p in model.named_parameters()}
+            last = snapshot(model)
             loss_of(ddp, batch(step, 0, rank)).backward()
             opt.step()
             opt.zero_grad()
     except RuntimeError as exc:
         result["error"] = str(exc)
-        result["unchanged"] = all(torch.equal(p, last[n]) for n, p in model.named_parameters())
+        result["unchanged"] = unchanged(model, last)
     return result
 
 
@@ -352,14 +361,14 @@ def different_patch_case(rank: int) -> dict:
     at the first forward, before any update (before, gloo failed on mismatched collectives; NCCL would hang)."""
     result = {"case": "different_patch_refused", "error": None}
     model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS), hook_update_numel=0 if rank == 0 else 1 << 17)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = block_optimizer(model, "all", lora=False)
     try:
         loss_of(ddp, batch(0, 0, rank)).backward()
     except RuntimeError as exc:
         result["error"] = str(exc)
-    result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    result["unchanged"] = unchanged(model, before)
     opt.close()
     return result
 
@@ -370,7 +379,7 @@ def non_finite_case(rank: int) -> dict:
     drift), and each rank reports the same skips."""
     result = {"case": "non_finite_on_one_rank", "error": None}
     model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS), hook_update_numel=0)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     opt = block_optimizer(model, "all", lora=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     loss = loss_of(ddp, batch(0, 0, rank))
@@ -407,18 +416,18 @@ def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
     finally:
         del os.environ[INDEPENDENT_RANKS_ENV]
     result = {"case": "bread_sgd_without_ddp_refused", "error": None}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     try:
         loss_of(model, batch(0, 0, rank)).backward()
     except RuntimeError as exc:
         result["error"] = str(exc)
-    result["unchanged"] = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    result["unchanged"] = unchanged(model, before)
     results.append(result)
     result = {"case": "library_hooks_sgd_under_ddp_refused", "error": None}
     from tests.integrations.blockoptimizers_style import BlockOptimizersStyle
 
     styled = copy.deepcopy(base)
-    before = {n: p.detach().clone() for n, p in styled.named_parameters()}
+    before = snapshot(styled)
     library = BlockOptimizersStyle(torch.optim.SGD(styled.parameters(), lr=LR), list(styled.named_parameters()),
                                    [[f"model.layers.{i}."] for i in range(LAYERS)], sgd_mode="all")
     bread_kernels.accelerate(library, styled, sgd_lr_scaling=1.0, sgd_use_sign=False)
@@ -427,7 +436,7 @@ def on_the_fly_opt_out_cases(rank: int) -> list[dict]:
         loss_of(ddp, batch(0, 0, rank)).backward()
     except RuntimeError as exc:
         result["error"] = str(exc)
-    result["unchanged"] = all(torch.equal(p, before[n]) for n, p in styled.named_parameters())
+    result["unchanged"] = unchanged(styled, before)
     results.append(result)
     result = {"case": "bread_sgd_unpatched_refused", "error": None, "unchanged": True}
     try:
