@@ -18,8 +18,8 @@ import torch
 
 from .rounding import Rounding
 
-__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "begin_forward", "PLAN_ATTR",
-           "BACKWARD_TRIGGER", "backward_accumulates"]
+__all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "OnTheFlyWrites", "begin_forward",
+           "forward_epoch", "PLAN_ATTR", "BACKWARD_TRIGGER", "backward_accumulates"]
 
 #: the attribute of a fused module (a patched Linear, LoRA layer or embedding) that holds its WeightPlan, or None
 PLAN_ATTR = "_bread_weight_plan"
@@ -35,6 +35,11 @@ def begin_forward() -> None:
     never holds back later updates."""
     global _forward_epoch
     _forward_epoch += 1
+
+
+def forward_epoch() -> int:
+    """The number :func:`begin_forward` gave the forward that runs now (or ran last)."""
+    return _forward_epoch
 
 
 class Role(enum.Enum):
@@ -157,6 +162,8 @@ class WeightPlan:
     target: object | None = field(default=None, repr=False)
     #: where the finiteness flags of this plan's updates wait to be read (None: read at once)
     checks: "FiniteChecks | None" = field(default=None, repr=False)
+    #: where this plan's writes are recorded, for the graphs they make stale (None: not recorded)
+    writes: "OnTheFlyWrites | None" = field(default=None, repr=False)
     _uses: "weakref.WeakSet[_UseToken]" = field(default_factory=weakref.WeakSet, repr=False)
     _pending: list = field(default_factory=list, repr=False)
     #: with ``target`` None, the writer of the weight's own tensor that :mod:`bread_kernels.update` made at this
@@ -295,6 +302,33 @@ class FiniteChecks:
 
     def clear(self) -> None:
         self._entries = []
+
+
+class OnTheFlyWrites:
+    """The forwards whose graphs an on-the-fly write has made stale: one per optimizer, shared by its plans.
+
+    A graph saves the weights its forward used, and an on-the-fly update writes them in place inside a backward.
+    A backward through a graph built before such a write — two forwards with grad and then their two backwards,
+    or a second backward of one graph (``retain_graph=True``) — would compute every dX from weights its forward
+    never used (or meet autograd's in-place error partway, some weights already written), so the owner refuses it
+    before anything is written: its forward guards the outputs (a hook that runs before any node of the model's
+    graph) with the forward's number, and :meth:`made_stale` answers there.
+    """
+
+    __slots__ = ("stale_through",)
+
+    def __init__(self):
+        #: every forward numbered up to this one (:func:`forward_epoch`) ran before a write
+        self.stale_through = 0
+
+    def record(self) -> None:
+        """An on-the-fly update wrote now: every forward that has begun saw the weights before it.  (The forward whose
+        backward writes is among them, but its outputs' guards ran already: a backward reaches the outputs first.)"""
+        self.stale_through = _forward_epoch
+
+    def made_stale(self, epoch: int) -> bool:
+        """Whether an on-the-fly write came after the forward numbered ``epoch`` had begun."""
+        return epoch <= self.stale_through
 
 
 class _UseToken:

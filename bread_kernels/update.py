@@ -229,6 +229,8 @@ def _apply(plan: WeightPlan, role: Role,
         if target is None:
             target = plan.local_target = LocalTarget(keep_backend=True)
     finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
+    if plan.writes is not None:
+        plan.writes.record()
     if plan.checks is None and isinstance(finite, torch.Tensor):
         target.settle()  # the flag is read now
     plan.record_finite(finite, target.skip_reason)

@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..backends.chunked import chunk_budget_bytes
 from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
-from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
+from ..plan import FiniteChecks, OnTheFlyUpdate, OnTheFlyWrites, Role, WeightPlan, forward_epoch
 from ..rounding import FLOAT_DTYPES
 from ..update import update_dense_
 from .data_parallel import (INDEPENDENT_RANKS_ENV, AveragedTarget, DataParallelForward, average_gradients_,
@@ -146,6 +146,7 @@ class EngineDriver:
         self._skipped: list[tuple[str, str]] = []
         self._skip_collector = _SkipCollector(self)
         self._checks = FiniteChecks()
+        self._writes = OnTheFlyWrites()
 
         self._closed = False
         handles: list = []
@@ -165,9 +166,9 @@ class EngineDriver:
         for _, p in self.named_parameters:
             _OWNERS[p] = weakref.ref(self)
         if self.model is not None:
-            data_parallel = _DataParallelHooks(weakref.ref(self))
-            handles.append(self.model.register_forward_pre_hook(data_parallel.before))
-            handles.append(self.model.register_forward_hook(data_parallel.after))
+            forward_hooks = _ForwardHooks(weakref.ref(self))
+            handles.append(self.model.register_forward_pre_hook(forward_hooks.before))
+            handles.append(self.model.register_forward_hook(forward_hooks.after))
         if self.engine is not None:
             self.engine.drive(self.owner)
 
@@ -320,7 +321,8 @@ class EngineDriver:
         tensor itself where ``local``: an update applied from an averaged gradient)."""
         target = None if local else self._averaged or self.update_target
         return WeightPlan(role, self.update if role.updates_on_the_fly else None, name=name,
-                          reporter=self._skip_collector, target=target, checks=self._checks)
+                          reporter=self._skip_collector, target=target, checks=self._checks,
+                          writes=self._writes)
 
     # -- writing ------------------------------------------------------------------------------------------------
     def _checked_roles(self, roles: Mapping[str, Role | str]) -> dict[str, Role]:
@@ -563,18 +565,18 @@ class _RefreshScale:
             scale.refresh()
 
 
-class _DataParallelHooks:
+class _ForwardHooks:
     """The model's forward pre-hook (:meth:`before`: notes the DDP the forward runs under, refusing an on-the-fly
-    role there) and forward hook (:meth:`after`: under a DDP forward that synchronises, a hook on the outputs that
-    require grad queues the average of the active gradients for the end of the backward).  Holds the driver
-    weakly."""
+    role there) and forward hook (:meth:`after`: hooks on the outputs that require grad, which run before any node
+    of the forward's graph in a backward — :class:`_StaleGraphGuard` where the model updates weights on the fly,
+    and under a DDP forward that synchronises :class:`_QueueAverage`).  Holds the driver weakly."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]"):
         self.driver = driver
         self.forward: DataParallelForward | None = None
 
     def __reduce__(self):
-        return _DataParallelHooks, (_nothing,)
+        return _ForwardHooks, (_nothing,)
 
     def before(self, module, args) -> None:
         driver = self.driver()
@@ -583,14 +585,52 @@ class _DataParallelHooks:
     def after(self, module, args, output) -> None:
         dp, self.forward = self.forward, None
         driver = self.driver()
-        if dp is None or driver is None or not (dp.syncs or driver._deferred):
+        if driver is None or driver.closed or not torch.is_grad_enabled():
             return
-        queue = _QueueAverage(self.driver, dp)
-        values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) \
-            else (output,)
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                value.register_hook(queue)
+        hooks = []
+        if driver._any_on_the_fly and driver._drives_a_patched_model:  # registered first: it runs first
+            hooks.append(_StaleGraphGuard(driver._writes, forward_epoch(), driver.what))
+        if dp is not None and (dp.syncs or driver._deferred):
+            hooks.append(_QueueAverage(self.driver, dp))
+        if hooks:
+            for value in _outputs_requiring_grad(output):
+                for hook in hooks:
+                    value.register_hook(hook)
+
+
+def _outputs_requiring_grad(output):
+    """The tensors of a forward's output that require grad: the output itself, or the values of its dict (a
+    ``ModelOutput``), tuples and lists, at any depth."""
+    if isinstance(output, torch.Tensor):
+        if output.requires_grad:
+            yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _outputs_requiring_grad(value)
+    elif isinstance(output, (tuple, list)):
+        for value in output:
+            yield from _outputs_requiring_grad(value)
+
+
+class _StaleGraphGuard:
+    """A hook on an output of a forward of a model whose optimizer updates weights on the fly: refuses a backward
+    through that forward's graph once an on-the-fly write came after the forward (:class:`OnTheFlyWrites`), before
+    any node of the graph runs, so nothing is written."""
+
+    __slots__ = ("writes", "epoch", "what")
+
+    def __init__(self, writes: OnTheFlyWrites, epoch: int, what: str):
+        self.writes, self.epoch, self.what = writes, epoch, what
+
+    def __call__(self, grad):
+        if self.writes.made_stale(self.epoch):
+            raise RuntimeError(
+                f"{self.what}: this backward runs through a graph whose forward ran before an earlier backward "
+                "updated the model's inactive weights on the fly (the SGD and sign roles write them in place inside "
+                "the backward): its gradients would flow through weights that forward never used. Refused before "
+                "anything was written. Run each forward's backward before the next forward with grad enabled, or "
+                "add the losses and call backward once ((loss_a + loss_b).backward()); a second backward of one "
+                "graph (retain_graph=True) is refused for the same reason")
 
 
 class _QueueAverage:

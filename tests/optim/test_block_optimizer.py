@@ -165,6 +165,91 @@ def test_an_on_the_fly_head_by_vocabulary_tiles_refuses_two_forwards_in_one_back
     opt.close()
 
 
+def _sgd_block_optimizer(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                            list(model.named_parameters()), verbose=0, **kwargs)
+
+
+STALE = "forward ran before an earlier backward updated the model's inactive weights on the fly"
+
+
+@pytest.mark.parametrize("sgd_mode, sign, retain", [("all", False, False), ("partial", True, False),
+                                                    ("all", False, True)],
+                         ids=["sgd-all", "sign-partial", "retain_graph"])
+def test_a_backward_through_a_graph_older_than_an_on_the_fly_write_is_refused_before_anything_is_written(
+        sgd_mode, sign, retain):
+    """Two forwards, then their two backwards (or a second backward of one graph kept with ``retain_graph``): the
+    first backward writes the inactive weights in place, which the second graph saved as its forward used them.
+    The second is refused with a message that names the remedy, before any node of its graph runs: every weight
+    and every gradient as the first backward left them (without the guard, autograd's in-place error came partway,
+    after the hook path had written the norms).  The training goes on exactly as a run that never took the second
+    forward: the reference, the same optimizer fed only the first."""
+    def run(refused_second):
+        model = bread_kernels.patch(BUILDERS["llama"](), hook_update_numel=1 << 17)  # the norms on the hook path
+        opt = _sgd_block_optimizer(model, sgd_mode=sgd_mode, sgd_use_sign=sign, switch_block_every=1,
+                                   start_block=1, switch_mode="fixed")
+        first = loss_of(model, batch(0))
+        second = first if retain else loss_of(model, batch(1)) if refused_second else None
+        first.backward(retain_graph=retain)
+        if refused_second:
+            params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            assert grads  # the active block's
+            with pytest.raises(RuntimeError, match=STALE + ".*add the losses and call backward once"):
+                second.backward()
+            assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+            assert {n: p.grad for n, p in model.named_parameters() if p.grad is not None}.keys() == grads.keys()
+            assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad()
+        loss_of(model, batch(2)).backward()  # a forward after the write trains
+        opt.step()
+        assert opt.skipped_updates == 0
+        opt.close()
+        return model
+
+    reference, trained = run(False), run(True)
+    for (n, p), (_, q) in zip(reference.named_parameters(), trained.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_graphs_kept_without_a_backward_and_backwards_without_on_the_fly_writes_are_not_refused():
+    """What the guard leaves alone: BAdam (nothing written inside the backward) runs two forwards then two
+    backwards as plain autograd does (the active block's gradients summed: the reference is autograd's over both
+    losses); a graph of BREAD-SGD kept without a backward (a logged loss) holds back no later forward's
+    backward."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    reference = copy.deepcopy(bread_kernels.unpatch(copy.deepcopy(model)))
+    opt = _sgd_block_optimizer(model, sgd_mode="disabled", switch_block_every=1, start_block=1,
+                               switch_mode="fixed")
+    first, second = loss_of(model, batch(0)), loss_of(model, batch(1))
+    first.backward()
+    second.backward()
+    (loss_of(reference, batch(0)) + loss_of(reference, batch(1))).backward()
+    active = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert active and all(n.startswith("model.layers.1.") for n in active)
+    grads = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-5, atol=1e-6, msg=n)
+    opt.close()
+
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    opt = _sgd_block_optimizer(model, sgd_mode="all", switch_block_every=1)
+    logged = loss_of(model, batch(0))  # kept, never backwarded
+    embedding = model.model.embed_tokens.weight
+    for step in range(1, 3):
+        before = embedding.detach().clone()
+        loss_of(model, batch(step)).backward()
+        assert not torch.equal(embedding, before)  # written on the fly
+        opt.step()
+        opt.zero_grad()
+    assert logged.requires_grad
+    opt.close()
+
+
 @pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
 def test_a_step_spends_the_active_blocks_gradients_whatever_zero_grad_reaches(patched):
     """A base optimizer built over some parameters only (peft's ``AdamW(p for p in model.parameters() if
