@@ -28,13 +28,15 @@ import torch.distributed as dist
 from .backends import get_backend
 from .rounding import Rounding
 
-__all__ = ["CommStats", "comm_stats", "dense_grad_fill", "linear_grad_fill", "reduce_scatter_", "all_gather_",
+__all__ = ["CommStats", "comm_stats", "dense_grad_fill", "linear_grad_fill", "experts_grad_fill", "reduce_scatter_",
+           "all_gather_",
            "InFlight", "all_reduce_update_", "gather_row_sums"]
 
 
 @dataclass
 class CommStats:
-    """Collectives issued through this module's wrappers (the in-backward updates'): calls and bytes handed to the collective (input side), by op name."""
+    """Collectives issued through this module's wrappers (the in-backward updates'): calls and bytes handed to the
+    collective (input side), by op name."""
 
     calls: dict = field(default_factory=dict)
     bytes: dict = field(default_factory=dict)
@@ -75,6 +77,33 @@ def linear_grad_fill(g: torch.Tensor, x: torch.Tensor) -> Callable[[int, int, to
             return
         block = torch.mm(g[:, r0:r1].t(), x)
         out.copy_(block.view(-1)[start - r0 * n_cols: stop - r0 * n_cols])
+
+    return fill
+
+
+def experts_grad_fill(per_expert: dict[int, tuple[torch.Tensor, torch.Tensor]], n_rows: int, n_cols: int) \
+        -> Callable[[int, int, torch.Tensor], None]:
+    """``fill(start, stop, out)`` writing the flat elements ``[start, stop)`` of a 3-D expert weight's gradient
+    [E, N, K] (``n_rows`` N, ``n_cols`` K) as rows of [E·N, K], ``start`` and ``stop`` on row boundaries: expert
+    ``e``'s rows are ``gₑᵀxₑ`` for its pair (g [M_e, N], x [M_e, K]) in ``per_expert``, zero where it has none (no
+    token reached it) — one GEMM per expert the range covers, never a whole expert's dW beyond the range."""
+    def fill(start: int, stop: int, out: torch.Tensor) -> None:
+        if start % n_cols or stop % n_cols:
+            raise ValueError("experts_grad_fill: the range must cover whole rows of the expert weight")
+        r0, r1 = start // n_cols, stop // n_cols
+        rows = out.view(r1 - r0, n_cols)
+        for e in range(r0 // n_rows, -(-r1 // n_rows)):
+            a, b = max(r0, e * n_rows), min(r1, (e + 1) * n_rows)
+            pair = per_expert.get(e)
+            if pair is None:
+                rows[a - r0:b - r0].zero_()
+                continue
+            g, x = pair
+            block = g[:, a - e * n_rows:b - e * n_rows].t()
+            if g.dtype == out.dtype:
+                torch.mm(block, x, out=rows[a - r0:b - r0])
+            else:
+                rows[a - r0:b - r0].copy_(block @ x)
 
     return fill
 
@@ -149,6 +178,7 @@ def all_reduce_update_(
     rows_per_chunk: int,
     dtype: torch.dtype = torch.float32,
     in_flight: InFlight | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Average the ranks' gradients of a replicated 2-D ``weight`` [N, K] (any strides; produced chunk by chunk by
     ``fill``, flat row-major indices of dW) and update it, the same on every rank.
@@ -165,7 +195,9 @@ def all_reduce_update_(
     the device (no host read).  It is returned, a 0-dim bool filled when the first chunk's sum is complete: where it
     is False no rank writes anything.  With ``in_flight`` the chunks' sums and updates complete there (the caller
     finishes them, before the weight is read again); without, before this returns.  Stochastic rounding draws
-    element ``(i, j)``'s bits from ``(seed, i·K + j)``, as an update of the whole weight in one process does.
+    element ``(i, j)``'s bits from ``(seed, offset + i·K + j)``, as an update of the whole weight in one process
+    does (``offset``: where ``weight`` starts in a larger parameter whose elements share the seed, an expert's
+    slice).
     """
     n_rows, n_cols = weight.shape
     rows_per_chunk = max(1, min(rows_per_chunk, n_rows))
@@ -185,7 +217,7 @@ def all_reduce_update_(
                 torch.eq(buffer[width], 0, out=ok)
             grad = buffer[:width].float() if dtype != torch.float32 else buffer[:width]
             backend.apply_update_(weight[r0:r1], grad.div_(divisor).view(r1 - r0, n_cols), step, sign, rounding,
-                                  seed, offset=r0 * n_cols, ok=ok)
+                                  seed, offset=offset + r0 * n_cols, ok=ok)
 
         flight.all_reduce(buffer, group, then)
     return ok

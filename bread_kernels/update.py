@@ -42,6 +42,7 @@ from .backends.epilogue import dw_finite_flag
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_finite", "dw_all_finite",
+           "writes_collectively",
            "update_linear_", "update_experts_", "update_linear_grad_", "update_linear_tiles_", "update_rows_",
            "update_dense_"]
 
@@ -82,6 +83,12 @@ class UpdateTarget:
 
     skip_reason = "its gradient is not finite"
 
+    #: whether each write is a collective that every rank issues (the DDP target's all-reduces): a caller must then
+    #: make the same calls on every rank whatever its tokens — an expert weight that no token reached still calls
+    #: :meth:`experts_` (with no pairs), and the fused head+loss hands its whole dW to :meth:`linear_grad_` rather
+    #: than tiles sized by its tokens, so such a target implements both
+    collective_calls = False
+
     def settle(self) -> None:
         """Complete the writes this target still has in progress, after which every flag it returned holds its
         answer (a target that lets its collectives travel while the backward goes on fills them later; the
@@ -95,7 +102,8 @@ class UpdateTarget:
     def experts_(self, weight: torch.Tensor, per_expert: dict[int, tuple[torch.Tensor, torch.Tensor]], step: float,
                  sign: bool, update: OnTheFlyUpdate) -> Finite:
         """A 3-D expert weight [E, N, K]: each expert ``e`` in ``per_expert`` with ``dW_e = gᵀx`` (g [M_e, N],
-        x [M_e, K]); the other experts are left untouched (their gradient is zero)."""
+        x [M_e, K]); the other experts' gradient is zero (a local target leaves them untouched; ``per_expert`` may
+        be empty only for a target with :attr:`collective_calls`)."""
         raise NotImplementedError(
             f"bread_kernels: the update target {type(self).__name__} cannot write 3-D expert weights (mixture-of-"
             "experts); train the experts with Role.ACTIVE or FROZEN there"
@@ -213,6 +221,13 @@ class LocalTarget(UpdateTarget):
                                                    checked=(grad,))
 
 
+def writes_collectively(plan: WeightPlan | None) -> bool:
+    """Whether ``plan``'s on-the-fly writes are collectives every rank issues
+    (:attr:`UpdateTarget.collective_calls`): its caller must make the same calls on every rank whatever its tokens."""
+    return plan is not None and plan.role.updates_on_the_fly and \
+        bool(getattr(plan.target, "collective_calls", False))
+
+
 LOCAL = LocalTarget()
 _NO_CONTEXT = contextlib.nullcontext()  # reusable
 
@@ -258,7 +273,7 @@ def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
     pair per use of the weight in the forward.  Experts absent from ``contributions`` received no token: their gradient
     is zero and they are not written (SGD: ``-lr·0``; SIGN: ``sign(0) = 0``).  No [E, N, K] gradient exists.
     Returns the finiteness answer (where False: skipped, nothing written, reported through the plan)."""
-    per_expert = {}
+    per_expert = {}  # empty only where the target's calls are collective (see experts.py)
     for e, pairs in contributions.items():
         per_expert[e] = pairs[0] if len(pairs) == 1 else (torch.cat([g for g, _ in pairs]),
                                                           torch.cat([x for _, x in pairs]))

@@ -1,8 +1,9 @@
 """``bread_kernels.collectives`` on a one-rank gloo group in this process: :class:`InFlight` completes what waits on
 its all-reduces in issue order with at most ``depth`` pending, and :func:`all_reduce_update_` applies
 ``W -= step · Σ dW / divisor`` chunk by chunk — any strides, the last chunk written only once finished, nothing
-written where the flag says a rank's gradient was not finite — against float64.  (Two ranks:
-``tests/integrations/test_data_parallel.py``.)"""
+written where the flag says a rank's gradient was not finite — against float64; the DDP target's expert update
+(every expert's rows, zeros where no token went) and its update from a whole dW (the fused head+loss's).  (Two
+ranks: ``tests/integrations/test_data_parallel.py``.)"""
 
 import datetime
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bread_kernels.collectives import InFlight, all_reduce_update_, linear_grad_fill
+from bread_kernels.collectives import InFlight, all_reduce_update_, experts_grad_fill, linear_grad_fill
 from bread_kernels.rounding import Rounding
 from tests.integrations.ranks import free_port
 
@@ -91,3 +92,87 @@ def test_a_plan_that_reads_its_flag_at_once_gets_the_settled_answer(group):
     with pytest.warns(RuntimeWarning, match="skipped the on-the-fly SGD update of w: its gradient is not finite"):
         (leaf * 2).sum().backward()
     assert torch.equal(weight, original)
+
+
+def _experts_pairs(dtype, n_experts=5, n_rows=4, n_cols=3, without=(1, 3)):
+    """Per-expert (g [M_e, N], x [M_e, K]) pairs, none for the experts in ``without`` (no token reached them)."""
+    torch.manual_seed(1)
+    return {e: (torch.randn(2 + e, n_rows).to(dtype), torch.randn(2 + e, n_cols).to(dtype))
+            for e in range(n_experts) if e not in without}
+
+
+def _experts_dw(pairs, n_experts=5, n_rows=4, n_cols=3) -> torch.Tensor:
+    """The float64 gradient [E, N, K]: gₑᵀxₑ, zero for the experts without a pair."""
+    dw = torch.zeros(n_experts, n_rows, n_cols, dtype=torch.float64)
+    for e, (g, x) in pairs.items():
+        dw[e] = g.double().t() @ x.double()
+    return dw
+
+
+@pytest.mark.parametrize("start_row, stop_row", [(0, 20), (2, 11), (5, 6), (3, 4)])
+def test_experts_grad_fill_writes_every_experts_rows_with_zeros_where_no_token_went(start_row, stop_row):
+    pairs = _experts_pairs(torch.float32)
+    out = torch.full(((stop_row - start_row) * 3,), float("nan"))
+    experts_grad_fill(pairs, 4, 3)(start_row * 3, stop_row * 3, out)
+    expected = _experts_dw(pairs).reshape(20, 3)[start_row:stop_row].reshape(-1)
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "experts_strided"])
+@pytest.mark.parametrize("chunk_bytes", [None, 150])  # 150: chunks of 6 rows, across experts
+def test_the_averaged_targets_expert_update_is_the_average_of_every_experts_gradient(group, layout, chunk_bytes,
+                                                                                      monkeypatch):
+    """``AveragedTarget.experts_`` (one rank: the average is this rank's gradient) against float64 — as rows of
+    [E·N, K] (chunks across experts where ``BREAD_CHUNK_BYTES`` is small) or, where the layout does not allow that
+    view, expert by expert; experts without a pair are all-reduced as zeros and left as they were; a call with no
+    pair at all (a rank whose tokens reached none of the experts) still issues the all-reduces."""
+    from bread_kernels.collectives import comm_stats
+    from bread_kernels.optim.data_parallel import AveragedTarget
+    from bread_kernels.plan import OnTheFlyUpdate
+
+    if chunk_bytes is not None:
+        monkeypatch.setenv("BREAD_CHUNK_BYTES", str(chunk_bytes))
+    torch.manual_seed(2)
+    weight = torch.randn(5, 4, 3) if layout == "contiguous" else torch.randn(4, 5, 3).transpose(0, 1)
+    original = weight.clone()
+    pairs = _experts_pairs(torch.float32)
+    target = AveragedTarget(group, 1)
+    update = OnTheFlyUpdate(lr=0.1, rounding="nearest")
+    ok = target.experts_(weight, pairs, 0.1, False, update)
+    target.finish()
+    assert bool(ok)
+    torch.testing.assert_close(weight.double(), original.double() - 0.1 * _experts_dw(pairs), atol=1e-6, rtol=1e-6)
+    assert torch.equal(weight[1], original[1]) and torch.equal(weight[3], original[3])
+
+    comm_stats.reset()
+    before = weight.clone()
+    assert bool(target.experts_(weight, {}, 0.1, False, update)) and torch.equal(weight, before)
+    target.finish()
+    assert comm_stats.calls.get("all_reduce", 0) > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_averaged_targets_update_from_a_whole_dw_is_the_average(group, bias):
+    """``AveragedTarget.linear_grad_`` (the fused head+loss's whole dW) against float64; one flag over dW and db:
+    a non-finite db leaves both untouched."""
+    from bread_kernels.optim.data_parallel import AveragedTarget
+    from bread_kernels.plan import OnTheFlyUpdate
+
+    torch.manual_seed(3)
+    weight, grad = torch.randn(7, 5), torch.randn(7, 5)
+    b, db = (torch.randn(7), torch.randn(7)) if bias else (None, None)
+    original, original_b = weight.clone(), (b.clone() if bias else None)
+    target = AveragedTarget(group, 1)
+    update = OnTheFlyUpdate(lr=0.1, rounding="nearest")
+    ok = target.linear_grad_(weight, b, grad, db, 0.1, False, update)
+    target.finish()
+    assert bool(ok)
+    torch.testing.assert_close(weight.double(), original.double() - 0.1 * grad.double(), atol=1e-6, rtol=1e-6)
+    if bias:
+        torch.testing.assert_close(b.double(), original_b.double() - 0.1 * db.double(), atol=1e-6, rtol=1e-6)
+        db = db.clone()
+        db[2] = float("nan")
+        before, before_b = weight.clone(), b.clone()
+        ok = target.linear_grad_(weight, b, grad, db, 0.1, False, update)
+        target.finish()
+        assert not bool(ok) and torch.equal(weight, before) and torch.equal(b, before_b)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan
 from ..rounding import FLOAT_DTYPES
-from ..update import update_experts_
+from ..update import update_experts_, writes_collectively
 from .autocast import autocast_dtype, outside_autocast
 from .linear import backward_trigger, check_plan_for_weight
 from .recompute import is_recomputing
@@ -282,7 +282,7 @@ def _experts_backward(ctx, grad_output):
             for contribution in pending:
                 for e, pair in contribution.items():
                     merged.setdefault(e, []).append(pair)
-            if merged:
+            if merged or writes_collectively(plan):  # every rank calls alike, whichever experts its tokens reached
                 update_experts_(plan, role, weight, merged)
     return grad_x, None, grad_r, grads[0], grads[1], None, None, None, None
 

@@ -91,7 +91,7 @@ from ..backends import get_backend
 from ..backends.epilogue import dw_finite_flag
 from ..plan import Role, WeightPlan
 from ..rounding import FLOAT_DTYPES
-from ..update import update_linear_grad_, update_linear_tiles_
+from ..update import update_linear_grad_, update_linear_tiles_, writes_collectively
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_plan_for_weight, trigger_for
 
@@ -214,7 +214,8 @@ def forward_dw_bytes(tokens: int, weight: torch.Tensor, bias: torch.Tensor | Non
         return _accumulated_dw_bytes(weight, bias, dtype)
     if plan is None or not plan.role.updates_on_the_fly:
         return 0
-    if not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False), dtype):
+    if not _dw_fits(weight, bias, _dw_budget(None, tokens, weight, dtype, softcap, hidden_sized=False), dtype) \
+            and not writes_collectively(plan):
         return 0
     return _accumulated_dw_bytes(weight, bias, dtype)
 
@@ -365,7 +366,7 @@ def head_plan_refusal(plan: WeightPlan | None) -> str | None:
         return None
     if plan.role is Role.LORA:
         return f"{plan.name or 'the head'} has role LORA; a LoRA head is not supported by the fused loss"
-    if plan.role.updates_on_the_fly and plan.target is not None:
+    if plan.role.updates_on_the_fly and plan.target is not None and not writes_collectively(plan):
         return (f"{plan.name or 'the head'} writes its on-the-fly update through a custom target "
                 f"({type(plan.target).__name__}, e.g. ZeRO-3 shards), which the fused loss does not drive")
     return None
@@ -427,7 +428,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_count, plan, role: Role, softcap, chunk, tile, grad_enabled,
                 dtype, trigger):
-        tokens, vocab = hidden.shape[0], weight.shape[0]
+        tokens = hidden.shape[0]
         ctx.hidden_dtype, ctx.bias_dtype, ctx.compute_dtype = hidden.dtype, getattr(bias, "dtype", None), dtype
         hidden = hidden.to(dtype)  # no-ops without autocast
         weight_c, bias_c = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
@@ -683,7 +684,9 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     dtype = _compute_dtype(weight)
     if dw_bytes is None:
         dw_bytes = _dw_budget(chunk_bytes, hidden.shape[0], weight, dtype, float_softcap, hidden_sized)
-    dw_fits = _dw_fits(weight, bias, dw_bytes, dtype)
+    # a target whose writes are collectives (DDP's average) takes the whole dW: the number of tiles sized by each
+    # rank's tokens would differ between the ranks
+    dw_fits = _dw_fits(weight, bias, dw_bytes, dtype) or writes_collectively(plan)
     dw_in_forward = torch.is_grad_enabled() and (
         (role is Role.ACTIVE and (weight.requires_grad or (bias is not None and bias.requires_grad))) or
         (role.updates_on_the_fly and dw_fits))

@@ -13,13 +13,15 @@ change, before any update.
 An on-the-fly update (``SGD``/``SIGN``) under DDP takes the ranks' averaged gradient, at every backward (under
 ``no_sync()`` too, as each micro-batch's backward updates them in one process):
 
-* a fused Linear's and the input embedding's inside the backward, through :class:`AveragedTarget` on their plans:
-  dW is made and all-reduced chunk by chunk and the embedding's rows all-gathered, so no gradient of theirs exists
-  whole, as in one process;
-* the others' at the end of the backward (:func:`average_gradients_`, then the update): the head's (the fused
-  head+loss makes its dW tile by tile, how many tiles depending on the tokens), the experts' (which experts run
-  depends on each rank's tokens) and the hook path's small weights (DDP may write its own average into their
-  ``.grad`` after the hook).  Collectives whose number depends on a rank's tokens would hang.
+* the fused weights' inside the backward, through :class:`AveragedTarget` on their plans: a Linear's dW and an
+  expert weight's are made and all-reduced chunk by chunk (every expert's rows, whichever a rank's tokens reached)
+  and the embedding's rows all-gathered, so no gradient of theirs exists whole, as in one process; the fused
+  head+loss's dW, which it accumulates in its forward, all-reduced in chunks;
+* the hook path's small weights' at the end of the backward (:func:`average_gradients_`, then the update): DDP may
+  write its own average into their ``.grad`` after the hook.
+
+Every rank issues the same collectives, whatever its tokens: collectives whose number depended on them (which
+experts run, vocabulary tiles sized by the tokens) would hang.
 
 In a process group of several ranks without DDP they are refused, unless the updates go to ZeRO-3's shards (whose
 target averages them) or ``BREAD_INDEPENDENT_RANKS=1`` says each rank trains a model of its own.  A DeepSpeed engine
@@ -48,7 +50,8 @@ import torch.distributed as dist
 
 from ..backends import get_backend
 from ..backends.chunked import chunk_budget_bytes
-from ..collectives import InFlight, all_reduce_update_, gather_row_sums, linear_grad_fill
+from ..collectives import InFlight, all_reduce_update_, dense_grad_fill, experts_grad_fill, gather_row_sums, \
+    linear_grad_fill
 from ..update import LOCAL, UpdateTarget, dw_finite
 
 __all__ = ["DataParallelForward", "data_parallel_forward", "queue_after_backward", "average_gradients_",
@@ -136,13 +139,16 @@ class AveragedTarget(UpdateTarget):
     bf16, as DDP sums it), each chunk applied once averaged
     (:func:`~bread_kernels.collectives.all_reduce_update_`; ``BREAD_CHUNK_BYTES``, the single-process update's
     budget, bounds the buffers); a bias's db in one all-reduce; an embedding's rows are all-gathered and summed
-    (:func:`~bread_kernels.collectives.gather_row_sums`), never a vocabulary-sized gradient.  The finiteness flag
-    rides in the first all-reduce, so every rank skips together, gated on the device.
+    (:func:`~bread_kernels.collectives.gather_row_sums`), never a vocabulary-sized gradient; a 3-D expert weight's
+    rows likewise, every expert's (zero where a rank routed it no token); the fused head+loss's whole dW (which it
+    accumulates in its forward) in chunks of rows.  The finiteness flag rides in each weight's first all-reduce, so
+    every rank skips together, gated on the device.
 
-    Every rank must call it for the same weights in the same order, with gradients of the same shapes: the driver
-    gives it only the fused Linears and the input embedding, whose backward runs on every rank alike; the weights
-    whose calls depend on the tokens (the experts: a rank's tokens decide which run; the fused head+loss: its tiles)
-    and the hook path's small weights go to the end of the backward instead (:func:`average_gradients_`).
+    Every rank must call it for the same weights in the same order, with gradients of the same shapes, whatever its
+    tokens (:attr:`~bread_kernels.update.UpdateTarget.collective_calls`): the fused Linears, the input embedding,
+    the experts (called with no pairs where no token reached them) and the fused head+loss (its whole dW, never
+    tiles sized by the tokens) do; the hook path's small weights go to the end of the backward instead
+    (:func:`average_gradients_`).
 
     Args:
         group: the process group of the DDP whose forward built the graph (held weakly: a target kept in a plan
@@ -151,6 +157,7 @@ class AveragedTarget(UpdateTarget):
     """
 
     skip_reason = "its gradient is not finite on some rank"
+    collective_calls = True
 
     def __init__(self, group, world: int):
         self._group, self.world = weakref.ref(group), world
@@ -185,26 +192,73 @@ class AveragedTarget(UpdateTarget):
 
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
         """``weight`` [N, K] (any strides) with dW = gᵀx."""
-        low = weight.dtype == torch.bfloat16 and g.dtype == torch.bfloat16
-        # bytes per chunk element: the fp32 buffer the GEMM writes, or a bf16/fp16 block and the buffer (or its
-        # copy); two chunks' buffers may be alive (one in flight)
-        per_element = 4 if g.dtype == torch.float32 else 6
-        rows = chunk_budget_bytes() // (2 * per_element * weight.shape[1])
-        group = self.group
-        ok = all_reduce_update_(weight, linear_grad_fill(g, x), step=step, sign=sign, rounding=update.rounding,
-                                seed=update.next_seed(), divisor=self.world, locally_finite=dw_finite(g, x),
-                                group=group, rows_per_chunk=rows, dtype=torch.bfloat16 if low else torch.float32,
-                                in_flight=self.in_flight)
+        ok = self._all_reduce_update(weight, linear_grad_fill(g, x), g.dtype, dw_finite(g, x), step, sign, update)
         if bias is not None:
-            grad_bias = g.sum(0, dtype=torch.float32)
-            seed, world, rounding = update.next_seed(), self.world, update.rounding
-
-            def then():  # holds neither the target nor the update (no cycle through the pending queue)
-                get_backend(bias.device).apply_update_(bias, grad_bias.div_(world), step, sign, rounding, seed, ok=ok)
-
-            self.in_flight.all_reduce(grad_bias, group, then)
+            self._bias(bias, g.sum(0, dtype=torch.float32), ok, step, sign, update)
         self._queue_finish()
         return ok
+
+    def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:
+        """``weight`` [N, K] (any strides) from its whole local dW ``grad_weight`` (the fused head+loss's,
+        accumulated in its forward) and ``bias`` from ``grad_bias``; one flag over both."""
+        checked = (grad_weight,) if grad_bias is None else (grad_weight, grad_bias)
+        locally_finite = get_backend(grad_weight.device).finite_flag(*checked)
+        ok = self._all_reduce_update(weight, dense_grad_fill(grad_weight), grad_weight.dtype, locally_finite, step,
+                                     sign, update)
+        if bias is not None:
+            self._bias(bias, grad_bias.float(), ok, step, sign, update)
+        self._queue_finish()
+        return ok
+
+    def experts_(self, weight, per_expert, step, sign, update) -> torch.Tensor:
+        """A 3-D expert weight [E, N, K]: every expert's rows are all-reduced, zero where no token of this rank
+        reached it, so the collectives depend on the weight's shape only, never on the routing; one flag over
+        every expert's operands on every rank gates the whole weight, as in one process.  As rows of [E·N, K]
+        where the layout allows (chunks then span experts), else expert by expert.  Summed as the weight's dtype
+        says (not the gradient's, which a rank that routed no token does not have): in bf16 for a bf16 weight."""
+        n_experts, n_rows, n_cols = weight.shape
+        dtype = weight.dtype
+        locally_finite = torch.ones((), dtype=torch.bool, device=weight.device)
+        for g, x in per_expert.values():
+            locally_finite = locally_finite & dw_finite(g, x)
+        seed = update.next_seed()  # one for the whole parameter, as the local target draws
+        if weight.stride(0) == n_rows * weight.stride(1):
+            ok = self._all_reduce_update(weight.view(n_experts * n_rows, n_cols),
+                                         experts_grad_fill(per_expert, n_rows, n_cols), dtype, locally_finite, step,
+                                         sign, update, seed=seed)
+        else:
+            flags = [self._all_reduce_update(weight[e], experts_grad_fill({0: per_expert[e]} if e in per_expert
+                                                                          else {}, n_rows, n_cols),
+                                             dtype, locally_finite, step, sign, update, seed=seed,
+                                             offset=e * n_rows * n_cols)
+                     for e in range(n_experts)]
+            ok = flags[0]  # every one is the same answer: each carries the whole parameter's flags
+        self._queue_finish()
+        return ok
+
+    def _all_reduce_update(self, weight, fill, grad_dtype, locally_finite, step, sign, update, seed=None,
+                           offset=0) -> torch.Tensor:
+        """:func:`~bread_kernels.collectives.all_reduce_update_` of a 2-D ``weight`` whose local gradient is
+        ``fill``'s, in ``grad_dtype``: summed in bf16 for a bf16 weight's bf16 gradient (as DDP sums it), else in
+        fp32; chunks of whole rows within ``BREAD_CHUNK_BYTES`` (two may be alive: one in flight)."""
+        low = weight.dtype == torch.bfloat16 and grad_dtype == torch.bfloat16
+        # bytes per chunk element: the fp32 buffer a GEMM writes, or a bf16/fp16 block and the buffer (or its copy)
+        per_element = 4 if grad_dtype == torch.float32 else 6
+        rows = chunk_budget_bytes() // (2 * per_element * weight.shape[1])
+        return all_reduce_update_(weight, fill, step=step, sign=sign, rounding=update.rounding,
+                                  seed=update.next_seed() if seed is None else seed, divisor=self.world,
+                                  locally_finite=locally_finite, group=self.group, rows_per_chunk=rows,
+                                  dtype=torch.bfloat16 if low else torch.float32, in_flight=self.in_flight,
+                                  offset=offset)
+
+    def _bias(self, bias, grad_bias, ok, step, sign, update) -> None:
+        """A bias's update from its fp32 local ``grad_bias`` [N], in one all-reduce, gated on its weight's ``ok``."""
+        seed, world, rounding = update.next_seed(), self.world, update.rounding
+
+        def then():  # holds neither the target nor the update (no cycle through the pending queue)
+            get_backend(bias.device).apply_update_(bias, grad_bias.div_(world), step, sign, rounding, seed, ok=ok)
+
+        self.in_flight.all_reduce(grad_bias, self.group, then)
 
     def rows_(self, weight, rows, summed, step, sign, update):
         self.finish()  # the all-gathers wait anyway
@@ -213,11 +267,6 @@ class AveragedTarget(UpdateTarget):
             return True
         union, total = gathered
         return LOCAL.rows_(weight, union, total.div_(self.world), step, sign, update)
-
-    def experts_(self, weight, per_expert, step, sign, update):
-        raise RuntimeError("bread_kernels: an expert weight's on-the-fly update under DDP is applied at the end of "
-                           "the backward (which experts run depends on each rank's tokens), not through "
-                           "AveragedTarget")
 
     def dense_(self, param, grad, step, sign, update):
         raise RuntimeError("bread_kernels: a hook-path weight's on-the-fly update under DDP is applied at the end of "

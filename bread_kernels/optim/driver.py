@@ -235,17 +235,10 @@ class EngineDriver:
 
     def _write(self, roles: dict[str, Role]) -> None:
         """Write ``roles`` into the engine: the fused plans, ``requires_grad``, the hook plans, the cut.  Under DDP
-        (:attr:`_averaged` set) the fused plans write through it, and the on-the-fly roles it cannot serve are listed
-        in :attr:`_deferred`, their gradients landing in ``.grad``: the head's and the experts' (their updates'
-        collectives would depend on each rank's tokens), written ACTIVE, and those outside the fused modules, which
-        keep their role and ``requires_grad`` but get no hook plan."""
-        written = roles
-        if self._averaged is not None and self.engine is not None:
-            head = self.engine.head.parameters() if self.engine.head is not None else ()
-            late = {id(p) for p in head} | {id(p) for _, p in self.engine.expert_weights()}
-            written = {n: Role.ACTIVE if roles[n].updates_on_the_fly and id(p) in late else roles[n]
-                       for n, p in self.named_parameters}
-        role_of = {id(p): written[n] for n, p in self.named_parameters}
+        (:attr:`_averaged` set) the fused plans (the linears, the head, the experts, the embedding) write through
+        it, and the on-the-fly parameters outside the fused modules are listed in :attr:`_deferred`: they keep their
+        role and ``requires_grad`` but get no hook plan, their gradients landing in ``.grad``."""
+        role_of = {id(p): roles[n] for n, p in self.named_parameters}
         fused: set[int] = set()
         if self.engine is not None:
             plans = {name: self._module_plan(name, module, role_of, fused)
@@ -255,7 +248,7 @@ class EngineDriver:
             self.engine.apply_plans(plans)
         self.unfused_on_the_fly = []
         for name, p in self.named_parameters:
-            role = written[name]
+            role = roles[name]
             if id(p) in fused:
                 p.requires_grad_(role is Role.ACTIVE)
             else:
@@ -264,11 +257,8 @@ class EngineDriver:
                     self.unfused_on_the_fly.append(name)
             if role is not Role.ACTIVE:
                 p.grad = None
-        self._deferred = {}
-        if self._averaged is not None:
-            unfused = set(self.unfused_on_the_fly)
-            self._deferred = {n: self.plan(roles[n], n, local=True) for n, r in written.items()
-                              if roles[n].updates_on_the_fly and (r is Role.ACTIVE or n in unfused)}
+        self._deferred = {} if self._averaged is None else \
+            {n: self.plan(roles[n], n, local=True) for n in self.unfused_on_the_fly}
         self.hook_plans = {} if self.library_hooks or self._averaged is not None else \
             {name: self.plan(roles[name], name) for name in self.unfused_on_the_fly}
         if self.engine is not None:

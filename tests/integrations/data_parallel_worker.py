@@ -51,6 +51,11 @@ class Case(NamedTuple):
     rounding: str = "auto"  # of the low-precision on-the-fly updates
     #: a torch.amp.GradScaler whose scale grows mid-run (the reference runs unscaled: powers of two scale exactly)
     scaled: bool = False
+    #: BREAD_LOSS_CHUNK_BYTES: small, so the fused loss in one process updates the head by vocabulary tiles
+    loss_chunk_bytes: int | None = None
+    #: the rank whose last step's batch is model_zoo.SHORT (3 tokens: at least two experts of every MoE layer get none
+    #: there); the last step's only, as its large steps would amplify the ranks' other summation order in later ones
+    short_rank: int | None = None
 
 
 CASES = {
@@ -65,6 +70,8 @@ CASES = {
     "bread_sgd_synced_accumulation": Case("all", 2),  # DDP syncs every micro-batch: no no_sync()
     "bread_sgd_gpt2_chunks": Case("all", 1, model="gpt2", chunk_bytes=600),  # 149 elements: rows cut across
     "bread_sgd_moe": Case("all", 1, model="qwen3_moe"),
+    "bread_sgd_moe_experts_without_tokens": Case("all", 1, model="qwen3_moe", short_rank=1),
+    "bread_sgd_head_tiled_in_one_process": Case("all", 1, loss_chunk_bytes=5 * 97 * 4),
     "bread_sgd_strided_weight": Case("all", 1, model="llama_strided"),
     "bread_sgd_loss_scaler": Case("all", 1, scaled=True),
     "bread_sgd_bf16": Case("all", 1, dtype="bfloat16"),
@@ -74,6 +81,12 @@ CASES = {
 #: "disabled"
 PROBES = {"llama": "layers.2.mlp.down_proj", "gpt2": "h.2.mlp.c_proj", "qwen3_moe": "layers.2.self_attn.o_proj",
           "llama_strided": "layers.2.mlp.down_proj"}
+#: the other fused weights whose updates average inside the backward, per model (GPT-2's head is tied to the
+#: embedding: the hook path): (what, module name, parameter)
+OTHER_PROBES = {"llama": [("head", "lm_head", "weight")], "llama_strided": [("head", "lm_head", "weight")],
+                "qwen3_moe": [("head", "lm_head", "weight"), ("experts", "layers.2.mlp.experts", "gate_up_proj"),
+                              ("experts_down", "layers.2.mlp.experts", "down_proj")],
+                "gpt2": []}
 
 
 def llama_strided(seed: int, dtype: torch.dtype):
@@ -89,9 +102,10 @@ MODELS = {"llama": model_zoo.llama, "gpt2": model_zoo.gpt2, "qwen3_moe": model_z
           "llama_strided": llama_strided}
 
 
-def batch(step: int, micro: int, rank: int) -> torch.Tensor:
+def batch(step: int, micro: int, rank: int, short_rank: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
-    return torch.randint(0, model_zoo.VOCAB, (model_zoo.BATCH, model_zoo.SEQ), generator=g)
+    shape = model_zoo.SHORT if rank == short_rank and step == STEPS - 1 else (model_zoo.BATCH, model_zoo.SEQ)
+    return torch.randint(0, model_zoo.VOCAB, shape, generator=g)
 
 
 def snapshot(model) -> dict:
@@ -137,16 +151,22 @@ def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto", lo
 
 
 def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str, hook_update_numel: int,
-                       rounding: str) -> dict:
+                       rounding: str, short_rank: int | None = None, one_forward: bool = False) -> dict:
     """The same optimizer on a patched copy in this process, on the ranks' mean loss (each micro-batch's backward
-    updating the on-the-fly weights, as the engine does in one process): a model of this rank's own."""
+    updating the on-the-fly weights, as the engine does in one process): a model of this rank's own.
+    ``one_forward``: the ranks' batches concatenated into one forward (their mean loss, the ranks' token counts
+    being equal), for a head updated by vocabulary tiles, which take one forward per backward."""
     os.environ[INDEPENDENT_RANKS_ENV] = "1"
     try:
         model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=hook_update_numel)
         opt = block_optimizer(model, sgd_mode, lora, rounding)
         for step in range(STEPS):
             for micro in range(gas):
-                loss = sum(loss_of(model, batch(step, micro, r)) for r in range(world)) / (world * gas)
+                batches = [batch(step, micro, r, short_rank) for r in range(world)]
+                if one_forward:
+                    loss = loss_of(model, torch.cat(batches)) / gas
+                else:
+                    loss = sum(loss_of(model, ids) for ids in batches) / (world * gas)
                 loss.backward()
             opt.step()
             opt.zero_grad()
@@ -157,14 +177,14 @@ def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str, ho
 
 
 def run_case(name: str, rank: int, world: int) -> dict:
-    chunk_bytes = CASES[name].chunk_bytes
-    if chunk_bytes is None:
-        return _run_case(name, rank, world)
-    os.environ["BREAD_CHUNK_BYTES"] = str(chunk_bytes)
+    env = {"BREAD_CHUNK_BYTES": CASES[name].chunk_bytes, "BREAD_LOSS_CHUNK_BYTES": CASES[name].loss_chunk_bytes}
+    env = {key: str(value) for key, value in env.items() if value is not None}
+    os.environ.update(env)
     try:
         return _run_case(name, rank, world)
     finally:
-        del os.environ["BREAD_CHUNK_BYTES"]
+        for key in env:
+            del os.environ[key]
 
 
 def _run_case(name: str, rank: int, world: int) -> dict:
@@ -178,6 +198,9 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     before = snapshot(model)
     probe = next(m for n, m in model.named_modules() if n.endswith(PROBES[case.model]))
     probe = getattr(probe, "base_layer", probe)
+    modules = dict(model.named_modules())
+    others = [(what, getattr(next(m for n, m in modules.items() if n.endswith(module)), attr))
+              for what, module, attr in OTHER_PROBES[case.model]]
 
     def wrap():
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -194,15 +217,20 @@ def _run_case(name: str, rank: int, world: int) -> dict:
                 synced = micro == gas - 1 or "synced" in name
                 sync = contextlib.nullcontext() if synced else ddp.no_sync()
                 with sync:
-                    loss = loss_of(ddp, batch(step, micro, rank)) / gas
+                    loss = loss_of(ddp, batch(step, micro, rank, case.short_rank)) / gas
+                    probes = [("probe", probe.weight), *others]
                     if step == 0 and micro == 0:
                         # whether autograd will make the probe's gradient (False where its update is fused)
-                        result["probe_requires_grad"] = probe.weight.requires_grad
-                        probe_before = probe.weight.detach().clone()
+                        values = {}
+                        for what, weight in probes:
+                            result[f"{what}_requires_grad"] = weight.requires_grad
+                            values[what] = weight.detach().clone()
                     (loss if scaler is None else scaler.scale(loss)).backward()
                     if step == 0 and micro == 0:  # updated inside that backward, before any step
-                        result["probe_moved_in_backward"] = not torch.equal(probe.weight, probe_before)
-                        result["probe_grad"] = probe.weight.grad is not None
+                        for what, weight in probes:
+                            result[f"{what}_moved_in_backward"] = not torch.equal(weight, values[what])
+                            result[f"{what}_grad"] = weight.grad is not None
+                        result["probes"] = [what for what, _ in probes]
             if scaler is None:
                 opt.step()
             else:
@@ -218,8 +246,10 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         result["unchanged"] = unchanged(model, before)
         return result
     ref = reference_params(base, world, gas) if name.startswith("badam") else \
-        one_process_params(base, world, gas, lora, sgd_mode, hook_update_numel, case.rounding)
-    result["diff"] = max((p.detach() - ref[n]).abs().max().item() for n, p in model.named_parameters())
+        one_process_params(base, world, gas, lora, sgd_mode, hook_update_numel, case.rounding, case.short_rank,
+                           one_forward=case.loss_chunk_bytes is not None)
+    result["diff"], result["diff_where"] = max(((p.detach() - ref[n]).abs().max().item(), n)
+                                               for n, p in model.named_parameters())
     # per tensor, in units of its dtype's rounding step at the tensor's largest magnitude
     result["diff_steps"] = max((p.detach().float() - ref[n].float()).abs().max().item()
                                / (torch.finfo(p.dtype).eps * ref[n].float().abs().max().item())

@@ -11,9 +11,10 @@ every case of ``data_parallel_worker.CASES`` (4 steps, a block switch after each
   rounding, and both ranks hold the same parameters;
 * BREAD (peft LoRA, ``lora_mode="all"``), BREAD-SGD (``sgd_mode="all"``; "partial" with sign and accumulation under
   ``no_sync()``; accumulation with DDP synchronising every micro-batch, where DDP's own end of the backward comes
-  before the driver's; with LoRA), whose on-the-fly updates take the ranks' averaged gradient — a fused Linear's and
-  the embedding's inside the backward (all-reduced chunk by chunk, no whole gradient), the hook path's small
-  weights' and the head's at the end of it: equal to the same optimizer run in one process on the ranks' mean loss;
+  before the driver's; with LoRA), whose on-the-fly updates take the ranks' averaged gradient — a fused Linear's,
+  the head's, the experts' (a rank that routed an expert no token sends zeros) and the embedding's inside the
+  backward (all-reduced chunk by chunk, no whole gradient), the hook path's small weights' at the end of it: equal
+  to the same optimizer run in one process on the ranks' mean loss (with the head by vocabulary tiles there);
 * ranks that train different blocks (a random order seeded apart) are refused at the forward, before any update;
 * a ``transformers.Trainer`` under torchrun (DDP, gradient clipping) ends with the same parameters on both ranks;
 * on-the-fly updates in a process group of several ranks outside DDP are refused — at a patched model's forward, or
@@ -35,7 +36,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.integrations.data_parallel_worker import CASES  # noqa: E402
+from tests.integrations.data_parallel_worker import CASES, OTHER_PROBES  # noqa: E402
 from tests.integrations.ranks import read_ranks, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
@@ -68,7 +69,8 @@ def test_training_under_ddp_equals_the_single_process_run(results, case, rank):
         assert result["diff_steps"] <= steps, f"{case}, rank {rank}: {result['diff_steps']:.3g} rounding steps apart"
         return
     tol = ATOL + RTOL * result["moved"]
-    assert result["diff"] <= tol, f"{case}, rank {rank}: |parameter - reference| = {result['diff']:.3g} > {tol:.3g}"
+    assert result["diff"] <= tol, f"{case}, rank {rank}: |parameter - reference| = {result['diff']:.3g} > " \
+        f"{tol:.3g} ({result['diff_where']})"
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -115,14 +117,20 @@ def test_ranks_patched_apart_are_refused_before_any_update(results, rank):
 def test_on_the_fly_updates_under_ddp_average_inside_the_backward(results, case, rank):
     """A fused Linear's on-the-fly update under DDP runs inside the backward from the ranks' average, chunk by chunk
     (one all-reduce per chunk of dW rows), as in one process: autograd never makes its gradient (it does not require
-    grad), and the weight has moved when the backward returns.  The input embedding's rows are all-gathered
-    (sgd_mode "all").  A block's small linear (the hook path, patch's default for the tiny model) takes the
-    average at the end of the backward instead: its gradient lands in ``.grad`` first."""
+    grad), and the weight has moved when the backward returns.  So do the head in the fused loss (its dW, accumulated
+    in the forward, all-reduced in chunks) and the 3-D expert weights (every expert's rows, zero where a rank routed
+    it no token) — before, both were written ACTIVE, their whole gradients in ``.grad`` until the end of the
+    backward.  The input embedding's rows are all-gathered (sgd_mode "all").  A block's small linear (the hook path,
+    patch's default for the tiny model; the fused loss takes the head whatever its size) takes the average at the
+    end of the backward instead: its gradient lands in ``.grad`` first."""
     result = results[(case, rank)]
     fused = CASES[case].hook_update_numel == 0
-    assert result["probe_requires_grad"] is (not fused)
-    assert result["probe_moved_in_backward"] and not result["probe_grad"]
-    assert (result["all_reduces"] > 0) is fused, result["all_reduces"]
+    model = CASES[case].model
+    assert result["probes"] == ["probe", *(what for what, *_ in OTHER_PROBES[model])]
+    for what in result["probes"]:
+        assert result[f"{what}_requires_grad"] is (what == "probe" and not fused), what
+        assert result[f"{what}_moved_in_backward"] and not result[f"{what}_grad"], what
+    assert result["all_reduces"] > 0  # the head's chunks at least (a small block linear's go to the end)
     if CASES[case].sgd_mode == "all" and CASES[case].model != "gpt2":  # GPT-2's embedding is tied: the hook path
         assert result["all_gathers"] > 0, "the embedding's rows were not averaged inside the backward"
 
