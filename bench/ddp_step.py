@@ -3,7 +3,8 @@ on-the-fly updates averaged over the ranks.  Run with torchrun (CPU ranks over g
 
     torchrun --nproc_per_node 2 bench/ddp_step.py [--dtype bf16] [--variants BREAD-SGD BAdam] [--active 1]
 
-The bench's default model (Llama 8x512, inter 1376, vocab 4096), batch 2x256 per rank, ``patch`` defaults
+The bench's default model (Llama 8x512, inter 1376, vocab 4096; ``--moe``: a Qwen3-MoE 8x512, 8 experts of
+intermediate 512, top 2), batch 2x256 per rank, ``patch`` defaults
 (``--keep-top 0``: no kept block, so the peak does not depend on what ``"auto"`` measured).  Peaks
 come from the profiler's allocation events (``bread_kernels.bench.memory``: bytes allocated beyond what existed
 before the step, CPU) or the caching allocator (GPU); times are medians over ``--repeats`` steps.  Rank 0 prints one
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE 8x512 (8 experts, top 2) instead of the Llama")
     parser.add_argument("--keep-top", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="patch(keep_top=...): 'auto' (the default) or how many top blocks keep activations")
     args = parser.parse_args()
@@ -55,10 +57,10 @@ def main():
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=generator).to(device)
     if rank == 0:
         print(f"DDP over {dist.get_world_size()} ranks ({dist.get_backend()}) on {device_name(device)}; "
-              f"Llama 8x512, {args.dtype}, batch {args.batch}x{args.seq} "
+              f"{'Qwen3-MoE' if args.moe else 'Llama'} 8x512, {args.dtype}, batch {args.batch}x{args.seq} "
               f"per rank, active block {args.active}, keep_top={args.keep_top}")
     for variant in args.variants:
-        model = patch(build_model(dtype=dtype).to(device), keep_top=args.keep_top)
+        model = patch((build_moe(dtype) if args.moe else build_model(dtype=dtype)).to(device), keep_top=args.keep_top)
         opt = _optimizer(model, variant, args.active, lr=1e-6)
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
 
@@ -88,6 +90,18 @@ def main():
                   f"requires-grad params {grads / 2**20:6.1f} MiB  in-backward collectives/step {calls}")
         del ddp, opt, model
     dist.destroy_process_group()
+
+
+def build_moe(dtype: torch.dtype, seed: int = 0):
+    """A randomly initialised Qwen3-MoE 8x512: 8 experts of intermediate 512 per layer, top 2, vocab 4096."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=8, head_dim=64, moe_intermediate_size=512, intermediate_size=1376,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=4096,
+                            tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+    return Qwen3MoeForCausalLM(config).to(dtype)
 
 
 if __name__ == "__main__":

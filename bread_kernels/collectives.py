@@ -215,9 +215,10 @@ def all_reduce_update_(
         def then(buffer=buffer, r0=r0, r1=r1, width=width, first=first):
             if first:
                 torch.eq(buffer[width], 0, out=ok)
-            grad = buffer[:width].float() if dtype != torch.float32 else buffer[:width]
-            backend.apply_update_(weight[r0:r1], grad.div_(divisor).view(r1 - r0, n_cols), step, sign, rounding,
-                                  seed, offset=offset + r0 * n_cols, ok=ok)
+            # the backend widens a bf16 sum itself, and step/d·Σ is step·Σ/d (exactly, for a power-of-two d): no
+            # pass over the chunk to widen or divide it; sign(Σ/d) is sign(Σ)
+            backend.apply_update_(weight[r0:r1], buffer[:width].view(r1 - r0, n_cols), step if sign else step / divisor,
+                                  sign, rounding, seed, offset=offset + r0 * n_cols, ok=ok)
 
         flight.all_reduce(buffer, group, then)
     return ok

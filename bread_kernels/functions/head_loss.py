@@ -47,6 +47,8 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
     tile's ``g`` is non-finite and every write is skipped): a skip leaves all of W untouched, with no host sync.
     An fp16 tile's dW can still overflow from finite ``g`` and ``h``: in fp16 every tile's logits and dW GEMM run
     once more before the first write, and a tile that overflows turns γ nan for all of them.
+  A plan whose target's writes are collectives (DDP's average: every rank must issue the same ones, and the
+  number of tiles would follow each rank's tokens) always takes the first way, whatever the budget.
 * ``FROZEN``: nothing for W.
 
 Memory: the chunk ``C`` (and the tile ``R``) is chosen so that the fp32 block of logits and its temporaries stay
