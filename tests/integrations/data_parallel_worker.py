@@ -76,6 +76,7 @@ CASES = {
     "bread_sgd_loss_scaler": Case("all", 1, scaled=True),
     "bread_sgd_bf16": Case("all", 1, dtype="bfloat16"),
     "bread_sgd_bf16_nearest": Case("all", 1, dtype="bfloat16", rounding="nearest"),
+    "bread_sgd_bf16_moe": Case("all", 1, model="qwen3_moe", dtype="bfloat16", rounding="nearest"),  # bf16 sums
 }
 #: a block linear above the first active block, per model: on the fly from the first step where sgd_mode is not
 #: "disabled"
