@@ -19,7 +19,7 @@ import torch
 from .rounding import Rounding
 
 __all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "OnTheFlyWrites", "begin_forward",
-           "forward_epoch", "PLAN_ATTR", "BACKWARD_TRIGGER", "backward_accumulates"]
+           "forward_epoch", "running_backward", "PLAN_ATTR", "BACKWARD_TRIGGER", "backward_accumulates"]
 
 #: the attribute of a fused module (a patched Linear, LoRA layer or embedding) that holds its WeightPlan, or None
 PLAN_ATTR = "_bread_weight_plan"
@@ -311,8 +311,10 @@ class OnTheFlyWrites:
     A backward through a graph built before such a write — two forwards with grad and then their two backwards,
     or a second backward of one graph (``retain_graph=True``) — would compute every dX from weights its forward
     never used (or meet autograd's in-place error partway, some weights already written), so the owner refuses it
-    before anything is written: its forward guards the outputs (a hook that runs before any node of the model's
-    graph) with the forward's number, and :meth:`made_stale` answers there.
+    before anything is written: its forward guards the outputs with the forward's number, and :meth:`made_stale`
+    answers at the first output a backward reaches, which no node of the model's graph precedes (the loss, the
+    logits); the outputs reached later in the same backward (hidden states, router logits: their graph's upper part
+    has run, and written) pass with it (:func:`running_backward`).
     """
 
     __slots__ = ("stale_through",)
@@ -323,7 +325,7 @@ class OnTheFlyWrites:
 
     def record(self) -> None:
         """An on-the-fly update wrote now: every forward that has begun saw the weights before it.  (The forward whose
-        backward writes is among them, but its outputs' guards ran already: a backward reaches the outputs first.)"""
+        backward writes is among them, but its first output's guard ran already, and let this backward through.)"""
         self.stale_through = _forward_epoch
 
     def made_stale(self, epoch: int) -> bool:
@@ -350,6 +352,14 @@ class _UseToken:
         except RuntimeError:  # asked outside a backward
             return False
 
+
+def running_backward() -> int | None:
+    """An id of the backward that runs now (autograd's graph task; -1 outside a backward), None where torch lacks
+    the private ``_current_graph_task_id`` (``tests/test_plan.py`` fails on its absence)."""
+    return _CURRENT_GRAPH_TASK_ID() if _CURRENT_GRAPH_TASK_ID is not None else None
+
+
+_CURRENT_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 #: autograd's answer to "does the running backward execute this node" — private (``register_multi_grad_hook`` uses
 #: it; there is no public query).  Where a torch lacks it, two forwards summed into one backward update once per

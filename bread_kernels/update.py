@@ -6,7 +6,7 @@ Every SGD/SIGN update in the library goes through one of six entry points, by th
 entry point                  gradient                                              callers
 ===========================  ====================================================  ===================================
 :func:`update_linear_`       ``dW = gᵀx`` from (g [M, N], x [M, K]) pairs, summed  the fused linear and LoRA functions
-:func:`update_linear_grad_`  a linear's whole summed dW [N, K] (and db [N])        the fused head+loss where dW fits
+:func:`update_linear_grad_`  a linear's whole summed dW [N, K] (and db [N])        the head+loss where dW fits, DDP's
 :func:`update_linear_tiles_` row tiles of dW, ``dW[a:b] = gᵀx`` per tile             the fused head+loss's vocabulary tiles
 :func:`update_experts_`      expert e of a 3-D weight [E, N, K]: ``dW_e = gₑᵀxₑ``  the fused experts function
 :func:`update_rows_`         the summed rows ``G`` [R, H] of the distinct ids [R]  the fused embedding
@@ -271,7 +271,8 @@ def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
     """``plan``'s update of a 3-D expert weight ``weight`` [E, N, K] (``gate_up_proj``, ``down_proj``): expert ``e``
     takes the update for ``dW_e = Σ gᵀx`` over its (g [M_e, N], x [M_e, K]) pairs — the tokens routed to it, one
     pair per use of the weight in the forward.  Experts absent from ``contributions`` received no token: their gradient
-    is zero and they are not written (SGD: ``-lr·0``; SIGN: ``sign(0) = 0``).  No [E, N, K] gradient exists.
+    is zero and a local target does not write them (SGD: ``-lr·0``; SIGN: ``sign(0) = 0``); a collective one
+    (DDP's) sends zeros for them and writes the ranks' average.  No [E, N, K] gradient exists.
     Returns the finiteness answer (where False: skipped, nothing written, reported through the plan)."""
     per_expert = {}  # empty only where the target's calls are collective (see experts.py)
     for e, pairs in contributions.items():

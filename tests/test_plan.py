@@ -164,3 +164,20 @@ def test_a_probe_before_the_full_backward_of_a_weight_used_twice_keeps_one_updat
             assert torch.equal(weight, weight0)
         loss.backward()
         torch.testing.assert_close(weight, weight0 - 0.1 * reference.grad.sign(), rtol=0, atol=1e-7)
+
+
+def test_running_backward_tells_one_backward_from_another():
+    """``running_backward`` (autograd's private ``_current_graph_task_id``, whose absence fails here): the same id
+    at every hook of one backward, another in the next backward of the same graph, -1 outside; the stale-graph
+    guard lets a forward's later outputs through by it."""
+    from bread_kernels.plan import running_backward
+
+    assert running_backward() == -1, "torch lost _current_graph_task_id, or its answer outside a backward changed"
+    seen = []
+    leaf = torch.ones(2, requires_grad=True)
+    a, b = leaf * 2, leaf * 3
+    a.register_hook(lambda grad: seen.append(running_backward()))
+    b.register_hook(lambda grad: seen.append(running_backward()))
+    (a + b).sum().backward(retain_graph=True)
+    (a + b).sum().backward()
+    assert seen[0] == seen[1] != seen[2] == seen[3] and -1 not in seen

@@ -33,9 +33,10 @@ the per-expert pairs (gₒ, aₑ) and (gᵤ, xₑ) to :func:`~bread_kernels.upda
 ``W[e] -= lr·s·f(dW_e)`` expert by expert through the backend's fused GEMM epilogue — no [E, ·, ·] gradient
 exists, and of one expert's dW only the backend's bounded chunks (none with SGD and nearest rounding: one
 ``addmm_``; on a GPU one Triton launch per expert, a grouped kernel being future work); an expert without a token
-is not touched (its reference gradient is zero: SGD moves it
-by ``lr·0``, sign gives ``sign(0) = 0``); ``FROZEN``: nothing.  A weight used several times in one forward gets
-one update for its summed per-expert gradient after its last use's backward (the plan's multi-use bookkeeping).
+is not touched (its reference gradient is zero: SGD moves it by ``lr·0``, sign gives ``sign(0) = 0``) — under DDP
+it takes the other ranks' average, every rank calling the update alike; ``FROZEN``: nothing.  A weight used
+several times in one forward gets one update for its summed per-expert gradient after its last use's backward (the
+plan's multi-use bookkeeping).
 
 transformers' ``grouped_mm`` and ``batched_mm`` implementations compute the same maths with the GEMMs grouped
 or batched and the top-k outputs summed per token: equal to fp32 rounding (with k = 2 the per-token sum is the

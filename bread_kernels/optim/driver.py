@@ -21,9 +21,10 @@ protocol; a library not supported by ``accelerate`` can use it directly::
     driver.close()  # plain autograd again
 
 Under DistributedDataParallel the driver of a patched model averages the active parameters' gradients at the end of
-each synchronised backward, and the on-the-fly updates take the ranks' averaged gradients: a fused Linear's and the
-input embedding's inside the backward (:class:`~bread_kernels.optim.data_parallel.AveragedTarget`), the others' at
-the end of it (:mod:`bread_kernels.optim.data_parallel`).
+each synchronised backward, and the on-the-fly updates take the ranks' averaged gradients: the fused weights' (the
+Linears, the head in the fused loss, the experts, the input embedding) inside the backward
+(:class:`~bread_kernels.optim.data_parallel.AveragedTarget`), the hook path's small weights' at the end of it
+(:mod:`bread_kernels.optim.data_parallel`).
 
 Lifetime: the hooks keep their handles and hold the driver weakly, the engine holds its owner weakly, so dropping
 the owner (or the driver) removes every hook; ``close()`` does it at once, and :func:`bread_kernels.unpatch` closes
@@ -44,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..backends.chunked import chunk_budget_bytes
 from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
-from ..plan import FiniteChecks, OnTheFlyUpdate, OnTheFlyWrites, Role, WeightPlan, forward_epoch
+from ..plan import FiniteChecks, OnTheFlyUpdate, OnTheFlyWrites, Role, WeightPlan, forward_epoch, running_backward
 from ..rounding import FLOAT_DTYPES
 from ..update import update_dense_
 from .data_parallel import (INDEPENDENT_RANKS_ENV, AveragedTarget, DataParallelForward, average_gradients_,
@@ -603,16 +604,22 @@ def _outputs_requiring_grad(output):
 
 
 class _StaleGraphGuard:
-    """A hook on an output of a forward of a model whose optimizer updates weights on the fly: refuses a backward
-    through that forward's graph once an on-the-fly write came after the forward (:class:`OnTheFlyWrites`), before
-    any node of the graph runs, so nothing is written."""
+    """The hook on every output of one forward of a model whose optimizer updates weights on the fly: refuses a
+    backward through that forward's graph once an on-the-fly write came after the forward (:class:`OnTheFlyWrites`),
+    at the first output the backward reaches, before any node of the graph runs, so nothing is written; the outputs
+    that backward reaches later (hidden states, router logits, attention weights: the blocks above them have run and
+    written by then) pass, as the first did."""
 
-    __slots__ = ("writes", "epoch", "what")
+    __slots__ = ("writes", "epoch", "what", "admitted")
 
     def __init__(self, writes: OnTheFlyWrites, epoch: int, what: str):
         self.writes, self.epoch, self.what = writes, epoch, what
+        self.admitted = None  # the backward the first output reached let through
 
     def __call__(self, grad):
+        backward = running_backward()
+        if backward is None or backward == self.admitted:  # torch without the id: no guard rather than a wrong one
+            return
         if self.writes.made_stale(self.epoch):
             raise RuntimeError(
                 f"{self.what}: this backward runs through a graph whose forward ran before an earlier backward "
@@ -621,6 +628,7 @@ class _StaleGraphGuard:
                 "anything was written. Run each forward's backward before the next forward with grad enabled, or "
                 "add the losses and call backward once ((loss_a + loss_b).backward()); a second backward of one "
                 "graph (retain_graph=True) is refused for the same reason")
+        self.admitted = backward
 
 
 class _QueueAverage:

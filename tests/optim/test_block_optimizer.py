@@ -215,6 +215,42 @@ def test_a_backward_through_a_graph_older_than_an_on_the_fly_write_is_refused_be
         assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize("build, outputs", [
+    ("llama", dict(output_hidden_states=True)),
+    ("llama", dict(output_attentions=True)),
+    ("qwen3_moe", dict(output_router_logits=True)),  # the load-balancing loss's way in
+], ids=["hidden_states", "attentions", "router_logits"])
+def test_outputs_a_backward_reaches_after_writing_pass_the_guard_of_their_forward(build, outputs):
+    """Intermediate outputs (hidden states, attention weights, router logits) are reached partway through the
+    backward, after the layers above them have been written: they pass with the forward's first output, which the
+    backward reached before anything (before, such a forward's one backward was refused, the head already written).
+    The run equals the one without those outputs (the same loss), or for the router logits trains; a second backward
+    of the graph is still refused."""
+    builder = models.MOE_BUILDERS[build] if build in models.MOE_BUILDERS else BUILDERS[build]
+
+    def run(**extra):
+        model = bread_kernels.patch(builder())
+        opt = _sgd_block_optimizer(model, sgd_mode="all", switch_block_every=1)
+        for step in range(2):
+            ids = batch(step)
+            loss = model(input_ids=ids, labels=ids, **extra).loss
+            loss.backward(retain_graph=step == 1 and bool(extra))
+            opt.step()
+            opt.zero_grad()
+        if extra:
+            with pytest.raises(RuntimeError, match=STALE):
+                loss.backward()
+        opt.close()
+        return model
+
+    trained = run(**outputs)
+    if "output_router_logits" in outputs:
+        assert not all(torch.equal(p, q) for p, q in zip(trained.parameters(), builder().parameters()))
+        return
+    for (n, p), (_, q) in zip(run().named_parameters(), trained.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_graphs_kept_without_a_backward_and_backwards_without_on_the_fly_writes_are_not_refused():
     """What the guard leaves alone: BAdam (nothing written inside the backward) runs two forwards then two
     backwards as plain autograd does (the active block's gradients summed: the reference is autograd's over both
