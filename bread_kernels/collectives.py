@@ -29,8 +29,7 @@ from .backends import get_backend
 from .rounding import Rounding
 
 __all__ = ["CommStats", "comm_stats", "dense_grad_fill", "linear_grad_fill", "experts_grad_fill", "reduce_scatter_",
-           "all_gather_",
-           "InFlight", "all_reduce_update_", "gather_row_sums"]
+           "all_gather_", "InFlight", "all_reduce_update_", "gather_row_sums"]
 
 
 @dataclass

@@ -558,9 +558,9 @@ class _RefreshScale:
 
 class _ForwardHooks:
     """The model's forward pre-hook (:meth:`before`: notes the DDP the forward runs under, refusing an on-the-fly
-    role there) and forward hook (:meth:`after`: hooks on the outputs that require grad, which run before any node
-    of the forward's graph in a backward — :class:`_StaleGraphGuard` where the model updates weights on the fly,
-    and under a DDP forward that synchronises :class:`_QueueAverage`).  Holds the driver weakly."""
+    role there) and forward hook (:meth:`after`: hooks on the outputs that require grad, which a backward reaches
+    first — :class:`_StaleGraphGuard` where the model updates weights on the fly, and under a DDP forward that
+    synchronises :class:`_QueueAverage`).  Holds the driver weakly."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]"):
         self.driver = driver
