@@ -404,12 +404,12 @@ def different_patch_case(rank: int) -> dict:
     return result
 
 
-def non_finite_case(rank: int) -> dict:
+def non_finite_case(rank: int, model_name: str = "llama") -> dict:
     """Rank 1's loss is not finite (a loss scaled by inf), rank 0's is: every on-the-fly update of that backward
     must be skipped on both ranks alike (the averaged gradient is not finite; a rank that applied its own would
     drift), and each rank reports the same skips."""
-    result = {"case": "non_finite_on_one_rank", "error": None}
-    model = bread_kernels.patch(model_zoo.llama(seed=0, layers=LAYERS), hook_update_numel=0)
+    result = {"case": "non_finite_on_one_rank" + ("" if model_name == "llama" else f"_{model_name}"), "error": None}
+    model = bread_kernels.patch(MODELS[model_name](seed=0, dtype=torch.float32), hook_update_numel=0)
     before = snapshot(model)
     opt = block_optimizer(model, "all", lora=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -501,7 +501,7 @@ def main() -> None:
     if "deepspeed" in args.cases:
         results += deepspeed_cases(rank)
     if "non_finite" in args.cases:
-        results.append(non_finite_case(rank))
+        results.extend(non_finite_case(rank, name) for name in ("llama", "qwen3_moe"))
     if "different_patch" in args.cases:
         results.append(different_patch_case(rank))
     with open(f"{args.out}.rank{rank}.json", "w") as f:

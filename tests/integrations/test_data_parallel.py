@@ -136,16 +136,21 @@ def test_on_the_fly_updates_under_ddp_average_inside_the_backward(results, case,
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_non_finite_gradient_on_one_rank_skips_the_update_on_every_rank(results, rank):
+@pytest.mark.parametrize("case, skipped", [
+    ("non_finite_on_one_rank", 30),  # 21 block linears, the embedding, the head, 7 norms
+    # 12 attention linears, 6 expert weights, 3 routers, 13 norms (q/k norms too), the embedding, the head
+    ("non_finite_on_one_rank_qwen3_moe", 36),
+])
+def test_a_non_finite_gradient_on_one_rank_skips_the_update_on_every_rank(results, case, skipped, rank):
     """Rank 1's loss is scaled by inf: the average is not finite, so every on-the-fly update of that backward is
-    skipped on both ranks (the flag rides in each weight's first all-reduce; the end-of-backward ones see the
-    average), with the same report."""
-    result = results[("non_finite_on_one_rank", rank)]
+    skipped on both ranks (the flag rides in each weight's first all-reduce, the experts' and the head's included;
+    the end-of-backward ones see the average), with the same report."""
+    result = results[(case, rank)]
     assert result["error"] is None, result["error"]
     assert result["on_the_fly_unchanged"]
-    assert result["skipped"] == 30, result["skip_warnings"]  # 21 block linears, the embedding, 8 hook/head weights
+    assert result["skipped"] == skipped, result["skip_warnings"]
     assert len(result["skip_warnings"]) == 1 and "not finite on some rank" in result["skip_warnings"][0]
-    assert result["skip_warnings"] == results[("non_finite_on_one_rank", 1 - rank)]["skip_warnings"]
+    assert result["skip_warnings"] == results[(case, 1 - rank)]["skip_warnings"]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
