@@ -53,6 +53,10 @@ class Case(NamedTuple):
     scaled: bool = False
     #: BREAD_LOSS_CHUNK_BYTES: small, so the fused loss in one process updates the head by vocabulary tiles
     loss_chunk_bytes: int | None = None
+    #: the reference on the ranks' summed loss at lr / ranks (the same maths): its gradients the size of each rank's
+    #: (fp16: the mean's halved gradients round apart in fp16's precision — 16.9 steps on the embedding against the
+    #: mean-loss reference, 5.2 against this one)
+    summed_reference: bool = False
     #: the rank whose last step's batch is model_zoo.SHORT (3 tokens: at least two experts of every MoE layer get none
     #: there); the last step's only, as its large steps would amplify the ranks' other summation order in later ones
     short_rank: int | None = None
@@ -77,6 +81,7 @@ CASES = {
     "bread_sgd_bf16": Case("all", 1, dtype="bfloat16"),
     "bread_sgd_bf16_nearest": Case("all", 1, dtype="bfloat16", rounding="nearest"),
     "bread_sgd_bf16_moe": Case("all", 1, model="qwen3_moe", dtype="bfloat16", rounding="nearest"),  # bf16 sums
+    "bread_sgd_fp16": Case("all", 1, dtype="float16", rounding="nearest", summed_reference=True),
 }
 #: a block linear above the first active block, per model: on the fly from the first step where sgd_mode is not
 #: "disabled"
@@ -141,10 +146,10 @@ def reference_params(base, world: int, gas: int) -> dict:
     return snapshot(model)
 
 
-def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto", loss_scaler=None):
+def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto", loss_scaler=None, lr: float = LR):
     """``sgd_mode`` "-sign": signSGD; the on-the-fly step is scaled down so sign's steps stay small."""
     mode, _, sign = sgd_mode.partition("-")
-    return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=LR), list(model.named_parameters()),
+    return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=lr), list(model.named_parameters()),
                                         switch_block_every=1, switch_mode="ascending", sgd_mode=mode, verbose=0,
                                         sgd_use_sign=bool(sign), sgd_lr_scaling=0.01 if sign else 1.0,
                                         rounding=rounding, loss_scaler=loss_scaler,
@@ -152,22 +157,24 @@ def block_optimizer(model, sgd_mode: str, lora: bool, rounding: str = "auto", lo
 
 
 def one_process_params(base, world: int, gas: int, lora: bool, sgd_mode: str, hook_update_numel: int,
-                       rounding: str, short_rank: int | None = None, one_forward: bool = False) -> dict:
+                       rounding: str, short_rank: int | None = None, one_forward: bool = False,
+                       summed: bool = False) -> dict:
     """The same optimizer on a patched copy in this process, on the ranks' mean loss (each micro-batch's backward
     updating the on-the-fly weights, as the engine does in one process): a model of this rank's own.
     ``one_forward``: the ranks' batches concatenated into one forward (their mean loss, the ranks' token counts
-    being equal), for a head updated by vocabulary tiles, which take one forward per backward."""
+    being equal), for a head updated by vocabulary tiles, which take one forward per backward.  ``summed``: their
+    summed loss at lr / ranks (the same maths, with each rank's gradient sizes)."""
     os.environ[INDEPENDENT_RANKS_ENV] = "1"
     try:
         model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=hook_update_numel)
-        opt = block_optimizer(model, sgd_mode, lora, rounding)
+        opt = block_optimizer(model, sgd_mode, lora, rounding, lr=LR / world if summed else LR)
         for step in range(STEPS):
             for micro in range(gas):
                 batches = [batch(step, micro, r, short_rank) for r in range(world)]
                 if one_forward:
                     loss = loss_of(model, torch.cat(batches)) / gas
                 else:
-                    loss = sum(loss_of(model, ids) for ids in batches) / (world * gas)
+                    loss = sum(loss_of(model, ids) for ids in batches) / ((1 if summed else world) * gas)
                 loss.backward()
             opt.step()
             opt.zero_grad()
@@ -248,7 +255,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         return result
     ref = reference_params(base, world, gas) if name.startswith("badam") else \
         one_process_params(base, world, gas, lora, sgd_mode, hook_update_numel, case.rounding, case.short_rank,
-                           one_forward=case.loss_chunk_bytes is not None)
+                           one_forward=case.loss_chunk_bytes is not None, summed=case.summed_reference)
     result["diff"], result["diff_where"] = max(((p.detach() - ref[n]).abs().max().item(), n)
                                                for n, p in model.named_parameters())
     # per tensor, in units of its dtype's rounding step at the tensor's largest magnitude
