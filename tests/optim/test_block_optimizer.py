@@ -183,8 +183,8 @@ def test_a_backward_through_a_graph_older_than_an_on_the_fly_write_is_refused_be
     """Two forwards, then their two backwards (or a second backward of one graph kept with ``retain_graph``): the
     first backward writes the inactive weights in place, which the second graph saved as its forward used them.
     The second is refused with a message that names the remedy, before any node of its graph runs: every weight
-    and every gradient as the first backward left them (without the guard, autograd's in-place error came partway,
-    after the hook path had written the norms).  The training goes on exactly as a run that never took the second
+    and every gradient as the first backward left them (without the guard, autograd's in-place error where a fused
+    function unpacked a written weight, or no error at all on the partial sign path).  The training goes on exactly as a run that never took the second
     forward: the reference, the same optimizer fed only the first."""
     def run(refused_second):
         model = bread_kernels.patch(BUILDERS["llama"](), hook_update_numel=1 << 17)  # the norms on the hook path
