@@ -42,9 +42,8 @@ from .backends.epilogue import dw_finite_flag
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_finite", "dw_all_finite",
-           "writes_collectively",
-           "update_linear_", "update_experts_", "update_linear_grad_", "update_linear_tiles_", "update_rows_",
-           "update_dense_"]
+           "writes_collectively", "update_linear_", "update_experts_", "update_linear_grad_", "update_linear_tiles_",
+           "update_rows_", "update_dense_"]
 
 #: a target's answer: a 0-dim bool tensor on the device (decided without the host), or a bool it already read
 Finite = Union[torch.Tensor, bool]

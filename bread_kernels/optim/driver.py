@@ -190,8 +190,7 @@ class EngineDriver:
         if self._closed:
             return
         try:
-            if self._averaged is not None:
-                self._averaged.finish()  # what a backward that raised left in flight (every rank issued it)
+            self._finish_in_flight()
             self.end_step()  # may warn (an error under -W error): the rest is done whatever happens
         finally:
             self._closed = True
@@ -228,8 +227,7 @@ class EngineDriver:
         roles = self._checked_roles(roles)
         self.roles = roles
         self._any_on_the_fly = any(role.updates_on_the_fly for role in roles.values())
-        if self._averaged is not None:
-            self._averaged.finish()  # anything a backward that raised left in flight
+        self._finish_in_flight()
         self._averaged, self._ranks_agree = None, None
         self._write(roles)
         return [(n, p) for n, p in self.named_parameters if roles[n] is Role.ACTIVE]
@@ -406,8 +404,7 @@ class EngineDriver:
         updates take the ranks' average (:meth:`_average_on_the_fly`); elsewhere in a group of several ranks they
         are refused; a DeepSpeed engine around the model is refused unless this driver writes ZeRO-3's shards.
         Refusals come before the forward runs."""
-        if self._averaged is not None:
-            self._averaged.finish()  # normally done at the end of the backward; not where that backward raised
+        self._finish_in_flight()
         if not torch.is_grad_enabled():
             return None
         if self.update_target is None and runs_under_deepspeed(module):
@@ -456,12 +453,17 @@ class EngineDriver:
         if (dp is None and current is None) or (dp is not None and current is not None and
                                                 current._group() is dp.group and current.world == dp.world):
             return
-        # set_roles wrote the plans for one process; the first DDP forward after it writes them again, once
-        if current is not None:
-            current.finish()
+        # set_roles wrote the plans for one process; the first DDP forward after it writes them again, once (what
+        # the current target had in flight was finished by the caller, _check_data_parallel)
         self._averaged = None if dp is None else AveragedTarget(dp.group, dp.world)
         self._ranks_agree = None
         self._write(self.roles)
+
+    def _finish_in_flight(self) -> None:
+        """Complete the averaged updates still in flight: normally done at the end of the backward, not where that
+        backward raised (every rank issued them); before a forward, a roles change and ``close()``."""
+        if self._averaged is not None:
+            self._averaged.finish()
 
     def _check_ranks(self) -> None:
         """Refuse on-the-fly roles whose updates stay this rank's own in a process group of several ranks."""
