@@ -336,12 +336,18 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        return {"base_optimizer": self.base_optimizer.state_dict(), "masters": self.masters.state_dict(),
+                **self.schedule_state()}
+
+    def schedule_state(self) -> dict:
+        """What :meth:`state_dict` holds besides the base optimizer's and the masters' state: the block order, the
+        step counters, the on-the-fly updates' draw counter, the scheduled lr, what each block index trains and
+        what ``keep_top="auto"`` measured.  Plain Python values; the ZeRO-3 engine saves it beside DeepSpeed's
+        checkpoint, which holds the rest."""
         return {
-            "base_optimizer": self.base_optimizer.state_dict(),
             "order": self.order.state_dict(),
             "global_step": self.global_step,
             "block_step": self.block_step,
-            "masters": self.masters.state_dict(),
             "update_draws": self.update.draws,
             "lr": [g["lr"] for g in self.param_groups],
             # what keep_top="auto" measured for these plans: a resumed run keeps (and chunks its loss) as this one
@@ -360,21 +366,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                              "the block order, step or fp32 masters); resume from a bread_kernels "
                              "BlockOptimizer.state_dict(), or start the run afresh (build it with start_block= to "
                              "continue at a block)")
-        for key in ("base_optimizer", "order", "global_step", "block_step", "masters"):
+        for key in ("base_optimizer", "masters"):
             if key not in state_dict:
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")
-        order = state_dict["order"]
-        saved_blocks = [order.get("current", -1), *order.get("pending", [])]
-        blocks = [list(prefixes) for prefixes in self.block_prefix_list]
-        if "blocks" in state_dict and state_dict["blocks"] != blocks:  # an index means another block there
-            raise ValueError(f"BlockOptimizer.load_state_dict: the saved run's blocks ({len(state_dict['blocks'])}, "
-                             f"the first {state_dict['blocks'][0]}) are not this optimizer's ({len(blocks)}, the "
-                             f"first {blocks[0]}); build it with the saved run's include_embedding, include_lm_head, "
-                             "n_layer_per_block and block_prefix_list")
-        if not all(isinstance(i, int) and 0 <= i < self.block_num for i in saved_blocks):
-            raise ValueError(f"BlockOptimizer.load_state_dict: the saved run's block order {saved_blocks} does not fit "
-                             f"this optimizer's {self.block_num} blocks; build it with the saved run's "
-                             "include_embedding, include_lm_head and n_layer_per_block")
+        self.check_schedule_state(state_dict, "BlockOptimizer.load_state_dict")
         previous = self.state_dict()
         try:
             self._load(state_dict)
@@ -383,15 +378,43 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise ValueError(f"BlockOptimizer.load_state_dict: the saved state does not fit this optimizer ({exc}); "
                              "nothing was changed. Build it as the saved run's was (blocks, base optimizer)") from exc
 
-    def _load(self, state_dict: dict) -> None:
-        self.order.load_state_dict(state_dict["order"])
-        self.global_step, self.block_step = state_dict["global_step"], state_dict["block_step"]
-        self.update.draws = state_dict.get("update_draws", 0)
-        for group, lr in zip(self.param_groups, state_dict.get("lr", [])):
+    def check_schedule_state(self, state: dict, what: str) -> None:
+        """Refuse (``ValueError`` naming ``what`` and the remedy) a :meth:`schedule_state` that does not fit this
+        optimizer: a key missing, other blocks, a block order outside them."""
+        for key in ("order", "global_step", "block_step"):
+            if key not in state:
+                raise ValueError(f"{what}: missing {key!r}; is this a BlockOptimizer state?")
+        order = state["order"]
+        saved_blocks = [order.get("current", -1), *order.get("pending", [])]
+        blocks = [list(prefixes) for prefixes in self.block_prefix_list]
+        if "blocks" in state and state["blocks"] != blocks:  # an index means another block there
+            raise ValueError(f"{what}: the saved run's blocks ({len(state['blocks'])}, the first "
+                             f"{state['blocks'][0]}) are not this optimizer's ({len(blocks)}, the first {blocks[0]}); "
+                             "build it with the saved run's include_embedding, include_lm_head, n_layer_per_block "
+                             "and block_prefix_list")
+        if not all(isinstance(i, int) and 0 <= i < self.block_num for i in saved_blocks):
+            raise ValueError(f"{what}: the saved run's block order {saved_blocks} does not fit this optimizer's "
+                             f"{self.block_num} blocks; build it with the saved run's include_embedding, "
+                             "include_lm_head and n_layer_per_block")
+
+    def load_schedule_state(self, state: dict) -> None:
+        """Take the block order, counters, draw counter and lr of a checked :meth:`schedule_state`; the caller then
+        activates ``self.order.current`` and restores the measured block sizes (:meth:`restore_measured`)."""
+        self.order.load_state_dict(state["order"])
+        self.global_step, self.block_step = state["global_step"], state["block_step"]
+        self.update.draws = state.get("update_draws", 0)
+        for group, lr in zip(self.param_groups, state.get("lr", [])):
             group["lr"] = lr
+
+    def restore_measured(self, state: dict) -> None:
+        """What ``keep_top="auto"`` measured in the saved run, after the plans were written (which start it afresh)."""
+        if self.engine is not None:
+            self.engine.stream.block_bytes.update(state.get("kept_block_bytes", {}))
+
+    def _load(self, state_dict: dict) -> None:
+        self.load_schedule_state(state_dict)
         self._activate(self.order.current)
-        if self.engine is not None:  # after the new plans, which start it afresh
-            self.engine.stream.block_bytes.update(state_dict.get("kept_block_bytes", {}))
+        self.restore_measured(state_dict)
         self.masters.load_state_dict(state_dict["masters"])
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
 

@@ -30,6 +30,10 @@ checks that ``destroy()`` leaves the model to be freed (DeepSpeed's globals held
 until interpreter shutdown, where a gloo worker thread could abort the process) and that DeepSpeed's module stack
 stayed at the root; at the end it calls ``deepspeed.comm.destroy_process_group``.  The fault test makes rank 1 raise
 in the backward and checks that the whole job ends quickly with that error.
+
+A second launch (``--resume``) checks the exact resume: each of ``zero3_worker.RESUME_CASES`` trains uninterrupted,
+and again saved by ``ZeroBlockEngine.save_checkpoint`` mid-block, loaded into a fresh engine and trained on; the two
+must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ ON_THE_FLY_ATOL, RTOL, ADAM_ATOL = 1e-6, 1e-5, 2e-5
 
 sys.path.insert(0, str(ROOT))
 from tests.integrations.ranks import free_port, read_ranks, torchrun  # noqa: E402
-from tests.integrations.zero3_worker import CASES, STEPS  # noqa: E402
+from tests.integrations.zero3_worker import CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, STEPS  # noqa: E402
 
 
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
@@ -134,6 +138,40 @@ def test_collectives_are_reduce_scatters_and_sparse_gathers(zero3_results):
     assert "all_gather" not in zero3_results[("sign_partial", 0)]["comm"]  # embedding frozen, nothing persistent
 
 
+@pytest.fixture(scope="module")
+def resume_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zero3_resume")
+    proc = launch(folder / "run", "--resume", ",".join(RESUME_CASES), "--save-dir", str(folder))
+    assert proc.returncode == 0, f"the 2-rank resume run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
+                                 f"{proc.stderr[-8000:]}"
+    return read_ranks(folder / "run")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_a_run_saved_and_loaded_into_a_fresh_engine_trains_on_bit_for_bit(resume_results, case, rank):
+    """ZeroBlockEngine.save_checkpoint after step 3 (mid-block), load_checkpoint into a fresh engine whose block
+    optimizer was built with another start block, 3 more steps: every shard, every step's loss and active block and
+    the stochastic rounding's draw counter are those of the run that never stopped (``RESUME_CASES`` says what each
+    case covers).  Without the saved schedule the resumed run trains other blocks; without the hook-updated norms
+    saved as frozen they come back at their initial values (sgd_all_persist); without the saved group layout
+    DeepSpeed refuses the adapters' optimizer state (lora_partial_gas2)."""
+    r = resume_results[(case, rank)]
+    assert r["load_path"] and r["start_built"] != r["saved_block"]
+    assert r["resumed_at"] == [r["saved_block"], SAVE_AFTER, SAVE_AFTER % 2]  # block, global step, step in block
+    assert r["active"] == r["whole_active"] and len(set(r["active"])) == 3, (r["active"], r["whole_active"])
+    assert r["losses"] == r["whole_losses"]
+    assert r["draws"][1] == r["draws"][0]
+    differ = {n: d for n, d in r["diff"].items() if d != 0.0}
+    assert not differ, f"{case}, rank {rank}: shards differ from the uninterrupted run's: {differ}"
+    assert sum(m > 0 for m in r["moved"].values()) > len(r["moved"]) // 3, "too little moved to compare"
+    assert r["switches_after_load"] == (RESUME_STEPS - SAVE_AFTER) // 2 + 1  # the load is not counted as a switch
+    whole_persistent, resumed_persistent = r["persistent"]
+    assert whole_persistent == resumed_persistent and all(d == 0.0 for d in r["persist_diff"].values())
+    if RESUME_CASES[case][4]:  # a persistence threshold: the gathered copies were compared
+        assert whole_persistent, "no persistent parameter to compare"
+
+
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):
     # a hang (rank 0 waiting in a collective for rank 1) raises subprocess.TimeoutExpired here and fails the test
     proc = launch(tmp_path / "fault", "--fault", "--cases", "sgd_all", timeout=150)
@@ -194,23 +232,33 @@ def test_initialize_needs_the_zero_block_optimizer():
 
 
 class _RecordingDeepSpeedEngine:
-    """What ZeroBlockEngine forwards a checkpoint to: records saves; a load of another block's checkpoint fails
-    as DeepSpeed 0.19's does, on the first parameter trained then and frozen now."""
+    """What ZeroBlockEngine forwards a checkpoint to: a save writes DeepSpeed's folder and records which parameters
+    required grad during it; a load fails as DeepSpeed 0.19's does for a checkpoint saved with another block active,
+    on the first parameter trained then and frozen now."""
 
-    def __init__(self):
-        self.saved = []
+    global_steps, global_rank, local_rank = 5, 0, 0
 
-    def save_checkpoint(self, save_dir, *args, **kwargs):
-        self.saved.append(save_dir)
+    def __init__(self, model):
+        self.model, self.saved, self.loads = model, [], 0
+
+    def use_node_local_storage(self):
+        return False
+
+    def load_universal_checkpoint(self):
+        return False
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+        os.makedirs(os.path.join(save_dir, tag))
+        with open(os.path.join(save_dir, "latest"), "w") as f:
+            f.write(tag)
+        self.saved.append((tag, [n for n, p in self.model.named_parameters() if p.requires_grad]))
 
     def load_checkpoint(self, load_dir, *args, **kwargs):
+        self.loads += 1
         raise KeyError("model.layers.0.self_attn.q_proj.weight")
 
 
-@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
-def test_a_checkpoint_that_would_lose_the_hook_updated_weights_is_refused(tmp_path, sgd_mode):
-    """DeepSpeed saves its optimizer's and the frozen parameters; the norms a hook updates on the fly (they require
-    grad outside its optimizer) came back at their initial values from a checkpoint saved with sgd_mode="all"."""
+def _engine_without_deepspeed(sgd_mode):
     import torch
 
     import bread_kernels
@@ -220,18 +268,66 @@ def test_a_checkpoint_that_would_lose_the_hook_updated_weights_is_refused(tmp_pa
     model = bread_kernels.patch(llama())
     opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
                                   sgd_mode=sgd_mode, verbose=0)
-    ds = _RecordingDeepSpeedEngine()
-    engine = bkds.ZeroBlockEngine(ds, opt)
-    if sgd_mode == "all":
-        with pytest.raises(ValueError, match=r"leave out the \d+ parameters updated on the fly .*layernorm"):
-            engine.save_checkpoint(tmp_path)
-        assert ds.saved == []
-    else:  # BAdam: every parameter is DeepSpeed's trained or frozen one
-        engine.save_checkpoint(tmp_path)
-        assert ds.saved == [tmp_path]
-    with pytest.raises(ValueError, match="saved with another block active. Build the ZeroBlockOptimizer with "
-                                         "start_block="):
+    ds = _RecordingDeepSpeedEngine(model)
+    return model, opt, ds, bkds.ZeroBlockEngine(ds, opt)
+
+
+@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
+def test_a_checkpoint_holds_the_hook_updated_weights_and_the_schedule(tmp_path, sgd_mode):
+    """DeepSpeed saves its optimizer's parameters and those that do not require grad; the norms a hook updates on
+    the fly require grad outside its optimizer, so they came back at their initial values from a checkpoint saved
+    with sgd_mode="all".  During the save they do not require grad, and afterwards they do again; the block schedule
+    lands in the checkpoint's folder, under DeepSpeed's default tag."""
+    import torch
+
+    from bread_kernels.integrations.deepspeed.engine import SCHEDULE_FILE
+
+    model, opt, ds, engine = _engine_without_deepspeed(sgd_mode)
+    before = [n for n, p in model.named_parameters() if p.requires_grad]
+    hook_updated = list(opt.driver.unfused_on_the_fly)
+    assert bool(hook_updated) == (sgd_mode == "all") and all("norm" in n for n in hook_updated)
+    engine.save_checkpoint(tmp_path)
+    tag, required_grad = ds.saved[0]
+    assert tag == "global_step5"
+    assert required_grad == [n for n in before if n not in hook_updated]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before
+    schedule = torch.load(tmp_path / tag / SCHEDULE_FILE, weights_only=True)
+    assert schedule["order"] == opt.order.state_dict() and schedule["group_layout"] == opt.group_layout
+    assert sum(map(len, schedule["group_layout"])) == sum(p.requires_grad for p in model.parameters()) - \
+        len(hook_updated)
+    with pytest.raises(ValueError, match="exclude_frozen_parameters=True would leave out the frozen parameters, "
+                                         ".* every block trained earlier"):
+        engine.save_checkpoint(tmp_path, tag="other", exclude_frozen_parameters=True)
+    assert len(ds.saved) == 1
+    opt.close()
+
+
+def test_a_schedule_of_other_blocks_is_refused_before_anything_loads(tmp_path):
+    import torch
+
+    from bread_kernels.integrations.deepspeed.engine import SCHEDULE_FILE
+
+    model, opt, ds, engine = _engine_without_deepspeed("all")
+    engine.save_checkpoint(tmp_path, tag="t")
+    schedule = torch.load(tmp_path / "t" / SCHEDULE_FILE, weights_only=True)
+    torch.save({**schedule, "blocks": schedule["blocks"][:-1]}, tmp_path / "t" / SCHEDULE_FILE)
+    state = (opt.order.state_dict(), opt.global_step, dict(opt.roles))
+    with pytest.raises(ValueError, match="ZeroBlockEngine.load_checkpoint: the saved run's blocks .* build it with"):
         engine.load_checkpoint(tmp_path)
+    assert ds.loads == 0 and (opt.order.state_dict(), opt.global_step, dict(opt.roles)) == state
+    opt.close()
+
+
+def test_a_deepspeed_checkpoint_without_the_schedule_warns_and_names_start_block(tmp_path):
+    """A checkpoint saved by DeepSpeed's own save_checkpoint (no schedule beside it) loads as DeepSpeed loads it,
+    with a warning that the block schedule starts afresh; saved with another block active, the error names
+    start_block=."""
+    model, opt, ds, engine = _engine_without_deepspeed("disabled")
+    ds.save_checkpoint(str(tmp_path), tag="global_step3")
+    with pytest.warns(RuntimeWarning, match="has no bread_kernels_block_schedule.pt .* start afresh"), \
+            pytest.raises(ValueError, match="saved with another block active .* start_block="):
+        engine.load_checkpoint(tmp_path)
+    assert ds.loads == 1
     opt.close()
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -232,9 +233,107 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     return result
 
 
+#: exact resume: name -> (family, sgd_mode, sign, gas, persistence, switch_mode, bf16).  Each trains RESUME_STEPS
+#: steps uninterrupted, and again saved after SAVE_AFTER steps (mid-block), loaded into a fresh engine built with
+#: another start block, and trained on.  badam_random: the random order and the Adam state of the block under way;
+#: sgd_all_persist: the norms a hook updates (saved with the frozen parameters), persistent parameters;
+#: lora_partial_gas2: the adapters kept across switches in groups of their own (one per step count);
+#: bf16_sign_all: DeepSpeed's bf16 mode and the stochastic rounding's draw counter
+RESUME_CASES = {
+    "badam_random": ("llama", "disabled", False, 1, 0, "random", False),
+    "sgd_all_persist": ("llama", "all", False, 1, 100, "descending", False),
+    "lora_partial_gas2": ("lora", "disabled", False, 2, 0, "descending", False),
+    "bf16_sign_all": ("llama", "all", True, 1, 0, "ascending", True),
+}
+RESUME_STEPS, SAVE_AFTER = 6, 3
+
+
+def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
+    """One resume case: the shards, per-step losses and active blocks of the resumed run against the uninterrupted
+    one's (every rank its own shard)."""
+    import deepspeed
+
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+
+    family, sgd_mode, sign, gas, persistence, switch_mode, bf16 = RESUME_CASES[name]
+    prefix = "base_model.model." if family == "lora" else ""
+    blocks = [[f"{prefix}model.layers.{i}."] for i in range(LAYERS)]
+
+    def build(start_block):
+        model = patch(build_model(family))
+        opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5),
+                                      list(model.named_parameters()), block_prefix_list=blocks, verbose=0,
+                                      switch_block_every=2, switch_mode=switch_mode, start_block=start_block,
+                                      sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING,
+                                      **({"lora_mode": "partial"} if family == "lora" else {}))
+        torch.manual_seed(7)  # the random order's permutations
+        return model, opt, bkds.initialize(model, opt, config=ds_config(gas, persistence, bf16=bf16))
+
+    def train(engine, opt, steps):
+        losses, active = [], []
+        for t in steps:
+            active.append(opt.order.current)
+            step_loss = 0.0
+            for ids in micro_batches(t, gas, world):
+                mine = ids[rank * MICRO:(rank + 1) * MICRO]
+                loss = engine(input_ids=mine, labels=mine).loss
+                engine.backward(loss)
+                step_loss += loss.item() / gas
+                engine.step()
+            losses.append(step_loss)
+        return losses, active
+
+    def shards(model):
+        return {n: p.ds_tensor[:bkds.shard_layout(p).valid].detach().float().clone()
+                for n, p in model.named_parameters()}
+
+    def persistent(model):  # the gathered copies that persistent parameters keep between steps
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return {n: p.data.detach().float().clone() for n, p in model.named_parameters()
+                if p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE}
+
+    model, opt, engine = build(None)
+    initial = shards(model)
+    whole_losses, whole_active = train(engine, opt, range(RESUME_STEPS))
+    whole, whole_persist = shards(model), persistent(model)
+    whole_draws = opt.update.draws
+    engine.destroy()
+
+    model, opt, engine = build(None)
+    first_losses, first_active = train(engine, opt, range(SAVE_AFTER))
+    engine.save_checkpoint(save_dir)
+    saved_block = opt.order.current
+    engine.destroy()
+
+    other = next(i for i in range(LAYERS) if i != saved_block)
+    model, opt, engine = build(other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the schedule must be found
+        load_path, _ = engine.load_checkpoint(save_dir)
+    resumed_at = (opt.order.current, opt.global_step, opt.block_step)
+    rest_losses, rest_active = train(engine, opt, range(SAVE_AFTER, RESUME_STEPS))
+    resumed, resumed_persist = shards(model), persistent(model)
+    result = {"case": name, "load_path": load_path, "saved_block": saved_block, "start_built": other,
+              "resumed_at": list(resumed_at), "whole_active": whole_active, "active": first_active + rest_active,
+              "whole_losses": whole_losses, "losses": first_losses + rest_losses,
+              "draws": [whole_draws, opt.update.draws], "switches_after_load": engine.switches,
+              "diff": {n: (whole[n] - resumed[n]).abs().max().item() if whole[n].numel() else 0.0 for n in whole},
+              "moved": {n: (whole[n] - initial[n]).abs().max().item() if whole[n].numel() else 0.0 for n in whole},
+              "persistent": [sorted(whole_persist), sorted(resumed_persist)],
+              "persist_diff": {n: (whole_persist[n] - resumed_persist[n]).abs().max().item()
+                               for n in whole_persist if n in resumed_persist}}
+    engine.destroy()
+    del deepspeed
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES) instead of --cases")
+    parser.add_argument("--save-dir", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
     args = parser.parse_args()
@@ -244,8 +343,12 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     try:
-        for name in args.cases.split(","):
-            results.append(run_case(name, rank, world, args.fault))
+        if args.resume:
+            for name in args.resume.split(","):
+                results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
+        else:
+            for name in args.cases.split(","):
+                results.append(run_case(name, rank, world, args.fault))
     except Exception:
         traceback.print_exc()
         raise

@@ -43,6 +43,12 @@ DeepSpeed stays the distributed engine; this module plugs the fused backward int
   state slices are read from it, they get flat groups of their own (one per step count, since DeepSpeed keeps one
   state per flat group) and the slices are written into the new optimizer.  Dropout in the adapters draws its mask
   per rank, as any data-parallel run does.
+* **Checkpoints**: :meth:`ZeroBlockEngine.save_checkpoint` is DeepSpeed's, plus the block optimizer's schedule
+  (order, counters, draw counter, lr, and the optimizer groups' layout, which the kept adapters split) in the
+  checkpoint's folder, and the parameters a hook updates on the fly saved with the frozen ones (DeepSpeed tells
+  the parameters its optimizer owns by ``requires_grad``: :func:`.internals.checkpointed_as_frozen`);
+  :meth:`ZeroBlockEngine.load_checkpoint` activates the saved block with those groups and rebuilds the stage-3
+  optimizer before DeepSpeed loads, so a fresh engine trains on as the uninterrupted run would have.
 * **Gradient clipping**: DeepSpeed clips the gradients it reduces (the active block's, and the adapters') to
   ``gradient_clipping``, whose default in 0.19 is **1.0**, not off; the on-the-fly updates are never clipped (as in
   the reference).  Set ``"gradient_clipping": 0`` to train like an unclipped single-process run.

@@ -3,19 +3,25 @@ stage-3 optimizer for the new active block at every switch."""
 
 from __future__ import annotations
 
+import os
+import warnings
 import weakref
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ...functions.recompute import register_recompute_scope
 from .config import check_config
-from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, clear_release_cache, forget_modules, \
-    internals_problems, module_stack_restored
+from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, checkpointed_as_frozen, clear_release_cache, \
+    default_checkpoint_tag, forget_modules, internals_problems, latest_checkpoint_tag, module_stack_restored
 from .lora_leaves import mark_lora_leaves, unmark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
-__all__ = ["ZeroBlockEngine", "initialize"]
+__all__ = ["ZeroBlockEngine", "initialize", "SCHEDULE_FILE"]
+
+#: the block optimizer's schedule in a checkpoint's folder, beside DeepSpeed's files
+SCHEDULE_FILE = "bread_kernels_block_schedule.pt"
 
 
 class ZeroBlockEngine:
@@ -42,32 +48,99 @@ class ZeroBlockEngine:
     def backward(self, loss: torch.Tensor, **kwargs: Any):
         return self.engine.backward(loss, **kwargs)
 
-    def save_checkpoint(self, save_dir, *args: Any, **kwargs: Any):
-        """DeepSpeed's ``save_checkpoint``, refused where it would lose weights: it holds its optimizer's parameters
-        (the active block's, the adapters) and the frozen ones, not the parameters a hook updates on the fly (the
-        norms under ``sgd_mode`` "all"/"partial"), which require grad without being in its optimizer."""
-        lost = self.block_optimizer.driver.unfused_on_the_fly
-        if lost:
-            raise ValueError(f"ZeroBlockEngine.save_checkpoint: DeepSpeed's checkpoint would leave out the {len(lost)} "
-                             f"parameters updated on the fly by hooks ({', '.join(lost[:3])}, ...): loaded, they would "
-                             "come back at their initial values. Save the weights gathered instead "
-                             "(engine.save_16bit_model(dir), with zero_optimization."
-                             "stage3_gather_16bit_weights_on_model_save set to true, or model.state_dict() inside "
-                             "deepspeed.zero.GatheredParameters), and start the next run from them")
-        return self.engine.save_checkpoint(save_dir, *args, **kwargs)
+    def save_checkpoint(self, save_dir, tag=None, client_state={},  # noqa: B006 - DeepSpeed's signature
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False):
+        """DeepSpeed's ``save_checkpoint`` (same arguments; every rank calls it), plus what an exact resume by
+        :meth:`load_checkpoint` needs and DeepSpeed does not hold:
 
-    def load_checkpoint(self, load_dir, *args: Any, **kwargs: Any):
-        """DeepSpeed's ``load_checkpoint``; a checkpoint saved with another block active is refused with the
-        remedy (DeepSpeed fails on the first parameter it trained then and does not now)."""
+        * the block optimizer's schedule (:meth:`~bread_kernels.BlockOptimizer.schedule_state`: block order, step
+          counters, the stochastic rounding's draw counter, the scheduled lr) and its optimizer groups' layout,
+          written by rank 0 (of the node, with node-local storage, as DeepSpeed's ``latest``) into the checkpoint's
+          folder as :data:`SCHEDULE_FILE`;
+        * the parameters a hook updates on the fly (the norms under ``sgd_mode`` "all"/"partial"), which require grad
+          outside DeepSpeed's optimizer: saved with the frozen parameters, each rank its shard.
+
+        A torch lr scheduler on the block optimizer is the caller's to save, e.g. in ``client_state``.
+        ``exclude_frozen_parameters=True`` is refused: under block-coordinate descent the frozen parameters include
+        the blocks trained earlier in the run."""
+        if exclude_frozen_parameters:
+            raise ValueError("ZeroBlockEngine.save_checkpoint: exclude_frozen_parameters=True would leave out the "
+                             "frozen parameters, which under block-coordinate descent include every block trained "
+                             "earlier in the run (a resumed run would start them from their initial values); save "
+                             "them (the default)")
+        opt = self.block_optimizer
+        tag = default_checkpoint_tag(self.engine) if tag is None else str(tag)
+        schedule = {**opt.schedule_state(), "group_layout": opt.group_layout}
+        with checkpointed_as_frozen(self._hook_updated()):
+            saved = self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+        rank = self.engine.local_rank if self.engine.use_node_local_storage() else self.engine.global_rank
+        if rank == 0:
+            torch.save(schedule, os.path.join(save_dir, tag, SCHEDULE_FILE))
+        if dist.is_initialized():
+            dist.barrier()  # the schedule is there for every rank once the save returns
+        return saved
+
+    def load_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any):
+        """DeepSpeed's ``load_checkpoint`` (same arguments; returns its ``(load_path, client_state)``), resuming
+        where :meth:`save_checkpoint` left off: the block optimizer takes the saved schedule, the saved block becomes
+        active with the saved optimizer groups and DeepSpeed's stage-3 optimizer is rebuilt for them, and then
+        DeepSpeed loads the weights (the hook-updated ones with the frozen ones) and the optimizer state.  The next
+        steps train as the uninterrupted run would have.  As DeepSpeed says for ZeRO-3, load into an engine that
+        has not trained yet.
+
+        A schedule that does not fit this optimizer (other blocks) is refused before anything is loaded.  A
+        checkpoint without the schedule (saved by DeepSpeed's own ``save_checkpoint``) loads as DeepSpeed loads it,
+        the block schedule starting afresh (a warning says so); if it was saved with another block active, the
+        error names ``start_block=``.  If DeepSpeed's load fails, the block optimizer is back at its previous block
+        and schedule, with a fresh stage-3 optimizer; the weights DeepSpeed had loaded by then stay."""
+        if tag is None:
+            tag = latest_checkpoint_tag(self.engine, load_dir)
+        path = os.path.join(load_dir, str(tag), SCHEDULE_FILE) if tag is not None else None
+        if path is None or not os.path.isfile(path):
+            if tag is not None:
+                warnings.warn(f"ZeroBlockEngine.load_checkpoint: {os.path.join(load_dir, str(tag))} has no "
+                              f"{SCHEDULE_FILE} (saved by DeepSpeed's own save_checkpoint, not ZeroBlockEngine's): "
+                              "the weights and the active block's optimizer state load, the block order and the step "
+                              "counters start afresh", RuntimeWarning, stacklevel=2)
+            return self._load_deepspeed(load_dir, tag, *args, **kwargs)
+        opt = self.block_optimizer
+        schedule = torch.load(path, weights_only=True)
+        opt.check_schedule_state(schedule, "ZeroBlockEngine.load_checkpoint")
+        previous = {**opt.schedule_state(), "group_layout": opt.group_layout}
         try:
-            return self.engine.load_checkpoint(load_dir, *args, **kwargs)
+            self._take_schedule(schedule)
+            with checkpointed_as_frozen(self._hook_updated()):
+                loaded = self._load_deepspeed(load_dir, tag, *args, **kwargs)
+        except Exception:
+            self._take_schedule(previous)
+            raise
+        opt.restore_measured(schedule)
+        return loaded
+
+    def _take_schedule(self, schedule: dict) -> None:
+        opt = self.block_optimizer
+        opt.load_schedule_state(schedule)
+        opt.activate_as_saved(opt.order.current, schedule["group_layout"])
+        self._rebuild_zero_optimizer()
+
+    def _load_deepspeed(self, load_dir, tag, *args: Any, **kwargs: Any):
+        """DeepSpeed's load; a checkpoint saved with another block active is refused with the remedy (DeepSpeed fails
+        on the first parameter it trained then and does not now)."""
+        try:
+            return self.engine.load_checkpoint(load_dir, tag, *args, **kwargs)
         except KeyError as exc:
             if not (exc.args and exc.args[0] in self.block_optimizer.names):  # not a parameter: DeepSpeed's own error
                 raise
             raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run expects "
-                             "it: it was saved with another block active. Build the ZeroBlockOptimizer with "
-                             "start_block= the block that was active then (the block order and the step count start "
-                             "afresh: an exact resume is not implemented under ZeRO-3)") from exc
+                             "it: it was saved with another block active by DeepSpeed's own save_checkpoint, without "
+                             "the block schedule. Build the ZeroBlockOptimizer with start_block= the block that was "
+                             "active then (the block order and the step count start afresh), or save with "
+                             "ZeroBlockEngine.save_checkpoint") from exc
+
+    def _hook_updated(self) -> list:
+        """The parameters a hook updates on the fly: outside DeepSpeed's optimizer, yet requiring grad."""
+        by_name = dict(self.block_optimizer.named_parameters_list)
+        return [by_name[name] for name in self.block_optimizer.driver.unfused_on_the_fly]
 
     def step(self) -> None:
         """``engine.step()``; at a gradient-accumulation boundary also the block optimizer's bookkeeping (lr with
@@ -82,6 +155,7 @@ class ZeroBlockEngine:
         self.engine.step()
         if opt.after_base_step():
             self._rebuild_zero_optimizer()
+            self.switches += 1
 
     def _rebuild_zero_optimizer(self) -> None:
         """A fresh stage-3 optimizer for the block the block optimizer just activated (its base optimizer's
@@ -100,7 +174,6 @@ class ZeroBlockEngine:
         _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))
         if getattr(engine, "_support_torch_style_backward", False):
             engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
-        self.switches += 1
 
     def destroy(self) -> None:
         """DeepSpeed's ``destroy``, after disconnecting the block optimizer and removing the LoRA leaves' hooks; then

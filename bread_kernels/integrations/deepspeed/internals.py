@@ -17,7 +17,8 @@ from ..sharded_update import ShardLayout
 __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZER_MEMBERS",
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
-           "forget_modules", "clear_release_cache"]
+           "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
+           "checkpointed_as_frozen"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -42,7 +43,8 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
                     "ds_secondary_tensor", "ds_active_sub_modules")
 #: private engine / optimizer members used at a block switch
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
-                  "basic_optimizer", "optimizer", "module")
+                  "basic_optimizer", "optimizer", "module", "global_steps", "global_rank", "local_rank",
+                  "use_node_local_storage", "load_universal_checkpoint")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups", "grad_position",
                      "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
@@ -79,6 +81,17 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
         problems.append("deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK is gone or not a list")
     if _release_cache() is None:
         problems.append("PartitionedParameterCoordinator.__params_to_release is no longer an lru_cache")
+    try:  # checkpointed_as_frozen: DeepSpeed tells the parameters its optimizer owns by requires_grad
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.utils import is_optimized_parameter
+
+        if "requires_grad" not in inspect.getsource(is_optimized_parameter):
+            problems.append("deepspeed.runtime.utils.is_optimized_parameter no longer reads requires_grad")
+        for name in ("_get_zero_frozen_param_attributes", "load_universal_checkpoint"):
+            if not hasattr(DeepSpeedEngine, name):
+                problems.append(f"DeepSpeedEngine.{name} is gone")
+    except ImportError as exc:
+        problems.append(f"checkpoints: {exc}")
     if not hasattr(torch.autograd.Variable._execution_engine, "queue_callback"):
         problems.append("torch's autograd engine has no queue_callback")
     if engine is None:
@@ -205,3 +218,39 @@ def clear_release_cache() -> None:
     old ones pile up for the whole run and a destroyed engine's model is never freed.  Other engines in the process
     only recompute their entries."""
     _release_cache().cache_clear()
+
+
+def default_checkpoint_tag(engine) -> str:
+    """The tag DeepSpeed 0.19's ``save_checkpoint`` gives a checkpoint saved without one (its docstring: "global
+    step is used"), so that a file saved beside it lands in the same folder."""
+    return f"global_step{engine.global_steps}"
+
+
+def latest_checkpoint_tag(engine, load_dir) -> str | None:
+    """The tag DeepSpeed 0.19's ``load_checkpoint`` loads when given none: the ``latest`` file's (``latest_universal``
+    for a universal checkpoint), or None where there is none (DeepSpeed then warns and loads nothing)."""
+    import os
+
+    path = os.path.join(load_dir, "latest_universal" if engine.load_universal_checkpoint() else "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+@contextlib.contextmanager
+def checkpointed_as_frozen(params):
+    """Inside this context ``params`` do not require grad, so that DeepSpeed 0.19 checkpoints them.
+
+    DeepSpeed saves the parameters its optimizer does not own as "frozen" fragments (each rank its shard) and loads
+    them back by name, telling them by ``requires_grad`` (``deepspeed.runtime.utils.is_optimized_parameter``).  A
+    parameter that a hook updates on the fly (a norm under BREAD-SGD) requires grad without being in its optimizer,
+    so its checkpoint would hold it neither way.  ``requires_grad`` comes back as it was, whatever happens inside."""
+    changed = [p for p in params if p.requires_grad]
+    try:
+        for p in changed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)

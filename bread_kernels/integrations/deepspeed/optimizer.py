@@ -68,6 +68,7 @@ class ZeroBlockOptimizer(BlockOptimizer):
                 groups += [{**group, "params": params} for params in parts]
             self.base_optimizer.param_groups = groups
         self._kept_state = kept
+        self._record_group_layout()
 
     def _kept_adapter_state(self, block_index: int) -> dict:
         """This rank's optimizer state of the adapters that stay active across the switch to ``block_index``, read
@@ -95,6 +96,33 @@ class ZeroBlockOptimizer(BlockOptimizer):
                            value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
         return kept
 
+    def _record_group_layout(self) -> None:
+        """Keep the names of the base optimizer's parameters group by group (``group_layout``), before DeepSpeed
+        replaces each group's parameters by its flat partition: a checkpoint of DeepSpeed's optimizer state fits
+        only an optimizer built with the same groups, which the kept adapters split by step count
+        (:meth:`_activate`)."""
+        names = {id(p): n for n, p in self.named_parameters_list}
+        self.group_layout = [[names[id(p)] for p in group["params"]] for group in self.base_optimizer.param_groups]
+
+    def activate_as_saved(self, block_index: int, layout: list[list[str]]) -> None:
+        """Activate ``block_index`` with the base optimizer's groups of ``layout`` (the saved run's
+        ``group_layout``), each group's settings from the group its parameters fall in now, and no adapter state kept
+        (the checkpoint holds it).  Raises ``ValueError`` when ``layout`` does not hold exactly the parameters this
+        block trains; the caller then activates the previous block again."""
+        BlockOptimizer._activate(self, block_index)
+        self._kept_state = {}
+        by_name = dict(self.named_parameters_list)
+        owner = {id(p): group for group in self.base_optimizer.param_groups for p in group["params"]}
+        wanted = [name for names in layout for name in names]
+        unknown = [n for n in wanted if n not in by_name or id(by_name[n]) not in owner]
+        if unknown or len(set(wanted)) != len(wanted) or len(wanted) != len(owner):
+            trained = sorted(n for n, p in self.named_parameters_list if id(p) in owner)
+            raise ValueError(f"the saved optimizer groups hold {len(wanted)} parameters ({(unknown or wanted)[:2]}, "
+                             f"...), not the {len(trained)} that block {block_index} trains here ({trained[:2]}, ...)")
+        self.base_optimizer.param_groups = [{**owner[id(by_name[names[0]])], "params": [by_name[n] for n in names]}
+                                            for names in layout if names]
+        self._record_group_layout()
+
     def state_dict(self) -> dict:
         self._refuse_checkpoint("state_dict")
         return super().state_dict()
@@ -105,10 +133,10 @@ class ZeroBlockOptimizer(BlockOptimizer):
 
     def _refuse_checkpoint(self, what: str) -> None:
         if self._ds_engine is not None:
-            raise NotImplementedError(f"ZeroBlockOptimizer.{what}: resuming under ZeRO-3 is not implemented (the "
-                                      "active block's optimizer state lives in DeepSpeed's partitioned optimizer, "
-                                      "rebuilt at every switch); engine.save_16bit_model(dir) saves the weights "
-                                      "gathered (with zero_optimization.stage3_gather_16bit_weights_on_model_save)")
+            raise NotImplementedError(f"ZeroBlockOptimizer.{what}: under ZeRO-3 the active block's optimizer state "
+                                      "lives in DeepSpeed's partitioned optimizer, rebuilt at every switch; save and "
+                                      "resume with engine.save_checkpoint(dir) and engine.load_checkpoint(dir), "
+                                      "which keep the block schedule beside DeepSpeed's checkpoint")
 
     def step(self, closure=None):
         if self._ds_engine is not None:
