@@ -2,7 +2,9 @@
 
     deepspeed --num_gpus 2 python/zero3_example.py                  # 2 ranks: GPUs, or CPU processes (gloo)
     deepspeed --num_gpus 2 python/zero3_example.py --sgd-mode disabled   # BAdam
-    torchrun --nproc_per_node 2 python/zero3_example.py --gas 2 --sign
+    torchrun --nproc_per_node 2 python/zero3_example.py --gas 2 --sign-sgd
+    deepspeed --num_gpus 2 python/zero3_example.py --steps 3 --save ckpt     # then, resumed exactly:
+    deepspeed --num_gpus 2 python/zero3_example.py --steps 6 --resume ckpt
 
 A Llama model is built from a small config (random init, nothing downloaded).  The text is a file's bytes
 (``--text``, vocabulary 256) or random tokens.  Each rank trains on its own slice of the data; the active block
@@ -35,11 +37,15 @@ def parse_args():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--switch-every", type=int, default=2)
     p.add_argument("--sgd-mode", choices=["disabled", "all", "partial"], default="all")
-    p.add_argument("--sign", action="store_true", help="signSGD for the inactive blocks")
+    # not --sign: torchrun takes that for its own --signals-to-handle
+    p.add_argument("--sign-sgd", action="store_true", help="signSGD for the inactive blocks")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sgd-scaling", type=float, default=0.5)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--text", default=None, help="a text file whose bytes are the training tokens")
+    p.add_argument("--save", default=None, help="save a checkpoint into this folder after the last step")
+    p.add_argument("--resume", default=None, help="resume from a folder --save wrote (--steps counts the whole "
+                                                  "run's steps, those before the save included)")
     p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     return p.parse_args()
 
@@ -62,7 +68,7 @@ def main():
     model = patch(transformers.LlamaForCausalLM(config))
     opt = ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), list(model.named_parameters()),
                              switch_block_every=args.switch_every, switch_mode="descending", sgd_mode=args.sgd_mode,
-                             sgd_use_sign=args.sign, sgd_lr_scaling=args.sgd_scaling, verbose=1 if rank == 0 else 0)
+                             sgd_use_sign=args.sign_sgd, sgd_lr_scaling=args.sgd_scaling, verbose=1 if rank == 0 else 0)
     ds_config = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": args.gas,
@@ -83,7 +89,11 @@ def main():
         index = ((step * args.gas + micro) * world + rank) * per_step % max(1, data.numel() - per_step)
         return data[index: index + per_step].view(args.micro_batch, args.seq).to(engine.device)
 
-    for step in range(args.steps):
+    first = 0
+    if args.resume:  # into an engine that has not trained yet: the block schedule, weights and optimizer state
+        engine.load_checkpoint(args.resume)
+        first = opt.global_step
+    for step in range(first, args.steps):
         start, total = time.perf_counter(), 0.0
         trained = opt.order.current  # the block this step trains (the step may switch to the next)
         for micro in range(args.gas):
@@ -95,6 +105,8 @@ def main():
         if rank == 0:
             print(f"step {step}: loss {total:.4f}  ({time.perf_counter() - start:.2f} s, active block "
                   f"{trained}, {engine.switches} switches)", flush=True)
+    if args.save:
+        engine.save_checkpoint(args.save)  # every rank; the block schedule goes beside DeepSpeed's files
     engine.destroy()
     # the process groups must go while Python is alive: a gloo worker thread that drops a collective's tensors during
     # interpreter shutdown aborts the process ("terminate called without an active exception").  So the model (its

@@ -331,19 +331,42 @@ def test_a_deepspeed_checkpoint_without_the_schedule_warns_and_names_start_block
     opt.close()
 
 
-def test_example_runs_under_the_deepspeed_launcher():
-    """``deepspeed --num_gpus 2 python/zero3_example.py`` on this CPU machine (small settings, signSGD, GAS 2)."""
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
+def _run_example(*args: str, launcher: str = "deepspeed") -> str:
+    """``python/zero3_example.py`` on 2 CPU ranks (small settings, signSGD, GAS 2) under ``launcher``: "deepspeed"
+    (its launcher, as the example's docstring runs it) or "torchrun"."""
+    if launcher == "deepspeed":
+        path = shutil.which("deepspeed")
+        if path is None:
+            pytest.skip("the deepspeed launcher is not on PATH")
+        command = [path, "--num_gpus", "2", "--master_port", str(free_port())]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port())]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
-    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "python/zero3_example.py",
-               "--steps", "3", "--layers", "2", "--hidden", "32", "--seq", "16", "--micro-batch", "2", "--gas", "2",
-               "--sign", "--switch-every", "1"]
+    command += ["python/zero3_example.py", "--layers", "2", "--hidden", "32", "--seq", "16", "--micro-batch", "2",
+                "--gas", "2", "--sign-sgd", "--switch-every", "1", *args]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def _steps(output: str) -> list[tuple[int, str, int]]:
+    """(step, loss, the block it trained) of each step the example printed."""
+    return [(int(s), loss, int(b)) for s, loss, b in re.findall(r"step (\d+): loss (\S+) .*active block (\d+)",
+                                                                 output)]
+
+
+def test_example_runs_under_the_deepspeed_launcher(tmp_path):
+    """``deepspeed --num_gpus 2 python/zero3_example.py`` on this CPU machine (small settings, signSGD, GAS 2), and
+    its ``--save`` / ``--resume`` (under torchrun, as its docstring also runs it): 2 steps saved, resumed for the
+    third, print the uninterrupted run's losses and blocks."""
+    output = _run_example("--steps", "3")
     assert "step 2: loss" in output and "2 switches" in output, output[-3000:]
     # descending from the top block, switching after every step: the block each step trained (it printed the next)
-    assert [int(m) for m in re.findall(r"step \d+: loss .*active block (\d+)", output)] == [1, 0, 1], output[-3000:]
+    whole = _steps(output)
+    assert [block for _, _, block in whole] == [1, 0, 1], output[-3000:]
+    first = _steps(_run_example("--steps", "2", "--save", str(tmp_path / "ckpt"), launcher="torchrun"))
+    rest = _steps(_run_example("--steps", "3", "--resume", str(tmp_path / "ckpt"), launcher="torchrun"))
+    assert first + rest == whole
