@@ -88,6 +88,11 @@ class UpdateTarget:
     #: than tiles sized by its tokens, so such a target implements both
     collective_calls = False
 
+    def check_forward(self, under_deepspeed: bool) -> None:
+        """Before each forward with grad of a model whose plans carry this target: raise, naming the remedy, where
+        this target cannot write what the plans ask (``under_deepspeed``: a DeepSpeed engine wraps the model).
+        Nothing by default."""
+
     def settle(self) -> None:
         """Complete the writes this target still has in progress, after which every flag it returned holds its
         answer (a target that lets its collectives travel while the backward goes on fills them later; the

@@ -407,7 +407,10 @@ class EngineDriver:
         self._finish_in_flight()
         if not torch.is_grad_enabled():
             return None
-        if self.update_target is None and runs_under_deepspeed(module):
+        under_deepspeed = runs_under_deepspeed(module)
+        if self.update_target is not None:
+            self.update_target.check_forward(under_deepspeed)
+        elif under_deepspeed:
             raise RuntimeError(
                 f"{self.what}: a DeepSpeed engine drives this model (deepspeed.initialize, or the Trainer's "
                 "deepspeed=, which replaces the optimizer it is given with its own): ZeRO-1/2 replace this "

@@ -141,7 +141,7 @@ def test_collectives_are_reduce_scatters_and_sparse_gathers(zero3_results):
 @pytest.fixture(scope="module")
 def resume_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3_resume")
-    proc = launch(folder / "run", "--resume", ",".join(RESUME_CASES), "--save-dir", str(folder))
+    proc = launch(folder / "run", "--resume", ",".join(RESUME_CASES), "--save-dir", str(folder), "--plain-initialize")
     assert proc.returncode == 0, f"the 2-rank resume run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
     return read_ranks(folder / "run")
@@ -170,6 +170,17 @@ def test_a_run_saved_and_loaded_into_a_fresh_engine_trains_on_bit_for_bit(resume
     assert whole_persistent == resumed_persistent and all(d == 0.0 for d in r["persist_diff"].values())
     if RESUME_CASES[case][4]:  # a persistence threshold: the gathered copies were compared
         assert whole_persistent, "no persistent parameter to compare"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_first_forward(resume_results, rank):
+    """Given the block optimizer, deepspeed.initialize (with zero_allow_untested_optimizer) once failed inside
+    DeepSpeed's backward ('NoneType' object has no attribute 'numel'); given its base optimizer it trained the first
+    block for ever, silently.  Both are refused before the model runs, naming the remedy."""
+    r = resume_results[("plain_deepspeed_initialize", rank)]
+    for given in ("block_optimizer", "base_optimizer"):
+        assert r[given] and "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config)" in r[given]
+        assert r[given + "_moved"] == []
 
 
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):
@@ -233,13 +244,13 @@ def test_initialize_needs_the_zero_block_optimizer():
 
 class _RecordingDeepSpeedEngine:
     """What ZeroBlockEngine forwards a checkpoint to: a save writes DeepSpeed's folder and records which parameters
-    required grad during it; a load fails as DeepSpeed 0.19's does for a checkpoint saved with another block active,
-    on the first parameter trained then and frozen now."""
+    required grad during it; a load records its arguments and, with ``fail_load``, fails as DeepSpeed 0.19's does
+    for a checkpoint saved with another block active, on the first parameter trained then and frozen now."""
 
-    global_steps, global_rank, local_rank = 5, 0, 0
+    global_steps, global_rank, local_rank, micro_steps = 5, 0, 0, 10
 
     def __init__(self, model):
-        self.model, self.saved, self.loads = model, [], 0
+        self.model, self.saved, self.loads, self.fail_load = model, [], [], True
 
     def use_node_local_storage(self):
         return False
@@ -247,15 +258,20 @@ class _RecordingDeepSpeedEngine:
     def load_universal_checkpoint(self):
         return False
 
+    def gradient_accumulation_steps(self):
+        return 2
+
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
-        os.makedirs(os.path.join(save_dir, tag))
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         with open(os.path.join(save_dir, "latest"), "w") as f:
             f.write(tag)
         self.saved.append((tag, [n for n, p in self.model.named_parameters() if p.requires_grad]))
 
-    def load_checkpoint(self, load_dir, *args, **kwargs):
-        self.loads += 1
-        raise KeyError("model.layers.0.self_attn.q_proj.weight")
+    def load_checkpoint(self, load_dir, tag, **kwargs):
+        self.loads.append((tag, kwargs))
+        if self.fail_load:
+            raise KeyError("model.layers.0.self_attn.q_proj.weight")
+        return load_dir, {}
 
 
 def _engine_without_deepspeed(sgd_mode):
@@ -298,7 +314,11 @@ def test_a_checkpoint_holds_the_hook_updated_weights_and_the_schedule(tmp_path, 
     with pytest.raises(ValueError, match="exclude_frozen_parameters=True would leave out the frozen parameters, "
                                          ".* every block trained earlier"):
         engine.save_checkpoint(tmp_path, tag="other", exclude_frozen_parameters=True)
-    assert len(ds.saved) == 1
+    ds.micro_steps = 11  # the first of a step's 2 micro-batches has run
+    with pytest.raises(RuntimeError, match="1 of the 2 micro-batches of this optimizer step have run: .* Save after "
+                                           "the engine.step"):
+        engine.save_checkpoint(tmp_path, tag="midstep")
+    assert len(ds.saved) == 1 and not (tmp_path / "midstep").exists()
     opt.close()
 
 
@@ -314,7 +334,24 @@ def test_a_schedule_of_other_blocks_is_refused_before_anything_loads(tmp_path):
     state = (opt.order.state_dict(), opt.global_step, dict(opt.roles))
     with pytest.raises(ValueError, match="ZeroBlockEngine.load_checkpoint: the saved run's blocks .* build it with"):
         engine.load_checkpoint(tmp_path)
-    assert ds.loads == 0 and (opt.order.state_dict(), opt.global_step, dict(opt.roles)) == state
+    assert ds.loads == [] and (opt.order.state_dict(), opt.global_step, dict(opt.roles)) == state
+    opt.close()
+
+
+@pytest.mark.parametrize("weights_only", [dict(load_module_only=True), dict(load_optimizer_states=False)])
+def test_a_weights_only_load_leaves_the_schedule(tmp_path, weights_only):
+    """load_module_only / load_optimizer_states=False load the weights only: the block schedule starts afresh
+    (it is not taken from the checkpoint, and nothing is rebuilt), and DeepSpeed gets the caller's arguments."""
+    model, opt, ds, engine = _engine_without_deepspeed("all")
+    engine.save_checkpoint(tmp_path, tag="t")
+    opt.global_step = 7
+    ds.fail_load = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.load_checkpoint(tmp_path, **weights_only) == (tmp_path, {})
+    (tag, arguments), = ds.loads
+    assert tag == "t" and all(arguments[k] == v for k, v in weights_only.items())
+    assert opt.global_step == 7
     opt.close()
 
 
@@ -325,9 +362,10 @@ def test_a_deepspeed_checkpoint_without_the_schedule_warns_and_names_start_block
     model, opt, ds, engine = _engine_without_deepspeed("disabled")
     ds.save_checkpoint(str(tmp_path), tag="global_step3")
     with pytest.warns(RuntimeWarning, match="has no bread_kernels_block_schedule.pt .* start afresh"), \
-            pytest.raises(ValueError, match="saved with another block active .* start_block="):
+            pytest.raises(ValueError, match="saved by DeepSpeed's own save_checkpoint, .* with another block active "
+                                            ".* start_block="):
         engine.load_checkpoint(tmp_path)
-    assert ds.loads == 1
+    assert [tag for tag, _ in ds.loads] == ["global_step3"]
     opt.close()
 
 

@@ -329,11 +329,45 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
     return result
 
 
+def run_plain_initialize(rank: int, world: int) -> dict:
+    """``deepspeed.initialize`` (not the integration's) around a patched model whose optimizer is a
+    ZeroBlockOptimizer, given the block optimizer or its base optimizer: the first forward with grad raises, before
+    the model runs; what each raised, and whether anything moved."""
+    import deepspeed
+
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+
+    result = {"case": "plain_deepspeed_initialize"}
+    for given in ("block_optimizer", "base_optimizer"):
+        model = patch(build_model("llama"))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                                      verbose=0, switch_block_every=1, sgd_mode="all")
+        config = {**ds_config(1, 0), "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          optimizer=opt if given == "block_optimizer" else opt.base_optimizer)
+        ids = micro_batches(0, 1, world)[0][rank * MICRO:(rank + 1) * MICRO]
+        try:
+            engine(input_ids=ids, labels=ids)
+            result[given] = None
+        except RuntimeError as exc:
+            result[given] = str(exc)
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters(list(model.parameters())):
+            result[given + "_moved"] = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        engine.destroy()
+        opt.close()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES) instead of --cases")
     parser.add_argument("--save-dir", default=None)
+    parser.add_argument("--plain-initialize", action="store_true", help="also run_plain_initialize")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
     args = parser.parse_args()
@@ -346,6 +380,8 @@ def main() -> None:
         if args.resume:
             for name in args.resume.split(","):
                 results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
+        if args.plain_initialize:
+            results.append(run_plain_initialize(rank, world))
         else:
             for name in args.cases.split(","):
                 results.append(run_case(name, rank, world, args.fault))

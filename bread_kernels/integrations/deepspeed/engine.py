@@ -36,6 +36,7 @@ class ZeroBlockEngine:
         self.switches = 0
         optimizer._ds_engine = ds_engine
         optimizer.update_target.loss_scale = _LossScale(ds_engine)
+        optimizer.update_target.engine_connected = True
         self._recompute_scope = register_recompute_scope(module_stack_restored)
         weakref.finalize(self, self._recompute_scope.remove)
 
@@ -50,92 +51,148 @@ class ZeroBlockEngine:
 
     def save_checkpoint(self, save_dir, tag=None, client_state={},  # noqa: B006 - DeepSpeed's signature
                         save_latest: bool = True, exclude_frozen_parameters: bool = False):
-        """DeepSpeed's ``save_checkpoint`` (same arguments; every rank calls it), plus what an exact resume by
-        :meth:`load_checkpoint` needs and DeepSpeed does not hold:
+        """DeepSpeed's ``save_checkpoint`` (same arguments; every rank calls it, at a step boundary), plus what an
+        exact resume by :meth:`load_checkpoint` needs and DeepSpeed does not hold:
 
         * the block optimizer's schedule (:meth:`~bread_kernels.BlockOptimizer.schedule_state`: block order, step
           counters, the stochastic rounding's draw counter, the scheduled lr) and its optimizer groups' layout,
-          written by rank 0 (of the node, with node-local storage, as DeepSpeed's ``latest``) into the checkpoint's
-          folder as :data:`SCHEDULE_FILE`;
+          written first, by rank 0 (of each node, with node-local storage, as DeepSpeed's ``latest``), into the
+          checkpoint's folder as :data:`SCHEDULE_FILE`: a job stopped during the save leaves no ``latest`` pointing
+          at a folder without it;
         * the parameters a hook updates on the fly (the norms under ``sgd_mode`` "all"/"partial"), which require grad
           outside DeepSpeed's optimizer: saved with the frozen parameters, each rank its shard.
 
-        A torch lr scheduler on the block optimizer is the caller's to save, e.g. in ``client_state``.
-        ``exclude_frozen_parameters=True`` is refused: under block-coordinate descent the frozen parameters include
-        the blocks trained earlier in the run."""
+        Refused, before anything is written: a save between the micro-batches of one optimizer step (DeepSpeed
+        keeps neither the gradient accumulated so far nor the micro-step count, and the on-the-fly updates of those
+        micro-batches are already in the weights), and ``exclude_frozen_parameters=True`` (under block-coordinate
+        descent the frozen parameters include the blocks trained earlier).  A torch lr scheduler on the block
+        optimizer is the caller's to save, e.g. in ``client_state``."""
         if exclude_frozen_parameters:
             raise ValueError("ZeroBlockEngine.save_checkpoint: exclude_frozen_parameters=True would leave out the "
                              "frozen parameters, which under block-coordinate descent include every block trained "
                              "earlier in the run (a resumed run would start them from their initial values); save "
                              "them (the default)")
-        opt = self.block_optimizer
+        accumulation = self.engine.gradient_accumulation_steps()
+        if self.engine.micro_steps % accumulation:
+            raise RuntimeError(f"ZeroBlockEngine.save_checkpoint: {self.engine.micro_steps % accumulation} of the "
+                               f"{accumulation} micro-batches of this optimizer step have run: DeepSpeed's checkpoint "
+                               "holds neither their accumulated gradient nor the micro-step count, so a resumed run "
+                               "would step at other micro-batches. Save after the engine.step() of a step's last "
+                               "micro-batch")
         tag = default_checkpoint_tag(self.engine) if tag is None else str(tag)
-        schedule = {**opt.schedule_state(), "group_layout": opt.group_layout}
-        with checkpointed_as_frozen(self._hook_updated()):
-            saved = self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
         rank = self.engine.local_rank if self.engine.use_node_local_storage() else self.engine.global_rank
+        error = None
         if rank == 0:
-            torch.save(schedule, os.path.join(save_dir, tag, SCHEDULE_FILE))
+            try:
+                os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+                torch.save(self._schedule(), os.path.join(save_dir, tag, SCHEDULE_FILE))
+            except Exception as exc:  # noqa: BLE001 - every rank raises it below, none is left waiting
+                error = f"{type(exc).__name__}: {exc}"
+        errors = [error]
         if dist.is_initialized():
-            dist.barrier()  # the schedule is there for every rank once the save returns
-        return saved
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"ZeroBlockEngine.save_checkpoint: writing {SCHEDULE_FILE} into "
+                               f"{os.path.join(save_dir, tag)} failed ({failed}); nothing else was saved")
+        with checkpointed_as_frozen(self._hook_updated()):
+            return self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
 
-    def load_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any):
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
         """DeepSpeed's ``load_checkpoint`` (same arguments; returns its ``(load_path, client_state)``), resuming
-        where :meth:`save_checkpoint` left off: the block optimizer takes the saved schedule, the saved block becomes
-        active with the saved optimizer groups and DeepSpeed's stage-3 optimizer is rebuilt for them, and then
-        DeepSpeed loads the weights (the hook-updated ones with the frozen ones) and the optimizer state.  The next
-        steps train as the uninterrupted run would have.  As DeepSpeed says for ZeRO-3, load into an engine that
-        has not trained yet.
+        where :meth:`save_checkpoint` left off: the block optimizer takes the saved schedule (read by rank 0 and
+        handed to every rank, so all take the same path), the saved block becomes active with the saved optimizer
+        groups and DeepSpeed's stage-3 optimizer is rebuilt for them, and then DeepSpeed loads the weights (the
+        hook-updated ones with the frozen ones) and the optimizer state.  The next steps train as the uninterrupted
+        run would have.  As DeepSpeed says for ZeRO-3, load into an engine that has not trained yet.
 
-        A schedule that does not fit this optimizer (other blocks) is refused before anything is loaded.  A
-        checkpoint without the schedule (saved by DeepSpeed's own ``save_checkpoint``) loads as DeepSpeed loads it,
-        the block schedule starting afresh (a warning says so); if it was saved with another block active, the
-        error names ``start_block=``.  If DeepSpeed's load fails, the block optimizer is back at its previous block
-        and schedule, with a fresh stage-3 optimizer; the weights DeepSpeed had loaded by then stay."""
+        ``load_module_only=True`` or ``load_optimizer_states=False`` load the weights only; the block schedule then
+        starts afresh.  A schedule that does not fit this optimizer (other blocks, other trained parameters) is
+        refused before anything is loaded.  A checkpoint without the schedule (saved by DeepSpeed's own
+        ``save_checkpoint``) loads as DeepSpeed loads it, the block schedule starting afresh (a warning says so);
+        if it was saved with another block active, the error names ``start_block=``.  If DeepSpeed's load fails,
+        the block optimizer is back at its previous block and schedule, with a fresh stage-3 optimizer; the weights
+        DeepSpeed had loaded by then stay."""
         if tag is None:
             tag = latest_checkpoint_tag(self.engine, load_dir)
-        path = os.path.join(load_dir, str(tag), SCHEDULE_FILE) if tag is not None else None
-        if path is None or not os.path.isfile(path):
-            if tag is not None:
+        deepspeed_arguments = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                                   load_lr_scheduler_states=load_lr_scheduler_states,
+                                   load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+        weights_only = load_module_only or not load_optimizer_states
+        schedule = None if tag is None or weights_only else self._read_schedule(load_dir, str(tag))
+        if schedule is None:
+            if tag is not None and not weights_only:
                 warnings.warn(f"ZeroBlockEngine.load_checkpoint: {os.path.join(load_dir, str(tag))} has no "
                               f"{SCHEDULE_FILE} (saved by DeepSpeed's own save_checkpoint, not ZeroBlockEngine's): "
                               "the weights and the active block's optimizer state load, the block order and the step "
                               "counters start afresh", RuntimeWarning, stacklevel=2)
-            return self._load_deepspeed(load_dir, tag, *args, **kwargs)
+            with checkpointed_as_frozen(self._hook_updated()):
+                return self._load_deepspeed(load_dir, tag, False, deepspeed_arguments)
         opt = self.block_optimizer
-        schedule = torch.load(path, weights_only=True)
         opt.check_schedule_state(schedule, "ZeroBlockEngine.load_checkpoint")
-        previous = {**opt.schedule_state(), "group_layout": opt.group_layout}
+        previous = self._schedule()
         try:
             self._take_schedule(schedule)
             with checkpointed_as_frozen(self._hook_updated()):
-                loaded = self._load_deepspeed(load_dir, tag, *args, **kwargs)
+                loaded = self._load_deepspeed(load_dir, tag, True, deepspeed_arguments)
         except Exception:
             self._take_schedule(previous)
+            opt.restore_measured(previous)
             raise
         opt.restore_measured(schedule)
         return loaded
 
+    def _schedule(self) -> dict:
+        """What :data:`SCHEDULE_FILE` holds: the block optimizer's schedule and its optimizer groups' layout."""
+        return {**self.block_optimizer.schedule_state(), "group_layout": self.block_optimizer.group_layout}
+
+    def _read_schedule(self, load_dir, tag: str) -> dict | None:
+        """The schedule in the checkpoint's folder (None where there is none), read by global rank 0 and handed to
+        every rank: ranks that each looked for the file themselves could take different paths and hang."""
+        payload: list = [None]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            path = os.path.join(load_dir, tag, SCHEDULE_FILE)
+            try:
+                payload = [torch.load(path, weights_only=True) if os.path.isfile(path) else None]
+            except Exception as exc:  # noqa: BLE001 - every rank raises it below
+                payload = [f"{type(exc).__name__}: {exc}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(payload, src=0)
+        if isinstance(payload[0], str):
+            raise RuntimeError(f"ZeroBlockEngine.load_checkpoint: reading {SCHEDULE_FILE} from "
+                               f"{os.path.join(load_dir, tag)} failed ({payload[0]}); nothing was loaded")
+        return payload[0]
+
     def _take_schedule(self, schedule: dict) -> None:
         opt = self.block_optimizer
         opt.load_schedule_state(schedule)
-        opt.activate_as_saved(opt.order.current, schedule["group_layout"])
+        try:
+            opt.activate_as_saved(opt.order.current, schedule["group_layout"])
+        except ValueError as exc:
+            raise ValueError(f"ZeroBlockEngine.load_checkpoint: {exc}: build the ZeroBlockOptimizer as the saved "
+                             "run's (lora_mode, active_modules, include_embedding, include_lm_head); nothing was "
+                             "loaded") from exc
         self._rebuild_zero_optimizer()
 
-    def _load_deepspeed(self, load_dir, tag, *args: Any, **kwargs: Any):
-        """DeepSpeed's load; a checkpoint saved with another block active is refused with the remedy (DeepSpeed fails
-        on the first parameter it trained then and does not now)."""
+    def _load_deepspeed(self, load_dir, tag, scheduled: bool, arguments: dict):
+        """DeepSpeed's load; a checkpoint that lacks a parameter this run expects among the frozen ones (DeepSpeed
+        fails on the first one, with a bare KeyError) is refused with the reason and the remedy."""
         try:
-            return self.engine.load_checkpoint(load_dir, tag, *args, **kwargs)
+            return self.engine.load_checkpoint(load_dir, tag, **arguments)
         except KeyError as exc:
             if not (exc.args and exc.args[0] in self.block_optimizer.names):  # not a parameter: DeepSpeed's own error
                 raise
+            if scheduled:
+                raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run "
+                                 "expects it: this ZeroBlockOptimizer trains other parameters than the saved run's "
+                                 "did. Build it as the saved run's (sgd_mode, lora_mode, active_modules)") from exc
             raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run expects "
-                             "it: it was saved with another block active by DeepSpeed's own save_checkpoint, without "
-                             "the block schedule. Build the ZeroBlockOptimizer with start_block= the block that was "
-                             "active then (the block order and the step count start afresh), or save with "
-                             "ZeroBlockEngine.save_checkpoint") from exc
+                             "it: it was saved by DeepSpeed's own save_checkpoint, without the block schedule, with "
+                             "another block active (or with the parameters a hook updates left out). Build the "
+                             "ZeroBlockOptimizer with start_block= the block that was active then (the block order "
+                             "and the step count start afresh), or save with ZeroBlockEngine.save_checkpoint") from exc
 
     def _hook_updated(self) -> list:
         """The parameters a hook updates on the fly: outside DeepSpeed's optimizer, yet requiring grad."""

@@ -44,7 +44,7 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
 #: private engine / optimizer members used at a block switch
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
                   "basic_optimizer", "optimizer", "module", "global_steps", "global_rank", "local_rank",
-                  "use_node_local_storage", "load_universal_checkpoint")
+                  "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups", "grad_position",
                      "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)

@@ -35,8 +35,22 @@ class ZeroShards(UpdateTarget):
 
     def __init__(self, loss_scale: Callable[[], float] | None = None):
         self.loss_scale = loss_scale or (lambda: 1.0)
+        #: whether :func:`~.engine.initialize` made the engine that drives the model (the block switches and the
+        #: stage-3 optimizer's rebuild live there)
+        self.engine_connected = False
         self._updated_persistent: dict[int, torch.nn.Parameter] = {}
         self._refresh_queued = False
+
+    def check_forward(self, under_deepspeed: bool) -> None:
+        """Refuse a DeepSpeed engine that :func:`~.engine.initialize` did not make: ``deepspeed.initialize`` given
+        the block optimizer fails inside DeepSpeed, and given its base optimizer it trains the first block for
+        ever, since no block switch rebuilds DeepSpeed's optimizer."""
+        if under_deepspeed and not self.engine_connected:
+            raise RuntimeError("ZeroBlockOptimizer: a DeepSpeed engine that bread_kernels.integrations.deepspeed."
+                               "initialize did not make drives this model: deepspeed.initialize never switches "
+                               "blocks (given the base optimizer it would train the first block for ever). Build the "
+                               "engine with bread_kernels.integrations.deepspeed.initialize(model, optimizer, config) "
+                               "and train with the engine it returns")
 
     # -- the three update shapes --------------------------------------------------------------------------------
     def linear_(self, weight, bias, g, x, step, sign, update) -> bool:
