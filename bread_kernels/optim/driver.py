@@ -402,7 +402,8 @@ class EngineDriver:
         """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Under DDP
         every rank must train the same parameters (checked once per roles, before any update), and the on-the-fly
         updates take the ranks' average (:meth:`_average_on_the_fly`); elsewhere in a group of several ranks they
-        are refused; a DeepSpeed engine around the model is refused unless this driver writes ZeRO-3's shards.
+        are refused; a DeepSpeed engine around the model is refused unless this driver writes ZeRO-3's shards, and
+        then where the update target says so (:meth:`~bread_kernels.update.UpdateTarget.check_forward`).
         Refusals come before the forward runs."""
         self._finish_in_flight()
         if not torch.is_grad_enabled():

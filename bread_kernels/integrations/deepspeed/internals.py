@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
 
 import torch
@@ -229,8 +230,6 @@ def default_checkpoint_tag(engine) -> str:
 def latest_checkpoint_tag(engine, load_dir) -> str | None:
     """The tag DeepSpeed 0.19's ``load_checkpoint`` loads when given none: the ``latest`` file's (``latest_universal``
     for a universal checkpoint), or None where there is none (DeepSpeed then warns and loads nothing)."""
-    import os
-
     path = os.path.join(load_dir, "latest_universal" if engine.load_universal_checkpoint() else "latest")
     if not os.path.isfile(path):
         return None
