@@ -47,10 +47,11 @@ class ZeroShards(UpdateTarget):
         ever, since no block switch rebuilds DeepSpeed's optimizer."""
         if under_deepspeed and not self.engine_connected:
             raise RuntimeError("ZeroBlockOptimizer: a DeepSpeed engine that bread_kernels.integrations.deepspeed."
-                               "initialize did not make drives this model: deepspeed.initialize never switches "
-                               "blocks (given the base optimizer it would train the first block for ever). Build the "
-                               "engine with bread_kernels.integrations.deepspeed.initialize(model, optimizer, config) "
-                               "and train with the engine it returns")
+                               "initialize did not make drives this model (deepspeed.initialize, or the Trainer's "
+                               "deepspeed=): it never switches blocks (given the base optimizer it would train the "
+                               "first block for ever). Build the engine with bread_kernels.integrations.deepspeed."
+                               "initialize(model, optimizer, config) and train with a loop over the engine it returns "
+                               "(python/zero3_example.py)")
 
     # -- the three update shapes --------------------------------------------------------------------------------
     def linear_(self, weight, bias, g, x, step, sign, update) -> bool:
