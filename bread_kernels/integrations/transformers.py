@@ -40,7 +40,8 @@ class BreadCallback(TrainerCallback):
     a :class:`bread_kernels.BlockOptimizer` built after ``patch`` needs nothing but the loss scaler).  With
     ``fp16=True`` the Trainer's ``GradScaler`` is handed to the engine, whose on-the-fly updates divide its scale
     out.  At ``on_train_end`` the library's own behaviour is restored and the model unpatched if this callback
-    patched it.
+    patched it; a ``train()`` that stopped before (Ctrl-C, an exception) is undone at the next ``on_train_begin``,
+    so training again (the same Trainer, a new one, ``resume_from_checkpoint``) runs as the first did.
 
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
@@ -74,12 +75,21 @@ class BreadCallback(TrainerCallback):
                 optimizer.driver.set_loss_scaler(scaler)
                 self._scaler_given = True
             return
+        previous = accelerated(optimizer)
+        if previous is not None:
+            if not getattr(previous, "made_by_bread_callback", False):
+                raise ValueError("BreadCallback: the Trainer's optimizer is already accelerated (bread_kernels."
+                                 "accelerate); give the Trainer the library's optimizer as it is and BreadCallback "
+                                 "your settings, or leave BreadCallback out")
+            # a train() that stopped before on_train_end (Ctrl-C, an exception): undone here, as on_train_end would
+            unaccelerate(optimizer)
         settings = dict(self.settings)
         if scaler is not None and "loss_scaler" not in settings:
             settings["loss_scaler"] = scaler
         if self.patch_options:
             settings["patch_options"] = self.patch_options
         accelerate(optimizer, model, **settings)  # patches (and unpatches again when it refuses)
+        accelerated(optimizer).made_by_bread_callback = True
 
     def on_train_end(self, args, state, control, **kwargs):
         optimizer = self._optimizer() if self._optimizer is not None else None

@@ -242,3 +242,52 @@ def test_a_lisa_run_again_after_an_interrupted_one_trains_through_the_engine(tmp
         trainer = _run(eng_model, args, callbacks=[lisa])
     assert trainer.cuts == [0] * STEPS  # patched at every step (None: plain autograd)
     models.assert_same_parameters(ref_model, eng_model)
+
+
+class _Interrupt(TrainerCallback):
+    """Raises KeyboardInterrupt (Ctrl-C) at the end of step ``at``, once: the Trainer then calls no on_train_end."""
+
+    def __init__(self, at: int):
+        self.at, self.armed = at, True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.armed and state.global_step == self.at:
+            self.armed = False
+            raise KeyboardInterrupt("Ctrl-C")
+
+
+@pytest.mark.parametrize("again", ["same_trainer", "new_trainer_and_callback"])
+def test_bread_callback_trains_again_after_an_interrupted_train(tmp_path, again):
+    """A train() stopped by Ctrl-C at step 2 leaves badam's optimizer accelerated (the Trainer calls no
+    on_train_end); training again, as a re-run notebook cell does, raised "this optimizer is already accelerated".
+    Now the next on_train_begin undoes it: both runs end where the same two runs of the library alone end, every step
+    of the second through the engine; an optimizer the user accelerated is still refused, with the remedy."""
+    original = models.llama()
+    results = {}
+    for engine in (False, True):
+        model = copy.deepcopy(original)
+        opt = _badam(model)
+        callbacks = [_Interrupt(2)] + ([BreadCallback()] if engine else [])
+        trainer = _CountingTrainer(model=model, args=_args(tmp_path / str(engine)), train_dataset=_Data(),
+                                   callbacks=callbacks, optimizers=(opt, None))
+        trainer.flops, trainer.cuts = [], []
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        if again == "new_trainer_and_callback":
+            trainer = _CountingTrainer(model=model, args=_args(tmp_path / str(engine)), train_dataset=_Data(),
+                                       callbacks=[BreadCallback()] if engine else [], optimizers=(opt, None))
+        trainer.flops, trainer.cuts = [], []
+        trainer.train()
+        results[engine] = model
+        if engine:
+            assert len(trainer.cuts) == STEPS and None not in trainer.cuts  # patched at every step
+            assert patched_state(model) is None  # on_train_end unpatched it
+    assert models.moved_parameters(original, results[False])
+    models.assert_same_parameters(results[False], results[True])
+    model = copy.deepcopy(original)
+    opt = bread_kernels.accelerate(_badam(model), model)
+    trainer = Trainer(model=model, args=_args(tmp_path / "user"), train_dataset=_Data(), callbacks=[BreadCallback()],
+                      optimizers=(opt, None))
+    with pytest.raises(ValueError, match="already accelerated .* give the Trainer the library's optimizer as it is"):
+        trainer.train()
+    bread_kernels.unaccelerate(opt)
