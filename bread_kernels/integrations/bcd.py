@@ -74,7 +74,9 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
             ``sgd_mode`` other than ``"disabled"``, which keeps it only in its hooks).
         sgd_use_sign: BlockOptimizers' ``sgd_use_sign`` (required likewise).
         rounding: the on-the-fly updates' rounding of bf16/fp16 weights (``"auto"``: stochastic;
-            ``"nearest"``: what the library's hook does).
+            ``"nearest"``: rounding to nearest as the library's hook does, of the update made from the fp32 dW
+            with the exact ``lr·s``; the hook's ``add_`` on a CPU also rounds ``alpha`` to bf16, so an element
+            may differ from it by an ulp: see the README).
         seed: seeds the stochastic rounding.
         loss_scaler: the ``torch.amp.GradScaler`` scaling the loss (fp16): the on-the-fly updates divide its scale
             out (the libraries' own hooks do not) and skip a weight whose scaled gradient overflowed.
