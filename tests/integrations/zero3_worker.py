@@ -84,6 +84,12 @@ def build_model(family: str = "llama", seed: int = 0):
         from tests.model_zoo import with_lora
 
         return with_lora(build_model("llama", seed), r=4)
+    if family == "moe":  # Qwen3-MoE, 8 experts top-2 as 3-D parameters (its vocabulary holds the worker's tokens)
+        from tests.model_zoo import qwen3_moe
+
+        model = qwen3_moe(seed, layers=LAYERS)
+        model.train()
+        return model
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=32,
                                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2,
@@ -238,12 +244,14 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
 #: another start block, and trained on.  badam_random: the random order and the Adam state of the block under way;
 #: sgd_all_persist: the norms a hook updates (saved with the frozen parameters), persistent parameters;
 #: lora_partial_gas2: the adapters kept across switches in groups of their own (one per step count);
-#: bf16_sign_all: DeepSpeed's bf16 mode and the stochastic rounding's draw counter
+#: bf16_sign_all: DeepSpeed's bf16 mode and the stochastic rounding's draw counter; moe_badam: a Qwen3-MoE's 3-D
+#: expert weights (BAdam: on-the-fly expert updates are refused under ZeRO-3)
 RESUME_CASES = {
     "badam_random": ("llama", "disabled", False, 1, 0, "random", False),
     "sgd_all_persist": ("llama", "all", False, 1, 100, "descending", False),
     "lora_partial_gas2": ("lora", "disabled", False, 2, 0, "descending", False),
     "bf16_sign_all": ("llama", "all", True, 1, 0, "ascending", True),
+    "moe_badam": ("moe", "disabled", False, 1, 0, "descending", False),
 }
 RESUME_STEPS, SAVE_AFTER = 6, 3
 
@@ -377,11 +385,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     try:
-        if args.resume:
-            for name in args.resume.split(","):
+        if args.resume or args.plain_initialize:
+            for name in args.resume.split(",") if args.resume else ():
                 results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
-        if args.plain_initialize:
-            results.append(run_plain_initialize(rank, world))
+            if args.plain_initialize:
+                results.append(run_plain_initialize(rank, world))
         else:
             for name in args.cases.split(","):
                 results.append(run_case(name, rank, world, args.fault))
