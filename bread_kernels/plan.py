@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import torch
 from .rounding import Rounding
 
 __all__ = ["Role", "Rounding", "OnTheFlyUpdate", "WeightPlan", "FiniteChecks", "OnTheFlyWrites", "begin_forward",
-           "forward_epoch", "running_backward", "PLAN_ATTR", "BACKWARD_TRIGGER", "backward_accumulates"]
+           "forward_epoch", "running_backward", "PLAN_ATTR", "BACKWARD_TRIGGER", "backward_accumulates",
+           "trigger_gradient"]
 
 #: the attribute of a fused module (a patched Linear, LoRA layer or embedding) that holds its WeightPlan, or None
 PLAN_ATTR = "_bread_weight_plan"
@@ -368,12 +370,26 @@ _CURRENT_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 _WILL_ENGINE_EXECUTE_NODE = getattr(torch._C, "_will_engine_execute_node", None)
 
 #: a leaf that requires grad, which every fused function with an on-the-fly role takes as an input and returns no
-#: gradient for (so it never gets a ``.grad``): the function's backward then runs even where none of its real inputs
-#: requires grad (a frozen weight whose input comes from a frozen embedding), and :func:`backward_accumulates` asks
-#: whether the running backward executes the leaf's gradient accumulator
+#: gradient for (:func:`trigger_gradient`; so it never gets a ``.grad`` in an eager backward): the function's backward
+#: then runs even where none of its real inputs requires grad (a frozen weight whose input comes from a frozen
+#: embedding), and :func:`backward_accumulates` asks whether the running backward executes the leaf's gradient
+#: accumulator
 BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
 #: its accumulator node, held so that every graph's edge to the trigger leads to this one node
 _TRIGGER_NODE = torch.autograd.graph.get_gradient_edge(BACKWARD_TRIGGER).node
+
+
+def trigger_gradient() -> torch.Tensor | None:
+    """What a fused function's backward returns for :data:`BACKWARD_TRIGGER`: None, except while compiled autograd
+    runs its graph (which calls the fused backwards eagerly: :func:`backward_accumulates`), whose sum of the
+    gradients that reach a leaf cannot add a None (``add(): argument 'input' must be Tensor, not NoneType`` over a
+    whole BREAD-SGD model): a zero there, which leaves the trigger a ``.grad`` of 0.  Compiled autograd's running
+    flag is private (``torch._dynamo.compiled_autograd.in_compiled_autograd_region``); it is read only where that
+    module was imported, so an eager run pays one dictionary lookup, and ``tests/test_compile.py`` fails if it moves."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    if compiled_autograd is not None and getattr(compiled_autograd, "in_compiled_autograd_region", False):
+        return torch.zeros((), dtype=BACKWARD_TRIGGER.dtype)
+    return None
 
 
 def backward_accumulates() -> bool:

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..plan import Role, WeightPlan
+from ..plan import Role, WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from ..update import update_experts_, writes_collectively
 from .autocast import autocast_dtype, outside_autocast
@@ -285,7 +285,7 @@ def _experts_backward(ctx, grad_output):
                     merged.setdefault(e, []).append(pair)
             if merged or writes_collectively(plan):  # every rank calls alike, whichever experts its tokens reached
                 update_experts_(plan, role, weight, merged)
-    return grad_x, None, grad_r, grads[0], grads[1], None, None, None, None
+    return grad_x, None, grad_r, grads[0], grads[1], None, None, trigger_gradient(), None
 
 
 def _autocast_of(ctx, device: torch.device):

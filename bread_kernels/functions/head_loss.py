@@ -91,7 +91,7 @@ import torch
 
 from ..backends import get_backend
 from ..backends.epilogue import dw_finite_flag
-from ..plan import Role, WeightPlan
+from ..plan import Role, WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from ..update import update_linear_grad_, update_linear_tiles_, writes_collectively
 from .autocast import autocast_dtype, outside_autocast
@@ -550,7 +550,7 @@ def _head_loss_backward(ctx, grad_output):
             if _finish_head_use(ctx, None, single=True) is not None:
                 hidden, weight, bias, targets, inv_count = ctx.saved_tensors
                 _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
-    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, trigger_gradient()
 
 
 class _HeadGrads(NamedTuple):

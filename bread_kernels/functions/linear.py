@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plan import BACKWARD_TRIGGER, Role, WeightPlan
+from ..plan import BACKWARD_TRIGGER, Role, WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from ..update import update_linear_
 from .autocast import autocast_dtype, outside_autocast
@@ -141,7 +141,7 @@ class FusedLinearFunction(torch.autograd.Function):
                 grad_x = _in_dtype(grad_x, ctx.x_dtype)
             grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
                                                         ctx.needs_input_grad[2])
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, trigger_gradient(), None
 
 
 def start_weight_role(ctx, plan: WeightPlan) -> bool:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import get_backend
-from ..plan import WeightPlan
+from ..plan import WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from .autocast import autocast_dtype, outside_autocast
 from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
@@ -159,7 +159,7 @@ def _lora_backward(ctx, grad_output):
         grad_a = grad_a.to(lora_a.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(lora_b.dtype)
-    return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
+    return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, trigger_gradient(), None
 
 
 def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
