@@ -379,16 +379,18 @@ BACKWARD_TRIGGER = torch.zeros((), requires_grad=True)
 _TRIGGER_NODE = torch.autograd.graph.get_gradient_edge(BACKWARD_TRIGGER).node
 
 
-def trigger_gradient() -> torch.Tensor | None:
-    """What a fused function's backward returns for :data:`BACKWARD_TRIGGER`: None, except while compiled autograd
-    runs its graph (which calls the fused backwards eagerly: :func:`backward_accumulates`), whose sum of the
-    gradients that reach a leaf cannot add a None (``add(): argument 'input' must be Tensor, not NoneType`` over a
-    whole BREAD-SGD model): a zero there, which leaves the trigger a ``.grad`` of 0.  Compiled autograd's running
-    flag is private (``torch._dynamo.compiled_autograd.in_compiled_autograd_region``); it is read only where that
-    module was imported, so an eager run pays one dictionary lookup, and ``tests/test_compile.py`` fails if it moves."""
+def trigger_gradient(given: bool) -> torch.Tensor | None:
+    """What a fused function's backward returns for :data:`BACKWARD_TRIGGER` (``given``: whether its forward took
+    the trigger, ``ctx.needs_input_grad`` at its place; an input that was None takes None): None, except while
+    compiled autograd runs its graph (which calls the fused backwards eagerly: :func:`backward_accumulates`), whose
+    sum of the gradients that reach a leaf cannot add a None (``add(): argument 'input' must be Tensor, not
+    NoneType`` over a whole BREAD-SGD model): a zero there, which leaves the trigger a ``.grad`` of 0.  Compiled
+    autograd's running flag is private (``torch._dynamo.compiled_autograd.in_compiled_autograd_region``); it is read
+    only where that module was imported, so an eager run pays one dictionary lookup, and ``tests/test_compile.py``
+    fails if it moves."""
     compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
-    if compiled_autograd is not None and getattr(compiled_autograd, "in_compiled_autograd_region", False):
-        return torch.zeros((), dtype=BACKWARD_TRIGGER.dtype)
+    if given and compiled_autograd is not None and getattr(compiled_autograd, "in_compiled_autograd_region", False):
+        return torch.zeros_like(BACKWARD_TRIGGER)
     return None
 
 

@@ -67,16 +67,16 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         ids, weight = ctx.saved_tensors
         if ctx.role in (Role.FROZEN, Role.LORA) or (ctx.role is Role.ACTIVE and not ctx.needs_input_grad[1]):
-            return None, None, None, None, trigger_gradient()
+            return None, None, None, None, trigger_gradient(ctx.needs_input_grad[4])
         rows, summed = row_gradients(ids, grad_output, ctx.padding_idx)
         if ctx.role is Role.ACTIVE:
             grad_weight = torch.zeros_like(weight)
             grad_weight.index_copy_(0, rows, summed.to(weight.dtype))
-            return None, grad_weight, None, None, trigger_gradient()
+            return None, grad_weight, None, None, trigger_gradient(ctx.needs_input_grad[4])
         pending = ctx.plan.finish_use(ctx.use, (rows, summed))
         if pending is not None:
             update_rows_(ctx.plan, ctx.role, weight, *_merged_rows(pending))
-        return None, None, None, None, trigger_gradient()
+        return None, None, None, None, trigger_gradient(ctx.needs_input_grad[4])
 
 
 def _merged_rows(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

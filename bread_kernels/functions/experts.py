@@ -285,7 +285,7 @@ def _experts_backward(ctx, grad_output):
                     merged.setdefault(e, []).append(pair)
             if merged or writes_collectively(plan):  # every rank calls alike, whichever experts its tokens reached
                 update_experts_(plan, role, weight, merged)
-    return grad_x, None, grad_r, grads[0], grads[1], None, None, trigger_gradient(), None
+    return grad_x, None, grad_r, grads[0], grads[1], None, None, trigger_gradient(ctx.needs_input_grad[7]), None
 
 
 def _autocast_of(ctx, device: torch.device):

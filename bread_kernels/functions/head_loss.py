@@ -550,7 +550,8 @@ def _head_loss_backward(ctx, grad_output):
             if _finish_head_use(ctx, None, single=True) is not None:
                 hidden, weight, bias, targets, inv_count = ctx.saved_tensors
                 _update_by_tiles(ctx, hidden, weight, bias, targets, inv_count * gamma)
-    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, trigger_gradient()
+    trigger = trigger_gradient(ctx.needs_input_grad[12])
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, trigger
 
 
 class _HeadGrads(NamedTuple):

@@ -141,7 +141,7 @@ class FusedLinearFunction(torch.autograd.Function):
                 grad_x = _in_dtype(grad_x, ctx.x_dtype)
             grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
                                                         ctx.needs_input_grad[2])
-        return grad_x, grad_weight, grad_bias, None, trigger_gradient(), None
+        return grad_x, grad_weight, grad_bias, None, trigger_gradient(ctx.needs_input_grad[4]), None
 
 
 def start_weight_role(ctx, plan: WeightPlan) -> bool:

@@ -159,7 +159,8 @@ def _lora_backward(ctx, grad_output):
         grad_a = grad_a.to(lora_a.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(lora_b.dtype)
-    return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, trigger_gradient(), None
+    trigger = trigger_gradient(ctx.needs_input_grad[8])
+    return grad_x, grad_x_lora, grad_weight, grad_bias, grad_a, grad_b, None, None, trigger, None
 
 
 def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:

@@ -77,10 +77,14 @@ class BreadCallback(TrainerCallback):
             return
         previous = accelerated(optimizer)
         if previous is not None:
-            if not getattr(previous, "made_by_bread_callback", False):
+            if not previous.made_by_bread_callback:
                 raise ValueError("BreadCallback: the Trainer's optimizer is already accelerated (bread_kernels."
                                  "accelerate); give the Trainer the library's optimizer as it is and BreadCallback "
                                  "your settings, or leave BreadCallback out")
+            run = previous.bread_callback_run
+            if state is not None and run is not None and run() is state:
+                raise ValueError("BreadCallback: another BreadCallback of this train() already accelerated the "
+                                 "Trainer's optimizer; give the Trainer one BreadCallback")
             # a train() that stopped before on_train_end (Ctrl-C, an exception): undone here, as on_train_end would
             unaccelerate(optimizer)
         settings = dict(self.settings)
@@ -89,7 +93,9 @@ class BreadCallback(TrainerCallback):
         if self.patch_options:
             settings["patch_options"] = self.patch_options
         accelerate(optimizer, model, **settings)  # patches (and unpatches again when it refuses)
-        accelerated(optimizer).made_by_bread_callback = True
+        acceleration = accelerated(optimizer)
+        acceleration.made_by_bread_callback = True
+        acceleration.bread_callback_run = weakref.ref(state) if state is not None else None
 
     def on_train_end(self, args, state, control, **kwargs):
         optimizer = self._optimizer() if self._optimizer is not None else None

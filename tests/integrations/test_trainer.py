@@ -261,7 +261,8 @@ def test_bread_callback_trains_again_after_an_interrupted_train(tmp_path, again)
     """A train() stopped by Ctrl-C at step 2 leaves badam's optimizer accelerated (the Trainer calls no
     on_train_end); training again, as a re-run notebook cell does, raised "this optimizer is already accelerated".
     Now the next on_train_begin undoes it: both runs end where the same two runs of the library alone end, every step
-    of the second through the engine; an optimizer the user accelerated is still refused, with the remedy."""
+    of the second through the engine; an optimizer the user accelerated, and a second BreadCallback in one train(),
+    are refused, with the remedy."""
     original = models.llama()
     results = {}
     for engine in (False, True):
@@ -289,5 +290,10 @@ def test_bread_callback_trains_again_after_an_interrupted_train(tmp_path, again)
     trainer = Trainer(model=model, args=_args(tmp_path / "user"), train_dataset=_Data(), callbacks=[BreadCallback()],
                       optimizers=(opt, None))
     with pytest.raises(ValueError, match="already accelerated .* give the Trainer the library's optimizer as it is"):
+        trainer.train()
+    bread_kernels.unaccelerate(opt)
+    trainer = Trainer(model=model, args=_args(tmp_path / "two"), train_dataset=_Data(),
+                      callbacks=[BreadCallback(), BreadCallback()], optimizers=(opt, None))
+    with pytest.raises(ValueError, match="another BreadCallback of this train\\(\\) already accelerated"):
         trainer.train()
     bread_kernels.unaccelerate(opt)

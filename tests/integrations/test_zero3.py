@@ -176,9 +176,10 @@ def test_a_run_saved_and_loaded_into_a_fresh_engine_trains_on_bit_for_bit(resume
 def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_first_forward(resume_results, rank):
     """Given the block optimizer, deepspeed.initialize (with zero_allow_untested_optimizer) once failed inside
     DeepSpeed's backward ('NoneType' object has no attribute 'numel'); given its base optimizer it trained the first
-    block for ever, silently.  Both are refused before the model runs, naming the remedy."""
+    block for ever, silently.  Both are refused before the model runs, naming the remedy, also with an optimizer
+    whose engine of the integration's was destroyed before."""
     r = resume_results[("plain_deepspeed_initialize", rank)]
-    for given in ("block_optimizer", "base_optimizer"):
+    for given in ("block_optimizer", "base_optimizer", "block_optimizer_after_destroy"):
         assert r[given] and "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config)" in r[given]
         assert r[given + "_moved"] == []
 

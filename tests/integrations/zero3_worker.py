@@ -339,22 +339,25 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
 
 def run_plain_initialize(rank: int, world: int) -> dict:
     """``deepspeed.initialize`` (not the integration's) around a patched model whose optimizer is a
-    ZeroBlockOptimizer, given the block optimizer or its base optimizer: the first forward with grad raises, before
-    the model runs; what each raised, and whether anything moved."""
+    ZeroBlockOptimizer, given the block optimizer or its base optimizer (also after an engine of the integration's
+    was destroyed): the first forward with grad raises, before the model runs; what each raised, and whether
+    anything moved."""
     import deepspeed
 
     from bread_kernels import patch
     from bread_kernels.integrations import deepspeed as bkds
 
     result = {"case": "plain_deepspeed_initialize"}
-    for given in ("block_optimizer", "base_optimizer"):
+    for given in ("block_optimizer", "base_optimizer", "block_optimizer_after_destroy"):
         model = patch(build_model("llama"))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
                                       verbose=0, switch_block_every=1, sgd_mode="all")
         config = {**ds_config(1, 0), "zero_allow_untested_optimizer": True}
+        if given == "block_optimizer_after_destroy":  # the integration's engine first, destroyed
+            bkds.initialize(model, opt, config=ds_config(1, 0)).destroy()
         engine, *_ = deepspeed.initialize(model=model, config=config,
-                                          optimizer=opt if given == "block_optimizer" else opt.base_optimizer)
+                                          optimizer=opt.base_optimizer if given == "base_optimizer" else opt)
         ids = micro_batches(0, 1, world)[0][rank * MICRO:(rank + 1) * MICRO]
         try:
             engine(input_ids=ids, labels=ids)

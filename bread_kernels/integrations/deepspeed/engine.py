@@ -239,6 +239,7 @@ class ZeroBlockEngine:
         the process groups its parameters hold, which must go before interpreter shutdown (call
         ``deepspeed.comm.destroy_process_group()`` then, which drops DeepSpeed's own references to them too)."""
         self.block_optimizer.update_target.loss_scale = lambda: 1.0
+        self.block_optimizer.update_target.engine_connected = False  # an engine made after is checked again
         self.block_optimizer._ds_engine = None
         unmark_lora_leaves(self.engine.module)
         self._recompute_scope.remove()
