@@ -259,8 +259,6 @@ RESUME_STEPS, SAVE_AFTER = 6, 3
 def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
     """One resume case: the shards, per-step losses and active blocks of the resumed run against the uninterrupted
     one's (every rank its own shard)."""
-    import deepspeed
-
     from bread_kernels import patch
     from bread_kernels.integrations import deepspeed as bkds
 
@@ -333,7 +331,6 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
               "persist_diff": {n: (whole_persist[n] - resumed_persist[n]).abs().max().item()
                                for n in whole_persist if n in resumed_persist}}
     engine.destroy()
-    del deepspeed
     return result
 
 
