@@ -137,11 +137,6 @@ class Acceleration:
     def __init__(self, optimizer, model: nn.Module, kind: str, settings: dict):
         self.kind = kind
         self.closed = True
-        #: set by the Trainer's BreadCallback on the accelerations it makes, with a weak reference to the
-        #: TrainerState of the train() that made it: it undoes one a stopped train() left, and refuses a second
-        #: BreadCallback of one train()
-        self.made_by_bread_callback = False
-        self.bread_callback_run = None
         self.optimizer_ref = weakref.ref(optimizer)
         sgd_mode = getattr(optimizer, "sgd_mode", "disabled") if kind == "blockoptimizers" else "disabled"
         self.sign = _sgd_settings(kind, sgd_mode, settings)

@@ -34,6 +34,11 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
+#: the accelerations a BreadCallback made, each with a weak reference to the TrainerState of the train() that made
+#: it: a stopped train()'s is undone at the next on_train_begin; a second BreadCallback of one train() is refused
+_ACCELERATED_BY_CALLBACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class BreadCallback(TrainerCallback):
     """Patches the model at ``on_train_begin`` and puts the engine under the Trainer's BCD optimizer
     (:func:`bread_kernels.accelerate`: ``badam.BlockOptimizer``, ``BlockOptimizerRatio``, BlockOptimizers' class;
@@ -77,11 +82,11 @@ class BreadCallback(TrainerCallback):
             return
         previous = accelerated(optimizer)
         if previous is not None:
-            if not previous.made_by_bread_callback:
+            if previous not in _ACCELERATED_BY_CALLBACK:
                 raise ValueError("BreadCallback: the Trainer's optimizer is already accelerated (bread_kernels."
                                  "accelerate); give the Trainer the library's optimizer as it is and BreadCallback "
                                  "your settings, or leave BreadCallback out")
-            run = previous.bread_callback_run
+            run = _ACCELERATED_BY_CALLBACK[previous]
             if state is not None and run is not None and run() is state:
                 raise ValueError("BreadCallback: another BreadCallback of this train() already accelerated the "
                                  "Trainer's optimizer; give the Trainer one BreadCallback")
@@ -93,9 +98,7 @@ class BreadCallback(TrainerCallback):
         if self.patch_options:
             settings["patch_options"] = self.patch_options
         accelerate(optimizer, model, **settings)  # patches (and unpatches again when it refuses)
-        acceleration = accelerated(optimizer)
-        acceleration.made_by_bread_callback = True
-        acceleration.bread_callback_run = weakref.ref(state) if state is not None else None
+        _ACCELERATED_BY_CALLBACK[accelerated(optimizer)] = weakref.ref(state) if state is not None else None
 
     def on_train_end(self, args, state, control, **kwargs):
         optimizer = self._optimizer() if self._optimizer is not None else None

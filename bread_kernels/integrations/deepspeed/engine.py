@@ -35,8 +35,7 @@ class ZeroBlockEngine:
         self.block_optimizer = optimizer
         self.switches = 0
         optimizer._ds_engine = ds_engine
-        optimizer.update_target.loss_scale = _LossScale(ds_engine)
-        optimizer.update_target.engine_connected = True
+        optimizer.update_target.loss_scale = _LossScale(ds_engine)  # also what says an engine is connected
         self._recompute_scope = register_recompute_scope(module_stack_restored)
         weakref.finalize(self, self._recompute_scope.remove)
 
@@ -238,8 +237,7 @@ class ZeroBlockEngine:
         Functions, the global module stack, the release cache), so it is freed once the user drops it — and with it
         the process groups its parameters hold, which must go before interpreter shutdown (call
         ``deepspeed.comm.destroy_process_group()`` then, which drops DeepSpeed's own references to them too)."""
-        self.block_optimizer.update_target.loss_scale = lambda: 1.0
-        self.block_optimizer.update_target.engine_connected = False  # an engine made after is checked again
+        self.block_optimizer.update_target.loss_scale = None  # disconnected: an engine made after is checked again
         self.block_optimizer._ds_engine = None
         unmark_lora_leaves(self.engine.module)
         self._recompute_scope.remove()

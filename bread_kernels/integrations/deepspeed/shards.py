@@ -28,16 +28,14 @@ class ZeroShards(UpdateTarget):
     """The ZeRO-3 shards of the parameters; one per :class:`ZeroBlockOptimizer`.
 
     Args:
-        loss_scale: returns the engine's current loss scale (fp16); 1.0 until :func:`initialize` connects it.
+        loss_scale: returns the current loss scale (fp16) of the engine :func:`initialize` made; None until it
+            connects one (the scale is then 1.0) and after that engine's ``destroy()``.
     """
 
     skip_reason = "its gradient is not finite on some rank"
 
     def __init__(self, loss_scale: Callable[[], float] | None = None):
-        self.loss_scale = loss_scale or (lambda: 1.0)
-        #: whether :func:`~.engine.initialize` made the engine that drives the model (the block switches and the
-        #: stage-3 optimizer's rebuild live there)
-        self.engine_connected = False
+        self.loss_scale = loss_scale
         self._updated_persistent: dict[int, torch.nn.Parameter] = {}
         self._refresh_queued = False
 
@@ -45,13 +43,16 @@ class ZeroShards(UpdateTarget):
         """Refuse a DeepSpeed engine that :func:`~.engine.initialize` did not make: ``deepspeed.initialize`` given
         the block optimizer fails inside DeepSpeed, and given its base optimizer it trains the first block for
         ever, since no block switch rebuilds DeepSpeed's optimizer."""
-        if under_deepspeed and not self.engine_connected:
+        if under_deepspeed and self.loss_scale is None:  # no engine of initialize's connected
             raise RuntimeError("ZeroBlockOptimizer: a DeepSpeed engine that bread_kernels.integrations.deepspeed."
                                "initialize did not make drives this model (deepspeed.initialize, or the Trainer's "
                                "deepspeed=): it never switches blocks (given the base optimizer it would train the "
                                "first block for ever). Build the engine with bread_kernels.integrations.deepspeed."
                                "initialize(model, optimizer, config) and train with a loop over the engine it returns "
                                "(python/zero3_example.py)")
+
+    def _loss_scale(self) -> float:
+        return float(self.loss_scale()) if self.loss_scale is not None else 1.0
 
     # -- the three update shapes --------------------------------------------------------------------------------
     def linear_(self, weight, bias, g, x, step, sign, update) -> bool:
@@ -81,7 +82,7 @@ class ZeroShards(UpdateTarget):
         layout = shard_layout(weight)
         ok = allgather_rows_update_(weight.ds_tensor, layout, rows, summed, step=step, sign=sign,
                                     rounding=update.rounding, seed=update.next_seed(),
-                                    divisor=layout.world * float(self.loss_scale()))
+                                    divisor=layout.world * self._loss_scale())
         if ok:
             self.mark_updated(weight)
         return ok
@@ -95,7 +96,7 @@ class ZeroShards(UpdateTarget):
         check_shard_device(param, device)
         layout = shard_layout(param)
         ok = reduce_scatter_update_(param.ds_tensor, layout, fill, step=step, sign=sign, rounding=update.rounding,
-                                    seed=update.next_seed(), divisor=layout.world * float(self.loss_scale()),
+                                    seed=update.next_seed(), divisor=layout.world * self._loss_scale(),
                                     locally_finite=locally_finite)
         if ok:
             self.mark_updated(param)
