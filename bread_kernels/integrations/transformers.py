@@ -25,13 +25,36 @@ from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
 __all__ = ["BreadCallback", "LisaCallback", "unwrap_optimizer"]
 
 
+def _is_wrapper(optimizer) -> bool:
+    """accelerate's ``AcceleratedOptimizer`` (and its ``DeepSpeedOptimizerWrapper``) or a DeepSpeed optimizer
+    (ZeRO's, which holds the optimizer it was handed as ``.optimizer``)."""
+    return hasattr(optimizer, "optimizer") and not isinstance(optimizer, BlockOptimizer) and (
+        any(cls.__name__ == "AcceleratedOptimizer" for cls in type(optimizer).__mro__)
+        or _is_deepspeed(optimizer))
+
+
+def _is_deepspeed(optimizer) -> bool:
+    # the view of DeepSpeed's optimizer that a connected engine gives accelerate's wrapper counts as DeepSpeed's
+    return type(optimizer).__module__.split(".")[0] == "deepspeed" or \
+        getattr(type(optimizer), "wraps_deepspeed_optimizer", False)
+
+
 def unwrap_optimizer(optimizer):
-    """The optimizer inside the Trainer's wrappers (accelerate's ``AcceleratedOptimizer`` keeps it as
-    ``.optimizer``)."""
+    """The optimizer inside the Trainer's wrappers: accelerate's ``AcceleratedOptimizer`` and, under
+    ``deepspeed=``, DeepSpeed's optimizer, each keeping the one inside as ``.optimizer``."""
     seen = 0
-    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer") and seen < 8:
+    while _is_wrapper(optimizer) and seen < 8:
         optimizer, seen = optimizer.optimizer, seen + 1
     return optimizer
+
+
+def _under_deepspeed(optimizer) -> bool:
+    seen = 0
+    while _is_wrapper(optimizer) and seen < 8:
+        if _is_deepspeed(optimizer):
+            return True
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return False
 
 
 #: the accelerations a BreadCallback made, each with a weak reference to the TrainerState of the train() that made
@@ -48,6 +71,14 @@ class BreadCallback(TrainerCallback):
     patched it; a ``train()`` that stopped before (Ctrl-C, an exception) is undone at the next ``on_train_begin``,
     so training again (the same Trainer, a new one, ``resume_from_checkpoint``) runs as the first did.
 
+    Under ``TrainingArguments(deepspeed=<ZeRO-3 config>)`` the Trainer's optimizer must be a
+    :class:`~bread_kernels.integrations.deepspeed.ZeroBlockOptimizer` over the patched model, returned by the
+    Trainer's ``create_optimizer`` (transformers ignores ``optimizers=`` under DeepSpeed): this callback then
+    connects the engine the Trainer made as :func:`~bread_kernels.integrations.deepspeed.initialize` does, sets the
+    block lr from the Trainer's scheduler at each step, switches blocks after DeepSpeed's step, and the Trainer's
+    checkpoints hold the block schedule (:meth:`~bread_kernels.integrations.deepspeed.ZeroBlockEngine.save_checkpoint`;
+    they resume exactly in a loop over ``initialize``'s engine, not through ``resume_from_checkpoint``).
+
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
         **settings: :func:`bread_kernels.accelerate` settings (``sgd_lr_scaling``, ``sgd_use_sign`` for a
@@ -60,10 +91,14 @@ class BreadCallback(TrainerCallback):
         self._optimizer = None
         self._model = None
         self._scaler_given = False
+        self._zero_steps = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("BreadCallback: the Trainer passed no model or optimizer to on_train_begin")
+        if _under_deepspeed(optimizer):
+            self._connect_deepspeed(model, optimizer)
+            return
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
         optimizer = unwrap_optimizer(optimizer)
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
@@ -100,7 +135,38 @@ class BreadCallback(TrainerCallback):
         accelerate(optimizer, model, **settings)  # patches (and unpatches again when it refuses)
         _ACCELERATED_BY_CALLBACK[accelerated(optimizer)] = weakref.ref(state) if state is not None else None
 
+    def _connect_deepspeed(self, model, optimizer) -> None:
+        from .deepspeed import ZeroBlockOptimizer
+        from .deepspeed.trainer import connect_trainer_engine
+
+        inner = unwrap_optimizer(optimizer)
+        if not isinstance(inner, ZeroBlockOptimizer):
+            raise ValueError(f"BreadCallback: under DeepSpeed the Trainer's optimizer must be a bread_kernels."
+                             f"integrations.deepspeed.ZeroBlockOptimizer (BlockOptimizer's arguments, over the patched "
+                             f"model), returned by your Trainer's create_optimizer; got {type(inner).__name__}, which "
+                             "the on-the-fly updates cannot serve under ZeRO-3")
+        if self.patch_options or self.settings:
+            raise ValueError("BreadCallback: the Trainer's optimizer is a ZeroBlockOptimizer, which takes its settings "
+                             "in its constructor and drives a model patched before it; give BreadCallback no "
+                             "patch_options or settings")
+        # (the Trainer's resume_from_checkpoint never gets here: its DeepSpeed load is refused by the optimizer)
+        self._zero_steps = connect_trainer_engine(model, optimizer, inner)
+        self._optimizer, self._model = weakref.ref(inner), weakref.ref(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._zero_steps is not None:
+            self._zero_steps.begin()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._zero_steps is not None:
+            self._zero_steps.optimizer_stepped()
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self._zero_steps is not None:
+            # the engine stays connected (the Trainer saves and evaluates through it after train())
+            self._zero_steps = None
+            self._optimizer = self._model = None
+            return
         optimizer = self._optimizer() if self._optimizer is not None else None
         if isinstance(optimizer, BlockOptimizer):
             if self._scaler_given and not optimizer.closed:

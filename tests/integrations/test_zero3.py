@@ -34,6 +34,11 @@ in the backward and checks that the whole job ends quickly with that error.
 A second launch (``--resume``) checks the exact resume: each of ``zero3_worker.RESUME_CASES`` trains uninterrupted,
 and again saved by ``ZeroBlockEngine.save_checkpoint`` mid-block, loaded into a fresh engine and trained on; the two
 must agree bit for bit.
+
+A third launch (``--trainer``) runs the Hugging Face Trainer with ``deepspeed=`` and ``BreadCallback`` (a
+``ZeroBlockOptimizer`` from its ``create_optimizer``, a cosine lr schedule) against the integration's own loop on the
+micro-batches the Trainer gave each rank, the Trainer's checkpoint resumed exactly in that loop, and what the
+Trainer with ``BreadCallback`` refuses (its ``resume_from_checkpoint``, a ``BlockOptimizer`` under DeepSpeed).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ ON_THE_FLY_ATOL, RTOL, ADAM_ATOL = 1e-6, 1e-5, 2e-5
 
 sys.path.insert(0, str(ROOT))
 from tests.integrations.ranks import free_port, read_ranks, torchrun  # noqa: E402
-from tests.integrations.zero3_worker import CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, STEPS  # noqa: E402
+from tests.integrations.zero3_worker import CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, STEPS, \
+    TRAINER_CASES  # noqa: E402
 
 
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
@@ -182,6 +188,56 @@ def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_firs
     for given in ("block_optimizer", "base_optimizer", "block_optimizer_after_destroy"):
         assert r[given] and "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config)" in r[given]
         assert r[given + "_moved"] == []
+
+
+@pytest.fixture(scope="module")
+def trainer_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zero3_trainer")
+    proc = launch(folder / "run", "--trainer", ",".join(TRAINER_CASES), "--save-dir", str(folder))
+    assert proc.returncode == 0, f"the 2-rank Trainer run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
+                                 f"{proc.stderr[-8000:]}"
+    return read_ranks(folder / "run")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", TRAINER_CASES)
+def test_the_trainer_with_deepspeed_and_bread_callback_trains_as_the_integrations_loop(trainer_results, case, rank):
+    """Trainer(deepspeed=<ZeRO-3>) whose create_optimizer returns a ZeroBlockOptimizer, with BreadCallback: every
+    shard equals, bit for bit, that of the integration's own loop (initialize, engine.step(), the same cosine
+    schedule on the block optimizer) fed the micro-batches the Trainer gave this rank; the blocks switch as there.
+    Without BreadCallback the first forward is refused (the engine is not connected); with accelerate's wrapper
+    pointed at the rebuilt stage-3 optimizer itself, the Trainer's scheduler would schedule the base optimizer's
+    groups, and fails on their count."""
+    r = trainer_results[(case, rank)]
+    gas = TRAINER_CASES[case][3]
+    assert r["micro_batches"] == STEPS * gas and r["trainer_global_step"] == STEPS
+    assert len(set(r["loop_active"])) == 2, r["loop_active"]  # a switch after steps 2 and 4
+    differ = {n: d for n, d in r["diff"].items() if d != 0.0}
+    assert not differ, f"{case}, rank {rank}: the Trainer's shards differ from the loop's: {differ}"
+    assert sum(m > 0 for m in r["moved"].values()) > len(r["moved"]) // 3, "too little moved to compare"
+    assert r["routed_after_destroy"] == []  # destroy() handed DeepSpeed's own methods back
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_trainer_checkpoint_resumes_exactly_and_the_trainers_resume_is_refused(trainer_results, rank):
+    """The Trainer saved checkpoint-3 of a peft model through the integration (it asked DeepSpeed to leave the
+    frozen parameters out: saved anyway, with a warning); loaded into a fresh engine of initialize (another start
+    block) and trained on, it ends where the Trainer ended.  The Trainer's own resume_from_checkpoint (DeepSpeed's
+    load before any callback runs, with the start block's layout: a bare KeyError inside DeepSpeed before) and a
+    plain BlockOptimizer under DeepSpeed are refused, naming the remedy, before any weight moves."""
+    r = trainer_results[("trainer_lora_partial", rank)]
+    assert r["warnings"] == ["bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
+                             "check"]
+    assert r["resumed_at"] == [r["loop_active"][SAVE_AFTER], SAVE_AFTER, SAVE_AFTER % 2]
+    differ = {n: d for n, d in r["resume_diff"].items() if d != 0.0}
+    assert not differ, f"rank {rank}: resumed from the Trainer's checkpoint, the shards differ: {differ}"
+    refused = r["refused"]
+    assert refused["resume"].startswith("NotImplementedError") and "Resuming through the Trainer is not " \
+        "supported" in refused["resume"] and "engine.load_checkpoint('<output_dir>/checkpoint-<step>')" in \
+        refused["resume"]
+    assert refused["block_optimizer"].startswith("ValueError") and "must be a bread_kernels.integrations." \
+        "deepspeed.ZeroBlockOptimizer" in refused["block_optimizer"]
+    assert refused["resume_moved"] == [] and refused["block_optimizer_moved"] == []
 
 
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):

@@ -334,6 +334,167 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
     return result
 
 
+#: the Hugging Face Trainer with deepspeed= and BreadCallback: name -> (family, sgd_mode, sign, gas, switch_mode,
+#: start_block, lora_mode).  trainer_lora_partial also saves at step SAVE_AFTER through the Trainer (a peft model,
+#: for which the Trainer asks DeepSpeed to leave the frozen parameters out).
+TRAINER_CASES = {
+    "trainer_sgd_all_gas2": ("llama", "all", False, 2, "ascending", 0, None),
+    "trainer_lora_partial": ("lora", "partial", False, 1, "descending", None, "partial"),
+}
+
+
+def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
+    """One Trainer case: ``Trainer(deepspeed=...)`` whose ``create_optimizer`` returns a ZeroBlockOptimizer, with
+    BreadCallback and a cosine lr schedule, against the integration's own loop (``initialize``, the same schedule)
+    on the micro-batches the Trainer gave this rank; then the Trainer's checkpoint of step SAVE_AFTER (where
+    saved) loaded into a fresh engine of ``initialize`` and trained to the end, against the Trainer's end."""
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+    from bread_kernels.integrations.transformers import BreadCallback
+
+    family, sgd_mode, sign, gas, switch_mode, start, lora_mode = TRAINER_CASES[name]
+    prefix = "base_model.model." if family == "lora" else ""
+    blocks = [[f"{prefix}model.layers.{i}."] for i in range(LAYERS)]
+    saves = family == "lora"
+    config = ds_config(gas, 0)
+
+    def block_optimizer(model):
+        return bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5, weight_decay=0.0),
+                                       list(model.named_parameters()), block_prefix_list=blocks, verbose=0,
+                                       switch_block_every=2, switch_mode=switch_mode, start_block=start,
+                                       sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING,
+                                       **({"lora_mode": lora_mode} if lora_mode else {}))
+
+    def shards(model):
+        return {n: p.ds_tensor[:bkds.shard_layout(p).valid].detach().float().clone()
+                for n, p in model.named_parameters()}
+
+    seen, made = [], []
+
+    class BlockTrainer(transformers.Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = block_optimizer(self.model)
+                made.append(self.optimizer)
+            return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append(inputs["input_ids"].clone())
+            out = model(input_ids=inputs["input_ids"], labels=inputs["input_ids"])
+            return (out.loss, out) if return_outputs else out.loss
+
+    rows = [{"input_ids": ids} for t in range(STEPS) for batch in micro_batches(t, gas, world) for ids in batch]
+    def make_args():  # one per Trainer: accelerate takes the DeepSpeed plugin of its arguments once
+        return transformers.TrainingArguments(
+            output_dir=save_dir, per_device_train_batch_size=MICRO, gradient_accumulation_steps=gas, max_steps=STEPS,
+            learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+            logging_strategy="no", save_strategy="steps" if saves else "no", save_steps=SAVE_AFTER,
+            report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3)
+    model = patch(build_model(family))
+    trainer = BlockTrainer(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
+    trainer.model_accepts_loss_kwargs = False  # the loss is the mean per micro-batch, divided by gas: as the loop's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    trained = shards(model)
+    opt, = made
+    result = {"case": name, "micro_batches": len(seen), "trainer_active_end": opt.order.current,
+              "trainer_global_step": opt.global_step, "base_lr_end": [g["lr"] for g in opt.base_optimizer.param_groups],
+              "warnings": sorted({str(w.message)[:90] for w in caught if "bread_kernels" in str(w.message)})}
+
+    def loop(opt, engine, steps, scheduler=None):
+        scheduler = scheduler or transformers.get_cosine_schedule_with_warmup(opt, 0, STEPS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the scheduler stepped before the optimizer, to reach `steps[0]`
+            for _ in range(steps[0]):
+                scheduler.step()
+        active = []
+        for t in steps:
+            active.append(opt.order.current)
+            for ids in seen[t * gas:(t + 1) * gas]:
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                engine.step()
+            scheduler.step()
+        return active
+
+    ref_model = patch(build_model(family))
+    ref_opt = block_optimizer(ref_model)
+    engine = bkds.initialize(ref_model, ref_opt, config=config)
+    result["loop_active"] = loop(ref_opt, engine, range(STEPS))
+    reference = shards(ref_model)
+    result["diff"] = {n: (trained[n] - reference[n]).abs().max().item() if trained[n].numel() else 0.0
+                      for n in trained}
+    result["moved"] = {n: (reference[n] - shards_of_initial).abs().max().item() if reference[n].numel() else 0.0
+                       for n, shards_of_initial in _initial_shards(family, ref_model, shards).items()}
+    engine.destroy()
+    if saves:
+        resumed_model = patch(build_model(family))
+        resumed_opt = block_optimizer(resumed_model)
+        engine = bkds.initialize(resumed_model, resumed_opt, config=config)
+        scheduler = transformers.get_cosine_schedule_with_warmup(resumed_opt, 0, STEPS)  # its base lr, then the load
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the schedule must be found
+            engine.load_checkpoint(os.path.join(save_dir, f"checkpoint-{SAVE_AFTER}"))
+        result["resumed_at"] = [resumed_opt.order.current, resumed_opt.global_step, resumed_opt.block_step]
+        loop(resumed_opt, engine, range(SAVE_AFTER, STEPS), scheduler)
+        resumed = shards(resumed_model)
+        result["resume_diff"] = {n: (trained[n] - resumed[n]).abs().max().item() if trained[n].numel() else 0.0
+                                 for n in trained}
+        engine.destroy()
+    trainer.model_wrapped.destroy()  # the integration's destroy, routed
+    result["routed_after_destroy"] = sorted(set(trainer.model_wrapped.__dict__) & {"save_checkpoint", "destroy"})
+    if saves:
+        result["refused"] = _trainer_refusals(BlockTrainer, family, rows, make_args, save_dir, block_optimizer)
+    return result
+
+
+def _trainer_refusals(trainer_class, family, rows, make_args, save_dir, block_optimizer) -> dict:
+    """What the Trainer with deepspeed= and BreadCallback raises (and whether any weight moved) when it resumes from
+    a checkpoint, and when its optimizer is a plain BlockOptimizer."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    from bread_kernels import BlockOptimizer, patch
+    from bread_kernels.integrations.transformers import BreadCallback
+
+    refused = {}
+    for what in ("resume", "block_optimizer"):
+        model = patch(build_model(family))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        class Refused(trainer_class):
+            def create_optimizer(self, model=None):
+                if self.optimizer is None:
+                    self.optimizer = block_optimizer(self.model) if what == "resume" else BlockOptimizer(
+                        torch.optim.AdamW(self.model.parameters(), lr=1e-3), list(self.model.named_parameters()),
+                        verbose=0)
+                return self.optimizer
+
+        trainer = Refused(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
+        try:
+            trainer.train(resume_from_checkpoint=os.path.join(save_dir, f"checkpoint-{SAVE_AFTER}")
+                          if what == "resume" else None)
+            refused[what] = None
+        except (ValueError, NotImplementedError, RuntimeError) as exc:
+            refused[what] = f"{type(exc).__name__}: {exc}"
+        with GatheredParameters(list(model.parameters())):
+            refused[what + "_moved"] = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        if trainer.model_wrapped is not model:
+            trainer.model_wrapped.destroy()
+    return refused
+
+
+def _initial_shards(family, model, shards):
+    """Each parameter's initial shard on this rank, laid out as ``model``'s (the same seeded build)."""
+    from bread_kernels.integrations import deepspeed as bkds
+
+    initial = dict(build_model(family).named_parameters())
+    out = {}
+    for n, p in model.named_parameters():
+        layout = bkds.shard_layout(p)
+        out[n] = initial[n].detach().reshape(-1)[layout.start:layout.start + layout.valid].float()
+    return out
+
+
 def run_plain_initialize(rank: int, world: int) -> dict:
     """``deepspeed.initialize`` (not the integration's) around a patched model whose optimizer is a
     ZeroBlockOptimizer, given the block optimizer or its base optimizer (also after an engine of the integration's
@@ -376,6 +537,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES) instead of --cases")
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--plain-initialize", action="store_true", help="also run_plain_initialize")
+    parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES) instead of --cases")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
     args = parser.parse_args()
@@ -385,7 +547,10 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     try:
-        if args.resume or args.plain_initialize:
+        if args.trainer:
+            for name in args.trainer.split(","):
+                results.append(run_trainer(name, rank, world, os.path.join(args.save_dir, name)))
+        elif args.resume or args.plain_initialize:
             for name in args.resume.split(",") if args.resume else ():
                 results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
             if args.plain_initialize:

@@ -49,6 +49,13 @@ DeepSpeed stays the distributed engine; this module plugs the fused backward int
   the parameters its optimizer owns by ``requires_grad``: :func:`.internals.checkpointed_as_frozen`);
   :meth:`ZeroBlockEngine.load_checkpoint` activates the saved block with those groups and rebuilds the stage-3
   optimizer before DeepSpeed loads, so a fresh engine trains on as the uninterrupted run would have.
+* **The Hugging Face Trainer** (``deepspeed=``, ``BreadCallback``, a :class:`ZeroBlockOptimizer` from its
+  ``create_optimizer``): the Trainer hands DeepSpeed the block optimizer itself and steps DeepSpeed inside
+  ``accelerator.backward``; :mod:`.trainer` connects that engine at ``on_train_begin`` and splits
+  :meth:`ZeroBlockEngine.step` around DeepSpeed's step into the callback's ``on_step_begin`` (block lr) and
+  ``on_optimizer_step`` (bookkeeping, switch).  The Trainer's ``resume_from_checkpoint`` loads through DeepSpeed
+  before any callback runs and is refused (a ``load_state_dict`` pre-hook on the model); its checkpoints resume in a
+  loop over :func:`initialize`'s engine.
 * **Gradient clipping**: DeepSpeed clips the gradients it reduces (the active block's, and the adapters') to
   ``gradient_clipping``, whose default in 0.19 is **1.0**, not off; the on-the-fly updates are never clipped (as in
   the reference).  Set ``"gradient_clipping": 0`` to train like an unclipped single-process run.
@@ -63,7 +70,8 @@ integration reads, and the canary that says when they move), :mod:`.config` (the
 :mod:`.shards` (the :class:`~bread_kernels.update.UpdateTarget` that writes ZeRO-3 shards, and the refresh of
 persistent parameters), :mod:`.optimizer` (:class:`ZeroBlockOptimizer` and the adapters' kept optimizer state),
 :mod:`.lora_leaves` (peft LoRA layers as ZeRO-3 leaf modules), :mod:`.engine` (:func:`initialize` and the stage-3
-optimizer's rebuild at a switch).  The DeepSpeed-free maths of the sharded updates is
+optimizer's rebuild at a switch), :mod:`.trainer` (the engine the Hugging Face Trainer made with ``deepspeed=``,
+connected for ``BreadCallback``).  The DeepSpeed-free maths of the sharded updates is
 :mod:`bread_kernels.integrations.sharded_update`.
 
 Usage::

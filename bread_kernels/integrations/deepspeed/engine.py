@@ -18,10 +18,13 @@ from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, checkpointed_as
 from .lora_leaves import mark_lora_leaves, unmark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
-__all__ = ["ZeroBlockEngine", "initialize", "SCHEDULE_FILE"]
+__all__ = ["ZeroBlockEngine", "initialize", "SCHEDULE_FILE", "ROUTED_METHODS"]
 
 #: the block optimizer's schedule in a checkpoint's folder, beside DeepSpeed's files
 SCHEDULE_FILE = "bread_kernels_block_schedule.pt"
+#: DeepSpeed engine methods that a caller holding the DeepSpeed engine itself (the HF Trainer) may be routed to
+#: the ZeroBlockEngine's through instance attributes (.trainer); destroy() hands them back
+ROUTED_METHODS = ("save_checkpoint", "load_checkpoint", "destroy")
 
 
 class ZeroBlockEngine:
@@ -34,6 +37,8 @@ class ZeroBlockEngine:
         self.engine = ds_engine
         self.block_optimizer = optimizer
         self.switches = 0
+        #: called with each new stage-3 optimizer: whoever else holds DeepSpeed's optimizer (accelerate's wrapper)
+        self.on_rebuild: list = []
         optimizer._ds_engine = ds_engine
         optimizer.update_target.loss_scale = _LossScale(ds_engine)  # also what says an engine is connected
         self._recompute_scope = register_recompute_scope(module_stack_restored)
@@ -96,7 +101,9 @@ class ZeroBlockEngine:
             raise RuntimeError(f"ZeroBlockEngine.save_checkpoint: writing {SCHEDULE_FILE} into "
                                f"{os.path.join(save_dir, tag)} failed ({failed}); nothing else was saved")
         with checkpointed_as_frozen(self._hook_updated()):
-            return self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+            # DeepSpeed's own method: the engine may route its save_checkpoint here (.trainer)
+            return type(self.engine).save_checkpoint(self.engine, save_dir, tag=tag, client_state=client_state,
+                                                     save_latest=save_latest)
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
@@ -179,7 +186,7 @@ class ZeroBlockEngine:
         """DeepSpeed's load; a checkpoint that lacks a parameter this run expects among the frozen ones (DeepSpeed
         fails on the first one, with a bare KeyError) is refused with the reason and the remedy."""
         try:
-            return self.engine.load_checkpoint(load_dir, tag, **arguments)
+            return type(self.engine).load_checkpoint(self.engine, load_dir, tag, **arguments)
         except KeyError as exc:
             if not (exc.args and exc.args[0] in self.block_optimizer.names):  # not a parameter: DeepSpeed's own error
                 raise
@@ -204,14 +211,25 @@ class ZeroBlockEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
             return
-        opt = self.block_optimizer
-        lr = opt.block_lr()
-        for group in opt.base_optimizer.param_groups:
-            group["lr"] = lr
+        self.set_block_lr()
         self.engine.step()
-        if opt.after_base_step():
-            self._rebuild_zero_optimizer()
-            self.switches += 1
+        self.after_engine_step()
+
+    def set_block_lr(self) -> None:
+        """The active block's lr for DeepSpeed's coming step: the block optimizer's scheduled lr times its
+        after-switch warm-up (:meth:`~bread_kernels.BlockOptimizer.block_lr`)."""
+        lr = self.block_optimizer.block_lr()
+        for group in self.block_optimizer.base_optimizer.param_groups:
+            group["lr"] = lr
+
+    def after_engine_step(self) -> bool:
+        """The block optimizer's bookkeeping after DeepSpeed stepped at a boundary, and the block switch when due
+        (DeepSpeed's stage-3 optimizer rebuilt for the new block).  Returns whether it switched."""
+        if not self.block_optimizer.after_base_step():
+            return False
+        self._rebuild_zero_optimizer()
+        self.switches += 1
+        return True
 
     def _rebuild_zero_optimizer(self) -> None:
         """A fresh stage-3 optimizer for the block the block optimizer just activated (its base optimizer's
@@ -230,6 +248,8 @@ class ZeroBlockEngine:
         _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))
         if getattr(engine, "_support_torch_style_backward", False):
             engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
+        for rebuilt in self.on_rebuild:
+            rebuilt(engine.optimizer)
 
     def destroy(self) -> None:
         """DeepSpeed's ``destroy``, after disconnecting the block optimizer and removing the LoRA leaves' hooks; then
@@ -241,6 +261,8 @@ class ZeroBlockEngine:
         self.block_optimizer._ds_engine = None
         unmark_lora_leaves(self.engine.module)
         self._recompute_scope.remove()
+        for name in ROUTED_METHODS:
+            self.engine.__dict__.pop(name, None)
         self.engine.destroy()
         _drop_cached_backward_functions(self.engine.module)  # they close over the coordinator, which holds the model
         forget_modules(self.engine.module)  # else DeepSpeed's globals keep the model (and its process groups) alive

@@ -19,7 +19,7 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
-           "checkpointed_as_frozen"]
+           "checkpointed_as_frozen", "engine_of_module"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -44,7 +44,7 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
                     "ds_secondary_tensor", "ds_active_sub_modules")
 #: private engine / optimizer members used at a block switch
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
-                  "basic_optimizer", "optimizer", "module", "global_steps", "global_rank", "local_rank",
+                  "basic_optimizer", "optimizer", "module", "config", "global_steps", "global_rank", "local_rank",
                   "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups", "grad_position",
                      "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
@@ -88,9 +88,13 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
 
         if "requires_grad" not in inspect.getsource(is_optimized_parameter):
             problems.append("deepspeed.runtime.utils.is_optimized_parameter no longer reads requires_grad")
-        for name in ("_get_zero_frozen_param_attributes", "load_universal_checkpoint"):
+        for name in ("_get_zero_frozen_param_attributes", "load_universal_checkpoint",
+                     "_create_module_forward_pre_hook"):
             if not hasattr(DeepSpeedEngine, name):
                 problems.append(f"DeepSpeedEngine.{name} is gone")
+        hook_maker = getattr(DeepSpeedEngine, "_create_module_forward_pre_hook", None)
+        if hook_maker is not None and "register_forward_pre_hook" not in inspect.getsource(hook_maker):
+            problems.append("DeepSpeedEngine no longer registers a forward pre-hook on its module (engine_of_module)")
     except ImportError as exc:
         problems.append(f"checkpoints: {exc}")
     if not hasattr(torch.autograd.Variable._execution_engine, "queue_callback"):
@@ -127,6 +131,25 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
             if name not in module.__dict__:
                 problems.append(f"{type(module).__name__}.__dict__ has no cached {name}")
     return problems
+
+
+def engine_of_module(module: torch.nn.Module):
+    """The DeepSpeed engine that wraps ``module`` (None where none does), for a caller handed only the model while
+    another library made the engine (the Hugging Face Trainer's callbacks, through accelerate).  DeepSpeed 0.19's
+    engine registers a forward pre-hook on its module that closes over the engine
+    (``DeepSpeedEngine._create_module_forward_pre_hook``); where several engines wrapped it in turn, the last one."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    found = None
+    for hook in list(module._forward_pre_hooks.values()):
+        for cell in getattr(hook, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, DeepSpeedEngine) and value.module is module:
+                found = value
+    return found
 
 
 def is_partitioned(param: torch.Tensor) -> bool:

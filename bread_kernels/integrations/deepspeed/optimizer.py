@@ -3,11 +3,14 @@ carries across the rebuild of DeepSpeed's stage-3 optimizer at a block switch.""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ...optim.block_optimizer import BlockOptimizer
 from ...peft_lora import is_adapter_name
 from ...plan import Role
+from .internals import is_partitioned
 from .shards import ZeroShards
 
 __all__ = ["ZeroBlockOptimizer"]
@@ -31,6 +34,26 @@ class ZeroBlockOptimizer(BlockOptimizer):
         self._ds_engine = None
         self.update_target = ZeroShards()
         super().__init__(*args, **kwargs)
+        # the groups as given: DeepSpeed empties them when it is handed this optimizer itself (the HF Trainer)
+        self._given_groups = [(group, list(group["params"])) for group in self.param_groups]
+        self._load_guard = None
+        if self.model is not None:
+            self._load_guard = self.model.register_load_state_dict_pre_hook(_UnconnectedLoadGuard(self))
+            weakref.finalize(self, self._load_guard.remove)
+
+    def close(self) -> None:
+        if self._load_guard is not None:
+            self._load_guard.remove()
+            self._load_guard = None
+        super().close()
+
+    def restore_given_groups(self) -> None:
+        """Give this optimizer's groups back the parameters DeepSpeed took from them when it was handed this
+        optimizer as its own (``deepspeed.initialize(optimizer=...)``, as the Hugging Face Trainer does through
+        accelerate): its stage-3 optimizer replaces each group's parameters by its flat partition.  A group that
+        DeepSpeed dropped for having none stays dropped (a scheduler built since counts the groups left)."""
+        for group, params in self._given_groups:
+            group["params"] = list(params)
 
     def roles_for(self, block_index: int) -> dict[str, Role]:
         """BlockOptimizer's roles, refusing (before the model is touched: the constructor checks every block) an
@@ -129,6 +152,9 @@ class ZeroBlockOptimizer(BlockOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._refuse_checkpoint("load_state_dict")
+        if self._ds_engine is None and isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
+            raise NotImplementedError(f"ZeroBlockOptimizer.load_state_dict: DeepSpeed is loading its optimizer state "
+                                      f"into the ZeroBlockOptimizer it was handed{UNCONNECTED_LOAD}")
         super().load_state_dict(state_dict)
 
     def _refuse_checkpoint(self, what: str) -> None:
@@ -144,6 +170,32 @@ class ZeroBlockOptimizer(BlockOptimizer):
                                "bread_kernels.integrations.deepspeed.initialize returned (it steps DeepSpeed and "
                                "switches blocks); the optimizer is not stepped directly")
         return super().step(closure)
+
+
+#: why a DeepSpeed load before the engine is connected is refused, and what to do instead
+UNCONNECTED_LOAD = (
+    ", before BreadCallback connected it to the DeepSpeed engine: the Hugging Face Trainer's resume_from_checkpoint "
+    "under ZeRO-3 does this, with the block that this run starts at and without the block schedule or the weights a "
+    "hook updates, which would not resume the saved run. Resuming through the Trainer is not supported; its "
+    "checkpoint folders resume exactly in a loop: engine = bread_kernels.integrations.deepspeed.initialize(model, "
+    "ZeroBlockOptimizer(...), config), then engine.load_checkpoint('<output_dir>/checkpoint-<step>')")
+
+
+class _UnconnectedLoadGuard:
+    """A ``load_state_dict`` pre-hook on the model: refuses a load into ZeRO-3 partitioned parameters while the
+    block optimizer is not connected to the engine that partitioned them (DeepSpeed's own ``load_checkpoint`` starts
+    with the module's ``load_state_dict``), before anything is loaded.  Holds the optimizer weakly."""
+
+    def __init__(self, optimizer: ZeroBlockOptimizer):
+        self.optimizer = weakref.ref(optimizer)
+
+    def __call__(self, module, state_dict, prefix, *args) -> None:
+        opt = self.optimizer()
+        if opt is None or opt.closed or opt._ds_engine is not None or prefix:
+            return
+        if any(is_partitioned(p) for p in module.parameters()):
+            raise NotImplementedError(f"bread_kernels: a load into the model's ZeRO-3 partitioned parameters while "
+                                      f"its ZeroBlockOptimizer is not connected{UNCONNECTED_LOAD}")
 
 
 def _elementwise(value, flat: torch.Tensor) -> bool:
