@@ -5,11 +5,15 @@
     torchrun --nproc_per_node 2 python/zero3_example.py --gas 2 --sign-sgd
     deepspeed --num_gpus 2 python/zero3_example.py --steps 3 --save ckpt     # then, resumed exactly:
     deepspeed --num_gpus 2 python/zero3_example.py --steps 6 --resume ckpt
+    deepspeed --num_gpus 2 python/zero3_example.py --trainer --steps 3 --save out   # the HF Trainer, deepspeed=
+    deepspeed --num_gpus 2 python/zero3_example.py --steps 6 --resume out/checkpoint-3   # its checkpoint, in the loop
 
 A Llama model is built from a small config (random init, nothing downloaded).  The text is a file's bytes
 (``--text``, vocabulary 256) or random tokens.  Each rank trains on its own slice of the data; the active block
 goes through DeepSpeed's optimizer and switches every ``--switch-every`` steps, the other blocks take the
-on-the-fly update inside the backward (``bread_kernels.integrations.deepspeed``).
+on-the-fly update inside the backward (``bread_kernels.integrations.deepspeed``).  ``--trainer`` trains the same
+model with the Hugging Face Trainer (``deepspeed=`` the same config, ``BreadCallback``, the block optimizer from
+its ``create_optimizer``) on the same windows of the data, in the Trainer's order.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def parse_args():
     p.add_argument("--save", default=None, help="save a checkpoint into this folder after the last step")
     p.add_argument("--resume", default=None, help="resume from a folder --save wrote (--steps counts the whole "
                                                   "run's steps, those before the save included)")
+    p.add_argument("--trainer", action="store_true", help="train with the Hugging Face Trainer (--save: its "
+                                                          "output_dir, checkpoint-<steps> at the end)")
     p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     return p.parse_args()
 
@@ -66,9 +72,13 @@ def main():
                                       max_position_embeddings=args.seq, tie_word_embeddings=False)
     torch.manual_seed(0)  # every rank builds the same initial model; ZeRO-3 keeps each rank's shard of it
     model = patch(transformers.LlamaForCausalLM(config))
-    opt = ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), list(model.named_parameters()),
-                             switch_block_every=args.switch_every, switch_mode="descending", sgd_mode=args.sgd_mode,
-                             sgd_use_sign=args.sign_sgd, sgd_lr_scaling=args.sgd_scaling, verbose=1 if rank == 0 else 0)
+
+    def block_optimizer():
+        return ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), list(model.named_parameters()),
+                                  switch_block_every=args.switch_every, switch_mode="descending",
+                                  sgd_mode=args.sgd_mode, sgd_use_sign=args.sign_sgd, sgd_lr_scaling=args.sgd_scaling,
+                                  verbose=1 if rank == 0 else 0)
+
     ds_config = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": args.gas,
@@ -77,12 +87,16 @@ def main():
         "bf16": {"enabled": args.bf16},
         "steps_per_print": 10 ** 9,
     }
-    engine = initialize(model, opt, config=ds_config)
-
     if args.text:
         data = torch.frombuffer(bytearray(open(args.text, "rb").read()), dtype=torch.uint8).long()
     else:
         data = torch.randint(0, vocab, (1 << 16,), generator=torch.Generator().manual_seed(1))
+    if args.trainer:
+        train_with_trainer(args, model, block_optimizer, ds_config, data, world)
+        deepspeed.comm.destroy_process_group()
+        return
+    opt = block_optimizer()
+    engine = initialize(model, opt, config=ds_config)
     per_step = args.micro_batch * args.seq
 
     def batch(step: int, micro: int) -> torch.Tensor:
@@ -114,6 +128,40 @@ def main():
     del engine, opt, model, loss
     gc.collect()
     deepspeed.comm.destroy_process_group()
+
+
+def train_with_trainer(args, model, block_optimizer, ds_config, data, world):
+    """The Hugging Face Trainer with ``deepspeed=ds_config``: its ``create_optimizer`` returns the block optimizer
+    and ``BreadCallback`` connects the engine the Trainer makes (``bread_kernels.integrations.deepspeed.trainer``)."""
+    import torch.distributed as dist
+
+    from bread_kernels.integrations.transformers import BreadCallback
+
+    class BlockTrainer(transformers.Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = block_optimizer()
+            return self.optimizer
+
+    class PrintLoss(transformers.TrainerCallback):
+        def on_log(self, targs, state, control, logs=None, **kwargs):
+            if dist.get_rank() == 0 and logs and "loss" in logs:
+                print(f"trainer step {state.global_step - 1}: loss {logs['loss']:.4f}", flush=True)
+
+    rows = args.steps * args.gas * world * args.micro_batch
+    windows = [{"input_ids": data[(i * args.seq) % (data.numel() - args.seq):][:args.seq],
+                "labels": data[(i * args.seq) % (data.numel() - args.seq):][:args.seq]} for i in range(rows)]
+    targs = transformers.TrainingArguments(
+        output_dir=args.save or "zero3_trainer_output", per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.gas, max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to="none",
+        save_strategy="steps" if args.save else "no", save_steps=args.steps, bf16=args.bf16,
+        deepspeed={**ds_config, "gradient_clipping": 0.0}, disable_tqdm=True)
+    trainer = BlockTrainer(model=model, args=targs, train_dataset=windows, callbacks=[BreadCallback(), PrintLoss()])
+    trainer.train()
+    trainer.model_wrapped.destroy()  # the integration's destroy (routed): the model leaves DeepSpeed's globals
+    del trainer
+    gc.collect()
 
 
 if __name__ == "__main__":

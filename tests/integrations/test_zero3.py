@@ -465,3 +465,18 @@ def test_example_runs_under_the_deepspeed_launcher(tmp_path):
     first = _steps(_run_example("--steps", "2", "--save", str(tmp_path / "ckpt"), launcher="torchrun"))
     rest = _steps(_run_example("--steps", "3", "--resume", str(tmp_path / "ckpt"), launcher="torchrun"))
     assert first + rest == whole
+
+
+def test_example_trains_with_the_trainer(tmp_path):
+    """``python/zero3_example.py --trainer``: the Hugging Face Trainer with ``deepspeed=`` and BreadCallback under the
+    deepspeed launcher trains and saves checkpoint-2 with the block schedule beside DeepSpeed's files, which says
+    block 1 comes next (descending, a switch after every step: 1, 0, then 1).  That a Trainer checkpoint resumes
+    exactly in the loop is tested by the Trainer worker (test_a_trainer_checkpoint_resumes_exactly_...)."""
+    import torch
+
+    from bread_kernels.integrations.deepspeed.engine import SCHEDULE_FILE
+
+    output = _run_example("--trainer", "--steps", "2", "--save", str(tmp_path / "out"))
+    assert "trainer step 1: loss" in output, output[-3000:]
+    schedule = torch.load(tmp_path / "out" / "checkpoint-2" / "global_step2" / SCHEDULE_FILE, weights_only=True)
+    assert schedule["global_step"] == 2 and schedule["order"]["current"] == 1, schedule
