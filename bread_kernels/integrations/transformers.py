@@ -91,7 +91,7 @@ class BreadCallback(TrainerCallback):
         self._optimizer = None
         self._model = None
         self._scaler_given = False
-        self._zero_steps = None
+        self._zero_engine = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
@@ -150,21 +150,21 @@ class BreadCallback(TrainerCallback):
                              "in its constructor and drives a model patched before it; give BreadCallback no "
                              "patch_options or settings")
         # (the Trainer's resume_from_checkpoint never gets here: its DeepSpeed load is refused by the optimizer)
-        self._zero_steps = connect_trainer_engine(model, optimizer, inner)
+        self._zero_engine = connect_trainer_engine(model, optimizer, inner)
         self._optimizer, self._model = weakref.ref(inner), weakref.ref(model)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self._zero_steps is not None:
-            self._zero_steps.begin()
+        if self._zero_engine is not None:  # the block lr, for DeepSpeed's step at the last micro-batch
+            self._zero_engine.set_block_lr()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._zero_steps is not None:
-            self._zero_steps.optimizer_stepped()
+        if self._zero_engine is not None:  # DeepSpeed stepped inside accelerator.backward
+            self._zero_engine.after_engine_step()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._zero_steps is not None:
+        if self._zero_engine is not None:
             # the engine stays connected (the Trainer saves and evaluates through it after train())
-            self._zero_steps = None
+            self._zero_engine = None
             self._optimizer = self._model = None
             return
         optimizer = self._optimizer() if self._optimizer is not None else None

@@ -7,9 +7,9 @@ wrapper, not the engine.  :func:`connect_trainer_engine` (called by ``BreadCallb
 forward) finds the engine from the model, gives the block optimizer its groups back, rebuilds DeepSpeed's stage-3
 optimizer over the base optimizer's active block (as at every switch) and points accelerate's wrapper at it, and
 routes the engine's ``save_checkpoint``, ``load_checkpoint`` and ``destroy`` (which the Trainer and its user call
-on it) to :class:`ZeroBlockEngine`'s.  :class:`TrainerSteps` does per step what :meth:`ZeroBlockEngine.step` does around
-``engine.step()``: the block lr before (``on_step_begin``), the bookkeeping and the switch after
-(``on_optimizer_step``).  Accelerate's wrapper holds a view of each stage-3 optimizer whose ``param_groups`` are the
+on it) to :class:`ZeroBlockEngine`'s.  The callback then does per step what :meth:`ZeroBlockEngine.step` does
+around ``engine.step()``: :meth:`~ZeroBlockEngine.set_block_lr` before (``on_step_begin``),
+:meth:`~ZeroBlockEngine.after_engine_step` after (``on_optimizer_step``).  Accelerate's wrapper holds a view of each stage-3 optimizer whose ``param_groups`` are the
 block optimizer's, so the Trainer's lr scheduler schedules the lr the block optimizer reads, as a torch scheduler on
 a :class:`~bread_kernels.BlockOptimizer` does.
 """
@@ -25,25 +25,7 @@ from .internals import check_version, engine_of_module, internals_problems
 from .lora_leaves import mark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
-__all__ = ["TrainerSteps", "connect_trainer_engine"]
-
-
-class TrainerSteps:
-    """The per-step work of a Trainer-made engine (see the module docstring).  Holds the :class:`ZeroBlockEngine`."""
-
-    def __init__(self, engine: ZeroBlockEngine):
-        self.engine = engine
-
-    def begin(self) -> None:
-        """Before the step's first micro-batch: the block lr (the scheduled lr, which the Trainer's scheduler wrote
-        into the block optimizer's groups, times the after-switch warm-up) into the base optimizer's groups, which
-        DeepSpeed steps at the last micro-batch."""
-        self.engine.set_block_lr()
-
-    def optimizer_stepped(self) -> bool:
-        """After DeepSpeed stepped (the Trainer's ``on_optimizer_step``): the block optimizer's bookkeeping and the
-        switch when due.  Returns whether it switched."""
-        return self.engine.after_engine_step()
+__all__ = ["connect_trainer_engine"]
 
 
 class _ScheduledView:
@@ -71,7 +53,7 @@ class _ScheduledView:
         setattr(self.zero_optimizer, name, value)
 
 
-def connect_trainer_engine(model, accelerated_optimizer, block_optimizer: ZeroBlockOptimizer) -> TrainerSteps:
+def connect_trainer_engine(model, accelerated_optimizer, block_optimizer: ZeroBlockOptimizer) -> ZeroBlockEngine:
     """Connect the DeepSpeed engine wrapping ``model`` (made by the Trainer through accelerate, whose optimizer
     wrapper is ``accelerated_optimizer``) to ``block_optimizer``, which it was handed as its optimizer.  Call before
     the first forward.  Raises ``ValueError`` for a config the on-the-fly updates cannot serve (:func:`check_config`)
@@ -107,7 +89,7 @@ def connect_trainer_engine(model, accelerated_optimizer, block_optimizer: ZeroBl
     engine.on_rebuild.append(repoint)
     engine._rebuild_zero_optimizer()  # over the base optimizer's active block, not the block optimizer's groups
     _route_engine_methods(ds_engine, engine)
-    return TrainerSteps(engine)
+    return engine
 
 
 def _route_engine_methods(ds_engine, engine: ZeroBlockEngine) -> None:
