@@ -77,7 +77,9 @@ class BreadCallback(TrainerCallback):
     connects the engine the Trainer made as :func:`~bread_kernels.integrations.deepspeed.initialize` does, sets the
     block lr from the Trainer's scheduler at each step, switches blocks after DeepSpeed's step, and the Trainer's
     checkpoints hold the block schedule (:meth:`~bread_kernels.integrations.deepspeed.ZeroBlockEngine.save_checkpoint`;
-    they resume exactly in a loop over ``initialize``'s engine, not through ``resume_from_checkpoint``).
+    they resume exactly in a loop over ``initialize``'s engine, not through ``resume_from_checkpoint``).  A second
+    ``train()`` of such a Trainer is refused (transformers does not rebuild the engine the first one destroyed); call
+    ``trainer.model_wrapped.destroy()`` when done, which also takes the model out of DeepSpeed's globals.
 
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
@@ -101,6 +103,11 @@ class BreadCallback(TrainerCallback):
             return
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
         optimizer = unwrap_optimizer(optimizer)
+        if any(getattr(p, "ds_id", None) is not None for p in model.parameters()):
+            raise RuntimeError("BreadCallback: the model's parameters are ZeRO-3 partitioned but the Trainer's "
+                               "optimizer is not under DeepSpeed: a second train() of a Trainer with deepspeed= "
+                               "(transformers does not rebuild the engine the first one destroyed) is not "
+                               "supported; build a new Trainer (and model) to train again")
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
         if isinstance(optimizer, BlockOptimizer):
             if optimizer.engine is None:
@@ -140,6 +147,11 @@ class BreadCallback(TrainerCallback):
         from .deepspeed.trainer import connect_trainer_engine
 
         inner = unwrap_optimizer(optimizer)
+        if type(inner).__module__.split(".")[0] == "deepspeed":
+            raise ValueError(f"BreadCallback: the Trainer's optimizer is DeepSpeed's {type(inner).__name__}, from the "
+                             "\"optimizer\" section of the DeepSpeed config (with it the Trainer never calls "
+                             "create_optimizer); take that section out and return a bread_kernels.integrations."
+                             "deepspeed.ZeroBlockOptimizer from your Trainer's create_optimizer")
         if not isinstance(inner, ZeroBlockOptimizer):
             raise ValueError(f"BreadCallback: under DeepSpeed the Trainer's optimizer must be a bread_kernels."
                              f"integrations.deepspeed.ZeroBlockOptimizer (BlockOptimizer's arguments, over the patched "

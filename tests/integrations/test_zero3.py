@@ -193,7 +193,7 @@ def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_firs
 @pytest.fixture(scope="module")
 def trainer_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3_trainer")
-    proc = launch(folder / "run", "--trainer", ",".join(TRAINER_CASES), "--save-dir", str(folder))
+    proc = launch(folder / "run", "--trainer", ",".join([*TRAINER_CASES, "zero_init"]), "--save-dir", str(folder))
     assert proc.returncode == 0, f"the 2-rank Trainer run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
     return read_ranks(folder / "run")
@@ -216,18 +216,39 @@ def test_the_trainer_with_deepspeed_and_bread_callback_trains_as_the_integration
     assert not differ, f"{case}, rank {rank}: the Trainer's shards differ from the loop's: {differ}"
     assert sum(m > 0 for m in r["moved"].values()) > len(r["moved"]) // 3, "too little moved to compare"
     assert r["routed_after_destroy"] == []  # destroy() handed DeepSpeed's own methods back
+    # the fp16 loss scaler (its dynamic scale) and the overflow flag carry across the rebuild at a switch
+    assert r["loss_scaler_carried"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_whole(trainer_results, rank):
+    """Under the Trainer's deepspeed= (ZeRO-3), from_pretrained builds the model under deepspeed.zero.Init, every
+    parameter an empty tensor until gathered: patch found no block stack in it (it weighed lists by elements).
+    Patched, given a ZeroBlockOptimizer, loaded (the guard against the Trainer's resume lets a load through where no
+    engine holds the optimizer; it refused this one before) and trained by initialize's engine, its shards equal
+    those of the model built whole."""
+    r = trainer_results[("zero_init", rank)]
+    assert r["built_empty"] and r["same_blocks"]
+    differ = {n: d for n, d in r["diff"].items() if d != 0.0}
+    assert not differ, f"rank {rank}: the model built partitioned trained otherwise: {differ}"
+    assert r["moved"] > len(r["diff"]) // 2
 
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_trainer_checkpoint_resumes_exactly_and_the_trainers_resume_is_refused(trainer_results, rank):
     """The Trainer saved checkpoint-3 of a peft model through the integration (it asked DeepSpeed to leave the
     frozen parameters out: saved anyway, with a warning); loaded into a fresh engine of initialize (another start
-    block) and trained on, it ends where the Trainer ended.  The Trainer's own resume_from_checkpoint (DeepSpeed's
-    load before any callback runs, with the start block's layout: a bare KeyError inside DeepSpeed before) and a
-    plain BlockOptimizer under DeepSpeed are refused, naming the remedy, before any weight moves."""
+    block) and trained on, it ends where the Trainer ended.  Its save_model's gathered state dict holds every adapter
+    (it asks DeepSpeed to exclude the frozen ones: the blocks trained earlier).  The Trainer's own
+    resume_from_checkpoint (DeepSpeed's load before any callback runs, with the start block's layout: a bare KeyError
+    inside DeepSpeed before), a plain BlockOptimizer under DeepSpeed and a second train() of the Trainer (the engine
+    the first destroyed is not rebuilt) are refused, naming the remedy, before any weight moves."""
     r = trainer_results[("trainer_lora_partial", rank)]
-    assert r["warnings"] == ["bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
-                             "check"]
+    asked = "bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
+    assert r["warnings"] == [asked + "check", asked + "saved"]
+    if rank == 0:  # the Trainer's save_model gathers every adapter, not only the active block's (it asks to exclude)
+        adapters, gathered = r["save_model_adapters"]
+        assert adapters > 0 and gathered == adapters
     assert r["resumed_at"] == [r["loop_active"][SAVE_AFTER], SAVE_AFTER, SAVE_AFTER % 2]
     differ = {n: d for n, d in r["resume_diff"].items() if d != 0.0}
     assert not differ, f"rank {rank}: resumed from the Trainer's checkpoint, the shards differ: {differ}"
@@ -237,7 +258,9 @@ def test_a_trainer_checkpoint_resumes_exactly_and_the_trainers_resume_is_refused
         refused["resume"]
     assert refused["block_optimizer"].startswith("ValueError") and "must be a bread_kernels.integrations." \
         "deepspeed.ZeroBlockOptimizer" in refused["block_optimizer"]
-    assert refused["resume_moved"] == [] and refused["block_optimizer_moved"] == []
+    assert refused["second_train"].startswith("RuntimeError") and "a second train() of a Trainer with " \
+        "deepspeed=" in refused["second_train"]
+    assert refused["resume_moved"] == refused["block_optimizer_moved"] == refused["second_train_moved"] == []
 
 
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):

@@ -417,10 +417,21 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
             scheduler.step()
         return active
 
+    if saves:  # what the Trainer's save_model of a peft model gathers (through the routed method)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gathered = trainer.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        result["save_model_warnings"] = sorted({str(w.message)[:100] for w in caught
+                                                if "bread_kernels" in str(w.message)})
+        if rank == 0:
+            adapters = sorted(n for n, _ in model.named_parameters() if "lora_" in n)
+            result["save_model_adapters"] = [len(adapters), sum(n in gathered for n in adapters)]
     ref_model = patch(build_model(family))
     ref_opt = block_optimizer(ref_model)
     engine = bkds.initialize(ref_model, ref_opt, config=config)
+    first_scaler = engine.optimizer.loss_scaler
     result["loop_active"] = loop(ref_opt, engine, range(STEPS))
+    result["loss_scaler_carried"] = engine.optimizer.loss_scaler is first_scaler and engine.switches > 0
     reference = shards(ref_model)
     result["diff"] = {n: (trained[n] - reference[n]).abs().max().item() if trained[n].numel() else 0.0
                       for n in trained}
@@ -457,19 +468,23 @@ def _trainer_refusals(trainer_class, family, rows, make_args, save_dir, block_op
     from bread_kernels.integrations.transformers import BreadCallback
 
     refused = {}
-    for what in ("resume", "block_optimizer"):
+    for what in ("resume", "block_optimizer", "second_train"):
         model = patch(build_model(family))
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
         class Refused(trainer_class):
             def create_optimizer(self, model=None):
                 if self.optimizer is None:
-                    self.optimizer = block_optimizer(self.model) if what == "resume" else BlockOptimizer(
+                    self.optimizer = BlockOptimizer(
                         torch.optim.AdamW(self.model.parameters(), lr=1e-3), list(self.model.named_parameters()),
-                        verbose=0)
+                        verbose=0) if what == "block_optimizer" else block_optimizer(self.model)
                 return self.optimizer
 
         trainer = Refused(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
+        if what == "second_train":
+            trainer.args.max_steps = 1
+            trainer.train()
+        with GatheredParameters(list(model.parameters())):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
         try:
             trainer.train(resume_from_checkpoint=os.path.join(save_dir, f"checkpoint-{SAVE_AFTER}")
                           if what == "resume" else None)
@@ -481,6 +496,58 @@ def _trainer_refusals(trainer_class, family, rows, make_args, save_dir, block_op
         if trainer.model_wrapped is not model:
             trainer.model_wrapped.destroy()
     return refused
+
+
+def run_zero_init(rank: int, world: int) -> dict:
+    """A model built partitioned (under ``deepspeed.zero.Init``, as ``from_pretrained`` builds one under the Trainer's
+    ``deepspeed=``), patched (the block stack found from its empty tensors), given a ZeroBlockOptimizer, then loaded
+    with the weights of a model built whole (the guard against the Trainer's resume lets this load through: no
+    engine holds the optimizer yet), trained by ``initialize``'s engine: its shards against the model built whole,
+    trained the same way."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+
+    config = ds_config(1, 0)
+    blocks = {}
+
+    def train(model):
+        opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5),
+                                      list(model.named_parameters()), verbose=0, switch_block_every=2,
+                                      sgd_mode="all", sgd_lr_scaling=SCALING)
+        blocks[len(blocks)] = opt.block_prefix_list
+        return opt
+
+    def loop(model, opt):
+        engine = bkds.initialize(model, opt, config=config)
+        for t in range(STEPS):
+            ids = micro_batches(t, 1, world)[0][rank * MICRO:(rank + 1) * MICRO]
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        shards = {n: p.ds_tensor[:bkds.shard_layout(p).valid].detach().clone() for n, p in model.named_parameters()}
+        engine.destroy()
+        return shards
+
+    whole = patch(build_model("llama"))
+    opt = train(whole)
+    initial = {n: p.detach().reshape(-1).clone() for n, p in whole.named_parameters()}
+    expected = loop(whole, opt)
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = build_model("llama", seed=1)
+    result = {"case": "zero_init", "built_empty": sum(p.numel() for p in model.parameters()) == 0}
+    model = patch(model)
+    opt = train(model)
+    with GatheredParameters(list(model.parameters()), modifier_rank=0):
+        model.load_state_dict(build_model("llama").state_dict())
+    trained = loop(model, opt)
+    result["same_blocks"] = blocks[0] == blocks[1]
+    result["diff"] = {n: (trained[n] - expected[n]).abs().max().item() if trained[n].numel() else 0.0
+                      for n in trained}
+    result["moved"] = sum(not torch.equal(expected[n], initial[n][bkds.shard_layout(p).start:][:expected[n].numel()])
+                          for n, p in whole.named_parameters())
+    return result
 
 
 def _initial_shards(family, model, shards):
@@ -537,7 +604,8 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES) instead of --cases")
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--plain-initialize", action="store_true", help="also run_plain_initialize")
-    parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES) instead of --cases")
+    parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES, and zero_init: run_zero_init) "
+                                                        "instead of --cases")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
     args = parser.parse_args()
@@ -549,7 +617,8 @@ def main() -> None:
     try:
         if args.trainer:
             for name in args.trainer.split(","):
-                results.append(run_trainer(name, rank, world, os.path.join(args.save_dir, name)))
+                results.append(run_zero_init(rank, world) if name == "zero_init" else
+                               run_trainer(name, rank, world, os.path.join(args.save_dir, name)))
         elif args.resume or args.plain_initialize:
             for name in args.resume.split(",") if args.resume else ():
                 results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))

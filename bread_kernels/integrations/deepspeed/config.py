@@ -46,7 +46,8 @@ def check_config(config) -> dict:
     if config.get("scheduler") is not None:
         raise ValueError("bread_kernels ZeRO integration: a DeepSpeed 'scheduler' in the config would never act (the "
                          "block optimizer sets the active block's lr at every step); take it out and schedule the lr "
-                         "with a torch scheduler on the ZeroBlockOptimizer")
+                         "with a torch scheduler on the ZeroBlockOptimizer (under the Hugging Face Trainer: its "
+                         "lr_scheduler_type)")
     return config
 
 

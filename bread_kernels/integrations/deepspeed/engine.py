@@ -24,7 +24,7 @@ __all__ = ["ZeroBlockEngine", "initialize", "SCHEDULE_FILE", "ROUTED_METHODS"]
 SCHEDULE_FILE = "bread_kernels_block_schedule.pt"
 #: DeepSpeed engine methods that a caller holding the DeepSpeed engine itself (the HF Trainer) may be routed to
 #: the ZeroBlockEngine's through instance attributes (.trainer); destroy() hands them back
-ROUTED_METHODS = ("save_checkpoint", "load_checkpoint", "destroy")
+ROUTED_METHODS = ("save_checkpoint", "load_checkpoint", "destroy", "_zero3_consolidated_16bit_state_dict")
 
 
 class ZeroBlockEngine:
@@ -236,13 +236,17 @@ class ZeroBlockEngine:
         groups): the old one's hooks removed, DeepSpeed's cached backward Functions dropped so the new coordinator
         makes its own, the root module it pushes on DeepSpeed's module stack once more and the old coordinators in
         DeepSpeed's release cache dropped (both would pile up over the run), and the engine's post-backward hook
-        registered again as ``deepspeed.initialize`` does."""
+        registered again as ``deepspeed.initialize`` does.  The loss scaler (fp16's dynamic scale and its overflow
+        history) and the last step's overflow flag carry over: a fresh one would start again at the initial scale
+        after every switch, and the Trainer reads the flag after the switch to skip its scheduler step."""
         engine, base = self.engine, self.block_optimizer.base_optimizer
-        engine.optimizer.destroy()
+        old = engine.optimizer
+        old.destroy()
         _drop_cached_backward_functions(engine.module)
         base.param_groups[:] = [g for g in base.param_groups if g["params"]]
         engine.basic_optimizer = base
         engine.optimizer = engine._configure_zero_optimizer(base)
+        engine.optimizer.loss_scaler, engine.optimizer.overflow = old.loss_scaler, old.overflow
         forget_modules(engine.module, keep=1)
         clear_release_cache()
         _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))

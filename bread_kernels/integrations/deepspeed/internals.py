@@ -46,8 +46,8 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
                   "basic_optimizer", "optimizer", "module", "config", "global_steps", "global_rank", "local_rank",
                   "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps")
-OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "fp16_groups", "grad_position",
-                     "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
+OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "loss_scaler", "overflow",
+                     "fp16_groups", "grad_position", "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
 CACHED_BACKWARD_FUNCTIONS = ("pre_bwd_fn", "post_bwd_fn")
 MODULE_HOOK_NAMES = ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook")
@@ -89,7 +89,7 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
         if "requires_grad" not in inspect.getsource(is_optimized_parameter):
             problems.append("deepspeed.runtime.utils.is_optimized_parameter no longer reads requires_grad")
         for name in ("_get_zero_frozen_param_attributes", "load_universal_checkpoint",
-                     "_create_module_forward_pre_hook"):
+                     "_create_module_forward_pre_hook", "_zero3_consolidated_16bit_state_dict"):
             if not hasattr(DeepSpeedEngine, name):
                 problems.append(f"DeepSpeedEngine.{name} is gone")
         hook_maker = getattr(DeepSpeedEngine, "_create_module_forward_pre_hook", None)

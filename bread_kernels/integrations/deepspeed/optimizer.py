@@ -10,7 +10,7 @@ import torch
 from ...optim.block_optimizer import BlockOptimizer
 from ...peft_lora import is_adapter_name
 from ...plan import Role
-from .internals import is_partitioned
+from .internals import engine_of_module
 from .shards import ZeroShards
 
 __all__ = ["ZeroBlockOptimizer"]
@@ -46,6 +46,14 @@ class ZeroBlockOptimizer(BlockOptimizer):
             self._load_guard.remove()
             self._load_guard = None
         super().close()
+
+    def handed_to_deepspeed(self) -> bool:
+        """Whether a DeepSpeed engine around the model holds this optimizer as its own (``deepspeed.initialize``
+        was handed it, as the Hugging Face Trainer does) while it is not connected to that engine yet."""
+        if self._ds_engine is not None or self.model is None:
+            return False
+        ds_engine = engine_of_module(self.model)
+        return ds_engine is not None and ds_engine.basic_optimizer is self
 
     def restore_given_groups(self) -> None:
         """Give this optimizer's groups back the parameters DeepSpeed took from them when it was handed this
@@ -152,7 +160,8 @@ class ZeroBlockOptimizer(BlockOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._refuse_checkpoint("load_state_dict")
-        if self._ds_engine is None and isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
+        if isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys() and \
+                self.handed_to_deepspeed():
             raise NotImplementedError(f"ZeroBlockOptimizer.load_state_dict: DeepSpeed is loading its optimizer state "
                                       f"into the ZeroBlockOptimizer it was handed{UNCONNECTED_LOAD}")
         super().load_state_dict(state_dict)
@@ -182,20 +191,20 @@ UNCONNECTED_LOAD = (
 
 
 class _UnconnectedLoadGuard:
-    """A ``load_state_dict`` pre-hook on the model: refuses a load into ZeRO-3 partitioned parameters while the
-    block optimizer is not connected to the engine that partitioned them (DeepSpeed's own ``load_checkpoint`` starts
-    with the module's ``load_state_dict``), before anything is loaded.  Holds the optimizer weakly."""
+    """A ``load_state_dict`` pre-hook on the model: refuses a load while a DeepSpeed engine holds the block optimizer
+    as its own but is not connected to it (:meth:`ZeroBlockOptimizer.handed_to_deepspeed`: DeepSpeed's own
+    ``load_checkpoint`` starts with the module's ``load_state_dict``), before anything is loaded.  Any other load
+    (a model built under ``deepspeed.zero.Init`` and loaded before :func:`initialize`) goes on.  Holds the optimizer
+    weakly."""
 
     def __init__(self, optimizer: ZeroBlockOptimizer):
         self.optimizer = weakref.ref(optimizer)
 
-    def __call__(self, module, state_dict, prefix, *args) -> None:
+    def __call__(self, module, *args) -> None:
         opt = self.optimizer()
-        if opt is None or opt.closed or opt._ds_engine is not None or prefix:
-            return
-        if any(is_partitioned(p) for p in module.parameters()):
-            raise NotImplementedError(f"bread_kernels: a load into the model's ZeRO-3 partitioned parameters while "
-                                      f"its ZeroBlockOptimizer is not connected{UNCONNECTED_LOAD}")
+        if opt is not None and not opt.closed and opt.handed_to_deepspeed():
+            raise NotImplementedError(f"bread_kernels: a load into the model while DeepSpeed holds its "
+                                      f"ZeroBlockOptimizer{UNCONNECTED_LOAD}")
 
 
 def _elementwise(value, flat: torch.Tensor) -> bool:

@@ -3,15 +3,16 @@ that the Trainer made through accelerate, connected as :func:`initialize` connec
 
 The Trainer hands ``deepspeed.initialize`` the optimizer its ``create_optimizer`` returned (the block optimizer
 itself) and steps DeepSpeed inside ``accelerator.backward``; its callbacks get the model and accelerate's optimizer
-wrapper, not the engine.  :func:`connect_trainer_engine` (called by ``BreadCallback.on_train_begin``, before the first
-forward) finds the engine from the model, gives the block optimizer its groups back, rebuilds DeepSpeed's stage-3
-optimizer over the base optimizer's active block (as at every switch) and points accelerate's wrapper at it, and
-routes the engine's ``save_checkpoint``, ``load_checkpoint`` and ``destroy`` (which the Trainer and its user call
-on it) to :class:`ZeroBlockEngine`'s.  The callback then does per step what :meth:`ZeroBlockEngine.step` does
-around ``engine.step()``: :meth:`~ZeroBlockEngine.set_block_lr` before (``on_step_begin``),
-:meth:`~ZeroBlockEngine.after_engine_step` after (``on_optimizer_step``).  Accelerate's wrapper holds a view of each stage-3 optimizer whose ``param_groups`` are the
-block optimizer's, so the Trainer's lr scheduler schedules the lr the block optimizer reads, as a torch scheduler on
-a :class:`~bread_kernels.BlockOptimizer` does.
+wrapper, not the engine.  :func:`connect_trainer_engine` (called by ``BreadCallback.on_train_begin``, before the
+first forward) finds the engine from the model, gives the block optimizer its groups back, rebuilds DeepSpeed's
+stage-3 optimizer over the base optimizer's active block (as at every switch) and points accelerate's wrapper at it,
+and routes the engine's ``save_checkpoint``, ``load_checkpoint``, ``destroy`` and the gathered state dict of
+``save_model`` (which the Trainer and its user call on it) through :class:`ZeroBlockEngine`.  The callback then does
+per step what :meth:`ZeroBlockEngine.step` does around ``engine.step()``: :meth:`~ZeroBlockEngine.set_block_lr`
+before (``on_step_begin``), :meth:`~ZeroBlockEngine.after_engine_step` after (``on_optimizer_step``).  Accelerate's
+wrapper holds a view of each stage-3 optimizer whose ``param_groups`` are the block optimizer's, so the Trainer's lr
+scheduler schedules the lr the block optimizer reads, as a torch scheduler on a
+:class:`~bread_kernels.BlockOptimizer` does.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class _ScheduledView:
         return self.block_optimizer.param_groups
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or "zero_optimizer" not in self.__dict__:  # copy and pickle probe an empty instance
+            raise AttributeError(name)
         return getattr(self.__dict__["zero_optimizer"], name)
 
     def __setattr__(self, name: str, value) -> None:
@@ -72,9 +75,12 @@ def connect_trainer_engine(model, accelerated_optimizer, block_optimizer: ZeroBl
     if ds_engine.basic_optimizer is not block_optimizer:
         raise RuntimeError("BreadCallback: DeepSpeed's engine was not handed this ZeroBlockOptimizer as its "
                            "optimizer; return it from the Trainer's create_optimizer")
+    if block_optimizer._ds_engine is ds_engine:
+        raise RuntimeError("BreadCallback: another BreadCallback of this train() already connected the engine; give "
+                           "the Trainer one BreadCallback")
     if block_optimizer._ds_engine is not None:
-        raise RuntimeError("BreadCallback: this ZeroBlockOptimizer is already connected to a DeepSpeed engine; build "
-                           "a new one in the Trainer's create_optimizer for each train()")
+        raise RuntimeError("BreadCallback: this ZeroBlockOptimizer is connected to another DeepSpeed engine; build "
+                           "a new one in the Trainer's create_optimizer")
     check_config(ds_engine.config)
     block_optimizer.restore_given_groups()
     mark_lora_leaves(model)
@@ -96,22 +102,31 @@ def _route_engine_methods(ds_engine, engine: ZeroBlockEngine) -> None:
     """The Trainer saves and loads through ``model_wrapped`` (the DeepSpeed engine): these instance attributes
     make its ``save_checkpoint``, ``load_checkpoint`` and ``destroy`` :class:`ZeroBlockEngine`'s
     (:data:`.engine.ROUTED_METHODS`), which keep the block schedule and the weights a hook updates, and take the
-    model out of DeepSpeed's globals.  The Trainer asks a peft model's checkpoint to leave the frozen parameters out;
-    under block-coordinate descent they include every block trained earlier (and the base weights that BREAD's
-    on-the-fly updates move), so they are saved, and a warning says so once."""
-    warned = []
+    model out of DeepSpeed's globals.  The Trainer asks a peft model's checkpoint and its ``save_model``'s gathered
+    state dict to leave the frozen parameters out; under block-coordinate descent they include every block trained
+    earlier (the adapters of those blocks, and the base weights that BREAD's on-the-fly updates move), so they are
+    kept, and a warning says so once for each."""
+    warned = set()
+
+    def keep_frozen(exclude_frozen_parameters: bool, what: str) -> None:
+        if exclude_frozen_parameters and what not in warned:
+            warned.add(what)
+            warnings.warn(f"bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
+                          f"{what} (it does so for a peft model); under block-coordinate descent they include the "
+                          "blocks trained earlier (their adapters too), so they are kept", RuntimeWarning,
+                          stacklevel=3)
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True,  # noqa: B006 - DeepSpeed's signature
                         exclude_frozen_parameters=False):
-        if exclude_frozen_parameters and not warned:
-            warned.append(True)
-            warnings.warn("bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
-                          "checkpoint (it does so for a peft model); under block-coordinate descent they include the "
-                          "blocks trained earlier and the weights updated on the fly, so they are saved",
-                          RuntimeWarning, stacklevel=2)
+        keep_frozen(exclude_frozen_parameters, "checkpoint")
         return engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
 
+    def consolidated_state_dict(exclude_frozen_parameters=False):  # the Trainer's save_model of a peft model
+        keep_frozen(exclude_frozen_parameters, "saved model")
+        return type(ds_engine)._zero3_consolidated_16bit_state_dict(ds_engine, exclude_frozen_parameters=False)
+
     routed = {"save_checkpoint": save_checkpoint, "load_checkpoint": engine.load_checkpoint,
-              "destroy": engine.destroy}  # ROUTED_METHODS, which destroy() hands back
+              "destroy": engine.destroy,  # ROUTED_METHODS, which destroy() hands back
+              "_zero3_consolidated_16bit_state_dict": consolidated_state_dict}
     for name, method in routed.items():
         setattr(ds_engine, name, method)
