@@ -37,7 +37,8 @@ must agree bit for bit.
 
 A third launch (``--trainer``) runs the Hugging Face Trainer with ``deepspeed=`` and ``BreadCallback`` (a
 ``ZeroBlockOptimizer`` from its ``create_optimizer``, a cosine lr schedule) against the integration's own loop on the
-micro-batches the Trainer gave each rank, the Trainer's checkpoint resumed exactly in that loop, and what the
+micro-batches the Trainer gave each rank (fp32 with accumulation, LoRA, ``bf16=True`` with DeepSpeed's bf16 and
+signSGD), the Trainer's checkpoint resumed exactly in that loop, a model built under ``zero.Init``, and what the
 Trainer with ``BreadCallback`` refuses (its ``resume_from_checkpoint``, a ``BlockOptimizer`` under DeepSpeed).
 """
 

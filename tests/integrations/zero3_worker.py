@@ -340,6 +340,7 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
 TRAINER_CASES = {
     "trainer_sgd_all_gas2": ("llama", "all", False, 2, "ascending", 0, None),
     "trainer_lora_partial": ("lora", "partial", False, 1, "descending", None, "partial"),
+    "trainer_bf16_sign": ("llama", "all", True, 1, "descending", None, None),  # bf16=True, DeepSpeed's bf16 mode
 }
 
 
@@ -356,7 +357,8 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
     prefix = "base_model.model." if family == "lora" else ""
     blocks = [[f"{prefix}model.layers.{i}."] for i in range(LAYERS)]
     saves = family == "lora"
-    config = ds_config(gas, 0)
+    bf16 = "bf16" in name
+    config = ds_config(gas, 0, bf16=bf16)
 
     def block_optimizer(model):
         return bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5, weight_decay=0.0),
@@ -389,7 +391,7 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
             output_dir=save_dir, per_device_train_batch_size=MICRO, gradient_accumulation_steps=gas, max_steps=STEPS,
             learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_strategy="no", save_strategy="steps" if saves else "no", save_steps=SAVE_AFTER,
-            report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3)
+            report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3, bf16=bf16, use_cpu=bf16)
     model = patch(build_model(family))
     trainer = BlockTrainer(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
     trainer.model_accepts_loss_kwargs = False  # the loss is the mean per micro-batch, divided by gas: as the loop's
