@@ -369,6 +369,22 @@ def _engine_without_deepspeed(sgd_mode):
     return model, opt, ds, bkds.ZeroBlockEngine(ds, opt)
 
 
+def test_a_step_deepspeed_skipped_for_an_fp16_overflow_is_not_counted():
+    """DeepSpeed skips its step when fp16's loss scale overflowed (its optimizer's ``overflow``); the block
+    optimizer counted it all the same, so the block trained fewer real steps than ``switch_block_every`` (a
+    GradScaler that skips BlockOptimizer.step does not count it)."""
+    import types
+
+    model, opt, ds, engine = _engine_without_deepspeed("disabled")
+    ds.optimizer = types.SimpleNamespace(overflow=True)
+    assert engine.after_engine_step() is False
+    assert (opt.global_step, opt.block_step) == (0, 0)
+    ds.optimizer.overflow = False
+    assert engine.after_engine_step() is False  # counted, no switch due yet
+    assert (opt.global_step, opt.block_step) == (1, 1)
+    opt.close()
+
+
 @pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
 def test_a_checkpoint_holds_the_hook_updated_weights_and_the_schedule(tmp_path, sgd_mode):
     """DeepSpeed saves its optimizer's parameters and those that do not require grad; the norms a hook updates on

@@ -224,7 +224,11 @@ class ZeroBlockEngine:
 
     def after_engine_step(self) -> bool:
         """The block optimizer's bookkeeping after DeepSpeed stepped at a boundary, and the block switch when due
-        (DeepSpeed's stage-3 optimizer rebuilt for the new block).  Returns whether it switched."""
+        (DeepSpeed's stage-3 optimizer rebuilt for the new block).  Returns whether it switched.  A step DeepSpeed
+        skipped for an fp16 overflow is not counted, as a ``GradScaler`` that skips ``BlockOptimizer.step`` does not
+        count it (the block trains ``switch_block_every`` real steps)."""
+        if getattr(self.engine.optimizer, "overflow", False):
+            return False
         if not self.block_optimizer.after_base_step():
             return False
         self._rebuild_zero_optimizer()
