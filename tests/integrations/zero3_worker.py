@@ -391,7 +391,8 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
             output_dir=save_dir, per_device_train_batch_size=MICRO, gradient_accumulation_steps=gas, max_steps=STEPS,
             learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_strategy="no", save_strategy="steps" if saves else "no", save_steps=SAVE_AFTER,
-            report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3, bf16=bf16, use_cpu=bf16)
+            report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3, bf16=bf16, use_cpu=bf16,
+            gradient_checkpointing=gas > 1)
     model = patch(build_model(family))
     trainer = BlockTrainer(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
     trainer.model_accepts_loss_kwargs = False  # the loss is the mean per micro-batch, divided by gas: as the loop's
