@@ -417,7 +417,8 @@ class EngineDriver:
                 "deepspeed=, which replaces the optimizer it is given with its own): ZeRO-1/2 replace this "
                 "optimizer's parameters with flat partitions and ZeRO-3 partitions the weights, so block switches "
                 "and on-the-fly updates would not reach them. Use bread_kernels.integrations.deepspeed "
-                "(ZeroBlockOptimizer and initialize, ZeRO-3), or DistributedDataParallel without DeepSpeed")
+                "(ZeroBlockOptimizer and initialize, ZeRO-3; under the Trainer's deepspeed=, a ZeroBlockOptimizer "
+                "from its create_optimizer and BreadCallback), or DistributedDataParallel without DeepSpeed")
         dp = data_parallel_forward()
         on_the_fly = self._any_on_the_fly
         if on_the_fly and dp is not None and self.library_hooks:

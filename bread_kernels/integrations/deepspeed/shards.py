@@ -46,10 +46,11 @@ class ZeroShards(UpdateTarget):
         if under_deepspeed and self.loss_scale is None:  # no engine of initialize's connected
             raise RuntimeError("ZeroBlockOptimizer: a DeepSpeed engine that bread_kernels.integrations.deepspeed."
                                "initialize did not make drives this model (deepspeed.initialize, or the Trainer's "
-                               "deepspeed=): it never switches blocks (given the base optimizer it would train the "
-                               "first block for ever). Build the engine with bread_kernels.integrations.deepspeed."
-                               "initialize(model, optimizer, config) and train with a loop over the engine it returns "
-                               "(python/zero3_example.py)")
+                               "deepspeed= without BreadCallback): it never switches blocks (given the base "
+                               "optimizer it would train the first block for ever). Build the engine with "
+                               "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config) and train "
+                               "with a loop over the engine it returns, or give the Trainer BreadCallback (the "
+                               "ZeroBlockOptimizer from its create_optimizer; python/zero3_example.py shows both)")
 
     def _loss_scale(self) -> float:
         return float(self.loss_scale()) if self.loss_scale is not None else 1.0
