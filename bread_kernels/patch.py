@@ -308,17 +308,16 @@ def patched_state(model: nn.Module) -> PatchedModel | None:
 
 
 def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    best, best_size = None, (0, 0)
+    best, best_size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
         if len({type(m) for m in module}) != 1:
             continue
-        params = list(module.parameters())
-        # elements, then tensors: a model built partitioned (ZeRO-3's zero.Init, which from_pretrained uses under
-        # the Trainer's deepspeed=) holds empty tensors until gathered
-        size = (sum(p.numel() for p in params), len(params))
-        if size[1] and size > best_size:
+        # a model built partitioned (ZeRO-3's zero.Init, which from_pretrained uses under the Trainer's deepspeed=)
+        # holds empty tensors until gathered; DeepSpeed keeps each one's size as ds_numel
+        size = sum(getattr(p, "ds_numel", None) or p.numel() for p in module.parameters())
+        if size > best_size:
             best, best_size = (name, module), size
     if best is None:
         raise ValueError(

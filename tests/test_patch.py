@@ -45,6 +45,27 @@ def test_discovery_finds_each_architecture_structurally():
     assert any(type(m).__name__ == "Conv1D" for _, m in gpt2.fused_modules)  # GPT-2's transposed-weight layers
 
 
+def test_discovery_weighs_the_stacks_of_a_model_built_partitioned_by_their_full_size():
+    """Under the Trainer's deepspeed= (ZeRO-3) from_pretrained builds the model under deepspeed.zero.Init: every
+    parameter an empty tensor, its size in ``ds_numel``.  Discovery weighed stacks by elements, found none, and
+    counting tensors instead would take a vision tower of many small layers for the language model's stack."""
+    from bread_kernels.patch import _find_block_stack
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4))
+                                        for _ in range(6))
+            self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(2))
+
+    model = Model()
+    assert _find_block_stack(model)[0] == "layers"
+    for p in model.parameters():  # as zero.Init leaves them
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    assert _find_block_stack(model)[0] == "layers"
+
+
 def test_unsupported_model_gets_a_clear_error_and_blocks_argument_works():
     class Odd(nn.Module):
         def __init__(self):

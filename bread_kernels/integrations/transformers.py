@@ -44,6 +44,8 @@ def unwrap_optimizer(optimizer):
     ``deepspeed=``, DeepSpeed's optimizer, each keeping the one inside as ``.optimizer``."""
     seen = 0
     while _is_wrapper(optimizer) and seen < 8:
+        if getattr(type(optimizer), "wraps_deepspeed_optimizer", False):  # a connected engine's view: its block
+            return optimizer.block_optimizer                              # optimizer, not DeepSpeed's base one
         optimizer, seen = optimizer.optimizer, seen + 1
     return optimizer
 

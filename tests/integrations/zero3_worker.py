@@ -455,8 +455,13 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
         result["resume_diff"] = {n: (trained[n] - resumed[n]).abs().max().item() if trained[n].numel() else 0.0
                                  for n in trained}
         engine.destroy()
+    from bread_kernels.integrations.deepspeed.internals import engine_of_module
+    from bread_kernels.integrations.transformers import unwrap_optimizer
+
+    result["unwrapped"] = type(unwrap_optimizer(trainer.optimizer)).__name__
     trainer.model_wrapped.destroy()  # the integration's destroy, routed
     result["routed_after_destroy"] = sorted(set(trainer.model_wrapped.__dict__) & {"save_checkpoint", "destroy"})
+    result["engine_after_destroy"] = engine_of_module(model) is not None
     if saves:
         result["refused"] = _trainer_refusals(BlockTrainer, family, rows, make_args, save_dir, block_optimizer)
     return result

@@ -43,6 +43,13 @@ def check_config(config) -> dict:
                          "host/NVMe, where the update does not run")
     if effective.zenflow is not None:  # "zenflow": {} turns it on with its defaults
         raise ValueError("bread_kernels ZeRO integration: ZenFlow is not supported (it transposes param.data)")
+    autocast = config.get("torch_autocast") or {}
+    if autocast.get("enabled") and str(autocast.get("dtype", "")).lower() in ("float16", "fp16", "half",
+                                                                               "torch.float16"):
+        raise ValueError("bread_kernels ZeRO integration: torch_autocast with float16 is not supported: its "
+                         "GradScaler scales the loss outside DeepSpeed's loss scaler, which the on-the-fly updates "
+                         "divide out, so they would step by the scale (65536x). Use \"fp16\": {\"enabled\": true} "
+                         "(DeepSpeed's fp16 mode) or bfloat16")
     if config.get("scheduler") is not None:
         raise ValueError("bread_kernels ZeRO integration: a DeepSpeed 'scheduler' in the config would never act (the "
                          "block optimizer sets the active block's lr at every step); take it out and schedule the lr "

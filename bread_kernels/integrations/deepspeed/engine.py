@@ -14,7 +14,8 @@ import torch.distributed as dist
 from ...functions.recompute import register_recompute_scope
 from .config import check_config
 from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, checkpointed_as_frozen, clear_release_cache, \
-    default_checkpoint_tag, forget_modules, internals_problems, latest_checkpoint_tag, module_stack_restored
+    default_checkpoint_tag, forget_modules, internals_problems, latest_checkpoint_tag, module_stack_restored, \
+    remove_module_hooks
 from .lora_leaves import mark_lora_leaves, unmark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
@@ -225,8 +226,9 @@ class ZeroBlockEngine:
     def after_engine_step(self) -> bool:
         """The block optimizer's bookkeeping after DeepSpeed stepped at a boundary, and the block switch when due
         (DeepSpeed's stage-3 optimizer rebuilt for the new block).  Returns whether it switched.  A step DeepSpeed
-        skipped for an fp16 overflow is not counted, as a ``GradScaler`` that skips ``BlockOptimizer.step`` does not
-        count it (the block trains ``switch_block_every`` real steps)."""
+        skipped (its optimizer's ``overflow``: an fp16 overflow, or a non-finite gradient norm in any dtype) is not
+        counted, as a ``GradScaler`` that skips ``BlockOptimizer.step`` does not count it: the block trains
+        ``switch_block_every`` real steps."""
         if getattr(self.engine.optimizer, "overflow", False):
             return False
         if not self.block_optimizer.after_base_step():
@@ -241,8 +243,7 @@ class ZeroBlockEngine:
         makes its own, the root module it pushes on DeepSpeed's module stack once more and the old coordinators in
         DeepSpeed's release cache dropped (both would pile up over the run), and the engine's post-backward hook
         registered again as ``deepspeed.initialize`` does.  The loss scaler (fp16's dynamic scale and its overflow
-        history) and the last step's overflow flag carry over: a fresh one would start again at the initial scale
-        after every switch, and the Trainer reads the flag after the switch to skip its scheduler step."""
+        history) carries over: a fresh one would start again at the initial scale after every switch."""
         engine, base = self.engine, self.block_optimizer.base_optimizer
         old = engine.optimizer
         old.destroy()
@@ -250,7 +251,7 @@ class ZeroBlockEngine:
         base.param_groups[:] = [g for g in base.param_groups if g["params"]]
         engine.basic_optimizer = base
         engine.optimizer = engine._configure_zero_optimizer(base)
-        engine.optimizer.loss_scaler, engine.optimizer.overflow = old.loss_scaler, old.overflow
+        engine.optimizer.loss_scaler = old.loss_scaler
         forget_modules(engine.module, keep=1)
         clear_release_cache()
         _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))
@@ -272,6 +273,7 @@ class ZeroBlockEngine:
         for name in ROUTED_METHODS:
             self.engine.__dict__.pop(name, None)
         self.engine.destroy()
+        remove_module_hooks(self.engine)
         _drop_cached_backward_functions(self.engine.module)  # they close over the coordinator, which holds the model
         forget_modules(self.engine.module)  # else DeepSpeed's globals keep the model (and its process groups) alive
         clear_release_cache()

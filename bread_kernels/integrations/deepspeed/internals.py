@@ -19,7 +19,7 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
-           "checkpointed_as_frozen", "engine_of_module"]
+           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -45,7 +45,8 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
 #: private engine / optimizer members used at a block switch
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
                   "basic_optimizer", "optimizer", "module", "config", "global_steps", "global_rank", "local_rank",
-                  "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps")
+                  "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps",
+                  "module_forward_pre_hook", "module_forward_post_hook")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "loss_scaler", "overflow",
                      "fp16_groups", "grad_position", "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
@@ -150,6 +151,17 @@ def engine_of_module(module: torch.nn.Module):
             if isinstance(value, DeepSpeedEngine) and value.module is module:
                 found = value
     return found
+
+
+def remove_module_hooks(engine) -> None:
+    """Remove the forward pre- and post-hooks DeepSpeed 0.19's engine registers on its module, which its
+    ``destroy`` leaves: they close over the engine (its stage-3 optimizer, fp32 partitions, the block optimizer
+    it was handed), so a model kept after the engine would keep all of it alive, and run them at every forward."""
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
