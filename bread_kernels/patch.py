@@ -82,7 +82,7 @@ from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
-           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default"]
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel"]
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
@@ -307,18 +307,44 @@ def patched_state(model: nn.Module) -> PatchedModel | None:
     return getattr(model, _STATE_ATTR, None)
 
 
+#: functions that give a parameter's whole number of elements where its tensor holds fewer (a ZeRO-3 partitioned
+#: parameter, empty until gathered), None for any other: the integrations register theirs (the DeepSpeed one on import)
+_WHOLE_NUMEL: list[Callable[[torch.Tensor], int | None]] = []
+
+
+def register_whole_numel(whole_numel: Callable[[torch.Tensor], int | None]) -> None:
+    """Register a function giving a partitioned parameter's whole number of elements (None for other parameters), by
+    which block-stack discovery weighs a model built partitioned as one built whole."""
+    if whole_numel not in _WHOLE_NUMEL:
+        _WHOLE_NUMEL.append(whole_numel)
+
+
+def _whole_numel(p: torch.Tensor) -> int:
+    for whole_numel in _WHOLE_NUMEL:
+        n = whole_numel(p)
+        if n is not None:
+            return n
+    return p.numel()
+
+
 def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    best, best_size = None, 0
+    best, best_size, empty = None, 0, False
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
         if len({type(m) for m in module}) != 1:
             continue
-        # a model built partitioned (ZeRO-3's zero.Init, which from_pretrained uses under the Trainer's deepspeed=)
-        # holds empty tensors until gathered; DeepSpeed keeps each one's size as ds_numel
-        size = sum(getattr(p, "ds_numel", None) or p.numel() for p in module.parameters())
+        params = list(module.parameters())
+        size = sum(_whole_numel(p) for p in params)
+        empty = empty or (bool(params) and size == 0)
         if size > best_size:
             best, best_size = (name, module), size
+    if best is None and empty:
+        raise ValueError(
+            f"patch: the parameters of {type(model).__name__} are empty tensors (a model built partitioned, as "
+            "DeepSpeed's zero.Init and from_pretrained under a ZeRO-3 config build it), so no block stack can be "
+            "weighed: import bread_kernels.integrations.deepspeed before patch (it tells their sizes), or point "
+            "patch at the stack yourself: patch(model, blocks=model.<path>.layers)")
     if best is None:
         raise ValueError(
             f"patch: found no block stack in {type(model).__name__}: searched for an nn.ModuleList of two or more "

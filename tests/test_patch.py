@@ -45,24 +45,32 @@ def test_discovery_finds_each_architecture_structurally():
     assert any(type(m).__name__ == "Conv1D" for _, m in gpt2.fused_modules)  # GPT-2's transposed-weight layers
 
 
-def test_discovery_weighs_the_stacks_of_a_model_built_partitioned_by_their_full_size():
-    """Under the Trainer's deepspeed= (ZeRO-3) from_pretrained builds the model under deepspeed.zero.Init: every
-    parameter an empty tensor, its size in ``ds_numel``.  Discovery weighed stacks by elements, found none, and
-    counting tensors instead would take a vision tower of many small layers for the language model's stack."""
-    from bread_kernels.patch import _find_block_stack
+class _VisionAndText(nn.Module):
+    """A vision tower of many small layers beside a language model's stack of few large ones (Llava's shape)."""
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4))
-                                        for _ in range(6))
-            self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(2))
+    def __init__(self):
+        super().__init__()
+        self.vision = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)) for _ in range(6))
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(2))
 
-    model = Model()
+
+def test_discovery_weighs_the_stacks_of_a_model_built_partitioned_by_their_whole_size(monkeypatch):
+    """A model built partitioned (DeepSpeed's zero.Init, which from_pretrained uses under a ZeRO-3 config) holds empty
+    tensors: discovery weighed stacks by elements and found none (counting tensors instead would take the vision
+    tower).  The sizes come from the functions integrations register; without one, a clear error."""
+    import sys
+
+    from bread_kernels.patch import _find_block_stack, register_whole_numel
+
+    model = _VisionAndText()
     assert _find_block_stack(model)[0] == "layers"
-    for p in model.parameters():  # as zero.Init leaves them
-        p.ds_numel = p.numel()
+    sizes = {id(p): p.numel() for p in model.parameters()}
+    for p in model.parameters():
         p.data = torch.empty(0)
+    monkeypatch.setattr(sys.modules["bread_kernels.patch"], "_WHOLE_NUMEL", [])
+    with pytest.raises(ValueError, match="empty tensors .* import bread_kernels.integrations.deepspeed before patch"):
+        _find_block_stack(model)
+    register_whole_numel(lambda p: sizes.get(id(p)))
     assert _find_block_stack(model)[0] == "layers"
 
 

@@ -318,6 +318,23 @@ def test_static_internals_present():
     assert bkds.internals_problems() == []
 
 
+def test_the_integration_tells_patch_the_sizes_of_partitioned_parameters():
+    """Importing the integration registers the ZeRO-3 parameters' whole sizes (``ds_numel``) with patch's discovery,
+    which weighs a model built under zero.Init (empty tensors) as one built whole (the 2-rank zero_init case patches
+    a real one)."""
+    import torch
+
+    import bread_kernels.integrations.deepspeed  # noqa: F401 - registers the sizes
+    from bread_kernels.patch import _find_block_stack
+    from tests.test_patch import _VisionAndText
+
+    model = _VisionAndText()
+    for i, p in enumerate(model.parameters()):  # as zero.Init leaves them
+        p.ds_id, p.ds_numel, p.ds_tensor = i, p.numel(), torch.empty(0)
+        p.data = torch.empty(0)
+    assert _find_block_stack(model)[0] == "layers"
+
+
 def test_initialize_needs_the_zero_block_optimizer():
     import torch
 
