@@ -50,6 +50,14 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
+def _partitioned(model) -> bool:
+    """Whether the model's parameters are ZeRO-3 partitioned (asked of the DeepSpeed integration, which reads
+    DeepSpeed's parameter attributes; it imports no DeepSpeed)."""
+    from .deepspeed.internals import is_partitioned
+
+    return any(is_partitioned(p) for p in model.parameters())
+
+
 def _under_deepspeed(optimizer) -> bool:
     seen = 0
     while _is_wrapper(optimizer) and seen < 8:
@@ -105,7 +113,7 @@ class BreadCallback(TrainerCallback):
             return
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
         optimizer = unwrap_optimizer(optimizer)
-        if any(getattr(p, "ds_id", None) is not None for p in model.parameters()):
+        if _partitioned(model):
             raise RuntimeError("BreadCallback: the model's parameters are ZeRO-3 partitioned but the Trainer's "
                                "optimizer is not under DeepSpeed: a second train() of a Trainer with deepspeed= "
                                "(transformers does not rebuild the engine the first one destroyed) is not "
@@ -149,7 +157,7 @@ class BreadCallback(TrainerCallback):
         from .deepspeed.trainer import connect_trainer_engine
 
         inner = unwrap_optimizer(optimizer)
-        if type(inner).__module__.split(".")[0] == "deepspeed":
+        if _is_deepspeed(inner):
             raise ValueError(f"BreadCallback: the Trainer's optimizer is DeepSpeed's {type(inner).__name__}, from the "
                              "\"optimizer\" section of the DeepSpeed config (with it the Trainer never calls "
                              "create_optimizer); take that section out and return a bread_kernels.integrations."

@@ -403,11 +403,26 @@ def test_a_step_deepspeed_skipped_for_an_fp16_overflow_is_not_counted():
     import types
 
     model, opt, ds, engine = _engine_without_deepspeed("disabled")
+    from bread_kernels.integrations.deepspeed.engine import SKIPPED_STEPS_WARNING
+
     ds.optimizer = types.SimpleNamespace(overflow=True)
     assert engine.after_engine_step() is False
     assert (opt.global_step, opt.block_step) == (0, 0)
     ds.optimizer.overflow = False
     assert engine.after_engine_step() is False  # counted, no switch due yet
+    assert (opt.global_step, opt.block_step) == (1, 1)
+    # a long run of skipped steps (gradients that stay non-finite) would stall the schedule in silence: warned once
+    ds.optimizer.overflow = True
+    limit = max(SKIPPED_STEPS_WARNING, opt.switch_block_every)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(limit + 3):
+            engine.after_engine_step()
+    said = [str(w.message) for w in caught if "DeepSpeed skipped the last" in str(w.message)]
+    assert said == [f"bread_kernels: DeepSpeed skipped the last {limit} steps (an fp16 overflow or a non-finite "
+                    f"gradient norm each time), none counted: block {opt.order.current} has trained none of them and "
+                    "the block schedule waits for a step that is not skipped. Check the loss, the lr and the loss "
+                    "scale"]
     assert (opt.global_step, opt.block_step) == (1, 1)
     opt.close()
 

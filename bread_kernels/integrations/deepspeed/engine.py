@@ -26,6 +26,9 @@ SCHEDULE_FILE = "bread_kernels_block_schedule.pt"
 #: DeepSpeed engine methods that a caller holding the DeepSpeed engine itself (the HF Trainer) may be routed to
 #: the ZeroBlockEngine's through instance attributes (.trainer); destroy() hands them back
 ROUTED_METHODS = ("save_checkpoint", "load_checkpoint", "destroy", "_zero3_consolidated_16bit_state_dict")
+#: skipped steps in a row that are warned about (or switch_block_every, if more): fp16's dynamic loss scale skips a
+#: few while it finds its scale; more say the gradients stay non-finite
+SKIPPED_STEPS_WARNING = 20
 
 
 class ZeroBlockEngine:
@@ -38,6 +41,7 @@ class ZeroBlockEngine:
         self.engine = ds_engine
         self.block_optimizer = optimizer
         self.switches = 0
+        self.skipped_in_a_row = 0  # steps DeepSpeed skipped since the last counted one
         #: called with each new stage-3 optimizer: whoever else holds DeepSpeed's optimizer (accelerate's wrapper)
         self.on_rebuild: list = []
         optimizer._ds_engine = ds_engine
@@ -228,9 +232,18 @@ class ZeroBlockEngine:
         (DeepSpeed's stage-3 optimizer rebuilt for the new block).  Returns whether it switched.  A step DeepSpeed
         skipped (its optimizer's ``overflow``: an fp16 overflow, or a non-finite gradient norm in any dtype) is not
         counted, as a ``GradScaler`` that skips ``BlockOptimizer.step`` does not count it: the block trains
-        ``switch_block_every`` real steps."""
+        ``switch_block_every`` real steps.  A long run of skipped steps (:data:`SKIPPED_STEPS_WARNING`) is warned
+        about once."""
         if getattr(self.engine.optimizer, "overflow", False):
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row == max(SKIPPED_STEPS_WARNING, self.block_optimizer.switch_block_every):
+                warnings.warn(f"bread_kernels: DeepSpeed skipped the last {self.skipped_in_a_row} steps (an fp16 "
+                              "overflow or a non-finite gradient norm each time), none counted: block "
+                              f"{self.block_optimizer.order.current} has trained none of them and the block schedule "
+                              "waits for a step that is not skipped. Check the loss, the lr and the loss scale",
+                              RuntimeWarning, stacklevel=2)
             return False
+        self.skipped_in_a_row = 0
         if not self.block_optimizer.after_base_step():
             return False
         self._rebuild_zero_optimizer()
