@@ -424,7 +424,9 @@ def _check_model(model, named, what: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be an nn.Module, got {type(model).__name__}")
     check_parameters_of(model, named, f"accelerate({what})")
-    if any(hasattr(p, "ds_id") for _, p in named):
+    from .deepspeed.internals import any_partitioned  # no DeepSpeed import: its parameter attributes only
+
+    if any_partitioned(p for _, p in named):
         raise NotImplementedError("accelerate: the model is partitioned by DeepSpeed ZeRO-3; use "
                                   "bread_kernels.integrations.deepspeed (ZeroBlockOptimizer and initialize) instead")
     return model

@@ -39,32 +39,23 @@ def _is_deepspeed(optimizer) -> bool:
         getattr(type(optimizer), "wraps_deepspeed_optimizer", False)
 
 
+def _unwrapped(optimizer) -> tuple[object, bool]:
+    """The optimizer inside the Trainer's wrappers, and whether DeepSpeed's optimizer is among them."""
+    under_deepspeed = False
+    for _ in range(8):
+        if not _is_wrapper(optimizer):
+            break
+        under_deepspeed = under_deepspeed or _is_deepspeed(optimizer)
+        if getattr(type(optimizer), "wraps_deepspeed_optimizer", False):  # a connected engine's view: its block
+            return optimizer.block_optimizer, True                        # optimizer, not DeepSpeed's base one
+        optimizer = optimizer.optimizer
+    return optimizer, under_deepspeed
+
+
 def unwrap_optimizer(optimizer):
     """The optimizer inside the Trainer's wrappers: accelerate's ``AcceleratedOptimizer`` and, under
     ``deepspeed=``, DeepSpeed's optimizer, each keeping the one inside as ``.optimizer``."""
-    seen = 0
-    while _is_wrapper(optimizer) and seen < 8:
-        if getattr(type(optimizer), "wraps_deepspeed_optimizer", False):  # a connected engine's view: its block
-            return optimizer.block_optimizer                              # optimizer, not DeepSpeed's base one
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return optimizer
-
-
-def _partitioned(model) -> bool:
-    """Whether the model's parameters are ZeRO-3 partitioned (asked of the DeepSpeed integration, which reads
-    DeepSpeed's parameter attributes; it imports no DeepSpeed)."""
-    from .deepspeed.internals import is_partitioned
-
-    return any(is_partitioned(p) for p in model.parameters())
-
-
-def _under_deepspeed(optimizer) -> bool:
-    seen = 0
-    while _is_wrapper(optimizer) and seen < 8:
-        if _is_deepspeed(optimizer):
-            return True
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return False
+    return _unwrapped(optimizer)[0]
 
 
 #: the accelerations a BreadCallback made, each with a weak reference to the TrainerState of the train() that made
@@ -108,12 +99,15 @@ class BreadCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("BreadCallback: the Trainer passed no model or optimizer to on_train_begin")
-        if _under_deepspeed(optimizer):
-            self._connect_deepspeed(model, optimizer)
+        from .deepspeed.internals import any_partitioned  # no DeepSpeed import: its parameter attributes only
+
+        inner, under_deepspeed = _unwrapped(optimizer)
+        if under_deepspeed:
+            self._connect_deepspeed(model, optimizer, inner)
             return
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
-        optimizer = unwrap_optimizer(optimizer)
-        if _partitioned(model):
+        optimizer = inner
+        if any_partitioned(model.parameters()):
             raise RuntimeError("BreadCallback: the model's parameters are ZeRO-3 partitioned but the Trainer's "
                                "optimizer is not under DeepSpeed: a second train() of a Trainer with deepspeed= "
                                "(transformers does not rebuild the engine the first one destroyed) is not "
@@ -152,11 +146,10 @@ class BreadCallback(TrainerCallback):
         accelerate(optimizer, model, **settings)  # patches (and unpatches again when it refuses)
         _ACCELERATED_BY_CALLBACK[accelerated(optimizer)] = weakref.ref(state) if state is not None else None
 
-    def _connect_deepspeed(self, model, optimizer) -> None:
+    def _connect_deepspeed(self, model, optimizer, inner) -> None:
         from .deepspeed import ZeroBlockOptimizer
         from .deepspeed.trainer import connect_trainer_engine
 
-        inner = unwrap_optimizer(optimizer)
         if _is_deepspeed(inner):
             raise ValueError(f"BreadCallback: the Trainer's optimizer is DeepSpeed's {type(inner).__name__}, from the "
                              "\"optimizer\" section of the DeepSpeed config (with it the Trainer never calls "

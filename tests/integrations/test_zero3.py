@@ -73,13 +73,17 @@ def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = 
                     timeout=timeout)
 
 
+def launched_results(folder: Path, what: str, *args: str) -> dict:
+    """Launch the worker with ``args`` writing into ``folder``; every rank's results once it succeeded."""
+    proc = launch(folder / "run", *args)
+    assert proc.returncode == 0, f"the 2-rank {what} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
+                                 f"{proc.stderr[-8000:]}"
+    return read_ranks(folder / "run")
+
+
 @pytest.fixture(scope="module")
 def zero3_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3") / "run"
-    proc = launch(out)
-    assert proc.returncode == 0, f"the 2-rank run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
-                                 f"{proc.stderr[-8000:]}"
-    return read_ranks(out)
+    return launched_results(tmp_path_factory.mktemp("zero3"), "run")
 
 
 FP32_CASES = [c for c in CASES if not c.startswith("bf16")]
@@ -148,10 +152,8 @@ def test_collectives_are_reduce_scatters_and_sparse_gathers(zero3_results):
 @pytest.fixture(scope="module")
 def resume_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3_resume")
-    proc = launch(folder / "run", "--resume", ",".join(RESUME_CASES), "--save-dir", str(folder), "--plain-initialize")
-    assert proc.returncode == 0, f"the 2-rank resume run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
-                                 f"{proc.stderr[-8000:]}"
-    return read_ranks(folder / "run")
+    return launched_results(folder, "resume run", "--resume", ",".join(RESUME_CASES), "--save-dir", str(folder),
+                            "--plain-initialize")
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -194,10 +196,8 @@ def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_firs
 @pytest.fixture(scope="module")
 def trainer_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3_trainer")
-    proc = launch(folder / "run", "--trainer", ",".join([*TRAINER_CASES, "zero_init"]), "--save-dir", str(folder))
-    assert proc.returncode == 0, f"the 2-rank Trainer run failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
-                                 f"{proc.stderr[-8000:]}"
-    return read_ranks(folder / "run")
+    return launched_results(folder, "Trainer run", "--trainer", ",".join([*TRAINER_CASES, "zero_init"]),
+                            "--save-dir", str(folder))
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -19,7 +19,7 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
-           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel"]
+           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "any_partitioned"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -167,6 +167,11 @@ def remove_module_hooks(engine) -> None:
 def is_partitioned(param: torch.Tensor) -> bool:
     """Whether ``param`` is a ZeRO-3 partitioned parameter."""
     return getattr(param, "ds_id", None) is not None and getattr(param, "ds_tensor", None) is not None
+
+
+def any_partitioned(params) -> bool:
+    """Whether any of ``params`` is ZeRO-3 partitioned (a model DeepSpeed built or wrapped)."""
+    return any(is_partitioned(p) for p in params)
 
 
 def whole_numel(param: torch.Tensor) -> int | None:
