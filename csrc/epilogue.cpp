@@ -26,7 +26,8 @@
 // lowbias32(lowbias32((offset + i) ^ key1) ^ key2).  Same maths, bit for bit, as backends/epilogue.py and the
 // Triton kernel; compiled with -ffp-contract=off so no FMA changes the rounding of step*u.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>

@@ -13,7 +13,9 @@
 // fp32 sums of the products (each rounded to fp32), in an order that does not depend on the thread count: p's over N
 // in 16 partial sums, q's over the rows in order (threads split q's columns).  BLAS sums in another order.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>

@@ -18,7 +18,7 @@
 // to q's dtype before summing — so the values are theirs bit for bit.  Compiled with -ffp-contract=off: no FMA
 // fuses a product into the sum.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
