@@ -6,14 +6,16 @@
     deepspeed --num_gpus 2 python/zero3_example.py --steps 3 --save ckpt     # then, resumed exactly:
     deepspeed --num_gpus 2 python/zero3_example.py --steps 6 --resume ckpt
     deepspeed --num_gpus 2 python/zero3_example.py --trainer --steps 3 --save out   # the HF Trainer, deepspeed=
-    deepspeed --num_gpus 2 python/zero3_example.py --steps 6 --resume out/checkpoint-3   # its checkpoint, in the loop
+    deepspeed --num_gpus 2 python/zero3_example.py --trainer --steps 6 --resume out/checkpoint-3  # resumed by it
+    deepspeed --num_gpus 2 python/zero3_example.py --steps 6 --resume out/checkpoint-3   # or in the loop
 
 A Llama model is built from a small config (random init, nothing downloaded).  The text is a file's bytes
 (``--text``, vocabulary 256) or random tokens.  Each rank trains on its own slice of the data; the active block
 goes through DeepSpeed's optimizer and switches every ``--switch-every`` steps, the other blocks take the
 on-the-fly update inside the backward (``bread_kernels.integrations.deepspeed``).  ``--trainer`` trains the same
-model with the Hugging Face Trainer (``deepspeed=`` the same config, ``BreadCallback``, the block optimizer from
-its ``create_optimizer``) on the same windows of the data, in the Trainer's order.
+model with the Hugging Face Trainer (``deepspeed=`` the same config, ``BreadTrainerMixin``, the block optimizer from
+its ``create_optimizer``) on the same windows of the data, in the Trainer's order; ``--resume`` is then its
+``resume_from_checkpoint``.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def parse_args():
     p.add_argument("--resume", default=None, help="resume from a folder --save wrote (--steps counts the whole "
                                                   "run's steps, those before the save included)")
     p.add_argument("--trainer", action="store_true", help="train with the Hugging Face Trainer (--save: its "
-                                                          "output_dir, checkpoint-<steps> at the end)")
+                                                          "output_dir, checkpoint-<steps> at the end; --resume: a "
+                                                          "checkpoint-<step> folder it resumes from)")
     p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     return p.parse_args()
 
@@ -132,12 +135,13 @@ def main():
 
 def train_with_trainer(args, model, block_optimizer, ds_config, data, world):
     """The Hugging Face Trainer with ``deepspeed=ds_config``: its ``create_optimizer`` returns the block optimizer
-    and ``BreadCallback`` connects the engine the Trainer makes (``bread_kernels.integrations.deepspeed.trainer``)."""
+    and ``BreadTrainerMixin`` (through the BreadCallback it adds) connects the engine the Trainer makes
+    (``bread_kernels.integrations.deepspeed.trainer``) before the Trainer loads ``resume_from_checkpoint``."""
     import torch.distributed as dist
 
-    from bread_kernels.integrations.transformers import BreadCallback
+    from bread_kernels.integrations.transformers import BreadTrainerMixin
 
-    class BlockTrainer(transformers.Trainer):
+    class BlockTrainer(BreadTrainerMixin, transformers.Trainer):
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 self.optimizer = block_optimizer()
@@ -148,17 +152,18 @@ def train_with_trainer(args, model, block_optimizer, ds_config, data, world):
             if dist.get_rank() == 0 and logs and "loss" in logs:
                 print(f"trainer step {state.global_step - 1}: loss {logs['loss']:.4f}", flush=True)
 
-    rows = args.steps * args.gas * world * args.micro_batch
-    windows = [{"input_ids": data[(i * args.seq) % (data.numel() - args.seq):][:args.seq],
-                "labels": data[(i * args.seq) % (data.numel() - args.seq):][:args.seq]} for i in range(rows)]
+    # the same windows whatever --steps is, so a run resumed with more steps sees the saved run's order of the data
+    rows = min(max(1, data.numel() // args.seq - 1), 1 << 16)
+    windows = [{"input_ids": data[i * args.seq:(i + 1) * args.seq], "labels": data[i * args.seq:(i + 1) * args.seq]}
+               for i in range(rows)]
     targs = transformers.TrainingArguments(
         output_dir=args.save or "zero3_trainer_output", per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.gas, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to="none",
         save_strategy="steps" if args.save else "no", save_steps=args.steps, bf16=args.bf16,
         deepspeed={**ds_config, "gradient_clipping": 0.0}, disable_tqdm=True)
-    trainer = BlockTrainer(model=model, args=targs, train_dataset=windows, callbacks=[BreadCallback(), PrintLoss()])
-    trainer.train()
+    trainer = BlockTrainer(model=model, args=targs, train_dataset=windows, callbacks=[PrintLoss()])
+    trainer.train(resume_from_checkpoint=args.resume)
     trainer.model_wrapped.destroy()  # the integration's destroy (routed): the model leaves DeepSpeed's globals
     del trainer
     gc.collect()

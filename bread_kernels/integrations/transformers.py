@@ -1,5 +1,6 @@
 """Hugging Face ``Trainer`` callbacks: :class:`BreadCallback` (the engine under the Trainer's BCD optimizer) and
-:class:`LisaCallback` (LISA on the engine).
+:class:`LisaCallback` (LISA on the engine); and :class:`BreadTrainerMixin`, a Trainer base that connects
+``BreadCallback`` early enough for ``resume_from_checkpoint`` under DeepSpeed ZeRO-3.
 
 Both patch the model at ``on_train_begin`` (unless it is patched already) and are thin users of the engine's
 protocol (:class:`~bread_kernels.optim.driver.EngineDriver`).  With ``TrainingArguments(gradient_checkpointing=True)``
@@ -22,7 +23,7 @@ from ..patch import patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
 
-__all__ = ["BreadCallback", "LisaCallback", "unwrap_optimizer"]
+__all__ = ["BreadCallback", "BreadTrainerMixin", "LisaCallback", "unwrap_optimizer"]
 
 
 def _is_wrapper(optimizer) -> bool:
@@ -77,10 +78,12 @@ class BreadCallback(TrainerCallback):
     Trainer's ``create_optimizer`` (transformers ignores ``optimizers=`` under DeepSpeed): this callback then
     connects the engine the Trainer made as :func:`~bread_kernels.integrations.deepspeed.initialize` does, sets the
     block lr from the Trainer's scheduler at each step, switches blocks after DeepSpeed's step, and the Trainer's
-    checkpoints hold the block schedule (:meth:`~bread_kernels.integrations.deepspeed.ZeroBlockEngine.save_checkpoint`;
-    they resume exactly in a loop over ``initialize``'s engine, not through ``resume_from_checkpoint``).  A second
-    ``train()`` of such a Trainer is refused (transformers does not rebuild the engine the first one destroyed); call
-    ``trainer.model_wrapped.destroy()`` when done, which also takes the model out of DeepSpeed's globals.
+    checkpoints hold the block schedule (:meth:`~bread_kernels.integrations.deepspeed.ZeroBlockEngine.save_checkpoint`).
+    The Trainer loads ``resume_from_checkpoint`` before any callback runs: with :class:`BreadTrainerMixin` among the
+    Trainer's bases the engine is connected before that load, which then resumes exactly; without it the load is
+    refused.  A second ``train()`` of such a Trainer is refused (transformers does not rebuild the engine the first
+    one destroyed); call ``trainer.model_wrapped.destroy()`` when done, which also takes the model out of DeepSpeed's
+    globals.
 
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
@@ -103,7 +106,8 @@ class BreadCallback(TrainerCallback):
 
         inner, under_deepspeed = _unwrapped(optimizer)
         if under_deepspeed:
-            self._connect_deepspeed(model, optimizer, inner)
+            if not self._connected_to(inner):  # else BreadTrainerMixin connected it before the Trainer's load
+                self._connect_deepspeed(model, optimizer, inner)
             return
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer keeps the fp16 GradScaler
         optimizer = inner
@@ -164,9 +168,14 @@ class BreadCallback(TrainerCallback):
             raise ValueError("BreadCallback: the Trainer's optimizer is a ZeroBlockOptimizer, which takes its settings "
                              "in its constructor and drives a model patched before it; give BreadCallback no "
                              "patch_options or settings")
-        # (the Trainer's resume_from_checkpoint never gets here: its DeepSpeed load is refused by the optimizer)
         self._zero_engine = connect_trainer_engine(model, optimizer, inner)
         self._optimizer, self._model = weakref.ref(inner), weakref.ref(model)
+
+    def _connected_to(self, inner) -> bool:
+        """Whether this callback connected ``inner``'s DeepSpeed engine in this ``train()`` already
+        (:class:`BreadTrainerMixin`, before the Trainer's load of ``resume_from_checkpoint``)."""
+        engine = self._zero_engine
+        return engine is not None and engine.block_optimizer is inner and inner._ds_engine is engine.engine
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._zero_engine is not None:  # the block lr, for DeepSpeed's step at the last micro-batch
@@ -190,6 +199,45 @@ class BreadCallback(TrainerCallback):
             unaccelerate(optimizer)  # the model unpatched if accelerate patched it
         self._optimizer = self._model = None
         self._scaler_given = False
+
+
+class BreadTrainerMixin:
+    """A base of the user's ``Trainer`` subclass (first: ``class BlockTrainer(BreadTrainerMixin, Trainer)``) under
+    which ``train(resume_from_checkpoint=...)`` resumes a run of a
+    :class:`~bread_kernels.integrations.deepspeed.ZeroBlockOptimizer` under ``deepspeed=`` (ZeRO-3) exactly: the
+    block schedule, the active block with its optimizer state, the weights hooks update and the lr schedule, so the
+    steps after the checkpoint train as the uninterrupted run's did.
+
+    The Trainer loads a DeepSpeed checkpoint right after it made its lr scheduler and before any callback runs, so
+    :class:`BreadCallback`'s ``on_train_begin`` comes too late to connect the engine that load must go through
+    (unconnected, the load is refused).  This mixin's ``create_scheduler`` (the Trainer's, then the connection) has
+    the Trainer's :class:`BreadCallback` connect the engine there; ``on_train_begin`` then finds it connected.  A
+    Trainer given no :class:`BreadCallback` gets one (default settings) when it is built.  Outside DeepSpeed, or with
+    another optimizer, ``create_scheduler`` is the Trainer's alone.  A ``create_scheduler`` of the subclass itself
+    must call ``super().create_scheduler(...)``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(callback, BreadCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(BreadCallback())
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        inner, under_deepspeed = _unwrapped(self.optimizer) if self.optimizer is not None else (None, False)
+        if under_deepspeed and _handed_to_deepspeed(inner):
+            callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
+            if len(callbacks) != 1:
+                raise ValueError(f"BreadTrainerMixin: the Trainer has {len(callbacks)} BreadCallbacks; give it one "
+                                 "(or none: the mixin adds one)")
+            callbacks[0]._connect_deepspeed(self.model, self.optimizer, inner)
+        return scheduler
+
+
+def _handed_to_deepspeed(optimizer) -> bool:
+    from .deepspeed.optimizer import ZeroBlockOptimizer  # under DeepSpeed only: it is installed
+
+    return isinstance(optimizer, ZeroBlockOptimizer) and optimizer.handed_to_deepspeed()
 
 
 class LisaCallback(TrainerCallback):

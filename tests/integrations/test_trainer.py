@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import bread_kernels
-from bread_kernels.integrations.transformers import BreadCallback, LisaCallback
+from bread_kernels.integrations.transformers import BreadCallback, BreadTrainerMixin, LisaCallback
 from bread_kernels.patch import patched_state
 
 from .. import model_zoo as models
@@ -95,6 +95,30 @@ def test_bread_callback_under_badam(tmp_path, checkpointing):
     # without checkpointing the reference stops at the active block by itself and stores every activation; the
     # engine recomputes each block at or above the cut instead (measured 1.23x the FLOPs, for the memory)
     assert patched_state(eng_model) is None, "the callback unpatches the model it patched at the end"
+
+
+def test_bread_trainer_mixin_outside_deepspeed_adds_one_callback_and_trains_as_it(tmp_path):
+    """BreadTrainerMixin (which makes the Trainer's resume_from_checkpoint under ZeRO-3 resume: test_zero3) outside
+    DeepSpeed: a Trainer built without a BreadCallback gets one (a given one is kept, not doubled) and trains badam's
+    optimizer through the engine as the reference trains it; its lr scheduler is the Trainer's."""
+
+    class MixedTrainer(BreadTrainerMixin, _CountingTrainer):
+        pass
+
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    args = _args(tmp_path)
+    _run(ref_model, args, optimizers=(_badam(ref_model), None))
+    trainer = MixedTrainer(model=eng_model, args=args, train_dataset=_Data(), optimizers=(_badam(eng_model), None))
+    trainer.flops, trainer.cuts = [], []
+    assert [type(c) for c in trainer.callback_handler.callbacks].count(BreadCallback) == 1
+    trainer.train()
+    models.assert_same_parameters(ref_model, eng_model)
+    assert trainer.cuts == [3, 2, 2, 1, 1]  # through the engine: the cut follows badam's active block
+    assert type(trainer.lr_scheduler).__name__ == "LambdaLR"
+    given = BreadCallback()
+    again = MixedTrainer(model=copy.deepcopy(original), args=args, train_dataset=_Data(), callbacks=[given])
+    assert [c for c in again.callback_handler.callbacks if isinstance(c, BreadCallback)] == [given]
 
 
 class _LMFlowLisa(TrainerCallback):

@@ -38,8 +38,9 @@ must agree bit for bit.
 A third launch (``--trainer``) runs the Hugging Face Trainer with ``deepspeed=`` and ``BreadCallback`` (a
 ``ZeroBlockOptimizer`` from its ``create_optimizer``, a cosine lr schedule) against the integration's own loop on the
 micro-batches the Trainer gave each rank (fp32 with accumulation, LoRA, ``bf16=True`` with DeepSpeed's bf16 and
-signSGD), the Trainer's checkpoint resumed exactly in that loop, a model built under ``zero.Init``, and what the
-Trainer with ``BreadCallback`` refuses (its ``resume_from_checkpoint``, a ``BlockOptimizer`` under DeepSpeed).
+signSGD), the Trainer's checkpoint resumed exactly in that loop and by the Trainer's own ``resume_from_checkpoint``
+with ``BreadTrainerMixin``, a model built under ``zero.Init``, and what the Trainer with ``BreadCallback`` refuses
+(its ``resume_from_checkpoint`` without the mixin, a ``BlockOptimizer`` under DeepSpeed).
 """
 
 from __future__ import annotations
@@ -242,14 +243,18 @@ def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_who
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_trainer_checkpoint_resumes_exactly_and_the_trainers_resume_is_refused(trainer_results, rank):
+def test_a_trainer_checkpoint_resumes_exactly_through_the_trainer_with_the_mixin_and_in_a_loop(trainer_results,
+                                                                                               rank):
     """The Trainer saved checkpoint-3 of a peft model through the integration (it asked DeepSpeed to leave the
-    frozen parameters out: saved anyway, with a warning); loaded into a fresh engine of initialize (another start
-    block) and trained on, it ends where the Trainer ended.  Its save_model's gathered state dict holds every adapter
-    (it asks DeepSpeed to exclude the frozen ones: the blocks trained earlier).  The Trainer's own
-    resume_from_checkpoint (DeepSpeed's load before any callback runs, with the start block's layout: a bare KeyError
-    inside DeepSpeed before), a plain BlockOptimizer under DeepSpeed and a second train() of the Trainer (the engine
-    the first destroyed is not rebuilt) are refused, naming the remedy, before any weight moves."""
+    frozen parameters out: saved anyway, with a warning).  Loaded into a fresh engine of initialize (another start
+    block) and trained on, it ends where the Trainer ended; so does a fresh Trainer with BreadTrainerMixin among its
+    bases (and no BreadCallback given: the mixin adds one) whose train(resume_from_checkpoint=...) loads checkpoint-1
+    (mid-block; a switch and the lr schedule's steps follow), on the micro-batches the uninterrupted run trained after
+    step 1.  Its save_model's gathered state dict holds every
+    adapter (it asks DeepSpeed to exclude the frozen ones: the blocks trained earlier).  The Trainer's resume without
+    the mixin (DeepSpeed's load before any callback runs, with the start block's layout: a bare KeyError inside
+    DeepSpeed before), a plain BlockOptimizer under DeepSpeed and a second train() of the Trainer (the engine the
+    first destroyed is not rebuilt) are refused, naming the remedy, before any weight moves."""
     r = trainer_results[("trainer_lora_partial", rank)]
     asked = "bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
     assert r["warnings"] == [asked + "check", asked + "saved"]
@@ -259,9 +264,15 @@ def test_a_trainer_checkpoint_resumes_exactly_and_the_trainers_resume_is_refused
     assert r["resumed_at"] == [r["loop_active"][SAVE_AFTER], SAVE_AFTER, SAVE_AFTER % 2]
     differ = {n: d for n, d in r["resume_diff"].items() if d != 0.0}
     assert not differ, f"rank {rank}: resumed from the Trainer's checkpoint, the shards differ: {differ}"
+    assert r["trainer_resume_callbacks"] == 1
+    trained, expected, same = r["trainer_resume_batches"]
+    assert trained == expected > 0 and same, r["trainer_resume_batches"]
+    assert r["trainer_resume_warnings"] == [asked + "check", asked + "saved"]  # its own saves; the schedule found
+    differ = {n: d for n, d in r["trainer_resume_diff"].items() if d != 0.0}
+    assert not differ, f"rank {rank}: resumed through the Trainer's resume_from_checkpoint, the shards differ: {differ}"
     refused = r["refused"]
-    assert refused["resume"].startswith("NotImplementedError") and "Resuming through the Trainer is not " \
-        "supported" in refused["resume"] and "engine.load_checkpoint('<output_dir>/checkpoint-<step>')" in \
+    assert refused["resume"].startswith("NotImplementedError") and "BreadTrainerMixin first in your Trainer's " \
+        "bases" in refused["resume"] and "engine.load_checkpoint('<output_dir>/checkpoint-<step>')" in \
         refused["resume"]
     assert refused["block_optimizer"].startswith("ValueError") and "must be a bread_kernels.integrations." \
         "deepspeed.ZeroBlockOptimizer" in refused["block_optimizer"]
@@ -356,12 +367,16 @@ class _RecordingDeepSpeedEngine:
     for a checkpoint saved with another block active, on the first parameter trained then and frozen now."""
 
     global_steps, global_rank, local_rank, micro_steps = 5, 0, 0, 10
+    _is_gradient_accumulation_boundary = None  # DeepSpeed tells the boundary (micro_steps counts micro-batches)
 
     def __init__(self, model):
         self.model, self.saved, self.loads, self.fail_load = model, [], [], True
 
     def use_node_local_storage(self):
         return False
+
+    def managed_gradient_accumulation(self):
+        return True
 
     def load_universal_checkpoint(self):
         return False
@@ -432,7 +447,10 @@ def test_a_checkpoint_holds_the_hook_updated_weights_and_the_schedule(tmp_path, 
     """DeepSpeed saves its optimizer's parameters and those that do not require grad; the norms a hook updates on
     the fly require grad outside its optimizer, so they came back at their initial values from a checkpoint saved
     with sgd_mode="all".  During the save they do not require grad, and afterwards they do again; the block schedule
-    lands in the checkpoint's folder, under DeepSpeed's default tag."""
+    lands in the checkpoint's folder, under DeepSpeed's default tag.  A save between the micro-batches of a step is
+    refused, told by DeepSpeed's micro-step count or, where the caller sets the boundary (accelerate under the
+    Trainer, whose micro_steps count optimizer steps: a Trainer with accumulation 2 saving at step 3 was refused),
+    by the boundary flag."""
     import torch
 
     from bread_kernels.integrations.deepspeed.engine import SCHEDULE_FILE
@@ -458,6 +476,14 @@ def test_a_checkpoint_holds_the_hook_updated_weights_and_the_schedule(tmp_path, 
                                            "the engine.step"):
         engine.save_checkpoint(tmp_path, tag="midstep")
     assert len(ds.saved) == 1 and not (tmp_path / "midstep").exists()
+    # accelerate under the Trainer sets the boundary before each backward and steps at it only: micro_steps counts
+    # optimizer steps (11 after 11 of them, whatever the accumulation) and the flag says where the last backward was
+    ds._is_gradient_accumulation_boundary = False
+    with pytest.raises(RuntimeError, match="some of the 2 micro-batches of this optimizer step have run"):
+        engine.save_checkpoint(tmp_path, tag="midstep")
+    ds._is_gradient_accumulation_boundary = True
+    engine.save_checkpoint(tmp_path, tag="after_step")
+    assert [tag for tag, _ in ds.saved] == ["global_step5", "after_step"]
     opt.close()
 
 
@@ -550,10 +576,12 @@ def test_example_runs_under_the_deepspeed_launcher(tmp_path):
 
 
 def test_example_trains_with_the_trainer(tmp_path):
-    """``python/zero3_example.py --trainer``: the Hugging Face Trainer with ``deepspeed=`` and BreadCallback under the
-    deepspeed launcher trains and saves checkpoint-2 with the block schedule beside DeepSpeed's files, which says
-    block 1 comes next (descending, a switch after every step: 1, 0, then 1).  That a Trainer checkpoint resumes
-    exactly in the loop is tested by the Trainer worker (test_a_trainer_checkpoint_resumes_exactly_...)."""
+    """``python/zero3_example.py --trainer``: the Hugging Face Trainer with ``deepspeed=`` and BreadTrainerMixin under
+    the deepspeed launcher trains and saves checkpoint-2 with the block schedule beside DeepSpeed's files, which says
+    block 1 comes next (descending, a switch after every step: 1, 0, then 1); ``--resume`` (its
+    resume_from_checkpoint, under torchrun) trains the third step alone and saves checkpoint-3, whose schedule says
+    block 0 comes next.  That a Trainer checkpoint resumes exactly, through the Trainer and in the loop, is tested by
+    the Trainer worker (test_a_trainer_checkpoint_resumes_exactly_...)."""
     import torch
 
     from bread_kernels.integrations.deepspeed.engine import SCHEDULE_FILE
@@ -562,3 +590,8 @@ def test_example_trains_with_the_trainer(tmp_path):
     assert "trainer step 1: loss" in output, output[-3000:]
     schedule = torch.load(tmp_path / "out" / "checkpoint-2" / "global_step2" / SCHEDULE_FILE, weights_only=True)
     assert schedule["global_step"] == 2 and schedule["order"]["current"] == 1, schedule
+    output = _run_example("--trainer", "--steps", "3", "--resume", str(tmp_path / "out" / "checkpoint-2"), "--save",
+                          str(tmp_path / "out"), launcher="torchrun")
+    assert re.findall(r"trainer step (\d+): loss", output) == ["2"], output[-3000:]
+    schedule = torch.load(tmp_path / "out" / "checkpoint-3" / "global_step3" / SCHEDULE_FILE, weights_only=True)
+    assert schedule["global_step"] == 3 and schedule["order"]["current"] == 0, schedule

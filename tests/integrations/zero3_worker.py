@@ -335,13 +335,15 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
 
 
 #: the Hugging Face Trainer with deepspeed= and BreadCallback: name -> (family, sgd_mode, sign, gas, switch_mode,
-#: start_block, lora_mode).  trainer_lora_partial also saves at step SAVE_AFTER through the Trainer (a peft model,
-#: for which the Trainer asks DeepSpeed to leave the frozen parameters out).
+#: start_block, lora_mode).  trainer_lora_partial also saves after every step through the Trainer (a peft model,
+#: for which the Trainer asks DeepSpeed to leave the frozen parameters out): checkpoint-SAVE_AFTER resumes in the
+#: loop, checkpoint-TRAINER_RESUME_FROM (mid-block, a switch and lr steps after it) through the Trainer.
 TRAINER_CASES = {
     "trainer_sgd_all_gas2": ("llama", "all", False, 2, "ascending", 0, None),
     "trainer_lora_partial": ("lora", "partial", False, 1, "descending", None, "partial"),
     "trainer_bf16_sign": ("llama", "all", True, 1, "descending", None, None),  # bf16=True, DeepSpeed's bf16 mode
 }
+TRAINER_RESUME_FROM = 1
 
 
 def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
@@ -386,11 +388,11 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
             return (out.loss, out) if return_outputs else out.loss
 
     rows = [{"input_ids": ids} for t in range(STEPS) for batch in micro_batches(t, gas, world) for ids in batch]
-    def make_args():  # one per Trainer: accelerate takes the DeepSpeed plugin of its arguments once
+    def make_args(output_dir=save_dir):  # one per Trainer: accelerate takes the DeepSpeed plugin of its arguments once
         return transformers.TrainingArguments(
-            output_dir=save_dir, per_device_train_batch_size=MICRO, gradient_accumulation_steps=gas, max_steps=STEPS,
+            output_dir=output_dir, per_device_train_batch_size=MICRO, gradient_accumulation_steps=gas, max_steps=STEPS,
             learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-            logging_strategy="no", save_strategy="steps" if saves else "no", save_steps=SAVE_AFTER,
+            logging_strategy="no", save_strategy="steps" if saves else "no", save_steps=1,
             report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3, bf16=bf16, use_cpu=bf16,
             gradient_checkpointing=gas > 1)
     model = patch(build_model(family))
@@ -455,6 +457,7 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
         result["resume_diff"] = {n: (trained[n] - resumed[n]).abs().max().item() if trained[n].numel() else 0.0
                                  for n in trained}
         engine.destroy()
+        result.update(_trainer_resume(BlockTrainer, family, rows, make_args, save_dir, seen, gas, trained, shards))
     from bread_kernels.integrations.deepspeed.internals import engine_of_module
     from bread_kernels.integrations.transformers import unwrap_optimizer
 
@@ -464,6 +467,37 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
     result["engine_after_destroy"] = engine_of_module(model) is not None
     if saves:
         result["refused"] = _trainer_refusals(BlockTrainer, family, rows, make_args, save_dir, block_optimizer)
+    return result
+
+
+def _trainer_resume(trainer_class, family, rows, make_args, save_dir, seen, gas, trained, shards) -> dict:
+    """The Trainer's own ``train(resume_from_checkpoint=<checkpoint-TRAINER_RESUME_FROM>)`` with BreadTrainerMixin
+    among its bases (and no BreadCallback given: the mixin adds one), on a fresh model: the micro-batches it trains on and the
+    shards it ends with, against the uninterrupted Trainer run's."""
+    from bread_kernels import patch
+    from bread_kernels.integrations.transformers import BreadCallback, BreadTrainerMixin
+
+    class ResumingTrainer(BreadTrainerMixin, trainer_class):
+        pass
+
+    model = patch(build_model(family))
+    trainer = ResumingTrainer(model=model, args=make_args(save_dir + "_resumed"), train_dataset=rows)
+    trainer.model_accepts_loss_kwargs = False
+    first = len(seen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=os.path.join(save_dir, f"checkpoint-{TRAINER_RESUME_FROM}"))
+    resumed = shards(model)
+    expected = seen[TRAINER_RESUME_FROM * gas:STEPS * gas]
+    result = {
+        "trainer_resume_callbacks": sum(isinstance(c, BreadCallback) for c in trainer.callback_handler.callbacks),
+        "trainer_resume_batches": [len(seen) - first, len(expected),
+                                   all(torch.equal(a, b) for a, b in zip(seen[first:], expected))],
+        "trainer_resume_diff": {n: (trained[n] - resumed[n]).abs().max().item() if trained[n].numel() else 0.0
+                                for n in trained},
+        "trainer_resume_warnings": sorted({str(w.message)[:90] for w in caught
+                                           if "bread_kernels" in str(w.message)})}
+    trainer.model_wrapped.destroy()
     return result
 
 

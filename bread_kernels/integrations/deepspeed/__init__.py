@@ -54,8 +54,10 @@ DeepSpeed stays the distributed engine; this module plugs the fused backward int
   ``accelerator.backward``; :mod:`.trainer` connects that engine at ``on_train_begin`` and splits
   :meth:`ZeroBlockEngine.step` around DeepSpeed's step into the callback's ``on_step_begin`` (block lr) and
   ``on_optimizer_step`` (bookkeeping, switch).  The Trainer's ``resume_from_checkpoint`` loads through DeepSpeed
-  before any callback runs and is refused (a ``load_state_dict`` pre-hook on the model); its checkpoints resume in a
-  loop over :func:`initialize`'s engine.
+  before any callback runs: ``BreadTrainerMixin`` among the Trainer's bases connects the engine in
+  ``create_scheduler``, just before, so the load goes through :meth:`ZeroBlockEngine.load_checkpoint`; without it the
+  load is refused (a ``load_state_dict`` pre-hook on the model).  Its checkpoints also resume in a loop over
+  :func:`initialize`'s engine.
 * **Gradient clipping**: DeepSpeed clips the gradients it reduces (the active block's, and the adapters') to
   ``gradient_clipping``, whose default in 0.19 is **1.0**, not off; the on-the-fly updates are never clipped (as in
   the reference).  Set ``"gradient_clipping": 0`` to train like an unclipped single-process run.

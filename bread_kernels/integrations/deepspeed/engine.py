@@ -14,8 +14,8 @@ import torch.distributed as dist
 from ...functions.recompute import register_recompute_scope
 from .config import check_config
 from .internals import CACHED_BACKWARD_FUNCTIONS, check_version, checkpointed_as_frozen, clear_release_cache, \
-    default_checkpoint_tag, forget_modules, internals_problems, latest_checkpoint_tag, module_stack_restored, \
-    remove_module_hooks
+    default_checkpoint_tag, forget_modules, internals_problems, latest_checkpoint_tag, \
+    micro_batches_of_the_coming_step, module_stack_restored, remove_module_hooks
 from .lora_leaves import mark_lora_leaves, unmark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
@@ -81,13 +81,13 @@ class ZeroBlockEngine:
                              "frozen parameters, which under block-coordinate descent include every block trained "
                              "earlier in the run (a resumed run would start them from their initial values); save "
                              "them (the default)")
-        accumulation = self.engine.gradient_accumulation_steps()
-        if self.engine.micro_steps % accumulation:
-            raise RuntimeError(f"ZeroBlockEngine.save_checkpoint: {self.engine.micro_steps % accumulation} of the "
-                               f"{accumulation} micro-batches of this optimizer step have run: DeepSpeed's checkpoint "
-                               "holds neither their accumulated gradient nor the micro-step count, so a resumed run "
-                               "would step at other micro-batches. Save after the engine.step() of a step's last "
-                               "micro-batch")
+        pending = micro_batches_of_the_coming_step(self.engine)
+        if pending != 0:
+            raise RuntimeError(f"ZeroBlockEngine.save_checkpoint: {pending or 'some'} of the "
+                               f"{self.engine.gradient_accumulation_steps()} micro-batches of this optimizer step have "
+                               "run: DeepSpeed's checkpoint holds neither their accumulated gradient nor the "
+                               "micro-step count, so a resumed run would step at other micro-batches. Save after the "
+                               "engine.step() of a step's last micro-batch")
         tag = default_checkpoint_tag(self.engine) if tag is None else str(tag)
         rank = self.engine.local_rank if self.engine.use_node_local_storage() else self.engine.global_rank
         error = None

@@ -19,7 +19,8 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
-           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "any_partitioned"]
+           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "any_partitioned",
+           "micro_batches_of_the_coming_step"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -46,7 +47,8 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
                   "basic_optimizer", "optimizer", "module", "config", "global_steps", "global_rank", "local_rank",
                   "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps",
-                  "module_forward_pre_hook", "module_forward_post_hook")
+                  "module_forward_pre_hook", "module_forward_post_hook", "_is_gradient_accumulation_boundary",
+                  "managed_gradient_accumulation")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "loss_scaler", "overflow",
                      "fp16_groups", "grad_position", "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
@@ -271,6 +273,22 @@ def default_checkpoint_tag(engine) -> str:
     """The tag DeepSpeed 0.19's ``save_checkpoint`` gives a checkpoint saved without one (its docstring: "global
     step is used"), so that a file saved beside it lands in the same folder."""
     return f"global_step{engine.global_steps}"
+
+
+def micro_batches_of_the_coming_step(engine) -> int | None:
+    """How many micro-batches of the optimizer step to come have run their backward in DeepSpeed 0.19: 0 at a step
+    boundary, None for some (how many is not known).  Where DeepSpeed tells the boundary itself (the caller calls
+    ``step()`` after every micro-batch) ``micro_steps`` counts micro-batches.  Where the caller sets it
+    (``set_gradient_accumulation_boundary`` before each backward and ``step()`` at the boundary only, as accelerate
+    does under the Hugging Face Trainer) ``micro_steps`` counts optimizer steps, and the flag says whether the last
+    backward was a step's last.  With ``managed_gradient_accumulation: false`` ``step()`` is the boundary and nothing
+    counts the backwards before it: 0."""
+    boundary = engine._is_gradient_accumulation_boundary
+    if boundary is not None:
+        return 0 if boundary else None
+    if not engine.managed_gradient_accumulation():
+        return 0
+    return engine.micro_steps % engine.gradient_accumulation_steps()
 
 
 def latest_checkpoint_tag(engine, load_dir) -> str | None:

@@ -184,10 +184,12 @@ class ZeroBlockOptimizer(BlockOptimizer):
 #: why a DeepSpeed load before the engine is connected is refused, and what to do instead
 UNCONNECTED_LOAD = (
     ", before BreadCallback connected it to the DeepSpeed engine: the Hugging Face Trainer's resume_from_checkpoint "
-    "under ZeRO-3 does this, with the block that this run starts at and without the block schedule or the weights a "
-    "hook updates, which would not resume the saved run. Resuming through the Trainer is not supported; its "
-    "checkpoint folders resume exactly in a loop: engine = bread_kernels.integrations.deepspeed.initialize(model, "
-    "ZeroBlockOptimizer(...), config), then engine.load_checkpoint('<output_dir>/checkpoint-<step>')")
+    "under ZeRO-3 loads before any callback runs, with the block that this run starts at and without the block "
+    "schedule or the weights a hook updates, which would not resume the saved run. Put bread_kernels.integrations."
+    "transformers.BreadTrainerMixin first in your Trainer's bases (class BlockTrainer(BreadTrainerMixin, Trainer)): "
+    "it connects the engine before the Trainer loads, and the load resumes exactly. The checkpoint folders also "
+    "resume in a loop: engine = bread_kernels.integrations.deepspeed.initialize(model, ZeroBlockOptimizer(...), "
+    "config), then engine.load_checkpoint('<output_dir>/checkpoint-<step>')")
 
 
 class _UnconnectedLoadGuard:

@@ -4,12 +4,13 @@ that the Trainer made through accelerate, connected as :func:`initialize` connec
 The Trainer hands ``deepspeed.initialize`` the optimizer its ``create_optimizer`` returned (the block optimizer
 itself) and steps DeepSpeed inside ``accelerator.backward``; its callbacks get the model and accelerate's optimizer
 wrapper, not the engine.  :func:`connect_trainer_engine` (called by ``BreadCallback.on_train_begin``, before the
-first forward) finds the engine from the model, gives the block optimizer its groups back, rebuilds DeepSpeed's
-stage-3 optimizer over the base optimizer's active block (as at every switch) and points accelerate's wrapper at it,
-and routes the engine's ``save_checkpoint``, ``load_checkpoint``, ``destroy`` and the gathered state dict of
-``save_model`` (which the Trainer and its user call on it) through :class:`ZeroBlockEngine`.  The callback then does
-per step what :meth:`ZeroBlockEngine.step` does around ``engine.step()``: :meth:`~ZeroBlockEngine.set_block_lr`
-before (``on_step_begin``), :meth:`~ZeroBlockEngine.after_engine_step` after (``on_optimizer_step``).  Accelerate's
+first forward, or by ``BreadTrainerMixin.create_scheduler``, before the Trainer loads ``resume_from_checkpoint``)
+finds the engine from the model, gives the block optimizer its groups back, rebuilds DeepSpeed's stage-3 optimizer
+over the base optimizer's active block (as at every switch) and points accelerate's wrapper at it, and routes the
+engine's ``save_checkpoint``, ``load_checkpoint``, ``destroy`` and the gathered state dict of ``save_model`` (which
+the Trainer and its user call on it) through :class:`ZeroBlockEngine`.  The callback then does per step what
+:meth:`ZeroBlockEngine.step` does around ``engine.step()``: :meth:`~ZeroBlockEngine.set_block_lr` before
+(``on_step_begin``), :meth:`~ZeroBlockEngine.after_engine_step` after (``on_optimizer_step``).  Accelerate's
 wrapper holds a view of each stage-3 optimizer whose ``param_groups`` are the block optimizer's, so the Trainer's lr
 scheduler schedules the lr the block optimizer reads, as a torch scheduler on a
 :class:`~bread_kernels.BlockOptimizer` does.
