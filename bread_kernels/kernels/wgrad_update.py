@@ -8,12 +8,13 @@
 
 so the update is applied after the whole reduction over tokens (sign needs the complete sum) and no dW tensor
 ever exists outside registers.  ``ok`` (a one-element flag, the finiteness of g and x computed on the device)
-masks the store: a non-finite gradient leaves W untouched without the host ever reading the flag.  ``round`` is nearest-even or stochastic with the counter-based bits of
-``backends/epilogue.py`` (same hash, same element indices: results are bit-identical to the CPU backends for the
-same fp32 dW).  ``apply_update_`` is the same epilogue over a given fp32 gradient (biases, tests).  ``g`` and ``x``
-share one dtype, which under ``torch.autocast`` is autocast's and may differ from W's (bf16 operands, an fp32 W):
-the reduction stays in fp32 and is not rounded to that dtype before the epilogue (the CPU backends round it once,
-as the GEMM autograd runs does), and the store is in W's dtype.
+masks the store: a non-finite gradient leaves W untouched without the host ever reading the flag.  ``round`` is
+nearest-even or stochastic with the counter-based bits of ``backends/epilogue.py`` (same hash, same element indices:
+results are bit-identical to the CPU backends for the same fp32 dW).  ``apply_update_`` is the same epilogue over
+a given fp32 gradient (biases, tests).  ``g`` and ``x`` share one dtype, which under ``torch.autocast`` is
+autocast's and may differ from W's (bf16 operands, an fp32 W): the reduction stays in fp32 and is not rounded to
+that dtype before the epilogue (the CPU backends round it once, as the GEMM autograd runs does), and the store is in
+W's dtype.
 
 Like Liger-Kernel's ops: kernels first, then launch functions that flatten to 2-D.  Program offsets are int64.
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned on the
@@ -170,7 +171,15 @@ _wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], do_b
     _wgrad_update_kernel
 )
 _tuned: set = set()
-_INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_M": 16}
+_INTERPRET_BLOCK_M = 16
+
+
+def _interpreter_tile(extent: int, smallest: int, largest: int = 128) -> int:
+    """A tile size along a dimension of ``extent`` under the interpreter, where each program costs the same numpy
+    overhead whatever its tile: the largest power of two that still cuts the dimension into about four tiles or
+    more (so a kernel's tile edges and masks are crossed as on a GPU), between ``smallest`` and ``largest``."""
+    tile = 1 << max(0, (max(1, extent // 4)).bit_length() - 1)
+    return max(smallest, min(largest, tile))
 
 
 _ALWAYS: dict = {}
@@ -223,7 +232,8 @@ def wgrad_update_(
     interpret = _INTERPRET or weight.device.type != "cuda"
     flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)
     if interpret:
-        blocks = _INTERPRET_BLOCKS
+        blocks = {"BLOCK_N": _interpreter_tile(N, 16), "BLOCK_K": _interpreter_tile(K, 32),
+                  "BLOCK_M": _INTERPRET_BLOCK_M}
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))
         _wgrad_update_kernel[grid](*args, 1, **flags, **blocks)
     else:
@@ -253,11 +263,12 @@ def apply_update_(
     R, C = p2.shape
     key1, key2 = rng_keys(seed)
     stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
-    block_r, block_c = 16, 64
+    interpret = _INTERPRET or param.device.type != "cuda"
+    block_r, block_c = (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _apply_update_kernel[grid](
         p2, grad.contiguous(), _flag(ok, param.device), R, C, p2.stride(0), p2.stride(1), int(offset),
         float(step), key1, key2,
         SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code,
-        EXACT_MUL=not (_INTERPRET or param.device.type != "cuda"), BLOCK_R=block_r, BLOCK_C=block_c,
+        EXACT_MUL=not interpret, BLOCK_R=block_r, BLOCK_C=block_c,
     )
