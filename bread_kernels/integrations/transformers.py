@@ -71,7 +71,8 @@ class BreadCallback(TrainerCallback):
     ``fp16=True`` the Trainer's ``GradScaler`` is handed to the engine, whose on-the-fly updates divide its scale
     out.  At ``on_train_end`` the library's own behaviour is restored and the model unpatched if this callback
     patched it; a ``train()`` that stopped before (Ctrl-C, an exception) is undone at the next ``on_train_begin``,
-    so training again (the same Trainer, a new one, ``resume_from_checkpoint``) runs as the first did.
+    so training again (the same Trainer, a new one, ``resume_from_checkpoint``) runs as the first did (not under
+    ``deepspeed=``: below).
 
     Under ``TrainingArguments(deepspeed=<ZeRO-3 config>)`` the Trainer's optimizer must be a
     :class:`~bread_kernels.integrations.deepspeed.ZeroBlockOptimizer` over the patched model, returned by the
@@ -114,8 +115,10 @@ class BreadCallback(TrainerCallback):
         if any_partitioned(model.parameters()):
             raise RuntimeError("BreadCallback: the model's parameters are ZeRO-3 partitioned but the Trainer's "
                                "optimizer is not under DeepSpeed: a second train() of a Trainer with deepspeed= "
-                               "(transformers does not rebuild the engine the first one destroyed) is not "
-                               "supported; build a new Trainer (and model) to train again")
+                               "(transformers does not rebuild the engine the first one destroyed), or a train() "
+                               "after the Trainer's evaluate() or predict() (which made an inference engine that "
+                               "transformers then trains without the optimizer), is not supported; build a new "
+                               "Trainer (and model) to train again, and evaluate during or after train()")
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
         if isinstance(optimizer, BlockOptimizer):
             if optimizer.engine is None:
@@ -211,26 +214,33 @@ class BreadTrainerMixin:
     The Trainer loads a DeepSpeed checkpoint right after it made its lr scheduler and before any callback runs, so
     :class:`BreadCallback`'s ``on_train_begin`` comes too late to connect the engine that load must go through
     (unconnected, the load is refused).  This mixin's ``create_scheduler`` (the Trainer's, then the connection) has
-    the Trainer's :class:`BreadCallback` connect the engine there; ``on_train_begin`` then finds it connected.  A
-    Trainer given no :class:`BreadCallback` gets one (default settings) when it is built.  Outside DeepSpeed, or with
-    another optimizer, ``create_scheduler`` is the Trainer's alone.  A ``create_scheduler`` of the subclass itself
-    must call ``super().create_scheduler(...)``.
+    the Trainer's :class:`BreadCallback` connect the engine there (adding one, default settings, where the Trainer
+    has none); ``on_train_begin`` then finds it connected.  If the connection is refused (a DeepSpeed config the
+    on-the-fly updates cannot serve, ...) the Trainer's ``model_wrapped`` is the engine when the error is raised, as
+    when ``on_train_begin`` refuses it, so ``trainer.model_wrapped.destroy()`` reaches it.  Outside DeepSpeed, or
+    with an optimizer other than a ``ZeroBlockOptimizer`` handed to DeepSpeed, the mixin changes nothing: the
+    Trainer's optimizer, scheduler and callbacks are its own.  A ``create_scheduler`` of the subclass itself must call
+    ``super().create_scheduler(...)``.
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not any(isinstance(callback, BreadCallback) for callback in self.callback_handler.callbacks):
-            self.add_callback(BreadCallback())
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
         inner, under_deepspeed = _unwrapped(self.optimizer) if self.optimizer is not None else (None, False)
         if under_deepspeed and _handed_to_deepspeed(inner):
             callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
-            if len(callbacks) != 1:
+            if len(callbacks) > 1:
                 raise ValueError(f"BreadTrainerMixin: the Trainer has {len(callbacks)} BreadCallbacks; give it one "
                                  "(or none: the mixin adds one)")
-            callbacks[0]._connect_deepspeed(self.model, self.optimizer, inner)
+            if not callbacks:
+                callbacks = [BreadCallback()]
+                self.add_callback(callbacks[0])
+            try:
+                callbacks[0]._connect_deepspeed(self.model, self.optimizer, inner)
+            except BaseException:
+                from .deepspeed.internals import engine_of_module
+
+                self.model_wrapped = engine_of_module(self.model) or self.model_wrapped
+                raise
         return scheduler
 
 

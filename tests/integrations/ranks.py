@@ -39,5 +39,6 @@ def read_ranks(out: Path) -> dict:
         path = Path(f"{out}.rank{rank}.json")
         assert path.exists(), f"rank {rank} wrote no results"
         for case in json.loads(path.read_text()):
+            assert (case["case"], rank) not in results, f"two results named {case['case']!r}: rename one case"
             results[(case["case"], rank)] = case
     return results

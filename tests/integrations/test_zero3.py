@@ -1,9 +1,10 @@
 """ZeRO-3 (DeepSpeed 0.19, CPU accelerator, gloo, 2 ranks) against a single-process plain-autograd run.
 
-One ``torchrun`` launch runs every case of ``zero3_worker.CASES`` (BAdam, BREAD-SGD, BREAD-SGD-partial with SGD
-and sign, gradient accumulation 2, persistent parameters, a plain-SGD base optimizer, a Llama with its head tied to
-its embedding under sign (the fused loss runs, and "auto" keeps the top block), and BREAD with peft LoRA adapters:
-lora_mode "all" with the on-the-fly SGD, "partial" with accumulation, "all" with BAdam), 4 steps each
+One ``torchrun`` launch (every group of the worker, one after the other) runs every case of ``zero3_worker.CASES``
+(BAdam, BREAD-SGD, BREAD-SGD-partial with SGD and sign, gradient accumulation 2, persistent parameters, a plain-SGD
+base optimizer, a Llama with its head tied to its embedding under sign (the fused loss runs, and "auto" keeps the top
+block), and BREAD with peft LoRA adapters: lora_mode "all" with the on-the-fly SGD, "partial" with accumulation,
+"all" with BAdam), 4 steps each
 with block switches after steps 2 and 4, each rank on its own data.  DeepSpeed's gradient clipping is off
 (``gradient_clipping: 0``; its default, 1.0, would clip what the unclipped reference does not).
 ``BREAD_ZERO_CHUNK_BYTES=1024`` makes every dW go through several chunks whose bounds fall inside rows.  Checked on
@@ -31,11 +32,11 @@ until interpreter shutdown, where a gloo worker thread could abort the process) 
 stayed at the root; at the end it calls ``deepspeed.comm.destroy_process_group``.  The fault test makes rank 1 raise
 in the backward and checks that the whole job ends quickly with that error.
 
-A second launch (``--resume``) checks the exact resume: each of ``zero3_worker.RESUME_CASES`` trains uninterrupted,
+The same launch then (``--resume``) checks the exact resume: each of ``zero3_worker.RESUME_CASES`` trains uninterrupted,
 and again saved by ``ZeroBlockEngine.save_checkpoint`` mid-block, loaded into a fresh engine and trained on; the two
 must agree bit for bit.
 
-A third launch (``--trainer``) runs the Hugging Face Trainer with ``deepspeed=`` and ``BreadCallback`` (a
+and (``--trainer``) runs the Hugging Face Trainer with ``deepspeed=`` and ``BreadCallback`` (a
 ``ZeroBlockOptimizer`` from its ``create_optimizer``, a cosine lr schedule) against the integration's own loop on the
 micro-batches the Trainer gave each rank (fp32 with accumulation, LoRA, ``bf16=True`` with DeepSpeed's bf16 and
 signSGD), the Trainer's checkpoint resumed exactly in that loop and by the Trainer's own ``resume_from_checkpoint``
@@ -74,17 +75,27 @@ def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = 
                     timeout=timeout)
 
 
-def launched_results(folder: Path, what: str, *args: str) -> dict:
+def launched_results(folder: Path, what: str, *args: str, timeout: int = TIMEOUT) -> dict:
     """Launch the worker with ``args`` writing into ``folder``; every rank's results once it succeeded."""
-    proc = launch(folder / "run", *args)
+    proc = launch(folder / "run", *args, timeout=timeout)
     assert proc.returncode == 0, f"the 2-rank {what} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-8000:]}"
     return read_ranks(folder / "run")
 
 
 @pytest.fixture(scope="module")
-def zero3_results(tmp_path_factory):
-    return launched_results(tmp_path_factory.mktemp("zero3"), "run")
+def worker_results(tmp_path_factory):
+    """One launch of every group of the worker (its cases, resume cases, deepspeed.initialize refusals, Trainer
+    cases): each launch pays ~10 s of imports and start-up."""
+    folder = tmp_path_factory.mktemp("zero3")
+    return launched_results(folder, "run", "--cases", ",".join(CASES), "--resume", ",".join(RESUME_CASES),
+                            "--plain-initialize", "--trainer", ",".join([*TRAINER_CASES, "zero_init"]),
+                            "--save-dir", str(folder), timeout=3 * TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def zero3_results(worker_results):
+    return worker_results
 
 
 FP32_CASES = [c for c in CASES if not c.startswith("bf16")]
@@ -151,10 +162,8 @@ def test_collectives_are_reduce_scatters_and_sparse_gathers(zero3_results):
 
 
 @pytest.fixture(scope="module")
-def resume_results(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zero3_resume")
-    return launched_results(folder, "resume run", "--resume", ",".join(RESUME_CASES), "--save-dir", str(folder),
-                            "--plain-initialize")
+def resume_results(worker_results):
+    return worker_results
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -165,7 +174,7 @@ def test_a_run_saved_and_loaded_into_a_fresh_engine_trains_on_bit_for_bit(resume
     the stochastic rounding's draw counter are those of the run that never stopped (``RESUME_CASES`` says what each
     case covers).  Without the saved schedule the resumed run trains other blocks; without the hook-updated norms
     saved as frozen they come back at their initial values (sgd_all_persist); without the saved group layout
-    DeepSpeed refuses the adapters' optimizer state (lora_partial_gas2)."""
+    DeepSpeed refuses the adapters' optimizer state (resume_lora_gas2)."""
     r = resume_results[(case, rank)]
     assert r["load_path"] and r["start_built"] != r["saved_block"]
     assert r["resumed_at"] == [r["saved_block"], SAVE_AFTER, SAVE_AFTER % 2]  # block, global step, step in block
@@ -195,10 +204,8 @@ def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_firs
 
 
 @pytest.fixture(scope="module")
-def trainer_results(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zero3_trainer")
-    return launched_results(folder, "Trainer run", "--trainer", ",".join([*TRAINER_CASES, "zero_init"]),
-                            "--save-dir", str(folder))
+def trainer_results(worker_results):
+    return worker_results
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -217,7 +224,7 @@ def test_the_trainer_with_deepspeed_and_bread_callback_trains_as_the_integration
     differ = {n: d for n, d in r["diff"].items() if d != 0.0}
     assert not differ, f"{case}, rank {rank}: the Trainer's shards differ from the loop's: {differ}"
     assert sum(m > 0 for m in r["moved"].values()) > len(r["moved"]) // 3, "too little moved to compare"
-    assert r["routed_after_destroy"] == []  # destroy() handed DeepSpeed's own methods back
+    assert r["routed_after_destroy"] == []  # destroy() handed DeepSpeed's own back (load_checkpoint now refuses)
     # the loss scaler object carries across the rebuild at a switch (with fp16, its dynamic scale: DeepSpeed runs no
     # fp16 on this CPU, so only the carrying is checked)
     assert r["loss_scaler_carried"]
@@ -278,7 +285,31 @@ def test_a_trainer_checkpoint_resumes_exactly_through_the_trainer_with_the_mixin
         "deepspeed.ZeroBlockOptimizer" in refused["block_optimizer"]
     assert refused["second_train"].startswith("RuntimeError") and "a second train() of a Trainer with " \
         "deepspeed=" in refused["second_train"]
-    assert refused["resume_moved"] == refused["block_optimizer_moved"] == refused["second_train_moved"] == []
+    # with resume_from_checkpoint the Trainer loads into the first train()'s engine, which accelerate's free_memory
+    # destroyed at the start of this train(), before any callback runs: DeepSpeed's own load wrote weights there
+    # (a KeyError for a frozen weight here, 18 weights moved in a reviewer's run); now that load is refused
+    assert refused["second_train_resume"].startswith("RuntimeError") and "engine that the integration's destroy()" \
+        " took down; nothing was loaded" in refused["second_train_resume"] and "a second train() of a Trainer with " \
+        "deepspeed=" in refused["second_train_resume"]
+    # the mixin connects in create_scheduler, before transformers sets model_wrapped: a refused connection left it the
+    # bare model, so the remedy trainer.model_wrapped.destroy() missed the engine (a reviewer's find)
+    assert refused["mixin_refused_config"].startswith("ValueError") and "managed_gradient_accumulation: false is " \
+        "not supported" in refused["mixin_refused_config"]
+    assert refused["mixin_refused_config_wrapped"] == "DeepSpeedEngine"
+    for what in ("resume", "block_optimizer", "second_train", "second_train_resume", "mixin_refused_config"):
+        assert refused[what + "_moved"] == [], what
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_trainers_resume_with_accumulation_is_exact(trainer_results, rank):
+    """The Trainer with accumulation 2 (accelerate sets DeepSpeed's boundary and steps it once per step, so
+    micro_steps counts steps: its save at step 1 was refused as mid-step before) saves after every step; a fresh
+    Trainer with BreadTrainerMixin resumes from checkpoint-1 and ends where it ended, on the same micro-batches."""
+    r = trainer_results[("trainer_sgd_all_gas2", rank)]
+    trained, expected, same = r["trainer_resume_batches"]
+    assert trained == expected == 2 * (STEPS - 1) and same, r["trainer_resume_batches"]
+    differ = {n: d for n, d in r["trainer_resume_diff"].items() if d != 0.0}
+    assert not differ, f"rank {rank}: resumed through the Trainer's resume_from_checkpoint, the shards differ: {differ}"
 
 
 def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):
@@ -313,6 +344,9 @@ def test_config_refusals_and_version_check():
     # a config scheduler never acted: the block optimizer sets the lr at every step
     with pytest.raises(ValueError, match="'scheduler' in the config would never act"):
         bkds.check_config({"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR", "params": {}}})
+    # DeepSpeed then tells a boundary only inside step(): the block schedule never ran (a reviewer's run on 1 rank)
+    with pytest.raises(ValueError, match="managed_gradient_accumulation: false is not supported"):
+        bkds.check_config({"zero_optimization": {"stage": 3}, "managed_gradient_accumulation": False})
     for fine in ({"stage": 3, "offload_param": {"device": "none"}}, {"stage": 3, "zenflow": None},
                  {"stage": 3, "offload_optimizer": {"device": "cpu"}}):
         assert bkds.check_config({"zero_optimization": fine})["zero_optimization"] == fine
@@ -366,7 +400,7 @@ class _RecordingDeepSpeedEngine:
     required grad during it; a load records its arguments and, with ``fail_load``, fails as DeepSpeed 0.19's does
     for a checkpoint saved with another block active, on the first parameter trained then and frozen now."""
 
-    global_steps, global_rank, local_rank, micro_steps = 5, 0, 0, 10
+    global_steps, global_rank, local_rank, micro_steps = 5, 0, 0, 0
     _is_gradient_accumulation_boundary = None  # DeepSpeed tells the boundary (micro_steps counts micro-batches)
 
     def __init__(self, model):
@@ -375,8 +409,6 @@ class _RecordingDeepSpeedEngine:
     def use_node_local_storage(self):
         return False
 
-    def managed_gradient_accumulation(self):
-        return True
 
     def load_universal_checkpoint(self):
         return False
@@ -498,6 +530,13 @@ def test_a_schedule_of_other_blocks_is_refused_before_anything_loads(tmp_path):
     torch.save({**schedule, "blocks": schedule["blocks"][:-1]}, tmp_path / "t" / SCHEDULE_FILE)
     state = (opt.order.state_dict(), opt.global_step, dict(opt.roles))
     with pytest.raises(ValueError, match="ZeroBlockEngine.load_checkpoint: the saved run's blocks .* build it with"):
+        engine.load_checkpoint(tmp_path)
+    assert ds.loads == [] and (opt.order.state_dict(), opt.global_step, dict(opt.roles)) == state
+    # an engine that has stepped: DeepSpeed loads ZeRO-3 only into one that has not (a second train() of the Trainer
+    # with resume_from_checkpoint loaded 18 weights into the trained engine before it was refused)
+    engine.save_checkpoint(tmp_path, tag="t")
+    ds.micro_steps = 3
+    with pytest.raises(RuntimeError, match="this engine has stepped .* nothing was loaded. Load into a fresh engine"):
         engine.load_checkpoint(tmp_path)
     assert ds.loads == [] and (opt.order.state_dict(), opt.global_step, dict(opt.roles)) == state
     opt.close()

@@ -243,13 +243,13 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
 #: steps uninterrupted, and again saved after SAVE_AFTER steps (mid-block), loaded into a fresh engine built with
 #: another start block, and trained on.  badam_random: the random order and the Adam state of the block under way;
 #: sgd_all_persist: the norms a hook updates (saved with the frozen parameters), persistent parameters;
-#: lora_partial_gas2: the adapters kept across switches in groups of their own (one per step count);
+#: resume_lora_gas2: the adapters kept across switches in groups of their own (one per step count);
 #: bf16_sign_all: DeepSpeed's bf16 mode and the stochastic rounding's draw counter; moe_badam: a Qwen3-MoE's 3-D
 #: expert weights (BAdam: on-the-fly expert updates are refused under ZeRO-3)
 RESUME_CASES = {
     "badam_random": ("llama", "disabled", False, 1, 0, "random", False),
     "sgd_all_persist": ("llama", "all", False, 1, 100, "descending", False),
-    "lora_partial_gas2": ("lora", "disabled", False, 2, 0, "descending", False),
+    "resume_lora_gas2": ("lora", "disabled", False, 2, 0, "descending", False),
     "bf16_sign_all": ("llama", "all", True, 1, 0, "ascending", True),
     "moe_badam": ("moe", "disabled", False, 1, 0, "descending", False),
 }
@@ -337,7 +337,8 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
 #: the Hugging Face Trainer with deepspeed= and BreadCallback: name -> (family, sgd_mode, sign, gas, switch_mode,
 #: start_block, lora_mode).  trainer_lora_partial also saves after every step through the Trainer (a peft model,
 #: for which the Trainer asks DeepSpeed to leave the frozen parameters out): checkpoint-SAVE_AFTER resumes in the
-#: loop, checkpoint-TRAINER_RESUME_FROM (mid-block, a switch and lr steps after it) through the Trainer.
+#: loop, checkpoint-TRAINER_RESUME_FROM (mid-block, a switch and lr steps after it) through the Trainer; so does
+#: trainer_sgd_all_gas2 through the Trainer (accumulation 2: accelerate sets DeepSpeed's boundary itself).
 TRAINER_CASES = {
     "trainer_sgd_all_gas2": ("llama", "all", False, 2, "ascending", 0, None),
     "trainer_lora_partial": ("lora", "partial", False, 1, "descending", None, "partial"),
@@ -359,6 +360,7 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
     prefix = "base_model.model." if family == "lora" else ""
     blocks = [[f"{prefix}model.layers.{i}."] for i in range(LAYERS)]
     saves = family == "lora"
+    resumes = saves or gas > 1  # through the Trainer
     bf16 = "bf16" in name
     config = ds_config(gas, 0, bf16=bf16)
 
@@ -388,12 +390,13 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
             return (out.loss, out) if return_outputs else out.loss
 
     rows = [{"input_ids": ids} for t in range(STEPS) for batch in micro_batches(t, gas, world) for ids in batch]
-    def make_args(output_dir=save_dir):  # one per Trainer: accelerate takes the DeepSpeed plugin of its arguments once
+    def make_args(output_dir=save_dir, **ds_extra):  # one per Trainer: accelerate takes its DeepSpeed plugin once
         return transformers.TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=MICRO, gradient_accumulation_steps=gas, max_steps=STEPS,
             learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-            logging_strategy="no", save_strategy="steps" if saves else "no", save_steps=1,
-            report_to="none", remove_unused_columns=False, deepspeed=dict(config), seed=3, bf16=bf16, use_cpu=bf16,
+            logging_strategy="no", save_strategy="steps" if resumes else "no", save_steps=1,
+            report_to="none", remove_unused_columns=False, deepspeed={**config, **ds_extra}, seed=3, bf16=bf16,
+            use_cpu=bf16,
             gradient_checkpointing=gas > 1)
     model = patch(build_model(family))
     trainer = BlockTrainer(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
@@ -457,6 +460,7 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
         result["resume_diff"] = {n: (trained[n] - resumed[n]).abs().max().item() if trained[n].numel() else 0.0
                                  for n in trained}
         engine.destroy()
+    if resumes:
         result.update(_trainer_resume(BlockTrainer, family, rows, make_args, save_dir, seen, gas, trained, shards))
     from bread_kernels.integrations.deepspeed.internals import engine_of_module
     from bread_kernels.integrations.transformers import unwrap_optimizer
@@ -472,8 +476,8 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
 
 def _trainer_resume(trainer_class, family, rows, make_args, save_dir, seen, gas, trained, shards) -> dict:
     """The Trainer's own ``train(resume_from_checkpoint=<checkpoint-TRAINER_RESUME_FROM>)`` with BreadTrainerMixin
-    among its bases (and no BreadCallback given: the mixin adds one), on a fresh model: the micro-batches it trains on and the
-    shards it ends with, against the uninterrupted Trainer run's."""
+    among its bases (and no BreadCallback given: the mixin adds one), on a fresh model: the micro-batches it trains
+    on and the shards it ends with, against the uninterrupted Trainer run's."""
     from bread_kernels import patch
     from bread_kernels.integrations.transformers import BreadCallback, BreadTrainerMixin
 
@@ -503,17 +507,21 @@ def _trainer_resume(trainer_class, family, rows, make_args, save_dir, seen, gas,
 
 def _trainer_refusals(trainer_class, family, rows, make_args, save_dir, block_optimizer) -> dict:
     """What the Trainer with deepspeed= and BreadCallback raises (and whether any weight moved) when it resumes from
-    a checkpoint, and when its optimizer is a plain BlockOptimizer."""
+    a checkpoint without BreadTrainerMixin, when its optimizer is a plain BlockOptimizer, when it trains a second
+    time (with the mixin: also resuming from a checkpoint), and when the mixin connects the engine under a DeepSpeed
+    config the integration refuses (where ``model_wrapped`` is then)."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     from bread_kernels import BlockOptimizer, patch
-    from bread_kernels.integrations.transformers import BreadCallback
+    from bread_kernels.integrations.transformers import BreadCallback, BreadTrainerMixin
 
     refused = {}
-    for what in ("resume", "block_optimizer", "second_train"):
+    for what in ("resume", "block_optimizer", "second_train", "second_train_resume", "mixin_refused_config"):
         model = patch(build_model(family))
+        mixin = what in ("second_train_resume", "mixin_refused_config")
+        bases = (BreadTrainerMixin, trainer_class) if mixin else (trainer_class,)
 
-        class Refused(trainer_class):
+        class Refused(*bases):
             def create_optimizer(self, model=None):
                 if self.optimizer is None:
                     self.optimizer = BlockOptimizer(
@@ -521,20 +529,22 @@ def _trainer_refusals(trainer_class, family, rows, make_args, save_dir, block_op
                         verbose=0) if what == "block_optimizer" else block_optimizer(self.model)
                 return self.optimizer
 
-        trainer = Refused(model=model, args=make_args(), train_dataset=rows, callbacks=[BreadCallback()])
-        if what == "second_train":
+        args = make_args(managed_gradient_accumulation=False) if what == "mixin_refused_config" else make_args()
+        trainer = Refused(model=model, args=args, train_dataset=rows, callbacks=[BreadCallback()])
+        if what.startswith("second_train"):
             trainer.args.max_steps = 1
             trainer.train()
         with GatheredParameters(list(model.parameters())):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
         try:
             trainer.train(resume_from_checkpoint=os.path.join(save_dir, f"checkpoint-{SAVE_AFTER}")
-                          if what == "resume" else None)
+                          if what.endswith("resume") else None)
             refused[what] = None
         except (ValueError, NotImplementedError, RuntimeError) as exc:
             refused[what] = f"{type(exc).__name__}: {exc}"
         with GatheredParameters(list(model.parameters())):
             refused[what + "_moved"] = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        refused[what + "_wrapped"] = type(trainer.model_wrapped).__name__
         if trainer.model_wrapped is not model:
             trainer.model_wrapped.destroy()
     return refused
@@ -642,12 +652,11 @@ def run_plain_initialize(rank: int, world: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES) instead of --cases")
+    parser.add_argument("--cases", default=None, help="CASES to run (all of them when no group below is given)")
+    parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES)")
     parser.add_argument("--save-dir", default=None)
-    parser.add_argument("--plain-initialize", action="store_true", help="also run_plain_initialize")
-    parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES, and zero_init: run_zero_init) "
-                                                        "instead of --cases")
+    parser.add_argument("--plain-initialize", action="store_true", help="run_plain_initialize")
+    parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES, and zero_init: run_zero_init)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
     args = parser.parse_args()
@@ -656,19 +665,18 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
-    try:
-        if args.trainer:
-            for name in args.trainer.split(","):
-                results.append(run_zero_init(rank, world) if name == "zero_init" else
-                               run_trainer(name, rank, world, os.path.join(args.save_dir, name)))
-        elif args.resume or args.plain_initialize:
-            for name in args.resume.split(",") if args.resume else ():
-                results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
-            if args.plain_initialize:
-                results.append(run_plain_initialize(rank, world))
-        else:
-            for name in args.cases.split(","):
-                results.append(run_case(name, rank, world, args.fault))
+    groups = args.resume or args.plain_initialize or args.trainer
+    cases = args.cases.split(",") if args.cases else [] if groups else list(CASES)
+    try:  # the groups one after the other in one process: each launch pays ~10 s of imports and start-up
+        for name in cases:
+            results.append(run_case(name, rank, world, args.fault))
+        for name in args.resume.split(",") if args.resume else ():
+            results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
+        if args.plain_initialize:
+            results.append(run_plain_initialize(rank, world))
+        for name in args.trainer.split(",") if args.trainer else ():
+            results.append(run_zero_init(rank, world) if name == "zero_init" else
+                           run_trainer(name, rank, world, os.path.join(args.save_dir, name)))
     except Exception:
         traceback.print_exc()
         raise

@@ -50,6 +50,10 @@ def check_config(config) -> dict:
                          "GradScaler scales the loss outside DeepSpeed's loss scaler, which the on-the-fly updates "
                          "divide out, so they would step by the scale (65536x). Use \"fp16\": {\"enabled\": true} "
                          "(DeepSpeed's fp16 mode) or bfloat16")
+    if config.get("managed_gradient_accumulation", True) is False:
+        raise ValueError("bread_kernels ZeRO integration: managed_gradient_accumulation: false is not supported: "
+                         "DeepSpeed then tells a step boundary only inside step(), so the block schedule (its lr, its "
+                         "step count, the switch) would never run; leave it out (the default, true)")
     if config.get("scheduler") is not None:
         raise ValueError("bread_kernels ZeRO integration: a DeepSpeed 'scheduler' in the config would never act (the "
                          "block optimizer sets the active block's lr at every step); take it out and schedule the lr "

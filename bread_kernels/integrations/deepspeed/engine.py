@@ -117,7 +117,8 @@ class ZeroBlockEngine:
         handed to every rank, so all take the same path), the saved block becomes active with the saved optimizer
         groups and DeepSpeed's stage-3 optimizer is rebuilt for them, and then DeepSpeed loads the weights (the
         hook-updated ones with the frozen ones) and the optimizer state.  The next steps train as the uninterrupted
-        run would have.  As DeepSpeed says for ZeRO-3, load into an engine that has not trained yet.
+        run would have.  As DeepSpeed says for ZeRO-3, load into an engine that has not trained yet: an engine that
+        has stepped is refused before anything loads.
 
         ``load_module_only=True`` or ``load_optimizer_states=False`` load the weights only; the block schedule then
         starts afresh.  A schedule that does not fit this optimizer (other blocks, other trained parameters) is
@@ -126,6 +127,10 @@ class ZeroBlockEngine:
         if it was saved with another block active, the error names ``start_block=``.  If DeepSpeed's load fails,
         the block optimizer is back at its previous block and schedule, with a fresh stage-3 optimizer; the weights
         DeepSpeed had loaded by then stay."""
+        if self.engine.micro_steps:
+            raise RuntimeError(f"ZeroBlockEngine.load_checkpoint: this engine has stepped ({self.engine.micro_steps} "
+                               "step() calls), and DeepSpeed loads a ZeRO-3 checkpoint only into an engine that has "
+                               "not trained; nothing was loaded. Load into a fresh engine (initialize)")
         if tag is None:
             tag = latest_checkpoint_tag(self.engine, load_dir)
         deepspeed_arguments = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
@@ -274,7 +279,9 @@ class ZeroBlockEngine:
             rebuilt(engine.optimizer)
 
     def destroy(self) -> None:
-        """DeepSpeed's ``destroy``, after disconnecting the block optimizer and removing the LoRA leaves' hooks; then
+        """DeepSpeed's ``destroy``, after disconnecting the block optimizer and removing the LoRA leaves' hooks (and
+        handing the engine's own methods back where :mod:`.trainer` routed them, but ``load_checkpoint``, which then
+        refuses: the Trainer loads into the engine it destroyed at a second ``train()``); then
         the model is taken out of what DeepSpeed keeps after its own ``destroy`` (the modules' cached backward
         Functions, the global module stack, the release cache), so it is freed once the user drops it — and with it
         the process groups its parameters hold, which must go before interpreter shutdown (call
@@ -283,13 +290,26 @@ class ZeroBlockEngine:
         self.block_optimizer._ds_engine = None
         unmark_lora_leaves(self.engine.module)
         self._recompute_scope.remove()
+        routed = any(name in self.engine.__dict__ for name in ROUTED_METHODS)
         for name in ROUTED_METHODS:
             self.engine.__dict__.pop(name, None)
+        if routed:  # the Trainer holds it: a second train() destroys it (accelerate's free_memory), then loads into it
+            self.engine.load_checkpoint = _load_into_destroyed_engine
         self.engine.destroy()
         remove_module_hooks(self.engine)
         _drop_cached_backward_functions(self.engine.module)  # they close over the coordinator, which holds the model
         forget_modules(self.engine.module)  # else DeepSpeed's globals keep the model (and its process groups) alive
         clear_release_cache()
+
+
+def _load_into_destroyed_engine(*args, **kwargs):
+    """``load_checkpoint`` of a destroyed engine that the Hugging Face Trainer held: refused before anything loads
+    (DeepSpeed's own would load the weights into the partitioned model with no engine left to train them)."""
+    raise RuntimeError("bread_kernels: a checkpoint load into the DeepSpeed engine that the integration's destroy() "
+                       "took down; nothing was loaded. The Hugging Face Trainer does this at a second train() of a "
+                       "Trainer with deepspeed= (accelerate's free_memory destroys the first train()'s engine, and "
+                       "transformers builds no new one), which is not supported: build a new Trainer and model to "
+                       "resume from the checkpoint")
 
 
 def _drop_cached_backward_functions(model: torch.nn.Module) -> None:

@@ -47,8 +47,7 @@ PARAM_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "
 ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradient_accumulation_boundary",
                   "basic_optimizer", "optimizer", "module", "config", "global_steps", "global_rank", "local_rank",
                   "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps",
-                  "module_forward_pre_hook", "module_forward_post_hook", "_is_gradient_accumulation_boundary",
-                  "managed_gradient_accumulation")
+                  "module_forward_pre_hook", "module_forward_post_hook", "_is_gradient_accumulation_boundary")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "loss_scaler", "overflow",
                      "fp16_groups", "grad_position", "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
@@ -281,13 +280,11 @@ def micro_batches_of_the_coming_step(engine) -> int | None:
     ``step()`` after every micro-batch) ``micro_steps`` counts micro-batches.  Where the caller sets it
     (``set_gradient_accumulation_boundary`` before each backward and ``step()`` at the boundary only, as accelerate
     does under the Hugging Face Trainer) ``micro_steps`` counts optimizer steps, and the flag says whether the last
-    backward was a step's last.  With ``managed_gradient_accumulation: false`` ``step()`` is the boundary and nothing
-    counts the backwards before it: 0."""
+    backward was a step's last (the backward of a step's last micro-batch before its ``step()`` reads as 0: the
+    Trainer saves after the step).  ``managed_gradient_accumulation: false`` is refused (:mod:`.config`)."""
     boundary = engine._is_gradient_accumulation_boundary
     if boundary is not None:
         return 0 if boundary else None
-    if not engine.managed_gradient_accumulation():
-        return 0
     return engine.micro_steps % engine.gradient_accumulation_steps()
 
 
