@@ -82,9 +82,9 @@ class BreadCallback(TrainerCallback):
     checkpoints hold the block schedule (:meth:`~bread_kernels.integrations.deepspeed.ZeroBlockEngine.save_checkpoint`).
     The Trainer loads ``resume_from_checkpoint`` before any callback runs: with :class:`BreadTrainerMixin` among the
     Trainer's bases the engine is connected before that load, which then resumes exactly; without it the load is
-    refused.  A second ``train()`` of such a Trainer is refused (transformers does not rebuild the engine the first
-    one destroyed); call ``trainer.model_wrapped.destroy()`` when done, which also takes the model out of DeepSpeed's
-    globals.
+    refused.  A second ``train()`` of such a Trainer is refused, with ``resume_from_checkpoint`` too (transformers
+    does not rebuild the engine the first one destroyed); call ``trainer.model_wrapped.destroy()`` when done, which
+    also takes the model out of DeepSpeed's globals.
 
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
@@ -227,14 +227,14 @@ class BreadTrainerMixin:
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
         inner, under_deepspeed = _unwrapped(self.optimizer) if self.optimizer is not None else (None, False)
         if under_deepspeed and _handed_to_deepspeed(inner):
-            callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
-            if len(callbacks) > 1:
-                raise ValueError(f"BreadTrainerMixin: the Trainer has {len(callbacks)} BreadCallbacks; give it one "
-                                 "(or none: the mixin adds one)")
-            if not callbacks:
-                callbacks = [BreadCallback()]
-                self.add_callback(callbacks[0])
             try:
+                callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
+                if len(callbacks) > 1:
+                    raise ValueError(f"BreadTrainerMixin: the Trainer has {len(callbacks)} BreadCallbacks; give it "
+                                     "one (or none: the mixin adds one)")
+                if not callbacks:
+                    callbacks = [BreadCallback()]
+                    self.add_callback(callbacks[0])
                 callbacks[0]._connect_deepspeed(self.model, self.optimizer, inner)
             except BaseException:
                 from .deepspeed.internals import engine_of_module
