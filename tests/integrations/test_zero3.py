@@ -226,7 +226,7 @@ def test_the_trainer_with_deepspeed_and_bread_callback_trains_as_the_integration
     assert sum(m > 0 for m in r["moved"].values()) > len(r["moved"]) // 3, "too little moved to compare"
     assert r["routed_after_destroy"] == []  # destroy() handed DeepSpeed's own back (load_checkpoint now refuses)
     # the loss scaler object carries across the rebuild at a switch (with fp16, its dynamic scale: DeepSpeed runs no
-    # fp16 on this CPU, so only the carrying is checked)
+    # fp16 on this CPU, so only the carrying is checked), and so does a scale set with override_loss_scale
     assert r["loss_scaler_carried"]
     # unwrap_optimizer sees the block optimizer through accelerate's wrapper and the connected engine's view; the
     # integration's destroy removes DeepSpeed's forward hooks from the model (they held the engine and optimizer)

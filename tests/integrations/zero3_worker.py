@@ -438,8 +438,10 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
     ref_opt = block_optimizer(ref_model)
     engine = bkds.initialize(ref_model, ref_opt, config=config)
     first_scaler = engine.optimizer.loss_scaler
+    engine.optimizer.override_loss_scale(1.0)  # a scale the user set (1.0: fp32 and bf16 train as without it)
     result["loop_active"] = loop(ref_opt, engine, range(STEPS))
-    result["loss_scaler_carried"] = engine.optimizer.loss_scaler is first_scaler and engine.switches > 0
+    result["loss_scaler_carried"] = engine.optimizer.loss_scaler is first_scaler and engine.switches > 0 and \
+        engine.optimizer.custom_loss_scaler and engine.optimizer.external_loss_scale == 1.0
     reference = shards(ref_model)
     result["diff"] = {n: (trained[n] - reference[n]).abs().max().item() if trained[n].numel() else 0.0
                       for n in trained}

@@ -261,7 +261,8 @@ class ZeroBlockEngine:
         makes its own, the root module it pushes on DeepSpeed's module stack once more and the old coordinators in
         DeepSpeed's release cache dropped (both would pile up over the run), and the engine's post-backward hook
         registered again as ``deepspeed.initialize`` does.  The loss scaler (fp16's dynamic scale and its overflow
-        history) carries over: a fresh one would start again at the initial scale after every switch."""
+        history) carries over, and so does a scale set with ``override_loss_scale``: a fresh optimizer would start
+        again at the initial scale after every switch."""
         engine, base = self.engine, self.block_optimizer.base_optimizer
         old = engine.optimizer
         old.destroy()
@@ -270,6 +271,9 @@ class ZeroBlockEngine:
         engine.basic_optimizer = base
         engine.optimizer = engine._configure_zero_optimizer(base)
         engine.optimizer.loss_scaler = old.loss_scaler
+        # a scale the user set with override_loss_scale (it replaces the scaler's while set)
+        engine.optimizer.custom_loss_scaler = old.custom_loss_scaler
+        engine.optimizer.external_loss_scale = old.external_loss_scale
         forget_modules(engine.module, keep=1)
         clear_release_cache()
         _restore_kept_state(engine.optimizer, getattr(self.block_optimizer, "_kept_state", {}))

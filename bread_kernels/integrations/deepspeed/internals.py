@@ -49,7 +49,8 @@ ENGINE_MEMBERS = ("_configure_zero_optimizer", "_backward_post_hook", "is_gradie
                   "use_node_local_storage", "load_universal_checkpoint", "micro_steps", "gradient_accumulation_steps",
                   "module_forward_pre_hook", "module_forward_post_hook", "_is_gradient_accumulation_boundary")
 OPTIMIZER_MEMBERS = ("destroy", "register_grad_acc_post_hook", "loss_scale", "loss_scaler", "overflow",
-                     "fp16_groups", "grad_position", "fp32_partitioned_groups_flat", "get_param_id", "optimizer")
+                     "fp16_groups", "grad_position", "fp32_partitioned_groups_flat", "get_param_id", "optimizer",
+                     "custom_loss_scaler", "external_loss_scale", "override_loss_scale")
 #: the Function classes DeepSpeed caches in a module's __dict__ (they close over the coordinator that made them)
 CACHED_BACKWARD_FUNCTIONS = ("pre_bwd_fn", "post_bwd_fn")
 MODULE_HOOK_NAMES = ("_pre_forward_module_hook", "_post_backward_module_hook", "_pre_backward_module_hook")
