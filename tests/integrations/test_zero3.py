@@ -347,6 +347,9 @@ def test_config_refusals_and_version_check():
     # DeepSpeed then tells a boundary only inside step(): the block schedule never ran (a reviewer's run on 1 rank)
     with pytest.raises(ValueError, match="managed_gradient_accumulation: false is not supported"):
         bkds.check_config({"zero_optimization": {"stage": 3}, "managed_gradient_accumulation": False})
+    with pytest.raises(ValueError, match="DeepCompile .* is not supported"):
+        bkds.check_config({"zero_optimization": {"stage": 3}, "compile": {"deepcompile": True}})
+    bkds.check_config({"zero_optimization": {"stage": 3}, "compile": {"deepcompile": False}})
     for fine in ({"stage": 3, "offload_param": {"device": "none"}}, {"stage": 3, "zenflow": None},
                  {"stage": 3, "offload_optimizer": {"device": "cpu"}}):
         assert bkds.check_config({"zero_optimization": fine})["zero_optimization"] == fine

@@ -50,6 +50,11 @@ def check_config(config) -> dict:
                          "GradScaler scales the loss outside DeepSpeed's loss scaler, which the on-the-fly updates "
                          "divide out, so they would step by the scale (65536x). Use \"fp16\": {\"enabled\": true} "
                          "(DeepSpeed's fp16 mode) or bfloat16")
+    if (config.get("compile") or {}).get("deepcompile"):
+        raise ValueError("bread_kernels ZeRO integration: DeepCompile (compile.deepcompile) is not supported: it "
+                         "replaces ZeRO-3's module hooks, which this integration finds the engine by and rebuilds at "
+                         "every block switch, with passes over a compiled graph that the on-the-fly updates of the "
+                         "shards inside the backward are not part of; leave it off")
     if config.get("managed_gradient_accumulation", True) is False:
         raise ValueError("bread_kernels ZeRO integration: managed_gradient_accumulation: false is not supported: "
                          "DeepSpeed then tells a step boundary only inside step(), so the block schedule (its lr, its "
