@@ -265,6 +265,9 @@ def test_a_trainer_checkpoint_resumes_exactly_through_the_trainer_with_the_mixin
     r = trainer_results[("trainer_lora_partial", rank)]
     asked = "bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
     assert r["warnings"] == [asked + "check", asked + "saved"]
+    saved, = r["saved_model_warning"]  # once, and it says what the saved model lacks and where it is
+    assert "peft's save_pretrained then writes every block's adapters but no base weight" in saved and \
+        "zero_to_fp32.py" in saved
     if rank == 0:  # the Trainer's save_model gathers every adapter, not only the active block's (it asks to exclude)
         adapters, gathered = r["save_model_adapters"]
         assert adapters > 0 and gathered == adapters

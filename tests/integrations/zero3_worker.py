@@ -408,7 +408,8 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
     opt, = made
     result = {"case": name, "micro_batches": len(seen), "trainer_active_end": opt.order.current,
               "trainer_global_step": opt.global_step, "base_lr_end": [g["lr"] for g in opt.base_optimizer.param_groups],
-              "warnings": sorted({str(w.message)[:90] for w in caught if "bread_kernels" in str(w.message)})}
+              "warnings": sorted({str(w.message)[:90] for w in caught if "bread_kernels" in str(w.message)}),
+              "saved_model_warning": [str(w.message) for w in caught if "out of the saved model" in str(w.message)]}
 
     def loop(opt, engine, steps, scheduler=None):
         scheduler = scheduler or transformers.get_cosine_schedule_with_warmup(opt, 0, STEPS)

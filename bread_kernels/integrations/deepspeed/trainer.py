@@ -109,12 +109,12 @@ def _route_engine_methods(ds_engine, engine: ZeroBlockEngine) -> None:
     kept, and a warning says so once for each."""
     warned = set()
 
-    def keep_frozen(exclude_frozen_parameters: bool, what: str) -> None:
+    def keep_frozen(exclude_frozen_parameters: bool, what: str, after: str = "") -> None:
         if exclude_frozen_parameters and what not in warned:
             warned.add(what)
             warnings.warn(f"bread_kernels: the Trainer asked DeepSpeed to leave the frozen parameters out of the "
                           f"{what} (it does so for a peft model); under block-coordinate descent they include the "
-                          "blocks trained earlier (their adapters too), so they are kept", RuntimeWarning,
+                          f"blocks trained earlier (their adapters too), so they are kept{after}", RuntimeWarning,
                           stacklevel=3)
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True,  # noqa: B006 - DeepSpeed's signature
@@ -123,7 +123,9 @@ def _route_engine_methods(ds_engine, engine: ZeroBlockEngine) -> None:
         return engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
 
     def consolidated_state_dict(exclude_frozen_parameters=False):  # the Trainer's save_model of a peft model
-        keep_frozen(exclude_frozen_parameters, "saved model")
+        keep_frozen(exclude_frozen_parameters, "saved model", ". peft's save_pretrained then writes every block's "
+                    "adapters but no base weight: base weights the run trained (BREAD-SGD, lora_mode other than "
+                    "'adapter_only') are in the DeepSpeed checkpoints (checkpoint-<step>, zero_to_fp32.py)")
         return type(ds_engine)._zero3_consolidated_16bit_state_dict(ds_engine, exclude_frozen_parameters=False)
 
     routed = {"save_checkpoint": save_checkpoint, "load_checkpoint": engine.load_checkpoint,
