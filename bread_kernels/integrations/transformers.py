@@ -12,6 +12,7 @@ at the lowest trained block whatever requires grad below it.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -23,7 +24,7 @@ from ..patch import patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
 
-__all__ = ["BreadCallback", "BreadTrainerMixin", "LisaCallback", "unwrap_optimizer"]
+__all__ = ["BreadCallback", "BreadTrainerMixin", "LisaCallback", "unwrap_optimizer", "base_model_state_dict"]
 
 
 def _is_wrapper(optimizer) -> bool:
@@ -221,6 +222,14 @@ class BreadTrainerMixin:
     with an optimizer other than a ``ZeroBlockOptimizer`` handed to DeepSpeed, the mixin changes nothing: the
     Trainer's optimizer, scheduler and callbacks are its own.  A ``create_scheduler`` of the subclass itself must call
     ``super().create_scheduler(...)``.
+
+    ``save_model`` (the Trainer's own and at every checkpoint) of a peft model whose base weights the run trains (a
+    :class:`~bread_kernels.BlockOptimizer` with ``sgd_mode`` on or ``lora_mode`` other than ``"adapter_only"``) also
+    writes the base model with its trained weights into ``<output_dir>/base_model`` (``save_pretrained``, the
+    transformers names): peft's ``save_pretrained`` writes the adapters alone.  Reload with
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<output_dir>/base_model"), "<output_dir>")``.
+    Under ZeRO-3 the weights are gathered once more for it, onto the first rank, as the Trainer gathers a peft
+    model's.
     """
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -242,6 +251,58 @@ class BreadTrainerMixin:
                 self.model_wrapped = engine_of_module(self.model) or self.model_wrapped
                 raise
         return scheduler
+
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if _trains_peft_base_weights(self.model, self.optimizer):
+            save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir)
+
+
+#: the folder of a saved peft model that holds its base model with the weights the run trained
+BASE_MODEL_FOLDER = "base_model"
+
+
+def _trains_peft_base_weights(model, optimizer) -> bool:
+    """Whether ``model`` is a peft model whose base weights the Trainer's optimizer (a bread_kernels
+    BlockOptimizer) trains: by Adam in the active block unless ``lora_mode="adapter_only"``, on the fly with
+    ``sgd_mode``."""
+    if optimizer is None or not callable(getattr(model, "get_base_model", None)) or \
+            not hasattr(model, "peft_config"):
+        return False
+    inner = unwrap_optimizer(optimizer)
+    return isinstance(inner, BlockOptimizer) and (inner.lora_mode != "adapter_only" or inner.sgd_mode != "disabled")
+
+
+def base_model_state_dict(peft_state_dict: dict) -> dict:
+    """The base model's weights under the transformers names, from a peft model's state dict: the adapters
+    (``lora_*``) and ``modules_to_save`` copies left out, peft's ``base_model.model.`` prefix and its ``base_layer.`` /
+    ``original_module.`` levels taken off."""
+    prefix = "base_model.model."
+    base = {}
+    for name, value in peft_state_dict.items():
+        if ".lora_" in name or ".modules_to_save." in name:
+            continue
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        base[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    return base
+
+
+def save_trained_base_model(trainer, output_dir: str) -> None:
+    """Write the base model of ``trainer.model`` (a peft model) with its current weights into
+    ``<output_dir>/base_model``: its state dict gathered as the Trainer's ``save_model`` gathers it (by every rank
+    onto the first under ZeRO-3, which writes it), else written by the process that saves."""
+    if trainer.is_deepspeed_enabled:
+        from .deepspeed.internals import gathered_state_dict
+
+        state_dict = gathered_state_dict(trainer.model_wrapped)  # None but on global rank 0
+        writes = state_dict is not None
+    else:
+        state_dict = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        writes = trainer.args.should_save
+    if writes:
+        base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
+        base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict))
 
 
 def _handed_to_deepspeed(optimizer) -> bool:

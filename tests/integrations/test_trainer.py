@@ -127,6 +127,40 @@ def test_bread_trainer_mixin_outside_deepspeed_changes_nothing(tmp_path):
     models.assert_same_parameters(plain_model, mixed_model)
 
 
+def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp_path):
+    """peft's save_pretrained (the Trainer's save_model of a peft model) writes the adapters alone, and BREAD trains
+    the base weights too: BreadTrainerMixin's save_model also writes <output_dir>/base_model, which with the adapters
+    reloads the trained model (the adapters over the initial base model give other logits)."""
+    import os
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    class MixedTrainer(BreadTrainerMixin, Trainer):
+        pass
+
+    original = models.with_lora(models.llama())
+    model = bread_kernels.patch(copy.deepcopy(original))
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS),
+                                       list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
+                                       lora_mode="all", verbose=0)
+    trainer = MixedTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Data(), optimizers=(opt, None),
+                           callbacks=[BreadCallback()])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert os.path.isfile(tmp_path / "saved" / "adapter_model.safetensors")
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "base_model"),
+                                            tmp_path / "saved")
+    adapters_only = peft.PeftModel.from_pretrained(models.llama(), tmp_path / "saved")  # the initial base weights
+    ids = models.batch(99)
+    for m in (model, loaded, adapters_only):
+        m.eval()
+    with torch.no_grad():
+        trained, reloaded, on_initial = (m(input_ids=ids).logits for m in (model, loaded, adapters_only))
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
+    assert (on_initial - trained).abs().max() > 1e-3  # the base weights the run trained matter
+
+
 class _LMFlowLisa(TrainerCallback):
     """LMFlow's DynamicLayerActivationCallback (its published code, restated): at every ``interval_steps``-th
     step begin, freeze every layer and unfreeze ``n_layers`` drawn by ``np.random.choice`` without replacement.

@@ -504,6 +504,21 @@ def _trainer_resume(trainer_class, family, rows, make_args, save_dir, seen, gas,
                                 for n in trained},
         "trainer_resume_warnings": sorted({str(w.message)[:90] for w in caught
                                            if "bread_kernels" in str(w.message)})}
+    if family == "lora":  # the mixin's save_model (at every checkpoint) also wrote the base model it trained
+        from safetensors.torch import load_file
+
+        from bread_kernels.integrations.deepspeed.internals import gathered_state_dict
+        from bread_kernels.integrations.transformers import base_model_state_dict
+
+        full = gathered_state_dict(trainer.model_wrapped)  # every rank: a collective
+        if dist.get_rank() == 0:
+            trained_base = base_model_state_dict(full)
+            initial = base_model_state_dict(build_model(family).state_dict())
+            saved = load_file(os.path.join(save_dir + "_resumed", f"checkpoint-{STEPS}", "base_model",
+                                           "model.safetensors"))
+            result["base_model_saved"] = [len(saved), len(trained_base), sorted(set(saved) - set(trained_base)),
+                                          [n for n in saved if not torch.equal(saved[n], trained_base[n])],
+                                          sum(not torch.equal(saved[n], initial[n]) for n in saved)]
     trainer.model_wrapped.destroy()
     return result
 

@@ -20,7 +20,7 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
            "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "any_partitioned",
-           "micro_batches_of_the_coming_step"]
+           "micro_batches_of_the_coming_step", "gathered_state_dict"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -287,6 +287,13 @@ def micro_batches_of_the_coming_step(engine) -> int | None:
     if boundary is not None:
         return 0 if boundary else None
     return engine.micro_steps % engine.gradient_accumulation_steps()
+
+
+def gathered_state_dict(engine) -> dict | None:
+    """The whole model's state dict in its 16-bit dtype (fp32 where it trains in fp32), gathered onto global rank 0
+    (None elsewhere) as the Hugging Face Trainer's ``save_model`` gathers it: DeepSpeed 0.19's
+    ``_zero3_consolidated_16bit_state_dict``, every parameter included.  Every rank calls it."""
+    return type(engine)._zero3_consolidated_16bit_state_dict(engine, exclude_frozen_parameters=False)
 
 
 def latest_checkpoint_tag(engine, load_dir) -> str | None:

@@ -23,7 +23,7 @@ import weakref
 
 from .config import check_config
 from .engine import ZeroBlockEngine
-from .internals import check_version, engine_of_module, internals_problems
+from .internals import check_version, engine_of_module, gathered_state_dict, internals_problems
 from .lora_leaves import mark_lora_leaves
 from .optimizer import ZeroBlockOptimizer
 
@@ -126,7 +126,7 @@ def _route_engine_methods(ds_engine, engine: ZeroBlockEngine) -> None:
         keep_frozen(exclude_frozen_parameters, "saved model", ". peft's save_pretrained then writes every block's "
                     "adapters but no base weight: base weights the run trained (BREAD-SGD, lora_mode other than "
                     "'adapter_only') are in the DeepSpeed checkpoints (checkpoint-<step>, zero_to_fp32.py)")
-        return type(ds_engine)._zero3_consolidated_16bit_state_dict(ds_engine, exclude_frozen_parameters=False)
+        return gathered_state_dict(ds_engine)
 
     routed = {"save_checkpoint": save_checkpoint, "load_checkpoint": engine.load_checkpoint,
               "destroy": engine.destroy,  # ROUTED_METHODS, which destroy() hands back
