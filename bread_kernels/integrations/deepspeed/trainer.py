@@ -125,7 +125,8 @@ def _route_engine_methods(ds_engine, engine: ZeroBlockEngine) -> None:
     def consolidated_state_dict(exclude_frozen_parameters=False):  # the Trainer's save_model of a peft model
         keep_frozen(exclude_frozen_parameters, "saved model", ". peft's save_pretrained then writes every block's "
                     "adapters but no base weight: base weights the run trained (BREAD-SGD, lora_mode other than "
-                    "'adapter_only') are in the DeepSpeed checkpoints (checkpoint-<step>, zero_to_fp32.py)")
+                    "'adapter_only') are in the DeepSpeed checkpoints (checkpoint-<step>, zero_to_fp32.py) and, with "
+                    "BreadTrainerMixin, in <output_dir>/base_model")
         return gathered_state_dict(ds_engine)
 
     routed = {"save_checkpoint": save_checkpoint, "load_checkpoint": engine.load_checkpoint,
