@@ -16,6 +16,7 @@ import os
 import weakref
 
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from ..optim.block_optimizer import BlockOptimizer
@@ -223,14 +224,23 @@ class BreadTrainerMixin:
     Trainer's optimizer, scheduler and callbacks are its own.  A ``create_scheduler`` of the subclass itself must call
     ``super().create_scheduler(...)``.
 
-    ``save_model`` (the Trainer's own and at every checkpoint) of a peft model whose base weights the run trains (a
-    :class:`~bread_kernels.BlockOptimizer` with ``sgd_mode`` on or ``lora_mode`` other than ``"adapter_only"``) also
-    writes the base model with its trained weights into ``<output_dir>/base_model`` (``save_pretrained``, the
-    transformers names): peft's ``save_pretrained`` writes the adapters alone.  Reload with
-    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<output_dir>/base_model"), "<output_dir>")``.
-    Under ZeRO-3 the weights are gathered once more for it, onto the first rank, as the Trainer gathers a peft
-    model's.
+    ``save_model`` of a peft model whose base weights the run trains (a :class:`~bread_kernels.BlockOptimizer` with
+    ``sgd_mode`` on or ``lora_mode`` other than ``"adapter_only"``) also writes the base model with its trained weights
+    into ``<output_dir>/base_model`` (``save_pretrained``, transformers' names): peft's ``save_pretrained`` writes the
+    adapters alone.  ``base_model`` holds the original modules of ``modules_to_save`` (their trained copies are in
+    the adapter file), so the trained model is both: ``PeftModel.from_pretrained(<the base model's Auto
+    class>.from_pretrained("<output_dir>/base_model"), "<output_dir>")`` (the adapter config's
+    ``base_model_name_or_path`` still names the original model, which ``AutoPeftModel*`` would load).  Which saves
+    write it is :attr:`save_base_model`.  Under ZeRO-3 the weights are gathered once more for it, onto the first
+    rank, which writes it.  A peft layout whose base weights do not map onto the base model's names is refused at the
+    save, before anything is written, naming ``save_base_model = "never"``.
     """
+
+    #: which ``save_model`` calls write ``<output_dir>/base_model``: ``"final"`` (the default) those of the user
+    #: (``trainer.save_model()``), not the Trainer's checkpoints (a full copy of the model each, which
+    #: ``resume_from_checkpoint`` and ``load_best_model_at_end`` do not read); ``"every_save"`` those too;
+    #: ``"never"``
+    save_base_model: str = "final"
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
@@ -254,8 +264,12 @@ class BreadTrainerMixin:
 
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.save_base_model not in ("final", "every_save", "never"):
+            raise ValueError(f"BreadTrainerMixin.save_base_model must be 'final', 'every_save' or 'never', got "
+                             f"{self.save_base_model!r}")
         super().save_model(output_dir, _internal_call)
-        if _trains_peft_base_weights(self.model, self.optimizer):
+        wanted = self.save_base_model == "every_save" or (self.save_base_model == "final" and not _internal_call)
+        if wanted and _trains_peft_base_weights(self.model, self.optimizer):
             save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir)
 
 
@@ -276,32 +290,51 @@ def _trains_peft_base_weights(model, optimizer) -> bool:
 
 def base_model_state_dict(peft_state_dict: dict) -> dict:
     """The base model's weights under the transformers names, from a peft model's state dict: the adapters
-    (``lora_*``) and ``modules_to_save`` copies left out, peft's ``base_model.model.`` prefix and its ``base_layer.`` /
-    ``original_module.`` levels taken off."""
+    (``lora_*``, trainable tokens' deltas) and ``modules_to_save`` copies left out, peft's ``base_model.model.``
+    prefix and its ``base_layer.`` / ``original_module.`` / ``token_adapter.`` levels taken off."""
     prefix = "base_model.model."
     base = {}
     for name, value in peft_state_dict.items():
-        if ".lora_" in name or ".modules_to_save." in name:
+        if ".lora_" in name or ".modules_to_save." in name or ".trainable_tokens_" in name:
             continue
         name = name[len(prefix):] if name.startswith(prefix) else name
-        base[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+        for level in (".base_layer.", ".original_module.", ".token_adapter."):
+            name = name.replace(level, ".")
+        base[name] = value
     return base
+
+
+def _check_base_names(base, names: set) -> None:
+    """Refuse a mapping that does not give the base model's own names (a peft layout ``base_model_state_dict`` does
+    not know), before anything is written: the names of the base model's class built on the meta device."""
+    with torch.device("meta"):
+        expected = set(type(base)(base.config).state_dict())
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise NotImplementedError(f"BreadTrainerMixin: the base weights of this peft model do not map onto "
+                                  f"{type(base).__name__}'s names (missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}): a peft layout the base-model save does not know; nothing was "
+                                  "written to base_model. Set save_base_model = \"never\" on your Trainer class and "
+                                  "save the trained weights yourself")
 
 
 def save_trained_base_model(trainer, output_dir: str) -> None:
     """Write the base model of ``trainer.model`` (a peft model) with its current weights into
     ``<output_dir>/base_model``: its state dict gathered as the Trainer's ``save_model`` gathers it (by every rank
     onto the first under ZeRO-3, which writes it), else written by the process that saves."""
-    if trainer.is_deepspeed_enabled:
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    base = peft_model.get_base_model()
+    # every rank checks the names (of a ZeRO-3 model's empty shards too) before any gathers: all refuse alike
+    _check_base_names(base, set(base_model_state_dict(dict.fromkeys(peft_model.state_dict()))))
+    if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model:  # a DeepSpeed engine around it
         from .deepspeed.internals import gathered_state_dict
 
         state_dict = gathered_state_dict(trainer.model_wrapped)  # None but on global rank 0
         writes = state_dict is not None
     else:
-        state_dict = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        state_dict = peft_model.state_dict()
         writes = trainer.args.should_save
     if writes:
-        base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
         base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict))
 
 

@@ -127,10 +127,13 @@ def test_bread_trainer_mixin_outside_deepspeed_changes_nothing(tmp_path):
     models.assert_same_parameters(plain_model, mixed_model)
 
 
-def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp_path):
+@pytest.mark.parametrize("layout", ["lora", "trainable_tokens"])
+def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp_path, layout):
     """peft's save_pretrained (the Trainer's save_model of a peft model) writes the adapters alone, and BREAD trains
     the base weights too: BreadTrainerMixin's save_model also writes <output_dir>/base_model, which with the adapters
-    reloads the trained model (the adapters over the initial base model give other logits)."""
+    reloads the trained model (the adapters over the initial base model give other logits).  With peft's trainable
+    token indices the embedding sits one level deeper (token_adapter): it was written under a name the base model
+    does not have, and reloaded at random (a reviewer's find)."""
     import os
 
     import peft
@@ -139,7 +142,8 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
     class MixedTrainer(BreadTrainerMixin, Trainer):
         pass
 
-    original = models.with_lora(models.llama())
+    extra = {"trainable_token_indices": {"embed_tokens": [1, 2, 3]}} if layout == "trainable_tokens" else {}
+    original = models.with_lora(models.llama(), **extra)
     model = bread_kernels.patch(copy.deepcopy(original))
     opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS),
                                        list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
@@ -159,6 +163,13 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
         trained, reloaded, on_initial = (m(input_ids=ids).logits for m in (model, loaded, adapters_only))
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
     assert (on_initial - trained).abs().max() > 1e-3  # the base weights the run trained matter
+    trainer.save_base_model = "never"
+    trainer.save_model(str(tmp_path / "adapters_only"))
+    assert not os.path.exists(tmp_path / "adapters_only" / "base_model")
+    trainer.save_base_model = "always"
+    with pytest.raises(ValueError, match="save_base_model must be 'final', 'every_save' or 'never'"):
+        trainer.save_model(str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused")  # refused before the Trainer saved anything
 
 
 class _LMFlowLisa(TrainerCallback):

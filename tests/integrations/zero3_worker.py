@@ -504,21 +504,35 @@ def _trainer_resume(trainer_class, family, rows, make_args, save_dir, seen, gas,
                                 for n in trained},
         "trainer_resume_warnings": sorted({str(w.message)[:90] for w in caught
                                            if "bread_kernels" in str(w.message)})}
-    if family == "lora":  # the mixin's save_model (at every checkpoint) also wrote the base model it trained
-        from safetensors.torch import load_file
-
+    if family == "lora":  # the mixin's save_model also writes the base model it trained (peft: the adapters alone)
         from bread_kernels.integrations.deepspeed.internals import gathered_state_dict
-        from bread_kernels.integrations.transformers import base_model_state_dict
+        from tests.model_zoo import with_lora
 
-        full = gathered_state_dict(trainer.model_wrapped)  # every rank: a collective
+        final = os.path.join(save_dir + "_resumed", "final")
+        trainer.save_model(final)  # every rank: the gathers are collectives
+        full = gathered_state_dict(trainer.model_wrapped)
+        ids = torch.arange(SEQ).remainder(VOCAB).unsqueeze(0)
+        with torch.no_grad():
+            trained_logits = trainer.model_wrapped(input_ids=ids).logits  # every rank: the forward gathers
         if dist.get_rank() == 0:
-            trained_base = base_model_state_dict(full)
-            initial = base_model_state_dict(build_model(family).state_dict())
-            saved = load_file(os.path.join(save_dir + "_resumed", f"checkpoint-{STEPS}", "base_model",
-                                           "model.safetensors"))
-            result["base_model_saved"] = [len(saved), len(trained_base), sorted(set(saved) - set(trained_base)),
-                                          [n for n in saved if not torch.equal(saved[n], trained_base[n])],
-                                          sum(not torch.equal(saved[n], initial[n]) for n in saved)]
+            # the base model as written (not from_pretrained: while the Trainer's DeepSpeed config lives it builds
+            # under zero.Init, collectively), the adapters from the gathered model (on this CPU accelerate sees one
+            # process per rank, so every rank writes the Trainer's adapter file: rank 1 its empty shards)
+            from safetensors.torch import load_file
+
+            adapters = {n: v for n, v in full.items() if "lora_" in n}
+            base = build_model("llama")
+            result["base_model_keys"] = base.load_state_dict(
+                load_file(os.path.join(final, "base_model", "model.safetensors")), strict=False)._asdict()
+            loaded, on_initial = with_lora(base, r=4), with_lora(build_model("llama"), r=4)  # the initial base
+            for m in (loaded, on_initial):
+                assert not m.load_state_dict(adapters, strict=False).unexpected_keys
+                m.eval()
+            with torch.no_grad():
+                reloaded, initial = (m(input_ids=ids).logits for m in (loaded, on_initial))
+            result["base_model_saved"] = [
+                (reloaded - trained_logits).abs().max().item(), (initial - trained_logits).abs().max().item(),
+                os.path.isdir(os.path.join(save_dir + "_resumed", f"checkpoint-{STEPS}", "base_model"))]
     trainer.model_wrapped.destroy()
     return result
 
