@@ -127,13 +127,14 @@ def test_bread_trainer_mixin_outside_deepspeed_changes_nothing(tmp_path):
     models.assert_same_parameters(plain_model, mixed_model)
 
 
-@pytest.mark.parametrize("layout", ["lora", "trainable_tokens"])
+@pytest.mark.parametrize("layout", ["lora", "trainable_tokens", "gpt2_tied"])
 def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp_path, layout):
     """peft's save_pretrained (the Trainer's save_model of a peft model) writes the adapters alone, and BREAD trains
     the base weights too: BreadTrainerMixin's save_model also writes <output_dir>/base_model, which with the adapters
     reloads the trained model (the adapters over the initial base model give other logits).  With peft's trainable
     token indices the embedding sits one level deeper (token_adapter): it was written under a name the base model
-    does not have, and reloaded at random (a reviewer's find)."""
+    does not have, and reloaded at random (a reviewer's find).  GPT-2: its head tied to its embedding, Conv1D
+    layers (fan_in_fan_out)."""
     import os
 
     import peft
@@ -143,7 +144,8 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
         pass
 
     extra = {"trainable_token_indices": {"embed_tokens": [1, 2, 3]}} if layout == "trainable_tokens" else {}
-    original = models.with_lora(models.llama(), **extra)
+    make = models.gpt2 if layout == "gpt2_tied" else models.llama
+    original = models.with_lora(make(), **extra)
     model = bread_kernels.patch(copy.deepcopy(original))
     opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS),
                                        list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
@@ -155,7 +157,7 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
     assert os.path.isfile(tmp_path / "saved" / "adapter_model.safetensors")
     loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "base_model"),
                                             tmp_path / "saved")
-    adapters_only = peft.PeftModel.from_pretrained(models.llama(), tmp_path / "saved")  # the initial base weights
+    adapters_only = peft.PeftModel.from_pretrained(make(), tmp_path / "saved")  # the initial base weights
     ids = models.batch(99)
     for m in (model, loaded, adapters_only):
         m.eval()
