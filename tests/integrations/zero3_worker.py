@@ -480,7 +480,8 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
 def _trainer_resume(trainer_class, family, rows, make_args, save_dir, seen, gas, trained, shards) -> dict:
     """The Trainer's own ``train(resume_from_checkpoint=<checkpoint-TRAINER_RESUME_FROM>)`` with BreadTrainerMixin
     among its bases (and no BreadCallback given: the mixin adds one), on a fresh model: the micro-batches it trains
-    on and the shards it ends with, against the uninterrupted Trainer run's."""
+    on and the shards it ends with, against the uninterrupted Trainer run's; for a peft model, the base model its
+    save_model writes, reloaded with the trained adapters, against the trained model's logits."""
     from bread_kernels import patch
     from bread_kernels.integrations.transformers import BreadCallback, BreadTrainerMixin
 
