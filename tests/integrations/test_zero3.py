@@ -310,13 +310,16 @@ def test_a_trainer_checkpoint_resumes_exactly_through_the_trainer_with_the_mixin
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_the_trainers_resume_with_accumulation_is_exact(trainer_results, rank):
+@pytest.mark.parametrize("case", ["trainer_sgd_all_gas2", "trainer_bf16_sign"])
+def test_the_trainers_resume_with_accumulation_and_in_bf16_is_exact(trainer_results, case, rank):
     """The Trainer with accumulation 2 (accelerate sets DeepSpeed's boundary and steps it once per step, so
-    micro_steps counts steps: its save at step 1 was refused as mid-step before) saves after every step; a fresh
-    Trainer with BreadTrainerMixin resumes from checkpoint-1 and ends where it ended, on the same micro-batches."""
-    r = trainer_results[("trainer_sgd_all_gas2", rank)]
+    micro_steps counts steps: its save at step 1 was refused as mid-step before), and in bf16 with signSGD's
+    stochastic rounding (its draw counter in the schedule), saves after every step; a fresh Trainer with
+    BreadTrainerMixin resumes from checkpoint-1 and ends where it ended, on the same micro-batches."""
+    r = trainer_results[(case, rank)]
+    gas = TRAINER_CASES[case][3]
     trained, expected, same = r["trainer_resume_batches"]
-    assert trained == expected == 2 * (STEPS - 1) and same, r["trainer_resume_batches"]
+    assert trained == expected == gas * (STEPS - 1) and same, r["trainer_resume_batches"]
     differ = {n: d for n, d in r["trainer_resume_diff"].items() if d != 0.0}
     assert not differ, f"rank {rank}: resumed through the Trainer's resume_from_checkpoint, the shards differ: {differ}"
 

@@ -338,7 +338,8 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
 #: start_block, lora_mode).  trainer_lora_partial also saves after every step through the Trainer (a peft model,
 #: for which the Trainer asks DeepSpeed to leave the frozen parameters out): checkpoint-SAVE_AFTER resumes in the
 #: loop, checkpoint-TRAINER_RESUME_FROM (mid-block, a switch and lr steps after it) through the Trainer; so does
-#: trainer_sgd_all_gas2 through the Trainer (accumulation 2: accelerate sets DeepSpeed's boundary itself).
+#: trainer_sgd_all_gas2 (accumulation 2: accelerate sets DeepSpeed's boundary itself) and trainer_bf16_sign (the
+#: stochastic rounding's draw counter) through the Trainer.
 TRAINER_CASES = {
     "trainer_sgd_all_gas2": ("llama", "all", False, 2, "ascending", 0, None),
     "trainer_lora_partial": ("lora", "partial", False, 1, "descending", None, "partial"),
@@ -360,8 +361,8 @@ def run_trainer(name: str, rank: int, world: int, save_dir: str) -> dict:
     prefix = "base_model.model." if family == "lora" else ""
     blocks = [[f"{prefix}model.layers.{i}."] for i in range(LAYERS)]
     saves = family == "lora"
-    resumes = saves or gas > 1  # through the Trainer
     bf16 = "bf16" in name
+    resumes = saves or gas > 1 or bf16  # through the Trainer
     config = ds_config(gas, 0, bf16=bf16)
 
     def block_optimizer(model):
