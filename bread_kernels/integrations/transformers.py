@@ -261,7 +261,6 @@ class BreadTrainerMixin:
                 raise
         return scheduler
 
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.save_base_model not in ("final", "every_save", "never"):
             raise ValueError(f"BreadTrainerMixin.save_base_model must be 'final', 'every_save' or 'never', got "

@@ -174,6 +174,11 @@ _tuned: set = set()
 _INTERPRET_BLOCK_M = 16
 
 
+def _interpreted(device: torch.device) -> bool:
+    """Whether a launch on ``device`` runs under Triton's interpreter (asked for, or a tensor not on a GPU)."""
+    return _INTERPRET or device.type != "cuda"
+
+
 def _interpreter_tile(extent: int, smallest: int, largest: int = 128) -> int:
     """A tile size along a dimension of ``extent`` under the interpreter, where each program costs the same numpy
     overhead whatever its tile: the largest power of two that still cuts the dimension into about four tiles or
@@ -229,7 +234,7 @@ def wgrad_update_(
         weight.stride(0), weight.stride(1),
         int(offset), float(step), key1, key2,
     )
-    interpret = _INTERPRET or weight.device.type != "cuda"
+    interpret = _interpreted(weight.device)
     flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)
     if interpret:
         blocks = {"BLOCK_N": _interpreter_tile(N, 16), "BLOCK_K": _interpreter_tile(K, 32),
@@ -263,7 +268,7 @@ def apply_update_(
     R, C = p2.shape
     key1, key2 = rng_keys(seed)
     stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
-    interpret = _INTERPRET or param.device.type != "cuda"
+    interpret = _interpreted(param.device)
     block_r, block_c = (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _apply_update_kernel[grid](
