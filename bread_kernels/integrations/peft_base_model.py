@@ -67,15 +67,15 @@ def save_trained_base_model(trainer, output_dir: str) -> None:
     onto the first under ZeRO-3, which writes it), else written by the process that saves."""
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     base = peft_model.get_base_model()
-    # every rank checks the names (of a ZeRO-3 model's empty shards too) before any gathers: all refuse alike
-    _check_base_names(base, set(base_model_state_dict(dict.fromkeys(peft_model.state_dict()))))
+    state_dict = peft_model.state_dict()  # references (a ZeRO-3 model's: its empty shards)
+    # every rank checks the names before any gathers: all refuse alike
+    _check_base_names(base, set(base_model_state_dict(dict.fromkeys(state_dict))))
     if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model:  # a DeepSpeed engine around it
         from .deepspeed.internals import gathered_state_dict
 
         state_dict = gathered_state_dict(trainer.model_wrapped)  # None but on global rank 0
         writes = state_dict is not None
     else:
-        state_dict = peft_model.state_dict()
         writes = trainer.args.should_save
     if writes:
         base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict))
