@@ -1,50 +1,68 @@
-"""A peft model's base model with the weights a run trained, written beside its adapters.
+"""A peft model's base model with the weights a run trained, written beside its adapters and read back.
 
 peft's ``save_pretrained`` (the Hugging Face Trainer's ``save_model`` of a peft model) writes the adapters alone;
 BREAD trains the base weights too (Adam in the active block, the on-the-fly updates elsewhere), so the trained model is
-the adapters over ``<output_dir>/base_model``.  :class:`~bread_kernels.integrations.transformers.BreadTrainerMixin`
-calls :func:`save_trained_base_model`.
+the adapters over ``<output_dir>/base_model``.  A record beside them (:data:`BASE_MODEL_RECORD`) says whether the run
+trained the base weights and whether ``base_model`` holds them, so that a resume from the folder (the Trainer's
+``resume_from_checkpoint``, ``load_best_model_at_end``: adapters only) either restores them
+(:func:`load_trained_base_model`) or is refused.
+:class:`~bread_kernels.integrations.transformers.BreadTrainerMixin` calls both sides.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from ..optim.block_optimizer import BlockOptimizer
 
-__all__ = ["BASE_MODEL_FOLDER", "trains_peft_base_weights", "base_model_state_dict", "save_trained_base_model"]
+__all__ = ["BASE_MODEL_FOLDER", "BASE_MODEL_RECORD", "is_peft_model", "trains_peft_base_weights",
+           "base_model_names", "base_model_state_dict", "save_trained_base_model", "read_base_model_record",
+           "load_trained_base_model"]
 
 
 #: the folder of a saved peft model that holds its base model with the weights the run trained
 BASE_MODEL_FOLDER = "base_model"
+#: the file beside a saved peft model's adapters: ``{"trains_base_weights": bool, "base_model": bool}`` (whether the
+#: run trained the base weights, whether :data:`BASE_MODEL_FOLDER` holds them)
+BASE_MODEL_RECORD = "bread_base_model.json"
+
+
+def is_peft_model(model) -> bool:
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
 
 
 def trains_peft_base_weights(model, optimizer) -> bool:
     """Whether ``model`` is a peft model whose base weights ``optimizer`` (the Trainer's, unwrapped) trains: a
     bread_kernels :class:`~bread_kernels.BlockOptimizer` does, by Adam in the active block unless
     ``lora_mode="adapter_only"`` and on the fly with ``sgd_mode`` (badam's trains the adapters alone)."""
-    if not callable(getattr(model, "get_base_model", None)) or not hasattr(model, "peft_config"):
-        return False
-    return isinstance(optimizer, BlockOptimizer) and (optimizer.lora_mode != "adapter_only"
+    return is_peft_model(model) and isinstance(optimizer, BlockOptimizer) and (optimizer.lora_mode != "adapter_only"
                                                       or optimizer.sgd_mode != "disabled")
 
 
-def base_model_state_dict(peft_state_dict: dict) -> dict:
-    """The base model's weights under the transformers names, from a peft model's state dict: the adapters
-    (``lora_*``, trainable tokens' deltas) and ``modules_to_save`` copies left out, peft's ``base_model.model.``
-    prefix and its ``base_layer.`` / ``original_module.`` / ``token_adapter.`` levels taken off."""
+def base_model_names(peft_names) -> dict[str, str]:
+    """The base model's name (transformers') of each of a peft model's state-dict names that is a base weight: the
+    adapters (``lora_*``, trainable tokens' deltas) and ``modules_to_save`` copies left out, peft's
+    ``base_model.model.`` prefix and its ``base_layer.`` / ``original_module.`` / ``token_adapter.`` levels taken
+    off."""
     prefix = "base_model.model."
-    base = {}
-    for name, value in peft_state_dict.items():
-        if ".lora_" in name or ".modules_to_save." in name or ".trainable_tokens_" in name:
+    names = {}
+    for peft_name in peft_names:
+        if ".lora_" in peft_name or ".modules_to_save." in peft_name or ".trainable_tokens_" in peft_name:
             continue
-        name = name[len(prefix):] if name.startswith(prefix) else name
+        name = peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
         for level in (".base_layer.", ".original_module.", ".token_adapter."):
             name = name.replace(level, ".")
-        base[name] = value
-    return base
+        names[peft_name] = name
+    return names
+
+
+def base_model_state_dict(peft_state_dict: dict) -> dict:
+    """The base model's weights under the transformers names (:func:`base_model_names`), from a peft model's state
+    dict."""
+    return {name: peft_state_dict[peft_name] for peft_name, name in base_model_names(peft_state_dict).items()}
 
 
 def _check_base_names(base, names: set) -> None:
@@ -61,21 +79,91 @@ def _check_base_names(base, names: set) -> None:
                                   "save the trained weights yourself")
 
 
-def save_trained_base_model(trainer, output_dir: str) -> None:
-    """Write the base model of ``trainer.model`` (a peft model) with its current weights into
-    ``<output_dir>/base_model``: its state dict gathered as the Trainer's ``save_model`` gathers it (by every rank
-    onto the first under ZeRO-3, which writes it), else written by the process that saves."""
+def save_trained_base_model(trainer, output_dir: str, trains: bool, weights: bool) -> None:
+    """Write the record (:data:`BASE_MODEL_RECORD`) of ``trainer.model`` (a peft model) into ``output_dir``: whether
+    the run trains its base weights (``trains``) and, where it does and ``weights`` is asked, write the base model with
+    its current weights into ``<output_dir>/base_model`` first: its state dict gathered as the Trainer's
+    ``save_model`` gathers it (by every rank onto the first under ZeRO-3, which writes it), else written by the process
+    that saves."""
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    base = peft_model.get_base_model()
-    state_dict = peft_model.state_dict()  # references (a ZeRO-3 model's: its empty shards)
-    # every rank checks the names before any gathers: all refuse alike
-    _check_base_names(base, set(base_model_state_dict(dict.fromkeys(state_dict))))
-    if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model:  # a DeepSpeed engine around it
-        from .deepspeed.internals import gathered_state_dict
+    weights = weights and trains
+    under_engine = trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model  # DeepSpeed's engine
+    if weights:
+        base = peft_model.get_base_model()
+        state_dict = peft_model.state_dict()  # references (a ZeRO-3 model's: its empty shards)
+        # every rank checks the names before any gathers: all refuse alike
+        _check_base_names(base, set(base_model_names(state_dict).values()))
+        if under_engine:
+            from .deepspeed.internals import gathered_state_dict
 
-        state_dict = gathered_state_dict(trainer.model_wrapped)  # None but on global rank 0
-        writes = state_dict is not None
+            state_dict = gathered_state_dict(trainer.model_wrapped)  # None but on global rank 0
+    if under_engine:
+        writes = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     else:
         writes = trainer.args.should_save
-    if writes:
+    if not writes:
+        return
+    if weights:
         base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict))
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, BASE_MODEL_RECORD), "w") as f:  # last: it never names a half-written folder
+        json.dump({"trains_base_weights": bool(trains), "base_model": weights}, f)
+
+
+def read_base_model_record(folder: str) -> dict | None:
+    """The record :func:`save_trained_base_model` wrote into ``folder``, or None where there is none (a folder saved
+    without it)."""
+    path = os.path.join(folder, BASE_MODEL_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if not (isinstance(record, dict) and all(isinstance(record.get(key), bool)
+                                             for key in ("trains_base_weights", "base_model"))):
+        raise ValueError(f"{path}: not a bread_kernels base-model record (two booleans, \"trains_base_weights\" and "
+                         f"\"base_model\"): {record!r}; restore it, or delete the file to resume the adapters alone")
+    return record
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors (or its index) there; the base model is written by "
+                            "BreadTrainerMixin's save_model (save_pretrained in safetensors)")
+
+
+def load_trained_base_model(peft_model, folder: str) -> None:
+    """Copy the base weights saved in ``<folder>/base_model`` (:func:`save_trained_base_model`) into ``peft_model``'s
+    base layers (the adapters are left as they are).  Every name and shape is checked before anything is copied: a
+    saved model that does not fit is refused with the model unchanged.  A weight the file leaves out is accepted only
+    where it is tied to one it holds (GPT-2's head, which ``save_pretrained`` writes once)."""
+    from safetensors import safe_open
+
+    folder = os.path.join(folder, BASE_MODEL_FOLDER)
+    files = _safetensors_files(folder)
+    state_dict = peft_model.state_dict()  # detached references to the model's own tensors
+    targets = {name: state_dict[peft_name] for peft_name, name in base_model_names(state_dict).items()}
+    saved = {}  # name -> (file, shape)
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                saved[key] = (path, tuple(f.get_slice(key).get_shape()))
+    held = {targets[name].data_ptr() for name in saved if name in targets}
+    missing = sorted(name for name, t in targets.items() if name not in saved and t.data_ptr() not in held)
+    unexpected = sorted(set(saved) - set(targets))
+    wrong = sorted(name for name, (_, shape) in saved.items()
+                   if name in targets and tuple(targets[name].shape) != shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{folder}: the saved base model does not fit this peft model's base weights (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); nothing was loaded. "
+                         "Resume with the model the checkpoint was saved from")
+    with torch.no_grad():
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    targets[key].copy_(f.get_tensor(key))

@@ -16,13 +16,15 @@ import weakref
 
 import numpy as np
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import EngineDriver, take_over_parameters
 from ..patch import patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
-from .peft_base_model import save_trained_base_model, trains_peft_base_weights
+from .peft_base_model import (is_peft_model, load_trained_base_model, read_base_model_record,
+                              save_trained_base_model, trains_peft_base_weights)
 
 __all__ = ["BreadCallback", "BreadTrainerMixin", "LisaCallback", "unwrap_optimizer"]
 
@@ -63,6 +65,11 @@ def unwrap_optimizer(optimizer):
 #: the accelerations a BreadCallback made, each with a weak reference to the TrainerState of the train() that made
 #: it: a stopped train()'s is undone at the next on_train_begin; a second BreadCallback of one train() is refused
 _ACCELERATED_BY_CALLBACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+#: the peft models a BreadTrainerMixin's train() runs on now, each with the checkpoint it resumes from (None: a fresh
+#: run) and that checkpoint's base-model record: BreadCallback refuses a resumed run of a peft model whose base weights
+#: train without it (nothing restores them)
+_TRAINED_BY_MIXIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class BreadCallback(TrainerCallback):
@@ -120,6 +127,14 @@ class BreadCallback(TrainerCallback):
                                "after the Trainer's evaluate() or predict() (which made an inference engine that "
                                "transformers then trains without the optimizer), is not supported; build a new "
                                "Trainer (and model) to train again, and evaluate during or after train()")
+        if state is not None and state.global_step > 0 and model not in _TRAINED_BY_MIXIN and \
+                trains_peft_base_weights(model, optimizer):
+            raise ValueError("BreadCallback: this train() resumes a checkpoint of a peft model whose base weights "
+                             "the optimizer trains, and the Trainer's resume_from_checkpoint loaded the adapters "
+                             "alone: the base weights are the ones the model had before, not the checkpoint's. Put "
+                             "bread_kernels.integrations.transformers.BreadTrainerMixin first among your Trainer's "
+                             "bases (its checkpoints hold the trained base weights, which its train() restores) and "
+                             "start the run again, or resume from your own model.state_dict() and the optimizer's")
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
         if isinstance(optimizer, BlockOptimizer):
             if optimizer.engine is None:
@@ -223,23 +238,62 @@ class BreadTrainerMixin:
     Trainer's optimizer, scheduler and callbacks are its own.  A ``create_scheduler`` of the subclass itself must call
     ``super().create_scheduler(...)``.
 
-    ``save_model`` of a peft model whose base weights the run trains (a :class:`~bread_kernels.BlockOptimizer` with
-    ``sgd_mode`` on or ``lora_mode`` other than ``"adapter_only"``) also writes the base model with its trained weights
-    into ``<output_dir>/base_model`` (``save_pretrained``, transformers' names): peft's ``save_pretrained`` writes the
-    adapters alone.  ``base_model`` holds the original modules of ``modules_to_save`` (their trained copies are in
-    the adapter file), so the trained model is both: ``PeftModel.from_pretrained(<the base model's Auto
-    class>.from_pretrained("<output_dir>/base_model"), "<output_dir>")`` (the adapter config's
-    ``base_model_name_or_path`` still names the original model, which ``AutoPeftModel*`` would load).  Which saves
-    write it is :attr:`save_base_model`.  Under ZeRO-3 the weights are gathered once more for it, onto the first
-    rank, which writes it.  A peft layout whose base weights do not map onto the base model's names is refused at the
-    save, before anything is written, naming ``save_base_model = "never"``.
+    A peft model whose base weights the run trains (a :class:`~bread_kernels.BlockOptimizer` with ``sgd_mode`` on or
+    ``lora_mode`` other than ``"adapter_only"``): peft's ``save_pretrained`` (the Trainer's ``save_model``, its
+    checkpoints) writes the adapters alone, and the Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end``
+    load the adapters alone.  This mixin's ``save_model`` also writes the base model with its trained weights into
+    ``<output_dir>/base_model`` (``save_pretrained``, transformers' names; gathered onto the first rank under ZeRO-3)
+    and a record of it (``bread_base_model.json``), and its ``train`` restores the base weights from the checkpoint it
+    resumes (before the Trainer loads the adapters and the optimizer) and, with ``load_best_model_at_end``, from the
+    best checkpoint after training: the run resumes as it would have gone on.  A checkpoint whose record says the
+    base weights trained but were not written is refused before anything loads; one without a record (saved without
+    the mixin) is refused once the optimizer is known, after the Trainer loaded its adapters.  Under DeepSpeed the
+    Trainer's checkpoints hold every weight already.  The trained model is both:
+    ``PeftModel.from_pretrained(<the base model's Auto class>.from_pretrained("<output_dir>/base_model"),
+    "<output_dir>")`` (the adapter config's ``base_model_name_or_path`` still names the original model, which
+    ``AutoPeftModel*`` would load); ``base_model`` holds the original modules of ``modules_to_save`` (their trained
+    copies are in the adapter file).  Which saves write it is :attr:`save_base_model`.  A peft layout whose base
+    weights do not map onto the base model's names is refused at the save, before anything is written, naming
+    ``save_base_model = "never"``.
     """
 
-    #: which ``save_model`` calls write ``<output_dir>/base_model``: ``"final"`` (the default) those of the user
-    #: (``trainer.save_model()``), not the Trainer's checkpoints (a full copy of the model each, which
-    #: ``resume_from_checkpoint`` and ``load_best_model_at_end`` do not read); ``"every_save"`` those too;
-    #: ``"never"``
-    save_base_model: str = "final"
+    #: which ``save_model`` calls write ``<output_dir>/base_model``: ``"auto"`` (the default) those of the user
+    #: (``trainer.save_model()``) and the Trainer's checkpoints outside DeepSpeed (a full copy of the base weights
+    #: each, which resuming them needs; a DeepSpeed checkpoint holds them already); ``"every_save"`` every one;
+    #: ``"final"`` the user's alone (checkpoints that cannot be resumed nor loaded as the best model); ``"never"``
+    save_base_model: str = "auto"
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._check_save_base_model()
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        record = None
+        if checkpoint is not None and is_peft_model(self.model) and not self.is_deepspeed_enabled:
+            record = read_base_model_record(checkpoint)
+            if record is not None and record["trains_base_weights"]:
+                if not record["base_model"]:
+                    raise ValueError(f"BreadTrainerMixin: {checkpoint} holds the adapters of a run that trained the "
+                                     "base weights, without them (saved with save_base_model = \"final\" or "
+                                     "\"never\"), so resuming it would train on the base weights the model has now; "
+                                     "nothing was loaded. Resume from a checkpoint saved with save_base_model = "
+                                     "\"auto\" (the default) or \"every_save\"")
+                load_trained_base_model(self.model, checkpoint)
+        resuming = checkpoint is not None and not self.is_deepspeed_enabled
+        if is_peft_model(self.model):
+            _TRAINED_BY_MIXIN[self.model] = (checkpoint if resuming else None, record)
+        try:
+            # the checkpoint as found (the Trainer looks for the last one only where none was found: its error)
+            output = super().train(checkpoint if checkpoint is not None else resume_from_checkpoint, *args, **kwargs)
+        finally:
+            _TRAINED_BY_MIXIN.pop(self.model, None)
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best is not None and is_peft_model(self.model) and \
+                not self.is_deepspeed_enabled:
+            record = read_base_model_record(best)
+            if record is not None and record["base_model"]:  # the Trainer loaded its adapters
+                load_trained_base_model(self.model, best)
+        return output
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
@@ -259,17 +313,46 @@ class BreadTrainerMixin:
 
                 self.model_wrapped = engine_of_module(self.model) or self.model_wrapped
                 raise
+        elif not under_deepspeed and trains_peft_base_weights(self.model, inner):
+            self._check_base_weights_restorable()
         return scheduler
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.save_base_model not in ("final", "every_save", "never"):
-            raise ValueError(f"BreadTrainerMixin.save_base_model must be 'final', 'every_save' or 'never', got "
+    def _check_base_weights_restorable(self) -> None:
+        """Outside DeepSpeed, before the first step of a run that trains a peft model's base weights: refuse what
+        would put the checkpoint's or the best checkpoint's adapters over other base weights."""
+        checkpoint, record = _TRAINED_BY_MIXIN.get(self.model, (None, None))
+        if checkpoint is not None and record is None:
+            raise ValueError(f"BreadTrainerMixin: {checkpoint} has no bread_base_model.json (it was saved without "
+                             "BreadTrainerMixin), so the Trainer's resume loaded its adapters alone (they are in the "
+                             "model now) over base weights the optimizer trains. Resume from a checkpoint the mixin "
+                             "saved, or start the run again")
+        if self.args.load_best_model_at_end and self.save_base_model in ("final", "never"):
+            raise ValueError(f"BreadTrainerMixin: load_best_model_at_end with save_base_model = "
+                             f"{self.save_base_model!r}: the checkpoints would not hold the base weights the optimizer "
+                             "trains, and the best checkpoint's adapters would be loaded over the last base weights. "
+                             "Set save_base_model = \"auto\" (the default) or \"every_save\", or turn "
+                             "load_best_model_at_end off")
+
+    def _check_save_base_model(self) -> None:
+        if self.save_base_model not in _SAVE_BASE_MODEL:
+            choices = ", ".join(map(repr, _SAVE_BASE_MODEL))
+            raise ValueError(f"BreadTrainerMixin.save_base_model must be one of {choices}, got "
                              f"{self.save_base_model!r}")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._check_save_base_model()
         super().save_model(output_dir, _internal_call)
-        wanted = self.save_base_model == "every_save" or (self.save_base_model == "final" and not _internal_call)
-        if wanted and self.optimizer is not None and trains_peft_base_weights(self.model,
-                                                                            unwrap_optimizer(self.optimizer)):
-            save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir)
+        inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
+        if not (is_peft_model(self.model) and isinstance(inner, BlockOptimizer)):
+            return
+        engine_checkpoint = _internal_call and self.is_deepspeed_enabled  # the engine's state holds every weight
+        weights = self.save_base_model == "every_save" or (not _internal_call and self.save_base_model != "never") or \
+            (self.save_base_model == "auto" and not engine_checkpoint)
+        save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir,
+                                trains=trains_peft_base_weights(self.model, inner), weights=weights)
+
+
+_SAVE_BASE_MODEL = ("auto", "every_save", "final", "never")
 
 
 def _handed_to_deepspeed(optimizer) -> bool:

@@ -3,6 +3,7 @@ each against the same Trainer run without the engine (the library alone / LMFlow
 from its published code), with and without ``gradient_checkpointing=True``."""
 
 import copy
+import os
 import warnings
 
 import badam
@@ -44,10 +45,10 @@ class _Data(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, **extra):
-    return TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2,
-                             learning_rate=LR, adam_epsilon=EPS, weight_decay=0.0, lr_scheduler_type="linear",
-                             warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
-                             seed=7, dataloader_num_workers=0, disable_tqdm=True, **extra)
+    settings = dict(max_steps=STEPS, per_device_train_batch_size=2, learning_rate=LR, adam_epsilon=EPS,
+                    weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no",
+                    save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0, disable_tqdm=True)
+    return TrainingArguments(output_dir=str(tmp_path), **{**settings, **extra})
 
 
 class _CountingTrainer(Trainer):
@@ -169,9 +170,103 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
     trainer.save_model(str(tmp_path / "adapters_only"))
     assert not os.path.exists(tmp_path / "adapters_only" / "base_model")
     trainer.save_base_model = "always"
-    with pytest.raises(ValueError, match="save_base_model must be 'final', 'every_save' or 'never'"):
+    with pytest.raises(ValueError, match="save_base_model must be one of 'auto', 'every_save', 'final', 'never'"):
         trainer.save_model(str(tmp_path / "refused"))
     assert not os.path.exists(tmp_path / "refused")  # refused before the Trainer saved anything
+
+
+def _bread_peft_trainer(output_dir, trainer_class=None, **extra):
+    """A patched LoRA Llama under a bread_kernels BlockOptimizer that trains its base weights too (BREAD-SGD with
+    every adapter), in a Trainer that saves a checkpoint every 2 steps."""
+    if trainer_class is None:
+        class trainer_class(BreadTrainerMixin, Trainer):
+            pass
+    model = bread_kernels.patch(models.with_lora(models.llama()))
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS),
+                                       list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
+                                       lora_mode="all", verbose=0)
+    args = _args(output_dir, save_strategy="steps", save_steps=2, **extra)
+    evaluated = _Data(4) if "eval_strategy" in extra else None
+    return model, trainer_class(model=model, args=args, train_dataset=_Data(), eval_dataset=evaluated,
+                                optimizers=(opt, None), callbacks=[BreadCallback()])
+
+
+def _assert_equal_parameters(reference, model):
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_mixins_resume_of_a_peft_model_restores_the_trained_base_weights(tmp_path):
+    """The Trainer's resume_from_checkpoint of a peft model loads the adapters alone; BREAD trains the base weights
+    too, which a resumed run took from the model as built (every weight ended elsewhere: measured before the fix).
+    With BreadTrainerMixin the checkpoints hold the base weights and its train() restores them: the resumed run ends
+    where the uninterrupted one did, bit for bit (also with resume_from_checkpoint=True, the last checkpoint).
+    Refused instead: a checkpoint saved with save_base_model = "final" (before anything loads), and a resume with
+    BreadCallback but no mixin (the adapters alone loaded)."""
+    model, trainer = _bread_peft_trainer(tmp_path / "run")
+    trainer.train()
+    for step in (2, 4):
+        assert os.path.isfile(tmp_path / "run" / f"checkpoint-{step}" / "base_model" / "model.safetensors")
+    resumed, trainer = _bread_peft_trainer(tmp_path / "resumed")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    _assert_equal_parameters(model, resumed)
+    for trained in [model, resumed]:
+        assert models.moved_parameters(models.with_lora(models.llama()), trained)
+    last, trainer = _bread_peft_trainer(tmp_path / "run")
+    trainer.train(resume_from_checkpoint=True)  # checkpoint-5 (the last step's), from where nothing is left to run
+    _assert_equal_parameters(model, last)
+
+    class FinalOnly(BreadTrainerMixin, Trainer):
+        save_base_model = "final"
+
+    _, trainer = _bread_peft_trainer(tmp_path / "final_only", FinalOnly)
+    trainer.train()
+    assert not os.path.exists(tmp_path / "final_only" / "checkpoint-2" / "base_model")
+    untouched, trainer = _bread_peft_trainer(tmp_path / "refused")
+    before = copy.deepcopy(untouched)
+    with pytest.raises(ValueError, match="without them .*nothing was loaded"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "final_only" / "checkpoint-2"))
+    _assert_equal_parameters(before, untouched)
+    _, trainer = _bread_peft_trainer(tmp_path / "no_mixin", Trainer)
+    with pytest.raises(ValueError, match="loaded the adapters alone.*BreadTrainerMixin first"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_weights(tmp_path):
+    """load_best_model_at_end of a peft model loads the best checkpoint's adapters alone; with BreadTrainerMixin
+    the model ends as the best checkpoint's base model under its adapters (the best here: the largest eval loss, so
+    that it is not the last checkpoint), as peft reloads them.  With save_base_model = "final" the checkpoints would
+    not hold the base weights: refused before the first step."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    extra = {"eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
+             "metric_for_best_model": "eval_loss", "greater_is_better": True}
+    model, trainer = _bread_peft_trainer(tmp_path / "run", **extra)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-5"), best
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(os.path.join(best, "base_model")),
+                                            best)
+    last = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        tmp_path / "run" / "checkpoint-5" / "base_model"), tmp_path / "run" / "checkpoint-5")
+    ids = models.batch(99)
+    for m in (model, loaded, last):
+        m.eval()
+    with torch.no_grad():
+        ended, at_best, at_last = (m(input_ids=ids).logits for m in (model, loaded, last))
+    torch.testing.assert_close(ended, at_best, rtol=1e-5, atol=1e-5)
+    assert (at_last - at_best).abs().max() > 1e-3
+
+    class FinalOnly(BreadTrainerMixin, Trainer):
+        save_base_model = "final"
+
+    untouched, trainer = _bread_peft_trainer(tmp_path / "refused", FinalOnly, **extra)
+    before = copy.deepcopy(untouched)
+    with pytest.raises(ValueError, match="load_best_model_at_end with save_base_model = 'final'"):
+        trainer.train()
+    _assert_equal_parameters(before, untouched)
+    assert trainer.state.global_step == 0
 
 
 class _LMFlowLisa(TrainerCallback):
