@@ -17,17 +17,15 @@ GPU.  Products and sums are fp32 (``input_precision="ieee"`` unless the user all
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .tuning import time_in_place
+from .tuning import interpreted, time_in_place
 
 __all__ = ["lora_grads", "MAX_RANK"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_RANK = 128
 
 
@@ -115,7 +113,7 @@ def lora_grads(grad_output: torch.Tensor, input: torch.Tensor, u: torch.Tensor, 
     v = torch.empty(M, R, dtype=torch.float32, device=device)
     grad_a = torch.zeros(R, K, dtype=torch.float32, device=device) if need_a else v  # v: an unused valid pointer
     grad_b = torch.zeros(N, R, dtype=torch.float32, device=device) if need_b else v
-    interpret = _INTERPRET or device.type != "cuda"
+    interpret = interpreted(device)
     fp32_in = torch.float32 in (grad_output.dtype, input.dtype, lora_b.dtype)
     ieee = interpret or not (fp32_in and torch.backends.cuda.matmul.allow_tf32)
     args = (

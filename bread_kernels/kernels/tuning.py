@@ -1,4 +1,4 @@
-"""The autotuners' timer, shared by the kernels.
+"""What the kernels' launches share: the autotuners' timer, and whether a launch runs under Triton's interpreter.
 
 Triton's default ``do_bench`` allocates a 256 MiB buffer to flush L2 (and ``restore_value`` would clone the
 tensors a kernel writes): both would happen on the first backward of every new shape, inside a training step's
@@ -8,7 +8,17 @@ their outputs arrange that themselves (``store=0`` in the weight-update kernel, 
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+#: read once at import, as Triton itself reads it
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreted(device: torch.device) -> bool:
+    """Whether a launch on ``device`` runs under Triton's interpreter (asked for, or a tensor not on a GPU)."""
+    return _INTERPRET or device.type != "cuda"
 
 
 def time_in_place(kernel_call, quantiles):

@@ -24,7 +24,6 @@ allocates nothing (no W clone, no L2-flush buffer).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -32,9 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..rounding import ROUNDING_CODES, Rounding, rng_keys
-from .tuning import time_in_place
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .tuning import interpreted, time_in_place
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -174,11 +171,6 @@ _tuned: set = set()
 _INTERPRET_BLOCK_M = 16
 
 
-def _interpreted(device: torch.device) -> bool:
-    """Whether a launch on ``device`` runs under Triton's interpreter (asked for, or a tensor not on a GPU)."""
-    return _INTERPRET or device.type != "cuda"
-
-
 def _interpreter_tile(extent: int, smallest: int, largest: int = 128) -> int:
     """A tile size along a dimension of ``extent`` under the interpreter, where each program costs the same numpy
     overhead whatever its tile: the largest power of two that still cuts the dimension into about four tiles or
@@ -234,7 +226,7 @@ def wgrad_update_(
         weight.stride(0), weight.stride(1),
         int(offset), float(step), key1, key2,
     )
-    interpret = _interpreted(weight.device)
+    interpret = interpreted(weight.device)
     flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)
     if interpret:
         blocks = {"BLOCK_N": _interpreter_tile(N, 16), "BLOCK_K": _interpreter_tile(K, 32),
@@ -268,7 +260,7 @@ def apply_update_(
     R, C = p2.shape
     key1, key2 = rng_keys(seed)
     stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
-    interpret = _interpreted(param.device)
+    interpret = interpreted(param.device)
     block_r, block_c = (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _apply_update_kernel[grid](
