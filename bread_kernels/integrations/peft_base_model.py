@@ -11,6 +11,7 @@ trained the base weights and whether ``base_model`` holds them, so that a resume
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -31,6 +32,7 @@ BASE_MODEL_RECORD = "bread_base_model.json"
 
 
 def is_peft_model(model) -> bool:
+    """Whether ``model`` is a peft model (its adapters over a base model it returns from ``get_base_model``)."""
     return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
 
 
@@ -79,12 +81,20 @@ def _check_base_names(base, names: set) -> None:
                                   "save the trained weights yourself")
 
 
-def save_trained_base_model(trainer, output_dir: str, trains: bool, weights: bool) -> None:
-    """Write the record (:data:`BASE_MODEL_RECORD`) of ``trainer.model`` (a peft model) into ``output_dir``: whether
-    the run trains its base weights (``trains``) and, where it does and ``weights`` is asked, write the base model with
-    its current weights into ``<output_dir>/base_model`` first: its state dict gathered as the Trainer's
-    ``save_model`` gathers it (by every rank onto the first under ZeRO-3, which writes it), else written by the process
-    that saves."""
+def save_trained_base_model(trainer, output_dir: str, *, trains: bool, weights: bool) -> None:
+    """Write the record (:data:`BASE_MODEL_RECORD`) of ``trainer.model`` (a peft model) into ``output_dir`` and, where
+    the run trains the base weights and they are asked for, the base model with its current weights into
+    ``<output_dir>/base_model`` before it: its state dict gathered as the Trainer's ``save_model`` gathers it (by
+    every rank onto the first under ZeRO-3, which writes it), else written by the process that saves; in the model's
+    own layout (transformers' ``save_original_format=False``: a MoE's fused experts as the model holds them), which
+    ``from_pretrained`` and :func:`load_trained_base_model` read.
+
+    Args:
+        trainer: the Hugging Face Trainer whose model is saved (every rank calls this under ZeRO-3).
+        output_dir: the folder ``save_model`` wrote the adapters into.
+        trains: whether the run's optimizer trains the base weights (recorded; without it nothing else is written).
+        weights: whether to write the base model (with ``trains``); the record says whether it was written.
+    """
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     weights = weights and trains
     under_engine = trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model  # DeepSpeed's engine
@@ -103,16 +113,22 @@ def save_trained_base_model(trainer, output_dir: str, trains: bool, weights: boo
         writes = trainer.args.should_save
     if not writes:
         return
+    record = os.path.join(output_dir, BASE_MODEL_RECORD)
+    if os.path.exists(record):  # a save into the same folder: no record vouches for base_model while it is rewritten
+        os.remove(record)
     if weights:
-        base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict))
+        layout = {"save_original_format": False} if "save_original_format" in inspect.signature(
+            base.save_pretrained).parameters else {}  # transformers 4 writes the model's own names anyway
+        base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict),
+                             **layout)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, BASE_MODEL_RECORD), "w") as f:  # last: it never names a half-written folder
+    with open(record, "w") as f:
         json.dump({"trains_base_weights": bool(trains), "base_model": weights}, f)
 
 
 def read_base_model_record(folder: str) -> dict | None:
-    """The record :func:`save_trained_base_model` wrote into ``folder``, or None where there is none (a folder saved
-    without it)."""
+    """The record :func:`save_trained_base_model` wrote into ``folder`` (``{"trains_base_weights": bool,
+    "base_model": bool}``), or None where there is none (a folder saved without it)."""
     path = os.path.join(folder, BASE_MODEL_RECORD)
     if not os.path.isfile(path):
         return None
@@ -141,7 +157,12 @@ def load_trained_base_model(peft_model, folder: str) -> None:
     """Copy the base weights saved in ``<folder>/base_model`` (:func:`save_trained_base_model`) into ``peft_model``'s
     base layers (the adapters are left as they are).  Every name and shape is checked before anything is copied: a
     saved model that does not fit is refused with the model unchanged.  A weight the file leaves out is accepted only
-    where it is tied to one it holds (GPT-2's head, which ``save_pretrained`` writes once)."""
+    where it is tied to one it holds (GPT-2's head, which ``save_pretrained`` writes once).
+
+    Args:
+        peft_model: the peft model to restore (its base layers' weights are overwritten in place).
+        folder: a folder :func:`save_trained_base_model` wrote (a Trainer checkpoint), holding ``base_model``.
+    """
     from safetensors import safe_open
 
     folder = os.path.join(folder, BASE_MODEL_FOLDER)
@@ -161,7 +182,9 @@ def load_trained_base_model(peft_model, folder: str) -> None:
     if missing or unexpected or wrong:
         raise ValueError(f"{folder}: the saved base model does not fit this peft model's base weights (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); nothing was loaded. "
-                         "Resume with the model the checkpoint was saved from")
+                         "Resume with the model the checkpoint was saved from; a base model written in another layout "
+                         "(a MoE's experts one by one, as save_pretrained writes them by default) loads with "
+                         "from_pretrained, not here")
     with torch.no_grad():
         for path in files:
             with safe_open(path, framework="pt") as f:

@@ -12,19 +12,20 @@ at the lowest trained block whatever requires grad below it.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import EngineDriver, take_over_parameters
 from ..patch import patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
-from .peft_base_model import (is_peft_model, load_trained_base_model, read_base_model_record,
+from .peft_base_model import (BASE_MODEL_FOLDER, is_peft_model, load_trained_base_model, read_base_model_record,
                               save_trained_base_model, trains_peft_base_weights)
+from .trainer_internals import TrainerLoadHooks, warn_if_moved
 
 __all__ = ["BreadCallback", "BreadTrainerMixin", "LisaCallback", "unwrap_optimizer"]
 
@@ -66,10 +67,10 @@ def unwrap_optimizer(optimizer):
 #: it: a stopped train()'s is undone at the next on_train_begin; a second BreadCallback of one train() is refused
 _ACCELERATED_BY_CALLBACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-#: the peft models a BreadTrainerMixin's train() runs on now, each with the checkpoint it resumes from (None: a fresh
-#: run) and that checkpoint's base-model record: BreadCallback refuses a resumed run of a peft model whose base weights
-#: train without it (nothing restores them)
-_TRAINED_BY_MIXIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: the peft models whose base weights a BreadTrainerMixin restored (or found nothing to restore) from the checkpoint a
+#: train() resumes, until that train()'s on_train_begin: BreadCallback refuses a resumed run of a peft model whose base
+#: weights train without it (nothing restores them)
+_RESTORED_BY_MIXIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class BreadCallback(TrainerCallback):
@@ -127,8 +128,8 @@ class BreadCallback(TrainerCallback):
                                "after the Trainer's evaluate() or predict() (which made an inference engine that "
                                "transformers then trains without the optimizer), is not supported; build a new "
                                "Trainer (and model) to train again, and evaluate during or after train()")
-        if state is not None and state.global_step > 0 and model not in _TRAINED_BY_MIXIN and \
-                trains_peft_base_weights(model, optimizer):
+        restored = _RESTORED_BY_MIXIN.pop(model, False)
+        if state is not None and state.global_step > 0 and not restored and trains_peft_base_weights(model, optimizer):
             raise ValueError("BreadCallback: this train() resumes a checkpoint of a peft model whose base weights "
                              "the optimizer trains, and the Trainer's resume_from_checkpoint loaded the adapters "
                              "alone: the base weights are the ones the model had before, not the checkpoint's. Put "
@@ -220,7 +221,11 @@ class BreadCallback(TrainerCallback):
         self._scaler_given = False
 
 
-class BreadTrainerMixin:
+#: the values of BreadTrainerMixin.save_base_model
+_SAVE_BASE_MODEL = ("auto", "every_save", "final", "never")
+
+
+class BreadTrainerMixin(TrainerLoadHooks):
     """A base of the user's ``Trainer`` subclass (first: ``class BlockTrainer(BreadTrainerMixin, Trainer)``) under
     which ``train(resume_from_checkpoint=...)`` resumes a run of a
     :class:`~bread_kernels.integrations.deepspeed.ZeroBlockOptimizer` under ``deepspeed=`` (ZeRO-3) exactly: the
@@ -242,13 +247,15 @@ class BreadTrainerMixin:
     ``lora_mode`` other than ``"adapter_only"``): peft's ``save_pretrained`` (the Trainer's ``save_model``, its
     checkpoints) writes the adapters alone, and the Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end``
     load the adapters alone.  This mixin's ``save_model`` also writes the base model with its trained weights into
-    ``<output_dir>/base_model`` (``save_pretrained``, transformers' names; gathered onto the first rank under ZeRO-3)
-    and a record of it (``bread_base_model.json``), and its ``train`` restores the base weights from the checkpoint it
-    resumes (before the Trainer loads the adapters and the optimizer) and, with ``load_best_model_at_end``, from the
-    best checkpoint after training: the run resumes as it would have gone on.  A checkpoint whose record says the
-    base weights trained but were not written is refused before anything loads; one without a record (saved without
-    the mixin) is refused once the optimizer is known, after the Trainer loaded its adapters.  Under DeepSpeed the
-    Trainer's checkpoints hold every weight already.  The trained model is both:
+    ``<output_dir>/base_model`` (``save_pretrained`` in the model's own layout; gathered onto the first rank under
+    ZeRO-3) and a record of it (``bread_base_model.json``); outside DeepSpeed the base weights come back from the
+    checkpoint a run resumes, before the Trainer loads its adapters and the optimizer (after ``model_init``), and
+    from the best checkpoint with ``load_best_model_at_end``, before ``on_train_end``: a resumed run goes on as the
+    uninterrupted one.  These loads are private Trainer methods overridden in
+    :mod:`~bread_kernels.integrations.trainer_internals` (checked against the installed transformers).  A checkpoint
+    whose record says the base weights trained but were not written is refused before anything loads; one saved
+    without the mixin (adapters alone) once the optimizer is known, before anything loads where the Trainer was given
+    the optimizer.  Under DeepSpeed the Trainer's checkpoints hold every weight already.  The trained model is both:
     ``PeftModel.from_pretrained(<the base model's Auto class>.from_pretrained("<output_dir>/base_model"),
     "<output_dir>")`` (the adapter config's ``base_model_name_or_path`` still names the original model, which
     ``AutoPeftModel*`` would load); ``base_model`` holds the original modules of ``modules_to_save`` (their trained
@@ -257,47 +264,18 @@ class BreadTrainerMixin:
     ``save_base_model = "never"``.
     """
 
-    #: which ``save_model`` calls write ``<output_dir>/base_model``: ``"auto"`` (the default) those of the user
-    #: (``trainer.save_model()``) and the Trainer's checkpoints outside DeepSpeed (a full copy of the base weights
-    #: each, which resuming them needs; a DeepSpeed checkpoint holds them already); ``"every_save"`` every one;
-    #: ``"final"`` the user's alone (checkpoints that cannot be resumed nor loaded as the best model); ``"never"``
+    #: which ``save_model`` calls write ``<output_dir>/base_model``: ``"auto"`` (the default) every one but the
+    #: Trainer's checkpoints under DeepSpeed (whose engine state holds every weight): outside DeepSpeed each
+    #: checkpoint holds a full copy of the base weights, which resuming it needs (``save_total_limit`` bounds them);
+    #: ``"every_save"`` every one; ``"final"`` every one but the checkpoints (which then can be neither resumed nor
+    #: loaded as the best model: refused); ``"never"``
     save_base_model: str = "auto"
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self._check_save_base_model()
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        record = None
-        if checkpoint is not None and is_peft_model(self.model) and not self.is_deepspeed_enabled:
-            record = read_base_model_record(checkpoint)
-            if record is not None and record["trains_base_weights"]:
-                if not record["base_model"]:
-                    raise ValueError(f"BreadTrainerMixin: {checkpoint} holds the adapters of a run that trained the "
-                                     "base weights, without them (saved with save_base_model = \"final\" or "
-                                     "\"never\"), so resuming it would train on the base weights the model has now; "
-                                     "nothing was loaded. Resume from a checkpoint saved with save_base_model = "
-                                     "\"auto\" (the default) or \"every_save\"")
-                load_trained_base_model(self.model, checkpoint)
-        resuming = checkpoint is not None and not self.is_deepspeed_enabled
-        if is_peft_model(self.model):
-            _TRAINED_BY_MIXIN[self.model] = (checkpoint if resuming else None, record)
-        try:
-            # the checkpoint as found (the Trainer looks for the last one only where none was found: its error)
-            output = super().train(checkpoint if checkpoint is not None else resume_from_checkpoint, *args, **kwargs)
-        finally:
-            _TRAINED_BY_MIXIN.pop(self.model, None)
-        best = self.state.best_model_checkpoint
-        if self.args.load_best_model_at_end and best is not None and is_peft_model(self.model) and \
-                not self.is_deepspeed_enabled:
-            record = read_base_model_record(best)
-            if record is not None and record["base_model"]:  # the Trainer loaded its adapters
-                load_trained_base_model(self.model, best)
-        return output
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        warn_if_moved()
         inner, under_deepspeed = _unwrapped(self.optimizer) if self.optimizer is not None else (None, False)
+        resumed, self._resumed = getattr(self, "_resumed", None), None  # this train()'s, read once
         if under_deepspeed and _handed_to_deepspeed(inner):
             try:
                 callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
@@ -313,23 +291,63 @@ class BreadTrainerMixin:
 
                 self.model_wrapped = engine_of_module(self.model) or self.model_wrapped
                 raise
-        elif not under_deepspeed and trains_peft_base_weights(self.model, inner):
-            self._check_base_weights_restorable()
+        elif not under_deepspeed:
+            self._check_base_weights_restorable(resumed, trains_peft_base_weights(self.model, inner), loaded=True)
         return scheduler
 
-    def _check_base_weights_restorable(self) -> None:
-        """Outside DeepSpeed, before the first step of a run that trains a peft model's base weights: refuse what
-        would put the checkpoint's or the best checkpoint's adapters over other base weights."""
-        checkpoint, record = _TRAINED_BY_MIXIN.get(self.model, (None, None))
-        if checkpoint is not None and record is None:
-            raise ValueError(f"BreadTrainerMixin: {checkpoint} has no bread_base_model.json (it was saved without "
-                             "BreadTrainerMixin), so the Trainer's resume loaded its adapters alone (they are in the "
-                             "model now) over base weights the optimizer trains. Resume from a checkpoint the mixin "
-                             "saved, or start the run again")
+    def _before_checkpoint_load(self, checkpoint: str, model) -> None:
+        """Before the Trainer loads a peft model's adapters from ``checkpoint`` (``resume_from_checkpoint`` outside
+        DeepSpeed): refuse what cannot be restored, then restore the base weights the checkpoint holds."""
+        self._check_save_base_model()
+        if not is_peft_model(model):
+            return
+        record = read_base_model_record(checkpoint)
+        folder = os.path.isdir(os.path.join(checkpoint, BASE_MODEL_FOLDER))
+        self._resumed = (checkpoint, record, folder)
+        inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
+        trains = trains_peft_base_weights(model, inner) if inner is not None else None  # None: not built yet
+        self._check_base_weights_restorable(self._resumed, trains, loaded=False)
+        if folder and (record is None or record["base_model"]):  # no record: written before there were records
+            load_trained_base_model(model, checkpoint)
+        _RESTORED_BY_MIXIN[model] = True
+
+    def _after_best_model_load(self) -> None:
+        """After the Trainer loaded the best checkpoint's adapters (outside DeepSpeed, whose load restores every
+        weight): its base weights, before ``on_train_end``."""
+        best = self.state.best_model_checkpoint
+        if self.is_deepspeed_enabled or not is_peft_model(self.model):
+            return
+        record = read_base_model_record(best)
+        if os.path.isdir(os.path.join(best, BASE_MODEL_FOLDER)) and (record is None or record["base_model"]):
+            load_trained_base_model(self.model, best)
+        elif record is not None and record["trains_base_weights"]:
+            raise RuntimeError(f"BreadTrainerMixin: the best checkpoint {best} holds the adapters of a run that "
+                               "trained the base weights, without them; the model now has its adapters over the last "
+                               "base weights. Load it with PeftModel.from_pretrained over a base model you saved")
+
+    def _check_base_weights_restorable(self, resumed, trains: bool | None, loaded: bool) -> None:
+        """Refuse what would put a checkpoint's adapters over other base weights: ``resumed`` (the checkpoint this
+        train() resumes, its record, whether it has ``base_model``) or the best checkpoint's at the end; ``trains``:
+        whether the optimizer trains the base weights (None before it is built); ``loaded``: whether the Trainer loaded
+        the adapters already (the message says so)."""
+        checkpoint, record, folder = resumed or (None, None, False)
+        state = ("the Trainer loaded its adapters (they are in the model now)" if loaded else "nothing was loaded")
+        if checkpoint is not None and record is not None and record["trains_base_weights"] and not record["base_model"]:
+            raise ValueError(f"BreadTrainerMixin: {checkpoint} holds the adapters of a run that trained the base "
+                             "weights, without them (saved with save_base_model = \"final\" or \"never\", or a "
+                             "checkpoint of a DeepSpeed run, whose engine state holds them: resume it under the same "
+                             f"DeepSpeed config); {state}. Resume from a checkpoint saved with save_base_model = "
+                             "\"auto\" (the default) or \"every_save\"")
+        if not trains:
+            return
+        if checkpoint is not None and record is None and not folder:
+            raise ValueError(f"BreadTrainerMixin: {checkpoint} was saved without BreadTrainerMixin: it holds the "
+                             f"adapters alone, and the optimizer trains the base weights; {state}. Resume from a "
+                             "checkpoint the mixin saved, or start the run again")
         if self.args.load_best_model_at_end and self.save_base_model in ("final", "never"):
             raise ValueError(f"BreadTrainerMixin: load_best_model_at_end with save_base_model = "
                              f"{self.save_base_model!r}: the checkpoints would not hold the base weights the optimizer "
-                             "trains, and the best checkpoint's adapters would be loaded over the last base weights. "
+                             f"trains, and the best checkpoint's adapters would be loaded over the last ones; {state}. "
                              "Set save_base_model = \"auto\" (the default) or \"every_save\", or turn "
                              "load_best_model_at_end off")
 
@@ -345,14 +363,14 @@ class BreadTrainerMixin:
         inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
         if not (is_peft_model(self.model) and isinstance(inner, BlockOptimizer)):
             return
-        engine_checkpoint = _internal_call and self.is_deepspeed_enabled  # the engine's state holds every weight
-        weights = self.save_base_model == "every_save" or (not _internal_call and self.save_base_model != "never") or \
-            (self.save_base_model == "auto" and not engine_checkpoint)
+        if self.save_base_model in ("never", "every_save"):
+            weights = self.save_base_model == "every_save"
+        elif self.saving_checkpoint:
+            weights = self.save_base_model == "auto" and not self.is_deepspeed_enabled
+        else:
+            weights = True
         save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir,
                                 trains=trains_peft_base_weights(self.model, inner), weights=weights)
-
-
-_SAVE_BASE_MODEL = ("auto", "every_save", "final", "never")
 
 
 def _handed_to_deepspeed(optimizer) -> bool:

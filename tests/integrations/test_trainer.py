@@ -175,20 +175,28 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
     assert not os.path.exists(tmp_path / "refused")  # refused before the Trainer saved anything
 
 
-def _bread_peft_trainer(output_dir, trainer_class=None, **extra):
-    """A patched LoRA Llama under a bread_kernels BlockOptimizer that trains its base weights too (BREAD-SGD with
-    every adapter), in a Trainer that saves a checkpoint every 2 steps."""
+def _bread_peft_model(make=models.llama):
+    return bread_kernels.patch(models.with_lora(make()))
+
+
+def _bread_optimizer(model):
+    """A bread_kernels BlockOptimizer that trains the base weights too (BREAD-SGD with every adapter)."""
+    return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS),
+                                        list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
+                                        lora_mode="all", verbose=0)
+
+
+def _bread_peft_trainer(output_dir, trainer_class=None, make=models.llama, **extra):
+    """A patched LoRA model (``make``'s) under :func:`_bread_optimizer` in a Trainer (BreadTrainerMixin's by default)
+    that saves a checkpoint every 2 steps."""
     if trainer_class is None:
         class trainer_class(BreadTrainerMixin, Trainer):
             pass
-    model = bread_kernels.patch(models.with_lora(models.llama()))
-    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS),
-                                       list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
-                                       lora_mode="all", verbose=0)
+    model = _bread_peft_model(make)
     args = _args(output_dir, save_strategy="steps", save_steps=2, **extra)
     evaluated = _Data(4) if "eval_strategy" in extra else None
     return model, trainer_class(model=model, args=args, train_dataset=_Data(), eval_dataset=evaluated,
-                                optimizers=(opt, None), callbacks=[BreadCallback()])
+                                optimizers=(_bread_optimizer(model), None), callbacks=[BreadCallback()])
 
 
 def _assert_equal_parameters(reference, model):
@@ -230,6 +238,47 @@ def test_the_mixins_resume_of_a_peft_model_restores_the_trained_base_weights(tmp
     _, trainer = _bread_peft_trainer(tmp_path / "no_mixin", Trainer)
     with pytest.raises(ValueError, match="loaded the adapters alone.*BreadTrainerMixin first"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    _, trainer = _bread_peft_trainer(tmp_path / "no_mixin", Trainer)  # its checkpoints: adapters alone
+    trainer.train()
+    untouched, trainer = _bread_peft_trainer(tmp_path / "refused")
+    with pytest.raises(ValueError, match="saved without BreadTrainerMixin.*nothing was loaded"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "no_mixin" / "checkpoint-2"))
+    _assert_equal_parameters(before, untouched)
+
+
+def test_the_mixins_resume_of_a_moe_model_and_one_built_by_model_init(tmp_path):
+    """A MoE's fused experts: save_pretrained writes them one by one by default (transformers 5's original format),
+    which did not load back (a reviewer's find); the mixin writes the model's own layout.  With model_init the Trainer
+    rebuilds the model inside train(), after anything done before it (the base weights come back into the rebuilt
+    one).  Both resume bit for bit; a checkpoint written without a record but with base_model (before there were
+    records) loads too."""
+    import shutil
+
+    model, trainer = _bread_peft_trainer(tmp_path / "run", make=models.qwen3_moe)
+    trainer.train()
+    resumed, trainer = _bread_peft_trainer(tmp_path / "resumed", make=models.qwen3_moe)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    _assert_equal_parameters(model, resumed)
+
+    class InitTrainer(BreadTrainerMixin, Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = _bread_optimizer(self.model)
+            return self.optimizer
+
+    def built_by_model_init(output_dir, checkpoint=None):
+        built = []
+        trainer = InitTrainer(model_init=lambda *_: built.append(_bread_peft_model()) or built[-1],
+                              args=_args(output_dir, save_strategy="steps", save_steps=2), train_dataset=_Data(),
+                              callbacks=[BreadCallback()])
+        trainer.train(resume_from_checkpoint=checkpoint)
+        assert len(built) == 2 and trainer.model is built[-1]  # built at __init__, and again inside train()
+        return built[-1]
+
+    model = built_by_model_init(tmp_path / "init")
+    shutil.copytree(tmp_path / "init" / "checkpoint-2", tmp_path / "legacy")
+    os.remove(tmp_path / "legacy" / "bread_base_model.json")
+    _assert_equal_parameters(model, built_by_model_init(tmp_path / "init_resumed", str(tmp_path / "legacy")))
 
 
 def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_weights(tmp_path):
@@ -243,7 +292,15 @@ def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_w
     extra = {"eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
              "metric_for_best_model": "eval_loss", "greater_is_better": True}
     model, trainer = _bread_peft_trainer(tmp_path / "run", **extra)
+    seen_at_train_end = []
+
+    class Snapshot(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            seen_at_train_end.append(copy.deepcopy(model))
+
+    trainer.add_callback(Snapshot())
     trainer.train()
+    _assert_equal_parameters(model, seen_at_train_end[0])  # the best model already (a reviewer's find)
     best = trainer.state.best_model_checkpoint
     assert best is not None and not best.endswith("checkpoint-5"), best
     loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(os.path.join(best, "base_model")),
@@ -267,6 +324,28 @@ def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_w
         trainer.train()
     _assert_equal_parameters(before, untouched)
     assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="load_best_model_at_end with save_base_model = 'final'.*nothing was loaded"):
+        trainer.train(resume_from_checkpoint=best)  # a checkpoint that holds them: refused before it loads
+    _assert_equal_parameters(before, untouched)
+
+
+def test_the_trainer_internals_the_mixin_overrides_are_there():
+    """Fails loudly when transformers changes the private Trainer methods BreadTrainerMixin overrides (the resume and
+    best-model tests above would fail too, less plainly)."""
+    from transformers import Trainer as HFTrainer
+
+    from bread_kernels.integrations import trainer_internals
+
+    assert trainer_internals.internals_problems() == []
+
+    class Moved(HFTrainer):
+        def _load_from_checkpoint(self, checkpoint, model=None):
+            pass
+
+    del_best = type("NoBest", (HFTrainer,), {"_load_best_model": None})
+    assert trainer_internals.internals_problems(Moved) == [
+        "Trainer._load_from_checkpoint takes ('checkpoint', 'model'), not ('resume_from_checkpoint', 'model')"]
+    assert any("_load_best_model" in p for p in trainer_internals.internals_problems(del_best))
 
 
 class _LMFlowLisa(TrainerCallback):
