@@ -17,8 +17,6 @@ import os
 
 import torch
 
-from ..optim.block_optimizer import BlockOptimizer
-
 __all__ = ["BASE_MODEL_FOLDER", "BASE_MODEL_RECORD", "is_peft_model", "trains_peft_base_weights",
            "base_model_names", "base_model_state_dict", "save_trained_base_model", "read_base_model_record",
            "load_trained_base_model"]
@@ -38,10 +36,18 @@ def is_peft_model(model) -> bool:
 
 def trains_peft_base_weights(model, optimizer) -> bool:
     """Whether ``model`` is a peft model whose base weights ``optimizer`` (the Trainer's, unwrapped) trains: a
-    bread_kernels :class:`~bread_kernels.BlockOptimizer` does, by Adam in the active block unless
-    ``lora_mode="adapter_only"`` and on the fly with ``sgd_mode`` (badam's trains the adapters alone)."""
-    return is_peft_model(model) and isinstance(optimizer, BlockOptimizer) and (optimizer.lora_mode != "adapter_only"
-                                                      or optimizer.sgd_mode != "disabled")
+    bread_kernels :class:`~bread_kernels.BlockOptimizer` or Microsoft BlockOptimizers' (the same arguments) does, by
+    Adam in the active block unless ``lora_mode="adapter_only"`` and on the fly with ``sgd_mode``; badam's trains the
+    adapters alone where it finds them (its ``lora_mode`` is a flag it sets then); any other optimizer trains what
+    requires grad, which peft leaves off the base weights."""
+    if not is_peft_model(model):
+        return False
+    lora_mode = getattr(optimizer, "lora_mode", None)
+    if isinstance(lora_mode, bool):  # badam's
+        return not lora_mode
+    if isinstance(lora_mode, str):
+        return lora_mode != "adapter_only" or getattr(optimizer, "sgd_mode", "disabled") != "disabled"
+    return False
 
 
 def base_model_names(peft_names) -> dict[str, str]:

@@ -134,7 +134,7 @@ class BreadCallback(TrainerCallback):
                              "the optimizer trains, and the Trainer's resume_from_checkpoint loaded the adapters "
                              "alone: the base weights are the ones the model had before, not the checkpoint's. Put "
                              "bread_kernels.integrations.transformers.BreadTrainerMixin first among your Trainer's "
-                             "bases (its checkpoints hold the trained base weights, which its train() restores) and "
+                             "bases (its checkpoints hold the trained base weights, which it restores at a resume) and "
                              "start the run again, or resume from your own model.state_dict() and the optimizer's")
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
         if isinstance(optimizer, BlockOptimizer):
@@ -243,8 +243,9 @@ class BreadTrainerMixin(TrainerLoadHooks):
     Trainer's optimizer, scheduler and callbacks are its own.  A ``create_scheduler`` of the subclass itself must call
     ``super().create_scheduler(...)``.
 
-    A peft model whose base weights the run trains (a :class:`~bread_kernels.BlockOptimizer` with ``sgd_mode`` on or
-    ``lora_mode`` other than ``"adapter_only"``): peft's ``save_pretrained`` (the Trainer's ``save_model``, its
+    A peft model whose base weights the run trains (a :class:`~bread_kernels.BlockOptimizer`, or Microsoft
+    BlockOptimizers' under :class:`BreadCallback`, with ``sgd_mode`` on or ``lora_mode`` other than
+    ``"adapter_only"``): peft's ``save_pretrained`` (the Trainer's ``save_model``, its
     checkpoints) writes the adapters alone, and the Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end``
     load the adapters alone.  This mixin's ``save_model`` also writes the base model with its trained weights into
     ``<output_dir>/base_model`` (``save_pretrained`` in the model's own layout; gathered onto the first rank under
@@ -326,8 +327,9 @@ class BreadTrainerMixin(TrainerLoadHooks):
                                "base weights. Load it with PeftModel.from_pretrained over a base model you saved")
 
     def _check_base_weights_restorable(self, resumed, trains: bool | None, loaded: bool) -> None:
-        """Refuse what would put a checkpoint's adapters over other base weights: ``resumed`` (the checkpoint this
-        train() resumes, its record, whether it has ``base_model``) or the best checkpoint's at the end; ``trains``:
+        """Refuse what would put a checkpoint's adapters over other base weights: those of ``resumed`` (the checkpoint
+        this train() resumes, its record, whether it has ``base_model``), or with ``load_best_model_at_end`` the best
+        checkpoint's where the checkpoints will not hold the base weights; ``trains``:
         whether the optimizer trains the base weights (None before it is built); ``loaded``: whether the Trainer loaded
         the adapters already (the message says so)."""
         checkpoint, record, folder = resumed or (None, None, False)
@@ -360,9 +362,9 @@ class BreadTrainerMixin(TrainerLoadHooks):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._check_save_base_model()
         super().save_model(output_dir, _internal_call)
-        inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
-        if not (is_peft_model(self.model) and isinstance(inner, BlockOptimizer)):
+        if self.optimizer is None or not is_peft_model(self.model):
             return
+        inner = unwrap_optimizer(self.optimizer)
         if self.save_base_model in ("never", "every_save"):
             weights = self.save_base_model == "every_save"
         elif self.saving_checkpoint:

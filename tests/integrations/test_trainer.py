@@ -329,6 +329,44 @@ def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_w
     _assert_equal_parameters(before, untouched)
 
 
+def test_which_optimizers_train_a_peft_models_base_weights():
+    """What decides whether the mixin writes and restores a peft model's base weights: bread_kernels' BlockOptimizer
+    and Microsoft BlockOptimizers' (Adam in the active block unless lora_mode="adapter_only", the SGD hooks with
+    sgd_mode) train them; badam's finds the adapters and trains them alone; a torch optimizer trains what requires
+    grad (peft leaves the base weights off); nothing of a model without adapters counts."""
+    from bread_kernels.integrations.peft_base_model import trains_peft_base_weights
+
+    from .blockoptimizers_style import BlockOptimizersStyle
+
+    def bread(model, **modes):
+        base = torch.optim.AdamW(model.parameters(), lr=LR)
+        return bread_kernels.BlockOptimizer(base, list(model.named_parameters()), verbose=0, **modes)
+
+    def style(model, **modes):
+        named = list(model.named_parameters())
+        prefixes = [[f"layers.{i}."] for i in range(4)]
+        return BlockOptimizersStyle(torch.optim.AdamW([p for _, p in named], lr=LR), named, prefixes, **modes)
+
+    peft_model = _bread_peft_model()
+    assert trains_peft_base_weights(peft_model, bread(peft_model))
+    assert trains_peft_base_weights(peft_model, bread(peft_model, lora_mode="adapter_only", sgd_mode="all"))
+    assert not trains_peft_base_weights(peft_model, bread(peft_model, lora_mode="adapter_only"))
+    style_model = models.with_lora(models.llama())
+    assert trains_peft_base_weights(style_model, style(style_model))  # lora_mode="all": the active block's weights
+    adapters_only = style(models.with_lora(models.llama()))
+    adapters_only.lora_mode = "adapter_only"
+    assert not trains_peft_base_weights(peft_model, adapters_only)
+    adapters_only.sgd_mode = "all"
+    assert trains_peft_base_weights(peft_model, adapters_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        badam_model = models.with_lora(models.llama())
+        assert not trains_peft_base_weights(badam_model, _badam(badam_model))
+    assert not trains_peft_base_weights(peft_model, torch.optim.AdamW(peft_model.parameters(), lr=LR))
+    plain = models.llama()
+    assert not trains_peft_base_weights(plain, bread(plain))
+
+
 def test_the_trainer_internals_the_mixin_overrides_are_there():
     """Fails loudly when transformers changes the private Trainer methods BreadTrainerMixin overrides (the resume and
     best-model tests above would fail too, less plainly)."""
