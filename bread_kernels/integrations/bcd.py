@@ -44,7 +44,8 @@ from ..optim.driver import (EngineDriver, check_loss_scaler, check_parameters_of
 from ..patch import patch, patched_state, unpatch
 from ..plan import OnTheFlyUpdate, Role, Rounding
 
-__all__ = ["accelerate", "unaccelerate", "accelerated", "Acceleration", "internals_problems", "TESTED_BADAM"]
+__all__ = ["accelerate", "unaccelerate", "accelerated", "Acceleration", "internals_problems", "optimizer_kind",
+           "TESTED_BADAM"]
 
 #: the badam release whose internals this module was written against (others warn once)
 TESTED_BADAM = "1.4"
@@ -343,8 +344,9 @@ def _check_badam_version() -> None:
                       "internals_problems(optimizer) lists what no longer matches", RuntimeWarning, stacklevel=4)
 
 
-def _classify(optimizer) -> str | None:
-    """``"ratio"``, ``"badam"``, ``"blockoptimizers"`` (BlockOptimizers' attributes), or None."""
+def optimizer_kind(optimizer) -> str | None:
+    """Which library's BCD optimizer ``optimizer`` is: ``"ratio"`` (badam's BlockOptimizerRatio), ``"badam"``,
+    ``"blockoptimizers"`` (Microsoft BlockOptimizers' attributes), or None."""
     classes = _badam_classes()
     if classes and isinstance(optimizer, classes[1]):
         return "ratio"
@@ -356,7 +358,7 @@ def _classify(optimizer) -> str | None:
 
 
 def _kind(optimizer) -> str:
-    kind = _classify(optimizer)
+    kind = optimizer_kind(optimizer)
     if kind is None:
         raise TypeError(
             f"accelerate: {type(optimizer).__module__}.{type(optimizer).__name__} is not a supported BCD optimizer. "
@@ -375,7 +377,7 @@ def _kind(optimizer) -> str:
 def internals_problems(optimizer, kind: str | None = None) -> list[str]:
     """What the integration reads from a library optimizer and does not find (empty when everything is there): a
     test runs it on the real classes so that a library release that changes them fails loudly."""
-    kind = kind or _classify(optimizer) or "blockoptimizers"
+    kind = kind or optimizer_kind(optimizer) or "blockoptimizers"
     wanted = {"ratio": _RATIO_ATTRIBUTES, "badam": _BADAM_ATTRIBUTES,
               "blockoptimizers": _BLOCKOPTIMIZERS_ATTRIBUTES}[kind]
     problems = [f"no attribute {a!r}" for a in wanted if not hasattr(optimizer, a)]

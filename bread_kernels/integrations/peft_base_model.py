@@ -14,12 +14,17 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
+from typing import Callable
 
 import torch
 
+from ..optim.block_optimizer import BlockOptimizer
+from .bcd import optimizer_kind
+
 __all__ = ["BASE_MODEL_FOLDER", "BASE_MODEL_RECORD", "is_peft_model", "trains_peft_base_weights",
            "base_model_names", "base_model_state_dict", "save_trained_base_model", "read_base_model_record",
-           "load_trained_base_model"]
+           "holds_saved_base_model", "forget_saved_base_model", "checked_base_model_load", "load_trained_base_model"]
 
 
 #: the folder of a saved peft model that holds its base model with the weights the run trained
@@ -38,15 +43,15 @@ def trains_peft_base_weights(model, optimizer) -> bool:
     """Whether ``model`` is a peft model whose base weights ``optimizer`` (the Trainer's, unwrapped) trains: a
     bread_kernels :class:`~bread_kernels.BlockOptimizer` or Microsoft BlockOptimizers' (the same arguments) does, by
     Adam in the active block unless ``lora_mode="adapter_only"`` and on the fly with ``sgd_mode``; badam's trains the
-    adapters alone where it finds them (its ``lora_mode`` is a flag it sets then); any other optimizer trains what
+    adapters alone where it finds them (its ``lora_mode`` is the flag it sets then); any other optimizer trains what
     requires grad, which peft leaves off the base weights."""
     if not is_peft_model(model):
         return False
-    lora_mode = getattr(optimizer, "lora_mode", None)
-    if isinstance(lora_mode, bool):  # badam's
-        return not lora_mode
-    if isinstance(lora_mode, str):
-        return lora_mode != "adapter_only" or getattr(optimizer, "sgd_mode", "disabled") != "disabled"
+    kind = optimizer_kind(optimizer)
+    if isinstance(optimizer, BlockOptimizer) or kind == "blockoptimizers":
+        return getattr(optimizer, "lora_mode", "all") != "adapter_only" or optimizer.sgd_mode != "disabled"
+    if kind == "badam":
+        return not optimizer.lora_mode
     return False
 
 
@@ -119,17 +124,39 @@ def save_trained_base_model(trainer, output_dir: str, *, trains: bool, weights: 
         writes = trainer.args.should_save
     if not writes:
         return
-    record = os.path.join(output_dir, BASE_MODEL_RECORD)
-    if os.path.exists(record):  # a save into the same folder: no record vouches for base_model while it is rewritten
-        os.remove(record)
+    _remove_record(output_dir)  # a save into the same folder: no record vouches for base_model while it is rewritten
     if weights:
         layout = {"save_original_format": False} if "save_original_format" in inspect.signature(
             base.save_pretrained).parameters else {}  # transformers 4 writes the model's own names anyway
         base.save_pretrained(os.path.join(output_dir, BASE_MODEL_FOLDER), state_dict=base_model_state_dict(state_dict),
                              **layout)
     os.makedirs(output_dir, exist_ok=True)
-    with open(record, "w") as f:
+    with open(os.path.join(output_dir, BASE_MODEL_RECORD), "w") as f:
         json.dump({"trains_base_weights": bool(trains), "base_model": weights}, f)
+
+
+def _remove_record(folder: str) -> bool:
+    """Remove the record in ``folder``, if any (before what it vouches for is rewritten); whether there was one."""
+    try:
+        os.remove(os.path.join(folder, BASE_MODEL_RECORD))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def forget_saved_base_model(folder: str) -> None:
+    """A save into ``folder`` that knows nothing of the base weights (no optimizer yet): the record and the
+    ``base_model`` it vouched for, left there by an earlier save, are removed, so that nothing restores them over
+    the adapters written now.  A ``base_model`` without a record is not this library's: left alone."""
+    if _remove_record(folder):
+        shutil.rmtree(os.path.join(folder, BASE_MODEL_FOLDER), ignore_errors=True)
+
+
+def holds_saved_base_model(folder: str) -> bool:
+    """Whether ``folder`` holds a base model to restore: ``base_model`` with a record that says it was saved, or
+    without a record (written before there were records)."""
+    record = read_base_model_record(folder)
+    return os.path.isdir(os.path.join(folder, BASE_MODEL_FOLDER)) and (record is None or record["base_model"])
 
 
 def read_base_model_record(folder: str) -> dict | None:
@@ -148,6 +175,7 @@ def read_base_model_record(folder: str) -> dict | None:
 
 
 def _safetensors_files(folder: str) -> list[str]:
+    """The safetensors files of the model saved in ``folder`` (its shards, by the index, or the one file)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -159,14 +187,15 @@ def _safetensors_files(folder: str) -> list[str]:
                             "BreadTrainerMixin's save_model (save_pretrained in safetensors)")
 
 
-def load_trained_base_model(peft_model, folder: str) -> None:
-    """Copy the base weights saved in ``<folder>/base_model`` (:func:`save_trained_base_model`) into ``peft_model``'s
-    base layers (the adapters are left as they are).  Every name and shape is checked before anything is copied: a
-    saved model that does not fit is refused with the model unchanged.  A weight the file leaves out is accepted only
-    where it is tied to one it holds (GPT-2's head, which ``save_pretrained`` writes once).
+def checked_base_model_load(peft_model, folder: str) -> Callable[[], None]:
+    """Check that the base model saved in ``<folder>/base_model`` (:func:`save_trained_base_model`) fits
+    ``peft_model``'s base weights, every name and shape, and return the function that copies it into them (the
+    adapters are left as they are): a saved model that does not fit is refused here, with the model unchanged.  A
+    weight the file leaves out is accepted only where it is tied to one it holds (GPT-2's head, which
+    ``save_pretrained`` writes once).
 
     Args:
-        peft_model: the peft model to restore (its base layers' weights are overwritten in place).
+        peft_model: the peft model to restore (its base layers' weights are overwritten in place by the copy).
         folder: a folder :func:`save_trained_base_model` wrote (a Trainer checkpoint), holding ``base_model``.
     """
     from safetensors import safe_open
@@ -175,24 +204,33 @@ def load_trained_base_model(peft_model, folder: str) -> None:
     files = _safetensors_files(folder)
     state_dict = peft_model.state_dict()  # detached references to the model's own tensors
     targets = {name: state_dict[peft_name] for peft_name, name in base_model_names(state_dict).items()}
-    saved = {}  # name -> (file, shape)
+    saved = {}  # name -> shape
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                saved[key] = (path, tuple(f.get_slice(key).get_shape()))
+                saved[key] = tuple(f.get_slice(key).get_shape())
     held = {targets[name].data_ptr() for name in saved if name in targets}
     missing = sorted(name for name, t in targets.items() if name not in saved and t.data_ptr() not in held)
     unexpected = sorted(set(saved) - set(targets))
-    wrong = sorted(name for name, (_, shape) in saved.items()
-                   if name in targets and tuple(targets[name].shape) != shape)
+    wrong = sorted(name for name, shape in saved.items() if name in targets and tuple(targets[name].shape) != shape)
     if missing or unexpected or wrong:
         raise ValueError(f"{folder}: the saved base model does not fit this peft model's base weights (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); nothing was loaded. "
                          "Resume with the model the checkpoint was saved from; a base model written in another layout "
                          "(a MoE's experts one by one, as save_pretrained writes them by default) loads with "
                          "from_pretrained, not here")
-    with torch.no_grad():
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    targets[key].copy_(f.get_tensor(key))
+
+    def copy() -> None:
+        with torch.no_grad():
+            for path in files:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        targets[key].copy_(f.get_tensor(key))
+
+    return copy
+
+
+def load_trained_base_model(peft_model, folder: str) -> None:
+    """Copy the base model saved in ``<folder>/base_model`` into ``peft_model``'s base weights, checked first
+    (:func:`checked_base_model_load`, whose arguments these are)."""
+    checked_base_model_load(peft_model, folder)()

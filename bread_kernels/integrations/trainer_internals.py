@@ -65,29 +65,38 @@ def warn_if_moved() -> None:
 class TrainerLoadHooks:
     """A Trainer base whose three overrides call the Trainer's own and a hook of the subclass:
     ``_before_checkpoint_load(checkpoint, model)`` before the Trainer loads ``model`` from ``checkpoint``
-    (``resume_from_checkpoint`` outside DeepSpeed), ``_after_best_model_load()`` after it loaded the best checkpoint,
-    and :attr:`saving_checkpoint` true while the Trainer saves a checkpoint."""
+    (``resume_from_checkpoint`` outside DeepSpeed), which may return a function run once that load succeeded;
+    ``_after_best_model_load()`` after it loaded the best checkpoint; and :attr:`saving_checkpoint` true while the
+    Trainer saves a checkpoint."""
 
     #: whether the Trainer is saving a checkpoint now (its ``save_model`` calls inside ``_save_checkpoint``)
     saving_checkpoint: bool = False
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        self._before_checkpoint_load(resume_from_checkpoint, model if model is not None else self.model)
-        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """The Trainer's load of a checkpoint's weights, between the subclass's checks and its own load."""
+        after = self._before_checkpoint_load(resume_from_checkpoint, model if model is not None else self.model)
+        result = super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if after is not None:
+            after()
+        return result
 
     def _load_best_model(self):
+        """The Trainer's load of the best checkpoint, then the subclass's."""
         super()._load_best_model()
         self._after_best_model_load()
 
     def _save_checkpoint(self, *args, **kwargs):
+        """The Trainer's checkpoint, with :attr:`saving_checkpoint` set while it saves."""
         self.saving_checkpoint = True
         try:
             return super()._save_checkpoint(*args, **kwargs)
         finally:
             self.saving_checkpoint = False
 
-    def _before_checkpoint_load(self, checkpoint: str, model) -> None:
-        pass
+    def _before_checkpoint_load(self, checkpoint: str, model):
+        """Checks before the Trainer loads ``model`` from ``checkpoint``; returns what to run after its load, or
+        None."""
+        return None
 
     def _after_best_model_load(self) -> None:
-        pass
+        """Runs after the Trainer loaded the best checkpoint."""

@@ -12,7 +12,6 @@ at the lowest trained block whatever requires grad below it.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import numpy as np
@@ -23,8 +22,9 @@ from ..optim.driver import EngineDriver, take_over_parameters
 from ..patch import patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
-from .peft_base_model import (BASE_MODEL_FOLDER, is_peft_model, load_trained_base_model, read_base_model_record,
-                              save_trained_base_model, trains_peft_base_weights)
+from .peft_base_model import (checked_base_model_load, forget_saved_base_model, holds_saved_base_model, is_peft_model,
+                              load_trained_base_model, read_base_model_record, save_trained_base_model,
+                              trains_peft_base_weights)
 from .trainer_internals import TrainerLoadHooks, warn_if_moved
 
 __all__ = ["BreadCallback", "BreadTrainerMixin", "LisaCallback", "unwrap_optimizer"]
@@ -67,11 +67,6 @@ def unwrap_optimizer(optimizer):
 #: it: a stopped train()'s is undone at the next on_train_begin; a second BreadCallback of one train() is refused
 _ACCELERATED_BY_CALLBACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-#: the peft models whose base weights a BreadTrainerMixin restored (or found nothing to restore) from the checkpoint a
-#: train() resumes, until that train()'s on_train_begin: BreadCallback refuses a resumed run of a peft model whose base
-#: weights train without it (nothing restores them)
-_RESTORED_BY_MIXIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
 
 class BreadCallback(TrainerCallback):
     """Patches the model at ``on_train_begin`` and puts the engine under the Trainer's BCD optimizer
@@ -95,14 +90,23 @@ class BreadCallback(TrainerCallback):
     does not rebuild the engine the first one destroyed); call ``trainer.model_wrapped.destroy()`` when done, which
     also takes the model out of DeepSpeed's globals.
 
+    A resumed ``train()`` of a peft model whose base weights the optimizer trains is refused at ``on_train_begin``
+    unless :class:`BreadTrainerMixin` restored them (the Trainer's resume loads the adapters alone) or
+    ``restores_base_weights`` says you do.
+
     Args:
         patch_options: keywords of :func:`bread_kernels.patch` (``fused_loss``, ``recompute``, ``keep_top``).
+        restores_base_weights: you restore a peft model's trained base weights yourself before a ``train()``
+            resumes (your own saved ``state_dict``): a resumed run is not refused for them.
         **settings: :func:`bread_kernels.accelerate` settings (``sgd_lr_scaling``, ``sgd_use_sign`` for a
             BlockOptimizers optimizer with ``sgd_mode``; ``rounding``, ``seed``).
     """
 
-    def __init__(self, patch_options: dict | None = None, **settings):
+    def __init__(self, patch_options: dict | None = None, *, restores_base_weights: bool = False, **settings):
         self.patch_options = dict(patch_options or {})
+        self.restores_base_weights = bool(restores_base_weights)
+        #: set by BreadTrainerMixin when it restored them from the checkpoint this train() resumes (read once)
+        self.base_weights_restored = False
         self.settings = settings
         self._optimizer = None
         self._model = None
@@ -128,14 +132,15 @@ class BreadCallback(TrainerCallback):
                                "after the Trainer's evaluate() or predict() (which made an inference engine that "
                                "transformers then trains without the optimizer), is not supported; build a new "
                                "Trainer (and model) to train again, and evaluate during or after train()")
-        restored = _RESTORED_BY_MIXIN.pop(model, False)
+        restored, self.base_weights_restored = self.base_weights_restored or self.restores_base_weights, False
         if state is not None and state.global_step > 0 and not restored and trains_peft_base_weights(model, optimizer):
             raise ValueError("BreadCallback: this train() resumes a checkpoint of a peft model whose base weights "
                              "the optimizer trains, and the Trainer's resume_from_checkpoint loaded the adapters "
                              "alone: the base weights are the ones the model had before, not the checkpoint's. Put "
                              "bread_kernels.integrations.transformers.BreadTrainerMixin first among your Trainer's "
                              "bases (its checkpoints hold the trained base weights, which it restores at a resume) and "
-                             "start the run again, or resume from your own model.state_dict() and the optimizer's")
+                             "start the run again, or restore them yourself before train() and build the callback "
+                             "with restores_base_weights=True")
         self._optimizer, self._model = weakref.ref(optimizer), weakref.ref(model)
         if isinstance(optimizer, BlockOptimizer):
             if optimizer.engine is None:
@@ -244,24 +249,24 @@ class BreadTrainerMixin(TrainerLoadHooks):
     ``super().create_scheduler(...)``.
 
     A peft model whose base weights the run trains (a :class:`~bread_kernels.BlockOptimizer`, or Microsoft
-    BlockOptimizers' under :class:`BreadCallback`, with ``sgd_mode`` on or ``lora_mode`` other than
-    ``"adapter_only"``): peft's ``save_pretrained`` (the Trainer's ``save_model``, its
-    checkpoints) writes the adapters alone, and the Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end``
-    load the adapters alone.  This mixin's ``save_model`` also writes the base model with its trained weights into
-    ``<output_dir>/base_model`` (``save_pretrained`` in the model's own layout; gathered onto the first rank under
-    ZeRO-3) and a record of it (``bread_base_model.json``); outside DeepSpeed the base weights come back from the
-    checkpoint a run resumes, before the Trainer loads its adapters and the optimizer (after ``model_init``), and
-    from the best checkpoint with ``load_best_model_at_end``, before ``on_train_end``: a resumed run goes on as the
-    uninterrupted one.  These loads are private Trainer methods overridden in
+    BlockOptimizers' under :class:`BreadCallback`, with ``sgd_mode`` on or ``lora_mode`` other than ``"adapter_only"``):
+    peft's ``save_pretrained`` (the Trainer's ``save_model``, its checkpoints) writes the adapters alone, and the
+    Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the adapters alone.  This mixin's
+    ``save_model`` also writes the base model with its trained weights into ``<output_dir>/base_model``
+    (``save_pretrained`` in the model's own layout; gathered onto the first rank under ZeRO-3) and a record of it
+    (``bread_base_model.json``); outside DeepSpeed the base weights come back from the checkpoint a run resumes (checked
+    before the Trainer loads its adapters, copied in once that load succeeded, before the optimizer's; after
+    ``model_init``), and from the best checkpoint with ``load_best_model_at_end``, before ``on_train_end``: a resumed
+    run goes on as the uninterrupted one.  These loads are private Trainer methods overridden in
     :mod:`~bread_kernels.integrations.trainer_internals` (checked against the installed transformers).  A checkpoint
-    whose record says the base weights trained but were not written is refused before anything loads; one saved
-    without the mixin (adapters alone) once the optimizer is known, before anything loads where the Trainer was given
-    the optimizer.  Under DeepSpeed the Trainer's checkpoints hold every weight already.  The trained model is both:
+    whose record says the base weights trained but were not written is refused before anything loads; one saved without
+    the mixin (adapters alone) once the optimizer is known, before anything loads where the Trainer was given the
+    optimizer.  Under DeepSpeed the Trainer's checkpoints hold every weight already.  The trained model is both:
     ``PeftModel.from_pretrained(<the base model's Auto class>.from_pretrained("<output_dir>/base_model"),
     "<output_dir>")`` (the adapter config's ``base_model_name_or_path`` still names the original model, which
     ``AutoPeftModel*`` would load); ``base_model`` holds the original modules of ``modules_to_save`` (their trained
-    copies are in the adapter file).  Which saves write it is :attr:`save_base_model`.  A peft layout whose base
-    weights do not map onto the base model's names is refused at the save, before anything is written, naming
+    copies are in the adapter file).  Which saves write it is :attr:`save_base_model`.  A peft layout whose base weights
+    do not map onto the base model's names is refused at the save, before anything is written, naming
     ``save_base_model = "never"``.
     """
 
@@ -272,14 +277,25 @@ class BreadTrainerMixin(TrainerLoadHooks):
     #: loaded as the best model: refused); ``"never"``
     save_base_model: str = "auto"
 
+    def train(self, *args, **kwargs):
+        self._resumed = None  # what this train() resumes, set by the checkpoint load, read by create_scheduler
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._resumed = None
+            for callback in self._bread_callbacks():
+                callback.base_weights_restored = False
+
+    def _bread_callbacks(self) -> list:
+        return [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
         warn_if_moved()
         inner, under_deepspeed = _unwrapped(self.optimizer) if self.optimizer is not None else (None, False)
-        resumed, self._resumed = getattr(self, "_resumed", None), None  # this train()'s, read once
         if under_deepspeed and _handed_to_deepspeed(inner):
             try:
-                callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, BreadCallback)]
+                callbacks = self._bread_callbacks()
                 if len(callbacks) > 1:
                     raise ValueError(f"BreadTrainerMixin: the Trainer has {len(callbacks)} BreadCallbacks; give it "
                                      "one (or none: the mixin adds one)")
@@ -292,25 +308,27 @@ class BreadTrainerMixin(TrainerLoadHooks):
 
                 self.model_wrapped = engine_of_module(self.model) or self.model_wrapped
                 raise
-        elif not under_deepspeed:
-            self._check_base_weights_restorable(resumed, trains_peft_base_weights(self.model, inner), loaded=True)
+        elif not under_deepspeed and trains_peft_base_weights(self.model, inner):
+            self._refuse_unrestorable(getattr(self, "_resumed", None), loaded=True)
         return scheduler
 
-    def _before_checkpoint_load(self, checkpoint: str, model) -> None:
+    def _before_checkpoint_load(self, checkpoint: str, model):
         """Before the Trainer loads a peft model's adapters from ``checkpoint`` (``resume_from_checkpoint`` outside
-        DeepSpeed): refuse what cannot be restored, then restore the base weights the checkpoint holds."""
+        DeepSpeed): refuse what cannot be restored, check the saved base model against the model, and return what
+        copies it in once the Trainer's own load succeeded (None: nothing to copy)."""
         self._check_save_base_model()
         if not is_peft_model(model):
-            return
+            return None
         record = read_base_model_record(checkpoint)
-        folder = os.path.isdir(os.path.join(checkpoint, BASE_MODEL_FOLDER))
-        self._resumed = (checkpoint, record, folder)
+        self._resumed = (checkpoint, record)
+        self._refuse_unsaved_base_weights(checkpoint, record, loaded=False)
         inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
-        trains = trains_peft_base_weights(model, inner) if inner is not None else None  # None: not built yet
-        self._check_base_weights_restorable(self._resumed, trains, loaded=False)
-        if folder and (record is None or record["base_model"]):  # no record: written before there were records
-            load_trained_base_model(model, checkpoint)
-        _RESTORED_BY_MIXIN[model] = True
+        if inner is not None and trains_peft_base_weights(model, inner):  # else known at create_scheduler
+            self._refuse_unrestorable(self._resumed, loaded=False)
+        copy = checked_base_model_load(model, checkpoint) if holds_saved_base_model(checkpoint) else None
+        for callback in self._bread_callbacks():
+            callback.base_weights_restored = True
+        return copy
 
     def _after_best_model_load(self) -> None:
         """After the Trainer loaded the best checkpoint's adapters (outside DeepSpeed, whose load restores every
@@ -318,42 +336,42 @@ class BreadTrainerMixin(TrainerLoadHooks):
         best = self.state.best_model_checkpoint
         if self.is_deepspeed_enabled or not is_peft_model(self.model):
             return
-        record = read_base_model_record(best)
-        if os.path.isdir(os.path.join(best, BASE_MODEL_FOLDER)) and (record is None or record["base_model"]):
+        if holds_saved_base_model(best):
             load_trained_base_model(self.model, best)
-        elif record is not None and record["trains_base_weights"]:
+            return
+        record = read_base_model_record(best)
+        if record is not None and record["trains_base_weights"]:
             raise RuntimeError(f"BreadTrainerMixin: the best checkpoint {best} holds the adapters of a run that "
                                "trained the base weights, without them; the model now has its adapters over the last "
                                "base weights. Load it with PeftModel.from_pretrained over a base model you saved")
 
-    def _check_base_weights_restorable(self, resumed, trains: bool | None, loaded: bool) -> None:
-        """Refuse what would put a checkpoint's adapters over other base weights: those of ``resumed`` (the checkpoint
-        this train() resumes, its record, whether it has ``base_model``), or with ``load_best_model_at_end`` the best
-        checkpoint's where the checkpoints will not hold the base weights; ``trains``:
-        whether the optimizer trains the base weights (None before it is built); ``loaded``: whether the Trainer loaded
-        the adapters already (the message says so)."""
-        checkpoint, record, folder = resumed or (None, None, False)
-        state = ("the Trainer loaded its adapters (they are in the model now)" if loaded else "nothing was loaded")
-        if checkpoint is not None and record is not None and record["trains_base_weights"] and not record["base_model"]:
+    @staticmethod
+    def _refuse_unsaved_base_weights(checkpoint: str, record: dict | None, loaded: bool) -> None:
+        """A checkpoint whose record says the run trained the base weights and did not save them."""
+        if record is not None and record["trains_base_weights"] and not record["base_model"]:
             raise ValueError(f"BreadTrainerMixin: {checkpoint} holds the adapters of a run that trained the base "
                              "weights, without them (saved with save_base_model = \"final\" or \"never\", or a "
                              "checkpoint of a DeepSpeed run, whose engine state holds them: resume it under the same "
-                             f"DeepSpeed config); {state}. Resume from a checkpoint saved with save_base_model = "
-                             "\"auto\" (the default) or \"every_save\"")
-        if not trains:
-            return
-        if checkpoint is not None and record is None and not folder:
+                             f"DeepSpeed config); {_what_loaded(loaded)}. Resume from a checkpoint saved with "
+                             "save_base_model = \"auto\" (the default) or \"every_save\"")
+
+    def _refuse_unrestorable(self, resumed: tuple | None, loaded: bool) -> None:
+        """With an optimizer that trains the base weights: a resumed checkpoint saved without the mixin (adapters
+        alone), and ``load_best_model_at_end`` where the checkpoints will not hold the base weights."""
+        checkpoint, record = resumed or (None, None)
+        if checkpoint is not None and record is None and not holds_saved_base_model(checkpoint):
             raise ValueError(f"BreadTrainerMixin: {checkpoint} was saved without BreadTrainerMixin: it holds the "
-                             f"adapters alone, and the optimizer trains the base weights; {state}. Resume from a "
-                             "checkpoint the mixin saved, or start the run again")
+                             f"adapters alone, and the optimizer trains the base weights; {_what_loaded(loaded)}. "
+                             "Resume from a checkpoint the mixin saved, or start the run again")
         if self.args.load_best_model_at_end and self.save_base_model in ("final", "never"):
             raise ValueError(f"BreadTrainerMixin: load_best_model_at_end with save_base_model = "
                              f"{self.save_base_model!r}: the checkpoints would not hold the base weights the optimizer "
-                             f"trains, and the best checkpoint's adapters would be loaded over the last ones; {state}. "
-                             "Set save_base_model = \"auto\" (the default) or \"every_save\", or turn "
-                             "load_best_model_at_end off")
+                             f"trains, and the best checkpoint's adapters would be loaded over the last ones; "
+                             f"{_what_loaded(loaded)}. Set save_base_model = \"auto\" (the default) or "
+                             "\"every_save\", or turn load_best_model_at_end off")
 
     def _check_save_base_model(self) -> None:
+        """Refuse a :attr:`save_base_model` that is none of its values, before anything is saved or loaded."""
         if self.save_base_model not in _SAVE_BASE_MODEL:
             choices = ", ".join(map(repr, _SAVE_BASE_MODEL))
             raise ValueError(f"BreadTrainerMixin.save_base_model must be one of {choices}, got "
@@ -362,7 +380,11 @@ class BreadTrainerMixin(TrainerLoadHooks):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._check_save_base_model()
         super().save_model(output_dir, _internal_call)
-        if self.optimizer is None or not is_peft_model(self.model):
+        if not is_peft_model(self.model):
+            return
+        if self.optimizer is None:  # nothing says whether the base weights train: no record, and none left behind
+            if self.args.should_save:
+                forget_saved_base_model(output_dir if output_dir is not None else self.args.output_dir)
             return
         inner = unwrap_optimizer(self.optimizer)
         if self.save_base_model in ("never", "every_save"):
@@ -373,6 +395,10 @@ class BreadTrainerMixin(TrainerLoadHooks):
             weights = True
         save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir,
                                 trains=trains_peft_base_weights(self.model, inner), weights=weights)
+
+
+def _what_loaded(loaded: bool) -> str:
+    return "the Trainer loaded its adapters (they are in the model now)" if loaded else "nothing was loaded"
 
 
 def _handed_to_deepspeed(optimizer) -> bool:

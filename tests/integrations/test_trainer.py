@@ -186,9 +186,9 @@ def _bread_optimizer(model):
                                         lora_mode="all", verbose=0)
 
 
-def _bread_peft_trainer(output_dir, trainer_class=None, make=models.llama, **extra):
-    """A patched LoRA model (``make``'s) under :func:`_bread_optimizer` in a Trainer (BreadTrainerMixin's by default)
-    that saves a checkpoint every 2 steps."""
+def _bread_peft_trainer(output_dir, trainer_class=None, make=models.llama, callback=None, **extra):
+    """A patched LoRA model (``make``'s) under :func:`_bread_optimizer` in a Trainer (BreadTrainerMixin's by default,
+    with ``callback`` or a BreadCallback) that saves a checkpoint every 2 steps."""
     if trainer_class is None:
         class trainer_class(BreadTrainerMixin, Trainer):
             pass
@@ -196,7 +196,7 @@ def _bread_peft_trainer(output_dir, trainer_class=None, make=models.llama, **ext
     args = _args(output_dir, save_strategy="steps", save_steps=2, **extra)
     evaluated = _Data(4) if "eval_strategy" in extra else None
     return model, trainer_class(model=model, args=args, train_dataset=_Data(), eval_dataset=evaluated,
-                                optimizers=(_bread_optimizer(model), None), callbacks=[BreadCallback()])
+                                optimizers=(_bread_optimizer(model), None), callbacks=[callback or BreadCallback()])
 
 
 def _assert_equal_parameters(reference, model):
@@ -244,6 +244,41 @@ def test_the_mixins_resume_of_a_peft_model_restores_the_trained_base_weights(tmp
     with pytest.raises(ValueError, match="saved without BreadTrainerMixin.*nothing was loaded"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "no_mixin" / "checkpoint-2"))
     _assert_equal_parameters(before, untouched)
+    trainer.train()  # a refused resume leaves nothing behind: the same Trainer trains afresh (a reviewer's find)
+    _assert_equal_parameters(model, untouched)
+
+
+def test_the_mixins_resume_loads_nothing_when_the_trainers_load_fails_and_leaves_no_stale_record(tmp_path):
+    """The base weights are copied in once the Trainer's own load of the checkpoint succeeded (a checkpoint without
+    its adapters: the Trainer refuses, the model is unchanged); a save that does not know the optimizer yet removes
+    the record and base model an earlier save left in its folder; and BreadCallback(restores_base_weights=True)
+    resumes after the user restored the base weights (here by load_trained_base_model) bit for bit."""
+    import shutil
+
+    from bread_kernels.integrations.peft_base_model import BASE_MODEL_RECORD, load_trained_base_model
+
+    model, trainer = _bread_peft_trainer(tmp_path / "run")
+    trainer.train()
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "broken")
+    os.remove(tmp_path / "broken" / "adapter_model.safetensors")
+    untouched, trainer = _bread_peft_trainer(tmp_path / "refused")
+    before = copy.deepcopy(untouched)
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "broken"))
+    _assert_equal_parameters(before, untouched)
+
+    class MixedTrainer(BreadTrainerMixin, Trainer):
+        pass
+
+    MixedTrainer(model=_bread_peft_model(), args=_args(tmp_path / "fresh")).save_model(str(tmp_path / "broken"))
+    assert not os.path.exists(tmp_path / "broken" / BASE_MODEL_RECORD)
+    assert not os.path.exists(tmp_path / "broken" / "base_model")
+
+    own = BreadCallback(restores_base_weights=True)
+    resumed, trainer = _bread_peft_trainer(tmp_path / "own", Trainer, callback=own)
+    load_trained_base_model(resumed, str(tmp_path / "run" / "checkpoint-2"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    _assert_equal_parameters(model, resumed)
 
 
 def test_the_mixins_resume_of_a_moe_model_and_one_built_by_model_init(tmp_path):
