@@ -309,7 +309,8 @@ class BreadTrainerMixin(TrainerLoadHooks):
                 self.model_wrapped = engine_of_module(self.model) or self.model_wrapped
                 raise
         elif not under_deepspeed and trains_peft_base_weights(self.model, inner):
-            self._refuse_unrestorable(getattr(self, "_resumed", None), loaded=True)
+            resumed = getattr(self, "_resumed", None)  # the Trainer loaded its adapters already
+            self._refuse_unrestorable(resumed, loaded=resumed is not None)
         return scheduler
 
     def _before_checkpoint_load(self, checkpoint: str, model):
