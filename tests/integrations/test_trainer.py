@@ -128,6 +128,22 @@ def test_bread_trainer_mixin_outside_deepspeed_changes_nothing(tmp_path):
     models.assert_same_parameters(plain_model, mixed_model)
 
 
+def _reloaded(folder):
+    """The trained model as a user reloads it: peft's adapters in ``folder`` over the base model saved beside them."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base_model")),
+                                          folder)
+
+
+def _eval_logits(*models_to_run):
+    """Each model's logits on one batch, in eval mode."""
+    ids = models.batch(99)
+    with torch.no_grad():
+        return [m.eval()(input_ids=ids).logits for m in models_to_run]
+
+
 @pytest.mark.parametrize("layout", ["lora", "trainable_tokens", "gpt2_tied"])
 def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp_path, layout):
     """peft's save_pretrained (the Trainer's save_model of a peft model) writes the adapters alone, and BREAD trains
@@ -136,10 +152,7 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
     token indices the embedding sits one level deeper (token_adapter): it was written under a name the base model
     does not have, and reloaded at random (a reviewer's find).  GPT-2: its head tied to its embedding, Conv1D
     layers (fan_in_fan_out)."""
-    import os
-
     import peft
-    from transformers import AutoModelForCausalLM
 
     class MixedTrainer(BreadTrainerMixin, Trainer):
         pass
@@ -156,14 +169,8 @@ def test_the_mixins_save_model_of_a_peft_model_writes_the_trained_base_model(tmp
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     assert os.path.isfile(tmp_path / "saved" / "adapter_model.safetensors")
-    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "base_model"),
-                                            tmp_path / "saved")
     adapters_only = peft.PeftModel.from_pretrained(make(), tmp_path / "saved")  # the initial base weights
-    ids = models.batch(99)
-    for m in (model, loaded, adapters_only):
-        m.eval()
-    with torch.no_grad():
-        trained, reloaded, on_initial = (m(input_ids=ids).logits for m in (model, loaded, adapters_only))
+    trained, reloaded, on_initial = _eval_logits(model, _reloaded(tmp_path / "saved"), adapters_only)
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
     assert (on_initial - trained).abs().max() > 1e-3  # the base weights the run trained matter
     trainer.save_base_model = "never"
@@ -321,9 +328,6 @@ def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_w
     the model ends as the best checkpoint's base model under its adapters (the best here: the largest eval loss, so
     that it is not the last checkpoint), as peft reloads them.  With save_base_model = "final" the checkpoints would
     not hold the base weights: refused before the first step."""
-    import peft
-    from transformers import AutoModelForCausalLM
-
     extra = {"eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
              "metric_for_best_model": "eval_loss", "greater_is_better": True}
     model, trainer = _bread_peft_trainer(tmp_path / "run", **extra)
@@ -338,15 +342,7 @@ def test_the_mixins_load_best_model_at_end_of_a_peft_model_loads_the_best_base_w
     _assert_equal_parameters(model, seen_at_train_end[0])  # the best model already (a reviewer's find)
     best = trainer.state.best_model_checkpoint
     assert best is not None and not best.endswith("checkpoint-5"), best
-    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(os.path.join(best, "base_model")),
-                                            best)
-    last = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-        tmp_path / "run" / "checkpoint-5" / "base_model"), tmp_path / "run" / "checkpoint-5")
-    ids = models.batch(99)
-    for m in (model, loaded, last):
-        m.eval()
-    with torch.no_grad():
-        ended, at_best, at_last = (m(input_ids=ids).logits for m in (model, loaded, last))
+    ended, at_best, at_last = _eval_logits(model, _reloaded(best), _reloaded(tmp_path / "run" / "checkpoint-5"))
     torch.testing.assert_close(ended, at_best, rtol=1e-5, atol=1e-5)
     assert (at_last - at_best).abs().max() > 1e-3
 
