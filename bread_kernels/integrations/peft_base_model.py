@@ -152,10 +152,9 @@ def forget_saved_base_model(folder: str) -> None:
         shutil.rmtree(os.path.join(folder, BASE_MODEL_FOLDER), ignore_errors=True)
 
 
-def holds_saved_base_model(folder: str) -> bool:
-    """Whether ``folder`` holds a base model to restore: ``base_model`` with a record that says it was saved, or
-    without a record (written before there were records)."""
-    record = read_base_model_record(folder)
+def holds_saved_base_model(folder: str, record: dict | None) -> bool:
+    """Whether ``folder``, whose record (:func:`read_base_model_record`) is ``record``, holds a base model to restore:
+    ``base_model`` with a record that says it was saved, or without a record (written before there were records)."""
     return os.path.isdir(os.path.join(folder, BASE_MODEL_FOLDER)) and (record is None or record["base_model"])
 
 

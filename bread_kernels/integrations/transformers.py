@@ -326,7 +326,7 @@ class BreadTrainerMixin(TrainerLoadHooks):
         inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
         if inner is not None and trains_peft_base_weights(model, inner):  # else known at create_scheduler
             self._refuse_unrestorable(self._resumed, loaded=False)
-        copy = checked_base_model_load(model, checkpoint) if holds_saved_base_model(checkpoint) else None
+        copy = checked_base_model_load(model, checkpoint) if holds_saved_base_model(checkpoint, record) else None
         for callback in self._bread_callbacks():
             callback.base_weights_restored = True
         return copy
@@ -337,10 +337,10 @@ class BreadTrainerMixin(TrainerLoadHooks):
         best = self.state.best_model_checkpoint
         if self.is_deepspeed_enabled or not is_peft_model(self.model):
             return
-        if holds_saved_base_model(best):
+        record = read_base_model_record(best)
+        if holds_saved_base_model(best, record):
             load_trained_base_model(self.model, best)
             return
-        record = read_base_model_record(best)
         if record is not None and record["trains_base_weights"]:
             raise RuntimeError(f"BreadTrainerMixin: the best checkpoint {best} holds the adapters of a run that "
                                "trained the base weights, without them; the model now has its adapters over the last "
@@ -360,7 +360,7 @@ class BreadTrainerMixin(TrainerLoadHooks):
         """With an optimizer that trains the base weights: a resumed checkpoint saved without the mixin (adapters
         alone), and ``load_best_model_at_end`` where the checkpoints will not hold the base weights."""
         checkpoint, record = resumed or (None, None)
-        if checkpoint is not None and record is None and not holds_saved_base_model(checkpoint):
+        if checkpoint is not None and record is None and not holds_saved_base_model(checkpoint, record):
             raise ValueError(f"BreadTrainerMixin: {checkpoint} was saved without BreadTrainerMixin: it holds the "
                              f"adapters alone, and the optimizer trains the base weights; {_what_loaded(loaded)}. "
                              "Resume from a checkpoint the mixin saved, or start the run again")
@@ -383,9 +383,10 @@ class BreadTrainerMixin(TrainerLoadHooks):
         super().save_model(output_dir, _internal_call)
         if not is_peft_model(self.model):
             return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.optimizer is None:  # nothing says whether the base weights train: no record, and none left behind
             if self.args.should_save:
-                forget_saved_base_model(output_dir if output_dir is not None else self.args.output_dir)
+                forget_saved_base_model(output_dir)
             return
         inner = unwrap_optimizer(self.optimizer)
         if self.save_base_model in ("never", "every_save"):
@@ -394,8 +395,7 @@ class BreadTrainerMixin(TrainerLoadHooks):
             weights = self.save_base_model == "auto" and not self.is_deepspeed_enabled
         else:
             weights = True
-        save_trained_base_model(self, output_dir if output_dir is not None else self.args.output_dir,
-                                trains=trains_peft_base_weights(self.model, inner), weights=weights)
+        save_trained_base_model(self, output_dir, trains=trains_peft_base_weights(self.model, inner), weights=weights)
 
 
 def _what_loaded(loaded: bool) -> str:

@@ -17,7 +17,6 @@ GPU.  Products and sums are fp32 (``input_precision="ieee"`` unless the user all
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

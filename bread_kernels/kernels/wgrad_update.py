@@ -24,7 +24,6 @@ allocates nothing (no W clone, no L2-flush buffer).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
