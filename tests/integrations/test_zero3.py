@@ -616,17 +616,16 @@ def _steps(output: str) -> list[tuple[int, str, int]]:
 
 
 def test_example_runs_under_the_deepspeed_launcher(tmp_path):
-    """``deepspeed --num_gpus 2 python/zero3_example.py`` on this CPU machine (small settings, signSGD, GAS 2), and
-    its ``--save`` / ``--resume`` (under torchrun, as its docstring also runs it): 2 steps saved, resumed for the
-    third, print the uninterrupted run's losses and blocks."""
-    output = _run_example("--steps", "3")
-    assert "step 2: loss" in output and "2 switches" in output, output[-3000:]
+    """``deepspeed --num_gpus 2 python/zero3_example.py`` on this CPU machine (small settings, signSGD, GAS 2) trains 2
+    steps and saves; its ``--resume`` (under torchrun, as its docstring also runs it) trains the third step alone, on
+    the block the schedule saved.  That the resumed run is the uninterrupted one bit for bit is the worker's
+    ``RESUME_CASES`` (the same save and load, one launch for all of them; each launch here costs ~20 s)."""
+    first = _steps(_run_example("--steps", "2", "--save", str(tmp_path / "ckpt")))
     # descending from the top block, switching after every step: the block each step trained (it printed the next)
-    whole = _steps(output)
-    assert [block for _, _, block in whole] == [1, 0, 1], output[-3000:]
-    first = _steps(_run_example("--steps", "2", "--save", str(tmp_path / "ckpt"), launcher="torchrun"))
+    assert [(step, block) for step, _, block in first] == [(0, 1), (1, 0)], first
     rest = _steps(_run_example("--steps", "3", "--resume", str(tmp_path / "ckpt"), launcher="torchrun"))
-    assert first + rest == whole
+    assert [(step, block) for step, _, block in rest] == [(2, 1)], rest
+    assert all(float(loss) > 0 for _, loss, _ in first + rest)
 
 
 def test_example_trains_with_the_trainer(tmp_path):

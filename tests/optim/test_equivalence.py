@@ -312,9 +312,9 @@ def test_every_backend(backend, variant):
     exp): their gradients differ by fp32 rounding, which Adam's first step amplifies by up to lr/eps, so that backend
     runs with the fused loss's Adam eps (FUSED_EPS, below); that eps makes the case less sensitive to the backend's
     other kernels too (the update, the finiteness flag, the rotary embedding), whose own tests compare them with
-    torch's ops bit for bit (tests/kernels/)."""
+    torch's ops bit for bit (tests/kernels/).  3 steps: a switch after the second (the interpreter is slow)."""
     sgd_mode, sign = variant
-    run_case(Case("llama", steps=5, optimizer_extra=dict(FUSED_EPS if backend == "triton" else dict(eps=ADAM_EPS)),
+    run_case(Case("llama", steps=3, optimizer_extra=dict(FUSED_EPS if backend == "triton" else dict(eps=ADAM_EPS)),
                   bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
 
 
