@@ -14,6 +14,11 @@ import pytest  # noqa: E402
 
 from bread_kernels.backends import BACKEND_NAMES  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: two workers of torch's two OpenMP threads each on two cores spin against each other
+    # (measured: the suite took longer than run in one process); a file run alone keeps torch's threads
+    torch.set_num_threads(1)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -162,7 +162,9 @@ def test_unaccelerate_restores_the_library():
     assert all(p.requires_grad for p in eng_model.parameters()), "sgd_mode='all': the library keeps every flag on"
     _train(ref_model, ref_opt, 3, start=3)
     _train(eng_model, eng_opt, 3, start=3)
-    models.assert_same_parameters(ref_model, eng_model, RTOL, ATOL)
+    # 6 steps at lr 1e-2, twice the others': the rounding drifts further (measured 8.6e-7 with torch's 2 threads,
+    # 1.1e-6 with 1, each on one element of layer 0's v_proj; a wrong lr or owner moves a weight by ~lr)
+    models.assert_same_parameters(ref_model, eng_model, RTOL, 2 * ATOL)
 
 
 def test_dropping_the_optimizer_frees_the_acceleration():
