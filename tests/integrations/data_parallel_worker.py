@@ -497,6 +497,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    gc.collect()
     gc.freeze()  # what the imports made lives to the end: every gc.collect skips it (as tests/conftest.py does)
     results = [run_case(name, rank, world) for name in args.cases if name in CASES]
     if "trainer" in args.cases:

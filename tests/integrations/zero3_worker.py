@@ -700,6 +700,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     # what the imports made lives to the end: every gc.collect skips it (as tests/conftest.py does), DeepSpeed's at
     # each ZeRO optimizer it builds (0.3 s each otherwise) and the worker's own
+    gc.collect()
     gc.freeze()
     results = []
     groups = args.resume or args.plain_initialize or args.trainer

@@ -32,7 +32,8 @@ def test_the_flag_is_the_finiteness_of_every_tensor_anded_with_ok(dtype, shape, 
         if bad is not None and a.numel():
             a.view(-1)[position] = float(bad)
         oks = (None, torch.tensor(True, device=DEVICE), torch.tensor(False, device=DEVICE))
-        # each way of passing the tensors meets each ok across the two positions (the interpreter is slow)
+        # one ok per way of passing the tensors, rotating with the position, so each ok meets each position (the
+        # interpreter is slow: 10 launches a case, not 30; ok is and-ed in the same way whatever the tensors)
         for i, tensors in enumerate(((a,), (a, second), (second, a), (second, a, third), (third, second, a))):
             ok = oks[(i + position) % 3]
             flag = finite.finite_flag(*tensors, ok=ok)
