@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ import bread_kernels  # noqa: E402
 from bread_kernels.collectives import comm_stats  # noqa: E402
 from bread_kernels.optim.data_parallel import INDEPENDENT_RANKS_ENV  # noqa: E402
 from tests import model_zoo  # noqa: E402
+from tests.integrations.ranks import freeze_long_lived_objects  # noqa: E402
 
 STEPS, LR = 4, 0.5
 LAYERS = 4
@@ -497,8 +497,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    gc.collect()
-    gc.freeze()  # what the imports made lives to the end: every gc.collect skips it (as tests/conftest.py does)
+    freeze_long_lived_objects()
     results = [run_case(name, rank, world) for name in args.cases if name in CASES]
     if "trainer" in args.cases:
         results.append(trainer_case(rank, world, args.out))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -11,6 +12,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def freeze_long_lived_objects() -> None:
+    """Leave what the imports made (torch, transformers, deepspeed, the test modules: millions of objects that live to
+    the end) out of every later garbage collection: each one, automatic or asked for by a test, by transformers or by
+    DeepSpeed (at every ZeRO optimizer it builds, 0.3 s each otherwise), then sees only what the tests made, so a leak
+    test still finds what outlives its owner.  Collected first, so no garbage is frozen.  Measured in one process on a
+    2-core AVX2 EPYC: the Trainer and patch tests 99 s to 67 s, the suite 997 s to 899 s."""
+    gc.collect()
+    gc.freeze()
 
 
 def free_port() -> int:

@@ -29,6 +29,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 
+from tests.integrations.ranks import freeze_long_lived_objects  # noqa: E402
+
 VOCAB, HIDDEN, INTER, LAYERS, SEQ, MICRO = 61, 40, 50, 3, 9, 2
 
 CASES = {
@@ -698,10 +700,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
-    # what the imports made lives to the end: every gc.collect skips it (as tests/conftest.py does), DeepSpeed's at
-    # each ZeRO optimizer it builds (0.3 s each otherwise) and the worker's own
-    gc.collect()
-    gc.freeze()
+    freeze_long_lived_objects()
     results = []
     groups = args.resume or args.plain_initialize or args.trainer
     cases = args.cases.split(",") if args.cases else [] if groups else list(CASES)
