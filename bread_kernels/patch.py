@@ -79,10 +79,11 @@ from .installed_forward import NOT_PICKLED, install_forward
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
-from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
+from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, replaced_module_refusal, streamed_block_forward,
+                     turn_off_hf_checkpointing)
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
-           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel"]
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "block_stacks"]
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
@@ -127,6 +128,9 @@ class PatchedModel:
         # shards what it wraps (the root, each block), so a model sharded after patch shows there (see shard_probe)
         self.shard_probes: list[tuple[str, nn.Module, str]] = []
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
+        #: the qualified name of the first module with a forward of patch's (fused, experts, block) that left the
+        #: model after patch (see :func:`_note_replaced_modules`), or None
+        self.lost: str | None = None
 
     def __deepcopy__(self, memo: dict) -> "PatchedModel":
         """The state of a deep copy of the patched model (an EMA or reference model — TRL's
@@ -154,6 +158,7 @@ class PatchedModel:
         for (_, module), (_, original) in zip(duplicate.fused_elementwise, self.fused_elementwise):
             share_fused_rotary(original, module)
         _PATCHED_MODELS.add(copied)
+        _register_installed(duplicate)
         return duplicate
 
     def __getstate__(self):
@@ -225,6 +230,8 @@ class PatchedModel:
             raise ValueError("bread_kernels: the model's weights were tied or untied after patch() (tie_weights(), "
                              "tie_word_embeddings); call bread_kernels.unpatch(model) and patch(model) again before "
                              "building the optimizer")
+        if self.lost is not None:
+            raise ValueError(replaced_module_refusal(self.lost))
 
     def clear_plans(self) -> None:
         """Every fused module back to plain autograd, and the backward reaching every block."""
@@ -245,6 +252,16 @@ class PatchedModel:
     def drive(self, driver) -> None:
         """Record the optimizer that writes this model's plans (held weakly; :func:`unpatch` closes it)."""
         self._driver = weakref.ref(driver) if driver is not None else None
+        if driver is None:  # its release clears the plans: a forward no longer trains through a lost module's plan
+            self.stream.lost_while_driven = None
+
+    def note_lost(self, name: str) -> None:
+        """Module ``name``, given a forward by patch, left the model: no plan reaches what is in its place (peft's
+        ``merge_and_unload`` put the base layer there; ``resize_token_embeddings`` a new embedding).  Plans are
+        refused from now on, and while an optimizer drives the model, its forwards with grad too."""
+        self.lost = self.lost or name
+        if self.driver is not None:
+            self.stream.lost_while_driven = self.stream.lost_while_driven or name
 
     @property
     def driver(self):
@@ -327,12 +344,66 @@ def _whole_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
+#: every module given a forward of patch's that a plan or the stream acts through (fused linears, the embedding,
+#: experts modules, blocks) -> (a weak reference to its patched model's state, its qualified name)
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str]]" = weakref.WeakKeyDictionary()
+_registration_hook: list = []
+
+
+def _register_installed(state: PatchedModel) -> None:
+    """Enter ``state``'s modules into :data:`_INSTALLED`, and torch's global module-registration hook (once)."""
+    if not _registration_hook:
+        _registration_hook.append(nn.modules.module.register_module_module_registration_hook(_note_replaced_modules))
+    ref = weakref.ref(state)
+    for name, module in state.fused_modules + state.fused_experts:
+        _INSTALLED[module] = (ref, name)
+    for prefix, block in zip(state.block_prefixes(), state.blocks):
+        _INSTALLED[block] = (ref, prefix[:-1])
+
+
+def _note_replaced_modules(parent: nn.Module, name: str, value: nn.Module) -> None:
+    """torch's global module-registration hook (``setattr`` of a module, ``add_module``, a ``ModuleList`` item), run
+    before ``value`` takes the place of ``parent.<name>``: a module in :data:`_INSTALLED` that the module it replaces
+    holds and ``value`` does not (peft's ``merge_and_unload`` puts each LoRA layer's base layer in its place;
+    ``add_adapter`` wraps a fused layer, which stays) is reported to its patched model (:meth:`PatchedModel.note_lost`).
+    A fresh registration (nothing in its place) costs a dictionary read."""
+    replaced = parent.__dict__.get("_modules", {}).get(name)
+    if replaced is None or replaced is value or not _INSTALLED:
+        return None
+    kept = None
+    for module in replaced.modules():
+        entry = _INSTALLED.get(module)
+        if entry is None:
+            continue
+        if kept is None:
+            kept = {id(m) for m in value.modules()}
+        state = entry[0]()
+        if id(module) not in kept and state is not None:
+            state.note_lost(entry[1])
+    return None
+
+
+def _is_stack_candidate(module: nn.Module) -> bool:
+    """An ``nn.ModuleList`` of two or more modules of one class: a block stack, if it has parameters."""
+    return isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every block stack of ``model`` (:func:`_is_stack_candidate` with parameters) that lies in no other one's
+    blocks, in module order: an encoder-decoder's two stacks, a vision-language model's vision and language layers
+    (``patch`` streams the largest, :func:`_find_block_stack`; a block optimizer partitions them all)."""
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if _is_stack_candidate(module) and next(module.parameters(), None) is not None and \
+                not any(name.startswith(f"{outer}.") for outer, _ in stacks):
+            stacks.append((name, module))
+    return stacks
+
+
 def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best, best_size, empty = None, 0, False
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
+        if not _is_stack_candidate(module):
             continue
         params = list(module.parameters())
         size = sum(_whole_numel(p) for p in params)
@@ -655,6 +726,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     state.forward_hook = model.register_forward_pre_hook(_begin_forward_hook)
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
+    _register_installed(state)
     return model
 
 
@@ -790,6 +862,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         driver.close()
         if patched_state(model) is None:
             return given
+    for _, module in state.fused_modules + state.fused_experts:
+        _INSTALLED.pop(module, None)
+    for block in state.blocks:
+        _INSTALLED.pop(block, None)
     causal_lm.uninstall(model)
     _set_fused_elementwise(model, False, state)
     for _, module in state.fused_modules + state.fused_experts:

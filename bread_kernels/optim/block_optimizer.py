@@ -44,10 +44,10 @@ from typing import Callable
 
 import torch
 
-from ..patch import patched_state
+from ..patch import block_stacks, patched_state
 from ..peft_lora import is_adapter_name
 from ..plan import OnTheFlyUpdate, Role, Rounding
-from .blocks import SWITCH_MODES, BlockOrder, infer_blocks
+from .blocks import SWITCH_MODES, BlockOrder, infer_blocks, layer_prefixes
 from .driver import (EngineDriver, WeaklyHeld, check_loss_scaler, check_named_parameters, owning_patched_model,
                      take_over_parameters)
 from .masters import Fp32Masters
@@ -146,11 +146,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.engine = patched_state(self.model) if self.model is not None else None
 
         if block_prefix_list is None:
-            layer_prefixes = embedding_prefix = None
+            layers, embedding_prefix = layer_prefixes(self.names), None
             if self.engine is not None:
-                layer_prefixes = self.engine.block_prefixes()
+                stacks = [[f"{name}.{i}." for i in range(len(stack))] for name, stack in block_stacks(self.model)]
+                layers = layer_prefixes(self.names, self.engine.block_prefixes(), stacks)
                 embedding_prefix = self._module_prefix(self.engine.embedding)
-            block_prefix_list = infer_blocks(self.names, layer_prefixes, embedding_prefix, include_embedding,
+                _warn_unstreamed_layers(layers, self.engine.block_prefixes())
+            block_prefix_list = infer_blocks(self.names, layers, embedding_prefix, include_embedding,
                                              include_lm_head, n_layer_per_block)
         if not isinstance(block_prefix_list, list) or not block_prefix_list or \
                 not all(isinstance(b, list) and all(isinstance(p, str) for p in b) for b in block_prefix_list):
@@ -509,6 +511,17 @@ def _warn_slow_path() -> None:
                 if torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1 else ""), UserWarning, stacklevel=3,
         )
+
+
+def _warn_unstreamed_layers(layers: list[str], streamed: list[str]) -> None:
+    """Say which blocks lie outside the stack ``patch`` streams (an encoder's beside a decoder's, a vision tower's):
+    they train exactly as in the reference, through plain autograd and hooks, not the fused backward."""
+    outside = [p for p in layers if p not in set(streamed)]
+    if outside:
+        warnings.warn(
+            f"BlockOptimizer: {len(outside)} of the {len(layers)} layer blocks ({outside[0]}...) lie outside the "
+            f"block stack patch streams ({streamed[0].rsplit('.', 2)[0]}): they train exactly, through plain "
+            "autograd and hooks as in the reference, without the fused backward", UserWarning, stacklevel=3)
 
 
 def _is_rank_zero() -> bool:

@@ -2,9 +2,10 @@
 
 ``infer_blocks`` partitions a model's parameters into blocks the way BlockOptimizers does — one block per repeated
 layer, the embedding first if ``include_embedding``, everything else last if ``include_lm_head`` (the embedding too,
-when it has no block of its own, as in the reference) — but finds the
-layers structurally through :func:`bread_kernels.patch` when the model is patched, and falls back to the
-reference's name patterns otherwise.  :class:`BlockOrder` is the switching order (``descending``, ``ascending``,
+when it has no block of its own, as in the reference).  The layers are the reference's name patterns' wherever
+they find the patched stack's layers (and every stack they match: an encoder-decoder's two), and the stacks
+:func:`bread_kernels.patch.block_stacks` finds structurally where the patterns miss them (BERT, T5); the embedding
+is the patched model's input embedding, or the reference's pattern's.  :class:`BlockOrder` is the switching order (``descending``, ``ascending``,
 ``random``, ``fixed``) with a state that ``state_dict`` can save and restore.
 """
 
@@ -17,19 +18,49 @@ import torch
 SWITCH_MODES = ("descending", "ascending", "random", "fixed")
 
 
-def infer_blocks(param_names: list[str], layer_prefixes: list[str] | None, embedding_prefix: str | None,
+def reference_layer_prefixes(param_names: list[str]) -> list[str]:
+    """The repeated layers' name prefixes by the reference's patterns (``…layers.<i>.``, GPT-2's ``….h.<i>.``), in
+    parameter order."""
+    prefixes, seen = [], set()
+    for name in param_names:
+        match = re.match(r"(.*layers\.[^.]*\.)", name) or re.match(r"(.*\.h\.[^.]*\.)", name)
+        if match and match.group(1) not in seen:
+            seen.add(match.group(1))
+            prefixes.append(match.group(1))
+    return prefixes
+
+
+def layer_prefixes(param_names: list[str], patched_stack: list[str] | None = None,
+                   stacks: list[list[str]] = ()) -> list[str]:
+    """The layers that become blocks, in parameter order: the reference's patterns' (every stack they match: an
+    encoder's and a decoder's, a vision tower's and a language model's) where no model is patched or where they
+    find every layer of the patched stack (``patched_stack``: its blocks' prefixes); otherwise every stack found
+    structurally (``stacks``: each a list of its blocks' prefixes, the patched one among them), which finds what the
+    patterns miss (BERT's ``encoder.layer``, T5's ``encoder.block`` and ``decoder.block``)."""
+    found = reference_layer_prefixes(param_names)
+    if patched_stack is None or set(patched_stack) <= set(found):
+        return found
+    if not any(list(stack) == list(patched_stack) for stack in stacks):
+        stacks = [list(patched_stack), *stacks]
+
+    def first_parameter(stack: list[str]) -> int:
+        return next((i for i, n in enumerate(param_names) if n.startswith(stack[0])), len(param_names))
+
+    return [prefix for stack in sorted(stacks, key=first_parameter) for prefix in stack]
+
+
+def reference_embedding_prefix(param_names: list[str]) -> str | None:
+    """The input embedding's name prefix by the reference's pattern (``…embed….``, GPT-2's ``wte.``)."""
+    return next((m.group(1) for n in param_names if (m := re.match(r"(.*(?:embed[^.]*|\bwte)\.)", n))), None)
+
+
+def infer_blocks(param_names: list[str], layer_prefixes: list[str], embedding_prefix: str | None,
                  include_embedding: bool, include_lm_head: bool, n_layer_per_block: int) -> list[list[str]]:
-    """A list of blocks, each a list of name prefixes (BlockOptimizers' ``block_prefix_list``)."""
-    if layer_prefixes is None:  # not patched: the reference's patterns
-        layer_prefixes, seen = [], set()
-        for name in param_names:
-            match = re.match(r"(.*layers\.[^.]*\.)", name) or re.match(r"(.*\.h\.[^.]*\.)", name)
-            if match and match.group(1) not in seen:
-                seen.add(match.group(1))
-                layer_prefixes.append(match.group(1))
-        if embedding_prefix is None:
-            embedding_prefix = next((m.group(1) for n in param_names
-                                     if (m := re.match(r"(.*(?:embed[^.]*|\bwte)\.)", n))), None)  # GPT-2: wte
+    """A list of blocks, each a list of name prefixes (BlockOptimizers' ``block_prefix_list``): one per layer of
+    ``layer_prefixes`` (:func:`layer_prefixes`), ``n_layer_per_block`` layers a block; ``embedding_prefix`` (None:
+    :func:`reference_embedding_prefix`) first where ``include_embedding``."""
+    if embedding_prefix is None:
+        embedding_prefix = reference_embedding_prefix(param_names)
     if not layer_prefixes:
         raise ValueError(
             "BlockOptimizer: could not infer the blocks: no repeated layers found in the parameter names. Patch the "
@@ -41,7 +72,9 @@ def infer_blocks(param_names: list[str], layer_prefixes: list[str] | None, embed
     blocks = []
     if include_embedding:
         if embedding_prefix is None:
-            raise ValueError("BlockOptimizer: include_embedding=True but no input embedding was found")
+            raise ValueError("BlockOptimizer: include_embedding=True but no input embedding was found (neither the "
+                             "model's get_input_embeddings() nor a parameter named like '…embed….' or 'wte.'); pass "
+                             "block_prefix_list with the embedding's block first")
         blocks.append([embedding_prefix])
     blocks.extend(layers)
     if include_lm_head:

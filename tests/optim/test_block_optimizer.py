@@ -719,3 +719,88 @@ def test_a_base_optimizers_state_dict_is_refused_with_the_reason_and_nothing_cha
     after = opt.state_dict()
     assert (after["order"], after["global_step"], after["block_step"]) == (before["order"], 3, before["block_step"])
     assert str(after["base_optimizer"]) == str(before["base_optimizer"])
+
+
+def _encoder_decoder(name):
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "bart":
+        config = transformers.BartConfig(
+            vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32, dropout=0.0,
+            attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            decoder_start_token_id=2)
+        return transformers.BartForConditionalGeneration(config).train()
+    # T5's stacks are encoder.block and decoder.block, which the reference's patterns do not find; the decoder is
+    # the larger, the one patch streams
+    config = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+                                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).train()
+
+
+@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_every_block_stack_of_an_encoder_decoder_is_a_block_and_trains_as_unpatched(name, sgd_mode):
+    """patch streams one stack (the larger); the optimizer's blocks are still every stack's layers, in parameter
+    order — the reference's patterns' where they find them (BART), every stack found structurally where they do
+    not (T5) — and each trains as the unpatched model given the same blocks.  (SGD with momentum: Adam would turn
+    the rounding noise of BART's key biases, whose gradient is zero in exact arithmetic, into full steps.)"""
+    initial = _encoder_decoder(name)
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    models, blocks = [], []
+    for patched in (True, False):
+        model = copy.deepcopy(initial)
+        if patched:
+            bread_kernels.patch(model)
+        opt = bread_kernels.BlockOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), list(model.named_parameters()),
+            block_prefix_list=blocks[0] if blocks else None, switch_block_every=1, switch_mode="ascending",
+            sgd_mode=sgd_mode, verbose=0)
+        blocks.append(opt.block_prefix_list)
+        for _ in range(len(opt.block_prefix_list) + 1):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        models.append(model)
+    stacks = {"bart": ("model.encoder.layers", "model.decoder.layers"), "t5": ("encoder.block", "decoder.block")}[name]
+    layers = {"bart": (2, 2), "t5": (2, 3)}[name]
+    assert blocks[0] == [[f"{stack}.{i}."] for stack, n in zip(stacks, layers) for i in range(n)]
+    if name == "bart":
+        unpatched = bread_kernels.BlockOptimizer(torch.optim.SGD(initial.parameters(), lr=1e-2),
+                                                 list(initial.named_parameters()), verbose=0)
+        assert unpatched.block_prefix_list == blocks[0]  # the reference's own partition
+        unpatched.close()
+    reference = dict(models[1].named_parameters())
+    start = dict(initial.named_parameters())
+    for n, p in models[0].named_parameters():
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
+        if any(n.startswith(f"{stack}.") for stack in stacks) and "relative_attention_bias" not in n:
+            assert not torch.equal(p, start[n]), f"{n} was never trained"
+
+
+def test_a_patched_wrapper_without_get_input_embeddings_finds_the_embedding_block_as_unpatched():
+    import transformers
+    from torch import nn
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=2)
+            self.backbone = transformers.LlamaModel(config)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, ids):
+            return self.head(self.backbone(input_ids=ids).last_hidden_state[:, -1])
+
+    blocks = []
+    for patched in (False, True):
+        model = Classifier()
+        if patched:
+            bread_kernels.patch(model)
+        opt = make(model, include_embedding=True, include_lm_head=True)
+        blocks.append(opt.block_prefix_list)
+        opt.close()
+    assert blocks[0] == blocks[1]
+    assert blocks[0][0] == ["backbone.embed_tokens."]

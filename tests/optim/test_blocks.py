@@ -3,21 +3,47 @@
 import pytest
 import torch
 
-from bread_kernels.optim.blocks import BlockOrder, infer_blocks
+from bread_kernels.optim.blocks import BlockOrder, infer_blocks, layer_prefixes
 
 NAMES = ["model.embed_tokens.weight"] + [f"model.layers.{i}.w" for i in range(5)] + ["model.norm.weight",
                                                                                      "lm_head.weight"]
 
 
 def test_the_reference_patterns_find_layers_embedding_and_the_rest():
-    assert infer_blocks(NAMES, None, None, False, False, 1) == [[f"model.layers.{i}."] for i in range(5)]
-    blocks = infer_blocks(NAMES, None, None, True, True, 2)
+    assert infer_blocks(NAMES, layer_prefixes(NAMES), None, False, False, 1) == [[f"model.layers.{i}."]
+                                                                                for i in range(5)]
+    blocks = infer_blocks(NAMES, layer_prefixes(NAMES), None, True, True, 2)
     assert blocks[0] == ["model.embed_tokens."]
     assert blocks[1:4] == [["model.layers.0.", "model.layers.1."], ["model.layers.2.", "model.layers.3."],
                            ["model.layers.4."]]
     assert blocks[4] == ["model.norm.weight", "lm_head.weight"]
     with pytest.raises(ValueError, match="could not infer the blocks"):
-        infer_blocks(["a.weight", "b.weight"], None, None, False, False, 1)
+        infer_blocks(["a.weight", "b.weight"], layer_prefixes(["a.weight", "b.weight"]), None, False, False, 1)
+
+
+SEQ2SEQ = ["shared.weight", *[f"encoder.block.{i}.w" for i in range(2)], "encoder.final_layer_norm.weight",
+           *[f"decoder.block.{i}.w" for i in range(3)], "lm_head.weight"]
+
+
+def test_the_patterns_serve_where_they_find_the_patched_stack_and_every_stack_else():
+    bart = [f"model.{part}.layers.{i}.w" for part in ("encoder", "decoder") for i in range(2)]
+    decoder = ["model.decoder.layers.0.", "model.decoder.layers.1."]
+    # every stack the reference's patterns match, in parameter order, though patch streams one of them
+    assert layer_prefixes(bart, decoder, [decoder]) == [f"model.{part}.layers.{i}." for part in ("encoder", "decoder")
+                                                        for i in range(2)]
+    # T5's stacks, which the patterns miss: every stack found structurally, in parameter order
+    stacks = [[f"decoder.block.{i}." for i in range(3)], [f"encoder.block.{i}." for i in range(2)]]
+    assert layer_prefixes(SEQ2SEQ, stacks[0], stacks) == [*stacks[1], *stacks[0]]
+    assert layer_prefixes(SEQ2SEQ, stacks[0], stacks[:1]) == stacks[0]  # the patched stack, always among them
+    assert layer_prefixes(SEQ2SEQ) == []  # unpatched: the patterns' (none here: refused, naming patch)
+
+
+def test_an_embedding_the_patched_model_does_not_name_comes_from_the_reference_pattern():
+    names = ["backbone.embed_tokens.weight", "backbone.layers.0.w", "backbone.layers.1.w", "head.weight"]
+    blocks = infer_blocks(names, layer_prefixes(names), None, True, True, 1)
+    assert blocks == [["backbone.embed_tokens."], ["backbone.layers.0."], ["backbone.layers.1."], ["head.weight"]]
+    with pytest.raises(ValueError, match="no input embedding was found .*pass block_prefix_list"):
+        infer_blocks(names[1:], layer_prefixes(names), None, True, False, 1)
 
 
 @pytest.mark.parametrize("mode, expected", [("descending", [3, 2, 1, 0, 3]), ("ascending", [0, 1, 2, 3, 0])])

@@ -144,6 +144,42 @@ def test_merge_and_unload_and_save_pretrained_give_the_trained_outputs(tmp_path)
         torch.testing.assert_close(reloaded(input_ids=probe).logits, trained, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_merge_and_unload_while_an_optimizer_drives_refuses_training_and_keeps_inference():
+    """peft's own merge_and_unload() puts each LoRA layer's base layer in its place, which no plan reaches: the
+    inactive base weights silently stopped taking their on-the-fly steps (the unpatched model's hooks go on).  Now a
+    forward with grad is refused, naming bread_kernels.merge_and_unload; inference runs; once the optimizer lets go
+    the merged model trains with plain autograd, and a new optimizer is refused until the model is patched again."""
+    model = _patched_lora_llama()
+    opt = _optimizer(model, switch_block_every=2, sgd_mode="all")
+    ids = models.batches(2)
+    models.loss_of(model, ids[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        merged(input_ids=ids[1])
+    with pytest.raises(ValueError, match=r"layers\.\d+\.\S+ was replaced after patch\(\).*while an optimizer drives"
+                                         r".*bread_kernels\.merge_and_unload\(model\)"):
+        models.loss_of(merged, ids[1])
+    opt.close()
+    models.loss_of(merged, ids[1]).backward()
+    with pytest.raises(ValueError, match=r"was replaced after patch\(\).*so the optimizer's plans cannot reach"):
+        _optimizer(model, sgd_mode="all")
+    bread_kernels.unpatch(model)
+    _optimizer(bread_kernels.patch(merged), sgd_mode="all").close()
+
+
+def test_an_adapter_added_around_a_fused_layer_keeps_it_and_trains():
+    """add_adapter on layers patch fused (no adapter there yet) wraps each in a LoRA layer: the fused layer stays
+    in the model, inside its wrapper, so nothing is refused."""
+    model = bread_kernels.patch(peft.get_peft_model(models.llama(), peft.LoraConfig(r=4, target_modules=["v_proj"])))
+    opt = _optimizer(model, sgd_mode="all")
+    model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert patched_state(model).lost is None
+    models.loss_of(model, models.batches(1)[0]).backward()
+    opt.step()
+
+
 def test_bread_initialisation():
     model = models.with_lora(models.llama())
     bread_kernels.init_bread_lora_(model)
