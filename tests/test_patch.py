@@ -137,6 +137,24 @@ def test_plans_for_a_model_changed_after_patch_are_refused_until_it_is_patched_a
     optimizer.close()
 
 
+def test_a_block_swapped_while_an_optimizer_drives_refuses_training_until_it_lets_go():
+    """A block assigned in place of a streamed one runs without the stream, its linears without plans: their
+    on-the-fly updates would stop silently.  Inference runs; a forward with grad is refused while the optimizer
+    drives, and after it is closed the model trains with plain autograd, a new optimizer's plans refused."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    optimizer = _block_optimizer(model, sgd_mode="all")
+    model.model.layers[1] = copy.deepcopy(model.model.layers[1])
+    assert patched_state(model).lost == "model.layers.1"
+    with torch.no_grad():
+        model(input_ids=batch(0))
+    with pytest.raises(ValueError, match=r"model\.layers\.1 was replaced after patch\(\).*while an optimizer drives"):
+        loss_of(model, batch(0))
+    optimizer.close()
+    loss_of(model, batch(0)).backward()
+    with pytest.raises(ValueError, match=r"model\.layers\.1 was replaced after patch\(\)"):
+        _block_optimizer(model, sgd_mode="all")
+
+
 def test_apply_plans_refuses_unknown_modules_and_non_plans():
     model = bread_kernels.patch(BUILDERS["llama"]())
     state = patched_state(model)

@@ -4,8 +4,11 @@ and obeys the base weight's :class:`~bread_kernels.plan.Role`.
 Shapes: ``x`` [..., K] (flattened to M tokens), base ``W`` [N, K] (GPT-2's ``Conv1D`` passes its [K, N] weight
 transposed), ``b`` [N] or None, ``A`` [r, K], ``B`` [N, r], ``s`` the adapter's scaling (``lora_alpha / r``, or
 ``/ √r`` with rsLoRA).  ``x̃`` is the adapter's input: ``dropout(x)`` cast to the adapters' dtype, or ``x`` itself
-when the adapter has no dropout.  The forward computes exactly what peft's ``lora.Linear.forward`` does, in its
-order, and saves ``u = x̃ Aᵀ`` [M, r].  With ``g = ∂L/∂y`` [M, N] (cast to the adapters' dtype for their
+when the adapter has no dropout.  The forward computes what peft's ``lora.Linear.forward`` does, in its order,
+except that where the adapters share the layer's dtype ``s·u Bᵀ`` is added in the GEMM's epilogue
+(:func:`lora_output`): one rounding where peft rounds the product, its scaling and the sum, so an element may differ
+from peft's by an ulp of that dtype (a bf16 layer: about a quarter of them), and lies closer to the float64 value.
+It saves ``u = x̃ Aᵀ`` [M, r].  With ``g = ∂L/∂y`` [M, N] (cast to the adapters' dtype for their
 gradients, as peft's graph does):
 
     v  = g B                          [M, r]   the shared intermediate
@@ -164,7 +167,8 @@ def _lora_backward(ctx, grad_output):
 
 
 def lora_output(x, weight, bias, u, lora_b, scaling: float) -> torch.Tensor:
-    """``x Wᵀ + b + s·u Bᵀ`` exactly as peft computes it (the operands already in their compute dtypes)."""
+    """``x Wᵀ + b + s·u Bᵀ`` as peft computes it (the operands already in their compute dtypes), the adapter term
+    rounded once where it shares the layer's dtype (see the module docstring)."""
     result = F.linear(x, weight, bias)
     if u.dtype == result.dtype:  # result += s·u Bᵀ in the GEMM's epilogue: no [M, N] temporaries
         result.view(-1, weight.shape[0]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)

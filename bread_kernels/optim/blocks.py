@@ -5,8 +5,8 @@ layer, the embedding first if ``include_embedding``, everything else last if ``i
 when it has no block of its own, as in the reference).  The layers are the reference's name patterns' wherever
 they find the patched stack's layers (and every stack they match: an encoder-decoder's two), and the stacks
 :func:`bread_kernels.patch.block_stacks` finds structurally where the patterns miss them (BERT, T5); the embedding
-is the patched model's input embedding, or the reference's pattern's.  :class:`BlockOrder` is the switching order (``descending``, ``ascending``,
-``random``, ``fixed``) with a state that ``state_dict`` can save and restore.
+is the patched model's input embedding, or the reference's pattern's.  :class:`BlockOrder` is the switching order
+(``descending``, ``ascending``, ``random``, ``fixed``) with a state that ``state_dict`` can save and restore.
 """
 
 from __future__ import annotations

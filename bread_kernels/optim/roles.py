@@ -48,6 +48,11 @@ def roles_for_block(names: list[str], prefixes: list[str], *, sgd_mode: str = "d
             active |= {n for n in names[first:] if n in adapters}
         else:  # adapter_only
             active &= adapters
+    if not active and adapters and lora_mode == "adapter_only":
+        raise ValueError(f"the block {prefixes} holds no LoRA adapter, and lora_mode='adapter_only' trains only the "
+                         "active block's adapters; put adapters in every block (peft's target_modules and "
+                         "layers_to_transform), leave this block out of block_prefix_list, or use lora_mode='all' or "
+                         "'partial'")
     if not active:
         raise ValueError(f"the block {prefixes} has no trainable parameter")
     if sgd_mode == "all":

@@ -753,10 +753,15 @@ def test_every_block_stack_of_an_encoder_decoder_is_a_block_and_trains_as_unpatc
         model = copy.deepcopy(initial)
         if patched:
             bread_kernels.patch(model)
-        opt = bread_kernels.BlockOptimizer(
-            torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), list(model.named_parameters()),
-            block_prefix_list=blocks[0] if blocks else None, switch_block_every=1, switch_mode="ascending",
-            sgd_mode=sgd_mode, verbose=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = bread_kernels.BlockOptimizer(
+                torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), list(model.named_parameters()),
+                block_prefix_list=blocks[0] if blocks else None, switch_block_every=1, switch_mode="ascending",
+                sgd_mode=sgd_mode, verbose=0)
+        if patched:  # the encoder's blocks train through plain autograd and hooks, and the user is told
+            assert any("2 of the" in str(w.message) and "lie outside the block stack patch streams" in str(w.message)
+                       for w in caught)
         blocks.append(opt.block_prefix_list)
         for _ in range(len(opt.block_prefix_list) + 1):
             model(input_ids=ids, labels=ids).loss.backward()

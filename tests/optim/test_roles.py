@@ -55,8 +55,10 @@ def test_lora_modes_and_adapters_never_take_the_on_the_fly_update():
 
 
 def test_a_block_without_trainable_parameters_and_unknown_modes_are_refused():
-    with pytest.raises(ValueError, match="no trainable parameter"):
+    with pytest.raises(ValueError, match="holds no LoRA adapter, and lora_mode='adapter_only'.*lora_mode='all'"):
         roles_for_block(LORA, ["head."], lora_mode="adapter_only")
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        roles_for_block(NAMES, ["nowhere."])
     with pytest.raises(ValueError, match="unknown sgd_mode 'most'"):
         roles_for_block(NAMES, ["layers.1."], sgd_mode="most")
     with pytest.raises(ValueError, match="unknown lora_mode 'some'"):
