@@ -21,7 +21,8 @@ gradients, as peft's graph does):
 ``v``, ``dA`` and ``dB`` come from the backend's ``lora_grads`` (on a GPU three cuBLAS GEMMs, or with
 ``BREAD_LORA_KERNEL=triton`` one Triton kernel that reads ``g`` and ``x̃`` once; on a CPU three GEMMs, or, for
 peft's fp32 adapters on a bf16/fp16 layer, the native backend's rank-r products that read the bf16 ``g`` and ``x̃``
-as they are, without their fp32 copies), so no N×K tensor exists for a frozen base weight.  Dropout is exact: the mask belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
+as they are, without their fp32 copies), so no N×K tensor exists for a frozen base weight.  Dropout is exact: the
+mask belongs to the dropout op's own autograd node, which recompute (``bread_kernels.stream``) replays with the
 forward's RNG state.
 
 Under ``torch.autocast`` with dtype ``d`` (see :mod:`.autocast`) peft's forward runs its base layer and both
