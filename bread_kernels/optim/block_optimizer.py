@@ -67,7 +67,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             used for the active block's groups.
         named_parameters_list: ``list(model.named_parameters())``.
         block_prefix_list: the blocks, each a list of name prefixes (substrings); None infers one block per
-            layer (structurally on a patched model, by the reference's name patterns otherwise).
+            layer of every block stack: the reference's name patterns' (an encoder's and a decoder's layers,
+            a vision tower's and a language model's), or on a patched model whose stack they miss (BERT, T5) every
+            stack found structurally.  Blocks outside the stack ``patch`` streams train exactly, through plain
+            autograd and hooks (a warning says so).
         switch_block_every: optimizer steps per block.
         start_block: index of the first block; required by ``switch_mode="fixed"``.
         switch_mode: ``"descending"``, ``"ascending"``, ``"random"`` or ``"fixed"``.
