@@ -200,14 +200,14 @@ class PatchedModel:
             if plan is not None and not isinstance(plan, WeightPlan):
                 raise TypeError(f"apply_plans: the plan of {name} is a {type(plan).__name__}, not a WeightPlan")
         if any(plan is not None for plan in plans.values()):
-            self._check_unchanged_since_patch()
+            self.check_unchanged_since_patch()
         for name, module in self.fused_modules:
             setattr(module, PLAN_ATTR, plans.get(name))
         for name, module in self.fused_experts:
             setattr(module, EXPERT_PLANS_ATTR, {attr: plans.get(f"{name}.{attr}") for attr in EXPERT_WEIGHTS})
         self.stream.plans_changed()  # a block's roles decide what it saves: "auto" measures the kept blocks again
 
-    def _check_unchanged_since_patch(self) -> None:
+    def check_unchanged_since_patch(self) -> None:
         """Refuse plans for a model whose head or input embedding was replaced, or whose weights were tied or
         untied, after :func:`patch` (``resize_token_embeddings``, ``set_output_embeddings``, ``tie_weights``): what
         patch found then — which modules it fused, which weight takes the hook path because two modules share it —
@@ -231,12 +231,14 @@ class PatchedModel:
                              "tie_word_embeddings); call bread_kernels.unpatch(model) and patch(model) again before "
                              "building the optimizer")
         if self.lost is not None:
-            raise ValueError(replaced_module_refusal(self.lost))
+            raise ValueError(replaced_module_refusal(self.lost, type(model).__name__))
 
     def clear_plans(self) -> None:
-        """Every fused module back to plain autograd, and the backward reaching every block."""
+        """Every fused module back to plain autograd, and the backward reaching every block (a forward no longer
+        trains through the plan of a module that left the model: :meth:`note_lost`)."""
         self.apply_plans({})
         self.set_cut(0)
+        self.stream.lost_while_driven = None
 
     def set_cut(self, cut: int) -> None:
         """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``."""
@@ -252,16 +254,15 @@ class PatchedModel:
     def drive(self, driver) -> None:
         """Record the optimizer that writes this model's plans (held weakly; :func:`unpatch` closes it)."""
         self._driver = weakref.ref(driver) if driver is not None else None
-        if driver is None:  # its release clears the plans: a forward no longer trains through a lost module's plan
-            self.stream.lost_while_driven = None
 
     def note_lost(self, name: str) -> None:
         """Module ``name``, given a forward by patch, left the model: no plan reaches what is in its place (peft's
         ``merge_and_unload`` put the base layer there; ``resize_token_embeddings`` a new embedding).  Plans are
         refused from now on, and while an optimizer drives the model, its forwards with grad too."""
         self.lost = self.lost or name
-        if self.driver is not None:
-            self.stream.lost_while_driven = self.stream.lost_while_driven or name
+        model = self.model_ref()
+        if self.driver is not None and self.stream.lost_while_driven is None and model is not None:
+            self.stream.lost_while_driven = (name, type(model).__name__)
 
     @property
     def driver(self):
@@ -361,7 +362,7 @@ def _register_installed(state: PatchedModel) -> None:
         _INSTALLED[block] = (ref, prefix[:-1])
 
 
-def _note_replaced_modules(parent: nn.Module, name: str, value: nn.Module) -> None:
+def _note_replaced_modules(parent: nn.Module, name: str, value: nn.Module | None) -> None:
     """torch's global module-registration hook (``setattr`` of a module, ``add_module``, a ``ModuleList`` item), run
     before ``value`` takes the place of ``parent.<name>``: a module in :data:`_INSTALLED` that the module it replaces
     holds and ``value`` does not (peft's ``merge_and_unload`` puts each LoRA layer's base layer in its place;
@@ -375,8 +376,8 @@ def _note_replaced_modules(parent: nn.Module, name: str, value: nn.Module) -> No
         entry = _INSTALLED.get(module)
         if entry is None:
             continue
-        if kept is None:
-            kept = {id(m) for m in value.modules()}
+        if kept is None:  # None: the module is removed (torch calls the hook for that too)
+            kept = {id(m) for m in value.modules()} if value is not None else set()
         state = entry[0]()
         if id(module) not in kept and state is not None:
             state.note_lost(entry[1])

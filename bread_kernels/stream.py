@@ -99,9 +99,9 @@ class StreamConfig:
     #: in the forward that runs now: the ids of the hidden states' nodes below the cut found to lead to a parameter
     #: (their blocks run under autograd), where the next block's walk stops
     followed_below_cut: set = field(default_factory=set, repr=False)
-    #: a module with a plan that left the model while an optimizer drove it (``PatchedModel.note_lost``): every
-    #: forward with grad is refused until the optimizer lets go of the model
-    lost_while_driven: str | None = None
+    #: (qualified name, the patched model's class) of a module with a plan that left the model while an optimizer
+    #: drove it (``PatchedModel.note_lost``): every forward with grad is refused until the plans are cleared
+    lost_while_driven: tuple[str, str] | None = None
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
@@ -185,15 +185,17 @@ class StreamConfig:
             self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes, self._auto_count = outer
 
 
-def replaced_module_refusal(name: str, driven: bool = False) -> str:
-    """The error for a patched model whose module ``name`` (a fused layer, an experts module, a block) was replaced
-    after patch: no plan reaches the module in its place."""
+def replaced_module_refusal(name: str, patched: str, driven: bool = False) -> str:
+    """The error for a patched model (of class ``patched``) whose module ``name`` (a fused layer, an experts module,
+    a block) was replaced or removed after patch: no plan reaches the module in its place."""
     return (f"bread_kernels: {name} was replaced after patch() (peft's merge_and_unload() or unload(), "
-            "resize_token_embeddings, a module assigned in its place)" +
-            (" while an optimizer drives the model: the weights in its place would silently stop training. "
+            "resize_token_embeddings, a module assigned in its place or removed)" +
+            (" while an optimizer drives the model: the weights in its place would silently stop training "
+             "(close the optimizer to train on with plain autograd). "
              if driven else ", so the optimizer's plans cannot reach the module in its place. ") +
             "Merge a trained peft model with bread_kernels.merge_and_unload(model); otherwise unpatch the model "
-            "(bread_kernels.unpatch) before changing it, then patch it and build the optimizer again")
+            f"given to patch() (the {patched}: bread_kernels.unpatch) before changing it, then patch it and build "
+            "the optimizer again")
 
 
 def block_has_work(block: nn.Module) -> bool:
@@ -222,7 +224,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
     if config.lost_while_driven is not None:
-        raise ValueError(replaced_module_refusal(config.lost_while_driven, driven=True))
+        raise ValueError(replaced_module_refusal(*config.lost_while_driven, driven=True))
     if turn_off_hf_checkpointing(block):  # enabled after patch(): ours replaces it
         warnings.warn("bread_kernels: the model's gradient checkpointing is replaced by the streaming backward's own "
                       "recompute; turned the layers' gradient_checkpointing flag off", RuntimeWarning, stacklevel=2)

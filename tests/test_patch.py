@@ -155,6 +155,26 @@ def test_a_block_swapped_while_an_optimizer_drives_refuses_training_until_it_let
         _block_optimizer(model, sgd_mode="all")
 
 
+def test_a_fused_module_removed_or_replaced_then_its_optimizer_dropped_trains_on_with_plain_autograd():
+    """Setting a fused module to None (torch calls the registration hook with None) is noted, not a crash; an
+    optimizer dropped without close() lets go of the model as close() does, so the refusal ends with it; a new
+    optimizer is refused before it infers blocks from what patch found (a stack sliced after patch)."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    optimizer = _block_optimizer(model, sgd_mode="all")
+    model.model.layers[0].mlp.add_module("down_proj", None)
+    model.model.layers[0].mlp.down_proj = torch.nn.Linear(model.config.intermediate_size, model.config.hidden_size,
+                                                          bias=False)
+    assert patched_state(model).lost == "model.layers.0.mlp.down_proj"
+    with pytest.raises(ValueError, match="while an optimizer drives.*the LlamaForCausalLM: bread_kernels.unpatch"):
+        loss_of(model, batch(0))
+    del optimizer
+    gc.collect()
+    loss_of(model, batch(0)).backward()
+    model.model.layers = model.model.layers[:3]
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj was replaced after patch\(\)"):
+        _block_optimizer(model, sgd_mode="all")
+
+
 def test_apply_plans_refuses_unknown_modules_and_non_plans():
     model = bread_kernels.patch(BUILDERS["llama"]())
     state = patched_state(model)

@@ -147,6 +147,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         take_over_parameters(self.named_parameters_list, "BlockOptimizer")
         self.model = owning_patched_model(self.named_parameters_list, "BlockOptimizer")
         self.engine = patched_state(self.model) if self.model is not None else None
+        if self.engine is not None:  # before the blocks are inferred from what patch found
+            self.engine.check_unchanged_since_patch()
 
         if block_prefix_list is None:
             layers, embedding_prefix = layer_prefixes(self.names), None
@@ -157,6 +159,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 _warn_unstreamed_layers(layers, self.engine.block_prefixes())
             block_prefix_list = infer_blocks(self.names, layers, embedding_prefix, include_embedding,
                                              include_lm_head, n_layer_per_block)
+            if lora_mode == "adapter_only":
+                block_prefix_list = _blocks_holding_adapters(block_prefix_list, self.names)
         if not isinstance(block_prefix_list, list) or not block_prefix_list or \
                 not all(isinstance(b, list) and all(isinstance(p, str) for p in b) for b in block_prefix_list):
             raise ValueError("BlockOptimizer: block_prefix_list must be a non-empty list of lists of name prefixes")
@@ -514,6 +518,21 @@ def _warn_slow_path() -> None:
                 if torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1 else ""), UserWarning, stacklevel=3,
         )
+
+
+def _blocks_holding_adapters(blocks: list[list[str]], names: list[str]) -> list[list[str]]:
+    """``lora_mode="adapter_only"`` trains only the active block's adapters: the inferred blocks that hold none
+    (an encoder's beside a decoder given LoRA, layers peft's ``layers_to_transform`` left out, the embedding) would
+    train nothing, so they are left out, and a warning says which.  All of them where no block holds one (the
+    roles then refuse the first, naming the mode)."""
+    adapters = [n for n in names if is_adapter_name(n)]
+    holding = [block for block in blocks if any(p in n for p in block for n in adapters)]
+    if not holding or len(holding) == len(blocks):
+        return blocks
+    left_out = [block for block in blocks if block not in holding]
+    warnings.warn(f"BlockOptimizer: lora_mode='adapter_only' leaves out the {len(left_out)} blocks that hold no LoRA "
+                  f"adapter ({left_out[0]}...): they would train nothing", UserWarning, stacklevel=3)
+    return holding
 
 
 def _warn_unstreamed_layers(layers: list[str], streamed: list[str]) -> None:

@@ -809,3 +809,20 @@ def test_a_patched_wrapper_without_get_input_embeddings_finds_the_embedding_bloc
         opt.close()
     assert blocks[0] == blocks[1]
     assert blocks[0][0] == ["backbone.embed_tokens."]
+
+
+def test_adapter_only_leaves_out_the_inferred_blocks_without_adapters():
+    """LoRA on the decoder alone: the default blocks are every stack's layers, and adapter_only would train nothing
+    in the encoder's, so those are left out (a warning says so) and the decoder's adapters train."""
+    import peft
+
+    model = bread_kernels.patch(peft.get_peft_model(
+        _encoder_decoder("bart"), peft.LoraConfig(r=4, target_modules=r".*decoder.*\.(q_proj|v_proj)")))
+    with pytest.warns(UserWarning, match="adapter_only' leaves out the 2 blocks that hold no LoRA adapter"):
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                                           list(model.named_parameters()), lora_mode="adapter_only", verbose=0)
+    assert opt.block_prefix_list == [[f"base_model.model.model.decoder.layers.{i}."] for i in range(2)]
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.close()
