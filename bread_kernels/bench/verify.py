@@ -32,6 +32,11 @@ parameters.  Tolerances, per element, with ``before`` and ``after`` the paramete
 
 Each fraction allows at least one element (a norm weight of 512 elements can turn one sign).  A failure raises
 :class:`VerificationError` naming the worst tensor.
+
+A value that is not finite never lies within a tolerance: an engine's NaN or inf where the reference's step is finite
+fails (``diff > bound`` is False for a NaN, so each comparison is written as ``not diff <= bound``).  A reference
+step that is not finite itself (a NaN or inf parameter or gradient after it) is refused: there is nothing to verify
+against, and an inf on both sides would otherwise give a NaN difference.
 """
 
 from __future__ import annotations
@@ -56,10 +61,12 @@ class VerificationError(RuntimeError):
 def _bound(ref: torch.Tensor, before: torch.Tensor, eng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return 1e-6 + 1e-5 * ref.abs()
-    # |eng| too: a result one ulp away across a power of two has the ulp of the larger binade; and 2⁻⁵ of the
-    # update itself: the fused head+loss rounds the logits' gradient to bf16 from another fp32 summation, so each
-    # gradient below it (and each update) differs by a few bf16 roundings
-    return (1e-6 + 2.0 ** -7 * torch.maximum(torch.maximum(before.abs(), ref.abs()), eng.abs())
+    # |eng| too: a result one ulp away across a power of two has the ulp of the larger binade (a finite one: an inf
+    # would widen its own bound to inf); and 2⁻⁵ of the update itself: the fused head+loss rounds the logits'
+    # gradient to bf16 from another fp32 summation, so each gradient below it (and each update) differs by a few
+    # bf16 roundings
+    eng = torch.where(eng.isfinite(), eng.abs(), 0.0)
+    return (1e-6 + 2.0 ** -7 * torch.maximum(torch.maximum(before.abs(), ref.abs()), eng)
             + 2.0 ** -5 * (ref - before).abs())
 
 
@@ -73,7 +80,7 @@ def _adam_first_step_spread(grad_engine: torch.Tensor, grad_reference: torch.Ten
     (bias-corrected: ``m̂ = g``, ``v̂ = g²``); None if the two gradients differ by more than ``tolerance`` of the
     reference's norm."""
     g_eng, g_ref = grad_engine.detach().double(), grad_reference.detach().double()
-    if float((g_eng - g_ref).norm()) > tolerance * float(g_ref.norm()):
+    if not float((g_eng - g_ref).norm()) <= tolerance * float(g_ref.norm()):  # a NaN norm differs too
         return None
 
     def first_step(g):
@@ -92,6 +99,7 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
     taken before its step (used in low precision); ``low_precision``: whether the step computed in bf16/fp16 (None:
     each parameter's own dtype says; peft keeps LoRA adapters in fp32 under a bf16 model); ``adam_eps``: the base
     optimizer's ``eps`` (the step compared is Adam's first from a fresh state)."""
+    _refuse_a_non_finite_reference(reference, gradients, what)
     worst = None
     for name, ref in reference.items():
         eng = engine[name].detach().double()
@@ -100,7 +108,7 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
         diff = (eng - ref).abs()
         low = engine[name].dtype != torch.float32 if low_precision is None else low_precision
         bound = _bound(ref, start, eng, engine[name].dtype)
-        bad = diff > bound
+        bad = ~(diff <= bound)  # a NaN is outside every bound
         if (gradients is not None and roles.get(name) is Role.ACTIVE and name in gradients[1]
                 and gradients[1][name] is not None):
             tolerance = GRADIENT_NORM_TOLERANCE if low else FP32_GRADIENT_NORM_TOLERANCE
@@ -109,7 +117,7 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
             if spread is None:  # the gradients themselves differ: report the whole tensor
                 bad = torch.ones_like(bad)
             else:
-                bad = diff > bound + spread
+                bad = ~(diff <= bound + spread)
             fraction = None
         else:
             fraction = {Role.ACTIVE: ADAM_OUTLIER_FRACTION * (2 if low else 1),
@@ -121,11 +129,27 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
             if int(outliers.sum()) <= max(1, math.floor(fraction * bad.numel())):  # a small tensor may have one
                 bad = bad & ~outliers
         if bad.any():
-            excess = float(diff.max())
+            excess = float(torch.nan_to_num(diff, nan=math.inf).max())
             if worst is None or excess > worst[1]:
-                worst = (name, excess, int(bad.sum()), bad.numel(), roles.get(name))
+                worst = (name, excess, int(bad.sum()), bad.numel(), roles.get(name), int((~eng.isfinite()).sum()))
     if worst is not None:
-        name, excess, count, total, role = worst
+        name, excess, count, total, role, non_finite = worst
         raise VerificationError(
             f"{what}: the engine's step differs from the reference's; worst tensor {name} (role "
-            f"{role.name if role else '?'}): max |diff| {excess:.3g}, {count}/{total} elements outside the tolerance")
+            f"{role.name if role else '?'}): max |diff| {excess:.3g}, {count}/{total} elements outside the tolerance"
+            + (f", {non_finite} of them not finite on the engine's side" if non_finite else ""))
+
+
+def _refuse_a_non_finite_reference(reference: dict[str, torch.Tensor], gradients: tuple[dict, dict] | None,
+                                   what: str) -> None:
+    """A reference step that left a parameter or a gradient not finite is nothing to verify against: refused,
+    naming the first such tensor (the engine's agreeing with it would say nothing, and inf against inf is NaN)."""
+    tensors = [(f"parameter {name}", t) for name, t in reference.items()]
+    if gradients is not None:
+        tensors += [(f"gradient of {name}", t) for name, t in gradients[1].items() if t is not None]
+    for label, tensor in tensors:
+        if not bool(tensor.detach().isfinite().all()):
+            raise VerificationError(
+                f"{what}: the reference's step is not finite (its {label} has NaN or inf values), so there is nothing "
+                "to verify the engine's against; check the model's weights and the batch (a loss over no token is "
+                "NaN)")

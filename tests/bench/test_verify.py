@@ -98,3 +98,59 @@ def test_the_bench_verifies_a_model_with_dropout():
     import copy
 
     verify_step(patch(copy.deepcopy(base)).train(), copy.deepcopy(base).train(), "BAdam", 0, ids, lr=1e-3)
+
+
+def _finite_case(role: Role, low: bool):
+    """A step the engine computed exactly as the reference (so it passes), for a role and a precision."""
+    gen = torch.Generator().manual_seed(3)
+    before = torch.randn(40, 30, generator=gen)
+    grad = torch.randn(40, 30, generator=gen)
+    ref = before - LR * torch.sign(grad)
+    if low:
+        before, ref = before.bfloat16(), ref.bfloat16()
+    return {"w": ref.clone()}, {"w": ref}, {"w": before}, {"w": role}, ({"w": grad.clone()}, {"w": grad})
+
+
+@pytest.mark.parametrize("low", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("role, with_gradients", [(Role.ACTIVE, True), (Role.ACTIVE, False), (Role.SIGN, False),
+                                                  (Role.SGD, False), (Role.FROZEN, False)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_engine_value_fails_whatever_the_role(role, with_gradients, low, value):
+    """``diff > bound`` is False for a NaN: one NaN element (which every fraction rule would allow as an outlier) in
+    a step the reference took finite passed, and an inf on the engine's side passed wherever its rule counted it
+    among the outliers."""
+    engine, reference, before, roles, gradients = _finite_case(role, low)
+    compare_parameters(engine, reference, before, roles, lr=LR, what="case",
+                       gradients=gradients if with_gradients else None)  # the case itself passes
+    engine["w"].view(-1)[7] = value
+    with pytest.raises(VerificationError, match=r"worst tensor w .*1/1200 elements outside the tolerance, 1 of them "
+                                                r"not finite on the engine's side"):
+        compare_parameters(engine, reference, before, roles, lr=LR, what="case",
+                           gradients=gradients if with_gradients else None)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_engine_gradient_fails(value):
+    """The gradients' norms were compared with ``>``: a NaN norm passed, and the step check then had a NaN
+    allowance."""
+    engine, reference, before, roles, (g_eng, g_ref) = _finite_case(Role.ACTIVE, low=True)
+    g_eng["w"].view(-1)[3] = value
+    with pytest.raises(VerificationError, match="worst tensor w"):
+        compare_parameters(engine, reference, before, roles, lr=LR, what="case", gradients=(g_eng, g_ref))
+
+
+@pytest.mark.parametrize("where", ["parameter", "gradient", "both sides inf"])
+def test_a_reference_step_that_is_not_finite_is_refused(where):
+    """Nothing to verify against: an inf on both sides gave a NaN difference, which passed."""
+    engine, reference, before, roles, (g_eng, g_ref) = _finite_case(Role.ACTIVE, low=False)
+    if where == "gradient":
+        g_ref["w"].view(-1)[0] = float("nan")
+        g_eng["w"].view(-1)[0] = float("nan")
+    else:
+        reference["w"].view(-1)[0] = float("inf")
+        if where == "both sides inf":
+            engine["w"].view(-1)[0] = float("inf")
+    label = "gradient of w" if where == "gradient" else "parameter w"
+    with pytest.raises(VerificationError, match=f"the reference's step is not finite \\(its {label} has NaN or inf "
+                                                "values\\), so there is nothing to verify the engine's against"):
+        compare_parameters(engine, reference, before, roles, lr=LR, what="case", gradients=(g_eng, g_ref))
