@@ -134,6 +134,9 @@ def _check_sizes(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.seq is not None and args.seq < 2:
+        _fail(f"--seq must be at least 2, got {args.seq}: a causal LM's loss scores each token by the ones before "
+              "it, so a sequence of one token scores none (a NaN loss, no gradient, nothing to verify or time)")
     if args.layers is not None and args.layers < 2:
         _fail(f"--layers must be at least 2 (the engine streams a stack of blocks), got {args.layers}")
     heads = args.heads

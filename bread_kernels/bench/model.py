@@ -327,7 +327,13 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
         with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
             torch.manual_seed(0)  # the same dropout masks on both sides (GPT-2's config has dropout 0.1)
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss = model(input_ids=ids, labels=ids).loss
+            if name == "reference" and not bool(loss.isfinite()):
+                opt.close()
+                raise VerificationError(f"{variant} at block {active} vs the reference: the reference's loss is "
+                                        f"{float(loss)} (a batch with no token to score, or weights that are not "
+                                        "finite), so there is nothing to verify the engine's step against")
+            loss.backward()
         roles = roles or dict(opt.roles)
         grads[name] = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
                        if roles.get(n) is Role.ACTIVE}

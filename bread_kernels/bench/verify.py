@@ -36,7 +36,10 @@ Each fraction allows at least one element (a norm weight of 512 elements can tur
 A value that is not finite never lies within a tolerance: an engine's NaN or inf where the reference's step is finite
 fails (``diff > bound`` is False for a NaN, so each comparison is written as ``not diff <= bound``).  A reference
 step that is not finite itself (a NaN or inf parameter or gradient after it) is refused: there is nothing to verify
-against, and an inf on both sides would otherwise give a NaN difference.
+against, and an inf on both sides would otherwise give a NaN difference.  So is a reference step without a
+gradient: every gradient given zero, or (without gradients) no parameter moved.  A loss over no token has all-zero
+gradients (then AdamW's weight decay alone moves the parameters), and an engine that computed no gradient either
+would pass.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
     each parameter's own dtype says; peft keeps LoRA adapters in fp32 under a bf16 model); ``adam_eps``: the base
     optimizer's ``eps`` (the step compared is Adam's first from a fresh state)."""
     _refuse_a_non_finite_reference(reference, gradients, what)
+    _refuse_a_reference_without_gradient(reference, before, gradients, what)
     worst = None
     for name, ref in reference.items():
         eng = engine[name].detach().double()
@@ -153,3 +157,20 @@ def _refuse_a_non_finite_reference(reference: dict[str, torch.Tensor], gradients
                 f"{what}: the reference's step is not finite (its {label} has NaN or inf values), so there is nothing "
                 "to verify the engine's against; check the model's weights and the batch (a loss over no token is "
                 "NaN)")
+
+
+def _refuse_a_reference_without_gradient(reference: dict[str, torch.Tensor], before: dict[str, torch.Tensor],
+                                         gradients: tuple[dict, dict] | None, what: str) -> None:
+    """A reference step whose gradients are all zero (given) or that moved no parameter (without gradients) is
+    nothing to verify against: an engine that computes no gradient would agree with it."""
+    if gradients is not None:
+        given = [g for g in gradients[1].values() if g is not None]
+        if given and any(bool(g.detach().any()) for g in given):
+            return
+        found = "every gradient of the trained parameters is zero" if given else "no trained parameter has a gradient"
+    elif any(not torch.equal(ref, before[name]) for name, ref in reference.items()):
+        return
+    else:
+        found = "it moved no parameter"
+    raise VerificationError(f"{what}: the reference's step has no gradient ({found}; a loss with no token to score "
+                            "has none), so there is nothing to verify the engine's against")

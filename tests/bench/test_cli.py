@@ -51,6 +51,7 @@ def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
     (["--keep-top", "4"], "keep_top must be 'auto' or an int in [0, 3] (the number of top blocks that keep"),
     (["--batch", "0"], "--batch must be at least 1, got 0"),  # was read as "the default"
     (["--seq", "-4"], "--seq must be at least 1, got -4"),
+    (["--seq", "1"], "--seq must be at least 2, got 1: a causal LM's loss scores each token by the ones before it"),
     (["--layers", "1"], "--layers must be at least 2"),
     (["--hidden", "33"], "--hidden 33 is not a multiple of --heads 2"),
     (["--kv-heads", "3", "--heads", "4", "--hidden", "32"], "--heads 4 is not a multiple of --kv-heads 3"),
@@ -127,6 +128,16 @@ def test_a_failed_case_is_not_timed_and_the_others_still_are(doubled_fused_step,
     report.print_table(written, lines.append)
     assert any(line.startswith("FAILED verification, not timed: BREAD-SGD at block 1") for line in lines)
     assert "FAILED verification, not timed: BREAD-SGD at block 1" in report.markdown_table(written)
+
+
+def test_a_step_that_scores_no_token_is_not_verified(tmp_path):
+    """A sequence of one token: the shifted labels score none, the loss is NaN on both sides and every gradient 0,
+    and every case was "verified" (nothing moved on either side) and timed."""
+    with pytest.raises(model_bench.VerificationError, match="the reference's loss is nan .*nothing to verify"):
+        model_bench.run(variants=("BAdam",), positions=(1,), batch=1, seq=1, repeats=1, device="cpu",
+                        out_dir=tmp_path, progress=False, print_fn=lambda line: None, layers=3, hidden=32,
+                        intermediate=40, heads=2, vocab=61)
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_out_that_cannot_take_the_results_is_refused_before_anything_runs(capsys, tmp_path):

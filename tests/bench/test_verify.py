@@ -154,3 +154,15 @@ def test_a_reference_step_that_is_not_finite_is_refused(where):
     with pytest.raises(VerificationError, match=f"the reference's step is not finite \\(its {label} has NaN or inf "
                                                 "values\\), so there is nothing to verify the engine's against"):
         compare_parameters(engine, reference, before, roles, lr=LR, what="case", gradients=(g_eng, g_ref))
+
+
+def test_a_reference_step_without_a_gradient_is_refused():
+    """A loss over no token (``--seq 1``): zero gradients (AdamW's weight decay alone moved the parameters), and an
+    engine that computed no gradient either "agreed"."""
+    engine, reference, before, roles, (g_eng, g_ref) = _finite_case(Role.ACTIVE, low=False)
+    zero = ({"w": torch.zeros_like(g_eng["w"])}, {"w": torch.zeros_like(g_ref["w"])})
+    with pytest.raises(VerificationError, match="the reference's step has no gradient \\(every gradient of the "
+                                                "trained parameters is zero"):
+        compare_parameters(engine, reference, before, roles, lr=LR, what="case", gradients=zero)
+    with pytest.raises(VerificationError, match="the reference's step has no gradient \\(it moved no parameter"):
+        compare_parameters({"w": before["w"].clone()}, {"w": before["w"].clone()}, before, roles, lr=LR, what="case")
