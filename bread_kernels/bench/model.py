@@ -325,6 +325,9 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
     results, grads, roles = {}, {}, None
     for name, model in (("engine", engine), ("reference", reference)):
         opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
+        sign_grads = {}  # the reference's gradients of its SIGN-updated parameters, before its hooks consume them
+        handles = [p.register_hook(_keeping(sign_grads, n)) for n, p in model.named_parameters()
+                   if name == "reference" and opt.roles.get(n) is Role.SIGN and p.requires_grad]
         with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
             torch.manual_seed(0)  # the same dropout masks on both sides (GPT-2's config has dropout 0.1)
             loss = model(input_ids=ids, labels=ids).loss
@@ -337,6 +340,9 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
         roles = roles or dict(opt.roles)
         grads[name] = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
                        if roles.get(n) is Role.ACTIVE}
+        grads[name].update(sign_grads)
+        for handle in handles:
+            handle.remove()
         opt.step()
         opt.zero_grad()
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -344,6 +350,15 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
     compare_parameters(results["engine"], results["reference"], before, roles, lr,
                        f"{variant} at block {active} vs the reference", gradients=(grads["engine"], grads["reference"]),
                        low_precision=reference.get_input_embeddings().weight.dtype != torch.float32)
+
+
+def _keeping(store: dict, name: str):
+    """A tensor hook that keeps a copy of the gradient as ``store[name]`` (a leaf's hook sees the whole gradient
+    before it is accumulated, so before the optimizer's post-accumulate-grad hook updates with it and drops it)."""
+    def keep(grad):
+        store[name] = grad.detach().clone()
+
+    return keep
 
 
 def step_flops(model, opt, ids) -> int:

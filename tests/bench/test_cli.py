@@ -219,6 +219,19 @@ def test_the_lora_variants_run_on_a_model_that_is_not_a_llama(tmp_path):
     assert [(r["variant"], r["verified"]) for r in result["rows"]] == [("BREAD-partial", True)]
 
 
+def test_gpt2s_sign_variants_verify(tmp_path):
+    """GPT-2's key bias has a true gradient of 0 (softmax is invariant to it): each side took the sign of its own
+    rounding noise, and BREAD-SGD-sign failed with 21/192 elements of c_attn.bias outside the tolerance."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    path = tmp_path / "gpt2.json"
+    path.write_text(config.to_json_string())
+    result = model_bench.run(str(path), ("BREAD-SGD-sign",), [0, 1], 2, 16, torch.float32, 1, device="cpu",
+                             out_dir=tmp_path, progress=False, print_fn=lambda line: None)
+    assert [(r["position"], r["verified"]) for r in result["rows"]] == [(0, True), (1, True)]
+
+
 def test_the_report_of_a_missing_json_is_a_one_line_error(tmp_path):
     from bread_kernels.bench import report
 
