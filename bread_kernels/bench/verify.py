@@ -113,9 +113,9 @@ def compare_parameters(engine: dict[str, torch.Tensor], reference: dict[str, tor
     ``reference`` (all three dicts by name, the same names); ``roles`` says which the base optimizer trained;
     ``gradients``, ``(engine's, reference's)`` by name, the ``.grad`` of the parameters the base optimizer trained,
     taken before its step, and on the reference's side also those of the SIGN-updated parameters (the gradient
-    their hooks consumed; the engine's fused update has none); ``low_precision``: whether the step computed in bf16/fp16 (None:
-    each parameter's own dtype says; peft keeps LoRA adapters in fp32 under a bf16 model); ``adam_eps``: the base
-    optimizer's ``eps`` (the step compared is Adam's first from a fresh state)."""
+    their hooks consumed; the engine's fused update has none); ``low_precision``: whether the step computed in
+    bf16/fp16 (None: each parameter's own dtype says; peft keeps LoRA adapters in fp32 under a bf16 model);
+    ``adam_eps``: the base optimizer's ``eps`` (the step compared is Adam's first from a fresh state)."""
     _refuse_a_non_finite_reference(reference, gradients, what)
     _refuse_a_reference_without_gradient(reference, before, gradients, what)
     worst = None
