@@ -29,7 +29,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", nargs="?", default="model", help="model (default), linear, lora or host")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (model suite default: fp32 on a CPU, bf16 on a GPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (model: 2 on a CPU, 5 on a GPU; linear/lora: 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats (model: 2 on a CPU, 5 on a GPU; linear/lora: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group = parser.add_argument_group("model suite")
     group.add_argument("--model", help="a local Hugging Face checkpoint directory or config JSON (no downloads); "
@@ -65,13 +66,9 @@ def main(argv=None):
     if args.repeats is not None and args.repeats < 1:
         _fail(f"--repeats must be at least 1, got {args.repeats}")
     dtype = DTYPES[args.dtype] if args.dtype else None
-    _check_sizes(args)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        _fail(f"--device {args.device!r}: {str(exc).splitlines()[0]}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); use --device cpu")
+    device = _check_device(args.device)
+    # the embedded default model's shape: what a size flag not given stands for
+    _check_sizes(args, model.default_setup(device)["shape"] if args.suite == "model" and not args.model else {})
     if args.suite == "model":
         _check_out(args.out)
     else:  # what only the model suite reads: refused, not ignored
@@ -127,8 +124,27 @@ def main(argv=None):
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def _check_sizes(args) -> None:
-    """Sizes a run cannot take, refused before anything is built (0 was read as "the default")."""
+def _check_device(spec: str) -> torch.device:
+    """A CPU, or a CUDA device this machine has: the suites synchronise, name and measure only those (another type
+    gave tracebacks, and the lora suite timings labelled with the CPU's name)."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        _fail(f"--device {spec!r}: {str(exc).splitlines()[0]}")
+    if device.type not in ("cpu", "cuda"):
+        _fail(f"--device {spec}: the bench runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {spec}: this torch has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        _fail(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def _check_sizes(args, defaults: dict) -> None:
+    """Sizes a run cannot take, refused before anything is built (0 was read as "the default").  ``defaults``: the
+    embedded default model's shape for the device (empty where no default model is built), which a size flag not
+    given stands for: ``--heads 3`` alone is checked against the default hidden size."""
     for name in ("batch", "seq", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "lora_rank",
                  "out_features", "in_features", "tokens"):
         value = getattr(args, name)
@@ -139,11 +155,21 @@ def _check_sizes(args) -> None:
               "it, so a sequence of one token scores none (a NaN loss, no gradient, nothing to verify or time)")
     if args.layers is not None and args.layers < 2:
         _fail(f"--layers must be at least 2 (the engine streams a stack of blocks), got {args.layers}")
-    heads = args.heads
-    if heads is not None and args.hidden is not None and args.hidden % heads:
-        _fail(f"--hidden {args.hidden} is not a multiple of --heads {heads}")
-    if args.kv_heads is not None and heads is not None and heads % args.kv_heads:
-        _fail(f"--heads {heads} is not a multiple of --kv-heads {args.kv_heads}")
+    def size(name):  # (value, how it is named in a message)
+        value = getattr(args, name)
+        flag = f"--{name.replace('_', '-')}"
+        if value is not None:
+            return value, f"{flag} {value}"
+        return defaults.get(name), f"{flag} {defaults.get(name)} (the default model's)"
+
+    (hidden, hidden_said), (heads, heads_said) = size("hidden"), size("heads")
+    kv_heads, kv_said = size("kv_heads")
+    if kv_heads is None and heads is not None:  # the default model has as many KV heads as heads unless told
+        kv_heads, kv_said = heads, None
+    if heads is not None and hidden is not None and hidden % heads:
+        _fail(f"{hidden_said} is not a multiple of {heads_said}")
+    if kv_said is not None and heads is not None and heads % kv_heads:
+        _fail(f"{heads_said} is not a multiple of {kv_said}")
 
 
 def _check_out(out: str) -> None:

@@ -87,14 +87,15 @@ def default_setup(device) -> dict:
 
 
 def build_model(layers=8, hidden=512, intermediate=1376, heads=8, kv_heads=None, vocab=4096, dtype=torch.float32,
-                seed=0, device="cpu"):
+                seed=0, device="cpu", positions=4096):
     """A randomly initialised Llama of this size, built on ``device`` (a GPU initialises a billion parameters in
-    seconds where a CPU takes a minute); the same values for a seed on every device only on the CPU."""
+    seconds where a CPU takes a minute); the same values for a seed on every device only on the CPU.  ``positions``:
+    its ``max_position_embeddings`` (the run makes it at least its sequence length)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=positions,
                          tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype)
@@ -452,7 +453,9 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' and peft's deprecation notes are not the benchmark's output
         plain = (load_model(model, dtype) if model is not None else
-                 build_model(**{**setup["shape"], **shape}, dtype=dtype, device=device)).to(device)
+                 build_model(**{**setup["shape"], **shape}, dtype=dtype, device=device,
+                             positions=max(4096, seq))).to(device)
+        _check_positions(plain, seq)
         # refuses a model without a block stack, or a keep_top it cannot take, with the reason, before any timing
         state = patched_state(patch(plain, keep_top=keep_top))
         n_blocks, hook_update_numel = len(state.blocks), state.hook_update_numel  # the latter: BREAD_HOOK_UPDATE_NUMEL
@@ -512,6 +515,15 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             f" ({len(result['rows'])} other cases verified and timed: {result['files']['json']})"
             if result["rows"] else ""))
     return result
+
+
+def _check_positions(model, seq: int) -> None:
+    """A sequence longer than the model's positions (``max_position_embeddings``, GPT-2's ``n_positions``) is
+    refused, naming the limit: a position-embedding table raised a bare IndexError in the first forward."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq > limit:
+        raise ValueError(f"--seq {seq} is longer than the model's {limit} positions (its config's "
+                         f"max_position_embeddings / n_positions); give --seq {limit} or less")
 
 
 def _free_the_last_case(device: torch.device) -> None:

@@ -67,6 +67,42 @@ def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--layers", "2", "--heads", "3"], "--hidden 512 (the default model's) is not a multiple of --heads 3"),
+    (["--hidden", "100"], "--hidden 100 is not a multiple of --heads 8 (the default model's)"),
+    (["--kv-heads", "3"], "--heads 8 (the default model's) is not a multiple of --kv-heads 3"),
+    (["--device", "meta"], "--device meta: the bench runs on cpu or cuda, not meta"),
+    (["lora", "--device", "meta"], "--device meta: the bench runs on cpu or cuda, not meta"),
+    (["linear", "--device", "meta"], "--device meta: the bench runs on cpu or cuda, not meta"),
+])
+def test_sizes_are_checked_against_the_default_model_and_the_device_is_one_the_bench_runs_on(capsys, tmp_path,
+                                                                                              argv, message):
+    """A size flag checked only when its partner was given too: a transformers traceback (or a failure deep in
+    SDPA after building); a meta device gave tracebacks, and the lora suite timings labelled with the CPU's name."""
+    if argv[0] in ("lora", "linear"):
+        argv = [argv[0], "--tokens", "4", "--in-features", "8", "--out-features", "8", *argv[1:]]
+    else:
+        argv = ["--out", str(tmp_path), *RUN, *argv]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused(capsys, tmp_path):
+    """GPT-2's position table raised a bare IndexError in the first forward."""
+    import transformers
+
+    path = tmp_path / "gpt2.json"
+    path.write_text(transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=2, n_positions=16)
+                    .to_json_string())
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--model", str(path), "--out", str(tmp_path), *RUN[:2], "--seq", "17", *RUN[4:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert "--seq 17 is longer than the model's 16 positions" in err[0] and "give --seq 16 or less" in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
     (["linear", "--variants", "BAdam"], "--variants is an option of the model suite; the linear suite prints"),
     (["lora", "--out", "somewhere"], "--out is an option of the model suite; the lora suite prints"),
     (["host", "--repeats", "3"], "the host suite takes no --repeats"),
