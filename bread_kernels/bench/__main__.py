@@ -25,42 +25,48 @@ def _fail(message: str):
 def main(argv=None):
     from . import host, linear, lora, model
 
+    # an option not given is absent from the namespace (argument_default=SUPPRESS), so that a suite can refuse every
+    # option it does not read; the defaults are filled in after that check (DEFAULTS)
     parser = argparse.ArgumentParser(prog="python -m bread_kernels.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
     parser.add_argument("suite", nargs="?", default="model", help="model (default), linear, lora or host")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (model suite default: fp32 on a CPU, bf16 on a GPU)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=int,
                         help="timed repeats (model: 2 on a CPU, 5 on a GPU; linear/lora: 5)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group = parser.add_argument_group("model suite")
     group.add_argument("--model", help="a local Hugging Face checkpoint directory or config JSON (no downloads); "
                                        "default: a Llama built from a config sized for the device")
-    group.add_argument("--variants", nargs="+", default=list(model.ALL_VARIANTS), metavar="VARIANT",
+    group.add_argument("--variants", nargs="+", metavar="VARIANT",
                        help=f"any of {', '.join(model.VARIANTS)}")
     group.add_argument("--positions", type=int, nargs="+", help="active block indices (default: the 2nd and "
                                                                 "2nd-to-last; the middle too on a GPU)")
     group.add_argument("--batch", type=int)
     group.add_argument("--seq", type=int)
-    group.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--recompute", action=argparse.BooleanOptionalAction,
                        help="engine recompute and reference gradient checkpointing (default on)")
-    group.add_argument("--keep-top", default="auto", metavar="auto|N",
+    group.add_argument("--keep-top", metavar="auto|N",
                        help="the engine's patch(keep_top=...): 'auto' (default) or how many top blocks keep their "
                             "activations (0: recompute every block); the memory-for-time trade")
-    group.add_argument("--lora-rank", type=int, default=8)
-    group.add_argument("--out", default=".", help="directory for the JSON and PNG (default: the current one)")
+    group.add_argument("--lora-rank", type=int, help="rank of the LoRA variants' adapters (model suite) and of the "
+                                                     "lora suite's layer (default 8)")
+    group.add_argument("--out", help="directory for the JSON and PNG (default: the current one)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     group.add_argument("--profile", action="store_true",
                        help="also profile one forward + backward per side: GEMM calls and the time outside the GEMMs")
     for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
         group.add_argument(f"--{name}", type=int, help="size of the embedded default model")
     group = parser.add_argument_group("linear and lora suites")
-    group.add_argument("--out-features", type=int, default=5632)
-    group.add_argument("--in-features", type=int, default=2048)
-    group.add_argument("--tokens", type=int, default=2048)
+    group.add_argument("--out-features", type=int, help="default 5632")
+    group.add_argument("--in-features", type=int, help="default 2048")
+    group.add_argument("--tokens", type=int, help="default 2048")
     args = parser.parse_args(argv)
 
-    if args.suite not in ("model", "linear", "lora", "host"):
+    if args.suite not in SUITE_OPTIONS:
         _fail(f"unknown suite {args.suite!r}; choose from model, linear, lora, host")
+    _check_suite_options(args)
+    args = argparse.Namespace(**{**_defaults(), **vars(args)})
     if args.dtype is not None and args.dtype not in DTYPES:
         _fail(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     if args.repeats is not None and args.repeats < 1:
@@ -71,21 +77,6 @@ def main(argv=None):
     _check_sizes(args, model.default_setup(device)["shape"] if args.suite == "model" and not args.model else {})
     if args.suite == "model":
         _check_out(args.out)
-    else:  # what only the model suite reads: refused, not ignored
-        given = [flag for flag, value in (("--model", args.model), ("--positions", args.positions),
-                                          ("--out", args.out != "." or None), ("--profile", args.profile or None),
-                                          ("--keep-top", args.keep_top != "auto" or None),
-                                          ("--variants", args.variants != list(model.ALL_VARIANTS) or None),
-                                          ("--repeats", args.suite == "host" and args.repeats))
-                 if value is not None and value is not False]
-        if given == ["--repeats"]:
-            _fail("the host suite takes no --repeats: it reports the median of 1000 calls")
-        if given:
-            takes = {"host": "--dtype, --device", "linear": "--dtype, --device, --repeats, --out-features, "
-                     "--in-features, --tokens"}
-            takes["lora"] = takes["linear"] + ", --lora-rank"
-            _fail(f"{given[0]} is an option of the model suite; the {args.suite} suite prints its table and takes "
-                  f"{takes[args.suite]}")
     keep_top = args.keep_top.strip().lower()
     if keep_top != "auto":
         if not keep_top.isdigit():
@@ -122,6 +113,51 @@ def main(argv=None):
         _fail(f"verification failed, nothing was timed for the case: {exc}")
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+#: the options each suite reads (argparse dests); any other one given is refused, not ignored
+SUITE_OPTIONS = {
+    "model": ("dtype", "repeats", "device", "model", "variants", "positions", "batch", "seq", "recompute", "keep_top",
+              "lora_rank", "out", "no_progress", "profile", "layers", "hidden", "intermediate", "heads", "kv_heads",
+              "vocab"),
+    "linear": ("dtype", "repeats", "device", "out_features", "in_features", "tokens"),
+    "lora": ("dtype", "repeats", "device", "out_features", "in_features", "tokens", "lora_rank"),
+    "host": ("dtype", "device"),
+}
+
+
+def _defaults() -> dict:
+    """What an option not given stands for (``None``: the suite's own default, e.g. the device's for the model)."""
+    from .model import ALL_VARIANTS
+
+    defaults = {dest: None for options in SUITE_OPTIONS.values() for dest in options}
+    defaults.update(device="cuda" if torch.cuda.is_available() else "cpu", variants=list(ALL_VARIANTS),
+                    recompute=True, keep_top="auto", lora_rank=8, out=".", no_progress=False, profile=False,
+                    out_features=5632, in_features=2048, tokens=2048)
+    return defaults
+
+
+def _flag(dest: str, value) -> str:
+    return "--no-recompute" if dest == "recompute" and value is False else f"--{dest.replace('_', '-')}"
+
+
+def _check_suite_options(args) -> None:
+    """Refuse the first option given (in command-line order) that ``args.suite`` does not read, naming the suites
+    that do: ``linear --seq 3`` printed the linear table as if the option meant something."""
+    takes = SUITE_OPTIONS[args.suite]
+    for dest, value in vars(args).items():
+        if dest == "suite" or dest in takes:
+            continue
+        flag = _flag(dest, value)
+        if args.suite == "host" and dest == "repeats":
+            _fail("the host suite takes no --repeats: it reports the median of 1000 calls")
+        owners = " and ".join(suite for suite, options in SUITE_OPTIONS.items() if dest in options)
+        plural = "s" if " and " in owners else ""
+        if args.suite == "model":
+            _fail(f"{flag} is an option of the {owners} suite{plural}; the model suite does not read it (see --help "
+                  "for its options)")
+        _fail(f"{flag} is an option of the {owners} suite{plural}; the {args.suite} suite prints its table and takes "
+              f"{', '.join(_flag(d, None) for d in takes)}")
 
 
 def _check_device(spec: str) -> torch.device:

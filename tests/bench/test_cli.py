@@ -106,9 +106,22 @@ def test_a_sequence_longer_than_the_models_positions_is_refused(capsys, tmp_path
     (["linear", "--variants", "BAdam"], "--variants is an option of the model suite; the linear suite prints"),
     (["lora", "--out", "somewhere"], "--out is an option of the model suite; the lora suite prints"),
     (["host", "--repeats", "3"], "the host suite takes no --repeats"),
+    (["linear", "--batch", "4", "--seq", "3"], "--batch is an option of the model suite; the linear suite prints its "
+                                               "table and takes --dtype, --repeats, --device, --out-features"),
+    (["linear", "--layers", "9"], "--layers is an option of the model suite"),
+    (["linear", "--lora-rank", "8"], "--lora-rank is an option of the model and lora suites; the linear suite"),
+    (["linear", "--no-recompute"], "--no-recompute is an option of the model suite"),
+    (["lora", "--no-progress"], "--no-progress is an option of the model suite"),
+    (["host", "--out-features", "8", "--tokens", "3"], "--out-features is an option of the linear and lora suites; "
+                                                       "the host suite prints its table and takes --dtype, --device"),
+    (["--tokens", "5", "--out-features", "3"], "--tokens is an option of the linear and lora suites; the model suite "
+                                               "does not read it"),
+    (["model", "--in-features", "3"], "--in-features is an option of the linear and lora suites; the model suite"),
 ])
-def test_the_other_suites_refuse_the_model_suites_options(capsys, argv, message):
-    """They printed their table and ignored --out, --model, --variants (and host --repeats)."""
+def test_a_suite_refuses_the_options_it_does_not_read(capsys, argv, message):
+    """They printed their table and ignored --out, --model, --variants (and host --repeats), the model suite's
+    sizes, --lora-rank, --no-recompute; the model suite ignored the linear and lora suites' sizes.  The first option
+    a suite does not read is named, even one given at its default value."""
     with pytest.raises(SystemExit) as stop:
         cli.main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
