@@ -23,7 +23,7 @@ def _fail(message: str):
 
 
 def main(argv=None):
-    from . import host, linear, lora, model
+    from . import model
 
     # an option not given is absent from the namespace (argument_default=SUPPRESS), so that a suite can refuse every
     # option it does not read; the defaults are filled in after that check (DEFAULTS)
@@ -76,43 +76,81 @@ def main(argv=None):
     # the embedded default model's shape: what a size flag not given stands for
     _check_sizes(args, model.default_setup(device)["shape"] if args.suite == "model" and not args.model else {})
     if args.suite == "model":
-        _check_out(args.out)
-    keep_top = args.keep_top.strip().lower()
-    if keep_top != "auto":
-        if not keep_top.isdigit():
-            _fail(f"--keep-top must be 'auto' or a number of top blocks, got {args.keep_top!r}")
-        keep_top = int(keep_top)
+        _check_model_options(args, model)
+        _check_out(args.out, _output_names(device, dtype or model.default_setup(device)["dtype"]))
+    try:
+        _run_suite(args, dtype, device)
+    except KeyboardInterrupt as stop:
+        written = getattr(stop, "partial_json", None)  # set by the model suite once a case's JSON was written
+        print("bread-bench: interrupted" + (f"; the cases measured so far are in {written} (marked \"partial\": true)"
+                                            if written else "; nothing was written"), file=sys.stderr)
+        sys.exit(130)
+    except model.VerificationError as exc:
+        print(f"bread-bench: verification failed (a failed case is not timed): {exc}", file=sys.stderr)
+        sys.exit(VERIFICATION_FAILED)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+#: the exit status of a run whose engine and reference computed different steps (2: the input was refused)
+VERIFICATION_FAILED = 3
+
+
+def _run_suite(args, dtype, device) -> None:
+    """The suite ``args.suite`` on checked arguments; every suite's errors are handled alike by the caller."""
+    from . import host, linear, lora, model
+
     if args.suite == "linear":
         linear.run(args.out_features, args.in_features, args.tokens, dtype or torch.float32, args.repeats or 5,
                    args.device)
-        return
-    if args.suite == "host":
+    elif args.suite == "host":
         host.run(dtype or torch.float32, args.device)
-        return
-    if args.suite == "lora":
+    elif args.suite == "lora":
         lora.run(args.out_features, args.in_features, args.tokens, args.lora_rank, dtype or torch.float32,
                  args.repeats or 5, args.device)
-        return
+    else:
+        model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats,
+                  args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, profile=args.profile,
+                  keep_top=_keep_top(args.keep_top), **_shape(args))
+
+
+def _keep_top(text: str):
+    """``--keep-top``: ``"auto"`` or a number of top blocks (``int``: ``str.isdigit`` accepts ``²``)."""
+    keep_top = text.strip().lower()
+    if keep_top == "auto":
+        return keep_top
+    try:
+        number = int(keep_top)
+    except ValueError:
+        number = -1
+    if number < 0:
+        _fail(f"--keep-top must be 'auto' or a number of top blocks, got {text!r}")
+    return number
+
+
+def _shape(args) -> dict:
+    return {k: v for k, v in (("layers", args.layers), ("hidden", args.hidden), ("intermediate", args.intermediate),
+                              ("heads", args.heads), ("kv_heads", args.kv_heads), ("vocab", args.vocab))
+            if v is not None}
+
+
+def _check_model_options(args, model) -> None:
+    """The model suite's variants, sizes and keep_top, refused before anything is built (a variant or a position
+    given twice is refused by :func:`.model.run`, also before)."""
     unknown = [v for v in args.variants if v not in model.VARIANTS]
     if unknown:
         _fail(f"unknown variant {unknown[0]!r}; choose from {', '.join(model.VARIANTS)}")
-    shape = {k: v for k, v in (("layers", args.layers), ("hidden", args.hidden), ("intermediate", args.intermediate),
-                               ("heads", args.heads), ("kv_heads", args.kv_heads), ("vocab", args.vocab))
-             if v is not None}
-    if shape and args.model:
+    if _shape(args) and args.model:
         _fail("--layers/--hidden/... size the embedded default model; they cannot be combined with --model")
-    try:
-        model.run(args.model, tuple(args.variants), args.positions, args.batch, args.seq, dtype, args.repeats,
-                  args.recompute, args.lora_rank, args.device, args.out, not args.no_progress, profile=args.profile,
-                  keep_top=keep_top, **shape)
-    except KeyboardInterrupt:
-        print(f"bread-bench: interrupted; the cases measured so far are in the JSON under {args.out!r} "
-              '(marked "partial": true)', file=sys.stderr)
-        sys.exit(130)
-    except model.VerificationError as exc:
-        _fail(f"verification failed, nothing was timed for the case: {exc}")
-    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    _keep_top(args.keep_top)
+
+
+def _output_names(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The file names the model suite writes into ``--out`` (:func:`.report.output_stem`)."""
+    from .report import output_stem
+
+    stem = output_stem({"device_type": device.type, "dtype": str(dtype).removeprefix("torch.")})
+    return [f"{stem}.json", f"{stem}.png"]
 
 
 #: the options each suite reads (argparse dests); any other one given is refused, not ignored
@@ -208,11 +246,16 @@ def _check_sizes(args, defaults: dict) -> None:
         _fail(f"{heads_said} is not a multiple of {kv_said}")
 
 
-def _check_out(out: str) -> None:
-    """``--out`` must be a directory this run can write, checked before minutes of measuring."""
+def _check_out(out: str, names: list[str] = ()) -> None:
+    """``--out`` must be a directory this run can write, its output files (``names``) included, checked before
+    minutes of measuring (a directory in a file's place failed after the first case)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         _fail(f"--out {out!r} is a file; give a directory for the JSON and PNG")
+    for name in names:
+        if (path / name).is_dir():
+            _fail(f"--out {out!r}: {name} is a directory where the run writes a file; remove it or give another "
+                  "--out")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from ..backends import get_backend
 from ..functions.linear import fused_linear
 from ..optim.driver import EngineDriver
 from ..plan import FiniteChecks, OnTheFlyUpdate, Role, WeightPlan
@@ -96,9 +97,11 @@ def host_times_us(role: Role, engine: bool, tokens=8, n_in=16, n_out=16, dtype=t
 
 
 def run(dtype=torch.float32, device="cpu", calls=1000, print_fn=print) -> dict:
-    """The table: per role, the backward's µs (engine, reference, ratio) and then the forward's."""
+    """The table: per role, the backward's µs (engine, reference, ratio) and then the forward's.  The backend is
+    found first: a bad ``BREAD_BACKEND`` raises before any row is printed."""
+    backend = get_backend(torch.device(device)).name
     print_fn(f"host time of one linear backward (and forward) on {device_name(torch.device(device))}, 8 tokens, "
-             f"16x16, {str(dtype).removeprefix('torch.')}; median of {calls} calls")
+             f"16x16, {str(dtype).removeprefix('torch.')}, backend {backend}; median of {calls} calls")
     print_fn(f"{'role':<8}{'engine us':>11}{'reference us':>14}{'ratio':>8}   "
              f"{'fwd engine us':>14}{'fwd ref us':>12}{'ratio':>8}")
     rows = {}

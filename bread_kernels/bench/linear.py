@@ -129,7 +129,8 @@ def device_name(device="cpu") -> str:
 
 def run(n_out=5632, n_in=2048, tokens=2048, dtype=torch.float32, repeats=5, device="cpu", print_fn=print):
     backend = get_backend(device).name
-    print_fn(f"linear backward, W {n_out}x{n_in}, {tokens} tokens, {dtype}, backend {backend}, on {device_name(device)}")
+    print_fn(f"linear backward, W {n_out}x{n_in}, {tokens} tokens, {dtype}, backend {backend}, "
+             f"on {device_name(device)}")
     print_fn(f"{'case':<26}{'median ms':>11}{'p20':>9}{'p80':>9}{'time ratio':>12}{'bwd peak MiB':>14}"
              f"{'update peak MiB':>17}{'of dW':>8}{'mem ratio':>11}")
     # low precision: the fused default rounds stochastically; "nearest" is the like-for-like row (it drops small

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ..backends import get_backend
+from ..functions.head_loss import chunk_budget_bytes
 from ..optim import BlockOptimizer
 from ..peft_lora import Conv1D
 from ..patch import patch, patched_state, unpatch
@@ -95,8 +96,9 @@ def build_model(layers=8, hidden=512, intermediate=1376, heads=8, kv_heads=None,
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=positions,
-                         tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                         max_position_embeddings=positions, tie_word_embeddings=False, attn_implementation="sdpa",
+                         use_cache=False)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype)
 
@@ -444,6 +446,9 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    _refuse_twice("variant", variants)
+    if positions is not None:
+        _refuse_twice("position", positions)
     bad_shape = sorted(set(shape) - set(setup["shape"]))
     if bad_shape:
         raise TypeError(f"unknown model size argument {bad_shape[0]!r}; use {', '.join(setup['shape'])}")
@@ -476,34 +481,41 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
         # machine would put every row's ideal fraction past 100%)
         throughput = gemm_flops_per_second(dtype, device=device)
         verify_lr = 1e-2 if dtype == torch.float32 else 1e-1
-        result = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
-                  "model": model or {**setup["shape"], **shape}, "batch": batch, "seq": seq, "recompute": recompute,
-                  "keep_top": keep_top, "hook_update_numel": hook_update_numel,
-                  "lora_rank": lora_rank, "repeats": repeats, "gemm_gflops": throughput / 1e9, "torch": torch.__version__,
+        result = {"device": device_name(device), "device_type": device.type,
+                  "dtype": str(dtype).removeprefix("torch."), "model": model or {**setup["shape"], **shape},
+                  "batch": batch, "seq": seq, "recompute": recompute, "keep_top": keep_top,
+                  "hook_update_numel": hook_update_numel, "lora_rank": lora_rank, "repeats": repeats,
+                  "gemm_gflops": throughput / 1e9, "torch": torch.__version__, **_engine_settings(device),
                   "rows": []}
         bar = _progress(len(variants) * len(positions), progress)
         failures = result["failures"] = []
         from .report import print_table, write_outputs, write_partial
 
-        for variant in variants:
-            base = lora_base if variant in LORA_VARIANTS else plain
-            for active in positions:
-                bar.set_description(f"{variant} @ block {active}")
-                _free_the_last_case(device)
-                throughput = max(throughput, gemm_flops_per_second(dtype, device=device))
-                result["gemm_gflops"] = throughput / 1e9
-                for row in result["rows"]:
-                    row["ideal_fraction"] = row["ideal_gflop"] * 1e9 / throughput / (row["engine_ms"] / 1e3)
-                try:
-                    row = _measure(base, variant, active, ids, recompute, repeats, throughput,
-                                   lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile, keep_top)
-                except VerificationError as exc:  # nothing timed for this case; the others still are
-                    failures.append({"variant": variant, "position": active, "error": str(exc)})
-                else:
-                    result["rows"].append(asdict(row))
-                if result["rows"]:
-                    write_partial({**result, "summary": summarize(result["rows"], failures)}, out_dir)
-                bar.update()
+        written = None  # the partial JSON's path once a case is in it
+        try:
+            for variant in variants:
+                base = lora_base if variant in LORA_VARIANTS else plain
+                for active in positions:
+                    bar.set_description(f"{variant} @ block {active}")
+                    _free_the_last_case(device)
+                    throughput = max(throughput, gemm_flops_per_second(dtype, device=device))
+                    result["gemm_gflops"] = throughput / 1e9
+                    for row in result["rows"]:
+                        row["ideal_fraction"] = row["ideal_gflop"] * 1e9 / throughput / (row["engine_ms"] / 1e3)
+                    try:
+                        row = _measure(base, variant, active, ids, recompute, repeats, throughput,
+                                       lora_rank if variant in LORA_VARIANTS else 0, verify_lr, profile, keep_top)
+                    except VerificationError as exc:  # nothing timed for this case; the others still are
+                        failures.append({"variant": variant, "position": active, "error": str(exc)})
+                    else:
+                        result["rows"].append(asdict(row))
+                    if result["rows"]:
+                        written = write_partial({**result, "summary": summarize(result["rows"], failures)},
+                                                out_dir)
+                    bar.update()
+        except KeyboardInterrupt as stop:
+            stop.partial_json = written  # what the CLI's message may name: None before the first case
+            raise
         bar.close()
     result["summary"] = summarize(result["rows"], failures)
 
@@ -515,6 +527,22 @@ def run(model=None, variants=ALL_VARIANTS, positions=None, batch=None, seq=None,
             f" ({len(result['rows'])} other cases verified and timed: {result['files']['json']})"
             if result["rows"] else ""))
     return result
+
+
+def _engine_settings(device) -> dict:
+    """What the environment sets that changes the engine's numbers: its backend (``BREAD_BACKEND``, else the
+    device's default) and the fused loss's chunk budget (``BREAD_LOSS_CHUNK_BYTES``, else 256 MiB).  A bad value
+    raises the library's ValueError before anything is measured."""
+    return {"backend": get_backend(torch.device(device)).name, "loss_chunk_bytes": chunk_budget_bytes()}
+
+
+def _refuse_twice(what: str, values) -> None:
+    """A variant or position given twice was measured twice and weighed twice in the summary's mean."""
+    values = list(values)
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise ValueError(f"{what} {twice[0]!r} is given twice; give each once (each is measured once, and the "
+                         "summary is the mean over them)")
 
 
 def _check_positions(model, seq: int) -> None:

@@ -21,6 +21,8 @@ def _header(result: dict) -> str:
     hooked = result.get("hook_update_numel", 0)  # absent from results saved before the option: every update fused
     if hooked != DEFAULT_HOOK_UPDATE_NUMEL:
         kept += f", hook_update_numel={hooked}"
+    if "backend" in result:  # absent from results saved before they were recorded
+        kept += f", backend {result['backend']}, loss chunks {result['loss_chunk_bytes'] / 2**20:g} MiB"
     return (f"BCD step (forward + backward) on {result['device']}: {shape}, batch {result['batch']}x{result['seq']}, "
             f"{result['dtype']}, recompute={result['recompute']}{kept}; GEMM {result['gemm_gflops']:.0f} GFLOP/s")
 

@@ -56,6 +56,10 @@ def test_the_cli_writes_verified_rows_json_and_png(tmp_path):
     (["--hidden", "33"], "--hidden 33 is not a multiple of --heads 2"),
     (["--kv-heads", "3", "--heads", "4", "--hidden", "32"], "--heads 4 is not a multiple of --kv-heads 3"),
     (["--device", "foo"], "--device 'foo': "),
+    (["--variants", "BAdam", "BREAD-SGD", "BAdam"], "variant 'BAdam' is given twice; give each once"),
+    (["--positions", "1", "1", "2"], "position 1 is given twice; give each once"),  # measured twice, mean skewed
+    (["--keep-top", "²"], "--keep-top must be 'auto' or a number of top blocks, got '²'"),  # str.isdigit took it
+    (["--keep-top", "-1"], "--keep-top must be 'auto' or a number of top blocks, got '-1'"),
 ])
 def test_bad_input_gets_a_one_line_error(capsys, tmp_path, argv, message):
     base = RUN if "--model" in argv else TINY
@@ -286,3 +290,78 @@ def test_the_report_of_a_missing_json_is_a_one_line_error(tmp_path):
 
     with pytest.raises(SystemExit, match="missing.json: .*give a bench_model_\\*.json the model suite wrote"):
         report.main([str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("suite", ["linear", "lora", "host", "model"])
+def test_every_suite_reports_a_bad_environment_in_one_line(capsys, monkeypatch, tmp_path, suite):
+    """The linear, lora and host suites had no error handling: a traceback (rc 1) where the model suite printed one
+    line (rc 2)."""
+    monkeypatch.setenv("BREAD_BACKEND", "garbage")
+    sizes = {"linear": ["--tokens", "4", "--in-features", "8", "--out-features", "8"], "host": [],
+             "model": [*TINY, "--variants", "BAdam", "--positions", "1", "--out", str(tmp_path)]}
+    sizes["lora"] = sizes["linear"]
+    with pytest.raises(SystemExit) as stop:
+        cli.main([suite, *sizes[suite]])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "BREAD_BACKEND='garbage' is not a backend" in err[0], err
+    assert "ACTIVE" not in captured.out  # the host suite found its backend after its first row
+
+
+@pytest.mark.parametrize("stop_at", [0, 1])
+def test_an_interrupt_names_the_json_only_if_this_run_wrote_it(capsys, monkeypatch, tmp_path, stop_at):
+    """Interrupted before the first case was measured, the message pointed to a JSON that did not exist."""
+    measure, cases = model_bench._measure, []
+
+    def stopped(*args, **kwargs):
+        if len(cases) == stop_at:
+            raise KeyboardInterrupt
+        cases.append(args[1])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(model_bench, "_measure", stopped)
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*TINY, "--variants", "BAdam", "BREAD-SGD", "--positions", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    json_path = tmp_path / "bench_model_cpu_float32.json"
+    assert stop.value.code == 130
+    if stop_at == 0:
+        assert err == "bread-bench: interrupted; nothing was written" and not json_path.exists()
+    else:
+        assert err == (f"bread-bench: interrupted; the cases measured so far are in {json_path} "
+                       '(marked "partial": true)') and json.loads(json_path.read_text())["partial"] is True
+
+
+def test_the_backend_and_the_loss_chunks_are_recorded(monkeypatch, tmp_path):
+    """Both change the engine's numbers; the model suite's header and JSON did not say them."""
+    from bread_kernels.backends import get_backend
+
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(3 << 16))
+    lines = []
+    result = model_bench.run(None, ("BAdam",), [1], 1, 8, torch.float32, 1, device="cpu", out_dir=tmp_path,
+                             progress=False, print_fn=lines.append, layers=3, hidden=32, intermediate=40, heads=2,
+                             vocab=61)
+    written = json.loads((tmp_path / "bench_model_cpu_float32.json").read_text())
+    backend = get_backend(torch.device("cpu")).name
+    assert (written["backend"], written["loss_chunk_bytes"]) == (result["backend"], 3 << 16) == (backend, 3 << 16)
+    assert f"backend {backend}, loss chunks 0.1875 MiB" in lines[0]
+
+
+def test_a_verification_failure_has_its_own_exit_status(doubled_fused_step, capsys, tmp_path):
+    """It exited with 2, as a refused input does, and said "nothing was timed for the case" when others were."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*TINY, "--variants", "BREAD-SGD", "BAdam", "--positions", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == cli.VERIFICATION_FAILED == 3
+    assert "verification failed (a failed case is not timed): BREAD-SGD at block 1" in err
+    assert "1 other cases verified and timed" in err
+
+
+def test_an_output_name_taken_by_a_directory_is_refused_before_anything_runs(capsys, tmp_path, monkeypatch):
+    """It failed only after the first case was measured."""
+    monkeypatch.setattr(model_bench, "run", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "bench_model_cpu_float32.json").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*TINY, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "bench_model_cpu_float32.json is a directory where the run writes a file" in err
