@@ -139,6 +139,7 @@ def with_lora(model, rank: int, targets=LORA_TARGETS):
 
 
 def _optimizer(model, variant, active, lr=LR, **extra):
+    """``extra``: e.g. ``block_prefix_list``, the engine optimizer's for a reference side (None: inferred)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=lr), list(model.named_parameters()),
@@ -325,9 +326,10 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
     to nearest: the same parameters, or :class:`VerificationError` naming the worst tensor.  The models are left
     one step on (the timing that follows does not depend on the values)."""
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    results, grads, roles = {}, {}, None
+    results, grads, roles, blocks = {}, {}, None, None
     for name, model in (("engine", engine), ("reference", reference)):
-        opt = _optimizer(model, variant, active, lr=lr, rounding="nearest")
+        opt = _optimizer(model, variant, active, lr=lr, rounding="nearest", block_prefix_list=blocks)
+        blocks = blocks or opt.block_prefix_list  # the engine's, found structurally: the reference trains the same
         sign_grads = {}  # the reference's gradients of its SIGN-updated parameters, before its hooks consume them
         handles = [p.register_hook(_keeping(sign_grads, n)) for n, p in model.named_parameters()
                    if name == "reference" and opt.roles.get(n) is Role.SIGN and p.requires_grad]
@@ -571,10 +573,13 @@ def _measure(base, variant, active, ids, recompute, repeats, throughput, lora_ra
     verify_step(engine, refs["best"], variant, active, ids, verify_lr)
     if refs["reference"] is not refs["best"]:
         refs["reference"].load_state_dict(refs["best"].state_dict())  # the same state on every side
-    sides = [(engine, _optimizer(engine, variant, active)), (refs["reference"], _optimizer(refs["reference"],
-                                                                                           variant, active))]
+    engine_opt = _optimizer(engine, variant, active)
+    # the engine's blocks (patch finds the stack structurally; an unpatched BERT's encoder.layer.N is not inferred)
+    blocks = engine_opt.block_prefix_list
+    sides = [(engine, engine_opt), (refs["reference"], _optimizer(refs["reference"], variant, active,
+                                                                  block_prefix_list=blocks))]
     if refs["best"] is not refs["reference"]:
-        sides.append((refs["best"], _optimizer(refs["best"], variant, active)))
+        sides.append((refs["best"], _optimizer(refs["best"], variant, active, block_prefix_list=blocks)))
     times, peaks = timed_alternately(sides, ids, repeats)
     profiles = None
     if profile:

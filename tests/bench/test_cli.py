@@ -365,3 +365,17 @@ def test_an_output_name_taken_by_a_directory_is_refused_before_anything_runs(cap
         cli.main([*TINY, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "bench_model_cpu_float32.json is a directory where the run writes a file" in err
+
+
+def test_a_bert_checkpoint_is_benched_on_the_engines_blocks(tmp_path):
+    """The reference's optimizer on the unpatched model could not infer BERT's blocks (``encoder.layer.N``): every
+    side now trains the engine optimizer's blocks, which patch finds structurally."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32, is_decoder=True)
+    path = tmp_path / "bert.json"
+    path.write_text(config.to_json_string())
+    result = model_bench.run(str(path), ("BAdam", "BREAD-SGD-sign"), [1], 2, 16, torch.float32, 1, device="cpu",
+                             out_dir=tmp_path, progress=False, print_fn=lambda line: None)
+    assert [(r["variant"], r["verified"]) for r in result["rows"]] == [("BAdam", True), ("BREAD-SGD-sign", True)]
