@@ -31,7 +31,9 @@ it was given).
 
 torch has no public API for "the DDP whose forward is running" or "run this when the backward ends".  This module
 reads ``DistributedDataParallel._get_active_ddp_module()`` (the class method TorchDynamo's DDP optimizer reads) and
-its ``process_group`` and ``require_backward_grad_sync``, queues with
+its ``process_group``, ``require_backward_grad_sync``, ``find_unused_parameters`` and ``static_graph``, resets its
+reducer where a backward left it waiting (``reducer._reset_state()``, which DDP's ``_update_process_group`` calls),
+queues with
 ``torch.autograd.Variable._execution_engine.queue_callback`` (what DDP's reducer uses), and knows a DeepSpeed engine
 by the forward pre-hook it registers on its module (``DeepSpeedEngine._create_module_forward_pre_hook``).  They are
 isolated here; :func:`check_internals` raises when torch changes them, and tests call it and run a DeepSpeed engine.
@@ -81,8 +83,11 @@ def check_internals() -> None:
         return
     from torch.nn.parallel import DistributedDataParallel
 
+    from torch._C._distributed_c10d import Reducer
+
     missing = [name for name, owner in (("_get_active_ddp_module", DistributedDataParallel),
-                                        ("queue_callback", torch.autograd.Variable._execution_engine))
+                                        ("queue_callback", torch.autograd.Variable._execution_engine),
+                                        ("_reset_state", Reducer))
                if not callable(getattr(owner, name, None))]
     if missing:
         raise RuntimeError(f"bread_kernels: torch {torch.__version__} has no {', '.join(missing)} (DDP and autograd "
@@ -102,7 +107,33 @@ def data_parallel_forward() -> DataParallelForward | None:
     world = dist.get_world_size(ddp.process_group)
     if world < 2:
         return None
-    return DataParallelForward(group=ddp.process_group, world=world, syncs=bool(ddp.require_backward_grad_sync))
+    syncs = bool(ddp.require_backward_grad_sync)
+    _release_waiting_reducer(ddp, syncs)
+    return DataParallelForward(group=ddp.process_group, world=world, syncs=syncs)
+
+
+#: each DDP seen by :func:`data_parallel_forward` -> whether its last forward with grad synchronised
+_LAST_SYNCED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _release_waiting_reducer(ddp, syncs: bool) -> None:
+    """At the first forward under ``no_sync()`` after a synchronised one, reset the reducer of ``ddp``
+    (``find_unused_parameters=True``), which a synchronised backward that reached none of its parameters left waiting.
+
+    DDP registers the parameters that require grad when it is built — a Trainer builds it after the optimizer: the
+    first block's.  Its reducer expects their hooks from each synchronised forward on, and marks the unused ones
+    ready at the first such hook.  Where none comes (BAdam on a later block, whose backward stops above the first),
+    it goes on expecting them, and the next backward under ``no_sync()`` that reaches them (the first block active
+    again, with gradient accumulation) marked them twice (``RuntimeError: ... marked as ready twice``).  After a
+    backward that finished its reduction the reset changes nothing: the reducer expects no hook under ``no_sync()``,
+    its used-parameter map is clear, and with ``find_unused_parameters`` its buckets are never rebuilt.  (DDP's own
+    ``_update_process_group`` resets it so: "ensure forward can run despite previous backward not succeeding".)
+    Every rank trains the same blocks, so every rank resets; nothing is lost, as the driver averages the active
+    block's gradients itself (see the module docstring)."""
+    last, _LAST_SYNCED[ddp] = _LAST_SYNCED.get(ddp, False), syncs
+    if syncs or not last or not getattr(ddp, "find_unused_parameters", False) or getattr(ddp, "static_graph", False):
+        return
+    ddp.reducer._reset_state()
 
 
 def queue_after_backward(callback: Callable[[], None]) -> None:

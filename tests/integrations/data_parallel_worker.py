@@ -61,12 +61,15 @@ class Case(NamedTuple):
     #: the rank whose last step's batch is model_zoo.SHORT (3 tokens: at least two experts of every MoE layer get none
     #: there); the last step's only, as its large steps would amplify the ranks' other summation order in later ones
     short_rank: int | None = None
+    steps: int = STEPS  # BAdam cases: ascending, one block a step (LAYERS + 1: the first block comes back)
 
 
 CASES = {
     "badam": Case("disabled", 1),             # a Trainer's order: the optimizer first, DDP after
     "badam_ddp_first": Case("disabled", 1, ddp_first=True),
-    "badam_no_sync_accumulation": Case("disabled", 2),
+    # built after the optimizer, DDP registers block 0 only: the synced backwards of blocks 1-3 reach none of its
+    # parameters, and block 0 comes back under no_sync()
+    "badam_no_sync_accumulation": Case("disabled", 2, steps=LAYERS + 1),
     "bread_lora": Case("disabled", 1),
     "bread_sgd": Case("all", 1),
     "bread_sgd_hook_path": Case("all", 1, hook_update_numel=1 << 17),
@@ -128,10 +131,10 @@ def loss_of(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def reference_params(base, world: int, gas: int) -> dict:
+def reference_params(base, world: int, gas: int, steps: int = STEPS) -> dict:
     """Plain autograd: block ``step`` (ascending, one block per step) trained by SGD on the ranks' mean loss."""
     model = copy.deepcopy(base)
-    for step in range(STEPS):
+    for step in range(steps):
         prefix = f"model.layers.{step % LAYERS}."
         active = [p for n, p in model.named_parameters() if n.startswith(prefix)]
         for p in model.parameters():
@@ -221,7 +224,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         opt = block_optimizer(model, sgd_mode, lora, case.rounding, scaler)
         ddp = ddp or wrap()
         comm_stats.reset()
-        for step in range(STEPS):
+        for step in range(case.steps):
             for micro in range(gas):
                 synced = micro == gas - 1 or "synced" in name
                 sync = contextlib.nullcontext() if synced else ddp.no_sync()
@@ -254,7 +257,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         result["error"] = str(exc)
         result["unchanged"] = unchanged(model, before)
         return result
-    ref = reference_params(base, world, gas) if name.startswith("badam") else \
+    ref = reference_params(base, world, gas, case.steps) if name.startswith("badam") else \
         one_process_params(base, world, gas, lora, sgd_mode, hook_update_numel, case.rounding, case.short_rank,
                            one_forward=case.loss_chunk_bytes is not None, summed=case.summed_reference)
     result["diff"], result["diff_where"] = max(((p.detach() - ref[n]).abs().max().item(), n)
