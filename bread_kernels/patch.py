@@ -79,11 +79,11 @@ from .installed_forward import NOT_PICKLED, install_forward
 from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
-from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, replaced_module_refusal, streamed_block_forward,
-                     turn_off_hf_checkpointing)
+from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
-           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "block_stacks"]
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "block_stacks",
+           "stack_prefixes"]
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
@@ -128,8 +128,8 @@ class PatchedModel:
         # shards what it wraps (the root, each block), so a model sharded after patch shows there (see shard_probe)
         self.shard_probes: list[tuple[str, nn.Module, str]] = []
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
-        #: the qualified name of the first module with a forward of patch's (fused, experts, block) that left the
-        #: model after patch (see :func:`_note_replaced_modules`), or None
+        #: the qualified name of a module with a forward of patch's (fused, experts, block) found gone from the model
+        #: at the last look (:meth:`find_lost`), or None
         self.lost: str | None = None
 
     def __deepcopy__(self, memo: dict) -> "PatchedModel":
@@ -179,7 +179,7 @@ class PatchedModel:
             module.weight.numel() <= self.hook_update_numel
 
     def block_prefixes(self) -> list[str]:
-        return [f"{self.blocks_name}.{i}." if self.blocks_name else f"{i}." for i in range(len(self.blocks))]
+        return stack_prefixes(self.blocks_name, len(self.blocks))
 
     def expert_weights(self) -> list[tuple[str, nn.Parameter]]:
         """(qualified parameter name, parameter) of every weight of the fused experts modules: each has a plan of
@@ -230,15 +230,14 @@ class PatchedModel:
             raise ValueError("bread_kernels: the model's weights were tied or untied after patch() (tie_weights(), "
                              "tie_word_embeddings); call bread_kernels.unpatch(model) and patch(model) again before "
                              "building the optimizer")
-        if self.lost is not None:
-            raise ValueError(replaced_module_refusal(self.lost, type(model).__name__))
+        lost = self.find_lost()
+        if lost is not None:
+            raise ValueError(replaced_module_refusal(lost, type(model).__name__))
 
     def clear_plans(self) -> None:
-        """Every fused module back to plain autograd, and the backward reaching every block (a forward no longer
-        trains through the plan of a module that left the model: :meth:`note_lost`)."""
+        """Every fused module back to plain autograd, and the backward reaching every block."""
         self.apply_plans({})
         self.set_cut(0)
-        self.stream.lost_while_driven = None
 
     def set_cut(self, cut: int) -> None:
         """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``."""
@@ -255,14 +254,44 @@ class PatchedModel:
         """Record the optimizer that writes this model's plans (held weakly; :func:`unpatch` closes it)."""
         self._driver = weakref.ref(driver) if driver is not None else None
 
-    def note_lost(self, name: str) -> None:
-        """Module ``name``, given a forward by patch, left the model: no plan reaches what is in its place (peft's
-        ``merge_and_unload`` put the base layer there; ``resize_token_embeddings`` a new embedding).  Plans are
-        refused from now on, and while an optimizer drives the model, its forwards with grad too."""
-        self.lost = self.lost or name
+    def find_lost(self) -> str | None:
+        """The qualified name of a module given a forward by patch (a fused layer, an experts module, a block) that
+        is no longer in the model — peft's ``merge_and_unload`` put its base layer in its place,
+        ``resize_token_embeddings`` a new embedding, ``del`` removed it — or None; one walk of the model's modules.
+        No plan reaches what is in its place.  Where none is gone, the suspicion :func:`_note_replaced_modules`
+        raised is cleared; where one is, the forwards go on looking (:meth:`check_forward`: it may be put back)."""
         model = self.model_ref()
-        if self.driver is not None and self.stream.lost_while_driven is None and model is not None:
-            self.stream.lost_while_driven = (name, type(model).__name__)
+        if model is None:
+            return None
+        present = {id(m) for m in model.modules()}
+        # the blocks first: a block gone takes its layers along, and is what to name
+        installed = list(zip(self.block_names(), self.blocks)) + self.fused_modules + self.fused_experts
+        self.lost = next((name for name, module in installed if id(module) not in present), None)
+        if self.lost is None:
+            self.stream.suspect_lost = None
+        else:
+            self.suspect_lost()
+        return self.lost
+
+    def suspect_lost(self) -> None:
+        """A module of this model with a forward of patch's was replaced somewhere (:func:`_note_replaced_modules`):
+        the next forward with grad while an optimizer drives looks whether one is gone (:meth:`check_forward`)."""
+        self.stream.suspect_lost = weakref.WeakMethod(self.check_forward)
+
+    def check_forward(self) -> None:
+        """Before a forward with grad, where a replacement was noticed: while an optimizer drives the model, refuse
+        it if a module with a plan is gone from the model (the weights in its place would silently stop training);
+        without one, plain autograd is right and the look waits for the next forward an optimizer drives."""
+        model = self.model_ref()
+        if self.driver is None or model is None:
+            return
+        lost = self.find_lost()
+        if lost is not None:
+            raise ValueError(replaced_module_refusal(lost, type(model).__name__, driven=True))
+
+    def block_names(self) -> list[str]:
+        """Each block's qualified name."""
+        return [prefix[:-1] for prefix in self.block_prefixes()]
 
     @property
     def driver(self):
@@ -346,9 +375,23 @@ def _whole_numel(p: torch.Tensor) -> int:
 
 
 #: every module given a forward of patch's that a plan or the stream acts through (fused linears, the embedding,
-#: experts modules, blocks) -> (a weak reference to its patched model's state, its qualified name)
-_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str]]" = weakref.WeakKeyDictionary()
+#: experts modules, blocks) -> a weak reference to its patched model's state
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _registration_hook: list = []
+
+
+def replaced_module_refusal(name: str, patched: str, driven: bool = False) -> str:
+    """The error for a patched model (of class ``patched``) whose module ``name`` (a fused layer, an experts module,
+    a block) was replaced or removed after patch (:meth:`PatchedModel.find_lost`): no plan reaches what is in its
+    place."""
+    return (f"bread_kernels: {name} was replaced after patch() (peft's merge_and_unload() or unload(), "
+            "resize_token_embeddings, a module assigned in its place or removed)" +
+            (" while an optimizer drives the model: the weights in its place would silently stop training "
+             "(close the optimizer to train on with plain autograd). "
+             if driven else ", so the optimizer's plans cannot reach the module in its place. ") +
+            "Merge a trained peft model with bread_kernels.merge_and_unload(model); otherwise unpatch the model "
+            f"given to patch() (the {patched}: bread_kernels.unpatch) before changing it, then patch it and build "
+            "the optimizer again")
 
 
 def _register_installed(state: PatchedModel) -> None:
@@ -356,32 +399,37 @@ def _register_installed(state: PatchedModel) -> None:
     if not _registration_hook:
         _registration_hook.append(nn.modules.module.register_module_module_registration_hook(_note_replaced_modules))
     ref = weakref.ref(state)
-    for name, module in state.fused_modules + state.fused_experts:
-        _INSTALLED[module] = (ref, name)
-    for prefix, block in zip(state.block_prefixes(), state.blocks):
-        _INSTALLED[block] = (ref, prefix[:-1])
+    for module in [m for _, m in state.fused_modules + state.fused_experts] + list(state.blocks):
+        _INSTALLED[module] = ref
 
 
 def _note_replaced_modules(parent: nn.Module, name: str, value: nn.Module | None) -> None:
-    """torch's global module-registration hook (``setattr`` of a module, ``add_module``, a ``ModuleList`` item), run
-    before ``value`` takes the place of ``parent.<name>``: a module in :data:`_INSTALLED` that the module it replaces
-    holds and ``value`` does not (peft's ``merge_and_unload`` puts each LoRA layer's base layer in its place;
-    ``add_adapter`` wraps a fused layer, which stays) is reported to its patched model (:meth:`PatchedModel.note_lost`).
-    A fresh registration (nothing in its place) costs a dictionary read."""
+    """torch's global module-registration hook (``setattr`` of a module, ``add_module``, a ``ModuleList`` item, or
+    None in its place), run before ``value`` takes the place of ``parent.<name>``: where the module it replaces holds
+    one in :data:`_INSTALLED` that ``value`` does not (peft's ``merge_and_unload`` puts each LoRA layer's base layer
+    in its place; ``add_adapter`` wraps a fused layer, which stays), its patched model suspects a loss
+    (:meth:`PatchedModel.suspect_lost`), which the next look settles: the module may be elsewhere in the model, or
+    put back later (a stack swapped for a subset and back), or its model may be what left a holder.  A fresh
+    registration (nothing in its place) costs a dictionary read."""
     replaced = parent.__dict__.get("_modules", {}).get(name)
     if replaced is None or replaced is value or not _INSTALLED:
         return None
     kept = None
     for module in replaced.modules():
-        entry = _INSTALLED.get(module)
-        if entry is None:
+        ref = _INSTALLED.get(module)
+        if ref is None:
             continue
-        if kept is None:  # None: the module is removed (torch calls the hook for that too)
+        if kept is None:
             kept = {id(m) for m in value.modules()} if value is not None else set()
-        state = entry[0]()
+        state = ref()
         if id(module) not in kept and state is not None:
-            state.note_lost(entry[1])
+            state.suspect_lost()
     return None
+
+
+def stack_prefixes(name: str, n: int) -> list[str]:
+    """The name prefixes of the ``n`` blocks of the stack ``name`` (``""``: the model itself is the stack)."""
+    return [f"{name}.{i}." if name else f"{i}." for i in range(n)]
 
 
 def _is_stack_candidate(module: nn.Module) -> bool:
@@ -768,6 +816,8 @@ def _begin_forward_hook(module, args) -> None:
     name = state.shard_probe() if state is not None else None
     if name is not None:
         raise TypeError(sharded_refusal("bread_kernels", name))
+    if state is not None and state.stream.suspect_lost is not None and torch.is_grad_enabled():
+        state.check_forward()  # here too: a block stack swapped whole runs no streamed block
     begin_forward()
 
 

@@ -59,8 +59,7 @@ from .functions.rebuild import rebuilding_outputs
 from .functions.recompute import ForwardRecord, Recomputing
 from .plan import PLAN_ATTR
 
-__all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF",
-           "replaced_module_refusal"]
+__all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF"]
 
 #: on a block whose HF ``gradient_checkpointing`` was turned off — by ``patch``, or by the stream where it was enabled
 #: after ``patch`` — so that ``unpatch`` turns it back on
@@ -99,9 +98,9 @@ class StreamConfig:
     #: in the forward that runs now: the ids of the hidden states' nodes below the cut found to lead to a parameter
     #: (their blocks run under autograd), where the next block's walk stops
     followed_below_cut: set = field(default_factory=set, repr=False)
-    #: (qualified name, the patched model's class) of a module with a plan that left the model while an optimizer
-    #: drove it (``PatchedModel.note_lost``): every forward with grad is refused until the plans are cleared
-    lost_while_driven: tuple[str, str] | None = None
+    #: set where a module of the model with a forward of patch's was replaced (``PatchedModel.suspect_lost``): a weak
+    #: method that, before a forward with grad, refuses it if one is gone while an optimizer drives
+    suspect_lost: Any = None
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
@@ -185,19 +184,6 @@ class StreamConfig:
             self.auto_keeps_top, self.auto_budget_bytes, self.auto_loss_bytes, self._auto_count = outer
 
 
-def replaced_module_refusal(name: str, patched: str, driven: bool = False) -> str:
-    """The error for a patched model (of class ``patched``) whose module ``name`` (a fused layer, an experts module,
-    a block) was replaced or removed after patch: no plan reaches the module in its place."""
-    return (f"bread_kernels: {name} was replaced after patch() (peft's merge_and_unload() or unload(), "
-            "resize_token_embeddings, a module assigned in its place or removed)" +
-            (" while an optimizer drives the model: the weights in its place would silently stop training "
-             "(close the optimizer to train on with plain autograd). "
-             if driven else ", so the optimizer's plans cannot reach the module in its place. ") +
-            "Merge a trained peft model with bread_kernels.merge_and_unload(model); otherwise unpatch the model "
-            f"given to patch() (the {patched}: bread_kernels.unpatch) before changing it, then patch it and build "
-            "the optimizer again")
-
-
 def block_has_work(block: nn.Module) -> bool:
     """Whether the block's backward would do anything: a parameter needs a gradient or a fused on-the-fly update.
     (The parameters first: an active block answers at its first one, where the walk over every module's plans cost
@@ -223,8 +209,10 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     """The forward installed on each block by :func:`bread_kernels.patch`."""
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
-    if config.lost_while_driven is not None:
-        raise ValueError(replaced_module_refusal(*config.lost_while_driven, driven=True))
+    if config.suspect_lost is not None:
+        check = config.suspect_lost()
+        if check is not None:
+            check()
     if turn_off_hf_checkpointing(block):  # enabled after patch(): ours replaces it
         warnings.warn("bread_kernels: the model's gradient checkpointing is replaced by the streaming backward's own "
                       "recompute; turned the layers' gradient_checkpointing flag off", RuntimeWarning, stacklevel=2)

@@ -73,10 +73,11 @@ def main(argv=None):
         _fail(f"--repeats must be at least 1, got {args.repeats}")
     dtype = DTYPES[args.dtype] if args.dtype else None
     device = _check_device(args.device)
+    if args.suite == "model":  # first: a size flag beside --model is refused as such, not checked as a size
+        _check_model_options(args, model)
     # the embedded default model's shape: what a size flag not given stands for
     _check_sizes(args, model.default_setup(device)["shape"] if args.suite == "model" and not args.model else {})
     if args.suite == "model":
-        _check_model_options(args, model)
         _check_out(args.out, _output_names(device, dtype or model.default_setup(device)["dtype"]))
     try:
         _run_suite(args, dtype, device)

@@ -549,7 +549,8 @@ def _refuse_twice(what: str, values) -> None:
 
 def _check_positions(model, seq: int) -> None:
     """A sequence longer than the model's positions (``max_position_embeddings``, GPT-2's ``n_positions``) is
-    refused, naming the limit: a position-embedding table raised a bare IndexError in the first forward."""
+    refused, naming the limit: a learned position table (GPT-2) raised a bare IndexError in the first forward, and a
+    rotary model would be timed on a context its configuration does not cover."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and seq > limit:
         raise ValueError(f"--seq {seq} is longer than the model's {limit} positions (its config's "

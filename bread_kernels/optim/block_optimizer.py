@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from ..patch import block_stacks, patched_state
+from ..patch import block_stacks, patched_state, stack_prefixes
 from ..peft_lora import is_adapter_name
 from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks, layer_prefixes
@@ -153,14 +153,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         if block_prefix_list is None:
             layers, embedding_prefix = layer_prefixes(self.names), None
             if self.engine is not None:
-                stacks = [[f"{name}.{i}." for i in range(len(stack))] for name, stack in block_stacks(self.model)]
+                stacks = [stack_prefixes(name, len(stack)) for name, stack in block_stacks(self.model)]
                 layers = layer_prefixes(self.names, self.engine.block_prefixes(), stacks)
                 embedding_prefix = self._module_prefix(self.engine.embedding)
-                _warn_unstreamed_layers(layers, self.engine.block_prefixes())
             block_prefix_list = infer_blocks(self.names, layers, embedding_prefix, include_embedding,
                                              include_lm_head, n_layer_per_block)
             if lora_mode == "adapter_only":
                 block_prefix_list = _blocks_holding_adapters(block_prefix_list, self.names)
+            if self.engine is not None:
+                _warn_unstreamed_layers(block_prefix_list, layers, self.engine.block_prefixes())
         if not isinstance(block_prefix_list, list) or not block_prefix_list or \
                 not all(isinstance(b, list) and all(isinstance(p, str) for p in b) for b in block_prefix_list):
             raise ValueError("BlockOptimizer: block_prefix_list must be a non-empty list of lists of name prefixes")
@@ -535,15 +536,18 @@ def _blocks_holding_adapters(blocks: list[list[str]], names: list[str]) -> list[
     return holding
 
 
-def _warn_unstreamed_layers(layers: list[str], streamed: list[str]) -> None:
-    """Say which blocks lie outside the stack ``patch`` streams (an encoder's beside a decoder's, a vision tower's):
-    they train exactly as in the reference, through plain autograd and hooks, not the fused backward."""
-    outside = [p for p in layers if p not in set(streamed)]
+def _warn_unstreamed_layers(blocks: list[list[str]], layers: list[str], streamed: list[str]) -> None:
+    """Say which of the ``layers`` kept in ``blocks`` lie outside the stack ``patch`` streams (an encoder's beside
+    a decoder's, a vision tower's): they train exactly as in the reference, through plain autograd and hooks, not
+    the fused backward."""
+    kept, streamed = {p for block in blocks for p in block}, set(streamed)
+    trained = [p for p in layers if p in kept]
+    outside = [p for p in trained if p not in streamed]
     if outside:
         warnings.warn(
-            f"BlockOptimizer: {len(outside)} of the {len(layers)} layer blocks ({outside[0]}...) lie outside the "
-            f"block stack patch streams ({streamed[0].rsplit('.', 2)[0]}): they train exactly, through plain "
-            "autograd and hooks as in the reference, without the fused backward", UserWarning, stacklevel=3)
+            f"BlockOptimizer: {len(outside)} of the {len(trained)} layer blocks ({outside[0]}...) lie outside the "
+            "block stack patch streams: they train exactly, through plain autograd and hooks as in the reference, "
+            "without the fused backward", UserWarning, stacklevel=3)
 
 
 def _is_rank_zero() -> bool:

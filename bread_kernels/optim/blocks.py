@@ -54,19 +54,19 @@ def reference_embedding_prefix(param_names: list[str]) -> str | None:
     return next((m.group(1) for n in param_names if (m := re.match(r"(.*(?:embed[^.]*|\bwte)\.)", n))), None)
 
 
-def infer_blocks(param_names: list[str], layer_prefixes: list[str], embedding_prefix: str | None,
+def infer_blocks(param_names: list[str], layers: list[str], embedding_prefix: str | None,
                  include_embedding: bool, include_lm_head: bool, n_layer_per_block: int) -> list[list[str]]:
     """A list of blocks, each a list of name prefixes (BlockOptimizers' ``block_prefix_list``): one per layer of
-    ``layer_prefixes`` (:func:`layer_prefixes`), ``n_layer_per_block`` layers a block; ``embedding_prefix`` (None:
-    :func:`reference_embedding_prefix`) first where ``include_embedding``."""
+    ``layers`` (their prefixes: :func:`layer_prefixes`), ``n_layer_per_block`` layers a block; ``embedding_prefix``
+    (None: :func:`reference_embedding_prefix`) first where ``include_embedding``."""
     if embedding_prefix is None:
         embedding_prefix = reference_embedding_prefix(param_names)
-    if not layer_prefixes:
+    if not layers:
         raise ValueError(
             "BlockOptimizer: could not infer the blocks: no repeated layers found in the parameter names. Patch the "
             "model first (bread_kernels.patch finds the layers structurally) or pass block_prefix_list"
         )
-    layers = [[p] for p in layer_prefixes]
+    layers = [[p] for p in layers]
     if n_layer_per_block > 1:
         layers = [sum(layers[i:i + n_layer_per_block], []) for i in range(0, len(layers), n_layer_per_block)]
     blocks = []

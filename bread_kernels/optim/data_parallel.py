@@ -81,9 +81,8 @@ def check_internals() -> None:
     """Raise if this torch lacks the DDP and autograd-engine internals this module reads."""
     if not dist.is_available():
         return
-    from torch.nn.parallel import DistributedDataParallel
-
     from torch._C._distributed_c10d import Reducer
+    from torch.nn.parallel import DistributedDataParallel
 
     missing = [name for name, owner in (("_get_active_ddp_module", DistributedDataParallel),
                                         ("queue_callback", torch.autograd.Variable._execution_engine),
