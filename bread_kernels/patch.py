@@ -128,9 +128,6 @@ class PatchedModel:
         # shards what it wraps (the root, each block), so a model sharded after patch shows there (see shard_probe)
         self.shard_probes: list[tuple[str, nn.Module, str]] = []
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
-        #: the qualified name of a module with a forward of patch's (fused, experts, block) found gone from the model
-        #: at the last look (:meth:`find_lost`), or None
-        self.lost: str | None = None
 
     def __deepcopy__(self, memo: dict) -> "PatchedModel":
         """The state of a deep copy of the patched model (an EMA or reference model — TRL's
@@ -264,14 +261,12 @@ class PatchedModel:
         if model is None:
             return None
         present = {id(m) for m in model.modules()}
-        # the blocks first: a block gone takes its layers along, and is what to name
-        installed = list(zip(self.block_names(), self.blocks)) + self.fused_modules + self.fused_experts
-        self.lost = next((name for name, module in installed if id(module) not in present), None)
-        if self.lost is None:
+        lost = next((name for name, module in self.installed() if id(module) not in present), None)
+        if lost is None:
             self.stream.suspect_lost = None
         else:
             self.suspect_lost()
-        return self.lost
+        return lost
 
     def suspect_lost(self) -> None:
         """A module of this model with a forward of patch's was replaced somewhere (:func:`_note_replaced_modules`):
@@ -289,9 +284,12 @@ class PatchedModel:
         if lost is not None:
             raise ValueError(replaced_module_refusal(lost, type(model).__name__, driven=True))
 
-    def block_names(self) -> list[str]:
-        """Each block's qualified name."""
-        return [prefix[:-1] for prefix in self.block_prefixes()]
+    def installed(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of every module given a forward of patch's that a plan or the stream acts
+        through: the blocks first (a block gone takes its layers along, and is what to name), then the fused
+        linears and embedding, then the experts modules."""
+        blocks = [(prefix[:-1], block) for prefix, block in zip(self.block_prefixes(), self.blocks)]
+        return blocks + self.fused_modules + self.fused_experts
 
     @property
     def driver(self):
@@ -374,8 +372,7 @@ def _whole_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
-#: every module given a forward of patch's that a plan or the stream acts through (fused linears, the embedding,
-#: experts modules, blocks) -> a weak reference to its patched model's state
+#: every module of :meth:`PatchedModel.installed` -> a weak reference to its patched model's state
 _INSTALLED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _registration_hook: list = []
 
@@ -399,7 +396,7 @@ def _register_installed(state: PatchedModel) -> None:
     if not _registration_hook:
         _registration_hook.append(nn.modules.module.register_module_module_registration_hook(_note_replaced_modules))
     ref = weakref.ref(state)
-    for module in [m for _, m in state.fused_modules + state.fused_experts] + list(state.blocks):
+    for _, module in state.installed():
         _INSTALLED[module] = ref
 
 
@@ -913,10 +910,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         driver.close()
         if patched_state(model) is None:
             return given
-    for _, module in state.fused_modules + state.fused_experts:
+    for _, module in state.installed():
         _INSTALLED.pop(module, None)
-    for block in state.blocks:
-        _INSTALLED.pop(block, None)
     causal_lm.uninstall(model)
     _set_fused_elementwise(model, False, state)
     for _, module in state.fused_modules + state.fused_experts:
