@@ -333,25 +333,28 @@ def verify_step(engine, reference, variant, active, ids, lr) -> None:
         sign_grads = {}  # the reference's gradients of its SIGN-updated parameters, before its hooks consume them
         handles = [p.register_hook(_keeping(sign_grads, n)) for n, p in model.named_parameters()
                    if name == "reference" and opt.roles.get(n) is Role.SIGN and p.requires_grad]
-        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
-            torch.manual_seed(0)  # the same dropout masks on both sides (GPT-2's config has dropout 0.1)
-            loss = model(input_ids=ids, labels=ids).loss
-            if name == "reference" and not bool(loss.isfinite()):
-                opt.close()
-                raise VerificationError(f"{variant} at block {active} vs the reference: the reference's loss is "
-                                        f"{float(loss)} (a batch with no token to score, or weights that are not "
-                                        "finite), so there is nothing to verify the engine's step against")
-            loss.backward()
-        roles = roles or dict(opt.roles)
-        grads[name] = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
-                       if roles.get(n) is Role.ACTIVE}
-        grads[name].update(sign_grads)
-        for handle in handles:
-            handle.remove()
-        opt.step()
-        opt.zero_grad()
-        results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt.close()
+        try:  # however the step ends (a refusal included), the model keeps neither these hooks nor the optimizer's
+            with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+                torch.manual_seed(0)  # the same dropout masks on both sides (GPT-2's config has dropout 0.1)
+                loss = model(input_ids=ids, labels=ids).loss
+                if name == "reference" and not bool(loss.isfinite()):
+                    raise VerificationError(f"{variant} at block {active} vs the reference: the reference's loss is "
+                                            f"{float(loss)} (a batch with no token to score, or weights that are not "
+                                            "finite), so there is nothing to verify the engine's step against")
+                loss.backward()
+            roles = roles or dict(opt.roles)
+            grads[name] = {n: None if p.grad is None else p.grad.detach().clone()
+                           for n, p in model.named_parameters() if roles.get(n) is Role.ACTIVE}
+            grads[name].update(sign_grads)
+            for handle in handles:
+                handle.remove()
+            opt.step()
+            opt.zero_grad()
+            results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        finally:
+            for handle in handles:
+                handle.remove()
+            opt.close()
     compare_parameters(results["engine"], results["reference"], before, roles, lr,
                        f"{variant} at block {active} vs the reference", gradients=(grads["engine"], grads["reference"]),
                        low_precision=reference.get_input_embeddings().weight.dtype != torch.float32)

@@ -100,6 +100,26 @@ def test_the_bench_verifies_a_model_with_dropout():
     verify_step(patch(copy.deepcopy(base)).train(), copy.deepcopy(base).train(), "BAdam", 0, ids, lr=1e-3)
 
 
+
+def test_a_refused_step_leaves_no_hook_on_the_reference():
+    """A sign variant keeps its reference's gradients with a tensor hook on each SIGN parameter; a reference loss
+    that is not finite (one token per sequence: the shifted labels score none) refused the step and left them on
+    the model, where each later backward copied the gradients again."""
+    import copy
+
+    from bread_kernels import patch
+    from bread_kernels.bench.model import verify_step
+    from tests import model_zoo as models
+
+    base = models.llama(layers=3).train()
+    ids = models.batch(0, shape=(2, 1))
+    reference = copy.deepcopy(base).train()
+    with pytest.raises(VerificationError, match="nothing to verify"):
+        verify_step(patch(copy.deepcopy(base)).train(), reference, "BREAD-SGD-sign", 1, ids, lr=1e-3)
+    hooked = [n for n, p in reference.named_parameters() if p._backward_hooks]
+    assert not hooked, f"hooks left on the reference's {hooked}"
+    assert not any(p._post_accumulate_grad_hooks for p in reference.parameters()), "the optimizer's hooks left"
+
 def _finite_case(role: Role, low: bool):
     """A step the engine computed exactly as the reference (so it passes), for a role and a precision."""
     gen = torch.Generator().manual_seed(3)
