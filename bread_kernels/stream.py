@@ -207,6 +207,8 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 def streamed_block_forward(block: nn.Module, original: Callable, config: StreamConfig, index: int,
                            *args: Any, **kwargs: Any):
     """The forward installed on each block by :func:`bread_kernels.patch`."""
+    if index == 0 and _UNWRITTEN_CACHES:
+        _refuse_caches_with_holes(kwargs)
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
     if config.suspect_lost is not None:
@@ -245,6 +247,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         if not keeps_cache:
             for name in _CACHE_ARGUMENTS:
                 if named.get(name) is not None:
+                    _note_unwritten(named[name], index)
                     named[name] = None
         if named.get("use_cache"):
             named["use_cache"] = False
@@ -330,6 +333,46 @@ def _refuse_filled_caches(keywords: list[dict], index: int) -> None:
                     "training forward, but a recomputed block runs without the cache (its recompute would write it "
                     "again), as Hugging Face's gradient checkpointing drops it. Patch with recompute=False to train "
                     "on a prefix's cache, or pass the prefix with the input instead")
+
+
+#: the KV caches a forward with grad passed to recomputed blocks, which did not write them: by cache, those blocks'
+#: indices (the model hands such a cache back with their layers empty; see :func:`_refuse_caches_with_holes`)
+_UNWRITTEN_CACHES: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
+
+
+def _note_unwritten(cache: Any, index: int) -> None:
+    """Record that block ``index`` runs without ``cache`` in this forward (its layer of the cache stays empty)."""
+    try:
+        _UNWRITTEN_CACHES.setdefault(cache, set()).add(index)
+    except TypeError:  # an object that takes no weak reference: nothing to say later
+        pass
+
+
+def _refuse_caches_with_holes(kwargs: dict) -> None:
+    """At the first block of a forward: refuse a KV cache that an earlier forward with grad filled only below its
+    cut — the layers of the blocks it recomputed (dropping the cache, as Hugging Face's gradient checkpointing does)
+    are empty while lower ones hold the prefix, so continuing from it (``model(next_ids, past_key_values=cache)``,
+    a sampling loop whose first forward ran with grad) failed on a shape deep in the attention, or attended to no
+    prefix in those layers.  A cache whose layers are all empty again (reset) is forgotten."""
+    for name in _CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        try:
+            unwritten = _UNWRITTEN_CACHES.get(cache) if cache is not None else None
+        except TypeError:
+            continue
+        length = getattr(cache, "get_seq_length", None)
+        if not unwritten or not callable(length):
+            continue
+        held = length(0) if 0 not in unwritten else max((length(i) for i in range(min(unwritten))), default=0)
+        if held == 0 or all(length(i) > 0 for i in unwritten):  # empty (reset), or its holes filled since
+            del _UNWRITTEN_CACHES[cache]
+            continue
+        raise ValueError(
+            f"bread_kernels: the KV cache passed as {name!r} was filled by a forward with grad enabled, in which "
+            f"blocks {sorted(unwritten)} were recomputed in the backward and, like Hugging Face's gradient "
+            f"checkpointing, did not write it: their layers hold no keys and values while the lower ones hold "
+            f"{held} tokens. Fill a cache you continue from under torch.no_grad() (as generate() does), or patch "
+            "with recompute=False")
 
 
 def _saved_tensor_hooks_active() -> bool:

@@ -1001,6 +1001,32 @@ def test_a_prefix_kv_cache_in_a_training_forward_is_refused_before_it_is_written
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_a_kv_cache_filled_with_grad_is_refused_where_recomputed_blocks_left_it_empty():
+    """A forward with grad and ``use_cache=True`` (a sampling loop's first step, run without ``no_grad``) hands back
+    a cache whose layers from the cut up are empty: the recomputed blocks run without it.  Continuing from it failed
+    on a shape deep in the attention ("The size of tensor a (5) must match ..."); now it is refused at the first
+    block, naming the remedy, and the remedy (filling it under ``no_grad``) continues as the unpatched model does."""
+    plain = BUILDERS["llama"]()
+    ids = batch(0)
+    prompt, rest = ids[:, :8], ids[:, 8:]
+    patched = bread_kernels.patch(copy.deepcopy(plain))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(patched.parameters()), list(patched.named_parameters()),
+                                           start_block=2, switch_mode="fixed", verbose=0)  # BAdam: the cut at 2
+    cache = patched(input_ids=prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="filled by a forward with grad enabled.*blocks \\[2, 3\\].*torch.no_grad"):
+        with torch.no_grad():
+            patched(input_ids=rest, past_key_values=cache, use_cache=True)
+    logits = []
+    for model in (plain, patched):
+        with torch.no_grad():
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            logits.append(model(input_ids=rest, past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-6, atol=1e-6)
+    opt.close()
+
+
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_hf_gradient_checkpointing_under_badam_recomputes_no_block_below_the_cut(arch):
     """``gradient_checkpointing_enable()`` (which ``Trainer(gradient_checkpointing=True)`` calls) makes the embeddings'
