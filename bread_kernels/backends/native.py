@@ -52,6 +52,17 @@ def _source(name: str):
         return Path(__file__).resolve().parents[2] / "csrc" / name
 
 
+def extension_name(sources, paths) -> str:
+    """The extension's name, and so its build directory in ``~/.cache/torch_extensions``: a hash of the sources'
+    bytes and of where they are.  The build there records the sources' paths, so two checkouts of the same version
+    (a git worktree, an installed copy beside a source checkout) sharing one name rebuilt it (~40 s) whenever a
+    process of the other had used it last; checkouts of different versions never share one either."""
+    digest = hashlib.sha256()
+    for source, path in zip(sources, paths):
+        digest.update(str(source).encode() + b"\0" + Path(path).read_bytes())
+    return f"bread_kernels_native_{digest.hexdigest()[:12]}"
+
+
 def load_native() -> None:
     """Build (first time) and load the extension; raises ``RuntimeError`` saying why it cannot."""
     with _lock:
@@ -63,15 +74,12 @@ def load_native() -> None:
             from torch.utils.cpp_extension import load
 
             with contextlib.ExitStack() as files:
-                paths = [files.enter_context(importlib.resources.as_file(_source(name)))
-                         for name in (*_SOURCES, *_HEADERS)]
-                # named by the sources' hash: checkouts of different versions on one machine never rebuild over
-                # each other's cached build
-                digest = hashlib.sha256(b"".join(Path(path).read_bytes() for path in paths)).hexdigest()[:12]
-                headers, paths = paths[len(_SOURCES):], paths[:len(_SOURCES)]
+                sources = [_source(name) for name in (*_SOURCES, *_HEADERS)]
+                paths = [files.enter_context(importlib.resources.as_file(source)) for source in sources]
+                headers, compiled = paths[len(_SOURCES):], paths[:len(_SOURCES)]
                 load(
-                    name=f"bread_kernels_native_{digest}",
-                    sources=[str(path) for path in paths],
+                    name=extension_name(sources, paths),
+                    sources=[str(path) for path in compiled],
                     extra_include_paths=sorted({str(Path(path).parent) for path in headers}),
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *_arch_flags()],
                     extra_ldflags=["-fopenmp"],

@@ -97,3 +97,28 @@ def test_a_plan_chooses_its_weights_backend_once(monkeypatch):
     assert copied._kept is None and copied.keep_backend
     assert copied.backend(torch.device("cpu")).name == "torch"
     assert copy.deepcopy(plan) is None  # a plan is not copied with a model: the copy is driven by no optimizer
+
+
+def test_two_checkouts_of_the_same_sources_build_apart(monkeypatch, tmp_path):
+    """torch's JIT build records the sources' paths: two checkouts of one version (a git worktree, an installed
+    copy beside a checkout) that share an extension name rebuild it over each other, each time the other was last.
+    Each checkout gets a build of its own; one checkout keeps its name."""
+    import shutil
+
+    import torch.utils.cpp_extension
+
+    import bread_kernels.backends.native as native
+
+    native.load_native()  # the real extension, so that its ops are registered whatever load() is given below
+    names = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: names.append(kwargs["name"]))
+    for checkout in ("a", "b", "a"):
+        csrc = tmp_path / checkout / "csrc"
+        if not csrc.exists():
+            csrc.mkdir(parents=True)
+            for name in (*native._SOURCES, *native._HEADERS):
+                shutil.copyfile(native._source(name), csrc / name)
+        monkeypatch.setattr(native, "_source", lambda name, csrc=csrc: csrc / name)
+        monkeypatch.setattr(native, "_state", {})
+        native.load_native()
+    assert names[0] != names[1] and names[0] == names[2], names
