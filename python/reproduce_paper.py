@@ -1,7 +1,7 @@
 """Reproduce the BREAD paper's two experiments on a CPU, writing PNGs and a markdown table into ``--out``.
 
     python python/reproduce_paper.py --out runs/paper               # both (the LM ablation takes a while)
-    python python/reproduce_paper.py --out runs/paper --only toy    # the toy alone, seconds
+    python python/reproduce_paper.py --out runs/paper --only toy    # the toy alone, minutes
 
 1. **Toy** (``toy.png``): a 3-layer ReLU net fitted by mean squared error to a random 3-layer ReLU teacher.
    * *BCD*: the layers in turn (descending), K Adam steps each;

@@ -643,6 +643,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         weight, bias: the head, [V, H] and [V] or None.
         targets: [T] the token each row must predict, or ``ignore_index``.
         plan: the head's :class:`~bread_kernels.WeightPlan`; None: plain autograd (dW if ``weight.requires_grad``).
+        ignore_index: the target of a row that is not scored (default -100, transformers' padding label).
         num_items_in_batch: divide the summed loss by this (a number or a one-element tensor) instead of the count
             of non-ignored tokens, as transformers does for Trainer's gradient accumulation.
         softcap: Gemma2's ``final_logit_softcapping``: the logits are ``c · tanh(z / c)``.

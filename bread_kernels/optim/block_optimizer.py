@@ -82,7 +82,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             docstring).
         n_layer_per_block: consecutive layers per inferred block.
         lr_warmup_step_afterswitch: linear warm-up of the base optimizer's lr over this many steps after each
-            switch (from the first switch on), or None.
+            switch once ``global_step`` has reached it (as the reference: from the first switch on where it is at
+            most ``switch_block_every``), or None.
         sgd_mode: ``"disabled"`` (BAdam), ``"all"`` (BREAD-SGD) or ``"partial"`` (BREAD-SGD-partial).
         sgd_lr_scaling: ``s`` of the on-the-fly update ``W -= lr·s·dW``; a finite number >= 0.
         sgd_use_sign: the on-the-fly update is ``W -= lr·s·sign(dW)`` (signSGD).
