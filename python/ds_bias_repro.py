@@ -4,6 +4,7 @@ the larger gradient norm with biases exceeds; ``zero3_worker.ds_config`` now set
 
     BIAS=1 ZERO3_WORKER_CLIP=1.0 torchrun --nproc_per_node 1 python/ds_bias_repro.py   # differs from step 1
     BIAS=1 torchrun --nproc_per_node 1 python/ds_bias_repro.py     # clipping off: identical at every step
+    BIAS=0 ZERO3_WORKER_CLIP=1.0 torchrun --nproc_per_node 1 python/ds_bias_repro.py   # no biases
 
 No bread_kernels code is involved: the tiny Llama of ``tests/integrations/zero3_worker.py`` (with or without ``mlp_bias``), layer 2
 trainable, torch SGD(momentum 0.9) given to ``deepspeed.initialize`` (ZeRO-3, 1 CPU rank) against the same SGD on
@@ -18,7 +19,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-os.environ["ZERO3_WORKER_MLP_BIAS"] = os.environ.get("BIAS", "1")
+# BIAS=0 builds the model without biases: the worker takes any value of its variable, "0" too, as biases
+if os.environ.get("BIAS", "1") not in ("", "0"):
+    os.environ["ZERO3_WORKER_MLP_BIAS"] = "1"
+else:
+    os.environ.pop("ZERO3_WORKER_MLP_BIAS", None)
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
