@@ -43,7 +43,7 @@ from .autocast import autocast_dtype, outside_autocast
 from .rebuild import rebuildable, saved_input
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
-__all__ = ["FusedLinearFunction", "fused_linear", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
+__all__ = ["FusedLinearFunction", "fused_linear", "not_a_view", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
            "start_weight_role", "finish_weight_role"]
 
 def backward_trigger() -> torch.Tensor:
@@ -126,7 +126,7 @@ class FusedLinearFunction(torch.autograd.Function):
         x_saved, ctx.x_source = saved_input(x if needs_x else None)  # x, or what rebuilds it (.rebuild)
         ctx.save_for_backward(weight, bias, *x_saved)
         if deferred is None:
-            return F.linear(x, weight_c, bias_c)
+            return not_a_view(F.linear(x, weight_c, bias_c))
         return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]), lambda: F.linear(x, weight_c, bias_c))
 
     @staticmethod
@@ -142,6 +142,18 @@ class FusedLinearFunction(torch.autograd.Function):
             grad_weight, grad_bias = finish_weight_role(ctx, g, x, weight, bias, ctx.needs_input_grad[1],
                                                         ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias, None, trigger_gradient(ctx.needs_input_grad[4]), None
+
+
+def not_a_view(output: torch.Tensor) -> torch.Tensor:
+    """``output`` as a tensor of its own over the same storage, where it is a view (``F.linear`` of a 3-D input
+    computes a 2-D GEMM and returns it reshaped): autograd forbids an in-place op on a view made inside a custom
+    Function's forward, which the model may apply to a layer's output as it may to ``nn.Linear``'s (Falcon's
+    ``mlp_output += attention_output``).  No copy: ``set_`` aliases the GEMM's result, which nothing else holds, so
+    the values are the same bits (the deferred output's placeholder takes it so too)."""
+    if output._base is None:
+        return output
+    return torch.empty(0, dtype=output.dtype, device=output.device).set_(
+        output.untyped_storage(), output.storage_offset(), output.shape, output.stride())
 
 
 def start_weight_role(ctx, plan: WeightPlan) -> bool:

@@ -45,7 +45,7 @@ from ..backends import get_backend
 from ..plan import WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from .autocast import autocast_dtype, outside_autocast
-from .linear import check_linear_inputs, finish_weight_role, start_weight_role, trigger_for
+from .linear import check_linear_inputs, finish_weight_role, not_a_view, start_weight_role, trigger_for
 from .rebuild import saved_input
 from .recompute import apply_deferring_output, deferred_output
 
@@ -108,7 +108,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(saved_adapter_input, weight, bias, lora_a, lora_b, u, *x_saved)
         weight_c, bias_c = weight.to(base_dtype), (bias.to(base_dtype) if bias is not None else None)
         if deferred is None:
-            return lora_output(x, weight_c, bias_c, u, lora_b_c, scaling)
+            return not_a_view(lora_output(x, weight_c, bias_c, u, lora_b_c, scaling))
         return deferred_output(deferred, x, (*x.shape[:-1], weight.shape[0]),
                                lambda: lora_output(x, weight_c, bias_c, u, lora_b_c, scaling))
 

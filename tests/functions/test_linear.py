@@ -401,3 +401,32 @@ def test_recompute_defers_the_output_and_fills_it_when_apply_returns(device, sha
     torch.testing.assert_close(w.detach().double(), expected, rtol=1e-5, atol=1e-5)
     del y
 
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.SIGN, Role.FROZEN], ids=lambda r: r.name)
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
+def test_output_may_be_modified_in_place(backend, device, role, shape):
+    """A model may add into a layer's output in place, as into ``nn.Linear``'s (Falcon's ``mlp_output +=
+    attention_output``): the fused output is no view made inside the Function, which autograd would refuse, and the
+    backward is plain autograd's through ``F.linear`` and the add, with the update of the role."""
+    weight, b, x, grad_out = make_inputs(torch.float32, device, TOKEN_SHAPES[shape], True)
+    residual = torch.randn(*TOKEN_SHAPES[shape], N_OUT, generator=torch.Generator().manual_seed(9)).to(device)
+    expected_w, expected_b, dw, db = float64_update(weight, b, x, grad_out, role, STEP)
+    ref_x = x.clone().requires_grad_(True)
+    expected_y = F.linear(ref_x, weight.clone(), b.clone())
+    expected_y += residual
+    expected_y.backward(grad_out)
+    x.requires_grad_(True)
+    if role is Role.FROZEN:
+        weight.requires_grad_(True)  # the Function serves a frozen weight that requires grad
+        expected_w, expected_b = weight.detach().double(), b.double()
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=STEP) if role.updates_on_the_fly else None, name="w")
+
+    y = fused_linear(x, weight, b, plan)
+    y += residual
+    torch.testing.assert_close(y, expected_y)
+    y.backward(grad_out)
+
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert_update_close(weight.detach(), expected_w, dw, role, torch.float32)
+    assert_update_close(b, expected_b, db, role, torch.float32)

@@ -204,3 +204,25 @@ def test_bad_adapter_shapes_are_refused():
         fused_lora_linear(x, None, layer.base_layer.weight, None, a, b.bfloat16(), 1.0, plan)
     with pytest.raises(ValueError, match="scaling must be a finite number"):
         fused_lora_linear(x, None, layer.base_layer.weight, None, a, b, float("nan"), plan)
+
+
+@pytest.mark.parametrize("role", [Role.SGD, Role.FROZEN], ids=lambda r: r.name)
+def test_output_may_be_modified_in_place(backend, device, role):
+    """A model may add into a LoRA layer's output in place, as into peft's (Falcon's ``mlp_output +=
+    attention_output``): the same output and input gradient as peft's forward with plain autograd."""
+    layer = make_layer(8, 0.0, device=device)
+    x, grad_out = inputs(torch.float32, device)
+    residual = torch.randn(*TOKENS, N_OUT, generator=torch.Generator().manual_seed(9)).to(device)
+    ref_x = x.clone().requires_grad_(True)
+    expected = layer(ref_x)
+    expected = expected + residual
+    expected.backward(grad_out)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x.requires_grad_(True)
+    plan = WeightPlan(role, OnTheFlyUpdate(lr=STEP) if role.updates_on_the_fly else None, name="proj")
+    y = fused_lora_linear(x, None, layer.base_layer.weight, layer.base_layer.bias, a.detach(), b.detach(),
+                          layer.scaling["default"], plan)
+    y += residual
+    assert_close(y, expected, "output")
+    y.backward(grad_out)
+    assert_close(x.grad, ref_x.grad, "dX")
