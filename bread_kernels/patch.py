@@ -7,7 +7,9 @@ and head come from ``get_input_embeddings()`` / ``get_output_embeddings()`` when
 What is installed — all as instance attributes, so :func:`unpatch` restores the original module tree and the
 ``state_dict`` never changes:
 
-* every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head: a forward through
+* every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head (also an ``nn.Linear`` subclass whose
+  forward computes ``x Wᵀ + b`` to rounding on probe rows, as Falcon's ``FalconLinear``; one that computes something
+  else keeps plain autograd, and ``patch`` warns, naming it): a forward through
   :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
   ``_bread_weight_plan`` attribute, written through :meth:`PatchedModel.apply_plans`) it computes exactly what the
   original forward does, with plain autograd.
@@ -76,7 +78,7 @@ from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .installed_forward import NOT_PICKLED, install_forward
-from .peft_lora import Conv1D, check_lora_layer, is_lora_layer, is_param_wrapper, trained_adapter
+from .peft_lora import Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper, trained_adapter
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
@@ -606,11 +608,13 @@ def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or (Conv1D is not None and isinstance(module, Conv1D))
+    """``nn.Linear``, ``Conv1D``, or an ``nn.Linear`` subclass that only restates its forward (Falcon's)."""
+    return is_linear_layer(module)
 
 
-def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    """The LoRA layers and plain linears under ``root`` (a LoRA layer's base layer and adapters are part of it)."""
+def _fusable_linears(root: nn.Module, prefix: str, unfused: list | None = None) -> list[tuple[str, nn.Module]]:
+    """The LoRA layers and plain linears under ``root`` (a LoRA layer's base layer and adapters are part of it);
+    ``unfused`` collects the (name, module) of each ``nn.Linear`` subclass that computes something else."""
     found, inside_lora = [], []
     for name, module in root.named_modules(prefix=prefix):
         if any(name.startswith(f"{lora}.") for lora in inside_lora):
@@ -621,7 +625,21 @@ def _fusable_linears(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
             found.append((name, module))
         elif _is_linear(module):
             found.append((name, module))
+        elif isinstance(module, nn.Linear) and unfused is not None:
+            unfused.append((name, module))
     return found
+
+
+def _warn_unfused_linears(unfused: list[tuple[str, nn.Module]]) -> None:
+    """Say which ``nn.Linear`` subclasses in the blocks keep plain autograd (their forward is not ``x·Wᵀ + b``:
+    a router returning its top-k, a layer with an fp32 output, ...)."""
+    if not unfused:
+        return
+    classes = sorted({type(module).__name__ for _, module in unfused})
+    warnings.warn(f"patch: {len(unfused)} nn.Linear subclass layer(s) in the blocks ({', '.join(classes)}; "
+                  f"{unfused[0][0]}, ...) do not compute a plain x·Wᵀ + b and keep plain autograd: their on-the-fly "
+                  "updates go through the hook path, which materialises each one's whole gradient", RuntimeWarning,
+                  stacklevel=3)
 
 
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
@@ -728,10 +746,12 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
 
     targets: list[tuple[str, nn.Module, int | None]] = []
     experts: list[tuple[str, nn.Module]] = []
+    unfused: list[tuple[str, nn.Module]] = []
     for index, block in enumerate(blocks):  # everything is found (and refused) before anything is installed
         prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
-        targets += [(name, module, index) for name, module in _fusable_linears(block, prefix)]
+        targets += [(name, module, index) for name, module in _fusable_linears(block, prefix, unfused)]
         experts += _experts_modules(block, prefix)
+    _warn_unfused_linears(unfused)
     if head is not None and (_is_linear(head) or is_lora_layer(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)
         targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
@@ -963,7 +983,8 @@ def fused_fraction(model: nn.Module) -> dict:
         raise ValueError("fused_fraction: the model is not patched; call bread_kernels.patch(model) first")
     fused_ids = {id(p) for _, module in state.fused_modules + state.fused_experts for p in module.parameters()
                  if id(p) not in state.shared_weights}
-    linear_ids = {id(p) for block in state.blocks for module in block.modules() if _is_linear(module)
+    linear_ids = {id(p) for block in state.blocks for module in block.modules()
+                  if isinstance(module, nn.Linear) or _is_linear(module)
                   for p in module.parameters(recurse=False)}
     linear_ids |= {id(p) for block in state.blocks for module in block.modules()
                    if _experts_like(module) for p in module.parameters(recurse=False) if p.dim() == 3}

@@ -8,6 +8,8 @@ LoRA layer.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -25,8 +27,57 @@ try:  # GPT-2 and friends store the weight as [in, out]
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
-__all__ = ["LoraLinear", "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
+__all__ = ["LoraLinear", "is_linear_layer", "linear_subclass_computes_linear", "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
            "adapter_parameters", "trained_adapter", "check_lora_layer"]
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """A layer the fused linear function computes: ``nn.Linear``, GPT-2's ``Conv1D``, or a subclass of ``nn.Linear``
+    that only restates its forward (:func:`linear_subclass_computes_linear`: Falcon's ``FalconLinear``)."""
+    if type(module) is nn.Linear or (Conv1D is not None and isinstance(module, Conv1D)):
+        return True
+    return isinstance(module, nn.Linear) and linear_subclass_computes_linear(module)
+
+
+#: what a subclass's forward raises on a probe it does not take: it then computes something else than a linear
+_PROBE_REFUSALS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError, NotImplementedError,
+                   AssertionError)
+
+
+def linear_subclass_computes_linear(module: nn.Linear) -> bool:
+    """Whether a subclass of ``nn.Linear`` computes ``y = x Wᵀ + b`` and nothing else: no parameters, buffers or
+    submodules of its own beyond ``weight`` [N, K] and ``bias``, and a forward whose result on probe rows [4, K]
+    (in the weight's dtype and device, in evaluation and training mode) has ``F.linear``'s shape and dtype and its
+    values to rounding: ``|y − F.linear(x, W, b)| ≤ 4·ε_dtype·(|x| |W|ᵀ + |b|)`` element by element, the bound of
+    two roundings of the dot products (Falcon's ``x @ Wᵀ + b`` rounds the product before adding the bias in
+    bf16, where ``F.linear`` rounds once).  A weight that cannot be read (on the meta device, partitioned by
+    ZeRO-3) fails the probe."""
+    own = set(module._parameters) - {"weight", "bias"}
+    if own or module._buffers or module._modules:
+        return False
+    weight, bias = module.weight, module.bias
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0 or \
+            weight.device.type == "meta" or not weight.is_floating_point():
+        return False
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(4, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+    training = module.training
+    try:
+        with torch.no_grad():
+            expected = F.linear(x, weight, bias)
+            scale = F.linear(x.abs().float(), weight.abs().float(), None if bias is None else bias.abs().float())
+            bound = 4 * torch.finfo(weight.dtype).eps * scale + torch.finfo(weight.dtype).tiny
+            for mode in (False, True):
+                module.training = mode
+                got = type(module).forward(module, x)
+                if not (isinstance(got, torch.Tensor) and got.dtype == expected.dtype and
+                        got.shape == expected.shape and bool(((got.float() - expected.float()).abs() <= bound).all())):
+                    return False
+    except _PROBE_REFUSALS:
+        return False
+    finally:
+        module.training = training
+    return True
 
 
 def lora_layer_classes() -> list[type]:
@@ -87,10 +138,12 @@ def check_lora_layer(name: str, module: nn.Module) -> None:
     for adapter in module.lora_A:
         _refuse_variant("patch", name, module, adapter)
     base = module.get_base_layer()
-    if not (type(base) is nn.Linear or (Conv1D is not None and isinstance(base, Conv1D))):
+    if not is_linear_layer(base):
         raise NotImplementedError(
-            f"patch: LoRA layer {name} wraps a {type(base).__name__}; the fused backward supports LoRA over nn.Linear "
-            "and Conv1D (quantized base layers are not supported)"
+            f"patch: LoRA layer {name} wraps a {type(base).__name__}, which does not compute a plain x·Wᵀ + b; the "
+            "fused backward supports LoRA over nn.Linear, Conv1D and nn.Linear subclasses that only restate its "
+            "forward (quantized base layers are not supported): leave it out of LoraConfig(target_modules=...), "
+            "or train this model without patch()"
         )
 
 

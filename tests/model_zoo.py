@@ -122,7 +122,22 @@ def qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4
                 shared_expert_intermediate_size=24, intermediate_size=44)
 
 
+def falcon(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
+    """Falcon (40B/180B's layout): every linear a ``FalconLinear`` (an ``nn.Linear`` subclass whose forward is
+    ``x @ Wᵀ + b``), fused ``query_key_value`` with 2 KV groups, attention and MLP in parallel — the MLP's output is
+    added into in place (``mlp_output += attention_output``) —, LayerNorms, biases."""
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=88, num_hidden_layers=layers, num_attention_heads=4,
+        num_kv_heads=2, new_decoder_architecture=True, bias=True, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.FalconForCausalLM(config), dtype)
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
+#: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
+FAMILY_BUILDERS = {"falcon": falcon}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 
 
@@ -133,6 +148,8 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
+    if name == "FalconForCausalLM":
+        return [f"transformer.h.{i}." for i in range(model.config.num_hidden_layers)], "transformer.word_embeddings."
     if name == "GPT2LMHeadModel":
         return [f"transformer.h.{i}." for i in range(model.config.n_layer)], "transformer.wte."
     if name == "BertForMaskedLM":
@@ -185,7 +202,8 @@ def with_lora(model: torch.nn.Module, r: int = 8, lora_dropout: float = 0.0, see
 
     targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"],
-               "moe": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # the attention: the experts are 3-D parameters
+               "moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+               "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}  # the attention: the experts are 3-D parameters
     name = type(model).__name__.lower()
     family = "moe" if "moe" in name or "mixtral" in name else next(k for k in targets if k in name)
     torch.manual_seed(seed)

@@ -407,6 +407,53 @@ def test_an_experts_module_of_another_layout_keeps_plain_autograd_and_is_named()
     assert [name for name, _ in state.fused_experts] == ["model.layers.0.mlp.experts"]
 
 
+def test_an_nn_linear_subclass_computing_a_linear_is_fused():
+    """Falcon's FalconLinear (forward ``x @ Wᵀ + b``) is fused like nn.Linear: every linear weight of its blocks is
+    under the fused function and takes the optimizer's plan (none the hook path, which materialises its dW)."""
+    model = models.falcon()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        bread_kernels.patch(model, hook_update_numel=0)
+    report = fused_fraction(model)
+    linears = [m for m in model.transformer.h.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 * len(model.transformer.h) and report["linear_and_expert"] == sum(
+        p.numel() for m in linears for p in m.parameters())
+    assert report["fraction_of_linear_and_expert"] == 1.0, report["unfused"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), sgd_mode="all", verbose=0)
+    assert all(isinstance(getattr(m, PLAN_ATTR), WeightPlan) for m in linears)
+    assert not any("transformer.h." in name and "ln" not in name for name in opt.driver.hook_plans)
+    opt.close()
+
+
+class _ScaledLinear(nn.Linear):
+    """An nn.Linear subclass that computes something else than ``x Wᵀ + b``."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_an_nn_linear_subclass_computing_something_else_keeps_plain_autograd_and_is_named():
+    model = models.llama(layers=2)
+    mlp = model.model.layers[1].mlp
+    scaled = _ScaledLinear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    scaled.weight = mlp.up_proj.weight
+    mlp.up_proj = scaled
+    ids = batch(0)
+    expected = loss_of(model, ids).item()
+    with pytest.warns(RuntimeWarning, match=r"nn\.Linear subclass .*_ScaledLinear; model\.layers\.1\.mlp\.up_proj.*"
+                                            r"plain autograd"):
+        bread_kernels.patch(model)
+    state = patched_state(model)
+    assert "model.layers.1.mlp.up_proj" not in dict(state.fused_modules)
+    assert "model.layers.0.mlp.up_proj" in dict(state.fused_modules)
+    assert ("model.layers.1.mlp.up_proj.weight", scaled.weight.numel()) in fused_fraction(model)["unfused"]
+    assert fused_fraction(model)["fraction_of_linear_and_expert"] < 1.0
+    assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("value", [-1, 2.5, "4096", True])
 def test_a_bad_hook_update_numel_is_refused_before_anything_is_installed(value):
     model = models.llama()

@@ -60,6 +60,14 @@ def test_gpt2_conv1d_lora():
     run_case(bread_case("gpt2", steps=5, dropout=0.1))
 
 
+@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
+def test_falcon_lora_over_its_linear_subclass(sgd_mode):
+    """peft's LoRA over Falcon's FalconLinear (an nn.Linear subclass whose forward is x @ Wᵀ + b) is fused like
+    LoRA over nn.Linear (patch refused it before, as a quantized base layer); the adapters' outputs are added into
+    in place by the model (``mlp_output += attention_output``)."""
+    run_case(bread_case("falcon", steps=5, sgd_mode=sgd_mode))
+
+
 def _patched_lora_llama(**lora):
     model = bread_kernels.patch(models.with_lora(models.llama(), **lora))
     return model

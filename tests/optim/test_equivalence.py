@@ -114,7 +114,8 @@ def _describe(name, step, role, ref, eng, before, bad) -> str:
 
 
 def run_case(case: Case) -> None:
-    original = {**models.BUILDERS, **models.MOE_BUILDERS}[case.family](dtype=case.dtype, **case.build)
+    original = {**models.BUILDERS, **models.MOE_BUILDERS, **models.FAMILY_BUILDERS}[case.family](dtype=case.dtype,
+                                                                                               **case.build)
     layer_prefixes, embedding_prefix = models.layout(original)
     if case.lora is not None:
         original = models.with_lora(original, **case.lora)
@@ -230,6 +231,15 @@ def test_gpt2_bert_ascending(family, variant):
 
 # ----------------------------------------------------------------------------------------------------------------
 # hyper-parameters and options (Llama)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_falcon_linear_subclass_fused(variant):
+    """Falcon: every linear a FalconLinear (an nn.Linear subclass patch fuses), the MLP's output added into in place
+    (``mlp_output += attention_output``), parallel attention and MLP, LayerNorms with biases."""
+    sgd_mode, sign = variant
+    run_case(Case("falcon", steps=5, bcd=dict(switch_block_every=2, switch_mode="descending", sgd_mode=sgd_mode,
+                                              sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
 
 
 @pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
