@@ -591,8 +591,10 @@ def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
         if is_param_wrapper(module):
             raise NotImplementedError(
                 f"patch: {name} is a peft LoRA on parameters ({type(module).__name__}, LoraConfig(target_parameters="
-                "...)), which the fused backward does not support: target the linear layers with target_modules "
-                "(the expert weights then take BlockOptimizer's Roles), or train this model without patch()"
+                "...); peft's target_modules='all-linear' puts it on a mixture-of-experts model's experts and router "
+                "too), which the fused backward does not support: name the linear layers in target_modules "
+                f"({_linear_names(root)}; the expert weights then take BlockOptimizer's Roles), or train this model "
+                "without patch()"
             )
         if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
@@ -605,6 +607,15 @@ def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
                           "through the hook path, which materialises its whole gradient)", RuntimeWarning,
                           stacklevel=3)
     return found
+
+
+def _linear_names(root: nn.Module) -> list[str]:
+    """The distinct last name components of the linear layers under ``root`` (inside peft's LoRA layers too), as a
+    ``target_modules`` list names them."""
+    names = {name.rsplit(".", 1)[-1] for name, module in root.named_modules()
+             if (is_lora_layer(module) or _is_linear(module)) and name and ".lora_" not in f".{name}"
+             and not name.endswith("base_layer")}
+    return sorted(names)
 
 
 def _is_linear(module: nn.Module) -> bool:

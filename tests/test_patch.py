@@ -399,6 +399,20 @@ def test_peft_lora_on_expert_parameters_is_refused_before_anything_is_installed(
     assert not any("forward" in module.__dict__ for _, module in model.named_modules())
 
 
+def test_peft_all_linear_on_an_moe_model_is_refused_naming_the_linears_to_target():
+    """peft's target_modules='all-linear' also wraps an MoE model's expert and router parameters (target_parameters
+    filled in by peft): the refusal says so and names the linear layers a target_modules list should hold."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's own about its rank and alpha patterns
+        model = peft.get_peft_model(MOE_BUILDERS["qwen3_moe"](layers=2), peft.LoraConfig(
+            r=4, target_modules="all-linear"))
+    with pytest.raises(NotImplementedError, match=r"all-linear.*\['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+        bread_kernels.patch(model)
+    assert patched_state(model) is None
+
+
 def test_an_experts_module_of_another_layout_keeps_plain_autograd_and_is_named():
     model = MOE_BUILDERS["mixtral"](layers=2)
     model.model.layers[1].mlp.experts.is_transposed = True  # as a gpt-oss-style layout would say
