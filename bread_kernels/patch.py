@@ -78,7 +78,8 @@ from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .installed_forward import NOT_PICKLED, install_forward
-from .peft_lora import Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper, trained_adapter
+from .peft_lora import (Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper,
+                        peft_remapped_targets, trained_adapter)
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
@@ -583,7 +584,7 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **k
                          tuple(plans[attr] for attr in EXPERT_WEIGHTS), experts_gate(self), autocast_casts=not grouped)
 
 
-def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+def _experts_modules(root: nn.Module, prefix: str, remapped: set[str] = frozenset()) -> list[tuple[str, nn.Module]]:
     """The experts modules under ``root`` that the fused experts compute; warns about the ones holding 3-D
     weights that they do not (those keep plain autograd), and refuses peft LoRA on parameters."""
     found = []
@@ -591,10 +592,11 @@ def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
         if is_param_wrapper(module):
             raise NotImplementedError(
                 f"patch: {name} is a peft LoRA on parameters ({type(module).__name__}, LoraConfig(target_parameters="
-                "...); peft's target_modules='all-linear' puts it on a mixture-of-experts model's experts and router "
-                "too), which the fused backward does not support: name the linear layers in target_modules "
-                f"({_linear_names(root)}; the expert weights then take BlockOptimizer's Roles), or train this model "
-                "without patch()"
+                "...); peft's target_modules='all-linear', or a target that peft renames to an expert weight "
+                f"({', '.join(sorted(remapped)) or 'none for this model type'}), puts it on a mixture-of-experts "
+                "model's experts and router too), which the fused backward does not support: name the linear layers "
+                f"in target_modules ({_linear_names(root, remapped)}; the expert weights then take BlockOptimizer's "
+                "Roles), or train this model without patch()"
             )
         if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
@@ -609,13 +611,14 @@ def _experts_modules(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
     return found
 
 
-def _linear_names(root: nn.Module) -> list[str]:
+def _linear_names(root: nn.Module, remapped: set[str]) -> list[str]:
     """The distinct last name components of the linear layers under ``root`` (inside peft's LoRA layers too), as a
-    ``target_modules`` list names them."""
+    ``target_modules`` list names them — less ``remapped`` (:func:`~bread_kernels.peft_lora.peft_remapped_targets`:
+    peft turns a target of such a name into LoRA on the experts' parameters, also where it names a linear)."""
     names = {name.rsplit(".", 1)[-1] for name, module in root.named_modules()
              if (is_lora_layer(module) or _is_linear(module)) and name and ".lora_" not in f".{name}"
              and not name.endswith("base_layer")}
-    return sorted(names)
+    return sorted(names - remapped)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -758,10 +761,11 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     targets: list[tuple[str, nn.Module, int | None]] = []
     experts: list[tuple[str, nn.Module]] = []
     unfused: list[tuple[str, nn.Module]] = []
+    remapped = peft_remapped_targets(model)  # for the refusal of peft's LoRA on parameters
     for index, block in enumerate(blocks):  # everything is found (and refused) before anything is installed
         prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
         targets += [(name, module, index) for name, module in _fusable_linears(block, prefix, unfused)]
-        experts += _experts_modules(block, prefix)
+        experts += _experts_modules(block, prefix, remapped)
     _warn_unfused_linears(unfused)
     if head is not None and (_is_linear(head) or is_lora_layer(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)

@@ -27,7 +27,7 @@ try:  # GPT-2 and friends store the weight as [in, out]
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
-__all__ = ["LoraLinear", "is_linear_layer", "linear_subclass_computes_linear", "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
+__all__ = ["LoraLinear", "is_linear_layer", "peft_remapped_targets", "linear_subclass_computes_linear", "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
            "adapter_parameters", "trained_adapter", "check_lora_layer"]
 
 
@@ -78,6 +78,21 @@ def linear_subclass_computes_linear(module: nn.Linear) -> bool:
     finally:
         module.training = training
     return True
+
+
+def peft_remapped_targets(model: nn.Module) -> set[str]:
+    """The ``target_modules`` names that peft turns into LoRA on expert parameters (``target_parameters``) for this
+    model's type — transformers-4 names of a transformers-5 MoE's fused experts (``gate_proj``, ``up_proj``,
+    ``down_proj``, ``gate`` on a DeepSeek-V3, Qwen3-MoE, OLMoE ...) — also where such a name is a linear too (a
+    dense or shared-expert MLP's).  Read from peft's private conversion tables (peft 0.21); empty where they are
+    missing or the model type has none."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:
+        return set()
+    config = getattr(model, "config", None)
+    base = _MODEL_TO_CONVERSION_PATTERN.get(getattr(config, "model_type", None))
+    return set(_MOE_TARGET_MODULE_MAPPING.get(base) or ())
 
 
 def lora_layer_classes() -> list[type]:

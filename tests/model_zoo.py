@@ -135,6 +135,20 @@ def falcon(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
     return _finish(transformers.FalconForCausalLM(config), dtype)
 
 
+def deepseek_v3(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
+    """DeepSeek-V3: multi-head latent attention (q_a_proj, kv_a_proj_with_mqa, ...), a dense first layer, then MoE
+    layers with routed experts [8, 2·20, 32] / [8, 32, 20] and a shared expert whose down_proj is an nn.Linear."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=20,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.DeepseekV3ForCausalLM(config), dtype)
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
 FAMILY_BUILDERS = {"falcon": falcon}

@@ -413,6 +413,22 @@ def test_peft_all_linear_on_an_moe_model_is_refused_naming_the_linears_to_target
     assert patched_state(model) is None
 
 
+def test_a_lora_target_named_like_an_expert_weight_is_refused_naming_the_linears_peft_keeps_linear():
+    """DeepSeek-V3: a target_modules entry down_proj (its dense and shared-expert MLPs' linear) makes peft wrap the
+    experts' down_proj parameter instead (as gate_proj and up_proj their gate_up_proj); the refusal says so, and the
+    names it suggests leave them out."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(models.deepseek_v3(), peft.LoraConfig(r=4, target_modules=["q_a_proj",
+                                                                                             "down_proj"]))
+    with pytest.raises(NotImplementedError, match=r"renames to an expert weight \(down_proj, gate, gate_proj, "
+                                                  r"up_proj\).*\['kv_a_proj_with_mqa', 'kv_b_proj', 'o_proj', "
+                                                  r"'q_a_proj', 'q_b_proj'\]"):
+        bread_kernels.patch(model)
+
+
 def test_an_experts_module_of_another_layout_keeps_plain_autograd_and_is_named():
     model = MOE_BUILDERS["mixtral"](layers=2)
     model.model.layers[1].mlp.experts.is_transposed = True  # as a gpt-oss-style layout would say

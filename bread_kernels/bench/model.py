@@ -50,7 +50,7 @@ import torch
 from ..backends import get_backend
 from ..functions.head_loss import chunk_budget_bytes
 from ..optim import BlockOptimizer
-from ..peft_lora import Conv1D
+from ..peft_lora import Conv1D, peft_remapped_targets
 from ..patch import patch, patched_state, unpatch
 from ..plan import Role
 from .linear import device_name, synchronize
@@ -126,8 +126,11 @@ def lora_targets(model) -> list[str]:
     router, whose weight the fused functions do not serve."""
     state = patched_state(model)
     blocks = {id(m) for block in state.blocks for m in block.modules()}
+    # less the names peft turns into LoRA on the expert parameters (target_parameters, which patch refuses) on an
+    # MoE model type, also where a dense or shared-expert MLP has a linear of that name (DeepSeek-V3's down_proj)
+    experts = peft_remapped_targets(model)
     return sorted({name.rsplit(".", 1)[-1] for name, module in state.fused_modules
-                   if id(module) in blocks and module.weight.dim() == 2})
+                   if id(module) in blocks and module.weight.dim() == 2} - experts)
 
 
 def with_lora(model, rank: int, targets=LORA_TARGETS):

@@ -156,3 +156,21 @@ def test_grouped_mm_counts_as_the_per_expert_products():
         torch.ops.aten._grouped_mm(x, w, offs)  # the experts' forward: each row through its expert
         torch.ops.aten._grouped_mm(x.t(), g, offs)  # their dW: [G, K, N]
     assert counter.get_total_flops() == 2 * (2 * 13 * 16 * 8)
+
+
+def test_lora_targets_of_an_moe_with_a_shared_expert_leave_out_the_expert_weight_names():
+    """DeepSeek-V3's dense and shared-expert MLPs have a down_proj linear, and its experts a down_proj parameter:
+    peft turns a target named down_proj (gate_proj, up_proj) into LoRA on the expert parameters (which patch
+    refuses: the bench's BREAD variants crashed), so their targets leave them out, and the LoRA model patches."""
+    import warnings
+
+    import bread_kernels
+    from tests.model_zoo import deepseek_v3
+
+    model = bread_kernels.patch(deepseek_v3())
+    targets = model_bench.lora_targets(model)
+    bread_kernels.unpatch(model)
+    assert not {"gate_proj", "up_proj", "down_proj"} & set(targets) and "q_a_proj" in targets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bread_kernels.patch(model_bench.with_lora(model, 4, targets))
