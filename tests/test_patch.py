@@ -458,6 +458,18 @@ def test_an_nn_linear_subclass_computing_a_linear_is_fused():
     opt.close()
 
 
+def test_a_bf16_falcon_linear_with_a_bias_keeps_its_own_forward_and_is_named():
+    """In bf16 FalconLinear's ``x @ Wᵀ + b`` rounds the product before adding the bias (F.linear rounds once): it
+    keeps its own forward, so the patched model computes as the unpatched one, and patch says so."""
+    model = models.falcon(dtype=torch.bfloat16)
+    reference = copy.deepcopy(model)
+    ids = batch(0)
+    with pytest.warns(RuntimeWarning, match=r"nn\.Linear subclass .*FalconLinear; transformer\.h\.0\."):
+        bread_kernels.patch(model)
+    assert fused_fraction(model)["fused_linear_and_expert"] == 0
+    assert torch.equal(loss_of(model, ids), loss_of(reference, ids))
+
+
 class _ScaledLinear(nn.Linear):
     """An nn.Linear subclass that computes something else than ``x Wᵀ + b``."""
 
