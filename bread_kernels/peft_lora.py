@@ -29,7 +29,8 @@ try:  # GPT-2 and friends store the weight as [in, out]
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
-__all__ = ["LoraLinear", "is_linear_layer", "peft_remapped_targets", "linear_subclass_computes_linear", "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
+__all__ = ["LoraLinear", "is_linear_layer", "peft_remapped_targets", "linear_subclass_computes_linear",
+           "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
            "adapter_parameters", "trained_adapter", "check_lora_layer"]
 
 
@@ -48,29 +49,54 @@ _PROBE_REFUSALS = (TypeError, ValueError, RuntimeError, AttributeError, IndexErr
 
 def linear_subclass_computes_linear(module: nn.Linear) -> bool:
     """Whether a subclass of ``nn.Linear`` computes ``y = x Wᵀ + b`` and nothing else: no parameters, buffers or
-    submodules of its own beyond ``weight`` [N, K] and ``bias``, and a forward whose result on probe rows
-    [4, 16, K] with a random weight and bias (in the layer's dtype and device, in evaluation and training mode) is
+    submodules of its own beyond ``weight`` and ``bias``, and a forward whose result on probe rows [4, 16, 48] with
+    a random weight [40, 48] and bias [40] (in the layer's dtype and device, in evaluation and training mode) is
     ``F.linear``'s bit for bit, as the fused forward computes it.  Falcon's ``x @ Wᵀ + b`` is, in fp32 and without
     a bias in bf16; with a bias in bf16 it rounds the product before adding the bias, which ``F.linear`` does not,
-    so such a layer keeps its own forward and ``patch`` names it.  A layer on the meta device fails the probe."""
+    so such a layer keeps its own forward and ``patch`` names it.  A layer on the meta device fails the probe.
+
+    The answer is the class's forward's (and its plain settings'), so it is probed once per (class, dtype, bias or
+    not, device type, the instance's number/string/bool attributes) and kept: a 60-layer model's hundreds of such
+    layers cost one small probe, not a weight-sized random tensor each."""
     own = set(module._parameters) - {"weight", "bias"}
     if own or module._buffers or module._modules:
         return False
-    weight, bias = module.weight, module.bias
+    weight = module.weight
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type == "meta" or \
             not weight.is_floating_point():
         return False
-    # random operands, not the layer's own (a bias initialised to zeros hides the bias add's rounding until it
-    # trains; a partitioned weight cannot be read): a shallow copy of the module holds them
+    key = (type(module), weight.dtype, module.bias is None, weight.device.type, _settings(module))
+    answer = _PROBED.get(key)
+    if answer is None:
+        answer = _PROBED[key] = _probe_computes_linear(module, weight.dtype, weight.device)
+    return answer
+
+
+#: :func:`linear_subclass_computes_linear`'s answers, by (class, dtype, no bias, device type, settings)
+_PROBED: dict[tuple, bool] = {}
+
+
+def _settings(module: nn.Module) -> tuple:
+    """The instance's plain attributes a forward may read (a scale, a flag), beyond the sizes and the mode."""
+    return tuple(sorted((name, value) for name, value in vars(module).items()
+                        if isinstance(value, (bool, int, float, str)) and
+                        name not in ("in_features", "out_features", "training")))
+
+
+def _probe_computes_linear(module: nn.Linear, dtype: torch.dtype, device: torch.device) -> bool:
+    """The probe of :func:`linear_subclass_computes_linear`: random operands, not the layer's own (a bias
+    initialised to zeros hides the bias add's rounding until it trains; a partitioned weight cannot be read), held
+    by a shallow copy of the module sized to them."""
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def operand(*shape):
-        return torch.randn(shape, generator=generator).to(device=weight.device, dtype=weight.dtype)
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
+    n_out, n_in = 40, 48
     probe = copy.copy(module)
-    probe._parameters = {"weight": operand(module.out_features, module.in_features),
-                         "bias": None if bias is None else operand(module.out_features)}
-    x = operand(4, 16, module.in_features)
+    probe._parameters = {"weight": operand(n_out, n_in), "bias": None if module.bias is None else operand(n_out)}
+    probe.in_features, probe.out_features = n_in, n_out
+    x = operand(4, 16, n_in)
     try:
         with torch.no_grad():
             expected = F.linear(x, probe.weight, probe.bias)

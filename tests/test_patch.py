@@ -496,6 +496,36 @@ def test_an_nn_linear_subclass_computing_something_else_keeps_plain_autograd_and
     assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
 
 
+
+class _SetScaleLinear(nn.Linear):
+    """An nn.Linear subclass whose forward reads a plain setting of the instance."""
+
+    def __init__(self, *args, scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.scale == 1.0 else out * self.scale
+
+
+def test_the_subclass_probe_answers_per_setting_not_per_class():
+    """The probe's answer is kept by class and the instance's plain settings: an instance of one class whose
+    setting makes it compute something else is not fused because another instance of the class was."""
+    model = models.llama(layers=2)
+    for index, scale in ((0, 1.0), (1, 3.0)):
+        mlp = model.model.layers[index].mlp
+        layer = _SetScaleLinear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False, scale=scale)
+        layer.weight = mlp.up_proj.weight
+        mlp.up_proj = layer
+    ids = batch(0)
+    expected = loss_of(model, ids).item()
+    with pytest.warns(RuntimeWarning, match=r"_SetScaleLinear; model\.layers\.1\.mlp\.up_proj"):
+        bread_kernels.patch(model)
+    fused = dict(patched_state(model).fused_modules)
+    assert "model.layers.0.mlp.up_proj" in fused and "model.layers.1.mlp.up_proj" not in fused
+    assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
+
 @pytest.mark.parametrize("value", [-1, 2.5, "4096", True])
 def test_a_bad_hook_update_numel_is_refused_before_anything_is_installed(value):
     model = models.llama()

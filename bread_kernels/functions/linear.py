@@ -43,8 +43,8 @@ from .autocast import autocast_dtype, outside_autocast
 from .rebuild import rebuildable, saved_input
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
-__all__ = ["FusedLinearFunction", "fused_linear", "not_a_view", "check_linear_inputs", "check_plan_for_weight", "backward_trigger", "trigger_for",
-           "start_weight_role", "finish_weight_role"]
+__all__ = ["FusedLinearFunction", "fused_linear", "not_a_view", "check_linear_inputs", "check_plan_for_weight",
+           "backward_trigger", "trigger_for", "start_weight_role", "finish_weight_role"]
 
 def backward_trigger() -> torch.Tensor:
     """:data:`~bread_kernels.plan.BACKWARD_TRIGGER`: the leaf every fused function with an on-the-fly role takes."""
