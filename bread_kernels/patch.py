@@ -10,9 +10,9 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
 * every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the blocks, and the head (also an ``nn.Linear`` subclass whose
   forward gives ``F.linear``'s values bit for bit on probe rows, as Falcon's ``FalconLinear`` does in fp32 and
   without a bias in bf16; one that computes something else keeps plain autograd, and ``patch`` warns, naming it):
-  a forward through :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a :class:`~bread_kernels.WeightPlan` (the
-  ``_bread_weight_plan`` attribute, written through :meth:`PatchedModel.apply_plans`) it computes exactly what the
-  original forward does, with plain autograd.
+  a forward through :func:`~bread_kernels.fused_linear`.  Until an optimizer assigns a
+  :class:`~bread_kernels.WeightPlan` (the ``_bread_weight_plan`` attribute, written through
+  :meth:`PatchedModel.apply_plans`) it computes exactly what the original forward does, with plain autograd.
 * every peft LoRA layer (``peft.tuners.lora.Linear``, over an ``nn.Linear`` or a ``Conv1D``): a forward through
   :func:`~bread_kernels.functions.lora.fused_lora_linear` (its base layer and adapters are not patched on their
   own).  One active adapter per layer; DoRA and the other peft variants, ``lora_bias`` and mixed-adapter batches
