@@ -421,7 +421,10 @@ class LisaCallback(TrainerCallback):
         n_layers: layers trained at a time (1 <= n_layers <= the number of layers).
         interval_steps: optimizer steps between draws (>= 1).
         seed: seeds a private ``numpy.random.RandomState`` for the draws; None draws from numpy's global RNG, as
-            LMFlow does.
+            LMFlow does (the Trainer seeds it at ``train()`` and restores it from a checkpoint it resumes).  Each
+            ``train()`` starts the private RNG from ``seed`` and, resuming at step ``k``, replays the
+            ``ceil(k / interval_steps)`` draws made before ``k`` and trains the last one's layers, so a resumed run
+            trains the layers the uninterrupted run trains.
         drop_state: at each switch the base optimizer's state of the layers that stop training is dropped, so it
             only ever holds the active layers' state (LMFlow keeps it, which grows with every layer ever drawn and
             resumes stale moments when a layer is drawn again); False keeps LMFlow's behaviour.
@@ -438,6 +441,7 @@ class LisaCallback(TrainerCallback):
         if not isinstance(drop_state, bool):
             raise TypeError(f"LisaCallback: drop_state must be True or False, got {drop_state!r}")
         self.n_layers, self.interval_steps, self.drop_state = n_layers, interval_steps, drop_state
+        self.seed = seed
         self.rng = np.random.RandomState(seed) if seed is not None else np.random
         self.patch_options = dict(patch_options or {})
         self.active_layers_indices: list[int] = []
@@ -480,6 +484,24 @@ class LisaCallback(TrainerCallback):
             raise
         self._optimizer = weakref.ref(unwrap_optimizer(optimizer)) if optimizer is not None else None
         self._model = weakref.ref(model)
+        if self.seed is not None:
+            self._replay_draws(getattr(state, "global_step", 0))
+
+    def _replay_draws(self, step: int) -> None:
+        """Start the private RNG from ``seed`` and replay the draws of the steps before ``step`` (a resumed run's
+        first step): ``ceil(step / interval_steps)`` draws, made at steps 0, ``interval_steps``, ... below ``step``.
+        Where ``step`` is not a draw's step, the last draw's layers train until the next draw, as in the run that
+        was interrupted."""
+        self.rng = np.random.RandomState(self.seed)
+        made = -(-step // self.interval_steps)
+        for _ in range(made - 1 if step % self.interval_steps else made):
+            self._draw()
+        if step % self.interval_steps:
+            self.switch_active_layers()
+
+    def _draw(self) -> list[int]:
+        """``n_layers`` of the stack's layers, uniformly without replacement (LMFlow's ``np.random.choice``)."""
+        return [int(i) for i in self.rng.choice(range(self.total_layers), self.n_layers, replace=False)]
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.closed:
@@ -490,8 +512,7 @@ class LisaCallback(TrainerCallback):
     def switch_active_layers(self) -> None:
         """Draw the next active layers and write the engine's plans and cut (and drop the state of the layers that
         stop training)."""
-        self.active_layers_indices = [int(i) for i in self.rng.choice(range(self.total_layers), self.n_layers,
-                                                                      replace=False)]
+        self.active_layers_indices = self._draw()
         active = set(self.active_layers_indices)
         roles = {}
         for name, _ in self.driver.named_parameters:

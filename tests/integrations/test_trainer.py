@@ -473,6 +473,27 @@ def test_lisa_callback_trains_as_lmflow(tmp_path, checkpointing, drop_state):
         assert held & layers == active, "the base optimizer holds only the active layers' state"
 
 
+@pytest.mark.parametrize("resume_at", [2, 3], ids=["at-a-draw", "between-draws"])
+def test_a_seeded_lisa_run_resumed_from_a_checkpoint_trains_as_the_uninterrupted_one(tmp_path, resume_at):
+    """LisaCallback(seed=3) resumed at step 2 or 3: the private RNG started again from the seed, so the resumed run
+    drew the uninterrupted run's first layers again (and between draws trained every layer until the next draw);
+    it replays the draws made before the resumed step and trains the last one's layers."""
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    args = _args(tmp_path)
+    ref_trainer = Trainer(model=ref_model, args=args, train_dataset=_Data())
+    ref_trainer.add_callback(_LMFlowLisa(ref_model, 2, 2, seed=3, drop_state=False, optimizer_of=None))
+    ref_trainer.train()  # uninterrupted, without the engine
+    saving = _args(tmp_path / "run", save_strategy="steps", save_steps=resume_at)
+    Trainer(model=copy.deepcopy(original), args=saving, train_dataset=_Data(),
+            callbacks=[LisaCallback(n_layers=2, interval_steps=2, seed=3, drop_state=False)]).train()
+    Trainer(model=eng_model, args=args, train_dataset=_Data(),
+            callbacks=[LisaCallback(n_layers=2, interval_steps=2, seed=3, drop_state=False)]).train(
+        resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{resume_at}"))
+    assert models.moved_parameters(original, ref_model)
+    models.assert_same_parameters(ref_model, eng_model)
+
+
 def test_lisa_refuses_bad_settings():
     with pytest.raises(ValueError, match="n_layers must be a positive int"):
         LisaCallback(n_layers=0, interval_steps=2)
