@@ -17,9 +17,11 @@ internals: everything read here and nowhere else, checked by :func:`internals_pr
 * Microsoft BlockOptimizers' ``BlockOptimizer`` (or any optimizer with its attributes): like badam, plus
   ``sgd_mode`` (``"all"``/``"partial"``: the inactive parameters it leaves ``requires_grad`` take an SGD/sign step
   in a post-accumulate-grad hook registered on every parameter and never removed).  ``sgd_lr_scaling`` and
-  ``sgd_use_sign`` live only in those hooks' closures, so they are :func:`accelerate` settings.  Learnt: a parameter
-  matching ``active_param_prefixs`` (the hook's own test) and ``requires_grad`` -> ACTIVE; another with
-  ``requires_grad`` -> SGD (SIGN with ``sgd_use_sign``), lr read from ``param_groups[0]["lr"]`` at backward time as
+  ``sgd_use_sign`` live only in those hooks' closures, so they are :func:`accelerate` settings; where the closures
+  can be read (the hook's free variables ``self``, ``lr_scaling``, ``use_sign``, found through torch's
+  ``Tensor._post_accumulate_grad_hooks``) settings that differ from them are refused (:func:`_hook_settings`).
+  Learnt: a parameter matching ``active_param_prefixs`` (the hook's own test) and ``requires_grad`` -> ACTIVE;
+  another with ``requires_grad`` -> SGD (SIGN with ``sgd_use_sign``), lr read from ``param_groups[0]["lr"]`` at backward time as
   the hook does.  The engine takes over the fused weights' updates (their ``requires_grad`` is turned off, so the
   library's hook never fires on them); the library's own hooks keep updating the parameters outside the fused
   modules (norms, biases of unfused layers), exactly as before.
@@ -140,7 +142,8 @@ class Acceleration:
         self.closed = True
         self.optimizer_ref = weakref.ref(optimizer)
         sgd_mode = getattr(optimizer, "sgd_mode", "disabled") if kind == "blockoptimizers" else "disabled"
-        self.sign = _sgd_settings(kind, sgd_mode, settings)
+        held = _hook_settings(optimizer) if sgd_mode != "disabled" else None
+        self.sign = _sgd_settings(kind, sgd_mode, settings, held)
         rounding = settings.get("rounding", Rounding.AUTO)
         seed = settings.get("seed", 0)
         update = None
@@ -392,8 +395,28 @@ def internals_problems(optimizer, kind: str | None = None) -> list[str]:
     return problems
 
 
-def _sgd_settings(kind: str, sgd_mode: str, settings: dict) -> bool:
-    """Check the on-the-fly settings against the library's mode; return sgd_use_sign."""
+def _hook_settings(optimizer) -> tuple[float, bool] | None:
+    """``(sgd_lr_scaling, sgd_use_sign)`` as BlockOptimizers' SGD hooks hold them: the free variables
+    ``lr_scaling`` and ``use_sign`` of a post-accumulate-grad hook whose ``self`` is ``optimizer`` (its
+    ``sgd_hook(n, lr_scaling, use_sign)``), on the first parameter that has one; None where none can be read (another
+    library, another torch), and then nothing is checked."""
+    for _, p in optimizer.named_parameters_list:
+        for hook in list((getattr(p, "_post_accumulate_grad_hooks", None) or {}).values()):
+            code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None) or ()
+            free = dict(zip(getattr(code, "co_freevars", ()), cells))
+            if not {"self", "lr_scaling", "use_sign"} <= free.keys():
+                continue
+            try:
+                if free["self"].cell_contents is optimizer:
+                    return free["lr_scaling"].cell_contents, free["use_sign"].cell_contents
+            except ValueError:  # an empty cell
+                continue
+    return None
+
+
+def _sgd_settings(kind: str, sgd_mode: str, settings: dict, held: tuple[float, bool] | None = None) -> bool:
+    """Check the on-the-fly settings against the library's mode and, where they could be read, against the values
+    its hooks hold (``held``: :func:`_hook_settings`); return sgd_use_sign."""
     given = [k for k in ("sgd_lr_scaling", "sgd_use_sign") if k in settings]
     if sgd_mode not in ("disabled", "all", "partial"):
         raise ValueError(f"accelerate: the optimizer's sgd_mode is {sgd_mode!r}; expected 'disabled', 'all' or "
@@ -405,14 +428,21 @@ def _sgd_settings(kind: str, sgd_mode: str, settings: dict) -> bool:
         return False
     missing = [k for k in ("sgd_lr_scaling", "sgd_use_sign") if k not in settings]
     if missing:
+        example = f"sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r}" if held is not None else \
+            "sgd_lr_scaling=1.0, sgd_use_sign=False"
         raise ValueError(f"accelerate: the optimizer has sgd_mode={sgd_mode!r}, whose {' and '.join(missing)} "
                          "live only in its hooks' closures: pass the values you gave its constructor, e.g. "
-                         "accelerate(optimizer, model, sgd_lr_scaling=1.0, sgd_use_sign=False)")
+                         f"accelerate(optimizer, model, {example})")
     scale, sign = settings["sgd_lr_scaling"], settings["sgd_use_sign"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"accelerate: sgd_lr_scaling must be a finite number >= 0, got {scale!r}")
     if not isinstance(sign, bool):
         raise TypeError(f"accelerate: sgd_use_sign must be True or False, got {sign!r}")
+    if held is not None and (float(held[0]) != float(scale) or bool(held[1]) != sign):
+        raise ValueError(f"accelerate: sgd_lr_scaling={scale!r}, sgd_use_sign={sign!r} given, but the optimizer's SGD "
+                         f"hooks hold sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r} (what its constructor got), "
+                         "which they keep applying to the parameters outside the fused modules: pass those, e.g. "
+                         f"accelerate(optimizer, model, sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r})")
     return sign
 
 

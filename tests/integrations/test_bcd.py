@@ -273,3 +273,20 @@ def test_a_re_run_cell_accelerates_the_new_optimizer_on_its_own_block():
                 bread_kernels.accelerate(second, model, **OWN_LOSS)
         _train(model, second, 4, start=10)
     models.assert_same_parameters(ref_model, eng_model, RTOL, ATOL)
+
+
+@pytest.mark.parametrize("given", [dict(sgd_lr_scaling=1.0, sgd_use_sign=False),
+                                   dict(sgd_lr_scaling=0.5, sgd_use_sign=True)], ids=["scale", "sign"])
+def test_sgd_settings_other_than_the_library_hooks_are_refused(given):
+    """BlockOptimizers' sgd_lr_scaling / sgd_use_sign live in its hooks' closures and accelerate takes them again:
+    other values were accepted, and the fused weights then took another step than the library's hooks give the
+    norms (and than the library alone gives them), silently.  They are read from the closures and compared."""
+    model = models.llama()
+    opt = _style(model, sgd_mode="partial", sgd_lr_scaling=0.5, sgd_use_sign=False)
+    assert bcd._hook_settings(opt) == (0.5, False)
+    with pytest.raises(ValueError, match="hooks hold sgd_lr_scaling=0.5, sgd_use_sign=False"):
+        bread_kernels.accelerate(opt, model, **given)
+    assert patched_state(model) is None and "switch_trainable_params" not in opt.__dict__
+    with pytest.raises(ValueError, match="sgd_lr_scaling=0.5, sgd_use_sign=False\\)"):
+        bread_kernels.accelerate(opt, model)  # the missing settings: the example names the hooks' values
+    assert bread_kernels.accelerate(opt, model, sgd_lr_scaling=0.5, sgd_use_sign=False) is opt
