@@ -17,14 +17,15 @@ internals: everything read here and nowhere else, checked by :func:`internals_pr
 * Microsoft BlockOptimizers' ``BlockOptimizer`` (or any optimizer with its attributes): like badam, plus
   ``sgd_mode`` (``"all"``/``"partial"``: the inactive parameters it leaves ``requires_grad`` take an SGD/sign step
   in a post-accumulate-grad hook registered on every parameter and never removed).  ``sgd_lr_scaling`` and
-  ``sgd_use_sign`` live only in those hooks' closures, so they are :func:`accelerate` settings; where the closures
-  can be read (the hook's free variables ``self``, ``lr_scaling``, ``use_sign``, found through torch's
-  ``Tensor._post_accumulate_grad_hooks``) settings that differ from them are refused (:func:`_hook_settings`).
-  Learnt: a parameter matching ``active_param_prefixs`` (the hook's own test) and ``requires_grad`` -> ACTIVE;
-  another with ``requires_grad`` -> SGD (SIGN with ``sgd_use_sign``), lr read from ``param_groups[0]["lr"]`` at backward time as
-  the hook does.  The engine takes over the fused weights' updates (their ``requires_grad`` is turned off, so the
-  library's hook never fires on them); the library's own hooks keep updating the parameters outside the fused
-  modules (norms, biases of unfused layers), exactly as before.
+  ``sgd_use_sign`` live only in those hooks' closures: they are read from there (the hook's free variables
+  ``self``, ``lr_scaling``, ``use_sign``, found through torch's ``Tensor._post_accumulate_grad_hooks``:
+  :func:`_hook_settings`), an :func:`accelerate` setting that differs is refused, and where the closures cannot be
+  read the two settings are required.  Learnt: a parameter matching ``active_param_prefixs`` (the hook's own test)
+  and ``requires_grad`` -> ACTIVE; another with ``requires_grad`` -> SGD (SIGN with ``sgd_use_sign``), lr read
+  from ``param_groups[0]["lr"]`` at backward time as the hook does.  The engine takes over the fused weights'
+  updates (their ``requires_grad`` is turned off, so the library's hook never fires on them); the library's own
+  hooks keep updating the parameters outside the fused modules (norms, biases of unfused layers), exactly as
+  before.
 * :class:`bread_kernels.BlockOptimizer`: already the engine's; ``accelerate`` returns it unchanged.
 
 Anything else is refused with an error naming these and the protocol.
@@ -63,8 +64,8 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
     library's active set now and after each of its switches (by wrapping ``switch_trainable_params`` on the
     instance), and writes the engine's plans and cut from it; the library's own ``step()``, schedule, state and
     checkpoints keep working.  ``step()`` is wrapped too: it first reads the last backward's finiteness flags (one
-    host sync, as ``GradScaler`` does) and reports skipped on-the-fly updates, from a step pre-hook.  :func:`unaccelerate` restores the
-    library's own behaviour.
+    host sync, as ``GradScaler`` does) and reports skipped on-the-fly updates, from a step pre-hook.
+    :func:`unaccelerate` restores the library's own behaviour.
 
     Args:
         optimizer: ``badam.BlockOptimizer``, ``badam.BlockOptimizerRatio``, an optimizer with Microsoft
@@ -73,9 +74,10 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
             :class:`bread_kernels.BlockOptimizer` (returned unchanged).
         model: the model whose ``named_parameters()`` the optimizer was built over; may be omitted when the model
             is already patched.
-        sgd_lr_scaling: BlockOptimizers' ``sgd_lr_scaling``, the value given to its constructor (required with
-            ``sgd_mode`` other than ``"disabled"``, which keeps it only in its hooks).
-        sgd_use_sign: BlockOptimizers' ``sgd_use_sign`` (required likewise).
+        sgd_lr_scaling: BlockOptimizers' ``sgd_lr_scaling``, the value given to its constructor, which keeps it
+            only in its hooks' closures (with ``sgd_mode`` other than ``"disabled"``): read from them where they can
+            be read, and then a value given here must be theirs; required where they cannot.
+        sgd_use_sign: BlockOptimizers' ``sgd_use_sign`` (likewise).
         rounding: the on-the-fly updates' rounding of bf16/fp16 weights (``"auto"``: stochastic;
             ``"nearest"``: rounding to nearest as the library's hook does, of the update made from the fp32 dW
             with the exact ``lr·s``; the hook's ``add_`` on a CPU also rounds ``alpha`` to bf16, so an element
@@ -143,7 +145,7 @@ class Acceleration:
         self.optimizer_ref = weakref.ref(optimizer)
         sgd_mode = getattr(optimizer, "sgd_mode", "disabled") if kind == "blockoptimizers" else "disabled"
         held = _hook_settings(optimizer) if sgd_mode != "disabled" else None
-        self.sign = _sgd_settings(kind, sgd_mode, settings, held)
+        scale, self.sign = _sgd_settings(kind, sgd_mode, settings, held)
         rounding = settings.get("rounding", Rounding.AUTO)
         seed = settings.get("seed", 0)
         update = None
@@ -152,7 +154,7 @@ class Acceleration:
             raise ValueError(f"accelerate: {', '.join(unused)} given, but this {kind} optimizer makes no on-the-fly "
                              "update (they set its rounding); leave them out")
         if sgd_mode != "disabled":
-            update = OnTheFlyUpdate(lr=_LibraryLr(optimizer), scale=float(settings["sgd_lr_scaling"]),
+            update = OnTheFlyUpdate(lr=_LibraryLr(optimizer), scale=scale,
                                     rounding=rounding, seed=seed)
         named = list(optimizer.named_parameters_list)
         # first: a previous owner of these parameters (a notebook cell re-run) is closed, which may unpatch; its
@@ -414,9 +416,11 @@ def _hook_settings(optimizer) -> tuple[float, bool] | None:
     return None
 
 
-def _sgd_settings(kind: str, sgd_mode: str, settings: dict, held: tuple[float, bool] | None = None) -> bool:
+def _sgd_settings(kind: str, sgd_mode: str, settings: dict,
+                  held: tuple[float, bool] | None = None) -> tuple[float | None, bool]:
     """Check the on-the-fly settings against the library's mode and, where they could be read, against the values
-    its hooks hold (``held``: :func:`_hook_settings`); return sgd_use_sign."""
+    its hooks hold (``held``: :func:`_hook_settings`, which also serves a setting left out); return
+    ``(sgd_lr_scaling, sgd_use_sign)`` (None, False where the library makes no on-the-fly update)."""
     given = [k for k in ("sgd_lr_scaling", "sgd_use_sign") if k in settings]
     if sgd_mode not in ("disabled", "all", "partial"):
         raise ValueError(f"accelerate: the optimizer's sgd_mode is {sgd_mode!r}; expected 'disabled', 'all' or "
@@ -425,15 +429,14 @@ def _sgd_settings(kind: str, sgd_mode: str, settings: dict, held: tuple[float, b
         if given:
             raise ValueError(f"accelerate: {', '.join(given)} given, but this {kind} optimizer makes no on-the-fly "
                              "update (sgd_mode is 'disabled' or it has none); leave them out")
-        return False
+        return None, False
     missing = [k for k in ("sgd_lr_scaling", "sgd_use_sign") if k not in settings]
-    if missing:
-        example = f"sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r}" if held is not None else \
-            "sgd_lr_scaling=1.0, sgd_use_sign=False"
+    if missing and held is None:
         raise ValueError(f"accelerate: the optimizer has sgd_mode={sgd_mode!r}, whose {' and '.join(missing)} "
-                         "live only in its hooks' closures: pass the values you gave its constructor, e.g. "
-                         f"accelerate(optimizer, model, {example})")
-    scale, sign = settings["sgd_lr_scaling"], settings["sgd_use_sign"]
+                         "live only in its hooks' closures, which could not be read: pass the values you gave its "
+                         "constructor, e.g. accelerate(optimizer, model, sgd_lr_scaling=1.0, sgd_use_sign=False)")
+    scale = settings["sgd_lr_scaling"] if "sgd_lr_scaling" in settings else held[0]
+    sign = settings["sgd_use_sign"] if "sgd_use_sign" in settings else held[1]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"accelerate: sgd_lr_scaling must be a finite number >= 0, got {scale!r}")
     if not isinstance(sign, bool):
@@ -441,9 +444,9 @@ def _sgd_settings(kind: str, sgd_mode: str, settings: dict, held: tuple[float, b
     if held is not None and (float(held[0]) != float(scale) or bool(held[1]) != sign):
         raise ValueError(f"accelerate: sgd_lr_scaling={scale!r}, sgd_use_sign={sign!r} given, but the optimizer's SGD "
                          f"hooks hold sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r} (what its constructor got), "
-                         "which they keep applying to the parameters outside the fused modules: pass those, e.g. "
-                         f"accelerate(optimizer, model, sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r})")
-    return sign
+                         "which they keep applying to the parameters outside the fused modules: pass those, or "
+                         "leave them out (they are read from the hooks)")
+    return float(scale), sign
 
 
 def _check_model(model, named, what: str) -> nn.Module:

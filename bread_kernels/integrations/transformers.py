@@ -99,7 +99,8 @@ class BreadCallback(TrainerCallback):
         restores_base_weights: you restore a peft model's trained base weights yourself before a ``train()``
             resumes (your own saved ``state_dict``): a resumed run is not refused for them.
         **settings: :func:`bread_kernels.accelerate` settings (``sgd_lr_scaling``, ``sgd_use_sign`` for a
-            BlockOptimizers optimizer with ``sgd_mode``; ``rounding``, ``seed``).
+            BlockOptimizers optimizer with ``sgd_mode``, read from its hooks where left out; ``rounding``,
+            ``seed``).
     """
 
     def __init__(self, patch_options: dict | None = None, *, restores_base_weights: bool = False, **settings):

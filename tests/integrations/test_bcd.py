@@ -106,8 +106,9 @@ def test_badam_block_optimizer_ratio_masks_keep_working():
                          ids=["badam", "sgd-all", "sgd-partial", "sign-all", "sign-partial"])
 def test_blockoptimizers_style_trains_the_same(sgd_mode, sign):
     """BlockOptimizers' SGD hooks run on the parameters outside the fused modules, the engine fuses the rest; each
-    parameter gets its update exactly once."""
-    settings = dict(sgd_lr_scaling=0.5, sgd_use_sign=sign) if sgd_mode != "disabled" else {}
+    parameter gets its update exactly once.  The sign cases leave sgd_lr_scaling / sgd_use_sign out: they are read
+    from the library's hooks."""
+    settings = dict(sgd_lr_scaling=0.5, sgd_use_sign=sign) if sgd_mode != "disabled" and not sign else {}
     _compare(lambda m: _style(m, switch_block_every=3, sgd_mode=sgd_mode, sgd_lr_scaling=0.5, sgd_use_sign=sign),
              steps=5, settings=settings)
 
@@ -181,7 +182,7 @@ def test_dropping_the_optimizer_frees_the_acceleration():
     assert state.cut == 0, "the plans and cut of a dropped optimizer are removed"
 
 
-def test_bad_input_is_refused_before_anything_is_touched():
+def test_bad_input_is_refused_before_anything_is_touched(monkeypatch):
     model = models.llama()
     with pytest.raises(TypeError, match="not a supported BCD optimizer.*badam.BlockOptimizer.*EngineDriver"):
         bread_kernels.accelerate(torch.optim.AdamW(model.parameters(), lr=LR), model)
@@ -196,8 +197,11 @@ def test_bad_input_is_refused_before_anything_is_touched():
     with pytest.raises(ValueError, match="no on-the-fly update"):
         bread_kernels.accelerate(opt, model, sgd_lr_scaling=1.0)
     style = _style(other, sgd_mode="all", sgd_lr_scaling=0.5)
-    with pytest.raises(ValueError, match="sgd_lr_scaling and sgd_use_sign live only in its hooks"):
-        bread_kernels.accelerate(style, other)
+    with monkeypatch.context() as unreadable:  # hooks whose closures cannot be read (another library, another torch)
+        unreadable.setattr(bcd, "_hook_settings", lambda optimizer: None)
+        with pytest.raises(ValueError, match="sgd_lr_scaling and sgd_use_sign live only in its hooks' closures, "
+                                             "which could not be read"):
+            bread_kernels.accelerate(style, other)
     for m in (model, other):
         assert patched_state(m) is None, "a refused accelerate patched the model"
     assert "switch_trainable_params" not in opt.__dict__ and "switch_trainable_params" not in style.__dict__
@@ -287,6 +291,4 @@ def test_sgd_settings_other_than_the_library_hooks_are_refused(given):
     with pytest.raises(ValueError, match="hooks hold sgd_lr_scaling=0.5, sgd_use_sign=False"):
         bread_kernels.accelerate(opt, model, **given)
     assert patched_state(model) is None and "switch_trainable_params" not in opt.__dict__
-    with pytest.raises(ValueError, match="sgd_lr_scaling=0.5, sgd_use_sign=False\\)"):
-        bread_kernels.accelerate(opt, model)  # the missing settings: the example names the hooks' values
     assert bread_kernels.accelerate(opt, model, sgd_lr_scaling=0.5, sgd_use_sign=False) is opt
