@@ -656,6 +656,18 @@ def _warn_unfused_linears(unfused: list[tuple[str, nn.Module]]) -> None:
                   stacklevel=3)
 
 
+def _warn_unfused_embedding(model: nn.Module, embedding: nn.Module) -> None:
+    """Say that an untied input embedding keeps plain autograd (a subclass with its own forward, as the scaled word
+    embeddings of Gemma3, BART or XGLM multiply the rows by ``embed_scale``; ``max_norm``, ``scale_grad_by_freq``,
+    ``sparse``; not an ``nn.Embedding``): its on-the-fly update materialises the whole [vocab, hidden] gradient."""
+    name = next((n for n, m in model.named_modules() if m is embedding), type(embedding).__name__)
+    warnings.warn(f"patch: the input embedding {name} ({type(embedding).__name__}) is not a plain nn.Embedding "
+                  "the fused embedding reproduces (its own forward, max_norm, scale_grad_by_freq or sparse), so it "
+                  "keeps plain autograd: an on-the-fly update of it (sgd_mode='all') goes through the hook path, "
+                  "which materialises its whole [vocab, hidden] gradient, as the reference does", RuntimeWarning,
+                  stacklevel=3)
+
+
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
           fused_loss: bool | None = None, keep_top: int | str = "auto", fused_elementwise: bool = True,
           hook_update_numel: int | None = None) -> nn.Module:
@@ -789,6 +801,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         install_forward(module, _experts_forward)
         state.fused_experts.append((name, module))
 
+    if embedding is not None and id(getattr(embedding, "weight", None)) not in state.shared_weights and \
+            not fusable_embedding(embedding):
+        _warn_unfused_embedding(model, embedding)
     if embedding is not None and fusable_embedding(embedding) and id(embedding.weight) not in state.shared_weights:
         setattr(embedding, PLAN_ATTR, None)
         embedding._bread_name = next(n for n, m in model.named_modules() if m is embedding)

@@ -526,6 +526,30 @@ def test_the_subclass_probe_answers_per_setting_not_per_class():
     assert "model.layers.0.mlp.up_proj" in fused and "model.layers.1.mlp.up_proj" not in fused
     assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
 
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_untied_input_embedding_that_keeps_plain_autograd_is_named(tied):
+    """Gemma3's scaled word embedding (a subclass whose forward multiplies the rows by embed_scale) is not fused:
+    untied, its on-the-fly update materialised the whole [vocab, hidden] gradient, and nothing said so."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=40,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config)
+    ids = batch(0)
+    expected = loss_of(model, ids).item()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bread_kernels.patch(model)
+    named = [str(w.message) for w in caught if "input embedding model.embed_tokens" in str(w.message)]
+    assert len(named) == (0 if tied else 1), named
+    if not tied:
+        assert "Gemma3TextScaledWordEmbedding" in named[0] and "keeps plain autograd" in named[0]
+    assert "model.embed_tokens" not in dict(patched_state(model).fused_modules)
+    assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
+
 @pytest.mark.parametrize("value", [-1, 2.5, "4096", True])
 def test_a_bad_hook_update_numel_is_refused_before_anything_is_installed(value):
     model = models.llama()
