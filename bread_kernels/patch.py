@@ -77,6 +77,7 @@ from .functions.recompute import replayed
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
+from .head_readers import head_reader
 from .installed_forward import NOT_PICKLED, install_forward
 from .peft_lora import (Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper,
                         peft_remapped_targets, trained_adapter)
@@ -131,6 +132,8 @@ class PatchedModel:
         # shards what it wraps (the root, each block), so a model sharded after patch shows there (see shard_probe)
         self.shard_probes: list[tuple[str, nn.Module, str]] = []
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
+        #: what computes the head outside its module, as last seen (head_readers.head_reader; see follow_head_reader)
+        self.head_read_by: str | None = None
 
     def __deepcopy__(self, memo: dict) -> "PatchedModel":
         """The state of a deep copy of the patched model (an EMA or reference model — TRL's
@@ -175,8 +178,20 @@ class PatchedModel:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
         hook (autograd's dW, then the update, as the reference does) than fused: a plain linear inside a block (not
         the head, the embedding or a LoRA layer) whose weight has at most :attr:`hook_update_numel` elements."""
+        if module is self.head and self.head_read_by is not None:
+            return True  # the head module's forward never runs (TRL's fused LM head): only a hook sees its dW
         return id(module) in self.block_of_linear and not is_lora_layer(module) and \
             module.weight.numel() <= self.hook_update_numel
+
+    def follow_head_reader(self) -> bool:
+        """Note whether something computes the head from its weight outside the head module (TRL's fused LM head,
+        installed on the model after ``patch``: :func:`~bread_kernels.head_readers.head_reader`); return whether
+        that changed since the last call, when the plans written before must be written again
+        (:meth:`updates_in_hook`: an on-the-fly head then takes the hook path, as the reference's does)."""
+        model = self.model_ref()
+        reader = head_reader(model) if model is not None else None
+        changed, self.head_read_by = reader != self.head_read_by, reader
+        return changed
 
     def block_prefixes(self) -> list[str]:
         return stack_prefixes(self.blocks_name, len(self.blocks))

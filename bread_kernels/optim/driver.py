@@ -240,6 +240,7 @@ class EngineDriver:
         role_of = {id(p): roles[n] for n, p in self.named_parameters}
         fused: set[int] = set()
         if self.engine is not None:
+            self.engine.follow_head_reader()  # an on-the-fly head computed outside its module takes the hook path
             plans = {name: self._module_plan(name, module, role_of, fused)
                      for name, module in self.engine.fused_modules}
             plans.update({name: self._weight_plan(name, weight, role_of, fused)
@@ -408,6 +409,10 @@ class EngineDriver:
         self._finish_in_flight()
         if not torch.is_grad_enabled():
             return None
+        if self.engine is not None and self.roles and self.engine.follow_head_reader():
+            # a forward that computes the head outside its module (TRL's fused LM head, installed after the roles
+            # were written): the head's plans are written again, once (PatchedModel.updates_in_hook)
+            self._write(self.roles)
         under_deepspeed = runs_under_deepspeed(module)
         if self.update_target is not None:
             self.update_target.check_forward(under_deepspeed)

@@ -1,0 +1,81 @@
+"""TRL's SFTTrainer (1.16) on a patched tiny Llama under bread_kernels' BlockOptimizer, against the same SFTTrainer
+run on an unpatched copy with the same optimizer (the hook path: autograd's dW, then the update).
+
+SFTTrainer computes its loss through TRL's own fused LM head (``model(**inputs, fused_lm_head=True)``), which reads
+``lm_head.weight`` outside the head module: the engine must still carry out the head's Role."""
+
+import copy
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+import bread_kernels
+
+from .. import model_zoo as models
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+LR = 1e-2
+EPS = 1e-3  # see tests/integrations/test_bcd.py: Adam's conditioning on ~0 gradients
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*bread_kernels.*unpatched.*")
+        yield
+
+
+def _tokenizer():
+    """A word-level tokenizer over the zoo's vocabulary (no download): SFTTrainer needs a processing class."""
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, models.VOCAB)}}
+    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _dataset(n: int = 6):
+    """Already tokenized rows of :data:`~tests.model_zoo.SEQ` ids (no special ids)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, models.VOCAB, (models.SEQ,), generator=gen).tolist()} for _ in range(n)]
+    return datasets.Dataset.from_list(rows)
+
+
+def _train(model, steps: int, **optimizer_settings) -> list[dict]:
+    """``steps`` SFTTrainer steps of ``model`` under a bread_kernels BlockOptimizer (a switch every step); the
+    logged loss, entropy and mean token accuracy of each step."""
+    base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    optimizer = bread_kernels.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=1, verbose=0,
+                                             **optimizer_settings)
+    args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2,
+                         learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+                         save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
+                         disable_tqdm=True, log_level="error")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=_tokenizer(),
+                             optimizers=(optimizer, None))
+    trainer.train()
+    keys = ("loss", "entropy", "mean_token_accuracy")
+    return [{k: log[k] for k in keys} for log in trainer.state.log_history if "loss" in log]
+
+
+@pytest.mark.parametrize("sgd_use_sign", [False, True], ids=["sgd", "sign"])
+def test_sft_trainer_updates_the_head_on_the_fly_as_the_unpatched_model(sgd_use_sign):
+    """BREAD-SGD (and sign) under SFTTrainer: TRL's fused LM head computes the head from ``lm_head.weight`` outside
+    the head module, whose fused forward would have carried out the head's SGD update; the head (and every other
+    weight) must end where the unpatched model's hooks put it, and the logged metrics must agree."""
+    original = models.llama(layers=2)
+    reference, engine = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original))
+    settings = dict(sgd_mode="all", sgd_use_sign=sgd_use_sign)
+    logged_reference = _train(reference, 2, **settings)
+    logged_engine = _train(engine, 2, **settings)
+    assert "lm_head.weight" in models.moved_parameters(original, reference)
+    models.assert_same_parameters(reference, engine)
+    for a, b in zip(logged_reference, logged_engine, strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
