@@ -128,15 +128,26 @@ def install(model: nn.Module, required: bool = True, stream=None) -> nn.Module:
         # the original's signature (functools.wraps): Trainer keeps only the batch columns the forward names
         forward = functools.wraps(type(lm).forward)(lambda self, *args, **kwargs: _fused_loss_forward(self, *args,
                                                                                                        **kwargs))
+        forward._bread_fused_loss_forward = True  # what uninstall removes (read through the InstalledForward)
         install_forward(lm, forward)
     return lm
 
 
+def _is_ours(forward) -> bool:
+    """Whether ``forward`` (a module's instance attribute) is the one :func:`install` installed."""
+    return getattr(forward, "_bread_fused_loss_forward", False) is True
+
+
 def uninstall(model: nn.Module) -> None:
-    """Remove the fused-loss forward (harmless if none is installed)."""
+    """Remove the fused-loss forward (harmless if none is installed).  A forward another library installed on the
+    causal LM — over ours (TRL's fused LM head: ``add_fused_lm_head``, which keeps ours as its ``original_forward``,
+    and accelerate's ``convert_outputs_to_fp32`` around it) or before ``patch`` — stays: removing it would remove
+    that library's behaviour too (TRL's trainers' ``evaluate()`` then failed on ``outputs.log_probs``); ours, kept
+    inside it, then runs the model class's forward (:func:`_fused_loss_forward`)."""
     for module in model.modules():
         if _INSTALLED_ATTR in module.__dict__:
-            module.__dict__.pop("forward", None)
+            if _is_ours(module.__dict__.get("forward")):
+                module.__dict__.pop("forward")
             module.__dict__.pop(_INSTALLED_ATTR)
 
 
@@ -160,8 +171,12 @@ def positions_to_score(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
 
 
 def _fused_loss_forward(self, *args, **kwargs):
-    """The forward installed by :func:`install` (see the module docstring)."""
-    signature, var_keyword, output_cls, required, stream = getattr(self, _INSTALLED_ATTR)
+    """The forward installed by :func:`install` (see the module docstring); once uninstalled (a forward another
+    library installed over it still calls it), the model class's forward."""
+    installed = self.__dict__.get(_INSTALLED_ATTR)
+    if installed is None:
+        return type(self).forward(self, *args, **kwargs)
+    signature, var_keyword, output_cls, required, stream = installed
     original = type(self).forward.__get__(self)
     bound = signature.bind(self, *args, **kwargs)
     labels = bound.arguments.get("labels")

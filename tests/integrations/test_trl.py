@@ -48,18 +48,23 @@ def _dataset(n: int = 6):
     return datasets.Dataset.from_list(rows)
 
 
+def _trainer(model, steps: int, optimizer, callbacks=()):
+    """An SFTTrainer of ``model`` for ``steps`` steps under ``optimizer``, with an evaluation set."""
+    args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2,
+                         learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+                         save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
+                         disable_tqdm=True, log_level="error")
+    return trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(4),
+                          processing_class=_tokenizer(), optimizers=(optimizer, None), callbacks=list(callbacks))
+
+
 def _train(model, steps: int, **optimizer_settings) -> list[dict]:
     """``steps`` SFTTrainer steps of ``model`` under a bread_kernels BlockOptimizer (a switch every step); the
     logged loss, entropy and mean token accuracy of each step."""
     base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
     optimizer = bread_kernels.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=1, verbose=0,
                                              **optimizer_settings)
-    args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2,
-                         learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
-                         save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
-                         disable_tqdm=True, log_level="error")
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=_tokenizer(),
-                             optimizers=(optimizer, None))
+    trainer = _trainer(model, steps, optimizer)
     trainer.train()
     keys = ("loss", "entropy", "mean_token_accuracy")
     return [{k: log[k] for k in keys} for log in trainer.state.log_history if "loss" in log]
@@ -79,3 +84,35 @@ def test_sft_trainer_updates_the_head_on_the_fly_as_the_unpatched_model(sgd_use_
     models.assert_same_parameters(reference, engine)
     for a, b in zip(logged_reference, logged_engine, strict=True):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def _badam(model):
+    import badam
+
+    base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    return badam.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=1, verbose=0)
+
+
+@pytest.mark.parametrize("unpatched_by", ["callback", "unpatch"])
+def test_sft_trainer_evaluates_after_the_engine_is_gone(unpatched_by):
+    """``trainer.evaluate()`` after ``train()``, once the model is unpatched (by BreadCallback's on_train_end, or by
+    ``unpatch``): TRL's fused LM head forward, installed on the model by SFTTrainer, must survive the unpatch (it
+    was removed with the fused loss's forward, and the evaluation failed on ``outputs.log_probs``), and the metrics
+    are the unpatched run's."""
+    from bread_kernels.integrations.transformers import BreadCallback
+
+    original = models.llama(layers=2)
+    reference, engine = copy.deepcopy(original), copy.deepcopy(original)
+    expected = _trainer(reference, 2, _badam(reference))
+    expected.train()
+    if unpatched_by == "callback":
+        trainer = _trainer(engine, 2, _badam(engine), callbacks=[BreadCallback()])
+    else:
+        trainer = _trainer(bread_kernels.patch(engine), 2, _badam(engine))
+    trainer.train()
+    if unpatched_by == "unpatch":
+        bread_kernels.unpatch(engine)
+    models.assert_same_parameters(reference, engine)
+    metrics, expected_metrics = trainer.evaluate(), expected.evaluate()
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5), key
