@@ -53,7 +53,7 @@ def _trainer(model, steps: int, optimizer, callbacks=()):
     args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2,
                          learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
                          save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
-                         disable_tqdm=True, log_level="error")
+                         disable_tqdm=True, log_level="error", bf16=False)  # SFTConfig defaults to bf16 autocast
     return trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(4),
                           processing_class=_tokenizer(), optimizers=(optimizer, None), callbacks=list(callbacks))
 
