@@ -178,16 +178,20 @@ class PatchedModel:
         """Whether an on-the-fly role of fused module ``module``'s weight is better left to a post-accumulate-grad
         hook (autograd's dW, then the update, as the reference does) than fused: a plain linear inside a block (not
         the head, the embedding or a LoRA layer) whose weight has at most :attr:`hook_update_numel` elements."""
-        if module is self.head and self.head_read_by is not None:
-            return True  # the head module's forward never runs (TRL's fused LM head): only a hook sees its dW
         return id(module) in self.block_of_linear and not is_lora_layer(module) and \
             module.weight.numel() <= self.hook_update_numel
+
+    def computed_outside(self, module: nn.Module) -> bool:
+        """Whether fused module ``module`` is computed from its weight outside its own forward (the head under TRL's
+        fused LM head: :meth:`follow_head_reader`), so that its fused backward never runs and only a
+        post-accumulate-grad hook sees its dW: an on-the-fly role must then take the hook path."""
+        return module is self.head and self.head_read_by is not None
 
     def follow_head_reader(self) -> bool:
         """Note whether something computes the head from its weight outside the head module (TRL's fused LM head,
         installed on the model after ``patch``: :func:`~bread_kernels.head_readers.head_reader`); return whether
         that changed since the last call, when the plans written before must be written again
-        (:meth:`updates_in_hook`: an on-the-fly head then takes the hook path, as the reference's does)."""
+        (:meth:`computed_outside`: an on-the-fly head then takes the hook path, as the reference's does)."""
         model = self.model_ref()
         reader = head_reader(model) if model is not None else None
         changed, self.head_read_by = reader != self.head_read_by, reader

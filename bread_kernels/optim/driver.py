@@ -371,6 +371,10 @@ class EngineDriver:
         if role.updates_on_the_fly and self.update_target is None and not self.library_hooks and \
                 self.engine.updates_in_hook(module):
             return None
+        # a head computed outside its module (TRL's fused LM head): its fused backward never runs, so its update is
+        # a hook's — this driver's, or the library's own (library_hooks: requires_grad on lets that hook fire)
+        if role.updates_on_the_fly and self.update_target is None and self.engine.computed_outside(module):
+            return None
         fused.update(id(p) for p in params)
         if role is Role.FROZEN and any(role_of.get(id(p)) is Role.ACTIVE for p in adapter_parameters(module)):
             role = Role.LORA  # the base weight is frozen, its adapters train
@@ -411,7 +415,7 @@ class EngineDriver:
             return None
         if self.engine is not None and self.roles and self.engine.follow_head_reader():
             # a forward that computes the head outside its module (TRL's fused LM head, installed after the roles
-            # were written): the head's plans are written again, once (PatchedModel.updates_in_hook)
+            # were written): the head's plans are written again, once (PatchedModel.computed_outside)
             self._write(self.roles)
         under_deepspeed = runs_under_deepspeed(module)
         if self.update_target is not None:

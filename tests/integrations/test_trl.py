@@ -116,3 +116,25 @@ def test_sft_trainer_evaluates_after_the_engine_is_gone(unpatched_by):
     metrics, expected_metrics = trainer.evaluate(), expected.evaluate()
     for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
         assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5), key
+
+
+def test_sft_trainer_under_blockoptimizers_class_and_bread_callback_updates_the_head():
+    """Microsoft BlockOptimizers' class (sgd_mode="all": its own hooks update what the engine does not fuse) with
+    BreadCallback under SFTTrainer: the head, computed by TRL's fused LM head outside its module, must get the
+    library's hook update, as on the unpatched model."""
+    from bread_kernels.integrations.transformers import BreadCallback
+
+    from .blockoptimizers_style import BlockOptimizersStyle
+
+    def optimizer(model):
+        base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+        blocks = [[prefix] for prefix in models.layout(model)[0]]
+        return BlockOptimizersStyle(base, list(model.named_parameters()), blocks, switch_block_every=1,
+                                    sgd_mode="all", sgd_lr_scaling=0.5)
+
+    original = models.llama(layers=2)
+    reference, engine = copy.deepcopy(original), copy.deepcopy(original)
+    _trainer(reference, 2, optimizer(reference)).train()
+    _trainer(engine, 2, optimizer(engine), callbacks=[BreadCallback(sgd_lr_scaling=0.5, sgd_use_sign=False)]).train()
+    assert "lm_head.weight" in models.moved_parameters(original, reference)
+    models.assert_same_parameters(reference, engine)
