@@ -388,6 +388,21 @@ class EngineDriver:
         fused.add(id(weight))
         return self.plan(role_of[id(weight)], name)
 
+    def _refuse_head_computed_outside(self) -> None:
+        """Where the updates write shards (ZeRO-3's update target), refuse a forward that computes an on-the-fly head
+        outside its module (TRL's fused LM head): its fused backward never runs, and the hook path that serves it
+        elsewhere (:meth:`_module_plan`) writes no shard, so the head would silently never be updated."""
+        head = self.engine.head
+        role = next((self.roles.get(n) for n, p in self.named_parameters if head is not None and p is head.weight),
+                    None)
+        if role is not None and role.updates_on_the_fly:
+            raise RuntimeError(
+                f"{self.what}: the head ({role.name}, an on-the-fly update) is computed outside its module by "
+                f"{self.engine.head_read_by}, so its fused update never runs, and under ZeRO-3 no hook can apply it "
+                "to its shards instead. Use sgd_mode='disabled' (BAdam: the head then trains only as an active block, "
+                "include_lm_head=True), or a trainer that computes the loss through the model's head (the Hugging "
+                "Face Trainer) under ZeRO-3")
+
     # -- the hook path ------------------------------------------------------------------------------------------
     def _on_accumulated_grad(self, name: str, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook of a parameter outside the fused modules: its on-the-fly update."""
@@ -417,6 +432,8 @@ class EngineDriver:
             # a forward that computes the head outside its module (TRL's fused LM head, installed after the roles
             # were written): the head's plans are written again, once (PatchedModel.computed_outside)
             self._write(self.roles)
+        if self.update_target is not None and self.engine is not None and self.engine.head_read_by is not None:
+            self._refuse_head_computed_outside()
         under_deepspeed = runs_under_deepspeed(module)
         if self.update_target is not None:
             self.update_target.check_forward(under_deepspeed)

@@ -138,3 +138,30 @@ def test_sft_trainer_under_blockoptimizers_class_and_bread_callback_updates_the_
     _trainer(engine, 2, optimizer(engine), callbacks=[BreadCallback(sgd_lr_scaling=0.5, sgd_use_sign=False)]).train()
     assert "lm_head.weight" in models.moved_parameters(original, reference)
     models.assert_same_parameters(reference, engine)
+
+
+def test_an_on_the_fly_head_under_trls_fused_head_is_refused_where_updates_write_shards():
+    """Under ZeRO-3 the driver's update target writes the weights' shards and no hook path serves the head, so an
+    SGD head that TRL's fused LM head computes outside its module would silently never move: the forward is refused,
+    naming the remedy (a frozen head is not)."""
+    from bread_kernels import OnTheFlyUpdate, Role
+    from bread_kernels.optim.driver import EngineDriver
+    from bread_kernels.update import LocalTarget
+
+    class ShardWriter(LocalTarget):
+        """A stand-in for the ZeRO-3 integration's target (it writes the tensors here)."""
+
+    model = bread_kernels.patch(models.llama(layers=2))
+    trl.trainer.utils.add_fused_lm_head(model)
+    driver = EngineDriver(list(model.named_parameters()), update=OnTheFlyUpdate(lr=LR), update_target=ShardWriter())
+    names = [n for n, _ in model.named_parameters()]
+    ids = models.batch(0)
+    try:
+        driver.set_roles({n: Role.SGD if n == "lm_head.weight" else Role.FROZEN for n in names})
+        with pytest.raises(RuntimeError, match="computed outside its module by TRL's fused LM head.*sgd_mode="):
+            model(input_ids=ids, labels=ids, fused_lm_head=True)
+        driver.set_roles({n: Role.ACTIVE if n == "lm_head.weight" else Role.FROZEN for n in names})
+        model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
+        assert model.lm_head.weight.grad is not None
+    finally:
+        driver.close()
