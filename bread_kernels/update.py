@@ -39,6 +39,7 @@ import torch
 from .backends import get_backend
 from .backends.chunked import chunk_budget_bytes
 from .backends.epilogue import dw_finite_flag
+from .interrupts import whole_write
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_finite", "dw_all_finite",
@@ -184,7 +185,8 @@ class LocalTarget(UpdateTarget):
         """One seed for the whole parameter, and expert ``e``'s slice ``weight[e]`` (a 2-D view) written through the
         backend with ``offset = e·N·K``: every element draws the random bits of its logical index in [E, N, K], as
         :meth:`dense_` of the whole tensor would.  One flag over every expert's operands gates every write: a
-        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient; so does an fp16
+        non-finite one skips the whole parameter, as the reference's hook skips its whole gradient (and a Ctrl-C
+        between two slices comes after the last: :func:`~bread_kernels.interrupts.whole_write`); so does an fp16
         expert's dW that overflows from finite operands (each expert's GEMM run once more, before any write).  A
         bf16/fp32 dW past 3.4·10³⁸ from finite operands is not checked here (as on the ``addmm_`` path)."""
         backend = self.backend(weight.device)
@@ -198,9 +200,10 @@ class LocalTarget(UpdateTarget):
             for e, (g, x) in per_expert.items():  # an fp16 dW overflows from finite operands: decided up front
                 flag = backend.dw_finite_flag(weight[e], g, x, sign, update.rounding)
                 ok = ok if flag is None else ok & flag
-        for e in sorted(per_expert):
-            backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
-                                   offset=e * per_slice, check=False)
+        with whole_write():  # every expert's slice of the one tensor, or none
+            for e in sorted(per_expert):
+                backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
+                                       offset=e * per_slice, check=False)
         return ok
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
@@ -293,13 +296,15 @@ def update_linear_tiles_(plan: WeightPlan, role: Role, weight: torch.Tensor, bia
     head+loss's vocabulary tiles, whose g is computed one tile at a time).  One step size, and one finiteness
     answer for the whole weight (every tile's flag, combined on the device), reported once.  A tile's write is
     gated on its own flag only: a caller whose tiles could turn non-finite one by one must make every tile's g
-    non-finite together (the head+loss gates them all on its logsumexp and loss scale)."""
+    non-finite together (the head+loss gates them all on its logsumexp and loss scale).  A Ctrl-C while the tiles
+    are written comes after the last (:func:`~bread_kernels.interrupts.whole_write`): never some tiles' rows alone."""
     def write(target, step, sign, update):
         flags = []
-        for start, stop, g, x in tiles:
-            flags.append(target.linear_(weight[start:stop], None if bias is None else bias[start:stop], g, x, step,
-                                        sign, update))
-            del g  # before the next tile is computed: a caller's tiles are one at a time
+        with whole_write():  # every tile, or Ctrl-C before the first: never the rows of some tiles alone
+            for start, stop, g, x in tiles:
+                flags.append(target.linear_(weight[start:stop], None if bias is None else bias[start:stop], g, x,
+                                            step, sign, update))
+                del g  # before the next tile is computed: a caller's tiles are one at a time
         if all(isinstance(flag, bool) for flag in flags):
             return all(flags)
         return torch.stack([torch.as_tensor(flag, device=weight.device) for flag in flags]).all()

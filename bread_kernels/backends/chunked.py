@@ -45,6 +45,7 @@ import os
 
 import torch
 
+from ..interrupts import whole_write
 from ..rounding import Rounding
 from . import epilogue
 from .add_scaled import TorchSums
@@ -175,9 +176,10 @@ class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
             ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
             if also:
                 ok = ok & self.finite_flag(*also)
-        for start, stop, chunk in epilogue.dw_row_chunks(grad_output, input, rows):
-            self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed, offset=offset + start * n_cols,
-                               ok=ok)
+        with whole_write():  # every chunk, or none: a Ctrl-C between two comes after the last
+            for start, stop, chunk in epilogue.dw_row_chunks(grad_output, input, rows):
+                self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed,
+                                   offset=offset + start * n_cols, ok=ok)
         return ok
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..interrupts import whole_write
 from . import epilogue
 from .chunked import ChunkedBackend, chunk_budget_bytes
 
@@ -22,10 +23,11 @@ class TorchBackend(ChunkedBackend):
         if rows >= param.shape[0]:
             epilogue.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
             return
-        for start in range(0, param.shape[0], rows):
-            stop = min(param.shape[0], start + rows)
-            epilogue.apply_update_(param[start:stop], grad[start:stop], step, sign, rounding, seed,
-                                   offset + start * width, ok)
+        with whole_write():  # every slice, or none: a Ctrl-C between two comes after the last
+            for start in range(0, param.shape[0], rows):
+                stop = min(param.shape[0], start + rows)
+                epilogue.apply_update_(param[start:stop], grad[start:stop], step, sign, rounding, seed,
+                                       offset + start * width, ok)
 
     def finite_flag(self, *tensors):
         return epilogue.finite_flag(*tensors)
