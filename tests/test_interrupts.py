@@ -100,3 +100,62 @@ def test_whole_write_delivers_a_held_ctrl_c_to_the_handler_in_place_and_restores
         assert signal.getsignal(signal.SIGINT) is not previous  # the user's, not whole_write's
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _Failure(Exception):
+    pass
+
+
+def _fail_once_in_the_backward_at(model, index: int):
+    """A forward hook on block ``index`` whose output's tensor hook raises, once, when the backward reaches it."""
+    left = [1]
+
+    def on_output(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad and left[0]:
+            def fail(grad):
+                if left[0]:
+                    left[0] = 0
+                    raise _Failure(f"at block {index}")
+            hidden.register_hook(fail)
+
+    return model.model.layers[index].register_forward_hook(on_output)
+
+
+@pytest.mark.parametrize("sgd_mode,sign", [("disabled", False), ("all", False), ("all", True)],
+                         ids=["badam", "sgd", "sign"])
+def test_a_backward_that_raises_midway_leaves_what_the_reference_leaves_and_training_goes_on(sgd_mode, sign):
+    """An exception inside the backward (a user's hook; here at block 1 of 4, in the second step), caught, then
+    ``zero_grad()`` and the loop goes on: the layers above the failure keep this step's on-the-fly update, as the
+    reference's hooks leave them, and nothing left behind (a guard, a flag, multi-use bookkeeping, the cut) stops or
+    changes the following steps: every weight ends where the unpatched model's slow path puts it, none skipped."""
+    results = []
+    for patched in (False, True):
+        model = models.llama(layers=4)
+        if patched:
+            bread_kernels.patch(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                                     list(model.named_parameters()), switch_block_every=2,
+                                                     switch_mode="ascending", verbose=0, sgd_mode=sgd_mode,
+                                                     sgd_use_sign=sign)
+        failed = 0
+        for step in range(5):
+            handle = _fail_once_in_the_backward_at(model, 1) if step == 1 else None
+            ids = models.batch(step)
+            try:
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+            except _Failure:
+                failed += 1
+            finally:
+                optimizer.zero_grad()
+                if handle is not None:
+                    handle.remove()
+        assert failed == 1
+        results.append(model)
+        optimizer.close()
+    reference, engine = results
+    assert all(torch.isfinite(p).all() for p in engine.parameters())
+    models.assert_same_parameters(reference, engine, rtol=1e-5, atol=1e-6)
