@@ -1046,13 +1046,14 @@ def fused_fraction(model: nn.Module) -> dict:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            total += p.numel()
+            numel = _whole_numel(p)  # a ZeRO-3 partitioned parameter's tensor is empty until gathered
+            total += numel
             is_fused, is_linear = id(p) in fused_ids, id(p) in linear_ids
-            fused += p.numel() * is_fused
-            linear += p.numel() * is_linear
-            fused_linear += p.numel() * (is_fused and is_linear)
+            fused += numel * is_fused
+            linear += numel * is_linear
+            fused_linear += numel * (is_fused and is_linear)
             if not is_fused:
-                unfused.append((prefix + name, p.numel()))
+                unfused.append((prefix + name, numel))
     return {"block_parameters": total, "fused": fused, "fraction": fused / total if total else 1.0,
             "linear_and_expert": linear, "fused_linear_and_expert": fused_linear,
             "fraction_of_linear_and_expert": fused_linear / linear if linear else 1.0, "unfused": unfused}

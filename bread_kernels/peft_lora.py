@@ -53,7 +53,8 @@ def linear_subclass_computes_linear(module: nn.Linear) -> bool:
     a random weight [40, 48] and bias [40] (in the layer's dtype and device, in evaluation and training mode) is
     ``F.linear``'s bit for bit, as the fused forward computes it.  Falcon's ``x @ Wᵀ + b`` is, in fp32 and without
     a bias in bf16; with a bias in bf16 it rounds the product before adding the bias, which ``F.linear`` does not,
-    so such a layer keeps its own forward and ``patch`` names it.  A layer on the meta device fails the probe.
+    so such a layer keeps its own forward and ``patch`` names it.  A layer on the meta device fails the probe; one
+    whose weight ZeRO-3 has partitioned (empty until gathered) is probed as one built whole.
 
     The answer is the class's forward's (and its plain settings'), so it is probed once per (class, dtype, bias or
     not, device type, the instance's number/string/bool attributes) and kept: a 60-layer model's hundreds of such
@@ -62,14 +63,22 @@ def linear_subclass_computes_linear(module: nn.Linear) -> bool:
     if own or module._buffers or module._modules:
         return False
     weight = module.weight
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type == "meta" or \
-            not weight.is_floating_point():
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or not weight.is_floating_point():
+        return False
+    if weight.dim() != 2 and not _partitioned(weight):
         return False
     key = (type(module), weight.dtype, module.bias is None, weight.device.type, _settings(module))
     answer = _PROBED.get(key)
     if answer is None:
         answer = _PROBED[key] = _probe_computes_linear(module, weight.dtype, weight.device)
     return answer
+
+
+def _partitioned(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a parameter whose tensor a sharding engine emptied (ZeRO-3 keeps a partitioned
+    parameter as an empty 1-D tensor until it gathers it: a model built under ``zero.Init``, or patched after
+    ``initialize``).  The probe does not read the weight, so such a layer is probed as one built whole."""
+    return weight.dim() == 1 and weight.numel() == 0
 
 
 #: :func:`linear_subclass_computes_linear`'s answers, by (class, dtype, no bias, device type, settings)

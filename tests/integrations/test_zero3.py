@@ -89,7 +89,8 @@ def worker_results(tmp_path_factory):
     cases): each launch pays ~10 s of imports and start-up."""
     folder = tmp_path_factory.mktemp("zero3")
     return launched_results(folder, "run", "--cases", ",".join(CASES), "--resume", ",".join(RESUME_CASES),
-                            "--plain-initialize", "--trainer", ",".join([*TRAINER_CASES, "zero_init"]),
+                            "--plain-initialize",
+                            "--trainer", ",".join([*TRAINER_CASES, "zero_init", "zero_init_falcon"]),
                             "--save-dir", str(folder), timeout=3 * TIMEOUT)
 
 
@@ -236,14 +237,18 @@ def test_the_trainer_with_deepspeed_and_bread_callback_trains_as_the_integration
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_whole(trainer_results, rank):
+@pytest.mark.parametrize("case", ["zero_init", "zero_init_falcon"])
+def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_whole(trainer_results, case, rank):
     """Under the Trainer's deepspeed= (ZeRO-3), from_pretrained builds the model under deepspeed.zero.Init, every
     parameter an empty tensor until gathered: patch found no block stack in it (it weighed lists by elements).
     Patched, given a ZeroBlockOptimizer, loaded (the guard against the Trainer's resume lets a load through where no
     engine holds the optimizer; it refused this one before) and trained by initialize's engine, its shards equal
-    those of the model built whole."""
-    r = trainer_results[("zero_init", rank)]
+    those of the model built whole.  Falcon: its FalconLinear layers (an nn.Linear subclass) are fused from their
+    empty tensors as from whole ones (the probe refused a weight that was not 2-D: they took the hook path, patch
+    warned that they do not compute x·Wᵀ + b, and fused_fraction, weighing the empty tensors, said 1.0)."""
+    r = trainer_results[(case, rank)]
     assert r["built_empty"] and r["same_blocks"]
+    assert r["fused"] == [1.0, 1.0], f"fraction of the block linears fused (built whole, built partitioned): {r['fused']}"
     differ = {n: d for n, d in r["diff"].items() if d != 0.0}
     assert not differ, f"rank {rank}: the model built partitioned trained otherwise: {differ}"
     assert r["moved"] > len(r["diff"]) // 2
@@ -393,6 +398,30 @@ def test_the_integration_tells_patch_the_sizes_of_partitioned_parameters():
         p.ds_id, p.ds_numel, p.ds_tensor = i, p.numel(), torch.empty(0)
         p.data = torch.empty(0)
     assert _find_block_stack(model)[0] == "layers"
+
+
+def test_an_nn_linear_subclass_built_partitioned_is_fused_and_weighed_whole():
+    """Falcon's FalconLinear layers with empty tensors, as zero.Init leaves them: patch fuses them as it fuses them in
+    a model built whole (the probe never reads the weight; it refused one that was not 2-D, and patch warned that they
+    compute something else), and fused_fraction weighs the block parameters by their whole sizes (it read the empty
+    tensors' 0 elements as 'all fused')."""
+    import torch
+
+    import bread_kernels.integrations.deepspeed  # noqa: F401 - registers the sizes
+    from bread_kernels import patch
+    from bread_kernels.patch import fused_fraction
+    from tests.model_zoo import falcon
+
+    whole = fused_fraction(patch(falcon()))
+    model = falcon(seed=1)
+    for i, p in enumerate(model.parameters()):  # as zero.Init leaves them
+        p.ds_id, p.ds_numel, p.ds_tensor = i, p.numel(), torch.empty(0)
+        p.data = torch.empty(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        partitioned = fused_fraction(patch(model))
+    assert partitioned == whole and whole["fraction_of_linear_and_expert"] == 1.0
+    assert whole["block_parameters"] == sum(p.ds_numel for p in model.transformer.h.parameters())
 
 
 def test_initialize_needs_the_zero_block_optimizer():

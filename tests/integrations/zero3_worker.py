@@ -67,6 +67,10 @@ LORA_MODES = {"lora_partial_gas2": "partial"}
 # (contiguous_gradients off), ZERO3_WORKER_NO_RS=1 (reduce_scatter off), ZERO3_WORKER_MEL=0/1 (DeepSpeed's
 # memory_efficient_linear), ZERO3_WORKER_STEPS (default 4), ZERO3_WORKER_EVERY (switch_block_every, default 2).
 EXTRA_CASES = {
+    "falcon_badam": ("disabled", False, 1, 0, "ascending", 0, "adamw"),
+    "falcon_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
+    "falcon_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
+    "falcon_sgd_partial_gas2": ("partial", False, 2, 100, "ascending", 1, "sgd"),
     "gpt2_sgd_all": ("all", False, 1, 0, "descending", None, "adamw"),
     "gpt2_badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
     "badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
@@ -92,6 +96,10 @@ def build_model(family: str = "llama", seed: int = 0):
         model = qwen3_moe(seed, layers=LAYERS)
         model.train()
         return model
+    if family == "falcon":  # FalconLinear (an nn.Linear subclass) everywhere, biases, LayerNorms (zoo vocabulary)
+        from tests.model_zoo import falcon
+
+        return falcon(seed, layers=LAYERS)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=32,
                                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2,
@@ -140,6 +148,15 @@ def ds_config(gas: int, persistence: int, bf16: bool = False) -> dict:
     }
 
 
+def probe_module(model, family: str, prefix: str):
+    """A module of the first block whose hooks and DeepSpeed internals a case checks."""
+    if family == "gpt2":
+        return model.transformer.h[0].attn.c_attn
+    if family == "falcon":
+        return model.transformer.h[0].ln_mlp
+    return dict(model.named_modules())[prefix + "model.layers.0.post_attention_layernorm"]
+
+
 def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     from bread_kernels import patch
     from bread_kernels.integrations import deepspeed as bkds
@@ -151,7 +168,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     sgd_mode, sign, gas, persistence, switch_mode, start, base = {**CASES, **EXTRA_CASES}[name]
     if os.environ.get("ZERO3_WORKER_NO_REFRESH"):  # shows that the persistent-parameter check can fail
         bkds.ZeroShards.mark_updated = lambda self, param: None
-    family = next((f for f in ("gpt2", "lora", "tied") if name.startswith(f)), "llama")
+    family = next((f for f in ("gpt2", "lora", "tied", "falcon") if name.startswith(f)), "llama")
     prefix = "base_model.model." if family == "lora" else ""
     original = build_model(family)
     ref_model = copy.deepcopy(original)
@@ -159,6 +176,8 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     names = [n for n, _ in original.named_parameters()]
     if family == "gpt2":
         blocks = block_prefixes(names, [f"transformer.h.{i}." for i in range(LAYERS)], "transformer.wte.")
+    elif family == "falcon":
+        blocks = block_prefixes(names, [f"transformer.h.{i}." for i in range(LAYERS)], "transformer.word_embeddings.")
     else:
         blocks = block_prefixes(names, [f"{prefix}model.layers.{i}." for i in range(LAYERS)],
                                 f"{prefix}model.embed_tokens.")
@@ -200,15 +219,15 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
         if t == 1:
-            first = model.transformer.h[0].attn.c_attn if family == "gpt2" else \
-                dict(model.named_modules())[prefix + "model.layers.0.post_attention_layernorm"]
+            first = probe_module(model, family, prefix)
             problems = bkds.internals_problems(engine.engine, first)
 
-    probe = model.transformer.h[0].attn.c_attn if family == "gpt2" else \
-        dict(model.named_modules())[prefix + "model.layers.0.post_attention_layernorm"]
+    probe = probe_module(model, family, prefix)
     hook_names = [getattr(h, "__name__", "") for hooks in (probe._forward_pre_hooks, probe._forward_hooks)
                   for h in hooks.values()]
-    result = {"case": name, "hook_names": sorted(hook_names), "losses": losses, "ref_losses": ref_losses, "grads_left": grads_left[:5],
+    from bread_kernels.patch import fused_fraction
+
+    result = {"case": name, "fused": fused_fraction(model)["fraction_of_linear_and_expert"], "hook_names": sorted(hook_names), "losses": losses, "ref_losses": ref_losses, "grads_left": grads_left[:5],
               "switches": engine.switches, "internals_problems": problems, "module_stack_depths": stack_depths,
               "comm": dict(comm_stats.calls), "params": {}}
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -586,26 +605,29 @@ def _trainer_refusals(trainer_class, family, rows, make_args, save_dir, block_op
     return refused
 
 
-def run_zero_init(rank: int, world: int) -> dict:
+def run_zero_init(rank: int, world: int, family: str = "llama") -> dict:
     """A model built partitioned (under ``deepspeed.zero.Init``, as ``from_pretrained`` builds one under the Trainer's
     ``deepspeed=``), patched (the block stack found from its empty tensors), given a ZeroBlockOptimizer, then loaded
     with the weights of a model built whole (the guard against the Trainer's resume lets this load through: no
     engine holds the optimizer yet), trained by ``initialize``'s engine: its shards against the model built whole,
-    trained the same way."""
+    trained the same way.  ``family`` "falcon": FalconLinear layers (an nn.Linear subclass, probed at patch), which
+    must be fused from their empty tensors as from whole ones."""
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     from bread_kernels import patch
     from bread_kernels.integrations import deepspeed as bkds
+    from bread_kernels.patch import fused_fraction
 
     config = ds_config(1, 0)
-    blocks = {}
+    blocks, fused = {}, {}
 
     def train(model):
         opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5),
                                       list(model.named_parameters()), verbose=0, switch_block_every=2,
                                       sgd_mode="all", sgd_lr_scaling=SCALING)
         blocks[len(blocks)] = opt.block_prefix_list
+        fused[len(fused)] = fused_fraction(model)["fraction_of_linear_and_expert"]
         return opt
 
     def loop(model, opt):
@@ -618,19 +640,21 @@ def run_zero_init(rank: int, world: int) -> dict:
         engine.destroy()
         return shards
 
-    whole = patch(build_model("llama"))
+    whole = patch(build_model(family))
     opt = train(whole)
     initial = {n: p.detach().reshape(-1).clone() for n, p in whole.named_parameters()}
     expected = loop(whole, opt)
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = build_model("llama", seed=1)
-    result = {"case": "zero_init", "built_empty": sum(p.numel() for p in model.parameters()) == 0}
+        model = build_model(family, seed=1)
+    result = {"case": "zero_init" if family == "llama" else f"zero_init_{family}",
+              "built_empty": sum(p.numel() for p in model.parameters()) == 0}
     model = patch(model)
     opt = train(model)
     with GatheredParameters(list(model.parameters()), modifier_rank=0):
-        model.load_state_dict(build_model("llama").state_dict())
+        model.load_state_dict(build_model(family).state_dict())
     trained = loop(model, opt)
     result["same_blocks"] = blocks[0] == blocks[1]
+    result["fused"] = [fused[0], fused[1]]
     result["diff"] = {n: (trained[n] - expected[n]).abs().max().item() if trained[n].numel() else 0.0
                       for n in trained}
     result["moved"] = sum(not torch.equal(expected[n], initial[n][bkds.shard_layout(p).start:][:expected[n].numel()])
@@ -712,7 +736,8 @@ def main() -> None:
         if args.plain_initialize:
             results.append(run_plain_initialize(rank, world))
         for name in args.trainer.split(",") if args.trainer else ():
-            results.append(run_zero_init(rank, world) if name == "zero_init" else
+            results.append(run_zero_init(rank, world, name[len("zero_init_"):] or "llama")
+                           if name.startswith("zero_init") else
                            run_trainer(name, rank, world, os.path.join(args.save_dir, name)))
     except Exception:
         traceback.print_exc()
