@@ -86,7 +86,7 @@ from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
-           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "block_stacks",
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "register_whole_shape", "whole_shape", "block_stacks",
            "stack_prefixes"]
 
 _STATE_ATTR = "_bread_patch"
@@ -394,6 +394,27 @@ def _whole_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
+#: functions that give a parameter's whole shape where its tensor holds less (a ZeRO-3 partitioned parameter is an
+#: empty 1-D tensor until gathered), None for any other: the integrations register theirs (the DeepSpeed one on import)
+_WHOLE_SHAPE: list[Callable[[torch.Tensor], tuple[int, ...] | None]] = []
+
+
+def register_whole_shape(whole_shape: Callable[[torch.Tensor], tuple[int, ...] | None]) -> None:
+    """Register a function giving a partitioned parameter's whole shape (None for other parameters), by which patch
+    finds and checks the 3-D expert weights of a model built partitioned as of one built whole."""
+    if whole_shape not in _WHOLE_SHAPE:
+        _WHOLE_SHAPE.append(whole_shape)
+
+
+def whole_shape(p: torch.Tensor) -> torch.Size:
+    """``p``'s shape, or its whole shape where a sharding engine keeps less of it (:func:`register_whole_shape`)."""
+    for shape_of in _WHOLE_SHAPE:
+        shape = shape_of(p)
+        if shape is not None:
+            return torch.Size(shape)
+    return p.shape
+
+
 #: every module of :meth:`PatchedModel.installed` -> a weak reference to its patched model's state
 _INSTALLED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _registration_hook: list = []
@@ -617,9 +638,9 @@ def _experts_modules(root: nn.Module, prefix: str, remapped: set[str] = frozense
                 f"in target_modules ({_linear_names(root, remapped)}; the expert weights then take BlockOptimizer's "
                 "Roles), or train this model without patch()"
             )
-        if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        if not _experts_like(module):
             continue
-        problem = experts_layout_problem(module)
+        problem = experts_layout_problem(module, shape_of=whole_shape)  # a partitioned one as if built whole
         if problem is None:
             found.append((name, module))
         else:
@@ -1036,7 +1057,7 @@ def fused_fraction(model: nn.Module) -> dict:
                   if isinstance(module, nn.Linear) or _is_linear(module)
                   for p in module.parameters(recurse=False)}
     linear_ids |= {id(p) for block in state.blocks for module in block.modules()
-                   if _experts_like(module) for p in module.parameters(recurse=False) if p.dim() == 3}
+                   if _experts_like(module) for p in module.parameters(recurse=False) if len(whole_shape(p)) == 3}
     seen: set[int] = set()
     total = fused = linear = fused_linear = 0
     unfused = []
@@ -1060,5 +1081,6 @@ def fused_fraction(model: nn.Module) -> dict:
 
 
 def _experts_like(module: nn.Module) -> bool:
-    """A module holding 3-D weights (fused or not): counted with the expert weights by :func:`fused_fraction`."""
-    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+    """A module holding 3-D weights (fused or not; partitioned ones by their whole shape): an experts module to
+    :func:`_experts_modules`, counted with the expert weights by :func:`fused_fraction`."""
+    return any(len(whole_shape(p)) == 3 for p in module.parameters(recurse=False))

@@ -82,22 +82,22 @@ _LAYOUT_FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": False, "i
                  "has_post_expert_norm": False}
 
 
-def experts_layout_problem(module: nn.Module) -> str | None:
+def experts_layout_problem(module: nn.Module, shape_of: Callable[[torch.Tensor], torch.Size] = torch.Tensor.size
+                           ) -> str | None:
     """None if ``module`` is a transformers experts module this function computes exactly; otherwise why not
     (a sentence).  Structural: the direct parameters are exactly ``gate_up_proj`` [E, 2I, H] and ``down_proj``
     [E, H, I] (3-D, one E, one H), an ``act_fn`` or ``_apply_gate`` gives the gating, and the layout flags that
     transformers' ``use_experts_implementation`` records (if any) are the concatenated, untransposed, bias-free
-    gated layout of Qwen2/Qwen3-MoE and Mixtral."""
+    gated layout of Qwen2/Qwen3-MoE and Mixtral.  ``shape_of`` gives a parameter's shape (patch gives a partitioned
+    one's whole shape)."""
     params = dict(module.named_parameters(recurse=False))
     if set(params) != set(EXPERT_WEIGHTS):
         return f"its direct parameters are {sorted(params)}, not {list(EXPERT_WEIGHTS)}"
-    gate_up, down = params["gate_up_proj"], params["down_proj"]
-    if gate_up.dim() != 3 or down.dim() != 3:
-        return f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not both 3-D"
-    if gate_up.shape[0] != down.shape[0] or gate_up.shape[2] != down.shape[1] or \
-            gate_up.shape[1] != 2 * down.shape[2]:
-        return (f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not [E, 2I, H] and "
-                "[E, H, I]")
+    gate_up, down = shape_of(params["gate_up_proj"]), shape_of(params["down_proj"])
+    if len(gate_up) != 3 or len(down) != 3:
+        return f"gate_up_proj {tuple(gate_up)} and down_proj {tuple(down)} are not both 3-D"
+    if gate_up[0] != down[0] or gate_up[2] != down[1] or gate_up[1] != 2 * down[2]:
+        return f"gate_up_proj {tuple(gate_up)} and down_proj {tuple(down)} are not [E, 2I, H] and [E, H, I]"
     for flag, value in _LAYOUT_FLAGS.items():
         if hasattr(module, flag) and getattr(module, flag) != value:
             return f"its layout has {flag}={getattr(module, flag)!r} (the fused experts compute {flag}={value!r})"

@@ -90,7 +90,7 @@ def worker_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3")
     return launched_results(folder, "run", "--cases", ",".join(CASES), "--resume", ",".join(RESUME_CASES),
                             "--plain-initialize",
-                            "--trainer", ",".join([*TRAINER_CASES, "zero_init", "zero_init_falcon"]),
+                            "--trainer", ",".join([*TRAINER_CASES, "zero_init", "zero_init_falcon", "zero_init_moe"]),
                             "--save-dir", str(folder), timeout=3 * TIMEOUT)
 
 
@@ -237,7 +237,7 @@ def test_the_trainer_with_deepspeed_and_bread_callback_trains_as_the_integration
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-@pytest.mark.parametrize("case", ["zero_init", "zero_init_falcon"])
+@pytest.mark.parametrize("case", ["zero_init", "zero_init_falcon", "zero_init_moe"])
 def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_whole(trainer_results, case, rank):
     """Under the Trainer's deepspeed= (ZeRO-3), from_pretrained builds the model under deepspeed.zero.Init, every
     parameter an empty tensor until gathered: patch found no block stack in it (it weighed lists by elements).
@@ -245,8 +245,13 @@ def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_who
     engine holds the optimizer; it refused this one before) and trained by initialize's engine, its shards equal
     those of the model built whole.  Falcon: its FalconLinear layers (an nn.Linear subclass) are fused from their
     empty tensors as from whole ones (the probe refused a weight that was not 2-D: they took the hook path, patch
-    warned that they do not compute x·Wᵀ + b, and fused_fraction, weighing the empty tensors, said 1.0)."""
+    warned that they do not compute x·Wᵀ + b, and fused_fraction, weighing the empty tensors, said 1.0).  A Qwen3-MoE
+    (BAdam): its 3-D expert weights are found from their whole shapes and fused (they ran HF's experts, unfused and
+    unsaid), and a ZeroBlockOptimizer with sgd_mode="all" on it refuses their on-the-fly update as on the model built
+    whole (it went through unsaid, each expert weight's whole gradient materialised on the hook path)."""
     r = trainer_results[(case, rank)]
+    if case == "zero_init_moe":
+        assert "an on-the-fly SGD update, which is not implemented under ZeRO-3" in (r["on_the_fly_experts"] or "")
     assert r["built_empty"] and r["same_blocks"]
     assert r["fused"] == [1.0, 1.0], f"fraction of the block linears fused (built whole, built partitioned): {r['fused']}"
     differ = {n: d for n, d in r["diff"].items() if d != 0.0}
@@ -400,28 +405,32 @@ def test_the_integration_tells_patch_the_sizes_of_partitioned_parameters():
     assert _find_block_stack(model)[0] == "layers"
 
 
-def test_an_nn_linear_subclass_built_partitioned_is_fused_and_weighed_whole():
-    """Falcon's FalconLinear layers with empty tensors, as zero.Init leaves them: patch fuses them as it fuses them in
-    a model built whole (the probe never reads the weight; it refused one that was not 2-D, and patch warned that they
-    compute something else), and fused_fraction weighs the block parameters by their whole sizes (it read the empty
-    tensors' 0 elements as 'all fused')."""
+@pytest.mark.parametrize("family", ["falcon", "qwen3_moe"])
+def test_a_model_built_partitioned_is_fused_and_weighed_as_one_built_whole(family):
+    """A model with empty tensors, as zero.Init leaves them, is fused as one built whole: Falcon's FalconLinear layers
+    (the probe never reads the weight; it refused one that was not 2-D, and patch warned that they compute something
+    else), a Qwen3-MoE's experts (found by their whole 3-D shapes; none were, unsaid); and fused_fraction weighs the
+    block parameters by their whole sizes (it read the empty tensors' 0 elements as 'all fused')."""
     import torch
 
-    import bread_kernels.integrations.deepspeed  # noqa: F401 - registers the sizes
+    import bread_kernels.integrations.deepspeed  # noqa: F401 - registers the sizes and shapes
     from bread_kernels import patch
-    from bread_kernels.patch import fused_fraction
-    from tests.model_zoo import falcon
+    from bread_kernels.patch import fused_fraction, patched_state
+    from tests import model_zoo
 
-    whole = fused_fraction(patch(falcon()))
-    model = falcon(seed=1)
+    build = getattr(model_zoo, family)
+    whole_model = patch(build())
+    whole = fused_fraction(whole_model)
+    model = build(seed=1)
     for i, p in enumerate(model.parameters()):  # as zero.Init leaves them
-        p.ds_id, p.ds_numel, p.ds_tensor = i, p.numel(), torch.empty(0)
+        p.ds_id, p.ds_numel, p.ds_shape, p.ds_tensor = i, p.numel(), p.shape, torch.empty(0)
         p.data = torch.empty(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        partitioned = fused_fraction(patch(model))
-    assert partitioned == whole and whole["fraction_of_linear_and_expert"] == 1.0
-    assert whole["block_parameters"] == sum(p.ds_numel for p in model.transformer.h.parameters())
+        model = patch(model)
+    assert fused_fraction(model) == whole and whole["fraction_of_linear_and_expert"] == 1.0
+    assert [n for n, _ in patched_state(model).expert_weights()] == \
+        [n for n, _ in patched_state(whole_model).expert_weights()]
 
 
 def test_initialize_needs_the_zero_block_optimizer():

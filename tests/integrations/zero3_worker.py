@@ -68,6 +68,8 @@ LORA_MODES = {"lora_partial_gas2": "partial"}
 # memory_efficient_linear), ZERO3_WORKER_STEPS (default 4), ZERO3_WORKER_EVERY (switch_block_every, default 2).
 EXTRA_CASES = {
     "falcon_badam": ("disabled", False, 1, 0, "ascending", 0, "adamw"),
+    "moe_badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
+    "deepseek_badam_sgdbase": ("disabled", False, 2, 100, "descending", None, "sgd"),
     "falcon_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
     "falcon_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
     "falcon_sgd_partial_gas2": ("partial", False, 2, 100, "ascending", 1, "sgd"),
@@ -96,6 +98,10 @@ def build_model(family: str = "llama", seed: int = 0):
         model = qwen3_moe(seed, layers=LAYERS)
         model.train()
         return model
+    if family == "deepseek":  # DeepSeek-V3: latent attention, a dense first layer, then MoE layers (zoo vocabulary)
+        from tests.model_zoo import deepseek_v3
+
+        return deepseek_v3(seed, layers=LAYERS)
     if family == "falcon":  # FalconLinear (an nn.Linear subclass) everywhere, biases, LayerNorms (zoo vocabulary)
         from tests.model_zoo import falcon
 
@@ -168,7 +174,7 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     sgd_mode, sign, gas, persistence, switch_mode, start, base = {**CASES, **EXTRA_CASES}[name]
     if os.environ.get("ZERO3_WORKER_NO_REFRESH"):  # shows that the persistent-parameter check can fail
         bkds.ZeroShards.mark_updated = lambda self, param: None
-    family = next((f for f in ("gpt2", "lora", "tied", "falcon") if name.startswith(f)), "llama")
+    family = next((f for f in ("gpt2", "lora", "tied", "falcon", "moe", "deepseek") if name.startswith(f)), "llama")
     prefix = "base_model.model." if family == "lora" else ""
     original = build_model(family)
     ref_model = copy.deepcopy(original)
@@ -611,7 +617,9 @@ def run_zero_init(rank: int, world: int, family: str = "llama") -> dict:
     with the weights of a model built whole (the guard against the Trainer's resume lets this load through: no
     engine holds the optimizer yet), trained by ``initialize``'s engine: its shards against the model built whole,
     trained the same way.  ``family`` "falcon": FalconLinear layers (an nn.Linear subclass, probed at patch), which
-    must be fused from their empty tensors as from whole ones."""
+    must be fused from their empty tensors as from whole ones; "moe": a Qwen3-MoE whose 3-D expert weights must be
+    found and fused from their empty tensors (BAdam; a ZeroBlockOptimizer with sgd_mode="all" on it, built first,
+    must refuse their on-the-fly update as it does on the model built whole)."""
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
@@ -621,11 +629,12 @@ def run_zero_init(rank: int, world: int, family: str = "llama") -> dict:
 
     config = ds_config(1, 0)
     blocks, fused = {}, {}
+    sgd_mode = "disabled" if family == "moe" else "all"
 
     def train(model):
         opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5),
                                       list(model.named_parameters()), verbose=0, switch_block_every=2,
-                                      sgd_mode="all", sgd_lr_scaling=SCALING)
+                                      sgd_mode=sgd_mode, sgd_lr_scaling=SCALING)
         blocks[len(blocks)] = opt.block_prefix_list
         fused[len(fused)] = fused_fraction(model)["fraction_of_linear_and_expert"]
         return opt
@@ -649,6 +658,13 @@ def run_zero_init(rank: int, world: int, family: str = "llama") -> dict:
     result = {"case": "zero_init" if family == "llama" else f"zero_init_{family}",
               "built_empty": sum(p.numel() for p in model.parameters()) == 0}
     model = patch(model)
+    if family == "moe":
+        try:
+            bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                                    verbose=0, sgd_mode="all").close()
+            result["on_the_fly_experts"] = None
+        except NotImplementedError as exc:
+            result["on_the_fly_experts"] = str(exc)
     opt = train(model)
     with GatheredParameters(list(model.parameters()), modifier_rank=0):
         model.load_state_dict(build_model(family).state_dict())
