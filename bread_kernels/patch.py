@@ -86,8 +86,8 @@ from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
-           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "register_whole_shape", "whole_shape", "block_stacks",
-           "stack_prefixes"]
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "register_whole_shape",
+           "whole_shape", "block_stacks", "stack_prefixes"]
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)

@@ -253,7 +253,8 @@ def test_a_model_built_partitioned_is_patched_loaded_and_trains_as_one_built_who
     if case == "zero_init_moe":
         assert "an on-the-fly SGD update, which is not implemented under ZeRO-3" in (r["on_the_fly_experts"] or "")
     assert r["built_empty"] and r["same_blocks"]
-    assert r["fused"] == [1.0, 1.0], f"fraction of the block linears fused (built whole, built partitioned): {r['fused']}"
+    assert r["fused"] == [1.0, 1.0], \
+        f"fraction of the block linears fused (built whole, built partitioned): {r['fused']}"
     differ = {n: d for n, d in r["diff"].items() if d != 0.0}
     assert not differ, f"rank {rank}: the model built partitioned trained otherwise: {differ}"
     assert r["moved"] > len(r["diff"]) // 2

@@ -19,8 +19,8 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
-           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "whole_shape", "any_partitioned",
-           "micro_batches_of_the_coming_step", "gathered_state_dict"]
+           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "whole_shape",
+           "any_partitioned", "micro_batches_of_the_coming_step", "gathered_state_dict"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
