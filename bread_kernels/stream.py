@@ -253,16 +253,21 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             named["use_cache"] = False
 
     record = ForwardRecord()
+    training = block.training  # the forward's mode, which a recompute replays (model.eval() before the backward)
 
     def run(h):
         # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
         # recomputed input (and its .grad) from living on after the block's backward
         arguments[hidden_name] = h
+        modes = _in_mode(block, training) if block.training is not training else None
         try:
             with record:  # the recompute replays the forward's adapter choices
                 return call()
         finally:
             arguments[hidden_name] = None
+            if modes is not None:
+                for module, mode in modes:
+                    module.training = mode
 
     if not (hidden.requires_grad or needing_grad or block_has_work(block)):
         with torch.no_grad():
@@ -273,6 +278,16 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
+
+
+def _in_mode(block: nn.Module, training: bool) -> list[tuple[nn.Module, bool]]:
+    """Put ``block`` in the mode its forward ran in (``train(training)``) for a recompute that comes after the model
+    was switched (``model.eval()`` between a loss and its backward: with dropout, the recompute saved other tensors
+    than the forward and the checkpoint failed, as Hugging Face's own checkpointing does); returns each module's
+    mode to put back after."""
+    modes = [(module, module.training) for module in block.modules()]
+    block.train(training)
+    return modes
 
 
 def _leads_to_a_parameter(grad_fn, config: StreamConfig, index: int, limit: int = 10_000) -> bool:

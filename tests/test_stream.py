@@ -41,6 +41,27 @@ def test_patched_model_has_the_plain_gradients_with_dropout(arch, recompute):
         assert patched_state(patched).stream.recomputes == {i: 1 for i in range(len(patched_state(patched).blocks))}
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_switched_to_eval_between_its_loss_and_the_backward_has_the_plain_gradients(arch):
+    """``model.eval()`` between the loss and ``backward()`` (an evaluation run in between) with dropout: the
+    recompute ran in eval mode, saved other tensors than the forward and failed ("A different number of tensors
+    was saved"; Hugging Face's own checkpointing fails alike). It replays the forward's mode, so every gradient is
+    plain autograd's, and the blocks are left in the mode the user set."""
+    plain = BUILDERS[arch](dropout=0.3).train()
+    patched = bread_kernels.patch(copy.deepcopy(plain), keep_top=0, fused_loss=False)  # every block recomputed
+    ids = batch(0)
+    for model in (plain, patched):
+        torch.manual_seed(7)
+        loss = loss_of(model, ids)
+        model.eval()
+        loss.backward()
+    assert not any(m.training for m in patched.modules())
+    expected, actual = grads(plain), grads(patched)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
 @pytest.mark.parametrize("keep_top", [1, 2])
 def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
     """With dropout (the RNG replay matters to the recomputed blocks only); BREAD-SGD, so every block's weights
