@@ -53,6 +53,9 @@ CASES = {
     # a Llama whose head is tied to its embedding (Llama-3.2, Qwen2.5's small models): the head's weight is gathered
     # by the embedding, so the fused loss runs and "auto" keeps the top block (measured through its saved tensors)
     "tied_sign_all": ("all", True, 1, 0, "descending", None, "adamw"),
+    # Falcon (40B layout: FalconLinear, an nn.Linear subclass the fused linear serves; biases; parallel attention and
+    # MLP with an in-place add into a fused output): its fused on-the-fly updates written to the shards
+    "falcon_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
     # bf16 (DeepSpeed's bf16 mode): a smoke run, checked loosely against the fp32 reference; norm weights (~1.0,
     # bf16 spacing 2^-8) must move although each sign step (5e-4) is below half a spacing: stochastic rounding
     "bf16_sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
@@ -70,7 +73,6 @@ EXTRA_CASES = {
     "falcon_badam": ("disabled", False, 1, 0, "ascending", 0, "adamw"),
     "moe_badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
     "deepseek_badam_sgdbase": ("disabled", False, 2, 100, "descending", None, "sgd"),
-    "falcon_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
     "falcon_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
     "falcon_sgd_partial_gas2": ("partial", False, 2, 100, "ascending", 1, "sgd"),
     "gpt2_sgd_all": ("all", False, 1, 0, "descending", None, "adamw"),
