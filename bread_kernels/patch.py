@@ -86,8 +86,8 @@ from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
-           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_numel", "register_whole_shape",
-           "whole_shape", "block_stacks", "stack_prefixes"]
+           "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_shape", "whole_shape",
+           "block_stacks", "stack_prefixes"]
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
@@ -374,26 +374,6 @@ def patched_state(model: nn.Module) -> PatchedModel | None:
     return getattr(model, _STATE_ATTR, None)
 
 
-#: functions that give a parameter's whole number of elements where its tensor holds fewer (a ZeRO-3 partitioned
-#: parameter, empty until gathered), None for any other: the integrations register theirs (the DeepSpeed one on import)
-_WHOLE_NUMEL: list[Callable[[torch.Tensor], int | None]] = []
-
-
-def register_whole_numel(whole_numel: Callable[[torch.Tensor], int | None]) -> None:
-    """Register a function giving a partitioned parameter's whole number of elements (None for other parameters), by
-    which block-stack discovery weighs a model built partitioned as one built whole."""
-    if whole_numel not in _WHOLE_NUMEL:
-        _WHOLE_NUMEL.append(whole_numel)
-
-
-def _whole_numel(p: torch.Tensor) -> int:
-    for whole_numel in _WHOLE_NUMEL:
-        n = whole_numel(p)
-        if n is not None:
-            return n
-    return p.numel()
-
-
 #: functions that give a parameter's whole shape where its tensor holds less (a ZeRO-3 partitioned parameter is an
 #: empty 1-D tensor until gathered), None for any other: the integrations register theirs (the DeepSpeed one on import)
 _WHOLE_SHAPE: list[Callable[[torch.Tensor], tuple[int, ...] | None]] = []
@@ -401,7 +381,7 @@ _WHOLE_SHAPE: list[Callable[[torch.Tensor], tuple[int, ...] | None]] = []
 
 def register_whole_shape(whole_shape: Callable[[torch.Tensor], tuple[int, ...] | None]) -> None:
     """Register a function giving a partitioned parameter's whole shape (None for other parameters), by which patch
-    finds and checks the 3-D expert weights of a model built partitioned as of one built whole."""
+    weighs the block stacks of a model built partitioned and finds its 3-D expert weights as of one built whole."""
     if whole_shape not in _WHOLE_SHAPE:
         _WHOLE_SHAPE.append(whole_shape)
 
@@ -413,6 +393,11 @@ def whole_shape(p: torch.Tensor) -> torch.Size:
         if shape is not None:
             return torch.Size(shape)
     return p.shape
+
+
+def _whole_numel(p: torch.Tensor) -> int:
+    """``p``'s number of elements, whole where a sharding engine keeps less of it (:func:`whole_shape`)."""
+    return whole_shape(p).numel()
 
 
 #: every module of :meth:`PatchedModel.installed` -> a weak reference to its patched model's state
@@ -696,11 +681,11 @@ def _warn_unfused_linears(unfused: list[tuple[str, nn.Module]]) -> None:
                   stacklevel=3)
 
 
-def _warn_unfused_embedding(model: nn.Module, embedding: nn.Module) -> None:
-    """Say that an untied input embedding keeps plain autograd (a subclass with its own forward, as the scaled word
-    embeddings of Gemma3, BART or XGLM multiply the rows by ``embed_scale``; ``max_norm``, ``scale_grad_by_freq``,
-    ``sparse``; not an ``nn.Embedding``): its on-the-fly update materialises the whole [vocab, hidden] gradient."""
-    name = next((n for n, m in model.named_modules() if m is embedding), type(embedding).__name__)
+def _warn_unfused_embedding(name: str, embedding: nn.Module) -> None:
+    """Say that the untied input embedding ``name`` keeps plain autograd (a subclass with its own forward, as the
+    scaled word embeddings of Gemma3, BART or XGLM multiply the rows by ``embed_scale``; ``max_norm``,
+    ``scale_grad_by_freq``, ``sparse``; not an ``nn.Embedding``): its on-the-fly update materialises the whole
+    [vocab, hidden] gradient."""
     warnings.warn(f"patch: the input embedding {name} ({type(embedding).__name__}) is not a plain nn.Embedding "
                   "the fused embedding reproduces (its own forward, max_norm, scale_grad_by_freq or sparse), so it "
                   "keeps plain autograd: an on-the-fly update of it (sgd_mode='all') goes through the hook path, "
@@ -841,14 +826,15 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         install_forward(module, _experts_forward)
         state.fused_experts.append((name, module))
 
-    if embedding is not None and id(getattr(embedding, "weight", None)) not in state.shared_weights and \
-            not fusable_embedding(embedding):
-        _warn_unfused_embedding(model, embedding)
-    if embedding is not None and fusable_embedding(embedding) and id(embedding.weight) not in state.shared_weights:
-        setattr(embedding, PLAN_ATTR, None)
-        embedding._bread_name = next(n for n, m in model.named_modules() if m is embedding)
-        install_forward(embedding, _embedding_forward)
-        state.fused_modules.append((embedding._bread_name, embedding))
+    if embedding is not None and id(getattr(embedding, "weight", None)) not in state.shared_weights:
+        name = next(n for n, m in model.named_modules() if m is embedding)
+        if fusable_embedding(embedding):
+            setattr(embedding, PLAN_ATTR, None)
+            embedding._bread_name = name
+            install_forward(embedding, _embedding_forward)
+            state.fused_modules.append((name, embedding))
+        else:
+            _warn_unfused_embedding(name, embedding)
 
     for index, block in enumerate(blocks):
         turn_off_hf_checkpointing(block)  # HF's own checkpointing: ours replaces it

@@ -60,17 +60,17 @@ def test_discovery_weighs_the_stacks_of_a_model_built_partitioned_by_their_whole
     tower).  The sizes come from the functions integrations register; without one, a clear error."""
     import sys
 
-    from bread_kernels.patch import _find_block_stack, register_whole_numel
+    from bread_kernels.patch import _find_block_stack, register_whole_shape
 
     model = _VisionAndText()
     assert _find_block_stack(model)[0] == "layers"
-    sizes = {id(p): p.numel() for p in model.parameters()}
+    shapes = {id(p): tuple(p.shape) for p in model.parameters()}
     for p in model.parameters():
         p.data = torch.empty(0)
-    monkeypatch.setattr(sys.modules["bread_kernels.patch"], "_WHOLE_NUMEL", [])
+    monkeypatch.setattr(sys.modules["bread_kernels.patch"], "_WHOLE_SHAPE", [])
     with pytest.raises(ValueError, match="empty tensors .* import bread_kernels.integrations.deepspeed before patch"):
         _find_block_stack(model)
-    register_whole_numel(lambda p: sizes.get(id(p)))
+    register_whole_shape(lambda p: shapes.get(id(p)))
     assert _find_block_stack(model)[0] == "layers"
 
 

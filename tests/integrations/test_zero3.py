@@ -401,7 +401,7 @@ def test_the_integration_tells_patch_the_sizes_of_partitioned_parameters():
 
     model = _VisionAndText()
     for i, p in enumerate(model.parameters()):  # as zero.Init leaves them
-        p.ds_id, p.ds_numel, p.ds_tensor = i, p.numel(), torch.empty(0)
+        p.ds_id, p.ds_numel, p.ds_shape, p.ds_tensor = i, p.numel(), p.shape, torch.empty(0)
         p.data = torch.empty(0)
     assert _find_block_stack(model)[0] == "layers"
 

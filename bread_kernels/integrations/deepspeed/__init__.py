@@ -90,16 +90,15 @@ Usage::
 
 from __future__ import annotations
 
-from ...patch import register_whole_numel, register_whole_shape
+from ...patch import register_whole_shape
 from .config import check_config
 from .engine import ZeroBlockEngine, initialize
 from .internals import SUPPORTED_VERSIONS, check_version, internals_problems, is_partitioned, shard_layout, \
-    whole_numel, whole_shape
+    whole_shape
 from .optimizer import ZeroBlockOptimizer
 from .shards import ZeroShards
 
-register_whole_numel(whole_numel)  # patch weighs a model built partitioned (zero.Init) by its parameters' sizes
-register_whole_shape(whole_shape)  # and finds its 3-D expert weights
+register_whole_shape(whole_shape)  # patch weighs a model built partitioned (zero.Init) and finds its experts by it
 
 __all__ = ["SUPPORTED_VERSIONS", "check_version", "check_config", "internals_problems", "is_partitioned",
            "shard_layout", "ZeroShards", "ZeroBlockOptimizer", "ZeroBlockEngine", "initialize"]

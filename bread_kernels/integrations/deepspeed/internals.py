@@ -19,7 +19,7 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "CACHED_BACKWARD_FUNCTIONS", "MODULE_HOOK_NAMES", "check_version", "internals_problems", "is_partitioned",
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
-           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_numel", "whole_shape",
+           "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_shape",
            "any_partitioned", "micro_batches_of_the_coming_step", "gathered_state_dict"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
@@ -174,12 +174,6 @@ def is_partitioned(param: torch.Tensor) -> bool:
 def any_partitioned(params) -> bool:
     """Whether any of ``params`` is ZeRO-3 partitioned (a model DeepSpeed built or wrapped)."""
     return any(is_partitioned(p) for p in params)
-
-
-def whole_numel(param: torch.Tensor) -> int | None:
-    """A ZeRO-3 partitioned parameter's whole number of elements (its tensor is empty until gathered), None for any
-    other parameter: registered with :func:`bread_kernels.patch.register_whole_numel` when this package loads."""
-    return int(param.ds_numel) if is_partitioned(param) else None
 
 
 def whole_shape(param: torch.Tensor) -> tuple[int, ...] | None:
