@@ -84,6 +84,7 @@ from .peft_lora import (Conv1D, check_lora_layer, is_linear_layer, is_lora_layer
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
+from .weight_readers import linears_read_outside
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
            "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_shape", "whole_shape",
@@ -681,6 +682,19 @@ def _warn_unfused_linears(unfused: list[tuple[str, nn.Module]]) -> None:
                   stacklevel=3)
 
 
+def _warn_linears_read_outside(read_outside: dict[str, str]) -> None:
+    """Say which linears in the blocks keep plain autograd because the model's code computes with their weight
+    outside their forward (:mod:`bread_kernels.weight_readers`: Mamba's ``dt_proj``), where a fused forward would
+    never run and an on-the-fly update of theirs would silently never be applied."""
+    if not read_outside:
+        return
+    name, reader = next(iter(read_outside.items()))
+    warnings.warn(f"patch: the model's code computes with the weight of {len(read_outside)} linear layer(s) in the "
+                  f"blocks outside their own forward, on some path ({name}: {reader}; ...), where a fused forward "
+                  "would never run, so they keep plain autograd: their on-the-fly updates go through the hook path, "
+                  "which materialises each one's whole gradient, as the reference does", RuntimeWarning, stacklevel=3)
+
+
 def _warn_unfused_embedding(name: str, embedding: nn.Module) -> None:
     """Say that the untied input embedding ``name`` keeps plain autograd (a subclass with its own forward, as the
     scaled word embeddings of Gemma3, BART or XGLM multiply the rows by ``embed_scale``; ``max_norm``,
@@ -799,11 +813,15 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     experts: list[tuple[str, nn.Module]] = []
     unfused: list[tuple[str, nn.Module]] = []
     remapped = peft_remapped_targets(model)  # for the refusal of peft's LoRA on parameters
+    read_outside: dict[str, str] = {}
     for index, block in enumerate(blocks):  # everything is found (and refused) before anything is installed
         prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
-        targets += [(name, module, index) for name, module in _fusable_linears(block, prefix, unfused)]
+        linears = _fusable_linears(block, prefix, unfused)
+        read_outside.update(linears_read_outside(block, prefix, linears))
+        targets += [(name, module, index) for name, module in linears if name not in read_outside]
         experts += _experts_modules(block, prefix, remapped)
     _warn_unfused_linears(unfused)
+    _warn_linears_read_outside(read_outside)
     if head is not None and (_is_linear(head) or is_lora_layer(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)
         targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]

@@ -149,9 +149,20 @@ def deepseek_v3(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int =
     return _finish(transformers.DeepseekV3ForCausalLM(config), dtype)
 
 
+def mamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
+    """Mamba: no attention; each mixer computes with ``dt_proj.weight`` itself (``dt_proj.weight @ time_step``, its
+    bias read in the scan) and hands ``x_proj``'s and ``out_proj``'s weights to mamba_ssm's fused kernel where it is
+    installed (CUDA), so those linears' own forwards do not run there."""
+    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, state_size=8,
+                                      expand=2, conv_kernel=4, time_step_rank=4, tie_word_embeddings=False,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return _finish(transformers.MambaForCausalLM(config), dtype)
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
-FAMILY_BUILDERS = {"falcon": falcon}
+FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 
 
@@ -162,6 +173,8 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
+    if name == "MambaForCausalLM":
+        return [f"backbone.layers.{i}." for i in range(model.config.num_hidden_layers)], "backbone.embeddings."
     if name == "FalconForCausalLM":
         return [f"transformer.h.{i}." for i in range(model.config.num_hidden_layers)], "transformer.word_embeddings."
     if name == "GPT2LMHeadModel":

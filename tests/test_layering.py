@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "bread_kernels"
 #: the engine's modules: none may import the optimizer, the integrations or the benchmark
 ENGINE = ["rounding.py", "interrupts.py", "plan.py", "installed_forward.py", "update.py", "collectives.py", "stream.py", "patch.py",
-          "causal_lm.py", "peft_lora.py", "kernels", "backends", "functions"]
+          "causal_lm.py", "peft_lora.py", "weight_readers.py", "kernels", "backends", "functions"]
 #: what each lower layer must not import (package-relative module prefixes)
 FORBIDDEN = {
     "rounding.py": ["plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim", "integrations"],
@@ -28,6 +28,8 @@ FORBIDDEN = {
     "patch.py": ["optim", "integrations"],
     "causal_lm.py": ["stream", "patch", "optim", "integrations"],
     "peft_lora.py": ["functions", "stream", "patch", "optim", "integrations"],
+    "weight_readers.py": ["kernels", "backends", "update", "functions", "stream", "patch", "optim",
+                          "integrations"],
     "optim": ["integrations", "bench"],
 }
 DEEPSPEED_ATTRIBUTES = ("ds_id", "ds_tensor", "ds_numel", "ds_shape", "ds_status", "ds_persist",

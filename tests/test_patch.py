@@ -681,3 +681,27 @@ def test_a_model_patched_before_peft_wrapped_it_is_unpatched_through_the_wrapper
                                        lora_mode="all", verbose=0)
     loss_of(wrapper, ids).backward()
     opt.step()
+
+
+class _ReadsItsLinear(nn.Module):
+    """A block whose forward computes with ``read.weight`` itself (as Mamba's mixer does with ``dt_proj``), asks
+    ``called.weight`` only for its dtype, and initialises both in ``__init__``."""
+
+    def __init__(self):
+        super().__init__()
+        self.read, self.called = nn.Linear(8, 8), nn.Linear(8, 8)
+        nn.init.zeros_(self.called.bias)
+
+    def forward(self, x):
+        x = self.called(x.to(self.called.weight.dtype))
+        return x + x @ self.read.weight.t() + self.read.bias
+
+
+def test_a_linear_whose_weight_the_model_computes_with_outside_its_forward_keeps_plain_autograd_and_is_named():
+    """Its fused forward would never run (nor its on-the-fly update); a read of its weight's metadata, or one in an
+    initialiser, fuses as before."""
+    model = nn.Sequential(nn.ModuleList([_ReadsItsLinear(), _ReadsItsLinear()]))
+    with pytest.warns(RuntimeWarning, match=r"computes with the weight of 2 linear layer\(s\).*0\.0\.read: "
+                                            r"_ReadsItsLinear\.forward reads self\.read\.(weight|bias)"):
+        bread_kernels.patch(model, blocks=model[0])
+    assert sorted(name for name, _ in patched_state(model).fused_modules) == ["0.0.called", "0.1.called"]

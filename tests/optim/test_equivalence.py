@@ -242,6 +242,18 @@ def test_falcon_linear_subclass_fused(variant):
                                               sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
 
 
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+def test_mamba_linears_whose_weight_the_mixer_computes_with_take_their_updates(variant):
+    """Mamba's mixer computes ``dt_proj.weight @ time_step`` itself (and reads ``dt_proj.bias`` in its scan): the
+    linear's own forward never runs, so a fused dt_proj's on-the-fly update never ran either — its weight was left
+    requiring no grad and never moved.  Every linear, however small, is fused here (``hook_update_numel=0``; a
+    real Mamba's dt_proj, 4096 × 128 in the 1.4B model, is fused by default)."""
+    sgd_mode, sign = variant
+    run_case(Case("mamba", steps=4, patch=dict(fused_loss=False, hook_update_numel=0),
+                  bcd=dict(switch_block_every=2, switch_mode="descending", sgd_mode=sgd_mode, sgd_use_sign=sign,
+                           sgd_lr_scaling=SCALING)))
+
+
 @pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
 def test_weight_decay_groups(variant):
     """weight_decay=0.01 applies to weights only, not to biases or norm weights; non-default betas/eps."""
