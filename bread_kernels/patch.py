@@ -459,8 +459,19 @@ def stack_prefixes(name: str, n: int) -> list[str]:
 
 
 def _is_stack_candidate(module: nn.Module) -> bool:
-    """An ``nn.ModuleList`` of two or more modules of one class: a block stack, if it has parameters."""
-    return isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1
+    """An ``nn.ModuleList`` of two or more modules of one class, or of Hugging Face decoder layers of several
+    classes (:func:`_is_hf_layer`: Jamba's attention and Mamba layers, Mllama's self- and cross-attention layers,
+    Zamba's hybrid and Mamba layers): a block stack, if it has parameters."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2:
+        return False
+    return len({type(m) for m in module}) == 1 or all(_is_hf_layer(m) for m in module)
+
+
+def _is_hf_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers layer (its class derives from ``GradientCheckpointingLayer``, the base
+    of transformers 5's decoder and encoder layers), read by name so that patch needs no transformers import."""
+    return any(cls.__name__ == "GradientCheckpointingLayer" and cls.__module__.startswith("transformers.")
+               for cls in type(module).__mro__)
 
 
 def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -494,8 +505,8 @@ def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ValueError(
             f"patch: found no block stack in {type(model).__name__}: searched for an nn.ModuleList of two or more "
-            "modules of one class with parameters (like model.layers, transformer.h or encoder.layer). Point patch "
-            "at the stack yourself: patch(model, blocks=model.<path>.layers)"
+            "modules of one class (or of transformers layers) with parameters (like model.layers, transformer.h or "
+            "encoder.layer). Point patch at the stack yourself: patch(model, blocks=model.<path>.layers)"
         )
     return best
 

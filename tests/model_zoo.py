@@ -160,9 +160,60 @@ def mamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
     return _finish(transformers.MambaForCausalLM(config), dtype)
 
 
+def jamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4):
+    """Jamba: one ``model.layers`` of two classes — attention layers (0, 2) and Mamba layers (1, 3) —, the Mamba
+    layers' MLPs mixtures of 4 experts top-2."""
+    config = transformers.JambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.JambaForCausalLM(config), dtype)
+
+
+#: Mllama's image token, and its images: 1 image of 2 tiles of 16×16 pixels per sequence
+IMAGE_TOKEN, IMAGE_SHAPE = 5, (1, 2, 3, 16, 16)
+
+
+def mllama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Mllama: a vision tower of two homogeneous stacks (2 local and 2 global encoder layers) beside a language
+    model whose one ``layers`` list holds self-attention layers (0, 2) and cross-attention layers (1, 3) reading
+    the projected image features."""
+    vision = transformers.MllamaVisionConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_global_layers=2, attention_heads=4,
+        image_size=16, patch_size=8, max_num_tiles=2, intermediate_layers_indices=[0], vision_output_dim=64,
+        supported_aspect_ratios=[[1, 1], [1, 2]])
+    text = transformers.MllamaTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, cross_attention_layers=[1, 3], tie_word_embeddings=False, rope_scaling=None,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
+    for c in (config, config.vision_config, config.text_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.MllamaForConditionalGeneration(config), dtype)
+
+
+def mllama_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """Mllama's loss on step ``step``'s tokens (the image token first, unscored) and random pixels (aspect ratio
+    1×2: both tiles), from a private generator."""
+    gen = torch.Generator().manual_seed(2000 + step)
+    ids = torch.randint(IMAGE_TOKEN + 1, VOCAB, (BATCH, SEQ), generator=gen)
+    ids[:, 0] = IMAGE_TOKEN
+    pixels = torch.randn((BATCH, *IMAGE_SHAPE), generator=gen)
+    return model(input_ids=ids, pixel_values=pixels, aspect_ratio_ids=torch.full((BATCH, 1), 2),
+                 aspect_ratio_mask=torch.ones(BATCH, 1, 2, dtype=torch.long),
+                 cross_attention_mask=torch.ones(BATCH, SEQ, 1, 2, dtype=torch.long),
+                 labels=ids.masked_fill(ids == IMAGE_TOKEN, -100)).loss
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
 FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba}
+#: models whose largest block stack holds transformers layers of several classes
+MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 
 

@@ -784,6 +784,45 @@ def test_every_block_stack_of_an_encoder_decoder_is_a_block_and_trains_as_unpatc
             assert not torch.equal(p, start[n]), f"{n} was never trained"
 
 
+@pytest.mark.parametrize("sgd_mode, sign", [("partial", True), ("all", False)], ids=["sign-partial", "sgd-all"])
+@pytest.mark.parametrize("name", list(models.MIXED_STACK_BUILDERS))
+def test_a_stack_of_transformers_layers_of_several_classes_is_streamed_and_trains_as_unpatched(name, sgd_mode, sign):
+    """Jamba's attention and Mamba layers, Mllama's self- and cross-attention layers: one ModuleList of two layer
+    classes.  patch took only a list of one class for a stack, so it found none in Jamba (an error) and streamed
+    Mllama's vision tower, its language model training on the slow path; the mixed stack is now the one patch
+    streams, and every block trains as the unpatched model (every linear fused: hook_update_numel=0)."""
+    initial = models.MIXED_STACK_BUILDERS[name]()
+    if name == "mllama":
+        loss_fn, stack = models.mllama_loss_of, "model.language_model.layers"
+    else:
+        loss_fn, stack = (lambda model, step: loss_of(model, batch(step))), "model.layers"
+    trained = []
+    for patched in (True, False):
+        model = copy.deepcopy(initial)
+        if patched:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Jamba's dt_proj kept unfused; its conv1d named
+                bread_kernels.patch(model, hook_update_numel=0)
+            assert patched_state(model).blocks_name == stack
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Mllama's vision layers train outside the streamed stack
+            opt = bread_kernels.BlockOptimizer(
+                torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), list(model.named_parameters()),
+                block_prefix_list=[[f"{stack}.{i}."] for i in range(4)], switch_block_every=1,
+                switch_mode="descending", sgd_mode=sgd_mode, sgd_use_sign=sign, verbose=0)
+        for step in range(3):  # blocks 3, 2 and 1 active: the lowest one's cut leaves block 0 below it
+            loss_fn(model, step).backward()
+            opt.step()
+            opt.zero_grad()
+        trained.append(model)
+    reference = dict(trained[1].named_parameters())
+    for n, p in trained[0].named_parameters():
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
+    keys = list(initial.state_dict())
+    bread_kernels.unpatch(trained[0])
+    assert list(trained[0].state_dict()) == keys
+
+
 def test_a_patched_wrapper_without_get_input_embeddings_finds_the_embedding_block_as_unpatched():
     import transformers
     from torch import nn
