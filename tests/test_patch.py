@@ -705,3 +705,17 @@ def test_a_linear_whose_weight_the_model_computes_with_outside_its_forward_keeps
                                             r"_ReadsItsLinear\.forward reads self\.read\.(weight|bias)"):
         bread_kernels.patch(model, blocks=model[0])
     assert sorted(name for name, _ in patched_state(model).fused_modules) == ["0.0.called", "0.1.called"]
+
+
+def test_a_depthwise_convolution_is_neither_warned_about_nor_counted_as_an_experts_module():
+    """Mamba's ``conv1d`` holds a 3-D weight [channels, 1, kernel]: a layer of its own (plain autograd, as a norm),
+    not an experts module the fused experts fail to compute; fused_fraction counts only the linears' weights and
+    biases (no expert weights here) as linear and expert weights."""
+    model = models.mamba(layers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bread_kernels.patch(model)
+    assert not [w for w in caught if "3-D weights" in str(w.message)], [str(w.message) for w in caught]
+    linears = sum(p.numel() for block in model.backbone.layers for m in block.modules() if isinstance(m, nn.Linear)
+                  for p in m.parameters(recurse=False))
+    assert fused_fraction(model)["linear_and_expert"] == linears
