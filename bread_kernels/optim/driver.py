@@ -286,7 +286,9 @@ class EngineDriver:
         """Undo ``scaler``'s factor (a ``torch.amp.GradScaler``, or None for none) in the on-the-fly updates.
 
         On a patched model the scale is read once per forward, from a forward pre-hook — one host read before the
-        forward starts, none in the backward; after ``scaler.update()`` the next forward sees the new scale.  On the
+        forward starts, none in the backward; after ``scaler.update()`` the next forward sees the new scale (a
+        forward that starts below the model runs no such hook: its backward reads the scale again where the scaler
+        changed it).  On the
         unpatched hook path it is read at each update.  An update whose scaled gradient overflowed is skipped (its
         gradient is not finite) and reported; the others of that backward are applied, unscaled."""
         self._check_open("set_loss_scaler")
@@ -546,26 +548,56 @@ class _GradHook:
 
 
 class _ScalerScale:
-    """A loss scaler's scale as the on-the-fly update reads it: the value read at the last refresh (or at every
-    call on the hook path).  Holds the scaler weakly: the plans on the model must not keep it alive."""
+    """A loss scaler's scale as the on-the-fly update reads it: the value read at the last refresh (the model's
+    forward pre-hook; at every call on the hook path), read again where the scaler's scale changed since (a
+    forward that started below the model — ``model.model(...)`` and the head called apart, a custom loss — runs no
+    pre-hook of the model: the value of an earlier step would be divided out).  Whether it changed is seen without a
+    host sync: ``GradScaler`` keeps its scale in a tensor that ``scale()`` creates and ``update()`` writes in place,
+    bumping its version counter.  Holds the scaler weakly: the plans on the model must not keep it alive."""
 
     def __init__(self, scaler, refresh_each_call: bool):
         self.scaler = weakref.ref(scaler)
         self.refresh_each_call = refresh_each_call
         self.value = 1.0
+        self.read_from = None  # the scale tensor (weakly) and its version at the last read; None: none yet
         self.refresh()
 
     def refresh(self) -> None:
         scaler = self.scaler()
         self.value = None if scaler is None else float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        tensor = _scale_tensor(scaler)
+        self.read_from = (weakref.ref(tensor), tensor._version) if tensor is not None else None
+
+    def _changed(self, scaler) -> bool:
+        tensor = _scale_tensor(scaler)
+        if tensor is None:
+            return False
+        if self.read_from is not None:
+            read, version = self.read_from
+            return read() is not tensor or tensor._version != version
+        if tensor._version == 0:
+            # the first scale() made the tensor since the last read, filled with the initial scale that read
+            # returned: unchanged unless written since
+            self.read_from = weakref.ref(tensor), 0
+            return False
+        return True
 
     def __call__(self) -> float:
-        if self.refresh_each_call:
+        scaler = self.scaler()
+        if self.refresh_each_call or (scaler is not None and self._changed(scaler)):
             self.refresh()
         if self.value is None:  # raised only when an update needs it: a forward alone (generation) never does
             raise RuntimeError("bread_kernels: the loss scaler given to set_loss_scaler no longer exists; give the "
                                "driver the live one (or None)")
         return self.value
+
+
+def _scale_tensor(scaler) -> torch.Tensor | None:
+    """The tensor holding the scaler's scale (``torch.amp.GradScaler._get_scale_async``), or None: no scaler, no
+    tensor yet (before the first ``scale()``), or a scaler that keeps none."""
+    get = getattr(scaler, "_get_scale_async", None) if scaler is not None else None
+    tensor = get() if callable(get) else None
+    return tensor if isinstance(tensor, torch.Tensor) else None
 
 
 def _nothing():

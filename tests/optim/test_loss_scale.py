@@ -104,3 +104,62 @@ def test_fp16_autocast_overflow_skips_every_update_of_the_step():
     step(1)
     moved = models.moved_parameters(before, model)
     assert len(moved) > len(list(model.parameters())) // 2
+
+
+def _loss_below_the_model(model, ids):
+    """A custom loss that calls the decoder and the head apart (``model.model(...)``, ``model.lm_head``): no
+    forward of the patched model itself runs, so none of its forward pre-hooks."""
+    hidden = model.model(input_ids=ids).last_hidden_state
+    logits = model.lm_head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def _train_below_the_model(model, steps, scaler=None):
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.0),
+                                       list(model.named_parameters()), switch_block_every=2, verbose=0,
+                                       sgd_mode="all", sgd_lr_scaling=0.5, loss_scaler=scaler)
+    for step in range(steps):
+        loss = _loss_below_the_model(model, models.batch(step))
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+    opt.close()
+    return bread_kernels.unpatch(model)
+
+
+def test_a_forward_that_starts_below_the_model_divides_out_the_current_scale():
+    """The scale is read before the model's forward (its pre-hook); a loss computed from the decoder and the head
+    called apart runs no such forward, and its on-the-fly updates divided out the scale of the first read (the
+    initial scale) while the scaler grew it every step.  The scale is read again wherever the scaler changed it."""
+    original = models.llama()
+    plain = _train_below_the_model(bread_kernels.patch(copy.deepcopy(original)), 4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)  # grows at every step
+    scaled = _train_below_the_model(bread_kernels.patch(copy.deepcopy(original)), 4, scaler)
+    assert scaler.get_scale() == 2.0 ** 16, "the scale never changed: the test would not see a stale read"
+    models.assert_same_parameters(plain, scaled, rtol=1e-5, atol=1e-6)
+
+
+def test_the_scale_is_read_before_the_backward():
+    """Reading the scale again where it changed costs no host sync in a backward whose forward read it (the
+    model's forward, after the scaler's update), the first step's included (the scaler makes its scale's tensor
+    after that read, in scale())."""
+    from tests.test_backward_ops import OpCounter
+
+    model = bread_kernels.patch(models.llama())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)
+    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), list(model.named_parameters()),
+                                       verbose=0, sgd_mode="all", loss_scaler=scaler)
+    for step in range(2):
+        loss = scaler.scale(models.loss_of(model, models.batch(step)))
+        with OpCounter() as counter:
+            loss.backward()
+        assert counter.syncs == 0, f"step {step}: {counter.counts}"
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    opt.close()
