@@ -270,6 +270,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             targets = self.masters.rebuild(trained)
         else:
             targets = [p for _, p, _ in trained]
+        self._targets = [(name, p, target) for (name, p, _), target in zip(trained, targets)]
         old_state = self.base_optimizer.state
         state = defaultdict(dict)
         decay, no_decay = [], []
@@ -319,6 +320,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lr = self.block_lr()
+        self._follow_casts()
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
         self.masters.grads_to_masters()
@@ -331,6 +333,26 @@ class BlockOptimizer(torch.optim.Optimizer):
                 p.grad = None
         self.after_base_step()
         return loss
+
+    def _follow_casts(self) -> None:
+        """The active block's parameters cast since it was activated (``model.to(torch.bfloat16)`` after the
+        optimizer was built) get the fp32 masters they would have had, as at a switch (a bf16 one without its master
+        lost every Adam step below half an ulp until the next switch): the base optimizer steps the new targets,
+        their state moved along in fp32."""
+        if not self.makes_fp32_masters:
+            return
+        swap = self.masters.follow_casts(self._targets)
+        if not swap:
+            return
+        self._targets = [(name, p, swap.get(id(target), target)) for name, p, target in self._targets]
+        for group in self.base_optimizer.param_groups:
+            group["params"] = [swap.get(id(target), target) for target in group["params"]]
+        state = defaultdict(dict)
+        for target, values in self.base_optimizer.state.items():
+            state[swap.get(id(target), target)] = {
+                key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+                for key, value in values.items()} if id(target) in swap else values
+        self.base_optimizer.state = state
 
     def _report_skips(self) -> None:
         # the step's one host sync for the on-the-fly updates' finiteness

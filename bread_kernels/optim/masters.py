@@ -42,6 +42,17 @@ class Fp32Masters:
             targets.append(target)
         return targets
 
+    def follow_casts(self, trained: list[tuple[str, nn.Parameter, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """The ``(name, parameter, target)`` of the current block again after a cast since :meth:`rebuild`
+        (``model.to(torch.bfloat16)`` after the optimizer was built): a low-precision parameter without a master
+        gets one, a parameter cast to fp32 drops its master and is its own target.  Returns ``{id(old target): new
+        target}`` for the targets that changed (empty where nothing was cast: no rebuild)."""
+        mastered = {id(low) for low, _, _ in self.entries}
+        if all((p.dtype != torch.float32) == (id(p) in mastered) for _, p, _ in trained):
+            return {}
+        targets = self.rebuild([(name, p, True) for name, p, _ in trained])
+        return {id(old): new for (_, _, old), new in zip(trained, targets) if new is not old}
+
     def grads_to_masters(self) -> None:
         """Move each parameter's ``.grad`` to its master, in fp32 (after taking a write from outside, see the
         module docstring)."""

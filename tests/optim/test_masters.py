@@ -64,3 +64,64 @@ def test_a_parameter_whose_storage_is_replaced_gives_its_master_its_values():
     torch.nn.utils.vector_to_parameters(torch.tensor([5.0, 6.0, 7.0], dtype=torch.bfloat16), [p])
     masters.grads_to_masters()
     assert torch.equal(master, torch.tensor([5.0, 6.0, 7.0]))
+
+
+# -- a model cast after the optimizer was built (model.to(torch.bfloat16)): the active block gets its masters --------
+def _cast_run(cast_after_optimizer: bool, steps: int, cast_at: int = 0, resume_at_cast: bool = False):
+    """A patched Llama trained with BlockOptimizer (BREAD-SGD, a switch after 3 steps), cast to bf16 before step
+    ``cast_at``: after the optimizer was built, or before it (``resume_at_cast``: a new optimizer built after the cast
+    that loads the first one's state_dict, saved before the cast)."""
+    import warnings
+
+    import bread_kernels
+    from .. import model_zoo as models
+
+    model = bread_kernels.patch(models.llama())
+
+    def build():
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0),
+                                            list(model.named_parameters()), switch_block_every=3, verbose=0,
+                                            sgd_mode="all", rounding="nearest")
+
+    if not cast_after_optimizer and cast_at == 0:
+        model.to(torch.bfloat16)
+    opt = build()
+    for step in range(steps):
+        if step == cast_at and cast_after_optimizer:
+            model.to(torch.bfloat16)
+        if step == cast_at and resume_at_cast:
+            saved = opt.state_dict()
+            opt.close()
+            model.to(torch.bfloat16)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = build()
+            opt.load_state_dict(saved)
+        models.loss_of(model, models.batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == cast_at:
+            state = opt.base_optimizer.state
+            assert state and all(v["exp_avg"].dtype == torch.float32 for v in state.values())
+            assert len(opt.masters) == sum(len(g["params"]) for g in opt.base_optimizer.param_groups)
+    opt.close()
+    return bread_kernels.unpatch(model)
+
+
+def test_a_model_cast_after_the_optimizer_was_built_trains_with_fp32_masters():
+    """The masters were made when the block was activated, for the dtypes then: a model cast to bf16 after that
+    trained its first block's bf16 weights with the base optimizer directly (bf16 Adam state, every step below half
+    an ulp lost) until the next switch.  Cast before the first step: the run of the optimizer built after the
+    cast."""
+    from .. import model_zoo as models
+
+    models.assert_same_parameters(_cast_run(False, 4), _cast_run(True, 4), rtol=0, atol=0)
+
+
+def test_a_model_cast_mid_block_keeps_its_optimizer_state_in_fp32():
+    """Cast after the first step: the base optimizer's state moves to the new masters in fp32, as a resume into the
+    cast model (a new optimizer loading the state saved before the cast) has it."""
+    from .. import model_zoo as models
+
+    resumed = _cast_run(False, 4, cast_at=1, resume_at_cast=True)
+    models.assert_same_parameters(resumed, _cast_run(True, 4, cast_at=1), rtol=0, atol=0)
