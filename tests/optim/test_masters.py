@@ -1,8 +1,12 @@
 """fp32 masters: made for low-precision parameters only, kept across a rebuild when asked, round-tripped."""
 
+import warnings
+
 import torch
 
+import bread_kernels
 from bread_kernels.optim.masters import Fp32Masters
+from tests import model_zoo as models
 
 
 def test_masters_for_low_precision_only_kept_when_asked_and_rounded_back():
@@ -71,11 +75,6 @@ def _cast_run(cast_after_optimizer: bool, steps: int, cast_at: int = 0, resume_a
     """A patched Llama trained with BlockOptimizer (BREAD-SGD, a switch after 3 steps), cast to bf16 before step
     ``cast_at``: after the optimizer was built, or before it (``resume_at_cast``: a new optimizer built after the cast
     that loads the first one's state_dict, saved before the cast)."""
-    import warnings
-
-    import bread_kernels
-    from .. import model_zoo as models
-
     model = bread_kernels.patch(models.llama())
 
     def build():
@@ -113,15 +112,11 @@ def test_a_model_cast_after_the_optimizer_was_built_trains_with_fp32_masters():
     trained its first block's bf16 weights with the base optimizer directly (bf16 Adam state, every step below half
     an ulp lost) until the next switch.  Cast before the first step: the run of the optimizer built after the
     cast."""
-    from .. import model_zoo as models
-
     models.assert_same_parameters(_cast_run(False, 4), _cast_run(True, 4), rtol=0, atol=0)
 
 
 def test_a_model_cast_mid_block_keeps_its_optimizer_state_in_fp32():
     """Cast after the first step: the base optimizer's state moves to the new masters in fp32, as a resume into the
     cast model (a new optimizer loading the state saved before the cast) has it."""
-    from .. import model_zoo as models
-
     resumed = _cast_run(False, 4, cast_at=1, resume_at_cast=True)
     models.assert_same_parameters(resumed, _cast_run(True, 4, cast_at=1), rtol=0, atol=0)
