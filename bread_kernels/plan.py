@@ -221,17 +221,37 @@ class WeightPlan:
         self._uses.discard(token)
         if not self._pending and not self._uses:  # the common case: a weight used once per forward
             return [contribution]
-        self._pending.append((token.epoch, contribution))
-        if any(use.epoch == token.epoch or use.runs_in_this_backward() for use in self._uses):
+        backward = running_backward()
+        self._pending.append((token.epoch, backward, contribution))
+        if any(self._awaited(use, token) for use in self._uses):
             return None
         live = {use.epoch for use in self._uses}
-        ready = [c for epoch, c in self._pending if epoch not in live]
-        self._pending = [(epoch, c) for epoch, c in self._pending if epoch in live]
+        released = [epoch not in live or (backward is not None and task == backward)
+                    for epoch, task, _ in self._pending]
+        ready = [entry[2] for entry, out in zip(self._pending, released) if out]
+        self._pending = [entry for entry, out in zip(self._pending, released) if not out]
         return ready
 
+    @staticmethod
+    def _awaited(use: "_UseToken", token: "_UseToken") -> bool:
+        """Whether the update that ``token``'s backward finishes must wait for the unfinished ``use``: one the running
+        backward will execute (another use of this forward, or of another forward whose loss it sums).  A use of the
+        same forward that the running backward does not reach — an output the loss never read (the logits of a
+        forward whose hidden states alone feed the loss, through the head called again), whose graph the caller
+        still holds — contributes no gradient to this backward, as autograd gives the reference's hook none from
+        it: the update is not held back for it (before, it waited for a backward that never came, and the next
+        forward dropped the update as abandoned).  A use whose node is unknown (no autograd node was registered)
+        is waited for where it shares the forward, or where torch cannot say which backward runs."""
+        if use.runs_in_this_backward():
+            return True
+        if use.epoch != token.epoch:
+            return False
+        return use.node is None or running_backward() is None or _WILL_ENGINE_EXECUTE_NODE is None
+
     def shares_its_forward(self, token: "_UseToken") -> bool:
-        """Whether another use of the weight in ``token``'s forward is not finished yet."""
-        return any(use is not token and use.epoch == token.epoch for use in self._uses)
+        """Whether another use of the weight in ``token``'s forward is not finished yet and is waited for (the running
+        backward reaches it, or it cannot tell: :meth:`_awaited`); a use whose output the loss never read is not."""
+        return any(use is not token and use.epoch == token.epoch and self._awaited(use, token) for use in self._uses)
 
     def has_other_use_in_this_backward(self, token: "_UseToken") -> bool:
         """Whether a use of the weight other than ``token``'s, not yet finished (another forward's summed into this
@@ -244,8 +264,8 @@ class WeightPlan:
         dropped without a backward (their tokens died with their graph): the update of an incomplete gradient is
         skipped and reported."""
         live = {use.epoch for use in self._uses}
-        if any(epoch not in live for epoch, _ in self._pending):
-            self._pending = [(epoch, c) for epoch, c in self._pending if epoch in live]
+        if any(epoch not in live for epoch, _, _ in self._pending):
+            self._pending = [entry for entry in self._pending if entry[0] in live]
             self.report_skip("not every use of an earlier forward ran its backward (a graph dropped, or a backward "
                              "that failed partway)")
 
@@ -316,22 +336,36 @@ class OnTheFlyWrites:
     before anything is written: its forward guards the outputs with the forward's number, and :meth:`made_stale`
     answers at the first output a backward reaches, which no node of the model's graph precedes (the loss, the
     logits); the outputs reached later in the same backward (hidden states, router logits: their graph's upper part
-    has run, and written) pass with it (:func:`running_backward`).
+    has run, and written) pass with it (:func:`running_backward`).  A write of the backward that runs now makes
+    nothing stale for that backward: a weight written before one of its uses' nodes that backward reaches has run
+    is held back until they have (:meth:`WeightPlan.finish_use`), so what it wrote is what no node of it still reads
+    — the head a loss calls again on the forward's hidden states writes before the backward reaches them.
     """
 
-    __slots__ = ("stale_through",)
+    __slots__ = ("stale_through", "stale_before", "backward")
 
     def __init__(self):
         #: every forward numbered up to this one (:func:`forward_epoch`) ran before a write
         self.stale_through = 0
+        #: every forward numbered up to this one ran before a write of a backward other than :attr:`backward`
+        self.stale_before = 0
+        #: the backward that wrote last (:func:`running_backward`)
+        self.backward = None
 
     def record(self) -> None:
         """An on-the-fly update wrote now: every forward that has begun saw the weights before it.  (The forward whose
         backward writes is among them, but its first output's guard ran already, and let this backward through.)"""
+        backward = running_backward()
+        if backward is None or backward != self.backward:
+            self.stale_before, self.backward = self.stale_through, backward
         self.stale_through = _forward_epoch
 
     def made_stale(self, epoch: int) -> bool:
-        """Whether an on-the-fly write came after the forward numbered ``epoch`` had begun."""
+        """Whether an on-the-fly write of an earlier backward came after the forward numbered ``epoch`` had begun
+        (asked inside a backward; outside one, any write)."""
+        backward = running_backward()
+        if backward is not None and backward == self.backward:
+            return epoch <= self.stale_before
         return epoch <= self.stale_through
 
 

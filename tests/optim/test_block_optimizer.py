@@ -251,6 +251,52 @@ def test_outputs_a_backward_reaches_after_writing_pass_the_guard_of_their_forwar
         assert torch.equal(p, q), n
 
 
+def _head_on_hidden_states_loss(model, step, fused_loss):
+    """The head called on the forward's last hidden states for a metric (with grad on, never backwarded), and a loss
+    of the head called again on them (twice: a multi-token or an early-exit head's way) while the forward's own
+    logits are held, unread, through the backward; or with ``fused_loss``, the forward's own loss (the fused loss's,
+    patched) beside the metric's head call."""
+    ids = batch(step)
+    out = model(input_ids=ids, output_hidden_states=True, **(dict(labels=ids) if fused_loss else {}))
+    hidden = out.hidden_states[-1]
+    metric_logits = model.lm_head(hidden)
+    if fused_loss:
+        loss = out.loss
+    else:
+        loss = model.lm_head(hidden[:, :5]).logsumexp(-1).mean() + model.lm_head(hidden[:, 5:]).pow(2).mean()
+    loss.backward()
+    return out, metric_logits
+
+
+@pytest.mark.parametrize("sgd_mode, sign, fused_loss", [("all", False, False), ("partial", True, False),
+                                                        ("all", False, True)],
+                         ids=["sgd-all", "sign-partial", "fused-loss"])
+def test_a_head_use_the_loss_never_reads_holds_back_no_update(sgd_mode, sign, fused_loss):
+    """A forward's use of an on-the-fly weight whose output the backward never reaches (the model's logits, a
+    metric's head call, both held through the backward) contributes no gradient, as autograd gives the reference's
+    hook none from it.  Before, the head's update waited for that use's backward, which never came, and the next
+    forward dropped it as abandoned (the head never trained, with a warning of a dropped graph); the fused loss
+    refused the metric's call as a second use of the head.  The head's write before the backward reaches the hidden
+    states is this backward's own, which the stale-graph guard lets through.  Reference: the same optimizer on the
+    unpatched model."""
+    base = BUILDERS["llama"]()
+
+    def run(model):
+        opt = _sgd_block_optimizer(model, sgd_mode=sgd_mode, sgd_use_sign=sign, switch_block_every=2)
+        for step in range(3):
+            _head_on_hidden_states_loss(model, step, fused_loss)
+            opt.step()
+            opt.zero_grad()
+        assert opt.skipped_updates == 0
+        opt.close()
+        return model
+
+    reference = run(copy.deepcopy(base))
+    trained = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0))
+    assert not torch.equal(reference.lm_head.weight, base.lm_head.weight)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+
+
 def test_graphs_kept_without_a_backward_and_backwards_without_on_the_fly_writes_are_not_refused():
     """What the guard leaves alone: BAdam (nothing written inside the backward) runs two forwards then two
     backwards as plain autograd does (the active block's gradients summed: the reference is autograd's over both
