@@ -259,6 +259,10 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
         # recomputed input (and its .grad) from living on after the block's backward
         arguments[hidden_name] = h
+        # HF's checkpointing turned back on between the forward and this recompute (TRL's trainers wrap their
+        # reference forward in ``disable_gradient_checkpointing``, whose exit enables it again): the block's own
+        # forward would checkpoint itself inside ours and save other tensors than the forward did
+        turn_off_hf_checkpointing(block)
         modes = _in_mode(block, training) if block.training is not training else None
         try:
             with record:  # the recompute replays the forward's adapter choices

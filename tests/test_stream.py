@@ -62,6 +62,36 @@ def test_a_model_switched_to_eval_between_its_loss_and_the_backward_has_the_plai
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_checkpointing_turned_back_on_between_the_loss_and_the_backward_is_not_nested_in_the_recompute(arch):
+    """TRL's preference trainers (DPOTrainer, KTOTrainer, ...) run their reference forward inside
+    ``disable_gradient_checkpointing(model)``, whose exit calls ``gradient_checkpointing_enable()`` again: between
+    the policy's loss and its backward, after the stream's forward had turned the layers' flag off.  The recompute
+    ran the block's own forward with HF's checkpointing on, nested in the stream's, which saved other tensors than
+    the forward ("A different number of tensors was saved").  The recompute turns it off again: every gradient is
+    plain autograd's (the unpatched model checkpointed by HF, toggled alike)."""
+    plain = BUILDERS[arch](dropout=0.1).train()
+    patched = bread_kernels.patch(copy.deepcopy(plain), keep_top=0, fused_loss=False)  # every block recomputed
+    ids = batch(0)
+    for model in (plain, patched):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            torch.manual_seed(7)
+            loss = loss_of(model, ids)
+            model.gradient_checkpointing_disable()  # trl.models.utils.disable_gradient_checkpointing, around a
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # ref forward
+            loss.backward()
+    expected, actual = grads(plain), grads(patched)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    blocks = patched_state(patched).blocks
+    bread_kernels.unpatch(patched)
+    assert all(block.gradient_checkpointing for block in blocks)  # as its owner last asked
+
+
 @pytest.mark.parametrize("keep_top", [1, 2])
 def test_the_top_blocks_kept_are_not_recomputed_and_train_the_same(keep_top):
     """With dropout (the RNG replay matters to the recomputed blocks only); BREAD-SGD, so every block's weights

@@ -58,6 +58,33 @@ def _trainer(model, steps: int, optimizer, callbacks=()):
                           processing_class=_tokenizer(), optimizers=(optimizer, None), callbacks=list(callbacks))
 
 
+def _words(gen: torch.Generator, n: int) -> str:
+    return " ".join(f"w{i}" for i in torch.randint(3, models.VOCAB, (n,), generator=gen).tolist()) + " "
+
+
+def _preference_dataset(n: int = 4):
+    """Rows of a prompt and a chosen and a rejected completion of unequal lengths (padding inside a batch)."""
+    gen = torch.Generator().manual_seed(0)
+    return datasets.Dataset.from_list([{"prompt": _words(gen, 5), "chosen": _words(gen, 4 + i % 3),
+                                        "rejected": _words(gen, 3 + i % 2)} for i in range(n)])
+
+
+def _block_optimizer(model, **optimizer_settings):
+    base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    return bread_kernels.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=1, verbose=0,
+                                        **optimizer_settings)
+
+
+def _dpo_trainer(model, ref_model, steps: int, optimizer, **config):
+    """A DPOTrainer of ``model`` against ``ref_model`` (DPOConfig turns ``gradient_checkpointing`` on by default)."""
+    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2,
+                         learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+                         save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
+                         disable_tqdm=True, log_level="error", bf16=False, **config)
+    return trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_preference_dataset(),
+                          processing_class=_tokenizer(), optimizers=(optimizer, None))
+
+
 def _train(model, steps: int, **optimizer_settings) -> list[dict]:
     """``steps`` SFTTrainer steps of ``model`` under a bread_kernels BlockOptimizer (a switch every step); the
     logged loss, entropy and mean token accuracy of each step."""
@@ -165,3 +192,30 @@ def test_an_on_the_fly_head_under_trls_fused_head_is_refused_where_updates_write
         assert model.lm_head.weight.grad is not None
     finally:
         driver.close()
+
+
+@pytest.mark.parametrize("settings, ref_model", [(dict(sgd_mode="all"), "unpatched_copy"),
+                                                 (dict(sgd_mode="disabled"), "patched_copy")],
+                         ids=["sgd-unpatched_ref", "badam-patched_ref"])
+def test_dpo_trainer_trains_as_the_unpatched_model(settings, ref_model):
+    """DPOTrainer (gradient checkpointing on, its default) with an explicit reference model: the reference forward
+    runs between the policy's loss and its backward inside TRL's ``disable_gradient_checkpointing(model)``, which
+    turns HF's checkpointing back on as it exits, and the backward failed in the blocks' recompute ("A different
+    number of tensors was saved"). The policy must end where the unpatched model trained alike ends, with the same
+    logged metrics, and the reference model (a copy of the unpatched or of the patched model) must not move."""
+    original = models.llama(layers=2)
+    reference, engine = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original))
+    ref_of_reference = copy.deepcopy(original)
+    ref_of_engine = copy.deepcopy(original if ref_model == "unpatched_copy" else engine)
+    runs = []
+    for model, ref in ((reference, ref_of_reference), (engine, ref_of_engine)):
+        trainer = _dpo_trainer(model, ref, 2, _block_optimizer(model, **settings))
+        trainer.train()
+        runs.append([{k: v for k, v in log.items() if k != "grad_norm"}
+                     for log in trainer.state.log_history if "loss" in log])
+    moved = models.moved_parameters(original, reference)
+    assert ("lm_head.weight" in moved) == (settings["sgd_mode"] == "all") and moved
+    models.assert_same_parameters(reference, engine)
+    assert models.moved_parameters(original, ref_of_engine) == []
+    for a, b in zip(*runs, strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
