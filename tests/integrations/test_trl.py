@@ -1,5 +1,6 @@
-"""TRL's SFTTrainer (1.16) on a patched tiny Llama under bread_kernels' BlockOptimizer, against the same SFTTrainer
-run on an unpatched copy with the same optimizer (the hook path: autograd's dW, then the update).
+"""TRL's SFTTrainer, DPOTrainer and KTOTrainer (1.16) on a patched tiny Llama under bread_kernels' BlockOptimizer,
+against the same trainer run on an unpatched copy with the same optimizer (the hook path: autograd's dW, then the
+update).
 
 SFTTrainer computes its loss through TRL's own fused LM head (``model(**inputs, fused_lm_head=True)``), which reads
 ``lm_head.weight`` outside the head module: the engine must still carry out the head's Role."""
@@ -82,6 +83,18 @@ def _dpo_trainer(model, ref_model, steps: int, optimizer, **config):
                          save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
                          disable_tqdm=True, log_level="error", bf16=False, **config)
     return trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_preference_dataset(),
+                          processing_class=_tokenizer(), optimizers=(optimizer, None))
+
+
+def _kto_trainer(model, ref_model, steps: int, optimizer):
+    """A KTOTrainer of ``model`` against ``ref_model`` on desirable and undesirable completions (with its KL term)."""
+    gen = torch.Generator().manual_seed(1)
+    rows = [{"prompt": _words(gen, 5), "completion": _words(gen, 3 + i % 3), "label": bool(i % 2)} for i in range(4)]
+    args = trl.KTOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2,
+                         learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+                         save_strategy="no", report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
+                         disable_tqdm=True, log_level="error", bf16=False)
+    return trl.KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                           processing_class=_tokenizer(), optimizers=(optimizer, None))
 
 
@@ -211,10 +224,28 @@ def test_dpo_trainer_trains_as_the_unpatched_model(settings, ref_model):
     for model, ref in ((reference, ref_of_reference), (engine, ref_of_engine)):
         trainer = _dpo_trainer(model, ref, 2, _block_optimizer(model, **settings))
         trainer.train()
-        runs.append([{k: v for k, v in log.items() if k != "grad_norm"}
-                     for log in trainer.state.log_history if "loss" in log])
+        runs.append([log for log in trainer.state.log_history if "loss" in log])
     moved = models.moved_parameters(original, reference)
     assert ("lm_head.weight" in moved) == (settings["sgd_mode"] == "all") and moved
+    models.assert_same_parameters(reference, engine)
+    assert models.moved_parameters(original, ref_of_engine) == []
+    for a, b in zip(*runs, strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_kto_trainer_trains_as_the_unpatched_model():
+    """KTOTrainer (BREAD-signSGD) computes its reference log-probabilities inside TRL's
+    ``disable_gradient_checkpointing(model)`` too, between the policy's loss and its backward: it failed alike in
+    the recompute. Parameters and logged metrics as the unpatched run's; the reference model unmoved."""
+    original = models.llama(layers=2)
+    reference, engine = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original))
+    ref_of_engine = copy.deepcopy(original)
+    runs = []
+    for model, ref in ((reference, copy.deepcopy(original)), (engine, ref_of_engine)):
+        trainer = _kto_trainer(model, ref, 2, _block_optimizer(model, sgd_mode="all", sgd_use_sign=True))
+        trainer.train()
+        runs.append([log for log in trainer.state.log_history if "loss" in log])
+    assert "lm_head.weight" in models.moved_parameters(original, reference)
     models.assert_same_parameters(reference, engine)
     assert models.moved_parameters(original, ref_of_engine) == []
     for a, b in zip(*runs, strict=True):
