@@ -30,6 +30,8 @@ class Rounding(enum.Enum):
     rounded weight equals the exact fp32 result.  Random bits come from a counter-based hash of
     (seed, element index): reproducible, and the same on every backend and every rank.
     ``AUTO`` (the default): stochastic for bf16/fp16 weights, nearest for fp32 (where it is exact to fp32).
+    An fp32 weight is written as its fp32 update computes it under every rounding: the update is fp32 arithmetic,
+    which leaves nothing below the weight's precision to round (``STOCHASTIC`` there gives ``NEAREST``'s values).
     """
 
     AUTO = "auto"
