@@ -160,12 +160,12 @@ def mamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
     return _finish(transformers.MambaForCausalLM(config), dtype)
 
 
-def jamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4):
+def jamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts: int = 4):
     """Jamba: one ``model.layers`` of two classes — attention layers (0, 2) and Mamba layers (1, 3) —, the Mamba
-    layers' MLPs mixtures of 4 experts top-2."""
+    layers' MLPs mixtures of ``experts`` experts top-2 (``experts=1``: dense MLPs everywhere)."""
     config = transformers.JambaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        num_key_value_heads=2, num_experts=experts, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
         attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config._attn_implementation = "eager"

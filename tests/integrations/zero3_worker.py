@@ -79,6 +79,19 @@ EXTRA_CASES = {
     "gpt2_badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
     "badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
     "badam_sgdbase_persist": ("disabled", False, 1, 100, "descending", None, "sgd"),
+    # Mamba: each mixer computes with its dt_proj's weight itself (dt_proj.weight @ time_step), so patch leaves
+    # dt_proj (and x_proj, out_proj: read on mamba_ssm's CUDA path) unfused and their on-the-fly updates take the
+    # hook path, written to the shards of parameters that DeepSpeed gathers as the mixer's external parameters
+    # (mamba_sign_partial fails with dt_proj fused: its update never runs).  Jamba: attention and Mamba layers in
+    # one layers list ("jamba": dense MLPs; "jambamoe": 4 experts, whose on-the-fly update ZeRO-3 refuses, so
+    # BAdam).  Built under zero.Init too: --trainer zero_init_mamba,zero_init_jamba
+    "mamba_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
+    "mamba_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
+    "mamba_sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
+    "jamba_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
+    "jamba_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
+    "jamba_sgd_all_gas2_persist": ("all", False, 2, 300, "descending", None, "adamw"),
+    "jambamoe_badam_sgdbase": ("disabled", False, 1, 0, "descending", None, "sgd"),
 }
 OPTIMIZERS = {"adamw": (torch.optim.AdamW, dict(lr=1e-3, eps=1e-5, weight_decay=0.0)),
               "sgd": (torch.optim.SGD, dict(lr=5e-2, momentum=0.9)),
@@ -108,6 +121,14 @@ def build_model(family: str = "llama", seed: int = 0):
         from tests.model_zoo import falcon
 
         return falcon(seed, layers=LAYERS)
+    if family == "mamba":  # each mixer computes with dt_proj.weight itself: dt_proj unfused, on the hook path
+        from tests.model_zoo import mamba
+
+        return mamba(seed, layers=LAYERS)
+    if family in ("jamba", "jambamoe"):  # attention and Mamba layers in one stack ("jamba": dense MLPs)
+        from tests.model_zoo import jamba
+
+        return jamba(seed, layers=LAYERS, experts=4 if family == "jambamoe" else 1)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=32,
                                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2,
@@ -162,6 +183,10 @@ def probe_module(model, family: str, prefix: str):
         return model.transformer.h[0].attn.c_attn
     if family == "falcon":
         return model.transformer.h[0].ln_mlp
+    if family == "mamba":
+        return model.backbone.layers[0].norm
+    if family in ("jamba", "jambamoe"):
+        return model.model.layers[0].input_layernorm
     return dict(model.named_modules())[prefix + "model.layers.0.post_attention_layernorm"]
 
 
@@ -176,7 +201,8 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
     sgd_mode, sign, gas, persistence, switch_mode, start, base = {**CASES, **EXTRA_CASES}[name]
     if os.environ.get("ZERO3_WORKER_NO_REFRESH"):  # shows that the persistent-parameter check can fail
         bkds.ZeroShards.mark_updated = lambda self, param: None
-    family = next((f for f in ("gpt2", "lora", "tied", "falcon", "moe", "deepseek") if name.startswith(f)), "llama")
+    family = next((f for f in ("gpt2", "lora", "tied", "falcon", "moe", "deepseek", "mamba", "jambamoe", "jamba")
+                   if name.startswith(f)), "llama")
     prefix = "base_model.model." if family == "lora" else ""
     original = build_model(family)
     ref_model = copy.deepcopy(original)
@@ -186,6 +212,8 @@ def run_case(name: str, rank: int, world: int, fault: bool) -> dict:
         blocks = block_prefixes(names, [f"transformer.h.{i}." for i in range(LAYERS)], "transformer.wte.")
     elif family == "falcon":
         blocks = block_prefixes(names, [f"transformer.h.{i}." for i in range(LAYERS)], "transformer.word_embeddings.")
+    elif family == "mamba":
+        blocks = block_prefixes(names, [f"backbone.layers.{i}." for i in range(LAYERS)], "backbone.embeddings.")
     else:
         blocks = block_prefixes(names, [f"{prefix}model.layers.{i}." for i in range(LAYERS)],
                                 f"{prefix}model.embed_tokens.")
@@ -655,7 +683,10 @@ def run_zero_init(rank: int, world: int, family: str = "llama") -> dict:
     opt = train(whole)
     initial = {n: p.detach().reshape(-1).clone() for n, p in whole.named_parameters()}
     expected = loop(whole, opt)
-    with deepspeed.zero.Init(config_dict_or_path=config):
+    from transformers.initialization import no_init_weights
+
+    # as from_pretrained/from_config build under ZeRO-3: no initialisers (Mamba's copy_ into an empty tensor fails)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=config):
         model = build_model(family, seed=1)
     result = {"case": "zero_init" if family == "llama" else f"zero_init_{family}",
               "built_empty": sum(p.numel() for p in model.parameters()) == 0}
