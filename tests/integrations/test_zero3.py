@@ -4,7 +4,7 @@ One ``torchrun`` launch (every group of the worker, one after the other) runs ev
 (BAdam, BREAD-SGD, BREAD-SGD-partial with SGD and sign, gradient accumulation 2, persistent parameters, a plain-SGD
 base optimizer, a Llama with its head tied to its embedding under sign (the fused loss runs, and "auto" keeps the top
 block), and BREAD with peft LoRA adapters: lora_mode "all" with the on-the-fly SGD, "partial" with accumulation,
-"all" with BAdam), 4 steps each
+"all" with BAdam, Falcon's fused FalconLinear, Mamba's dt_proj on the hook path), 4 steps each
 with block switches after steps 2 and 4, each rank on its own data.  DeepSpeed's gradient clipping is off
 (``gradient_clipping: 0``; its default, 1.0, would clip what the unclipped reference does not).
 ``BREAD_ZERO_CHUNK_BYTES=1024`` makes every dW go through several chunks whose bounds fall inside rows.  Checked on

@@ -56,6 +56,10 @@ CASES = {
     # Falcon (40B layout: FalconLinear, an nn.Linear subclass the fused linear serves; biases; parallel attention and
     # MLP with an in-place add into a fused output): its fused on-the-fly updates written to the shards
     "falcon_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
+    # Mamba: each mixer computes with its dt_proj's weight itself, so dt_proj is unfused and its on-the-fly sign
+    # update takes the hook path, written to the shards DeepSpeed gathers as the mixer's external parameters (fails
+    # with dt_proj fused: its update never runs); more Mamba and Jamba cases in EXTRA_CASES
+    "mamba_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
     # bf16 (DeepSpeed's bf16 mode): a smoke run, checked loosely against the fp32 reference; norm weights (~1.0,
     # bf16 spacing 2^-8) must move although each sign step (5e-4) is below half a spacing: stochastic rounding
     "bf16_sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
@@ -82,11 +86,10 @@ EXTRA_CASES = {
     # Mamba: each mixer computes with its dt_proj's weight itself (dt_proj.weight @ time_step), so patch leaves
     # dt_proj (and x_proj, out_proj: read on mamba_ssm's CUDA path) unfused and their on-the-fly updates take the
     # hook path, written to the shards of parameters that DeepSpeed gathers as the mixer's external parameters
-    # (mamba_sign_partial fails with dt_proj fused: its update never runs).  Jamba: attention and Mamba layers in
-    # one layers list ("jamba": dense MLPs; "jambamoe": 4 experts, whose on-the-fly update ZeRO-3 refuses, so
-    # BAdam).  Built under zero.Init too: --trainer zero_init_mamba,zero_init_jamba
+    # (mamba_sign_partial, in CASES, fails with dt_proj fused: its update never runs).  Jamba: attention and Mamba
+    # layers in one layers list ("jamba": dense MLPs; "jambamoe": 4 experts, whose on-the-fly update ZeRO-3
+    # refuses, so BAdam).  Built under zero.Init too: --trainer zero_init_mamba,zero_init_jamba
     "mamba_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
-    "mamba_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
     "mamba_sign_all_gas2_persist": ("all", True, 2, 100, "descending", None, "adamw"),
     "jamba_sgd_all": ("all", False, 1, 0, "ascending", 0, "adamw"),
     "jamba_sign_partial": ("partial", True, 1, 0, "descending", None, "adamw"),
