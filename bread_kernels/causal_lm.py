@@ -229,7 +229,16 @@ def _fused_loss_forward(self, *args, **kwargs):
     output = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k) for k in fields if hasattr(outputs, k)})
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    return output if return_dict else output.to_tuple()
+    return output if return_dict else _as_tuple(output)
+
+
+def _as_tuple(output) -> tuple:
+    """``return_dict=False``'s tuple: ``output.to_tuple()`` (its fields that are not None, in order) with the logits'
+    place kept, as None, so that every item has the index it has in the unpatched model's tuple, which holds the
+    logits there (as Liger-Kernel's tuple does); ``to_tuple()`` dropped it, and ``outputs[1]`` was the KV cache or
+    the hidden states."""
+    return tuple(value for name, value in ((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
+                 if value is not None or name == "logits")
 
 
 def _refusal(lm: nn.Module) -> str | None:

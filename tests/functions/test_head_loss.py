@@ -354,6 +354,25 @@ def test_shift_labels_logits_to_keep_and_tuples(helper, monkeypatch):
     close(as_tuple[0], original(input_ids=ids, labels=ids).loss, "loss (return_dict=False)")
 
 
+def test_a_tuple_output_keeps_each_item_at_the_unpatched_models_index():
+    """``return_dict=False`` with the fused loss: the tuple dropped the logits (None), so every later item moved up one
+    place — ``outputs[1]``, the unpatched model's logits, was the KV cache or the hidden states, and ``outputs[2]``
+    was out of range or the next item (a reviewer's find).  The logits' place is kept, as None."""
+    original = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    ids = models.batch(0)
+    for extra in ({}, {"use_cache": False, "output_hidden_states": True}):
+        got = model(input_ids=ids, labels=ids, return_dict=False, **extra)
+        expected = original(input_ids=ids, labels=ids, return_dict=False, **extra)
+        assert len(got) == len(expected) and got[1] is None and isinstance(expected[1], torch.Tensor), extra
+        close(got[0], expected[0], f"loss {extra}")
+        for index, (item, reference) in enumerate(zip(got[2:], expected[2:]), start=2):
+            assert type(item) is type(reference), (extra, index, type(item), type(reference))
+            if isinstance(reference, tuple):
+                for a, b in zip(item, reference):
+                    close(a, b, f"hidden states at index {index} {extra}")
+
+
 def test_unpatch_and_repatch_restore_the_forward():
     model = models.llama(layers=2)
     bread_kernels.patch(model, fused_loss=True)
