@@ -123,6 +123,8 @@ class EngineDriver:
                 not getattr(self.engine.driver, "closed", False):
             raise ValueError(f"{what}: the model is driven by a live {self.engine.driver!r} over other parameters; "
                              "close it first (one driver writes a model's plans)")
+        if self.engine is not None:
+            _refuse_parameters_shared_with_a_driven_model(self.model, self.named_parameters, what)
         #: the names in the model's own order (the cut needs to know what comes before the blocks)
         self._model_order = self.names if self.model is None else \
             [n for n, _ in self.model.named_parameters() if n in self._name_set]
@@ -808,11 +810,50 @@ def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Pa
     return items
 
 
+def _refuse_parameters_shared_with_a_driven_model(model: nn.Module, named, what: str) -> None:
+    """Refuse to drive a patched model that shares a parameter with another patched model driven by a live driver
+    (an embedding or a block given to two models), where one of the two drivers trains it: each driver writes the
+    plans of every fused module of its own model, so the one that does not list the shared module's weight would
+    reset the other's plan at each switch (the shared weight then silently stops training), and its cut would stop
+    the backward before the gradient the reference's hook takes from its model's loss."""
+    mine = {id(p) for _, p in named}
+    own = {id(p): n for n, p in model.named_parameters()}
+    for other in patched_models():
+        if other is model:
+            continue
+        engine = patched_state(other)
+        driver = engine.driver if engine is not None else None
+        if driver is None or getattr(driver, "closed", False):
+            continue
+        for name, p in other.named_parameters():
+            if id(p) not in own:
+                continue
+            owner = _OWNERS.get(p)
+            listed_there = owner is not None and owner() is not None and not owner().closed
+            if id(p) in mine or listed_there:
+                raise ValueError(
+                    f"{what}: parameter {own[id(p)]!r} of this {type(model).__name__} is also {name!r} of another "
+                    f"patched {type(other).__name__}, which a live {driver!r} drives: a module shared between two "
+                    "models trained by two optimizers is not supported (each writes its own model's plans, and the "
+                    "shared weight would silently stop training). Give each model its own copy of the module "
+                    "(copy.deepcopy), leave the shared parameters out of both optimizers' named_parameters_list "
+                    "(they stay frozen), or bread_kernels.unpatch() one of the models")
+
+
 def owning_patched_model(named, what: str) -> nn.Module | None:
-    """The patched model these parameters come from (names checked), or None if none of them is patched."""
+    """The patched model these parameters come from (names checked), or None if none of them is patched.
+
+    Another patched model may hold some of them too (an embedding or a block shared between two models, a teacher's
+    frozen embedding given to its student): the model that holds every one of them under its name is theirs; only
+    where none does are the names checked against a model that holds some, which says what is wrong."""
     ids = {id(p) for _, p in named}
+    overlapping = []
     for model in patched_models():
-        if ids & {id(p) for p in model.parameters()}:
-            check_parameters_of(model, named, what)
+        own = {id(p): n for n, p in model.named_parameters()}
+        if all(own.get(id(p)) == name for name, p in named):
             return model
+        if ids & own.keys():
+            overlapping.append(model)
+    if overlapping:  # none holds them all: name the first misplaced parameter
+        check_parameters_of(overlapping[0], named, what)
     return None
