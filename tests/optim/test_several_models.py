@@ -84,3 +84,25 @@ def test_a_module_shared_with_a_model_another_optimizer_drives_is_refused_naming
         trained.append(pair)
     for reference, model in zip(*reversed(trained)):
         models.assert_same_parameters(reference, model)
+
+
+@pytest.mark.parametrize("sgd_mode, sign", [("all", False), ("partial", True)], ids=["sgd-all", "sign-partial"])
+def test_an_optimizer_over_a_list_without_some_layers_makes_blocks_of_the_listed_ones_as_unpatched(sgd_mode, sign):
+    """The bottom layer left out of the optimizer's list (kept frozen, or trained by another optimizer on a copy):
+    the patched model's blocks are the listed layers, as the unpatched model's are (before, the patched stack's
+    every layer became a block, and construction failed with "block prefix 'model.layers.0.' matches no parameter
+    name"), and it trains as the unpatched model does."""
+    trained = []
+    for patched in (True, False):
+        model = models.llama()
+        if patched:
+            model = bread_kernels.patch(model, hook_update_numel=0)
+        named = [(n, p) for n, p in model.named_parameters() if not n.startswith("model.layers.0.")]
+        opt = _optimizer(named, sgd_mode=sgd_mode, sgd_use_sign=sign)
+        assert opt.block_prefix_list == [[f"model.layers.{i}."] for i in (1, 2, 3)]
+        for step in range(4):
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            opt.zero_grad()
+        trained.append(model)
+    models.assert_same_parameters(trained[1], trained[0])
