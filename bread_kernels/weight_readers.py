@@ -8,8 +8,9 @@ out the weight's Role — never runs on that path, so a weight whose Role update
 ``requires_grad`` off, its update inside the fused backward) would silently never be updated there.
 
 :func:`linears_read_outside` finds such layers in a block by the source of the classes of the modules above them
-(every method but the initialisers: a name with ``init``): an attribute chain from ``self`` to a linear's
-``weight`` or ``bias`` that is not only asked for its metadata (``.dtype``, ``.shape``, ...).  ``patch`` leaves
+(every method and property but the initialisers: a name with ``init``; in every module class of their MRO, also
+those after a plain mixin): an attribute chain from ``self`` to a linear's ``weight`` or ``bias`` that is
+not only asked for its metadata (``.dtype``, ``.shape``, ...).  ``patch`` leaves
 those layers unfused: plain autograd, their on-the-fly updates through the hook path (autograd's dW, then the
 update: the reference's way), which is right whoever computes with the weight.  A read in a module-level function
 the class calls, or in a class whose source cannot be read, is not seen.
@@ -44,12 +45,15 @@ def _dotted_from_self(node: ast.AST) -> list[str] | None:
 
 
 def _functions_of(cls: type):
-    """The functions defined in ``cls`` itself (unwrapped from their decorators), by name."""
+    """The functions defined in ``cls`` itself (unwrapped from their decorators; a property's getter and setter),
+    by name."""
     for name, value in vars(cls).items():
         if isinstance(value, (staticmethod, classmethod)):
             value = value.__func__
-        if inspect.isfunction(value):
-            yield name, inspect.unwrap(value)
+        accessors = (value.fget, value.fset) if isinstance(value, property) else (value,)
+        for function in accessors:
+            if inspect.isfunction(function):
+                yield name, inspect.unwrap(function)
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,9 +92,9 @@ def linears_read_outside(root: nn.Module, prefix: str, linears: list[tuple[str, 
     wanted = {id(module): name for name, module in linears}
     found: dict[str, str] = {}
     for _, module in root.named_modules(prefix=prefix):
-        for cls in type(module).__mro__:
+        for cls in type(module).__mro__:  # every module class above nn.Module, past a plain mixin among them
             if cls is nn.Module or not issubclass(cls, nn.Module):
-                break
+                continue
             for path, attr, method in _reads_of_class(cls):
                 try:
                     target = module.get_submodule(path)

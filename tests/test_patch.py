@@ -719,3 +719,77 @@ def test_a_depthwise_convolution_is_neither_warned_about_nor_counted_as_an_exper
     linears = sum(p.numel() for block in model.backbone.layers for m in block.modules() if isinstance(m, nn.Linear)
                   for p in m.parameters(recurse=False))
     assert fused_fraction(model)["linear_and_expert"] == linears
+
+
+class _Named:
+    """A plain mixin ahead of the module base class (not an ``nn.Module``)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class _ReadsInItsBase(nn.Module):
+    """A mixer whose forward computes with ``read.weight`` itself, in a base class after a mixin."""
+
+    def __init__(self):
+        super().__init__()
+        self.read, self.called = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.called(x)
+        return x + x @ self.read.weight.t()
+
+
+class _MixedInReader(_Named, _ReadsInItsBase):
+    pass
+
+
+class _ReadsThroughAProperty(nn.Module):
+    """A mixer whose forward computes with ``read.weight`` through a property of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.read, self.called = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    @property
+    def doubled(self) -> torch.Tensor:
+        return self.read.weight * 2
+
+    def forward(self, x):
+        x = self.called(x)
+        return x + x @ self.doubled.t()
+
+
+class _Stack(nn.Module):
+    def __init__(self, block_cls):
+        super().__init__()
+        self.layers = nn.ModuleList([block_cls(), block_cls()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("block_cls", [_MixedInReader, _ReadsThroughAProperty])
+def test_a_weight_read_in_a_base_class_after_a_mixin_or_in_a_property_is_found(block_cls):
+    """The scan reads every module base class of the block's modules (not only those before a plain mixin in the
+    MRO) and properties as well as methods: the read linear keeps plain autograd, and BREAD-SGD (every inactive
+    weight SGD-stepped at the base optimizer's lr) moves every parameter as one plain SGD step of the unpatched
+    model does."""
+    torch.manual_seed(0)
+    reference = _Stack(block_cls)
+    model = copy.deepcopy(reference)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bread_kernels.patch(model, blocks=model.layers)
+    assert sorted(name for name, _ in patched_state(model).fused_modules) == ["layers.0.called", "layers.1.called"]
+    optimizer = _block_optimizer(model, sgd_mode="all")
+    model(x).square().mean().backward()
+    optimizer.step()
+    expected = torch.optim.SGD(reference.parameters(), lr=1e-2)
+    reference(x).square().mean().backward()
+    expected.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
