@@ -15,7 +15,9 @@ from .. import model_zoo as models
 LR = 1e-2
 
 
-def _train(model, steps, scaler=None, patched=True, **bcd):
+def _train(model, steps, scaler=None, patched=True, loss_of=models.loss_of, **bcd):
+    """``model`` trained ``steps`` steps by BlockOptimizer (``bcd``: its settings), its loss ``loss_of(model, ids)``
+    scaled by ``scaler`` where one is given; returned unpatched."""
     if patched:
         bread_kernels.patch(model)
     with warnings.catch_warnings():
@@ -24,7 +26,7 @@ def _train(model, steps, scaler=None, patched=True, **bcd):
                                            list(model.named_parameters()), switch_block_every=2, verbose=0,
                                            loss_scaler=scaler, **bcd)
     for step in range(steps):
-        loss = models.loss_of(model, models.batch(step))
+        loss = loss_of(model, models.batch(step))
         if scaler is None:
             loss.backward()
             opt.step()
@@ -114,32 +116,15 @@ def _loss_below_the_model(model, ids):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def _train_below_the_model(model, steps, scaler=None):
-    opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.0),
-                                       list(model.named_parameters()), switch_block_every=2, verbose=0,
-                                       sgd_mode="all", sgd_lr_scaling=0.5, loss_scaler=scaler)
-    for step in range(steps):
-        loss = _loss_below_the_model(model, models.batch(step))
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad(set_to_none=True)
-    opt.close()
-    return bread_kernels.unpatch(model)
-
-
 def test_a_forward_that_starts_below_the_model_divides_out_the_current_scale():
     """The scale is read before the model's forward (its pre-hook); a loss computed from the decoder and the head
     called apart runs no such forward, and its on-the-fly updates divided out the scale of the first read (the
     initial scale) while the scaler grew it every step.  The scale is read again wherever the scaler changed it."""
     original = models.llama()
-    plain = _train_below_the_model(bread_kernels.patch(copy.deepcopy(original)), 4)
+    settings = dict(loss_of=_loss_below_the_model, sgd_mode="all", sgd_lr_scaling=0.5)
+    plain = _train(copy.deepcopy(original), 4, **settings)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)  # grows at every step
-    scaled = _train_below_the_model(bread_kernels.patch(copy.deepcopy(original)), 4, scaler)
+    scaled = _train(copy.deepcopy(original), 4, scaler, **settings)
     assert scaler.get_scale() == 2.0 ** 16, "the scale never changed: the test would not see a stale read"
     models.assert_same_parameters(plain, scaled, rtol=1e-5, atol=1e-6)
 
