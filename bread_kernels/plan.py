@@ -246,7 +246,7 @@ class WeightPlan:
             return True
         if use.epoch != token.epoch:
             return False
-        return use.node is None or running_backward() is None or _WILL_ENGINE_EXECUTE_NODE is None
+        return use.node is None or _CURRENT_GRAPH_TASK_ID is None or _WILL_ENGINE_EXECUTE_NODE is None
 
     def shares_its_forward(self, token: "_UseToken") -> bool:
         """Whether another use of the weight in ``token``'s forward is not finished yet and is waited for (the running
