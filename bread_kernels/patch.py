@@ -1095,12 +1095,12 @@ def fused_fraction(model: nn.Module) -> dict:
             "fraction_of_linear_and_expert": fused_linear / linear if linear else 1.0, "unfused": unfused}
 
 
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def _experts_like(module: nn.Module) -> bool:
     """A module holding 3-D weights (fused or not; partitioned ones by their whole shape): an experts module to
     :func:`_experts_modules`, counted with the expert weights by :func:`fused_fraction`.  Not a convolution, whose
     weight is 3-D in one dimension (Mamba's depthwise ``conv1d``): it is a layer of its own, as a norm is."""
     return not isinstance(module, _CONVOLUTIONS) and any(len(whole_shape(p)) == 3
                                                           for p in module.parameters(recurse=False))
-
-
-_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

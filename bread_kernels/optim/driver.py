@@ -781,9 +781,14 @@ def check_loss_scaler(scaler, what: str) -> None:
                         f"{type(scaler).__name__}")
 
 
+def parameter_names_by_id(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) → name`` over ``model.named_parameters()``."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
 def check_parameters_of(model: nn.Module, named, what: str) -> None:
     """Raise unless every ``(name, parameter)`` of ``named`` is that parameter of ``model`` under that name."""
-    own = {id(p): n for n, p in model.named_parameters()}
+    own = parameter_names_by_id(model)
     for name, p in named:
         if id(p) not in own:
             raise ValueError(f"{what}: parameter {name!r} is not a parameter of the {type(model).__name__}; pass "
@@ -817,7 +822,7 @@ def _refuse_parameters_shared_with_a_driven_model(model: nn.Module, named, what:
     reset the other's plan at each switch (the shared weight then silently stops training), and its cut would stop
     the backward before the gradient the reference's hook takes from its model's loss."""
     mine = {id(p) for _, p in named}
-    own = {id(p): n for n, p in model.named_parameters()}
+    own = parameter_names_by_id(model)
     for other in patched_models():
         if other is model:
             continue
@@ -849,7 +854,7 @@ def owning_patched_model(named, what: str) -> nn.Module | None:
     ids = {id(p) for _, p in named}
     overlapping = []
     for model in patched_models():
-        own = {id(p): n for n, p in model.named_parameters()}
+        own = parameter_names_by_id(model)
         if all(own.get(id(p)) == name for name, p in named):
             return model
         if ids & own.keys():
