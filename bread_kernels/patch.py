@@ -23,7 +23,7 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
   selects): a forward through :func:`~bread_kernels.functions.experts.fused_experts`, with one plan per weight
   (``_bread_expert_plans``, keyed in :meth:`PatchedModel.apply_plans` by the parameter's qualified name).  Until
   a plan is assigned, and without gradients, transformers' own forward runs.  An experts module of another layout
-  keeps plain autograd and ``patch`` warns, naming it.  peft LoRA on expert parameters (``target_parameters``) is
+  (DBRX's 2-D stacked experts too) keeps plain autograd and ``patch`` warns, naming it.  peft LoRA on expert parameters (``target_parameters``) is
   refused with an error.
 * the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
   whose on-the-fly update touches only the rows of this batch's tokens.
@@ -636,6 +636,7 @@ def _experts_modules(root: nn.Module, prefix: str, remapped: set[str] = frozense
                 "Roles), or train this model without patch()"
             )
         if not _experts_like(module):
+            _warn_unrecognised_experts(name, module)
             continue
         problem = experts_layout_problem(module, shape_of=whole_shape)  # a partitioned one as if built whole
         if problem is None:
@@ -646,6 +647,27 @@ def _experts_modules(root: nn.Module, prefix: str, remapped: set[str] = frozense
                           "through the hook path, which materialises its whole gradient)", RuntimeWarning,
                           stacklevel=3)
     return found
+
+
+def _unrecognised_expert_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) of the weights of a mixture-of-experts experts module (transformers names its class
+    ``...Experts``) that hold no 3-D weight and are not linear layers' — DBRX's experts, each of ``w1``, ``v1``,
+    ``w2`` the E experts' matrices stacked into one 2-D [E·F, H] parameter; empty for any other module (an experts
+    module of linear layers, Switch Transformers' and NLLB-MoE's, is fused linear by linear)."""
+    if not type(module).__name__.endswith("Experts") or any(_experts_like(m) for m in module.modules()):
+        return []
+    linear_owned = {id(p) for m in module.modules() if _is_linear(m) or is_lora_layer(m) for p in m.parameters()}
+    return [(name, p) for name, p in module.named_parameters() if id(p) not in linear_owned]
+
+
+def _warn_unrecognised_experts(name: str, module: nn.Module) -> None:
+    weights = _unrecognised_expert_weights(module)
+    if weights:
+        warnings.warn(f"patch: {name} ({type(module).__name__}) is a mixture-of-experts experts module whose weights "
+                      f"({', '.join(n for n, _ in weights)}) are neither 3-D gate_up_proj [E, 2I, H] / down_proj "
+                      "[E, H, I] nor linear layers, so the fused experts do not compute it. It keeps plain autograd "
+                      "(its on-the-fly updates go through the hook path, which materialises each weight's whole "
+                      "gradient)", RuntimeWarning, stacklevel=4)
 
 
 def _linear_names(root: nn.Module, remapped: set[str]) -> list[str]:
@@ -1073,6 +1095,8 @@ def fused_fraction(model: nn.Module) -> dict:
                   for p in module.parameters(recurse=False)}
     linear_ids |= {id(p) for block in state.blocks for module in block.modules()
                    if _experts_like(module) for p in module.parameters(recurse=False) if len(whole_shape(p)) == 3}
+    linear_ids |= {id(p) for block in state.blocks for module in block.modules()
+                   for _, p in _unrecognised_expert_weights(module)}
     seen: set[int] = set()
     total = fused = linear = fused_linear = 0
     unfused = []

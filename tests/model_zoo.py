@@ -122,6 +122,21 @@ def qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4
                 shared_expert_intermediate_size=24, intermediate_size=44)
 
 
+def dbrx(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
+    """DBRX: its experts module (``ffn.experts``, a ``DbrxExperts``) keeps the E experts' matrices stacked into
+    three 2-D parameters ``mlp.w1``, ``mlp.v1``, ``mlp.w2`` [8·20, 32] — not the 3-D layout the fused experts
+    compute —, routed top-2 by an ``nn.Linear`` router; fused ``Wqkv`` clipped at ``clip_qkv``.  (transformers
+    5.25's DBRX needs ``rope_theta`` in the attention config and a ``clip_qkv``.)"""
+    config = transformers.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=layers, max_seq_len=64, vocab_size=VOCAB,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=20, moe_num_experts=EXPERTS, moe_top_k=TOP_K),
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.DbrxForCausalLM(config), dtype)
+
+
 def falcon(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
     """Falcon (40B/180B's layout): every linear a ``FalconLinear`` (an ``nn.Linear`` subclass whose forward is
     ``x @ Wᵀ + b``), fused ``query_key_value`` with 2 KV groups, attention and MLP in parallel — the MLP's output is
@@ -211,7 +226,7 @@ def mllama_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
-FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba}
+FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx}
 #: models whose largest block stack holds transformers layers of several classes
 MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
@@ -226,6 +241,8 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "MambaForCausalLM":
         return [f"backbone.layers.{i}." for i in range(model.config.num_hidden_layers)], "backbone.embeddings."
+    if name == "DbrxForCausalLM":
+        return [f"transformer.blocks.{i}." for i in range(model.config.n_layers)], "transformer.wte."
     if name == "FalconForCausalLM":
         return [f"transformer.h.{i}." for i in range(model.config.num_hidden_layers)], "transformer.word_embeddings."
     if name == "GPT2LMHeadModel":

@@ -707,6 +707,22 @@ def test_a_linear_whose_weight_the_model_computes_with_outside_its_forward_keeps
     assert sorted(name for name, _ in patched_state(model).fused_modules) == ["0.0.called", "0.1.called"]
 
 
+def test_dbrx_experts_of_stacked_2d_weights_are_named_as_unfused_and_counted_as_expert_weights():
+    """DBRX keeps each experts module's E matrices stacked into 2-D parameters (w1, v1, w2 [E·F, H]): no 3-D
+    weight, no linear layer, so the fused experts do not compute it.  patch said nothing and fused_fraction reported
+    100% of the linear and expert weights fused, while the bulk of the model took the hook path."""
+    model = models.dbrx()
+    with pytest.warns(RuntimeWarning, match=r"transformer\.blocks\.1\.ffn\.experts \(DbrxExperts\).*mlp\.w1, "
+                      r"mlp\.v1, mlp\.w2.*plain autograd"):
+        model = bread_kernels.patch(model)
+    assert patched_state(model).fused_experts == []
+    report = fused_fraction(model)
+    experts = {f"transformer.blocks.{i}.ffn.experts.mlp.{w}" for i in range(2) for w in ("w1", "v1", "w2")}
+    assert experts <= {name for name, _ in report["unfused"]}
+    expert_numel = sum(p.numel() for n, p in model.named_parameters() if n in experts)
+    assert report["linear_and_expert"] - report["fused_linear_and_expert"] == expert_numel
+
+
 def test_a_depthwise_convolution_is_neither_warned_about_nor_counted_as_an_experts_module():
     """Mamba's ``conv1d`` holds a 3-D weight [channels, 1, kernel]: a layer of its own (plain autograd, as a norm),
     not an experts module the fused experts fail to compute; fused_fraction counts only the linears' weights and

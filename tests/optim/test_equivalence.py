@@ -455,6 +455,16 @@ def test_moe_other_experts_implementations(implementation, variant):
 
 
 @pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
+def test_moe_dbrx_experts_of_stacked_2d_weights(variant):
+    """DBRX: its experts' 2-D stacked weights (w1, v1, w2 [E·F, H]) are not the fused experts' layout and take the
+    hook path (patch warns); an expert without a token in the SHORT step is left untouched there too."""
+    sgd_mode, sign = variant
+    with pytest.warns(RuntimeWarning, match="DbrxExperts"):
+        run_case(Case("dbrx", steps=4, short_steps=(1,), optimizer_extra=dict(eps=1e-5),
+                      bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [SGD_ALL, SIGN_PARTIAL], ids=["sgd-all", "sign-partial"])
 def test_moe_bread_lora_on_the_attention(variant):
     """BREAD on an MoE model: peft LoRA on the attention (trained every step), the expert weights as base weights
     taking the on-the-fly update (LoRA on the expert parameters themselves is refused by patch).  Qwen2-MoE: with
