@@ -23,8 +23,8 @@ What is installed — all as instance attributes, so :func:`unpatch` restores th
   selects): a forward through :func:`~bread_kernels.functions.experts.fused_experts`, with one plan per weight
   (``_bread_expert_plans``, keyed in :meth:`PatchedModel.apply_plans` by the parameter's qualified name).  Until
   a plan is assigned, and without gradients, transformers' own forward runs.  An experts module of another layout
-  (DBRX's 2-D stacked experts too) keeps plain autograd and ``patch`` warns, naming it.  peft LoRA on expert parameters (``target_parameters``) is
-  refused with an error.
+  (DBRX's 2-D stacked experts too) keeps plain autograd and ``patch`` warns, naming it.  peft LoRA on expert
+  parameters (``target_parameters``) is refused with an error.
 * the input embedding (a plain ``nn.Embedding``): a forward through :func:`~bread_kernels.functions.fused_embedding`,
   whose on-the-fly update touches only the rows of this batch's tokens.
 * the work between the GEMMs (``fused_elementwise=True``, the default), each module recognised by its output on
