@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import get_backend
+from .interrupts import mark_partly_written
 from .rounding import Rounding
 
 __all__ = ["CommStats", "comm_stats", "dense_grad_fill", "linear_grad_fill", "experts_grad_fill", "reduce_scatter_",
@@ -203,23 +204,41 @@ def all_reduce_update_(
     flight = in_flight if in_flight is not None else InFlight(depth=0)
     backend = get_backend(weight.device)
     ok = torch.ones((), dtype=torch.bool, device=weight.device)
-    for r0 in range(0, n_rows, rows_per_chunk):
-        r1 = min(n_rows, r0 + rows_per_chunk)
-        width, first = (r1 - r0) * n_cols, r0 == 0
-        buffer = torch.empty(width + first, dtype=dtype, device=weight.device)  # its own: one may be in flight
-        fill(r0 * n_cols, r1 * n_cols, buffer[:width])
-        if first:
-            torch.logical_not(locally_finite, out=buffer[width])  # a sum of 0/1 flags: exact in bf16 to 256 ranks
+    written = [0]  # rows written so far (in order: the chunks complete in the order they were issued)
 
-        def then(buffer=buffer, r0=r0, r1=r1, width=width, first=first):
+    def partly(exc: BaseException) -> None:
+        # each chunk waits for its collective: a failure between two cannot be prevented (interrupts.py)
+        if 0 < written[0] < n_rows:
+            mark_partly_written(exc, f"a data-parallel weight of shape {tuple(weight.shape)} (its first {written[0]} "
+                                     f"of {n_rows} rows written)")
+
+    try:
+        for r0 in range(0, n_rows, rows_per_chunk):
+            r1 = min(n_rows, r0 + rows_per_chunk)
+            width, first = (r1 - r0) * n_cols, r0 == 0
+            buffer = torch.empty(width + first, dtype=dtype, device=weight.device)  # its own: one may be in flight
+            fill(r0 * n_cols, r1 * n_cols, buffer[:width])
             if first:
-                torch.eq(buffer[width], 0, out=ok)
-            # the backend widens a bf16 sum itself, and step/d·Σ is step·Σ/d (exactly, for a power-of-two d): no
-            # pass over the chunk to widen or divide it; sign(Σ/d) is sign(Σ)
-            backend.apply_update_(weight[r0:r1], buffer[:width].view(r1 - r0, n_cols), step if sign else step / divisor,
-                                  sign, rounding, seed, offset=offset + r0 * n_cols, ok=ok)
+                torch.logical_not(locally_finite, out=buffer[width])  # a sum of 0/1 flags: exact in bf16 to 256 ranks
 
-        flight.all_reduce(buffer, group, then)
+            def then(buffer=buffer, r0=r0, r1=r1, width=width, first=first):
+                if first:
+                    torch.eq(buffer[width], 0, out=ok)
+                # the backend widens a bf16 sum itself, and step/d·Σ is step·Σ/d (exactly, for a power-of-two d): no
+                # pass over the chunk to widen or divide it; sign(Σ/d) is sign(Σ)
+                try:
+                    backend.apply_update_(weight[r0:r1], buffer[:width].view(r1 - r0, n_cols),
+                                          step if sign else step / divisor, sign, rounding, seed,
+                                          offset=offset + r0 * n_cols, ok=ok)
+                except BaseException as exc:  # also where it runs later, completing another weight's collectives
+                    partly(exc)
+                    raise
+                written[0] = r1
+
+            flight.all_reduce(buffer, group, then)
+    except BaseException as exc:
+        partly(exc)
+        raise
     return ok
 
 

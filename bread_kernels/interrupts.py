@@ -12,8 +12,14 @@ handler that was in place (Python's, raising ``KeyboardInterrupt``; or the user'
 same place as the reference's would stop after that weight's hook.  It costs two ``signal.signal`` calls (~10 µs of
 host time), so the writes of one part (a weight within one chunk) do not use it.  Outside the main thread (a CUDA
 backward runs in autograd's device thread, where Python delivers no signal) and where a non-Python handler is set
-(``SIG_IGN``, ``SIG_DFL``, or one installed from C), it does nothing.  Other exceptions raised between parts (an
-out-of-memory while a tile's logits are allocated) still stop the write partway.
+(``SIG_IGN``, ``SIG_DFL``, or one installed from C), it does nothing.
+
+Other exceptions cannot be held back, so a write in parts allocates everything its parts need before the first part
+writes (an out-of-memory error then comes before any part, never between two).  The data-parallel writes cannot:
+each part waits for a collective (the ranks' sum of that part's gradient, whose buffers and transport the collective
+library allocates) and a failure there cannot be prevented from here.  An exception that stops one of them after its
+first part is marked (:func:`mark_partly_written`): a note says what is partly written, and the update's caller
+names the weight (:func:`partly_written`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import contextlib
 import signal
 import threading
 
-__all__ = ["whole_write"]
+__all__ = ["whole_write", "mark_partly_written", "partly_written"]
+
+_MARK = "_bread_kernels_partly_written"
 
 
 @contextlib.contextmanager
@@ -44,3 +52,22 @@ def whole_write():
         signal.signal(signal.SIGINT, previous)
         if arrived:
             signal.raise_signal(signal.SIGINT)  # the previous handler runs now: KeyboardInterrupt, by default
+
+
+def mark_partly_written(exc: BaseException, what: str) -> None:
+    """Mark ``exc``, raised by a write in parts after its first part wrote, as having left ``what`` partly written:
+    a note saying so and what to do (once; the first mark, the innermost, says it)."""
+    if getattr(exc, _MARK, None) is not None:
+        return
+    try:
+        setattr(exc, _MARK, what)
+    except AttributeError:  # an exception type that takes no attributes: the note alone
+        pass
+    exc.add_note(f"bread_kernels: this stopped an on-the-fly update written in parts after its first part: {what} "
+                 "took this step's update in part only (some of its elements did, the others did not). Restore the "
+                 "model (and optimizer) from a checkpoint before training on.")
+
+
+def partly_written(exc: BaseException) -> str | None:
+    """What ``exc`` left partly written (:func:`mark_partly_written`), or None."""
+    return getattr(exc, _MARK, None)

@@ -32,6 +32,7 @@ sharded one must agree across ranks (a flag rides in its collective).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, Iterable, Union
 
 import torch
@@ -39,7 +40,7 @@ import torch
 from .backends import get_backend
 from .backends.chunked import chunk_budget_bytes
 from .backends.epilogue import dw_finite_flag
-from .interrupts import whole_write
+from .interrupts import partly_written, whole_write
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_finite", "dw_all_finite",
@@ -124,6 +125,13 @@ class UpdateTarget:
         raise NotImplementedError(f"{type(self).__name__} cannot write a linear weight from its whole gradient; "
                                   "its callers (the fused head+loss) refuse custom targets")
 
+    def linear_tiles_(self, weight: torch.Tensor, bias: torch.Tensor | None, tiles, ok: torch.Tensor, step: float,
+                      sign: bool, update: OnTheFlyUpdate) -> Finite:
+        """Row tiles ``(start, stop, g, x)`` of a linear weight's dW, each gated on ``ok``
+        (:func:`update_linear_tiles_`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write a linear weight by row tiles; its caller (the "
+                                  "fused head+loss) refuses custom targets")
+
     def dense_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool,
                update: OnTheFlyUpdate) -> Finite:
         """``param`` (any shape) with ``grad`` of its shape."""
@@ -200,10 +208,42 @@ class LocalTarget(UpdateTarget):
             for e, (g, x) in per_expert.items():  # an fp16 dW overflows from finite operands: decided up front
                 flag = backend.dw_finite_flag(weight[e], g, x, sign, update.rounding)
                 ok = ok if flag is None else ok & flag
+        # every allocation the slices need, before the first writes: an out-of-memory error stops none halfway
+        tokens = max(g.shape[0] for g, _ in per_expert.values())
+        work = backend.part_buffers(weight[0], tokens, next(iter(per_expert.values()))[0].dtype, sign,
+                                    update.rounding)
         with whole_write():  # every expert's slice of the one tensor, or none
             for e in sorted(per_expert):
                 backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
-                                       offset=e * per_slice, check=False)
+                                       offset=e * per_slice, check=False, work=work)
+        return ok
+
+    def linear_tiles_(self, weight, bias, tiles, ok, step, sign, update) -> torch.Tensor:
+        """Row tiles of ``weight`` (and ``bias``), the first the largest (see :func:`update_linear_tiles_`), each
+        written as :meth:`linear_` writes a linear, gated on ``ok`` alone (decided before the first tile), with the
+        buffers the first tile's write needs allocated before it writes and reused by every tile, so nothing is
+        allocated between two tiles' writes."""
+        backend = self.backend(weight.device)
+        tiles = iter(tiles)
+        first = next(tiles, None)
+        if first is None:
+            return ok
+        start, stop, g, x = first
+        work = backend.part_buffers(weight[start:stop], g.shape[0], g.dtype, sign, update.rounding)
+        bias_grad = bias_work = None
+        if bias is not None:
+            bias_grad = torch.empty(stop - start, dtype=torch.float32, device=bias.device)
+            bias_work = backend.epilogue_buffers(stop - start, bias.dtype, update.rounding, bias.device)
+        del g, x
+        with whole_write():  # every tile, or Ctrl-C before the first: never the rows of some tiles alone
+            for start, stop, g, x in itertools.chain((first,), tiles):
+                backend.update_weight_(weight[start:stop], g, x, step, sign, update.rounding, update.next_seed(), ok,
+                                       check=False, work=work)
+                if bias is not None:
+                    summed = torch.sum(g, 0, dtype=torch.float32, out=bias_grad[: stop - start])
+                    backend.apply_update_(bias[start:stop], summed, step, sign, update.rounding, update.next_seed(),
+                                          ok=ok, buffers=bias_work)
+                del g  # before the next tile is computed: a caller's tiles are one at a time
         return ok
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
@@ -250,7 +290,13 @@ def _apply(plan: WeightPlan, role: Role,
         target = plan.local_target
         if target is None:
             target = plan.local_target = LocalTarget(keep_backend=True)
-    finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
+    try:
+        finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
+    except BaseException as exc:
+        if partly_written(exc) is not None:  # a write in parts between collectives (interrupts.py)
+            exc.add_note(f"bread_kernels: raised while writing the on-the-fly update of {plan.name or 'a weight'} "
+                         f"through {type(target).__name__}")
+        raise
     if plan.writes is not None:
         plan.writes.record()
     if plan.checks is None and isinstance(finite, torch.Tensor):
@@ -290,26 +336,19 @@ def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
 
 
 def update_linear_tiles_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: torch.Tensor | None,
-                         tiles: Iterable[tuple[int, int, torch.Tensor, torch.Tensor]]) -> Finite:
+                         tiles: Iterable[tuple[int, int, torch.Tensor, torch.Tensor]], finite: torch.Tensor) -> Finite:
     """``plan``'s update of a linear weight (and bias) whose summed gradient only exists row tile by row tile:
     ``tiles`` yields ``(start, stop, g [M, stop − start], x [M, K])`` with ``dW[start:stop] = gᵀx`` (the fused
-    head+loss's vocabulary tiles, whose g is computed one tile at a time).  One step size, and one finiteness
-    answer for the whole weight (every tile's flag, combined on the device), reported once.  A tile's write is
-    gated on its own flag only: a caller whose tiles could turn non-finite one by one must make every tile's g
-    non-finite together (the head+loss gates them all on its logsumexp and loss scale).  A Ctrl-C while the tiles
-    are written comes after the last (:func:`~bread_kernels.interrupts.whole_write`): never some tiles' rows alone."""
-    def write(target, step, sign, update):
-        flags = []
-        with whole_write():  # every tile, or Ctrl-C before the first: never the rows of some tiles alone
-            for start, stop, g, x in tiles:
-                flags.append(target.linear_(weight[start:stop], None if bias is None else bias[start:stop], g, x,
-                                            step, sign, update))
-                del g  # before the next tile is computed: a caller's tiles are one at a time
-        if all(isinstance(flag, bool) for flag in flags):
-            return all(flags)
-        return torch.stack([torch.as_tensor(flag, device=weight.device) for flag in flags]).all()
-
-    return _apply(plan, role, write)
+    head+loss's vocabulary tiles, whose g is computed one tile at a time), the first tile with the most rows.  One
+    step size, and one finiteness answer for the whole weight: ``finite``, a 0-dim bool the caller decided before
+    the first tile (the head+loss: its hidden states', logsumexp's and loss scale's finiteness, which every tile's g
+    follows, and in fp16 every tile's dW), which gates every tile's write; a dW past fp32's or bf16's range from
+    finite operands (3.4·10³⁸) is not checked (as on the ``addmm_`` path).  Whole or not at all: a Ctrl-C while the
+    tiles are written comes after the last (:func:`~bread_kernels.interrupts.whole_write`), and every buffer the
+    writes need is allocated before the first tile writes, so running out of memory stops none halfway (a tile's
+    own temporaries are the caller's to allocate up front).  A local target only (the head+loss refuses others)."""
+    return _apply(plan, role, lambda target, step, sign, update: target.linear_tiles_(weight, bias, tiles, finite,
+                                                                                      step, sign, update))
 
 
 def update_linear_grad_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -76,17 +76,30 @@ class Backend(Protocol):
 
     def update_weight_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, step: float,
                        sign: bool, rounding: Rounding, seed: int, ok: torch.Tensor | None = None,
-                       offset: int = 0, check: bool = True, also: tuple = ()) -> torch.Tensor | None: ...
+                       offset: int = 0, check: bool = True, also: tuple = (),
+                       work: object | None = None) -> torch.Tensor | None: ...
+
+    def part_buffers(self, weight: torch.Tensor, tokens: int, compute: torch.dtype, sign: bool,
+                     rounding: Rounding) -> object | None:
+        """What ``update_weight_(..., check=False, work=...)`` needs to write a part of at most ``weight``'s shape
+        (g and x of at most ``tokens`` rows) without allocating, allocated now; None where it allocates nothing."""
+
+    def epilogue_buffers(self, numel: int, dtype: torch.dtype, rounding: Rounding,
+                         device: torch.device) -> object | None:
+        """What ``apply_update_(..., buffers=...)`` needs for ``numel`` elements without allocating, allocated now;
+        None where it allocates nothing."""
 
     def apply_update_if_finite_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool,
                                 rounding: Rounding, seed: int, offset: int = 0, checked: tuple = (),
-                                ok: torch.Tensor | None = None) -> torch.Tensor | None: ...
+                                ok: torch.Tensor | None = None, buffers: object | None = None
+                                ) -> torch.Tensor | None: ...
 
     def dw_finite_flag(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
                        rounding: Rounding) -> torch.Tensor | None: ...
 
     def apply_update_(self, param: torch.Tensor, grad: torch.Tensor, step: float, sign: bool, rounding: Rounding,
-                      seed: int, offset: int = 0, ok: torch.Tensor | None = None) -> None: ...
+                      seed: int, offset: int = 0, ok: torch.Tensor | None = None,
+                      buffers: object | None = None) -> None: ...
 
     def update_temporary_bytes(self, param: torch.Tensor) -> int: ...
 

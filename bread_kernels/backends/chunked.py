@@ -42,6 +42,7 @@ chunked path.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -71,6 +72,26 @@ def chunk_budget_bytes() -> int:
     return configured
 
 
+@dataclass
+class PartBuffers:
+    """Everything :meth:`ChunkedBackend.update_weight_` allocates to write one part of a parameter written in parts
+    (an expert's slice, a vocabulary tile's rows), allocated before the first part writes and reused by each: with
+    them it allocates nothing, so running out of memory cannot stop a write in parts halfway.  Sized for the largest
+    part: ``rows`` rows of ``width`` elements and ``tokens`` rows of g and x.
+
+    * ``chunk``: [rows', width] in the compute dtype, for dW (whole, or a row chunk of it);
+    * ``epilogue``: the backend's epilogue temporaries for such a chunk (the torch backend's; None for the others);
+    * ``grad_t``, ``input``, ``zero``: where the torch form of :meth:`ChunkedBackend.addmm_if_finite_` zeroes g and x
+      (flat, for [tokens, rows] and [tokens, width]; SGD with nearest rounding; the native backend's op needs none).
+    """
+
+    chunk: torch.Tensor | None = None
+    epilogue: object | None = None
+    grad_t: torch.Tensor | None = None
+    input: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+
 class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
     """Base of the CPU backends; subclasses provide ``apply_update_`` and its memory cost per chunk element."""
 
@@ -78,8 +99,32 @@ class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
     #: bytes of temporaries the epilogue needs per chunk element, beyond the chunk buffer itself
     bytes_per_element = 0
 
-    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
+    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None, buffers=None) -> None:
+        """``buffers``: :meth:`epilogue_buffers` for at least ``param``'s elements, or None (allocated as needed)."""
         raise NotImplementedError
+
+    def epilogue_buffers(self, numel: int, dtype: torch.dtype, rounding: Rounding, device: torch.device):
+        """The temporaries :meth:`apply_update_` needs for ``numel`` elements of a ``dtype`` parameter, allocated now
+        (None: it needs none)."""
+        return None
+
+    #: whether :meth:`addmm_if_finite_` needs g- and x-sized temporaries (:class:`PartBuffers`) to gate its write
+    addmm_gates_with_copies = True
+
+    def part_buffers(self, weight: torch.Tensor, tokens: int, compute: torch.dtype, sign: bool,
+                     rounding: Rounding) -> PartBuffers:
+        """:class:`PartBuffers` for parts of at most ``weight``'s shape [rows, width] (a view of the largest part)
+        with g and x of at most ``tokens`` rows in the ``compute`` dtype."""
+        rows, width = weight.shape
+        if self._fused_addmm(weight, compute, sign, rounding):
+            if not self.addmm_gates_with_copies:
+                return PartBuffers()
+            return PartBuffers(grad_t=torch.empty(tokens * rows, dtype=compute, device=weight.device),
+                               input=torch.empty(tokens * width, dtype=compute, device=weight.device),
+                               zero=torch.zeros((), dtype=compute, device=weight.device))
+        rows = min(rows, self.chunk_rows(weight, tokens, compute))
+        return PartBuffers(chunk=torch.empty(rows, width, dtype=compute, device=weight.device),
+                           epilogue=self.epilogue_buffers(rows * width, weight.dtype, rounding, weight.device))
 
     def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -90,25 +135,31 @@ class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
         return min(chunk_budget_bytes(), param.numel() * self.bytes_per_element)
 
     def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
-                                ok=None) -> torch.Tensor | None:
+                                ok=None, buffers=None) -> torch.Tensor | None:
         """:meth:`apply_update_` unless ``ok`` is False or an element of the tensors ``checked`` is not finite;
         returns the flag it gated on (``ok`` and'ed with the check; None, and an ungated write, with neither).  One op
         on the native backend."""
         ok = self._gate(checked, ok)
-        self.apply_update_(param, grad, step, sign, rounding, seed, offset=offset, ok=ok)
+        self.apply_update_(param, grad, step, sign, rounding, seed, offset=offset, ok=ok, buffers=buffers)
         return ok
 
-    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor | None:
+    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None,
+                         work: PartBuffers | None = None) -> torch.Tensor | None:
         """``W += alpha·gᵀx`` (g [M, N], x [M, K]) unless ``ok`` is False or an element of the tensors ``checked``
         is not finite, without reading a flag on the host; returns the flag it gated on (``ok`` and'ed with the
         check; None, and an ungated write, with neither).  Here by zeroing both operands where it is False (one
-        activation-sized temporary each: 0·inf would still be nan); the native backend checks and reads the flag
-        inside one op instead."""
+        activation-sized temporary each: 0·inf would still be nan; in ``work``'s buffers where given); the native
+        backend checks and reads the flag inside one op instead."""
         ok = self._gate(checked, ok)
         if ok is None:
             weight.addmm_(grad_output.t(), input, beta=1, alpha=alpha)
-        else:
+        elif work is None:
             weight.addmm_(torch.where(ok, grad_output.t(), 0), torch.where(ok, input, 0), beta=1, alpha=alpha)
+        else:  # gᵀ in the layout of g.t(), as where's result above has it
+            grad_t = work.grad_t[: grad_output.numel()].view(grad_output.shape).t()
+            zeroed = work.input[: input.numel()].view(input.shape)
+            weight.addmm_(torch.where(ok, grad_output.t(), work.zero, out=grad_t),
+                          torch.where(ok, input, work.zero, out=zeroed), beta=1, alpha=alpha)
         return ok
 
     def _gate(self, checked, ok):
@@ -151,35 +202,42 @@ class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
         return epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag)
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding: Rounding, seed, ok=None,
-                       offset=0, check=True, also=()) -> torch.Tensor | None:
+                       offset=0, check=True, also=(), work: PartBuffers | None = None) -> torch.Tensor | None:
         """``offset``: the logical row-major index of ``weight[0, 0]`` in the whole parameter (non-zero for one
         expert's slice of a 3-D expert weight), so stochastic rounding draws that element's bits.  ``grad_output``
         and ``input`` share the compute dtype, which may differ from W's (autocast: see the module docstring).
         Returns the finiteness flag the writes were gated on (see the module docstring) — of what it uses and of
         the tensors ``also`` (a bias's gradient), in one check — and'ed with ``ok``; ``check=False``: ``ok`` alone
-        (a caller that decided before writing several slices)."""
+        (a caller that decided before writing several slices).  ``work``: :meth:`part_buffers` for this write, one
+        part of a parameter written in parts, whose caller decided ``ok`` before the first (``check=False``): then
+        nothing is allocated here.  A dW of several chunks allocates its buffers before its first chunk writes."""
         compute = grad_output.dtype
         if input.dtype != compute:
             raise TypeError(f"update_weight_: grad_output is {compute} but input is {input.dtype}; the dW GEMM "
                             "takes both in one dtype")
         if self._fused_addmm(weight, compute, sign, rounding):
             return self.addmm_if_finite_(weight, grad_output, input, -step, (grad_output, input, *also) if check
-                                         else (), ok)
+                                         else (), ok, work)
         rounding = rounding.resolve(weight.dtype)
         n_rows, n_cols = weight.shape
         rows = self.chunk_rows(weight, grad_output.shape[0], compute)
-        if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer
-            grad = torch.mm(grad_output.t(), input)
+        if work is not None:  # sized for the largest part's tokens: no more rows than this part's budget
+            rows = min(rows, work.chunk.shape[0])
+        if rows >= n_rows:  # one GEMM: no slicing, no preallocated buffer (but a caller's)
+            grad = torch.mm(grad_output.t(), input, out=None if work is None else work.chunk[:n_rows])
             return self.apply_update_if_finite_(weight, grad, step, sign, rounding, seed, offset,
-                                                (grad, *also) if check else (), ok)
+                                                (grad, *also) if check else (), ok,
+                                                None if work is None else work.epilogue)
         if check:
             ok = _both(ok, epilogue.dw_finite_flag(grad_output, input, rows, self.finite_flag))
             if also:
                 ok = ok & self.finite_flag(*also)
+        if work is None:  # before the first chunk writes: an out-of-memory error then stops none halfway
+            work = self.part_buffers(weight, grad_output.shape[0], compute, sign, rounding)
         with whole_write():  # every chunk, or none: a Ctrl-C between two comes after the last
-            for start, stop, chunk in epilogue.dw_row_chunks(grad_output, input, rows):
+            for start, stop, chunk in epilogue.dw_row_chunks(grad_output, input, rows, work.chunk):
                 self.apply_update_(weight[start:stop], chunk, step, sign, rounding, seed,
-                                   offset=offset + start * n_cols, ok=ok)
+                                   offset=offset + start * n_cols, ok=ok, buffers=work.epilogue)
         return ok
 
 

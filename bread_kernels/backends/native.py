@@ -106,14 +106,19 @@ class NativeBackend(ChunkedBackend):
     def __init__(self):
         load_native()
 
-    def apply_update_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, ok=None) -> None:
+    #: its addmm_if_finite_ op reads the flag inside: no zeroed copies of g and x
+    addmm_gates_with_copies = False
+
+    def apply_update_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, ok=None,
+                      buffers=None) -> None:
+        """One op; it allocates nothing (``buffers``, the torch epilogue's temporaries, are not needed)."""
         code, key1, key2 = _rounding_args(rounding, param.dtype, seed)
         torch.ops.bread_kernels.apply_update_(
             param, grad.contiguous(), float(step), bool(sign), code, key1, key2, int(offset), ok,
         )
 
     def apply_update_if_finite_(self, param, grad, step, sign, rounding: Rounding, seed, offset=0, checked=(),
-                                ok=None) -> torch.Tensor | None:
+                                ok=None, buffers=None) -> torch.Tensor | None:
         if not checked and ok is None:  # an ungated write (the op itself refuses one)
             return super().apply_update_if_finite_(param, grad, step, sign, rounding, seed, offset)
         code, key1, key2 = _rounding_args(rounding, param.dtype, seed)
@@ -124,7 +129,8 @@ class NativeBackend(ChunkedBackend):
     def finite_flag(self, *tensors):
         return torch.ops.bread_kernels.all_finite(list(tensors))
 
-    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None) -> torch.Tensor | None:
+    def addmm_if_finite_(self, weight, grad_output, input, alpha, checked=(), ok=None,
+                         work=None) -> torch.Tensor | None:
         if not checked and ok is None:  # an ungated write (the op itself refuses one)
             return super().addmm_if_finite_(weight, grad_output, input, alpha)
         return torch.ops.bread_kernels.addmm_if_finite_(weight, grad_output, input, float(alpha), list(checked), ok)

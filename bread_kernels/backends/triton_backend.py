@@ -27,7 +27,7 @@ class TritonBackend(TorchSums, TorchRotary):
         self._swiglu = swiglu
 
     def update_weight_(self, weight, grad_output, input, step, sign, rounding, seed, ok=None, offset=0, check=True,
-                       also=()):
+                       also=(), work=None):
         """One kernel, gated on the finiteness of g, x and ``also`` (and ``ok``; ``check=False``: ``ok`` alone),
         which the flag's kernel decides first (:mod:`bread_kernels.kernels.finite`: two launches, three with
         ``also``); dW stays an fp32 sum in registers, never rounded to an fp16 that could overflow."""
@@ -36,11 +36,19 @@ class TritonBackend(TorchSums, TorchRotary):
         self._kernels.wgrad_update_(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
         return ok
 
+    def part_buffers(self, weight, tokens, compute, sign, rounding) -> None:
+        """None: one kernel per part allocates nothing (with ``check=False``: the flag decided before the first)."""
+        return None
+
+    def epilogue_buffers(self, numel, dtype, rounding, device) -> None:
+        """None: the epilogue kernel allocates nothing."""
+        return None
+
     def dw_finite_flag(self, weight, grad_output, input, sign, rounding):
         """None: the kernel's fp32 sum of finite g and x overflows only past 3.4·10³⁸ (see the CPU backends)."""
         return None
 
-    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None) -> None:
+    def apply_update_(self, param, grad, step, sign, rounding, seed, offset=0, ok=None, buffers=None) -> None:
         self._kernels.apply_update_(param, grad, step, sign, rounding, seed, offset, ok)
 
     def update_temporary_bytes(self, param) -> int:
@@ -48,7 +56,7 @@ class TritonBackend(TorchSums, TorchRotary):
         return 0
 
     def apply_update_if_finite_(self, param, grad, step, sign, rounding, seed, offset=0, checked=(),
-                                ok=None) -> torch.Tensor | None:
+                                ok=None, buffers=None) -> torch.Tensor | None:
         """:meth:`apply_update_` unless ``ok`` is False or an element of ``checked`` is not finite; returns the flag
         it gated on (None, and an ungated write, with neither)."""
         if checked:

@@ -43,10 +43,12 @@ to ``dW`` (accumulated over the chunks).  The backward scales those by γ.  The 
     reference (the recomputed logits) in exchange for never holding a [T, V] or [V, H] gradient; SGD's split into
     tiles is exact (each element of W is in one tile) and SIGN takes the sign of each element's whole sum.  The
     finiteness check of invariant 3 is one device flag for the whole weight, taken before the first tile writes
-    (finite ``h``, logsumexp and γ make every tile's ``g`` finite; where they are not, γ becomes nan, so every
-    tile's ``g`` is non-finite and every write is skipped): a skip leaves all of W untouched, with no host sync.
-    An fp16 tile's dW can still overflow from finite ``g`` and ``h``: in fp16 every tile's logits and dW GEMM run
-    once more before the first write, and a tile that overflows turns γ nan for all of them.
+    (finite ``h`` and logsumexp, and γ where a token is scored, make every tile's ``g`` finite), which gates every
+    tile's write: a skip leaves all of W untouched, with no host sync.  An fp16 tile's dW can still overflow from
+    finite ``g`` and ``h``: in fp16 every tile's logits and dW GEMM run once more before the first write, and a
+    tile that overflows clears the flag for all of them.  Every temporary a tile and its write need is allocated
+    before the first tile (one tile's worth, reused by each), so an out-of-memory error never stops the update
+    between two tiles: W is updated whole or not at all.
   A plan whose target's writes are collectives (DDP's average: every rank must issue the same ones, and the
   number of tiles would follow each rank's tokens) always takes the first way, whatever the budget.
 * ``FROZEN``: nothing for W.
@@ -90,7 +92,7 @@ from typing import NamedTuple
 import torch
 
 from ..backends import get_backend
-from ..backends.epilogue import dw_finite_flag
+from ..backends.epilogue import FlatBuffers, dw_finite_flag
 from ..plan import Role, WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from ..update import update_linear_grad_, update_linear_tiles_, writes_collectively
@@ -596,38 +598,102 @@ def _summed(pending: list[_HeadGrads]) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
-    """The on-the-fly update of the head, vocabulary tile by tile (see the module docstring).  No host sync: where
-    the hidden states, the logsumexp or the loss scale are not finite, the scale becomes nan, so every tile's
-    gradient is non-finite and every write is skipped on the device (one skip reported)."""
-    plan, role, lse = ctx.plan, ctx.role, ctx.lse
-    ctx.lse = None
+    """The on-the-fly update of the head, vocabulary tile by tile (see the module docstring).  No host sync: one
+    flag, decided before the first tile writes, gates every tile's write on the device — the hidden states' and the
+    logsumexp's finiteness and, where a token is scored, the loss scale's (every tile's gradient is finite where
+    they are), and in fp16 every tile's dW (one skip reported).  Every tile's temporaries are allocated before the
+    first tile (:class:`_VocabularyTiles`), so running out of memory never stops the update between two tiles."""
     backend = get_backend(hidden.device)
-    scale = scale.masked_fill(~backend.finite_flag(hidden, lse, scale), float("nan"))
-    valid = targets >= 0
-    vocab = weight.shape[0]
-    dtype = ctx.compute_dtype  # hidden is already in it
-
-    def tiles():
-        for start in range(0, vocab, ctx.tile):
-            stop = min(vocab, start + ctx.tile)
-            tile_bias = bias[start:stop].to(dtype) if bias is not None else None
-            z, t = _logits(hidden, weight[start:stop].to(dtype), tile_bias, ctx.softcap)
-            p = z.sub_(lse[:, None]).exp_()  # this tile's probabilities, from the forward's logsumexp
-            g = _delta_(p, t, _delta_terms(targets, valid, scale, stop - start, first_col=start)).to(dtype)
-            del z, t, p
-            yield start, stop, g, hidden
-            del g  # before the next tile is allocated (its consumer drops its own reference: one tile at a time)
-
-    if dtype == torch.float16:
+    lse, ctx.lse = ctx.lse, None
+    tiles = _VocabularyTiles(hidden, weight, bias, targets, scale, lse, ctx.compute_dtype, ctx.softcap, ctx.tile)
+    # the scale reaches the scored rows only: with none (n = 0, scale inf) every g is exactly 0, a null step
+    finite = backend.finite_flag(hidden, lse) & (torch.isfinite(scale) | ~tiles.valid.any())
+    if ctx.compute_dtype == torch.float16:
         # an fp16 tile's dW overflows from finite g and h (a loss-scaled backward) on its own: every tile is
-        # checked before the first writes (its logits and GEMM once more), and a bad one makes γ nan for all
-        flags = []
-        for start, stop, g, h in tiles():
-            flags.append(dw_finite_flag(g, h, stop - start, backend.finite_flag))
-            del g
+        # checked before the first writes (its logits and GEMM once more)
+        flags = [dw_finite_flag(g, h, stop - start, backend.finite_flag) for start, stop, g, h in tiles]
         if flags:
-            scale = scale.masked_fill(~torch.stack(flags).all(), float("nan"))
-    update_linear_tiles_(plan, role, weight, bias, tiles())
+            finite = finite & torch.stack(flags).all()
+    update_linear_tiles_(ctx.plan, ctx.role, weight, bias, tiles, finite)
+
+
+class _VocabularyTiles:
+    """The tiles ``(start, stop, g[:, start:stop], hidden)`` of the head's on-the-fly update, in order, the first
+    with the most rows: each tile's logits are recomputed from ``hidden`` (in the compute dtype) and the forward's
+    logsumexp ``lse`` [T], and turned into the gradient of the logits (``scale``: 1/n times γ).  Every temporary a
+    tile needs is allocated here, once, and reused by each tile through ``out=`` and in-place ops, so a tile
+    allocates nothing (as many bytes per logit as :func:`_bytes_per_logit` counts, for one tile).  Each ``g`` is
+    overwritten by the next tile's."""
+
+    def __init__(self, hidden, weight, bias, targets, scale, lse, dtype, softcap, tile):
+        tokens, vocab = hidden.shape[0], weight.shape[0]
+        self.hidden, self.weight, self.bias, self.dtype, self.softcap = hidden, weight, bias, dtype, softcap
+        self.tile = max(1, min(tile, vocab))
+        self.targets, self.valid = targets, targets >= 0
+        self.row_scale = torch.where(self.valid, scale, 0.0)[:, None]  # as _delta_terms's: the same for every tile
+        self.lse = lse[:, None]
+        device, elements = hidden.device, tokens * self.tile
+        buffers = {"linear": dtype}  # the tile's GEMM output: fp32 logits, and their tanh when soft-capped
+        if dtype != torch.float32 or softcap is not None:
+            buffers["logits"] = torch.float32
+        if dtype != torch.float32:
+            buffers["gradient"] = dtype  # also the soft-capped logits before their upcast
+            if softcap is not None:
+                buffers["tanh"] = torch.float32
+        self.buffers = FlatBuffers(device, elements, **buffers)
+        self.weight_c = FlatBuffers(device, self.tile * weight.shape[1], w=dtype) if weight.dtype != dtype else None
+        self.bias_c = FlatBuffers(device, self.tile, b=dtype) if bias is not None and bias.dtype != dtype else None
+        self.local = torch.empty(tokens, dtype=torch.int64, device=device)
+        self.hit = torch.empty(tokens, dtype=torch.bool, device=device)
+        self.in_tile = torch.empty(tokens, dtype=torch.bool, device=device)
+        self.column = torch.empty(tokens, 1, dtype=torch.int64, device=device)
+        self.minus_hit = torch.empty(tokens, 1, dtype=torch.float32, device=device)
+        self.column_flat, self.minus_hit_flat = self.column.view(tokens), self.minus_hit.view(tokens)
+
+    def __iter__(self):
+        vocab = self.weight.shape[0]
+        for start in range(0, vocab, self.tile):
+            stop = min(vocab, start + self.tile)
+            yield start, stop, self._gradient(start, stop), self.hidden
+
+    def _gradient(self, start: int, stop: int) -> torch.Tensor:
+        """g[:, start:stop] in the compute dtype, as :func:`_logits`, :func:`_delta_terms` and :func:`_delta_`
+        compute it (the same ops, into the buffers)."""
+        rows, dtype, softcap = stop - start, self.dtype, self.softcap
+        shape = torch.Size((self.hidden.shape[0], rows))
+        weight, bias = self.weight[start:stop], None if self.bias is None else self.bias[start:stop]
+        if self.weight_c is not None:
+            weight = self.weight_c.take("w", weight.shape).copy_(weight)
+        if self.bias_c is not None:
+            bias = self.bias_c.take("b", bias.shape).copy_(bias)
+        linear = self.buffers.take("linear", shape)  # F.linear's own ops: addmm with a bias, mm without
+        if bias is None:
+            torch.mm(self.hidden, weight.t(), out=linear)
+        else:
+            torch.addmm(bias, self.hidden, weight.t(), out=linear)
+        tanh = None
+        if softcap is None:
+            logits = linear if dtype == torch.float32 else self.buffers.take("logits", shape).copy_(linear)
+        else:  # soft-capped in the compute dtype, then upcast
+            tanh = linear.div_(softcap).tanh_()
+            if dtype == torch.float32:
+                logits = torch.mul(tanh, softcap, out=self.buffers.take("logits", shape))
+            else:
+                capped = torch.mul(tanh, softcap, out=self.buffers.take("gradient", shape))
+                logits = self.buffers.take("logits", shape).copy_(capped)
+                tanh = self.buffers.take("tanh", shape).copy_(tanh)
+        p = logits.sub_(self.lse).exp_()  # this tile's probabilities, from the forward's logsumexp
+        g = _delta_(p, tanh, self._terms(start, rows))
+        return g if dtype == torch.float32 else self.buffers.take("gradient", shape).copy_(g)
+
+    def _terms(self, first_col: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`_delta_terms` of this tile, into the buffers."""
+        local = torch.sub(self.targets, first_col, out=self.local)
+        hit = torch.ge(local, 0, out=self.hit).bitwise_and_(self.valid)
+        hit.bitwise_and_(torch.lt(local, cols, out=self.in_tile))
+        torch.clamp(local, 0, cols - 1, out=self.column_flat)
+        self.minus_hit_flat.copy_(hit).neg_()
+        return self.column, self.minus_hit, self.row_scale
 
 
 @torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)

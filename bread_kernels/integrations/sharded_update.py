@@ -48,6 +48,7 @@ import torch
 from ..backends import get_backend
 from ..collectives import (CommStats, all_gather_, comm_stats, dense_grad_fill, gather_row_sums, linear_grad_fill,
                            reduce_scatter_)
+from ..interrupts import mark_partly_written
 from ..rounding import Rounding
 
 __all__ = ["ShardLayout", "CommStats", "comm_stats", "chunk_elements", "reduce_scatter_update_",
@@ -122,6 +123,22 @@ def reduce_scatter_update_(
     recv = torch.empty(S + 1, dtype=torch.float32, device=device)
     backend = get_backend(device)
     flag = 0.0 if locally_finite else 1.0
+    written = [0]  # elements of the shard written so far
+    try:
+        return _reduce_scatter_chunks(shard, layout, fill, S, send_flat, recv, backend, flag, written, step=step,
+                                      sign=sign, rounding=rounding, seed=seed, divisor=divisor)
+    except BaseException as exc:
+        # each chunk waits for its collective: a failure between two cannot be prevented (interrupts.py)
+        if 0 < written[0] < layout.valid:
+            mark_partly_written(exc, f"this rank's ZeRO-3 shard of a parameter of {layout.numel} elements (its "
+                                     f"first {written[0]} of {layout.valid} elements written)")
+        raise
+
+
+def _reduce_scatter_chunks(shard, layout, fill, S, send_flat, recv, backend, flag, written, *, step, sign, rounding,
+                           seed, divisor) -> bool:
+    """The chunks of :func:`reduce_scatter_update_`; ``written[0]``: the shard's elements written so far."""
+    w, P = layout.world, layout.shard_numel
     for offset in range(0, P, S):
         width = min(S, P - offset)
         send = send_flat[: w * (width + 1)].view(w, width + 1)  # row r: rank r's piece, then the flag
@@ -140,6 +157,7 @@ def reduce_scatter_update_(
             grad = recv[:mine].div_(divisor)
             backend.apply_update_(shard[offset: offset + mine], grad, step, sign, rounding, seed,
                                   offset=layout.start + offset)
+            written[0] = offset + mine
     return True
 
 

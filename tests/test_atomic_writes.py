@@ -1,0 +1,260 @@
+"""An out-of-memory error between two parts of an on-the-fly update (row chunks, vocabulary tiles, expert slices, the
+torch epilogue's slices) never leaves a weight partly written: every allocation that the remaining parts need is
+made before the first part writes.
+
+Each test makes ``torch.OutOfMemoryError`` happen at the k-th aten op of the backward that allocates a tensor (not an
+in-place op, a view or an ``out=`` call), for every k until the backward completes, and checks after each failure
+that every weight is, bit for bit, either what it was before the backward or what an uninterrupted backward from the
+same state makes it (the reference's one ``add_`` per weight leaves no third state).  This mirrors the Ctrl-C tests
+of ``tests/test_interrupts.py``, with an exception that no signal handler can hold back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bread_kernels import OnTheFlyUpdate, Role, Rounding, WeightPlan
+from bread_kernels.collectives import all_reduce_update_
+from bread_kernels.functions.experts import experts_gate, fused_experts
+from bread_kernels.functions.head_loss import fused_head_loss
+from bread_kernels.functions.linear import fused_linear
+from bread_kernels.integrations.sharded_update import ShardLayout, reduce_scatter_update_
+from bread_kernels.update import UpdateTarget, update_dense_, update_linear_
+from tests.functions import test_experts as experts
+
+#: an ``out=`` buffer of the wrong shape is resized (a hidden allocation, and a warning): an error here
+pytestmark = pytest.mark.filterwarnings("error:An output with one or more elements was resized")
+
+STEP = 0.05
+ROLES = [Role.SGD, Role.SIGN]
+#: fp32, and bf16 with its default rounding (stochastic), which the CPU backends' chunked epilogue writes
+DTYPES = [torch.float32, torch.bfloat16]
+#: the CPU backends; Triton's writes a part in one kernel, with nothing allocated between two, but its interpreter
+#: (a CPU run) copies every argument around each launch, so allocations cannot be failed in turn there
+BACKENDS = ["torch", "native"]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One CPU thread: a backward per allocation runs hundreds of tiny backwards, which torch's threads only slow
+    (they spin against each other on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def allocates(func) -> bool:
+    """Whether the aten op ``func`` returns a new tensor: it writes none of its arguments (not in-place, no
+    ``out=``) and returns a tensor that aliases no input (not a view)."""
+    schema = func._schema
+    if any(argument.alias_info is not None and argument.alias_info.is_write for argument in schema.arguments):
+        return False
+    if any(result.alias_info is not None for result in schema.returns):
+        return False
+    return any("Tensor" in str(result.type) for result in schema.returns)
+
+
+class OutOfMemoryAt(TorchDispatchMode):
+    """Raises ``torch.OutOfMemoryError`` at the ``at``-th op that allocates a tensor (counted from 1)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.allocations, self.failed_op = at, 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if allocates(func):
+            self.allocations += 1
+            if self.allocations == self.at:
+                self.failed_op = str(func)
+                raise torch.OutOfMemoryError(f"injected: allocation {self.at} ({func})")
+        return func(*args, **(kwargs or {}))
+
+
+Case = Callable[[], tuple[dict[str, torch.Tensor], Callable[[], None]]]
+
+
+def assert_every_failure_leaves_each_weight_whole(case: Case) -> int:
+    """``case()`` builds the same state each time (its forward done) and returns the weights the backward updates
+    on the fly and the backward.  Runs the backward once uninterrupted, then once per allocation with an
+    out-of-memory error there; returns how many runs failed."""
+    weights, backward = case()
+    before = {name: weight.detach().clone() for name, weight in weights.items()}
+    backward()
+    after = {name: weight.detach().clone() for name, weight in weights.items()}
+    assert all(not torch.equal(before[name], after[name]) for name in weights), "the backward moved no weight"
+    for at in itertools.count(1):
+        weights, backward = case()
+        with OutOfMemoryAt(at) as injected:
+            try:
+                backward()
+            except torch.OutOfMemoryError:
+                pass
+        if injected.failed_op is None:  # fewer allocations than ``at``: completed
+            assert all(torch.equal(weights[name], after[name]) for name in weights)
+            return at - 1
+        partly = [name for name, weight in weights.items()
+                  if not torch.equal(weight, before[name]) and not torch.equal(weight, after[name])]
+        assert not partly, f"out of memory at allocation {at} ({injected.failed_op}) left {partly} partly written"
+
+
+def _plan(role: Role, name: str) -> WeightPlan:
+    return WeightPlan(role, OnTheFlyUpdate(lr=STEP), name=name)
+
+
+def _values(dtype, *shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
+def test_a_weight_written_in_row_chunks(monkeypatch, backend, dtype, role):
+    """A linear's dW (37 × 16) larger than ``BREAD_CHUNK_BYTES``: written in row chunks of a few rows, and its bias."""
+    monkeypatch.setenv("BREAD_BACKEND", backend)
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", str(5 * 16 * 64))
+
+    def case():
+        weight, bias = _values(dtype, 37, 16, seed=0), _values(dtype, 37, seed=1)
+        x = _values(dtype, 11, 16, seed=2).requires_grad_(True)
+        grad = _values(dtype, 11, 37, seed=3)
+        y = fused_linear(x, weight, bias, _plan(role, "linear"))
+        return {"weight": weight, "bias": bias}, lambda: y.backward(grad)
+
+    assert assert_every_failure_leaves_each_weight_whole(case) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
+def test_a_head_written_in_vocabulary_tiles(monkeypatch, backend, dtype, role):
+    """The fused head+loss whose dW (96 × 16, and a bias) does not fit ``BREAD_LOSS_CHUNK_BYTES``: its update is
+    written in vocabulary tiles, each also in row chunks."""
+    monkeypatch.setenv("BREAD_BACKEND", backend)
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(12 * 40 * 8))  # tiles of 40 rows: 3 tiles
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", str(16 * 16 * 64))
+
+    def case():
+        weight, bias = _values(dtype, 96, 16, seed=0), _values(dtype, 96, seed=1)
+        hidden = _values(dtype, 12, 16, seed=2).requires_grad_(True)
+        targets = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(3))
+        targets[4] = -100
+        loss = fused_head_loss(hidden, weight, bias, targets, _plan(role, "lm_head"))
+        return {"weight": weight, "bias": bias}, loss.backward
+
+    assert assert_every_failure_leaves_each_weight_whole(case) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
+def test_an_expert_weight_written_in_slices(monkeypatch, backend, dtype, role):
+    """A 3-D expert weight: each routed expert's slice written in turn (and in row chunks)."""
+    monkeypatch.setenv("BREAD_BACKEND", backend)
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", str(12 * experts.H * 52))  # the torch backend: 2 chunks of gate_up_proj
+
+    module = experts.experts_module(dtype, "cpu")
+    index, routing_weights = experts.routing(dtype, "cpu")
+    gate = experts_gate(module)
+
+    def case():
+        gate_up, down = module.gate_up_proj.detach().clone(), module.down_proj.detach().clone()
+        x, grad = experts.inputs(dtype, "cpu")
+        plans = (_plan(role, "gate_up_proj"), _plan(role, "down_proj"))
+        y = fused_experts(x.requires_grad_(True), index, routing_weights, gate_up, down, plans, gate)
+        return {"gate_up_proj": gate_up, "down_proj": down}, lambda: y.backward(grad)
+
+    assert assert_every_failure_leaves_each_weight_whole(case) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
+def test_a_whole_gradient_written_in_slices(monkeypatch, dtype, role):
+    """A parameter whose whole gradient exists (the hook path's, a head's dW that fits the loss's budget): the torch
+    backend's epilogue writes it in row slices whose temporaries fit ``BREAD_CHUNK_BYTES`` (the native backend in
+    one op that allocates nothing)."""
+    monkeypatch.setenv("BREAD_BACKEND", "torch")
+    monkeypatch.setenv("BREAD_CHUNK_BYTES", str(7 * 16 * 48))  # slices of 7 rows
+
+    def case():
+        param, grad = _values(dtype, 30, 16, seed=0), _values(dtype, 30, 16, seed=1)
+        plan = WeightPlan(role, OnTheFlyUpdate(lr=STEP), name="norm")
+        return {"param": param}, lambda: update_dense_(plan, param, grad)
+
+    assert assert_every_failure_leaves_each_weight_whole(case) > 0
+
+
+# --- the data-parallel writes: each part waits for a collective, so a failure between two parts is reported ---
+
+
+@pytest.fixture
+def one_rank():
+    """A gloo process group of one rank (the collectives then sum one term)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _fill_failing_at(call: int, gradient: torch.Tensor):
+    """A ``fill`` of the flat ``gradient`` whose ``call``-th call runs out of memory."""
+    calls = [0]
+
+    def fill(start, stop, out):
+        calls[0] += 1
+        if calls[0] == call:
+            raise torch.OutOfMemoryError("injected")
+        out.copy_(gradient.view(-1)[start:stop])
+
+    return fill
+
+
+class _AllReduceTarget(UpdateTarget):
+    """A data-parallel target that writes a linear weight in chunks of two rows, as the DDP target does."""
+
+    def __init__(self, group, fail_at: int):
+        self.group, self.fail_at = group, fail_at
+
+    def linear_(self, weight, bias, g, x, step, sign, update):
+        return all_reduce_update_(weight, _fill_failing_at(self.fail_at, g.t() @ x), step=step, sign=sign,
+                                  rounding=update.rounding, seed=update.next_seed(), divisor=1.0,
+                                  locally_finite=torch.ones((), dtype=torch.bool), group=self.group, rows_per_chunk=2)
+
+
+def test_a_data_parallel_write_stopped_between_chunks_names_the_partly_written_weight(one_rank):
+    """DDP's chunked all-reduce and update: out of memory at the second chunk's gradient leaves the first two rows
+    written; the error says so and names the weight (before: a bare out-of-memory error, the weight silently
+    half-updated)."""
+    weight, g, x = _values(torch.float32, 6, 4, seed=0), _values(torch.float32, 5, 6, seed=1), _values(
+        torch.float32, 5, 4, seed=2)
+    plan = WeightPlan(Role.SGD, OnTheFlyUpdate(lr=STEP), name="layers.0.mlp.up_proj",
+                      target=_AllReduceTarget(one_rank, fail_at=2))
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        update_linear_(plan, Role.SGD, weight, None, [(g, x)])
+    notes = "\n".join(raised.value.__notes__)
+    assert "first 2 of 6 rows written" in notes and "layers.0.mlp.up_proj" in notes, notes
+    plan.target = _AllReduceTarget(one_rank, fail_at=1)  # before any part: nothing written, nothing to say
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        update_linear_(plan, Role.SGD, weight, None, [(g, x)])
+    assert not getattr(raised.value, "__notes__", None)
+
+
+def test_a_zero3_shard_write_stopped_between_chunks_says_it_is_partly_written(one_rank):
+    """ZeRO-3's chunked reduce-scatter and update of this rank's shard: out of memory at the second chunk."""
+    shard, gradient = _values(torch.float32, 24, seed=0), _values(torch.float32, 24, seed=1)
+    before = shard.clone()
+    layout = ShardLayout(one_rank, 1, 0, 24, 24)
+    with pytest.raises(torch.OutOfMemoryError) as raised:  # 8 bytes: chunks of one element
+        reduce_scatter_update_(shard, layout, _fill_failing_at(2, gradient), step=STEP, sign=True,
+                               rounding=Rounding.NEAREST, seed=0, divisor=1.0, locally_finite=True, budget_bytes=8)
+    assert "first 1 of 24 elements written" in "\n".join(raised.value.__notes__)
+    assert not torch.equal(shard[:1], before[:1]) and torch.equal(shard[1:], before[1:])
