@@ -61,11 +61,13 @@ import os
 import types
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import causal_lm
 from .functions.autocast import autocast_dtype
@@ -128,7 +130,18 @@ class PatchedModel:
         self.block_of_linear: dict[int, int] = {}  # id(module) -> block index (absent for the head)
         self.shared_weights: set[int] = set()  # ids of parameters with more than one owner
         self.hook_update_numel = DEFAULT_HOOK_UPDATE_NUMEL  # patch()'s option: see updates_in_hook
-        self.forward_hook = None  # starts a new forward for the plans' multi-use bookkeeping
+        #: the modules below the model where a forward of its blocks may start (each module on the way from the model
+        #: to its block stack: ``model.model``, peft's ``base_model`` and the models it wraps), outermost first; held
+        #: here as the model holds them (the model itself is not listed: a strong reference would be a cycle)
+        self.entry_modules: list[nn.Module] = []
+        #: the handles of the forward-entry hooks on the model, :attr:`entry_modules` and the head
+        self.entry_handles: list = []
+        #: where the modules whose forward runs now lie (0: the model, i: ``entry_modules[i - 1]``), outermost first
+        #: (:func:`_enter_forward`)
+        self.entered: list[int] = []
+        #: what runs once per forward of the model, whichever entry module starts it (:meth:`add_forward_hooks`)
+        self.before_forward: OrderedDict = OrderedDict()
+        self.after_forward: OrderedDict = OrderedDict()
         # (qualified name, owning module, attribute) of the first parameter of the model and of each block: FSDP2
         # shards what it wraps (the root, each block), so a model sharded after patch shows there (see shard_probe)
         self.shard_probes: list[tuple[str, nn.Module, str]] = []
@@ -147,8 +160,9 @@ class PatchedModel:
         duplicate = PatchedModel.__new__(PatchedModel)
         memo[id(self)] = duplicate
         for key, value in self.__dict__.items():
-            if key not in ("model_ref", "_driver"):
+            if key not in ("model_ref", "_driver", "entered", "before_forward", "after_forward"):
                 duplicate.__dict__[key] = copy.deepcopy(value, memo)
+        duplicate.entered, duplicate.before_forward, duplicate.after_forward = [], OrderedDict(), OrderedDict()
         duplicate.block_of_linear = {id(memo[key]): index for key, index in self.block_of_linear.items()
                                      if key in memo}
         duplicate.shared_weights = {id(memo[key]) for key in self.shared_weights if key in memo}
@@ -163,6 +177,7 @@ class PatchedModel:
             share_fused_rotary(original, module)
         _PATCHED_MODELS.add(copied)
         _register_installed(duplicate)
+        _register_entries(duplicate)
         return duplicate
 
     def __getstate__(self):
@@ -318,6 +333,46 @@ class PatchedModel:
     def driver(self):
         """The live optimizer that writes this model's plans, or None."""
         return self._driver() if self._driver is not None else None
+
+    # -- once per forward -----------------------------------------------------------------------------------------
+    def add_forward_hooks(self, before: Callable | None = None, after: Callable | None = None) -> RemovableHandle:
+        """Run ``before(module, args)`` at the start of every forward of the model, and ``after(module, args,
+        output)`` on its output, once per forward whichever module it starts at: the model itself, or a module below
+        it on the way to the block stack (a custom loss's ``model.model(...)``, peft's ``base_model``), which the
+        model's own hooks never see.  ``module`` is the module the forward started at.  ``after`` also runs on the
+        output of the head called apart from a forward (the same custom loss's ``model.lm_head(hidden)``), whose
+        backward reaches it first.  Returns the handle that removes both."""
+        handle = RemovableHandle(self.before_forward, extra_dict=self.after_forward)
+        if before is not None:
+            self.before_forward[handle.id] = before
+        if after is not None:
+            self.after_forward[handle.id] = after
+        return handle
+
+    def begin_forward(self, module: nn.Module, args) -> None:
+        """A forward of the model starts at ``module`` (not inside another of its forwards): refuse a model sharded
+        after patch (FSDP2's hooks, registered later, run after these: its parameters are still the sharded DTensors
+        here) or one whose fused modules were replaced, number the forward
+        (:func:`~bread_kernels.plan.begin_forward`) and run the :attr:`before_forward` hooks."""
+        name = self.shard_probe()
+        if name is not None:
+            raise TypeError(sharded_refusal("bread_kernels", name))
+        if self.stream.suspect_lost is not None and torch.is_grad_enabled():
+            self.check_forward()  # here too: a block stack swapped whole runs no streamed block
+        begin_forward()
+        for hook in list(self.before_forward.values()):
+            hook(module, args)
+
+    def forget_open_forwards(self) -> None:
+        """No forward of the model runs now (an optimizer steps): forget any a ``KeyboardInterrupt`` left open, after
+        which torch calls no forward hook, so that the next forward starts wherever it starts."""
+        self.entered = []
+
+    def end_forward(self, module: nn.Module, args, output) -> None:
+        """A forward of the model that started at ``module``, or the head called apart from one, returned
+        ``output`` (None where it raised): run the :attr:`after_forward` hooks."""
+        for hook in list(self.after_forward.values()):
+            hook(module, args, output)
 
 
 def _check_parameter_dtypes(model: nn.Module) -> None:
@@ -896,10 +951,11 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         install_forward(block, _streamed_forward)
     _set_fused_loss(model, fused_loss, state)
     _set_fused_elementwise(model, fused_elementwise, state)
-    state.forward_hook = model.register_forward_pre_hook(_begin_forward_hook)
+    _install_entry_hooks(model, state)
     setattr(model, _STATE_ATTR, state)
     _PATCHED_MODELS.add(model)
     _register_installed(state)
+    _register_entries(state)
     return model
 
 
@@ -932,17 +988,91 @@ class _Unbound(NamedTuple):
     function: Callable
 
 
-def _begin_forward_hook(module, args) -> None:
-    """The patched model's forward pre-hook (a module-level function: no closure holds the model or copies along
-    with it).  Refuses a model sharded after patch (FSDP2's hooks, registered later, run after this one: its
-    parameters are still the sharded DTensors here)."""
-    state = patched_state(module)
-    name = state.shard_probe() if state is not None else None
-    if name is not None:
-        raise TypeError(sharded_refusal("bread_kernels", name))
-    if state is not None and state.stream.suspect_lost is not None and torch.is_grad_enabled():
-        state.check_forward()  # here too: a block stack swapped whole runs no streamed block
-    begin_forward()
+#: each module a forward of a patched model may start at (the model, :attr:`PatchedModel.entry_modules`, the head)
+#: -> its patched state, weakly (for a deep copy of the model, its copy's: :meth:`PatchedModel.__deepcopy__`)
+_ENTRIES: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def entry_modules(model: nn.Module, blocks_name: str) -> list[nn.Module]:
+    """The modules strictly between ``model`` and its block stack (named ``blocks_name``), outermost first: each
+    one's forward may run the blocks without the model's (``model.model`` of a causal LM, GPT-2's ``transformer``,
+    a peft model's ``base_model``, ``base_model.model`` and ``base_model.model.model``)."""
+    parts = blocks_name.split(".")[:-1] if blocks_name else []
+    return [model.get_submodule(".".join(parts[:depth])) for depth in range(1, len(parts) + 1)]
+
+
+def _install_entry_hooks(model: nn.Module, state: PatchedModel) -> None:
+    """Give the model and each of its entry modules the hooks that start and end a forward
+    (:func:`_enter_forward`, :func:`_leave_forward`: module-level functions, so no closure holds the model or copies
+    along with it), and the head the hook on its output called apart (:func:`_head_output`).  The end hook is
+    called even where the forward raised (torch's ``always_call``), so the forward is never left open."""
+    state.entry_modules = entry_modules(model, state.blocks_name)
+    for module in (model, *state.entry_modules):
+        state.entry_handles.append(module.register_forward_pre_hook(_enter_forward))
+        state.entry_handles.append(module.register_forward_hook(_leave_forward, always_call=True))
+    if state.head is not None:
+        state.entry_handles.append(state.head.register_forward_hook(_head_output))
+
+
+def _register_entries(state: PatchedModel) -> None:
+    """Enter the model of ``state``, its entry modules and its head into :data:`_ENTRIES`."""
+    model, ref = state.model_ref(), weakref.ref(state)
+    for module in (model, *state.entry_modules, state.head):
+        if module is not None:
+            _ENTRIES[module] = ref
+
+
+def _entry_state(module: nn.Module) -> PatchedModel | None:
+    """The patched state whose forward may start at ``module`` (None: a copy of a part of the model, whose hooks
+    copied along and do nothing)."""
+    ref = _ENTRIES.get(module)
+    return ref() if ref is not None else None
+
+
+def _entry_depth(state: PatchedModel, module: nn.Module) -> int:
+    """Where ``module`` lies on the way from the model to its blocks: 0 for the model, ``i`` for
+    ``state.entry_modules[i - 1]``."""
+    return 0 if module is state.model_ref() else \
+        1 + next(i for i, entry in enumerate(state.entry_modules) if entry is module)
+
+
+@torch.compiler.disable  # host-side bookkeeping: never traced into a graph
+def _enter_forward(module, args) -> None:
+    """The forward pre-hook of a patched model and of its entry modules: starts a forward of the model
+    (:meth:`PatchedModel.begin_forward`) unless one of the modules above ``module`` is inside its own forward (the
+    model's forward calling ``model.model``).  Entering forgets the modules at or below ``module`` that a forward
+    left open (torch calls no hook after a ``KeyboardInterrupt``): none of them can be running while it starts."""
+    state = _entry_state(module)
+    if state is None:
+        return
+    depth = _entry_depth(state, module)
+    state.entered = [entered for entered in state.entered if entered < depth]
+    nested = bool(state.entered)
+    state.entered.append(depth)
+    if not nested:
+        state.begin_forward(module, args)
+
+
+@torch.compiler.disable  # host-side bookkeeping: never traced into a graph
+def _leave_forward(module, args, output) -> None:
+    """The forward hook of a patched model and of its entry modules (also where the forward raised: ``output``
+    None): ends the forward that started at ``module`` (:meth:`PatchedModel.end_forward`)."""
+    state = _entry_state(module)
+    if state is None or not state.entered or state.entered[-1] != _entry_depth(state, module):
+        return  # its pre-hook did not run (another pre-hook raised before it)
+    state.entered.pop()
+    if not state.entered:
+        state.end_forward(module, args, output)
+
+
+@torch.compiler.disable  # host-side bookkeeping: never traced into a graph
+def _head_output(module, args, output) -> None:
+    """The forward hook of a patched model's head: called apart from a forward of the model (a custom loss's
+    ``model.lm_head(model.model(...).last_hidden_state)``), its output is the forward's too
+    (:meth:`PatchedModel.end_forward`); inside one, the model's output covers it."""
+    state = _entry_state(module)
+    if state is not None and not state.entered:
+        state.end_forward(module, args, output)
 
 
 def _set_fused_loss(model: nn.Module, fused_loss: bool | None, state: PatchedModel) -> None:
@@ -1049,7 +1179,12 @@ def unpatch(model: nn.Module) -> nn.Module:
         block.__dict__.pop(_BLOCK_ATTR, None)
         if block.__dict__.pop(CHECKPOINTING_TURNED_OFF, False):
             block.gradient_checkpointing = True
-    state.forward_hook.remove()
+    for handle in state.entry_handles:
+        handle.remove()
+    state.entry_handles = []
+    for module in (model, *state.entry_modules, state.head):
+        if module is not None:
+            _ENTRIES.pop(module, None)
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
     return given

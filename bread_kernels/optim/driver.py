@@ -168,11 +168,9 @@ class EngineDriver:
                 p.requires_grad_(wanted)
         for _, p in self.named_parameters:
             _OWNERS[p] = weakref.ref(self)
-        if self.model is not None:
-            forward_hooks = _ForwardHooks(weakref.ref(self))
-            handles.append(self.model.register_forward_pre_hook(forward_hooks.before))
-            handles.append(self.model.register_forward_hook(forward_hooks.after))
         if self.engine is not None:
+            forward_hooks = _ForwardHooks(weakref.ref(self))  # once per forward, wherever it starts (model.model(...))
+            handles.append(self.engine.add_forward_hooks(forward_hooks.before, forward_hooks.after))
             self.engine.drive(self.owner)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
@@ -271,6 +269,8 @@ class EngineDriver:
         warn once for the skipped on-the-fly updates, and return how many were skipped.  ``label`` names the step
         in the warning."""
         self._checks.resolve()
+        if self.engine is not None:
+            self.engine.forget_open_forwards()
         if not self._skipped:
             return 0
         skipped, self._skipped = self._skipped, []
@@ -287,12 +287,12 @@ class EngineDriver:
     def set_loss_scaler(self, scaler) -> None:
         """Undo ``scaler``'s factor (a ``torch.amp.GradScaler``, or None for none) in the on-the-fly updates.
 
-        On a patched model the scale is read once per forward, from a forward pre-hook — one host read before the
-        forward starts, none in the backward; after ``scaler.update()`` the next forward sees the new scale (a
-        forward that starts below the model runs no such hook: its backward reads the scale again where the scaler
-        changed it).  On the
-        unpatched hook path it is read at each update.  An update whose scaled gradient overflowed is skipped (its
-        gradient is not finite) and reported; the others of that backward are applied, unscaled."""
+        On a patched model the scale is read once per forward, before it starts (wherever it starts: the model, or
+        ``model.model(...)`` of a custom loss) — one host read, none in the backward; after ``scaler.update()`` the
+        next forward sees the new scale (a backward whose forward ran no such read — the blocks called by hand —
+        reads it again where the scaler changed it).  On the unpatched hook path it is read at each update.  An
+        update whose scaled gradient overflowed is skipped (its gradient is not finite) and reported; the others of
+        that backward are applied, unscaled."""
         self._check_open("set_loss_scaler")
         if self._scale_hook is not None:
             self._scale_hook.remove()
@@ -306,8 +306,8 @@ class EngineDriver:
             return  # nothing updates on the fly: nothing to unscale
         scale = _ScalerScale(scaler, refresh_each_call=self.model is None)
         self.update.loss_scale = scale
-        if self.model is not None:
-            self._scale_hook = self.model.register_forward_pre_hook(_RefreshScale(weakref.ref(scale)))
+        if self.engine is not None:
+            self._scale_hook = self.engine.add_forward_hooks(before=_RefreshScale(weakref.ref(scale)))
             self._handles.append(self._scale_hook)
 
     def plan(self, role: Role, name: str, local: bool = False) -> WeightPlan:
@@ -423,7 +423,8 @@ class EngineDriver:
 
     # -- DistributedDataParallel (optim/data_parallel.py) -------------------------------------------------------
     def _check_data_parallel(self, module: nn.Module) -> DataParallelForward | None:
-        """Before each forward of the model: the DDP this forward runs under (None: none, or one rank).  Under DDP
+        """Before each forward of the model (started at ``module``: the model, or a module below it on the way to
+        the blocks): the DDP this forward runs under (None: none, or one rank).  Under DDP
         every rank must train the same parameters (checked once per roles, before any update), and the on-the-fly
         updates take the ranks' average (:meth:`_average_on_the_fly`); elsewhere in a group of several ranks they
         are refused; a DeepSpeed engine around the model is refused unless this driver writes ZeRO-3's shards, and
@@ -438,7 +439,8 @@ class EngineDriver:
             self._write(self.roles)
         if self.update_target is not None and self.engine is not None and self.engine.head_read_by is not None:
             self._refuse_head_computed_outside()
-        under_deepspeed = runs_under_deepspeed(module)
+        # a DeepSpeed engine wraps the model, whichever module below it the forward started at (model.model(...))
+        under_deepspeed = runs_under_deepspeed(self.model if self.model is not None else module)
         if self.update_target is not None:
             self.update_target.check_forward(under_deepspeed)
         elif under_deepspeed:
@@ -550,10 +552,10 @@ class _GradHook:
 
 
 class _ScalerScale:
-    """A loss scaler's scale as the on-the-fly update reads it: the value read at the last refresh (the model's
-    forward pre-hook; at every call on the hook path), read again where the scaler's scale changed since (a
-    forward that started below the model — ``model.model(...)`` and the head called apart, a custom loss — runs no
-    pre-hook of the model: the value of an earlier step would be divided out).  Whether it changed is seen without a
+    """A loss scaler's scale as the on-the-fly update reads it: the value read at the last refresh (before each
+    forward of the patched model, wherever it starts; at every call on the hook path), read again where the
+    scaler's scale changed since (a forward that ran no refresh — the blocks called by hand, below every module the
+    refresh sits on — would divide out the value of an earlier step).  Whether it changed is seen without a
     host sync: ``GradScaler`` keeps its scale in a tensor that ``scale()`` creates and ``update()`` writes in place,
     bumping its version counter.  Holds the scaler weakly: the plans on the model must not keep it alive."""
 
@@ -597,9 +599,9 @@ class _ScalerScale:
 def _scale_tensor(scaler) -> torch.Tensor | None:
     """The tensor holding the scaler's scale (``torch.amp.GradScaler._get_scale_async``, private: there is no public
     way to ask for it without a host read), or None: no scaler, no tensor yet (before the first ``scale()``), or a
-    scaler that keeps none — then a forward that starts below the model divides out a stale scale, which
+    scaler that keeps none — then a loss that calls the blocks by hand divides out a stale scale, which
     ``tests/optim/test_loss_scale.py::test_a_forward_that_starts_below_the_model_divides_out_the_current_scale``
-    fails on."""
+    fails on (its ``blocks`` case)."""
     get = getattr(scaler, "_get_scale_async", None) if scaler is not None else None
     tensor = get() if callable(get) else None
     return tensor if isinstance(tensor, torch.Tensor) else None
@@ -612,7 +614,7 @@ def _nothing():
 
 
 class _RefreshScale:
-    """The model's forward pre-hook that reads the loss scale before the forward (holds it weakly)."""
+    """Reads the loss scale before each forward of the patched model, wherever it starts (holds it weakly)."""
 
     def __init__(self, scale: "weakref.ref[_ScalerScale]"):
         self.scale = scale
@@ -627,10 +629,12 @@ class _RefreshScale:
 
 
 class _ForwardHooks:
-    """The model's forward pre-hook (:meth:`before`: notes the DDP the forward runs under, refusing an on-the-fly
-    role there) and forward hook (:meth:`after`: hooks on the outputs that require grad, which a backward reaches
-    first — :class:`_StaleGraphGuard` where the model updates weights on the fly, and under a DDP forward that
-    synchronises :class:`_QueueAverage`).  Holds the driver weakly."""
+    """What runs once per forward of the patched model, wherever it starts (the model, or ``model.model(...)`` of
+    a custom loss: :meth:`~bread_kernels.patch.PatchedModel.add_forward_hooks`): :meth:`before` notes the DDP the
+    forward runs under, refusing an on-the-fly role there; :meth:`after` puts hooks on the outputs that require
+    grad, which a backward reaches first — :class:`_StaleGraphGuard` where the model updates weights on the fly (on
+    the head's output too where a custom loss calls it apart), and under a DDP forward that synchronises
+    :class:`_QueueAverage`.  Holds the driver weakly."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]"):
         self.driver = driver
@@ -649,8 +653,14 @@ class _ForwardHooks:
         if driver is None or driver.closed or not torch.is_grad_enabled():
             return
         hooks = []
-        if driver._any_on_the_fly and driver._drives_a_patched_model:  # registered first: it runs first
-            hooks.append(_StaleGraphGuard(driver._writes, forward_epoch(), driver.what))
+        epoch = forward_epoch()
+        # the head called apart from a forward (a custom loss's model.lm_head(hidden)) belongs to the forward that
+        # began last, unless a write came since: then its input comes from no forward begun since (the blocks
+        # called by hand), or from a stale one whose own outputs' guards refuse it
+        head_apart = driver.engine is not None and module is driver.engine.head
+        if driver._any_on_the_fly and driver._drives_a_patched_model and \
+                not (head_apart and driver._writes.made_stale(epoch)):  # registered first: it runs first
+            hooks.append(_StaleGraphGuard(driver._writes, epoch, driver.what))
         if dp is not None and (dp.syncs or driver._deferred):
             hooks.append(_QueueAverage(self.driver, dp))
         if hooks:

@@ -62,6 +62,9 @@ class Case(NamedTuple):
     #: there); the last step's only, as its large steps would amplify the ranks' other summation order in later ones
     short_rank: int | None = None
     steps: int = STEPS  # BAdam cases: ascending, one block a step (LAYERS + 1: the first block comes back)
+    #: DDP wraps a module whose loss calls the decoder and the head apart (``lm.model(...)``, ``lm.lm_head``): no
+    #: forward of the patched model itself runs
+    below: bool = False
 
 
 CASES = {
@@ -86,6 +89,7 @@ CASES = {
     "bread_sgd_bf16_nearest": Case("all", 1, dtype="bfloat16", rounding="nearest"),
     "bread_sgd_bf16_moe": Case("all", 1, model="qwen3_moe", dtype="bfloat16", rounding="nearest"),  # bf16 sums
     "bread_sgd_fp16": Case("all", 1, dtype="float16", rounding="nearest", summed_reference=True),
+    "bread_sgd_loss_below_the_model": Case("all", 1, below=True),
 }
 #: a block linear above the first active block, per model: on the fly from the first step where sgd_mode is not
 #: "disabled"
@@ -129,6 +133,18 @@ def unchanged(model, before: dict) -> bool:
 
 def loss_of(model, ids):
     return model(input_ids=ids, labels=ids).loss
+
+
+class LossBelowTheModel(torch.nn.Module):
+    """A custom loss around a causal LM that calls its decoder and its head apart, as DDP's module."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        logits = self.lm.lm_head(self.lm.model(input_ids=input_ids).last_hidden_state).float()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
 def reference_params(base, world: int, gas: int, steps: int = STEPS) -> dict:
@@ -215,7 +231,8 @@ def _run_case(name: str, rank: int, world: int) -> dict:
               for what, module, attr in OTHER_PROBES[case.model]]
 
     def wrap():
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        module = LossBelowTheModel(model) if case.below else model
+        return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
     result = {"case": name, "error": None}
     try:
@@ -229,7 +246,8 @@ def _run_case(name: str, rank: int, world: int) -> dict:
                 synced = micro == gas - 1 or "synced" in name
                 sync = contextlib.nullcontext() if synced else ddp.no_sync()
                 with sync:
-                    loss = loss_of(ddp, batch(step, micro, rank, case.short_rank)) / gas
+                    ids = batch(step, micro, rank, case.short_rank)
+                    loss = (ddp(ids) if case.below else loss_of(ddp, ids)) / gas
                     probes = [("probe", probe.weight), *others]
                     if step == 0 and micro == 0:
                         # whether autograd will make the probe's gradient (False where its update is fused)

@@ -15,6 +15,9 @@ every case of ``data_parallel_worker.CASES`` (4 steps, a block switch after each
   the head's, the experts' (a rank that routed an expert no token sends zeros) and the embedding's inside the
   backward (all-reduced chunk by chunk, no whole gradient), the hook path's small weights' at the end of it: equal
   to the same optimizer run in one process on the ranks' mean loss (with the head by vocabulary tiles there);
+* BREAD-SGD under DDP around a module whose loss calls the decoder and the head apart (``lm.model(...)``,
+  ``lm.lm_head``: no forward of the patched model itself): before, none of the driver's DDP work ran there and the
+  replicas drifted apart silently; now equal to the one-process run, as through the model's own forward;
 * ranks that train different blocks (a random order seeded apart) are refused at the forward, before any update;
 * a ``transformers.Trainer`` under torchrun (DDP, gradient clipping) ends with the same parameters on both ranks;
 * on-the-fly updates in a process group of several ranks outside DDP are refused — at a patched model's forward, or

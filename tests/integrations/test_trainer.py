@@ -640,3 +640,44 @@ def test_bread_callback_trains_again_after_an_interrupted_train(tmp_path, again)
     with pytest.raises(ValueError, match="another BreadCallback of this train\\(\\) already accelerated"):
         trainer.train()
     bread_kernels.unaccelerate(opt)
+
+
+def _causal_lm_loss(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+class _LossBelowTheModelTrainer(Trainer):
+    """A custom ``compute_loss`` from the decoder and the head called apart (``model.model(...)``,
+    ``model.lm_head``): no forward of the model itself runs."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
+        loss = _causal_lm_loss(model.lm_head(hidden), inputs["labels"])
+        return (loss, None) if return_outputs else loss
+
+
+@pytest.mark.parametrize("loss", ["compute_loss_func", "below_the_model"])
+def test_bread_callback_with_a_custom_loss(tmp_path, loss):
+    """BREAD-SGD (BlockOptimizers' class, two micro-batches a step) with the Trainer's ``compute_loss_func`` (the
+    model's forward, a loss of its own on the logits) or a ``compute_loss`` that starts below the model: trains as
+    the same Trainer on the unpatched model."""
+    from .blockoptimizers_style import BlockOptimizersStyle
+
+    def make(model):
+        base = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+        return BlockOptimizersStyle(base, list(model.named_parameters()), [[f"model.layers.{i}."] for i in range(4)],
+                                    switch_block_every=2, sgd_mode="all", sgd_lr_scaling=0.5)
+
+    def run(model, callbacks):
+        trainer_class = _LossBelowTheModelTrainer if loss == "below_the_model" else Trainer
+        extra = {"compute_loss_func": lambda outputs, labels, **_: _causal_lm_loss(outputs.logits, labels)} \
+            if loss == "compute_loss_func" else {}
+        trainer_class(model=model, args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=_Data(),
+                      callbacks=callbacks, optimizers=(make(model), None), **extra).train()
+
+    original = models.llama()
+    ref_model, eng_model = copy.deepcopy(original), copy.deepcopy(original)
+    run(ref_model, [])
+    run(eng_model, [BreadCallback(sgd_lr_scaling=0.5, sgd_use_sign=False)])
+    assert models.moved_parameters(original, ref_model)
+    models.assert_same_parameters(ref_model, eng_model)

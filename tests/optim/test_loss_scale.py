@@ -110,18 +110,34 @@ def test_fp16_autocast_overflow_skips_every_update_of_the_step():
 
 def _loss_below_the_model(model, ids):
     """A custom loss that calls the decoder and the head apart (``model.model(...)``, ``model.lm_head``): no
-    forward of the patched model itself runs, so none of its forward pre-hooks."""
+    forward of the patched model itself runs (the engine reads the scale before the decoder's instead)."""
     hidden = model.model(input_ids=ids).last_hidden_state
     logits = model.lm_head(hidden).float()
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def test_a_forward_that_starts_below_the_model_divides_out_the_current_scale():
-    """The scale is read before the model's forward (its pre-hook); a loss computed from the decoder and the head
-    called apart runs no such forward, and its on-the-fly updates divided out the scale of the first read (the
-    initial scale) while the scaler grew it every step.  The scale is read again wherever the scaler changed it."""
+def _loss_from_the_blocks(model, ids):
+    """A custom loss that calls the embedding, each block, the norm and the head by hand: no forward of any module
+    the engine reads the scale before."""
+    decoder = model.model
+    hidden = decoder.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    rotary = decoder.rotary_emb(hidden, positions)
+    for layer in decoder.layers:
+        out = layer(hidden, position_embeddings=rotary, position_ids=positions)
+        hidden = out[0] if isinstance(out, tuple) else out
+    logits = model.lm_head(decoder.norm(hidden)).float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("loss_of", [_loss_below_the_model, _loss_from_the_blocks], ids=["decoder", "blocks"])
+def test_a_forward_that_starts_below_the_model_divides_out_the_current_scale(loss_of):
+    """The scale is read before each forward of the model, wherever it starts (``model.model(...)`` of a custom
+    loss too); a loss that calls the blocks by hand runs no such forward, and its on-the-fly updates divided out the
+    scale of the first read (the initial scale) while the scaler grew it every step.  The scale is read again
+    wherever the scaler changed it."""
     original = models.llama()
-    settings = dict(loss_of=_loss_below_the_model, sgd_mode="all", sgd_lr_scaling=0.5)
+    settings = dict(loss_of=loss_of, sgd_mode="all", sgd_lr_scaling=0.5)
     plain = _train(copy.deepcopy(original), 4, **settings)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)  # grows at every step
     scaled = _train(copy.deepcopy(original), 4, scaler, **settings)

@@ -1,0 +1,166 @@
+"""A forward that starts below the patched model: a custom loss from ``model.model(...)`` and the head called apart
+(or a peft model's inner model), which runs none of the model's own forward hooks.  The engine's once-per-forward
+work (numbering the forward, the stale-graph guard, the DDP check, the loss scale's read) runs there too, once per
+forward whichever module is entered first.  References: the same optimizer on the unpatched model (the
+reference's hooks, plain autograd), and the full-model path's refusal."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bread_kernels
+from bread_kernels.patch import patched_state
+from tests import model_zoo as models
+from tests.model_zoo import batch, loss_of
+
+STALE = "forward ran before an earlier backward updated the model's inactive weights on the fly"
+REMEDY = "add the losses and call backward once"
+
+
+def _causal_lm(model):
+    """The causal LM inside ``model`` (itself, or a peft model's ``base_model.model``)."""
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
+def loss_below_the_model(model, ids):
+    """A custom loss from the decoder and the head called apart: ``model.model(...)``, then ``model.lm_head``."""
+    lm = _causal_lm(model)
+    hidden = lm.model(input_ids=ids).last_hidden_state
+    logits = lm.lm_head(hidden).float()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def _optimizer(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                            list(model.named_parameters()), verbose=0, **kwargs)
+
+
+def _snapshot(model):
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _unchanged(model, snapshot):
+    params, grads = snapshot
+    now = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return all(torch.equal(p, params[n]) for n, p in model.named_parameters()) and now.keys() == grads.keys() and \
+        all(torch.equal(now[n], grads[n]) for n in grads)
+
+
+MODES = [dict(sgd_mode="all"), dict(sgd_mode="all", sgd_use_sign=True), dict(sgd_mode="partial", sgd_use_sign=True)]
+MODE_IDS = ["sgd-all", "sign-all", "sign-partial"]
+
+
+@pytest.mark.parametrize("modes, peft", [*((m, False) for m in MODES), (MODES[0], True)],
+                         ids=[*MODE_IDS, "peft-sgd-all"])
+def test_two_forwards_below_the_model_then_their_backwards_are_refused_as_the_models_are(modes, peft):
+    """``model.model(...)`` twice, then the two backwards: the first writes the inactive weights in place, which the
+    second graph saved.  Before, the second failed with autograd's in-place error at the head (written by the
+    first); now it is refused as the full-model path refuses it, naming the remedy, before anything of the model
+    is written or accumulated.  Training then goes on exactly as the run that never took the second forward, which
+    equals the same optimizer on the unpatched model (plain autograd and the reference's hooks)."""
+    base = models.with_lora(models.llama()) if peft else models.llama()
+    settings = dict(switch_block_every=1, start_block=1, switch_mode="fixed", **modes,
+                    **({"lora_mode": "all"} if peft else {}))
+
+    def run(model, loss_fn, refused_second):
+        opt = _optimizer(model, **settings)
+        first = loss_fn(model, batch(0))
+        second = loss_fn(model, batch(1)) if refused_second else None
+        first.backward()
+        if refused_second:
+            before = _snapshot(model)
+            with pytest.raises(RuntimeError, match=f"{STALE}.*{REMEDY}"):
+                second.backward()
+            assert _unchanged(model, before)
+        opt.step()
+        opt.zero_grad()
+        loss_fn(model, batch(2)).backward()  # a forward after the write trains
+        opt.step()
+        assert opt.skipped_updates == 0
+        opt.close()
+        return model
+
+    patched = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0)
+    full_model_loss = loss_of if not peft else (lambda m, ids: m(input_ids=ids, labels=ids).loss)
+    run(patched, full_model_loss, True)  # the full-model path's refusal, for the same sequence
+    trained = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0), loss_below_the_model, True)
+    reference = run(copy.deepcopy(base), loss_below_the_model, False)
+    assert models.moved_parameters(base, reference)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("modes", [MODES[0], MODES[2]], ids=[MODE_IDS[0], MODE_IDS[2]])
+def test_accumulated_forwards_below_the_model_train_as_the_unpatched_model_and_a_metric_without_grad_changes_nothing(
+        modes):
+    """Gradient accumulation from below the model (two forward+backward pairs a step), with a metric's
+    ``model.model(...)`` under ``torch.no_grad()`` between a forward and its backward: equal to the same optimizer on
+    the unpatched model, and the no-grad calls change nothing (bit for bit the run without them)."""
+    base = models.llama()
+
+    def run(model, metric):
+        opt = _optimizer(model, switch_block_every=2, **modes)
+        for step in range(3):
+            for micro in range(2):
+                loss = loss_below_the_model(model, batch(10 * step + micro)) / 2
+                if metric:
+                    with torch.no_grad():
+                        _causal_lm(model).model(input_ids=batch(99)).last_hidden_state.sum()
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert opt.skipped_updates == 0
+        opt.close()
+        return model
+
+    reference = run(copy.deepcopy(base), metric=True)
+    trained = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0), metric=True)
+    quiet = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0), metric=False)
+    assert models.moved_parameters(base, reference)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+    models.assert_same_parameters(quiet, trained, rtol=0, atol=0)
+
+
+def test_a_forward_counts_once_whichever_module_it_starts_at():
+    """The model's forward calling ``model.model`` is one forward (its hooks run once), as is ``model.model(...)``
+    alone, or a peft model's ``base_model(...)`` and its inner decoder's call; a forward that raised leaves none open;
+    ``unpatch`` removes every hook, and a copy's forwards run its own state's hooks, not the original's."""
+    model = bread_kernels.patch(models.llama())
+    state = patched_state(model)
+    seen = []
+    handle = state.add_forward_hooks(lambda module, args: seen.append(("before", module)),
+                                     lambda module, args, output: seen.append(("after", module)))
+    ids = batch(0)
+    model(input_ids=ids)
+    assert seen == [("before", model), ("after", model)]
+    seen.clear()
+    hidden = model.model(input_ids=ids).last_hidden_state
+    model.lm_head(hidden)  # called apart: its output is guarded as the forward's
+    assert seen == [("before", model.model), ("after", model.model), ("after", model.lm_head)]
+    seen.clear()
+    with pytest.raises(Exception):
+        model.model(input_ids=ids.float())
+    assert state.entered == [] and seen == [("before", model.model), ("after", model.model)]
+    seen.clear()
+    duplicate = copy.deepcopy(model)
+    duplicate.model(input_ids=ids)
+    assert seen == []
+    bread_kernels.unpatch(duplicate)  # removes the copy's hooks, not the original's
+    model.model(input_ids=ids)
+    assert seen == [("before", model.model), ("after", model.model)]
+    handle.remove()
+    bread_kernels.unpatch(model)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+    wrapped = bread_kernels.patch(models.with_lora(models.llama()))
+    state = patched_state(wrapped)
+    state.add_forward_hooks(lambda module, args: seen.append(module))
+    for start in (wrapped, wrapped.base_model, wrapped.base_model.model, wrapped.base_model.model.model):
+        seen.clear()
+        start(input_ids=ids)
+        assert seen == [start]
