@@ -20,14 +20,16 @@ SWITCH_MODES = ("descending", "ascending", "random", "fixed")
 
 def reference_layer_prefixes(param_names: list[str]) -> list[str]:
     """The repeated layers' name prefixes by the reference's patterns (``…layers.<i>.``, GPT-2's ``….h.<i>.``), in
-    parameter order."""
-    prefixes, seen = [], set()
+    parameter order.  The patterns are greedy, so a name that holds ``layers.`` again inside a layer (peft's LN
+    tuning: ``….layers.0.input_layernorm.ln_tuning_layers.default.weight``) matches a prefix that lies inside
+    another one's layer: such a prefix is no layer (the reference skips a name that holds a prefix it found)."""
+    prefixes: list[str] = []
     for name in param_names:
         match = re.match(r"(.*layers\.[^.]*\.)", name) or re.match(r"(.*\.h\.[^.]*\.)", name)
-        if match and match.group(1) not in seen:
-            seen.add(match.group(1))
+        if match and match.group(1) not in prefixes:
             prefixes.append(match.group(1))
-    return prefixes
+    return [prefix for prefix in prefixes if not any(prefix.startswith(outer) and prefix != outer
+                                                     for outer in prefixes)]
 
 
 def layer_prefixes(param_names: list[str], patched_stack: list[str] | None = None,

@@ -38,6 +38,17 @@ def test_the_patterns_serve_where_they_find_the_patched_stack_and_every_stack_el
     assert layer_prefixes(SEQ2SEQ) == []  # unpatched: the patterns' (none here: refused, naming patch)
 
 
+def test_a_name_with_layers_inside_a_layer_makes_no_block_of_its_own():
+    """peft's LN tuning puts a trainable copy of a layer's norm at ``….layers.<i>.<norm>.ln_tuning_layers.default.``:
+    the greedy pattern made each copy a block of its own (three blocks per layer, two of them a single norm), where
+    the reference skips every name that holds a layer prefix it found, whichever of the names comes first."""
+    layer = ["self_attn.q_proj.weight", "input_layernorm.ln_tuning_layers.default.weight", "mlp.up_proj.weight"]
+    names = [f"base_model.model.model.layers.{i}.{part}" for i in range(2) for part in layer]
+    assert layer_prefixes(names) == [f"base_model.model.model.layers.{i}." for i in range(2)]
+    norm_first = [f"transformer.layers.{i}.{part}" for i in range(2) for part in (layer[1], layer[0])]
+    assert layer_prefixes(norm_first) == [f"transformer.layers.{i}." for i in range(2)]
+
+
 def test_an_embedding_the_patched_model_does_not_name_comes_from_the_reference_pattern():
     names = ["backbone.embed_tokens.weight", "backbone.layers.0.w", "backbone.layers.1.w", "head.weight"]
     blocks = infer_blocks(names, layer_prefixes(names), None, True, True, 1)
