@@ -795,6 +795,19 @@ def _warn_unfused_embedding(name: str, embedding: nn.Module) -> None:
                   stacklevel=3)
 
 
+def _warn_unfused_head(name: str, head: nn.Module) -> None:
+    """Say that the output head ``name`` keeps plain autograd (not a linear layer or a peft LoRA layer: peft's
+    ``modules_to_save`` wraps it in a ``ModulesToSaveWrapper`` holding the original and a trained copy): neither the
+    fused linear nor the fused head+loss serves it, so its on-the-fly update materialises the whole [vocab, hidden]
+    gradient and the loss its [tokens, vocab] fp32 logits."""
+    warnings.warn(f"patch: the output head {name} ({type(head).__name__}) is not a linear layer patch fuses (peft's "
+                  "modules_to_save wraps the head in copies), so it keeps plain autograd and the fused head+loss "
+                  "does not run: an on-the-fly update of it (sgd_mode='all') goes through the hook path, which "
+                  "materialises its whole [vocab, hidden] gradient, and the loss its fp32 logits, as the reference "
+                  "does. On a peft model, train the head through LoRA instead (target_modules=[..., 'lm_head']), "
+                  "which patch fuses", RuntimeWarning, stacklevel=3)
+
+
 def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: bool = True,
           fused_loss: bool | None = None, keep_top: int | str = "auto", fused_elementwise: bool = True,
           hook_update_numel: int | None = None) -> nn.Module:
@@ -913,6 +926,8 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     if head is not None and (_is_linear(head) or is_lora_layer(head)):
         head_name = next(n for n, m in model.named_modules() if m is head)
         targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
+    elif head is not None and any(True for _ in head.parameters()):
+        _warn_unfused_head(next(n for n, m in model.named_modules() if m is head), head)
 
     for name, module, index in targets:
         setattr(module, PLAN_ATTR, None)

@@ -550,6 +550,33 @@ def test_an_untied_input_embedding_that_keeps_plain_autograd_is_named(tied):
     assert "model.embed_tokens" not in dict(patched_state(model).fused_modules)
     assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
 
+@pytest.mark.parametrize("head", ["modules_to_save", "lora", "plain"])
+def test_a_head_that_keeps_plain_autograd_is_named(head):
+    """peft's modules_to_save=["lm_head"] (what peft recommends with added tokens) wraps the head in copies, which
+    patch does not fuse: its on-the-fly update materialised the whole [vocab, hidden] gradient and the loss ran
+    unfused, and nothing said so.  A LoRA head and a plain one are fused and named by nothing."""
+    import peft
+
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if head == "lora" else [])
+    config = peft.LoraConfig(r=4, target_modules=targets,
+                             modules_to_save=["lm_head"] if head == "modules_to_save" else None)
+    model = peft.get_peft_model(models.llama(layers=2), config)
+    ids = batch(0)
+    expected = loss_of(model, ids).item()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bread_kernels.patch(model)
+    named = [str(w.message) for w in caught if "output head base_model.model.lm_head" in str(w.message)]
+    assert len(named) == (1 if head == "modules_to_save" else 0), named
+    fused = dict(patched_state(model).fused_modules)
+    if named:
+        assert "ModulesToSaveWrapper" in named[0] and "keeps plain autograd" in named[0]
+        assert not any("lm_head" in name for name in fused)
+    else:
+        assert "base_model.model.lm_head" in fused
+    assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("value", [-1, 2.5, "4096", True])
 def test_a_bad_hook_update_numel_is_refused_before_anything_is_installed(value):
     model = models.llama()
