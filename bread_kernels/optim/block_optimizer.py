@@ -370,7 +370,20 @@ class BlockOptimizer(torch.optim.Optimizer):
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"base_optimizer": self.base_optimizer.state_dict(), "masters": self.masters.state_dict(),
-                **self.schedule_state()}
+                "shapes": self._parameter_shapes(), **self.schedule_state()}
+
+    def _parameter_shapes(self) -> dict[str, list[int]]:
+        """Each parameter's shape by name: what tells a state saved from another model (other sizes, another LoRA
+        rank) from this one's, which torch's ``Optimizer.load_state_dict`` takes without a look at the shapes."""
+        return {name: list(p.shape) for name, p in self.named_parameters_list}
+
+    def _variant(self) -> dict:
+        """What the optimizer does besides the block schedule: the on-the-fly rule (``sgd_mode``, ``sgd_use_sign``),
+        and, with LoRA adapters among the parameters, ``lora_mode``."""
+        variant = {"sgd_mode": self.sgd_mode, "sgd_use_sign": self.sgd_use_sign}
+        if any(is_adapter_name(name) for name in self.names):
+            variant["lora_mode"] = self.lora_mode
+        return variant
 
     def schedule_state(self) -> dict:
         """What :meth:`state_dict` holds besides the base optimizer's and the masters' state: the block order, the
@@ -386,11 +399,13 @@ class BlockOptimizer(torch.optim.Optimizer):
             # what keep_top="auto" measured for these plans: a resumed run keeps (and chunks its loss) as this one
             "kept_block_bytes": dict(self.engine.stream.block_bytes) if self.engine is not None else {},
             "blocks": [list(prefixes) for prefixes in self.block_prefix_list],  # what each block index trains
+            "variant": self._variant(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume from :meth:`state_dict`.  A state that does not fit this optimizer (saved with other blocks:
-        ``include_embedding``, ``include_lm_head``, ``n_layer_per_block``; another base optimizer) is refused with
+        ``include_embedding``, ``include_lm_head``, ``n_layer_per_block``; another variant: ``sgd_mode``,
+        ``sgd_use_sign``, ``lora_mode``; another base optimizer; a model of other parameter shapes) is refused with
         nothing changed."""
         self._check_open("load_state_dict")
         if isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
@@ -403,6 +418,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             if key not in state_dict:
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")
         self.check_schedule_state(state_dict, "BlockOptimizer.load_state_dict")
+        self._check_shapes(state_dict.get("shapes"), "BlockOptimizer.load_state_dict")
         previous = self.state_dict()
         try:
             self._load(state_dict)
@@ -425,10 +441,33 @@ class BlockOptimizer(torch.optim.Optimizer):
                              f"{state['blocks'][0]}) are not this optimizer's ({len(blocks)}, the first {blocks[0]}); "
                              "build it with the saved run's include_embedding, include_lm_head, n_layer_per_block "
                              "and block_prefix_list")
+        variant = self._variant()
+        if "variant" in state and state["variant"] != variant:  # the same blocks, another algorithm
+            raise ValueError(f"{what}: the saved run's variant ({_described(state['variant'])}) is not this "
+                             f"optimizer's ({_described(variant)}); build it with the saved run's settings to resume "
+                             "it, or, to go on with another variant, load the model's weights alone into a fresh "
+                             "optimizer (start_block= continues at a block)")
         if not all(isinstance(i, int) and 0 <= i < self.block_num for i in saved_blocks):
             raise ValueError(f"{what}: the saved run's block order {saved_blocks} does not fit this optimizer's "
                              f"{self.block_num} blocks; build it with the saved run's include_embedding, "
                              "include_lm_head and n_layer_per_block")
+
+    def _check_shapes(self, saved: dict | None, what: str) -> None:
+        """Refuse a state saved over other parameters (another model's sizes, another LoRA rank, other names); a
+        state saved without their shapes (before they were saved) is not checked."""
+        if saved is None:
+            return
+        shapes = self._parameter_shapes()
+        if saved.keys() != shapes.keys():
+            extra, missing = sorted(saved.keys() - shapes.keys()), sorted(shapes.keys() - saved.keys())
+            raise ValueError(f"{what}: the saved run's parameters are not this optimizer's (saved but not here: "
+                             f"{extra[:3]}; here but not saved: {missing[:3]}); build it over the model the saved run "
+                             "trained, with the same parameter list")
+        name = next((n for n, shape in shapes.items() if list(saved[n]) != shape), None)
+        if name is not None:
+            raise ValueError(f"{what}: the saved run's {name} is {list(saved[name])}, this model's is {shapes[name]}: "
+                             "the state was saved from another model (other sizes, another LoRA rank); load it into "
+                             "an optimizer over the model the saved run trained")
 
     def load_schedule_state(self, state: dict) -> None:
         """Take the block order, counters, draw counter and lr of a checked :meth:`schedule_state`; the caller then
@@ -450,6 +489,17 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.restore_measured(state_dict)
         self.masters.load_state_dict(state_dict["masters"])
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self._check_base_hyperparameters()
+
+    def _check_base_hyperparameters(self) -> None:
+        """Raise if the base optimizer's groups, as loaded, lack a hyperparameter it steps with: torch's
+        ``load_state_dict`` takes the saved groups' hyperparameters (filling in only those its later versions added),
+        so another base optimizer's state (AdamW's into SGD with momentum) failed at the next step."""
+        for group in self.base_optimizer.param_groups:
+            missing = sorted(key for key in self.base_optimizer.defaults if key not in group)
+            if missing:
+                raise ValueError(f"the saved base optimizer's groups lack {', '.join(map(repr, missing))} of this "
+                                 f"{type(self.base_optimizer).__name__}: saved by another base optimizer")
 
     def __repr__(self) -> str:
         return (f"BlockOptimizer(block {self.order.current}/{self.block_num}, switch_mode={self.switch_mode!r}, "
@@ -471,6 +521,10 @@ class _ScheduledLr:
             raise RuntimeError("bread_kernels: the BlockOptimizer that planned this on-the-fly update no longer "
                                "exists; build a new one for the model")
         return optimizer.param_groups[0]["lr"]
+
+
+def _described(variant: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in variant.items())
 
 
 # -- argument checks -----------------------------------------------------------------------------------------------

@@ -711,6 +711,70 @@ def test_a_state_saved_with_other_blocks_is_refused_with_nothing_changed():
         train(model, opt, 1, start=1)  # and it trains on
 
 
+def _refused_and_trains_on_as_untouched(saved: dict, build, match: str) -> None:
+    """``build()`` -> (model, optimizer), trained one step.  Loading ``saved`` into one is refused with ``match``
+    and leaves it as a twin that never tried: one more step of each gives the same parameters, bit for bit."""
+    model, opt = build()
+    twin, twin_opt = build()
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    train(model, opt, 1, start=1)
+    train(twin, twin_opt, 1, start=1)
+    for (name, a), (_, b) in zip(twin.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_state_saved_from_another_model_or_base_optimizer_is_refused_at_the_load_with_nothing_changed():
+    """A fp32 state saved from a model of other sizes (the same parameter names) loaded without a word, and the next
+    step failed inside AdamW ("The size of tensor a (32) must match ..."); an AdamW state loaded into an optimizer over
+    SGD with momentum failed at the step with KeyError 'momentum'."""
+    import transformers
+
+    def narrow():
+        config = transformers.LlamaConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=40,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=False)
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).train()
+
+    def build(base_optimizer=None, make_model=BUILDERS["llama"]):
+        model = bread_kernels.patch(make_model())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = (base_optimizer or torch.optim.AdamW)(model.parameters(), lr=1e-2)
+            opt = bread_kernels.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=2, verbose=0)
+        train(model, opt, 1)
+        return model, opt
+
+    model, opt = build(make_model=narrow)
+    train(model, opt, 2, start=1)
+    _refused_and_trains_on_as_untouched(opt.state_dict(), build,
+                                        r"model.embed_tokens.weight is \[97, 32\], this model's is \[97, 64\]")
+    model, opt = build()
+    train(model, opt, 2, start=1)
+    _refused_and_trains_on_as_untouched(
+        opt.state_dict(), lambda: build(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)),
+        "lack .*'momentum' of this SGD: saved by another base optimizer")
+
+
+@pytest.mark.parametrize("saved_with, loaded_with", [(dict(sgd_mode="all"), dict()),
+                                                     (dict(), dict(sgd_mode="partial")),
+                                                     (dict(sgd_mode="all"), dict(sgd_mode="all", sgd_use_sign=True))],
+                         ids=["bread-sgd_into_badam", "badam_into_partial", "sgd_into_sign"])
+def test_a_state_saved_by_another_variant_is_refused_with_nothing_changed(saved_with, loaded_with):
+    """A BREAD-SGD state loaded into a BAdam optimizer (or the other way, or SGD into sign) was taken without a word:
+    the run went on as another algorithm than the one saved."""
+    def build(**kwargs):
+        model = bread_kernels.patch(BUILDERS["llama"]())
+        opt = make(model, switch_block_every=2, **kwargs)
+        train(model, opt, 1)
+        return model, opt
+
+    model, opt = build(**saved_with)
+    _refused_and_trains_on_as_untouched(opt.state_dict(), lambda: build(**loaded_with),
+                                        "the saved run's variant .* is not this optimizer's")
+
+
 #: Microsoft BlockOptimizers' ``BlockOptimizer.__init__`` arguments after ``named_parameters_list``, in its order
 REFERENCE_POSITIONAL = ("block_prefix_list", "switch_block_every", "start_block", "switch_mode", "active_modules",
                         "include_embedding", "include_lm_head", "verbose", "lora_mode", "n_layer_per_block",
