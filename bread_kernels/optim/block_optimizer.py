@@ -368,6 +368,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.masters.zero_grad()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
+    def __getstate__(self):
+        raise TypeError(f"bread_kernels: a {type(self).__name__} does not pickle or copy (it drives its model's plans "
+                        "and hooks, and torch.optim.Optimizer's pickle would keep neither its block order nor its base "
+                        "optimizer's state); save its state_dict() (torch.save(opt.state_dict(), ...)) and load it "
+                        "into a new one built the same way over the model (load_state_dict)")
+
     def state_dict(self) -> dict:
         return {"base_optimizer": self.base_optimizer.state_dict(), "masters": self.masters.state_dict(),
                 "shapes": self._parameter_shapes(), **self.schedule_state()}

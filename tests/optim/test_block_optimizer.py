@@ -775,6 +775,24 @@ def test_a_state_saved_by_another_variant_is_refused_with_nothing_changed(saved_
                                         "the saved run's variant .* is not this optimizer's")
 
 
+def test_an_optimizer_does_not_pickle_or_copy_and_says_what_to_save():
+    """torch.save(opt) wrote an object without the block order, the base optimizer's state or the masters, whose
+    first step after torch.load failed with AttributeError '_closed'; copy.deepcopy(opt) failed with AttributeError
+    'order'."""
+    import io
+    import pickle
+
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    opt = make(model, switch_block_every=2, sgd_mode="all")
+    train(model, opt, 1)
+    for what in (lambda: torch.save(opt, io.BytesIO()), lambda: pickle.dumps(opt), lambda: copy.deepcopy(opt)):
+        with pytest.raises(TypeError, match=r"BlockOptimizer does not pickle or copy.*state_dict\(\)"):
+            what()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # what to save instead
+    train(model, opt, 1, start=1)  # and the optimizer trains on
+
+
 #: Microsoft BlockOptimizers' ``BlockOptimizer.__init__`` arguments after ``named_parameters_list``, in its order
 REFERENCE_POSITIONAL = ("block_prefix_list", "switch_block_every", "start_block", "switch_mode", "active_modules",
                         "include_embedding", "include_lm_head", "verbose", "lora_mode", "n_layer_per_block",
