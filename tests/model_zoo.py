@@ -224,6 +224,43 @@ def mllama_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
                  labels=ids.masked_fill(ids == IMAGE_TOKEN, -100)).loss
 
 
+#: Qwen2-VL's image tokens: the image token and the vision-start token that precedes each image
+QWEN2_VL_IMAGE, QWEN2_VL_VISION_START = 90, 91
+
+
+def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Qwen2-VL: a vision tower whose layers are ``model.visual.blocks`` (a name the reference's patterns miss: 2
+    blocks, 32 wide, 4×4-pixel patches of 2 frames, merged 2×2 into one token by ``model.visual.merger``) beside a
+    language model of 2 layers whose rotary embedding is multimodal (3-D position ids, mrope sections [2, 3, 3])."""
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+                           spatial_merge_size=2, mlp_ratio=2),
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+        image_token_id=QWEN2_VL_IMAGE, video_token_id=QWEN2_VL_IMAGE + 2, vision_start_token_id=QWEN2_VL_VISION_START)
+    for c in (config, config.vision_config, config.text_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.Qwen2VLForConditionalGeneration(config), dtype)
+
+
+def qwen2_vl_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """Qwen2-VL's loss on step ``step``'s tokens and random pixels, built as its processor builds them: per
+    sequence one image of 1×4×4 patches (``image_grid_thw``), its 4 merged tokens after a vision-start token, marked
+    in ``mm_token_type_ids`` (the 3-D rotary positions come from them); the image tokens unscored."""
+    gen = torch.Generator().manual_seed(3000 + step)
+    ids = torch.randint(3, QWEN2_VL_IMAGE, (BATCH, SEQ), generator=gen)
+    ids[:, 2], ids[:, 3:7] = QWEN2_VL_VISION_START, QWEN2_VL_IMAGE
+    patch_dim = 3 * 2 * 4 * 4  # channels · temporal patch · patch²
+    image_tokens = torch.zeros_like(ids)
+    image_tokens[:, 3:7] = 1
+    return model(input_ids=ids, pixel_values=torch.randn(BATCH * 16, patch_dim, generator=gen),
+                 image_grid_thw=torch.tensor([[1, 4, 4]] * BATCH), mm_token_type_ids=image_tokens,
+                 labels=ids.masked_fill(ids >= QWEN2_VL_IMAGE, -100)).loss
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
 FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx}

@@ -36,10 +36,11 @@ def layer_prefixes(param_names: list[str], patched_stack: list[str] | None = Non
                    stacks: list[list[str]] = ()) -> list[str]:
     """The layers that become blocks, in parameter order: the reference's patterns' (every stack they match: an
     encoder's and a decoder's, a vision tower's and a language model's) where no model is patched or where they
-    find every layer of the patched stack (``patched_stack``: its blocks' prefixes); otherwise every stack found
-    structurally (``stacks``: each a list of its blocks' prefixes, the patched one among them), which finds what the
-    patterns miss (BERT's ``encoder.layer``, T5's ``encoder.block`` and ``decoder.block``).  A layer none of whose
-    parameters ``param_names`` holds (left out of the optimizer's list) is no block, as it is none of the patterns'."""
+    find a layer and every layer of the patched stack (``patched_stack``: its blocks' prefixes); otherwise every
+    stack found structurally (``stacks``: each a list of its blocks' prefixes, the patched one among them), which
+    finds what the patterns miss (BERT's ``encoder.layer``, T5's ``encoder.block`` and ``decoder.block``, Qwen2-VL's
+    ``visual.blocks`` trained without the language model).  A layer none of whose parameters ``param_names`` holds
+    (left out of the optimizer's list) is no block, as it is none of the patterns'."""
     found = reference_layer_prefixes(param_names)
     if patched_stack is None:
         return found
@@ -48,10 +49,10 @@ def layer_prefixes(param_names: list[str], patched_stack: list[str] | None = Non
         return [prefix for prefix in stack if any(n.startswith(prefix) for n in param_names)]
 
     patched_stack = listed(patched_stack)
-    if set(patched_stack) <= set(found):
+    if found and set(patched_stack) <= set(found):
         return found
     stacks = [kept for kept in map(listed, stacks) if kept]
-    if not any(stack == patched_stack for stack in stacks):
+    if patched_stack and not any(stack == patched_stack for stack in stacks):
         stacks = [patched_stack, *stacks]
 
     def first_parameter(stack: list[str]) -> int:

@@ -951,6 +951,43 @@ def test_a_stack_of_transformers_layers_of_several_classes_is_streamed_and_train
     assert list(trained[0].state_dict()) == keys
 
 
+@pytest.mark.parametrize("sgd_mode, sign", [("all", False), ("partial", True)], ids=["sgd-all", "sign-partial"])
+def test_a_vision_tower_trained_alone_gets_its_blocks_where_the_patterns_find_no_layer(sgd_mode, sign):
+    """Qwen2-VL's vision layers are ``model.visual.blocks`` (the reference's patterns find ``layers``/``h``), and
+    patch streams its language model.  Training the vision tower alone (the language model frozen and left out of
+    the optimizer's list) on the patched model, the default blocks came from the patterns, which found no layer,
+    and the optimizer refused, saying to patch the model — which was patched.  Now the stacks found structurally
+    serve, as where the patterns miss the patched stack: one block per vision layer, trained as the unpatched model
+    with those blocks given."""
+    initial = models.qwen2_vl()
+    vision = [[f"model.visual.blocks.{i}."] for i in range(2)]
+    trained = []
+    for patched in (True, False):
+        model = copy.deepcopy(initial)
+        if patched:
+            bread_kernels.patch(model, hook_update_numel=0)
+        listed = [(n, p) for n, p in model.named_parameters() if n.startswith("model.visual.")]
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("model.visual."))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the vision layers train outside the streamed stack
+            opt = bread_kernels.BlockOptimizer(
+                torch.optim.SGD([p for _, p in listed], lr=1e-2, momentum=0.9), listed,
+                block_prefix_list=None if patched else vision, switch_block_every=1, switch_mode="descending",
+                sgd_mode=sgd_mode, sgd_use_sign=sign, verbose=0)
+        assert opt.block_prefix_list == vision
+        for step in range(3):
+            models.qwen2_vl_loss_of(model, step).backward()
+            opt.step()
+            opt.zero_grad()
+        trained.append(model)
+    reference, start = dict(trained[1].named_parameters()), dict(initial.named_parameters())
+    for n, p in trained[0].named_parameters():
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
+        if n.startswith("model.visual.blocks.") or not n.startswith("model.visual."):  # trained, or left out
+            assert torch.equal(p, start[n]) != n.startswith("model.visual."), n
+
+
 def test_a_patched_wrapper_without_get_input_embeddings_finds_the_embedding_block_as_unpatched():
     import transformers
     from torch import nn
