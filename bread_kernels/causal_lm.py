@@ -75,14 +75,44 @@ _INSTALLED_ATTR = "_bread_fused_loss"
 
 def find_causal_lm(model: nn.Module) -> nn.Module:
     """The causal LM inside ``model`` (the model itself, or the one a peft wrapper holds) whose forward the fused
-    loss replaces; raises naming the supported families and the remedy."""
-    for module in model.modules():
+    loss replaces; raises naming the supported families and the remedy.  A causal LM that is a part of a composite
+    model (:func:`_composite_around`: a vision-encoder-decoder's GPT-2, InstructBLIP's Llama) is not one: that
+    model's forward calls it without labels and computes the loss from its logits, so a fused loss there would
+    never run."""
+    composite = None
+    for name, module in model.named_modules():
         if type(module).__name__ in FAMILIES:
-            return module
+            composite = _composite_around(model, name)
+            if composite is None:
+                return module
+    if composite is not None:
+        raise ValueError(
+            f"patch: fused_loss=True needs a causal LM that the model's forward calls with the labels, and {composite} "
+            "(an encoder-decoder or vision-language model, whose forward computes the loss from that part's logits: "
+            "the fused loss would never run). Use patch(model, fused_loss=False) (the model's own head and loss, "
+            "with the fused head backward)")
     raise ValueError(
         f"patch: fused_loss=True needs a causal LM of a supported family ({', '.join(sorted(FAMILIES))}), and "
         f"{type(model).__name__} has none; its loss cannot be matched. Use patch(model, fused_loss=False) (the "
         "model's own head and loss, with the fused head backward)")
+
+
+def _composite_around(model: nn.Module, name: str) -> str | None:
+    """Where the module at ``name`` in ``model`` is a part of a composite model — an enclosing module that holds
+    parameters beside it (an encoder, a vision tower) and is not peft's wrapper —, a description of that; else
+    None (the model itself, or inside peft's wrappers or a wrapper holding nothing else)."""
+    path = name.split(".") if name else []
+    for depth in range(len(path)):
+        enclosing = model.get_submodule(".".join(path[:depth]))
+        if type(enclosing).__module__.startswith("peft."):
+            continue  # peft's forward hands the labels to the model it wraps (a prompt encoder's too)
+        child = path[depth]
+        beside = sorted({n.split(".")[0] for n, _ in enclosing.named_parameters() if n.split(".")[0] != child})
+        if beside:
+            where = f"'{'.'.join(path[:depth])}'" if depth else "the model"
+            return (f"the {type(model.get_submodule(name)).__name__} at '{name}' is a part of "
+                    f"{type(enclosing).__name__} ({where}), which holds {', '.join(beside)} beside it")
+    return None
 
 
 def _head_problem(lm: nn.Module) -> str | None:

@@ -261,6 +261,23 @@ def qwen2_vl_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
                  labels=ids.masked_fill(ids >= QWEN2_VL_IMAGE, -100)).loss
 
 
+def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``VisionEncoderDecoderModel`` (image captioning: a ViT encoder of 2 layers over 16×16-pixel images, a GPT-2
+    ``GPT2LMHeadModel`` decoder of 3 layers cross-attending to it).  Its forward calls the decoder without labels
+    and computes the loss from the decoder's logits itself."""
+    encoder = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+                                     image_size=16, patch_size=8)
+    decoder = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64,
+                                      add_cross_attention=True, is_decoder=True, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    for c in (config, config.encoder, config.decoder):
+        c._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.VisionEncoderDecoderModel(config), dtype)
+
+
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
 FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx}

@@ -412,6 +412,26 @@ def test_unsupported_models_are_refused():
         bread_kernels.patch(models.llama(layers=2), fused_loss="yes")
 
 
+def test_a_causal_lm_inside_a_composite_model_is_refused_and_left_unfused_by_default():
+    """A vision-encoder-decoder's GPT-2 decoder is a causal LM of a supported family, but the composite model's
+    forward calls it without labels and computes the loss from its logits.  ``patch(model, fused_loss=True)``
+    installed the fused forward on the decoder and returned, and every step then ran the unfused head and loss
+    (the whole logits) that the user had required away; now it is refused, naming the remedy, and the default
+    installs nothing there: the loss and the gradients are the unpatched model's."""
+    original = models.vit_gpt2()
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel at 'decoder' is a part of VisionEncoderDecoderModel .*"
+                                         r"encoder.*patch\(model, fused_loss=False\)"):
+        bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    model = bread_kernels.patch(copy.deepcopy(original))
+    assert not any("_bread_fused_loss" in m.__dict__ for m in model.modules())
+    pixels, ids = torch.randn(models.BATCH, 3, 16, 16), models.batch(0)
+    out, expected = model(pixel_values=pixels, labels=ids), original(pixel_values=pixels, labels=ids)
+    close(out.loss, expected.loss, "vision-encoder-decoder: loss")
+    out.loss.backward()
+    expected.loss.backward()
+    grads_match(original, model, "vision-encoder-decoder")
+
+
 def test_by_default_the_fused_loss_is_used_where_it_can_be():
     """``patch(model)``: a supported causal LM gets the fused loss (logits None, the loss and gradients the
     unpatched model's); a model it cannot match keeps its own head and loss, without an error — at patch time (not a
