@@ -315,6 +315,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         self._check_open("step")
+        self.driver.check_parameters_held("this step")
         loss = None
         if closure is not None:
             with torch.enable_grad():

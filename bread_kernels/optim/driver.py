@@ -168,6 +168,9 @@ class EngineDriver:
                 p.requires_grad_(wanted)
         for _, p in self.named_parameters:
             _OWNERS[p] = weakref.ref(self)
+        #: a bounded sample of the parameters with where the model holds them (:meth:`check_parameters_held`)
+        self._held = held_parameter_probes(self.model, self.named_parameters, self.engine.block_prefixes()) \
+            if self.engine is not None else []
         if self.engine is not None:
             forward_hooks = _ForwardHooks(weakref.ref(self))  # once per forward, wherever it starts (model.model(...))
             handles.append(self.engine.add_forward_hooks(forward_hooks.before, forward_hooks.after))
@@ -202,6 +205,25 @@ class EngineDriver:
                 if driver is not None and driver() is self:
                     del _OWNERS[p]
             self.hook_plans = {}
+
+    def check_parameters_held(self, when: str = "this forward") -> None:
+        """Refuse (``RuntimeError``, before ``when`` changes anything) a model whose parameters were replaced by new
+        tensors since this driver was built (``model.load_state_dict(sd, assign=True)``, ``to_empty()``): the driver,
+        its hooks and plans and the library's optimizer hold the old ones, so the model would silently stop training
+        (its inactive weights only gathering ``.grad``).  An identity check of a bounded sample — the first of each
+        block's parameters and the first and last parameter of the list, with the module holding each (weakly) —,
+        a few dictionary reads and no host sync, as :meth:`~bread_kernels.patch.PatchedModel.shard_probe`'s."""
+        for name, owner_ref, attr, p in self._held:
+            owner = owner_ref()
+            if owner is not None and owner._parameters.get(attr) is not p:
+                raise RuntimeError(
+                    f"{self.what}: the model's parameter {name} is no longer the tensor this optimizer was built over: "
+                    "the model's parameters were replaced by new ones (model.load_state_dict(..., assign=True), "
+                    "to_empty(), a parameter set anew), while the optimizer, its hooks and plans still hold the old "
+                    "ones, so the model would silently stop training. Refused before "
+                    f"{when} changed anything. Build the optimizer (and its base optimizer) after the load, or "
+                    "load without assign=True (model.load_state_dict(sd) copies the values into the parameters the "
+                    "optimizer holds)")
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -630,7 +652,8 @@ class _RefreshScale:
 
 class _ForwardHooks:
     """What runs once per forward of the patched model, wherever it starts (the model, or ``model.model(...)`` of
-    a custom loss: :meth:`~bread_kernels.patch.PatchedModel.add_forward_hooks`): :meth:`before` notes the DDP the
+    a custom loss: :meth:`~bread_kernels.patch.PatchedModel.add_forward_hooks`): :meth:`before` refuses, with grad,
+    a model whose parameters were replaced (:meth:`EngineDriver.check_parameters_held`) and notes the DDP the
     forward runs under, refusing an on-the-fly role there; :meth:`after` puts hooks on the outputs that require
     grad, which a backward reaches first — :class:`_StaleGraphGuard` where the model updates weights on the fly (on
     the head's output too where a custom loss calls it apart), and under a DDP forward that synchronises
@@ -644,8 +667,13 @@ class _ForwardHooks:
         return _ForwardHooks, (_nothing,)
 
     def before(self, module, args) -> None:
+        self.forward = None
         driver = self.driver()
-        self.forward = driver._check_data_parallel(module) if driver is not None and not driver.closed else None
+        if driver is None or driver.closed:
+            return
+        if torch.is_grad_enabled():  # a forward without grad (evaluating loaded weights) trains nothing
+            driver.check_parameters_held()
+        self.forward = driver._check_data_parallel(module)
 
     def after(self, module, args, output) -> None:
         dp, self.forward = self.forward, None
@@ -853,6 +881,38 @@ def _refuse_parameters_shared_with_a_driven_model(model: nn.Module, named, what:
                     "shared weight would silently stop training). Give each model its own copy of the module "
                     "(copy.deepcopy), leave the shared parameters out of both optimizers' named_parameters_list "
                     "(they stay frozen), or bread_kernels.unpatch() one of the models")
+
+
+def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str]) -> list[tuple]:
+    """``(name, weakref to the owning module, attribute, parameter)`` of a bounded sample of ``named`` (parameters
+    of ``model`` under those names): the first and last of the list, and in each block (``block_prefixes``) the
+    first parameter and the first that requires grad now (a peft model's adapters, which peft's
+    ``load_adapter(..., low_cpu_mem_usage=True)`` replaces alone) — what :meth:`EngineDriver.check_parameters_held`
+    compares with what the modules hold.  One pass over the names."""
+    blocks = set(block_prefixes)
+    stack = block_prefixes[0][:-len("0.")] if block_prefixes else None  # "model.layers." ("" for the model itself)
+    first_of_block: dict[str, tuple[str, nn.Parameter]] = {}
+    first_trained_of_block: dict[str, tuple[str, nn.Parameter]] = {}
+    for name, p in named:
+        if stack is not None and name.startswith(stack):
+            index, dot, _ = name[len(stack):].partition(".")
+            block = f"{stack}{index}."
+            if dot and block in blocks:
+                first_of_block.setdefault(block, (name, p))
+                if p.requires_grad:
+                    first_trained_of_block.setdefault(block, (name, p))
+    sample = [named[0], named[-1], *first_of_block.values(), *first_trained_of_block.values()]
+    probes, seen = [], set()
+    for name, p in sample:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        if id(p) not in seen and owner._parameters.get(attr) is p:
+            seen.add(id(p))
+            probes.append((name, weakref.ref(owner), attr, p))
+    return probes
 
 
 def owning_patched_model(named, what: str) -> nn.Module | None:

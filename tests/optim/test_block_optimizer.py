@@ -13,6 +13,8 @@ from bread_kernels.patch import patched_state
 from tests import model_zoo as models
 from tests.model_zoo import BUILDERS, batch, loss_of
 
+from .reference_bcd import ReferenceBCD, block_prefixes
+
 
 def make(model, **kwargs):
     kwargs.setdefault("verbose", 0)
@@ -1030,3 +1032,63 @@ def test_adapter_only_leaves_out_the_inferred_blocks_without_adapters():
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.close()
+
+
+
+def _sgd_all_optimizer(model):
+    """BREAD-SGD over plain SGD (Adam would turn a rounding difference in a near-zero gradient into a whole step:
+    see ADAM_EPS in test_equivalence)."""
+    return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), list(model.named_parameters()),
+                                        sgd_mode="all", switch_block_every=2, verbose=0)
+
+
+def test_an_assign_load_after_the_optimizer_was_built_is_refused_before_anything_changes():
+    """``load_state_dict(sd, assign=True)`` puts new parameters in the model while the optimizer, its hooks and plans
+    hold the old ones: BREAD-SGD silently stopped training (a 2-layer Llama under AdamW: 19 of 21 parameters
+    unchanged after two steps, the inactive ones only gathering ``.grad``).  The next forward with grad and the next step refuse it, before anything
+    is written; a forward without grad (evaluating the loaded weights) runs; an optimizer built after the load
+    trains the loaded parameters."""
+    model = bread_kernels.patch(models.llama(layers=2), fused_loss=False)
+    opt = _sgd_all_optimizer(model)
+    saved = models.llama(seed=1, layers=2).state_dict()
+    loss_of(model, batch(0)).backward()  # a backward before the load: its step is refused too
+    model.load_state_dict(saved, assign=True)
+    with torch.no_grad():
+        loss_of(model, batch(1))
+    with pytest.raises(RuntimeError, match=r"model.embed_tokens.weight is no longer the tensor .* Refused before "
+                                           r"this step changed anything. Build the optimizer .* after the load, or "
+                                           r"load without assign=True"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"assign=True.* Refused before this forward changed anything"):
+        loss_of(model, batch(1))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.global_step == 0 and not opt.base_optimizer.state
+    opt.close()
+    fresh = _sgd_all_optimizer(model)
+    loss_of(model, batch(1)).backward()
+    fresh.step()
+    assert len(models.moved_parameters(models.llama(seed=1, layers=2), model)) == len(list(model.parameters()))
+
+
+def test_a_load_without_assign_keeps_training_as_the_reference():
+    """``load_state_dict(sd)`` copies into the parameters the optimizer holds: training goes on as an unpatched
+    model given the same load, trained by the plain-autograd reference."""
+    saved = models.llama(seed=1, layers=2).state_dict()
+    reference, engine = models.llama(layers=2), bread_kernels.patch(models.llama(layers=2), fused_loss=False)
+    opt = _sgd_all_optimizer(engine)
+    engine.load_state_dict(saved)
+    reference.load_state_dict(saved)
+    layers, embedding = models.layout(reference)
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
+                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    assert opt.block_prefix_list == expected.blocks
+    for ids in models.batches(3):
+        expected.step(ids)
+        loss_of(engine, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(models.moved_parameters(models.llama(seed=1, layers=2), engine)) == len(list(engine.parameters()))
+    models.assert_same_parameters(reference, engine)
