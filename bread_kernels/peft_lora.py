@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 __all__ = ["LoraLinear", "is_linear_layer", "peft_remapped_targets", "linear_subclass_computes_linear",
            "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
-           "adapter_parameters", "trained_adapter", "check_lora_layer"]
+           "tuner_adapter_attributes", "non_lora_adapter_names", "adapter_parameters", "trained_adapter",
+           "check_lora_layer"]
 
 
 def is_linear_layer(module: nn.Module) -> bool:
@@ -157,6 +158,31 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def is_adapter_name(name: str) -> bool:
     """A peft LoRA adapter parameter (``...q_proj.lora_A.default.weight``)."""
     return ".lora_" in name or name.startswith("lora_")
+
+
+def tuner_adapter_attributes() -> set[str]:
+    """The attribute names under which peft's tuner layers hold their trainable adapters, every tuner's
+    (``BaseTunerLayer.adapter_layer_names`` of its subclasses: ``lora_A``, ``hada_w1_a`` of LoHa, ``ia3_l``,
+    ``vera_lambda_b``, ``oft_R``, ``ln_tuning_layers``, ...); empty without peft.  Walked at each call: a tuner
+    imported later is seen."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional
+        return set()
+    attributes, classes = set(), [BaseTunerLayer]
+    while classes:
+        cls = classes.pop()
+        attributes.update(getattr(cls, "adapter_layer_names", ()))
+        classes.extend(cls.__subclasses__())
+    return attributes
+
+
+def non_lora_adapter_names(names) -> list[str]:
+    """The names among ``names`` of adapter parameters of a peft tuner other than LoRA (LoHa's
+    ``….q_proj.hada_w1_a.default``, IA3's ``….k_proj.ia3_l.default``): a name part is one of
+    :func:`tuner_adapter_attributes`, and it is not a LoRA adapter's (:func:`is_adapter_name`)."""
+    attributes = tuner_adapter_attributes()
+    return [name for name in names if not is_adapter_name(name) and not attributes.isdisjoint(name.split("."))]
 
 
 def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:

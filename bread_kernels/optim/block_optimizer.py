@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from ..patch import block_stacks, patched_state, stack_prefixes
-from ..peft_lora import is_adapter_name
+from ..peft_lora import is_adapter_name, non_lora_adapter_names
 from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks, layer_prefixes
 from .driver import (EngineDriver, WeaklyHeld, check_loss_scaler, check_named_parameters, owning_patched_model,
@@ -207,6 +207,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             self.driver.set_loss_scaler(loss_scaler)
         if self.engine is None:
             _warn_slow_path()
+        _warn_non_lora_adapters(self.names, lora_mode, sgd_mode)
         self._closed = False
         self._activate(self.order.current)
 
@@ -618,6 +619,24 @@ def _blocks_holding_adapters(blocks: list[list[str]], names: list[str]) -> list[
     warnings.warn(f"BlockOptimizer: lora_mode='adapter_only' leaves out the {len(left_out)} blocks that hold no LoRA "
                   f"adapter ({left_out[0]}...): they would train nothing", UserWarning, stacklevel=3)
     return holding
+
+
+def _warn_non_lora_adapters(names: list[str], lora_mode: str, sgd_mode: str) -> None:
+    """Say that ``lora_mode`` does not apply to the adapters of a peft tuner other than LoRA (LoHa, LoKr, IA3, VeRA,
+    OFT, LN tuning, ...) among ``names``: they are block weights like any other — trained by the base optimizer
+    while their block is active, given what ``sgd_mode`` gives an inactive weight otherwise — as on the reference's
+    path."""
+    adapters = non_lora_adapter_names(names)
+    if not adapters:
+        return
+    inactive = "frozen" if sgd_mode == "disabled" else \
+        f"given the on-the-fly SGD or sign step of sgd_mode={sgd_mode!r} like any inactive weight"
+    warnings.warn(
+        f"BlockOptimizer: {len(adapters)} parameters of peft adapters other than LoRA's ({adapters[0]}...) are in "
+        f"the parameter list: lora_mode ({lora_mode!r}) applies only to LoRA's adapters (names holding '.lora_'), "
+        "so these are ordinary block weights, as on the reference's path: trained by the base optimizer only while "
+        f"their block is active (with the block's other listed weights, the base weights too), {inactive} while it "
+        "is not", UserWarning, stacklevel=3)
 
 
 def _warn_unstreamed_layers(blocks: list[list[str]], layers: list[str], streamed: list[str]) -> None:

@@ -11,6 +11,7 @@ import copy
 import warnings
 
 import peft
+import pytest
 import torch
 
 import bread_kernels
@@ -54,3 +55,46 @@ def test_layer_norm_tuning_trains_one_block_per_layer():
     original = peft.get_peft_model(models.llama(layers=2), peft.LNTuningConfig(
         target_modules=["input_layernorm", "post_attention_layernorm"]))
     _train_against_the_reference(original, steps=4, switch_block_every=1)
+
+
+NON_LORA_TUNERS = {  # peft config, and the attribute peft's tuner layer holds its adapters under
+    "loha": (lambda: peft.LoHaConfig(target_modules=["q_proj", "v_proj"]), "hada_w1_a"),
+    "lokr": (lambda: peft.LoKrConfig(target_modules=["q_proj", "v_proj"]), "lokr_w1"),
+    "ia3": (lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            "ia3_l"),
+    "vera": (lambda: peft.VeraConfig(target_modules=["q_proj", "v_proj"], r=4), "vera_lambda_b"),
+    "oft": (lambda: peft.OFTConfig(target_modules=["q_proj"], r=0, oft_block_size=16), "oft_R"),
+}
+
+
+def _lora_mode_warnings(model, **bcd) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), **OPTIMIZER),
+                                           list(model.named_parameters()), verbose=0, **bcd)
+    opt.close()
+    return [str(w.message) for w in caught if "lora_mode" in str(w.message)]
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
+@pytest.mark.parametrize("tuner", list(NON_LORA_TUNERS))
+def test_adapters_of_another_tuner_than_lora_are_said_to_be_block_weights(tuner, patched):
+    """``lora_mode`` applies to LoRA's adapters (``.lora_`` names) only; another tuner's adapters are ordinary block
+    weights (trained with their block, the on-the-fly step when it is inactive), as on the reference's path — which
+    was silent: one warning at construction says so, naming an adapter."""
+    config, attribute = NON_LORA_TUNERS[tuner]
+    model = peft.get_peft_model(models.llama(layers=2), config())
+    if patched:
+        bread_kernels.patch(model)
+    said = _lora_mode_warnings(model, sgd_mode="all")
+    assert len(said) == 1
+    assert f".{attribute}." in said[0] and "applies only to LoRA's adapters" in said[0]
+    assert "on-the-fly SGD or sign step of sgd_mode='all'" in said[0]
+    assert "frozen while it is not" in _lora_mode_warnings(model)[0]  # BAdam
+
+
+def test_lora_adapters_and_a_model_without_peft_are_not_warned_about():
+    lora = bread_kernels.patch(models.with_lora(models.llama(layers=2)))
+    assert _lora_mode_warnings(lora, sgd_mode="all", lora_mode="partial") == []
+    assert _lora_mode_warnings(bread_kernels.patch(models.llama(layers=2)), sgd_mode="all") == []
+    assert _lora_mode_warnings(models.llama(layers=2)) == []
