@@ -82,7 +82,7 @@ from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .head_readers import head_reader
 from .installed_forward import NOT_PICKLED, install_forward
 from .peft_lora import (Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper,
-                        peft_remapped_targets, trained_adapter)
+                        peft_remapped_targets, peft_wrapping, trained_adapter)
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
@@ -784,15 +784,30 @@ def _warn_linears_read_outside(read_outside: dict[str, str]) -> None:
 
 
 def _warn_unfused_embedding(name: str, embedding: nn.Module) -> None:
-    """Say that the untied input embedding ``name`` keeps plain autograd (a subclass with its own forward, as the
-    scaled word embeddings of Gemma3, BART or XGLM multiply the rows by ``embed_scale``; ``max_norm``,
-    ``scale_grad_by_freq``, ``sparse``; not an ``nn.Embedding``): its on-the-fly update materialises the whole
-    [vocab, hidden] gradient."""
-    warnings.warn(f"patch: the input embedding {name} ({type(embedding).__name__}) is not a plain nn.Embedding "
-                  "the fused embedding reproduces (its own forward, max_norm, scale_grad_by_freq or sparse), so it "
-                  "keeps plain autograd: an on-the-fly update of it (sgd_mode='all') goes through the hook path, "
-                  "which materialises its whole [vocab, hidden] gradient, as the reference does", RuntimeWarning,
-                  stacklevel=3)
+    """Say that the untied input embedding ``name`` keeps plain autograd, and why (:func:`_why_unfused_embedding`):
+    its on-the-fly update materialises the whole [vocab, hidden] gradient."""
+    warnings.warn(f"patch: the input embedding {name} ({type(embedding).__name__}) keeps plain autograd: "
+                  f"{_why_unfused_embedding(embedding)}, which the fused embedding does not reproduce. An on-the-fly "
+                  "update of it (sgd_mode='all') goes through the hook path, which materialises its whole [vocab, "
+                  "hidden] gradient, as the reference does", RuntimeWarning, stacklevel=3)
+
+
+def _why_unfused_embedding(embedding: nn.Module) -> str:
+    """Why :func:`~bread_kernels.functions.embedding.fusable_embedding` turns ``embedding`` down: peft's wrapper
+    around it (LoRA on ``embed_tokens``, ``modules_to_save``), a subclass with its own forward (the scaled word
+    embeddings of Gemma3, BART or XGLM multiply the rows by ``embed_scale``), ``max_norm``, ``scale_grad_by_freq``,
+    ``sparse``, or no ``nn.Embedding`` at all."""
+    wrapped = peft_wrapping(embedding)
+    if wrapped is not None:
+        return wrapped
+    if not isinstance(embedding, nn.Embedding):
+        return "it is not an nn.Embedding"
+    if type(embedding).forward is not nn.Embedding.forward:
+        return "it is a subclass of nn.Embedding with its own forward"
+    options = [option for option, on in (("max_norm", embedding.max_norm is not None),
+                                         ("scale_grad_by_freq", embedding.scale_grad_by_freq),
+                                         ("sparse", embedding.sparse)) if on]
+    return f"it is built with {' and '.join(options)}" if options else "it is not the plain nn.Embedding it serves"
 
 
 def _warn_unfused_head(name: str, head: nn.Module) -> None:

@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 __all__ = ["LoraLinear", "is_linear_layer", "peft_remapped_targets", "linear_subclass_computes_linear",
            "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
-           "tuner_adapter_attributes", "non_lora_adapter_names", "adapter_parameters", "trained_adapter",
-           "check_lora_layer"]
+           "tuner_adapter_attributes", "non_lora_adapter_names", "peft_wrapping", "adapter_parameters",
+           "trained_adapter", "check_lora_layer"]
 
 
 def is_linear_layer(module: nn.Module) -> bool:
@@ -183,6 +183,22 @@ def non_lora_adapter_names(names) -> list[str]:
     :func:`tuner_adapter_attributes`, and it is not a LoRA adapter's (:func:`is_adapter_name`)."""
     attributes = tuner_adapter_attributes()
     return [name for name in names if not is_adapter_name(name) and not attributes.isdisjoint(name.split("."))]
+
+
+def peft_wrapping(module: nn.Module) -> str | None:
+    """How peft wraps ``module``, said for a user, or None: a tuner layer (LoRA or another adapter on it, its
+    original as ``base_layer``), or an auxiliary training wrapper (``modules_to_save``' copies,
+    ``trainable_token_indices``' delta).  None without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # peft is optional (or too old to have the wrapper class: then nothing is named)
+        return None
+    if isinstance(module, BaseTunerLayer):
+        return "peft wraps it in a tuner layer (an adapter on the embedding, peft's target_modules)"
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        return "peft wraps it in copies (modules_to_save) or adds trained rows to it (trainable_token_indices)"
+    return None
 
 
 def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -550,6 +550,52 @@ def test_an_untied_input_embedding_that_keeps_plain_autograd_is_named(tied):
     assert "model.embed_tokens" not in dict(patched_state(model).fused_modules)
     assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
 
+def _embedding_llama(kind: str) -> torch.nn.Module:
+    """A tiny Llama whose input embedding patch cannot fuse, for the reason ``kind``."""
+    import peft
+
+    model = models.llama(layers=2)
+    if kind in ("max_norm", "scale_grad_by_freq"):
+        option = {kind: 1.0 if kind == "max_norm" else True}
+        model.set_input_embeddings(torch.nn.Embedding(models.VOCAB, model.config.hidden_size, **option))
+    elif kind == "subclass":
+        class Scaled(torch.nn.Embedding):
+            def forward(self, ids):
+                return super().forward(ids) * 2.0
+
+        model.set_input_embeddings(Scaled(models.VOCAB, model.config.hidden_size))
+    elif kind == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    elif kind == "modules_to_save":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                           modules_to_save=["embed_tokens"]))
+    return model
+
+
+UNFUSED_EMBEDDING_REASONS = {  # kind: what the warning must say
+    "lora": "peft wraps it in a tuner layer", "modules_to_save": "peft wraps it in copies (modules_to_save)",
+    "max_norm": "built with max_norm,", "scale_grad_by_freq": "built with scale_grad_by_freq,",
+    "subclass": "a subclass of nn.Embedding with its own forward"}
+
+
+@pytest.mark.parametrize("kind", list(UNFUSED_EMBEDDING_REASONS))
+def test_an_unfused_input_embedding_is_named_with_its_reason(kind):
+    """The warning for an input embedding that keeps plain autograd gave one reason for all ("its own forward,
+    max_norm, scale_grad_by_freq or sparse"), which misled where peft wraps it (LoRA on embed_tokens,
+    modules_to_save): it says the actual one, and none of the others."""
+    model = _embedding_llama(kind)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bread_kernels.patch(model)
+    named = [str(w.message) for w in caught if "patch: the input embedding" in str(w.message)]
+    assert len(named) == 1, named
+    assert UNFUSED_EMBEDDING_REASONS[kind] in named[0] and "keeps plain autograd" in named[0]
+    for other, reason in UNFUSED_EMBEDDING_REASONS.items():
+        if other != kind:
+            assert reason not in named[0], (other, named[0])
+    assert "sparse" not in named[0]
+
+
 @pytest.mark.parametrize("head", ["modules_to_save", "lora", "plain"])
 def test_a_head_that_keeps_plain_autograd_is_named(head):
     """peft's modules_to_save=["lm_head"] (what peft recommends with added tokens) wraps the head in copies, which
