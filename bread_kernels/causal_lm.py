@@ -9,6 +9,10 @@ transformers' causal LMs compute, in their ``forward``::
     logits = c · tanh(logits / c)                                # Gemma2 only (final_logit_softcapping = c)
     loss = ForCausalLMLoss(logits, labels, vocab_size, **kwargs)  # shift, ignore_index=-100, mean or / num_items
 
+and the vision-language models of :data:`FAMILIES` (``…ForConditionalGeneration``: Qwen2-VL, Llava, ...) compute the
+same, their ``self.model`` merging the image features into the language model's input embeddings before its layers
+(``hidden`` is its ``last_hidden_state``; the soft-capping, PaliGemma's, is read from ``config.get_text_config()``).
+
 :func:`install` replaces that forward (an instance attribute; :func:`uninstall` removes it) with one that, when
 ``labels`` are given and grad is enabled, calls the base model with the same arguments, shifts the labels exactly as
 ``ForCausalLMLoss`` does (pad with ``ignore_index`` and shift by one, or takes ``shift_labels``), and computes the
@@ -38,6 +42,8 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import types
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +62,35 @@ class Family:
     """What the fused forward must know about one causal-LM class."""
 
     base: str  #: the attribute holding the base model whose ``last_hidden_state`` feeds the head
-    softcap: str | None = None  #: the config attribute of the final-logit soft-capping, if the family has one
+    #: the attribute of the (text) config, ``config.get_text_config()``, of the final-logit soft-capping that the
+    #: forward applies, if it applies one
+    softcap: str | None = None
+    labels_to_base: bool = False  #: whether the forward hands ``labels`` to the base model too (Gemma3's does)
 
 
-#: causal-LM classes (by name) whose forward is the sketch in the module docstring
+#: the config attribute of a final-logit soft-capping; set on a family whose forward applies none (``softcap=None``),
+#: it is refused: whether a forward of another transformers version applies it cannot be read from the config
+SOFTCAP_ATTR = "final_logit_softcapping"
+
+#: causal-LM and vision-language classes (by name) whose forward is the sketch in the module docstring
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("model"),
     "MistralForCausalLM": Family("model"),
     "Qwen2ForCausalLM": Family("model"),
     "Qwen3ForCausalLM": Family("model"),
     "GemmaForCausalLM": Family("model"),
-    "Gemma2ForCausalLM": Family("model", softcap="final_logit_softcapping"),
+    "Gemma2ForCausalLM": Family("model", softcap=SOFTCAP_ATTR),
     "GPT2LMHeadModel": Family("transformer"),
+    # vision-language models: ``model`` is the vision tower and the language model, ``lm_head`` the head
+    "Qwen2VLForConditionalGeneration": Family("model"),
+    "Qwen2_5_VLForConditionalGeneration": Family("model"),
+    "Qwen3VLForConditionalGeneration": Family("model"),
+    "MllamaForConditionalGeneration": Family("model"),
+    "LlavaForConditionalGeneration": Family("model"),
+    "LlavaNextForConditionalGeneration": Family("model"),
+    "Mistral3ForConditionalGeneration": Family("model"),
+    "Gemma3ForConditionalGeneration": Family("model", labels_to_base=True),
+    "PaliGemmaForConditionalGeneration": Family("model", softcap=SOFTCAP_ATTR),
 }
 
 _INSTALLED_ATTR = "_bread_fused_loss"
@@ -223,10 +246,12 @@ def _fused_loss_forward(self, *args, **kwargs):
     return_dict = extra.pop("return_dict", None)
     named = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
     logits_to_keep = bound.arguments.get("logits_to_keep", 0)
-    base = getattr(self, FAMILIES[type(self).__name__].base)
-    head = self.get_output_embeddings()
     family = FAMILIES[type(self).__name__]
-    softcap = getattr(self.config, family.softcap, None) if family.softcap else None
+    base = getattr(self, family.base)
+    if family.labels_to_base:
+        named["labels"] = labels
+    head = self.get_output_embeddings()
+    softcap = getattr(_text_config(self), family.softcap, None) if family.softcap else None
     plan = getattr(head, PLAN_ATTR, None)
     held = dw_bytes_beside_hidden_sized(labels.numel(), head.weight, head.bias, plan, softcap)
     if stream is None:
@@ -266,8 +291,10 @@ def _as_tuple(output) -> tuple:
     """``return_dict=False``'s tuple: ``output.to_tuple()`` (its fields that are not None, in order) with the logits'
     place kept, as None, so that every item has the index it has in the unpatched model's tuple, which holds the
     logits there (as Liger-Kernel's tuple does); ``to_tuple()`` dropped it, and ``outputs[1]`` was the KV cache or
-    the hidden states."""
-    return tuple(value for name, value in ((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
+    the hidden states.  A nested output (a vision-language model's ``image_outputs``) becomes its own tuple, as
+    ``to_tuple()`` makes it."""
+    return tuple(value.to_tuple() if hasattr(value, "to_tuple") else value
+                 for name, value in ((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
                  if value is not None or name == "logits")
 
 
@@ -282,6 +309,9 @@ def _refusal(lm: nn.Module) -> str | None:
     problem = _head_problem(lm)
     if problem is not None:
         return problem
+    if FAMILIES[type(lm).__name__].softcap is None and getattr(_text_config(lm), SOFTCAP_ATTR, None) is not None:
+        return (f"the config of {type(lm).__name__} sets {SOFTCAP_ATTR}, a soft-capping its family's forward is not "
+                "known to apply (transformers' versions differ)")
     head = lm.get_output_embeddings()
     if tuple(head.weight.shape) != (head.out_features, head.in_features):
         return (f"the head's weight has shape {tuple(head.weight.shape)} at the forward, not ({head.out_features}, "
@@ -289,9 +319,18 @@ def _refusal(lm: nn.Module) -> str | None:
     return head_dtype_refusal(head.weight) or head_plan_refusal(getattr(head, PLAN_ATTR, None))
 
 
+def _text_config(lm: nn.Module):
+    """The config of ``lm``'s language model: ``config.get_text_config()`` (a causal LM's config is its own)."""
+    return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+
+
 def _output_class(forward) -> type:
-    """The ``ModelOutput`` class the original forward returns (from its annotation)."""
+    """The ``ModelOutput`` class the original forward returns (from its annotation: the class, or the one dataclass
+    of a union such as the vision-language models' ``tuple | LlavaCausalLMOutputWithPast``)."""
     annotation = inspect.signature(forward, eval_str=True).return_annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        classes = [a for a in typing.get_args(annotation) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        annotation = classes[0] if len(classes) == 1 else annotation
     if not (isinstance(annotation, type) and dataclasses.is_dataclass(annotation)):
         raise ValueError(f"patch: cannot tell the output class of {forward.__qualname__} (annotation "
                          f"{annotation!r}), so fused_loss=True cannot build its output; patch(model, fused_loss=False)")

@@ -211,21 +211,44 @@ def mllama(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(transformers.MllamaForConditionalGeneration(config), dtype)
 
 
-def mllama_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
-    """Mllama's loss on step ``step``'s tokens (the image token first, unscored) and random pixels (aspect ratio
-    1×2: both tiles), from a private generator."""
+def mllama_inputs(step: int, images: bool = True) -> dict:
+    """Mllama's inputs of step ``step`` (no labels): tokens and, with ``images``, the image token first and random
+    pixels (aspect ratio 1×2: both tiles), from a private generator; without, tokens only."""
     gen = torch.Generator().manual_seed(2000 + step)
     ids = torch.randint(IMAGE_TOKEN + 1, VOCAB, (BATCH, SEQ), generator=gen)
+    if not images:
+        return dict(input_ids=ids)
     ids[:, 0] = IMAGE_TOKEN
     pixels = torch.randn((BATCH, *IMAGE_SHAPE), generator=gen)
-    return model(input_ids=ids, pixel_values=pixels, aspect_ratio_ids=torch.full((BATCH, 1), 2),
-                 aspect_ratio_mask=torch.ones(BATCH, 1, 2, dtype=torch.long),
-                 cross_attention_mask=torch.ones(BATCH, SEQ, 1, 2, dtype=torch.long),
-                 labels=ids.masked_fill(ids == IMAGE_TOKEN, -100)).loss
+    return dict(input_ids=ids, pixel_values=pixels, aspect_ratio_ids=torch.full((BATCH, 1), 2),
+                aspect_ratio_mask=torch.ones(BATCH, 1, 2, dtype=torch.long),
+                cross_attention_mask=torch.ones(BATCH, SEQ, 1, 2, dtype=torch.long))
+
+
+def mllama_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """Mllama's loss on :func:`mllama_inputs` of step ``step``, the image token unscored."""
+    inputs = mllama_inputs(step)
+    return model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN, -100)).loss
 
 
 #: Qwen2-VL's image tokens: the image token and the vision-start token that precedes each image
 QWEN2_VL_IMAGE, QWEN2_VL_VISION_START = 90, 91
+#: the Qwen-VL families' rotary parameters of the language model: multimodal, sections [2, 3, 3] of head_dim 16
+_MROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
+
+
+def _vlm_text(**extra) -> dict:
+    """The language model of the zoo's vision-language models: 2 layers, 64 wide, heads of 16."""
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+
+
+def _vlm(config, model_cls, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    for c in (config, config.vision_config, config.text_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(model_cls(config), dtype)
 
 
 def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -238,27 +261,151 @@ def qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32):
         text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+                         rope_parameters=_MROPE),
         image_token_id=QWEN2_VL_IMAGE, video_token_id=QWEN2_VL_IMAGE + 2, vision_start_token_id=QWEN2_VL_VISION_START)
-    for c in (config, config.vision_config, config.text_config):
-        c._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return _finish(transformers.Qwen2VLForConditionalGeneration(config), dtype)
+    return _vlm(config, transformers.Qwen2VLForConditionalGeneration, seed, dtype)
 
 
-def qwen2_vl_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
-    """Qwen2-VL's loss on step ``step``'s tokens and random pixels, built as its processor builds them: per
-    sequence one image of 1×4×4 patches (``image_grid_thw``), its 4 merged tokens after a vision-start token, marked
-    in ``mm_token_type_ids`` (the 3-D rotary positions come from them); the image tokens unscored."""
+def qwen2_5_vl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Qwen2.5-VL: :func:`qwen2_vl`'s shapes, its vision tower of windowed attention (layer 1 full) and gated MLPs."""
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, out_hidden_size=64, num_heads=2,
+                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=8,
+                           fullatt_block_indexes=[1]),
+        text_config=_vlm_text(rope_parameters=_MROPE),
+        image_token_id=QWEN2_VL_IMAGE, video_token_id=QWEN2_VL_IMAGE + 2, vision_start_token_id=QWEN2_VL_VISION_START)
+    return _vlm(config, transformers.Qwen2_5_VLForConditionalGeneration, seed, dtype)
+
+
+def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Qwen3-VL: :func:`qwen2_vl`'s shapes, interleaved multimodal rotary sections, and the vision layer 0's features
+    added into the language model's first layer (deepstack)."""
+    config = transformers.Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, out_hidden_size=64, num_heads=2,
+                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        text_config=_vlm_text(rope_parameters=dict(_MROPE, mrope_interleaved=True)),
+        image_token_id=QWEN2_VL_IMAGE, video_token_id=QWEN2_VL_IMAGE + 2, vision_start_token_id=QWEN2_VL_VISION_START)
+    return _vlm(config, transformers.Qwen3VLForConditionalGeneration, seed, dtype)
+
+
+def qwen2_vl_inputs(step: int, images: bool = True) -> dict:
+    """The Qwen-VL families' inputs of step ``step`` (no labels), built as their processor builds them: per sequence
+    one image of 1×4×4 patches (``image_grid_thw``), its 4 merged tokens after a vision-start token, marked in
+    ``mm_token_type_ids`` (the 3-D rotary positions come from them), random pixels; without ``images``, text
+    tokens only."""
     gen = torch.Generator().manual_seed(3000 + step)
     ids = torch.randint(3, QWEN2_VL_IMAGE, (BATCH, SEQ), generator=gen)
+    if not images:
+        return dict(input_ids=ids)
     ids[:, 2], ids[:, 3:7] = QWEN2_VL_VISION_START, QWEN2_VL_IMAGE
     patch_dim = 3 * 2 * 4 * 4  # channels · temporal patch · patch²
     image_tokens = torch.zeros_like(ids)
     image_tokens[:, 3:7] = 1
-    return model(input_ids=ids, pixel_values=torch.randn(BATCH * 16, patch_dim, generator=gen),
-                 image_grid_thw=torch.tensor([[1, 4, 4]] * BATCH), mm_token_type_ids=image_tokens,
-                 labels=ids.masked_fill(ids >= QWEN2_VL_IMAGE, -100)).loss
+    return dict(input_ids=ids, pixel_values=torch.randn(BATCH * 16, patch_dim, generator=gen),
+                image_grid_thw=torch.tensor([[1, 4, 4]] * BATCH), mm_token_type_ids=image_tokens)
+
+
+def qwen2_vl_loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """A Qwen-VL model's loss on :func:`qwen2_vl_inputs` of step ``step``, the image tokens unscored."""
+    inputs = qwen2_vl_inputs(step)
+    return model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["input_ids"] >= QWEN2_VL_IMAGE, -100)).loss
+
+
+#: the image token of the Llava-style models below, and the tokens one 16×16-pixel image becomes in each
+VLM_IMAGE = 90
+_CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+             num_attention_heads=2, image_size=16, patch_size=8)  # 2×2 patches: 4 image tokens (CLS dropped)
+_SIGLIP = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16)
+
+
+def llava(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Llava: a CLIP vision tower (4 tokens per image) and a projector beside a Llama language model."""
+    config = transformers.LlavaConfig(vision_config=_CLIP, text_config=dict(model_type="llama", **_vlm_text()),
+                                      image_token_index=VLM_IMAGE, image_seq_length=4, vision_feature_layer=-1)
+    return _vlm(config, transformers.LlavaForConditionalGeneration, seed, dtype)
+
+
+def llava_next(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Llava-NeXT: :func:`llava` with any-resolution images: one 16×16 grid, so 2 crops (the base image and one
+    tile) of 4 tokens, the tile's 2 rows each closed by a newline token (10 image tokens)."""
+    config = transformers.LlavaNextConfig(vision_config=_CLIP, text_config=dict(model_type="llama", **_vlm_text()),
+                                          image_token_index=VLM_IMAGE, image_grid_pinpoints=[[16, 16]],
+                                          vision_feature_layer=-1)
+    return _vlm(config, transformers.LlavaNextForConditionalGeneration, seed, dtype)
+
+
+def mistral3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Mistral3: a Pixtral vision tower (4×4-pixel patches merged 2×2: 4 tokens per image) beside a Mistral."""
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=4, head_dim=16)
+    config = transformers.Mistral3Config(vision_config=vision, text_config=dict(model_type="mistral", **_vlm_text()),
+                                         image_token_index=VLM_IMAGE, spatial_merge_size=2, vision_feature_layer=-1)
+    return _vlm(config, transformers.Mistral3ForConditionalGeneration, seed, dtype)
+
+
+def gemma3(seed: int = 0, dtype: torch.dtype = torch.float32, softcap: float | None = None):
+    """Gemma3: a SigLIP vision tower (4×4-pixel patches pooled to 4 tokens per image) beside a Gemma3 language
+    model; ``softcap``: a final-logit soft-capping in its text config (Gemma3's forward applies none)."""
+    config = transformers.Gemma3Config(
+        vision_config=dict(_SIGLIP, patch_size=4),
+        text_config=_vlm_text(sliding_window=8, query_pre_attn_scalar=16, final_logit_softcapping=softcap),
+        image_token_index=VLM_IMAGE, mm_tokens_per_image=4, boi_token_index=91, eoi_token_index=92)
+    return _vlm(config, transformers.Gemma3ForConditionalGeneration, seed, dtype)
+
+
+def paligemma(seed: int = 0, dtype: torch.dtype = torch.float32, softcap: float | None = 0.2):
+    """PaliGemma 2: a SigLIP vision tower (8×8-pixel patches: 4 tokens per image) beside a Gemma2 language model
+    whose final-logit soft-capping (c = 0.2, as :func:`gemma2`) the forward reads from the text config."""
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(_SIGLIP, patch_size=8, projection_dim=64),
+        text_config=dict(model_type="gemma2", final_logit_softcapping=softcap, sliding_window=8,
+                         query_pre_attn_scalar=16, **_vlm_text()),
+        image_token_index=VLM_IMAGE, projection_dim=64)
+    return _vlm(config, transformers.PaliGemmaForConditionalGeneration, seed, dtype)
+
+
+def llava_style_inputs(model: torch.nn.Module, step: int, images: bool = True) -> dict:
+    """The inputs of step ``step`` (no labels) of a :func:`llava`, :func:`llava_next`, :func:`mistral3`,
+    :func:`gemma3` or :func:`paligemma` model: per sequence one image's tokens (:data:`VLM_IMAGE`; PaliGemma's first,
+    the others' at position 3) and its random pixels, in each model's layout; without ``images``, text tokens only
+    (PaliGemma's ``token_type_ids`` mark a prefix of 6, Gemma3's the image tokens)."""
+    name = type(model).__name__
+    tokens = 10 if name.startswith("LlavaNext") else 4
+    gen = torch.Generator().manual_seed(4000 + step)
+    ids = torch.randint(3, VLM_IMAGE - 2, (BATCH, SEQ + tokens - 4), generator=gen)
+    start = 0 if name.startswith("PaliGemma") else 3
+    if images:
+        ids[:, start:start + tokens] = VLM_IMAGE
+    inputs = dict(input_ids=ids)
+    if name.startswith("PaliGemma"):
+        inputs["token_type_ids"] = (torch.arange(ids.shape[1]) >= 6).long().expand_as(ids)
+    if name.startswith("Gemma3"):
+        inputs["token_type_ids"] = (ids == VLM_IMAGE).long()
+    if images:
+        crops = (2,) if name.startswith("LlavaNext") else ()
+        inputs["pixel_values"] = torch.randn(BATCH, *crops, 3, 16, 16, generator=gen)
+        if name.startswith(("LlavaNext", "Mistral3")):
+            inputs["image_sizes"] = torch.tensor([[16, 16]] * BATCH)
+    return inputs
+
+
+def vlm_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels of a vision-language batch: the ids, with the image tokens (:data:`QWEN2_VL_IMAGE`, :data:`VLM_IMAGE`
+    and above; Mllama's :data:`IMAGE_TOKEN`), every id divisible by 7 and each sequence's first two positions
+    ignored (-100)."""
+    labels = ids.masked_fill((ids >= VLM_IMAGE) | (ids == IMAGE_TOKEN) | (ids % 7 == 0), -100)
+    labels[:, :2] = -100
+    return labels
+
+
+def qwen2_vl_masked_loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_loss_of` for a Qwen-VL model: the inputs of :func:`qwen2_vl_inputs` (seeded by the batch
+    ``ids``' sum, so one per step), :func:`vlm_labels`, ``num_items_in_batch`` the scored tokens plus 3."""
+    inputs = qwen2_vl_inputs(int(ids.sum()))
+    labels = vlm_labels(inputs["input_ids"])
+    scored = int((labels[:, 1:] != -100).sum())
+    return model(**inputs, labels=labels, num_items_in_batch=torch.tensor(scored + 3)).loss
 
 
 def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -280,7 +427,7 @@ def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
-FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx}
+FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl}
 #: models whose largest block stack holds transformers layers of several classes
 MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
@@ -293,6 +440,9 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
+    if name == "Qwen2VLForConditionalGeneration":
+        return ([f"model.language_model.layers.{i}." for i in range(model.config.text_config.num_hidden_layers)],
+                "model.language_model.embed_tokens.")
     if name == "MambaForCausalLM":
         return [f"backbone.layers.{i}." for i in range(model.config.num_hidden_layers)], "backbone.embeddings."
     if name == "DbrxForCausalLM":

@@ -830,3 +830,101 @@ def test_a_block_of_logits_costs_few_ops_beyond_its_gemms(role):
         counts.append(len(ops.names))
         close(loss, F.cross_entropy(F.linear(hidden, weight).double(), targets).float(), "loss")
     assert (counts[1] - counts[0]) / 7 <= 30, counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vision-language models: the loss on the merged image and text hidden states
+
+VLMS = {  # name: (builder, inputs of a step with or without images)
+    "qwen2_vl": (models.qwen2_vl, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
+    "qwen2_5_vl": (models.qwen2_5_vl, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
+    "qwen3_vl": (models.qwen3_vl, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
+    "mllama": (models.mllama, lambda model, step, images: models.mllama_inputs(step, images)),
+    **{name: (build, models.llava_style_inputs) for name, build in (
+        ("llava", models.llava), ("llava_next", models.llava_next), ("mistral3", models.mistral3),
+        ("gemma3", models.gemma3), ("paligemma", models.paligemma))},  # paligemma: soft-capped (Gemma2's text)
+}
+
+
+@pytest.mark.parametrize("images", [True, False], ids=["images", "text-only"])
+@pytest.mark.parametrize("family", list(VLMS))
+def test_vision_language_model_matches_unpatched(family, images):
+    """``patch(model, fused_loss=True)`` on a vision-language model: the loss (ignored labels, the image tokens
+    among them; with and without ``num_items_in_batch``) and every gradient — the vision tower's and projector's
+    included — are the unpatched model's, and no logits are returned."""
+    build, inputs_of = VLMS[family]
+    original = build()
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    inputs = inputs_of(original, 0, images)
+    labels = models.vlm_labels(inputs["input_ids"])
+    scored = int((labels[:, 1:] != -100).sum())
+    for extra in ({}, {"num_items_in_batch": torch.tensor(scored + 3)}):
+        original.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        expected = original(**inputs, labels=labels, **extra).loss
+        (GAMMA * expected).backward()
+        out = model(**inputs, labels=labels, **extra)
+        assert out.logits is None, "with labels the fused loss returns no logits"
+        close(out.loss, expected, f"{family} {extra}: loss")
+        (GAMMA * out.loss).backward()
+        params = dict(model.named_parameters())
+        for name, p in original.named_parameters():  # fp32 sums in another order: rounding relative to the largest
+            assert (p.grad is None) == (params[name].grad is None), f"{family}: {name} has a .grad in one model only"
+            if p.grad is not None:  # (Gemma3's projector: gradients up to ~1e4 from the embedding's √H scaling)
+                close(params[name].grad, p.grad, f"{family} images={images} {extra}: {name}.grad",
+                      atol=ATOL + RTOL * float(p.grad.abs().max()))
+
+
+def test_vision_language_model_outputs_as_the_causal_lms():
+    """Qwen2-VL: without labels or without grad its own forward (the logits); ``return_dict=False`` keeps the
+    logits' place, as None, and the unpatched model's other items (its image outputs among them)."""
+    original = models.qwen2_vl()
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    inputs = models.qwen2_vl_inputs(0)
+    labels = models.vlm_labels(inputs["input_ids"])
+    close(model(**inputs).logits, original(**inputs).logits, "logits without labels")
+    with torch.no_grad():
+        out, ref = model(**inputs, labels=labels), original(**inputs, labels=labels)
+    close(out.logits, ref.logits, "logits under no_grad")
+    got = model(**inputs, labels=labels, return_dict=False, use_cache=False)
+    expected = original(**inputs, labels=labels, return_dict=False, use_cache=False)
+    assert len(got) == len(expected) and got[1] is None and isinstance(expected[1], torch.Tensor)
+    close(got[0], expected[0], "loss (return_dict=False)")
+    assert [type(item) for item in got[2:]] == [type(item) for item in expected[2:]]
+
+
+def test_paligemma_softcapping_is_read_from_the_text_config():
+    """PaliGemma 2's cap sits in ``config.text_config``: without it this tiny model's loss would differ, so the
+    parity above sees that the fused loss applies it."""
+    capped, uncapped = models.paligemma(), models.paligemma(softcap=None)
+    inputs = models.llava_style_inputs(capped, 0)
+    labels = models.vlm_labels(inputs["input_ids"])
+    patched = bread_kernels.patch(copy.deepcopy(capped), fused_loss=True)
+    assert abs(patched(**inputs, labels=labels).loss.item() - uncapped(**inputs, labels=labels).loss.item()) > 1e-3
+
+
+def test_vision_language_models_the_fused_loss_cannot_match_are_refused():
+    """A soft-capping the family's forward is not known to apply (Gemma3's text config setting one) is refused
+    under ``fused_loss=True`` and runs the model's own forward by default; a class outside the families (a
+    subclass with a forward of its own) is refused at patch time and left unfused by default."""
+    original = models.gemma3(softcap=0.2)
+    inputs = models.llava_style_inputs(original, 0)
+    labels = models.vlm_labels(inputs["input_ids"])
+    required = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    with pytest.raises(ValueError, match=r"sets final_logit_softcapping.*fused_loss=False"):
+        required(**inputs, labels=labels)
+    default = bread_kernels.patch(copy.deepcopy(original))
+    out, expected = default(**inputs, labels=labels), original(**inputs, labels=labels)
+    assert out.logits is not None
+    close(out.loss, expected.loss, "gemma3 with a soft-capping: its own loss")
+
+    import transformers
+
+    class OwnLlava(transformers.LlavaForConditionalGeneration):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    own = OwnLlava(models.llava().config)
+    with pytest.raises(ValueError, match=r"OwnLlava has none.*fused_loss=False"):
+        bread_kernels.patch(own, fused_loss=True)
+    assert not any("_bread_fused_loss" in m.__dict__ for m in bread_kernels.patch(own).modules())

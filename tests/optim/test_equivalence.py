@@ -369,6 +369,16 @@ def test_fused_loss(family, variant, monkeypatch):
                   bcd=dict(switch_block_every=2, sgd_mode=sgd_mode, sgd_use_sign=sign, sgd_lr_scaling=SCALING)))
 
 
+def test_fused_loss_vision_language_model(monkeypatch):
+    """Qwen2-VL (a vision tower beside the streamed language model): the fused loss on the images' batch, ignored
+    labels and num_items_in_batch, BREAD-SGD ``"all"`` — the head, the vision tower and the inactive layers updated
+    on the fly — as the unpatched model trained by the reference."""
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(5 * models.VOCAB * 4))
+    run_case(Case("qwen2_vl", steps=3, patch=dict(fused_loss=True), loss_fn=models.qwen2_vl_masked_loss_of,
+                  optimizer_extra=FUSED_EPS,
+                  bcd=dict(switch_block_every=2, sgd_mode="all", sgd_lr_scaling=SCALING)))
+
+
 @pytest.mark.parametrize("variant", [BADAM, SGD_PARTIAL], ids=["badam", "sgd-partial"])
 def test_fused_loss_active_head(variant, monkeypatch):
     """include_lm_head: the head block is trained by Adam with the dW the fused loss returns to autograd."""
