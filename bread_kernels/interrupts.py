@@ -28,7 +28,7 @@ import contextlib
 import signal
 import threading
 
-__all__ = ["whole_write", "mark_partly_written", "partly_written"]
+__all__ = ["whole_write", "mark_partly_written", "partly_written", "add_note"]
 
 _MARK = "_bread_kernels_partly_written"
 
@@ -63,11 +63,17 @@ def mark_partly_written(exc: BaseException, what: str) -> None:
         setattr(exc, _MARK, what)
     except AttributeError:  # an exception type that takes no attributes: the note alone
         pass
-    exc.add_note(f"bread_kernels: this stopped an on-the-fly update written in parts after its first part: {what} "
-                 "took this step's update in part only (some of its elements did, the others did not). Restore the "
-                 "model (and optimizer) from a checkpoint before training on.")
+    add_note(exc, f"bread_kernels: this stopped an on-the-fly update written in parts after its first part: {what} "
+                  "took this step's update in part only (some of its elements did, the others did not). Restore the "
+                  "model (and optimizer) from a checkpoint before training on.")
 
 
 def partly_written(exc: BaseException) -> str | None:
     """What ``exc`` left partly written (:func:`mark_partly_written`), or None."""
     return getattr(exc, _MARK, None)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` where Python has it (3.11+); on 3.10 the exception propagates without the note."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)

@@ -40,7 +40,7 @@ import torch
 from .backends import get_backend
 from .backends.chunked import chunk_budget_bytes
 from .backends.epilogue import dw_finite_flag
-from .interrupts import partly_written, whole_write
+from .interrupts import add_note, partly_written, whole_write
 from .plan import OnTheFlyUpdate, Role, WeightPlan
 
 __all__ = ["UpdateTarget", "LocalTarget", "LOCAL", "Finite", "all_finite", "dw_finite", "dw_all_finite",
@@ -182,11 +182,10 @@ class LocalTarget(UpdateTarget):
     def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:
         """As :meth:`linear_` (one flag over weight and bias gates both; weight's seed first), from dW and db."""
         backend = self.backend(weight.device)
-        with torch.no_grad():
-            ok = backend.apply_update_if_finite_(weight, grad_weight, step, sign, update.rounding, update.next_seed(),
-                                                 checked=(grad_weight, *(() if grad_bias is None else (grad_bias,))))
-            if bias is not None:
-                backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed(), ok=ok)
+        ok = backend.apply_update_if_finite_(weight, grad_weight, step, sign, update.rounding, update.next_seed(),
+                                             checked=(grad_weight, *(() if grad_bias is None else (grad_bias,))))
+        if bias is not None:
+            backend.apply_update_(bias, grad_bias, step, sign, update.rounding, update.next_seed(), ok=ok)
         return ok
 
     def experts_(self, weight, per_expert, step, sign, update) -> torch.Tensor:
@@ -248,11 +247,10 @@ class LocalTarget(UpdateTarget):
 
     def rows_(self, weight, rows, summed, step, sign, update) -> torch.Tensor:
         backend = self.backend(weight.device)
-        with torch.no_grad():
-            selected = weight.index_select(0, rows)
-            ok = backend.apply_update_if_finite_(selected, summed, step, sign, update.rounding, update.next_seed(),
-                                                 checked=(summed,))
-            weight.index_copy_(0, rows, selected)
+        selected = weight.index_select(0, rows)
+        ok = backend.apply_update_if_finite_(selected, summed, step, sign, update.rounding, update.next_seed(),
+                                             checked=(summed,))
+        weight.index_copy_(0, rows, selected)
         return ok
 
     def dense_(self, param, grad, step, sign, update) -> torch.Tensor:
@@ -261,11 +259,9 @@ class LocalTarget(UpdateTarget):
         flat = target.view(-1) if target.dim() > 2 else target
         if flat.shape != grad.shape:
             grad = grad.reshape(flat.shape)
-        # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself; a hook runs with grad mode off,
-        # unless the backward builds a graph
-        with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:
-            return backend.apply_update_if_finite_(flat, grad, step, sign, update.rounding, update.next_seed(),
-                                                   checked=(grad,))
+        # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself
+        return backend.apply_update_if_finite_(flat, grad, step, sign, update.rounding, update.next_seed(),
+                                               checked=(grad,))
 
 
 def writes_collectively(plan: WeightPlan | None) -> bool:
@@ -291,11 +287,14 @@ def _apply(plan: WeightPlan, role: Role,
         if target is None:
             target = plan.local_target = LocalTarget(keep_backend=True)
     try:
-        finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
+        # a backward runs with grad mode off unless it builds a graph (create_graph=True): the writes are no
+        # part of one, and the out= ops of a write in parts refuse operands that require grad
+        with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:
+            finite = write(target, update.step_size(sign=role is Role.SIGN), role is Role.SIGN, update)
     except BaseException as exc:
         if partly_written(exc) is not None:  # a write in parts between collectives (interrupts.py)
-            exc.add_note(f"bread_kernels: raised while writing the on-the-fly update of {plan.name or 'a weight'} "
-                         f"through {type(target).__name__}")
+            add_note(exc, f"bread_kernels: raised while writing the on-the-fly update of {plan.name or 'a weight'} "
+                          f"through {type(target).__name__}")
         raise
     if plan.writes is not None:
         plan.writes.record()

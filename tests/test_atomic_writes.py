@@ -258,3 +258,29 @@ def test_a_zero3_shard_write_stopped_between_chunks_says_it_is_partly_written(on
                                rounding=Rounding.NEAREST, seed=0, divisor=1.0, locally_finite=True, budget_bytes=8)
     assert "first 1 of 24 elements written" in "\n".join(raised.value.__notes__)
     assert not torch.equal(shard[:1], before[:1]) and torch.equal(shard[1:], before[1:])
+
+
+@pytest.mark.parametrize("dtype,role", [(torch.float32, Role.SIGN), (torch.bfloat16, Role.SGD),
+                                        (torch.bfloat16, Role.SIGN)])
+def test_writes_in_parts_under_a_backward_that_builds_a_graph(dtype, role):
+    """``loss.backward(create_graph=True)`` runs the backward with grad mode on: the writes in parts (here an MoE
+    model's expert slices, through the buffers allocated before the first) are no part of the graph and must not
+    record (an ``out=`` op refuses operands that require grad), so they move the weights as a plain backward does."""
+    import bread_kernels
+    from tests.model_zoo import loss_of, qwen3_moe
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    trained = []
+    for create_graph in (False, True):
+        model = bread_kernels.patch(qwen3_moe(dtype=dtype, layers=2))
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), list(model.named_parameters()),
+                                           switch_block_every=10, sgd_mode="all", sgd_use_sign=role is Role.SIGN,
+                                           sgd_lr_scaling=5.0, rounding=Rounding.NEAREST)
+        loss_of(model, ids).backward(create_graph=create_graph)
+        trained.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        opt.close()
+    moved = [name for name, p in trained[0].items() if not torch.equal(p, before[name])]
+    assert any("experts" in name for name in moved), moved
+    for name, plain in trained[0].items():
+        torch.testing.assert_close(trained[1][name], plain, rtol=0, atol=0, msg=name)

@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..interrupts import add_note
+
 __all__ = ["computes_the_same"]
 
 #: what a forward raises when it does not take a probe: it then computes something else than the fused one
@@ -24,10 +26,9 @@ def _out_of_memory(error: RuntimeError) -> bool:
 
 
 def _add_remedy(error: BaseException, module: nn.Module) -> None:
-    if not hasattr(error, "add_note"):  # Python < 3.11
-        return
-    error.add_note(f"bread_kernels: raised by {type(module).__name__}.forward on a probe input, run to learn whether "
-                   "it computes what the fused one does; patch(model, fused_elementwise=False) skips the probes")
+    add_note(error, f"bread_kernels: raised by {type(module).__name__}.forward on a probe input, run to learn "
+                    "whether it computes what the fused one does; patch(model, fused_elementwise=False) skips the "
+                    "probes")
 
 
 def computes_the_same(module: nn.Module, replacement: Callable[[torch.Tensor], torch.Tensor],
