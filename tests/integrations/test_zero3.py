@@ -65,8 +65,8 @@ ON_THE_FLY_ATOL, RTOL, ADAM_ATOL = 1e-6, 1e-5, 2e-5
 
 sys.path.insert(0, str(ROOT))
 from tests.integrations.ranks import free_port, read_ranks, torchrun  # noqa: E402
-from tests.integrations.zero3_worker import CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, STEPS, \
-    TRAINER_CASES  # noqa: E402
+from tests.integrations.zero3_worker import CASES, CUSTOM_LOSS_CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, \
+    STEPS, TRAINER_CASES  # noqa: E402
 
 
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
@@ -89,7 +89,7 @@ def worker_results(tmp_path_factory):
     cases): each launch pays ~10 s of imports and start-up."""
     folder = tmp_path_factory.mktemp("zero3")
     return launched_results(folder, "run", "--cases", ",".join(CASES), "--resume", ",".join(RESUME_CASES),
-                            "--plain-initialize",
+                            "--plain-initialize", "--custom-loss", ",".join(CUSTOM_LOSS_CASES),
                             "--trainer", ",".join([*TRAINER_CASES, "zero_init", "zero_init_falcon", "zero_init_moe"]),
                             "--save-dir", str(folder), timeout=3 * TIMEOUT)
 
@@ -202,6 +202,28 @@ def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_firs
     for given in ("block_optimizer", "base_optimizer", "block_optimizer_after_destroy"):
         assert r[given] and "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config)" in r[given]
         assert r[given + "_moved"] == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", CUSTOM_LOSS_CASES)
+def test_a_custom_loss_from_below_the_engine_trains_as_the_reference_or_is_refused(worker_results, case, rank):
+    """A custom loss from ``engine.module.model(...)`` and ``engine.module.lm_head`` (BREAD-SGD sign, persistent
+    parameters) trains as the single-process reference trained with the same loss.  With gradient accumulation such
+    a forward, which did not go through DeepSpeed's engine, is refused before it runs on every rank (before, it
+    trained on silently: DeepSpeed's stage-3 optimizer learns where a step begins and ends only from the engine's
+    forward, and accumulated the active block's gradients wrongly: 4e-3 from the reference after 4 steps); the loss
+    from the logits of ``engine(...)`` then trains as the reference."""
+    r = worker_results[(case, rank)]
+    if CUSTOM_LOSS_CASES[case][2] > 1:
+        assert r["refused"] and "did not go through the DeepSpeed engine" in r["refused"], r["refused"]
+        assert r["moved_by_refused"] == []
+    else:
+        assert r["refused"] is None
+    assert r["switches"] == 2
+    for t, (loss, ref) in enumerate(zip(r["losses"], r["ref_losses"])):
+        assert abs(loss - ref) <= 1e-5 * abs(ref), f"{case}: step {t} mean loss {loss} != reference {ref}"
+    differ = {n: d for n, d in r["diff"].items() if d > ADAM_ATOL + RTOL * r["scale"][n]}
+    assert not differ, f"{case}, rank {rank}: shards differ from the reference's: {differ}"
 
 
 @pytest.fixture(scope="module")

@@ -762,12 +762,93 @@ def run_plain_initialize(rank: int, world: int) -> dict:
     return result
 
 
+def custom_loss(model, ids):
+    """A custom loss from the decoder and the head called apart: ``model.model(...)``, then ``model.lm_head``."""
+    return _shifted_cross_entropy(model.lm_head(model.model(input_ids=ids).last_hidden_state), ids)
+
+
+def _shifted_cross_entropy(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+#: custom losses: name -> (sgd_mode, sign, gas, persistence, switch_mode); with accumulation a forward below the
+#: engine is refused and the loss is computed from the logits of engine(...) instead
+CUSTOM_LOSS_CASES = {
+    "custom_loss_sign_all": ("all", True, 1, 100, "descending"),
+    "custom_loss_sgd_all_gas2": ("all", False, 2, 0, "ascending"),
+}
+
+
+def run_custom_loss(name: str, rank: int, world: int) -> dict:
+    """A custom loss (:func:`custom_loss`) under ZeRO-3 against the single-process plain-autograd reference trained
+    with the same loss: without accumulation from ``engine.module.model(...)`` and ``engine.module.lm_head``; with
+    accumulation that forward is refused before it runs (what it raised, and whether any shard moved), and the
+    loss is computed from the logits of ``engine(input_ids=...)``.  Every rank compares its shards."""
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+    from tests.integrations.reference_accum import AccumulatingReference
+    from tests.optim.reference_bcd import block_prefixes
+
+    sgd_mode, sign, gas, persistence, switch_mode = CUSTOM_LOSS_CASES[name]
+    original = build_model("llama")
+    ref_model = copy.deepcopy(original)
+    names = [n for n, _ in original.named_parameters()]
+    bcd = dict(switch_block_every=2, switch_mode=switch_mode, sgd_mode=sgd_mode, sgd_use_sign=sign,
+               sgd_lr_scaling=SCALING)
+    optimizer_cls, adam = OPTIMIZERS["adamw"]
+    reference = AccumulatingReference(ref_model, block_prefixes(names, [f"model.layers.{i}." for i in range(LAYERS)],
+                                                                "model.embed_tokens."),
+                                      loss_fn=custom_loss, optimizer_cls=optimizer_cls, optimizer_kwargs=dict(adam),
+                                      **bcd)
+    ref_losses = [reference.step_accumulated(micro_batches(t, gas, world)) for t in range(STEPS)]
+    model = patch(original)
+    opt = bkds.ZeroBlockOptimizer(optimizer_cls(model.parameters(), **adam), list(model.named_parameters()),
+                                  verbose=0, **bcd)
+    engine = bkds.initialize(model, opt, config=ds_config(gas, persistence))
+    result = {"case": name, "refused": None}
+    if gas > 1:
+        before = {n: p.ds_tensor.detach().clone() for n, p in model.named_parameters()}
+        ids = micro_batches(0, gas, world)[0][rank * MICRO:(rank + 1) * MICRO]
+        try:
+            engine.backward(custom_loss(engine.module, ids))
+        except RuntimeError as exc:
+            result["refused"] = str(exc)
+        result["moved_by_refused"] = [n for n, p in model.named_parameters() if not torch.equal(p.ds_tensor, before[n])]
+
+    def loss(ids):
+        if gas == 1:
+            return custom_loss(engine.module, ids)
+        return _shifted_cross_entropy(engine(input_ids=ids).logits, ids)
+
+    losses = []
+    for t in range(STEPS):
+        step_loss = 0.0
+        for ids in micro_batches(t, gas, world):
+            value = loss(ids[rank * MICRO:(rank + 1) * MICRO])
+            engine.backward(value)
+            step_loss += value.item() / gas
+            engine.step()
+        mean = torch.tensor([step_loss])
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+    result.update(losses=losses, ref_losses=ref_losses, switches=engine.switches, diff={}, scale={})
+    for n, p in model.named_parameters():
+        layout = bkds.shard_layout(p)
+        ref = reference.model.get_parameter(n).detach().reshape(-1)[layout.start:layout.start + layout.valid]
+        mine = p.ds_tensor[:layout.valid].detach().float()
+        result["diff"][n] = (mine - ref).abs().max().item() if layout.valid else 0.0
+        result["scale"][n] = ref.abs().max().item() if layout.valid else 0.0
+    engine.destroy()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=None, help="CASES to run (all of them when no group below is given)")
     parser.add_argument("--resume", default=None, help="resume cases (RESUME_CASES)")
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--plain-initialize", action="store_true", help="run_plain_initialize")
+    parser.add_argument("--custom-loss", default=None, help="custom-loss cases (CUSTOM_LOSS_CASES)")
     parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES, and zero_init: run_zero_init)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
@@ -778,7 +859,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     freeze_long_lived_objects()
     results = []
-    groups = args.resume or args.plain_initialize or args.trainer
+    groups = args.resume or args.plain_initialize or args.trainer or args.custom_loss
     cases = args.cases.split(",") if args.cases else [] if groups else list(CASES)
     try:  # the groups one after the other in one process: each launch pays ~10 s of imports and start-up
         for name in cases:
@@ -787,6 +868,8 @@ def main() -> None:
             results.append(run_resume(name, rank, world, os.path.join(args.save_dir, name)))
         if args.plain_initialize:
             results.append(run_plain_initialize(rank, world))
+        for name in args.custom_loss.split(",") if args.custom_loss else ():
+            results.append(run_custom_loss(name, rank, world))
         for name in args.trainer.split(",") if args.trainer else ():
             results.append(run_zero_init(rank, world, name[len("zero_init_"):] or "llama")
                            if name.startswith("zero_init") else

@@ -46,6 +46,7 @@ class ZeroBlockEngine:
         self.on_rebuild: list = []
         optimizer._ds_engine = ds_engine
         optimizer.update_target.loss_scale = _LossScale(ds_engine)  # also what says an engine is connected
+        optimizer.update_target.ds_engine = weakref.ref(ds_engine)
         self._recompute_scope = register_recompute_scope(module_stack_restored)
         weakref.finalize(self, self._recompute_scope.remove)
 
@@ -291,6 +292,7 @@ class ZeroBlockEngine:
         the process groups its parameters hold, which must go before interpreter shutdown (call
         ``deepspeed.comm.destroy_process_group()`` then, which drops DeepSpeed's own references to them too)."""
         self.block_optimizer.update_target.loss_scale = None  # disconnected: an engine made after is checked again
+        self.block_optimizer.update_target.ds_engine = None
         self.block_optimizer._ds_engine = None
         unmark_lora_leaves(self.engine.module)
         self._recompute_scope.remove()

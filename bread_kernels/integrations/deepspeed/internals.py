@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import warnings
 
 import torch
@@ -20,7 +21,7 @@ __all__ = ["SUPPORTED_VERSIONS", "PARAM_ATTRIBUTES", "ENGINE_MEMBERS", "OPTIMIZE
            "shard_layout", "check_shard_device", "is_persistent", "forward_module_stack", "module_stack_restored",
            "forget_modules", "clear_release_cache", "default_checkpoint_tag", "latest_checkpoint_tag",
            "checkpointed_as_frozen", "engine_of_module", "remove_module_hooks", "whole_shape",
-           "any_partitioned", "micro_batches_of_the_coming_step", "gathered_state_dict"]
+           "any_partitioned", "micro_batches_of_the_coming_step", "inside_engine_forward", "gathered_state_dict"]
 
 #: DeepSpeed minor versions whose internals this module was written against and tested with
 SUPPORTED_VERSIONS = ("0.19",)
@@ -95,6 +96,10 @@ def internals_problems(engine=None, module: torch.nn.Module | None = None) -> li
                      "_create_module_forward_pre_hook", "_zero3_consolidated_16bit_state_dict"):
             if not hasattr(DeepSpeedEngine, name):
                 problems.append(f"DeepSpeedEngine.{name} is gone")
+        forward = _engine_forward()
+        if forward.__qualname__ != "DeepSpeedEngine.forward" or "_backward_prologue" not in inspect.getsource(forward):
+            problems.append("DeepSpeedEngine.forward no longer hooks the backward prologue on its outputs "
+                            "(inside_engine_forward)")
         hook_maker = getattr(DeepSpeedEngine, "_create_module_forward_pre_hook", None)
         if hook_maker is not None and "register_forward_pre_hook" not in inspect.getsource(hook_maker):
             problems.append("DeepSpeedEngine no longer registers a forward pre-hook on its module (engine_of_module)")
@@ -287,6 +292,37 @@ def micro_batches_of_the_coming_step(engine) -> int | None:
     if boundary is not None:
         return 0 if boundary else None
     return engine.micro_steps % engine.gradient_accumulation_steps()
+
+
+def _engine_forward():
+    """``DeepSpeedEngine.forward`` itself, from under its ``instrument_w_nvtx`` wrapper (which holds it in a closure,
+    without ``functools.wraps``)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    forward = DeepSpeedEngine.forward
+    for cell in forward.__closure__ or ():
+        contents = cell.cell_contents
+        if getattr(contents, "__qualname__", "") == "DeepSpeedEngine.forward":
+            return inspect.unwrap(contents)
+    return inspect.unwrap(forward)
+
+
+def _engine_forward_code():
+    return _engine_forward().__code__
+
+
+def inside_engine_forward() -> bool:
+    """Whether the caller runs inside a DeepSpeed engine's ``forward`` (``engine(...)``), which hooks on its outputs
+    the backward prologue that tells DeepSpeed 0.19's stage-3 optimizer where a gradient-accumulation step begins
+    and ends; a forward called on ``engine.module`` or below it (``engine.module.model(...)``) gets none.  Walks the
+    caller's frames: once per forward, a few microseconds."""
+    code = _engine_forward_code()
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def gathered_state_dict(engine) -> dict | None:

@@ -19,7 +19,7 @@ import torch
 from ...update import LOCAL, UpdateTarget, all_finite, dw_all_finite
 from ..sharded_update import (all_gather_shards, allgather_rows_update_, dense_grad_fill, linear_grad_fill,
                               reduce_scatter_update_)
-from .internals import check_shard_device, is_partitioned, is_persistent, shard_layout
+from .internals import check_shard_device, inside_engine_forward, is_partitioned, is_persistent, shard_layout
 
 __all__ = ["ZeroShards"]
 
@@ -36,6 +36,8 @@ class ZeroShards(UpdateTarget):
 
     def __init__(self, loss_scale: Callable[[], float] | None = None):
         self.loss_scale = loss_scale
+        #: the DeepSpeed engine that :func:`initialize` connected, weakly (None: none connected)
+        self.ds_engine: Callable | None = None
         self._updated_persistent: dict[int, torch.nn.Parameter] = {}
         self._refresh_queued = False
 
@@ -51,6 +53,25 @@ class ZeroShards(UpdateTarget):
                                "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config) and train "
                                "with a loop over the engine it returns, or give the Trainer BreadCallback (the "
                                "ZeroBlockOptimizer from its create_optimizer; python/zero3_example.py shows both)")
+        engine = self.ds_engine() if self.ds_engine is not None else None
+        if under_deepspeed and engine is not None and engine.gradient_accumulation_steps() > 1 and \
+                not inside_engine_forward():
+            self._refuse_forward_outside_the_engine(engine.gradient_accumulation_steps())
+
+    @staticmethod
+    def _refuse_forward_outside_the_engine(gas: int) -> None:
+        """A forward called on ``engine.module`` (or below it) under gradient accumulation: DeepSpeed's stage-3
+        optimizer learns where a step's micro-batches begin and end from the backward prologue that the engine's
+        ``forward`` hooks on its outputs, and without it reduces the active block's gradients wrongly (measured with
+        DeepSpeed alone: another result than ``engine(...)``'s)."""
+        raise RuntimeError(f"ZeroBlockOptimizer: this forward did not go through the DeepSpeed engine (it was called "
+                           f"on engine.module or below it, e.g. engine.module.model(...) of a custom loss) while "
+                           f"DeepSpeed accumulates {gas} micro-batches per step: DeepSpeed's stage-3 optimizer learns "
+                           "where a step begins and ends only from a forward through the engine, and without it "
+                           "accumulates the active block's gradients wrongly (DeepSpeed alone does too). Call the "
+                           "engine (engine(input_ids=..., ...)) and compute the loss from its outputs (logits, or "
+                           "hidden states with output_hidden_states=True), or train with gradient_accumulation_steps "
+                           "1, where a forward below the engine trains as one through it")
 
     def _loss_scale(self) -> float:
         return float(self.loss_scale()) if self.loss_scale is not None else 1.0
