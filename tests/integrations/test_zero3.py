@@ -66,7 +66,7 @@ ON_THE_FLY_ATOL, RTOL, ADAM_ATOL = 1e-6, 1e-5, 2e-5
 sys.path.insert(0, str(ROOT))
 from tests.integrations.ranks import free_port, read_ranks, torchrun  # noqa: E402
 from tests.integrations.zero3_worker import CASES, CUSTOM_LOSS_CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, \
-    STEPS, TRAINER_CASES  # noqa: E402
+    STEPS, TRAINER_CASES, WEIGHTS_ONLY_LOADS  # noqa: E402
 
 
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
@@ -89,7 +89,7 @@ def worker_results(tmp_path_factory):
     cases): each launch pays ~10 s of imports and start-up."""
     folder = tmp_path_factory.mktemp("zero3")
     return launched_results(folder, "run", "--cases", ",".join(CASES), "--resume", ",".join(RESUME_CASES),
-                            "--plain-initialize", "--custom-loss", ",".join(CUSTOM_LOSS_CASES),
+                            "--plain-initialize", "--custom-loss", ",".join(CUSTOM_LOSS_CASES), "--weights-only",
                             "--trainer", ",".join([*TRAINER_CASES, "zero_init", "zero_init_falcon", "zero_init_moe"]),
                             "--save-dir", str(folder), timeout=3 * TIMEOUT)
 
@@ -202,6 +202,18 @@ def test_deepspeed_initialize_instead_of_the_integrations_is_refused_at_the_firs
     for given in ("block_optimizer", "base_optimizer", "block_optimizer_after_destroy"):
         assert r[given] and "bread_kernels.integrations.deepspeed.initialize(model, optimizer, config)" in r[given]
         assert r[given + "_moved"] == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("how", WEIGHTS_ONLY_LOADS)
+def test_a_weights_only_load_brings_back_every_weight_the_saved_run_had(worker_results, how, rank):
+    """``load_module_only=True`` or ``load_optimizer_states=False`` into a fresh engine that starts at the saved run's
+    active block: every shard is the saved run's, bit for bit.  Before, ``load_module_only=True`` left the active
+    block's weights (those DeepSpeed's optimizer trains, kept in its fp32 partitions) at their initial values,
+    silently: DeepSpeed 0.19 rebuilds them from the partitions only where it loads no optimizer state."""
+    r = worker_results[("weights_only", rank)]
+    assert r["active"] and r["active_moved"] == r["active"], "the saved run's active block did not move"
+    assert r[how] == [], f"{how}: shards that differ from the saved run's: {r[how]}"
 
 
 @pytest.mark.parametrize("rank", [0, 1])

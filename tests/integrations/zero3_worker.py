@@ -394,6 +394,51 @@ def run_resume(name: str, rank: int, world: int, save_dir: str) -> dict:
     return result
 
 
+#: a weights-only load: the ZeroBlockEngine.load_checkpoint arguments of each way, by name
+WEIGHTS_ONLY_LOADS = {"load_module_only": dict(load_module_only=True),
+                      "no_optimizer_states": dict(load_optimizer_states=False)}
+
+
+def run_weights_only(rank: int, world: int, save_dir: str) -> dict:
+    """BREAD-SGD sign trained SAVE_AFTER steps (mid-block) and saved by ZeroBlockEngine.save_checkpoint, then loaded
+    weights only (WEIGHTS_ONLY_LOADS) into a fresh engine built to start at the saved run's active block: this
+    rank's shard of every parameter against the saved run's (the names that differ), and the parameters the
+    saved run's active block moved (so that the comparison covers them)."""
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+
+    def build(start_block):
+        model = patch(build_model("llama"))
+        opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5),
+                                      list(model.named_parameters()), verbose=0, switch_block_every=2,
+                                      switch_mode="descending", start_block=start_block, sgd_mode="all",
+                                      sgd_use_sign=True, sgd_lr_scaling=SCALING)
+        return model, opt, bkds.initialize(model, opt, config=ds_config(1, 0))
+
+    def shards(model):
+        return {n: p.ds_tensor.detach().clone() for n, p in model.named_parameters()}
+
+    model, opt, engine = build(None)
+    initial = shards(model)
+    for t in range(SAVE_AFTER):
+        ids = micro_batches(t, 1, world)[0][rank * MICRO:(rank + 1) * MICRO]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    engine.save_checkpoint(save_dir)
+    saved, saved_block = shards(model), opt.order.current
+    active = [n for n, role in opt.roles.items() if role.name == "ACTIVE"]
+    engine.destroy()
+    result = {"case": "weights_only", "active_moved": [n for n in active if not torch.equal(saved[n], initial[n])],
+              "active": active}
+    for how, arguments in WEIGHTS_ONLY_LOADS.items():
+        model, opt, engine = build(saved_block)
+        engine.load_checkpoint(save_dir, **arguments)
+        loaded = shards(model)
+        result[how] = [n for n in saved if not torch.equal(loaded[n], saved[n])]
+        engine.destroy()
+    return result
+
+
 #: the Hugging Face Trainer with deepspeed= and BreadCallback: name -> (family, sgd_mode, sign, gas, switch_mode,
 #: start_block, lora_mode).  trainer_lora_partial also saves after every step through the Trainer (a peft model,
 #: for which the Trainer asks DeepSpeed to leave the frozen parameters out): checkpoint-SAVE_AFTER resumes in the
@@ -849,6 +894,7 @@ def main() -> None:
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--plain-initialize", action="store_true", help="run_plain_initialize")
     parser.add_argument("--custom-loss", default=None, help="custom-loss cases (CUSTOM_LOSS_CASES)")
+    parser.add_argument("--weights-only", action="store_true", help="run_weights_only (needs --save-dir)")
     parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES, and zero_init: run_zero_init)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
@@ -859,7 +905,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     freeze_long_lived_objects()
     results = []
-    groups = args.resume or args.plain_initialize or args.trainer or args.custom_loss
+    groups = args.resume or args.plain_initialize or args.trainer or args.custom_loss or args.weights_only
     cases = args.cases.split(",") if args.cases else [] if groups else list(CASES)
     try:  # the groups one after the other in one process: each launch pays ~10 s of imports and start-up
         for name in cases:
@@ -870,6 +916,8 @@ def main() -> None:
             results.append(run_plain_initialize(rank, world))
         for name in args.custom_loss.split(",") if args.custom_loss else ():
             results.append(run_custom_loss(name, rank, world))
+        if args.weights_only:
+            results.append(run_weights_only(rank, world, os.path.join(args.save_dir, "weights_only")))
         for name in args.trainer.split(",") if args.trainer else ():
             results.append(run_zero_init(rank, world, name[len("zero_init_"):] or "llama")
                            if name.startswith("zero_init") else

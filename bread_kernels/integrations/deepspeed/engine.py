@@ -134,10 +134,14 @@ class ZeroBlockEngine:
                                "not trained; nothing was loaded. Load into a fresh engine (initialize)")
         if tag is None:
             tag = latest_checkpoint_tag(self.engine, load_dir)
-        deepspeed_arguments = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+        weights_only = load_module_only or not load_optimizer_states
+        # DeepSpeed 0.19 rebuilds a ZeRO-3 model's weights from the checkpoint's fp32 partitions only where it loads
+        # no optimizer state; with load_module_only=True alone it loads the frozen parameters and leaves the ones
+        # its optimizer trains (the active block) at their values in this engine, silently
+        deepspeed_arguments = dict(load_module_strict=load_module_strict,
+                                   load_optimizer_states=load_optimizer_states and not load_module_only,
                                    load_lr_scheduler_states=load_lr_scheduler_states,
                                    load_module_only=load_module_only, custom_load_fn=custom_load_fn)
-        weights_only = load_module_only or not load_optimizer_states
         schedule = None if tag is None or weights_only else self._read_schedule(load_dir, str(tag))
         if schedule is None:
             if tag is not None and not weights_only:
