@@ -661,6 +661,33 @@ def test_a_deepspeed_checkpoint_without_the_schedule_warns_and_names_start_block
     opt.close()
 
 
+def test_a_weights_only_load_with_another_block_active_names_the_saved_block(tmp_path):
+    """A checkpoint of ZeroBlockEngine.save_checkpoint loaded weights only (load_module_only, as the refusal of
+    another variant suggests) into an optimizer whose active block is not the saved run's: DeepSpeed fails on the
+    first weight trained then and frozen now.  The error said the checkpoint was saved by DeepSpeed's own
+    save_checkpoint; it now names the saved run's active block as the start_block to build with."""
+    model, opt, ds, engine = _engine_without_deepspeed("all")
+    engine.save_checkpoint(tmp_path, tag="t")
+    saved_block = opt.order.current
+    other = type(engine)(ds, _rebuilt_at_another_block(model, opt))
+    with pytest.raises(ValueError, match=f"this weights-only load .* saved run had block {saved_block} active .* "
+                                         f"start_block={saved_block}"):
+        other.load_checkpoint(tmp_path, load_module_only=True)
+    other.block_optimizer.close()
+
+
+def _rebuilt_at_another_block(model, opt):
+    """A ZeroBlockOptimizer over ``model`` like ``opt`` but starting at another block (``opt`` closed)."""
+    import torch
+
+    from bread_kernels.integrations import deepspeed as bkds
+
+    other = next(i for i in range(opt.block_num) if i != opt.order.current)
+    opt.close()
+    return bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                                   sgd_mode="all", verbose=0, start_block=other)
+
+
 def _run_example(*args: str, launcher: str = "deepspeed") -> str:
     """``python/zero3_example.py`` on 2 CPU ranks (small settings, signSGD, GAS 2) under ``launcher``: "deepspeed"
     (its launcher, as the example's docstring runs it) or "torchrun"."""

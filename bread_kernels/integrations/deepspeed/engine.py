@@ -209,6 +209,15 @@ class ZeroBlockEngine:
                 raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run "
                                  "expects it: this ZeroBlockOptimizer trains other parameters than the saved run's "
                                  "did. Build it as the saved run's (sgd_mode, lora_mode, active_modules)") from exc
+            saved_block = _saved_block(load_dir, tag)
+            if saved_block is not None:  # saved by save_checkpoint, loaded weights only
+                raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run "
+                                 "expects it among the frozen parameters: this weights-only load goes into an "
+                                 f"optimizer whose active block is {self.block_optimizer.order.current}, and the "
+                                 f"saved run had block {saved_block} active (DeepSpeed keeps the weights its "
+                                 "optimizer trains apart from the frozen ones). Build the ZeroBlockOptimizer with "
+                                 f"start_block={saved_block} (the block order and the step count start afresh), or "
+                                 "load the whole checkpoint to resume the saved run") from exc
             raise ValueError(f"ZeroBlockEngine.load_checkpoint: the checkpoint has no {exc} where this run expects "
                              "it: it was saved by DeepSpeed's own save_checkpoint, without the block schedule, with "
                              "another block active (or with the parameters a hook updates left out). Build the "
@@ -310,6 +319,15 @@ class ZeroBlockEngine:
         _drop_cached_backward_functions(self.engine.module)  # they close over the coordinator, which holds the model
         forget_modules(self.engine.module)  # else DeepSpeed's globals keep the model (and its process groups) alive
         clear_release_cache()
+
+
+def _saved_block(load_dir, tag) -> int | None:
+    """The block that was active when :meth:`ZeroBlockEngine.save_checkpoint` saved ``tag`` (None: no readable
+    schedule there).  Read by each rank on its own, for an error message: no collective on an error path."""
+    try:
+        return int(torch.load(os.path.join(load_dir, str(tag), SCHEDULE_FILE), weights_only=True)["order"]["current"])
+    except Exception:  # noqa: BLE001 - no schedule (DeepSpeed's own save), or not one of ours: the general message
+        return None
 
 
 def _load_into_destroyed_engine(*args, **kwargs):
