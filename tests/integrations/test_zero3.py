@@ -676,6 +676,26 @@ def test_a_weights_only_load_with_another_block_active_names_the_saved_block(tmp
     other.block_optimizer.close()
 
 
+@pytest.mark.parametrize("weights_only", [dict(load_module_only=True), dict(load_optimizer_states=False)])
+def test_a_weights_only_load_of_a_tag_latest_does_not_name_is_refused_before_anything_loads(tmp_path, weights_only):
+    """DeepSpeed 0.19's weights-only ZeRO-3 load rebuilds the weights its optimizer trains from the checkpoint that
+    ``latest`` names (``get_fp32_state_dict_from_zero_checkpoint(load_dir)``, without the tag) and the frozen ones
+    from the tag asked for: on 2 gloo ranks, tag "a" loaded so while ``latest`` named "b" gave the active block's 9
+    weights from "b" and the rest from "a", silently.  Refused now before DeepSpeed is called; the tag ``latest``
+    names loads."""
+    model, opt, ds, engine = _engine_without_deepspeed("all")
+    engine.save_checkpoint(tmp_path, tag="a")
+    engine.save_checkpoint(tmp_path, tag="b")
+    ds.fail_load = False
+    with pytest.raises(ValueError, match="weights-only load .* of tag 'a', while .*latest names 'b'.* nothing was "
+                                         "loaded"):
+        engine.load_checkpoint(tmp_path, tag="a", **weights_only)
+    assert ds.loads == []
+    engine.load_checkpoint(tmp_path, tag="b", **weights_only)
+    assert [tag for tag, _ in ds.loads] == ["b"]
+    opt.close()
+
+
 def _rebuilt_at_another_block(model, opt):
     """A ZeroBlockOptimizer over ``model`` like ``opt`` but starting at another block (``opt`` closed)."""
     import torch

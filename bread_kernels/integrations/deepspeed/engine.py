@@ -132,9 +132,17 @@ class ZeroBlockEngine:
             raise RuntimeError(f"ZeroBlockEngine.load_checkpoint: this engine has stepped ({self.engine.micro_steps} "
                                "step() calls), and DeepSpeed loads a ZeRO-3 checkpoint only into an engine that has "
                                "not trained; nothing was loaded. Load into a fresh engine (initialize)")
+        latest = latest_checkpoint_tag(self.engine, load_dir)
         if tag is None:
-            tag = latest_checkpoint_tag(self.engine, load_dir)
+            tag = latest
         weights_only = load_module_only or not load_optimizer_states
+        if weights_only and tag is not None and str(tag) != latest:
+            raise ValueError(f"ZeroBlockEngine.load_checkpoint: a weights-only load (load_module_only=True or "
+                             f"load_optimizer_states=False) of tag {tag!r}, while {load_dir}/latest names {latest!r}: "
+                             "DeepSpeed 0.19 rebuilds the weights its optimizer trains from the checkpoint 'latest' "
+                             "names (zero_to_fp32 without the tag) and the frozen ones from the tag, a silent mix of "
+                             "two checkpoints; nothing was loaded. Load the tag whole (the schedule resumes with it), "
+                             "or write the tag into 'latest' first")
         # DeepSpeed 0.19 rebuilds a ZeRO-3 model's weights from the checkpoint's fp32 partitions only where it loads
         # no optimizer state; with load_module_only=True alone it loads the frozen parameters and leaves the ones
         # its optimizer trains (the active block) at their values in this engine, silently
