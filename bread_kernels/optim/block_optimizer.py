@@ -386,9 +386,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         return {name: list(p.shape) for name, p in self.named_parameters_list}
 
     def _variant(self) -> dict:
-        """What the optimizer does besides the block schedule: the on-the-fly rule (``sgd_mode``, ``sgd_use_sign``),
+        """What the optimizer does besides the block schedule: the base optimizer's class (another one's state loads
+        into torch's optimizers without a word — Adam's into Adamax fails at the step, Adam's and AdamW's carry each
+        other's hyperparameters over), the on-the-fly rule (``sgd_mode``, and ``sgd_use_sign`` where there is one)
         and, with LoRA adapters among the parameters, ``lora_mode``."""
-        variant = {"sgd_mode": self.sgd_mode, "sgd_use_sign": self.sgd_use_sign}
+        variant = {"base_optimizer": type(self.base_optimizer).__qualname__, "sgd_mode": self.sgd_mode}
+        if self.sgd_mode != "disabled":
+            variant["sgd_use_sign"] = self.sgd_use_sign
         if any(is_adapter_name(name) for name in self.names):
             variant["lora_mode"] = self.lora_mode
         return variant

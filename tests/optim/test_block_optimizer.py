@@ -756,7 +756,12 @@ def test_a_state_saved_from_another_model_or_base_optimizer_is_refused_at_the_lo
     train(model, opt, 2, start=1)
     _refused_and_trains_on_as_untouched(
         opt.state_dict(), lambda: build(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)),
-        "lack .*'momentum' of this SGD: saved by another base optimizer")
+        "the saved run's variant \\(base_optimizer='AdamW'.* is not this optimizer's \\(base_optimizer='SGD'")
+    # the same keys in its groups, another state: Adam's loaded into Adamax failed at the step with KeyError 'exp_inf'
+    model, opt = build(torch.optim.Adam)
+    train(model, opt, 2, start=1)
+    _refused_and_trains_on_as_untouched(opt.state_dict(), lambda: build(torch.optim.Adamax),
+                                        "the saved run's variant \\(base_optimizer='Adam'.* is not this optimizer's")
 
 
 @pytest.mark.parametrize("saved_with, loaded_with", [(dict(sgd_mode="all"), dict()),
@@ -775,6 +780,25 @@ def test_a_state_saved_by_another_variant_is_refused_with_nothing_changed(saved_
     model, opt = build(**saved_with)
     _refused_and_trains_on_as_untouched(opt.state_dict(), lambda: build(**loaded_with),
                                         "the saved run's variant .* is not this optimizer's")
+
+
+def test_a_badam_state_resumes_whatever_its_unused_sign_flag():
+    """sgd_use_sign means nothing where nothing is updated on the fly (sgd_mode="disabled"): a BAdam run saved with
+    it set resumes into one without, exactly as into its twin."""
+    def build(**kwargs):
+        model = bread_kernels.patch(BUILDERS["llama"]())
+        opt = make(model, switch_block_every=2, **kwargs)
+        train(model, opt, 1)
+        return model, opt
+
+    _, saved = build(sgd_use_sign=True)
+    state = copy.deepcopy(saved.state_dict())
+    resumed = [build(sgd_use_sign=flag) for flag in (True, False)]
+    for model, opt in resumed:
+        opt.load_state_dict(copy.deepcopy(state))
+        train(model, opt, 2, start=1)
+    for (name, p), (_, q) in zip(resumed[0][0].named_parameters(), resumed[1][0].named_parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_an_optimizer_does_not_pickle_or_copy_and_says_what_to_save():
