@@ -815,8 +815,10 @@ def _warn_unfused_head(name: str, head: nn.Module) -> None:
     ``modules_to_save`` wraps it in a ``ModulesToSaveWrapper`` holding the original and a trained copy): neither the
     fused linear nor the fused head+loss serves it, so its on-the-fly update materialises the whole [vocab, hidden]
     gradient and the loss its [tokens, vocab] fp32 logits."""
-    warnings.warn(f"patch: the output head {name} ({type(head).__name__}) is not a linear layer patch fuses (peft's "
-                  "modules_to_save wraps the head in copies), so it keeps plain autograd and the fused head+loss "
+    why = " (peft's modules_to_save wraps the head in copies)" if type(head).__name__ == "ModulesToSaveWrapper" \
+        else ""
+    warnings.warn(f"patch: the output head {name} ({type(head).__name__}) is not a linear layer patch fuses{why}, "
+                  "so it keeps plain autograd and the fused head+loss "
                   "does not run: an on-the-fly update of it (sgd_mode='all') goes through the hook path, which "
                   "materialises its whole [vocab, hidden] gradient, and the loss its fp32 logits, as the reference "
                   "does. On a peft model, train the head through LoRA instead (target_modules=[..., 'lm_head']), "

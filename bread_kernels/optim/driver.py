@@ -150,6 +150,8 @@ class EngineDriver:
         self._skip_collector = _SkipCollector(self)
         self._checks = FiniteChecks()
         self._writes = OnTheFlyWrites()
+        #: the forward (its epoch) each output of a forward came from, for the head called apart on it
+        self._output_epochs: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
         self._closed = False
         handles: list = []
@@ -224,6 +226,19 @@ class EngineDriver:
                     f"{when} changed anything. Build the optimizer (and its base optimizer) after the load, or "
                     "load without assign=True (model.load_state_dict(sd) copies the values into the parameters the "
                     "optimizer holds)")
+
+    def _head_input_epoch(self, args, last: int) -> int | None:
+        """The forward the head called apart from one (a custom loss's ``model.lm_head(hidden)``) belongs to: the
+        one whose output (or a view of it: ``hidden[:, :-1]``) it takes, where known, so that its output's guard
+        refuses a stale one before the head's own backward writes; else the forward that began last (``last``),
+        unless a write came since (the blocks called by hand: None, no guard)."""
+        hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        while hidden is not None:
+            epoch = self._output_epochs.get(hidden)
+            if epoch is not None:
+                return epoch
+            hidden = hidden._base
+        return None if self._writes.made_stale(last) else last
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -682,12 +697,11 @@ class _ForwardHooks:
             return
         hooks = []
         epoch = forward_epoch()
-        # the head called apart from a forward (a custom loss's model.lm_head(hidden)) belongs to the forward that
-        # began last, unless a write came since: then its input comes from no forward begun since (the blocks
-        # called by hand), or from a stale one whose own outputs' guards refuse it
-        head_apart = driver.engine is not None and module is driver.engine.head
-        if driver._any_on_the_fly and driver._drives_a_patched_model and \
-                not (head_apart and driver._writes.made_stale(epoch)):  # registered first: it runs first
+        guarded = driver._any_on_the_fly and driver._drives_a_patched_model
+        if guarded and driver.engine is not None and module is driver.engine.head:
+            epoch = driver._head_input_epoch(args, epoch)
+            guarded = epoch is not None
+        if guarded:  # registered first: it runs first
             hooks.append(_StaleGraphGuard(driver._writes, epoch, driver.what))
         if dp is not None and (dp.syncs or driver._deferred):
             hooks.append(_QueueAverage(self.driver, dp))
@@ -695,6 +709,8 @@ class _ForwardHooks:
             for value in _outputs_requiring_grad(output):
                 for hook in hooks:
                     value.register_hook(hook)
+                if guarded and module is not driver.engine.head:
+                    driver._output_epochs[value] = epoch
 
 
 def _outputs_requiring_grad(output):

@@ -95,6 +95,30 @@ def test_two_forwards_below_the_model_then_their_backwards_are_refused_as_the_mo
     models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("modes", [MODES[0], MODES[1]], ids=MODE_IDS[:2])
+def test_the_head_called_apart_on_a_stale_forwards_hidden_states_is_refused_before_it_writes(modes):
+    """Two forwards of ``model.model(...)``, the second's loss (head included) backward, and only then the head
+    called on the first's hidden states and that loss's backward: the head's output belongs to the first forward,
+    whose graph the writes made stale, so the backward is refused before the head's own backward writes it (the
+    head moved, then the refusal came, before); the model and its gradients are as the first backward left them."""
+    model = bread_kernels.patch(models.llama(), hook_update_numel=0)
+    opt = _optimizer(model, switch_block_every=1, start_block=1, switch_mode="fixed", **modes)
+    first = model.model(input_ids=batch(0)).last_hidden_state
+    second = model.model(input_ids=batch(1)).last_hidden_state
+    _head_loss(model, second, batch(1)).backward()
+    before = _snapshot(model)
+    loss = _head_loss(model, first, batch(0))
+    with pytest.raises(RuntimeError, match=f"{STALE}.*{REMEDY}"):
+        loss.backward()
+    assert _unchanged(model, before)
+    opt.close()
+
+
+def _head_loss(model, hidden, ids):
+    logits = model.lm_head(hidden[:, :-1]).float()  # a view of the forward's output, as losses slice it
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+
 @pytest.mark.parametrize("modes", [MODES[0], MODES[2]], ids=[MODE_IDS[0], MODE_IDS[2]])
 def test_accumulated_forwards_below_the_model_train_as_the_unpatched_model_and_a_metric_without_grad_changes_nothing(
         modes):
