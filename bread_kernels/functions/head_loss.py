@@ -376,15 +376,33 @@ def head_plan_refusal(plan: WeightPlan | None) -> str | None:
     return None
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+            buffers: FlatBuffers | None = None):
     """(z fp32 [rows, cols], t = tanh(z_raw / c) fp32 or None): the logits of the rows ``h`` for the rows of
-    ``weight``, computed in their (compute) dtype, soft-capped in it, then upcast — HF's order of operations."""
-    z = torch.nn.functional.linear(h, weight, bias)
+    ``weight``, computed in their (compute) dtype, soft-capped in it, then upcast — HF's order of operations.
+    ``buffers``: where every result and temporary goes (:class:`_VocabularyTiles`'s, [rows, cols] each: ``linear``
+    in the compute dtype; ``logits`` fp32, unless the compute dtype is fp32 without a cap; ``compute``, the capped
+    logits before their upcast, and ``tanh`` fp32, below fp32); None: allocated."""
+    shape = torch.Size((h.shape[0], weight.shape[0]))
+
+    def out(name: str) -> torch.Tensor | None:
+        return None if buffers is None else buffers.take(name, shape)
+
+    # F.linear's own ops on 2-D operands: addmm with a bias, mm without
+    z = torch.mm(h, weight.t(), out=out("linear")) if bias is None else \
+        torch.addmm(bias, h, weight.t(), out=out("linear"))
     if softcap is None:
-        return z.float(), None
+        return _in_fp32(z, out("logits")), None
     z = z.div_(softcap).tanh_()
-    capped = (z * softcap).float()
-    return capped, z.float()
+    capped = torch.mul(z, softcap, out=out("logits" if z.dtype == torch.float32 else "compute"))
+    return _in_fp32(capped, out("logits")), _in_fp32(z, out("tanh"))
+
+
+def _in_fp32(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``t.float()``, into ``out`` where given (``t`` itself where it is fp32)."""
+    if t.dtype == torch.float32:
+        return t
+    return t.float() if out is None else out.copy_(t)
 
 
 def _softmax_(z: torch.Tensor) -> torch.Tensor:
@@ -396,18 +414,38 @@ def _softmax_(z: torch.Tensor) -> torch.Tensor:
     return top + total.log()
 
 
-def _delta_terms(targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, cols: int,
-                 first_col: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _delta_terms(targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | None, cols: int,
+                 first_col: int = 0, buffers: "_TermBuffers | None" = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :func:`_delta_` applies to each token's row of probabilities for the vocabulary columns ``first_col`` …
     ``first_col + cols − 1``, [T, 1] each: the column of its target (clamped into the block), −1 where the target is
     one of them and the token is scored (else 0; a scatter, not an index by nonzero: no host sync), and
     ``scale`` on valid rows, exactly 0 on ignored ones (``scale`` a 0-d fp32 tensor: 1/n, times γ in the backward;
     inf where no token counts, n = 0, whose ignored rows must still give 0, as ``F.cross_entropy``'s gradient is,
-    not 0·inf).  Computed once for every block of a loop over tokens, whose rows are slices of it."""
-    local = targets - first_col
-    hit = valid & (local >= 0) & (local < cols)
-    return (local.clamp(0, cols - 1)[:, None], hit.to(torch.float32).neg_()[:, None],
-            torch.where(valid, scale, 0.0)[:, None])
+    not 0·inf).  Computed once for every block of a loop over tokens, whose rows are slices of it.  ``buffers``:
+    where they go (a vocabulary tile's, with the row scale computed once; ``scale`` is then not read); None:
+    allocated."""
+    o = buffers
+    local = torch.sub(targets, first_col, out=None if o is None else o.local)
+    hit = torch.ge(local, 0, out=None if o is None else o.hit).bitwise_and_(valid)
+    hit.bitwise_and_(torch.lt(local, cols, out=None if o is None else o.in_tile))
+    column = torch.clamp(local, 0, cols - 1, out=None if o is None else o.column)
+    minus_hit = (hit.to(torch.float32) if o is None else o.minus_hit.copy_(hit)).neg_()
+    row_scale = torch.where(valid, scale, 0.0) if o is None else o.row_scale
+    return column[:, None], minus_hit[:, None], row_scale[:, None]
+
+
+class _TermBuffers:
+    """Where :func:`_delta_terms` puts a vocabulary tile's terms ([T] each), and the row scale, computed once."""
+
+    def __init__(self, valid: torch.Tensor, scale: torch.Tensor):
+        tokens, device = valid.shape[0], valid.device
+        self.local = torch.empty(tokens, dtype=torch.int64, device=device)
+        self.hit = torch.empty(tokens, dtype=torch.bool, device=device)
+        self.in_tile = torch.empty(tokens, dtype=torch.bool, device=device)
+        self.column = torch.empty(tokens, dtype=torch.int64, device=device)
+        self.minus_hit = torch.empty(tokens, dtype=torch.float32, device=device)
+        self.row_scale = torch.where(valid, scale, 0.0)  # the same for every tile
 
 
 def _delta_(p: torch.Tensor, t: torch.Tensor | None, terms: tuple) -> torch.Tensor:
@@ -620,35 +658,29 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
 class _VocabularyTiles:
     """The tiles ``(start, stop, g[:, start:stop], hidden)`` of the head's on-the-fly update, in order, the first
     with the most rows: each tile's logits are recomputed from ``hidden`` (in the compute dtype) and the forward's
-    logsumexp ``lse`` [T], and turned into the gradient of the logits (``scale``: 1/n times γ).  Every temporary a
-    tile needs is allocated here, once, and reused by each tile through ``out=`` and in-place ops, so a tile
-    allocates nothing (as many bytes per logit as :func:`_bytes_per_logit` counts, for one tile).  Each ``g`` is
-    overwritten by the next tile's."""
+    logsumexp ``lse`` [T], and turned into the gradient of the logits (``scale``: 1/n times γ) by the forward's own
+    functions.  Every temporary a tile needs is allocated here, once, and reused by each tile through ``out=`` and
+    in-place ops, so a tile allocates nothing (as many bytes per logit as :func:`_bytes_per_logit` counts, for one
+    tile).  Each ``g`` is overwritten by the next tile's."""
 
     def __init__(self, hidden, weight, bias, targets, scale, lse, dtype, softcap, tile):
         tokens, vocab = hidden.shape[0], weight.shape[0]
         self.hidden, self.weight, self.bias, self.dtype, self.softcap = hidden, weight, bias, dtype, softcap
         self.tile = max(1, min(tile, vocab))
         self.targets, self.valid = targets, targets >= 0
-        self.row_scale = torch.where(self.valid, scale, 0.0)[:, None]  # as _delta_terms's: the same for every tile
+        self.terms = _TermBuffers(self.valid, scale)
         self.lse = lse[:, None]
         device, elements = hidden.device, tokens * self.tile
         buffers = {"linear": dtype}  # the tile's GEMM output: fp32 logits, and their tanh when soft-capped
         if dtype != torch.float32 or softcap is not None:
             buffers["logits"] = torch.float32
         if dtype != torch.float32:
-            buffers["gradient"] = dtype  # also the soft-capped logits before their upcast
+            buffers["compute"] = dtype  # the soft-capped logits before their upcast, then the tile's gradient
             if softcap is not None:
                 buffers["tanh"] = torch.float32
         self.buffers = FlatBuffers(device, elements, **buffers)
         self.weight_c = FlatBuffers(device, self.tile * weight.shape[1], w=dtype) if weight.dtype != dtype else None
         self.bias_c = FlatBuffers(device, self.tile, b=dtype) if bias is not None and bias.dtype != dtype else None
-        self.local = torch.empty(tokens, dtype=torch.int64, device=device)
-        self.hit = torch.empty(tokens, dtype=torch.bool, device=device)
-        self.in_tile = torch.empty(tokens, dtype=torch.bool, device=device)
-        self.column = torch.empty(tokens, 1, dtype=torch.int64, device=device)
-        self.minus_hit = torch.empty(tokens, 1, dtype=torch.float32, device=device)
-        self.column_flat, self.minus_hit_flat = self.column.view(tokens), self.minus_hit.view(tokens)
 
     def __iter__(self):
         vocab = self.weight.shape[0]
@@ -657,43 +689,17 @@ class _VocabularyTiles:
             yield start, stop, self._gradient(start, stop), self.hidden
 
     def _gradient(self, start: int, stop: int) -> torch.Tensor:
-        """g[:, start:stop] in the compute dtype, as :func:`_logits`, :func:`_delta_terms` and :func:`_delta_`
-        compute it (the same ops, into the buffers)."""
-        rows, dtype, softcap = stop - start, self.dtype, self.softcap
-        shape = torch.Size((self.hidden.shape[0], rows))
+        """g[:, start:stop] in the compute dtype: :func:`_logits`, :func:`_delta_terms` and :func:`_delta_`, into
+        the buffers."""
         weight, bias = self.weight[start:stop], None if self.bias is None else self.bias[start:stop]
         if self.weight_c is not None:
             weight = self.weight_c.take("w", weight.shape).copy_(weight)
         if self.bias_c is not None:
             bias = self.bias_c.take("b", bias.shape).copy_(bias)
-        linear = self.buffers.take("linear", shape)  # F.linear's own ops: addmm with a bias, mm without
-        if bias is None:
-            torch.mm(self.hidden, weight.t(), out=linear)
-        else:
-            torch.addmm(bias, self.hidden, weight.t(), out=linear)
-        tanh = None
-        if softcap is None:
-            logits = linear if dtype == torch.float32 else self.buffers.take("logits", shape).copy_(linear)
-        else:  # soft-capped in the compute dtype, then upcast
-            tanh = linear.div_(softcap).tanh_()
-            if dtype == torch.float32:
-                logits = torch.mul(tanh, softcap, out=self.buffers.take("logits", shape))
-            else:
-                capped = torch.mul(tanh, softcap, out=self.buffers.take("gradient", shape))
-                logits = self.buffers.take("logits", shape).copy_(capped)
-                tanh = self.buffers.take("tanh", shape).copy_(tanh)
+        logits, tanh = _logits(self.hidden, weight, bias, self.softcap, self.buffers)
         p = logits.sub_(self.lse).exp_()  # this tile's probabilities, from the forward's logsumexp
-        g = _delta_(p, tanh, self._terms(start, rows))
-        return g if dtype == torch.float32 else self.buffers.take("gradient", shape).copy_(g)
-
-    def _terms(self, first_col: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`_delta_terms` of this tile, into the buffers."""
-        local = torch.sub(self.targets, first_col, out=self.local)
-        hit = torch.ge(local, 0, out=self.hit).bitwise_and_(self.valid)
-        hit.bitwise_and_(torch.lt(local, cols, out=self.in_tile))
-        torch.clamp(local, 0, cols - 1, out=self.column_flat)
-        self.minus_hit_flat.copy_(hit).neg_()
-        return self.column, self.minus_hit, self.row_scale
+        g = _delta_(p, tanh, _delta_terms(self.targets, self.valid, None, stop - start, start, self.terms))
+        return g if self.dtype == torch.float32 else self.buffers.take("compute", g.shape).copy_(g)
 
 
 @torch.compiler.disable  # under torch.compile: a graph break (see fused_linear)
