@@ -815,8 +815,8 @@ def _warn_unfused_head(name: str, head: nn.Module) -> None:
     ``modules_to_save`` wraps it in a ``ModulesToSaveWrapper`` holding the original and a trained copy): neither the
     fused linear nor the fused head+loss serves it, so its on-the-fly update materialises the whole [vocab, hidden]
     gradient and the loss its [tokens, vocab] fp32 logits."""
-    why = " (peft's modules_to_save wraps the head in copies)" if type(head).__name__ == "ModulesToSaveWrapper" \
-        else ""
+    wrapping = peft_wrapping(head)
+    why = f" ({wrapping})" if wrapping is not None else ""
     warnings.warn(f"patch: the output head {name} ({type(head).__name__}) is not a linear layer patch fuses{why}, "
                   "so it keeps plain autograd and the fused head+loss "
                   "does not run: an on-the-fly update of it (sgd_mode='all') goes through the hook path, which "
@@ -940,11 +940,12 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         experts += _experts_modules(block, prefix, remapped)
     _warn_unfused_linears(unfused)
     _warn_linears_read_outside(read_outside)
-    if head is not None and (_is_linear(head) or is_lora_layer(head)):
+    if head is not None:
         head_name = next(n for n, m in model.named_modules() if m is head)
-        targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
-    elif head is not None and any(True for _ in head.parameters()):
-        _warn_unfused_head(next(n for n, m in model.named_modules() if m is head), head)
+        if _is_linear(head) or is_lora_layer(head):
+            targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
+        elif any(True for _ in head.parameters()):
+            _warn_unfused_head(head_name, head)
 
     for name, module, index in targets:
         setattr(module, PLAN_ATTR, None)
@@ -1046,12 +1047,16 @@ def _install_entry_hooks(model: nn.Module, state: PatchedModel) -> None:
         state.entry_handles.append(state.head.register_forward_hook(_head_output))
 
 
+def _entry_points(state: PatchedModel) -> list[nn.Module]:
+    """The modules whose hooks :func:`_install_entry_hooks` installs: the model, its entry modules, its head."""
+    return [m for m in (state.model_ref(), *state.entry_modules, state.head) if m is not None]
+
+
 def _register_entries(state: PatchedModel) -> None:
     """Enter the model of ``state``, its entry modules and its head into :data:`_ENTRIES`."""
-    model, ref = state.model_ref(), weakref.ref(state)
-    for module in (model, *state.entry_modules, state.head):
-        if module is not None:
-            _ENTRIES[module] = ref
+    ref = weakref.ref(state)
+    for module in _entry_points(state):
+        _ENTRIES[module] = ref
 
 
 def _entry_state(module: nn.Module) -> PatchedModel | None:
@@ -1214,9 +1219,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     for handle in state.entry_handles:
         handle.remove()
     state.entry_handles = []
-    for module in (model, *state.entry_modules, state.head):
-        if module is not None:
-            _ENTRIES.pop(module, None)
+    for module in _entry_points(state):
+        _ENTRIES.pop(module, None)
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
     return given

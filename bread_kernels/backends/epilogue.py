@@ -7,9 +7,9 @@ to, the epilogue computes, element by element and in fp32::
     P_new = fp32(P) - step · u                        # two fp32 roundings: step·u, then the subtraction
     P     = round(P_new) to P.dtype                    # nearest-even, or stochastic
 
-Stochastic rounding uses 32 random bits per element from ``random_bits(offset + i, seed)``, where ``i`` is the
-element's row-major index in the *logical* parameter (so a chunk, a transposed view or a ZeRO shard draw the same
-bits as the whole tensor would).  bf16: add the low 16 bits to the fp32 bit pattern and truncate (torchao's
+Stochastic rounding uses 32 random bits per element from ``random_bits_(offset + i, *rng_keys(seed))``, where ``i``
+is the element's row-major index in the *logical* parameter (so a chunk, a transposed view or a ZeRO shard draw the
+same bits as the whole tensor would).  bf16: add the low 16 bits to the fp32 bit pattern and truncate (torchao's
 ``_fp32_to_bf16_sr``).  fp16: with ``ulp`` the fp16 spacing at ``|P_new|`` (subnormals included),
 ``q = P_new/ulp``, ``P = ulp · (floor(q) + [r < q - floor(q)])`` with ``r = bits[31:8] · 2⁻²⁴``.  Both round up with probability equal to the
 distance from the lower neighbour in ulps, so ``E[P] = P_new`` exactly.
@@ -38,11 +38,6 @@ def random_bits_(index: torch.Tensor, key1: int, key2: int, spare: torch.Tensor 
     """32 random bits (as int64 in [0, 2³²)) for each element counter in ``index`` (int64), written over it."""
     _lowbias32_(index.bitwise_and_(MASK32).bitwise_xor_(key1), spare)
     return _lowbias32_(index.bitwise_xor_(key2), spare)
-
-
-def random_bits(index: torch.Tensor, key1: int, key2: int) -> torch.Tensor:
-    """32 random bits (as int64 in [0, 2³²)) for each element counter in ``index`` (int64)."""
-    return random_bits_(index.clone(), key1, key2)
 
 
 class FlatBuffers:

@@ -698,7 +698,8 @@ class _ForwardHooks:
         hooks = []
         epoch = forward_epoch()
         guarded = driver._any_on_the_fly and driver._drives_a_patched_model
-        if guarded and driver.engine is not None and module is driver.engine.head:
+        head_apart = driver.engine is not None and module is driver.engine.head
+        if guarded and head_apart:
             epoch = driver._head_input_epoch(args, epoch)
             guarded = epoch is not None
         if guarded:  # registered first: it runs first
@@ -709,7 +710,7 @@ class _ForwardHooks:
             for value in _outputs_requiring_grad(output):
                 for hook in hooks:
                     value.register_hook(hook)
-                if guarded and module is not driver.engine.head:
+                if guarded and not head_apart:
                     driver._output_epochs[value] = epoch
 
 
