@@ -527,6 +527,14 @@ def test_the_subclass_probe_answers_per_setting_not_per_class():
     assert loss_of(model, ids).item() == pytest.approx(expected, rel=1e-6)
 
 
+def _patch_recording_warnings(model: torch.nn.Module, naming: str) -> list[str]:
+    """``bread_kernels.patch(model)``; the messages of the warnings it gave that contain ``naming``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bread_kernels.patch(model)
+    return [str(w.message) for w in caught if naming in str(w.message)]
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_an_untied_input_embedding_that_keeps_plain_autograd_is_named(tied):
     """Gemma3's scaled word embedding (a subclass whose forward multiplies the rows by embed_scale) is not fused:
@@ -540,10 +548,7 @@ def test_an_untied_input_embedding_that_keeps_plain_autograd_is_named(tied):
     model = transformers.Gemma3ForCausalLM(config)
     ids = batch(0)
     expected = loss_of(model, ids).item()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        bread_kernels.patch(model)
-    named = [str(w.message) for w in caught if "input embedding model.embed_tokens" in str(w.message)]
+    named = _patch_recording_warnings(model, "input embedding model.embed_tokens")
     assert len(named) == (0 if tied else 1), named
     if not tied:
         assert "Gemma3TextScaledWordEmbedding" in named[0] and "keeps plain autograd" in named[0]
@@ -584,10 +589,7 @@ def test_an_unfused_input_embedding_is_named_with_its_reason(kind):
     max_norm, scale_grad_by_freq or sparse"), which misled where peft wraps it (LoRA on embed_tokens,
     modules_to_save): it says the actual one, and none of the others."""
     model = _embedding_llama(kind)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        bread_kernels.patch(model)
-    named = [str(w.message) for w in caught if "patch: the input embedding" in str(w.message)]
+    named = _patch_recording_warnings(model, "patch: the input embedding")
     assert len(named) == 1, named
     assert UNFUSED_EMBEDDING_REASONS[kind] in named[0] and "keeps plain autograd" in named[0]
     for other, reason in UNFUSED_EMBEDDING_REASONS.items():
@@ -609,10 +611,7 @@ def test_a_head_that_keeps_plain_autograd_is_named(head):
     model = peft.get_peft_model(models.llama(layers=2), config)
     ids = batch(0)
     expected = loss_of(model, ids).item()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        bread_kernels.patch(model)
-    named = [str(w.message) for w in caught if "output head base_model.model.lm_head" in str(w.message)]
+    named = _patch_recording_warnings(model, "output head base_model.model.lm_head")
     assert len(named) == (1 if head == "modules_to_save" else 0), named
     fused = dict(patched_state(model).fused_modules)
     if named:
