@@ -122,6 +122,16 @@ def qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4
                 shared_expert_intermediate_size=24, intermediate_size=44)
 
 
+def ernie4_5_moe(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts_implementation=None):
+    """Ernie 4.5 MoE: a dense first layer (an MLP 44 wide), then routed experts [8, 2·20, 32] / [8, 32, 20] plus a
+    shared expert (20 wide); the router is a bare fp32 ``nn.Parameter`` [8, 32] (``F.linear`` in the router's
+    forward, the hook path), and picks its top-2 from the softmax plus ``moe_statics.e_score_correction_bias``, a
+    parameter with ``requires_grad=False`` that only the top-k's indices read (no gradient ever reaches it)."""
+    return _moe(transformers.Ernie4_5_MoeConfig, transformers.Ernie4_5_MoeForCausalLM, seed, dtype, layers,
+                experts_implementation, moe_num_experts=EXPERTS, moe_k=TOP_K, moe_intermediate_size=20,
+                moe_num_shared_experts=1, moe_layer_start_index=1, intermediate_size=44, pad_token_id=0)
+
+
 def dbrx(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
     """DBRX: its experts module (``ffn.experts``, a ``DbrxExperts``) keeps the E experts' matrices stacked into
     three 2-D parameters ``mlp.w1``, ``mlp.v1``, ``mlp.w2`` [8·20, 32] — not the 3-D layout the fused experts
@@ -427,7 +437,7 @@ def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
-FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl}
+FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl, "ernie4_5_moe": ernie4_5_moe}
 #: models whose largest block stack holds transformers layers of several classes
 MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
@@ -436,7 +446,8 @@ MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_m
 def layout(model: torch.nn.Module) -> tuple[list[str], str]:
     """(one name prefix per repeated layer, bottom to top; the input embedding's prefix) of a zoo model."""
     name = type(model).__name__
-    if name in ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"):
+    if name in ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                "Ernie4_5_MoeForCausalLM"):
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."

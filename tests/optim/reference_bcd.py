@@ -252,12 +252,14 @@ class ReferenceBCD:
         for p in self.params.values():
             p.grad = None
         n = len(micro_batches)
+        self.reached: set[str] = set()  # the parameters some micro-batch's backward reached (gave a gradient)
         sgd_step = self.scheduled_lr() * self.sgd_lr_scaling
         total = 0.0
         for batch in micro_batches:
             loss = self.loss_fn(self.model, batch)
             (loss / n).backward()  # every gradient at the pre-update weights (tied weights: summed)
             total += loss.item() / n
+            self.reached |= {name for name, p in self.params.items() if p.grad is not None}
             with torch.no_grad():
                 for name, p in self.params.items():
                     role = self.roles[name]
