@@ -420,8 +420,9 @@ def test_bf16_nearest_rounding(family, variant):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Mixture of experts (Qwen3-MoE, Mixtral, Qwen2-MoE with a shared expert, Ernie 4.5 MoE): the 3-D expert weights
-# through the fused experts function.  Steps 1 and 4 have a SHORT batch (6 token-expert slots for 8 experts), so in every layer some
-# expert receives no token: under SGD/SIGN it must stay untouched, under Adam it gets autograd's zero gradient.
+# through the fused experts function.  Steps 1 and 4 have a SHORT batch (6 token-expert slots for 8 experts), so in
+# every layer some expert receives no token: under SGD/SIGN it must stay untouched, under Adam it gets autograd's zero
+# gradient.
 
 
 MOE_SHORT_STEPS = (1, 4)
