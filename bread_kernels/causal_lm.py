@@ -7,11 +7,13 @@ transformers' causal LMs compute, in their ``forward``::
     hidden = slice_logits_to_keep(hidden, logits_to_keep)
     logits = self.lm_head(hidden)                                # [B, S, V]: the step's largest tensors
     logits = c · tanh(logits / c)                                # Gemma2 only (final_logit_softcapping = c)
+    logits = s · logits                                          # AyaVision only (logit_scale = s)
     loss = ForCausalLMLoss(logits, labels, vocab_size, **kwargs)  # shift, ignore_index=-100, mean or / num_items
 
 and the vision-language models of :data:`FAMILIES` (``…ForConditionalGeneration``: Qwen2-VL, Llava, ...) compute the
 same, their ``self.model`` merging the image features into the language model's input embeddings before its layers
-(``hidden`` is its ``last_hidden_state``; the soft-capping, PaliGemma's, is read from ``config.get_text_config()``).
+(``hidden`` is its ``last_hidden_state``; the soft-capping, PaliGemma's, and the logit scale, AyaVision's, are read
+from ``config.get_text_config()``).
 
 :func:`install` replaces that forward (an instance attribute; :func:`uninstall` removes it) with one that, when
 ``labels`` are given and grad is enabled, calls the base model with the same arguments, shifts the labels exactly as
@@ -66,6 +68,10 @@ class Family:
     #: forward applies, if it applies one
     softcap: str | None = None
     labels_to_base: bool = False  #: whether the forward hands ``labels`` to the base model too (Gemma3's does)
+    #: the attribute of the (text) config of a factor ``s`` the forward multiplies the logits by before the loss
+    #: (AyaVision's ``logit_scale``); the fused loss scores ``s·h`` instead: ``(s·h)·Wᵀ = s·(h·Wᵀ)`` for a head
+    #: without bias, and autograd carries the factor back to ``h``
+    logit_scale: str | None = None
 
 
 #: the config attribute of a final-logit soft-capping; set on a family whose forward applies none (``softcap=None``),
@@ -91,6 +97,12 @@ FAMILIES: dict[str, Family] = {
     "Mistral3ForConditionalGeneration": Family("model"),
     "Gemma3ForConditionalGeneration": Family("model", labels_to_base=True),
     "PaliGemmaForConditionalGeneration": Family("model", softcap=SOFTCAP_ATTR),
+    "LlavaOnevisionForConditionalGeneration": Family("model"),
+    "Idefics3ForConditionalGeneration": Family("model"),
+    "SmolVLMForConditionalGeneration": Family("model"),
+    "InternVLForConditionalGeneration": Family("model"),
+    "Glm4vForConditionalGeneration": Family("model"),
+    "AyaVisionForConditionalGeneration": Family("model", logit_scale="logit_scale"),
 }
 
 _INSTALLED_ATTR = "_bread_fused_loss"
@@ -252,6 +264,7 @@ def _fused_loss_forward(self, *args, **kwargs):
         named["labels"] = labels
     head = self.get_output_embeddings()
     softcap = getattr(_text_config(self), family.softcap, None) if family.softcap else None
+    scale = getattr(_text_config(self), family.logit_scale) if family.logit_scale else None
     plan = getattr(head, PLAN_ATTR, None)
     held = dw_bytes_beside_hidden_sized(labels.numel(), head.weight, head.bias, plan, softcap)
     if stream is None:
@@ -264,6 +277,8 @@ def _fused_loss_forward(self, *args, **kwargs):
         outputs = base(**named, **extra)  # the loss kwargs too, as HF
         room = stream.room_beside_kept(labels.numel()) if stream is not None else 0
     hidden = positions_to_score(outputs.last_hidden_state, logits_to_keep)
+    if scale is not None:
+        hidden = hidden * scale  # the logits s·(h·Wᵀ) as (s·h)·Wᵀ (a head without bias: _refusal)
 
     ignore_index = extra.get("ignore_index", -100)
     shift = extra.get("shift_labels")
@@ -313,6 +328,9 @@ def _refusal(lm: nn.Module) -> str | None:
         return (f"the config of {type(lm).__name__} sets {SOFTCAP_ATTR}, a soft-capping its family's forward is not "
                 "known to apply (transformers' versions differ)")
     head = lm.get_output_embeddings()
+    if FAMILIES[type(lm).__name__].logit_scale is not None and head.bias is not None:
+        return (f"the head of {type(lm).__name__} has a bias, which its logit scale s multiplies too: s·(h·Wᵀ + b) "
+                "is not the fused loss's (s·h)·Wᵀ + b")
     if tuple(head.weight.shape) != (head.out_features, head.in_features):
         return (f"the head's weight has shape {tuple(head.weight.shape)} at the forward, not ({head.out_features}, "
                 f"{head.in_features}): it is gathered only by its module's own forward (ZeRO-3 partitioning)")

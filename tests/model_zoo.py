@@ -299,6 +299,19 @@ def qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _vlm(config, transformers.Qwen3VLForConditionalGeneration, seed, dtype)
 
 
+def glm4v(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """GLM-4.1V: :func:`qwen2_vl`'s patches and tokens, a vision tower with interpolated 2-D position embeddings,
+    and a language model rotating half of each head (mrope sections [1, 1, 2] of 8 rotated dimensions)."""
+    config = transformers.Glm4vConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, out_hidden_size=64, num_heads=2,
+                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2, image_size=16),
+        text_config=_vlm_text(rope_parameters=dict(_MROPE, mrope_section=[1, 1, 2], partial_rotary_factor=0.5)),
+        image_token_id=QWEN2_VL_IMAGE, video_token_id=QWEN2_VL_IMAGE + 2, image_start_token_id=QWEN2_VL_VISION_START,
+        image_end_token_id=QWEN2_VL_IMAGE + 3, video_start_token_id=QWEN2_VL_IMAGE + 4,
+        video_end_token_id=QWEN2_VL_IMAGE + 5)
+    return _vlm(config, transformers.Glm4vForConditionalGeneration, seed, dtype)
+
+
 def qwen2_vl_inputs(step: int, images: bool = True) -> dict:
     """The Qwen-VL families' inputs of step ``step`` (no labels), built as their processor builds them: per sequence
     one image of 1×4×4 patches (``image_grid_thw``), its 4 merged tokens after a vision-start token, marked in
@@ -375,13 +388,61 @@ def paligemma(seed: int = 0, dtype: torch.dtype = torch.float32, softcap: float 
     return _vlm(config, transformers.PaliGemmaForConditionalGeneration, seed, dtype)
 
 
+def llava_onevision(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Llava-OneVision: :func:`llava_next`'s any-resolution images (10 tokens) from a SigLIP tower beside a Qwen2."""
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=dict(_SIGLIP, model_type="siglip_vision_model", patch_size=8),
+        text_config=dict(model_type="qwen2", **_vlm_text()), image_token_index=VLM_IMAGE,
+        video_token_index=VLM_IMAGE + 1, image_grid_pinpoints=[[16, 16]], vision_feature_layer=-1)
+    return _vlm(config, transformers.LlavaOnevisionForConditionalGeneration, seed, dtype)
+
+
+def idefics3(seed: int = 0, dtype: torch.dtype = torch.float32, config_cls=None, model_cls=None):
+    """Idefics3: its vision transformer (4×4-pixel patches, 4×4 of them pixel-shuffled by 2 into 4 tokens per image)
+    beside a Llama; ``config_cls``/``model_cls``: SmolVLM's, which are built alike."""
+    config = (config_cls or transformers.Idefics3Config)(
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        text_config=dict(model_type="llama", **_vlm_text()), image_token_id=VLM_IMAGE, scale_factor=2)
+    return _vlm(config, model_cls or transformers.Idefics3ForConditionalGeneration, seed, dtype)
+
+
+def smolvlm(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """SmolVLM: :func:`idefics3`'s shapes in SmolVLM's classes."""
+    return idefics3(seed, dtype, transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration)
+
+
+def internvl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """InternVL: its vision transformer (4×4-pixel patches, pixel-shuffled at ratio 0.5 into 4 tokens per image)
+    beside a Qwen2."""
+    config = transformers.InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[16, 16], patch_size=[4, 4]),
+        text_config=dict(model_type="qwen2", **_vlm_text()), image_token_id=VLM_IMAGE, image_seq_length=4,
+        downsample_ratio=0.5, tie_word_embeddings=False)
+    return _vlm(config, transformers.InternVLForConditionalGeneration, seed, dtype)
+
+
+def aya_vision(seed: int = 0, dtype: torch.dtype = torch.float32, logit_scale: float = 0.3):
+    """AyaVision: a SigLIP tower (4×4-pixel patches, pixel-shuffled by 2 into 4 tokens per image) beside a Cohere2
+    whose forward multiplies the logits by the text config's ``logit_scale`` (0.3: not a power of two, so the
+    fused loss's ``(s·h)·Wᵀ`` rounds apart from ``s·(h·Wᵀ)``); the head tied to the input embedding (its default)."""
+    config = transformers.AyaVisionConfig(
+        vision_config=dict(_SIGLIP, model_type="siglip_vision_model", patch_size=4),
+        text_config=dict(model_type="cohere2", sliding_window=8, **_vlm_text(logit_scale=logit_scale)),
+        image_token_index=VLM_IMAGE, downsample_factor=2, tie_word_embeddings=True)
+    return _vlm(config, transformers.AyaVisionForConditionalGeneration, seed, dtype)
+
+
 def llava_style_inputs(model: torch.nn.Module, step: int, images: bool = True) -> dict:
     """The inputs of step ``step`` (no labels) of a :func:`llava`, :func:`llava_next`, :func:`mistral3`,
-    :func:`gemma3` or :func:`paligemma` model: per sequence one image's tokens (:data:`VLM_IMAGE`; PaliGemma's first,
-    the others' at position 3) and its random pixels, in each model's layout; without ``images``, text tokens only
-    (PaliGemma's ``token_type_ids`` mark a prefix of 6, Gemma3's the image tokens)."""
+    :func:`gemma3`, :func:`paligemma`, :func:`llava_onevision`, :func:`idefics3`, :func:`smolvlm`, :func:`internvl` or
+    :func:`aya_vision` model: per sequence one image's tokens (:data:`VLM_IMAGE`; PaliGemma's first, the others' at
+    position 3) and its random pixels, in each model's layout; without ``images``, text tokens only (PaliGemma's
+    ``token_type_ids`` mark a prefix of 6, Gemma3's the image tokens)."""
     name = type(model).__name__
-    tokens = 10 if name.startswith("LlavaNext") else 4
+    any_resolution = name.startswith(("LlavaNext", "LlavaOnevision"))  # 2 crops: the base image and one tile
+    tokens = 10 if any_resolution else 4
     gen = torch.Generator().manual_seed(4000 + step)
     ids = torch.randint(3, VLM_IMAGE - 2, (BATCH, SEQ + tokens - 4), generator=gen)
     start = 0 if name.startswith("PaliGemma") else 3
@@ -393,9 +454,9 @@ def llava_style_inputs(model: torch.nn.Module, step: int, images: bool = True) -
     if name.startswith("Gemma3"):
         inputs["token_type_ids"] = (ids == VLM_IMAGE).long()
     if images:
-        crops = (2,) if name.startswith("LlavaNext") else ()
+        crops = (2,) if any_resolution else (1,) if name.startswith(("Idefics3", "SmolVLM")) else ()
         inputs["pixel_values"] = torch.randn(BATCH, *crops, 3, 16, 16, generator=gen)
-        if name.startswith(("LlavaNext", "Mistral3")):
+        if any_resolution or name.startswith("Mistral3"):
             inputs["image_sizes"] = torch.tensor([[16, 16]] * BATCH)
     return inputs
 
@@ -413,6 +474,15 @@ def qwen2_vl_masked_loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.
     """:func:`masked_loss_of` for a Qwen-VL model: the inputs of :func:`qwen2_vl_inputs` (seeded by the batch
     ``ids``' sum, so one per step), :func:`vlm_labels`, ``num_items_in_batch`` the scored tokens plus 3."""
     inputs = qwen2_vl_inputs(int(ids.sum()))
+    labels = vlm_labels(inputs["input_ids"])
+    scored = int((labels[:, 1:] != -100).sum())
+    return model(**inputs, labels=labels, num_items_in_batch=torch.tensor(scored + 3)).loss
+
+
+def llava_style_masked_loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """:func:`qwen2_vl_masked_loss_of` for a model of :func:`llava_style_inputs` (its inputs seeded by the batch
+    ``ids``' sum)."""
+    inputs = llava_style_inputs(model, int(ids.sum()))
     labels = vlm_labels(inputs["input_ids"])
     scored = int((labels[:, 1:] != -100).sum())
     return model(**inputs, labels=labels, num_items_in_batch=torch.tensor(scored + 3)).loss
@@ -437,7 +507,8 @@ def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
-FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl, "ernie4_5_moe": ernie4_5_moe}
+FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl, "aya_vision": aya_vision,
+                   "ernie4_5_moe": ernie4_5_moe}
 #: models whose largest block stack holds transformers layers of several classes
 MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
@@ -451,7 +522,7 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
     if name == "Gemma2ForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embed_tokens."
-    if name == "Qwen2VLForConditionalGeneration":
+    if name in ("Qwen2VLForConditionalGeneration", "AyaVisionForConditionalGeneration"):
         return ([f"model.language_model.layers.{i}." for i in range(model.config.text_config.num_hidden_layers)],
                 "model.language_model.embed_tokens.")
     if name == "MambaForCausalLM":

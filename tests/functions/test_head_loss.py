@@ -839,10 +839,13 @@ VLMS = {  # name: (builder, inputs of a step with or without images)
     "qwen2_vl": (models.qwen2_vl, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
     "qwen2_5_vl": (models.qwen2_5_vl, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
     "qwen3_vl": (models.qwen3_vl, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
+    "glm4v": (models.glm4v, lambda model, step, images: models.qwen2_vl_inputs(step, images)),
     "mllama": (models.mllama, lambda model, step, images: models.mllama_inputs(step, images)),
     **{name: (build, models.llava_style_inputs) for name, build in (
         ("llava", models.llava), ("llava_next", models.llava_next), ("mistral3", models.mistral3),
-        ("gemma3", models.gemma3), ("paligemma", models.paligemma))},  # paligemma: soft-capped (Gemma2's text)
+        ("gemma3", models.gemma3), ("paligemma", models.paligemma),  # paligemma: soft-capped (Gemma2's text)
+        ("llava_onevision", models.llava_onevision), ("idefics3", models.idefics3), ("smolvlm", models.smolvlm),
+        ("internvl", models.internvl), ("aya_vision", models.aya_vision))},  # aya_vision: scaled logits, tied head
 }
 
 
@@ -875,12 +878,15 @@ def test_vision_language_model_matches_unpatched(family, images):
                       atol=ATOL + RTOL * float(p.grad.abs().max()))
 
 
-def test_vision_language_model_outputs_as_the_causal_lms():
-    """Qwen2-VL: without labels or without grad its own forward (the logits); ``return_dict=False`` keeps the
-    logits' place, as None, and the unpatched model's other items (its image outputs among them)."""
-    original = models.qwen2_vl()
+@pytest.mark.parametrize("family", ["qwen2_vl", "glm4v", "llava_onevision", "idefics3", "smolvlm", "internvl",
+                                    "aya_vision"])
+def test_vision_language_model_outputs_as_the_causal_lms(family):
+    """Without labels or without grad its own forward (the logits); ``return_dict=False`` keeps the logits' place,
+    as None, and the unpatched model's other items (its image outputs among them)."""
+    build, inputs_of = VLMS[family]
+    original = build()
     model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
-    inputs = models.qwen2_vl_inputs(0)
+    inputs = inputs_of(original, 0, True)
     labels = models.vlm_labels(inputs["input_ids"])
     close(model(**inputs).logits, original(**inputs).logits, "logits without labels")
     with torch.no_grad():
@@ -901,6 +907,37 @@ def test_paligemma_softcapping_is_read_from_the_text_config():
     labels = models.vlm_labels(inputs["input_ids"])
     patched = bread_kernels.patch(copy.deepcopy(capped), fused_loss=True)
     assert abs(patched(**inputs, labels=labels).loss.item() - uncapped(**inputs, labels=labels).loss.item()) > 1e-3
+
+
+def test_aya_vision_logit_scale_is_applied():
+    """AyaVision's forward scales the logits by its text config's ``logit_scale``: this tiny model's loss differs
+    without it, so the parity above sees that the fused loss applies it (and no other scale)."""
+    scaled, unscaled = models.aya_vision(), models.aya_vision(logit_scale=1.0)
+    inputs = models.llava_style_inputs(scaled, 0)
+    labels = models.vlm_labels(inputs["input_ids"])
+    patched = bread_kernels.patch(copy.deepcopy(scaled), fused_loss=True)
+    assert abs(patched(**inputs, labels=labels).loss.item() - unscaled(**inputs, labels=labels).loss.item()) > 1e-3
+
+
+def test_a_logit_scaled_head_with_a_bias_keeps_its_own_loss():
+    """A head with a bias under a logit scale, ``s·(h·Wᵀ + b)``, is not the fused loss's ``(s·h)·Wᵀ + b``: refused
+    under ``fused_loss=True``, naming why; by default the model's own forward (its logits, its loss)."""
+    original = models.aya_vision()
+    original.config.tie_word_embeddings = False
+    head = original.lm_head
+    original.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        original.lm_head.weight.copy_(head.weight)
+        original.lm_head.bias.uniform_(-0.5, 0.5)
+    inputs = models.llava_style_inputs(original, 0)
+    labels = models.vlm_labels(inputs["input_ids"])
+    required = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    with pytest.raises(ValueError, match=r"has a bias, which its logit scale.*fused_loss=False"):
+        required(**inputs, labels=labels)
+    default = bread_kernels.patch(copy.deepcopy(original))
+    out, expected = default(**inputs, labels=labels), original(**inputs, labels=labels)
+    assert out.logits is not None
+    close(out.loss, expected.loss, "aya_vision with a biased head: its own loss")
 
 
 def test_vision_language_models_the_fused_loss_cannot_match_are_refused():

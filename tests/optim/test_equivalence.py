@@ -379,6 +379,17 @@ def test_fused_loss_vision_language_model(monkeypatch):
                   bcd=dict(switch_block_every=2, sgd_mode="all", sgd_lr_scaling=SCALING)))
 
 
+def test_fused_loss_logit_scaled_tied_head(monkeypatch):
+    """AyaVision (its logits scaled by the text config's logit_scale, its head tied to the input embedding, a
+    vision tower beside the language model): the fused loss of the scaled hidden states under BREAD-SGD ``"all"``
+    — the tied weight's update from its hook, as in the reference — as the unpatched model trained by the
+    reference."""
+    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(5 * models.VOCAB * 4))
+    run_case(Case("aya_vision", steps=3, patch=dict(fused_loss=True), loss_fn=models.llava_style_masked_loss_of,
+                  optimizer_extra=FUSED_EPS,
+                  bcd=dict(switch_block_every=2, sgd_mode="all", sgd_lr_scaling=SCALING)))
+
+
 @pytest.mark.parametrize("variant", [BADAM, SGD_PARTIAL], ids=["badam", "sgd-partial"])
 def test_fused_loss_active_head(variant, monkeypatch):
     """include_lm_head: the head block is trained by Adam with the dW the fused loss returns to autograd."""
