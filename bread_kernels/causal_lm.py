@@ -103,6 +103,10 @@ FAMILIES: dict[str, Family] = {
     "InternVLForConditionalGeneration": Family("model"),
     "Glm4vForConditionalGeneration": Family("model"),
     "AyaVisionForConditionalGeneration": Family("model", logit_scale="logit_scale"),
+    "VipLlavaForConditionalGeneration": Family("model"),
+    "LlavaNextVideoForConditionalGeneration": Family("model"),
+    "Idefics2ForConditionalGeneration": Family("model"),
+    "Cohere2VisionForConditionalGeneration": Family("model"),  # its text config's logit_scale: not applied (5.25)
 }
 
 _INSTALLED_ATTR = "_bread_fused_loss"

@@ -434,12 +434,51 @@ def aya_vision(seed: int = 0, dtype: torch.dtype = torch.float32, logit_scale: f
     return _vlm(config, transformers.AyaVisionForConditionalGeneration, seed, dtype)
 
 
+def vipllava(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """VipLlava: :func:`llava` with the features of the CLIP tower's last two layers concatenated and normed."""
+    config = transformers.VipLlavaConfig(vision_config=_CLIP, text_config=dict(model_type="llama", **_vlm_text()),
+                                         image_token_index=VLM_IMAGE, image_seq_length=4, vision_feature_layer=[-2, -1])
+    return _vlm(config, transformers.VipLlavaForConditionalGeneration, seed, dtype)
+
+
+def llava_next_video(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Llava-NeXT-Video: :func:`llava_next`'s images (10 tokens) in the video model's classes."""
+    config = transformers.LlavaNextVideoConfig(
+        vision_config=_CLIP, text_config=dict(model_type="llama", **_vlm_text()), image_token_index=VLM_IMAGE,
+        video_token_index=VLM_IMAGE + 1, image_grid_pinpoints=[[16, 16]], vision_feature_layer=-1)
+    return _vlm(config, transformers.LlavaNextVideoForConditionalGeneration, seed, dtype)
+
+
+def idefics2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Idefics2: :func:`idefics3`'s vision transformer, its 16 patches resampled by a one-layer perceiver into 4
+    latent tokens per image, beside a Mistral."""
+    config = transformers.Idefics2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        perceiver_config=dict(hidden_size=64, rms_norm_eps=1e-6, resampler_n_latents=4, resampler_depth=1,
+                              resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1),
+        text_config=dict(model_type="mistral", **_vlm_text()), image_token_id=VLM_IMAGE)
+    config.perceiver_config._attn_implementation = "eager"
+    return _vlm(config, transformers.Idefics2ForConditionalGeneration, seed, dtype)
+
+
+def cohere2_vision(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Cohere2-Vision: :func:`aya_vision`'s shapes (head tied), whose forward (transformers 5.25) applies no logit
+    scale, though its Cohere2 text config carries one (0.3 here, so the parity sees that neither applies it)."""
+    config = transformers.Cohere2VisionConfig(
+        vision_config=dict(_SIGLIP, model_type="siglip_vision_model", patch_size=4),
+        text_config=dict(model_type="cohere2", sliding_window=8, **_vlm_text(logit_scale=0.3)),
+        image_token_id=VLM_IMAGE, downsample_factor=2, alignment_intermediate_size=48, tie_word_embeddings=True)
+    return _vlm(config, transformers.Cohere2VisionForConditionalGeneration, seed, dtype)
+
+
 def llava_style_inputs(model: torch.nn.Module, step: int, images: bool = True) -> dict:
     """The inputs of step ``step`` (no labels) of a :func:`llava`, :func:`llava_next`, :func:`mistral3`,
-    :func:`gemma3`, :func:`paligemma`, :func:`llava_onevision`, :func:`idefics3`, :func:`smolvlm`, :func:`internvl` or
-    :func:`aya_vision` model: per sequence one image's tokens (:data:`VLM_IMAGE`; PaliGemma's first, the others' at
-    position 3) and its random pixels, in each model's layout; without ``images``, text tokens only (PaliGemma's
-    ``token_type_ids`` mark a prefix of 6, Gemma3's the image tokens)."""
+    :func:`gemma3`, :func:`paligemma`, :func:`llava_onevision`, :func:`idefics3`, :func:`smolvlm`, :func:`internvl`,
+    :func:`aya_vision`, :func:`vipllava`, :func:`llava_next_video`, :func:`idefics2` or :func:`cohere2_vision` model:
+    per sequence one image's tokens (:data:`VLM_IMAGE`; PaliGemma's first, the others' at position 3) and its random
+    pixels, in each model's layout (the Idefics': [B, images, C, H, W]); without ``images``, text tokens only
+    (PaliGemma's ``token_type_ids`` mark a prefix of 6, Gemma3's the image tokens)."""
     name = type(model).__name__
     any_resolution = name.startswith(("LlavaNext", "LlavaOnevision"))  # 2 crops: the base image and one tile
     tokens = 10 if any_resolution else 4
@@ -454,7 +493,7 @@ def llava_style_inputs(model: torch.nn.Module, step: int, images: bool = True) -
     if name.startswith("Gemma3"):
         inputs["token_type_ids"] = (ids == VLM_IMAGE).long()
     if images:
-        crops = (2,) if any_resolution else (1,) if name.startswith(("Idefics3", "SmolVLM")) else ()
+        crops = (2,) if any_resolution else (1,) if name.startswith(("Idefics", "SmolVLM")) else ()
         inputs["pixel_values"] = torch.randn(BATCH, *crops, 3, 16, 16, generator=gen)
         if any_resolution or name.startswith("Mistral3"):
             inputs["image_sizes"] = torch.tensor([[16, 16]] * BATCH)

@@ -845,7 +845,9 @@ VLMS = {  # name: (builder, inputs of a step with or without images)
         ("llava", models.llava), ("llava_next", models.llava_next), ("mistral3", models.mistral3),
         ("gemma3", models.gemma3), ("paligemma", models.paligemma),  # paligemma: soft-capped (Gemma2's text)
         ("llava_onevision", models.llava_onevision), ("idefics3", models.idefics3), ("smolvlm", models.smolvlm),
-        ("internvl", models.internvl), ("aya_vision", models.aya_vision))},  # aya_vision: scaled logits, tied head
+        ("internvl", models.internvl), ("aya_vision", models.aya_vision),  # aya_vision: scaled logits, tied head
+        ("vipllava", models.vipllava), ("llava_next_video", models.llava_next_video), ("idefics2", models.idefics2),
+        ("cohere2_vision", models.cohere2_vision))},
 }
 
 
@@ -879,7 +881,7 @@ def test_vision_language_model_matches_unpatched(family, images):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "glm4v", "llava_onevision", "idefics3", "smolvlm", "internvl",
-                                    "aya_vision"])
+                                    "aya_vision", "vipllava", "llava_next_video", "idefics2", "cohere2_vision"])
 def test_vision_language_model_outputs_as_the_causal_lms(family):
     """Without labels or without grad its own forward (the logits); ``return_dict=False`` keeps the logits' place,
     as None, and the unpatched model's other items (its image outputs among them)."""
