@@ -6,7 +6,7 @@
 # fused linear backward and forward (bf16; the H200's fp32 rows are in bench/results/host_time_h200.txt), then the A/Bs
 # of the elementwise kernels and of the hook path for small weights; everything lands in $OUT (at most 8 files come
 # back).
-#   bash bench/gpu_prepare.sh   (here, with network: liger-kernel's wheel into .whl/, which git ignores), then
+#   bash bench/gpu_prepare.sh   (here, with network: Liger's and pytest's wheels into .whl/, which git ignores), then
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)
 # The steps run by priority (the bf16 model tables, the GPU tests, the host time, then the A/Bs) within 540 s in all:
 # a step is cut to what is left and skipped under 20 s, a model step writes its JSON after every case, and a cut step
@@ -37,6 +37,11 @@ log env
   timeout 60 python3 -c "
 import torch, triton, transformers, peft, importlib.metadata as m
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)
+try:
+    import pytest, xdist, pytest_timeout
+    print('pytest', pytest.__version__, 'from', pytest.__file__)
+except ImportError as e:
+    print('pytest or a plugin MISSING (run bench/gpu_prepare.sh and carry .whl):', e)
 try:
     print('liger-kernel', m.version('liger-kernel'))
 except m.PackageNotFoundError:
