@@ -635,11 +635,13 @@ class _ScalerScale:
 
 def _scale_tensor(scaler) -> torch.Tensor | None:
     """The tensor holding the scaler's scale (``torch.amp.GradScaler._get_scale_async``, private: there is no public
-    way to ask for it without a host read), or None: no scaler, no tensor yet (before the first ``scale()``), or a
-    scaler that keeps none — then a loss that calls the blocks by hand divides out a stale scale, which
-    ``tests/optim/test_loss_scale.py::test_a_forward_that_starts_below_the_model_divides_out_the_current_scale``
+    way to ask for it without a host read), or None: no scaler, a disabled one, no tensor yet (before the first
+    ``scale()``), or a scaler that keeps none — then a loss that calls the blocks by hand divides out a stale scale,
+    which ``tests/optim/test_loss_scale.py::test_a_forward_that_starts_below_the_model_divides_out_the_current_scale``
     fails on (its ``blocks`` case)."""
-    get = getattr(scaler, "_get_scale_async", None) if scaler is not None else None
+    if scaler is None or not scaler.is_enabled():
+        return None  # a disabled GradScaler keeps no scale (its _get_scale_async raises AttributeError)
+    get = getattr(scaler, "_get_scale_async", None)
     tensor = get() if callable(get) else None
     return tensor if isinstance(tensor, torch.Tensor) else None
 

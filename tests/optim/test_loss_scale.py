@@ -71,6 +71,18 @@ def test_without_undoing_the_scale_the_run_differs():
     assert diff > 1e-2
 
 
+@pytest.mark.parametrize("patched", [True, False], ids=["fused", "hook-path"])
+def test_a_disabled_scaler_is_no_scale(patched):
+    """``GradScaler(enabled=use_amp)`` with ``use_amp`` False (torch's AMP recipe) given as ``loss_scaler``: its
+    ``scale()`` and ``step()`` pass through, and the run trains as without it.  (It failed at the optimizer's
+    construction with torch's AttributeError: a disabled scaler keeps no scale tensor to read.)"""
+    original = models.llama(layers=2)
+    plain = _train(copy.deepcopy(original), 2, patched=patched, sgd_mode="all", sgd_lr_scaling=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    disabled = _train(copy.deepcopy(original), 2, scaler=scaler, patched=patched, sgd_mode="all", sgd_lr_scaling=0.5)
+    models.assert_same_parameters(plain, disabled, rtol=0, atol=0)
+
+
 def test_a_scaler_that_is_not_one_is_refused():
     model = bread_kernels.patch(models.llama())
     with pytest.raises(TypeError, match="loss_scaler must be a torch.amp.GradScaler"):
