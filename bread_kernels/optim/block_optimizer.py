@@ -96,7 +96,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         loss_scaler: keyword-only; the ``torch.amp.GradScaler`` that scales the loss (fp16): the on-the-fly updates
             divide its scale out and skip a weight whose scaled gradient overflowed (see
             :meth:`~bread_kernels.EngineDriver.set_loss_scaler`).  Hugging Face's Trainer: ``BreadCallback`` passes
-            the Trainer's own.
+            the Trainer's own.  Left out, a forward under a float16 autocast with SGD updates on the fly is refused
+            (:meth:`~bread_kernels.EngineDriver.check_loss_scaler_given`); an unscaled fp16 loss says so with
+            ``torch.amp.GradScaler(enabled=False)``.
 
     One optimizer owns a parameter at a time: building a second one over parameters of a live one closes the
     first (with a warning) and takes them over, so re-running a notebook cell or a sweep's next trial never

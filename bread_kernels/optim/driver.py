@@ -347,6 +347,34 @@ class EngineDriver:
             self._scale_hook = self.engine.add_forward_hooks(before=_RefreshScale(weakref.ref(scale)))
             self._handles.append(self._scale_hook)
 
+    def check_loss_scaler_given(self) -> None:
+        """Refuse (``RuntimeError``) a forward whose blocks computed under a float16 ``torch.autocast`` — the user's,
+        or the one accelerate's ``prepare`` (the Hugging Face Trainer's ``fp16=True``) wraps the model's forward
+        in — where SGD updates run on the fly and no loss scaler was given (:meth:`set_loss_scaler`): fp16 training
+        scales the loss (``torch.amp.GradScaler``), and each update would take the scaled gradient, the scale
+        (65,536 by default) times too large, silently.  Called after the forward, before its backward: nothing was
+        written.  Not refused: SIGN updates (``sign(S·g) = sign(g)``), bfloat16 (no scaler needed), an update
+        target with a loss scale of its own (ZeRO-3's), SGD weights that are float16 themselves (``GradScaler``
+        cannot unscale their optimizer's fp16 gradients, so no such loss is scaled)."""
+        if self.update is None or self.update_target is not None or self.engine is None:
+            return
+        if self.engine.stream.forward_autocast is not torch.float16 or not _loss_scale_unset(self.update):
+            return
+        first = next((n for n, p in self.named_parameters
+                      if self.roles.get(n) is Role.SGD and p.dtype != torch.float16), None)
+        if first is None:
+            return
+        raise RuntimeError(
+            f"{self.what}: this forward computed under torch.autocast(dtype=torch.float16), and the inactive weights "
+            f"({first}, ...) take on-the-fly SGD updates inside the backward, but no loss scaler was given: where "
+            "the loss is scaled (torch.amp.GradScaler: scaler.scale(loss).backward(), accelerate's "
+            "accelerator.backward under mixed_precision='fp16', the Trainer's fp16=True) each update would take the "
+            "scaled gradient, the scale (65,536 by default) times too large. Refused before anything was written. "
+            "Give the scaler: BlockOptimizer(..., loss_scaler=scaler), bread_kernels.accelerate(..., "
+            "loss_scaler=scaler) or optimizer.driver.set_loss_scaler(scaler) (with accelerate: accelerator.scaler; "
+            "with the Trainer: bread_kernels.integrations.transformers.BreadCallback hands it the Trainer's own). If "
+            "the loss is not scaled, give a disabled one: loss_scaler=torch.amp.GradScaler(enabled=False)")
+
     def plan(self, role: Role, name: str, local: bool = False) -> WeightPlan:
         """A plan of this driver: its update rule, skip reporting, finiteness checks and update target (the
         tensor itself where ``local``: an update applied from an averaged gradient)."""
@@ -646,6 +674,13 @@ def _scale_tensor(scaler) -> torch.Tensor | None:
     return tensor if isinstance(tensor, torch.Tensor) else None
 
 
+def _loss_scale_unset(update: OnTheFlyUpdate) -> bool:
+    """Whether ``update`` divides no loss scale out because none was given (its default, 1), rather than because a
+    scaler or a scale was given (a disabled ``GradScaler`` among them)."""
+    scale = update.loss_scale
+    return isinstance(scale, (int, float)) and scale == 1.0
+
+
 def _nothing():
     """What the model's hooks hold in a copy of the model (``copy.deepcopy``, pickle) instead of a weak reference
     to the driver or its loss scale: the copy is not driven, and its hooks do nothing."""
@@ -697,10 +732,12 @@ class _ForwardHooks:
         driver = self.driver()
         if driver is None or driver.closed or not torch.is_grad_enabled():
             return
+        head_apart = driver.engine is not None and module is driver.engine.head
+        if output is not None and not head_apart:  # (None: the forward raised, and that error is the one to see)
+            driver.check_loss_scaler_given()
         hooks = []
         epoch = forward_epoch()
         guarded = driver._any_on_the_fly and driver._drives_a_patched_model
-        head_apart = driver.engine is not None and module is driver.engine.head
         if guarded and head_apart:
             epoch = driver._head_input_epoch(args, epoch)
             guarded = epoch is not None

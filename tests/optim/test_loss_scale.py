@@ -176,3 +176,96 @@ def test_the_scale_is_read_before_the_backward():
         scaler.update()
         opt.zero_grad(set_to_none=True)
     opt.close()
+
+
+# -- a loss scaler left out under fp16, or given and never used: refused before anything is written ----------------
+def _optimizer(model, loss_scaler=None, **bcd):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unpatched model's slow-path warning
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3),
+                                            list(model.named_parameters()), switch_block_every=2, verbose=0,
+                                            loss_scaler=loss_scaler, **bcd)
+
+
+def _mixed_precision_step(model, opt, scaler, step, dtype=torch.float16, inside_forward=False):
+    """One step of a mixed-precision loop: the forward under ``torch.autocast(dtype)`` — around the loss, or, with
+    ``inside_forward``, entered inside the model's forward, where accelerate's ``prepare`` (the Trainer's
+    ``fp16=True``) puts it, after the forward pre-hooks ran — and the loss scaled by ``scaler`` (None: not scaled)."""
+    ids = models.batch(step)
+    if inside_forward:
+        loss = model(input_ids=ids, labels=ids).loss
+    else:
+        with torch.autocast("cpu", dtype=dtype):
+            loss = models.loss_of(model, ids)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def _autocast_inside_forward(model, dtype=torch.float16):
+    """``model`` whose forward enters ``torch.autocast`` itself, as accelerate's ``prepare_model`` wraps it."""
+    model.forward = torch.autocast("cpu", dtype=dtype)(model.forward)
+    return model
+
+
+@pytest.mark.parametrize("inside_forward", [False, True], ids=["autocast-around", "autocast-inside-forward"])
+def test_fp16_without_a_loss_scaler_is_refused_before_anything_is_written(inside_forward):
+    """fp16 autocast with the loss scaled by a GradScaler the optimizer was not given: the on-the-fly SGD updates
+    took the scaled gradient, 65,536 times too large (the weights ~670x their norm away after two steps), silently.
+    Refused at the first forward, nothing written; with the scaler given (the remedy) the run trains as the
+    unpatched model's hook path does under the same loop."""
+    original = models.llama(layers=2)
+
+    def scaled_run(patched):
+        model = copy.deepcopy(original)
+        if patched:
+            bread_kernels.patch(model)
+        if inside_forward:
+            _autocast_inside_forward(model)
+        scaler = torch.amp.GradScaler("cpu")
+        return model, _optimizer(model, loss_scaler=None if patched else scaler, sgd_mode="all"), scaler
+
+    reference, ref_opt, ref_scaler = scaled_run(patched=False)
+    model, opt, scaler = scaled_run(patched=True)
+    with pytest.raises(RuntimeError, match=r"float16.*no loss scaler was given.*loss_scaler=scaler"):
+        _mixed_precision_step(model, opt, scaler, 0, inside_forward=inside_forward)
+    assert models.moved_parameters(original, model) == [], "a refused forward wrote weights"
+    opt.zero_grad(set_to_none=True)
+    opt.driver.set_loss_scaler(scaler)
+    for step in range(2):
+        _mixed_precision_step(reference, ref_opt, ref_scaler, step, inside_forward=inside_forward)
+        _mixed_precision_step(model, opt, scaler, step, inside_forward=inside_forward)
+    opt.close()
+    ref_opt.close()
+    models.assert_close_by_norm(reference, bread_kernels.unpatch(model), tol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["sign", "badam", "bf16-autocast", "fp16-weights", "disabled-scaler"])
+def test_what_needs_no_loss_scaler_is_not_refused(case):
+    """No false alarm: SIGN updates (``sign(S·g) = sign(g)``), BAdam (nothing updates on the fly), bf16 autocast,
+    SGD weights in fp16 themselves (GradScaler cannot unscale their optimizer's fp16 gradients), or an unscaled loss
+    said so with a disabled scaler; each trains as the unpatched model's hook path under the same loop."""
+    original = models.llama(layers=2)
+    if case == "fp16-weights":
+        original = original.half()
+    bcd = dict(sgd_mode="disabled") if case == "badam" else dict(sgd_mode="all", sgd_use_sign=case == "sign")
+    dtype = torch.bfloat16 if case == "bf16-autocast" else torch.float16
+    trained = []
+    for patched in (False, True):
+        model = copy.deepcopy(original)
+        if patched:
+            bread_kernels.patch(model)
+        scaler = torch.amp.GradScaler("cpu", enabled=False) if case == "disabled-scaler" else None
+        opt = _optimizer(model, loss_scaler=scaler, **bcd)
+        for step in range(2):
+            _mixed_precision_step(model, opt, None, step, dtype=dtype)
+        opt.close()
+        trained.append(bread_kernels.unpatch(model) if patched else model)
+    assert models.moved_parameters(original, trained[1]), "nothing trained: the comparison would be empty"
+    models.assert_close_by_norm(trained[0], trained[1], tol=1e-2 if case == "fp16-weights" else 1e-3)
+
