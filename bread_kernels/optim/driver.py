@@ -622,7 +622,9 @@ class _ScalerScale:
     scaler's scale changed since (a forward that ran no refresh — the blocks called by hand, below every module the
     refresh sits on — would divide out the value of an earlier step).  Whether it changed is seen without a
     host sync: ``GradScaler`` keeps its scale in a tensor that ``scale()`` creates and ``update()`` writes in place,
-    bumping its version counter.  Holds the scaler weakly: the plans on the model must not keep it alive."""
+    bumping its version counter.  Holds the scaler weakly: the plans on the model must not keep it alive.  Read by
+    an update while the enabled scaler has scaled no loss yet (no tensor), it refuses: that backward's gradients are
+    not scaled, and dividing the initial scale out would make the updates that many times too small."""
 
     def __init__(self, scaler, refresh_each_call: bool):
         self.scaler = weakref.ref(scaler)
@@ -658,6 +660,14 @@ class _ScalerScale:
         if self.value is None:  # raised only when an update needs it: a forward alone (generation) never does
             raise RuntimeError("bread_kernels: the loss scaler given to set_loss_scaler no longer exists; give the "
                                "driver the live one (or None)")
+        if self.read_from is None and self.value != 1.0 and _has_scaled_nothing(scaler):  # no tensor seen yet
+            raise RuntimeError(
+                f"bread_kernels: the loss scaler given (loss_scaler=, set_loss_scaler) is enabled but has scaled no "
+                f"loss yet (scaler.scale(loss) was never called), so this backward's gradients are not scaled by "
+                f"it, and dividing its scale ({self.value:g}) out would make the on-the-fly SGD updates that many "
+                "times too small. Refused before this update was written. Scale the loss "
+                "(scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()), or, where it is not "
+                "scaled, give no loss scaler (or a disabled one, torch.amp.GradScaler(enabled=False))")
         return self.value
 
 
@@ -672,6 +682,14 @@ def _scale_tensor(scaler) -> torch.Tensor | None:
     get = getattr(scaler, "_get_scale_async", None)
     tensor = get() if callable(get) else None
     return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def _has_scaled_nothing(scaler) -> bool:
+    """Whether ``scaler`` is a ``torch.amp.GradScaler`` whose ``scale()`` never ran: it makes its scale's tensor
+    there (read through the private ``_get_scale_async``, as :func:`_scale_tensor` does); a scaler-like object
+    without that method is not judged."""
+    get = getattr(scaler, "_get_scale_async", None)
+    return scaler.is_enabled() and callable(get) and get() is None
 
 
 def _loss_scale_unset(update: OnTheFlyUpdate) -> bool:

@@ -269,3 +269,19 @@ def test_what_needs_no_loss_scaler_is_not_refused(case):
     assert models.moved_parameters(original, trained[1]), "nothing trained: the comparison would be empty"
     models.assert_close_by_norm(trained[0], trained[1], tol=1e-2 if case == "fp16-weights" else 1e-3)
 
+
+@pytest.mark.parametrize("patched", [True, False], ids=["fused", "hook-path"])
+def test_a_loss_scaler_that_scaled_no_loss_is_refused(patched):
+    """A loss scaler given while the loss is not scaled (``loss.backward()``): the on-the-fly updates divided the
+    scaler's initial scale out of unscaled gradients, 65,536 times too small, silently.  Refused at the first
+    update, before it is written."""
+    model = models.llama(layers=2)
+    original = copy.deepcopy(model)
+    if patched:
+        bread_kernels.patch(model)
+    scaler = torch.amp.GradScaler("cpu")  # kept: the optimizer holds it weakly
+    opt = _optimizer(model, loss_scaler=scaler, sgd_mode="all")
+    with pytest.raises(RuntimeError, match="has scaled no loss yet"):
+        models.loss_of(model, models.batch(0)).backward()
+    assert models.moved_parameters(original, model) == []
+    opt.close()
