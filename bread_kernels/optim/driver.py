@@ -58,6 +58,9 @@ __all__ = ["EngineDriver", "owning_patched_model", "take_over_parameters", "chec
 
 #: parameter -> weakref to the live EngineDriver that owns it (one owner at a time)
 _OWNERS = WeakIdKeyDictionary()
+#: the handle of :func:`_on_parameter_registered`, torch's global parameter-registration hook (registered once, by the
+#: first driver; it holds nothing)
+_REPLACEMENT_HOOK = None
 
 
 class WeaklyHeld:
@@ -170,9 +173,13 @@ class EngineDriver:
                 p.requires_grad_(wanted)
         for _, p in self.named_parameters:
             _OWNERS[p] = weakref.ref(self)
-        #: a bounded sample of the parameters with where the model holds them (:meth:`check_parameters_held`)
+        #: a bounded sample of the parameters with where the model holds them (:meth:`check_parameters_held`), and
+        #: each parameter replaced through ``register_parameter`` since (:meth:`_note_replaced`), which the slow path,
+        #: knowing no model, sees alone
         self._held = held_parameter_probes(self.model, self.named_parameters, self.engine.block_prefixes()) \
             if self.engine is not None else []
+        self._replaced: set[int] = set()
+        _watch_parameter_replacements()
         if self.engine is not None:
             forward_hooks = _ForwardHooks(weakref.ref(self))  # once per forward, wherever it starts (model.model(...))
             handles.append(self.engine.add_forward_hooks(forward_hooks.before, forward_hooks.after))
@@ -213,8 +220,10 @@ class EngineDriver:
         tensors since this driver was built (``model.load_state_dict(sd, assign=True)``, ``to_empty()``): the driver,
         its hooks and plans and the library's optimizer hold the old ones, so the model would silently stop training
         (its inactive weights only gathering ``.grad``).  An identity check of a bounded sample — the first of each
-        block's parameters and the first and last parameter of the list, with the module holding each (weakly) —,
-        a few dictionary reads and no host sync, as :meth:`~bread_kernels.patch.PatchedModel.shard_probe`'s."""
+        block's parameters and the first and last parameter of the list, with the module holding each (weakly) —
+        and of each parameter set anew through ``register_parameter`` since (:func:`_on_parameter_registered`, the
+        slow path's only probes), a few dictionary reads and no host sync, as
+        :meth:`~bread_kernels.patch.PatchedModel.shard_probe`'s."""
         for name, owner_ref, attr, p in self._held:
             owner = owner_ref()
             if owner is not None and owner._parameters.get(attr) is not p:
@@ -226,6 +235,17 @@ class EngineDriver:
                     f"{when} changed anything. Build the optimizer (and its base optimizer) after the load, or "
                     "load without assign=True (model.load_state_dict(sd) copies the values into the parameters the "
                     "optimizer holds)")
+
+    def _note_replaced(self, module: nn.Module, attr: str, old: torch.Tensor) -> None:
+        """``module.<attr>``, which held this driver's parameter ``old``, is being given another parameter
+        (:func:`_on_parameter_registered`): probe it from now on, so :meth:`check_parameters_held` refuses what comes
+        next unless ``old`` is put back."""
+        if id(old) in self._replaced:
+            return
+        name = next((n for n, p in self.named_parameters if p is old), None)
+        if name is not None:
+            self._replaced.add(id(old))
+            self._held.append((name, weakref.ref(module), attr, old))
 
     def _head_input_epoch(self, args, last: int) -> int | None:
         """The forward the head called apart from one (a custom loss's ``model.lm_head(hidden)``) belongs to: the
@@ -478,6 +498,8 @@ class EngineDriver:
         plan = self.hook_plans.get(name)
         if plan is None or p.grad is None:
             return
+        if self._replaced:  # the slow path's only check before a write (a patched model's forward checked already)
+            self.check_parameters_held("this backward's on-the-fly updates")
         if self.model is None:  # no forward hook checks the ranks: a process group initialised after set_roles
             self._check_ranks()
         grad, p.grad = p.grad, None
@@ -955,6 +977,27 @@ def _refuse_parameters_shared_with_a_driven_model(model: nn.Module, named, what:
                     "shared weight would silently stop training). Give each model its own copy of the module "
                     "(copy.deepcopy), leave the shared parameters out of both optimizers' named_parameters_list "
                     "(they stay frozen), or bread_kernels.unpatch() one of the models")
+
+
+def _watch_parameter_replacements() -> None:
+    """Register :func:`_on_parameter_registered` with torch, once."""
+    global _REPLACEMENT_HOOK
+    if _REPLACEMENT_HOOK is None:
+        _REPLACEMENT_HOOK = torch.nn.modules.module.register_module_parameter_registration_hook(
+            _on_parameter_registered)
+
+
+def _on_parameter_registered(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    """torch's global parameter-registration hook (``register_parameter``: ``load_state_dict(sd, assign=True)``,
+    ``module.weight = nn.Parameter(...)``), called before ``module._parameters[name]`` changes: where the parameter it
+    replaces belongs to a live driver, that driver probes it from now on.  The model need not be known — what the
+    slow path (an unpatched model) lacks for :func:`held_parameter_probes`.  One dictionary read for a parameter no
+    driver owns."""
+    old = module._parameters.get(name)
+    owner = _OWNERS.get(old) if old is not None and old is not param else None
+    driver = owner() if owner is not None else None
+    if driver is not None and not driver.closed:
+        driver._note_replaced(module, name, old)
 
 
 def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str]) -> list[tuple]:

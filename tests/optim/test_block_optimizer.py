@@ -1116,3 +1116,70 @@ def test_a_load_without_assign_keeps_training_as_the_reference():
         opt.zero_grad()
     assert len(models.moved_parameters(models.llama(seed=1, layers=2), engine)) == len(list(engine.parameters()))
     models.assert_same_parameters(reference, engine)
+
+
+def _sgd_all_on(model):
+    """``_sgd_all_optimizer``, quietly on the slow path (an unpatched model), whose warning is tested above."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*slow path.*")
+        return _sgd_all_optimizer(model)
+
+
+def test_an_assign_load_on_the_slow_path_is_refused_at_the_step():
+    """The slow path knows no model, so the identity probes of a patched model's check had nothing to probe:
+    ``load_state_dict(sd, assign=True)`` after the optimizer was built trained nothing, silently (BAdam and BREAD-SGD
+    on a 2-layer Llama: 0 of 21 parameters moved in two steps).  torch's parameter-registration hook, through which the
+    load sets each parameter anew, now tells the optimizer; its step is refused with nothing changed, and an optimizer
+    built after the load trains the loaded parameters."""
+    model = models.llama(layers=2)
+    opt = _sgd_all_on(model)
+    saved = models.llama(seed=1, layers=2).state_dict()
+    model.load_state_dict(saved, assign=True)
+    loss_of(model, batch(0)).backward()
+    with pytest.raises(RuntimeError, match=r"model.embed_tokens.weight is no longer the tensor .* Refused before "
+                                           r"this step changed anything. Build the optimizer .* after the load, or "
+                                           r"load without assign=True"):
+        opt.step()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert opt.global_step == 0 and not opt.base_optimizer.state
+    opt.close()
+    model.zero_grad(set_to_none=True)
+    fresh = _sgd_all_on(model)
+    loss_of(model, batch(1)).backward()
+    fresh.step()
+    assert len(models.moved_parameters(models.llama(seed=1, layers=2), model)) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "slow_path"])
+def test_a_parameter_set_anew_outside_the_probed_sample_is_refused_before_anything_is_written(patched):
+    """``model.model.norm.weight = nn.Parameter(...)`` after the optimizer was built: the final norm (none of the
+    parameters a patched model's check samples) silently stopped training while the rest trained on.  Refused before
+    any write: by a patched model's next forward with grad, on the slow path at the backward's first on-the-fly update
+    (the hooks' writes); with the optimizer's own parameter put back, training goes on as the reference's."""
+    model = models.llama(layers=2)
+    reference = copy.deepcopy(model)
+    if patched:
+        bread_kernels.patch(model, fused_loss=False)
+    opt = _sgd_all_on(model)
+    norm = model.model.norm
+    held = norm.weight
+    norm.weight = torch.nn.Parameter(held.detach().clone())
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"model.norm.weight is no longer the tensor .* Refused before this "
+                                           r"(forward|backward's on-the-fly updates) changed anything"):
+        loss_of(model, batch(0)).backward()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    model.zero_grad(set_to_none=True)
+    norm.weight = held
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()],
+                                                      *models.layout(reference)),
+                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    for ids in models.batches(2):
+        expected.step(ids)
+        loss_of(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    models.assert_same_parameters(reference, model)
