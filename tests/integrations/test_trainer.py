@@ -681,3 +681,56 @@ def test_bread_callback_with_a_custom_loss(tmp_path, loss):
     run(eng_model, [BreadCallback(sgd_lr_scaling=0.5, sgd_use_sign=False)])
     assert models.moved_parameters(original, ref_model)
     models.assert_same_parameters(ref_model, eng_model)
+
+
+class _SparseGradientsTrainer(Trainer):
+    """badam's BlockOptimizerRatio leaves sparse gradients, whose norm torch does not compute, and transformers 5's
+    Trainer takes the gradients' norm at every step (for its logs, max_grad_norm=0 too): left out here (its private
+    ``_get_grad_norm``), in the runs with and without the engine alike.  Records the engine's cut at each step."""
+
+    cuts: list
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        state = patched_state(model)
+        self.cuts.append(state.cut if state is not None else None)
+        return loss
+
+
+def _badam_ratio(model):
+    torch.manual_seed(0)  # each parameter's mask seed is drawn from the global RNG
+    return badam.BlockOptimizerRatio(model.parameters(), list(model.named_parameters()), lr=LR, eps=EPS, verbose=0,
+                                     update_ratio=0.3, switch_every=4)
+
+
+def test_bread_callback_under_badam_ratio_with_accumulation_and_a_resume(tmp_path):
+    """badam's BlockOptimizerRatio under the Trainer, two micro-batches a step: the run saved at step 2, and a new
+    Trainer, optimizer and callback resuming it, end where the same two runs without the engine end.  The checkpoint
+    comes before Ratio's first state reset (``switch_every``), after which its state holds ``defaultdict``s that the
+    Trainer's ``torch.load(weights_only=True)`` refuses, with or without the engine."""
+    original = models.llama()
+    results = {}
+    for engine in (False, True):
+        out = tmp_path / str(engine)
+        runs = []
+        for resume in (None, str(out / "checkpoint-2")):
+            model = copy.deepcopy(original)
+            saves = dict(save_strategy="steps", save_steps=2) if resume is None else {}
+            trainer = _SparseGradientsTrainer(
+                model=model, args=_args(out, gradient_accumulation_steps=2, max_grad_norm=0.0, **saves),
+                train_dataset=_Data(), callbacks=[BreadCallback()] if engine else [],
+                optimizers=(_badam_ratio(model), None))
+            trainer.cuts = []
+            trainer.train(resume_from_checkpoint=resume)
+            # every micro-batch through the engine: Ratio trains every block, so the cut is the lowest, 0
+            assert trainer.cuts == [0 if engine else None] * (2 * (STEPS - (2 if resume else 0)))
+            runs.append(model)
+        results[engine] = runs
+    assert models.moved_parameters(original, results[False][0])
+    # Ratio's own step counter is not in its state: the resumed run resets its state at another step
+    assert models.moved_parameters(results[False][0], results[False][1])
+    for reference, model in zip(results[False], results[True]):
+        models.assert_same_parameters(reference, model)
