@@ -179,6 +179,7 @@ class EngineDriver:
         self._held = held_parameter_probes(self.model, self.named_parameters, self.engine.block_prefixes()) \
             if self.engine is not None else []
         self._replaced: set[int] = set()
+        self._names_by_id: dict[int, str] | None = None
         _watch_parameter_replacements()
         if self.engine is not None:
             forward_hooks = _ForwardHooks(weakref.ref(self))  # once per forward, wherever it starts (model.model(...))
@@ -242,7 +243,9 @@ class EngineDriver:
         next unless ``old`` is put back."""
         if id(old) in self._replaced:
             return
-        name = next((n for n, p in self.named_parameters if p is old), None)
+        if self._names_by_id is None:  # once, at the first replacement (a whole load reports every parameter)
+            self._names_by_id = {id(p): n for n, p in self.named_parameters}
+        name = self._names_by_id.get(id(old))
         if name is not None:
             self._replaced.add(id(old))
             self._held.append((name, weakref.ref(module), attr, old))
