@@ -58,6 +58,7 @@ import copy
 import functools
 import numbers
 import os
+import sys
 import types
 import warnings
 import weakref
@@ -81,6 +82,7 @@ from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstal
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .head_readers import head_reader
 from .installed_forward import NOT_PICKLED, install_forward
+from .open_forwards import OpenForwards
 from .peft_lora import (Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper,
                         peft_remapped_targets, peft_wrapping, trained_adapter)
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
@@ -136,9 +138,8 @@ class PatchedModel:
         self.entry_modules: list[nn.Module] = []
         #: the handles of the forward-entry hooks on the model, :attr:`entry_modules` and the head
         self.entry_handles: list = []
-        #: where the modules whose forward runs now lie (0: the model, i: ``entry_modules[i - 1]``), outermost first
-        #: (:func:`_enter_forward`)
-        self.entered: list[int] = []
+        #: the forwards of the model and its entry modules that run now, per thread (:func:`_enter_forward`)
+        self.open_forwards = OpenForwards()
         #: what runs once per forward of the model, whichever entry module starts it (:meth:`add_forward_hooks`)
         self.before_forward: OrderedDict = OrderedDict()
         self.after_forward: OrderedDict = OrderedDict()
@@ -160,9 +161,10 @@ class PatchedModel:
         duplicate = PatchedModel.__new__(PatchedModel)
         memo[id(self)] = duplicate
         for key, value in self.__dict__.items():
-            if key not in ("model_ref", "_driver", "entered", "before_forward", "after_forward"):
+            if key not in ("model_ref", "_driver", "open_forwards", "before_forward", "after_forward"):
                 duplicate.__dict__[key] = copy.deepcopy(value, memo)
-        duplicate.entered, duplicate.before_forward, duplicate.after_forward = [], OrderedDict(), OrderedDict()
+        duplicate.open_forwards, duplicate.before_forward, duplicate.after_forward = \
+            OpenForwards(), OrderedDict(), OrderedDict()
         duplicate.block_of_linear = {id(memo[key]): index for key, index in self.block_of_linear.items()
                                      if key in memo}
         duplicate.shared_weights = {id(memo[key]) for key in self.shared_weights if key in memo}
@@ -365,9 +367,17 @@ class PatchedModel:
             hook(module, args)
 
     def forget_open_forwards(self) -> None:
-        """No forward of the model runs now (an optimizer steps): forget any a ``KeyboardInterrupt`` left open, after
-        which torch calls no forward hook, so that the next forward starts wherever it starts."""
-        self.entered = []
+        """No forward of the model runs now in this thread (an optimizer steps): forget any a ``KeyboardInterrupt``
+        left open (torch calls no forward hook after one), where the frames could not tell
+        (:mod:`bread_kernels.open_forwards`); another thread's stay."""
+        self.open_forwards.clear()
+
+    @property
+    def entered(self) -> list[int]:
+        """Where the modules whose forward runs now in this thread lie (0: the model, ``i``: ``entry_modules[i -
+        1]``), outermost first, as last recorded (an entry a ``KeyboardInterrupt`` left open is dropped only when
+        the next forward or the head asks)."""
+        return [entry.depth for entry in self.open_forwards.entries()]
 
     def end_forward(self, module: nn.Module, args, output) -> None:
         """A forward of the model that started at ``module``, or the head called apart from one, returned
@@ -1039,7 +1049,8 @@ def _install_entry_hooks(model: nn.Module, state: PatchedModel) -> None:
     """Give the model and each of its entry modules the hooks that start and end a forward
     (:func:`_enter_forward`, :func:`_leave_forward`: module-level functions, so no closure holds the model or copies
     along with it), and the head the hook on its output called apart (:func:`_head_output`).  The end hook is
-    called even where the forward raised (torch's ``always_call``), so the forward is never left open."""
+    called even where the forward raised an ``Exception`` (torch's ``always_call``); a forward a ``KeyboardInterrupt``
+    left open is found stale by its frame at the next entry (:mod:`bread_kernels.open_forwards`)."""
     state.entry_modules = entry_modules(model, state.blocks_name)
     for module in (model, *state.entry_modules):
         state.entry_handles.append(module.register_forward_pre_hook(_enter_forward))
@@ -1077,29 +1088,23 @@ def _entry_depth(state: PatchedModel, module: nn.Module) -> int:
 @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
 def _enter_forward(module, args) -> None:
     """The forward pre-hook of a patched model and of its entry modules: starts a forward of the model
-    (:meth:`PatchedModel.begin_forward`) unless one of the modules above ``module`` is inside its own forward (the
-    model's forward calling ``model.model``).  Entering forgets the modules at or below ``module`` that a forward
-    left open (torch calls no hook after a ``KeyboardInterrupt``): none of them can be running while it starts."""
+    (:meth:`PatchedModel.begin_forward`) unless a module above ``module`` runs its forward in this thread (the
+    model's forward calling ``model.model``).  A forward that a ``KeyboardInterrupt`` left open (torch then calls no
+    forward hook) is dropped here, found by its frame no longer running; a forward in another thread is not this
+    one's outer forward: each thread has its own (:class:`~bread_kernels.open_forwards.OpenForwards`)."""
     state = _entry_state(module)
     if state is None:
         return
-    depth = _entry_depth(state, module)
-    state.entered = [entered for entered in state.entered if entered < depth]
-    nested = bool(state.entered)
-    state.entered.append(depth)
-    if not nested:
+    if not state.open_forwards.open(_entry_depth(state, module), sys._getframe()):
         state.begin_forward(module, args)
 
 
 @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
 def _leave_forward(module, args, output) -> None:
-    """The forward hook of a patched model and of its entry modules (also where the forward raised: ``output``
-    None): ends the forward that started at ``module`` (:meth:`PatchedModel.end_forward`)."""
+    """The forward hook of a patched model and of its entry modules (also where the forward raised an
+    ``Exception``: ``output`` None): ends the forward that started at ``module`` (:meth:`PatchedModel.end_forward`)."""
     state = _entry_state(module)
-    if state is None or not state.entered or state.entered[-1] != _entry_depth(state, module):
-        return  # its pre-hook did not run (another pre-hook raised before it)
-    state.entered.pop()
-    if not state.entered:
+    if state is not None and state.open_forwards.close(_entry_depth(state, module), sys._getframe()):
         state.end_forward(module, args, output)
 
 
@@ -1107,9 +1112,9 @@ def _leave_forward(module, args, output) -> None:
 def _head_output(module, args, output) -> None:
     """The forward hook of a patched model's head: called apart from a forward of the model (a custom loss's
     ``model.lm_head(model.model(...).last_hidden_state)``), its output is the forward's too
-    (:meth:`PatchedModel.end_forward`); inside one, the model's output covers it."""
+    (:meth:`PatchedModel.end_forward`); inside one that runs in this thread, the model's output covers it."""
     state = _entry_state(module)
-    if state is not None and not state.entered:
+    if state is not None and not state.open_forwards.running(sys._getframe()):
         state.end_forward(module, args, output)
 
 

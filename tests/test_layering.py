@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bread_kernels"
 #: the engine's modules: none may import the optimizer, the integrations or the benchmark
-ENGINE = ["rounding.py", "interrupts.py", "plan.py", "installed_forward.py", "update.py", "collectives.py", "stream.py", "patch.py",
+ENGINE = ["rounding.py", "interrupts.py", "plan.py", "installed_forward.py", "open_forwards.py", "update.py",
+          "collectives.py", "stream.py", "patch.py",
           "causal_lm.py", "peft_lora.py", "weight_readers.py", "kernels", "backends", "functions"]
 #: what each lower layer must not import (package-relative module prefixes)
 FORBIDDEN = {
@@ -19,6 +20,8 @@ FORBIDDEN = {
     "plan.py": ["kernels", "backends", "update", "functions", "stream", "patch", "optim", "integrations"],
     "installed_forward.py": ["rounding", "plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim",
                              "integrations"],
+    "open_forwards.py": ["rounding", "plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim",
+                         "integrations"],
     "kernels": ["backends", "update", "functions", "stream", "patch", "optim", "integrations"],
     "backends": ["update", "functions", "stream", "patch", "optim", "integrations"],
     "update.py": ["functions", "stream", "patch", "optim", "integrations"],

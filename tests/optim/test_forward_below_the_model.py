@@ -5,6 +5,7 @@ forward whichever module is entered first.  References: the same optimizer on th
 reference's hooks, plain autograd), and the full-model path's refusal."""
 
 import copy
+import threading
 import warnings
 
 import pytest
@@ -65,34 +66,141 @@ def test_two_forwards_below_the_model_then_their_backwards_are_refused_as_the_mo
     is written or accumulated.  Training then goes on exactly as the run that never took the second forward, which
     equals the same optimizer on the unpatched model (plain autograd and the reference's hooks)."""
     base = models.with_lora(models.llama()) if peft else models.llama()
-    settings = dict(switch_block_every=1, start_block=1, switch_mode="fixed", **modes,
-                    **({"lora_mode": "all"} if peft else {}))
-
-    def run(model, loss_fn, refused_second):
-        opt = _optimizer(model, **settings)
-        first = loss_fn(model, batch(0))
-        second = loss_fn(model, batch(1)) if refused_second else None
-        first.backward()
-        if refused_second:
-            before = _snapshot(model)
-            with pytest.raises(RuntimeError, match=f"{STALE}.*{REMEDY}"):
-                second.backward()
-            assert _unchanged(model, before)
-        opt.step()
-        opt.zero_grad()
-        loss_fn(model, batch(2)).backward()  # a forward after the write trains
-        opt.step()
-        assert opt.skipped_updates == 0
-        opt.close()
-        return model
-
+    settings = _settings(modes, peft)
     patched = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0)
-    full_model_loss = loss_of if not peft else (lambda m, ids: m(input_ids=ids, labels=ids).loss)
-    run(patched, full_model_loss, True)  # the full-model path's refusal, for the same sequence
-    trained = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0), loss_below_the_model, True)
-    reference = run(copy.deepcopy(base), loss_below_the_model, False)
+    _train_refusing_a_stale_second_forward(patched, settings, _full_model_loss(peft), True)  # the full model's path
+    trained = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0)
+    _train_refusing_a_stale_second_forward(trained, settings, loss_below_the_model, True)
+    reference = _train_refusing_a_stale_second_forward(copy.deepcopy(base), settings, loss_below_the_model, False)
     assert models.moved_parameters(base, reference)
     models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+
+
+def _settings(modes: dict, peft: bool) -> dict:
+    return dict(switch_block_every=1, start_block=1, switch_mode="fixed", **modes,
+                **({"lora_mode": "all"} if peft else {}))
+
+
+def _full_model_loss(peft: bool):
+    return loss_of if not peft else (lambda m, ids: m(input_ids=ids, labels=ids).loss)
+
+
+def _train_refusing_a_stale_second_forward(model, settings, loss_fn, refused_second, before=None, second_loss=None,
+                                           third_loss=None):
+    """Two forwards, then their backwards: the second refused (its forward ran before the first's backward wrote),
+    with nothing of the model written or accumulated; then a step, a forward and backward, a step.
+    ``refused_second`` False: without the second forward (the unpatched reference).  ``before(model)`` runs once the
+    optimizer is built; ``second_loss`` and ``third_loss`` compute the second and third forwards' losses (default
+    ``loss_fn``).  Returns the model."""
+    opt = _optimizer(model, **settings)
+    if before is not None:
+        before(model)
+    first = loss_fn(model, batch(0))
+    second = (second_loss or loss_fn)(model, batch(1)) if refused_second else None
+    first.backward()
+    if refused_second:
+        snapshot = _snapshot(model)
+        with pytest.raises(RuntimeError, match=f"{STALE}.*{REMEDY}"):
+            second.backward()
+        assert _unchanged(model, snapshot)
+    opt.step()
+    opt.zero_grad()
+    (third_loss or loss_fn)(model, batch(2)).backward()  # a forward after the write trains
+    opt.step()
+    assert opt.skipped_updates == 0
+    opt.close()
+    return model
+
+
+def _stop_a_forward(model, exception: BaseException) -> None:
+    """A forward of the whole model with grad that ``exception`` stops at its second decoder layer: a notebook cell
+    interrupted (``KeyboardInterrupt``, after which torch calls no forward hook, ``always_call`` or not), or an error
+    there (an out-of-memory, a shape error: torch calls the ``always_call`` hooks)."""
+    def stop(module, args):
+        raise exception
+
+    handle = _causal_lm(model).model.layers[1].register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(type(exception)):
+            model(input_ids=batch(5), labels=batch(5))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("exception, peft", [(KeyboardInterrupt, False), (KeyboardInterrupt, True),
+                                             (RuntimeError, False)], ids=["interrupt", "peft-interrupt", "error"])
+def test_a_forward_stopped_by_an_interrupt_leaves_no_forward_open_for_the_next_one_below_the_model(exception, peft):
+    """A forward of the whole model stopped inside a decoder layer, then training from ``model.model(...)`` and the
+    head: two forwards and their backwards are refused as always, and training goes on as the unpatched model's.
+    Before, a ``KeyboardInterrupt`` left the model's forward open (torch calls no hook after one), so each later
+    ``model.model(...)`` counted as nested in it until the next ``opt.step()``: it was neither numbered nor
+    guarded, and the second backward failed with autograd's in-place error instead of the refusal."""
+    base = models.with_lora(models.llama()) if peft else models.llama()
+    settings = _settings(MODES[0], peft)
+
+    def stop(model):
+        _stop_a_forward(model, exception("stopped"))
+
+    trained = _train_refusing_a_stale_second_forward(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0),
+                                                     settings, loss_below_the_model, True, before=stop)
+    reference = _train_refusing_a_stale_second_forward(copy.deepcopy(base), settings, loss_below_the_model, False,
+                                                       before=stop)
+    assert models.moved_parameters(base, reference)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+
+
+def _with_an_evaluation_in_another_thread(loss_fn, evaluations: list):
+    """``loss_fn``, during whose forward (at the second decoder layer) another thread runs a whole forward of the
+    model under ``torch.no_grad()`` to its end while the training forward waits (a background evaluation); the
+    evaluation's logits go to ``evaluations``."""
+    def loss(model, ids):
+        training = threading.get_ident()
+
+        def evaluate():
+            with torch.no_grad():
+                evaluations.append(model(input_ids=batch(99)).logits)
+
+        def meanwhile(module, args):
+            if threading.get_ident() == training:
+                thread = threading.Thread(target=evaluate)
+                thread.start()
+                thread.join()
+
+        handle = _causal_lm(model).model.layers[1].register_forward_pre_hook(meanwhile)
+        try:
+            count = len(evaluations)
+            value = loss_fn(model, ids)
+        finally:
+            handle.remove()
+        assert len(evaluations) == count + 1  # the evaluation ran to its end
+        return value
+    return loss
+
+
+@pytest.mark.parametrize("entry", ["model", "below"])
+def test_an_evaluation_in_another_thread_during_a_training_forward_leaves_that_forward_guarded(entry):
+    """A background evaluation (a whole forward under ``torch.no_grad()`` in another thread) in the middle of a
+    training forward: the training forward is still one forward, numbered and guarded (two forwards and their
+    backwards are refused), training equals the unpatched model's, and the evaluation gives its logits.  Before,
+    the forwards of all threads shared one stack: the evaluation, starting at the model, forgot the training
+    forward, whose end then ran no hook, so its output went unguarded and the second backward failed with
+    autograd's in-place error (through the model's own forward; below it, the head's guard still caught it)."""
+    base = models.llama()
+    settings = _settings(MODES[0], False)
+    loss_fn = loss_of if entry == "model" else loss_below_the_model
+
+    def run(model, refused_second):
+        evaluations = []
+        meanwhile = _with_an_evaluation_in_another_thread(loss_fn, evaluations)
+        _train_refusing_a_stale_second_forward(model, settings, loss_fn, refused_second, second_loss=meanwhile,
+                                               third_loss=meanwhile)
+        return model, evaluations[-1]  # the third forward's, after the same updates in both runs
+
+    trained, evaluated = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0), True)
+    reference, expected = run(copy.deepcopy(base), False)
+    assert models.moved_parameters(base, reference)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(evaluated, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("modes", [MODES[0], MODES[1]], ids=MODE_IDS[:2])
@@ -152,7 +260,8 @@ def test_accumulated_forwards_below_the_model_train_as_the_unpatched_model_and_a
 
 def test_a_forward_counts_once_whichever_module_it_starts_at():
     """The model's forward calling ``model.model`` is one forward (its hooks run once), as is ``model.model(...)``
-    alone, or a peft model's ``base_model(...)`` and its inner decoder's call; a forward that raised leaves none open;
+    alone, or a peft model's ``base_model(...)`` and its inner decoder's call; a forward that raised leaves none open,
+    and one a ``KeyboardInterrupt`` stopped (torch then calls no hook) is dropped at the next forward;
     ``unpatch`` removes every hook, and a copy's forwards run its own state's hooks, not the original's."""
     model = bread_kernels.patch(models.llama())
     state = patched_state(model)
@@ -169,6 +278,12 @@ def test_a_forward_counts_once_whichever_module_it_starts_at():
     seen.clear()
     with pytest.raises(Exception):
         model.model(input_ids=ids.float())
+    assert state.entered == [] and seen == [("before", model.model), ("after", model.model)]
+    seen.clear()
+    _stop_a_forward(model, KeyboardInterrupt())  # torch calls no forward hook: the model's forward stays open ...
+    assert state.entered == [0, 1] and seen == [("before", model)]
+    seen.clear()
+    model.model(input_ids=ids)  # ... until the next forward finds its frame gone
     assert state.entered == [] and seen == [("before", model.model), ("after", model.model)]
     seen.clear()
     duplicate = copy.deepcopy(model)
