@@ -34,6 +34,7 @@ owner (with a warning) and takes them over.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import Mapping
@@ -745,6 +746,10 @@ class _RefreshScale:
             scale.refresh()
 
 
+class _RunningForward(threading.local):
+    forward: DataParallelForward | None = None  # a class default: None in a thread that never set it
+
+
 class _ForwardHooks:
     """What runs once per forward of the patched model, wherever it starts (the model, or ``model.model(...)`` of
     a custom loss: :meth:`~bread_kernels.patch.PatchedModel.add_forward_hooks`): :meth:`before` refuses, with grad,
@@ -752,26 +757,27 @@ class _ForwardHooks:
     forward runs under, refusing an on-the-fly role there; :meth:`after` puts hooks on the outputs that require
     grad, which a backward reaches first — :class:`_StaleGraphGuard` where the model updates weights on the fly (on
     the head's output too where a custom loss calls it apart), and under a DDP forward that synchronises
-    :class:`_QueueAverage`.  Holds the driver weakly."""
+    :class:`_QueueAverage`.  Holds the driver weakly.  The DDP forward noted is per thread, as the forwards are
+    (an evaluation under ``torch.no_grad()`` in another thread does not clear the training forward's)."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]"):
         self.driver = driver
-        self.forward: DataParallelForward | None = None
+        self.running = _RunningForward()
 
     def __reduce__(self):
         return _ForwardHooks, (_nothing,)
 
     def before(self, module, args) -> None:
-        self.forward = None
+        self.running.forward = None
         driver = self.driver()
         if driver is None or driver.closed:
             return
         if torch.is_grad_enabled():  # a forward without grad (evaluating loaded weights) trains nothing
             driver.check_parameters_held()
-        self.forward = driver._check_data_parallel(module)
+        self.running.forward = driver._check_data_parallel(module)
 
     def after(self, module, args, output) -> None:
-        dp, self.forward = self.forward, None
+        dp, self.running.forward = self.running.forward, None
         driver = self.driver()
         if driver is None or driver.closed or not torch.is_grad_enabled():
             return

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import sys
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -65,6 +66,9 @@ class Case(NamedTuple):
     #: DDP wraps a module whose loss calls the decoder and the head apart (``lm.model(...)``, ``lm.lm_head``): no
     #: forward of the patched model itself runs
     below: bool = False
+    #: in the middle of each training forward (at block 1), another thread runs a whole forward of the patched model
+    #: under torch.no_grad() to its end (a background evaluation) while the training forward waits
+    evaluate_meanwhile: bool = False
 
 
 CASES = {
@@ -90,6 +94,7 @@ CASES = {
     "bread_sgd_bf16_moe": Case("all", 1, model="qwen3_moe", dtype="bfloat16", rounding="nearest"),  # bf16 sums
     "bread_sgd_fp16": Case("all", 1, dtype="float16", rounding="nearest", summed_reference=True),
     "bread_sgd_loss_below_the_model": Case("all", 1, below=True),
+    "bread_sgd_evaluation_in_another_thread": Case("all", 1, evaluate_meanwhile=True),
 }
 #: a block linear above the first active block, per model: on the fly from the first step where sgd_mode is not
 #: "disabled"
@@ -235,6 +240,8 @@ def _run_case(name: str, rank: int, world: int) -> dict:
         return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
     result = {"case": name, "error": None}
+    if case.evaluate_meanwhile:
+        evaluate_meanwhile(model, rank)
     try:
         ddp = wrap() if case.ddp_first else None
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2) if case.scaled else None
@@ -291,6 +298,24 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     result["replicas_equal"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
     opt.close()
     return result
+
+
+def evaluate_meanwhile(model, rank: int) -> None:
+    """In the middle of each forward of ``model`` in this thread (at its block 1), run a whole forward of it under
+    ``torch.no_grad()`` in another thread, to its end (a background evaluation)."""
+    training = threading.get_ident()
+
+    def evaluate():
+        with torch.no_grad():
+            model(input_ids=batch(99, 0, rank))
+
+    def meanwhile(module, args):
+        if threading.get_ident() == training:
+            thread = threading.Thread(target=evaluate)
+            thread.start()
+            thread.join()
+
+    model.model.layers[1].register_forward_pre_hook(meanwhile)
 
 
 class _Batches(torch.utils.data.Dataset):

@@ -18,6 +18,9 @@ every case of ``data_parallel_worker.CASES`` (4 steps, a block switch after each
 * BREAD-SGD under DDP around a module whose loss calls the decoder and the head apart (``lm.model(...)``,
   ``lm.lm_head``: no forward of the patched model itself): before, none of the driver's DDP work ran there and the
   replicas drifted apart silently; now equal to the one-process run, as through the model's own forward;
+* BREAD-SGD with a background evaluation (a forward of the model under ``torch.no_grad()`` in another thread) in the
+  middle of each training forward: before, the evaluation's end forgot the DDP forward the training forward had
+  noted, so the on-the-fly updates went unaveraged; now equal to the one-process run;
 * ranks that train different blocks (a random order seeded apart) are refused at the forward, before any update;
 * a ``transformers.Trainer`` under torchrun (DDP, gradient clipping) ends with the same parameters on both ranks;
 * on-the-fly updates in a process group of several ranks outside DDP are refused — at a patched model's forward, or
