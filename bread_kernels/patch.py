@@ -1094,6 +1094,7 @@ def _enter_forward(module, args) -> None:
     one's outer forward: each thread has its own (:class:`~bread_kernels.open_forwards.OpenForwards`)."""
     state = _entry_state(module)
     if state is None:
+        _refuse_data_parallel_replica(module)
         return
     if not state.open_forwards.open(_entry_depth(state, module), sys._getframe()):
         state.begin_forward(module, args)
@@ -1116,6 +1117,20 @@ def _head_output(module, args, output) -> None:
     state = _entry_state(module)
     if state is not None and not state.open_forwards.running(sys._getframe()):
         state.end_forward(module, args, output)
+
+
+def _refuse_data_parallel_replica(module: nn.Module) -> None:
+    """Refuse the forward of a replica ``nn.DataParallel`` made of a patched model (or of a module on the way to its
+    blocks) for a device of its own: a shallow copy, run in a thread of its own, whose fused layers' forwards are
+    bound (weakly) to the original modules, so they would compute with the first device's weights, and write the
+    on-the-fly updates there, from each replica's gradient; no forward of it is numbered, guarded or averaged."""
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            "bread_kernels: a patched model runs under torch.nn.DataParallel on several devices, which the engine "
+            "does not support: the replicas' fused layers are bound to the original modules (they would compute "
+            "with the first device's weights and update them from each replica's gradient on its own). Use "
+            "DistributedDataParallel (torchrun; the optimizer averages the on-the-fly updates over the ranks), or "
+            "one device (DataParallel over one device runs the model itself)")
 
 
 def _set_fused_loss(model: nn.Module, fused_loss: bool | None, state: PatchedModel) -> None:

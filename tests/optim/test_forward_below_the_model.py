@@ -203,6 +203,29 @@ def test_an_evaluation_in_another_thread_during_a_training_forward_leaves_that_f
     torch.testing.assert_close(evaluated, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "evaluate"])
+def test_a_data_parallel_replica_of_a_patched_model_is_refused_before_it_runs(grad):
+    """``nn.DataParallel`` on several devices runs replicas of the model (shallow copies whose hooks and installed
+    forwards came along) in threads of their own: the replicas' fused layers are bound to the original modules, so
+    they would compute with the first device's weights and write each replica's on-the-fly updates there, and no
+    forward of a replica is numbered or guarded.  A replica's forward is refused before anything runs (before, it
+    ran silently); the model itself then trains on as the unpatched model."""
+    base = models.llama()
+    settings = _settings(MODES[0], False)
+    model = bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0)
+
+    def replica_refused(model):
+        replica = model._replicate_for_data_parallel()  # what DataParallel's replicate() makes of it per device
+        before = _snapshot(model)
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="DataParallel.*DistributedDataParallel"):
+            replica(input_ids=batch(0), labels=batch(0))
+        assert _unchanged(model, before)
+
+    trained = _train_refusing_a_stale_second_forward(model, settings, loss_of, True, before=replica_refused)
+    reference = _train_refusing_a_stale_second_forward(copy.deepcopy(base), settings, loss_of, False)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("modes", [MODES[0], MODES[1]], ids=MODE_IDS[:2])
 def test_the_head_called_apart_on_a_stale_forwards_hidden_states_is_refused_before_it_writes(modes):
     """Two forwards of ``model.model(...)``, the second's loss (head included) backward, and only then the head
