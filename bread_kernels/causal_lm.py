@@ -246,7 +246,9 @@ def _fused_loss_forward(self, *args, **kwargs):
     if installed is None:
         return type(self).forward(self, *args, **kwargs)
     signature, var_keyword, output_cls, required, stream = installed
-    original = type(self).forward.__get__(self)
+    # not ``type(self).forward.__get__(self)``: where the forward breaks dynamo's graph (the blocks do), dynamo
+    # resumes the call of that bound method as ``self.forward`` (this forward again: a RecursionError, torch 2.13)
+    original = functools.partial(type(self).forward, self)
     bound = signature.bind(self, *args, **kwargs)
     labels = bound.arguments.get("labels")
     if labels is None or not torch.is_grad_enabled():

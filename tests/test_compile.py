@@ -249,3 +249,53 @@ def test_a_training_loop_with_evaluations_stays_within_dynamos_recompile_limit()
     opt.close()
     codes = {type(m): m.forward.__call__.__code__ for m in model.modules() if "forward" in m.__dict__}
     assert len(set(codes.values())) == len(codes) >= 3  # one per module class, as an unpatched model's forwards
+
+
+def _logits_loss(forward, ids):
+    """A custom loss from the logits of a forward without labels (the causal LM's own forward runs, not the fused
+    loss)."""
+    logits = forward(input_ids=ids).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def _evaluate_then_train(patched: bool, compile_backend):
+    """Each step an evaluation under ``no_grad`` (with labels: the model's own loss), then a training step on a
+    loss from the logits; returns the evaluation losses and the trained parameters."""
+    model = models.llama(layers=2)
+    if patched:
+        bread_kernels.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                           list(model.named_parameters()), switch_block_every=1, sgd_mode="all",
+                                           verbose=0)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+    evaluations = []
+    for step in range(2):
+        with torch.no_grad():
+            ids = models.batch(100 + step)
+            evaluations.append(forward(input_ids=ids, labels=ids).loss)
+        _logits_loss(forward, models.batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return torch.stack(evaluations), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_a_compiled_patched_model_evaluates_under_no_grad_and_trains_on_its_logits():
+    """A forward that is not the fused loss's (no labels, or no grad: the causal LM's own forward, which breaks the
+    graph at its blocks) hit a RecursionError under ``torch.compile``: dynamo resumed the call of the class's forward,
+    bound with ``type(self).forward.__get__(self)``, as the instance's ``self.forward`` (the fused-loss forward
+    again).  An evaluation under ``no_grad`` before training, and training on a loss from the logits, now give the
+    eager engine's results bit for bit, and the unpatched model's within rounding."""
+    torch._dynamo.reset()
+    reference_evaluations, reference = _evaluate_then_train(False, None)
+    eager_evaluations, eager = _evaluate_then_train(True, None)
+    compiled_evaluations, compiled = _evaluate_then_train(True, "aot_eager")
+    torch.testing.assert_close(compiled_evaluations, eager_evaluations, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_evaluations, reference_evaluations)
+    assert any(not torch.equal(p, reference[n]) for n, p in models.llama(layers=2).named_parameters())
+    for name, p in eager.items():
+        torch.testing.assert_close(compiled[name], p, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(compiled[name], reference[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
