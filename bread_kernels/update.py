@@ -211,6 +211,8 @@ class LocalTarget(UpdateTarget):
         tokens = max(g.shape[0] for g, _ in per_expert.values())
         work = backend.part_buffers(weight[0], tokens, next(iter(per_expert.values()))[0].dtype, sign,
                                     update.rounding)
+        for e, (g, x) in per_expert.items():  # and no kernel tuned between two slices
+            backend.prepare_update_(weight[e], g, x, sign, update.rounding)
         with whole_write():  # every expert's slice of the one tensor, or none
             for e in sorted(per_expert):
                 backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
@@ -220,15 +222,17 @@ class LocalTarget(UpdateTarget):
     def linear_tiles_(self, weight, bias, tiles, ok, step, sign, update) -> torch.Tensor:
         """Row tiles of ``weight`` (and ``bias``), the first the largest (see :func:`update_linear_tiles_`), each
         written as :meth:`linear_` writes a linear, gated on ``ok`` alone (decided before the first tile), with the
-        buffers the first tile's write needs allocated before it writes and reused by every tile, so nothing is
-        allocated between two tiles' writes."""
+        buffers the first tile's write needs allocated before it writes and reused by every tile, and every tile's
+        shape prepared (:func:`_prepare_tiles`), so nothing is allocated or tuned between two tiles' writes."""
         backend = self.backend(weight.device)
+        bounds = tiles.bounds
         tiles = iter(tiles)
         first = next(tiles, None)
         if first is None:
             return ok
         start, stop, g, x = first
         work = backend.part_buffers(weight[start:stop], g.shape[0], g.dtype, sign, update.rounding)
+        _prepare_tiles(backend, weight, bounds, g, x, sign, update.rounding)
         bias_grad = bias_work = None
         if bias is not None:
             bias_grad = torch.empty(stop - start, dtype=torch.float32, device=bias.device)
@@ -262,6 +266,22 @@ class LocalTarget(UpdateTarget):
         # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself
         return backend.apply_update_if_finite_(flat, grad, step, sign, update.rounding, update.next_seed(),
                                                checked=(grad,))
+
+
+def _prepare_tiles(backend, weight: torch.Tensor, bounds, g: torch.Tensor, x: torch.Tensor, sign: bool,
+                   rounding) -> None:
+    """``backend.prepare_update_`` once for each number of rows a tile has (the last tile may have fewer than the
+    first, a shape the Triton kernel was perhaps never tuned for), before the first tile writes: on that tile's rows
+    of ``weight``, with the first tile's ``g`` [M, R] viewed as the tile's [M, rows] (its first elements where it is
+    contiguous, as each tile's g is in its caller's one buffer; its first columns otherwise) and ``x``."""
+    prepared = set()
+    for start, stop in bounds:
+        rows = stop - start
+        if rows in prepared:
+            continue
+        prepared.add(rows)
+        like = g.reshape(-1)[: g.shape[0] * rows].view(g.shape[0], rows) if g.is_contiguous() else g[:, :rows]
+        backend.prepare_update_(weight[start:stop], like, x, sign, rounding)
 
 
 def writes_collectively(plan: WeightPlan | None) -> bool:
@@ -336,16 +356,17 @@ def update_experts_(plan: WeightPlan, role: Role, weight: torch.Tensor,
 
 def update_linear_tiles_(plan: WeightPlan, role: Role, weight: torch.Tensor, bias: torch.Tensor | None,
                          tiles: Iterable[tuple[int, int, torch.Tensor, torch.Tensor]], finite: torch.Tensor) -> Finite:
-    """``plan``'s update of a linear weight (and bias) whose summed gradient only exists row tile by row tile:
-    ``tiles`` yields ``(start, stop, g [M, stop − start], x [M, K])`` with ``dW[start:stop] = gᵀx`` (the fused
-    head+loss's vocabulary tiles, whose g is computed one tile at a time), the first tile with the most rows.  One
-    step size, and one finiteness answer for the whole weight: ``finite``, a 0-dim bool the caller decided before
-    the first tile (the head+loss: its hidden states', logsumexp's and loss scale's finiteness, which every tile's g
-    follows, and in fp16 every tile's dW), which gates every tile's write; a dW past fp32's or bf16's range from
-    finite operands (3.4·10³⁸) is not checked (as on the ``addmm_`` path).  Whole or not at all: a Ctrl-C while the
-    tiles are written comes after the last (:func:`~bread_kernels.interrupts.whole_write`), and every buffer the
-    writes need is allocated before the first tile writes, so running out of memory stops none halfway (a tile's
-    own temporaries are the caller's to allocate up front).  A local target only (the head+loss refuses others)."""
+    """``plan``'s update of a linear weight (and bias) whose summed gradient only exists row tile by row tile: ``tiles``
+    yields ``(start, stop, g [M, stop − start], x [M, K])`` with ``dW[start:stop] = gᵀx`` (the fused head+loss's
+    vocabulary tiles, whose g is computed one tile at a time), the first tile with the most rows, and ``tiles.bounds``
+    lists every tile's ``(start, stop)`` before the first is computed.  One step size, and one finiteness answer for the
+    whole weight: ``finite``, a 0-dim bool the caller decided before the first tile (the head+loss: its hidden states',
+    logsumexp's and loss scale's finiteness, which every tile's g follows, and in fp16 every tile's dW), which gates
+    every tile's write; a dW past fp32's or bf16's range from finite operands (3.4·10³⁸) is not checked (as on the
+    ``addmm_`` path).  Whole or not at all: a Ctrl-C while the tiles are written comes after the last
+    (:func:`~bread_kernels.interrupts.whole_write`), and every buffer the writes need is allocated (and every tile's
+    kernel tuned) before the first tile writes, so running out of memory stops none halfway (a tile's own temporaries
+    are the caller's to allocate up front).  A local target only (the head+loss refuses others)."""
     return _apply(plan, role, lambda target, step, sign, update: target.linear_tiles_(weight, bias, tiles, finite,
                                                                                       step, sign, update))
 

@@ -224,6 +224,82 @@ def test_a_whole_gradient_written_in_slices(monkeypatch, dtype, role):
     assert assert_every_failure_leaves_each_weight_whole(case) > 0
 
 
+# --- a GPU's autotuning of the Triton weight-update kernel, simulated under the interpreter ---
+
+
+class SimulatedTuning:
+    """The GPU path of :func:`bread_kernels.kernels.wgrad_update.wgrad_update_` under the interpreter: Triton's own
+    autotuner over two tile configurations (the first the interpreter's tiles for the shapes here), each timed by
+    two launches, in place of the GPU's.  ``log`` records ``("timing", N, parameter)`` for each timing launch and
+    ``("write", N, parameter)`` for each launch that stores (``parameter``: the address of the weight's storage);
+    every launch that must not store (``store=0``: the tuning's, its timing launches included) is checked to leave
+    the weight as it was."""
+
+    CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_M": 16}, {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16}]
+
+    def __init__(self, monkeypatch):
+        import triton
+
+        from bread_kernels.kernels import wgrad_update
+
+        self.log, self._launch = [], None
+        self._tuner = triton.autotune(configs=[triton.Config(c) for c in self.CONFIGS], key=["N", "K"],
+                                      do_bench=self._time)(wgrad_update._wgrad_update_kernel)
+        monkeypatch.setattr(wgrad_update, "_autotuned", lambda device: True)
+        monkeypatch.setattr(wgrad_update, "_wgrad_update_tuned", self)
+        monkeypatch.setattr(wgrad_update, "_tuned", set())
+
+    def _time(self, kernel_call, quantiles):
+        for _ in range(2):
+            self.log.append(("timing", *self._launch))
+            kernel_call()
+        return [1.0] * len(quantiles)
+
+    def __getitem__(self, grid):
+        def launch(*args, **flags):
+            weight, store = args[2], args[17]
+            self._launch = (args[5], weight.untyped_storage().data_ptr())
+            before = weight.clone()
+            self._tuner[grid](*args, **flags)
+            if store:
+                self.log.append(("write", *self._launch))
+            else:
+                assert torch.equal(weight, before), "a launch with store=0 wrote the weight"
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", [head_in_vocabulary_tiles, experts_in_slices], ids=lambda parts: parts.__name__)
+def test_a_gpu_tunes_every_part_of_a_write_before_the_first_part_writes(monkeypatch, parts, dtype):
+    """On a GPU the Triton backend's first launch of a shape tunes the kernel: timing launches that must not store,
+    and whatever they need (compiles, module loads) or raise.  A write in parts tunes every part's shape before the
+    first part writes, so none of that happens between two parts, and the tuning writes nothing: the weights end as
+    the interpreter's untuned launches leave them.  Before: the head's last, 16-row vocabulary tile was tuned after
+    the larger tiles had written."""
+    monkeypatch.setenv("BREAD_BACKEND", "triton")
+    case = parts(monkeypatch, dtype, Role.SIGN)
+    weights, backward = case()
+    backward()
+    untuned = {name: weight.clone() for name, weight in weights.items()}
+    with monkeypatch.context() as simulating:
+        tuning = SimulatedTuning(simulating)
+        weights, backward = case()
+        backward()
+    for name, weight in weights.items():
+        assert torch.equal(weight, untuned[name]), name
+    in_parts = [name for name in weights if name != "bias"]  # a bias is written by the bare epilogue, untuned
+    for weight in (weights[name] for name in in_parts):
+        launches = [(i, what, rows) for i, (what, rows, storage) in enumerate(tuning.log)
+                    if storage == weight.untyped_storage().data_ptr()]
+        writes = [i for i, what, _ in launches if what == "write"]
+        timings = [i for i, what, _ in launches if what == "timing"]
+        assert len(writes) > 1 and timings, launches  # a write in parts, tuned
+        assert max(timings) < min(writes), f"tuned between two parts' writes: {launches}"
+        assert {rows for _, what, rows in launches if what == "write"} <= \
+            {rows for _, what, rows in launches if what == "timing"}
+
+
 # --- the data-parallel writes: each part waits for a collective, so a failure between two parts is reported ---
 
 

@@ -84,6 +84,13 @@ class Backend(Protocol):
         """What ``update_weight_(..., check=False, work=...)`` needs to write a part of at most ``weight``'s shape
         (g and x of at most ``tokens`` rows) without allocating, allocated now; None where it allocates nothing."""
 
+    def prepare_update_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
+                        rounding: Rounding) -> None:
+        """Does now, writing nothing, what the first ``update_weight_`` of these shapes and dtypes does once before
+        it writes (the Triton backend tunes its kernel on a GPU), so that a write in parts, which prepares every
+        part's shape before the first part writes, does none of it between two parts; nothing on the CPU
+        backends."""
+
     def epilogue_buffers(self, numel: int, dtype: torch.dtype, rounding: Rounding,
                          device: torch.device) -> object | None:
         """What ``apply_update_(..., buffers=...)`` needs for ``numel`` elements without allocating, allocated now;

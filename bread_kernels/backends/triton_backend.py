@@ -40,6 +40,10 @@ class TritonBackend(TorchSums, TorchRotary):
         """None: one kernel per part allocates nothing (with ``check=False``: the flag decided before the first)."""
         return None
 
+    def prepare_update_(self, weight, grad_output, input, sign, rounding) -> None:
+        """Tunes the GEMM kernel for these shapes where it was not (on a GPU: launches that store nothing)."""
+        self._kernels.tune_(weight, grad_output, input, sign, rounding)
+
     def epilogue_buffers(self, numel, dtype, rounding, device) -> None:
         """None: the epilogue kernel allocates nothing."""
         return None

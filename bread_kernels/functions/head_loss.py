@@ -682,10 +682,14 @@ class _VocabularyTiles:
         self.weight_c = FlatBuffers(device, self.tile * weight.shape[1], w=dtype) if weight.dtype != dtype else None
         self.bias_c = FlatBuffers(device, self.tile, b=dtype) if bias is not None and bias.dtype != dtype else None
 
-    def __iter__(self):
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """Every tile's rows ``(start, stop)``, in order: ``tile`` rows each, the last what remains."""
         vocab = self.weight.shape[0]
-        for start in range(0, vocab, self.tile):
-            stop = min(vocab, start + self.tile)
+        return [(start, min(vocab, start + self.tile)) for start in range(0, vocab, self.tile)]
+
+    def __iter__(self):
+        for start, stop in self.bounds:
             yield start, stop, self._gradient(start, stop), self.hidden
 
     def _gradient(self, start: int, stop: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ W's dtype.
 Like Liger-Kernel's ops: kernels first, then launch functions that flatten to 2-D.  Program offsets are int64.
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned on the
 first call for each shape with launches that do not store (``store=0``), so tuning never applies the update and
-allocates nothing (no W clone, no L2-flush buffer).
+allocates nothing (no W clone, no L2-flush buffer); :func:`tune_` does it ahead of a write in parts.
 """
 
 from __future__ import annotations
@@ -126,10 +126,10 @@ def _wgrad_update_kernel(
     w = tl.load(w_ptrs, mask=mask, other=0.0)
     index = offs_n[:, None] * K + offs_k[None, :] + offset
     value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, not UPCAST)
-    if UPCAST:  # the interpreter (never autotuned) always stores
-        tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask)
-    else:  # store == 0: the autotuner's timing launches, which must leave W untouched (see wgrad_update_)
-        tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask & (store != 0))
+    # store == 0: the autotuner's launches, which must leave W untouched (see tune_); broadcast to the block, as in
+    # _gated, for the interpreter (where the tests simulate tuning)
+    storing = (store + tl.zeros(mask.shape, tl.int32)) != 0
+    tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask & storing)
 
 
 @triton.jit(do_not_specialize=["offset", "step", "key1", "key2"])
@@ -199,6 +199,58 @@ def _check_dtype(t: torch.Tensor, what: str) -> int:
     return _DTYPE_CODE[t.dtype]
 
 
+def _launch(weight, grad_output, input, step, sign, rounding, seed, ok, offset):
+    """The arguments of a launch of the GEMM kernel (but ``store``) and its flags."""
+    code = _check_dtype(weight, "weight")
+    M, N = grad_output.shape
+    K = input.shape[1]
+    key1, key2 = rng_keys(seed)
+    stochastic = ROUNDING_CODES[rounding.resolve(weight.dtype)] == 1
+    ieee = grad_output.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    args = (
+        grad_output, input, weight, _flag(ok, weight.device), M, N, K,
+        grad_output.stride(0), grad_output.stride(1), input.stride(0), input.stride(1),
+        weight.stride(0), weight.stride(1),
+        int(offset), float(step), key1, key2,
+    )
+    flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee,
+                 UPCAST=interpreted(weight.device))
+    return args, flags
+
+
+def _autotuned(device: torch.device) -> bool:
+    """Whether launches on ``device`` go through the autotuner (a GPU's) rather than the interpreter's fixed tiles
+    (the tests simulate a GPU's tuning under the interpreter by answering True)."""
+    return not interpreted(device)
+
+
+def _tuning_key(weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> tuple:
+    """What :data:`_tuned` remembers a tuned shape by: the autotuner's key (N and K, and every tensor argument's
+    dtype, the flag's always uint8) and the device.  It must tell apart every launch the autotuner's key does: a
+    ``store=1`` launch of a shape the autotuner has not timed would apply the update once per timing launch."""
+    return (grad_output.shape[1], input.shape[1], grad_output.dtype, input.dtype, weight.dtype, weight.device.index)
+
+
+def _grid(N: int, K: int):
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
+
+
+def tune_(weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
+          rounding: Rounding) -> None:
+    """On a GPU, tunes the GEMM kernel for these shapes and dtypes unless it was (each timing launch, and the
+    winner's launch after them, with ``store=0``: nothing is written), so that a later :func:`wgrad_update_` of them
+    only writes; nothing under the interpreter, which launches with fixed tiles.  A write in parts tunes every
+    part's shape before the first part writes: tuning then never runs (compiles, times) between two parts."""
+    if not _autotuned(weight.device):
+        return
+    key = _tuning_key(weight, grad_output, input)
+    if key in _tuned:
+        return
+    args, flags = _launch(weight, grad_output, input, 0.0, sign, rounding, 0, None, 0)
+    _wgrad_update_tuned[_grid(grad_output.shape[1], input.shape[1])](*args, 0, **flags)
+    _tuned.add(key)
+
+
 def wgrad_update_(
     weight: torch.Tensor,
     grad_output: torch.Tensor,
@@ -212,34 +264,17 @@ def wgrad_update_(
 ) -> None:
     """``weight -= step · f(grad_outputᵀ · input)`` in one kernel; weight [N, K], grad_output [M, N], input [M, K];
     nothing is written where ``ok`` (0-dim bool) is False.  ``offset``: the logical index of ``weight[0, 0]`` in the
-    whole parameter (the random bits' counter)."""
-    code = _check_dtype(weight, "weight")
-    M, N = grad_output.shape
-    K = input.shape[1]
-    key1, key2 = rng_keys(seed)
-    stochastic = ROUNDING_CODES[rounding.resolve(weight.dtype)] == 1
-    ieee = grad_output.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    args = (
-        grad_output, input, weight, _flag(ok, weight.device), M, N, K,
-        grad_output.stride(0), grad_output.stride(1), input.stride(0), input.stride(1),
-        weight.stride(0), weight.stride(1),
-        int(offset), float(step), key1, key2,
-    )
-    interpret = interpreted(weight.device)
-    flags = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, IEEE_FP32=ieee, UPCAST=interpret)
-    if interpret:
+    whole parameter (the random bits' counter).  The first launch of a shape on a GPU tunes first (:func:`tune_`)."""
+    args, flags = _launch(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
+    N, K = grad_output.shape[1], input.shape[1]
+    if not _autotuned(weight.device):
         blocks = {"BLOCK_N": _interpreter_tile(N, 16), "BLOCK_K": _interpreter_tile(K, 32),
                   "BLOCK_M": _INTERPRET_BLOCK_M}
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))
         _wgrad_update_kernel[grid](*args, 1, **flags, **blocks)
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
-        # the autotuner's key: N, K and every tensor argument's dtype
-        key = (N, K, grad_output.dtype, input.dtype, weight.dtype, weight.device.index)
-        if key not in _tuned:  # first launch of this shape: tune (and run the winner) without storing
-            _wgrad_update_tuned[grid](*args, 0, **flags)
-            _tuned.add(key)
-        _wgrad_update_tuned[grid](*args, 1, **flags)
+        tune_(weight, grad_output, input, sign, rounding)
+        _wgrad_update_tuned[_grid(N, K)](*args, 1, **flags)
 
 
 def apply_update_(

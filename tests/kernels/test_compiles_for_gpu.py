@@ -1,7 +1,8 @@
-"""The element-wise Triton kernels compile for a GPU (sm_90 and sm_80: an H100, an A100) with Triton's own compiler and its bundled
-``ptxas``, on a machine without one: the interpreter runs a kernel as Python and accepts constructs the compiler
-refuses (an import inside a kernel, ``.to`` on an integer argument that Triton specialises into a constant).  Their
-values are tested under the interpreter (the other files here) and on a GPU by ``bench/gpu_session.sh``.
+"""The element-wise Triton kernels and the weight update's GEMM compile for a GPU (sm_90 and sm_80: an H100, an A100)
+with Triton's own compiler and its bundled ``ptxas``, on a machine without one: the interpreter runs a kernel as Python
+and accepts constructs the compiler refuses (an import inside a kernel, ``.to`` on an integer argument that Triton
+specialises into a constant).  Their values are tested under the interpreter (the other files here) and on a GPU by
+``bench/gpu_session.sh``.
 
 The test session runs Triton's interpreter (``tests/conftest.py``), under which ``triton.jit`` gives no compilable
 kernel, so the compiles run in a subprocess without it."""
@@ -13,10 +14,11 @@ import sys
 import pytest
 
 _COMPILE = r'''
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from bread_kernels.kernels import rms_norm, rotary, swiglu
+from bread_kernels.kernels import rms_norm, rotary, swiglu, wgrad_update
 
 import sys
 
@@ -57,6 +59,14 @@ for dtype in ("fp32", "bf16", "fp16"):
                  "dx_again_ptr": "*fp32", "dw_ptr": "*fp32", **ints("rows", "cols"), "cols_f": "fp32",
                  **ints("rows_per_program", "g_stride", "x_stride", "dx_stride")},
                 {"NEED_X": need_x, "SPLIT": split, "NEED_W": need_w, "BLOCK": 2048})
+    # the weight update's GEMM, as its autotuner launches it (UPCAST: the interpreter's form only)
+    compile(wgrad_update._wgrad_update_kernel,
+            {"g_ptr": p, "x_ptr": p, "w_ptr": p, "ok_ptr": "*u8", **ints("M", "N", "K", "stride_gm", "stride_gn",
+             "stride_xm", "stride_xk", "stride_wn", "stride_wk"), "offset": "i64", "step": "fp32",
+             **ints("key1", "key2", "store")},
+            {"SIGN": dtype != "fp32", "STOCHASTIC": dtype != "fp32", "DTYPE_CODE": wgrad_update._DTYPE_CODE[
+                {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]],
+             "IEEE_FP32": dtype == "fp32", "UPCAST": False, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64})
 compile(rotary._rotary_kernel,
         {"x_ptr": "*bf16", "out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
          **ints("rows", "heads", "seq", "half", "x_stride_b", "x_stride_h", "x_stride_s", "out_stride_b",
@@ -78,4 +88,5 @@ def test_the_element_wise_kernels_compile_for_an_h100_and_an_a100():
     if done.returncode == 3:  # the environment, not a kernel: another ahead-of-time API, no ptxas
         pytest.skip(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 3 * 8 + 1  # per dtype: 4 SwiGLU and 4 RMSNorm compiles; the rotary one
+    # per dtype: 4 SwiGLU, 4 RMSNorm and the weight update's compiles; the rotary one
+    assert done.stdout.count("compiled") == 3 * 9 + 1
