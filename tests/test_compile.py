@@ -299,3 +299,47 @@ def test_a_compiled_patched_model_evaluates_under_no_grad_and_trains_on_its_logi
         torch.testing.assert_close(compiled[name], p, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(compiled[name], reference[name], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("loss", ["model", "below-the-model"])
+def test_accelerates_regional_compilation_of_a_patched_model_trains_as_the_eager_engine(loss):
+    """accelerate's ``compile_regions`` (``use_regional_compilation=True``) shallow-copies the model and compiles
+    copies of its blocks, which keep the patched forwards bound to the original modules: it compiles nothing there,
+    and BREAD-SGD trains to the eager engine's parameters bit for bit, through the copy's full forward or a loss
+    that calls the copy's ``model.model(...)`` and ``lm_head`` apart (the README's claim)."""
+    from accelerate.utils import compile_regions
+
+    def run(regional: bool):
+        torch._dynamo.reset()
+        model = bread_kernels.patch(models.llama(layers=3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                               list(model.named_parameters()), switch_block_every=2,
+                                               sgd_mode="all", verbose=0)
+            forward = compile_regions(model, backend="aot_eager") if regional else model
+        losses = []
+        for step in range(STEPS):
+            ids = models.batch(step)
+            if loss == "model":
+                value = forward(input_ids=ids, labels=ids).loss
+            else:
+                hidden = forward.model(input_ids=ids).last_hidden_state
+                logits = forward.lm_head(hidden[:, :-1]).float()
+                value = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                          ids[:, 1:].reshape(-1))
+            value.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(value.item())
+        opt.close()
+        return dict(model.named_parameters()), losses
+
+    eager, eager_losses = run(False)
+    regional, regional_losses = run(True)
+    assert regional_losses == eager_losses
+    for name, p in eager.items():
+        assert torch.equal(regional[name], p), name
+    initial = dict(models.llama(layers=3).named_parameters())
+    unmoved = [n for n, p in eager.items() if "layers." in n and torch.equal(p, initial[n])]
+    assert not unmoved, f"SGD on every inactive layer left these untouched: {unmoved}"
