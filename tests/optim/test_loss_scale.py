@@ -20,23 +20,31 @@ def _train(model, steps, scaler=None, patched=True, loss_of=models.loss_of, **bc
     scaled by ``scaler`` where one is given; returned unpatched."""
     if patched:
         bread_kernels.patch(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the unpatched model's slow-path warning
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.0),
-                                           list(model.named_parameters()), switch_block_every=2, verbose=0,
-                                           loss_scaler=scaler, **bcd)
+    opt = _optimizer(model, loss_scaler=scaler, **bcd)
     for step in range(steps):
-        loss = loss_of(model, models.batch(step))
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad(set_to_none=True)
+        _backward_and_step(opt, scaler, loss_of(model, models.batch(step)))
     opt.close()
     return bread_kernels.unpatch(model)
+
+
+def _optimizer(model, loss_scaler=None, **bcd):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unpatched model's slow-path warning
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.0),
+                                            list(model.named_parameters()), switch_block_every=2, verbose=0,
+                                            loss_scaler=loss_scaler, **bcd)
+
+
+def _backward_and_step(opt, scaler, loss) -> None:
+    """One step's backward and step, the loss scaled by ``scaler`` (None: not scaled), as torch's AMP recipe."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("patched", [True, False], ids=["fused", "hook-path"])
@@ -179,14 +187,6 @@ def test_the_scale_is_read_before_the_backward():
 
 
 # -- a loss scaler left out under fp16, or given and never used: refused before anything is written ----------------
-def _optimizer(model, loss_scaler=None, **bcd):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the unpatched model's slow-path warning
-        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3),
-                                            list(model.named_parameters()), switch_block_every=2, verbose=0,
-                                            loss_scaler=loss_scaler, **bcd)
-
-
 def _mixed_precision_step(model, opt, scaler, step, dtype=torch.float16, inside_forward=False):
     """One step of a mixed-precision loop: the forward under ``torch.autocast(dtype)`` — around the loss, or, with
     ``inside_forward``, entered inside the model's forward, where accelerate's ``prepare`` (the Trainer's
@@ -197,14 +197,7 @@ def _mixed_precision_step(model, opt, scaler, step, dtype=torch.float16, inside_
     else:
         with torch.autocast("cpu", dtype=dtype):
             loss = models.loss_of(model, ids)
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    opt.zero_grad(set_to_none=True)
+    _backward_and_step(opt, scaler, loss)
 
 
 def _autocast_inside_forward(model, dtype=torch.float16):
