@@ -382,7 +382,8 @@ class EngineDriver:
         cannot unscale their optimizer's fp16 gradients, so no such loss is scaled)."""
         if self.update is None or self.update_target is not None or self.engine is None:
             return
-        if self.engine.stream.forward_autocast is not torch.float16 or not _loss_scale_unset(self.update):
+        if self.engine.stream.forward_autocast.get(threading.get_ident()) is not torch.float16 or \
+                not _loss_scale_unset(self.update):
             return
         first = next((n for n, p in self.named_parameters
                       if self.roles.get(n) is Role.SGD and p.dtype != torch.float16), None)

@@ -278,3 +278,45 @@ def test_a_loss_scaler_that_scaled_no_loss_is_refused(patched):
         models.loss_of(model, models.batch(0)).backward()
     assert models.moved_parameters(original, model) == []
     opt.close()
+
+
+def test_an_fp16_forward_in_another_thread_does_not_decide_for_the_training_forward():
+    """What the blocks computed in is kept per thread, as the forwards are: a forward with grad under fp16 autocast
+    in another thread, run between the training forward's last block and its end, is refused on its own, while the
+    fp32 training forward (no scaler needed) trains as the unpatched model's hook path does."""
+    import threading
+
+    original = models.llama(layers=2)
+    refusals = []
+
+    def fp16_forward_elsewhere(model):
+        def run():
+            try:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    model(input_ids=models.batch(9), labels=models.batch(9))
+            except RuntimeError as error:
+                refusals.append(str(error))
+
+        def between_the_last_block_and_the_end(module, args):
+            if threading.current_thread() is threading.main_thread():
+                thread = threading.Thread(target=run)
+                thread.start()
+                thread.join()
+        return model.model.norm.register_forward_pre_hook(between_the_last_block_and_the_end)
+
+    trained = []
+    for patched in (False, True):
+        model = copy.deepcopy(original)
+        if patched:
+            bread_kernels.patch(model)
+        opt = _optimizer(model, sgd_mode="all")
+        handle = fp16_forward_elsewhere(model) if patched else None
+        for step in range(2):
+            _backward_and_step(opt, None, models.loss_of(model, models.batch(step)))
+        if handle is not None:
+            handle.remove()
+        opt.close()
+        trained.append(bread_kernels.unpatch(model) if patched else model)
+    assert len(refusals) == 2 and all("no loss scaler was given" in r for r in refusals), refusals
+    assert models.moved_parameters(original, trained[1])
+    models.assert_close_by_norm(trained[0], trained[1], tol=1e-5)
