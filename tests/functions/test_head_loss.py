@@ -931,31 +931,30 @@ def test_a_logit_scaled_head_with_a_bias_keeps_its_own_loss():
     with torch.no_grad():
         original.lm_head.weight.copy_(head.weight)
         original.lm_head.bias.uniform_(-0.5, 0.5)
+    _refused_and_left_its_own_loss(original, r"has a bias, which its logit scale.*fused_loss=False",
+                                   "aya_vision with a biased head")
+
+
+def _refused_and_left_its_own_loss(original, refusal: str, what: str) -> None:
+    """``original`` (a Llava-style vision-language model) patched with ``fused_loss=True`` refuses a step with
+    labels (``refusal``: the message's pattern); patched by default, it runs its own forward: its logits and loss."""
     inputs = models.llava_style_inputs(original, 0)
     labels = models.vlm_labels(inputs["input_ids"])
     required = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
-    with pytest.raises(ValueError, match=r"has a bias, which its logit scale.*fused_loss=False"):
+    with pytest.raises(ValueError, match=refusal):
         required(**inputs, labels=labels)
     default = bread_kernels.patch(copy.deepcopy(original))
     out, expected = default(**inputs, labels=labels), original(**inputs, labels=labels)
     assert out.logits is not None
-    close(out.loss, expected.loss, "aya_vision with a biased head: its own loss")
+    close(out.loss, expected.loss, f"{what}: its own loss")
 
 
 def test_vision_language_models_the_fused_loss_cannot_match_are_refused():
     """A soft-capping the family's forward is not known to apply (Gemma3's text config setting one) is refused
     under ``fused_loss=True`` and runs the model's own forward by default; a class outside the families (a
     subclass with a forward of its own) is refused at patch time and left unfused by default."""
-    original = models.gemma3(softcap=0.2)
-    inputs = models.llava_style_inputs(original, 0)
-    labels = models.vlm_labels(inputs["input_ids"])
-    required = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
-    with pytest.raises(ValueError, match=r"sets final_logit_softcapping.*fused_loss=False"):
-        required(**inputs, labels=labels)
-    default = bread_kernels.patch(copy.deepcopy(original))
-    out, expected = default(**inputs, labels=labels), original(**inputs, labels=labels)
-    assert out.logits is not None
-    close(out.loss, expected.loss, "gemma3 with a soft-capping: its own loss")
+    _refused_and_left_its_own_loss(models.gemma3(softcap=0.2), r"sets final_logit_softcapping.*fused_loss=False",
+                                   "gemma3 with a soft-capping")
 
     import transformers
 
