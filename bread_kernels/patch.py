@@ -1036,6 +1036,10 @@ class _Unbound(NamedTuple):
 #: each module a forward of a patched model may start at (the model, :attr:`PatchedModel.entry_modules`, the head)
 #: -> its patched state, weakly (for a deep copy of the model, its copy's: :meth:`PatchedModel.__deepcopy__`)
 _ENTRIES: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+#: each module of :data:`_ENTRIES` by the id of its forward pre-hooks' dict, which a shallow copy of it shares
+#: (accelerate's ``compile_regions`` copies the model and the modules on the way to its blocks so): a forward of the
+#: copy's ``model.model`` is a forward of the original's (:func:`_entry`)
+_ENTRIES_BY_HOOKS: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
 
 
 def entry_modules(model: nn.Module, blocks_name: str) -> list[nn.Module]:
@@ -1070,13 +1074,23 @@ def _register_entries(state: PatchedModel) -> None:
     ref = weakref.ref(state)
     for module in _entry_points(state):
         _ENTRIES[module] = ref
+        hooks = module.__dict__.get("_forward_pre_hooks")  # none yet in a module a deep copy is still filling
+        if hooks is not None:
+            _ENTRIES_BY_HOOKS[id(hooks)] = module
 
 
-def _entry_state(module: nn.Module) -> PatchedModel | None:
-    """The patched state whose forward may start at ``module`` (None: a copy of a part of the model, whose hooks
-    copied along and do nothing)."""
+def _entry(module: nn.Module) -> tuple[PatchedModel | None, nn.Module]:
+    """The patched state whose forward may start at ``module`` (None: a deep copy of a part of the model, whose hooks
+    copied along and do nothing; a replica ``nn.DataParallel`` made), and the module of that state ``module`` is:
+    itself, or the original of a shallow copy of it (one sharing its hooks, as ``compile_regions`` makes)."""
     ref = _ENTRIES.get(module)
-    return ref() if ref is not None else None
+    if ref is None:
+        original = _ENTRIES_BY_HOOKS.get(id(module._forward_pre_hooks))
+        if original is None or original._forward_pre_hooks is not module._forward_pre_hooks or \
+                module.__dict__.get("_is_replica", False):
+            return None, module
+        ref, module = _ENTRIES.get(original), original
+    return (ref() if ref is not None else None), module
 
 
 def _entry_depth(state: PatchedModel, module: nn.Module) -> int:
@@ -1097,7 +1111,7 @@ def _enter_forward(module, args) -> None:
     model's forward calling ``model.model``).  A forward that a ``KeyboardInterrupt`` left open (torch then calls no
     forward hook) is dropped here, found by its frame no longer running; a forward in another thread is not this
     one's outer forward: each thread has its own (:class:`~bread_kernels.open_forwards.OpenForwards`)."""
-    state = _entry_state(module)
+    state, module = _entry(module)
     if state is None:
         _refuse_data_parallel_replica(module)
         return
@@ -1109,7 +1123,7 @@ def _enter_forward(module, args) -> None:
 def _leave_forward(module, args, output) -> None:
     """The forward hook of a patched model and of its entry modules (also where the forward raised an
     ``Exception``: ``output`` None): ends the forward that started at ``module`` (:meth:`PatchedModel.end_forward`)."""
-    state = _entry_state(module)
+    state, module = _entry(module)
     if state is not None and state.open_forwards.close(_entry_depth(state, module), sys._getframe()):
         state.end_forward(module, args, output)
 
@@ -1119,7 +1133,7 @@ def _head_output(module, args, output) -> None:
     """The forward hook of a patched model's head: called apart from a forward of the model (a custom loss's
     ``model.lm_head(model.model(...).last_hidden_state)``), its output is the forward's too
     (:meth:`PatchedModel.end_forward`); inside one that runs in this thread, the model's output covers it."""
-    state = _entry_state(module)
+    state, module = _entry(module)
     if state is not None and not state.open_forwards.running(sys._getframe()):
         state.end_forward(module, args, output)
 
@@ -1247,6 +1261,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     state.entry_handles = []
     for module in _entry_points(state):
         _ENTRIES.pop(module, None)
+        if _ENTRIES_BY_HOOKS.get(id(module._forward_pre_hooks)) is module:
+            del _ENTRIES_BY_HOOKS[id(module._forward_pre_hooks)]
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
     return given

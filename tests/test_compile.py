@@ -343,3 +343,24 @@ def test_accelerates_regional_compilation_of_a_patched_model_trains_as_the_eager
     initial = dict(models.llama(layers=3).named_parameters())
     unmoved = [n for n, p in eager.items() if "layers." in n and torch.equal(p, initial[n])]
     assert not unmoved, f"SGD on every inactive layer left these untouched: {unmoved}"
+
+
+def test_a_loss_below_the_regionally_compiled_copy_is_a_forward_of_the_patched_model():
+    """The copy ``compile_regions`` makes shares the model's hooks; a forward of its ``model.model`` is one of the
+    patched model's, with the per-forward hooks: here the refusal of an fp16 forward whose on-the-fly SGD updates
+    would take a loss scaler's factor (none was given), before the backward writes anything.  (The copy's
+    ``model.model`` was not known as an entry of the model: the forward ran none of them, and trained silently.)"""
+    from accelerate.utils import compile_regions
+
+    torch._dynamo.reset()
+    model = bread_kernels.patch(models.llama(layers=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           list(model.named_parameters()), switch_block_every=2, sgd_mode="all",
+                                           verbose=0)
+        regional = compile_regions(model, backend="aot_eager")
+    assert regional.model is not model.model  # a copy, sharing the hooks
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="no loss scaler was given"):
+        regional.model(input_ids=models.batch(0))
+    opt.close()
