@@ -18,13 +18,18 @@ from tests import model_zoo as models
 STEPS = 3
 
 
-def train(model, compile_backend, arguments):
-    bread_kernels.patch(model)
+def _block_optimizer(model, **settings):
+    """The tests' BlockOptimizer over ``model`` (AdamW, lr 1e-3; ``settings``: its other arguments), its warnings
+    (a tiny model's unfused weights) silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_block_every=2,
-                                           switch_mode="descending", verbose=0, **arguments)
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                            list(model.named_parameters()), verbose=0, **settings)
+
+
+def train(model, compile_backend, arguments):
+    bread_kernels.patch(model)
+    opt = _block_optimizer(model, switch_block_every=2, switch_mode="descending", **arguments)
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     losses = []
     for step in range(STEPS):
@@ -230,10 +235,7 @@ def test_a_training_loop_with_evaluations_stays_within_dynamos_recompile_limit()
     that vary, an evaluation under no_grad every other step) hit the limit there, and from then on ran eagerly."""
     torch._dynamo.reset()
     model = bread_kernels.patch(models.with_lora(models.llama()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_block_every=1, verbose=0)
+    opt = _block_optimizer(model, switch_block_every=1)
     forward = torch.compile(model, backend="aot_eager")
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a hit raises instead of running eagerly
         for step, seq in enumerate((13, 9, 17, 11)):
@@ -312,12 +314,8 @@ def test_accelerates_regional_compilation_of_a_patched_model_trains_as_the_eager
     def run(regional: bool):
         torch._dynamo.reset()
         model = bread_kernels.patch(models.llama(layers=3))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                               list(model.named_parameters()), switch_block_every=2,
-                                               sgd_mode="all", verbose=0)
-            forward = compile_regions(model, backend="aot_eager") if regional else model
+        opt = _block_optimizer(model, switch_block_every=2, sgd_mode="all")
+        forward = compile_regions(model, backend="aot_eager") if regional else model
         losses = []
         for step in range(STEPS):
             ids = models.batch(step)
@@ -354,12 +352,8 @@ def test_a_loss_below_the_regionally_compiled_copy_is_a_forward_of_the_patched_m
 
     torch._dynamo.reset()
     model = bread_kernels.patch(models.llama(layers=2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                           list(model.named_parameters()), switch_block_every=2, sgd_mode="all",
-                                           verbose=0)
-        regional = compile_regions(model, backend="aot_eager")
+    opt = _block_optimizer(model, switch_block_every=2, sgd_mode="all")
+    regional = compile_regions(model, backend="aot_eager")
     assert regional.model is not model.model  # a copy, sharing the hooks
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="no loss scaler was given"):
         regional.model(input_ids=models.batch(0))
