@@ -211,8 +211,8 @@ class LocalTarget(UpdateTarget):
         tokens = max(g.shape[0] for g, _ in per_expert.values())
         work = backend.part_buffers(weight[0], tokens, next(iter(per_expert.values()))[0].dtype, sign,
                                     update.rounding)
-        for e, (g, x) in per_expert.items():  # and no kernel tuned between two slices
-            backend.prepare_update_(weight[e], g, x, sign, update.rounding)
+        for e, (g, x) in per_expert.items():  # and no kernel tuned or compiled between two slices
+            backend.prepare_update_(weight[e], g, x, sign, update.rounding, ok, offset=e * per_slice)
         with whole_write():  # every expert's slice of the one tensor, or none
             for e in sorted(per_expert):
                 backend.update_weight_(weight[e], *per_expert[e], step, sign, update.rounding, seed, ok,
@@ -223,7 +223,8 @@ class LocalTarget(UpdateTarget):
         """Row tiles of ``weight`` (and ``bias``), the first the largest (see :func:`update_linear_tiles_`), each
         written as :meth:`linear_` writes a linear, gated on ``ok`` alone (decided before the first tile), with the
         buffers the first tile's write needs allocated before it writes and reused by every tile, and every tile's
-        shape prepared (:func:`_prepare_tiles`), so nothing is allocated or tuned between two tiles' writes."""
+        writes prepared (:func:`_prepare_tiles`), so nothing is allocated, tuned or compiled between two tiles'
+        writes."""
         backend = self.backend(weight.device)
         bounds = tiles.bounds
         tiles = iter(tiles)
@@ -232,11 +233,11 @@ class LocalTarget(UpdateTarget):
             return ok
         start, stop, g, x = first
         work = backend.part_buffers(weight[start:stop], g.shape[0], g.dtype, sign, update.rounding)
-        _prepare_tiles(backend, weight, bounds, g, x, sign, update.rounding)
         bias_grad = bias_work = None
         if bias is not None:
             bias_grad = torch.empty(stop - start, dtype=torch.float32, device=bias.device)
             bias_work = backend.epilogue_buffers(stop - start, bias.dtype, update.rounding, bias.device)
+        _prepare_tiles(backend, weight, bias, bounds, g, x, bias_grad, ok, sign, update.rounding)
         del g, x
         with whole_write():  # every tile, or Ctrl-C before the first: never the rows of some tiles alone
             for start, stop, g, x in itertools.chain((first,), tiles):
@@ -268,20 +269,24 @@ class LocalTarget(UpdateTarget):
                                                checked=(grad,))
 
 
-def _prepare_tiles(backend, weight: torch.Tensor, bounds, g: torch.Tensor, x: torch.Tensor, sign: bool,
-                   rounding) -> None:
-    """``backend.prepare_update_`` once for each number of rows a tile has (the last tile may have fewer than the
-    first, a shape the Triton kernel was perhaps never tuned for), before the first tile writes: on that tile's rows
-    of ``weight``, with the first tile's ``g`` [M, R] viewed as the tile's [M, rows] (its first elements where it is
-    contiguous, as each tile's g is in its caller's one buffer; its first columns otherwise) and ``x``."""
-    prepared = set()
+def _prepare_tiles(backend, weight: torch.Tensor, bias: torch.Tensor | None, bounds, g: torch.Tensor,
+                   x: torch.Tensor, bias_grad: torch.Tensor | None, ok: torch.Tensor, sign: bool, rounding) -> None:
+    """``backend.prepare_update_`` for each tile's write, and ``backend.prepare_apply_`` for its bias's, before the
+    first tile writes, with the arguments each write will have: the tile's rows of ``weight``, the first tile's
+    ``g`` [M, R] viewed as the tile's [M, rows] (its first elements where it is contiguous, as each tile's g is in
+    its caller's one buffer; its first columns otherwise), ``x`` and ``ok``; the tile's rows of ``bias`` and of
+    the fp32 ``bias_grad`` buffer.  On a GPU a tile can launch a kernel variant that no earlier tile did (the last
+    tile's fewer rows, a tile that starts off a 16-byte boundary): the backend compiles and tunes each variant once,
+    now, rather than between two tiles' writes."""
+    like = {}
     for start, stop in bounds:
         rows = stop - start
-        if rows in prepared:
-            continue
-        prepared.add(rows)
-        like = g.reshape(-1)[: g.shape[0] * rows].view(g.shape[0], rows) if g.is_contiguous() else g[:, :rows]
-        backend.prepare_update_(weight[start:stop], like, x, sign, rounding)
+        if rows not in like:
+            like[rows] = g.reshape(-1)[: g.shape[0] * rows].view(g.shape[0], rows) if g.is_contiguous() \
+                else g[:, :rows]
+        backend.prepare_update_(weight[start:stop], like[rows], x, sign, rounding, ok)
+        if bias is not None:
+            backend.prepare_apply_(bias[start:stop], bias_grad[:rows], sign, rounding, ok)
 
 
 def writes_collectively(plan: WeightPlan | None) -> bool:

@@ -245,9 +245,10 @@ class SimulatedTuning:
         self.log, self._launch = [], None
         self._tuner = triton.autotune(configs=[triton.Config(c) for c in self.CONFIGS], key=["N", "K"],
                                       do_bench=self._time)(wgrad_update._wgrad_update_kernel)
-        monkeypatch.setattr(wgrad_update, "_autotuned", lambda device: True)
+        monkeypatch.setattr(wgrad_update, "_compiled", lambda device: True)
         monkeypatch.setattr(wgrad_update, "_wgrad_update_tuned", self)
         monkeypatch.setattr(wgrad_update, "_tuned", set())
+        monkeypatch.setattr(wgrad_update, "_warmed", set())
 
     def _time(self, kernel_call, quantiles):
         for _ in range(2):
@@ -298,6 +299,184 @@ def test_a_gpu_tunes_every_part_of_a_write_before_the_first_part_writes(monkeypa
         assert max(timings) < min(writes), f"tuned between two parts' writes: {launches}"
         assert {rows for _, what, rows in launches if what == "write"} <= \
             {rows for _, what, rows in launches if what == "timing"}
+
+
+# --- a GPU's compile variants of the update kernels, simulated under the interpreter ---
+
+
+class LaunchVariants:
+    """Records each launch of the two update kernels (the GEMM's and the bare epilogue's) under the interpreter as
+    ``(variant, writes, storage)``: ``variant`` is what a GPU's Triton compiles and loads the launch as — the
+    specialisation that Triton's own binder (``triton.runtime.jit``, built from the kernel's signature) computes
+    from the arguments, and the options (the autotuner's configuration); ``writes`` whether the launch may store
+    (``store`` and the ``ok`` flag set); ``storage`` the address of the written tensor's storage.  The process
+    starts with nothing compiled."""
+
+    def __init__(self, monkeypatch):
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        from bread_kernels.kernels import wgrad_update
+
+        self.log = []
+        self._binders = {}
+        for kernel, written in ((wgrad_update._wgrad_update_kernel, "w_ptr"),
+                                (wgrad_update._apply_update_kernel, "p_ptr")):
+            compiled = JITFunction(kernel.fn, **kernel.kwargs)
+            binder = create_function_from_signature(compiled.signature, compiled.params, BaseBackend)
+            self._binders[kernel.fn] = (binder, written)
+        run = InterpretedFunction.run
+
+        def recorded(kernel, *args, grid, warmup, **kwargs):
+            if kernel.fn in self._binders:
+                binder, written = self._binders[kernel.fn]
+                bound, specialisation, options = binder(*args, **kwargs)
+                variant = (kernel.fn.__name__, repr(specialisation), repr(sorted(options.items())))
+                writes = bool(bound.get("store", 1)) and bool(bound["ok_ptr"].item())
+                self.log.append((variant, writes, bound[written].untyped_storage().data_ptr()))
+            return run(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", recorded)
+        monkeypatch.setattr(wgrad_update, "_warmed", set(), raising=False)
+
+    def assert_warmed_before_the_first_write(self, storages: set, what: str) -> None:
+        """Every variant that a write of the update of ``storages`` (a weight's, with its bias's) launches was
+        first launched by a launch that writes nothing, before the update's first write: no compile or module load
+        (which can fail) falls between two of its parts."""
+        writes = [i for i, (_, writes, storage) in enumerate(self.log) if writes and storage in storages]
+        assert len(writes) > 1, f"{what}: not a write in parts ({len(writes)} writes)"
+        assert len({self.log[i][0] for i in writes}) > 1, f"{what}: its parts launch a single variant"
+        first_seen = {}
+        for i, (variant, writes_there, _) in enumerate(self.log):
+            first_seen.setdefault(variant, (i, writes_there))
+        for i in writes:
+            seen, by_a_write = first_seen[self.log[i][0]]
+            assert not by_a_write and seen < writes[0], \
+                f"{what}: write {i} launches a variant first launched at {seen} by a " \
+                f"{'write' if by_a_write else 'warm-up'}, after the first write ({writes[0]}): {self.log[i][0]}"
+
+
+def test_the_warm_ups_tell_apart_the_arguments_triton_specialises_apart():
+    """What the warm-ups remember a compiled variant by (``wgrad_update._specialisation`` of each specialised
+    argument) is the same for two arguments exactly where Triton's own specialisation of them is."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from bread_kernels.kernels.wgrad_update import _specialisation
+
+    integers = [0, 1, 2, 15, 16, 17, 48, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**32 + 1, -1, -16, -2**31,
+                -2**31 - 16, -2**31 - 1]
+    tensors = [torch.zeros(8, dtype=dtype)[start:] for dtype in (torch.float32, torch.bfloat16, torch.uint8)
+               for start in (0, 1, 4, 8)]
+    values = integers + tensors
+    ours = [_specialisation(value) for value in values]
+    triton_s = [native_specialize_impl(BaseBackend, value, False, True, True) for value in values]
+    for (a, ours_a, theirs_a), (b, ours_b, theirs_b) in itertools.combinations(zip(values, ours, triton_s), 2):
+        assert (ours_a == ours_b) == (theirs_a == theirs_b), (a, b, ours_a, ours_b, theirs_a, theirs_b)
+
+
+def _head_with_odd_tiles(dtype, role) -> tuple[dict, Callable[[], None], Callable[[dict], None]]:
+    """The fused head+loss (11 × 13 and a bias, 7 tokens) in vocabulary tiles of 5, 5 and 1 rows: the second tile's
+    rows of W and b start off a 16-byte boundary, the last tile has one row (N = 1, which Triton compiles as a
+    constant); its check: W and b against ``W − step·f(dW)`` with plain autograd's dW (and db)."""
+    tokens, hidden_size, vocab = 7, 13, 11
+    weight, bias = _values(dtype, vocab, hidden_size, seed=0), _values(dtype, vocab, seed=1)
+    hidden = _values(dtype, tokens, hidden_size, seed=2)
+    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(3))
+    targets[2] = -100
+    reference = {name: t.detach().clone().requires_grad_(True) for name, t in (("weight", weight), ("bias", bias))}
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, reference["weight"], reference["bias"])
+                                      .float(), targets, ignore_index=-100).backward()
+    per_logit = 4 if dtype == torch.float32 else 8  # the fp32 logits, and a bf16 GEMM's output and gradient
+    loss = fused_head_loss(hidden.clone().requires_grad_(True), weight, bias, targets, _plan(role, "lm_head"),
+                           chunk_bytes=5 * tokens * per_logit)  # tiles of 5 vocabulary rows
+    weights = {"weight": weight, "bias": bias}
+
+    def check(updated):
+        for name, t in reference.items():
+            _assert_updated_like_autograd(updated[name], t.detach(), t.grad, role, f"lm_head.{name}")
+
+    return weights, loss.backward, check
+
+
+def _experts_with_one_token_experts(dtype, role) -> tuple[dict, Callable[[], None], Callable[[dict], None]]:
+    """A 3-D expert weight pair (tests/functions/test_experts.py's odd shapes) whose 17 tokens go to experts 0 and 1
+    (16 each: M a multiple of 16) and one each to experts 2 and 3 (M = 1, a constant to Triton); the slices and each
+    expert's rows of g and x start on and off 16-byte boundaries.  Its check: the float64 update of plain
+    autograd's dW."""
+    tokens = 17
+    module = experts.experts_module(dtype, "cpu")
+    first = torch.tensor([0] * 16 + [2])
+    second = torch.tensor([1] * 15 + [3, 1])
+    index = torch.stack([first, second], 1)
+    routing_weights = (torch.rand(tokens, 2, generator=torch.Generator().manual_seed(4)) + 0.1).to(dtype)
+    x, grad = experts.inputs(dtype, "cpu", tokens=tokens)
+    roles = (role, role)
+    expected, _, _ = experts.float64_updated(module, x, index, routing_weights, grad, roles)
+    weights = {"gate_up_proj": module.gate_up_proj.detach().clone(), "down_proj": module.down_proj.detach().clone()}
+    plans = (experts.plan(role, "gate_up_proj"), experts.plan(role, "down_proj"))
+    y = fused_experts(x.clone().requires_grad_(True), index, routing_weights, weights["gate_up_proj"],
+                      weights["down_proj"], plans, experts_gate(module))
+
+    def check(updated):
+        for name, (new, dw) in zip(weights, expected):
+            _assert_updated_like_autograd(updated[name], None, dw, role, name, new=new)
+
+    return weights, lambda: y.backward(grad), check
+
+
+def _assert_updated_like_autograd(actual, before, dw, role, what, new=None) -> None:
+    """``actual`` within rounding of ``new`` (default ``before − STEP·f(dW)`` in float64): fp32 to 1e-5, a
+    low-precision weight to one ulp of the result plus the rounding of dW; where ``role`` is SIGN, a dW within
+    rounding of 0 may take either sign."""
+    dw = dw.double()
+    f = torch.sign if role is Role.SIGN else (lambda t: t)
+    if new is None:
+        new = before.double() - STEP * f(dw)
+    eps = torch.finfo(actual.dtype).eps
+    if actual.dtype == torch.float32:
+        bound = 1e-5 + 1e-5 * new.abs() + STEP * dw.abs() * 1e-5
+    else:
+        bound = 1.01 * eps * new.abs() + STEP * dw.abs() * eps + 1e-6
+    ok = (actual.double() - new).abs() <= bound
+    if role is Role.SIGN:
+        ok |= dw.abs() <= 1e-2 * dw.abs().max()
+    assert ok.all(), f"{what}: {(~ok).sum().item()} of {ok.numel()} elements off the reference"
+
+
+@pytest.mark.parametrize("dtype,role", [(torch.float32, Role.SGD), (torch.bfloat16, Role.SIGN)],
+                         ids=["fp32-sgd", "bf16-sign"])
+@pytest.mark.parametrize("case,updates", [(_head_with_odd_tiles, [{"weight", "bias"}]),
+                                          (_experts_with_one_token_experts, [{"gate_up_proj"}, {"down_proj"}])],
+                         ids=["head-tiles", "expert-slices"])
+def test_a_gpu_compiles_every_variant_of_a_write_in_parts_before_the_first_part_writes(monkeypatch, case, updates,
+                                                                                       dtype, role):
+    """On a GPU, Triton compiles and loads a kernel at the first launch of each variant (its specialisation on the
+    tensors' alignment and the integers' size class, and its constexprs), and that can fail (out of memory) — after
+    the earlier parts of a write wrote, where a later part launches a variant of its own (the head's last tile of
+    one row, a tile that starts off a 16-byte boundary, its bias's tiles; an expert with one token).  Every variant
+    of an update's writes is launched first by a launch that writes nothing, before its first write; a second step
+    of the same shapes launches nothing more (what was warmed is remembered), and the weights end as the reference's
+    plain-autograd update makes them.  Before: the parts were tuned per shape only (the head's tiles per row count,
+    its bias's not at all), never compiled per variant, and the seeds' 32-bit keys, passed as integers, made a 64-bit
+    variant of each kernel for every key past 2³¹ (half the seeds: a tile's seed could pick a variant of its own)."""
+    monkeypatch.setenv("BREAD_BACKEND", "triton")
+    with monkeypatch.context() as simulating:
+        SimulatedTuning(simulating)
+        launches = LaunchVariants(simulating)
+        for step in range(2):
+            weights, backward, check = case(dtype, role)
+            first = len(launches.log)
+            backward()
+            check(weights)
+            if step == 0:
+                for update in updates:
+                    storages = {weights[name].untyped_storage().data_ptr() for name in update}
+                    launches.assert_warmed_before_the_first_write(storages, "/".join(sorted(update)))
+            else:
+                warm_ups = [variant for variant, writes, _ in launches.log[first:] if not writes]
+                assert not warm_ups, f"the second step warmed again: {warm_ups}"
 
 
 # --- the data-parallel writes: each part waits for a collective, so a failure between two parts is reported ---

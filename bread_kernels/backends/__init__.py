@@ -5,6 +5,8 @@ Every backend implements the same methods (``W`` [N, K], ``g`` [M, N], ``x`` [M,
     finite_flag(*tensors) -> ok                                      # 0-dim bool on the device: no inf/nan
     update_weight_(W, g, x, step, sign, rounding, seed, ok, offset, check, also) -> ok'   # W -= step·f(gᵀx)
     dw_finite_flag(W, g, x, sign, rounding) -> ok' | None           # that dW's finiteness, before any write
+    prepare_update_(W, g, x, sign, rounding, ok, offset)             # a part's compile/tuning, before any part writes
+    prepare_apply_(P, G, sign, rounding, ok, offset)                 # the same for a part apply_update_ writes
     apply_update_(P, G, step, sign, rounding, seed, offset, ok)      # P -= step · f(G), G fp32 (biases, chunks)
     apply_update_if_finite_(P, G, ..., checked, ok) -> ok'           # the same, gated on `checked` being finite too
     lora_grads(g, x, u, B, s, need_a, need_b) -> (v, dA, dB)         # LoRA: v = gB, dB = s·gᵀu, dA = s·vᵀx
@@ -85,11 +87,17 @@ class Backend(Protocol):
         (g and x of at most ``tokens`` rows) without allocating, allocated now; None where it allocates nothing."""
 
     def prepare_update_(self, weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
-                        rounding: Rounding) -> None:
-        """Does now, writing nothing, what the first ``update_weight_`` of these shapes and dtypes does once before
-        it writes (the Triton backend tunes its kernel on a GPU), so that a write in parts, which prepares every
-        part's shape before the first part writes, does none of it between two parts; nothing on the CPU
-        backends."""
+                        rounding: Rounding, ok: torch.Tensor | None = None, offset: int = 0) -> None:
+        """Does now, writing nothing, what the first ``update_weight_(weight, grad_output, input, ..., ok=ok,
+        offset=offset)`` of such arguments does once before it writes (the Triton backend on a GPU tunes its kernel
+        for the shapes, and compiles and loads the variant that the tensors' dtypes and alignments and the integers'
+        values make), so that a write in parts, which prepares every part before the first part writes, does none
+        of it between two parts; nothing on the CPU backends."""
+
+    def prepare_apply_(self, param: torch.Tensor, grad: torch.Tensor, sign: bool, rounding: Rounding,
+                       ok: torch.Tensor | None = None, offset: int = 0) -> None:
+        """:meth:`prepare_update_` for a part that ``apply_update_(param, grad, ..., offset, ok)`` writes (a head
+        tile's bias)."""
 
     def epilogue_buffers(self, numel: int, dtype: torch.dtype, rounding: Rounding,
                          device: torch.device) -> object | None:

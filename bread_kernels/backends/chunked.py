@@ -126,8 +126,11 @@ class ChunkedBackend(TorchSums, TorchRotary, TorchElementwise):
         return PartBuffers(chunk=torch.empty(rows, width, dtype=compute, device=weight.device),
                            epilogue=self.epilogue_buffers(rows * width, weight.dtype, rounding, weight.device))
 
-    def prepare_update_(self, weight, grad_output, input, sign, rounding) -> None:
-        """Nothing: BLAS and the epilogue need no tuning (their buffers are :meth:`part_buffers`)."""
+    def prepare_update_(self, weight, grad_output, input, sign, rounding, ok=None, offset=0) -> None:
+        """Nothing: BLAS and the epilogue need no tuning nor compiling (their buffers are :meth:`part_buffers`)."""
+
+    def prepare_apply_(self, param, grad, sign, rounding, ok=None, offset=0) -> None:
+        """Nothing (the epilogue's buffers are :meth:`epilogue_buffers`)."""
 
     def finite_flag(self, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -40,9 +40,15 @@ class TritonBackend(TorchSums, TorchRotary):
         """None: one kernel per part allocates nothing (with ``check=False``: the flag decided before the first)."""
         return None
 
-    def prepare_update_(self, weight, grad_output, input, sign, rounding) -> None:
-        """Tunes the GEMM kernel for these shapes where it was not (on a GPU: launches that store nothing)."""
-        self._kernels.tune_(weight, grad_output, input, sign, rounding)
+    def prepare_update_(self, weight, grad_output, input, sign, rounding, ok=None, offset=0) -> None:
+        """On a GPU: tunes the GEMM kernel for these shapes, and compiles and loads the variant these arguments
+        launch, where this process has not (a launch that stores nothing)."""
+        self._kernels.warm_wgrad_update_(weight, grad_output, input, sign, rounding, ok, offset)
+
+    def prepare_apply_(self, param, grad, sign, rounding, ok=None, offset=0) -> None:
+        """On a GPU: compiles and loads the epilogue kernel's variant these arguments launch, where this process has
+        not (a launch that stores nothing)."""
+        self._kernels.warm_apply_update_(param, grad, sign, rounding, ok, offset)
 
     def epilogue_buffers(self, numel, dtype, rounding, device) -> None:
         """None: the epilogue kernel allocates nothing."""

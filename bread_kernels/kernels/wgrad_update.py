@@ -19,7 +19,18 @@ W's dtype.
 Like Liger-Kernel's ops: kernels first, then launch functions that flatten to 2-D.  Program offsets are int64.
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); on a GPU the GEMM kernel is autotuned on the
 first call for each shape with launches that do not store (``store=0``), so tuning never applies the update and
-allocates nothing (no W clone, no L2-flush buffer); :func:`tune_` does it ahead of a write in parts.
+allocates nothing (no W clone, no L2-flush buffer).
+
+On a GPU, Triton compiles (and loads) a kernel once per *variant*: its constexprs and its specialisation, which
+``triton.runtime.jit`` computes from the other arguments at each launch: a tensor's dtype and whether its address
+is a multiple of 16 bytes; an integer's width (32 or 64 bits), whether it is a multiple of 16, and whether it is 1
+(then a constant).  The parts of one write (the head's vocabulary tiles and their bias, an expert weight's slices)
+can differ there: a last tile of 1 row or of a row count not a multiple of 16, a tile or slice that starts off a
+16-byte boundary, an expert with one token.  A compile, or the module's load, can fail (out of memory) at a part's
+first launch, after the earlier parts wrote; :func:`warm_wgrad_update_` and :func:`warm_apply_update_` launch each
+part's variant beforehand with ``store=0`` (and tune it), once per variant a process meets.  Arguments that change
+at every call but are data (the seeds, the RNG offset, the step, ``store``) are not specialised, and the integers
+among them are declared 64-bit: a seed's key past 2³¹ would otherwise make a 64-bit variant of its own.
 """
 
 from __future__ import annotations
@@ -88,13 +99,14 @@ def _gated(mask, ok_ptr):
 
 
 # The per-call seeds and step are data, not shape: specialising on them (Triton specialises integers by value,
-# e.g. divisibility by 16) would recompile — and re-autotune — the kernel for fresh seeds.
+# e.g. divisibility by 16, and by width) would recompile — and re-autotune — the kernel for fresh seeds; the integers
+# among them are declared 64-bit, so that no value makes a variant of its own (see the module docstring).
 @triton.jit(do_not_specialize=["offset", "step", "key1", "key2", "store"])
 def _wgrad_update_kernel(
     g_ptr, x_ptr, w_ptr, ok_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
-    offset, step, key1, key2, store,
+    offset: tl.int64, step, key1: tl.int64, key2: tl.int64, store,
     SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -126,16 +138,16 @@ def _wgrad_update_kernel(
     w = tl.load(w_ptrs, mask=mask, other=0.0)
     index = offs_n[:, None] * K + offs_k[None, :] + offset
     value = _epilogue(w, acc, index, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, not UPCAST)
-    # store == 0: the autotuner's launches, which must leave W untouched (see tune_); broadcast to the block, as in
-    # _gated, for the interpreter (where the tests simulate tuning)
+    # store == 0: the autotuner's and the warm-up's launches, which must leave W untouched (see _store_nothing);
+    # broadcast to the block, as in _gated, for the interpreter (where the tests simulate tuning)
     storing = (store + tl.zeros(mask.shape, tl.int32)) != 0
     tl.store(w_ptrs, value.to(w_ptr.dtype.element_ty), mask=mask & storing)
 
 
-@triton.jit(do_not_specialize=["offset", "step", "key1", "key2"])
+@triton.jit(do_not_specialize=["offset", "step", "key1", "key2", "store"])
 def _apply_update_kernel(
-    p_ptr, grad_ptr, ok_ptr, R, C, stride_pr, stride_pc, offset,
-    step, key1, key2,
+    p_ptr, grad_ptr, ok_ptr, R, C, stride_pr, stride_pc, offset: tl.int64,
+    step, key1: tl.int64, key2: tl.int64, store,
     SIGN: tl.constexpr, STOCHASTIC: tl.constexpr, DTYPE_CODE: tl.constexpr, EXACT_MUL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -147,7 +159,8 @@ def _apply_update_kernel(
     p_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
     w = tl.load(p_ptrs, mask=mask, other=0.0)
     value = _epilogue(w, grad, index + offset, step, key1, key2, SIGN, STOCHASTIC, DTYPE_CODE, EXACT_MUL)
-    tl.store(p_ptrs, value.to(p_ptr.dtype.element_ty), mask=_gated(mask, ok_ptr))
+    storing = (store + tl.zeros(mask.shape, tl.int32)) != 0  # store == 0: a warm-up launch (warm_apply_update_)
+    tl.store(p_ptrs, value.to(p_ptr.dtype.element_ty), mask=_gated(mask, ok_ptr) & storing)
 
 
 _GPU_CONFIGS = [
@@ -166,7 +179,9 @@ _GPU_CONFIGS = [
 _wgrad_update_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"], do_bench=time_in_place)(
     _wgrad_update_kernel
 )
+#: the autotuner keys (:func:`_tuning_key`) tuned, and the variants (:func:`_variant`) compiled and loaded, so far
 _tuned: set = set()
+_warmed: set = set()
 _INTERPRET_BLOCK_M = 16
 
 
@@ -218,9 +233,34 @@ def _launch(weight, grad_output, input, step, sign, rounding, seed, ok, offset):
     return args, flags
 
 
-def _autotuned(device: torch.device) -> bool:
-    """Whether launches on ``device`` go through the autotuner (a GPU's) rather than the interpreter's fixed tiles
-    (the tests simulate a GPU's tuning under the interpreter by answering True)."""
+#: how many leading arguments of each kernel Triton specialises (the rest are ``do_not_specialize``)
+_WGRAD_SPECIALISED = 13
+_APPLY_SPECIALISED = 7
+
+
+def _specialisation(value) -> object:
+    """What Triton's launcher specialises a non-constexpr argument on (``native_specialize_impl`` of
+    ``triton.runtime.jit``): a tensor by its dtype and whether its address is a multiple of 16 bytes; an integer by
+    whether it is 1 (then compiled as a constant), whether it fits 32 bits and whether it is a multiple of 16."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if value == 1:
+        return 1
+    return -2**31 <= value < 2**31, value % 16 == 0
+
+
+def _variant(kernel: str, specialised, constexprs: dict, device: torch.device) -> tuple:
+    """What tells apart two launches that Triton compiles (and loads) separately: the kernel, the specialisation of
+    its ``specialised`` arguments, its constexprs, and the device; the unspecialised ones (a float step, ``store``
+    0 or 1, 64-bit seeds and offset) never make a variant.  The tile sizes are the launch's own (the autotuner's
+    winner for the GEMM kernel: :func:`_tuning_key` goes with it)."""
+    return (kernel, tuple(_specialisation(value) for value in specialised), tuple(constexprs.values()), device)
+
+
+def _compiled(device: torch.device) -> bool:
+    """Whether launches on ``device`` are compiled per variant, the GEMM kernel's through its autotuner (a GPU's),
+    rather than run by the interpreter with fixed tiles (the tests simulate a GPU's compiles and tuning under the
+    interpreter by answering True)."""
     return not interpreted(device)
 
 
@@ -235,20 +275,31 @@ def _grid(N: int, K: int):
     return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
 
 
-def tune_(weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
-          rounding: Rounding) -> None:
-    """On a GPU, tunes the GEMM kernel for these shapes and dtypes unless it was (each timing launch, and the
-    winner's launch after them, with ``store=0``: nothing is written), so that a later :func:`wgrad_update_` of them
-    only writes; nothing under the interpreter, which launches with fixed tiles.  A write in parts tunes every
-    part's shape before the first part writes: tuning then never runs (compiles, times) between two parts."""
-    if not _autotuned(weight.device):
+def _store_nothing(args: tuple, flags: dict, N: int, K: int) -> None:
+    """The GEMM kernel's launch through the autotuner with ``store=0``: W is read, never written.  The autotuner
+    times every configuration first where it has not for this shape (each timing launch with ``store=0`` too), and
+    the launch compiles and loads the winner's variant for these arguments where it was not."""
+    _wgrad_update_tuned[_grid(N, K)](*args, 0, **flags)
+
+
+def warm_wgrad_update_(weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
+                       rounding: Rounding, ok: torch.Tensor | None = None, offset: int = 0) -> None:
+    """On a GPU, does now, writing nothing, everything that the first :func:`wgrad_update_` of these arguments
+    (the same tensors, ``ok`` and ``offset``; the step and seed make no variant) does before it writes: tunes the
+    GEMM kernel for the shapes, compiles and loads the variant it launches (one ``store=0`` launch through the
+    autotuner, only where this process has not warmed that tuning key and variant).  A write in parts warms every
+    part before the first part writes, so nothing between two parts can fail for want of a compile, a module load
+    or a tuning.  Nothing under the interpreter, which compiles nothing."""
+    if not _compiled(weight.device):
         return
-    key = _tuning_key(weight, grad_output, input)
-    if key in _tuned:
+    args, flags = _launch(weight, grad_output, input, 0.0, sign, rounding, 0, ok, offset)
+    tuning = _tuning_key(weight, grad_output, input)
+    variant = (tuning, _variant("wgrad", args[:_WGRAD_SPECIALISED], flags, weight.device))
+    if variant in _warmed:
         return
-    args, flags = _launch(weight, grad_output, input, 0.0, sign, rounding, 0, None, 0)
-    _wgrad_update_tuned[_grid(grad_output.shape[1], input.shape[1])](*args, 0, **flags)
-    _tuned.add(key)
+    _store_nothing(args, flags, grad_output.shape[1], input.shape[1])
+    _tuned.add(tuning)
+    _warmed.add(variant)
 
 
 def wgrad_update_(
@@ -264,17 +315,54 @@ def wgrad_update_(
 ) -> None:
     """``weight -= step · f(grad_outputᵀ · input)`` in one kernel; weight [N, K], grad_output [M, N], input [M, K];
     nothing is written where ``ok`` (0-dim bool) is False.  ``offset``: the logical index of ``weight[0, 0]`` in the
-    whole parameter (the random bits' counter).  The first launch of a shape on a GPU tunes first (:func:`tune_`)."""
+    whole parameter (the random bits' counter).  The first launch of a shape on a GPU tunes first, with launches
+    that store nothing (a write in parts warms each part first: :func:`warm_wgrad_update_`)."""
     args, flags = _launch(weight, grad_output, input, step, sign, rounding, seed, ok, offset)
     N, K = grad_output.shape[1], input.shape[1]
-    if not _autotuned(weight.device):
+    if not _compiled(weight.device):
         blocks = {"BLOCK_N": _interpreter_tile(N, 16), "BLOCK_K": _interpreter_tile(K, 32),
                   "BLOCK_M": _INTERPRET_BLOCK_M}
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))
         _wgrad_update_kernel[grid](*args, 1, **flags, **blocks)
-    else:
-        tune_(weight, grad_output, input, sign, rounding)
-        _wgrad_update_tuned[_grid(N, K)](*args, 1, **flags)
+        return
+    tuning = _tuning_key(weight, grad_output, input)
+    if tuning not in _tuned:
+        _store_nothing(args, flags, N, K)
+        _tuned.add(tuning)
+    _wgrad_update_tuned[_grid(N, K)](*args, 1, **flags)
+
+
+def _apply_launch(param, grad, step, sign, rounding, seed, offset, ok):
+    """The grid, arguments (but ``store``) and constexprs of a launch of the bare epilogue's kernel."""
+    code = _check_dtype(param, "param")
+    p2 = param.unsqueeze(0) if param.dim() == 1 else param
+    R, C = p2.shape
+    key1, key2 = rng_keys(seed)
+    stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
+    interpret = interpreted(param.device)
+    block_r, block_c = (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    args = (p2, grad.contiguous(), _flag(ok, param.device), R, C, p2.stride(0), p2.stride(1), int(offset),
+            float(step), key1, key2)
+    constexprs = dict(SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code, EXACT_MUL=not interpret,
+                      BLOCK_R=block_r, BLOCK_C=block_c)
+    return grid, args, constexprs
+
+
+def warm_apply_update_(param: torch.Tensor, grad: torch.Tensor, sign: bool, rounding: Rounding,
+                       ok: torch.Tensor | None = None, offset: int = 0) -> None:
+    """On a GPU, compiles and loads now the epilogue kernel's variant that :func:`apply_update_` of these arguments
+    launches (one ``store=0`` launch, writing nothing), where this process has not: as
+    :func:`warm_wgrad_update_`, for the parts of a write that are written by the bare epilogue (a head tile's
+    bias).  Nothing under the interpreter."""
+    if not _compiled(param.device):
+        return
+    grid, args, constexprs = _apply_launch(param, grad, 0.0, sign, rounding, 0, offset, ok)
+    variant = _variant("apply", args[:_APPLY_SPECIALISED], constexprs, param.device)
+    if variant in _warmed:
+        return
+    _apply_update_kernel[grid](*args, 0, **constexprs)
+    _warmed.add(variant)
 
 
 def apply_update_(
@@ -289,17 +377,5 @@ def apply_update_(
 ) -> None:
     """The bare epilogue: ``param -= step · f(grad)``, param 1-D or 2-D (any strides), grad fp32 (or bf16/fp16,
     widened); nothing is written where ``ok`` (0-dim bool) is False."""
-    code = _check_dtype(param, "param")
-    p2 = param.unsqueeze(0) if param.dim() == 1 else param
-    R, C = p2.shape
-    key1, key2 = rng_keys(seed)
-    stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
-    interpret = interpreted(param.device)
-    block_r, block_c = (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-    _apply_update_kernel[grid](
-        p2, grad.contiguous(), _flag(ok, param.device), R, C, p2.stride(0), p2.stride(1), int(offset),
-        float(step), key1, key2,
-        SIGN=bool(sign), STOCHASTIC=stochastic, DTYPE_CODE=code,
-        EXACT_MUL=not interpret, BLOCK_R=block_r, BLOCK_C=block_c,
-    )
+    grid, args, constexprs = _apply_launch(param, grad, step, sign, rounding, seed, offset, ok)
+    _apply_update_kernel[grid](*args, 1, **constexprs)
