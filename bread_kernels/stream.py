@@ -344,6 +344,21 @@ def turn_off_hf_checkpointing(block: nn.Module) -> bool:
     return True
 
 
+def _held_tokens(cache: Any, index: int) -> int:
+    """The tokens that layer ``index`` of ``cache`` holds (0 for an object that is no cache).  A layer that holds no
+    keys and values by design — transformers' ``DummyLayer``, which a hybrid model's cache (Nemotron-H) keeps for its
+    MLP-only and MoE-only layers — has no ``get_seq_length``, and the cache's own ``get_seq_length(index)`` raised
+    ``AttributeError`` on it: it holds none."""
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length):
+        return 0
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, (list, tuple)) and index < len(layers):
+        if not callable(getattr(layers[index], "get_seq_length", None)):
+            return 0
+    return length(index)
+
+
 def _refuse_filled_caches(keywords: list[dict], index: int) -> None:
     """A recomputed block runs without the KV cache (the recompute would write it a second time), which is right for
     the empty cache a model makes for itself with ``use_cache``; one that holds a prefix's keys and values must be
@@ -352,8 +367,7 @@ def _refuse_filled_caches(keywords: list[dict], index: int) -> None:
     for named in keywords:
         for name in _CACHE_ARGUMENTS:
             cache = named.get(name)
-            length = getattr(cache, "get_seq_length", None)
-            held = length(index) if callable(length) else 0  # this layer's: lower blocks may have written theirs
+            held = _held_tokens(cache, index)  # this layer's: lower blocks may have written theirs
             if held > 0:
                 raise ValueError(
                     f"bread_kernels: a KV cache holding {held} tokens reached block {index} as {name!r} in a "
@@ -390,8 +404,9 @@ def _refuse_caches_with_holes(kwargs: dict) -> None:
         length = getattr(cache, "get_seq_length", None)
         if not unwritten or not callable(length):
             continue
-        held = length(0) if 0 not in unwritten else max((length(i) for i in range(min(unwritten))), default=0)
-        if held == 0 or all(length(i) > 0 for i in unwritten):  # empty (reset), or its holes filled since
+        layers = len(getattr(cache, "layers", ())) or 1
+        held = max((_held_tokens(cache, i) for i in range(layers) if i not in unwritten), default=0)
+        if held == 0 or all(_held_tokens(cache, i) > 0 for i in unwritten):  # empty (reset), or its holes filled since
             del _UNWRITTEN_CACHES[cache]
             continue
         raise ValueError(

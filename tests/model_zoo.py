@@ -185,6 +185,21 @@ def mamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
     return _finish(transformers.MambaForCausalLM(config), dtype)
 
 
+def nemotron_h(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Nemotron-H: a hybrid stack of a Mamba-2 layer, an MoE layer (4 experts top-2 and a shared expert), an
+    attention layer and an MLP layer (``layers_block_type``); its ``use_cache`` cache keeps a ``DummyLayer``, which
+    holds no keys and values and has no ``get_seq_length``, for each MoE and MLP layer."""
+    config = transformers.NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=32, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=20, moe_shared_expert_intermediate_size=24, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.NemotronHForCausalLM(config), dtype)
+
+
 def jamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts: int = 4):
     """Jamba: one ``model.layers`` of two classes — attention layers (0, 2) and Mamba layers (1, 3) —, the Mamba
     layers' MLPs mixtures of ``experts`` experts top-2 (``experts=1``: dense MLPs everywhere)."""
@@ -547,7 +562,7 @@ def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
 FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl, "aya_vision": aya_vision,
-                   "ernie4_5_moe": ernie4_5_moe}
+                   "ernie4_5_moe": ernie4_5_moe, "nemotron_h": nemotron_h}
 #: models whose largest block stack holds transformers layers of several classes
 MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
@@ -564,6 +579,8 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
     if name in ("Qwen2VLForConditionalGeneration", "AyaVisionForConditionalGeneration"):
         return ([f"model.language_model.layers.{i}." for i in range(model.config.text_config.num_hidden_layers)],
                 "model.language_model.embed_tokens.")
+    if name == "NemotronHForCausalLM":
+        return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embeddings."
     if name == "MambaForCausalLM":
         return [f"backbone.layers.{i}." for i in range(model.config.num_hidden_layers)], "backbone.embeddings."
     if name == "DbrxForCausalLM":

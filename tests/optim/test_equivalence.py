@@ -255,6 +255,18 @@ def test_mamba_linears_whose_weight_the_mixer_computes_with_take_their_updates(v
 
 
 @pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
+def test_hybrid_cache_with_layers_that_hold_no_keys(variant):
+    """Nemotron-H makes its own cache in a training forward (``use_cache``), whose MoE and MLP layers are
+    transformers' ``DummyLayer`` (no keys and values, no ``get_seq_length``): reading how many tokens such a layer
+    holds, to refuse a prefix cache, raised ``AttributeError: 'DummyLayer' object has no attribute
+    'get_seq_length'`` at the first forward.  It holds none; the model trains as the reference."""
+    sgd_mode, sign = variant
+    run_case(Case("nemotron_h", steps=3, patch=dict(fused_loss=False, hook_update_numel=0),
+                  bcd=dict(switch_block_every=1, switch_mode="descending", sgd_mode=sgd_mode, sgd_use_sign=sign,
+                           sgd_lr_scaling=SCALING)))
+
+
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
 def test_weight_decay_groups(variant):
     """weight_decay=0.01 applies to weights only, not to biases or norm weights; non-default betas/eps."""
     sgd_mode, sign = variant
