@@ -673,3 +673,36 @@ def moved_parameters(original: torch.nn.Module, trained: torch.nn.Module) -> lis
     """The names of the parameters that training changed."""
     return [n for (n, a), (_, b) in zip(original.named_parameters(), trained.named_parameters())
             if not torch.equal(a, b)]
+
+
+class Int8Linear(torch.nn.Linear):
+    """A hand-built look-alike of a quantized linear (bitsandbytes' ``Linear8bitLt``, HQQ's, GPTQ's) as the engine
+    sees one: an ``nn.Linear`` subclass whose ``weight`` is an int8 ``nn.Parameter`` (no grad) with a per-row scale
+    beside it, and a forward that dequantizes, ``y = x·(s·W_q)ᵀ + b``.  ``weight_dtype=torch.float8_e4m3fn`` gives
+    transformers' fp8 linears instead (``FbgemmFp8Linear``: the fp8 weight and its scale both parameters)."""
+
+    def __init__(self, linear: torch.nn.Linear, weight_dtype: torch.dtype = torch.int8):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        w = linear.weight.detach()
+        integer = not weight_dtype.is_floating_point
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / (127 if integer else 1)
+        stored = (w / scale).round() if integer else w / scale
+        self.weight = torch.nn.Parameter(stored.to(weight_dtype), requires_grad=False)
+        if integer:
+            self.register_buffer("weight_scale", scale)
+        else:
+            self.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.weight_scale.to(x.dtype), self.bias)
+
+
+def quantize_blocks(model: torch.nn.Module, weight_dtype: torch.dtype = torch.int8) -> torch.nn.Module:
+    """``model`` (a zoo Llama) with every linear of its blocks replaced by an :class:`Int8Linear`, in place."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, Int8Linear(child, weight_dtype))
+    return model

@@ -49,7 +49,7 @@ from ..peft_lora import is_adapter_name, non_lora_adapter_names
 from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks, layer_prefixes
 from .driver import (EngineDriver, WeaklyHeld, check_loss_scaler, check_named_parameters, owning_patched_model,
-                     take_over_parameters)
+                     refuse_quantized_targets, take_over_parameters)
 from .masters import Fp32Masters
 from .roles import LORA_MODES, SGD_MODES, no_decay_names, roles_for_block
 
@@ -188,7 +188,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.global_step = 0
         self.block_step = 0
         for index in range(self.block_num):  # every block must be trainable before anything is touched
-            self.roles_for(index)
+            refuse_quantized_targets(self.named_parameters_list, self.roles_for(index), "BlockOptimizer",
+                                     f" while block {index} is active")
 
         self.base_optimizer = base_optimizer
         self.weight_decay = base_optimizer.param_groups[0].get("weight_decay", 0.0)

@@ -47,6 +47,7 @@ from ..backends.chunked import chunk_budget_bytes
 from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, OnTheFlyWrites, Role, WeightPlan, forward_epoch, running_backward
+from ..quantized import quantized_weight
 from ..rounding import FLOAT_DTYPES
 from ..update import update_dense_
 from .data_parallel import (INDEPENDENT_RANKS_ENV, AveragedTarget, DataParallelForward, average_gradients_,
@@ -166,6 +167,8 @@ class EngineDriver:
         if not library_hooks:
             reference = weakref.ref(self)
             for name, p in self.named_parameters:
+                if not p.is_floating_point():  # a quantized weight that cannot require grad: no gradient, no hook
+                    continue
                 # a hook needs requires_grad when it is registered (peft freezes the base weights); set_roles sets
                 # the real flags
                 wanted = p.requires_grad
@@ -429,6 +432,7 @@ class EngineDriver:
             if checked[name] is Role.LORA:
                 raise ValueError(f"{self.what}.set_roles: {name}: give a LoRA base weight FROZEN and its adapters "
                                  "ACTIVE; the LORA role is the engine's name for that pair")
+        refuse_quantized_targets(self.named_parameters, checked, f"{self.what}.set_roles")
         on_the_fly = [n for n, r in checked.items() if r.updates_on_the_fly]
         if self.update is None and on_the_fly:
             first = on_the_fly[0]
@@ -941,6 +945,30 @@ def check_parameters_of(model: nn.Module, named, what: str) -> None:
             raise ValueError(f"{what}: parameter named {name!r} is {own[id(p)]!r} in the {type(model).__name__}; "
                              "pass list(model.named_parameters()) of that model (a model patched before a wrapper "
                              "such as peft.get_peft_model: bread_kernels.unpatch(wrapper), then patch(wrapper))")
+
+
+def refuse_quantized_targets(named_parameters, roles: Mapping[str, Role], what: str, when: str = "") -> None:
+    """Refuse (``ValueError``, naming the remedies) roles that would train a quantized weight
+    (:func:`~bread_kernels.quantized.quantized_weight`: bitsandbytes' int8/4-bit, HQQ, fp8, torchao's and quanto's
+    subclasses): neither Adam (ACTIVE) nor an on-the-fly update (SGD/SIGN) can be written into its packed elements
+    (torch refuses ``requires_grad`` on an integer tensor; a subclass's update would land in a dequantized copy, or
+    no gradient reaches it at all).  FROZEN is fine: LoRA adapters train over it.  ``when`` says which block gave
+    the roles."""
+    for name, p in named_parameters:
+        role = roles[name]
+        if role is Role.FROZEN:
+            continue
+        stored = quantized_weight(p)
+        if stored is None:
+            continue
+        raise ValueError(
+            f"{what}: parameter {name} is a quantized weight ({stored}), which block coordinate descent cannot "
+            f"update in place, and it would be {role.name}{when} (Adam trains the active block's weights, "
+            "sgd_mode gives the inactive ones an on-the-fly update). Train LoRA adapters over the quantized base "
+            "instead (peft; lora_mode='adapter_only' with sgd_mode='disabled' keeps every base weight frozen), "
+            "leave the quantized weights out of named_parameters_list ([(n, p) for n, p in "
+            "model.named_parameters() if bread_kernels.quantized.quantized_weight(p) is None]), or load the model "
+            "unquantized (dtype=torch.bfloat16) to train its weights")
 
 
 def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Parameter]]:

@@ -136,7 +136,8 @@ class ReferenceBCD:
         self.names = list(self.params)
         self.no_decay = no_decay_names(model)
         for p in self.params.values():
-            p.requires_grad_(True)  # the reference takes every gradient; roles decide what is used
+            if p.is_floating_point():  # a quantized int8 / packed weight has no gradient (and stays frozen)
+                p.requires_grad_(True)  # the reference takes every gradient; roles decide what is used
 
         self.global_step = 0
         self.steps_in_block = 0
