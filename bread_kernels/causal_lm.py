@@ -55,6 +55,7 @@ from .functions.head_loss import (dw_bytes_beside_hidden_sized, fused_head_loss,
                                   head_plan_refusal, loss_bytes_beside_kept, unfused_loss_bytes)
 from .installed_forward import install_forward
 from .plan import PLAN_ATTR
+from .quantized import quantized_weight
 
 __all__ = ["FAMILIES", "Family", "find_causal_lm", "prepare", "install", "uninstall", "shifted_labels"]
 
@@ -160,6 +161,9 @@ def _head_problem(lm: nn.Module) -> str | None:
     if type(head) is not nn.Linear:
         return (f"the head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear (a peft LoRA "
                 "head, a quantized head, ...)")
+    stored = quantized_weight(head.weight)
+    if stored is not None:  # torchao's quantize_ keeps the nn.Linear and swaps its weight
+        return f"the head of {type(lm).__name__} is a quantized nn.Linear (its weight {stored})"
     return None
 
 

@@ -84,9 +84,10 @@ from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .head_readers import head_reader
 from .installed_forward import NOT_PICKLED, install_forward
 from .open_forwards import OpenForwards
-from .peft_lora import (Conv1D, check_lora_layer, is_linear_layer, is_lora_layer, is_param_wrapper,
-                        peft_remapped_targets, peft_wrapping, trained_adapter)
+from .peft_lora import (Conv1D, check_lora_layer, fusable_lora_layer, is_linear_layer, is_lora_layer,
+                        is_param_wrapper, peft_remapped_targets, peft_wrapping, trained_adapter)
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
+from .quantized import quantized_weight
 from .rounding import FLOAT_DTYPES
 from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
 from .weight_readers import linears_read_outside
@@ -389,9 +390,11 @@ class PatchedModel:
 
 def _check_parameter_dtypes(model: nn.Module) -> None:
     """Refuse a model with a floating parameter the fused functions do not compute in (float64): every training
-    forward would fail, at its first fused module."""
+    forward would fail, at its first fused module.  A quantized weight (fp8: transformers' ``FbgemmFp8Linear`` and
+    ``FP8Linear``, which a cast would silently strip of its scale) is no such parameter: its layer keeps its own
+    forward (:func:`~bread_kernels.peft_lora.is_linear_layer`) and an optimizer refuses to train it."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype not in FLOAT_DTYPES:
+        if p.is_floating_point() and p.dtype not in FLOAT_DTYPES and quantized_weight(p) is None:
             raise TypeError(f"patch: parameter {name} is {p.dtype}; the fused backward computes in float32, bfloat16 "
                             "or float16. Cast the model first (model.float(), or model.to(torch.bfloat16)), or train "
                             "it unpatched")
@@ -753,13 +756,15 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _fusable_linears(root: nn.Module, prefix: str, unfused: list | None = None) -> list[tuple[str, nn.Module]]:
-    """The LoRA layers and plain linears under ``root`` (a LoRA layer's base layer and adapters are part of it);
-    ``unfused`` collects the (name, module) of each ``nn.Linear`` subclass that computes something else."""
+    """The LoRA layers and plain linears under ``root`` (a fused LoRA layer's base layer and adapters are part of it;
+    a LoRA layer over a base the fused linear does not compute, a quantized one, keeps peft's forward, and its
+    adapters are plain linears); ``unfused`` collects the (name, module) of each ``nn.Linear`` subclass that
+    computes something else, or whose weight is quantized."""
     found, inside_lora = [], []
     for name, module in root.named_modules(prefix=prefix):
         if any(name.startswith(f"{lora}.") for lora in inside_lora):
             continue
-        if is_lora_layer(module):
+        if fusable_lora_layer(module):
             check_lora_layer(name, module)
             inside_lora.append(name)
             found.append((name, module))
@@ -770,16 +775,31 @@ def _fusable_linears(root: nn.Module, prefix: str, unfused: list | None = None) 
     return found
 
 
+def _quantized_weight_of(module: nn.Module) -> str | None:
+    """How ``module.weight`` is stored where it is quantized (:func:`~bread_kernels.quantized.quantized_weight`)."""
+    weight = getattr(module, "weight", None)
+    return quantized_weight(weight) if isinstance(weight, torch.Tensor) else None
+
+
 def _warn_unfused_linears(unfused: list[tuple[str, nn.Module]]) -> None:
-    """Say which ``nn.Linear`` subclasses in the blocks keep plain autograd (their forward is not ``x·Wᵀ + b``:
-    a router returning its top-k, a layer with an fp32 output, ...)."""
-    if not unfused:
-        return
-    classes = sorted({type(module).__name__ for _, module in unfused})
-    warnings.warn(f"patch: {len(unfused)} nn.Linear subclass layer(s) in the blocks ({', '.join(classes)}; "
-                  f"{unfused[0][0]}, ...) do not compute a plain x·Wᵀ + b and keep plain autograd: their on-the-fly "
-                  "updates go through the hook path, which materialises each one's whole gradient", RuntimeWarning,
-                  stacklevel=3)
+    """Say which ``nn.Linear`` layers in the blocks keep plain autograd: quantized ones (bitsandbytes', torchao's,
+    quanto's, fp8: their weights can only stay frozen), and subclasses whose forward is not ``x·Wᵀ + b`` (a router
+    returning its top-k, a layer with an fp32 output, ...)."""
+    quantized = [(name, module) for name, module in unfused if _quantized_weight_of(module) is not None]
+    other = [(name, module) for name, module in unfused if _quantized_weight_of(module) is None]
+    if quantized:
+        classes = sorted({type(module).__name__ for _, module in quantized})
+        name, module = quantized[0]
+        warnings.warn(f"patch: {len(quantized)} quantized linear layer(s) in the blocks ({', '.join(classes)}; "
+                      f"{name}: weight {_quantized_weight_of(module)}, ...) keep their own forward and plain "
+                      "autograd: their weights can only stay frozen (an optimizer refuses to train them), LoRA "
+                      "adapters over them train", RuntimeWarning, stacklevel=3)
+    if other:
+        classes = sorted({type(module).__name__ for _, module in other})
+        warnings.warn(f"patch: {len(other)} nn.Linear subclass layer(s) in the blocks ({', '.join(classes)}; "
+                      f"{other[0][0]}, ...) do not compute a plain x·Wᵀ + b and keep plain autograd: their "
+                      "on-the-fly updates go through the hook path, which materialises each one's whole gradient",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _warn_linears_read_outside(read_outside: dict[str, str]) -> None:
@@ -816,6 +836,9 @@ def _why_unfused_embedding(embedding: nn.Module) -> str:
         return "it is not an nn.Embedding"
     if type(embedding).forward is not nn.Embedding.forward:
         return "it is a subclass of nn.Embedding with its own forward"
+    stored = quantized_weight(embedding.weight)
+    if stored is not None:
+        return f"its weight is quantized ({stored})"
     options = [option for option, on in (("max_norm", embedding.max_norm is not None),
                                          ("scale_grad_by_freq", embedding.scale_grad_by_freq),
                                          ("sparse", embedding.sparse)) if on]
@@ -954,7 +977,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     _warn_linears_read_outside(read_outside)
     if head is not None:
         head_name = next(n for n, m in model.named_modules() if m is head)
-        if _is_linear(head) or is_lora_layer(head):
+        if _is_linear(head) or fusable_lora_layer(head):
             targets += [(name, module, None) for name, module in _fusable_linears(head, head_name)][:1]
         elif any(True for _ in head.parameters()):
             _warn_unfused_head(head_name, head)

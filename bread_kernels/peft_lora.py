@@ -24,20 +24,28 @@ try:  # peft's LoRA on parameters (LoraConfig(target_parameters=...)): MoE exper
 except ImportError:  # peft missing, or older than target_parameters
     ParamWrapper = None
 
+from .quantized import quantized_weight
+
 try:  # GPT-2 and friends store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 __all__ = ["LoraLinear", "is_linear_layer", "peft_remapped_targets", "linear_subclass_computes_linear",
-           "lora_layer_classes", "is_lora_layer", "is_param_wrapper", "lora_layers", "is_adapter_name",
+           "lora_layer_classes", "is_lora_layer", "fusable_lora_layer", "is_param_wrapper", "lora_layers",
+           "is_adapter_name",
            "tuner_adapter_attributes", "non_lora_adapter_names", "peft_wrapping", "adapter_parameters",
            "trained_adapter", "check_lora_layer"]
 
 
 def is_linear_layer(module: nn.Module) -> bool:
     """A layer the fused linear function computes: ``nn.Linear``, GPT-2's ``Conv1D``, or a subclass of ``nn.Linear``
-    that only restates its forward (:func:`linear_subclass_computes_linear`: Falcon's ``FalconLinear``)."""
+    that only restates its forward (:func:`linear_subclass_computes_linear`: Falcon's ``FalconLinear``) — each with a
+    weight of plain elements: an ``nn.Linear`` whose weight torchao or quanto quantized into a tensor subclass, or
+    transformers stored in fp8 (:func:`~bread_kernels.quantized.quantized_weight`), keeps its own forward."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and quantized_weight(weight) is not None:
+        return False
     if type(module) is nn.Linear or (Conv1D is not None and isinstance(module, Conv1D)):
         return True
     return isinstance(module, nn.Linear) and linear_subclass_computes_linear(module)
@@ -229,18 +237,19 @@ def trained_adapter(module: nn.Module, name: str) -> str | None:
     return adapter
 
 
+def fusable_lora_layer(module: nn.Module) -> bool:
+    """A peft LoRA layer the fused LoRA function computes: one over a layer the fused linear computes
+    (:func:`is_linear_layer`).  Another — LoRA over a quantized base (torchao's ``TorchaoLoraLinear``, peft's
+    ``lora.Linear`` over a quanto ``QLinear`` or an fp8 linear), or over an ``nn.Linear`` subclass with a forward of
+    its own — keeps peft's forward and plain autograd, as peft's bitsandbytes, HQQ and GPTQ LoRA layers (no
+    ``lora.Linear``) do; its adapters, plain ``nn.Linear`` layers, are fused one by one."""
+    return is_lora_layer(module) and is_linear_layer(module.get_base_layer())
+
+
 def check_lora_layer(name: str, module: nn.Module) -> None:
     """Refuse, at patch time, the peft LoRA configurations the fused function does not compute."""
     for adapter in module.lora_A:
         _refuse_variant("patch", name, module, adapter)
-    base = module.get_base_layer()
-    if not is_linear_layer(base):
-        raise NotImplementedError(
-            f"patch: LoRA layer {name} wraps a {type(base).__name__}, which does not compute a plain x·Wᵀ + b; the "
-            "fused backward supports LoRA over nn.Linear, Conv1D and nn.Linear subclasses that only restate its "
-            "forward (quantized base layers are not supported): leave it out of LoraConfig(target_modules=...), "
-            "or train this model without patch()"
-        )
 
 
 def _refuse_variant(who: str, name: str, module: nn.Module, adapter: str) -> None:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import Role, WeightPlan, trigger_gradient
+from ..quantized import quantized_weight
 from ..rounding import FLOAT_DTYPES
 from ..update import update_rows_
 from .linear import trigger_for
@@ -33,9 +34,10 @@ __all__ = ["FusedEmbeddingFunction", "fused_embedding", "fusable_embedding", "ro
 def fusable_embedding(module: nn.Module) -> bool:
     """An ``nn.Embedding`` whose backward this function reproduces exactly: not a subclass with its own forward
     (Gemma's scaled embeddings multiply the rows by ``embed_scale`` there), no ``max_norm``, no frequency scaling,
-    not sparse."""
+    not sparse, and a weight of plain elements (not quantized: :func:`~bread_kernels.quantized.quantized_weight`)."""
     return (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
-            and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse)
+            and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+            and quantized_weight(module.weight) is None)
 
 
 def row_gradients(ids: torch.Tensor, grad_output: torch.Tensor, padding_idx: int | None):

@@ -111,6 +111,15 @@ def test_sgd_on_a_quantized_weight_is_refused():
                                      verbose=0, lora_mode="adapter_only", sgd_mode="all")
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_lora_adapter_only_over_a_quantized_look_alike_matches_the_reference(weight_dtype):
+    """QLoRA with BCD over the adapters: peft's lora.Linear over an nn.Linear subclass with a quantized weight keeps
+    peft's forward (patch refused it as a quantized base, and an fp8 weight as a float64-like dtype to cast), its
+    adapters are fused as plain linears, and training matches the reference."""
+    _assert_trained_alike(_with_lora(models.quantize_blocks(models.llama(layers=2), weight_dtype)),
+                          lora_mode="adapter_only")
+
+
 def test_badam_over_the_unquantized_rest_of_a_quantized_model_matches_the_reference():
     """The quantized weights left out of the list: each block trains its norms, BREAD-SGD moves the embedding and
     the head, and the int8 weights stay frozen."""
@@ -151,3 +160,16 @@ def test_lora_over_bitsandbytes_8bit_matches_the_reference(tmp_path):
             tmp_path, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
     model.config._attn_implementation = "eager"
     _assert_trained_alike(_with_lora(model.train()), lora_mode="adapter_only")
+
+
+def test_lora_over_torchao_int8_matches_the_reference():
+    """torchao's quantize_ keeps each nn.Linear (the head too) and swaps its weight for an Int8Tensor: such a layer,
+    peft's TorchaoLoraLinear over it and the head keep their own forward (the fused linear crashed in aten.mm on
+    it), and the adapters train as the reference trains them."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model = models.llama(layers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+        model = _with_lora(model)
+    _assert_trained_alike(model, lora_mode="adapter_only")
