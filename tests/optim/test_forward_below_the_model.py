@@ -5,8 +5,10 @@ forward whichever module is entered first.  References: the same optimizer on th
 reference's hooks, plain autograd), and the full-model path's refusal."""
 
 import copy
+import gc
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -201,6 +203,70 @@ def test_an_evaluation_in_another_thread_during_a_training_forward_leaves_that_f
     assert models.moved_parameters(base, reference)
     models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(evaluated, expected, rtol=1e-4, atol=1e-5)
+
+
+def _a_thread_that_stops_in_a_forward(model, exception: type[BaseException]) -> "weakref.ref[torch.Tensor]":
+    """Run a forward of ``model`` with grad in a worker thread that ``exception`` stops inside its second decoder
+    layer (``SystemExit``: a stop request raised there, after which torch calls no forward hook; ``RuntimeError``:
+    an error, after which torch calls the ``always_call`` hooks) and that then ends, and wait for it; returns a weak
+    reference to a tensor the thread's own frame held while its forward ran."""
+    held = []
+
+    def work():
+        tensor = torch.ones(3)  # the thread's own data (a batch, the outputs it collected)
+        held.append(weakref.ref(tensor))
+        try:
+            model(input_ids=batch(5), labels=batch(5))
+        except exception:
+            pass  # the worker stops
+
+    def stop(module, args):
+        raise exception("stopped")
+
+    handle = _causal_lm(model).model.layers[1].register_forward_pre_hook(stop)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        handle.remove()
+    return held[0]
+
+
+@pytest.mark.parametrize("exception", [SystemExit, RuntimeError])
+def test_a_thread_that_ended_in_the_middle_of_a_forward_leaves_nothing_held_and_training_goes_on(exception):
+    """A worker thread whose forward a ``SystemExit`` (torch then calls no forward hook) or an error stopped, and
+    which then ended: what its frames held is freed with it (as the unpatched model holds nothing of it), training
+    in the main thread equals the unpatched model's, and ``del model, opt`` frees the model by reference counting.
+    Before, the model kept the dead thread's open forward, with its frames and all they held, for its whole life:
+    neither the main thread's forwards nor ``opt.step()`` dropped another thread's entries, and the model, in a
+    cycle through them, waited for Python's cycle collector."""
+    base = models.llama()
+    settings = _settings(MODES[0], False)
+
+    def run(model):
+        opt = _optimizer(model, **settings)
+        thread_data = _a_thread_that_stops_in_a_forward(model, exception)
+        for step in range(2):
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            opt.zero_grad()
+        gc.collect()
+        assert thread_data() is None
+        return model, opt
+
+    reference, _ = run(copy.deepcopy(base))
+    trained, opt = run(bread_kernels.patch(copy.deepcopy(base), hook_update_numel=0))
+    assert models.moved_parameters(base, reference)
+    models.assert_same_parameters(reference, trained, rtol=1e-4, atol=1e-5)
+    gc.collect()
+    gc.disable()
+    try:
+        alive = weakref.ref(trained)
+        del trained, opt
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "evaluate"])
