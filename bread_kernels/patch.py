@@ -59,7 +59,6 @@ import functools
 import numbers
 import os
 import sys
-import threading
 import types
 import warnings
 import weakref
@@ -363,7 +362,7 @@ class PatchedModel:
             raise TypeError(sharded_refusal("bread_kernels", name))
         if self.stream.suspect_lost is not None and torch.is_grad_enabled():
             self.check_forward()  # here too: a block stack swapped whole runs no streamed block
-        self.stream.forward_autocast.pop(threading.get_ident(), None)  # this forward's blocks say what they compute in
+        self.stream.forward_autocast.dtype = None  # this forward's blocks say what they compute in
         begin_forward()
         for hook in list(self.before_forward.values()):
             hook(module, args)

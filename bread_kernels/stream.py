@@ -68,6 +68,16 @@ __all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing"
 CHECKPOINTING_TURNED_OFF = "_bread_checkpointing_turned_off"
 
 
+class ForwardAutocast(threading.local):
+    """Per thread, as the forwards are (:mod:`.open_forwards`; a thread takes its own with it when it ends):
+    :attr:`dtype`, the ``torch.autocast`` dtype the blocks of the forward that runs now (or ran last) in the calling
+    thread computed in, None for none (reset where a forward of the model starts) — what an optimizer reads after
+    the forward, where an autocast entered inside the model's forward (accelerate's ``prepare``) has been left
+    again."""
+
+    dtype: torch.dtype | None = None  # a class default: None in a thread that never set it
+
+
 @dataclass
 class StreamConfig:
     """Shared by every block of one patched model; ``cut`` is written through ``PatchedModel.set_cut``."""
@@ -103,11 +113,9 @@ class StreamConfig:
     #: set where a module of the model with a forward of patch's was replaced (``PatchedModel.suspect_lost``): a weak
     #: method that, before a forward with grad, refuses it if one is gone while an optimizer drives
     suspect_lost: Any = None
-    #: per thread (``threading.get_ident()``), the ``torch.autocast`` dtype the blocks of the forward that runs now
-    #: (or ran last) in that thread computed in, None for none (dropped where a forward of the model starts): what
-    #: an optimizer reads after the forward, where an autocast entered inside the model's forward (accelerate's
-    #: ``prepare``) has been left again; per thread, as the forwards are (:mod:`.open_forwards`)
-    forward_autocast: dict = field(default_factory=dict, repr=False)
+    #: in the calling thread: the ``torch.autocast`` dtype the blocks of the forward that runs now (or ran last)
+    #: computed in (:class:`ForwardAutocast`)
+    forward_autocast: ForwardAutocast = field(default_factory=ForwardAutocast, repr=False)
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
@@ -229,7 +237,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     hidden = arguments[hidden_name]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
-    config.forward_autocast[threading.get_ident()] = autocast_dtype(hidden.device)
+    config.forward_autocast.dtype = autocast_dtype(hidden.device)
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
     if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden.grad_fn, config, index)):
