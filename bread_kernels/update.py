@@ -95,6 +95,13 @@ class UpdateTarget:
         this target cannot write what the plans ask (``under_deepspeed``: a DeepSpeed engine wraps the model).
         Nothing by default."""
 
+    def ranks_group(self):
+        """The process group whose ranks must all train the same parameters the same way for this target's writes
+        to be right (a target whose writes are collectives pairing each rank's gradient of a weight with the other
+        ranks' of the same weight), checked before the first forward with grad after the roles change; None (the
+        default): none."""
+        return None
+
     def settle(self) -> None:
         """Complete the writes this target still has in progress, after which every flag it returned holds its
         answer (a target that lets its collectives travel while the backward goes on fills them later; the

@@ -539,6 +539,8 @@ class EngineDriver:
         under_deepspeed = runs_under_deepspeed(self.model if self.model is not None else module)
         if self.update_target is not None:
             self.update_target.check_forward(under_deepspeed)
+            if under_deepspeed:
+                self._check_target_ranks_agree()
         elif under_deepspeed:
             raise RuntimeError(
                 f"{self.what}: a DeepSpeed engine drives this model (deepspeed.initialize, or the Trainer's "
@@ -559,12 +561,21 @@ class EngineDriver:
             self._check_ranks()
         self._average_on_the_fly(dp if on_the_fly else None)
         if dp is not None and (self._ranks_agree is None or self._ranks_agree() is not dp.group):
-            check_same_parameters(self._training_fingerprint(), dp.group, self.what,
+            check_same_parameters(self.training_fingerprint(), dp.group, self.what,
                                   self.named_parameters[0][1].device)
             self._ranks_agree = weakref.ref(dp.group)
         return dp
 
-    def _training_fingerprint(self) -> list[str]:
+    def _check_target_ranks_agree(self) -> None:
+        """Where the update target's writes pair the ranks' gradients (ZeRO-3's shards), every rank of its group
+        must train the same parameters the same way: checked, as under DDP, once per roles, before any update."""
+        group = self.update_target.ranks_group()
+        if group is None or (self._ranks_agree is not None and self._ranks_agree() is group):
+            return
+        check_same_parameters(self.training_fingerprint(), group, self.what, self.named_parameters[0][1].device)
+        self._ranks_agree = weakref.ref(group)
+
+    def training_fingerprint(self) -> list[str]:
         """What every rank of a DDP group must share: each trained parameter's role and where its update is taken
         (in the backward, through :attr:`_averaged`; at its end; by the optimizer), and the on-the-fly rule's
         settings — ranks patched or configured apart would issue different collectives or drift."""

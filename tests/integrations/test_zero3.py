@@ -65,8 +65,8 @@ ON_THE_FLY_ATOL, RTOL, ADAM_ATOL = 1e-6, 1e-5, 2e-5
 
 sys.path.insert(0, str(ROOT))
 from tests.integrations.ranks import free_port, read_ranks, torchrun  # noqa: E402
-from tests.integrations.zero3_worker import CASES, CUSTOM_LOSS_CASES, RESUME_CASES, RESUME_STEPS, SAVE_AFTER, \
-    STEPS, TRAINER_CASES, WEIGHTS_ONLY_LOADS  # noqa: E402
+from tests.integrations.zero3_worker import CASES, CUSTOM_LOSS_CASES, LAYERS, RESUME_CASES, RESUME_STEPS, \
+    SAVE_AFTER, STEPS, TRAINER_CASES, WEIGHTS_ONLY_LOADS  # noqa: E402
 
 
 def launch(out: Path, *args: str, extra_env: dict | None = None, timeout: int = TIMEOUT):
@@ -374,6 +374,27 @@ def test_a_rank_failing_in_backward_stops_every_rank(tmp_path):
     proc = launch(tmp_path / "fault", "--fault", "--cases", "sgd_all", timeout=150)
     assert proc.returncode != 0
     assert "injected fault: rank 1 fails inside the backward" in proc.stdout + proc.stderr
+
+
+def test_ranks_training_different_blocks_are_refused_before_any_update(tmp_path):
+    """Each rank drew its random block order from a generator seeded apart (before the ZeroBlockOptimizer was
+    built, or after, so the order drawn at a later switch differs).  The ranks' shard updates and DeepSpeed's
+    optimizer reduce one rank's gradients of a block with the other's of another block: the first backward hung
+    in a reduce-scatter until the process group's timeout (30 minutes by default), and where the blocks' shapes
+    agree the sums would pair different weights.  Now the first forward after the roles change is refused on every
+    rank, before any shard moves, naming the remedy (as under DDP)."""
+    # a hang raises subprocess.TimeoutExpired here and fails the test
+    results = launched_results(tmp_path, "ranks-apart run", "--ranks-apart", timeout=150)
+    for rank in (0, 1):
+        r = results[("ranks_apart", rank)]
+        for when in ("at_start", "at_a_switch"):
+            refused, moved, trained = r[when]["refused"], r[when]["moved"], r[when]["trained"]
+            assert refused is not None and "the ranks train different parameters" in refused and \
+                "seed every rank the same" in refused, (when, refused)
+            assert moved == [], (when, moved)
+            assert trained == results[("ranks_apart", 1 - rank)][when]["trained"]  # the same blocks until refused
+        assert r["at_start"]["trained"] == []
+        assert len(r["at_a_switch"]["trained"]) >= LAYERS  # the first order, drawn alike, trained through
 
 
 def test_config_refusals_and_version_check():

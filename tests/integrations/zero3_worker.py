@@ -887,6 +887,43 @@ def run_custom_loss(name: str, rank: int, world: int) -> dict:
     return result
 
 
+def run_ranks_apart(rank: int, world: int) -> dict:
+    """Ranks whose random block orders differ: a generator seeded apart on each rank before the ZeroBlockOptimizer
+    draws its first order ("at_start"), or after it, so that the order drawn once the first runs out differs
+    ("at_a_switch").  Each rank's shard updates and DeepSpeed's optimizer pair its gradients with the other
+    ranks' of the same weights, so each forward after the roles change is checked (one all-reduce of a
+    fingerprint of the roles): what the refused forward raised on each rank, the blocks trained before it, and
+    whether any shard moved in it."""
+    from bread_kernels import patch
+    from bread_kernels.integrations import deepspeed as bkds
+
+    result = {"case": "ranks_apart"}
+    for when in ("at_start", "at_a_switch"):
+        model = patch(build_model("llama"))
+        torch.manual_seed(100 + (rank if when == "at_start" else 0))  # after build_model, which seeds its own
+        opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                                      verbose=0, switch_block_every=1, switch_mode="random", sgd_mode="all")
+        engine = bkds.initialize(model, opt, config=ds_config(1, 0))
+        if when == "at_a_switch":
+            torch.manual_seed(100 + rank)  # seeded apart after the first order was drawn (a per-rank data seed)
+        trained, refused, moved = [], None, None
+        for t in range(2 * LAYERS):
+            ids = micro_batches(t, 1, world)[0][rank * MICRO:(rank + 1) * MICRO]
+            before = {n: p.ds_tensor.detach().clone() for n, p in model.named_parameters()}
+            try:
+                loss = engine(input_ids=ids, labels=ids).loss
+            except RuntimeError as exc:
+                refused = str(exc)
+                moved = [n for n, p in model.named_parameters() if not torch.equal(p.ds_tensor, before[n])]
+                break
+            trained.append(opt.order.current)
+            engine.backward(loss)
+            engine.step()
+        result[when] = {"refused": refused, "moved": moved, "trained": trained}
+        engine.destroy()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=None, help="CASES to run (all of them when no group below is given)")
@@ -898,6 +935,7 @@ def main() -> None:
     parser.add_argument("--trainer", default=None, help="Trainer cases (TRAINER_CASES, and zero_init: run_zero_init)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--fault", action="store_true")
+    parser.add_argument("--ranks-apart", action="store_true", help="run_ranks_apart")
     args = parser.parse_args()
     import deepspeed
 
@@ -905,7 +943,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     freeze_long_lived_objects()
     results = []
-    groups = args.resume or args.plain_initialize or args.trainer or args.custom_loss or args.weights_only
+    groups = args.resume or args.plain_initialize or args.trainer or args.custom_loss or args.weights_only or \
+        args.ranks_apart
     cases = args.cases.split(",") if args.cases else [] if groups else list(CASES)
     try:  # the groups one after the other in one process: each launch pays ~10 s of imports and start-up
         for name in cases:
@@ -918,6 +957,8 @@ def main() -> None:
             results.append(run_custom_loss(name, rank, world))
         if args.weights_only:
             results.append(run_weights_only(rank, world, os.path.join(args.save_dir, "weights_only")))
+        if args.ranks_apart:
+            results.append(run_ranks_apart(rank, world))
         for name in args.trainer.split(",") if args.trainer else ():
             results.append(run_zero_init(rank, world, name[len("zero_init_"):] or "llama")
                            if name.startswith("zero_init") else

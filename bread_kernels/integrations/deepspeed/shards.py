@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ...update import LOCAL, UpdateTarget, all_finite, dw_all_finite
 from ..sharded_update import (all_gather_shards, allgather_rows_update_, dense_grad_fill, linear_grad_fill,
@@ -57,6 +58,15 @@ class ZeroShards(UpdateTarget):
         if under_deepspeed and engine is not None and engine.gradient_accumulation_steps() > 1 and \
                 not inside_engine_forward():
             self._refuse_forward_outside_the_engine(engine.gradient_accumulation_steps())
+
+    def ranks_group(self):
+        """Every rank of the job: each rank's shard update of a weight reduce-scatters its dW with the other ranks'
+        dW of the same weight, and DeepSpeed's optimizer reduces the active block's gradients likewise, so ranks that
+        train different blocks (a random block order drawn from generators seeded apart) would hang in the first
+        backward, or, where the blocks' shapes agree, sum one block's gradients with another's."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
 
     @staticmethod
     def _refuse_forward_outside_the_engine(gas: int) -> None:
