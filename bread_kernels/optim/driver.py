@@ -561,7 +561,7 @@ class EngineDriver:
             self._check_ranks()
         self._average_on_the_fly(dp if on_the_fly else None)
         if dp is not None and (self._ranks_agree is None or self._ranks_agree() is not dp.group):
-            check_same_parameters(self.training_fingerprint(), dp.group, self.what,
+            check_same_parameters(self._training_fingerprint(), dp.group, self.what,
                                   self.named_parameters[0][1].device)
             self._ranks_agree = weakref.ref(dp.group)
         return dp
@@ -572,10 +572,10 @@ class EngineDriver:
         group = self.update_target.ranks_group()
         if group is None or (self._ranks_agree is not None and self._ranks_agree() is group):
             return
-        check_same_parameters(self.training_fingerprint(), group, self.what, self.named_parameters[0][1].device)
+        check_same_parameters(self._training_fingerprint(), group, self.what, self.named_parameters[0][1].device)
         self._ranks_agree = weakref.ref(group)
 
-    def training_fingerprint(self) -> list[str]:
+    def _training_fingerprint(self) -> list[str]:
         """What every rank of a DDP group must share: each trained parameter's role and where its update is taken
         (in the backward, through :attr:`_averaged`; at its end; by the optimizer), and the on-the-fly rule's
         settings — ranks patched or configured apart would issue different collectives or drift."""
