@@ -102,6 +102,11 @@ class UpdateTarget:
         default): none."""
         return None
 
+    def ranks_fingerprint(self) -> list[str]:
+        """This target's own settings that every rank of :meth:`ranks_group` must share (ranks that differ would
+        issue different collectives); none by default."""
+        return []
+
     def settle(self) -> None:
         """Complete the writes this target still has in progress, after which every flag it returned holds its
         answer (a target that lets its collectives travel while the backward goes on fills them later; the

@@ -88,12 +88,20 @@ class ShardLayout:
         return max(0, min(self.shard_numel, self.numel - rank * self.shard_numel))
 
 
+def chunk_budget_bytes() -> int:
+    """The budget of one collective's fp32 send buffer: ``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB."""
+    budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
+    if budget_bytes <= 0:
+        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
+    return budget_bytes
+
+
 def chunk_elements(world: int, shard_numel: int, budget_bytes: int | None = None) -> int:
     """S: elements per rank and per collective, so the fp32 send buffer ``w·(S+1)·4`` stays within the budget
-    (``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB); at least 1, at most P."""
+    (:func:`chunk_budget_bytes` where none is given); at least 1, at most P."""
     if budget_bytes is None:
-        budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
-    if budget_bytes <= 0:
+        budget_bytes = chunk_budget_bytes()
+    elif budget_bytes <= 0:
         raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
     return max(1, min(shard_numel, budget_bytes // (4 * world) - 1))
 

@@ -317,7 +317,8 @@ def check_same_parameters(entries: list[str], group, what: str, device: torch.de
                            "their gradients cannot be averaged. Every rank must switch blocks alike: seed every rank "
                            "the same before building the optimizer (transformers.set_seed, torch.manual_seed) when "
                            "the order is random, or use an ordered switch_mode; and patch and build the optimizer "
-                           "with the same options on every rank (BREAD_HOOK_UPDATE_NUMEL and BREAD_CHUNK_BYTES alike)")
+                           "with the same options on every rank (BREAD_HOOK_UPDATE_NUMEL, BREAD_CHUNK_BYTES and, under "
+                           "ZeRO-3, BREAD_ZERO_CHUNK_BYTES alike)")
 
 
 def several_ranks() -> int:

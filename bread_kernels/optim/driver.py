@@ -576,9 +576,10 @@ class EngineDriver:
         self._ranks_agree = weakref.ref(group)
 
     def _training_fingerprint(self) -> list[str]:
-        """What every rank of a DDP group must share: each trained parameter's role and where its update is taken
-        (in the backward, through :attr:`_averaged`; at its end; by the optimizer), and the on-the-fly rule's
-        settings — ranks patched or configured apart would issue different collectives or drift."""
+        """What every rank of a DDP group (or of the update target's ``ranks_group``) must share: each trained
+        parameter's role and where its update is taken (in the backward, through :attr:`_averaged`; at its end; by
+        the optimizer), the on-the-fly rule's settings and the update target's own (``ranks_fingerprint``) — ranks
+        patched or configured apart would issue different collectives or drift."""
         entries = [f"{n} {r.value} {'end' if n in self._deferred else 'backward' if r.updates_on_the_fly else ''}"
                    for n, r in self.roles.items() if r is not Role.FROZEN]
         if self.update is not None:
@@ -586,6 +587,8 @@ class EngineDriver:
             scale = update.scale if isinstance(update.scale, (int, float)) else type(update.scale).__name__
             entries.append(f"update {scale} {update.rounding.value} {update.seed} {update.draws} "
                            f"{chunk_budget_bytes()}")  # the budget decides how many all-reduces a weight takes
+        if self.update_target is not None:
+            entries += self.update_target.ranks_fingerprint()
         return entries
 
     def _average_on_the_fly(self, dp: DataParallelForward | None) -> None:

@@ -382,7 +382,8 @@ def test_ranks_training_different_blocks_are_refused_before_any_update(tmp_path)
     optimizer reduce one rank's gradients of a block with the other's of another block: the first backward hung
     in a reduce-scatter until the process group's timeout (30 minutes by default), and where the blocks' shapes
     agree the sums would pair different weights.  Now the first forward after the roles change is refused on every
-    rank, before any shard moves, naming the remedy (as under DDP)."""
+    rank, before any shard moves, naming the remedy (as under DDP); so are ranks that train alike but were given
+    different ``BREAD_ZERO_CHUNK_BYTES`` (their reduce-scatters would split each weight apart, and hang)."""
     # a hang raises subprocess.TimeoutExpired here and fails the test
     results = launched_results(tmp_path, "ranks-apart run", "--ranks-apart", timeout=150)
     for rank in (0, 1):
@@ -395,6 +396,9 @@ def test_ranks_training_different_blocks_are_refused_before_any_update(tmp_path)
             assert trained == results[("ranks_apart", 1 - rank)][when]["trained"]  # the same blocks until refused
         assert r["at_start"]["trained"] == []
         assert len(r["at_a_switch"]["trained"]) >= LAYERS  # the first order, drawn alike, trained through
+        chunks = r["chunks_apart"]
+        assert chunks["refused"] is not None and "BREAD_ZERO_CHUNK_BYTES" in chunks["refused"], chunks["refused"]
+        assert chunks["moved"] == [] and chunks["trained"] == []
 
 
 def test_config_refusals_and_version_check():

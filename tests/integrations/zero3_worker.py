@@ -892,15 +892,19 @@ def run_ranks_apart(rank: int, world: int) -> dict:
     draws its first order ("at_start"), or after it, so that the order drawn once the first runs out differs
     ("at_a_switch").  Each rank's shard updates and DeepSpeed's optimizer pair its gradients with the other
     ranks' of the same weights, so each forward after the roles change is checked (one all-reduce of a
-    fingerprint of the roles): what the refused forward raised on each rank, the blocks trained before it, and
-    whether any shard moved in it."""
+    fingerprint of the roles); and ranks training alike whose ``BREAD_ZERO_CHUNK_BYTES`` differ ("chunks_apart":
+    their reduce-scatters would split a weight apart). What the refused forward raised on each rank, the blocks
+    trained before it, and whether any shard moved in it."""
     from bread_kernels import patch
     from bread_kernels.integrations import deepspeed as bkds
+    from bread_kernels.integrations.sharded_update import CHUNK_ENV
 
-    result = {"case": "ranks_apart"}
-    for when in ("at_start", "at_a_switch"):
+    result, chunk_bytes = {"case": "ranks_apart"}, os.environ.get(CHUNK_ENV)
+    for when in ("at_start", "at_a_switch", "chunks_apart"):
         model = patch(build_model("llama"))
         torch.manual_seed(100 + (rank if when == "at_start" else 0))  # after build_model, which seeds its own
+        if when == "chunks_apart":  # the same blocks, but the collectives' chunks split apart
+            os.environ[CHUNK_ENV] = str(4096 << rank)
         opt = bkds.ZeroBlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
                                       verbose=0, switch_block_every=1, switch_mode="random", sgd_mode="all")
         engine = bkds.initialize(model, opt, config=ds_config(1, 0))
@@ -921,6 +925,10 @@ def run_ranks_apart(rank: int, world: int) -> dict:
             engine.step()
         result[when] = {"refused": refused, "moved": moved, "trained": trained}
         engine.destroy()
+        if chunk_bytes is None:
+            os.environ.pop(CHUNK_ENV, None)
+        else:
+            os.environ[CHUNK_ENV] = chunk_bytes
     return result
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ...update import LOCAL, UpdateTarget, all_finite, dw_all_finite
-from ..sharded_update import (all_gather_shards, allgather_rows_update_, dense_grad_fill, linear_grad_fill,
-                              reduce_scatter_update_)
+from ..sharded_update import (all_gather_shards, allgather_rows_update_, chunk_budget_bytes, dense_grad_fill,
+                              linear_grad_fill, reduce_scatter_update_)
 from .internals import check_shard_device, inside_engine_forward, is_partitioned, is_persistent, shard_layout
 
 __all__ = ["ZeroShards"]
@@ -67,6 +67,11 @@ class ZeroShards(UpdateTarget):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return dist.group.WORLD
         return None
+
+    def ranks_fingerprint(self) -> list[str]:
+        """The collectives' chunk budget (``BREAD_ZERO_CHUNK_BYTES``): ranks given different budgets would split a
+        weight's reduce-scatters differently, and hang in them."""
+        return [f"zero chunk bytes {chunk_budget_bytes()}"]
 
     @staticmethod
     def _refuse_forward_outside_the_engine(gas: int) -> None:
