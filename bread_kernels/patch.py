@@ -362,7 +362,7 @@ class PatchedModel:
             raise TypeError(sharded_refusal("bread_kernels", name))
         if self.stream.suspect_lost is not None and torch.is_grad_enabled():
             self.check_forward()  # here too: a block stack swapped whole runs no streamed block
-        self.stream.forward_autocast.dtype = None  # this forward's blocks say what they compute in
+        self.stream.begin_forward()  # its blocks say what they compute in and which caches they were given
         begin_forward()
         for hook in list(self.before_forward.values()):
             hook(module, args)
@@ -383,6 +383,7 @@ class PatchedModel:
     def end_forward(self, module: nn.Module, args, output) -> None:
         """A forward of the model that started at ``module``, or the head called apart from one, returned
         ``output`` (None where it raised): run the :attr:`after_forward` hooks."""
+        self.stream.end_forward()
         for hook in list(self.after_forward.values()):
             hook(module, args, output)
 

@@ -68,14 +68,19 @@ __all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing"
 CHECKPOINTING_TURNED_OFF = "_bread_checkpointing_turned_off"
 
 
-class ForwardAutocast(threading.local):
-    """Per thread, as the forwards are (:mod:`.open_forwards`; a thread takes its own with it when it ends):
-    :attr:`dtype`, the ``torch.autocast`` dtype the blocks of the forward that runs now (or ran last) in the calling
-    thread computed in, None for none (reset where a forward of the model starts) — what an optimizer reads after
-    the forward, where an autocast entered inside the model's forward (accelerate's ``prepare``) has been left
-    again."""
+class ThisForward(threading.local):
+    """What the forward of the model that runs now (or ran last) in the calling thread recorded, per thread as the
+    forwards are (:mod:`.open_forwards`; a thread takes its own with it when it ends), reset where a forward of the
+    model starts (:meth:`StreamConfig.begin_forward`):
 
-    dtype: torch.dtype | None = None  # a class default: None in a thread that never set it
+    * :attr:`autocast`: the ``torch.autocast`` dtype its blocks computed in, None for none — what an optimizer reads
+      after the forward, where an autocast entered inside the model's forward (accelerate's ``prepare``) has been
+      left again;
+    * :attr:`caches`: the KV caches its blocks were given, with what they held when it started
+      (:class:`ForwardCaches`); None outside a forward of the model (dropped where it ends)."""
+
+    autocast: torch.dtype | None = None  # class defaults: what a thread that never set them reads
+    caches: "ForwardCaches | None" = None
 
 
 @dataclass
@@ -113,9 +118,20 @@ class StreamConfig:
     #: set where a module of the model with a forward of patch's was replaced (``PatchedModel.suspect_lost``): a weak
     #: method that, before a forward with grad, refuses it if one is gone while an optimizer drives
     suspect_lost: Any = None
-    #: in the calling thread: the ``torch.autocast`` dtype the blocks of the forward that runs now (or ran last)
-    #: computed in (:class:`ForwardAutocast`)
-    forward_autocast: ForwardAutocast = field(default_factory=ForwardAutocast, repr=False)
+    #: in the calling thread: what the forward that runs now (or ran last) recorded (:class:`ThisForward`)
+    this_forward: ThisForward = field(default_factory=ThisForward, repr=False)
+
+    def begin_forward(self) -> None:
+        """A forward of the model starts in this thread: its blocks say what they compute in, and the KV caches they
+        are given count by what they hold from now on (:class:`ForwardCaches`)."""
+        this = self.this_forward
+        this.autocast = None
+        this.caches = ForwardCaches(torch.is_grad_enabled())
+
+    def end_forward(self) -> None:
+        """The forward of the model that ran in this thread ended: a block called outside one reads its caches as
+        they are."""
+        self.this_forward.caches = None
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
@@ -222,9 +238,13 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 def streamed_block_forward(block: nn.Module, original: Callable, config: StreamConfig, index: int,
                            *args: Any, **kwargs: Any):
     """The forward installed on each block by :func:`bread_kernels.patch`."""
-    if index == 0 and _UNWRITTEN_CACHES:
-        _refuse_caches_with_holes(kwargs)
+    forward = _caches_seen(config, index, kwargs)
     if not torch.is_grad_enabled():
+        if forward is not None and forward.with_grad and config.recompute and \
+                not getattr(block, "_can_checkpoint_with_cache", False):
+            # a pass under no_grad inside a training forward (HRM's first low-level cycles): refused before it
+            # writes the cache, as a block below the cut is
+            _refuse_filled_caches([kwargs], index, forward)
         return original(*args, **kwargs)
     if config.suspect_lost is not None:
         check = config.suspect_lost()
@@ -237,12 +257,13 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     hidden = arguments[hidden_name]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"bread_kernels: block {index}'s first argument is {type(hidden).__name__}, not hidden states")
-    config.forward_autocast.dtype = autocast_dtype(hidden.device)
+    config.this_forward.autocast = autocast_dtype(hidden.device)
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
     if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden.grad_fn, config, index)):
         if config.recompute and not getattr(block, "_can_checkpoint_with_cache", False):
-            _refuse_filled_caches(keywords, index)  # before a block below the cut writes it: a recomputed one would
+            # before a block below the cut writes it: a recomputed one would refuse it
+            _refuse_filled_caches(keywords, index, forward)
         with torch.no_grad():
             return original(*args, **kwargs)
     if not config.recompute:
@@ -258,7 +279,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     # that only read the cache say so with HF's ``_can_checkpoint_with_cache`` and keep it
     keeps_cache = getattr(block, "_can_checkpoint_with_cache", False)
     if not keeps_cache:
-        _refuse_filled_caches(keywords, index)
+        _refuse_filled_caches(keywords, index, forward)
     for named in keywords:  # the arguments by name, and a **kwargs catch-all's
         if not keeps_cache:
             for name in _CACHE_ARGUMENTS:
@@ -367,25 +388,102 @@ def _held_tokens(cache: Any, index: int) -> int:
     return length(index)
 
 
-def _refuse_filled_caches(keywords: list[dict], index: int) -> None:
+def _refuse_filled_caches(keywords: list[dict], index: int, forward: "ForwardCaches | None") -> None:
     """A recomputed block runs without the KV cache (the recompute would write it a second time), which is right for
     the empty cache a model makes for itself with ``use_cache``; one that holds a prefix's keys and values must be
     read, so it is refused with the remedy (its attention would fail on the prefix's length, or miss the prefix).
+    What counts is what block ``index``'s layer of the cache held when the forward started (``forward``; None: a
+    block called outside a forward of the model, the layer as it is now), not what this forward wrote into it:
+    lower blocks write theirs, and a model that runs its stack several times in one forward (HRM, each pass into
+    layers of its own, ``layer_idx + cycle_offset``) wrote block ``index``'s layer in an earlier pass.
     ``keywords``: the block's arguments by name (and a ``**kwargs`` catch-all's)."""
     for named in keywords:
         for name in _CACHE_ARGUMENTS:
             cache = named.get(name)
-            held = _held_tokens(cache, index)  # this layer's: lower blocks may have written theirs
+            held = _held_tokens(cache, index) if forward is None else forward.held_at_start(name, cache, index)
             if held > 0:
                 raise ValueError(
-                    f"bread_kernels: a KV cache holding {held} tokens reached block {index} as {name!r} in a "
-                    "training forward, but a recomputed block runs without the cache (its recompute would write it "
-                    "again), as Hugging Face's gradient checkpointing drops it. Patch with recompute=False to train "
-                    "on a prefix's cache, or pass the prefix with the input instead")
+                    f"bread_kernels: a KV cache holding {held} tokens when the forward started (a prefix) reached "
+                    f"block {index} as {name!r} in a training forward, but a recomputed block runs without the cache "
+                    "(its recompute would write it again), as Hugging Face's gradient checkpointing drops it. Patch "
+                    "with recompute=False to train on a prefix's cache, or pass the prefix with the input instead")
+
+
+class ForwardCaches:
+    """The KV caches the blocks of one forward of the model were given, each with what its layers held when the
+    forward's blocks first saw it: the lengths ``(n_0, …, n_{L-1})`` of its ``L`` layers, taken once per cache in a
+    forward started with grad enabled (``with_grad``: the only forwards that refuse a prefix), where a later block
+    may find its layer written by this forward itself.  Caches are held weakly.  Reading the lengths is host-side
+    metadata (a static cache's length tensor is copied on its device, not read: no host sync)."""
+
+    __slots__ = ("with_grad", "_lengths")
+
+    def __init__(self, with_grad: bool):
+        self.with_grad = with_grad
+        #: by cache: its layers' lengths at its first sight, or None (not taken: a forward without grad, a cache
+        #: whose layers cannot be counted)
+        self._lengths: "weakref.WeakKeyDictionary[Any, tuple | None]" = weakref.WeakKeyDictionary()
+
+    def see(self, name: str, cache: Any) -> None:
+        """Block arguments name ``cache`` as ``name``: at its first sight in this forward, refuse it where an
+        earlier forward with grad left holes in it (:func:`_refuse_cache_with_holes`) and take its lengths."""
+        try:
+            if cache in self._lengths:
+                return
+        except TypeError:  # an object that takes no weak reference (or no hash): read as it is at each block
+            return
+        if _UNWRITTEN_CACHES:
+            _refuse_cache_with_holes(name, cache)
+        self._lengths[cache] = _layer_lengths(cache) if self.with_grad else None
+
+    def held_at_start(self, name: str, cache: Any, index: int) -> Any:
+        """The tokens layer ``index`` of ``cache`` (passed as ``name``) held when this forward's blocks first saw it
+        (where they did not take its lengths: as it holds them now)."""
+        if cache is None:
+            return 0
+        self.see(name, cache)  # a cache bound positionally is first seen here
+        try:
+            lengths = self._lengths.get(cache)
+        except TypeError:
+            lengths = None
+        if lengths is None:
+            return _held_tokens(cache, index)
+        return lengths[index] if index < len(lengths) else 0
+
+
+def _layer_lengths(cache: Any) -> tuple | None:
+    """The tokens each layer of ``cache`` holds (a static layer's length tensor copied: it grows in place), or None
+    where its layers cannot be counted (no ``layers`` list and no ``len``) or it is no cache."""
+    if not callable(getattr(cache, "get_seq_length", None)):
+        return None
+    layers = getattr(cache, "layers", None)
+    try:
+        count = len(layers) if isinstance(layers, (list, tuple)) else len(cache)
+    except TypeError:
+        return None
+    lengths = (_held_tokens(cache, i) for i in range(count))
+    return tuple(held.clone() if isinstance(held, torch.Tensor) else held for held in lengths)
+
+
+def _caches_seen(config: StreamConfig, index: int, kwargs: dict) -> ForwardCaches | None:
+    """Record the KV caches block ``index`` is given by keyword (as Hugging Face passes them) in the forward of the
+    model that runs in this thread (:class:`ForwardCaches`), which it returns; None where the block runs outside
+    one (called by itself): then the first block refuses a cache with holes, as it finds it."""
+    forward = config.this_forward.caches
+    if forward is None:
+        if index == 0 and _UNWRITTEN_CACHES:
+            for name in _CACHE_ARGUMENTS:
+                _refuse_cache_with_holes(name, kwargs.get(name))
+        return None
+    for name in _CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            forward.see(name, cache)
+    return forward
 
 
 #: the KV caches a forward with grad passed to recomputed blocks, which did not write them: by cache, those blocks'
-#: indices (the model hands such a cache back with their layers empty; see :func:`_refuse_caches_with_holes`)
+#: indices (the model hands such a cache back with their layers empty; see :func:`_refuse_cache_with_holes`)
 _UNWRITTEN_CACHES: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
 
 
@@ -397,32 +495,31 @@ def _note_unwritten(cache: Any, index: int) -> None:
         pass
 
 
-def _refuse_caches_with_holes(kwargs: dict) -> None:
-    """At the first block of a forward: refuse a KV cache that an earlier forward with grad filled only below its
-    cut — the layers of the blocks it recomputed (dropping the cache, as Hugging Face's gradient checkpointing does)
-    are empty while lower ones hold the prefix, so continuing from it (``model(next_ids, past_key_values=cache)``,
-    a sampling loop whose first forward ran with grad) failed on a shape deep in the attention, or attended to no
-    prefix in those layers.  A cache whose layers are all empty again (reset) is forgotten."""
-    for name in _CACHE_ARGUMENTS:
-        cache = kwargs.get(name)
-        try:
-            unwritten = _UNWRITTEN_CACHES.get(cache) if cache is not None else None
-        except TypeError:
-            continue
-        length = getattr(cache, "get_seq_length", None)
-        if not unwritten or not callable(length):
-            continue
-        layers = len(getattr(cache, "layers", ())) or 1
-        held = max((_held_tokens(cache, i) for i in range(layers) if i not in unwritten), default=0)
-        if held == 0 or all(_held_tokens(cache, i) > 0 for i in unwritten):  # empty (reset), or its holes filled since
-            del _UNWRITTEN_CACHES[cache]
-            continue
-        raise ValueError(
-            f"bread_kernels: the KV cache passed as {name!r} was filled by a forward with grad enabled, in which "
-            f"blocks {sorted(unwritten)} were recomputed in the backward and, like Hugging Face's gradient "
-            f"checkpointing, did not write it: their layers hold no keys and values while the lower ones hold "
-            f"{held} tokens. Fill a cache you continue from under torch.no_grad() (as generate() does), or patch "
-            "with recompute=False")
+def _refuse_cache_with_holes(name: str, cache: Any) -> None:
+    """Where a forward's blocks first see ``cache`` (passed as ``name``): refuse a KV cache that an earlier forward
+    with grad filled only below its cut — the layers of the blocks it recomputed (dropping the cache, as Hugging
+    Face's gradient checkpointing does) are empty while lower ones hold the prefix, so continuing from it
+    (``model(next_ids, past_key_values=cache)``, a sampling loop whose first forward ran with grad) failed on a
+    shape deep in the attention, or attended to no prefix in those layers.  A cache whose layers are all empty
+    again (reset) is forgotten.  Only at the first sight: later in the same forward the cache holds what this
+    forward wrote."""
+    try:
+        unwritten = _UNWRITTEN_CACHES.get(cache) if cache is not None else None
+    except TypeError:
+        return
+    if not unwritten or not callable(getattr(cache, "get_seq_length", None)):
+        return
+    layers = len(getattr(cache, "layers", ())) or 1
+    held = max((_held_tokens(cache, i) for i in range(layers) if i not in unwritten), default=0)
+    if held == 0 or all(_held_tokens(cache, i) > 0 for i in unwritten):  # empty (reset), or its holes filled since
+        del _UNWRITTEN_CACHES[cache]
+        return
+    raise ValueError(
+        f"bread_kernels: the KV cache passed as {name!r} was filled by a forward with grad enabled, in which "
+        f"blocks {sorted(unwritten)} were recomputed in the backward and, like Hugging Face's gradient "
+        f"checkpointing, did not write it: their layers hold no keys and values while the lower ones hold "
+        f"{held} tokens. Fill a cache you continue from under torch.no_grad() (as generate() does), or patch "
+        "with recompute=False")
 
 
 def _saved_tensor_hooks_active() -> bool:

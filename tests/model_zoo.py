@@ -200,6 +200,21 @@ def nemotron_h(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(transformers.NemotronHForCausalLM(config), dtype)
 
 
+def hrm_text(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2, low_cycles_with_grad: int = 1):
+    """HRM-Text: two stacks of ``layers`` decoder layers, ``model.L_module`` and ``model.H_module``, each run several
+    times in one forward — 2 high-level cycles, each 2 passes of the L stack (in each cycle the first
+    ``2 - low_cycles_with_grad`` under ``torch.no_grad()``) then one of the H stack —, every pass writing its own
+    layers of the cache (``layer_idx + cycle_offset``: 12 layers for 2 layers a stack); ``use_cache`` on by default,
+    gated attention, a scaled embedding."""
+    config = transformers.AutoConfig.for_model(
+        "hrm_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, head_dim=8, H_cycles=2, L_cycles=2, L_bp_cycles=[low_cycles_with_grad] * 2,
+        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _finish(transformers.AutoModelForCausalLM.from_config(config), dtype)
+
+
 def jamba(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 4, experts: int = 4):
     """Jamba: one ``model.layers`` of two classes — attention layers (0, 2) and Mamba layers (1, 3) —, the Mamba
     layers' MLPs mixtures of ``experts`` experts top-2 (``experts=1``: dense MLPs everywhere)."""
@@ -562,7 +577,7 @@ def vit_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
 #: more families, each for the tests of what sets it apart (not parametrized over with BUILDERS)
 FAMILY_BUILDERS = {"falcon": falcon, "mamba": mamba, "dbrx": dbrx, "qwen2_vl": qwen2_vl, "aya_vision": aya_vision,
-                   "ernie4_5_moe": ernie4_5_moe, "nemotron_h": nemotron_h}
+                   "ernie4_5_moe": ernie4_5_moe, "nemotron_h": nemotron_h, "hrm_text": hrm_text}
 #: models whose largest block stack holds transformers layers of several classes
 MIXED_STACK_BUILDERS = {"jamba": jamba, "mllama": mllama}
 MOE_BUILDERS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
@@ -581,6 +596,10 @@ def layout(model: torch.nn.Module) -> tuple[list[str], str]:
                 "model.language_model.embed_tokens.")
     if name == "NemotronHForCausalLM":
         return [f"model.layers.{i}." for i in range(model.config.num_hidden_layers)], "model.embeddings."
+    if name == "HrmTextForCausalLM":  # the L stack's parameters come first
+        per_stack = model.config.num_layers_per_stack
+        return ([f"model.{stack}.layers.{i}." for stack in ("L_module", "H_module") for i in range(per_stack)],
+                "model.embed_tokens.")
     if name == "MambaForCausalLM":
         return [f"backbone.layers.{i}." for i in range(model.config.num_hidden_layers)], "backbone.embeddings."
     if name == "DbrxForCausalLM":

@@ -12,7 +12,7 @@ import bread_kernels
 from bread_kernels import Role
 from bread_kernels.patch import patched_state
 from bread_kernels.stream import StreamConfig
-from tests.model_zoo import BUILDERS, assert_close_by_norm, batch, loss_of
+from tests.model_zoo import BUILDERS, assert_close_by_norm, batch, hrm_text, loss_of
 
 
 def grads(model):
@@ -1043,6 +1043,37 @@ def test_a_prefix_kv_cache_in_a_training_forward_is_refused_before_it_is_written
         with torch.no_grad():
             cache = model(input_ids=prompt, use_cache=True).past_key_values
         loss = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True).loss
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    (loss_plain, expected), (loss_patched, actual) = results
+    torch.testing.assert_close(loss_patched, loss_plain, rtol=1e-6, atol=1e-6)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("low_cycles_with_grad", [1, 2], ids=["first-low-cycle-no-grad", "every-cycle-with-grad"])
+def test_a_prefix_kv_cache_is_refused_by_what_it_held_when_the_forward_started(low_cycles_with_grad):
+    """HRM runs its L stack several times in one forward, each pass writing its own layers of the cache, the first
+    low-level cycle under ``torch.no_grad()``.  A prefix cache given to a training forward is refused at the first
+    block that sees it, with the prefix's length, before any pass writes it — the no_grad pass wrote its layers
+    first and the refusal counted its own 13 tokens in ("holding 18 tokens"); ``recompute=False`` then trains on
+    the prefix as the unpatched model does."""
+    plain = hrm_text(low_cycles_with_grad=low_cycles_with_grad)
+    prompt, ids = batch(100, shape=(2, 5)), batch(0)
+    patched = bread_kernels.patch(copy.deepcopy(plain))
+    with torch.no_grad():
+        cache = patched(input_ids=prompt, use_cache=True).past_key_values
+    layers = range(len(cache.layers))
+    assert [cache.get_seq_length(i) for i in layers] == [5] * len(cache.layers)
+    with pytest.raises(ValueError, match="KV cache holding 5 tokens when the forward started.*block 0.*recompute"):
+        patched(input_ids=ids, labels=ids, cache=cache, use_cache=True)
+    assert [cache.get_seq_length(i) for i in layers] == [5] * len(cache.layers)
+    results = []
+    for model in (plain, bread_kernels.patch(copy.deepcopy(plain), recompute=False)):
+        with torch.no_grad():
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+        loss = model(input_ids=ids, labels=ids, cache=cache, use_cache=True).loss
         loss.backward()
         results.append((loss.detach(), grads(model)))
     (loss_plain, expected), (loss_patched, actual) = results

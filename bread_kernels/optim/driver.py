@@ -385,7 +385,7 @@ class EngineDriver:
         cannot unscale their optimizer's fp16 gradients, so no such loss is scaled)."""
         if self.update is None or self.update_target is not None or self.engine is None:
             return
-        if self.engine.stream.forward_autocast.dtype is not torch.float16 or \
+        if self.engine.stream.this_forward.autocast is not torch.float16 or \
                 not _loss_scale_unset(self.update):
             return
         first = next((n for n, p in self.named_parameters

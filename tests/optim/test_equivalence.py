@@ -266,6 +266,24 @@ def test_hybrid_cache_with_layers_that_hold_no_keys(variant):
                            sgd_lr_scaling=SCALING)))
 
 
+@pytest.mark.parametrize("low_cycles_with_grad", [1, 2], ids=["first-low-cycle-no-grad", "every-cycle-with-grad"])
+@pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
+def test_a_stack_run_several_times_into_one_cache_trains_with_its_default_cache(variant, low_cycles_with_grad):
+    """HRM runs each of its two layer stacks several times in one forward, each pass writing its own layers of the
+    cache the model makes for itself (``use_cache`` is on by default).  A later pass's block found its layer index
+    written by an earlier pass of this same forward (its first low-level cycle, under ``torch.no_grad()``), took it
+    for a prefix the user passed and refused the first training forward ("a KV cache holding 13 tokens reached
+    block 0 ... Patch with recompute=False"); with every cycle under grad, the first block of a later pass found the
+    holes the recomputed blocks of an earlier pass left and refused it as a cache filled by an earlier forward.  A
+    cache counts by what it held when the forward started: the model trains as the reference (its two stacks are
+    four blocks of BlockOptimizer's, the streamed L stack's and the H stack's, trained through hooks)."""
+    sgd_mode, sign = variant
+    run_case(Case("hrm_text", steps=4, build=dict(low_cycles_with_grad=low_cycles_with_grad),
+                  patch=dict(fused_loss=False, hook_update_numel=0),
+                  bcd=dict(switch_block_every=1, switch_mode="descending", sgd_mode=sgd_mode, sgd_use_sign=sign,
+                           sgd_lr_scaling=SCALING)))
+
+
 @pytest.mark.parametrize("variant", [BADAM, SGD_ALL], ids=["badam", "sgd-all"])
 def test_weight_decay_groups(variant):
     """weight_decay=0.01 applies to weights only, not to biases or norm weights; non-default betas/eps."""
