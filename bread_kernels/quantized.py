@@ -33,15 +33,15 @@ def _dtensor_class() -> type:
 def quantized_weight(tensor: torch.Tensor) -> str | None:
     """How ``tensor`` is stored, said for a user, where it is a quantized weight; None for a plain tensor of a
     floating dtype wider than a byte (float32, bf16, fp16 — and float64, which :func:`~bread_kernels.patch.patch`
-    refuses on its own with the remedy of a cast).
+    refuses on its own with the remedy of a cast) or of a complex dtype (a weight an optimizer trains as any other).
 
-    Quantized: a non-floating dtype (int8, packed uint8/int32), a one-byte float (``float8_*``: transformers' fp8
+    Quantized: an integer or bool dtype (int8, packed uint8/int32), a one-byte float (``float8_*``: transformers' fp8
     linears keep the scale in another parameter), or a tensor subclass holding other tensors inside (torchao's
     ``Int8Tensor``, quanto's ``WeightQBytesTensor``; not ``DTensor``, a sharded plain weight that ``patch`` and the
     optimizers refuse with their own remedies)."""
     if is_traceable_wrapper_subclass(tensor) and not isinstance(tensor, _dtensor_class()):
         return f"a {type(tensor).__name__} (a tensor subclass holding its data in other tensors)"
-    if not tensor.is_floating_point():
+    if not (tensor.is_floating_point() or tensor.is_complex()):
         return f"stored as {tensor.dtype}"
     if tensor.dtype.itemsize == 1:
         return f"stored as {tensor.dtype}"

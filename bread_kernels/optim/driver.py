@@ -167,7 +167,7 @@ class EngineDriver:
         if not library_hooks:
             reference = weakref.ref(self)
             for name, p in self.named_parameters:
-                if not p.is_floating_point():  # a quantized weight that cannot require grad: no gradient, no hook
+                if not (p.is_floating_point() or p.is_complex()):  # an integer (quantized) weight: no gradient
                     continue
                 # a hook needs requires_grad when it is registered (peft freezes the base weights); set_roles sets
                 # the real flags

@@ -136,7 +136,7 @@ class ReferenceBCD:
         self.names = list(self.params)
         self.no_decay = no_decay_names(model)
         for p in self.params.values():
-            if p.is_floating_point():  # a quantized int8 / packed weight has no gradient (and stays frozen)
+            if p.is_floating_point() or p.is_complex():  # a quantized int8 / packed weight has no gradient
                 p.requires_grad_(True)  # the reference takes every gradient; roles decide what is used
 
         self.global_step = 0

@@ -147,6 +147,37 @@ def test_badam_over_the_unquantized_rest_of_a_quantized_model_matches_the_refere
     models.assert_same_parameters(reference, trained)
 
 
+def _with_a_complex_parameter(model):
+    """``model`` (a zoo Llama) with a complex64 parameter in block 0's MLP, which adds ``0.01·Σ Re(c²)`` to its
+    output: a weight of another dtype that is not quantized, trained by Adam as any other."""
+    mlp = model.model.layers[0].mlp
+    mlp.phase = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64, generator=torch.Generator().manual_seed(6)))
+    mlp.register_forward_hook(lambda module, args, output: output + 0.01 * (module.phase * module.phase).real.sum())
+    return model
+
+
+def test_a_complex_parameter_is_no_quantized_weight_and_trains_as_the_reference():
+    """A complex64 parameter (neither floating nor one byte wide, but no quantized storage) in an active block: Adam
+    trains it as the reference does, with the rest of the model (it was refused as a quantized weight)."""
+    original = _with_a_complex_parameter(models.llama(layers=2))
+    reference, trained = copy.deepcopy(original), copy.deepcopy(original)
+    layers, embedding = models.layout(reference)
+    ref = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
+                       loss_fn=models.loss_of, optimizer_kwargs=dict(ADAM), switch_block_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bread_kernels.patch(trained)
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(trained.parameters(), **ADAM),
+                                           list(trained.named_parameters()), switch_block_every=2, verbose=0)
+    for ids in models.batches(STEPS):
+        ref.step(ids)
+        models.loss_of(trained, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    assert "model.layers.0.mlp.phase" in models.moved_parameters(original, reference)
+    models.assert_same_parameters(reference, trained)
+
+
 def test_lora_over_bitsandbytes_8bit_matches_the_reference(tmp_path):
     """The real thing: a model loaded with BitsAndBytesConfig(load_in_8bit=True) (bitsandbytes' CPU backend),
     peft's Linear8bitLt LoRA layers, BCD over the adapters."""
