@@ -376,7 +376,7 @@ def turn_off_hf_checkpointing(block: nn.Module) -> bool:
 def _held_tokens(cache: Any, index: int) -> int:
     """The tokens that layer ``index`` of ``cache`` holds (0 for an object that is no cache).  A layer that holds no
     keys and values by design — transformers' ``DummyLayer``, which a hybrid model's cache (Nemotron-H) keeps for its
-    MLP-only and MoE-only layers — has no ``get_seq_length``, and the cache's own ``get_seq_length(index)`` raised
+    MLP-only and MoE-only layers — has no ``get_seq_length``, and the cache's own ``get_seq_length(index)`` raises
     ``AttributeError`` on it: it holds none."""
     length = getattr(cache, "get_seq_length", None)
     if not callable(length):
