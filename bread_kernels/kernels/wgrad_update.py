@@ -233,28 +233,54 @@ def _launch(weight, grad_output, input, step, sign, rounding, seed, ok, offset):
     return args, flags
 
 
-#: how many leading arguments of each kernel Triton specialises (the rest are ``do_not_specialize``)
-_WGRAD_SPECIALISED = 13
-_APPLY_SPECIALISED = 7
-
-
 def _specialisation(value) -> object:
     """What Triton's launcher specialises a non-constexpr argument on (``native_specialize_impl`` of
     ``triton.runtime.jit``): a tensor by its dtype and whether its address is a multiple of 16 bytes; an integer by
     whether it is 1 (then compiled as a constant), whether it fits 32 bits and whether it is a multiple of 16."""
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
-    if value == 1:
-        return 1
-    return -2**31 <= value < 2**31, value % 16 == 0
+    return _int_specialisations((value,))[0]
 
 
-def _variant(kernel: str, specialised, constexprs: dict, device: torch.device) -> tuple:
-    """What tells apart two launches that Triton compiles (and loads) separately: the kernel, the specialisation of
-    its ``specialised`` arguments, its constexprs, and the device; the unspecialised ones (a float step, ``store``
-    0 or 1, 64-bit seeds and offset) never make a variant.  The tile sizes are the launch's own (the autotuner's
-    winner for the GEMM kernel: :func:`_tuning_key` goes with it)."""
-    return (kernel, tuple(_specialisation(value) for value in specialised), tuple(constexprs.values()), device)
+def _int_specialisations(values) -> tuple:
+    """:func:`_specialisation` of each integer in ``values``, in one comprehension (a key is asked for at every
+    part of every write: ~1 µs for nine integers rather than ~7 through a call each)."""
+    return tuple([1 if n == 1 else (-2147483648 <= n < 2147483648, n % 16 == 0) for n in values])
+
+
+def _flag_aligned(ok: torch.Tensor | None) -> bool:
+    """The specialisation of the flag a launch passes for ``ok`` (:func:`_flag`: always uint8; the cached True is
+    a fresh, aligned allocation)."""
+    return ok is None or ok.data_ptr() % 16 == 0
+
+
+def _wgrad_variant(weight: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor, sign: bool,
+                   rounding: Rounding, ok: torch.Tensor | None) -> tuple:
+    """What tells apart two launches of the GEMM kernel that Triton compiles (and loads) separately, computed from
+    the tensors without building the launch (:func:`_launch` costs ~30 µs of host time, and every part of every
+    write asks): the autotuner's key (:func:`_tuning_key`: its winner's tiles go with it), the specialisation of
+    the specialised arguments (g, x, W, the flag; M, N, K and the six strides) and the constexprs (sign, the
+    rounding, fp32's IEEE mode; the dtype code is W's dtype, in the tuning key).  The unspecialised arguments (a
+    float step, ``store``, the 64-bit seeds and offset) make no variant."""
+    M, N = grad_output.shape
+    ieee = grad_output.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    sizes = (M, N, input.shape[1], *grad_output.stride(), *input.stride(), *weight.stride())
+    return ("wgrad", _tuning_key(weight, grad_output, input), _specialisation(grad_output), _specialisation(input),
+            _specialisation(weight), _flag_aligned(ok), _int_specialisations(sizes), bool(sign),
+            rounding.resolve(weight.dtype), ieee)
+
+
+def _apply_variant(param: torch.Tensor, grad: torch.Tensor, sign: bool, rounding: Rounding,
+                   ok: torch.Tensor | None) -> tuple:
+    """:func:`_wgrad_variant` for the bare epilogue's kernel: the specialisation of its specialised arguments
+    (param as 2-D, grad — a contiguous copy, a fresh aligned allocation, where it is not contiguous —, the flag;
+    R, C and param's strides) and its constexprs (sign, rounding, the dtype, the tiles)."""
+    p2 = param.unsqueeze(0) if param.dim() == 1 else param
+    R, C = p2.shape
+    grad_aligned = grad.data_ptr() % 16 == 0 if grad.is_contiguous() else True
+    return ("apply", param.dtype, param.device, grad.dtype, _specialisation(p2), grad_aligned, _flag_aligned(ok),
+            _int_specialisations((R, C, *p2.stride())), bool(sign), rounding.resolve(param.dtype),
+            _apply_tiles(R, C, interpreted(param.device)))
 
 
 def _compiled(device: torch.device) -> bool:
@@ -292,13 +318,12 @@ def warm_wgrad_update_(weight: torch.Tensor, grad_output: torch.Tensor, input: t
     or a tuning.  Nothing under the interpreter, which compiles nothing."""
     if not _compiled(weight.device):
         return
-    args, flags = _launch(weight, grad_output, input, 0.0, sign, rounding, 0, ok, offset)
-    tuning = _tuning_key(weight, grad_output, input)
-    variant = (tuning, _variant("wgrad", args[:_WGRAD_SPECIALISED], flags, weight.device))
+    variant = _wgrad_variant(weight, grad_output, input, sign, rounding, ok)
     if variant in _warmed:
         return
+    args, flags = _launch(weight, grad_output, input, 0.0, sign, rounding, 0, ok, offset)
     _store_nothing(args, flags, grad_output.shape[1], input.shape[1])
-    _tuned.add(tuning)
+    _tuned.add(_tuning_key(weight, grad_output, input))
     _warmed.add(variant)
 
 
@@ -332,6 +357,11 @@ def wgrad_update_(
     _wgrad_update_tuned[_grid(N, K)](*args, 1, **flags)
 
 
+def _apply_tiles(R: int, C: int, interpret: bool) -> tuple[int, int]:
+    """The bare epilogue's tiles (BLOCK_R, BLOCK_C): fixed on a GPU, fitted to the shape under the interpreter."""
+    return (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
+
+
 def _apply_launch(param, grad, step, sign, rounding, seed, offset, ok):
     """The grid, arguments (but ``store``) and constexprs of a launch of the bare epilogue's kernel."""
     code = _check_dtype(param, "param")
@@ -340,7 +370,7 @@ def _apply_launch(param, grad, step, sign, rounding, seed, offset, ok):
     key1, key2 = rng_keys(seed)
     stochastic = ROUNDING_CODES[rounding.resolve(param.dtype)] == 1
     interpret = interpreted(param.device)
-    block_r, block_c = (_interpreter_tile(R, 16), _interpreter_tile(C, 64)) if interpret else (16, 64)
+    block_r, block_c = _apply_tiles(R, C, interpret)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     args = (p2, grad.contiguous(), _flag(ok, param.device), R, C, p2.stride(0), p2.stride(1), int(offset),
             float(step), key1, key2)
@@ -357,10 +387,10 @@ def warm_apply_update_(param: torch.Tensor, grad: torch.Tensor, sign: bool, roun
     bias).  Nothing under the interpreter."""
     if not _compiled(param.device):
         return
-    grid, args, constexprs = _apply_launch(param, grad, 0.0, sign, rounding, 0, offset, ok)
-    variant = _variant("apply", args[:_APPLY_SPECIALISED], constexprs, param.device)
+    variant = _apply_variant(param, grad, sign, rounding, ok)
     if variant in _warmed:
         return
+    grid, args, constexprs = _apply_launch(param, grad, 0.0, sign, rounding, 0, offset, ok)
     _apply_update_kernel[grid](*args, 0, **constexprs)
     _warmed.add(variant)
 
