@@ -726,7 +726,8 @@ def _unrecognised_expert_weights(module: nn.Module) -> list[tuple[str, nn.Parame
     module of linear layers, Switch Transformers' and NLLB-MoE's, is fused linear by linear)."""
     if not type(module).__name__.endswith("Experts") or any(_experts_like(m) for m in module.modules()):
         return []
-    linear_owned = {id(p) for m in module.modules() if _is_linear(m) or is_lora_layer(m) for p in m.parameters()}
+    linear_owned = {id(p) for m in module.modules() if _is_linear_or_quantized(m) or is_lora_layer(m)
+                    for p in m.parameters()}
     return [(name, p) for name, p in module.named_parameters() if id(p) not in linear_owned]
 
 
@@ -745,7 +746,7 @@ def _linear_names(root: nn.Module, remapped: set[str]) -> list[str]:
     ``target_modules`` list names them — less ``remapped`` (:func:`~bread_kernels.peft_lora.peft_remapped_targets`:
     peft turns a target of such a name into LoRA on the experts' parameters, also where it names a linear)."""
     names = {name.rsplit(".", 1)[-1] for name, module in root.named_modules()
-             if (is_lora_layer(module) or _is_linear(module)) and name and ".lora_" not in f".{name}"
+             if (is_lora_layer(module) or _is_linear_or_quantized(module)) and name and ".lora_" not in f".{name}"
              and not name.endswith("base_layer")}
     return sorted(names - remapped)
 
@@ -753,6 +754,12 @@ def _linear_names(root: nn.Module, remapped: set[str]) -> list[str]:
 def _is_linear(module: nn.Module) -> bool:
     """``nn.Linear``, ``Conv1D``, or an ``nn.Linear`` subclass that only restates its forward (Falcon's)."""
     return is_linear_layer(module)
+
+
+def _is_linear_or_quantized(module: nn.Module) -> bool:
+    """:func:`_is_linear`, or an ``nn.Linear`` whose weight is quantized: a linear layer to name (a LoRA target, an
+    experts module's own linears), though not one the fused linear computes."""
+    return _is_linear(module) or (isinstance(module, nn.Linear) and _quantized_weight_of(module) is not None)
 
 
 def _fusable_linears(root: nn.Module, prefix: str, unfused: list | None = None) -> list[tuple[str, nn.Module]]:
