@@ -475,6 +475,8 @@ def _caches_seen(config: StreamConfig, index: int, kwargs: dict) -> ForwardCache
             for name in _CACHE_ARGUMENTS:
                 _refuse_cache_with_holes(name, kwargs.get(name))
         return None
+    if not forward.with_grad and not _UNWRITTEN_CACHES:  # generation: nothing to record, nothing to refuse
+        return forward
     for name in _CACHE_ARGUMENTS:
         cache = kwargs.get(name)
         if cache is not None:
