@@ -183,6 +183,7 @@ class LocalTarget(UpdateTarget):
     def linear_(self, weight, bias, g, x, step, sign, update) -> torch.Tensor:
         backend = self.backend(weight.device)
         grad_bias = g.sum(0, dtype=torch.float32) if bias is not None else None
+        _prepare_bias(backend, bias, grad_bias, sign, update.rounding)
         # the backend checks what it uses (the dW it builds: an fp16 one overflows from finite g and x) and db in
         # the same check, so one flag gates both
         ok = backend.update_weight_(weight, g, x, step, sign, update.rounding, update.next_seed(),
@@ -194,6 +195,7 @@ class LocalTarget(UpdateTarget):
     def linear_grad_(self, weight, bias, grad_weight, grad_bias, step, sign, update) -> torch.Tensor:
         """As :meth:`linear_` (one flag over weight and bias gates both; weight's seed first), from dW and db."""
         backend = self.backend(weight.device)
+        _prepare_bias(backend, bias, grad_bias, sign, update.rounding)
         ok = backend.apply_update_if_finite_(weight, grad_weight, step, sign, update.rounding, update.next_seed(),
                                              checked=(grad_weight, *(() if grad_bias is None else (grad_bias,))))
         if bias is not None:
@@ -279,6 +281,18 @@ class LocalTarget(UpdateTarget):
         # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself
         return backend.apply_update_if_finite_(flat, grad, step, sign, update.rounding, update.next_seed(),
                                                checked=(grad,))
+
+
+def _prepare_bias(backend, bias: torch.Tensor | None, grad_bias: torch.Tensor | None, sign: bool, rounding) -> None:
+    """``backend.prepare_apply_`` for the write of a linear's ``bias`` that follows its weight's (:meth:`LocalTarget.
+    linear_`, :meth:`~LocalTarget.linear_grad_`), before the weight writes: on a GPU the bias's write launches an
+    epilogue variant of its own (one row), whose compile or module load could otherwise fail between the two
+    writes, leaving the weight updated and the bias not.  With the write's own ``grad_bias``; its flag is the
+    weight's write's answer, a fresh allocation, which Triton specialises as it does the one-byte True that
+    ``ok=None`` stands for (both 16-byte aligned), so None warms the same variant without allocating a flag.  Once
+    per variant: later steps cost the backend's lookup of a key."""
+    if bias is not None:
+        backend.prepare_apply_(bias, grad_bias, sign, rounding)
 
 
 def _prepare_tiles(backend, weight: torch.Tensor, bias: torch.Tensor | None, bounds, g: torch.Tensor,
