@@ -560,17 +560,21 @@ class EngineDriver:
         if on_the_fly and dp is None:
             self._check_ranks()
         self._average_on_the_fly(dp if on_the_fly else None)
-        if dp is not None and (self._ranks_agree is None or self._ranks_agree() is not dp.group):
-            check_same_parameters(self._training_fingerprint(), dp.group, self.what,
-                                  self.named_parameters[0][1].device)
-            self._ranks_agree = weakref.ref(dp.group)
+        if dp is not None:
+            self._check_ranks_agree(dp.group)
         return dp
 
     def _check_target_ranks_agree(self) -> None:
-        """Where the update target's writes pair the ranks' gradients (ZeRO-3's shards), every rank of its group
-        must train the same parameters the same way: checked, as under DDP, once per roles, before any update."""
+        """Where the update target's writes pair the ranks' gradients (ZeRO-3's shards): its group's ranks agree
+        (:meth:`_check_ranks_agree`), as a DDP group's must."""
         group = self.update_target.ranks_group()
-        if group is None or (self._ranks_agree is not None and self._ranks_agree() is group):
+        if group is not None:
+            self._check_ranks_agree(group)
+
+    def _check_ranks_agree(self, group) -> None:
+        """Every rank of ``group`` trains the same parameters the same way (:meth:`_training_fingerprint`, one
+        all-reduce): checked once per roles and group, before any update."""
+        if self._ranks_agree is not None and self._ranks_agree() is group:
             return
         check_same_parameters(self._training_fingerprint(), group, self.what, self.named_parameters[0][1].device)
         self._ranks_agree = weakref.ref(group)
