@@ -792,17 +792,19 @@ def _warn_unfused_linears(unfused: list[tuple[str, nn.Module]]) -> None:
     """Say which ``nn.Linear`` layers in the blocks keep plain autograd: quantized ones (bitsandbytes', torchao's,
     quanto's, fp8: their weights can only stay frozen), and subclasses whose forward is not ``x·Wᵀ + b`` (a router
     returning its top-k, a layer with an fp32 output, ...)."""
-    quantized = [(name, module) for name, module in unfused if _quantized_weight_of(module) is not None]
-    other = [(name, module) for name, module in unfused if _quantized_weight_of(module) is None]
+    quantized, other = [], []
+    for name, module in unfused:
+        stored = _quantized_weight_of(module)
+        (quantized if stored is not None else other).append((name, module, stored))
     if quantized:
-        classes = sorted({type(module).__name__ for _, module in quantized})
-        name, module = quantized[0]
+        classes = sorted({type(module).__name__ for _, module, _ in quantized})
+        name, _, stored = quantized[0]
         warnings.warn(f"patch: {len(quantized)} quantized linear layer(s) in the blocks ({', '.join(classes)}; "
-                      f"{name}: weight {_quantized_weight_of(module)}, ...) keep their own forward and plain "
+                      f"{name}: weight {stored}, ...) keep their own forward and plain "
                       "autograd: their weights can only stay frozen (an optimizer refuses to train them), LoRA "
                       "adapters over them train", RuntimeWarning, stacklevel=3)
     if other:
-        classes = sorted({type(module).__name__ for _, module in other})
+        classes = sorted({type(module).__name__ for _, module, _ in other})
         warnings.warn(f"patch: {len(other)} nn.Linear subclass layer(s) in the blocks ({', '.join(classes)}; "
                       f"{other[0][0]}, ...) do not compute a plain x·Wᵀ + b and keep plain autograd: their "
                       "on-the-fly updates go through the hook path, which materialises each one's whole gradient",
