@@ -194,17 +194,11 @@ def experts_in_slices(monkeypatch, dtype, role) -> Case:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
-def test_a_head_written_in_vocabulary_tiles(monkeypatch, backend, dtype, role):
+@pytest.mark.parametrize("written_in_parts", [head_in_vocabulary_tiles, experts_in_slices],
+                         ids=["head-in-vocabulary-tiles", "expert-weight-in-slices"])
+def test_a_weight_written_in_parts(monkeypatch, backend, dtype, role, written_in_parts):
     monkeypatch.setenv("BREAD_BACKEND", backend)
-    assert assert_every_failure_leaves_each_weight_whole(head_in_vocabulary_tiles(monkeypatch, dtype, role)) > 0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
-def test_an_expert_weight_written_in_slices(monkeypatch, backend, dtype, role):
-    monkeypatch.setenv("BREAD_BACKEND", backend)
-    assert assert_every_failure_leaves_each_weight_whole(experts_in_slices(monkeypatch, dtype, role)) > 0
+    assert assert_every_failure_leaves_each_weight_whole(written_in_parts(monkeypatch, dtype, role)) > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
