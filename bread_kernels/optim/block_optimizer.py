@@ -329,6 +329,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
         self.masters.grads_to_masters()
+        self._warn_if_no_gradient()
         self.base_optimizer.step()
         self.masters.masters_to_params()
         # the active block's gradients are spent, as the reference's step drops them: none carries into the next
@@ -338,6 +339,21 @@ class BlockOptimizer(torch.optim.Optimizer):
                 p.grad = None
         self.after_base_step()
         return loss
+
+    def _warn_if_no_gradient(self) -> None:
+        """Warn where no parameter of the active block has a gradient at the step: the batch never reached the block
+        (a vision tower under a text-only batch), so the base optimizer leaves it as it is.  Under BAdam the backward
+        itself fails then (the loss has no ``grad_fn``); with on-the-fly updates it runs and only they train, which
+        would otherwise pass unnoticed, as in the reference.  Once per block (Python's warning filter: the message
+        names it)."""
+        targets = [t for group in self.base_optimizer.param_groups for t in group["params"]]
+        if not targets or any(t.grad is not None for t in targets):
+            return
+        warnings.warn(f"BlockOptimizer: no parameter of the active block {self.active_param_prefixs} has a gradient "
+                      "at this step, so the step leaves the block as it is: the batch did not reach it (a vision or "
+                      "audio tower under a batch without images or audio), or the step came without a backward. Give "
+                      "its batches the inputs that reach it, or leave the block out (block_prefix_list, or "
+                      "active_modules for modules every batch reaches)", UserWarning, stacklevel=5)
 
     def _follow_casts(self) -> None:
         """The active block's parameters cast since it was activated (``model.to(torch.bfloat16)`` after the

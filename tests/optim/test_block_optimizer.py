@@ -1183,3 +1183,39 @@ def test_a_parameter_set_anew_outside_the_probed_sample_is_refused_before_anythi
         opt.step()
         opt.zero_grad()
     models.assert_same_parameters(reference, model)
+
+
+@pytest.mark.parametrize("images", [False, True], ids=["text-batches", "image-batches"])
+def test_a_step_whose_batch_never_reached_the_active_block_says_so(images):
+    """Qwen2-VL's vision layer 0 as the active block under BREAD-SGD: a text-only batch never reaches it, so only
+    the on-the-fly updates train and the step leaves the block as it is — as the unpatched model's (the reference's
+    slow path) — and says so, naming the block; image batches reach it and nothing is said."""
+    initial = models.qwen2_vl()
+    blocks = [["model.visual.blocks.0."], ["model.language_model.layers.0."], ["model.language_model.layers.1."]]
+    trained = []
+    for patched in (True, False):
+        model = copy.deepcopy(initial)
+        if patched:
+            bread_kernels.patch(model, hook_update_numel=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the slow path of the unpatched model; the vision tower's hook path
+            opt = bread_kernels.BlockOptimizer(
+                torch.optim.AdamW(model.parameters(), lr=1e-3), list(model.named_parameters()),
+                block_prefix_list=blocks, switch_block_every=5, switch_mode="ascending", sgd_mode="all", verbose=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2):
+                inputs = models.qwen2_vl_inputs(step, images=images)
+                model(**inputs, labels=inputs["input_ids"].masked_fill(
+                    inputs["input_ids"] >= models.QWEN2_VL_IMAGE, -100)).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        said = [str(w.message) for w in caught if "has a gradient at this step" in str(w.message)]
+        assert len(said) == (0 if images else 2), said
+        assert all("['model.visual.blocks.0.']" in message for message in said)
+        trained.append(model)
+    reference, start = dict(trained[1].named_parameters()), dict(initial.named_parameters())
+    for n, p in trained[0].named_parameters():
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
+        if n.startswith("model.visual.blocks.0."):
+            assert torch.equal(p, start[n]) != images, n
