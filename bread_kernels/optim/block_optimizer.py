@@ -27,7 +27,10 @@ Deliberate differences from the reference ``block_optim.py`` (see the README):
 * the block switches after exactly ``switch_block_every`` steps (the reference switches after
   ``switch_block_every - 1`` steps for the first block);
 * normalisation weights go to the no-weight-decay group with biases (the reference's ``isinstance`` check on a
-  parameter never matches, so it decays them);
+  parameter never matches, so it decays them); the weights decay with the decay of the groups holding them (the
+  reference takes the first group's, 0 where the no-decay group comes first);
+* the base optimizer steps with every hyperparameter ``param_groups[0]`` holds at that step (the reference passes on
+  the lr alone), and without an lr where it has none (Adafactor's relative steps);
 * ``init_avgsq_scale`` is not implemented and refused; it and ``log_fn`` are keyword-only (the positional
   arguments are the reference's, in its order); ``switch_mode="fixed"`` needs ``start_block``;
 * ``n_layer_per_block`` groups consecutive layers; the embedding stays a block of its own;
@@ -192,15 +195,16 @@ class BlockOptimizer(torch.optim.Optimizer):
                                      f" while block {index} is active")
 
         self.base_optimizer = base_optimizer
-        self.weight_decay = base_optimizer.param_groups[0].get("weight_decay", 0.0)
         self.base_defaults = {k: v for k, v in base_optimizer.defaults.items() if k != "weight_decay"}
         # the user's groups (every parameter) stay ours: schedulers write their lr, zero_grad clears everything
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
+        self._groups_fixed = True  # add_param_group is refused from here on
 
         self.update = OnTheFlyUpdate(lr=_ScheduledLr(self), scale=sgd_lr_scaling, rounding=rounding, seed=seed)
         self.roles: dict[str, Role] = {}
         self.masters = Fp32Masters()
         self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
+        self.weight_decay = self._decayed_groups_weight_decay()
         self._active_names: set[str] = set()
 
         # the plans, requires_grad flags, hooks and cut: the protocol every BCD library drives the engine with
@@ -247,6 +251,24 @@ class BlockOptimizer(torch.optim.Optimizer):
             return None
         return {f"{mname}.{p}" if mname else p for mname, module in self.model.named_modules()
                 if "norm" in type(module).__name__.lower() for p, _ in module.named_parameters(recurse=False)}
+
+    def _decayed_groups_weight_decay(self) -> float:
+        """The weight decay of the active block's decayed group: that of the base optimizer's groups holding the
+        parameters decayed here (weights; biases and norms take none).  The reference takes the first group's, which
+        drops the decay of a layout that lists the no-decay group first (LLaMA-Factory's BAdam:
+        ``[dict(params=nodecay, weight_decay=0.0), dict(params=decay, weight_decay=wd)]``).  Groups that give those
+        parameters different decays keep the first group's, and a warning says so."""
+        first = self.param_groups[0].get("weight_decay", 0.0)
+        decayed = {id(p) for n, p in self.named_parameters_list if n not in self._no_decay}
+        values = list(dict.fromkeys(group.get("weight_decay", 0.0) for group in self.param_groups
+                                    if any(id(p) in decayed for p in group["params"])))
+        if len(values) == 1:
+            return values[0]
+        if values:
+            warnings.warn(f"BlockOptimizer: the base optimizer's groups give the weights different weight decays "
+                          f"({values}); the active block's weights train with the first group's ({first}), biases "
+                          "and norms with none", UserWarning, stacklevel=4)
+        return first
 
     @property
     def active_param_prefixs(self) -> list[str]:  # the reference's attribute name
@@ -299,10 +321,35 @@ class BlockOptimizer(torch.optim.Optimizer):
             return 1.0
         return min(1.0, (self.block_step + 1) / warmup)
 
-    def block_lr(self) -> float:
+    def block_lr(self) -> float | None:
         """The base optimizer's lr for this step: the scheduled lr (``param_groups[0]["lr"]``) times the
-        after-switch warm-up factor."""
-        return self.param_groups[0]["lr"] * self._lr_correction()
+        after-switch warm-up factor; None where the base optimizer has none (Adafactor with ``relative_step``, which
+        computes its own step size and was refused with a warm-up or on-the-fly updates, which need an lr)."""
+        lr = self.param_groups[0]["lr"]
+        return None if lr is None else lr * self._lr_correction()
+
+    def set_base_hyperparameters(self) -> None:
+        """Give the base optimizer's groups this step's hyperparameters: :meth:`block_lr`, and every other
+        hyperparameter of the base optimizer (``betas``, ``momentum``, ``eps``, ...) as ``param_groups[0]`` holds it
+        now, so that what a scheduler writes there besides the lr (``OneCycleLR``'s momentum cycle) or a hand edit
+        trains the active block, as the lr does.  The weight decay stays the groups' own (the decayed group's, 0 for
+        biases and norms)."""
+        scheduled = self.param_groups[0]
+        values = {key: scheduled[key] for key in self.base_defaults if key != "lr" and key in scheduled}
+        values["lr"] = self.block_lr()
+        for group in self.base_optimizer.param_groups:
+            group.update(values)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused once the optimizer is built: its blocks, roles, hooks and plans come from
+        ``named_parameters_list``, so the parameters of a group added later would never be trained."""
+        if not self.__dict__.get("_groups_fixed", False):  # torch's __init__ adds the base optimizer's groups
+            super().add_param_group(param_group)
+            return
+        raise ValueError("BlockOptimizer.add_param_group: a group added after the optimizer was built would never be "
+                         "trained (its blocks, roles and hooks come from named_parameters_list); build the base "
+                         "optimizer and the BlockOptimizer over every parameter to train, frozen ones included (the "
+                         "block schedule decides what trains when)")
 
     def after_base_step(self) -> bool:
         """The bookkeeping after the base optimizer stepped (shared with the ZeRO-3 engine): report this step's
@@ -324,10 +371,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        lr = self.block_lr()
         self._follow_casts()
-        for group in self.base_optimizer.param_groups:
-            group["lr"] = lr
+        self.set_base_hyperparameters()
         self.masters.grads_to_masters()
         self._warn_if_no_gradient()
         self.base_optimizer.step()
@@ -396,6 +441,19 @@ class BlockOptimizer(torch.optim.Optimizer):
                         "into a new one built the same way over the model (load_state_dict)")
 
     def state_dict(self) -> dict:
+        """What resumes the run exactly (see :meth:`load_state_dict`), through torch's state-dict hooks
+        (``register_state_dict_pre_hook`` / ``register_state_dict_post_hook``: a post hook's return value is the
+        state given)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            returned = post_hook(self, state)
+            if returned is not None:
+                state = returned
+        return state
+
+    def _state_dict(self) -> dict:
         return {"base_optimizer": self.base_optimizer.state_dict(), "masters": self.masters.state_dict(),
                 "shapes": self._parameter_shapes(), **self.schedule_state()}
 
@@ -437,8 +495,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         """Resume from :meth:`state_dict`.  A state that does not fit this optimizer (saved with other blocks:
         ``include_embedding``, ``include_lm_head``, ``n_layer_per_block``; another variant: ``sgd_mode``,
         ``sgd_use_sign``, ``lora_mode``; another base optimizer; a model of other parameter shapes) is refused with
-        nothing changed."""
+        nothing changed.  torch's load hooks run around it (``register_load_state_dict_pre_hook``: its return
+        value is what is loaded; ``register_load_state_dict_post_hook``: after a load that succeeded)."""
         self._check_open("load_state_dict")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         if isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
             raise ValueError("BlockOptimizer.load_state_dict: this is a torch optimizer's state_dict (what Microsoft "
                              "BlockOptimizers' and badam's BlockOptimizer save: the base optimizer's alone, without "
@@ -450,13 +513,15 @@ class BlockOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"BlockOptimizer.load_state_dict: missing {key!r}; is this a BlockOptimizer state?")
         self.check_schedule_state(state_dict, "BlockOptimizer.load_state_dict")
         self._check_shapes(state_dict.get("shapes"), "BlockOptimizer.load_state_dict")
-        previous = self.state_dict()
+        previous = self._state_dict()
         try:
             self._load(state_dict)
         except Exception as exc:
             self._load(previous)  # as it was: no half-loaded optimizer
             raise ValueError(f"BlockOptimizer.load_state_dict: the saved state does not fit this optimizer ({exc}); "
                              "nothing was changed. Build it as the saved run's was (blocks, base optimizer)") from exc
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def check_schedule_state(self, state: dict, what: str) -> None:
         """Refuse (``ValueError`` naming ``what`` and the remedy) a :meth:`schedule_state` that does not fit this
@@ -527,7 +592,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         ``load_state_dict`` takes the saved groups' hyperparameters (filling in only those its later versions added),
         so another base optimizer's state (AdamW's into SGD with momentum) failed at the next step."""
         for group in self.base_optimizer.param_groups:
-            missing = sorted(key for key in self.base_optimizer.defaults if key not in group)
+            # the defaults it was built with: torch's load adds ``differentiable`` to the defaults of an optimizer
+            # that has none (transformers' Adafactor), never to its groups
+            missing = sorted(key for key in self.base_defaults if key not in group)
             if missing:
                 raise ValueError(f"the saved base optimizer's groups lack {', '.join(map(repr, missing))} of this "
                                  f"{type(self.base_optimizer).__name__}: saved by another base optimizer")
@@ -551,7 +618,12 @@ class _ScheduledLr:
         if optimizer is None:
             raise RuntimeError("bread_kernels: the BlockOptimizer that planned this on-the-fly update no longer "
                                "exists; build a new one for the model")
-        return optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"]
+        if lr is None:
+            raise RuntimeError("bread_kernels: the on-the-fly update W -= lr·s·dW needs an lr, and the "
+                               "BlockOptimizer's param_groups[0]['lr'] was set to None; set a number there (or use "
+                               "sgd_mode='disabled')")
+        return lr
 
 
 def _described(variant: dict) -> str:
@@ -588,6 +660,12 @@ def _check_arguments(base_optimizer, switch_block_every, start_block, switch_mod
                                                    or lr_warmup_step_afterswitch < 1):
         raise ValueError("BlockOptimizer: lr_warmup_step_afterswitch must be None or a positive int, got "
                          f"{lr_warmup_step_afterswitch!r}")
+    if base_optimizer.param_groups[0].get("lr") is None and (sgd_mode != "disabled"
+                                                              or lr_warmup_step_afterswitch is not None):
+        needs = "the on-the-fly update W -= lr·s·dW" if sgd_mode != "disabled" else "lr_warmup_step_afterswitch"
+        raise ValueError(f"BlockOptimizer: {needs} scales the base optimizer's lr, and its lr is None (Adafactor with "
+                         "relative_step=True computes a step size of its own): give it one (Adafactor(..., lr=1e-3, "
+                         "relative_step=False)), or train with sgd_mode='disabled' and no warm-up")
     if init_avgsq_scale:
         raise NotImplementedError("BlockOptimizer: init_avgsq_scale is not implemented; leave it False")
     if isinstance(sgd_lr_scaling, bool) or not isinstance(sgd_lr_scaling, (int, float)) or \

@@ -249,10 +249,9 @@ class ZeroBlockEngine:
 
     def set_block_lr(self) -> None:
         """The active block's lr for DeepSpeed's coming step: the block optimizer's scheduled lr times its
-        after-switch warm-up (:meth:`~bread_kernels.BlockOptimizer.block_lr`)."""
-        lr = self.block_optimizer.block_lr()
-        for group in self.block_optimizer.base_optimizer.param_groups:
-            group["lr"] = lr
+        after-switch warm-up, and the other hyperparameters its ``param_groups[0]`` holds now
+        (:meth:`~bread_kernels.BlockOptimizer.set_base_hyperparameters`)."""
+        self.block_optimizer.set_base_hyperparameters()
 
     def after_engine_step(self) -> bool:
         """The block optimizer's bookkeeping after DeepSpeed stepped at a boundary, and the block switch when due
