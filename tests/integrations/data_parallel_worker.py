@@ -353,14 +353,34 @@ def trainer_case(rank: int, world: int, out: str) -> dict:
 
 
 def fsdp_cases(rank: int) -> list[dict]:
-    """FSDP2 shards the parameters into DTensors: ``patch`` of a sharded model, a patched model sharded after
-    ``patch``, and an unpatched model's on-the-fly updates are refused; unpatched BAdam runs (the slow path)."""
+    """FSDP2 and tensor parallelism shard parameters into DTensors: ``patch`` of a sharded model, a patched model
+    sharded after ``patch`` (whole, or only a part of it: each MLP by FSDP2, the head or each MLP by a tensor-parallel
+    plan), and an unpatched model's on-the-fly updates are refused; unpatched BAdam runs (the slow path)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     def shard(model):
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+        return model
+
+    def shard_mlps(model):
+        for layer in model.model.layers:
+            fully_shard(layer.mlp)
+        return model
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def tensor_parallel_head(model):  # transformers' plan for Llama's head: colwise, the output gathered
+        return parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+
+    def tensor_parallel_mlps(model):
+        for layer in model.model.layers:
+            parallelize_module(layer, mesh, {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                                             "mlp.down_proj": RowwiseParallel()})
         return model
 
     def full(p):
@@ -377,7 +397,7 @@ def fsdp_cases(rank: int) -> list[dict]:
                                                sgd_mode=sgd_mode, verbose=0)
             loss_of(model, batch(0, 0, rank)).backward()
             opt.step()
-        except TypeError as exc:
+        except Exception as exc:  # noqa: BLE001 (the test reads which error, and where)
             result["error"] = str(exc)
         if model is not None:
             result["unchanged"] = all(torch.equal(full(p), before[n]) for n, p in model.named_parameters())
@@ -389,6 +409,13 @@ def fsdp_cases(rank: int) -> list[dict]:
         attempt("fsdp_sharded_after_patch_refused", lambda: shard(bread_kernels.patch(llama())), "disabled"),
         attempt("fsdp_unpatched_on_the_fly_refused", lambda: shard(llama()), "all"),
         attempt("fsdp_unpatched_badam_runs", lambda: shard(llama()), "disabled"),
+        attempt("fsdp_mlps_sharded_after_patch_refused", lambda: shard_mlps(bread_kernels.patch(llama())),
+                "disabled"),
+        attempt("tp_head_sharded_after_patch_refused", lambda: tensor_parallel_head(bread_kernels.patch(llama())),
+                "disabled"),
+        attempt("tp_mlps_sharded_after_patch_refused", lambda: tensor_parallel_mlps(bread_kernels.patch(llama())),
+                "disabled"),
+        attempt("tp_unpatched_badam_runs", lambda: tensor_parallel_mlps(tensor_parallel_head(llama())), "disabled"),
     ]
 
 

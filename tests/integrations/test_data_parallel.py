@@ -30,7 +30,11 @@ every case of ``data_parallel_worker.CASES`` (4 steps, a block switch after each
 * FSDP2 (``fully_shard``: DTensor parameters, which the engine neither reads nor updates whole) is refused with the
   remedies — by ``patch`` on a sharded model, at the forward of a model sharded after ``patch``, and by the optimizer
   for an unpatched model's on-the-fly updates (before, a raw ``KeyError`` or an error inside the update op) — while
-  unpatched BAdam still trains there.
+  unpatched BAdam still trains there;
+* so is a patched model of which only a part was sharded after ``patch`` — each MLP by FSDP2, the head or each MLP
+  by a tensor-parallel plan (``parallelize_module``): before, the forward's check looked at the first parameter of the
+  model and of each block only, so these ran on, the tensor-parallel head into aten.mm's "got mixed torch.Tensor and
+  DTensor" inside the fused loss; unpatched BAdam trains under tensor parallelism too.
 """
 
 from __future__ import annotations
@@ -196,6 +200,9 @@ def test_the_ddp_internals_read_are_there():
     ("fsdp_patch_refused", "patch: "),
     ("fsdp_sharded_after_patch_refused", "bread_kernels: "),
     ("fsdp_unpatched_on_the_fly_refused", "BlockOptimizer.set_roles (an on-the-fly"),
+    ("fsdp_mlps_sharded_after_patch_refused", "bread_kernels: "),
+    ("tp_head_sharded_after_patch_refused", "bread_kernels: "),
+    ("tp_mlps_sharded_after_patch_refused", "bread_kernels: "),
 ])
 def test_fsdp2_sharded_parameters_are_refused_with_the_remedies(results, case, where, rank):
     result = results[(case, rank)]
@@ -205,6 +212,7 @@ def test_fsdp2_sharded_parameters_are_refused_with_the_remedies(results, case, w
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_unpatched_badam_still_trains_under_fsdp2(results, rank):
-    result = results[("fsdp_unpatched_badam_runs", rank)]
+@pytest.mark.parametrize("case", ["fsdp_unpatched_badam_runs", "tp_unpatched_badam_runs"])
+def test_unpatched_badam_still_trains_under_fsdp2_and_tensor_parallelism(results, case, rank):
+    result = results[(case, rank)]
     assert result["error"] is None and result["unchanged"] is False
