@@ -22,7 +22,9 @@ loss with :func:`~bread_kernels.functions.head_loss.fused_head_loss` from the hi
 :class:`~bread_kernels.WeightPlan` (the head module's ``_bread_weight_plan``, which the optimizer writes), so no
 [tokens, vocab] tensor exists.  The output is the model's own output class with ``logits=None`` (as Liger-Kernel
 does); ``cache``, ``hidden_states`` and ``attentions`` are the base model's.  Without labels, or without grad
-(evaluation, generation), the model's own forward runs unchanged and returns the logits.
+(evaluation, generation), the model's own forward runs unchanged and returns the logits; so it does, whatever
+``fused_loss`` asked, in a forward ``torch.export`` traces: the exported graph trains nothing, so the fused loss
+saves nothing there, and its label check reads the labels on the host, which export cannot trace.
 
 Only the families whose forward is exactly the sketch above are accepted (:data:`FAMILIES`, each checked against the
 unpatched model by the tests).  What happens elsewhere depends on how the fused loss was asked for:
@@ -255,7 +257,7 @@ def _fused_loss_forward(self, *args, **kwargs):
     original = functools.partial(type(self).forward, self)
     bound = signature.bind(self, *args, **kwargs)
     labels = bound.arguments.get("labels")
-    if labels is None or not torch.is_grad_enabled():
+    if labels is None or not torch.is_grad_enabled() or torch.compiler.is_exporting():
         return original(*args, **kwargs)
     refusal = _refusal(self)
     if refusal is not None:

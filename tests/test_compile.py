@@ -7,6 +7,7 @@ loss and the norms into its own kernels, which round differently in the last bit
 """
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -358,3 +359,87 @@ def test_a_loss_below_the_regionally_compiled_copy_is_a_forward_of_the_patched_m
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="no loss scaler was given"):
         regional.model(input_ids=models.batch(0))
     opt.close()
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+class _Loss(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def _bread_sgd_step(model, opt, step):
+    ids = models.batch(step)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_torch_export_of_a_patched_model_mid_training_gives_its_logits_and_the_training_goes_on():
+    """``torch.export.export`` (non-strict, with grad enabled, as it is called) of a patched model whose optimizer
+    lives: export swaps fake tensors into the parameters while it traces, which the optimizer's check of the
+    parameters it holds took for a model whose parameters were replaced (``load_state_dict(..., assign=True)``)
+    and refused; a loss given labels, which the fused loss computed, failed inside it on a data-dependent guard (its
+    label check reads the labels on the host).  The exported programs give the eager logits and the unpatched
+    model's loss, and the training goes on as in a twin run that exported nothing."""
+    runs = []
+    for export in (True, False):
+        model = bread_kernels.patch(models.llama(layers=3))
+        opt = _block_optimizer(model, switch_block_every=1, switch_mode="descending", sgd_mode="all")
+        _bread_sgd_step(model, opt, 0)
+        if export:
+            model.eval()
+            ids = models.batch(7, shape=(1, 11))
+            program = torch.export.export(_Logits(model), (ids,))
+            with torch.no_grad():
+                assert torch.equal(program.module()(ids), model(input_ids=ids).logits)
+            model.train()
+            unpatched = bread_kernels.unpatch(copy.deepcopy(model))
+            assert torch.equal(torch.export.export(_Loss(model), (ids,)).module()(ids), _Loss(unpatched)(ids))
+        for step in (1, 2):
+            _bread_sgd_step(model, opt, step)
+        opt.close()
+        runs.append(dict(model.named_parameters()))
+    for name, p in runs[1].items():
+        assert torch.equal(runs[0][name], p), name
+
+
+def test_torch_jit_trace_of_a_driven_patched_model_is_refused_with_grad_and_traces_the_logits_without():
+    """``torch.jit.trace`` of a patched model whose optimizer lives, with grad enabled (``model.eval()`` alone, as
+    traces are often taken), failed inside the first fused function with the tracer's "Cannot insert a Tensor that
+    requires grad as a constant" (the backward trigger); its graph would run plain autograd with the plans and cut of
+    that step, never the engine's updates.  It is refused, before anything runs, naming ``torch.no_grad()``; under
+    ``torch.no_grad()`` the traced module gives the unpatched model's logits, and the training goes on as in a twin
+    run that traced nothing."""
+    runs = []
+    for trace in (True, False):
+        model = bread_kernels.patch(models.llama(layers=3))
+        opt = _block_optimizer(model, switch_block_every=1, switch_mode="descending", sgd_mode="all")
+        _bread_sgd_step(model, opt, 0)
+        if trace:
+            model.eval()
+            ids = models.batch(7, shape=(1, 11))
+            with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*torch\.no_grad\(\)"):
+                torch.jit.trace(_Logits(model), (ids,), check_trace=False)
+            with torch.no_grad():
+                traced = torch.jit.trace(_Logits(model), (ids,), check_trace=False)
+                unpatched = bread_kernels.unpatch(copy.deepcopy(model))
+                assert torch.equal(traced(ids), unpatched(input_ids=ids).logits)
+            model.train()
+        for step in (1, 2):
+            _bread_sgd_step(model, opt, step)
+        opt.close()
+        runs.append(dict(model.named_parameters()))
+    for name, p in runs[1].items():
+        assert torch.equal(runs[0][name], p), name

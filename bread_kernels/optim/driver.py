@@ -781,7 +781,12 @@ class _ForwardHooks:
     grad, which a backward reaches first — :class:`_StaleGraphGuard` where the model updates weights on the fly (on
     the head's output too where a custom loss calls it apart), and under a DDP forward that synchronises
     :class:`_QueueAverage`.  Holds the driver weakly.  The DDP forward noted is per thread, as the forwards are
-    (an evaluation under ``torch.no_grad()`` in another thread does not clear the training forward's)."""
+    (an evaluation under ``torch.no_grad()`` in another thread does not clear the training forward's).  A forward
+    that ``torch.export`` traces does neither: export swaps fake tensors into the parameters while it traces, which
+    the check of the parameters held would take for a model whose parameters were replaced, and what it captures is
+    an inference graph.  A forward that ``torch.jit.trace`` records with grad enabled is refused (it failed on the
+    backward trigger, a constant that requires grad, inside the first fused function): the recorded graph would run
+    plain autograd with the plans and cut of the step it was traced at, never the engine's updates."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]"):
         self.driver = driver
@@ -793,16 +798,23 @@ class _ForwardHooks:
     def before(self, module, args) -> None:
         self.running.forward = None
         driver = self.driver()
-        if driver is None or driver.closed:
+        if driver is None or driver.closed or torch.compiler.is_exporting():
             return
         if torch.is_grad_enabled():  # a forward without grad (evaluating loaded weights) trains nothing
+            if torch.jit.is_tracing():
+                raise RuntimeError(
+                    f"{driver.what}: torch.jit.trace of a patched model that this optimizer drives, with grad "
+                    "enabled: the traced graph would hold this step's plans and cut and run plain autograd, never "
+                    "the fused backward's updates, so training through it would silently leave weights unchanged. "
+                    "Trace for inference under torch.no_grad() (the model's own forward: the unpatched model's "
+                    "graph), or torch.export.export it; train the patched model itself")
             driver.check_parameters_held()
         self.running.forward = driver._check_data_parallel(module)
 
     def after(self, module, args, output) -> None:
         dp, self.running.forward = self.running.forward, None
         driver = self.driver()
-        if driver is None or driver.closed or not torch.is_grad_enabled():
+        if driver is None or driver.closed or not torch.is_grad_enabled() or torch.compiler.is_exporting():
             return
         head_apart = driver.engine is not None and module is driver.engine.head
         if output is not None and not head_apart:  # (None: the forward raised, and that error is the one to see)
