@@ -144,10 +144,11 @@ class PatchedModel:
         #: what runs once per forward of the model, whichever entry module starts it (:meth:`add_forward_hooks`)
         self.before_forward: OrderedDict = OrderedDict()
         self.after_forward: OrderedDict = OrderedDict()
-        # (qualified name, owning module, attribute) of every parameter the model held at patch: FSDP2 shards what it
-        # wraps (the root, each block, or a module inside one), tensor parallelism the linears of its plan (an MLP's
-        # alone, the head), so a model sharded after patch shows in any of them (see shard_probe)
-        self.shard_probes: list[tuple[str, nn.Module, str]] = []
+        # (qualified name, the owning module's _parameters, attribute) of every parameter the model held at patch:
+        # FSDP2 shards what it wraps (the root, each block, or a module inside one), tensor parallelism the linears of
+        # its plan (an MLP's alone, the head), so a model sharded after patch shows in any of them (see shard_probe).
+        # The dictionaries, not the modules: the model's own (a parameter of the root) would make a reference cycle
+        self.shard_probes: list[tuple[str, dict, str]] = []
         self._driver = None  # weakref to the optimizer whose plans are installed (see drive())
         #: what computes the head outside its module, as last seen (head_readers.head_reader; see follow_head_reader)
         self.head_read_by: str | None = None
@@ -195,8 +196,8 @@ class PatchedModel:
         or an MLP alone, whose fused functions then met a DTensor weight deep inside (the fused loss: aten.mm's
         "got mixed torch.Tensor and DTensor")."""
         dtensor = _dtensor_class()
-        for name, owner, attr in self.shard_probes:
-            p = owner._parameters.get(attr)
+        for name, parameters, attr in self.shard_probes:
+            p = parameters.get(attr)
             if type(p) is not nn.Parameter and isinstance(p, dtensor):
                 return name
         return None
@@ -425,9 +426,10 @@ def sharded_parameter(named_parameters) -> str | None:
     return next((name for name, p in named_parameters if isinstance(p, dtensor)), None)
 
 
-def _parameter_places(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Where each of ``module``'s parameters lies: (qualified name, owning module, attribute)."""
-    return [((f"{name}." if name else "") + attr, owner, attr) for name, owner in module.named_modules()
+def _parameter_places(module: nn.Module) -> list[tuple[str, dict, str]]:
+    """Where each of ``module``'s parameters lies: (qualified name, the owning module's ``_parameters``,
+    attribute)."""
+    return [((f"{name}." if name else "") + attr, owner._parameters, attr) for name, owner in module.named_modules()
             for attr, p in owner._parameters.items() if p is not None]
 
 

@@ -706,6 +706,59 @@ def test_a_dropped_patched_model_and_its_optimizer_are_freed_without_the_cycle_c
         gc.enable()
 
 
+class _ScaledLoss(nn.Module):
+    """A model with a parameter of its own (a learned loss scale) around a Llama."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.7))
+        self.lm = BUILDERS["llama"](layers=2)
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, labels=ids).loss * self.scale
+
+
+def test_a_dropped_patched_model_with_a_parameter_of_its_own_is_freed_without_the_cycle_collector():
+    """A patched model whose root module holds a parameter itself (a wrapper's learned scale), and its deep copy,
+    are freed at once when dropped: the forward's check for parameters sharded since patch probed the first
+    parameter of the model by its owning module — here the model itself, held by its own patch state (a cycle,
+    freed only by Python's cycle collector)."""
+    gc.collect()
+    gc.disable()
+    try:
+        model = _ScaledLoss()
+        bread_kernels.patch(model, blocks=model.lm.model.layers)
+        optimizer = _block_optimizer(model, sgd_mode="all")
+        for step in range(2):
+            model(batch(step)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        duplicate = copy.deepcopy(model)
+        duplicate(batch(2)).backward()
+        alive = [weakref.ref(m) for m in (model, duplicate, *model.modules())] + [weakref.ref(optimizer)]
+        del model, duplicate, optimizer
+        assert not [r() for r in alive if r() is not None][:3]
+    finally:
+        gc.enable()
+
+
+def test_a_scalar_parameter_outside_the_blocks_takes_its_on_the_fly_sgd_update():
+    """A 0-D parameter (the wrapper's learned loss scale) with an on-the-fly role goes the hook path, whose write
+    failed in the native epilogue ("apply_update_: param must be 1-D or 2-D, got 0-D"); it takes ``s - lr·dL/ds``
+    of plain autograd's gradient, as the reference's hook writes it."""
+    model = _ScaledLoss()
+    reference = copy.deepcopy(model)
+    reference(batch(0)).backward()
+    expected = reference.scale.detach() - 1e-2 * reference.scale.grad
+    bread_kernels.patch(model, blocks=model.lm.model.layers)
+    optimizer = _block_optimizer(model, sgd_mode="all")
+    model(batch(0)).backward()
+    optimizer.step()
+    torch.testing.assert_close(model.scale.detach(), expected, rtol=0, atol=1e-7)
+    assert model.scale.dim() == 0
+    optimizer.close()
+
+
 def test_a_patched_modules_forward_held_alone_says_its_module_was_freed_and_a_module_held_alone_still_runs():
     """An installed forward holds its module weakly: called after its model was dropped it raises naming the remedy
     (not a NoneType error); a block or a linear held by the caller runs its patched forward as before."""
