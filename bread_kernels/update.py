@@ -273,9 +273,11 @@ class LocalTarget(UpdateTarget):
         return ok
 
     def dense_(self, param, grad, step, sign, update) -> torch.Tensor:
+        """The backends' epilogues write 1-D or 2-D tensors: any other shape is written through its flat view, a
+        scalar parameter (a learned loss scale or temperature) as one element."""
         backend = self.backend(param.device)
         target = param.detach()
-        flat = target.view(-1) if target.dim() > 2 else target
+        flat = target if target.dim() in (1, 2) else target.view(-1)
         if flat.shape != grad.shape:
             grad = grad.reshape(flat.shape)
         # every backend's epilogue widens a bf16/fp16 gradient to fp32 itself
