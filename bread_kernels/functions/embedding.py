@@ -62,6 +62,8 @@ class FusedEmbeddingFunction(torch.autograd.Function):
         ctx.plan, ctx.role, ctx.padding_idx = plan, plan.role, padding_idx
         # the uses of one update: this forward's, and other forwards' whose losses one backward sums
         ctx.use = plan.register_use(ctx) if plan.role.updates_on_the_fly else None
+        # the table the update writes, itself: a saved-tensor hook may hand a copy back (linear.start_weight_role)
+        ctx.written = weight if plan.role.updates_on_the_fly else None
         ctx.save_for_backward(ids, weight)
         return F.embedding(ids, weight, padding_idx)
 
@@ -77,7 +79,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
             return None, grad_weight, None, None, trigger_gradient(ctx.needs_input_grad[4])
         pending = ctx.plan.finish_use(ctx.use, (rows, summed))
         if pending is not None:
-            update_rows_(ctx.plan, ctx.role, weight, *_merged_rows(pending))
+            update_rows_(ctx.plan, ctx.role, ctx.written, *_merged_rows(pending))
         return None, None, None, None, trigger_gradient(ctx.needs_input_grad[4])
 
 

@@ -214,6 +214,9 @@ class FusedExpertsFunction(torch.autograd.Function):
         final.index_add_(0, token, (down_out * top_k_weights[token, position, None]).to(final.dtype))
         ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, token, position, gate_up_out,
                               down_out)
+        # what the on-the-fly updates write, the weights themselves: a saved-tensor hook may hand copies back
+        # (linear.start_weight_role)
+        ctx.written = (gate_up_proj, down_proj)
         return final
 
     @staticmethod
@@ -274,7 +277,7 @@ def _experts_backward(ctx, grad_output):
         if need_x:
             grad_x = torch.zeros_like(hidden_states).index_add_(0, token, dx.to(hidden_states.dtype))
 
-    for plan, role, use, weight, mode, mine in zip(ctx.plans, ctx.roles, ctx.uses, weights, modes, pairs):
+    for plan, role, use, weight, mode, mine in zip(ctx.plans, ctx.roles, ctx.uses, ctx.written, modes, pairs):
         if mode != "update":
             continue
         pending = plan.finish_use(use, mine)

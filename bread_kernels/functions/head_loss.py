@@ -499,10 +499,11 @@ class FusedHeadLossFunction(torch.autograd.Function):
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.lse = lse_all
         ctx.use = plan.register_use(ctx) if on_the_fly else None
+        # what the update writes, the head's own weight and bias: a saved-tensor hook may hand copies back
+        # (linear.start_weight_role)
+        ctx.written = (weight, bias) if on_the_fly else None
         if tiled:
             ctx.save_for_backward(hidden, weight, bias, targets, inv_count)
-        elif on_the_fly:
-            ctx.save_for_backward(weight, bias)
         return total * inv_count
 
     @staticmethod
@@ -583,8 +584,7 @@ def _head_loss_backward(ctx, grad_output):
         if ctx.tile is None:  # dW was accumulated in the forward: one update for the dW summed over the uses
             pending = _finish_head_use(ctx, _HeadGrads(grad_weight, grad_bias))
             if pending is not None:
-                weight, bias = ctx.saved_tensors
-                update_linear_grad_(ctx.plan, ctx.role, weight, bias, *_summed(pending))
+                update_linear_grad_(ctx.plan, ctx.role, *ctx.written, *_summed(pending))
             grad_weight = grad_bias = None
         else:
             if _finish_head_use(ctx, None, single=True) is not None:
@@ -640,7 +640,8 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
     flag, decided before the first tile writes, gates every tile's write on the device — the hidden states' and the
     logsumexp's finiteness and, where a token is scored, the loss scale's (every tile's gradient is finite where
     they are), and in fp16 every tile's dW (one skip reported).  Every tile's temporaries are allocated before the
-    first tile (:class:`_VocabularyTiles`), so running out of memory never stops the update between two tiles."""
+    first tile (:class:`_VocabularyTiles`), so running out of memory never stops the update between two tiles.
+    The logits are recomputed from the saved ``weight``; the update writes the head's own (``ctx.written``)."""
     backend = get_backend(hidden.device)
     lse, ctx.lse = ctx.lse, None
     tiles = _VocabularyTiles(hidden, weight, bias, targets, scale, lse, ctx.compute_dtype, ctx.softcap, ctx.tile)
@@ -652,7 +653,7 @@ def _update_by_tiles(ctx, hidden, weight, bias, targets, scale) -> None:
         flags = [dw_finite_flag(g, h, stop - start, backend.finite_flag) for start, stop, g, h in tiles]
         if flags:
             finite = finite & torch.stack(flags).all()
-    update_linear_tiles_(ctx.plan, ctx.role, weight, bias, tiles, finite)
+    update_linear_tiles_(ctx.plan, ctx.role, *ctx.written, tiles, finite)
 
 
 class _VocabularyTiles:

@@ -80,7 +80,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, plan: WeightPlan, trigger, deferred):
-        needs_x = start_weight_role(ctx, plan)
+        needs_x = start_weight_role(ctx, plan, weight, bias)
         autocast = autocast_dtype(x.device)
         base_dtype = ctx.compute_dtype = autocast or weight.dtype  # the base GEMM's
         lora_dtype = ctx.lora_dtype = autocast or lora_a.dtype  # the adapters' GEMMs'
