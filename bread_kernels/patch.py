@@ -88,7 +88,8 @@ from .peft_lora import (Conv1D, check_lora_layer, fusable_lora_layer, is_linear_
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .quantized import quantized_weight
 from .rounding import FLOAT_DTYPES
-from .stream import CHECKPOINTING_TURNED_OFF, StreamConfig, streamed_block_forward, turn_off_hf_checkpointing
+from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, note_embedding_output, streamed_block_forward,
+                     turn_off_hf_checkpointing)
 from .weight_readers import linears_read_outside
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
@@ -1100,6 +1101,25 @@ def _install_entry_hooks(model: nn.Module, state: PatchedModel) -> None:
         state.entry_handles.append(module.register_forward_hook(_leave_forward, always_call=True))
     if state.head is not None:
         state.entry_handles.append(state.head.register_forward_hook(_head_output))
+    for embedding in _input_embeddings(model):  # first, before any hook that may replace the output
+        state.entry_handles.append(embedding.register_forward_hook(note_embedding_output, prepend=True))
+
+
+def _input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings of ``model`` and of each of its submodules that has them (a vision-language model's
+    vision tower), as Hugging Face's ``enable_input_require_grads`` finds the modules it hooks."""
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            embedding = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embedding, nn.Module):
+            found.setdefault(id(embedding), embedding)
+    return list(found.values())
 
 
 def _entry_points(state: PatchedModel) -> list[nn.Module]:

@@ -38,7 +38,11 @@ must pass through it to something the optimizer does not drive: hidden states wh
 forward hook applies to a lower block's output) or another argument that requires grad.  The embeddings' output of a
 frozen embedding made to require grad (``enable_input_require_grads``, which Hugging Face's gradient checkpointing
 calls: a leaf that is no parameter, whatever GPT-2's position embeddings or DeepSpeed's hooks add to it) leads to
-nothing and is not followed.
+nothing and is not followed; it is told from a leaf the caller made to require grad — ``inputs_embeds`` whose gradient
+is asked for (input saliency, ``torch.autograd.grad(loss, inputs_embeds)``), a perturbation added to them
+(adversarial training) — by being the output of one of the model's input embeddings (:func:`note_embedding_output`),
+which a forward hook on it made require grad, and the caller's leaf is followed, as the unpatched model gives it its
+gradient.
 """
 
 from __future__ import annotations
@@ -54,14 +58,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .functions.autocast import autocast_dtype
 from .functions.experts import EXPERT_PLANS_ATTR
 from .functions.rebuild import rebuilding_outputs
 from .functions.recompute import ForwardRecord, Recomputing
-from .plan import PLAN_ATTR
+from .plan import BACKWARD_TRIGGER, PLAN_ATTR
 
-__all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF"]
+__all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF",
+           "note_embedding_output"]
 
 #: on a block whose HF ``gradient_checkpointing`` was turned off — by ``patch``, or by the stream where it was enabled
 #: after ``patch`` — so that ``unpatch`` turns it back on
@@ -260,7 +266,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     config.this_forward.autocast = autocast_dtype(hidden.device)
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
-    if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden.grad_fn, config, index)):
+    if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden, config, index)):
         if config.recompute and not getattr(block, "_can_checkpoint_with_cache", False):
             # before a block below the cut writes it: a recomputed one would refuse it
             _refuse_filled_caches(keywords, index, forward)
@@ -331,18 +337,45 @@ def _in_mode(block: nn.Module, training: bool) -> list[tuple[nn.Module, bool]]:
     return modes
 
 
-def _leads_to_a_parameter(grad_fn, config: StreamConfig, index: int, limit: int = 10_000) -> bool:
-    """Whether the graph below a block's hidden states (``grad_fn``) reaches a leaf that is an ``nn.Parameter`` (a
-    trained projector, soft prompt, embedding or scale): only then must a block below the cut pass a gradient down.
-    A leaf that is not one (the embeddings' output made to require grad by ``enable_input_require_grads``, reached
-    through GPT-2's position embeddings, BERT's embedding norm or DeepSpeed's identity Functions) leads to nothing.
-    The walk stops at the hidden states of a lower block that was followed in this forward (from block 0 on: their
-    nodes are alive, so their ids are theirs), so each block walks its own graph once.  Past ``limit`` nodes: assume
-    it does (following costs time, never a wrong gradient)."""
+#: the outputs of the patched models' input embeddings, held weakly (:func:`note_embedding_output`)
+_EMBEDDING_OUTPUTS = WeakIdKeyDictionary()
+
+
+def note_embedding_output(module: nn.Module, args, output) -> None:
+    """Forward hook that ``patch`` puts first on each input embedding of the model (the modules Hugging Face's
+    ``enable_input_require_grads`` hooks): where another forward hook follows it, remember the output, which such a
+    hook makes a leaf that requires grad in place (``output.requires_grad_(True)``, so that a checkpointed block
+    gives the adapters above it their gradients) — a gradient for it is wanted by nobody, where one for a leaf the
+    caller made is (:func:`_wanted_leaf`).  Without another hook nothing is remembered: every leaf that requires
+    grad is then the caller's."""
+    if isinstance(output, torch.Tensor) and len(module._forward_hooks) > 1:
+        _EMBEDDING_OUTPUTS[output] = True
+
+
+def _wanted_leaf(leaf: torch.Tensor) -> bool:
+    """Whether the backward must bring a gradient to ``leaf``, a leaf that requires grad: a parameter, or a tensor
+    the caller made to require grad (``inputs_embeds`` of an input saliency, a perturbation added to them) — not the
+    output of an input embedding that a forward hook made to require grad (``enable_input_require_grads``:
+    :func:`note_embedding_output`), nor the engine's own backward trigger."""
+    if isinstance(leaf, nn.Parameter):
+        return True
+    return leaf is not BACKWARD_TRIGGER and leaf not in _EMBEDDING_OUTPUTS
+
+
+def _leads_to_a_parameter(hidden: torch.Tensor, config: StreamConfig, index: int, limit: int = 10_000) -> bool:
+    """Whether the graph below a block's hidden states reaches a leaf that wants a gradient (:func:`_wanted_leaf`: an
+    ``nn.Parameter`` — a trained projector, soft prompt, embedding or scale — or a tensor the caller made to require
+    grad, the hidden states themselves included): only then must a block below the cut pass a gradient down.  A leaf
+    that is an embedding's output made to require grad by ``enable_input_require_grads`` (reached through GPT-2's
+    position embeddings, BERT's embedding norm or DeepSpeed's identity Functions) leads to nothing.  The walk stops
+    at the hidden states of a lower block that was followed in this forward (from block 0 on: their nodes are alive,
+    so their ids are theirs), so each block walks its own graph once.  Past ``limit`` nodes: assume it does
+    (following costs time, never a wrong gradient)."""
     if index == 0:
         config.followed_below_cut.clear()
+    grad_fn = hidden.grad_fn
     if grad_fn is None:
-        return False
+        return hidden.requires_grad and _wanted_leaf(hidden)
     seen, stack = set(), [grad_fn]
     while stack:
         node = stack.pop()
@@ -353,7 +386,7 @@ def _leads_to_a_parameter(grad_fn, config: StreamConfig, index: int, limit: int 
         seen.add(id(node))
         variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
         if variable is not None:
-            if isinstance(variable, nn.Parameter):
+            if _wanted_leaf(variable):
                 break
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)

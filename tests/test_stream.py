@@ -823,13 +823,16 @@ def test_a_block_argument_that_requires_grad_below_the_cut_gets_its_gradient():
 
 
 @pytest.mark.parametrize("case", ["projector", "embedding-outside-the-optimizer", "hook-scale",
-                                  "frozen-embedding-made-to-require-grad"])
+                                  "frozen-embedding-made-to-require-grad", "inputs-embeds-leaf", "perturbation",
+                                  "made-to-require-grad-with-a-hook-after"])
 def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
     """BAdam with the top block active (cut at block 3): hidden states that carry a gradient to something the
     optimizer does not drive — ``inputs_embeds`` from a trainable projector (LLaVA, soft prompts), an embedding
-    trained by its own optimizer, a trainable scale a forward hook applies to block 1's output — get the unpatched
-    model's gradient, where they got none; the embeddings' output of a frozen embedding made to require grad
-    (``enable_input_require_grads``, a leaf) still stops the backward at the cut."""
+    trained by its own optimizer, a trainable scale a forward hook applies to block 1's output, ``inputs_embeds``
+    made a leaf that requires grad by the caller (input saliency) or a perturbation leaf added to them (adversarial
+    training) — get the unpatched model's gradient, where they got none; the embeddings' output of a frozen
+    embedding made to require grad (``enable_input_require_grads``, a leaf; also with a hook registered after it
+    that adds to the output, as NEFTune's does) still stops the backward at the cut."""
     torch.manual_seed(0)
     projector, features = nn.Linear(16, 64), torch.randn(2, 4, 16)
     scale = nn.Parameter(torch.linspace(0.5, 1.5, 64))
@@ -840,8 +843,10 @@ def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
         hook_scale = copy.deepcopy(scale)
         if case == "hook-scale":
             model.model.layers[1].register_forward_hook(lambda module, args, output: output * hook_scale)
-        if case == "frozen-embedding-made-to-require-grad":
+        if case in ("frozen-embedding-made-to-require-grad", "made-to-require-grad-with-a-hook-after"):
             model.enable_input_require_grads()
+        if case == "made-to-require-grad-with-a-hook-after":
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output + 0.01)
         if patch:
             model = bread_kernels.patch(model)
         named = [(n, p) for n, p in model.named_parameters()
@@ -851,23 +856,35 @@ def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
             # kept alive while the model trains: it drives the model's roles
             _optimizer = bread_kernels.BlockOptimizer(torch.optim.AdamW([p for _, p in named], lr=1e-3), named,
                                                       verbose=0, switch_mode="descending")
+        leaf = None
         if case == "projector":
             embeds = torch.cat([extra(features), model.get_input_embeddings()(ids)], dim=1)
             model(inputs_embeds=embeds, labels=torch.cat([torch.full((2, 4), -100), ids], dim=1)).loss.backward()
+        elif case in ("inputs-embeds-leaf", "perturbation"):
+            with torch.no_grad():
+                embeds = model.get_input_embeddings()(ids)
+            if case == "inputs-embeds-leaf":
+                leaf = embeds = embeds.requires_grad_(True)
+            else:
+                leaf = torch.zeros_like(embeds).requires_grad_(True)
+                embeds = embeds + leaf
+            model(inputs_embeds=embeds, labels=ids).loss.backward()
         else:
             loss_of(model, ids).backward()
-        trained = {"projector": extra.weight, "hook-scale": hook_scale}.get(case, model.get_input_embeddings().weight)
+        trained = {"projector": extra.weight, "hook-scale": hook_scale, "inputs-embeds-leaf": leaf,
+                   "perturbation": leaf}.get(case, model.get_input_embeddings().weight)
         results.append((trained.grad, model.model.layers[3].mlp.down_proj.weight.grad))
         if patch:
             assert patched_state(model).stream.cut == 3
             recomputed = patched_state(model).stream.recomputes
             # the blocks the gradient passes (block 3, the top one, is kept): from the projector's or the embedding's
             # output all three; from block 1's output the block above it; from a leaf none
-            assert set(recomputed) == {"hook-scale": {2}, "frozen-embedding-made-to-require-grad": set()}.get(
+            assert set(recomputed) == {"hook-scale": {2}, "frozen-embedding-made-to-require-grad": set(),
+                                       "made-to-require-grad-with-a-hook-after": set()}.get(
                 case, {0, 1, 2}), recomputed
     (expected, expected_active), (actual, actual_active) = results
     torch.testing.assert_close(actual_active, expected_active, rtol=1e-5, atol=1e-7)
-    if case == "frozen-embedding-made-to-require-grad":
+    if case in ("frozen-embedding-made-to-require-grad", "made-to-require-grad-with-a-hook-after"):
         assert expected is None and actual is None
     else:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
