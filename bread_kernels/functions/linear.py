@@ -44,7 +44,7 @@ from .rebuild import rebuildable, saved_input
 from .recompute import apply_deferring_output, deferred_output, is_recomputing
 
 __all__ = ["FusedLinearFunction", "fused_linear", "not_a_view", "check_linear_inputs", "check_plan_for_weight",
-           "backward_trigger", "trigger_for", "start_weight_role", "finish_weight_role", "written_tensors"]
+           "backward_trigger", "trigger_for", "start_weight_role", "finish_weight_role"]
 
 def backward_trigger() -> torch.Tensor:
     """:data:`~bread_kernels.plan.BACKWARD_TRIGGER`: the leaf every fused function with an on-the-fly role takes."""
@@ -162,7 +162,7 @@ def start_weight_role(ctx, plan: WeightPlan, weight: torch.Tensor, bias: torch.T
     Returns whether the backward needs the layer's input ``x``.
 
     An on-the-fly weight's update is written into ``weight`` and ``bias`` themselves, held on ``ctx`` as
-    :func:`written_tensors`: what ``ctx.saved_tensors`` gives back is what a saved-tensor hook's unpack returned,
+    ``ctx.written``: what ``ctx.saved_tensors`` gives back is what a saved-tensor hook's unpack returned,
     a copy wherever the hook moved it (``torch.autograd.graph.save_on_cpu`` on a GPU, an activation-offloading
     library), and a write into that copy would be lost."""
     ctx.plan = plan
@@ -173,15 +173,9 @@ def start_weight_role(ctx, plan: WeightPlan, weight: torch.Tensor, bias: torch.T
     return plan.role is Role.ACTIVE or on_the_fly  # dX needs only W
 
 
-def written_tensors(ctx) -> tuple:
-    """The tensors a fused function's on-the-fly update writes (its forward stored them as ``ctx.written``): the
-    parameters themselves, never their saved copies (see :func:`start_weight_role`)."""
-    return ctx.written
-
-
 def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_bias_grad: bool):
     """Backward half: ``(dW, db)`` for ACTIVE (None where not needed), the fused update for SGD/SIGN (after the
-    last use's backward: written into the forward's own weight and bias, :func:`written_tensors`), nothing for
+    last use's backward: written into the forward's own weight and bias, ``ctx.written``), nothing for
     FROZEN/LORA.  ``g`` is [M, N]; ``x`` [..., K] the saved input, both in the compute dtype (W's, or autocast's);
     ``weight`` and ``bias`` as saved; ACTIVE's dW and db are returned in W's and b's own dtypes."""
     grad_weight = grad_bias = None
@@ -193,7 +187,7 @@ def finish_weight_role(ctx, g, x, weight, bias, needs_weight_grad: bool, needs_b
     elif ctx.role.updates_on_the_fly:
         pending = ctx.plan.finish_use(ctx.use, (g, _rows(x, weight.shape[1])))
         if pending is not None:
-            update_linear_(ctx.plan, ctx.role, *written_tensors(ctx), pending)
+            update_linear_(ctx.plan, ctx.role, *ctx.written, pending)
     return grad_weight, grad_bias
 
 
