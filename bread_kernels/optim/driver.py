@@ -235,11 +235,12 @@ class EngineDriver:
                 raise RuntimeError(
                     f"{self.what}: the model's parameter {name} is no longer the tensor this optimizer was built over: "
                     "the model's parameters were replaced by new ones (model.load_state_dict(..., assign=True), "
-                    "to_empty(), a parameter set anew), while the optimizer, its hooks and plans still hold the old "
-                    "ones, so the model would silently stop training. Refused before "
-                    f"{when} changed anything. Build the optimizer (and its base optimizer) after the load, or "
-                    "load without assign=True (model.load_state_dict(sd) copies the values into the parameters the "
-                    "optimizer holds)")
+                    "to_empty(), a parameter set anew, torch.func.functional_call with tensors of its own), while the "
+                    "optimizer, its hooks and plans still hold the old ones, so the model would silently stop "
+                    f"training. Refused before {when} changed anything. Build the optimizer (and its base optimizer) "
+                    "after the load, or load without assign=True (model.load_state_dict(sd) copies the values into "
+                    "the parameters the optimizer holds); run functional_call under torch.no_grad(), or on a copy of "
+                    "the model that no optimizer drives (copy.deepcopy(model))")
 
     def _note_replaced(self, module: nn.Module, attr: str, old: torch.Tensor) -> None:
         """``module.<attr>``, which held this driver's parameter ``old``, is being given another parameter
