@@ -82,6 +82,7 @@ from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstal
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .head_readers import head_reader
 from .installed_forward import NOT_PICKLED, install_forward
+from .offload import offload_refusal, offloaded_parameter
 from .open_forwards import OpenForwards
 from .peft_lora import (Conv1D, check_lora_layer, fusable_lora_layer, is_linear_layer, is_lora_layer,
                         is_param_wrapper, peft_remapped_targets, peft_wrapping, trained_adapter)
@@ -939,6 +940,9 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     hook_update_numel = _check_hook_update_numel(hook_update_numel)
     _check_parameter_dtypes(model)
     _refuse_sharded(model, "patch")
+    offloaded = offloaded_parameter(model)
+    if offloaded is not None:
+        raise ValueError(offload_refusal("patch", offloaded))
     state = patched_state(model)
     if state is not None:
         if state.model_ref() is not model:  # a wrapper's attributes read through to the model it wraps

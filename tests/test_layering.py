@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bread_kernels"
 #: the engine's modules: none may import the optimizer, the integrations or the benchmark
-ENGINE = ["rounding.py", "quantized.py",
+ENGINE = ["rounding.py", "quantized.py", "offload.py",
           "interrupts.py", "plan.py", "installed_forward.py", "open_forwards.py", "update.py",
           "collectives.py", "stream.py", "patch.py",
           "causal_lm.py", "peft_lora.py", "weight_readers.py", "kernels", "backends", "functions"]
@@ -18,6 +18,8 @@ FORBIDDEN = {
     "rounding.py": ["plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim", "integrations"],
     "quantized.py": ["rounding", "interrupts", "plan", "kernels", "backends", "update", "functions", "stream",
                      "patch", "optim", "integrations"],
+    "offload.py": ["rounding", "quantized", "interrupts", "plan", "kernels", "backends", "update", "functions",
+                   "stream", "patch", "optim", "integrations"],
     "interrupts.py": ["rounding", "plan", "kernels", "backends", "update", "functions", "stream", "patch", "optim",
                       "integrations"],
     "plan.py": ["kernels", "backends", "update", "functions", "stream", "patch", "optim", "integrations"],

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends.chunked import chunk_budget_bytes
+from ..offload import meta_parameter_refusal
 from ..patch import patched_models, patched_state, sharded_parameter, sharded_refusal
 from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, OnTheFlyWrites, Role, WeightPlan, forward_epoch, running_backward
@@ -434,6 +435,7 @@ class EngineDriver:
                 raise ValueError(f"{self.what}.set_roles: {name}: give a LoRA base weight FROZEN and its adapters "
                                  "ACTIVE; the LORA role is the engine's name for that pair")
         refuse_quantized_targets(self.named_parameters, checked, f"{self.what}.set_roles")
+        refuse_meta_targets(self.named_parameters, checked, f"{self.what}.set_roles")
         on_the_fly = [n for n, r in checked.items() if r.updates_on_the_fly]
         if self.update is None and on_the_fly:
             first = on_the_fly[0]
@@ -1000,6 +1002,17 @@ def refuse_quantized_targets(named_parameters, roles: Mapping[str, Role], what: 
             "leave the quantized weights out of named_parameters_list ([(n, p) for n, p in "
             "model.named_parameters() if bread_kernels.quantized.quantized_weight(p) is None]), or load the model "
             "unquantized (dtype=torch.bfloat16) to train its weights")
+
+
+def refuse_meta_targets(named_parameters, roles: Mapping[str, Role], what: str, when: str = "") -> None:
+    """Refuse (``ValueError``, naming the remedies) roles that would train a parameter on the meta device
+    (:mod:`bread_kernels.offload`: offloaded by accelerate, or never loaded): the gradient and any update would reach
+    only a temporary copy that accelerate's hook drops after the forward, so the weight would silently stay as it
+    was.  FROZEN is fine: accelerate's hook hands the forward its values."""
+    for name, p in named_parameters:
+        role = roles[name]
+        if role is not Role.FROZEN and p.device.type == "meta":
+            raise ValueError(meta_parameter_refusal(what, name, role.name, when))
 
 
 def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Parameter]]:
