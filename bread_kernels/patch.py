@@ -89,7 +89,7 @@ from .peft_lora import (Conv1D, check_lora_layer, fusable_lora_layer, is_linear_
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .quantized import quantized_weight
 from .rounding import FLOAT_DTYPES
-from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, note_embedding_output, streamed_block_forward,
+from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, note_embedding_outputs, streamed_block_forward,
                      turn_off_hf_checkpointing)
 from .weight_readers import linears_read_outside
 
@@ -192,11 +192,14 @@ class PatchedModel:
 
     def shard_probe(self) -> str | None:
         """The name of a parameter sharded since patch (a DTensor where a parameter of the model lay at patch), or
-        None: one dictionary read per parameter before every forward (a few microseconds for a 32-layer Llama's 291),
-        the ``isinstance`` only for a parameter that is no plain ``nn.Parameter`` (``nn.Parameter`` of a DTensor is
-        the DTensor itself).  Every parameter, not only each block's first: a tensor-parallel plan may shard the head
-        or an MLP alone, whose fused functions then met a DTensor weight deep inside (the fused loss: aten.mm's
-        "got mixed torch.Tensor and DTensor")."""
+        None.  Every parameter, not only each block's first: a tensor-parallel plan may shard the head or an MLP
+        alone, whose fused functions would meet a DTensor weight deep inside (the fused loss: aten.mm's "got mixed
+        torch.Tensor and DTensor").  Before every forward, so it costs nothing where no process group is initialized
+        (a DTensor lives on a device mesh, which initializes one), and one dictionary read per parameter where one
+        is (about 20 µs for a 32-layer Llama's 291 on a 2-core CPU), the ``isinstance`` only for a parameter that is
+        no plain ``nn.Parameter`` (``nn.Parameter`` of a DTensor is the DTensor itself)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
         dtensor = _dtensor_class()
         for name, parameters, attr in self.shard_probes:
             p = parameters.get(attr)
@@ -1105,8 +1108,8 @@ def _install_entry_hooks(model: nn.Module, state: PatchedModel) -> None:
         state.entry_handles.append(module.register_forward_hook(_leave_forward, always_call=True))
     if state.head is not None:
         state.entry_handles.append(state.head.register_forward_hook(_head_output))
-    for embedding in _input_embeddings(model):  # first, before any hook that may replace the output
-        state.entry_handles.append(embedding.register_forward_hook(note_embedding_output, prepend=True))
+    for embedding in _input_embeddings(model):
+        state.entry_handles += note_embedding_outputs(embedding)
 
 
 def _input_embeddings(model: nn.Module) -> list[nn.Module]:

@@ -40,7 +40,7 @@ frozen embedding made to require grad (``enable_input_require_grads``, which Hug
 calls: a leaf that is no parameter, whatever GPT-2's position embeddings or DeepSpeed's hooks add to it) leads to
 nothing and is not followed; it is told from a leaf the caller made to require grad — ``inputs_embeds`` whose gradient
 is asked for (input saliency, ``torch.autograd.grad(loss, inputs_embeds)``), a perturbation added to them
-(adversarial training) — by being the output of one of the model's input embeddings (:func:`note_embedding_output`),
+(adversarial training) — by being the output of one of the model's input embeddings (:func:`note_embedding_outputs`),
 which a forward hook on it made require grad, and the caller's leaf is followed, as the unpatched model gives it its
 gradient.
 """
@@ -48,6 +48,7 @@ gradient.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 import warnings
@@ -67,7 +68,7 @@ from .functions.recompute import ForwardRecord, Recomputing
 from .plan import BACKWARD_TRIGGER, PLAN_ATTR
 
 __all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF",
-           "note_embedding_output"]
+           "note_embedding_outputs"]
 
 #: on a block whose HF ``gradient_checkpointing`` was turned off — by ``patch``, or by the stream where it was enabled
 #: after ``patch`` — so that ``unpatch`` turns it back on
@@ -337,26 +338,56 @@ def _in_mode(block: nn.Module, training: bool) -> list[tuple[nn.Module, bool]]:
     return modes
 
 
-#: the outputs of the patched models' input embeddings, held weakly (:func:`note_embedding_output`)
+#: the outputs of the patched models' input embeddings a hook made to require grad, held weakly
+#: (:func:`note_embedding_outputs`)
 _EMBEDDING_OUTPUTS = WeakIdKeyDictionary()
 
 
-def note_embedding_output(module: nn.Module, args, output) -> None:
-    """Forward hook that ``patch`` puts first on each input embedding of the model (the modules Hugging Face's
-    ``enable_input_require_grads`` hooks): where another forward hook follows it, remember the output, which such a
-    hook makes a leaf that requires grad in place (``output.requires_grad_(True)``, so that a checkpointed block
-    gives the adapters above it their gradients) — a gradient for it is wanted by nobody, where one for a leaf the
-    caller made is (:func:`_wanted_leaf`).  Without another hook nothing is remembered: every leaf that requires
-    grad is then the caller's."""
-    if isinstance(output, torch.Tensor) and len(module._forward_hooks) > 1:
-        _EMBEDDING_OUTPUTS[output] = True
+def note_embedding_outputs(embedding: nn.Module) -> list:
+    """Remember, as what the backward below the cut does not follow (:func:`_wanted_leaf`), the outputs of the input
+    embedding ``embedding`` (one of the modules Hugging Face's ``enable_input_require_grads`` hooks) that forward
+    hooks made leaves that require grad: ``enable_input_require_grads``'s ``output.requires_grad_(True)`` (so that a
+    checkpointed block gives the adapters above it their gradients), on the output the embedding computed, or on a
+    new tensor a hook before it returned (NEFTune's noise, a ``detach()``).  The embedding's own forward never
+    returns such a leaf (a frozen table gives an output that requires no grad, a trained one an output with a
+    ``grad_fn``), and a leaf the caller makes is the caller's to follow (an input saliency's ``inputs_embeds``).  Two
+    forward hooks, kept first and last by a pre-hook (torch runs them in the order of ``module._forward_hooks``,
+    read after the forward): the first sees what the embedding computed, the last what the hooks hand on.  Returns
+    their handles."""
+    first = embedding.register_forward_hook(_computed_output, prepend=True)
+    last = embedding.register_forward_hook(_final_output)
+    order = embedding.register_forward_pre_hook(functools.partial(_keep_first_and_last, first.id, last.id))
+    return [first, last, order]
+
+
+#: per thread, the embedding output :func:`_computed_output` saw last (weakly), for :func:`_final_output`
+_COMPUTED = threading.local()
+
+
+def _computed_output(module: nn.Module, args, output) -> None:
+    _COMPUTED.output = weakref.ref(output) if isinstance(output, torch.Tensor) else None
+
+
+def _final_output(module: nn.Module, args, output) -> None:
+    computed, _COMPUTED.output = getattr(_COMPUTED, "output", None), None
+    for tensor in (computed() if computed is not None else None, output):
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad and tensor.grad_fn is None:
+            _EMBEDDING_OUTPUTS[tensor] = True
+
+
+def _keep_first_and_last(first_id: int, last_id: int, module: nn.Module, args) -> None:
+    hooks = module._forward_hooks
+    if first_id in hooks and next(iter(hooks)) != first_id:
+        hooks.move_to_end(first_id, last=False)
+    if last_id in hooks and next(reversed(hooks)) != last_id:
+        hooks.move_to_end(last_id)
 
 
 def _wanted_leaf(leaf: torch.Tensor) -> bool:
     """Whether the backward must bring a gradient to ``leaf``, a leaf that requires grad: a parameter, or a tensor
     the caller made to require grad (``inputs_embeds`` of an input saliency, a perturbation added to them) — not the
     output of an input embedding that a forward hook made to require grad (``enable_input_require_grads``:
-    :func:`note_embedding_output`), nor the engine's own backward trigger."""
+    :func:`note_embedding_outputs`), nor the engine's own backward trigger."""
     if isinstance(leaf, nn.Parameter):
         return True
     return leaf is not BACKWARD_TRIGGER and leaf not in _EMBEDDING_OUTPUTS

@@ -822,9 +822,16 @@ def test_a_block_argument_that_requires_grad_below_the_cut_gets_its_gradient():
     torch.testing.assert_close(patched.gate_logits.grad, plain.gate_logits.grad, rtol=1e-5, atol=1e-7)
 
 
+#: the cases of the test below whose embeddings' output a hook made to require grad: nothing below the cut wants it
+STOPS_AT_THE_CUT = ("frozen-embedding-made-to-require-grad", "made-to-require-grad-with-a-hook-after",
+                    "made-to-require-grad-after-a-hook-adding", "made-to-require-grad-after-a-hook-detaching")
+
+
 @pytest.mark.parametrize("case", ["projector", "embedding-outside-the-optimizer", "hook-scale",
                                   "frozen-embedding-made-to-require-grad", "inputs-embeds-leaf", "perturbation",
-                                  "made-to-require-grad-with-a-hook-after"])
+                                  "made-to-require-grad-with-a-hook-after", "made-to-require-grad-after-a-hook-adding",
+                                  "made-to-require-grad-after-a-hook-detaching",
+                                  "inputs-embeds-leaf-beside-an-observing-hook"])
 def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
     """BAdam with the top block active (cut at block 3): hidden states that carry a gradient to something the
     optimizer does not drive — ``inputs_embeds`` from a trainable projector (LLaVA, soft prompts), an embedding
@@ -832,7 +839,9 @@ def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
     made a leaf that requires grad by the caller (input saliency) or a perturbation leaf added to them (adversarial
     training) — get the unpatched model's gradient, where they got none; the embeddings' output of a frozen
     embedding made to require grad (``enable_input_require_grads``, a leaf; also with a hook registered after it
-    that adds to the output, as NEFTune's does) still stops the backward at the cut."""
+    that adds to the output, as NEFTune's does, or before it, adding or detaching, as NEFTune's or DeepSpeed's may
+    be) still stops the backward at the cut; a hook that only observes the embedding's output leaves the caller's
+    leaf followed."""
     torch.manual_seed(0)
     projector, features = nn.Linear(16, 64), torch.randn(2, 4, 16)
     scale = nn.Parameter(torch.linspace(0.5, 1.5, 64))
@@ -843,7 +852,13 @@ def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
         hook_scale = copy.deepcopy(scale)
         if case == "hook-scale":
             model.model.layers[1].register_forward_hook(lambda module, args, output: output * hook_scale)
-        if case in ("frozen-embedding-made-to-require-grad", "made-to-require-grad-with-a-hook-after"):
+        if case == "made-to-require-grad-after-a-hook-adding":
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output + 0.01)
+        if case == "made-to-require-grad-after-a-hook-detaching":
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.detach())
+        if case == "inputs-embeds-leaf-beside-an-observing-hook":
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: None)
+        if case in STOPS_AT_THE_CUT:
             model.enable_input_require_grads()
         if case == "made-to-require-grad-with-a-hook-after":
             model.get_input_embeddings().register_forward_hook(lambda module, args, output: output + 0.01)
@@ -860,10 +875,10 @@ def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
         if case == "projector":
             embeds = torch.cat([extra(features), model.get_input_embeddings()(ids)], dim=1)
             model(inputs_embeds=embeds, labels=torch.cat([torch.full((2, 4), -100), ids], dim=1)).loss.backward()
-        elif case in ("inputs-embeds-leaf", "perturbation"):
+        elif case in ("inputs-embeds-leaf", "perturbation", "inputs-embeds-leaf-beside-an-observing-hook"):
             with torch.no_grad():
                 embeds = model.get_input_embeddings()(ids)
-            if case == "inputs-embeds-leaf":
+            if case != "perturbation":
                 leaf = embeds = embeds.requires_grad_(True)
             else:
                 leaf = torch.zeros_like(embeds).requires_grad_(True)
@@ -872,19 +887,19 @@ def test_a_gradient_through_the_hidden_states_below_the_cut_is_followed(case):
         else:
             loss_of(model, ids).backward()
         trained = {"projector": extra.weight, "hook-scale": hook_scale, "inputs-embeds-leaf": leaf,
-                   "perturbation": leaf}.get(case, model.get_input_embeddings().weight)
+                   "perturbation": leaf, "inputs-embeds-leaf-beside-an-observing-hook": leaf}.get(
+            case, model.get_input_embeddings().weight)
         results.append((trained.grad, model.model.layers[3].mlp.down_proj.weight.grad))
         if patch:
             assert patched_state(model).stream.cut == 3
             recomputed = patched_state(model).stream.recomputes
             # the blocks the gradient passes (block 3, the top one, is kept): from the projector's or the embedding's
             # output all three; from block 1's output the block above it; from a leaf none
-            assert set(recomputed) == {"hook-scale": {2}, "frozen-embedding-made-to-require-grad": set(),
-                                       "made-to-require-grad-with-a-hook-after": set()}.get(
-                case, {0, 1, 2}), recomputed
+            assert set(recomputed) == (set() if case in STOPS_AT_THE_CUT else {2} if case == "hook-scale"
+                                       else {0, 1, 2}), recomputed
     (expected, expected_active), (actual, actual_active) = results
     torch.testing.assert_close(actual_active, expected_active, rtol=1e-5, atol=1e-7)
-    if case in ("frozen-embedding-made-to-require-grad", "made-to-require-grad-with-a-hook-after"):
+    if case in STOPS_AT_THE_CUT:
         assert expected is None and actual is None
     else:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)

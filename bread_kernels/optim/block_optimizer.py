@@ -389,9 +389,10 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _warn_if_no_gradient(self) -> None:
         """Warn where no parameter of the active block has a gradient at the step: the batch never reached the block
         (a vision tower under a text-only batch), so the base optimizer leaves it as it is.  Under BAdam the backward
-        itself fails then (the loss has no ``grad_fn``); with on-the-fly updates it runs and only they train, which
-        would otherwise pass unnoticed, as in the reference.  Once per block (Python's warning filter: the message
-        names it)."""
+        itself fails then, unless the input embeddings were made to require grad (the loss has no ``grad_fn``); with
+        on-the-fly updates it runs and only they train, which would otherwise pass unnoticed, as in the reference.
+        Once per block (Python's warning filter: the message names it).  A gradient zeroed in place
+        (``zero_grad(set_to_none=False)``) counts as one: telling a zero one apart would read it on the host."""
         targets = [t for group in self.base_optimizer.param_groups for t in group["params"]]
         if not targets or any(t.grad is not None for t in targets):
             return

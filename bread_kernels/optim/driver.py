@@ -228,8 +228,7 @@ class EngineDriver:
         (its inactive weights only gathering ``.grad``).  An identity check of a bounded sample — the first of each
         block's parameters and the first and last parameter of the list, with the module holding each (weakly) —
         and of each parameter set anew through ``register_parameter`` since (:func:`_on_parameter_registered`, the
-        slow path's only probes), a few dictionary reads and no host sync, as
-        :meth:`~bread_kernels.patch.PatchedModel.shard_probe`'s."""
+        slow path's only probes): a few dictionary reads, and no host sync."""
         for name, owner_ref, attr, p in self._held:
             owner = owner_ref()
             if owner is not None and owner._parameters.get(attr) is not p:
@@ -787,9 +786,9 @@ class _ForwardHooks:
     (an evaluation under ``torch.no_grad()`` in another thread does not clear the training forward's).  A forward
     that ``torch.export`` traces does neither: export swaps fake tensors into the parameters while it traces, which
     the check of the parameters held would take for a model whose parameters were replaced, and what it captures is
-    an inference graph.  A forward that ``torch.jit.trace`` records with grad enabled is refused (it failed on the
-    backward trigger, a constant that requires grad, inside the first fused function): the recorded graph would run
-    plain autograd with the plans and cut of the step it was traced at, never the engine's updates."""
+    an inference graph.  A forward that ``torch.jit.trace`` records with grad enabled is refused: the recorded graph
+    would run plain autograd with the plans and cut of the step it was traced at, never the engine's updates (and
+    the tracer would fail inside the first fused function on the backward trigger, a constant that requires grad)."""
 
     def __init__(self, driver: "weakref.ref[EngineDriver]"):
         self.driver = driver
