@@ -34,6 +34,7 @@ owner (with a warning) and takes them over.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
@@ -41,6 +42,7 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import stateless
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends.chunked import chunk_budget_bytes
@@ -184,6 +186,10 @@ class EngineDriver:
         self._held = held_parameter_probes(self.model, self.named_parameters, self.engine.block_prefixes()) \
             if self.engine is not None else []
         self._replaced: set[int] = set()
+        #: every parameter's probe, for :meth:`check_functional_call` (built here: inside a functional_call the
+        #: tensors swapped in are what the modules hold)
+        self._every_held = held_parameter_probes(self.model, self.named_parameters, [], every=True) \
+            if self.engine is not None else []
         self._names_by_id: dict[int, str] | None = None
         _watch_parameter_replacements()
         if self.engine is not None:
@@ -241,6 +247,38 @@ class EngineDriver:
                     "after the load, or load without assign=True (model.load_state_dict(sd) copies the values into "
                     "the parameters the optimizer holds); run functional_call under torch.no_grad(), or on a copy of "
                     "the model that no optimizer drives (copy.deepcopy(model))")
+
+    def check_functional_call(self) -> None:
+        """Refuse (``RuntimeError``, before this forward changes anything) a forward with grad that
+        ``torch.func.functional_call`` (or ``torch.nn.utils.stateless.functional_call``, ``torch.func.grad`` of a
+        function calling it) runs with some of the model's parameters replaced by tensors of the caller's (a MAML
+        inner step, a reference copy of a few weights): a block at or above the cut is recomputed in the backward,
+        after functional_call has put the model's own parameters back, so the recompute reads them instead of the
+        tensors the forward used and every gradient and on-the-fly update in that block and below is computed from
+        activations the forward never had; a block below the cut runs without autograd, so a caller's tensor there
+        gets no gradient.  The unpatched model computes both from the tensors given.
+
+        Host cost: a walk up the caller's frames for functional_call's own (~0.06 µs a frame: 2-3 µs at a Trainer's
+        depth of 40 frames); only inside one, an identity check of every parameter with the module holding it (the
+        sample of :meth:`check_parameters_held` misses a swap of a few weights)."""
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not _FUNCTIONAL_CALL_CODE:
+            frame = frame.f_back
+        if frame is None:
+            return
+        swapped = [name for name, owner_ref, attr, p in self._every_held
+                   if (owner := owner_ref()) is not None and owner._parameters.get(attr) is not p]
+        if swapped:
+            shown = ", ".join(swapped[:3]) + (f" and {len(swapped) - 3} more" if len(swapped) > 3 else "")
+            raise RuntimeError(
+                f"{self.what}: torch.func.functional_call runs the patched model this optimizer drives with grad "
+                f"enabled and tensors of its own in place of {shown}: the fused backward recomputes each block after "
+                "functional_call has put the model's parameters back (and runs the blocks below the active one "
+                "without autograd), so the gradients and on-the-fly updates would be computed from weights this "
+                "forward did not use, and the tensors given would get wrong or no gradients. Refused before this "
+                "forward changed anything. Run functional_call under torch.no_grad() (evaluation, a reference "
+                "model's logits), or on a copy of the model that no optimizer drives (copy.deepcopy(model), or an "
+                "unpatched one)")
 
     def _note_replaced(self, module: nn.Module, attr: str, old: torch.Tensor) -> None:
         """``module.<attr>``, which held this driver's parameter ``old``, is being given another parameter
@@ -810,6 +848,7 @@ class _ForwardHooks:
                     "the fused backward's updates, so training through it would silently leave weights unchanged. "
                     "Trace for inference under torch.no_grad() (the model's own forward: the unpatched model's "
                     "graph), or torch.export.export it; train the patched model itself")
+            driver.check_functional_call()
             driver.check_parameters_held()
         self.running.forward = driver._check_data_parallel(module)
 
@@ -1081,12 +1120,16 @@ def _on_parameter_registered(module: nn.Module, name: str, param: nn.Parameter) 
         driver._note_replaced(module, name, old)
 
 
-def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str]) -> list[tuple]:
+#: the code of the function every functional_call of torch runs the module's forward from (in its frame)
+_FUNCTIONAL_CALL_CODE = getattr(getattr(stateless, "_functional_call", None), "__code__", None)
+
+
+def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str], every: bool = False) -> list[tuple]:
     """``(name, weakref to the owning module, attribute, parameter)`` of a bounded sample of ``named`` (parameters
     of ``model`` under those names): the first and last of the list, and in each block (``block_prefixes``) the
     first parameter and the first that requires grad now (a peft model's adapters, which peft's
     ``load_adapter(..., low_cpu_mem_usage=True)`` replaces alone) — what :meth:`EngineDriver.check_parameters_held`
-    compares with what the modules hold.  One pass over the names."""
+    compares with what the modules hold; with ``every``, all of ``named``.  One pass over the names."""
     blocks = set(block_prefixes)
     stack = block_prefixes[0][:-len("0.")] if block_prefixes else None  # "model.layers." ("" for the model itself)
     first_of_block: dict[str, tuple[str, nn.Parameter]] = {}
@@ -1099,7 +1142,8 @@ def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str]) ->
                 first_of_block.setdefault(block, (name, p))
                 if p.requires_grad:
                     first_trained_of_block.setdefault(block, (name, p))
-    sample = [named[0], named[-1], *first_of_block.values(), *first_trained_of_block.values()]
+    sample = list(named) if every else [named[0], named[-1], *first_of_block.values(),
+                                        *first_trained_of_block.values()]
     probes, seen = [], set()
     for name, p in sample:
         module_name, _, attr = name.rpartition(".")

@@ -1219,3 +1219,44 @@ def test_a_step_whose_batch_never_reached_the_active_block_says_so(images):
         torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
         if n.startswith("model.visual.blocks.0."):
             assert torch.equal(p, start[n]) != images, n
+
+
+@pytest.mark.parametrize("sgd_mode, name", [("disabled", "model.layers.1.mlp.up_proj.weight"),
+                                            ("all", "model.layers.0.self_attn.k_proj.weight"),
+                                            ("partial", "model.layers.0.input_layernorm.weight")],
+                         ids=["badam_active", "sgd_inactive", "partial_below_the_cut"])
+def test_a_partial_functional_call_swap_with_grad_is_refused_before_anything_is_written(sgd_mode, name):
+    """``torch.func.functional_call(model, {name: w}, ...)`` with grad (a MAML inner step) on a patched model: the
+    blocks are recomputed in the backward after functional_call has put the model's own parameters back, so every
+    gradient and on-the-fly update of a block holding ``w`` came from weights the forward never used (2-layer
+    Llama: the active block's .grad, the SGD steps of layer 0 and the embedding all differed from the unpatched
+    model's), and below the cut ``w`` got no gradient.  Refused at the forward, nothing written; under
+    ``torch.no_grad()``, and with the model's own parameters, it runs as the unpatched model does."""
+    reference = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(reference), fused_loss=False)
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), list(model.named_parameters()),
+                                       sgd_mode=sgd_mode, verbose=0)
+    ids = batch(0)
+    swapped = (model.get_parameter(name).detach() + 0.01).requires_grad_(True)
+    before = {n: value.clone() for n, value in model.state_dict().items()}
+
+    def loss(w):
+        return torch.func.functional_call(model, {name: w}, (), dict(input_ids=ids, labels=ids)).loss
+
+    with pytest.raises(RuntimeError, match=r"functional_call .* in place of " + name.replace(".", r"\.") +
+                       r".* Refused before this forward changed anything. Run functional_call under "
+                       r"torch.no_grad\(\) .*copy.deepcopy\(model\)"):
+        loss(swapped).backward()
+    with pytest.raises(RuntimeError, match=r"in place of " + name.replace(".", r"\.")):
+        torch.func.grad(loss)(swapped.detach())
+    for n, value in model.state_dict().items():
+        assert torch.equal(value, before[n]), n
+    assert swapped.grad is None and all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        got = torch.func.functional_call(model, {name: swapped}, (ids,)).logits
+        expected = torch.func.functional_call(reference, {name: swapped}, (ids,)).logits
+    torch.testing.assert_close(got, expected)
+    own = torch.func.functional_call(model, dict(model.named_parameters()), (), dict(input_ids=ids, labels=ids))
+    torch.testing.assert_close(own.loss, loss_of(reference, ids))
+    own.loss.backward()
+    opt.step()
