@@ -78,10 +78,11 @@ from .functions.linear import fused_linear
 from .functions.lora import fused_lora_linear
 from .functions.recompute import replayed
 from .functions.rms_norm import fusable_rms_norm, rms_norm, rms_norm_epsilon
+from .functions.rotary import MARKED_FORWARD as marked_rotary_forward
 from .functions.rotary import install_fused_rotary, share_fused_rotary, uninstall_fused_rotary, uses_rotary_embedding
 from .functions.swiglu import fusable_swiglu_mlp, swiglu_mlp
 from .head_readers import head_reader
-from .installed_forward import NOT_PICKLED, install_forward
+from .installed_forward import NOT_PICKLED, InstalledForward, install_forward
 from .offload import offload_refusal, offloaded_parameter
 from .open_forwards import OpenForwards
 from .peft_lora import (Conv1D, check_lora_layer, fusable_lora_layer, is_linear_layer, is_lora_layer,
@@ -180,6 +181,7 @@ class PatchedModel:
             raise RuntimeError("bread_kernels: the state of a patched model was deep-copied without its model; "
                                "copy the model itself (copy.deepcopy(model))")
         duplicate.model_ref = weakref.ref(copied)
+        duplicate.stream.orphan = False  # the copy's blocks stream under the copied state (StreamConfig.orphan)
         for (_, module), (_, original) in zip(duplicate.fused_elementwise, self.fused_elementwise):
             share_fused_rotary(original, module)
         _PATCHED_MODELS.add(copied)
@@ -285,6 +287,9 @@ class PatchedModel:
         lost = self.find_lost()
         if lost is not None:
             raise ValueError(replaced_module_refusal(lost, type(model).__name__))
+        change = self.stack_change()
+        if change is not None:
+            raise ValueError(stack_change_refusal(change, type(model).__name__))
 
     def clear_plans(self) -> None:
         """Every fused module back to plain autograd, and the backward reaching every block."""
@@ -317,7 +322,7 @@ class PatchedModel:
             return None
         present = {id(m) for m in model.modules()}
         lost = next((name for name, module in self.installed() if id(module) not in present), None)
-        if lost is None:
+        if lost is None and self.stack_change() is None:
             self.stream.suspect_lost = None
         else:
             self.suspect_lost()
@@ -338,6 +343,37 @@ class PatchedModel:
         lost = self.find_lost()
         if lost is not None:
             raise ValueError(replaced_module_refusal(lost, type(model).__name__, driven=True))
+        change = self.stack_change()
+        if change is not None:
+            raise ValueError(stack_change_refusal(change, type(model).__name__, driven=True))
+
+    def stack_change(self) -> str | None:
+        """How the block stack differs from the one :func:`patch` streams, or None: another ``ModuleList`` in its
+        place (one holding every streamed block and more), a layer inserted, appended or deleted (``insert``, ``del``:
+        torch reports neither to a hook), or a block moved or put in at a place (each streamed block knows its
+        index, which the stream's cut compares with the optimizer's, counted by place in the stack: a block
+        inserted below the active one put that one below the cut, where it ran without autograd and never trained).
+        A layer count the model's config states is not compared (``num_hidden_layers`` changed with the stack says
+        nothing of what patch streams)."""
+        model = self.model_ref()
+        if model is None:
+            return None
+        name = self.blocks_name or type(model).__name__
+        try:
+            current = model.get_submodule(self.blocks_name) if self.blocks_name else model
+        except AttributeError:
+            current = None
+        if current is not self.blocks:
+            return f"{name} is no longer the ModuleList patch() streams (another one was assigned in its place)"
+        if len(self.blocks) != self.stream.n_blocks:
+            return (f"{name} holds {len(self.blocks)} blocks where patch() streamed {self.stream.n_blocks} (a layer "
+                    "inserted, appended or deleted)")
+        for index, block in enumerate(self.blocks):
+            held = block.__dict__.get(_BLOCK_ATTR)
+            if held is None or held[1] is not self.stream or held[2] != index:
+                return (f"{name}.{index} is not the block patch() streamed there (a layer moved, or another put in "
+                        "its place)")
+        return None
 
     def installed(self) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of every module given a forward of patch's that a plan or the stream acts
@@ -374,8 +410,10 @@ class PatchedModel:
         name = self.shard_probe()
         if name is not None:
             raise TypeError(sharded_refusal("bread_kernels", name))
-        if self.stream.suspect_lost is not None and torch.is_grad_enabled():
-            self.check_forward()  # here too: a block stack swapped whole runs no streamed block
+        if torch.is_grad_enabled() and (self.stream.suspect_lost is not None or
+                                        len(self.blocks) != self.stream.n_blocks):
+            self.check_forward()  # here too: a block stack swapped whole runs no streamed block; a layer inserted or
+            # deleted (no hook sees it) shifts the blocks' places
         self.stream.begin_forward()  # its blocks say what they compute in and which caches they were given
         begin_forward()
         for hook in list(self.before_forward.values()):
@@ -502,6 +540,18 @@ def replaced_module_refusal(name: str, patched: str, driven: bool = False) -> st
             "the optimizer again")
 
 
+def stack_change_refusal(change: str, patched: str, driven: bool = False) -> str:
+    """The error for a patched model (of class ``patched``) whose block stack changed after patch
+    (:meth:`PatchedModel.stack_change`)."""
+    return (f"bread_kernels: the block stack changed after patch(): {change}" +
+            (" while an optimizer drives the model: the cut and the plans count the blocks as patch() found them, so "
+             "a block would train under another's role or not at all (close the optimizer to train on with plain "
+             "autograd). " if driven else ", so the optimizer's plans and cut would count other blocks than the "
+                                                "stream does. ") +
+            f"Prune, grow or reorder the layers before patch(), or unpatch the model given to patch() (the {patched}: "
+            "bread_kernels.unpatch) before changing them, then patch it and build the optimizer again")
+
+
 def _register_installed(state: PatchedModel) -> None:
     """Enter ``state``'s modules into :data:`_INSTALLED`, and torch's global module-registration hook (once)."""
     if not _registration_hook:
@@ -509,6 +559,7 @@ def _register_installed(state: PatchedModel) -> None:
     ref = weakref.ref(state)
     for _, module in state.installed():
         _INSTALLED[module] = ref
+    _INSTALLED[state.blocks] = ref  # the stack itself: swapped for a list holding its blocks and more, none is lost
 
 
 def _note_replaced_modules(parent: nn.Module, name: str, value: nn.Module | None) -> None:
@@ -1072,6 +1123,11 @@ def _streamed_forward(self, *args, **kwargs):
     return streamed_block_forward(self, original, config, index, *args, **kwargs)
 
 
+#: the functions patch installs as a module's forward (:func:`_strip_copied_forwards` tells them by these)
+_PATCH_FORWARDS = frozenset({_linear_forward, _conv1d_forward, _lora_forward, _embedding_forward, _experts_forward,
+                             _rms_norm_forward, _swiglu_mlp_forward, _streamed_forward, marked_rotary_forward})
+
+
 class _Unbound(NamedTuple):
     """A block's own forward before patch, kept as its function: bound to the block, from the block's own
     ``__dict__``, it would make a reference cycle (the model then freed only by the cycle collector)."""
@@ -1311,6 +1367,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             return given
     for _, module in state.installed():
         _INSTALLED.pop(module, None)
+    _INSTALLED.pop(state.blocks, None)
     causal_lm.uninstall(model)
     _set_fused_elementwise(model, False, state)
     for _, module in state.fused_modules + state.fused_experts:
@@ -1321,6 +1378,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         block.__dict__.pop(_BLOCK_ATTR, None)
         if block.__dict__.pop(CHECKPOINTING_TURNED_OFF, False):
             block.gradient_checkpointing = True
+        _strip_copied_forwards(block, state)
     for handle in state.entry_handles:
         handle.remove()
     state.entry_handles = []
@@ -1331,6 +1389,26 @@ def unpatch(model: nn.Module) -> nn.Module:
     delattr(model, _STATE_ATTR)
     _PATCHED_MODELS.discard(model)
     return given
+
+
+def _strip_copied_forwards(block: nn.Module, state: PatchedModel) -> None:
+    """Remove from ``block``'s modules the forwards of patch's that no list of ``state`` holds: those of a deep copy
+    of a patched block or layer put into the stack after patch (depth up-scaling, ``layers.append(copy.deepcopy(
+    layers[0]))``), which carry the copied forwards along (design invariant 5: after :func:`unpatch` the model is
+    the original module tree).  A module that another live patched model fused (:data:`_INSTALLED`) keeps its own."""
+    for module in block.modules():
+        forward = module.__dict__.get("forward")
+        if not isinstance(forward, InstalledForward) or forward.__func__ not in _PATCH_FORWARDS:
+            continue
+        owner = _INSTALLED.get(module)
+        if owner is not None and owner() is not None and owner() is not state:
+            continue
+        if forward.__func__ is marked_rotary_forward:
+            uninstall_fused_rotary(module)
+        for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name", _BLOCK_ATTR):
+            module.__dict__.pop(attr, None)
+        if module.__dict__.pop(CHECKPOINTING_TURNED_OFF, False):
+            module.gradient_checkpointing = True
 
 
 def _refuse_unfused_layers_of_wrapper(wrapper: nn.Module, state: PatchedModel) -> None:

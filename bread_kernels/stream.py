@@ -127,6 +127,10 @@ class StreamConfig:
     suspect_lost: Any = None
     #: in the calling thread: what the forward that runs now (or ran last) recorded (:class:`ThisForward`)
     this_forward: ThisForward = field(default_factory=ThisForward, repr=False)
+    #: the stream of a deep copy of a part of a patched model (a block, the base model) taken without the model's
+    #: patched state: no model numbers its forwards or knows its blocks' places, so its blocks run their own forward
+    #: (depth up-scaling's copy of a block put into a patched stack read the KV cache as one of another forward's)
+    orphan: bool = False
 
     def begin_forward(self) -> None:
         """A forward of the model starts in this thread: its blocks say what they compute in, and the KV caches they
@@ -143,7 +147,8 @@ class StreamConfig:
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
         drives the copy: every block runs under autograd) and nothing measured or counted yet."""
-        duplicate = StreamConfig(recompute=self.recompute, keep_top=self.keep_top, n_blocks=self.n_blocks)
+        duplicate = StreamConfig(recompute=self.recompute, keep_top=self.keep_top, n_blocks=self.n_blocks,
+                                 orphan=True)  # until the copy of the patched state takes it (its model is copied)
         memo[id(self)] = duplicate
         return duplicate
 
@@ -245,6 +250,8 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 def streamed_block_forward(block: nn.Module, original: Callable, config: StreamConfig, index: int,
                            *args: Any, **kwargs: Any):
     """The forward installed on each block by :func:`bread_kernels.patch`."""
+    if config.orphan:  # a copy of a block made without its model: plain autograd (StreamConfig.orphan)
+        return original(*args, **kwargs)
     forward = _caches_seen(config, index, kwargs)
     if not torch.is_grad_enabled():
         if forward is not None and forward.with_grad and config.recompute and \

@@ -203,6 +203,72 @@ def test_a_stack_swapped_whole_or_sliced_is_refused_and_a_stack_put_back_or_a_mo
         _block_optimizer(sliced, sgd_mode="all")
 
 
+def _grow_stack(model, change):
+    """Depth up-scaling (LLaMA-Pro's block expansion) or a reordering of a Llama's stack, its layers renumbered for
+    the KV cache as a fresh stack of that depth numbers them."""
+    layers = model.model.layers
+    if change == "insert":
+        layers.insert(1, copy.deepcopy(layers[0]))
+    elif change == "append":
+        layers.append(copy.deepcopy(layers[0]))
+    else:
+        layers[1], layers[2] = layers[2], layers[1]
+    for index, layer in enumerate(layers):
+        layer.self_attn.layer_idx = index
+    model.config.num_hidden_layers = len(layers)
+
+
+def _train(model, steps=3, **modes):
+    optimizer = _block_optimizer(model, **modes)
+    for step in range(steps):
+        loss_of(model, batch(step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    optimizer.close()
+
+
+@pytest.mark.parametrize("change", ["insert", "append", "swap"])
+def test_a_stack_grown_or_reordered_after_patch_is_refused_and_trains_as_the_slow_path_patched_again(change):
+    """A layer inserted, appended or moved after ``patch`` (``insert`` and ``del`` reach no hook): each streamed
+    block kept its index, which the stream compares with the cut the optimizer counts by place, so a block inserted
+    below the active one put that one below the cut, where it ran without autograd and never trained, and an appended
+    copy of a patched block read the KV cache as another forward's.  The optimizer is refused, naming the remedy;
+    unpatched, no forward of patch's is left on the copied layer; patched again, it trains as the same surgery
+    unpatched (the slow path) does."""
+    reference, model = models.llama(layers=3), bread_kernels.patch(models.llama(layers=3), hook_update_numel=0)
+    _grow_stack(reference, change)
+    _grow_stack(model, change)
+    with pytest.raises(ValueError, match=r"block stack changed after patch\(\): model\.layers.*Prune, grow or reorder "
+                                         r"the layers before patch\(\)"):
+        _block_optimizer(model, sgd_mode="partial")
+    bread_kernels.unpatch(model)
+    assert not [name for name, module in model.named_modules()
+                if "forward" in module.__dict__ or any(key.startswith("_bread") for key in module.__dict__)]
+    bread_kernels.patch(model, hook_update_numel=0)
+    _train(reference, sgd_mode="partial")
+    _train(model, sgd_mode="partial")
+    models.assert_same_parameters(reference, model)
+
+
+def test_a_layer_inserted_while_an_optimizer_drives_refuses_training_until_it_lets_go():
+    """BAdam with the top block active: a layer inserted at the bottom shifted the blocks' places past their indices,
+    and the active block ran below the cut (the loss had no gradient for it).  Refused while the optimizer drives;
+    closed, the model trains with plain autograd, the inserted copy of a patched block too, as unpatched."""
+    reference, model = models.llama(layers=3), bread_kernels.patch(models.llama(layers=3))
+    optimizer = _block_optimizer(model, sgd_mode="disabled")
+    _grow_stack(reference, "insert")
+    _grow_stack(model, "insert")
+    with pytest.raises(ValueError, match=r"model\.layers holds 4 blocks where patch\(\) streamed 3 .*while an "
+                                         r"optimizer drives"):
+        loss_of(model, batch(0))
+    optimizer.close()
+    model.requires_grad_(True)
+    loss_of(model, batch(0)).backward()
+    loss_of(reference, batch(0)).backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_apply_plans_refuses_unknown_modules_and_non_plans():
     model = bread_kernels.patch(BUILDERS["llama"]())
     state = patched_state(model)

@@ -40,7 +40,8 @@ from ..installed_forward import install_forward
 from ..rounding import FLOAT_DTYPES
 from .probe import REFUSALS
 
-__all__ = ["RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "share_fused_rotary",
+__all__ = ["MARKED_FORWARD",
+           "RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "share_fused_rotary",
            "uninstall_fused_rotary", "uses_rotary_embedding"]
 
 #: the name transformers' attention forwards call the rotary embedding by
@@ -154,6 +155,10 @@ def _marked_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     finally:
         _marked.depth -= 1
+
+
+#: the forward :func:`install_fused_rotary` installs (patch's unpatch tells a copied one by it)
+MARKED_FORWARD = _marked_forward
 
 
 def _namespace(module: nn.Module) -> dict | None:
