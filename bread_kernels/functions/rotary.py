@@ -40,9 +40,8 @@ from ..installed_forward import install_forward
 from ..rounding import FLOAT_DTYPES
 from .probe import REFUSALS
 
-__all__ = ["MARKED_FORWARD",
-           "RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "share_fused_rotary",
-           "uninstall_fused_rotary", "uses_rotary_embedding"]
+__all__ = ["RotaryFunction", "rotary_embedding", "RotaryDispatch", "install_fused_rotary", "share_fused_rotary",
+           "uninstall_fused_rotary", "uses_rotary_embedding", "MARKED_FORWARD"]
 
 #: the name transformers' attention forwards call the rotary embedding by
 FUNCTION_NAME = "apply_rotary_pos_emb"
