@@ -386,60 +386,57 @@ def _bread_sgd_step(model, opt, step):
     opt.zero_grad()
 
 
-def test_torch_export_of_a_patched_model_mid_training_gives_its_logits_and_the_training_goes_on():
-    """``torch.export.export`` (non-strict, with grad enabled, as it is called) of a patched model whose optimizer
-    lives: export swaps fake tensors into the parameters while it traces, which the optimizer's check of the
-    parameters it holds took for a model whose parameters were replaced (``load_state_dict(..., assign=True)``)
-    and refused; a loss given labels, which the fused loss computed, failed inside it on a data-dependent guard (its
-    label check reads the labels on the host).  The exported programs give the eager logits and the unpatched
-    model's loss, and the training goes on as in a twin run that exported nothing."""
+def _trains_as_a_twin_run_without(capture) -> None:
+    """A patched 3-layer Llama trained three BREAD-SGD steps, ``capture(model, ids)`` called in eval mode after the
+    first (``ids``: one batch of 11 tokens), ends bit for bit where a twin run without the capture does."""
     runs = []
-    for export in (True, False):
+    for captured in (True, False):
         model = bread_kernels.patch(models.llama(layers=3))
         opt = _block_optimizer(model, switch_block_every=1, switch_mode="descending", sgd_mode="all")
         _bread_sgd_step(model, opt, 0)
-        if export:
+        if captured:
             model.eval()
-            ids = models.batch(7, shape=(1, 11))
-            program = torch.export.export(_Logits(model), (ids,))
-            with torch.no_grad():
-                assert torch.equal(program.module()(ids), model(input_ids=ids).logits)
+            capture(model, models.batch(7, shape=(1, 11)))
             model.train()
-            unpatched = bread_kernels.unpatch(copy.deepcopy(model))
-            assert torch.equal(torch.export.export(_Loss(model), (ids,)).module()(ids), _Loss(unpatched)(ids))
         for step in (1, 2):
             _bread_sgd_step(model, opt, step)
         opt.close()
         runs.append(dict(model.named_parameters()))
     for name, p in runs[1].items():
         assert torch.equal(runs[0][name], p), name
+
+
+def test_torch_export_of_a_patched_model_mid_training_gives_its_logits_and_the_training_goes_on():
+    """``torch.export.export`` (non-strict, with grad enabled, as it is called) of a patched model whose optimizer
+    lives: export swaps fake tensors into the parameters while it traces, which the optimizer's check of the
+    parameters it holds would take for a model whose parameters were replaced (``load_state_dict(...,
+    assign=True)``), and a loss given labels, which the fused loss would compute, would fail inside it on a
+    data-dependent guard (its label check reads the labels on the host).  The exported programs give the eager
+    logits and the unpatched model's loss, and the training goes on as in a twin run that exported nothing."""
+    def export(model, ids):
+        program = torch.export.export(_Logits(model), (ids,))
+        with torch.no_grad():
+            assert torch.equal(program.module()(ids), model(input_ids=ids).logits)
+        model.train()
+        unpatched = bread_kernels.unpatch(copy.deepcopy(model))
+        assert torch.equal(torch.export.export(_Loss(model), (ids,)).module()(ids), _Loss(unpatched)(ids))
+
+    _trains_as_a_twin_run_without(export)
 
 
 def test_torch_jit_trace_of_a_driven_patched_model_is_refused_with_grad_and_traces_the_logits_without():
     """``torch.jit.trace`` of a patched model whose optimizer lives, with grad enabled (``model.eval()`` alone, as
-    traces are often taken), failed inside the first fused function with the tracer's "Cannot insert a Tensor that
-    requires grad as a constant" (the backward trigger); its graph would run plain autograd with the plans and cut of
-    that step, never the engine's updates.  It is refused, before anything runs, naming ``torch.no_grad()``; under
+    traces are often taken): its graph would run plain autograd with the plans and cut of that step, never the
+    engine's updates (and the tracer would fail inside the first fused function on the backward trigger, a constant
+    that requires grad).  It is refused, before anything runs, naming ``torch.no_grad()``; under
     ``torch.no_grad()`` the traced module gives the unpatched model's logits, and the training goes on as in a twin
     run that traced nothing."""
-    runs = []
-    for trace in (True, False):
-        model = bread_kernels.patch(models.llama(layers=3))
-        opt = _block_optimizer(model, switch_block_every=1, switch_mode="descending", sgd_mode="all")
-        _bread_sgd_step(model, opt, 0)
-        if trace:
-            model.eval()
-            ids = models.batch(7, shape=(1, 11))
-            with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*torch\.no_grad\(\)"):
-                torch.jit.trace(_Logits(model), (ids,), check_trace=False)
-            with torch.no_grad():
-                traced = torch.jit.trace(_Logits(model), (ids,), check_trace=False)
-                unpatched = bread_kernels.unpatch(copy.deepcopy(model))
-                assert torch.equal(traced(ids), unpatched(input_ids=ids).logits)
-            model.train()
-        for step in (1, 2):
-            _bread_sgd_step(model, opt, step)
-        opt.close()
-        runs.append(dict(model.named_parameters()))
-    for name, p in runs[1].items():
-        assert torch.equal(runs[0][name], p), name
+    def trace(model, ids):
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*torch\.no_grad\(\)"):
+            torch.jit.trace(_Logits(model), (ids,), check_trace=False)
+        with torch.no_grad():
+            traced = torch.jit.trace(_Logits(model), (ids,), check_trace=False)
+            unpatched = bread_kernels.unpatch(copy.deepcopy(model))
+            assert torch.equal(traced(ids), unpatched(input_ids=ids).logits)
+
+    _trains_as_a_twin_run_without(trace)
