@@ -352,7 +352,8 @@ class PatchedModel:
         place (one holding every streamed block and more), a layer inserted, appended or deleted (``insert``, ``del``:
         torch reports neither to a hook), or a block moved or put in at a place (each streamed block knows its
         index, which the stream's cut compares with the optimizer's, counted by place in the stack: a block
-        inserted below the active one put that one below the cut, where it ran without autograd and never trained).
+        inserted below the active one would put that one below the cut, where it runs without autograd and never
+        trains).
         A layer count the model's config states is not compared (``num_hidden_layers`` changed with the stack says
         nothing of what patch streams)."""
         model = self.model_ref()

@@ -129,7 +129,8 @@ class StreamConfig:
     this_forward: ThisForward = field(default_factory=ThisForward, repr=False)
     #: the stream of a deep copy of a part of a patched model (a block, the base model) taken without the model's
     #: patched state: no model numbers its forwards or knows its blocks' places, so its blocks run their own forward
-    #: (depth up-scaling's copy of a block put into a patched stack read the KV cache as one of another forward's)
+    #: (depth up-scaling's copy of a block, put into a patched stack, would read the KV cache as one of another
+    #: forward's)
     orphan: bool = False
 
     def begin_forward(self) -> None:

@@ -325,7 +325,8 @@ class BlockOptimizer(torch.optim.Optimizer):
     def block_lr(self) -> float | None:
         """The base optimizer's lr for this step: the scheduled lr (``param_groups[0]["lr"]``) times the
         after-switch warm-up factor; None where the base optimizer has none (Adafactor with ``relative_step``, which
-        computes its own step size and was refused with a warm-up or on-the-fly updates, which need an lr)."""
+        computes its own step size; the optimizer refuses it at construction with a warm-up or on-the-fly updates,
+        which need an lr)."""
         lr = self.param_groups[0]["lr"]
         return None if lr is None else lr * self._lr_correction()
 
