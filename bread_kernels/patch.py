@@ -284,12 +284,7 @@ class PatchedModel:
             raise ValueError("bread_kernels: the model's weights were tied or untied after patch() (tie_weights(), "
                              "tie_word_embeddings); call bread_kernels.unpatch(model) and patch(model) again before "
                              "building the optimizer")
-        lost = self.find_lost()
-        if lost is not None:
-            raise ValueError(replaced_module_refusal(lost, type(model).__name__))
-        change = self.stack_change()
-        if change is not None:
-            raise ValueError(stack_change_refusal(change, type(model).__name__))
+        self._refuse_changed_modules(type(model).__name__)
 
     def clear_plans(self) -> None:
         """Every fused module back to plain autograd, and the backward reaching every block."""
@@ -315,18 +310,34 @@ class PatchedModel:
         """The qualified name of a module given a forward by patch (a fused layer, an experts module, a block) that
         is no longer in the model — peft's ``merge_and_unload`` put its base layer in its place,
         ``resize_token_embeddings`` a new embedding, ``del`` removed it — or None; one walk of the model's modules.
-        No plan reaches what is in its place.  Where none is gone, the suspicion :func:`_note_replaced_modules`
-        raised is cleared; where one is, the forwards go on looking (:meth:`check_forward`: it may be put back)."""
+        No plan reaches what is in its place.  Where none is gone and the stack is unchanged, the suspicion
+        :func:`_note_replaced_modules` raised is cleared; else the forwards go on looking (:meth:`check_forward`: it
+        may be put back)."""
+        return self._changed_modules()[0]
+
+    def _changed_modules(self) -> tuple[str | None, str | None]:
+        """What :meth:`find_lost` and :meth:`stack_change` find, each looked for once; where neither finds anything,
+        the suspicion is cleared, else the forwards go on looking."""
         model = self.model_ref()
         if model is None:
-            return None
+            return None, None
         present = {id(m) for m in model.modules()}
         lost = next((name for name, module in self.installed() if id(module) not in present), None)
-        if lost is None and self.stack_change() is None:
+        change = self.stack_change()
+        if lost is None and change is None:
             self.stream.suspect_lost = None
         else:
             self.suspect_lost()
-        return lost
+        return lost, change
+
+    def _refuse_changed_modules(self, patched: str, driven: bool = False) -> None:
+        """Refuse (``ValueError``, naming the remedy) a model of class ``patched`` with a module of patch's gone
+        (:meth:`find_lost`) or a block stack changed (:meth:`stack_change`) since patch."""
+        lost, change = self._changed_modules()
+        if lost is not None:
+            raise ValueError(replaced_module_refusal(lost, patched, driven=driven))
+        if change is not None:
+            raise ValueError(stack_change_refusal(change, patched, driven=driven))
 
     def suspect_lost(self) -> None:
         """A module of this model with a forward of patch's was replaced somewhere (:func:`_note_replaced_modules`):
@@ -340,12 +351,7 @@ class PatchedModel:
         model = self.model_ref()
         if self.driver is None or model is None:
             return
-        lost = self.find_lost()
-        if lost is not None:
-            raise ValueError(replaced_module_refusal(lost, type(model).__name__, driven=True))
-        change = self.stack_change()
-        if change is not None:
-            raise ValueError(stack_change_refusal(change, type(model).__name__, driven=True))
+        self._refuse_changed_modules(type(model).__name__, driven=True)
 
     def stack_change(self) -> str | None:
         """How the block stack differs from the one :func:`patch` streams, or None: another ``ModuleList`` in its

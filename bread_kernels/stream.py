@@ -275,7 +275,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
     config.this_forward.autocast = autocast_dtype(hidden.device)
     needing_grad = [name for name, value in arguments.items()
                     if name != hidden_name and any(t.requires_grad for t in _tensors_in(value))]
-    if index < config.cut and not (needing_grad or _leads_to_a_parameter(hidden, config, index)):
+    if index < config.cut and not (needing_grad or _leads_to_a_wanted_leaf(hidden, config, index)):
         if config.recompute and not getattr(block, "_can_checkpoint_with_cache", False):
             # before a block below the cut writes it: a recomputed one would refuse it
             _refuse_filled_caches(keywords, index, forward)
@@ -401,7 +401,7 @@ def _wanted_leaf(leaf: torch.Tensor) -> bool:
     return leaf is not BACKWARD_TRIGGER and leaf not in _EMBEDDING_OUTPUTS
 
 
-def _leads_to_a_parameter(hidden: torch.Tensor, config: StreamConfig, index: int, limit: int = 10_000) -> bool:
+def _leads_to_a_wanted_leaf(hidden: torch.Tensor, config: StreamConfig, index: int, limit: int = 10_000) -> bool:
     """Whether the graph below a block's hidden states reaches a leaf that wants a gradient (:func:`_wanted_leaf`: an
     ``nn.Parameter`` — a trained projector, soft prompt, embedding or scale — or a tensor the caller made to require
     grad, the hidden states themselves included): only then must a block below the cut pass a gradient down.  A leaf
