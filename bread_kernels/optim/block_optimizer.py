@@ -52,7 +52,7 @@ from ..peft_lora import is_adapter_name, non_lora_adapter_names
 from ..plan import OnTheFlyUpdate, Role, Rounding
 from .blocks import SWITCH_MODES, BlockOrder, infer_blocks, layer_prefixes
 from .driver import (EngineDriver, WeaklyHeld, check_loss_scaler, check_named_parameters, owning_patched_model,
-                     refuse_meta_targets, refuse_quantized_targets, take_over_parameters)
+                     refuse_untrainable_targets, take_over_parameters)
 from .masters import Fp32Masters
 from .roles import LORA_MODES, SGD_MODES, no_decay_names, roles_for_block
 
@@ -192,8 +192,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.block_step = 0
         for index in range(self.block_num):  # every block must be trainable before anything is touched
             roles, when = self.roles_for(index), f" while block {index} is active"
-            refuse_quantized_targets(self.named_parameters_list, roles, "BlockOptimizer", when)
-            refuse_meta_targets(self.named_parameters_list, roles, "BlockOptimizer", when)
+            refuse_untrainable_targets(self.named_parameters_list, roles, "BlockOptimizer", when)
 
         self.base_optimizer = base_optimizer
         self.base_defaults = {k: v for k, v in base_optimizer.defaults.items() if k != "weight_decay"}

@@ -471,8 +471,7 @@ class EngineDriver:
             if checked[name] is Role.LORA:
                 raise ValueError(f"{self.what}.set_roles: {name}: give a LoRA base weight FROZEN and its adapters "
                                  "ACTIVE; the LORA role is the engine's name for that pair")
-        refuse_quantized_targets(self.named_parameters, checked, f"{self.what}.set_roles")
-        refuse_meta_targets(self.named_parameters, checked, f"{self.what}.set_roles")
+        refuse_untrainable_targets(self.named_parameters, checked, f"{self.what}.set_roles")
         on_the_fly = [n for n, r in checked.items() if r.updates_on_the_fly]
         if self.update is None and on_the_fly:
             first = on_the_fly[0]
@@ -1018,17 +1017,21 @@ def check_parameters_of(model: nn.Module, named, what: str) -> None:
                              "such as peft.get_peft_model: bread_kernels.unpatch(wrapper), then patch(wrapper))")
 
 
-def refuse_quantized_targets(named_parameters, roles: Mapping[str, Role], what: str, when: str = "") -> None:
-    """Refuse (``ValueError``, naming the remedies) roles that would train a quantized weight
-    (:func:`~bread_kernels.quantized.quantized_weight`: bitsandbytes' int8/4-bit, HQQ, fp8, torchao's and quanto's
-    subclasses): neither Adam (ACTIVE) nor an on-the-fly update (SGD/SIGN) can be written into its packed elements
-    (torch refuses ``requires_grad`` on an integer tensor; a subclass's update would land in a dequantized copy, or
-    no gradient reaches it at all).  FROZEN is fine: LoRA adapters train over it.  ``when`` says which block gave
-    the roles."""
-    for name, p in named_parameters:
-        role = roles[name]
-        if role is Role.FROZEN:
-            continue
+def refuse_untrainable_targets(named_parameters, roles: Mapping[str, Role], what: str, when: str = "") -> None:
+    """Refuse (``ValueError``, naming the remedies) roles that would train a weight nothing can write: FROZEN is
+    fine for both kinds below (LoRA adapters train over a quantized base; accelerate's hook hands the forward an
+    offloaded weight's values).  ``when`` says which block gave the roles.  First any trained weight that is
+
+    * quantized (:func:`~bread_kernels.quantized.quantized_weight`: bitsandbytes' int8/4-bit, HQQ, fp8, torchao's
+      and quanto's subclasses): neither Adam (ACTIVE) nor an on-the-fly update (SGD/SIGN) can be written into its
+      packed elements (torch refuses ``requires_grad`` on an integer tensor; a subclass's update would land in a
+      dequantized copy, or no gradient reaches it at all);
+
+    then any that is on the meta device (:mod:`bread_kernels.offload`: offloaded by accelerate, or never loaded):
+    the gradient and any update would reach only a temporary copy that accelerate's hook drops after the forward,
+    so the weight would silently stay as it was."""
+    trained = [(name, p, roles[name]) for name, p in named_parameters if roles[name] is not Role.FROZEN]
+    for name, p, role in trained:
         stored = quantized_weight(p)
         if stored is None:
             continue
@@ -1040,16 +1043,8 @@ def refuse_quantized_targets(named_parameters, roles: Mapping[str, Role], what: 
             "leave the quantized weights out of named_parameters_list ([(n, p) for n, p in "
             "model.named_parameters() if bread_kernels.quantized.quantized_weight(p) is None]), or load the model "
             "unquantized (dtype=torch.bfloat16) to train its weights")
-
-
-def refuse_meta_targets(named_parameters, roles: Mapping[str, Role], what: str, when: str = "") -> None:
-    """Refuse (``ValueError``, naming the remedies) roles that would train a parameter on the meta device
-    (:mod:`bread_kernels.offload`: offloaded by accelerate, or never loaded): the gradient and any update would reach
-    only a temporary copy that accelerate's hook drops after the forward, so the weight would silently stay as it
-    was.  FROZEN is fine: accelerate's hook hands the forward its values."""
-    for name, p in named_parameters:
-        role = roles[name]
-        if role is not Role.FROZEN and p.device.type == "meta":
+    for name, p, role in trained:
+        if p.device.type == "meta":
             raise ValueError(meta_parameter_refusal(what, name, role.name, when))
 
 
