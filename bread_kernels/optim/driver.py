@@ -188,7 +188,7 @@ class EngineDriver:
         self._replaced: set[int] = set()
         #: every parameter's probe, for :meth:`check_functional_call` (built here: inside a functional_call the
         #: tensors swapped in are what the modules hold)
-        self._every_held = held_parameter_probes(self.model, self.named_parameters, [], every=True) \
+        self._every_held = _parameter_probes(self.model, self.named_parameters) \
             if self.engine is not None else []
         self._names_by_id: dict[int, str] | None = None
         _watch_parameter_replacements()
@@ -1119,12 +1119,12 @@ def _on_parameter_registered(module: nn.Module, name: str, param: nn.Parameter) 
 _FUNCTIONAL_CALL_CODE = getattr(getattr(stateless, "_functional_call", None), "__code__", None)
 
 
-def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str], every: bool = False) -> list[tuple]:
-    """``(name, weakref to the owning module, attribute, parameter)`` of a bounded sample of ``named`` (parameters
-    of ``model`` under those names): the first and last of the list, and in each block (``block_prefixes``) the
-    first parameter and the first that requires grad now (a peft model's adapters, which peft's
-    ``load_adapter(..., low_cpu_mem_usage=True)`` replaces alone) — what :meth:`EngineDriver.check_parameters_held`
-    compares with what the modules hold; with ``every``, all of ``named``.  One pass over the names."""
+def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str]) -> list[tuple]:
+    """:func:`_parameter_probes` of a bounded sample of ``named`` (parameters of ``model`` under those names): the
+    first and last of the list, and in each block (``block_prefixes``) the first parameter and the first that
+    requires grad now (a peft model's adapters, which peft's ``load_adapter(..., low_cpu_mem_usage=True)`` replaces
+    alone) — what :meth:`EngineDriver.check_parameters_held` compares with what the modules hold.  One pass over the
+    names."""
     blocks = set(block_prefixes)
     stack = block_prefixes[0][:-len("0.")] if block_prefixes else None  # "model.layers." ("" for the model itself)
     first_of_block: dict[str, tuple[str, nn.Parameter]] = {}
@@ -1137,10 +1137,14 @@ def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str], ev
                 first_of_block.setdefault(block, (name, p))
                 if p.requires_grad:
                     first_trained_of_block.setdefault(block, (name, p))
-    sample = list(named) if every else [named[0], named[-1], *first_of_block.values(),
-                                        *first_trained_of_block.values()]
+    return _parameter_probes(model, [named[0], named[-1], *first_of_block.values(), *first_trained_of_block.values()])
+
+
+def _parameter_probes(model: nn.Module, named) -> list[tuple]:
+    """``(name, weakref to the owning module, attribute, parameter)`` of each of ``named`` that ``model`` holds
+    under its name, each parameter once."""
     probes, seen = [], set()
-    for name, p in sample:
+    for name, p in named:
         module_name, _, attr = name.rpartition(".")
         try:
             owner = model.get_submodule(module_name)
