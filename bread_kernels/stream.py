@@ -305,7 +305,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             named["use_cache"] = False
 
     record = ForwardRecord()
-    training = block.training  # the forward's mode, which a recompute replays (model.eval() before the backward)
+    modes = _modes(block)  # the forward's, which a recompute replays (model.eval() before the backward)
 
     def run(h):
         # the autograd graph keeps ``run`` until it is freed: holding no hidden state here keeps a block's
@@ -315,15 +315,14 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
         # reference forward in ``disable_gradient_checkpointing``, whose exit enables it again): the block's own
         # forward would checkpoint itself inside ours and save other tensors than the forward did
         turn_off_hf_checkpointing(block)
-        modes = _in_mode(block, training) if block.training is not training else None
+        changed = _in_modes(modes)
         try:
             with record:  # the recompute replays the forward's adapter choices
                 return call()
         finally:
             arguments[hidden_name] = None
-            if modes is not None:
-                for module, mode in modes:
-                    module.training = mode
+            for module, mode in changed:
+                module.training = mode
 
     if not (hidden.requires_grad or needing_grad or block_has_work(block)):
         with torch.no_grad():
@@ -336,14 +335,23 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
                       context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
 
 
-def _in_mode(block: nn.Module, training: bool) -> list[tuple[nn.Module, bool]]:
-    """Put ``block`` in the mode its forward ran in (``train(training)``) for a recompute that comes after the model
-    was switched (``model.eval()`` between a loss and its backward: with dropout, the recompute saved other tensors
-    than the forward and the checkpoint failed, as Hugging Face's own checkpointing does); returns each module's
-    mode to put back after."""
-    modes = [(module, module.training) for module in block.modules()]
-    block.train(training)
-    return modes
+def _modes(block: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each module of ``block`` with its mode (``training``) now: what a forward ran in, module by module (dropout
+    switched off by ``module.eval()`` in a training model, or left on in an evaluation one)."""
+    return [(module, module.training) for module in block.modules()]
+
+
+def _in_modes(modes: list[tuple[nn.Module, bool]]) -> list[tuple[nn.Module, bool]]:
+    """Put each module back in the mode of :func:`_modes` for a recompute that comes after a mode changed
+    (``model.eval()`` between a loss and its backward: with dropout, the recompute saved other tensors than the
+    forward and the checkpoint failed, as Hugging Face's own checkpointing does); returns the modules it changed, each
+    with the mode to put back after."""
+    changed = []
+    for module, training in modes:
+        if module.training is not training:
+            changed.append((module, module.training))
+            module.training = training
+    return changed
 
 
 #: the outputs of the patched models' input embeddings a hook made to require grad, held weakly

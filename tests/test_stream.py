@@ -63,6 +63,52 @@ def test_a_model_switched_to_eval_between_its_loss_and_the_backward_has_the_plai
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def _with_dropout(model):
+    """The modules that apply dropout: GPT-2's ``nn.Dropout``s, Llama's attention (``attention_dropout`` while it
+    trains)."""
+    return [m for m in model.modules() if isinstance(m, nn.Dropout) or type(m).__name__.endswith("Attention")]
+
+
+def _dropout_off_by_module(model):  # dropout turned off the way users do it without touching the config
+    model.train()
+    for module in _with_dropout(model):
+        module.eval()
+
+
+def _monte_carlo_dropout(model):  # an evaluation model whose dropout stays on
+    model.eval()
+    for module in _with_dropout(model):
+        module.train()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("before, between", [
+    (_dropout_off_by_module, lambda model: model.eval()),
+    (_monte_carlo_dropout, lambda model: model.train()),
+    (lambda model: model.train(), _dropout_off_by_module),
+], ids=["dropout-modules-off-then-eval", "mc-dropout-then-train", "train-then-dropout-modules-off"])
+def test_a_recompute_replays_every_modules_mode_of_the_forward(arch, before, between):
+    """A block whose modules ran in mixed modes (dropout switched off module by module in a training model, or
+    left on in an evaluation one: Monte Carlo dropout) and whose modes change between the loss and ``backward()``:
+    the recompute put the whole block in the block's own mode of the forward, not each module in its own, and
+    failed ("Recomputed values ... have different metadata"), or ran each module in its mode of the backward's
+    time.  It replays each module's mode, so every gradient is plain autograd's, and leaves the modes as set."""
+    plain = BUILDERS[arch](dropout=0.3)
+    patched = bread_kernels.patch(copy.deepcopy(plain), keep_top=0, fused_loss=False)  # every block recomputed
+    ids = batch(0)
+    for model in (plain, patched):
+        before(model)
+        torch.manual_seed(7)
+        loss = loss_of(model, ids)
+        between(model)
+        loss.backward()
+    assert [m.training for m in patched.modules()] == [m.training for m in plain.modules()]
+    expected, actual = grads(plain), grads(patched)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_hf_checkpointing_turned_back_on_between_the_loss_and_the_backward_is_not_nested_in_the_recompute(arch):
     """TRL's preference trainers (DPOTrainer, KTOTrainer, ...) run their reference forward inside
