@@ -478,14 +478,15 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def schedule_state(self) -> dict:
         """What :meth:`state_dict` holds besides the base optimizer's and the masters' state: the block order, the
-        step counters, the on-the-fly updates' draw counter, the scheduled lr, what each block index trains and
-        what ``keep_top="auto"`` measured.  Plain Python values; the ZeRO-3 engine saves it beside DeepSpeed's
+        step counters, the on-the-fly updates' seed and draw counter, the scheduled lr, what each block index trains
+        and what ``keep_top="auto"`` measured.  Plain Python values; the ZeRO-3 engine saves it beside DeepSpeed's
         checkpoint, which holds the rest."""
         return {
             "order": self.order.state_dict(),
             "global_step": self.global_step,
             "block_step": self.block_step,
             "update_draws": self.update.draws,
+            "update_seed": self.update.seed,
             "lr": [g["lr"] for g in self.param_groups],
             # what keep_top="auto" measured for these plans: a resumed run keeps (and chunks its loss) as this one
             "kept_block_bytes": dict(self.engine.stream.block_bytes) if self.engine is not None else {},
@@ -568,11 +569,12 @@ class BlockOptimizer(torch.optim.Optimizer):
                              "an optimizer over the model the saved run trained")
 
     def load_schedule_state(self, state: dict) -> None:
-        """Take the block order, counters, draw counter and lr of a checked :meth:`schedule_state`; the caller then
-        activates ``self.order.current`` and restores the measured block sizes (:meth:`restore_measured`)."""
+        """Take the block order, counters, seed, draw counter and lr of a checked :meth:`schedule_state`; the caller
+        then activates ``self.order.current`` and restores the measured block sizes (:meth:`restore_measured`)."""
         self.order.load_state_dict(state["order"])
         self.global_step, self.block_step = state["global_step"], state["block_step"]
         self.update.draws = state.get("update_draws", 0)
+        self.update.seed = state.get("update_seed", self.update.seed)
         for group, lr in zip(self.param_groups, state.get("lr", [])):
             group["lr"] = lr
 

@@ -390,6 +390,27 @@ def test_state_dict_resumes_a_run_exactly(sgd_mode, dtype):
     assert opt2.order.current == opt.order.current and opt2.global_step == opt.global_step == 7
 
 
+def test_a_resume_draws_the_stochastic_rounding_bits_of_the_run_it_resumes():
+    """bf16 BREAD-SGD rounds stochastically from ``(seed, draw)``.  The state saved the draw counter but not the
+    seed, so a run built with ``seed=3`` and resumed by an optimizer built the way the README shows (no seed) went
+    on with seed 0's bits: not the run it resumed, and silently.  The seed is part of the state."""
+    base = BUILDERS["llama"](dtype=torch.bfloat16)
+    model = bread_kernels.patch(copy.deepcopy(base))
+    opt = make(model, switch_block_every=2, sgd_mode="all", seed=3)
+    train(model, opt, 2)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, 2, start=2)
+
+    resumed = bread_kernels.patch(copy.deepcopy(base))
+    resumed.load_state_dict(saved_model)
+    opt2 = make(resumed, switch_block_every=2, sgd_mode="all")
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 2, start=2)
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+    assert opt2.update.seed == 3
+
+
 @pytest.mark.parametrize("hook_update_numel", [0, 1 << 20], ids=["fused", "hooked"])
 def test_non_finite_gradient_skips_the_updates_and_is_reported_once_per_step(hook_update_numel):
     """Fused updates, or every block linear's update in the driver's hook (patch's hook_update_numel)."""
