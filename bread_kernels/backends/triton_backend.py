@@ -86,10 +86,12 @@ class TritonBackend(TorchSums, TorchRotary):
     def lora_grads(self, grad_output, input, u, lora_b, scaling, need_a, need_b):
         """cuBLAS GEMMs by default: measured on an H200 (bench/results/lora_layer_h200.txt) they beat the fused
         kernel (fp32 1.05-1.11x, bf16 1.7-2.3x slower than cuBLAS, at 8192 tokens, 4096-wide layers, r 8-64).
-        ``BREAD_LORA_KERNEL=triton`` selects the kernel (always, under the interpreter, where it is tested)."""
+        ``BREAD_LORA_KERNEL=triton`` selects the kernel (always, under the interpreter, where it is tested), except
+        under ``torch.use_deterministic_algorithms(True)``: the kernel sums its programs' parts with atomics."""
         use_kernel = os.environ.get("BREAD_LORA_KERNEL", "").strip().lower() == "triton" or \
             grad_output.device.type != "cuda"
-        if not use_kernel or records_ops(grad_output, input, u, lora_b) or lora_b.shape[1] > self._lora.MAX_RANK:
+        if not use_kernel or torch.are_deterministic_algorithms_enabled() or \
+                records_ops(grad_output, input, u, lora_b) or lora_b.shape[1] > self._lora.MAX_RANK:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)
         return self._lora.lora_grads(grad_output, input, u, lora_b, scaling, need_a, need_b)
 

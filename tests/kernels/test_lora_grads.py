@@ -54,3 +54,33 @@ def test_rank_above_the_kernel_maximum_is_refused():
     r = triton_kernel.MAX_RANK + 1
     with pytest.raises(ValueError, match="above the kernel's maximum"):
         triton_kernel.lora_grads(g, x, torch.randn(4, r).to(DEVICE), torch.randn(5, r).to(DEVICE), 1.0, True, True)
+
+
+def test_deterministic_algorithms_take_the_gemms_not_the_atomic_kernel(monkeypatch):
+    """The kernel sums its programs' partial dA, dB with atomics (run-to-run last bits on a GPU): under
+    ``torch.use_deterministic_algorithms(True)`` the triton backend computes them with the GEMMs instead, even with
+    ``BREAD_LORA_KERNEL=triton``."""
+    from bread_kernels.backends import get_backend
+
+    monkeypatch.setenv("BREAD_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("BREAD_LORA_KERNEL", "triton")
+    backend = get_backend(DEVICE)
+    calls = []
+    kernel = backend._lora.lora_grads
+    monkeypatch.setattr(backend._lora, "lora_grads", lambda *args: calls.append(1) or kernel(*args))
+    gen = torch.Generator().manual_seed(1)
+    g, x = torch.randn(19, 70, generator=gen).to(DEVICE), torch.randn(19, 33, generator=gen).to(DEVICE)
+    a, b = torch.randn(8, 33, generator=gen).to(DEVICE), torch.randn(70, 8, generator=gen).to(DEVICE)
+    u = x @ a.t()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got = backend.lora_grads(g, x, u, b, 0.75, True, True)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert calls == []
+    for a_, b_ in zip(got, lora_grads_gemm(g, x, u, b, 0.75, True, True)):
+        assert torch.equal(a_, b_)
+    backend.lora_grads(g, x, u, b, 0.75, True, True)
+    assert calls == [1]  # the kernel otherwise
