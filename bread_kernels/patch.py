@@ -90,8 +90,8 @@ from .peft_lora import (Conv1D, check_lora_layer, fusable_lora_layer, is_linear_
 from .plan import PLAN_ATTR, WeightPlan, begin_forward
 from .quantized import quantized_weight
 from .rounding import FLOAT_DTYPES
-from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, note_embedding_outputs, streamed_block_forward,
-                     turn_off_hf_checkpointing)
+from .stream import (CHECKPOINTING_TURNED_OFF, StreamConfig, inside_functional_call, note_embedding_outputs,
+                     streamed_block_forward, turn_off_hf_checkpointing)
 from .weight_readers import linears_read_outside
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
@@ -413,15 +413,19 @@ class PatchedModel:
         """A forward of the model starts at ``module`` (not inside another of its forwards): refuse a model sharded
         after patch (FSDP2's hooks, registered later, run after these: its parameters are still the sharded DTensors
         here) or one whose fused modules were replaced, number the forward
-        (:func:`~bread_kernels.plan.begin_forward`) and run the :attr:`before_forward` hooks."""
+        (:func:`~bread_kernels.plan.begin_forward`) and run the :attr:`before_forward` hooks.  A forward with grad
+        that ``torch.func.functional_call`` runs on a model no optimizer drives keeps every block's activations
+        (:attr:`~bread_kernels.stream.ThisForward.unrecomputed`: the tensors it swaps in are gone from the modules
+        by the backward), as the unpatched model computes; where an optimizer drives, its hook refuses a swap."""
         name = self.shard_probe()
         if name is not None:
             raise TypeError(sharded_refusal("bread_kernels", name))
-        if torch.is_grad_enabled() and (self.stream.suspect_lost is not None or
-                                        len(self.blocks) != self.stream.n_blocks):
+        grad = torch.is_grad_enabled()
+        if grad and (self.stream.suspect_lost is not None or len(self.blocks) != self.stream.n_blocks):
             self.check_forward()  # here too: a block stack swapped whole runs no streamed block; a layer inserted or
             # deleted (no hook sees it) shifts the blocks' places
-        self.stream.begin_forward()  # its blocks say what they compute in and which caches they were given
+        # its blocks say what they compute in, which caches they were given, and whether they are recomputed
+        self.stream.begin_forward(unrecomputed=grad and self.driver is None and inside_functional_call())
         begin_forward()
         for hook in list(self.before_forward.values()):
             hook(module, args)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import threading
 import warnings
 import weakref
@@ -58,6 +59,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import stateless
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -68,7 +70,7 @@ from .functions.recompute import ForwardRecord, Recomputing
 from .plan import BACKWARD_TRIGGER, PLAN_ATTR
 
 __all__ = ["StreamConfig", "streamed_block_forward", "turn_off_hf_checkpointing", "CHECKPOINTING_TURNED_OFF",
-           "note_embedding_outputs"]
+           "note_embedding_outputs", "inside_functional_call"]
 
 #: on a block whose HF ``gradient_checkpointing`` was turned off — by ``patch``, or by the stream where it was enabled
 #: after ``patch`` — so that ``unpatch`` turns it back on
@@ -84,10 +86,14 @@ class ThisForward(threading.local):
       after the forward, where an autocast entered inside the model's forward (accelerate's ``prepare``) has been
       left again;
     * :attr:`caches`: the KV caches its blocks were given, with what they held when it started
-      (:class:`ForwardCaches`); None outside a forward of the model (dropped where it ends)."""
+      (:class:`ForwardCaches`); None outside a forward of the model (dropped where it ends);
+    * :attr:`unrecomputed`: whether its blocks keep their activations, recompute or not: a forward with grad that
+      ``torch.func.functional_call`` runs on a model no optimizer drives (a recompute in the backward would read the
+      model's own parameters, which functional_call has put back by then, instead of the tensors it swapped in)."""
 
     autocast: torch.dtype | None = None  # class defaults: what a thread that never set them reads
     caches: "ForwardCaches | None" = None
+    unrecomputed: bool = False
 
 
 @dataclass
@@ -133,17 +139,20 @@ class StreamConfig:
     #: forward's)
     orphan: bool = False
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, unrecomputed: bool = False) -> None:
         """A forward of the model starts in this thread: its blocks say what they compute in, and the KV caches they
-        are given count by what they hold from now on (:class:`ForwardCaches`)."""
+        are given count by what they hold from now on (:class:`ForwardCaches`); ``unrecomputed``: its blocks keep
+        their activations (:attr:`ThisForward.unrecomputed`)."""
         this = self.this_forward
         this.autocast = None
         this.caches = ForwardCaches(torch.is_grad_enabled())
+        this.unrecomputed = unrecomputed
 
     def end_forward(self) -> None:
         """The forward of the model that ran in this thread ended: a block called outside one reads its caches as
-        they are."""
+        they are, and is recomputed as the stream's options say."""
         self.this_forward.caches = None
+        self.this_forward.unrecomputed = False
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer
@@ -281,7 +290,7 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
             _refuse_filled_caches(keywords, index, forward)
         with torch.no_grad():
             return original(*args, **kwargs)
-    if not config.recompute:
+    if not config.recompute or config.this_forward.unrecomputed:
         return original(*args, **kwargs)
     if index >= config.n_blocks - config.kept_blocks(hidden.numel() // hidden.shape[-1]):
         config.kept += 1
@@ -333,6 +342,21 @@ def streamed_block_forward(block: nn.Module, original: Callable, config: StreamC
 
     return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), Recomputing(count_recompute)))
+
+
+#: the code of the function every functional_call of torch runs the module's forward from (in its frame)
+_FUNCTIONAL_CALL_CODE = getattr(getattr(stateless, "_functional_call", None), "__code__", None)
+
+
+def inside_functional_call() -> bool:
+    """Whether the caller runs inside ``torch.func.functional_call`` (or ``torch.nn.utils.stateless.functional_call``,
+    ``torch.func.grad`` of a function calling it), which swaps tensors of its caller's into the modules' parameters
+    until the forward returns: a walk up the calling thread's frames for functional_call's own (~0.06-0.1 µs a
+    frame: 2-5 µs at a Trainer's depth of 40 frames)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _FUNCTIONAL_CALL_CODE:
+        frame = frame.f_back
+    return frame is not None
 
 
 def _modes(block: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -34,7 +34,6 @@ owner (with a warning) and takes them over.
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 import weakref
@@ -42,7 +41,6 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import stateless
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends.chunked import chunk_budget_bytes
@@ -52,6 +50,7 @@ from ..peft_lora import adapter_parameters
 from ..plan import FiniteChecks, OnTheFlyUpdate, OnTheFlyWrites, Role, WeightPlan, forward_epoch, running_backward
 from ..quantized import quantized_weight
 from ..rounding import FLOAT_DTYPES
+from ..stream import inside_functional_call
 from ..update import update_dense_
 from .data_parallel import (INDEPENDENT_RANKS_ENV, AveragedTarget, DataParallelForward, average_gradients_,
                             check_same_parameters, data_parallel_forward, queue_after_backward,
@@ -258,13 +257,10 @@ class EngineDriver:
         activations the forward never had; a block below the cut runs without autograd, so a caller's tensor there
         gets no gradient.  The unpatched model computes both from the tensors given.
 
-        Host cost: a walk up the caller's frames for functional_call's own (~0.06 µs a frame: 2-3 µs at a Trainer's
-        depth of 40 frames); only inside one, an identity check of every parameter with the module holding it (the
-        sample of :meth:`check_parameters_held` misses a swap of a few weights)."""
-        frame = sys._getframe(1)
-        while frame is not None and frame.f_code is not _FUNCTIONAL_CALL_CODE:
-            frame = frame.f_back
-        if frame is None:
+        Host cost: a walk up the caller's frames for functional_call's own
+        (:func:`~bread_kernels.stream.inside_functional_call`); only inside one, an identity check of every parameter
+        with the module holding it (the sample of :meth:`check_parameters_held` misses a swap of a few weights)."""
+        if not inside_functional_call():
             return
         swapped = [name for name, owner_ref, attr, p in self._every_held
                    if (owner := owner_ref()) is not None and owner._parameters.get(attr) is not p]
@@ -277,8 +273,9 @@ class EngineDriver:
                 "without autograd), so the gradients and on-the-fly updates would be computed from weights this "
                 "forward did not use, and the tensors given would get wrong or no gradients. Refused before this "
                 "forward changed anything. Run functional_call under torch.no_grad() (evaluation, a reference "
-                "model's logits), or on a copy of the model that no optimizer drives (copy.deepcopy(model), or an "
-                "unpatched one)")
+                "model's logits), or on a copy of the model that no optimizer drives (copy.deepcopy(model), whose "
+                "blocks keep their activations inside functional_call; under torch.func.grad or vmap an unpatched "
+                "one: bread_kernels.unpatch(copy.deepcopy(model)))")
 
     def _note_replaced(self, module: nn.Module, attr: str, old: torch.Tensor) -> None:
         """``module.<attr>``, which held this driver's parameter ``old``, is being given another parameter
@@ -1113,10 +1110,6 @@ def _on_parameter_registered(module: nn.Module, name: str, param: nn.Parameter) 
     driver = owner() if owner is not None else None
     if driver is not None and not driver.closed:
         driver._note_replaced(module, name, old)
-
-
-#: the code of the function every functional_call of torch runs the module's forward from (in its frame)
-_FUNCTIONAL_CALL_CODE = getattr(getattr(stateless, "_functional_call", None), "__code__", None)
 
 
 def held_parameter_probes(model: nn.Module, named, block_prefixes: list[str]) -> list[tuple]:

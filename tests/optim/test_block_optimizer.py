@@ -1281,3 +1281,38 @@ def test_a_partial_functional_call_swap_with_grad_is_refused_before_anything_is_
     torch.testing.assert_close(own.loss, loss_of(reference, ids))
     own.loss.backward()
     opt.step()
+
+
+@pytest.mark.parametrize("sgd_mode", ["disabled", "all"])
+def test_a_functional_call_swap_with_grad_on_a_copy_no_optimizer_drives_gives_the_unpatched_gradients(sgd_mode):
+    """The remedy the refusal above names: ``torch.func.functional_call`` with grad and tensors of the caller's in
+    place of some parameters, on a deep copy of the driven model (no optimizer drives it).  The copy's blocks were
+    recomputed in the backward after functional_call had put the copy's own parameters back: where BAdam had left a
+    block's parameters frozen the recompute saved other tensors than the forward (``CheckpointError``), elsewhere
+    the gradients of the embedding, a norm and a projection came from weights the forward never used.  The loss and
+    every gradient are the unpatched copy's."""
+    model = bread_kernels.patch(models.llama(layers=3), keep_top=0)
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), list(model.named_parameters()),
+                                       sgd_mode=sgd_mode, verbose=0)
+    loss_of(model, batch(0)).backward()
+    opt.step()
+    opt.zero_grad()
+    copied = copy.deepcopy(model)
+    reference = bread_kernels.unpatch(copy.deepcopy(model))
+    names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+             "model.layers.2.self_attn.q_proj.weight"]
+    ids, results = batch(1), []
+    for run in (reference, copied):
+        swapped = {n: (run.get_parameter(n).detach() + 0.3).requires_grad_(True) for n in names}
+        loss = torch.func.functional_call(run, swapped, (), dict(input_ids=ids, labels=ids)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: w.grad for n, w in swapped.items()},
+                        {n: p.grad for n, p in run.named_parameters()}))
+    (expected_loss, expected, expected_own), (loss, got, got_own) = results
+    torch.testing.assert_close(loss, expected_loss)
+    for n in names:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    for n, grad in expected_own.items():
+        assert (got_own[n] is None) == (grad is None), n
+        if grad is not None:
+            torch.testing.assert_close(got_own[n], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
