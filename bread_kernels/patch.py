@@ -366,11 +366,7 @@ class PatchedModel:
         if model is None:
             return None
         name = self.blocks_name or type(model).__name__
-        try:
-            current = model.get_submodule(self.blocks_name) if self.blocks_name else model
-        except AttributeError:
-            current = None
-        if current is not self.blocks:
+        if self.current_blocks() is not self.blocks:
             return f"{name} is no longer the ModuleList patch() streams (another one was assigned in its place)"
         if len(self.blocks) != self.stream.n_blocks:
             return (f"{name} holds {len(self.blocks)} blocks where patch() streamed {self.stream.n_blocks} (a layer "
@@ -381,6 +377,17 @@ class PatchedModel:
                 return (f"{name}.{index} is not the block patch() streamed there (a layer moved, or another put in "
                         "its place)")
         return None
+
+    def current_blocks(self) -> nn.Module | None:
+        """The module the model holds where :func:`patch` found its block stack (another ``ModuleList`` where one was
+        assigned in its place since), or None (the model gone, or nothing there)."""
+        model = self.model_ref()
+        if model is None:
+            return None
+        try:
+            return model.get_submodule(self.blocks_name) if self.blocks_name else model
+        except AttributeError:
+            return None
 
     def installed(self) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of every module given a forward of patch's that a plan or the stream acts
@@ -1390,6 +1397,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         if block.__dict__.pop(CHECKPOINTING_TURNED_OFF, False):
             block.gradient_checkpointing = True
         _strip_copied_forwards(block, state)
+    current = state.current_blocks()
+    if current is not None and current is not state.blocks:  # a stack assigned anew (a copied layer put into it)
+        for block in current:
+            _strip_copied_forwards(block, state)
     for handle in state.entry_handles:
         handle.remove()
     state.entry_handles = []
@@ -1405,8 +1416,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 def _strip_copied_forwards(block: nn.Module, state: PatchedModel) -> None:
     """Remove from ``block``'s modules the forwards of patch's that no list of ``state`` holds: those of a deep copy
     of a patched block or layer put into the stack after patch (depth up-scaling, ``layers.append(copy.deepcopy(
-    layers[0]))``), which carry the copied forwards along (design invariant 5: after :func:`unpatch` the model is
-    the original module tree).  A module that another live patched model fused (:data:`_INSTALLED`) keeps its own."""
+    layers[0]))``, or a ``ModuleList`` assigned in the stack's place), which carry the copied forwards along
+    (design invariant 5: after :func:`unpatch` the model is the original module tree).  A module that another live
+    patched model fused (:data:`_INSTALLED`) keeps its own."""
     for module in block.modules():
         forward = module.__dict__.get("forward")
         if not isinstance(forward, InstalledForward) or forward.__func__ not in _PATCH_FORWARDS:

@@ -204,13 +204,15 @@ def test_a_stack_swapped_whole_or_sliced_is_refused_and_a_stack_put_back_or_a_mo
 
 
 def _grow_stack(model, change):
-    """Depth up-scaling (LLaMA-Pro's block expansion) or a reordering of a Llama's stack, its layers renumbered for
-    the KV cache as a fresh stack of that depth numbers them."""
+    """Depth up-scaling (LLaMA-Pro's block expansion; into a new ``ModuleList`` for ``"assign"``) or a reordering of
+    a Llama's stack, its layers renumbered for the KV cache as a fresh stack of that depth numbers them."""
     layers = model.model.layers
     if change == "insert":
         layers.insert(1, copy.deepcopy(layers[0]))
     elif change == "append":
         layers.append(copy.deepcopy(layers[0]))
+    elif change == "assign":
+        layers = model.model.layers = nn.ModuleList([*layers, copy.deepcopy(layers[0])])
     else:
         layers[1], layers[2] = layers[2], layers[1]
     for index, layer in enumerate(layers):
@@ -227,14 +229,15 @@ def _train(model, steps=3, **modes):
     optimizer.close()
 
 
-@pytest.mark.parametrize("change", ["insert", "append", "swap"])
+@pytest.mark.parametrize("change", ["insert", "append", "assign", "swap"])
 def test_a_stack_grown_or_reordered_after_patch_is_refused_and_trains_as_the_slow_path_patched_again(change):
-    """A layer inserted, appended or moved after ``patch`` (``insert`` and ``del`` reach no hook): each streamed
-    block kept its index, which the stream compares with the cut the optimizer counts by place, so a block inserted
-    below the active one put that one below the cut, where it ran without autograd and never trained, and an appended
-    copy of a patched block read the KV cache as another forward's.  The optimizer is refused, naming the remedy;
-    unpatched, no forward of patch's is left on the copied layer; patched again, it trains as the same surgery
-    unpatched (the slow path) does."""
+    """A layer inserted, appended or moved after ``patch`` (``insert`` and ``del`` reach no hook), or the stack
+    assigned anew with a layer more: each streamed block kept its index, which the stream compares with the cut the
+    optimizer counts by place, so a block inserted below the active one put that one below the cut, where it ran
+    without autograd and never trained, and an appended copy of a patched block read the KV cache as another
+    forward's.  The optimizer is refused, naming the remedy; unpatched, no forward of patch's is left on the copied
+    layer (in a stack assigned anew, it was); patched again, it trains as the same surgery unpatched (the slow path)
+    does."""
     reference, model = models.llama(layers=3), bread_kernels.patch(models.llama(layers=3), hook_update_numel=0)
     _grow_stack(reference, change)
     _grow_stack(model, change)
