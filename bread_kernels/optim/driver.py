@@ -185,9 +185,10 @@ class EngineDriver:
         self._held = held_parameter_probes(self.model, self.named_parameters, self.engine.block_prefixes()) \
             if self.engine is not None else []
         self._replaced: set[int] = set()
-        #: every parameter's probe, for :meth:`check_functional_call` (built here: inside a functional_call the
-        #: tensors swapped in are what the modules hold)
-        self._every_held = _parameter_probes(self.model, self.named_parameters) \
+        #: the probe of every parameter of the model, the optimizer's or not (a block's recompute reads a frozen
+        #: norm too), for :meth:`check_functional_call` (built here: inside a functional_call the tensors swapped in
+        #: are what the modules hold)
+        self._every_held = _parameter_probes(self.model, [*self.named_parameters, *self.model.named_parameters()]) \
             if self.engine is not None else []
         self._names_by_id: dict[int, str] | None = None
         _watch_parameter_replacements()
@@ -250,12 +251,12 @@ class EngineDriver:
     def check_functional_call(self) -> None:
         """Refuse (``RuntimeError``, before this forward changes anything) a forward with grad that
         ``torch.func.functional_call`` (or ``torch.nn.utils.stateless.functional_call``, ``torch.func.grad`` of a
-        function calling it) runs with some of the model's parameters replaced by tensors of the caller's (a MAML
-        inner step, a reference copy of a few weights): a block at or above the cut is recomputed in the backward,
-        after functional_call has put the model's own parameters back, so the recompute reads them instead of the
-        tensors the forward used and every gradient and on-the-fly update in that block and below is computed from
-        activations the forward never had; a block below the cut runs without autograd, so a caller's tensor there
-        gets no gradient.  The unpatched model computes both from the tensors given.
+        function calling it) runs with some of the model's parameters (the optimizer's or not) replaced by tensors of
+        the caller's (a MAML inner step, a reference copy of a few weights): a block at or above the cut is
+        recomputed in the backward, after functional_call has put the model's own parameters back, so the recompute
+        reads them instead of the tensors the forward used and every gradient and on-the-fly update in that block and
+        below is computed from activations the forward never had; a block below the cut runs without autograd, so a
+        caller's tensor there gets no gradient.  The unpatched model computes both from the tensors given.
 
         Host cost: a walk up the caller's frames for functional_call's own
         (:func:`~bread_kernels.stream.inside_functional_call`); only inside one, an identity check of every parameter

@@ -1316,3 +1316,23 @@ def test_a_functional_call_swap_with_grad_on_a_copy_no_optimizer_drives_gives_th
         assert (got_own[n] is None) == (grad is None), n
         if grad is not None:
             torch.testing.assert_close(got_own[n], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def test_a_functional_call_swap_of_a_parameter_the_optimizer_leaves_out_is_refused_too():
+    """An optimizer over some of a patched model's parameters (here: all but the norms), and
+    ``torch.func.functional_call`` with grad swapping a norm weight of the active block: the block's recompute read
+    the model's own norm weight, so the active block's gradients and the swapped tensor's were off by up to half
+    their size, and nothing was refused (only the optimizer's parameters were probed).  Refused before anything is
+    written, as a swap of one of the optimizer's parameters is."""
+    model = bread_kernels.patch(models.llama(layers=3))
+    named = [(n, p) for n, p in model.named_parameters() if "norm" not in n]
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1), named, sgd_mode="disabled",
+                                       switch_mode="ascending", verbose=0)
+    name = "model.layers.0.post_attention_layernorm.weight"
+    swapped = (model.get_parameter(name).detach() + 0.3).requires_grad_(True)
+    ids = batch(0)
+    with pytest.raises(RuntimeError, match=r"in place of " + name.replace(".", r"\.") +
+                       r".* Refused before this forward changed anything"):
+        torch.func.functional_call(model, {name: swapped}, (), dict(input_ids=ids, labels=ids))
+    assert swapped.grad is None and all(p.grad is None for p in model.parameters())
+    opt.close()
