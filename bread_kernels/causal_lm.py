@@ -29,12 +29,13 @@ saves nothing there, and its label check reads the labels on the host, which exp
 Only the families whose forward is exactly the sketch above are accepted (:data:`FAMILIES`, each checked against the
 unpatched model by the tests).  What happens elsewhere depends on how the fused loss was asked for:
 
-* ``patch(model, fused_loss=True)`` (*required*): anything else — another family, a custom ``loss_function`` or
-  ``loss_type``, a head that is not a plain ``nn.Linear``, a head weight that is not materialised at the forward
-  (ZeRO-3 partitions it until its module's own forward gathers it), a head plan the fused loss cannot carry out
-  (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`), a head computed in float16 (an fp16 head or fp16
-  autocast, whose loss scaler's factor would reach the fused loss's gradients too late:
-  :func:`~bread_kernels.functions.head_loss.head_dtype_refusal`) — is refused with an error naming the remedy,
+* ``patch(model, fused_loss=True)`` (*required*): anything else — another family, a class whose forward is not
+  transformers' own (replaced on the class by a library or the user: :func:`_replaced_forward`), a custom
+  ``loss_function`` or ``loss_type``, a head that is not a plain ``nn.Linear``, a head weight that is not
+  materialised at the forward (ZeRO-3 partitions it until its module's own forward gathers it), a head plan the
+  fused loss cannot carry out (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`), a head computed in
+  float16 (an fp16 head or fp16 autocast, whose loss scaler's factor would reach the fused loss's gradients too
+  late: :func:`~bread_kernels.functions.head_loss.head_dtype_refusal`) — is refused with an error naming the remedy,
   ``fused_loss=False``.
 * ``patch(model)`` (the default, ``fused_loss=None``): installed where :func:`prepare` accepts the model; at each
   forward, where one of the conditions above holds, the model's own forward runs (its head, its logits, its loss).
@@ -176,10 +177,35 @@ def _check_head(lm: nn.Module) -> None:
                          "fused_loss=False)")
 
 
+def _replaced_forward(cls: type) -> str | None:
+    """Where the forward of the causal-LM class ``cls`` is not transformers' own, which one it is (None: every layer
+    of it — transformers' decorators and the function they wrap — is a function of a ``transformers`` module, read
+    from its globals, which ``functools.wraps`` does not copy).  A library or the user may replace it on the class
+    (Liger-Kernel's ``apply_liger_kernel_to_*``, a z-loss or a weighted loss around transformers' forward): its loss is
+    not known to be ``ForCausalLMLoss``'s."""
+    layer = cls.forward
+    for _ in range(64):  # a chain of __wrapped__ that loops is not transformers' either
+        module = getattr(layer, "__globals__", {}).get("__name__", "")
+        if module != "transformers" and not module.startswith("transformers."):
+            code = getattr(layer, "__code__", None)
+            what = f"{code.co_name} of {module or code.co_filename}" if code is not None else type(layer).__name__
+            return (f"the forward of {cls.__name__} is not transformers' own ({cls.__name__}.forward is {what}: a "
+                    "library or your code replaced it, e.g. Liger-Kernel's apply_liger_kernel_to_*), whose loss "
+                    "the fused loss cannot know it matches")
+        layer = getattr(layer, "__wrapped__", None)
+        if layer is None:
+            return None
+    return f"the forward of {cls.__name__} wraps itself more than 64 times"
+
+
 def prepare(model: nn.Module) -> tuple[nn.Module, tuple]:
     """Check that the fused-loss forward can take the place of the causal LM's in ``model`` (raising with the
     remedy if not) and return (that causal LM, what :func:`install` records on it); touches nothing."""
     lm = find_causal_lm(model)
+    replaced = _replaced_forward(type(lm))
+    if replaced is not None:
+        raise ValueError(f"patch: fused_loss=True needs transformers' own forward, and {replaced}; use "
+                         "patch(model, fused_loss=False) (that forward's head and loss, with the fused head backward)")
     _check_head(lm)
     original = type(lm).forward
     signature = inspect.signature(original)  # follows the decorators' __wrapped__ to the real parameters
@@ -329,6 +355,9 @@ def _refusal(lm: nn.Module) -> str | None:
     """Why this forward of the causal LM ``lm`` cannot be the fused loss's (None: it can)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    replaced = _replaced_forward(type(lm))
+    if replaced is not None:
+        return replaced
     if lm.loss_function is not ForCausalLMLoss:
         name = getattr(lm.loss_function, "__name__", type(lm.loss_function).__name__)
         return (f"{type(lm).__name__} computes its loss with {name} (a custom loss_function or config.loss_type), "

@@ -460,6 +460,43 @@ def test_by_default_the_fused_loss_is_used_where_it_can_be():
         model(input_ids=ids, labels=ids)
 
 
+def test_a_causal_lm_class_whose_forward_was_replaced_keeps_that_forward(monkeypatch):
+    """A causal-LM class whose forward a library or the user replaced (Liger-Kernel's ``apply_liger_kernel_to_llama``,
+    a z-loss added around transformers' forward, here with ``functools.wraps``): the fused loss took its place and
+    computed transformers' cross-entropy, the z-loss silently dropped.  By default that forward runs (the loss and the
+    gradients the unpatched model's); ``fused_loss=True`` refuses it naming the remedy, at ``patch`` and at a forward
+    after the class's forward was replaced."""
+    import functools
+
+    import transformers
+
+    real = transformers.LlamaForCausalLM.forward
+
+    @functools.wraps(real)
+    def with_z_loss(self, *args, labels=None, **kwargs):
+        out = real(self, *args, labels=labels, **kwargs)
+        if labels is not None:
+            out.loss = out.loss + 0.1 * torch.logsumexp(out.logits.float(), -1).square().mean()
+        return out
+
+    original = models.llama(layers=2)
+    required = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    ids = models.batch(0)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", with_z_loss)
+    with pytest.raises(ValueError, match=r"forward of LlamaForCausalLM is not transformers' own.*with_z_loss.*"
+                                         r"fused_loss=False"):
+        required(input_ids=ids, labels=ids)
+    with pytest.raises(ValueError, match=r"not transformers' own.*fused_loss=False"):
+        bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    model = bread_kernels.patch(copy.deepcopy(original))
+    out, expected = model(input_ids=ids, labels=ids), original(input_ids=ids, labels=ids)
+    assert out.logits is not None, "a replaced forward: that forward runs, with its logits"
+    close(out.loss, expected.loss, "loss of the replaced forward (default patch)")
+    out.loss.backward()
+    expected.loss.backward()
+    grads_match(original, model, "the replaced forward")
+
+
 @pytest.mark.parametrize("how", ["fp16-autocast", "fp16-model"])
 def test_a_head_computed_in_float16_keeps_the_models_own_loss(how):
     """fp16 (``Trainer(fp16=True)``'s autocast, or an fp16 head): a loss scaler's factor would reach the fused loss's
