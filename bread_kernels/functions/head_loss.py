@@ -86,6 +86,7 @@ The backward can run once (``retain_graph`` and a second backward raise): its sa
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import NamedTuple
 
@@ -330,7 +331,8 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
             if num_items_in_batch.numel() != 1:
                 raise ValueError("fused_head_loss: num_items_in_batch must be a number or a one-element tensor, got "
                                  f"shape {tuple(num_items_in_batch.shape)}")
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        # numbers.Real: Python's int and float, and numpy's scalars, which the unpatched model divides by too
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
             raise TypeError(f"fused_head_loss: num_items_in_batch must be a number or a tensor, got "
                             f"{type(num_items_in_batch).__name__}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or

@@ -354,6 +354,26 @@ def test_shift_labels_logits_to_keep_and_tuples(helper, monkeypatch):
     close(as_tuple[0], original(input_ids=ids, labels=ids).loss, "loss (return_dict=False)")
 
 
+@pytest.mark.parametrize("count", ["numpy-int64", "numpy-float32"])
+def test_num_items_in_batch_as_a_numpy_number_is_what_the_unpatched_model_divides_by(count):
+    """A count of scored tokens from numpy (``np.sum(labels != -100)`` in a custom loop, an int64 or a float32): the
+    unpatched model divides its summed loss by it, and the fused loss refused it ("must be a number or a tensor"),
+    so a loop that trained unpatched failed once patched."""
+    np = pytest.importorskip("numpy")
+    ids = models.batch(0)
+    labels = ids.masked_fill(ids % 7 == 0, -100)
+    value = {"numpy-int64": np.int64, "numpy-float32": np.float32}[count](int((labels[:, 1:] != -100).sum()) + 3)
+    original = models.llama(layers=2)
+    model = bread_kernels.patch(copy.deepcopy(original), fused_loss=True)
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=value)
+    expected = original(input_ids=ids, labels=labels, num_items_in_batch=value)
+    assert out.logits is None, "the fused loss ran"
+    close(out.loss, expected.loss, f"loss, num_items_in_batch {count}")
+    out.loss.backward()
+    expected.loss.backward()
+    grads_match(original, model, f"num_items_in_batch {count}")
+
+
 def test_a_tuple_output_keeps_each_item_at_the_unpatched_models_index():
     """``return_dict=False`` with the fused loss: the tuple dropped the logits (None), so every later item moved up one
     place — ``outputs[1]``, the unpatched model's logits, was the KV cache or the hidden states, and ``outputs[2]``
