@@ -100,6 +100,7 @@ __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patc
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
+_PROBED_ACT_ATTR = "_bread_probed_act"  # on each fused SwiGLU MLP: the act_fn its probe found computing silu
 
 #: ``patch(hook_update_numel=None)``'s value where ``BREAD_HOOK_UPDATE_NUMEL`` is unset: 2¹⁷ elements (512 KiB of
 #: fp32 dW).  Measured on a 2-thread AVX2 CPU (``bench/results/hook_update_numel_cpu_amd_avx2_stop38.txt``): with
@@ -753,6 +754,10 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def _swiglu_mlp_forward(self, x):
+    """:func:`~bread_kernels.functions.swiglu.swiglu_mlp`, which computes ``silu``: where the MLP's ``act_fn`` is
+    no longer the one patch probed (``mlp.act_fn = nn.GELU()`` after patch), the MLP's own forward."""
+    if self.act_fn is not self.__dict__.get(_PROBED_ACT_ATTR):
+        return type(self).forward(self, x)
     return swiglu_mlp(self, x)
 
 
@@ -1315,6 +1320,7 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
             uninstall_fused_rotary(module)
         else:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(_PROBED_ACT_ATTR, None)
     state.fused_elementwise = []
     if not enabled:
         return
@@ -1326,6 +1332,8 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
             _swiglu_mlp_forward if fusable_swiglu_mlp(module) else None
         if forward is not None:
             install_forward(module, forward)
+            if forward is _swiglu_mlp_forward:  # in __dict__, not registered: no submodule of the MLP's
+                module.__dict__[_PROBED_ACT_ATTR] = module.act_fn
             state.fused_elementwise.append((name, module))
         elif not kernelized and uses_rotary_embedding(module) and install_fused_rotary(module):
             state.fused_elementwise.append((name, module))
@@ -1428,7 +1436,7 @@ def _strip_copied_forwards(block: nn.Module, state: PatchedModel) -> None:
             continue
         if forward.__func__ is marked_rotary_forward:
             uninstall_fused_rotary(module)
-        for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name", _BLOCK_ATTR):
+        for attr in ("forward", PLAN_ATTR, EXPERT_PLANS_ATTR, "_bread_name", _BLOCK_ATTR, _PROBED_ACT_ATTR):
             module.__dict__.pop(attr, None)
         if module.__dict__.pop(CHECKPOINTING_TURNED_OFF, False):
             module.gradient_checkpointing = True

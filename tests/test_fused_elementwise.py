@@ -100,3 +100,37 @@ def test_a_model_kernelized_by_the_kernels_library_keeps_its_rotary_embedding():
     assert not any(isinstance(m, LlamaAttention) for m in fused) and any(isinstance(m, LlamaMLP) for m in fused)
     assert modeling_llama.apply_rotary_pos_emb is original_rotary
     bread_kernels.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_an_activation_swapped_after_patch_is_the_one_computed(family):
+    """An MLP's ``act_fn`` replaced after ``patch`` (``mlp.act_fn = nn.GELU()``): the fused SwiGLU forward computed
+    ``silu`` regardless, in evaluation and in training (logits 4e-3 off the unpatched model's).  The MLP now runs
+    its own forward, and BREAD-SGD over it trains as the plain-autograd reference does."""
+    import copy
+
+    from tests import model_zoo as models
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    original = models.llama(layers=2) if family == "llama" else models.causal_lm("qwen2")
+    reference, model = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original), fused_loss=False)
+    for each in (reference, model):
+        each.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    ids = models.batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-6)
+    layers = [f"model.layers.{i}." for i in range(2)]
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers,
+                                                      "model.embed_tokens."),
+                            loss_fn=models.loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                             list(model.named_parameters()), sgd_mode="all", switch_block_every=2,
+                                             verbose=0)
+    for ids in models.batches(3):
+        expected.step(ids)
+        models.loss_of(model, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    models.assert_same_parameters(reference, model)
+    optimizer.close()
