@@ -96,7 +96,7 @@ from .weight_readers import linears_read_outside
 
 __all__ = ["patch", "unpatch", "set_cut", "PatchedModel", "patched_state", "patched_models", "fused_fraction",
            "DEFAULT_HOOK_UPDATE_NUMEL", "hook_update_numel_default", "register_whole_shape", "whole_shape",
-           "block_stacks", "stack_prefixes"]
+           "block_stacks", "stack_prefixes", "enclosing_patched_model"]
 
 _STATE_ATTR = "_bread_patch"
 _BLOCK_ATTR = "_bread_block"  # on each block: (its own forward before patch, the stream, its index)
@@ -1053,12 +1053,14 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
         head = None
 
     keep_top = _check_keep_top(keep_top, len(blocks))
+    _refuse_blocks_streamed_elsewhere(model, blocks_name, blocks)
     state = PatchedModel(model, blocks, blocks_name, embedding, head, recompute, fused_loss)
     state.stream.keep_top, state.stream.n_blocks = keep_top, len(blocks)
     state.hook_update_numel = hook_update_numel
     state.shared_weights = _shared_weight_ids(model)
     state.shard_probes = _parameter_places(model)
 
+    _strip_copied_forwards(model, None)  # a copy of a part of a patched model carries its forwards: patched afresh
     targets: list[tuple[str, nn.Module, int | None]] = []
     experts: list[tuple[str, nn.Module]] = []
     unfused: list[tuple[str, nn.Module]] = []
@@ -1122,6 +1124,42 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     _register_installed(state)
     _register_entries(state)
     return model
+
+
+def _refuse_blocks_streamed_elsewhere(model: nn.Module, blocks_name: str, blocks: nn.ModuleList) -> None:
+    """Refuse (``ValueError``, naming the remedy) a block stack holding a block that another live patched model
+    streams: a second stream over the first one's would hand the first a tuple of arguments for hidden states.
+    ``model`` is part of that model (``patch(model.model)``, or the model peft's ``merge_and_unload()`` returned from
+    a patched peft model), or shares the block with it.  A deep copy of a patched block streams under no live model
+    (:meth:`PatchedModel.__deepcopy__` registers only a whole model's copy): it is patched afresh."""
+    for index, block in enumerate(blocks):
+        if _BLOCK_ATTR not in block.__dict__:
+            continue
+        owner = _INSTALLED.get(block)
+        state = owner() if owner is not None else None
+        other = state.model_ref() if state is not None else None
+        if other is None or not any(b is block for b in state.blocks):
+            continue
+        name = f"{blocks_name}.{index}" if blocks_name else str(index)
+        if any(m is model for m in other.modules()):
+            raise ValueError(f"patch: {name} is a block of the patched {type(other).__name__}, which this "
+                             f"{type(model).__name__} is part of (a submodule of a patched model, or the model peft's "
+                             "merge_and_unload() or unload() returned from a patched peft model); call "
+                             f"bread_kernels.unpatch(model) first (it unpatches the {type(other).__name__}), then "
+                             "patch(model)")
+        raise ValueError(f"patch: {name} is a block of the patched {type(other).__name__}, another model, and a block "
+                         "is streamed by one patched model only: give this model a copy of it (copy.deepcopy), or "
+                         f"unpatch the {type(other).__name__} first (bread_kernels.unpatch)")
+
+
+def enclosing_patched_model(module: nn.Module) -> nn.Module | None:
+    """The live patched model that ``module`` lies on the way to the blocks of (its base model ``model.model``, or
+    the model peft's ``merge_and_unload()`` / ``unload()`` returned from a patched peft model), or None."""
+    ref = _ENTRIES.get(module)
+    state = ref() if ref is not None else None
+    if state is None or not any(entry is module for entry in state.entry_modules):
+        return None
+    return state.model_ref()
 
 
 def _shared_weight_ids(model: nn.Module) -> set[int]:
@@ -1378,9 +1416,14 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original modules (trained values kept; same ``state_dict`` keys).  Harmless if not patched.
 
     The optimizer driving the model (a :class:`~bread_kernels.BlockOptimizer`) is closed first: its plans, cut
-    and hooks belong to the engine removed here."""
+    and hooks belong to the engine removed here.  Given a module on the way from a patched model to its blocks (its
+    base model, or the model peft's ``merge_and_unload()`` / ``unload()`` returned from a patched peft model, whose
+    modules carry the peft model's patch), it unpatches that patched model, and returns ``model``."""
     state = patched_state(model)
     if state is None:
+        enclosing = enclosing_patched_model(model)
+        if enclosing is not None:
+            unpatch(enclosing)
         return model
     # a wrapper of the patched model (peft's, around a model patched before it) unpatches the model it wraps, and
     # is what is returned (``model = unpatch(model)`` keeps the wrapper)
@@ -1421,12 +1464,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     return given
 
 
-def _strip_copied_forwards(block: nn.Module, state: PatchedModel) -> None:
+def _strip_copied_forwards(block: nn.Module, state: PatchedModel | None) -> None:
     """Remove from ``block``'s modules the forwards of patch's that no list of ``state`` holds: those of a deep copy
     of a patched block or layer put into the stack after patch (depth up-scaling, ``layers.append(copy.deepcopy(
     layers[0]))``, or a ``ModuleList`` assigned in the stack's place), which carry the copied forwards along
-    (design invariant 5: after :func:`unpatch` the model is the original module tree).  A module that another live
-    patched model fused (:data:`_INSTALLED`) keeps its own."""
+    (design invariant 5: after :func:`unpatch` the model is the original module tree); with ``state`` None, those of
+    every copy in a model about to be patched.  A module that another live patched model fused (:data:`_INSTALLED`)
+    keeps its own."""
     for module in block.modules():
         forward = module.__dict__.get("forward")
         if not isinstance(forward, InstalledForward) or forward.__func__ not in _PATCH_FORWARDS:

@@ -137,6 +137,58 @@ def test_plans_for_a_model_changed_after_patch_are_refused_until_it_is_patched_a
     optimizer.close()
 
 
+def test_patch_of_blocks_another_live_patched_model_streams_is_refused_naming_the_remedy():
+    """A part of a patched model patched on its own (``patch(model.model)``), or a model given a block of another
+    patched model: patch installed a second stream over the first one's, which the next forward failed in ("block
+    0's first argument is tuple") or, for the part, patched silently.  Refused before anything is installed, naming
+    the remedy; once the other model is unpatched, the model patches."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    with pytest.raises(ValueError, match=r"layers\.0 is a block of the patched LlamaForCausalLM, which this LlamaModel "
+                                         r"is part of.*bread_kernels\.unpatch\(model\)"):
+        bread_kernels.patch(model.model)
+    assert patched_state(model.model) is None and patched_state(model).stack_change() is None
+    other = BUILDERS["llama"]()
+    other.model.layers[1] = model.model.layers[1]
+    with pytest.raises(ValueError, match=r"model\.layers\.1 is a block of the patched LlamaForCausalLM.*"
+                                         r"another model.*copy\.deepcopy"):
+        bread_kernels.patch(other)
+    assert patched_state(other) is None and not any("forward" in m.__dict__ for m in other.model.layers[0].modules())
+    bread_kernels.unpatch(model)
+    bread_kernels.patch(other)
+    loss_of(other, batch(0)).backward()
+
+
+def test_a_model_built_from_copies_of_a_patched_models_parts_patches_and_trains_as_the_reference():
+    """A deep copy of a part of a patched model (a block, the base model) carries patch's forwards, which run plain
+    autograd; a model built from such copies failed in its first forward once patched ("block 0's first argument is
+    tuple, not hidden states": the new stream wrapped the copied one).  It patches, trains under BREAD-SGD as the
+    unpatched model does under the plain-autograd reference, and unpatches to the original module tree."""
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    source = bread_kernels.patch(models.llama(seed=1, layers=2))
+    reference, model = models.llama(layers=2), models.llama(layers=2)
+    model.model = copy.deepcopy(source.model)
+    model.model.layers[1] = copy.deepcopy(source.model.layers[0])
+    reference.load_state_dict(model.state_dict())
+    bread_kernels.patch(model, fused_loss=False)
+    layers, embedding = models.layout(reference)
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
+                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                             list(model.named_parameters()), sgd_mode="all", switch_block_every=2,
+                                             verbose=0)
+    for ids in models.batches(3):
+        expected.step(ids)
+        loss_of(model, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    models.assert_same_parameters(reference, model)
+    bread_kernels.unpatch(model)
+    for name, module in model.named_modules():
+        assert "forward" not in module.__dict__ and not any(a.startswith("_bread_") for a in module.__dict__), name
+
+
 def test_a_block_swapped_while_an_optimizer_drives_refuses_training_until_it_lets_go():
     """A block assigned in place of a streamed one runs without the stream, its linears without plans: their
     on-the-fly updates would stop silently.  Inference runs; a forward with grad is refused while the optimizer

@@ -1012,7 +1012,9 @@ def check_parameters_of(model: nn.Module, named, what: str) -> None:
         if own[id(p)] != name:
             raise ValueError(f"{what}: parameter named {name!r} is {own[id(p)]!r} in the {type(model).__name__}; "
                              "pass list(model.named_parameters()) of that model (a model patched before a wrapper "
-                             "such as peft.get_peft_model: bread_kernels.unpatch(wrapper), then patch(wrapper))")
+                             "such as peft.get_peft_model: bread_kernels.unpatch(wrapper), then patch(wrapper); a "
+                             "model taken out of a patched one, as peft's merge_and_unload() returns it: "
+                             "bread_kernels.unpatch(it), then patch(it))")
 
 
 def refuse_untrainable_targets(named_parameters, roles: Mapping[str, Role], what: str, when: str = "") -> None:

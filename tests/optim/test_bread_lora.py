@@ -177,6 +177,51 @@ def test_peft_merge_and_unload_while_an_optimizer_drives_refuses_training_and_ke
     _optimizer(bread_kernels.patch(merged), sgd_mode="all").close()
 
 
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_the_model_peft_unloads_from_a_patched_peft_model_is_unpatched_by_its_own_name(unload):
+    """peft's ``merge_and_unload()`` / ``unload()`` on a patched peft model returns the base model, whose modules
+    carry the patch of the peft model around it: ``unpatch(merged)`` left them there, silently, and ``patch(merged)``
+    failed in the first forward ("block 0's first argument is tuple, not hidden states").  ``patch(merged)`` is
+    refused, naming the remedy; ``unpatch(merged)`` unpatches the peft model it came from, after which the merged
+    model patches and trains (BREAD-SGD) as the unpatched merged model does under the plain-autograd reference."""
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    reference = getattr(models.with_lora(models.llama()), unload)()
+    model = _patched_lora_llama()
+    merged = getattr(model, unload)()
+    with pytest.raises(ValueError, match=r"block of the patched PeftModel, which this LlamaForCausalLM is part of"
+                                         r".*bread_kernels\.unpatch\(model\)"):
+        bread_kernels.patch(merged)
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\) returns it: bread_kernels\.unpatch\(it\), then"):
+        _optimizer(merged, sgd_mode="all")
+    assert bread_kernels.unpatch(merged) is merged
+    assert not _patch_leftovers(merged) and not _patch_leftovers(model) and patched_state(model) is None
+    merged = bread_kernels.patch(merged.requires_grad_(True))
+    reference.requires_grad_(True)
+    layers, embedding = models.layout(reference)
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
+                            loss_fn=models.loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(merged.parameters(), lr=0.1), list(merged.named_parameters()),
+                                       sgd_mode="all", switch_block_every=2, verbose=0)
+    for ids in models.batches(3):
+        expected.step(ids)
+        models.loss_of(merged, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    models.assert_same_parameters(reference, merged)
+    opt.close()
+
+
+def _patch_leftovers(model) -> list[str]:
+    """The modules of ``model`` that still carry something patch installs (a forward, a plan, a block's stream)."""
+    from bread_kernels.installed_forward import InstalledForward
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module.__dict__.get("forward"), InstalledForward)
+            or any(attr.startswith("_bread_") for attr in module.__dict__)]
+
+
 def test_an_adapter_added_around_a_fused_layer_keeps_it_and_trains():
     """add_adapter on layers patch fused (no adapter there yet) wraps each in a LoRA layer: the fused layer stays
     in the model, inside its wrapper, so nothing is refused."""
