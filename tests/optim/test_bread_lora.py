@@ -213,6 +213,40 @@ def test_the_model_peft_unloads_from_a_patched_peft_model_is_unpatched_by_its_ow
     opt.close()
 
 
+def test_a_model_wrapped_by_peft_while_its_optimizer_drives_is_refused_naming_the_remedy_which_trains():
+    """``peft.get_peft_model`` around a patched model whose optimizer drives it freezes the base weights the
+    optimizer made trainable: the forward is refused (an ACTIVE weight's dW would be dropped), and the error named
+    only ``requires_grad_(True)`` or ``Role.FROZEN``.  It names the change and the remedy, which trains BREAD as the
+    plain-autograd reference trains the unpatched peft model."""
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    model = bread_kernels.patch(models.llama(layers=2))
+    opt = _optimizer(model, sgd_mode="all")
+    wrapped = models.with_lora(model)
+    with pytest.raises(ValueError, match=r"get_peft_model freezes the base weights.*bread_kernels\.unpatch\(wrapper\)"
+                                         r", then patch\(wrapper\) and a new optimizer"):
+        models.loss_of(wrapped, models.batch(0))
+    reference = models.with_lora(models.llama(layers=2))
+    bread_kernels.patch(bread_kernels.unpatch(wrapped))
+    assert opt.closed  # unpatch closed the optimizer driving the model
+    layers, embedding = models.layout(reference.base_model.model)
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()],
+                                                      [models.PEFT_PREFIX + p for p in layers],
+                                                      models.PEFT_PREFIX + embedding),
+                            loss_fn=models.loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                                       list(wrapped.named_parameters()), sgd_mode="all", switch_block_every=2,
+                                       verbose=0)
+    for ids in models.batches(3):
+        expected.step(ids)
+        models.loss_of(wrapped, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    models.assert_same_parameters(reference, wrapped)
+    opt.close()
+
+
 def _patch_leftovers(model) -> list[str]:
     """The modules of ``model`` that still carry something patch installs (a forward, a plan, a block's stream)."""
     from bread_kernels.installed_forward import InstalledForward
