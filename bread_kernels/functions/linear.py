@@ -110,10 +110,10 @@ def check_plan_for_weight(function: str, plan: WeightPlan, weight: torch.Tensor,
         raise ValueError(
             f"{function}: {plan.name or what} has role ACTIVE but requires_grad=False, so its dW would be "
             "dropped: requires_grad was turned off after the roles were set (a BlockOptimizer sets it at each block "
-            "switch; peft.get_peft_model freezes the base weights, as requires_grad_(False) does). Make such a "
-            "change before building the optimizer (a model wrapped by peft after patch: bread_kernels.unpatch("
-            "wrapper), then patch(wrapper) and a new optimizer), or set weight.requires_grad_(True), or give it "
-            "Role.FROZEN"
+            "switch; peft.get_peft_model and add_adapter freeze the base weights, as requires_grad_(False) does). "
+            "Make such a change before building the optimizer (a model wrapped by peft after patch: "
+            "bread_kernels.unpatch(wrapper), then patch(wrapper) and a new optimizer), or set "
+            "weight.requires_grad_(True), or give it Role.FROZEN"
         )
 
 
