@@ -224,7 +224,8 @@ def test_a_model_wrapped_by_peft_while_its_optimizer_drives_is_refused_naming_th
     opt = _optimizer(model, sgd_mode="all")
     wrapped = models.with_lora(model)
     with pytest.raises(ValueError, match=r"get_peft_model and add_adapter freeze the base weights.*"
-                                         r"bread_kernels\.unpatch\(wrapper\), then patch\(wrapper\) and a new optimizer"):
+                                         r"bread_kernels\.unpatch\(wrapper\), then patch\(wrapper\) and a new "
+                                         r"optimizer"):
         models.loss_of(wrapped, models.batch(0))
     reference = models.with_lora(models.llama(layers=2))
     bread_kernels.patch(bread_kernels.unpatch(wrapped))
