@@ -663,10 +663,27 @@ def _find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def _refuse_computed_weight(module: nn.Module, plan: WeightPlan | None, weight: torch.Tensor,
+                            what: str = "weight") -> None:
+    """Refuse (``RuntimeError``, naming the remedy) a forward with grad of fused ``module`` whose on-the-fly plan
+    was written for a parameter that ``module.<what>`` no longer is: a tensor computed from it
+    (``torch.nn.utils.prune``, a parametrization, applied after the optimizer wrote its plans).  The update would be
+    written into that temporary and lost; the optimizer's next plans leave such a weight to autograd and its hook."""
+    if plan is None or not plan.role.updates_on_the_fly or isinstance(weight, nn.Parameter) or \
+            not torch.is_grad_enabled():
+        return
+    raise RuntimeError(
+        f"bread_kernels: {module._bread_name}'s {what} is no longer a parameter but a tensor computed from one "
+        "(torch.nn.utils.prune, a parametrization) since the optimizer wrote its plans, so its on-the-fly update would "
+        "be written into that temporary and lost. Prune or parametrize before building the optimizer (the weight "
+        "then trains through autograd and the optimizer's hook), or close the optimizer and build a new one")
+
+
 def _linear_forward(self, x):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return _plain_linear(x, self.weight, self.bias)
+    _refuse_computed_weight(self, plan, self.weight)
     return fused_linear(x, self.weight, self.bias, plan)
 
 
@@ -675,6 +692,7 @@ def _conv1d_forward(self, x):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return _plain_linear(x, weight, self.bias)
+    _refuse_computed_weight(self, plan, self.weight)
     return fused_linear(x, weight, self.bias, plan)
 
 
@@ -714,6 +732,7 @@ def _embedding_forward(self, ids):
     plan = getattr(self, PLAN_ATTR)
     if plan is None:
         return F.embedding(ids, self.weight, self.padding_idx)
+    _refuse_computed_weight(self, plan, self.weight)
     return fused_embedding(ids, self.weight, plan, self.padding_idx)
 
 
@@ -734,6 +753,7 @@ def _lora_forward(self, x, *args, **kwargs):
             "adapter_names=, are not supported by the fused backward)"
         )
     base = self.get_base_layer()
+    _refuse_computed_weight(self, plan, base.weight, "base layer's weight")
     weight = base.weight.t() if Conv1D is not None and isinstance(base, Conv1D) else base.weight
     if adapter is None:  # adapters disabled, merged, or none active: the base layer alone
         return fused_linear(x, weight, base.bias, plan)
@@ -772,6 +792,8 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **k
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError(f"bread_kernels: the experts module {self._bread_name} is expert-parallel; the "
                                   "fused experts hold every expert on one process (train without expert parallelism)")
+    for attr in EXPERT_WEIGHTS:
+        _refuse_computed_weight(self, plans[attr], getattr(self, attr), attr)
     grouped = getattr(getattr(self, "config", None), "_experts_implementation", None) == "grouped_mm"
     return fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
                          tuple(plans[attr] for attr in EXPERT_WEIGHTS), experts_gate(self), autocast_casts=not grouped)

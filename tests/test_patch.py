@@ -189,6 +189,61 @@ def test_a_model_built_from_copies_of_a_patched_models_parts_patches_and_trains_
         assert "forward" not in module.__dict__ and not any(a.startswith("_bread_") for a in module.__dict__), name
 
 
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+def test_a_weight_pruned_or_parametrized_after_the_plans_were_written_is_refused_until_they_are_written_again(how):
+    """``torch.nn.utils.prune`` or a parametrization applied to a fused layer after the optimizer wrote its plans
+    makes ``module.weight`` a tensor computed from the parameter: BREAD-SGD's fused update was written into that
+    temporary and lost, silently, until the next block switch (up_proj 7e-4 off the reference after 4 steps).  A
+    forward with grad is refused, naming the remedy; applied before the optimizer, the layer trains as the
+    plain-autograd reference trains the unpatched model given the same change."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    class Scaled(nn.Module):
+        def forward(self, weight):
+            return weight * 1.5
+
+    def change(model):
+        for layer in model.model.layers:
+            if how == "prune":
+                prune.l1_unstructured(layer.mlp.up_proj, "weight", amount=0.3)
+            else:
+                parametrize.register_parametrization(layer.mlp.up_proj, "weight", Scaled(), unsafe=True)
+
+    def sgd_all(model):
+        return bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            list(model.named_parameters()), sgd_mode="all", switch_block_every=2,
+                                            verbose=0)
+
+    model = bread_kernels.patch(models.llama(layers=2), hook_update_numel=0)
+    optimizer = sgd_all(model)
+    change(model)
+    with torch.no_grad():
+        loss_of(model, batch(0))
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.mlp\.up_proj's weight is no longer a parameter.*"
+                                           r"before building the optimizer"):
+        loss_of(model, batch(0))
+    optimizer.close()
+
+    reference, model = models.llama(layers=2), bread_kernels.patch(models.llama(layers=2), hook_update_numel=0)
+    change(reference)
+    change(model)
+    layers, embedding = models.layout(reference)
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
+                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode="all", switch_block_every=2)
+    optimizer = sgd_all(model)
+    for ids in models.batches(3):
+        expected.step(ids)
+        loss_of(model, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    models.assert_same_parameters(reference, model)
+    optimizer.close()
+
+
 def test_a_block_swapped_while_an_optimizer_drives_refuses_training_until_it_lets_go():
     """A block assigned in place of a streamed one runs without the stream, its linears without plans: their
     on-the-fly updates would stop silently.  Inference runs; a forward with grad is refused while the optimizer
