@@ -30,6 +30,7 @@ STEPS = 7  # with switch_block_every=2: switches after steps 2, 4 and 6
 # eps=1e-5 bounds that effect by ~1e-8 while gradients of typical size (1e-4 .. 1e-1) are still normalised.
 ADAM_EPS = 1e-8
 SIGN_FLIPS = 1e-3  # see mismatch()
+ADAM_FP32_OUTLIERS = 1e-3  # see mismatch()
 
 # sgd variants: (sgd_mode, sgd_use_sign)
 BADAM = ("disabled", False)
@@ -79,10 +80,15 @@ class Case:
 def mismatch(case: "Case", ref, eng, before, role) -> torch.Tensor:
     """The elements of ``eng`` outside the case's tolerance around ``ref`` (a bool mask).
 
-    fp32: ``isclose(rtol, atol)``.  Low precision: the error of one rounding is relative to the *operands* of the
-    update (``before`` and the result), not to a result that cancelled to near zero, so the bound is ``rtol`` times
-    the larger of them; and an Adam element whose gradient is ~0 may see the bf16 rounding of g turn its normalised
-    step, so up to ``adam_outliers`` of an Adam parameter's elements may differ by up to ``0.25·lr`` per step.
+    fp32: ``isclose(rtol, atol)``; an Adam element whose gradient is near zero (``|g|`` about Adam's ``eps``, ~1e-3
+    of the typical one) turns its normalised step by ``lr·eps/(|g|+eps)²`` times the rounding of g, which the engine
+    sums in another order (measured on a CPU with AVX-512 GEMM kernels: one element of 1,024-10,240 per parameter
+    1.4e-6 off, its g 1.3e-5 against a typical 3e-2), so up to ``ADAM_FP32_OUTLIERS`` of an Adam parameter's elements
+    may differ by up to ``0.01·lr`` per step.  Low precision: the error of one rounding is relative to the *operands*
+    of the update (``before`` and the result), not to a result that cancelled to near zero, so the bound is ``rtol``
+    times the larger of them; and an Adam element whose gradient is ~0 may see the bf16 rounding of g turn its
+    normalised step, so up to ``adam_outliers`` of an Adam parameter's elements may differ by up to ``0.25·lr`` per
+    step.
 
     SIGN: an element whose summed gradient is ~0 takes its sign from rounding (the engine sums dW in another
     order: chunks, recomputed activations, the fused loss), so up to ``SIGN_FLIPS`` of a SIGN parameter's elements
@@ -91,6 +97,8 @@ def mismatch(case: "Case", ref, eng, before, role) -> torch.Tensor:
     diff = (ref - eng).abs()
     if case.dtype == torch.float32:
         bad = diff > case.atol + case.rtol * ref.abs()
+        if role == ADAM and bad.float().mean() <= ADAM_FP32_OUTLIERS:
+            bad &= diff > 0.01 * case.lr
         if role == SIGN and bad.float().mean() <= SIGN_FLIPS:
             flip = 2 * case.lr * case.bcd.get("sgd_lr_scaling", 1.0)
             bad &= diff > flip + case.atol + case.rtol * ref.abs()
@@ -276,14 +284,9 @@ def test_a_stack_run_several_times_into_one_cache_trains_with_its_default_cache(
     block 0 ... Patch with recompute=False"); with every cycle under grad, the first block of a later pass found the
     holes the recomputed blocks of an earlier pass left and refused it as a cache filled by an earlier forward.  A
     cache counts by what it held when the forward started: the model trains as the reference (its two stacks are
-    four blocks of BlockOptimizer's, the streamed L stack's and the H stack's, trained through hooks).
-
-    ``atol`` 2e-6: with every cycle under grad an L-stack weight's gradient sums the contributions of both cycles in
-    the engine's order (the recomputed blocks') and the reference's, and Adam's normalised step carries their
-    rounding; on a CPU with AVX-512 GEMM kernels one q_proj element of 1,024 lay 1.4e-6 off (the default bound there:
-    1.1e-6), with every other element and the SGD case within it."""
+    four blocks of BlockOptimizer's, the streamed L stack's and the H stack's, trained through hooks)."""
     sgd_mode, sign = variant
-    run_case(Case("hrm_text", steps=4, build=dict(low_cycles_with_grad=low_cycles_with_grad), atol=2e-6,
+    run_case(Case("hrm_text", steps=4, build=dict(low_cycles_with_grad=low_cycles_with_grad),
                   patch=dict(fused_loss=False, hook_update_numel=0),
                   bcd=dict(switch_block_every=1, switch_mode="descending", sgd_mode=sgd_mode, sgd_use_sign=sign,
                            sgd_lr_scaling=SCALING)))
