@@ -126,7 +126,8 @@ class StreamConfig:
     #: ``"auto"``'s count for the forward that runs now, decided at its first block (so every block agrees)
     _auto_count: int | None = field(default=None, repr=False)
     #: in the forward that runs now: the ids of the hidden states' nodes below the cut found to lead to a parameter
-    #: (their blocks run under autograd), where the next block's walk stops
+    #: (their blocks run under autograd), where the next block's walk stops; emptied where a forward of the model
+    #: starts and ends, and where block 0 walks (blocks called by hand)
     followed_below_cut: set = field(default_factory=set, repr=False)
     #: set where a module of the model with a forward of patch's was replaced (``PatchedModel.suspect_lost``): a weak
     #: method that, before a forward with grad, refuses it if one is gone while an optimizer drives
@@ -147,12 +148,14 @@ class StreamConfig:
         this.autocast = None
         this.caches = ForwardCaches(torch.is_grad_enabled())
         this.unrecomputed = unrecomputed
+        self.followed_below_cut.clear()
 
     def end_forward(self) -> None:
         """The forward of the model that ran in this thread ended: a block called outside one reads its caches as
         they are, and is recomputed as the stream's options say."""
         self.this_forward.caches = None
         self.this_forward.unrecomputed = False
+        self.followed_below_cut.clear()  # ids of nodes that die with the forward's graph
 
     def __deepcopy__(self, memo: dict) -> "StreamConfig":
         """The stream of a deep copy of the model (or of its blocks): the same options, the cut at 0 (no optimizer

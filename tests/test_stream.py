@@ -1226,3 +1226,31 @@ def test_a_block_forward_wrapped_per_instance_is_not_kept_alive_by_the_signature
     del model, block, wrapped  # the last wrapper holds its block through its default
     gc.collect()
     assert [ref() for ref in blocks] == [None] * len(blocks)
+
+
+def test_the_walk_below_the_cut_remembers_only_the_forward_that_runs():
+    """BAdam with the top block active (cut at block 3), a trainable scale on block 0's rotary embeddings (a forward
+    pre-hook): block 0 runs under autograd for its argument, and blocks 1 and 2 follow its gradient, remembering
+    the nodes they followed.  Those ids belong to the forward that runs: block 0, which runs for its argument, never
+    walks the graph, and still no forward leaves ids of its dead nodes behind (a set growing with the run, whose
+    stale ids a later forward's nodes could reuse)."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    scale = nn.Parameter(torch.ones(()))
+
+    def scaled_rotary(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        return args, {**kwargs, "position_embeddings": (cos * scale, sin * scale)}
+
+    model.model.layers[0].register_forward_pre_hook(scaled_rotary, with_kwargs=True)
+    named = list(model.named_parameters())
+    optimizer = bread_kernels.BlockOptimizer(torch.optim.AdamW([p for _, p in named], lr=1e-3), named, verbose=0,
+                                             switch_mode="descending", switch_block_every=100)
+    stream = patched_state(model).stream
+    for step in range(6):
+        loss_of(model, batch(step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert stream.cut == 3
+        assert scale.grad is not None, "the scale's gradient passes the blocks below the cut"
+        scale.grad = None
+        assert len(stream.followed_below_cut) <= 2, stream.followed_below_cut
