@@ -149,50 +149,28 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._closed = True  # until construction succeeds: close() does nothing
         self.named_parameters_list = check_named_parameters(named_parameters_list, "BlockOptimizer")
         self.names = [n for n, _ in self.named_parameters_list]
-        # first: closing a previous owner may unpatch the model (an accelerate() that patched it)
+        self.lora_mode, self.sgd_mode, self.sgd_use_sign = lora_mode, sgd_mode, sgd_use_sign
+        self.active_modules = list(active_modules)
+        # the blocks are checked before a previous owner of the parameters is closed: a refused argument leaves it
+        # driving the model
+        self._find_model()
+        blocks = (block_prefix_list, include_embedding, include_lm_head, n_layer_per_block)
+        self.block_prefix_list = self._checked_blocks(*blocks, start_block, switch_mode)
+        # closing a previous owner may unpatch the model (an accelerate() that patched it): the blocks are then
+        # inferred again, for the model as it is
         take_over_parameters(self.named_parameters_list, "BlockOptimizer")
-        self.model = owning_patched_model(self.named_parameters_list, "BlockOptimizer")
-        self.engine = patched_state(self.model) if self.model is not None else None
-        if self.engine is not None:  # before the blocks are inferred from what patch found
-            self.engine.check_unchanged_since_patch()
-
-        if block_prefix_list is None:
-            layers, embedding_prefix = layer_prefixes(self.names), None
-            if self.engine is not None:
-                stacks = [stack_prefixes(name, len(stack)) for name, stack in block_stacks(self.model)]
-                layers = layer_prefixes(self.names, self.engine.block_prefixes(), stacks)
-                embedding_prefix = self._module_prefix(self.engine.embedding)
-            block_prefix_list = infer_blocks(self.names, layers, embedding_prefix, include_embedding,
-                                             include_lm_head, n_layer_per_block)
-            if lora_mode == "adapter_only":
-                block_prefix_list = _blocks_holding_adapters(block_prefix_list, self.names)
-            if self.engine is not None:
-                _warn_unstreamed_layers(block_prefix_list, layers, self.engine.block_prefixes())
-        if not isinstance(block_prefix_list, list) or not block_prefix_list or \
-                not all(isinstance(b, list) and all(isinstance(p, str) for p in b) for b in block_prefix_list):
-            raise ValueError("BlockOptimizer: block_prefix_list must be a non-empty list of lists of name prefixes")
-        for block in block_prefix_list:
-            for prefix in block:
-                if not any(prefix in n for n in self.names):
-                    raise ValueError(f"BlockOptimizer: block prefix {prefix!r} matches no parameter name")
-        for prefix in active_modules:
-            if not any(prefix in n for n in self.names):
-                raise ValueError(f"BlockOptimizer: active_modules entry {prefix!r} matches no parameter name")
-
-        self.block_prefix_list = block_prefix_list
-        self.block_num = len(block_prefix_list)
+        engine = self.engine
+        self._find_model()
+        if self.engine is not engine and block_prefix_list is None:
+            self.block_prefix_list = self._checked_blocks(*blocks, start_block, switch_mode)
+        self.block_num = len(self.block_prefix_list)
         self.order = BlockOrder(self.block_num, switch_mode, start_block)
         self.switch_mode = switch_mode
         self.switch_block_every = switch_block_every
-        self.active_modules = list(active_modules)
         self.verbose, self.log_fn = verbose, log_fn
-        self.lora_mode, self.sgd_mode, self.sgd_use_sign = lora_mode, sgd_mode, sgd_use_sign
         self.lr_warmup_step_afterswitch = lr_warmup_step_afterswitch
         self.global_step = 0
         self.block_step = 0
-        for index in range(self.block_num):  # every block must be trainable before anything is touched
-            roles, when = self.roles_for(index), f" while block {index} is active"
-            refuse_untrainable_targets(self.named_parameters_list, roles, "BlockOptimizer", when)
 
         self.base_optimizer = base_optimizer
         self.base_defaults = {k: v for k, v in base_optimizer.defaults.items() if k != "weight_decay"}
@@ -217,6 +195,45 @@ class BlockOptimizer(torch.optim.Optimizer):
         _warn_non_lora_adapters(self.names, lora_mode, sgd_mode)
         self._closed = False
         self._activate(self.order.current)
+
+    def _find_model(self) -> None:
+        """The patched model the parameters belong to (None: the slow path) and its engine, checked unchanged."""
+        self.model = owning_patched_model(self.named_parameters_list, "BlockOptimizer")
+        self.engine = patched_state(self.model) if self.model is not None else None
+        if self.engine is not None:  # before the blocks are inferred from what patch found
+            self.engine.check_unchanged_since_patch()
+
+    def _checked_blocks(self, block_prefix_list, include_embedding: bool, include_lm_head: bool,
+                        n_layer_per_block: int, start_block: int | None, switch_mode: str) -> list[list[str]]:
+        """``block_prefix_list`` (inferred where None), refused unless every prefix names a parameter, ``start_block``
+        is one of the blocks and every block has something to train.  Touches nothing."""
+        if block_prefix_list is None:
+            layers, embedding_prefix = layer_prefixes(self.names), None
+            if self.engine is not None:
+                stacks = [stack_prefixes(name, len(stack)) for name, stack in block_stacks(self.model)]
+                layers = layer_prefixes(self.names, self.engine.block_prefixes(), stacks)
+                embedding_prefix = self._module_prefix(self.engine.embedding)
+            block_prefix_list = infer_blocks(self.names, layers, embedding_prefix, include_embedding,
+                                             include_lm_head, n_layer_per_block)
+            if self.lora_mode == "adapter_only":
+                block_prefix_list = _blocks_holding_adapters(block_prefix_list, self.names)
+            if self.engine is not None:
+                _warn_unstreamed_layers(block_prefix_list, layers, self.engine.block_prefixes())
+        if not isinstance(block_prefix_list, list) or not block_prefix_list or \
+                not all(isinstance(b, list) and all(isinstance(p, str) for p in b) for b in block_prefix_list):
+            raise ValueError("BlockOptimizer: block_prefix_list must be a non-empty list of lists of name prefixes")
+        for block in block_prefix_list:
+            for prefix in block:
+                if not any(prefix in n for n in self.names):
+                    raise ValueError(f"BlockOptimizer: block prefix {prefix!r} matches no parameter name")
+        for prefix in self.active_modules:
+            if not any(prefix in n for n in self.names):
+                raise ValueError(f"BlockOptimizer: active_modules entry {prefix!r} matches no parameter name")
+        BlockOrder.check(len(block_prefix_list), switch_mode, start_block)
+        for index, block in enumerate(block_prefix_list):  # every block must be trainable before anything is touched
+            roles, when = self._roles(index, block), f" while block {index} is active"
+            refuse_untrainable_targets(self.named_parameters_list, roles, "BlockOptimizer", when)
+        return block_prefix_list
 
     # -- lifetime -----------------------------------------------------------------------------------------------
     @property
@@ -277,8 +294,11 @@ class BlockOptimizer(torch.optim.Optimizer):
     # -- plan ---------------------------------------------------------------------------------------------------
     def roles_for(self, block_index: int) -> dict[str, Role]:
         """Each parameter's Role while block ``block_index`` is active."""
+        return self._roles(block_index, self.block_prefix_list[block_index])
+
+    def _roles(self, block_index: int, block: list[str]) -> dict[str, Role]:
         try:
-            return roles_for_block(self.names, self.block_prefix_list[block_index] + self.active_modules,
+            return roles_for_block(self.names, block + self.active_modules,
                                    sgd_mode=self.sgd_mode, sign=self.sgd_use_sign, lora_mode=self.lora_mode)
         except ValueError as exc:
             raise ValueError(f"BlockOptimizer: block {block_index}: {exc}") from None

@@ -101,12 +101,7 @@ class BlockOrder:
     """The index of the active block and how it moves at a switch."""
 
     def __init__(self, n_blocks: int, mode: str, start_block: int | None):
-        if mode not in SWITCH_MODES:
-            raise ValueError(f"BlockOptimizer: unknown switch_mode {mode!r}; use one of {', '.join(SWITCH_MODES)}")
-        if start_block is not None and not 0 <= start_block < n_blocks:
-            raise ValueError(f"BlockOptimizer: start_block={start_block} is outside the {n_blocks} blocks")
-        if mode == "fixed" and start_block is None:
-            raise ValueError("BlockOptimizer: switch_mode='fixed' trains one block only: say which with start_block=")
+        self.check(n_blocks, mode, start_block)
         self.n_blocks, self.mode = n_blocks, mode
         self.pending: list[int] = []
         if mode == "random":
@@ -118,6 +113,17 @@ class BlockOrder:
             self.current = 0
         if start_block is not None:
             self.current = start_block
+
+    @staticmethod
+    def check(n_blocks: int, mode: str, start_block: int | None) -> None:
+        """Refuse an unknown ``mode``, a ``start_block`` outside the blocks, and ``"fixed"`` without one."""
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"BlockOptimizer: unknown switch_mode {mode!r}; use one of {', '.join(SWITCH_MODES)}")
+        if start_block is not None and not 0 <= start_block < n_blocks:
+            raise ValueError(f"BlockOptimizer: start_block={start_block} is outside the {n_blocks} blocks (0 to "
+                             f"{n_blocks - 1})")
+        if mode == "fixed" and start_block is None:
+            raise ValueError("BlockOptimizer: switch_mode='fixed' trains one block only: say which with start_block=")
 
     def advance(self) -> int:
         if self.mode == "descending":

@@ -627,6 +627,29 @@ def test_a_second_optimizer_over_the_same_parameters_takes_them_over():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_prefix_list=[["model.layers.0."], ["nothing."]]), "block prefix 'nothing.' matches no parameter"),
+    (dict(active_modules=["nothing"]), "active_modules entry 'nothing' matches no parameter"),
+    (dict(start_block=9), "start_block=9 is outside the 4 blocks"),
+    (dict(switch_mode="fixed"), "say which with start_block"),
+    (dict(block_prefix_list=[[], ["model.layers.0."]]), r"block 0: the block \[\] has no trainable parameter"),
+], ids=["prefix", "active_modules", "start_block", "fixed", "empty_block"])
+def test_a_second_optimizer_refused_for_its_blocks_leaves_the_first_one_driving(kwargs, match):
+    """A re-run cell with a typo in the blocks is refused before the live optimizer over the same parameters is
+    closed: the first one keeps its hooks and plans and trains on as if the refused one had never been built."""
+    model, twin = _variant_model("sgd_all"), _variant_model("sgd_all")
+    first, only = make(model, sgd_mode="all", switch_block_every=2), make(twin, sgd_mode="all", switch_block_every=2)
+    hooks = _hook_count(model)
+    with pytest.raises(ValueError, match=match):
+        make(model, sgd_mode="all", **kwargs)
+    assert not first.closed and patched_state(model).driver is first
+    assert _hook_count(model) == hooks
+    train(model, first, 3)
+    train(twin, only, 3)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("sign", [False, True], ids=["sgd", "sign"])
 @pytest.mark.parametrize("patch", [False, True], ids=["unpatched", "patched"])
 def test_a_gradient_probe_with_autograd_grad_moves_no_weight(patch, sign):
