@@ -297,6 +297,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return self._roles(block_index, self.block_prefix_list[block_index])
 
     def _roles(self, block_index: int, block: list[str]) -> dict[str, Role]:
+        """Each parameter's Role while ``block`` (block ``block_index``, also before it is in the list) is active."""
         try:
             return roles_for_block(self.names, block + self.active_modules,
                                    sgd_mode=self.sgd_mode, sign=self.sgd_use_sign, lora_mode=self.lora_mode)

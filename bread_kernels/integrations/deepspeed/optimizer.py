@@ -63,10 +63,10 @@ class ZeroBlockOptimizer(BlockOptimizer):
         for group, params in self._given_groups:
             group["params"] = list(params)
 
-    def roles_for(self, block_index: int) -> dict[str, Role]:
+    def _roles(self, block_index: int, block: list[str]) -> dict[str, Role]:
         """BlockOptimizer's roles, refusing (before the model is touched: the constructor checks every block) an
         on-the-fly update of a fused MoE expert weight, which the sharded update does not implement."""
-        roles = super().roles_for(block_index)
+        roles = super()._roles(block_index, block)
         if self.engine is not None:
             on_the_fly = [name for name, _ in self.engine.expert_weights()
                           if name in roles and roles[name].updates_on_the_fly]
