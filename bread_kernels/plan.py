@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -77,6 +78,11 @@ for _role in Role:
 LrLike = Union[float, Callable[[], float]]
 
 
+def _is_number(value) -> bool:
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class OnTheFlyUpdate:
     """The update an ``SGD``/``SIGN`` weight receives inside the backward: ``W -= lr · scale · f(dW)``.
@@ -107,11 +113,19 @@ class OnTheFlyUpdate:
                     f"OnTheFlyUpdate: unknown rounding {self.rounding!r}; use one of "
                     f"{[r.value for r in Rounding]}"
                 ) from None
-        if not callable(self.lr) and not isinstance(self.lr, (int, float)):
+        if not callable(self.lr) and not _is_number(self.lr):
             raise TypeError(f"OnTheFlyUpdate: lr must be a number or a zero-argument callable, got {type(self.lr)}")
-        if not callable(self.loss_scale) and not isinstance(self.loss_scale, (int, float)):
+        if not callable(self.loss_scale) and not _is_number(self.loss_scale):
             raise TypeError("OnTheFlyUpdate: loss_scale must be a number or a zero-argument callable, got "
                             f"{type(self.loss_scale)}")
+        if not _is_number(self.scale):
+            raise TypeError(f"OnTheFlyUpdate: scale must be a number (sgd_lr_scaling), got {type(self.scale)}")
+        # numbers are checked now, as torch.optim checks its lr; a callable's value when the backward reads it
+        for what, value in (("lr", self.lr), ("scale", self.scale)):
+            if not callable(value) and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"OnTheFlyUpdate: {what} must be finite and >= 0, got {value!r}")
+        if not callable(self.loss_scale) and not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
+            raise ValueError(f"OnTheFlyUpdate: loss_scale must be finite and > 0, got {self.loss_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"OnTheFlyUpdate: seed must be an int >= 0, got {self.seed!r}")
 
@@ -119,7 +133,11 @@ class OnTheFlyUpdate:
         """lr · scale / loss_scale (a SIGN step: lr · scale, sign(S·g) being sign(g)), read now.  Raises if it is
         not a finite non-negative number."""
         lr = self.lr() if callable(self.lr) else self.lr
-        value = float(lr) * float(self.scale)
+        try:
+            value = float(lr) * float(self.scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"OnTheFlyUpdate: the lr read for the on-the-fly update must be a number, got {lr!r} "
+                            "(from the callable given as lr)") from None
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"OnTheFlyUpdate: lr·scale must be finite and >= 0, got lr={lr}, scale={self.scale}")
         if sign:
@@ -192,7 +210,14 @@ class WeightPlan:
                         "state_dict()), or bread_kernels.unpatch(model) first")
 
     def check(self) -> None:
-        """Raise if the role cannot run as configured (an on-the-fly role with no update rule)."""
+        """Raise if the role cannot run as configured (no Role, an update rule of another type, an on-the-fly role
+        with none)."""
+        if not isinstance(self.role, Role):
+            raise TypeError(f"WeightPlan{' ' + self.name if self.name else ''}: role must be a bread_kernels.Role or "
+                            f"its name ({[r.value for r in Role]}), got {self.role!r}")
+        if self.update is not None and not isinstance(self.update, OnTheFlyUpdate):
+            raise TypeError(f"WeightPlan{' ' + self.name if self.name else ''}: update must be a "
+                            f"bread_kernels.OnTheFlyUpdate or None, got {type(self.update).__name__}")
         if self.role.updates_on_the_fly and self.update is None:
             raise ValueError(
                 f"WeightPlan{' ' + self.name if self.name else ''}: role {self.role.name} updates the weight inside "

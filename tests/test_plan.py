@@ -33,6 +33,45 @@ def test_step_size_is_read_when_asked_and_must_be_finite_and_non_negative():
         OnTheFlyUpdate(lr="1e-5")
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lr=float("nan")), ValueError, "lr must be finite and >= 0, got nan"),
+    (dict(lr=-1e-3), ValueError, "lr must be finite and >= 0, got -0.001"),
+    (dict(lr=float("inf")), ValueError, "lr must be finite and >= 0, got inf"),
+    (dict(lr=0.1, scale=-1.0), ValueError, "scale must be finite and >= 0, got -1.0"),
+    (dict(lr=0.1, scale=float("nan")), ValueError, "scale must be finite and >= 0, got nan"),
+    (dict(lr=0.1, scale="2"), TypeError, "scale must be a number"),
+    (dict(lr=0.1, loss_scale=0.0), ValueError, "loss_scale must be finite and > 0, got 0.0"),
+    (dict(lr=True), TypeError, "lr must be a number or a zero-argument callable"),
+], ids=["lr_nan", "lr_negative", "lr_inf", "scale_negative", "scale_nan", "scale_str", "loss_scale_zero", "lr_bool"])
+def test_numbers_an_update_cannot_step_with_are_refused_when_it_is_built(kwargs, error, match):
+    """As torch.optim refuses a negative lr at construction: a number given to the update is checked when it is
+    built, not in the middle of the first backward that reads it (a callable's value is checked there)."""
+    with pytest.raises(error, match=match):
+        OnTheFlyUpdate(**kwargs)
+
+
+def test_a_callable_lr_that_returns_no_number_is_refused_naming_the_lr():
+    update = OnTheFlyUpdate(lr=lambda: "auto")
+    with pytest.raises(TypeError, match="lr read for the on-the-fly update must be a number, got 'auto'"):
+        update.step_size()
+    assert OnTheFlyUpdate(lr=lambda: torch.tensor(0.5), scale=0.2).step_size() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((1,), "role must be a bread_kernels.Role or its name"),
+    ((Role.SGD, 0.1), "update must be a bread_kernels.OnTheFlyUpdate or None, got float"),
+    ((Role.SGD, lambda: 0.1), "update must be a bread_kernels.OnTheFlyUpdate or None, got function"),
+], ids=["role_int", "update_number", "update_callable"])
+def test_a_plan_of_no_role_or_an_update_of_another_type_is_refused_when_it_is_built(args, match):
+    with pytest.raises(TypeError, match=match):
+        WeightPlan(*args)
+    plan = WeightPlan(Role.FROZEN)
+    plan.role = args[0] if len(args) == 1 else Role.SGD
+    plan.update = args[1] if len(args) > 1 else None
+    with pytest.raises(TypeError, match=match):  # changed after: refused at the fused function's forward
+        plan.check()
+
+
 def test_each_draw_is_a_fresh_seed_and_a_rerun_reproduces_them():
     a, b = OnTheFlyUpdate(lr=0.1, seed=3), OnTheFlyUpdate(lr=0.1, seed=3)
     seeds = [a.next_seed() for _ in range(4)]
