@@ -127,10 +127,31 @@ def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
         try:
             chunk_bytes = int(raw)
         except ValueError:
-            raise ValueError(f"BREAD_LOSS_CHUNK_BYTES must be a positive number of bytes, got {raw!r}") from None
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"fused_head_loss: chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
+            chunk_bytes = 0
+        if chunk_bytes <= 0:
+            raise ValueError(f"BREAD_LOSS_CHUNK_BYTES must be a positive number of bytes (a whole number, e.g. "
+                             f"268435456 for the default 256 MiB), got {raw!r}")
+    _check_chunk_bytes(chunk_bytes)
     return chunk_bytes
+
+
+def _check_chunk_bytes(chunk_bytes) -> None:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes <= 0:
+        raise ValueError(f"fused_head_loss: chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
+
+
+def _check_budget_arguments(chunk_bytes, hidden_sized, room_bytes, dw_bytes) -> None:
+    """Refuse budget arguments of the wrong type before anything is computed (``room_bytes`` may be negative: no
+    room beyond the hidden states' size)."""
+    if chunk_bytes is not None:
+        _check_chunk_bytes(chunk_bytes)
+    if not isinstance(hidden_sized, bool):
+        raise TypeError(f"fused_head_loss: hidden_sized must be True or False, got {hidden_sized!r}")
+    if isinstance(room_bytes, bool) or not isinstance(room_bytes, numbers.Integral):
+        raise TypeError(f"fused_head_loss: room_bytes must be a number of bytes (an int), got {room_bytes!r}")
+    if dw_bytes is not None and (isinstance(dw_bytes, bool) or not isinstance(dw_bytes, numbers.Integral)
+                                 or dw_bytes < 0):
+        raise ValueError(f"fused_head_loss: dw_bytes must be None or a number of bytes >= 0, got {dw_bytes!r}")
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -748,6 +769,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``torch.nn.functional.cross_entropy``'s mean is.
     """
     check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, num_items_in_batch, softcap)
+    _check_budget_arguments(chunk_bytes, hidden_sized, room_bytes, dw_bytes)
     targets = targets.long()
     valid = targets != ignore_index
     # inside the Function a negative target is an ignored token; a bad one goes past the vocabulary (see the check)

@@ -37,6 +37,7 @@ branch's in x̃'s), as autograd does through autocast's casts; the base weight's
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,9 @@ def check_lora_inputs(x, weight, lora_a, lora_b, scaling) -> None:
         )
     if lora_a.dtype != lora_b.dtype:
         raise TypeError(f"fused_lora_linear: lora_A is {lora_a.dtype} but lora_B is {lora_b.dtype}; use one dtype")
-    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"fused_lora_linear: scaling must be a finite number, got {scaling!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise ValueError(f"fused_lora_linear: scaling must be a finite number (peft's lora_alpha / r), got "
+                         f"{scaling!r}")
 
 
 class FusedLoRALinearFunction(torch.autograd.Function):
@@ -195,6 +197,9 @@ def fused_lora_linear(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torc
 def _checked_fused_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling, plan) -> torch.Tensor:
     check_linear_inputs(x, weight, bias, plan)
     check_lora_inputs(x, weight, lora_a, lora_b, scaling)
+    if x_lora is not None and not isinstance(x_lora, torch.Tensor):
+        raise TypeError(f"fused_lora_linear: x_lora must be None (the adapters read x) or a tensor, got "
+                        f"{type(x_lora).__name__}")
     if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != lora_a.dtype):
         raise ValueError(f"fused_lora_linear: x_lora must have x's shape {tuple(x.shape)} and the adapters' dtype "
                          f"{lora_a.dtype}, got {tuple(x_lora.shape)} {x_lora.dtype}")

@@ -90,9 +90,14 @@ class ShardLayout:
 
 def chunk_budget_bytes() -> int:
     """The budget of one collective's fp32 send buffer: ``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB."""
-    budget_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
+    raw = os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES)
+    try:
+        budget_bytes = int(raw)
+    except ValueError:
+        budget_bytes = 0
     if budget_bytes <= 0:
-        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes, got {budget_bytes}")
+        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes (a whole number, e.g. 33554432 for the "
+                         f"default 32 MiB), got {raw!r}")
     return budget_bytes
 
 

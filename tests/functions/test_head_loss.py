@@ -159,9 +159,10 @@ def test_chunk_budget_from_the_environment(monkeypatch):
     hidden, weight, _, targets = make(False)
     monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", str(3 * VOCAB * 4))
     close(fused_head_loss(hidden, weight, None, targets), reference(hidden, weight, None, targets)[0], "loss")
-    monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", "lots")
-    with pytest.raises(ValueError, match="BREAD_LOSS_CHUNK_BYTES must be a positive number"):
-        fused_head_loss(hidden, weight, None, targets)
+    for bad in ("lots", "0", "-4096"):  # named as the variable set, not as the chunk_bytes argument left out
+        monkeypatch.setenv("BREAD_LOSS_CHUNK_BYTES", bad)
+        with pytest.raises(ValueError, match=f"BREAD_LOSS_CHUNK_BYTES must be a positive number .*got '{bad}'"):
+            fused_head_loss(hidden, weight, None, targets)
 
 
 @pytest.mark.parametrize("chunk_bytes", [ODD_CHUNKS, DW_FITS], ids=["tiles", "dw-fits"])
@@ -249,6 +250,10 @@ def test_second_backward_is_refused():
     (dict(bias=torch.zeros(VOCAB - 1)), ValueError, "bias has shape"),
     (dict(softcap=-1.0), ValueError, "softcap must be a positive number"),
     (dict(chunk_bytes=0), ValueError, "chunk_bytes must be a positive number"),
+    (dict(hidden_sized="yes"), TypeError, "hidden_sized must be True or False"),
+    (dict(hidden_sized=True, room_bytes="1MiB"), TypeError, "room_bytes must be a number of bytes"),
+    (dict(dw_bytes=-1), ValueError, "dw_bytes must be None or a number of bytes >= 0"),
+    (dict(dw_bytes=2.5e6), ValueError, "dw_bytes must be None or a number of bytes >= 0"),
     (dict(num_items_in_batch=torch.tensor([1, 2])), ValueError, "num_items_in_batch must be a number or a one"),
     (dict(plan="sgd"), TypeError, "plan must be a bread_kernels.WeightPlan"),
     (dict(plan=WeightPlan(Role.LORA)), NotImplementedError, "a LoRA head is not supported"),
@@ -258,7 +263,8 @@ def test_bad_inputs_are_refused(change, error, match):
     hidden, weight, _, targets = make(False)
     args = dict(hidden=hidden, weight=weight, bias=None, targets=targets, plan=None)
     args.update(change)
-    kwargs = {k: args.pop(k) for k in ("softcap", "chunk_bytes", "num_items_in_batch") if k in args}
+    kwargs = {k: args.pop(k) for k in ("softcap", "chunk_bytes", "num_items_in_batch", "hidden_sized", "room_bytes",
+                                       "dw_bytes") if k in args}
     with pytest.raises(error, match=match):
         fused_head_loss(args["hidden"], args["weight"], args["bias"], args["targets"], args["plan"], **kwargs)
 

@@ -204,6 +204,22 @@ def test_bad_adapter_shapes_are_refused():
         fused_lora_linear(x, None, layer.base_layer.weight, None, a, b.bfloat16(), 1.0, plan)
     with pytest.raises(ValueError, match="scaling must be a finite number"):
         fused_lora_linear(x, None, layer.base_layer.weight, None, a, b, float("nan"), plan)
+    with pytest.raises(ValueError, match="scaling must be a finite number"):
+        fused_lora_linear(x, None, layer.base_layer.weight, None, a, b, True, plan)
+    with pytest.raises(TypeError, match="x_lora must be None .* or a tensor, got float"):
+        fused_lora_linear(x, 1.0, layer.base_layer.weight, None, a, b, 1.0, plan)
+
+
+def test_a_numpy_scaling_is_a_number():
+    """``scaling`` computed with numpy (``np.float32(alpha) / r``) gives what the same Python float gives."""
+    import numpy as np
+
+    layer = make_layer(4, 0.0)
+    x, _ = inputs(torch.float32, "cpu")
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    args = (x, None, layer.base_layer.weight, None, a, b)
+    expected = fused_lora_linear(*args, 0.5, WeightPlan(Role.LORA))
+    assert torch.equal(fused_lora_linear(*args, np.float32(2.0) / 4, WeightPlan(Role.LORA)), expected)
 
 
 @pytest.mark.parametrize("role", [Role.SGD, Role.FROZEN], ids=lambda r: r.name)

@@ -158,3 +158,12 @@ def test_layout_and_chunk_size():
         ShardLayout(None, 2, 0, 10, 4)
     with pytest.raises(ValueError, match="positive"):
         chunk_elements(2, 4, budget_bytes=0)
+
+
+@pytest.mark.parametrize("value", ["32MiB", "0", "-1", "3.5e7"])
+def test_a_bad_chunk_budget_in_the_environment_is_refused_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("BREAD_ZERO_CHUNK_BYTES", value)
+    with pytest.raises(ValueError, match=f"BREAD_ZERO_CHUNK_BYTES must be a positive number of bytes .*got '{value}'"):
+        chunk_elements(2, 4)
+    monkeypatch.setenv("BREAD_ZERO_CHUNK_BYTES", "40")
+    assert chunk_elements(3, 12) == 2
