@@ -1030,12 +1030,7 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected a torch.nn.Module, got {type(model).__name__}")
-    if fused_loss is not None and not isinstance(fused_loss, bool):
-        raise TypeError(f"patch: fused_loss must be None (where it can), True or False, got {fused_loss!r}")
-    if not isinstance(fused_elementwise, bool):
-        raise TypeError(f"patch: fused_elementwise must be True or False, got {fused_elementwise!r}")
-    if not isinstance(recompute, bool):
-        raise TypeError(f"patch: recompute must be True or False, got {recompute!r}")
+    _check_options(blocks, recompute, fused_loss, fused_elementwise, "patch")
     hook_update_numel = _check_hook_update_numel(hook_update_numel)
     _check_parameter_dtypes(model)
     _refuse_sharded(model, "patch")
@@ -1062,8 +1057,6 @@ def patch(model: nn.Module, *, blocks: nn.ModuleList | None = None, recompute: b
     if blocks is None:
         blocks_name, blocks = _find_block_stack(model)
     else:
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise TypeError("patch: blocks= must be a non-empty nn.ModuleList of the model's repeated blocks")
         names = [n for n, m in model.named_modules() if m is blocks]
         if not names:
             raise ValueError("patch: blocks= is not a submodule of this model")
@@ -1397,6 +1390,43 @@ def _set_fused_elementwise(model: nn.Module, enabled: bool, state: PatchedModel)
             state.fused_elementwise.append((name, module))
         elif not kernelized and uses_rotary_embedding(module) and install_fused_rotary(module):
             state.fused_elementwise.append((name, module))
+
+
+def check_patch_options(options, what: str) -> None:
+    """Refuse ``patch_options`` (given to a library that patches the model later: ``accelerate``, the Trainer's
+    callbacks) that :func:`patch` would refuse whatever the model: not a mapping of its keywords, or a value of the
+    wrong type or range (``keep_top`` against the model's blocks, ``blocks`` against its modules: at the patch)."""
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{what}: patch_options must be a dict of bread_kernels.patch's keywords, got "
+                        f"{type(options).__name__}")
+    unknown = sorted(set(options) - set(_PATCH_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{what}: unknown patch option(s) {unknown}; bread_kernels.patch takes "
+                        f"{', '.join(_PATCH_KEYWORDS)}")
+    _check_options(options.get("blocks"), options.get("recompute", True), options.get("fused_loss"),
+                   options.get("fused_elementwise", True), what)
+    keep_top = options.get("keep_top", "auto")
+    if not (isinstance(keep_top, str) and keep_top == "auto") and \
+            (isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 0):
+        raise ValueError(f"{what}: keep_top must be 'auto' or an int >= 0 (the number of top blocks that keep their "
+                         f"activations), got {keep_top!r}")
+    if options.get("hook_update_numel") is not None:
+        _check_hook_update_numel(options["hook_update_numel"])
+
+
+_PATCH_KEYWORDS = ("blocks", "recompute", "fused_loss", "keep_top", "fused_elementwise", "hook_update_numel")
+
+
+def _check_options(blocks, recompute, fused_loss, fused_elementwise, what: str) -> None:
+    """The checks of :func:`patch`'s keywords that need no model (``keep_top``'s needs its blocks)."""
+    if fused_loss is not None and not isinstance(fused_loss, bool):
+        raise TypeError(f"{what}: fused_loss must be None (where it can), True or False, got {fused_loss!r}")
+    if not isinstance(fused_elementwise, bool):
+        raise TypeError(f"{what}: fused_elementwise must be True or False, got {fused_elementwise!r}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"{what}: recompute must be True or False, got {recompute!r}")
+    if blocks is not None and (not isinstance(blocks, nn.ModuleList) or len(blocks) == 0):
+        raise TypeError(f"{what}: blocks= must be a non-empty nn.ModuleList of the model's repeated blocks")
 
 
 def _check_keep_top(keep_top, n_blocks: int) -> int | str:

@@ -44,7 +44,7 @@ from torch import nn
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import (EngineDriver, check_loss_scaler, check_parameters_of, owning_patched_model,
                             take_over_parameters)
-from ..patch import patch, patched_state, unpatch
+from ..patch import check_patch_options, patch, patched_state, unpatch
 from ..plan import OnTheFlyUpdate, Role, Rounding
 
 __all__ = ["accelerate", "unaccelerate", "accelerated", "Acceleration", "internals_problems", "optimizer_kind",
@@ -90,9 +90,7 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
     Raises ``TypeError`` for an optimizer it does not support and ``ValueError`` for a model that is not the
     optimizer's or missing settings — before anything is touched.
     """
-    unknown = sorted(set(settings) - set(_SETTINGS))
-    if unknown:
-        raise TypeError(f"accelerate: unknown setting(s) {unknown}; the settings are {', '.join(_SETTINGS)}")
+    check_settings(settings, "accelerate")
     if isinstance(optimizer, BlockOptimizer):
         return _own_optimizer(optimizer, model, settings)
     existing = accelerated(optimizer)
@@ -105,19 +103,30 @@ def accelerate(optimizer, model: nn.Module | None = None, **settings):
     kind = _kind(optimizer)
     named = list(optimizer.named_parameters_list)
     model = _check_model(model, named, type(optimizer).__name__)
-    check_loss_scaler(settings.get("loss_scaler"), "accelerate")
+    acceleration = Acceleration(optimizer, model, kind, settings)
+    optimizer.__dict__[_ATTR] = acceleration  # the optimizer keeps it alive; it holds the optimizer weakly
+    return optimizer
+
+
+def check_settings(settings: dict, what: str) -> None:
+    """Refuse :func:`accelerate` settings that are wrong whatever the optimizer and model: an unknown name, a value
+    of the wrong type or range (``sgd_lr_scaling``, ``sgd_use_sign``, ``rounding``, ``seed``, ``loss_scaler``,
+    ``patch_options``).  Whether the optimizer makes the on-the-fly updates they set is checked by ``accelerate``."""
+    unknown = sorted(set(settings) - set(_SETTINGS))
+    if unknown:
+        raise TypeError(f"{what}: unknown setting(s) {unknown}; the settings are {', '.join(_SETTINGS)}")
+    check_loss_scaler(settings.get("loss_scaler"), what)
     seed = settings.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"accelerate: seed must be an int >= 0, got {seed!r}")
+        raise ValueError(f"{what}: seed must be an int >= 0, got {seed!r}")
     if not isinstance(settings.get("rounding", Rounding.AUTO), Rounding):
         try:
             Rounding(settings["rounding"])
         except ValueError:
-            raise ValueError(f"accelerate: unknown rounding {settings['rounding']!r}; use one of "
+            raise ValueError(f"{what}: unknown rounding {settings['rounding']!r}; use one of "
                              f"{[r.value for r in Rounding]}") from None
-    acceleration = Acceleration(optimizer, model, kind, settings)
-    optimizer.__dict__[_ATTR] = acceleration  # the optimizer keeps it alive; it holds the optimizer weakly
-    return optimizer
+    _check_sgd_values(settings.get("sgd_lr_scaling", 1.0), settings.get("sgd_use_sign", False), what)
+    check_patch_options(settings.get("patch_options", {}), what)
 
 
 def unaccelerate(optimizer):
@@ -437,16 +446,21 @@ def _sgd_settings(kind: str, sgd_mode: str, settings: dict,
                          "constructor, e.g. accelerate(optimizer, model, sgd_lr_scaling=1.0, sgd_use_sign=False)")
     scale = settings["sgd_lr_scaling"] if "sgd_lr_scaling" in settings else held[0]
     sign = settings["sgd_use_sign"] if "sgd_use_sign" in settings else held[1]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"accelerate: sgd_lr_scaling must be a finite number >= 0, got {scale!r}")
-    if not isinstance(sign, bool):
-        raise TypeError(f"accelerate: sgd_use_sign must be True or False, got {sign!r}")
+    _check_sgd_values(scale, sign, "accelerate")
     if held is not None and (float(held[0]) != float(scale) or bool(held[1]) != sign):
         raise ValueError(f"accelerate: sgd_lr_scaling={scale!r}, sgd_use_sign={sign!r} given, but the optimizer's SGD "
                          f"hooks hold sgd_lr_scaling={held[0]!r}, sgd_use_sign={held[1]!r} (what its constructor got), "
                          "which they keep applying to the parameters outside the fused modules: pass those, or "
                          "leave them out (they are read from the hooks)")
     return float(scale), sign
+
+
+def _check_sgd_values(scale, sign, what: str) -> None:
+    """BlockOptimizers' ``sgd_lr_scaling`` (a finite number >= 0) and ``sgd_use_sign`` (a bool)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"{what}: sgd_lr_scaling must be a finite number >= 0, got {scale!r}")
+    if not isinstance(sign, bool):
+        raise TypeError(f"{what}: sgd_use_sign must be True or False, got {sign!r}")
 
 
 def _check_model(model, named, what: str) -> nn.Module:

@@ -19,9 +19,9 @@ from transformers import TrainerCallback
 
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import EngineDriver, take_over_parameters
-from ..patch import patched_state, unpatch
+from ..patch import check_patch_options, patched_state, unpatch
 from ..plan import Role
-from .bcd import accelerate, accelerated, patch_if_needed, unaccelerate
+from .bcd import accelerate, accelerated, check_settings, patch_if_needed, unaccelerate
 from .peft_base_model import (checked_base_model_load, forget_saved_base_model, holds_saved_base_model, is_peft_model,
                               load_trained_base_model, read_base_model_record, save_trained_base_model,
                               trains_peft_base_weights)
@@ -104,6 +104,7 @@ class BreadCallback(TrainerCallback):
     """
 
     def __init__(self, patch_options: dict | None = None, *, restores_base_weights: bool = False, **settings):
+        check_settings({**settings, "patch_options": patch_options or {}}, "BreadCallback")
         self.patch_options = dict(patch_options or {})
         self.restores_base_weights = bool(restores_base_weights)
         #: set by BreadTrainerMixin when it restored them from the checkpoint this train() resumes (read once)
@@ -441,6 +442,7 @@ class LisaCallback(TrainerCallback):
             raise ValueError(f"LisaCallback: seed must be None or an int >= 0, got {seed!r}")
         if not isinstance(drop_state, bool):
             raise TypeError(f"LisaCallback: drop_state must be True or False, got {drop_state!r}")
+        check_patch_options(patch_options or {}, "LisaCallback")
         self.n_layers, self.interval_steps, self.drop_state = n_layers, interval_steps, drop_state
         self.seed = seed
         self.rng = np.random.RandomState(seed) if seed is not None else np.random

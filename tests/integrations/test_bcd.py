@@ -207,6 +207,24 @@ def test_bad_input_is_refused_before_anything_is_touched(monkeypatch):
     assert "switch_trainable_params" not in opt.__dict__ and "switch_trainable_params" not in style.__dict__
 
 
+@pytest.mark.parametrize("settings, error, match", [
+    (dict(patch_options={"keep_top": -1}), ValueError, "accelerate: keep_top must be 'auto' or an int >= 0"),
+    (dict(patch_options={"fused_los": False}), TypeError, r"unknown patch option\(s\) \['fused_los'\]"),
+    (dict(patch_options=["recompute"]), TypeError, "patch_options must be a dict of bread_kernels.patch's keywords"),
+    (dict(patch_options={"recompute": "no"}), TypeError, "accelerate: recompute must be True or False"),
+], ids=["keep_top", "typo", "not_a_dict", "recompute"])
+def test_bad_patch_options_leave_the_live_acceleration_and_its_patch_in_place(settings, error, match):
+    """A re-run cell whose patch options ``patch`` refuses: refused before the acceleration that owns the parameters
+    is closed, which unpatched the model it had patched, so the first optimizer trains on accelerated."""
+    model = models.llama()
+    first = _badam(model)
+    bread_kernels.accelerate(first, model)
+    state = patched_state(model)
+    with pytest.raises(error, match=match):
+        bread_kernels.accelerate(_badam(model), model, **settings)
+    assert bcd.accelerated(first) is not None and patched_state(model) is state
+
+
 def test_the_badam_internals_read_are_there():
     """Fails loudly when a badam release changes what the integration reads."""
     import importlib.metadata

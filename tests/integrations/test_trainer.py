@@ -734,3 +734,17 @@ def test_bread_callback_under_badam_ratio_with_accumulation_and_a_resume(tmp_pat
     assert models.moved_parameters(results[False][0], results[False][1])
     for reference, model in zip(results[False], results[True]):
         models.assert_same_parameters(reference, model)
+
+
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: BreadCallback({"keep_top": -1}), ValueError, "BreadCallback: keep_top must be 'auto' or an int >= 0"),
+    (lambda: BreadCallback({"fused_los": False}), TypeError, r"unknown patch option\(s\) \['fused_los'\]"),
+    (lambda: BreadCallback(rounding_mode="nearest"), TypeError, r"unknown setting\(s\) \['rounding_mode'\]"),
+    (lambda: BreadCallback(rounding="up"), ValueError, "BreadCallback: unknown rounding 'up'"),
+    (lambda: BreadCallback(sgd_lr_scaling=-1.0), ValueError, "sgd_lr_scaling must be a finite number >= 0"),
+    (lambda: LisaCallback(2, 5, patch_options={"recompute": 0}), TypeError, "LisaCallback: recompute must be True"),
+], ids=["keep_top", "patch_typo", "setting_typo", "rounding", "scale", "lisa_recompute"])
+def test_callback_settings_refused_whatever_the_model_are_refused_when_the_callback_is_built(build, error, match):
+    """Not at on_train_begin, after the Trainer was built, a checkpoint perhaps loaded, and the run started."""
+    with pytest.raises(error, match=match):
+        build()
