@@ -294,7 +294,7 @@ class PatchedModel:
 
     def set_cut(self, cut: int) -> None:
         """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``."""
-        if not isinstance(cut, int) or not 0 <= cut <= len(self.blocks):
+        if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut <= len(self.blocks):
             raise ValueError(f"set_cut: cut must be an int in [0, {len(self.blocks)}], got {cut!r}")
         self.stream.cut = cut
         self.stream.plans_changed()  # the optimizer sets the cut whenever it writes new plans
@@ -1550,10 +1550,17 @@ def _refuse_unfused_layers_of_wrapper(wrapper: nn.Module, state: PatchedModel) -
 
 
 def set_cut(model: nn.Module, cut: int) -> None:
-    """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``."""
+    """Blocks below ``cut`` run without autograd; the backward stops at block ``cut``.  For a patched model no
+    optimizer drives (an optimizer sets the cut below its lowest trained block at every switch): refused while one
+    does, since a cut above that block would silently leave it, and the updates below the cut, untrained."""
     state = patched_state(model)
     if state is None:
         raise ValueError("set_cut: the model is not patched")
+    driver = state.driver
+    if driver is not None and not getattr(driver, "closed", False):
+        raise RuntimeError(f"set_cut: a live {type(driver).__name__} drives this model and sets the cut itself at "
+                           "every block switch (below the lowest block it trains); close it first (close(), or "
+                           "bread_kernels.unpatch) to set the cut by hand")
     state.set_cut(cut)
 
 

@@ -394,6 +394,28 @@ def test_apply_plans_refuses_unknown_modules_and_non_plans():
     assert all(getattr(m, "_bread_weight_plan") is None for _, m in state.fused_modules[1:])
 
 
+def test_set_cut_by_hand_is_refused_while_an_optimizer_drives_the_model():
+    """A cut above the active block stopped the backward before it: the block took no gradient (the step warned that
+    the batch had not reached it) and the on-the-fly updates below the cut never ran, silently."""
+    from bread_kernels.patch import set_cut
+
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                           list(model.named_parameters()), start_block=0, sgd_mode="all", verbose=0)
+    state = patched_state(model)
+    cut = state.stream.cut
+    with pytest.raises(RuntimeError, match="a live BlockOptimizer drives this model and sets the cut itself"):
+        set_cut(model, 3)
+    assert state.stream.cut == cut
+    with pytest.raises(ValueError, match=r"cut must be an int in \[0, 4\], got True"):
+        state.set_cut(True)
+    opt.close()
+    set_cut(model, 3)
+    assert state.stream.cut == 3
+
+
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_a_patched_model_and_its_blocks_are_collected_after_del(arch):
     """The stream's signature cache is keyed on the class's forward, not on the bound method of each block."""
