@@ -93,3 +93,20 @@ def test_the_zero3_target_counts_an_fp16_dw_overflow_as_a_non_finite_gradient(sc
     plan = bread_kernels.WeightPlan(bread_kernels.Role.SGD, bread_kernels.OnTheFlyUpdate(lr=0.1))
     assert ZeroShards().linear_(weight, None, g, x, 0.1, False, plan.update) is finite
     assert flags == [finite]
+
+
+def test_initialize_with_another_model_than_the_optimizers_is_refused_before_deepspeed_runs(monkeypatch):
+    """DeepSpeed would partition the model given while the block optimizer's plans, hooks and cut drive the other."""
+    import deepspeed
+
+    from bread_kernels.integrations.deepspeed import initialize
+
+    reached = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kwargs: reached.append(kwargs) or (None,) * 4)
+    model, other = bread_kernels.patch(llama()), bread_kernels.patch(llama(seed=1))
+    opt = _build(ZeroBlockOptimizer, model)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with pytest.raises(ValueError, match="built over the parameters of another model"):
+        initialize(other, opt, config)
+    assert not reached
+    opt.close()

@@ -402,6 +402,10 @@ def initialize(model: torch.nn.Module, optimizer: ZeroBlockOptimizer, config, **
     if not isinstance(optimizer, ZeroBlockOptimizer):
         raise TypeError(f"initialize: optimizer must be a bread_kernels.integrations.deepspeed.ZeroBlockOptimizer "
                         f"(BlockOptimizer's arguments), got {type(optimizer).__name__}")
+    if optimizer.model is not None and model is not optimizer.model:
+        raise ValueError(f"initialize: the ZeroBlockOptimizer was built over the parameters of another model (a "
+                         f"{type(optimizer.model).__name__}) than the {type(model).__name__} given; pass the patched "
+                         "model whose named_parameters() the optimizer was built over")
     if "model_parameters" in kwargs or "lr_scheduler" in kwargs:
         raise ValueError("initialize: the block optimizer chooses the trained parameters; schedule the lr with a "
                          "torch scheduler on the ZeroBlockOptimizer instead of DeepSpeed's lr_scheduler")
