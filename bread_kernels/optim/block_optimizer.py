@@ -526,7 +526,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             returned = pre_hook(self, state_dict)
             if returned is not None:
                 state_dict = returned
-        if isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"BlockOptimizer.load_state_dict: expected the dict BlockOptimizer.state_dict() returned "
+                            f"(torch.load the file first), got {type(state_dict).__name__}")
+        if {"state", "param_groups"} <= state_dict.keys():
             raise ValueError("BlockOptimizer.load_state_dict: this is a torch optimizer's state_dict (what Microsoft "
                              "BlockOptimizers' and badam's BlockOptimizer save: the base optimizer's alone, without "
                              "the block order, step or fp32 masters); resume from a bread_kernels "

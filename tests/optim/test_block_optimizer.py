@@ -919,6 +919,16 @@ def test_a_base_optimizers_state_dict_is_refused_with_the_reason_and_nothing_cha
     assert str(after["base_optimizer"]) == str(before["base_optimizer"])
 
 
+@pytest.mark.parametrize("given", [None, "checkpoint/optimizer.pt"], ids=["none", "path"])
+def test_a_state_that_is_no_dict_is_refused_naming_what_to_pass(given):
+    """A path (torch.load not called) or None failed with ``argument of type 'NoneType' is not iterable``, or with a
+    missing key found by a substring test of the path."""
+    model = bread_kernels.patch(BUILDERS["llama"]())
+    opt = make(model)
+    with pytest.raises(TypeError, match=r"expected the dict BlockOptimizer.state_dict\(\) returned \(torch.load"):
+        opt.load_state_dict(given)
+
+
 def _encoder_decoder(name):
     import transformers
 
