@@ -119,9 +119,16 @@ class EngineDriver:
             raise TypeError(f"{what}: update must be a bread_kernels.OnTheFlyUpdate or None, got {type(update)}")
         if not isinstance(library_hooks, bool):
             raise TypeError(f"{what}: library_hooks must be True or False, got {library_hooks!r}")
+        if owner is not None:
+            try:
+                weakref.ref(owner)
+            except TypeError:
+                raise TypeError(f"{what}: owner must be an object held weakly (the optimizer that holds this driver), "
+                                f"or None, got {type(owner).__name__}") from None
         self.names = [n for n, _ in self.named_parameters]
         self._name_set = set(self.names)
-        # first: closing a previous owner may unpatch the model (an accelerate() that patched it)
+        owning_patched_model(self.named_parameters, what)  # the names checked before a previous owner is closed
+        # closing a previous owner may unpatch the model (an accelerate() that patched it)
         take_over_parameters(self.named_parameters, what)
         self.model = owning_patched_model(self.named_parameters, what)
         self.engine = patched_state(self.model) if self.model is not None else None

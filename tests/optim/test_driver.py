@@ -124,6 +124,22 @@ def test_a_new_driver_takes_the_parameters_over_and_a_disjoint_one_is_refused():
     keeper.close()
 
 
+def test_a_driver_refused_for_its_parameters_or_owner_leaves_the_live_one_driving():
+    """A list holding a parameter of another model, or an owner no weak reference can hold, is refused before the
+    live driver over the same parameters is closed (its hooks removed, its plans cleared)."""
+    model = bread_kernels.patch(models.llama())
+    named = list(model.named_parameters())
+    first = EngineDriver(named, update=OnTheFlyUpdate(lr=0.1))
+    first.set_roles(_roles(model))
+    foreign = ("lm_head.weight", models.llama(seed=1).lm_head.weight)
+    with pytest.raises(ValueError, match="'lm_head.weight' is not a parameter of the LlamaForCausalLM"):
+        EngineDriver(named[:-1] + [foreign])
+    with pytest.raises(TypeError, match="owner must be an object held weakly"):
+        EngineDriver(named, owner=3)
+    assert not first.closed and patched_state(model).driver is first
+    first.close()
+
+
 def test_an_accelerated_model_taken_over_by_a_block_optimizer_runs_on_the_engine():
     """accelerate() patched the model; a BlockOptimizer built over the same parameters closes that acceleration
     (which unpatches) — the new optimizer then finds the model unpatched and says so, never half-driven."""
