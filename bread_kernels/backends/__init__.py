@@ -183,6 +183,19 @@ def _triton_can_run(device: torch.device) -> str | None:
 
 _chosen: dict = {}
 
+#: selects the Triton kernel for the LoRA adapters' gradients on a GPU (``triton``); unset: cuBLAS GEMMs there
+LORA_KERNEL_ENV = "BREAD_LORA_KERNEL"
+
+
+def lora_kernel_requested() -> bool:
+    """Whether ``BREAD_LORA_KERNEL=triton`` asks for the Triton adapter-gradient kernel; any value but that one (or
+    unset) is refused, so that a misspelt one does not measure cuBLAS's GEMMs as the kernel."""
+    choice = os.environ.get(LORA_KERNEL_ENV, "").strip().lower()
+    if choice not in ("", "triton"):
+        raise ValueError(f"{LORA_KERNEL_ENV}={choice!r} is not a choice; use 'triton' (the Triton adapter-gradient "
+                         "kernel on a GPU) or leave it unset (cuBLAS GEMMs)")
+    return choice == "triton"
+
 
 def get_backend(device: torch.device | str) -> Backend:
     """The backend for tensors on ``device``: decided once per (device, ``BREAD_BACKEND``, ``TRITON_INTERPRET``)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from ..rounding import FLOAT_DTYPES
-from . import epilogue, records_ops
+from . import epilogue, lora_kernel_requested, records_ops
 from .add_scaled import TorchSums
 from .rotary import TorchRotary, one_pass_serves
 from .lora_gemm import lora_grads_gemm
@@ -88,8 +87,7 @@ class TritonBackend(TorchSums, TorchRotary):
         kernel (fp32 1.05-1.11x, bf16 1.7-2.3x slower than cuBLAS, at 8192 tokens, 4096-wide layers, r 8-64).
         ``BREAD_LORA_KERNEL=triton`` selects the kernel (always, under the interpreter, where it is tested), except
         under ``torch.use_deterministic_algorithms(True)``: the kernel sums its programs' parts with atomics."""
-        use_kernel = os.environ.get("BREAD_LORA_KERNEL", "").strip().lower() == "triton" or \
-            grad_output.device.type != "cuda"
+        use_kernel = lora_kernel_requested() or grad_output.device.type != "cuda"
         if not use_kernel or torch.are_deterministic_algorithms_enabled() or \
                 records_ops(grad_output, input, u, lora_b) or lora_b.shape[1] > self._lora.MAX_RANK:
             return lora_grads_gemm(grad_output, input, u, lora_b, scaling, need_a, need_b)

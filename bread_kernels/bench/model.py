@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import os
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends import get_backend
+from ..backends import get_backend, lora_kernel_requested
 from ..functions.head_loss import chunk_budget_bytes
 from ..optim import BlockOptimizer
 from ..peft_lora import Conv1D, peft_remapped_targets
@@ -291,7 +290,7 @@ def _runs_triton_gemms(variant, device) -> bool:
     if device.type != "cuda":
         return False
     return (VARIANTS[variant].get("sgd_mode", "disabled") != "disabled"
-            or (variant in LORA_VARIANTS and os.environ.get("BREAD_LORA_KERNEL", "").lower() == "triton"))
+            or (variant in LORA_VARIANTS and lora_kernel_requested()))
 
 
 @dataclass

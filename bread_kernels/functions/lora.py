@@ -42,7 +42,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..backends import get_backend
+from ..backends import get_backend, lora_kernel_requested
 from ..plan import WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
 from .autocast import autocast_dtype, outside_autocast
@@ -71,6 +71,7 @@ def check_lora_inputs(x, weight, lora_a, lora_b, scaling) -> None:
         )
     if lora_a.dtype != lora_b.dtype:
         raise TypeError(f"fused_lora_linear: lora_A is {lora_a.dtype} but lora_B is {lora_b.dtype}; use one dtype")
+    lora_kernel_requested()  # a misspelt BREAD_LORA_KERNEL is refused at the forward, before any backward writes
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
         raise ValueError(f"fused_lora_linear: scaling must be a finite number (peft's lora_alpha / r), got "
                          f"{scaling!r}")

@@ -242,3 +242,17 @@ def test_output_may_be_modified_in_place(backend, device, role):
     assert_close(y, expected, "output")
     y.backward(grad_out)
     assert_close(x.grad, ref_x.grad, "dX")
+
+
+def test_a_misspelt_lora_kernel_choice_is_refused_at_the_forward(monkeypatch):
+    """``BREAD_LORA_KERNEL=trition`` silently kept cuBLAS's GEMMs (a benchmark of the kernel measured them); it is
+    refused at the forward, before a backward writes anything, on every device."""
+    layer = make_layer(4, 0.0)
+    x, _ = inputs(torch.float32, "cpu")
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    monkeypatch.setenv("BREAD_LORA_KERNEL", "trition")
+    with pytest.raises(ValueError, match="BREAD_LORA_KERNEL='trition' is not a choice; use 'triton'"):
+        fused_lora_linear(x, None, layer.base_layer.weight, None, a, b, 1.0, WeightPlan(Role.LORA))
+    for choice in ("Triton", ""):
+        monkeypatch.setenv("BREAD_LORA_KERNEL", choice)
+        fused_lora_linear(x, None, layer.base_layer.weight, None, a, b, 1.0, WeightPlan(Role.LORA))
