@@ -1068,6 +1068,14 @@ def check_named_parameters(named_parameters, what: str) -> list[tuple[str, nn.Pa
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"{what}: parameter name {duplicate!r} appears twice in named_parameters_list")
+    first_name: dict[int, str] = {}
+    for name, p in items:
+        other = first_name.setdefault(id(p), name)
+        if other != name:
+            raise ValueError(f"{what}: {other!r} and {name!r} are one tensor (tied weights) listed twice in "
+                             "named_parameters_list, so its hooks and roles would act on it twice; pass "
+                             "list(model.named_parameters()), which lists a shared tensor once (not "
+                             "named_parameters(remove_duplicate=False))")
     return items
 
 

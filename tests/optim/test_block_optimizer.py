@@ -89,6 +89,27 @@ def test_parameters_not_from_the_patched_model_are_refused():
         bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.parameters()), verbose=0)
 
 
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_a_tied_weight_listed_under_both_names_is_refused(patched):
+    """``named_parameters(remove_duplicate=False)`` lists GPT-2's tied embedding and head twice: unpatched it was
+    taken, and the tied weight's two hooks and two roles trained it otherwise than the list with it once (patched, the
+    refusal named a wrapper instead)."""
+    model = BUILDERS["gpt2"]()
+    if patched:
+        bread_kernels.patch(model)
+    named = list(model.named_parameters(remove_duplicate=False))
+    with pytest.raises(ValueError, match="'transformer.wte.weight' and 'lm_head.weight' are one tensor"):
+        make_from(model, named)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def make_from(model, named):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bread_kernels.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), named, verbose=0,
+                                            sgd_mode="all")
+
+
 def test_unpatched_model_takes_the_slow_path_and_says_so():
     import bread_kernels.optim.block_optimizer as bo
 
