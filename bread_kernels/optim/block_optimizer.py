@@ -149,6 +149,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._closed = True  # until construction succeeds: close() does nothing
         self.named_parameters_list = check_named_parameters(named_parameters_list, "BlockOptimizer")
         self.names = [n for n, _ in self.named_parameters_list]
+        _refuse_adapter_only_without_adapters(self.names, lora_mode)
         self.lora_mode, self.sgd_mode, self.sgd_use_sign = lora_mode, sgd_mode, sgd_use_sign
         self.active_modules = list(active_modules)
         # the blocks are checked before a previous owner of the parameters is closed: a refused argument leaves it
@@ -748,6 +749,17 @@ def _blocks_holding_adapters(blocks: list[list[str]], names: list[str]) -> list[
     warnings.warn(f"BlockOptimizer: lora_mode='adapter_only' leaves out the {len(left_out)} blocks that hold no LoRA "
                   f"adapter ({left_out[0]}...): they would train nothing", UserWarning, stacklevel=3)
     return holding
+
+
+def _refuse_adapter_only_without_adapters(names: list[str], lora_mode: str) -> None:
+    """``lora_mode="adapter_only"`` over a list holding no peft adapter at all (the model never wrapped by
+    ``peft.get_peft_model``) would train every block's base weights, as ``"all"`` does, instead of adapters."""
+    if lora_mode != "adapter_only" or any(is_adapter_name(n) for n in names) or non_lora_adapter_names(names):
+        return
+    raise ValueError("BlockOptimizer: lora_mode='adapter_only' trains only the active block's LoRA adapters, and "
+                     "named_parameters_list holds none (no name with '.lora_'), so every block's base weights would "
+                     "train instead; wrap the model with peft.get_peft_model(model, LoraConfig(...)) before patch and "
+                     "the optimizer, or use lora_mode='all' (the default) to train the base weights")
 
 
 def _warn_non_lora_adapters(names: list[str], lora_mode: str, sgd_mode: str) -> None:

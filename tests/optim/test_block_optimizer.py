@@ -54,10 +54,12 @@ def train(model, opt, steps, start=0):
         (dict(log_fn=3), TypeError, "log_fn must be None or a callable"),
         (dict(lr_warmup_step_afterswitch=2.5), ValueError, "lr_warmup_step_afterswitch must be None or a positive"),
         (dict(active_modules="model.norm"), TypeError, "active_modules must be a list of name prefixes"),
+        # no peft adapter in the list: the base weights trained silently, as with lora_mode="all"
+        (dict(lora_mode="adapter_only"), ValueError, "lora_mode='adapter_only' trains only .* holds none"),
     ],
     ids=["sgd_mode", "switch_mode", "lora_mode", "prefix", "active_modules", "fixed", "start", "every", "avgsq",
          "scale_nan", "scale_inf", "scale_negative", "scale_str", "rounding", "seed", "sign", "log_fn", "warmup",
-         "active_modules_str"],
+         "active_modules_str", "adapter_only_without_adapters"],
 )
 def test_bad_arguments_are_refused_before_any_step(kwargs, error, match):
     model = bread_kernels.patch(BUILDERS["llama"]())
