@@ -357,8 +357,8 @@ def check_head_loss_inputs(hidden, weight, bias, targets, plan, ignore_index, nu
             raise TypeError(f"fused_head_loss: num_items_in_batch must be a number or a tensor, got "
                             f"{type(num_items_in_batch).__name__}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or
-                                not softcap > 0):
-        raise ValueError(f"fused_head_loss: softcap must be a positive number or None, got {softcap!r}")
+                                not 0 < softcap < float("inf")):
+        raise ValueError(f"fused_head_loss: softcap must be a positive finite number or None, got {softcap!r}")
     valid = targets != ignore_index
     vocab = weight.shape[0]
     # read on the host only where that is free; on a GPU an out-of-range target fails the logits' gather on the

@@ -248,7 +248,8 @@ def test_second_backward_is_refused():
     (dict(hidden=torch.randn(TOKENS, HIDDEN, dtype=torch.float64)), TypeError, "hidden has dtype torch.float64"),
     (dict(hidden=torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16)), TypeError, "hidden is torch.bfloat16 but"),
     (dict(bias=torch.zeros(VOCAB - 1)), ValueError, "bias has shape"),
-    (dict(softcap=-1.0), ValueError, "softcap must be a positive number"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive finite number"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite number"),  # was nan logits
     (dict(chunk_bytes=0), ValueError, "chunk_bytes must be a positive number"),
     (dict(hidden_sized="yes"), TypeError, "hidden_sized must be True or False"),
     (dict(hidden_sized=True, room_bytes="1MiB"), TypeError, "room_bytes must be a number of bytes"),
