@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import numbers
 import warnings
 import weakref
 
@@ -457,7 +458,7 @@ def _sgd_settings(kind: str, sgd_mode: str, settings: dict,
 
 def _check_sgd_values(scale, sign, what: str) -> None:
     """BlockOptimizers' ``sgd_lr_scaling`` (a finite number >= 0) and ``sgd_use_sign`` (a bool)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"{what}: sgd_lr_scaling must be a finite number >= 0, got {scale!r}")
     if not isinstance(sign, bool):
         raise TypeError(f"{what}: sgd_use_sign must be True or False, got {sign!r}")

@@ -40,6 +40,7 @@ Deliberate differences from the reference ``block_optim.py`` (see the README):
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections import defaultdict
@@ -179,7 +180,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         self._groups_fixed = True  # add_param_group is refused from here on
 
-        self.update = OnTheFlyUpdate(lr=_ScheduledLr(self), scale=sgd_lr_scaling, rounding=rounding, seed=seed)
+        self.update = OnTheFlyUpdate(lr=_ScheduledLr(self), scale=float(sgd_lr_scaling), rounding=rounding, seed=seed)
         self.roles: dict[str, Role] = {}
         self.masters = Fp32Masters()
         self._no_decay = no_decay_names(self.names, self._norm_parameter_names())
@@ -697,7 +698,7 @@ def _check_arguments(base_optimizer, switch_block_every, start_block, switch_mod
                          "relative_step=False)), or train with sgd_mode='disabled' and no warm-up")
     if init_avgsq_scale:
         raise NotImplementedError("BlockOptimizer: init_avgsq_scale is not implemented; leave it False")
-    if isinstance(sgd_lr_scaling, bool) or not isinstance(sgd_lr_scaling, (int, float)) or \
+    if isinstance(sgd_lr_scaling, bool) or not isinstance(sgd_lr_scaling, numbers.Real) or \
             not math.isfinite(sgd_lr_scaling) or sgd_lr_scaling < 0:
         raise ValueError(f"BlockOptimizer: sgd_lr_scaling must be a finite number >= 0, got {sgd_lr_scaling!r}")
     if not isinstance(active_modules, (list, tuple)) or not all(isinstance(m, str) for m in active_modules):

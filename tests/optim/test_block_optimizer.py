@@ -74,6 +74,14 @@ def test_bad_arguments_are_refused_before_any_step(kwargs, error, match):
     assert patched_state(model).driver is None
 
 
+def test_a_numpy_sgd_lr_scaling_is_a_number():
+    """``np.float32(0.5)`` (a sweep's value) was refused as 'must be a finite number >= 0'."""
+    import numpy as np
+
+    opt = make(bread_kernels.patch(BUILDERS["llama"]()), sgd_mode="all", sgd_lr_scaling=np.float32(0.5))
+    assert opt.update.scale == 0.5 and type(opt.update.scale) is float
+
+
 def test_parameters_not_from_the_patched_model_are_refused():
     model = bread_kernels.patch(BUILDERS["llama"]())
     other = BUILDERS["llama"](seed=1)
