@@ -190,13 +190,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         # the plans, requires_grad flags, hooks and cut: the protocol every BCD library drives the engine with
         self.driver = EngineDriver(self.named_parameters_list, update=self.update, owner=self,
                                    update_target=self.update_target, what="BlockOptimizer")
-        if loss_scaler is not None:
-            self.driver.set_loss_scaler(loss_scaler)
-        if self.engine is None:
-            _warn_slow_path()
-        _warn_non_lora_adapters(self.names, lora_mode, sgd_mode)
-        self._closed = False
-        self._activate(self.order.current)
+        try:  # a refusal of the first block's roles (set_roles) leaves no hooks and no owner of the parameters
+            if loss_scaler is not None:
+                self.driver.set_loss_scaler(loss_scaler)
+            if self.engine is None:
+                _warn_slow_path()
+            _warn_non_lora_adapters(self.names, lora_mode, sgd_mode)
+            self._closed = False
+            self._activate(self.order.current)
+        except BaseException:
+            self._closed = True
+            self.driver.close()
+            raise
 
     def _find_model(self) -> None:
         """The patched model the parameters belong to (None: the slow path) and its engine, checked unchanged."""
