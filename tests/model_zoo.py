@@ -640,6 +640,37 @@ def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
+def assert_sgd_all_trains_as_the_reference(reference: torch.nn.Module, model: torch.nn.Module, optimizer=None,
+                                            steps: int = 3, blocks: tuple[list[str], str] | None = None) -> None:
+    """``steps`` steps of BREAD-SGD (``sgd_mode="all"``, an SGD base at lr 0.1, a block switch every 2 steps) of
+    ``model`` — by ``optimizer``, or by a ``BlockOptimizer`` built here — against the plain-autograd ``ReferenceBCD``
+    over ``reference`` (of ``model``'s weights, and its parameter names: peft's prefix where it wraps a model), then
+    every parameter compared; ``optimizer`` is closed after.  ``blocks``: (layer prefixes, embedding prefix) of a
+    model :func:`layout` does not know."""
+    import bread_kernels
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    names = [n for n, _ in reference.named_parameters()]
+    wrapped = names[0].startswith(PEFT_PREFIX)
+    layers, embedding = blocks or layout(reference.base_model.model if wrapped else reference)
+    if wrapped:
+        layers, embedding = [PEFT_PREFIX + p for p in layers], PEFT_PREFIX + embedding
+    expected = ReferenceBCD(reference, block_prefixes(names, layers, embedding), loss_fn=loss_of,
+                            optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1), sgd_mode="all",
+                            switch_block_every=2)
+    if optimizer is None:
+        optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                                 list(model.named_parameters()), sgd_mode="all",
+                                                 switch_block_every=2, verbose=0)
+    for ids in batches(steps):
+        expected.step(ids)
+        loss_of(model, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert_same_parameters(reference, model)
+    optimizer.close()
+
+
 def masked_loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Causal-LM loss with some labels ignored (-100: the first two positions of every sequence and every id
     divisible by 7) and Trainer's gradient-accumulation normalisation (``num_items_in_batch``: the count of scored

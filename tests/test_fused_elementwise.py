@@ -110,7 +110,6 @@ def test_an_activation_swapped_after_patch_is_the_one_computed(family):
     import copy
 
     from tests import model_zoo as models
-    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
 
     original = models.llama(layers=2) if family == "llama" else models.causal_lm("qwen2")
     reference, model = copy.deepcopy(original), bread_kernels.patch(copy.deepcopy(original), fused_loss=False)
@@ -120,17 +119,4 @@ def test_an_activation_swapped_after_patch_is_the_one_computed(family):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-6)
     layers = [f"model.layers.{i}." for i in range(2)]
-    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers,
-                                                      "model.embed_tokens."),
-                            loss_fn=models.loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
-                            sgd_mode="all", switch_block_every=2)
-    optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                             list(model.named_parameters()), sgd_mode="all", switch_block_every=2,
-                                             verbose=0)
-    for ids in models.batches(3):
-        expected.step(ids)
-        models.loss_of(model, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    models.assert_same_parameters(reference, model)
-    optimizer.close()
+    models.assert_sgd_all_trains_as_the_reference(reference, model, blocks=(layers, "model.embed_tokens."))

@@ -163,7 +163,6 @@ def test_a_model_built_from_copies_of_a_patched_models_parts_patches_and_trains_
     autograd; a model built from such copies failed in its first forward once patched ("block 0's first argument is
     tuple, not hidden states": the new stream wrapped the copied one).  It patches, trains under BREAD-SGD as the
     unpatched model does under the plain-autograd reference, and unpatches to the original module tree."""
-    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
 
     source = bread_kernels.patch(models.llama(seed=1, layers=2))
     reference, model = models.llama(layers=2), models.llama(layers=2)
@@ -171,19 +170,7 @@ def test_a_model_built_from_copies_of_a_patched_models_parts_patches_and_trains_
     model.model.layers[1] = copy.deepcopy(source.model.layers[0])
     reference.load_state_dict(model.state_dict())
     bread_kernels.patch(model, fused_loss=False)
-    layers, embedding = models.layout(reference)
-    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
-                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
-                            sgd_mode="all", switch_block_every=2)
-    optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                             list(model.named_parameters()), sgd_mode="all", switch_block_every=2,
-                                             verbose=0)
-    for ids in models.batches(3):
-        expected.step(ids)
-        loss_of(model, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    models.assert_same_parameters(reference, model)
+    models.assert_sgd_all_trains_as_the_reference(reference, model)
     bread_kernels.unpatch(model)
     for name, module in model.named_modules():
         assert "forward" not in module.__dict__ and not any(a.startswith("_bread_") for a in module.__dict__), name
@@ -199,7 +186,6 @@ def test_a_weight_pruned_or_parametrized_after_the_plans_were_written_is_refused
     import torch.nn.utils.parametrize as parametrize
     import torch.nn.utils.prune as prune
 
-    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
 
     class Scaled(nn.Module):
         def forward(self, weight):
@@ -230,18 +216,7 @@ def test_a_weight_pruned_or_parametrized_after_the_plans_were_written_is_refused
     reference, model = models.llama(layers=2), bread_kernels.patch(models.llama(layers=2), hook_update_numel=0)
     change(reference)
     change(model)
-    layers, embedding = models.layout(reference)
-    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
-                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
-                            sgd_mode="all", switch_block_every=2)
-    optimizer = sgd_all(model)
-    for ids in models.batches(3):
-        expected.step(ids)
-        loss_of(model, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    models.assert_same_parameters(reference, model)
-    optimizer.close()
+    models.assert_sgd_all_trains_as_the_reference(reference, model, sgd_all(model))
 
 
 def test_a_block_swapped_while_an_optimizer_drives_refuses_training_until_it_lets_go():

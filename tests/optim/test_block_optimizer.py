@@ -1258,16 +1258,7 @@ def test_a_parameter_set_anew_outside_the_probed_sample_is_refused_before_anythi
         assert torch.equal(value, before[name]), name
     model.zero_grad(set_to_none=True)
     norm.weight = held
-    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()],
-                                                      *models.layout(reference)),
-                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
-                            sgd_mode="all", switch_block_every=2)
-    for ids in models.batches(2):
-        expected.step(ids)
-        loss_of(model, ids).backward()
-        opt.step()
-        opt.zero_grad()
-    models.assert_same_parameters(reference, model)
+    models.assert_sgd_all_trains_as_the_reference(reference, model, opt, steps=2)
 
 
 @pytest.mark.parametrize("images", [False, True], ids=["text-batches", "image-batches"])

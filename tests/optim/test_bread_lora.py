@@ -184,7 +184,6 @@ def test_the_model_peft_unloads_from_a_patched_peft_model_is_unpatched_by_its_ow
     failed in the first forward ("block 0's first argument is tuple, not hidden states").  ``patch(merged)`` is
     refused, naming the remedy; ``unpatch(merged)`` unpatches the peft model it came from, after which the merged
     model patches and trains (BREAD-SGD) as the unpatched merged model does under the plain-autograd reference."""
-    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
 
     reference = getattr(models.with_lora(models.llama()), unload)()
     model = _patched_lora_llama()
@@ -198,19 +197,7 @@ def test_the_model_peft_unloads_from_a_patched_peft_model_is_unpatched_by_its_ow
     assert not _patch_leftovers(merged) and not _patch_leftovers(model) and patched_state(model) is None
     merged = bread_kernels.patch(merged.requires_grad_(True))
     reference.requires_grad_(True)
-    layers, embedding = models.layout(reference)
-    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
-                            loss_fn=models.loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
-                            sgd_mode="all", switch_block_every=2)
-    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(merged.parameters(), lr=0.1), list(merged.named_parameters()),
-                                       sgd_mode="all", switch_block_every=2, verbose=0)
-    for ids in models.batches(3):
-        expected.step(ids)
-        models.loss_of(merged, ids).backward()
-        opt.step()
-        opt.zero_grad()
-    models.assert_same_parameters(reference, merged)
-    opt.close()
+    models.assert_sgd_all_trains_as_the_reference(reference, merged)
 
 
 def test_a_model_wrapped_by_peft_while_its_optimizer_drives_is_refused_naming_the_remedy_which_trains():
@@ -218,7 +205,6 @@ def test_a_model_wrapped_by_peft_while_its_optimizer_drives_is_refused_naming_th
     optimizer made trainable: the forward is refused (an ACTIVE weight's dW would be dropped), and the error named
     only ``requires_grad_(True)`` or ``Role.FROZEN``.  It names the change and the remedy, which trains BREAD as the
     plain-autograd reference trains the unpatched peft model."""
-    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
 
     model = bread_kernels.patch(models.llama(layers=2))
     opt = _optimizer(model, sgd_mode="all")
@@ -230,22 +216,7 @@ def test_a_model_wrapped_by_peft_while_its_optimizer_drives_is_refused_naming_th
     reference = models.with_lora(models.llama(layers=2))
     bread_kernels.patch(bread_kernels.unpatch(wrapped))
     assert opt.closed  # unpatch closed the optimizer driving the model
-    layers, embedding = models.layout(reference.base_model.model)
-    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()],
-                                                      [models.PEFT_PREFIX + p for p in layers],
-                                                      models.PEFT_PREFIX + embedding),
-                            loss_fn=models.loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
-                            sgd_mode="all", switch_block_every=2)
-    opt = bread_kernels.BlockOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1),
-                                       list(wrapped.named_parameters()), sgd_mode="all", switch_block_every=2,
-                                       verbose=0)
-    for ids in models.batches(3):
-        expected.step(ids)
-        models.loss_of(wrapped, ids).backward()
-        opt.step()
-        opt.zero_grad()
-    models.assert_same_parameters(reference, wrapped)
-    opt.close()
+    models.assert_sgd_all_trains_as_the_reference(reference, wrapped)
 
 
 def _patch_leftovers(model) -> list[str]:
