@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import numbers
 import os
 import sys
@@ -1414,7 +1415,9 @@ def check_patch_options(options, what: str) -> None:
         _check_hook_update_numel(options["hook_update_numel"])
 
 
-_PATCH_KEYWORDS = ("blocks", "recompute", "fused_loss", "keep_top", "fused_elementwise", "hook_update_numel")
+#: :func:`patch`'s keywords, read from its signature (one list: a keyword added there is an option here)
+_PATCH_KEYWORDS = tuple(name for name, parameter in inspect.signature(patch).parameters.items()
+                        if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def _check_options(blocks, recompute, fused_loss, fused_elementwise, what: str) -> None:
