@@ -31,11 +31,12 @@ unpatched model by the tests).  What happens elsewhere depends on how the fused 
 
 * ``patch(model, fused_loss=True)`` (*required*): anything else — another family, a class whose forward is not
   transformers' own (replaced on the class by a library or the user: :func:`_replaced_forward`), a custom
-  ``loss_function`` or ``loss_type``, a head that is not a plain ``nn.Linear``, a head weight that is not
-  materialised at the forward (ZeRO-3 partitions it until its module's own forward gathers it), a head plan the
-  fused loss cannot carry out (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`), a head computed in
-  float16 (an fp16 head or fp16 autocast, whose loss scaler's factor would reach the fused loss's gradients too
-  late: :func:`~bread_kernels.functions.head_loss.head_dtype_refusal`) — is refused with an error naming the remedy,
+  ``loss_function`` or ``loss_type``, a head that is not a plain ``nn.Linear`` or whose weight its forward computes
+  (pruned, parametrized), a head weight that is not materialised at the forward (ZeRO-3 partitions it until its
+  module's own forward gathers it), a head plan the fused loss cannot carry out
+  (:func:`~bread_kernels.functions.head_loss.head_plan_refusal`), a head computed in float16 (an fp16 head or fp16
+  autocast, whose loss scaler's factor would reach the fused loss's gradients too late:
+  :func:`~bread_kernels.functions.head_loss.head_dtype_refusal`) — is refused with an error naming the remedy,
   ``fused_loss=False``.
 * ``patch(model)`` (the default, ``fused_loss=None``): installed where :func:`prepare` accepts the model; at each
   forward, where one of the conditions above holds, the model's own forward runs (its head, its logits, its loss).
@@ -163,7 +164,11 @@ def _head_problem(lm: nn.Module) -> str | None:
     head = lm.get_output_embeddings()
     if type(head) is not nn.Linear:
         return (f"the head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear (a peft LoRA "
-                "head, a quantized head, ...)")
+                "head, a quantized head, a parametrized one, ...)")
+    if not isinstance(head._parameters.get("weight"), nn.Parameter):
+        return (f"the head of {type(lm).__name__} holds no weight parameter but a tensor computed from one by a "
+                "forward pre-hook (torch.nn.utils.prune's, from weight_orig), which the fused loss, reading the "
+                "weight without the head's forward, would never compute again")
     stored = quantized_weight(head.weight)
     if stored is not None:  # torchao's quantize_ keeps the nn.Linear and swaps its weight
         return f"the head of {type(lm).__name__} is a quantized nn.Linear (its weight {stored})"

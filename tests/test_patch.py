@@ -219,6 +219,53 @@ def test_a_weight_pruned_or_parametrized_after_the_plans_were_written_is_refused
     models.assert_sgd_all_trains_as_the_reference(reference, model, sgd_all(model))
 
 
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("sgd_mode", ["all", "disabled"])
+def test_a_head_pruned_or_parametrized_before_patch_trains_as_the_reference_under_the_default_fused_loss(how,
+                                                                                                          sgd_mode):
+    """``lm_head`` pruned (``torch.nn.utils.prune``: still an ``nn.Linear``, its ``weight`` a tensor that the
+    module's forward pre-hook computes from ``weight_orig``) before ``patch``: the fused loss read that tensor, made
+    once by ``prune`` and never again (the head's own forward does not run there), so the second backward failed
+    ("Trying to backward through the graph a second time"), and the loss was of the stale weight.  The default
+    patch runs the model's own forward for such a head, which trains as the plain-autograd reference trains the
+    unpatched model; ``fused_loss=True`` refuses it, naming the remedy."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    from tests.optim.reference_bcd import ReferenceBCD, block_prefixes
+
+    class Scaled(nn.Module):
+        def forward(self, weight):
+            return weight * 1.5
+
+    def change(model):
+        if how == "prune":
+            prune.l1_unstructured(model.lm_head, "weight", amount=0.3)
+        else:
+            parametrize.register_parametrization(model.lm_head, "weight", Scaled(), unsafe=True)
+        return model
+
+    refusal = r"tensor computed from one by a forward pre-hook" if how == "prune" else r"ParametrizedLinear, not a"
+    with pytest.raises(ValueError, match=rf"the head of LlamaForCausalLM.*{refusal}.*fused_loss=False"):
+        bread_kernels.patch(change(models.llama(layers=2)), fused_loss=True)
+    reference, model = change(models.llama(layers=2)), change(models.llama(layers=2))
+    bread_kernels.patch(model, hook_update_numel=0)
+    layers, embedding = models.layout(reference)
+    expected = ReferenceBCD(reference, block_prefixes([n for n, _ in reference.named_parameters()], layers, embedding),
+                            loss_fn=loss_of, optimizer_cls=torch.optim.SGD, optimizer_kwargs=dict(lr=0.1),
+                            sgd_mode=sgd_mode, switch_block_every=2)
+    optimizer = bread_kernels.BlockOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                             list(model.named_parameters()), sgd_mode=sgd_mode, switch_block_every=2,
+                                             verbose=0)
+    for ids in models.batches(3):
+        expected.step(ids)
+        loss_of(model, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    models.assert_same_parameters(reference, model)
+    optimizer.close()
+
+
 def test_a_block_swapped_while_an_optimizer_drives_refuses_training_until_it_lets_go():
     """A block assigned in place of a streamed one runs without the stream, its linears without plans: their
     on-the-fly updates would stop silently.  Inference runs; a forward with grad is refused while the optimizer
