@@ -1415,6 +1415,22 @@ def check_patch_options(options, what: str) -> None:
         _check_hook_update_numel(options["hook_update_numel"])
 
 
+def check_patch_of(model: nn.Module, options, what: str) -> None:
+    """Refuse (touching nothing) ``patch_options`` that :func:`patch` would refuse for ``model`` (patched now or
+    not): besides :func:`check_patch_options`, ``fused_loss=True`` for a model the fused loss cannot match,
+    ``blocks=`` that is not a submodule of it, a ``keep_top`` past its blocks.  For a caller that closes something
+    (a previous owner of the parameters, which may unpatch the model) before it patches."""
+    check_patch_options(options, what)
+    if options.get("fused_loss"):
+        causal_lm.prepare(model)
+    blocks, state = options.get("blocks"), patched_state(model)
+    if blocks is not None and not any(m is blocks for m in model.modules()):
+        raise ValueError("patch: blocks= is not a submodule of this model")
+    if blocks is None:
+        blocks = state.blocks if state is not None else _find_block_stack(model)[1]
+    _check_keep_top(options.get("keep_top", "auto"), len(blocks))
+
+
 #: :func:`patch`'s keywords, read from its signature (one list: a keyword added there is an option here)
 _PATCH_KEYWORDS = tuple(name for name, parameter in inspect.signature(patch).parameters.items()
                         if parameter.kind is inspect.Parameter.KEYWORD_ONLY)

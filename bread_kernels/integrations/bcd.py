@@ -45,7 +45,7 @@ from torch import nn
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import (EngineDriver, check_loss_scaler, check_parameters_of, owning_patched_model,
                             take_over_parameters)
-from ..patch import check_patch_options, patch, patched_state, unpatch
+from ..patch import check_patch_of, check_patch_options, patch, patched_state, unpatch
 from ..plan import OnTheFlyUpdate, Role, Rounding
 
 __all__ = ["accelerate", "unaccelerate", "accelerated", "Acceleration", "internals_problems", "optimizer_kind",
@@ -167,6 +167,7 @@ class Acceleration:
             update = OnTheFlyUpdate(lr=_LibraryLr(optimizer), scale=scale,
                                     rounding=rounding, seed=seed)
         named = list(optimizer.named_parameters_list)
+        check_patch_of(model, settings.get("patch_options", {}), "accelerate")  # before a live owner is closed
         # first: a previous owner of these parameters (a notebook cell re-run) is closed, which may unpatch; its
         # close gives back its library's flags, which are the old optimizer's: this one's are kept
         take_over_parameters(named, "accelerate", keep_requires_grad=True)

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from ..optim.block_optimizer import BlockOptimizer
 from ..optim.driver import EngineDriver, take_over_parameters
-from ..patch import check_patch_options, patched_state, unpatch
+from ..patch import check_patch_of, check_patch_options, patched_state, unpatch
 from ..plan import Role
 from .bcd import accelerate, accelerated, check_settings, patch_if_needed, unaccelerate
 from .peft_base_model import (checked_base_model_load, forget_saved_base_model, holds_saved_base_model, is_peft_model,
@@ -466,6 +466,7 @@ class LisaCallback(TrainerCallback):
                                       or accelerated(unwrap_optimizer(optimizer)) is not None):
             raise ValueError("LisaCallback: the Trainer's optimizer is a block optimizer that chooses the trained "
                              "parameters itself; LISA needs a plain optimizer (the Trainer's default AdamW)")
+        check_patch_of(model, self.patch_options, "LisaCallback")  # before a live owner is closed
         # first: a previous owner (an interrupted Trainer's callback) is closed, which may unpatch the model
         take_over_parameters(list(model.named_parameters()), "LisaCallback", keep_requires_grad=True)
         self._patched_here = patch_if_needed(model, self.patch_options, "LisaCallback")

@@ -310,3 +310,23 @@ def test_sgd_settings_other_than_the_library_hooks_are_refused(given):
         bread_kernels.accelerate(opt, model, **given)
     assert patched_state(model) is None and "switch_trainable_params" not in opt.__dict__
     assert bread_kernels.accelerate(opt, model, sgd_lr_scaling=0.5, sgd_use_sign=False) is opt
+
+
+def test_a_second_acceleration_refused_for_its_patch_options_leaves_the_first_driving():
+    """A notebook cell re-run with patch options the model cannot take (``keep_top`` past its blocks,
+    ``fused_loss=True`` for a model the fused loss cannot match): the refusal came from ``patch``, after the live
+    acceleration of the same parameters had been closed and had unpatched the model.  Refused before anything
+    changes: the first acceleration drives on, its model patched."""
+    model = models.llama()
+    first = bread_kernels.accelerate(_badam(model), model)
+    acceleration = bcd.accelerated(first)
+    for options in ({"keep_top": 99}, {"blocks": torch.nn.ModuleList([torch.nn.Linear(2, 2)])}):
+        with pytest.raises(ValueError, match="keep_top must be 'auto' or an int in|blocks= is not a submodule"):
+            bread_kernels.accelerate(_badam(model), model, patch_options=options)
+        assert bcd.accelerated(first) is acceleration and not acceleration.closed
+        assert patched_state(model) is not None and patched_state(model).driver is acceleration
+    with pytest.raises(ValueError, match="fused_loss=True needs transformers' own forward"):
+        with pytest.MonkeyPatch.context() as monkeypatch:  # a forward the fused loss cannot match
+            monkeypatch.setattr(type(model), "forward", lambda self, *args, **kwargs: None)
+            bread_kernels.accelerate(_badam(model), model, patch_options={"fused_loss": True})
+    assert not acceleration.closed and patched_state(model).driver is acceleration
