@@ -1425,7 +1425,7 @@ def check_patch_of(model: nn.Module, options, what: str) -> None:
         causal_lm.prepare(model)
     blocks, state = options.get("blocks"), patched_state(model)
     if blocks is not None and not any(m is blocks for m in model.modules()):
-        raise ValueError("patch: blocks= is not a submodule of this model")
+        raise ValueError(f"{what}: patch_options' blocks= is not a submodule of this model")
     if blocks is None:
         blocks = state.blocks if state is not None else _find_block_stack(model)[1]
     _check_keep_top(options.get("keep_top", "auto"), len(blocks))
