@@ -1406,11 +1406,7 @@ def check_patch_options(options, what: str) -> None:
                         f"{', '.join(_PATCH_KEYWORDS)}")
     _check_options(options.get("blocks"), options.get("recompute", True), options.get("fused_loss"),
                    options.get("fused_elementwise", True), what)
-    keep_top = options.get("keep_top", "auto")
-    if not (isinstance(keep_top, str) and keep_top == "auto") and \
-            (isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 0):
-        raise ValueError(f"{what}: keep_top must be 'auto' or an int >= 0 (the number of top blocks that keep their "
-                         f"activations), got {keep_top!r}")
+    _check_keep_top(options.get("keep_top", "auto"), None, what)
     if options.get("hook_update_numel") is not None:
         _check_hook_update_numel(options["hook_update_numel"])
 
@@ -1428,7 +1424,7 @@ def check_patch_of(model: nn.Module, options, what: str) -> None:
         raise ValueError(f"{what}: patch_options' blocks= is not a submodule of this model")
     if blocks is None:
         blocks = state.blocks if state is not None else _find_block_stack(model)[1]
-    _check_keep_top(options.get("keep_top", "auto"), len(blocks))
+    _check_keep_top(options.get("keep_top", "auto"), len(blocks), what)
 
 
 #: :func:`patch`'s keywords, read from its signature (one list: a keyword added there is an option here)
@@ -1448,12 +1444,15 @@ def _check_options(blocks, recompute, fused_loss, fused_elementwise, what: str) 
         raise TypeError(f"{what}: blocks= must be a non-empty nn.ModuleList of the model's repeated blocks")
 
 
-def _check_keep_top(keep_top, n_blocks: int) -> int | str:
+def _check_keep_top(keep_top, n_blocks: int | None, what: str = "patch") -> int | str:
+    """``keep_top`` if it is ``"auto"`` or an int in [0, ``n_blocks``] (>= 0 where the blocks are not known yet)."""
     if isinstance(keep_top, str) and keep_top == "auto":
         return keep_top
-    if isinstance(keep_top, bool) or not isinstance(keep_top, int) or not 0 <= keep_top <= n_blocks:
-        raise ValueError(f"patch: keep_top must be 'auto' or an int in [0, {n_blocks}] (the number of top blocks that "
-                         f"keep their activations), got {keep_top!r}")
+    if isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 0 or \
+            (n_blocks is not None and keep_top > n_blocks):
+        allowed = f"an int in [0, {n_blocks}]" if n_blocks is not None else "an int >= 0"
+        raise ValueError(f"{what}: keep_top must be 'auto' or {allowed} (the number of top blocks that keep their "
+                         f"activations), got {keep_top!r}")
     return keep_top
 
 
