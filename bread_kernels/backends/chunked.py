@@ -61,15 +61,21 @@ def chunk_budget_bytes() -> int:
     """Extra bytes the update may use: ``BREAD_CHUNK_BYTES`` (default 16 MiB; see ``bench/results/chunk_bytes_cpu.txt``
     for the measurement behind it: below ~16 MiB per chunk BLAS loses speed on wide weights, above it nothing is
     gained).  The reference materialises every inactive weight's whole dW; this is the bound on ours."""
-    raw = os.environ.get("BREAD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+    return env_bytes("BREAD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+
+
+def env_bytes(name: str, default: int) -> int:
+    """A positive whole number of bytes from the environment variable ``name`` (``default`` where it is unset);
+    anything else is refused, naming the variable and an example."""
+    raw = os.environ.get(name, default)
     try:
-        configured = int(raw)
+        value = int(raw)
     except ValueError:
-        raise ValueError(f"BREAD_CHUNK_BYTES must be a positive whole number of bytes (e.g. 16777216), "
-                         f"got {raw!r}") from None
-    if configured <= 0:
-        raise ValueError(f"BREAD_CHUNK_BYTES must be a positive number of bytes, got {configured}")
-    return configured
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes (a whole number, e.g. {default} for the "
+                         f"default {default >> 20} MiB), got {raw!r}")
+    return value
 
 
 @dataclass

@@ -93,6 +93,7 @@ from typing import NamedTuple
 import torch
 
 from ..backends import get_backend
+from ..backends.chunked import env_bytes
 from ..backends.epilogue import FlatBuffers, dw_finite_flag
 from ..plan import Role, WeightPlan, trigger_gradient
 from ..rounding import FLOAT_DTYPES
@@ -123,14 +124,7 @@ def chunk_budget_bytes(chunk_bytes: int | None = None) -> int:
     """The bytes one block of logits (and its temporaries) may take: ``chunk_bytes``, else the environment's
     ``BREAD_LOSS_CHUNK_BYTES``, else 256 MiB."""
     if chunk_bytes is None:
-        raw = os.environ.get("BREAD_LOSS_CHUNK_BYTES", DEFAULT_LOSS_CHUNK_BYTES)
-        try:
-            chunk_bytes = int(raw)
-        except ValueError:
-            chunk_bytes = 0
-        if chunk_bytes <= 0:
-            raise ValueError(f"BREAD_LOSS_CHUNK_BYTES must be a positive number of bytes (a whole number, e.g. "
-                             f"268435456 for the default 256 MiB), got {raw!r}")
+        chunk_bytes = env_bytes("BREAD_LOSS_CHUNK_BYTES", DEFAULT_LOSS_CHUNK_BYTES)
     _check_chunk_bytes(chunk_bytes)
     return chunk_bytes
 

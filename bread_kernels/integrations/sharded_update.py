@@ -39,13 +39,13 @@ the same averaged gradient).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..backends import get_backend
+from ..backends.chunked import env_bytes
 from ..collectives import (CommStats, all_gather_, comm_stats, dense_grad_fill, gather_row_sums, linear_grad_fill,
                            reduce_scatter_)
 from ..interrupts import mark_partly_written
@@ -90,15 +90,7 @@ class ShardLayout:
 
 def chunk_budget_bytes() -> int:
     """The budget of one collective's fp32 send buffer: ``BREAD_ZERO_CHUNK_BYTES``, default 32 MiB."""
-    raw = os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES)
-    try:
-        budget_bytes = int(raw)
-    except ValueError:
-        budget_bytes = 0
-    if budget_bytes <= 0:
-        raise ValueError(f"{CHUNK_ENV} must be a positive number of bytes (a whole number, e.g. 33554432 for the "
-                         f"default 32 MiB), got {raw!r}")
-    return budget_bytes
+    return env_bytes(CHUNK_ENV, DEFAULT_CHUNK_BYTES)
 
 
 def chunk_elements(world: int, shard_numel: int, budget_bytes: int | None = None) -> int:
